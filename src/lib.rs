@@ -1,0 +1,49 @@
+//! # mixtral
+//!
+//! Runs Mixtral-family mixture-of-experts language models (Mixtral-8x7B, Mixtral-8x22B, Mistral-7B as
+//! the one-expert case) from a Hugging Face model directory.
+//!
+//! The pieces, in the order data flows through them:
+//! - [`config`]: `config.json` -> validated [`ModelConfig`];
+//! - [`checkpoint`]: memory-mapped safetensors shards -> validated zero-copy tensor views;
+//! - [`weights`]: the typed per-layer weights of the model, checked against the config;
+//! - [`tokenizer`]: `tokenizer.json`, the chat template, streaming detokenization;
+//! - [`engine`]: the batched step API every backend implements, over a paged KV cache ([`kv`]);
+//! - [`cpu`]: the pure-Rust reference backend ([`cpu::CpuEngine`]);
+//! - [`generate`]: sampling, stop conditions, streaming generation and perplexity;
+//! - [`model`]: loads everything from a model directory in one call.
+//!
+//! ```no_run
+//! use mixtral::{Model, LoadOptions, cpu::{CpuEngine, CpuEngineOptions}};
+//! use mixtral::generate::{generate, GenerateOptions};
+//!
+//! let model = Model::load("models/tiny-mixtral".as_ref(), &LoadOptions::default())?;
+//! let tokenizer = model.tokenizer.as_ref().expect("the directory has a tokenizer.json");
+//! let mut engine = CpuEngine::new(model.weights.clone(), CpuEngineOptions::default())?;
+//! let prompt = tokenizer.encode("The capital of France is", true)?;
+//! let options = GenerateOptions::greedy(16).with_eos(&model.config.eos_token_ids);
+//! let out = generate(&mut engine, tokenizer, &prompt, &options, |event| {
+//!     print!("{}", event.text);
+//!     std::ops::ControlFlow::Continue(())
+//! })?;
+//! println!("\n{:?}", out.finish_reason);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod cpu;
+pub mod dtype;
+pub mod engine;
+pub mod generate;
+pub mod kv;
+pub mod model;
+pub mod random_model;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use engine::{Engine, EngineError, LogitsFor, SeqId, SeqStep, StepOutput};
+pub use model::{LoadOptions, Model, ModelError};

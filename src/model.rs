@@ -1,0 +1,107 @@
+//! Loads everything a model directory holds in one call: config (merged with
+//! generation_config.json), checkpoint, typed weights and, when present, the tokenizer.
+
+use crate::checkpoint::{Checkpoint, CheckpointError, LoadProgress};
+use crate::config::{ConfigError, ModelConfig};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::weights::{ModelWeights, WeightsError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Why a model directory could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The path is not a readable directory.
+    #[error("{path}: not a model directory: {reason}")]
+    NotADirectory {
+        /// The path given.
+        path: PathBuf,
+        /// What the OS or the check said.
+        reason: String,
+    },
+    /// config.json or generation_config.json.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The safetensors files.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Tensors missing or of the wrong shape.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// tokenizer.json or tokenizer_config.json.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+}
+
+/// Receives progress of long loads.
+pub type ProgressFn = Arc<dyn Fn(LoadProgress) + Send + Sync>;
+
+/// How to load a model directory.
+#[derive(Clone, Default)]
+pub struct LoadOptions {
+    /// Called as the weights are read in (page-faulted), for a progress display.
+    pub progress: Option<ProgressFn>,
+    /// Fail when the directory has no tokenizer.json (otherwise `Model::tokenizer` is `None`).
+    pub require_tokenizer: bool,
+}
+
+impl std::fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("progress", &self.progress.is_some())
+            .field("require_tokenizer", &self.require_tokenizer)
+            .finish()
+    }
+}
+
+/// A loaded model directory.
+pub struct Model {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Validated configuration, EOS ids merged from generation_config.json.
+    pub config: ModelConfig,
+    /// The weights, memory-mapped; shared by engines.
+    pub weights: Arc<ModelWeights>,
+    /// The tokenizer, when the directory has one.
+    pub tokenizer: Option<Tokenizer>,
+}
+
+impl Model {
+    /// Loads `dir`: config.json, generation_config.json (optional), the safetensors checkpoint and
+    /// tokenizer.json / tokenizer_config.json (optional unless `require_tokenizer`).
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Model, ModelError> {
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(ModelError::NotADirectory {
+                    path: dir.into(),
+                    reason: "not a directory".into(),
+                })
+            }
+            Err(e) => {
+                return Err(ModelError::NotADirectory {
+                    path: dir.into(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+        let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
+        config.merge_generation_config(&dir.join("generation_config.json"))?;
+        let checkpoint = Checkpoint::open(dir)?;
+        let weights = ModelWeights::from_checkpoint(&checkpoint, &config)?;
+        if let Some(progress) = &options.progress {
+            weights.prefetch(&**progress);
+        }
+        let tokenizer = if dir.join("tokenizer.json").exists() || options.require_tokenizer {
+            Some(Tokenizer::from_dir(dir)?)
+        } else {
+            None
+        };
+        Ok(Model {
+            dir: dir.to_path_buf(),
+            config,
+            weights: Arc::new(weights),
+            tokenizer,
+        })
+    }
+}
