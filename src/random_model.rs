@@ -5,7 +5,7 @@
 //! Values come from a counter-based splitmix64 stream per tensor (seeded by the model seed and the
 //! tensor name), so element `i` of a tensor is the same however the file is chunked or sharded.
 //! Norm weights are `1 + 0.2 u`, projections uniform with standard deviation
-//! `gain / sqrt(fan_in)` (`u` uniform in `[-1, 1)`); the embedding and LM head use a larger gain
+//! `gain / sqrt(fan_in)` (`u` uniform in `(-1, 1)`, never zero); the embedding and LM head use a larger gain
 //! so that logits are clearly peaked.
 
 use crate::checkpoint::{write_safetensors, TensorSource, INDEX_FILE, SINGLE_FILE};
@@ -181,11 +181,12 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Element `i` of the stream `stream`: uniform in `[-1, 1)`.
+/// Element `i` of the stream `stream`: uniform in `(-1, 1)`, never exactly zero.
 fn uniform(stream: u64, i: u64) -> f32 {
     let bits = splitmix64(stream.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-    // 24 random bits -> [0, 1) exactly representable in f32.
-    ((bits >> 40) as f32 / (1u32 << 24) as f32) * 2.0 - 1.0
+    // 23 random bits k -> (2k + 1) / 2^23 - 1: exact in f32, symmetric about 0, odd so never 0.
+    let k = (bits >> 41) as u32;
+    (2 * k + 1) as f32 / (1u32 << 23) as f32 - 1.0
 }
 
 /// FNV-1a hash of a tensor name (seeds its stream).

@@ -373,13 +373,11 @@ impl ModelWeights {
             .sum()
     }
 
-    /// [`ModelWeights::all`] without repeats of the same bytes.
+    /// [`ModelWeights::all`] without repeats of the same bytes (a tied LM head).
     fn distinct(&self) -> Vec<&Weight> {
-        let mut out: Vec<&Weight> = Vec::new();
-        for w in self.all() {
-            if !out.iter().any(|o| o.tensor.same_data(&w.tensor)) {
-                out.push(w);
-            }
+        let mut out = self.all();
+        if self.lm_head.tensor.same_data(&self.embed.tensor) {
+            out.pop();
         }
         out
     }

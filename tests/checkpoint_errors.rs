@@ -758,3 +758,14 @@ proptest! {
         open_bytes(dir.path(), &bytes);
     }
 }
+
+#[test]
+fn oversized_index_is_rejected_without_reading_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("model.safetensors.index.json");
+    let file = std::fs::File::create(&index).unwrap();
+    file.set_len(200_000_000).unwrap(); // sparse: nothing is written
+    let err = open_err(dir.path());
+    assert!(matches!(err, CheckpointError::IndexJson { .. }), "{err}");
+    assert_names(&err, &index, None);
+}

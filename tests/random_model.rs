@@ -310,3 +310,45 @@ fn mid_size_model_writes_quickly() {
     eprintln!("wrote {} bytes in {elapsed:?}", checkpoint.total_bytes());
     assert!(elapsed.as_secs() < 30, "{elapsed:?}");
 }
+
+#[test]
+fn weights_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<ModelWeights>();
+    assert_send_sync::<Checkpoint>();
+}
+
+#[test]
+fn logits_are_peaked_but_not_one_hot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, weights) = write(dir.path(), &RandomModelSpec::tiny(8));
+    let head = weights.lm_head.data().to_f32_vec();
+    let norm = weights.final_norm.data().to_f32_vec();
+    let hidden = weights.lm_head.cols;
+    let mut state = 0x1234_5678_u64;
+    let mut top_probs = Vec::new();
+    for _ in 0..32 {
+        // A random hidden state, RMS-normalised and scaled by the final norm as the model does.
+        let x: Vec<f32> = (0..hidden)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect();
+        let rms = (x.iter().map(|v| v * v).sum::<f32>() / hidden as f32).sqrt();
+        let h: Vec<f32> = x.iter().zip(&norm).map(|(v, w)| v / rms * w).collect();
+        let logits: Vec<f32> = head
+            .chunks(hidden)
+            .map(|row| row.iter().zip(&h).map(|(a, b)| a * b).sum())
+            .collect();
+        let max = logits.iter().cloned().fold(f32::MIN, f32::max);
+        let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        top_probs.push(1.0 / sum);
+    }
+    let mean = top_probs.iter().sum::<f32>() / top_probs.len() as f32;
+    eprintln!("mean top probability {mean}");
+    // Far above uniform (1/256), yet not a certainty.
+    assert!((0.1..0.95).contains(&mean), "mean top probability {mean}");
+}

@@ -7,6 +7,9 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
+/// Largest index file accepted.
+const MAX_INDEX_LEN: u64 = 100_000_000;
+
 /// The parts of the index file that matter.
 #[derive(Deserialize)]
 struct IndexFile {
@@ -22,6 +25,15 @@ pub(crate) struct Index {
 impl Index {
     /// Reads and parses the index at `path`; a tensor listed twice is an error.
     pub(crate) fn read(path: &Path) -> Result<Index, CheckpointError> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| CheckpointError::io(path, e))?
+            .len();
+        if len > MAX_INDEX_LEN {
+            return Err(CheckpointError::IndexJson {
+                path: path.to_path_buf(),
+                message: format!("{len} bytes is larger than the {MAX_INDEX_LEN} byte limit"),
+            });
+        }
         let text = std::fs::read(path).map_err(|e| CheckpointError::io(path, e))?;
         let file: IndexFile =
             serde_json::from_slice(&text).map_err(|e| CheckpointError::IndexJson {

@@ -145,7 +145,8 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Opens and validates `dir/model.safetensors` or the shards of `dir/model.safetensors.index.json`
-    /// (the single file wins when both exist). Shards must resolve inside `dir`.
+    /// (the single file wins when both exist). Shards named by the index must resolve inside `dir`,
+    /// symlinks included (see [`OpenOptions::allow_symlinks_outside`]).
     pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
         Self::open_with(dir, OpenOptions::default())
     }

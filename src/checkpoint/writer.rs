@@ -118,17 +118,17 @@ pub fn write_safetensors(path: &Path, tensors: &[TensorSource<'_>]) -> io::Resul
 fn encode(t: &TensorSource<'_>, start: usize, end: usize) -> Vec<u8> {
     let mut values = vec![0f32; end - start];
     (t.fill)(start, &mut values);
-    let mut out = Vec::with_capacity(values.len() * t.dtype.size());
+    let size = t.dtype.size();
+    let mut out = vec![0u8; values.len() * size];
+    let pairs = out.chunks_exact_mut(size).zip(&values);
     match t.dtype {
-        DType::F32 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-        DType::BF16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        DType::F32 => pairs.for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes())),
+        DType::F16 => {
+            pairs.for_each(|(o, v)| o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes()))
+        }
+        DType::BF16 => {
+            pairs.for_each(|(o, v)| o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes()))
+        }
     }
     out
 }
