@@ -28,7 +28,11 @@ fn prompt(len: usize, vocab: usize) -> Vec<u32> {
 
 fn engine_for(dir: &Path) -> CpuEngine {
     let model = Model::load(dir, &LoadOptions::default()).expect("load model");
-    let options = CpuEngineOptions { max_context: Some(4096), max_sequences: 4, ..Default::default() };
+    let options = CpuEngineOptions {
+        max_context: Some(4096),
+        max_sequences: 4,
+        ..Default::default()
+    };
     CpuEngine::new(model.weights.clone(), options).expect("engine")
 }
 
@@ -37,19 +41,35 @@ fn bench_model(c: &mut Criterion, name: &str, dir: &Path) {
     let vocab = engine.config().vocab_size;
     let seq = engine.new_sequence().expect("sequence");
     let mut group = c.benchmark_group(format!("cpu/{name}"));
-    group.sample_size(10).measurement_time(Duration::from_secs(8));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(8));
 
     for context in [16usize, 256] {
         let ids = prompt(context + 1, vocab);
-        let prefill = SeqStep { seq, tokens: &ids[..context], start_pos: 0, logits: LogitsFor::None };
+        let prefill = SeqStep {
+            seq,
+            tokens: &ids[..context],
+            start_pos: 0,
+            logits: LogitsFor::None,
+        };
         engine.step(&[prefill]).expect("prefill");
         group.throughput(Throughput::Elements(1));
-        group.bench_with_input(BenchmarkId::new("decode_token", context), &context, |b, &context| {
-            b.iter(|| {
-                let step = SeqStep { seq, tokens: &ids[context..], start_pos: context, logits: LogitsFor::Last };
-                engine.step(&[step]).expect("decode step")
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("decode_token", context),
+            &context,
+            |b, &context| {
+                b.iter(|| {
+                    let step = SeqStep {
+                        seq,
+                        tokens: &ids[context..],
+                        start_pos: context,
+                        logits: LogitsFor::Last,
+                    };
+                    engine.step(&[step]).expect("decode step")
+                })
+            },
+        );
     }
 
     for tokens in [128usize] {
@@ -57,7 +77,12 @@ fn bench_model(c: &mut Criterion, name: &str, dir: &Path) {
         group.throughput(Throughput::Elements(tokens as u64));
         group.bench_with_input(BenchmarkId::new("prefill", tokens), &tokens, |b, _| {
             b.iter(|| {
-                let step = SeqStep { seq, tokens: &ids, start_pos: 0, logits: LogitsFor::Last };
+                let step = SeqStep {
+                    seq,
+                    tokens: &ids,
+                    start_pos: 0,
+                    logits: LogitsFor::Last,
+                };
                 engine.step(&[step]).expect("prefill step")
             })
         });
