@@ -769,3 +769,36 @@ fn oversized_index_is_rejected_without_reading_it() {
     assert!(matches!(err, CheckpointError::IndexJson { .. }), "{err}");
     assert_names(&err, &index, None);
 }
+
+#[test]
+fn unused_tensors_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = &RandomModelSpec::tiny(4);
+    let config = spec.model_config().unwrap();
+    let layout = ModelLayout::new(&config);
+    let mut sources: Vec<TensorSource> = layout
+        .tensors()
+        .into_iter()
+        .map(|t| TensorSource {
+            name: t.name.clone(),
+            dtype: DType::F32,
+            shape: t.shape.clone(),
+            fill: Box::new(move |start, out| spec.fill(t, start, out)),
+        })
+        .collect();
+    let inv_freq = |start: usize, out: &mut [f32]| {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = 1.0 / (1.0 + (start + i) as f32);
+        }
+    };
+    sources.push(TensorSource {
+        name: "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+        dtype: DType::F32,
+        shape: vec![8],
+        fill: Box::new(inv_freq),
+    });
+    write_random_model(dir.path(), spec).unwrap();
+    write_safetensors(&dir.path().join("model.safetensors"), &sources).unwrap();
+    let weights = load(dir.path(), spec).unwrap();
+    assert_eq!(weights.layers.len(), 2);
+}
