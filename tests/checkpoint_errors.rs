@@ -64,6 +64,11 @@ fn valid_raw_file_opens() {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     assert_eq!(a, want);
+    // Both views borrow one mapping of the file: no copy.
+    let (a, b) = (c.tensor("a").unwrap(), c.tensor("b").unwrap());
+    let gap = b.bytes().as_ptr() as usize - a.bytes().as_ptr() as usize;
+    assert_eq!(gap, b.file_offset() - a.file_offset());
+    assert_eq!(gap, 16);
 }
 
 #[test]
@@ -133,7 +138,12 @@ fn absurd_header_lengths_are_rejected() {
 #[test]
 fn headers_that_are_not_json_objects_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
+    // Nesting far beyond the parser's recursion limit must not overflow the stack.
+    let deep = "[".repeat(100_000);
+    let deep_object = r#"{"a":"#.repeat(50_000);
     for json in [
+        deep.as_str(),
+        deep_object.as_str(),
         "not json at all",
         "[1, 2, 3]",
         "{\"a\": ",
