@@ -205,7 +205,8 @@ fn shard_name(k: usize, n: usize) -> String {
 fn split<'a>(tensors: &[&'a TensorSpec], shards: usize, dtype: DType) -> Vec<Vec<&'a TensorSpec>> {
     let bytes = |t: &TensorSpec| t.shape.iter().product::<usize>() as u128 * dtype.size() as u128;
     let total: u128 = tensors.iter().map(|t| bytes(t)).sum::<u128>().max(1);
-    let mut groups: Vec<Vec<&TensorSpec>> = vec![Vec::new(); shards.max(1)];
+    let shards = shards.max(1);
+    let mut groups: Vec<Vec<&TensorSpec>> = vec![Vec::new(); shards];
     let mut before = 0u128;
     for t in tensors {
         let k = ((before * shards as u128) / total) as usize;

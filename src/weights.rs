@@ -303,7 +303,9 @@ fn take(checkpoint: &Checkpoint, spec: &TensorSpec) -> Result<Weight, WeightsErr
 }
 
 impl ModelWeights {
-    /// Takes every weight of `config`'s model from `checkpoint`, checking names and shapes.
+    /// Takes every weight of `config`'s model from `checkpoint`, checking names and shapes. With
+    /// `tie_word_embeddings` the LM head is the embedding (a stored `lm_head.weight` is ignored);
+    /// tensors the model does not use are ignored.
     pub fn from_checkpoint(
         checkpoint: &Checkpoint,
         config: &ModelConfig,

@@ -64,6 +64,11 @@ fn valid_raw_file_opens() {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     assert_eq!(a, want);
+    // Both views borrow one mapping of the file: no copy.
+    let (a, b) = (c.tensor("a").unwrap(), c.tensor("b").unwrap());
+    let gap = b.bytes().as_ptr() as usize - a.bytes().as_ptr() as usize;
+    assert_eq!(gap, b.file_offset() - a.file_offset());
+    assert_eq!(gap, 16);
 }
 
 #[test]
@@ -133,7 +138,12 @@ fn absurd_header_lengths_are_rejected() {
 #[test]
 fn headers_that_are_not_json_objects_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
+    // Nesting far beyond the parser's recursion limit must not overflow the stack.
+    let deep = "[".repeat(100_000);
+    let deep_object = r#"{"a":"#.repeat(50_000);
     for json in [
+        deep.as_str(),
+        deep_object.as_str(),
         "not json at all",
         "[1, 2, 3]",
         "{\"a\": ",
@@ -768,4 +778,37 @@ fn oversized_index_is_rejected_without_reading_it() {
     let err = open_err(dir.path());
     assert!(matches!(err, CheckpointError::IndexJson { .. }), "{err}");
     assert_names(&err, &index, None);
+}
+
+#[test]
+fn unused_tensors_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = &RandomModelSpec::tiny(4);
+    let config = spec.model_config().unwrap();
+    let layout = ModelLayout::new(&config);
+    let mut sources: Vec<TensorSource> = layout
+        .tensors()
+        .into_iter()
+        .map(|t| TensorSource {
+            name: t.name.clone(),
+            dtype: DType::F32,
+            shape: t.shape.clone(),
+            fill: Box::new(move |start, out| spec.fill(t, start, out)),
+        })
+        .collect();
+    let inv_freq = |start: usize, out: &mut [f32]| {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = 1.0 / (1.0 + (start + i) as f32);
+        }
+    };
+    sources.push(TensorSource {
+        name: "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+        dtype: DType::F32,
+        shape: vec![8],
+        fill: Box::new(inv_freq),
+    });
+    write_random_model(dir.path(), spec).unwrap();
+    write_safetensors(&dir.path().join("model.safetensors"), &sources).unwrap();
+    let weights = load(dir.path(), spec).unwrap();
+    assert_eq!(weights.layers.len(), 2);
 }

@@ -1,6 +1,7 @@
 //! Random checkpoints: written files open, validate against their config, read back the values
 //! that were written (checked also with the independent `safetensors` reader), and sharded files
-//! hold exactly what a single file holds.
+//! hold exactly what a single file holds; the checkpoints transformers wrote for the golden tests
+//! load too.
 
 use mixtral::checkpoint::{write_safetensors, Checkpoint, LoadProgress, TensorSource};
 use mixtral::dtype::{DType, WeightSlice};
@@ -351,4 +352,44 @@ fn logits_are_peaked_but_not_one_hot() {
     eprintln!("mean top probability {mean}");
     // Far above uniform (1/256), yet not a certainty.
     assert!((0.1..0.95).contains(&mean), "mean top probability {mean}");
+}
+
+/// The checkpoints transformers wrote for the golden tests (single file, shards, bf16, f16, tied,
+/// dense) open and load, and every tensor's bytes equal what the `safetensors` crate reads.
+#[test]
+fn fixtures_written_by_transformers_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs = vec![root.join("models/tiny-mixtral")];
+    for entry in std::fs::read_dir(root.join("tests/fixtures")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.join("config.json").is_file() {
+            dirs.push(path);
+        }
+    }
+    assert!(dirs.len() >= 5, "{dirs:?}");
+    for dir in dirs {
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let mut config = mixtral::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        config
+            .merge_generation_config(&dir.join("generation_config.json"))
+            .unwrap();
+        let weights = ModelWeights::from_checkpoint(&checkpoint, &config).unwrap();
+        assert_eq!(weights.layers.len(), config.num_layers, "{dir:?}");
+        let mut seen = 0;
+        for file in checkpoint.files() {
+            let bytes = std::fs::read(file).unwrap();
+            let independent = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for (name, other) in independent.tensors() {
+                let view = checkpoint.tensor(&name).unwrap();
+                assert_eq!(view.path(), file.as_path());
+                assert_eq!(view.shape(), other.shape(), "{name}");
+                assert_eq!(view.bytes(), other.data(), "{name}");
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, checkpoint.len(), "{dir:?}");
+        if config.tie_word_embeddings {
+            assert!(weights.lm_head.tensor.name() == names::EMBED);
+        }
+    }
 }

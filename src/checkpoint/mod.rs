@@ -249,6 +249,10 @@ impl Checkpoint {
     pub fn total_bytes(&self) -> u64 {
         self.tensors.values().map(|t| t.len as u64).sum()
     }
+    /// Every tensor, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = &TensorView> {
+        self.tensors.values()
+    }
     /// Number of tensors.
     pub fn len(&self) -> usize {
         self.tensors.len()
