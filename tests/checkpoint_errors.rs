@@ -542,6 +542,28 @@ fn shard_paths_must_stay_inside_the_directory() {
     }
 }
 
+#[cfg(unix)]
+#[test]
+fn hub_cache_snapshot_links_into_its_own_blobs_only() {
+    // The layout of the Hugging Face hub cache: snapshots/<rev>/<file> -> ../../blobs/<hash>.
+    let repo = tempfile::tempdir().unwrap();
+    let blobs = repo.path().join("blobs");
+    let dir = repo.path().join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    write_raw_safetensors(&blobs.join("9f86d081"), &padded(A), &data(2)).unwrap();
+    std::os::unix::fs::symlink("../../blobs/9f86d081", dir.join("link.safetensors")).unwrap();
+    sharded(&dir, &[], r#"{"a":"link.safetensors"}"#);
+    assert_eq!(Checkpoint::open(&dir).unwrap().names(), vec!["a"]);
+
+    // A link from the snapshot to anywhere else is still refused.
+    let elsewhere = repo.path().join("elsewhere.safetensors");
+    write_raw_safetensors(&elsewhere, &padded(A), &data(2)).unwrap();
+    std::fs::remove_file(dir.join("link.safetensors")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("link.safetensors")).unwrap();
+    assert!(matches!(open_err(&dir), CheckpointError::ShardPath { .. }));
+}
+
 /// Writes `spec`'s tensors into `dir/model.safetensors`, letting `edit` drop a tensor (`None`)
 /// or change its dtype and shape.
 fn write_edited(

@@ -64,9 +64,21 @@ impl Index {
     }
 }
 
+/// The `blobs/` folder that a Hugging Face hub cache snapshot (`<repo>/snapshots/<rev>/`) links its
+/// files into, when `canonical_dir` is such a snapshot.
+fn hub_cache_blobs(canonical_dir: &Path) -> Option<PathBuf> {
+    let snapshots = canonical_dir.parent()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    let blobs = snapshots.parent()?.join("blobs");
+    blobs.is_dir().then_some(blobs)
+}
+
 /// Resolves the shard `name` (as written in the index at `index`) against the model directory
 /// `dir`, whose canonical form is `canonical_dir`. Rejects empty, absolute and `..` names, names
-/// that resolve (through symlinks) outside the directory unless `allow_outside`, and non-files.
+/// that resolve (through symlinks) outside the directory unless `allow_outside` (links from a hub
+/// cache snapshot into its own `blobs/` folder are always accepted), and non-files.
 pub(crate) fn resolve_shard(
     dir: &Path,
     canonical_dir: &Path,
@@ -105,7 +117,10 @@ pub(crate) fn resolve_shard(
         }
         Err(e) => return Err(CheckpointError::io(&path, e)),
     };
-    if !allow_outside && !canonical.starts_with(canonical_dir) {
+    if !allow_outside
+        && !canonical.starts_with(canonical_dir)
+        && !hub_cache_blobs(canonical_dir).is_some_and(|blobs| canonical.starts_with(blobs))
+    {
         return Err(reject(format!(
             "resolves to {}, outside the model directory {}",
             canonical.display(),
