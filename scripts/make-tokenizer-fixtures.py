@@ -10,6 +10,9 @@
   trim_blocks, lstrip_blocks, raise_exception, add_generation_prompt), the ids of that text encoded
   by the Python `tokenizers` package without adding special tokens, or the error the template
   raised; and, where mistral-common accepts the conversation, the ids of its own instruct encoding.
+- "templates": templates of this script's own that use the jinja2 features Hub templates rely on
+  (Python string / dict methods, namespace, loop variables, filters, whitespace control, slicing,
+  raise_exception), with jinja2's rendering of each conversation (or its error).
 
 Setup: python3 -m venv /work/pyenv/tok && /work/pyenv/tok/bin/pip install mistral-common sentencepiece tokenizers jinja2
 Run from the repository root: /work/pyenv/tok/bin/python scripts/make-tokenizer-fixtures.py
@@ -83,6 +86,49 @@ CONVERSATIONS = [
         {"role": "user", "content": "two"},
     ],
     [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}],
+]
+
+
+# Feature templates: each line of the Hub's templates' vocabulary, none of them a real model's.
+FEATURE_TEMPLATES = [
+    "{{ bos_token }}{% set ns = namespace(users=0) %}{% for m in messages %}"
+    "{% if m.role == 'user' %}{% set ns.users = ns.users + 1 %}{% endif %}"
+    "[{{ loop.index }}/{{ loop.length }} {{ m.role.upper() }}] {{ m.content.strip() }}"
+    "{% if m.content.strip().startswith('Q') %}?{% endif %}{% if m.content.endswith('!!') %}!{% endif %}"
+    "{% if not loop.last %} | {% endif %}{% endfor %} users={{ ns.users }} "
+    "assistants={{ (messages | selectattr('role', 'equalto', 'assistant') | list) | length }}"
+    "{% if add_generation_prompt %} >{% endif %}",
+    "{% for m in messages %}\n"
+    "    {% if m['role'] == 'system' %}\n"
+    "<<SYS>>{{ m['content'] | trim }}<</SYS>>\n"
+    "    {% else %}\n"
+    "{{ m['role'] }}: {{ m['content'].lstrip().rstrip('!?') }}\n"
+    "    {% endif %}\n"
+    "{% endfor %}\n"
+    "{% if add_generation_prompt %}\n"
+    "assistant:\n"
+    "{% endif %}\n",
+    "{% for m in messages %}{% for k, v in m.items() %}{{ k }}={{ v | length }};{% endfor %}"
+    "{{ m.get('name', 'anon') }},{{ m.get('role') }},{{ m.keys() | list | length }},"
+    "{{ m.values() | list | length }} {{ m.content.split() | join('_') }} "
+    "{{ m.content.lower().replace('q', 'k').split('o') | length }}{{ m.content.strip(' !?Q') }}\n{% endfor %}",
+    "{% if messages | length > 3 %}{{ raise_exception('at most three messages, got ' ~ messages | length) }}{% endif %}"
+    "{% set rest = messages[1:] %}{{ messages[0]['content'] ~ '|' ~ rest | length }}"
+    "{% if system_message is defined %}defined{% else %}undefined{% endif %}{{ eos_token }}",
+]
+
+FEATURE_CONVERSATIONS = [
+    [
+        {"role": "system", "content": "  Be kind!  "},
+        {"role": "user", "content": "  Question one?  "},
+        {"role": "assistant", "content": "Answer one!!"},
+        {"role": "user", "content": "Q2 split these\twords"},
+    ],
+    [{"role": "user", "content": "only one"}],
+    [
+        {"role": "user", "content": "Quoi? Ça va."},
+        {"role": "assistant", "content": " Très bien!"},
+    ],
 ]
 
 
@@ -163,6 +209,16 @@ def main():
             case["same_as_mistral_common"] = reference == case["ids"]
         chat.append(case)
 
+    templates = []
+    for template_text in FEATURE_TEMPLATES:
+        outputs = []
+        for messages in FEATURE_CONVERSATIONS:
+            try:
+                outputs.append({"messages": messages, "rendered": render(template_text, messages, config)})
+            except jinja2.exceptions.TemplateError as error:
+                outputs.append({"messages": messages, "error": str(error)})
+        templates.append({"template": template_text, "cases": outputs})
+
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w", encoding="utf-8") as f:
         json.dump(
@@ -176,6 +232,7 @@ def main():
                 },
                 "encode": encode,
                 "chat": chat,
+                "templates": templates,
             },
             f,
             ensure_ascii=False,

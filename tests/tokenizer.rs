@@ -151,6 +151,55 @@ fn chats_match_jinja2_and_mistral_common() {
 }
 
 #[test]
+fn template_features_render_as_jinja2_does() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        model_dir().join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let config = dir.path().join("tokenizer_config.json");
+    let templates = golden()["templates"].as_array().unwrap();
+    assert!(templates.len() >= 4);
+    for entry in templates {
+        let template = entry["template"].as_str().unwrap();
+        let json = serde_json::json!({ "chat_template": template, "bos_token": "<s>" });
+        std::fs::write(&config, json.to_string()).unwrap();
+        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        for case in entry["cases"].as_array().unwrap() {
+            let msgs = messages(&case["messages"]);
+            match (
+                tok.render_chat(&msgs),
+                case.get("rendered"),
+                case.get("error"),
+            ) {
+                (Ok(got), Some(want), _) => assert_eq!(got, want.as_str().unwrap(), "{template}"),
+                (Err(TokenizerError::Render { message }), _, Some(want)) => {
+                    assert!(message.contains(want.as_str().unwrap()), "{message}")
+                }
+                (got, want, error) => panic!("{template}: {got:?} vs {want:?} / {error:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn chat_template_file_overrides_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model_dir().join(name), dir.path().join(name)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    let chat = [ChatMessage::user("hi"), ChatMessage::assistant("yo")];
+    assert_eq!(tok.render_chat(&chat).unwrap(), "<s><user>hi<assistant>yo");
+}
+
+#[test]
 fn fallback_format_equals_the_released_template() {
     // Without a system message the built-in format must produce what the template produces.
     let fallback = fallback_tokenizer();
@@ -253,6 +302,63 @@ fn spaces_survive_streaming_after_a_prompt() {
     assert_eq!(stream(detok, &answer), " Hello there, friend");
     // Without context the text starts at its first character, as decode does.
     assert_eq!(stream(tok.detokenizer(), &answer), "Hello there, friend");
+}
+
+#[test]
+fn a_character_split_between_prompt_and_answer_comes_out_whole() {
+    let tok = tokenizer();
+    let ids = tok.encode("a 🤗 b", false).unwrap();
+    let (context, generated) = ids.split_at(ids.len() - 3); // two bytes of 🤗, then "▁b"
+    let detok = tok.detokenizer_after(context).unwrap();
+    assert_eq!(stream(detok, generated), "🤗 b");
+}
+
+#[test]
+fn config_forms_and_field_types() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        model_dir().join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let config = dir.path().join("tokenizer_config.json");
+    // Object-form special tokens and a list of named templates.
+    let json = serde_json::json!({
+        "bos_token": {"content": "<s>", "special": true},
+        "eos_token": {"content": "<unk>", "special": true},
+        "chat_template": [
+            {"name": "tool_use", "template": "tools"},
+            {"name": "default", "template": "{{ bos_token }}{{ messages | length }}{{ eos_token }}"}
+        ]
+    });
+    std::fs::write(&config, json.to_string()).unwrap();
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(tok.eos_ids(), &[0]);
+    assert_eq!(
+        tok.render_chat(&[ChatMessage::user("x")]).unwrap(),
+        "<s>1<unk>"
+    );
+    for bad in [
+        r#"{"bos_token": 5}"#,
+        r#"{"chat_template": 7}"#,
+        r#"{"chat_template": [{"name": "other", "template": "x"}]}"#,
+        r#"["not", "an", "object"]"#,
+    ] {
+        std::fs::write(&config, bad).unwrap();
+        assert!(
+            matches!(
+                Tokenizer::from_dir(dir.path()),
+                Err(TokenizerError::Config { .. })
+            ),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn tokenizer_is_shareable_between_threads() {
+    fn shareable<T: Send + Sync>(_: &T) {}
+    shareable(tokenizer());
 }
 
 #[test]

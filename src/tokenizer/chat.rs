@@ -3,10 +3,12 @@
 //! used when a directory has no template.
 
 use super::TokenizerError;
+use minijinja::value::{Enumerator, Object, ObjectRepr};
 use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Name under which the template is compiled (appears in error messages).
 const TEMPLATE_NAME: &str = "chat_template";
@@ -42,6 +44,26 @@ impl ChatMessage {
     /// A `system` message.
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
+    }
+}
+
+/// A message as templates see it: a map with keys `role` then `content` (the order of a Python dict
+/// built the usual way, which `message.items()` reveals).
+impl Object for ChatMessage {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        match key.as_str()? {
+            "role" => Some(Value::from(self.role.as_str())),
+            "content" => Some(Value::from(self.content.as_str())),
+            _ => None,
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Str(&["role", "content"])
     }
 }
 
@@ -131,7 +153,8 @@ pub(super) struct ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles `source` (from `path`) with the settings transformers uses: `trim_blocks`,
-    /// `lstrip_blocks`, and a `raise_exception(message)` function that fails the render.
+    /// `lstrip_blocks`, a `raise_exception(message)` function that fails the render, and the Python
+    /// string / dict methods templates call.
     pub fn compile(path: &Path, source: String) -> Result<Self, TokenizerError> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
@@ -141,6 +164,7 @@ impl ChatTemplate {
             .map_err(|e| template_error(path, &e))?;
         env.set_syntax(syntax);
         env.add_function("raise_exception", raise_exception);
+        env.set_unknown_method_callback(super::pymethods::call);
         env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| template_error(path, &e))?;
         Ok(Self { env })
@@ -155,12 +179,7 @@ impl ChatTemplate {
     ) -> Result<String, TokenizerError> {
         let messages: Vec<Value> = messages
             .iter()
-            .map(|m| {
-                Value::from(BTreeMap::from([
-                    ("role".to_string(), Value::from(m.role.as_str())),
-                    ("content".to_string(), Value::from(m.content.as_str())),
-                ]))
-            })
+            .map(|m| Value::from_object(m.clone()))
             .collect();
         let context = BTreeMap::from([
             ("messages".to_string(), Value::from(messages)),

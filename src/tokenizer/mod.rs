@@ -14,6 +14,7 @@
 //! `tokenizers` crate itself would silently skip unknown ids.
 
 mod chat;
+mod pymethods;
 mod stream;
 
 pub use chat::ChatMessage;

@@ -119,7 +119,9 @@ impl<'t> Detokenizer<'t> {
                 .char_indices()
                 .zip(self.prefix_text.chars())
                 .find(|((_, a), b)| a != b)
-                .map_or(String::new(), |((at, _), _)| text[at..].to_string()),
+                .and_then(|((at, _), _)| text.get(at..))
+                .unwrap_or_default()
+                .to_string(),
         };
         self.ids.drain(..self.read);
         self.read = self.ids.len();
