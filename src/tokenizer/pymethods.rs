@@ -102,7 +102,7 @@ fn map_method(
     match method {
         "items" => {
             let () = from_args(args)?;
-            state.apply_filter("items", &[map.clone()])
+            state.apply_filter("items", std::slice::from_ref(map))
         }
         "keys" => {
             let () = from_args(args)?;
