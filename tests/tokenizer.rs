@@ -264,6 +264,9 @@ fn special_token_markup_is_text_in_encode_and_tokens_in_rendered_chats() {
     assert_eq!(rendered.first(), Some(&1));
     assert_eq!(rendered.last(), Some(&2));
     assert_eq!(rendered.iter().filter(|&&id| id <= 2).count(), 2);
+    assert_eq!(tok.find_special_markup("a </s> then <s>"), Some("</s>"));
+    assert_eq!(tok.find_special_markup("x<unk>"), Some("<unk>"));
+    assert_eq!(tok.find_special_markup("< s > [INST]"), None);
 }
 
 #[test]

@@ -8,7 +8,8 @@
 //! - [`Tokenizer::encode_rendered`] (used by [`Tokenizer::encode_chat`]) reads special-token markup:
 //!   `<s>` and `</s>` written by a chat template become their ids. Message contents go through the
 //!   template as text, so special-token markup inside a message also becomes ids (as in transformers
-//!   and TGI); callers that pass untrusted contents should reject such markup first.
+//!   and TGI); callers that pass untrusted contents can reject such markup first
+//!   ([`Tokenizer::find_special_markup`]).
 //!
 //! Every id handed in is checked against the vocabulary ([`TokenizerError::InvalidId`]); the
 //! `tokenizers` crate itself would silently skip unknown ids.
@@ -138,6 +139,8 @@ pub struct Tokenizer {
     markup: tokenizers::Tokenizer,
     /// The kind of every id below the vocabulary size.
     kinds: Vec<TokenKind>,
+    /// The texts of the special tokens.
+    special_tokens: Vec<String>,
     bos_token: String,
     bos_id: u32,
     eos_token: String,
@@ -190,6 +193,11 @@ impl Tokenizer {
         let markup = load(&bytes)?;
         drop(bytes);
         let kinds = token_kinds(&plain, tokenizer_json)?;
+        let special_tokens: Vec<String> = (0..kinds.len())
+            .filter(|&i| kinds.get(i) == Some(&TokenKind::Special))
+            .filter_map(|i| plain.id_to_token(u32::try_from(i).ok()?))
+            .filter(|token| !token.is_empty())
+            .collect();
 
         let config = match tokenizer_config {
             Some(path) => chat::TokenizerConfig::read(path)?,
@@ -228,6 +236,7 @@ impl Tokenizer {
             plain,
             markup,
             kinds,
+            special_tokens,
             bos_token: config.bos_token,
             bos_id,
             eos_token: config.eos_token,
@@ -279,6 +288,17 @@ impl Tokenizer {
     /// The id of a token text, if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.plain.token_to_id(token)
+    }
+
+    /// The first special token (`<s>`, `</s>`, `<unk>`) written in `text`, if any: text that
+    /// [`Tokenizer::encode_rendered`] would turn into a special id.
+    pub fn find_special_markup<'a>(&'a self, text: &str) -> Option<&'a str> {
+        self.special_tokens
+            .iter()
+            .map(String::as_str)
+            .filter_map(|token| text.find(token).map(|at| (at, token)))
+            .min_by_key(|&(at, token)| (at, std::cmp::Reverse(token.len())))
+            .map(|(_, token)| token)
     }
 
     /// Whether `id` is a special token (skipped by [`Tokenizer::decode`]).
