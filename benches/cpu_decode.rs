@@ -1,6 +1,6 @@
 //! CPU decode latency (one token per step, ms/token) and prefill throughput (tokens/s) of the
 //! reference engine, on the shipped tiny model and on a mid-size random model (hidden 1024, 8 layers,
-//! 8 experts top-2, intermediate 3584, 16 query / 4 KV heads, vocab 32000, bf16) written to a
+//! 8 experts top-2, intermediate 3584, 16 query / 4 KV heads, vocab 32000; bf16 and f32) written to a
 //! temporary directory at start.
 //!
 //! Decode is measured at a fixed context: each iteration rewinds the sequence to the prompt length
@@ -8,6 +8,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
+use mixtral::dtype::DType;
 use mixtral::random_model::{write_random_model, RandomModelSpec};
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
 use std::path::Path;
@@ -95,9 +96,12 @@ fn cpu_benches(c: &mut Criterion) {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
     bench_model(c, "tiny-mixtral", &shipped);
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_random_model(dir.path(), &RandomModelSpec::mid_size(7)).expect("write mid-size model");
-    bench_model(c, "mid-size-bf16", dir.path());
+    for (name, dtype) in [("mid-size-bf16", DType::BF16), ("mid-size-f32", DType::F32)] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spec = RandomModelSpec::mid_size(7).with_dtype(dtype);
+        write_random_model(dir.path(), &spec).expect("write mid-size model");
+        bench_model(c, name, dir.path());
+    }
 }
 
 criterion_group!(benches, cpu_benches);
