@@ -193,9 +193,11 @@ impl Tokenizer {
         let markup = load(&bytes)?;
         drop(bytes);
         let kinds = token_kinds(&plain, tokenizer_json)?;
-        let special_tokens: Vec<String> = (0..kinds.len())
-            .filter(|&i| kinds.get(i) == Some(&TokenKind::Special))
-            .filter_map(|i| plain.id_to_token(u32::try_from(i).ok()?))
+        let special_tokens: Vec<String> = kinds
+            .iter()
+            .enumerate()
+            .filter(|&(_, &kind)| kind == TokenKind::Special)
+            .filter_map(|(i, _)| plain.id_to_token(u32::try_from(i).ok()?))
             .filter(|token| !token.is_empty())
             .collect();
 
