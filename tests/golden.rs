@@ -21,6 +21,17 @@ struct Golden {
     perplexity: f64,
 }
 
+impl Golden {
+    /// The prompt followed by the greedy continuation: what the log-probs were computed over.
+    fn sequence(&self) -> Vec<u32> {
+        self.prompt_ids
+            .iter()
+            .chain(&self.greedy_ids)
+            .copied()
+            .collect()
+    }
+}
+
 fn ids(v: &Value, key: &str) -> Vec<u32> {
     v[key]
         .as_array()
@@ -135,12 +146,7 @@ fn logprobs_and_perplexity_match_transformers() {
     for dir in fixture_dirs() {
         let golden = read_golden(&dir);
         let mut engine = engine(&dir);
-        let sequence: Vec<u32> = golden
-            .prompt_ids
-            .iter()
-            .chain(&golden.greedy_ids)
-            .copied()
-            .collect();
+        let sequence = golden.sequence();
         let scored = perplexity(&mut engine, &sequence).unwrap();
         assert_eq!(
             scored.token_logprobs.len(),
@@ -175,12 +181,7 @@ fn last_logits_match_transformers() {
     for dir in fixture_dirs() {
         let golden = read_golden(&dir);
         let mut engine = engine(&dir);
-        let sequence: Vec<u32> = golden
-            .prompt_ids
-            .iter()
-            .chain(&golden.greedy_ids)
-            .copied()
-            .collect();
+        let sequence = golden.sequence();
         let seq = engine.new_sequence().unwrap();
         let out = engine
             .step(&[SeqStep {
