@@ -199,3 +199,30 @@ fn last_logits_match_transformers() {
         );
     }
 }
+
+#[test]
+fn shipped_model_text_round_trips_like_transformers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let model = Model::load(
+        &dir,
+        &LoadOptions {
+            require_tokenizer: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let tokenizer = model.tokenizer.as_ref().unwrap();
+    let prompt_text = v["prompt_text"].as_str().unwrap();
+    assert_eq!(
+        tokenizer.encode(prompt_text, true).unwrap(),
+        ids(&v, "prompt_ids")
+    );
+    let greedy_text = v["greedy_text"].as_str().unwrap();
+    assert_eq!(
+        tokenizer.decode(&ids(&v, "greedy_ids")).unwrap(),
+        greedy_text
+    );
+    assert_eq!(model.config.eos_token_ids, vec![2]);
+}
