@@ -122,6 +122,10 @@ pub enum EngineError {
         /// The engine's limit.
         limit: usize,
     },
+    /// Engine options that cannot work (a zero size, a pool too large to count); the message
+    /// names the option.
+    #[error("invalid engine options: {0}")]
+    InvalidOptions(String),
     /// A backend failure (device error, out of memory). The message names the operation.
     #[error("backend error: {0}")]
     Backend(String),
