@@ -2,25 +2,32 @@
 //! `x: [tokens, k]` f32, `W: [n, k]` in bf16, f16 or f32 ([`WeightSlice`]), `y: [tokens, n]` f32,
 //! accumulated in f32.
 //!
-//! Output rows `n` are split into chunks computed in parallel (rayon). Within a chunk, tokens are
-//! taken four at a time against each weight row, so a prefill reads each row from memory once.
-//! The inner dot products use AVX-512F or AVX2+FMA(+F16C) when the CPU has them (chosen at run
-//! time; bf16 becomes f32 in registers by a 16-bit left shift), else a portable scalar loop.
+//! Output rows `n` are split into chunks computed in parallel (rayon). Within a chunk, a register
+//! tile of up to four tokens times a few weight rows (four with AVX-512, two with AVX2) is
+//! accumulated at once, so a prefill reads each weight row from memory once and each load feeds
+//! several multiply-adds. The inner loops use AVX-512F or AVX2+FMA(+F16C) when the CPU has them
+//! (chosen at run time; bf16 becomes f32 in registers by a 16-bit left shift), else a portable
+//! scalar loop.
 //!
 //! Results are deterministic: each output element is computed by one fixed sequence of operations
-//! that depends only on `k` and the chosen [`Kernel`], never on the thread count, the number of
-//! tokens or where the element falls in a tile.
+//! (one accumulator over the lanes in index order, the lanes summed, the remaining elements added in
+//! order) that depends only on `k` and the chosen [`Kernel`], never on the thread count, the number
+//! of tokens or where the element falls in a tile.
 
 use crate::dtype::WeightSlice;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Tokens processed together against one weight row.
-const TILE: usize = 4;
+/// Tokens processed together against the rows of a tile.
+const TOKENS: usize = 4;
+/// Most weight rows in a tile.
+const ROWS: usize = 4;
 /// Target multiply-adds per parallel task.
 const TASK_WORK: usize = 1 << 16;
 /// Bytes of weight rows per parallel task at most (kept in cache while the token tiles pass).
-const TASK_BYTES: usize = 1 << 18;
+const TASK_BYTES: usize = 1 << 17;
+/// Rows per parallel task at least (when the bytes allow).
+const TASK_MIN_ROWS: usize = 64;
 
 /// Which inner loop computes the dot products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +63,15 @@ impl Kernel {
             Kernel::Avx512 => is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
+        }
+    }
+
+    /// Weight rows per register tile.
+    fn rows(self) -> usize {
+        match self {
+            Kernel::Avx512 => 4,
+            Kernel::Avx2 => 2,
+            Kernel::Scalar => 1,
         }
     }
 
@@ -104,7 +120,7 @@ pub fn matmul_with(
     } else {
         Kernel::Scalar
     };
-    let by_work = (TASK_WORK / (k * tokens)).max(1);
+    let by_work = (TASK_WORK / (k * tokens)).max(TASK_MIN_ROWS);
     let by_bytes = (TASK_BYTES / (k * w.dtype().size())).max(1);
     let rows_per_task = by_work.min(by_bytes).min(n);
     if tokens == 1 {
@@ -151,69 +167,136 @@ fn chunk_rows(
     tokens: usize,
     out: &mut [f32],
 ) {
-    for t0 in (0..tokens).step_by(TILE) {
-        let used = (tokens - t0).min(TILE);
-        // A short tile repeats its last token, so every dot runs the same code.
-        let xs: [&[f32]; TILE] = std::array::from_fn(|j| {
+    match w_chunk {
+        WeightSlice::BF16(w) => typed_rows(kernel, x, w, k, tokens, out),
+        WeightSlice::F16(w) => typed_rows(kernel, x, w, k, tokens, out),
+        WeightSlice::F32(w) => typed_rows(kernel, x, w, k, tokens, out),
+    }
+}
+
+/// [`chunk_rows`] for one weight type: token tiles outside, row tiles inside. A short tile
+/// repeats its last token or row; the repeats are computed and dropped.
+fn typed_rows<W: Element>(
+    kernel: Kernel,
+    x: &[f32],
+    w: &[W],
+    k: usize,
+    tokens: usize,
+    out: &mut [f32],
+) {
+    let rows = out.len() / tokens;
+    let row_tile = kernel.rows();
+    for t0 in (0..tokens).step_by(TOKENS) {
+        let used = (tokens - t0).min(TOKENS);
+        let xs: [&[f32]; TOKENS] = std::array::from_fn(|j| {
             let t = t0 + j.min(used - 1);
             &x[t * k..(t + 1) * k]
         });
-        for (r, out_row) in out.chunks_exact_mut(tokens).enumerate() {
-            let row = w_chunk.slice(r * k..(r + 1) * k);
-            let dots = dot_tile(kernel, &xs, row);
-            out_row[t0..t0 + used].copy_from_slice(&dots[..used]);
+        for r0 in (0..rows).step_by(row_tile) {
+            let rused = (rows - r0).min(row_tile);
+            let ws: [&[W]; ROWS] = std::array::from_fn(|j| {
+                let r = r0 + j.min(rused - 1);
+                &w[r * k..(r + 1) * k]
+            });
+            let dots = W::tile(kernel, &xs, used, &ws);
+            for (r, d) in dots.iter().enumerate().take(rused) {
+                let at = (r0 + r) * tokens + t0;
+                out[at..at + used].copy_from_slice(&d[..used]);
+            }
         }
     }
 }
 
-/// The dot products of four token rows with one weight row (all of the same length).
-fn dot_tile(kernel: Kernel, xs: &[&[f32]; TILE], row: WeightSlice<'_>) -> [f32; TILE] {
-    assert!(xs.iter().all(|x| x.len() == row.len()));
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the kernel was checked to be available on this CPU; lengths were checked.
-        Kernel::Avx512 => unsafe {
-            match row {
-                WeightSlice::BF16(r) => x86::avx512_bf16(xs, r),
-                WeightSlice::F16(r) => x86::avx512_f16(xs, r),
-                WeightSlice::F32(r) => x86::avx512_f32(xs, r),
-            }
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Kernel::Avx2 => unsafe {
-            match row {
-                WeightSlice::BF16(r) => x86::avx2_bf16(xs, r),
-                WeightSlice::F16(r) => x86::avx2_f16(xs, r),
-                WeightSlice::F32(r) => x86::avx2_f32(xs, r),
-            }
-        },
-        _ => match row {
-            WeightSlice::BF16(r) => scalar_tile(xs, r, |v: &bf16| v.to_f32()),
-            WeightSlice::F16(r) => scalar_tile(xs, r, |v: &f16| v.to_f32()),
-            WeightSlice::F32(r) => scalar_tile(xs, r, |v: &f32| *v),
-        },
-    }
+/// A weight element type with its dot-product tiles.
+trait Element: Copy + Send + Sync {
+    /// As f32.
+    fn to_f32(self) -> f32;
+
+    /// `out[r][t] = xs[t] . ws[r]` for `t < tokens` (1 or more; the rest are repeats) and
+    /// `r < kernel.rows()`; all slices of one length.
+    fn tile(
+        kernel: Kernel,
+        xs: &[&[f32]; TOKENS],
+        tokens: usize,
+        ws: &[&[Self]; ROWS],
+    ) -> [[f32; TOKENS]; ROWS];
 }
 
-/// Sequential dot products: `sum_i x[i] * w[i]`, accumulated from 0 in index order.
-fn scalar_tile<T>(xs: &[&[f32]; TILE], w: &[T], to_f32: impl Fn(&T) -> f32) -> [f32; TILE] {
-    let mut acc = [0.0f32; TILE];
-    for (i, wv) in w.iter().enumerate() {
-        let wv = to_f32(wv);
-        for (a, x) in acc.iter_mut().zip(xs) {
-            *a += x[i] * wv;
+/// Implements [`Element`] for a type with its SIMD tiles from [`x86`].
+macro_rules! element {
+    ($t:ty, $to_f32:expr, $avx512:ident, $avx2:ident) => {
+        impl Element for $t {
+            fn to_f32(self) -> f32 {
+                $to_f32(self)
+            }
+
+            fn tile(
+                kernel: Kernel,
+                xs: &[&[f32]; TOKENS],
+                tokens: usize,
+                ws: &[&[Self]; ROWS],
+            ) -> [[f32; TOKENS]; ROWS] {
+                let k = ws[0].len();
+                assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == k));
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the kernel was checked to be available on this CPU (`matmul_with`
+                    // only keeps an available one) and every slice has length `k` (checked).
+                    Kernel::Avx512 => unsafe {
+                        if tokens == 1 {
+                            widen(x86::$avx512::<1>(&[xs[0]], ws))
+                        } else {
+                            x86::$avx512::<TOKENS>(xs, ws)
+                        }
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    Kernel::Avx2 => unsafe {
+                        if tokens == 1 {
+                            widen(x86::$avx2::<1>(&[xs[0]], ws))
+                        } else {
+                            x86::$avx2::<TOKENS>(xs, ws)
+                        }
+                    },
+                    _ => scalar_tile(xs, tokens, ws),
+                }
+            }
+        }
+    };
+}
+
+element!(bf16, |v: bf16| v.to_f32(), avx512_bf16, avx2_bf16);
+element!(f16, |v: f16| v.to_f32(), avx512_f16, avx2_f16);
+element!(f32, |v: f32| v, avx512_f32, avx2_f32);
+
+/// A one-token tile result in the layout of a full one.
+#[cfg(target_arch = "x86_64")]
+fn widen(one: [[f32; 1]; ROWS]) -> [[f32; TOKENS]; ROWS] {
+    std::array::from_fn(|r| [one[r][0]; TOKENS])
+}
+
+/// Sequential dot products of the first row: `sum_i x[i] * w[i]`, accumulated from 0 in index
+/// order.
+fn scalar_tile<W: Element>(
+    xs: &[&[f32]; TOKENS],
+    tokens: usize,
+    ws: &[&[W]; ROWS],
+) -> [[f32; TOKENS]; ROWS] {
+    let mut out = [[0.0f32; TOKENS]; ROWS];
+    for (o, x) in out[0].iter_mut().zip(xs).take(tokens) {
+        for (&a, &b) in x.iter().zip(ws[0]) {
+            *o += a * b.to_f32();
         }
     }
-    acc
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The SIMD dot-product tiles. Each takes four f32 rows and one weight row of the same
-    //! length (checked by the caller) and returns the four dot products.
+    //! The SIMD dot-product tiles: `T` f32 token rows times a few weight rows of one length
+    //! (checked by the caller), all their dot products.
 
-    use super::TILE;
+    use super::ROWS;
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -264,93 +347,129 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// Defines a 16-lane tile: two accumulators per token over 32 elements per step, one more
-    /// 16-element step, the lanes summed, then the remaining elements in order.
-    macro_rules! avx512_tile {
-        ($name:ident, $t:ty, $load:ident, $conv:expr) => {
+    /// Defines a SIMD tile: `$rows` weight rows times `T` tokens, one accumulator per pair
+    /// over `$lanes`-element steps, then the lanes summed and the remaining elements added in
+    /// order.
+    macro_rules! simd_tile {
+        ($name:ident, $feature:literal, $t:ty, $lanes:literal, $rows:literal, $vec:ty,
+         $zero:ident, $loadx:ident, $load:ident, $fma:ident, $reduce:ident) => {
             /// # Safety
-            /// AVX-512F must be available and every `xs[j]` as long as `w`.
-            #[target_feature(enable = "avx512f")]
-            pub(super) unsafe fn $name(xs: &[&[f32]; TILE], w: &[$t]) -> [f32; TILE] {
-                let k = w.len();
-                let wp = w.as_ptr();
-                let xp: [*const f32; TILE] = std::array::from_fn(|j| xs[j].as_ptr());
-                let mut a0 = [_mm512_setzero_ps(); TILE];
-                let mut a1 = [_mm512_setzero_ps(); TILE];
+            /// The target features must be available, and every `xs[t]` and `ws[r]` as long
+            /// as `ws[0]`.
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name<const T: usize>(
+                xs: &[&[f32]; T],
+                ws: &[&[$t]; ROWS],
+            ) -> [[f32; T]; ROWS] {
+                let k = ws[0].len();
+                let mut acc: [[$vec; T]; $rows] = [[$zero(); T]; $rows];
+                let mut wv: [$vec; $rows] = [$zero(); $rows];
                 let mut i = 0;
-                while i + 32 <= k {
-                    let w0 = $load(wp.add(i));
-                    let w1 = $load(wp.add(i + 16));
-                    for j in 0..TILE {
-                        a0[j] = _mm512_fmadd_ps(_mm512_loadu_ps(xp[j].add(i)), w0, a0[j]);
-                        a1[j] = _mm512_fmadd_ps(_mm512_loadu_ps(xp[j].add(i + 16)), w1, a1[j]);
+                while i + $lanes <= k {
+                    for r in 0..$rows {
+                        wv[r] = $load(ws[r].as_ptr().add(i));
                     }
-                    i += 32;
+                    for t in 0..T {
+                        let xv = $loadx(xs[t].as_ptr().add(i));
+                        for r in 0..$rows {
+                            acc[r][t] = $fma(xv, wv[r], acc[r][t]);
+                        }
+                    }
+                    i += $lanes;
                 }
-                if i + 16 <= k {
-                    let w0 = $load(wp.add(i));
-                    for j in 0..TILE {
-                        a0[j] = _mm512_fmadd_ps(_mm512_loadu_ps(xp[j].add(i)), w0, a0[j]);
+                let mut out = [[0.0f32; T]; ROWS];
+                for r in 0..$rows {
+                    for t in 0..T {
+                        let mut s = $reduce(acc[r][t]);
+                        for e in i..k {
+                            s += xs[t][e] * ws[r][e].to_f32();
+                        }
+                        out[r][t] = s;
                     }
-                    i += 16;
                 }
-                let conv = $conv;
-                std::array::from_fn(|j| {
-                    let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
-                    for e in i..k {
-                        s += xs[j][e] * conv(&w[e]);
-                    }
-                    s
-                })
+                out
             }
         };
     }
 
-    /// Defines an 8-lane tile, laid out like the 16-lane one.
-    macro_rules! avx2_tile {
-        ($name:ident, $t:ty, $load:ident, $conv:expr) => {
-            /// # Safety
-            /// AVX2, FMA and F16C must be available and every `xs[j]` as long as `w`.
-            #[target_feature(enable = "avx2,fma,f16c")]
-            pub(super) unsafe fn $name(xs: &[&[f32]; TILE], w: &[$t]) -> [f32; TILE] {
-                let k = w.len();
-                let wp = w.as_ptr();
-                let xp: [*const f32; TILE] = std::array::from_fn(|j| xs[j].as_ptr());
-                let mut a0 = [_mm256_setzero_ps(); TILE];
-                let mut a1 = [_mm256_setzero_ps(); TILE];
-                let mut i = 0;
-                while i + 16 <= k {
-                    let w0 = $load(wp.add(i));
-                    let w1 = $load(wp.add(i + 8));
-                    for j in 0..TILE {
-                        a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[j].add(i)), w0, a0[j]);
-                        a1[j] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[j].add(i + 8)), w1, a1[j]);
-                    }
-                    i += 16;
-                }
-                if i + 8 <= k {
-                    let w0 = $load(wp.add(i));
-                    for j in 0..TILE {
-                        a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[j].add(i)), w0, a0[j]);
-                    }
-                    i += 8;
-                }
-                let conv = $conv;
-                std::array::from_fn(|j| {
-                    let mut s = reduce8(_mm256_add_ps(a0[j], a1[j]));
-                    for e in i..k {
-                        s += xs[j][e] * conv(&w[e]);
-                    }
-                    s
-                })
-            }
-        };
-    }
+    use super::Element;
 
-    avx512_tile!(avx512_bf16, bf16, load16_bf16, |v: &bf16| v.to_f32());
-    avx512_tile!(avx512_f16, f16, load16_f16, |v: &f16| v.to_f32());
-    avx512_tile!(avx512_f32, f32, load16_f32, |v: &f32| *v);
-    avx2_tile!(avx2_bf16, bf16, load8_bf16, |v: &bf16| v.to_f32());
-    avx2_tile!(avx2_f16, f16, load8_f16, |v: &f16| v.to_f32());
-    avx2_tile!(avx2_f32, f32, load8_f32, |v: &f32| *v);
+    simd_tile!(
+        avx512_bf16,
+        "avx512f",
+        bf16,
+        16,
+        4,
+        __m512,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        load16_bf16,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps
+    );
+    simd_tile!(
+        avx512_f16,
+        "avx512f",
+        f16,
+        16,
+        4,
+        __m512,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        load16_f16,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps
+    );
+    simd_tile!(
+        avx512_f32,
+        "avx512f",
+        f32,
+        16,
+        4,
+        __m512,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        load16_f32,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps
+    );
+    simd_tile!(
+        avx2_bf16,
+        "avx2,fma,f16c",
+        bf16,
+        8,
+        2,
+        __m256,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        load8_bf16,
+        _mm256_fmadd_ps,
+        reduce8
+    );
+    simd_tile!(
+        avx2_f16,
+        "avx2,fma,f16c",
+        f16,
+        8,
+        2,
+        __m256,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        load8_f16,
+        _mm256_fmadd_ps,
+        reduce8
+    );
+    simd_tile!(
+        avx2_f32,
+        "avx2,fma,f16c",
+        f32,
+        8,
+        2,
+        __m256,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        load8_f32,
+        _mm256_fmadd_ps,
+        reduce8
+    );
 }
