@@ -576,20 +576,20 @@ fn limits(block_size: usize, num_blocks: usize, max_context: usize) -> KvLimits 
     }
 }
 
-/// Everything observable about a pool.
-fn snapshot(kv: &PagedKv, seqs: &[SeqId]) -> Vec<(SeqId, Option<(usize, Vec<usize>)>)> {
-    let mut out: Vec<_> = seqs
+/// Everything observable about a pool: each sequence's length and block table (if alive), then the
+/// free block count.
+type Snapshot = (Vec<Option<(usize, Vec<usize>)>>, usize);
+
+fn snapshot(kv: &PagedKv, seqs: &[SeqId]) -> Snapshot {
+    let seqs = seqs
         .iter()
         .map(|&s| {
-            let state = kv
-                .sequence_len(s)
+            kv.sequence_len(s)
                 .ok()
-                .map(|len| (len, kv.block_table(s).unwrap().to_vec()));
-            (s, state)
+                .map(|len| (len, kv.block_table(s).unwrap().to_vec()))
         })
         .collect();
-    out.push((SeqId(u64::MAX), Some((kv.free_blocks(), vec![]))));
-    out
+    (seqs, kv.free_blocks())
 }
 
 /// Blocks of live sequences are distinct, each sequence holds `ceil(len / block_size)` blocks,
