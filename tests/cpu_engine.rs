@@ -158,13 +158,17 @@ fn logits_are_peaked_and_differ_between_positions() {
 }
 
 #[test]
-fn one_token_at_a_time_equals_the_full_forward() {
+fn prefill_then_one_token_at_a_time_equals_the_full_forward() {
     for (name, weights) in models() {
         let mut e = engine(weights, 4, None);
         let toks = tokens(17, 30, weights.config.vocab_size);
         let full = run_chunked(&mut e, &toks, &[]);
-        let incremental = run_chunked(&mut e, &toks, &[1; 30]);
-        assert_close(&incremental, &full, name);
+        let mut chunks = vec![1; 30];
+        for prefill in [1, 9] {
+            chunks[0] = prefill;
+            let incremental = run_chunked(&mut e, &toks, &chunks);
+            assert_close(&incremental, &full, name);
+        }
         assert_eq!(e.free_kv_blocks(), e.total_kv_blocks());
     }
 }
