@@ -273,7 +273,10 @@ fn greedy_follows_the_argmax_of_each_position_and_stops_at_max_tokens() {
     assert_eq!(engine.steps.len(), 6);
     assert_eq!(engine.steps[0], (prompt.clone(), 0, LogitsFor::Last));
     for (k, step) in engine.steps[1..].iter().enumerate() {
-        assert_eq!(*step, (vec![expected[k]], prompt.len() + k, LogitsFor::Last));
+        assert_eq!(
+            *step,
+            (vec![expected[k]], prompt.len() + k, LogitsFor::Last)
+        );
     }
     assert!(engine.sequences.is_empty(), "sequence not freed");
 }
@@ -322,7 +325,11 @@ fn text_that_may_become_a_stop_string_is_held_back_then_released() {
     let prompt = prompt(&tokenizer);
     let script = tokenizer.encode("Hello world, again", false).unwrap();
     let first_two = tokenizer.encode("Hello world", false).unwrap();
-    assert_eq!(first_two.len(), 2, "' Hello' and ' world' are one token each");
+    assert_eq!(
+        first_two.len(),
+        2,
+        "' Hello' and ' world' are one token each"
+    );
     let mut engine = FakeEngine::new(64).scripted(prompt.len(), &script);
     let options = GenerateOptions::greedy(script.len()).with_stop("world!");
     let (out, events) = run(&mut engine, &prompt, &options, None);
@@ -379,7 +386,10 @@ fn sequence_is_freed_when_the_engine_fails() {
         );
         assert_eq!(events.len(), fail_at);
         assert_eq!(engine.created, 1);
-        assert!(engine.sequences.is_empty(), "sequence leaked at step {fail_at}");
+        assert!(
+            engine.sequences.is_empty(),
+            "sequence leaked at step {fail_at}"
+        );
     }
 }
 

@@ -220,7 +220,13 @@ fn draws_after_top_k_and_top_p_follow_the_renormalised_softmax() {
     let full = softmax(&logits, 0.8);
     let kept = full[3] + full[0] + full[1];
     let expected: Vec<f64> = (0..6)
-        .map(|i| if [3, 0, 1].contains(&i) { full[i] / kept } else { 0.0 })
+        .map(|i| {
+            if [3, 0, 1].contains(&i) {
+                full[i] / kept
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mut sampler = Sampler::new(params(0.8, 3, 1.0, 9)).unwrap();
     check_frequencies(&mut sampler, &logits, &expected);
@@ -247,7 +253,11 @@ fn different_seeds_give_different_streams() {
 fn bad_parameters_name_the_parameter_and_value() {
     let cases = [
         (params(-0.5, 0, 1.0, 0), "temperature", -0.5),
-        (params(f32::INFINITY, 0, 1.0, 0), "temperature", f32::INFINITY),
+        (
+            params(f32::INFINITY, 0, 1.0, 0),
+            "temperature",
+            f32::INFINITY,
+        ),
         (params(1.0, 0, 0.0, 0), "top_p", 0.0),
         (params(1.0, 0, 1.5, 0), "top_p", 1.5),
         (
