@@ -5,8 +5,8 @@
 use mixtral::config::ModelConfig;
 use mixtral::engine::{Engine, EngineError, LogitsFor, SeqId, SeqStep, StepOutput};
 use mixtral::generate::{
-    generate, perplexity, perplexity_chunked, FinishReason, GenerateError, GenerateOptions,
-    GenerationOutput, TokenEvent,
+    generate, generate_batch, perplexity, perplexity_chunked, FinishReason, GenerateError,
+    GenerateOptions, GenerationOutput, TokenEvent,
 };
 use mixtral::sampling::SamplingParams;
 use mixtral::tokenizer::Tokenizer;
@@ -48,8 +48,8 @@ struct FakeEngine {
     sequences: BTreeMap<SeqId, Vec<u32>>,
     next_seq: u64,
     created: usize,
-    /// Every step: (tokens, start position, logits asked for).
-    steps: Vec<(Vec<u32>, usize, LogitsFor)>,
+    /// Every step: for each entry, (tokens, start position, logits asked for).
+    steps: Vec<Vec<(Vec<u32>, usize, LogitsFor)>>,
     /// `script[i]` is made certain as the token at position `script_start + i`.
     script: Vec<u32>,
     script_start: usize,
@@ -138,58 +138,66 @@ impl Engine for FakeEngine {
     }
 
     fn step(&mut self, batch: &[SeqStep<'_>]) -> Result<StepOutput, EngineError> {
-        assert_eq!(batch.len(), 1, "generation steps one sequence at a time");
-        let step = batch[0];
         let index = self.steps.len();
-        self.steps
-            .push((step.tokens.to_vec(), step.start_pos, step.logits));
+        self.steps.push(
+            batch
+                .iter()
+                .map(|s| (s.tokens.to_vec(), s.start_pos, s.logits))
+                .collect(),
+        );
         if self.fail_at_step == Some(index) {
             return Err(EngineError::Backend("injected failure".into()));
         }
-        if step.tokens.is_empty() {
-            return Err(EngineError::EmptyStep(step.seq));
+        // Check every entry before changing anything.
+        for (k, step) in batch.iter().enumerate() {
+            if batch[..k].iter().any(|s| s.seq == step.seq) {
+                return Err(EngineError::DuplicateSequence(step.seq));
+            }
+            if step.tokens.is_empty() {
+                return Err(EngineError::EmptyStep(step.seq));
+            }
+            if let Some(&token) = step.tokens.iter().find(|&&t| t as usize >= VOCAB) {
+                return Err(EngineError::TokenOutOfRange {
+                    token,
+                    vocab: VOCAB,
+                });
+            }
+            let cached = self.sequence_len(step.seq)?;
+            if step.start_pos > cached {
+                return Err(EngineError::BadStartPosition {
+                    seq: step.seq,
+                    cached,
+                    start_pos: step.start_pos,
+                });
+            }
+            let needed = step.start_pos + step.tokens.len();
+            if needed > self.max_context {
+                return Err(EngineError::ContextOverflow {
+                    seq: step.seq,
+                    needed,
+                    max_context: self.max_context,
+                });
+            }
         }
-        if let Some(&token) = step.tokens.iter().find(|&&t| t as usize >= VOCAB) {
-            return Err(EngineError::TokenOutOfRange {
-                token,
-                vocab: VOCAB,
-            });
-        }
-        let max_context = self.max_context;
-        let cached = self
-            .sequences
-            .get_mut(&step.seq)
-            .ok_or(EngineError::UnknownSequence(step.seq))?;
-        if step.start_pos > cached.len() {
-            return Err(EngineError::BadStartPosition {
-                seq: step.seq,
-                cached: cached.len(),
-                start_pos: step.start_pos,
-            });
-        }
-        let needed = step.start_pos + step.tokens.len();
-        if needed > max_context {
-            return Err(EngineError::ContextOverflow {
-                seq: step.seq,
-                needed,
-                max_context,
-            });
-        }
-        cached.truncate(step.start_pos);
-        cached.extend_from_slice(step.tokens);
-        let positions: Vec<usize> = match step.logits {
-            LogitsFor::None => vec![],
-            LogitsFor::Last => vec![needed - 1],
-            LogitsFor::All => (step.start_pos..needed).collect(),
-        };
         let mut out = StepOutput {
             vocab: VOCAB,
             ..Default::default()
         };
-        for p in positions {
-            let token = step.tokens[p - step.start_pos];
-            out.logits.extend(self.logits_at(token, p));
-            out.rows.push((0, p));
+        for (k, step) in batch.iter().enumerate() {
+            let cached = self.sequences.get_mut(&step.seq).unwrap();
+            cached.truncate(step.start_pos);
+            cached.extend_from_slice(step.tokens);
+            let end = step.start_pos + step.tokens.len();
+            let positions: Vec<usize> = match step.logits {
+                LogitsFor::None => vec![],
+                LogitsFor::Last => vec![end - 1],
+                LogitsFor::All => (step.start_pos..end).collect(),
+            };
+            for p in positions {
+                let token = step.tokens[p - step.start_pos];
+                out.logits.extend(self.logits_at(token, p));
+                out.rows.push((k, p));
+            }
         }
         if self.nan_at_step == Some(index) {
             out.logits[7] = f32::NAN;
@@ -271,11 +279,11 @@ fn greedy_follows_the_argmax_of_each_position_and_stops_at_max_tokens() {
 
     // One prefill step of the whole prompt, then one token per step at its position.
     assert_eq!(engine.steps.len(), 6);
-    assert_eq!(engine.steps[0], (prompt.clone(), 0, LogitsFor::Last));
+    assert_eq!(engine.steps[0], [(prompt.clone(), 0, LogitsFor::Last)]);
     for (k, step) in engine.steps[1..].iter().enumerate() {
         assert_eq!(
             *step,
-            (vec![expected[k]], prompt.len() + k, LogitsFor::Last)
+            [(vec![expected[k]], prompt.len() + k, LogitsFor::Last)]
         );
     }
     assert!(engine.sequences.is_empty(), "sequence not freed");
@@ -561,16 +569,16 @@ fn perplexity_equals_the_log_softmax_of_each_position() {
     }
     assert!((scored.perplexity - (-mean).exp()).abs() <= 1e-12 * scored.perplexity);
     assert_eq!(engine.steps.len(), 1);
-    assert_eq!(engine.steps[0], (ids[..22].to_vec(), 0, LogitsFor::All));
+    assert_eq!(engine.steps[0], [(ids[..22].to_vec(), 0, LogitsFor::All)]);
     assert!(engine.sequences.is_empty());
 
     // In chunks of 5 the sequence continues: same numbers, steps at 0, 5, 10, ...
     let mut engine = FakeEngine::new(64);
     let chunked = perplexity_chunked(&mut engine, &ids, 5).unwrap();
     assert_eq!(chunked, scored);
-    let starts: Vec<usize> = engine.steps.iter().map(|s| s.1).collect();
+    let starts: Vec<usize> = engine.steps.iter().map(|s| s[0].1).collect();
     assert_eq!(starts, [0, 5, 10, 15, 20]);
-    assert!(engine.steps.iter().all(|s| s.2 == LogitsFor::All));
+    assert!(engine.steps.iter().all(|s| s[0].2 == LogitsFor::All));
     assert!(engine.sequences.is_empty());
 }
 
@@ -607,5 +615,115 @@ fn perplexity_refuses_short_long_and_non_finite_input() {
         perplexity(&mut engine, &[1, 5, VOCAB as u32 + 3]),
         Err(GenerateError::Engine(EngineError::TokenOutOfRange { .. }))
     ));
+    assert!(engine.sequences.is_empty());
+}
+
+/// Three prompts of different lengths.
+fn prompts(tokenizer: &Tokenizer) -> Vec<Vec<u32>> {
+    [
+        "Once upon a time",
+        "The river runs",
+        "In the morning the fishermen check their nets",
+    ]
+    .iter()
+    .map(|t| tokenizer.encode(t, true).unwrap())
+    .collect()
+}
+
+#[test]
+fn batch_outputs_equal_single_generation() {
+    let tokenizer = tokenizer();
+    let prompts = prompts(&tokenizer);
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let sampled = SamplingParams {
+        temperature: 1.2,
+        top_k: 50,
+        seed: 4,
+        ..SamplingParams::greedy()
+    };
+    for options in [
+        GenerateOptions::greedy(7),
+        GenerateOptions::greedy(9)
+            .with_sampling(sampled)
+            .with_stop("e"),
+    ] {
+        let mut engine = FakeEngine::new(64);
+        let mut events: Vec<Vec<TokenEvent>> = vec![Vec::new(); 3];
+        let batch = generate_batch(&mut engine, &tokenizer, &refs, &options, |i, e| {
+            events[i].push(e.clone());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert!(engine.sequences.is_empty());
+        // One prefill step with all three prompts.
+        assert_eq!(engine.steps[0].len(), 3);
+        for (i, prompt) in prompts.iter().enumerate() {
+            let mut single_engine = FakeEngine::new(64);
+            let (single, single_events) = run(&mut single_engine, prompt, &options, None);
+            let single = single.unwrap();
+            assert_eq!(batch[i].generated_ids, single.generated_ids, "prompt {i}");
+            assert_eq!(batch[i].text, single.text);
+            assert_eq!(batch[i].finish_reason, single.finish_reason);
+            assert_eq!(batch[i].decode_steps, single.decode_steps);
+            assert_eq!(events[i], single_events);
+        }
+    }
+}
+
+#[test]
+fn batch_cancels_one_sequence_and_frees_it_at_once() {
+    let tokenizer = tokenizer();
+    let prompts = prompts(&tokenizer);
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let mut engine = FakeEngine::new(64);
+    let outputs = generate_batch(
+        &mut engine,
+        &tokenizer,
+        &refs,
+        &GenerateOptions::greedy(6),
+        |i, e| {
+            if i == 1 && e.index == 1 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    )
+    .unwrap();
+    let reasons: Vec<FinishReason> = outputs.iter().map(|o| o.finish_reason).collect();
+    assert_eq!(
+        reasons,
+        [
+            FinishReason::Length,
+            FinishReason::Cancelled,
+            FinishReason::Length
+        ]
+    );
+    assert_eq!(outputs[1].generated_ids.len(), 2);
+    // Decode steps: two with all three sequences... then the cancelled one leaves the batch.
+    let sizes: Vec<usize> = engine.steps.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [3, 3, 2, 2, 2, 2]);
+    assert!(engine.sequences.is_empty());
+}
+
+#[test]
+fn batch_error_frees_every_sequence() {
+    let tokenizer = tokenizer();
+    let prompts = prompts(&tokenizer);
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let mut engine = FakeEngine::new(64);
+    engine.fail_at_step = Some(2);
+    let out = generate_batch(
+        &mut engine,
+        &tokenizer,
+        &refs,
+        &GenerateOptions::greedy(6),
+        |_, _| ControlFlow::Continue(()),
+    );
+    assert!(matches!(
+        out,
+        Err(GenerateError::Engine(EngineError::Backend(_)))
+    ));
+    assert_eq!(engine.created, 3);
     assert!(engine.sequences.is_empty());
 }

@@ -8,16 +8,19 @@
 //! space). Text that could still become a stop string is held back; a stop string is never emitted.
 
 mod perplexity;
+mod sequences;
 mod stop;
+mod stream;
 
 pub use perplexity::{perplexity, perplexity_chunked, Perplexity, PERPLEXITY_CHUNK};
 
 use crate::engine::{Engine, EngineError, LogitsFor, SeqId, SeqStep, StepOutput};
-use crate::sampling::{Sampler, SamplingError, SamplingParams};
+use crate::sampling::{SamplingError, SamplingParams};
 use crate::tokenizer::{Tokenizer, TokenizerError};
+use sequences::Sequences;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
-use stop::{Release, StopMatcher};
+use stream::Stream;
 
 /// What to generate and when to stop.
 #[derive(Debug, Clone, PartialEq)]
@@ -181,76 +184,56 @@ pub enum GenerateError {
     Tokenizer(#[from] TokenizerError),
 }
 
-/// A sequence of an engine that is freed when dropped (also on error or panic).
-pub(crate) struct SequenceGuard<'e> {
-    /// The engine.
-    pub(crate) engine: &'e mut dyn Engine,
-    /// The sequence.
-    pub(crate) seq: SeqId,
-}
-
-impl<'e> SequenceGuard<'e> {
-    /// Starts a new sequence in `engine`.
-    pub(crate) fn new(engine: &'e mut dyn Engine) -> Result<Self, EngineError> {
-        let seq = engine.new_sequence()?;
-        Ok(SequenceGuard { engine, seq })
-    }
-
-    /// Runs one step of this sequence: `tokens` at `start_pos`.
-    pub(crate) fn step(
-        &mut self,
-        tokens: &[u32],
-        start_pos: usize,
-        logits: LogitsFor,
-    ) -> Result<StepOutput, EngineError> {
-        self.engine.step(&[SeqStep {
-            seq: self.seq,
-            tokens,
-            start_pos,
-            logits,
-        }])
-    }
-
-    /// Frees the sequence, reporting the engine's answer.
-    pub(crate) fn free(self) -> Result<(), EngineError> {
-        let mut this = std::mem::ManuallyDrop::new(self);
-        let seq = this.seq;
-        this.engine.free_sequence(seq)
-    }
-}
-
-impl Drop for SequenceGuard<'_> {
-    fn drop(&mut self) {
-        // Only reached on an early return or a panic; the original error is what gets reported.
-        let _ = self.engine.free_sequence(self.seq);
-    }
-}
-
-/// The single logits row of a `LogitsFor::Last` step, checked for shape.
-fn last_row(out: &StepOutput, position: usize) -> Result<&[f32], GenerateError> {
-    if out.rows != [(0, position)] {
+/// Checks a `LogitsFor::Last` step's output: one row per batch entry, entry `j` at `positions[j]`.
+fn check_rows(out: &StepOutput, positions: &[usize]) -> Result<(), GenerateError> {
+    let expected: Vec<(usize, usize)> = positions.iter().copied().enumerate().collect();
+    if out.rows != expected || out.vocab == 0 || out.logits.len() != positions.len() * out.vocab {
         return Err(GenerateError::EngineOutput(format!(
-            "expected one row for position {position}, got rows {:?}",
-            out.rows
+            "asked for rows {expected:?}, got rows {:?} and {} logits of vocab {}",
+            out.rows,
+            out.logits.len(),
+            out.vocab
         )));
     }
-    out.logits
-        .get(..out.vocab)
-        .filter(|row| !row.is_empty() && out.logits.len() == out.vocab)
-        .ok_or_else(|| {
-            GenerateError::EngineOutput(format!(
-                "{} logits for one row of vocab {}",
-                out.logits.len(),
-                out.vocab
-            ))
-        })
+    Ok(())
+}
+
+/// Checks the request before any engine work.
+fn check_request(
+    engine: &dyn Engine,
+    prompts: &[&[u32]],
+    options: &GenerateOptions,
+) -> Result<(), GenerateError> {
+    if let Some(index) = options.stop_strings.iter().position(String::is_empty) {
+        return Err(GenerateError::EmptyStopString { index });
+    }
+    options.sampling.validate()?;
+    let max_context = engine.max_context();
+    for prompt in prompts {
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let fits = prompt
+            .len()
+            .checked_add(options.max_new_tokens)
+            .is_some_and(|needed| needed <= max_context);
+        if !fits {
+            return Err(GenerateError::ContextOverflow {
+                prompt_tokens: prompt.len(),
+                new_tokens: options.max_new_tokens,
+                max_context,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Generates a continuation of `prompt` in a new sequence of `engine` (always freed before
-/// returning), calling `on_token` once per generated token with the text that became final. Returns
-/// at EOS, at `max_new_tokens`, at a stop string, or when `on_token` returns `Break` (the token it
-/// was given is kept; its reason is [`FinishReason::Cancelled`] unless that token ended generation
-/// anyway).
+/// returning, also on error), calling `on_token` once per generated token with the text that
+/// became final. Returns at EOS, at `max_new_tokens`, at a stop string, or when `on_token` returns
+/// `Break` (the token it was given is kept; the reason is [`FinishReason::Cancelled`] unless that
+/// token ended generation anyway). The prompt is prefilled in one step, then each token takes one
+/// decode step.
 pub fn generate(
     engine: &mut dyn Engine,
     tokenizer: &Tokenizer,
@@ -258,91 +241,127 @@ pub fn generate(
     options: &GenerateOptions,
     mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
 ) -> Result<GenerationOutput, GenerateError> {
-    if prompt.is_empty() {
-        return Err(GenerateError::EmptyPrompt);
+    let mut outputs = generate_batch(engine, tokenizer, &[prompt], options, |_, event| {
+        on_token(event)
+    })?;
+    outputs
+        .pop()
+        .ok_or_else(|| GenerateError::EngineOutput("no output for the one prompt".into()))
+}
+
+/// Generates continuations of several prompts together: one prefill step with every prompt, then
+/// decode steps batching every sequence still running. Each sequence has its own sampler seeded
+/// with `options.sampling.seed`, so output `i` is what [`generate`] gives for `prompts[i]` alone.
+/// `on_token(i, event)` receives sequence `i`'s tokens; its `Break` cancels that sequence only.
+/// A sequence's engine state is freed as soon as it finishes. Any error ends the whole batch
+/// (every sequence freed). `prefill` is the time of the shared prefill step; `decode` the time of
+/// the decode steps while the sequence ran.
+pub fn generate_batch(
+    engine: &mut dyn Engine,
+    tokenizer: &Tokenizer,
+    prompts: &[&[u32]],
+    options: &GenerateOptions,
+    mut on_token: impl FnMut(usize, &TokenEvent) -> ControlFlow<()>,
+) -> Result<Vec<GenerationOutput>, GenerateError> {
+    check_request(engine, prompts, options)?;
+    let mut streams = prompts
+        .iter()
+        .map(|prompt| Stream::new(tokenizer, prompt, options))
+        .collect::<Result<Vec<_>, _>>()?;
+    if options.max_new_tokens == 0 || prompts.is_empty() {
+        return Ok(streams.into_iter().map(|s| s.output).collect());
     }
-    if let Some(index) = options.stop_strings.iter().position(String::is_empty) {
-        return Err(GenerateError::EmptyStopString { index });
-    }
-    let mut sampler = Sampler::new(options.sampling)?;
-    let max_context = engine.max_context();
-    let fits = prompt
-        .len()
-        .checked_add(options.max_new_tokens)
-        .is_some_and(|needed| needed <= max_context);
-    if !fits {
-        return Err(GenerateError::ContextOverflow {
-            prompt_tokens: prompt.len(),
-            new_tokens: options.max_new_tokens,
-            max_context,
-        });
-    }
-    let mut output = GenerationOutput {
-        prompt_ids: prompt.to_vec(),
-        generated_ids: Vec::new(),
-        text: String::new(),
-        finish_reason: FinishReason::Length,
-        prefill: Duration::ZERO,
-        decode: Duration::ZERO,
-        decode_steps: 0,
-    };
-    if options.max_new_tokens == 0 {
-        return Ok(output);
-    }
-    let mut detokenizer = tokenizer.detokenizer_after(prompt)?;
-    let mut stops = StopMatcher::new(&options.stop_strings);
-    // The whole sequence so far: the repetition penalty's history.
-    let mut history = prompt.to_vec();
-    let mut sequence = SequenceGuard::new(engine)?;
+    let mut sequences = Sequences::new(engine, prompts.len())?;
+    let mut next = vec![0u32; prompts.len()];
 
     let started = Instant::now();
-    let out = sequence.step(prompt, 0, LogitsFor::Last)?;
-    let mut next = sampler.sample(last_row(&out, prompt.len() - 1)?, &history)?;
-    output.prefill = started.elapsed();
+    let mut batch = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.iter().enumerate() {
+        batch.push(SeqStep {
+            seq: live(&sequences, i)?,
+            tokens: prompt,
+            start_pos: 0,
+            logits: LogitsFor::Last,
+        });
+    }
+    let out = sequences.step(&batch)?;
+    let positions: Vec<usize> = prompts.iter().map(|p| p.len() - 1).collect();
+    check_rows(&out, &positions)?;
+    for ((stream, row), id) in streams
+        .iter_mut()
+        .zip(out.logits.chunks_exact(out.vocab))
+        .zip(&mut next)
+    {
+        *id = stream.sample(row)?;
+    }
+    let prefill = started.elapsed();
+    for stream in &mut streams {
+        stream.output.prefill = prefill;
+    }
 
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
     loop {
-        let index = output.generated_ids.len();
-        output.generated_ids.push(next);
-        history.push(next);
-        let is_eos = options.eos_token_ids.contains(&next);
-        let last = is_eos || output.generated_ids.len() >= options.max_new_tokens;
-        let mut piece = if is_eos {
-            String::new()
-        } else {
-            detokenizer.push(next)?
-        };
-        if last {
-            piece.push_str(&detokenizer.finish()?);
+        let mut running = Vec::with_capacity(active.len());
+        for &i in &active {
+            let stream = streams.get_mut(i).ok_or_else(|| lost(i))?;
+            let id = next.get(i).copied().ok_or_else(|| lost(i))?;
+            let (event, finished) = stream.accept(id)?;
+            let flow = on_token(i, &event);
+            if finished.is_none() && flow.is_break() {
+                stream.output.finish_reason = FinishReason::Cancelled;
+            }
+            if finished.is_none() && flow.is_continue() {
+                running.push(i);
+            } else {
+                sequences.free(i)?;
+            }
         }
-        let (text, finished) = match stops.push(&piece, last) {
-            Release::Stop(text) => (text, Some(FinishReason::Stop)),
-            Release::Text(text) if is_eos => (text, Some(FinishReason::Eos)),
-            Release::Text(text) if last => (text, Some(FinishReason::Length)),
-            Release::Text(text) => (text, None),
-        };
-        output.text.push_str(&text);
-        let event = TokenEvent {
-            id: next,
-            text,
-            index,
-        };
-        let flow = on_token(&event);
-        if let Some(reason) = finished {
-            output.finish_reason = reason;
-            break;
-        }
-        if flow.is_break() {
-            output.finish_reason = FinishReason::Cancelled;
+        active = running;
+        if active.is_empty() {
             break;
         }
 
         let started = Instant::now();
-        let position = history.len() - 1;
-        let out = sequence.step(&[next], position, LogitsFor::Last)?;
-        next = sampler.sample(last_row(&out, position)?, &history)?;
-        output.decode += started.elapsed();
-        output.decode_steps += 1;
+        let mut batch = Vec::with_capacity(active.len());
+        let mut positions = Vec::with_capacity(active.len());
+        for &i in &active {
+            let history = streams.get(i).ok_or_else(|| lost(i))?.history();
+            let position = history.len() - 1;
+            batch.push(SeqStep {
+                seq: live(&sequences, i)?,
+                tokens: history.get(position..).unwrap_or_default(),
+                start_pos: position,
+                logits: LogitsFor::Last,
+            });
+            positions.push(position);
+        }
+        let out = sequences.step(&batch)?;
+        check_rows(&out, &positions)?;
+        for (&i, row) in active.iter().zip(out.logits.chunks_exact(out.vocab)) {
+            let stream = streams.get_mut(i).ok_or_else(|| lost(i))?;
+            let id = stream.sample(row)?;
+            if let Some(slot) = next.get_mut(i) {
+                *slot = id;
+            }
+        }
+        let elapsed = started.elapsed();
+        for &i in &active {
+            if let Some(stream) = streams.get_mut(i) {
+                stream.output.decode += elapsed;
+                stream.output.decode_steps += 1;
+            }
+        }
     }
-    sequence.free()?;
-    Ok(output)
+    sequences.free_all()?;
+    Ok(streams.into_iter().map(|s| s.output).collect())
+}
+
+/// The engine sequence of batch entry `i`, which must still be live.
+fn live(sequences: &Sequences<'_>, i: usize) -> Result<SeqId, GenerateError> {
+    sequences.id(i).ok_or_else(|| lost(i))
+}
+
+/// An internal bookkeeping failure for batch entry `i` (never expected).
+fn lost(i: usize) -> GenerateError {
+    GenerateError::EngineOutput(format!("batch entry {i} has no live sequence"))
 }

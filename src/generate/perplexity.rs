@@ -2,8 +2,9 @@
 //! `LogitsFor::All` steps of one engine sequence (chunked, the sequence continuing), and the
 //! perplexity `exp(-mean)`.
 
-use super::{GenerateError, SequenceGuard};
-use crate::engine::{Engine, EngineError, LogitsFor};
+use super::sequences::Sequences;
+use super::GenerateError;
+use crate::engine::{Engine, EngineError, LogitsFor, SeqStep};
 use crate::sampling::log_softmax;
 
 /// Tokens per step of [`perplexity`].
@@ -43,11 +44,19 @@ pub fn perplexity_chunked(
             max_context,
         });
     }
-    let mut sequence = SequenceGuard::new(engine)?;
+    let mut sequences = Sequences::new(engine, 1)?;
+    let seq = sequences
+        .id(0)
+        .ok_or_else(|| GenerateError::EngineOutput("no sequence".into()))?;
     let mut token_logprobs = Vec::with_capacity(fed.len());
     for (c, tokens) in fed.chunks(chunk.max(1)).enumerate() {
         let start = c * chunk.max(1);
-        let out = sequence.step(tokens, start, LogitsFor::All)?;
+        let out = sequences.step(&[SeqStep {
+            seq,
+            tokens,
+            start_pos: start,
+            logits: LogitsFor::All,
+        }])?;
         let expected: Vec<(usize, usize)> = (start..start + tokens.len()).map(|p| (0, p)).collect();
         if out.rows != expected || out.vocab == 0 || out.logits.len() != tokens.len() * out.vocab {
             return Err(GenerateError::EngineOutput(format!(
@@ -75,7 +84,7 @@ pub fn perplexity_chunked(
             token_logprobs.push(*logprob);
         }
     }
-    sequence.free()?;
+    sequences.free_all()?;
     let mean = token_logprobs.iter().sum::<f64>() / token_logprobs.len() as f64;
     Ok(Perplexity {
         token_logprobs,
