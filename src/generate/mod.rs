@@ -1,7 +1,8 @@
-//! Generation on top of an [`Engine`]: one sequence per call, the prompt prefilled in one step, then
-//! one decode step per token; sampling ([`crate::sampling`]), stop conditions (EOS ids, stop strings,
-//! max new tokens, cancellation by the callback) and streaming of final text to a callback. Also
-//! perplexity scoring ([`perplexity`]).
+//! Generation on top of an [`Engine`]: a new sequence per prompt, prompts prefilled in one step,
+//! then one decode step per token (batching every running sequence, [`generate_batch`]; one prompt,
+//! [`generate`]); sampling ([`crate::sampling`]), stop conditions (EOS ids, stop strings, max new
+//! tokens, cancellation by the callback) and streaming of final text to a callback. Also perplexity
+//! scoring ([`perplexity`]). Logits rows are `[vocab]` f32.
 //!
 //! Streamed text is the continuation of the prompt's text: the pieces are what
 //! `decode(prompt ++ generated)` has beyond `decode(prompt)` (so the first token keeps its leading
