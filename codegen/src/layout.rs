@@ -2,7 +2,7 @@
 //! alignment, fields in declaration order, size rounded up to the largest alignment). The generated
 //! C and Rust code assert that their compilers agree with these numbers.
 
-use crate::spec::{ParamStruct, Ty};
+use super::spec::{ParamStruct, Ty};
 
 /// Placement of one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,9 +48,18 @@ pub fn layout(s: &ParamStruct) -> StructLayout {
     for f in s.fields {
         let (size, field_align) = size_align(f.ty);
         offset = round_up(offset, field_align);
-        fields.push(FieldLayout { name: f.name, offset, size });
+        fields.push(FieldLayout {
+            name: f.name,
+            offset,
+            size,
+        });
         offset += size;
         align = align.max(field_align);
     }
-    StructLayout { name: s.name, size: round_up(offset, align), align, fields }
+    StructLayout {
+        name: s.name,
+        size: round_up(offset, align),
+        align,
+        fields,
+    }
 }

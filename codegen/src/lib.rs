@@ -5,8 +5,9 @@
 //! X-macro list `csrc/generated/instantiations.cuh`, and the Rust mirrors `src/cuda/params.rs` and
 //! `src/cuda/params_ffi.rs`; [`layout`] computes the C layout both sides assert.
 //!
-//! The outputs are checked in. `tests/cuda_codegen.rs` in the main crate includes this file, writes
-//! the outputs to a temporary directory with [`write_all`] and fails when the checked-in files differ.
+//! The outputs are checked in. `tests/cuda_codegen.rs` in the main crate includes this file (so the
+//! modules refer to each other through `super::`, never `crate::`), writes the outputs to a
+//! temporary directory with [`write_all`] and fails when the checked-in files differ.
 
 #[path = "emit.rs"]
 pub mod emit;

@@ -17,7 +17,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("error: writing generated files under {}: {err}", root.display());
+            eprintln!(
+                "error: writing generated files under {}: {err}",
+                root.display()
+            );
             ExitCode::FAILURE
         }
     }

@@ -295,31 +295,61 @@ pub const FAMILIES: &[Family] = &[
         rust_name: "Embedding",
         file: "embedding",
         params: "EmbeddingParams",
-        axes: &[Axis { name: "OUT_F32", values: &[v(0, "bf16"), v(1, "f32")] }],
+        axes: &[Axis {
+            name: "OUT_F32",
+            values: &[v(0, "bf16"), v(1, "f32")],
+        }],
     },
     Family {
         name: "rmsnorm",
         rust_name: "Rmsnorm",
         file: "rmsnorm",
         params: "RmsnormParams",
-        axes: &[Axis { name: "ADD", values: &[v(0, "plain"), v(1, "add_bf16"), v(2, "add_f32")] }],
+        axes: &[Axis {
+            name: "ADD",
+            values: &[v(0, "plain"), v(1, "add_bf16"), v(2, "add_f32")],
+        }],
     },
-    Family { name: "rope_kv", rust_name: "RopeKv", file: "rope_kv", params: "RopeKvParams", axes: &[] },
-    Family { name: "router_topk", rust_name: "RouterTopk", file: "router", params: "RouterParams", axes: &[] },
-    Family { name: "router_group", rust_name: "RouterGroup", file: "router", params: "RouterParams", axes: &[] },
+    Family {
+        name: "rope_kv",
+        rust_name: "RopeKv",
+        file: "rope_kv",
+        params: "RopeKvParams",
+        axes: &[],
+    },
+    Family {
+        name: "router_topk",
+        rust_name: "RouterTopk",
+        file: "router",
+        params: "RouterParams",
+        axes: &[],
+    },
+    Family {
+        name: "router_group",
+        rust_name: "RouterGroup",
+        file: "router",
+        params: "RouterParams",
+        axes: &[],
+    },
     Family {
         name: "moe_up",
         rust_name: "MoeUp",
         file: "moe_gemv",
         params: "MoeParams",
-        axes: &[Axis { name: "TILE", values: &[v(1, "t1"), v(2, "t2"), v(4, "t4"), v(8, "t8")] }],
+        axes: &[Axis {
+            name: "TILE",
+            values: &[v(1, "t1"), v(2, "t2"), v(4, "t4"), v(8, "t8")],
+        }],
     },
     Family {
         name: "moe_down",
         rust_name: "MoeDown",
         file: "moe_gemv",
         params: "MoeParams",
-        axes: &[Axis { name: "TILE", values: &[v(1, "t1"), v(2, "t2"), v(4, "t4"), v(8, "t8")] }],
+        axes: &[Axis {
+            name: "TILE",
+            values: &[v(1, "t1"), v(2, "t2"), v(4, "t4"), v(8, "t8")],
+        }],
     },
     Family {
         name: "attention_decode",
@@ -327,8 +357,14 @@ pub const FAMILIES: &[Family] = &[
         file: "attention_decode",
         params: "AttentionDecodeParams",
         axes: &[
-            Axis { name: "HEAD_DIM", values: &[v(16, "d16"), v(32, "d32"), v(64, "d64"), v(128, "d128")] },
-            Axis { name: "GROUP", values: &[v(1, "g1"), v(2, "g2"), v(4, "g4"), v(6, "g6"), v(8, "g8")] },
+            Axis {
+                name: "HEAD_DIM",
+                values: &[v(16, "d16"), v(32, "d32"), v(64, "d64"), v(128, "d128")],
+            },
+            Axis {
+                name: "GROUP",
+                values: &[v(1, "g1"), v(2, "g2"), v(4, "g4"), v(6, "g6"), v(8, "g8")],
+            },
         ],
     },
     Family {
@@ -338,5 +374,11 @@ pub const FAMILIES: &[Family] = &[
         params: "AttentionDecodeParams",
         axes: &[],
     },
-    Family { name: "argmax", rust_name: "Argmax", file: "sampling", params: "ArgmaxParams", axes: &[] },
+    Family {
+        name: "argmax",
+        rust_name: "Argmax",
+        file: "sampling",
+        params: "ArgmaxParams",
+        axes: &[],
+    },
 ];
