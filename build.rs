@@ -120,6 +120,7 @@ fn list_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>, String> {
 
 fn find_nvcc(root: &Path) -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("NVCC") {
+        // An explicit choice: used even when missing, so that the error names it.
         return Some(PathBuf::from(path));
     }
     if let Some(home) = std::env::var_os("CUDA_HOME") {
@@ -168,10 +169,12 @@ fn nvcc_args(stem: &str, csrc: &Path, source: &Path, fatbin: &Path) -> Vec<Strin
 }
 
 fn compile(nvcc: &Path, args: &[String], source: &Path) -> Result<(), String> {
-    let output = Command::new(nvcc)
-        .args(args)
-        .output()
-        .map_err(|e| format!("running {}: {e}", nvcc.display()))?;
+    let output = Command::new(nvcc).args(args).output().map_err(|e| {
+        format!(
+            "running {}: {e}\nRun `scripts/install-cuda-toolchain`, or point NVCC / CUDA_HOME at a CUDA 13.0 nvcc.",
+            nvcc.display()
+        )
+    })?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
         return Err(format!("nvcc failed on {}:\n{stderr}", source.display()));

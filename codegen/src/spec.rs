@@ -174,10 +174,10 @@ pub const STRUCTS: &[ParamStruct] = &[
     },
     ParamStruct {
         name: "RopeKvParams",
-        doc: "RoPE (rotate_half: dimension i pairs with i + head_dim/2, angle = position * inv_freq[i] in f32) \
+        doc: "RoPE (rotate_half: dimension `i` pairs with `i + head_dim/2`, angle `position * inv_freq[i]` in f32) \
               applied in place to q, and to k on its way into the paged cache; v is copied into the cache. \
-              Token t goes to cache slot (block_tables[token_seq[t], positions[t] / block_size], \
-              positions[t] % block_size); a token whose slot is out of range is not written.",
+              Token t goes to cache slot `(block_tables[token_seq[t], positions[t] / block_size], \
+              positions[t] % block_size)`; a token whose slot is out of range is not written.",
         fields: &[
             field("q", write(Bf16), "`[tokens, n_heads, head_dim]` queries (row stride `q_stride`), rotated in place."),
             field("k", read(Bf16), "`[tokens, n_kv_heads, head_dim]` new keys (row stride `k_stride`)."),
@@ -245,8 +245,8 @@ pub const STRUCTS: &[ParamStruct] = &[
     },
     ParamStruct {
         name: "AttentionDecodeParams",
-        doc: "Split-KV flash-decoding over the paged cache. Query token t (sequence row token_seq[t], \
-              position p = positions[t]) attends to keys j with max(0, p - window + 1) <= j <= p \
+        doc: "Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, \
+              position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p \
               (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are \
               scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial \
               output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.",

@@ -109,7 +109,7 @@ MX_STATIC_ASSERT(offsetof(RmsnormParams, hidden) == 36, "RmsnormParams.hidden: o
 MX_STATIC_ASSERT(offsetof(RmsnormParams, addend_count) == 40, "RmsnormParams.addend_count: offset");
 MX_STATIC_ASSERT(offsetof(RmsnormParams, eps) == 44, "RmsnormParams.eps: offset");
 
-// RoPE (rotate_half: dimension i pairs with i + head_dim/2, angle = position * inv_freq[i] in f32) applied in place to q, and to k on its way into the paged cache; v is copied into the cache. Token t goes to cache slot (block_tables[token_seq[t], positions[t] / block_size], positions[t] % block_size); a token whose slot is out of range is not written.
+// RoPE (rotate_half: dimension `i` pairs with `i + head_dim/2`, angle `position * inv_freq[i]` in f32) applied in place to q, and to k on its way into the paged cache; v is copied into the cache. Token t goes to cache slot `(block_tables[token_seq[t], positions[t] / block_size], positions[t] % block_size)`; a token whose slot is out of range is not written.
 typedef struct RopeKvParams {
     // `[tokens, n_heads, head_dim]` queries (row stride `q_stride`), rotated in place.
     mx_bf16* q;
@@ -265,7 +265,7 @@ MX_STATIC_ASSERT(offsetof(MoeParams, inter) == 80, "MoeParams.inter: offset");
 MX_STATIC_ASSERT(offsetof(MoeParams, experts) == 84, "MoeParams.experts: offset");
 MX_STATIC_ASSERT(offsetof(MoeParams, top_k) == 88, "MoeParams.top_k: offset");
 
-// Split-KV flash-decoding over the paged cache. Query token t (sequence row token_seq[t], position p = positions[t]) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.
+// Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.
 typedef struct AttentionDecodeParams {
     // `[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`).
     const mx_bf16* q;

@@ -91,3 +91,19 @@ impl CudaDevice {
         self.compute_capability
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a machine without the driver this must be the typed error; with one, a usable device or a
+    /// driver-reported error, never a panic.
+    #[test]
+    fn opening_a_device_never_panics() {
+        match CudaDevice::new(0) {
+            Err(CudaError::NoDriver) => assert!(!driver_present()),
+            Ok(device) => assert!(device.compute_capability() >= MIN_COMPUTE_CAPABILITY),
+            Err(other) => assert!(driver_present(), "{other}"),
+        }
+    }
+}

@@ -83,3 +83,45 @@ impl Kernels {
         Some((&KERNEL_VARIANTS[index], self.functions.get(index)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Magic number at the start of a CUDA fatbin container (little endian 0xBA55ED50).
+    const FATBIN_MAGIC: [u8; 4] = [0x50, 0xed, 0x55, 0xba];
+
+    #[test]
+    fn every_variant_symbol_is_in_its_embedded_fatbin() {
+        for variant in KERNEL_VARIANTS {
+            let (_, bytes) = embedded_fatbins()
+                .iter()
+                .find(|(stem, _)| *stem == variant.module)
+                .unwrap_or_else(|| panic!("no fatbin {} for {}", variant.module, variant.symbol));
+            assert_eq!(
+                bytes.get(..4),
+                Some(&FATBIN_MAGIC[..]),
+                "{} is not a fatbin",
+                variant.module
+            );
+            // The cubins' string tables hold each kernel name NUL-terminated (fatbins are not compressed).
+            let needle: Vec<u8> = variant.symbol.bytes().chain([0]).collect();
+            assert!(
+                bytes.windows(needle.len()).any(|w| w == needle),
+                "{} is missing from {}.fatbin",
+                variant.symbol,
+                variant.module
+            );
+        }
+    }
+
+    #[test]
+    fn every_fatbin_is_used() {
+        for (stem, _) in embedded_fatbins() {
+            assert!(
+                KERNEL_VARIANTS.iter().any(|v| v.module == *stem),
+                "{stem}.fatbin has no listed kernel"
+            );
+        }
+    }
+}

@@ -93,7 +93,7 @@ const _: () = assert!(core::mem::offset_of!(RmsnormParams, hidden) == 36);
 const _: () = assert!(core::mem::offset_of!(RmsnormParams, addend_count) == 40);
 const _: () = assert!(core::mem::offset_of!(RmsnormParams, eps) == 44);
 
-/// RoPE (rotate_half: dimension i pairs with i + head_dim/2, angle = position * inv_freq[i] in f32) applied in place to q, and to k on its way into the paged cache; v is copied into the cache. Token t goes to cache slot (block_tables[token_seq[t], positions[t] / block_size], positions[t] % block_size); a token whose slot is out of range is not written.
+/// RoPE (rotate_half: dimension `i` pairs with `i + head_dim/2`, angle `position * inv_freq[i]` in f32) applied in place to q, and to k on its way into the paged cache; v is copied into the cache. Token t goes to cache slot `(block_tables[token_seq[t], positions[t] / block_size], positions[t] % block_size)`; a token whose slot is out of range is not written.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RopeKvParams {
@@ -258,7 +258,7 @@ const _: () = assert!(core::mem::offset_of!(MoeParams, inter) == 80);
 const _: () = assert!(core::mem::offset_of!(MoeParams, experts) == 84);
 const _: () = assert!(core::mem::offset_of!(MoeParams, top_k) == 88);
 
-/// Split-KV flash-decoding over the paged cache. Query token t (sequence row token_seq[t], position p = positions[t]) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.
+/// Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AttentionDecodeParams {
