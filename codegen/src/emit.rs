@@ -308,7 +308,7 @@ pub fn params_rs() -> String {
     o.push_str(
         "/// One compiled kernel instantiation.\n#[derive(Debug, Clone, Copy, PartialEq, Eq)]\npub struct KernelVariant {\n\
          \x20   /// Its family.\n    pub family: KernelFamily,\n\
-         \x20   /// Stem of the fatbin (csrc/<module>.cu) holding it.\n    pub module: &'static str,\n\
+         \x20   /// Stem of the fatbin (`csrc/<module>.cu`) holding it.\n    pub module: &'static str,\n\
          \x20   /// The `extern \"C\"` symbol.\n    pub symbol: &'static str,\n\
          \x20   /// Template arguments, one per [`KernelFamily::axes`] entry.\n    pub consts: &'static [u32],\n}\n\n",
     );

@@ -1,7 +1,7 @@
-//! The kernels: the fatbins build.rs compiled from `csrc/` are embedded in the binary, loaded into
-//! the device's context once, and every compiled instantiation listed in
-//! [`KERNEL_VARIANTS`](super::params::KERNEL_VARIANTS) is looked up by symbol once, at load time.
-//! Launchers then find a function by family and template constants (integers, no strings).
+//! The kernels: the fatbins build.rs compiled from `csrc/` are embedded in the binary and loaded
+//! into the device's context once, and every instantiation listed in [`KERNEL_VARIANTS`] is looked
+//! up by symbol once, at load time. Launchers then take a function by its index in that list (no
+//! string lookups after loading).
 
 use std::sync::Arc;
 

@@ -437,7 +437,7 @@ impl KernelFamily {
 pub struct KernelVariant {
     /// Its family.
     pub family: KernelFamily,
-    /// Stem of the fatbin (csrc/<module>.cu) holding it.
+    /// Stem of the fatbin (`csrc/<module>.cu`) holding it.
     pub module: &'static str,
     /// The `extern "C"` symbol.
     pub symbol: &'static str,
