@@ -1,11 +1,191 @@
 //! The typed weights of a Mixtral-family model, taken from a [`Checkpoint`] in one pass and checked
-//! against the [`ModelConfig`]: every expected tensor present, with the expected shape.
+//! against the [`ModelConfig`]: every expected tensor present, with exactly the expected shape.
 //!
-//! STUB: interface only; implementation pending.
+//! Shapes (Hub layout, projections stored `[out, in]`): embedding and LM head `[vocab, hidden]`;
+//! norms `[hidden]`; q/o `[heads * head_dim, hidden]` / `[hidden, heads * head_dim]`; k/v
+//! `[kv_heads * head_dim, hidden]`; router `[experts, hidden]`; expert w1/w3
+//! `[intermediate, hidden]`, w2 `[hidden, intermediate]`. A dense Mistral checkpoint's
+//! `mlp.{gate,up,down}_proj` become the single expert's w1, w3, w2. Tensors the model does not use
+//! (e.g. rotary `inv_freq` buffers) are ignored; tensors may mix dtypes.
 
-use crate::checkpoint::{Checkpoint, TensorView};
-use crate::config::ModelConfig;
+use crate::checkpoint::{Checkpoint, LoadProgress, TensorView};
+use crate::config::{Architecture, ModelConfig};
 use crate::dtype::WeightSlice;
+use std::path::PathBuf;
+
+/// The checkpoint name of every tensor: the one place that spells them.
+pub mod names {
+    /// Token embedding.
+    pub const EMBED: &str = "model.embed_tokens.weight";
+    /// Final RMSNorm.
+    pub const FINAL_NORM: &str = "model.norm.weight";
+    /// LM head.
+    pub const LM_HEAD: &str = "lm_head.weight";
+
+    fn layer(i: usize, rest: &str) -> String {
+        format!("model.layers.{i}.{rest}")
+    }
+    /// RMSNorm before attention of layer `i`.
+    pub fn attn_norm(i: usize) -> String {
+        layer(i, "input_layernorm.weight")
+    }
+    /// Attention projection `which` (`'q'`, `'k'`, `'v'` or `'o'`) of layer `i`.
+    pub fn attn_proj(i: usize, which: char) -> String {
+        layer(i, &format!("self_attn.{which}_proj.weight"))
+    }
+    /// RMSNorm before the feed-forward block of layer `i`.
+    pub fn ffn_norm(i: usize) -> String {
+        layer(i, "post_attention_layernorm.weight")
+    }
+    /// Router of layer `i`.
+    pub fn router(i: usize) -> String {
+        layer(i, "block_sparse_moe.gate.weight")
+    }
+    /// Expert `e`'s `w{n}` (n = 1, 2, 3) of layer `i`.
+    pub fn expert(i: usize, e: usize, n: u8) -> String {
+        layer(i, &format!("block_sparse_moe.experts.{e}.w{n}.weight"))
+    }
+    /// Dense MLP projection of layer `i` (`gate_proj` = w1, `down_proj` = w2, `up_proj` = w3),
+    /// named by the expert matrix number `n` it stands for.
+    pub fn dense_mlp(i: usize, n: u8) -> String {
+        let proj = match n {
+            1 => "gate_proj",
+            2 => "down_proj",
+            _ => "up_proj",
+        };
+        layer(i, &format!("mlp.{proj}.weight"))
+    }
+}
+
+/// The name and exact shape of one tensor a model needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Checkpoint name.
+    pub name: String,
+    /// Shape: `[n]` for vectors, `[rows, cols]` for matrices.
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    fn vector(name: impl Into<String>, n: usize) -> Self {
+        TensorSpec {
+            name: name.into(),
+            shape: vec![n],
+        }
+    }
+    fn matrix(name: impl Into<String>, rows: usize, cols: usize) -> Self {
+        TensorSpec {
+            name: name.into(),
+            shape: vec![rows, cols],
+        }
+    }
+}
+
+/// One expert's three matrices.
+#[derive(Debug, Clone)]
+pub struct ExpertLayout {
+    /// `[intermediate, hidden]`.
+    pub w1: TensorSpec,
+    /// `[hidden, intermediate]`.
+    pub w2: TensorSpec,
+    /// `[intermediate, hidden]`.
+    pub w3: TensorSpec,
+}
+
+/// The tensors of one decoder layer.
+#[derive(Debug, Clone)]
+pub struct LayerLayout {
+    /// `[hidden]`.
+    pub attn_norm: TensorSpec,
+    /// `[heads * head_dim, hidden]`.
+    pub q_proj: TensorSpec,
+    /// `[kv_heads * head_dim, hidden]`.
+    pub k_proj: TensorSpec,
+    /// `[kv_heads * head_dim, hidden]`.
+    pub v_proj: TensorSpec,
+    /// `[hidden, heads * head_dim]`.
+    pub o_proj: TensorSpec,
+    /// `[hidden]`.
+    pub ffn_norm: TensorSpec,
+    /// `[experts, hidden]`; `None` for the dense case.
+    pub router: Option<TensorSpec>,
+    /// One per expert (one for the dense case).
+    pub experts: Vec<ExpertLayout>,
+}
+
+/// Every tensor a model of a given configuration needs, with its name and shape.
+#[derive(Debug, Clone)]
+pub struct ModelLayout {
+    /// `[vocab, hidden]`.
+    pub embed: TensorSpec,
+    /// Decoder layers.
+    pub layers: Vec<LayerLayout>,
+    /// `[hidden]`.
+    pub final_norm: TensorSpec,
+    /// `[vocab, hidden]`; `None` when tied to the embedding.
+    pub lm_head: Option<TensorSpec>,
+}
+
+impl ModelLayout {
+    /// The layout of `config`'s model.
+    pub fn new(config: &ModelConfig) -> Self {
+        let hidden = config.hidden_size;
+        let inter = config.intermediate_size;
+        let layers = (0..config.num_layers)
+            .map(|i| {
+                let dense = config.architecture == Architecture::Mistral;
+                let mlp = |e: usize, n: u8, rows, cols| {
+                    let name = if dense {
+                        names::dense_mlp(i, n)
+                    } else {
+                        names::expert(i, e, n)
+                    };
+                    TensorSpec::matrix(name, rows, cols)
+                };
+                LayerLayout {
+                    attn_norm: TensorSpec::vector(names::attn_norm(i), hidden),
+                    q_proj: TensorSpec::matrix(names::attn_proj(i, 'q'), config.q_width(), hidden),
+                    k_proj: TensorSpec::matrix(names::attn_proj(i, 'k'), config.kv_width(), hidden),
+                    v_proj: TensorSpec::matrix(names::attn_proj(i, 'v'), config.kv_width(), hidden),
+                    o_proj: TensorSpec::matrix(names::attn_proj(i, 'o'), hidden, config.q_width()),
+                    ffn_norm: TensorSpec::vector(names::ffn_norm(i), hidden),
+                    router: (!dense)
+                        .then(|| TensorSpec::matrix(names::router(i), config.num_experts, hidden)),
+                    experts: (0..if dense { 1 } else { config.num_experts })
+                        .map(|e| ExpertLayout {
+                            w1: mlp(e, 1, inter, hidden),
+                            w2: mlp(e, 2, hidden, inter),
+                            w3: mlp(e, 3, inter, hidden),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        ModelLayout {
+            embed: TensorSpec::matrix(names::EMBED, config.vocab_size, hidden),
+            layers,
+            final_norm: TensorSpec::vector(names::FINAL_NORM, hidden),
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| TensorSpec::matrix(names::LM_HEAD, config.vocab_size, hidden)),
+        }
+    }
+
+    /// Every tensor, in checkpoint order (embedding, layers, final norm, LM head).
+    pub fn tensors(&self) -> Vec<&TensorSpec> {
+        let mut out = vec![&self.embed];
+        for l in &self.layers {
+            out.extend([&l.attn_norm, &l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj]);
+            out.push(&l.ffn_norm);
+            out.extend(l.router.as_ref());
+            for e in &l.experts {
+                out.extend([&e.w1, &e.w2, &e.w3]);
+            }
+        }
+        out.push(&self.final_norm);
+        out.extend(self.lm_head.as_ref());
+        out
+    }
+}
 
 /// A weight tensor whose whole shape was checked: `[rows, cols]` (vectors have `rows == 1`).
 #[derive(Debug, Clone)]
@@ -72,30 +252,175 @@ pub struct ModelWeights {
     pub lm_head: Weight,
 }
 
-/// A tensor missing or of the wrong shape or type.
+/// A tensor missing or of the wrong shape.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    /// Placeholder.
-    #[error("{0}")]
-    Invalid(String),
+    /// The checkpoint has no tensor of this name.
+    #[error("tensor `{tensor}` is missing from the checkpoint")]
+    Missing {
+        /// The tensor name.
+        tensor: String,
+    },
+    /// The tensor's shape differs from what the configuration implies.
+    #[error("{path}: tensor `{tensor}` has shape {found:?}, the config implies {expected:?}")]
+    Shape {
+        /// The file holding it.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Shape implied by the configuration.
+        expected: Vec<usize>,
+        /// Shape in the checkpoint.
+        found: Vec<usize>,
+    },
+}
+
+/// Looks up `spec` in `checkpoint` and checks its shape.
+fn take(checkpoint: &Checkpoint, spec: &TensorSpec) -> Result<Weight, WeightsError> {
+    let tensor = checkpoint
+        .tensor(&spec.name)
+        .ok_or_else(|| WeightsError::Missing {
+            tensor: spec.name.clone(),
+        })?;
+    if tensor.shape() != spec.shape.as_slice() {
+        return Err(WeightsError::Shape {
+            path: tensor.path().to_path_buf(),
+            tensor: spec.name.clone(),
+            expected: spec.shape.clone(),
+            found: tensor.shape().to_vec(),
+        });
+    }
+    // Layout specs are vectors `[n]` or matrices `[rows, cols]`.
+    let (rows, cols) = match spec.shape.as_slice() {
+        [r, c] => (*r, *c),
+        other => (1, other.iter().product()),
+    };
+    Ok(Weight {
+        rows,
+        cols,
+        tensor: tensor.clone(),
+    })
 }
 
 impl ModelWeights {
-    /// Takes every weight of `config`'s model from `checkpoint`, checking names and shapes.
+    /// Takes every weight of `config`'s model from `checkpoint`, checking names and shapes. With
+    /// `tie_word_embeddings` the LM head is the embedding (a stored `lm_head.weight` is ignored);
+    /// tensors the model does not use are ignored.
     pub fn from_checkpoint(
         checkpoint: &Checkpoint,
         config: &ModelConfig,
     ) -> Result<Self, WeightsError> {
-        let _ = (checkpoint, config);
-        todo!()
+        let layout = ModelLayout::new(config);
+        let layers = layout
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerWeights {
+                    attn_norm: take(checkpoint, &l.attn_norm)?,
+                    q_proj: take(checkpoint, &l.q_proj)?,
+                    k_proj: take(checkpoint, &l.k_proj)?,
+                    v_proj: take(checkpoint, &l.v_proj)?,
+                    o_proj: take(checkpoint, &l.o_proj)?,
+                    ffn_norm: take(checkpoint, &l.ffn_norm)?,
+                    router: l.router.as_ref().map(|r| take(checkpoint, r)).transpose()?,
+                    experts: l
+                        .experts
+                        .iter()
+                        .map(|e| {
+                            Ok(ExpertWeights {
+                                w1: take(checkpoint, &e.w1)?,
+                                w2: take(checkpoint, &e.w2)?,
+                                w3: take(checkpoint, &e.w3)?,
+                            })
+                        })
+                        .collect::<Result<_, WeightsError>>()?,
+                })
+            })
+            .collect::<Result<_, WeightsError>>()?;
+        let embed = take(checkpoint, &layout.embed)?;
+        let lm_head = match &layout.lm_head {
+            Some(spec) => take(checkpoint, spec)?,
+            None => embed.clone(),
+        };
+        Ok(ModelWeights {
+            config: config.clone(),
+            embed,
+            layers,
+            final_norm: take(checkpoint, &layout.final_norm)?,
+            lm_head,
+        })
+    }
+
+    /// Every weight, in checkpoint order; the LM head appears even when it is the embedding.
+    pub fn all(&self) -> Vec<&Weight> {
+        let mut out = vec![&self.embed];
+        for l in &self.layers {
+            out.extend([&l.attn_norm, &l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj]);
+            out.push(&l.ffn_norm);
+            out.extend(l.router.as_ref());
+            for e in &l.experts {
+                out.extend([&e.w1, &e.w2, &e.w3]);
+            }
+        }
+        out.push(&self.final_norm);
+        out.push(&self.lm_head);
+        out
+    }
+
+    /// Bytes of weight data, each tensor counted once (a tied LM head is not counted twice).
+    pub fn total_bytes(&self) -> u64 {
+        self.distinct()
+            .iter()
+            .map(|w| w.tensor.bytes().len() as u64)
+            .sum()
+    }
+
+    /// [`ModelWeights::all`] without repeats of the same bytes (a tied LM head).
+    fn distinct(&self) -> Vec<&Weight> {
+        let mut out = self.all();
+        if self.lm_head.tensor.same_data(&self.embed.tensor) {
+            out.pop();
+        }
+        out
     }
 }
 
+/// Bytes between two progress reports.
+const PROGRESS_STEP: u64 = 64 << 20;
+/// Stride of the prefetch touch (the smallest common page size).
+const PAGE: usize = 4096;
+
 impl ModelWeights {
     /// Reads every weight page once (so the first token does not pay the page faults), reporting
-    /// progress as it goes.
-    pub fn prefetch(&self, progress: &dyn Fn(crate::checkpoint::LoadProgress)) {
-        let _ = progress;
-        todo!()
+    /// progress as it goes: about every 64 MiB, and once at the end with `done_bytes == total_bytes`.
+    pub fn prefetch(&self, progress: &dyn Fn(LoadProgress)) {
+        let weights = self.distinct();
+        let total_bytes = weights.iter().map(|w| w.tensor.bytes().len() as u64).sum();
+        let mut done_bytes = 0u64;
+        let mut reported = 0u64;
+        let mut checksum = 0u8;
+        for w in weights {
+            w.tensor.will_need();
+            // The first and last byte of each 4 KiB step: every page the tensor overlaps.
+            for page in w.tensor.bytes().chunks(PAGE) {
+                let ends = [page.first(), page.last()];
+                for b in ends.into_iter().flatten() {
+                    checksum = checksum.wrapping_add(*b);
+                }
+                done_bytes += page.len() as u64;
+                if done_bytes - reported >= PROGRESS_STEP {
+                    reported = done_bytes;
+                    progress(LoadProgress {
+                        done_bytes,
+                        total_bytes,
+                    });
+                }
+            }
+        }
+        std::hint::black_box(checksum);
+        progress(LoadProgress {
+            done_bytes,
+            total_bytes,
+        });
     }
 }

@@ -1,0 +1,228 @@
+//! The CPU engine against Hugging Face transformers: for every golden fixture (tiny random
+//! checkpoints written by transformers, see tests/fixtures/README.md) the engine must reproduce the
+//! greedy continuation exactly (decoding incrementally through the KV cache), the teacher-forced
+//! per-token log-probs to 1e-4, and the last position's logits.
+
+use mixtral::cpu::{CpuEngine, CpuEngineOptions};
+use mixtral::generate::perplexity;
+use mixtral::sampling::{Sampler, SamplingParams};
+use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const LOGPROB_TOLERANCE: f64 = 1e-4;
+const LOGITS_REL_L2: f64 = 1e-5;
+
+struct Golden {
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    token_logprobs: Vec<f64>,
+    last_logits: Vec<f64>,
+    perplexity: f64,
+}
+
+impl Golden {
+    /// The prompt followed by the greedy continuation: what the log-probs were computed over.
+    fn sequence(&self) -> Vec<u32> {
+        self.prompt_ids
+            .iter()
+            .chain(&self.greedy_ids)
+            .copied()
+            .collect()
+    }
+}
+
+fn ids(v: &Value, key: &str) -> Vec<u32> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key}"))
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value, key: &str) -> Vec<f64> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn read_golden(dir: &Path) -> Golden {
+    let text = std::fs::read_to_string(dir.join("golden.json")).expect("golden.json");
+    let v: Value = serde_json::from_str(&text).expect("golden json");
+    Golden {
+        prompt_ids: ids(&v, "prompt_ids"),
+        greedy_ids: ids(&v, "greedy_ids"),
+        token_logprobs: floats(&v, "token_logprobs"),
+        last_logits: floats(&v, "last_logits"),
+        perplexity: v["perplexity"].as_f64().expect("perplexity"),
+    }
+}
+
+fn fixture_dirs() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root.join("tests/fixtures"))
+        .expect("tests/fixtures")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("golden.json").exists())
+        .collect();
+    dirs.sort();
+    dirs.push(root.join("models/tiny-mixtral"));
+    assert!(
+        dirs.len() >= 5,
+        "expected the four golden fixtures and the shipped model, found {dirs:?}"
+    );
+    dirs
+}
+
+fn engine(dir: &Path) -> CpuEngine {
+    let model = Model::load(dir, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let options = CpuEngineOptions {
+        max_context: Some(256),
+        block_size: 4,
+        ..Default::default()
+    };
+    CpuEngine::new(model.weights.clone(), options).expect("engine")
+}
+
+/// Greedy continuation, one decode step per token through the paged KV cache.
+fn greedy_incremental(engine: &mut CpuEngine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let seq = engine.new_sequence().unwrap();
+    let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
+    let mut tokens = prompt.to_vec();
+    let mut start = 0;
+    let mut generated = Vec::new();
+    while generated.len() < n {
+        let step = SeqStep {
+            seq,
+            tokens: &tokens[start..],
+            start_pos: start,
+            logits: LogitsFor::Last,
+        };
+        let out = engine.step(&[step]).unwrap();
+        assert_eq!(out.rows, vec![(0, tokens.len() - 1)]);
+        let next = sampler.sample(out.row(0), &generated).unwrap();
+        start = tokens.len();
+        tokens.push(next);
+        generated.push(next);
+    }
+    engine.free_sequence(seq).unwrap();
+    generated
+}
+
+fn rel_l2(out: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len());
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&o, &r) in out.iter().zip(reference) {
+        assert!(o.is_finite(), "non-finite logit");
+        diff += (o as f64 - r).powi(2);
+        norm += r * r;
+    }
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn greedy_tokens_match_transformers() {
+    for dir in fixture_dirs() {
+        let golden = read_golden(&dir);
+        let mut engine = engine(&dir);
+        let got = greedy_incremental(&mut engine, &golden.prompt_ids, golden.greedy_ids.len());
+        assert_eq!(got, golden.greedy_ids, "{}", dir.display());
+        assert_eq!(
+            engine.free_kv_blocks(),
+            engine.total_kv_blocks(),
+            "{}: blocks leaked",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn logprobs_and_perplexity_match_transformers() {
+    for dir in fixture_dirs() {
+        let golden = read_golden(&dir);
+        let mut engine = engine(&dir);
+        let sequence = golden.sequence();
+        let scored = perplexity(&mut engine, &sequence).unwrap();
+        assert_eq!(
+            scored.token_logprobs.len(),
+            golden.token_logprobs.len(),
+            "{}",
+            dir.display()
+        );
+        let worst = scored
+            .token_logprobs
+            .iter()
+            .zip(&golden.token_logprobs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f64, f64::max);
+        assert!(
+            worst <= LOGPROB_TOLERANCE,
+            "{}: max |logprob diff| {worst:e}",
+            dir.display()
+        );
+        let rel = (scored.perplexity - golden.perplexity).abs() / golden.perplexity;
+        assert!(
+            rel <= 1e-4,
+            "{}: perplexity {} vs {}",
+            dir.display(),
+            scored.perplexity,
+            golden.perplexity
+        );
+    }
+}
+
+#[test]
+fn last_logits_match_transformers() {
+    for dir in fixture_dirs() {
+        let golden = read_golden(&dir);
+        let mut engine = engine(&dir);
+        let sequence = golden.sequence();
+        let seq = engine.new_sequence().unwrap();
+        let out = engine
+            .step(&[SeqStep {
+                seq,
+                tokens: &sequence,
+                start_pos: 0,
+                logits: LogitsFor::Last,
+            }])
+            .unwrap();
+        let rel = rel_l2(out.row(0), &golden.last_logits);
+        assert!(
+            rel <= LOGITS_REL_L2,
+            "{}: relative L2 error of last logits {rel:e}",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn shipped_model_text_round_trips_like_transformers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let model = Model::load(
+        &dir,
+        &LoadOptions {
+            require_tokenizer: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let tokenizer = model.tokenizer.as_ref().unwrap();
+    let prompt_text = v["prompt_text"].as_str().unwrap();
+    assert_eq!(
+        tokenizer.encode(prompt_text, true).unwrap(),
+        ids(&v, "prompt_ids")
+    );
+    let greedy_text = v["greedy_text"].as_str().unwrap();
+    assert_eq!(
+        tokenizer.decode(&ids(&v, "greedy_ids")).unwrap(),
+        greedy_text
+    );
+    assert_eq!(model.config.eos_token_ids, vec![2]);
+}
