@@ -47,7 +47,7 @@ where
     } = *shape;
     let width = num_heads * head_dim;
     assert!(
-        q.len() % width == 0 && out.len() == q.len(),
+        q.len().is_multiple_of(width) && out.len() == q.len(),
         "attention: shape mismatch"
     );
     assert!(

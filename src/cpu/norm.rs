@@ -7,7 +7,7 @@ use crate::dtype::WeightSlice;
 pub fn rms_norm(x: &[f32], w: WeightSlice<'_>, eps: f32, out: &mut [f32]) {
     let n = w.len();
     assert!(
-        n > 0 && x.len() % n == 0 && out.len() == x.len(),
+        n > 0 && x.len().is_multiple_of(n) && out.len() == x.len(),
         "rms_norm: shape mismatch"
     );
     let weight = w.to_f32_vec();

@@ -24,7 +24,7 @@ impl Rope {
         let d = self.head_dim;
         let half = d / 2;
         assert!(
-            !positions.is_empty() && x.len() % (positions.len() * d) == 0,
+            !positions.is_empty() && x.len().is_multiple_of(positions.len() * d),
             "rope: shape mismatch"
         );
         let per_token = x.len() / positions.len();

@@ -122,7 +122,7 @@ impl Check {
     }
 
     fn aligned16(&self, buffer: &'static str, buf: Buf) -> Result<(), CudaError> {
-        if buf.address % 16 != 0 {
+        if !buf.address.is_multiple_of(16) {
             return Err(CudaError::Misaligned {
                 op: self.op,
                 buffer,
@@ -162,7 +162,7 @@ impl Check {
     }
 
     fn multiple_of_8(&self, what: &'static str, value: usize) -> Result<(), CudaError> {
-        if value == 0 || value % 8 != 0 {
+        if value == 0 || !value.is_multiple_of(8) {
             return Err(self.unsupported(
                 what,
                 value,
@@ -592,7 +592,7 @@ fn plan_rope_kv(
     b: &RopeKvBufs,
 ) -> Result<Option<Launch<RopeKvParams>>, CudaError> {
     let c = Check { op: "rope_kv" };
-    if s.head_dim < 2 || s.head_dim % 2 != 0 {
+    if s.head_dim < 2 || !s.head_dim.is_multiple_of(2) {
         return Err(c.unsupported("head_dim", s.head_dim, "must be even and at least 2"));
     }
     let half = s.head_dim / 2;
@@ -1138,7 +1138,7 @@ fn plan_attention(
         op: "attention_decode",
     };
     c.at_least("n_kv_heads", s.n_kv_heads, 1)?;
-    if s.n_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+    if s.n_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
         return Err(c.unsupported(
             "n_heads",
             s.n_heads,
