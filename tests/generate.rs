@@ -21,8 +21,11 @@ fn model_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-mixtral"))
 }
 
-fn tokenizer() -> Tokenizer {
-    Tokenizer::from_dir(model_dir()).expect("tokenizer of models/tiny-mixtral")
+/// The tokenizer of `models/tiny-mixtral`, loaded once.
+fn tokenizer() -> &'static Tokenizer {
+    static TOKENIZER: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+    TOKENIZER
+        .get_or_init(|| Tokenizer::from_dir(model_dir()).expect("tokenizer of models/tiny-mixtral"))
 }
 
 /// splitmix64 of a value: the fake engine's hash.
@@ -215,7 +218,7 @@ fn run(
 ) -> (Result<GenerationOutput, GenerateError>, Vec<TokenEvent>) {
     let tokenizer = tokenizer();
     let mut events = Vec::new();
-    let result = generate(engine, &tokenizer, prompt, options, |event| {
+    let result = generate(engine, tokenizer, prompt, options, |event| {
         events.push(event.clone());
         if cancel_at.take_if(|&mut i| i == event.index).is_some() {
             ControlFlow::Break(())
@@ -256,7 +259,7 @@ fn joined(events: &[TokenEvent]) -> String {
 #[test]
 fn greedy_follows_the_argmax_of_each_position_and_stops_at_max_tokens() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let mut engine = FakeEngine::new(64);
     let (out, events) = run(&mut engine, &prompt, &GenerateOptions::greedy(6), None);
     let out = out.unwrap();
@@ -271,7 +274,7 @@ fn greedy_follows_the_argmax_of_each_position_and_stops_at_max_tokens() {
     assert_eq!(out.prompt_ids, prompt);
     assert_eq!(out.finish_reason, FinishReason::Length);
     assert_eq!(out.decode_steps, 5);
-    assert_eq!(out.text, continuation(&tokenizer, &prompt, &expected));
+    assert_eq!(out.text, continuation(tokenizer, &prompt, &expected));
     assert_eq!(joined(&events), out.text);
     let ids: Vec<u32> = events.iter().map(|e| e.id).collect();
     assert_eq!(ids, expected);
@@ -292,7 +295,7 @@ fn greedy_follows_the_argmax_of_each_position_and_stops_at_max_tokens() {
 #[test]
 fn eos_ends_generation_and_is_kept_in_ids_but_not_in_text() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let words = tokenizer.encode("Hello world", false).unwrap();
     let mut script = words.clone();
     script.push(EOS);
@@ -312,7 +315,7 @@ fn eos_ends_generation_and_is_kept_in_ids_but_not_in_text() {
 #[test]
 fn stop_string_split_across_tokens_is_never_emitted() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let script = tokenizer.encode("Hello world, again", false).unwrap();
     let mut engine = FakeEngine::new(64).scripted(prompt.len(), &script);
     let options = GenerateOptions::greedy(10).with_stop("lo wor");
@@ -330,7 +333,7 @@ fn stop_string_split_across_tokens_is_never_emitted() {
 #[test]
 fn text_that_may_become_a_stop_string_is_held_back_then_released() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let script = tokenizer.encode("Hello world, again", false).unwrap();
     let first_two = tokenizer.encode("Hello world", false).unwrap();
     assert_eq!(
@@ -354,7 +357,7 @@ fn text_that_may_become_a_stop_string_is_held_back_then_released() {
 #[test]
 fn held_back_text_is_released_at_the_end() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let script = tokenizer.encode("Hello world", false).unwrap();
     let mut engine = FakeEngine::new(64).scripted(prompt.len(), &script);
     let options = GenerateOptions::greedy(script.len()).with_stop("world peace");
@@ -368,7 +371,7 @@ fn held_back_text_is_released_at_the_end() {
 #[test]
 fn callback_break_cancels_after_that_token() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let mut engine = FakeEngine::new(64);
     let (out, events) = run(&mut engine, &prompt, &GenerateOptions::greedy(10), Some(2));
     let out = out.unwrap();
@@ -383,7 +386,7 @@ fn callback_break_cancels_after_that_token() {
 #[test]
 fn sequence_is_freed_when_the_engine_fails() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     for fail_at in 0..3 {
         let mut engine = FakeEngine::new(64);
         engine.fail_at_step = Some(fail_at);
@@ -404,7 +407,7 @@ fn sequence_is_freed_when_the_engine_fails() {
 #[test]
 fn sequence_is_freed_when_sampling_fails() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let mut engine = FakeEngine::new(64);
     engine.nan_at_step = Some(1);
     let (out, events) = run(&mut engine, &prompt, &GenerateOptions::greedy(10), None);
@@ -424,12 +427,12 @@ fn sequence_is_freed_when_sampling_fails() {
 #[test]
 fn sequence_is_freed_when_the_callback_panics() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let mut engine = FakeEngine::new(64);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         generate(
             &mut engine,
-            &tokenizer,
+            tokenizer,
             &prompt,
             &GenerateOptions::greedy(5),
             |_| panic!("callback failure"),
@@ -443,7 +446,7 @@ fn sequence_is_freed_when_the_callback_panics() {
 #[test]
 fn context_overflow_is_refused_before_any_work() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let mut engine = FakeEngine::new(prompt.len() + 3);
     let (out, _) = run(&mut engine, &prompt, &GenerateOptions::greedy(4), None);
     match out {
@@ -469,7 +472,7 @@ fn context_overflow_is_refused_before_any_work() {
 #[test]
 fn bad_requests_are_typed_errors() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let mut engine = FakeEngine::new(64);
     let (out, _) = run(&mut engine, &[], &GenerateOptions::greedy(4), None);
     assert!(matches!(out, Err(GenerateError::EmptyPrompt)), "{out:?}");
@@ -497,7 +500,7 @@ fn bad_requests_are_typed_errors() {
 #[test]
 fn zero_new_tokens_returns_without_running_the_engine() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let mut engine = FakeEngine::new(64);
     let (out, events) = run(&mut engine, &prompt, &GenerateOptions::greedy(0), None);
     let out = out.unwrap();
@@ -509,7 +512,7 @@ fn zero_new_tokens_returns_without_running_the_engine() {
 #[test]
 fn seeded_sampling_repeats_and_depends_on_the_seed() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     let sampled = |seed: u64| {
         let params = SamplingParams {
             temperature: 1.5,
@@ -530,7 +533,7 @@ fn seeded_sampling_repeats_and_depends_on_the_seed() {
 #[test]
 fn repetition_penalty_history_includes_the_prompt() {
     let tokenizer = tokenizer();
-    let prompt = prompt(&tokenizer);
+    let prompt = prompt(tokenizer);
     // The prompt's last token is scripted as the certain next token.
     let repeated = *prompt.last().unwrap();
     let mut engine = FakeEngine::new(64).scripted(prompt.len(), &[repeated]);
@@ -633,7 +636,7 @@ fn prompts(tokenizer: &Tokenizer) -> Vec<Vec<u32>> {
 #[test]
 fn batch_outputs_equal_single_generation() {
     let tokenizer = tokenizer();
-    let prompts = prompts(&tokenizer);
+    let prompts = prompts(tokenizer);
     let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
     let sampled = SamplingParams {
         temperature: 1.2,
@@ -649,7 +652,7 @@ fn batch_outputs_equal_single_generation() {
     ] {
         let mut engine = FakeEngine::new(64);
         let mut events: Vec<Vec<TokenEvent>> = vec![Vec::new(); 3];
-        let batch = generate_batch(&mut engine, &tokenizer, &refs, &options, |i, e| {
+        let batch = generate_batch(&mut engine, tokenizer, &refs, &options, |i, e| {
             events[i].push(e.clone());
             ControlFlow::Continue(())
         })
@@ -673,12 +676,12 @@ fn batch_outputs_equal_single_generation() {
 #[test]
 fn batch_cancels_one_sequence_and_frees_it_at_once() {
     let tokenizer = tokenizer();
-    let prompts = prompts(&tokenizer);
+    let prompts = prompts(tokenizer);
     let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
     let mut engine = FakeEngine::new(64);
     let outputs = generate_batch(
         &mut engine,
-        &tokenizer,
+        tokenizer,
         &refs,
         &GenerateOptions::greedy(6),
         |i, e| {
@@ -709,13 +712,13 @@ fn batch_cancels_one_sequence_and_frees_it_at_once() {
 #[test]
 fn batch_error_frees_every_sequence() {
     let tokenizer = tokenizer();
-    let prompts = prompts(&tokenizer);
+    let prompts = prompts(tokenizer);
     let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
     let mut engine = FakeEngine::new(64);
     engine.fail_at_step = Some(2);
     let out = generate_batch(
         &mut engine,
-        &tokenizer,
+        tokenizer,
         &refs,
         &GenerateOptions::greedy(6),
         |_, _| ControlFlow::Continue(()),

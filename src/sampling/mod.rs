@@ -12,7 +12,7 @@
 //! 5. a draw from the softmax of what is left.
 //!
 //! All arithmetic after the input check is f64, so no filter can overflow an f32 logit. The draw
-//! consumes exactly one value of the [`Rng`](rng::Rng) stream; greedy consumes none. Same seed, same
+//! consumes exactly one value of the [`Rng`] stream; greedy consumes none. Same seed, same
 //! logits, same history: same token.
 
 mod rng;
