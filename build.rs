@@ -1,1 +1,207 @@
-fn main() {}
+//! Build script. Without the `cuda` feature it does nothing at all, so the default build needs no
+//! CUDA toolchain. With it, it compiles every `csrc/*.cu` into a fatbin (SASS for sm_80 and sm_90a
+//! plus compute_90 PTX) in OUT_DIR and writes `OUT_DIR/kernels.rs`:
+//! `pub static KERNELS: &[(&str, &[u8])]` = (file stem, fatbin bytes) via `include_bytes!`.
+//!
+//! nvcc is found through `$NVCC`, `$CUDA_HOME/bin/nvcc`, `PATH`, or the repository's `.cuda/` venv
+//! made by `scripts/install-cuda-toolchain`. A file is recompiled only when its fingerprint (nvcc
+//! path, flags, the file and every header) changed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Files compiled with `--use_fast_math`. None: every kernel's math is accuracy-critical (norms,
+/// softmax, RoPE angles, SwiGLU) or trivial (embedding, argmax), and the hot kernels are bound by
+/// memory bandwidth, not by the cost of accurate expf / rsqrtf.
+const FAST_MATH_FILES: &[&str] = &[];
+
+/// Code generated for each kernel: SASS for A100 (sm_80) and H100/H200 (sm_90a), and compute_90 PTX
+/// that newer GPUs JIT-compile.
+const GENCODE: &[&str] = &[
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "-gencode=arch=compute_90,code=compute_90",
+];
+
+fn main() -> ExitCode {
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return ExitCode::SUCCESS;
+    }
+    match build_kernels() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            for line in message.lines() {
+                println!("cargo:warning={line}");
+            }
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn build_kernels() -> Result<(), String> {
+    let root = PathBuf::from(env_var("CARGO_MANIFEST_DIR")?);
+    let out_dir = PathBuf::from(env_var("OUT_DIR")?);
+    let csrc = root.join("csrc");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-changed={}", csrc.display());
+
+    let nvcc = find_nvcc(&root).ok_or_else(|| {
+        "feature `cuda` needs nvcc (CUDA 13.0), and none was found in $NVCC, $CUDA_HOME/bin, PATH or \
+         the repository's .cuda/ venv.\nRun `scripts/install-cuda-toolchain` (installs it into .cuda/, \
+         no GPU needed), or set NVCC / CUDA_HOME."
+            .to_string()
+    })?;
+    println!("cargo:rerun-if-changed={}", nvcc.display());
+
+    let sources = list_files(&csrc, "cu")?;
+    let mut headers = list_files(&csrc, "cuh")?;
+    headers.extend(list_files(&csrc.join("generated"), "cuh")?);
+    headers.extend(list_files(&csrc.join("generated"), "h")?);
+    for path in sources.iter().chain(&headers) {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
+    let mut header_bytes = Vec::new();
+    for header in &headers {
+        header_bytes.extend(read(header)?);
+    }
+
+    let mut table = String::from("/// (csrc file stem, fatbin) for every kernel file.\npub static KERNELS: &[(&str, &[u8])] = &[\n");
+    for source in &sources {
+        let stem = source
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| format!("{}: file name is not UTF-8", source.display()))?;
+        let fatbin = out_dir.join(format!("{stem}.fatbin"));
+        let args = nvcc_args(stem, &csrc, source, &fatbin);
+        let fingerprint = fingerprint(&nvcc, &args, &read(source)?, &header_bytes);
+        let stamp = out_dir.join(format!("{stem}.fingerprint"));
+        let up_to_date = fatbin.exists()
+            && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&fingerprint);
+        if !up_to_date {
+            compile(&nvcc, &args, source)?;
+            std::fs::write(&stamp, &fingerprint)
+                .map_err(|e| format!("{}: {e}", stamp.display()))?;
+        }
+        table.push_str(&format!(
+            "    ({stem:?}, include_bytes!({:?})),\n",
+            fatbin.display().to_string()
+        ));
+    }
+    table.push_str("];\n");
+    let kernels_rs = out_dir.join("kernels.rs");
+    std::fs::write(&kernels_rs, table).map_err(|e| format!("{}: {e}", kernels_rs.display()))
+}
+
+fn env_var(name: &str) -> Result<String, String> {
+    std::env::var(name).map_err(|_| format!("cargo did not set {name}"))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Files of `dir` ending in `.ext`, sorted (a missing directory has none).
+fn list_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>, String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+        if path.is_file() && path.extension().is_some_and(|e| e == ext) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn find_nvcc(root: &Path) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("NVCC") {
+        // An explicit choice: used even when missing, so that the error names it.
+        return Some(PathBuf::from(path));
+    }
+    if let Some(home) = std::env::var_os("CUDA_HOME") {
+        let path = PathBuf::from(home).join("bin/nvcc");
+        if path.is_file() {
+            return Some(path);
+        }
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        if let Some(path) = std::env::split_paths(&paths)
+            .map(|dir| dir.join("nvcc"))
+            .find(|p| p.is_file())
+        {
+            return Some(path);
+        }
+    }
+    // .cuda/lib/python3.X/site-packages/nvidia/cu13/bin/nvcc, made by scripts/install-cuda-toolchain.
+    let lib = root.join(".cuda/lib");
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(&lib)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path().join("site-packages/nvidia/cu13/bin/nvcc"))
+        .filter(|path| path.is_file())
+        .collect();
+    candidates.sort();
+    candidates.pop()
+}
+
+fn nvcc_args(stem: &str, csrc: &Path, source: &Path, fatbin: &Path) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "-fatbin".into(),
+        "-std=c++17".into(),
+        "-O3".into(),
+        "-lineinfo".into(),
+        "-Xptxas=-warn-spills,-warn-lmem-usage".into(),
+        format!("-I{}", csrc.display()),
+    ];
+    args.extend(GENCODE.iter().map(|s| s.to_string()));
+    if FAST_MATH_FILES.contains(&stem) {
+        args.push("--use_fast_math".into());
+    }
+    args.push("-o".into());
+    args.push(fatbin.display().to_string());
+    args.push(source.display().to_string());
+    args
+}
+
+fn compile(nvcc: &Path, args: &[String], source: &Path) -> Result<(), String> {
+    let output = Command::new(nvcc).args(args).output().map_err(|e| {
+        format!(
+            "running {}: {e}\nRun `scripts/install-cuda-toolchain`, or point NVCC / CUDA_HOME at a CUDA 13.0 nvcc.",
+            nvcc.display()
+        )
+    })?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        return Err(format!("nvcc failed on {}:\n{stderr}", source.display()));
+    }
+    // ptxas spill / local-memory warnings and compiler warnings are shown, not swallowed.
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        println!("cargo:warning={}: {line}", source.display());
+    }
+    Ok(())
+}
+
+/// FNV-1a over everything that determines a fatbin's bytes.
+fn fingerprint(nvcc: &Path, args: &[String], source: &[u8], headers: &[u8]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash ^= 0xff;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    feed(nvcc.display().to_string().as_bytes());
+    for arg in args {
+        feed(arg.as_bytes());
+    }
+    feed(source);
+    feed(headers);
+    format!("{hash:016x}")
+}

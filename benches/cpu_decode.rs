@@ -73,7 +73,7 @@ fn bench_model(c: &mut Criterion, name: &str, dir: &Path) {
         );
     }
 
-    for tokens in [128usize] {
+    for tokens in [32usize, 128] {
         let ids = prompt(tokens, vocab);
         group.throughput(Throughput::Elements(tokens as u64));
         group.bench_with_input(BenchmarkId::new("prefill", tokens), &tokens, |b, _| {

@@ -21,7 +21,7 @@ fn data(n: usize) -> Vec<u8> {
 /// `json` space-padded so that the data section starts at a multiple of 8.
 fn padded(json: &str) -> Vec<u8> {
     let mut h = json.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     h
@@ -319,7 +319,7 @@ fn misaligned_data_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
     let mut header = br#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#.to_vec();
-    if header.len() % 2 == 0 {
+    if header.len().is_multiple_of(2) {
         header.push(b' ');
     }
     write_raw_safetensors(&path, &header, &data(1)).unwrap();

@@ -67,7 +67,7 @@ fn fixture_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root.join("tests/fixtures"))
         .expect("tests/fixtures")
         .map(|e| e.unwrap().path())
-        .filter(|p| p.join("golden.json").exists())
+        .filter(|p| p.join("golden.json").exists() && p.join("config.json").exists())
         .collect();
     dirs.sort();
     dirs.push(root.join("models/tiny-mixtral"));
@@ -160,6 +160,7 @@ fn logprobs_and_perplexity_match_transformers() {
             .zip(&golden.token_logprobs)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f64, f64::max);
+        eprintln!("{}: max |logprob diff| {worst:.2e}", dir.display());
         assert!(
             worst <= LOGPROB_TOLERANCE,
             "{}: max |logprob diff| {worst:e}",
@@ -192,6 +193,7 @@ fn last_logits_match_transformers() {
             }])
             .unwrap();
         let rel = rel_l2(out.row(0), &golden.last_logits);
+        eprintln!("{}: last-logits relative L2 error {rel:.2e}", dir.display());
         assert!(
             rel <= LOGITS_REL_L2,
             "{}: relative L2 error of last logits {rel:e}",

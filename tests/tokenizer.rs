@@ -573,7 +573,7 @@ fn chats_have_exactly_one_bos() {
                         ChatMessage::new(role, text.as_str())
                     })
                     .collect();
-                if end_with_user && chat.len() % 2 == 0 {
+                if end_with_user && chat.len().is_multiple_of(2) {
                     chat.push(ChatMessage::user("next"));
                 }
                 let ids = tok.encode_chat(&chat).unwrap();

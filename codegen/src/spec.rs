@@ -1,0 +1,384 @@
+//! The one description of every CUDA kernel's interface: the shared compile-time constants, the
+//! parameter struct each `extern "C"` kernel takes by value, and the template instantiations that
+//! are compiled. Everything under `csrc/generated/` and `src/cuda/params*.rs` is written from this.
+//!
+//! Device pointers are 64-bit addresses (`CUdeviceptr` on the Rust side). Shapes in field docs are
+//! row-major; "slot" means `token * top_k + j` (the j-th expert chosen for a token).
+
+/// What a device pointer points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    /// bfloat16 (`__nv_bfloat16`).
+    Bf16,
+    /// 32-bit float.
+    F32,
+    /// 32-bit signed integer.
+    I32,
+    /// 32-bit unsigned integer.
+    U32,
+    /// Untyped: the element type is chosen by the kernel variant.
+    Void,
+}
+
+/// Whether the kernel writes through a pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read only (`const T*`).
+    Read,
+    /// Written (and possibly read).
+    Write,
+}
+
+/// The type of one parameter field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ty {
+    /// A device pointer.
+    Ptr(Access, Elem),
+    /// `uint32_t` / `u32`.
+    U32,
+    /// `float` / `f32`.
+    F32,
+}
+
+/// One field of a parameter struct.
+#[derive(Debug, Clone, Copy)]
+pub struct Field {
+    /// Field name, the same in C and Rust.
+    pub name: &'static str,
+    /// Field type.
+    pub ty: Ty,
+    /// What it holds, with its shape.
+    pub doc: &'static str,
+}
+
+/// A parameter struct passed by value to one or more kernels.
+#[derive(Debug, Clone, Copy)]
+pub struct ParamStruct {
+    /// Type name, the same in C and Rust.
+    pub name: &'static str,
+    /// What the kernels using it compute.
+    pub doc: &'static str,
+    /// Fields in declaration (= memory) order.
+    pub fields: &'static [Field],
+}
+
+/// A compile-time constant shared by the kernels (C `#define`) and their Rust launchers (`pub const`).
+#[derive(Debug, Clone, Copy)]
+pub struct Constant {
+    /// Name, the same in C and Rust.
+    pub name: &'static str,
+    /// Value.
+    pub value: u32,
+    /// Meaning.
+    pub doc: &'static str,
+}
+
+/// One value of a template axis: the integer template argument and the label it adds to the symbol.
+#[derive(Debug, Clone, Copy)]
+pub struct AxisValue {
+    /// Template argument.
+    pub value: u32,
+    /// Symbol fragment, e.g. `d128`.
+    pub label: &'static str,
+}
+
+/// A template parameter of a kernel family and the values compiled for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Axis {
+    /// Template parameter name (upper case), e.g. `HEAD_DIM`.
+    pub name: &'static str,
+    /// Compiled values.
+    pub values: &'static [AxisValue],
+}
+
+/// One `__global__` kernel template and its compiled instantiations (the cross product of its axes).
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    /// Snake-case name; also the symbol prefix, e.g. `attention_decode`.
+    pub name: &'static str,
+    /// Rust enum variant name, e.g. `AttentionDecode`.
+    pub rust_name: &'static str,
+    /// Source file stem in `csrc/` (the fatbin holding the symbols), e.g. `attention_decode`.
+    pub file: &'static str,
+    /// The parameter struct the kernel takes by value.
+    pub params: &'static str,
+    /// Template axes; empty for a single instantiation named `name`.
+    pub axes: &'static [Axis],
+}
+
+const fn field(name: &'static str, ty: Ty, doc: &'static str) -> Field {
+    Field { name, ty, doc }
+}
+
+const fn read(elem: Elem) -> Ty {
+    Ty::Ptr(Access::Read, elem)
+}
+
+const fn write(elem: Elem) -> Ty {
+    Ty::Ptr(Access::Write, elem)
+}
+
+const fn v(value: u32, label: &'static str) -> AxisValue {
+    AxisValue { value, label }
+}
+
+use Elem::{Bf16, Void, F32, I32, U32 as U32E};
+use Ty::{F32 as F32T, U32};
+
+/// Compile-time constants shared by kernels and launchers.
+pub const CONSTANTS: &[Constant] = &[
+    Constant { name: "EMBEDDING_THREADS", value: 256, doc: "Threads per block of `embedding` (one block per token)." },
+    Constant { name: "RMSNORM_THREADS", value: 256, doc: "Threads per block of `rmsnorm` (one block per row)." },
+    Constant { name: "ROPE_KV_THREADS", value: 256, doc: "Threads per block of `rope_kv` (one block per token)." },
+    Constant { name: "ROUTER_THREADS", value: 256, doc: "Threads per block of `router_topk` (one block per token, one warp per expert at a time)." },
+    Constant { name: "ROUTER_MAX_EXPERTS", value: 256, doc: "Largest expert count the router kernels accept." },
+    Constant { name: "ROUTER_MAX_TOP_K", value: 8, doc: "Largest top_k the router kernels accept." },
+    Constant { name: "ROUTER_GROUP_THREADS", value: 32, doc: "Threads of the single `router_group` block (one warp)." },
+    Constant { name: "MOE_WARPS", value: 8, doc: "Warps per block of the expert GEMV kernels." },
+    Constant { name: "MOE_UNROLL", value: 4, doc: "16-byte weight loads each lane issues before using them (bytes in flight: MOE_UNROLL * 16 * rows per warp)." },
+    Constant { name: "MOE_DOWN_ROWS_PER_WARP", value: 2, doc: "Output rows of w2 per warp in `moe_down` (each activation load serves this many rows)." },
+    Constant { name: "ATTENTION_THREADS", value: 128, doc: "Threads per block of `attention_decode` (one block per token, KV head and split)." },
+    Constant { name: "ATTENTION_MAX_SPLIT_KEYS", value: 512, doc: "Largest number of keys one split of `attention_decode` covers (bounds its shared memory)." },
+    Constant { name: "ATTENTION_COMBINE_THREADS", value: 128, doc: "Threads per block of `attention_combine` (one block per token and query head)." },
+    Constant { name: "ARGMAX_THREADS", value: 1024, doc: "Threads per block of `argmax` (one block per row)." },
+];
+
+/// Every kernel parameter struct.
+pub const STRUCTS: &[ParamStruct] = &[
+    ParamStruct {
+        name: "EmbeddingParams",
+        doc: "Token embedding gather: `out[t, :] = table[ids[t], :]`; an id >= vocab gives a row of zeros.",
+        fields: &[
+            field("out", write(Void), "`[tokens, hidden]`, bf16 or f32 as the variant says."),
+            field("table", read(Bf16), "`[vocab, hidden]` embedding table."),
+            field("ids", read(U32E), "`[tokens]` token ids."),
+            field("tokens", U32, "Number of tokens."),
+            field("hidden", U32, "Hidden size."),
+            field("vocab", U32, "Rows of `table`."),
+        ],
+    },
+    ParamStruct {
+        name: "RmsnormParams",
+        doc: "RMSNorm with an optional fused residual add: `residual[r] += sum_a addend[r, a]` (when the \
+              variant adds), then `out[r] = residual[r] * rsqrt(mean(residual[r]^2) + eps) * weight`, in f32.",
+        fields: &[
+            field("out", write(Bf16), "`[rows, hidden]` normalised output."),
+            field("residual", write(F32), "`[rows, hidden]` residual stream: read, updated in place when the variant adds."),
+            field("addend", read(Void), "`[rows, addend_count, hidden]`, bf16 or f32 as the variant says; unused without add."),
+            field("weight", read(Bf16), "`[hidden]` norm weight."),
+            field("rows", U32, "Number of rows (tokens)."),
+            field("hidden", U32, "Row length."),
+            field("addend_count", U32, "Addend rows summed into each residual row (1 for attention, top_k for MoE slots)."),
+            field("eps", F32T, "Epsilon inside the square root."),
+        ],
+    },
+    ParamStruct {
+        name: "RopeKvParams",
+        doc: "RoPE (rotate_half: dimension `i` pairs with `i + head_dim/2`, angle `position * inv_freq[i]` in f32) \
+              applied in place to q, and to k on its way into the paged cache; v is copied into the cache. \
+              Token t goes to cache slot `(block_tables[token_seq[t], positions[t] / block_size], \
+              positions[t] % block_size)`; a token whose slot is out of range is not written.",
+        fields: &[
+            field("q", write(Bf16), "`[tokens, n_heads, head_dim]` queries (row stride `q_stride`), rotated in place."),
+            field("k", read(Bf16), "`[tokens, n_kv_heads, head_dim]` new keys (row stride `k_stride`)."),
+            field("v", read(Bf16), "`[tokens, n_kv_heads, head_dim]` new values (row stride `v_stride`)."),
+            field("k_cache", write(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` this layer's key cache."),
+            field("v_cache", write(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` this layer's value cache."),
+            field("block_tables", read(I32), "`[num_seqs, max_blocks_per_seq]` cache block of each sequence's logical block."),
+            field("token_seq", read(I32), "`[tokens]` block-table row of each token."),
+            field("positions", read(I32), "`[tokens]` absolute position of each token."),
+            field("inv_freq", read(F32), "`[head_dim / 2]` inverse frequencies `theta^(-2i/head_dim)`."),
+            field("tokens", U32, "Number of tokens."),
+            field("n_heads", U32, "Query heads."),
+            field("n_kv_heads", U32, "Key/value heads."),
+            field("head_dim", U32, "Head dimension (even)."),
+            field("q_stride", U32, "Elements between consecutive tokens of `q`."),
+            field("k_stride", U32, "Elements between consecutive tokens of `k`."),
+            field("v_stride", U32, "Elements between consecutive tokens of `v`."),
+            field("block_size", U32, "Tokens per cache block."),
+            field("max_blocks_per_seq", U32, "Columns of `block_tables`."),
+            field("num_blocks", U32, "Blocks in the cache."),
+            field("num_seqs", U32, "Rows of `block_tables`."),
+        ],
+    },
+    ParamStruct {
+        name: "RouterParams",
+        doc: "MoE router: f32 logits `x . gate^T`, softmax over all experts, top_k (ties: lower expert \
+              index), weights renormalised to sum to 1; then the slots grouped by expert: counts, offsets \
+              and `sorted_slots` (expert-major, ascending slot within an expert).",
+        fields: &[
+            field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states."),
+            field("gate", read(Bf16), "`[experts, hidden]` gate weight."),
+            field("logits", write(F32), "`[tokens, experts]` router logits."),
+            field("topk_ids", write(I32), "`[tokens, top_k]` chosen experts, best first."),
+            field("topk_weights", write(F32), "`[tokens, top_k]` renormalised routing weights."),
+            field("expert_counts", write(I32), "`[experts]` slots routed to each expert."),
+            field("expert_offsets", write(I32), "`[experts + 1]` exclusive prefix sum of `expert_counts`."),
+            field("sorted_slots", write(I32), "`[tokens * top_k]` slots grouped by expert."),
+            field("tokens", U32, "Number of tokens."),
+            field("hidden", U32, "Hidden size."),
+            field("experts", U32, "Number of experts."),
+            field("top_k", U32, "Experts per token."),
+        ],
+    },
+    ParamStruct {
+        name: "MoeParams",
+        doc: "Expert MLP over the routed slots, GEMV style for decode batches: `moe_up` writes \
+              `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])`, `moe_down` writes `out[s] = weight[s] * (w2[e] act[s])` \
+              for every slot s = t * top_k + j routed to expert e. Weights are row-major `[out, in]` bf16.",
+        fields: &[
+            field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states."),
+            field("w1", read(Bf16), "`[experts, inter, hidden]` gate projections."),
+            field("w3", read(Bf16), "`[experts, inter, hidden]` up projections."),
+            field("w2", read(Bf16), "`[experts, hidden, inter]` down projections."),
+            field("topk_weights", read(F32), "`[tokens, top_k]` routing weights."),
+            field("expert_offsets", read(I32), "`[experts + 1]` start of each expert's slots in `sorted_slots`."),
+            field("sorted_slots", read(I32), "`[tokens * top_k]` slots grouped by expert."),
+            field("act", write(Bf16), "`[tokens * top_k, inter]` SwiGLU activations per slot."),
+            field("out", write(F32), "`[tokens * top_k, hidden]` weighted expert outputs per slot."),
+            field("tokens", U32, "Number of tokens."),
+            field("hidden", U32, "Hidden size (a multiple of 8)."),
+            field("inter", U32, "Expert intermediate size (a multiple of 8)."),
+            field("experts", U32, "Number of experts."),
+            field("top_k", U32, "Experts per token."),
+        ],
+    },
+    ParamStruct {
+        name: "AttentionDecodeParams",
+        doc: "Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, \
+              position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p \
+              (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are \
+              scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial \
+              output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.",
+        fields: &[
+            field("q", read(Bf16), "`[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`)."),
+            field("k_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` key cache."),
+            field("v_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` value cache."),
+            field("block_tables", read(I32), "`[num_seqs, max_blocks_per_seq]` block tables."),
+            field("token_seq", read(I32), "`[tokens]` block-table row of each query token."),
+            field("positions", read(I32), "`[tokens]` absolute position of each query token."),
+            field("out", write(Bf16), "`[tokens, n_heads, head_dim]` attention output."),
+            field("part_out", write(F32), "`[tokens, n_heads, max_splits, head_dim]` per-split normalised outputs."),
+            field("part_lse", write(F32), "`[tokens, n_heads, max_splits]` per-split log2-sum-exp of the scaled scores."),
+            field("tokens", U32, "Number of query tokens."),
+            field("n_heads", U32, "Query heads."),
+            field("n_kv_heads", U32, "Key/value heads."),
+            field("head_dim", U32, "Head dimension."),
+            field("q_stride", U32, "Elements between consecutive tokens of `q`."),
+            field("block_size", U32, "Tokens per cache block."),
+            field("max_blocks_per_seq", U32, "Columns of `block_tables`."),
+            field("num_blocks", U32, "Blocks in the cache."),
+            field("num_seqs", U32, "Rows of `block_tables`."),
+            field("window", U32, "Sliding window W (keys per query, itself included); 0 = full causal."),
+            field("split_keys", U32, "Keys per split (at most ATTENTION_MAX_SPLIT_KEYS)."),
+            field("max_splits", U32, "Splits allocated per (token, head); split_keys * max_splits covers the longest sequence."),
+            field("scale", F32T, "Score scale, 1 / sqrt(head_dim)."),
+        ],
+    },
+    ParamStruct {
+        name: "ArgmaxParams",
+        doc: "Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id, NaN never chosen \
+              (a row of NaN gives id 0).",
+        fields: &[
+            field("logits", read(F32), "`[rows, vocab]` logits."),
+            field("out_ids", write(U32E), "`[rows]` chosen token ids."),
+            field("rows", U32, "Number of rows."),
+            field("vocab", U32, "Row length."),
+        ],
+    },
+];
+
+/// Every kernel family and its compiled instantiations.
+pub const FAMILIES: &[Family] = &[
+    Family {
+        name: "embedding",
+        rust_name: "Embedding",
+        file: "embedding",
+        params: "EmbeddingParams",
+        axes: &[Axis {
+            name: "OUT_F32",
+            values: &[v(0, "bf16"), v(1, "f32")],
+        }],
+    },
+    Family {
+        name: "rmsnorm",
+        rust_name: "Rmsnorm",
+        file: "rmsnorm",
+        params: "RmsnormParams",
+        axes: &[Axis {
+            name: "ADD",
+            values: &[v(0, "plain"), v(1, "add_bf16"), v(2, "add_f32")],
+        }],
+    },
+    Family {
+        name: "rope_kv",
+        rust_name: "RopeKv",
+        file: "rope_kv",
+        params: "RopeKvParams",
+        axes: &[],
+    },
+    Family {
+        name: "router_topk",
+        rust_name: "RouterTopk",
+        file: "router",
+        params: "RouterParams",
+        axes: &[],
+    },
+    Family {
+        name: "router_group",
+        rust_name: "RouterGroup",
+        file: "router",
+        params: "RouterParams",
+        axes: &[],
+    },
+    Family {
+        name: "moe_up",
+        rust_name: "MoeUp",
+        file: "moe_gemv",
+        params: "MoeParams",
+        axes: &[Axis {
+            name: "TILE",
+            values: &[v(1, "t1"), v(2, "t2"), v(4, "t4"), v(8, "t8")],
+        }],
+    },
+    Family {
+        name: "moe_down",
+        rust_name: "MoeDown",
+        file: "moe_gemv",
+        params: "MoeParams",
+        axes: &[Axis {
+            name: "TILE",
+            values: &[v(1, "t1"), v(2, "t2"), v(4, "t4"), v(8, "t8")],
+        }],
+    },
+    Family {
+        name: "attention_decode",
+        rust_name: "AttentionDecode",
+        file: "attention_decode",
+        params: "AttentionDecodeParams",
+        axes: &[
+            Axis {
+                name: "HEAD_DIM",
+                values: &[v(16, "d16"), v(32, "d32"), v(64, "d64"), v(128, "d128")],
+            },
+            Axis {
+                name: "GROUP",
+                values: &[v(1, "g1"), v(2, "g2"), v(4, "g4"), v(6, "g6"), v(8, "g8")],
+            },
+        ],
+    },
+    Family {
+        name: "attention_combine",
+        rust_name: "AttentionCombine",
+        file: "attention_decode",
+        params: "AttentionDecodeParams",
+        axes: &[],
+    },
+    Family {
+        name: "argmax",
+        rust_name: "Argmax",
+        file: "sampling",
+        params: "ArgmaxParams",
+        axes: &[],
+    },
+];

@@ -1,0 +1,217 @@
+// attention_decode.cu: split-KV flash-decoding over the paged KV cache, GQA, optional sliding window.
+//
+//   q        [tokens, n_heads, head_dim] bf16 (row stride q_stride), already rotated
+//   k_cache,
+//   v_cache  [num_blocks, block_size, n_kv_heads, head_dim] bf16
+//   block_tables [num_seqs, max_blocks_per_seq] i32, token_seq [tokens] i32, positions [tokens] i32
+//   part_out [tokens, n_heads, max_splits, head_dim] f32, part_lse [tokens, n_heads, max_splits] f32
+//   out      [tokens, n_heads, head_dim] bf16
+//
+// Query token t at position p (sequence row token_seq[t]) sees keys j with max(0, p - W + 1) <= j <= p
+// (W = window; W = 0: every j <= p), each read from its paged slot; query head h uses KV head
+// h / GROUP. Scores are q.k * scale, softmax in f32 (exp2 of log2e-scaled scores: the same function).
+//
+// attention_decode, grid (max_splits, n_kv_heads, tokens), ATTENTION_THREADS threads: split s covers
+// keys [first + s * split_keys, first + (s + 1) * split_keys) of the token's range; one block serves
+// all GROUP query heads of its KV head, so each K/V row is read once. Each key row is read by
+// HEAD_DIM / 8 lanes with one 16-byte load each. It writes the split's normalised output and its
+// log2-sum-exp; splits past the token's range exit at once (the combine kernel skips them).
+// Dynamic shared memory: GROUP * split_keys floats (the scores).
+//
+// attention_combine, grid (n_heads, tokens), ATTENTION_COMBINE_THREADS threads: merges the splits,
+// out = sum_s 2^(lse_s - M) * part_out_s / sum_s 2^(lse_s - M). A token with no valid key gets zeros.
+//
+// Template constants: HEAD_DIM in {16, 32, 64, 128}, GROUP = n_heads / n_kv_heads in {1, 2, 4, 6, 8}.
+// No fast math (exp2f / log2f accurate: the softmax is the accuracy-critical part).
+#include "common.cuh"
+
+namespace {
+
+constexpr uint32_t WARPS = ATTENTION_THREADS / 32;
+
+// First key and number of keys query token t attends to; count = 0 when its row or position is invalid.
+__device__ __forceinline__ void key_range(const AttentionDecodeParams& p, uint32_t t, int32_t& first,
+                                          int32_t& count) {
+    const int32_t pos = p.positions[t];
+    const int32_t seq = p.token_seq[t];
+    if (pos < 0 || seq < 0 || (uint32_t)seq >= p.num_seqs) {
+        first = 0;
+        count = 0;
+        return;
+    }
+    const uint32_t seen = (uint32_t)pos + 1;  // keys 0..=pos
+    first = (p.window != 0 && seen > p.window) ? (int32_t)(seen - p.window) : 0;
+    count = pos - first + 1;
+}
+
+template <int D, int G>
+__device__ void attention_decode_body(const AttentionDecodeParams& p) {
+    static_assert(D % 8 == 0 && D / 8 <= 32 && 32 % (D / 8) == 0, "a key row is a power-of-two lane group");
+    constexpr int TG = D / 8;    // lanes per key row, one 16-byte chunk each
+    constexpr int KPW = 32 / TG;  // key rows per warp step
+    __shared__ float q_s[G][D];
+    __shared__ float red[WARPS][G][D];
+    __shared__ float m_s[G], l_s[G];
+    extern __shared__ float scores[];  // [G][split_keys]
+
+    const uint32_t split = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
+    if (t >= p.tokens || kvh >= p.n_kv_heads) return;  // uniform over the block
+    int32_t first, count;
+    key_range(p, t, first, count);
+    if ((uint64_t)split * p.split_keys >= (uint64_t)count) return;  // uniform: nothing in this split
+    const int32_t begin = first + (int32_t)(split * p.split_keys);
+    const int32_t nk = min((int32_t)p.split_keys, first + count - begin);
+    const int32_t seq = p.token_seq[t];
+    const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t sub = lane / TG, part = lane % TG;
+    const uint32_t sk = p.split_keys;
+
+    // The group's queries, scaled so that the scores come out in log2 units.
+    const float q_scale = p.scale * mx::LOG2E;
+    for (uint32_t idx = threadIdx.x; idx < (uint32_t)(G * D); idx += ATTENTION_THREADS) {
+        const uint32_t g = idx / D, d = idx % D;
+        const size_t head = (size_t)kvh * G + g;
+        q_s[g][d] = mx::to_f32(p.q[(size_t)t * p.q_stride + head * D + d]) * q_scale;
+    }
+    __syncthreads();
+    float qr[G][8];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) qr[g][i] = q_s[g][part * 8 + i];
+    }
+
+    const size_t token_stride = (size_t)p.n_kv_heads * D;  // elements per cached token
+    const size_t head_offset = (size_t)kvh * D + part * 8;
+
+    // Scores. The loop is uniform over the warp (the shuffles need every lane).
+    for (int32_t step = warp * KPW; step < nk; step += WARPS * KPW) {
+        const int32_t kk = step + (int32_t)sub;
+        const long long slot = kk < nk ? mx::paged_slot(p.block_tables, seq, begin + kk, p.num_seqs,
+                                                        p.max_blocks_per_seq, p.block_size, p.num_blocks)
+                                       : -1;
+        const uint4 kv = slot >= 0 ? mx::load_stream_16(p.k_cache + (size_t)slot * token_stride + head_offset)
+                                   : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            const float s = mx::group_sum<TG>(mx::dot8(kv, qr[g], 0.0f));
+            if (kk < nk && part == 0) scores[g * sk + kk] = slot >= 0 ? s : -INFINITY;
+        }
+    }
+    __syncthreads();
+
+    // Softmax statistics; warp w handles heads w, w + WARPS, ...
+    for (uint32_t g = warp; g < (uint32_t)G; g += WARPS) {
+        float m = -INFINITY;
+        for (int32_t i = lane; i < nk; i += 32) m = fmaxf(m, scores[g * sk + i]);
+        m = mx::group_max(m);
+        float l = 0.0f;
+        for (int32_t i = lane; i < nk; i += 32) {
+            const float e = m == -INFINITY ? 0.0f : exp2f(scores[g * sk + i] - m);
+            scores[g * sk + i] = e;
+            l += e;
+        }
+        l = mx::group_sum(l);
+        if (lane == 0) {
+            m_s[g] = m;
+            l_s[g] = l;
+        }
+    }
+    __syncthreads();
+
+    // P.V: lane group `sub` takes key rows, lane `part` owns 8 dimensions of each.
+    float acc[G][8];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
+    }
+    for (int32_t step = warp * KPW; step < nk; step += WARPS * KPW) {
+        const int32_t kk = step + (int32_t)sub;
+        if (kk >= nk) continue;
+        const long long slot = mx::paged_slot(p.block_tables, seq, begin + kk, p.num_seqs, p.max_blocks_per_seq,
+                                              p.block_size, p.num_blocks);
+        if (slot < 0) continue;
+        float vf[8];
+        mx::unpack8(mx::load_stream_16(p.v_cache + (size_t)slot * token_stride + head_offset), vf);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            const float pg = scores[g * sk + kk];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(pg, vf[i], acc[g][i]);
+        }
+    }
+    // Sum over the lane groups of the warp (lanes with the same `part`), then over the warps.
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+#pragma unroll
+            for (int offset = TG; offset < 32; offset *= 2) {
+                acc[g][i] += __shfl_xor_sync(mx::FULL_MASK, acc[g][i], offset);
+            }
+        }
+    }
+    if (sub == 0) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) red[warp][g][part * 8 + i] = acc[g][i];
+        }
+    }
+    __syncthreads();
+
+    for (uint32_t idx = threadIdx.x; idx < (uint32_t)(G * D); idx += ATTENTION_THREADS) {
+        const uint32_t g = idx / D, d = idx % D;
+        float o = 0.0f;
+#pragma unroll
+        for (uint32_t w = 0; w < WARPS; ++w) o += red[w][g][d];
+        const float l = l_s[g];
+        const size_t head = (size_t)kvh * G + g;
+        const size_t base = ((size_t)t * p.n_heads + head) * p.max_splits + split;
+        p.part_out[base * D + d] = l > 0.0f ? o / l : 0.0f;
+        if (d == 0) p.part_lse[base] = l > 0.0f ? m_s[g] + log2f(l) : -INFINITY;
+    }
+}
+
+__device__ void attention_combine_body(const AttentionDecodeParams& p) {
+    const uint32_t h = blockIdx.x, t = blockIdx.y;
+    if (t >= p.tokens || h >= p.n_heads) return;
+    int32_t first, count;
+    key_range(p, t, first, count);
+    const uint32_t splits = min((uint32_t)(((uint64_t)count + p.split_keys - 1) / p.split_keys), p.max_splits);
+    const size_t base = ((size_t)t * p.n_heads + h) * p.max_splits;
+    float m = -INFINITY;
+    for (uint32_t s = 0; s < splits; ++s) m = fmaxf(m, p.part_lse[base + s]);
+    float denom = 0.0f;
+    if (m != -INFINITY) {
+        for (uint32_t s = 0; s < splits; ++s) denom += exp2f(p.part_lse[base + s] - m);
+    }
+    mx_bf16* out = p.out + ((size_t)t * p.n_heads + h) * p.head_dim;
+    for (uint32_t d = threadIdx.x; d < p.head_dim; d += ATTENTION_COMBINE_THREADS) {
+        float o = 0.0f;
+        if (denom > 0.0f) {
+            for (uint32_t s = 0; s < splits; ++s) {
+                o = fmaf(exp2f(p.part_lse[base + s] - m), p.part_out[(base + s) * p.head_dim + d], o);
+            }
+            o /= denom;
+        }
+        out[d] = mx::to_bf16(o);
+    }
+}
+
+}  // namespace
+
+#define MX_DEFINE(symbol, HEAD_DIM, GROUP)                                      \
+    MX_KERNEL void __launch_bounds__(ATTENTION_THREADS) symbol(AttentionDecodeParams p) { \
+        attention_decode_body<HEAD_DIM, GROUP>(p);                              \
+    }
+MIXTRAL_ATTENTION_DECODE_VARIANTS(MX_DEFINE)
+#undef MX_DEFINE
+
+#define MX_DEFINE(symbol)                                                                 \
+    MX_KERNEL void __launch_bounds__(ATTENTION_COMBINE_THREADS) symbol(AttentionDecodeParams p) { \
+        attention_combine_body(p);                                                        \
+    }
+MIXTRAL_ATTENTION_COMBINE_VARIANTS(MX_DEFINE)
+#undef MX_DEFINE

@@ -1,0 +1,128 @@
+// common.cuh: helpers shared by every kernel file: bf16 <-> f32 conversion of packed registers,
+// 16-byte loads (streaming for weights, cached for activations), warp and block reductions.
+// Storage is bf16, arithmetic and accumulation f32. Every kernel takes one parameter struct from
+// generated/params.h by value; the instantiations come from generated/instantiations.cuh.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "generated/instantiations.cuh"
+#include "generated/params.h"
+
+// An `extern "C"` kernel entry point (the symbols the Rust side loads from the fatbin).
+#define MX_KERNEL extern "C" __global__
+
+namespace mx {
+
+constexpr unsigned FULL_MASK = 0xffffffffu;
+constexpr float LOG2E = 1.4426950408889634f;
+
+// The two bf16 halves of a packed 32-bit word as f32 (low half is the lower address).
+__device__ __forceinline__ float bf16_lo(uint32_t packed) { return __uint_as_float(packed << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t packed) { return __uint_as_float(packed & 0xffff0000u); }
+
+__device__ __forceinline__ float to_f32(mx_bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(float v) { return v; }
+
+// f32 -> bf16, round to nearest even.
+__device__ __forceinline__ mx_bf16 to_bf16(float v) { return __float2bfloat16_rn(v); }
+
+// A 16-byte load of data read once per kernel (weights): read-only path, no L1 allocation.
+__device__ __forceinline__ uint4 load_stream_16(const void* ptr) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(ptr));
+    return r;
+}
+
+// A 16-byte load of data many warps share (activations): read-only path, cached in L1.
+__device__ __forceinline__ uint4 load_shared_16(const void* ptr) {
+    return __ldg(reinterpret_cast<const uint4*>(ptr));
+}
+
+// acc + dot(a, b) over 8 bf16 pairs packed in two 16-byte registers.
+__device__ __forceinline__ float dot8(uint4 a, uint4 b, float acc) {
+    acc = fmaf(bf16_lo(a.x), bf16_lo(b.x), acc);
+    acc = fmaf(bf16_hi(a.x), bf16_hi(b.x), acc);
+    acc = fmaf(bf16_lo(a.y), bf16_lo(b.y), acc);
+    acc = fmaf(bf16_hi(a.y), bf16_hi(b.y), acc);
+    acc = fmaf(bf16_lo(a.z), bf16_lo(b.z), acc);
+    acc = fmaf(bf16_hi(a.z), bf16_hi(b.z), acc);
+    acc = fmaf(bf16_lo(a.w), bf16_lo(b.w), acc);
+    acc = fmaf(bf16_hi(a.w), bf16_hi(b.w), acc);
+    return acc;
+}
+
+// acc + dot(a, b) for 8 bf16 values of `a` against 8 f32 values of `b`.
+__device__ __forceinline__ float dot8(uint4 a, const float* b, float acc) {
+    acc = fmaf(bf16_lo(a.x), b[0], acc);
+    acc = fmaf(bf16_hi(a.x), b[1], acc);
+    acc = fmaf(bf16_lo(a.y), b[2], acc);
+    acc = fmaf(bf16_hi(a.y), b[3], acc);
+    acc = fmaf(bf16_lo(a.z), b[4], acc);
+    acc = fmaf(bf16_hi(a.z), b[5], acc);
+    acc = fmaf(bf16_lo(a.w), b[6], acc);
+    acc = fmaf(bf16_hi(a.w), b[7], acc);
+    return acc;
+}
+
+// Unpacks 8 bf16 values into f32.
+__device__ __forceinline__ void unpack8(uint4 a, float* out) {
+    out[0] = bf16_lo(a.x);
+    out[1] = bf16_hi(a.x);
+    out[2] = bf16_lo(a.y);
+    out[3] = bf16_hi(a.y);
+    out[4] = bf16_lo(a.z);
+    out[5] = bf16_hi(a.z);
+    out[6] = bf16_lo(a.w);
+    out[7] = bf16_hi(a.w);
+}
+
+// Sum over the `WIDTH` consecutive lanes of each aligned lane group; every lane gets its group's sum.
+template <int WIDTH = 32>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+    for (int offset = WIDTH / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+template <int WIDTH = 32>
+__device__ __forceinline__ float group_max(float v) {
+#pragma unroll
+    for (int offset = WIDTH / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
+    return v;
+}
+
+// Sum over a block of THREADS threads; every thread gets the total. Contains __syncthreads, so every
+// thread of the block must call it.
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float v) {
+    static_assert(THREADS % 32 == 0 && THREADS <= 1024, "block of whole warps");
+    __shared__ float partial[THREADS / 32];
+    v = group_sum(v);
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) partial[warp] = v;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) total += partial[w];
+    __syncthreads();  // `partial` may be reused by a following call
+    return total;
+}
+
+// Cache slot of (sequence row `seq`, position `pos`) in a paged cache, or -1 when the block table or
+// the position is out of range: returns the token index `block * block_size + pos % block_size`.
+__device__ __forceinline__ long long paged_slot(const int32_t* block_tables, int32_t seq, int32_t pos,
+                                                uint32_t num_seqs, uint32_t max_blocks_per_seq,
+                                                uint32_t block_size, uint32_t num_blocks) {
+    if (seq < 0 || (uint32_t)seq >= num_seqs || pos < 0) return -1;
+    const uint32_t logical = (uint32_t)pos / block_size;
+    if (logical >= max_blocks_per_seq) return -1;
+    const int32_t block = block_tables[(size_t)seq * max_blocks_per_seq + logical];
+    if (block < 0 || (uint32_t)block >= num_blocks) return -1;
+    return (long long)block * block_size + (uint32_t)pos % block_size;
+}
+
+}  // namespace mx

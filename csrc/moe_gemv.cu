@@ -1,0 +1,151 @@
+// moe_gemv.cu: the expert MLP for decode batches, GEMV style, SwiGLU fused, over the slots the router
+// grouped by expert (slot s = t * top_k + j; the router's expert_offsets / sorted_slots).
+//
+//   x     [tokens, hidden] bf16                normalised hidden states
+//   w1,w3 [experts, inter, hidden] bf16        row-major [out, in] per expert
+//   w2    [experts, hidden, inter] bf16
+//   act   [tokens * top_k, inter] bf16         moe_up:   act[s] = silu(w1[e] x[t]) * (w3[e] x[t])
+//   out   [tokens * top_k, hidden] f32         moe_down: out[s] = topk_weights[s] * (w2[e] act[s])
+// The rmsnorm that follows sums out[t * top_k + j] over j into the residual (deterministic: no atomics).
+//
+// Bandwidth is the whole game: each warp owns weight rows (moe_up: row r of w1 and of w3; moe_down:
+// MOE_DOWN_ROWS_PER_WARP rows of w2), each lane issues MOE_UNROLL 16-byte streaming loads per row before
+// using them (LDG.E.128, no L1 allocation), and every weight row is read once per TILE of an expert's
+// slots, while the small activation rows are shared by all warps through L1. An expert with no slots
+// costs one early-exiting block per row group. hidden and inter are multiples of 8 and the buffers
+// 16-byte aligned (checked by the Rust launcher).
+//
+// Grids: moe_up (ceil(inter / MOE_WARPS), experts), moe_down
+// (ceil(hidden / (MOE_WARPS * MOE_DOWN_ROWS_PER_WARP)), experts); MOE_WARPS * 32 threads.
+// TILE (slots per weight pass) is the template constant: 1, 2, 4 or 8.
+// No fast math: expf in silu stays accurate (it is not on the critical path).
+#include "common.cuh"
+
+namespace {
+
+constexpr uint32_t WARP_STEP = 32 * 8;  // bf16 elements one warp covers with one 16-byte load per lane
+
+// acc[r][j] = w[r] . a[j] over `len` elements (len % 8 == 0); every lane returns the full sums.
+template <int R, int TILE>
+__device__ __forceinline__ void dot_rows(const mx_bf16* const (&w)[R], const mx_bf16* const (&a)[TILE],
+                                         uint32_t len, float (&acc)[R][TILE]) {
+    const uint32_t lane = threadIdx.x % 32;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int j = 0; j < TILE; ++j) acc[r][j] = 0.0f;
+    }
+    for (uint32_t base = 0; base < len; base += WARP_STEP * MOE_UNROLL) {
+        uint4 wv[R][MOE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < (int)MOE_UNROLL; ++u) {
+            const uint32_t c = base + u * WARP_STEP + lane * 8;
+#pragma unroll
+            for (int r = 0; r < R; ++r) wv[r][u] = c < len ? mx::load_stream_16(w[r] + c) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < (int)MOE_UNROLL; ++u) {
+            const uint32_t c = base + u * WARP_STEP + lane * 8;
+            if (c < len) {
+#pragma unroll
+                for (int j = 0; j < TILE; ++j) {
+                    const uint4 av = mx::load_shared_16(a[j] + c);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) acc[r][j] = mx::dot8(wv[r][u], av, acc[r][j]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int j = 0; j < TILE; ++j) acc[r][j] = mx::group_sum(acc[r][j]);
+    }
+}
+
+// The slots of expert blockIdx.y as [begin, end) into sorted_slots, clamped to the slot count.
+__device__ __forceinline__ void expert_range(const MoeParams& p, int32_t& begin, int32_t& end) {
+    const int32_t slots = (int32_t)(p.tokens * p.top_k);
+    begin = max(0, min(p.expert_offsets[blockIdx.y], slots));
+    end = max(begin, min(p.expert_offsets[blockIdx.y + 1], slots));
+}
+
+template <int TILE>
+__device__ void moe_up_body(const MoeParams& p) {
+    int32_t begin, end;
+    expert_range(p, begin, end);
+    const uint32_t row = blockIdx.x * MOE_WARPS + threadIdx.x / 32;
+    if (begin == end || row >= p.inter) return;  // no block-wide synchronisation follows
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t slots = p.tokens * p.top_k;
+    const size_t row_offset = ((size_t)blockIdx.y * p.inter + row) * p.hidden;
+    const mx_bf16* const w[2] = {p.w1 + row_offset, p.w3 + row_offset};
+    for (int32_t tile = begin; tile < end; tile += TILE) {
+        uint32_t slot[TILE];
+        const mx_bf16* a[TILE];
+#pragma unroll
+        for (int j = 0; j < TILE; ++j) {
+            slot[j] = (uint32_t)p.sorted_slots[min(tile + j, end - 1)];
+            a[j] = p.x + (size_t)(slot[j] < slots ? slot[j] / p.top_k : 0) * p.hidden;
+        }
+        float acc[2][TILE];
+        dot_rows<2, TILE>(w, a, p.hidden, acc);
+#pragma unroll
+        for (int j = 0; j < TILE; ++j) {
+            if (lane == (uint32_t)j && tile + j < end && slot[j] < slots) {
+                const float gate = acc[0][j];
+                const float silu = gate / (1.0f + expf(-gate));
+                p.act[(size_t)slot[j] * p.inter + row] = mx::to_bf16(silu * acc[1][j]);
+            }
+        }
+    }
+}
+
+template <int TILE>
+__device__ void moe_down_body(const MoeParams& p) {
+    constexpr int R = MOE_DOWN_ROWS_PER_WARP;
+    static_assert(R * TILE <= 32, "one lane per output");
+    int32_t begin, end;
+    expert_range(p, begin, end);
+    const uint32_t row0 = (blockIdx.x * MOE_WARPS + threadIdx.x / 32) * R;
+    if (begin == end || row0 >= p.hidden) return;  // no block-wide synchronisation follows
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t slots = p.tokens * p.top_k;
+    const mx_bf16* w[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        w[r] = p.w2 + ((size_t)blockIdx.y * p.hidden + min(row0 + r, p.hidden - 1)) * p.inter;
+    }
+    for (int32_t tile = begin; tile < end; tile += TILE) {
+        uint32_t slot[TILE];
+        const mx_bf16* a[TILE];
+#pragma unroll
+        for (int j = 0; j < TILE; ++j) {
+            slot[j] = (uint32_t)p.sorted_slots[min(tile + j, end - 1)];
+            a[j] = p.act + (size_t)(slot[j] < slots ? slot[j] : 0) * p.inter;
+        }
+        float acc[R][TILE];
+        dot_rows<R, TILE>(w, a, p.inter, acc);
+#pragma unroll
+        for (int j = 0; j < TILE; ++j) {
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                if (lane == (uint32_t)(j * R + r) && tile + j < end && slot[j] < slots && row0 + r < p.hidden) {
+                    p.out[(size_t)slot[j] * p.hidden + row0 + r] = p.topk_weights[slot[j]] * acc[r][j];
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+#define MX_DEFINE(symbol, TILE) \
+    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32) symbol(MoeParams p) { moe_up_body<TILE>(p); }
+MIXTRAL_MOE_UP_VARIANTS(MX_DEFINE)
+#undef MX_DEFINE
+
+#define MX_DEFINE(symbol, TILE) \
+    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32) symbol(MoeParams p) { moe_down_body<TILE>(p); }
+MIXTRAL_MOE_DOWN_VARIANTS(MX_DEFINE)
+#undef MX_DEFINE

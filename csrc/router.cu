@@ -1,0 +1,131 @@
+// router.cu: the MoE router, in two kernels launched back to back on one stream.
+//
+// router_topk, grid: one block of ROUTER_THREADS per token (one warp per expert at a time):
+//   x [tokens, hidden] bf16, gate [experts, hidden] bf16 (hidden a multiple of 8)
+//   logits[t, e]    = x[t] . gate[e]                         f32 accumulation, [tokens, experts]
+//   p[t, :]         = softmax(logits[t, :]) over all experts  f32, accurate expf
+//   topk_ids[t, j]  = the j-th largest p (ties: lower expert index), [tokens, top_k] i32
+//   topk_weights[t, j] = p[t, topk_ids[t, j]] / sum_j' p[t, topk_ids[t, j']], [tokens, top_k] f32
+//
+// router_group, grid: a single warp (ROUTER_GROUP_THREADS) over all slots s = t * top_k + j:
+//   expert_counts [experts] i32: slots routed to each expert
+//   expert_offsets [experts + 1] i32: exclusive prefix sum of the counts
+//   sorted_slots [tokens * top_k] i32: the slots grouped by expert, ascending slot within an expert
+//   (a stable counting sort: deterministic, so decode steps replay identically).
+//
+// experts <= ROUTER_MAX_EXPERTS, top_k <= ROUTER_MAX_TOP_K, checked by the Rust launcher.
+// No fast math: softmax and selection must match the CPU reference.
+#include "common.cuh"
+
+namespace {
+
+__device__ void router_topk_body(const RouterParams& p) {
+    __shared__ float prob[ROUTER_MAX_EXPERTS];
+    __shared__ unsigned char taken[ROUTER_MAX_EXPERTS];
+    const uint32_t t = blockIdx.x;
+    if (t >= p.tokens) return;  // uniform over the block
+    const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const mx_bf16* x = p.x + (size_t)t * p.hidden;
+
+    for (uint32_t e = warp; e < p.experts; e += ROUTER_THREADS / 32) {
+        const mx_bf16* g = p.gate + (size_t)e * p.hidden;
+        float acc = 0.0f;
+        for (uint32_t c = lane * 8; c < p.hidden; c += 32 * 8) {
+            acc = mx::dot8(mx::load_stream_16(g + c), mx::load_shared_16(x + c), acc);
+        }
+        acc = mx::group_sum(acc);
+        if (lane == 0) {
+            prob[e] = acc;
+            taken[e] = 0;
+            p.logits[(size_t)t * p.experts + e] = acc;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+
+    // Softmax over all experts (a handful: one thread is enough).
+    float max_logit = -INFINITY;
+    for (uint32_t e = 0; e < p.experts; ++e) max_logit = fmaxf(max_logit, prob[e]);
+    float total = 0.0f;
+    for (uint32_t e = 0; e < p.experts; ++e) {
+        prob[e] = expf(prob[e] - max_logit);
+        total += prob[e];
+    }
+    for (uint32_t e = 0; e < p.experts; ++e) prob[e] /= total;
+
+    // Top-k by repeated selection; a strict `>` keeps the lower index on ties.
+    float chosen_sum = 0.0f;
+    for (uint32_t j = 0; j < p.top_k; ++j) {
+        uint32_t best = ROUTER_MAX_EXPERTS;  // none yet: the first expert not taken always qualifies
+        float best_p = 0.0f;
+        for (uint32_t e = 0; e < p.experts; ++e) {
+            if (!taken[e] && (best == ROUTER_MAX_EXPERTS || prob[e] > best_p)) {
+                best = e;
+                best_p = prob[e];
+            }
+        }
+        taken[best] = 1;
+        chosen_sum += best_p;
+        p.topk_ids[(size_t)t * p.top_k + j] = (int32_t)best;
+        p.topk_weights[(size_t)t * p.top_k + j] = best_p;
+    }
+    for (uint32_t j = 0; j < p.top_k; ++j) p.topk_weights[(size_t)t * p.top_k + j] /= chosen_sum;
+}
+
+__device__ void router_group_body(const RouterParams& p) {
+    __shared__ int32_t cursor[ROUTER_MAX_EXPERTS];
+    const uint32_t lane = threadIdx.x;
+    const uint32_t slots = p.tokens * p.top_k;
+    for (uint32_t e = lane; e < p.experts; e += 32) cursor[e] = 0;
+    __syncwarp();
+
+    for (uint32_t i = lane; i < slots; i += 32) {
+        const int32_t e = p.topk_ids[i];
+        if (e >= 0 && (uint32_t)e < p.experts) atomicAdd(&cursor[e], 1);
+    }
+    __syncwarp();
+
+    if (lane == 0) {
+        int32_t offset = 0;
+        for (uint32_t e = 0; e < p.experts; ++e) {
+            const int32_t count = cursor[e];
+            p.expert_counts[e] = count;
+            p.expert_offsets[e] = offset;
+            cursor[e] = offset;
+            offset += count;
+        }
+        p.expert_offsets[p.experts] = offset;
+    }
+    __syncwarp();
+
+    // Stable placement, 32 slots at a time in slot order: a lane's rank among the lanes of the same
+    // expert comes from a match mask; the lowest such lane then advances that expert's cursor.
+    const uint32_t lanes_below = (1u << lane) - 1u;
+    for (uint32_t base = 0; base < slots; base += 32) {
+        const uint32_t i = base + lane;
+        int32_t e = i < slots ? p.topk_ids[i] : -1;
+        if (e < 0 || (uint32_t)e >= p.experts) e = -1;
+        const uint32_t peers = __match_any_sync(mx::FULL_MASK, e);
+        const int32_t rank = __popc(peers & lanes_below);
+        int32_t start = 0;
+        if (e >= 0) start = cursor[e];
+        __syncwarp();
+        if (e >= 0) {
+            p.sorted_slots[start + rank] = (int32_t)i;
+            if (rank == 0) cursor[e] = start + __popc(peers);
+        }
+        __syncwarp();
+    }
+}
+
+}  // namespace
+
+#define MX_DEFINE(symbol) \
+    MX_KERNEL void __launch_bounds__(ROUTER_THREADS) symbol(RouterParams p) { router_topk_body(p); }
+MIXTRAL_ROUTER_TOPK_VARIANTS(MX_DEFINE)
+#undef MX_DEFINE
+
+#define MX_DEFINE(symbol) \
+    MX_KERNEL void __launch_bounds__(ROUTER_GROUP_THREADS) symbol(RouterParams p) { router_group_body(p); }
+MIXTRAL_ROUTER_GROUP_VARIANTS(MX_DEFINE)
+#undef MX_DEFINE

@@ -1,0 +1,558 @@
+//! Command-line parsing of `mixtral-run`: flags (`--name value`, `--name=value`) into a
+//! [`Command`], every mistake a [`UsageError`] naming the flag and the value.
+
+use mixtral::sampling::{SamplingError, SamplingParams};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// The usage text of `--help`.
+pub const USAGE: &str = "\
+mixtral-run: generate text with, or score text under, a Mixtral-family model directory
+
+usage:
+    mixtral-run --model DIR (--prompt TEXT | --prompt-file FILE) [--chat] [-n|--max-new-tokens N]
+                [--temperature T] [--top-k K] [--top-p P] [--repeat-penalty R] [--seed S]
+                [--stop TEXT]... [--device cpu|cuda|cuda:N] [--max-context N] [--json]
+    mixtral-run --model DIR --perplexity FILE [--device ...] [--max-context N] [--json]
+    mixtral-run --help | --version
+
+options:
+    --model DIR            Hugging Face model directory (config.json, safetensors, tokenizer.json)
+    --prompt TEXT          prompt text (a BOS token is added)
+    --prompt-file FILE     read the prompt from FILE (one trailing line break is removed)
+    --chat                 wrap the prompt as one user message in the model's chat template
+    -n, --max-new-tokens N most tokens to generate (default 64)
+    --temperature T        sample at temperature T (default: greedy, temperature 0)
+    --top-k K              sample only from the K most likely tokens (needs --temperature)
+    --top-p P              sample only from the smallest set reaching probability P (needs --temperature)
+    --repeat-penalty R     CTRL repetition penalty over the prompt and output (default 1 = off)
+    --seed S               seed of the sampler (default 0; needs --temperature)
+    --stop TEXT            stop when TEXT appears in the output (repeatable; TEXT is not printed)
+    --device D             cpu (default), cuda or cuda:N
+    --max-context N        longest sequence in tokens (default: the model's max_position_embeddings)
+    --perplexity FILE      score BOS + the tokens of FILE (one trailing line break is removed)
+    --json                 one JSON object per line on stdout instead of plain text
+    -h, --help             this text
+    -V, --version          the version
+
+Generated text streams to stdout; load progress and timings go to stderr.";
+
+/// A command-line mistake; its message names the flag and the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU reference engine.
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+/// Settings shared by both modes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Common {
+    /// The model directory.
+    pub model: PathBuf,
+    /// Where to run.
+    pub device: Device,
+    /// JSON lines on stdout.
+    pub json: bool,
+    /// Longest sequence, when capped by the user.
+    pub max_context: Option<usize>,
+}
+
+/// Where the prompt comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// `--prompt TEXT`.
+    Text(String),
+    /// `--prompt-file FILE`.
+    File(PathBuf),
+}
+
+/// `mixtral-run --prompt ...`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateArgs {
+    /// Shared settings.
+    pub common: Common,
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Wrap the prompt as a chat user message.
+    pub chat: bool,
+    /// Most new tokens.
+    pub max_new_tokens: usize,
+    /// Sampling parameters (validated).
+    pub sampling: SamplingParams,
+    /// Stop strings (non-empty).
+    pub stops: Vec<String>,
+}
+
+/// `mixtral-run --perplexity FILE`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerplexityArgs {
+    /// Shared settings.
+    pub common: Common,
+    /// The text file to score.
+    pub file: PathBuf,
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Print the usage.
+    Help,
+    /// Print the version.
+    Version,
+    /// Generate text.
+    Generate(GenerateArgs),
+    /// Score a file.
+    Perplexity(PerplexityArgs),
+}
+
+/// Flags that take a value.
+const VALUE_FLAGS: &[&str] = &[
+    "--model",
+    "--prompt",
+    "--prompt-file",
+    "--max-new-tokens",
+    "--temperature",
+    "--top-k",
+    "--top-p",
+    "--repeat-penalty",
+    "--seed",
+    "--stop",
+    "--device",
+    "--max-context",
+    "--perplexity",
+];
+
+/// Flags without a value.
+const SWITCHES: &[&str] = &["--chat", "--json"];
+
+/// Flags that only apply to generation.
+const GENERATION_FLAGS: &[&str] = &[
+    "--chat",
+    "--max-new-tokens",
+    "--temperature",
+    "--top-k",
+    "--top-p",
+    "--repeat-penalty",
+    "--seed",
+    "--stop",
+];
+
+/// The flags given, in order, with their values (`None` for switches).
+struct Given(Vec<(&'static str, Option<String>)>);
+
+impl Given {
+    /// The value of a flag that may appear once.
+    fn value(&self, flag: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(f, _)| *f == flag)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn has(&self, flag: &str) -> bool {
+        self.0.iter().any(|(f, _)| *f == flag)
+    }
+
+    /// Parses a flag's value with `parse`, naming the flag, the value and `expected` on failure.
+    fn parsed<T: std::str::FromStr>(
+        &self,
+        flag: &str,
+        expected: &str,
+    ) -> Result<Option<T>, UsageError> {
+        self.value(flag)
+            .map(|v| {
+                v.trim().parse::<T>().map_err(|_| {
+                    UsageError(format!(
+                        "invalid value {v:?} for {flag}: expected {expected}"
+                    ))
+                })
+            })
+            .transpose()
+    }
+}
+
+/// Canonical name of a flag as typed (`-n` is `--max-new-tokens`), or `None` when unknown.
+fn canonical(name: &str) -> Option<&'static str> {
+    if name == "-n" {
+        return Some("--max-new-tokens");
+    }
+    VALUE_FLAGS
+        .iter()
+        .chain(SWITCHES)
+        .find(|f| **f == name)
+        .copied()
+}
+
+/// Splits the raw arguments into flags and values.
+fn collect(args: Vec<String>) -> Result<Given, UsageError> {
+    let mut given = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if !arg.starts_with('-') || arg == "-" {
+            return Err(UsageError(format!(
+                "unexpected argument {arg:?} (every input is given by a flag)"
+            )));
+        }
+        let (name, inline) = match arg.split_once('=') {
+            Some((name, value)) if name.starts_with("--") => (name, Some(value.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let flag = canonical(name).ok_or_else(|| UsageError(format!("unknown flag {name}")))?;
+        if flag != "--stop" && given.iter().any(|(f, _)| *f == flag) {
+            return Err(UsageError(format!("{flag} given more than once")));
+        }
+        if SWITCHES.contains(&flag) {
+            if inline.is_some() {
+                return Err(UsageError(format!("{flag} takes no value")));
+            }
+            given.push((flag, None));
+            continue;
+        }
+        let value = match inline {
+            Some(value) => value,
+            None => args
+                .next()
+                .ok_or_else(|| UsageError(format!("{flag} needs a value")))?,
+        };
+        given.push((flag, Some(value)));
+    }
+    Ok(Given(given))
+}
+
+/// Parses `--device`.
+fn device(value: &str) -> Result<Device, UsageError> {
+    let bad = || {
+        UsageError(format!(
+            "invalid value {value:?} for --device: expected cpu, cuda or cuda:N"
+        ))
+    };
+    match value {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => value
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(bad),
+    }
+}
+
+/// The flag that sets a sampling parameter.
+fn sampling_flag(name: &str) -> &'static str {
+    match name {
+        "temperature" => "--temperature",
+        "top_p" => "--top-p",
+        _ => "--repeat-penalty",
+    }
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<Command, UsageError> {
+    let mut args = Vec::new();
+    for (i, arg) in raw.into_iter().enumerate() {
+        let arg = arg
+            .into_string()
+            .map_err(|a| UsageError(format!("argument {} ({a:?}) is not valid UTF-8", i + 1)))?;
+        args.push(arg);
+    }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        return Ok(Command::Help);
+    }
+    if args.iter().any(|a| a == "--version" || a == "-V") {
+        return Ok(Command::Version);
+    }
+    let given = collect(args)?;
+
+    let model = given
+        .value("--model")
+        .ok_or_else(|| UsageError("--model DIR is required".into()))?;
+    let max_context = given.parsed::<usize>("--max-context", "a positive integer")?;
+    if max_context == Some(0) {
+        return Err(UsageError(
+            "invalid value \"0\" for --max-context: expected a positive integer".into(),
+        ));
+    }
+    let common = Common {
+        model: PathBuf::from(model),
+        device: given
+            .value("--device")
+            .map(device)
+            .transpose()?
+            .unwrap_or(Device::Cpu),
+        json: given.has("--json"),
+        max_context,
+    };
+
+    let sources: Vec<&str> = ["--prompt", "--prompt-file", "--perplexity"]
+        .into_iter()
+        .filter(|f| given.has(f))
+        .collect();
+    match sources.as_slice() {
+        [] => Err(UsageError(
+            "one of --prompt, --prompt-file or --perplexity is required".into(),
+        )),
+        ["--perplexity"] => {
+            if let Some(flag) = GENERATION_FLAGS.iter().find(|f| given.has(f)) {
+                return Err(UsageError(format!(
+                    "{flag} cannot be used with --perplexity"
+                )));
+            }
+            let file = given.value("--perplexity").unwrap_or_default();
+            Ok(Command::Perplexity(PerplexityArgs {
+                common,
+                file: PathBuf::from(file),
+            }))
+        }
+        [one] => generation(&given, common, one),
+        [a, b, ..] => Err(UsageError(format!("{a} and {b} cannot be used together"))),
+    }
+}
+
+/// The generation mode's flags; `source` is `--prompt` or `--prompt-file`.
+fn generation(given: &Given, common: Common, source: &str) -> Result<Command, UsageError> {
+    let value = given.value(source).unwrap_or_default().to_string();
+    let prompt = if source == "--prompt" {
+        Prompt::Text(value)
+    } else {
+        Prompt::File(PathBuf::from(value))
+    };
+    let temperature = given.parsed::<f32>("--temperature", "a number >= 0")?;
+    if temperature.is_none() {
+        if let Some(flag) = ["--top-k", "--top-p", "--seed"]
+            .into_iter()
+            .find(|f| given.has(f))
+        {
+            return Err(UsageError(format!(
+                "{flag} needs --temperature (decoding is greedy by default)"
+            )));
+        }
+    }
+    let greedy = SamplingParams::greedy();
+    let sampling = SamplingParams {
+        temperature: temperature.unwrap_or(greedy.temperature),
+        top_k: given
+            .parsed("--top-k", "a non-negative integer (0 = off)")?
+            .unwrap_or(greedy.top_k),
+        top_p: given
+            .parsed("--top-p", "a number in (0, 1]")?
+            .unwrap_or(greedy.top_p),
+        repetition_penalty: given
+            .parsed("--repeat-penalty", "a number > 0")?
+            .unwrap_or(greedy.repetition_penalty),
+        seed: given
+            .parsed("--seed", "a non-negative integer")?
+            .unwrap_or(greedy.seed),
+    };
+    if let Err(SamplingError::InvalidParameter {
+        name,
+        value,
+        expected,
+    }) = sampling.validate()
+    {
+        return Err(UsageError(format!(
+            "invalid value {value} for {}: {expected}",
+            sampling_flag(name)
+        )));
+    }
+    let stops: Vec<String> = given
+        .0
+        .iter()
+        .filter(|(f, _)| *f == "--stop")
+        .filter_map(|(_, v)| v.clone())
+        .collect();
+    if stops.iter().any(String::is_empty) {
+        return Err(UsageError("--stop needs a non-empty text".into()));
+    }
+    Ok(Command::Generate(GenerateArgs {
+        common,
+        prompt,
+        chat: given.has("--chat"),
+        max_new_tokens: given
+            .parsed("--max-new-tokens", "a non-negative integer")?
+            .unwrap_or(64),
+        sampling,
+        stops,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(args: &[&str]) -> Result<Command, UsageError> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    fn generate_args(args: &[&str]) -> GenerateArgs {
+        match parse_str(args) {
+            Ok(Command::Generate(g)) => g,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_greedy_64_tokens_on_cpu() {
+        let g = generate_args(&["--model", "m", "--prompt", "hi"]);
+        assert_eq!(g.common.model, PathBuf::from("m"));
+        assert_eq!(g.common.device, Device::Cpu);
+        assert_eq!(g.prompt, Prompt::Text("hi".into()));
+        assert_eq!(g.max_new_tokens, 64);
+        assert_eq!(g.sampling, SamplingParams::greedy());
+        assert!(!g.chat && !g.common.json && g.stops.is_empty());
+    }
+
+    #[test]
+    fn every_flag_in_both_spellings() {
+        let g = generate_args(&[
+            "--model=m",
+            "--prompt-file",
+            "p.txt",
+            "--chat",
+            "-n",
+            "7",
+            "--temperature=0.8",
+            "--top-k",
+            "40",
+            "--top-p",
+            "0.9",
+            "--repeat-penalty",
+            "1.1",
+            "--seed",
+            "99",
+            "--stop",
+            "END",
+            "--stop=\n\n",
+            "--device",
+            "cuda:1",
+            "--max-context",
+            "128",
+            "--json",
+        ]);
+        assert_eq!(g.prompt, Prompt::File("p.txt".into()));
+        assert!(g.chat && g.common.json);
+        assert_eq!(g.max_new_tokens, 7);
+        assert_eq!(
+            g.sampling,
+            SamplingParams {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 0.9,
+                repetition_penalty: 1.1,
+                seed: 99
+            }
+        );
+        assert_eq!(g.stops, ["END", "\n\n"]);
+        assert_eq!(g.common.device, Device::Cuda(1));
+        assert_eq!(g.common.max_context, Some(128));
+        // A value that starts with a dash is still the flag's value.
+        let g = generate_args(&["--model", "m", "--prompt", "-x", "--max-new-tokens", "3"]);
+        assert_eq!(g.prompt, Prompt::Text("-x".into()));
+        assert_eq!(g.max_new_tokens, 3);
+    }
+
+    #[test]
+    fn perplexity_mode() {
+        match parse_str(&["--model", "m", "--perplexity", "t.txt", "--json"]) {
+            Ok(Command::Perplexity(p)) => {
+                assert_eq!(p.file, PathBuf::from("t.txt"));
+                assert!(p.common.json);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn help_and_version_win() {
+        assert_eq!(parse_str(&["--bogus", "-h"]), Ok(Command::Help));
+        assert_eq!(parse_str(&["--version"]), Ok(Command::Version));
+    }
+
+    #[test]
+    fn mistakes_name_the_flag_and_value() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--prompt", "x"], "--model"),
+            (&["--model", "m"], "--prompt"),
+            (
+                &["--model", "m", "--prompt", "x", "--frobnicate"],
+                "--frobnicate",
+            ),
+            (&["--model", "m", "--prompt", "x", "stray"], "stray"),
+            (&["--model", "m", "--prompt"], "--prompt needs a value"),
+            (&["--model", "m", "--prompt", "x", "-n", "many"], "\"many\""),
+            (
+                &["--model", "m", "--prompt", "x", "-n", "-3"],
+                "--max-new-tokens",
+            ),
+            (
+                &["--model", "m", "--prompt", "x", "--temperature", "-1"],
+                "--temperature",
+            ),
+            (
+                &["--model", "m", "--prompt", "x", "--temperature", "NaN"],
+                "--temperature",
+            ),
+            (
+                &[
+                    "--model",
+                    "m",
+                    "--prompt",
+                    "x",
+                    "--temperature",
+                    "1",
+                    "--top-p",
+                    "0",
+                ],
+                "--top-p",
+            ),
+            (
+                &["--model", "m", "--prompt", "x", "--repeat-penalty", "0"],
+                "--repeat-penalty",
+            ),
+            (
+                &["--model", "m", "--prompt", "x", "--top-k", "5"],
+                "--top-k needs --temperature",
+            ),
+            (
+                &["--model", "m", "--prompt", "x", "--device", "tpu"],
+                "\"tpu\"",
+            ),
+            (
+                &["--model", "m", "--prompt", "x", "--device", "cuda:x"],
+                "--device",
+            ),
+            (
+                &["--model", "m", "--prompt", "x", "--max-context", "0"],
+                "--max-context",
+            ),
+            (&["--model", "m", "--prompt", "x", "--stop", ""], "--stop"),
+            (
+                &["--model", "m", "--prompt", "x", "--prompt-file", "f"],
+                "cannot be used together",
+            ),
+            (
+                &["--model", "m", "--perplexity", "f", "--chat"],
+                "--chat cannot be used",
+            ),
+            (
+                &["--model", "m", "--model", "n", "--prompt", "x"],
+                "more than once",
+            ),
+            (
+                &["--model", "m", "--prompt", "x", "--json=yes"],
+                "--json takes no value",
+            ),
+        ];
+        for (args, needle) in cases {
+            match parse_str(args) {
+                Err(UsageError(msg)) => assert!(msg.contains(needle), "{args:?}: {msg}"),
+                Ok(c) => panic!("{args:?} accepted: {c:?}"),
+            }
+        }
+    }
+}

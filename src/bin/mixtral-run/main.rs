@@ -1,0 +1,207 @@
+//! `mixtral-run`: generates text with (or scores a text file under) a Mixtral-family model
+//! directory. See `mixtral-run --help`; every failure is one `error: ...` line on stderr, exit
+//! status 2 for command-line mistakes and 1 for everything else.
+
+mod args;
+mod report;
+
+use args::{Command, Common, Device, GenerateArgs, PerplexityArgs, Prompt, UsageError};
+use mixtral::cpu::{CpuEngine, CpuEngineOptions};
+use mixtral::generate::{generate, perplexity, GenerateOptions};
+use mixtral::tokenizer::{ChatMessage, Tokenizer};
+use mixtral::{Engine, LoadOptions, Model};
+use report::{LoadDisplay, TokenWriter};
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// A failure after the command line was understood: one line of text.
+struct Failure(String);
+
+impl<E: std::error::Error> From<E> for Failure {
+    /// The error's message followed by those of its sources not already part of it.
+    fn from(error: E) -> Self {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(inner) = source {
+            let text = inner.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = inner.source();
+        }
+        Failure(message)
+    }
+}
+
+/// Prints `error: <message>` as exactly one line.
+fn print_error(message: &str) {
+    let line: String = message
+        .chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect();
+    eprintln!("error: {line}");
+}
+
+fn main() -> ExitCode {
+    match args::parse(std::env::args_os().skip(1)) {
+        Err(UsageError(message)) => {
+            print_error(&format!("{message} (see mixtral-run --help)"));
+            ExitCode::from(2)
+        }
+        Ok(Command::Help) => {
+            println!("{}", args::USAGE);
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Version) => {
+            println!("mixtral-run {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Ok(command) => {
+            let result = match command {
+                Command::Generate(a) => run_generate(&a),
+                Command::Perplexity(a) => run_perplexity(&a),
+                Command::Help | Command::Version => Ok(()),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(Failure(message)) => {
+                    print_error(&message);
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Refuses devices this build cannot use, before anything is loaded.
+fn check_device(device: Device) -> Result<(), Failure> {
+    match device {
+        Device::Cpu => Ok(()),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(Failure(format!(
+            "--device cuda:{n}: this build has no CUDA support (rebuild with --features cuda)"
+        ))),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => Err(Failure(format!(
+            "--device cuda:{n}: generation on CUDA is not available in this version yet; use --device cpu"
+        ))),
+    }
+}
+
+/// Loads the model directory (tokenizer required), showing progress; returns the load time too.
+fn load(common: &Common) -> Result<(Model, Tokenizer, Duration), Failure> {
+    check_device(common.device)?;
+    let started = Instant::now();
+    let (display, progress) = LoadDisplay::new();
+    let options = LoadOptions {
+        progress: Some(progress),
+        require_tokenizer: true,
+    };
+    let loaded = Model::load(&common.model, &options);
+    display.finish();
+    let mut model = loaded?;
+    let tokenizer = model.tokenizer.take().ok_or_else(|| {
+        Failure(format!(
+            "{}: the model directory has no tokenizer.json",
+            common.model.display()
+        ))
+    })?;
+    Ok((model, tokenizer, started.elapsed()))
+}
+
+/// The context the user allows (`--max-context`, or the model's).
+fn context_limit(model: &Model, common: &Common) -> usize {
+    common
+        .max_context
+        .unwrap_or(model.config.max_position_embeddings)
+}
+
+/// A CPU engine for one sequence of `needed` tokens: its context (and so its KV cache) is `needed`
+/// capped by [`context_limit`]; a request past the cap is then refused by `generate`/`perplexity`
+/// with the limit in the message.
+fn engine(model: &Model, common: &Common, needed: usize) -> Result<Box<dyn Engine>, Failure> {
+    let options = CpuEngineOptions {
+        max_context: Some(context_limit(model, common).min(needed).max(1)),
+        max_sequences: 1,
+        ..CpuEngineOptions::default()
+    };
+    Ok(Box::new(CpuEngine::new(model.weights.clone(), options)?))
+}
+
+/// Reads a text file, removing one trailing line break (editors add one).
+fn read_text(path: &Path, what: &str) -> Result<String, Failure> {
+    let mut text = std::fs::read_to_string(path)
+        .map_err(|e| Failure(format!("cannot read {what} {}: {e}", path.display())))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
+}
+
+fn run_generate(a: &GenerateArgs) -> Result<(), Failure> {
+    // Read the prompt first: a missing file is reported before a long load.
+    let text = match &a.prompt {
+        Prompt::Text(text) => text.clone(),
+        Prompt::File(path) => read_text(path, "prompt file")?,
+    };
+    let (model, tokenizer, load_time) = load(&a.common)?;
+    let prompt = if a.chat {
+        tokenizer.encode_chat(&[ChatMessage::user(text)])?
+    } else {
+        tokenizer.encode(&text, true)?
+    };
+    let needed = prompt.len().saturating_add(a.max_new_tokens);
+    let mut engine = engine(&model, &a.common, needed)?;
+    let mut options = GenerateOptions::greedy(a.max_new_tokens)
+        .with_sampling(a.sampling)
+        .with_eos(&model.config.eos_token_ids)
+        .with_eos(tokenizer.eos_ids());
+    options.stop_strings = a.stops.clone();
+
+    let mut writer = TokenWriter::new(a.common.json);
+    let mut write_error = None;
+    let output = generate(
+        engine.as_mut(),
+        &tokenizer,
+        &prompt,
+        &options,
+        |event| match writer.token(event) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                write_error = Some(e);
+                ControlFlow::Break(())
+            }
+        },
+    )?;
+    if let Some(e) = write_error {
+        return Err(Failure(format!("cannot write to stdout: {e}")));
+    }
+    writer
+        .done(&output)
+        .map_err(|e| Failure(format!("cannot write to stdout: {e}")))?;
+    report::generation_timings(load_time, &output);
+    Ok(())
+}
+
+fn run_perplexity(a: &PerplexityArgs) -> Result<(), Failure> {
+    let text = read_text(&a.file, "text file")?;
+    let (model, tokenizer, load_time) = load(&a.common)?;
+    let ids = tokenizer.encode(&text, true)?;
+    // The last token is scored, never fed.
+    let fed = ids.len().saturating_sub(1);
+    let mut engine = engine(&model, &a.common, fed)?;
+    let started = Instant::now();
+    let scored = perplexity(engine.as_mut(), &ids)?;
+    let scoring = started.elapsed();
+    TokenWriter::new(a.common.json)
+        .perplexity(&ids, &scored)
+        .map_err(|e| Failure(format!("cannot write to stdout: {e}")))?;
+    report::perplexity_timings(load_time, fed, scoring);
+    Ok(())
+}

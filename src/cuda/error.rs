@@ -1,0 +1,111 @@
+//! The error type of the CUDA backend: every failure names the op, buffer, value or kernel involved.
+
+use cudarc::driver::DriverError;
+
+/// Why a CUDA call or a kernel launch was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// The CUDA driver library (libcuda.so) could not be loaded.
+    #[error(
+        "no CUDA driver: libcuda could not be loaded (install the NVIDIA driver, 580 or newer)"
+    )]
+    NoDriver,
+    /// There is no device with this ordinal.
+    #[error("no CUDA device {ordinal}: the driver reports {count} device(s)")]
+    NoDevice {
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// Devices present.
+        count: usize,
+    },
+    /// The GPU is older than the kernels support (they need compute capability 8.0).
+    #[error(
+        "CUDA device {name} has compute capability {major}.{minor}; the kernels need 8.0 or newer"
+    )]
+    UnsupportedDevice {
+        /// Device name.
+        name: String,
+        /// Compute capability, major.
+        major: i32,
+        /// Compute capability, minor.
+        minor: i32,
+    },
+    /// A driver call failed.
+    #[error("CUDA driver call failed while {context}: {source}")]
+    Driver {
+        /// What was being done.
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: DriverError,
+    },
+    /// A compiled kernel the crate expects is not in the embedded fatbins.
+    #[error("kernel {symbol} is not in the embedded fatbin {module}")]
+    MissingKernel {
+        /// The `extern "C"` symbol.
+        symbol: &'static str,
+        /// The csrc file stem.
+        module: &'static str,
+    },
+    /// A device buffer is shorter than the shapes require.
+    #[error("{op}: buffer `{buffer}` holds {actual} elements but the shapes need {expected}")]
+    BufferTooSmall {
+        /// The op.
+        op: &'static str,
+        /// The buffer (parameter name).
+        buffer: &'static str,
+        /// Elements needed.
+        expected: usize,
+        /// Elements present.
+        actual: usize,
+    },
+    /// A device buffer read with 16-byte vector loads does not start on a 16-byte boundary.
+    #[error("{op}: buffer `{buffer}` at device address {address:#x} is not 16-byte aligned")]
+    Misaligned {
+        /// The op.
+        op: &'static str,
+        /// The buffer (parameter name).
+        buffer: &'static str,
+        /// Its device address.
+        address: u64,
+    },
+    /// A shape value the kernels cannot take.
+    #[error("{op}: {what} = {value} is not supported: {reason}")]
+    Unsupported {
+        /// The op.
+        op: &'static str,
+        /// The shape parameter.
+        what: &'static str,
+        /// Its value.
+        value: usize,
+        /// What the kernels accept.
+        reason: String,
+    },
+    /// A float parameter that must be finite and non-negative is not.
+    #[error("{op}: {what} = {value} must be finite and non-negative")]
+    InvalidFloat {
+        /// The op.
+        op: &'static str,
+        /// The parameter.
+        what: &'static str,
+        /// Its value.
+        value: f32,
+    },
+    /// A kernel launch was refused by the driver.
+    #[error("launching kernel {symbol} failed: {source}")]
+    Launch {
+        /// The `extern "C"` symbol.
+        symbol: &'static str,
+        /// The driver's error.
+        #[source]
+        source: DriverError,
+    },
+}
+
+impl CudaError {
+    /// Wraps a driver error with what was being done.
+    pub fn driver(context: impl Into<String>) -> impl FnOnce(DriverError) -> CudaError {
+        let context = context.into();
+        move |source| CudaError::Driver { context, source }
+    }
+}

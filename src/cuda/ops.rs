@@ -1,0 +1,1375 @@
+//! One safe launcher per kernel family in `csrc/`. Each takes the shapes (a plain `*Shape` struct a
+//! static plan can keep) and the device buffers (a `*Buffers` struct of cudarc slices or views),
+//! checks every buffer's length (and 16-byte alignment where the kernel uses vector loads) against
+//! what the kernel will touch for those shapes, picks the compiled instantiation and the grid, and
+//! launches on the given stream. Nothing is allocated on the device and nothing synchronises, so the
+//! calls can be captured into a CUDA graph. A shape with zero tokens / rows launches nothing.
+//!
+//! Layouts (row-major): activations `[tokens, hidden]` bf16, residual stream `[tokens, hidden]` f32,
+//! weights `[out, in]` bf16, paged KV cache `[num_blocks, block_size, n_kv_heads, head_dim]` bf16 per
+//! layer, block tables `[num_seqs, max_blocks_per_seq]` i32. The exact semantics of each kernel are in
+//! the header comment of its `csrc/*.cu` file and on its parameter struct in [`params`](super::params).
+
+use cudarc::driver::{
+    CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+use half::bf16;
+
+use super::error::CudaError;
+use super::module::Kernels;
+use super::params::{
+    ArgmaxParams, AttentionDecodeParams, EmbeddingParams, KernelFamily, KernelVariant, MoeParams,
+    RmsnormParams, RopeKvParams, RouterParams, ARGMAX_THREADS, ATTENTION_COMBINE_THREADS,
+    ATTENTION_MAX_SPLIT_KEYS, ATTENTION_THREADS, EMBEDDING_THREADS, KERNEL_VARIANTS,
+    MOE_DOWN_ROWS_PER_WARP, MOE_WARPS, RMSNORM_THREADS, ROPE_KV_THREADS, ROUTER_GROUP_THREADS,
+    ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K, ROUTER_THREADS,
+};
+
+/// Largest count (and product of counts) the kernels index with 32-bit integers.
+const MAX_INDEX: usize = i32::MAX as usize;
+/// Largest grid y / z dimension.
+const MAX_GRID_YZ: usize = 65_535;
+/// Static plus dynamic shared memory available without opting in to more.
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Shared plumbing
+
+/// A device buffer as the checks see it: its address and its length in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Buf {
+    address: u64,
+    len: usize,
+}
+
+impl Buf {
+    /// Stands for an unused pointer parameter.
+    const NONE: Buf = Buf { address: 0, len: 0 };
+}
+
+fn read<'a, T>(buffer: &'a dyn DevicePtr<T>, stream: &'a CudaStream) -> (Buf, SyncOnDrop<'a>) {
+    let len = buffer.len();
+    let (address, guard) = buffer.device_ptr(stream);
+    (Buf { address, len }, guard)
+}
+
+fn write<'a, T>(
+    buffer: &'a mut dyn DevicePtrMut<T>,
+    stream: &'a CudaStream,
+) -> (Buf, SyncOnDrop<'a>) {
+    let len = buffer.len();
+    let (address, guard) = buffer.device_ptr_mut(stream);
+    (Buf { address, len }, guard)
+}
+
+/// A checked launch: the instantiation (index into [`KERNEL_VARIANTS`]), geometry and parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Launch<P> {
+    variant: usize,
+    grid: (u32, u32, u32),
+    block: u32,
+    shared_bytes: u32,
+    params: P,
+}
+
+fn launch<P: DeviceRepr>(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    plan: &Launch<P>,
+) -> Result<(), CudaError> {
+    let variant: &'static KernelVariant = &KERNEL_VARIANTS[plan.variant];
+    let function = kernels
+        .function(plan.variant)
+        .ok_or(CudaError::MissingKernel {
+            symbol: variant.symbol,
+            module: variant.module,
+        })?;
+    let config = LaunchConfig {
+        grid_dim: plan.grid,
+        block_dim: (plan.block, 1, 1),
+        shared_mem_bytes: plan.shared_bytes,
+    };
+    let mut builder = stream.launch_builder(function);
+    builder.arg(&plan.params);
+    // SAFETY: the function takes exactly one argument, the `#[repr(C)]` struct `P` whose layout is
+    // asserted equal to the C definition (params.rs / params.h). Every pointer in it comes from a
+    // live cudarc buffer whose guard outlives this call, and the planner checked that each buffer
+    // covers every element (and alignment) the kernel touches for the shapes in `params`; the
+    // geometry and shared memory are the ones the kernel was written for.
+    unsafe { builder.launch(config) }.map_err(|source| CudaError::Launch {
+        symbol: variant.symbol,
+        source,
+    })?;
+    Ok(())
+}
+
+/// Checks against one op's name.
+struct Check {
+    op: &'static str,
+}
+
+impl Check {
+    fn len(&self, buffer: &'static str, buf: Buf, expected: usize) -> Result<(), CudaError> {
+        if buf.len < expected {
+            return Err(CudaError::BufferTooSmall {
+                op: self.op,
+                buffer,
+                expected,
+                actual: buf.len,
+            });
+        }
+        Ok(())
+    }
+
+    fn aligned16(&self, buffer: &'static str, buf: Buf) -> Result<(), CudaError> {
+        if !buf.address.is_multiple_of(16) {
+            return Err(CudaError::Misaligned {
+                op: self.op,
+                buffer,
+                address: buf.address,
+            });
+        }
+        Ok(())
+    }
+
+    fn unsupported(
+        &self,
+        what: &'static str,
+        value: usize,
+        reason: impl Into<String>,
+    ) -> CudaError {
+        CudaError::Unsupported {
+            op: self.op,
+            what,
+            value,
+            reason: reason.into(),
+        }
+    }
+
+    /// `value` as the kernels' 32-bit count (below 2^31).
+    fn count(&self, what: &'static str, value: usize) -> Result<u32, CudaError> {
+        if value > MAX_INDEX {
+            return Err(self.unsupported(what, value, "must be below 2^31"));
+        }
+        Ok(value as u32)
+    }
+
+    fn at_least(&self, what: &'static str, value: usize, min: usize) -> Result<(), CudaError> {
+        if value < min {
+            return Err(self.unsupported(what, value, format!("must be at least {min}")));
+        }
+        Ok(())
+    }
+
+    fn multiple_of_8(&self, what: &'static str, value: usize) -> Result<(), CudaError> {
+        if value == 0 || !value.is_multiple_of(8) {
+            return Err(self.unsupported(
+                what,
+                value,
+                "must be a positive multiple of 8 (16-byte vector loads)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn grid_yz(&self, what: &'static str, value: usize) -> Result<u32, CudaError> {
+        if value > MAX_GRID_YZ {
+            return Err(self.unsupported(
+                what,
+                value,
+                format!("must be at most {MAX_GRID_YZ} (a grid dimension)"),
+            ));
+        }
+        Ok(value as u32)
+    }
+
+    /// Product of counts, which must stay a valid 32-bit index.
+    fn product(&self, what: &'static str, factors: &[usize]) -> Result<usize, CudaError> {
+        let mut total: usize = 1;
+        for &f in factors {
+            total = total
+                .checked_mul(f)
+                .ok_or_else(|| self.unsupported(what, usize::MAX, "overflows"))?;
+        }
+        if total > MAX_INDEX {
+            return Err(self.unsupported(what, total, "must be below 2^31"));
+        }
+        Ok(total)
+    }
+
+    /// Elements of a `[rows, width]` buffer whose rows are `stride` apart.
+    fn strided(
+        &self,
+        what: &'static str,
+        rows: usize,
+        stride: usize,
+        width: usize,
+    ) -> Result<usize, CudaError> {
+        if stride < width {
+            return Err(self.unsupported(
+                what,
+                stride,
+                format!("row stride must be at least the row width {width}"),
+            ));
+        }
+        if rows == 0 {
+            return Ok(0);
+        }
+        self.product(what, &[rows - 1, stride])?
+            .checked_add(width)
+            .ok_or_else(|| self.unsupported(what, usize::MAX, "overflows"))
+    }
+
+    fn finite(&self, what: &'static str, value: f32) -> Result<(), CudaError> {
+        if !value.is_finite() || value < 0.0 {
+            return Err(CudaError::InvalidFloat {
+                op: self.op,
+                what,
+                value,
+            });
+        }
+        Ok(())
+    }
+
+    /// The compiled instantiation of `family` for `consts`.
+    fn variant(
+        &self,
+        family: KernelFamily,
+        what: &'static str,
+        consts: &[u32],
+    ) -> Result<usize, CudaError> {
+        if let Some(index) = KERNEL_VARIANTS
+            .iter()
+            .position(|v| v.family == family && v.consts == consts)
+        {
+            return Ok(index);
+        }
+        let compiled: Vec<String> = KERNEL_VARIANTS
+            .iter()
+            .filter(|v| v.family == family)
+            .map(|v| format!("{:?}", v.consts))
+            .collect();
+        let value = consts.first().map_or(0, |&c| c as usize);
+        Err(self.unsupported(
+            what,
+            value,
+            format!(
+                "no compiled {} kernel for {:?} = {consts:?}; compiled: {}",
+                family.name(),
+                family.axes(),
+                compiled.join(", ")
+            ),
+        ))
+    }
+}
+
+/// Shape of a layer's paged KV cache and the block tables indexing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedCacheShape {
+    /// Blocks in the cache (`k_cache` / `v_cache` hold `num_blocks * block_size` token rows).
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Rows of the block tables.
+    pub num_seqs: usize,
+    /// Columns of the block tables: the most blocks one sequence can hold.
+    pub max_blocks_per_seq: usize,
+}
+
+impl PagedCacheShape {
+    fn check(
+        &self,
+        c: &Check,
+        n_kv_heads: usize,
+        head_dim: usize,
+        k: Buf,
+        v: Buf,
+        tables: Buf,
+    ) -> Result<(), CudaError> {
+        c.at_least("block_size", self.block_size, 1)?;
+        c.count("num_blocks", self.num_blocks)?;
+        c.count("num_seqs", self.num_seqs)?;
+        c.count("max_blocks_per_seq", self.max_blocks_per_seq)?;
+        c.product(
+            "max_blocks_per_seq * block_size",
+            &[self.max_blocks_per_seq, self.block_size],
+        )?;
+        // Cache offsets are computed in 64 bits; only the total must exist.
+        let cache = self
+            .num_blocks
+            .checked_mul(self.block_size)
+            .and_then(|n| n.checked_mul(n_kv_heads))
+            .and_then(|n| n.checked_mul(head_dim))
+            .ok_or_else(|| c.unsupported("cache elements", usize::MAX, "overflows"))?;
+        c.len("k_cache", k, cache)?;
+        c.len("v_cache", v, cache)?;
+        let table = self
+            .num_seqs
+            .checked_mul(self.max_blocks_per_seq)
+            .ok_or_else(|| c.unsupported("block table elements", usize::MAX, "overflows"))?;
+        c.len("block_tables", tables, table)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedding
+
+/// Shapes of [`embedding`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddingShape {
+    /// Tokens to embed.
+    pub tokens: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Rows of the table.
+    pub vocab: usize,
+}
+
+/// Where [`embedding`] writes `[tokens, hidden]`.
+pub enum EmbeddingOut<'a> {
+    /// bf16 rows.
+    Bf16(&'a mut dyn DevicePtrMut<bf16>),
+    /// f32 rows (the residual stream).
+    F32(&'a mut dyn DevicePtrMut<f32>),
+}
+
+/// Buffers of [`embedding`].
+pub struct EmbeddingBuffers<'a> {
+    /// `[tokens]` token ids.
+    pub ids: &'a dyn DevicePtr<u32>,
+    /// `[vocab, hidden]` embedding table.
+    pub table: &'a dyn DevicePtr<bf16>,
+    /// `[tokens, hidden]` output.
+    pub out: EmbeddingOut<'a>,
+}
+
+fn plan_embedding(
+    s: &EmbeddingShape,
+    ids: Buf,
+    table: Buf,
+    out: Buf,
+    out_f32: bool,
+) -> Result<Option<Launch<EmbeddingParams>>, CudaError> {
+    let c = Check { op: "embedding" };
+    let tokens = c.count("tokens", s.tokens)?;
+    let hidden = c.count("hidden", s.hidden)?;
+    let vocab = c.count("vocab", s.vocab)?;
+    c.len("ids", ids, s.tokens)?;
+    c.len(
+        "table",
+        table,
+        c.product("vocab * hidden", &[s.vocab, s.hidden])?,
+    )?;
+    c.len(
+        "out",
+        out,
+        c.product("tokens * hidden", &[s.tokens, s.hidden])?,
+    )?;
+    let variant = c.variant(KernelFamily::Embedding, "out_f32", &[u32::from(out_f32)])?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Launch {
+        variant,
+        grid: (tokens, 1, 1),
+        block: EMBEDDING_THREADS,
+        shared_bytes: 0,
+        params: EmbeddingParams {
+            out: out.address,
+            table: table.address,
+            ids: ids.address,
+            tokens,
+            hidden,
+            vocab,
+        },
+    }))
+}
+
+/// `out[t, :] = table[ids[t], :]` (an id >= vocab gives zeros; validate ids on the host).
+pub fn embedding(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &EmbeddingShape,
+    b: EmbeddingBuffers<'_>,
+) -> Result<(), CudaError> {
+    let (ids, _ids) = read(b.ids, stream);
+    let (table, _table) = read(b.table, stream);
+    let (out_f32, (out, _out)) = match b.out {
+        EmbeddingOut::Bf16(out) => (false, write(out, stream)),
+        EmbeddingOut::F32(out) => (true, write(out, stream)),
+    };
+    match plan_embedding(shape, ids, table, out, out_f32)? {
+        Some(plan) => launch(kernels, stream, &plan),
+        None => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rmsnorm
+
+/// Shapes of [`rmsnorm`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RmsnormShape {
+    /// Rows (tokens).
+    pub rows: usize,
+    /// Row length.
+    pub hidden: usize,
+    /// Epsilon inside the square root.
+    pub eps: f32,
+}
+
+/// What [`rmsnorm`] adds into the residual first: `addend[r, a, :]` for `a < count`.
+pub enum Addend<'a> {
+    /// Nothing: normalise the residual as it is.
+    None,
+    /// bf16 `[rows, count, hidden]` (e.g. the attention output projection).
+    Bf16 {
+        /// The addend rows.
+        data: &'a dyn DevicePtr<bf16>,
+        /// Addend rows per residual row.
+        count: usize,
+    },
+    /// f32 `[rows, count, hidden]` (e.g. the MoE slots, count = top_k).
+    F32 {
+        /// The addend rows.
+        data: &'a dyn DevicePtr<f32>,
+        /// Addend rows per residual row.
+        count: usize,
+    },
+}
+
+/// Buffers of [`rmsnorm`].
+pub struct RmsnormBuffers<'a> {
+    /// `[rows, hidden]` f32 residual stream, updated in place when there is an addend.
+    pub residual: &'a mut dyn DevicePtrMut<f32>,
+    /// Added into the residual before normalising.
+    pub addend: Addend<'a>,
+    /// `[hidden]` norm weight.
+    pub weight: &'a dyn DevicePtr<bf16>,
+    /// `[rows, hidden]` bf16 normalised output.
+    pub out: &'a mut dyn DevicePtrMut<bf16>,
+}
+
+/// `add`: 0 none, 1 bf16, 2 f32 (the kernel's ADD constant).
+fn plan_rmsnorm(
+    s: &RmsnormShape,
+    residual: Buf,
+    addend: Buf,
+    add: u32,
+    count: usize,
+    weight: Buf,
+    out: Buf,
+) -> Result<Option<Launch<RmsnormParams>>, CudaError> {
+    let c = Check { op: "rmsnorm" };
+    let rows = c.count("rows", s.rows)?;
+    let hidden = c.count("hidden", s.hidden)?;
+    c.at_least("hidden", s.hidden, 1)?;
+    c.finite("eps", s.eps)?;
+    let elements = c.product("rows * hidden", &[s.rows, s.hidden])?;
+    c.len("residual", residual, elements)?;
+    c.len("out", out, elements)?;
+    c.len("weight", weight, s.hidden)?;
+    let addend_count = if add == 0 {
+        0
+    } else {
+        c.at_least("addend count", count, 1)?;
+        c.len(
+            "addend",
+            addend,
+            c.product("rows * count * hidden", &[s.rows, count, s.hidden])?,
+        )?;
+        c.count("addend count", count)?
+    };
+    let variant = c.variant(KernelFamily::Rmsnorm, "add", &[add])?;
+    if s.rows == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Launch {
+        variant,
+        grid: (rows, 1, 1),
+        block: RMSNORM_THREADS,
+        shared_bytes: 0,
+        params: RmsnormParams {
+            out: out.address,
+            residual: residual.address,
+            addend: addend.address,
+            weight: weight.address,
+            rows,
+            hidden,
+            addend_count,
+            eps: s.eps,
+        },
+    }))
+}
+
+/// `residual += sum of addends; out = rmsnorm(residual) * weight` (f32 math, bf16 output).
+pub fn rmsnorm(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &RmsnormShape,
+    b: RmsnormBuffers<'_>,
+) -> Result<(), CudaError> {
+    let (residual, _residual) = write(b.residual, stream);
+    let (weight, _weight) = read(b.weight, stream);
+    let (out, _out) = write(b.out, stream);
+    let (add, count, (addend, _addend)) = match b.addend {
+        Addend::None => (0, 0, (Buf::NONE, None)),
+        Addend::Bf16 { data, count } => {
+            let (buf, guard) = read(data, stream);
+            (1, count, (buf, Some(guard)))
+        }
+        Addend::F32 { data, count } => {
+            let (buf, guard) = read(data, stream);
+            (2, count, (buf, Some(guard)))
+        }
+    };
+    match plan_rmsnorm(shape, residual, addend, add, count, weight, out)? {
+        Some(plan) => launch(kernels, stream, &plan),
+        None => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rope_kv
+
+/// Shapes of [`rope_kv`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RopeKvShape {
+    /// Tokens.
+    pub tokens: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Head dimension (even).
+    pub head_dim: usize,
+    /// Elements between consecutive tokens of `q` (>= n_heads * head_dim).
+    pub q_stride: usize,
+    /// Elements between consecutive tokens of `k` (>= n_kv_heads * head_dim).
+    pub k_stride: usize,
+    /// Elements between consecutive tokens of `v` (>= n_kv_heads * head_dim).
+    pub v_stride: usize,
+    /// The cache and block tables.
+    pub cache: PagedCacheShape,
+}
+
+/// Buffers of [`rope_kv`].
+pub struct RopeKvBuffers<'a> {
+    /// `[tokens, n_heads, head_dim]` queries (row stride `q_stride`), rotated in place.
+    pub q: &'a mut dyn DevicePtrMut<bf16>,
+    /// `[tokens, n_kv_heads, head_dim]` new keys (row stride `k_stride`).
+    pub k: &'a dyn DevicePtr<bf16>,
+    /// `[tokens, n_kv_heads, head_dim]` new values (row stride `v_stride`).
+    pub v: &'a dyn DevicePtr<bf16>,
+    /// `[num_blocks, block_size, n_kv_heads, head_dim]` key cache of the layer.
+    pub k_cache: &'a mut dyn DevicePtrMut<bf16>,
+    /// `[num_blocks, block_size, n_kv_heads, head_dim]` value cache of the layer.
+    pub v_cache: &'a mut dyn DevicePtrMut<bf16>,
+    /// `[num_seqs, max_blocks_per_seq]` block tables.
+    pub block_tables: &'a dyn DevicePtr<i32>,
+    /// `[tokens]` block-table row of each token.
+    pub token_seq: &'a dyn DevicePtr<i32>,
+    /// `[tokens]` absolute position of each token.
+    pub positions: &'a dyn DevicePtr<i32>,
+    /// `[head_dim / 2]` inverse frequencies, the CPU reference's table.
+    pub inv_freq: &'a dyn DevicePtr<f32>,
+}
+
+struct RopeKvBufs {
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    k_cache: Buf,
+    v_cache: Buf,
+    block_tables: Buf,
+    token_seq: Buf,
+    positions: Buf,
+    inv_freq: Buf,
+}
+
+fn plan_rope_kv(
+    s: &RopeKvShape,
+    b: &RopeKvBufs,
+) -> Result<Option<Launch<RopeKvParams>>, CudaError> {
+    let c = Check { op: "rope_kv" };
+    if s.head_dim < 2 || !s.head_dim.is_multiple_of(2) {
+        return Err(c.unsupported("head_dim", s.head_dim, "must be even and at least 2"));
+    }
+    let half = s.head_dim / 2;
+    let shared = half * std::mem::size_of::<[f32; 2]>();
+    if shared > DEFAULT_SHARED_BYTES {
+        return Err(c.unsupported(
+            "head_dim",
+            s.head_dim,
+            "its cos/sin table must fit 48 KiB of shared memory",
+        ));
+    }
+    let tokens = c.count("tokens", s.tokens)?;
+    c.at_least("n_kv_heads", s.n_kv_heads, 1)?;
+    c.product("n_heads * head_dim", &[s.n_heads, s.head_dim])?;
+    c.product("n_kv_heads * head_dim", &[s.n_kv_heads, s.head_dim])?;
+    c.len(
+        "q",
+        b.q,
+        c.strided("q_stride", s.tokens, s.q_stride, s.n_heads * s.head_dim)?,
+    )?;
+    c.len(
+        "k",
+        b.k,
+        c.strided("k_stride", s.tokens, s.k_stride, s.n_kv_heads * s.head_dim)?,
+    )?;
+    c.len(
+        "v",
+        b.v,
+        c.strided("v_stride", s.tokens, s.v_stride, s.n_kv_heads * s.head_dim)?,
+    )?;
+    s.cache.check(
+        &c,
+        s.n_kv_heads,
+        s.head_dim,
+        b.k_cache,
+        b.v_cache,
+        b.block_tables,
+    )?;
+    c.len("token_seq", b.token_seq, s.tokens)?;
+    c.len("positions", b.positions, s.tokens)?;
+    c.len("inv_freq", b.inv_freq, half)?;
+    let variant = c.variant(KernelFamily::RopeKv, "rope_kv", &[])?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Launch {
+        variant,
+        grid: (tokens, 1, 1),
+        block: ROPE_KV_THREADS,
+        shared_bytes: shared as u32,
+        params: RopeKvParams {
+            q: b.q.address,
+            k: b.k.address,
+            v: b.v.address,
+            k_cache: b.k_cache.address,
+            v_cache: b.v_cache.address,
+            block_tables: b.block_tables.address,
+            token_seq: b.token_seq.address,
+            positions: b.positions.address,
+            inv_freq: b.inv_freq.address,
+            tokens,
+            n_heads: c.count("n_heads", s.n_heads)?,
+            n_kv_heads: c.count("n_kv_heads", s.n_kv_heads)?,
+            head_dim: c.count("head_dim", s.head_dim)?,
+            q_stride: c.count("q_stride", s.q_stride)?,
+            k_stride: c.count("k_stride", s.k_stride)?,
+            v_stride: c.count("v_stride", s.v_stride)?,
+            block_size: c.count("block_size", s.cache.block_size)?,
+            max_blocks_per_seq: c.count("max_blocks_per_seq", s.cache.max_blocks_per_seq)?,
+            num_blocks: c.count("num_blocks", s.cache.num_blocks)?,
+            num_seqs: c.count("num_seqs", s.cache.num_seqs)?,
+        },
+    }))
+}
+
+/// RoPE on q (in place) and k, and k/v appended to the paged cache at each token's position.
+pub fn rope_kv(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &RopeKvShape,
+    b: RopeKvBuffers<'_>,
+) -> Result<(), CudaError> {
+    let (q, _q) = write(b.q, stream);
+    let (k, _k) = read(b.k, stream);
+    let (v, _v) = read(b.v, stream);
+    let (k_cache, _k_cache) = write(b.k_cache, stream);
+    let (v_cache, _v_cache) = write(b.v_cache, stream);
+    let (block_tables, _block_tables) = read(b.block_tables, stream);
+    let (token_seq, _token_seq) = read(b.token_seq, stream);
+    let (positions, _positions) = read(b.positions, stream);
+    let (inv_freq, _inv_freq) = read(b.inv_freq, stream);
+    let bufs = RopeKvBufs {
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        block_tables,
+        token_seq,
+        positions,
+        inv_freq,
+    };
+    match plan_rope_kv(shape, &bufs)? {
+        Some(plan) => launch(kernels, stream, &plan),
+        None => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// router
+
+/// Shapes of [`router`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterShape {
+    /// Tokens.
+    pub tokens: usize,
+    /// Hidden size (a multiple of 8).
+    pub hidden: usize,
+    /// Experts (at most ROUTER_MAX_EXPERTS).
+    pub experts: usize,
+    /// Experts per token (at most ROUTER_MAX_TOP_K and at most `experts`).
+    pub top_k: usize,
+}
+
+/// Buffers of [`router`].
+pub struct RouterBuffers<'a> {
+    /// `[tokens, hidden]` normalised hidden states (16-byte aligned).
+    pub x: &'a dyn DevicePtr<bf16>,
+    /// `[experts, hidden]` gate weight (16-byte aligned).
+    pub gate: &'a dyn DevicePtr<bf16>,
+    /// `[tokens, experts]` f32 logits.
+    pub logits: &'a mut dyn DevicePtrMut<f32>,
+    /// `[tokens, top_k]` chosen experts, best first.
+    pub topk_ids: &'a mut dyn DevicePtrMut<i32>,
+    /// `[tokens, top_k]` renormalised routing weights.
+    pub topk_weights: &'a mut dyn DevicePtrMut<f32>,
+    /// `[experts]` slots per expert.
+    pub expert_counts: &'a mut dyn DevicePtrMut<i32>,
+    /// `[experts + 1]` exclusive prefix sum of the counts.
+    pub expert_offsets: &'a mut dyn DevicePtrMut<i32>,
+    /// `[tokens * top_k]` slots grouped by expert, ascending within an expert.
+    pub sorted_slots: &'a mut dyn DevicePtrMut<i32>,
+}
+
+struct RouterBufs {
+    x: Buf,
+    gate: Buf,
+    logits: Buf,
+    topk_ids: Buf,
+    topk_weights: Buf,
+    expert_counts: Buf,
+    expert_offsets: Buf,
+    sorted_slots: Buf,
+}
+
+fn plan_router(
+    s: &RouterShape,
+    b: &RouterBufs,
+) -> Result<Option<[Launch<RouterParams>; 2]>, CudaError> {
+    let c = Check { op: "router" };
+    c.multiple_of_8("hidden", s.hidden)?;
+    if s.experts == 0 || s.experts > ROUTER_MAX_EXPERTS as usize {
+        return Err(c.unsupported(
+            "experts",
+            s.experts,
+            format!("must be in 1..={ROUTER_MAX_EXPERTS}"),
+        ));
+    }
+    if s.top_k == 0 || s.top_k > s.experts || s.top_k > ROUTER_MAX_TOP_K as usize {
+        return Err(c.unsupported(
+            "top_k",
+            s.top_k,
+            format!("must be in 1..={} and at most experts", ROUTER_MAX_TOP_K),
+        ));
+    }
+    let tokens = c.count("tokens", s.tokens)?;
+    let slots = c.product("tokens * top_k", &[s.tokens, s.top_k])?;
+    c.aligned16("x", b.x)?;
+    c.aligned16("gate", b.gate)?;
+    c.len(
+        "x",
+        b.x,
+        c.product("tokens * hidden", &[s.tokens, s.hidden])?,
+    )?;
+    c.len(
+        "gate",
+        b.gate,
+        c.product("experts * hidden", &[s.experts, s.hidden])?,
+    )?;
+    c.len(
+        "logits",
+        b.logits,
+        c.product("tokens * experts", &[s.tokens, s.experts])?,
+    )?;
+    c.len("topk_ids", b.topk_ids, slots)?;
+    c.len("topk_weights", b.topk_weights, slots)?;
+    c.len("expert_counts", b.expert_counts, s.experts)?;
+    c.len("expert_offsets", b.expert_offsets, s.experts + 1)?;
+    c.len("sorted_slots", b.sorted_slots, slots)?;
+    let topk = c.variant(KernelFamily::RouterTopk, "router_topk", &[])?;
+    let group = c.variant(KernelFamily::RouterGroup, "router_group", &[])?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    let params = RouterParams {
+        x: b.x.address,
+        gate: b.gate.address,
+        logits: b.logits.address,
+        topk_ids: b.topk_ids.address,
+        topk_weights: b.topk_weights.address,
+        expert_counts: b.expert_counts.address,
+        expert_offsets: b.expert_offsets.address,
+        sorted_slots: b.sorted_slots.address,
+        tokens,
+        hidden: c.count("hidden", s.hidden)?,
+        experts: s.experts as u32,
+        top_k: s.top_k as u32,
+    };
+    Ok(Some([
+        Launch {
+            variant: topk,
+            grid: (tokens, 1, 1),
+            block: ROUTER_THREADS,
+            shared_bytes: 0,
+            params,
+        },
+        Launch {
+            variant: group,
+            grid: (1, 1, 1),
+            block: ROUTER_GROUP_THREADS,
+            shared_bytes: 0,
+            params,
+        },
+    ]))
+}
+
+/// Router logits, softmax, top-k with renormalised weights, and the grouping of slots per expert.
+pub fn router(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &RouterShape,
+    b: RouterBuffers<'_>,
+) -> Result<(), CudaError> {
+    let (x, _x) = read(b.x, stream);
+    let (gate, _gate) = read(b.gate, stream);
+    let (logits, _logits) = write(b.logits, stream);
+    let (topk_ids, _topk_ids) = write(b.topk_ids, stream);
+    let (topk_weights, _topk_weights) = write(b.topk_weights, stream);
+    let (expert_counts, _expert_counts) = write(b.expert_counts, stream);
+    let (expert_offsets, _expert_offsets) = write(b.expert_offsets, stream);
+    let (sorted_slots, _sorted_slots) = write(b.sorted_slots, stream);
+    let bufs = RouterBufs {
+        x,
+        gate,
+        logits,
+        topk_ids,
+        topk_weights,
+        expert_counts,
+        expert_offsets,
+        sorted_slots,
+    };
+    if let Some(plans) = plan_router(shape, &bufs)? {
+        for plan in &plans {
+            launch(kernels, stream, plan)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// moe (decode-batch GEMV)
+
+/// Shapes of [`moe_gemv`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeShape {
+    /// Tokens.
+    pub tokens: usize,
+    /// Hidden size (a multiple of 8).
+    pub hidden: usize,
+    /// Expert intermediate size (a multiple of 8).
+    pub inter: usize,
+    /// Experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+}
+
+/// Buffers of [`moe_gemv`]; every bf16 buffer is 16-byte aligned.
+pub struct MoeBuffers<'a> {
+    /// `[tokens, hidden]` normalised hidden states.
+    pub x: &'a dyn DevicePtr<bf16>,
+    /// `[experts, inter, hidden]` gate projections.
+    pub w1: &'a dyn DevicePtr<bf16>,
+    /// `[experts, inter, hidden]` up projections.
+    pub w3: &'a dyn DevicePtr<bf16>,
+    /// `[experts, hidden, inter]` down projections.
+    pub w2: &'a dyn DevicePtr<bf16>,
+    /// `[tokens, top_k]` routing weights (from [`router`]).
+    pub topk_weights: &'a dyn DevicePtr<f32>,
+    /// `[experts + 1]` slot offsets per expert (from [`router`]).
+    pub expert_offsets: &'a dyn DevicePtr<i32>,
+    /// `[tokens * top_k]` slots grouped by expert (from [`router`]).
+    pub sorted_slots: &'a dyn DevicePtr<i32>,
+    /// `[tokens * top_k, inter]` scratch: SwiGLU activations per slot.
+    pub act: &'a mut dyn DevicePtrMut<bf16>,
+    /// `[tokens * top_k, hidden]` weighted expert output per slot (sum over the slots of a token with
+    /// [`rmsnorm`]'s f32 addend).
+    pub out: &'a mut dyn DevicePtrMut<f32>,
+}
+
+struct MoeBufs {
+    x: Buf,
+    w1: Buf,
+    w3: Buf,
+    w2: Buf,
+    topk_weights: Buf,
+    expert_offsets: Buf,
+    sorted_slots: Buf,
+    act: Buf,
+    out: Buf,
+}
+
+/// Slots handled per weight pass: the smallest compiled tile covering `tokens` (the most slots one
+/// expert can get), capped at the largest tile.
+fn moe_tile(tokens: usize) -> u32 {
+    match tokens {
+        0..=1 => 1,
+        2 => 2,
+        3..=4 => 4,
+        _ => 8,
+    }
+}
+
+fn plan_moe(s: &MoeShape, b: &MoeBufs) -> Result<Option<[Launch<MoeParams>; 2]>, CudaError> {
+    let c = Check { op: "moe_gemv" };
+    c.multiple_of_8("hidden", s.hidden)?;
+    c.multiple_of_8("inter", s.inter)?;
+    c.at_least("experts", s.experts, 1)?;
+    let experts = c.grid_yz("experts", s.experts)?;
+    if s.top_k == 0 || s.top_k > s.experts {
+        return Err(c.unsupported("top_k", s.top_k, "must be in 1..=experts"));
+    }
+    let tokens = c.count("tokens", s.tokens)?;
+    let slots = c.product("tokens * top_k", &[s.tokens, s.top_k])?;
+    for (name, buf) in [
+        ("x", b.x),
+        ("w1", b.w1),
+        ("w3", b.w3),
+        ("w2", b.w2),
+        ("act", b.act),
+    ] {
+        c.aligned16(name, buf)?;
+    }
+    // Weight offsets are computed in 64 bits; only the totals must exist.
+    let weights = s
+        .experts
+        .checked_mul(s.inter)
+        .and_then(|n| n.checked_mul(s.hidden))
+        .ok_or_else(|| c.unsupported("expert weight elements", usize::MAX, "overflows"))?;
+    c.len(
+        "x",
+        b.x,
+        c.product("tokens * hidden", &[s.tokens, s.hidden])?,
+    )?;
+    c.len("w1", b.w1, weights)?;
+    c.len("w3", b.w3, weights)?;
+    c.len("w2", b.w2, weights)?;
+    c.len("topk_weights", b.topk_weights, slots)?;
+    c.len("expert_offsets", b.expert_offsets, s.experts + 1)?;
+    c.len("sorted_slots", b.sorted_slots, slots)?;
+    c.len(
+        "act",
+        b.act,
+        slots
+            .checked_mul(s.inter)
+            .ok_or_else(|| c.unsupported("act elements", usize::MAX, "overflows"))?,
+    )?;
+    c.len(
+        "out",
+        b.out,
+        slots
+            .checked_mul(s.hidden)
+            .ok_or_else(|| c.unsupported("out elements", usize::MAX, "overflows"))?,
+    )?;
+    let tile = moe_tile(s.tokens);
+    let up = c.variant(KernelFamily::MoeUp, "tile", &[tile])?;
+    let down = c.variant(KernelFamily::MoeDown, "tile", &[tile])?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    let params = MoeParams {
+        x: b.x.address,
+        w1: b.w1.address,
+        w3: b.w3.address,
+        w2: b.w2.address,
+        topk_weights: b.topk_weights.address,
+        expert_offsets: b.expert_offsets.address,
+        sorted_slots: b.sorted_slots.address,
+        act: b.act.address,
+        out: b.out.address,
+        tokens,
+        hidden: c.count("hidden", s.hidden)?,
+        inter: c.count("inter", s.inter)?,
+        experts,
+        top_k: c.count("top_k", s.top_k)?,
+    };
+    let block = MOE_WARPS * 32;
+    let up_rows_per_block = MOE_WARPS as usize;
+    let down_rows_per_block = (MOE_WARPS * MOE_DOWN_ROWS_PER_WARP) as usize;
+    Ok(Some([
+        Launch {
+            variant: up,
+            grid: (
+                c.count("inter blocks", s.inter.div_ceil(up_rows_per_block))?,
+                experts,
+                1,
+            ),
+            block,
+            shared_bytes: 0,
+            params,
+        },
+        Launch {
+            variant: down,
+            grid: (
+                c.count("hidden blocks", s.hidden.div_ceil(down_rows_per_block))?,
+                experts,
+                1,
+            ),
+            block,
+            shared_bytes: 0,
+            params,
+        },
+    ]))
+}
+
+/// The routed expert MLPs of a decode batch: `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)`
+/// per slot.
+pub fn moe_gemv(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &MoeShape,
+    b: MoeBuffers<'_>,
+) -> Result<(), CudaError> {
+    let (x, _x) = read(b.x, stream);
+    let (w1, _w1) = read(b.w1, stream);
+    let (w3, _w3) = read(b.w3, stream);
+    let (w2, _w2) = read(b.w2, stream);
+    let (topk_weights, _topk_weights) = read(b.topk_weights, stream);
+    let (expert_offsets, _expert_offsets) = read(b.expert_offsets, stream);
+    let (sorted_slots, _sorted_slots) = read(b.sorted_slots, stream);
+    let (act, _act) = write(b.act, stream);
+    let (out, _out) = write(b.out, stream);
+    let bufs = MoeBufs {
+        x,
+        w1,
+        w3,
+        w2,
+        topk_weights,
+        expert_offsets,
+        sorted_slots,
+        act,
+        out,
+    };
+    if let Some(plans) = plan_moe(shape, &bufs)? {
+        for plan in &plans {
+            launch(kernels, stream, plan)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention_decode
+
+/// Shapes of [`attention_decode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionDecodeShape {
+    /// Query tokens (at most 65535).
+    pub tokens: usize,
+    /// Query heads (a multiple of `n_kv_heads`).
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Head dimension (a compiled value: 16, 32, 64 or 128).
+    pub head_dim: usize,
+    /// Elements between consecutive tokens of `q` (>= n_heads * head_dim).
+    pub q_stride: usize,
+    /// The cache and block tables.
+    pub cache: PagedCacheShape,
+    /// Sliding window W (keys per query, itself included); `None` = full causal attention.
+    pub window: Option<usize>,
+    /// Keys per split (1..=ATTENTION_MAX_SPLIT_KEYS).
+    pub split_keys: usize,
+    /// Splits allocated per (token, head); `split_keys * max_splits` must cover
+    /// `max_blocks_per_seq * block_size` keys ([`attention_splits`] gives the least).
+    pub max_splits: usize,
+}
+
+/// The fewest splits of `split_keys` keys covering a sequence of `max_keys` keys.
+pub fn attention_splits(max_keys: usize, split_keys: usize) -> usize {
+    max_keys.div_ceil(split_keys.max(1)).max(1)
+}
+
+/// Buffers of [`attention_decode`].
+pub struct AttentionDecodeBuffers<'a> {
+    /// `[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`).
+    pub q: &'a dyn DevicePtr<bf16>,
+    /// `[num_blocks, block_size, n_kv_heads, head_dim]` key cache (16-byte aligned).
+    pub k_cache: &'a dyn DevicePtr<bf16>,
+    /// `[num_blocks, block_size, n_kv_heads, head_dim]` value cache (16-byte aligned).
+    pub v_cache: &'a dyn DevicePtr<bf16>,
+    /// `[num_seqs, max_blocks_per_seq]` block tables.
+    pub block_tables: &'a dyn DevicePtr<i32>,
+    /// `[tokens]` block-table row of each query token.
+    pub token_seq: &'a dyn DevicePtr<i32>,
+    /// `[tokens]` absolute position of each query token.
+    pub positions: &'a dyn DevicePtr<i32>,
+    /// `[tokens, n_heads, head_dim]` output.
+    pub out: &'a mut dyn DevicePtrMut<bf16>,
+    /// `[tokens, n_heads, max_splits, head_dim]` scratch.
+    pub part_out: &'a mut dyn DevicePtrMut<f32>,
+    /// `[tokens, n_heads, max_splits]` scratch.
+    pub part_lse: &'a mut dyn DevicePtrMut<f32>,
+}
+
+struct AttentionBufs {
+    q: Buf,
+    k_cache: Buf,
+    v_cache: Buf,
+    block_tables: Buf,
+    token_seq: Buf,
+    positions: Buf,
+    out: Buf,
+    part_out: Buf,
+    part_lse: Buf,
+}
+
+fn plan_attention(
+    s: &AttentionDecodeShape,
+    b: &AttentionBufs,
+) -> Result<Option<[Launch<AttentionDecodeParams>; 2]>, CudaError> {
+    let c = Check {
+        op: "attention_decode",
+    };
+    c.at_least("n_kv_heads", s.n_kv_heads, 1)?;
+    if s.n_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
+        return Err(c.unsupported(
+            "n_heads",
+            s.n_heads,
+            format!(
+                "must be a positive multiple of n_kv_heads = {}",
+                s.n_kv_heads
+            ),
+        ));
+    }
+    let group = c.count("n_heads / n_kv_heads", s.n_heads / s.n_kv_heads)?;
+    let head_dim = c.count("head_dim", s.head_dim)?;
+    let decode = c.variant(
+        KernelFamily::AttentionDecode,
+        "(head_dim, group)",
+        &[head_dim, group],
+    )?;
+    let combine = c.variant(KernelFamily::AttentionCombine, "attention_combine", &[])?;
+    if s.split_keys == 0 || s.split_keys > ATTENTION_MAX_SPLIT_KEYS as usize {
+        return Err(c.unsupported(
+            "split_keys",
+            s.split_keys,
+            format!("must be in 1..={ATTENTION_MAX_SPLIT_KEYS}"),
+        ));
+    }
+    let max_keys = c.product(
+        "max_blocks_per_seq * block_size",
+        &[s.cache.max_blocks_per_seq, s.cache.block_size],
+    )?;
+    let covered = c.product("split_keys * max_splits", &[s.split_keys, s.max_splits])?;
+    if covered < max_keys {
+        return Err(c.unsupported(
+            "max_splits",
+            s.max_splits,
+            format!("split_keys * max_splits must cover the {max_keys} keys a sequence can hold"),
+        ));
+    }
+    let window = match s.window {
+        None => 0,
+        Some(w) => {
+            c.at_least("window", w, 1)?;
+            c.count("window", w)?
+        }
+    };
+    let tokens = c.grid_yz("tokens", s.tokens)?;
+    let n_kv_heads = c.grid_yz("n_kv_heads", s.n_kv_heads)?;
+    let n_heads = c.grid_yz("n_heads", s.n_heads)?;
+    let max_splits = c.count("max_splits", s.max_splits)?;
+    c.aligned16("k_cache", b.k_cache)?;
+    c.aligned16("v_cache", b.v_cache)?;
+    c.len(
+        "q",
+        b.q,
+        c.strided("q_stride", s.tokens, s.q_stride, s.n_heads * s.head_dim)?,
+    )?;
+    s.cache.check(
+        &c,
+        s.n_kv_heads,
+        s.head_dim,
+        b.k_cache,
+        b.v_cache,
+        b.block_tables,
+    )?;
+    c.len("token_seq", b.token_seq, s.tokens)?;
+    c.len("positions", b.positions, s.tokens)?;
+    c.len(
+        "out",
+        b.out,
+        c.product(
+            "tokens * n_heads * head_dim",
+            &[s.tokens, s.n_heads, s.head_dim],
+        )?,
+    )?;
+    let lse = c.product(
+        "tokens * n_heads * max_splits",
+        &[s.tokens, s.n_heads, s.max_splits],
+    )?;
+    c.len("part_lse", b.part_lse, lse)?;
+    c.len(
+        "part_out",
+        b.part_out,
+        lse.checked_mul(s.head_dim)
+            .ok_or_else(|| c.unsupported("part_out elements", usize::MAX, "overflows"))?,
+    )?;
+    let shared = s.split_keys * group as usize * std::mem::size_of::<f32>();
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    let params = AttentionDecodeParams {
+        q: b.q.address,
+        k_cache: b.k_cache.address,
+        v_cache: b.v_cache.address,
+        block_tables: b.block_tables.address,
+        token_seq: b.token_seq.address,
+        positions: b.positions.address,
+        out: b.out.address,
+        part_out: b.part_out.address,
+        part_lse: b.part_lse.address,
+        tokens,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        q_stride: c.count("q_stride", s.q_stride)?,
+        block_size: c.count("block_size", s.cache.block_size)?,
+        max_blocks_per_seq: c.count("max_blocks_per_seq", s.cache.max_blocks_per_seq)?,
+        num_blocks: c.count("num_blocks", s.cache.num_blocks)?,
+        num_seqs: c.count("num_seqs", s.cache.num_seqs)?,
+        window,
+        split_keys: s.split_keys as u32,
+        max_splits,
+        scale: 1.0 / (s.head_dim as f32).sqrt(),
+    };
+    Ok(Some([
+        Launch {
+            variant: decode,
+            grid: (max_splits, n_kv_heads, tokens),
+            block: ATTENTION_THREADS,
+            shared_bytes: shared as u32,
+            params,
+        },
+        Launch {
+            variant: combine,
+            grid: (n_heads, tokens, 1),
+            block: ATTENTION_COMBINE_THREADS,
+            shared_bytes: 0,
+            params,
+        },
+    ]))
+}
+
+/// Split-KV decode attention over the paged cache (GQA, optional sliding window), then the combine.
+pub fn attention_decode(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &AttentionDecodeShape,
+    b: AttentionDecodeBuffers<'_>,
+) -> Result<(), CudaError> {
+    let (q, _q) = read(b.q, stream);
+    let (k_cache, _k_cache) = read(b.k_cache, stream);
+    let (v_cache, _v_cache) = read(b.v_cache, stream);
+    let (block_tables, _block_tables) = read(b.block_tables, stream);
+    let (token_seq, _token_seq) = read(b.token_seq, stream);
+    let (positions, _positions) = read(b.positions, stream);
+    let (out, _out) = write(b.out, stream);
+    let (part_out, _part_out) = write(b.part_out, stream);
+    let (part_lse, _part_lse) = write(b.part_lse, stream);
+    let bufs = AttentionBufs {
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        token_seq,
+        positions,
+        out,
+        part_out,
+        part_lse,
+    };
+    if let Some(plans) = plan_attention(shape, &bufs)? {
+        for plan in &plans {
+            launch(kernels, stream, plan)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// argmax
+
+/// Shapes of [`argmax`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArgmaxShape {
+    /// Rows.
+    pub rows: usize,
+    /// Row length.
+    pub vocab: usize,
+}
+
+/// Buffers of [`argmax`].
+pub struct ArgmaxBuffers<'a> {
+    /// `[rows, vocab]` logits.
+    pub logits: &'a dyn DevicePtr<f32>,
+    /// `[rows]` chosen ids.
+    pub out_ids: &'a mut dyn DevicePtrMut<u32>,
+}
+
+fn plan_argmax(
+    s: &ArgmaxShape,
+    logits: Buf,
+    out_ids: Buf,
+) -> Result<Option<Launch<ArgmaxParams>>, CudaError> {
+    let c = Check { op: "argmax" };
+    let rows = c.count("rows", s.rows)?;
+    let vocab = c.count("vocab", s.vocab)?;
+    c.at_least("vocab", s.vocab, 1)?;
+    c.len(
+        "logits",
+        logits,
+        c.product("rows * vocab", &[s.rows, s.vocab])?,
+    )?;
+    c.len("out_ids", out_ids, s.rows)?;
+    let variant = c.variant(KernelFamily::Argmax, "argmax", &[])?;
+    if s.rows == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Launch {
+        variant,
+        grid: (rows, 1, 1),
+        block: ARGMAX_THREADS,
+        shared_bytes: 0,
+        params: ArgmaxParams {
+            logits: logits.address,
+            out_ids: out_ids.address,
+            rows,
+            vocab,
+        },
+    }))
+}
+
+/// Greedy sampling: the lowest id of each row's maximum.
+pub fn argmax(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &ArgmaxShape,
+    b: ArgmaxBuffers<'_>,
+) -> Result<(), CudaError> {
+    let (logits, _logits) = read(b.logits, stream);
+    let (out_ids, _out_ids) = write(b.out_ids, stream);
+    match plan_argmax(shape, logits, out_ids)? {
+        Some(plan) => launch(kernels, stream, &plan),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,90 @@
+//! One generated sequence's state: its sampler, detokenizer, stop-string matcher, history and
+//! output. Turns each sampled id into a [`TokenEvent`] and decides whether the sequence is done.
+
+use super::stop::{Release, StopMatcher};
+use super::{FinishReason, GenerateError, GenerateOptions, GenerationOutput, TokenEvent};
+use crate::sampling::Sampler;
+use crate::tokenizer::{Detokenizer, Tokenizer};
+use std::time::Duration;
+
+/// The state of one sequence being generated.
+pub(crate) struct Stream<'t> {
+    sampler: Sampler,
+    detokenizer: Detokenizer<'t>,
+    stops: StopMatcher,
+    /// Prompt and generated ids: the repetition penalty's history and the engine's sequence.
+    history: Vec<u32>,
+    eos: Vec<u32>,
+    max_new_tokens: usize,
+    /// The result so far.
+    pub(crate) output: GenerationOutput,
+}
+
+impl<'t> Stream<'t> {
+    /// The state before the first token of a continuation of `prompt`.
+    pub(crate) fn new(
+        tokenizer: &'t Tokenizer,
+        prompt: &[u32],
+        options: &GenerateOptions,
+    ) -> Result<Self, GenerateError> {
+        Ok(Stream {
+            sampler: Sampler::new(options.sampling)?,
+            detokenizer: tokenizer.detokenizer_after(prompt)?,
+            stops: StopMatcher::new(&options.stop_strings),
+            history: prompt.to_vec(),
+            eos: options.eos_token_ids.clone(),
+            max_new_tokens: options.max_new_tokens,
+            output: GenerationOutput {
+                prompt_ids: prompt.to_vec(),
+                generated_ids: Vec::new(),
+                text: String::new(),
+                finish_reason: FinishReason::Length,
+                prefill: Duration::ZERO,
+                decode: Duration::ZERO,
+                decode_steps: 0,
+            },
+        })
+    }
+
+    /// The sequence so far (prompt and generated ids).
+    pub(crate) fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Chooses the next id from the logits of the last position.
+    pub(crate) fn sample(&mut self, logits: &[f32]) -> Result<u32, GenerateError> {
+        Ok(self.sampler.sample(logits, &self.history)?)
+    }
+
+    /// Takes `id` as the next generated token: the event for the callback, and the reason if the
+    /// sequence ends with it.
+    pub(crate) fn accept(
+        &mut self,
+        id: u32,
+    ) -> Result<(TokenEvent, Option<FinishReason>), GenerateError> {
+        let index = self.output.generated_ids.len();
+        self.output.generated_ids.push(id);
+        self.history.push(id);
+        let is_eos = self.eos.contains(&id);
+        let last = is_eos || self.output.generated_ids.len() >= self.max_new_tokens;
+        let mut piece = if is_eos {
+            String::new()
+        } else {
+            self.detokenizer.push(id)?
+        };
+        if last {
+            piece.push_str(&self.detokenizer.finish()?);
+        }
+        let (text, finished) = match self.stops.push(&piece, last) {
+            Release::Stop(text) => (text, Some(FinishReason::Stop)),
+            Release::Text(text) if is_eos => (text, Some(FinishReason::Eos)),
+            Release::Text(text) if last => (text, Some(FinishReason::Length)),
+            Release::Text(text) => (text, None),
+        };
+        self.output.text.push_str(&text);
+        if let Some(reason) = finished {
+            self.output.finish_reason = reason;
+        }
+        Ok((TokenEvent { id, text, index }, finished))
+    }
+}
