@@ -27,6 +27,15 @@ fn prompt(len: usize, vocab: usize) -> Vec<u32> {
     ids
 }
 
+/// Waits until the freshly written model is on disk, so that page-cache writeback does not compete
+/// with the measurement.
+fn flush_to_disk(dir: &Path) {
+    for entry in std::fs::read_dir(dir).expect("model dir") {
+        let file = std::fs::File::open(entry.expect("entry").path()).expect("open");
+        file.sync_all().expect("sync");
+    }
+}
+
 fn engine_for(dir: &Path) -> CpuEngine {
     let model = Model::load(dir, &LoadOptions::default()).expect("load model");
     let options = CpuEngineOptions {
@@ -100,6 +109,7 @@ fn cpu_benches(c: &mut Criterion) {
         let dir = tempfile::tempdir().expect("temp dir");
         let spec = RandomModelSpec::mid_size(7).with_dtype(dtype);
         write_random_model(dir.path(), &spec).expect("write mid-size model");
+        flush_to_disk(dir.path());
         bench_model(c, name, dir.path());
     }
 }

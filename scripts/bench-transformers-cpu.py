@@ -26,7 +26,7 @@ with torch.inference_mode():
         start = time.perf_counter()
         model(ids[:, context:], past_key_values=cache, use_cache=True)
         times.append(time.perf_counter() - start)
-        cache.crop(context)
+        cache.crop(-1)
 print(f"transformers {torch.__version__} {sys.argv[1] if len(sys.argv) > 1 else 'bf16'} context {context}: "
       f"median {statistics.median(times[5:]) * 1e3:.2f} ms/token over {len(times) - 5} steps, "
       f"{torch.get_num_threads()} threads")
