@@ -141,6 +141,14 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "ATTENTION_MAX_SPLIT_KEYS", value: 512, doc: "Largest number of keys one split of `attention_decode` covers (bounds its shared memory)." },
     Constant { name: "ATTENTION_COMBINE_THREADS", value: 128, doc: "Threads per block of `attention_combine` (one block per token and query head)." },
     Constant { name: "ARGMAX_THREADS", value: 1024, doc: "Threads per block of `argmax` (one block per row)." },
+    // --- linear ---
+
+    // --- moe_grouped ---
+
+    // --- attention_prefill ---
+
+    // --- sample ---
+
 ];
 
 /// Every kernel parameter struct.
@@ -286,6 +294,14 @@ pub const STRUCTS: &[ParamStruct] = &[
             field("vocab", U32, "Row length."),
         ],
     },
+    // --- linear ---
+
+    // --- moe_grouped ---
+
+    // --- attention_prefill ---
+
+    // --- sample ---
+
 ];
 
 /// Every kernel family and its compiled instantiations.
@@ -381,4 +397,11 @@ pub const FAMILIES: &[Family] = &[
         params: "ArgmaxParams",
         axes: &[],
     },
+    // --- linear ---
+
+    // --- moe_grouped ---
+
+    // --- attention_prefill ---
+
+    // --- sample ---
 ];

@@ -1371,5 +1371,20 @@ pub fn argmax(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Ops in their own files (each child module uses the checked plumbing above).
+
+mod linear;
+pub use linear::*;
+
+mod moe_grouped;
+pub use moe_grouped::*;
+
+mod attention_prefill;
+pub use attention_prefill::*;
+
+mod sample;
+pub use sample::*;
+
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,1 @@
+//! STUB: attention_prefill op (being written).

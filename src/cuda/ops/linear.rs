@@ -1,0 +1,1 @@
+//! STUB: linear op (being written).

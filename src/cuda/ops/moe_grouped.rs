@@ -1,0 +1,1 @@
+//! STUB: moe_grouped op (being written).

@@ -1,0 +1,1 @@
+//! STUB: sample op (being written).

@@ -1,0 +1,1 @@
+//! STUB: GPU test of the attention_decode op (being written).

@@ -1,0 +1,1 @@
+//! STUB: GPU test of the attention_prefill op (being written).

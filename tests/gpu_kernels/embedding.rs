@@ -1,0 +1,1 @@
+//! STUB: GPU test of the embedding op (being written).

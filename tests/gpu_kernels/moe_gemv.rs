@@ -1,0 +1,1 @@
+//! STUB: GPU test of the moe_gemv op (being written).

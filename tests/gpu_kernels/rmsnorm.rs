@@ -1,0 +1,1 @@
+//! STUB: GPU test of the rmsnorm op (being written).

@@ -1,0 +1,1 @@
+//! STUB: GPU test of the rope_kv op (being written).

@@ -1,0 +1,1 @@
+//! STUB: GPU test of the router op (being written).
