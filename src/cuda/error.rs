@@ -100,6 +100,28 @@ pub enum CudaError {
         #[source]
         source: DriverError,
     },
+    /// The device has not enough free memory for an allocation (or for the whole plan, checked
+    /// before allocating).
+    #[error(
+        "out of GPU memory allocating {what}: {bytes} bytes needed, {free} of {total} bytes free"
+    )]
+    OutOfMemory {
+        /// What was being allocated.
+        what: String,
+        /// Bytes needed.
+        bytes: usize,
+        /// Free device memory when it failed.
+        free: usize,
+        /// Total device memory.
+        total: usize,
+    },
+    /// The model or the options need something the CUDA engine does not support.
+    #[error("the CUDA engine cannot run this model: {0}")]
+    UnsupportedModel(String),
+    /// An earlier failure left the device in an unknown state (a sticky CUDA error); the engine
+    /// refuses all further work.
+    #[error("the CUDA engine is unusable after an earlier failure: {0}")]
+    Dead(String),
 }
 
 impl CudaError {

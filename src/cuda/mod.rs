@@ -12,14 +12,17 @@
 //! GPU yet: see `csrc/README.md`.
 
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod module;
 pub mod ops;
+pub mod region;
 #[rustfmt::skip]
 pub mod params;
 #[rustfmt::skip]
 mod params_ffi;
 
 pub use device::CudaDevice;
+pub use engine::{CudaEngine, CudaEngineOptions};
 pub use error::CudaError;
 pub use module::Kernels;

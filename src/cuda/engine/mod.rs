@@ -1,0 +1,569 @@
+//! [`CudaEngine`]: the Mixtral forward pass on one NVIDIA GPU behind the same batched step API as the
+//! CPU reference ([`Engine`]).
+//!
+//! Built once: the weights are uploaded from the memory-mapped checkpoint through pinned staging
+//! ([`upload`]), the static [`plan`] allocates every activation buffer and the paged KV cache, and one
+//! CUDA graph per decode batch-size bucket is captured ([`graph`]). Before anything is allocated the
+//! whole footprint is compared with the free device memory, so a model that cannot fit is a typed
+//! [`CudaError::OutOfMemory`] and nothing stays allocated.
+//!
+//! A step is validated and applied to the KV bookkeeping ([`PagedKv`], shared with the CPU engine),
+//! the changed block-table rows are uploaded, and the step runs as a graph replay (decode) or as
+//! eager chunks (prefill, see [`inputs`]). After a device failure the engine refuses all further work
+//! with [`EngineError::Backend`] naming the first failure (a sticky CUDA error poisons the context).
+
+pub mod graph;
+pub mod inputs;
+pub mod plan;
+pub mod upload;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use self::graph::DecodeGraph;
+use self::inputs::{decode_buckets, schedule_step, Chunk, ChunkKind, NO_SEQUENCE};
+use self::plan::{plan_bytes, Attention, Plan, PlanSizes};
+use self::upload::{device_weight_bytes, upload_weights, GpuWeights};
+use super::device::CudaDevice;
+use super::error::CudaError;
+use super::module::Kernels;
+use super::region::{DeviceArena, Region};
+use crate::checkpoint::LoadProgress;
+use crate::config::ModelConfig;
+use crate::engine::{Engine, EngineError, SeqId, SeqStep, StepOutput};
+use crate::kv::{KvLimits, PagedKv};
+use crate::weights::ModelWeights;
+
+/// Options of a [`CudaEngine`]. The defaults fit a model on the first GPU with as much KV cache as
+/// the remaining memory holds (up to `max_sequences` full contexts).
+#[derive(Debug, Clone)]
+pub struct CudaEngineOptions {
+    /// CUDA device ordinal.
+    pub device: usize,
+    /// Longest sequence, in tokens; `None` = the model's `max_position_embeddings`.
+    pub max_context: Option<usize>,
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    /// Blocks in the KV pool; `None` = as many as fit (at most `max_sequences` full contexts).
+    pub kv_blocks: Option<usize>,
+    /// Most sequences alive at once (also the largest decode batch).
+    pub max_sequences: usize,
+    /// Most tokens in one forward pass; longer steps run in chunks of this size.
+    pub max_step_tokens: usize,
+    /// Capture and replay CUDA graphs for decode steps (off: eager launches, for comparison).
+    pub cuda_graphs: bool,
+    /// Device memory left free for the driver and other users, in bytes.
+    pub reserve_bytes: usize,
+}
+
+impl Default for CudaEngineOptions {
+    fn default() -> Self {
+        CudaEngineOptions {
+            device: 0,
+            max_context: None,
+            block_size: 16,
+            kv_blocks: None,
+            max_sequences: 16,
+            max_step_tokens: 512,
+            cuda_graphs: true,
+            reserve_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Device memory a [`CudaEngine`] holds, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// The weights (bf16).
+    pub weights: usize,
+    /// Activations, inputs and the KV cache.
+    pub plan: usize,
+    /// KV blocks in the pool.
+    pub kv_blocks: usize,
+    /// Free device memory before the engine allocated anything.
+    pub free_before: usize,
+}
+
+/// The CUDA engine. Fields drop in order: graphs before the memory they point into, the device last.
+pub struct CudaEngine {
+    graphs: Vec<DecodeGraph>,
+    plan: Plan,
+    weights: GpuWeights,
+    arena: DeviceArena,
+    kernels: Kernels,
+    device: CudaDevice,
+    config: ModelConfig,
+    kv: PagedKv,
+    /// Block-table row of each live sequence.
+    seq_rows: HashMap<SeqId, usize>,
+    free_rows: Vec<usize>,
+    /// Host copy of the device block tables `[max_sequences, max_blocks_per_seq]`.
+    tables: Vec<i32>,
+    /// `[4, max_tokens]` input words of the next chunk.
+    host_inputs: Vec<i32>,
+    memory: MemoryUse,
+    /// The first device failure; set once, then every call fails fast.
+    dead: Option<String>,
+}
+
+impl std::fmt::Debug for CudaEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaEngine")
+            .field("device", &self.device.name())
+            .field("kv", &self.kv.limits())
+            .field("graphs", &self.graphs)
+            .field("memory", &self.memory)
+            .field("dead", &self.dead)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The plan sizes for `options` given `free` device bytes after the weights; `None` KV blocks
+/// means "as many as fit". Pure arithmetic, tested without a device.
+pub fn plan_sizes(
+    config: &ModelConfig,
+    options: &CudaEngineOptions,
+    free_after_weights: usize,
+) -> Result<PlanSizes, CudaError> {
+    let invalid =
+        |what: &str| CudaError::UnsupportedModel(format!("invalid engine options: {what}"));
+    if options.block_size == 0 || options.max_sequences == 0 || options.max_step_tokens == 0 {
+        return Err(invalid(
+            "block_size, max_sequences and max_step_tokens must be at least 1",
+        ));
+    }
+    let max_context = options
+        .max_context
+        .unwrap_or(config.max_position_embeddings)
+        .max(1);
+    if max_context > i32::MAX as usize / 2 {
+        return Err(invalid("max_context must be below 2^30"));
+    }
+    let max_blocks_per_seq = max_context.div_ceil(options.block_size);
+    let max_decode_tokens = options.max_sequences.min(options.max_step_tokens);
+    let mut sizes = PlanSizes {
+        max_tokens: options.max_step_tokens,
+        max_decode_tokens,
+        max_sequences: options.max_sequences,
+        num_blocks: 0,
+        block_size: options.block_size,
+        max_blocks_per_seq,
+    };
+    let without_cache = plan_bytes(config, &sizes);
+    sizes.num_blocks = 1;
+    let per_block = plan_bytes(config, &sizes) - without_cache;
+    let wanted = max_blocks_per_seq
+        .checked_mul(options.max_sequences)
+        .ok_or_else(|| invalid("max_sequences * blocks per context overflows"))?;
+    sizes.num_blocks = match options.kv_blocks {
+        Some(0) => return Err(invalid("kv_blocks must be at least 1")),
+        Some(n) => n,
+        None => {
+            let room = free_after_weights
+                .saturating_sub(without_cache)
+                .saturating_sub(options.reserve_bytes);
+            wanted.min(room / per_block.max(1)).max(1)
+        }
+    };
+    Ok(sizes)
+}
+
+impl CudaEngine {
+    /// Opens the device, checks that the model and its KV cache fit, uploads the weights (reporting
+    /// progress), allocates the plan and captures the decode graphs.
+    pub fn new(
+        weights: &ModelWeights,
+        options: CudaEngineOptions,
+        progress: Option<&dyn Fn(LoadProgress)>,
+    ) -> Result<CudaEngine, CudaError> {
+        let config = weights.config.clone();
+        let device = CudaDevice::new(options.device)?;
+        let kernels = Kernels::load(&device)?;
+        let (free, total) = device
+            .context()
+            .mem_get_info()
+            .map_err(CudaError::driver("reading free device memory"))?;
+        let weight_bytes = device_weight_bytes(weights);
+        let sizes = plan_sizes(&config, &options, free.saturating_sub(weight_bytes))?;
+        let needed = weight_bytes + plan_bytes(&config, &sizes) + options.reserve_bytes;
+        if needed > free {
+            return Err(CudaError::OutOfMemory {
+                what: format!(
+                    "the weights ({weight_bytes} bytes) and {} KV blocks of {} tokens",
+                    sizes.num_blocks, sizes.block_size
+                ),
+                bytes: needed,
+                free,
+                total,
+            });
+        }
+        let stream = Arc::clone(device.stream());
+        let mut arena = DeviceArena::new(Arc::clone(&stream));
+        let gpu_weights = upload_weights(weights, device.context(), &stream, &mut arena, progress)?;
+        let weights_allocated = arena.bytes();
+        let plan = Plan::new(&config, sizes, &mut arena, &stream)?;
+        let max_context = options
+            .max_context
+            .unwrap_or(config.max_position_embeddings)
+            .max(1);
+        let kv = PagedKv::new(KvLimits {
+            block_size: sizes.block_size,
+            num_blocks: sizes.num_blocks,
+            max_context,
+            max_sequences: sizes.max_sequences,
+            vocab_size: config.vocab_size,
+        })
+        .map_err(|e| CudaError::UnsupportedModel(e.to_string()))?;
+        let mut engine = CudaEngine {
+            graphs: Vec::new(),
+            plan,
+            weights: gpu_weights,
+            memory: MemoryUse {
+                weights: weights_allocated,
+                plan: arena.bytes() - weights_allocated,
+                kv_blocks: sizes.num_blocks,
+                free_before: free,
+            },
+            arena,
+            kernels,
+            device,
+            config,
+            kv,
+            seq_rows: HashMap::new(),
+            free_rows: (0..sizes.max_sequences).rev().collect(),
+            tables: vec![-1; sizes.max_sequences * sizes.max_blocks_per_seq],
+            host_inputs: vec![0; 4 * sizes.max_tokens],
+            dead: None,
+        };
+        engine.warm_up_and_capture(options.cuda_graphs)?;
+        Ok(engine)
+    }
+
+    /// Runs every decode bucket once eagerly (all tokens padding: nothing is written to the cache),
+    /// then captures it.
+    fn warm_up_and_capture(&mut self, capture: bool) -> Result<(), CudaError> {
+        let sizes = *self.plan.sizes();
+        for bucket in decode_buckets(sizes.max_decode_tokens, sizes.max_tokens) {
+            let padding = Chunk {
+                kind: ChunkKind::Decode { bucket },
+                ids: vec![0; bucket],
+                positions: vec![0; bucket],
+                token_seq: vec![NO_SEQUENCE; bucket],
+                logit_rows: Vec::new(),
+            };
+            self.upload_inputs(&padding)?;
+            let stream = Arc::clone(self.device.stream());
+            self.plan.forward(
+                &self.kernels,
+                &stream,
+                &self.weights,
+                bucket,
+                bucket,
+                Attention::Decode,
+                true,
+            )?;
+            stream
+                .synchronize()
+                .map_err(CudaError::driver(format!("warming up bucket {bucket}")))?;
+            if capture {
+                let graph = DecodeGraph::capture(
+                    &mut self.plan,
+                    &self.kernels,
+                    &stream,
+                    &self.weights,
+                    bucket,
+                )?;
+                self.graphs.push(graph);
+            }
+        }
+        Ok(())
+    }
+
+    /// The device name.
+    pub fn device_name(&self) -> &str {
+        self.device.name()
+    }
+
+    /// Device memory held.
+    pub fn memory(&self) -> MemoryUse {
+        MemoryUse {
+            plan: self.arena.bytes() - self.memory.weights,
+            ..self.memory
+        }
+    }
+
+    /// The captured decode batch sizes (empty with graphs off).
+    pub fn graph_buckets(&self) -> Vec<usize> {
+        self.graphs.iter().map(|g| g.bucket).collect()
+    }
+
+    /// Like [`Engine::step`], but reads back only the greedy token of every logits row (argmax on
+    /// the device, ties to the lowest id) instead of the logits: the fast path of greedy decoding.
+    pub fn step_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, EngineError> {
+        self.run_step(batch, Readback::Greedy).map(|r| match r {
+            Output::Greedy(ids) => ids,
+            Output::Logits(_) => Vec::new(),
+        })
+    }
+
+    fn fail(&mut self, error: CudaError) -> EngineError {
+        let message = error.to_string();
+        if self.dead.is_none() {
+            self.dead = Some(message.clone());
+        }
+        EngineError::Backend(message)
+    }
+
+    fn check_alive(&self) -> Result<(), EngineError> {
+        match &self.dead {
+            Some(first) => Err(EngineError::Backend(
+                CudaError::Dead(first.clone()).to_string(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn run_step(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        readback: Readback,
+    ) -> Result<Output, EngineError> {
+        self.check_alive()?;
+        let plan = self.kv.apply_step(batch)?;
+        let mut seq_rows = Vec::with_capacity(plan.entries.len());
+        for e in &plan.entries {
+            let Some(&row) = self.seq_rows.get(&e.seq) else {
+                return Err(EngineError::UnknownSequence(e.seq));
+            };
+            seq_rows.push(row);
+        }
+        let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens).copied().collect();
+        let result = self
+            .sync_block_tables(&plan.entries.iter().map(|e| e.seq).collect::<Vec<_>>())
+            .and_then(|()| {
+                let buckets = self.graph_buckets();
+                let buckets = if buckets.is_empty() {
+                    decode_buckets(
+                        self.plan.sizes().max_decode_tokens,
+                        self.plan.sizes().max_tokens,
+                    )
+                } else {
+                    buckets
+                };
+                let schedule = schedule_step(
+                    &plan,
+                    &tokens,
+                    &seq_rows,
+                    &buckets,
+                    self.plan.sizes().max_tokens,
+                );
+                let mut out = match readback {
+                    Readback::Logits => Output::Logits(StepOutput {
+                        vocab: self.plan.vocab(),
+                        logits: Vec::with_capacity(schedule.rows.len() * self.plan.vocab()),
+                        rows: schedule.rows.clone(),
+                    }),
+                    Readback::Greedy => Output::Greedy(Vec::with_capacity(schedule.rows.len())),
+                };
+                for chunk in &schedule.chunks {
+                    self.run_chunk(chunk, &mut out)?;
+                }
+                Ok(out)
+            });
+        result.map_err(|e| self.fail(e))
+    }
+
+    /// Uploads the block-table rows of `seqs` that differ from the device copy.
+    fn sync_block_tables(&mut self, seqs: &[SeqId]) -> Result<(), CudaError> {
+        let width = self.plan.sizes().max_blocks_per_seq;
+        for &seq in seqs {
+            let (Some(&row), Ok(table)) = (self.seq_rows.get(&seq), self.kv.block_table(seq))
+            else {
+                continue;
+            };
+            let wanted = (0..width).map(|i| table.get(i).map_or(-1, |&b| b as i32));
+            let current = &mut self.tables[row * width..(row + 1) * width];
+            if current.iter().copied().eq(wanted.clone()) {
+                continue;
+            }
+            for (c, w) in current.iter_mut().zip(wanted) {
+                *c = w;
+            }
+            let target = self
+                .plan
+                .block_tables
+                .sub(row * width, width)
+                .ok_or_else(|| CudaError::Dead(format!("block-table row {row} out of range")))?;
+            plan::upload(self.device.stream(), &target, current, "a block-table row")?;
+        }
+        Ok(())
+    }
+
+    fn upload_inputs(&mut self, chunk: &Chunk) -> Result<(), CudaError> {
+        let m = self.plan.sizes().max_tokens;
+        let words = &mut self.host_inputs;
+        words.fill(0);
+        words[2 * m..3 * m].fill(NO_SEQUENCE);
+        for (i, &id) in chunk.ids.iter().enumerate() {
+            words[i] = id as i32;
+            words[m + i] = chunk.positions[i];
+            words[2 * m + i] = chunk.token_seq[i];
+        }
+        for (i, &r) in chunk.logit_rows.iter().enumerate() {
+            words[3 * m + i] = r as i32;
+        }
+        let all: Region<i32> = self.plan.inputs.all.clone();
+        plan::upload(self.device.stream(), &all, words, "the step inputs")
+    }
+
+    fn run_chunk(&mut self, chunk: &Chunk, out: &mut Output) -> Result<(), CudaError> {
+        self.upload_inputs(chunk)?;
+        let stream = Arc::clone(self.device.stream());
+        let greedy = matches!(out, Output::Greedy(_));
+        // Rows of the device logits holding this chunk's wanted rows, in order.
+        let device_rows: Vec<usize> = match &chunk.kind {
+            ChunkKind::Decode { bucket } => {
+                match self.graphs.iter().find(|g| g.bucket == *bucket) {
+                    Some(graph) => graph.replay()?,
+                    None => self.plan.forward(
+                        &self.kernels,
+                        &stream,
+                        &self.weights,
+                        *bucket,
+                        *bucket,
+                        Attention::Decode,
+                        true,
+                    )?,
+                }
+                chunk.logit_rows.iter().map(|&r| r as usize).collect()
+            }
+            ChunkKind::Prefill { pieces } => {
+                let rows = chunk.logit_rows.len();
+                self.plan.forward(
+                    &self.kernels,
+                    &stream,
+                    &self.weights,
+                    chunk.tokens(),
+                    rows,
+                    Attention::Prefill(pieces),
+                    greedy,
+                )?;
+                (0..rows).collect()
+            }
+        };
+        let Some(&last) = device_rows.iter().max() else {
+            return stream
+                .synchronize()
+                .map_err(CudaError::driver("finishing a step"));
+        };
+        match out {
+            Output::Greedy(ids) => {
+                let all = download(&stream, &self.plan.greedy, last + 1)?;
+                ids.extend(device_rows.iter().map(|&r| all[r]));
+            }
+            Output::Logits(step) => {
+                let vocab = self.plan.vocab();
+                let all = download(&stream, &self.plan.logits, (last + 1) * vocab)?;
+                for &r in &device_rows {
+                    step.logits
+                        .extend_from_slice(&all[r * vocab..(r + 1) * vocab]);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the first `len` elements of `src` back to the host.
+fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+    stream: &Arc<cudarc::driver::CudaStream>,
+    src: &Region<T>,
+    len: usize,
+) -> Result<Vec<T>, CudaError> {
+    let Some(part) = src.sub(0, len) else {
+        return Err(CudaError::Dead(format!(
+            "reading {len} elements from a buffer of {}",
+            src.len_elems()
+        )));
+    };
+    let mut host = vec![T::default(); len];
+    // SAFETY: `host` holds `len` elements and stays alive until the synchronise below; the source
+    // range is inside a live region.
+    unsafe {
+        cudarc::driver::result::memcpy_dtoh_async(&mut host, part.address(), stream.cu_stream())
+    }
+    .map_err(CudaError::driver("reading results back"))?;
+    stream
+        .synchronize()
+        .map_err(CudaError::driver("reading results back"))?;
+    Ok(host)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Readback {
+    Logits,
+    Greedy,
+}
+
+enum Output {
+    Logits(StepOutput),
+    Greedy(Vec<u32>),
+}
+
+impl Engine for CudaEngine {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn max_context(&self) -> usize {
+        self.kv.limits().max_context
+    }
+
+    fn new_sequence(&mut self) -> Result<SeqId, EngineError> {
+        self.check_alive()?;
+        let seq = self.kv.new_sequence()?;
+        match self.free_rows.pop() {
+            Some(row) => {
+                self.seq_rows.insert(seq, row);
+                Ok(seq)
+            }
+            None => {
+                // Unreachable while the pool and the rows share the same limit; undo and refuse.
+                let _ = self.kv.free_sequence(seq);
+                Err(EngineError::TooManySequences {
+                    limit: self.kv.limits().max_sequences,
+                })
+            }
+        }
+    }
+
+    fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        self.kv.free_sequence(seq)?;
+        if let Some(row) = self.seq_rows.remove(&seq) {
+            self.free_rows.push(row);
+        }
+        Ok(())
+    }
+
+    fn sequence_len(&self, seq: SeqId) -> Result<usize, EngineError> {
+        self.kv.sequence_len(seq)
+    }
+
+    fn free_kv_blocks(&self) -> usize {
+        self.kv.free_blocks()
+    }
+
+    fn total_kv_blocks(&self) -> usize {
+        self.kv.total_blocks()
+    }
+
+    fn step(&mut self, batch: &[SeqStep<'_>]) -> Result<StepOutput, EngineError> {
+        self.run_step(batch, Readback::Logits).map(|r| match r {
+            Output::Logits(step) => step,
+            Output::Greedy(_) => StepOutput::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

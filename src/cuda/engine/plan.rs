@@ -1,0 +1,630 @@
+//! The static execution plan: every activation buffer, the paged KV cache and the per-step input
+//! buffers, allocated once when the engine is built, and [`Plan::forward`], which issues the whole
+//! forward pass of one chunk as a fixed sequence of checked kernel launches on the engine's stream
+//! (no allocation, no host sync, no string lookup), so a decode chunk can be captured into a graph.
+//!
+//! Per chunk of `T` tokens (`H` hidden, `Q = heads * head_dim`, `K = kv_heads * head_dim`):
+//! `embedding` ids → residual `[T, H]` f32; per layer: `rmsnorm` (adding the previous layer's MoE
+//! slots `[T, top_k, H]` f32) → `xn` `[T, H]` bf16; `linear` → `qkv` `[T, Q + 2K]`; `rope_kv` (q in
+//! place, k/v into the cache); attention (split-KV decode over all tokens, or flash prefill per
+//! piece) → `attn` `[T, Q]`; `linear` → `o_out` `[T, H]` f32; `rmsnorm` (adding `o_out`) → `xn`;
+//! `router` → top-k and per-expert grouping; `moe_experts` → slots `[T, top_k, H]` f32. Finally
+//! `rmsnorm` (adding the last slots) with the final norm, the logits rows gathered (an `embedding`
+//! lookup into `xn`), and the LM head `linear` → logits `[R, vocab]` f32; for decode also `argmax`.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+use half::bf16;
+
+use super::super::error::CudaError;
+use super::super::module::Kernels;
+use super::super::ops::{
+    self, attention_splits, Addend, ArgmaxBuffers, ArgmaxShape, AttentionDecodeBuffers,
+    AttentionDecodeShape, AttentionPrefillBuffers, AttentionPrefillShape, EmbeddingBuffers,
+    EmbeddingOut, EmbeddingShape, LinearBuffers, LinearOut, LinearShape, MoeBuffers, MoeShape,
+    PagedCacheShape, RmsnormBuffers, RmsnormShape, RopeKvBuffers, RopeKvShape, RouterBuffers,
+    RouterShape,
+};
+use super::super::region::{DeviceArena, Region};
+use super::inputs::PrefillPiece;
+use super::upload::GpuWeights;
+use crate::config::ModelConfig;
+use crate::cpu::rope::Rope;
+
+/// Keys per split of the decode attention.
+pub const SPLIT_KEYS: usize = 256;
+
+/// Sizes the plan is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanSizes {
+    /// Most tokens in one forward pass (prefill chunk size).
+    pub max_tokens: usize,
+    /// Most tokens of a decode pass (the largest bucket); attention scratch is sized for it.
+    pub max_decode_tokens: usize,
+    /// Rows of the block tables (sequences alive at once).
+    pub max_sequences: usize,
+    /// KV blocks per layer.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Block-table columns: blocks of the longest sequence.
+    pub max_blocks_per_seq: usize,
+}
+
+/// Model dimensions the launches use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Dims {
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    q_width: usize,
+    kv_width: usize,
+    qkv_width: usize,
+    inter: usize,
+    experts: usize,
+    top_k: usize,
+    vocab: usize,
+    eps: f32,
+    window: Option<usize>,
+}
+
+impl Dims {
+    fn of(c: &ModelConfig) -> Dims {
+        Dims {
+            hidden: c.hidden_size,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            q_width: c.q_width(),
+            kv_width: c.kv_width(),
+            qkv_width: c.q_width() + 2 * c.kv_width(),
+            inter: c.intermediate_size,
+            experts: c.num_experts.max(1),
+            top_k: c.experts_per_token.max(1).min(c.num_experts.max(1)),
+            vocab: c.vocab_size,
+            eps: c.rms_norm_eps,
+            window: c.sliding_window,
+        }
+    }
+}
+
+/// Device bytes of the activations, inputs and KV cache for `sizes` (what [`Plan::new`] allocates
+/// besides the weights), for the memory check before allocating.
+pub fn plan_bytes(config: &ModelConfig, sizes: &PlanSizes) -> usize {
+    let d = Dims::of(config);
+    let m = sizes.max_tokens;
+    let slots = m * d.top_k;
+    let splits = attention_splits(sizes.max_blocks_per_seq * sizes.block_size, SPLIT_KEYS);
+    let f32s = m * d.hidden * 2
+        + m * d.experts
+        + slots
+        + slots * d.hidden
+        + sizes.max_decode_tokens * d.heads * splits * (d.head_dim + 1)
+        + m * d.vocab
+        + d.head_dim / 2;
+    let bf16s = m * d.hidden * 2 + m * d.qkv_width + m * d.q_width + slots * d.inter;
+    let i32s =
+        4 * m + slots * 2 + 2 * d.experts + 1 + m + sizes.max_sequences * sizes.max_blocks_per_seq;
+    let cache = 2 * config.num_layers * sizes.num_blocks * sizes.block_size * d.kv_width;
+    4 * f32s + 2 * bf16s + 4 * i32s + 2 * cache
+}
+
+/// The per-chunk inputs, one allocation `[4, max_tokens]` of 32-bit words uploaded in one copy:
+/// ids, positions, block-table rows, logits-row indices.
+#[derive(Debug)]
+pub struct Inputs {
+    /// The whole `[4, max_tokens]` words.
+    pub all: Region<i32>,
+    /// `[max_tokens]` token ids.
+    pub ids: Region<u32>,
+    /// `[max_tokens]` absolute positions.
+    pub positions: Region<i32>,
+    /// `[max_tokens]` block-table row per token (-1: padding).
+    pub token_seq: Region<i32>,
+    /// `[max_tokens]` indices of the tokens whose logits are computed.
+    pub rows: Region<u32>,
+}
+
+/// Every buffer of the plan.
+#[derive(Debug)]
+pub struct Plan {
+    dims: Dims,
+    sizes: PlanSizes,
+    /// Step inputs (uploaded before each chunk).
+    pub inputs: Inputs,
+    residual: Region<f32>,
+    xn: Region<bf16>,
+    qkv: Region<bf16>,
+    attn: Region<bf16>,
+    o_out: Region<f32>,
+    router_logits: Region<f32>,
+    topk_ids: Region<i32>,
+    topk_weights: Region<f32>,
+    expert_counts: Region<i32>,
+    expert_offsets: Region<i32>,
+    sorted_slots: Region<i32>,
+    act: Region<bf16>,
+    moe_out: Region<f32>,
+    part_out: Region<f32>,
+    part_lse: Region<f32>,
+    gathered: Region<bf16>,
+    /// `[max_tokens, vocab]` logits of the last chunk.
+    pub logits: Region<f32>,
+    /// `[max_tokens]` greedy ids of the last decode chunk.
+    pub greedy: Region<u32>,
+    inv_freq: Region<f32>,
+    /// `[max_sequences, max_blocks_per_seq]` block tables.
+    pub block_tables: Region<i32>,
+    k_cache: Vec<Region<bf16>>,
+    v_cache: Vec<Region<bf16>>,
+}
+
+/// What a forward pass computes besides the cache writes.
+#[derive(Debug, Clone, Copy)]
+pub enum Attention<'a> {
+    /// Split-KV decode attention over every token at once (each token at its own position).
+    Decode,
+    /// Flash prefill attention, once per piece.
+    Prefill(&'a [PrefillPiece]),
+}
+
+impl Plan {
+    /// Allocates every buffer for `config` and `sizes` in `arena` (zero-filled), and uploads the
+    /// RoPE inverse frequencies. Block tables start at -1 (no block).
+    pub fn new(
+        config: &ModelConfig,
+        sizes: PlanSizes,
+        arena: &mut DeviceArena,
+        stream: &Arc<CudaStream>,
+    ) -> Result<Plan, CudaError> {
+        let d = Dims::of(config);
+        let m = sizes.max_tokens;
+        let slots = m * d.top_k;
+        let splits = attention_splits(sizes.max_blocks_per_seq * sizes.block_size, SPLIT_KEYS);
+        let all = arena.zeroed::<i32>(4 * m, "step inputs")?;
+        let segment = |i: usize| all.sub(i * m, m).expect("inside the inputs region");
+        let inputs = Inputs {
+            ids: segment(0).cast(),
+            positions: segment(1),
+            token_seq: segment(2),
+            rows: segment(3).cast(),
+            all: all.clone(),
+        };
+        let mut k_cache = Vec::with_capacity(config.num_layers);
+        let mut v_cache = Vec::with_capacity(config.num_layers);
+        let cache_len = sizes.num_blocks * sizes.block_size * d.kv_width;
+        for l in 0..config.num_layers {
+            k_cache.push(arena.zeroed::<bf16>(cache_len, &format!("layer {l} key cache"))?);
+            v_cache.push(arena.zeroed::<bf16>(cache_len, &format!("layer {l} value cache"))?);
+        }
+        let inv_freq = arena.zeroed::<f32>(d.head_dim / 2, "RoPE frequencies")?;
+        let rope = Rope::new(d.head_dim, config.rope_theta);
+        upload(stream, &inv_freq, rope.inv_freq(), "the RoPE frequencies")?;
+        let block_tables = arena.zeroed::<i32>(
+            sizes.max_sequences * sizes.max_blocks_per_seq,
+            "block tables",
+        )?;
+        upload(
+            stream,
+            &block_tables,
+            &vec![-1; sizes.max_sequences * sizes.max_blocks_per_seq],
+            "the block tables",
+        )?;
+        Ok(Plan {
+            dims: d,
+            sizes,
+            inputs,
+            residual: arena.zeroed(m * d.hidden, "residual stream")?,
+            xn: arena.zeroed(m * d.hidden, "normalised activations")?,
+            qkv: arena.zeroed(m * d.qkv_width, "q/k/v activations")?,
+            attn: arena.zeroed(m * d.q_width, "attention output")?,
+            o_out: arena.zeroed(m * d.hidden, "attention projection")?,
+            router_logits: arena.zeroed(m * d.experts, "router logits")?,
+            topk_ids: arena.zeroed(slots, "routed experts")?,
+            topk_weights: arena.zeroed(slots, "routing weights")?,
+            expert_counts: arena.zeroed(d.experts, "expert counts")?,
+            expert_offsets: arena.zeroed(d.experts + 1, "expert offsets")?,
+            sorted_slots: arena.zeroed(slots, "slots by expert")?,
+            act: arena.zeroed(slots * d.inter, "expert activations")?,
+            moe_out: arena.zeroed(slots * d.hidden, "expert outputs")?,
+            part_out: arena.zeroed(
+                sizes.max_decode_tokens * d.heads * splits * d.head_dim,
+                "attention split outputs",
+            )?,
+            part_lse: arena.zeroed(
+                sizes.max_decode_tokens * d.heads * splits,
+                "attention split sums",
+            )?,
+            gathered: arena.zeroed(m * d.hidden, "gathered rows")?,
+            logits: arena.zeroed(m * d.vocab, "logits")?,
+            greedy: arena.zeroed(m, "greedy ids")?,
+            inv_freq,
+            block_tables,
+            k_cache,
+            v_cache,
+        })
+    }
+
+    /// The sizes the plan was built for.
+    pub fn sizes(&self) -> &PlanSizes {
+        &self.sizes
+    }
+
+    /// Vocabulary size (logits row length).
+    pub fn vocab(&self) -> usize {
+        self.dims.vocab
+    }
+
+    fn cache_shape(&self) -> PagedCacheShape {
+        PagedCacheShape {
+            num_blocks: self.sizes.num_blocks,
+            block_size: self.sizes.block_size,
+            num_seqs: self.sizes.max_sequences,
+            max_blocks_per_seq: self.sizes.max_blocks_per_seq,
+        }
+    }
+
+    /// Issues the forward pass of `tokens` tokens whose inputs are already in [`Plan::inputs`],
+    /// computing logits for `rows` rows (`rows == tokens` reads the tokens in order without a gather;
+    /// otherwise the first `rows` entries of `inputs.rows` pick them). With `greedy`, also the argmax
+    /// of each logits row into [`Plan::greedy`].
+    pub fn forward(
+        &mut self,
+        kernels: &Kernels,
+        stream: &CudaStream,
+        weights: &GpuWeights,
+        tokens: usize,
+        rows: usize,
+        attention: Attention<'_>,
+        greedy: bool,
+    ) -> Result<(), CudaError> {
+        let d = self.dims;
+        if tokens == 0 || tokens > self.sizes.max_tokens || rows > tokens {
+            return Err(CudaError::Unsupported {
+                op: "forward",
+                what: "tokens",
+                value: tokens,
+                reason: format!(
+                    "must be in 1..={} with at most that many logits rows ({rows})",
+                    self.sizes.max_tokens
+                ),
+            });
+        }
+        ops::embedding(
+            kernels,
+            stream,
+            &EmbeddingShape {
+                tokens,
+                hidden: d.hidden,
+                vocab: d.vocab,
+            },
+            EmbeddingBuffers {
+                ids: &self.inputs.ids,
+                table: &weights.embed,
+                out: EmbeddingOut::F32(&mut self.residual),
+            },
+        )?;
+        let norm = RmsnormShape {
+            rows: tokens,
+            hidden: d.hidden,
+            eps: d.eps,
+        };
+        for (l, w) in weights.layers.iter().enumerate() {
+            let addend = if l == 0 {
+                Addend::None
+            } else {
+                Addend::F32 {
+                    data: &self.moe_out,
+                    count: d.top_k,
+                }
+            };
+            ops::rmsnorm(
+                kernels,
+                stream,
+                &norm,
+                RmsnormBuffers {
+                    residual: &mut self.residual,
+                    addend,
+                    weight: &w.attn_norm,
+                    out: &mut self.xn,
+                },
+            )?;
+            ops::linear(
+                kernels,
+                stream,
+                &LinearShape {
+                    tokens,
+                    in_features: d.hidden,
+                    out_features: d.qkv_width,
+                },
+                LinearBuffers {
+                    x: &self.xn,
+                    w: &w.qkv,
+                    out: LinearOut::Bf16(&mut self.qkv),
+                },
+            )?;
+            self.attention_block(kernels, stream, l, tokens, attention)?;
+            ops::linear(
+                kernels,
+                stream,
+                &LinearShape {
+                    tokens,
+                    in_features: d.q_width,
+                    out_features: d.hidden,
+                },
+                LinearBuffers {
+                    x: &self.attn,
+                    w: &w.o,
+                    out: LinearOut::F32(&mut self.o_out),
+                },
+            )?;
+            ops::rmsnorm(
+                kernels,
+                stream,
+                &norm,
+                RmsnormBuffers {
+                    residual: &mut self.residual,
+                    addend: Addend::F32 {
+                        data: &self.o_out,
+                        count: 1,
+                    },
+                    weight: &w.ffn_norm,
+                    out: &mut self.xn,
+                },
+            )?;
+            ops::router(
+                kernels,
+                stream,
+                &RouterShape {
+                    tokens,
+                    hidden: d.hidden,
+                    experts: d.experts,
+                    top_k: d.top_k,
+                },
+                RouterBuffers {
+                    x: &self.xn,
+                    gate: &w.gate,
+                    logits: &mut self.router_logits,
+                    topk_ids: &mut self.topk_ids,
+                    topk_weights: &mut self.topk_weights,
+                    expert_counts: &mut self.expert_counts,
+                    expert_offsets: &mut self.expert_offsets,
+                    sorted_slots: &mut self.sorted_slots,
+                },
+            )?;
+            ops::moe_experts(
+                kernels,
+                stream,
+                &MoeShape {
+                    tokens,
+                    hidden: d.hidden,
+                    inter: d.inter,
+                    experts: d.experts,
+                    top_k: d.top_k,
+                },
+                MoeBuffers {
+                    x: &self.xn,
+                    w1: &w.w1,
+                    w3: &w.w3,
+                    w2: &w.w2,
+                    topk_weights: &self.topk_weights,
+                    expert_offsets: &self.expert_offsets,
+                    sorted_slots: &self.sorted_slots,
+                    act: &mut self.act,
+                    out: &mut self.moe_out,
+                },
+            )?;
+        }
+        ops::rmsnorm(
+            kernels,
+            stream,
+            &norm,
+            RmsnormBuffers {
+                residual: &mut self.residual,
+                addend: Addend::F32 {
+                    data: &self.moe_out,
+                    count: d.top_k,
+                },
+                weight: &weights.final_norm,
+                out: &mut self.xn,
+            },
+        )?;
+        let head_input = if rows == tokens {
+            &self.xn
+        } else {
+            // Gather the rows: an embedding lookup whose "table" is the normalised activations.
+            ops::embedding(
+                kernels,
+                stream,
+                &EmbeddingShape {
+                    tokens: rows,
+                    hidden: d.hidden,
+                    vocab: tokens,
+                },
+                EmbeddingBuffers {
+                    ids: &self.inputs.rows,
+                    table: &self.xn,
+                    out: EmbeddingOut::Bf16(&mut self.gathered),
+                },
+            )?;
+            &self.gathered
+        };
+        ops::linear(
+            kernels,
+            stream,
+            &LinearShape {
+                tokens: rows,
+                in_features: d.hidden,
+                out_features: d.vocab,
+            },
+            LinearBuffers {
+                x: head_input,
+                w: &weights.lm_head,
+                out: LinearOut::F32(&mut self.logits),
+            },
+        )?;
+        if greedy {
+            ops::argmax(
+                kernels,
+                stream,
+                &ArgmaxShape {
+                    rows,
+                    vocab: d.vocab,
+                },
+                ArgmaxBuffers {
+                    logits: &self.logits,
+                    out_ids: &mut self.greedy,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// RoPE + cache append, then attention of layer `l` into `attn`.
+    fn attention_block(
+        &mut self,
+        kernels: &Kernels,
+        stream: &CudaStream,
+        l: usize,
+        tokens: usize,
+        attention: Attention<'_>,
+    ) -> Result<(), CudaError> {
+        let d = self.dims;
+        let cache = self.cache_shape();
+        let k = self.qkv.sub(d.q_width, self.qkv.len_elems() - d.q_width);
+        let v = self.qkv.sub(
+            d.q_width + d.kv_width,
+            self.qkv.len_elems() - d.q_width - d.kv_width,
+        );
+        let (Some(k), Some(v)) = (k, v) else {
+            return Err(CudaError::UnsupportedModel(
+                "the q/k/v buffer is smaller than one row".into(),
+            ));
+        };
+        ops::rope_kv(
+            kernels,
+            stream,
+            &RopeKvShape {
+                tokens,
+                n_heads: d.heads,
+                n_kv_heads: d.kv_heads,
+                head_dim: d.head_dim,
+                q_stride: d.qkv_width,
+                k_stride: d.qkv_width,
+                v_stride: d.qkv_width,
+                cache,
+            },
+            RopeKvBuffers {
+                q: &mut self.qkv,
+                k: &k,
+                v: &v,
+                k_cache: &mut self.k_cache[l],
+                v_cache: &mut self.v_cache[l],
+                block_tables: &self.block_tables,
+                token_seq: &self.inputs.token_seq,
+                positions: &self.inputs.positions,
+                inv_freq: &self.inv_freq,
+            },
+        )?;
+        match attention {
+            Attention::Decode => {
+                let max_splits =
+                    attention_splits(cache.max_blocks_per_seq * cache.block_size, SPLIT_KEYS);
+                ops::attention_decode(
+                    kernels,
+                    stream,
+                    &AttentionDecodeShape {
+                        tokens,
+                        n_heads: d.heads,
+                        n_kv_heads: d.kv_heads,
+                        head_dim: d.head_dim,
+                        q_stride: d.qkv_width,
+                        cache,
+                        window: d.window,
+                        split_keys: SPLIT_KEYS,
+                        max_splits,
+                    },
+                    AttentionDecodeBuffers {
+                        q: &self.qkv,
+                        k_cache: &self.k_cache[l],
+                        v_cache: &self.v_cache[l],
+                        block_tables: &self.block_tables,
+                        token_seq: &self.inputs.token_seq,
+                        positions: &self.inputs.positions,
+                        out: &mut self.attn,
+                        part_out: &mut self.part_out,
+                        part_lse: &mut self.part_lse,
+                    },
+                )
+            }
+            Attention::Prefill(pieces) => {
+                for piece in pieces {
+                    let q = self
+                        .qkv
+                        .sub(piece.token_offset * d.qkv_width, piece.len * d.qkv_width);
+                    let out = self
+                        .attn
+                        .sub(piece.token_offset * d.q_width, piece.len * d.q_width);
+                    let (Some(q), Some(mut out)) = (q, out) else {
+                        return Err(CudaError::Unsupported {
+                            op: "attention_prefill",
+                            what: "piece end",
+                            value: piece.token_offset + piece.len,
+                            reason: format!("must be at most {tokens} tokens"),
+                        });
+                    };
+                    ops::attention_prefill(
+                        kernels,
+                        stream,
+                        &AttentionPrefillShape {
+                            tokens: piece.len,
+                            start_pos: piece.start_pos,
+                            seq_row: piece.seq_row,
+                            n_heads: d.heads,
+                            n_kv_heads: d.kv_heads,
+                            head_dim: d.head_dim,
+                            q_stride: d.qkv_width,
+                            cache,
+                            window: d.window,
+                        },
+                        AttentionPrefillBuffers {
+                            q: &q,
+                            k_cache: &self.k_cache[l],
+                            v_cache: &self.v_cache[l],
+                            block_tables: &self.block_tables,
+                            out: &mut out,
+                        },
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Synchronous upload of a small host table into `dst` (at load only).
+pub fn upload<T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    dst: &Region<T>,
+    host: &[T],
+    what: &str,
+) -> Result<(), CudaError> {
+    let Some(target) = dst.sub(0, host.len()) else {
+        return Err(CudaError::UnsupportedModel(format!(
+            "{what}: {} elements do not fit a region of {}",
+            host.len(),
+            dst.len_elems()
+        )));
+    };
+    // SAFETY: the destination range is inside a live region; the host slice stays borrowed until the
+    // stream is synchronised below.
+    unsafe {
+        cudarc::driver::result::memcpy_htod_async(target.address(), host, stream.cu_stream())
+    }
+    .map_err(CudaError::driver(format!("uploading {what}")))?;
+    stream
+        .synchronize()
+        .map_err(CudaError::driver(format!("uploading {what}")))
+}

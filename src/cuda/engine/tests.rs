@@ -1,0 +1,108 @@
+//! Host-side sizing of the CUDA engine, tested without a device.
+
+use super::plan::plan_bytes;
+use super::*;
+use crate::config::{Architecture, ModelConfig};
+
+/// Mixtral-8x7B's published shape.
+fn mixtral_8x7b() -> ModelConfig {
+    let json = r#"{
+        "architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": null,
+        "max_position_embeddings": 32768, "tie_word_embeddings": false,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"
+    }"#;
+    let config = ModelConfig::from_json_str(json, std::path::Path::new("config.json"))
+        .expect("the published config parses");
+    assert_eq!(config.architecture, Architecture::Mixtral);
+    config
+}
+
+#[test]
+fn kv_cache_fills_the_memory_left_and_no_more() {
+    let config = mixtral_8x7b();
+    let options = CudaEngineOptions {
+        max_context: Some(32768),
+        max_sequences: 4,
+        ..CudaEngineOptions::default()
+    };
+    // 20 GiB after the weights: less than 4 full contexts of 4 GiB each plus activations? No: 4 x 4
+    // GiB = 16 GiB fits, so the pool holds exactly four contexts.
+    let sizes = plan_sizes(&config, &options, 20 << 30).unwrap();
+    assert_eq!(sizes.max_blocks_per_seq, 32768 / 16);
+    assert_eq!(sizes.num_blocks, 4 * 2048);
+    // 8 GiB: fewer blocks, and everything allocated stays within the room minus the reserve.
+    let sizes = plan_sizes(&config, &options, 8 << 30).unwrap();
+    assert!(sizes.num_blocks < 4 * 2048 && sizes.num_blocks > 2048);
+    assert!(plan_bytes(&config, &sizes) + options.reserve_bytes <= 8 << 30);
+    // One more block would not have fitted.
+    let more = PlanSizes {
+        num_blocks: sizes.num_blocks + 1,
+        ..sizes
+    };
+    assert!(plan_bytes(&config, &more) + options.reserve_bytes > 8 << 30);
+}
+
+#[test]
+fn kv_cache_bytes_match_the_published_figure() {
+    // 128 KiB per token in bf16 (32 layers x 2 x 8 heads x 128 x 2 bytes).
+    let config = mixtral_8x7b();
+    let base = PlanSizes {
+        max_tokens: 512,
+        max_decode_tokens: 16,
+        max_sequences: 16,
+        num_blocks: 0,
+        block_size: 16,
+        max_blocks_per_seq: 2048,
+    };
+    let one_block = PlanSizes {
+        num_blocks: 1,
+        ..base
+    };
+    assert_eq!(
+        plan_bytes(&config, &one_block) - plan_bytes(&config, &base),
+        16 * 128 * 1024
+    );
+}
+
+#[test]
+fn explicit_kv_blocks_are_kept_and_bad_options_refused() {
+    let config = mixtral_8x7b();
+    let options = CudaEngineOptions {
+        kv_blocks: Some(123),
+        ..CudaEngineOptions::default()
+    };
+    assert_eq!(plan_sizes(&config, &options, 0).unwrap().num_blocks, 123);
+    for bad in [
+        CudaEngineOptions {
+            block_size: 0,
+            ..CudaEngineOptions::default()
+        },
+        CudaEngineOptions {
+            max_sequences: 0,
+            ..CudaEngineOptions::default()
+        },
+        CudaEngineOptions {
+            kv_blocks: Some(0),
+            ..CudaEngineOptions::default()
+        },
+        CudaEngineOptions {
+            max_context: Some(usize::MAX),
+            ..CudaEngineOptions::default()
+        },
+    ] {
+        assert!(matches!(
+            plan_sizes(&config, &bad, 1 << 40),
+            Err(CudaError::UnsupportedModel(_))
+        ));
+    }
+}
+
+#[test]
+fn no_room_still_plans_one_block_for_the_memory_check_to_refuse() {
+    let config = mixtral_8x7b();
+    let sizes = plan_sizes(&config, &CudaEngineOptions::default(), 0).unwrap();
+    assert_eq!(sizes.num_blocks, 1);
+}
