@@ -85,9 +85,7 @@ fn check_device(device: Device) -> Result<(), Failure> {
             "--device cuda:{n}: this build has no CUDA support (rebuild with --features cuda)"
         ))),
         #[cfg(feature = "cuda")]
-        Device::Cuda(n) => Err(Failure(format!(
-            "--device cuda:{n}: generation on CUDA is not available in this version yet; use --device cpu"
-        ))),
+        Device::Cuda(_) => Ok(()),
     }
 }
 
@@ -97,7 +95,8 @@ fn load(common: &Common) -> Result<(Model, Tokenizer, Duration), Failure> {
     let started = Instant::now();
     let (display, progress) = LoadDisplay::new();
     let options = LoadOptions {
-        progress: Some(progress),
+        // On a GPU the upload reads every weight once and shows its own progress.
+        progress: matches!(common.device, Device::Cpu).then_some(progress),
         require_tokenizer: true,
     };
     let loaded = Model::load(&common.model, &options);
@@ -123,12 +122,46 @@ fn context_limit(model: &Model, common: &Common) -> usize {
 /// capped by [`context_limit`]; a request past the cap is then refused by `generate`/`perplexity`
 /// with the limit in the message.
 fn engine(model: &Model, common: &Common, needed: usize) -> Result<Box<dyn Engine>, Failure> {
-    let options = CpuEngineOptions {
-        max_context: Some(context_limit(model, common).min(needed).max(1)),
+    let max_context = context_limit(model, common).min(needed).max(1);
+    match common.device {
+        Device::Cpu => {
+            let options = CpuEngineOptions {
+                max_context: Some(max_context),
+                max_sequences: 1,
+                ..CpuEngineOptions::default()
+            };
+            Ok(Box::new(CpuEngine::new(model.weights.clone(), options)?))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => cuda_engine(model, n, max_context),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(Failure(format!(
+            "--device cuda:{n}: this build has no CUDA support (rebuild with --features cuda)"
+        ))),
+    }
+}
+
+/// A CUDA engine on device `ordinal` for one sequence of up to `max_context` tokens, showing the
+/// weight upload's progress.
+#[cfg(feature = "cuda")]
+fn cuda_engine(
+    model: &Model,
+    ordinal: usize,
+    max_context: usize,
+) -> Result<Box<dyn Engine>, Failure> {
+    use mixtral::cuda::{CudaEngine, CudaEngineOptions};
+    let options = CudaEngineOptions {
+        device: ordinal,
+        max_context: Some(max_context),
         max_sequences: 1,
-        ..CpuEngineOptions::default()
+        ..CudaEngineOptions::default()
     };
-    Ok(Box::new(CpuEngine::new(model.weights.clone(), options)?))
+    let (display, progress) = LoadDisplay::new();
+    let built = CudaEngine::new(&model.weights, options, Some(&*progress));
+    display.finish();
+    let engine = built.map_err(|e| Failure(format!("--device cuda:{ordinal}: {e}")))?;
+    report::cuda_engine(&engine);
+    Ok(Box::new(engine))
 }
 
 /// Reads a text file, removing one trailing line break (editors add one).

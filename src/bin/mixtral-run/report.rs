@@ -164,3 +164,18 @@ pub fn perplexity_timings(load: Duration, tokens: usize, scoring: Duration) {
         tokens as f64 / scoring.as_secs_f64().max(1e-9)
     );
 }
+
+/// One stderr line on the CUDA engine just built: the card and what it holds.
+#[cfg(feature = "cuda")]
+pub fn cuda_engine(engine: &mixtral::cuda::CudaEngine) {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let memory = engine.memory();
+    eprintln!(
+        "cuda: {}: weights {:.2} GiB, cache and activations {:.2} GiB ({} KV blocks), decode graphs for batch {:?}",
+        engine.device_name(),
+        memory.weights as f64 / GIB,
+        memory.plan as f64 / GIB,
+        memory.kv_blocks,
+        engine.graph_buckets()
+    );
+}

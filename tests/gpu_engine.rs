@@ -1,0 +1,360 @@
+//! The CUDA engine end to end against the CPU reference engine (built with `--features cuda`; without
+//! a device every test prints why it skipped and passes).
+//!
+//! On the shipped model and every golden fixture: the greedy continuation decoded through the GPU's
+//! KV cache equals the CPU's (and so transformers'), teacher-forced logits stay within a bf16 error
+//! bound, graph replay gives bit-identical logits to eager launches, batched decode equals each
+//! sequence alone, chunked prefill equals one-pass prefill, and a load that cannot fit is a typed
+//! out-of-memory error that leaves nothing allocated.
+#![cfg(feature = "cuda")]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use mixtral::cpu::{CpuEngine, CpuEngineOptions};
+use mixtral::cuda::{CudaEngine, CudaEngineOptions, CudaError};
+use mixtral::{Engine, EngineError, LoadOptions, LogitsFor, Model, SeqStep};
+use serde_json::Value;
+
+/// Relative L2 error allowed between GPU (bf16 activations) and CPU (f32) logits.
+const LOGITS_REL_L2: f64 = 3e-2;
+
+/// One test at a time on the device.
+static DEVICE: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    DEVICE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shipped model and every golden fixture.
+fn models() -> Vec<PathBuf> {
+    let mut dirs = vec![root().join("models/tiny-mixtral")];
+    let mut fixtures: Vec<PathBuf> = std::fs::read_dir(root().join("tests/fixtures"))
+        .expect("tests/fixtures")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("golden.json").exists())
+        .collect();
+    fixtures.sort();
+    dirs.extend(fixtures);
+    dirs
+}
+
+fn load(dir: &Path) -> Model {
+    Model::load(dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+fn golden_ids(dir: &Path) -> (Vec<u32>, Vec<u32>) {
+    let text = std::fs::read_to_string(dir.join("golden.json")).expect("golden.json");
+    let v: Value = serde_json::from_str(&text).expect("golden json");
+    let ids = |key: &str| -> Vec<u32> {
+        v[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key}"))
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect()
+    };
+    (ids("prompt_ids"), ids("greedy_ids"))
+}
+
+fn small_options() -> CudaEngineOptions {
+    CudaEngineOptions {
+        max_context: Some(256),
+        max_sequences: 4,
+        max_step_tokens: 64,
+        ..CudaEngineOptions::default()
+    }
+}
+
+/// A CUDA engine, or `None` after printing why the test skips (no driver / no device).
+fn gpu_engine(model: &Model, options: CudaEngineOptions, test: &str) -> Option<CudaEngine> {
+    match CudaEngine::new(&model.weights, options, None) {
+        Ok(engine) => Some(engine),
+        Err(e @ (CudaError::NoDriver | CudaError::NoDevice { .. })) => {
+            eprintln!("skipped {test}: {e}");
+            None
+        }
+        Err(e) => panic!("{test}: building the CUDA engine: {e}"),
+    }
+}
+
+fn cpu_engine(model: &Model) -> CpuEngine {
+    CpuEngine::new(
+        Arc::clone(&model.weights),
+        CpuEngineOptions {
+            max_context: Some(256),
+            max_sequences: 4,
+            ..CpuEngineOptions::default()
+        },
+    )
+    .expect("cpu engine")
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        if !x.is_finite() {
+            return f64::INFINITY;
+        }
+        d += (x as f64 - y as f64).powi(2);
+        n += (y as f64).powi(2);
+    }
+    d.sqrt() / n.sqrt().max(f64::MIN_POSITIVE)
+}
+
+/// Greedy continuation of `prompt` for `n` tokens, prefilling in one step and decoding one token at
+/// a time; returns the ids and every step's logits.
+fn greedy(engine: &mut dyn Engine, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let seq = engine.new_sequence().expect("sequence");
+    let mut out = Vec::new();
+    let mut logits = Vec::new();
+    let mut step = engine
+        .step(&[SeqStep {
+            seq,
+            tokens: prompt,
+            start_pos: 0,
+            logits: LogitsFor::Last,
+        }])
+        .expect("prefill");
+    for i in 0..n {
+        let row = step.row(0).to_vec();
+        let next = argmax(&row);
+        logits.push(row);
+        out.push(next);
+        if i + 1 == n {
+            break;
+        }
+        step = engine
+            .step(&[SeqStep {
+                seq,
+                tokens: &[next],
+                start_pos: prompt.len() + i,
+                logits: LogitsFor::Last,
+            }])
+            .expect("decode");
+    }
+    engine.free_sequence(seq).expect("free");
+    (out, logits)
+}
+
+#[test]
+fn greedy_continuations_match_the_cpu_on_every_fixture() {
+    let _lock = lock();
+    for dir in models() {
+        let model = load(&dir);
+        let Some(mut gpu) = gpu_engine(&model, small_options(), "greedy_continuations") else {
+            return;
+        };
+        let (prompt, golden) = golden_ids(&dir);
+        let (cpu_ids, cpu_logits) = greedy(&mut cpu_engine(&model), &prompt, golden.len());
+        assert_eq!(
+            cpu_ids,
+            golden,
+            "{}: the CPU reference itself",
+            dir.display()
+        );
+        let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, golden.len());
+        for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
+            let err = rel_l2(g, c);
+            eprintln!("{}: step {i}: logits rel L2 {err:.2e}", dir.display());
+            assert!(
+                err <= LOGITS_REL_L2,
+                "{}: step {i}: rel L2 {err:e}",
+                dir.display()
+            );
+        }
+        assert_eq!(gpu_ids, cpu_ids, "{}: GPU vs CPU greedy", dir.display());
+        // The device argmax path gives the same tokens.
+        let seq = gpu.new_sequence().expect("sequence");
+        let first = gpu
+            .step_greedy(&[SeqStep {
+                seq,
+                tokens: &prompt,
+                start_pos: 0,
+                logits: LogitsFor::Last,
+            }])
+            .expect("greedy prefill");
+        assert_eq!(first, vec![gpu_ids[0]], "{}: step_greedy", dir.display());
+    }
+}
+
+#[test]
+fn graph_replay_equals_eager_launches_bit_for_bit() {
+    let _lock = lock();
+    let dir = root().join("models/tiny-mixtral");
+    let model = load(&dir);
+    let Some(mut graphs) = gpu_engine(&model, small_options(), "graph_replay") else {
+        return;
+    };
+    assert!(!graphs.graph_buckets().is_empty());
+    let eager_options = CudaEngineOptions {
+        cuda_graphs: false,
+        ..small_options()
+    };
+    let mut eager = gpu_engine(&model, eager_options, "graph_replay").expect("second engine");
+    assert!(eager.graph_buckets().is_empty());
+    let (prompt, _) = golden_ids(&dir);
+    let (ids_g, logits_g) = greedy(&mut graphs, &prompt, 8);
+    let (ids_e, logits_e) = greedy(&mut eager, &prompt, 8);
+    assert_eq!(ids_g, ids_e);
+    for (g, e) in logits_g.iter().zip(&logits_e) {
+        assert!(
+            g.iter().zip(e).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "graph and eager logits differ"
+        );
+    }
+}
+
+#[test]
+fn batched_decode_equals_each_sequence_alone() {
+    let _lock = lock();
+    let dir = root().join("tests/fixtures/gqa-bf16-sharded-window");
+    let model = load(&dir);
+    let Some(mut gpu) = gpu_engine(&model, small_options(), "batched_decode") else {
+        return;
+    };
+    let prompts: [&[u32]; 3] = [
+        &[1, 27, 59, 79, 25],
+        &[1, 300, 12],
+        &[1, 9, 8, 7, 6, 5, 4, 3],
+    ];
+    let alone: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&mut gpu, p, 6).0).collect();
+    // All three at once: prefill together, then decode together (a bucket of 4 with one padding).
+    let seqs: Vec<_> = prompts
+        .iter()
+        .map(|_| gpu.new_sequence().unwrap())
+        .collect();
+    let batch: Vec<SeqStep> = seqs
+        .iter()
+        .zip(prompts)
+        .map(|(&seq, tokens)| SeqStep {
+            seq,
+            tokens,
+            start_pos: 0,
+            logits: LogitsFor::Last,
+        })
+        .collect();
+    let mut next: Vec<u32> = gpu.step_greedy(&batch).expect("prefill");
+    let mut together: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+    for i in 0..5 {
+        let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let batch: Vec<SeqStep> = seqs
+            .iter()
+            .enumerate()
+            .map(|(s, &seq)| SeqStep {
+                seq,
+                tokens: &tokens[s],
+                start_pos: prompts[s].len() + i,
+                logits: LogitsFor::Last,
+            })
+            .collect();
+        next = gpu.step_greedy(&batch).expect("decode");
+        for (s, &t) in next.iter().enumerate() {
+            together[s].push(t);
+        }
+    }
+    assert_eq!(together, alone);
+}
+
+#[test]
+fn chunked_prefill_matches_one_pass() {
+    let _lock = lock();
+    let dir = root().join("tests/fixtures/gqa-bf16-sharded-window");
+    let model = load(&dir);
+    let Some(mut one_pass) = gpu_engine(&model, small_options(), "chunked_prefill") else {
+        return;
+    };
+    let chunked_options = CudaEngineOptions {
+        max_step_tokens: 4,
+        ..small_options()
+    };
+    let mut chunked = gpu_engine(&model, chunked_options, "chunked_prefill").expect("engine");
+    let prompt: Vec<u32> = (0..13).map(|i| 1 + 37 * i).collect();
+    let mut all = Vec::new();
+    for engine in [&mut one_pass, &mut chunked] {
+        let seq = engine.new_sequence().unwrap();
+        let out = engine
+            .step(&[SeqStep {
+                seq,
+                tokens: &prompt,
+                start_pos: 0,
+                logits: LogitsFor::All,
+            }])
+            .expect("prefill");
+        assert_eq!(out.len(), prompt.len());
+        all.push(out.logits);
+    }
+    let err = rel_l2(&all[1], &all[0]);
+    assert!(err <= 1e-2, "chunked vs one pass: rel L2 {err:e}");
+}
+
+#[test]
+fn bad_requests_are_refused_and_the_engine_stays_usable() {
+    let _lock = lock();
+    let dir = root().join("models/tiny-mixtral");
+    let model = load(&dir);
+    let Some(mut gpu) = gpu_engine(&model, small_options(), "bad_requests") else {
+        return;
+    };
+    let seq = gpu.new_sequence().unwrap();
+    let vocab = model.config.vocab_size as u32;
+    let refused = gpu.step(&[SeqStep {
+        seq,
+        tokens: &[1, vocab],
+        start_pos: 0,
+        logits: LogitsFor::Last,
+    }]);
+    assert!(matches!(refused, Err(EngineError::TokenOutOfRange { .. })));
+    let too_long: Vec<u32> = vec![5; 300];
+    let refused = gpu.step(&[SeqStep {
+        seq,
+        tokens: &too_long,
+        start_pos: 0,
+        logits: LogitsFor::Last,
+    }]);
+    assert!(matches!(refused, Err(EngineError::ContextOverflow { .. })));
+    assert_eq!(gpu.sequence_len(seq).unwrap(), 0);
+    let (prompt, golden) = golden_ids(&dir);
+    assert_eq!(greedy(&mut gpu, &prompt, golden.len()).0, golden);
+}
+
+#[test]
+fn a_model_that_cannot_fit_is_a_typed_error_and_frees_everything() {
+    let _lock = lock();
+    let dir = root().join("models/tiny-mixtral");
+    let model = load(&dir);
+    let Some(probe) = gpu_engine(&model, small_options(), "out_of_memory") else {
+        return;
+    };
+    let before = probe.memory().free_before;
+    drop(probe);
+    let huge = CudaEngineOptions {
+        kv_blocks: Some(1 << 40),
+        ..small_options()
+    };
+    match CudaEngine::new(&model.weights, huge, None) {
+        Err(CudaError::OutOfMemory { bytes, free, .. }) => assert!(bytes > free),
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    let after = gpu_engine(&model, small_options(), "out_of_memory").expect("engine after OOM");
+    // Nothing from the failed attempt is still held (allow 64 MiB of driver bookkeeping).
+    assert!(
+        after.memory().free_before + (64 << 20) >= before,
+        "free memory fell from {before} to {}",
+        after.memory().free_before
+    );
+}
