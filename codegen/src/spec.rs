@@ -149,6 +149,8 @@ pub const CONSTANTS: &[Constant] = &[
 
     // --- sample ---
 
+    // --- fill ---
+    Constant { name: "FILL_THREADS", value: 256, doc: "Threads per block of `fill_random` (grid-stride loop)." },
 ];
 
 /// Every kernel parameter struct.
@@ -302,6 +304,20 @@ pub const STRUCTS: &[ParamStruct] = &[
 
     // --- sample ---
 
+    // --- fill ---
+    ParamStruct {
+        name: "FillParams",
+        doc: "Seeded pseudo-random fill for benchmarks on made-up weights: `out[i] = shift + scale * u(seed, base + i)` \
+              with `u` uniform in [-1, 1) from a 32-bit integer hash (never constant, never NaN).",
+        fields: &[
+            field("out", write(Bf16), "`[len]` values written."),
+            field("len", U32, "Elements to write (below 2^31)."),
+            field("base", U32, "Hash index of element 0 (lets a large buffer be filled in pieces)."),
+            field("seed", U32, "Seed."),
+            field("scale", F32T, "Half-width of the range."),
+            field("shift", F32T, "Centre of the range."),
+        ],
+    },
 ];
 
 /// Every kernel family and its compiled instantiations.
@@ -404,4 +420,13 @@ pub const FAMILIES: &[Family] = &[
     // --- attention_prefill ---
 
     // --- sample ---
+
+    // --- fill ---
+    Family {
+        name: "fill_random",
+        rust_name: "FillRandom",
+        file: "fill",
+        params: "FillParams",
+        axes: &[],
+    },
 ];

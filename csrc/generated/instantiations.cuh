@@ -73,3 +73,7 @@
 // argmax (csrc/sampling.cu, takes ArgmaxParams): X(symbol)
 #define MIXTRAL_ARGMAX_VARIANTS(X) \
     X(argmax)
+
+// fill_random (csrc/fill.cu, takes FillParams): X(symbol)
+#define MIXTRAL_FILL_RANDOM_VARIANTS(X) \
+    X(fill_random)

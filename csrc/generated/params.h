@@ -54,6 +54,8 @@ typedef struct mx_bf16 {
 #define ATTENTION_COMBINE_THREADS 128u
 // Threads per block of `argmax` (one block per row).
 #define ARGMAX_THREADS 1024u
+// Threads per block of `fill_random` (grid-stride loop).
+#define FILL_THREADS 256u
 
 // Token embedding gather: `out[t, :] = table[ids[t], :]`; an id >= vocab gives a row of zeros.
 typedef struct EmbeddingParams {
@@ -354,3 +356,27 @@ MX_STATIC_ASSERT(offsetof(ArgmaxParams, logits) == 0, "ArgmaxParams.logits: offs
 MX_STATIC_ASSERT(offsetof(ArgmaxParams, out_ids) == 8, "ArgmaxParams.out_ids: offset");
 MX_STATIC_ASSERT(offsetof(ArgmaxParams, rows) == 16, "ArgmaxParams.rows: offset");
 MX_STATIC_ASSERT(offsetof(ArgmaxParams, vocab) == 20, "ArgmaxParams.vocab: offset");
+
+// Seeded pseudo-random fill for benchmarks on made-up weights: `out[i] = shift + scale * u(seed, base + i)` with `u` uniform in [-1, 1) from a 32-bit integer hash (never constant, never NaN).
+typedef struct FillParams {
+    // `[len]` values written.
+    mx_bf16* out;
+    // Elements to write (below 2^31).
+    uint32_t len;
+    // Hash index of element 0 (lets a large buffer be filled in pieces).
+    uint32_t base;
+    // Seed.
+    uint32_t seed;
+    // Half-width of the range.
+    float scale;
+    // Centre of the range.
+    float shift;
+} FillParams;
+MX_STATIC_ASSERT(sizeof(FillParams) == 32, "FillParams: size");
+MX_STATIC_ASSERT(MX_ALIGNOF(FillParams) == 8, "FillParams: alignment");
+MX_STATIC_ASSERT(offsetof(FillParams, out) == 0, "FillParams.out: offset");
+MX_STATIC_ASSERT(offsetof(FillParams, len) == 8, "FillParams.len: offset");
+MX_STATIC_ASSERT(offsetof(FillParams, base) == 12, "FillParams.base: offset");
+MX_STATIC_ASSERT(offsetof(FillParams, seed) == 16, "FillParams.seed: offset");
+MX_STATIC_ASSERT(offsetof(FillParams, scale) == 20, "FillParams.scale: offset");
+MX_STATIC_ASSERT(offsetof(FillParams, shift) == 24, "FillParams.shift: offset");

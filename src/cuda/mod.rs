@@ -23,6 +23,6 @@ pub mod params;
 mod params_ffi;
 
 pub use device::CudaDevice;
-pub use engine::{CudaEngine, CudaEngineOptions};
+pub use engine::{CudaEngine, CudaEngineOptions, WeightSource};
 pub use error::CudaError;
 pub use module::Kernels;

@@ -1386,5 +1386,8 @@ pub use attention_prefill::*;
 mod sample;
 pub use sample::*;
 
+mod fill;
+pub use fill::*;
+
 #[cfg(test)]
 mod tests;

@@ -32,6 +32,8 @@ pub const ATTENTION_MAX_SPLIT_KEYS: u32 = 512;
 pub const ATTENTION_COMBINE_THREADS: u32 = 128;
 /// Threads per block of `argmax` (one block per row).
 pub const ARGMAX_THREADS: u32 = 1024;
+/// Threads per block of `fill_random` (grid-stride loop).
+pub const FILL_THREADS: u32 = 256;
 
 /// Token embedding gather: `out[t, :] = table[ids[t], :]`; an id >= vocab gives a row of zeros.
 #[repr(C)]
@@ -354,6 +356,33 @@ const _: () = assert!(core::mem::offset_of!(ArgmaxParams, out_ids) == 8);
 const _: () = assert!(core::mem::offset_of!(ArgmaxParams, rows) == 16);
 const _: () = assert!(core::mem::offset_of!(ArgmaxParams, vocab) == 20);
 
+/// Seeded pseudo-random fill for benchmarks on made-up weights: `out[i] = shift + scale * u(seed, base + i)` with `u` uniform in [-1, 1) from a 32-bit integer hash (never constant, never NaN).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FillParams {
+    /// `[len]` values written. Device pointer to bf16, written.
+    pub out: u64,
+    /// Elements to write (below 2^31).
+    pub len: u32,
+    /// Hash index of element 0 (lets a large buffer be filled in pieces).
+    pub base: u32,
+    /// Seed.
+    pub seed: u32,
+    /// Half-width of the range.
+    pub scale: f32,
+    /// Centre of the range.
+    pub shift: f32,
+}
+
+const _: () = assert!(core::mem::size_of::<FillParams>() == 32);
+const _: () = assert!(core::mem::align_of::<FillParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(FillParams, out) == 0);
+const _: () = assert!(core::mem::offset_of!(FillParams, len) == 8);
+const _: () = assert!(core::mem::offset_of!(FillParams, base) == 12);
+const _: () = assert!(core::mem::offset_of!(FillParams, seed) == 16);
+const _: () = assert!(core::mem::offset_of!(FillParams, scale) == 20);
+const _: () = assert!(core::mem::offset_of!(FillParams, shift) == 24);
+
 /// A kernel family: one `__global__` template in csrc/.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelFamily {
@@ -377,11 +406,13 @@ pub enum KernelFamily {
     AttentionCombine,
     /// `argmax` in csrc/sampling.cu, taking [`ArgmaxParams`].
     Argmax,
+    /// `fill_random` in csrc/fill.cu, taking [`FillParams`].
+    FillRandom,
 }
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 10] = [
+    pub const ALL: [KernelFamily; 11] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -392,6 +423,7 @@ impl KernelFamily {
         KernelFamily::AttentionDecode,
         KernelFamily::AttentionCombine,
         KernelFamily::Argmax,
+        KernelFamily::FillRandom,
     ];
 
     /// Position of the family in [`KernelFamily::ALL`].
@@ -412,6 +444,7 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => "attention_decode",
             KernelFamily::AttentionCombine => "attention_combine",
             KernelFamily::Argmax => "argmax",
+            KernelFamily::FillRandom => "fill_random",
         }
     }
 
@@ -428,6 +461,7 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => &["HEAD_DIM", "GROUP"],
             KernelFamily::AttentionCombine => &[],
             KernelFamily::Argmax => &[],
+            KernelFamily::FillRandom => &[],
         }
     }
 }
@@ -673,6 +707,12 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         family: KernelFamily::Argmax,
         module: "sampling",
         symbol: "argmax",
+        consts: &[],
+    },
+    KernelVariant {
+        family: KernelFamily::FillRandom,
+        module: "fill",
+        symbol: "fill_random",
         consts: &[],
     },
 ];
@@ -1169,6 +1209,43 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "vocab",
                     core::mem::offset_of!(ArgmaxParams, vocab),
                     core::mem::size_of_val(&ArgmaxParams::default().vocab),
+                ),
+            ],
+        },
+        CompiledLayout {
+            name: "FillParams",
+            size: core::mem::size_of::<FillParams>(),
+            align: core::mem::align_of::<FillParams>(),
+            fields: vec![
+                (
+                    "out",
+                    core::mem::offset_of!(FillParams, out),
+                    core::mem::size_of_val(&FillParams::default().out),
+                ),
+                (
+                    "len",
+                    core::mem::offset_of!(FillParams, len),
+                    core::mem::size_of_val(&FillParams::default().len),
+                ),
+                (
+                    "base",
+                    core::mem::offset_of!(FillParams, base),
+                    core::mem::size_of_val(&FillParams::default().base),
+                ),
+                (
+                    "seed",
+                    core::mem::offset_of!(FillParams, seed),
+                    core::mem::size_of_val(&FillParams::default().seed),
+                ),
+                (
+                    "scale",
+                    core::mem::offset_of!(FillParams, scale),
+                    core::mem::size_of_val(&FillParams::default().scale),
+                ),
+                (
+                    "shift",
+                    core::mem::offset_of!(FillParams, shift),
+                    core::mem::size_of_val(&FillParams::default().shift),
                 ),
             ],
         },

@@ -23,7 +23,9 @@ use std::sync::Arc;
 use self::graph::DecodeGraph;
 use self::inputs::{decode_buckets, schedule_step, Chunk, ChunkKind, NO_SEQUENCE};
 use self::plan::{plan_bytes, Attention, Plan, PlanSizes};
-use self::upload::{device_weight_bytes, upload_weights, GpuWeights};
+use self::upload::{
+    allocate_weights, device_weight_bytes, is_tied, randomize_weights, upload_weights, GpuWeights,
+};
 use super::device::CudaDevice;
 use super::error::CudaError;
 use super::module::Kernels;
@@ -168,6 +170,20 @@ pub fn plan_sizes(
     Ok(sizes)
 }
 
+/// Where a [`CudaEngine`]'s weights come from.
+#[derive(Clone, Copy)]
+pub enum WeightSource<'a> {
+    /// A loaded checkpoint (uploaded through pinned staging).
+    Checkpoint(&'a ModelWeights),
+    /// Seeded random values made on the device, for benchmarks of real shapes without a checkpoint.
+    Random {
+        /// The model shape.
+        config: &'a ModelConfig,
+        /// Seed of the values.
+        seed: u32,
+    },
+}
+
 impl CudaEngine {
     /// Opens the device, checks that the model and its KV cache fit, uploads the weights (reporting
     /// progress), allocates the plan and captures the decode graphs.
@@ -176,14 +192,36 @@ impl CudaEngine {
         options: CudaEngineOptions,
         progress: Option<&dyn Fn(LoadProgress)>,
     ) -> Result<CudaEngine, CudaError> {
-        let config = weights.config.clone();
+        Self::build(WeightSource::Checkpoint(weights), options, progress)
+    }
+
+    /// An engine for a model of `config`'s shape with seeded random weights made on the device (for
+    /// benchmarks: nothing is read from disk).
+    pub fn with_random_weights(
+        config: &ModelConfig,
+        seed: u32,
+        options: CudaEngineOptions,
+    ) -> Result<CudaEngine, CudaError> {
+        Self::build(WeightSource::Random { config, seed }, options, None)
+    }
+
+    /// Builds an engine over `source`.
+    pub fn build(
+        source: WeightSource<'_>,
+        options: CudaEngineOptions,
+        progress: Option<&dyn Fn(LoadProgress)>,
+    ) -> Result<CudaEngine, CudaError> {
+        let (config, tied) = match source {
+            WeightSource::Checkpoint(w) => (w.config.clone(), is_tied(w)),
+            WeightSource::Random { config, .. } => (config.clone(), config.tie_word_embeddings),
+        };
         let device = CudaDevice::new(options.device)?;
         let kernels = Kernels::load(&device)?;
         let (free, total) = device
             .context()
             .mem_get_info()
             .map_err(CudaError::driver("reading free device memory"))?;
-        let weight_bytes = device_weight_bytes(weights);
+        let weight_bytes = device_weight_bytes(&config, tied);
         let sizes = plan_sizes(&config, &options, free.saturating_sub(weight_bytes))?;
         let needed = weight_bytes + plan_bytes(&config, &sizes) + options.reserve_bytes;
         if needed > free {
@@ -199,7 +237,15 @@ impl CudaEngine {
         }
         let stream = Arc::clone(device.stream());
         let mut arena = DeviceArena::new(Arc::clone(&stream));
-        let gpu_weights = upload_weights(weights, device.context(), &stream, &mut arena, progress)?;
+        let gpu_weights = allocate_weights(&config, tied, &mut arena)?;
+        match source {
+            WeightSource::Checkpoint(w) => {
+                upload_weights(w, &gpu_weights, device.context(), &stream, progress)?
+            }
+            WeightSource::Random { seed, .. } => {
+                randomize_weights(&gpu_weights, &config, seed, &kernels, &stream)?
+            }
+        }
         let weights_allocated = arena.bytes();
         let plan = Plan::new(&config, sizes, &mut arena, &stream)?;
         let max_context = options
@@ -304,6 +350,25 @@ impl CudaEngine {
             Output::Greedy(ids) => ids,
             Output::Logits(_) => Vec::new(),
         })
+    }
+
+    /// Grows `seq` to `len` cached tokens without computing them: their keys and values are whatever
+    /// the blocks hold. For benchmarks of long-context decode, whose cost does not depend on the
+    /// values; never use it for generation.
+    pub fn extend_unfilled(&mut self, seq: SeqId, len: usize) -> Result<(), EngineError> {
+        self.check_alive()?;
+        let cached = self.kv.sequence_len(seq)?;
+        if len <= cached {
+            return Ok(());
+        }
+        let filler = vec![0u32; len - cached];
+        self.kv.apply_step(&[SeqStep {
+            seq,
+            tokens: &filler,
+            start_pos: cached,
+            logits: crate::engine::LogitsFor::None,
+        }])?;
+        self.sync_block_tables(&[seq]).map_err(|e| self.fail(e))
     }
 
     fn fail(&mut self, error: CudaError) -> EngineError {

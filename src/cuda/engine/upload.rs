@@ -15,8 +15,11 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream, PinnedHostSlice};
 use half::bf16;
 
 use super::super::error::CudaError;
+use super::super::module::Kernels;
+use super::super::ops::{fill_random, FillShape};
 use super::super::region::{DeviceArena, Region};
 use crate::checkpoint::LoadProgress;
+use crate::config::ModelConfig;
 use crate::dtype::WeightSlice;
 use crate::weights::{ModelWeights, Weight};
 
@@ -59,9 +62,9 @@ pub struct GpuWeights {
     pub lm_head: Region<bf16>,
 }
 
-/// Bytes [`upload_weights`] allocates for `weights`.
-pub fn device_weight_bytes(weights: &ModelWeights) -> usize {
-    let c = &weights.config;
+/// Bytes [`allocate_weights`] allocates for a model of `config` (`tied`: the LM head is the embedding).
+pub fn device_weight_bytes(config: &ModelConfig, tied: bool) -> usize {
+    let c = config;
     let h = c.hidden_size;
     let experts = c.num_experts.max(1);
     let per_layer = 2 * h
@@ -69,13 +72,54 @@ pub fn device_weight_bytes(weights: &ModelWeights) -> usize {
         + h * c.q_width()
         + experts * h
         + 3 * experts * c.intermediate_size * h;
-    let tied = is_tied(weights);
     let elements = c.num_layers * per_layer + c.vocab_size * h * if tied { 1 } else { 2 } + h;
     elements * std::mem::size_of::<bf16>()
 }
 
-fn is_tied(weights: &ModelWeights) -> bool {
+/// True when the LM head is the embedding tensor.
+pub fn is_tied(weights: &ModelWeights) -> bool {
     weights.lm_head.tensor.name() == weights.embed.tensor.name()
+}
+
+/// Allocates (zero-filled) every weight region of a model of `config` in `arena`.
+pub fn allocate_weights(
+    config: &ModelConfig,
+    tied: bool,
+    arena: &mut DeviceArena,
+) -> Result<GpuWeights, CudaError> {
+    let c = config;
+    let h = c.hidden_size;
+    let experts = c.num_experts.max(1);
+    let inter = c.intermediate_size;
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for l in 0..c.num_layers {
+        layers.push(LayerRegions {
+            attn_norm: arena.zeroed(h, &format!("layer {l} input norm"))?,
+            qkv: arena.zeroed(
+                (c.q_width() + 2 * c.kv_width()) * h,
+                &format!("layer {l} fused q/k/v projection"),
+            )?,
+            o: arena.zeroed(h * c.q_width(), &format!("layer {l} o_proj"))?,
+            ffn_norm: arena.zeroed(h, &format!("layer {l} ffn norm"))?,
+            gate: arena.zeroed(experts * h, &format!("layer {l} router"))?,
+            w1: arena.zeroed(experts * inter * h, &format!("layer {l} experts w1"))?,
+            w3: arena.zeroed(experts * inter * h, &format!("layer {l} experts w3"))?,
+            w2: arena.zeroed(experts * h * inter, &format!("layer {l} experts w2"))?,
+        });
+    }
+    let embed = arena.zeroed(c.vocab_size * h, "embedding")?;
+    let final_norm = arena.zeroed(h, "final norm")?;
+    let lm_head = if tied {
+        embed.clone()
+    } else {
+        arena.zeroed(c.vocab_size * h, "lm_head")?
+    };
+    Ok(GpuWeights {
+        embed,
+        layers,
+        final_norm,
+        lm_head,
+    })
 }
 
 /// Double-buffered pinned staging.
@@ -210,93 +254,109 @@ fn convert_to_bf16(src: WeightSlice<'_>, out: &mut [u8]) {
     }
 }
 
-/// A region holding `w`.
-fn upload_one(
+/// Copies `parts` one after the other into `dst`.
+fn copy_stacked(
     staging: &mut Staging<'_>,
-    arena: &mut DeviceArena,
-    w: &Weight,
-    what: &str,
-) -> Result<Region<bf16>, CudaError> {
-    let region = arena.zeroed::<bf16>(w.rows * w.cols, what)?;
-    staging.copy(w.data(), &region, 0, what)?;
-    Ok(region)
-}
-
-/// A region holding `parts` one after the other.
-fn upload_stacked(
-    staging: &mut Staging<'_>,
-    arena: &mut DeviceArena,
+    dst: &Region<bf16>,
     parts: &[&Weight],
     what: &str,
-) -> Result<Region<bf16>, CudaError> {
-    let len = parts.iter().map(|w| w.rows * w.cols).sum();
-    let region = arena.zeroed::<bf16>(len, what)?;
+) -> Result<(), CudaError> {
     let mut offset = 0;
     for w in parts {
-        staging.copy(w.data(), &region, offset, what)?;
+        staging.copy(w.data(), dst, offset, what)?;
         offset += w.rows * w.cols;
     }
-    Ok(region)
+    Ok(())
 }
 
-/// Allocates every weight region in `arena` and uploads the weights into them, reporting progress
-/// in bytes uploaded.
+/// Uploads `weights` into the regions of `gpu` (made by [`allocate_weights`] for the same config),
+/// reporting progress in bytes uploaded.
 pub fn upload_weights(
     weights: &ModelWeights,
+    gpu: &GpuWeights,
     ctx: &Arc<CudaContext>,
     stream: &Arc<CudaStream>,
-    arena: &mut DeviceArena,
     progress: Option<&dyn Fn(LoadProgress)>,
-) -> Result<GpuWeights, CudaError> {
-    let c = &weights.config;
-    let h = c.hidden_size;
-    let mut staging = Staging::new(ctx, stream, device_weight_bytes(weights) as u64, progress)?;
+) -> Result<(), CudaError> {
+    let total = device_weight_bytes(&weights.config, is_tied(weights)) as u64;
+    let mut staging = Staging::new(ctx, stream, total, progress)?;
     let st = &mut staging;
-    let mut layers = Vec::with_capacity(c.num_layers);
-    for (l, lw) in weights.layers.iter().enumerate() {
-        let attn_norm = upload_one(st, arena, &lw.attn_norm, &format!("layer {l} input norm"))?;
-        let ffn_norm = upload_one(st, arena, &lw.ffn_norm, &format!("layer {l} ffn norm"))?;
-        let o = upload_one(st, arena, &lw.o_proj, &format!("layer {l} o_proj"))?;
-        let qkv = upload_stacked(
+    for (l, (lw, g)) in weights.layers.iter().zip(&gpu.layers).enumerate() {
+        copy_stacked(st, &g.attn_norm, &[&lw.attn_norm], &format!("layer {l} input norm"))?;
+        copy_stacked(st, &g.ffn_norm, &[&lw.ffn_norm], &format!("layer {l} ffn norm"))?;
+        copy_stacked(st, &g.o, &[&lw.o_proj], &format!("layer {l} o_proj"))?;
+        copy_stacked(
             st,
-            arena,
+            &g.qkv,
             &[&lw.q_proj, &lw.k_proj, &lw.v_proj],
-            &format!("layer {l} fused q/k/v projection"),
+            &format!("layer {l} q/k/v projections"),
         )?;
-        let gate = match &lw.router {
-            Some(r) => upload_one(st, arena, r, &format!("layer {l} router"))?,
-            // Dense model: one expert, whose softmax weight is 1 whatever the (zero) logit.
-            None => arena.zeroed::<bf16>(h, &format!("layer {l} router"))?,
-        };
+        // A dense model has no router: its zero gate gives the one expert weight 1.
+        if let Some(r) = &lw.router {
+            copy_stacked(st, &g.gate, &[r], &format!("layer {l} router"))?;
+        }
         let w1: Vec<&Weight> = lw.experts.iter().map(|e| &e.w1).collect();
         let w3: Vec<&Weight> = lw.experts.iter().map(|e| &e.w3).collect();
         let w2: Vec<&Weight> = lw.experts.iter().map(|e| &e.w2).collect();
-        let w1 = upload_stacked(st, arena, &w1, &format!("layer {l} experts w1"))?;
-        let w3 = upload_stacked(st, arena, &w3, &format!("layer {l} experts w3"))?;
-        let w2 = upload_stacked(st, arena, &w2, &format!("layer {l} experts w2"))?;
-        layers.push(LayerRegions {
-            attn_norm,
-            qkv,
-            o,
-            ffn_norm,
-            gate,
-            w1,
-            w3,
-            w2,
-        });
+        copy_stacked(st, &g.w1, &w1, &format!("layer {l} experts w1"))?;
+        copy_stacked(st, &g.w3, &w3, &format!("layer {l} experts w3"))?;
+        copy_stacked(st, &g.w2, &w2, &format!("layer {l} experts w2"))?;
     }
-    let embed = upload_one(st, arena, &weights.embed, "embedding")?;
-    let final_norm = upload_one(st, arena, &weights.final_norm, "final norm")?;
-    let lm_head = if is_tied(weights) {
-        embed.clone()
-    } else {
-        upload_one(st, arena, &weights.lm_head, "lm_head")?
+    copy_stacked(st, &gpu.embed, &[&weights.embed], "embedding")?;
+    copy_stacked(st, &gpu.final_norm, &[&weights.final_norm], "final norm")?;
+    if !is_tied(weights) {
+        copy_stacked(st, &gpu.lm_head, &[&weights.lm_head], "lm_head")?;
+    }
+    staging.finish()
+}
+
+/// Fills every region of `gpu` with seeded values of a sensible scale (norm weights near 1,
+/// projections uniform with variance 1 / fan-in), for benchmarks of real shapes without a checkpoint.
+pub fn randomize_weights(
+    gpu: &GpuWeights,
+    config: &ModelConfig,
+    seed: u32,
+    kernels: &Kernels,
+    stream: &Arc<CudaStream>,
+) -> Result<(), CudaError> {
+    let mut next_seed = seed;
+    let mut fill = |region: &Region<bf16>, fan_in: usize, shift: f32| -> Result<(), CudaError> {
+        next_seed = next_seed.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+        let scale = if shift == 0.0 {
+            (3.0 / fan_in.max(1) as f32).sqrt()
+        } else {
+            0.1
+        };
+        let mut target = region.clone();
+        fill_random(
+            kernels,
+            stream,
+            &FillShape {
+                len: region.len_elems(),
+                seed: next_seed,
+                scale,
+                shift,
+            },
+            &mut target,
+        )
     };
-    staging.finish()?;
-    Ok(GpuWeights {
-        embed,
-        layers,
-        final_norm,
-        lm_head,
-    })
+    let h = config.hidden_size;
+    for g in &gpu.layers {
+        fill(&g.attn_norm, 1, 1.0)?;
+        fill(&g.ffn_norm, 1, 1.0)?;
+        fill(&g.qkv, h, 0.0)?;
+        fill(&g.o, config.q_width(), 0.0)?;
+        fill(&g.gate, h, 0.0)?;
+        fill(&g.w1, h, 0.0)?;
+        fill(&g.w3, h, 0.0)?;
+        fill(&g.w2, config.intermediate_size, 0.0)?;
+    }
+    fill(&gpu.embed, 1, 0.0)?;
+    fill(&gpu.final_norm, 1, 1.0)?;
+    if gpu.lm_head.address() != gpu.embed.address() {
+        fill(&gpu.lm_head, h, 0.0)?;
+    }
+    stream
+        .synchronize()
+        .map_err(CudaError::driver("filling random weights"))
 }

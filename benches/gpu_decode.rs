@@ -1,0 +1,235 @@
+//! GPU decode latency and prefill time of the CUDA engine on Mixtral-8x7B shapes (hidden 4096, 32/8
+//! heads of 128, 8 experts top-2, intermediate 14336, vocab 32000) with seeded random bf16 weights
+//! made on the device, `MIXTRAL_BENCH_LAYERS` layers (default: 32 when the card holds them, else 16).
+//!
+//! `cargo bench --features cuda --bench gpu_decode` runs criterion groups (decode at batch 1 / 8 / 32,
+//! long-context decode, prefill). `gpu_decode --protocol OUT.jsonl` runs the fixed protocol that
+//! `scripts/gpu-check` uses: every measurement once, median of repeated steps after a warm-up, one
+//! JSON object per line. Without a CUDA device both print why and exit successfully.
+//!
+//! Decode is measured at a fixed context: each step rewinds the sequences to the context and appends
+//! one token, so every sample does the same work. Long contexts are made with
+//! [`CudaEngine::extend_unfilled`] (the cost of attention does not depend on the cached values).
+//! Every step ends with reading the sampled ids back, which waits for the device.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use mixtral::config::ModelConfig;
+use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError};
+use mixtral::{LogitsFor, SeqId, SeqStep};
+
+const WARMUP: usize = 5;
+const REPEATS: usize = 30;
+
+/// Mixtral-8x7B's shape with `layers` layers.
+fn mixtral_config(layers: usize) -> ModelConfig {
+    let json = format!(
+        r#"{{"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": {layers}, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": null,
+        "max_position_embeddings": 32768, "tie_word_embeddings": false,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}}"#
+    );
+    ModelConfig::from_json_str(&json, std::path::Path::new("config.json")).expect("config")
+}
+
+fn layers() -> usize {
+    if let Some(n) = std::env::var("MIXTRAL_BENCH_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
+    // 32 layers of bf16 weights are 93 GB: only cards with more memory hold them.
+    let total = CudaDevice::new(0)
+        .ok()
+        .and_then(|d| d.context().total_mem().ok())
+        .unwrap_or(0);
+    if total > 120 << 30 {
+        32
+    } else {
+        16
+    }
+}
+
+fn engine(layers: usize, graphs: bool) -> Result<CudaEngine, CudaError> {
+    let options = CudaEngineOptions {
+        max_context: Some(32768),
+        max_sequences: 32,
+        max_step_tokens: 4096,
+        cuda_graphs: graphs,
+        ..CudaEngineOptions::default()
+    };
+    CudaEngine::with_random_weights(&mixtral_config(layers), 1234, options)
+}
+
+/// Pseudo-random token ids (never constant).
+fn ids(len: usize, salt: u64) -> Vec<u32> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ salt;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            3 + (state % 31_000) as u32
+        })
+        .collect()
+}
+
+/// `batch` sequences holding `context` tokens (unfilled).
+fn sequences(engine: &mut CudaEngine, batch: usize, context: usize) -> Vec<SeqId> {
+    (0..batch)
+        .map(|_| {
+            let seq = mixtral::Engine::new_sequence(engine).expect("sequence");
+            engine.extend_unfilled(seq, context).expect("context");
+            seq
+        })
+        .collect()
+}
+
+/// One decode step of every sequence at position `context` (rewinding to it first).
+fn decode_step(engine: &mut CudaEngine, seqs: &[SeqId], context: usize, tokens: &[[u32; 1]]) {
+    let batch: Vec<SeqStep> = seqs
+        .iter()
+        .zip(tokens)
+        .map(|(&seq, t)| SeqStep {
+            seq,
+            tokens: t,
+            start_pos: context,
+            logits: LogitsFor::Last,
+        })
+        .collect();
+    let out = engine.step_greedy(&batch).expect("decode step");
+    assert_eq!(out.len(), seqs.len());
+}
+
+/// A prefill of `tokens` tokens into a fresh sequence (time to first token).
+fn prefill(engine: &mut CudaEngine, prompt: &[u32]) {
+    let seq = mixtral::Engine::new_sequence(engine).expect("sequence");
+    let out = engine
+        .step_greedy(&[SeqStep {
+            seq,
+            tokens: prompt,
+            start_pos: 0,
+            logits: LogitsFor::Last,
+        }])
+        .expect("prefill");
+    assert_eq!(out.len(), 1);
+    mixtral::Engine::free_sequence(engine, seq).expect("free");
+}
+
+fn median_ms(mut run: impl FnMut(), repeats: usize) -> f64 {
+    for _ in 0..WARMUP {
+        run();
+    }
+    let mut times: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let started = Instant::now();
+            run();
+            started.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn skip(e: &CudaError) -> bool {
+    matches!(e, CudaError::NoDriver | CudaError::NoDevice { .. })
+}
+
+/// The fixed protocol: one JSON line per measurement into `out`.
+fn protocol(out_path: &str) {
+    let layers = layers();
+    let mut out = std::fs::File::create(out_path).expect("protocol output");
+    let mut record = |what: &str, batch: usize, context: usize, graphs: bool, ms: f64, card: &str| {
+        let line = format!(
+            r#"{{"card": "{card}", "what": "{what}", "dtype": "bf16", "layers": {layers}, "batch": {batch}, "context": {context}, "graphs": {graphs}, "ours_ms": {ms:.4}}}"#
+        );
+        println!("{line}");
+        writeln!(out, "{line}").expect("write protocol output");
+    };
+    for graphs in [true, false] {
+        let mut engine = match engine(layers, graphs) {
+            Ok(e) => e,
+            Err(e) if skip(&e) => {
+                eprintln!("gpu_decode: skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("building the engine: {e}"),
+        };
+        let card = engine.device_name().to_string();
+        let contexts: &[usize] = if graphs { &[16, 4096, 16384, 32000] } else { &[16] };
+        for &context in contexts {
+            let batches: &[usize] = if graphs && context == 16 { &[1, 8, 32] } else { &[1] };
+            for &batch in batches {
+                let seqs = sequences(&mut engine, batch, context);
+                let tokens: Vec<[u32; 1]> = ids(batch, context as u64).iter().map(|&t| [t]).collect();
+                let ms = median_ms(|| decode_step(&mut engine, &seqs, context, &tokens), REPEATS);
+                record("decode", batch, context, graphs, ms, &card);
+                for seq in seqs {
+                    mixtral::Engine::free_sequence(&mut engine, seq).expect("free");
+                }
+            }
+        }
+        if graphs {
+            for tokens in [512, 4096] {
+                let prompt = ids(tokens, 7);
+                let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
+                record("prefill", 1, tokens, graphs, ms, &card);
+            }
+        }
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let layers = layers();
+    let mut engine = match engine(layers, true) {
+        Ok(e) => e,
+        Err(e) if skip(&e) => {
+            eprintln!("gpu_decode: skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("building the engine: {e}"),
+    };
+    let mut group = c.benchmark_group(format!("gpu_decode_{layers}_layers"));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
+    for (batch, context) in [(1, 16), (8, 16), (32, 16), (1, 4096), (1, 32000)] {
+        let seqs = sequences(&mut engine, batch, context);
+        let tokens: Vec<[u32; 1]> = ids(batch, 3).iter().map(|&t| [t]).collect();
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(BenchmarkId::new(format!("batch{batch}"), context), |b| {
+            b.iter(|| decode_step(&mut engine, &seqs, context, &tokens))
+        });
+        for seq in seqs {
+            mixtral::Engine::free_sequence(&mut engine, seq).expect("free");
+        }
+    }
+    group.finish();
+    let mut group = c.benchmark_group(format!("gpu_prefill_{layers}_layers"));
+    group.sample_size(10);
+    for tokens in [512, 4096] {
+        let prompt = ids(tokens, 11);
+        group.throughput(Throughput::Elements(tokens as u64));
+        group.bench_function(BenchmarkId::from_parameter(tokens), |b| {
+            b.iter(|| prefill(&mut engine, &prompt))
+        });
+    }
+    group.finish();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--protocol") {
+        let out = args.get(i + 1).expect("--protocol OUT.jsonl");
+        protocol(out);
+        return;
+    }
+    let mut c = Criterion::default().configure_from_args();
+    benches(&mut c);
+    c.final_summary();
+}
