@@ -73,3 +73,10 @@
 // argmax (csrc/sampling.cu, takes ArgmaxParams): X(symbol)
 #define MIXTRAL_ARGMAX_VARIANTS(X) \
     X(argmax)
+
+// attention_prefill (csrc/attention_prefill.cu, takes AttentionPrefillParams): X(symbol, HEAD_DIM)
+#define MIXTRAL_ATTENTION_PREFILL_VARIANTS(X) \
+    X(attention_prefill_d16, 16) \
+    X(attention_prefill_d32, 32) \
+    X(attention_prefill_d64, 64) \
+    X(attention_prefill_d128, 128)
