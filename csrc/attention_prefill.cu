@@ -98,6 +98,9 @@ __device__ void attention_prefill_body(const AttentionPrefillParams& p) {
     constexpr int KSTEPS = D / 16;       // k-steps of Q K^T
     constexpr int DTILES = D / 8;        // n-tiles of the output
     constexpr int STILES = KEYS / 8;     // n-tiles of the scores
+    constexpr uint32_t GATHER_STEPS = KEYS * CHUNKS / THREADS;  // 16-byte chunks each thread moves per tile
+    constexpr uint32_t GATHER_BATCH = GATHER_STEPS < 4 ? GATHER_STEPS : 4;  // loads in flight per thread
+    static_assert(KEYS * CHUNKS % THREADS == 0 && GATHER_STEPS % GATHER_BATCH == 0, "the gather divides evenly");
     __shared__ __align__(16) uint16_t k_s[KEYS][D + PAD];
     __shared__ __align__(16) uint16_t vt_s[D][KEYS + PAD];
     __shared__ long long slot_s[KEYS];
@@ -161,21 +164,36 @@ __device__ void attention_prefill_body(const AttentionPrefillParams& p) {
                                                : -1;
         }
         __syncthreads();
-        for (uint32_t i = threadIdx.x; i < KEYS * CHUNKS; i += THREADS) {
-            const uint32_t key = i / CHUNKS, part = i % CHUNKS;
-            const long long slot = slot_s[key];
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (slot >= 0) {
-                const size_t offset = (size_t)slot * token_stride + part * 8;
-                kv = mx::load_shared_16(k_head + offset);
-                vv = mx::load_shared_16(v_head + offset);
-            }
-            *reinterpret_cast<uint4*>(&k_s[key][part * 8]) = kv;
-            const uint32_t words[4] = {vv.x, vv.y, vv.z, vv.w};
+        // Chunk i is 16-byte part i / KEYS of key i % KEYS: a warp covers 32 consecutive keys of one part,
+        // so the transposed 2-byte stores into vt_s and the 16-byte stores into k_s are free of bank
+        // conflicts (the two halves of a 32-byte sector are read by two warps; L1 is expected to serve the
+        // second, not measured).
+        // All of this thread's loads are issued before the first shared store (GATHER_BATCH at a time).
 #pragma unroll
-            for (int w = 0; w < 4; ++w) {
-                vt_s[part * 8 + 2 * w][key] = (uint16_t)(words[w] & 0xffffu);
-                vt_s[part * 8 + 2 * w + 1][key] = (uint16_t)(words[w] >> 16);
+        for (uint32_t batch = 0; batch < GATHER_STEPS; batch += GATHER_BATCH) {
+            uint4 kv[GATHER_BATCH], vv[GATHER_BATCH];
+#pragma unroll
+            for (uint32_t b = 0; b < GATHER_BATCH; ++b) {
+                const uint32_t i = (batch + b) * THREADS + threadIdx.x;
+                const long long slot = slot_s[i % KEYS];
+                kv[b] = vv[b] = make_uint4(0, 0, 0, 0);
+                if (slot >= 0) {
+                    const size_t offset = (size_t)slot * token_stride + (i / KEYS) * 8;
+                    kv[b] = mx::load_shared_16(k_head + offset);
+                    vv[b] = mx::load_shared_16(v_head + offset);
+                }
+            }
+#pragma unroll
+            for (uint32_t b = 0; b < GATHER_BATCH; ++b) {
+                const uint32_t i = (batch + b) * THREADS + threadIdx.x;
+                const uint32_t key = i % KEYS, part = i / KEYS;
+                *reinterpret_cast<uint4*>(&k_s[key][part * 8]) = kv[b];
+                const uint32_t words[4] = {vv[b].x, vv[b].y, vv[b].z, vv[b].w};
+#pragma unroll
+                for (int w = 0; w < 4; ++w) {
+                    vt_s[part * 8 + 2 * w][key] = (uint16_t)(words[w] & 0xffffu);
+                    vt_s[part * 8 + 2 * w + 1][key] = (uint16_t)(words[w] >> 16);
+                }
             }
         }
         __syncthreads();
