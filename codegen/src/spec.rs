@@ -444,6 +444,5 @@ pub const FAMILIES: &[Family] = &[
             values: &[v(16, "d16"), v(32, "d32"), v(64, "d64"), v(128, "d128")],
         }],
     },
-
     // --- sample ---
 ];

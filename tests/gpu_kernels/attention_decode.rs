@@ -52,7 +52,11 @@ fn cases() -> impl Strategy<Value = Case> {
         ),
     )
         .prop_map(
-            |((head_dim, group, kv_heads, block_size), seqs, (window, split_keys, fused_q, seed))| {
+            |(
+                (head_dim, group, kv_heads, block_size),
+                seqs,
+                (window, split_keys, fused_q, seed),
+            )| {
                 Case {
                     head_dim,
                     group,
@@ -119,7 +123,8 @@ fn check(gpu: &Gpu, case: &Case) {
     let token_seq_dev = Guarded::with(stream, &token_seq);
     let positions_dev = Guarded::with(stream, &positions);
     let mut out = Guarded::<bf16>::poisoned(stream, tokens * width);
-    let mut part_out = Guarded::<f32>::poisoned(stream, tokens * heads * max_splits * case.head_dim);
+    let mut part_out =
+        Guarded::<f32>::poisoned(stream, tokens * heads * max_splits * case.head_dim);
     let mut part_lse = Guarded::<f32>::poisoned(stream, tokens * heads * max_splits);
     let shape = AttentionDecodeShape {
         tokens,

@@ -310,8 +310,7 @@ fn attention_prefill_tile_edges() {
     let Some(gpu) = common::gpu("attention_prefill_tile_edges") else {
         return;
     };
-    let mut seed = 11;
-    for (tokens, start_pos, window) in [
+    for (seed, (tokens, start_pos, window)) in (12..).zip([
         (63, 0, None),
         (64, 0, None),
         (65, 0, None),
@@ -319,8 +318,7 @@ fn attention_prefill_tile_edges() {
         (65, 1, Some(1)),
         (70, 30, Some(100)),
         (129, 7, Some(64)),
-    ] {
-        seed += 1;
+    ]) {
         check(
             &gpu,
             &Case {

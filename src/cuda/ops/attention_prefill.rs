@@ -309,7 +309,10 @@ mod tests {
                 (p.tokens, p.start_pos, p.seq_row, p.n_heads, p.n_kv_heads),
                 (100, 30, 2, 32, 8)
             );
-            assert_eq!((p.head_dim, p.q_stride, p.window), (head_dim as u32, 48 * head_dim as u32, 0));
+            assert_eq!(
+                (p.head_dim, p.q_stride, p.window),
+                (head_dim as u32, 48 * head_dim as u32, 0)
+            );
             assert_eq!(
                 (p.block_size, p.max_blocks_per_seq, p.num_blocks, p.num_seqs),
                 (16, 9, 40, 3)
@@ -327,7 +330,9 @@ mod tests {
             start_pos: 0,
             ..shape()
         };
-        let plan = plan_attention_prefill(&exact, &bufs(&exact)).unwrap().unwrap();
+        let plan = plan_attention_prefill(&exact, &bufs(&exact))
+            .unwrap()
+            .unwrap();
         assert_eq!(plan.grid, (1, 32, 1));
     }
 
@@ -437,7 +442,14 @@ mod tests {
         let s = shape();
         let b = bufs(&s);
         assert!(plan_attention_prefill(&s, &b).is_ok());
-        too_small(&s, PrefillBufs { q: shorter(b.q), ..b }, "q");
+        too_small(
+            &s,
+            PrefillBufs {
+                q: shorter(b.q),
+                ..b
+            },
+            "q",
+        );
         too_small(
             &s,
             PrefillBufs {
@@ -516,13 +528,7 @@ mod tests {
             ..shape()
         };
         assert!(plan_attention_prefill(&s, &bufs(&s)).unwrap().is_none());
-        unsupported(
-            &AttentionPrefillShape {
-                seq_row: 9,
-                ..s
-            },
-            "seq_row",
-        );
+        unsupported(&AttentionPrefillShape { seq_row: 9, ..s }, "seq_row");
     }
 
     #[test]
