@@ -340,8 +340,8 @@ fn attention_prefill_tile_edges() {
 
 /// A block-table entry outside `[0, num_blocks)` inside the sequence is skipped, never followed: with
 /// the sequence's first block replaced by -1 or by `num_blocks`, queries whose window does not reach
-/// that block still match the reference exactly, and every output of the full-causal run is finite
-/// and inside the buffer.
+/// that block still match the reference, and every output of the full-causal run is finite
+/// and inside the buffer; with no entry in range every output is zero.
 #[test]
 fn attention_prefill_skips_out_of_range_block_table_entries() {
     let Some(gpu) = common::gpu("attention_prefill_skips_out_of_range_block_table_entries") else {
@@ -386,4 +386,25 @@ fn attention_prefill_skips_out_of_range_block_table_entries() {
         let full = pool.reference(0, &q, heads, start_pos, None);
         assert!(common::rel_l2(&out, &full) > 1e-4, "block 0 was read");
     }
+    // With every entry of the row out of range no key is left: every output is exactly zero.
+    let mut tables = pool.tables.clone();
+    for (col, entry) in tables.iter_mut().enumerate() {
+        *entry = if col % 2 == 0 { -7 } else { i32::MAX };
+    }
+    let out = run(
+        &gpu,
+        &pool,
+        &tables,
+        0,
+        heads,
+        &q_rows,
+        heads * head_dim,
+        start_pos,
+        tokens,
+        None,
+    );
+    assert!(
+        out.iter().all(|&x| x == 0.0),
+        "a query without keys must give zeros"
+    );
 }
