@@ -251,7 +251,16 @@ fn run(
     common::to_f32(&out.read_written(stream, "out"))
 }
 
-fn check(gpu: &Gpu, case: &Case) {
+/// A case's host data: the pool, q in its strided rows, and the reference output.
+struct Prepared {
+    pool: Pool,
+    heads: usize,
+    q_rows: Vec<f32>,
+    q_stride: usize,
+    reference: Vec<f32>,
+}
+
+fn prepare(case: &Case) -> Prepared {
     let heads = case.group * case.kv_heads;
     let width = heads * case.head_dim;
     let q_stride = if case.fused_q {
@@ -271,19 +280,82 @@ fn check(gpu: &Gpu, case: &Case) {
     );
     let (q_rows, q) = strided_queries(case.seed.wrapping_add(3), case.tokens, width, q_stride);
     let reference = pool.reference(case.seq_row, &q, heads, case.start_pos, case.window);
+    Prepared {
+        pool,
+        heads,
+        q_rows,
+        q_stride,
+        reference,
+    }
+}
+
+fn check(gpu: &Gpu, case: &Case) {
+    let p = prepare(case);
     let out = run(
         gpu,
-        &pool,
-        &pool.tables,
+        &p.pool,
+        &p.pool.tables,
         case.seq_row,
-        heads,
-        &q_rows,
-        q_stride,
+        p.heads,
+        &p.q_rows,
+        p.q_stride,
         case.start_pos,
         case.tokens,
         case.window,
     );
-    common::assert_close(&format!("{case:?}"), &out, &reference, 1e-2);
+    common::assert_close(&format!("{case:?}"), &out, &p.reference, 1e-2);
+}
+
+/// Runs without a device: the fixture the GPU tests rely on is what they claim. Every sequence's
+/// table columns name distinct in-range blocks (no two sequences share one), every other column is
+/// out of range, the blocks are not handed out in order, and the reference output is finite and
+/// not constant.
+#[test]
+fn attention_fixture_is_a_shuffled_partition_of_the_pool() {
+    let mut runner = TestRunner::new(Config {
+        cases: 16,
+        ..Config::default()
+    });
+    let shuffled = std::cell::Cell::new(0);
+    let result = runner.run(&cases(), |case| {
+        let p = prepare(&case);
+        let cache = p.pool.cache;
+        let mut owner = vec![None; cache.num_blocks];
+        let mut in_order = true;
+        for row in 0..cache.num_seqs {
+            let columns =
+                &p.pool.tables[row * cache.max_blocks_per_seq..][..cache.max_blocks_per_seq];
+            let used = p.pool.needs[row];
+            for (col, &entry) in columns.iter().enumerate() {
+                let in_range = entry >= 0 && (entry as usize) < cache.num_blocks;
+                prop_assert_eq!(
+                    in_range,
+                    col < used,
+                    "row {} column {} = {}",
+                    row,
+                    col,
+                    entry
+                );
+                if in_range {
+                    prop_assert!(owner[entry as usize].is_none(), "block {} shared", entry);
+                    owner[entry as usize] = Some(row);
+                    in_order &= col == 0 || columns[col - 1] + 1 == entry;
+                }
+            }
+        }
+        if !in_order {
+            shuffled.set(shuffled.get() + 1);
+        }
+        let len = case.tokens * p.heads * case.head_dim;
+        prop_assert_eq!(p.reference.len(), len);
+        prop_assert!(p.reference.iter().all(|x| x.is_finite()));
+        prop_assert!(p.reference.iter().any(|&x| x != p.reference[0]));
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    assert!(shuffled.get() > 0, "block tables were never shuffled");
 }
 
 #[test]
