@@ -146,6 +146,10 @@ pub const CONSTANTS: &[Constant] = &[
     // --- moe_grouped ---
 
     // --- attention_prefill ---
+    Constant { name: "ATTENTION_PREFILL_THREADS", value: 128, doc: "Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head)." },
+    Constant { name: "ATTENTION_PREFILL_QUERIES", value: 64, doc: "Query tokens per block of `attention_prefill` (16 per warp)." },
+    Constant { name: "ATTENTION_PREFILL_KEYS", value: 64, doc: "Keys per K/V tile of `attention_prefill` (gathered from the paged cache into shared memory)." },
+    Constant { name: "ATTENTION_PREFILL_PAD", value: 8, doc: "bf16 elements of padding per shared-memory row of `attention_prefill` (keeps the fragment reads free of bank conflicts and rows 16-byte aligned)." },
 
     // --- sample ---
 
@@ -301,6 +305,34 @@ pub const STRUCTS: &[ParamStruct] = &[
     // --- moe_grouped ---
 
     // --- attention_prefill ---
+    ParamStruct {
+        name: "AttentionPrefillParams",
+        doc: "Causal flash attention of one sequence's `tokens` consecutive queries (positions \
+              `start_pos .. start_pos + tokens`, block-table row `seq_row`) over the paged cache. The query at \
+              position p attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); \
+              query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale`, softmax in f32. \
+              Keys whose block-table entry is outside [0, num_blocks) are skipped.",
+        fields: &[
+            field("q", read(Bf16), "`[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`)."),
+            field("k_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` key cache."),
+            field("v_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` value cache."),
+            field("block_tables", read(I32), "`[num_seqs, max_blocks_per_seq]` block tables."),
+            field("out", write(Bf16), "`[tokens, n_heads, head_dim]` attention output."),
+            field("tokens", U32, "Number of query tokens."),
+            field("start_pos", U32, "Absolute position of the first query token."),
+            field("seq_row", U32, "Block-table row of the sequence."),
+            field("n_heads", U32, "Query heads."),
+            field("n_kv_heads", U32, "Key/value heads."),
+            field("head_dim", U32, "Head dimension (the instantiation's HEAD_DIM)."),
+            field("q_stride", U32, "Elements between consecutive tokens of `q`."),
+            field("block_size", U32, "Tokens per cache block."),
+            field("max_blocks_per_seq", U32, "Columns of `block_tables`."),
+            field("num_blocks", U32, "Blocks in the cache."),
+            field("num_seqs", U32, "Rows of `block_tables`."),
+            field("window", U32, "Sliding window W (keys per query, itself included); 0 = full causal."),
+            field("scale", F32T, "Score scale, 1 / sqrt(head_dim)."),
+        ],
+    },
 
     // --- sample ---
 
@@ -418,7 +450,16 @@ pub const FAMILIES: &[Family] = &[
     // --- moe_grouped ---
 
     // --- attention_prefill ---
-
+    Family {
+        name: "attention_prefill",
+        rust_name: "AttentionPrefill",
+        file: "attention_prefill",
+        params: "AttentionPrefillParams",
+        axes: &[Axis {
+            name: "HEAD_DIM",
+            values: &[v(16, "d16"), v(32, "d32"), v(64, "d64"), v(128, "d128")],
+        }],
+    },
     // --- sample ---
 
     // --- fill ---

@@ -74,6 +74,13 @@
 #define MIXTRAL_ARGMAX_VARIANTS(X) \
     X(argmax)
 
+// attention_prefill (csrc/attention_prefill.cu, takes AttentionPrefillParams): X(symbol, HEAD_DIM)
+#define MIXTRAL_ATTENTION_PREFILL_VARIANTS(X) \
+    X(attention_prefill_d16, 16) \
+    X(attention_prefill_d32, 32) \
+    X(attention_prefill_d64, 64) \
+    X(attention_prefill_d128, 128)
+
 // fill_random (csrc/fill.cu, takes FillParams): X(symbol)
 #define MIXTRAL_FILL_RANDOM_VARIANTS(X) \
     X(fill_random)

@@ -54,6 +54,14 @@ typedef struct mx_bf16 {
 #define ATTENTION_COMBINE_THREADS 128u
 // Threads per block of `argmax` (one block per row).
 #define ARGMAX_THREADS 1024u
+// Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head).
+#define ATTENTION_PREFILL_THREADS 128u
+// Query tokens per block of `attention_prefill` (16 per warp).
+#define ATTENTION_PREFILL_QUERIES 64u
+// Keys per K/V tile of `attention_prefill` (gathered from the paged cache into shared memory).
+#define ATTENTION_PREFILL_KEYS 64u
+// bf16 elements of padding per shared-memory row of `attention_prefill` (keeps the fragment reads free of bank conflicts and rows 16-byte aligned).
+#define ATTENTION_PREFILL_PAD 8u
 // Threads per block of `fill_random` (grid-stride loop).
 #define FILL_THREADS 256u
 
@@ -356,6 +364,66 @@ MX_STATIC_ASSERT(offsetof(ArgmaxParams, logits) == 0, "ArgmaxParams.logits: offs
 MX_STATIC_ASSERT(offsetof(ArgmaxParams, out_ids) == 8, "ArgmaxParams.out_ids: offset");
 MX_STATIC_ASSERT(offsetof(ArgmaxParams, rows) == 16, "ArgmaxParams.rows: offset");
 MX_STATIC_ASSERT(offsetof(ArgmaxParams, vocab) == 20, "ArgmaxParams.vocab: offset");
+
+// Causal flash attention of one sequence's `tokens` consecutive queries (positions `start_pos .. start_pos + tokens`, block-table row `seq_row`) over the paged cache. The query at position p attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale`, softmax in f32. Keys whose block-table entry is outside [0, num_blocks) are skipped.
+typedef struct AttentionPrefillParams {
+    // `[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`).
+    const mx_bf16* q;
+    // `[num_blocks, block_size, n_kv_heads, head_dim]` key cache.
+    const mx_bf16* k_cache;
+    // `[num_blocks, block_size, n_kv_heads, head_dim]` value cache.
+    const mx_bf16* v_cache;
+    // `[num_seqs, max_blocks_per_seq]` block tables.
+    const int32_t* block_tables;
+    // `[tokens, n_heads, head_dim]` attention output.
+    mx_bf16* out;
+    // Number of query tokens.
+    uint32_t tokens;
+    // Absolute position of the first query token.
+    uint32_t start_pos;
+    // Block-table row of the sequence.
+    uint32_t seq_row;
+    // Query heads.
+    uint32_t n_heads;
+    // Key/value heads.
+    uint32_t n_kv_heads;
+    // Head dimension (the instantiation's HEAD_DIM).
+    uint32_t head_dim;
+    // Elements between consecutive tokens of `q`.
+    uint32_t q_stride;
+    // Tokens per cache block.
+    uint32_t block_size;
+    // Columns of `block_tables`.
+    uint32_t max_blocks_per_seq;
+    // Blocks in the cache.
+    uint32_t num_blocks;
+    // Rows of `block_tables`.
+    uint32_t num_seqs;
+    // Sliding window W (keys per query, itself included); 0 = full causal.
+    uint32_t window;
+    // Score scale, 1 / sqrt(head_dim).
+    float scale;
+} AttentionPrefillParams;
+MX_STATIC_ASSERT(sizeof(AttentionPrefillParams) == 96, "AttentionPrefillParams: size");
+MX_STATIC_ASSERT(MX_ALIGNOF(AttentionPrefillParams) == 8, "AttentionPrefillParams: alignment");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, q) == 0, "AttentionPrefillParams.q: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, k_cache) == 8, "AttentionPrefillParams.k_cache: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, v_cache) == 16, "AttentionPrefillParams.v_cache: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, block_tables) == 24, "AttentionPrefillParams.block_tables: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, out) == 32, "AttentionPrefillParams.out: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, tokens) == 40, "AttentionPrefillParams.tokens: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, start_pos) == 44, "AttentionPrefillParams.start_pos: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, seq_row) == 48, "AttentionPrefillParams.seq_row: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, n_heads) == 52, "AttentionPrefillParams.n_heads: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, n_kv_heads) == 56, "AttentionPrefillParams.n_kv_heads: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, head_dim) == 60, "AttentionPrefillParams.head_dim: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, q_stride) == 64, "AttentionPrefillParams.q_stride: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, block_size) == 68, "AttentionPrefillParams.block_size: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, max_blocks_per_seq) == 72, "AttentionPrefillParams.max_blocks_per_seq: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, num_blocks) == 76, "AttentionPrefillParams.num_blocks: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, num_seqs) == 80, "AttentionPrefillParams.num_seqs: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, window) == 84, "AttentionPrefillParams.window: offset");
+MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, scale) == 88, "AttentionPrefillParams.scale: offset");
 
 // Seeded pseudo-random fill for benchmarks on made-up weights: `out[i] = shift + scale * u(seed, base + i)` with `u` uniform in [-1, 1) from a 32-bit integer hash (never constant, never NaN).
 typedef struct FillParams {

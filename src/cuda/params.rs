@@ -32,6 +32,14 @@ pub const ATTENTION_MAX_SPLIT_KEYS: u32 = 512;
 pub const ATTENTION_COMBINE_THREADS: u32 = 128;
 /// Threads per block of `argmax` (one block per row).
 pub const ARGMAX_THREADS: u32 = 1024;
+/// Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head).
+pub const ATTENTION_PREFILL_THREADS: u32 = 128;
+/// Query tokens per block of `attention_prefill` (16 per warp).
+pub const ATTENTION_PREFILL_QUERIES: u32 = 64;
+/// Keys per K/V tile of `attention_prefill` (gathered from the paged cache into shared memory).
+pub const ATTENTION_PREFILL_KEYS: u32 = 64;
+/// bf16 elements of padding per shared-memory row of `attention_prefill` (keeps the fragment reads free of bank conflicts and rows 16-byte aligned).
+pub const ATTENTION_PREFILL_PAD: u32 = 8;
 /// Threads per block of `fill_random` (grid-stride loop).
 pub const FILL_THREADS: u32 = 256;
 
@@ -356,6 +364,69 @@ const _: () = assert!(core::mem::offset_of!(ArgmaxParams, out_ids) == 8);
 const _: () = assert!(core::mem::offset_of!(ArgmaxParams, rows) == 16);
 const _: () = assert!(core::mem::offset_of!(ArgmaxParams, vocab) == 20);
 
+/// Causal flash attention of one sequence's `tokens` consecutive queries (positions `start_pos .. start_pos + tokens`, block-table row `seq_row`) over the paged cache. The query at position p attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale`, softmax in f32. Keys whose block-table entry is outside [0, num_blocks) are skipped.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AttentionPrefillParams {
+    /// `[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`). Device pointer to bf16, read.
+    pub q: u64,
+    /// `[num_blocks, block_size, n_kv_heads, head_dim]` key cache. Device pointer to bf16, read.
+    pub k_cache: u64,
+    /// `[num_blocks, block_size, n_kv_heads, head_dim]` value cache. Device pointer to bf16, read.
+    pub v_cache: u64,
+    /// `[num_seqs, max_blocks_per_seq]` block tables. Device pointer to i32, read.
+    pub block_tables: u64,
+    /// `[tokens, n_heads, head_dim]` attention output. Device pointer to bf16, written.
+    pub out: u64,
+    /// Number of query tokens.
+    pub tokens: u32,
+    /// Absolute position of the first query token.
+    pub start_pos: u32,
+    /// Block-table row of the sequence.
+    pub seq_row: u32,
+    /// Query heads.
+    pub n_heads: u32,
+    /// Key/value heads.
+    pub n_kv_heads: u32,
+    /// Head dimension (the instantiation's HEAD_DIM).
+    pub head_dim: u32,
+    /// Elements between consecutive tokens of `q`.
+    pub q_stride: u32,
+    /// Tokens per cache block.
+    pub block_size: u32,
+    /// Columns of `block_tables`.
+    pub max_blocks_per_seq: u32,
+    /// Blocks in the cache.
+    pub num_blocks: u32,
+    /// Rows of `block_tables`.
+    pub num_seqs: u32,
+    /// Sliding window W (keys per query, itself included); 0 = full causal.
+    pub window: u32,
+    /// Score scale, 1 / sqrt(head_dim).
+    pub scale: f32,
+}
+
+const _: () = assert!(core::mem::size_of::<AttentionPrefillParams>() == 96);
+const _: () = assert!(core::mem::align_of::<AttentionPrefillParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, q) == 0);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, k_cache) == 8);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, v_cache) == 16);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, block_tables) == 24);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, out) == 32);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, tokens) == 40);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, start_pos) == 44);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, seq_row) == 48);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, n_heads) == 52);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, n_kv_heads) == 56);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, head_dim) == 60);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, q_stride) == 64);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, block_size) == 68);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, max_blocks_per_seq) == 72);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, num_blocks) == 76);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, num_seqs) == 80);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, window) == 84);
+const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, scale) == 88);
+
 /// Seeded pseudo-random fill for benchmarks on made-up weights: `out[i] = shift + scale * u(seed, base + i)` with `u` uniform in [-1, 1) from a 32-bit integer hash (never constant, never NaN).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -406,13 +477,15 @@ pub enum KernelFamily {
     AttentionCombine,
     /// `argmax` in csrc/sampling.cu, taking [`ArgmaxParams`].
     Argmax,
+    /// `attention_prefill` in csrc/attention_prefill.cu, taking [`AttentionPrefillParams`].
+    AttentionPrefill,
     /// `fill_random` in csrc/fill.cu, taking [`FillParams`].
     FillRandom,
 }
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 11] = [
+    pub const ALL: [KernelFamily; 12] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -423,6 +496,7 @@ impl KernelFamily {
         KernelFamily::AttentionDecode,
         KernelFamily::AttentionCombine,
         KernelFamily::Argmax,
+        KernelFamily::AttentionPrefill,
         KernelFamily::FillRandom,
     ];
 
@@ -444,6 +518,7 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => "attention_decode",
             KernelFamily::AttentionCombine => "attention_combine",
             KernelFamily::Argmax => "argmax",
+            KernelFamily::AttentionPrefill => "attention_prefill",
             KernelFamily::FillRandom => "fill_random",
         }
     }
@@ -461,6 +536,7 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => &["HEAD_DIM", "GROUP"],
             KernelFamily::AttentionCombine => &[],
             KernelFamily::Argmax => &[],
+            KernelFamily::AttentionPrefill => &["HEAD_DIM"],
             KernelFamily::FillRandom => &[],
         }
     }
@@ -708,6 +784,30 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         module: "sampling",
         symbol: "argmax",
         consts: &[],
+    },
+    KernelVariant {
+        family: KernelFamily::AttentionPrefill,
+        module: "attention_prefill",
+        symbol: "attention_prefill_d16",
+        consts: &[16],
+    },
+    KernelVariant {
+        family: KernelFamily::AttentionPrefill,
+        module: "attention_prefill",
+        symbol: "attention_prefill_d32",
+        consts: &[32],
+    },
+    KernelVariant {
+        family: KernelFamily::AttentionPrefill,
+        module: "attention_prefill",
+        symbol: "attention_prefill_d64",
+        consts: &[64],
+    },
+    KernelVariant {
+        family: KernelFamily::AttentionPrefill,
+        module: "attention_prefill",
+        symbol: "attention_prefill_d128",
+        consts: &[128],
     },
     KernelVariant {
         family: KernelFamily::FillRandom,
@@ -1209,6 +1309,103 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "vocab",
                     core::mem::offset_of!(ArgmaxParams, vocab),
                     core::mem::size_of_val(&ArgmaxParams::default().vocab),
+                ),
+            ],
+        },
+        CompiledLayout {
+            name: "AttentionPrefillParams",
+            size: core::mem::size_of::<AttentionPrefillParams>(),
+            align: core::mem::align_of::<AttentionPrefillParams>(),
+            fields: vec![
+                (
+                    "q",
+                    core::mem::offset_of!(AttentionPrefillParams, q),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().q),
+                ),
+                (
+                    "k_cache",
+                    core::mem::offset_of!(AttentionPrefillParams, k_cache),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().k_cache),
+                ),
+                (
+                    "v_cache",
+                    core::mem::offset_of!(AttentionPrefillParams, v_cache),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().v_cache),
+                ),
+                (
+                    "block_tables",
+                    core::mem::offset_of!(AttentionPrefillParams, block_tables),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().block_tables),
+                ),
+                (
+                    "out",
+                    core::mem::offset_of!(AttentionPrefillParams, out),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().out),
+                ),
+                (
+                    "tokens",
+                    core::mem::offset_of!(AttentionPrefillParams, tokens),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().tokens),
+                ),
+                (
+                    "start_pos",
+                    core::mem::offset_of!(AttentionPrefillParams, start_pos),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().start_pos),
+                ),
+                (
+                    "seq_row",
+                    core::mem::offset_of!(AttentionPrefillParams, seq_row),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().seq_row),
+                ),
+                (
+                    "n_heads",
+                    core::mem::offset_of!(AttentionPrefillParams, n_heads),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().n_heads),
+                ),
+                (
+                    "n_kv_heads",
+                    core::mem::offset_of!(AttentionPrefillParams, n_kv_heads),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().n_kv_heads),
+                ),
+                (
+                    "head_dim",
+                    core::mem::offset_of!(AttentionPrefillParams, head_dim),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().head_dim),
+                ),
+                (
+                    "q_stride",
+                    core::mem::offset_of!(AttentionPrefillParams, q_stride),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().q_stride),
+                ),
+                (
+                    "block_size",
+                    core::mem::offset_of!(AttentionPrefillParams, block_size),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().block_size),
+                ),
+                (
+                    "max_blocks_per_seq",
+                    core::mem::offset_of!(AttentionPrefillParams, max_blocks_per_seq),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().max_blocks_per_seq),
+                ),
+                (
+                    "num_blocks",
+                    core::mem::offset_of!(AttentionPrefillParams, num_blocks),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().num_blocks),
+                ),
+                (
+                    "num_seqs",
+                    core::mem::offset_of!(AttentionPrefillParams, num_seqs),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().num_seqs),
+                ),
+                (
+                    "window",
+                    core::mem::offset_of!(AttentionPrefillParams, window),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().window),
+                ),
+                (
+                    "scale",
+                    core::mem::offset_of!(AttentionPrefillParams, scale),
+                    core::mem::size_of_val(&AttentionPrefillParams::default().scale),
                 ),
             ],
         },
