@@ -73,3 +73,11 @@
 // argmax (csrc/sampling.cu, takes ArgmaxParams): X(symbol)
 #define MIXTRAL_ARGMAX_VARIANTS(X) \
     X(argmax)
+
+// moe_grouped_up (csrc/moe_grouped.cu, takes MoeParams): X(symbol)
+#define MIXTRAL_MOE_GROUPED_UP_VARIANTS(X) \
+    X(moe_grouped_up)
+
+// moe_grouped_down (csrc/moe_grouped.cu, takes MoeParams): X(symbol)
+#define MIXTRAL_MOE_GROUPED_DOWN_VARIANTS(X) \
+    X(moe_grouped_down)

@@ -32,6 +32,14 @@ pub const ATTENTION_MAX_SPLIT_KEYS: u32 = 512;
 pub const ATTENTION_COMBINE_THREADS: u32 = 128;
 /// Threads per block of `argmax` (one block per row).
 pub const ARGMAX_THREADS: u32 = 1024;
+/// Threads per block of the grouped expert GEMM (4 warps, 2 x 2 over the output tile).
+pub const MOE_GROUPED_THREADS: u32 = 128;
+/// Slots (rows of one expert) per tile of the grouped expert GEMM.
+pub const MOE_GROUPED_BM: u32 = 64;
+/// Output columns per B matrix of a grouped GEMM tile (`moe_grouped_up`: 64 of w1 and the same 64 of w3; `moe_grouped_down`: two adjacent 64-column halves of w2, 128 columns).
+pub const MOE_GROUPED_BN: u32 = 64;
+/// Reduction elements per shared-memory stage of the grouped expert GEMM (two stages, cp.async).
+pub const MOE_GROUPED_BK: u32 = 32;
 
 /// Token embedding gather: `out[t, :] = table[ids[t], :]`; an id >= vocab gives a row of zeros.
 #[repr(C)]
@@ -377,11 +385,15 @@ pub enum KernelFamily {
     AttentionCombine,
     /// `argmax` in csrc/sampling.cu, taking [`ArgmaxParams`].
     Argmax,
+    /// `moe_grouped_up` in csrc/moe_grouped.cu, taking [`MoeParams`].
+    MoeGroupedUp,
+    /// `moe_grouped_down` in csrc/moe_grouped.cu, taking [`MoeParams`].
+    MoeGroupedDown,
 }
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 10] = [
+    pub const ALL: [KernelFamily; 12] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -392,6 +404,8 @@ impl KernelFamily {
         KernelFamily::AttentionDecode,
         KernelFamily::AttentionCombine,
         KernelFamily::Argmax,
+        KernelFamily::MoeGroupedUp,
+        KernelFamily::MoeGroupedDown,
     ];
 
     /// Position of the family in [`KernelFamily::ALL`].
@@ -412,6 +426,8 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => "attention_decode",
             KernelFamily::AttentionCombine => "attention_combine",
             KernelFamily::Argmax => "argmax",
+            KernelFamily::MoeGroupedUp => "moe_grouped_up",
+            KernelFamily::MoeGroupedDown => "moe_grouped_down",
         }
     }
 
@@ -428,6 +444,8 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => &["HEAD_DIM", "GROUP"],
             KernelFamily::AttentionCombine => &[],
             KernelFamily::Argmax => &[],
+            KernelFamily::MoeGroupedUp => &[],
+            KernelFamily::MoeGroupedDown => &[],
         }
     }
 }
@@ -673,6 +691,18 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         family: KernelFamily::Argmax,
         module: "sampling",
         symbol: "argmax",
+        consts: &[],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeGroupedUp,
+        module: "moe_grouped",
+        symbol: "moe_grouped_up",
+        consts: &[],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeGroupedDown,
+        module: "moe_grouped",
+        symbol: "moe_grouped_down",
         consts: &[],
     },
 ];
