@@ -9,7 +9,7 @@
 use cudarc::driver::CudaStream;
 
 use super::{
-    moe_gemv, read, write, Check, CudaError, KernelFamily, Kernels, Launch, MoeBufs, MoeBuffers,
+    moe_gemv, read, write, Check, CudaError, KernelFamily, Kernels, Launch, MoeBuffers, MoeBufs,
     MoeParams, MoeShape, ROUTER_MAX_EXPERTS,
 };
 use crate::cuda::params::{MOE_GROUPED_BM, MOE_GROUPED_BN, MOE_GROUPED_THREADS};
