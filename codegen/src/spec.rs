@@ -418,7 +418,6 @@ pub const FAMILIES: &[Family] = &[
         params: "MoeParams",
         axes: &[],
     },
-
     // --- attention_prefill ---
 
     // --- sample ---
