@@ -144,6 +144,10 @@ pub const CONSTANTS: &[Constant] = &[
     // --- linear ---
 
     // --- moe_grouped ---
+    Constant { name: "MOE_GROUPED_THREADS", value: 128, doc: "Threads per block of the grouped expert GEMM (4 warps, 2 x 2 over the output tile)." },
+    Constant { name: "MOE_GROUPED_BM", value: 64, doc: "Slots (rows of one expert) per tile of the grouped expert GEMM." },
+    Constant { name: "MOE_GROUPED_BN", value: 64, doc: "Output columns per B matrix of a grouped GEMM tile (`moe_grouped_up`: 64 of w1 and the same 64 of w3; `moe_grouped_down`: two adjacent 64-column halves of w2, 128 columns)." },
+    Constant { name: "MOE_GROUPED_BK", value: 32, doc: "Reduction elements per shared-memory stage of the grouped expert GEMM (two stages, cp.async)." },
 
     // --- attention_prefill ---
     Constant { name: "ATTENTION_PREFILL_THREADS", value: 128, doc: "Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head)." },
@@ -448,7 +452,20 @@ pub const FAMILIES: &[Family] = &[
     // --- linear ---
 
     // --- moe_grouped ---
-
+    Family {
+        name: "moe_grouped_up",
+        rust_name: "MoeGroupedUp",
+        file: "moe_grouped",
+        params: "MoeParams",
+        axes: &[],
+    },
+    Family {
+        name: "moe_grouped_down",
+        rust_name: "MoeGroupedDown",
+        file: "moe_grouped",
+        params: "MoeParams",
+        axes: &[],
+    },
     // --- attention_prefill ---
     Family {
         name: "attention_prefill",

@@ -74,6 +74,14 @@
 #define MIXTRAL_ARGMAX_VARIANTS(X) \
     X(argmax)
 
+// moe_grouped_up (csrc/moe_grouped.cu, takes MoeParams): X(symbol)
+#define MIXTRAL_MOE_GROUPED_UP_VARIANTS(X) \
+    X(moe_grouped_up)
+
+// moe_grouped_down (csrc/moe_grouped.cu, takes MoeParams): X(symbol)
+#define MIXTRAL_MOE_GROUPED_DOWN_VARIANTS(X) \
+    X(moe_grouped_down)
+
 // attention_prefill (csrc/attention_prefill.cu, takes AttentionPrefillParams): X(symbol, HEAD_DIM)
 #define MIXTRAL_ATTENTION_PREFILL_VARIANTS(X) \
     X(attention_prefill_d16, 16) \

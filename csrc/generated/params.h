@@ -54,6 +54,14 @@ typedef struct mx_bf16 {
 #define ATTENTION_COMBINE_THREADS 128u
 // Threads per block of `argmax` (one block per row).
 #define ARGMAX_THREADS 1024u
+// Threads per block of the grouped expert GEMM (4 warps, 2 x 2 over the output tile).
+#define MOE_GROUPED_THREADS 128u
+// Slots (rows of one expert) per tile of the grouped expert GEMM.
+#define MOE_GROUPED_BM 64u
+// Output columns per B matrix of a grouped GEMM tile (`moe_grouped_up`: 64 of w1 and the same 64 of w3; `moe_grouped_down`: two adjacent 64-column halves of w2, 128 columns).
+#define MOE_GROUPED_BN 64u
+// Reduction elements per shared-memory stage of the grouped expert GEMM (two stages, cp.async).
+#define MOE_GROUPED_BK 32u
 // Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head).
 #define ATTENTION_PREFILL_THREADS 128u
 // Query tokens per block of `attention_prefill` (16 per warp).

@@ -32,6 +32,14 @@ pub const ATTENTION_MAX_SPLIT_KEYS: u32 = 512;
 pub const ATTENTION_COMBINE_THREADS: u32 = 128;
 /// Threads per block of `argmax` (one block per row).
 pub const ARGMAX_THREADS: u32 = 1024;
+/// Threads per block of the grouped expert GEMM (4 warps, 2 x 2 over the output tile).
+pub const MOE_GROUPED_THREADS: u32 = 128;
+/// Slots (rows of one expert) per tile of the grouped expert GEMM.
+pub const MOE_GROUPED_BM: u32 = 64;
+/// Output columns per B matrix of a grouped GEMM tile (`moe_grouped_up`: 64 of w1 and the same 64 of w3; `moe_grouped_down`: two adjacent 64-column halves of w2, 128 columns).
+pub const MOE_GROUPED_BN: u32 = 64;
+/// Reduction elements per shared-memory stage of the grouped expert GEMM (two stages, cp.async).
+pub const MOE_GROUPED_BK: u32 = 32;
 /// Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head).
 pub const ATTENTION_PREFILL_THREADS: u32 = 128;
 /// Query tokens per block of `attention_prefill` (16 per warp).
@@ -477,6 +485,10 @@ pub enum KernelFamily {
     AttentionCombine,
     /// `argmax` in csrc/sampling.cu, taking [`ArgmaxParams`].
     Argmax,
+    /// `moe_grouped_up` in csrc/moe_grouped.cu, taking [`MoeParams`].
+    MoeGroupedUp,
+    /// `moe_grouped_down` in csrc/moe_grouped.cu, taking [`MoeParams`].
+    MoeGroupedDown,
     /// `attention_prefill` in csrc/attention_prefill.cu, taking [`AttentionPrefillParams`].
     AttentionPrefill,
     /// `fill_random` in csrc/fill.cu, taking [`FillParams`].
@@ -485,7 +497,7 @@ pub enum KernelFamily {
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 12] = [
+    pub const ALL: [KernelFamily; 14] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -496,6 +508,8 @@ impl KernelFamily {
         KernelFamily::AttentionDecode,
         KernelFamily::AttentionCombine,
         KernelFamily::Argmax,
+        KernelFamily::MoeGroupedUp,
+        KernelFamily::MoeGroupedDown,
         KernelFamily::AttentionPrefill,
         KernelFamily::FillRandom,
     ];
@@ -518,6 +532,8 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => "attention_decode",
             KernelFamily::AttentionCombine => "attention_combine",
             KernelFamily::Argmax => "argmax",
+            KernelFamily::MoeGroupedUp => "moe_grouped_up",
+            KernelFamily::MoeGroupedDown => "moe_grouped_down",
             KernelFamily::AttentionPrefill => "attention_prefill",
             KernelFamily::FillRandom => "fill_random",
         }
@@ -536,6 +552,8 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => &["HEAD_DIM", "GROUP"],
             KernelFamily::AttentionCombine => &[],
             KernelFamily::Argmax => &[],
+            KernelFamily::MoeGroupedUp => &[],
+            KernelFamily::MoeGroupedDown => &[],
             KernelFamily::AttentionPrefill => &["HEAD_DIM"],
             KernelFamily::FillRandom => &[],
         }
@@ -783,6 +801,18 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         family: KernelFamily::Argmax,
         module: "sampling",
         symbol: "argmax",
+        consts: &[],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeGroupedUp,
+        module: "moe_grouped",
+        symbol: "moe_grouped_up",
+        consts: &[],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeGroupedDown,
+        module: "moe_grouped",
+        symbol: "moe_grouped_down",
         consts: &[],
     },
     KernelVariant {

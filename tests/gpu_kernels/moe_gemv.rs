@@ -1,1 +1,270 @@
-//! STUB: GPU test of the moe_gemv op (being written).
+//! `moe_gemv` (decode-batch expert GEMV) against the CPU expert MLP, and the fixture both MoE kernel
+//! tests share ([`MoeCase`], [`check_moe`]): random bf16 weights, a routing built on the CPU with
+//! `route` / `group_by_expert` and uploaded as the router's buffers (so only the MoE kernels are under
+//! test), `act` compared per slot with `silu(w1 x) * (w3 x)`, `out` per slot with
+//! `weight * expert_mlp(x)`, and the per-token sum of `out` with `moe_block`.
+
+use cudarc::driver::CudaStream;
+use half::bf16;
+use mixtral::cpu::matmul::matmul;
+use mixtral::cpu::moe::{expert_mlp, moe_block, silu, Expert};
+use mixtral::cpu::router::{group_by_expert, route};
+use mixtral::cuda::ops::{moe_gemv, MoeBuffers, MoeShape};
+use mixtral::cuda::{CudaError, Kernels};
+use mixtral::dtype::WeightSlice;
+use proptest::prelude::*;
+
+use crate::common::{self, Guarded};
+
+/// Relative L2 bound of every bf16 path.
+const BOUND: f64 = 1e-2;
+
+/// One random MoE problem.
+#[derive(Debug, Clone)]
+pub struct MoeCase {
+    /// Tokens.
+    pub tokens: usize,
+    /// Hidden size (a multiple of 8).
+    pub hidden: usize,
+    /// Intermediate size (a multiple of 8).
+    pub inter: usize,
+    /// Experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Experts the router is biased away from (bit e: expert e), so that they get no slots.
+    pub cold: u32,
+    /// Seed of every random value.
+    pub seed: u64,
+}
+
+/// Generated cases: `tokens` from the strategy, hidden / inter odd and even multiples of 8 (K tails
+/// shorter than a GEMM tile), 1 to 8 experts, top-1 and top-2, some experts cold.
+pub fn cases(tokens: impl Strategy<Value = usize>) -> impl Strategy<Value = MoeCase> {
+    (
+        tokens,
+        1usize..=26,
+        1usize..=21,
+        prop_oneof![Just(4usize), Just(8usize), 1usize..=8],
+        1usize..=2,
+        any::<u32>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(tokens, hidden8, inter8, experts, k, cold, seed)| MoeCase {
+                tokens,
+                hidden: hidden8 * 8,
+                inter: inter8 * 8,
+                experts,
+                top_k: k.min(experts),
+                // Never every expert cold.
+                cold: cold & ((1u32 << experts) - 1) & !1,
+                seed,
+            },
+        )
+}
+
+/// The op under test: [`moe_gemv`] or one with its signature.
+pub type MoeOp = fn(&Kernels, &CudaStream, &MoeShape, MoeBuffers<'_>) -> Result<(), CudaError>;
+
+/// Runs `op` on `case` and compares `act` and `out` with the CPU reference; `name` labels failures.
+/// Returns the slots each expert received (the routing is built even when there is no device).
+pub fn check_moe(name: &str, op: MoeOp, case: &MoeCase) -> Vec<usize> {
+    let &MoeCase {
+        tokens,
+        hidden,
+        inter,
+        experts,
+        top_k,
+        cold,
+        seed,
+    } = case;
+    let slots = tokens * top_k;
+
+    // Inputs, rounded through bf16 (what the device sees). Column 0 of x is positive, so a strongly
+    // negative router weight on it keeps a cold expert out of every token's top-k.
+    let mut x = common::random_values(seed, tokens * hidden, 1.0);
+    for row in x.chunks_exact_mut(hidden) {
+        row[0] = 0.75 + 0.25 * row[0];
+    }
+    let x = common::round_bf16(&x);
+    let x_bf16 = common::to_bf16(&x);
+    let w_scale = 2.0 / (hidden as f32).sqrt();
+    let w1 = common::to_bf16(&common::random_values(
+        seed ^ 1,
+        experts * inter * hidden,
+        w_scale,
+    ));
+    let w3 = common::to_bf16(&common::random_values(
+        seed ^ 2,
+        experts * inter * hidden,
+        w_scale,
+    ));
+    let w2 = common::to_bf16(&common::random_values(
+        seed ^ 3,
+        experts * hidden * inter,
+        2.0 / (inter as f32).sqrt(),
+    ));
+    let mut router = common::random_values(seed ^ 4, experts * hidden, 0.5);
+    for (e, row) in router.chunks_exact_mut(hidden).enumerate() {
+        if cold & (1 << e) != 0 {
+            row[0] = -64.0;
+        }
+    }
+    let router = common::to_bf16(&router);
+
+    // The routing, on the CPU.
+    let mut logits = vec![0.0f32; tokens * experts];
+    matmul(&x, WeightSlice::BF16(&router), experts, hidden, &mut logits);
+    let routing = route(&logits, experts, top_k);
+    let groups = group_by_expert(&routing, experts);
+    let offsets: Vec<i32> = groups.offsets.iter().map(|&o| o as i32).collect();
+    let sorted: Vec<i32> = groups.assignments.iter().map(|&a| a as i32).collect();
+
+    // The device run.
+    let Some(gpu) = common::gpu(name) else {
+        return groups.counts;
+    };
+    let stream = gpu.stream();
+    let d_x = Guarded::with(stream, &x_bf16);
+    let d_w1 = Guarded::with(stream, &w1);
+    let d_w3 = Guarded::with(stream, &w3);
+    let d_w2 = Guarded::with(stream, &w2);
+    let d_weights = Guarded::with(stream, &routing.weights);
+    let d_offsets = Guarded::with(stream, &offsets);
+    let d_sorted = Guarded::with(stream, &sorted);
+    let mut d_act = Guarded::<bf16>::poisoned(stream, slots * inter);
+    let mut d_out = Guarded::<f32>::poisoned(stream, slots * hidden);
+    let shape = MoeShape {
+        tokens,
+        hidden,
+        inter,
+        experts,
+        top_k,
+    };
+    op(
+        &gpu.kernels,
+        stream,
+        &shape,
+        MoeBuffers {
+            x: &d_x.view(),
+            w1: &d_w1.view(),
+            w3: &d_w3.view(),
+            w2: &d_w2.view(),
+            topk_weights: &d_weights.view(),
+            expert_offsets: &d_offsets.view(),
+            sorted_slots: &d_sorted.view(),
+            act: &mut d_act.view_mut(),
+            out: &mut d_out.view_mut(),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
+    stream.synchronize().expect("synchronize");
+    let act = common::to_f32(&d_act.read_written(stream, "act"));
+    let out = d_out.read_written(stream, "out");
+    // The inputs are untouched, guards included.
+    assert_eq!(d_x.read(stream, "x"), x_bf16, "{name}: x changed");
+    assert_eq!(d_w1.read(stream, "w1"), w1, "{name}: w1 changed");
+    assert_eq!(d_w3.read(stream, "w3"), w3, "{name}: w3 changed");
+    assert_eq!(d_w2.read(stream, "w2"), w2, "{name}: w2 changed");
+
+    // The CPU reference, expert by expert over the same grouping.
+    let mut act_ref = vec![0.0f32; slots * inter];
+    let mut out_ref = vec![0.0f32; slots * hidden];
+    let matrix = inter * hidden;
+    for e in 0..experts {
+        let assigned = groups.of(e);
+        if assigned.is_empty() {
+            continue;
+        }
+        let expert = Expert {
+            w1: WeightSlice::BF16(&w1[e * matrix..(e + 1) * matrix]),
+            w2: WeightSlice::BF16(&w2[e * matrix..(e + 1) * matrix]),
+            w3: WeightSlice::BF16(&w3[e * matrix..(e + 1) * matrix]),
+        };
+        let xs: Vec<f32> = assigned
+            .iter()
+            .flat_map(|&a| {
+                let t = groups.token(a);
+                x[t * hidden..(t + 1) * hidden].iter().copied()
+            })
+            .collect();
+        let mut gate = vec![0.0f32; assigned.len() * inter];
+        let mut up = vec![0.0f32; assigned.len() * inter];
+        matmul(&xs, expert.w1, inter, hidden, &mut gate);
+        matmul(&xs, expert.w3, inter, hidden, &mut up);
+        let mut ys = vec![0.0f32; assigned.len() * hidden];
+        expert_mlp(&xs, &expert, hidden, inter, &mut ys);
+        for (i, &a) in assigned.iter().enumerate() {
+            for c in 0..inter {
+                act_ref[a * inter + c] = silu(gate[i * inter + c]) * up[i * inter + c];
+            }
+            let w = routing.weights[a];
+            for c in 0..hidden {
+                out_ref[a * hidden + c] = w * ys[i * hidden + c];
+            }
+        }
+    }
+    common::assert_close(&format!("{name} act {case:?}"), &act, &act_ref, BOUND);
+    common::assert_close(&format!("{name} out {case:?}"), &out, &out_ref, BOUND);
+
+    // Summed over each token's slots, `out` is the MoE block.
+    let experts_cpu: Vec<Expert<'_>> = (0..experts)
+        .map(|e| Expert {
+            w1: WeightSlice::BF16(&w1[e * matrix..(e + 1) * matrix]),
+            w2: WeightSlice::BF16(&w2[e * matrix..(e + 1) * matrix]),
+            w3: WeightSlice::BF16(&w3[e * matrix..(e + 1) * matrix]),
+        })
+        .collect();
+    let mut block_ref = vec![0.0f32; tokens * hidden];
+    moe_block(
+        &x,
+        Some(WeightSlice::BF16(&router)),
+        &experts_cpu,
+        top_k,
+        hidden,
+        inter,
+        &mut block_ref,
+    );
+    let mut block = vec![0.0f32; tokens * hidden];
+    for (s, row) in out.chunks_exact(hidden).enumerate() {
+        let t = s / top_k;
+        for (b, &v) in block[t * hidden..(t + 1) * hidden].iter_mut().zip(row) {
+            *b += v;
+        }
+    }
+    common::assert_close(&format!("{name} block {case:?}"), &block, &block_ref, BOUND);
+    groups.counts
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn moe_gemv_matches_the_cpu_experts(
+        case in cases(prop_oneof![Just(1usize), 1usize..8, 8usize..40]),
+    ) {
+        let counts = check_moe("moe_gemv", moe_gemv, &case);
+        prop_assert_eq!(counts.iter().sum::<usize>(), case.tokens * case.top_k);
+    }
+}
+
+/// A fixed case with experts that receive no slot, fewer tokens than experts, top-2.
+#[test]
+fn moe_gemv_with_idle_experts() {
+    let case = MoeCase {
+        tokens: 3,
+        hidden: 64,
+        inter: 40,
+        experts: 8,
+        top_k: 2,
+        cold: 0b1010_0000,
+        seed: 7,
+    };
+    let counts = check_moe("moe_gemv_with_idle_experts", moe_gemv, &case);
+    assert_eq!(
+        (counts[5], counts[7]),
+        (0, 0),
+        "cold experts got slots: {counts:?}"
+    );
+}

@@ -1,1 +1,82 @@
-//! STUB: GPU test of the moe_grouped op (being written).
+//! `moe_grouped_gemm` (prefill expert GEMMs on tensor cores) and the `moe_experts` dispatch against
+//! the CPU expert MLP, with the fixture of [`moe_gemv`](super::moe_gemv): the same routing uploaded
+//! by hand, `act` and `out` compared per slot, every element written and nothing outside touched.
+//! Token counts reach a few hundred so that one expert spans several 64-slot tiles, and hidden /
+//! inter reach 208 / 168 so that the column blocks and the K tails (not multiples of 32) are crossed.
+
+use mixtral::cuda::ops::{moe_experts, moe_grouped_gemm, MOE_GROUPED_MIN_TOKENS};
+use proptest::prelude::*;
+
+use super::moe_gemv::{cases, check_moe, MoeCase};
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn moe_grouped_matches_the_cpu_experts(
+        case in cases(prop_oneof![Just(1usize), 1usize..8, 8usize..300]),
+    ) {
+        let counts = check_moe("moe_grouped_gemm", moe_grouped_gemm, &case);
+        prop_assert_eq!(counts.iter().sum::<usize>(), case.tokens * case.top_k);
+    }
+}
+
+/// Three hot experts share 400 slots: at least one spans three 64-slot tiles (the last partial);
+/// five get nothing; top-2.
+#[test]
+fn moe_grouped_with_skewed_routing() {
+    let case = MoeCase {
+        tokens: 200,
+        hidden: 200,
+        inter: 136,
+        experts: 8,
+        top_k: 2,
+        cold: 0b0111_1100,
+        seed: 11,
+    };
+    let counts = check_moe("moe_grouped_with_skewed_routing", moe_grouped_gemm, &case);
+    assert!(
+        counts[2..7].iter().all(|&c| c == 0),
+        "cold experts got slots: {counts:?}"
+    );
+    assert!(
+        counts.iter().any(|&c| c > 128),
+        "no expert spans three tiles: {counts:?}"
+    );
+}
+
+/// A single token, top-1, four experts: one tile with one row.
+#[test]
+fn moe_grouped_single_token() {
+    let case = MoeCase {
+        tokens: 1,
+        hidden: 64,
+        inter: 96,
+        experts: 4,
+        top_k: 1,
+        cold: 0,
+        seed: 3,
+    };
+    let counts = check_moe("moe_grouped_single_token", moe_grouped_gemm, &case);
+    assert_eq!(counts.iter().sum::<usize>(), 1);
+}
+
+/// `moe_experts` gives the reference on both sides of its threshold.
+#[test]
+fn moe_experts_on_both_sides_of_the_threshold() {
+    for (i, tokens) in [MOE_GROUPED_MIN_TOKENS - 1, MOE_GROUPED_MIN_TOKENS]
+        .into_iter()
+        .enumerate()
+    {
+        let case = MoeCase {
+            tokens,
+            hidden: 64,
+            inter: 128,
+            experts: 8,
+            top_k: 2,
+            cold: 0,
+            seed: 20 + i as u64,
+        };
+        check_moe("moe_experts", moe_experts, &case);
+    }
+}
