@@ -13,10 +13,13 @@
 // Two kernels, chosen by the launcher from the token count (LINEAR_GEMV_MAX_TOKENS):
 //
 // linear_gemv_t{TILE}_{bf16,f32}: decode. Bandwidth-bound: each warp owns LINEAR_GEMV_ROWS_PER_WARP
-//   weight rows, each lane issues LINEAR_GEMV_UNROLL 16-byte streaming loads per row (LDG.E.NA.128)
-//   before using them, and the weight rows are read once per TILE tokens (the kernel loops over
-//   tiles; the launcher picks the smallest TILE covering the batch). The x rows are shared by all
-//   warps through L1. Warp-shuffle reduction, then one lane per (token, row) stores.
+//   weight rows; a step is LINEAR_GEMV_UNROLL 16-byte streaming loads (LDG.E.NA.128) per row and
+//   lane, and the loads of step s + 1 are issued before the math of step s (register double
+//   buffer), so 2 * UNROLL * ROWS_PER_WARP * 16 bytes per lane can be in flight. Columns past the
+//   last whole step (in_features not a multiple of 32 * 8 * UNROLL) are done one chunk at a time.
+//   The weight rows are read once per TILE tokens (the kernel loops over tiles; the launcher picks
+//   the smallest TILE covering the batch). The x rows are shared by all warps through L1.
+//   Warp-shuffle reduction, then one lane per (token, row) stores.
 //   Grid: (ceil(out_features / (LINEAR_GEMV_WARPS * LINEAR_GEMV_ROWS_PER_WARP))), LINEAR_GEMV_WARPS * 32
 //   threads, no shared memory.
 //
@@ -67,6 +70,16 @@ __device__ __forceinline__ void accumulate(const uint4 (&wv)[R], const mx_bf16* 
     }
 }
 
+// The U chunks (GEMV_STEP apart, from column c) of each of the R weight rows: 16-byte streaming loads.
+template <int R, int U>
+__device__ __forceinline__ void load_step(const mx_bf16* const (&w)[R], uint32_t c, uint4 (&wv)[U][R]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) wv[u][r] = mx::load_stream_16(w[r] + c + u * GEMV_STEP);
+    }
+}
+
 template <int TILE, int OUT_F32>
 __device__ void gemv_body(const LinearParams& p) {
     constexpr int R = LINEAR_GEMV_ROWS_PER_WARP;
@@ -92,17 +105,27 @@ __device__ void gemv_body(const LinearParams& p) {
 #pragma unroll
             for (int j = 0; j < TILE; ++j) acc[r][j] = 0.0f;
         }
-        // Whole steps: U loads per row in flight per lane, no bounds checks.
+        // Whole steps of U chunks per row, software-pipelined: the U * R weight loads of the next step
+        // are issued before the math of the current one, so they are in flight together with it.
+        const uint32_t whole = k - k % (GEMV_STEP * U);  // columns covered by whole steps
         uint32_t base = 0;
-        for (; k - base >= GEMV_STEP * U; base += GEMV_STEP * U) {
+        if (whole > 0) {
             uint4 wv[U][R];
+            load_step<R, U>(w, lane * 8, wv);
+            for (; base < whole; base += GEMV_STEP * U) {
+                const uint32_t next = base + GEMV_STEP * U;
+                uint4 wn[U][R];
+                if (next < whole) load_step<R, U>(w, next + lane * 8, wn);
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
+                for (int u = 0; u < U; ++u) accumulate<R, TILE>(wv[u], a, base + u * GEMV_STEP + lane * 8, acc);
+                if (next < whole) {
 #pragma unroll
-                for (int r = 0; r < R; ++r) wv[u][r] = mx::load_stream_16(w[r] + base + u * GEMV_STEP + lane * 8);
+                    for (int u = 0; u < U; ++u) {
+#pragma unroll
+                        for (int r = 0; r < R; ++r) wv[u][r] = wn[u][r];
+                    }
+                }
             }
-#pragma unroll
-            for (int u = 0; u < U; ++u) accumulate<R, TILE>(wv[u], a, base + u * GEMV_STEP + lane * 8, acc);
         }
         // The rest (fewer than U chunks per lane): one chunk at a time.
         for (uint32_t c = base + lane * 8; c < k; c += GEMV_STEP) {
