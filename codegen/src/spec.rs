@@ -446,7 +446,6 @@ pub const FAMILIES: &[Family] = &[
             values: &[v(0, "bf16"), v(1, "f32")],
         }],
     },
-
     // --- moe_grouped ---
 
     // --- attention_prefill ---

@@ -90,7 +90,12 @@ fn plan_linear(
     c.len(
         "w",
         w,
-        elements(&c, "out_features * in_features", s.out_features, s.in_features)?,
+        elements(
+            &c,
+            "out_features * in_features",
+            s.out_features,
+            s.in_features,
+        )?,
     )?;
     c.len(
         "out",
@@ -114,10 +119,7 @@ fn plan_linear(
             "out_features blocks",
             s.out_features.div_ceil(LINEAR_MMA_BN as usize),
         )?;
-        let row_blocks = c.grid_yz(
-            "token blocks",
-            s.tokens.div_ceil(LINEAR_MMA_BM as usize),
-        )?;
+        let row_blocks = c.grid_yz("token blocks", s.tokens.div_ceil(LINEAR_MMA_BM as usize))?;
         (variant, (col_blocks, row_blocks, 1), LINEAR_MMA_THREADS)
     };
     if s.tokens == 0 {
@@ -171,10 +173,7 @@ mod tests {
     const BASE: u64 = 0x7f00_0000_0000;
 
     fn buf(len: usize) -> Buf {
-        Buf {
-            address: BASE,
-            len,
-        }
+        Buf { address: BASE, len }
     }
 
     fn shape(tokens: usize, in_features: usize, out_features: usize) -> LinearShape {
@@ -269,11 +268,7 @@ mod tests {
             (BASE, BASE + 0x1000, BASE + 0x2002)
         );
         assert_eq!(
-            (
-                p.params.tokens,
-                p.params.in_features,
-                p.params.out_features
-            ),
+            (p.params.tokens, p.params.in_features, p.params.out_features),
             (3, 24, 7)
         );
     }
@@ -343,7 +338,13 @@ mod tests {
             Err(CudaError::Unsupported { what, .. }) => assert_eq!(what, "out_features"),
             other => panic!("{other:?}"),
         }
-        match plan_linear(&shape(1 << 31, 8, 1), buf(usize::MAX), buf(8), buf(usize::MAX), true) {
+        match plan_linear(
+            &shape(1 << 31, 8, 1),
+            buf(usize::MAX),
+            buf(8),
+            buf(usize::MAX),
+            true,
+        ) {
             Err(CudaError::Unsupported { what, .. }) => assert_eq!(what, "tokens"),
             other => panic!("{other:?}"),
         }
@@ -353,12 +354,20 @@ mod tests {
     fn zero_tokens_launch_nothing_but_are_still_checked() {
         for out_f32 in [false, true] {
             assert!(plan(&shape(0, 64, 10), out_f32).unwrap().is_none());
-            assert!(plan_linear(&shape(0, 64, 10), buf(0), buf(640), buf(0), out_f32)
-                .unwrap()
-                .is_none());
+            assert!(
+                plan_linear(&shape(0, 64, 10), buf(0), buf(640), buf(0), out_f32)
+                    .unwrap()
+                    .is_none()
+            );
         }
         assert!(plan(&shape(0, 60, 10), false).is_err());
-        too_small_w(plan_linear(&shape(0, 64, 10), buf(0), buf(639), buf(0), false));
+        too_small_w(plan_linear(
+            &shape(0, 64, 10),
+            buf(0),
+            buf(639),
+            buf(0),
+            false,
+        ));
     }
 
     fn too_small_w(r: Result<Option<Launch<LinearParams>>, CudaError>) {
