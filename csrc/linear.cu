@@ -26,12 +26,12 @@
 // linear_mma_{bf16,f32}: prefill. Tensor cores through mma.sync.m16n8k16 (bf16 in, f32 accumulate;
 //   sm_80 and later). A block computes a LINEAR_MMA_BM x LINEAR_MMA_BN tile of out (tokens x
 //   out_features) with 8 warps as 2 x 4, each warp 64 x 32 (4 x 4 mma tiles). K advances
-//   LINEAR_MMA_BK at a time through two shared-memory stages filled by cp.async (16 bytes per copy;
-//   rows/columns past the edge are zero-filled by a zero source size), while the other stage is
-//   read with ldmatrix. Shared rows are padded to BK + 8 elements (80 bytes), so the 8 row
-//   addresses of each ldmatrix phase fall in 8 distinct 16-byte bank groups (no bank conflicts).
-//   Grid: (ceil(out_features / BN), ceil(tokens / BM)), LINEAR_MMA_THREADS threads, 40 KiB static
-//   shared memory.
+//   LINEAR_MMA_BK at a time through three shared-memory stages filled by cp.async (16 bytes per
+//   copy; rows/columns past the edge are zero-filled by a zero source size): two K tiles are in
+//   flight while the third is read with ldmatrix. The 16-byte chunks of each 64-byte shared row are
+//   XOR-swizzled by the row (`swizzle`), so ldmatrix reads and cp.async writes are free of bank
+//   conflicts without padding. Grid: (ceil(out_features / BN), ceil(tokens / BM)),
+//   LINEAR_MMA_THREADS threads, 48 KiB static shared memory.
 //
 // No fast math: there is no transcendental here; the accumulation order is the only difference
 // from the CPU reference.
@@ -158,25 +158,32 @@ constexpr int BM = LINEAR_MMA_BM;
 constexpr int BN = LINEAR_MMA_BN;
 constexpr int BK = LINEAR_MMA_BK;
 constexpr int THREADS = LINEAR_MMA_THREADS;
-constexpr int STAGES = 2;
-constexpr int LDS = BK + 8;          // padded shared row: 80 bytes
-constexpr int CHUNKS = BK / 8;       // 16-byte chunks per shared row
+constexpr int STAGES = 3;
+constexpr int CHUNKS = BK / 8;       // 16-byte chunks per shared row (4: a 64-byte row)
 constexpr int WARP_M = 64;           // tokens per warp tile
 constexpr int WARP_N = 32;           // output features per warp tile
 constexpr int MI = WARP_M / 16;      // m16 tiles per warp
 constexpr int NI = WARP_N / 8;       // n8 tiles per warp
 constexpr int WARPS_N = BN / WARP_N;  // warps along the output features
-static_assert(BK % 16 == 0 && BK % 8 == 0, "whole k16 steps and 16-byte chunks");
+static_assert(BK == 32, "the swizzle below is for 64-byte rows (4 chunks)");
 static_assert((BM / WARP_M) * WARPS_N * 32 == THREADS, "the warps tile the block tile exactly");
 static_assert((BM * CHUNKS) % THREADS == 0 && (BN * CHUNKS) % THREADS == 0, "whole copy rounds");
-static_assert((LDS * 2) % 16 == 0, "16-byte aligned shared rows for cp.async and ldmatrix");
 static_assert(NI % 2 == 0, "B fragments are loaded two n8 tiles at a time");
 
 struct MmaShared {
-    mx_bf16 a[STAGES][BM][LDS];  // x tile: [token][k]
-    mx_bf16 b[STAGES][BN][LDS];  // w tile: [out feature][k]
+    mx_bf16 a[STAGES][BM][BK];  // x tile: [token][k], chunks swizzled
+    mx_bf16 b[STAGES][BN][BK];  // w tile: [out feature][k], chunks swizzled
 };
 static_assert(sizeof(MmaShared) <= 48 * 1024, "static shared memory limit");
+
+// Column where the 16-byte chunk holding logical column `col` (a multiple of 8) of shared row `row`
+// is stored: chunk c of row r goes to chunk c ^ ((r / 2) % 4). The 8 rows r0..r0 + 7 (r0 a multiple
+// of 8) an ldmatrix phase reads at one logical chunk then cover the 8 16-byte bank groups once
+// ((r % 2) * 4 + (c ^ (r / 2) % 4) takes 8 distinct values), and so do the 2 rows x 4 chunks of
+// each quarter-warp's cp.async writes.
+__device__ __forceinline__ uint32_t swizzle(uint32_t row, uint32_t col) {
+    return ((col / 8) ^ ((row / 2) % 4)) * 8;
+}
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
     return (uint32_t)__cvta_generic_to_shared(p);
@@ -226,7 +233,7 @@ __device__ __forceinline__ void load_stage(const LinearParams& p, MmaShared& s, 
         const uint32_t t = m0 + row;
         const bool valid = t < p.tokens && k0 + col < p.in_features;
         const mx_bf16* src = valid ? p.x + (size_t)t * p.in_features + k0 + col : p.x;
-        cp_async_16(shared_address(&s.a[stage][row][col]), src, valid);
+        cp_async_16(shared_address(&s.a[stage][row][swizzle(row, col)]), src, valid);
     }
 #pragma unroll
     for (int q = 0; q < BN * CHUNKS / THREADS; ++q) {
@@ -236,7 +243,7 @@ __device__ __forceinline__ void load_stage(const LinearParams& p, MmaShared& s, 
         const uint32_t o = n0 + row;
         const bool valid = o < p.out_features && k0 + col < p.in_features;
         const mx_bf16* src = valid ? p.w + (size_t)o * p.in_features + k0 + col : p.w;
-        cp_async_16(shared_address(&s.b[stage][row][col]), src, valid);
+        cp_async_16(shared_address(&s.b[stage][row][swizzle(row, col)]), src, valid);
     }
 }
 
@@ -253,7 +260,7 @@ __device__ __forceinline__ void compute_stage(const MmaShared& s, int stage, uin
         for (int mi = 0; mi < MI; ++mi) {
             const uint32_t row = warp_m + mi * 16 + lane % 16;
             const uint32_t col = ks * 16 + (lane / 16) * 8;
-            ldmatrix_x4(af[mi], shared_address(&s.a[stage][row][col]));
+            ldmatrix_x4(af[mi], shared_address(&s.a[stage][row][swizzle(row, col)]));
         }
         // B fragments (k16 x n8, w rows are the n index): matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
         // (n 8-15, k 0-7), (n 8-15, k 8-15) = b0, b1 of n8 tile 2np and b0, b1 of tile 2np + 1.
@@ -263,7 +270,7 @@ __device__ __forceinline__ void compute_stage(const MmaShared& s, int stage, uin
             const uint32_t n = warp_n + np * 16 + lane % 8 + (lane / 16) * 8;
             const uint32_t col = ks * 16 + ((lane / 8) % 2) * 8;
             uint32_t r[4];
-            ldmatrix_x4(r, shared_address(&s.b[stage][n][col]));
+            ldmatrix_x4(r, shared_address(&s.b[stage][n][swizzle(n, col)]));
             bfrag[2 * np][0] = r[0];
             bfrag[2 * np][1] = r[1];
             bfrag[2 * np + 1][0] = r[2];
