@@ -142,6 +142,14 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "ATTENTION_COMBINE_THREADS", value: 128, doc: "Threads per block of `attention_combine` (one block per token and query head)." },
     Constant { name: "ARGMAX_THREADS", value: 1024, doc: "Threads per block of `argmax` (one block per row)." },
     // --- linear ---
+    Constant { name: "LINEAR_GEMV_WARPS", value: 8, doc: "Warps per block of `linear_gemv` (each warp owns LINEAR_GEMV_ROWS_PER_WARP output rows)." },
+    Constant { name: "LINEAR_GEMV_ROWS_PER_WARP", value: 2, doc: "Weight rows per warp in `linear_gemv` (each activation load serves this many rows)." },
+    Constant { name: "LINEAR_GEMV_UNROLL", value: 4, doc: "16-byte weight loads per row each lane of `linear_gemv` issues before using them." },
+    Constant { name: "LINEAR_GEMV_MAX_TOKENS", value: 16, doc: "Largest token count `linear` runs as a GEMV (tiles of at most 8 tokens); more tokens take the tensor-core `linear_mma`." },
+    Constant { name: "LINEAR_MMA_BM", value: 128, doc: "Tokens per block tile of `linear_mma`." },
+    Constant { name: "LINEAR_MMA_BN", value: 128, doc: "Output features per block tile of `linear_mma`." },
+    Constant { name: "LINEAR_MMA_BK", value: 32, doc: "Input features per shared-memory stage of `linear_mma`." },
+    Constant { name: "LINEAR_MMA_THREADS", value: 256, doc: "Threads per block of `linear_mma` (8 warps as 2 x 4, each a 64 x 32 tile of the output)." },
 
     // --- moe_grouped ---
     Constant { name: "MOE_GROUPED_THREADS", value: 128, doc: "Threads per block of the grouped expert GEMM (4 warps, 2 x 2 over the output tile)." },
@@ -305,6 +313,20 @@ pub const STRUCTS: &[ParamStruct] = &[
         ],
     },
     // --- linear ---
+    ParamStruct {
+        name: "LinearParams",
+        doc: "Dense projection `out[t, o] = sum_i x[t, i] * w[o, i]` (x and w bf16, f32 accumulation), out bf16 or \
+              f32 as the variant says. `linear_gemv` streams the weight once per tile of tokens (decode), \
+              `linear_mma` is the tensor-core GEMM (prefill).",
+        fields: &[
+            field("x", read(Bf16), "`[tokens, in_features]` input rows (16-byte aligned)."),
+            field("w", read(Bf16), "`[out_features, in_features]` weight, row-major as stored in checkpoints (16-byte aligned)."),
+            field("out", write(Void), "`[tokens, out_features]`, bf16 or f32 as the variant says."),
+            field("tokens", U32, "Number of tokens (rows of x and out)."),
+            field("in_features", U32, "Input features (a positive multiple of 8)."),
+            field("out_features", U32, "Output features (rows of w)."),
+        ],
+    },
 
     // --- moe_grouped ---
 
@@ -450,7 +472,32 @@ pub const FAMILIES: &[Family] = &[
         axes: &[],
     },
     // --- linear ---
-
+    Family {
+        name: "linear_gemv",
+        rust_name: "LinearGemv",
+        file: "linear",
+        params: "LinearParams",
+        axes: &[
+            Axis {
+                name: "TILE",
+                values: &[v(1, "t1"), v(2, "t2"), v(4, "t4"), v(8, "t8")],
+            },
+            Axis {
+                name: "OUT_F32",
+                values: &[v(0, "bf16"), v(1, "f32")],
+            },
+        ],
+    },
+    Family {
+        name: "linear_mma",
+        rust_name: "LinearMma",
+        file: "linear",
+        params: "LinearParams",
+        axes: &[Axis {
+            name: "OUT_F32",
+            values: &[v(0, "bf16"), v(1, "f32")],
+        }],
+    },
     // --- moe_grouped ---
     Family {
         name: "moe_grouped_up",

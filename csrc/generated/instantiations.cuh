@@ -74,6 +74,22 @@
 #define MIXTRAL_ARGMAX_VARIANTS(X) \
     X(argmax)
 
+// linear_gemv (csrc/linear.cu, takes LinearParams): X(symbol, TILE, OUT_F32)
+#define MIXTRAL_LINEAR_GEMV_VARIANTS(X) \
+    X(linear_gemv_t1_bf16, 1, 0) \
+    X(linear_gemv_t1_f32, 1, 1) \
+    X(linear_gemv_t2_bf16, 2, 0) \
+    X(linear_gemv_t2_f32, 2, 1) \
+    X(linear_gemv_t4_bf16, 4, 0) \
+    X(linear_gemv_t4_f32, 4, 1) \
+    X(linear_gemv_t8_bf16, 8, 0) \
+    X(linear_gemv_t8_f32, 8, 1)
+
+// linear_mma (csrc/linear.cu, takes LinearParams): X(symbol, OUT_F32)
+#define MIXTRAL_LINEAR_MMA_VARIANTS(X) \
+    X(linear_mma_bf16, 0) \
+    X(linear_mma_f32, 1)
+
 // moe_grouped_up (csrc/moe_grouped.cu, takes MoeParams): X(symbol)
 #define MIXTRAL_MOE_GROUPED_UP_VARIANTS(X) \
     X(moe_grouped_up)

@@ -54,6 +54,22 @@ typedef struct mx_bf16 {
 #define ATTENTION_COMBINE_THREADS 128u
 // Threads per block of `argmax` (one block per row).
 #define ARGMAX_THREADS 1024u
+// Warps per block of `linear_gemv` (each warp owns LINEAR_GEMV_ROWS_PER_WARP output rows).
+#define LINEAR_GEMV_WARPS 8u
+// Weight rows per warp in `linear_gemv` (each activation load serves this many rows).
+#define LINEAR_GEMV_ROWS_PER_WARP 2u
+// 16-byte weight loads per row each lane of `linear_gemv` issues before using them.
+#define LINEAR_GEMV_UNROLL 4u
+// Largest token count `linear` runs as a GEMV (tiles of at most 8 tokens); more tokens take the tensor-core `linear_mma`.
+#define LINEAR_GEMV_MAX_TOKENS 16u
+// Tokens per block tile of `linear_mma`.
+#define LINEAR_MMA_BM 128u
+// Output features per block tile of `linear_mma`.
+#define LINEAR_MMA_BN 128u
+// Input features per shared-memory stage of `linear_mma`.
+#define LINEAR_MMA_BK 32u
+// Threads per block of `linear_mma` (8 warps as 2 x 4, each a 64 x 32 tile of the output).
+#define LINEAR_MMA_THREADS 256u
 // Threads per block of the grouped expert GEMM (4 warps, 2 x 2 over the output tile).
 #define MOE_GROUPED_THREADS 128u
 // Slots (rows of one expert) per tile of the grouped expert GEMM.
@@ -372,6 +388,30 @@ MX_STATIC_ASSERT(offsetof(ArgmaxParams, logits) == 0, "ArgmaxParams.logits: offs
 MX_STATIC_ASSERT(offsetof(ArgmaxParams, out_ids) == 8, "ArgmaxParams.out_ids: offset");
 MX_STATIC_ASSERT(offsetof(ArgmaxParams, rows) == 16, "ArgmaxParams.rows: offset");
 MX_STATIC_ASSERT(offsetof(ArgmaxParams, vocab) == 20, "ArgmaxParams.vocab: offset");
+
+// Dense projection `out[t, o] = sum_i x[t, i] * w[o, i]` (x and w bf16, f32 accumulation), out bf16 or f32 as the variant says. `linear_gemv` streams the weight once per tile of tokens (decode), `linear_mma` is the tensor-core GEMM (prefill).
+typedef struct LinearParams {
+    // `[tokens, in_features]` input rows (16-byte aligned).
+    const mx_bf16* x;
+    // `[out_features, in_features]` weight, row-major as stored in checkpoints (16-byte aligned).
+    const mx_bf16* w;
+    // `[tokens, out_features]`, bf16 or f32 as the variant says.
+    void* out;
+    // Number of tokens (rows of x and out).
+    uint32_t tokens;
+    // Input features (a positive multiple of 8).
+    uint32_t in_features;
+    // Output features (rows of w).
+    uint32_t out_features;
+} LinearParams;
+MX_STATIC_ASSERT(sizeof(LinearParams) == 40, "LinearParams: size");
+MX_STATIC_ASSERT(MX_ALIGNOF(LinearParams) == 8, "LinearParams: alignment");
+MX_STATIC_ASSERT(offsetof(LinearParams, x) == 0, "LinearParams.x: offset");
+MX_STATIC_ASSERT(offsetof(LinearParams, w) == 8, "LinearParams.w: offset");
+MX_STATIC_ASSERT(offsetof(LinearParams, out) == 16, "LinearParams.out: offset");
+MX_STATIC_ASSERT(offsetof(LinearParams, tokens) == 24, "LinearParams.tokens: offset");
+MX_STATIC_ASSERT(offsetof(LinearParams, in_features) == 28, "LinearParams.in_features: offset");
+MX_STATIC_ASSERT(offsetof(LinearParams, out_features) == 32, "LinearParams.out_features: offset");
 
 // Causal flash attention of one sequence's `tokens` consecutive queries (positions `start_pos .. start_pos + tokens`, block-table row `seq_row`) over the paged cache. The query at position p attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale`, softmax in f32. Keys whose block-table entry is outside [0, num_blocks) are skipped.
 typedef struct AttentionPrefillParams {

@@ -32,6 +32,22 @@ pub const ATTENTION_MAX_SPLIT_KEYS: u32 = 512;
 pub const ATTENTION_COMBINE_THREADS: u32 = 128;
 /// Threads per block of `argmax` (one block per row).
 pub const ARGMAX_THREADS: u32 = 1024;
+/// Warps per block of `linear_gemv` (each warp owns LINEAR_GEMV_ROWS_PER_WARP output rows).
+pub const LINEAR_GEMV_WARPS: u32 = 8;
+/// Weight rows per warp in `linear_gemv` (each activation load serves this many rows).
+pub const LINEAR_GEMV_ROWS_PER_WARP: u32 = 2;
+/// 16-byte weight loads per row each lane of `linear_gemv` issues before using them.
+pub const LINEAR_GEMV_UNROLL: u32 = 4;
+/// Largest token count `linear` runs as a GEMV (tiles of at most 8 tokens); more tokens take the tensor-core `linear_mma`.
+pub const LINEAR_GEMV_MAX_TOKENS: u32 = 16;
+/// Tokens per block tile of `linear_mma`.
+pub const LINEAR_MMA_BM: u32 = 128;
+/// Output features per block tile of `linear_mma`.
+pub const LINEAR_MMA_BN: u32 = 128;
+/// Input features per shared-memory stage of `linear_mma`.
+pub const LINEAR_MMA_BK: u32 = 32;
+/// Threads per block of `linear_mma` (8 warps as 2 x 4, each a 64 x 32 tile of the output).
+pub const LINEAR_MMA_THREADS: u32 = 256;
 /// Threads per block of the grouped expert GEMM (4 warps, 2 x 2 over the output tile).
 pub const MOE_GROUPED_THREADS: u32 = 128;
 /// Slots (rows of one expert) per tile of the grouped expert GEMM.
@@ -372,6 +388,33 @@ const _: () = assert!(core::mem::offset_of!(ArgmaxParams, out_ids) == 8);
 const _: () = assert!(core::mem::offset_of!(ArgmaxParams, rows) == 16);
 const _: () = assert!(core::mem::offset_of!(ArgmaxParams, vocab) == 20);
 
+/// Dense projection `out[t, o] = sum_i x[t, i] * w[o, i]` (x and w bf16, f32 accumulation), out bf16 or f32 as the variant says. `linear_gemv` streams the weight once per tile of tokens (decode), `linear_mma` is the tensor-core GEMM (prefill).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinearParams {
+    /// `[tokens, in_features]` input rows (16-byte aligned). Device pointer to bf16, read.
+    pub x: u64,
+    /// `[out_features, in_features]` weight, row-major as stored in checkpoints (16-byte aligned). Device pointer to bf16, read.
+    pub w: u64,
+    /// `[tokens, out_features]`, bf16 or f32 as the variant says. Device pointer to variant-typed, written.
+    pub out: u64,
+    /// Number of tokens (rows of x and out).
+    pub tokens: u32,
+    /// Input features (a positive multiple of 8).
+    pub in_features: u32,
+    /// Output features (rows of w).
+    pub out_features: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<LinearParams>() == 40);
+const _: () = assert!(core::mem::align_of::<LinearParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(LinearParams, x) == 0);
+const _: () = assert!(core::mem::offset_of!(LinearParams, w) == 8);
+const _: () = assert!(core::mem::offset_of!(LinearParams, out) == 16);
+const _: () = assert!(core::mem::offset_of!(LinearParams, tokens) == 24);
+const _: () = assert!(core::mem::offset_of!(LinearParams, in_features) == 28);
+const _: () = assert!(core::mem::offset_of!(LinearParams, out_features) == 32);
+
 /// Causal flash attention of one sequence's `tokens` consecutive queries (positions `start_pos .. start_pos + tokens`, block-table row `seq_row`) over the paged cache. The query at position p attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale`, softmax in f32. Keys whose block-table entry is outside [0, num_blocks) are skipped.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -485,6 +528,10 @@ pub enum KernelFamily {
     AttentionCombine,
     /// `argmax` in csrc/sampling.cu, taking [`ArgmaxParams`].
     Argmax,
+    /// `linear_gemv` in csrc/linear.cu, taking [`LinearParams`].
+    LinearGemv,
+    /// `linear_mma` in csrc/linear.cu, taking [`LinearParams`].
+    LinearMma,
     /// `moe_grouped_up` in csrc/moe_grouped.cu, taking [`MoeParams`].
     MoeGroupedUp,
     /// `moe_grouped_down` in csrc/moe_grouped.cu, taking [`MoeParams`].
@@ -497,7 +544,7 @@ pub enum KernelFamily {
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 14] = [
+    pub const ALL: [KernelFamily; 16] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -508,6 +555,8 @@ impl KernelFamily {
         KernelFamily::AttentionDecode,
         KernelFamily::AttentionCombine,
         KernelFamily::Argmax,
+        KernelFamily::LinearGemv,
+        KernelFamily::LinearMma,
         KernelFamily::MoeGroupedUp,
         KernelFamily::MoeGroupedDown,
         KernelFamily::AttentionPrefill,
@@ -532,6 +581,8 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => "attention_decode",
             KernelFamily::AttentionCombine => "attention_combine",
             KernelFamily::Argmax => "argmax",
+            KernelFamily::LinearGemv => "linear_gemv",
+            KernelFamily::LinearMma => "linear_mma",
             KernelFamily::MoeGroupedUp => "moe_grouped_up",
             KernelFamily::MoeGroupedDown => "moe_grouped_down",
             KernelFamily::AttentionPrefill => "attention_prefill",
@@ -552,6 +603,8 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => &["HEAD_DIM", "GROUP"],
             KernelFamily::AttentionCombine => &[],
             KernelFamily::Argmax => &[],
+            KernelFamily::LinearGemv => &["TILE", "OUT_F32"],
+            KernelFamily::LinearMma => &["OUT_F32"],
             KernelFamily::MoeGroupedUp => &[],
             KernelFamily::MoeGroupedDown => &[],
             KernelFamily::AttentionPrefill => &["HEAD_DIM"],
@@ -802,6 +855,66 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         module: "sampling",
         symbol: "argmax",
         consts: &[],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearGemv,
+        module: "linear",
+        symbol: "linear_gemv_t1_bf16",
+        consts: &[1, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearGemv,
+        module: "linear",
+        symbol: "linear_gemv_t1_f32",
+        consts: &[1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearGemv,
+        module: "linear",
+        symbol: "linear_gemv_t2_bf16",
+        consts: &[2, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearGemv,
+        module: "linear",
+        symbol: "linear_gemv_t2_f32",
+        consts: &[2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearGemv,
+        module: "linear",
+        symbol: "linear_gemv_t4_bf16",
+        consts: &[4, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearGemv,
+        module: "linear",
+        symbol: "linear_gemv_t4_f32",
+        consts: &[4, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearGemv,
+        module: "linear",
+        symbol: "linear_gemv_t8_bf16",
+        consts: &[8, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearGemv,
+        module: "linear",
+        symbol: "linear_gemv_t8_f32",
+        consts: &[8, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearMma,
+        module: "linear",
+        symbol: "linear_mma_bf16",
+        consts: &[0],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearMma,
+        module: "linear",
+        symbol: "linear_mma_f32",
+        consts: &[1],
     },
     KernelVariant {
         family: KernelFamily::MoeGroupedUp,
@@ -1339,6 +1452,43 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "vocab",
                     core::mem::offset_of!(ArgmaxParams, vocab),
                     core::mem::size_of_val(&ArgmaxParams::default().vocab),
+                ),
+            ],
+        },
+        CompiledLayout {
+            name: "LinearParams",
+            size: core::mem::size_of::<LinearParams>(),
+            align: core::mem::align_of::<LinearParams>(),
+            fields: vec![
+                (
+                    "x",
+                    core::mem::offset_of!(LinearParams, x),
+                    core::mem::size_of_val(&LinearParams::default().x),
+                ),
+                (
+                    "w",
+                    core::mem::offset_of!(LinearParams, w),
+                    core::mem::size_of_val(&LinearParams::default().w),
+                ),
+                (
+                    "out",
+                    core::mem::offset_of!(LinearParams, out),
+                    core::mem::size_of_val(&LinearParams::default().out),
+                ),
+                (
+                    "tokens",
+                    core::mem::offset_of!(LinearParams, tokens),
+                    core::mem::size_of_val(&LinearParams::default().tokens),
+                ),
+                (
+                    "in_features",
+                    core::mem::offset_of!(LinearParams, in_features),
+                    core::mem::size_of_val(&LinearParams::default().in_features),
+                ),
+                (
+                    "out_features",
+                    core::mem::offset_of!(LinearParams, out_features),
+                    core::mem::size_of_val(&LinearParams::default().out_features),
                 ),
             ],
         },

@@ -1,1 +1,212 @@
-//! STUB: GPU test of the linear op (being written).
+//! The dense projection (`mixtral::cuda::ops::linear`) against the CPU reference
+//! `mixtral::cpu::matmul::matmul` on the same bf16 inputs: random shapes through both kernels (the
+//! GEMV up to `LINEAR_GEMV_MAX_TOKENS` tokens, the tensor-core GEMM above), both output types, odd
+//! output widths and in_features that are odd multiples of 8; the two kernels on the same rows at
+//! the crossover; zero tokens touching nothing.
+
+use half::bf16;
+use mixtral::cpu::matmul::matmul;
+use mixtral::cuda::ops::{linear, LinearBuffers, LinearOut, LinearShape};
+use mixtral::cuda::params::LINEAR_GEMV_MAX_TOKENS;
+use mixtral::dtype::WeightSlice;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+use crate::common::{self, Gpu, Guarded};
+
+/// bf16 error of a bf16 store plus f32 accumulation-order differences stay far below this.
+const BOUND: f64 = 1e-2;
+
+/// One problem: the bf16 inputs the device gets and the CPU reference output on them.
+struct Problem {
+    shape: LinearShape,
+    x: Vec<bf16>,
+    w: Vec<bf16>,
+    reference: Vec<f32>,
+}
+
+fn problem(seed: u64, tokens: usize, in_features: usize, out_features: usize) -> Problem {
+    let x = common::to_bf16(&common::random_values(seed, tokens * in_features, 1.0));
+    let w = common::to_bf16(&common::random_values(
+        seed ^ 0x5151_7e57,
+        out_features * in_features,
+        0.5,
+    ));
+    let mut reference = vec![0.0f32; tokens * out_features];
+    matmul(
+        &common::to_f32(&x),
+        WeightSlice::BF16(&w),
+        out_features,
+        in_features,
+        &mut reference,
+    );
+    Problem {
+        shape: LinearShape {
+            tokens,
+            in_features,
+            out_features,
+        },
+        x,
+        w,
+        reference,
+    }
+}
+
+/// Runs the op on `p` into a poisoned, guarded output and reads it back as f32 (every element must
+/// be written, nothing outside touched).
+fn run(gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<f32> {
+    let stream = gpu.stream();
+    let x = Guarded::with(stream, &p.x);
+    let w = Guarded::with(stream, &p.w);
+    let len = p.shape.tokens * p.shape.out_features;
+    if out_f32 {
+        let mut out = Guarded::<f32>::poisoned(stream, len);
+        linear(
+            &gpu.kernels,
+            stream,
+            &p.shape,
+            LinearBuffers {
+                x: &x.view(),
+                w: &w.view(),
+                out: LinearOut::F32(&mut out.view_mut()),
+            },
+        )
+        .expect("linear (f32 out)");
+        out.read_written(stream, "out")
+    } else {
+        let mut out = Guarded::<bf16>::poisoned(stream, len);
+        linear(
+            &gpu.kernels,
+            stream,
+            &p.shape,
+            LinearBuffers {
+                x: &x.view(),
+                w: &w.view(),
+                out: LinearOut::Bf16(&mut out.view_mut()),
+            },
+        )
+        .expect("linear (bf16 out)");
+        common::to_f32(&out.read_written(stream, "out"))
+    }
+}
+
+/// Token counts on both sides of every GEMV tile and of the crossover, and several GEMM row tiles.
+const TOKENS: &[usize] = &[1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 64, 128, 130, 257];
+
+/// in_features: small multiples of 8 (odd ones included: 24, 72, ...), and sizes with whole GEMV
+/// steps (1024 columns) plus a tail and GEMM K tiles (32) plus a tail.
+fn in_features() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        (1usize..=64).prop_map(|m| m * 8),
+        prop::sample::select(vec![1024usize, 1096, 2056, 3080]),
+    ]
+}
+
+#[test]
+fn linear_matches_the_cpu_reference() {
+    let Some(gpu) = common::gpu("linear_matches_the_cpu_reference") else {
+        return;
+    };
+    let strategy = (
+        prop::sample::select(TOKENS),
+        in_features(),
+        1usize..=300,
+        any::<bool>(),
+        any::<u64>(),
+    );
+    let mut runner = TestRunner::new(Config::with_cases(24));
+    runner
+        .run(
+            &strategy,
+            |(tokens, in_features, out_features, out_f32, seed)| {
+                let p = problem(seed, tokens, in_features, out_features);
+                let out = run(&gpu, &p, out_f32);
+                let err = common::rel_l2(&out, &p.reference);
+                if err > BOUND {
+                    return Err(TestCaseError::fail(format!(
+                        "tokens {tokens}, in {in_features}, out {out_features}, f32 out {out_f32}: \
+                         relative L2 error {err:e} > {BOUND:e}"
+                    )));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn gemv_and_tensor_core_paths_agree_at_the_crossover() {
+    let Some(gpu) = common::gpu("gemv_and_tensor_core_paths_agree_at_the_crossover") else {
+        return;
+    };
+    let gemv_tokens = LINEAR_GEMV_MAX_TOKENS as usize;
+    let (in_features, out_features) = (1096, 299);
+    // The same first rows: the GEMM problem is the GEMV problem plus one token.
+    let mma = problem(11, gemv_tokens + 1, in_features, out_features);
+    let gemv = Problem {
+        shape: LinearShape {
+            tokens: gemv_tokens,
+            ..mma.shape
+        },
+        x: mma.x[..gemv_tokens * in_features].to_vec(),
+        w: mma.w.clone(),
+        reference: mma.reference[..gemv_tokens * out_features].to_vec(),
+    };
+    for out_f32 in [true, false] {
+        let by_gemv = run(&gpu, &gemv, out_f32);
+        let by_mma = run(&gpu, &mma, out_f32);
+        common::assert_close("gemv vs cpu", &by_gemv, &gemv.reference, BOUND);
+        common::assert_close("mma vs cpu", &by_mma, &mma.reference, BOUND);
+        // Both accumulate exact bf16 products in f32; only the order differs.
+        let bound = if out_f32 { 1e-4 } else { 1e-2 };
+        common::assert_close(
+            "gemv vs mma on the same rows",
+            &by_gemv,
+            &by_mma[..gemv_tokens * out_features],
+            bound,
+        );
+    }
+}
+
+#[test]
+fn mixtral_hidden_size_through_both_paths() {
+    let Some(gpu) = common::gpu("mixtral_hidden_size_through_both_paths") else {
+        return;
+    };
+    for (seed, tokens) in [(1, 1), (2, 8), (3, 130)] {
+        let p = problem(seed, tokens, 4096, 520);
+        for out_f32 in [true, false] {
+            let out = run(&gpu, &p, out_f32);
+            common::assert_close(
+                &format!("tokens {tokens}, f32 out {out_f32}"),
+                &out,
+                &p.reference,
+                BOUND,
+            );
+        }
+    }
+}
+
+#[test]
+fn zero_tokens_touch_nothing() {
+    let Some(gpu) = common::gpu("zero_tokens_touch_nothing") else {
+        return;
+    };
+    let stream = gpu.stream();
+    let p = problem(5, 0, 64, 10);
+    let x = Guarded::with(stream, &p.x);
+    let w = Guarded::with(stream, &p.w);
+    let mut out = Guarded::<f32>::poisoned(stream, 0);
+    linear(
+        &gpu.kernels,
+        stream,
+        &p.shape,
+        LinearBuffers {
+            x: &x.view(),
+            w: &w.view(),
+            out: LinearOut::F32(&mut out.view_mut()),
+        },
+    )
+    .expect("linear with zero tokens");
+    assert!(out.read(stream, "out").is_empty());
+}
