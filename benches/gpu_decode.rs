@@ -144,7 +144,12 @@ fn skip(e: &CudaError) -> bool {
 fn protocol(out_path: &str) {
     let layers = layers();
     let mut out = std::fs::File::create(out_path).expect("protocol output");
-    let mut record = |what: &str, batch: usize, context: usize, graphs: bool, ms: f64, card: &str| {
+    let mut record = |what: &str,
+                      batch: usize,
+                      context: usize,
+                      graphs: bool,
+                      ms: f64,
+                      card: &str| {
         let line = format!(
             r#"{{"card": "{card}", "what": "{what}", "dtype": "bf16", "layers": {layers}, "batch": {batch}, "context": {context}, "graphs": {graphs}, "ours_ms": {ms:.4}}}"#
         );
@@ -161,13 +166,25 @@ fn protocol(out_path: &str) {
             Err(e) => panic!("building the engine: {e}"),
         };
         let card = engine.device_name().to_string();
-        let contexts: &[usize] = if graphs { &[16, 4096, 16384, 32000] } else { &[16] };
+        let contexts: &[usize] = if graphs {
+            &[16, 4096, 16384, 32000]
+        } else {
+            &[16]
+        };
         for &context in contexts {
-            let batches: &[usize] = if graphs && context == 16 { &[1, 8, 32] } else { &[1] };
+            let batches: &[usize] = if graphs && context == 16 {
+                &[1, 8, 32]
+            } else {
+                &[1]
+            };
             for &batch in batches {
                 let seqs = sequences(&mut engine, batch, context);
-                let tokens: Vec<[u32; 1]> = ids(batch, context as u64).iter().map(|&t| [t]).collect();
-                let ms = median_ms(|| decode_step(&mut engine, &seqs, context, &tokens), REPEATS);
+                let tokens: Vec<[u32; 1]> =
+                    ids(batch, context as u64).iter().map(|&t| [t]).collect();
+                let ms = median_ms(
+                    || decode_step(&mut engine, &seqs, context, &tokens),
+                    REPEATS,
+                );
                 record("decode", batch, context, graphs, ms, &card);
                 for seq in seqs {
                     mixtral::Engine::free_sequence(&mut engine, seq).expect("free");

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaGraph, CudaStream};
 
 use super::super::error::CudaError;
 use super::super::module::Kernels;
-use super::plan::{Attention, Plan};
+use super::plan::{Pass, Plan};
 use super::upload::GpuWeights;
 
 /// A captured decode pass of `bucket` tokens.
@@ -48,15 +48,7 @@ impl DecodeGraph {
             .map_err(CudaError::driver(format!(
                 "starting the capture of bucket {bucket}"
             )))?;
-        let recorded = plan.forward(
-            kernels,
-            stream,
-            weights,
-            bucket,
-            bucket,
-            Attention::Decode,
-            true,
-        );
+        let recorded = plan.forward(kernels, stream, weights, Pass::decode(bucket));
         // The capture must end whatever happened, or the stream stays in capture mode.
         let graph = stream.end_capture(CUgraphInstantiate_flags(0));
         recorded?;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use self::graph::DecodeGraph;
 use self::inputs::{decode_buckets, schedule_step, Chunk, ChunkKind, NO_SEQUENCE};
-use self::plan::{plan_bytes, Attention, Plan, PlanSizes};
+use self::plan::{plan_bytes, Attention, Pass, Plan, PlanSizes};
 use self::upload::{
     allocate_weights, device_weight_bytes, is_tied, randomize_weights, upload_weights, GpuWeights,
 };
@@ -299,15 +299,8 @@ impl CudaEngine {
             };
             self.upload_inputs(&padding)?;
             let stream = Arc::clone(self.device.stream());
-            self.plan.forward(
-                &self.kernels,
-                &stream,
-                &self.weights,
-                bucket,
-                bucket,
-                Attention::Decode,
-                true,
-            )?;
+            self.plan
+                .forward(&self.kernels, &stream, &self.weights, Pass::decode(bucket))?;
             stream
                 .synchronize()
                 .map_err(CudaError::driver(format!("warming up bucket {bucket}")))?;
@@ -494,10 +487,7 @@ impl CudaEngine {
                         &self.kernels,
                         &stream,
                         &self.weights,
-                        *bucket,
-                        *bucket,
-                        Attention::Decode,
-                        true,
+                        Pass::decode(*bucket),
                     )?,
                 }
                 chunk.logit_rows.iter().map(|&r| r as usize).collect()
@@ -508,10 +498,12 @@ impl CudaEngine {
                     &self.kernels,
                     &stream,
                     &self.weights,
-                    chunk.tokens(),
-                    rows,
-                    Attention::Prefill(pieces),
-                    greedy,
+                    Pass {
+                        tokens: chunk.tokens(),
+                        rows,
+                        attention: Attention::Prefill(pieces),
+                        greedy,
+                    },
                 )?;
                 (0..rows).collect()
             }

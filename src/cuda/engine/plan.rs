@@ -161,6 +161,32 @@ pub struct Plan {
     v_cache: Vec<Region<bf16>>,
 }
 
+/// One forward pass: how many tokens, which logits, which attention.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass<'a> {
+    /// Tokens whose inputs are in [`Plan::inputs`].
+    pub tokens: usize,
+    /// Logits rows: `tokens` reads every token in order without a gather; fewer gathers the rows
+    /// listed first in `inputs.rows`.
+    pub rows: usize,
+    /// The attention kernels to use.
+    pub attention: Attention<'a>,
+    /// Also the argmax of every logits row into [`Plan::greedy`].
+    pub greedy: bool,
+}
+
+impl Pass<'_> {
+    /// A decode pass of `bucket` tokens: logits and greedy ids for every token.
+    pub fn decode(bucket: usize) -> Pass<'static> {
+        Pass {
+            tokens: bucket,
+            rows: bucket,
+            attention: Attention::Decode,
+            greedy: true,
+        }
+    }
+}
+
 /// What a forward pass computes besides the cache writes.
 #[derive(Debug, Clone, Copy)]
 pub enum Attention<'a> {
@@ -266,20 +292,20 @@ impl Plan {
         }
     }
 
-    /// Issues the forward pass of `tokens` tokens whose inputs are already in [`Plan::inputs`],
-    /// computing logits for `rows` rows (`rows == tokens` reads the tokens in order without a gather;
-    /// otherwise the first `rows` entries of `inputs.rows` pick them). With `greedy`, also the argmax
-    /// of each logits row into [`Plan::greedy`].
+    /// Issues the forward pass `pass` over the inputs already in [`Plan::inputs`].
     pub fn forward(
         &mut self,
         kernels: &Kernels,
         stream: &CudaStream,
         weights: &GpuWeights,
-        tokens: usize,
-        rows: usize,
-        attention: Attention<'_>,
-        greedy: bool,
+        pass: Pass<'_>,
     ) -> Result<(), CudaError> {
+        let Pass {
+            tokens,
+            rows,
+            attention,
+            greedy,
+        } = pass;
         let d = self.dims;
         if tokens == 0 || tokens > self.sizes.max_tokens || rows > tokens {
             return Err(CudaError::Unsupported {

@@ -282,8 +282,18 @@ pub fn upload_weights(
     let mut staging = Staging::new(ctx, stream, total, progress)?;
     let st = &mut staging;
     for (l, (lw, g)) in weights.layers.iter().zip(&gpu.layers).enumerate() {
-        copy_stacked(st, &g.attn_norm, &[&lw.attn_norm], &format!("layer {l} input norm"))?;
-        copy_stacked(st, &g.ffn_norm, &[&lw.ffn_norm], &format!("layer {l} ffn norm"))?;
+        copy_stacked(
+            st,
+            &g.attn_norm,
+            &[&lw.attn_norm],
+            &format!("layer {l} input norm"),
+        )?;
+        copy_stacked(
+            st,
+            &g.ffn_norm,
+            &[&lw.ffn_norm],
+            &format!("layer {l} ffn norm"),
+        )?;
         copy_stacked(st, &g.o, &[&lw.o_proj], &format!("layer {l} o_proj"))?;
         copy_stacked(
             st,
@@ -321,7 +331,9 @@ pub fn randomize_weights(
 ) -> Result<(), CudaError> {
     let mut next_seed = seed;
     let mut fill = |region: &Region<bf16>, fan_in: usize, shift: f32| -> Result<(), CudaError> {
-        next_seed = next_seed.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+        next_seed = next_seed
+            .wrapping_mul(747_796_405)
+            .wrapping_add(2_891_336_453);
         let scale = if shift == 0.0 {
             (3.0 / fan_in.max(1) as f32).sqrt()
         } else {

@@ -29,13 +29,21 @@ pub struct FillShape {
 }
 
 /// One launch per piece of at most 2^30 elements: (element offset, launch).
-fn plan_fill(s: &FillShape, address: u64, len: usize) -> Result<Vec<(usize, Launch<FillParams>)>, CudaError> {
+fn plan_fill(
+    s: &FillShape,
+    address: u64,
+    len: usize,
+) -> Result<Vec<(usize, Launch<FillParams>)>, CudaError> {
     let c = Check { op: "fill_random" };
     if !s.scale.is_finite() || !s.shift.is_finite() {
         return Err(CudaError::InvalidFloat {
             op: "fill_random",
             what: "scale / shift",
-            value: if s.scale.is_finite() { s.shift } else { s.scale },
+            value: if s.scale.is_finite() {
+                s.shift
+            } else {
+                s.scale
+            },
         });
     }
     if len < s.len {
@@ -116,7 +124,9 @@ mod tests {
             assert_eq!(launch.params.base as usize, next);
             assert_eq!(launch.params.out, 0x1000 + 2 * next as u64);
             let covered = launch.grid.0 as usize * FILL_THREADS as usize;
-            assert!(covered >= (launch.params.len as usize).min(MAX_BLOCKS * FILL_THREADS as usize));
+            assert!(
+                covered >= (launch.params.len as usize).min(MAX_BLOCKS * FILL_THREADS as usize)
+            );
             next += launch.params.len as usize;
         }
         assert_eq!(next, len);
@@ -132,7 +142,10 @@ mod tests {
             scale: f32::NAN,
             ..shape(10)
         };
-        assert!(matches!(plan_fill(&nan, 0, 10), Err(CudaError::InvalidFloat { .. })));
+        assert!(matches!(
+            plan_fill(&nan, 0, 10),
+            Err(CudaError::InvalidFloat { .. })
+        ));
         assert!(plan_fill(&shape(0), 0, 0).unwrap().is_empty());
     }
 }
