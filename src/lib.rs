@@ -41,6 +41,7 @@ pub mod engine;
 pub mod generate;
 pub mod kv;
 pub mod model;
+pub mod quant;
 pub mod random_model;
 pub mod sampling;
 pub mod tokenizer;

@@ -8,8 +8,9 @@ mod report;
 use args::{Command, Common, Device, GenerateArgs, PerplexityArgs, Prompt, UsageError};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::{generate, perplexity, GenerateOptions};
+use mixtral::quant::{declared_format, estimate_memory, QuantFormat};
 use mixtral::tokenizer::{ChatMessage, Tokenizer};
-use mixtral::{Engine, LoadOptions, Model};
+use mixtral::{Engine, LoadOptions, Model, ModelConfig};
 use report::{LoadDisplay, TokenWriter};
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -94,11 +95,13 @@ fn check_device(device: Device) -> Result<(), Failure> {
 /// Loads the model directory (tokenizer required), showing progress; returns the load time too.
 fn load(common: &Common) -> Result<(Model, Tokenizer, Duration), Failure> {
     check_device(common.device)?;
+    preflight(common);
     let started = Instant::now();
     let (display, progress) = LoadDisplay::new();
     let options = LoadOptions {
         progress: Some(progress),
         require_tokenizer: true,
+        quant: common.quantize,
     };
     let loaded = Model::load(&common.model, &options);
     display.finish();
@@ -110,6 +113,25 @@ fn load(common: &Common) -> Result<(Model, Tokenizer, Duration), Failure> {
         ))
     })?;
     Ok((model, tokenizer, started.elapsed()))
+}
+
+/// Prints the memory the model needs (weights in the format it will have, a KV cache for the
+/// context allowed, one sequence) before the weights are read.
+/// A config.json that cannot be read prints nothing here: loading reports it.
+fn preflight(common: &Common) {
+    let Ok(config) = ModelConfig::from_file(&common.model.join("config.json")) else {
+        return;
+    };
+    let format = match common.quantize {
+        Some(f) => f,
+        None => declared_format(&common.model.join("config.json")).unwrap_or(QuantFormat::Bf16),
+    };
+    let context = common.max_context.unwrap_or(config.max_position_embeddings);
+    report::memory_estimate(
+        format,
+        context,
+        &estimate_memory(&config, format, context, 1),
+    );
 }
 
 /// The context the user allows (`--max-context`, or the model's).

@@ -4,6 +4,7 @@
 use mixtral::checkpoint::LoadProgress;
 use mixtral::generate::{GenerationOutput, Perplexity, TokenEvent};
 use mixtral::model::ProgressFn;
+use mixtral::quant::{MemoryEstimate, QuantFormat};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -162,5 +163,18 @@ pub fn perplexity_timings(load: Duration, tokens: usize, scoring: Duration) {
         load.as_secs_f64(),
         millis(scoring),
         tokens as f64 / scoring.as_secs_f64().max(1e-9)
+    );
+}
+
+/// One line on stderr: the estimated memory of the model (see `mixtral::quant::estimate_memory`).
+pub fn memory_estimate(format: QuantFormat, context: usize, m: &MemoryEstimate) {
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    eprintln!(
+        "memory estimate ({format}, {context}-token context, 1 sequence): weights {:.2} GiB, \
+         KV cache {:.2} GiB, activations {:.2} GiB, total {:.2} GiB",
+        gib(m.weights_bytes),
+        gib(m.kv_bytes),
+        gib(m.activations_bytes),
+        gib(m.total)
     );
 }

@@ -1,0 +1,176 @@
+//! 4-bit weights: round-to-nearest (RTN) group quantization for quantize-on-load, and the GPTQ
+//! packing of published 4-bit checkpoints.
+//!
+//! RTN, asymmetric, groups of [`GROUP_SIZE`] consecutive input features of one output row (the
+//! last group of a row may be shorter): over a group, `lo = min(min w, 0)`, `hi = max(max w, 0)`,
+//! `scale = (hi - lo) / 15` (1 when `hi == lo`), `zero = clamp(round(-lo / scale), 0, 15)`,
+//! `q = clamp(round(w / scale) + zero, 0, 15)`, `w' = scale * (q - zero)`; rounding is ties to
+//! even. Including 0 in the range makes `|w - w'| <= scale / 2` for every element.
+//!
+//! GPTQ (AutoGPTQ layout, 4 bits): for a linear layer with `in` inputs and `out` outputs,
+//! - `qweight` int32 `[in / 8, out]`: input `k` of output `n` is nibble `k % 8` (bits `4 (k % 8)`
+//!   and up) of `qweight[k / 8][n]`;
+//! - `qzeros` int32 `[groups, out / 8]`: the zero of group `g`, output `n` is nibble `n % 8` of
+//!   `qzeros[g][n / 8]`;
+//! - `scales` f16 `[groups, out]`; `g_idx` int32 `[in]`: the group of each input (`k / group_size`
+//!   without act-order; a permuted assignment with act-order, `desc_act`);
+//! - `w[n][k] = scales[g][n] * (q[k][n] - (stored_zero[g][n] + offset))`, `g = g_idx[k]`, where
+//!   `offset` is 1 in the original format (`checkpoint_format: "gptq"`, AutoGPTQ and transformers
+//!   store `zero - 1`; a symmetric 4-bit checkpoint stores 7 for zero 8) and 0 in `gptq_v2`.
+
+/// Input features per RTN group.
+pub const GROUP_SIZE: usize = 128;
+/// Largest 4-bit code.
+const QMAX: f32 = 15.0;
+
+/// An RTN-quantized matrix `[rows, cols]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rtn {
+    /// Rows (outputs).
+    pub rows: usize,
+    /// Columns (inputs).
+    pub cols: usize,
+    /// Input features per group (the last group of a row may be shorter).
+    pub group_size: usize,
+    /// Codes 0..=15, `[rows, cols]`.
+    pub q: Vec<u8>,
+    /// `[rows, groups]`.
+    pub scales: Vec<f32>,
+    /// Zero points 0..=15, `[rows, groups]`.
+    pub zeros: Vec<u8>,
+}
+
+impl Rtn {
+    /// Groups per row: `ceil(cols / group_size)`.
+    pub fn groups(&self) -> usize {
+        self.cols.div_ceil(self.group_size.max(1))
+    }
+}
+
+/// Quantizes `w` (`[rows, cols]`, row-major) in groups of `group_size` inputs (0 is taken as 1).
+pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, group_size: usize) -> Rtn {
+    let group_size = group_size.max(1);
+    let groups = cols.div_ceil(group_size);
+    let mut q = Vec::with_capacity(rows * cols);
+    let mut scales = Vec::with_capacity(rows * groups);
+    let mut zeros = Vec::with_capacity(rows * groups);
+    for row in w.chunks(cols.max(1)).take(rows) {
+        for group in row.chunks(group_size) {
+            let lo = group.iter().fold(0.0f32, |m, &v| m.min(v));
+            let hi = group.iter().fold(0.0f32, |m, &v| m.max(v));
+            let scale = if hi > lo { (hi - lo) / QMAX } else { 1.0 };
+            let zero = (-lo / scale).round_ties_even().clamp(0.0, QMAX);
+            q.extend(
+                group
+                    .iter()
+                    .map(|&v| ((v / scale).round_ties_even() + zero).clamp(0.0, QMAX) as u8),
+            );
+            scales.push(scale);
+            zeros.push(zero as u8);
+        }
+    }
+    Rtn {
+        rows,
+        cols,
+        group_size,
+        q,
+        scales,
+        zeros,
+    }
+}
+
+/// `scale * (q - zero)` of every element, `[rows, cols]`.
+pub fn dequantize_rtn(r: &Rtn) -> Vec<f32> {
+    let groups = r.groups();
+    let mut out = Vec::with_capacity(r.q.len());
+    for (row, codes) in r.q.chunks(r.cols.max(1)).enumerate() {
+        for (k, &c) in codes.iter().enumerate() {
+            let at = row * groups + k / r.group_size.max(1);
+            let (s, z) = (r.scales[at], r.zeros[at]);
+            out.push(s * (f32::from(c) - f32::from(z)));
+        }
+    }
+    out
+}
+
+/// Packs 4-bit codes `q` `[k, n]` (`k` a multiple of 8) along the rows: `[k / 8, n]` words, row
+/// `8r + j` in nibble `j` of word row `r` (the layout of GPTQ's `qweight`).
+pub fn pack_rows(q: &[u8], k: usize, n: usize) -> Vec<i32> {
+    let mut out = vec![0u32; k / 8 * n];
+    for (i, &c) in q.iter().enumerate().take(k / 8 * 8 * n) {
+        let (row, col) = (i / n, i % n);
+        out[row / 8 * n + col] |= u32::from(c & 0x0F) << (4 * (row % 8));
+    }
+    out.into_iter().map(|w| w as i32).collect()
+}
+
+/// Packs 4-bit codes `z` `[g, n]` (`n` a multiple of 8) along the columns: `[g, n / 8]` words,
+/// column `8c + j` in nibble `j` of word column `c` (the layout of GPTQ's `qzeros`).
+pub fn pack_cols(z: &[u8], g: usize, n: usize) -> Vec<i32> {
+    let words = n / 8;
+    let mut out = vec![0u32; g * words];
+    for (i, &c) in z.iter().enumerate().take(g * words * 8) {
+        let (row, col) = (i / n, i % n);
+        out[row * words + col / 8] |= u32::from(c & 0x0F) << (4 * (col % 8));
+    }
+    out.into_iter().map(|w| w as i32).collect()
+}
+
+/// Nibble `j` (0..8) of `word`.
+pub fn nibble(word: i32, j: usize) -> u8 {
+    ((word as u32 >> (4 * (j % 8))) & 0x0F) as u8
+}
+
+/// The shapes of one GPTQ layer, checked by the caller against its tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct GptqShape {
+    /// Inputs (`k`); a multiple of 8.
+    pub inputs: usize,
+    /// Outputs (`n`); a multiple of 8.
+    pub outputs: usize,
+    /// Groups.
+    pub groups: usize,
+}
+
+/// Dequantizes a GPTQ layer to `[outputs, inputs]` f32. `qweight` `[inputs / 8, outputs]`,
+/// `qzeros` `[groups, outputs / 8]`, `scales` `[groups, outputs]` (as f32), `g_idx` `[inputs]` with
+/// every value `< groups`; `zero_offset` is 1 for the original GPTQ format, 0 for `gptq_v2`.
+/// Returns `None` when a length or a group index disagrees with `shape`.
+pub fn dequantize_gptq(
+    shape: GptqShape,
+    qweight: &[i32],
+    qzeros: &[i32],
+    scales: &[f32],
+    g_idx: &[usize],
+    zero_offset: i32,
+) -> Option<Vec<f32>> {
+    let GptqShape {
+        inputs,
+        outputs,
+        groups,
+    } = shape;
+    let ok = inputs % 8 == 0
+        && outputs % 8 == 0
+        && qweight.len() == inputs / 8 * outputs
+        && qzeros.len() == groups * (outputs / 8)
+        && scales.len() == groups * outputs
+        && g_idx.len() == inputs
+        && g_idx.iter().all(|&g| g < groups);
+    if !ok {
+        return None;
+    }
+    let mut out = vec![0.0f32; outputs * inputs];
+    for (k, &g) in g_idx.iter().enumerate() {
+        for n in 0..outputs {
+            let q = i32::from(nibble(qweight[k / 8 * outputs + n], k % 8));
+            let z = i32::from(nibble(qzeros[g * (outputs / 8) + n / 8], n % 8)) + zero_offset;
+            out[n * inputs + k] = scales[g * outputs + n] * (q - z) as f32;
+        }
+    }
+    Some(out)
+}
+
+/// `g_idx` without act-order: input `k` is in group `k / group_size`.
+pub fn sequential_g_idx(inputs: usize, group_size: usize) -> Vec<usize> {
+    (0..inputs).map(|k| k / group_size.max(1)).collect()
+}

@@ -1,0 +1,43 @@
+//! INT8 weight-only quantization with one symmetric scale per output channel: for a matrix
+//! `[out, in]`, `scale[o] = max_i |w[o][i]| / 127` (1 for an all-zero row),
+//! `q[o][i] = clamp(round_ties_even(w[o][i] / scale[o]), -127, 127)`, and
+//! `w'[o][i] = q[o][i] * scale[o]`. The error of each element is at most `scale[o] / 2`.
+
+/// Largest magnitude of a code (the range is symmetric, -128 is unused).
+pub const QMAX: f32 = 127.0;
+
+/// Quantizes `w` (`[rows, cols]`, row-major): codes and one scale per row.
+pub fn quantize_per_channel(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut codes = Vec::with_capacity(w.len());
+    let mut scales = Vec::with_capacity(rows);
+    for row in w.chunks(cols.max(1)).take(rows) {
+        let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let scale = if amax > 0.0 && amax.is_finite() {
+            amax / QMAX
+        } else {
+            1.0
+        };
+        codes.extend(
+            row.iter()
+                .map(|v| (v / scale).round_ties_even().clamp(-QMAX, QMAX) as i8),
+        );
+        scales.push(scale);
+    }
+    (codes, scales)
+}
+
+/// `q * scale[row]` (`scales` has one entry per row, or one for the whole tensor).
+pub fn dequantize(codes: &[i8], scales: &[f32], cols: usize) -> Vec<f32> {
+    codes
+        .chunks(cols.max(1))
+        .enumerate()
+        .flat_map(|(r, row)| {
+            let s = if scales.len() == 1 {
+                scales[0]
+            } else {
+                scales[r]
+            };
+            row.iter().map(move |&q| f32::from(q) * s)
+        })
+        .collect()
+}
