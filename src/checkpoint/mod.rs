@@ -406,6 +406,10 @@ impl Checkpoint {
         }
         self.packed.get(name).cloned()
     }
+    /// Names of the tensors of packed types, sorted (see [`Checkpoint::open_with_packed`]).
+    pub fn packed_names(&self) -> Vec<&str> {
+        self.packed.keys().map(String::as_str).collect()
+    }
     /// True when the checkpoint holds tensors of packed types (a pre-quantized checkpoint).
     pub fn has_packed(&self) -> bool {
         !self.packed.is_empty()
