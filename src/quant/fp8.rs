@@ -102,17 +102,112 @@ pub fn dequantize(codes: &[u8], scales: &[f32], cols: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The OCP E4M3 value of `code`, built independently of [`decode`]: normals as an f32 bit
+    /// pattern (exponent rebiased from 7 to 127, mantissa moved to the top of f32's), subnormals
+    /// as an exact f64 product.
+    fn ocp(code: u8) -> Option<f32> {
+        let (s, e, m) = (u32::from(code >> 7), u32::from((code >> 3) & 0xF), u32::from(code & 7));
+        if e == 0xF && m == 7 {
+            return None;
+        }
+        let v = if e == 0 {
+            let mag = f64::from(m) / 512.0;
+            (if s == 1 { -mag } else { mag }) as f32
+        } else {
+            f32::from_bits((s << 31) | ((e + 120) << 23) | (m << 20))
+        };
+        Some(v)
+    }
 
     #[test]
-    fn known_values() {
-        assert_eq!(decode(0x00), 0.0);
-        assert_eq!(decode(0x01), 2f32.powi(-9));
-        assert_eq!(decode(0x08), 2f32.powi(-6));
-        assert_eq!(decode(0x38), 1.0);
-        assert_eq!(decode(0x7E), 448.0);
-        assert_eq!(decode(0xFE), -448.0);
-        assert!(decode(0x7F).is_nan() && decode(0xFF).is_nan());
-        assert_eq!(encode(1000.0), 0x7E);
-        assert_eq!(encode(f32::NEG_INFINITY), 0xFE);
+    fn every_code_decodes_as_the_ocp_definition_and_encodes_back() {
+        for code in 0..=255u8 {
+            match ocp(code) {
+                None => {
+                    assert!(decode(code).is_nan() && is_nan_code(code), "{code:#x}");
+                    assert!(encode(decode(code)) & 0x7F == NAN_CODE);
+                }
+                Some(v) => {
+                    let d = decode(code);
+                    assert_eq!(d.to_bits(), v.to_bits(), "{code:#04x}: {d} vs {v}");
+                    assert!(!is_nan_code(code));
+                    assert_eq!(encode(d), code, "{code:#04x} ({d})");
+                }
+            }
+        }
+        assert_eq!((0..=255u8).filter(|&c| is_nan_code(c)).count(), 2);
+    }
+
+    #[test]
+    fn ties_round_to_the_even_code_and_neighbours_to_the_nearest() {
+        // Consecutive positive finite codes are consecutive values.
+        for lo in 0..0x7Eu8 {
+            let (a, b) = (decode(lo), decode(lo + 1));
+            assert!(a < b);
+            let mid = (a + b) / 2.0;
+            let even = if lo % 2 == 0 { lo } else { lo + 1 };
+            assert_eq!(encode(mid), even, "tie between {a} and {b}");
+            assert_eq!(encode(-mid), 0x80 | even);
+            let below = f32::from_bits(mid.to_bits() - 1);
+            let above = f32::from_bits(mid.to_bits() + 1);
+            assert_eq!(encode(below), lo, "just below the tie {a}..{b}");
+            assert_eq!(encode(above), lo + 1, "just above the tie {a}..{b}");
+        }
+    }
+
+    #[test]
+    fn saturates_to_448_and_keeps_nan() {
+        for x in [448.0f32, 449.0, 464.0, 480.0, 1e6, f32::MAX, f32::INFINITY] {
+            assert_eq!(encode(x), 0x7E, "{x}");
+            assert_eq!(encode(-x), 0xFE, "{x}");
+        }
+        assert!(is_nan_code(encode(f32::NAN)));
+        assert_eq!(encode(1e-30), 0x00);
+        assert_eq!(encode(-1e-30), 0x80);
+    }
+
+    #[test]
+    fn per_channel_quantization_uses_each_rows_range() {
+        let w = [0.5f32, -2.0, 1.0, 100.0, -300.0, 3.0];
+        let (codes, scales) = quantize_per_channel(&w, 2, 3);
+        assert_eq!(scales, vec![2.0 / 448.0, 300.0 / 448.0]);
+        // The largest magnitude of each row maps to +-448 exactly.
+        assert_eq!(codes[1], 0xFE);
+        assert_eq!(codes[4], 0xFE);
+        let back = dequantize(&codes, &scales, 3);
+        for (x, y) in w.iter().zip(&back) {
+            assert!((x - y).abs() <= x.abs() / 16.0 + 1e-6, "{x} -> {y}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_is_within_half_a_step(x in -448.0f32..=448.0) {
+            let d = decode(encode(x));
+            // Half a step: 2^-10 among the subnormals, at most |x| / 16 among the normals.
+            let bound = (x.abs() / 16.0).max(1.0 / 1024.0);
+            prop_assert!((d - x).abs() <= bound, "{} -> {}", x, d);
+            prop_assert_eq!(d.is_sign_negative() || d == 0.0, x.is_sign_negative() || d == 0.0);
+        }
+
+        #[test]
+        fn encoding_is_monotone(x in -600.0f32..600.0, y in -600.0f32..600.0) {
+            let (lo, hi) = if x <= y { (x, y) } else { (y, x) };
+            prop_assert!(decode(encode(lo)) <= decode(encode(hi)));
+        }
+
+        #[test]
+        fn nearest_of_all_codes(x in proptest::num::f32::NORMAL | proptest::num::f32::SUBNORMAL | proptest::num::f32::ZERO) {
+            let x = x.clamp(-448.0, 448.0);
+            let d = decode(encode(x));
+            for code in 0..=255u8 {
+                let v = decode(code);
+                if !v.is_nan() {
+                    prop_assert!((f64::from(d) - f64::from(x)).abs() <= (f64::from(v) - f64::from(x)).abs());
+                }
+            }
+        }
     }
 }

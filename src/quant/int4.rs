@@ -174,3 +174,122 @@ pub fn dequantize_gptq(
 pub fn sequential_g_idx(inputs: usize, group_size: usize) -> Vec<usize> {
     (0..inputs).map(|k| k / group_size.max(1)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn matrix(rows: usize, cols: usize, seed: &[f32]) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| seed[i % seed.len()] * (1.0 + (i % 7) as f32 * 0.3))
+            .collect()
+    }
+
+    /// Transposes `[rows, cols]` codes to `[cols, rows]` (GPTQ stores inputs first).
+    fn transpose(q: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+        (0..cols * rows).map(|i| q[(i % rows) * cols + i / rows]).collect()
+    }
+
+    #[test]
+    fn nibbles_pack_in_gptq_order() {
+        // q[k][n] for k in 0..8, n in 0..8 = (k + 2n) % 16.
+        let q: Vec<u8> = (0..64).map(|i| ((i / 8 + 2 * (i % 8)) % 16) as u8).collect();
+        let rows = pack_rows(&q, 8, 8);
+        assert_eq!(rows.len(), 8);
+        // Column 0 holds 0,1,...,7 from nibble 0 up.
+        assert_eq!(rows[0] as u32, 0x7654_3210);
+        let cols = pack_cols(&q, 8, 8);
+        // Row 0 holds 0,2,4,...,14 from nibble 0 up.
+        assert_eq!(cols[0] as u32, 0xECA8_6420);
+        for k in 0..8 {
+            for n in 0..8 {
+                assert_eq!(nibble(rows[n], k), q[k * 8 + n]);
+                assert_eq!(nibble(cols[k], n), q[k * 8 + n]);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn rtn_error_is_at_most_half_a_scale(
+            rows in 1usize..4,
+            cols in 1usize..300,
+            group in prop_oneof![Just(128usize), Just(32), Just(7)],
+            seed in proptest::collection::vec(-4.0f32..4.0, 64),
+        ) {
+            let w = matrix(rows, cols, &seed);
+            let r = quantize_rtn(&w, rows, cols, group);
+            prop_assert_eq!(r.scales.len(), rows * cols.div_ceil(group));
+            prop_assert!(r.q.iter().chain(&r.zeros).all(|&c| c <= 15));
+            let back = dequantize_rtn(&r);
+            let groups = r.groups();
+            for (i, (x, y)) in w.iter().zip(&back).enumerate() {
+                let s = r.scales[(i / cols) * groups + (i % cols) / group];
+                prop_assert!((x - y).abs() <= s * 0.5001, "{} -> {} (scale {})", x, y, s);
+            }
+        }
+
+        #[test]
+        fn gptq_layout_dequantizes_like_rtn_with_and_without_act_order(
+            out8 in 1usize..4,
+            groups in 1usize..4,
+            act_order: bool,
+            perm_seed: u64,
+            seed in proptest::collection::vec(-3.0f32..3.0, 64),
+        ) {
+            let (outputs, group) = (out8 * 8, 16);
+            let inputs = groups * group;
+            let w = matrix(outputs, inputs, &seed);
+            // Act-order: inputs visited in a permuted order, groups of consecutive visited inputs.
+            let mut perm: Vec<usize> = (0..inputs).collect();
+            if act_order {
+                let mut state = perm_seed | 1;
+                for i in (1..inputs).rev() {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    perm.swap(i, (state >> 33) as usize % (i + 1));
+                }
+            }
+            let permuted: Vec<f32> = (0..outputs * inputs)
+                .map(|i| w[(i / inputs) * inputs + perm[i % inputs]])
+                .collect();
+            let r = quantize_rtn(&permuted, outputs, inputs, group);
+            let want_permuted = dequantize_rtn(&r);
+            // Back to the original input order, in the GPTQ layout.
+            let mut q = vec![0u8; outputs * inputs];
+            let mut g_idx = vec![0usize; inputs];
+            for (j, &k) in perm.iter().enumerate() {
+                g_idx[k] = j / group;
+                for n in 0..outputs {
+                    q[n * inputs + k] = r.q[n * inputs + j];
+                }
+            }
+            let qweight = pack_rows(&transpose(&q, outputs, inputs), inputs, outputs);
+            let scales = transpose_f32(&r.scales, outputs, groups);
+            let zeros = transpose(&r.zeros, outputs, groups);
+            let shape = GptqShape { inputs, outputs, groups };
+            // gptq_v2: zeros stored as they are.
+            let got = dequantize_gptq(shape, &qweight, &pack_cols(&zeros, groups, outputs), &scales, &g_idx, 0).unwrap();
+            // The original format: zero - 1 stored, 1 added back (nibble arithmetic wraps 0 to 15,
+            // so only zeros >= 1 survive the round trip, as in every such checkpoint).
+            let minus_one: Vec<u8> = zeros.iter().map(|z| z.wrapping_sub(1) & 0x0F).collect();
+            let v1 = dequantize_gptq(shape, &qweight, &pack_cols(&minus_one, groups, outputs), &scales, &g_idx, 1).unwrap();
+            for n in 0..outputs {
+                for (j, &k) in perm.iter().enumerate() {
+                    prop_assert_eq!(got[n * inputs + k], want_permuted[n * inputs + j]);
+                    if r.zeros[n * groups + j / group] >= 1 {
+                        prop_assert_eq!(v1[n * inputs + k], want_permuted[n * inputs + j]);
+                    }
+                }
+            }
+            // A group index out of range is refused, not read.
+            let mut bad = g_idx.clone();
+            bad[0] = groups;
+            prop_assert!(dequantize_gptq(shape, &qweight, &pack_cols(&zeros, groups, outputs), &scales, &bad, 0).is_none());
+        }
+    }
+
+    fn transpose_f32(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        (0..cols * rows).map(|i| x[(i % rows) * cols + i / rows]).collect()
+    }
+}

@@ -41,3 +41,39 @@ pub fn dequantize(codes: &[i8], scales: &[f32], cols: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn error_is_at_most_half_a_scale(
+            rows in 1usize..5,
+            cols in 1usize..40,
+            seed in proptest::collection::vec(-50.0f32..50.0, 200),
+        ) {
+            let w: Vec<f32> = (0..rows * cols).map(|i| seed[i % seed.len()] * (1.0 + i as f32 * 0.01)).collect();
+            let (codes, scales) = quantize_per_channel(&w, rows, cols);
+            prop_assert_eq!(scales.len(), rows);
+            let back = dequantize(&codes, &scales, cols);
+            for (i, (x, y)) in w.iter().zip(&back).enumerate() {
+                let s = scales[i / cols];
+                prop_assert!((x - y).abs() <= s * 0.5001, "{} -> {} (scale {})", x, y, s);
+            }
+            // Each row's largest magnitude uses the end of the range.
+            for r in 0..rows {
+                let row = &codes[r * cols..(r + 1) * cols];
+                prop_assert!(row.iter().any(|&q| q.unsigned_abs() == 127) || w[r * cols..(r + 1) * cols].iter().all(|&v| v == 0.0));
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_row_keeps_a_unit_scale() {
+        let (codes, scales) = quantize_per_channel(&[0.0, 0.0, 1.0, -0.5], 2, 2);
+        assert_eq!(scales, vec![1.0, 1.0 / 127.0]);
+        assert_eq!(codes, vec![0, 0, 127, -64]);
+    }
+}
