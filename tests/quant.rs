@@ -141,7 +141,10 @@ fn prequantized_fixtures_match_transformers_on_dequantized_weights() {
             .fold(0.0, f64::max);
         eprintln!("{name}: last-logits rel L2 {rel:.2e}, worst log-prob diff {worst:.2e}");
         assert!(rel <= PREQUANTIZED_REL_L2, "{name}: rel L2 {rel}");
-        assert!(worst <= PREQUANTIZED_LOGPROB, "{name}: log-prob diff {worst}");
+        assert!(
+            worst <= PREQUANTIZED_LOGPROB,
+            "{name}: log-prob diff {worst}"
+        );
         let ppl = expected["perplexity"].as_f64().unwrap();
         assert!((scored.perplexity - ppl).abs() <= 1e-4 * ppl, "{name}");
     }
@@ -165,7 +168,10 @@ fn quantize_on_load_stays_near_the_bf16_model() {
         let rel = rel_l2(&last_logits(&model, &sequence), &want);
         eprintln!("{format} on load: last-logits rel L2 {rel:.3e} from bf16 (bound {bound})");
         // Quantization changed something, and not too much.
-        assert!(rel > 10.0 * exact, "{format}: no visible quantization error");
+        assert!(
+            rel > 10.0 * exact,
+            "{format}: no visible quantization error"
+        );
         assert!(rel <= bound, "{format}: rel L2 {rel} > {bound}");
     }
 }
@@ -184,7 +190,12 @@ fn fp8_on_load_equals_the_per_channel_checkpoint() {
     assert!(rel <= PREQUANTIZED_REL_L2, "{rel}");
     let published = load(&fixture("fp8-channel"), None).unwrap();
     for (a, b) in model.weights.all().iter().zip(published.weights.all()) {
-        assert_eq!(a.data().to_f32_vec(), b.data().to_f32_vec(), "{}", a.tensor.name());
+        assert_eq!(
+            a.data().to_f32_vec(),
+            b.data().to_f32_vec(),
+            "{}",
+            a.tensor.name()
+        );
     }
 }
 
@@ -229,11 +240,17 @@ fn perplexity_of_every_format_on_the_text() {
     }
     let bf16 = results[0].1;
     let reference = golden["perplexity_text_perplexity"].as_f64().unwrap();
-    assert!((bf16 - reference).abs() <= 1e-3 * reference, "bf16 {bf16} vs {reference}");
+    assert!(
+        (bf16 - reference).abs() <= 1e-3 * reference,
+        "bf16 {bf16} vs {reference}"
+    );
     // Log-perplexity (mean negative log-likelihood per token) within a few percent of bf16.
     for (format, ppl) in &results[1..] {
         let drift = (ppl.ln() - bf16.ln()).abs() / bf16.ln();
-        assert!(drift > 0.0 && drift <= 0.05, "{format}: log-perplexity drift {drift}");
+        assert!(
+            drift > 0.0 && drift <= 0.05,
+            "{format}: log-perplexity drift {drift}"
+        );
     }
 }
 
@@ -256,7 +273,10 @@ fn mixtral_8x7b_fits_80_gb_in_fp8_and_int8_not_in_bf16() {
     let int8 = estimate_memory(&config, QuantFormat::Int8, context, 1);
     let int4 = estimate_memory(&config, QuantFormat::Int4, context, 1);
     // 46.7 B parameters: ~93 GB in bf16; the KV cache is 128 KiB per token.
-    assert!((93.0e9..94.0e9).contains(&(bf16.weights_bytes as f64)), "{bf16:?}");
+    assert!(
+        (93.0e9..94.0e9).contains(&(bf16.weights_bytes as f64)),
+        "{bf16:?}"
+    );
     assert_eq!(bf16.kv_bytes, 128 * 1024 * context as u64);
     assert!(bf16.total > gpu, "{bf16:?}");
     assert!(fp8.total < gpu && int8.total < gpu, "{fp8:?} {int8:?}");
@@ -304,7 +324,13 @@ fn write_dir(from: &Path, dir: &Path, mut tensors: Vec<Stored>) {
     for f in ["config.json", "generation_config.json"] {
         std::fs::copy(from.join(f), dir.join(f)).unwrap();
     }
-    tensors.sort_by_key(|t| std::cmp::Reverse(if t.dtype == "I32" || t.dtype == "F32" { 4 } else { t.bytes.len().min(2) }));
+    tensors.sort_by_key(|t| {
+        std::cmp::Reverse(if t.dtype == "I32" || t.dtype == "F32" {
+            4
+        } else {
+            t.bytes.len().min(2)
+        })
+    });
     let mut header = serde_json::Map::new();
     let mut data = Vec::new();
     for t in &tensors {
@@ -316,7 +342,7 @@ fn write_dir(from: &Path, dir: &Path, mut tensors: Vec<Stored>) {
         );
     }
     let mut text = serde_json::to_vec(&header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     write_raw_safetensors(&dir.join("model.safetensors"), &text, &data).unwrap();
@@ -400,7 +426,10 @@ fn g_idx_out_of_range_is_a_typed_error() {
         find(t, &target).bytes[..4].copy_from_slice(&(-1i32).to_le_bytes());
     });
     assert!(
-        matches!(&err, ModelError::Quant(QuantError::GroupIndex { value: -1, .. })),
+        matches!(
+            &err,
+            ModelError::Quant(QuantError::GroupIndex { value: -1, .. })
+        ),
         "{err}"
     );
 }
@@ -458,14 +487,25 @@ fn router_must_stay_high_precision() {
 
 #[test]
 fn quantizing_a_prequantized_checkpoint_to_another_format_is_refused() {
-    let err = load(&fixture("gptq"), Some(QuantFormat::Fp8)).err().unwrap();
+    let err = load(&fixture("gptq"), Some(QuantFormat::Fp8))
+        .err()
+        .unwrap();
     assert!(
-        matches!(&err, ModelError::Quant(QuantError::Conflict { requested: QuantFormat::Fp8, found: QuantFormat::Int4, .. })),
+        matches!(
+            &err,
+            ModelError::Quant(QuantError::Conflict {
+                requested: QuantFormat::Fp8,
+                found: QuantFormat::Int4,
+                ..
+            })
+        ),
         "{err}"
     );
     // Asking for the format it already has is fine.
     assert_eq!(
-        load(&fixture("gptq"), Some(QuantFormat::Int4)).unwrap().quant,
+        load(&fixture("gptq"), Some(QuantFormat::Int4))
+            .unwrap()
+            .quant,
         Some(QuantFormat::Int4)
     );
 }

@@ -108,7 +108,11 @@ mod tests {
     /// pattern (exponent rebiased from 7 to 127, mantissa moved to the top of f32's), subnormals
     /// as an exact f64 product.
     fn ocp(code: u8) -> Option<f32> {
-        let (s, e, m) = (u32::from(code >> 7), u32::from((code >> 3) & 0xF), u32::from(code & 7));
+        let (s, e, m) = (
+            u32::from(code >> 7),
+            u32::from((code >> 3) & 0xF),
+            u32::from(code & 7),
+        );
         if e == 0xF && m == 7 {
             return None;
         }

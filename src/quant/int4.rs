@@ -149,8 +149,8 @@ pub fn dequantize_gptq(
         outputs,
         groups,
     } = shape;
-    let ok = inputs % 8 == 0
-        && outputs % 8 == 0
+    let ok = inputs.is_multiple_of(8)
+        && outputs.is_multiple_of(8)
         && qweight.len() == inputs / 8 * outputs
         && qzeros.len() == groups * (outputs / 8)
         && scales.len() == groups * outputs
@@ -188,13 +188,17 @@ mod tests {
 
     /// Transposes `[rows, cols]` codes to `[cols, rows]` (GPTQ stores inputs first).
     fn transpose(q: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-        (0..cols * rows).map(|i| q[(i % rows) * cols + i / rows]).collect()
+        (0..cols * rows)
+            .map(|i| q[(i % rows) * cols + i / rows])
+            .collect()
     }
 
     #[test]
     fn nibbles_pack_in_gptq_order() {
         // q[k][n] for k in 0..8, n in 0..8 = (k + 2n) % 16.
-        let q: Vec<u8> = (0..64).map(|i| ((i / 8 + 2 * (i % 8)) % 16) as u8).collect();
+        let q: Vec<u8> = (0..64)
+            .map(|i| ((i / 8 + 2 * (i % 8)) % 16) as u8)
+            .collect();
         let rows = pack_rows(&q, 8, 8);
         assert_eq!(rows.len(), 8);
         // Column 0 holds 0,1,...,7 from nibble 0 up.
@@ -290,6 +294,8 @@ mod tests {
     }
 
     fn transpose_f32(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-        (0..cols * rows).map(|i| x[(i % rows) * cols + i / rows]).collect()
+        (0..cols * rows)
+            .map(|i| x[(i % rows) * cols + i / rows])
+            .collect()
     }
 }

@@ -416,7 +416,7 @@ fn gptq(
     zeros: GptqZeros,
 ) -> Result<Vec<f32>, QuantError> {
     let weight = format!("{base}.weight");
-    if cols % 8 != 0 || rows % 8 != 0 {
+    if !cols.is_multiple_of(8) || !rows.is_multiple_of(8) {
         return Err(QuantError::Unsupported {
             path: qweight.path().to_path_buf(),
             tensor: qweight.name().into(),
@@ -467,7 +467,7 @@ fn gptq(
             }
             out
         }
-        None if cols % groups == 0 => int4::sequential_g_idx(cols, cols / groups),
+        None if cols.is_multiple_of(groups) => int4::sequential_g_idx(cols, cols / groups),
         None => {
             return Err(QuantError::Missing {
                 tensor: format!("{base}.g_idx"),

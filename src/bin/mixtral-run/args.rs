@@ -566,4 +566,26 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn quantize_flag() {
+        let g = generate_args(&["--model", "m", "--prompt", "x", "--quantize", "int4"]);
+        assert_eq!(g.common.quantize, Some(QuantFormat::Int4));
+        assert_eq!(
+            generate_args(&["--model", "m", "--prompt", "x"])
+                .common
+                .quantize,
+            None
+        );
+        match parse_str(&["--model", "m", "--perplexity", "f", "--quantize=fp8"]) {
+            Ok(Command::Perplexity(p)) => assert_eq!(p.common.quantize, Some(QuantFormat::Fp8)),
+            other => panic!("{other:?}"),
+        }
+        let err = parse_str(&["--model", "m", "--prompt", "x", "--quantize", "int3"]).unwrap_err();
+        assert!(
+            err.0.contains("--quantize") && err.0.contains("int3"),
+            "{}",
+            err.0
+        );
+    }
 }

@@ -166,15 +166,24 @@ pub fn perplexity_timings(load: Duration, tokens: usize, scoring: Duration) {
     );
 }
 
+/// `bytes` in GiB, or MiB below 1 GiB.
+fn size(bytes: u64) -> String {
+    let mib = bytes as f64 / f64::from(1u32 << 20);
+    if mib < 1024.0 {
+        format!("{mib:.1} MiB")
+    } else {
+        format!("{:.2} GiB", mib / 1024.0)
+    }
+}
+
 /// One line on stderr: the estimated memory of the model (see `mixtral::quant::estimate_memory`).
 pub fn memory_estimate(format: QuantFormat, context: usize, m: &MemoryEstimate) {
-    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
     eprintln!(
-        "memory estimate ({format}, {context}-token context, 1 sequence): weights {:.2} GiB, \
-         KV cache {:.2} GiB, activations {:.2} GiB, total {:.2} GiB",
-        gib(m.weights_bytes),
-        gib(m.kv_bytes),
-        gib(m.activations_bytes),
-        gib(m.total)
+        "memory estimate ({format}, {context}-token context, 1 sequence): weights {}, KV cache {}, \
+         activations {}, total {}",
+        size(m.weights_bytes),
+        size(m.kv_bytes),
+        size(m.activations_bytes),
+        size(m.total)
     );
 }
