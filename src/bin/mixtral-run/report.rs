@@ -176,14 +176,14 @@ fn size(bytes: u64) -> String {
     }
 }
 
-/// One line on stderr: the estimated memory of the model (see `mixtral::quant::estimate_memory`).
-pub fn memory_estimate(format: QuantFormat, context: usize, m: &MemoryEstimate) {
-    eprintln!(
+/// The line reporting the estimated memory of the model (see `mixtral::quant::estimate_memory`).
+pub fn memory_estimate(format: QuantFormat, context: usize, m: &MemoryEstimate) -> String {
+    format!(
         "memory estimate ({format}, {context}-token context, 1 sequence): weights {}, KV cache {}, \
          activations {}, total {}",
         size(m.weights_bytes),
         size(m.kv_bytes),
         size(m.activations_bytes),
         size(m.total)
-    );
+    )
 }
