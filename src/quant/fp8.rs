@@ -83,20 +83,31 @@ pub fn quantize_per_channel(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Ve
     (codes, scales)
 }
 
-/// `codes * scale[row]` (`scales` has one entry per row, or one for the whole tensor).
-pub fn dequantize(codes: &[u8], scales: &[f32], cols: usize) -> Vec<f32> {
-    codes
-        .chunks(cols.max(1))
-        .enumerate()
-        .flat_map(|(r, row)| {
-            let s = if scales.len() == 1 {
-                scales[0]
-            } else {
-                scales[r]
-            };
-            row.iter().map(move |&c| decode(c) * s)
-        })
-        .collect()
+/// `codes * scale[row]` for codes `[rows, cols]`: `scales` holds one scale per row, or one for the
+/// whole tensor. `None` when the lengths disagree.
+pub fn dequantize(codes: &[u8], scales: &[f32], cols: usize) -> Option<Vec<f32>> {
+    let rows = rows_of(codes.len(), cols, scales.len())?;
+    let mut out = Vec::with_capacity(codes.len());
+    for (r, row) in codes.chunks(cols.max(1)).enumerate().take(rows) {
+        let s = if scales.len() == 1 {
+            scales.first()
+        } else {
+            scales.get(r)
+        };
+        let s = *s?;
+        out.extend(row.iter().map(|&c| decode(c) * s));
+    }
+    Some(out)
+}
+
+/// Rows of a `[rows, cols]` tensor of `len` elements with `scales` scales (1 or `rows`), or
+/// `None` when they disagree.
+pub(crate) fn rows_of(len: usize, cols: usize, scales: usize) -> Option<usize> {
+    if cols == 0 || !len.is_multiple_of(cols) {
+        return None;
+    }
+    let rows = len / cols;
+    (scales == 1 || scales == rows).then_some(rows)
 }
 
 #[cfg(test)]
@@ -180,7 +191,13 @@ mod tests {
         // The largest magnitude of each row maps to +-448 exactly.
         assert_eq!(codes[1], 0xFE);
         assert_eq!(codes[4], 0xFE);
-        let back = dequantize(&codes, &scales, 3);
+        let back = dequantize(&codes, &scales, 3).unwrap();
+        assert!(dequantize(&codes, &scales, 2).is_none());
+        assert_eq!(
+            dequantize(&codes, &scales[..1], 2).map(|v| v.len()),
+            Some(6)
+        );
+        assert!(dequantize(&codes, &[1.0; 3], 3).is_none());
         for (x, y) in w.iter().zip(&back) {
             assert!((x - y).abs() <= x.abs() / 16.0 + 1e-6, "{x} -> {y}");
         }

@@ -79,22 +79,32 @@ pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, group_size: usize) -> R
     }
 }
 
-/// `scale * (q - zero)` of every element, `[rows, cols]`.
-pub fn dequantize_rtn(r: &Rtn) -> Vec<f32> {
+/// `scale * (q - zero)` of every element, `[rows, cols]`; `None` when the lengths of `r`'s
+/// vectors disagree with its shape.
+pub fn dequantize_rtn(r: &Rtn) -> Option<Vec<f32>> {
     let groups = r.groups();
+    let per_group = r.rows.checked_mul(groups)?;
+    let ok = r.cols > 0
+        && r.q.len() == r.rows.checked_mul(r.cols)?
+        && r.scales.len() == per_group
+        && r.zeros.len() == per_group;
+    if !ok {
+        return None;
+    }
     let mut out = Vec::with_capacity(r.q.len());
-    for (row, codes) in r.q.chunks(r.cols.max(1)).enumerate() {
+    for (row, codes) in r.q.chunks(r.cols).enumerate() {
         for (k, &c) in codes.iter().enumerate() {
             let at = row * groups + k / r.group_size.max(1);
             let (s, z) = (r.scales[at], r.zeros[at]);
             out.push(s * (f32::from(c) - f32::from(z)));
         }
     }
-    out
+    Some(out)
 }
 
 /// Packs 4-bit codes `q` `[k, n]` (`k` a multiple of 8) along the rows: `[k / 8, n]` words, row
-/// `8r + j` in nibble `j` of word row `r` (the layout of GPTQ's `qweight`).
+/// `8r + j` in nibble `j` of word row `r` (the layout of GPTQ's `qweight`). Rows past the last
+/// multiple of 8 are dropped.
 pub fn pack_rows(q: &[u8], k: usize, n: usize) -> Vec<i32> {
     let mut out = vec![0u32; k / 8 * n];
     for (i, &c) in q.iter().enumerate().take(k / 8 * 8 * n) {
@@ -105,13 +115,16 @@ pub fn pack_rows(q: &[u8], k: usize, n: usize) -> Vec<i32> {
 }
 
 /// Packs 4-bit codes `z` `[g, n]` (`n` a multiple of 8) along the columns: `[g, n / 8]` words,
-/// column `8c + j` in nibble `j` of word column `c` (the layout of GPTQ's `qzeros`).
+/// column `8c + j` in nibble `j` of word column `c` (the layout of GPTQ's `qzeros`). Columns past
+/// the last multiple of 8 are dropped.
 pub fn pack_cols(z: &[u8], g: usize, n: usize) -> Vec<i32> {
     let words = n / 8;
     let mut out = vec![0u32; g * words];
-    for (i, &c) in z.iter().enumerate().take(g * words * 8) {
+    for (i, &c) in z.iter().enumerate().take(g * n) {
         let (row, col) = (i / n, i % n);
-        out[row * words + col / 8] |= u32::from(c & 0x0F) << (4 * (col % 8));
+        if col < words * 8 {
+            out[row * words + col / 8] |= u32::from(c & 0x0F) << (4 * (col % 8));
+        }
     }
     out.into_iter().map(|w| w as i32).collect()
 }
@@ -226,7 +239,7 @@ mod tests {
             let r = quantize_rtn(&w, rows, cols, group);
             prop_assert_eq!(r.scales.len(), rows * cols.div_ceil(group));
             prop_assert!(r.q.iter().chain(&r.zeros).all(|&c| c <= 15));
-            let back = dequantize_rtn(&r);
+            let back = dequantize_rtn(&r).unwrap();
             let groups = r.groups();
             for (i, (x, y)) in w.iter().zip(&back).enumerate() {
                 let s = r.scales[(i / cols) * groups + (i % cols) / group];
@@ -258,7 +271,7 @@ mod tests {
                 .map(|i| w[(i / inputs) * inputs + perm[i % inputs]])
                 .collect();
             let r = quantize_rtn(&permuted, outputs, inputs, group);
-            let want_permuted = dequantize_rtn(&r);
+            let want_permuted = dequantize_rtn(&r).unwrap();
             // Back to the original input order, in the GPTQ layout.
             let mut q = vec![0u8; outputs * inputs];
             let mut g_idx = vec![0usize; inputs];

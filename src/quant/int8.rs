@@ -26,20 +26,21 @@ pub fn quantize_per_channel(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Ve
     (codes, scales)
 }
 
-/// `q * scale[row]` (`scales` has one entry per row, or one for the whole tensor).
-pub fn dequantize(codes: &[i8], scales: &[f32], cols: usize) -> Vec<f32> {
-    codes
-        .chunks(cols.max(1))
-        .enumerate()
-        .flat_map(|(r, row)| {
-            let s = if scales.len() == 1 {
-                scales[0]
-            } else {
-                scales[r]
-            };
-            row.iter().map(move |&q| f32::from(q) * s)
-        })
-        .collect()
+/// `q * scale[row]` for codes `[rows, cols]`: `scales` holds one scale per row, or one for the
+/// whole tensor. `None` when the lengths disagree.
+pub fn dequantize(codes: &[i8], scales: &[f32], cols: usize) -> Option<Vec<f32>> {
+    let rows = super::fp8::rows_of(codes.len(), cols, scales.len())?;
+    let mut out = Vec::with_capacity(codes.len());
+    for (r, row) in codes.chunks(cols.max(1)).enumerate().take(rows) {
+        let s = if scales.len() == 1 {
+            scales.first()
+        } else {
+            scales.get(r)
+        };
+        let s = *s?;
+        out.extend(row.iter().map(|&q| f32::from(q) * s));
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -57,7 +58,7 @@ mod tests {
             let w: Vec<f32> = (0..rows * cols).map(|i| seed[i % seed.len()] * (1.0 + i as f32 * 0.01)).collect();
             let (codes, scales) = quantize_per_channel(&w, rows, cols);
             prop_assert_eq!(scales.len(), rows);
-            let back = dequantize(&codes, &scales, cols);
+            let back = dequantize(&codes, &scales, cols).unwrap();
             for (i, (x, y)) in w.iter().zip(&back).enumerate() {
                 let s = scales[i / cols];
                 prop_assert!((x - y).abs() <= s * 0.5001, "{} -> {} (scale {})", x, y, s);

@@ -220,7 +220,8 @@ fn projection(
             let Some(format) = quantize else {
                 return Ok((w, None));
             };
-            let data = quantize_dequantize(format, &w.data().to_f32_vec(), rows, cols);
+            let data =
+                quantize_dequantize(format, &w.data().to_f32_vec(), rows, cols).unwrap_or_default();
             Ok((owned(spec, data, w.tensor.path())?, Some(format)))
         }
         RawDType::F8E4M3 => {
@@ -237,7 +238,7 @@ fn projection(
                 });
             }
             let scales = weight_scales(checkpoint, &spec.name, rows)?;
-            let data = fp8::dequantize(codes, &scales, cols);
+            let data = fp8::dequantize(codes, &scales, cols).unwrap_or_default();
             Ok((owned(spec, data, raw.path())?, Some(QuantFormat::Fp8)))
         }
         RawDType::I8 => {
@@ -247,7 +248,7 @@ fn projection(
             })?;
             let codes: Vec<i8> = raw.bytes().iter().map(|&b| b as i8).collect();
             let scales = weight_scales(checkpoint, &spec.name, rows)?;
-            let data = int8::dequantize(&codes, &scales, cols);
+            let data = int8::dequantize(&codes, &scales, cols).unwrap_or_default();
             Ok((owned(spec, data, raw.path())?, Some(QuantFormat::Int8)))
         }
         other => Err(QuantError::DType {
@@ -259,10 +260,15 @@ fn projection(
     }
 }
 
-/// Quantizes `w` (`[rows, cols]`) to `format` and back to f32.
-fn quantize_dequantize(format: QuantFormat, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// Quantizes `w` (`[rows, cols]`) to `format` and back to f32 (`None` only for an empty matrix).
+fn quantize_dequantize(
+    format: QuantFormat,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Option<Vec<f32>> {
     match format {
-        QuantFormat::Bf16 => w.to_vec(),
+        QuantFormat::Bf16 => Some(w.to_vec()),
         QuantFormat::Fp8 => {
             let (codes, scales) = fp8::quantize_per_channel(w, rows, cols);
             fp8::dequantize(&codes, &scales, cols)
