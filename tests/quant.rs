@@ -165,6 +165,10 @@ fn quantize_on_load_stays_near_the_bf16_model() {
     for (format, bound) in ON_LOAD_REL_L2 {
         let model = load(&dir, Some(format)).unwrap();
         assert_eq!(model.quant, Some(format));
+        let layer = &model.weights.layers[1];
+        assert!(layer.o_proj.tensor.is_owned() && layer.experts[3].w3.tensor.is_owned());
+        assert!(!layer.router.as_ref().unwrap().tensor.is_owned());
+        assert!(!layer.ffn_norm.tensor.is_owned() && !model.weights.lm_head.tensor.is_owned());
         let rel = rel_l2(&last_logits(&model, &sequence), &want);
         eprintln!("{format} on load: last-logits rel L2 {rel:.3e} from bf16 (bound {bound})");
         // Quantization changed something, and not too much.
@@ -377,6 +381,23 @@ fn rewritten_fixture_still_loads() {
     let b = load(&from, None).unwrap();
     let name = |m: &Model| m.weights.layers[1].experts[2].w2.data().to_f32_vec();
     assert_eq!(name(&a), name(&b));
+}
+
+#[test]
+fn scalar_fp8_scales_load_like_one_element_scales() {
+    // AutoFP8 checkpoints store per-tensor scales with shape [] rather than [1].
+    let from = fixture("fp8-tensor");
+    let mut tensors = read_stored(&from);
+    for t in tensors.iter_mut().filter(|t| t.name.ends_with("_scale")) {
+        t.shape = vec![];
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_dir(&from, dir.path(), tensors);
+    let a = load(dir.path(), None).unwrap();
+    let b = load(&from, None).unwrap();
+    for (x, y) in a.weights.all().iter().zip(b.weights.all()) {
+        assert_eq!(x.data().to_f32_vec(), y.data().to_f32_vec());
+    }
 }
 
 #[test]
