@@ -18,6 +18,8 @@ model.safetensors, expected.json):
                  recorded but not used by a weight-only dequantization)
   fp8-channel    as fp8-tensor with `<p>.weight_scale` F32 [out, 1] (amax / 448 per output row), no
                  input_scale
+  int8-channel   compressed-tensors `int-quantized` layout: `<p>.weight` I8 [out, in] (round half to
+                 even of w / scale, clamped to +-127), `<p>.weight_scale` F32 [out, 1] (amax / 127)
   gptq           AutoGPTQ layout, 4 bits, group_size 32, desc_act false, sym false:
                  `<p>.qweight` I32 [in/8, out], `<p>.qzeros` I32 [groups, out/8], `<p>.scales` F16
                  [groups, out], `<p>.g_idx` I32 [in] = k // 32. checkpoint_format "gptq": the stored
@@ -35,7 +37,7 @@ expected.json:
    "last_logits": [float],    logits at the last position (vocab values)
    "token_logprobs": [float], log p(ids[i] | ids[:i]), i = 1 .. len(ids)-1
    "perplexity": float}       exp(-mean(token_logprobs))
-computed by dequantizing the STORED tensors with numpy (FP8: code value * scale; GPTQ:
+computed by dequantizing the STORED tensors with numpy (FP8 / INT8: code value * scale; GPTQ:
 scales[g_idx[k], n] * (nibble(qweight) - (nibble(qzeros) + 1))), writing a float32 checkpoint
 without quantization_config and running MixtralForCausalLM (eager attention and experts, float32)
 over `ids` in one forward.
@@ -85,6 +87,14 @@ def fp8(w, per_channel):
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return codes, scale.to(torch.float32)
+
+
+def int8(w):
+    w = w.to(torch.float32)
+    scale = w.abs().amax(dim=1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+    return codes, scale
 
 
 def pack_rows(q):
@@ -173,7 +183,7 @@ def dequantize(stored):
             g = stored[base + ".g_idx"].numpy().astype(np.int64)
             w = s[g, :] * (q - z[g, :])  # [in, out]
             out[base + ".weight"] = torch.from_numpy(np.ascontiguousarray(w.T))
-        elif t.dtype == torch.float8_e4m3fn:
+        elif t.dtype in (torch.float8_e4m3fn, torch.int8):
             out[name] = t.to(torch.float32) * stored[name + "_scale"].to(torch.float32)
         else:
             out[name] = t.to(torch.float32)
@@ -184,6 +194,14 @@ def dequantize(stored):
 
 
 def quantization_config(kind):
+    if kind == "int8-channel":
+        weights = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False}
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "int-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+            "ignore": ["lm_head", "re:.*block_sparse_moe.gate"],
+        }
     if kind.startswith("fp8"):
         strategy = "tensor" if kind == "fp8-tensor" else "channel"
         group = {
@@ -217,6 +235,8 @@ def build(kind, tensors):
         t = tensors[name]
         if not is_quantized(name):
             stored[name] = t.clone()
+        elif kind == "int8-channel":
+            stored[name], stored[name + "_scale"] = int8(t)
         elif kind.startswith("fp8"):
             codes, scale = fp8(t, per_channel=kind == "fp8-channel")
             stored[name] = codes
@@ -258,6 +278,7 @@ def f32_list(t):
 NOTES = {
     "fp8-tensor": "FP8 E4M3, compressed-tensors layout, one weight_scale per tensor ([1]) and an input_scale",
     "fp8-channel": "FP8 E4M3, compressed-tensors layout, weight_scale per output channel ([out, 1])",
+    "int8-channel": "INT8, compressed-tensors int-quantized layout, weight_scale per output channel ([out, 1])",
     "gptq": "GPTQ 4-bit (AutoGPTQ layout, checkpoint_format gptq: stored zero = zero - 1), group 32, asymmetric, no act-order",
     "gptq-actorder": "GPTQ 4-bit (AutoGPTQ layout, checkpoint_format gptq), group 32, symmetric (stored zero 7), act-order g_idx",
 }

@@ -1,5 +1,5 @@
 //! Quantized weights through the library: pre-quantized fixtures (FP8 per tensor / per channel,
-//! GPTQ with and without act-order, written by `scripts/make-quant-fixtures.py`) reproduce the
+//! INT8 per channel, GPTQ with and without act-order, written by `scripts/make-quant-fixtures.py`) reproduce the
 //! logits transformers computes on their dequantized weights; quantize-on-load of every format
 //! stays within a documented distance of the bf16 model; malformed quantized tensors give typed
 //! errors naming the tensor; perplexity of every format on `tests/fixtures/perplexity.txt`; the
@@ -106,9 +106,10 @@ fn last_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
     out.row(0).to_vec()
 }
 
-const PREQUANTIZED: [(&str, QuantFormat); 4] = [
+const PREQUANTIZED: [(&str, QuantFormat); 5] = [
     ("fp8-tensor", QuantFormat::Fp8),
     ("fp8-channel", QuantFormat::Fp8),
+    ("int8-channel", QuantFormat::Int8),
     ("gptq", QuantFormat::Int4),
     ("gptq-actorder", QuantFormat::Int4),
 ];
@@ -181,25 +182,31 @@ fn quantize_on_load_stays_near_the_bf16_model() {
 }
 
 #[test]
-fn fp8_on_load_equals_the_per_channel_checkpoint() {
-    // The script's per-channel FP8 (amax / 448 per row, torch's round-to-nearest-even cast) is the
-    // quantizer used on load, so both give the same weights and logits.
+fn fp8_and_int8_on_load_equal_the_per_channel_checkpoints() {
+    // The script's per-channel FP8 (amax / 448 per row, torch's round-to-nearest-even cast) and
+    // INT8 (amax / 127 per row, round half to even) are the quantizers used on load, so both ways
+    // give the same weights and logits.
     let base = root().join("tests/fixtures/gqa-bf16-sharded-window");
-    let expected = json(&fixture("fp8-channel").join("expected.json"));
-    let model = load(&base, Some(QuantFormat::Fp8)).unwrap();
-    let rel = rel_l2(
-        &last_logits(&model, &ids(&expected, "ids")),
-        &floats(&expected, "last_logits"),
-    );
-    assert!(rel <= PREQUANTIZED_REL_L2, "{rel}");
-    let published = load(&fixture("fp8-channel"), None).unwrap();
-    for (a, b) in model.weights.all().iter().zip(published.weights.all()) {
-        assert_eq!(
-            a.data().to_f32_vec(),
-            b.data().to_f32_vec(),
-            "{}",
-            a.tensor.name()
+    for (name, format) in [
+        ("fp8-channel", QuantFormat::Fp8),
+        ("int8-channel", QuantFormat::Int8),
+    ] {
+        let expected = json(&fixture(name).join("expected.json"));
+        let model = load(&base, Some(format)).unwrap();
+        let rel = rel_l2(
+            &last_logits(&model, &ids(&expected, "ids")),
+            &floats(&expected, "last_logits"),
         );
+        assert!(rel <= PREQUANTIZED_REL_L2, "{name}: {rel}");
+        let published = load(&fixture(name), None).unwrap();
+        for (a, b) in model.weights.all().iter().zip(published.weights.all()) {
+            assert_eq!(
+                a.data().to_f32_vec(),
+                b.data().to_f32_vec(),
+                "{name}: {}",
+                a.tensor.name()
+            );
+        }
     }
 }
 
