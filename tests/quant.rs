@@ -8,7 +8,7 @@
 use mixtral::checkpoint::{write_raw_safetensors, Checkpoint, OpenOptions};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::perplexity;
-use mixtral::quant::{estimate_memory, QuantError, QuantFormat};
+use mixtral::quant::{declared_format, estimate_memory, QuantError, QuantFormat};
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, ModelConfig, ModelError, SeqStep};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -405,6 +405,57 @@ fn scalar_fp8_scales_load_like_one_element_scales() {
     for (x, y) in a.weights.all().iter().zip(b.weights.all()) {
         assert_eq!(x.data().to_f32_vec(), y.data().to_f32_vec());
     }
+}
+
+#[test]
+fn gptq_v2_zeros_are_read_without_the_offset() {
+    // The same weights with every stored zero raised by one and `checkpoint_format: gptq_v2`.
+    let from = fixture("gptq");
+    let mut tensors = read_stored(&from);
+    for t in tensors.iter_mut().filter(|t| t.name.ends_with(".qzeros")) {
+        for word in t.bytes.chunks_exact_mut(4) {
+            let w = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            // The fixture keeps zeros in 1..=15, so stored nibbles are 0..=14 and never carry.
+            assert!((0..8).all(|j| (w >> (4 * j)) & 0xF <= 14));
+            word.copy_from_slice(&w.wrapping_add(0x1111_1111).to_le_bytes());
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_dir(&from, dir.path(), tensors);
+    let mut config = json(&from.join("config.json"));
+    config["quantization_config"]["checkpoint_format"] = "gptq_v2".into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let v2 = load(dir.path(), None).unwrap();
+    let v1 = load(&from, None).unwrap();
+    for (a, b) in v2.weights.all().iter().zip(v1.weights.all()) {
+        assert_eq!(
+            a.data().to_f32_vec(),
+            b.data().to_f32_vec(),
+            "{}",
+            a.tensor.name()
+        );
+    }
+    // An unknown checkpoint_format is refused rather than guessed.
+    config["quantization_config"]["checkpoint_format"] = "gptq_v9".into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let err = load(dir.path(), None).err().unwrap();
+    assert!(
+        matches!(&err, ModelError::Quant(QuantError::Config { .. })),
+        "{err}"
+    );
+}
+
+#[test]
+fn declared_formats_of_the_fixtures() {
+    for (name, format) in PREQUANTIZED {
+        assert_eq!(
+            declared_format(&fixture(name).join("config.json")),
+            Some(format),
+            "{name}"
+        );
+    }
+    let plain = root().join("tests/fixtures/gqa-bf16-sharded-window/config.json");
+    assert_eq!(declared_format(&plain), None);
 }
 
 #[test]
