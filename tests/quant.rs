@@ -590,6 +590,44 @@ fn quantizing_a_prequantized_checkpoint_to_another_format_is_refused() {
 }
 
 #[test]
+fn packed_dtypes_open_only_when_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = br#"{"w":{"dtype":"I32","shape":[2],"data_offsets":[0,8]},"f":{"dtype":"F8_E4M3","shape":[2,2],"data_offsets":[8,12]},"i":{"dtype":"I8","shape":[2],"data_offsets":[12,14]},"u":{"dtype":"U8","shape":[1],"data_offsets":[14,15]},"s":{"dtype":"F32","shape":[],"data_offsets":[16,20]}}"#;
+    let mut header = header.to_vec();
+    while !(header.len()).is_multiple_of(8) {
+        header.push(b' ');
+    }
+    let mut data = Vec::new();
+    data.extend_from_slice(&(-7i32).to_le_bytes());
+    data.extend_from_slice(&0x1234_5678i32.to_le_bytes());
+    data.extend_from_slice(&[0x38, 0xB8, 0x7E, 0x01, 0xFF, 0x05, 0xAA, 0]);
+    data.extend_from_slice(&2.5f32.to_le_bytes());
+    write_raw_safetensors(&dir.path().join("model.safetensors"), &header, &data).unwrap();
+    // The default open keeps refusing them.
+    assert!(Checkpoint::open(dir.path()).is_err());
+    let c = Checkpoint::open_with_packed(dir.path(), OpenOptions::default()).unwrap();
+    assert!(c.has_packed());
+    assert_eq!(c.packed_names(), vec!["f", "i", "u", "w"]);
+    assert_eq!(c.names(), vec!["s"]);
+    assert!(c.tensor("w").is_none() && c.tensor("s").is_some());
+    let w = c.raw_tensor("w").unwrap();
+    assert_eq!(w.dtype().to_string(), "I32");
+    assert_eq!(&w.bytes()[..4], &(-7i32).to_le_bytes());
+    let f = c.raw_tensor("f").unwrap();
+    assert_eq!(
+        (f.shape(), f.bytes()),
+        (&[2usize, 2][..], &[0x38u8, 0xB8, 0x7E, 0x01][..])
+    );
+    assert!(f.as_float().is_none());
+    assert_eq!(c.raw_tensor("i").unwrap().bytes(), &[0xFF, 0x05]);
+    assert_eq!(
+        c.raw_tensor("s").unwrap().as_float().unwrap().data().get(0),
+        2.5
+    );
+    assert_eq!(c.total_bytes(), 19);
+}
+
+#[test]
 fn format_names_parse() {
     for (s, f) in [
         ("fp8", QuantFormat::Fp8),

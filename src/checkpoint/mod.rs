@@ -59,7 +59,8 @@ impl std::ops::Deref for ShardBytes {
     }
 }
 
-/// A read-only view of one tensor inside a memory-mapped shard.
+/// A read-only view of one tensor inside a memory-mapped shard (or, for weights computed at load
+/// such as dequantized ones, of f32 data owned in memory: [`TensorView::from_f32`]).
 #[derive(Debug, Clone)]
 pub struct TensorView {
     shard: Arc<Shard>,
@@ -93,7 +94,7 @@ impl TensorView {
     pub fn num_elements(&self) -> usize {
         self.len / self.dtype.size()
     }
-    /// Absolute byte offset of the data within its file.
+    /// Absolute byte offset of the data within its file (0 for owned data).
     pub fn file_offset(&self) -> usize {
         self.start
     }
