@@ -23,6 +23,7 @@ use crate::dtype::RawDType;
 use crate::weights::{
     take, ExpertWeights, LayerWeights, ModelLayout, ModelWeights, TensorSpec, Weight, WeightsError,
 };
+use rayon::prelude::*;
 use std::path::Path;
 
 /// How a GPTQ checkpoint stores its zero points.
@@ -121,21 +122,30 @@ pub fn load_weights(
 ) -> Result<QuantizedWeights, QuantError> {
     let quantize = quantize.filter(|f| *f != QuantFormat::Bf16);
     let layout = ModelLayout::new(config);
-    let mut format = None;
-    let mut proj = |spec: &TensorSpec| -> Result<Weight, QuantError> {
+    // The format of the first quantized projection seen.
+    let format = std::cell::Cell::new(None);
+    let seen = |f: Option<QuantFormat>| format.set(format.get().or(f));
+    let proj = |spec: &TensorSpec| -> Result<Weight, QuantError> {
         let (w, f) = projection(checkpoint, spec, quantize, zeros)?;
-        format = format.or(f);
+        seen(f);
         Ok(w)
     };
     let mut layers = Vec::with_capacity(layout.layers.len());
     for l in &layout.layers {
+        // Experts are (de)quantized in parallel; errors are then reported in expert order.
+        let results: Vec<_> = l
+            .experts
+            .par_iter()
+            .map(|e| {
+                let one = |spec| projection(checkpoint, spec, quantize, zeros);
+                Ok::<_, QuantError>([one(&e.w1)?, one(&e.w2)?, one(&e.w3)?])
+            })
+            .collect();
         let mut experts = Vec::with_capacity(l.experts.len());
-        for e in &l.experts {
-            experts.push(ExpertWeights {
-                w1: proj(&e.w1)?,
-                w2: proj(&e.w2)?,
-                w3: proj(&e.w3)?,
-            });
+        for result in results {
+            let [(w1, f1), (w2, f2), (w3, f3)] = result?;
+            [f1, f2, f3].into_iter().for_each(seen);
+            experts.push(ExpertWeights { w1, w2, w3 });
         }
         layers.push(LayerWeights {
             attn_norm: high_precision(checkpoint, &l.attn_norm)?,
@@ -164,7 +174,10 @@ pub fn load_weights(
         final_norm: high_precision(checkpoint, &layout.final_norm)?,
         lm_head,
     };
-    Ok(QuantizedWeights { weights, format })
+    Ok(QuantizedWeights {
+        weights,
+        format: format.get(),
+    })
 }
 
 /// A tensor that is never quantized: it must be stored in a float type.
