@@ -134,3 +134,67 @@ impl<'a> WeightSlice<'a> {
         out
     }
 }
+
+/// Storage type of any tensor a checkpoint may hold: the float weight types of [`DType`] plus the
+/// packed types of pre-quantized checkpoints (FP8 E4M3 weights, GPTQ's int32 words, int8/uint8).
+///
+/// Only [`DType`] tensors are weights the engine reads directly; the others are read through
+/// [`crate::checkpoint::RawTensor`] and dequantized by [`crate::quant`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RawDType {
+    /// A float weight type.
+    Float(DType),
+    /// OCP FP8 E4M3 (`F8_E4M3`): 1 sign, 4 exponent (bias 7), 3 mantissa bits, no infinities.
+    F8E4M3,
+    /// Little-endian signed 32-bit integers (`I32`).
+    I32,
+    /// Signed bytes (`I8`).
+    I8,
+    /// Unsigned bytes (`U8`).
+    U8,
+}
+
+impl RawDType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            RawDType::Float(d) => d.size(),
+            RawDType::F8E4M3 | RawDType::I8 | RawDType::U8 => 1,
+            RawDType::I32 => 4,
+        }
+    }
+
+    /// From a safetensors header dtype string (`BF16`, `F16`, `F32`, `F8_E4M3`, `I32`, `I8`, `U8`).
+    pub fn from_safetensors_name(name: &str) -> Option<Self> {
+        if let Some(d) = DType::from_safetensors_name(name) {
+            return Some(RawDType::Float(d));
+        }
+        match name {
+            "F8_E4M3" => Some(RawDType::F8E4M3),
+            "I32" => Some(RawDType::I32),
+            "I8" => Some(RawDType::I8),
+            "U8" => Some(RawDType::U8),
+            _ => None,
+        }
+    }
+
+    /// The float weight type, when this is one.
+    pub fn float(self) -> Option<DType> {
+        match self {
+            RawDType::Float(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RawDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RawDType::Float(d) => d.fmt(f),
+            RawDType::F8E4M3 => f.write_str("F8_E4M3"),
+            RawDType::I32 => f.write_str("I32"),
+            RawDType::I8 => f.write_str("I8"),
+            RawDType::U8 => f.write_str("U8"),
+        }
+    }
+}

@@ -7,6 +7,8 @@
 //! - [`config`]: `config.json` -> validated [`ModelConfig`];
 //! - [`checkpoint`]: memory-mapped safetensors shards -> validated zero-copy tensor views;
 //! - [`weights`]: the typed per-layer weights of the model, checked against the config;
+//! - [`quant`]: FP8 / INT8 / INT4 (GPTQ) weights, quantized on load or published pre-quantized,
+//!   dequantized to f32 for the CPU reference; the memory preflight;
 //! - [`tokenizer`]: `tokenizer.json`, the chat template, streaming detokenization;
 //! - [`engine`]: the batched step API every backend implements, over a paged KV cache ([`kv`]);
 //! - [`cpu`]: the pure-Rust reference backend ([`cpu::CpuEngine`]);
@@ -41,6 +43,7 @@ pub mod engine;
 pub mod generate;
 pub mod kv;
 pub mod model;
+pub mod quant;
 pub mod random_model;
 pub mod sampling;
 pub mod tokenizer;

@@ -1,8 +1,9 @@
 //! Loads everything a model directory holds in one call: config (merged with
 //! generation_config.json), checkpoint, typed weights and, when present, the tokenizer.
 
-use crate::checkpoint::{Checkpoint, CheckpointError, LoadProgress};
+use crate::checkpoint::{Checkpoint, CheckpointError, LoadProgress, OpenOptions};
 use crate::config::{ConfigError, ModelConfig};
+use crate::quant::{GptqZeros, QuantError, QuantFormat};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{ModelWeights, WeightsError};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,9 @@ pub enum ModelError {
     /// tokenizer.json or tokenizer_config.json.
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    /// Quantized tensors malformed, or a quantization that cannot be applied.
+    #[error(transparent)]
+    Quant(#[from] QuantError),
 }
 
 /// Receives progress of long loads.
@@ -43,6 +47,11 @@ pub struct LoadOptions {
     pub progress: Option<ProgressFn>,
     /// Fail when the directory has no tokenizer.json (otherwise `Model::tokenizer` is `None`).
     pub require_tokenizer: bool,
+    /// Quantize the attention and expert projections of a bf16/f16/f32 checkpoint to this format
+    /// as they are loaded (`None` or `Some(Bf16)`: as stored). A pre-quantized checkpoint is
+    /// recognised by its tensors and loaded as published without this option. The CPU reference
+    /// path dequantizes quantized projections to f32 (see [`crate::quant`]).
+    pub quant: Option<QuantFormat>,
 }
 
 impl std::fmt::Debug for LoadOptions {
@@ -50,6 +59,7 @@ impl std::fmt::Debug for LoadOptions {
         f.debug_struct("LoadOptions")
             .field("progress", &self.progress.is_some())
             .field("require_tokenizer", &self.require_tokenizer)
+            .field("quant", &self.quant)
             .finish()
     }
 }
@@ -64,6 +74,9 @@ pub struct Model {
     pub weights: Arc<ModelWeights>,
     /// The tokenizer, when the directory has one.
     pub tokenizer: Option<Tokenizer>,
+    /// The format of the quantized projections (quantized on load or as published); `None` when
+    /// they are as stored in a float type.
+    pub quant: Option<QuantFormat>,
 }
 
 impl Model {
@@ -87,8 +100,16 @@ impl Model {
         }
         let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
         config.merge_generation_config(&dir.join("generation_config.json"))?;
-        let checkpoint = Checkpoint::open(dir)?;
-        let weights = ModelWeights::from_checkpoint(&checkpoint, &config)?;
+        let checkpoint = Checkpoint::open_with_packed(dir, OpenOptions::default())?;
+        let quantize = options.quant.filter(|f| *f != QuantFormat::Bf16);
+        let (weights, quant) = if quantize.is_some() || checkpoint.has_packed() {
+            let zeros = GptqZeros::from_config_file(&dir.join("config.json"))?;
+            let q = crate::quant::load_weights(&checkpoint, &config, quantize, zeros)?;
+            (q.weights, q.format)
+        } else {
+            // Unquantized: every weight stays memory-mapped, nothing is copied.
+            (ModelWeights::from_checkpoint(&checkpoint, &config)?, None)
+        };
         if let Some(progress) = &options.progress {
             weights.prefetch(&**progress);
         }
@@ -102,6 +123,7 @@ impl Model {
             config,
             weights: Arc::new(weights),
             tokenizer,
+            quant,
         })
     }
 }

@@ -276,7 +276,7 @@ pub enum WeightsError {
 }
 
 /// Looks up `spec` in `checkpoint` and checks its shape.
-fn take(checkpoint: &Checkpoint, spec: &TensorSpec) -> Result<Weight, WeightsError> {
+pub(crate) fn take(checkpoint: &Checkpoint, spec: &TensorSpec) -> Result<Weight, WeightsError> {
     let tensor = checkpoint
         .tensor(&spec.name)
         .ok_or_else(|| WeightsError::Missing {

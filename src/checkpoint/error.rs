@@ -60,7 +60,8 @@ pub enum CheckpointError {
         /// The parser's message.
         message: String,
     },
-    /// A tensor is stored in a type other than BF16, F16 or F32.
+    /// A tensor is stored in a type other than BF16, F16 or F32 (or, when packed types are
+    /// accepted, F8_E4M3, I32, I8 or U8).
     #[error("{path}: tensor `{tensor}` has unsupported dtype {dtype} (expected BF16, F16 or F32)")]
     UnsupportedDType {
         /// The file.
@@ -118,7 +119,7 @@ pub enum CheckpointError {
         /// The tensor.
         tensor: String,
         /// Storage type.
-        dtype: crate::dtype::DType,
+        dtype: crate::dtype::RawDType,
         /// Shape as written.
         shape: Vec<usize>,
         /// Bytes the shape needs.
@@ -147,7 +148,7 @@ pub enum CheckpointError {
         /// The tensor.
         tensor: String,
         /// Storage type.
-        dtype: crate::dtype::DType,
+        dtype: crate::dtype::RawDType,
         /// Absolute byte offset of the data in the file.
         file_offset: u64,
         /// Required alignment in bytes.

@@ -6,7 +6,7 @@
 
 use super::error::CheckpointError;
 use super::json::Pairs;
-use crate::dtype::DType;
+use crate::dtype::RawDType;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -18,8 +18,8 @@ pub(crate) const MAX_HEADER_LEN: u64 = 100_000_000;
 pub(crate) struct Entry {
     /// Tensor name.
     pub name: String,
-    /// Storage type.
-    pub dtype: DType,
+    /// Storage type (a float [`crate::dtype::DType`] unless the caller accepts packed types).
+    pub dtype: RawDType,
     /// Shape, outermost first.
     pub shape: Vec<usize>,
     /// First byte, absolute within the file.
@@ -37,7 +37,13 @@ struct RawEntry {
 }
 
 /// Validates the file `bytes` (the whole file, as mapped) and lists its tensors in header order.
-pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Entry>, CheckpointError> {
+/// Tensors of the packed types of pre-quantized checkpoints (`F8_E4M3`, `I32`, `I8`, `U8`) are
+/// accepted only with `accept_packed`.
+pub(crate) fn parse(
+    path: &Path,
+    bytes: &[u8],
+    accept_packed: bool,
+) -> Result<Vec<Entry>, CheckpointError> {
     let file_len = bytes.len() as u64;
     let Some((len_bytes, rest)) = bytes.split_first_chunk::<8>() else {
         return Err(CheckpointError::TooShort {
@@ -83,7 +89,13 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Entry>, CheckpointE
                 first: path.to_path_buf(),
             });
         }
-        let entry = validate_entry(path, name, value, data.len(), data_start, data_addr)?;
+        let entry = validate_entry(
+            path,
+            name,
+            value,
+            (data.len(), data_start, data_addr),
+            accept_packed,
+        )?;
         entries.push(entry);
     }
     check_overlaps(path, &entries)?;
@@ -96,9 +108,8 @@ fn validate_entry(
     path: &Path,
     name: String,
     value: serde_json::Value,
-    data_len: usize,
-    data_start: usize,
-    data_addr: usize,
+    (data_len, data_start, data_addr): (usize, usize, usize),
+    accept_packed: bool,
 ) -> Result<Entry, CheckpointError> {
     let raw: RawEntry = match serde_json::from_value(value) {
         Ok(raw) => raw,
@@ -110,7 +121,9 @@ fn validate_entry(
             })
         }
     };
-    let Some(dtype) = DType::from_safetensors_name(&raw.dtype) else {
+    let parsed = RawDType::from_safetensors_name(&raw.dtype)
+        .filter(|d| accept_packed || d.float().is_some());
+    let Some(dtype) = parsed else {
         return Err(CheckpointError::UnsupportedDType {
             path: path.to_path_buf(),
             tensor: name,

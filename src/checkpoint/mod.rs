@@ -22,7 +22,7 @@ pub use writer::{
     safetensors_header, write_raw_safetensors, write_safetensors, FillFn, TensorSource,
 };
 
-use crate::dtype::{DType, WeightSlice};
+use crate::dtype::{DType, RawDType, WeightSlice};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,14 +33,34 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// File name of the shard index.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// One mapped file.
+/// One mapped file, or tensor data computed at load time (dequantized weights) held in memory.
 #[derive(Debug)]
 struct Shard {
     path: PathBuf,
-    map: Mmap,
+    map: ShardBytes,
 }
 
-/// A read-only view of one tensor inside a memory-mapped shard.
+/// Where a shard's bytes live.
+#[derive(Debug)]
+enum ShardBytes {
+    /// A read-only file mapping.
+    Mapped(Mmap),
+    /// f32 elements owned in memory (so the bytes are aligned for f32).
+    OwnedF32(Vec<f32>),
+}
+
+impl std::ops::Deref for ShardBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ShardBytes::Mapped(m) => m,
+            ShardBytes::OwnedF32(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
+/// A read-only view of one tensor inside a memory-mapped shard (or, for weights computed at load
+/// such as dequantized ones, of f32 data owned in memory: [`TensorView::from_f32`]).
 #[derive(Debug, Clone)]
 pub struct TensorView {
     shard: Arc<Shard>,
@@ -74,7 +94,7 @@ impl TensorView {
     pub fn num_elements(&self) -> usize {
         self.len / self.dtype.size()
     }
-    /// Absolute byte offset of the data within its file.
+    /// Absolute byte offset of the data within its file (0 for owned data).
     pub fn file_offset(&self) -> usize {
         self.start
     }
@@ -105,16 +125,94 @@ impl TensorView {
     /// Asks the OS to start reading this tensor's pages in (a hint; errors are ignored).
     pub(crate) fn will_need(&self) {
         #[cfg(unix)]
-        {
-            let _ = self
-                .shard
-                .map
-                .advise_range(memmap2::Advice::WillNeed, self.start, self.len);
+        if let ShardBytes::Mapped(map) = &self.shard.map {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, self.start, self.len);
         }
+    }
+    /// A tensor whose f32 elements are owned in memory rather than mapped from a file (e.g. a
+    /// weight dequantized at load). `path` is the file it was derived from, for messages.
+    /// `None` when `data.len()` is not the product of `shape`.
+    pub fn from_f32(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        data: Vec<f32>,
+        path: impl Into<PathBuf>,
+    ) -> Option<TensorView> {
+        let elements = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        if elements != data.len() {
+            return None;
+        }
+        let len = std::mem::size_of_val(data.as_slice());
+        Some(TensorView {
+            shard: Arc::new(Shard {
+                path: path.into(),
+                map: ShardBytes::OwnedF32(data),
+            }),
+            name: name.into(),
+            dtype: DType::F32,
+            shape,
+            start: 0,
+            len,
+        })
+    }
+    /// True when the data is owned in memory ([`TensorView::from_f32`]) rather than mapped.
+    pub fn is_owned(&self) -> bool {
+        matches!(self.shard.map, ShardBytes::OwnedF32(_))
     }
     /// True when both views cover the same bytes of the same mapping.
     pub(crate) fn same_data(&self, other: &TensorView) -> bool {
         Arc::ptr_eq(&self.shard, &other.shard) && self.start == other.start && self.len == other.len
+    }
+}
+
+/// A read-only view of any tensor of a checkpoint opened with [`Checkpoint::open_with_packed`],
+/// packed types included: its raw little-endian bytes, validated against shape and dtype.
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    shard: Arc<Shard>,
+    name: String,
+    dtype: RawDType,
+    shape: Vec<usize>,
+    start: usize,
+    len: usize,
+}
+
+impl RawTensor {
+    /// Tensor name as written in the header.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Storage type.
+    pub fn dtype(&self) -> RawDType {
+        self.dtype
+    }
+    /// Shape, outermost first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// The shard file holding it.
+    pub fn path(&self) -> &Path {
+        &self.shard.path
+    }
+    /// Number of elements (product of the shape).
+    pub fn num_elements(&self) -> usize {
+        self.len / self.dtype.size()
+    }
+    /// The raw little-endian bytes (`num_elements() * dtype().size()`).
+    pub fn bytes(&self) -> &[u8] {
+        // In bounds: checked against the file length when the checkpoint was opened.
+        &self.shard.map[self.start..self.start + self.len]
+    }
+    /// The float view of this tensor, when its dtype is a float weight type.
+    pub fn as_float(&self) -> Option<TensorView> {
+        Some(TensorView {
+            shard: Arc::clone(&self.shard),
+            name: self.name.clone(),
+            dtype: self.dtype.float()?,
+            shape: self.shape.clone(),
+            start: self.start,
+            len: self.len,
+        })
     }
 }
 
@@ -140,6 +238,8 @@ pub struct OpenOptions {
 #[derive(Debug)]
 pub struct Checkpoint {
     tensors: BTreeMap<String, TensorView>,
+    /// Tensors of packed types (only with [`Checkpoint::open_with_packed`]).
+    packed: BTreeMap<String, RawTensor>,
     files: Vec<PathBuf>,
 }
 
@@ -153,30 +253,47 @@ impl Checkpoint {
 
     /// [`Checkpoint::open`] with options.
     pub fn open_with(dir: &Path, options: OpenOptions) -> Result<Self, CheckpointError> {
+        Self::open_inner(dir, options, false)
+    }
+
+    /// [`Checkpoint::open_with`], also accepting the packed tensor types of pre-quantized
+    /// checkpoints (`F8_E4M3`, `I32`, `I8`, `U8`). Those are not weights the engine can read
+    /// directly: [`Checkpoint::tensor`] does not return them; [`Checkpoint::raw_tensor`] does.
+    pub fn open_with_packed(dir: &Path, options: OpenOptions) -> Result<Self, CheckpointError> {
+        Self::open_inner(dir, options, true)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        options: OpenOptions,
+        accept_packed: bool,
+    ) -> Result<Self, CheckpointError> {
         let single = dir.join(SINGLE_FILE);
         let index_path = dir.join(INDEX_FILE);
         if single.is_file() {
             let shard = map_file(&single)?;
-            let entries = header::parse(&shard.path, &shard.map)?;
-            let mut tensors = BTreeMap::new();
-            insert_entries(&mut tensors, &shard, entries)?;
-            return Ok(Checkpoint {
-                tensors,
+            let entries = header::parse(&shard.path, &shard.map, accept_packed)?;
+            let mut checkpoint = Checkpoint {
+                tensors: BTreeMap::new(),
+                packed: BTreeMap::new(),
                 files: vec![single],
-            });
+            };
+            checkpoint.insert_entries(&shard, entries)?;
+            return Ok(checkpoint);
         }
         if !index_path.exists() {
             return Err(CheckpointError::NoCheckpoint {
                 path: dir.to_path_buf(),
             });
         }
-        Self::open_sharded(dir, &index_path, options)
+        Self::open_sharded(dir, &index_path, options, accept_packed)
     }
 
     fn open_sharded(
         dir: &Path,
         index_path: &Path,
         options: OpenOptions,
+        accept_packed: bool,
     ) -> Result<Self, CheckpointError> {
         let index = index::Index::read(index_path)?;
         let canonical_dir = std::fs::canonicalize(dir).map_err(|e| CheckpointError::io(dir, e))?;
@@ -196,12 +313,15 @@ impl Checkpoint {
         let mut parsed = Vec::new();
         for (name, path) in shard_paths {
             let shard = map_file(&path)?;
-            let entries = header::parse(&shard.path, &shard.map)?;
+            let entries = header::parse(&shard.path, &shard.map, accept_packed)?;
             parsed.push((name, shard, entries));
         }
         // Duplicates across shards first, so that they are reported naming both files.
-        let mut tensors = BTreeMap::new();
-        let mut files = Vec::new();
+        let mut checkpoint = Checkpoint {
+            tensors: BTreeMap::new(),
+            packed: BTreeMap::new(),
+            files: Vec::new(),
+        };
         let mut held_by = Vec::new();
         for (name, shard, entries) in parsed {
             held_by.extend(
@@ -209,8 +329,8 @@ impl Checkpoint {
                     .iter()
                     .map(|e| (e.name.clone(), name, Arc::clone(&shard))),
             );
-            insert_entries(&mut tensors, &shard, entries)?;
-            files.push(shard.path.clone());
+            checkpoint.insert_entries(&shard, entries)?;
+            checkpoint.files.push(shard.path.clone());
         }
         for (tensor, name, shard) in held_by {
             match index.weight_map.get(&tensor) {
@@ -226,7 +346,7 @@ impl Checkpoint {
             }
         }
         for (tensor, shard) in &index.weight_map {
-            if !tensors.contains_key(tensor) {
+            if !checkpoint.contains(tensor) {
                 return Err(CheckpointError::NotInShard {
                     path: dir.join(shard),
                     tensor: tensor.clone(),
@@ -234,7 +354,66 @@ impl Checkpoint {
                 });
             }
         }
-        Ok(Checkpoint { tensors, files })
+        Ok(checkpoint)
+    }
+
+    /// True when a tensor (of any accepted type) is called `name`.
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name) || self.packed.contains_key(name)
+    }
+
+    /// Adds the validated `entries` of `shard`, rejecting names already present.
+    fn insert_entries(
+        &mut self,
+        shard: &Arc<Shard>,
+        entries: Vec<header::Entry>,
+    ) -> Result<(), CheckpointError> {
+        for entry in entries {
+            if let Some(first) = self.raw_tensor(&entry.name) {
+                return Err(CheckpointError::DuplicateTensor {
+                    path: shard.path.clone(),
+                    tensor: entry.name,
+                    first: first.path().to_path_buf(),
+                });
+            }
+            let raw = RawTensor {
+                shard: Arc::clone(shard),
+                name: entry.name.clone(),
+                dtype: entry.dtype,
+                shape: entry.shape,
+                start: entry.start,
+                len: entry.len,
+            };
+            if let Some(view) = raw.as_float() {
+                self.tensors.insert(entry.name, view);
+            } else {
+                self.packed.insert(entry.name, raw);
+            }
+        }
+        Ok(())
+    }
+
+    /// Any tensor called `name`, packed types included.
+    pub fn raw_tensor(&self, name: &str) -> Option<RawTensor> {
+        if let Some(t) = self.tensors.get(name) {
+            return Some(RawTensor {
+                shard: Arc::clone(&t.shard),
+                name: t.name.clone(),
+                dtype: RawDType::Float(t.dtype),
+                shape: t.shape.clone(),
+                start: t.start,
+                len: t.len,
+            });
+        }
+        self.packed.get(name).cloned()
+    }
+    /// Names of the tensors of packed types, sorted (see [`Checkpoint::open_with_packed`]).
+    pub fn packed_names(&self) -> Vec<&str> {
+        self.packed.keys().map(String::as_str).collect()
+    }
+    /// True when the checkpoint holds tensors of packed types (a pre-quantized checkpoint).
+    pub fn has_packed(&self) -> bool {
+        !self.packed.is_empty()
     }
 
     /// The tensor called `name`.
@@ -245,9 +424,10 @@ impl Checkpoint {
     pub fn names(&self) -> Vec<&str> {
         self.tensors.keys().map(String::as_str).collect()
     }
-    /// Total bytes of tensor data.
+    /// Total bytes of tensor data (packed tensors included).
     pub fn total_bytes(&self) -> u64 {
-        self.tensors.values().map(|t| t.len as u64).sum()
+        let packed: u64 = self.packed.values().map(|t| t.len as u64).sum();
+        self.tensors.values().map(|t| t.len as u64).sum::<u64>() + packed
     }
     /// Every tensor, sorted by name.
     pub fn iter(&self) -> impl Iterator<Item = &TensorView> {
@@ -285,33 +465,6 @@ fn map_file(path: &Path) -> Result<Arc<Shard>, CheckpointError> {
     let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
     Ok(Arc::new(Shard {
         path: path.to_path_buf(),
-        map,
+        map: ShardBytes::Mapped(map),
     }))
-}
-
-/// Adds the validated `entries` of `shard`, rejecting names already present.
-fn insert_entries(
-    tensors: &mut BTreeMap<String, TensorView>,
-    shard: &Arc<Shard>,
-    entries: Vec<header::Entry>,
-) -> Result<(), CheckpointError> {
-    for entry in entries {
-        if let Some(first) = tensors.get(&entry.name) {
-            return Err(CheckpointError::DuplicateTensor {
-                path: shard.path.clone(),
-                tensor: entry.name,
-                first: first.path().to_path_buf(),
-            });
-        }
-        let view = TensorView {
-            shard: Arc::clone(shard),
-            name: entry.name.clone(),
-            dtype: entry.dtype,
-            shape: entry.shape,
-            start: entry.start,
-            len: entry.len,
-        };
-        tensors.insert(entry.name, view);
-    }
-    Ok(())
 }

@@ -1,6 +1,7 @@
 //! Command-line parsing of `mixtral-run`: flags (`--name value`, `--name=value`) into a
 //! [`Command`], every mistake a [`UsageError`] naming the flag and the value.
 
+use mixtral::quant::QuantFormat;
 use mixtral::sampling::{SamplingError, SamplingParams};
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -12,8 +13,10 @@ mixtral-run: generate text with, or score text under, a Mixtral-family model dir
 usage:
     mixtral-run --model DIR (--prompt TEXT | --prompt-file FILE) [--chat] [-n|--max-new-tokens N]
                 [--temperature T] [--top-k K] [--top-p P] [--repeat-penalty R] [--seed S]
-                [--stop TEXT]... [--device cpu|cuda|cuda:N] [--max-context N] [--json]
-    mixtral-run --model DIR --perplexity FILE [--device ...] [--max-context N] [--json]
+                [--stop TEXT]... [--device cpu|cuda|cuda:N] [--max-context N]
+                [--quantize fp8|int8|int4] [--json]
+    mixtral-run --model DIR --perplexity FILE [--device ...] [--max-context N] [--quantize ...]
+                [--json]
     mixtral-run --help | --version
 
 options:
@@ -31,6 +34,10 @@ options:
     --device D             cpu (default), cuda or cuda:N
     --max-context N        longest sequence in tokens (default: the model's max_position_embeddings)
     --perplexity FILE      score BOS + the tokens of FILE (one trailing line break is removed)
+    --quantize F           quantize the attention and expert weights on load: fp8 (E4M3, a scale
+                           per output channel), int8 (a scale per output channel) or int4 (RTN,
+                           groups of 128, asymmetric); bf16 keeps them as stored. Pre-quantized
+                           directories (FP8, GPTQ) load without this flag
     --json                 one JSON object per line on stdout instead of plain text
     -h, --help             this text
     -V, --version          the version
@@ -61,6 +68,8 @@ pub struct Common {
     pub json: bool,
     /// Longest sequence, when capped by the user.
     pub max_context: Option<usize>,
+    /// Quantize on load (`--quantize`).
+    pub quantize: Option<QuantFormat>,
 }
 
 /// Where the prompt comes from.
@@ -126,6 +135,7 @@ const VALUE_FLAGS: &[&str] = &[
     "--device",
     "--max-context",
     "--perplexity",
+    "--quantize",
 ];
 
 /// Flags without a value.
@@ -287,6 +297,7 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<Command, UsageEr
             .unwrap_or(Device::Cpu),
         json: given.has("--json"),
         max_context,
+        quantize: given.parsed::<QuantFormat>("--quantize", "bf16, fp8, int8 or int4")?,
     };
 
     let sources: Vec<&str> = ["--prompt", "--prompt-file", "--perplexity"]
@@ -554,5 +565,27 @@ mod tests {
                 Ok(c) => panic!("{args:?} accepted: {c:?}"),
             }
         }
+    }
+
+    #[test]
+    fn quantize_flag() {
+        let g = generate_args(&["--model", "m", "--prompt", "x", "--quantize", "int4"]);
+        assert_eq!(g.common.quantize, Some(QuantFormat::Int4));
+        assert_eq!(
+            generate_args(&["--model", "m", "--prompt", "x"])
+                .common
+                .quantize,
+            None
+        );
+        match parse_str(&["--model", "m", "--perplexity", "f", "--quantize=fp8"]) {
+            Ok(Command::Perplexity(p)) => assert_eq!(p.common.quantize, Some(QuantFormat::Fp8)),
+            other => panic!("{other:?}"),
+        }
+        let err = parse_str(&["--model", "m", "--prompt", "x", "--quantize", "int3"]).unwrap_err();
+        assert!(
+            err.0.contains("--quantize") && err.0.contains("int3"),
+            "{}",
+            err.0
+        );
     }
 }

@@ -8,9 +8,11 @@ mod report;
 use args::{Command, Common, Device, GenerateArgs, PerplexityArgs, Prompt, UsageError};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::{generate, perplexity, GenerateOptions};
+use mixtral::quant::{declared_format, estimate_memory, QuantFormat};
 use mixtral::tokenizer::{ChatMessage, Tokenizer};
-use mixtral::{Engine, LoadOptions, Model};
+use mixtral::{Engine, LoadOptions, Model, ModelConfig};
 use report::{LoadDisplay, TokenWriter};
+use std::io::IsTerminal;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::process::ExitCode;
@@ -89,15 +91,28 @@ fn check_device(device: Device) -> Result<(), Failure> {
     }
 }
 
-/// Loads the model directory (tokenizer required), showing progress; returns the load time too.
-fn load(common: &Common) -> Result<(Model, Tokenizer, Duration), Failure> {
+/// A loaded model directory, its tokenizer, the load time and, when not yet shown, the memory
+/// estimate line.
+type Loaded = (Model, Tokenizer, Duration, Option<String>);
+
+/// Loads the model directory (tokenizer required), showing progress.
+fn load(common: &Common) -> Result<Loaded, Failure> {
     check_device(common.device)?;
+    // On a terminal the estimate comes before the (long) load; otherwise with the timings of a
+    // successful run, so that a failure stays a single `error:` line.
+    let mut estimate = preflight(common);
+    if std::io::stderr().is_terminal() {
+        if let Some(line) = estimate.take() {
+            eprintln!("{line}");
+        }
+    }
     let started = Instant::now();
     let (display, progress) = LoadDisplay::new();
     let options = LoadOptions {
         // On a GPU the upload reads every weight once and shows its own progress.
         progress: matches!(common.device, Device::Cpu).then_some(progress),
         require_tokenizer: true,
+        quant: common.quantize,
     };
     let loaded = Model::load(&common.model, &options);
     display.finish();
@@ -108,7 +123,21 @@ fn load(common: &Common) -> Result<(Model, Tokenizer, Duration), Failure> {
             common.model.display()
         ))
     })?;
-    Ok((model, tokenizer, started.elapsed()))
+    Ok((model, tokenizer, started.elapsed(), estimate))
+}
+
+/// The memory the model needs (weights in the format it will have, a KV cache for the context
+/// allowed, one sequence), estimated from config.json before the weights are read. `None` when
+/// config.json cannot be read: loading reports that.
+fn preflight(common: &Common) -> Option<String> {
+    let config = ModelConfig::from_file(&common.model.join("config.json")).ok()?;
+    let format = match common.quantize {
+        Some(f) => f,
+        None => declared_format(&common.model.join("config.json")).unwrap_or(QuantFormat::Bf16),
+    };
+    let context = common.max_context.unwrap_or(config.max_position_embeddings);
+    let estimate = estimate_memory(&config, format, context, 1);
+    Some(report::memory_estimate(format, context, &estimate))
 }
 
 /// The context the user allows (`--max-context`, or the model's).
@@ -183,7 +212,7 @@ fn run_generate(a: &GenerateArgs) -> Result<(), Failure> {
         Prompt::Text(text) => text.clone(),
         Prompt::File(path) => read_text(path, "prompt file")?,
     };
-    let (model, tokenizer, load_time) = load(&a.common)?;
+    let (model, tokenizer, load_time, estimate) = load(&a.common)?;
     let prompt = if a.chat {
         tokenizer.encode_chat(&[ChatMessage::user(text)])?
     } else {
@@ -218,13 +247,14 @@ fn run_generate(a: &GenerateArgs) -> Result<(), Failure> {
     writer
         .done(&output)
         .map_err(|e| Failure(format!("cannot write to stdout: {e}")))?;
+    estimate.iter().for_each(|line| eprintln!("{line}"));
     report::generation_timings(load_time, &output);
     Ok(())
 }
 
 fn run_perplexity(a: &PerplexityArgs) -> Result<(), Failure> {
     let text = read_text(&a.file, "text file")?;
-    let (model, tokenizer, load_time) = load(&a.common)?;
+    let (model, tokenizer, load_time, estimate) = load(&a.common)?;
     let ids = tokenizer.encode(&text, true)?;
     // The last token is scored, never fed.
     let fed = ids.len().saturating_sub(1);
@@ -235,6 +265,7 @@ fn run_perplexity(a: &PerplexityArgs) -> Result<(), Failure> {
     TokenWriter::new(a.common.json)
         .perplexity(&ids, &scored)
         .map_err(|e| Failure(format!("cannot write to stdout: {e}")))?;
+    estimate.iter().for_each(|line| eprintln!("{line}"));
     report::perplexity_timings(load_time, fed, scoring);
     Ok(())
 }

@@ -4,6 +4,7 @@
 use mixtral::checkpoint::LoadProgress;
 use mixtral::generate::{GenerationOutput, Perplexity, TokenEvent};
 use mixtral::model::ProgressFn;
+use mixtral::quant::{MemoryEstimate, QuantFormat};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -178,4 +179,26 @@ pub fn cuda_engine(engine: &mixtral::cuda::CudaEngine) {
         memory.kv_blocks,
         engine.graph_buckets()
     );
+}
+
+/// `bytes` in GiB, or MiB below 1 GiB.
+fn size(bytes: u64) -> String {
+    let mib = bytes as f64 / f64::from(1u32 << 20);
+    if mib < 1024.0 {
+        format!("{mib:.1} MiB")
+    } else {
+        format!("{:.2} GiB", mib / 1024.0)
+    }
+}
+
+/// The line reporting the estimated memory of the model (see `mixtral::quant::estimate_memory`).
+pub fn memory_estimate(format: QuantFormat, context: usize, m: &MemoryEstimate) -> String {
+    format!(
+        "memory estimate ({format}, {context}-token context, 1 sequence): weights {}, KV cache {}, \
+         activations {}, total {}",
+        size(m.weights_bytes),
+        size(m.kv_bytes),
+        size(m.activations_bytes),
+        size(m.total)
+    )
 }

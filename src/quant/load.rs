@@ -1,0 +1,510 @@
+//! Builds [`ModelWeights`] whose quantizable projections (attention q/k/v/o, expert w1/w2/w3) are
+//! quantized, dequantized to owned f32 tensors for the CPU reference engine.
+//!
+//! Per projection `<p>.weight` (shape `[out, in]` from the config), the first that applies:
+//! - `<p>.qweight` exists: GPTQ 4-bit (see [`super::int4`]): `<p>.qweight` I32 `[in/8, out]`,
+//!   `<p>.qzeros` I32 `[groups, out/8]`, `<p>.scales` float `[groups, out]`, `<p>.g_idx` I32
+//!   `[in]` (optional: without it input `k` is in group `k / (in / groups)`);
+//! - `<p>.weight` is `F8_E4M3`: FP8 with `<p>.weight_scale` float, per tensor (`[]` or `[1]`) or
+//!   per output channel (`[out]` or `[out, 1]`), the `compressed-tensors` layout; an
+//!   `<p>.input_scale` (static activation scale) is ignored: activations stay f32 on the CPU;
+//! - `<p>.weight` is `I8`: INT8 with `<p>.weight_scale` as for FP8;
+//! - `<p>.weight` is a float type: taken as stored, or quantized then dequantized when a format
+//!   is asked for ([`super::fp8::quantize_per_channel`], [`super::int8::quantize_per_channel`],
+//!   [`super::int4::quantize_rtn`] with groups of 128).
+//!
+//! Every other tensor is taken exactly as [`ModelWeights::from_checkpoint`] takes it (memory-mapped,
+//! no copy) and must be stored in a float type.
+
+use super::{fp8, int4, int8, QuantError, QuantFormat};
+use crate::checkpoint::{Checkpoint, RawTensor, TensorView};
+use crate::config::ModelConfig;
+use crate::dtype::RawDType;
+use crate::weights::{
+    take, ExpertWeights, LayerWeights, ModelLayout, ModelWeights, TensorSpec, Weight, WeightsError,
+};
+use rayon::prelude::*;
+use std::path::Path;
+
+/// How a GPTQ checkpoint stores its zero points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GptqZeros {
+    /// The original format (`checkpoint_format` absent or `"gptq"`): the stored value is
+    /// `zero - 1`, so dequantization adds 1 back.
+    #[default]
+    MinusOne,
+    /// `checkpoint_format: "gptq_v2"`: the stored value is the zero itself.
+    Exact,
+}
+
+impl GptqZeros {
+    /// What dequantization adds to the stored zero.
+    pub fn offset(self) -> i32 {
+        match self {
+            GptqZeros::MinusOne => 1,
+            GptqZeros::Exact => 0,
+        }
+    }
+
+    /// The convention named by `config.json`'s `quantization_config.checkpoint_format` (the
+    /// original format when the file, the object or the field is absent).
+    pub fn from_config_file(path: &Path) -> Result<Self, QuantError> {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Ok(GptqZeros::MinusOne);
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| QuantError::Config {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let format = value
+            .get("quantization_config")
+            .and_then(|q| q.get("checkpoint_format"))
+            .and_then(|f| f.as_str());
+        match format {
+            None | Some("gptq") => Ok(GptqZeros::MinusOne),
+            Some("gptq_v2") => Ok(GptqZeros::Exact),
+            Some(other) => Err(QuantError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "quantization_config.checkpoint_format `{other}` is neither gptq nor gptq_v2"
+                ),
+            }),
+        }
+    }
+}
+
+/// The format `config.json`'s `quantization_config` declares, when it declares one this crate
+/// reads: `quant_method` `gptq` (4 bits) is INT4, `fp8` is FP8, `compressed-tensors` is FP8 or
+/// INT8 by the `type` (`float` / `int`) of its 8-bit weight group. `None` otherwise (no file, no
+/// object, another method); the tensors themselves decide how a checkpoint is loaded.
+pub fn declared_format(path: &Path) -> Option<QuantFormat> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let q = value.get("quantization_config")?;
+    match q.get("quant_method")?.as_str()? {
+        "gptq" if q.get("bits").and_then(|b| b.as_u64()).unwrap_or(4) == 4 => {
+            Some(QuantFormat::Int4)
+        }
+        "fp8" => Some(QuantFormat::Fp8),
+        "compressed-tensors" => {
+            let groups = q.get("config_groups")?.as_object()?;
+            groups.values().find_map(|g| {
+                let w = g.get("weights")?;
+                match (w.get("type")?.as_str()?, w.get("num_bits")?.as_u64()?) {
+                    ("float", 8) => Some(QuantFormat::Fp8),
+                    ("int", 8) => Some(QuantFormat::Int8),
+                    _ => None,
+                }
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The weights and the format their quantized projections are in.
+#[derive(Debug)]
+pub struct QuantizedWeights {
+    /// The weights; quantized projections hold owned, dequantized f32 data.
+    pub weights: ModelWeights,
+    /// The format of the first quantized projection found (`None` when none is quantized).
+    pub format: Option<QuantFormat>,
+}
+
+/// Loads `config`'s weights from `checkpoint` (opened with
+/// [`Checkpoint::open_with_packed`] to read pre-quantized tensors), quantizing float projections
+/// to `quantize` (`None` or `Some(Bf16)`: keep them as stored).
+pub fn load_weights(
+    checkpoint: &Checkpoint,
+    config: &ModelConfig,
+    quantize: Option<QuantFormat>,
+    zeros: GptqZeros,
+) -> Result<QuantizedWeights, QuantError> {
+    let quantize = quantize.filter(|f| *f != QuantFormat::Bf16);
+    let layout = ModelLayout::new(config);
+    // The format of the first quantized projection seen.
+    let format = std::cell::Cell::new(None);
+    let seen = |f: Option<QuantFormat>| format.set(format.get().or(f));
+    let proj = |spec: &TensorSpec| -> Result<Weight, QuantError> {
+        let (w, f) = projection(checkpoint, spec, quantize, zeros)?;
+        seen(f);
+        Ok(w)
+    };
+    let mut layers = Vec::with_capacity(layout.layers.len());
+    for l in &layout.layers {
+        // Experts are (de)quantized in parallel; errors are then reported in expert order.
+        let results: Vec<_> = l
+            .experts
+            .par_iter()
+            .map(|e| {
+                let one = |spec| projection(checkpoint, spec, quantize, zeros);
+                Ok::<_, QuantError>([one(&e.w1)?, one(&e.w2)?, one(&e.w3)?])
+            })
+            .collect();
+        let mut experts = Vec::with_capacity(l.experts.len());
+        for result in results {
+            let [(w1, f1), (w2, f2), (w3, f3)] = result?;
+            [f1, f2, f3].into_iter().for_each(seen);
+            experts.push(ExpertWeights { w1, w2, w3 });
+        }
+        layers.push(LayerWeights {
+            attn_norm: high_precision(checkpoint, &l.attn_norm)?,
+            q_proj: proj(&l.q_proj)?,
+            k_proj: proj(&l.k_proj)?,
+            v_proj: proj(&l.v_proj)?,
+            o_proj: proj(&l.o_proj)?,
+            ffn_norm: high_precision(checkpoint, &l.ffn_norm)?,
+            router: l
+                .router
+                .as_ref()
+                .map(|r| high_precision(checkpoint, r))
+                .transpose()?,
+            experts,
+        });
+    }
+    let embed = high_precision(checkpoint, &layout.embed)?;
+    let lm_head = match &layout.lm_head {
+        Some(spec) => high_precision(checkpoint, spec)?,
+        None => embed.clone(),
+    };
+    let weights = ModelWeights {
+        config: config.clone(),
+        embed,
+        layers,
+        final_norm: high_precision(checkpoint, &layout.final_norm)?,
+        lm_head,
+    };
+    Ok(QuantizedWeights {
+        weights,
+        format: format.get(),
+    })
+}
+
+/// A tensor that is never quantized: it must be stored in a float type.
+fn high_precision(checkpoint: &Checkpoint, spec: &TensorSpec) -> Result<Weight, QuantError> {
+    if let Some(raw) = checkpoint.raw_tensor(&spec.name) {
+        if raw.dtype().float().is_none() {
+            return Err(QuantError::Unsupported {
+                path: raw.path().to_path_buf(),
+                tensor: spec.name.clone(),
+                reason: format!(
+                    "stored as {}, but routers, norms, embeddings and the LM head must stay in \
+                     high precision (BF16, F16 or F32)",
+                    raw.dtype()
+                ),
+            });
+        }
+    }
+    Ok(take(checkpoint, spec)?)
+}
+
+/// `(rows, cols)` of a matrix spec.
+fn dims(spec: &TensorSpec) -> (usize, usize) {
+    match spec.shape.as_slice() {
+        [r, c] => (*r, *c),
+        other => (1, other.iter().product()),
+    }
+}
+
+/// One quantizable projection, and the format it ended up in.
+fn projection(
+    checkpoint: &Checkpoint,
+    spec: &TensorSpec,
+    quantize: Option<QuantFormat>,
+    zeros: GptqZeros,
+) -> Result<(Weight, Option<QuantFormat>), QuantError> {
+    let (rows, cols) = dims(spec);
+    let base = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
+    let qweight_name = format!("{base}.qweight");
+    if let Some(qweight) = checkpoint.raw_tensor(&qweight_name) {
+        no_conflict(&qweight_name, quantize, QuantFormat::Int4)?;
+        let data = gptq(checkpoint, base, &qweight, rows, cols, zeros)?;
+        return Ok((owned(spec, data, qweight.path())?, Some(QuantFormat::Int4)));
+    }
+    let Some(raw) = checkpoint.raw_tensor(&spec.name) else {
+        return Err(WeightsError::Missing {
+            tensor: spec.name.clone(),
+        }
+        .into());
+    };
+    match raw.dtype() {
+        RawDType::Float(_) => {
+            let w = take(checkpoint, spec)?;
+            let Some(format) = quantize else {
+                return Ok((w, None));
+            };
+            let data =
+                quantize_dequantize(format, &w.data().to_f32_vec(), rows, cols).unwrap_or_default();
+            Ok((owned(spec, data, w.tensor.path())?, Some(format)))
+        }
+        RawDType::F8E4M3 => {
+            no_conflict(&spec.name, quantize, QuantFormat::Fp8)?;
+            check_shape(&raw, &[rows, cols], || {
+                format!("[{rows}, {cols}] (out, in)")
+            })?;
+            let codes = raw.bytes();
+            if let Some(i) = codes.iter().position(|&c| fp8::is_nan_code(c)) {
+                return Err(QuantError::Unsupported {
+                    path: raw.path().to_path_buf(),
+                    tensor: spec.name.clone(),
+                    reason: format!("element {i} is an FP8 NaN code"),
+                });
+            }
+            let scales = weight_scales(checkpoint, &spec.name, rows)?;
+            let data = fp8::dequantize(codes, &scales, cols).unwrap_or_default();
+            Ok((owned(spec, data, raw.path())?, Some(QuantFormat::Fp8)))
+        }
+        RawDType::I8 => {
+            no_conflict(&spec.name, quantize, QuantFormat::Int8)?;
+            check_shape(&raw, &[rows, cols], || {
+                format!("[{rows}, {cols}] (out, in)")
+            })?;
+            let codes: Vec<i8> = raw.bytes().iter().map(|&b| b as i8).collect();
+            let scales = weight_scales(checkpoint, &spec.name, rows)?;
+            let data = int8::dequantize(&codes, &scales, cols).unwrap_or_default();
+            Ok((owned(spec, data, raw.path())?, Some(QuantFormat::Int8)))
+        }
+        other => Err(QuantError::DType {
+            path: raw.path().to_path_buf(),
+            tensor: spec.name.clone(),
+            expected: "BF16, F16, F32, F8_E4M3 or I8 (or a GPTQ qweight beside it)",
+            found: other,
+        }),
+    }
+}
+
+/// Quantizes `w` (`[rows, cols]`) to `format` and back to f32 (`None` only for an empty matrix).
+fn quantize_dequantize(
+    format: QuantFormat,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Option<Vec<f32>> {
+    match format {
+        QuantFormat::Bf16 => Some(w.to_vec()),
+        QuantFormat::Fp8 => {
+            let (codes, scales) = fp8::quantize_per_channel(w, rows, cols);
+            fp8::dequantize(&codes, &scales, cols)
+        }
+        QuantFormat::Int8 => {
+            let (codes, scales) = int8::quantize_per_channel(w, rows, cols);
+            int8::dequantize(&codes, &scales, cols)
+        }
+        QuantFormat::Int4 => {
+            int4::dequantize_rtn(&int4::quantize_rtn(w, rows, cols, int4::GROUP_SIZE))
+        }
+    }
+}
+
+/// Rejects quantizing on load a tensor already stored as `found`.
+fn no_conflict(
+    tensor: &str,
+    requested: Option<QuantFormat>,
+    found: QuantFormat,
+) -> Result<(), QuantError> {
+    match requested {
+        Some(r) if r != found => Err(QuantError::Conflict {
+            tensor: tensor.into(),
+            requested: r,
+            found,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// An owned f32 weight for `spec`, derived from the file `path`.
+fn owned(spec: &TensorSpec, data: Vec<f32>, path: &Path) -> Result<Weight, QuantError> {
+    let (rows, cols) = dims(spec);
+    let found = vec![data.len()];
+    let tensor =
+        TensorView::from_f32(&spec.name, spec.shape.clone(), data, path).ok_or_else(|| {
+            QuantError::Shape {
+                path: path.to_path_buf(),
+                tensor: spec.name.clone(),
+                expected: format!("{:?} elements after dequantization", spec.shape),
+                found,
+            }
+        })?;
+    Ok(Weight { rows, cols, tensor })
+}
+
+/// Checks `raw`'s shape is `expected` (described by `words` in the error).
+fn check_shape(
+    raw: &RawTensor,
+    expected: &[usize],
+    words: impl FnOnce() -> String,
+) -> Result<(), QuantError> {
+    if raw.shape() == expected {
+        Ok(())
+    } else {
+        Err(QuantError::Shape {
+            path: raw.path().to_path_buf(),
+            tensor: raw.name().into(),
+            expected: words(),
+            found: raw.shape().to_vec(),
+        })
+    }
+}
+
+/// `name` as a required companion of `projection`.
+fn companion(
+    checkpoint: &Checkpoint,
+    name: &str,
+    projection: &str,
+) -> Result<RawTensor, QuantError> {
+    checkpoint
+        .raw_tensor(name)
+        .ok_or_else(|| QuantError::Missing {
+            tensor: name.into(),
+            projection: projection.into(),
+        })
+}
+
+/// The elements of a float tensor as f32.
+fn floats(raw: &RawTensor) -> Result<Vec<f32>, QuantError> {
+    match raw.as_float() {
+        Some(view) => Ok(view.data().to_f32_vec()),
+        None => Err(QuantError::DType {
+            path: raw.path().to_path_buf(),
+            tensor: raw.name().into(),
+            expected: "BF16, F16 or F32",
+            found: raw.dtype(),
+        }),
+    }
+}
+
+/// The elements of an I32 tensor.
+fn ints(raw: &RawTensor) -> Result<Vec<i32>, QuantError> {
+    if raw.dtype() != RawDType::I32 {
+        return Err(QuantError::DType {
+            path: raw.path().to_path_buf(),
+            tensor: raw.name().into(),
+            expected: "I32",
+            found: raw.dtype(),
+        });
+    }
+    Ok(raw
+        .bytes()
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Checks every scale of `raw` (values `scales`) is positive and finite.
+fn check_scales(raw: &RawTensor, scales: &[f32]) -> Result<(), QuantError> {
+    match scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+        Some(index) => Err(QuantError::BadScale {
+            path: raw.path().to_path_buf(),
+            tensor: raw.name().into(),
+            index,
+            value: scales[index],
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `<weight>_scale` of an FP8 / INT8 weight with `rows` output channels: one scale, or one per row.
+fn weight_scales(
+    checkpoint: &Checkpoint,
+    weight: &str,
+    rows: usize,
+) -> Result<Vec<f32>, QuantError> {
+    let name = format!("{weight}_scale");
+    let raw = companion(checkpoint, &name, weight)?;
+    let ok = matches!(raw.shape(), [] | [1]) || raw.shape() == [rows] || raw.shape() == [rows, 1];
+    if !ok {
+        return Err(QuantError::Shape {
+            path: raw.path().to_path_buf(),
+            tensor: name,
+            expected: format!("[] or [1] (per tensor), or [{rows}] or [{rows}, 1] (per channel)"),
+            found: raw.shape().to_vec(),
+        });
+    }
+    let scales = floats(&raw)?;
+    check_scales(&raw, &scales)?;
+    Ok(scales)
+}
+
+/// Dequantizes the GPTQ projection `base` (`rows` outputs, `cols` inputs) to `[rows, cols]`.
+fn gptq(
+    checkpoint: &Checkpoint,
+    base: &str,
+    qweight: &RawTensor,
+    rows: usize,
+    cols: usize,
+    zeros: GptqZeros,
+) -> Result<Vec<f32>, QuantError> {
+    let weight = format!("{base}.weight");
+    if !cols.is_multiple_of(8) || !rows.is_multiple_of(8) {
+        return Err(QuantError::Unsupported {
+            path: qweight.path().to_path_buf(),
+            tensor: qweight.name().into(),
+            reason: format!("GPTQ 4-bit packing needs in ({cols}) and out ({rows}) divisible by 8"),
+        });
+    }
+    check_shape(qweight, &[cols / 8, rows], || {
+        format!("[{}, {rows}] (in / 8, out: 4-bit GPTQ)", cols / 8)
+    })?;
+    let q = ints(qweight)?;
+    let scales_raw = companion(checkpoint, &format!("{base}.scales"), &weight)?;
+    let groups = match scales_raw.shape() {
+        [g, n] if *n == rows && *g > 0 => *g,
+        found => {
+            return Err(QuantError::Shape {
+                path: scales_raw.path().to_path_buf(),
+                tensor: scales_raw.name().into(),
+                expected: format!("[groups, {rows}] (groups >= 1, out)"),
+                found: found.to_vec(),
+            })
+        }
+    };
+    let scales = floats(&scales_raw)?;
+    check_scales(&scales_raw, &scales)?;
+    let qzeros_raw = companion(checkpoint, &format!("{base}.qzeros"), &weight)?;
+    check_shape(&qzeros_raw, &[groups, rows / 8], || {
+        format!("[{groups}, {}] (groups, out / 8)", rows / 8)
+    })?;
+    let qzeros = ints(&qzeros_raw)?;
+    let g_idx = match checkpoint.raw_tensor(&format!("{base}.g_idx")) {
+        Some(raw) => {
+            check_shape(&raw, &[cols], || format!("[{cols}] (in)"))?;
+            let values = ints(&raw)?;
+            let mut out = Vec::with_capacity(cols);
+            for (index, &v) in values.iter().enumerate() {
+                match usize::try_from(v) {
+                    Ok(g) if g < groups => out.push(g),
+                    _ => {
+                        return Err(QuantError::GroupIndex {
+                            path: raw.path().to_path_buf(),
+                            tensor: raw.name().into(),
+                            index,
+                            value: i64::from(v),
+                            groups,
+                        })
+                    }
+                }
+            }
+            out
+        }
+        None if cols.is_multiple_of(groups) => int4::sequential_g_idx(cols, cols / groups),
+        None => {
+            return Err(QuantError::Missing {
+                tensor: format!("{base}.g_idx"),
+                projection: weight,
+            })
+        }
+    };
+    let shape = int4::GptqShape {
+        inputs: cols,
+        outputs: rows,
+        groups,
+    };
+    int4::dequantize_gptq(shape, &q, &qzeros, &scales, &g_idx, zeros.offset()).ok_or_else(|| {
+        QuantError::Shape {
+            path: qweight.path().to_path_buf(),
+            tensor: qweight.name().into(),
+            expected: "tensors consistent with each other".into(),
+            found: qweight.shape().to_vec(),
+        }
+    })
+}

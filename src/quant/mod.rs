@@ -1,0 +1,175 @@
+//! Quantized weight formats: FP8 E4M3 with scales ([`fp8`]), INT8 weight-only per output channel
+//! ([`int8`]), 4-bit RTN groups and GPTQ packing ([`int4`]); loading them ([`load`]) and the
+//! memory they need ([`memory`]).
+//!
+//! Two ways in, one result: a bf16/f16/f32 checkpoint quantized as it is loaded
+//! ([`crate::LoadOptions::quant`], `mixtral-run --quantize`), or a checkpoint published already
+//! quantized (FP8 / INT8 `compressed-tensors` layout, GPTQ 4-bit), recognised by its tensors.
+//! Only the attention projections (q, k, v, o) and the expert matrices (w1, w2, w3) are quantized;
+//! the router, the norms, the embedding and the LM head always stay in their stored precision.
+//!
+//! The CPU reference path dequantizes every quantized matrix to f32 at load (an owned
+//! [`crate::checkpoint::TensorView`]); the f32 CPU engine then runs unchanged. GPU kernels that
+//! read the packed formats directly are not part of this module.
+
+pub mod fp8;
+pub mod int4;
+pub mod int8;
+pub mod load;
+pub mod memory;
+
+use crate::dtype::RawDType;
+use crate::weights::WeightsError;
+use std::path::PathBuf;
+
+pub use load::{declared_format, load_weights, GptqZeros, QuantizedWeights};
+pub use memory::{estimate_memory, MemoryEstimate};
+
+/// A weight format of the quantizable projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// Not quantized: bf16 (the released checkpoints; also stands for f16/f32 storage).
+    Bf16,
+    /// FP8 E4M3 with a scale per output channel (on load) or as published (per tensor/channel).
+    Fp8,
+    /// INT8 with a symmetric scale per output channel.
+    Int8,
+    /// 4-bit: RTN groups of 128 on load (asymmetric), or GPTQ as published.
+    Int4,
+}
+
+impl QuantFormat {
+    /// The name used on the command line (`bf16`, `fp8`, `int8`, `int4`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantFormat::Bf16 => "bf16",
+            QuantFormat::Fp8 => "fp8",
+            QuantFormat::Int8 => "int8",
+            QuantFormat::Int4 => "int4",
+        }
+    }
+}
+
+impl std::fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for QuantFormat {
+    type Err = QuantError;
+    /// `bf16` (also `none`), `fp8`, `int8`, `int4` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self, QuantError> {
+        match s.to_ascii_lowercase().as_str() {
+            "bf16" | "none" => Ok(QuantFormat::Bf16),
+            "fp8" => Ok(QuantFormat::Fp8),
+            "int8" => Ok(QuantFormat::Int8),
+            "int4" => Ok(QuantFormat::Int4),
+            _ => Err(QuantError::UnknownFormat { name: s.into() }),
+        }
+    }
+}
+
+/// Why quantized weights could not be loaded or produced; every variant names the tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    /// A format name that is none of `bf16`, `fp8`, `int8`, `int4`.
+    #[error("unknown quantization format `{name}` (expected bf16, fp8, int8 or int4)")]
+    UnknownFormat {
+        /// The name given.
+        name: String,
+    },
+    /// A high-precision tensor missing or of the wrong shape.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// A tensor a quantized projection needs is absent (e.g. its scales).
+    #[error("tensor `{tensor}` is missing: the quantized projection `{projection}` needs it")]
+    Missing {
+        /// The absent tensor.
+        tensor: String,
+        /// The projection it belongs to.
+        projection: String,
+    },
+    /// A quantized tensor's shape disagrees with the configuration.
+    #[error("{path}: tensor `{tensor}` has shape {found:?}, expected {expected}")]
+    Shape {
+        /// The file holding it.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// What was expected, in words (e.g. `[8, 96] (in / 8, out)`).
+        expected: String,
+        /// Its shape.
+        found: Vec<usize>,
+    },
+    /// A quantized tensor's element type is not the one its role needs.
+    #[error("{path}: tensor `{tensor}` has dtype {found}, expected {expected}")]
+    DType {
+        /// The file holding it.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The accepted types, in words.
+        expected: &'static str,
+        /// Its type.
+        found: RawDType,
+    },
+    /// A GPTQ `g_idx` entry names a group that does not exist.
+    #[error("{path}: tensor `{tensor}`: entry {index} is {value}, outside 0..{groups}")]
+    GroupIndex {
+        /// The file holding it.
+        path: PathBuf,
+        /// The `g_idx` tensor.
+        tensor: String,
+        /// Position of the bad entry.
+        index: usize,
+        /// The value.
+        value: i64,
+        /// Number of groups.
+        groups: usize,
+    },
+    /// A scale that is negative, zero, NaN or infinite.
+    #[error("{path}: tensor `{tensor}`: scale {index} is {value}, not a positive finite number")]
+    BadScale {
+        /// The file holding it.
+        path: PathBuf,
+        /// The scale tensor.
+        tensor: String,
+        /// Position of the bad scale.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// A tensor that must stay in high precision (router, norm, embedding, LM head) is stored in a
+    /// packed type, or a layout this loader does not read (e.g. GPTQ with other than 4 bits).
+    #[error("{path}: tensor `{tensor}`: {reason}")]
+    Unsupported {
+        /// The file holding it.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Why.
+        reason: String,
+    },
+    /// Quantizing on load was asked for a checkpoint already published in another format.
+    #[error(
+        "tensor `{tensor}` is already stored as {found}; quantizing it to {requested} on load is \
+         not supported (load the directory without a quantization option)"
+    )]
+    Conflict {
+        /// A pre-quantized tensor.
+        tensor: String,
+        /// The format asked for.
+        requested: QuantFormat,
+        /// The format it is stored in.
+        found: QuantFormat,
+    },
+    /// `config.json` could not be read for its `quantization_config`.
+    #[error("{path}: {message}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+}
