@@ -26,8 +26,12 @@ fn lock() -> MutexGuard<'static, ()> {
     DEVICE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The repository: `MIXTRAL_REPO` when set (a test binary carried to another machine), else the
+/// directory it was built in.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("MIXTRAL_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// The shipped model and every golden fixture.
