@@ -926,12 +926,12 @@ fn moe_tile(tokens: usize) -> u32 {
     }
 }
 
-fn plan_moe(s: &MoeShape, b: &MoeBufs) -> Result<Option<[Launch<MoeParams>; 2]>, CudaError> {
-    let c = Check { op: "moe_gemv" };
+/// The checks both expert kernels share (sizes, the 16-byte alignment of x, the weights and act,
+/// every buffer's length) and their parameters; returns them with the slot count.
+fn moe_params(c: &Check, s: &MoeShape, b: &MoeBufs) -> Result<(MoeParams, usize), CudaError> {
     c.multiple_of_8("hidden", s.hidden)?;
     c.multiple_of_8("inter", s.inter)?;
     c.at_least("experts", s.experts, 1)?;
-    let experts = c.grid_yz("experts", s.experts)?;
     if s.top_k == 0 || s.top_k > s.experts {
         return Err(c.unsupported("top_k", s.top_k, "must be in 1..=experts"));
     }
@@ -963,26 +963,13 @@ fn plan_moe(s: &MoeShape, b: &MoeBufs) -> Result<Option<[Launch<MoeParams>; 2]>,
     c.len("topk_weights", b.topk_weights, slots)?;
     c.len("expert_offsets", b.expert_offsets, s.experts + 1)?;
     c.len("sorted_slots", b.sorted_slots, slots)?;
-    c.len(
-        "act",
-        b.act,
+    let elements = |what: &'static str, width: usize| {
         slots
-            .checked_mul(s.inter)
-            .ok_or_else(|| c.unsupported("act elements", usize::MAX, "overflows"))?,
-    )?;
-    c.len(
-        "out",
-        b.out,
-        slots
-            .checked_mul(s.hidden)
-            .ok_or_else(|| c.unsupported("out elements", usize::MAX, "overflows"))?,
-    )?;
-    let tile = moe_tile(s.tokens);
-    let up = c.variant(KernelFamily::MoeUp, "tile", &[tile])?;
-    let down = c.variant(KernelFamily::MoeDown, "tile", &[tile])?;
-    if s.tokens == 0 {
-        return Ok(None);
-    }
+            .checked_mul(width)
+            .ok_or_else(|| c.unsupported(what, usize::MAX, "overflows"))
+    };
+    c.len("act", b.act, elements("act elements", s.inter)?)?;
+    c.len("out", b.out, elements("out elements", s.hidden)?)?;
     let params = MoeParams {
         x: b.x.address,
         w1: b.w1.address,
@@ -996,9 +983,22 @@ fn plan_moe(s: &MoeShape, b: &MoeBufs) -> Result<Option<[Launch<MoeParams>; 2]>,
         tokens,
         hidden: c.count("hidden", s.hidden)?,
         inter: c.count("inter", s.inter)?,
-        experts,
+        experts: c.count("experts", s.experts)?,
         top_k: c.count("top_k", s.top_k)?,
     };
+    Ok((params, slots))
+}
+
+fn plan_moe(s: &MoeShape, b: &MoeBufs) -> Result<Option<[Launch<MoeParams>; 2]>, CudaError> {
+    let c = Check { op: "moe_gemv" };
+    let experts = c.grid_yz("experts", s.experts)?;
+    let (params, _) = moe_params(&c, s, b)?;
+    let tile = moe_tile(s.tokens);
+    let up = c.variant(KernelFamily::MoeUp, "tile", &[tile])?;
+    let down = c.variant(KernelFamily::MoeDown, "tile", &[tile])?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
     let block = MOE_WARPS * 32;
     let up_rows_per_block = MOE_WARPS as usize;
     let down_rows_per_block = (MOE_WARPS * MOE_DOWN_ROWS_PER_WARP) as usize;

@@ -9,8 +9,8 @@
 use cudarc::driver::CudaStream;
 
 use super::{
-    moe_gemv, read, write, Check, CudaError, KernelFamily, Kernels, Launch, MoeBuffers, MoeBufs,
-    MoeParams, MoeShape, ROUTER_MAX_EXPERTS,
+    moe_gemv, moe_params, read, write, Check, CudaError, KernelFamily, Kernels, Launch, MoeBuffers,
+    MoeBufs, MoeParams, MoeShape, ROUTER_MAX_EXPERTS,
 };
 use crate::cuda::params::{MOE_GROUPED_BM, MOE_GROUPED_BN, MOE_GROUPED_THREADS};
 
@@ -45,9 +45,6 @@ fn plan_moe_grouped(
     let c = Check {
         op: "moe_grouped_gemm",
     };
-    c.multiple_of_8("hidden", s.hidden)?;
-    c.multiple_of_8("inter", s.inter)?;
-    c.at_least("experts", s.experts, 1)?;
     // Every block walks the experts' offsets to find its tile: keep that walk short.
     if s.experts > ROUTER_MAX_EXPERTS as usize {
         return Err(c.unsupported(
@@ -56,66 +53,14 @@ fn plan_moe_grouped(
             format!("must be at most {ROUTER_MAX_EXPERTS} (each block walks the expert offsets)"),
         ));
     }
-    if s.top_k == 0 || s.top_k > s.experts {
-        return Err(c.unsupported("top_k", s.top_k, "must be in 1..=experts"));
-    }
-    let tokens = c.count("tokens", s.tokens)?;
-    let slots = c.product("tokens * top_k", &[s.tokens, s.top_k])?;
-    for (name, buf) in [
-        ("x", b.x),
-        ("w1", b.w1),
-        ("w3", b.w3),
-        ("w2", b.w2),
-        ("act", b.act),
-        ("out", b.out),
-    ] {
-        c.aligned16(name, buf)?;
-    }
-    // Weight offsets are computed in 64 bits; only the totals must exist.
-    let weights = s
-        .experts
-        .checked_mul(s.inter)
-        .and_then(|n| n.checked_mul(s.hidden))
-        .ok_or_else(|| c.unsupported("expert weight elements", usize::MAX, "overflows"))?;
-    c.len(
-        "x",
-        b.x,
-        c.product("tokens * hidden", &[s.tokens, s.hidden])?,
-    )?;
-    c.len("w1", b.w1, weights)?;
-    c.len("w3", b.w3, weights)?;
-    c.len("w2", b.w2, weights)?;
-    c.len("topk_weights", b.topk_weights, slots)?;
-    c.len("expert_offsets", b.expert_offsets, s.experts + 1)?;
-    c.len("sorted_slots", b.sorted_slots, slots)?;
-    let elements = |what: &'static str, width: usize| {
-        slots
-            .checked_mul(width)
-            .ok_or_else(|| c.unsupported(what, usize::MAX, "overflows"))
-    };
-    c.len("act", b.act, elements("act elements", s.inter)?)?;
-    c.len("out", b.out, elements("out elements", s.hidden)?)?;
+    let (params, slots) = moe_params(&c, s, b)?;
+    // The down epilogue stores f32 pairs with 8-byte stores; 16 bytes keeps every row start aligned.
+    c.aligned16("out", b.out)?;
     let up = c.variant(KernelFamily::MoeGroupedUp, "moe_grouped_up", &[])?;
     let down = c.variant(KernelFamily::MoeGroupedDown, "moe_grouped_down", &[])?;
     if s.tokens == 0 {
         return Ok(None);
     }
-    let params = MoeParams {
-        x: b.x.address,
-        w1: b.w1.address,
-        w3: b.w3.address,
-        w2: b.w2.address,
-        topk_weights: b.topk_weights.address,
-        expert_offsets: b.expert_offsets.address,
-        sorted_slots: b.sorted_slots.address,
-        act: b.act.address,
-        out: b.out.address,
-        tokens,
-        hidden: c.count("hidden", s.hidden)?,
-        inter: c.count("inter", s.inter)?,
-        experts: c.count("experts", s.experts)?,
-        top_k: c.count("top_k", s.top_k)?,
-    };
     let tiles = c.count("tiles", max_tiles(slots, s.experts))?;
     let up_columns = c.grid_yz("inter blocks", s.inter.div_ceil(MOE_GROUPED_BN as usize))?;
     let down_columns = c.grid_yz("hidden blocks", s.hidden.div_ceil(DOWN_COLUMNS))?;
