@@ -1,0 +1,81 @@
+//! A sticky device fault (built with `--features cuda`; skips without a device). Its own test binary:
+//! the fault poisons the process's CUDA context for good.
+//!
+//! After an illegal-address fault in the shared primary context, the CUDA engine's next step fails
+//! with a backend error naming the failure, and every later call fails fast with the engine's
+//! "unusable" error instead of touching the device again.
+#![cfg(feature = "cuda")]
+
+use std::path::PathBuf;
+
+use half::bf16;
+use mixtral::cuda::ops::{fill_random, FillShape};
+use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, Kernels};
+use mixtral::{Engine, EngineError, LoadOptions, LogitsFor, Model, SeqStep};
+
+fn root() -> PathBuf {
+    std::env::var_os("MIXTRAL_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+#[test]
+fn a_sticky_device_fault_makes_the_engine_refuse_further_work() {
+    let model = Model::load(&root().join("models/tiny-mixtral"), &LoadOptions::default())
+        .expect("tiny model");
+    let options = CudaEngineOptions {
+        max_context: Some(64),
+        max_sequences: 2,
+        max_step_tokens: 16,
+        ..CudaEngineOptions::default()
+    };
+    let mut engine = match CudaEngine::new(&model.weights, options, None) {
+        Ok(engine) => engine,
+        Err(e @ (CudaError::NoDriver | CudaError::NoDevice { .. })) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("building the engine: {e}"),
+    };
+    let seq = engine.new_sequence().expect("sequence");
+    let step = |engine: &mut CudaEngine, start_pos: usize| {
+        engine.step(&[SeqStep {
+            seq,
+            tokens: &[1, 415],
+            start_pos,
+            logits: LogitsFor::Last,
+        }])
+    };
+    step(&mut engine, 0).expect("a healthy step");
+
+    // Write through an address nothing is mapped at, in the same (primary) context.
+    let device = CudaDevice::new(0).expect("device");
+    let kernels = Kernels::load(&device).expect("kernels");
+    // SAFETY: deliberately invalid: the point is the device fault. The slice is leaked, never freed.
+    let mut bogus = unsafe { device.stream().upgrade_device_ptr::<bf16>(0x1000, 1 << 20) };
+    let shape = FillShape {
+        len: 1 << 20,
+        seed: 1,
+        scale: 1.0,
+        shift: 0.0,
+    };
+    let _ = fill_random(&kernels, device.stream(), &shape, &mut bogus);
+    let fault = device.stream().synchronize();
+    bogus.leak();
+    assert!(fault.is_err(), "the write to address 0x1000 did not fault");
+
+    match step(&mut engine, 0) {
+        Err(EngineError::Backend(message)) => eprintln!("first failure: {message}"),
+        other => panic!("expected a backend error, got {other:?}"),
+    }
+    for _ in 0..2 {
+        match step(&mut engine, 0) {
+            Err(EngineError::Backend(message)) => assert!(message.contains("unusable"), "{message}"),
+            other => panic!("expected the engine to refuse, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        engine.new_sequence(),
+        Err(EngineError::Backend(_))
+    ));
+}
