@@ -70,7 +70,9 @@ fn a_sticky_device_fault_makes_the_engine_refuse_further_work() {
     }
     for _ in 0..2 {
         match step(&mut engine, 0) {
-            Err(EngineError::Backend(message)) => assert!(message.contains("unusable"), "{message}"),
+            Err(EngineError::Backend(message)) => {
+                assert!(message.contains("unusable"), "{message}")
+            }
             other => panic!("expected the engine to refuse, got {other:?}"),
         }
     }

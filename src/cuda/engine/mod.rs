@@ -216,6 +216,10 @@ impl CudaEngine {
             WeightSource::Random { config, .. } => (config.clone(), config.tie_word_embeddings),
         };
         let device = CudaDevice::new(options.device)?;
+        device
+            .context()
+            .bind_to_thread()
+            .map_err(CudaError::driver("making the CUDA context current"))?;
         let kernels = Kernels::load(&device)?;
         let (free, total) = device
             .context()
@@ -354,6 +358,7 @@ impl CudaEngine {
         if len <= cached {
             return Ok(());
         }
+        self.bind()?;
         let filler = vec![0u32; len - cached];
         self.kv.apply_step(&[SeqStep {
             seq,
@@ -381,6 +386,17 @@ impl CudaEngine {
         }
     }
 
+    /// Makes the engine's context current on the calling thread (the engine may move between
+    /// threads; the raw copies below do not bind it themselves).
+    fn bind(&mut self) -> Result<(), EngineError> {
+        let bound = self
+            .device
+            .context()
+            .bind_to_thread()
+            .map_err(CudaError::driver("making the CUDA context current"));
+        bound.map_err(|e| self.fail(e))
+    }
+
     fn run_step(
         &mut self,
         batch: &[SeqStep<'_>],
@@ -388,6 +404,16 @@ impl CudaEngine {
     ) -> Result<Output, EngineError> {
         self.check_alive()?;
         let plan = self.kv.apply_step(batch)?;
+        if plan.entries.is_empty() {
+            return Ok(match readback {
+                Readback::Logits => Output::Logits(StepOutput {
+                    vocab: self.plan.vocab(),
+                    ..StepOutput::default()
+                }),
+                Readback::Greedy => Output::Greedy(Vec::new()),
+            });
+        }
+        self.bind()?;
         let mut seq_rows = Vec::with_capacity(plan.entries.len());
         for e in &plan.entries {
             let Some(&row) = self.seq_rows.get(&e.seq) else {
