@@ -73,3 +73,7 @@
 // argmax (csrc/sampling.cu, takes ArgmaxParams): X(symbol)
 #define MIXTRAL_ARGMAX_VARIANTS(X) \
     X(argmax)
+
+// sample (csrc/sampling.cu, takes SampleParams): X(symbol)
+#define MIXTRAL_SAMPLE_VARIANTS(X) \
+    X(sample)

@@ -32,6 +32,14 @@ pub const ATTENTION_MAX_SPLIT_KEYS: u32 = 512;
 pub const ATTENTION_COMBINE_THREADS: u32 = 128;
 /// Threads per block of `argmax` (one block per row).
 pub const ARGMAX_THREADS: u32 = 1024;
+/// Threads per block of `sample` (one block per row).
+pub const SAMPLE_THREADS: u32 = 1024;
+/// u64 words of one row's random state in `sample` (xoshiro256++, the host `Rng`).
+pub const SAMPLE_RNG_WORDS: u32 = 4;
+/// Id `sample` writes for a row with a NaN or infinite logit (its random state is left as it was).
+pub const SAMPLE_NON_FINITE: u32 = 4294967295;
+/// Id `sample` writes for a row whose temperature is not finite and > 0 or whose top_p is not in (0, 1] (its random state is left as it was).
+pub const SAMPLE_BAD_PARAMS: u32 = 4294967294;
 
 /// Token embedding gather: `out[t, :] = table[ids[t], :]`; an id >= vocab gives a row of zeros.
 #[repr(C)]
@@ -354,6 +362,39 @@ const _: () = assert!(core::mem::offset_of!(ArgmaxParams, out_ids) == 8);
 const _: () = assert!(core::mem::offset_of!(ArgmaxParams, rows) == 16);
 const _: () = assert!(core::mem::offset_of!(ArgmaxParams, vocab) == 20);
 
+/// Seeded sampling per row, the host `Sampler` without repetition penalty: scores `logits / temperature`, top-k (ties to the lower id; 0 = off), top-p (smallest most-probable set reaching `top_p`), then one draw from the softmax of what is left using one value of the row's xoshiro256++ stream.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SampleParams {
+    /// `[rows, vocab]` logits. Device pointer to f32, read.
+    pub logits: u64,
+    /// `[rows]` temperature, finite and > 0. Device pointer to f32, read.
+    pub temperature: u64,
+    /// `[rows]` top-k, 0 = off. Device pointer to u32, read.
+    pub top_k: u64,
+    /// `[rows]` top-p in (0, 1], 1 = off. Device pointer to f32, read.
+    pub top_p: u64,
+    /// `[rows, SAMPLE_RNG_WORDS]` u64 xoshiro256++ state per row, advanced by one step per drawn row. Device pointer to variant-typed, written.
+    pub rng_state: u64,
+    /// `[rows]` drawn token ids, or SAMPLE_NON_FINITE / SAMPLE_BAD_PARAMS. Device pointer to u32, written.
+    pub out_ids: u64,
+    /// Number of rows.
+    pub rows: u32,
+    /// Row length.
+    pub vocab: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SampleParams>() == 56);
+const _: () = assert!(core::mem::align_of::<SampleParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(SampleParams, logits) == 0);
+const _: () = assert!(core::mem::offset_of!(SampleParams, temperature) == 8);
+const _: () = assert!(core::mem::offset_of!(SampleParams, top_k) == 16);
+const _: () = assert!(core::mem::offset_of!(SampleParams, top_p) == 24);
+const _: () = assert!(core::mem::offset_of!(SampleParams, rng_state) == 32);
+const _: () = assert!(core::mem::offset_of!(SampleParams, out_ids) == 40);
+const _: () = assert!(core::mem::offset_of!(SampleParams, rows) == 48);
+const _: () = assert!(core::mem::offset_of!(SampleParams, vocab) == 52);
+
 /// A kernel family: one `__global__` template in csrc/.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelFamily {
@@ -377,11 +418,13 @@ pub enum KernelFamily {
     AttentionCombine,
     /// `argmax` in csrc/sampling.cu, taking [`ArgmaxParams`].
     Argmax,
+    /// `sample` in csrc/sampling.cu, taking [`SampleParams`].
+    Sample,
 }
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 10] = [
+    pub const ALL: [KernelFamily; 11] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -392,6 +435,7 @@ impl KernelFamily {
         KernelFamily::AttentionDecode,
         KernelFamily::AttentionCombine,
         KernelFamily::Argmax,
+        KernelFamily::Sample,
     ];
 
     /// Position of the family in [`KernelFamily::ALL`].
@@ -412,6 +456,7 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => "attention_decode",
             KernelFamily::AttentionCombine => "attention_combine",
             KernelFamily::Argmax => "argmax",
+            KernelFamily::Sample => "sample",
         }
     }
 
@@ -428,6 +473,7 @@ impl KernelFamily {
             KernelFamily::AttentionDecode => &["HEAD_DIM", "GROUP"],
             KernelFamily::AttentionCombine => &[],
             KernelFamily::Argmax => &[],
+            KernelFamily::Sample => &[],
         }
     }
 }
@@ -673,6 +719,12 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         family: KernelFamily::Argmax,
         module: "sampling",
         symbol: "argmax",
+        consts: &[],
+    },
+    KernelVariant {
+        family: KernelFamily::Sample,
+        module: "sampling",
+        symbol: "sample",
         consts: &[],
     },
 ];
@@ -1169,6 +1221,53 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "vocab",
                     core::mem::offset_of!(ArgmaxParams, vocab),
                     core::mem::size_of_val(&ArgmaxParams::default().vocab),
+                ),
+            ],
+        },
+        CompiledLayout {
+            name: "SampleParams",
+            size: core::mem::size_of::<SampleParams>(),
+            align: core::mem::align_of::<SampleParams>(),
+            fields: vec![
+                (
+                    "logits",
+                    core::mem::offset_of!(SampleParams, logits),
+                    core::mem::size_of_val(&SampleParams::default().logits),
+                ),
+                (
+                    "temperature",
+                    core::mem::offset_of!(SampleParams, temperature),
+                    core::mem::size_of_val(&SampleParams::default().temperature),
+                ),
+                (
+                    "top_k",
+                    core::mem::offset_of!(SampleParams, top_k),
+                    core::mem::size_of_val(&SampleParams::default().top_k),
+                ),
+                (
+                    "top_p",
+                    core::mem::offset_of!(SampleParams, top_p),
+                    core::mem::size_of_val(&SampleParams::default().top_p),
+                ),
+                (
+                    "rng_state",
+                    core::mem::offset_of!(SampleParams, rng_state),
+                    core::mem::size_of_val(&SampleParams::default().rng_state),
+                ),
+                (
+                    "out_ids",
+                    core::mem::offset_of!(SampleParams, out_ids),
+                    core::mem::size_of_val(&SampleParams::default().out_ids),
+                ),
+                (
+                    "rows",
+                    core::mem::offset_of!(SampleParams, rows),
+                    core::mem::size_of_val(&SampleParams::default().rows),
+                ),
+                (
+                    "vocab",
+                    core::mem::offset_of!(SampleParams, vocab),
+                    core::mem::size_of_val(&SampleParams::default().vocab),
                 ),
             ],
         },

@@ -16,3 +16,5 @@ unsafe impl cudarc::driver::DeviceRepr for super::params::MoeParams {}
 unsafe impl cudarc::driver::DeviceRepr for super::params::AttentionDecodeParams {}
 // SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
 unsafe impl cudarc::driver::DeviceRepr for super::params::ArgmaxParams {}
+// SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
+unsafe impl cudarc::driver::DeviceRepr for super::params::SampleParams {}
