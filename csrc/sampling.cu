@@ -74,36 +74,40 @@ MIXTRAL_ARGMAX_VARIANTS(MX_DEFINE)
 // agreement with the host sampler is only argued below and in tests/gpu_kernels/sample.rs, which
 // could not be run when it was written.
 //
-// Per row, exactly the host definition:
-//   score_i = (double)logit_i / (double)T                                  (f64, as the host)
-//   rank order: score descending, ties to the lower id. Dividing distinct finite f32 values by the
-//     same positive T in f64 cannot merge or reorder them (24-bit mantissas, no f64 overflow or
-//     underflow), and -0.0 stays below +0.0 as under the host's `total_cmp`; so the order is that
-//     of the 64-bit rank R_i = (order_key(logit_i) << 32) | (0xFFFFFFFF - i), all distinct, larger
-//     first.
-//   top-k (0 < k < vocab): keep R >= the k-th largest R.
-//   weights w_i = exp(score_i - score_top) in f64 (the top token has weight exactly 1).
-//   top-p (p < 1): of the kept, keep the shortest rank-order prefix whose mass reaches p * total.
+// Per row, exactly the host definition (src/sampling/mod.rs, `Sampler::filtered` and `sample`):
+//   score_i = (double)logit_i / (double)T, weight w_i = exp(score_i - score_top) in f64 (the top
+//     token has weight exactly 1).
+//   top-k (0 < k < vocab): keep the k first in score order (score descending, ties to the lower id).
+//   top-p (p < 1): of the kept, keep the shortest prefix whose weight reaches p * total.
 //   draw: target = u * total(kept), u = one xoshiro256++ value as (bits >> 11) * 2^-53; walking the
-//     kept tokens in rank order (or in id order when neither filter is active, as the host walks
-//     its unsorted list), the first token whose inclusive cumulative weight exceeds the target; if
-//     rounding leaves none (target == total), the last token of positive weight in that order.
+//     kept tokens in the host's list order, the first token whose inclusive cumulative weight
+//     exceeds the target; if rounding leaves none (target == total), the last token of positive
+//     weight in that order.
+// The host's list order, which the top-p prefix and the draw walk follow, depends on the filters:
+//   no filter: id order (the list is never sorted);
+//   top-k (with or without top-p): score order (sorted by score after the truncation);
+//   top-p alone: weight order, ties to the lower id (sorted after the scores became weights, so
+//     scores that round to the same weight, e.g. all that underflow to 0, tie and go by id).
+// Each order is a key compared as (hi, lo) with lo = 0xFFFFFFFF - id and hi = 0 (id order), the
+// f32 logit's `total_cmp` bits (score order: dividing distinct finite f32 values by the same
+// positive T in f64 cannot merge or reorder them, and -0.0 stays below +0.0 as under `total_cmp`),
+// or the f64 weight's bits (weight order). Larger key = earlier.
 //
 // Every set above is "all ids whose key is >= t" for some threshold t, so each is found by
-// bisection on t over u64 with a block-wide count or f64 weight sum per step; nothing is sorted,
-// no scratch memory is used and shared memory is a fixed few hundred bytes. The walk key is R in
-// rank order and 0xFFFFFFFF - i in id order (larger key = earlier), so the chosen id is always
-// 0xFFFFFFFF - low32(t). The sums are parallel (fixed order per launch, hence monotone in the set,
-// which the bisection needs), so they can differ from the host's sequential f64 sums in the last
-// bits: GPU and host draws differ only when the uniform falls within that rounding of a boundary.
+// bisection on t (first on hi, then on lo) with a block-wide count or f64 weight sum per step;
+// nothing is sorted, no scratch memory is used and shared memory is a fixed few hundred bytes. The
+// sums are parallel (fixed order per launch, hence monotone in the set, which the bisection
+// needs), so they can differ from the host's sequential f64 sums in the last bits: GPU and host
+// differ only when the top-p threshold or the uniform falls within that rounding of a boundary.
 // exp() is CUDA's f64 exp (<= 1 ulp), the host's is the platform libm's.
 //
 // A row whose temperature or top_p is out of domain gets SAMPLE_BAD_PARAMS; a row with a NaN or
 // infinite logit gets SAMPLE_NON_FINITE. Neither advances the row's random state (the host sampler
 // also consumes nothing when it refuses a row). Every other row advances it by exactly one step.
 //
-// Grid: one block of SAMPLE_THREADS per row. Cost: one pass over the row per bisection step (about
-// 64 passes per active filter and 64 for the draw in rank order, 32 in id order), logits re-read
+// Grid: one block of SAMPLE_THREADS per row. Cost: one pass over the row per bisection step (up to
+// 64 passes per search in score order, 94 in weight order, 32 in id order; one search per active
+// filter and one for the draw), logits re-read
 // through the read-only cache; f64 exp per element in the weight passes. Correctness first: no
 // performance has been measured.
 
@@ -160,18 +164,26 @@ __device__ __forceinline__ uint32_t order_key(float x) {
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-// Rank of token `id`: larger = earlier in the host's order (higher score, then lower id).
-__device__ __forceinline__ uint64_t rank_of(float x, uint32_t id) {
+// Score rank of token `id` in one u64: larger = earlier in the host's score order.
+__device__ __forceinline__ uint64_t score_rank(float x, uint32_t id) {
     return ((uint64_t)order_key(x) << 32) | (uint64_t)(0xFFFFFFFFu - id);
 }
 
-// Position key of the draw's walk: the rank, or the id order (lower id = larger key).
-__device__ __forceinline__ uint64_t walk_of(uint64_t rank, uint32_t id, bool by_id) {
-    return by_id ? (uint64_t)(0xFFFFFFFFu - id) : rank;
+// The order a row's kept set and its draw walk follow (see the header above `namespace`).
+enum class Order { ById, ByScore, ByWeight };
+
+// A position in the walk: larger = earlier; compared as (hi, lo). `lo` is 0xFFFFFFFF - id.
+struct Key {
+    uint64_t hi;
+    uint32_t lo;
+};
+
+__device__ __forceinline__ bool at_least(const Key& a, const Key& t) {
+    return a.hi > t.hi || (a.hi == t.hi && a.lo >= t.lo);
 }
 
-// The token id a rank or walk key names.
-__device__ __forceinline__ uint32_t id_of(uint64_t key) { return 0xFFFFFFFFu - (uint32_t)(key & 0xFFFFFFFFu); }
+// The token id a key names.
+__device__ __forceinline__ uint32_t id_of(uint32_t lo) { return 0xFFFFFFFFu - lo; }
 
 struct Row {
     const float* logits;  // [vocab]
@@ -180,45 +192,84 @@ struct Row {
     double top_score;  // score of the top-ranked token
 };
 
-// exp(score - top_score) in f64, the host's weight.
+// exp(score - top_score) in f64, the host's weight (in [0, 1]; never -0.0).
 __device__ __forceinline__ double weight_of(const Row& r, float x) {
     return exp(__dsub_rn(__ddiv_rn((double)x, r.temperature), r.top_score));
 }
 
-// Number of ids with rank >= t.
-__device__ uint32_t count_from(const Row& r, uint64_t t) {
+__device__ __forceinline__ Key key_of(Order order, float x, double w, uint32_t id) {
+    uint64_t hi = 0;
+    if (order == Order::ByScore) hi = order_key(x);
+    if (order == Order::ByWeight) hi = (uint64_t)__double_as_longlong(w);  // w >= +0.0: bits are monotone
+    return Key{hi, 0xFFFFFFFFu - id};
+}
+
+// Number of ids whose score key is >= t (top-k is always in score order).
+__device__ uint32_t count_from(const Row& r, const Key& t) {
     uint32_t n = 0;
-    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) n += rank_of(__ldg(r.logits + i), i) >= t ? 1u : 0u;
+    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
+        n += at_least(key_of(Order::ByScore, __ldg(r.logits + i), 0.0, i), t) ? 1u : 0u;
+    }
     return block_reduce(n, SumU32{});
 }
 
-// Sum of the weights of ids with rank >= floor and walk key >= from.
-__device__ double mass_from(const Row& r, uint64_t floor, uint64_t from, bool by_id) {
+// Sum of the weights of ids whose key is >= floor and >= from.
+__device__ double mass_from(const Row& r, Order order, const Key& floor, const Key& from) {
     double acc = 0.0;
     for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
         const float x = __ldg(r.logits + i);
-        const uint64_t rank = rank_of(x, i);
-        if (rank >= floor && walk_of(rank, i, by_id) >= from) acc = __dadd_rn(acc, weight_of(r, x));
+        const double w = weight_of(r, x);
+        const Key k = key_of(order, x, w, i);
+        if (at_least(k, floor) && at_least(k, from)) acc = __dadd_rn(acc, w);
     }
     return block_reduce(acc, SumF64{});
 }
 
-// Smallest walk key among ids with rank >= floor and a positive weight (the last such in the walk).
-__device__ uint64_t last_positive(const Row& r, uint64_t floor, bool by_id) {
-    uint64_t best = ~0ull;
+// Smallest key among ids with key >= floor and a positive weight: the last such token of the walk.
+__device__ Key last_positive(const Row& r, Order order, const Key& floor) {
+    uint64_t hi = ~0ull;
     for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
         const float x = __ldg(r.logits + i);
-        const uint64_t rank = rank_of(x, i);
-        if (rank >= floor && weight_of(r, x) > 0.0) {
-            const uint64_t walk = walk_of(rank, i, by_id);
-            best = walk < best ? walk : best;
-        }
+        const double w = weight_of(r, x);
+        const Key k = key_of(order, x, w, i);
+        if (at_least(k, floor) && w > 0.0 && k.hi < hi) hi = k.hi;
     }
-    return block_reduce(best, MinU64{});
+    hi = block_reduce(hi, MinU64{});
+    uint64_t lo = ~0ull;
+    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
+        const float x = __ldg(r.logits + i);
+        const double w = weight_of(r, x);
+        const Key k = key_of(order, x, w, i);
+        if (at_least(k, floor) && w > 0.0 && k.hi == hi && k.lo < lo) lo = k.lo;
+    }
+    lo = block_reduce(lo, MinU64{});
+    return Key{hi, (uint32_t)lo};
 }
 
 // Midpoint for "largest t in [lo, hi] with pred(t)": lies in (lo, hi] when lo < hi, no overflow.
 __device__ __forceinline__ uint64_t upper_mid(uint64_t lo, uint64_t hi) { return lo + (hi - lo) / 2 + 1; }
+
+// The largest key t (in (hi, lo) order, t.hi <= max_hi) with pred(t), for a predicate that holds at
+// Key{0, 0} and, once false, stays false for every larger key. Bisection on hi with lo = 0 (the
+// least key of each hi), then on lo with that hi. pred must be block-uniform (it reduces).
+template <typename Pred>
+__device__ Key largest_key(uint64_t max_hi, Pred pred) {
+    uint64_t lo = 0, hi = max_hi;
+    while (lo < hi) {
+        const uint64_t mid = upper_mid(lo, hi);
+        if (pred(Key{mid, 0u})) lo = mid;
+        else hi = mid - 1;
+    }
+    const uint64_t top = lo;
+    lo = 0;
+    hi = 0xFFFFFFFFull;
+    while (lo < hi) {
+        const uint64_t mid = upper_mid(lo, hi);
+        if (pred(Key{top, (uint32_t)mid})) lo = mid;
+        else hi = mid - 1;
+    }
+    return Key{top, (uint32_t)lo};
+}
 
 // One xoshiro256++ step on `s` (the host `Rng::next_u64`), as a uniform in [0, 1) with 53 bits.
 __device__ __forceinline__ double next_uniform(uint64_t* s) {
@@ -264,7 +315,7 @@ __device__ void sample_body(const SampleParams& p) {
     for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
         const float x = __ldg(r.logits + i);
         if (!isfinite(x)) bad = 1;
-        const uint64_t rank = rank_of(x, i);
+        const uint64_t rank = score_rank(x, i);
         top = rank > top ? rank : top;
     }
     bad = block_reduce(bad, MaxU32{});
@@ -273,39 +324,32 @@ __device__ void sample_body(const SampleParams& p) {
         if (threadIdx.x == 0) p.out_ids[row] = SAMPLE_NON_FINITE;
         return;
     }
-    r.top_score = __ddiv_rn((double)__ldg(r.logits + id_of(top)), r.temperature);
+    const float top_logit = __ldg(r.logits + id_of((uint32_t)(top & 0xFFFFFFFFu)));
+    r.top_score = __ddiv_rn((double)top_logit, r.temperature);
 
     const bool k_active = top_k > 0 && top_k < r.vocab;
     const bool p_active = top_p < 1.0f;
-    const bool by_id = !k_active && !p_active;
+    // The host walks its list unsorted without filters, sorted by score after top-k, and sorted by
+    // weight (ties to the lower id) after top-p alone.
+    const Order order = k_active ? Order::ByScore : (p_active ? Order::ByWeight : Order::ById);
+    uint64_t max_hi = 0;
+    if (order == Order::ByScore) max_hi = order_key(top_logit);
+    if (order == Order::ByWeight) max_hi = (uint64_t)__double_as_longlong(1.0);  // the top weight
 
-    // Kept set: rank >= floor.
-    uint64_t floor = 0;
+    // Kept set: key >= floor.
+    Key floor{0, 0u};
     if (k_active) {
-        // The k-th largest rank: the largest t with count(rank >= t) >= k (t = 0 counts all).
-        uint64_t lo = 0, hi = top;
-        while (lo < hi) {
-            const uint64_t mid = upper_mid(lo, hi);
-            if (count_from(r, mid) >= top_k) lo = mid;
-            else hi = mid - 1;
-        }
-        floor = lo;
+        // The k-th key in score order: the largest t with count(key >= t) >= k.
+        floor = largest_key(max_hi, [&](const Key& t) { return count_from(r, t) >= top_k; });
     }
     if (p_active) {
-        // The shortest rank prefix of the kept whose mass reaches p * total: the largest t >= floor
-        // with mass(rank >= t) >= threshold (t = floor gives the total itself, which reaches it).
-        const double total = mass_from(r, floor, 0, false);
-        const double threshold = __dmul_rn((double)top_p, total);
-        uint64_t lo = floor, hi = top;
-        while (lo < hi) {
-            const uint64_t mid = upper_mid(lo, hi);
-            if (mass_from(r, mid, 0, false) >= threshold) lo = mid;
-            else hi = mid - 1;
-        }
-        floor = lo;
+        // The shortest prefix of the kept whose mass reaches p * total: the largest t with
+        // mass(key >= floor and >= t) >= threshold (t <= floor gives the total, which reaches it).
+        const double threshold = __dmul_rn((double)top_p, mass_from(r, order, floor, Key{0, 0u}));
+        floor = largest_key(max_hi, [&](const Key& t) { return mass_from(r, order, floor, t) >= threshold; });
     }
 
-    const double total = mass_from(r, floor, 0, by_id);
+    const double total = mass_from(r, order, floor, Key{0, 0u});
     if (threadIdx.x == 0) {
         uint64_t* state = static_cast<uint64_t*>(p.rng_state) + (size_t)row * SAMPLE_RNG_WORDS;
         draw_target = __dmul_rn(next_uniform(state), total);
@@ -313,21 +357,15 @@ __device__ void sample_body(const SampleParams& p) {
     __syncthreads();
     const double target = draw_target;
 
-    uint64_t chosen;
+    Key chosen;
     if (total > target) {
         // The first token of the walk whose inclusive cumulative weight exceeds the target: the
-        // largest walk key t with mass(walk >= t) > target (t = 0 gives the total).
-        uint64_t lo = 0, hi = by_id ? 0xFFFFFFFFull : top;
-        while (lo < hi) {
-            const uint64_t mid = upper_mid(lo, hi);
-            if (mass_from(r, floor, mid, by_id) > target) lo = mid;
-            else hi = mid - 1;
-        }
-        chosen = lo;
+        // largest t with mass(key >= floor and >= t) > target (t <= floor gives the total).
+        chosen = largest_key(max_hi, [&](const Key& t) { return mass_from(r, order, floor, t) > target; });
     } else {
-        chosen = last_positive(r, floor, by_id);
+        chosen = last_positive(r, order, floor);
     }
-    if (threadIdx.x == 0) p.out_ids[row] = id_of(chosen);
+    if (threadIdx.x == 0) p.out_ids[row] = id_of(chosen.lo);
 }
 
 }  // namespace
