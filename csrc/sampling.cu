@@ -108,7 +108,8 @@ MIXTRAL_ARGMAX_VARIANTS(MX_DEFINE)
 // Grid: one block of SAMPLE_THREADS per row. Cost: one pass over the row per bisection step (up to
 // 64 passes per search in score order, 94 in weight order, 32 in id order; one search per active
 // filter and one for the draw), logits re-read
-// through the read-only cache; f64 exp per element in the weight passes. Correctness first: no
+// through the read-only cache; f64 exp per kept element per weight pass (per element of the row in
+// weight order, i.e. top-p without top-k, which is the slow case). Correctness first: no
 // performance has been measured.
 
 namespace {
@@ -213,14 +214,20 @@ __device__ uint32_t count_from(const Row& r, const Key& t) {
     return block_reduce(n, SumU32{});
 }
 
-// Sum of the weights of ids whose key is >= floor and >= from.
+// Sum of the weights of ids whose key is >= floor and >= from. Only weight order needs the weight
+// to form the key; the other orders compute exp for the ids inside only (after top-k, k of them).
 __device__ double mass_from(const Row& r, Order order, const Key& floor, const Key& from) {
     double acc = 0.0;
     for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
         const float x = __ldg(r.logits + i);
-        const double w = weight_of(r, x);
-        const Key k = key_of(order, x, w, i);
-        if (at_least(k, floor) && at_least(k, from)) acc = __dadd_rn(acc, w);
+        if (order == Order::ByWeight) {
+            const double w = weight_of(r, x);
+            const Key k = key_of(order, x, w, i);
+            if (at_least(k, floor) && at_least(k, from)) acc = __dadd_rn(acc, w);
+        } else {
+            const Key k = key_of(order, x, 0.0, i);
+            if (at_least(k, floor) && at_least(k, from)) acc = __dadd_rn(acc, weight_of(r, x));
+        }
     }
     return block_reduce(acc, SumF64{});
 }
