@@ -428,3 +428,48 @@ fn refused_rows_get_their_sentinel_and_keep_their_state() {
     assert_eq!(ids[0][5], host, "the valid row beside refused ones");
     assert_eq!(&state[5 * RNG_STATE_WORDS..], &host_state(good.seed, 1)[..]);
 }
+
+#[test]
+fn top_p_alone_walks_in_weight_order_and_top_k_in_score_order() {
+    let Some(gpu) = common::gpu("top_p_alone_walks_in_weight_order_and_top_k_in_score_order")
+    else {
+        return;
+    };
+    // -0.0 and +0.0 have the same weight (ties to the lower id after top-p alone) but distinct
+    // scores under the host's total order (+0.0 first after top-k); -800 underflows to weight 0.
+    let mut row = random_values(11, 40, 3.0)
+        .iter()
+        .map(|v| v - 9.0)
+        .collect::<Vec<f32>>();
+    row[3] = -0.0;
+    row[4] = 0.0;
+    row[9] = -800.0;
+    let configs = [(0u32, 0.3f32), (2, 0.3), (0, 1.0), (6, 1.0), (0, 0.999)];
+    let mut first_ids = Vec::new();
+    for (top_k, top_p) in configs {
+        let rows: Vec<RowParams> = (0..64u64)
+            .map(|seed| RowParams {
+                temperature: 1.0,
+                top_k,
+                top_p,
+                seed,
+            })
+            .collect();
+        let logits: Vec<f32> = rows.iter().flat_map(|_| row.iter().copied()).collect();
+        let (ids, _) = draw(&gpu, &logits, row.len(), &rows, 2);
+        for (r, params) in rows.iter().enumerate() {
+            let mut sampler = Sampler::new(params.host()).expect("valid");
+            for (d, step) in ids.iter().enumerate() {
+                let host = sampler.sample(&row, &[]).expect("finite");
+                assert_eq!(
+                    step[r], host,
+                    "top_k {top_k} top_p {top_p} row {r} draw {d}"
+                );
+            }
+        }
+        first_ids.push(ids[0][0]);
+    }
+    // The host itself picks id 3 (weight order) and id 4 (score order) in the first two configs,
+    // so the orders the device follows are told apart.
+    assert_eq!(&first_ids[..2], &[3, 4]);
+}
