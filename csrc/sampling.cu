@@ -10,7 +10,7 @@
 // Grid: one block of ARGMAX_THREADS per row; each thread scans a strided part of the row, then a
 // warp-shuffle and a shared-memory reduction with the same (value, lower id) order. No math at all.
 //
-// sample: see the comment above `sample_body` below.
+// sample: seeded temperature / top-k / top-p draw per row; see the section comment further down.
 #include "common.cuh"
 
 namespace {
