@@ -1,5 +1,6 @@
-// sampling.cu: greedy sampling on the device.
+// sampling.cu: greedy sampling (`argmax`) and seeded top-k / top-p sampling (`sample`) on the device.
 //
+// argmax:
 //   logits  [rows, vocab] f32
 //   out_ids [rows] u32
 //
@@ -8,6 +9,8 @@
 //
 // Grid: one block of ARGMAX_THREADS per row; each thread scans a strided part of the row, then a
 // warp-shuffle and a shared-memory reduction with the same (value, lower id) order. No math at all.
+//
+// sample: seeded temperature / top-k / top-p draw per row; see the section comment further down.
 #include "common.cuh"
 
 namespace {
@@ -54,4 +57,327 @@ __device__ void argmax_body(const ArgmaxParams& p) {
 #define MX_DEFINE(symbol) \
     MX_KERNEL void __launch_bounds__(ARGMAX_THREADS) symbol(ArgmaxParams p) { argmax_body(p); }
 MIXTRAL_ARGMAX_VARIANTS(MX_DEFINE)
+#undef MX_DEFINE
+
+// =============================================================================================
+// sample: seeded temperature / top-k / top-p sampling, the host `Sampler` (src/sampling/mod.rs)
+// without repetition penalty.
+//
+//   logits      [rows, vocab] f32
+//   temperature [rows] f32, finite and > 0 (greedy rows go to `argmax`; the engine decides)
+//   top_k       [rows] u32, 0 = off (also off when >= vocab)
+//   top_p       [rows] f32 in (0, 1], 1 = off
+//   rng_state   [rows, SAMPLE_RNG_WORDS] u64: xoshiro256++ state, the host `Rng`'s four words
+//   out_ids     [rows] u32
+//
+// THIS KERNEL HAS NEVER RUN ON A GPU. It compiles and its SASS was read (no local memory); its
+// agreement with the host sampler is only argued below and in tests/gpu_kernels/sample.rs, which
+// could not be run when it was written.
+//
+// Per row, exactly the host definition (src/sampling/mod.rs, `Sampler::filtered` and `sample`):
+//   score_i = (double)logit_i / (double)T, weight w_i = exp(score_i - score_top) in f64 (the top
+//     token has weight exactly 1).
+//   top-k (0 < k < vocab): keep the k first in score order (score descending, ties to the lower id).
+//   top-p (p < 1): of the kept, keep the shortest prefix whose weight reaches p * total.
+//   draw: target = u * total(kept), u = one xoshiro256++ value as (bits >> 11) * 2^-53; walking the
+//     kept tokens in the host's list order, the first token whose inclusive cumulative weight
+//     exceeds the target; if rounding leaves none (target == total), the last token of positive
+//     weight in that order.
+// The host's list order, which the top-p prefix and the draw walk follow, depends on the filters:
+//   no filter: id order (the list is never sorted);
+//   top-k (with or without top-p): score order (sorted by score after the truncation);
+//   top-p alone: weight order, ties to the lower id (sorted after the scores became weights, so
+//     scores that round to the same weight, e.g. all that underflow to 0, tie and go by id).
+// Each order is a key compared as (hi, lo) with lo = 0xFFFFFFFF - id and hi = 0 (id order), the
+// f32 logit's `total_cmp` bits (score order: dividing distinct finite f32 values by the same
+// positive T in f64 cannot merge or reorder them, and -0.0 stays below +0.0 as under `total_cmp`),
+// or the f64 weight's bits (weight order). Larger key = earlier.
+//
+// Every set above is "all ids whose key is >= t" for some threshold t, so each is found by
+// bisection on t (first on hi, then on lo) with a block-wide count or f64 weight sum per step;
+// nothing is sorted, no scratch memory is used and shared memory is a fixed few hundred bytes. The
+// sums are parallel (fixed order per launch, hence monotone in the set, which the bisection
+// needs), so they can differ from the host's sequential f64 sums in the last bits: GPU and host
+// differ only when the top-p threshold or the uniform falls within that rounding of a boundary.
+// exp() is CUDA's f64 exp (<= 1 ulp), the host's is the platform libm's.
+//
+// A row whose temperature or top_p is out of domain gets SAMPLE_BAD_PARAMS; a row with a NaN or
+// infinite logit gets SAMPLE_NON_FINITE. Neither advances the row's random state (the host sampler
+// also consumes nothing when it refuses a row). Every other row advances it by exactly one step.
+//
+// Grid: one block of SAMPLE_THREADS per row. Cost: one pass over the row per bisection step (up to
+// 64 passes per search in score order, 94 in weight order, 32 in id order; one search per active
+// filter and one for the draw), logits re-read
+// through the read-only cache; f64 exp per kept element per weight pass (per element of the row in
+// weight order, i.e. top-p without top-k, which is the slow case). Correctness first: no
+// performance has been measured.
+
+namespace {
+
+static_assert(SAMPLE_THREADS == 1024, "the block reduction below assumes 32 warps");
+constexpr uint32_t SAMPLE_WARPS = SAMPLE_THREADS / 32;
+
+struct SumF64 {
+    __device__ __forceinline__ double operator()(double a, double b) const { return __dadd_rn(a, b); }
+};
+struct SumU32 {
+    __device__ __forceinline__ uint32_t operator()(uint32_t a, uint32_t b) const { return a + b; }
+};
+struct MaxU32 {
+    __device__ __forceinline__ uint32_t operator()(uint32_t a, uint32_t b) const { return a > b ? a : b; }
+};
+struct MaxU64 {
+    __device__ __forceinline__ uint64_t operator()(uint64_t a, uint64_t b) const { return a > b ? a : b; }
+};
+struct MinU64 {
+    __device__ __forceinline__ uint64_t operator()(uint64_t a, uint64_t b) const { return a < b ? a : b; }
+};
+
+// Reduction over the whole block in a fixed order (lanes by xor-butterfly, then the 32 warp
+// results by warp 0); every thread gets the result. Every thread of the block must call it.
+// Two barriers suffice between consecutive calls of one instantiation: `partial` is read (by warp
+// 0) before the second barrier of a call and written again only before the first barrier of the
+// next; `result` is read right after the second barrier and written again only after the first
+// barrier of the next call, which no thread passes before every thread has read it.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op) {
+    __shared__ T partial[SAMPLE_WARPS];
+    __shared__ T result;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(mx::FULL_MASK, v, offset));
+    const uint32_t warp = threadIdx.x / 32;
+    const uint32_t lane = threadIdx.x % 32;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = partial[lane];  // SAMPLE_WARPS == 32: one warp result per lane
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(mx::FULL_MASK, v, offset));
+        if (lane == 0) result = v;
+    }
+    __syncthreads();
+    return result;
+}
+
+// Monotone map of finite f32 to u32 in the order of f32 `total_cmp` (-0.0 below +0.0).
+__device__ __forceinline__ uint32_t order_key(float x) {
+    const uint32_t bits = __float_as_uint(x);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Score rank of token `id` in one u64: larger = earlier in the host's score order.
+__device__ __forceinline__ uint64_t score_rank(float x, uint32_t id) {
+    return ((uint64_t)order_key(x) << 32) | (uint64_t)(0xFFFFFFFFu - id);
+}
+
+// The order a row's kept set and its draw walk follow (see the header above `namespace`).
+enum class Order { ById, ByScore, ByWeight };
+
+// A position in the walk: larger = earlier; compared as (hi, lo). `lo` is 0xFFFFFFFF - id.
+struct Key {
+    uint64_t hi;
+    uint32_t lo;
+};
+
+__device__ __forceinline__ bool at_least(const Key& a, const Key& t) {
+    return a.hi > t.hi || (a.hi == t.hi && a.lo >= t.lo);
+}
+
+// The token id a key names.
+__device__ __forceinline__ uint32_t id_of(uint32_t lo) { return 0xFFFFFFFFu - lo; }
+
+struct Row {
+    const float* logits;  // [vocab]
+    uint32_t vocab;
+    double temperature;
+    double top_score;  // score of the top-ranked token
+};
+
+// exp(score - top_score) in f64, the host's weight (in [0, 1]; never -0.0).
+__device__ __forceinline__ double weight_of(const Row& r, float x) {
+    return exp(__dsub_rn(__ddiv_rn((double)x, r.temperature), r.top_score));
+}
+
+__device__ __forceinline__ Key key_of(Order order, float x, double w, uint32_t id) {
+    uint64_t hi = 0;
+    if (order == Order::ByScore) hi = order_key(x);
+    if (order == Order::ByWeight) hi = (uint64_t)__double_as_longlong(w);  // w >= +0.0: bits are monotone
+    return Key{hi, 0xFFFFFFFFu - id};
+}
+
+// Number of ids whose score key is >= t (top-k is always in score order).
+__device__ uint32_t count_from(const Row& r, const Key& t) {
+    uint32_t n = 0;
+    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
+        n += at_least(key_of(Order::ByScore, __ldg(r.logits + i), 0.0, i), t) ? 1u : 0u;
+    }
+    return block_reduce(n, SumU32{});
+}
+
+// Sum of the weights of ids whose key is >= floor and >= from. Only weight order needs the weight
+// to form the key; the other orders compute exp for the ids inside only (after top-k, k of them).
+__device__ double mass_from(const Row& r, Order order, const Key& floor, const Key& from) {
+    double acc = 0.0;
+    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
+        const float x = __ldg(r.logits + i);
+        if (order == Order::ByWeight) {
+            const double w = weight_of(r, x);
+            const Key k = key_of(order, x, w, i);
+            if (at_least(k, floor) && at_least(k, from)) acc = __dadd_rn(acc, w);
+        } else {
+            const Key k = key_of(order, x, 0.0, i);
+            if (at_least(k, floor) && at_least(k, from)) acc = __dadd_rn(acc, weight_of(r, x));
+        }
+    }
+    return block_reduce(acc, SumF64{});
+}
+
+// Smallest key among ids with key >= floor and a positive weight: the last such token of the walk.
+__device__ Key last_positive(const Row& r, Order order, const Key& floor) {
+    uint64_t hi = ~0ull;
+    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
+        const float x = __ldg(r.logits + i);
+        const double w = weight_of(r, x);
+        const Key k = key_of(order, x, w, i);
+        if (at_least(k, floor) && w > 0.0 && k.hi < hi) hi = k.hi;
+    }
+    hi = block_reduce(hi, MinU64{});
+    uint64_t lo = ~0ull;
+    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
+        const float x = __ldg(r.logits + i);
+        const double w = weight_of(r, x);
+        const Key k = key_of(order, x, w, i);
+        if (at_least(k, floor) && w > 0.0 && k.hi == hi && k.lo < lo) lo = k.lo;
+    }
+    lo = block_reduce(lo, MinU64{});
+    return Key{hi, (uint32_t)lo};
+}
+
+// Midpoint for "largest t in [lo, hi] with pred(t)": lies in (lo, hi] when lo < hi, no overflow.
+__device__ __forceinline__ uint64_t upper_mid(uint64_t lo, uint64_t hi) { return lo + (hi - lo) / 2 + 1; }
+
+// The largest key t (in (hi, lo) order, t.hi <= max_hi) with pred(t), for a predicate that holds at
+// Key{0, 0} and, once false, stays false for every larger key. Bisection on hi with lo = 0 (the
+// least key of each hi), then on lo with that hi. pred must be block-uniform (it reduces).
+template <typename Pred>
+__device__ Key largest_key(uint64_t max_hi, Pred pred) {
+    uint64_t lo = 0, hi = max_hi;
+    while (lo < hi) {
+        const uint64_t mid = upper_mid(lo, hi);
+        if (pred(Key{mid, 0u})) lo = mid;
+        else hi = mid - 1;
+    }
+    const uint64_t top = lo;
+    lo = 0;
+    hi = 0xFFFFFFFFull;
+    while (lo < hi) {
+        const uint64_t mid = upper_mid(lo, hi);
+        if (pred(Key{top, (uint32_t)mid})) lo = mid;
+        else hi = mid - 1;
+    }
+    return Key{top, (uint32_t)lo};
+}
+
+// One xoshiro256++ step on `s` (the host `Rng::next_u64`), as a uniform in [0, 1) with 53 bits.
+__device__ __forceinline__ double next_uniform(uint64_t* s) {
+    uint64_t s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
+    const uint64_t sum = s0 + s3;
+    const uint64_t result = ((sum << 23) | (sum >> 41)) + s0;
+    const uint64_t t = s1 << 17;
+    s2 ^= s0;
+    s3 ^= s1;
+    s1 ^= s2;
+    s0 ^= s3;
+    s2 ^= t;
+    s3 = (s3 << 45) | (s3 >> 19);
+    s[0] = s0;
+    s[1] = s1;
+    s[2] = s2;
+    s[3] = s3;
+    return __dmul_rn((double)(result >> 11), 0x1.0p-53);
+}
+
+__device__ void sample_body(const SampleParams& p) {
+    __shared__ double draw_target;
+    const uint32_t row = blockIdx.x;
+    if (row >= p.rows || p.vocab == 0) return;  // uniform over the block (the launcher refuses vocab 0)
+
+    // Parameters (every thread reads the same values, so every branch below is block-uniform).
+    const float temperature = p.temperature[row];
+    const uint32_t top_k = p.top_k[row];
+    const float top_p = p.top_p[row];
+    if (!(temperature > 0.0f) || !isfinite(temperature) || !(top_p > 0.0f && top_p <= 1.0f)) {
+        if (threadIdx.x == 0) p.out_ids[row] = SAMPLE_BAD_PARAMS;
+        return;
+    }
+
+    Row r;
+    r.logits = p.logits + (size_t)row * p.vocab;
+    r.vocab = p.vocab;
+    r.temperature = (double)temperature;
+
+    // Pass 1: every logit finite, and the top-ranked token.
+    uint32_t bad = 0;
+    uint64_t top = 0;
+    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
+        const float x = __ldg(r.logits + i);
+        if (!isfinite(x)) bad = 1;
+        const uint64_t rank = score_rank(x, i);
+        top = rank > top ? rank : top;
+    }
+    bad = block_reduce(bad, MaxU32{});
+    top = block_reduce(top, MaxU64{});
+    if (bad != 0) {
+        if (threadIdx.x == 0) p.out_ids[row] = SAMPLE_NON_FINITE;
+        return;
+    }
+    const float top_logit = __ldg(r.logits + id_of((uint32_t)(top & 0xFFFFFFFFu)));
+    r.top_score = __ddiv_rn((double)top_logit, r.temperature);
+
+    const bool k_active = top_k > 0 && top_k < r.vocab;
+    const bool p_active = top_p < 1.0f;
+    // The host walks its list unsorted without filters, sorted by score after top-k, and sorted by
+    // weight (ties to the lower id) after top-p alone.
+    const Order order = k_active ? Order::ByScore : (p_active ? Order::ByWeight : Order::ById);
+    uint64_t max_hi = 0;
+    if (order == Order::ByScore) max_hi = order_key(top_logit);
+    if (order == Order::ByWeight) max_hi = (uint64_t)__double_as_longlong(1.0);  // the top weight
+
+    // Kept set: key >= floor.
+    Key floor{0, 0u};
+    if (k_active) {
+        // The k-th key in score order: the largest t with count(key >= t) >= k.
+        floor = largest_key(max_hi, [&](const Key& t) { return count_from(r, t) >= top_k; });
+    }
+    if (p_active) {
+        // The shortest prefix of the kept whose mass reaches p * total: the largest t with
+        // mass(key >= floor and >= t) >= threshold (t <= floor gives the total, which reaches it).
+        const double threshold = __dmul_rn((double)top_p, mass_from(r, order, floor, Key{0, 0u}));
+        floor = largest_key(max_hi, [&](const Key& t) { return mass_from(r, order, floor, t) >= threshold; });
+    }
+
+    const double total = mass_from(r, order, floor, Key{0, 0u});
+    if (threadIdx.x == 0) {
+        uint64_t* state = static_cast<uint64_t*>(p.rng_state) + (size_t)row * SAMPLE_RNG_WORDS;
+        draw_target = __dmul_rn(next_uniform(state), total);
+    }
+    __syncthreads();
+    const double target = draw_target;
+
+    Key chosen;
+    if (total > target) {
+        // The first token of the walk whose inclusive cumulative weight exceeds the target: the
+        // largest t with mass(key >= floor and >= t) > target (t <= floor gives the total).
+        chosen = largest_key(max_hi, [&](const Key& t) { return mass_from(r, order, floor, t) > target; });
+    } else {
+        chosen = last_positive(r, order, floor);
+    }
+    if (threadIdx.x == 0) p.out_ids[row] = id_of(chosen.lo);
+}
+
+}  // namespace
+
+#define MX_DEFINE(symbol) \
+    MX_KERNEL void __launch_bounds__(SAMPLE_THREADS) symbol(SampleParams p) { sample_body(p); }
+MIXTRAL_SAMPLE_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

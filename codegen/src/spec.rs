@@ -164,6 +164,10 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "ATTENTION_PREFILL_PAD", value: 8, doc: "bf16 elements of padding per shared-memory row of `attention_prefill` (keeps the fragment reads free of bank conflicts and rows 16-byte aligned)." },
 
     // --- sample ---
+    Constant { name: "SAMPLE_THREADS", value: 1024, doc: "Threads per block of `sample` (one block per row)." },
+    Constant { name: "SAMPLE_RNG_WORDS", value: 4, doc: "u64 words of one row's random state in `sample` (xoshiro256++, the host `Rng`)." },
+    Constant { name: "SAMPLE_NON_FINITE", value: 4294967295, doc: "Id `sample` writes for a row with a NaN or infinite logit (its random state is left as it was)." },
+    Constant { name: "SAMPLE_BAD_PARAMS", value: 4294967294, doc: "Id `sample` writes for a row whose temperature is not finite and > 0 or whose top_p is not in (0, 1] (its random state is left as it was)." },
 
     // --- fill ---
     Constant { name: "FILL_THREADS", value: 256, doc: "Threads per block of `fill_random` (grid-stride loop)." },
@@ -361,6 +365,22 @@ pub const STRUCTS: &[ParamStruct] = &[
     },
 
     // --- sample ---
+    ParamStruct {
+        name: "SampleParams",
+        doc: "Seeded sampling per row, the host `Sampler` without repetition penalty: scores `logits / temperature`, \
+              top-k (ties to the lower id; 0 = off), top-p (smallest most-probable set reaching `top_p`), then one \
+              draw from the softmax of what is left using one value of the row's xoshiro256++ stream.",
+        fields: &[
+            field("logits", read(F32), "`[rows, vocab]` logits."),
+            field("temperature", read(F32), "`[rows]` temperature, finite and > 0."),
+            field("top_k", read(U32E), "`[rows]` top-k, 0 = off."),
+            field("top_p", read(F32), "`[rows]` top-p in (0, 1], 1 = off."),
+            field("rng_state", write(Void), "`[rows, SAMPLE_RNG_WORDS]` u64 xoshiro256++ state per row, advanced by one step per drawn row."),
+            field("out_ids", write(U32E), "`[rows]` drawn token ids, or SAMPLE_NON_FINITE / SAMPLE_BAD_PARAMS."),
+            field("rows", U32, "Number of rows."),
+            field("vocab", U32, "Row length."),
+        ],
+    },
 
     // --- fill ---
     ParamStruct {
@@ -525,7 +545,13 @@ pub const FAMILIES: &[Family] = &[
         }],
     },
     // --- sample ---
-
+    Family {
+        name: "sample",
+        rust_name: "Sample",
+        file: "sampling",
+        params: "SampleParams",
+        axes: &[],
+    },
     // --- fill ---
     Family {
         name: "fill_random",

@@ -105,6 +105,10 @@
     X(attention_prefill_d64, 64) \
     X(attention_prefill_d128, 128)
 
+// sample (csrc/sampling.cu, takes SampleParams): X(symbol)
+#define MIXTRAL_SAMPLE_VARIANTS(X) \
+    X(sample)
+
 // fill_random (csrc/fill.cu, takes FillParams): X(symbol)
 #define MIXTRAL_FILL_RANDOM_VARIANTS(X) \
     X(fill_random)

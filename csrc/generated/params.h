@@ -86,6 +86,14 @@ typedef struct mx_bf16 {
 #define ATTENTION_PREFILL_KEYS 64u
 // bf16 elements of padding per shared-memory row of `attention_prefill` (keeps the fragment reads free of bank conflicts and rows 16-byte aligned).
 #define ATTENTION_PREFILL_PAD 8u
+// Threads per block of `sample` (one block per row).
+#define SAMPLE_THREADS 1024u
+// u64 words of one row's random state in `sample` (xoshiro256++, the host `Rng`).
+#define SAMPLE_RNG_WORDS 4u
+// Id `sample` writes for a row with a NaN or infinite logit (its random state is left as it was).
+#define SAMPLE_NON_FINITE 4294967295u
+// Id `sample` writes for a row whose temperature is not finite and > 0 or whose top_p is not in (0, 1] (its random state is left as it was).
+#define SAMPLE_BAD_PARAMS 4294967294u
 // Threads per block of `fill_random` (grid-stride loop).
 #define FILL_THREADS 256u
 
@@ -472,6 +480,36 @@ MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, num_blocks) == 76, "AttentionP
 MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, num_seqs) == 80, "AttentionPrefillParams.num_seqs: offset");
 MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, window) == 84, "AttentionPrefillParams.window: offset");
 MX_STATIC_ASSERT(offsetof(AttentionPrefillParams, scale) == 88, "AttentionPrefillParams.scale: offset");
+
+// Seeded sampling per row, the host `Sampler` without repetition penalty: scores `logits / temperature`, top-k (ties to the lower id; 0 = off), top-p (smallest most-probable set reaching `top_p`), then one draw from the softmax of what is left using one value of the row's xoshiro256++ stream.
+typedef struct SampleParams {
+    // `[rows, vocab]` logits.
+    const float* logits;
+    // `[rows]` temperature, finite and > 0.
+    const float* temperature;
+    // `[rows]` top-k, 0 = off.
+    const uint32_t* top_k;
+    // `[rows]` top-p in (0, 1], 1 = off.
+    const float* top_p;
+    // `[rows, SAMPLE_RNG_WORDS]` u64 xoshiro256++ state per row, advanced by one step per drawn row.
+    void* rng_state;
+    // `[rows]` drawn token ids, or SAMPLE_NON_FINITE / SAMPLE_BAD_PARAMS.
+    uint32_t* out_ids;
+    // Number of rows.
+    uint32_t rows;
+    // Row length.
+    uint32_t vocab;
+} SampleParams;
+MX_STATIC_ASSERT(sizeof(SampleParams) == 56, "SampleParams: size");
+MX_STATIC_ASSERT(MX_ALIGNOF(SampleParams) == 8, "SampleParams: alignment");
+MX_STATIC_ASSERT(offsetof(SampleParams, logits) == 0, "SampleParams.logits: offset");
+MX_STATIC_ASSERT(offsetof(SampleParams, temperature) == 8, "SampleParams.temperature: offset");
+MX_STATIC_ASSERT(offsetof(SampleParams, top_k) == 16, "SampleParams.top_k: offset");
+MX_STATIC_ASSERT(offsetof(SampleParams, top_p) == 24, "SampleParams.top_p: offset");
+MX_STATIC_ASSERT(offsetof(SampleParams, rng_state) == 32, "SampleParams.rng_state: offset");
+MX_STATIC_ASSERT(offsetof(SampleParams, out_ids) == 40, "SampleParams.out_ids: offset");
+MX_STATIC_ASSERT(offsetof(SampleParams, rows) == 48, "SampleParams.rows: offset");
+MX_STATIC_ASSERT(offsetof(SampleParams, vocab) == 52, "SampleParams.vocab: offset");
 
 // Seeded pseudo-random fill for benchmarks on made-up weights: `out[i] = shift + scale * u(seed, base + i)` with `u` uniform in [-1, 1) from a 32-bit integer hash (never constant, never NaN).
 typedef struct FillParams {

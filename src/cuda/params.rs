@@ -64,6 +64,14 @@ pub const ATTENTION_PREFILL_QUERIES: u32 = 64;
 pub const ATTENTION_PREFILL_KEYS: u32 = 64;
 /// bf16 elements of padding per shared-memory row of `attention_prefill` (keeps the fragment reads free of bank conflicts and rows 16-byte aligned).
 pub const ATTENTION_PREFILL_PAD: u32 = 8;
+/// Threads per block of `sample` (one block per row).
+pub const SAMPLE_THREADS: u32 = 1024;
+/// u64 words of one row's random state in `sample` (xoshiro256++, the host `Rng`).
+pub const SAMPLE_RNG_WORDS: u32 = 4;
+/// Id `sample` writes for a row with a NaN or infinite logit (its random state is left as it was).
+pub const SAMPLE_NON_FINITE: u32 = 4294967295;
+/// Id `sample` writes for a row whose temperature is not finite and > 0 or whose top_p is not in (0, 1] (its random state is left as it was).
+pub const SAMPLE_BAD_PARAMS: u32 = 4294967294;
 /// Threads per block of `fill_random` (grid-stride loop).
 pub const FILL_THREADS: u32 = 256;
 
@@ -478,6 +486,39 @@ const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, num_seqs) ==
 const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, window) == 84);
 const _: () = assert!(core::mem::offset_of!(AttentionPrefillParams, scale) == 88);
 
+/// Seeded sampling per row, the host `Sampler` without repetition penalty: scores `logits / temperature`, top-k (ties to the lower id; 0 = off), top-p (smallest most-probable set reaching `top_p`), then one draw from the softmax of what is left using one value of the row's xoshiro256++ stream.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SampleParams {
+    /// `[rows, vocab]` logits. Device pointer to f32, read.
+    pub logits: u64,
+    /// `[rows]` temperature, finite and > 0. Device pointer to f32, read.
+    pub temperature: u64,
+    /// `[rows]` top-k, 0 = off. Device pointer to u32, read.
+    pub top_k: u64,
+    /// `[rows]` top-p in (0, 1], 1 = off. Device pointer to f32, read.
+    pub top_p: u64,
+    /// `[rows, SAMPLE_RNG_WORDS]` u64 xoshiro256++ state per row, advanced by one step per drawn row. Device pointer to variant-typed, written.
+    pub rng_state: u64,
+    /// `[rows]` drawn token ids, or SAMPLE_NON_FINITE / SAMPLE_BAD_PARAMS. Device pointer to u32, written.
+    pub out_ids: u64,
+    /// Number of rows.
+    pub rows: u32,
+    /// Row length.
+    pub vocab: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SampleParams>() == 56);
+const _: () = assert!(core::mem::align_of::<SampleParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(SampleParams, logits) == 0);
+const _: () = assert!(core::mem::offset_of!(SampleParams, temperature) == 8);
+const _: () = assert!(core::mem::offset_of!(SampleParams, top_k) == 16);
+const _: () = assert!(core::mem::offset_of!(SampleParams, top_p) == 24);
+const _: () = assert!(core::mem::offset_of!(SampleParams, rng_state) == 32);
+const _: () = assert!(core::mem::offset_of!(SampleParams, out_ids) == 40);
+const _: () = assert!(core::mem::offset_of!(SampleParams, rows) == 48);
+const _: () = assert!(core::mem::offset_of!(SampleParams, vocab) == 52);
+
 /// Seeded pseudo-random fill for benchmarks on made-up weights: `out[i] = shift + scale * u(seed, base + i)` with `u` uniform in [-1, 1) from a 32-bit integer hash (never constant, never NaN).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -538,13 +579,15 @@ pub enum KernelFamily {
     MoeGroupedDown,
     /// `attention_prefill` in csrc/attention_prefill.cu, taking [`AttentionPrefillParams`].
     AttentionPrefill,
+    /// `sample` in csrc/sampling.cu, taking [`SampleParams`].
+    Sample,
     /// `fill_random` in csrc/fill.cu, taking [`FillParams`].
     FillRandom,
 }
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 16] = [
+    pub const ALL: [KernelFamily; 17] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -560,6 +603,7 @@ impl KernelFamily {
         KernelFamily::MoeGroupedUp,
         KernelFamily::MoeGroupedDown,
         KernelFamily::AttentionPrefill,
+        KernelFamily::Sample,
         KernelFamily::FillRandom,
     ];
 
@@ -586,6 +630,7 @@ impl KernelFamily {
             KernelFamily::MoeGroupedUp => "moe_grouped_up",
             KernelFamily::MoeGroupedDown => "moe_grouped_down",
             KernelFamily::AttentionPrefill => "attention_prefill",
+            KernelFamily::Sample => "sample",
             KernelFamily::FillRandom => "fill_random",
         }
     }
@@ -608,6 +653,7 @@ impl KernelFamily {
             KernelFamily::MoeGroupedUp => &[],
             KernelFamily::MoeGroupedDown => &[],
             KernelFamily::AttentionPrefill => &["HEAD_DIM"],
+            KernelFamily::Sample => &[],
             KernelFamily::FillRandom => &[],
         }
     }
@@ -951,6 +997,12 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         module: "attention_prefill",
         symbol: "attention_prefill_d128",
         consts: &[128],
+    },
+    KernelVariant {
+        family: KernelFamily::Sample,
+        module: "sampling",
+        symbol: "sample",
+        consts: &[],
     },
     KernelVariant {
         family: KernelFamily::FillRandom,
@@ -1586,6 +1638,53 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "scale",
                     core::mem::offset_of!(AttentionPrefillParams, scale),
                     core::mem::size_of_val(&AttentionPrefillParams::default().scale),
+                ),
+            ],
+        },
+        CompiledLayout {
+            name: "SampleParams",
+            size: core::mem::size_of::<SampleParams>(),
+            align: core::mem::align_of::<SampleParams>(),
+            fields: vec![
+                (
+                    "logits",
+                    core::mem::offset_of!(SampleParams, logits),
+                    core::mem::size_of_val(&SampleParams::default().logits),
+                ),
+                (
+                    "temperature",
+                    core::mem::offset_of!(SampleParams, temperature),
+                    core::mem::size_of_val(&SampleParams::default().temperature),
+                ),
+                (
+                    "top_k",
+                    core::mem::offset_of!(SampleParams, top_k),
+                    core::mem::size_of_val(&SampleParams::default().top_k),
+                ),
+                (
+                    "top_p",
+                    core::mem::offset_of!(SampleParams, top_p),
+                    core::mem::size_of_val(&SampleParams::default().top_p),
+                ),
+                (
+                    "rng_state",
+                    core::mem::offset_of!(SampleParams, rng_state),
+                    core::mem::size_of_val(&SampleParams::default().rng_state),
+                ),
+                (
+                    "out_ids",
+                    core::mem::offset_of!(SampleParams, out_ids),
+                    core::mem::size_of_val(&SampleParams::default().out_ids),
+                ),
+                (
+                    "rows",
+                    core::mem::offset_of!(SampleParams, rows),
+                    core::mem::size_of_val(&SampleParams::default().rows),
+                ),
+                (
+                    "vocab",
+                    core::mem::offset_of!(SampleParams, vocab),
+                    core::mem::size_of_val(&SampleParams::default().vocab),
                 ),
             ],
         },

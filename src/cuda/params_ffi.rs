@@ -21,4 +21,6 @@ unsafe impl cudarc::driver::DeviceRepr for super::params::LinearParams {}
 // SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
 unsafe impl cudarc::driver::DeviceRepr for super::params::AttentionPrefillParams {}
 // SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
+unsafe impl cudarc::driver::DeviceRepr for super::params::SampleParams {}
+// SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
 unsafe impl cudarc::driver::DeviceRepr for super::params::FillParams {}

@@ -44,6 +44,12 @@ impl Rng {
         result
     }
 
+    /// The four state words, in the order `next_u64` uses them (what a device copy of this
+    /// generator starts from; stepping that copy as `next_u64` does gives the same stream).
+    pub fn state(&self) -> [u64; 4] {
+        self.s
+    }
+
     /// A uniform value in `[0, 1)` with 53 random bits.
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
@@ -70,6 +76,16 @@ mod tests {
         };
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn state_words_follow_the_stream() {
+        let mut r = Rng::new(9);
+        let first = r.state();
+        assert_eq!(first, Rng::new(9).state());
+        r.next_u64();
+        assert_ne!(r.state(), first);
+        assert_ne!(first, Rng::new(10).state());
     }
 
     #[test]

@@ -1,1 +1,475 @@
-//! STUB: GPU test of the sample op (being written).
+//! `sample` and `argmax` against the host sampler (`src/sampling`): the same seed draws the same
+//! ids and leaves the same random state; the draws over many rows follow the host's distribution
+//! (a chi-square bound, and never an id outside its support); top_k = 1 is argmax; a row with a
+//! non-finite logit or an out-of-domain parameter gets its sentinel and keeps its state.
+
+use cudarc::driver::{CudaSlice, CudaStream};
+use mixtral::cuda::ops::{
+    argmax, rng_state_for_seed, sample, ArgmaxBuffers, ArgmaxShape, SampleBuffers, SampleShape,
+    RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS, SAMPLE_ID_NON_FINITE,
+};
+use mixtral::sampling::{Rng, Sampler, SamplingParams};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+use crate::common::{self, random_values, Gpu, Guarded, GUARD};
+
+/// Poison of the random-state guard words.
+const STATE_POISON: u64 = 0xdead_beef_5a5a_a5a5;
+
+/// One row's parameters.
+#[derive(Debug, Clone, Copy)]
+struct RowParams {
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    seed: u64,
+}
+
+impl RowParams {
+    fn host(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k as usize,
+            top_p: self.top_p,
+            repetition_penalty: 1.0,
+            seed: self.seed,
+        }
+    }
+}
+
+/// The device random state of every row, between poisoned guards.
+struct StateBuffer {
+    buf: CudaSlice<u64>,
+    len: usize,
+}
+
+impl StateBuffer {
+    fn new(stream: &std::sync::Arc<CudaStream>, rows: &[RowParams]) -> Self {
+        let mut host = vec![STATE_POISON; GUARD];
+        for r in rows {
+            host.extend(rng_state_for_seed(r.seed));
+        }
+        host.extend(std::iter::repeat_n(STATE_POISON, GUARD));
+        let len = rows.len() * RNG_STATE_WORDS;
+        StateBuffer {
+            buf: stream.clone_htod(&host).expect("upload"),
+            len,
+        }
+    }
+
+    fn read(&self, stream: &std::sync::Arc<CudaStream>) -> Vec<u64> {
+        let host = stream.clone_dtoh(&self.buf).expect("download");
+        assert!(
+            host[..GUARD]
+                .iter()
+                .chain(&host[GUARD + self.len..])
+                .all(|&w| w == STATE_POISON),
+            "rng_state: a guard word was overwritten"
+        );
+        host[GUARD..GUARD + self.len].to_vec()
+    }
+}
+
+/// Launches `sample` `draws` times on the same logits, state carried over; the ids of each draw.
+fn draw(
+    gpu: &Gpu,
+    logits: &[f32],
+    vocab: usize,
+    rows: &[RowParams],
+    draws: usize,
+) -> (Vec<Vec<u32>>, Vec<u64>) {
+    let stream = gpu.stream();
+    let logits_d = Guarded::with(stream, logits);
+    let temperature = Guarded::with(
+        stream,
+        &rows.iter().map(|r| r.temperature).collect::<Vec<_>>(),
+    );
+    let top_k = Guarded::with(stream, &rows.iter().map(|r| r.top_k).collect::<Vec<_>>());
+    let top_p = Guarded::with(stream, &rows.iter().map(|r| r.top_p).collect::<Vec<_>>());
+    let mut state = StateBuffer::new(stream, rows);
+    let shape = SampleShape {
+        rows: rows.len(),
+        vocab,
+    };
+    let mut all = Vec::with_capacity(draws);
+    for _ in 0..draws {
+        let mut out = Guarded::<u32>::poisoned(stream, rows.len());
+        {
+            let (l, t, k, p) = (
+                logits_d.view(),
+                temperature.view(),
+                top_k.view(),
+                top_p.view(),
+            );
+            let mut s = state.buf.slice_mut(GUARD..GUARD + state.len);
+            let mut o = out.view_mut();
+            sample(
+                &gpu.kernels,
+                stream,
+                &shape,
+                SampleBuffers {
+                    logits: &l,
+                    temperature: &t,
+                    top_k: &k,
+                    top_p: &p,
+                    rng_state: &mut s,
+                    out_ids: &mut o,
+                },
+            )
+            .expect("sample");
+        }
+        all.push(out.read_written(stream, "out_ids"));
+    }
+    (all, state.read(stream))
+}
+
+/// The host state of `seed` after `steps` draws.
+fn host_state(seed: u64, steps: usize) -> Vec<u64> {
+    let mut rng = Rng::new(seed);
+    for _ in 0..steps {
+        rng.next_u64();
+    }
+    rng.state().to_vec()
+}
+
+fn row_params(vocab: usize) -> impl Strategy<Value = RowParams> {
+    (
+        prop::sample::select(vec![0.25f32, 0.7, 1.0, 1.6]),
+        prop::sample::select(vec![0u32, 1, 2, 7, 40, vocab as u32, vocab as u32 + 3]),
+        prop::sample::select(vec![1.0f32, 0.95, 0.6, 0.2]),
+        any::<u64>(),
+    )
+        .prop_map(|(temperature, top_k, top_p, seed)| RowParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        })
+}
+
+/// Logits of one row: random at `scale`, sometimes peaked (one id far ahead), sometimes with
+/// repeated values (ties the filters must break by id).
+fn row_logits(seed: u64, vocab: usize, scale: f32, kind: u8) -> Vec<f32> {
+    let mut row = random_values(seed, vocab, scale);
+    match kind {
+        1 => {
+            let peak = (seed as usize) % vocab;
+            row[peak] += 4.0 * scale;
+        }
+        2 => {
+            for x in &mut row {
+                *x = (*x * 4.0 / scale).round() * scale / 4.0;
+            }
+        }
+        _ => {}
+    }
+    row
+}
+
+#[test]
+fn sample_draws_the_host_samplers_ids_for_the_same_seed() {
+    let Some(gpu) = common::gpu("sample_draws_the_host_samplers_ids_for_the_same_seed") else {
+        return;
+    };
+    let strategy = prop::sample::select(vec![1usize, 2, 5, 97, 1000, 32000, 50_257, 256_000])
+        .prop_flat_map(|vocab| {
+            (
+                Just(vocab),
+                prop::collection::vec(row_params(vocab), 1..5),
+                prop::collection::vec(
+                    (
+                        any::<u64>(),
+                        prop::sample::select(vec![0.5f32, 3.0, 12.0]),
+                        0u8..3,
+                    ),
+                    4,
+                ),
+            )
+        });
+    let mut runner = TestRunner::new(Config::with_cases(20));
+    runner
+        .run(&strategy, |(vocab, rows, looks)| {
+            let logits: Vec<f32> = (0..rows.len())
+                .flat_map(|r| {
+                    let (seed, scale, kind) = looks[r % looks.len()];
+                    row_logits(seed ^ r as u64, vocab, scale, kind)
+                })
+                .collect();
+            let draws = 3;
+            let (ids, state) = draw(&gpu, &logits, vocab, &rows, draws);
+            for (r, params) in rows.iter().enumerate() {
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                let mut sampler = Sampler::new(params.host()).expect("valid params");
+                for (d, step) in ids.iter().enumerate() {
+                    let host = sampler.sample(row, &[]).expect("finite row");
+                    prop_assert_eq!(step[r], host, "row {} draw {} params {:?}", r, d, params);
+                }
+                prop_assert_eq!(
+                    &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
+                    &host_state(params.seed, draws)[..],
+                    "row {} random state",
+                    r
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Chi-square statistic of `counts` against `n * p` over the support (cells expected below 5
+/// pooled into one), its degrees of freedom, and the number of draws outside the support.
+fn chi_square(counts: &[usize], distribution: &[(u32, f64)], n: usize) -> (f64, f64, usize) {
+    let mut chi = 0.0;
+    let mut cells = 0usize;
+    let mut inside = 0;
+    let (mut pooled_observed, mut pooled_expected) = (0.0, 0.0);
+    for &(id, p) in distribution {
+        let expected = p * n as f64;
+        let observed = counts[id as usize] as f64;
+        inside += counts[id as usize];
+        if expected < 5.0 {
+            pooled_observed += observed;
+            pooled_expected += expected;
+        } else {
+            chi += (observed - expected).powi(2) / expected;
+            cells += 1;
+        }
+    }
+    if pooled_expected > 0.0 {
+        chi += (pooled_observed - pooled_expected).powi(2) / pooled_expected.max(1.0);
+        cells += 1;
+    }
+    (chi, cells.saturating_sub(1) as f64, n - inside)
+}
+
+#[test]
+fn sample_follows_the_host_distribution_over_many_rows() {
+    let Some(gpu) = common::gpu("sample_follows_the_host_distribution_over_many_rows") else {
+        return;
+    };
+    const VOCAB: usize = 12;
+    const ROWS: usize = 6000;
+    let strategy = (
+        any::<u64>(),
+        prop::sample::select(vec![0.6f32, 1.0, 1.5]),
+        prop::sample::select(vec![0u32, 3, 5, 11]),
+        prop::sample::select(vec![1.0f32, 0.8, 0.5]),
+    );
+    let mut runner = TestRunner::new(Config::with_cases(16));
+    runner
+        .run(&strategy, |(seed, temperature, top_k, top_p)| {
+            // Spread logits (several ids matter), one tie pair.
+            let mut row = random_values(seed, VOCAB, 2.0);
+            row[7] = row[2];
+            let logits: Vec<f32> = (0..ROWS).flat_map(|_| row.iter().copied()).collect();
+            let rows: Vec<RowParams> = (0..ROWS as u64)
+                .map(|r| RowParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed: seed.wrapping_add(r.wrapping_mul(0x9e37_79b9)),
+                })
+                .collect();
+            let (ids, _) = draw(&gpu, &logits, VOCAB, &rows, 1);
+            let mut counts = [0usize; VOCAB];
+            for &id in &ids[0] {
+                prop_assert!((id as usize) < VOCAB, "id {} out of the vocab", id);
+                counts[id as usize] += 1;
+            }
+            let distribution = Sampler::new(rows[0].host())
+                .expect("valid params")
+                .distribution(&row, &[])
+                .expect("finite row");
+            let (chi, df, outside) = chi_square(&counts, &distribution, ROWS);
+            prop_assert_eq!(
+                outside,
+                0,
+                "draws outside the support {:?}: {:?}",
+                distribution,
+                counts
+            );
+            // About 6 standard deviations above the mean of a chi-square with df degrees of freedom.
+            let bound = df + 6.0 * (2.0 * df).sqrt() + 6.0;
+            prop_assert!(
+                chi <= bound,
+                "chi-square {} > {} for {:?}: {:?}",
+                chi,
+                bound,
+                distribution,
+                counts
+            );
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn top_k_one_is_argmax_and_agrees_with_the_argmax_kernel() {
+    let Some(gpu) = common::gpu("top_k_one_is_argmax_and_agrees_with_the_argmax_kernel") else {
+        return;
+    };
+    let strategy = (
+        1usize..6,
+        prop::sample::select(vec![1usize, 3, 1023, 1025, 32000, 131_073]),
+        any::<u64>(),
+        prop::sample::select(vec![0.3f32, 1.0, 2.5]),
+        any::<bool>(),
+    );
+    let mut runner = TestRunner::new(Config::with_cases(20));
+    runner
+        .run(&strategy, |(rows, vocab, seed, temperature, tie)| {
+            let mut logits = random_values(seed, rows * vocab, 8.0);
+            if tie && vocab > 2 {
+                // The maximum twice in each row: the lower id must win.
+                for r in 0..rows {
+                    let row = &mut logits[r * vocab..(r + 1) * vocab];
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    row[vocab - 1] = max;
+                    row[vocab / 2] = max;
+                }
+            }
+            let params: Vec<RowParams> = (0..rows as u64)
+                .map(|r| RowParams {
+                    temperature,
+                    top_k: 1,
+                    top_p: 1.0,
+                    seed: seed ^ r,
+                })
+                .collect();
+            let (ids, state) = draw(&gpu, &logits, vocab, &params, 1);
+            let stream = gpu.stream();
+            let logits_d = Guarded::with(stream, &logits);
+            let mut out = Guarded::<u32>::poisoned(stream, rows);
+            {
+                let l = logits_d.view();
+                let mut o = out.view_mut();
+                argmax(
+                    &gpu.kernels,
+                    stream,
+                    &ArgmaxShape { rows, vocab },
+                    ArgmaxBuffers {
+                        logits: &l,
+                        out_ids: &mut o,
+                    },
+                )
+                .expect("argmax");
+            }
+            let greedy_ids = out.read_written(stream, "argmax out_ids");
+            for r in 0..rows {
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                let host = Sampler::new(SamplingParams::greedy())
+                    .expect("greedy")
+                    .sample(row, &[])
+                    .expect("finite row");
+                prop_assert_eq!(ids[0][r], host, "sample row {}", r);
+                prop_assert_eq!(greedy_ids[r], host, "argmax row {}", r);
+                // A top_k = 1 draw still consumes one value, as on the host.
+                prop_assert_eq!(
+                    &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
+                    &host_state(params[r].seed, 1)[..]
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn refused_rows_get_their_sentinel_and_keep_their_state() {
+    let Some(gpu) = common::gpu("refused_rows_get_their_sentinel_and_keep_their_state") else {
+        return;
+    };
+    let vocab = 3001;
+    let bad_values = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    let mut logits = random_values(77, 6 * vocab, 5.0);
+    for (r, &bad) in bad_values.iter().enumerate() {
+        logits[r * vocab + (r * 997 + 13) % vocab] = bad;
+    }
+    let good = RowParams {
+        temperature: 0.8,
+        top_k: 20,
+        top_p: 0.9,
+        seed: 5,
+    };
+    let rows = vec![
+        RowParams { seed: 1, ..good },
+        RowParams { seed: 2, ..good },
+        RowParams { seed: 3, ..good },
+        RowParams {
+            temperature: 0.0,
+            seed: 4,
+            ..good
+        },
+        RowParams {
+            top_p: 0.0,
+            seed: 6,
+            ..good
+        },
+        good,
+    ];
+    let (ids, state) = draw(&gpu, &logits, vocab, &rows, 1);
+    for (r, &id) in ids[0].iter().enumerate().take(3) {
+        assert_eq!(id, SAMPLE_ID_NON_FINITE, "row {r}");
+    }
+    assert_eq!(ids[0][3], SAMPLE_ID_BAD_PARAMS, "temperature 0");
+    assert_eq!(ids[0][4], SAMPLE_ID_BAD_PARAMS, "top_p 0");
+    for (r, params) in rows.iter().enumerate().take(5) {
+        assert_eq!(
+            &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
+            &host_state(params.seed, 0)[..],
+            "row {r} state must not advance"
+        );
+    }
+    let host = Sampler::new(good.host())
+        .expect("valid")
+        .sample(&logits[5 * vocab..], &[])
+        .expect("finite");
+    assert_eq!(ids[0][5], host, "the valid row beside refused ones");
+    assert_eq!(&state[5 * RNG_STATE_WORDS..], &host_state(good.seed, 1)[..]);
+}
+
+#[test]
+fn top_p_alone_walks_in_weight_order_and_top_k_in_score_order() {
+    let Some(gpu) = common::gpu("top_p_alone_walks_in_weight_order_and_top_k_in_score_order")
+    else {
+        return;
+    };
+    // -0.0 and +0.0 have the same weight (ties to the lower id after top-p alone) but distinct
+    // scores under the host's total order (+0.0 first after top-k); -800 underflows to weight 0.
+    let mut row = random_values(11, 40, 3.0)
+        .iter()
+        .map(|v| v - 9.0)
+        .collect::<Vec<f32>>();
+    row[3] = -0.0;
+    row[4] = 0.0;
+    row[9] = -800.0;
+    let configs = [(0u32, 0.3f32), (2, 0.3), (0, 1.0), (6, 1.0), (0, 0.999)];
+    let mut first_ids = Vec::new();
+    for (top_k, top_p) in configs {
+        let rows: Vec<RowParams> = (0..64u64)
+            .map(|seed| RowParams {
+                temperature: 1.0,
+                top_k,
+                top_p,
+                seed,
+            })
+            .collect();
+        let logits: Vec<f32> = rows.iter().flat_map(|_| row.iter().copied()).collect();
+        let (ids, _) = draw(&gpu, &logits, row.len(), &rows, 2);
+        for (r, params) in rows.iter().enumerate() {
+            let mut sampler = Sampler::new(params.host()).expect("valid");
+            for (d, step) in ids.iter().enumerate() {
+                let host = sampler.sample(&row, &[]).expect("finite");
+                assert_eq!(
+                    step[r], host,
+                    "top_k {top_k} top_p {top_p} row {r} draw {d}"
+                );
+            }
+        }
+        first_ids.push(ids[0][0]);
+    }
+    // The host itself picks id 3 (weight order) and id 4 (score order) in the first two configs,
+    // so the orders the device follows are told apart.
+    assert_eq!(&first_ids[..2], &[3, 4]);
+}
