@@ -126,6 +126,12 @@ pub enum EngineError {
     /// names the option.
     #[error("invalid engine options: {0}")]
     InvalidOptions(String),
+    /// A logits row holds NaN or infinity, so no token can be drawn from it (device sampling).
+    #[error("logits row {row} of the step is not finite; no token was drawn")]
+    NonFiniteLogits {
+        /// Index of the row in the step's output order.
+        row: usize,
+    },
     /// A backend failure (device error, out of memory). The message names the operation.
     #[error("backend error: {0}")]
     Backend(String),

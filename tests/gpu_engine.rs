@@ -4,7 +4,8 @@
 //! On the shipped model and every golden fixture: the greedy continuation decoded through the GPU's
 //! KV cache equals the CPU's (and so transformers'), teacher-forced logits stay within a bf16 error
 //! bound, graph replay gives bit-identical logits to eager launches, batched decode equals each
-//! sequence alone, chunked prefill equals one-pass prefill, and a load that cannot fit is a typed
+//! sequence alone, chunked prefill equals one-pass prefill, device sampling draws what the host
+//! sampler draws from the same logits, and a load that cannot fit is a typed
 //! out-of-memory error that leaves nothing allocated.
 #![cfg(feature = "cuda")]
 
@@ -361,4 +362,72 @@ fn a_model_that_cannot_fit_is_a_typed_error_and_frees_everything() {
         "free memory fell from {before} to {}",
         after.memory().free_before
     );
+}
+
+#[test]
+fn device_sampling_draws_what_the_host_sampler_draws_from_the_same_logits() {
+    use mixtral::sampling::{Sampler, SamplingParams};
+    let _lock = lock();
+    let dir = root().join("models/tiny-mixtral");
+    let model = load(&dir);
+    let Some(mut gpu) = gpu_engine(&model, small_options(), "device_sampling") else {
+        return;
+    };
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        repetition_penalty: 1.0,
+        seed: 4242,
+    };
+    let (prompt, _) = golden_ids(&dir);
+    let mut host = Sampler::new(params).expect("params");
+    let mut device = [host.clone()];
+    let host_seq = gpu.new_sequence().unwrap();
+    let device_seq = gpu.new_sequence().unwrap();
+    let (mut host_next, mut device_next) = (prompt.clone(), prompt.clone());
+    let (mut host_ids, mut device_ids): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
+    let mut pos = 0;
+    for _ in 0..8 {
+        let step = gpu
+            .step(&[SeqStep {
+                seq: host_seq,
+                tokens: &host_next,
+                start_pos: pos,
+                logits: LogitsFor::Last,
+            }])
+            .expect("host step");
+        let id = host.sample(step.row(0), &[]).expect("host draw");
+        let drawn = gpu
+            .step_sample(
+                &[SeqStep {
+                    seq: device_seq,
+                    tokens: &device_next,
+                    start_pos: pos,
+                    logits: LogitsFor::Last,
+                }],
+                &mut device,
+            )
+            .expect("device draw");
+        pos += host_next.len();
+        host_ids.push(id);
+        device_ids.extend(&drawn);
+        host_next = vec![id];
+        device_next = drawn;
+    }
+    assert_eq!(device_ids, host_ids);
+    assert_eq!(device[0].rng().state(), host.rng().state());
+    // A sampler count that does not match the rows is refused before anything changes.
+    let len = gpu.sequence_len(device_seq).unwrap();
+    let refused = gpu.step_sample(
+        &[SeqStep {
+            seq: device_seq,
+            tokens: &[5],
+            start_pos: len,
+            logits: LogitsFor::Last,
+        }],
+        &mut [],
+    );
+    assert!(matches!(refused, Err(EngineError::InvalidOptions(_))));
+    assert_eq!(gpu.sequence_len(device_seq).unwrap(), len);
 }

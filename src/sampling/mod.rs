@@ -168,6 +168,16 @@ impl Sampler {
         &self.params
     }
 
+    /// The random stream's current position.
+    pub fn rng(&self) -> &Rng {
+        &self.rng
+    }
+
+    /// Moves the random stream to `rng` (where a device copy of it got to).
+    pub fn set_rng(&mut self, rng: Rng) {
+        self.rng = rng;
+    }
+
     /// Chooses the next token from `logits` (`[vocab]`); `history` is the sequence so far (prompt
     /// and generated tokens), read by the repetition penalty only.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32, SamplingError> {

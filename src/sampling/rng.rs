@@ -50,6 +50,12 @@ impl Rng {
         self.s
     }
 
+    /// A generator continuing from `state` (as [`Rng::state`] returned it, possibly advanced by a
+    /// device copy of the same algorithm).
+    pub fn from_state(state: [u64; 4]) -> Self {
+        Rng { s: state }
+    }
+
     /// A uniform value in `[0, 1)` with 53 random bits.
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)

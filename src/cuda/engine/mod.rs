@@ -29,11 +29,16 @@ use self::upload::{
 use super::device::CudaDevice;
 use super::error::CudaError;
 use super::module::Kernels;
+use super::ops::{
+    self, rng_state_for_seed, SampleBuffers, SampleShape, RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS,
+    SAMPLE_ID_NON_FINITE,
+};
 use super::region::{DeviceArena, Region};
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
-use crate::engine::{Engine, EngineError, SeqId, SeqStep, StepOutput};
+use crate::engine::{Engine, EngineError, LogitsFor, SeqId, SeqStep, StepOutput};
 use crate::kv::{KvLimits, PagedKv};
+use crate::sampling::{Rng, Sampler};
 use crate::weights::ModelWeights;
 
 /// Options of a [`CudaEngine`]. The defaults fit a model on the first GPU with as much KV cache as
@@ -343,10 +348,11 @@ impl CudaEngine {
     /// Like [`Engine::step`], but reads back only the greedy token of every logits row (argmax on
     /// the device, ties to the lowest id) instead of the logits: the fast path of greedy decoding.
     pub fn step_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, EngineError> {
-        self.run_step(batch, Readback::Greedy).map(|r| match r {
-            Output::Greedy(ids) => ids,
-            Output::Logits(_) => Vec::new(),
-        })
+        self.run_step(batch, Readback::Greedy, None)
+            .map(|r| match r {
+                Output::Greedy(ids) => ids,
+                Output::Logits(_) => Vec::new(),
+            })
     }
 
     /// Grows `seq` to `len` cached tokens without computing them: their keys and values are whatever
@@ -364,9 +370,50 @@ impl CudaEngine {
             seq,
             tokens: &filler,
             start_pos: cached,
-            logits: crate::engine::LogitsFor::None,
+            logits: LogitsFor::None,
         }])?;
         self.sync_block_tables(&[seq]).map_err(|e| self.fail(e))
+    }
+
+    /// Like [`CudaEngine::step_greedy`], but draws each logits row's token on the device with
+    /// `samplers[i]` (one per logits row, in output order): temperature, top-k and top-p exactly as
+    /// [`Sampler::sample`] defines them, from the sampler's own random stream, which advances as
+    /// the host sampler's would. Greedy samplers take the device argmax. The repetition penalty is
+    /// not applied on the device: a sampler using it is refused (before anything changes). A row
+    /// whose logits are not finite is [`EngineError::NonFiniteLogits`] (the step itself was applied).
+    pub fn step_sample(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        samplers: &mut [Sampler],
+    ) -> Result<Vec<u32>, EngineError> {
+        let rows: usize = batch
+            .iter()
+            .map(|s| match s.logits {
+                LogitsFor::None => 0,
+                LogitsFor::Last => 1,
+                LogitsFor::All => s.tokens.len(),
+            })
+            .sum();
+        if samplers.len() != rows {
+            return Err(EngineError::InvalidOptions(format!(
+                "{} samplers for a step producing {rows} logits rows",
+                samplers.len()
+            )));
+        }
+        if let Some(s) = samplers
+            .iter()
+            .find(|s| s.params().repetition_penalty != 1.0)
+        {
+            return Err(EngineError::InvalidOptions(format!(
+                "repetition penalty {} is not applied by device sampling",
+                s.params().repetition_penalty
+            )));
+        }
+        self.run_step(batch, Readback::Greedy, Some(samplers))
+            .map(|r| match r {
+                Output::Greedy(ids) => ids,
+                Output::Logits(_) => Vec::new(),
+            })
     }
 
     fn fail(&mut self, error: CudaError) -> EngineError {
@@ -401,6 +448,7 @@ impl CudaEngine {
         &mut self,
         batch: &[SeqStep<'_>],
         readback: Readback,
+        mut samplers: Option<&mut [Sampler]>,
     ) -> Result<Output, EngineError> {
         self.check_alive()?;
         let plan = self.kv.apply_step(batch)?;
@@ -449,12 +497,25 @@ impl CudaEngine {
                     }),
                     Readback::Greedy => Output::Greedy(Vec::with_capacity(schedule.rows.len())),
                 };
+                let mut produced = 0;
                 for chunk in &schedule.chunks {
-                    self.run_chunk(chunk, &mut out)?;
+                    let n = chunk.logit_rows.len();
+                    let part = samplers
+                        .as_deref_mut()
+                        .and_then(|all| all.get_mut(produced..produced + n));
+                    if let Some(row) = self.run_chunk(chunk, &mut out, part)? {
+                        return Ok(Err(EngineError::NonFiniteLogits {
+                            row: produced + row,
+                        }));
+                    }
+                    produced += n;
                 }
-                Ok(out)
+                Ok(Ok(out))
             });
-        result.map_err(|e| self.fail(e))
+        match result {
+            Ok(done) => done,
+            Err(e) => Err(self.fail(e)),
+        }
     }
 
     /// Uploads the block-table rows of `seqs` that differ from the device copy.
@@ -500,7 +561,15 @@ impl CudaEngine {
         plan::upload(self.device.stream(), &all, words, "the step inputs")
     }
 
-    fn run_chunk(&mut self, chunk: &Chunk, out: &mut Output) -> Result<(), CudaError> {
+    /// Runs one chunk and appends its rows to `out`; with `samplers` (one per row of the chunk) the
+    /// rows are drawn on the device. Returns the first row (of the chunk) whose logits were not
+    /// finite, if any.
+    fn run_chunk(
+        &mut self,
+        chunk: &Chunk,
+        out: &mut Output,
+        samplers: Option<&mut [Sampler]>,
+    ) -> Result<Option<usize>, CudaError> {
         self.upload_inputs(chunk)?;
         let stream = Arc::clone(self.device.stream());
         let greedy = matches!(out, Output::Greedy(_));
@@ -535,14 +604,27 @@ impl CudaEngine {
             }
         };
         let Some(&last) = device_rows.iter().max() else {
-            return stream
+            stream
                 .synchronize()
-                .map_err(CudaError::driver("finishing a step"));
+                .map_err(CudaError::driver("finishing a step"))?;
+            return Ok(None);
         };
         match out {
             Output::Greedy(ids) => {
-                let all = download(&stream, &self.plan.greedy, last + 1)?;
-                ids.extend(device_rows.iter().map(|&r| all[r]));
+                let greedy = download(&stream, &self.plan.greedy, last + 1)?;
+                match samplers {
+                    None => ids.extend(device_rows.iter().map(|&r| greedy[r])),
+                    Some(samplers) => {
+                        let drawn = self.sample_rows(&stream, &device_rows, last + 1, samplers)?;
+                        for (k, &r) in device_rows.iter().enumerate() {
+                            let id = drawn[k].unwrap_or(greedy[r]);
+                            if id == SAMPLE_ID_NON_FINITE {
+                                return Ok(Some(k));
+                            }
+                            ids.push(id);
+                        }
+                    }
+                }
             }
             Output::Logits(step) => {
                 let vocab = self.plan.vocab();
@@ -553,7 +635,86 @@ impl CudaEngine {
                 }
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Draws the logits rows `device_rows` (of the first `rows` device rows) with `samplers` (one per
+    /// entry of `device_rows`): `None` for greedy samplers (the caller takes the argmax), else the
+    /// drawn id or [`SAMPLE_ID_NON_FINITE`]. Each drawing sampler's stream moves to where the
+    /// device left it.
+    fn sample_rows(
+        &mut self,
+        stream: &Arc<cudarc::driver::CudaStream>,
+        device_rows: &[usize],
+        rows: usize,
+        samplers: &mut [Sampler],
+    ) -> Result<Vec<Option<u32>>, CudaError> {
+        // Rows nobody reads still get valid parameters (a cheap top-1 draw).
+        let mut temperature = vec![1.0f32; rows];
+        let mut top_k = vec![1u32; rows];
+        let mut top_p = vec![1.0f32; rows];
+        let mut rng: Vec<u64> = (0..rows).flat_map(|_| rng_state_for_seed(0)).collect();
+        for (k, &r) in device_rows.iter().enumerate() {
+            let p = *samplers[k].params();
+            if p.is_greedy() {
+                continue;
+            }
+            temperature[r] = p.temperature;
+            top_k[r] = u32::try_from(p.top_k).unwrap_or(u32::MAX);
+            top_p[r] = p.top_p;
+            rng[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS]
+                .copy_from_slice(&samplers[k].rng().state());
+        }
+        let b = &self.plan.sampling;
+        plan::upload(
+            stream,
+            &b.temperature,
+            &temperature,
+            "sampling temperatures",
+        )?;
+        plan::upload(stream, &b.top_k, &top_k, "sampling top-k")?;
+        plan::upload(stream, &b.top_p, &top_p, "sampling top-p")?;
+        plan::upload(stream, &b.rng_state, &rng, "sampling random states")?;
+        let mut rng_state = b.rng_state.clone();
+        let mut ids = b.ids.clone();
+        ops::sample(
+            &self.kernels,
+            stream,
+            &SampleShape {
+                rows,
+                vocab: self.plan.vocab(),
+            },
+            SampleBuffers {
+                logits: &self.plan.logits,
+                temperature: &b.temperature,
+                top_k: &b.top_k,
+                top_p: &b.top_p,
+                rng_state: &mut rng_state,
+                out_ids: &mut ids,
+            },
+        )?;
+        let drawn = download(stream, &b.ids, rows)?;
+        let states = download(stream, &b.rng_state, rows * RNG_STATE_WORDS)?;
+        let mut out = Vec::with_capacity(device_rows.len());
+        for (k, &r) in device_rows.iter().enumerate() {
+            if samplers[k].params().is_greedy() {
+                out.push(None);
+                continue;
+            }
+            let id = drawn[r];
+            if id == SAMPLE_ID_BAD_PARAMS {
+                return Err(CudaError::Dead(format!(
+                    "device sampling refused the validated parameters of row {k}"
+                )));
+            }
+            if id != SAMPLE_ID_NON_FINITE {
+                let mut state = [0u64; RNG_STATE_WORDS];
+                state.copy_from_slice(&states[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS]);
+                samplers[k].set_rng(Rng::from_state(state));
+            }
+            out.push(Some(id));
+        }
+        Ok(out)
     }
 }
 
@@ -641,10 +802,11 @@ impl Engine for CudaEngine {
     }
 
     fn step(&mut self, batch: &[SeqStep<'_>]) -> Result<StepOutput, EngineError> {
-        self.run_step(batch, Readback::Logits).map(|r| match r {
-            Output::Logits(step) => step,
-            Output::Greedy(_) => StepOutput::default(),
-        })
+        self.run_step(batch, Readback::Logits, None)
+            .map(|r| match r {
+                Output::Logits(step) => step,
+                Output::Greedy(_) => StepOutput::default(),
+            })
     }
 }
 

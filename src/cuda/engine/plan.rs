@@ -24,7 +24,7 @@ use super::super::ops::{
     AttentionDecodeShape, AttentionPrefillBuffers, AttentionPrefillShape, EmbeddingBuffers,
     EmbeddingOut, EmbeddingShape, LinearBuffers, LinearOut, LinearShape, MoeBuffers, MoeShape,
     PagedCacheShape, RmsnormBuffers, RmsnormShape, RopeKvBuffers, RopeKvShape, RouterBuffers,
-    RouterShape,
+    RouterShape, RNG_STATE_WORDS,
 };
 use super::super::region::{DeviceArena, Region};
 use super::inputs::PrefillPiece;
@@ -108,7 +108,8 @@ pub fn plan_bytes(config: &ModelConfig, sizes: &PlanSizes) -> usize {
     let i32s =
         4 * m + slots * 2 + 2 * d.experts + 1 + m + sizes.max_sequences * sizes.max_blocks_per_seq;
     let cache = 2 * config.num_layers * sizes.num_blocks * sizes.block_size * d.kv_width;
-    4 * f32s + 2 * bf16s + 4 * i32s + 2 * cache
+    let sampling = m * (4 * 4 + 8 * RNG_STATE_WORDS);
+    4 * f32s + 2 * bf16s + 4 * i32s + 2 * cache + sampling
 }
 
 /// The per-chunk inputs, one allocation `[4, max_tokens]` of 32-bit words uploaded in one copy:
@@ -125,6 +126,21 @@ pub struct Inputs {
     pub token_seq: Region<i32>,
     /// `[max_tokens]` indices of the tokens whose logits are computed.
     pub rows: Region<u32>,
+}
+
+/// The buffers of device sampling, one row per logits row.
+#[derive(Debug)]
+pub struct SamplingBuffers {
+    /// `[max_tokens]` temperatures.
+    pub temperature: Region<f32>,
+    /// `[max_tokens]` top-k (0 = off).
+    pub top_k: Region<u32>,
+    /// `[max_tokens]` top-p.
+    pub top_p: Region<f32>,
+    /// `[max_tokens, RNG_STATE_WORDS]` random states.
+    pub rng_state: Region<u64>,
+    /// `[max_tokens]` drawn ids.
+    pub ids: Region<u32>,
 }
 
 /// Every buffer of the plan.
@@ -154,6 +170,9 @@ pub struct Plan {
     pub logits: Region<f32>,
     /// `[max_tokens]` greedy ids of the last decode chunk.
     pub greedy: Region<u32>,
+    /// Per-row sampling inputs and outputs of [`ops::sample`] (`[max_tokens]` each, the random
+    /// state `[max_tokens, RNG_STATE_WORDS]`).
+    pub sampling: SamplingBuffers,
     inv_freq: Region<f32>,
     /// `[max_sequences, max_blocks_per_seq]` block tables.
     pub block_tables: Region<i32>,
@@ -266,6 +285,13 @@ impl Plan {
             gathered: arena.zeroed(m * d.hidden, "gathered rows")?,
             logits: arena.zeroed(m * d.vocab, "logits")?,
             greedy: arena.zeroed(m, "greedy ids")?,
+            sampling: SamplingBuffers {
+                temperature: arena.zeroed(m, "sampling temperatures")?,
+                top_k: arena.zeroed(m, "sampling top-k")?,
+                top_p: arena.zeroed(m, "sampling top-p")?,
+                rng_state: arena.zeroed(m * RNG_STATE_WORDS, "sampling random states")?,
+                ids: arena.zeroed(m, "sampled ids")?,
+            },
             inv_freq,
             block_tables,
             k_cache,
