@@ -1,0 +1,330 @@
+//! Per-kernel GPU benchmarks on Mixtral-8x7B shapes (one layer's worth of each op), with seeded
+//! random bf16 data made on the device. Criterion throughput is bytes for the bandwidth-bound decode
+//! kernels (weights or KV read once: read the rate as GB/s) and FLOPs for the tensor-core prefill
+//! kernels (read elements/s as FLOP/s). Without a CUDA device it prints why and exits successfully.
+//!
+//! `cargo bench --features cuda --bench gpu_kernels`. Each sample ends with a stream synchronise.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use cudarc::driver::CudaStream;
+use half::bf16;
+use mixtral::cuda::ops::{
+    self, attention_splits, AttentionDecodeBuffers, AttentionDecodeShape, AttentionPrefillBuffers,
+    AttentionPrefillShape, FillShape, LinearBuffers, LinearOut, LinearShape, MoeBuffers, MoeShape,
+    PagedCacheShape, RouterBuffers, RouterShape,
+};
+use mixtral::cuda::region::{DeviceArena, Region};
+use mixtral::cuda::{CudaDevice, Kernels};
+
+const HIDDEN: usize = 4096;
+const INTER: usize = 14336;
+const EXPERTS: usize = 8;
+const TOP_K: usize = 2;
+const HEADS: usize = 32;
+const KV_HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+const VOCAB: usize = 32000;
+const BLOCK: usize = 16;
+
+struct Bench {
+    device: CudaDevice,
+    kernels: Kernels,
+    arena: DeviceArena,
+    seed: u32,
+}
+
+impl Bench {
+    fn stream(&self) -> Arc<CudaStream> {
+        Arc::clone(self.device.stream())
+    }
+
+    /// `len` random bf16 values of half-width `scale`.
+    fn random(&mut self, len: usize, scale: f32) -> Region<bf16> {
+        let mut r = self.arena.zeroed::<bf16>(len, "bench data").expect("alloc");
+        self.seed += 1;
+        ops::fill_random(
+            &self.kernels,
+            self.device.stream(),
+            &FillShape {
+                len,
+                seed: self.seed,
+                scale,
+                shift: 0.0,
+            },
+            &mut r,
+        )
+        .expect("fill");
+        r
+    }
+
+    fn zeros<T>(&mut self, len: usize) -> Region<T> {
+        self.arena.zeroed::<T>(len, "bench output").expect("alloc")
+    }
+
+    fn upload<T: cudarc::driver::DeviceRepr>(&mut self, host: &[T]) -> Region<T> {
+        let r = self.zeros::<T>(host.len());
+        let stream = self.stream();
+        // SAFETY: the region holds host.len() elements; synchronised before `host` can go away.
+        unsafe { cudarc::driver::result::memcpy_htod_async(r.address(), host, stream.cu_stream()) }
+            .expect("upload");
+        stream.synchronize().expect("sync");
+        r
+    }
+}
+
+fn sync(stream: &CudaStream) {
+    stream.synchronize().expect("synchronise");
+}
+
+fn linear_benches(c: &mut Criterion, b: &mut Bench) {
+    let stream = b.stream();
+    let mut group = c.benchmark_group("linear");
+    group.sample_size(20).measurement_time(Duration::from_secs(2));
+    for (name, out_features) in [("qkv", 6144), ("o", 4096), ("lm_head", VOCAB)] {
+        let w = b.random(out_features * HIDDEN, 0.02);
+        for tokens in [1usize, 8, 512] {
+            let x = b.random(tokens * HIDDEN, 1.0);
+            let mut y = b.zeros::<bf16>(tokens * out_features);
+            if tokens <= 8 {
+                group.throughput(Throughput::Bytes((out_features * HIDDEN * 2) as u64));
+            } else {
+                group.throughput(Throughput::Elements((2 * tokens * out_features * HIDDEN) as u64));
+            }
+            group.bench_function(BenchmarkId::new(name, tokens), |bench| {
+                bench.iter(|| {
+                    ops::linear(
+                        &b.kernels,
+                        &stream,
+                        &LinearShape {
+                            tokens,
+                            in_features: HIDDEN,
+                            out_features,
+                        },
+                        LinearBuffers {
+                            x: &x,
+                            w: &w,
+                            out: LinearOut::Bf16(&mut y),
+                        },
+                    )
+                    .expect("linear");
+                    sync(&stream);
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn moe_benches(c: &mut Criterion, b: &mut Bench) {
+    let stream = b.stream();
+    let gate = b.random(EXPERTS * HIDDEN, 0.02);
+    let w1 = b.random(EXPERTS * INTER * HIDDEN, 0.02);
+    let w3 = b.random(EXPERTS * INTER * HIDDEN, 0.02);
+    let w2 = b.random(EXPERTS * HIDDEN * INTER, 0.01);
+    let mut group = c.benchmark_group("moe");
+    group.sample_size(20).measurement_time(Duration::from_secs(3));
+    for tokens in [1usize, 8, 512, 4096] {
+        let x = b.random(tokens * HIDDEN, 1.0);
+        let slots = tokens * TOP_K;
+        let mut logits = b.zeros::<f32>(tokens * EXPERTS);
+        let mut topk_ids = b.zeros::<i32>(slots);
+        let mut topk_weights = b.zeros::<f32>(slots);
+        let mut counts = b.zeros::<i32>(EXPERTS);
+        let mut offsets = b.zeros::<i32>(EXPERTS + 1);
+        let mut sorted = b.zeros::<i32>(slots);
+        let mut act = b.zeros::<bf16>(slots * INTER);
+        let mut out = b.zeros::<f32>(slots * HIDDEN);
+        ops::router(
+            &b.kernels,
+            &stream,
+            &RouterShape {
+                tokens,
+                hidden: HIDDEN,
+                experts: EXPERTS,
+                top_k: TOP_K,
+            },
+            RouterBuffers {
+                x: &x,
+                gate: &gate,
+                logits: &mut logits,
+                topk_ids: &mut topk_ids,
+                topk_weights: &mut topk_weights,
+                expert_counts: &mut counts,
+                expert_offsets: &mut offsets,
+                sorted_slots: &mut sorted,
+            },
+        )
+        .expect("router");
+        sync(&stream);
+        let weight_bytes = 3 * INTER * HIDDEN * 2;
+        if tokens <= 8 {
+            // Distinct experts touched bound the bytes; at batch 1 that is exactly 2.
+            group.throughput(Throughput::Bytes((weight_bytes * slots.min(EXPERTS)) as u64));
+        } else {
+            group.throughput(Throughput::Elements((2 * slots * 3 * INTER * HIDDEN) as u64));
+        }
+        let shape = MoeShape {
+            tokens,
+            hidden: HIDDEN,
+            inter: INTER,
+            experts: EXPERTS,
+            top_k: TOP_K,
+        };
+        group.bench_function(BenchmarkId::new("experts", tokens), |bench| {
+            bench.iter(|| {
+                ops::moe_experts(
+                    &b.kernels,
+                    &stream,
+                    &shape,
+                    MoeBuffers {
+                        x: &x,
+                        w1: &w1,
+                        w3: &w3,
+                        w2: &w2,
+                        topk_weights: &topk_weights,
+                        expert_offsets: &offsets,
+                        sorted_slots: &sorted,
+                        act: &mut act,
+                        out: &mut out,
+                    },
+                )
+                .expect("moe");
+                sync(&stream);
+            })
+        });
+    }
+    group.finish();
+}
+
+fn attention_benches(c: &mut Criterion, b: &mut Bench) {
+    let stream = b.stream();
+    let context = 32768;
+    let blocks = context / BLOCK;
+    let kv_width = KV_HEADS * HEAD_DIM;
+    let k_cache = b.random(blocks * BLOCK * kv_width, 1.0);
+    let v_cache = b.random(blocks * BLOCK * kv_width, 1.0);
+    // One sequence owning the blocks in a shuffled order.
+    let mut table: Vec<i32> = (0..blocks as i32).collect();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for i in (1..table.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        table.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+    let tables = b.upload(&table);
+    let cache = PagedCacheShape {
+        num_blocks: blocks,
+        block_size: BLOCK,
+        num_seqs: 1,
+        max_blocks_per_seq: blocks,
+    };
+    let mut group = c.benchmark_group("attention");
+    group.sample_size(20).measurement_time(Duration::from_secs(2));
+    let split_keys = 256;
+    let max_splits = attention_splits(context, split_keys);
+    let q = b.random(HEADS * HEAD_DIM, 1.0);
+    let token_seq = b.upload(&[0i32]);
+    let mut out = b.zeros::<bf16>(HEADS * HEAD_DIM);
+    let mut part_out = b.zeros::<f32>(HEADS * max_splits * HEAD_DIM);
+    let mut part_lse = b.zeros::<f32>(HEADS * max_splits);
+    for cached in [4096usize, 16384, 32000] {
+        let positions = b.upload(&[cached as i32 - 1]);
+        group.throughput(Throughput::Bytes((2 * cached * kv_width * 2) as u64));
+        group.bench_function(BenchmarkId::new("decode", cached), |bench| {
+            bench.iter(|| {
+                ops::attention_decode(
+                    &b.kernels,
+                    &stream,
+                    &AttentionDecodeShape {
+                        tokens: 1,
+                        n_heads: HEADS,
+                        n_kv_heads: KV_HEADS,
+                        head_dim: HEAD_DIM,
+                        q_stride: HEADS * HEAD_DIM,
+                        cache,
+                        window: None,
+                        split_keys,
+                        max_splits,
+                    },
+                    AttentionDecodeBuffers {
+                        q: &q,
+                        k_cache: &k_cache,
+                        v_cache: &v_cache,
+                        block_tables: &tables,
+                        token_seq: &token_seq,
+                        positions: &positions,
+                        out: &mut out,
+                        part_out: &mut part_out,
+                        part_lse: &mut part_lse,
+                    },
+                )
+                .expect("attention decode");
+                sync(&stream);
+            })
+        });
+    }
+    for tokens in [512usize, 4096] {
+        let q = b.random(tokens * HEADS * HEAD_DIM, 1.0);
+        let mut out = b.zeros::<bf16>(tokens * HEADS * HEAD_DIM);
+        // Causal: about half of the tokens x tokens scores, two matmuls of 2 FLOPs per MAC.
+        group.throughput(Throughput::Elements(
+            (2 * 2 * HEADS * HEAD_DIM * tokens * (tokens + 1) / 2) as u64,
+        ));
+        group.bench_function(BenchmarkId::new("prefill", tokens), |bench| {
+            bench.iter(|| {
+                ops::attention_prefill(
+                    &b.kernels,
+                    &stream,
+                    &AttentionPrefillShape {
+                        tokens,
+                        start_pos: 0,
+                        seq_row: 0,
+                        n_heads: HEADS,
+                        n_kv_heads: KV_HEADS,
+                        head_dim: HEAD_DIM,
+                        q_stride: HEADS * HEAD_DIM,
+                        cache,
+                        window: None,
+                    },
+                    AttentionPrefillBuffers {
+                        q: &q,
+                        k_cache: &k_cache,
+                        v_cache: &v_cache,
+                        block_tables: &tables,
+                        out: &mut out,
+                    },
+                )
+                .expect("attention prefill");
+                sync(&stream);
+            })
+        });
+    }
+    group.finish();
+}
+
+fn main() {
+    let device = match CudaDevice::new(0) {
+        Ok(device) => device,
+        Err(e) => {
+            eprintln!("gpu_kernels: skipped: {e}");
+            return;
+        }
+    };
+    let kernels = Kernels::load(&device).expect("kernels");
+    let arena = DeviceArena::new(Arc::clone(device.stream()));
+    let mut bench = Bench {
+        device,
+        kernels,
+        arena,
+        seed: 99,
+    };
+    let mut c = Criterion::default().configure_from_args();
+    linear_benches(&mut c, &mut bench);
+    moe_benches(&mut c, &mut bench);
+    attention_benches(&mut c, &mut bench);
+    c.final_summary();
+}
