@@ -12,6 +12,7 @@
 //! - [`tokenizer`]: `tokenizer.json`, the chat template, streaming detokenization;
 //! - [`engine`]: the batched step API every backend implements, over a paged KV cache ([`kv`]);
 //! - [`cpu`]: the pure-Rust reference backend ([`cpu::CpuEngine`]);
+//! - `cuda` (feature `cuda`): the GPU backend, `cuda::CudaEngine`, behind the same step API;
 //! - [`generate`]: sampling, stop conditions, streaming generation and perplexity;
 //! - [`model`]: loads everything from a model directory in one call.
 //!
