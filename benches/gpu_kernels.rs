@@ -82,7 +82,9 @@ fn sync(stream: &CudaStream) {
 fn linear_benches(c: &mut Criterion, b: &mut Bench) {
     let stream = b.stream();
     let mut group = c.benchmark_group("linear");
-    group.sample_size(20).measurement_time(Duration::from_secs(2));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(2));
     for (name, out_features) in [("qkv", 6144), ("o", 4096), ("lm_head", VOCAB)] {
         let w = b.random(out_features * HIDDEN, 0.02);
         for tokens in [1usize, 8, 512] {
@@ -91,7 +93,9 @@ fn linear_benches(c: &mut Criterion, b: &mut Bench) {
             if tokens <= 8 {
                 group.throughput(Throughput::Bytes((out_features * HIDDEN * 2) as u64));
             } else {
-                group.throughput(Throughput::Elements((2 * tokens * out_features * HIDDEN) as u64));
+                group.throughput(Throughput::Elements(
+                    (2 * tokens * out_features * HIDDEN) as u64,
+                ));
             }
             group.bench_function(BenchmarkId::new(name, tokens), |bench| {
                 bench.iter(|| {
@@ -125,7 +129,9 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
     let w3 = b.random(EXPERTS * INTER * HIDDEN, 0.02);
     let w2 = b.random(EXPERTS * HIDDEN * INTER, 0.01);
     let mut group = c.benchmark_group("moe");
-    group.sample_size(20).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3));
     for tokens in [1usize, 8, 512, 4096] {
         let x = b.random(tokens * HIDDEN, 1.0);
         let slots = tokens * TOP_K;
@@ -162,9 +168,13 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
         let weight_bytes = 3 * INTER * HIDDEN * 2;
         if tokens <= 8 {
             // Distinct experts touched bound the bytes; at batch 1 that is exactly 2.
-            group.throughput(Throughput::Bytes((weight_bytes * slots.min(EXPERTS)) as u64));
+            group.throughput(Throughput::Bytes(
+                (weight_bytes * slots.min(EXPERTS)) as u64,
+            ));
         } else {
-            group.throughput(Throughput::Elements((2 * slots * 3 * INTER * HIDDEN) as u64));
+            group.throughput(Throughput::Elements(
+                (2 * slots * 3 * INTER * HIDDEN) as u64,
+            ));
         }
         let shape = MoeShape {
             tokens,
@@ -223,7 +233,9 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
         max_blocks_per_seq: blocks,
     };
     let mut group = c.benchmark_group("attention");
-    group.sample_size(20).measurement_time(Duration::from_secs(2));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(2));
     let split_keys = 256;
     let max_splits = attention_splits(context, split_keys);
     let q = b.random(HEADS * HEAD_DIM, 1.0);

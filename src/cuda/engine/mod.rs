@@ -20,6 +20,8 @@ pub mod upload;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cudarc::driver::PinnedHostSlice;
+
 use self::graph::DecodeGraph;
 use self::inputs::{decode_buckets, schedule_step, Chunk, ChunkKind, NO_SEQUENCE};
 use self::plan::{plan_bytes, Attention, Pass, Plan, PlanSizes};
@@ -106,8 +108,9 @@ pub struct CudaEngine {
     free_rows: Vec<usize>,
     /// Host copy of the device block tables `[max_sequences, max_blocks_per_seq]`.
     tables: Vec<i32>,
-    /// `[4, max_tokens]` input words of the next chunk.
-    host_inputs: Vec<i32>,
+    /// `[4, max_tokens]` input words of the next chunk, in pinned memory: uploaded without a host
+    /// sync (the previous chunk's read-back already waited for the device).
+    host_inputs: PinnedHostSlice<i32>,
     memory: MemoryUse,
     /// The first device failure; set once, then every call fails fast.
     dead: Option<String>,
@@ -269,6 +272,9 @@ impl CudaEngine {
             vocab_size: config.vocab_size,
         })
         .map_err(|e| CudaError::UnsupportedModel(e.to_string()))?;
+        // SAFETY: every word is written before each upload (`upload_inputs` fills the whole slice).
+        let host_inputs = unsafe { device.context().alloc_pinned::<i32>(4 * sizes.max_tokens) }
+            .map_err(CudaError::driver("allocating pinned input memory"))?;
         let mut engine = CudaEngine {
             graphs: Vec::new(),
             plan,
@@ -287,7 +293,7 @@ impl CudaEngine {
             seq_rows: HashMap::new(),
             free_rows: (0..sizes.max_sequences).rev().collect(),
             tables: vec![-1; sizes.max_sequences * sizes.max_blocks_per_seq],
-            host_inputs: vec![0; 4 * sizes.max_tokens],
+            host_inputs,
             dead: None,
         };
         engine.warm_up_and_capture(options.cuda_graphs)?;
@@ -546,7 +552,10 @@ impl CudaEngine {
 
     fn upload_inputs(&mut self, chunk: &Chunk) -> Result<(), CudaError> {
         let m = self.plan.sizes().max_tokens;
-        let words = &mut self.host_inputs;
+        let words = self
+            .host_inputs
+            .as_mut_slice()
+            .map_err(CudaError::driver("mapping the pinned step inputs"))?;
         words.fill(0);
         words[2 * m..3 * m].fill(NO_SEQUENCE);
         for (i, &id) in chunk.ids.iter().enumerate() {
@@ -558,7 +567,19 @@ impl CudaEngine {
             words[3 * m + i] = r as i32;
         }
         let all: Region<i32> = self.plan.inputs.all.clone();
-        plan::upload(self.device.stream(), &all, words, "the step inputs")
+        if all.len_elems() < words.len() {
+            return Err(CudaError::Dead("the step-input region is too small".into()));
+        }
+        // SAFETY: the region holds every word; the pinned words are not written again before the
+        // chunk's read-back has waited for the stream (which orders this copy first).
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                all.address(),
+                &*words,
+                self.device.stream().cu_stream(),
+            )
+        }
+        .map_err(CudaError::driver("uploading the step inputs"))
     }
 
     /// Runs one chunk and appends its rows to `out`; with `samplers` (one per row of the chunk) the
@@ -715,6 +736,13 @@ impl CudaEngine {
             out.push(Some(id));
         }
         Ok(out)
+    }
+}
+
+impl Drop for CudaEngine {
+    fn drop(&mut self) {
+        // Nothing may still be copying from the pinned inputs or into freed memory when the fields go.
+        let _ = self.device.stream().synchronize();
     }
 }
 
