@@ -27,9 +27,15 @@ fn conversations() -> Vec<Vec<ChatMessage>> {
             ChatMessage::assistant("4"),
             ChatMessage::user("And 3+3?"),
         ],
-        vec![ChatMessage::assistant("first"), ChatMessage::assistant("second")],
+        vec![
+            ChatMessage::assistant("first"),
+            ChatMessage::assistant("second"),
+        ],
         vec![ChatMessage::new("tool", "{\"x\": 1}")],
-        vec![ChatMessage::user(""), ChatMessage::assistant("[INST] <s></s> {{ x }} {% raw %}")],
+        vec![
+            ChatMessage::user(""),
+            ChatMessage::assistant("[INST] <s></s> {{ x }} {% raw %}"),
+        ],
         vec![ChatMessage::user("ünïcödé \u{0} \u{10FFFF} é")],
         vec![],
     ]

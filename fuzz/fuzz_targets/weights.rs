@@ -25,8 +25,12 @@ fuzz_target!(|data: &[u8]| {
         (mixtral_fuzz::scratch_dir("weights"), config)
     });
     mixtral_fuzz::write(&dir.join(SINGLE_FILE), data);
-    let Ok(checkpoint) = Checkpoint::open(dir) else { return };
-    let Ok(weights) = ModelWeights::from_checkpoint(&checkpoint, config) else { return };
+    let Ok(checkpoint) = Checkpoint::open(dir) else {
+        return;
+    };
+    let Ok(weights) = ModelWeights::from_checkpoint(&checkpoint, config) else {
+        return;
+    };
     for w in weights.all() {
         assert_eq!(w.data().len(), w.rows * w.cols);
     }
@@ -54,5 +58,8 @@ fuzz_target!(|data: &[u8]| {
 
 /// A greedy pick: refuses non-finite logits with a typed error.
 fn pick(logits: &[f32]) -> Option<u32> {
-    Sampler::new(SamplingParams::greedy()).ok()?.sample(logits, &[]).ok()
+    Sampler::new(SamplingParams::greedy())
+        .ok()?
+        .sample(logits, &[])
+        .ok()
 }

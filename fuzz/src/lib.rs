@@ -50,7 +50,12 @@ pub fn weights_spec() -> RandomModelSpec {
 pub fn touch_all(checkpoint: &Checkpoint) -> f64 {
     let mut sum = 0.0f64;
     for tensor in checkpoint.iter() {
-        let _ = (tensor.name(), tensor.shape(), tensor.path(), tensor.file_offset());
+        let _ = (
+            tensor.name(),
+            tensor.shape(),
+            tensor.path(),
+            tensor.file_offset(),
+        );
         assert_eq!(
             tensor.bytes().len(),
             tensor.num_elements() * tensor.dtype().size(),
