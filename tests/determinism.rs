@@ -57,6 +57,10 @@ fn seeded(seed: u64) -> GenerateOptions {
     })
 }
 
+/// A batch of prompts, the index of the target in it, and after how many tokens its neighbours
+/// are cancelled (`None`: never).
+type Batch<'a> = (Vec<&'a [u32]>, usize, Option<usize>);
+
 fn alone(engine: &mut CpuEngine, prompt: &[u32], options: &GenerateOptions) -> GenerationOutput {
     generate(engine, tokenizer(), prompt, options, |_| {
         ControlFlow::Continue(())
@@ -100,8 +104,7 @@ fn tokens_do_not_depend_on_batch_neighbours() {
     for options in [GenerateOptions::greedy(NEW_TOKENS), seeded(99)] {
         let mut engine = engine();
         let reference = alone(&mut engine, &target, &options);
-        // (batch, index of the target in it, neighbours cancelled after that many tokens)
-        let batches: Vec<(Vec<&[u32]>, usize, Option<usize>)> = vec![
+        let batches: Vec<Batch<'_>> = vec![
             (vec![&target, &neighbours[0], &neighbours[1]], 0, None),
             (vec![&neighbours[2], &target], 1, None),
             (
@@ -208,7 +211,7 @@ fn target_logits(
 #[test]
 fn logits_are_bitwise_independent_of_batch_threads_and_chunking() {
     let target = encode("Seven amber lanterns hung over the quiet northern harbor");
-    let neighbours = vec![
+    let neighbours = [
         encode("Hello"),
         encode("river stone violet engine quiet harbor seven amber north lantern river stone"),
         encode("Why is the sky blue?"),

@@ -26,11 +26,20 @@ fn too_many_expert_mlps_in_all_is_refused() {
     ]);
     let err = ModelConfig::from_json_str(&text, Path::new("config.json")).unwrap_err();
     assert!(
-        matches!(err, ConfigError::Invalid { field: "num_local_experts", .. }),
+        matches!(
+            err,
+            ConfigError::Invalid {
+                field: "num_local_experts",
+                ..
+            }
+        ),
         "{err}"
     );
     let message = err.to_string();
-    assert!(message.contains("config.json") && message.contains("4096"), "{message}");
+    assert!(
+        message.contains("config.json") && message.contains("4096"),
+        "{message}"
+    );
 
     // The largest released shapes stay accepted: 56 layers of 8 experts (Mixtral-8x22B), and
     // the bound itself.
