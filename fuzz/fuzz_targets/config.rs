@@ -18,8 +18,8 @@ fuzz_target!(|data: &[u8]| {
             check(&config);
         }
     }
-    // The file path: any bytes (invalid UTF-8 included), then as a generation_config.json merged
-    // into the base configuration of the seed corpus's first file.
+    // Through a file: any bytes (invalid UTF-8 included); then the same file merged as a
+    // generation_config.json into the configuration it gave.
     let path = dir.join("config.json");
     mixtral_fuzz::write(&path, data);
     if let Ok(mut config) = ModelConfig::from_file(&path) {
