@@ -34,9 +34,9 @@ fuzz_target!(|data: &[u8]| {
 
 /// Everything a loader derives from a valid configuration.
 fn check(config: &ModelConfig) {
-    assert!(config.num_kv_heads > 0 && config.num_heads % config.num_kv_heads == 0);
+    assert!(config.num_kv_heads > 0 && config.num_heads.is_multiple_of(config.num_kv_heads));
     assert!(config.experts_per_token >= 1 && config.experts_per_token <= config.num_experts);
-    assert!(config.head_dim % 2 == 0 && config.head_dim > 0);
+    assert!(config.head_dim.is_multiple_of(2) && config.head_dim > 0);
     let _ = (config.group_size(), config.q_width(), config.kv_width());
     for id in config.bos_token_id.iter().chain(&config.eos_token_ids) {
         assert!((*id as usize) < config.vocab_size);

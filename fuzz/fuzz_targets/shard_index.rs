@@ -27,7 +27,7 @@ fn shard(path: &Path, names: &[&str]) {
         })
         .collect();
     let mut header = format!("{{{}}}", entries.join(",")).into_bytes();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let data: Vec<u8> = (0..names.len() * 2)
