@@ -15,9 +15,9 @@ fn tiny_config_with(edits: &[(&str, serde_json::Value)]) -> String {
     json.to_string()
 }
 
-/// Found by `config` (a timeout, then out of memory): 4096 layers of 4096 experts each passed
-/// every per-field limit, and the weight layout built from it listed 50 million tensors before any
-/// checkpoint was read. The product is now bounded.
+/// Found by `config` (a timeout on the seed `fuzz/corpus/config/limits.json`): 4096 layers of
+/// 4096 experts each passed every per-field limit, and the weight layout built from it listed 50
+/// million tensors before any checkpoint was read. The product is now bounded.
 #[test]
 fn too_many_expert_mlps_in_all_is_refused() {
     let text = tiny_config_with(&[
