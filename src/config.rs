@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 const ABSURD: u64 = 1 << 24;
 /// Largest vocabulary accepted.
 const MAX_VOCAB: u64 = 1 << 22;
+/// Most expert MLPs in all layers together (`num_hidden_layers * num_local_experts`); Mixtral-8x22B
+/// has 448. Bounds the weight layout built from the config before any checkpoint is read.
+const MAX_EXPERT_MLPS: usize = 1 << 16;
 
 /// What went wrong reading or validating a config file.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +164,16 @@ impl ModelConfig {
             }
             Architecture::Mistral => (1, 1),
         };
+        let num_layers = fields.size("num_hidden_layers", 1 << 12)?;
+        if num_layers.saturating_mul(num_experts) > MAX_EXPERT_MLPS {
+            return Err(fields.invalid(
+                "num_local_experts",
+                format!(
+                    "{num_experts} experts in each of {num_layers} layers is more than \
+                     {MAX_EXPERT_MLPS} expert MLPs in all"
+                ),
+            ));
+        }
         let rope_theta = fields.rope_theta()?;
         let sliding_window = match fields.get("sliding_window") {
             None | Some(Value::Null) => None,
@@ -184,7 +197,7 @@ impl ModelConfig {
             vocab_size,
             hidden_size,
             intermediate_size: fields.size("intermediate_size", ABSURD)?,
-            num_layers: fields.size("num_hidden_layers", 1 << 12)?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,

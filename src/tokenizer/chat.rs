@@ -147,6 +147,10 @@ fn template_text(value: &Json) -> Option<String> {
 }
 
 /// A compiled chat template.
+/// Instructions one render may execute: far above what a real chat needs (the released Mixtral
+/// template spends a few hundred per message), far below a runaway loop.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 pub(super) struct ChatTemplate {
     env: Environment<'static>,
 }
@@ -165,6 +169,9 @@ impl ChatTemplate {
         env.set_syntax(syntax);
         env.add_function("raise_exception", raise_exception);
         env.set_unknown_method_callback(super::pymethods::call);
+        // A template is a program: bound the work one render may do, so a hostile loop fails the
+        // render instead of hanging the caller.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| template_error(path, &e))?;
         Ok(Self { env })
