@@ -173,6 +173,13 @@ impl Tokenizer {
         )
     }
 
+    /// Replaces the chat template with `source` (compiled with the same settings as a loaded one);
+    /// `origin` names where it came from in errors. On error the tokenizer keeps its template.
+    pub fn set_chat_template(&mut self, source: String, origin: &Path) -> Result<(), TokenizerError> {
+        self.template = Some(ChatTemplate::compile(origin, source)?);
+        Ok(())
+    }
+
     /// Loads a `tokenizer.json`, an optional `tokenizer_config.json` and an optional chat template
     /// file (whose text overrides the config's `chat_template`). Without a config the special tokens
     /// are `<s>` / `</s>` and chats use the built-in Mixtral `[INST]` format.
