@@ -175,7 +175,11 @@ impl Tokenizer {
 
     /// Replaces the chat template with `source` (compiled with the same settings as a loaded one);
     /// `origin` names where it came from in errors. On error the tokenizer keeps its template.
-    pub fn set_chat_template(&mut self, source: String, origin: &Path) -> Result<(), TokenizerError> {
+    pub fn set_chat_template(
+        &mut self,
+        source: String,
+        origin: &Path,
+    ) -> Result<(), TokenizerError> {
         self.template = Some(ChatTemplate::compile(origin, source)?);
         Ok(())
     }
