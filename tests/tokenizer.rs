@@ -602,3 +602,26 @@ fn encode_adds_exactly_one_bos() {
         })
         .unwrap();
 }
+
+/// A replaced template renders in place of the directory's; one that does not compile is a typed
+/// error naming its origin and leaves the previous template in use.
+#[test]
+fn set_chat_template_replaces_the_template_or_keeps_it() {
+    let mut tok = Tokenizer::from_dir(&model_dir()).expect("tokenizer");
+    let chat = [ChatMessage::user("hi there")];
+    let released = tok.render_chat(&chat).expect("released template");
+    tok.set_chat_template(
+        "{{ bos_token }}<<{{ messages[0].content | upper }}>>".to_string(),
+        Path::new("custom.jinja"),
+    )
+    .expect("compiles");
+    let custom = tok.render_chat(&chat).expect("custom template");
+    assert_eq!(custom, "<s><<HI THERE>>");
+    assert_ne!(custom, released);
+    let err = tok
+        .set_chat_template("{% for %}".to_string(), Path::new("broken.jinja"))
+        .unwrap_err();
+    assert!(matches!(err, TokenizerError::Template { .. }), "{err}");
+    assert!(err.to_string().contains("broken.jinja"), "{err}");
+    assert_eq!(tok.render_chat(&chat).expect("still custom"), custom);
+}
