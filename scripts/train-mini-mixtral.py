@@ -60,6 +60,8 @@ def parse_args():
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--heldout-tokens", type=int, default=500, help="size of heldout.txt")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budget, output in /tmp")
+    p.add_argument("--rescore", action="store_true",
+                   help="only recompute the transformers perplexity of OUT/heldout.txt into training.json")
     a = p.parse_args()
     if a.quick:
         a.budget_min = 0.5
@@ -133,6 +135,9 @@ def heldout_text(tok, docs, max_tokens):
 
 
 def encode_stream(tok, docs):
+    """Every document as `<s> <s> text </s>`: the tokenizer's post-processor adds one BOS and
+    this adds another (the run that produced the committed model did so; kept so that this
+    script reproduces it)."""
     ids = []
     for enc in tok.encode_batch([t for _, t in docs]):
         ids.append(BOS)
@@ -203,7 +208,8 @@ def saved_perplexity(out, tok):
         text = f.read()
     if text.endswith("\n"):
         text = text[:-1]
-    ids = torch.tensor([[BOS] + tok.encode(text).ids])
+    ids = torch.tensor([tok.encode(text).ids])  # the post-processor puts BOS first
+    assert ids[0, 0].item() == BOS and ids[0, 1].item() != BOS
     logits = model(input_ids=ids).logits[0, :-1].double()
     lp = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])
     return math.exp(-lp.mean().item()), ids.shape[1] - 1
@@ -212,6 +218,19 @@ def saved_perplexity(out, tok):
 def main():
     a = parse_args()
     torch.set_num_threads(a.threads)
+    if a.rescore:
+        tok = Tokenizer.from_file(os.path.join(TOKENIZER_DIR, "tokenizer.json"))
+        ppl, n_scored = saved_perplexity(a.out, tok)
+        path = os.path.join(a.out, "training.json")
+        with open(path) as f:
+            figures = json.load(f)
+        figures["heldout_txt_tokens_scored"] = n_scored
+        figures["heldout_txt_perplexity_transformers"] = round(ppl, 6)
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=2)
+            f.write("\n")
+        print(f"transformers perplexity of heldout.txt: {ppl:.6f} over {n_scored} tokens")
+        return
     torch.manual_seed(a.seed)
     random.seed(a.seed)
     started = time.time()
