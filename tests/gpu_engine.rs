@@ -431,3 +431,24 @@ fn device_sampling_draws_what_the_host_sampler_draws_from_the_same_logits() {
     assert!(matches!(refused, Err(EngineError::InvalidOptions(_))));
     assert_eq!(gpu.sequence_len(device_seq).unwrap(), len);
 }
+
+#[test]
+fn greedy_matches_the_cpu_on_the_trained_model() {
+    let _lock = lock();
+    let dir = root().join("models/mini-mixtral");
+    let model = load(&dir);
+    let Some(mut gpu) = gpu_engine(&model, small_options(), "trained_model") else {
+        return;
+    };
+    let tokenizer = model.tokenizer.as_ref().expect("tokenizer");
+    let prompt = tokenizer
+        .encode("To install a package, run", true)
+        .expect("encode");
+    let (cpu_ids, cpu_logits) = greedy(&mut cpu_engine(&model), &prompt, 24);
+    let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, 24);
+    for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
+        let err = rel_l2(g, c);
+        assert!(err <= LOGITS_REL_L2, "step {i}: rel L2 {err:e}");
+    }
+    assert_eq!(gpu_ids, cpu_ids);
+}
