@@ -1036,6 +1036,21 @@ pub fn moe_gemv(
     shape: &MoeShape,
     b: MoeBuffers<'_>,
 ) -> Result<(), CudaError> {
+    launch_moe(kernels, stream, shape, b, plan_moe)
+}
+
+/// A planner of the expert kernels: the two launches (up, down) for the shapes and buffers, or none.
+type MoePlanner = fn(&MoeShape, &MoeBufs) -> Result<Option<[Launch<MoeParams>; 2]>, CudaError>;
+
+/// Takes the addresses of `b`, plans the two expert launches with `planner` and issues them (the
+/// shared body of [`moe_gemv`] and [`moe_grouped_gemm`]).
+fn launch_moe(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &MoeShape,
+    b: MoeBuffers<'_>,
+    planner: MoePlanner,
+) -> Result<(), CudaError> {
     let (x, _x) = read(b.x, stream);
     let (w1, _w1) = read(b.w1, stream);
     let (w3, _w3) = read(b.w3, stream);
@@ -1056,7 +1071,7 @@ pub fn moe_gemv(
         act,
         out,
     };
-    if let Some(plans) = plan_moe(shape, &bufs)? {
+    if let Some(plans) = planner(shape, &bufs)? {
         for plan in &plans {
             launch(kernels, stream, plan)?;
         }

@@ -9,7 +9,7 @@
 use cudarc::driver::CudaStream;
 
 use super::{
-    moe_gemv, moe_params, read, write, Check, CudaError, KernelFamily, Kernels, Launch, MoeBuffers,
+    launch_moe, moe_gemv, moe_params, Check, CudaError, KernelFamily, Kernels, Launch, MoeBuffers,
     MoeBufs, MoeParams, MoeShape, ROUTER_MAX_EXPERTS,
 };
 use crate::cuda::params::{MOE_GROUPED_BM, MOE_GROUPED_BN, MOE_GROUPED_THREADS};
@@ -91,32 +91,7 @@ pub fn moe_grouped_gemm(
     shape: &MoeShape,
     b: MoeBuffers<'_>,
 ) -> Result<(), CudaError> {
-    let (x, _x) = read(b.x, stream);
-    let (w1, _w1) = read(b.w1, stream);
-    let (w3, _w3) = read(b.w3, stream);
-    let (w2, _w2) = read(b.w2, stream);
-    let (topk_weights, _topk_weights) = read(b.topk_weights, stream);
-    let (expert_offsets, _expert_offsets) = read(b.expert_offsets, stream);
-    let (sorted_slots, _sorted_slots) = read(b.sorted_slots, stream);
-    let (act, _act) = write(b.act, stream);
-    let (out, _out) = write(b.out, stream);
-    let bufs = MoeBufs {
-        x,
-        w1,
-        w3,
-        w2,
-        topk_weights,
-        expert_offsets,
-        sorted_slots,
-        act,
-        out,
-    };
-    if let Some(plans) = plan_moe_grouped(shape, &bufs)? {
-        for plan in &plans {
-            super::launch(kernels, stream, plan)?;
-        }
-    }
-    Ok(())
+    launch_moe(kernels, stream, shape, b, plan_moe_grouped)
 }
 
 /// Picks [`moe_gemv`] below [`MOE_GROUPED_MIN_TOKENS`] tokens and [`moe_grouped_gemm`] from it on;
