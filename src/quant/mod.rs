@@ -17,6 +17,7 @@ pub mod int4;
 pub mod int8;
 pub mod load;
 pub mod memory;
+pub mod packed;
 
 use crate::dtype::RawDType;
 use crate::weights::WeightsError;
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 
 pub use load::{declared_format, load_weights, GptqZeros, QuantizedWeights};
 pub use memory::{estimate_memory, MemoryEstimate};
+pub use packed::{PackedKind, PackedMatrix};
 
 /// A weight format of the quantizable projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
