@@ -1406,3 +1406,6 @@ pub use fill::*;
 
 #[cfg(test)]
 mod tests;
+
+mod quant;
+pub use quant::*;
