@@ -371,7 +371,7 @@ impl ModelWeights {
     pub fn total_bytes(&self) -> u64 {
         self.distinct()
             .iter()
-            .map(|w| w.tensor.bytes().len() as u64)
+            .map(|w| w.tensor.stored_bytes() as u64)
             .sum()
     }
 
@@ -394,7 +394,12 @@ impl ModelWeights {
     /// Reads every weight page once (so the first token does not pay the page faults), reporting
     /// progress as it goes: about every 64 MiB, and once at the end with `done_bytes == total_bytes`.
     pub fn prefetch(&self, progress: &dyn Fn(LoadProgress)) {
-        let weights = self.distinct();
+        // Owned data (dequantized or packed projections) is already in memory.
+        let weights: Vec<&Weight> = self
+            .distinct()
+            .into_iter()
+            .filter(|w| !w.tensor.is_owned())
+            .collect();
         let total_bytes = weights.iter().map(|w| w.tensor.bytes().len() as u64).sum();
         let mut done_bytes = 0u64;
         let mut reported = 0u64;

@@ -23,10 +23,11 @@ pub use writer::{
 };
 
 use crate::dtype::{DType, RawDType, WeightSlice};
+use crate::quant::PackedMatrix;
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// File name of a single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -47,6 +48,14 @@ enum ShardBytes {
     Mapped(Mmap),
     /// f32 elements owned in memory (so the bytes are aligned for f32).
     OwnedF32(Vec<f32>),
+    /// A quantized matrix in the packed layout; its f32 elements are dequantized on first use
+    /// (the CPU path) and never otherwise (the GPU uploads the packed form).
+    Packed {
+        /// The packed matrix.
+        packed: Arc<PackedMatrix>,
+        /// Its dequantized elements, once asked for.
+        values: OnceLock<Vec<f32>>,
+    },
 }
 
 impl std::ops::Deref for ShardBytes {
@@ -55,6 +64,9 @@ impl std::ops::Deref for ShardBytes {
         match self {
             ShardBytes::Mapped(m) => m,
             ShardBytes::OwnedF32(v) => bytemuck::cast_slice(v),
+            ShardBytes::Packed { packed, values } => {
+                bytemuck::cast_slice(values.get_or_init(|| packed.dequantize()))
+            }
         }
     }
 }
@@ -155,9 +167,54 @@ impl TensorView {
             len,
         })
     }
-    /// True when the data is owned in memory ([`TensorView::from_f32`]) rather than mapped.
+    /// A quantized matrix held packed (`shape` `[rows, cols]` of `packed`): its f32 elements are
+    /// computed by [`PackedMatrix::dequantize`] the first time [`TensorView::data`] or
+    /// [`TensorView::bytes`] is called, and [`TensorView::packed`] gives the packed form. `path` is
+    /// the file it was derived from. `None` when `shape` is not `[packed.rows, packed.cols]`.
+    pub fn from_packed(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        packed: Arc<PackedMatrix>,
+        path: impl Into<PathBuf>,
+    ) -> Option<TensorView> {
+        if shape != [packed.rows, packed.cols] {
+            return None;
+        }
+        let len = packed.rows.checked_mul(packed.cols)?.checked_mul(4)?;
+        Some(TensorView {
+            shard: Arc::new(Shard {
+                path: path.into(),
+                map: ShardBytes::Packed {
+                    packed,
+                    values: OnceLock::new(),
+                },
+            }),
+            name: name.into(),
+            dtype: DType::F32,
+            shape,
+            start: 0,
+            len,
+        })
+    }
+    /// The packed form of a quantized matrix ([`TensorView::from_packed`]), else `None`.
+    pub fn packed(&self) -> Option<&Arc<PackedMatrix>> {
+        match &self.shard.map {
+            ShardBytes::Packed { packed, .. } => Some(packed),
+            _ => None,
+        }
+    }
+    /// True when the data is owned in memory ([`TensorView::from_f32`], [`TensorView::from_packed`])
+    /// rather than mapped.
     pub fn is_owned(&self) -> bool {
-        matches!(self.shard.map, ShardBytes::OwnedF32(_))
+        !matches!(self.shard.map, ShardBytes::Mapped(_))
+    }
+    /// Bytes the data occupies as held: the mapped or owned bytes, or a packed matrix's codes,
+    /// parameters and permutation (without forcing its dequantization).
+    pub fn stored_bytes(&self) -> usize {
+        match &self.shard.map {
+            ShardBytes::Packed { packed, .. } => packed.stored_bytes(),
+            _ => self.len,
+        }
     }
     /// True when both views cover the same bytes of the same mapping.
     pub(crate) fn same_data(&self, other: &TensorView) -> bool {

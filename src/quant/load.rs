@@ -1,5 +1,9 @@
 //! Builds [`ModelWeights`] whose quantizable projections (attention q/k/v/o, expert w1/w2/w3) are
-//! quantized, dequantized to owned f32 tensors for the CPU reference engine.
+//! quantized and held in the packed layout of [`super::packed`] ([`TensorView::from_packed`]): the
+//! GPU engine uploads that layout, the CPU reference engine dequantizes each matrix to f32 the first
+//! time it reads it. (A GPTQ layer whose groups are not equal runs of columns, and 4-bit on load of
+//! a matrix with an odd column count, are held dequantized instead: the packed layout cannot
+//! express them.)
 //!
 //! Per projection `<p>.weight` (shape `[out, in]` from the config), the first that applies:
 //! - `<p>.qweight` exists: GPTQ 4-bit (see [`super::int4`]): `<p>.qweight` I32 `[in/8, out]`,
@@ -16,6 +20,7 @@
 //! Every other tensor is taken exactly as [`ModelWeights::from_checkpoint`] takes it (memory-mapped,
 //! no copy) and must be stored in a float type.
 
+use super::packed::{self, LayoutError, PackedMatrix};
 use super::{fp8, int4, int8, QuantError, QuantFormat};
 use crate::checkpoint::{Checkpoint, RawTensor, TensorView};
 use crate::config::ModelConfig;
@@ -25,6 +30,7 @@ use crate::weights::{
 };
 use rayon::prelude::*;
 use std::path::Path;
+use std::sync::Arc;
 
 /// How a GPTQ checkpoint stores its zero points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -105,7 +111,7 @@ pub fn declared_format(path: &Path) -> Option<QuantFormat> {
 /// The weights and the format their quantized projections are in.
 #[derive(Debug)]
 pub struct QuantizedWeights {
-    /// The weights; quantized projections hold owned, dequantized f32 data.
+    /// The weights; quantized projections are held packed (see the module documentation).
     pub weights: ModelWeights,
     /// The format of the first quantized projection found (`None` when none is quantized).
     pub format: Option<QuantFormat>,
@@ -218,8 +224,11 @@ fn projection(
     let qweight_name = format!("{base}.qweight");
     if let Some(qweight) = checkpoint.raw_tensor(&qweight_name) {
         no_conflict(&qweight_name, quantize, QuantFormat::Int4)?;
-        let data = gptq(checkpoint, base, &qweight, rows, cols, zeros)?;
-        return Ok((owned(spec, data, qweight.path())?, Some(QuantFormat::Int4)));
+        let w = match gptq(checkpoint, base, &qweight, rows, cols, zeros)? {
+            Gptq::Packed(p) => packed_weight(spec, p, qweight.path())?,
+            Gptq::Dequantized(data) => owned(spec, data, qweight.path())?,
+        };
+        return Ok((w, Some(QuantFormat::Int4)));
     }
     let Some(raw) = checkpoint.raw_tensor(&spec.name) else {
         return Err(WeightsError::Missing {
@@ -233,9 +242,16 @@ fn projection(
             let Some(format) = quantize else {
                 return Ok((w, None));
             };
-            let data =
-                quantize_dequantize(format, &w.data().to_f32_vec(), rows, cols).unwrap_or_default();
-            Ok((owned(spec, data, w.tensor.path())?, Some(format)))
+            let values = w.data().to_f32_vec();
+            let weight = match packed::quantize(format, &values, rows, cols) {
+                Ok(Some(p)) => packed_weight(spec, p, w.tensor.path())?,
+                // Not packable (4-bit with an odd column count): quantized and dequantized here.
+                Ok(None) | Err(_) => {
+                    let data = quantize_dequantize(format, &values, rows, cols).unwrap_or_default();
+                    owned(spec, data, w.tensor.path())?
+                }
+            };
+            Ok((weight, Some(format)))
         }
         RawDType::F8E4M3 => {
             no_conflict(&spec.name, quantize, QuantFormat::Fp8)?;
@@ -251,8 +267,9 @@ fn projection(
                 });
             }
             let scales = weight_scales(checkpoint, &spec.name, rows)?;
-            let data = fp8::dequantize(codes, &scales, cols).unwrap_or_default();
-            Ok((owned(spec, data, raw.path())?, Some(QuantFormat::Fp8)))
+            let p = PackedMatrix::fp8(codes.to_vec(), &scales, rows, cols)
+                .map_err(|e| unsupported(&raw, &spec.name, e))?;
+            Ok((packed_weight(spec, p, raw.path())?, Some(QuantFormat::Fp8)))
         }
         RawDType::I8 => {
             no_conflict(&spec.name, quantize, QuantFormat::Int8)?;
@@ -261,8 +278,9 @@ fn projection(
             })?;
             let codes: Vec<i8> = raw.bytes().iter().map(|&b| b as i8).collect();
             let scales = weight_scales(checkpoint, &spec.name, rows)?;
-            let data = int8::dequantize(&codes, &scales, cols).unwrap_or_default();
-            Ok((owned(spec, data, raw.path())?, Some(QuantFormat::Int8)))
+            let p = PackedMatrix::int8(&codes, &scales, rows, cols)
+                .map_err(|e| unsupported(&raw, &spec.name, e))?;
+            Ok((packed_weight(spec, p, raw.path())?, Some(QuantFormat::Int8)))
         }
         other => Err(QuantError::DType {
             path: raw.path().to_path_buf(),
@@ -310,6 +328,35 @@ fn no_conflict(
         }),
         _ => Ok(()),
     }
+}
+
+/// A weight for `spec` held packed (dequantized on first CPU use), derived from the file `path`.
+fn packed_weight(spec: &TensorSpec, p: PackedMatrix, path: &Path) -> Result<Weight, QuantError> {
+    let (rows, cols) = dims(spec);
+    let found = vec![p.rows, p.cols];
+    let tensor = TensorView::from_packed(&spec.name, spec.shape.clone(), Arc::new(p), path)
+        .ok_or_else(|| QuantError::Shape {
+            path: path.to_path_buf(),
+            tensor: spec.name.clone(),
+            expected: format!("{:?}", spec.shape),
+            found,
+        })?;
+    Ok(Weight { rows, cols, tensor })
+}
+
+/// A packing refusal as a typed error naming the tensor.
+fn unsupported(raw: &RawTensor, tensor: &str, e: LayoutError) -> QuantError {
+    QuantError::Unsupported {
+        path: raw.path().to_path_buf(),
+        tensor: tensor.into(),
+        reason: e.to_string(),
+    }
+}
+
+/// A GPTQ projection: packed, or (groups that are not equal runs) dequantized.
+enum Gptq {
+    Packed(PackedMatrix),
+    Dequantized(Vec<f32>),
 }
 
 /// An owned f32 weight for `spec`, derived from the file `path`.
@@ -433,7 +480,7 @@ fn gptq(
     rows: usize,
     cols: usize,
     zeros: GptqZeros,
-) -> Result<Vec<f32>, QuantError> {
+) -> Result<Gptq, QuantError> {
     let weight = format!("{base}.weight");
     if !cols.is_multiple_of(8) || !rows.is_multiple_of(8) {
         return Err(QuantError::Unsupported {
@@ -499,12 +546,16 @@ fn gptq(
         outputs: rows,
         groups,
     };
-    int4::dequantize_gptq(shape, &q, &qzeros, &scales, &g_idx, zeros.offset()).ok_or_else(|| {
-        QuantError::Shape {
+    if let Ok(p) = PackedMatrix::from_gptq(shape, &q, &qzeros, &scales, &g_idx, zeros.offset()) {
+        return Ok(Gptq::Packed(p));
+    }
+    // Groups that are not equal runs of columns: only the CPU reference can use this layout.
+    int4::dequantize_gptq(shape, &q, &qzeros, &scales, &g_idx, zeros.offset())
+        .map(Gptq::Dequantized)
+        .ok_or_else(|| QuantError::Shape {
             path: qweight.path().to_path_buf(),
             tensor: qweight.name().into(),
             expected: "tensors consistent with each other".into(),
             found: qweight.shape().to_vec(),
-        }
-    })
+        })
 }

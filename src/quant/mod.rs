@@ -8,9 +8,10 @@
 //! Only the attention projections (q, k, v, o) and the expert matrices (w1, w2, w3) are quantized;
 //! the router, the norms, the embedding and the LM head always stay in their stored precision.
 //!
-//! The CPU reference path dequantizes every quantized matrix to f32 at load (an owned
-//! [`crate::checkpoint::TensorView`]); the f32 CPU engine then runs unchanged. GPU kernels that
-//! read the packed formats directly are not part of this module.
+//! Quantized matrices are held in one packed layout ([`packed`]) whatever their source. The GPU
+//! engine uploads it as it is and its kernels dequantize in registers; the CPU reference path
+//! dequantizes each matrix to f32 on first use ([`PackedMatrix::dequantize`], the one definition of
+//! the values both backends use) and the f32 CPU engine runs unchanged.
 
 pub mod fp8;
 pub mod int4;

@@ -273,6 +273,11 @@ impl PackedMatrix {
         }
     }
 
+    /// Bytes held: codes, parameters and permutation.
+    pub fn stored_bytes(&self) -> usize {
+        self.codes.len() + 4 * self.params.len() + 4 * self.perm.as_ref().map_or(0, Vec::len)
+    }
+
     /// The code (0..=255, or 0..=15 for 4-bit) of stored column `j` of row `r`.
     fn code(&self, r: usize, j: usize) -> u8 {
         match self.kind {
