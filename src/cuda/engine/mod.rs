@@ -14,6 +14,7 @@
 
 pub mod graph;
 pub mod inputs;
+pub mod matrix;
 pub mod plan;
 pub mod upload;
 
@@ -24,9 +25,11 @@ use cudarc::driver::PinnedHostSlice;
 
 use self::graph::DecodeGraph;
 use self::inputs::{decode_buckets, schedule_step, Chunk, ChunkKind, NO_SEQUENCE};
+use self::matrix::StackFormat;
 use self::plan::{plan_bytes, Attention, Pass, Plan, PlanSizes};
 use self::upload::{
-    allocate_weights, device_weight_bytes, is_tied, randomize_weights, upload_weights, GpuWeights,
+    allocate_weights, device_weight_bytes, is_tied, randomize_weights, upload_weights,
+    weight_formats, GpuWeights, LayerFormats,
 };
 use super::device::CudaDevice;
 use super::error::CudaError;
@@ -40,6 +43,7 @@ use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::engine::{Engine, EngineError, LogitsFor, SeqId, SeqStep, StepOutput};
 use crate::kv::{KvLimits, PagedKv};
+use crate::quant::{int4, PackedKind, QuantFormat};
 use crate::sampling::{Rng, Sampler};
 use crate::weights::ModelWeights;
 
@@ -83,8 +87,12 @@ impl Default for CudaEngineOptions {
 /// Device memory a [`CudaEngine`] holds, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryUse {
-    /// The weights (bf16).
+    /// The weights (bf16 and packed stacks) and the scratch packed stacks are expanded into for
+    /// large chunks.
     pub weights: usize,
+    /// Projection stacks held packed (quantized) on the device, of `5 * layers` (q/k/v, o, w1, w3,
+    /// w2 of each layer); the others are bf16.
+    pub packed_stacks: usize,
     /// Activations, inputs and the KV cache.
     pub plan: usize,
     /// KV blocks in the pool.
@@ -189,6 +197,9 @@ pub enum WeightSource<'a> {
         config: &'a ModelConfig,
         /// Seed of the values.
         seed: u32,
+        /// Storage of every projection stack (bf16, or packed in a quantized format: then the codes
+        /// are made on the host and uploaded).
+        format: QuantFormat,
     },
 }
 
@@ -210,7 +221,15 @@ impl CudaEngine {
         seed: u32,
         options: CudaEngineOptions,
     ) -> Result<CudaEngine, CudaError> {
-        Self::build(WeightSource::Random { config, seed }, options, None)
+        Self::build(
+            WeightSource::Random {
+                config,
+                seed,
+                format: QuantFormat::Bf16,
+            },
+            options,
+            None,
+        )
     }
 
     /// Builds an engine over `source`.
@@ -219,9 +238,29 @@ impl CudaEngine {
         options: CudaEngineOptions,
         progress: Option<&dyn Fn(LoadProgress)>,
     ) -> Result<CudaEngine, CudaError> {
-        let (config, tied) = match source {
-            WeightSource::Checkpoint(w) => (w.config.clone(), is_tied(w)),
-            WeightSource::Random { config, .. } => (config.clone(), config.tie_word_embeddings),
+        let (config, tied, formats) = match source {
+            WeightSource::Checkpoint(w) => (w.config.clone(), is_tied(w), weight_formats(w)),
+            WeightSource::Random { config, format, .. } => {
+                let stack = match format {
+                    QuantFormat::Bf16 => StackFormat::Bf16,
+                    QuantFormat::Fp8 => StackFormat::Packed {
+                        kind: PackedKind::Fp8,
+                        perm: false,
+                    },
+                    QuantFormat::Int8 => StackFormat::Packed {
+                        kind: PackedKind::Int8,
+                        perm: false,
+                    },
+                    QuantFormat::Int4 => StackFormat::Packed {
+                        kind: PackedKind::Int4 {
+                            group_size: int4::GROUP_SIZE,
+                        },
+                        perm: false,
+                    },
+                };
+                let formats = vec![LayerFormats::all(stack); config.num_layers];
+                (config.clone(), config.tie_word_embeddings, formats)
+            }
         };
         let device = CudaDevice::new(options.device)?;
         device
@@ -233,7 +272,8 @@ impl CudaEngine {
             .context()
             .mem_get_info()
             .map_err(CudaError::driver("reading free device memory"))?;
-        let weight_bytes = device_weight_bytes(&config, tied);
+        let weight_bytes =
+            device_weight_bytes(&config, tied, &formats, options.max_step_tokens.max(1));
         let sizes = plan_sizes(&config, &options, free.saturating_sub(weight_bytes))?;
         let needed = weight_bytes + plan_bytes(&config, &sizes) + options.reserve_bytes;
         if needed > free {
@@ -249,15 +289,31 @@ impl CudaEngine {
         }
         let stream = Arc::clone(device.stream());
         let mut arena = DeviceArena::new(Arc::clone(&stream));
-        let gpu_weights = allocate_weights(&config, tied, &mut arena)?;
+        let gpu_weights = allocate_weights(
+            &config,
+            tied,
+            &formats,
+            options.max_step_tokens.max(1),
+            &mut arena,
+        )?;
         match source {
             WeightSource::Checkpoint(w) => {
                 upload_weights(w, &gpu_weights, device.context(), &stream, progress)?
             }
-            WeightSource::Random { seed, .. } => {
-                randomize_weights(&gpu_weights, &config, seed, &kernels, &stream)?
-            }
+            WeightSource::Random { seed, .. } => randomize_weights(
+                &gpu_weights,
+                &config,
+                seed,
+                &kernels,
+                device.context(),
+                &stream,
+            )?,
         }
+        let packed_stacks = formats
+            .iter()
+            .flat_map(|f| [f.qkv, f.o, f.w13, f.w13, f.w2])
+            .filter(|f| *f != StackFormat::Bf16)
+            .count();
         let weights_allocated = arena.bytes();
         let plan = Plan::new(&config, sizes, &mut arena, &stream)?;
         let max_context = options
@@ -281,6 +337,7 @@ impl CudaEngine {
             weights: gpu_weights,
             memory: MemoryUse {
                 weights: weights_allocated,
+                packed_stacks,
                 plan: arena.bytes() - weights_allocated,
                 kv_blocks: sizes.num_blocks,
                 free_before: free,

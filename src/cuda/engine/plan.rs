@@ -22,12 +22,13 @@ use super::super::module::Kernels;
 use super::super::ops::{
     self, attention_splits, Addend, ArgmaxBuffers, ArgmaxShape, AttentionDecodeBuffers,
     AttentionDecodeShape, AttentionPrefillBuffers, AttentionPrefillShape, EmbeddingBuffers,
-    EmbeddingOut, EmbeddingShape, LinearBuffers, LinearOut, LinearShape, MoeBuffers, MoeShape,
-    PagedCacheShape, RmsnormBuffers, RmsnormShape, RopeKvBuffers, RopeKvShape, RouterBuffers,
-    RouterShape, RNG_STATE_WORDS,
+    EmbeddingOut, EmbeddingShape, LinearBuffers, LinearOut, LinearShape, MoeShape, PagedCacheShape,
+    RmsnormBuffers, RmsnormShape, RopeKvBuffers, RopeKvShape, RouterBuffers, RouterShape,
+    RNG_STATE_WORDS,
 };
 use super::super::region::{DeviceArena, Region};
 use super::inputs::PrefillPiece;
+use super::matrix::{self, ExpertIo};
 use super::upload::GpuWeights;
 use crate::config::ModelConfig;
 use crate::cpu::rope::Rope;
@@ -383,7 +384,7 @@ impl Plan {
                     out: &mut self.xn,
                 },
             )?;
-            ops::linear(
+            matrix::project(
                 kernels,
                 stream,
                 &LinearShape {
@@ -391,14 +392,13 @@ impl Plan {
                     in_features: d.hidden,
                     out_features: d.qkv_width,
                 },
-                LinearBuffers {
-                    x: &self.xn,
-                    w: &w.qkv,
-                    out: LinearOut::Bf16(&mut self.qkv),
-                },
+                &self.xn,
+                &w.qkv,
+                LinearOut::Bf16(&mut self.qkv),
+                &weights.scratch,
             )?;
             self.attention_block(kernels, stream, l, tokens, attention)?;
-            ops::linear(
+            matrix::project(
                 kernels,
                 stream,
                 &LinearShape {
@@ -406,11 +406,10 @@ impl Plan {
                     in_features: d.q_width,
                     out_features: d.hidden,
                 },
-                LinearBuffers {
-                    x: &self.attn,
-                    w: &w.o,
-                    out: LinearOut::F32(&mut self.o_out),
-                },
+                &self.attn,
+                &w.o,
+                LinearOut::F32(&mut self.o_out),
+                &weights.scratch,
             )?;
             ops::rmsnorm(
                 kernels,
@@ -446,7 +445,7 @@ impl Plan {
                     sorted_slots: &mut self.sorted_slots,
                 },
             )?;
-            ops::moe_experts(
+            matrix::experts(
                 kernels,
                 stream,
                 &MoeShape {
@@ -456,17 +455,16 @@ impl Plan {
                     experts: d.experts,
                     top_k: d.top_k,
                 },
-                MoeBuffers {
+                [&w.w1, &w.w3, &w.w2],
+                ExpertIo {
                     x: &self.xn,
-                    w1: &w.w1,
-                    w3: &w.w3,
-                    w2: &w.w2,
                     topk_weights: &self.topk_weights,
                     expert_offsets: &self.expert_offsets,
                     sorted_slots: &self.sorted_slots,
                     act: &mut self.act,
                     out: &mut self.moe_out,
                 },
+                &weights.scratch,
             )?;
         }
         ops::rmsnorm(

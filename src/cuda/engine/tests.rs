@@ -106,3 +106,35 @@ fn no_room_still_plans_one_block_for_the_memory_check_to_refuse() {
     let sizes = plan_sizes(&config, &CudaEngineOptions::default(), 0).unwrap();
     assert_eq!(sizes.num_blocks, 1);
 }
+
+#[test]
+fn mixtral_8x7b_fits_an_80_gb_gpu_packed_in_8_bits_with_a_32k_context_but_not_in_bf16() {
+    use super::matrix::StackFormat;
+    use super::upload::{device_weight_bytes, LayerFormats};
+    use crate::quant::PackedKind;
+    let config = mixtral_8x7b();
+    // An H100 80GB reports about 79.1 GiB free with nothing else running.
+    let free: usize = 79 << 30;
+    let options = CudaEngineOptions {
+        max_context: Some(32768),
+        max_sequences: 1,
+        ..CudaEngineOptions::default()
+    };
+    let layers = |f| vec![LayerFormats::all(f); config.num_layers];
+    let bf16 = device_weight_bytes(&config, false, &layers(StackFormat::Bf16), 512);
+    assert!(bf16 > free, "bf16 Mixtral-8x7B: {bf16} bytes");
+    for kind in [
+        PackedKind::Fp8,
+        PackedKind::Int8,
+        PackedKind::Int4 { group_size: 128 },
+    ] {
+        let formats = layers(StackFormat::Packed { kind, perm: false });
+        let weights = device_weight_bytes(&config, false, &formats, options.max_step_tokens);
+        let sizes = plan_sizes(&config, &options, free - weights).unwrap();
+        assert_eq!(sizes.num_blocks, 2048, "{kind:?}: one full 32k context");
+        let needed = weights + plan_bytes(&config, &sizes) + options.reserve_bytes;
+        assert!(needed <= free, "{kind:?}: {needed} bytes");
+        // The 8-bit weights are about half of bf16 (plus the expert dequantization scratch).
+        assert!(weights < bf16 / 2 + (3 << 30), "{kind:?}: {weights} bytes");
+    }
+}

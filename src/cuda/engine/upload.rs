@@ -3,11 +3,14 @@
 //! there is never a second full host copy: while the device copies one chunk, the host converts the
 //! next into the other buffer (bf16 is copied as is, f16 / f32 are rounded to bf16 on the way).
 //!
-//! Layouts on the device (all bf16, row-major): per layer the fused `qkv` `[q_width + 2 kv_width,
-//! hidden]` (q rows, then k, then v), `o` `[hidden, q_width]`, the two norms `[hidden]`, the router
+//! Layouts on the device (row-major): per layer the fused `qkv` `[q_width + 2 kv_width, hidden]`
+//! (q rows, then k, then v), `o` `[hidden, q_width]`, the two norms `[hidden]`, the router
 //! `[experts, hidden]` (zeros for a dense model, whose one expert then gets weight 1), and the
 //! experts stacked: `w1`, `w3` `[experts, inter, hidden]`, `w2` `[experts, hidden, inter]`. Then the
 //! embedding `[vocab, hidden]`, the final norm and the LM head (the embedding's region when tied).
+//! Norms, router, embedding and LM head are bf16; each projection stack is bf16 or, when its
+//! matrices are quantized ([`weight_formats`]), packed (codes, scales, permutation: see
+//! [`super::matrix`]), copied as it is held in memory.
 
 use std::sync::Arc;
 
@@ -17,10 +20,16 @@ use half::bf16;
 use super::super::error::CudaError;
 use super::super::module::Kernels;
 use super::super::ops::{fill_random, FillShape};
-use super::super::region::{DeviceArena, Region};
+use super::super::params::LINEAR_GEMV_MAX_TOKENS;
+use super::super::region::{DeviceArena, Region, REGION_ALIGN};
+use super::matrix::{
+    stack_format, DequantScratch, DeviceMatrix, PackedRegions, StackFormat,
+    QUANT_MOE_GEMV_MAX_TOKENS,
+};
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::dtype::WeightSlice;
+use crate::quant::PackedKind;
 use crate::weights::{ModelWeights, Weight};
 
 /// Bytes of each pinned staging buffer.
@@ -34,19 +43,19 @@ pub struct LayerRegions {
     /// Norm before attention `[hidden]`.
     pub attn_norm: Region<bf16>,
     /// Fused q/k/v projection `[q_width + 2 kv_width, hidden]`.
-    pub qkv: Region<bf16>,
+    pub qkv: DeviceMatrix,
     /// Output projection `[hidden, q_width]`.
-    pub o: Region<bf16>,
+    pub o: DeviceMatrix,
     /// Norm before the experts `[hidden]`.
     pub ffn_norm: Region<bf16>,
     /// Router `[experts, hidden]`.
     pub gate: Region<bf16>,
     /// Gate projections `[experts, inter, hidden]`.
-    pub w1: Region<bf16>,
-    /// Up projections `[experts, inter, hidden]`.
-    pub w3: Region<bf16>,
+    pub w1: DeviceMatrix,
+    /// Up projections `[experts, inter, hidden]` (sharing w1's permutation when packed).
+    pub w3: DeviceMatrix,
     /// Down projections `[experts, hidden, inter]`.
-    pub w2: Region<bf16>,
+    pub w2: DeviceMatrix,
 }
 
 /// Every weight on the device.
@@ -60,20 +69,113 @@ pub struct GpuWeights {
     pub final_norm: Region<bf16>,
     /// LM head `[vocab, hidden]` (the embedding's region when tied).
     pub lm_head: Region<bf16>,
+    /// Where packed stacks are expanded for large chunks (empty when nothing is packed).
+    pub scratch: DequantScratch,
 }
 
-/// Bytes [`allocate_weights`] allocates for a model of `config` (`tied`: the LM head is the embedding).
-pub fn device_weight_bytes(config: &ModelConfig, tied: bool) -> usize {
+/// How each stack of one layer is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerFormats {
+    /// Fused q/k/v.
+    pub qkv: StackFormat,
+    /// o_proj.
+    pub o: StackFormat,
+    /// The w1 and w3 stacks (one format: they share their permutation).
+    pub w13: StackFormat,
+    /// The w2 stack.
+    pub w2: StackFormat,
+}
+
+impl LayerFormats {
+    /// Every stack in `format`.
+    pub fn all(format: StackFormat) -> LayerFormats {
+        LayerFormats {
+            qkv: format,
+            o: format,
+            w13: format,
+            w2: format,
+        }
+    }
+}
+
+/// The storage of every layer's stacks for `weights`: packed where [`stack_format`] allows.
+pub fn weight_formats(weights: &ModelWeights) -> Vec<LayerFormats> {
+    weights
+        .layers
+        .iter()
+        .map(|l| {
+            let w13: Vec<[&Weight; 2]> = l.experts.iter().map(|e| [&e.w1, &e.w3]).collect();
+            let w13: Vec<&[&Weight]> = w13.iter().map(|g| g.as_slice()).collect();
+            let w2: Vec<[&Weight; 1]> = l.experts.iter().map(|e| [&e.w2]).collect();
+            let w2: Vec<&[&Weight]> = w2.iter().map(|g| g.as_slice()).collect();
+            LayerFormats {
+                qkv: stack_format(&[&[&l.q_proj, &l.k_proj, &l.v_proj]]),
+                o: stack_format(&[&[&l.o_proj]]),
+                w13: stack_format(&w13),
+                w2: stack_format(&w2),
+            }
+        })
+        .collect()
+}
+
+/// Bytes [`allocate_weights`] allocates for a model of `config` (`tied`: the LM head is the
+/// embedding) with `formats` per layer and chunks of up to `max_tokens` tokens (the dequantization
+/// scratch); an upper bound (each region is rounded up to [`REGION_ALIGN`]).
+pub fn device_weight_bytes(
+    config: &ModelConfig,
+    tied: bool,
+    formats: &[LayerFormats],
+    max_tokens: usize,
+) -> usize {
     let c = config;
     let h = c.hidden_size;
     let experts = c.num_experts.max(1);
-    let per_layer = 2 * h
-        + (c.q_width() + 2 * c.kv_width()) * h
-        + h * c.q_width()
-        + experts * h
-        + 3 * experts * c.intermediate_size * h;
-    let elements = c.num_layers * per_layer + c.vocab_size * h * if tied { 1 } else { 2 } + h;
-    elements * std::mem::size_of::<bf16>()
+    let inter = c.intermediate_size;
+    let qkv_rows = c.q_width() + 2 * c.kv_width();
+    let mut bytes = 0;
+    let mut regions = 0;
+    for f in formats {
+        bytes += 2 * (2 * h + experts * h);
+        bytes += f.qkv.bytes(1, qkv_rows, h) + f.o.bytes(1, h, c.q_width());
+        bytes += 2 * f.w13.bytes(experts, inter, h) + f.w2.bytes(experts, h, inter);
+        regions += 3 + 5 * 3;
+    }
+    bytes += 2 * (c.vocab_size * h * if tied { 1 } else { 2 } + h);
+    regions += 3;
+    let scratch = scratch_elements(config, formats, max_tokens);
+    bytes += 2 * scratch.iter().sum::<usize>();
+    bytes + (regions + scratch.len()) * REGION_ALIGN
+}
+
+/// bf16 elements of the scratch buffers (dense, w1, w3, w2; 0 = none) packed stacks need for chunks
+/// of up to `max_tokens` tokens.
+fn scratch_elements(
+    config: &ModelConfig,
+    formats: &[LayerFormats],
+    max_tokens: usize,
+) -> [usize; 4] {
+    let c = config;
+    let h = c.hidden_size;
+    let experts = c.num_experts.max(1);
+    let mut dense = 0;
+    let mut expert = [0; 3];
+    for f in formats {
+        if max_tokens > LINEAR_GEMV_MAX_TOKENS as usize {
+            if f.qkv != StackFormat::Bf16 {
+                dense = dense.max((c.q_width() + 2 * c.kv_width()) * h);
+            }
+            if f.o != StackFormat::Bf16 {
+                dense = dense.max(h * c.q_width());
+            }
+        }
+        if max_tokens > QUANT_MOE_GEMV_MAX_TOKENS
+            && (f.w13 != StackFormat::Bf16 || f.w2 != StackFormat::Bf16)
+        {
+            let n = experts * c.intermediate_size * h;
+            expert = [n, n, n];
+        }
+    }
+    [dense, expert[0], expert[1], expert[2]]
 }
 
 /// True when the LM head is the embedding tensor.
@@ -81,10 +183,34 @@ pub fn is_tied(weights: &ModelWeights) -> bool {
     weights.lm_head.tensor.name() == weights.embed.tensor.name()
 }
 
-/// Allocates (zero-filled) every weight region of a model of `config` in `arena`.
+/// Allocates one stack of `count` matrices `[rows, cols]` in `format`.
+fn allocate_stack(
+    arena: &mut DeviceArena,
+    format: StackFormat,
+    shape: (usize, usize, usize),
+    share_perm: Option<&Region<u32>>,
+    what: &str,
+) -> Result<DeviceMatrix, CudaError> {
+    let (count, rows, cols) = shape;
+    match format {
+        StackFormat::Bf16 => Ok(DeviceMatrix::Bf16(arena.zeroed(count * rows * cols, what)?)),
+        StackFormat::Packed { kind, perm } => Ok(DeviceMatrix::Packed(PackedRegions::allocate(
+            arena,
+            (kind, perm),
+            shape,
+            share_perm,
+            what,
+        )?)),
+    }
+}
+
+/// Allocates (zero-filled) every weight region of a model of `config` with `formats` per layer in
+/// `arena`, and the dequantization scratch for chunks of up to `max_tokens` tokens.
 pub fn allocate_weights(
     config: &ModelConfig,
     tied: bool,
+    formats: &[LayerFormats],
+    max_tokens: usize,
     arena: &mut DeviceArena,
 ) -> Result<GpuWeights, CudaError> {
     let c = config;
@@ -92,19 +218,55 @@ pub fn allocate_weights(
     let experts = c.num_experts.max(1);
     let inter = c.intermediate_size;
     let mut layers = Vec::with_capacity(c.num_layers);
-    for l in 0..c.num_layers {
+    for (l, f) in formats.iter().enumerate().take(c.num_layers) {
+        let attn_norm = arena.zeroed(h, &format!("layer {l} input norm"))?;
+        let qkv = allocate_stack(
+            arena,
+            f.qkv,
+            (1, c.q_width() + 2 * c.kv_width(), h),
+            None,
+            &format!("layer {l} fused q/k/v projection"),
+        )?;
+        let o = allocate_stack(
+            arena,
+            f.o,
+            (1, h, c.q_width()),
+            None,
+            &format!("layer {l} o_proj"),
+        )?;
+        let ffn_norm = arena.zeroed(h, &format!("layer {l} ffn norm"))?;
+        let gate = arena.zeroed(experts * h, &format!("layer {l} router"))?;
+        let w1 = allocate_stack(
+            arena,
+            f.w13,
+            (experts, inter, h),
+            None,
+            &format!("layer {l} experts w1"),
+        )?;
+        let shared = w1.packed().and_then(|p| p.perm.clone());
+        let w3 = allocate_stack(
+            arena,
+            f.w13,
+            (experts, inter, h),
+            shared.as_ref(),
+            &format!("layer {l} experts w3"),
+        )?;
+        let w2 = allocate_stack(
+            arena,
+            f.w2,
+            (experts, h, inter),
+            None,
+            &format!("layer {l} experts w2"),
+        )?;
         layers.push(LayerRegions {
-            attn_norm: arena.zeroed(h, &format!("layer {l} input norm"))?,
-            qkv: arena.zeroed(
-                (c.q_width() + 2 * c.kv_width()) * h,
-                &format!("layer {l} fused q/k/v projection"),
-            )?,
-            o: arena.zeroed(h * c.q_width(), &format!("layer {l} o_proj"))?,
-            ffn_norm: arena.zeroed(h, &format!("layer {l} ffn norm"))?,
-            gate: arena.zeroed(experts * h, &format!("layer {l} router"))?,
-            w1: arena.zeroed(experts * inter * h, &format!("layer {l} experts w1"))?,
-            w3: arena.zeroed(experts * inter * h, &format!("layer {l} experts w3"))?,
-            w2: arena.zeroed(experts * h * inter, &format!("layer {l} experts w2"))?,
+            attn_norm,
+            qkv,
+            o,
+            ffn_norm,
+            gate,
+            w1,
+            w3,
+            w2,
         });
     }
     let embed = arena.zeroed(c.vocab_size * h, "embedding")?;
@@ -114,11 +276,26 @@ pub fn allocate_weights(
     } else {
         arena.zeroed(c.vocab_size * h, "lm_head")?
     };
+    let [dense, w1, w3, w2] = scratch_elements(config, formats, max_tokens);
+    let mut scratch_region = |n: usize, what: &str| -> Result<Option<Region<bf16>>, CudaError> {
+        if n == 0 {
+            Ok(None)
+        } else {
+            arena.zeroed(n, what).map(Some)
+        }
+    };
+    let scratch = DequantScratch {
+        dense: scratch_region(dense, "dequantized projection scratch")?,
+        w1: scratch_region(w1, "dequantized w1 scratch")?,
+        w3: scratch_region(w3, "dequantized w3 scratch")?,
+        w2: scratch_region(w2, "dequantized w2 scratch")?,
+    };
     Ok(GpuWeights {
         embed,
         layers,
         final_norm,
         lm_head,
+        scratch,
     })
 }
 
@@ -173,10 +350,24 @@ impl<'s> Staging<'s> {
         let target = dst.sub(offset, src.len()).ok_or_else(|| {
             CudaError::UnsupportedModel(format!("{name} does not fit its region"))
         })?;
-        let per_chunk = STAGING_BYTES / std::mem::size_of::<bf16>();
+        self.copy_bytes(&target.cast::<u8>(), name, &mut |at, out| {
+            let (first, count) = (at / 2, out.len() / 2);
+            convert_to_bf16(src.slice(first..first + count), out);
+        })
+    }
+
+    /// Fills all of `target` through the staging buffers: `fill(byte offset, chunk)` writes the
+    /// bytes of each chunk (an even length, at an even offset).
+    fn copy_bytes(
+        &mut self,
+        target: &Region<u8>,
+        name: &str,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<(), CudaError> {
+        let total = target.len_elems();
         let mut done = 0;
-        while done < src.len() {
-            let take = (src.len() - done).min(per_chunk);
+        while done < total {
+            let take = (total - done).min(STAGING_BYTES);
             let i = self.next;
             self.next ^= 1;
             // The previous copy out of this buffer must be finished before it is rewritten.
@@ -186,13 +377,13 @@ impl<'s> Staging<'s> {
             let host = self.buffers[i]
                 .as_mut_slice()
                 .map_err(CudaError::driver("mapping pinned staging memory"))?;
-            let bytes = &mut host[..take * 2];
-            convert_to_bf16(src.slice(done..done + take), bytes);
+            let bytes = &mut host[..take];
+            fill(done, bytes);
             // SAFETY: `bytes` is pinned memory that is not touched again until `copied[i]` (recorded
-            // right after) has completed; the destination range was bounds-checked above.
+            // right after) has completed; `target` is a live region of `total` bytes.
             unsafe {
                 cudarc::driver::result::memcpy_htod_async(
-                    target.address() + (done * 2) as u64,
+                    target.address() + done as u64,
                     &*bytes,
                     self.stream.cu_stream(),
                 )
@@ -202,7 +393,7 @@ impl<'s> Staging<'s> {
                 .record(self.stream)
                 .map_err(CudaError::driver(format!("uploading {name}")))?;
             done += take;
-            self.advance((take * 2) as u64);
+            self.advance(take as u64);
         }
         Ok(())
     }
@@ -222,11 +413,21 @@ impl<'s> Staging<'s> {
         }
     }
 
-    /// Waits for every copy.
-    fn finish(&self) -> Result<(), CudaError> {
+    /// Waits for every copy, then reports the end (`done_bytes == total_bytes`: the total was an
+    /// upper bound).
+    fn finish(&mut self) -> Result<(), CudaError> {
         self.stream
             .synchronize()
-            .map_err(CudaError::driver("finishing the weight upload"))
+            .map_err(CudaError::driver("finishing the weight upload"))?;
+        if let Some(progress) = self.progress {
+            if self.reported != self.done_bytes || self.total_bytes != self.done_bytes {
+                progress(LoadProgress {
+                    done_bytes: self.done_bytes,
+                    total_bytes: self.done_bytes,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -269,8 +470,92 @@ fn copy_stacked(
     Ok(())
 }
 
-/// Uploads `weights` into the regions of `gpu` (made by [`allocate_weights`] for the same config),
-/// reporting progress in bytes uploaded.
+/// `bytes` as a little-endian byte slice (f32 and u32 are 4-byte plain data).
+fn le_bytes<T: bytemuck::Pod>(values: &[T]) -> &[u8] {
+    bytemuck::cast_slice(values)
+}
+
+/// Copies `src` into `dst[offset ..]` of a byte view.
+fn copy_raw(
+    staging: &mut Staging<'_>,
+    dst: &Region<u8>,
+    offset: usize,
+    src: &[u8],
+    what: &str,
+) -> Result<(), CudaError> {
+    let target = dst
+        .sub(offset, src.len())
+        .ok_or_else(|| CudaError::UnsupportedModel(format!("{what} does not fit its region")))?;
+    staging.copy_bytes(&target, what, &mut |at, out| {
+        out.copy_from_slice(&src[at..at + out.len()])
+    })
+}
+
+/// Copies a stack whose matrix `m` is `matrices[m]` (row blocks stored one after the other, e.g.
+/// q, k, v) into `dst`; `with_perm`: also the permutation (false for a stack sharing another's).
+fn copy_matrices(
+    staging: &mut Staging<'_>,
+    dst: &DeviceMatrix,
+    matrices: &[&[&Weight]],
+    with_perm: bool,
+    what: &str,
+) -> Result<(), CudaError> {
+    let p = match dst {
+        DeviceMatrix::Bf16(region) => {
+            let parts: Vec<&Weight> = matrices.iter().flat_map(|m| m.iter().copied()).collect();
+            return copy_stacked(staging, region, &parts, what);
+        }
+        DeviceMatrix::Packed(p) => p,
+    };
+    let (mut codes, mut params) = (0, 0);
+    for (m, blocks) in matrices.iter().enumerate() {
+        for (b, w) in blocks.iter().enumerate() {
+            let packed = w.tensor.packed().ok_or_else(|| {
+                CudaError::UnsupportedModel(format!("{what}: {} is not packed", w.tensor.name()))
+            })?;
+            copy_raw(staging, &p.codes, codes, &packed.codes, what)?;
+            codes += packed.codes.len();
+            copy_raw(
+                staging,
+                &p.params.cast::<u8>(),
+                params,
+                le_bytes(&packed.params),
+                what,
+            )?;
+            params += 4 * packed.params.len();
+            if let (0, true, Some(region), Some(perm)) = (b, with_perm, &p.perm, &packed.perm) {
+                copy_raw(
+                    staging,
+                    &region.cast::<u8>(),
+                    4 * m * p.cols,
+                    le_bytes(perm),
+                    what,
+                )?;
+            }
+        }
+        // A matrix without a permutation in a stack that has one gets the identity.
+        let first = blocks.first().and_then(|w| w.tensor.packed());
+        if let (true, Some(region), Some(None)) = (with_perm, &p.perm, first.map(|f| &f.perm)) {
+            let identity: Vec<u32> = (0..p.cols as u32).collect();
+            copy_raw(
+                staging,
+                &region.cast::<u8>(),
+                4 * m * p.cols,
+                le_bytes(&identity),
+                what,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// One matrix per entry (a stack of single-block matrices).
+fn singles<'w>(v: &'w [[&'w Weight; 1]]) -> Vec<&'w [&'w Weight]> {
+    v.iter().map(|m| m.as_slice()).collect()
+}
+
+/// Uploads `weights` into the regions of `gpu` (made by [`allocate_weights`] for the same config and
+/// [`weight_formats`]), reporting progress in bytes uploaded.
 pub fn upload_weights(
     weights: &ModelWeights,
     gpu: &GpuWeights,
@@ -278,7 +563,8 @@ pub fn upload_weights(
     stream: &Arc<CudaStream>,
     progress: Option<&dyn Fn(LoadProgress)>,
 ) -> Result<(), CudaError> {
-    let total = device_weight_bytes(&weights.config, is_tied(weights)) as u64;
+    let formats = weight_formats(weights);
+    let total = device_weight_bytes(&weights.config, is_tied(weights), &formats, 0) as u64;
     let mut staging = Staging::new(ctx, stream, total, progress)?;
     let st = &mut staging;
     for (l, (lw, g)) in weights.layers.iter().zip(&gpu.layers).enumerate() {
@@ -294,23 +580,49 @@ pub fn upload_weights(
             &[&lw.ffn_norm],
             &format!("layer {l} ffn norm"),
         )?;
-        copy_stacked(st, &g.o, &[&lw.o_proj], &format!("layer {l} o_proj"))?;
-        copy_stacked(
+        copy_matrices(
+            st,
+            &g.o,
+            &[&[&lw.o_proj]],
+            true,
+            &format!("layer {l} o_proj"),
+        )?;
+        copy_matrices(
             st,
             &g.qkv,
-            &[&lw.q_proj, &lw.k_proj, &lw.v_proj],
+            &[&[&lw.q_proj, &lw.k_proj, &lw.v_proj]],
+            true,
             &format!("layer {l} q/k/v projections"),
         )?;
         // A dense model has no router: its zero gate gives the one expert weight 1.
         if let Some(r) = &lw.router {
             copy_stacked(st, &g.gate, &[r], &format!("layer {l} router"))?;
         }
-        let w1: Vec<&Weight> = lw.experts.iter().map(|e| &e.w1).collect();
-        let w3: Vec<&Weight> = lw.experts.iter().map(|e| &e.w3).collect();
-        let w2: Vec<&Weight> = lw.experts.iter().map(|e| &e.w2).collect();
-        copy_stacked(st, &g.w1, &w1, &format!("layer {l} experts w1"))?;
-        copy_stacked(st, &g.w3, &w3, &format!("layer {l} experts w3"))?;
-        copy_stacked(st, &g.w2, &w2, &format!("layer {l} experts w2"))?;
+        let w1: Vec<[&Weight; 1]> = lw.experts.iter().map(|e| [&e.w1]).collect();
+        let w3: Vec<[&Weight; 1]> = lw.experts.iter().map(|e| [&e.w3]).collect();
+        let w2: Vec<[&Weight; 1]> = lw.experts.iter().map(|e| [&e.w2]).collect();
+        copy_matrices(
+            st,
+            &g.w1,
+            &singles(&w1),
+            true,
+            &format!("layer {l} experts w1"),
+        )?;
+        // w3 shares w1's permutation region.
+        copy_matrices(
+            st,
+            &g.w3,
+            &singles(&w3),
+            false,
+            &format!("layer {l} experts w3"),
+        )?;
+        copy_matrices(
+            st,
+            &g.w2,
+            &singles(&w2),
+            true,
+            &format!("layer {l} experts w2"),
+        )?;
     }
     copy_stacked(st, &gpu.embed, &[&weights.embed], "embedding")?;
     copy_stacked(st, &gpu.final_norm, &[&weights.final_norm], "final norm")?;
@@ -320,20 +632,79 @@ pub fn upload_weights(
     staging.finish()
 }
 
+/// Fills a packed stack with seeded codes from the host (every byte a valid code: FP8 NaN codes
+/// are moved to the largest finite code) and parameters giving weights of about the variance
+/// `1 / cols` (4-bit: zero 8). For benchmarks: the values mean nothing.
+fn randomize_packed(
+    staging: &mut Staging<'_>,
+    p: &PackedRegions,
+    seed: u64,
+) -> Result<(), CudaError> {
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let fp8 = p.kind == PackedKind::Fp8;
+    staging.copy_bytes(&p.codes, "random packed codes", &mut |_, out| {
+        for chunk in out.chunks_mut(8) {
+            let word = next().to_le_bytes();
+            for (o, b) in chunk.iter_mut().zip(word) {
+                *o = if fp8 && b & 0x7F == 0x7F { b ^ 1 } else { b };
+            }
+        }
+    })?;
+    let spread = 1.0 / (p.cols.max(1) as f32).sqrt();
+    let pair: [f32; 2] = match p.kind {
+        // Random E4M3 codes are mostly within 2^-7..2^8 in magnitude.
+        PackedKind::Fp8 => [spread / 64.0, 0.0],
+        PackedKind::Int8 => [spread * 3f32.sqrt() / 128.0, 0.0],
+        PackedKind::Int4 { .. } => [spread * 3f32.sqrt() / 8.0, 8.0],
+    };
+    let per_row = matches!(p.kind, PackedKind::Int4 { .. });
+    let params = p.params.cast::<u8>();
+    staging.copy_bytes(&params, "random packed scales", &mut |at, out| {
+        for (i, o) in out.chunks_exact_mut(4).enumerate() {
+            let element = at / 4 + i;
+            let v = if per_row { pair[element % 2] } else { pair[0] };
+            o.copy_from_slice(&v.to_le_bytes());
+        }
+    })?;
+    if let Some(perm) = &p.perm {
+        let cols = p.cols;
+        staging.copy_bytes(&perm.cast::<u8>(), "random permutation", &mut |at, out| {
+            for (i, o) in out.chunks_exact_mut(4).enumerate() {
+                // The reversed column order of each matrix: a valid permutation.
+                let element = at / 4 + i;
+                let j = element % cols.max(1);
+                o.copy_from_slice(&((cols - 1 - j) as u32).to_le_bytes());
+            }
+        })?;
+    }
+    Ok(())
+}
+
 /// Fills every region of `gpu` with seeded values of a sensible scale (norm weights near 1,
-/// projections uniform with variance 1 / fan-in), for benchmarks of real shapes without a checkpoint.
+/// projections uniform with variance 1 / fan-in; packed stacks as [`randomize_packed`] says), for
+/// benchmarks of real shapes without a checkpoint.
 pub fn randomize_weights(
     gpu: &GpuWeights,
     config: &ModelConfig,
     seed: u32,
     kernels: &Kernels,
+    ctx: &Arc<CudaContext>,
     stream: &Arc<CudaStream>,
 ) -> Result<(), CudaError> {
     let mut next_seed = seed;
-    let mut fill = |region: &Region<bf16>, fan_in: usize, shift: f32| -> Result<(), CudaError> {
+    let mut new_seed = move || {
         next_seed = next_seed
             .wrapping_mul(747_796_405)
             .wrapping_add(2_891_336_453);
+        next_seed
+    };
+    let fill = |region: &Region<bf16>, fan_in: usize, shift: f32, seed: u32| {
         let scale = if shift == 0.0 {
             (3.0 / fan_in.max(1) as f32).sqrt()
         } else {
@@ -345,29 +716,35 @@ pub fn randomize_weights(
             stream,
             &FillShape {
                 len: region.len_elems(),
-                seed: next_seed,
+                seed,
                 scale,
                 shift,
             },
             &mut target,
         )
     };
+    let mut staging = Staging::new(ctx, stream, 0, None)?;
+    let mut fill_matrix = |m: &DeviceMatrix, fan_in: usize, seed: u32| match m {
+        DeviceMatrix::Bf16(region) => fill(region, fan_in, 0.0, seed),
+        DeviceMatrix::Packed(p) => randomize_packed(&mut staging, p, u64::from(seed) << 17 | 1),
+    };
     let h = config.hidden_size;
     for g in &gpu.layers {
-        fill(&g.attn_norm, 1, 1.0)?;
-        fill(&g.ffn_norm, 1, 1.0)?;
-        fill(&g.qkv, h, 0.0)?;
-        fill(&g.o, config.q_width(), 0.0)?;
-        fill(&g.gate, h, 0.0)?;
-        fill(&g.w1, h, 0.0)?;
-        fill(&g.w3, h, 0.0)?;
-        fill(&g.w2, config.intermediate_size, 0.0)?;
+        fill(&g.attn_norm, 1, 1.0, new_seed())?;
+        fill(&g.ffn_norm, 1, 1.0, new_seed())?;
+        fill_matrix(&g.qkv, h, new_seed())?;
+        fill_matrix(&g.o, config.q_width(), new_seed())?;
+        fill(&g.gate, h, 0.0, new_seed())?;
+        fill_matrix(&g.w1, h, new_seed())?;
+        fill_matrix(&g.w3, h, new_seed())?;
+        fill_matrix(&g.w2, config.intermediate_size, new_seed())?;
     }
-    fill(&gpu.embed, 1, 0.0)?;
-    fill(&gpu.final_norm, 1, 1.0)?;
+    fill(&gpu.embed, 1, 0.0, new_seed())?;
+    fill(&gpu.final_norm, 1, 1.0, new_seed())?;
     if gpu.lm_head.address() != gpu.embed.address() {
-        fill(&gpu.lm_head, h, 0.0)?;
+        fill(&gpu.lm_head, h, 0.0, new_seed())?;
     }
+    staging.finish()?;
     stream
         .synchronize()
         .map_err(CudaError::driver("filling random weights"))
