@@ -5,7 +5,9 @@
 //! `cargo bench --features cuda --bench gpu_decode` runs criterion groups (decode at batch 1 / 8 / 32,
 //! long-context decode, prefill). `gpu_decode --protocol OUT.jsonl` runs the fixed protocol that
 //! `scripts/gpu-check` uses: every measurement once, median of repeated steps after a warm-up, one
-//! JSON object per line. Without a CUDA device both print why and exit successfully.
+//! JSON object per line. `gpu_decode --protocol-quant OUT.jsonl` measures the packed formats (FP8,
+//! INT8, 4-bit) at 32 layers the same way: decode at batch 1 and 8, a 512-token prefill. Without a
+//! CUDA device each prints why and exits successfully.
 //!
 //! Decode is measured at a fixed context: each step rewinds the sequences to the context and appends
 //! one token, so every sample does the same work. Long contexts are made with
@@ -17,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use mixtral::config::ModelConfig;
-use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError};
+use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, WeightSource};
+use mixtral::quant::QuantFormat;
 use mixtral::{LogitsFor, SeqId, SeqStep};
 
 const WARMUP: usize = 5;
@@ -56,6 +59,11 @@ fn layers() -> usize {
 }
 
 fn engine(layers: usize, graphs: bool) -> Result<CudaEngine, CudaError> {
+    engine_in(layers, graphs, QuantFormat::Bf16)
+}
+
+/// An engine with random weights whose projection stacks are stored in `format`.
+fn engine_in(layers: usize, graphs: bool, format: QuantFormat) -> Result<CudaEngine, CudaError> {
     let options = CudaEngineOptions {
         max_context: Some(32768),
         max_sequences: 32,
@@ -63,7 +71,52 @@ fn engine(layers: usize, graphs: bool) -> Result<CudaEngine, CudaError> {
         cuda_graphs: graphs,
         ..CudaEngineOptions::default()
     };
-    CudaEngine::with_random_weights(&mixtral_config(layers), 1234, options)
+    CudaEngine::build(
+        WeightSource::Random {
+            config: &mixtral_config(layers),
+            seed: 1234,
+            format,
+        },
+        options,
+        None,
+    )
+}
+
+/// The quantized protocol: decode at batch 1 and 8 (context 16) and a 512-token prefill, all 32
+/// layers, for each packed format (weights made on the host and uploaded: about 20 s per engine).
+fn protocol_quant(out_path: &str) {
+    let layers = 32;
+    let mut out = std::fs::File::create(out_path).expect("protocol output");
+    for format in [QuantFormat::Fp8, QuantFormat::Int8, QuantFormat::Int4] {
+        let mut engine = match engine_in(layers, true, format) {
+            Ok(e) => e,
+            Err(e) if skip(&e) => {
+                eprintln!("gpu_decode: skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("building the {format} engine: {e}"),
+        };
+        let card = engine.device_name().to_string();
+        let mut record = |what: &str, batch: usize, context: usize, ms: f64| {
+            let line = format!(
+                r#"{{"card": "{card}", "what": "{what}", "dtype": "{format}", "layers": {layers}, "batch": {batch}, "context": {context}, "graphs": true, "ours_ms": {ms:.4}}}"#
+            );
+            println!("{line}");
+            writeln!(out, "{line}").expect("write protocol output");
+        };
+        for batch in [1, 8] {
+            let seqs = sequences(&mut engine, batch, 16);
+            let tokens: Vec<[u32; 1]> = ids(batch, 16).iter().map(|&t| [t]).collect();
+            let ms = median_ms(|| decode_step(&mut engine, &seqs, 16, &tokens), REPEATS);
+            record("decode", batch, 16, ms);
+            for seq in seqs {
+                mixtral::Engine::free_sequence(&mut engine, seq).expect("free");
+            }
+        }
+        let prompt = ids(512, 7);
+        let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
+        record("prefill", 1, 512, ms);
+    }
 }
 
 /// Pseudo-random token ids (never constant).
@@ -241,6 +294,11 @@ fn benches(c: &mut Criterion) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--protocol-quant") {
+        let out = args.get(i + 1).expect("--protocol-quant OUT.jsonl");
+        protocol_quant(out);
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--protocol") {
         let out = args.get(i + 1).expect("--protocol OUT.jsonl");
         protocol(out);

@@ -11,10 +11,19 @@ import json
 HIDDEN, INTER, VOCAB, Q, KV = 4096, 14336, 32000, 4096, 1024
 
 
-def active_bytes(layers):
-    """bf16 bytes a batch-1 decode token reads: attention, router, 2 of 8 experts, LM head."""
-    per_layer = HIDDEN * (Q + 2 * KV) + Q * HIDDEN + 8 * HIDDEN + 2 * 3 * HIDDEN * INTER + 2 * HIDDEN
-    return 2 * (layers * per_layer + VOCAB * HIDDEN + HIDDEN)
+# Bytes per parameter of the attention and expert projections in each storage format (the packed
+# layout of src/quant/packed.rs: 8-bit codes plus an f32 scale per row of 4096 or 14336 inputs,
+# taken as 4096; 4-bit codes plus an f32 (scale, zero) pair per group of 128).
+PROJECTION_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4 / 4096, "int8": 1.0 + 4 / 4096, "int4": 0.5 + 8 / 128}
+
+
+def active_bytes(layers, dtype="bf16"):
+    """Bytes a batch-1 decode token reads: attention, 2 of 8 experts (in `dtype`), the router, the
+    norms and the LM head (bf16)."""
+    projections = HIDDEN * (Q + 2 * KV) + Q * HIDDEN + 2 * 3 * HIDDEN * INTER
+    bf16 = 8 * HIDDEN + 2 * HIDDEN
+    per_layer = PROJECTION_BYTES[dtype] * projections + 2 * bf16
+    return layers * per_layer + 2 * (VOCAB * HIDDEN + HIDDEN)
 
 
 def read(path):
@@ -34,12 +43,12 @@ def main():
     ours = read(a.ours)
     theirs = read(a.pytorch)
     bandwidth = next((r["bytes_per_s"] for r in theirs if r.get("what") == "bandwidth"), None)
-    key = lambda r: (r["what"], r["batch"], r["context"])
+    key = lambda r: (r["what"], r.get("dtype", "bf16"), r["batch"], r["context"])
     torch_ms = {key(r): r.get("pytorch_ms") for r in theirs if r.get("what") in ("decode", "prefill")}
     eager = {key(r): r["ours_ms"] for r in ours if not r.get("graphs", True)}
     date = datetime.date.today().isoformat()
     lines = []
-    print(f"{'what':8} {'batch':>5} {'ctx':>6} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'GB/s':>7} {'floor ms':>9} {'of floor':>8}")
+    print(f"{'what':8} {'dtype':5} {'batch':>5} {'ctx':>6} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'GB/s':>7} {'floor ms':>9} {'of floor':>8}")
     for r in ours:
         if not r.get("graphs", True):
             continue
@@ -48,7 +57,7 @@ def main():
         floor = None
         gbps = None
         if r["what"] == "decode" and r["batch"] == 1:
-            b = active_bytes(r["layers"])
+            b = active_bytes(r["layers"], r["dtype"])
             gbps = b / (r["ours_ms"] / 1e3) / 1e9
             if bandwidth:
                 floor = b / bandwidth * 1e3
@@ -62,7 +71,7 @@ def main():
         fmt = lambda v, f: (f.format(v) if v is not None else "-")
         ratio = pt / r["ours_ms"] if pt else None
         frac = floor / r["ours_ms"] if floor else None
-        print(f"{r['what']:8} {r['batch']:>5} {r['context']:>6} {r['ours_ms']:>9.3f} {fmt(pt, '{:9.3f}'):>9} "
+        print(f"{r['what']:8} {r['dtype']:5} {r['batch']:>5} {r['context']:>6} {r['ours_ms']:>9.3f} {fmt(pt, '{:9.3f}'):>9} "
               f"{fmt(ratio, '{:6.2f}'):>6} {fmt(gbps, '{:7.0f}'):>7} {fmt(floor, '{:9.3f}'):>9} {fmt(frac, '{:8.2f}'):>8}")
     for k, ms in eager.items():
         graphed = next((l["ours_ms"] for l in lines if key(l) == k), None)
