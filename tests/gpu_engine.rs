@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::cuda::{CudaEngine, CudaEngineOptions, CudaError};
+use mixtral::quant::QuantFormat;
 use mixtral::{Engine, EngineError, LoadOptions, LogitsFor, Model, SeqStep};
 use serde_json::Value;
 
@@ -451,4 +452,73 @@ fn greedy_matches_the_cpu_on_the_trained_model() {
         assert!(err <= LOGITS_REL_L2, "step {i}: rel L2 {err:e}");
     }
     assert_eq!(gpu_ids, cpu_ids);
+}
+
+/// Every quantized fixture (pre-quantized FP8 / INT8 / GPTQ, and the trained model quantized on
+/// load) runs with its projections packed on the device and matches the CPU reference, which uses
+/// the same dequantized values.
+#[test]
+fn quantized_models_run_packed_and_match_the_cpu() {
+    let _lock = lock();
+    let mut cases: Vec<(PathBuf, Option<QuantFormat>)> =
+        std::fs::read_dir(root().join("tests/fixtures/quant"))
+            .expect("tests/fixtures/quant")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.join("config.json").exists())
+            .map(|p| (p, None))
+            .collect();
+    cases.sort_by(|a, b| a.0.cmp(&b.0));
+    for format in [QuantFormat::Fp8, QuantFormat::Int8, QuantFormat::Int4] {
+        cases.push((root().join("models/mini-mixtral"), Some(format)));
+    }
+    for (dir, quant) in cases {
+        let what = format!("{} {quant:?}", dir.display());
+        let options = LoadOptions {
+            quant,
+            ..LoadOptions::default()
+        };
+        let model = Model::load(&dir, &options).unwrap_or_else(|e| panic!("{what}: {e}"));
+        // Chunks of up to 256 tokens: the 160-token prompt below takes the dequantized paths.
+        let options = CudaEngineOptions {
+            max_step_tokens: 256,
+            ..small_options()
+        };
+        let Some(mut gpu) = gpu_engine(&model, options, "quantized_models") else {
+            return;
+        };
+        let layers = model.config.num_layers;
+        let packed = gpu.memory().packed_stacks;
+        if dir.ends_with("gptq-actorder") {
+            // Its q/k/v and w1/w3 have independent permutations (so they stay bf16); o and w2 are
+            // packed with theirs.
+            assert!(packed >= 2 * layers, "{what}: {packed} packed stacks");
+        } else {
+            assert_eq!(packed, 5 * layers, "{what}: every projection stack packed");
+        }
+        let prompt: Vec<u32> = vec![1, 17, 42, 99, 7, 256, 3, 88];
+        let prompt: Vec<u32> = prompt
+            .into_iter()
+            .map(|t| t % model.config.vocab_size as u32)
+            .collect();
+        let (cpu_ids, cpu_logits) = greedy(&mut cpu_engine(&model), &prompt, 8);
+        let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, 8);
+        for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
+            let err = rel_l2(g, c);
+            eprintln!("{what}: step {i}: logits rel L2 {err:.2e}");
+            assert!(err <= LOGITS_REL_L2, "{what}: step {i}: rel L2 {err:e}");
+        }
+        assert_eq!(gpu_ids, cpu_ids, "{what}: GPU vs CPU greedy");
+        // A prefill longer than the packed kernels' range (16 tokens for the projections, 128 for
+        // the experts) expands the packed stacks to bf16 for the tensor-core kernels.
+        let long: Vec<u32> = (0..160u32)
+            .map(|i| (i * 37 + 5) % model.config.vocab_size as u32)
+            .collect();
+        let (cpu_ids, cpu_logits) = greedy(&mut cpu_engine(&model), &long, 2);
+        let (gpu_ids, gpu_logits) = greedy(&mut gpu, &long, 2);
+        for (g, c) in gpu_logits.iter().zip(&cpu_logits) {
+            let err = rel_l2(g, c);
+            assert!(err <= LOGITS_REL_L2, "{what}: long prompt: rel L2 {err:e}");
+        }
+        assert_eq!(gpu_ids, cpu_ids, "{what}: long prompt");
+    }
 }

@@ -171,8 +171,13 @@ pub fn perplexity_timings(load: Duration, tokens: usize, scoring: Duration) {
 pub fn cuda_engine(engine: &mixtral::cuda::CudaEngine) {
     const GIB: f64 = (1u64 << 30) as f64;
     let memory = engine.memory();
+    let packed = if memory.packed_stacks > 0 {
+        format!(", {} projection stacks packed", memory.packed_stacks)
+    } else {
+        String::new()
+    };
     eprintln!(
-        "cuda: {}: weights {:.2} GiB, cache and activations {:.2} GiB ({} KV blocks), decode graphs for batch {:?}",
+        "cuda: {}: weights {:.2} GiB{packed}, cache and activations {:.2} GiB ({} KV blocks), decode graphs for batch {:?}",
         engine.device_name(),
         memory.weights as f64 / GIB,
         memory.plan as f64 / GIB,
