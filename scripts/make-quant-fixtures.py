@@ -25,8 +25,9 @@ model.safetensors, expected.json):
                  [groups, out], `<p>.g_idx` I32 [in] = k // 32. checkpoint_format "gptq": the stored
                  zero is zero - 1 (zeros are kept in 1..15 so that zero - 1 is a valid nibble)
   gptq-actorder  as gptq with desc_act true and sym true: inputs are assigned to groups in a seeded
-                 random order (g_idx[perm[j]] = j // 32, the shape act-order gives), every zero is 8
-                 (stored 7)
+                 random order (g_idx[perm[j]] = j // 32, the shape act-order gives), one order per
+                 input (shared by q/k/v of a layer and by w1/w3 of an expert, as GPTQ's Hessian of
+                 that input makes them), every zero is 8 (stored 7)
 Codes: FP8 by torch's float8_e4m3fn cast (round to nearest even) of w / scale clamped to +-448;
 4-bit by round-to-nearest with the f16 scale (no Hessian: the layout, not GPTQ's error feedback,
 is what the loader must read).
@@ -117,13 +118,27 @@ def pack_cols(z):
     return torch.from_numpy(words.view(np.int32).copy())
 
 
-def gptq(w, act_order, sym, gen):
-    """RTN 4-bit in the AutoGPTQ layout; returns qweight, qzeros, scales (f16), g_idx."""
+def input_key(name):
+    """The matrices that read the same input share it: q/k/v of a layer, w1/w3 of an expert. GPTQ's
+    act-order permutation sorts the diagonal of the Hessian of that input, so they share it too."""
+    base = name[: -len(".weight")]
+    for shared in ("q_proj", "k_proj", "v_proj"):
+        if base.endswith("self_attn." + shared):
+            return base[: -len(shared)] + "qkv"
+    for shared in ("w1", "w3"):
+        if base.endswith("." + shared):
+            return base[: -len(shared)] + "w13"
+    return base
+
+
+def gptq(w, act_order, sym, perm_for):
+    """RTN 4-bit in the AutoGPTQ layout; returns qweight, qzeros, scales (f16), g_idx. `perm_for(in)`
+    gives the act-order permutation of the input."""
     w = w.to(torch.float32).numpy().astype(np.float64)  # [out, in]
     out_f, in_f = w.shape
     groups = in_f // GROUP
     if act_order:
-        perm = torch.randperm(in_f, generator=gen).numpy()
+        perm = perm_for(in_f)
         g_idx = np.empty(in_f, dtype=np.int64)
         g_idx[perm] = np.arange(in_f) // GROUP
     else:
@@ -230,6 +245,7 @@ def quantization_config(kind):
 
 def build(kind, tensors):
     gen = torch.Generator().manual_seed(7)
+    perms = {}
     stored = {}
     for name in sorted(tensors):
         t = tensors[name]
@@ -246,7 +262,11 @@ def build(kind, tensors):
                 stored[base + ".input_scale"] = torch.tensor([0.05], dtype=torch.float32)
         else:
             base = name[: -len(".weight")]
-            qw, qz, sc, gi = gptq(t, act_order=kind == "gptq-actorder", sym=kind == "gptq-actorder", gen=gen)
+            key = input_key(name)
+            if key not in perms:
+                perms[key] = torch.randperm(t.shape[1], generator=gen).numpy()
+            act_order = kind == "gptq-actorder"
+            qw, qz, sc, gi = gptq(t, act_order=act_order, sym=act_order, perm_for=lambda _: perms[key])
             stored[base + ".qweight"], stored[base + ".qzeros"] = qw, qz
             stored[base + ".scales"], stored[base + ".g_idx"] = sc, gi
     return stored

@@ -488,13 +488,7 @@ fn quantized_models_run_packed_and_match_the_cpu() {
         };
         let layers = model.config.num_layers;
         let packed = gpu.memory().packed_stacks;
-        if dir.ends_with("gptq-actorder") {
-            // Its q/k/v and w1/w3 have independent permutations (so they stay bf16); o and w2 are
-            // packed with theirs.
-            assert!(packed >= 2 * layers, "{what}: {packed} packed stacks");
-        } else {
-            assert_eq!(packed, 5 * layers, "{what}: every projection stack packed");
-        }
+        assert_eq!(packed, 5 * layers, "{what}: every projection stack packed");
         let prompt: Vec<u32> = vec![1, 17, 42, 99, 7, 256, 3, 88];
         let prompt: Vec<u32> = prompt
             .into_iter()

@@ -138,3 +138,35 @@ fn mixtral_8x7b_fits_an_80_gb_gpu_packed_in_8_bits_with_a_32k_context_but_not_in
         assert!(weights < bf16 / 2 + (3 << 30), "{kind:?}: {weights} bytes");
     }
 }
+
+#[test]
+fn every_quantized_fixture_is_stored_packed_act_order_included() {
+    use super::matrix::StackFormat;
+    use crate::quant::PackedKind;
+    use crate::{LoadOptions, Model};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quant");
+    for (dir, kind, perm) in [
+        ("fp8-tensor", PackedKind::Fp8, false),
+        ("fp8-channel", PackedKind::Fp8, false),
+        ("int8-channel", PackedKind::Int8, false),
+        ("gptq", PackedKind::Int4 { group_size: 32 }, false),
+        ("gptq-actorder", PackedKind::Int4 { group_size: 32 }, true),
+    ] {
+        let model = Model::load(&root.join(dir), &LoadOptions::default()).expect(dir);
+        let formats = weight_formats(&model.weights);
+        assert_eq!(formats.len(), model.config.num_layers);
+        for f in formats {
+            assert_eq!(
+                f,
+                LayerFormats::all(StackFormat::Packed { kind, perm }),
+                "{dir}"
+            );
+        }
+    }
+    // A bf16 model stays bf16.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
+    let model = Model::load(&dir, &LoadOptions::default()).expect("tiny");
+    assert!(weight_formats(&model.weights)
+        .iter()
+        .all(|f| *f == LayerFormats::all(StackFormat::Bf16)));
+}
