@@ -14,10 +14,11 @@ use half::bf16;
 use mixtral::cuda::ops::{
     self, attention_splits, AttentionDecodeBuffers, AttentionDecodeShape, AttentionPrefillBuffers,
     AttentionPrefillShape, FillShape, LinearBuffers, LinearOut, LinearShape, MoeBuffers, MoeShape,
-    PagedCacheShape, RouterBuffers, RouterShape,
+    PagedCacheShape, QLinearBuffers, QMoeBuffers, QuantWeights, RouterBuffers, RouterShape,
 };
 use mixtral::cuda::region::{DeviceArena, Region};
 use mixtral::cuda::{CudaDevice, Kernels};
+use mixtral::quant::PackedKind;
 
 const HIDDEN: usize = 4096;
 const INTER: usize = 14336;
@@ -209,6 +210,171 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
     group.finish();
 }
 
+/// A packed stack of `count` `[rows, cols]` matrices with pseudo-random codes (no FP8 NaN code),
+/// scales around 0.01 and 4-bit zeros of 8; returns (codes, params, bytes the kernels read).
+fn packed_stack(
+    b: &mut Bench,
+    kind: PackedKind,
+    count: usize,
+    rows: usize,
+    cols: usize,
+) -> (Region<u8>, Region<f32>, usize) {
+    let (row_bytes, row_params) = match kind {
+        PackedKind::Int4 { group_size } => (cols / 2, 2 * cols.div_ceil(group_size)),
+        _ => (cols, 1),
+    };
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (count * rows * cols) as u64;
+    let codes: Vec<u8> = (0..count * rows * row_bytes)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8 & 0x77
+        })
+        .collect();
+    let params: Vec<f32> = (0..count * rows * row_params)
+        .map(|i| {
+            if row_params > 1 && i % 2 == 1 {
+                8.0
+            } else {
+                0.01
+            }
+        })
+        .collect();
+    let bytes = codes.len() + 4 * params.len();
+    (b.upload(&codes), b.upload(&params), bytes)
+}
+
+/// The quantized decode kernels at Mixtral shapes: qlinear (QKV, O) and qmoe_gemv (routed experts),
+/// GB/s of packed weights read.
+fn quant_benches(c: &mut Criterion, b: &mut Bench) {
+    let stream = b.stream();
+    let mut group = c.benchmark_group("quant");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(2));
+    let kinds = [
+        ("fp8", PackedKind::Fp8),
+        ("int8", PackedKind::Int8),
+        ("int4", PackedKind::Int4 { group_size: 128 }),
+    ];
+    let gate = b.random(EXPERTS * HIDDEN, 0.02);
+    for (label, kind) in kinds {
+        for (name, out_features) in [("qkv", 6144), ("o", 4096)] {
+            let (codes, params, bytes) = packed_stack(b, kind, 1, out_features, HIDDEN);
+            for tokens in [1usize, 8] {
+                let x = b.random(tokens * HIDDEN, 1.0);
+                let mut y = b.zeros::<bf16>(tokens * out_features);
+                group.throughput(Throughput::Bytes(bytes as u64));
+                group.bench_function(
+                    BenchmarkId::new(format!("qlinear_{label}_{name}"), tokens),
+                    |bench| {
+                        bench.iter(|| {
+                            ops::qlinear(
+                                &b.kernels,
+                                &stream,
+                                &LinearShape {
+                                    tokens,
+                                    in_features: HIDDEN,
+                                    out_features,
+                                },
+                                QLinearBuffers {
+                                    x: &x,
+                                    w: QuantWeights {
+                                        kind,
+                                        codes: &codes,
+                                        params: &params,
+                                        perm: None,
+                                    },
+                                    out: LinearOut::Bf16(&mut y),
+                                },
+                            )
+                            .expect("qlinear");
+                            sync(&stream);
+                        })
+                    },
+                );
+            }
+        }
+        let (w1_codes, w1_params, w13_bytes) = packed_stack(b, kind, EXPERTS, INTER, HIDDEN);
+        let (w3_codes, w3_params, _) = packed_stack(b, kind, EXPERTS, INTER, HIDDEN);
+        let (w2_codes, w2_params, w2_bytes) = packed_stack(b, kind, EXPERTS, HIDDEN, INTER);
+        let per_expert = (2 * w13_bytes + w2_bytes) / EXPERTS;
+        for tokens in [1usize, 8] {
+            let x = b.random(tokens * HIDDEN, 1.0);
+            let slots = tokens * TOP_K;
+            let mut logits = b.zeros::<f32>(tokens * EXPERTS);
+            let mut topk_ids = b.zeros::<i32>(slots);
+            let mut topk_weights = b.zeros::<f32>(slots);
+            let mut counts = b.zeros::<i32>(EXPERTS);
+            let mut offsets = b.zeros::<i32>(EXPERTS + 1);
+            let mut sorted = b.zeros::<i32>(slots);
+            let mut act = b.zeros::<bf16>(slots * INTER);
+            let mut out = b.zeros::<f32>(slots * HIDDEN);
+            ops::router(
+                &b.kernels,
+                &stream,
+                &RouterShape {
+                    tokens,
+                    hidden: HIDDEN,
+                    experts: EXPERTS,
+                    top_k: TOP_K,
+                },
+                RouterBuffers {
+                    x: &x,
+                    gate: &gate,
+                    logits: &mut logits,
+                    topk_ids: &mut topk_ids,
+                    topk_weights: &mut topk_weights,
+                    expert_counts: &mut counts,
+                    expert_offsets: &mut offsets,
+                    sorted_slots: &mut sorted,
+                },
+            )
+            .expect("router");
+            sync(&stream);
+            // Distinct experts touched bound the bytes; at batch 1 that is exactly 2.
+            group.throughput(Throughput::Bytes((per_expert * slots.min(EXPERTS)) as u64));
+            let shape = MoeShape {
+                tokens,
+                hidden: HIDDEN,
+                inter: INTER,
+                experts: EXPERTS,
+                top_k: TOP_K,
+            };
+            group.bench_function(BenchmarkId::new(format!("qmoe_{label}"), tokens), |bench| {
+                bench.iter(|| {
+                    let stack = |codes, params| QuantWeights {
+                        kind,
+                        codes,
+                        params,
+                        perm: None,
+                    };
+                    ops::qmoe_gemv(
+                        &b.kernels,
+                        &stream,
+                        &shape,
+                        QMoeBuffers {
+                            x: &x,
+                            w1: stack(&w1_codes, &w1_params),
+                            w3: stack(&w3_codes, &w3_params),
+                            w2: stack(&w2_codes, &w2_params),
+                            topk_weights: &topk_weights,
+                            expert_offsets: &offsets,
+                            sorted_slots: &sorted,
+                            act: &mut act,
+                            out: &mut out,
+                        },
+                    )
+                    .expect("qmoe_gemv");
+                    sync(&stream);
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 fn attention_benches(c: &mut Criterion, b: &mut Bench) {
     let stream = b.stream();
     let context = 32768;
@@ -338,5 +504,6 @@ fn main() {
     linear_benches(&mut c, &mut bench);
     moe_benches(&mut c, &mut bench);
     attention_benches(&mut c, &mut bench);
+    quant_benches(&mut c, &mut bench);
     c.final_summary();
 }

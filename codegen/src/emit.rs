@@ -54,6 +54,7 @@ fn c_type(ty: Ty) -> String {
                 Elem::F32 => "float",
                 Elem::I32 => "int32_t",
                 Elem::U32 => "uint32_t",
+                Elem::U8 => "uint8_t",
                 Elem::Void => "void",
             };
             match access {
@@ -80,6 +81,7 @@ fn pointer_note(ty: Ty) -> Option<String> {
                 Elem::F32 => "f32",
                 Elem::I32 => "i32",
                 Elem::U32 => "u32",
+                Elem::U8 => "u8",
                 Elem::Void => "variant-typed",
             };
             let access = match access {

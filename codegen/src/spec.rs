@@ -16,6 +16,8 @@ pub enum Elem {
     I32,
     /// 32-bit unsigned integer.
     U32,
+    /// Byte (`uint8_t`): packed quantized codes.
+    U8,
     /// Untyped: the element type is chosen by the kernel variant.
     Void,
 }
@@ -122,7 +124,7 @@ const fn v(value: u32, label: &'static str) -> AxisValue {
     AxisValue { value, label }
 }
 
-use Elem::{Bf16, Void, F32, I32, U32 as U32E};
+use Elem::{Bf16, Void, F32, I32, U32 as U32E, U8};
 use Ty::{F32 as F32T, U32};
 
 /// Compile-time constants shared by kernels and launchers.
@@ -171,6 +173,16 @@ pub const CONSTANTS: &[Constant] = &[
 
     // --- fill ---
     Constant { name: "FILL_THREADS", value: 256, doc: "Threads per block of `fill_random` (grid-stride loop)." },
+
+    // --- quant ---
+    Constant { name: "QUANT_KIND_FP8", value: 0, doc: "KIND template value of the quantized kernels: FP8 E4M3 codes, one f32 scale per row." },
+    Constant { name: "QUANT_KIND_INT8", value: 1, doc: "KIND template value of the quantized kernels: INT8 codes, one f32 scale per row." },
+    Constant { name: "QUANT_KIND_INT4", value: 2, doc: "KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), an f32 (scale, zero) pair per row and group." },
+    Constant { name: "QUANT_CHUNK_BYTES", value: 16, doc: "Bytes of codes one lane loads at a time in the quantized kernels (16 elements of 8 bits or 32 of 4 bits)." },
+    Constant { name: "QUANT_UNROLL", value: 4, doc: "16-byte code loads per row each lane of `qlinear` / `qmoe_*` issues before using them." },
+    Constant { name: "QLINEAR_WARPS", value: 8, doc: "Warps per block of `qlinear` (each warp owns QLINEAR_ROWS_PER_WARP output rows)." },
+    Constant { name: "QLINEAR_ROWS_PER_WARP", value: 2, doc: "Weight rows per warp in `qlinear` (each activation load serves this many rows)." },
+    Constant { name: "DEQUANT_THREADS", value: 128, doc: "Threads per block of `dequantize` (one block per row of one matrix)." },
 ];
 
 /// Every kernel parameter struct.
@@ -396,6 +408,75 @@ pub const STRUCTS: &[ParamStruct] = &[
             field("shift", F32T, "Centre of the range."),
         ],
     },
+    // --- quant ---
+    ParamStruct {
+        name: "QLinearParams",
+        doc: "Dense projection over one packed quantized matrix (csrc/quant.cuh): `out[t, o] = sum_j x[t, perm[j]] * \
+              w[o, j]` over the stored columns j (perm absent: x[t, j]), w[o, j] the dequantized value, f32 \
+              accumulation; out bf16 or f32 as the variant says.",
+        fields: &[
+            field("x", read(Bf16), "`[tokens, in_features]` input rows (16-byte aligned)."),
+            field("codes", read(U8), "`[out_features, row_bytes]` codes (16-byte aligned)."),
+            field("params", read(F32), "`[out_features, row_params]`: the row scale (8-bit) or (scale, zero) per group (4-bit)."),
+            field("perm", read(U32E), "`[in_features]` input column of each stored column (16-byte aligned), or null."),
+            field("out", write(Void), "`[tokens, out_features]`, bf16 or f32 as the variant says."),
+            field("tokens", U32, "Number of tokens (at most LINEAR_GEMV_MAX_TOKENS)."),
+            field("in_features", U32, "Input features (a multiple of 16 for 8-bit, 32 for 4-bit)."),
+            field("out_features", U32, "Output features (rows of the matrix)."),
+            field("row_bytes", U32, "Code bytes per row: in_features (8-bit) or in_features / 2 (4-bit)."),
+            field("row_params", U32, "f32 parameters per row: 1 (8-bit) or 2 * ceil(in_features / group_size) (4-bit)."),
+            field("group_size", U32, "Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit."),
+        ],
+    },
+    ParamStruct {
+        name: "QMoeParams",
+        doc: "The decode expert MLP of `MoeParams` over packed expert stacks: matrix e of a stack starts at \
+              `e * rows * row_bytes` codes, `e * rows * row_params` params and `e * cols` perm entries. `qmoe_up` \
+              writes `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])`, `qmoe_down` `out[s] = weight[s] * (w2[e] act[s])`.",
+        fields: &[
+            field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states (16-byte aligned)."),
+            field("w1_codes", read(U8), "`[experts, inter, w13_row_bytes]` gate projection codes (16-byte aligned)."),
+            field("w1_params", read(F32), "`[experts, inter, w13_row_params]` gate projection parameters."),
+            field("w3_codes", read(U8), "`[experts, inter, w13_row_bytes]` up projection codes (16-byte aligned)."),
+            field("w3_params", read(F32), "`[experts, inter, w13_row_params]` up projection parameters."),
+            field("w13_perm", read(U32E), "`[experts, hidden]` permutation shared by w1 and w3 (16-byte aligned), or null."),
+            field("w2_codes", read(U8), "`[experts, hidden, w2_row_bytes]` down projection codes (16-byte aligned)."),
+            field("w2_params", read(F32), "`[experts, hidden, w2_row_params]` down projection parameters."),
+            field("w2_perm", read(U32E), "`[experts, inter]` permutation of w2 (16-byte aligned), or null."),
+            field("topk_weights", read(F32), "`[tokens, top_k]` routing weights."),
+            field("expert_offsets", read(I32), "`[experts + 1]` start of each expert's slots in `sorted_slots`."),
+            field("sorted_slots", read(I32), "`[tokens * top_k]` slots grouped by expert."),
+            field("act", write(Bf16), "`[tokens * top_k, inter]` SwiGLU activations per slot (16-byte aligned)."),
+            field("out", write(F32), "`[tokens * top_k, hidden]` weighted expert outputs per slot."),
+            field("tokens", U32, "Number of tokens."),
+            field("hidden", U32, "Hidden size (a multiple of 16 for 8-bit, 32 for 4-bit)."),
+            field("inter", U32, "Expert intermediate size (a multiple of 16 for 8-bit, 32 for 4-bit)."),
+            field("experts", U32, "Number of experts."),
+            field("top_k", U32, "Experts per token."),
+            field("group_size", U32, "Stored columns per group of every stack (4-bit, a multiple of 32); 0 for 8-bit."),
+            field("w13_row_bytes", U32, "Code bytes per row of w1 and w3."),
+            field("w13_row_params", U32, "f32 parameters per row of w1 and w3."),
+            field("w2_row_bytes", U32, "Code bytes per row of w2."),
+            field("w2_row_params", U32, "f32 parameters per row of w2."),
+        ],
+    },
+    ParamStruct {
+        name: "DequantParams",
+        doc: "A stack of `count` packed matrices `[rows, cols]` expanded to bf16 in input-column order: \
+              `out[m, r, perm[m, j]] = bf16(w[m, r, j])` for every stored column j (perm absent: `out[m, r, j]`).",
+        fields: &[
+            field("codes", read(U8), "`[count, rows, row_bytes]` codes (16-byte aligned)."),
+            field("params", read(F32), "`[count, rows, row_params]` parameters."),
+            field("perm", read(U32E), "`[count, cols]` input column of each stored column, or null."),
+            field("out", write(Bf16), "`[count, rows, cols]` dequantized matrices (16-byte aligned)."),
+            field("count", U32, "Matrices in the stack."),
+            field("rows", U32, "Rows of each matrix."),
+            field("cols", U32, "Columns of each matrix (a multiple of 16 for 8-bit, 32 for 4-bit)."),
+            field("row_bytes", U32, "Code bytes per row."),
+            field("row_params", U32, "f32 parameters per row."),
+            field("group_size", U32, "Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit."),
+        ],
+    },
 ];
 
 /// Every kernel family and its compiled instantiations.
@@ -560,4 +641,52 @@ pub const FAMILIES: &[Family] = &[
         params: "FillParams",
         axes: &[],
     },
+    // --- quant ---
+    Family {
+        name: "qlinear",
+        rust_name: "QLinear",
+        file: "qlinear",
+        params: "QLinearParams",
+        axes: &[
+            KIND_AXIS,
+            TILE_AXIS,
+            Axis {
+                name: "OUT_F32",
+                values: &[v(0, "bf16"), v(1, "f32")],
+            },
+        ],
+    },
+    Family {
+        name: "qmoe_up",
+        rust_name: "QMoeUp",
+        file: "qmoe",
+        params: "QMoeParams",
+        axes: &[KIND_AXIS, TILE_AXIS],
+    },
+    Family {
+        name: "qmoe_down",
+        rust_name: "QMoeDown",
+        file: "qmoe",
+        params: "QMoeParams",
+        axes: &[KIND_AXIS, TILE_AXIS],
+    },
+    Family {
+        name: "dequantize",
+        rust_name: "Dequantize",
+        file: "dequant",
+        params: "DequantParams",
+        axes: &[KIND_AXIS],
+    },
 ];
+
+/// The element format axis of the quantized kernels (values: the QUANT_KIND_* constants).
+const KIND_AXIS: Axis = Axis {
+    name: "KIND",
+    values: &[v(0, "fp8"), v(1, "int8"), v(2, "int4")],
+};
+
+/// Tokens (slots) per weight pass of the quantized GEMVs.
+const TILE_AXIS: Axis = Axis {
+    name: "TILE",
+    values: &[v(1, "t1"), v(2, "t2"), v(4, "t4"), v(8, "t8")],
+};

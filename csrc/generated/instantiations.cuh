@@ -112,3 +112,66 @@
 // fill_random (csrc/fill.cu, takes FillParams): X(symbol)
 #define MIXTRAL_FILL_RANDOM_VARIANTS(X) \
     X(fill_random)
+
+// qlinear (csrc/qlinear.cu, takes QLinearParams): X(symbol, KIND, TILE, OUT_F32)
+#define MIXTRAL_QLINEAR_VARIANTS(X) \
+    X(qlinear_fp8_t1_bf16, 0, 1, 0) \
+    X(qlinear_fp8_t1_f32, 0, 1, 1) \
+    X(qlinear_fp8_t2_bf16, 0, 2, 0) \
+    X(qlinear_fp8_t2_f32, 0, 2, 1) \
+    X(qlinear_fp8_t4_bf16, 0, 4, 0) \
+    X(qlinear_fp8_t4_f32, 0, 4, 1) \
+    X(qlinear_fp8_t8_bf16, 0, 8, 0) \
+    X(qlinear_fp8_t8_f32, 0, 8, 1) \
+    X(qlinear_int8_t1_bf16, 1, 1, 0) \
+    X(qlinear_int8_t1_f32, 1, 1, 1) \
+    X(qlinear_int8_t2_bf16, 1, 2, 0) \
+    X(qlinear_int8_t2_f32, 1, 2, 1) \
+    X(qlinear_int8_t4_bf16, 1, 4, 0) \
+    X(qlinear_int8_t4_f32, 1, 4, 1) \
+    X(qlinear_int8_t8_bf16, 1, 8, 0) \
+    X(qlinear_int8_t8_f32, 1, 8, 1) \
+    X(qlinear_int4_t1_bf16, 2, 1, 0) \
+    X(qlinear_int4_t1_f32, 2, 1, 1) \
+    X(qlinear_int4_t2_bf16, 2, 2, 0) \
+    X(qlinear_int4_t2_f32, 2, 2, 1) \
+    X(qlinear_int4_t4_bf16, 2, 4, 0) \
+    X(qlinear_int4_t4_f32, 2, 4, 1) \
+    X(qlinear_int4_t8_bf16, 2, 8, 0) \
+    X(qlinear_int4_t8_f32, 2, 8, 1)
+
+// qmoe_up (csrc/qmoe.cu, takes QMoeParams): X(symbol, KIND, TILE)
+#define MIXTRAL_QMOE_UP_VARIANTS(X) \
+    X(qmoe_up_fp8_t1, 0, 1) \
+    X(qmoe_up_fp8_t2, 0, 2) \
+    X(qmoe_up_fp8_t4, 0, 4) \
+    X(qmoe_up_fp8_t8, 0, 8) \
+    X(qmoe_up_int8_t1, 1, 1) \
+    X(qmoe_up_int8_t2, 1, 2) \
+    X(qmoe_up_int8_t4, 1, 4) \
+    X(qmoe_up_int8_t8, 1, 8) \
+    X(qmoe_up_int4_t1, 2, 1) \
+    X(qmoe_up_int4_t2, 2, 2) \
+    X(qmoe_up_int4_t4, 2, 4) \
+    X(qmoe_up_int4_t8, 2, 8)
+
+// qmoe_down (csrc/qmoe.cu, takes QMoeParams): X(symbol, KIND, TILE)
+#define MIXTRAL_QMOE_DOWN_VARIANTS(X) \
+    X(qmoe_down_fp8_t1, 0, 1) \
+    X(qmoe_down_fp8_t2, 0, 2) \
+    X(qmoe_down_fp8_t4, 0, 4) \
+    X(qmoe_down_fp8_t8, 0, 8) \
+    X(qmoe_down_int8_t1, 1, 1) \
+    X(qmoe_down_int8_t2, 1, 2) \
+    X(qmoe_down_int8_t4, 1, 4) \
+    X(qmoe_down_int8_t8, 1, 8) \
+    X(qmoe_down_int4_t1, 2, 1) \
+    X(qmoe_down_int4_t2, 2, 2) \
+    X(qmoe_down_int4_t4, 2, 4) \
+    X(qmoe_down_int4_t8, 2, 8)
+
+// dequantize (csrc/dequant.cu, takes DequantParams): X(symbol, KIND)
+#define MIXTRAL_DEQUANTIZE_VARIANTS(X) \
+    X(dequantize_fp8, 0) \
+    X(dequantize_int8, 1) \
+    X(dequantize_int4, 2)

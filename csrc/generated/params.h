@@ -96,6 +96,22 @@ typedef struct mx_bf16 {
 #define SAMPLE_BAD_PARAMS 4294967294u
 // Threads per block of `fill_random` (grid-stride loop).
 #define FILL_THREADS 256u
+// KIND template value of the quantized kernels: FP8 E4M3 codes, one f32 scale per row.
+#define QUANT_KIND_FP8 0u
+// KIND template value of the quantized kernels: INT8 codes, one f32 scale per row.
+#define QUANT_KIND_INT8 1u
+// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), an f32 (scale, zero) pair per row and group.
+#define QUANT_KIND_INT4 2u
+// Bytes of codes one lane loads at a time in the quantized kernels (16 elements of 8 bits or 32 of 4 bits).
+#define QUANT_CHUNK_BYTES 16u
+// 16-byte code loads per row each lane of `qlinear` / `qmoe_*` issues before using them.
+#define QUANT_UNROLL 4u
+// Warps per block of `qlinear` (each warp owns QLINEAR_ROWS_PER_WARP output rows).
+#define QLINEAR_WARPS 8u
+// Weight rows per warp in `qlinear` (each activation load serves this many rows).
+#define QLINEAR_ROWS_PER_WARP 2u
+// Threads per block of `dequantize` (one block per row of one matrix).
+#define DEQUANT_THREADS 128u
 
 // Token embedding gather: `out[t, :] = table[ids[t], :]`; an id >= vocab gives a row of zeros.
 typedef struct EmbeddingParams {
@@ -534,3 +550,156 @@ MX_STATIC_ASSERT(offsetof(FillParams, base) == 12, "FillParams.base: offset");
 MX_STATIC_ASSERT(offsetof(FillParams, seed) == 16, "FillParams.seed: offset");
 MX_STATIC_ASSERT(offsetof(FillParams, scale) == 20, "FillParams.scale: offset");
 MX_STATIC_ASSERT(offsetof(FillParams, shift) == 24, "FillParams.shift: offset");
+
+// Dense projection over one packed quantized matrix (csrc/quant.cuh): `out[t, o] = sum_j x[t, perm[j]] * w[o, j]` over the stored columns j (perm absent: x[t, j]), w[o, j] the dequantized value, f32 accumulation; out bf16 or f32 as the variant says.
+typedef struct QLinearParams {
+    // `[tokens, in_features]` input rows (16-byte aligned).
+    const mx_bf16* x;
+    // `[out_features, row_bytes]` codes (16-byte aligned).
+    const uint8_t* codes;
+    // `[out_features, row_params]`: the row scale (8-bit) or (scale, zero) per group (4-bit).
+    const float* params;
+    // `[in_features]` input column of each stored column (16-byte aligned), or null.
+    const uint32_t* perm;
+    // `[tokens, out_features]`, bf16 or f32 as the variant says.
+    void* out;
+    // Number of tokens (at most LINEAR_GEMV_MAX_TOKENS).
+    uint32_t tokens;
+    // Input features (a multiple of 16 for 8-bit, 32 for 4-bit).
+    uint32_t in_features;
+    // Output features (rows of the matrix).
+    uint32_t out_features;
+    // Code bytes per row: in_features (8-bit) or in_features / 2 (4-bit).
+    uint32_t row_bytes;
+    // f32 parameters per row: 1 (8-bit) or 2 * ceil(in_features / group_size) (4-bit).
+    uint32_t row_params;
+    // Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit.
+    uint32_t group_size;
+} QLinearParams;
+MX_STATIC_ASSERT(sizeof(QLinearParams) == 64, "QLinearParams: size");
+MX_STATIC_ASSERT(MX_ALIGNOF(QLinearParams) == 8, "QLinearParams: alignment");
+MX_STATIC_ASSERT(offsetof(QLinearParams, x) == 0, "QLinearParams.x: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, codes) == 8, "QLinearParams.codes: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, params) == 16, "QLinearParams.params: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, perm) == 24, "QLinearParams.perm: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, out) == 32, "QLinearParams.out: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, tokens) == 40, "QLinearParams.tokens: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, in_features) == 44, "QLinearParams.in_features: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, out_features) == 48, "QLinearParams.out_features: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, row_bytes) == 52, "QLinearParams.row_bytes: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, row_params) == 56, "QLinearParams.row_params: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, group_size) == 60, "QLinearParams.group_size: offset");
+
+// The decode expert MLP of `MoeParams` over packed expert stacks: matrix e of a stack starts at `e * rows * row_bytes` codes, `e * rows * row_params` params and `e * cols` perm entries. `qmoe_up` writes `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])`, `qmoe_down` `out[s] = weight[s] * (w2[e] act[s])`.
+typedef struct QMoeParams {
+    // `[tokens, hidden]` normalised hidden states (16-byte aligned).
+    const mx_bf16* x;
+    // `[experts, inter, w13_row_bytes]` gate projection codes (16-byte aligned).
+    const uint8_t* w1_codes;
+    // `[experts, inter, w13_row_params]` gate projection parameters.
+    const float* w1_params;
+    // `[experts, inter, w13_row_bytes]` up projection codes (16-byte aligned).
+    const uint8_t* w3_codes;
+    // `[experts, inter, w13_row_params]` up projection parameters.
+    const float* w3_params;
+    // `[experts, hidden]` permutation shared by w1 and w3 (16-byte aligned), or null.
+    const uint32_t* w13_perm;
+    // `[experts, hidden, w2_row_bytes]` down projection codes (16-byte aligned).
+    const uint8_t* w2_codes;
+    // `[experts, hidden, w2_row_params]` down projection parameters.
+    const float* w2_params;
+    // `[experts, inter]` permutation of w2 (16-byte aligned), or null.
+    const uint32_t* w2_perm;
+    // `[tokens, top_k]` routing weights.
+    const float* topk_weights;
+    // `[experts + 1]` start of each expert's slots in `sorted_slots`.
+    const int32_t* expert_offsets;
+    // `[tokens * top_k]` slots grouped by expert.
+    const int32_t* sorted_slots;
+    // `[tokens * top_k, inter]` SwiGLU activations per slot (16-byte aligned).
+    mx_bf16* act;
+    // `[tokens * top_k, hidden]` weighted expert outputs per slot.
+    float* out;
+    // Number of tokens.
+    uint32_t tokens;
+    // Hidden size (a multiple of 16 for 8-bit, 32 for 4-bit).
+    uint32_t hidden;
+    // Expert intermediate size (a multiple of 16 for 8-bit, 32 for 4-bit).
+    uint32_t inter;
+    // Number of experts.
+    uint32_t experts;
+    // Experts per token.
+    uint32_t top_k;
+    // Stored columns per group of every stack (4-bit, a multiple of 32); 0 for 8-bit.
+    uint32_t group_size;
+    // Code bytes per row of w1 and w3.
+    uint32_t w13_row_bytes;
+    // f32 parameters per row of w1 and w3.
+    uint32_t w13_row_params;
+    // Code bytes per row of w2.
+    uint32_t w2_row_bytes;
+    // f32 parameters per row of w2.
+    uint32_t w2_row_params;
+} QMoeParams;
+MX_STATIC_ASSERT(sizeof(QMoeParams) == 152, "QMoeParams: size");
+MX_STATIC_ASSERT(MX_ALIGNOF(QMoeParams) == 8, "QMoeParams: alignment");
+MX_STATIC_ASSERT(offsetof(QMoeParams, x) == 0, "QMoeParams.x: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w1_codes) == 8, "QMoeParams.w1_codes: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w1_params) == 16, "QMoeParams.w1_params: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w3_codes) == 24, "QMoeParams.w3_codes: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w3_params) == 32, "QMoeParams.w3_params: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w13_perm) == 40, "QMoeParams.w13_perm: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w2_codes) == 48, "QMoeParams.w2_codes: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w2_params) == 56, "QMoeParams.w2_params: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w2_perm) == 64, "QMoeParams.w2_perm: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, topk_weights) == 72, "QMoeParams.topk_weights: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, expert_offsets) == 80, "QMoeParams.expert_offsets: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, sorted_slots) == 88, "QMoeParams.sorted_slots: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, act) == 96, "QMoeParams.act: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, out) == 104, "QMoeParams.out: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, tokens) == 112, "QMoeParams.tokens: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, hidden) == 116, "QMoeParams.hidden: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, inter) == 120, "QMoeParams.inter: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, experts) == 124, "QMoeParams.experts: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, top_k) == 128, "QMoeParams.top_k: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, group_size) == 132, "QMoeParams.group_size: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w13_row_bytes) == 136, "QMoeParams.w13_row_bytes: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w13_row_params) == 140, "QMoeParams.w13_row_params: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w2_row_bytes) == 144, "QMoeParams.w2_row_bytes: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w2_row_params) == 148, "QMoeParams.w2_row_params: offset");
+
+// A stack of `count` packed matrices `[rows, cols]` expanded to bf16 in input-column order: `out[m, r, perm[m, j]] = bf16(w[m, r, j])` for every stored column j (perm absent: `out[m, r, j]`).
+typedef struct DequantParams {
+    // `[count, rows, row_bytes]` codes (16-byte aligned).
+    const uint8_t* codes;
+    // `[count, rows, row_params]` parameters.
+    const float* params;
+    // `[count, cols]` input column of each stored column, or null.
+    const uint32_t* perm;
+    // `[count, rows, cols]` dequantized matrices (16-byte aligned).
+    mx_bf16* out;
+    // Matrices in the stack.
+    uint32_t count;
+    // Rows of each matrix.
+    uint32_t rows;
+    // Columns of each matrix (a multiple of 16 for 8-bit, 32 for 4-bit).
+    uint32_t cols;
+    // Code bytes per row.
+    uint32_t row_bytes;
+    // f32 parameters per row.
+    uint32_t row_params;
+    // Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit.
+    uint32_t group_size;
+} DequantParams;
+MX_STATIC_ASSERT(sizeof(DequantParams) == 56, "DequantParams: size");
+MX_STATIC_ASSERT(MX_ALIGNOF(DequantParams) == 8, "DequantParams: alignment");
+MX_STATIC_ASSERT(offsetof(DequantParams, codes) == 0, "DequantParams.codes: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, params) == 8, "DequantParams.params: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, perm) == 16, "DequantParams.perm: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, out) == 24, "DequantParams.out: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, count) == 32, "DequantParams.count: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, rows) == 36, "DequantParams.rows: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, cols) == 40, "DequantParams.cols: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, row_bytes) == 44, "DequantParams.row_bytes: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, row_params) == 48, "DequantParams.row_params: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, group_size) == 52, "DequantParams.group_size: offset");

@@ -74,6 +74,22 @@ pub const SAMPLE_NON_FINITE: u32 = 4294967295;
 pub const SAMPLE_BAD_PARAMS: u32 = 4294967294;
 /// Threads per block of `fill_random` (grid-stride loop).
 pub const FILL_THREADS: u32 = 256;
+/// KIND template value of the quantized kernels: FP8 E4M3 codes, one f32 scale per row.
+pub const QUANT_KIND_FP8: u32 = 0;
+/// KIND template value of the quantized kernels: INT8 codes, one f32 scale per row.
+pub const QUANT_KIND_INT8: u32 = 1;
+/// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), an f32 (scale, zero) pair per row and group.
+pub const QUANT_KIND_INT4: u32 = 2;
+/// Bytes of codes one lane loads at a time in the quantized kernels (16 elements of 8 bits or 32 of 4 bits).
+pub const QUANT_CHUNK_BYTES: u32 = 16;
+/// 16-byte code loads per row each lane of `qlinear` / `qmoe_*` issues before using them.
+pub const QUANT_UNROLL: u32 = 4;
+/// Warps per block of `qlinear` (each warp owns QLINEAR_ROWS_PER_WARP output rows).
+pub const QLINEAR_WARPS: u32 = 8;
+/// Weight rows per warp in `qlinear` (each activation load serves this many rows).
+pub const QLINEAR_ROWS_PER_WARP: u32 = 2;
+/// Threads per block of `dequantize` (one block per row of one matrix).
+pub const DEQUANT_THREADS: u32 = 128;
 
 /// Token embedding gather: `out[t, :] = table[ids[t], :]`; an id >= vocab gives a row of zeros.
 #[repr(C)]
@@ -546,6 +562,168 @@ const _: () = assert!(core::mem::offset_of!(FillParams, seed) == 16);
 const _: () = assert!(core::mem::offset_of!(FillParams, scale) == 20);
 const _: () = assert!(core::mem::offset_of!(FillParams, shift) == 24);
 
+/// Dense projection over one packed quantized matrix (csrc/quant.cuh): `out[t, o] = sum_j x[t, perm[j]] * w[o, j]` over the stored columns j (perm absent: x[t, j]), w[o, j] the dequantized value, f32 accumulation; out bf16 or f32 as the variant says.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QLinearParams {
+    /// `[tokens, in_features]` input rows (16-byte aligned). Device pointer to bf16, read.
+    pub x: u64,
+    /// `[out_features, row_bytes]` codes (16-byte aligned). Device pointer to u8, read.
+    pub codes: u64,
+    /// `[out_features, row_params]`: the row scale (8-bit) or (scale, zero) per group (4-bit). Device pointer to f32, read.
+    pub params: u64,
+    /// `[in_features]` input column of each stored column (16-byte aligned), or null. Device pointer to u32, read.
+    pub perm: u64,
+    /// `[tokens, out_features]`, bf16 or f32 as the variant says. Device pointer to variant-typed, written.
+    pub out: u64,
+    /// Number of tokens (at most LINEAR_GEMV_MAX_TOKENS).
+    pub tokens: u32,
+    /// Input features (a multiple of 16 for 8-bit, 32 for 4-bit).
+    pub in_features: u32,
+    /// Output features (rows of the matrix).
+    pub out_features: u32,
+    /// Code bytes per row: in_features (8-bit) or in_features / 2 (4-bit).
+    pub row_bytes: u32,
+    /// f32 parameters per row: 1 (8-bit) or 2 * ceil(in_features / group_size) (4-bit).
+    pub row_params: u32,
+    /// Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit.
+    pub group_size: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<QLinearParams>() == 64);
+const _: () = assert!(core::mem::align_of::<QLinearParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, x) == 0);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, codes) == 8);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, params) == 16);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, perm) == 24);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, out) == 32);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, tokens) == 40);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, in_features) == 44);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, out_features) == 48);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, row_bytes) == 52);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, row_params) == 56);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, group_size) == 60);
+
+/// The decode expert MLP of `MoeParams` over packed expert stacks: matrix e of a stack starts at `e * rows * row_bytes` codes, `e * rows * row_params` params and `e * cols` perm entries. `qmoe_up` writes `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])`, `qmoe_down` `out[s] = weight[s] * (w2[e] act[s])`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QMoeParams {
+    /// `[tokens, hidden]` normalised hidden states (16-byte aligned). Device pointer to bf16, read.
+    pub x: u64,
+    /// `[experts, inter, w13_row_bytes]` gate projection codes (16-byte aligned). Device pointer to u8, read.
+    pub w1_codes: u64,
+    /// `[experts, inter, w13_row_params]` gate projection parameters. Device pointer to f32, read.
+    pub w1_params: u64,
+    /// `[experts, inter, w13_row_bytes]` up projection codes (16-byte aligned). Device pointer to u8, read.
+    pub w3_codes: u64,
+    /// `[experts, inter, w13_row_params]` up projection parameters. Device pointer to f32, read.
+    pub w3_params: u64,
+    /// `[experts, hidden]` permutation shared by w1 and w3 (16-byte aligned), or null. Device pointer to u32, read.
+    pub w13_perm: u64,
+    /// `[experts, hidden, w2_row_bytes]` down projection codes (16-byte aligned). Device pointer to u8, read.
+    pub w2_codes: u64,
+    /// `[experts, hidden, w2_row_params]` down projection parameters. Device pointer to f32, read.
+    pub w2_params: u64,
+    /// `[experts, inter]` permutation of w2 (16-byte aligned), or null. Device pointer to u32, read.
+    pub w2_perm: u64,
+    /// `[tokens, top_k]` routing weights. Device pointer to f32, read.
+    pub topk_weights: u64,
+    /// `[experts + 1]` start of each expert's slots in `sorted_slots`. Device pointer to i32, read.
+    pub expert_offsets: u64,
+    /// `[tokens * top_k]` slots grouped by expert. Device pointer to i32, read.
+    pub sorted_slots: u64,
+    /// `[tokens * top_k, inter]` SwiGLU activations per slot (16-byte aligned). Device pointer to bf16, written.
+    pub act: u64,
+    /// `[tokens * top_k, hidden]` weighted expert outputs per slot. Device pointer to f32, written.
+    pub out: u64,
+    /// Number of tokens.
+    pub tokens: u32,
+    /// Hidden size (a multiple of 16 for 8-bit, 32 for 4-bit).
+    pub hidden: u32,
+    /// Expert intermediate size (a multiple of 16 for 8-bit, 32 for 4-bit).
+    pub inter: u32,
+    /// Number of experts.
+    pub experts: u32,
+    /// Experts per token.
+    pub top_k: u32,
+    /// Stored columns per group of every stack (4-bit, a multiple of 32); 0 for 8-bit.
+    pub group_size: u32,
+    /// Code bytes per row of w1 and w3.
+    pub w13_row_bytes: u32,
+    /// f32 parameters per row of w1 and w3.
+    pub w13_row_params: u32,
+    /// Code bytes per row of w2.
+    pub w2_row_bytes: u32,
+    /// f32 parameters per row of w2.
+    pub w2_row_params: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<QMoeParams>() == 152);
+const _: () = assert!(core::mem::align_of::<QMoeParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, x) == 0);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w1_codes) == 8);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w1_params) == 16);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w3_codes) == 24);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w3_params) == 32);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w13_perm) == 40);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_codes) == 48);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_params) == 56);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_perm) == 64);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, topk_weights) == 72);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, expert_offsets) == 80);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, sorted_slots) == 88);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, act) == 96);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, out) == 104);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, tokens) == 112);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, hidden) == 116);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, inter) == 120);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, experts) == 124);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, top_k) == 128);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, group_size) == 132);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w13_row_bytes) == 136);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w13_row_params) == 140);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_row_bytes) == 144);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_row_params) == 148);
+
+/// A stack of `count` packed matrices `[rows, cols]` expanded to bf16 in input-column order: `out[m, r, perm[m, j]] = bf16(w[m, r, j])` for every stored column j (perm absent: `out[m, r, j]`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DequantParams {
+    /// `[count, rows, row_bytes]` codes (16-byte aligned). Device pointer to u8, read.
+    pub codes: u64,
+    /// `[count, rows, row_params]` parameters. Device pointer to f32, read.
+    pub params: u64,
+    /// `[count, cols]` input column of each stored column, or null. Device pointer to u32, read.
+    pub perm: u64,
+    /// `[count, rows, cols]` dequantized matrices (16-byte aligned). Device pointer to bf16, written.
+    pub out: u64,
+    /// Matrices in the stack.
+    pub count: u32,
+    /// Rows of each matrix.
+    pub rows: u32,
+    /// Columns of each matrix (a multiple of 16 for 8-bit, 32 for 4-bit).
+    pub cols: u32,
+    /// Code bytes per row.
+    pub row_bytes: u32,
+    /// f32 parameters per row.
+    pub row_params: u32,
+    /// Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit.
+    pub group_size: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<DequantParams>() == 56);
+const _: () = assert!(core::mem::align_of::<DequantParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(DequantParams, codes) == 0);
+const _: () = assert!(core::mem::offset_of!(DequantParams, params) == 8);
+const _: () = assert!(core::mem::offset_of!(DequantParams, perm) == 16);
+const _: () = assert!(core::mem::offset_of!(DequantParams, out) == 24);
+const _: () = assert!(core::mem::offset_of!(DequantParams, count) == 32);
+const _: () = assert!(core::mem::offset_of!(DequantParams, rows) == 36);
+const _: () = assert!(core::mem::offset_of!(DequantParams, cols) == 40);
+const _: () = assert!(core::mem::offset_of!(DequantParams, row_bytes) == 44);
+const _: () = assert!(core::mem::offset_of!(DequantParams, row_params) == 48);
+const _: () = assert!(core::mem::offset_of!(DequantParams, group_size) == 52);
+
 /// A kernel family: one `__global__` template in csrc/.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelFamily {
@@ -583,11 +761,19 @@ pub enum KernelFamily {
     Sample,
     /// `fill_random` in csrc/fill.cu, taking [`FillParams`].
     FillRandom,
+    /// `qlinear` in csrc/qlinear.cu, taking [`QLinearParams`].
+    QLinear,
+    /// `qmoe_up` in csrc/qmoe.cu, taking [`QMoeParams`].
+    QMoeUp,
+    /// `qmoe_down` in csrc/qmoe.cu, taking [`QMoeParams`].
+    QMoeDown,
+    /// `dequantize` in csrc/dequant.cu, taking [`DequantParams`].
+    Dequantize,
 }
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 17] = [
+    pub const ALL: [KernelFamily; 21] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -605,6 +791,10 @@ impl KernelFamily {
         KernelFamily::AttentionPrefill,
         KernelFamily::Sample,
         KernelFamily::FillRandom,
+        KernelFamily::QLinear,
+        KernelFamily::QMoeUp,
+        KernelFamily::QMoeDown,
+        KernelFamily::Dequantize,
     ];
 
     /// Position of the family in [`KernelFamily::ALL`].
@@ -632,6 +822,10 @@ impl KernelFamily {
             KernelFamily::AttentionPrefill => "attention_prefill",
             KernelFamily::Sample => "sample",
             KernelFamily::FillRandom => "fill_random",
+            KernelFamily::QLinear => "qlinear",
+            KernelFamily::QMoeUp => "qmoe_up",
+            KernelFamily::QMoeDown => "qmoe_down",
+            KernelFamily::Dequantize => "dequantize",
         }
     }
 
@@ -655,6 +849,10 @@ impl KernelFamily {
             KernelFamily::AttentionPrefill => &["HEAD_DIM"],
             KernelFamily::Sample => &[],
             KernelFamily::FillRandom => &[],
+            KernelFamily::QLinear => &["KIND", "TILE", "OUT_F32"],
+            KernelFamily::QMoeUp => &["KIND", "TILE"],
+            KernelFamily::QMoeDown => &["KIND", "TILE"],
+            KernelFamily::Dequantize => &["KIND"],
         }
     }
 }
@@ -1009,6 +1207,312 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         module: "fill",
         symbol: "fill_random",
         consts: &[],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_fp8_t1_bf16",
+        consts: &[0, 1, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_fp8_t1_f32",
+        consts: &[0, 1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_fp8_t2_bf16",
+        consts: &[0, 2, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_fp8_t2_f32",
+        consts: &[0, 2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_fp8_t4_bf16",
+        consts: &[0, 4, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_fp8_t4_f32",
+        consts: &[0, 4, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_fp8_t8_bf16",
+        consts: &[0, 8, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_fp8_t8_f32",
+        consts: &[0, 8, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int8_t1_bf16",
+        consts: &[1, 1, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int8_t1_f32",
+        consts: &[1, 1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int8_t2_bf16",
+        consts: &[1, 2, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int8_t2_f32",
+        consts: &[1, 2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int8_t4_bf16",
+        consts: &[1, 4, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int8_t4_f32",
+        consts: &[1, 4, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int8_t8_bf16",
+        consts: &[1, 8, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int8_t8_f32",
+        consts: &[1, 8, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int4_t1_bf16",
+        consts: &[2, 1, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int4_t1_f32",
+        consts: &[2, 1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int4_t2_bf16",
+        consts: &[2, 2, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int4_t2_f32",
+        consts: &[2, 2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int4_t4_bf16",
+        consts: &[2, 4, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int4_t4_f32",
+        consts: &[2, 4, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int4_t8_bf16",
+        consts: &[2, 8, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_int4_t8_f32",
+        consts: &[2, 8, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_fp8_t1",
+        consts: &[0, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_fp8_t2",
+        consts: &[0, 2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_fp8_t4",
+        consts: &[0, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_fp8_t8",
+        consts: &[0, 8],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_int8_t1",
+        consts: &[1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_int8_t2",
+        consts: &[1, 2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_int8_t4",
+        consts: &[1, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_int8_t8",
+        consts: &[1, 8],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_int4_t1",
+        consts: &[2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_int4_t2",
+        consts: &[2, 2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_int4_t4",
+        consts: &[2, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_int4_t8",
+        consts: &[2, 8],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_fp8_t1",
+        consts: &[0, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_fp8_t2",
+        consts: &[0, 2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_fp8_t4",
+        consts: &[0, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_fp8_t8",
+        consts: &[0, 8],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_int8_t1",
+        consts: &[1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_int8_t2",
+        consts: &[1, 2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_int8_t4",
+        consts: &[1, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_int8_t8",
+        consts: &[1, 8],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_int4_t1",
+        consts: &[2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_int4_t2",
+        consts: &[2, 2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_int4_t4",
+        consts: &[2, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_int4_t8",
+        consts: &[2, 8],
+    },
+    KernelVariant {
+        family: KernelFamily::Dequantize,
+        module: "dequant",
+        symbol: "dequantize_fp8",
+        consts: &[0],
+    },
+    KernelVariant {
+        family: KernelFamily::Dequantize,
+        module: "dequant",
+        symbol: "dequantize_int8",
+        consts: &[1],
+    },
+    KernelVariant {
+        family: KernelFamily::Dequantize,
+        module: "dequant",
+        symbol: "dequantize_int4",
+        consts: &[2],
     },
 ];
 
@@ -1722,6 +2226,252 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "shift",
                     core::mem::offset_of!(FillParams, shift),
                     core::mem::size_of_val(&FillParams::default().shift),
+                ),
+            ],
+        },
+        CompiledLayout {
+            name: "QLinearParams",
+            size: core::mem::size_of::<QLinearParams>(),
+            align: core::mem::align_of::<QLinearParams>(),
+            fields: vec![
+                (
+                    "x",
+                    core::mem::offset_of!(QLinearParams, x),
+                    core::mem::size_of_val(&QLinearParams::default().x),
+                ),
+                (
+                    "codes",
+                    core::mem::offset_of!(QLinearParams, codes),
+                    core::mem::size_of_val(&QLinearParams::default().codes),
+                ),
+                (
+                    "params",
+                    core::mem::offset_of!(QLinearParams, params),
+                    core::mem::size_of_val(&QLinearParams::default().params),
+                ),
+                (
+                    "perm",
+                    core::mem::offset_of!(QLinearParams, perm),
+                    core::mem::size_of_val(&QLinearParams::default().perm),
+                ),
+                (
+                    "out",
+                    core::mem::offset_of!(QLinearParams, out),
+                    core::mem::size_of_val(&QLinearParams::default().out),
+                ),
+                (
+                    "tokens",
+                    core::mem::offset_of!(QLinearParams, tokens),
+                    core::mem::size_of_val(&QLinearParams::default().tokens),
+                ),
+                (
+                    "in_features",
+                    core::mem::offset_of!(QLinearParams, in_features),
+                    core::mem::size_of_val(&QLinearParams::default().in_features),
+                ),
+                (
+                    "out_features",
+                    core::mem::offset_of!(QLinearParams, out_features),
+                    core::mem::size_of_val(&QLinearParams::default().out_features),
+                ),
+                (
+                    "row_bytes",
+                    core::mem::offset_of!(QLinearParams, row_bytes),
+                    core::mem::size_of_val(&QLinearParams::default().row_bytes),
+                ),
+                (
+                    "row_params",
+                    core::mem::offset_of!(QLinearParams, row_params),
+                    core::mem::size_of_val(&QLinearParams::default().row_params),
+                ),
+                (
+                    "group_size",
+                    core::mem::offset_of!(QLinearParams, group_size),
+                    core::mem::size_of_val(&QLinearParams::default().group_size),
+                ),
+            ],
+        },
+        CompiledLayout {
+            name: "QMoeParams",
+            size: core::mem::size_of::<QMoeParams>(),
+            align: core::mem::align_of::<QMoeParams>(),
+            fields: vec![
+                (
+                    "x",
+                    core::mem::offset_of!(QMoeParams, x),
+                    core::mem::size_of_val(&QMoeParams::default().x),
+                ),
+                (
+                    "w1_codes",
+                    core::mem::offset_of!(QMoeParams, w1_codes),
+                    core::mem::size_of_val(&QMoeParams::default().w1_codes),
+                ),
+                (
+                    "w1_params",
+                    core::mem::offset_of!(QMoeParams, w1_params),
+                    core::mem::size_of_val(&QMoeParams::default().w1_params),
+                ),
+                (
+                    "w3_codes",
+                    core::mem::offset_of!(QMoeParams, w3_codes),
+                    core::mem::size_of_val(&QMoeParams::default().w3_codes),
+                ),
+                (
+                    "w3_params",
+                    core::mem::offset_of!(QMoeParams, w3_params),
+                    core::mem::size_of_val(&QMoeParams::default().w3_params),
+                ),
+                (
+                    "w13_perm",
+                    core::mem::offset_of!(QMoeParams, w13_perm),
+                    core::mem::size_of_val(&QMoeParams::default().w13_perm),
+                ),
+                (
+                    "w2_codes",
+                    core::mem::offset_of!(QMoeParams, w2_codes),
+                    core::mem::size_of_val(&QMoeParams::default().w2_codes),
+                ),
+                (
+                    "w2_params",
+                    core::mem::offset_of!(QMoeParams, w2_params),
+                    core::mem::size_of_val(&QMoeParams::default().w2_params),
+                ),
+                (
+                    "w2_perm",
+                    core::mem::offset_of!(QMoeParams, w2_perm),
+                    core::mem::size_of_val(&QMoeParams::default().w2_perm),
+                ),
+                (
+                    "topk_weights",
+                    core::mem::offset_of!(QMoeParams, topk_weights),
+                    core::mem::size_of_val(&QMoeParams::default().topk_weights),
+                ),
+                (
+                    "expert_offsets",
+                    core::mem::offset_of!(QMoeParams, expert_offsets),
+                    core::mem::size_of_val(&QMoeParams::default().expert_offsets),
+                ),
+                (
+                    "sorted_slots",
+                    core::mem::offset_of!(QMoeParams, sorted_slots),
+                    core::mem::size_of_val(&QMoeParams::default().sorted_slots),
+                ),
+                (
+                    "act",
+                    core::mem::offset_of!(QMoeParams, act),
+                    core::mem::size_of_val(&QMoeParams::default().act),
+                ),
+                (
+                    "out",
+                    core::mem::offset_of!(QMoeParams, out),
+                    core::mem::size_of_val(&QMoeParams::default().out),
+                ),
+                (
+                    "tokens",
+                    core::mem::offset_of!(QMoeParams, tokens),
+                    core::mem::size_of_val(&QMoeParams::default().tokens),
+                ),
+                (
+                    "hidden",
+                    core::mem::offset_of!(QMoeParams, hidden),
+                    core::mem::size_of_val(&QMoeParams::default().hidden),
+                ),
+                (
+                    "inter",
+                    core::mem::offset_of!(QMoeParams, inter),
+                    core::mem::size_of_val(&QMoeParams::default().inter),
+                ),
+                (
+                    "experts",
+                    core::mem::offset_of!(QMoeParams, experts),
+                    core::mem::size_of_val(&QMoeParams::default().experts),
+                ),
+                (
+                    "top_k",
+                    core::mem::offset_of!(QMoeParams, top_k),
+                    core::mem::size_of_val(&QMoeParams::default().top_k),
+                ),
+                (
+                    "group_size",
+                    core::mem::offset_of!(QMoeParams, group_size),
+                    core::mem::size_of_val(&QMoeParams::default().group_size),
+                ),
+                (
+                    "w13_row_bytes",
+                    core::mem::offset_of!(QMoeParams, w13_row_bytes),
+                    core::mem::size_of_val(&QMoeParams::default().w13_row_bytes),
+                ),
+                (
+                    "w13_row_params",
+                    core::mem::offset_of!(QMoeParams, w13_row_params),
+                    core::mem::size_of_val(&QMoeParams::default().w13_row_params),
+                ),
+                (
+                    "w2_row_bytes",
+                    core::mem::offset_of!(QMoeParams, w2_row_bytes),
+                    core::mem::size_of_val(&QMoeParams::default().w2_row_bytes),
+                ),
+                (
+                    "w2_row_params",
+                    core::mem::offset_of!(QMoeParams, w2_row_params),
+                    core::mem::size_of_val(&QMoeParams::default().w2_row_params),
+                ),
+            ],
+        },
+        CompiledLayout {
+            name: "DequantParams",
+            size: core::mem::size_of::<DequantParams>(),
+            align: core::mem::align_of::<DequantParams>(),
+            fields: vec![
+                (
+                    "codes",
+                    core::mem::offset_of!(DequantParams, codes),
+                    core::mem::size_of_val(&DequantParams::default().codes),
+                ),
+                (
+                    "params",
+                    core::mem::offset_of!(DequantParams, params),
+                    core::mem::size_of_val(&DequantParams::default().params),
+                ),
+                (
+                    "perm",
+                    core::mem::offset_of!(DequantParams, perm),
+                    core::mem::size_of_val(&DequantParams::default().perm),
+                ),
+                (
+                    "out",
+                    core::mem::offset_of!(DequantParams, out),
+                    core::mem::size_of_val(&DequantParams::default().out),
+                ),
+                (
+                    "count",
+                    core::mem::offset_of!(DequantParams, count),
+                    core::mem::size_of_val(&DequantParams::default().count),
+                ),
+                (
+                    "rows",
+                    core::mem::offset_of!(DequantParams, rows),
+                    core::mem::size_of_val(&DequantParams::default().rows),
+                ),
+                (
+                    "cols",
+                    core::mem::offset_of!(DequantParams, cols),
+                    core::mem::size_of_val(&DequantParams::default().cols),
+                ),
+                (
+                    "row_bytes",
+                    core::mem::offset_of!(DequantParams, row_bytes),
+                    core::mem::size_of_val(&DequantParams::default().row_bytes),
+                ),
+                (
+                    "row_params",
+                    core::mem::offset_of!(DequantParams, row_params),
+                    core::mem::size_of_val(&DequantParams::default().row_params),
+                ),
+                (
+                    "group_size",
+                    core::mem::offset_of!(DequantParams, group_size),
+                    core::mem::size_of_val(&DequantParams::default().group_size),
                 ),
             ],
         },

@@ -24,3 +24,9 @@ unsafe impl cudarc::driver::DeviceRepr for super::params::AttentionPrefillParams
 unsafe impl cudarc::driver::DeviceRepr for super::params::SampleParams {}
 // SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
 unsafe impl cudarc::driver::DeviceRepr for super::params::FillParams {}
+// SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
+unsafe impl cudarc::driver::DeviceRepr for super::params::QLinearParams {}
+// SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
+unsafe impl cudarc::driver::DeviceRepr for super::params::QMoeParams {}
+// SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
+unsafe impl cudarc::driver::DeviceRepr for super::params::DequantParams {}

@@ -1,0 +1,568 @@
+//! The kernels over packed quantized weights (`mixtral::cuda::ops::{qlinear, qmoe_gemv,
+//! dequantize}`) against the CPU reference on the dequantized matrices
+//! (`PackedMatrix::dequantize`, the values the CPU engine runs on): every format (FP8, INT8, 4-bit
+//! in groups of 32, 64 and 128 columns, the last group of a row shorter when 128 does not divide the
+//! columns), with and without a random permutation of the input columns; `qlinear` for 1..=16
+//! tokens and both output types, `qmoe_gemv` with the router's grouping built on the CPU (idle
+//! experts included), `dequantize` bit-exact against the host values rounded to bf16.
+
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+use mixtral::cpu::matmul::matmul;
+use mixtral::cpu::moe::{expert_mlp, silu, Expert};
+use mixtral::cpu::router::{group_by_expert, route};
+use mixtral::cuda::ops::{
+    dequantize, qlinear, qmoe_gemv, DequantShape, LinearOut, LinearShape, MoeShape, QLinearBuffers,
+    QMoeBuffers, QuantWeights,
+};
+use mixtral::dtype::WeightSlice;
+use mixtral::quant::{fp8, int4, int8, PackedKind, PackedMatrix};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+use crate::common::{self, Gpu, Guarded};
+
+/// f32 accumulation-order differences plus one bf16 rounding of the output stay far below this.
+const BOUND: f64 = 1e-2;
+
+/// Every format the kernels read.
+const KINDS: [PackedKind; 5] = [
+    PackedKind::Fp8,
+    PackedKind::Int8,
+    PackedKind::Int4 { group_size: 32 },
+    PackedKind::Int4 { group_size: 64 },
+    PackedKind::Int4 { group_size: 128 },
+];
+
+/// A column count every format accepts: a multiple of 32.
+fn columns() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        (1usize..=12).prop_map(|c| c * 32),
+        prop::sample::select(vec![1056usize, 2080, 4096]),
+    ]
+}
+
+/// A deterministic random permutation of `0..n` (Fisher-Yates on splitmix64).
+fn permutation(seed: u64, n: usize) -> Vec<u32> {
+    let mut state = seed ^ 0x0123_4567_89ab_cdef;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut p: Vec<u32> = (0..n as u32).collect();
+    for i in (1..n).rev() {
+        p.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    p
+}
+
+/// `w` (`[rows, cols]`) quantized to `kind` the way the loaders do, with `perm` as its act-order
+/// permutation.
+fn pack(
+    kind: PackedKind,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    perm: Option<Vec<u32>>,
+) -> PackedMatrix {
+    let mut m = match kind {
+        PackedKind::Fp8 => {
+            let (codes, scales) = fp8::quantize_per_channel(w, rows, cols);
+            PackedMatrix::fp8(codes, &scales, rows, cols).expect("fp8 packing")
+        }
+        PackedKind::Int8 => {
+            let (codes, scales) = int8::quantize_per_channel(w, rows, cols);
+            PackedMatrix::int8(&codes, &scales, rows, cols).expect("int8 packing")
+        }
+        PackedKind::Int4 { group_size } => {
+            PackedMatrix::from_rtn(&int4::quantize_rtn(w, rows, cols, group_size))
+                .expect("4-bit packing")
+        }
+    };
+    m.perm = perm;
+    m.gpu_layout_ok().expect("a layout the kernels read");
+    m
+}
+
+/// A random `[rows, cols]` matrix packed as `kind`, permuted when `permuted`.
+fn random_matrix(
+    kind: PackedKind,
+    seed: u64,
+    rows: usize,
+    cols: usize,
+    permuted: bool,
+) -> PackedMatrix {
+    let w = common::random_values(seed, rows * cols, 2.0 / (cols as f32).sqrt());
+    pack(
+        kind,
+        &w,
+        rows,
+        cols,
+        permuted.then(|| permutation(seed ^ 0x9e37, cols)),
+    )
+}
+
+/// A stack of packed matrices on the device (the matrices one after the other).
+struct DeviceStack {
+    kind: PackedKind,
+    codes: CudaSlice<u8>,
+    params: CudaSlice<f32>,
+    perm: Option<CudaSlice<u32>>,
+}
+
+impl DeviceStack {
+    fn upload(stream: &std::sync::Arc<CudaStream>, matrices: &[&PackedMatrix]) -> Self {
+        let codes: Vec<u8> = matrices
+            .iter()
+            .flat_map(|m| m.codes.iter().copied())
+            .collect();
+        let params: Vec<f32> = matrices
+            .iter()
+            .flat_map(|m| m.params.iter().copied())
+            .collect();
+        let perm: Option<Vec<u32>> = matrices
+            .iter()
+            .map(|m| m.perm.clone())
+            .collect::<Option<Vec<_>>>()
+            .map(|p| p.concat());
+        DeviceStack {
+            kind: matrices[0].kind,
+            codes: stream.clone_htod(&codes).expect("upload codes"),
+            params: stream.clone_htod(&params).expect("upload params"),
+            perm: perm.map(|p| stream.clone_htod(&p).expect("upload perm")),
+        }
+    }
+
+    fn weights(&self) -> QuantWeights<'_> {
+        QuantWeights {
+            kind: self.kind,
+            codes: &self.codes,
+            params: &self.params,
+            perm: self.perm.as_ref().map(|p| p as _),
+        }
+    }
+
+    /// The same stack with another stack's permutation buffer (w3 sharing w1's).
+    fn weights_with_perm<'a>(&'a self, perm: Option<&'a CudaSlice<u32>>) -> QuantWeights<'a> {
+        QuantWeights {
+            perm: perm.map(|p| p as _),
+            ..self.weights()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// qlinear
+
+/// Runs qlinear on `m` and bf16 `x` into a poisoned, guarded output; returns it as f32.
+fn run_qlinear(gpu: &Gpu, m: &PackedMatrix, x: &[bf16], tokens: usize, out_f32: bool) -> Vec<f32> {
+    let stream = gpu.stream();
+    let shape = LinearShape {
+        tokens,
+        in_features: m.cols,
+        out_features: m.rows,
+    };
+    let d_x = Guarded::with(stream, x);
+    let w = DeviceStack::upload(stream, &[m]);
+    let len = tokens * m.rows;
+    if out_f32 {
+        let mut out = Guarded::<f32>::poisoned(stream, len);
+        qlinear(
+            &gpu.kernels,
+            stream,
+            &shape,
+            QLinearBuffers {
+                x: &d_x.view(),
+                w: w.weights(),
+                out: LinearOut::F32(&mut out.view_mut()),
+            },
+        )
+        .expect("qlinear (f32 out)");
+        out.read_written(stream, "out")
+    } else {
+        let mut out = Guarded::<bf16>::poisoned(stream, len);
+        qlinear(
+            &gpu.kernels,
+            stream,
+            &shape,
+            QLinearBuffers {
+                x: &d_x.view(),
+                w: w.weights(),
+                out: LinearOut::Bf16(&mut out.view_mut()),
+            },
+        )
+        .expect("qlinear (bf16 out)");
+        common::to_f32(&out.read_written(stream, "out"))
+    }
+}
+
+#[test]
+fn qlinear_matches_the_cpu_reference_on_the_dequantized_matrix() {
+    let Some(gpu) = common::gpu("qlinear_matches_the_cpu_reference_on_the_dequantized_matrix")
+    else {
+        return;
+    };
+    let strategy = (
+        0..KINDS.len(),
+        1usize..=16,
+        columns(),
+        1usize..=300,
+        any::<bool>(),
+        any::<bool>(),
+        any::<u64>(),
+    );
+    let mut runner = TestRunner::new(Config::with_cases(40));
+    runner
+        .run(
+            &strategy,
+            |(k, tokens, cols, rows, permuted, out_f32, seed)| {
+                let kind = KINDS[k];
+                let m = random_matrix(kind, seed, rows, cols, permuted);
+                let x = common::to_bf16(&common::random_values(seed ^ 0x51, tokens * cols, 1.0));
+                let mut reference = vec![0.0f32; tokens * rows];
+                matmul(
+                    &common::to_f32(&x),
+                    WeightSlice::F32(&m.dequantize()),
+                    rows,
+                    cols,
+                    &mut reference,
+                );
+                let out = run_qlinear(&gpu, &m, &x, tokens, out_f32);
+                let err = common::rel_l2(&out, &reference);
+                if err > BOUND {
+                    return Err(TestCaseError::fail(format!(
+                        "{kind:?}, tokens {tokens}, [{rows}, {cols}], perm {permuted}, f32 out \
+                         {out_f32}: relative L2 error {err:e} > {BOUND:e}"
+                    )));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn qlinear_every_format_at_a_mixtral_projection_shape() {
+    let Some(gpu) = common::gpu("qlinear_every_format_at_a_mixtral_projection_shape") else {
+        return;
+    };
+    for (i, kind) in KINDS.into_iter().enumerate() {
+        for (tokens, permuted) in [(1, false), (8, true), (13, false)] {
+            let seed = 100 + i as u64;
+            let m = random_matrix(kind, seed, 264, 4096, permuted);
+            let x = common::to_bf16(&common::random_values(seed, tokens * 4096, 1.0));
+            let mut reference = vec![0.0f32; tokens * 264];
+            matmul(
+                &common::to_f32(&x),
+                WeightSlice::F32(&m.dequantize()),
+                264,
+                4096,
+                &mut reference,
+            );
+            let out = run_qlinear(&gpu, &m, &x, tokens, true);
+            common::assert_close(
+                &format!("{kind:?}, tokens {tokens}, perm {permuted}"),
+                &out,
+                &reference,
+                BOUND,
+            );
+        }
+    }
+}
+
+#[test]
+fn qlinear_zero_tokens_touch_nothing() {
+    let Some(gpu) = common::gpu("qlinear_zero_tokens_touch_nothing") else {
+        return;
+    };
+    let m = random_matrix(PackedKind::Int4 { group_size: 32 }, 9, 10, 64, true);
+    assert!(run_qlinear(&gpu, &m, &[], 0, true).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// dequantize
+
+#[test]
+fn dequantize_is_bit_exact_against_the_host_values() {
+    let Some(gpu) = common::gpu("dequantize_is_bit_exact_against_the_host_values") else {
+        return;
+    };
+    let strategy = (
+        0..KINDS.len(),
+        1usize..=3,
+        1usize..=40,
+        columns(),
+        any::<bool>(),
+        any::<u64>(),
+    );
+    let mut runner = TestRunner::new(Config::with_cases(32));
+    runner
+        .run(&strategy, |(k, count, rows, cols, permuted, seed)| {
+            let kind = KINDS[k];
+            let matrices: Vec<PackedMatrix> = (0..count as u64)
+                .map(|i| random_matrix(kind, seed.wrapping_add(i), rows, cols, permuted))
+                .collect();
+            let expected: Vec<bf16> = matrices
+                .iter()
+                .flat_map(|m| m.dequantize())
+                .map(bf16::from_f32)
+                .collect();
+            let stream = gpu.stream();
+            let refs: Vec<&PackedMatrix> = matrices.iter().collect();
+            let w = DeviceStack::upload(stream, &refs);
+            let mut out = Guarded::<bf16>::poisoned(stream, expected.len());
+            dequantize(
+                &gpu.kernels,
+                stream,
+                &DequantShape { count, rows, cols },
+                w.weights(),
+                &mut out.view_mut(),
+            )
+            .expect("dequantize");
+            let got = out.read_written(stream, "out");
+            if let Some(i) = got
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a.to_bits() != b.to_bits())
+            {
+                return Err(TestCaseError::fail(format!(
+                    "{kind:?}, {count} x [{rows}, {cols}], perm {permuted}: element {i} is {} \
+                     (bits {:#06x}), expected {} (bits {:#06x})",
+                    got[i],
+                    got[i].to_bits(),
+                    expected[i],
+                    expected[i].to_bits()
+                )));
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// qmoe_gemv
+
+/// One random quantized MoE problem.
+#[derive(Debug, Clone)]
+struct QMoeCase {
+    kind: PackedKind,
+    tokens: usize,
+    hidden: usize,
+    inter: usize,
+    experts: usize,
+    top_k: usize,
+    /// Experts the router is biased away from (bit e: expert e).
+    cold: u32,
+    permuted: bool,
+    seed: u64,
+}
+
+fn qmoe_cases() -> impl Strategy<Value = QMoeCase> {
+    (
+        0..KINDS.len(),
+        prop_oneof![Just(1usize), 1usize..8, 8usize..24],
+        1usize..=8,
+        1usize..=6,
+        1usize..=8,
+        1usize..=2,
+        any::<u32>(),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(k, tokens, hidden32, inter32, experts, top_k, cold, permuted, seed)| QMoeCase {
+                kind: KINDS[k],
+                tokens,
+                hidden: hidden32 * 32,
+                inter: inter32 * 32,
+                experts,
+                top_k: top_k.min(experts),
+                cold: cold & ((1u32 << experts) - 1) & !1,
+                permuted,
+                seed,
+            },
+        )
+}
+
+/// Runs qmoe_gemv on `case` and compares `act` and `out` per slot with the CPU expert MLP on the
+/// dequantized experts.
+fn check_qmoe(name: &str, case: &QMoeCase) {
+    let Some(gpu) = common::gpu(name) else {
+        return;
+    };
+    let &QMoeCase {
+        kind,
+        tokens,
+        hidden,
+        inter,
+        experts,
+        top_k,
+        cold,
+        permuted,
+        seed,
+    } = case;
+    let slots = tokens * top_k;
+
+    // Inputs; column 0 of x is positive so that a strongly negative router weight keeps an expert cold.
+    let mut x = common::random_values(seed, tokens * hidden, 1.0);
+    for row in x.chunks_exact_mut(hidden) {
+        row[0] = 0.75 + 0.25 * row[0];
+    }
+    let x = common::round_bf16(&x);
+    let x_bf16 = common::to_bf16(&x);
+    let mut router = common::random_values(seed ^ 4, experts * hidden, 0.5);
+    for (e, row) in router.chunks_exact_mut(hidden).enumerate() {
+        if cold & (1 << e) != 0 {
+            row[0] = -64.0;
+        }
+    }
+    let mut logits = vec![0.0f32; tokens * experts];
+    matmul(&x, WeightSlice::F32(&router), experts, hidden, &mut logits);
+    let routing = route(&logits, experts, top_k);
+    let groups = group_by_expert(&routing, experts);
+    let offsets: Vec<i32> = groups.offsets.iter().map(|&o| o as i32).collect();
+    let sorted: Vec<i32> = groups.assignments.iter().map(|&a| a as i32).collect();
+
+    // The experts: w1 and w3 of an expert share one permutation, w2 has its own.
+    let mut w1 = Vec::new();
+    let mut w3 = Vec::new();
+    let mut w2 = Vec::new();
+    for e in 0..experts as u64 {
+        let s = seed.wrapping_mul(31).wrapping_add(e * 7);
+        let perm13 = permuted.then(|| permutation(s ^ 13, hidden));
+        let perm2 = permuted.then(|| permutation(s ^ 2, inter));
+        let scale13 = 2.0 / (hidden as f32).sqrt();
+        let scale2 = 2.0 / (inter as f32).sqrt();
+        w1.push(pack(
+            kind,
+            &common::random_values(s ^ 1, inter * hidden, scale13),
+            inter,
+            hidden,
+            perm13.clone(),
+        ));
+        w3.push(pack(
+            kind,
+            &common::random_values(s ^ 3, inter * hidden, scale13),
+            inter,
+            hidden,
+            perm13,
+        ));
+        w2.push(pack(
+            kind,
+            &common::random_values(s ^ 5, hidden * inter, scale2),
+            hidden,
+            inter,
+            perm2,
+        ));
+    }
+
+    // The device run.
+    let stream = gpu.stream();
+    let d_x = Guarded::with(stream, &x_bf16);
+    let d_w1 = DeviceStack::upload(stream, &w1.iter().collect::<Vec<_>>());
+    let d_w3 = DeviceStack::upload(stream, &w3.iter().collect::<Vec<_>>());
+    let d_w2 = DeviceStack::upload(stream, &w2.iter().collect::<Vec<_>>());
+    let d_weights = Guarded::with(stream, &routing.weights);
+    let d_offsets = Guarded::with(stream, &offsets);
+    let d_sorted = Guarded::with(stream, &sorted);
+    let mut d_act = Guarded::<bf16>::poisoned(stream, slots * inter);
+    let mut d_out = Guarded::<f32>::poisoned(stream, slots * hidden);
+    let shape = MoeShape {
+        tokens,
+        hidden,
+        inter,
+        experts,
+        top_k,
+    };
+    qmoe_gemv(
+        &gpu.kernels,
+        stream,
+        &shape,
+        QMoeBuffers {
+            x: &d_x.view(),
+            w1: d_w1.weights(),
+            w3: d_w3.weights_with_perm(d_w1.perm.as_ref()),
+            w2: d_w2.weights(),
+            topk_weights: &d_weights.view(),
+            expert_offsets: &d_offsets.view(),
+            sorted_slots: &d_sorted.view(),
+            act: &mut d_act.view_mut(),
+            out: &mut d_out.view_mut(),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
+    stream.synchronize().expect("synchronize");
+    let act = common::to_f32(&d_act.read_written(stream, "act"));
+    let out = d_out.read_written(stream, "out");
+
+    // The CPU reference, expert by expert over the same grouping, on the dequantized matrices.
+    let mut act_ref = vec![0.0f32; slots * inter];
+    let mut out_ref = vec![0.0f32; slots * hidden];
+    for e in 0..experts {
+        let assigned = groups.of(e);
+        if assigned.is_empty() {
+            continue;
+        }
+        let (m1, m3, m2) = (w1[e].dequantize(), w3[e].dequantize(), w2[e].dequantize());
+        let expert = Expert {
+            w1: WeightSlice::F32(&m1),
+            w2: WeightSlice::F32(&m2),
+            w3: WeightSlice::F32(&m3),
+        };
+        let xs: Vec<f32> = assigned
+            .iter()
+            .flat_map(|&a| {
+                let t = groups.token(a);
+                x[t * hidden..(t + 1) * hidden].iter().copied()
+            })
+            .collect();
+        let mut gate = vec![0.0f32; assigned.len() * inter];
+        let mut up = vec![0.0f32; assigned.len() * inter];
+        matmul(&xs, expert.w1, inter, hidden, &mut gate);
+        matmul(&xs, expert.w3, inter, hidden, &mut up);
+        let mut ys = vec![0.0f32; assigned.len() * hidden];
+        expert_mlp(&xs, &expert, hidden, inter, &mut ys);
+        for (i, &a) in assigned.iter().enumerate() {
+            for c in 0..inter {
+                act_ref[a * inter + c] = silu(gate[i * inter + c]) * up[i * inter + c];
+            }
+            let w = routing.weights[a];
+            for c in 0..hidden {
+                out_ref[a * hidden + c] = w * ys[i * hidden + c];
+            }
+        }
+    }
+    common::assert_close(&format!("{name} act {case:?}"), &act, &act_ref, BOUND);
+    common::assert_close(&format!("{name} out {case:?}"), &out, &out_ref, BOUND);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn qmoe_gemv_matches_the_cpu_experts_on_the_dequantized_weights(case in qmoe_cases()) {
+        check_qmoe("qmoe_gemv", &case);
+    }
+}
+
+/// Every format with idle experts, fewer tokens than experts, top-2, permuted columns.
+#[test]
+fn qmoe_gemv_every_format_with_idle_experts() {
+    for (i, kind) in KINDS.into_iter().enumerate() {
+        let case = QMoeCase {
+            kind,
+            tokens: 3,
+            hidden: 256,
+            inter: 160,
+            experts: 8,
+            top_k: 2,
+            cold: 0b1010_0000,
+            permuted: i % 2 == 0,
+            seed: 7 + i as u64,
+        };
+        check_qmoe("qmoe_gemv_every_format_with_idle_experts", &case);
+    }
+}
