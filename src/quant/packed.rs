@@ -45,6 +45,25 @@ impl fmt::Display for LayoutError {
 
 impl std::error::Error for LayoutError {}
 
+impl PackedKind {
+    /// Bytes of one row's codes for `cols` columns (`cols / 2` for 4-bit).
+    pub fn row_code_bytes(self, cols: usize) -> usize {
+        match self {
+            PackedKind::Int4 { .. } => cols / 2,
+            PackedKind::Fp8 | PackedKind::Int8 => cols,
+        }
+    }
+
+    /// f32 parameters of one row of `cols` columns: a scale (8-bit), or a `(scale, zero)` pair
+    /// per group (4-bit).
+    pub fn row_params(self, cols: usize) -> usize {
+        match self {
+            PackedKind::Int4 { group_size } => 2 * cols.div_ceil(group_size.max(1)),
+            PackedKind::Fp8 | PackedKind::Int8 => 1,
+        }
+    }
+}
+
 fn fail<T>(reason: impl Into<String>) -> Result<T, LayoutError> {
     Err(LayoutError(reason.into()))
 }
@@ -259,18 +278,12 @@ impl PackedMatrix {
 
     /// Bytes of one row's codes.
     pub fn row_code_bytes(&self) -> usize {
-        match self.kind {
-            PackedKind::Int4 { .. } => self.cols / 2,
-            _ => self.cols,
-        }
+        self.kind.row_code_bytes(self.cols)
     }
 
     /// f32 parameters per row.
     pub fn row_params(&self) -> usize {
-        match self.kind {
-            PackedKind::Int4 { .. } => 2 * self.groups(),
-            _ => 1,
-        }
+        self.kind.row_params(self.cols)
     }
 
     /// Bytes held: codes, parameters and permutation.

@@ -23,7 +23,7 @@ use super::super::ops::{
 };
 use super::super::params::LINEAR_GEMV_MAX_TOKENS;
 use super::super::region::{DeviceArena, Region};
-use crate::quant::{PackedKind, PackedMatrix};
+use crate::quant::PackedKind;
 use crate::weights::Weight;
 
 /// Most tokens a chunk runs through `qmoe_gemv` over packed experts; larger chunks expand the
@@ -53,13 +53,8 @@ impl StackFormat {
         match self {
             StackFormat::Bf16 => matrices * cols * 2,
             StackFormat::Packed { kind, perm } => {
-                let (row_bytes, row_params) = match kind {
-                    PackedKind::Int4 { group_size } => {
-                        (cols / 2, 2 * cols.div_ceil(group_size.max(1)))
-                    }
-                    PackedKind::Fp8 | PackedKind::Int8 => (cols, 1),
-                };
-                matrices * (row_bytes + 4 * row_params) + if perm { count * cols * 4 } else { 0 }
+                matrices * (kind.row_code_bytes(cols) + 4 * kind.row_params(cols))
+                    + if perm { count * cols * 4 } else { 0 }
             }
         }
     }
@@ -123,17 +118,12 @@ impl PackedRegions {
         share_perm: Option<&Region<u32>>,
         what: &str,
     ) -> Result<PackedRegions, CudaError> {
-        let probe = PackedMatrix {
-            kind,
-            rows: 1,
-            cols,
-            codes: Vec::new(),
-            params: Vec::new(),
-            perm: None,
-        };
         let matrices = count * rows;
-        let codes = arena.zeroed(matrices * probe.row_code_bytes(), &format!("{what} codes"))?;
-        let params = arena.zeroed(matrices * probe.row_params(), &format!("{what} scales"))?;
+        let codes = arena.zeroed(
+            matrices * kind.row_code_bytes(cols),
+            &format!("{what} codes"),
+        )?;
+        let params = arena.zeroed(matrices * kind.row_params(cols), &format!("{what} scales"))?;
         let perm = match (perm, share_perm) {
             (false, _) => None,
             (true, Some(shared)) => Some(shared.clone()),
@@ -335,7 +325,7 @@ pub fn experts<'a>(
 mod tests {
     use super::*;
     use crate::checkpoint::TensorView;
-    use crate::quant::int4;
+    use crate::quant::{int4, PackedMatrix};
     use std::sync::Arc;
 
     fn packed_weight(p: PackedMatrix) -> Weight {

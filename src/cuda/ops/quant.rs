@@ -170,13 +170,8 @@ fn row_layout(
         ));
     }
     c.count(cols_name, cols)?;
-    Ok(match kind {
-        PackedKind::Fp8 | PackedKind::Int8 => RowLayout {
-            kind: code,
-            group_size: 0,
-            row_bytes: cols,
-            row_params: 1,
-        },
+    let group_size = match kind {
+        PackedKind::Fp8 | PackedKind::Int8 => 0,
         PackedKind::Int4 { group_size } => {
             if group_size == 0 || !group_size.is_multiple_of(32) {
                 return Err(c.unsupported(
@@ -185,13 +180,14 @@ fn row_layout(
                     "must be a positive multiple of 32 (one 32-column chunk of codes in one group)",
                 ));
             }
-            RowLayout {
-                kind: code,
-                group_size: c.count("group_size", group_size)?,
-                row_bytes: cols / 2,
-                row_params: 2 * cols.div_ceil(group_size),
-            }
+            c.count("group_size", group_size)?
         }
+    };
+    Ok(RowLayout {
+        kind: code,
+        group_size,
+        row_bytes: kind.row_code_bytes(cols),
+        row_params: kind.row_params(cols),
     })
 }
 
@@ -613,7 +609,6 @@ mod tests {
 
     use super::*;
     use crate::cuda::params::KERNEL_VARIANTS;
-    use crate::quant::PackedMatrix;
 
     const BASE: u64 = 0x7f00_0000_0000;
 
@@ -653,15 +648,7 @@ mod tests {
 
     /// The layout definition's row sizes (`PackedMatrix`, the one source of truth).
     fn row_sizes(kind: PackedKind, cols: usize) -> (usize, usize) {
-        let m = PackedMatrix {
-            kind,
-            rows: 1,
-            cols,
-            codes: Vec::new(),
-            params: Vec::new(),
-            perm: None,
-        };
-        (m.row_code_bytes(), m.row_params())
+        (kind.row_code_bytes(cols), kind.row_params(cols))
     }
 
     /// A stack of `count` `[rows, cols]` matrices with exactly the needed lengths; `tag` separates
