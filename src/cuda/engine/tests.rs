@@ -133,6 +133,12 @@ fn mixtral_8x7b_fits_an_80_gb_gpu_packed_in_8_bits_with_a_32k_context_but_not_in
         let sizes = plan_sizes(&config, &options, free - weights).unwrap();
         assert_eq!(sizes.num_blocks, 2048, "{kind:?}: one full 32k context");
         let needed = weights + plan_bytes(&config, &sizes) + options.reserve_bytes;
+        eprintln!(
+            "{kind:?}: weights and dequantization scratch {:.1} GB, with a 32k KV cache, \
+             activations and the reserve {:.1} GB",
+            weights as f64 / 1e9,
+            needed as f64 / 1e9
+        );
         assert!(needed <= free, "{kind:?}: {needed} bytes");
         // The 8-bit weights are about half of bf16 (plus the expert dequantization scratch).
         assert!(weights < bf16 / 2 + (3 << 30), "{kind:?}: {weights} bytes");
