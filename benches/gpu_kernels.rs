@@ -210,6 +210,104 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
     group.finish();
 }
 
+/// The two prefill expert GEMMs side by side at Mixtral prefill shapes: `moe_grouped_gemm`
+/// (mma.sync) and, on compute capability 9.0 after a passing `moe_wgmma_self_check`,
+/// `moe_wgmma_gemm` (wgmma). Throughput in FLOPs (`2 * slots * 3 * inter * hidden`), routing from the
+/// device router on random data.
+fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
+    let stream = b.stream();
+    let check = ops::moe_wgmma_self_check(&b.kernels, &stream).expect("wgmma self-check");
+    eprintln!(
+        "moe_prefill: moe_wgmma_self_check on {}: {check:?}",
+        b.device.name()
+    );
+    let gate = b.random(EXPERTS * HIDDEN, 0.02);
+    let w1 = b.random(EXPERTS * INTER * HIDDEN, 0.02);
+    let w3 = b.random(EXPERTS * INTER * HIDDEN, 0.02);
+    let w2 = b.random(EXPERTS * HIDDEN * INTER, 0.01);
+    let mut group = c.benchmark_group("moe_prefill");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3));
+    for tokens in [512usize, 4096] {
+        let x = b.random(tokens * HIDDEN, 1.0);
+        let slots = tokens * TOP_K;
+        let mut logits = b.zeros::<f32>(tokens * EXPERTS);
+        let mut topk_ids = b.zeros::<i32>(slots);
+        let mut topk_weights = b.zeros::<f32>(slots);
+        let mut counts = b.zeros::<i32>(EXPERTS);
+        let mut offsets = b.zeros::<i32>(EXPERTS + 1);
+        let mut sorted = b.zeros::<i32>(slots);
+        let mut act = b.zeros::<bf16>(slots * INTER);
+        let mut out = b.zeros::<f32>(slots * HIDDEN);
+        ops::router(
+            &b.kernels,
+            &stream,
+            &RouterShape {
+                tokens,
+                hidden: HIDDEN,
+                experts: EXPERTS,
+                top_k: TOP_K,
+            },
+            RouterBuffers {
+                x: &x,
+                gate: &gate,
+                logits: &mut logits,
+                topk_ids: &mut topk_ids,
+                topk_weights: &mut topk_weights,
+                expert_counts: &mut counts,
+                expert_offsets: &mut offsets,
+                sorted_slots: &mut sorted,
+            },
+        )
+        .expect("router");
+        sync(&stream);
+        group.throughput(Throughput::Elements(
+            (2 * slots * 3 * INTER * HIDDEN) as u64,
+        ));
+        let shape = MoeShape {
+            tokens,
+            hidden: HIDDEN,
+            inter: INTER,
+            experts: EXPERTS,
+            top_k: TOP_K,
+        };
+        let mut ops_to_run: Vec<(&str, MoeOp)> = vec![("grouped", ops::moe_grouped_gemm)];
+        if check.passed() {
+            ops_to_run.push(("wgmma", ops::moe_wgmma_gemm));
+        }
+        for (name, op) in ops_to_run {
+            group.bench_function(BenchmarkId::new(name, tokens), |bench| {
+                bench.iter(|| {
+                    op(
+                        &b.kernels,
+                        &stream,
+                        &shape,
+                        MoeBuffers {
+                            x: &x,
+                            w1: &w1,
+                            w3: &w3,
+                            w2: &w2,
+                            topk_weights: &topk_weights,
+                            expert_offsets: &offsets,
+                            sorted_slots: &sorted,
+                            act: &mut act,
+                            out: &mut out,
+                        },
+                    )
+                    .expect(name);
+                    sync(&stream);
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+/// An expert-MLP op with `moe_grouped_gemm`'s signature.
+type MoeOp =
+    fn(&Kernels, &CudaStream, &MoeShape, MoeBuffers<'_>) -> Result<(), mixtral::cuda::CudaError>;
+
 /// A packed stack of `count` `[rows, cols]` matrices with pseudo-random codes (no FP8 NaN code),
 /// scales around 0.01 and 4-bit zeros of 8; returns (codes, params, bytes the kernels read).
 fn packed_stack(
@@ -503,6 +601,7 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     linear_benches(&mut c, &mut bench);
     moe_benches(&mut c, &mut bench);
+    moe_prefill_benches(&mut c, &mut bench);
     attention_benches(&mut c, &mut bench);
     quant_benches(&mut c, &mut bench);
     c.final_summary();

@@ -159,6 +159,13 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "MOE_GROUPED_BN", value: 64, doc: "Output columns per B matrix of a grouped GEMM tile (`moe_grouped_up`: 64 of w1 and the same 64 of w3; `moe_grouped_down`: two adjacent 64-column halves of w2, 128 columns)." },
     Constant { name: "MOE_GROUPED_BK", value: 32, doc: "Reduction elements per shared-memory stage of the grouped expert GEMM (two stages, cp.async)." },
 
+    // --- moe_wgmma ---
+    Constant { name: "MOE_WGMMA_THREADS", value: 128, doc: "Threads per block of the Hopper grouped expert GEMM (one warpgroup issuing `wgmma.mma_async`)." },
+    Constant { name: "MOE_WGMMA_BM", value: 64, doc: "Slots (rows of one expert) per tile of the Hopper grouped expert GEMM (the wgmma M)." },
+    Constant { name: "MOE_WGMMA_BN", value: 128, doc: "Weight rows per tile of the Hopper grouped expert GEMM (the wgmma N): `moe_wgmma_up` 64 rows of w1 then the same 64 rows of w3 (64 output columns), `moe_wgmma_down` 128 rows of w2 (128 output columns)." },
+    Constant { name: "MOE_WGMMA_BK", value: 32, doc: "Reduction elements per shared-memory stage of the Hopper grouped expert GEMM (two wgmma k16 steps)." },
+    Constant { name: "MOE_WGMMA_STAGES", value: 3, doc: "cp.async shared-memory stages of the Hopper grouped expert GEMM (loads run two stages ahead)." },
+
     // --- attention_prefill ---
     Constant { name: "ATTENTION_PREFILL_THREADS", value: 128, doc: "Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head)." },
     Constant { name: "ATTENTION_PREFILL_QUERIES", value: 64, doc: "Query tokens per block of `attention_prefill` (16 per warp)." },
@@ -611,6 +618,21 @@ pub const FAMILIES: &[Family] = &[
         name: "moe_grouped_down",
         rust_name: "MoeGroupedDown",
         file: "moe_grouped",
+        params: "MoeParams",
+        axes: &[],
+    },
+    // --- moe_wgmma ---
+    Family {
+        name: "moe_wgmma_up",
+        rust_name: "MoeWgmmaUp",
+        file: "moe_wgmma",
+        params: "MoeParams",
+        axes: &[],
+    },
+    Family {
+        name: "moe_wgmma_down",
+        rust_name: "MoeWgmmaDown",
+        file: "moe_wgmma",
         params: "MoeParams",
         axes: &[],
     },

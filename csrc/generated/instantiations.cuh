@@ -98,6 +98,14 @@
 #define MIXTRAL_MOE_GROUPED_DOWN_VARIANTS(X) \
     X(moe_grouped_down)
 
+// moe_wgmma_up (csrc/moe_wgmma.cu, takes MoeParams): X(symbol)
+#define MIXTRAL_MOE_WGMMA_UP_VARIANTS(X) \
+    X(moe_wgmma_up)
+
+// moe_wgmma_down (csrc/moe_wgmma.cu, takes MoeParams): X(symbol)
+#define MIXTRAL_MOE_WGMMA_DOWN_VARIANTS(X) \
+    X(moe_wgmma_down)
+
 // attention_prefill (csrc/attention_prefill.cu, takes AttentionPrefillParams): X(symbol, HEAD_DIM)
 #define MIXTRAL_ATTENTION_PREFILL_VARIANTS(X) \
     X(attention_prefill_d16, 16) \

@@ -78,6 +78,16 @@ typedef struct mx_bf16 {
 #define MOE_GROUPED_BN 64u
 // Reduction elements per shared-memory stage of the grouped expert GEMM (two stages, cp.async).
 #define MOE_GROUPED_BK 32u
+// Threads per block of the Hopper grouped expert GEMM (one warpgroup issuing `wgmma.mma_async`).
+#define MOE_WGMMA_THREADS 128u
+// Slots (rows of one expert) per tile of the Hopper grouped expert GEMM (the wgmma M).
+#define MOE_WGMMA_BM 64u
+// Weight rows per tile of the Hopper grouped expert GEMM (the wgmma N): `moe_wgmma_up` 64 rows of w1 then the same 64 rows of w3 (64 output columns), `moe_wgmma_down` 128 rows of w2 (128 output columns).
+#define MOE_WGMMA_BN 128u
+// Reduction elements per shared-memory stage of the Hopper grouped expert GEMM (two wgmma k16 steps).
+#define MOE_WGMMA_BK 32u
+// cp.async shared-memory stages of the Hopper grouped expert GEMM (loads run two stages ahead).
+#define MOE_WGMMA_STAGES 3u
 // Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head).
 #define ATTENTION_PREFILL_THREADS 128u
 // Query tokens per block of `attention_prefill` (16 per warp).

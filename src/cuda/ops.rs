@@ -1409,3 +1409,6 @@ mod tests;
 
 mod quant;
 pub use quant::*;
+
+mod moe_wgmma;
+pub use moe_wgmma::*;

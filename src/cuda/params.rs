@@ -56,6 +56,16 @@ pub const MOE_GROUPED_BM: u32 = 64;
 pub const MOE_GROUPED_BN: u32 = 64;
 /// Reduction elements per shared-memory stage of the grouped expert GEMM (two stages, cp.async).
 pub const MOE_GROUPED_BK: u32 = 32;
+/// Threads per block of the Hopper grouped expert GEMM (one warpgroup issuing `wgmma.mma_async`).
+pub const MOE_WGMMA_THREADS: u32 = 128;
+/// Slots (rows of one expert) per tile of the Hopper grouped expert GEMM (the wgmma M).
+pub const MOE_WGMMA_BM: u32 = 64;
+/// Weight rows per tile of the Hopper grouped expert GEMM (the wgmma N): `moe_wgmma_up` 64 rows of w1 then the same 64 rows of w3 (64 output columns), `moe_wgmma_down` 128 rows of w2 (128 output columns).
+pub const MOE_WGMMA_BN: u32 = 128;
+/// Reduction elements per shared-memory stage of the Hopper grouped expert GEMM (two wgmma k16 steps).
+pub const MOE_WGMMA_BK: u32 = 32;
+/// cp.async shared-memory stages of the Hopper grouped expert GEMM (loads run two stages ahead).
+pub const MOE_WGMMA_STAGES: u32 = 3;
 /// Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head).
 pub const ATTENTION_PREFILL_THREADS: u32 = 128;
 /// Query tokens per block of `attention_prefill` (16 per warp).
@@ -755,6 +765,10 @@ pub enum KernelFamily {
     MoeGroupedUp,
     /// `moe_grouped_down` in csrc/moe_grouped.cu, taking [`MoeParams`].
     MoeGroupedDown,
+    /// `moe_wgmma_up` in csrc/moe_wgmma.cu, taking [`MoeParams`].
+    MoeWgmmaUp,
+    /// `moe_wgmma_down` in csrc/moe_wgmma.cu, taking [`MoeParams`].
+    MoeWgmmaDown,
     /// `attention_prefill` in csrc/attention_prefill.cu, taking [`AttentionPrefillParams`].
     AttentionPrefill,
     /// `sample` in csrc/sampling.cu, taking [`SampleParams`].
@@ -773,7 +787,7 @@ pub enum KernelFamily {
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 21] = [
+    pub const ALL: [KernelFamily; 23] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -788,6 +802,8 @@ impl KernelFamily {
         KernelFamily::LinearMma,
         KernelFamily::MoeGroupedUp,
         KernelFamily::MoeGroupedDown,
+        KernelFamily::MoeWgmmaUp,
+        KernelFamily::MoeWgmmaDown,
         KernelFamily::AttentionPrefill,
         KernelFamily::Sample,
         KernelFamily::FillRandom,
@@ -819,6 +835,8 @@ impl KernelFamily {
             KernelFamily::LinearMma => "linear_mma",
             KernelFamily::MoeGroupedUp => "moe_grouped_up",
             KernelFamily::MoeGroupedDown => "moe_grouped_down",
+            KernelFamily::MoeWgmmaUp => "moe_wgmma_up",
+            KernelFamily::MoeWgmmaDown => "moe_wgmma_down",
             KernelFamily::AttentionPrefill => "attention_prefill",
             KernelFamily::Sample => "sample",
             KernelFamily::FillRandom => "fill_random",
@@ -846,6 +864,8 @@ impl KernelFamily {
             KernelFamily::LinearMma => &["OUT_F32"],
             KernelFamily::MoeGroupedUp => &[],
             KernelFamily::MoeGroupedDown => &[],
+            KernelFamily::MoeWgmmaUp => &[],
+            KernelFamily::MoeWgmmaDown => &[],
             KernelFamily::AttentionPrefill => &["HEAD_DIM"],
             KernelFamily::Sample => &[],
             KernelFamily::FillRandom => &[],
@@ -1170,6 +1190,18 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         family: KernelFamily::MoeGroupedDown,
         module: "moe_grouped",
         symbol: "moe_grouped_down",
+        consts: &[],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeWgmmaUp,
+        module: "moe_wgmma",
+        symbol: "moe_wgmma_up",
+        consts: &[],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeWgmmaDown,
+        module: "moe_wgmma",
+        symbol: "moe_wgmma_down",
         consts: &[],
     },
     KernelVariant {

@@ -15,6 +15,7 @@ mod embedding;
 mod linear;
 mod moe_gemv;
 mod moe_grouped;
+mod moe_wgmma;
 mod quant;
 mod rmsnorm;
 mod rope_kv;

@@ -1,0 +1,679 @@
+//! The prefill expert MLPs on Hopper warpgroup MMA: [`moe_wgmma_gemm`] runs `csrc/moe_wgmma.cu`
+//! (`wgmma.mma_async`, sm_90a only) with exactly the buffers, grid and results of
+//! [`moe_grouped_gemm`]; [`moe_wgmma_self_check`] compares the two on a small random problem so
+//! that an engine can decide, once, whether to use it.
+//!
+//! The kernels have never run on a GPU (see the header of `csrc/moe_wgmma.cu`), so nothing selects
+//! them by itself: a caller runs [`moe_wgmma_self_check`] first and uses [`moe_wgmma_gemm`] only after
+//! [`WgmmaCheck::Passed`]. The launcher refuses every device whose compute capability is not 9.0
+//! (the only one sm_90a code runs on; elsewhere the fatbin holds a `__trap()` body).
+//!
+//! Grid: x = the flattened list of (expert, 64-slot) tiles sized for the worst routing (as
+//! `moe_grouped`), y = output column blocks: 64 columns per `moe_wgmma_up` block (w1 and w3 rows
+//! side by side in one 128-row wgmma operand), 128 per `moe_wgmma_down` block.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+
+use super::{
+    launch_moe, moe_grouped_gemm, moe_params, Check, CudaError, KernelFamily, Kernels, Launch,
+    MoeBuffers, MoeBufs, MoeParams, MoeShape, ROUTER_MAX_EXPERTS,
+};
+use crate::cpu::router::{group_by_expert, route};
+use crate::cuda::params::{MOE_WGMMA_BM, MOE_WGMMA_BN, MOE_WGMMA_THREADS};
+use crate::sampling::Rng;
+
+/// The op name in errors.
+const OP: &str = "moe_wgmma_gemm";
+
+/// The one compute capability the wgmma kernels run on (sm_90a SASS: H100, H200).
+pub const WGMMA_COMPUTE_CAPABILITY: (i32, i32) = (9, 0);
+
+/// Largest relative L2 difference between [`moe_wgmma_gemm`] and [`moe_grouped_gemm`] (on `act` and
+/// on `out`, each) that [`moe_wgmma_self_check`] accepts: the bound the GPU tests put on every bf16
+/// path. The two differ only in the order of f32 accumulation, so a correct kernel is far below it.
+pub const WGMMA_SELF_CHECK_BOUND: f64 = 1e-2;
+
+/// Output columns of one `moe_wgmma_up` block: the 128-row B operand holds 64 rows of w1 and the same
+/// 64 rows of w3.
+const UP_COLUMNS: usize = MOE_WGMMA_BN as usize / 2;
+/// Output columns of one `moe_wgmma_down` block: 128 rows of w2.
+const DOWN_COLUMNS: usize = MOE_WGMMA_BN as usize;
+
+/// Upper bound on the tiles of the flattened list: `sum_e ceil(count_e / BM)` over counts summing to
+/// `slots`, at most `min(experts, slots)` of them non-zero, is at most
+/// `floor((slots + min(experts, slots) * (BM - 1)) / BM)` (the bound of `moe_grouped`).
+fn max_tiles(slots: usize, experts: usize) -> usize {
+    let bm = MOE_WGMMA_BM as usize;
+    (slots + experts.min(slots) * (bm - 1)) / bm
+}
+
+/// Refuses a device the sm_90a kernels cannot run on.
+fn require_hopper(c: &Check, capability: (i32, i32)) -> Result<(), CudaError> {
+    if capability != WGMMA_COMPUTE_CAPABILITY {
+        let (major, minor) = capability;
+        let value = usize::try_from(major * 10 + minor).unwrap_or(0);
+        return Err(c.unsupported(
+            "compute capability",
+            value,
+            format!(
+                "the wgmma kernels run only on compute capability 9.0 (sm_90a), not {major}.{minor}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn plan_moe_wgmma(s: &MoeShape, b: &MoeBufs) -> Result<Option<[Launch<MoeParams>; 2]>, CudaError> {
+    let c = Check { op: OP };
+    // Every block walks the experts' offsets to find its tile: keep that walk short.
+    if s.experts > ROUTER_MAX_EXPERTS as usize {
+        return Err(c.unsupported(
+            "experts",
+            s.experts,
+            format!("must be at most {ROUTER_MAX_EXPERTS} (each block walks the expert offsets)"),
+        ));
+    }
+    let (params, slots) = moe_params(&c, s, b)?;
+    // The down epilogue stores f32 pairs with 8-byte stores; 16 bytes keeps every row start aligned.
+    c.aligned16("out", b.out)?;
+    let up = c.variant(KernelFamily::MoeWgmmaUp, "moe_wgmma_up", &[])?;
+    let down = c.variant(KernelFamily::MoeWgmmaDown, "moe_wgmma_down", &[])?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    let tiles = c.count("tiles", max_tiles(slots, s.experts))?;
+    let up_columns = c.grid_yz("inter blocks", s.inter.div_ceil(UP_COLUMNS))?;
+    let down_columns = c.grid_yz("hidden blocks", s.hidden.div_ceil(DOWN_COLUMNS))?;
+    Ok(Some([
+        Launch {
+            variant: up,
+            grid: (tiles, up_columns, 1),
+            block: MOE_WGMMA_THREADS,
+            shared_bytes: 0,
+            params,
+        },
+        Launch {
+            variant: down,
+            grid: (tiles, down_columns, 1),
+            block: MOE_WGMMA_THREADS,
+            shared_bytes: 0,
+            params,
+        },
+    ]))
+}
+
+/// The routed expert MLPs of a prefill batch on Hopper warpgroup MMA: `act = silu(w1 x) * (w3 x)`,
+/// `out = weight * (w2 act)` per slot, the same buffers and results as [`moe_grouped_gemm`] (`out`
+/// 16-byte aligned as well). Zero tokens launch nothing.
+///
+/// NOT VERIFIED on hardware: use it only after [`moe_wgmma_self_check`] returned
+/// [`WgmmaCheck::Passed`] on this device. Any device whose compute capability is not 9.0 is refused
+/// with [`CudaError::Unsupported`] (`what` = "compute capability") before anything is launched.
+pub fn moe_wgmma_gemm(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &MoeShape,
+    b: MoeBuffers<'_>,
+) -> Result<(), CudaError> {
+    let capability = stream
+        .context()
+        .compute_capability()
+        .map_err(CudaError::driver("reading the compute capability"))?;
+    require_hopper(&Check { op: OP }, capability)?;
+    launch_moe(kernels, stream, shape, b, plan_moe_wgmma)
+}
+
+/// What [`moe_wgmma_self_check`] found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WgmmaCheck {
+    /// The device's compute capability is not 9.0: nothing was run, use [`moe_grouped_gemm`].
+    NotHopper,
+    /// [`moe_wgmma_gemm`] agreed with [`moe_grouped_gemm`]: the larger of the relative L2
+    /// differences of `act` and `out` is `rel_l2` <= [`WGMMA_SELF_CHECK_BOUND`].
+    Passed {
+        /// The larger of the two relative L2 differences.
+        rel_l2: f64,
+    },
+    /// [`moe_wgmma_gemm`] disagreed with [`moe_grouped_gemm`] (or left an element unwritten, or
+    /// wrote a non-finite value: `rel_l2` is then infinite): do not use it.
+    Failed {
+        /// The larger of the two relative L2 differences.
+        rel_l2: f64,
+    },
+}
+
+impl WgmmaCheck {
+    /// True only for [`WgmmaCheck::Passed`].
+    pub fn passed(&self) -> bool {
+        matches!(self, WgmmaCheck::Passed { .. })
+    }
+}
+
+/// Seed of the self-check problem (fixed: the check is the same on every run).
+const SELF_CHECK_SEED: u64 = 0x5eed_0090;
+
+/// The random grouped MoE problem [`moe_wgmma_self_check`] runs, on the host.
+#[derive(Debug, Clone)]
+struct SelfCheckProblem {
+    shape: MoeShape,
+    x: Vec<bf16>,
+    w1: Vec<bf16>,
+    w3: Vec<bf16>,
+    w2: Vec<bf16>,
+    topk_weights: Vec<f32>,
+    expert_offsets: Vec<i32>,
+    sorted_slots: Vec<i32>,
+}
+
+/// `len` uniform values in `[-scale, scale)` as bf16.
+fn random_bf16(rng: &mut Rng, len: usize, scale: f64) -> Vec<bf16> {
+    (0..len)
+        .map(|_| bf16::from_f64((rng.next_f64() * 2.0 - 1.0) * scale))
+        .collect()
+}
+
+/// 100 tokens top-2 over 8 experts, hidden 264 and inter 376: both are multiples of 8 but not of the
+/// 32-wide k stage nor of the 64 / 128 output columns of a block, so K tails and partial column
+/// blocks are crossed in both kernels. The router logits are random plus a per-expert bias: expert 0
+/// never wins (an idle expert), expert 7 is in almost every token's top-2 (several 64-slot tiles, the
+/// last one partial), the others share the rest unevenly. The grouping is the CPU router's.
+fn self_check_problem(seed: u64) -> SelfCheckProblem {
+    let shape = MoeShape {
+        tokens: 100,
+        hidden: 264,
+        inter: 376,
+        experts: 8,
+        top_k: 2,
+    };
+    let MoeShape {
+        tokens,
+        hidden,
+        inter,
+        experts,
+        top_k,
+    } = shape;
+    let mut rng = Rng::new(seed);
+    let x = random_bf16(&mut rng, tokens * hidden, 1.0);
+    let matrix = experts * inter * hidden;
+    let w1 = random_bf16(&mut rng, matrix, 2.0 / (hidden as f64).sqrt());
+    let w3 = random_bf16(&mut rng, matrix, 2.0 / (hidden as f64).sqrt());
+    let w2 = random_bf16(&mut rng, matrix, 2.0 / (inter as f64).sqrt());
+    let bias = [-30.0, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 6.0];
+    let logits: Vec<f32> = (0..tokens * experts)
+        .map(|i| (rng.next_f64() * 2.0 - 1.0 + bias[i % experts]) as f32)
+        .collect();
+    let routing = route(&logits, experts, top_k);
+    let groups = group_by_expert(&routing, experts);
+    SelfCheckProblem {
+        shape,
+        x,
+        w1,
+        w3,
+        w2,
+        topk_weights: routing.weights,
+        // Below 2^31: 200 slots.
+        expert_offsets: groups.offsets.iter().map(|&o| o as i32).collect(),
+        sorted_slots: groups.assignments.iter().map(|&a| a as i32).collect(),
+    }
+}
+
+/// `||out - reference|| / ||reference||`, infinite when anything is not finite (an unwritten NaN
+/// included) or the reference is zero.
+fn rel_l2(out: &[f32], reference: &[f32]) -> f64 {
+    if out.len() != reference.len() {
+        return f64::INFINITY;
+    }
+    let mut diff = 0.0f64;
+    let mut norm = 0.0f64;
+    for (&o, &r) in out.iter().zip(reference) {
+        if !o.is_finite() || !r.is_finite() {
+            return f64::INFINITY;
+        }
+        diff += (f64::from(o) - f64::from(r)).powi(2);
+        norm += f64::from(r).powi(2);
+    }
+    if norm == 0.0 {
+        return f64::INFINITY;
+    }
+    diff.sqrt() / norm.sqrt()
+}
+
+/// The verdict on the two differences.
+fn verdict(act_rel_l2: f64, out_rel_l2: f64) -> WgmmaCheck {
+    // NaN compares false: a NaN difference becomes infinite, hence Failed.
+    let worst = if act_rel_l2.is_nan() || out_rel_l2.is_nan() {
+        f64::INFINITY
+    } else {
+        act_rel_l2.max(out_rel_l2)
+    };
+    if worst <= WGMMA_SELF_CHECK_BOUND {
+        WgmmaCheck::Passed { rel_l2: worst }
+    } else {
+        WgmmaCheck::Failed { rel_l2: worst }
+    }
+}
+
+/// The expert outputs of one op on the self-check problem: (`act`, `out`) read back, both
+/// pre-filled with NaN so that an element the op leaves unwritten shows.
+fn run_op(
+    kernels: &Kernels,
+    stream: &Arc<CudaStream>,
+    problem: &SelfCheckProblem,
+    inputs: &SelfCheckInputs,
+    op: fn(&Kernels, &CudaStream, &MoeShape, MoeBuffers<'_>) -> Result<(), CudaError>,
+) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
+    let s = &problem.shape;
+    let slots = s.tokens * s.top_k;
+    let mut act = stream
+        .clone_htod(&vec![bf16::NAN; slots * s.inter])
+        .map_err(CudaError::driver("uploading the wgmma self-check outputs"))?;
+    let mut out = stream
+        .clone_htod(&vec![f32::NAN; slots * s.hidden])
+        .map_err(CudaError::driver("uploading the wgmma self-check outputs"))?;
+    op(
+        kernels,
+        stream,
+        s,
+        MoeBuffers {
+            x: &inputs.x,
+            w1: &inputs.w1,
+            w3: &inputs.w3,
+            w2: &inputs.w2,
+            topk_weights: &inputs.topk_weights,
+            expert_offsets: &inputs.expert_offsets,
+            sorted_slots: &inputs.sorted_slots,
+            act: &mut act,
+            out: &mut out,
+        },
+    )?;
+    let act = stream.clone_dtoh(&act).map_err(CudaError::driver(
+        "reading back the wgmma self-check outputs",
+    ))?;
+    let out = stream.clone_dtoh(&out).map_err(CudaError::driver(
+        "reading back the wgmma self-check outputs",
+    ))?;
+    Ok((act.iter().map(|v| v.to_f32()).collect(), out))
+}
+
+/// The self-check problem's inputs on the device.
+struct SelfCheckInputs {
+    x: CudaSlice<bf16>,
+    w1: CudaSlice<bf16>,
+    w3: CudaSlice<bf16>,
+    w2: CudaSlice<bf16>,
+    topk_weights: CudaSlice<f32>,
+    expert_offsets: CudaSlice<i32>,
+    sorted_slots: CudaSlice<i32>,
+}
+
+impl SelfCheckInputs {
+    fn upload(stream: &Arc<CudaStream>, p: &SelfCheckProblem) -> Result<Self, CudaError> {
+        let context = "uploading the wgmma self-check inputs";
+        Ok(SelfCheckInputs {
+            x: stream
+                .clone_htod(&p.x)
+                .map_err(CudaError::driver(context))?,
+            w1: stream
+                .clone_htod(&p.w1)
+                .map_err(CudaError::driver(context))?,
+            w3: stream
+                .clone_htod(&p.w3)
+                .map_err(CudaError::driver(context))?,
+            w2: stream
+                .clone_htod(&p.w2)
+                .map_err(CudaError::driver(context))?,
+            topk_weights: stream
+                .clone_htod(&p.topk_weights)
+                .map_err(CudaError::driver(context))?,
+            expert_offsets: stream
+                .clone_htod(&p.expert_offsets)
+                .map_err(CudaError::driver(context))?,
+            sorted_slots: stream
+                .clone_htod(&p.sorted_slots)
+                .map_err(CudaError::driver(context))?,
+        })
+    }
+}
+
+/// Decides whether [`moe_wgmma_gemm`] can be used on this device: on compute capability 9.0 it runs
+/// [`moe_grouped_gemm`] and [`moe_wgmma_gemm`] on a fixed seeded problem (100 tokens top-2, 8 experts
+/// with uneven counts and one idle, hidden 264, inter 376; about 5 MB of device memory, allocated
+/// here and freed on return) and compares `act` and `out` by relative L2 difference against
+/// [`WGMMA_SELF_CHECK_BOUND`]. Other devices get [`WgmmaCheck::NotHopper`] without any device work.
+///
+/// Meant to run once when an engine is built, never per token: it synchronises the stream (the
+/// read-backs). An error is a driver failure (allocation, copy, launch); a fault inside a kernel is
+/// a sticky error of the whole context, which then comes back here as `Err` from the read-back.
+pub fn moe_wgmma_self_check(
+    kernels: &Kernels,
+    stream: &Arc<CudaStream>,
+) -> Result<WgmmaCheck, CudaError> {
+    let capability = stream
+        .context()
+        .compute_capability()
+        .map_err(CudaError::driver("reading the compute capability"))?;
+    if capability != WGMMA_COMPUTE_CAPABILITY {
+        return Ok(WgmmaCheck::NotHopper);
+    }
+    let problem = self_check_problem(SELF_CHECK_SEED);
+    let inputs = SelfCheckInputs::upload(stream, &problem)?;
+    let (act_ref, out_ref) = run_op(kernels, stream, &problem, &inputs, moe_grouped_gemm)?;
+    let (act, out) = run_op(kernels, stream, &problem, &inputs, moe_wgmma_gemm)?;
+    Ok(verdict(rel_l2(&act, &act_ref), rel_l2(&out, &out_ref)))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::super::{Buf, KERNEL_VARIANTS};
+    use super::*;
+
+    const BASE: u64 = 0x7f00_0000_0000;
+
+    fn buf(len: usize) -> Buf {
+        Buf { address: BASE, len }
+    }
+
+    /// Buffers of exactly the sizes `s` needs.
+    fn bufs(s: &MoeShape) -> MoeBufs {
+        let slots = s.tokens * s.top_k;
+        let weights = s.experts * s.inter * s.hidden;
+        MoeBufs {
+            x: buf(s.tokens * s.hidden),
+            w1: buf(weights),
+            w3: buf(weights),
+            w2: buf(weights),
+            topk_weights: buf(slots),
+            expert_offsets: buf(s.experts + 1),
+            sorted_slots: buf(slots),
+            act: buf(slots * s.inter),
+            out: buf(slots * s.hidden),
+        }
+    }
+
+    fn mixtral(tokens: usize) -> MoeShape {
+        MoeShape {
+            tokens,
+            hidden: 4096,
+            inter: 14336,
+            experts: 8,
+            top_k: 2,
+        }
+    }
+
+    fn symbol(variant: usize) -> &'static str {
+        KERNEL_VARIANTS[variant].symbol
+    }
+
+    fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
+        match result {
+            Err(CudaError::Unsupported { op, what, .. }) => {
+                assert_eq!(op, OP);
+                assert_eq!(what, name);
+            }
+            other => panic!("expected Unsupported({name}), got {other:?}"),
+        }
+    }
+
+    /// The tiles the kernel walks for these per-expert counts.
+    fn real_tiles(counts: &[usize]) -> usize {
+        counts
+            .iter()
+            .map(|c| c.div_ceil(MOE_WGMMA_BM as usize))
+            .sum()
+    }
+
+    #[test]
+    fn mixtral_prefill_grids_match_moe_grouped() {
+        // The same tile list and column blocks as moe_grouped (its test pins 23 / 135 tiles).
+        for (tokens, tiles) in [(512, 23), (4096, 135)] {
+            let s = mixtral(tokens);
+            let [up, down] = plan_moe_wgmma(&s, &bufs(&s)).unwrap().unwrap();
+            assert_eq!(symbol(up.variant), "moe_wgmma_up");
+            assert_eq!(symbol(down.variant), "moe_wgmma_down");
+            assert_eq!(KERNEL_VARIANTS[up.variant].module, "moe_wgmma");
+            assert_eq!(KERNEL_VARIANTS[down.variant].module, "moe_wgmma");
+            assert_eq!(up.grid, (tiles, 14336 / 64, 1));
+            assert_eq!(down.grid, (tiles, 4096 / 128, 1));
+            assert_eq!((up.block, down.block), (128, 128));
+            assert_eq!((up.shared_bytes, down.shared_bytes), (0, 0));
+            assert_eq!(up.params.tokens as usize, tokens);
+            assert_eq!(up.params, down.params);
+        }
+    }
+
+    #[test]
+    fn tile_bound_is_reached_by_the_worst_counts() {
+        let counts = [65, 65, 65, 65, 65, 65, 65, 569];
+        assert_eq!(counts.iter().sum::<usize>(), 1024);
+        assert_eq!(real_tiles(&counts), 23);
+        assert_eq!(max_tiles(1024, 8), 23);
+        assert_eq!(max_tiles(3, 8), 3);
+        assert_eq!(max_tiles(1, 1), 1);
+        assert_eq!(max_tiles(0, 8), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn tile_bound_covers_every_routing(
+            counts in proptest::collection::vec(0usize..300, 1..40),
+        ) {
+            let slots: usize = counts.iter().sum();
+            prop_assert!(real_tiles(&counts) <= max_tiles(slots, counts.len()));
+        }
+
+        #[test]
+        fn grid_covers_the_columns_and_the_worst_tile_count(
+            tokens in 1usize..600,
+            hidden8 in 1usize..40,
+            inter8 in 1usize..40,
+            experts in 1usize..12,
+            k in 1usize..4,
+        ) {
+            let top_k = k.min(experts);
+            let s = MoeShape { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k };
+            let [up, down] = plan_moe_wgmma(&s, &bufs(&s)).unwrap().unwrap();
+            let slots = tokens * top_k;
+            let worst = slots.div_ceil(64);
+            let mut even = vec![slots / experts; experts];
+            for c in even.iter_mut().take(slots % experts) {
+                *c += 1;
+            }
+            prop_assert!(up.grid.0 as usize >= worst.max(real_tiles(&even)));
+            prop_assert_eq!(up.grid.0, down.grid.0);
+            prop_assert!(up.grid.1 as usize * 64 >= s.inter && (up.grid.1 as usize - 1) * 64 < s.inter);
+            prop_assert!(down.grid.1 as usize * 128 >= s.hidden && (down.grid.1 as usize - 1) * 128 < s.hidden);
+        }
+
+        #[test]
+        fn needs_exactly_the_contiguous_sizes(
+            tokens in 1usize..20,
+            hidden8 in 1usize..8,
+            inter8 in 1usize..8,
+            experts in 1usize..9,
+            k in 1usize..3,
+        ) {
+            let top_k = k.min(experts);
+            let s = MoeShape { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k };
+            prop_assert!(plan_moe_wgmma(&s, &bufs(&s)).is_ok());
+            let full = bufs(&s);
+            let cases: [(&str, MoeBufs); 9] = [
+                ("x", MoeBufs { x: buf(full.x.len - 1), ..bufs(&s) }),
+                ("w1", MoeBufs { w1: buf(full.w1.len - 1), ..bufs(&s) }),
+                ("w3", MoeBufs { w3: buf(full.w3.len - 1), ..bufs(&s) }),
+                ("w2", MoeBufs { w2: buf(full.w2.len - 1), ..bufs(&s) }),
+                ("topk_weights", MoeBufs { topk_weights: buf(full.topk_weights.len - 1), ..bufs(&s) }),
+                ("expert_offsets", MoeBufs { expert_offsets: buf(full.expert_offsets.len - 1), ..bufs(&s) }),
+                ("sorted_slots", MoeBufs { sorted_slots: buf(full.sorted_slots.len - 1), ..bufs(&s) }),
+                ("act", MoeBufs { act: buf(full.act.len - 1), ..bufs(&s) }),
+                ("out", MoeBufs { out: buf(full.out.len - 1), ..bufs(&s) }),
+            ];
+            for (name, b) in cases {
+                match plan_moe_wgmma(&s, &b) {
+                    Err(CudaError::BufferTooSmall { op, buffer, .. }) => {
+                        prop_assert_eq!(op, OP);
+                        prop_assert_eq!(buffer, name);
+                    }
+                    other => prop_assert!(false, "{name}: expected BufferTooSmall, got {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_bad_shapes_with_typed_errors() {
+        let s = mixtral(64);
+        unsupported(
+            plan_moe_wgmma(&MoeShape { hidden: 4100, ..s }, &bufs(&s)),
+            "hidden",
+        );
+        unsupported(
+            plan_moe_wgmma(&MoeShape { inter: 0, ..s }, &bufs(&s)),
+            "inter",
+        );
+        unsupported(
+            plan_moe_wgmma(&MoeShape { experts: 0, ..s }, &bufs(&s)),
+            "experts",
+        );
+        let many = MoeShape {
+            experts: ROUTER_MAX_EXPERTS as usize + 1,
+            hidden: 8,
+            inter: 8,
+            ..s
+        };
+        unsupported(plan_moe_wgmma(&many, &bufs(&many)), "experts");
+        unsupported(
+            plan_moe_wgmma(&MoeShape { top_k: 0, ..s }, &bufs(&s)),
+            "top_k",
+        );
+        unsupported(
+            plan_moe_wgmma(&MoeShape { top_k: 9, ..s }, &bufs(&s)),
+            "top_k",
+        );
+        let huge = MoeShape {
+            tokens: 1 << 30,
+            ..s
+        };
+        unsupported(plan_moe_wgmma(&huge, &bufs(&s)), "tokens * top_k");
+        for name in ["x", "w1", "w3", "w2", "act", "out"] {
+            let mut b = bufs(&s);
+            let field = match name {
+                "x" => &mut b.x,
+                "w1" => &mut b.w1,
+                "w3" => &mut b.w3,
+                "w2" => &mut b.w2,
+                "act" => &mut b.act,
+                _ => &mut b.out,
+            };
+            field.address += 8;
+            match plan_moe_wgmma(&s, &b) {
+                Err(CudaError::Misaligned { op, buffer, .. }) => {
+                    assert_eq!(op, OP);
+                    assert_eq!(buffer, name);
+                }
+                other => panic!("{name}: expected Misaligned, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn zero_tokens_launch_nothing_but_are_checked() {
+        let s = mixtral(0);
+        assert!(plan_moe_wgmma(&s, &bufs(&s)).unwrap().is_none());
+        let short = MoeBufs {
+            expert_offsets: buf(8),
+            ..bufs(&s)
+        };
+        assert!(matches!(
+            plan_moe_wgmma(&s, &short),
+            Err(CudaError::BufferTooSmall {
+                buffer: "expert_offsets",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn only_compute_capability_9_0_is_accepted() {
+        let c = Check { op: OP };
+        assert!(require_hopper(&c, (9, 0)).is_ok());
+        for capability in [(8, 0), (8, 6), (8, 9), (9, 1), (10, 0), (12, 0)] {
+            unsupported(require_hopper(&c, capability), "compute capability");
+        }
+    }
+
+    #[test]
+    fn self_check_problem_has_uneven_counts_an_idle_expert_and_tails() {
+        let p = self_check_problem(SELF_CHECK_SEED);
+        let s = p.shape;
+        let slots = s.tokens * s.top_k;
+        // Shapes the planner accepts, with tails in every dimension a block tiles.
+        assert!(plan_moe_wgmma(&s, &bufs(&s)).unwrap().is_some());
+        assert_ne!(s.hidden % 32, 0);
+        assert_ne!(s.inter % 32, 0);
+        assert_ne!(s.inter % UP_COLUMNS, 0);
+        assert_ne!(s.hidden % DOWN_COLUMNS, 0);
+        assert_eq!(p.x.len(), s.tokens * s.hidden);
+        assert_eq!(p.w1.len(), s.experts * s.inter * s.hidden);
+        assert_eq!(p.topk_weights.len(), slots);
+        // The grouping is a permutation of the slots, consistent with the counts.
+        let mut seen = p.sorted_slots.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..slots as i32).collect::<Vec<_>>());
+        assert_eq!(p.expert_offsets.len(), s.experts + 1);
+        assert_eq!(p.expert_offsets[0], 0);
+        assert_eq!(p.expert_offsets[s.experts] as usize, slots);
+        let counts: Vec<usize> = p
+            .expert_offsets
+            .windows(2)
+            .map(|w| usize::try_from(w[1] - w[0]).unwrap())
+            .collect();
+        // An idle expert, one spanning several tiles with a partial last one, uneven counts.
+        assert_eq!(counts[0], 0, "{counts:?}");
+        let hot = counts.iter().copied().max().unwrap();
+        assert!(hot > 64 && hot % 64 != 0, "{counts:?}");
+        let busy: Vec<usize> = counts.iter().copied().filter(|&c| c > 0).collect();
+        assert!(busy.iter().min() != busy.iter().max(), "{counts:?}");
+        // Random, not constant, data.
+        assert_ne!(p.x[0], p.x[1]);
+        assert_ne!(p.w2[0], p.w2[1]);
+        // Same seed, same problem; another seed, another problem.
+        assert_eq!(self_check_problem(SELF_CHECK_SEED).x, p.x);
+        assert_ne!(self_check_problem(SELF_CHECK_SEED + 1).x, p.x);
+    }
+
+    #[test]
+    fn verdict_and_rel_l2() {
+        let reference = [1.0f32, -2.0, 3.0, 0.5];
+        assert_eq!(rel_l2(&reference, &reference), 0.0);
+        let close = [1.001f32, -2.0, 3.0, 0.5];
+        let err = rel_l2(&close, &reference);
+        assert!(err > 0.0 && err < 1e-3, "{err}");
+        assert_eq!(
+            rel_l2(&[f32::NAN, 0.0, 0.0, 0.0], &reference),
+            f64::INFINITY
+        );
+        assert_eq!(rel_l2(&reference, &[0.0; 4]), f64::INFINITY);
+        assert_eq!(rel_l2(&reference[..3], &reference), f64::INFINITY);
+        assert_eq!(verdict(1e-3, 2e-3), WgmmaCheck::Passed { rel_l2: 2e-3 });
+        assert_eq!(verdict(1e-3, 0.5), WgmmaCheck::Failed { rel_l2: 0.5 });
+        assert_eq!(
+            verdict(f64::NAN, 0.0),
+            WgmmaCheck::Failed {
+                rel_l2: f64::INFINITY
+            }
+        );
+        assert_eq!(
+            verdict(f64::INFINITY, 0.0),
+            WgmmaCheck::Failed {
+                rel_l2: f64::INFINITY
+            }
+        );
+        assert!(verdict(0.0, 0.0).passed());
+        assert!(!WgmmaCheck::NotHopper.passed());
+    }
+}

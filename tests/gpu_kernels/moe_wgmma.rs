@@ -1,0 +1,175 @@
+//! `moe_wgmma_gemm` (Hopper warpgroup-MMA prefill expert GEMMs) against the CPU expert MLP with the
+//! fixture of [`moe_gemv`](super::moe_gemv) (the same shapes as the `moe_grouped` test: several
+//! 64-slot tiles per expert, idle experts, K tails and partial column blocks), and
+//! `moe_wgmma_self_check`. The kernels exist only for compute capability 9.0: on another device the
+//! comparisons print why they skip, and the tests check instead that the launcher refuses the device
+//! and that the self-check answers `NotHopper`.
+
+use half::bf16;
+use mixtral::cuda::ops::{
+    moe_wgmma_gemm, moe_wgmma_self_check, MoeBuffers, MoeShape, WgmmaCheck,
+    WGMMA_COMPUTE_CAPABILITY, WGMMA_SELF_CHECK_BOUND,
+};
+use mixtral::cuda::CudaError;
+use proptest::prelude::*;
+
+use super::moe_gemv::{cases, check_moe, MoeCase};
+use crate::common;
+
+/// True when the device runs the wgmma kernels; otherwise prints why `test` skips.
+fn hopper(test: &str) -> bool {
+    let Some(gpu) = common::gpu(test) else {
+        return false;
+    };
+    let (major, minor) = gpu.device.compute_capability();
+    if (major, minor) != WGMMA_COMPUTE_CAPABILITY {
+        eprintln!(
+            "skipped {test}: {} has compute capability {major}.{minor}; the wgmma kernels run only on 9.0",
+            gpu.device.name()
+        );
+        return false;
+    }
+    true
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn moe_wgmma_matches_the_cpu_experts(
+        case in cases(prop_oneof![Just(1usize), 1usize..8, 8usize..300]),
+    ) {
+        if hopper("moe_wgmma_matches_the_cpu_experts") {
+            let counts = check_moe("moe_wgmma_gemm", moe_wgmma_gemm, &case);
+            prop_assert_eq!(counts.iter().sum::<usize>(), case.tokens * case.top_k);
+        }
+    }
+}
+
+/// Three hot experts share 400 slots: at least one spans three 64-slot tiles (the last partial);
+/// five get nothing; top-2; hidden 200 and inter 136 leave K tails and partial column blocks.
+#[test]
+fn moe_wgmma_with_skewed_routing() {
+    let name = "moe_wgmma_with_skewed_routing";
+    if !hopper(name) {
+        return;
+    }
+    let case = MoeCase {
+        tokens: 200,
+        hidden: 200,
+        inter: 136,
+        experts: 8,
+        top_k: 2,
+        cold: 0b0111_1100,
+        seed: 11,
+    };
+    let counts = check_moe(name, moe_wgmma_gemm, &case);
+    assert!(
+        counts[2..7].iter().all(|&c| c == 0),
+        "cold experts got slots: {counts:?}"
+    );
+    assert!(
+        counts.iter().any(|&c| c > 128),
+        "no expert spans three tiles: {counts:?}"
+    );
+}
+
+/// A single token, top-1, four experts: one tile with one row.
+#[test]
+fn moe_wgmma_single_token() {
+    let name = "moe_wgmma_single_token";
+    if !hopper(name) {
+        return;
+    }
+    let case = MoeCase {
+        tokens: 1,
+        hidden: 64,
+        inter: 96,
+        experts: 4,
+        top_k: 1,
+        cold: 0,
+        seed: 3,
+    };
+    let counts = check_moe(name, moe_wgmma_gemm, &case);
+    assert_eq!(counts.iter().sum::<usize>(), 1);
+}
+
+/// Hidden and inter several blocks wide (K = 1024 and 768: 32 and 24 k tiles through the three
+/// stages), 300 tokens top-2 over 8 experts.
+#[test]
+fn moe_wgmma_with_long_k() {
+    let name = "moe_wgmma_with_long_k";
+    if !hopper(name) {
+        return;
+    }
+    let case = MoeCase {
+        tokens: 300,
+        hidden: 1024,
+        inter: 768,
+        experts: 8,
+        top_k: 2,
+        cold: 0,
+        seed: 5,
+    };
+    check_moe(name, moe_wgmma_gemm, &case);
+}
+
+/// On compute capability 9.0 the self-check passes (within its bound); elsewhere it answers
+/// `NotHopper` and the launcher refuses the device before launching anything.
+#[test]
+fn moe_wgmma_self_check_and_device_gate() {
+    let name = "moe_wgmma_self_check_and_device_gate";
+    let Some(gpu) = common::gpu(name) else {
+        return;
+    };
+    let stream = gpu.stream();
+    let check = moe_wgmma_self_check(&gpu.kernels, stream).expect("self-check");
+    if gpu.device.compute_capability() == WGMMA_COMPUTE_CAPABILITY {
+        match check {
+            WgmmaCheck::Passed { rel_l2 } => assert!(rel_l2 <= WGMMA_SELF_CHECK_BOUND),
+            other => panic!(
+                "{name}: expected Passed on {}, got {other:?}",
+                gpu.device.name()
+            ),
+        }
+        return;
+    }
+    assert_eq!(check, WgmmaCheck::NotHopper);
+    // Valid buffers of a small problem: only the device is refused.
+    let shape = MoeShape {
+        tokens: 4,
+        hidden: 64,
+        inter: 64,
+        experts: 2,
+        top_k: 1,
+    };
+    let x = stream.alloc_zeros::<bf16>(4 * 64).expect("alloc");
+    let w = stream.alloc_zeros::<bf16>(2 * 64 * 64).expect("alloc");
+    let weights = stream.alloc_zeros::<f32>(4).expect("alloc");
+    let offsets = stream.clone_htod(&[0i32, 4, 4]).expect("upload");
+    let sorted = stream.clone_htod(&[0i32, 1, 2, 3]).expect("upload");
+    let mut act = stream.alloc_zeros::<bf16>(4 * 64).expect("alloc");
+    let mut out = stream.alloc_zeros::<f32>(4 * 64).expect("alloc");
+    let result = moe_wgmma_gemm(
+        &gpu.kernels,
+        stream,
+        &shape,
+        MoeBuffers {
+            x: &x,
+            w1: &w,
+            w3: &w,
+            w2: &w,
+            topk_weights: &weights,
+            expert_offsets: &offsets,
+            sorted_slots: &sorted,
+            act: &mut act,
+            out: &mut out,
+        },
+    );
+    match result {
+        Err(CudaError::Unsupported { op, what, .. }) => {
+            assert_eq!((op, what), ("moe_wgmma_gemm", "compute capability"));
+        }
+        other => panic!("{name}: expected the device to be refused, got {other:?}"),
+    }
+}
