@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use mixtral::config::ModelConfig;
+use mixtral::cuda::engine::GroupedKernel;
 use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, WeightSource};
 use mixtral::quant::QuantFormat;
 use mixtral::{LogitsFor, SeqId, SeqStep};
@@ -64,11 +65,22 @@ fn engine(layers: usize, graphs: bool) -> Result<CudaEngine, CudaError> {
 
 /// An engine with random weights whose projection stacks are stored in `format`.
 fn engine_in(layers: usize, graphs: bool, format: QuantFormat) -> Result<CudaEngine, CudaError> {
+    engine_with(layers, graphs, format, false)
+}
+
+/// [`engine_in`], with the Hopper expert kernels asked for (`wgmma`).
+fn engine_with(
+    layers: usize,
+    graphs: bool,
+    format: QuantFormat,
+    wgmma: bool,
+) -> Result<CudaEngine, CudaError> {
     let options = CudaEngineOptions {
         max_context: Some(32768),
         max_sequences: 32,
         max_step_tokens: 4096,
         cuda_graphs: graphs,
+        hopper_wgmma: wgmma,
         ..CudaEngineOptions::default()
     };
     CudaEngine::build(
@@ -250,6 +262,28 @@ fn protocol(out_path: &str) {
                 let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
                 record("prefill", 1, tokens, graphs, ms, &card);
             }
+        }
+    }
+    // Prefill again with the Hopper expert kernels, where their self-check passes.
+    let mut engine = match engine_with(layers, true, QuantFormat::Bf16, true) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("gpu_decode: no engine with the Hopper expert kernels: {e}");
+            return;
+        }
+    };
+    let (kernel, check) = engine.prefill_experts();
+    eprintln!("gpu_decode: Hopper expert kernels: {kernel:?}, self-check {check:?}");
+    if kernel == GroupedKernel::Wgmma {
+        let card = engine.device_name().to_string();
+        for tokens in [512, 4096] {
+            let prompt = ids(tokens, 7);
+            let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
+            let line = format!(
+                r#"{{"card": "{card}", "what": "prefill", "dtype": "bf16", "kernel": "wgmma", "layers": {layers}, "batch": 1, "context": {tokens}, "graphs": true, "ours_ms": {ms:.4}}}"#
+            );
+            println!("{line}");
+            writeln!(out, "{line}").expect("write protocol output");
         }
     }
 }

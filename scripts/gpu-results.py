@@ -43,17 +43,17 @@ def main():
     ours = read(a.ours)
     theirs = read(a.pytorch)
     bandwidth = next((r["bytes_per_s"] for r in theirs if r.get("what") == "bandwidth"), None)
-    key = lambda r: (r["what"], r.get("dtype", "bf16"), r["batch"], r["context"])
+    key = lambda r: (r["what"], r.get("dtype", "bf16"), r.get("kernel", "mma"), r["batch"], r["context"])
     torch_ms = {key(r): r.get("pytorch_ms") for r in theirs if r.get("what") in ("decode", "prefill")}
     eager = {key(r): r["ours_ms"] for r in ours if not r.get("graphs", True)}
     date = datetime.date.today().isoformat()
     lines = []
-    print(f"{'what':8} {'dtype':5} {'batch':>5} {'ctx':>6} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'GB/s':>7} {'floor ms':>9} {'of floor':>8}")
+    print(f"{'what':13} {'dtype':5} {'batch':>5} {'ctx':>6} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} {'GB/s':>7} {'floor ms':>9} {'of floor':>8}")
     for r in ours:
         if not r.get("graphs", True):
             continue
         k = key(r)
-        pt = torch_ms.get(k)
+        pt = torch_ms.get((k[0], k[1], "mma") + k[3:])
         floor = None
         gbps = None
         if r["what"] == "decode" and r["batch"] == 1:
@@ -63,6 +63,7 @@ def main():
                 floor = b / bandwidth * 1e3
         line = {
             "card": r["card"], "commit": a.commit, "date": date, "what": r["what"], "dtype": r["dtype"],
+            "kernel": r.get("kernel", "mma"),
             "layers": r["layers"], "batch": r["batch"], "context": r["context"], "ours_ms": r["ours_ms"],
             "pytorch_ms": pt, "floor_ms": floor, "achieved_gbps": gbps,
             "eager_ms": eager.get(k),
@@ -71,7 +72,8 @@ def main():
         fmt = lambda v, f: (f.format(v) if v is not None else "-")
         ratio = pt / r["ours_ms"] if pt else None
         frac = floor / r["ours_ms"] if floor else None
-        print(f"{r['what']:8} {r['dtype']:5} {r['batch']:>5} {r['context']:>6} {r['ours_ms']:>9.3f} {fmt(pt, '{:9.3f}'):>9} "
+        label = r["what"] + ("/wgmma" if r.get("kernel") == "wgmma" else "")
+        print(f"{label:13} {r['dtype']:5} {r['batch']:>5} {r['context']:>6} {r['ours_ms']:>9.3f} {fmt(pt, '{:9.3f}'):>9} "
               f"{fmt(ratio, '{:6.2f}'):>6} {fmt(gbps, '{:7.0f}'):>7} {fmt(floor, '{:9.3f}'):>9} {fmt(frac, '{:8.2f}'):>8}")
     for k, ms in eager.items():
         graphed = next((l["ours_ms"] for l in lines if key(l) == k), None)

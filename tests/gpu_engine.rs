@@ -516,3 +516,42 @@ fn quantized_models_run_packed_and_match_the_cpu() {
         assert_eq!(gpu_ids, cpu_ids, "{what}: long prompt");
     }
 }
+
+/// With the Hopper expert kernels asked for: on a compute capability 9.0 GPU their self-check must
+/// pass and a long prefill (the grouped GEMMs) must match the CPU; elsewhere the engine keeps the
+/// mma.sync kernels.
+#[test]
+fn hopper_expert_kernels_pass_their_self_check_and_match_the_cpu() {
+    use mixtral::cuda::engine::GroupedKernel;
+    use mixtral::cuda::ops::WgmmaCheck;
+    let _lock = lock();
+    let model = load(&root().join("models/mini-mixtral"));
+    let options = CudaEngineOptions {
+        hopper_wgmma: true,
+        max_step_tokens: 128,
+        ..small_options()
+    };
+    let Some(mut gpu) = gpu_engine(&model, options, "hopper_expert_kernels") else {
+        return;
+    };
+    match gpu.prefill_experts() {
+        (GroupedKernel::Mma, Some(WgmmaCheck::NotHopper)) => {
+            eprintln!(
+                "hopper_expert_kernels: not a compute capability 9.0 GPU: mma.sync kernels kept"
+            );
+            return;
+        }
+        (GroupedKernel::Wgmma, Some(WgmmaCheck::Passed { rel_l2 })) => {
+            eprintln!("hopper_expert_kernels: self-check rel L2 {rel_l2:.2e}");
+        }
+        other => panic!("Hopper expert kernels: {other:?}"),
+    }
+    let prompt: Vec<u32> = (0..100u32).map(|i| (i * 131 + 7) % 32000).collect();
+    let (cpu_ids, cpu_logits) = greedy(&mut cpu_engine(&model), &prompt, 4);
+    let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, 4);
+    for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
+        let err = rel_l2(g, c);
+        assert!(err <= LOGITS_REL_L2, "step {i}: rel L2 {err:e}");
+    }
+    assert_eq!(gpu_ids, cpu_ids);
+}

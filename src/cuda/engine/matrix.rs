@@ -19,7 +19,7 @@ use super::super::error::CudaError;
 use super::super::module::Kernels;
 use super::super::ops::{
     self, DequantShape, LinearBuffers, LinearOut, LinearShape, MoeBuffers, MoeShape,
-    QLinearBuffers, QMoeBuffers, QuantWeights,
+    QLinearBuffers, QMoeBuffers, QuantWeights, MOE_GROUPED_MIN_TOKENS,
 };
 use super::super::params::LINEAR_GEMV_MAX_TOKENS;
 use super::super::region::{DeviceArena, Region};
@@ -270,7 +270,19 @@ pub struct ExpertIo<'a> {
     pub out: &'a mut Region<f32>,
 }
 
-/// The routed expert MLPs of one layer over bf16 or packed stacks (see the module documentation).
+/// Which tensor-core kernels run the expert GEMMs of chunks of [`MOE_GROUPED_MIN_TOKENS`] tokens
+/// or more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupedKernel {
+    /// `moe_grouped_gemm` (mma.sync; every supported GPU).
+    #[default]
+    Mma,
+    /// `moe_wgmma_gemm` (Hopper warpgroup MMA), once its self-check passed on this device.
+    Wgmma,
+}
+
+/// The routed expert MLPs of one layer over bf16 or packed stacks (see the module documentation);
+/// `grouped` picks the tensor-core kernels of large chunks.
 pub fn experts<'a>(
     kernels: &Kernels,
     stream: &CudaStream,
@@ -278,6 +290,7 @@ pub fn experts<'a>(
     [w1, w3, w2]: [&'a DeviceMatrix; 3],
     io: ExpertIo<'a>,
     scratch: &'a DequantScratch,
+    grouped: GroupedKernel,
 ) -> Result<(), CudaError> {
     if let (Some(p1), Some(p3), Some(p2)) = (w1.packed(), w3.packed(), w2.packed()) {
         if shape.tokens <= QUANT_MOE_GEMV_MAX_TOKENS {
@@ -303,22 +316,22 @@ pub fn experts<'a>(
         DeviceMatrix::Bf16(r) => Ok(r),
         DeviceMatrix::Packed(p) => expand(kernels, stream, p, s.as_ref(), shape.tokens),
     };
-    ops::moe_experts(
-        kernels,
-        stream,
-        shape,
-        MoeBuffers {
-            x: io.x,
-            w1: dense(w1, &scratch.w1)?,
-            w3: dense(w3, &scratch.w3)?,
-            w2: dense(w2, &scratch.w2)?,
-            topk_weights: io.topk_weights,
-            expert_offsets: io.expert_offsets,
-            sorted_slots: io.sorted_slots,
-            act: io.act,
-            out: io.out,
-        },
-    )
+    let buffers = MoeBuffers {
+        x: io.x,
+        w1: dense(w1, &scratch.w1)?,
+        w3: dense(w3, &scratch.w3)?,
+        w2: dense(w2, &scratch.w2)?,
+        topk_weights: io.topk_weights,
+        expert_offsets: io.expert_offsets,
+        sorted_slots: io.sorted_slots,
+        act: io.act,
+        out: io.out,
+    };
+    if grouped == GroupedKernel::Wgmma && shape.tokens >= MOE_GROUPED_MIN_TOKENS {
+        ops::moe_wgmma_gemm(kernels, stream, shape, buffers)
+    } else {
+        ops::moe_experts(kernels, stream, shape, buffers)
+    }
 }
 
 #[cfg(test)]

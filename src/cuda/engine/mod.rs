@@ -25,6 +25,7 @@ use cudarc::driver::PinnedHostSlice;
 
 use self::graph::DecodeGraph;
 use self::inputs::{decode_buckets, schedule_step, Chunk, ChunkKind, NO_SEQUENCE};
+pub use self::matrix::GroupedKernel;
 use self::matrix::StackFormat;
 use self::plan::{plan_bytes, Attention, Pass, Plan, PlanSizes};
 use self::upload::{
@@ -35,8 +36,8 @@ use super::device::CudaDevice;
 use super::error::CudaError;
 use super::module::Kernels;
 use super::ops::{
-    self, rng_state_for_seed, SampleBuffers, SampleShape, RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS,
-    SAMPLE_ID_NON_FINITE,
+    self, rng_state_for_seed, SampleBuffers, SampleShape, WgmmaCheck, RNG_STATE_WORDS,
+    SAMPLE_ID_BAD_PARAMS, SAMPLE_ID_NON_FINITE,
 };
 use super::region::{DeviceArena, Region};
 use crate::checkpoint::LoadProgress;
@@ -67,6 +68,11 @@ pub struct CudaEngineOptions {
     pub cuda_graphs: bool,
     /// Device memory left free for the driver and other users, in bytes.
     pub reserve_bytes: usize,
+    /// On a compute capability 9.0 GPU (H100, H200), run the expert GEMMs of prefill chunks with
+    /// the Hopper warpgroup-MMA kernels, after checking them against the mma.sync kernels once at
+    /// build ([`CudaEngine::prefill_experts`] says which run). Off by default until those kernels
+    /// have been verified on hardware.
+    pub hopper_wgmma: bool,
 }
 
 impl Default for CudaEngineOptions {
@@ -80,6 +86,7 @@ impl Default for CudaEngineOptions {
             max_step_tokens: 512,
             cuda_graphs: true,
             reserve_bytes: 1 << 30,
+            hopper_wgmma: false,
         }
     }
 }
@@ -120,6 +127,8 @@ pub struct CudaEngine {
     /// sync (the previous chunk's read-back already waited for the device).
     host_inputs: PinnedHostSlice<i32>,
     memory: MemoryUse,
+    /// The Hopper expert kernels' self-check, when asked for.
+    wgmma_check: Option<WgmmaCheck>,
     /// The first device failure; set once, then every call fails fast.
     dead: Option<String>,
 }
@@ -315,7 +324,16 @@ impl CudaEngine {
             .filter(|f| *f != StackFormat::Bf16)
             .count();
         let weights_allocated = arena.bytes();
-        let plan = Plan::new(&config, sizes, &mut arena, &stream)?;
+        let mut plan = Plan::new(&config, sizes, &mut arena, &stream)?;
+        let wgmma_check = if options.hopper_wgmma {
+            let check = ops::moe_wgmma_self_check(&kernels, &stream)?;
+            if check.passed() {
+                plan.grouped = GroupedKernel::Wgmma;
+            }
+            Some(check)
+        } else {
+            None
+        };
         let max_context = options
             .max_context
             .unwrap_or(config.max_position_embeddings)
@@ -351,6 +369,7 @@ impl CudaEngine {
             free_rows: (0..sizes.max_sequences).rev().collect(),
             tables: vec![-1; sizes.max_sequences * sizes.max_blocks_per_seq],
             host_inputs,
+            wgmma_check,
             dead: None,
         };
         engine.warm_up_and_capture(options.cuda_graphs)?;
@@ -401,6 +420,12 @@ impl CudaEngine {
             plan: self.arena.bytes() - self.memory.weights,
             ..self.memory
         }
+    }
+
+    /// The kernels that run the expert GEMMs of prefill chunks, and the result of the Hopper
+    /// kernels' self-check when [`CudaEngineOptions::hopper_wgmma`] asked for one.
+    pub fn prefill_experts(&self) -> (GroupedKernel, Option<WgmmaCheck>) {
+        (self.plan.grouped, self.wgmma_check)
     }
 
     /// The captured decode batch sizes (empty with graphs off).

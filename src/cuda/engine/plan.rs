@@ -28,7 +28,7 @@ use super::super::ops::{
 };
 use super::super::region::{DeviceArena, Region};
 use super::inputs::PrefillPiece;
-use super::matrix::{self, ExpertIo};
+use super::matrix::{self, ExpertIo, GroupedKernel};
 use super::upload::GpuWeights;
 use crate::config::ModelConfig;
 use crate::cpu::rope::Rope;
@@ -149,6 +149,8 @@ pub struct SamplingBuffers {
 pub struct Plan {
     dims: Dims,
     sizes: PlanSizes,
+    /// The tensor-core kernels of the expert GEMMs of large chunks.
+    pub grouped: GroupedKernel,
     /// Step inputs (uploaded before each chunk).
     pub inputs: Inputs,
     residual: Region<f32>,
@@ -261,6 +263,7 @@ impl Plan {
         Ok(Plan {
             dims: d,
             sizes,
+            grouped: GroupedKernel::Mma,
             inputs,
             residual: arena.zeroed(m * d.hidden, "residual stream")?,
             xn: arena.zeroed(m * d.hidden, "normalised activations")?,
@@ -465,6 +468,7 @@ impl Plan {
                     out: &mut self.moe_out,
                 },
                 &weights.scratch,
+                self.grouped,
             )?;
         }
         ops::rmsnorm(
