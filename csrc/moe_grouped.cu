@@ -46,7 +46,7 @@
 // expert, slots outside [0, tokens * top_k) are skipped. hidden and inter are multiples of 8, every
 // bf16 buffer and `out` are 16-byte aligned (checked by the Rust launcher, src/cuda/ops/moe_grouped.rs).
 // No fast math: expf in silu stays accurate (it is in the epilogue only).
-#include "common.cuh"
+#include "moe_tiles.cuh"
 
 namespace {
 
@@ -113,27 +113,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// The tile blockIdx.x of the flattened list (expert-major, BM slots per tile): its expert and its rows
-// sorted_slots[begin, end) (end - begin in 1..=BM). False when the index is past the last tile.
-__device__ __forceinline__ bool find_tile(const MoeParams& p, uint32_t& expert, int32_t& begin, int32_t& end) {
-    const int32_t slots = (int32_t)(p.tokens * p.top_k);
-    const long long index = blockIdx.x;
-    long long first = 0;  // index of expert e's first tile
-    for (uint32_t e = 0; e < p.experts; ++e) {
-        const int32_t lo = max(0, min(p.expert_offsets[e], slots));
-        const int32_t hi = max(lo, min(p.expert_offsets[e + 1], slots));
-        const long long tiles = ((long long)(hi - lo) + BM - 1) / BM;
-        if (index < first + tiles) {
-            expert = e;
-            begin = lo + (int32_t)(index - first) * BM;
-            end = (int32_t)min((long long)begin + BM, (long long)hi);
-            return true;
-        }
-        first += tiles;
-    }
-    return false;
-}
-
 // One BK stage of the block's products: acc[m] += A[wm.., k] * B[m][wn.., k]^T over the stage.
 __device__ __forceinline__ void compute_stage(const Stage& st, int wm, int wn, int lane,
                                               float (&acc)[NB][MI][NI][4]) {
@@ -170,7 +149,7 @@ __device__ __forceinline__ void grouped_body(const MoeParams& p) {
     __shared__ __align__(16) Smem smem;
     uint32_t expert;
     int32_t begin, end;
-    if (!find_tile(p, expert, begin, end)) return;  // the same for every thread: no barrier is skipped
+    if (!mx::find_moe_tile<BM>(p, expert, begin, end)) return;  // the same for every thread: no barrier is skipped
     const uint32_t slots = p.tokens * p.top_k;
     const uint32_t K = UP ? p.hidden : p.inter;
     const uint32_t N = UP ? p.inter : p.hidden;

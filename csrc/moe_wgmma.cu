@@ -79,7 +79,7 @@
 // non-decreasing per expert, slots outside [0, tokens * top_k) are skipped. hidden and inter are
 // multiples of 8, every bf16 buffer and `out` are 16-byte aligned (checked by the launcher).
 // No fast math: expf in silu stays accurate (epilogue only).
-#include "common.cuh"
+#include "moe_tiles.cuh"
 
 // Everything up to the kernels uses sm_90a instructions (fence.proxy.async, wgmma); the other targets
 // only get the __trap() bodies.
@@ -131,28 +131,6 @@ __device__ __forceinline__ void copy_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// The tile blockIdx.x of the flattened list (expert-major, BM slots per tile): its expert and its rows
-// sorted_slots[begin, end) (end - begin in 1..=BM). False when the index is past the last tile.
-// The same walk as moe_grouped.cu's find_tile (both kernels must agree with the host's grid bound).
-__device__ __forceinline__ bool find_tile(const MoeParams& p, uint32_t& expert, int32_t& begin, int32_t& end) {
-    const int32_t slots = (int32_t)(p.tokens * p.top_k);
-    const long long index = blockIdx.x;
-    long long first = 0;  // index of expert e's first tile
-    for (uint32_t e = 0; e < p.experts; ++e) {
-        const int32_t lo = max(0, min(p.expert_offsets[e], slots));
-        const int32_t hi = max(lo, min(p.expert_offsets[e + 1], slots));
-        const long long tiles = ((long long)(hi - lo) + BM - 1) / BM;
-        if (index < first + tiles) {
-            expert = e;
-            begin = lo + (int32_t)(index - first) * BM;
-            end = (int32_t)min((long long)begin + BM, (long long)hi);
-            return true;
-        }
-        first += tiles;
-    }
-    return false;
-}
-
 // Shared-memory matrix descriptor of a K-major, unswizzled tile whose first core matrix is at `address`.
 __device__ __forceinline__ uint64_t descriptor(uint32_t address) {
     return (uint64_t)((address & 0x3FFFF) >> 4) | ((uint64_t)(LBO >> 4) << 16) | ((uint64_t)(SBO >> 4) << 32);
@@ -202,7 +180,7 @@ __device__ __forceinline__ void wgmma_body(const MoeParams& p) {
     __shared__ Smem smem;
     uint32_t expert;
     int32_t begin, end;
-    if (!find_tile(p, expert, begin, end)) return;  // the same for every thread: no barrier is skipped
+    if (!mx::find_moe_tile<BM>(p, expert, begin, end)) return;  // the same for every thread: no barrier is skipped
     const uint32_t slots = p.tokens * p.top_k;
     const uint32_t K = UP ? p.hidden : p.inter;
     const uint32_t N = UP ? p.inter : p.hidden;

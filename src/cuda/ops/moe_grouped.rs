@@ -30,21 +30,51 @@ fn use_grouped(tokens: usize) -> bool {
     tokens >= MOE_GROUPED_MIN_TOKENS
 }
 
-/// Upper bound on the tiles of the flattened list: `sum_e ceil(count_e / BM)` over counts summing to
-/// `slots`, at most `min(experts, slots)` of them non-zero, is at most
-/// `floor((slots + min(experts, slots) * (BM - 1)) / BM)`.
-fn max_tiles(slots: usize, experts: usize) -> usize {
-    let bm = MOE_GROUPED_BM as usize;
-    (slots + experts.min(slots) * (bm - 1)) / bm
+/// Upper bound on the tiles of `bm` slots in the flattened list: `sum_e ceil(count_e / bm)` over
+/// counts summing to `slots`, at most `min(experts, slots)` of them non-zero, is at most
+/// `floor((slots + min(experts, slots) * (bm - 1)) / bm)`.
+pub(super) fn max_tiles(slots: usize, experts: usize, bm: usize) -> usize {
+    (slots + experts.min(slots) * (bm - 1)) / bm.max(1)
 }
 
-fn plan_moe_grouped(
+/// A pair of expert-GEMM kernels over the flattened tile list (`csrc/moe_tiles.cuh`): what differs
+/// between the mma.sync kernels and the Hopper ones.
+pub(super) struct TiledExperts {
+    /// The op name in errors.
+    pub(super) op: &'static str,
+    /// The up kernel (w1, w3, SwiGLU) and its name.
+    pub(super) up: (KernelFamily, &'static str),
+    /// The down kernel (w2, routing weight) and its name.
+    pub(super) down: (KernelFamily, &'static str),
+    /// Slots per tile.
+    pub(super) bm: usize,
+    /// Output columns (rows of w1 / w3) per up block.
+    pub(super) up_columns: usize,
+    /// Output columns (rows of w2) per down block.
+    pub(super) down_columns: usize,
+    /// Threads per block.
+    pub(super) threads: u32,
+}
+
+/// The mma.sync kernels of `csrc/moe_grouped.cu`.
+const GROUPED: TiledExperts = TiledExperts {
+    op: "moe_grouped_gemm",
+    up: (KernelFamily::MoeGroupedUp, "moe_grouped_up"),
+    down: (KernelFamily::MoeGroupedDown, "moe_grouped_down"),
+    bm: MOE_GROUPED_BM as usize,
+    up_columns: MOE_GROUPED_BN as usize,
+    down_columns: DOWN_COLUMNS,
+    threads: MOE_GROUPED_THREADS,
+};
+
+/// The two launches of the kernel pair `k` for the shapes and buffers (none for zero tokens, after
+/// the checks): grid x the worst-case tile list, y the output column blocks.
+pub(super) fn plan_tiled(
+    k: &TiledExperts,
     s: &MoeShape,
     b: &MoeBufs,
 ) -> Result<Option<[Launch<MoeParams>; 2]>, CudaError> {
-    let c = Check {
-        op: "moe_grouped_gemm",
-    };
+    let c = Check { op: k.op };
     // Every block walks the experts' offsets to find its tile: keep that walk short.
     if s.experts > ROUTER_MAX_EXPERTS as usize {
         return Err(c.unsupported(
@@ -56,30 +86,37 @@ fn plan_moe_grouped(
     let (params, slots) = moe_params(&c, s, b)?;
     // The down epilogue stores f32 pairs with 8-byte stores; 16 bytes keeps every row start aligned.
     c.aligned16("out", b.out)?;
-    let up = c.variant(KernelFamily::MoeGroupedUp, "moe_grouped_up", &[])?;
-    let down = c.variant(KernelFamily::MoeGroupedDown, "moe_grouped_down", &[])?;
+    let up = c.variant(k.up.0, k.up.1, &[])?;
+    let down = c.variant(k.down.0, k.down.1, &[])?;
     if s.tokens == 0 {
         return Ok(None);
     }
-    let tiles = c.count("tiles", max_tiles(slots, s.experts))?;
-    let up_columns = c.grid_yz("inter blocks", s.inter.div_ceil(MOE_GROUPED_BN as usize))?;
-    let down_columns = c.grid_yz("hidden blocks", s.hidden.div_ceil(DOWN_COLUMNS))?;
+    let tiles = c.count("tiles", max_tiles(slots, s.experts, k.bm))?;
+    let up_columns = c.grid_yz("inter blocks", s.inter.div_ceil(k.up_columns))?;
+    let down_columns = c.grid_yz("hidden blocks", s.hidden.div_ceil(k.down_columns))?;
     Ok(Some([
         Launch {
             variant: up,
             grid: (tiles, up_columns, 1),
-            block: MOE_GROUPED_THREADS,
+            block: k.threads,
             shared_bytes: 0,
             params,
         },
         Launch {
             variant: down,
             grid: (tiles, down_columns, 1),
-            block: MOE_GROUPED_THREADS,
+            block: k.threads,
             shared_bytes: 0,
             params,
         },
     ]))
+}
+
+fn plan_moe_grouped(
+    s: &MoeShape,
+    b: &MoeBufs,
+) -> Result<Option<[Launch<MoeParams>; 2]>, CudaError> {
+    plan_tiled(&GROUPED, s, b)
 }
 
 /// The routed expert MLPs of a prefill batch on tensor cores: `act = silu(w1 x) * (w3 x)`,
@@ -193,11 +230,11 @@ mod tests {
         let counts = [65, 65, 65, 65, 65, 65, 65, 569];
         assert_eq!(counts.iter().sum::<usize>(), 1024);
         assert_eq!(real_tiles(&counts), 2 * 7 + 9);
-        assert_eq!(max_tiles(1024, 8), 23);
+        assert_eq!(max_tiles(1024, 8, 64), 23);
         // Fewer slots than experts: each slot its own tile.
-        assert_eq!(max_tiles(3, 8), 3);
-        assert_eq!(max_tiles(1, 1), 1);
-        assert_eq!(max_tiles(0, 8), 0);
+        assert_eq!(max_tiles(3, 8, 64), 3);
+        assert_eq!(max_tiles(1, 1, 64), 1);
+        assert_eq!(max_tiles(0, 8, 64), 0);
     }
 
     proptest! {
@@ -206,7 +243,7 @@ mod tests {
             counts in proptest::collection::vec(0usize..300, 1..40),
         ) {
             let slots: usize = counts.iter().sum();
-            prop_assert!(real_tiles(&counts) <= max_tiles(slots, counts.len()));
+            prop_assert!(real_tiles(&counts) <= max_tiles(slots, counts.len(), 64));
         }
 
         #[test]

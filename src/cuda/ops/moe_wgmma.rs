@@ -17,9 +17,10 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
+use super::moe_grouped::{plan_tiled, TiledExperts};
 use super::{
-    launch_moe, moe_grouped_gemm, moe_params, Check, CudaError, KernelFamily, Kernels, Launch,
-    MoeBuffers, MoeBufs, MoeParams, MoeShape, ROUTER_MAX_EXPERTS,
+    launch_moe, moe_grouped_gemm, Check, CudaError, KernelFamily, Kernels, Launch, MoeBuffers,
+    MoeBufs, MoeParams, MoeShape,
 };
 use crate::cpu::router::{group_by_expert, route};
 use crate::cuda::params::{MOE_WGMMA_BM, MOE_WGMMA_BN, MOE_WGMMA_THREADS};
@@ -36,19 +37,18 @@ pub const WGMMA_COMPUTE_CAPABILITY: (i32, i32) = (9, 0);
 /// path. The two differ only in the order of f32 accumulation, so a correct kernel is far below it.
 pub const WGMMA_SELF_CHECK_BOUND: f64 = 1e-2;
 
-/// Output columns of one `moe_wgmma_up` block: the 128-row B operand holds 64 rows of w1 and the same
-/// 64 rows of w3.
-const UP_COLUMNS: usize = MOE_WGMMA_BN as usize / 2;
-/// Output columns of one `moe_wgmma_down` block: 128 rows of w2.
-const DOWN_COLUMNS: usize = MOE_WGMMA_BN as usize;
-
-/// Upper bound on the tiles of the flattened list: `sum_e ceil(count_e / BM)` over counts summing to
-/// `slots`, at most `min(experts, slots)` of them non-zero, is at most
-/// `floor((slots + min(experts, slots) * (BM - 1)) / BM)` (the bound of `moe_grouped`).
-fn max_tiles(slots: usize, experts: usize) -> usize {
-    let bm = MOE_WGMMA_BM as usize;
-    (slots + experts.min(slots) * (bm - 1)) / bm
-}
+/// The Hopper kernels of `csrc/moe_wgmma.cu`: the tile list of `moe_grouped`; 64 output columns per
+/// up block (the 128-row B operand holds 64 rows of w1 and the same 64 rows of w3), 128 (rows of w2)
+/// per down block.
+const WGMMA: TiledExperts = TiledExperts {
+    op: OP,
+    up: (KernelFamily::MoeWgmmaUp, "moe_wgmma_up"),
+    down: (KernelFamily::MoeWgmmaDown, "moe_wgmma_down"),
+    bm: MOE_WGMMA_BM as usize,
+    up_columns: MOE_WGMMA_BN as usize / 2,
+    down_columns: MOE_WGMMA_BN as usize,
+    threads: MOE_WGMMA_THREADS,
+};
 
 /// Refuses a device the sm_90a kernels cannot run on.
 fn require_hopper(c: &Check, capability: (i32, i32)) -> Result<(), CudaError> {
@@ -67,42 +67,7 @@ fn require_hopper(c: &Check, capability: (i32, i32)) -> Result<(), CudaError> {
 }
 
 fn plan_moe_wgmma(s: &MoeShape, b: &MoeBufs) -> Result<Option<[Launch<MoeParams>; 2]>, CudaError> {
-    let c = Check { op: OP };
-    // Every block walks the experts' offsets to find its tile: keep that walk short.
-    if s.experts > ROUTER_MAX_EXPERTS as usize {
-        return Err(c.unsupported(
-            "experts",
-            s.experts,
-            format!("must be at most {ROUTER_MAX_EXPERTS} (each block walks the expert offsets)"),
-        ));
-    }
-    let (params, slots) = moe_params(&c, s, b)?;
-    // The down epilogue stores f32 pairs with 8-byte stores; 16 bytes keeps every row start aligned.
-    c.aligned16("out", b.out)?;
-    let up = c.variant(KernelFamily::MoeWgmmaUp, "moe_wgmma_up", &[])?;
-    let down = c.variant(KernelFamily::MoeWgmmaDown, "moe_wgmma_down", &[])?;
-    if s.tokens == 0 {
-        return Ok(None);
-    }
-    let tiles = c.count("tiles", max_tiles(slots, s.experts))?;
-    let up_columns = c.grid_yz("inter blocks", s.inter.div_ceil(UP_COLUMNS))?;
-    let down_columns = c.grid_yz("hidden blocks", s.hidden.div_ceil(DOWN_COLUMNS))?;
-    Ok(Some([
-        Launch {
-            variant: up,
-            grid: (tiles, up_columns, 1),
-            block: MOE_WGMMA_THREADS,
-            shared_bytes: 0,
-            params,
-        },
-        Launch {
-            variant: down,
-            grid: (tiles, down_columns, 1),
-            block: MOE_WGMMA_THREADS,
-            shared_bytes: 0,
-            params,
-        },
-    ]))
+    plan_tiled(&WGMMA, s, b)
 }
 
 /// The routed expert MLPs of a prefill batch on Hopper warpgroup MMA: `act = silu(w1 x) * (w3 x)`,
@@ -367,7 +332,7 @@ pub fn moe_wgmma_self_check(
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
+    use crate::cuda::params::ROUTER_MAX_EXPERTS;
 
     use super::super::{Buf, KERNEL_VARIANTS};
     use super::*;
@@ -419,14 +384,6 @@ mod tests {
         }
     }
 
-    /// The tiles the kernel walks for these per-expert counts.
-    fn real_tiles(counts: &[usize]) -> usize {
-        counts
-            .iter()
-            .map(|c| c.div_ceil(MOE_WGMMA_BM as usize))
-            .sum()
-    }
-
     #[test]
     fn mixtral_prefill_grids_match_moe_grouped() {
         // The same tile list and column blocks as moe_grouped (its test pins 23 / 135 tiles).
@@ -443,84 +400,6 @@ mod tests {
             assert_eq!((up.shared_bytes, down.shared_bytes), (0, 0));
             assert_eq!(up.params.tokens as usize, tokens);
             assert_eq!(up.params, down.params);
-        }
-    }
-
-    #[test]
-    fn tile_bound_is_reached_by_the_worst_counts() {
-        let counts = [65, 65, 65, 65, 65, 65, 65, 569];
-        assert_eq!(counts.iter().sum::<usize>(), 1024);
-        assert_eq!(real_tiles(&counts), 23);
-        assert_eq!(max_tiles(1024, 8), 23);
-        assert_eq!(max_tiles(3, 8), 3);
-        assert_eq!(max_tiles(1, 1), 1);
-        assert_eq!(max_tiles(0, 8), 0);
-    }
-
-    proptest! {
-        #[test]
-        fn tile_bound_covers_every_routing(
-            counts in proptest::collection::vec(0usize..300, 1..40),
-        ) {
-            let slots: usize = counts.iter().sum();
-            prop_assert!(real_tiles(&counts) <= max_tiles(slots, counts.len()));
-        }
-
-        #[test]
-        fn grid_covers_the_columns_and_the_worst_tile_count(
-            tokens in 1usize..600,
-            hidden8 in 1usize..40,
-            inter8 in 1usize..40,
-            experts in 1usize..12,
-            k in 1usize..4,
-        ) {
-            let top_k = k.min(experts);
-            let s = MoeShape { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k };
-            let [up, down] = plan_moe_wgmma(&s, &bufs(&s)).unwrap().unwrap();
-            let slots = tokens * top_k;
-            let worst = slots.div_ceil(64);
-            let mut even = vec![slots / experts; experts];
-            for c in even.iter_mut().take(slots % experts) {
-                *c += 1;
-            }
-            prop_assert!(up.grid.0 as usize >= worst.max(real_tiles(&even)));
-            prop_assert_eq!(up.grid.0, down.grid.0);
-            prop_assert!(up.grid.1 as usize * 64 >= s.inter && (up.grid.1 as usize - 1) * 64 < s.inter);
-            prop_assert!(down.grid.1 as usize * 128 >= s.hidden && (down.grid.1 as usize - 1) * 128 < s.hidden);
-        }
-
-        #[test]
-        fn needs_exactly_the_contiguous_sizes(
-            tokens in 1usize..20,
-            hidden8 in 1usize..8,
-            inter8 in 1usize..8,
-            experts in 1usize..9,
-            k in 1usize..3,
-        ) {
-            let top_k = k.min(experts);
-            let s = MoeShape { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k };
-            prop_assert!(plan_moe_wgmma(&s, &bufs(&s)).is_ok());
-            let full = bufs(&s);
-            let cases: [(&str, MoeBufs); 9] = [
-                ("x", MoeBufs { x: buf(full.x.len - 1), ..bufs(&s) }),
-                ("w1", MoeBufs { w1: buf(full.w1.len - 1), ..bufs(&s) }),
-                ("w3", MoeBufs { w3: buf(full.w3.len - 1), ..bufs(&s) }),
-                ("w2", MoeBufs { w2: buf(full.w2.len - 1), ..bufs(&s) }),
-                ("topk_weights", MoeBufs { topk_weights: buf(full.topk_weights.len - 1), ..bufs(&s) }),
-                ("expert_offsets", MoeBufs { expert_offsets: buf(full.expert_offsets.len - 1), ..bufs(&s) }),
-                ("sorted_slots", MoeBufs { sorted_slots: buf(full.sorted_slots.len - 1), ..bufs(&s) }),
-                ("act", MoeBufs { act: buf(full.act.len - 1), ..bufs(&s) }),
-                ("out", MoeBufs { out: buf(full.out.len - 1), ..bufs(&s) }),
-            ];
-            for (name, b) in cases {
-                match plan_moe_wgmma(&s, &b) {
-                    Err(CudaError::BufferTooSmall { op, buffer, .. }) => {
-                        prop_assert_eq!(op, OP);
-                        prop_assert_eq!(buffer, name);
-                    }
-                    other => prop_assert!(false, "{name}: expected BufferTooSmall, got {other:?}"),
-                }
-            }
         }
     }
 
@@ -615,8 +494,8 @@ mod tests {
         assert!(plan_moe_wgmma(&s, &bufs(&s)).unwrap().is_some());
         assert_ne!(s.hidden % 32, 0);
         assert_ne!(s.inter % 32, 0);
-        assert_ne!(s.inter % UP_COLUMNS, 0);
-        assert_ne!(s.hidden % DOWN_COLUMNS, 0);
+        assert_ne!(s.inter % WGMMA.up_columns, 0);
+        assert_ne!(s.hidden % WGMMA.down_columns, 0);
         assert_eq!(p.x.len(), s.tokens * s.hidden);
         assert_eq!(p.w1.len(), s.experts * s.inter * s.hidden);
         assert_eq!(p.topk_weights.len(), slots);
