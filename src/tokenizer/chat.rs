@@ -178,19 +178,21 @@ fn template_text(value: &Json) -> Option<String> {
 /// one per [`BYTES_PER_FUEL`] bytes of data the template makes (strings and lists built by operators,
 /// literals, filters and methods, captured and written output), and refuses an allocation whose
 /// size it knows in advance when the rest of the budget cannot pay for it. So this bounds both a
-/// render's time (a loop that spends it all runs about 50 ms on one desktop core) and the memory its
-/// values take (about 64 MB: a string doubled in a loop stops there). The released Mixtral template
-/// spends about 40 per message plus 4 per 100 bytes of content, so a conversation that fills a
-/// 64k-token context uses under 2% of it.
+/// render's time (a loop that spends it all runs about 60 ms on one desktop core) and the memory its
+/// values take (about 64 MB: a string doubled in a loop stops below that). The released Mixtral
+/// template spends about 40 per message plus 4 per 100 bytes of content, so 2,000 messages of
+/// 1,000 bytes (far more than a 64k-token context holds) use about a sixth of it. Not bounded:
+/// minijinja 3.1 concatenates lists lazily and copies a chain of more than 32 concatenations
+/// without consulting the budget (a list doubled 33 times; `docs/robustness.md`).
 const TEMPLATE_FUEL: u64 = 1_000_000;
 
 /// How many bytes of data one fuel pays for (minijinja's documented rate).
 const BYTES_PER_FUEL: u64 = 64;
 
 /// Longest rendered chat, in bytes: 4 MiB, about a million tokens, far more than any Mixtral
-/// context holds. Encoding a longer text would take gigabytes for the tokenizer's per-token
-/// bookkeeping, so a longer render fails instead.
-pub(super) const MAX_RENDERED_BYTES: usize = 4 << 20;
+/// context holds. The budget alone would allow 64 MB, whose encoding would take gigabytes for the
+/// tokenizer's per-token bookkeeping, so a longer render fails instead.
+const MAX_RENDERED_BYTES: usize = 4 << 20;
 
 /// A compiled chat template.
 pub(super) struct ChatTemplate {
