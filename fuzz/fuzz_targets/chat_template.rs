@@ -1,34 +1,49 @@
 //! `tokenizer_config.json` (special tokens and `chat_template`) or a `chat_template.jinja`, with the
 //! tokenizer of `models/tiny-mixtral`: an input starting with `{` but not with a Jinja delimiter
-//! (`{{`, `{%`, `{#`) is the config file, any other input is the template file (loaded beside the
-//! model's own config). Loading must either fail with a `TokenizerError` or give a tokenizer whose
-//! chat rendering and encoding of a few conversations each succeed or fail with a `TokenizerError`.
+//! (`{{`, `{%`, `{#`) is the config file, any other input is the template file. Loading must either
+//! fail with a `TokenizerError` or give a tokenizer whose chat rendering and encoding of a few
+//! conversations each succeed or fail with a `TokenizerError`, every id in the vocabulary.
 //!
-//! A template input is swapped into a tokenizer loaded once (`Tokenizer::set_chat_template`); a
-//! config input loads a tokenizer with it. The full 32000-token file takes seconds per load in an
-//! instrumented build, so by default the target uses that file cut down to its
-//! first 1024 ids (the byte-fallback tokens included) and the merges among them: the same
-//! normalizer, pre-tokenizer, decoder and special tokens. `MIXTRAL_FUZZ_FULL_TOKENIZER=1` uses the
-//! file as it is (for replaying a corpus with `-runs=0`).
+//! What an execution costs in the instrumented build (address sanitizer, coverage), and so how the
+//! target keeps it small:
+//! - A template input is swapped into the model's own tokenizer, loaded once
+//!   (`Tokenizer::set_chat_template`), through the same compile as `chat_template.jinja`.
+//! - A config input has to load a tokenizer with it: `Tokenizer::from_files` parses
+//!   `tokenizer.json` twice, about 8 ms for even a small file here (30 ms for 1024 ids, seconds for
+//!   the full 32,000). So it loads that file cut down to the special tokens and the 256
+//!   byte-fallback tokens (ids below [`KEEP_IDS`]), with the same normalizer, decoder and added
+//!   tokens; its templates' texts encode to byte tokens. `MIXTRAL_FUZZ_FULL_TOKENIZER=1` loads the
+//!   full file instead (for replaying a corpus with `-runs=0`).
+//! - Encoding and decoding cost about 15 us a byte here, and most templates render the same text
+//!   for several conversations, so each distinct text is encoded once, and at most its first
+//!   [`MAX_ENCODED`] bytes (only a template that loops renders more).
+//! - A render that runs out of the library's budget (minijinja's fuel, or the bound on the
+//!   rendered length) takes up to seconds here, so the conversations after it are not rendered:
+//!   they would run out the same way.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mixtral::tokenizer::{ChatMessage, Tokenizer};
-use std::path::PathBuf;
+use mixtral::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 /// The model directory holding the real tokenizer files.
 const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-mixtral");
 
-/// Ids kept by the cut-down tokenizer.
-const KEEP_IDS: u64 = 1024;
+/// Ids kept by the cut-down tokenizer of config inputs: `<unk>`, `<s>`, `</s>` and `<0x00>` to
+/// `<0xFF>` (no merges among them).
+const KEEP_IDS: u64 = 259;
 
-/// The scratch directory and the `tokenizer.json` to load.
+/// Bytes of each distinct rendered text that are encoded and decoded (cut at a character boundary).
+const MAX_ENCODED: usize = 16 << 10;
+
+/// The scratch directory and the `tokenizer.json` that config inputs load.
 static SETUP: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
 
 fn setup() -> (PathBuf, PathBuf) {
     let dir = mixtral_fuzz::scratch_dir("chat-template");
-    let real = std::path::Path::new(MODEL).join("tokenizer.json");
+    let real = Path::new(MODEL).join("tokenizer.json");
     if std::env::var_os("MIXTRAL_FUZZ_FULL_TOKENIZER").is_some() {
         return (dir, real);
     }
@@ -37,7 +52,7 @@ fn setup() -> (PathBuf, PathBuf) {
     let model = &mut json["model"];
     let vocab = model["vocab"].as_object_mut().expect("a BPE vocab");
     vocab.retain(|_, id| id.as_u64().is_some_and(|id| id < KEEP_IDS));
-    let kept: std::collections::HashSet<String> = vocab.keys().cloned().collect();
+    let kept: HashSet<String> = vocab.keys().cloned().collect();
     let merges = model["merges"].as_array_mut().expect("BPE merges");
     merges.retain(|merge| {
         let pair: Vec<&str> = match merge {
@@ -78,54 +93,67 @@ fn conversations() -> Vec<Vec<ChatMessage>> {
     ]
 }
 
-/// The model's tokenizer, loaded once, whose template each template input replaces.
+/// The model's tokenizer (its own `tokenizer.json` and `tokenizer_config.json`), loaded once,
+/// whose template each template input replaces.
 static LOADED: OnceLock<Mutex<Tokenizer>> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
-    let (dir, tokenizer_json) = SETUP.get_or_init(setup);
-    let model = std::path::Path::new(MODEL);
+    let (dir, config_tokenizer_json) = SETUP.get_or_init(setup);
+    let model = Path::new(MODEL);
     let is_config = matches!(data, [b'{', second, ..] if !b"{%#".contains(second));
     if is_config {
         let config = dir.join("tokenizer_config.json");
         mixtral_fuzz::write(&config, data);
-        if let Ok(tokenizer) = Tokenizer::from_files(tokenizer_json, Some(&config), None) {
+        if let Ok(tokenizer) = Tokenizer::from_files(config_tokenizer_json, Some(&config), None) {
             check(&tokenizer);
         }
         return;
     }
-    // A template: swapped into the already loaded tokenizer (loading takes far longer than a
-    // render), through the same compile as `chat_template.jinja`.
     let Ok(source) = String::from_utf8(data.to_vec()) else {
         return;
     };
     let loaded = LOADED.get_or_init(|| {
-        Mutex::new(
-            Tokenizer::from_files(
-                tokenizer_json,
-                Some(&model.join("tokenizer_config.json")),
-                None,
-            )
-            .expect("the model's tokenizer loads"),
-        )
+        Mutex::new(Tokenizer::from_dir(model).expect("the model's tokenizer loads"))
     });
     let mut tokenizer = loaded.lock().unwrap_or_else(|p| p.into_inner());
     if tokenizer
-        .set_chat_template(source, std::path::Path::new("chat_template.jinja"))
+        .set_chat_template(source, Path::new("chat_template.jinja"))
         .is_ok()
     {
         check(&tokenizer);
     }
 });
 
-/// Renders and encodes every conversation: each succeeds or fails with a `TokenizerError`.
+/// Renders every conversation, each succeeding or failing with a `TokenizerError`, and encodes and
+/// decodes every distinct rendered text (up to [`MAX_ENCODED`] bytes): every id in the vocabulary,
+/// decoding succeeding or failing with a `TokenizerError`.
 fn check(tokenizer: &Tokenizer) {
     assert!((tokenizer.bos_id() as usize) < tokenizer.vocab_size());
+    let mut encoded = HashSet::new();
     for messages in conversations() {
-        if let Ok(text) = tokenizer.render_chat(&messages) {
-            if let Ok(ids) = tokenizer.encode_rendered(&text) {
-                assert!(ids.iter().all(|&id| (id as usize) < tokenizer.vocab_size()));
-                let _ = tokenizer.decode(&ids);
-            }
+        let text = match tokenizer.render_chat(&messages) {
+            Ok(text) => text,
+            Err(TokenizerError::Render { message }) if ran_out_of_budget(&message) => return,
+            Err(_) => continue,
+        };
+        let mut end = text.len().min(MAX_ENCODED);
+        while !text.is_char_boundary(end) {
+            end -= 1;
         }
+        let text = &text[..end];
+        if encoded.contains(text) {
+            continue;
+        }
+        if let Ok(ids) = tokenizer.encode_rendered(text) {
+            assert!(ids.iter().all(|&id| (id as usize) < tokenizer.vocab_size()));
+            let _ = tokenizer.decode(&ids);
+        }
+        encoded.insert(text.to_string());
     }
+}
+
+/// Whether a render error is the library's budget running out: minijinja's "ran out of fuel", or
+/// the bound on the rendered length.
+fn ran_out_of_budget(message: &str) -> bool {
+    message.contains("ran out of fuel") || message.contains("the rendered chat is longer than")
 }

@@ -4,7 +4,7 @@
 
 use super::TokenizerError;
 use minijinja::value::{Enumerator, Object, ObjectRepr};
-use minijinja::{Environment, ErrorKind, Value};
+use minijinja::{Environment, ErrorKind, State, Value};
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -58,6 +58,34 @@ impl Object for ChatMessage {
         match key.as_str()? {
             "role" => Some(Value::from(self.role.as_str())),
             "content" => Some(Value::from(self.content.as_str())),
+            _ => None,
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Str(&["role", "content"])
+    }
+}
+
+/// A message as a render sees it: the same map as [`ChatMessage`]'s, but its texts are made once
+/// per render and shared by every lookup. minijinja charges nothing for an attribute lookup, so a
+/// lookup that copied the content would let a template make a copy per instruction
+/// (`(messages * 100000) | map(attribute="content") | list`) outside the render's budget.
+#[derive(Debug)]
+struct RenderedMessage {
+    role: Value,
+    content: Value,
+}
+
+impl Object for RenderedMessage {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        match key.as_str()? {
+            "role" => Some(self.role.clone()),
+            "content" => Some(self.content.clone()),
             _ => None,
         }
     }
@@ -146,11 +174,27 @@ fn template_text(value: &Json) -> Option<String> {
     }
 }
 
-/// A compiled chat template.
-/// Instructions one render may execute: far above what a real chat needs (the released Mixtral
-/// template spends a few hundred per message), far below a runaway loop.
-const TEMPLATE_FUEL: u64 = 20_000_000;
+/// The budget of one render, in minijinja's fuel. minijinja charges one fuel per instruction and
+/// one per [`BYTES_PER_FUEL`] bytes of data the template makes (strings and lists built by operators,
+/// literals, filters and methods, captured and written output), and refuses an allocation whose
+/// size it knows in advance when the rest of the budget cannot pay for it. So this bounds both a
+/// render's time (a loop that spends it all runs about 60 ms on one desktop core) and the memory its
+/// values take (about 64 MB: a string doubled in a loop stops below that). The released Mixtral
+/// template spends about 40 per message plus 4 per 100 bytes of content, so 2,000 messages of
+/// 1,000 bytes (far more than a 64k-token context holds) use about a sixth of it. Not bounded:
+/// minijinja 3.1 concatenates lists lazily and copies a chain of more than 32 concatenations
+/// without consulting the budget (a list doubled 33 times; `docs/robustness.md`).
+const TEMPLATE_FUEL: u64 = 1_000_000;
 
+/// How many bytes of data one fuel pays for (minijinja's documented rate).
+const BYTES_PER_FUEL: u64 = 64;
+
+/// Longest rendered chat, in bytes: 4 MiB, about a million tokens, far more than any Mixtral
+/// context holds. The budget alone would allow 64 MB, whose encoding would take gigabytes for the
+/// tokenizer's per-token bookkeeping, so a longer render fails instead.
+const MAX_RENDERED_BYTES: usize = 4 << 20;
+
+/// A compiled chat template.
 pub(super) struct ChatTemplate {
     env: Environment<'static>,
 }
@@ -168,9 +212,12 @@ impl ChatTemplate {
             .map_err(|e| template_error(path, &e))?;
         env.set_syntax(syntax);
         env.add_function("raise_exception", raise_exception);
-        env.set_unknown_method_callback(super::pymethods::call);
-        // A template is a program: bound the work one render may do, so a hostile loop fails the
-        // render instead of hanging the caller.
+        env.set_unknown_method_callback(|state, value, method, args| {
+            charge_method_result(state, value, method, args)?;
+            super::pymethods::call(state, value, method, args)
+        });
+        // A template is a program: bound the work and the memory one render may use, so a hostile
+        // loop fails the render instead of hanging the caller or exhausting its memory.
         env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| template_error(path, &e))?;
@@ -186,7 +233,12 @@ impl ChatTemplate {
     ) -> Result<String, TokenizerError> {
         let messages: Vec<Value> = messages
             .iter()
-            .map(|m| Value::from_object(m.clone()))
+            .map(|m| {
+                Value::from_object(RenderedMessage {
+                    role: Value::from(m.role.as_str()),
+                    content: Value::from(m.content.as_str()),
+                })
+            })
             .collect();
         let context = BTreeMap::from([
             ("messages".to_string(), Value::from(messages)),
@@ -197,11 +249,74 @@ impl ChatTemplate {
         let render_error = |e: minijinja::Error| TokenizerError::Render {
             message: error_message(&e),
         };
+        let mut out = BoundedOutput::default();
         self.env
             .get_template(TEMPLATE_NAME)
-            .and_then(|template| template.render(context))
-            .map_err(render_error)
+            .and_then(|template| template.render_captured_to(context, &mut out))
+            .map_err(render_error)?;
+        // minijinja writes whole `str` pieces, so the bytes are UTF-8; checked all the same.
+        String::from_utf8(out.bytes).map_err(|e| TokenizerError::Render {
+            message: format!("rendered text is not UTF-8: {e}"),
+        })
     }
+}
+
+/// The rendered text, refusing to grow past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct BoundedOutput {
+    bytes: Vec<u8>,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() > MAX_RENDERED_BYTES - self.bytes.len() {
+            return Err(std::io::Error::other(format!(
+                "the rendered chat is longer than {MAX_RENDERED_BYTES} bytes"
+            )));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Charges the size of what a Python string method is about to build, before it is built.
+/// minijinja charges a custom method's result only once it exists, and two of them can build far
+/// more than the template has paid for: `s.replace(a, b)` is up to `len(s) * len(b)` bytes, and
+/// `s.split()` a list slot (a `Value`) per piece. Anything else the methods return is at most a
+/// few times the string they were called on, which minijinja has already charged. Arguments of the
+/// wrong shape are left for the method itself to refuse.
+fn charge_method_result(
+    state: &State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<(), minijinja::Error> {
+    let Some(text) = value.as_str() else {
+        return Ok(());
+    };
+    let bytes = match (method, args) {
+        ("replace", [old, new]) => match (old.as_str(), new.as_str()) {
+            (Some(old), Some(new)) if !old.is_empty() => {
+                let count = text.matches(old).count();
+                (text.len() - count * old.len()).saturating_add(count.saturating_mul(new.len()))
+            }
+            _ => 0,
+        },
+        ("split", _) => {
+            let pieces = match args.first().and_then(Value::as_str) {
+                Some("") => 0,
+                Some(separator) => text.matches(separator).count() + 1,
+                None => text.split_whitespace().count(),
+            };
+            pieces.saturating_mul(size_of::<Value>())
+        }
+        _ => 0,
+    };
+    state.consume_fuel(u64::try_from(bytes).unwrap_or(u64::MAX) / BYTES_PER_FUEL)
 }
 
 /// `raise_exception(message)` as the Hub's templates call it: fails the render with `message`.
