@@ -123,6 +123,58 @@ fn linear_benches(c: &mut Criterion, b: &mut Bench) {
     group.finish();
 }
 
+/// The inputs and outputs of the expert kernels for `tokens` random rows routed by the device router.
+struct Routed {
+    x: Region<bf16>,
+    topk_weights: Region<f32>,
+    offsets: Region<i32>,
+    sorted: Region<i32>,
+    act: Region<bf16>,
+    out: Region<f32>,
+}
+
+/// Random hidden states for `tokens` tokens, routed through `gate` by the device router.
+fn route(b: &mut Bench, stream: &Arc<CudaStream>, gate: &Region<bf16>, tokens: usize) -> Routed {
+    let x = b.random(tokens * HIDDEN, 1.0);
+    let slots = tokens * TOP_K;
+    let mut logits = b.zeros::<f32>(tokens * EXPERTS);
+    let mut topk_ids = b.zeros::<i32>(slots);
+    let mut topk_weights = b.zeros::<f32>(slots);
+    let mut counts = b.zeros::<i32>(EXPERTS);
+    let mut offsets = b.zeros::<i32>(EXPERTS + 1);
+    let mut sorted = b.zeros::<i32>(slots);
+    ops::router(
+        &b.kernels,
+        stream,
+        &RouterShape {
+            tokens,
+            hidden: HIDDEN,
+            experts: EXPERTS,
+            top_k: TOP_K,
+        },
+        RouterBuffers {
+            x: &x,
+            gate,
+            logits: &mut logits,
+            topk_ids: &mut topk_ids,
+            topk_weights: &mut topk_weights,
+            expert_counts: &mut counts,
+            expert_offsets: &mut offsets,
+            sorted_slots: &mut sorted,
+        },
+    )
+    .expect("router");
+    sync(stream);
+    Routed {
+        x,
+        topk_weights,
+        offsets,
+        sorted,
+        act: b.zeros::<bf16>(slots * INTER),
+        out: b.zeros::<f32>(slots * HIDDEN),
+    }
+}
+
 fn moe_benches(c: &mut Criterion, b: &mut Bench) {
     let stream = b.stream();
     let gate = b.random(EXPERTS * HIDDEN, 0.02);
@@ -134,38 +186,15 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
         .sample_size(20)
         .measurement_time(Duration::from_secs(3));
     for tokens in [1usize, 8, 512, 4096] {
-        let x = b.random(tokens * HIDDEN, 1.0);
         let slots = tokens * TOP_K;
-        let mut logits = b.zeros::<f32>(tokens * EXPERTS);
-        let mut topk_ids = b.zeros::<i32>(slots);
-        let mut topk_weights = b.zeros::<f32>(slots);
-        let mut counts = b.zeros::<i32>(EXPERTS);
-        let mut offsets = b.zeros::<i32>(EXPERTS + 1);
-        let mut sorted = b.zeros::<i32>(slots);
-        let mut act = b.zeros::<bf16>(slots * INTER);
-        let mut out = b.zeros::<f32>(slots * HIDDEN);
-        ops::router(
-            &b.kernels,
-            &stream,
-            &RouterShape {
-                tokens,
-                hidden: HIDDEN,
-                experts: EXPERTS,
-                top_k: TOP_K,
-            },
-            RouterBuffers {
-                x: &x,
-                gate: &gate,
-                logits: &mut logits,
-                topk_ids: &mut topk_ids,
-                topk_weights: &mut topk_weights,
-                expert_counts: &mut counts,
-                expert_offsets: &mut offsets,
-                sorted_slots: &mut sorted,
-            },
-        )
-        .expect("router");
-        sync(&stream);
+        let Routed {
+            x,
+            topk_weights,
+            offsets,
+            sorted,
+            mut act,
+            mut out,
+        } = route(b, &stream, &gate, tokens);
         let weight_bytes = 3 * INTER * HIDDEN * 2;
         if tokens <= 8 {
             // Distinct experts touched bound the bytes; at batch 1 that is exactly 2.
@@ -230,38 +259,15 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
         .sample_size(20)
         .measurement_time(Duration::from_secs(3));
     for tokens in [512usize, 4096] {
-        let x = b.random(tokens * HIDDEN, 1.0);
         let slots = tokens * TOP_K;
-        let mut logits = b.zeros::<f32>(tokens * EXPERTS);
-        let mut topk_ids = b.zeros::<i32>(slots);
-        let mut topk_weights = b.zeros::<f32>(slots);
-        let mut counts = b.zeros::<i32>(EXPERTS);
-        let mut offsets = b.zeros::<i32>(EXPERTS + 1);
-        let mut sorted = b.zeros::<i32>(slots);
-        let mut act = b.zeros::<bf16>(slots * INTER);
-        let mut out = b.zeros::<f32>(slots * HIDDEN);
-        ops::router(
-            &b.kernels,
-            &stream,
-            &RouterShape {
-                tokens,
-                hidden: HIDDEN,
-                experts: EXPERTS,
-                top_k: TOP_K,
-            },
-            RouterBuffers {
-                x: &x,
-                gate: &gate,
-                logits: &mut logits,
-                topk_ids: &mut topk_ids,
-                topk_weights: &mut topk_weights,
-                expert_counts: &mut counts,
-                expert_offsets: &mut offsets,
-                sorted_slots: &mut sorted,
-            },
-        )
-        .expect("router");
-        sync(&stream);
+        let Routed {
+            x,
+            topk_weights,
+            offsets,
+            sorted,
+            mut act,
+            mut out,
+        } = route(b, &stream, &gate, tokens);
         group.throughput(Throughput::Elements(
             (2 * slots * 3 * INTER * HIDDEN) as u64,
         ));
@@ -399,38 +405,15 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
         let (w2_codes, w2_params, w2_bytes) = packed_stack(b, kind, EXPERTS, HIDDEN, INTER);
         let per_expert = (2 * w13_bytes + w2_bytes) / EXPERTS;
         for tokens in [1usize, 8] {
-            let x = b.random(tokens * HIDDEN, 1.0);
             let slots = tokens * TOP_K;
-            let mut logits = b.zeros::<f32>(tokens * EXPERTS);
-            let mut topk_ids = b.zeros::<i32>(slots);
-            let mut topk_weights = b.zeros::<f32>(slots);
-            let mut counts = b.zeros::<i32>(EXPERTS);
-            let mut offsets = b.zeros::<i32>(EXPERTS + 1);
-            let mut sorted = b.zeros::<i32>(slots);
-            let mut act = b.zeros::<bf16>(slots * INTER);
-            let mut out = b.zeros::<f32>(slots * HIDDEN);
-            ops::router(
-                &b.kernels,
-                &stream,
-                &RouterShape {
-                    tokens,
-                    hidden: HIDDEN,
-                    experts: EXPERTS,
-                    top_k: TOP_K,
-                },
-                RouterBuffers {
-                    x: &x,
-                    gate: &gate,
-                    logits: &mut logits,
-                    topk_ids: &mut topk_ids,
-                    topk_weights: &mut topk_weights,
-                    expert_counts: &mut counts,
-                    expert_offsets: &mut offsets,
-                    sorted_slots: &mut sorted,
-                },
-            )
-            .expect("router");
-            sync(&stream);
+            let Routed {
+                x,
+                topk_weights,
+                offsets,
+                sorted,
+                mut act,
+                mut out,
+            } = route(b, &stream, &gate, tokens);
             // Distinct experts touched bound the bytes; at batch 1 that is exactly 2.
             group.throughput(Throughput::Bytes((per_expert * slots.min(EXPERTS)) as u64));
             let shape = MoeShape {
