@@ -147,20 +147,24 @@ pub fn moe_experts(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use proptest::prelude::*;
 
+    use super::super::moe_wgmma::WGMMA;
     use super::super::{Buf, KERNEL_VARIANTS};
     use super::*;
 
     const BASE: u64 = 0x7f00_0000_0000;
 
-    fn buf(len: usize) -> Buf {
+    /// Both expert-GEMM pairs that share [`plan_tiled`].
+    const PAIRS: [&TiledExperts; 2] = [&GROUPED, &WGMMA];
+
+    pub(in crate::cuda::ops) fn buf(len: usize) -> Buf {
         Buf { address: BASE, len }
     }
 
     /// Buffers of exactly the sizes `s` needs.
-    fn bufs(s: &MoeShape) -> MoeBufs {
+    pub(in crate::cuda::ops) fn bufs(s: &MoeShape) -> MoeBufs {
         let slots = s.tokens * s.top_k;
         let weights = s.experts * s.inter * s.hidden;
         MoeBufs {
@@ -190,10 +194,10 @@ mod tests {
         KERNEL_VARIANTS[variant].symbol
     }
 
-    fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
+    fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, expected_op: &str, name: &str) {
         match result {
             Err(CudaError::Unsupported { op, what, .. }) => {
-                assert_eq!(op, "moe_grouped_gemm");
+                assert_eq!(op, expected_op);
                 assert_eq!(what, name);
             }
             other => panic!("expected Unsupported({name}), got {other:?}"),
@@ -210,18 +214,29 @@ mod tests {
 
     #[test]
     fn mixtral_prefill_grids() {
-        for (tokens, tiles) in [(512, 23), (4096, 135)] {
-            let s = mixtral(tokens);
-            let [up, down] = plan_moe_grouped(&s, &bufs(&s)).unwrap().unwrap();
-            assert_eq!(symbol(up.variant), "moe_grouped_up");
-            assert_eq!(symbol(down.variant), "moe_grouped_down");
-            assert_eq!(up.grid, (tiles, 14336 / 64, 1));
-            assert_eq!(down.grid, (tiles, 4096 / 128, 1));
-            assert_eq!((up.block, down.block), (128, 128));
-            assert_eq!((up.shared_bytes, down.shared_bytes), (0, 0));
-            assert_eq!(up.params.tokens as usize, tokens);
-            assert_eq!(up.params, down.params);
+        // Both pairs: the same tile list, 64 w1/w3 rows per up block, 128 w2 rows per down block.
+        for k in PAIRS {
+            for (tokens, tiles) in [(512, 23), (4096, 135)] {
+                let s = mixtral(tokens);
+                let [up, down] = plan_tiled(k, &s, &bufs(&s)).unwrap().unwrap();
+                assert_eq!(symbol(up.variant), k.up.1);
+                assert_eq!(symbol(down.variant), k.down.1);
+                assert_eq!(up.grid, (tiles, 14336 / 64, 1));
+                assert_eq!(down.grid, (tiles, 4096 / 128, 1));
+                assert_eq!((up.block, down.block), (128, 128));
+                assert_eq!((up.shared_bytes, down.shared_bytes), (0, 0));
+                assert_eq!(up.params.tokens as usize, tokens);
+                assert_eq!(up.params, down.params);
+            }
         }
+        assert_eq!(
+            KERNEL_VARIANTS[plan_tiled(&WGMMA, &mixtral(512), &bufs(&mixtral(512)))
+                .unwrap()
+                .unwrap()[0]
+                .variant]
+                .module,
+            "moe_wgmma"
+        );
     }
 
     #[test]
@@ -256,18 +271,20 @@ mod tests {
         ) {
             let top_k = k.min(experts);
             let s = MoeShape { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k };
-            let [up, down] = plan_moe_grouped(&s, &bufs(&s)).unwrap().unwrap();
-            let slots = tokens * top_k;
-            // All slots on one expert, and spread as evenly as the slots allow.
-            let worst = slots.div_ceil(64);
-            let mut even = vec![slots / experts; experts];
-            for c in even.iter_mut().take(slots % experts) {
-                *c += 1;
+            for pair in PAIRS {
+                let [up, down] = plan_tiled(pair, &s, &bufs(&s)).unwrap().unwrap();
+                let slots = tokens * top_k;
+                // All slots on one expert, and spread as evenly as the slots allow.
+                let worst = slots.div_ceil(64);
+                let mut even = vec![slots / experts; experts];
+                for c in even.iter_mut().take(slots % experts) {
+                    *c += 1;
+                }
+                prop_assert!(up.grid.0 as usize >= worst.max(real_tiles(&even)));
+                prop_assert_eq!(up.grid.0, down.grid.0);
+                prop_assert!(up.grid.1 as usize * 64 >= s.inter && (up.grid.1 as usize - 1) * 64 < s.inter);
+                prop_assert!(down.grid.1 as usize * 128 >= s.hidden && (down.grid.1 as usize - 1) * 128 < s.hidden);
             }
-            prop_assert!(up.grid.0 as usize >= worst.max(real_tiles(&even)));
-            prop_assert_eq!(up.grid.0, down.grid.0);
-            prop_assert!(up.grid.1 as usize * 64 >= s.inter && (up.grid.1 as usize - 1) * 64 < s.inter);
-            prop_assert!(down.grid.1 as usize * 128 >= s.hidden && (down.grid.1 as usize - 1) * 128 < s.hidden);
         }
 
         #[test]
@@ -280,26 +297,28 @@ mod tests {
         ) {
             let top_k = k.min(experts);
             let s = MoeShape { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k };
-            prop_assert!(plan_moe_grouped(&s, &bufs(&s)).is_ok());
-            let full = bufs(&s);
-            let cases: [(&str, MoeBufs); 9] = [
-                ("x", MoeBufs { x: buf(full.x.len - 1), ..bufs(&s) }),
-                ("w1", MoeBufs { w1: buf(full.w1.len - 1), ..bufs(&s) }),
-                ("w3", MoeBufs { w3: buf(full.w3.len - 1), ..bufs(&s) }),
-                ("w2", MoeBufs { w2: buf(full.w2.len - 1), ..bufs(&s) }),
-                ("topk_weights", MoeBufs { topk_weights: buf(full.topk_weights.len - 1), ..bufs(&s) }),
-                ("expert_offsets", MoeBufs { expert_offsets: buf(full.expert_offsets.len - 1), ..bufs(&s) }),
-                ("sorted_slots", MoeBufs { sorted_slots: buf(full.sorted_slots.len - 1), ..bufs(&s) }),
-                ("act", MoeBufs { act: buf(full.act.len - 1), ..bufs(&s) }),
-                ("out", MoeBufs { out: buf(full.out.len - 1), ..bufs(&s) }),
-            ];
-            for (name, b) in cases {
-                match plan_moe_grouped(&s, &b) {
-                    Err(CudaError::BufferTooSmall { op, buffer, .. }) => {
-                        prop_assert_eq!(op, "moe_grouped_gemm");
-                        prop_assert_eq!(buffer, name);
+            for pair in PAIRS {
+                prop_assert!(plan_tiled(pair, &s, &bufs(&s)).is_ok());
+                let full = bufs(&s);
+                let cases: [(&str, MoeBufs); 9] = [
+                    ("x", MoeBufs { x: buf(full.x.len - 1), ..bufs(&s) }),
+                    ("w1", MoeBufs { w1: buf(full.w1.len - 1), ..bufs(&s) }),
+                    ("w3", MoeBufs { w3: buf(full.w3.len - 1), ..bufs(&s) }),
+                    ("w2", MoeBufs { w2: buf(full.w2.len - 1), ..bufs(&s) }),
+                    ("topk_weights", MoeBufs { topk_weights: buf(full.topk_weights.len - 1), ..bufs(&s) }),
+                    ("expert_offsets", MoeBufs { expert_offsets: buf(full.expert_offsets.len - 1), ..bufs(&s) }),
+                    ("sorted_slots", MoeBufs { sorted_slots: buf(full.sorted_slots.len - 1), ..bufs(&s) }),
+                    ("act", MoeBufs { act: buf(full.act.len - 1), ..bufs(&s) }),
+                    ("out", MoeBufs { out: buf(full.out.len - 1), ..bufs(&s) }),
+                ];
+                for (name, b) in cases {
+                    match plan_tiled(pair, &s, &b) {
+                        Err(CudaError::BufferTooSmall { op, buffer, .. }) => {
+                            prop_assert_eq!(op, pair.op);
+                            prop_assert_eq!(buffer, name);
+                        }
+                        other => prop_assert!(false, "{name}: expected BufferTooSmall, got {other:?}"),
                     }
-                    other => prop_assert!(false, "{name}: expected BufferTooSmall, got {other:?}"),
                 }
             }
         }
@@ -307,17 +326,26 @@ mod tests {
 
     #[test]
     fn refuses_bad_shapes_with_typed_errors() {
+        for k in PAIRS {
+            refuses_bad_shapes(k);
+        }
+    }
+
+    fn refuses_bad_shapes(k: &TiledExperts) {
         let s = mixtral(64);
         unsupported(
-            plan_moe_grouped(&MoeShape { hidden: 4100, ..s }, &bufs(&s)),
+            plan_tiled(k, &MoeShape { hidden: 4100, ..s }, &bufs(&s)),
+            k.op,
             "hidden",
         );
         unsupported(
-            plan_moe_grouped(&MoeShape { inter: 0, ..s }, &bufs(&s)),
+            plan_tiled(k, &MoeShape { inter: 0, ..s }, &bufs(&s)),
+            k.op,
             "inter",
         );
         unsupported(
-            plan_moe_grouped(&MoeShape { experts: 0, ..s }, &bufs(&s)),
+            plan_tiled(k, &MoeShape { experts: 0, ..s }, &bufs(&s)),
+            k.op,
             "experts",
         );
         let many = MoeShape {
@@ -326,20 +354,22 @@ mod tests {
             inter: 8,
             ..s
         };
-        unsupported(plan_moe_grouped(&many, &bufs(&many)), "experts");
+        unsupported(plan_tiled(k, &many, &bufs(&many)), k.op, "experts");
         unsupported(
-            plan_moe_grouped(&MoeShape { top_k: 0, ..s }, &bufs(&s)),
+            plan_tiled(k, &MoeShape { top_k: 0, ..s }, &bufs(&s)),
+            k.op,
             "top_k",
         );
         unsupported(
-            plan_moe_grouped(&MoeShape { top_k: 9, ..s }, &bufs(&s)),
+            plan_tiled(k, &MoeShape { top_k: 9, ..s }, &bufs(&s)),
+            k.op,
             "top_k",
         );
         let huge = MoeShape {
             tokens: 1 << 30,
             ..s
         };
-        unsupported(plan_moe_grouped(&huge, &bufs(&s)), "tokens * top_k");
+        unsupported(plan_tiled(k, &huge, &bufs(&s)), k.op, "tokens * top_k");
         for name in ["x", "w1", "w3", "w2", "act", "out"] {
             let mut b = bufs(&s);
             let field = match name {
@@ -351,9 +381,9 @@ mod tests {
                 _ => &mut b.out,
             };
             field.address += 8;
-            match plan_moe_grouped(&s, &b) {
+            match plan_tiled(k, &s, &b) {
                 Err(CudaError::Misaligned { op, buffer, .. }) => {
-                    assert_eq!(op, "moe_grouped_gemm");
+                    assert_eq!(op, k.op);
                     assert_eq!(buffer, name);
                 }
                 other => panic!("{name}: expected Misaligned, got {other:?}"),
@@ -363,17 +393,23 @@ mod tests {
 
     #[test]
     fn zero_tokens_launch_nothing_but_are_checked() {
+        for k in PAIRS {
+            zero_tokens(k);
+        }
+    }
+
+    fn zero_tokens(k: &TiledExperts) {
         let s = MoeShape {
             tokens: 0,
             ..mixtral(0)
         };
-        assert!(plan_moe_grouped(&s, &bufs(&s)).unwrap().is_none());
+        assert!(plan_tiled(k, &s, &bufs(&s)).unwrap().is_none());
         let short = MoeBufs {
             expert_offsets: buf(8),
             ..bufs(&s)
         };
         assert!(matches!(
-            plan_moe_grouped(&s, &short),
+            plan_tiled(k, &s, &short),
             Err(CudaError::BufferTooSmall {
                 buffer: "expert_offsets",
                 ..

@@ -40,7 +40,7 @@ pub const WGMMA_SELF_CHECK_BOUND: f64 = 1e-2;
 /// The Hopper kernels of `csrc/moe_wgmma.cu`: the tile list of `moe_grouped`; 64 output columns per
 /// up block (the 128-row B operand holds 64 rows of w1 and the same 64 rows of w3), 128 (rows of w2)
 /// per down block.
-const WGMMA: TiledExperts = TiledExperts {
+pub(super) const WGMMA: TiledExperts = TiledExperts {
     op: OP,
     up: (KernelFamily::MoeWgmmaUp, "moe_wgmma_up"),
     down: (KernelFamily::MoeWgmmaDown, "moe_wgmma_down"),
@@ -332,47 +332,8 @@ pub fn moe_wgmma_self_check(
 
 #[cfg(test)]
 mod tests {
-    use crate::cuda::params::ROUTER_MAX_EXPERTS;
-
-    use super::super::{Buf, KERNEL_VARIANTS};
+    use super::super::moe_grouped::tests::bufs;
     use super::*;
-
-    const BASE: u64 = 0x7f00_0000_0000;
-
-    fn buf(len: usize) -> Buf {
-        Buf { address: BASE, len }
-    }
-
-    /// Buffers of exactly the sizes `s` needs.
-    fn bufs(s: &MoeShape) -> MoeBufs {
-        let slots = s.tokens * s.top_k;
-        let weights = s.experts * s.inter * s.hidden;
-        MoeBufs {
-            x: buf(s.tokens * s.hidden),
-            w1: buf(weights),
-            w3: buf(weights),
-            w2: buf(weights),
-            topk_weights: buf(slots),
-            expert_offsets: buf(s.experts + 1),
-            sorted_slots: buf(slots),
-            act: buf(slots * s.inter),
-            out: buf(slots * s.hidden),
-        }
-    }
-
-    fn mixtral(tokens: usize) -> MoeShape {
-        MoeShape {
-            tokens,
-            hidden: 4096,
-            inter: 14336,
-            experts: 8,
-            top_k: 2,
-        }
-    }
-
-    fn symbol(variant: usize) -> &'static str {
-        KERNEL_VARIANTS[variant].symbol
-    }
 
     fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
         match result {
@@ -382,98 +343,6 @@ mod tests {
             }
             other => panic!("expected Unsupported({name}), got {other:?}"),
         }
-    }
-
-    #[test]
-    fn mixtral_prefill_grids_match_moe_grouped() {
-        // The same tile list and column blocks as moe_grouped (its test pins 23 / 135 tiles).
-        for (tokens, tiles) in [(512, 23), (4096, 135)] {
-            let s = mixtral(tokens);
-            let [up, down] = plan_moe_wgmma(&s, &bufs(&s)).unwrap().unwrap();
-            assert_eq!(symbol(up.variant), "moe_wgmma_up");
-            assert_eq!(symbol(down.variant), "moe_wgmma_down");
-            assert_eq!(KERNEL_VARIANTS[up.variant].module, "moe_wgmma");
-            assert_eq!(KERNEL_VARIANTS[down.variant].module, "moe_wgmma");
-            assert_eq!(up.grid, (tiles, 14336 / 64, 1));
-            assert_eq!(down.grid, (tiles, 4096 / 128, 1));
-            assert_eq!((up.block, down.block), (128, 128));
-            assert_eq!((up.shared_bytes, down.shared_bytes), (0, 0));
-            assert_eq!(up.params.tokens as usize, tokens);
-            assert_eq!(up.params, down.params);
-        }
-    }
-
-    #[test]
-    fn refuses_bad_shapes_with_typed_errors() {
-        let s = mixtral(64);
-        unsupported(
-            plan_moe_wgmma(&MoeShape { hidden: 4100, ..s }, &bufs(&s)),
-            "hidden",
-        );
-        unsupported(
-            plan_moe_wgmma(&MoeShape { inter: 0, ..s }, &bufs(&s)),
-            "inter",
-        );
-        unsupported(
-            plan_moe_wgmma(&MoeShape { experts: 0, ..s }, &bufs(&s)),
-            "experts",
-        );
-        let many = MoeShape {
-            experts: ROUTER_MAX_EXPERTS as usize + 1,
-            hidden: 8,
-            inter: 8,
-            ..s
-        };
-        unsupported(plan_moe_wgmma(&many, &bufs(&many)), "experts");
-        unsupported(
-            plan_moe_wgmma(&MoeShape { top_k: 0, ..s }, &bufs(&s)),
-            "top_k",
-        );
-        unsupported(
-            plan_moe_wgmma(&MoeShape { top_k: 9, ..s }, &bufs(&s)),
-            "top_k",
-        );
-        let huge = MoeShape {
-            tokens: 1 << 30,
-            ..s
-        };
-        unsupported(plan_moe_wgmma(&huge, &bufs(&s)), "tokens * top_k");
-        for name in ["x", "w1", "w3", "w2", "act", "out"] {
-            let mut b = bufs(&s);
-            let field = match name {
-                "x" => &mut b.x,
-                "w1" => &mut b.w1,
-                "w3" => &mut b.w3,
-                "w2" => &mut b.w2,
-                "act" => &mut b.act,
-                _ => &mut b.out,
-            };
-            field.address += 8;
-            match plan_moe_wgmma(&s, &b) {
-                Err(CudaError::Misaligned { op, buffer, .. }) => {
-                    assert_eq!(op, OP);
-                    assert_eq!(buffer, name);
-                }
-                other => panic!("{name}: expected Misaligned, got {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn zero_tokens_launch_nothing_but_are_checked() {
-        let s = mixtral(0);
-        assert!(plan_moe_wgmma(&s, &bufs(&s)).unwrap().is_none());
-        let short = MoeBufs {
-            expert_offsets: buf(8),
-            ..bufs(&s)
-        };
-        assert!(matches!(
-            plan_moe_wgmma(&s, &short),
-            Err(CudaError::BufferTooSmall {
-                buffer: "expert_offsets",
-                ..
-            })
-        ));
     }
 
     #[test]
