@@ -306,9 +306,14 @@ impl CudaEngine {
             &mut arena,
         )?;
         match source {
-            WeightSource::Checkpoint(w) => {
-                upload_weights(w, &gpu_weights, device.context(), &stream, progress)?
-            }
+            WeightSource::Checkpoint(w) => upload_weights(
+                w,
+                &formats,
+                &gpu_weights,
+                device.context(),
+                &stream,
+                progress,
+            )?,
             WeightSource::Random { seed, .. } => randomize_weights(
                 &gpu_weights,
                 &config,

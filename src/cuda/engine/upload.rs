@@ -555,16 +555,16 @@ fn singles<'w>(v: &'w [[&'w Weight; 1]]) -> Vec<&'w [&'w Weight]> {
 }
 
 /// Uploads `weights` into the regions of `gpu` (made by [`allocate_weights`] for the same config and
-/// [`weight_formats`]), reporting progress in bytes uploaded.
+/// `formats`, the [`weight_formats`] of `weights`), reporting progress in bytes uploaded.
 pub fn upload_weights(
     weights: &ModelWeights,
+    formats: &[LayerFormats],
     gpu: &GpuWeights,
     ctx: &Arc<CudaContext>,
     stream: &Arc<CudaStream>,
     progress: Option<&dyn Fn(LoadProgress)>,
 ) -> Result<(), CudaError> {
-    let formats = weight_formats(weights);
-    let total = device_weight_bytes(&weights.config, is_tied(weights), &formats, 0) as u64;
+    let total = device_weight_bytes(&weights.config, is_tied(weights), formats, 0) as u64;
     let mut staging = Staging::new(ctx, stream, total, progress)?;
     let st = &mut staging;
     for (l, (lw, g)) in weights.layers.iter().zip(&gpu.layers).enumerate() {
