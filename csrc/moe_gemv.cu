@@ -10,16 +10,18 @@
 //
 // Bandwidth is the whole game: each warp owns weight rows (moe_up: row r of w1 and of w3; moe_down:
 // MOE_DOWN_ROWS_PER_WARP rows of w2), each lane issues MOE_UNROLL 16-byte streaming loads per row before
-// using them (LDG.E.128, no L1 allocation), and every weight row is read once per TILE of an expert's
-// slots, while the small activation rows are shared by all warps through L1. An expert with no slots
-// costs one early-exiting block per row group. hidden and inter are multiples of 8 and the buffers
+// using them (LDG.E.128, no L1 allocation), and every weight row is read once per tile of an expert's
+// slots (slot_tiles.cuh: tiles sized by the expert's own slot count), while the small activation rows
+// are shared by all warps through L1. An expert with no slots costs one early-exiting block per row
+// group. hidden and inter are multiples of 8 and the buffers
 // 16-byte aligned (checked by the Rust launcher).
 //
 // Grids: moe_up (ceil(inter / MOE_WARPS), experts), moe_down
 // (ceil(hidden / (MOE_WARPS * MOE_DOWN_ROWS_PER_WARP)), experts); MOE_WARPS * 32 threads.
-// TILE (slots per weight pass) is the template constant: 1, 2, 4 or 8.
+// MAX_TILE (the widest tile, from the batch size) is the template constant: 1, 2, 4 or 8.
 // No fast math: expf in silu stays accurate (it is not on the critical path).
 #include "common.cuh"
+#include "slot_tiles.cuh"
 
 namespace {
 
@@ -70,7 +72,7 @@ __device__ __forceinline__ void expert_range(const MoeParams& p, int32_t& begin,
     end = max(begin, min(p.expert_offsets[blockIdx.y + 1], slots));
 }
 
-template <int TILE>
+template <int MAX_TILE>
 __device__ void moe_up_body(const MoeParams& p) {
     int32_t begin, end;
     expert_range(p, begin, end);
@@ -80,7 +82,8 @@ __device__ void moe_up_body(const MoeParams& p) {
     const uint32_t slots = p.tokens * p.top_k;
     const size_t row_offset = ((size_t)blockIdx.y * p.inter + row) * p.hidden;
     const mx_bf16* const w[2] = {p.w1 + row_offset, p.w3 + row_offset};
-    for (int32_t tile = begin; tile < end; tile += TILE) {
+    mx::for_slot_tiles<MAX_TILE>(begin, end, [&](auto width, int32_t tile) {
+        constexpr int TILE = decltype(width)::value;
         uint32_t slot[TILE];
         const mx_bf16* a[TILE];
 #pragma unroll
@@ -98,13 +101,13 @@ __device__ void moe_up_body(const MoeParams& p) {
                 p.act[(size_t)slot[j] * p.inter + row] = mx::to_bf16(silu * acc[1][j]);
             }
         }
-    }
+    });
 }
 
-template <int TILE>
+template <int MAX_TILE>
 __device__ void moe_down_body(const MoeParams& p) {
     constexpr int R = MOE_DOWN_ROWS_PER_WARP;
-    static_assert(R * TILE <= 32, "one lane per output");
+    static_assert(R * MAX_TILE <= 32, "one lane per output");
     int32_t begin, end;
     expert_range(p, begin, end);
     const uint32_t row0 = (blockIdx.x * MOE_WARPS + threadIdx.x / 32) * R;
@@ -116,7 +119,8 @@ __device__ void moe_down_body(const MoeParams& p) {
     for (int r = 0; r < R; ++r) {
         w[r] = p.w2 + ((size_t)blockIdx.y * p.hidden + min(row0 + r, p.hidden - 1)) * p.inter;
     }
-    for (int32_t tile = begin; tile < end; tile += TILE) {
+    mx::for_slot_tiles<MAX_TILE>(begin, end, [&](auto width, int32_t tile) {
+        constexpr int TILE = decltype(width)::value;
         uint32_t slot[TILE];
         const mx_bf16* a[TILE];
 #pragma unroll
@@ -135,7 +139,7 @@ __device__ void moe_down_body(const MoeParams& p) {
                 }
             }
         }
-    }
+    });
 }
 
 }  // namespace

@@ -16,8 +16,8 @@
 // qmoe_up_{fp8,int8,int4}_t{TILE}: each warp owns row `row` of w1[e] and of w3[e]; qmoe_down: each warp
 //   owns MOE_DOWN_ROWS_PER_WARP rows of w2[e]. Each lane takes every 32nd 16-byte chunk of codes and
 //   issues QUANT_UNROLL streaming loads per row (halved for TILE >= 4) before decoding them in
-//   registers; every weight row is read once per TILE of an expert's slots (TILE from the batch size,
-//   as moe_gemv). Grids and block size are moe_gemv's: (ceil(inter / MOE_WARPS), experts) and
+//   registers; every weight row is read once per tile of an expert's slots (slot_tiles.cuh: at most
+//   TILE from the batch size, as moe_gemv, narrower where the expert has fewer slots). Grids and block size are moe_gemv's: (ceil(inter / MOE_WARPS), experts) and
 //   (ceil(hidden / (MOE_WARPS * MOE_DOWN_ROWS_PER_WARP)), experts), MOE_WARPS * 32 threads. hidden
 //   and inter are multiples of 16 (8-bit) / 32 (4-bit), group_size of 32, codes / x / act / perm
 //   16-byte aligned (checked by the Rust launcher). Slots and offsets outside their ranges are skipped.
@@ -27,6 +27,7 @@
 // NOT VERIFIED: this file has never run on a GPU. It compiles for sm_80 / sm_90a and its SASS was
 // inspected (csrc/README.md).
 #include "quant.cuh"
+#include "slot_tiles.cuh"
 
 namespace {
 
@@ -37,7 +38,7 @@ __device__ __forceinline__ void expert_range(const QMoeParams& p, int32_t& begin
     end = max(begin, min(p.expert_offsets[blockIdx.y + 1], slots));
 }
 
-template <int KIND, int TILE>
+template <int KIND, int MAX_TILE>
 __device__ void qmoe_up_body(const QMoeParams& p) {
     int32_t begin, end;
     expert_range(p, begin, end);
@@ -51,7 +52,8 @@ __device__ void qmoe_up_body(const QMoeParams& p) {
     const float* const params[2] = {p.w1_params + matrix_row * p.w13_row_params,
                                     p.w3_params + matrix_row * p.w13_row_params};
     const uint32_t* perm = p.w13_perm != nullptr ? p.w13_perm + (size_t)blockIdx.y * p.hidden : nullptr;
-    for (int32_t tile = begin; tile < end; tile += TILE) {
+    mx::for_slot_tiles<MAX_TILE>(begin, end, [&](auto width, int32_t tile) {
+        constexpr int TILE = decltype(width)::value;
         uint32_t slot[TILE];
         const mx_bf16* a[TILE];
 #pragma unroll
@@ -69,13 +71,13 @@ __device__ void qmoe_up_body(const QMoeParams& p) {
                 p.act[(size_t)slot[j] * p.inter + row] = mx::to_bf16(silu * acc[1][j]);
             }
         }
-    }
+    });
 }
 
-template <int KIND, int TILE>
+template <int KIND, int MAX_TILE>
 __device__ void qmoe_down_body(const QMoeParams& p) {
     constexpr int R = MOE_DOWN_ROWS_PER_WARP;
-    static_assert(R * TILE <= 32, "one lane per output");
+    static_assert(R * MAX_TILE <= 32, "one lane per output");
     int32_t begin, end;
     expert_range(p, begin, end);
     const uint32_t row0 = (blockIdx.x * MOE_WARPS + threadIdx.x / 32) * R;
@@ -92,7 +94,8 @@ __device__ void qmoe_down_body(const QMoeParams& p) {
         params[r] = p.w2_params + matrix_row * p.w2_row_params;
     }
     const uint32_t* perm = p.w2_perm != nullptr ? p.w2_perm + (size_t)blockIdx.y * p.inter : nullptr;
-    for (int32_t tile = begin; tile < end; tile += TILE) {
+    mx::for_slot_tiles<MAX_TILE>(begin, end, [&](auto width, int32_t tile) {
+        constexpr int TILE = decltype(width)::value;
         uint32_t slot[TILE];
         const mx_bf16* a[TILE];
 #pragma unroll
@@ -111,7 +114,7 @@ __device__ void qmoe_down_body(const QMoeParams& p) {
                 }
             }
         }
-    }
+    });
 }
 
 }  // namespace
