@@ -8,8 +8,9 @@
 //! (`tests/fixtures/bf16-drift.json`: router near-ties in random weights flip experts under any bf16
 //! rounding). Also: graph replay gives bit-identical logits to eager launches, batched decode equals
 //! each sequence alone, chunked prefill equals one-pass prefill, device sampling draws what the host
-//! sampler draws from the same logits, and a load that cannot fit is a typed out-of-memory error that
-//! leaves nothing allocated.
+//! sampler draws from the same logits, a load that cannot fit is a typed out-of-memory error that
+//! leaves nothing allocated, a full KV cache is a typed error that leaves the other sequences as they
+//! were, and NaN logits are an error from the device argmax and sampler, never a token.
 #![cfg(feature = "cuda")]
 
 use std::path::{Path, PathBuf};
@@ -647,4 +648,162 @@ fn hopper_expert_kernels_pass_their_self_check_and_match_the_cpu() {
         assert!(err <= LOGITS_REL_L2, "step {i}: rel L2 {err:e}");
     }
     assert_eq!(gpu_ids, cpu_ids);
+}
+
+/// A step that needs more KV blocks than are free is refused with a typed error before anything
+/// changes; the sequence already running goes on exactly as it would alone, and freeing everything
+/// returns the pool to its starting size.
+#[test]
+fn a_full_kv_cache_is_a_typed_error_and_the_other_sequences_go_on() {
+    let _lock = lock();
+    let dir = root().join("models/tiny-mixtral");
+    let model = load(&dir);
+    let options = CudaEngineOptions {
+        kv_blocks: Some(4),
+        block_size: 16,
+        ..small_options()
+    };
+    let Some(mut gpu) = gpu_engine(&model, options, "kv_cache_full") else {
+        return;
+    };
+    let (prompt, _) = golden_ids(&dir);
+    let (alone, _) = greedy(&mut gpu, &prompt, 8);
+    let free_at_start = gpu.free_kv_blocks();
+    assert_eq!(free_at_start, 4);
+
+    let running = gpu.new_sequence().unwrap();
+    let first = gpu
+        .step_greedy(&[SeqStep {
+            seq: running,
+            tokens: &prompt,
+            start_pos: 0,
+            logits: LogitsFor::Last,
+        }])
+        .expect("prefill");
+    let free = gpu.free_kv_blocks();
+    assert!(free < free_at_start);
+    let greedy_seq = gpu.new_sequence().unwrap();
+    let too_many: Vec<u32> = (0..(free * 16 + 1) as u32).map(|i| 1 + i % 300).collect();
+    let refused = gpu.step(&[SeqStep {
+        seq: greedy_seq,
+        tokens: &too_many,
+        start_pos: 0,
+        logits: LogitsFor::Last,
+    }]);
+    assert!(
+        matches!(refused, Err(EngineError::KvCacheFull { needed, free: f }) if needed > f && f == free),
+        "{refused:?}"
+    );
+    assert_eq!(gpu.sequence_len(greedy_seq).unwrap(), 0);
+    assert_eq!(gpu.free_kv_blocks(), free, "the refused step took no block");
+
+    let mut ids = first;
+    for i in 0..7 {
+        let next = gpu
+            .step_greedy(&[SeqStep {
+                seq: running,
+                tokens: &ids[i..i + 1],
+                start_pos: prompt.len() + i,
+                logits: LogitsFor::Last,
+            }])
+            .expect("decode");
+        ids.extend(next);
+    }
+    assert_eq!(ids, alone, "the running sequence is unaffected");
+    gpu.free_sequence(running).unwrap();
+    gpu.free_sequence(greedy_seq).unwrap();
+    assert_eq!(gpu.free_kv_blocks(), free_at_start);
+}
+
+/// A copy of `dir` in a fresh temporary directory whose final norm weight starts with a NaN, so
+/// every logits row of the model is NaN.
+fn model_with_nan_logits(dir: &Path) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("mixtral-nan-{}", std::process::id()));
+    std::fs::create_dir_all(&out).expect("temp dir");
+    for entry in std::fs::read_dir(dir).expect("model dir") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, out.join(path.file_name().unwrap())).expect("copy");
+        }
+    }
+    let file = out.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).expect("read");
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).expect("header");
+    let entry = &header["model.norm.weight"];
+    assert_eq!(entry["dtype"], "BF16");
+    let begin = 8 + header_len + entry["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[begin..begin + 2].copy_from_slice(&0x7fc0u16.to_le_bytes());
+    std::fs::write(&file, bytes).expect("write");
+    out
+}
+
+/// NaN logits are reported as an error by the device argmax and the device sampler, never drawn as
+/// a token, and the engine stays usable.
+#[test]
+fn non_finite_logits_are_an_error_never_a_token() {
+    use mixtral::sampling::{Sampler, SamplingParams};
+    let _lock = lock();
+    let dir = model_with_nan_logits(&root().join("models/tiny-mixtral"));
+    let model = load(&dir);
+    let Some(mut gpu) = gpu_engine(&model, small_options(), "non_finite_logits") else {
+        std::fs::remove_dir_all(&dir).ok();
+        return;
+    };
+    let prompt = [1u32, 415, 5565, 302];
+    let seq = gpu.new_sequence().unwrap();
+    let logits = gpu
+        .step(&[SeqStep {
+            seq,
+            tokens: &prompt,
+            start_pos: 0,
+            logits: LogitsFor::Last,
+        }])
+        .expect("host logits");
+    assert!(
+        logits.row(0).iter().all(|x| x.is_nan()),
+        "the poisoned model gives NaN logits"
+    );
+    let greedy = gpu.step_greedy(&[SeqStep {
+        seq,
+        tokens: &[9],
+        start_pos: prompt.len(),
+        logits: LogitsFor::Last,
+    }]);
+    assert!(
+        matches!(greedy, Err(EngineError::NonFiniteLogits { row: 0 })),
+        "{greedy:?}"
+    );
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_k: 0,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        seed: 7,
+    };
+    let mut samplers = [Sampler::new(params).expect("params")];
+    let drawn = gpu.step_sample(
+        &[SeqStep {
+            seq,
+            tokens: &[9],
+            start_pos: prompt.len() + 1,
+            logits: LogitsFor::Last,
+        }],
+        &mut samplers,
+    );
+    assert!(
+        matches!(drawn, Err(EngineError::NonFiniteLogits { row: 0 })),
+        "{drawn:?}"
+    );
+    // Not dead: the sequence frees and a new one runs.
+    gpu.free_sequence(seq).unwrap();
+    let again = gpu.new_sequence().unwrap();
+    gpu.step(&[SeqStep {
+        seq: again,
+        tokens: &prompt,
+        start_pos: 0,
+        logits: LogitsFor::None,
+    }])
+    .expect("the engine still runs");
+    std::fs::remove_dir_all(&dir).ok();
 }
