@@ -4,8 +4,9 @@
 //   logits  [rows, vocab] f32
 //   out_ids [rows] u32
 //
-//   out_ids[r] = the lowest id i with logits[r, i] == max(logits[r, :]); NaN is never chosen (it
-//   compares false with everything) and a row of NaN gives id 0.
+//   out_ids[r] = the lowest id i with logits[r, i] == max(logits[r, :]), or SAMPLE_NON_FINITE when the
+//   row holds a NaN or an infinity (what `sample` and the host sampler refuse: no token is drawn from
+//   such a row).
 //
 // Grid: one block of ARGMAX_THREADS per row; each thread scans a strided part of the row, then a
 // warp-shuffle and a shared-memory reduction with the same (value, lower id) order. No math at all.
@@ -35,7 +36,12 @@ __device__ void argmax_body(const ArgmaxParams& p) {
     if (row >= p.rows) return;  // uniform over the block
     const float* logits = p.logits + (size_t)row * p.vocab;
     Best best{-INFINITY, UINT32_MAX};
-    for (uint32_t i = threadIdx.x; i < p.vocab; i += ARGMAX_THREADS) offer(best, logits[i], i);
+    int non_finite = 0;
+    for (uint32_t i = threadIdx.x; i < p.vocab; i += ARGMAX_THREADS) {
+        const float value = logits[i];
+        non_finite |= !isfinite(value);
+        offer(best, value, i);
+    }
 
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
@@ -45,10 +51,11 @@ __device__ void argmax_body(const ArgmaxParams& p) {
     }
     const uint32_t warp = threadIdx.x / 32;
     if (threadIdx.x % 32 == 0) partial[warp] = best;
-    __syncthreads();
+    // The barrier also ORs every thread's non-finite flag.
+    non_finite = __syncthreads_or(non_finite);
     if (threadIdx.x == 0) {
         for (uint32_t w = 1; w < ARGMAX_THREADS / 32; ++w) offer(best, partial[w].value, partial[w].id);
-        p.out_ids[row] = best.id == UINT32_MAX ? 0u : best.id;
+        p.out_ids[row] = non_finite != 0 ? SAMPLE_NON_FINITE : best.id;
     }
 }
 

@@ -198,48 +198,65 @@ fn teacher_forced(engine: &mut dyn Engine, prompt: &[u32], continuation: &[u32])
     logits
 }
 
-/// The worst relative L2 distance between transformers' bf16 and f32 logits on `dir`, as
-/// `scripts/measure-bf16-drift.py` measured it, or `None` for a model it did not measure.
-fn bf16_drift(dir: &Path) -> Option<f64> {
-    let text = std::fs::read_to_string(root().join("tests/fixtures/bf16-drift.json"))
-        .expect("tests/fixtures/bf16-drift.json");
-    let v: Value = serde_json::from_str(&text).expect("bf16-drift.json");
-    let name = dir.strip_prefix(root()).ok()?.to_str()?.to_string();
-    v["models"][name.as_str()]["max_rel_l2"].as_f64()
+/// How far transformers' bf16 logits drift from its f32 logits on one model, over the steps of a
+/// teacher-forced continuation (`scripts/measure-bf16-drift.py`, `tests/fixtures/bf16-drift.json`).
+#[derive(Clone, Copy, Debug)]
+struct Drift {
+    /// The lower median step's relative L2 distance.
+    median: f64,
+    /// The worst step's.
+    worst: f64,
 }
 
-/// The worst drift measured on any model: the bound for random-weight models not measured.
-fn worst_bf16_drift() -> f64 {
+fn drift_table() -> Value {
     let text = std::fs::read_to_string(root().join("tests/fixtures/bf16-drift.json"))
         .expect("tests/fixtures/bf16-drift.json");
-    let v: Value = serde_json::from_str(&text).expect("bf16-drift.json");
-    v["models"]
+    serde_json::from_str(&text).expect("bf16-drift.json")
+}
+
+/// The drift measured on `dir`, or `None` for a model the script did not measure.
+fn bf16_drift(dir: &Path) -> Option<Drift> {
+    let name = dir.strip_prefix(root()).ok()?.to_str()?.to_string();
+    let entry = &drift_table()["models"][name.as_str()];
+    Some(Drift {
+        median: entry["median_rel_l2"].as_f64()?,
+        worst: entry["max_rel_l2"].as_f64()?,
+    })
+}
+
+/// The bound for a model transformers cannot run (packed checkpoints, quantized on load): bf16
+/// rounding for the median step, and the largest expert-flip jump measured on any model for the
+/// worst.
+fn unmeasured_drift() -> Drift {
+    let worst = drift_table()["models"]
         .as_object()
         .expect("models")
         .values()
         .map(|m| m["max_rel_l2"].as_f64().expect("max_rel_l2"))
-        .fold(0.0, f64::max)
+        .fold(0.0, f64::max);
+    Drift { median: 0.0, worst }
 }
 
-/// Checks teacher-forced logits of a random-weight model: the median step within bf16 rounding
-/// (`LOGITS_REL_L2`), the worst within `DRIFT_FACTOR` times `drift` (expert flips at router
-/// near-ties), and none non-finite.
-fn assert_within_drift(what: &str, gpu: &[Vec<f32>], cpu: &[Vec<f32>], drift: f64) {
+/// Checks teacher-forced logits: the median step within `LOGITS_REL_L2` or `DRIFT_FACTOR` times the
+/// reference's median drift, whichever is larger, the worst step likewise against the reference's
+/// worst (router near-ties flip experts under any bf16 rounding), and none non-finite.
+fn assert_within_drift(what: &str, gpu: &[Vec<f32>], cpu: &[Vec<f32>], drift: Drift) {
     let mut errs: Vec<f64> = gpu.iter().zip(cpu).map(|(g, c)| rel_l2(g, c)).collect();
     for (i, err) in errs.iter().enumerate() {
         eprintln!("{what}: step {i}: logits rel L2 {err:.2e}");
     }
     let worst = errs.iter().cloned().fold(0.0, f64::max);
-    let bound = LOGITS_REL_L2.max(DRIFT_FACTOR * drift);
+    let bound = LOGITS_REL_L2.max(DRIFT_FACTOR * drift.worst);
     assert!(
         worst <= bound,
         "{what}: worst step rel L2 {worst:e} > {bound:e}"
     );
     errs.sort_by(|a, b| a.total_cmp(b));
     let median = errs[(errs.len() - 1) / 2];
+    let bound = LOGITS_REL_L2.max(DRIFT_FACTOR * drift.median);
     assert!(
-        median <= LOGITS_REL_L2,
-        "{what}: median step rel L2 {median:e}"
+        median <= bound,
+        "{what}: median step rel L2 {median:e} > {bound:e}"
     );
 }
 
@@ -572,22 +589,14 @@ fn quantized_models_run_packed_and_match_the_cpu() {
             .into_iter()
             .map(|t| t % model.config.vocab_size as u32)
             .collect();
-        let trained = dir.ends_with("models/mini-mixtral");
+        // Teacher-forced, bounded as the fixtures transformers cannot run. Quantized on load, the
+        // trained model's routing has near-ties too: with FP8 and this prompt, layer 3's router
+        // separates its second and third expert by 0.0002 at step 5 (transformers on the same
+        // quantized weights), where an H100 run's logits moved by 9.6e-2 while every other step
+        // stayed under 4e-3.
         let (cpu_ids, cpu_logits) = greedy(&mut cpu_engine(&model), &prompt, 8);
-        if trained {
-            let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, 8);
-            for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
-                let err = rel_l2(g, c);
-                eprintln!("{what}: step {i}: logits rel L2 {err:.2e}");
-                assert!(err <= LOGITS_REL_L2, "{what}: step {i}: rel L2 {err:e}");
-            }
-            assert_eq!(gpu_ids, cpu_ids, "{what}: GPU vs CPU greedy");
-        } else {
-            // Random weights: teacher-forced, bounded like the other random fixtures (transformers
-            // cannot run these packed checkpoints, so the worst drift measured on any is the bound).
-            let gpu_logits = teacher_forced(&mut gpu, &prompt, &cpu_ids);
-            assert_within_drift(&what, &gpu_logits, &cpu_logits, worst_bf16_drift());
-        }
+        let gpu_logits = teacher_forced(&mut gpu, &prompt, &cpu_ids);
+        assert_within_drift(&what, &gpu_logits, &cpu_logits, unmeasured_drift());
         // A prefill longer than the packed kernels' range (16 tokens for the projections, 128 for
         // the experts) expands the packed stacks to bf16 for the tensor-core kernels.
         let long: Vec<u32> = (0..160u32)
@@ -595,19 +604,12 @@ fn quantized_models_run_packed_and_match_the_cpu() {
             .collect();
         let (cpu_ids, cpu_logits) = greedy(&mut cpu_engine(&model), &long, 2);
         let gpu_logits = teacher_forced(&mut gpu, &long, &cpu_ids);
-        if trained {
-            for (g, c) in gpu_logits.iter().zip(&cpu_logits) {
-                let err = rel_l2(g, c);
-                assert!(err <= LOGITS_REL_L2, "{what}: long prompt: rel L2 {err:e}");
-            }
-        } else {
-            assert_within_drift(
-                &format!("{what} long"),
-                &gpu_logits,
-                &cpu_logits,
-                worst_bf16_drift(),
-            );
-        }
+        assert_within_drift(
+            &format!("{what} long"),
+            &gpu_logits,
+            &cpu_logits,
+            unmeasured_drift(),
+        );
     }
 }
 

@@ -175,7 +175,7 @@ pub const CONSTANTS: &[Constant] = &[
     // --- sample ---
     Constant { name: "SAMPLE_THREADS", value: 1024, doc: "Threads per block of `sample` (one block per row)." },
     Constant { name: "SAMPLE_RNG_WORDS", value: 4, doc: "u64 words of one row's random state in `sample` (xoshiro256++, the host `Rng`)." },
-    Constant { name: "SAMPLE_NON_FINITE", value: 4294967295, doc: "Id `sample` writes for a row with a NaN or infinite logit (its random state is left as it was)." },
+    Constant { name: "SAMPLE_NON_FINITE", value: 4294967295, doc: "Id `sample` and `argmax` write for a row with a NaN or infinite logit (`sample` leaves its random state as it was)." },
     Constant { name: "SAMPLE_BAD_PARAMS", value: 4294967294, doc: "Id `sample` writes for a row whose temperature is not finite and > 0 or whose top_p is not in (0, 1] (its random state is left as it was)." },
 
     // --- fill ---
@@ -326,11 +326,11 @@ pub const STRUCTS: &[ParamStruct] = &[
     },
     ParamStruct {
         name: "ArgmaxParams",
-        doc: "Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id, NaN never chosen \
-              (a row of NaN gives id 0).",
+        doc: "Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id; SAMPLE_NON_FINITE \
+              for a row holding a NaN or an infinity.",
         fields: &[
             field("logits", read(F32), "`[rows, vocab]` logits."),
-            field("out_ids", write(U32E), "`[rows]` chosen token ids."),
+            field("out_ids", write(U32E), "`[rows]` chosen token ids, or SAMPLE_NON_FINITE."),
             field("rows", U32, "Number of rows."),
             field("vocab", U32, "Row length."),
         ],

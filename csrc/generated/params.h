@@ -100,7 +100,7 @@ typedef struct mx_bf16 {
 #define SAMPLE_THREADS 1024u
 // u64 words of one row's random state in `sample` (xoshiro256++, the host `Rng`).
 #define SAMPLE_RNG_WORDS 4u
-// Id `sample` writes for a row with a NaN or infinite logit (its random state is left as it was).
+// Id `sample` and `argmax` write for a row with a NaN or infinite logit (`sample` leaves its random state as it was).
 #define SAMPLE_NON_FINITE 4294967295u
 // Id `sample` writes for a row whose temperature is not finite and > 0 or whose top_p is not in (0, 1] (its random state is left as it was).
 #define SAMPLE_BAD_PARAMS 4294967294u
@@ -405,11 +405,11 @@ MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, split_keys) == 112, "AttentionD
 MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, max_splits) == 116, "AttentionDecodeParams.max_splits: offset");
 MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, scale) == 120, "AttentionDecodeParams.scale: offset");
 
-// Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id, NaN never chosen (a row of NaN gives id 0).
+// Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id; SAMPLE_NON_FINITE for a row holding a NaN or an infinity.
 typedef struct ArgmaxParams {
     // `[rows, vocab]` logits.
     const float* logits;
-    // `[rows]` chosen token ids.
+    // `[rows]` chosen token ids, or SAMPLE_NON_FINITE.
     uint32_t* out_ids;
     // Number of rows.
     uint32_t rows;

@@ -78,7 +78,7 @@ pub const ATTENTION_PREFILL_PAD: u32 = 8;
 pub const SAMPLE_THREADS: u32 = 1024;
 /// u64 words of one row's random state in `sample` (xoshiro256++, the host `Rng`).
 pub const SAMPLE_RNG_WORDS: u32 = 4;
-/// Id `sample` writes for a row with a NaN or infinite logit (its random state is left as it was).
+/// Id `sample` and `argmax` write for a row with a NaN or infinite logit (`sample` leaves its random state as it was).
 pub const SAMPLE_NON_FINITE: u32 = 4294967295;
 /// Id `sample` writes for a row whose temperature is not finite and > 0 or whose top_p is not in (0, 1] (its random state is left as it was).
 pub const SAMPLE_BAD_PARAMS: u32 = 4294967294;
@@ -401,13 +401,13 @@ const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, split_keys) =
 const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, max_splits) == 116);
 const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, scale) == 120);
 
-/// Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id, NaN never chosen (a row of NaN gives id 0).
+/// Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id; SAMPLE_NON_FINITE for a row holding a NaN or an infinity.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ArgmaxParams {
     /// `[rows, vocab]` logits. Device pointer to f32, read.
     pub logits: u64,
-    /// `[rows]` chosen token ids. Device pointer to u32, written.
+    /// `[rows]` chosen token ids, or SAMPLE_NON_FINITE. Device pointer to u32, written.
     pub out_ids: u64,
     /// Number of rows.
     pub rows: u32,

@@ -1,6 +1,7 @@
 //! `sample` and `argmax` against the host sampler (`src/sampling`): the same seed draws the same
 //! ids and leaves the same random state; the draws over many rows follow the host's distribution
-//! (a chi-square bound, and never an id outside its support); top_k = 1 is argmax; a row with a
+//! (a chi-square bound, and never an id outside its support); top_k = 1 is argmax; argmax flags a
+//! row holding a NaN or an infinity; a row with a
 //! non-finite logit or an out-of-domain parameter gets its sentinel and keeps its state.
 
 use cudarc::driver::{CudaSlice, CudaStream};
@@ -373,6 +374,59 @@ fn top_k_one_is_argmax_and_agrees_with_the_argmax_kernel() {
             Ok(())
         })
         .unwrap();
+}
+
+/// A row holding a NaN or an infinity anywhere gets SAMPLE_ID_NON_FINITE from `argmax`, as the host
+/// sampler refuses it; the finite rows beside it get their argmax.
+#[test]
+fn argmax_flags_rows_with_a_nan_or_an_infinity() {
+    let Some(gpu) = common::gpu("argmax_flags_rows_with_a_nan_or_an_infinity") else {
+        return;
+    };
+    let vocab = 32000;
+    let bad_values = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+    let rows = 2 * bad_values.len();
+    let mut logits = random_values(91, rows * vocab, 6.0);
+    // Bad values in the even rows, at the first, a middle and the last position.
+    for (k, &bad) in bad_values.iter().enumerate() {
+        let at = [0, 12_345, vocab - 1, 777][k];
+        logits[2 * k * vocab + at] = bad;
+    }
+    let stream = gpu.stream();
+    let logits_d = Guarded::with(stream, &logits);
+    let mut out = Guarded::<u32>::poisoned(stream, rows);
+    {
+        let l = logits_d.view();
+        let mut o = out.view_mut();
+        argmax(
+            &gpu.kernels,
+            stream,
+            &ArgmaxShape { rows, vocab },
+            ArgmaxBuffers {
+                logits: &l,
+                out_ids: &mut o,
+            },
+        )
+        .expect("argmax");
+    }
+    let ids = out.read_written(stream, "argmax out_ids");
+    for r in 0..rows {
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        match Sampler::new(SamplingParams::greedy())
+            .expect("greedy")
+            .sample(row, &[])
+        {
+            Ok(host) => assert_eq!(ids[r], host, "finite row {r}"),
+            Err(_) => assert_eq!(
+                ids[r], SAMPLE_ID_NON_FINITE,
+                "row {r} holds a non-finite logit"
+            ),
+        }
+    }
+    assert_eq!(
+        ids.iter().filter(|&&id| id == SAMPLE_ID_NON_FINITE).count(),
+        4
+    );
 }
 
 #[test]

@@ -440,6 +440,8 @@ impl CudaEngine {
 
     /// Like [`Engine::step`], but reads back only the greedy token of every logits row (argmax on
     /// the device, ties to the lowest id) instead of the logits: the fast path of greedy decoding.
+    /// A row whose logits hold a NaN or an infinity is [`EngineError::NonFiniteLogits`] (the step
+    /// itself was applied), never a token.
     pub fn step_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, EngineError> {
         self.run_step(batch, Readback::Greedy, None)
             .map(|r| match r {
@@ -721,7 +723,14 @@ impl CudaEngine {
             Output::Greedy(ids) => {
                 let greedy = download(&stream, &self.plan.greedy, last + 1)?;
                 match samplers {
-                    None => ids.extend(device_rows.iter().map(|&r| greedy[r])),
+                    None => {
+                        for (k, &r) in device_rows.iter().enumerate() {
+                            if greedy[r] == SAMPLE_ID_NON_FINITE {
+                                return Ok(Some(k));
+                            }
+                            ids.push(greedy[r]);
+                        }
+                    }
                     Some(samplers) => {
                         let drawn = self.sample_rows(&stream, &device_rows, last + 1, samplers)?;
                         for (k, &r) in device_rows.iter().enumerate() {
