@@ -37,9 +37,9 @@
 //
 // Template constant: HEAD_DIM in {16, 32, 64, 128}. Needs sm_80+ (mma.sync bf16). No fast math.
 //
-// NOT VERIFIED: this kernel has never run on a GPU. It compiles for sm_80 and sm_90a and its SASS was
-// read (HMMA present, no local memory); its results have not been compared with the CPU reference on
-// a device. What was checked without one: the fragment layouts above against CuTe's
+// Ran on an H100 (2026-11-28, benches/RESULTS.md): tests/gpu_kernels/attention_prefill.rs passes
+// against the CPU reference. Not yet run on sm_80. It compiles for sm_80 and sm_90a and its SASS was
+// read (HMMA present, no local memory). What was checked before it ran: the fragment layouts above against CuTe's
 // SM80_16x8x16_F32BF16BF16F32_TN traits (CUTLASS headers), and the index, masking and softmax logic
 // by a lane-by-lane host emulation of this file against the reference (head_dim 16 to 128, GQA,
 // windows, 1 to 130 tokens, prefixes, an out-of-range block-table entry). The bank-conflict claims

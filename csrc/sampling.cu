@@ -77,9 +77,8 @@ MIXTRAL_ARGMAX_VARIANTS(MX_DEFINE)
 //   rng_state   [rows, SAMPLE_RNG_WORDS] u64: xoshiro256++ state, the host `Rng`'s four words
 //   out_ids     [rows] u32
 //
-// THIS KERNEL HAS NEVER RUN ON A GPU. It compiles and its SASS was read (no local memory); its
-// agreement with the host sampler is only argued below and in tests/gpu_kernels/sample.rs, which
-// could not be run when it was written.
+// Ran on an H100 (2026-11-28, benches/RESULTS.md): tests/gpu_kernels/sample.rs (the same ids and
+// random state as the host sampler, the host's distribution over many rows) passes.
 //
 // Per row, exactly the host definition (src/sampling/mod.rs, `Sampler::filtered` and `sample`):
 //   score_i = (double)logit_i / (double)T, weight w_i = exp(score_i - score_top) in f64 (the top
