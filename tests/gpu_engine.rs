@@ -131,9 +131,15 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     d.sqrt() / n.sqrt().max(f64::MIN_POSITIVE)
 }
 
-/// Greedy continuation of `prompt` for `n` tokens, prefilling in one step and decoding one token at
-/// a time; returns the ids and every step's logits.
-fn greedy(engine: &mut dyn Engine, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+/// Prefills `prompt` in one step, then decodes one token at a time for `n` steps in all: step i's
+/// token is `choose(i, logits of step i)`, fed back except after the last step. Returns the chosen
+/// ids and every step's logits.
+fn decode(
+    engine: &mut dyn Engine,
+    prompt: &[u32],
+    n: usize,
+    mut choose: impl FnMut(usize, &[f32]) -> u32,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     let seq = engine.new_sequence().expect("sequence");
     let mut out = Vec::new();
     let mut logits = Vec::new();
@@ -147,7 +153,7 @@ fn greedy(engine: &mut dyn Engine, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<V
         .expect("prefill");
     for i in 0..n {
         let row = step.row(0).to_vec();
-        let next = argmax(&row);
+        let next = choose(i, &row);
         logits.push(row);
         out.push(next);
         if i + 1 == n {
@@ -166,36 +172,15 @@ fn greedy(engine: &mut dyn Engine, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<V
     (out, logits)
 }
 
-/// Logits of every step of `prompt` followed by `continuation`, one token at a time after the
-/// prefill: step 0 is the prefill's last row, step i the row after `continuation[i - 1]`.
+/// Greedy continuation of `prompt` for `n` tokens; returns the ids and every step's logits.
+fn greedy(engine: &mut dyn Engine, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    decode(engine, prompt, n, |_, row| argmax(row))
+}
+
+/// Logits of every step of `prompt` followed by `continuation`: step 0 is the prefill's last row,
+/// step i the row after `continuation[i - 1]`.
 fn teacher_forced(engine: &mut dyn Engine, prompt: &[u32], continuation: &[u32]) -> Vec<Vec<f32>> {
-    let seq = engine.new_sequence().expect("sequence");
-    let step = engine
-        .step(&[SeqStep {
-            seq,
-            tokens: prompt,
-            start_pos: 0,
-            logits: LogitsFor::Last,
-        }])
-        .expect("prefill");
-    let mut logits = vec![step.row(0).to_vec()];
-    for (i, token) in continuation
-        .iter()
-        .enumerate()
-        .take(continuation.len().saturating_sub(1))
-    {
-        let step = engine
-            .step(&[SeqStep {
-                seq,
-                tokens: std::slice::from_ref(token),
-                start_pos: prompt.len() + i,
-                logits: LogitsFor::Last,
-            }])
-            .expect("decode");
-        logits.push(step.row(0).to_vec());
-    }
-    engine.free_sequence(seq).expect("free");
-    logits
+    decode(engine, prompt, continuation.len(), |i, _| continuation[i]).1
 }
 
 /// How far transformers' bf16 logits drift from its f32 logits on one model, over the steps of a

@@ -305,6 +305,29 @@ fn sample_follows_the_host_distribution_over_many_rows() {
         .unwrap();
 }
 
+/// `argmax` over `logits` (`[rows, vocab]`) into a poisoned output; every id must be written.
+fn run_argmax(gpu: &common::Gpu, logits: &[f32], vocab: usize) -> Vec<u32> {
+    let rows = logits.len() / vocab;
+    let stream = gpu.stream();
+    let logits_d = Guarded::with(stream, logits);
+    let mut out = Guarded::<u32>::poisoned(stream, rows);
+    {
+        let l = logits_d.view();
+        let mut o = out.view_mut();
+        argmax(
+            &gpu.kernels,
+            stream,
+            &ArgmaxShape { rows, vocab },
+            ArgmaxBuffers {
+                logits: &l,
+                out_ids: &mut o,
+            },
+        )
+        .expect("argmax");
+    }
+    out.read_written(stream, "argmax out_ids")
+}
+
 #[test]
 fn top_k_one_is_argmax_and_agrees_with_the_argmax_kernel() {
     let Some(gpu) = common::gpu("top_k_one_is_argmax_and_agrees_with_the_argmax_kernel") else {
@@ -339,24 +362,7 @@ fn top_k_one_is_argmax_and_agrees_with_the_argmax_kernel() {
                 })
                 .collect();
             let (ids, state) = draw(&gpu, &logits, vocab, &params, 1);
-            let stream = gpu.stream();
-            let logits_d = Guarded::with(stream, &logits);
-            let mut out = Guarded::<u32>::poisoned(stream, rows);
-            {
-                let l = logits_d.view();
-                let mut o = out.view_mut();
-                argmax(
-                    &gpu.kernels,
-                    stream,
-                    &ArgmaxShape { rows, vocab },
-                    ArgmaxBuffers {
-                        logits: &l,
-                        out_ids: &mut o,
-                    },
-                )
-                .expect("argmax");
-            }
-            let greedy_ids = out.read_written(stream, "argmax out_ids");
+            let greedy_ids = run_argmax(&gpu, &logits, vocab);
             for r in 0..rows {
                 let row = &logits[r * vocab..(r + 1) * vocab];
                 let host = Sampler::new(SamplingParams::greedy())
@@ -392,24 +398,7 @@ fn argmax_flags_rows_with_a_nan_or_an_infinity() {
         let at = [0, 12_345, vocab - 1, 777][k];
         logits[2 * k * vocab + at] = bad;
     }
-    let stream = gpu.stream();
-    let logits_d = Guarded::with(stream, &logits);
-    let mut out = Guarded::<u32>::poisoned(stream, rows);
-    {
-        let l = logits_d.view();
-        let mut o = out.view_mut();
-        argmax(
-            &gpu.kernels,
-            stream,
-            &ArgmaxShape { rows, vocab },
-            ArgmaxBuffers {
-                logits: &l,
-                out_ids: &mut o,
-            },
-        )
-        .expect("argmax");
-    }
-    let ids = out.read_written(stream, "argmax out_ids");
+    let ids = run_argmax(&gpu, &logits, vocab);
     for r in 0..rows {
         let row = &logits[r * vocab..(r + 1) * vocab];
         match Sampler::new(SamplingParams::greedy())
