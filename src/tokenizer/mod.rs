@@ -199,10 +199,12 @@ impl Tokenizer {
                 message: e.to_string(),
             })
         };
-        let mut plain = load(&bytes)?;
-        plain.set_encode_special_tokens(true);
         let markup = load(&bytes)?;
         drop(bytes);
+        // The same tokenizer, but reading special-token text as plain text: a copy, not a second
+        // parse of the file (the parse is most of a load).
+        let mut plain = markup.clone();
+        plain.set_encode_special_tokens(true);
         let kinds = token_kinds(&plain, tokenizer_json)?;
         let special_tokens: Vec<String> = kinds
             .iter()
