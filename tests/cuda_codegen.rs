@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use codegen::layout::{layout, FieldLayout};
-use codegen::spec::{Access, Elem, Field, ParamStruct, Ty, FAMILIES, STRUCTS};
+use codegen::spec::{field, Access, Elem, Field, ParamStruct, Ty, FAMILIES, STRUCTS};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -69,36 +69,12 @@ fn rust_layouts_match_the_generator() {
 fn layout_pads_like_a_c_compiler() {
     // u32, pointer, u32, f32, pointer, u32: padding before each pointer and at the end.
     const FIELDS: &[Field] = &[
-        Field {
-            name: "a",
-            ty: Ty::U32,
-            doc: "",
-        },
-        Field {
-            name: "p",
-            ty: Ty::Ptr(Access::Read, Elem::Bf16),
-            doc: "",
-        },
-        Field {
-            name: "b",
-            ty: Ty::U32,
-            doc: "",
-        },
-        Field {
-            name: "c",
-            ty: Ty::F32,
-            doc: "",
-        },
-        Field {
-            name: "q",
-            ty: Ty::Ptr(Access::Write, Elem::F32),
-            doc: "",
-        },
-        Field {
-            name: "d",
-            ty: Ty::U32,
-            doc: "",
-        },
+        field("a", Ty::U32, ""),
+        field("p", Ty::Ptr(Access::Read, Elem::Bf16), ""),
+        field("b", Ty::U32, ""),
+        field("c", Ty::F32, ""),
+        field("q", Ty::Ptr(Access::Write, Elem::F32), ""),
+        field("d", Ty::U32, ""),
     ];
     let l = layout(&ParamStruct {
         name: "Padded",

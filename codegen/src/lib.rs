@@ -2,13 +2,15 @@
 //!
 //! [`spec`] is the one description of every kernel's parameter struct, shared constants and
 //! template instantiations; [`emit`] writes from it the C header `csrc/generated/params.h`, the
-//! X-macro list `csrc/generated/instantiations.cuh`, and the Rust mirrors `src/cuda/params.rs` and
-//! `src/cuda/params_ffi.rs`; [`layout`] computes the C layout both sides assert.
+//! X-macro list `csrc/generated/instantiations.cuh`, the Rust mirrors `src/cuda/params.rs` and
+//! `src/cuda/params_ffi.rs`, and the typed launch arguments `src/cuda/args.rs` ([`args`]); [`layout`] computes the C layout both sides assert.
 //!
 //! The outputs are checked in. `tests/cuda_codegen.rs` in the main crate includes this file (so the
 //! modules refer to each other through `super::`, never `crate::`), writes the outputs to a
 //! temporary directory with [`write_all`] and fails when the checked-in files differ.
 
+#[path = "args.rs"]
+pub mod args;
 #[path = "emit.rs"]
 pub mod emit;
 #[path = "layout.rs"]

@@ -18,6 +18,8 @@ pub enum Elem {
     U32,
     /// Byte (`uint8_t`): packed quantized codes.
     U8,
+    /// 64-bit unsigned integer (`uint64_t`): random-number state.
+    U64,
     /// Untyped: the element type is chosen by the kernel variant.
     Void,
 }
@@ -42,6 +44,26 @@ pub enum Ty {
     F32,
 }
 
+/// How many elements a kernel touches through a pointer field, as expressions over the struct's
+/// scalar fields and the shared constants (`+ - * /` and parentheses; evaluated in 128-bit integers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// Not a pointer.
+    Scalar,
+    /// A contiguous buffer of at least this many elements.
+    Len(&'static str),
+    /// `rows` rows of `width` elements, `stride` (a scalar field, filled from the buffer) apart:
+    /// one column group of a wider row-major matrix.
+    Rows {
+        /// Rows touched.
+        rows: &'static str,
+        /// The scalar field holding the row stride.
+        stride: &'static str,
+        /// Elements touched per row.
+        width: &'static str,
+    },
+}
+
 /// One field of a parameter struct.
 #[derive(Debug, Clone, Copy)]
 pub struct Field {
@@ -51,6 +73,46 @@ pub struct Field {
     pub ty: Ty,
     /// What it holds, with its shape.
     pub doc: &'static str,
+    /// Elements a kernel touches through a pointer (the launchers check every buffer against it).
+    pub extent: Extent,
+    /// The kernels read or write it with 16-byte vector accesses: it must start 16-byte aligned.
+    pub aligned: bool,
+    /// The pointer may be null (the kernels then skip what it is for).
+    pub nullable: bool,
+}
+
+impl Field {
+    const fn len(self, len: &'static str) -> Field {
+        Field {
+            extent: Extent::Len(len),
+            ..self
+        }
+    }
+
+    const fn rows(self, rows: &'static str, stride: &'static str, width: &'static str) -> Field {
+        Field {
+            extent: Extent::Rows {
+                rows,
+                stride,
+                width,
+            },
+            ..self
+        }
+    }
+
+    const fn aligned(self) -> Field {
+        Field {
+            aligned: true,
+            ..self
+        }
+    }
+
+    const fn nullable(self) -> Field {
+        Field {
+            nullable: true,
+            ..self
+        }
+    }
 }
 
 /// A parameter struct passed by value to one or more kernels.
@@ -108,8 +170,16 @@ pub struct Family {
     pub axes: &'static [Axis],
 }
 
-const fn field(name: &'static str, ty: Ty, doc: &'static str) -> Field {
-    Field { name, ty, doc }
+/// A field with no extent or flags (scalars; pointers then add theirs).
+pub const fn field(name: &'static str, ty: Ty, doc: &'static str) -> Field {
+    Field {
+        name,
+        ty,
+        doc,
+        extent: Extent::Scalar,
+        aligned: false,
+        nullable: false,
+    }
 }
 
 const fn read(elem: Elem) -> Ty {
@@ -124,7 +194,7 @@ const fn v(value: u32, label: &'static str) -> AxisValue {
     AxisValue { value, label }
 }
 
-use Elem::{Bf16, Void, F32, I32, U32 as U32E, U8};
+use Elem::{Bf16, Void, F32, I32, U32 as U32E, U64, U8};
 use Ty::{F32 as F32T, U32};
 
 /// Compile-time constants shared by kernels and launchers.
@@ -198,9 +268,9 @@ pub const STRUCTS: &[ParamStruct] = &[
         name: "EmbeddingParams",
         doc: "Token embedding gather: `out[t, :] = table[ids[t], :]`; an id >= vocab gives a row of zeros.",
         fields: &[
-            field("out", write(Void), "`[tokens, hidden]`, bf16 or f32 as the variant says."),
-            field("table", read(Bf16), "`[vocab, hidden]` embedding table."),
-            field("ids", read(U32E), "`[tokens]` token ids."),
+            field("out", write(Void), "`[tokens, hidden]`, bf16 or f32 as the variant says.").len("tokens * hidden"),
+            field("table", read(Bf16), "`[vocab, hidden]` embedding table.").len("vocab * hidden"),
+            field("ids", read(U32E), "`[tokens]` token ids.").len("tokens"),
             field("tokens", U32, "Number of tokens."),
             field("hidden", U32, "Hidden size."),
             field("vocab", U32, "Rows of `table`."),
@@ -211,10 +281,10 @@ pub const STRUCTS: &[ParamStruct] = &[
         doc: "RMSNorm with an optional fused residual add: `residual[r] += sum_a addend[r, a]` (when the \
               variant adds), then `out[r] = residual[r] * rsqrt(mean(residual[r]^2) + eps) * weight`, in f32.",
         fields: &[
-            field("out", write(Bf16), "`[rows, hidden]` normalised output."),
-            field("residual", write(F32), "`[rows, hidden]` residual stream: read, updated in place when the variant adds."),
-            field("addend", read(Void), "`[rows, addend_count, hidden]`, bf16 or f32 as the variant says; unused without add."),
-            field("weight", read(Bf16), "`[hidden]` norm weight."),
+            field("out", write(Bf16), "`[rows, hidden]` normalised output.").len("rows * hidden"),
+            field("residual", write(F32), "`[rows, hidden]` residual stream: read, updated in place when the variant adds.").len("rows * hidden"),
+            field("addend", read(Void), "`[rows, addend_count, hidden]`, bf16 or f32 as the variant says; unused without add.").len("rows * addend_count * hidden").nullable(),
+            field("weight", read(Bf16), "`[hidden]` norm weight.").len("hidden"),
             field("rows", U32, "Number of rows (tokens)."),
             field("hidden", U32, "Row length."),
             field("addend_count", U32, "Addend rows summed into each residual row (1 for attention, top_k for MoE slots)."),
@@ -228,15 +298,15 @@ pub const STRUCTS: &[ParamStruct] = &[
               Token t goes to cache slot `(block_tables[token_seq[t], positions[t] / block_size], \
               positions[t] % block_size)`; a token whose slot is out of range is not written.",
         fields: &[
-            field("q", write(Bf16), "`[tokens, n_heads, head_dim]` queries (row stride `q_stride`), rotated in place."),
-            field("k", read(Bf16), "`[tokens, n_kv_heads, head_dim]` new keys (row stride `k_stride`)."),
-            field("v", read(Bf16), "`[tokens, n_kv_heads, head_dim]` new values (row stride `v_stride`)."),
-            field("k_cache", write(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` this layer's key cache."),
-            field("v_cache", write(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` this layer's value cache."),
-            field("block_tables", read(I32), "`[num_seqs, max_blocks_per_seq]` cache block of each sequence's logical block."),
-            field("token_seq", read(I32), "`[tokens]` block-table row of each token."),
-            field("positions", read(I32), "`[tokens]` absolute position of each token."),
-            field("inv_freq", read(F32), "`[head_dim / 2]` inverse frequencies `theta^(-2i/head_dim)`."),
+            field("q", write(Bf16), "`[tokens, n_heads, head_dim]` queries (row stride `q_stride`), rotated in place.").rows("tokens", "q_stride", "n_heads * head_dim"),
+            field("k", read(Bf16), "`[tokens, n_kv_heads, head_dim]` new keys (row stride `k_stride`).").rows("tokens", "k_stride", "n_kv_heads * head_dim"),
+            field("v", read(Bf16), "`[tokens, n_kv_heads, head_dim]` new values (row stride `v_stride`).").rows("tokens", "v_stride", "n_kv_heads * head_dim"),
+            field("k_cache", write(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` this layer's key cache.").len("num_blocks * block_size * n_kv_heads * head_dim"),
+            field("v_cache", write(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` this layer's value cache.").len("num_blocks * block_size * n_kv_heads * head_dim"),
+            field("block_tables", read(I32), "`[num_seqs, max_blocks_per_seq]` cache block of each sequence's logical block.").len("num_seqs * max_blocks_per_seq"),
+            field("token_seq", read(I32), "`[tokens]` block-table row of each token.").len("tokens"),
+            field("positions", read(I32), "`[tokens]` absolute position of each token.").len("tokens"),
+            field("inv_freq", read(F32), "`[head_dim / 2]` inverse frequencies `theta^(-2i/head_dim)`.").len("head_dim / 2"),
             field("tokens", U32, "Number of tokens."),
             field("n_heads", U32, "Query heads."),
             field("n_kv_heads", U32, "Key/value heads."),
@@ -256,14 +326,14 @@ pub const STRUCTS: &[ParamStruct] = &[
               index), weights renormalised to sum to 1; then the slots grouped by expert: counts, offsets \
               and `sorted_slots` (expert-major, ascending slot within an expert).",
         fields: &[
-            field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states."),
-            field("gate", read(Bf16), "`[experts, hidden]` gate weight."),
-            field("logits", write(F32), "`[tokens, experts]` router logits."),
-            field("topk_ids", write(I32), "`[tokens, top_k]` chosen experts, best first."),
-            field("topk_weights", write(F32), "`[tokens, top_k]` renormalised routing weights."),
-            field("expert_counts", write(I32), "`[experts]` slots routed to each expert."),
-            field("expert_offsets", write(I32), "`[experts + 1]` exclusive prefix sum of `expert_counts`."),
-            field("sorted_slots", write(I32), "`[tokens * top_k]` slots grouped by expert."),
+            field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states.").len("tokens * hidden").aligned(),
+            field("gate", read(Bf16), "`[experts, hidden]` gate weight.").len("experts * hidden").aligned(),
+            field("logits", write(F32), "`[tokens, experts]` router logits.").len("tokens * experts"),
+            field("topk_ids", write(I32), "`[tokens, top_k]` chosen experts, best first.").len("tokens * top_k"),
+            field("topk_weights", write(F32), "`[tokens, top_k]` renormalised routing weights.").len("tokens * top_k"),
+            field("expert_counts", write(I32), "`[experts]` slots routed to each expert.").len("experts"),
+            field("expert_offsets", write(I32), "`[experts + 1]` exclusive prefix sum of `expert_counts`.").len("experts + 1"),
+            field("sorted_slots", write(I32), "`[tokens * top_k]` slots grouped by expert.").len("tokens * top_k"),
             field("tokens", U32, "Number of tokens."),
             field("hidden", U32, "Hidden size."),
             field("experts", U32, "Number of experts."),
@@ -276,15 +346,15 @@ pub const STRUCTS: &[ParamStruct] = &[
               `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])`, `moe_down` writes `out[s] = weight[s] * (w2[e] act[s])` \
               for every slot s = t * top_k + j routed to expert e. Weights are row-major `[out, in]` bf16.",
         fields: &[
-            field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states."),
-            field("w1", read(Bf16), "`[experts, inter, hidden]` gate projections."),
-            field("w3", read(Bf16), "`[experts, inter, hidden]` up projections."),
-            field("w2", read(Bf16), "`[experts, hidden, inter]` down projections."),
-            field("topk_weights", read(F32), "`[tokens, top_k]` routing weights."),
-            field("expert_offsets", read(I32), "`[experts + 1]` start of each expert's slots in `sorted_slots`."),
-            field("sorted_slots", read(I32), "`[tokens * top_k]` slots grouped by expert."),
-            field("act", write(Bf16), "`[tokens * top_k, inter]` SwiGLU activations per slot."),
-            field("out", write(F32), "`[tokens * top_k, hidden]` weighted expert outputs per slot."),
+            field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states.").len("tokens * hidden").aligned(),
+            field("w1", read(Bf16), "`[experts, inter, hidden]` gate projections.").len("experts * inter * hidden").aligned(),
+            field("w3", read(Bf16), "`[experts, inter, hidden]` up projections.").len("experts * inter * hidden").aligned(),
+            field("w2", read(Bf16), "`[experts, hidden, inter]` down projections.").len("experts * hidden * inter").aligned(),
+            field("topk_weights", read(F32), "`[tokens, top_k]` routing weights.").len("tokens * top_k"),
+            field("expert_offsets", read(I32), "`[experts + 1]` start of each expert's slots in `sorted_slots`.").len("experts + 1"),
+            field("sorted_slots", read(I32), "`[tokens * top_k]` slots grouped by expert.").len("tokens * top_k"),
+            field("act", write(Bf16), "`[tokens * top_k, inter]` SwiGLU activations per slot.").len("tokens * top_k * inter").aligned(),
+            field("out", write(F32), "`[tokens * top_k, hidden]` weighted expert outputs per slot.").len("tokens * top_k * hidden"),
             field("tokens", U32, "Number of tokens."),
             field("hidden", U32, "Hidden size (a multiple of 8)."),
             field("inter", U32, "Expert intermediate size (a multiple of 8)."),
@@ -300,15 +370,15 @@ pub const STRUCTS: &[ParamStruct] = &[
               scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial \
               output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.",
         fields: &[
-            field("q", read(Bf16), "`[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`)."),
-            field("k_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` key cache."),
-            field("v_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` value cache."),
-            field("block_tables", read(I32), "`[num_seqs, max_blocks_per_seq]` block tables."),
-            field("token_seq", read(I32), "`[tokens]` block-table row of each query token."),
-            field("positions", read(I32), "`[tokens]` absolute position of each query token."),
-            field("out", write(Bf16), "`[tokens, n_heads, head_dim]` attention output."),
-            field("part_out", write(F32), "`[tokens, n_heads, max_splits, head_dim]` per-split normalised outputs."),
-            field("part_lse", write(F32), "`[tokens, n_heads, max_splits]` per-split log2-sum-exp of the scaled scores."),
+            field("q", read(Bf16), "`[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`).").rows("tokens", "q_stride", "n_heads * head_dim"),
+            field("k_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` key cache.").len("num_blocks * block_size * n_kv_heads * head_dim").aligned(),
+            field("v_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` value cache.").len("num_blocks * block_size * n_kv_heads * head_dim").aligned(),
+            field("block_tables", read(I32), "`[num_seqs, max_blocks_per_seq]` block tables.").len("num_seqs * max_blocks_per_seq"),
+            field("token_seq", read(I32), "`[tokens]` block-table row of each query token.").len("tokens"),
+            field("positions", read(I32), "`[tokens]` absolute position of each query token.").len("tokens"),
+            field("out", write(Bf16), "`[tokens, n_heads, head_dim]` attention output.").len("tokens * n_heads * head_dim"),
+            field("part_out", write(F32), "`[tokens, n_heads, max_splits, head_dim]` per-split normalised outputs.").len("tokens * n_heads * max_splits * head_dim"),
+            field("part_lse", write(F32), "`[tokens, n_heads, max_splits]` per-split log2-sum-exp of the scaled scores.").len("tokens * n_heads * max_splits"),
             field("tokens", U32, "Number of query tokens."),
             field("n_heads", U32, "Query heads."),
             field("n_kv_heads", U32, "Key/value heads."),
@@ -329,8 +399,8 @@ pub const STRUCTS: &[ParamStruct] = &[
         doc: "Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id; SAMPLE_NON_FINITE \
               for a row holding a NaN or an infinity.",
         fields: &[
-            field("logits", read(F32), "`[rows, vocab]` logits."),
-            field("out_ids", write(U32E), "`[rows]` chosen token ids, or SAMPLE_NON_FINITE."),
+            field("logits", read(F32), "`[rows, vocab]` logits.").len("rows * vocab"),
+            field("out_ids", write(U32E), "`[rows]` chosen token ids, or SAMPLE_NON_FINITE.").len("rows"),
             field("rows", U32, "Number of rows."),
             field("vocab", U32, "Row length."),
         ],
@@ -342,9 +412,9 @@ pub const STRUCTS: &[ParamStruct] = &[
               f32 as the variant says. `linear_gemv` streams the weight once per tile of tokens (decode), \
               `linear_mma` is the tensor-core GEMM (prefill).",
         fields: &[
-            field("x", read(Bf16), "`[tokens, in_features]` input rows (16-byte aligned)."),
-            field("w", read(Bf16), "`[out_features, in_features]` weight, row-major as stored in checkpoints (16-byte aligned)."),
-            field("out", write(Void), "`[tokens, out_features]`, bf16 or f32 as the variant says."),
+            field("x", read(Bf16), "`[tokens, in_features]` input rows (16-byte aligned).").len("tokens * in_features").aligned(),
+            field("w", read(Bf16), "`[out_features, in_features]` weight, row-major as stored in checkpoints (16-byte aligned).").len("out_features * in_features").aligned(),
+            field("out", write(Void), "`[tokens, out_features]`, bf16 or f32 as the variant says.").len("tokens * out_features"),
             field("tokens", U32, "Number of tokens (rows of x and out)."),
             field("in_features", U32, "Input features (a positive multiple of 8)."),
             field("out_features", U32, "Output features (rows of w)."),
@@ -362,11 +432,11 @@ pub const STRUCTS: &[ParamStruct] = &[
               query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale`, softmax in f32. \
               Keys whose block-table entry is outside [0, num_blocks) are skipped.",
         fields: &[
-            field("q", read(Bf16), "`[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`)."),
-            field("k_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` key cache."),
-            field("v_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` value cache."),
-            field("block_tables", read(I32), "`[num_seqs, max_blocks_per_seq]` block tables."),
-            field("out", write(Bf16), "`[tokens, n_heads, head_dim]` attention output."),
+            field("q", read(Bf16), "`[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`).").rows("tokens", "q_stride", "n_heads * head_dim"),
+            field("k_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` key cache.").len("num_blocks * block_size * n_kv_heads * head_dim").aligned(),
+            field("v_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` value cache.").len("num_blocks * block_size * n_kv_heads * head_dim").aligned(),
+            field("block_tables", read(I32), "`[num_seqs, max_blocks_per_seq]` block tables.").len("num_seqs * max_blocks_per_seq"),
+            field("out", write(Bf16), "`[tokens, n_heads, head_dim]` attention output.").len("tokens * n_heads * head_dim"),
             field("tokens", U32, "Number of query tokens."),
             field("start_pos", U32, "Absolute position of the first query token."),
             field("seq_row", U32, "Block-table row of the sequence."),
@@ -390,12 +460,12 @@ pub const STRUCTS: &[ParamStruct] = &[
               top-k (ties to the lower id; 0 = off), top-p (smallest most-probable set reaching `top_p`), then one \
               draw from the softmax of what is left using one value of the row's xoshiro256++ stream.",
         fields: &[
-            field("logits", read(F32), "`[rows, vocab]` logits."),
-            field("temperature", read(F32), "`[rows]` temperature, finite and > 0."),
-            field("top_k", read(U32E), "`[rows]` top-k, 0 = off."),
-            field("top_p", read(F32), "`[rows]` top-p in (0, 1], 1 = off."),
-            field("rng_state", write(Void), "`[rows, SAMPLE_RNG_WORDS]` u64 xoshiro256++ state per row, advanced by one step per drawn row."),
-            field("out_ids", write(U32E), "`[rows]` drawn token ids, or SAMPLE_NON_FINITE / SAMPLE_BAD_PARAMS."),
+            field("logits", read(F32), "`[rows, vocab]` logits.").len("rows * vocab"),
+            field("temperature", read(F32), "`[rows]` temperature, finite and > 0.").len("rows"),
+            field("top_k", read(U32E), "`[rows]` top-k, 0 = off.").len("rows"),
+            field("top_p", read(F32), "`[rows]` top-p in (0, 1], 1 = off.").len("rows"),
+            field("rng_state", write(U64), "`[rows, SAMPLE_RNG_WORDS]` u64 xoshiro256++ state per row, advanced by one step per drawn row.").len("rows * SAMPLE_RNG_WORDS"),
+            field("out_ids", write(U32E), "`[rows]` drawn token ids, or SAMPLE_NON_FINITE / SAMPLE_BAD_PARAMS.").len("rows"),
             field("rows", U32, "Number of rows."),
             field("vocab", U32, "Row length."),
         ],
@@ -407,7 +477,7 @@ pub const STRUCTS: &[ParamStruct] = &[
         doc: "Seeded pseudo-random fill for benchmarks on made-up weights: `out[i] = shift + scale * u(seed, base + i)` \
               with `u` uniform in [-1, 1) from a 32-bit integer hash (never constant, never NaN).",
         fields: &[
-            field("out", write(Bf16), "`[len]` values written."),
+            field("out", write(Bf16), "`[len]` values written.").len("len"),
             field("len", U32, "Elements to write (below 2^31)."),
             field("base", U32, "Hash index of element 0 (lets a large buffer be filled in pieces)."),
             field("seed", U32, "Seed."),
@@ -422,11 +492,11 @@ pub const STRUCTS: &[ParamStruct] = &[
               w[o, j]` over the stored columns j (perm absent: x[t, j]), w[o, j] the dequantized value, f32 \
               accumulation; out bf16 or f32 as the variant says.",
         fields: &[
-            field("x", read(Bf16), "`[tokens, in_features]` input rows (16-byte aligned)."),
-            field("codes", read(U8), "`[out_features, row_bytes]` codes (16-byte aligned)."),
-            field("params", read(F32), "`[out_features, row_params]`: the row scale (8-bit) or (scale, zero) per group (4-bit)."),
-            field("perm", read(U32E), "`[in_features]` input column of each stored column (16-byte aligned), or null."),
-            field("out", write(Void), "`[tokens, out_features]`, bf16 or f32 as the variant says."),
+            field("x", read(Bf16), "`[tokens, in_features]` input rows (16-byte aligned).").len("tokens * in_features").aligned(),
+            field("codes", read(U8), "`[out_features, row_bytes]` codes (16-byte aligned).").len("out_features * row_bytes").aligned(),
+            field("params", read(F32), "`[out_features, row_params]`: the row scale (8-bit) or (scale, zero) per group (4-bit).").len("out_features * row_params"),
+            field("perm", read(U32E), "`[in_features]` input column of each stored column (16-byte aligned), or null.").len("in_features").aligned().nullable(),
+            field("out", write(Void), "`[tokens, out_features]`, bf16 or f32 as the variant says.").len("tokens * out_features"),
             field("tokens", U32, "Number of tokens (at most LINEAR_GEMV_MAX_TOKENS)."),
             field("in_features", U32, "Input features (a multiple of 16 for 8-bit, 32 for 4-bit)."),
             field("out_features", U32, "Output features (rows of the matrix)."),
@@ -441,20 +511,20 @@ pub const STRUCTS: &[ParamStruct] = &[
               `e * rows * row_bytes` codes, `e * rows * row_params` params and `e * cols` perm entries. `qmoe_up` \
               writes `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])`, `qmoe_down` `out[s] = weight[s] * (w2[e] act[s])`.",
         fields: &[
-            field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states (16-byte aligned)."),
-            field("w1_codes", read(U8), "`[experts, inter, w13_row_bytes]` gate projection codes (16-byte aligned)."),
-            field("w1_params", read(F32), "`[experts, inter, w13_row_params]` gate projection parameters."),
-            field("w3_codes", read(U8), "`[experts, inter, w13_row_bytes]` up projection codes (16-byte aligned)."),
-            field("w3_params", read(F32), "`[experts, inter, w13_row_params]` up projection parameters."),
-            field("w13_perm", read(U32E), "`[experts, hidden]` permutation shared by w1 and w3 (16-byte aligned), or null."),
-            field("w2_codes", read(U8), "`[experts, hidden, w2_row_bytes]` down projection codes (16-byte aligned)."),
-            field("w2_params", read(F32), "`[experts, hidden, w2_row_params]` down projection parameters."),
-            field("w2_perm", read(U32E), "`[experts, inter]` permutation of w2 (16-byte aligned), or null."),
-            field("topk_weights", read(F32), "`[tokens, top_k]` routing weights."),
-            field("expert_offsets", read(I32), "`[experts + 1]` start of each expert's slots in `sorted_slots`."),
-            field("sorted_slots", read(I32), "`[tokens * top_k]` slots grouped by expert."),
-            field("act", write(Bf16), "`[tokens * top_k, inter]` SwiGLU activations per slot (16-byte aligned)."),
-            field("out", write(F32), "`[tokens * top_k, hidden]` weighted expert outputs per slot."),
+            field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states (16-byte aligned).").len("tokens * hidden").aligned(),
+            field("w1_codes", read(U8), "`[experts, inter, w13_row_bytes]` gate projection codes (16-byte aligned).").len("experts * inter * w13_row_bytes").aligned(),
+            field("w1_params", read(F32), "`[experts, inter, w13_row_params]` gate projection parameters.").len("experts * inter * w13_row_params"),
+            field("w3_codes", read(U8), "`[experts, inter, w13_row_bytes]` up projection codes (16-byte aligned).").len("experts * inter * w13_row_bytes").aligned(),
+            field("w3_params", read(F32), "`[experts, inter, w13_row_params]` up projection parameters.").len("experts * inter * w13_row_params"),
+            field("w13_perm", read(U32E), "`[experts, hidden]` permutation shared by w1 and w3 (16-byte aligned), or null.").len("experts * hidden").aligned().nullable(),
+            field("w2_codes", read(U8), "`[experts, hidden, w2_row_bytes]` down projection codes (16-byte aligned).").len("experts * hidden * w2_row_bytes").aligned(),
+            field("w2_params", read(F32), "`[experts, hidden, w2_row_params]` down projection parameters.").len("experts * hidden * w2_row_params"),
+            field("w2_perm", read(U32E), "`[experts, inter]` permutation of w2 (16-byte aligned), or null.").len("experts * inter").aligned().nullable(),
+            field("topk_weights", read(F32), "`[tokens, top_k]` routing weights.").len("tokens * top_k"),
+            field("expert_offsets", read(I32), "`[experts + 1]` start of each expert's slots in `sorted_slots`.").len("experts + 1"),
+            field("sorted_slots", read(I32), "`[tokens * top_k]` slots grouped by expert.").len("tokens * top_k"),
+            field("act", write(Bf16), "`[tokens * top_k, inter]` SwiGLU activations per slot (16-byte aligned).").len("tokens * top_k * inter").aligned(),
+            field("out", write(F32), "`[tokens * top_k, hidden]` weighted expert outputs per slot.").len("tokens * top_k * hidden"),
             field("tokens", U32, "Number of tokens."),
             field("hidden", U32, "Hidden size (a multiple of 16 for 8-bit, 32 for 4-bit)."),
             field("inter", U32, "Expert intermediate size (a multiple of 16 for 8-bit, 32 for 4-bit)."),
@@ -472,10 +542,10 @@ pub const STRUCTS: &[ParamStruct] = &[
         doc: "A stack of `count` packed matrices `[rows, cols]` expanded to bf16 in input-column order: \
               `out[m, r, perm[m, j]] = bf16(w[m, r, j])` for every stored column j (perm absent: `out[m, r, j]`).",
         fields: &[
-            field("codes", read(U8), "`[count, rows, row_bytes]` codes (16-byte aligned)."),
-            field("params", read(F32), "`[count, rows, row_params]` parameters."),
-            field("perm", read(U32E), "`[count, cols]` input column of each stored column, or null."),
-            field("out", write(Bf16), "`[count, rows, cols]` dequantized matrices (16-byte aligned)."),
+            field("codes", read(U8), "`[count, rows, row_bytes]` codes (16-byte aligned).").len("count * rows * row_bytes").aligned(),
+            field("params", read(F32), "`[count, rows, row_params]` parameters.").len("count * rows * row_params"),
+            field("perm", read(U32E), "`[count, cols]` input column of each stored column, or null.").len("count * cols").nullable(),
+            field("out", write(Bf16), "`[count, rows, cols]` dequantized matrices (16-byte aligned).").len("count * rows * cols").aligned(),
             field("count", U32, "Matrices in the stack."),
             field("rows", U32, "Rows of each matrix."),
             field("cols", U32, "Columns of each matrix (a multiple of 16 for 8-bit, 32 for 4-bit)."),

@@ -518,7 +518,7 @@ typedef struct SampleParams {
     // `[rows]` top-p in (0, 1], 1 = off.
     const float* top_p;
     // `[rows, SAMPLE_RNG_WORDS]` u64 xoshiro256++ state per row, advanced by one step per drawn row.
-    void* rng_state;
+    uint64_t* rng_state;
     // `[rows]` drawn token ids, or SAMPLE_NON_FINITE / SAMPLE_BAD_PARAMS.
     uint32_t* out_ids;
     // Number of rows.

@@ -11,9 +11,14 @@
 //! The kernels in `csrc/` compile for sm_80 and sm_90a (plus compute_90 PTX). None of them has run on a
 //! GPU yet: see `csrc/README.md`.
 
+#[rustfmt::skip]
+pub mod args;
+pub mod checks;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod launch;
+pub mod memory;
 pub mod module;
 pub mod ops;
 pub mod region;

@@ -18,11 +18,10 @@ use half::bf16;
 use super::error::CudaError;
 use super::module::Kernels;
 use super::params::{
-    ArgmaxParams, AttentionDecodeParams, EmbeddingParams, KernelFamily, KernelVariant, MoeParams,
-    RmsnormParams, RopeKvParams, RouterParams, ARGMAX_THREADS, ATTENTION_COMBINE_THREADS,
-    ATTENTION_MAX_SPLIT_KEYS, ATTENTION_THREADS, EMBEDDING_THREADS, KERNEL_VARIANTS,
-    MOE_DOWN_ROWS_PER_WARP, MOE_WARPS, RMSNORM_THREADS, ROPE_KV_THREADS, ROUTER_GROUP_THREADS,
-    ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K, ROUTER_THREADS,
+    AttentionDecodeParams, KernelFamily, KernelVariant, MoeParams, RopeKvParams, RouterParams,
+    ATTENTION_COMBINE_THREADS, ATTENTION_MAX_SPLIT_KEYS, ATTENTION_THREADS, KERNEL_VARIANTS,
+    MOE_DOWN_ROWS_PER_WARP, MOE_WARPS, ROPE_KV_THREADS, ROUTER_GROUP_THREADS, ROUTER_MAX_EXPERTS,
+    ROUTER_MAX_TOP_K, ROUTER_THREADS,
 };
 
 /// Largest count (and product of counts) the kernels index with 32-bit integers.
@@ -40,11 +39,6 @@ const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 struct Buf {
     address: u64,
     len: usize,
-}
-
-impl Buf {
-    /// Stands for an unused pointer parameter.
-    const NONE: Buf = Buf { address: 0, len: 0 };
 }
 
 fn read<'a, T>(buffer: &'a dyn DevicePtr<T>, stream: &'a CudaStream) -> (Buf, SyncOnDrop<'a>) {
@@ -220,17 +214,6 @@ impl Check {
             .ok_or_else(|| self.unsupported(what, usize::MAX, "overflows"))
     }
 
-    fn finite(&self, what: &'static str, value: f32) -> Result<(), CudaError> {
-        if !value.is_finite() || value < 0.0 {
-            return Err(CudaError::InvalidFloat {
-                op: self.op,
-                what,
-                value,
-            });
-        }
-        Ok(())
-    }
-
     /// The compiled instantiation of `family` for `consts`.
     fn variant(
         &self,
@@ -308,224 +291,6 @@ impl PagedCacheShape {
             .checked_mul(self.max_blocks_per_seq)
             .ok_or_else(|| c.unsupported("block table elements", usize::MAX, "overflows"))?;
         c.len("block_tables", tables, table)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// embedding
-
-/// Shapes of [`embedding`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EmbeddingShape {
-    /// Tokens to embed.
-    pub tokens: usize,
-    /// Hidden size.
-    pub hidden: usize,
-    /// Rows of the table.
-    pub vocab: usize,
-}
-
-/// Where [`embedding`] writes `[tokens, hidden]`.
-pub enum EmbeddingOut<'a> {
-    /// bf16 rows.
-    Bf16(&'a mut dyn DevicePtrMut<bf16>),
-    /// f32 rows (the residual stream).
-    F32(&'a mut dyn DevicePtrMut<f32>),
-}
-
-/// Buffers of [`embedding`].
-pub struct EmbeddingBuffers<'a> {
-    /// `[tokens]` token ids.
-    pub ids: &'a dyn DevicePtr<u32>,
-    /// `[vocab, hidden]` embedding table.
-    pub table: &'a dyn DevicePtr<bf16>,
-    /// `[tokens, hidden]` output.
-    pub out: EmbeddingOut<'a>,
-}
-
-fn plan_embedding(
-    s: &EmbeddingShape,
-    ids: Buf,
-    table: Buf,
-    out: Buf,
-    out_f32: bool,
-) -> Result<Option<Launch<EmbeddingParams>>, CudaError> {
-    let c = Check { op: "embedding" };
-    let tokens = c.count("tokens", s.tokens)?;
-    let hidden = c.count("hidden", s.hidden)?;
-    let vocab = c.count("vocab", s.vocab)?;
-    c.len("ids", ids, s.tokens)?;
-    c.len(
-        "table",
-        table,
-        c.product("vocab * hidden", &[s.vocab, s.hidden])?,
-    )?;
-    c.len(
-        "out",
-        out,
-        c.product("tokens * hidden", &[s.tokens, s.hidden])?,
-    )?;
-    let variant = c.variant(KernelFamily::Embedding, "out_f32", &[u32::from(out_f32)])?;
-    if s.tokens == 0 {
-        return Ok(None);
-    }
-    Ok(Some(Launch {
-        variant,
-        grid: (tokens, 1, 1),
-        block: EMBEDDING_THREADS,
-        shared_bytes: 0,
-        params: EmbeddingParams {
-            out: out.address,
-            table: table.address,
-            ids: ids.address,
-            tokens,
-            hidden,
-            vocab,
-        },
-    }))
-}
-
-/// `out[t, :] = table[ids[t], :]` (an id >= vocab gives zeros; validate ids on the host).
-pub fn embedding(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    shape: &EmbeddingShape,
-    b: EmbeddingBuffers<'_>,
-) -> Result<(), CudaError> {
-    let (ids, _ids) = read(b.ids, stream);
-    let (table, _table) = read(b.table, stream);
-    let (out_f32, (out, _out)) = match b.out {
-        EmbeddingOut::Bf16(out) => (false, write(out, stream)),
-        EmbeddingOut::F32(out) => (true, write(out, stream)),
-    };
-    match plan_embedding(shape, ids, table, out, out_f32)? {
-        Some(plan) => launch(kernels, stream, &plan),
-        None => Ok(()),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// rmsnorm
-
-/// Shapes of [`rmsnorm`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RmsnormShape {
-    /// Rows (tokens).
-    pub rows: usize,
-    /// Row length.
-    pub hidden: usize,
-    /// Epsilon inside the square root.
-    pub eps: f32,
-}
-
-/// What [`rmsnorm`] adds into the residual first: `addend[r, a, :]` for `a < count`.
-pub enum Addend<'a> {
-    /// Nothing: normalise the residual as it is.
-    None,
-    /// bf16 `[rows, count, hidden]` (e.g. the attention output projection).
-    Bf16 {
-        /// The addend rows.
-        data: &'a dyn DevicePtr<bf16>,
-        /// Addend rows per residual row.
-        count: usize,
-    },
-    /// f32 `[rows, count, hidden]` (e.g. the MoE slots, count = top_k).
-    F32 {
-        /// The addend rows.
-        data: &'a dyn DevicePtr<f32>,
-        /// Addend rows per residual row.
-        count: usize,
-    },
-}
-
-/// Buffers of [`rmsnorm`].
-pub struct RmsnormBuffers<'a> {
-    /// `[rows, hidden]` f32 residual stream, updated in place when there is an addend.
-    pub residual: &'a mut dyn DevicePtrMut<f32>,
-    /// Added into the residual before normalising.
-    pub addend: Addend<'a>,
-    /// `[hidden]` norm weight.
-    pub weight: &'a dyn DevicePtr<bf16>,
-    /// `[rows, hidden]` bf16 normalised output.
-    pub out: &'a mut dyn DevicePtrMut<bf16>,
-}
-
-/// `add`: 0 none, 1 bf16, 2 f32 (the kernel's ADD constant).
-fn plan_rmsnorm(
-    s: &RmsnormShape,
-    residual: Buf,
-    addend: Buf,
-    add: u32,
-    count: usize,
-    weight: Buf,
-    out: Buf,
-) -> Result<Option<Launch<RmsnormParams>>, CudaError> {
-    let c = Check { op: "rmsnorm" };
-    let rows = c.count("rows", s.rows)?;
-    let hidden = c.count("hidden", s.hidden)?;
-    c.at_least("hidden", s.hidden, 1)?;
-    c.finite("eps", s.eps)?;
-    let elements = c.product("rows * hidden", &[s.rows, s.hidden])?;
-    c.len("residual", residual, elements)?;
-    c.len("out", out, elements)?;
-    c.len("weight", weight, s.hidden)?;
-    let addend_count = if add == 0 {
-        0
-    } else {
-        c.at_least("addend count", count, 1)?;
-        c.len(
-            "addend",
-            addend,
-            c.product("rows * count * hidden", &[s.rows, count, s.hidden])?,
-        )?;
-        c.count("addend count", count)?
-    };
-    let variant = c.variant(KernelFamily::Rmsnorm, "add", &[add])?;
-    if s.rows == 0 {
-        return Ok(None);
-    }
-    Ok(Some(Launch {
-        variant,
-        grid: (rows, 1, 1),
-        block: RMSNORM_THREADS,
-        shared_bytes: 0,
-        params: RmsnormParams {
-            out: out.address,
-            residual: residual.address,
-            addend: addend.address,
-            weight: weight.address,
-            rows,
-            hidden,
-            addend_count,
-            eps: s.eps,
-        },
-    }))
-}
-
-/// `residual += sum of addends; out = rmsnorm(residual) * weight` (f32 math, bf16 output).
-pub fn rmsnorm(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    shape: &RmsnormShape,
-    b: RmsnormBuffers<'_>,
-) -> Result<(), CudaError> {
-    let (residual, _residual) = write(b.residual, stream);
-    let (weight, _weight) = read(b.weight, stream);
-    let (out, _out) = write(b.out, stream);
-    let (add, count, (addend, _addend)) = match b.addend {
-        Addend::None => (0, 0, (Buf::NONE, None)),
-        Addend::Bf16 { data, count } => {
-            let (buf, guard) = read(data, stream);
-            (1, count, (buf, Some(guard)))
-        }
-        Addend::F32 { data, count } => {
-            let (buf, guard) = read(data, stream);
-            (2, count, (buf, Some(guard)))
-        }
-    };
-    match plan_rmsnorm(shape, residual, addend, add, count, weight, out)? {
-        Some(plan) => launch(kernels, stream, &plan),
-        None => Ok(()),
     }
 }
 
@@ -1319,75 +1084,19 @@ pub fn attention_decode(
 }
 
 // ---------------------------------------------------------------------------------------------
-// argmax
-
-/// Shapes of [`argmax`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ArgmaxShape {
-    /// Rows.
-    pub rows: usize,
-    /// Row length.
-    pub vocab: usize,
-}
-
-/// Buffers of [`argmax`].
-pub struct ArgmaxBuffers<'a> {
-    /// `[rows, vocab]` logits.
-    pub logits: &'a dyn DevicePtr<f32>,
-    /// `[rows]` chosen ids.
-    pub out_ids: &'a mut dyn DevicePtrMut<u32>,
-}
-
-fn plan_argmax(
-    s: &ArgmaxShape,
-    logits: Buf,
-    out_ids: Buf,
-) -> Result<Option<Launch<ArgmaxParams>>, CudaError> {
-    let c = Check { op: "argmax" };
-    let rows = c.count("rows", s.rows)?;
-    let vocab = c.count("vocab", s.vocab)?;
-    c.at_least("vocab", s.vocab, 1)?;
-    c.len(
-        "logits",
-        logits,
-        c.product("rows * vocab", &[s.rows, s.vocab])?,
-    )?;
-    c.len("out_ids", out_ids, s.rows)?;
-    let variant = c.variant(KernelFamily::Argmax, "argmax", &[])?;
-    if s.rows == 0 {
-        return Ok(None);
-    }
-    Ok(Some(Launch {
-        variant,
-        grid: (rows, 1, 1),
-        block: ARGMAX_THREADS,
-        shared_bytes: 0,
-        params: ArgmaxParams {
-            logits: logits.address,
-            out_ids: out_ids.address,
-            rows,
-            vocab,
-        },
-    }))
-}
-
-/// Greedy sampling: the lowest id of each row's maximum.
-pub fn argmax(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    shape: &ArgmaxShape,
-    b: ArgmaxBuffers<'_>,
-) -> Result<(), CudaError> {
-    let (logits, _logits) = read(b.logits, stream);
-    let (out_ids, _out_ids) = write(b.out_ids, stream);
-    match plan_argmax(shape, logits, out_ids)? {
-        Some(plan) => launch(kernels, stream, &plan),
-        None => Ok(()),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Ops in their own files (each child module uses the checked plumbing above).
+
+mod argmax;
+pub use argmax::*;
+
+mod embedding;
+pub use embedding::*;
+
+mod rmsnorm;
+pub use rmsnorm::*;
+
+#[cfg(test)]
+pub(crate) mod fake;
 
 mod linear;
 pub use linear::*;

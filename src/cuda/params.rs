@@ -524,7 +524,7 @@ pub struct SampleParams {
     pub top_k: u64,
     /// `[rows]` top-p in (0, 1], 1 = off. Device pointer to f32, read.
     pub top_p: u64,
-    /// `[rows, SAMPLE_RNG_WORDS]` u64 xoshiro256++ state per row, advanced by one step per drawn row. Device pointer to variant-typed, written.
+    /// `[rows, SAMPLE_RNG_WORDS]` u64 xoshiro256++ state per row, advanced by one step per drawn row. Device pointer to u64, written.
     pub rng_state: u64,
     /// `[rows]` drawn token ids, or SAMPLE_NON_FINITE / SAMPLE_BAD_PARAMS. Device pointer to u32, written.
     pub out_ids: u64,

@@ -172,3 +172,17 @@ impl DeviceArena {
         Ok(region)
     }
 }
+
+impl<T> Region<T> {
+    /// The region as a read view (the engine's regions live as long as the engine).
+    pub fn view(&self) -> super::memory::View<'_, T> {
+        // SAFETY: the region's memory is owned by the engine's arena, alive while the engine is.
+        unsafe { super::memory::View::from_raw(self.address, self.len) }
+    }
+
+    /// The region as a written view.
+    pub fn view_mut(&mut self) -> super::memory::ViewMut<'_, T> {
+        // SAFETY: as `view`; the engine issues every op on one stream, which orders the accesses.
+        unsafe { super::memory::ViewMut::from_raw(self.address, self.len) }
+    }
+}

@@ -116,6 +116,20 @@ impl<T: Poison> Guarded<T> {
         self.buf.slice_mut(GUARD..GUARD + self.len)
     }
 
+    /// The interior as a crate view, read-only.
+    pub fn dev(&self) -> mixtral::cuda::memory::View<'_, T> {
+        mixtral::cuda::memory::View::of(&self.buf)
+            .sub(GUARD, self.len)
+            .expect("inside the guarded buffer")
+    }
+
+    /// The interior as a crate view, written.
+    pub fn dev_mut(&mut self) -> mixtral::cuda::memory::ViewMut<'_, T> {
+        mixtral::cuda::memory::ViewMut::of(&mut self.buf)
+            .sub(GUARD, self.len)
+            .expect("inside the guarded buffer")
+    }
+
     /// Reads the interior back after checking both guards are intact.
     pub fn read(&self, stream: &std::sync::Arc<CudaStream>, name: &str) -> Vec<T> {
         let host = stream.clone_dtoh(&self.buf).expect("download");

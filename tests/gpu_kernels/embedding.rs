@@ -3,7 +3,9 @@
 
 use half::bf16;
 use mixtral::cpu::embedding::embed;
-use mixtral::cuda::ops::{embedding, EmbeddingBuffers, EmbeddingOut, EmbeddingShape};
+use mixtral::cuda::args::{EmbeddingArgs, EmbeddingScalars};
+use mixtral::cuda::memory::AnyViewMut;
+use mixtral::cuda::ops::embedding;
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -43,34 +45,28 @@ fn embedding_copies_the_table_rows() {
                 }
                 let ids_d = Guarded::with(stream, &ids);
                 let table_d = Guarded::with(stream, &table);
-                let shape = EmbeddingShape {
-                    tokens,
-                    hidden,
-                    vocab,
+                let shape = EmbeddingScalars {
+                    tokens: tokens as u32,
+                    hidden: hidden as u32,
+                    vocab: vocab as u32,
                 };
                 let out = if out_f32 {
                     let mut out = Guarded::<f32>::poisoned(stream, tokens * hidden);
-                    {
-                        let (i, t, mut o) = (ids_d.view(), table_d.view(), out.view_mut());
-                        let b = EmbeddingBuffers {
-                            ids: &i,
-                            table: &t,
-                            out: EmbeddingOut::F32(&mut o),
-                        };
-                        embedding(&gpu.kernels, stream, &shape, b).expect("embedding");
-                    }
+                    let args = EmbeddingArgs {
+                        ids: ids_d.dev(),
+                        table: table_d.dev(),
+                        out: AnyViewMut::F32(out.dev_mut()),
+                    };
+                    embedding(&gpu.kernels, stream, &shape, args).expect("embedding");
                     out.read_written(stream, "out f32")
                 } else {
                     let mut out = Guarded::<bf16>::poisoned(stream, tokens * hidden);
-                    {
-                        let (i, t, mut o) = (ids_d.view(), table_d.view(), out.view_mut());
-                        let b = EmbeddingBuffers {
-                            ids: &i,
-                            table: &t,
-                            out: EmbeddingOut::Bf16(&mut o),
-                        };
-                        embedding(&gpu.kernels, stream, &shape, b).expect("embedding");
-                    }
+                    let args = EmbeddingArgs {
+                        ids: ids_d.dev(),
+                        table: table_d.dev(),
+                        out: AnyViewMut::Bf16(out.dev_mut()),
+                    };
+                    embedding(&gpu.kernels, stream, &shape, args).expect("embedding");
                     to_f32(&out.read_written(stream, "out bf16"))
                 };
                 for (n, (o, r)) in out.iter().zip(&reference).enumerate() {

@@ -4,7 +4,9 @@
 
 use half::bf16;
 use mixtral::cpu::norm::{add_rms_norm, rms_norm};
-use mixtral::cuda::ops::{rmsnorm, Addend, RmsnormBuffers, RmsnormShape};
+use mixtral::cuda::args::{RmsnormArgs, RmsnormScalars};
+use mixtral::cuda::memory::AnyView;
+use mixtral::cuda::ops::rmsnorm;
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -71,28 +73,28 @@ fn rmsnorm_matches_the_cpu_reference_for_every_addend() {
             let add_bf16 = Guarded::with(stream, &to_bf16(&addend));
             let add_f32 = Guarded::with(stream, &addend);
             let mut out = Guarded::<bf16>::poisoned(stream, rows * hidden);
-            {
-                let (wv, ab, af) = (weight_d.view(), add_bf16.view(), add_f32.view());
-                let mut rv = residual_d.view_mut();
-                let mut ov = out.view_mut();
-                let addend = match kind {
-                    Kind::None => Addend::None,
-                    Kind::Bf16 => Addend::Bf16 { data: &ab, count },
-                    Kind::F32 => Addend::F32 { data: &af, count },
-                };
-                rmsnorm(
-                    &gpu.kernels,
-                    stream,
-                    &RmsnormShape { rows, hidden, eps },
-                    RmsnormBuffers {
-                        residual: &mut rv,
-                        addend,
-                        weight: &wv,
-                        out: &mut ov,
-                    },
-                )
-                .expect("rmsnorm");
-            }
+            let addend = match kind {
+                Kind::None => None,
+                Kind::Bf16 => Some(AnyView::Bf16(add_bf16.dev())),
+                Kind::F32 => Some(AnyView::F32(add_f32.dev())),
+            };
+            rmsnorm(
+                &gpu.kernels,
+                stream,
+                &RmsnormScalars {
+                    rows: rows as u32,
+                    hidden: hidden as u32,
+                    addend_count: count as u32,
+                    eps,
+                },
+                RmsnormArgs {
+                    residual: residual_d.dev_mut(),
+                    addend,
+                    weight: weight_d.dev(),
+                    out: out.dev_mut(),
+                },
+            )
+            .expect("rmsnorm");
             let out = to_f32(&out.read_written(stream, "out"));
             let new_residual = residual_d.read(stream, "residual");
             assert_close("rmsnorm out", &out, &reference, 1e-2);

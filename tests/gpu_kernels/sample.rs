@@ -5,9 +5,10 @@
 //! non-finite logit or an out-of-domain parameter gets its sentinel and keeps its state.
 
 use cudarc::driver::{CudaSlice, CudaStream};
+use mixtral::cuda::args::{ArgmaxArgs, ArgmaxScalars};
 use mixtral::cuda::ops::{
-    argmax, rng_state_for_seed, sample, ArgmaxBuffers, ArgmaxShape, SampleBuffers, SampleShape,
-    RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS, SAMPLE_ID_NON_FINITE,
+    argmax, rng_state_for_seed, sample, SampleBuffers, SampleShape, RNG_STATE_WORDS,
+    SAMPLE_ID_BAD_PARAMS, SAMPLE_ID_NON_FINITE,
 };
 use mixtral::sampling::{Rng, Sampler, SamplingParams};
 use proptest::prelude::*;
@@ -311,20 +312,19 @@ fn run_argmax(gpu: &common::Gpu, logits: &[f32], vocab: usize) -> Vec<u32> {
     let stream = gpu.stream();
     let logits_d = Guarded::with(stream, logits);
     let mut out = Guarded::<u32>::poisoned(stream, rows);
-    {
-        let l = logits_d.view();
-        let mut o = out.view_mut();
-        argmax(
-            &gpu.kernels,
-            stream,
-            &ArgmaxShape { rows, vocab },
-            ArgmaxBuffers {
-                logits: &l,
-                out_ids: &mut o,
-            },
-        )
-        .expect("argmax");
-    }
+    argmax(
+        &gpu.kernels,
+        stream,
+        &ArgmaxScalars {
+            rows: rows as u32,
+            vocab: vocab as u32,
+        },
+        ArgmaxArgs {
+            logits: logits_d.dev(),
+            out_ids: out.dev_mut(),
+        },
+    )
+    .expect("argmax");
     out.read_written(stream, "argmax out_ids")
 }
 

@@ -17,14 +17,15 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 use half::bf16;
 
+use super::super::args::{
+    ArgmaxArgs, ArgmaxScalars, EmbeddingArgs, EmbeddingScalars, RmsnormArgs, RmsnormScalars,
+};
 use super::super::error::CudaError;
 use super::super::module::Kernels;
 use super::super::ops::{
-    self, attention_splits, Addend, ArgmaxBuffers, ArgmaxShape, AttentionDecodeBuffers,
-    AttentionDecodeShape, AttentionPrefillBuffers, AttentionPrefillShape, EmbeddingBuffers,
-    EmbeddingOut, EmbeddingShape, LinearBuffers, LinearOut, LinearShape, MoeShape, PagedCacheShape,
-    RmsnormBuffers, RmsnormShape, RopeKvBuffers, RopeKvShape, RouterBuffers, RouterShape,
-    RNG_STATE_WORDS,
+    self, attention_splits, AttentionDecodeBuffers, AttentionDecodeShape, AttentionPrefillBuffers,
+    AttentionPrefillShape, LinearBuffers, LinearOut, LinearShape, MoeShape, PagedCacheShape,
+    RopeKvBuffers, RopeKvShape, RouterBuffers, RouterShape, RNG_STATE_WORDS,
 };
 use super::super::region::{DeviceArena, Region};
 use super::inputs::PrefillPiece;
@@ -351,40 +352,34 @@ impl Plan {
         ops::embedding(
             kernels,
             stream,
-            &EmbeddingShape {
-                tokens,
-                hidden: d.hidden,
-                vocab: d.vocab,
+            &EmbeddingScalars {
+                tokens: tokens as u32,
+                hidden: d.hidden as u32,
+                vocab: d.vocab as u32,
             },
-            EmbeddingBuffers {
-                ids: &self.inputs.ids,
-                table: &weights.embed,
-                out: EmbeddingOut::F32(&mut self.residual),
+            EmbeddingArgs {
+                ids: self.inputs.ids.view(),
+                table: weights.embed.view(),
+                out: self.residual.view_mut().into(),
             },
         )?;
-        let norm = RmsnormShape {
-            rows: tokens,
-            hidden: d.hidden,
+        let norm = |addend_count: usize| RmsnormScalars {
+            rows: tokens as u32,
+            hidden: d.hidden as u32,
+            addend_count: addend_count as u32,
             eps: d.eps,
         };
         for (l, w) in weights.layers.iter().enumerate() {
-            let addend = if l == 0 {
-                Addend::None
-            } else {
-                Addend::F32 {
-                    data: &self.moe_out,
-                    count: d.top_k,
-                }
-            };
+            let addend_count = if l == 0 { 0 } else { d.top_k };
             ops::rmsnorm(
                 kernels,
                 stream,
-                &norm,
-                RmsnormBuffers {
-                    residual: &mut self.residual,
-                    addend,
-                    weight: &w.attn_norm,
-                    out: &mut self.xn,
+                &norm(addend_count),
+                RmsnormArgs {
+                    residual: self.residual.view_mut(),
+                    addend: (l > 0).then(|| self.moe_out.view().into()),
+                    weight: w.attn_norm.view(),
+                    out: self.xn.view_mut(),
                 },
             )?;
             matrix::project(
@@ -417,15 +412,12 @@ impl Plan {
             ops::rmsnorm(
                 kernels,
                 stream,
-                &norm,
-                RmsnormBuffers {
-                    residual: &mut self.residual,
-                    addend: Addend::F32 {
-                        data: &self.o_out,
-                        count: 1,
-                    },
-                    weight: &w.ffn_norm,
-                    out: &mut self.xn,
+                &norm(1),
+                RmsnormArgs {
+                    residual: self.residual.view_mut(),
+                    addend: Some(self.o_out.view().into()),
+                    weight: w.ffn_norm.view(),
+                    out: self.xn.view_mut(),
                 },
             )?;
             ops::router(
@@ -474,15 +466,12 @@ impl Plan {
         ops::rmsnorm(
             kernels,
             stream,
-            &norm,
-            RmsnormBuffers {
-                residual: &mut self.residual,
-                addend: Addend::F32 {
-                    data: &self.moe_out,
-                    count: d.top_k,
-                },
-                weight: &weights.final_norm,
-                out: &mut self.xn,
+            &norm(d.top_k),
+            RmsnormArgs {
+                residual: self.residual.view_mut(),
+                addend: Some(self.moe_out.view().into()),
+                weight: weights.final_norm.view(),
+                out: self.xn.view_mut(),
             },
         )?;
         let head_input = if rows == tokens {
@@ -492,15 +481,15 @@ impl Plan {
             ops::embedding(
                 kernels,
                 stream,
-                &EmbeddingShape {
-                    tokens: rows,
-                    hidden: d.hidden,
-                    vocab: tokens,
+                &EmbeddingScalars {
+                    tokens: rows as u32,
+                    hidden: d.hidden as u32,
+                    vocab: tokens as u32,
                 },
-                EmbeddingBuffers {
-                    ids: &self.inputs.rows,
-                    table: &self.xn,
-                    out: EmbeddingOut::Bf16(&mut self.gathered),
+                EmbeddingArgs {
+                    ids: self.inputs.rows.view(),
+                    table: self.xn.view(),
+                    out: self.gathered.view_mut().into(),
                 },
             )?;
             &self.gathered
@@ -523,13 +512,13 @@ impl Plan {
             ops::argmax(
                 kernels,
                 stream,
-                &ArgmaxShape {
-                    rows,
-                    vocab: d.vocab,
+                &ArgmaxScalars {
+                    rows: rows as u32,
+                    vocab: d.vocab as u32,
                 },
-                ArgmaxBuffers {
-                    logits: &self.logits,
-                    out_ids: &mut self.greedy,
+                ArgmaxArgs {
+                    logits: self.logits.view(),
+                    out_ids: self.greedy.view_mut(),
                 },
             )?;
         }

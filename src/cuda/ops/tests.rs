@@ -45,86 +45,6 @@ fn every_family_has_a_compiled_variant() {
     }
 }
 
-#[test]
-fn embedding_checks_and_picks_the_output_type() {
-    let s = EmbeddingShape {
-        tokens: 5,
-        hidden: 24,
-        vocab: 100,
-    };
-    let plan = plan_embedding(&s, buf(5), buf(2400), buf(120), true)
-        .unwrap()
-        .unwrap();
-    assert_eq!(symbol(plan.variant), "embedding_f32");
-    assert_eq!(plan.grid, (5, 1, 1));
-    assert_eq!(
-        (plan.params.tokens, plan.params.hidden, plan.params.vocab),
-        (5, 24, 100)
-    );
-    let plan = plan_embedding(&s, buf(5), buf(2400), buf(120), false)
-        .unwrap()
-        .unwrap();
-    assert_eq!(symbol(plan.variant), "embedding_bf16");
-    too_small(
-        plan_embedding(&s, buf(4), buf(2400), buf(120), false),
-        "ids",
-    );
-    too_small(
-        plan_embedding(&s, buf(5), buf(2399), buf(120), false),
-        "table",
-    );
-    too_small(
-        plan_embedding(&s, buf(5), buf(2400), buf(119), false),
-        "out",
-    );
-    let empty = EmbeddingShape { tokens: 0, ..s };
-    assert!(plan_embedding(&empty, buf(0), buf(2400), buf(0), false)
-        .unwrap()
-        .is_none());
-}
-
-#[test]
-fn rmsnorm_checks_addends_and_eps() {
-    let s = RmsnormShape {
-        rows: 3,
-        hidden: 10,
-        eps: 1e-5,
-    };
-    let plan = plan_rmsnorm(&s, buf(30), buf(60), 2, 2, buf(10), buf(30))
-        .unwrap()
-        .unwrap();
-    assert_eq!(symbol(plan.variant), "rmsnorm_add_f32");
-    assert_eq!(plan.params.addend_count, 2);
-    let plain = plan_rmsnorm(&s, buf(30), Buf::NONE, 0, 0, buf(10), buf(30))
-        .unwrap()
-        .unwrap();
-    assert_eq!(symbol(plain.variant), "rmsnorm_plain");
-    assert_eq!(plain.params.addend, 0);
-    too_small(
-        plan_rmsnorm(&s, buf(30), buf(59), 1, 2, buf(10), buf(30)),
-        "addend",
-    );
-    too_small(
-        plan_rmsnorm(&s, buf(29), Buf::NONE, 0, 0, buf(10), buf(30)),
-        "residual",
-    );
-    too_small(
-        plan_rmsnorm(&s, buf(30), Buf::NONE, 0, 0, buf(9), buf(30)),
-        "weight",
-    );
-    unsupported(
-        plan_rmsnorm(&s, buf(30), buf(60), 1, 0, buf(10), buf(30)),
-        "addend count",
-    );
-    for eps in [f32::NAN, -1e-6, f32::INFINITY] {
-        let bad = RmsnormShape { eps, ..s };
-        assert!(matches!(
-            plan_rmsnorm(&bad, buf(30), Buf::NONE, 0, 0, buf(10), buf(30)),
-            Err(CudaError::InvalidFloat { what: "eps", .. })
-        ));
-    }
-}
-
 fn cache() -> PagedCacheShape {
     PagedCacheShape {
         num_blocks: 7,
@@ -544,22 +464,6 @@ fn attention_dynamic_shared_memory_fits_for_every_compiled_variant() {
             v.symbol
         );
     }
-}
-
-#[test]
-fn argmax_checks() {
-    let s = ArgmaxShape {
-        rows: 4,
-        vocab: 32000,
-    };
-    let plan = plan_argmax(&s, buf(128_000), buf(4)).unwrap().unwrap();
-    assert_eq!((plan.grid, plan.block), ((4, 1, 1), ARGMAX_THREADS));
-    too_small(plan_argmax(&s, buf(127_999), buf(4)), "logits");
-    too_small(plan_argmax(&s, buf(128_000), buf(3)), "out_ids");
-    unsupported(
-        plan_argmax(&ArgmaxShape { vocab: 0, ..s }, buf(0), buf(4)),
-        "vocab",
-    );
 }
 
 proptest! {

@@ -1,0 +1,75 @@
+//! Issuing kernels: a planner decides each launch's [`Grid`] (which compiled instantiation, grid,
+//! block, shared memory) and fills one parameter struct through the generated
+//! [`args`](super::args); [`launch`] issues them in order on the stream.
+
+use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::error::CudaError;
+use super::module::Kernels;
+use super::params::{KernelVariant, KERNEL_VARIANTS};
+
+/// The geometry of one launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    /// Index of the instantiation in [`KERNEL_VARIANTS`].
+    pub variant: usize,
+    /// Blocks in x, y, z.
+    pub grid: (u32, u32, u32),
+    /// Threads per block.
+    pub block: u32,
+    /// Dynamic shared memory bytes.
+    pub shared_bytes: u32,
+}
+
+impl Grid {
+    /// A one-dimensional grid of `blocks` blocks of `block` threads, no dynamic shared memory.
+    pub fn linear(variant: usize, blocks: u32, block: u32) -> Grid {
+        Grid {
+            variant,
+            grid: (blocks, 1, 1),
+            block,
+            shared_bytes: 0,
+        }
+    }
+
+    /// The instantiation's symbol.
+    pub fn symbol(&self) -> &'static str {
+        KERNEL_VARIANTS[self.variant].symbol
+    }
+}
+
+/// Issues `grids` in order, each with `params` (checked by the generated `params()`), on `stream`.
+pub fn launch<P: DeviceRepr>(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    params: &P,
+    grids: &[Grid],
+) -> Result<(), CudaError> {
+    for g in grids {
+        let variant: &'static KernelVariant = &KERNEL_VARIANTS[g.variant];
+        let function = kernels
+            .function(g.variant)
+            .ok_or(CudaError::MissingKernel {
+                symbol: variant.symbol,
+                module: variant.module,
+            })?;
+        let config = LaunchConfig {
+            grid_dim: g.grid,
+            block_dim: (g.block, 1, 1),
+            shared_mem_bytes: g.shared_bytes,
+        };
+        let mut builder = stream.launch_builder(function);
+        builder.arg(params);
+        // SAFETY: the function takes exactly one argument, the `#[repr(C)]` struct `P` whose layout
+        // is asserted equal to the C definition (params.rs / params.h). `params` was filled by the
+        // generated `XArgs::params` from views borrowed from live buffers (an output exclusively),
+        // after checking each covers every element and alignment the kernel touches for the scalars
+        // in `params`; a buffer dropped after this call is freed in stream order, after the kernel.
+        // The planner chose the geometry and shared memory the kernel was written for.
+        unsafe { builder.launch(config) }.map_err(|source| CudaError::Launch {
+            symbol: variant.symbol,
+            source,
+        })?;
+    }
+    Ok(())
+}

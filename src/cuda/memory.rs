@@ -1,0 +1,595 @@
+//! Device memory, sound by its types: a [`DeviceBuffer`] owns one allocation (freed in stream order
+//! when it drops), and the kernels take only views borrowed from buffers:
+//! - [`View`] (`Copy`, read) borrows `&DeviceBuffer`; [`ViewMut`] (written) borrows
+//!   `&mut DeviceBuffer` and is never `Clone`, so an output has exactly one writer and no reader;
+//! - [`Rows`] / [`RowsMut`]: one column group of a row-major matrix (q, k and v inside the fused QKV
+//!   activation), split off a `ViewMut` so the groups are disjoint by construction;
+//! - [`AnyView`] / [`AnyViewMut`]: a bf16 or f32 view where the kernel variant follows the type.
+//!
+//! A view cannot outlive its buffer, and a buffer cannot be written while viewed, so safe code cannot
+//! launch on freed memory or alias an output:
+//!
+//! ```compile_fail,E0505
+//! # fn launch(_: mixtral::cuda::memory::View<'_, f32>) {}
+//! # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
+//! let buffer = arena.zeroed::<f32>(16, "x")?;
+//! let view = buffer.view();
+//! drop(buffer); // error: `buffer` is still borrowed by `view`
+//! launch(view);
+//! # Ok(()) }
+//! ```
+//!
+//! ```compile_fail,E0499
+//! # fn launch(_: mixtral::cuda::memory::ViewMut<'_, f32>, _: mixtral::cuda::memory::ViewMut<'_, f32>) {}
+//! # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
+//! let mut out = arena.zeroed::<f32>(16, "out")?;
+//! launch(out.view_mut(), out.view_mut()); // error: two writers of one buffer
+//! # Ok(()) }
+//! ```
+//!
+//! ```compile_fail,E0502
+//! # fn launch(_: mixtral::cuda::memory::View<'_, f32>, _: mixtral::cuda::memory::ViewMut<'_, f32>) {}
+//! # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
+//! let mut x = arena.zeroed::<f32>(16, "x")?;
+//! launch(x.view(), x.view_mut()); // error: an output aliasing an input
+//! # Ok(()) }
+//! ```
+//!
+//! The same calls on distinct buffers compile:
+//!
+//! ```
+//! # fn launch(_: mixtral::cuda::memory::View<'_, f32>, _: mixtral::cuda::memory::ViewMut<'_, f32>) {}
+//! # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
+//! let x = arena.zeroed::<f32>(16, "x")?;
+//! let mut out = arena.zeroed::<f32>(16, "out")?;
+//! launch(x.view(), out.view_mut());
+//! # Ok(()) }
+//! ```
+//!
+//! Kernels run asynchronously on the device's one stream; a buffer dropped after a launch is freed in
+//! stream order (after the kernel), so the borrow of the launch call is all the safety needed.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUresult;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError};
+use half::bf16;
+
+use super::error::CudaError;
+
+/// Bytes every allocation is rounded up to (the kernels' 16-byte vector loads need 16).
+pub const BUFFER_ALIGN: usize = 256;
+
+/// One device allocation of `len` elements of `T`, freed (in stream order) when dropped.
+#[derive(Debug)]
+pub struct DeviceBuffer<T> {
+    slice: CudaSlice<u8>,
+    address: u64,
+    len: usize,
+    _elem: PhantomData<T>,
+}
+
+impl<T> DeviceBuffer<T> {
+    /// Elements in the buffer.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the buffer holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes allocated (rounded up to [`BUFFER_ALIGN`]).
+    pub fn bytes(&self) -> usize {
+        self.slice.len()
+    }
+
+    /// The whole buffer, read.
+    pub fn view(&self) -> View<'_, T> {
+        View::new(self.address, self.len)
+    }
+
+    /// The whole buffer, written.
+    pub fn view_mut(&mut self) -> ViewMut<'_, T> {
+        ViewMut::new(self.address, self.len)
+    }
+}
+
+/// Allocates device buffers on one stream's context and counts the bytes it handed out.
+#[derive(Debug)]
+pub struct DeviceArena {
+    stream: Arc<CudaStream>,
+    bytes: usize,
+}
+
+impl DeviceArena {
+    /// An allocator on `stream`'s context.
+    pub fn new(stream: Arc<CudaStream>) -> Self {
+        DeviceArena { stream, bytes: 0 }
+    }
+
+    /// Bytes allocated through this arena so far (buffers dropped since included).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// A zero-filled buffer of `len` elements; `what` names it in errors. Out of device memory is
+    /// [`CudaError::OutOfMemory`].
+    pub fn zeroed<T>(&mut self, len: usize, what: &str) -> Result<DeviceBuffer<T>, CudaError> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .and_then(|b| b.checked_next_multiple_of(BUFFER_ALIGN))
+            .ok_or_else(|| CudaError::OutOfMemory {
+                what: what.to_string(),
+                bytes: usize::MAX,
+                free: 0,
+                total: 0,
+            })?
+            .max(BUFFER_ALIGN);
+        let slice = match self.stream.alloc_zeros::<u8>(bytes) {
+            Ok(slice) => slice,
+            Err(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
+                let (free, total) = self.stream.context().mem_get_info().unwrap_or((0, 0));
+                return Err(CudaError::OutOfMemory {
+                    what: what.to_string(),
+                    bytes,
+                    free,
+                    total,
+                });
+            }
+            Err(source) => {
+                return Err(CudaError::Driver {
+                    context: format!("allocating {bytes} bytes for {what}"),
+                    source,
+                })
+            }
+        };
+        let (address, guard) = slice.device_ptr(&self.stream);
+        drop(guard);
+        self.bytes += bytes;
+        Ok(DeviceBuffer {
+            slice,
+            address,
+            len,
+            _elem: PhantomData,
+        })
+    }
+
+    /// A buffer holding a copy of `host` (synchronous: for set-up and tests, never per token).
+    pub fn upload<T: DeviceRepr>(
+        &mut self,
+        host: &[T],
+        what: &str,
+    ) -> Result<DeviceBuffer<T>, CudaError> {
+        let mut buffer = self.zeroed::<T>(host.len(), what)?;
+        copy_to_device(&self.stream, buffer.view_mut(), host, what)?;
+        Ok(buffer)
+    }
+}
+
+/// Copies `host` into the start of `dst` and waits for the copy (set-up only, never per token).
+pub fn copy_to_device<T: DeviceRepr>(
+    stream: &CudaStream,
+    dst: ViewMut<'_, T>,
+    host: &[T],
+    what: &str,
+) -> Result<(), CudaError> {
+    let capacity = dst.len();
+    let Some(target) = dst.sub(0, host.len()) else {
+        return Err(CudaError::UnsupportedModel(format!(
+            "{what}: {} elements do not fit a buffer of {capacity}",
+            host.len()
+        )));
+    };
+    // SAFETY: the destination range is inside a live, exclusively borrowed buffer; the host slice
+    // stays borrowed until the stream is synchronised below.
+    unsafe {
+        cudarc::driver::result::memcpy_htod_async(target.address(), host, stream.cu_stream())
+    }
+    .map_err(CudaError::driver(format!("uploading {what}")))?;
+    stream
+        .synchronize()
+        .map_err(CudaError::driver(format!("uploading {what}")))
+}
+
+/// Reads `src` back to the host, waiting for the stream (a host sync).
+pub fn copy_to_host<T: DeviceRepr + Default + Clone>(
+    stream: &CudaStream,
+    src: View<'_, T>,
+) -> Result<Vec<T>, CudaError> {
+    let mut host = vec![T::default(); src.len()];
+    // SAFETY: `host` holds `src.len()` elements and stays alive until the synchronise below; the
+    // source is a live borrowed buffer.
+    unsafe {
+        cudarc::driver::result::memcpy_dtoh_async(&mut host, src.address(), stream.cu_stream())
+    }
+    .map_err(CudaError::driver("reading results back"))?;
+    stream
+        .synchronize()
+        .map_err(CudaError::driver("reading results back"))?;
+    Ok(host)
+}
+
+/// A read-only view of `len` elements of a [`DeviceBuffer`].
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a, T> {
+    address: u64,
+    len: usize,
+    _borrow: PhantomData<&'a [T]>,
+}
+
+/// A written view of `len` elements of a [`DeviceBuffer`]: the only access to them while it lives.
+#[derive(Debug)]
+pub struct ViewMut<'a, T> {
+    address: u64,
+    len: usize,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T> View<'a, T> {
+    fn new(address: u64, len: usize) -> Self {
+        View {
+            address,
+            len,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// The whole of a cudarc allocation, read.
+    pub fn of(slice: &'a CudaSlice<T>) -> Self {
+        let (address, guard) = slice.device_ptr(slice.stream());
+        drop(guard);
+        View::new(address, slice.len())
+    }
+
+    /// A view of memory the caller vouches for (planner tests: such a view is never launched on).
+    ///
+    /// # Safety
+    /// `len` elements at `address` must stay valid device memory, not written, for `'a`.
+    pub unsafe fn from_raw(address: u64, len: usize) -> Self {
+        View::new(address, len)
+    }
+
+    /// Device address of element 0.
+    pub fn address(&self) -> u64 {
+        self.address
+    }
+
+    /// Elements viewed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no element is viewed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Elements `offset .. offset + len`; `None` when out of range.
+    pub fn sub(self, offset: usize, len: usize) -> Option<View<'a, T>> {
+        let (address, len) = sub_range::<T>(self.address, self.len, offset, len)?;
+        Some(View::new(address, len))
+    }
+
+    /// The same memory as whole elements of `U` (both plain data).
+    pub fn cast<U: bytemuck::Pod>(self) -> View<'a, U>
+    where
+        T: bytemuck::Pod,
+    {
+        View::new(self.address, cast_len::<T, U>(self.len))
+    }
+}
+
+impl<'a, T> ViewMut<'a, T> {
+    fn new(address: u64, len: usize) -> Self {
+        ViewMut {
+            address,
+            len,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// The whole of a cudarc allocation, written.
+    pub fn of(slice: &'a mut CudaSlice<T>) -> Self {
+        let stream = Arc::clone(slice.stream());
+        let (address, guard) = slice.device_ptr_mut(&stream);
+        drop(guard);
+        ViewMut::new(address, slice.len())
+    }
+
+    /// A written view of memory the caller vouches for (planner tests: never launched on).
+    ///
+    /// # Safety
+    /// `len` elements at `address` must stay valid device memory, accessed through nothing else,
+    /// for `'a`.
+    pub unsafe fn from_raw(address: u64, len: usize) -> Self {
+        ViewMut::new(address, len)
+    }
+
+    /// Device address of element 0.
+    pub fn address(&self) -> u64 {
+        self.address
+    }
+
+    /// Elements viewed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no element is viewed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A shorter-lived written view of the same elements (to pass to one launch and keep this one).
+    pub fn reborrow(&mut self) -> ViewMut<'_, T> {
+        ViewMut::new(self.address, self.len)
+    }
+
+    /// A read view of the same elements, while this one is not used.
+    pub fn as_view(&self) -> View<'_, T> {
+        View::new(self.address, self.len)
+    }
+
+    /// Elements `offset .. offset + len`; `None` when out of range.
+    pub fn sub(self, offset: usize, len: usize) -> Option<ViewMut<'a, T>> {
+        let (address, len) = sub_range::<T>(self.address, self.len, offset, len)?;
+        Some(ViewMut::new(address, len))
+    }
+
+    /// The same memory as whole elements of `U` (both plain data).
+    pub fn cast<U: bytemuck::Pod>(self) -> ViewMut<'a, U>
+    where
+        T: bytemuck::Pod,
+    {
+        ViewMut::new(self.address, cast_len::<T, U>(self.len))
+    }
+
+    /// The first `mid` elements and the rest, both written; `None` when `mid > len`.
+    pub fn split_at(self, mid: usize) -> Option<(ViewMut<'a, T>, ViewMut<'a, T>)> {
+        let rest = self.len.checked_sub(mid)?;
+        let first = ViewMut::new(self.address, mid);
+        let second = ViewMut::new(self.address + byte_offset::<T>(mid), rest);
+        Some((first, second))
+    }
+
+    /// The whole view as `[len / row, row]` rows, cut into column groups of the given widths
+    /// (which must add up to `row`): group `g` of row `r` starts at `r * row + sum(widths[..g])`.
+    /// `None` when the widths do not add up to a positive row length dividing `len`.
+    pub fn column_groups<const N: usize>(self, widths: [usize; N]) -> Option<[RowsMut<'a, T>; N]> {
+        let row: usize = widths.iter().sum();
+        if row == 0 || !self.len.is_multiple_of(row) {
+            return None;
+        }
+        let rows = self.len / row;
+        let mut start = 0;
+        Some(widths.map(|width| {
+            let group = RowsMut {
+                inner: Rows {
+                    address: self.address + byte_offset::<T>(start),
+                    rows,
+                    stride: row,
+                    width,
+                    _borrow: PhantomData,
+                },
+                _write: PhantomData,
+            };
+            start += width;
+            group
+        }))
+    }
+}
+
+impl<'a, T> From<ViewMut<'a, T>> for View<'a, T> {
+    fn from(view: ViewMut<'a, T>) -> Self {
+        View::new(view.address, view.len)
+    }
+}
+
+/// `rows` rows of `width` elements, `stride` elements apart, read: one column group of a wider
+/// row-major matrix.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a, T> {
+    address: u64,
+    rows: usize,
+    stride: usize,
+    width: usize,
+    _borrow: PhantomData<&'a [T]>,
+}
+
+/// A written [`Rows`]: the only access to its elements while it lives.
+#[derive(Debug)]
+pub struct RowsMut<'a, T> {
+    inner: Rows<'a, T>,
+    _write: PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T> Rows<'a, T> {
+    /// Device address of the first element of row 0.
+    pub fn address(&self) -> u64 {
+        self.address
+    }
+
+    /// Rows viewed.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Elements between the starts of consecutive rows.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Elements viewed per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Rows `first .. first + count`; `None` when out of range.
+    pub fn sub_rows(self, first: usize, count: usize) -> Option<Rows<'a, T>> {
+        if first.checked_add(count)? > self.rows {
+            return None;
+        }
+        Some(Rows {
+            address: self.address + byte_offset::<T>(first * self.stride),
+            rows: count,
+            ..self
+        })
+    }
+}
+
+impl<'a, T> RowsMut<'a, T> {
+    /// Device address of the first element of row 0.
+    pub fn address(&self) -> u64 {
+        self.inner.address
+    }
+
+    /// Rows viewed.
+    pub fn rows(&self) -> usize {
+        self.inner.rows
+    }
+
+    /// Elements between the starts of consecutive rows.
+    pub fn stride(&self) -> usize {
+        self.inner.stride
+    }
+
+    /// Elements viewed per row.
+    pub fn width(&self) -> usize {
+        self.inner.width
+    }
+
+    /// A shorter-lived written view of the same rows.
+    pub fn reborrow(&mut self) -> RowsMut<'_, T> {
+        RowsMut {
+            inner: Rows { ..self.inner },
+            _write: PhantomData,
+        }
+    }
+
+    /// A read view of the same rows, while this one is not used.
+    pub fn as_rows(&self) -> Rows<'_, T> {
+        Rows { ..self.inner }
+    }
+}
+
+impl<'a, T> From<RowsMut<'a, T>> for Rows<'a, T> {
+    fn from(rows: RowsMut<'a, T>) -> Self {
+        rows.inner
+    }
+}
+
+/// A read view whose element type picks the kernel variant.
+#[derive(Debug, Clone, Copy)]
+pub enum AnyView<'a> {
+    /// bf16 elements.
+    Bf16(View<'a, bf16>),
+    /// f32 elements.
+    F32(View<'a, f32>),
+}
+
+/// A written view whose element type picks the kernel variant.
+#[derive(Debug)]
+pub enum AnyViewMut<'a> {
+    /// bf16 elements.
+    Bf16(ViewMut<'a, bf16>),
+    /// f32 elements.
+    F32(ViewMut<'a, f32>),
+}
+
+impl AnyView<'_> {
+    /// Device address of element 0.
+    pub fn address(&self) -> u64 {
+        match self {
+            AnyView::Bf16(v) => v.address(),
+            AnyView::F32(v) => v.address(),
+        }
+    }
+
+    /// Elements viewed.
+    pub fn len(&self) -> usize {
+        match self {
+            AnyView::Bf16(v) => v.len(),
+            AnyView::F32(v) => v.len(),
+        }
+    }
+
+    /// True when no element is viewed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True for f32 elements.
+    pub fn is_f32(&self) -> bool {
+        matches!(self, AnyView::F32(_))
+    }
+}
+
+impl AnyViewMut<'_> {
+    /// Device address of element 0.
+    pub fn address(&self) -> u64 {
+        match self {
+            AnyViewMut::Bf16(v) => v.address(),
+            AnyViewMut::F32(v) => v.address(),
+        }
+    }
+
+    /// Elements viewed.
+    pub fn len(&self) -> usize {
+        match self {
+            AnyViewMut::Bf16(v) => v.len(),
+            AnyViewMut::F32(v) => v.len(),
+        }
+    }
+
+    /// True when no element is viewed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True for f32 elements.
+    pub fn is_f32(&self) -> bool {
+        matches!(self, AnyViewMut::F32(_))
+    }
+}
+
+impl<'a> From<ViewMut<'a, bf16>> for AnyViewMut<'a> {
+    fn from(view: ViewMut<'a, bf16>) -> Self {
+        AnyViewMut::Bf16(view)
+    }
+}
+
+impl<'a> From<ViewMut<'a, f32>> for AnyViewMut<'a> {
+    fn from(view: ViewMut<'a, f32>) -> Self {
+        AnyViewMut::F32(view)
+    }
+}
+
+impl<'a> From<View<'a, bf16>> for AnyView<'a> {
+    fn from(view: View<'a, bf16>) -> Self {
+        AnyView::Bf16(view)
+    }
+}
+
+impl<'a> From<View<'a, f32>> for AnyView<'a> {
+    fn from(view: View<'a, f32>) -> Self {
+        AnyView::F32(view)
+    }
+}
+
+fn byte_offset<T>(elements: usize) -> u64 {
+    (elements * std::mem::size_of::<T>()) as u64
+}
+
+fn sub_range<T>(address: u64, len: usize, offset: usize, count: usize) -> Option<(u64, usize)> {
+    if offset.checked_add(count)? > len {
+        return None;
+    }
+    Some((address + byte_offset::<T>(offset), count))
+}
+
+fn cast_len<T, U>(len: usize) -> usize {
+    len * std::mem::size_of::<T>() / std::mem::size_of::<U>().max(1)
+}

@@ -1,0 +1,94 @@
+//! `embedding` (csrc/embedding.cu): `out[t, :] = table[ids[t], :]` for `[tokens]` ids into a
+//! `[vocab, hidden]` bf16 table, out `[tokens, hidden]` bf16 or f32 (the view's type picks the
+//! variant); an id >= vocab gives a row of zeros (validate ids on the host). Also gathers rows of
+//! any bf16 matrix (the LM head's input rows).
+
+use cudarc::driver::CudaStream;
+
+use crate::cuda::args::{EmbeddingArgs, EmbeddingScalars};
+use crate::cuda::checks::Check;
+use crate::cuda::error::CudaError;
+use crate::cuda::launch::{launch, Grid};
+use crate::cuda::module::Kernels;
+use crate::cuda::params::{EmbeddingParams, KernelFamily, EMBEDDING_THREADS};
+
+fn plan(
+    s: &EmbeddingScalars,
+    a: &EmbeddingArgs<'_>,
+) -> Result<Option<(EmbeddingParams, [Grid; 1])>, CudaError> {
+    let c = Check { op: "embedding" };
+    let params = a.params(c.op, s)?;
+    for (what, value) in [
+        ("tokens", s.tokens),
+        ("hidden", s.hidden),
+        ("vocab", s.vocab),
+    ] {
+        c.count(what, value as usize)?;
+    }
+    c.product("vocab * hidden", &[s.vocab as usize, s.hidden as usize])?;
+    c.product("tokens * hidden", &[s.tokens as usize, s.hidden as usize])?;
+    let variant = c.variant(
+        KernelFamily::Embedding,
+        "out_f32",
+        &[u32::from(a.out.is_f32())],
+    )?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    Ok(Some((
+        params,
+        [Grid::linear(variant, s.tokens, EMBEDDING_THREADS)],
+    )))
+}
+
+/// Gathers the table rows of `ids` into `out`; zero tokens launch nothing.
+pub fn embedding(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    s: &EmbeddingScalars,
+    args: EmbeddingArgs<'_>,
+) -> Result<(), CudaError> {
+    match plan(s, &args)? {
+        Some((params, grids)) => launch(kernels, stream, &params, &grids),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::memory::AnyViewMut;
+    use crate::cuda::ops::fake::{symbol, too_small, view, view_mut};
+
+    fn args(ids: usize, table: usize, out: usize, f32_out: bool) -> EmbeddingArgs<'static> {
+        EmbeddingArgs {
+            ids: view(ids),
+            table: view(table),
+            out: if f32_out {
+                AnyViewMut::F32(view_mut(out))
+            } else {
+                AnyViewMut::Bf16(view_mut(out))
+            },
+        }
+    }
+
+    #[test]
+    fn checks_every_buffer_and_picks_the_output_type() {
+        let s = EmbeddingScalars {
+            tokens: 5,
+            hidden: 24,
+            vocab: 100,
+        };
+        let (params, [grid]) = plan(&s, &args(5, 2400, 120, true)).unwrap().unwrap();
+        assert_eq!(symbol(&grid), "embedding_f32");
+        assert_eq!(grid.grid, (5, 1, 1));
+        assert_eq!((params.tokens, params.hidden, params.vocab), (5, 24, 100));
+        let (_, [grid]) = plan(&s, &args(5, 2400, 120, false)).unwrap().unwrap();
+        assert_eq!(symbol(&grid), "embedding_bf16");
+        too_small(plan(&s, &args(4, 2400, 120, false)), "ids");
+        too_small(plan(&s, &args(5, 2399, 120, false)), "table");
+        too_small(plan(&s, &args(5, 2400, 119, false)), "out");
+        let empty = EmbeddingScalars { tokens: 0, ..s };
+        assert!(plan(&empty, &args(0, 2400, 0, false)).unwrap().is_none());
+    }
+}

@@ -1,0 +1,42 @@
+//! Views of made-up addresses for the planners' GPU-free tests (never launched on), and the
+//! assertions those tests share.
+
+use crate::cuda::error::CudaError;
+use crate::cuda::launch::Grid;
+use crate::cuda::memory::{View, ViewMut};
+
+/// A 256-byte aligned address no test dereferences.
+pub const BASE: u64 = 0x7f00_0000_0000;
+
+/// A read view of `len` elements at [`BASE`].
+pub fn view<T>(len: usize) -> View<'static, T> {
+    // SAFETY: planner tests only read the address and length; nothing is launched on it.
+    unsafe { View::from_raw(BASE, len) }
+}
+
+/// A written view of `len` elements at [`BASE`].
+pub fn view_mut<T>(len: usize) -> ViewMut<'static, T> {
+    // SAFETY: planner tests only read the address and length; nothing is launched on it.
+    unsafe { ViewMut::from_raw(BASE, len) }
+}
+
+/// The symbol a grid launches.
+pub fn symbol(grid: &Grid) -> &'static str {
+    grid.symbol()
+}
+
+/// Asserts `result` is `BufferTooSmall` naming `name`.
+pub fn too_small(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
+    match result {
+        Err(CudaError::BufferTooSmall { buffer, .. }) => assert_eq!(buffer, name),
+        other => panic!("expected BufferTooSmall({name}), got {other:?}"),
+    }
+}
+
+/// Asserts `result` is `Unsupported` naming `name`.
+pub fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
+    match result {
+        Err(CudaError::Unsupported { what, .. }) => assert_eq!(what, name),
+        other => panic!("expected Unsupported({name}), got {other:?}"),
+    }
+}
