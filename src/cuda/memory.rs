@@ -7,44 +7,8 @@
 //! - [`AnyView`] / [`AnyViewMut`]: a bf16 or f32 view where the kernel variant follows the type.
 //!
 //! A view cannot outlive its buffer, and a buffer cannot be written while viewed, so safe code cannot
-//! launch on freed memory or alias an output:
-//!
-//! ```compile_fail,E0505
-//! # fn launch(_: mixtral::cuda::memory::View<'_, f32>) {}
-//! # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
-//! let buffer = arena.zeroed::<f32>(16, "x")?;
-//! let view = buffer.view();
-//! drop(buffer); // error: `buffer` is still borrowed by `view`
-//! launch(view);
-//! # Ok(()) }
-//! ```
-//!
-//! ```compile_fail,E0499
-//! # fn launch(_: mixtral::cuda::memory::ViewMut<'_, f32>, _: mixtral::cuda::memory::ViewMut<'_, f32>) {}
-//! # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
-//! let mut out = arena.zeroed::<f32>(16, "out")?;
-//! launch(out.view_mut(), out.view_mut()); // error: two writers of one buffer
-//! # Ok(()) }
-//! ```
-//!
-//! ```compile_fail,E0502
-//! # fn launch(_: mixtral::cuda::memory::View<'_, f32>, _: mixtral::cuda::memory::ViewMut<'_, f32>) {}
-//! # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
-//! let mut x = arena.zeroed::<f32>(16, "x")?;
-//! launch(x.view(), x.view_mut()); // error: an output aliasing an input
-//! # Ok(()) }
-//! ```
-//!
-//! The same calls on distinct buffers compile:
-//!
-//! ```
-//! # fn launch(_: mixtral::cuda::memory::View<'_, f32>, _: mixtral::cuda::memory::ViewMut<'_, f32>) {}
-//! # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
-//! let x = arena.zeroed::<f32>(16, "x")?;
-//! let mut out = arena.zeroed::<f32>(16, "out")?;
-//! launch(x.view(), out.view_mut());
-//! # Ok(()) }
-//! ```
+//! launch on freed memory or alias an output (`SoundnessExamples`, compiled by `cargo test --doc
+//! --features cuda,testing`, shows the refused code).
 //!
 //! Kernels run asynchronously on the device's one stream; a buffer dropped after a launch is freed in
 //! stream order (after the kernel), so the borrow of the launch call is all the safety needed.
@@ -57,6 +21,48 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
 use half::bf16;
 
 use super::error::CudaError;
+
+/// A view cannot outlive its buffer, and a buffer cannot be written while viewed, so safe code cannot
+/// launch on freed memory or alias an output:
+///
+/// ```compile_fail,E0505
+/// # fn launch(_: mixtral::cuda::memory::View<'_, f32>) {}
+/// # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
+/// let buffer = arena.zeroed::<f32>(16, "x")?;
+/// let view = buffer.view();
+/// drop(buffer); // error: `buffer` is still borrowed by `view`
+/// launch(view);
+/// # Ok(()) }
+/// ```
+///
+/// ```compile_fail,E0499
+/// # fn launch(_: mixtral::cuda::memory::ViewMut<'_, f32>, _: mixtral::cuda::memory::ViewMut<'_, f32>) {}
+/// # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
+/// let mut out = arena.zeroed::<f32>(16, "out")?;
+/// launch(out.view_mut(), out.view_mut()); // error: two writers of one buffer
+/// # Ok(()) }
+/// ```
+///
+/// ```compile_fail,E0502
+/// # fn launch(_: mixtral::cuda::memory::View<'_, f32>, _: mixtral::cuda::memory::ViewMut<'_, f32>) {}
+/// # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
+/// let mut x = arena.zeroed::<f32>(16, "x")?;
+/// launch(x.view(), x.view_mut()); // error: an output aliasing an input
+/// # Ok(()) }
+/// ```
+///
+/// The same calls on distinct buffers compile:
+///
+/// ```
+/// # fn launch(_: mixtral::cuda::memory::View<'_, f32>, _: mixtral::cuda::memory::ViewMut<'_, f32>) {}
+/// # fn f(arena: &mut mixtral::cuda::memory::DeviceArena) -> Result<(), mixtral::cuda::CudaError> {
+/// let x = arena.zeroed::<f32>(16, "x")?;
+/// let mut out = arena.zeroed::<f32>(16, "out")?;
+/// launch(x.view(), out.view_mut());
+/// # Ok(()) }
+/// ```
+#[cfg(all(doctest, feature = "testing"))]
+pub struct SoundnessExamples;
 
 /// Bytes every allocation is rounded up to (the kernels' 16-byte vector loads need 16).
 pub const BUFFER_ALIGN: usize = 256;
