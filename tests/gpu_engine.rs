@@ -509,7 +509,13 @@ fn device_sampling_draws_what_the_host_sampler_draws_from_the_same_logits() {
         }],
         &mut [],
     );
-    assert!(matches!(refused, Err(EngineError::InvalidOptions(_))));
+    assert!(matches!(
+        refused,
+        Err(EngineError::SamplerCount {
+            samplers: 0,
+            rows: 1
+        })
+    ));
     assert_eq!(gpu.sequence_len(device_seq).unwrap(), len);
 }
 

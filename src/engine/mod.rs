@@ -1,9 +1,22 @@
 //! The batched step API that every backend (CPU reference, CUDA) implements.
 //!
 //! A step takes a batch of (sequence, new tokens, start position) and returns logits for the
-//! positions asked for. Prefill is a step with many tokens of one sequence; decode is a step with one
-//! token for each of many sequences. Sequences own blocks of the engine's paged KV cache from
+//! positions asked for ([`Engine::step`]) or only the token chosen from each of them
+//! ([`Engine::step_tokens`]: argmax or a seeded draw, on the device where the backend can).
+//! Prefill is a step with many tokens of one sequence; decode is a step with one token for each of
+//! many sequences. Sequences own blocks of the engine's paged KV cache from
 //! [`Engine::new_sequence`] until [`Engine::free_sequence`].
+//!
+//! [`open`] builds any backend from a device string (`cpu`, `cuda`, `cuda:N`); every backend fails
+//! with the one [`EngineError`].
+
+mod error;
+mod open;
+mod tokens;
+
+pub use error::{BackendSource, EngineError};
+pub use open::{open, open_device, Device, EngineOptions, OpenError};
+pub use tokens::{check_sampler_count, logits_rows, sample_on_host, RowSampler};
 
 use crate::config::ModelConfig;
 
@@ -65,78 +78,6 @@ impl StepOutput {
     }
 }
 
-/// Why a step or a sequence operation was refused. A refused step changes nothing: every sequence's
-/// cache is as it was before the call.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum EngineError {
-    /// A token id is not below the vocabulary size.
-    #[error("token id {token} is out of range (vocab size {vocab})")]
-    TokenOutOfRange {
-        /// The offending id.
-        token: u32,
-        /// The model's vocabulary size.
-        vocab: usize,
-    },
-    /// A step entry has no tokens.
-    #[error("step for sequence {0:?} has no tokens")]
-    EmptyStep(SeqId),
-    /// The sequence would grow past the engine's context length.
-    #[error(
-        "context overflow for sequence {seq:?}: {needed} tokens needed, context is {max_context}"
-    )]
-    ContextOverflow {
-        /// The sequence.
-        seq: SeqId,
-        /// Tokens the sequence would hold after the step.
-        needed: usize,
-        /// The engine's context length.
-        max_context: usize,
-    },
-    /// `start_pos` is past the sequence's cached length.
-    #[error("sequence {seq:?} holds {cached} tokens; cannot start at position {start_pos}")]
-    BadStartPosition {
-        /// The sequence.
-        seq: SeqId,
-        /// Tokens currently cached.
-        cached: usize,
-        /// The requested start.
-        start_pos: usize,
-    },
-    /// The sequence id is unknown (never created, or already freed).
-    #[error("unknown sequence {0:?}")]
-    UnknownSequence(SeqId),
-    /// The same sequence appears twice in one step.
-    #[error("sequence {0:?} appears twice in one step")]
-    DuplicateSequence(SeqId),
-    /// Not enough free KV-cache blocks for the step; nothing was changed.
-    #[error("KV cache full: {needed} blocks needed, {free} free")]
-    KvCacheFull {
-        /// Blocks the step needs.
-        needed: usize,
-        /// Blocks free.
-        free: usize,
-    },
-    /// Too many sequences at once.
-    #[error("too many sequences (limit {limit})")]
-    TooManySequences {
-        /// The engine's limit.
-        limit: usize,
-    },
-    /// Engine options that cannot work (a zero size, a pool too large to count); the message
-    /// names the option.
-    #[error("invalid engine options: {0}")]
-    InvalidOptions(String),
-    /// A logits row holds NaN or infinity, so no token can be drawn from it (device sampling).
-    #[error("logits row {row} of the step is not finite; no token was drawn")]
-    NonFiniteLogits {
-        /// Index of the row in the step's output order.
-        row: usize,
-    },
-    /// A backend failure (device error, out of memory). The message names the operation.
-    #[error("backend error: {0}")]
-    Backend(String),
-}
-
 /// A model executor with a paged KV cache, driven one batched step at a time.
 pub trait Engine: Send {
     /// The model's hyper-parameters.
@@ -162,4 +103,28 @@ pub trait Engine: Send {
 
     /// Runs one batched forward step; see [`SeqStep`]. Either every entry is applied or none is.
     fn step(&mut self, batch: &[SeqStep<'_>]) -> Result<StepOutput, EngineError>;
+
+    /// Runs one batched forward step like [`Engine::step`] but returns only the token chosen
+    /// from each logits row, in the same order: row `i` by `samplers[i]` (argmax for a greedy
+    /// sampler, else its seeded draw, exactly as [`Sampler::sample`](crate::sampling::Sampler::sample)
+    /// defines them). A sampler count other than the step's rows is
+    /// [`EngineError::SamplerCount`] and changes nothing. A row whose logits are not finite is
+    /// [`EngineError::NonFiniteLogits`] (device) or [`EngineError::Sampling`] (host); the step
+    /// itself was applied.
+    ///
+    /// The default runs [`Engine::step`] and samples on the host ([`sample_on_host`]); a backend
+    /// with device sampling overrides it to skip reading the logits back.
+    fn step_tokens(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        samplers: &mut [RowSampler<'_>],
+    ) -> Result<Vec<u32>, EngineError> {
+        sample_on_host(self, batch, samplers)
+    }
+
+    /// One line on where the engine runs and what it holds (device, memory), for logs; `None`
+    /// when there is nothing to say beyond the model (the default).
+    fn describe(&self) -> Option<String> {
+        None
+    }
 }
