@@ -9,6 +9,42 @@
 //!
 //! [`open`] builds any backend from a device string (`cpu`, `cuda`, `cuda:N`); every backend fails
 //! with the one [`EngineError`].
+//!
+//! A token-step loop over one sequence (what a server runs, batching many):
+//!
+//! ```no_run
+//! use mixtral::engine::{open, EngineOptions, RowSampler};
+//! use mixtral::sampling::{Sampler, SamplingParams};
+//! use mixtral::{LoadOptions, LogitsFor, Model, SeqStep};
+//!
+//! let model = Model::load("models/tiny-mixtral".as_ref(), &LoadOptions::default())?;
+//! let tokenizer = model.tokenizer.as_ref().expect("the directory has a tokenizer.json");
+//! let options = EngineOptions { max_sequences: Some(8), ..EngineOptions::default() };
+//! let mut engine = open("cpu", &model.weights, &options, None)?;
+//! let seq = engine.new_sequence()?;
+//! let mut tokens = tokenizer.encode("The capital of France is", true)?;
+//! let mut sampler = Sampler::new(SamplingParams { temperature: 0.7, seed: 1, ..SamplingParams::greedy() })?;
+//! let mut fed = 0;
+//! for _ in 0..16 {
+//!     let step = [SeqStep { seq, tokens: &tokens[fed..], start_pos: fed, logits: LogitsFor::Last }];
+//!     let mut rows = [RowSampler::new(&mut sampler, &tokens)];
+//!     let next = match engine.step_tokens(&step, &mut rows) {
+//!         Ok(ids) => ids[0],
+//!         Err(e) if e.is_dead() => {
+//!             // A sticky device fault: this engine refuses all further work; a server opens a new one.
+//!             eprintln!("engine lost: {e}");
+//!             return Err(e.into());
+//!         }
+//!         // Refused (bad token, context overflow, KV cache full): nothing changed.
+//!         Err(e) => return Err(e.into()),
+//!     };
+//!     fed = tokens.len();
+//!     tokens.push(next);
+//! }
+//! engine.free_sequence(seq)?;
+//! println!("{}", tokenizer.decode(&tokens)?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod error;
 mod open;
