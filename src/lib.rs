@@ -10,26 +10,29 @@
 //! - [`quant`]: FP8 / INT8 / INT4 (GPTQ) weights, quantized on load or published pre-quantized,
 //!   dequantized to f32 for the CPU reference; the memory preflight;
 //! - [`tokenizer`]: `tokenizer.json`, the chat template, streaming detokenization;
-//! - [`engine`]: the batched step API every backend implements, over a paged KV cache ([`kv`]);
+//! - [`engine`]: the batched step API every backend implements (logits or chosen tokens), over a
+//!   paged KV cache ([`kv`]), and [`engine::open`], which builds any backend from a device string;
 //! - [`cpu`]: the pure-Rust reference backend ([`cpu::CpuEngine`]);
 //! - `cuda` (feature `cuda`): the GPU backend, `cuda::CudaEngine`, behind the same step API;
 //! - [`generate`]: sampling, stop conditions, streaming generation and perplexity;
 //! - [`model`]: loads everything from a model directory in one call.
 //!
 //! ```no_run
-//! use mixtral::{Model, LoadOptions, cpu::{CpuEngine, CpuEngineOptions}};
+//! use mixtral::engine::{open, EngineOptions};
 //! use mixtral::generate::{generate, GenerateOptions};
+//! use mixtral::{LoadOptions, Model};
 //!
 //! let model = Model::load("models/tiny-mixtral".as_ref(), &LoadOptions::default())?;
 //! let tokenizer = model.tokenizer.as_ref().expect("the directory has a tokenizer.json");
-//! let mut engine = CpuEngine::new(model.weights.clone(), CpuEngineOptions::default())?;
+//! // "cpu", "cuda" or "cuda:N"; the last two need the `cuda` feature.
+//! let mut engine = open("cpu", &model.weights, &EngineOptions::default(), None)?;
 //! let prompt = tokenizer.encode("The capital of France is", true)?;
 //! let options = GenerateOptions::greedy(16).with_eos(&model.config.eos_token_ids);
-//! let out = generate(&mut engine, tokenizer, &prompt, &options, |event| {
+//! let out = generate(engine.as_mut(), tokenizer, &prompt, &options, |event| {
 //!     print!("{}", event.text);
 //!     std::ops::ControlFlow::Continue(())
 //! })?;
-//! println!("\n{:?}", out.finish_reason);
+//! println!("\nfinished: {:?}", out.finish_reason);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![warn(missing_docs)]
@@ -51,5 +54,5 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::ModelConfig;
-pub use engine::{Engine, EngineError, LogitsFor, SeqId, SeqStep, StepOutput};
+pub use engine::{Engine, EngineError, LogitsFor, RowSampler, SeqId, SeqStep, StepOutput};
 pub use model::{LoadOptions, Model, ModelError};

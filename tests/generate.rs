@@ -149,7 +149,7 @@ impl Engine for FakeEngine {
                 .collect(),
         );
         if self.fail_at_step == Some(index) {
-            return Err(EngineError::Backend("injected failure".into()));
+            return Err(EngineError::backend("injected failure"));
         }
         // Check every entry before changing anything.
         for (k, step) in batch.iter().enumerate() {
@@ -392,7 +392,7 @@ fn sequence_is_freed_when_the_engine_fails() {
         engine.fail_at_step = Some(fail_at);
         let (out, events) = run(&mut engine, &prompt, &GenerateOptions::greedy(10), None);
         assert!(
-            matches!(out, Err(GenerateError::Engine(EngineError::Backend(_)))),
+            matches!(out, Err(GenerateError::Engine(EngineError::Backend { .. }))),
             "{out:?}"
         );
         assert_eq!(events.len(), fail_at);
@@ -725,7 +725,7 @@ fn batch_error_frees_every_sequence() {
     );
     assert!(matches!(
         out,
-        Err(GenerateError::Engine(EngineError::Backend(_)))
+        Err(GenerateError::Engine(EngineError::Backend { .. }))
     ));
     assert_eq!(engine.created, 3);
     assert!(engine.sequences.is_empty());

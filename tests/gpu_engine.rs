@@ -8,7 +8,7 @@
 //! (`tests/fixtures/bf16-drift.json`: router near-ties in random weights flip experts under any bf16
 //! rounding). Also: graph replay gives bit-identical logits to eager launches, batched decode equals
 //! each sequence alone, chunked prefill equals one-pass prefill, device sampling draws what the host
-//! sampler draws from the same logits, a load that cannot fit is a typed out-of-memory error that
+//! sampler draws from the same logits (also through `open("cuda")` and `Engine::step_tokens`), a load that cannot fit is a typed out-of-memory error that
 //! leaves nothing allocated, a full KV cache is a typed error that leaves the other sequences as they
 //! were, and NaN logits are an error from the device argmax and sampler, never a token.
 #![cfg(feature = "cuda")]
@@ -509,7 +509,13 @@ fn device_sampling_draws_what_the_host_sampler_draws_from_the_same_logits() {
         }],
         &mut [],
     );
-    assert!(matches!(refused, Err(EngineError::InvalidOptions(_))));
+    assert!(matches!(
+        refused,
+        Err(EngineError::SamplerCount {
+            samplers: 0,
+            rows: 1
+        })
+    ));
     assert_eq!(gpu.sequence_len(device_seq).unwrap(), len);
 }
 
@@ -793,4 +799,96 @@ fn non_finite_logits_are_an_error_never_a_token() {
     }])
     .expect("the engine still runs");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Through the backend-independent API (`open("cuda")`, `Engine::step_tokens` on a boxed engine),
+/// greedy rows (device argmax), seeded rows (device draw) and rows with a repetition penalty (host
+/// draw) each give exactly the host sampler's draw from the logits `Engine::step` reads back for
+/// the same tokens in a twin sequence of the same engine, and move the sampler's stream alike.
+#[test]
+fn the_token_step_takes_the_device_paths_and_the_host_for_the_penalty() {
+    use mixtral::engine::{open, EngineOptions, OpenError, RowSampler};
+    use mixtral::sampling::{Sampler, SamplingParams};
+    let _lock = lock();
+    let dir = root().join("models/tiny-mixtral");
+    let model = load(&dir);
+    let options = EngineOptions {
+        max_context: Some(256),
+        max_sequences: Some(4),
+        max_step_tokens: Some(64),
+        ..EngineOptions::default()
+    };
+    let mut engine = match open("cuda", &model.weights, &options, None) {
+        Ok(engine) => engine,
+        Err(OpenError::Engine {
+            source: EngineError::Backend { source, .. },
+            ..
+        }) if matches!(
+            source.downcast_ref::<CudaError>(),
+            Some(CudaError::NoDriver | CudaError::NoDevice { .. })
+        ) =>
+        {
+            eprintln!("skipped token_step: {source}");
+            return;
+        }
+        Err(e) => panic!("opening cuda: {e}"),
+    };
+    assert!(engine.describe().is_some_and(|d| d.starts_with("cuda: ")));
+    let (prompt, _) = golden_ids(&dir);
+    fn step(seq: mixtral::SeqId, tokens: &[u32], start_pos: usize) -> [SeqStep<'_>; 1] {
+        [SeqStep {
+            seq,
+            tokens,
+            start_pos,
+            logits: LogitsFor::Last,
+        }]
+    }
+    let penalised = SamplingParams {
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        repetition_penalty: 1.3,
+        seed: 99,
+    };
+    let cases = [
+        ("greedy", SamplingParams::greedy()),
+        (
+            "seeded",
+            SamplingParams {
+                repetition_penalty: 1.0,
+                ..penalised
+            },
+        ),
+        ("penalised", penalised),
+    ];
+    for (what, params) in cases {
+        let (by_tokens, twin) = (
+            engine.new_sequence().unwrap(),
+            engine.new_sequence().unwrap(),
+        );
+        let mut sampler = Sampler::new(params).expect("params");
+        let mut reference = sampler.clone();
+        let mut history = prompt.clone();
+        let mut fed = 0;
+        for i in 0..8 {
+            let mut rows = [RowSampler::new(&mut sampler, &history)];
+            let ids = engine
+                .step_tokens(&step(by_tokens, &history[fed..], fed), &mut rows)
+                .unwrap_or_else(|e| panic!("{what} step {i}: {e}"));
+            let out = engine
+                .step(&step(twin, &history[fed..], fed))
+                .expect("twin logits");
+            let expected = reference.sample(out.row(0), &history).expect("host draw");
+            assert_eq!(ids, [expected], "{what} step {i}");
+            assert_eq!(
+                sampler.rng().state(),
+                reference.rng().state(),
+                "{what} step {i}: random stream"
+            );
+            fed = history.len();
+            history.extend(&ids);
+        }
+        engine.free_sequence(by_tokens).unwrap();
+        engine.free_sequence(twin).unwrap();
+    }
 }

@@ -2,8 +2,8 @@
 //! the fault poisons the process's CUDA context for good.
 //!
 //! After an illegal-address fault in the shared primary context, the CUDA engine's next step fails
-//! with a backend error naming the failure, and every later call fails fast with the engine's
-//! "unusable" error instead of touching the device again.
+//! with a dead backend error holding the failure, and every later call fails fast with a dead error
+//! holding `CudaError::Dead` instead of touching the device again.
 #![cfg(feature = "cuda")]
 
 use std::path::PathBuf;
@@ -65,19 +65,30 @@ fn a_sticky_device_fault_makes_the_engine_refuse_further_work() {
     assert!(fault.is_err(), "the write to address 0x1000 did not fault");
 
     match step(&mut engine, 0) {
-        Err(EngineError::Backend(message)) => eprintln!("first failure: {message}"),
+        Err(e @ EngineError::Backend { .. }) => {
+            eprintln!("first failure: {e}");
+            assert!(
+                e.is_dead(),
+                "the first failure must mark the engine dead: {e}"
+            );
+        }
         other => panic!("expected a backend error, got {other:?}"),
     }
     for _ in 0..2 {
         match step(&mut engine, 0) {
-            Err(EngineError::Backend(message)) => {
-                assert!(message.contains("unusable"), "{message}")
+            Err(e @ EngineError::Backend { .. }) => {
+                assert!(e.is_dead(), "{e}");
+                let EngineError::Backend { source, .. } = &e else {
+                    unreachable!()
+                };
+                assert!(
+                    matches!(source.downcast_ref::<CudaError>(), Some(CudaError::Dead(_))),
+                    "{e}"
+                );
             }
             other => panic!("expected the engine to refuse, got {other:?}"),
         }
     }
-    assert!(matches!(
-        engine.new_sequence(),
-        Err(EngineError::Backend(_))
-    ));
+    let refused = engine.new_sequence();
+    assert!(matches!(&refused, Err(e) if e.is_dead()), "{refused:?}");
 }

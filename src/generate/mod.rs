@@ -4,6 +4,10 @@
 //! tokens, cancellation by the callback) and streaming of final text to a callback. Also perplexity
 //! scoring ([`perplexity`]). Logits rows are `[vocab]` f32.
 //!
+//! Generation runs token steps ([`Engine::step_tokens`]): the engine returns only each sequence's
+//! chosen token (drawn on the device where the backend can), never the logits; perplexity is the
+//! one reader of logits.
+//!
 //! Streamed text is the continuation of the prompt's text: the pieces are what
 //! `decode(prompt ++ generated)` has beyond `decode(prompt)` (so the first token keeps its leading
 //! space). Text that could still become a stop string is held back; a stop string is never emitted.
@@ -15,7 +19,7 @@ mod stream;
 
 pub use perplexity::{perplexity, perplexity_chunked, Perplexity, PERPLEXITY_CHUNK};
 
-use crate::engine::{Engine, EngineError, LogitsFor, SeqId, SeqStep, StepOutput};
+use crate::engine::{Engine, EngineError, LogitsFor, RowSampler, SeqId, SeqStep};
 use crate::sampling::{SamplingError, SamplingParams};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use sequences::Sequences;
@@ -177,7 +181,9 @@ pub enum GenerateError {
     /// The engine refused a step or a sequence operation.
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// Bad sampling parameters, or a logits row that cannot be sampled.
+    /// Bad sampling parameters, or a logits row that cannot be sampled (the host sampler's error
+    /// from [`EngineError::Sampling`]; a device's non-finite row stays
+    /// [`EngineError::NonFiniteLogits`]).
     #[error(transparent)]
     Sampling(#[from] SamplingError),
     /// Detokenization failed (e.g. the model produced an id the tokenizer does not know).
@@ -185,18 +191,27 @@ pub enum GenerateError {
     Tokenizer(#[from] TokenizerError),
 }
 
-/// Checks a `LogitsFor::Last` step's output: one row per batch entry, entry `j` at `positions[j]`.
-fn check_rows(out: &StepOutput, positions: &[usize]) -> Result<(), GenerateError> {
-    let expected: Vec<(usize, usize)> = positions.iter().copied().enumerate().collect();
-    if out.rows != expected || out.vocab == 0 || out.logits.len() != positions.len() * out.vocab {
+/// Runs a `LogitsFor::Last` token step of `sequences` and checks its output: one id per batch
+/// entry. A row the host sampler refused is reported as the sampler's error.
+fn token_step(
+    sequences: &mut Sequences<'_>,
+    batch: &[SeqStep<'_>],
+    samplers: &mut [RowSampler<'_>],
+) -> Result<Vec<u32>, GenerateError> {
+    let ids = sequences
+        .step_tokens(batch, samplers)
+        .map_err(|e| match e {
+            EngineError::Sampling { source, .. } => GenerateError::Sampling(source),
+            other => GenerateError::Engine(other),
+        })?;
+    if ids.len() != batch.len() {
         return Err(GenerateError::EngineOutput(format!(
-            "asked for rows {expected:?}, got rows {:?} and {} logits of vocab {}",
-            out.rows,
-            out.logits.len(),
-            out.vocab
+            "asked for one token for each of {} sequences, got {}",
+            batch.len(),
+            ids.len()
         )));
     }
-    Ok(())
+    Ok(ids)
 }
 
 /// Checks the request before any engine work.
@@ -273,7 +288,6 @@ pub fn generate_batch(
         return Ok(streams.into_iter().map(|s| s.output).collect());
     }
     let mut sequences = Sequences::new(engine, prompts.len())?;
-    let mut next = vec![0u32; prompts.len()];
 
     let started = Instant::now();
     let mut batch = Vec::with_capacity(prompts.len());
@@ -285,16 +299,9 @@ pub fn generate_batch(
             logits: LogitsFor::Last,
         });
     }
-    let out = sequences.step(&batch)?;
-    let positions: Vec<usize> = prompts.iter().map(|p| p.len() - 1).collect();
-    check_rows(&out, &positions)?;
-    for ((stream, row), id) in streams
-        .iter_mut()
-        .zip(out.logits.chunks_exact(out.vocab))
-        .zip(&mut next)
-    {
-        *id = stream.sample(row)?;
-    }
+    let mut samplers: Vec<RowSampler<'_>> = streams.iter_mut().map(Stream::row_sampler).collect();
+    // `next[i]`: sequence `i`'s token to accept (set for the running ones after each step).
+    let mut next = token_step(&mut sequences, &batch, &mut samplers)?;
     let prefill = started.elapsed();
     for stream in &mut streams {
         stream.output.prefill = prefill;
@@ -324,9 +331,14 @@ pub fn generate_batch(
 
         let started = Instant::now();
         let mut batch = Vec::with_capacity(active.len());
-        let mut positions = Vec::with_capacity(active.len());
-        for &i in &active {
-            let history = streams.get(i).ok_or_else(|| lost(i))?.history();
+        let mut samplers = Vec::with_capacity(active.len());
+        // `active` is ascending, so walking the streams in order visits each active one once.
+        let running = streams
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| active.binary_search(i).is_ok());
+        for (i, stream) in running {
+            let (history, sampler) = stream.decode_parts();
             let position = history.len() - 1;
             batch.push(SeqStep {
                 seq: live(&sequences, i)?,
@@ -334,13 +346,17 @@ pub fn generate_batch(
                 start_pos: position,
                 logits: LogitsFor::Last,
             });
-            positions.push(position);
+            samplers.push(sampler);
         }
-        let out = sequences.step(&batch)?;
-        check_rows(&out, &positions)?;
-        for (&i, row) in active.iter().zip(out.logits.chunks_exact(out.vocab)) {
-            let stream = streams.get_mut(i).ok_or_else(|| lost(i))?;
-            let id = stream.sample(row)?;
+        if batch.len() != active.len() {
+            return Err(GenerateError::EngineOutput(format!(
+                "{} of {} running sequences found",
+                batch.len(),
+                active.len()
+            )));
+        }
+        let ids = token_step(&mut sequences, &batch, &mut samplers)?;
+        for (&i, id) in active.iter().zip(ids) {
             if let Some(slot) = next.get_mut(i) {
                 *slot = id;
             }

@@ -1,7 +1,7 @@
 //! Engine sequences owned by one call: created together, freed one by one as they finish, and all
 //! freed when dropped (on an early return with an error, or a panic in a callback).
 
-use crate::engine::{Engine, EngineError, SeqId, SeqStep, StepOutput};
+use crate::engine::{Engine, EngineError, RowSampler, SeqId, SeqStep, StepOutput};
 
 /// Sequences of `engine` that this value frees.
 pub(crate) struct Sequences<'e> {
@@ -29,9 +29,18 @@ impl<'e> Sequences<'e> {
         self.live.get(i).copied().flatten()
     }
 
-    /// Runs one engine step.
+    /// Runs one engine step, reading the logits back.
     pub(crate) fn step(&mut self, batch: &[SeqStep<'_>]) -> Result<StepOutput, EngineError> {
         self.engine.step(batch)
+    }
+
+    /// Runs one engine step that returns only the chosen tokens (see [`Engine::step_tokens`]).
+    pub(crate) fn step_tokens(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        samplers: &mut [RowSampler<'_>],
+    ) -> Result<Vec<u32>, EngineError> {
+        self.engine.step_tokens(batch, samplers)
     }
 
     /// Frees sequence `i` now (nothing when already freed).

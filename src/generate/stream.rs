@@ -3,6 +3,7 @@
 
 use super::stop::{Release, StopMatcher};
 use super::{FinishReason, GenerateError, GenerateOptions, GenerationOutput, TokenEvent};
+use crate::engine::RowSampler;
 use crate::sampling::Sampler;
 use crate::tokenizer::{Detokenizer, Tokenizer};
 use std::time::Duration;
@@ -46,14 +47,18 @@ impl<'t> Stream<'t> {
         })
     }
 
-    /// The sequence so far (prompt and generated ids).
-    pub(crate) fn history(&self) -> &[u32] {
-        &self.history
+    /// How the engine chooses the next id: this sequence's sampler after its history.
+    pub(crate) fn row_sampler(&mut self) -> RowSampler<'_> {
+        RowSampler::new(&mut self.sampler, &self.history)
     }
 
-    /// Chooses the next id from the logits of the last position.
-    pub(crate) fn sample(&mut self, logits: &[f32]) -> Result<u32, GenerateError> {
-        Ok(self.sampler.sample(logits, &self.history)?)
+    /// The sequence so far and how the engine chooses the next id, borrowed together for one
+    /// decode step (its input is the history's last token).
+    pub(crate) fn decode_parts(&mut self) -> (&[u32], RowSampler<'_>) {
+        (
+            &self.history,
+            RowSampler::new(&mut self.sampler, &self.history),
+        )
     }
 
     /// Takes `id` as the next generated token: the event for the callback, and the reason if the

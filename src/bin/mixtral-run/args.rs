@@ -1,6 +1,7 @@
 //! Command-line parsing of `mixtral-run`: flags (`--name value`, `--name=value`) into a
 //! [`Command`], every mistake a [`UsageError`] naming the flag and the value.
 
+pub use mixtral::engine::Device;
 use mixtral::quant::QuantFormat;
 use mixtral::sampling::{SamplingError, SamplingParams};
 use std::ffi::OsString;
@@ -47,15 +48,6 @@ Generated text streams to stdout; load progress and timings go to stderr.";
 /// A command-line mistake; its message names the flag and the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageError(pub String);
-
-/// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    /// The CPU reference engine.
-    Cpu,
-    /// A CUDA device by ordinal.
-    Cuda(usize),
-}
 
 /// Settings shared by both modes.
 #[derive(Debug, Clone, PartialEq)]
@@ -235,22 +227,9 @@ fn collect(args: Vec<String>) -> Result<Given, UsageError> {
     Ok(Given(given))
 }
 
-/// Parses `--device`.
+/// Parses `--device` (whether this build can run it is checked when the command runs).
 fn device(value: &str) -> Result<Device, UsageError> {
-    let bad = || {
-        UsageError(format!(
-            "invalid value {value:?} for --device: expected cpu, cuda or cuda:N"
-        ))
-    };
-    match value {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => value
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Device::Cuda)
-            .ok_or_else(bad),
-    }
+    Device::parse(value).map_err(|e| UsageError(format!("--device: {e}")))
 }
 
 /// The flag that sets a sampling parameter.

@@ -6,7 +6,7 @@ mod args;
 mod report;
 
 use args::{Command, Common, Device, GenerateArgs, PerplexityArgs, Prompt, UsageError};
-use mixtral::cpu::{CpuEngine, CpuEngineOptions};
+use mixtral::engine::{open_device, EngineOptions};
 use mixtral::generate::{generate, perplexity, GenerateOptions};
 use mixtral::quant::{declared_format, estimate_memory, QuantFormat};
 use mixtral::tokenizer::{ChatMessage, Tokenizer};
@@ -78,26 +78,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// Refuses devices this build cannot use, before anything is loaded.
-fn check_device(device: Device) -> Result<(), Failure> {
-    match device {
-        Device::Cpu => Ok(()),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(n) => Err(Failure(format!(
-            "--device cuda:{n}: this build has no CUDA support (rebuild with --features cuda)"
-        ))),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Ok(()),
-    }
-}
-
 /// A loaded model directory, its tokenizer, the load time and, when not yet shown, the memory
 /// estimate line.
 type Loaded = (Model, Tokenizer, Duration, Option<String>);
 
 /// Loads the model directory (tokenizer required), showing progress.
 fn load(common: &Common) -> Result<Loaded, Failure> {
-    check_device(common.device)?;
+    // A device this build cannot use is refused before the (long) load.
+    common.device.check_supported()?;
     // On a terminal the estimate comes before the (long) load; otherwise with the timings of a
     // successful run, so that a failure stays a single `error:` line.
     let mut estimate = preflight(common);
@@ -147,50 +135,24 @@ fn context_limit(model: &Model, common: &Common) -> usize {
         .unwrap_or(model.config.max_position_embeddings)
 }
 
-/// A CPU engine for one sequence of `needed` tokens: its context (and so its KV cache) is `needed`
-/// capped by [`context_limit`]; a request past the cap is then refused by `generate`/`perplexity`
-/// with the limit in the message.
+/// An engine on `--device` for one sequence of `needed` tokens: its context (and so its KV cache)
+/// is `needed` capped by [`context_limit`]; a request past the cap is then refused by
+/// `generate`/`perplexity` with the limit in the message. A GPU engine shows its weight upload's
+/// progress, then one line on what it holds.
 fn engine(model: &Model, common: &Common, needed: usize) -> Result<Box<dyn Engine>, Failure> {
-    let max_context = context_limit(model, common).min(needed).max(1);
-    match common.device {
-        Device::Cpu => {
-            let options = CpuEngineOptions {
-                max_context: Some(max_context),
-                max_sequences: 1,
-                ..CpuEngineOptions::default()
-            };
-            Ok(Box::new(CpuEngine::new(model.weights.clone(), options)?))
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(n) => cuda_engine(model, n, max_context),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(n) => Err(Failure(format!(
-            "--device cuda:{n}: this build has no CUDA support (rebuild with --features cuda)"
-        ))),
-    }
-}
-
-/// A CUDA engine on device `ordinal` for one sequence of up to `max_context` tokens, showing the
-/// weight upload's progress.
-#[cfg(feature = "cuda")]
-fn cuda_engine(
-    model: &Model,
-    ordinal: usize,
-    max_context: usize,
-) -> Result<Box<dyn Engine>, Failure> {
-    use mixtral::cuda::{CudaEngine, CudaEngineOptions};
-    let options = CudaEngineOptions {
-        device: ordinal,
-        max_context: Some(max_context),
-        max_sequences: 1,
-        ..CudaEngineOptions::default()
+    let options = EngineOptions {
+        max_context: Some(context_limit(model, common).min(needed).max(1)),
+        max_sequences: Some(1),
+        ..EngineOptions::default()
     };
     let (display, progress) = LoadDisplay::new();
-    let built = CudaEngine::new(&model.weights, options, Some(&*progress));
+    let built = open_device(common.device, &model.weights, &options, Some(&*progress));
     display.finish();
-    let engine = built.map_err(|e| Failure(format!("--device cuda:{ordinal}: {e}")))?;
-    report::cuda_engine(&engine);
-    Ok(Box::new(engine))
+    let engine = built?;
+    if let Some(line) = engine.describe() {
+        eprintln!("{line}");
+    }
+    Ok(engine)
 }
 
 /// Reads a text file, removing one trailing line break (editors add one).

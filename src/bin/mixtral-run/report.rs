@@ -166,26 +166,6 @@ pub fn perplexity_timings(load: Duration, tokens: usize, scoring: Duration) {
     );
 }
 
-/// One stderr line on the CUDA engine just built: the card and what it holds.
-#[cfg(feature = "cuda")]
-pub fn cuda_engine(engine: &mixtral::cuda::CudaEngine) {
-    const GIB: f64 = (1u64 << 30) as f64;
-    let memory = engine.memory();
-    let packed = if memory.packed_stacks > 0 {
-        format!(", {} projection stacks packed", memory.packed_stacks)
-    } else {
-        String::new()
-    };
-    eprintln!(
-        "cuda: {}: weights {:.2} GiB{packed}, cache and activations {:.2} GiB ({} KV blocks), decode graphs for batch {:?}",
-        engine.device_name(),
-        memory.weights as f64 / GIB,
-        memory.plan as f64 / GIB,
-        memory.kv_blocks,
-        engine.graph_buckets()
-    );
-}
-
 /// `bytes` in GiB, or MiB below 1 GiB.
 fn size(bytes: u64) -> String {
     let mib = bytes as f64 / f64::from(1u32 << 20);

@@ -10,7 +10,8 @@
 //! A step is validated and applied to the KV bookkeeping ([`PagedKv`], shared with the CPU engine),
 //! the changed block-table rows are uploaded, and the step runs as a graph replay (decode) or as
 //! eager chunks (prefill, see [`inputs`]). After a device failure the engine refuses all further work
-//! with [`EngineError::Backend`] naming the first failure (a sticky CUDA error poisons the context).
+//! with a dead [`EngineError::Backend`] ([`EngineError::is_dead`]) holding the [`CudaError`]: the
+//! failure itself, then [`CudaError::Dead`] naming it (a sticky CUDA error poisons the context).
 
 pub mod graph;
 pub mod inputs;
@@ -42,7 +43,10 @@ use super::ops::{
 use super::region::{DeviceArena, Region};
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
-use crate::engine::{Engine, EngineError, LogitsFor, SeqId, SeqStep, StepOutput};
+use crate::engine::{
+    check_sampler_count, sample_on_host, Engine, EngineError, LogitsFor, RowSampler, SeqId,
+    SeqStep, StepOutput,
+};
 use crate::kv::{KvLimits, PagedKv};
 use crate::quant::{int4, PackedKind, QuantFormat};
 use crate::sampling::{Rng, Sampler};
@@ -474,27 +478,16 @@ impl CudaEngine {
     /// `samplers[i]` (one per logits row, in output order): temperature, top-k and top-p exactly as
     /// [`Sampler::sample`] defines them, from the sampler's own random stream, which advances as
     /// the host sampler's would. Greedy samplers take the device argmax. The repetition penalty is
-    /// not applied on the device: a sampler using it is refused (before anything changes). A row
-    /// whose logits are not finite is [`EngineError::NonFiniteLogits`] (the step itself was applied).
+    /// not applied on the device: a sampler using it is refused (before anything changes; the
+    /// [`Engine::step_tokens`] of this engine samples such steps on the host), and so is a sampler
+    /// count other than the step's rows ([`EngineError::SamplerCount`]). A row whose logits are
+    /// not finite is [`EngineError::NonFiniteLogits`] (the step itself was applied).
     pub fn step_sample(
         &mut self,
         batch: &[SeqStep<'_>],
         samplers: &mut [Sampler],
     ) -> Result<Vec<u32>, EngineError> {
-        let rows: usize = batch
-            .iter()
-            .map(|s| match s.logits {
-                LogitsFor::None => 0,
-                LogitsFor::Last => 1,
-                LogitsFor::All => s.tokens.len(),
-            })
-            .sum();
-        if samplers.len() != rows {
-            return Err(EngineError::InvalidOptions(format!(
-                "{} samplers for a step producing {rows} logits rows",
-                samplers.len()
-            )));
-        }
+        check_sampler_count(batch, samplers.len())?;
         if let Some(s) = samplers
             .iter()
             .find(|s| s.params().repetition_penalty != 1.0)
@@ -511,19 +504,18 @@ impl CudaEngine {
             })
     }
 
+    /// Marks the engine dead after `error` (the first failure is kept) and returns the dead
+    /// backend error holding it.
     fn fail(&mut self, error: CudaError) -> EngineError {
-        let message = error.to_string();
         if self.dead.is_none() {
-            self.dead = Some(message.clone());
+            self.dead = Some(error.to_string());
         }
-        EngineError::Backend(message)
+        EngineError::dead(error)
     }
 
     fn check_alive(&self) -> Result<(), EngineError> {
         match &self.dead {
-            Some(first) => Err(EngineError::Backend(
-                CudaError::Dead(first.clone()).to_string(),
-            )),
+            Some(first) => Err(EngineError::dead(CudaError::Dead(first.clone()))),
             None => Ok(()),
         }
     }
@@ -931,6 +923,48 @@ impl Engine for CudaEngine {
                 Output::Logits(step) => step,
                 Output::Greedy(_) => StepOutput::default(),
             })
+    }
+
+    /// On the device: [`CudaEngine::step_greedy`] when every sampler is greedy, else
+    /// [`CudaEngine::step_sample`] (each sampler's stream moved to where the device left it).
+    /// Samplers with a repetition penalty, which the device does not apply, make the whole step
+    /// read its logits back and sample on the host ([`sample_on_host`]).
+    fn step_tokens(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        samplers: &mut [RowSampler<'_>],
+    ) -> Result<Vec<u32>, EngineError> {
+        if !samplers.iter().all(RowSampler::ignores_history) {
+            return sample_on_host(self, batch, samplers);
+        }
+        check_sampler_count(batch, samplers.len())?;
+        if samplers.iter().all(|s| s.sampler.params().is_greedy()) {
+            return self.step_greedy(batch);
+        }
+        let mut device: Vec<Sampler> = samplers.iter().map(|s| s.sampler.clone()).collect();
+        let drawn = self.step_sample(batch, &mut device);
+        for (row, moved) in samplers.iter_mut().zip(device) {
+            *row.sampler = moved;
+        }
+        drawn
+    }
+
+    fn describe(&self) -> Option<String> {
+        const GIB: f64 = (1u64 << 30) as f64;
+        let memory = self.memory();
+        let packed = if memory.packed_stacks > 0 {
+            format!(", {} projection stacks packed", memory.packed_stacks)
+        } else {
+            String::new()
+        };
+        Some(format!(
+            "cuda: {}: weights {:.2} GiB{packed}, cache and activations {:.2} GiB ({} KV blocks), decode graphs for batch {:?}",
+            self.device_name(),
+            memory.weights as f64 / GIB,
+            memory.plan as f64 / GIB,
+            memory.kv_blocks,
+            self.graph_buckets()
+        ))
     }
 }
 
