@@ -2,7 +2,7 @@
 //! heads of 128, 8 experts top-2, intermediate 14336, vocab 32000) with seeded random bf16 weights
 //! made on the device, `MIXTRAL_BENCH_LAYERS` layers (default: 32 when the card holds them, else 16).
 //!
-//! `cargo bench --features cuda --bench gpu_decode` runs criterion groups (decode at batch 1 / 8 / 32,
+//! `cargo bench --features cuda,testing --bench gpu_decode` runs criterion groups (decode at batch 1 / 8 / 32,
 //! long-context decode, prefill). `gpu_decode --protocol OUT.jsonl` runs the fixed protocol that
 //! `scripts/gpu-check` uses: every measurement once, median of repeated steps after a warm-up, one
 //! JSON object per line. `gpu_decode --protocol-quant OUT.jsonl` measures the packed formats (FP8,

@@ -3,7 +3,7 @@
 //! kernels (weights or KV read once: read the rate as GB/s) and FLOPs for the tensor-core prefill
 //! kernels (read elements/s as FLOP/s). Without a CUDA device it prints why and exits successfully.
 //!
-//! `cargo bench --features cuda --bench gpu_kernels`. Each sample ends with a stream synchronise.
+//! `cargo bench --features cuda,testing --bench gpu_kernels`. Each sample ends with a stream synchronise.
 
 use std::sync::Arc;
 use std::time::Duration;
