@@ -325,3 +325,21 @@ fn broken_model_directories_are_errors() {
     let path = dir.path().to_str().unwrap();
     assert_fails(&["--model", path, "--prompt", "x"], 1, "tokenizer.json");
 }
+
+/// `--explain` prints the kernel-selection table in a CUDA build, and one error line without one.
+#[test]
+fn explain_prints_the_kernel_selection_table_or_says_why_not() {
+    let out = run(&["--explain"]);
+    if cfg!(feature = "cuda") {
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert!(text.starts_with("op "), "{text}");
+        assert!(
+            text.contains("linear_gemv") && text.contains("qmoe_up"),
+            "{text}"
+        );
+    } else {
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains("feature `cuda`"), "{}", stderr(&out));
+    }
+}

@@ -44,6 +44,7 @@ internal! {
     #[rustfmt::skip]
     mod params;
     mod region;
+    mod select;
 }
 
 mod error;
@@ -54,3 +55,9 @@ pub use engine::{CudaEngine, CudaEngineOptions, MemoryUse, WeightSource};
 pub use error::CudaError;
 #[cfg(feature = "testing")]
 pub use {device::CudaDevice, module::Kernels};
+
+/// The kernel-selection table as text: for each op, weight format and device, which kernels run
+/// over which token counts (what `mixtral-run --explain` prints).
+pub fn kernel_selection_table() -> String {
+    select::table()
+}

@@ -18,7 +18,7 @@ usage:
                 [--quantize fp8|int8|int4] [--json]
     mixtral-run --model DIR --perplexity FILE [--device ...] [--max-context N] [--quantize ...]
                 [--json]
-    mixtral-run --help | --version
+    mixtral-run --explain | --help | --version
 
 options:
     --model DIR            Hugging Face model directory (config.json, safetensors, tokenizer.json)
@@ -40,6 +40,8 @@ options:
                            groups of 128, asymmetric); bf16 keeps them as stored. Pre-quantized
                            directories (FP8, GPTQ) load without this flag
     --json                 one JSON object per line on stdout instead of plain text
+    --explain              print which CUDA kernels run each op, by token count, weight format and
+                           device (the kernel-selection table; needs a build with feature `cuda`)
     -h, --help             this text
     -V, --version          the version
 
@@ -106,6 +108,8 @@ pub enum Command {
     Help,
     /// Print the version.
     Version,
+    /// Print the CUDA kernel-selection table.
+    Explain,
     /// Generate text.
     Generate(GenerateArgs),
     /// Score a file.
@@ -255,6 +259,9 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<Command, UsageEr
     }
     if args.iter().any(|a| a == "--version" || a == "-V") {
         return Ok(Command::Version);
+    }
+    if args.iter().any(|a| a == "--explain") {
+        return Ok(Command::Explain);
     }
     let given = collect(args)?;
 

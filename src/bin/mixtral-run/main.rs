@@ -47,6 +47,20 @@ fn print_error(message: &str) {
     eprintln!("error: {line}");
 }
 
+/// Prints the CUDA kernel-selection table (a build without feature `cuda` has no CUDA kernels).
+fn explain() -> ExitCode {
+    #[cfg(feature = "cuda")]
+    {
+        print!("{}", mixtral::cuda::kernel_selection_table());
+        ExitCode::SUCCESS
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        print_error("--explain needs a build with feature `cuda` (this one has no CUDA kernels)");
+        ExitCode::FAILURE
+    }
+}
+
 fn main() -> ExitCode {
     match args::parse(std::env::args_os().skip(1)) {
         Err(UsageError(message)) => {
@@ -61,11 +75,12 @@ fn main() -> ExitCode {
             println!("mixtral-run {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Ok(Command::Explain) => explain(),
         Ok(command) => {
             let result = match command {
                 Command::Generate(a) => run_generate(&a),
                 Command::Perplexity(a) => run_perplexity(&a),
-                Command::Help | Command::Version => Ok(()),
+                Command::Help | Command::Version | Command::Explain => Ok(()),
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

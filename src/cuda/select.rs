@@ -1,0 +1,191 @@
+//! The one kernel-selection table: from the op, the token count of the chunk, the weight format and
+//! what the device offers, which kernels run. Nothing else in the crate branches on those; the
+//! planners and the execution plan ask [`select`], and `mixtral-run --explain` prints [`table`].
+//!
+//! The thresholds come from arithmetic on the kernels' tiles, not from measurements:
+//! - dense projections: a GEMV streams the weights once per tile of up to 8 tokens; at 17 tokens a
+//!   third weight pass costs more than the tensor-core GEMM's idle rows of a 128-token tile;
+//! - bf16 experts: below 32 tokens (top-2 over 8 experts: under 8 slots per expert) the GEMV's
+//!   weight passes are at full bandwidth; from 32 on, 64-slot tensor-core tiles serve more slots per
+//!   weight read;
+//! - packed experts: reading the packed weights once per 8 slots costs less than expanding them to
+//!   bf16 and reading that copy until about 40 slots per expert: up to 128 tokens;
+//! - the Hopper warpgroup-MMA expert kernels run only where asked for, on compute capability 9.x,
+//!   after their self-check against the mma.sync kernels passed on the device.
+
+use std::fmt::Write as _;
+
+/// Most tokens a dense projection runs as a GEMV (the kernels' own limit).
+pub const LINEAR_GEMV_MAX_TOKENS: usize = super::params::LINEAR_GEMV_MAX_TOKENS as usize;
+/// Fewest tokens the bf16 expert MLPs run on tensor cores.
+pub const MOE_GROUPED_MIN_TOKENS: usize = 32;
+/// Most tokens the packed expert MLPs run as GEMVs over the packed weights.
+pub const QUANT_MOE_GEMV_MAX_TOKENS: usize = 128;
+
+/// What is being computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A dense projection `x @ w^T` (q/k/v, o, LM head).
+    Projection,
+    /// The routed expert MLPs of one layer.
+    Experts,
+}
+
+/// How the weights are stored on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// bf16.
+    Bf16,
+    /// Packed FP8, INT8 or 4-bit codes with their scales.
+    Packed,
+}
+
+/// What the device offers beyond sm_80.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Device {
+    /// The Hopper expert kernels were asked for and passed their self-check on this device.
+    pub hopper_experts: bool,
+}
+
+/// The kernels one op runs, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// `linear_gemv`: bf16 weights streamed once per tile of tokens.
+    LinearGemv,
+    /// `linear_mma`: the bf16 tensor-core GEMM.
+    LinearMma,
+    /// `qlinear`: a GEMV over the packed weights, dequantized in registers.
+    QLinear,
+    /// `dequantize` into bf16 scratch, then `linear_mma`.
+    DequantizeThenLinearMma,
+    /// `moe_up` + `moe_down`: GEMVs over the bf16 experts that have slots.
+    MoeGemv,
+    /// `moe_grouped_up` + `moe_grouped_down`: the mma.sync grouped GEMM.
+    MoeGrouped,
+    /// `moe_wgmma_up` + `moe_wgmma_down`: the Hopper warpgroup-MMA grouped GEMM.
+    MoeWgmma,
+    /// `qmoe_up` + `qmoe_down`: GEMVs over the packed experts.
+    QMoeGemv,
+    /// `dequantize` of the three expert stacks into bf16 scratch, then the grouped GEMM.
+    DequantizeThenMoeGrouped,
+    /// `dequantize` of the three expert stacks, then the Hopper grouped GEMM.
+    DequantizeThenMoeWgmma,
+}
+
+impl Choice {
+    /// The kernels, as `mixtral-run --explain` names them.
+    pub fn kernels(self) -> &'static str {
+        match self {
+            Choice::LinearGemv => "linear_gemv",
+            Choice::LinearMma => "linear_mma",
+            Choice::QLinear => "qlinear",
+            Choice::DequantizeThenLinearMma => "dequantize + linear_mma",
+            Choice::MoeGemv => "moe_up + moe_down",
+            Choice::MoeGrouped => "moe_grouped_up + moe_grouped_down",
+            Choice::MoeWgmma => "moe_wgmma_up + moe_wgmma_down",
+            Choice::QMoeGemv => "qmoe_up + qmoe_down",
+            Choice::DequantizeThenMoeGrouped => "dequantize x3 + moe_grouped_up + moe_grouped_down",
+            Choice::DequantizeThenMoeWgmma => "dequantize x3 + moe_wgmma_up + moe_wgmma_down",
+        }
+    }
+}
+
+/// The kernels that run `op` over `tokens` tokens of weights in `format` on `device`.
+pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
+    match (op, format) {
+        (Op::Projection, Format::Bf16) if tokens <= LINEAR_GEMV_MAX_TOKENS => Choice::LinearGemv,
+        (Op::Projection, Format::Bf16) => Choice::LinearMma,
+        (Op::Projection, Format::Packed) if tokens <= LINEAR_GEMV_MAX_TOKENS => Choice::QLinear,
+        (Op::Projection, Format::Packed) => Choice::DequantizeThenLinearMma,
+        (Op::Experts, Format::Bf16) if tokens < MOE_GROUPED_MIN_TOKENS => Choice::MoeGemv,
+        (Op::Experts, Format::Bf16) if device.hopper_experts => Choice::MoeWgmma,
+        (Op::Experts, Format::Bf16) => Choice::MoeGrouped,
+        (Op::Experts, Format::Packed) if tokens <= QUANT_MOE_GEMV_MAX_TOKENS => Choice::QMoeGemv,
+        (Op::Experts, Format::Packed) if device.hopper_experts => Choice::DequantizeThenMoeWgmma,
+        (Op::Experts, Format::Packed) => Choice::DequantizeThenMoeGrouped,
+    }
+}
+
+/// The whole table as text: one line per op, format and device where the choice changes, with the
+/// token ranges.
+pub fn table() -> String {
+    let mut out = String::from("op          format  hopper  tokens       kernels\n");
+    for op in [Op::Projection, Op::Experts] {
+        for format in [Format::Bf16, Format::Packed] {
+            for hopper in [false, true] {
+                let device = Device {
+                    hopper_experts: hopper,
+                };
+                let mut start = 1;
+                let mut current = select(op, 1, format, device);
+                // Every threshold is far below this; past it the choice no longer changes.
+                let limit = 4 * QUANT_MOE_GEMV_MAX_TOKENS;
+                for tokens in 2..=limit + 1 {
+                    let next = select(op, tokens, format, device);
+                    if next != current || tokens == limit + 1 {
+                        let range = if tokens == limit + 1 {
+                            format!("{start}+")
+                        } else {
+                            format!("{start}-{}", tokens - 1)
+                        };
+                        let _ = writeln!(
+                            out,
+                            "{:<11} {:<7} {:<7} {range:<12} {}",
+                            format!("{op:?}").to_lowercase(),
+                            format!("{format:?}").to_lowercase(),
+                            if hopper { "yes" } else { "no" },
+                            current.kernels()
+                        );
+                        start = tokens;
+                        current = next;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NO: Device = Device {
+        hopper_experts: false,
+    };
+    const HOPPER: Device = Device {
+        hopper_experts: true,
+    };
+
+    #[test]
+    fn thresholds_sit_where_the_table_says() {
+        let p = |t, f| select(Op::Projection, t, f, NO);
+        assert_eq!(p(16, Format::Bf16), Choice::LinearGemv);
+        assert_eq!(p(17, Format::Bf16), Choice::LinearMma);
+        assert_eq!(p(16, Format::Packed), Choice::QLinear);
+        assert_eq!(p(17, Format::Packed), Choice::DequantizeThenLinearMma);
+        let e = |t, f, d| select(Op::Experts, t, f, d);
+        assert_eq!(e(31, Format::Bf16, HOPPER), Choice::MoeGemv);
+        assert_eq!(e(32, Format::Bf16, NO), Choice::MoeGrouped);
+        assert_eq!(e(32, Format::Bf16, HOPPER), Choice::MoeWgmma);
+        assert_eq!(e(128, Format::Packed, HOPPER), Choice::QMoeGemv);
+        assert_eq!(
+            e(129, Format::Packed, NO),
+            Choice::DequantizeThenMoeGrouped
+        );
+        assert_eq!(
+            e(129, Format::Packed, HOPPER),
+            Choice::DequantizeThenMoeWgmma
+        );
+    }
+
+    #[test]
+    fn the_printed_table_lists_each_range_once() {
+        let text = table();
+        assert!(text.contains("projection  bf16    no      1-16         linear_gemv"));
+        assert!(text.contains("projection  bf16    no      17+          linear_mma"));
+        assert!(text.contains("experts     packed  yes     129+"));
+        // 2 ops x 2 formats x 2 devices, two ranges each, plus the header.
+        assert_eq!(text.lines().count(), 1 + 16);
+    }
+}
