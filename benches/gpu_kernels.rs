@@ -11,10 +11,11 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use cudarc::driver::CudaStream;
 use half::bf16;
+use mixtral::cuda::args::{LinearArgs, LinearScalars, MoeScalars, QMoeArgs};
 use mixtral::cuda::ops::{
     self, attention_splits, AttentionDecodeBuffers, AttentionDecodeShape, AttentionPrefillBuffers,
-    AttentionPrefillShape, FillShape, LinearBuffers, LinearOut, LinearShape, MoeBuffers, MoeShape,
-    PagedCacheShape, QLinearBuffers, QMoeBuffers, QuantWeights, RouterBuffers, RouterShape,
+    AttentionPrefillShape, FillShape, MoeBuffers, MoeShape, PackedView, PagedCacheShape,
+    RouterBuffers, RouterShape,
 };
 use mixtral::cuda::region::{DeviceArena, Region};
 use mixtral::cuda::{CudaDevice, Kernels};
@@ -103,15 +104,15 @@ fn linear_benches(c: &mut Criterion, b: &mut Bench) {
                     ops::linear(
                         &b.kernels,
                         &stream,
-                        &LinearShape {
-                            tokens,
-                            in_features: HIDDEN,
-                            out_features,
+                        &LinearScalars {
+                            tokens: tokens as u32,
+                            in_features: HIDDEN as u32,
+                            out_features: out_features as u32,
                         },
-                        LinearBuffers {
-                            x: &x,
-                            w: &w,
-                            out: LinearOut::Bf16(&mut y),
+                        LinearArgs {
+                            x: x.view(),
+                            w: w.view(),
+                            out: y.view_mut().into(),
                         },
                     )
                     .expect("linear");
@@ -377,21 +378,19 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
                             ops::qlinear(
                                 &b.kernels,
                                 &stream,
-                                &LinearShape {
-                                    tokens,
-                                    in_features: HIDDEN,
-                                    out_features,
+                                &LinearScalars {
+                                    tokens: tokens as u32,
+                                    in_features: HIDDEN as u32,
+                                    out_features: out_features as u32,
                                 },
-                                QLinearBuffers {
-                                    x: &x,
-                                    w: QuantWeights {
-                                        kind,
-                                        codes: &codes,
-                                        params: &params,
-                                        perm: None,
-                                    },
-                                    out: LinearOut::Bf16(&mut y),
+                                x.view(),
+                                PackedView {
+                                    kind,
+                                    codes: codes.view(),
+                                    params: params.view(),
+                                    perm: None,
                                 },
+                                y.view_mut().into(),
                             )
                             .expect("qlinear");
                             sync(&stream);
@@ -416,35 +415,35 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
             } = route(b, &stream, &gate, tokens);
             // Distinct experts touched bound the bytes; at batch 1 that is exactly 2.
             group.throughput(Throughput::Bytes((per_expert * slots.min(EXPERTS)) as u64));
-            let shape = MoeShape {
-                tokens,
-                hidden: HIDDEN,
-                inter: INTER,
-                experts: EXPERTS,
-                top_k: TOP_K,
+            let shape = MoeScalars {
+                tokens: tokens as u32,
+                hidden: HIDDEN as u32,
+                inter: INTER as u32,
+                experts: EXPERTS as u32,
+                top_k: TOP_K as u32,
             };
             group.bench_function(BenchmarkId::new(format!("qmoe_{label}"), tokens), |bench| {
                 bench.iter(|| {
-                    let stack = |codes, params| QuantWeights {
-                        kind,
-                        codes,
-                        params,
-                        perm: None,
-                    };
                     ops::qmoe_gemv(
                         &b.kernels,
                         &stream,
                         &shape,
-                        QMoeBuffers {
-                            x: &x,
-                            w1: stack(&w1_codes, &w1_params),
-                            w3: stack(&w3_codes, &w3_params),
-                            w2: stack(&w2_codes, &w2_params),
-                            topk_weights: &topk_weights,
-                            expert_offsets: &offsets,
-                            sorted_slots: &sorted,
-                            act: &mut act,
-                            out: &mut out,
+                        [kind; 3],
+                        QMoeArgs {
+                            x: x.view(),
+                            w1_codes: w1_codes.view(),
+                            w1_params: w1_params.view(),
+                            w3_codes: w3_codes.view(),
+                            w3_params: w3_params.view(),
+                            w13_perm: None,
+                            w2_codes: w2_codes.view(),
+                            w2_params: w2_params.view(),
+                            w2_perm: None,
+                            topk_weights: topk_weights.view(),
+                            expert_offsets: offsets.view(),
+                            sorted_slots: sorted.view(),
+                            act: act.view_mut(),
+                            out: out.view_mut(),
                         },
                     )
                     .expect("qmoe_gemv");

@@ -1116,8 +1116,17 @@ pub use fill::*;
 #[cfg(test)]
 mod tests;
 
-mod quant;
-pub use quant::*;
+mod quant_layout;
+pub use quant_layout::PackedView;
+
+mod qlinear;
+pub use qlinear::*;
+
+mod qmoe;
+pub use qmoe::*;
+
+mod dequant;
+pub use dequant::*;
 
 mod moe_wgmma;
 pub use moe_wgmma::*;

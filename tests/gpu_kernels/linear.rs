@@ -6,7 +6,8 @@
 
 use half::bf16;
 use mixtral::cpu::matmul::matmul;
-use mixtral::cuda::ops::{linear, LinearBuffers, LinearOut, LinearShape};
+use mixtral::cuda::args::{LinearArgs, LinearScalars};
+use mixtral::cuda::ops::linear;
 use mixtral::cuda::params::LINEAR_GEMV_MAX_TOKENS;
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
@@ -19,7 +20,7 @@ const BOUND: f64 = 1e-2;
 
 /// One problem: the bf16 inputs the device gets and the CPU reference output on them.
 struct Problem {
-    shape: LinearShape,
+    shape: LinearScalars,
     x: Vec<bf16>,
     w: Vec<bf16>,
     reference: Vec<f32>,
@@ -41,10 +42,10 @@ fn problem(seed: u64, tokens: usize, in_features: usize, out_features: usize) ->
         &mut reference,
     );
     Problem {
-        shape: LinearShape {
-            tokens,
-            in_features,
-            out_features,
+        shape: LinearScalars {
+            tokens: tokens as u32,
+            in_features: in_features as u32,
+            out_features: out_features as u32,
         },
         x,
         w,
@@ -58,17 +59,17 @@ fn run(gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<f32> {
     let stream = gpu.stream();
     let x = Guarded::with(stream, &p.x);
     let w = Guarded::with(stream, &p.w);
-    let len = p.shape.tokens * p.shape.out_features;
+    let len = p.shape.tokens as usize * p.shape.out_features as usize;
     if out_f32 {
         let mut out = Guarded::<f32>::poisoned(stream, len);
         linear(
             &gpu.kernels,
             stream,
             &p.shape,
-            LinearBuffers {
-                x: &x.view(),
-                w: &w.view(),
-                out: LinearOut::F32(&mut out.view_mut()),
+            LinearArgs {
+                x: x.dev(),
+                w: w.dev(),
+                out: out.dev_mut().into(),
             },
         )
         .expect("linear (f32 out)");
@@ -79,10 +80,10 @@ fn run(gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<f32> {
             &gpu.kernels,
             stream,
             &p.shape,
-            LinearBuffers {
-                x: &x.view(),
-                w: &w.view(),
-                out: LinearOut::Bf16(&mut out.view_mut()),
+            LinearArgs {
+                x: x.dev(),
+                w: w.dev(),
+                out: out.dev_mut().into(),
             },
         )
         .expect("linear (bf16 out)");
@@ -144,8 +145,8 @@ fn gemv_and_tensor_core_paths_agree_at_the_crossover() {
     // The same first rows: the GEMM problem is the GEMV problem plus one token.
     let mma = problem(11, gemv_tokens + 1, in_features, out_features);
     let gemv = Problem {
-        shape: LinearShape {
-            tokens: gemv_tokens,
+        shape: LinearScalars {
+            tokens: gemv_tokens as u32,
             ..mma.shape
         },
         x: mma.x[..gemv_tokens * in_features].to_vec(),
@@ -201,10 +202,10 @@ fn zero_tokens_touch_nothing() {
         &gpu.kernels,
         stream,
         &p.shape,
-        LinearBuffers {
-            x: &x.view(),
-            w: &w.view(),
-            out: LinearOut::F32(&mut out.view_mut()),
+        LinearArgs {
+            x: x.dev(),
+            w: w.dev(),
+            out: out.dev_mut().into(),
         },
     )
     .expect("linear with zero tokens");

@@ -11,10 +11,9 @@ use half::bf16;
 use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::moe::{expert_mlp, silu, Expert};
 use mixtral::cpu::router::{group_by_expert, route};
-use mixtral::cuda::ops::{
-    dequantize, qlinear, qmoe_gemv, DequantShape, LinearOut, LinearShape, MoeShape, QLinearBuffers,
-    QMoeBuffers, QuantWeights,
-};
+use mixtral::cuda::args::{LinearScalars, MoeScalars, QMoeArgs};
+use mixtral::cuda::memory::View;
+use mixtral::cuda::ops::{dequantize, qlinear, qmoe_gemv, shared_perm, DequantShape, PackedView};
 use mixtral::dtype::WeightSlice;
 use mixtral::quant::{fp8, int4, int8, PackedKind, PackedMatrix};
 use proptest::prelude::*;
@@ -136,19 +135,19 @@ impl DeviceStack {
         }
     }
 
-    fn weights(&self) -> QuantWeights<'_> {
-        QuantWeights {
+    fn weights(&self) -> PackedView<'_> {
+        PackedView {
             kind: self.kind,
-            codes: &self.codes,
-            params: &self.params,
-            perm: self.perm.as_ref().map(|p| p as _),
+            codes: View::of(&self.codes),
+            params: View::of(&self.params),
+            perm: self.perm.as_ref().map(View::of),
         }
     }
 
     /// The same stack with another stack's permutation buffer (w3 sharing w1's).
-    fn weights_with_perm<'a>(&'a self, perm: Option<&'a CudaSlice<u32>>) -> QuantWeights<'a> {
-        QuantWeights {
-            perm: perm.map(|p| p as _),
+    fn weights_with_perm<'a>(&'a self, perm: Option<&'a CudaSlice<u32>>) -> PackedView<'a> {
+        PackedView {
+            perm: perm.map(View::of),
             ..self.weights()
         }
     }
@@ -160,10 +159,10 @@ impl DeviceStack {
 /// Runs qlinear on `m` and bf16 `x` into a poisoned, guarded output; returns it as f32.
 fn run_qlinear(gpu: &Gpu, m: &PackedMatrix, x: &[bf16], tokens: usize, out_f32: bool) -> Vec<f32> {
     let stream = gpu.stream();
-    let shape = LinearShape {
-        tokens,
-        in_features: m.cols,
-        out_features: m.rows,
+    let shape = LinearScalars {
+        tokens: tokens as u32,
+        in_features: m.cols as u32,
+        out_features: m.rows as u32,
     };
     let d_x = Guarded::with(stream, x);
     let w = DeviceStack::upload(stream, &[m]);
@@ -174,11 +173,9 @@ fn run_qlinear(gpu: &Gpu, m: &PackedMatrix, x: &[bf16], tokens: usize, out_f32: 
             &gpu.kernels,
             stream,
             &shape,
-            QLinearBuffers {
-                x: &d_x.view(),
-                w: w.weights(),
-                out: LinearOut::F32(&mut out.view_mut()),
-            },
+            d_x.dev(),
+            w.weights(),
+            out.dev_mut().into(),
         )
         .expect("qlinear (f32 out)");
         out.read_written(stream, "out")
@@ -188,11 +185,9 @@ fn run_qlinear(gpu: &Gpu, m: &PackedMatrix, x: &[bf16], tokens: usize, out_f32: 
             &gpu.kernels,
             stream,
             &shape,
-            QLinearBuffers {
-                x: &d_x.view(),
-                w: w.weights(),
-                out: LinearOut::Bf16(&mut out.view_mut()),
-            },
+            d_x.dev(),
+            w.weights(),
+            out.dev_mut().into(),
         )
         .expect("qlinear (bf16 out)");
         common::to_f32(&out.read_written(stream, "out"))
@@ -317,9 +312,13 @@ fn dequantize_is_bit_exact_against_the_host_values() {
             dequantize(
                 &gpu.kernels,
                 stream,
-                &DequantShape { count, rows, cols },
+                &DequantShape {
+                    count: count as u32,
+                    rows: rows as u32,
+                    cols: cols as u32,
+                },
                 w.weights(),
-                &mut out.view_mut(),
+                out.dev_mut(),
             )
             .expect("dequantize");
             let got = out.read_written(stream, "out");
@@ -470,28 +469,40 @@ fn check_qmoe(name: &str, case: &QMoeCase) {
     let d_sorted = Guarded::with(stream, &sorted);
     let mut d_act = Guarded::<bf16>::poisoned(stream, slots * inter);
     let mut d_out = Guarded::<f32>::poisoned(stream, slots * hidden);
-    let shape = MoeShape {
-        tokens,
-        hidden,
-        inter,
-        experts,
-        top_k,
+    let shape = MoeScalars {
+        tokens: tokens as u32,
+        hidden: hidden as u32,
+        inter: inter as u32,
+        experts: experts as u32,
+        top_k: top_k as u32,
+    };
+    let (w1s, w3s, w2s) = (
+        d_w1.weights(),
+        d_w3.weights_with_perm(d_w1.perm.as_ref()),
+        d_w2.weights(),
+    );
+    let args = QMoeArgs {
+        x: d_x.dev(),
+        w1_codes: w1s.codes,
+        w1_params: w1s.params,
+        w3_codes: w3s.codes,
+        w3_params: w3s.params,
+        w13_perm: shared_perm(w1s.perm, w3s.perm).expect("w1 and w3 share one permutation"),
+        w2_codes: w2s.codes,
+        w2_params: w2s.params,
+        w2_perm: w2s.perm,
+        topk_weights: d_weights.dev(),
+        expert_offsets: d_offsets.dev(),
+        sorted_slots: d_sorted.dev(),
+        act: d_act.dev_mut(),
+        out: d_out.dev_mut(),
     };
     qmoe_gemv(
         &gpu.kernels,
         stream,
         &shape,
-        QMoeBuffers {
-            x: &d_x.view(),
-            w1: d_w1.weights(),
-            w3: d_w3.weights_with_perm(d_w1.perm.as_ref()),
-            w2: d_w2.weights(),
-            topk_weights: &d_weights.view(),
-            expert_offsets: &d_offsets.view(),
-            sorted_slots: &d_sorted.view(),
-            act: &mut d_act.view_mut(),
-            out: &mut d_out.view_mut(),
-        },
+        [w1s.kind, w3s.kind, w2s.kind],
+        args,
     )
     .unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
     stream.synchronize().expect("synchronize");

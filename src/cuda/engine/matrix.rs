@@ -12,14 +12,15 @@
 //! must share their column permutation (q/k/v; each expert's w1 and w3); otherwise the stack is
 //! stored in bf16 from the dequantized values.
 
-use cudarc::driver::{CudaStream, DevicePtr};
+use cudarc::driver::CudaStream;
 use half::bf16;
 
+use super::super::args::{LinearArgs, LinearScalars, MoeScalars, QMoeArgs};
 use super::super::error::CudaError;
+use super::super::memory::{AnyViewMut, View};
 use super::super::module::Kernels;
 use super::super::ops::{
-    self, DequantShape, LinearBuffers, LinearOut, LinearShape, MoeBuffers, MoeShape,
-    QLinearBuffers, QMoeBuffers, QuantWeights, MOE_GROUPED_MIN_TOKENS,
+    self, DequantShape, MoeBuffers, MoeShape, PackedView, MOE_GROUPED_MIN_TOKENS,
 };
 use super::super::params::LINEAR_GEMV_MAX_TOKENS;
 use super::super::region::{DeviceArena, Region};
@@ -140,12 +141,12 @@ impl PackedRegions {
         })
     }
 
-    fn weights(&self) -> QuantWeights<'_> {
-        QuantWeights {
+    fn view(&self) -> PackedView<'_> {
+        PackedView {
             kind: self.kind,
-            codes: &self.codes,
-            params: &self.params,
-            perm: self.perm.as_ref().map(|p| p as &dyn DevicePtr<u32>),
+            codes: self.codes.view(),
+            params: self.params.view(),
+            perm: self.perm.as_ref().map(Region::view),
         }
     }
 }
@@ -213,57 +214,53 @@ fn expand<'a>(
         kernels,
         stream,
         &DequantShape {
-            count: p.count,
-            rows: p.rows,
-            cols: p.cols,
+            count: p.count as u32,
+            rows: p.rows as u32,
+            cols: p.cols as u32,
         },
-        p.weights(),
-        &mut out,
+        p.view(),
+        out.view_mut(),
     )?;
     Ok(scratch)
 }
 
-/// `out = x @ w^T` over `shape` for a bf16 or packed `w` (see the module documentation).
+/// `out = x @ w^T` over `s` for a bf16 or packed `w` (see the module documentation).
 pub fn project<'a>(
     kernels: &Kernels,
     stream: &CudaStream,
-    shape: &LinearShape,
-    x: &'a dyn DevicePtr<bf16>,
+    s: &LinearScalars,
+    x: View<'a, bf16>,
     w: &'a DeviceMatrix,
-    out: LinearOut<'a>,
+    out: AnyViewMut<'a>,
     scratch: &'a DequantScratch,
 ) -> Result<(), CudaError> {
     let dense = match w {
         DeviceMatrix::Bf16(w) => w,
-        DeviceMatrix::Packed(p) if shape.tokens <= LINEAR_GEMV_MAX_TOKENS as usize => {
-            return ops::qlinear(
-                kernels,
-                stream,
-                shape,
-                QLinearBuffers {
-                    x,
-                    w: p.weights(),
-                    out,
-                },
-            );
+        DeviceMatrix::Packed(p) if s.tokens <= LINEAR_GEMV_MAX_TOKENS => {
+            return ops::qlinear(kernels, stream, s, x, p.view(), out);
         }
-        DeviceMatrix::Packed(p) => {
-            expand(kernels, stream, p, scratch.dense.as_ref(), shape.tokens)?
-        }
+        DeviceMatrix::Packed(p) => expand(
+            kernels,
+            stream,
+            p,
+            scratch.dense.as_ref(),
+            s.tokens as usize,
+        )?,
     };
-    ops::linear(kernels, stream, shape, LinearBuffers { x, w: dense, out })
+    let w = dense.view();
+    ops::linear(kernels, stream, s, LinearArgs { x, w, out })
 }
 
 /// The routing buffers and outputs of [`experts`] (those of [`MoeBuffers`] besides the weights).
 pub struct ExpertIo<'a> {
     /// `[tokens, hidden]` normalised hidden states.
-    pub x: &'a dyn DevicePtr<bf16>,
+    pub x: &'a Region<bf16>,
     /// `[tokens, top_k]` routing weights.
-    pub topk_weights: &'a dyn DevicePtr<f32>,
+    pub topk_weights: &'a Region<f32>,
     /// `[experts + 1]` slot offsets per expert.
-    pub expert_offsets: &'a dyn DevicePtr<i32>,
+    pub expert_offsets: &'a Region<i32>,
     /// `[tokens * top_k]` slots grouped by expert.
-    pub sorted_slots: &'a dyn DevicePtr<i32>,
+    pub sorted_slots: &'a Region<i32>,
     /// `[tokens * top_k, inter]` scratch.
     pub act: &'a mut Region<bf16>,
     /// `[tokens * top_k, hidden]` weighted expert outputs.
@@ -294,22 +291,31 @@ pub fn experts<'a>(
 ) -> Result<(), CudaError> {
     if let (Some(p1), Some(p3), Some(p2)) = (w1.packed(), w3.packed(), w2.packed()) {
         if shape.tokens <= QUANT_MOE_GEMV_MAX_TOKENS {
-            return ops::qmoe_gemv(
-                kernels,
-                stream,
-                shape,
-                QMoeBuffers {
-                    x: io.x,
-                    w1: p1.weights(),
-                    w3: p3.weights(),
-                    w2: p2.weights(),
-                    topk_weights: io.topk_weights,
-                    expert_offsets: io.expert_offsets,
-                    sorted_slots: io.sorted_slots,
-                    act: io.act,
-                    out: io.out,
-                },
-            );
+            let (w1, w3, w2) = (p1.view(), p3.view(), p2.view());
+            let s = MoeScalars {
+                tokens: shape.tokens as u32,
+                hidden: shape.hidden as u32,
+                inter: shape.inter as u32,
+                experts: shape.experts as u32,
+                top_k: shape.top_k as u32,
+            };
+            let args = QMoeArgs {
+                x: io.x.view(),
+                w1_codes: w1.codes,
+                w1_params: w1.params,
+                w3_codes: w3.codes,
+                w3_params: w3.params,
+                w13_perm: ops::shared_perm(w1.perm, w3.perm)?,
+                w2_codes: w2.codes,
+                w2_params: w2.params,
+                w2_perm: w2.perm,
+                topk_weights: io.topk_weights.view(),
+                expert_offsets: io.expert_offsets.view(),
+                sorted_slots: io.sorted_slots.view(),
+                act: io.act.view_mut(),
+                out: io.out.view_mut(),
+            };
+            return ops::qmoe_gemv(kernels, stream, &s, [w1.kind, w3.kind, w2.kind], args);
         }
     }
     let dense = |w: &'a DeviceMatrix, s: &'a Option<Region<bf16>>| match w {

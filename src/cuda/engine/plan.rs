@@ -18,14 +18,15 @@ use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::super::args::{
-    ArgmaxArgs, ArgmaxScalars, EmbeddingArgs, EmbeddingScalars, RmsnormArgs, RmsnormScalars,
+    ArgmaxArgs, ArgmaxScalars, EmbeddingArgs, EmbeddingScalars, LinearArgs, LinearScalars,
+    RmsnormArgs, RmsnormScalars,
 };
 use super::super::error::CudaError;
 use super::super::module::Kernels;
 use super::super::ops::{
     self, attention_splits, AttentionDecodeBuffers, AttentionDecodeShape, AttentionPrefillBuffers,
-    AttentionPrefillShape, LinearBuffers, LinearOut, LinearShape, MoeShape, PagedCacheShape,
-    RopeKvBuffers, RopeKvShape, RouterBuffers, RouterShape, RNG_STATE_WORDS,
+    AttentionPrefillShape, MoeShape, PagedCacheShape, RopeKvBuffers, RopeKvShape, RouterBuffers,
+    RouterShape, RNG_STATE_WORDS,
 };
 use super::super::region::{DeviceArena, Region};
 use super::inputs::PrefillPiece;
@@ -385,28 +386,28 @@ impl Plan {
             matrix::project(
                 kernels,
                 stream,
-                &LinearShape {
-                    tokens,
-                    in_features: d.hidden,
-                    out_features: d.qkv_width,
+                &LinearScalars {
+                    tokens: tokens as u32,
+                    in_features: d.hidden as u32,
+                    out_features: d.qkv_width as u32,
                 },
-                &self.xn,
+                self.xn.view(),
                 &w.qkv,
-                LinearOut::Bf16(&mut self.qkv),
+                self.qkv.view_mut().into(),
                 &weights.scratch,
             )?;
             self.attention_block(kernels, stream, l, tokens, attention)?;
             matrix::project(
                 kernels,
                 stream,
-                &LinearShape {
-                    tokens,
-                    in_features: d.q_width,
-                    out_features: d.hidden,
+                &LinearScalars {
+                    tokens: tokens as u32,
+                    in_features: d.q_width as u32,
+                    out_features: d.hidden as u32,
                 },
-                &self.attn,
+                self.attn.view(),
                 &w.o,
-                LinearOut::F32(&mut self.o_out),
+                self.o_out.view_mut().into(),
                 &weights.scratch,
             )?;
             ops::rmsnorm(
@@ -497,15 +498,15 @@ impl Plan {
         ops::linear(
             kernels,
             stream,
-            &LinearShape {
-                tokens: rows,
-                in_features: d.hidden,
-                out_features: d.vocab,
+            &LinearScalars {
+                tokens: rows as u32,
+                in_features: d.hidden as u32,
+                out_features: d.vocab as u32,
             },
-            LinearBuffers {
-                x: head_input,
-                w: &weights.lm_head,
-                out: LinearOut::F32(&mut self.logits),
+            LinearArgs {
+                x: head_input.view(),
+                w: weights.lm_head.view(),
+                out: self.logits.view_mut().into(),
             },
         )?;
         if greedy {

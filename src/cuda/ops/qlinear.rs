@@ -1,0 +1,323 @@
+//! `qlinear` (csrc/qlinear.cu): the dense projection of a decode batch over one packed quantized
+//! matrix `[out_features, in_features]` ([`PackedView`], the layout of [`crate::quant::packed`]):
+//! `out[t, o] = sum_j x[t, perm[j]] * w[o, j]` with f32 accumulation, the same product and outputs
+//! as `linear` (`x` `[tokens, in_features]` bf16, out bf16 or f32 as the view's type says). At
+//! most [`LINEAR_GEMV_MAX_TOKENS`] tokens: prefill chunks `dequantize` the matrix and take
+//! `linear`. Each warp streams QLINEAR_ROWS_PER_WARP rows once per tile of tokens (the tile of
+//! `linear_gemv`).
+
+use cudarc::driver::CudaStream;
+use half::bf16;
+
+use super::linear::gemv_tile;
+use super::quant_layout::{row_layout, PackedView};
+use crate::cuda::args::{LinearScalars, QLinearArgs, QLinearScalars};
+use crate::cuda::checks::Check;
+use crate::cuda::error::CudaError;
+use crate::cuda::launch::{launch, Grid};
+use crate::cuda::memory::{AnyViewMut, View};
+use crate::cuda::module::Kernels;
+use crate::cuda::params::{
+    KernelFamily, QLinearParams, LINEAR_GEMV_MAX_TOKENS, QLINEAR_ROWS_PER_WARP, QLINEAR_WARPS,
+};
+use crate::quant::PackedKind;
+
+fn plan(
+    s: &LinearScalars,
+    kind: PackedKind,
+    a: &QLinearArgs<'_>,
+) -> Result<Option<(QLinearParams, [Grid; 1])>, CudaError> {
+    let c = Check { op: "qlinear" };
+    if s.tokens > LINEAR_GEMV_MAX_TOKENS {
+        return Err(c.unsupported(
+            "tokens",
+            s.tokens as usize,
+            format!(
+                "must be at most {LINEAR_GEMV_MAX_TOKENS} (a decode batch); dequantize the weights \
+                 and use linear for more"
+            ),
+        ));
+    }
+    c.at_least("out_features", s.out_features as usize, 1)?;
+    c.count("out_features", s.out_features as usize)?;
+    let l = row_layout(&c, kind, s.in_features, "in_features")?;
+    let params = a.params(
+        c.op,
+        &QLinearScalars {
+            tokens: s.tokens,
+            in_features: s.in_features,
+            out_features: s.out_features,
+            row_bytes: l.row_bytes,
+            row_params: l.row_params,
+            group_size: l.group_size,
+        },
+    )?;
+    let variant = c.variant(
+        KernelFamily::QLinear,
+        "(kind, tile, out_f32)",
+        &[l.kind, gemv_tile(s.tokens), u32::from(a.out.is_f32())],
+    )?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    let rows_per_block = QLINEAR_WARPS * QLINEAR_ROWS_PER_WARP;
+    Ok(Some((
+        params,
+        [Grid::linear(
+            variant,
+            s.out_features.div_ceil(rows_per_block),
+            QLINEAR_WARPS * 32,
+        )],
+    )))
+}
+
+/// `out[t, o] = sum_i x[t, i] * w[o, i]` with `w` packed, f32 accumulation, for at most
+/// [`LINEAR_GEMV_MAX_TOKENS`] tokens; zero tokens launch nothing.
+pub fn qlinear(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    s: &LinearScalars,
+    x: View<'_, bf16>,
+    w: PackedView<'_>,
+    out: AnyViewMut<'_>,
+) -> Result<(), CudaError> {
+    let args = QLinearArgs {
+        x,
+        codes: w.codes,
+        params: w.params,
+        perm: w.perm,
+        out,
+    };
+    match plan(s, w.kind, &args)? {
+        Some((params, grids)) => launch(kernels, stream, &params, &grids),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
+    use crate::cuda::params::KERNEL_VARIANTS;
+
+    /// The formats under test: both 8-bit kinds, 4-bit with one group per chunk and Mixtral's groups.
+    const KINDS: [PackedKind; 4] = [
+        PackedKind::Fp8,
+        PackedKind::Int8,
+        PackedKind::Int4 { group_size: 32 },
+        PackedKind::Int4 { group_size: 128 },
+    ];
+
+    /// A column count every kind accepts.
+    const COLS: u32 = 96;
+
+    fn label(kind: PackedKind) -> &'static str {
+        match kind {
+            PackedKind::Fp8 => "fp8",
+            PackedKind::Int8 => "int8",
+            PackedKind::Int4 { .. } => "int4",
+        }
+    }
+
+    fn scalars(tokens: u32, in_features: u32, out_features: u32) -> LinearScalars {
+        LinearScalars {
+            tokens,
+            in_features,
+            out_features,
+        }
+    }
+
+    /// Buffer lengths `[x, codes, params, perm, out]` exactly as needed (perm 0: none).
+    fn exact(s: &LinearScalars, kind: PackedKind, perm: bool) -> [usize; 5] {
+        let (t, i, o) = (
+            s.tokens as usize,
+            s.in_features as usize,
+            s.out_features as usize,
+        );
+        [
+            t * i,
+            o * kind.row_code_bytes(i),
+            o * kind.row_params(i),
+            if perm { i } else { 0 },
+            t * o,
+        ]
+    }
+
+    fn args(lens: [usize; 5], perm: bool, out_f32: bool) -> QLinearArgs<'static> {
+        QLinearArgs {
+            x: view(lens[0]),
+            codes: view(lens[1]),
+            params: view(lens[2]),
+            perm: perm.then(|| view(lens[3])),
+            out: if out_f32 {
+                AnyViewMut::F32(view_mut(lens[4]))
+            } else {
+                AnyViewMut::Bf16(view_mut(lens[4]))
+            },
+        }
+    }
+
+    fn plan_exact(
+        s: &LinearScalars,
+        kind: PackedKind,
+        perm: bool,
+        out_f32: bool,
+    ) -> Result<Option<(QLinearParams, [Grid; 1])>, CudaError> {
+        plan(s, kind, &args(exact(s, kind, perm), perm, out_f32))
+    }
+
+    #[test]
+    fn picks_the_kind_tile_and_output_type() {
+        let tiles = [
+            (1, 1),
+            (2, 2),
+            (3, 4),
+            (4, 4),
+            (5, 8),
+            (8, 8),
+            (9, 8),
+            (16, 8),
+        ];
+        for kind in KINDS {
+            for (tokens, tile) in tiles {
+                for (out_f32, suffix) in [(false, "bf16"), (true, "f32")] {
+                    let (_, [g]) = plan_exact(&scalars(tokens, COLS, 40), kind, false, out_f32)
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(
+                        symbol(&g),
+                        format!("qlinear_{}_t{tile}_{suffix}", label(kind))
+                    );
+                    assert_eq!(g.grid, (3, 1, 1), "40 rows in blocks of 16");
+                    assert_eq!(g.block, QLINEAR_WARPS * 32);
+                    assert_eq!(g.shared_bytes, 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn params_carry_the_row_layout() {
+        for kind in KINDS {
+            for perm in [false, true] {
+                let (p, _) = plan_exact(&scalars(3, COLS, 7), kind, perm, false)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!((p.tokens, p.in_features, p.out_features), (3, 96, 7));
+                assert_eq!(
+                    (p.row_bytes as usize, p.row_params as usize),
+                    (kind.row_code_bytes(96), kind.row_params(96))
+                );
+                let group = match kind {
+                    PackedKind::Int4 { group_size } => group_size as u32,
+                    _ => 0,
+                };
+                assert_eq!(p.group_size, group);
+                assert_eq!(p.perm != 0, perm, "a null perm without one");
+            }
+        }
+    }
+
+    #[test]
+    fn mixtral_shapes_fill_the_gpu() {
+        // Decode at batch 1: QKV 6144 x 4096, O 4096 x 4096.
+        for kind in KINDS {
+            for (out, blocks) in [(6144, 384), (4096, 256)] {
+                let (_, [g]) = plan_exact(&scalars(1, 4096, out), kind, false, false)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(g.grid, (blocks, 1, 1));
+            }
+        }
+    }
+
+    #[test]
+    fn every_buffer_one_element_short_is_refused_by_name() {
+        for kind in KINDS {
+            for tokens in [1, 7, 16] {
+                let s = scalars(tokens, COLS, 19);
+                let full = exact(&s, kind, true);
+                for (i, name) in ["x", "codes", "params", "perm", "out"]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let mut lens = full;
+                    lens[i] -= 1;
+                    too_small(plan(&s, kind, &args(lens, true, false)), name);
+                }
+                assert!(plan(&s, kind, &args(full, true, true)).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_bad_layouts_and_batches() {
+        let s = scalars(1, 48, 4);
+        unsupported(
+            plan_exact(&s, PackedKind::Int4 { group_size: 32 }, false, false),
+            "in_features",
+        );
+        unsupported(
+            plan_exact(
+                &scalars(1, COLS, 4),
+                PackedKind::Int4 { group_size: 48 },
+                false,
+                false,
+            ),
+            "group_size",
+        );
+        for tokens in [17, 64, 4096] {
+            unsupported(
+                plan_exact(&scalars(tokens, COLS, 4), PackedKind::Fp8, false, false),
+                "tokens",
+            );
+        }
+        unsupported(
+            plan_exact(&scalars(1, COLS, 0), PackedKind::Int8, false, false),
+            "out_features",
+        );
+    }
+
+    #[test]
+    fn zero_tokens_launch_nothing_but_are_still_checked() {
+        for kind in KINDS {
+            let s = scalars(0, COLS, 10);
+            assert!(plan_exact(&s, kind, true, false).unwrap().is_none());
+            let mut lens = exact(&s, kind, false);
+            lens[1] -= 1;
+            too_small(plan(&s, kind, &args(lens, false, false)), "codes");
+        }
+    }
+
+    fn kinds() -> impl Strategy<Value = PackedKind> {
+        prop_oneof![
+            Just(PackedKind::Fp8),
+            Just(PackedKind::Int8),
+            (1usize..=6).prop_map(|g| PackedKind::Int4 { group_size: 32 * g }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_grid_covers_every_row_once(
+            kind in kinds(),
+            tokens in 1u32..=16,
+            in32 in 1u32..40,
+            out_features in 1u32..3000,
+            out_f32 in any::<bool>(),
+            perm in any::<bool>(),
+        ) {
+            let s = scalars(tokens, in32 * 32, out_features);
+            let (_, [g]) = plan_exact(&s, kind, perm, out_f32).unwrap().unwrap();
+            let rows = QLINEAR_WARPS * QLINEAR_ROWS_PER_WARP;
+            prop_assert!(g.grid.0 * rows >= out_features);
+            prop_assert!((g.grid.0 - 1) * rows < out_features, "no empty block");
+            let consts = KERNEL_VARIANTS[g.variant].consts;
+            prop_assert!(consts[1] >= tokens.min(8));
+            prop_assert!(consts[1] < 2 * tokens);
+            prop_assert_eq!(consts[2], u32::from(out_f32));
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! `qmoe_up` / `qmoe_down` (csrc/qmoe.cu): the routed expert MLPs of a decode batch over packed
+//! expert stacks (the layout of [`crate::quant::packed`]), the same buffers, grids, tiles and
+//! results as `moe_gemv`: for every slot `s = t * top_k + j` routed to expert e, `qmoe_up` writes
+//! `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])` (`[tokens * top_k, inter]` bf16) and `qmoe_down`
+//! `out[s] = weight[s] * (w2[e] act[s])` (`[tokens * top_k, hidden]` f32). w1 and w3 are
+//! `[experts, inter, hidden]`, w2 `[experts, hidden, inter]`; the three stacks have one format, and
+//! w1 and w3 one column permutation (or none). Each expert's weights are streamed once per tile of
+//! slots, the tile of `linear_gemv` for the token count (the most slots one expert can get).
+
+use cudarc::driver::CudaStream;
+
+use super::linear::gemv_tile;
+use super::quant_layout::row_layout;
+use crate::cuda::args::{MoeScalars, QMoeArgs, QMoeScalars};
+use crate::cuda::checks::Check;
+use crate::cuda::error::CudaError;
+use crate::cuda::launch::{launch, Grid};
+use crate::cuda::memory::View;
+use crate::cuda::module::Kernels;
+use crate::cuda::params::{KernelFamily, QMoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS};
+use crate::quant::PackedKind;
+
+const OP: &str = "qmoe_gemv";
+
+/// The permutation w1 and w3 share ([`QMoeArgs::w13_perm`]): the same buffer for both, or none.
+pub fn shared_perm<'a>(
+    w1: Option<View<'a, u32>>,
+    w3: Option<View<'a, u32>>,
+) -> Result<Option<View<'a, u32>>, CudaError> {
+    match (w1, w3) {
+        (None, None) => Ok(None),
+        (Some(p1), Some(p3)) if p1.address() == p3.address() && p1.len() == p3.len() => {
+            Ok(Some(p1))
+        }
+        _ => Err(Check { op: OP }.unsupported(
+            "w3_perm",
+            0,
+            "w1 and w3 must share one permutation buffer (the same view) or both have none",
+        )),
+    }
+}
+
+fn plan(
+    s: &MoeScalars,
+    [k1, k3, k2]: [PackedKind; 3],
+    a: &QMoeArgs<'_>,
+) -> Result<Option<(QMoeParams, [Grid; 2])>, CudaError> {
+    let c = Check { op: OP };
+    for (what, kind) in [("w3 kind", k3), ("w2 kind", k2)] {
+        if kind != k1 {
+            return Err(c.unsupported(
+                what,
+                0,
+                format!(
+                    "{kind:?} differs from w1's {k1:?}: all three stacks must have the same format"
+                ),
+            ));
+        }
+    }
+    c.at_least("experts", s.experts as usize, 1)?;
+    if s.top_k == 0 || s.top_k > s.experts {
+        return Err(c.unsupported("top_k", s.top_k as usize, "must be in 1..=experts"));
+    }
+    let experts = c.grid_yz("experts", s.experts as usize)?;
+    c.count("tokens", s.tokens as usize)?;
+    c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
+    let l13 = row_layout(&c, k1, s.hidden, "hidden")?;
+    let l2 = row_layout(&c, k1, s.inter, "inter")?;
+    let params = a.params(
+        c.op,
+        &QMoeScalars {
+            tokens: s.tokens,
+            hidden: s.hidden,
+            inter: s.inter,
+            experts: s.experts,
+            top_k: s.top_k,
+            group_size: l13.group_size,
+            w13_row_bytes: l13.row_bytes,
+            w13_row_params: l13.row_params,
+            w2_row_bytes: l2.row_bytes,
+            w2_row_params: l2.row_params,
+        },
+    )?;
+    let tile = gemv_tile(s.tokens);
+    let up = c.variant(KernelFamily::QMoeUp, "(kind, tile)", &[l13.kind, tile])?;
+    let down = c.variant(KernelFamily::QMoeDown, "(kind, tile)", &[l2.kind, tile])?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    let block = MOE_WARPS * 32;
+    let grid = |variant, blocks| Grid {
+        variant,
+        grid: (blocks, experts, 1),
+        block,
+        shared_bytes: 0,
+    };
+    Ok(Some((
+        params,
+        [
+            grid(up, s.inter.div_ceil(MOE_WARPS)),
+            grid(down, s.hidden.div_ceil(MOE_WARPS * MOE_DOWN_ROWS_PER_WARP)),
+        ],
+    )))
+}
+
+/// The routed expert MLPs of a decode batch over packed expert stacks of formats `kinds` (w1, w3,
+/// w2: all the same); `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)` per slot. Zero tokens
+/// launch nothing.
+pub fn qmoe_gemv(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    s: &MoeScalars,
+    kinds: [PackedKind; 3],
+    args: QMoeArgs<'_>,
+) -> Result<(), CudaError> {
+    match plan(s, kinds, &args)? {
+        Some((params, grids)) => launch(kernels, stream, &params, &grids),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE};
+
+    const KINDS: [PackedKind; 4] = [
+        PackedKind::Fp8,
+        PackedKind::Int8,
+        PackedKind::Int4 { group_size: 32 },
+        PackedKind::Int4 { group_size: 128 },
+    ];
+
+    const NAMES: [&str; 14] = [
+        "x",
+        "w1_codes",
+        "w1_params",
+        "w3_codes",
+        "w3_params",
+        "w13_perm",
+        "w2_codes",
+        "w2_params",
+        "w2_perm",
+        "topk_weights",
+        "expert_offsets",
+        "sorted_slots",
+        "act",
+        "out",
+    ];
+
+    fn scalars(tokens: u32, hidden: u32, inter: u32, experts: u32, top_k: u32) -> MoeScalars {
+        MoeScalars {
+            tokens,
+            hidden,
+            inter,
+            experts,
+            top_k,
+        }
+    }
+
+    /// Buffer lengths in the order of [`NAMES`], exactly as needed.
+    fn exact(s: &MoeScalars, kind: PackedKind) -> [usize; 14] {
+        let [t, h, i, e, k] = [s.tokens, s.hidden, s.inter, s.experts, s.top_k].map(|v| v as usize);
+        let (b13, p13) = (kind.row_code_bytes(h), kind.row_params(h));
+        let (b2, p2) = (kind.row_code_bytes(i), kind.row_params(i));
+        [
+            t * h,
+            e * i * b13,
+            e * i * p13,
+            e * i * b13,
+            e * i * p13,
+            e * h,
+            e * h * b2,
+            e * h * p2,
+            e * i,
+            t * k,
+            e + 1,
+            t * k,
+            t * k * i,
+            t * k * h,
+        ]
+    }
+
+    fn args(l: [usize; 14], perm: bool) -> QMoeArgs<'static> {
+        QMoeArgs {
+            x: view(l[0]),
+            w1_codes: view(l[1]),
+            w1_params: view(l[2]),
+            w3_codes: view(l[3]),
+            w3_params: view(l[4]),
+            w13_perm: perm.then(|| view(l[5])),
+            w2_codes: view(l[6]),
+            w2_params: view(l[7]),
+            w2_perm: perm.then(|| view(l[8])),
+            topk_weights: view(l[9]),
+            expert_offsets: view(l[10]),
+            sorted_slots: view(l[11]),
+            act: view_mut(l[12]),
+            out: view_mut(l[13]),
+        }
+    }
+
+    fn plan_exact(
+        s: &MoeScalars,
+        kind: PackedKind,
+    ) -> Result<Option<(QMoeParams, [Grid; 2])>, CudaError> {
+        plan(s, [kind; 3], &args(exact(s, kind), true))
+    }
+
+    fn label(kind: PackedKind) -> &'static str {
+        match kind {
+            PackedKind::Fp8 => "fp8",
+            PackedKind::Int8 => "int8",
+            PackedKind::Int4 { .. } => "int4",
+        }
+    }
+
+    #[test]
+    fn grids_symbols_and_row_layouts_for_mixtral_shapes() {
+        for kind in KINDS {
+            for (tokens, tile) in [(1, 1), (2, 2), (3, 4), (8, 8), (40, 8)] {
+                let s = scalars(tokens, 4096, 14336, 8, 2);
+                let (p, [up, down]) = plan_exact(&s, kind).unwrap().unwrap();
+                let k = label(kind);
+                assert_eq!(symbol(&up), format!("qmoe_up_{k}_t{tile}"));
+                assert_eq!(symbol(&down), format!("qmoe_down_{k}_t{tile}"));
+                assert_eq!(up.grid, (14336 / 8, 8, 1));
+                assert_eq!(down.grid, (4096 / 16, 8, 1));
+                assert_eq!((up.block, down.block), (256, 256));
+                assert_eq!(
+                    [
+                        p.w13_row_bytes,
+                        p.w13_row_params,
+                        p.w2_row_bytes,
+                        p.w2_row_params
+                    ]
+                    .map(|v| v as usize),
+                    [
+                        kind.row_code_bytes(4096),
+                        kind.row_params(4096),
+                        kind.row_code_bytes(14336),
+                        kind.row_params(14336)
+                    ]
+                );
+            }
+        }
+        let s = scalars(1, 4096, 14336, 8, 2);
+        let (p, _) = plan(
+            &s,
+            [PackedKind::Fp8; 3],
+            &args(exact(&s, PackedKind::Fp8), false),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((p.w13_perm, p.w2_perm), (0, 0));
+    }
+
+    #[test]
+    fn w1_and_w3_must_share_their_permutation() {
+        let p: View<'_, u32> = view(64);
+        assert_eq!(
+            shared_perm(Some(p), Some(p)).unwrap().unwrap().address(),
+            BASE
+        );
+        assert!(shared_perm(None, None).unwrap().is_none());
+        // SAFETY: the address is only compared, never dereferenced.
+        let other: View<'_, u32> = unsafe { View::from_raw(BASE + 0x1000, 64) };
+        for (p1, p3) in [(Some(p), Some(other)), (Some(p), None), (None, Some(p))] {
+            unsupported(shared_perm(p1, p3), "w3_perm");
+        }
+        unsupported(shared_perm(Some(p), Some(view(63))), "w3_perm");
+    }
+
+    #[test]
+    fn stacks_must_have_one_format() {
+        let s = scalars(2, 96, 64, 4, 1);
+        let kind = PackedKind::Int4 { group_size: 32 };
+        let a = args(exact(&s, kind), false);
+        for other in [PackedKind::Int8, PackedKind::Int4 { group_size: 64 }] {
+            unsupported(plan(&s, [kind, other, kind], &a), "w3 kind");
+            unsupported(plan(&s, [kind, kind, other], &a), "w2 kind");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_shapes() {
+        let kind = PackedKind::Int4 { group_size: 32 };
+        let a = args(exact(&scalars(2, 96, 64, 4, 2), kind), false);
+        for (bad, what) in [
+            (scalars(2, 48, 64, 4, 2), "hidden"),
+            (scalars(2, 96, 40, 4, 2), "inter"),
+            (scalars(2, 96, 64, 0, 1), "experts"),
+            (scalars(2, 96, 64, 70_000, 1), "experts"),
+            (scalars(2, 96, 64, 4, 5), "top_k"),
+            (scalars(2, 96, 64, 4, 0), "top_k"),
+        ] {
+            unsupported(plan(&bad, [kind; 3], &a), what);
+        }
+        // Zero tokens: checked, nothing launched.
+        let empty = scalars(0, 96, 64, 4, 2);
+        assert!(plan_exact(&empty, kind).unwrap().is_none());
+        let mut lens = exact(&empty, kind);
+        lens[6] -= 1;
+        too_small(plan(&empty, [kind; 3], &args(lens, true)), "w2_codes");
+    }
+
+    fn kinds() -> impl Strategy<Value = PackedKind> {
+        prop_oneof![
+            Just(PackedKind::Fp8),
+            Just(PackedKind::Int8),
+            (1usize..=6).prop_map(|g| PackedKind::Int4 { group_size: 32 * g }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_buffer_one_element_short_is_refused_by_name(
+            kind in kinds(),
+            tokens in 1u32..20,
+            hidden32 in 1u32..8,
+            inter32 in 1u32..8,
+            experts in 1u32..9,
+            k in 1u32..3,
+        ) {
+            let s = scalars(tokens, hidden32 * 32, inter32 * 32, experts, k.min(experts));
+            let full = exact(&s, kind);
+            prop_assert!(plan(&s, [kind; 3], &args(full, true)).is_ok());
+            for (i, name) in NAMES.into_iter().enumerate() {
+                let mut lens = full;
+                lens[i] -= 1;
+                match plan(&s, [kind; 3], &args(lens, true)) {
+                    Err(CudaError::BufferTooSmall { buffer, .. }) => prop_assert_eq!(buffer, name),
+                    other => prop_assert!(false, "{}: {:?}", name, other),
+                }
+            }
+        }
+    }
+}

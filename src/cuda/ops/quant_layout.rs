@@ -1,0 +1,135 @@
+//! What the quantized kernels (`qlinear`, `qmoe_*`, `dequantize`; csrc/quant.cuh) take of a stack
+//! of packed matrices in the layout of [`crate::quant::packed`]: the [`PackedView`] of its buffers
+//! and the row layout of its format for a column count (the rules of
+//! [`crate::quant::PackedMatrix::gpu_layout_ok`]: whole 16-byte chunks of codes per row and, for
+//! 4-bit, groups of a multiple of 32 columns). Matrix `m` of a stack of `[rows, cols]` matrices
+//! starts at `m * rows * row_bytes` codes, `m * rows * row_params` params and `m * cols` perm
+//! entries.
+
+use crate::cuda::checks::Check;
+use crate::cuda::error::CudaError;
+use crate::cuda::memory::View;
+use crate::cuda::params::{QUANT_KIND_FP8, QUANT_KIND_INT4, QUANT_KIND_INT8};
+use crate::quant::PackedKind;
+
+/// The device buffers of a stack of packed matrices (one for a projection, one per expert).
+#[derive(Debug, Clone, Copy)]
+pub struct PackedView<'a> {
+    /// Element format, the same for every matrix of the stack.
+    pub kind: PackedKind,
+    /// `[count, rows, row bytes]` codes (row bytes `cols`, or `cols / 2` for 4-bit).
+    pub codes: View<'a, u8>,
+    /// `[count, rows]` scales (8-bit) or `[count, rows, groups, 2]` `(scale, zero)` pairs (4-bit).
+    pub params: View<'a, f32>,
+    /// `None`, or `[count, cols]`: the input column of each stored column of each matrix.
+    pub perm: Option<View<'a, u32>>,
+}
+
+/// What the kernels take of a stack's format for a column count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RowLayout {
+    /// The KIND template value.
+    pub kind: u32,
+    /// Stored columns per group (4-bit), 0 for 8-bit.
+    pub group_size: u32,
+    /// Code bytes per row.
+    pub row_bytes: u32,
+    /// f32 parameters per row.
+    pub row_params: u32,
+}
+
+/// The row layout of `kind` for `cols` columns (named `cols_name` in errors), refused unless the
+/// kernels can read it.
+pub(super) fn row_layout(
+    c: &Check,
+    kind: PackedKind,
+    cols: u32,
+    cols_name: &'static str,
+) -> Result<RowLayout, CudaError> {
+    let (code, chunk) = match kind {
+        PackedKind::Fp8 => (QUANT_KIND_FP8, 16),
+        PackedKind::Int8 => (QUANT_KIND_INT8, 16),
+        PackedKind::Int4 { .. } => (QUANT_KIND_INT4, 32),
+    };
+    let cols = c.count(cols_name, cols as usize)? as usize;
+    if cols == 0 || !cols.is_multiple_of(chunk) {
+        return Err(c.unsupported(
+            cols_name,
+            cols,
+            format!("must be a positive multiple of {chunk} for {kind:?} (whole 16-byte chunks of codes)"),
+        ));
+    }
+    let group_size = match kind {
+        PackedKind::Fp8 | PackedKind::Int8 => 0,
+        PackedKind::Int4 { group_size } => {
+            if group_size == 0 || !group_size.is_multiple_of(32) {
+                return Err(c.unsupported(
+                    "group_size",
+                    group_size,
+                    "must be a positive multiple of 32 (one 32-column chunk of codes in one group)",
+                ));
+            }
+            c.count("group_size", group_size)?
+        }
+    };
+    Ok(RowLayout {
+        kind: code,
+        group_size,
+        // Both at most `cols`, which is below 2^31.
+        row_bytes: kind.row_code_bytes(cols) as u32,
+        row_params: kind.row_params(cols) as u32,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::ops::fake::unsupported;
+
+    const C: Check = Check { op: "test" };
+
+    #[test]
+    fn row_sizes_are_the_packed_layout_definition() {
+        for kind in [
+            PackedKind::Fp8,
+            PackedKind::Int8,
+            PackedKind::Int4 { group_size: 32 },
+            PackedKind::Int4 { group_size: 64 },
+        ] {
+            let l = row_layout(&C, kind, 96, "cols").unwrap();
+            assert_eq!(l.row_bytes as usize, kind.row_code_bytes(96));
+            assert_eq!(l.row_params as usize, kind.row_params(96));
+        }
+        // A shorter last group: 96 columns in groups of 64 are 2 groups, 4 params per row.
+        let l = row_layout(&C, PackedKind::Int4 { group_size: 64 }, 96, "cols").unwrap();
+        assert_eq!(
+            (l.kind, l.group_size, l.row_bytes, l.row_params),
+            (2, 64, 48, 4)
+        );
+        let l = row_layout(&C, PackedKind::Int8, 4096, "cols").unwrap();
+        assert_eq!(
+            (l.kind, l.group_size, l.row_bytes, l.row_params),
+            (1, 0, 4096, 1)
+        );
+    }
+
+    #[test]
+    fn unreadable_layouts_are_refused_by_name() {
+        for (kind, bad_cols) in [
+            (PackedKind::Fp8, [0, 8, 24, 100]),
+            (PackedKind::Int8, [0, 8, 40, 4095]),
+            (PackedKind::Int4 { group_size: 32 }, [0, 16, 48, 80]),
+        ] {
+            for cols in bad_cols {
+                unsupported(row_layout(&C, kind, cols, "in_features"), "in_features");
+            }
+        }
+        for group_size in [0, 1, 16, 48, 100] {
+            unsupported(
+                row_layout(&C, PackedKind::Int4 { group_size }, 96, "cols"),
+                "group_size",
+            );
+        }
+        unsupported(row_layout(&C, PackedKind::Fp8, 1 << 31, "cols"), "cols");
+    }
+}
