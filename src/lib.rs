@@ -7,6 +7,8 @@
 //! - [`config`]: `config.json` -> validated [`ModelConfig`];
 //! - [`checkpoint`]: memory-mapped safetensors shards -> validated zero-copy tensor views;
 //! - [`weights`]: the typed per-layer weights of the model, checked against the config;
+//! - [`packed`]: the FP8 / INT8 / INT4 encodings and the packed layout of a quantized matrix (used
+//!   by the checkpoint, the loaders and both backends; it uses no other module);
 //! - [`quant`]: FP8 / INT8 / INT4 (GPTQ) weights, quantized on load or published pre-quantized,
 //!   dequantized to f32 for the CPU reference; the memory preflight;
 //! - [`tokenizer`]: `tokenizer.json`, the chat template, streaming detokenization;
@@ -44,6 +46,7 @@ pub mod engine;
 pub mod generate;
 pub mod kv;
 pub mod model;
+pub mod packed;
 pub mod quant;
 pub mod random_model;
 pub mod sampling;
