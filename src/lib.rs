@@ -36,6 +36,15 @@
 //! ```
 #![warn(missing_docs)]
 
+// build.rs sets `mixtral_no_kernels` when it could not compile the CUDA kernels; only rustdoc
+// (`cfg(doc)`) may go on without them.
+#[cfg(all(feature = "cuda", mixtral_no_kernels, not(doc)))]
+compile_error!(
+    "feature `cuda`: the CUDA kernels were not built (build.rs's warning above says why). Run \
+     scripts/install-cuda-toolchain (no GPU needed), or point NVCC or CUDA_HOME at a CUDA 13.0 \
+     nvcc, then build again. Without them only `cargo doc --features cuda` works."
+);
+
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;

@@ -5,8 +5,9 @@
 //!
 //! This module depends on no other module of the crate. The checkpoint layer holds a packed matrix
 //! as a tensor ([`crate::checkpoint::TensorView::from_packed`]) and [`crate::quant`] builds them
-//! from checkpoints: both depend on this module, never the reverse. In dependency order, each module
-//! using only those before it: `dtype`, `packed`, `config`, `checkpoint`, `weights`, `quant`.
+//! from checkpoints: both depend on this module, never the reverse. In dependency order, each
+//! module using only those before it: `dtype`, `packed`, `config`, `checkpoint`, `weights`,
+//! `quant`.
 //!
 //! The layout:
 //! - FP8 E4M3 and INT8: `codes` `[rows, cols]` bytes (E4M3 codes / two's complement `i8`);

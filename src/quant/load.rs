@@ -6,7 +6,7 @@
 //! express them.)
 //!
 //! Per projection `<p>.weight` (shape `[out, in]` from the config), the first that applies:
-//! - `<p>.qweight` exists: GPTQ 4-bit (see [`crate::packed::int4`]): `<p>.qweight` I32 `[in/8, out]`,
+//! - `<p>.qweight` exists: GPTQ 4-bit (see [`int4`]): `<p>.qweight` I32 `[in/8, out]`,
 //!   `<p>.qzeros` I32 `[groups, out/8]`, `<p>.scales` float `[groups, out]`, `<p>.g_idx` I32
 //!   `[in]` (optional: without it input `k` is in group `k / (in / groups)`);
 //! - `<p>.weight` is `F8_E4M3`: FP8 with `<p>.weight_scale` float, per tensor (`[]` or `[1]`) or
