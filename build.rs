@@ -1,11 +1,26 @@
-//! Build script. Without the `cuda` feature it does nothing at all, so the default build needs no
-//! CUDA toolchain. With it, it compiles every `csrc/*.cu` into a fatbin (SASS for sm_80 and sm_90a
-//! plus compute_90 PTX) in OUT_DIR and writes `OUT_DIR/kernels.rs`:
+//! Build script. Without the `cuda` feature it only declares the `mixtral_no_kernels` cfg, so the
+//! default build needs no CUDA toolchain. With it, it compiles every `csrc/*.cu` into a fatbin
+//! (SASS for sm_80 and sm_90a plus compute_90 PTX) in OUT_DIR and writes `OUT_DIR/kernels.rs`:
 //! `pub static KERNELS: &[(&str, &[u8])]` = (file stem, fatbin bytes) via `include_bytes!`.
 //!
 //! nvcc is found through `$NVCC`, `$CUDA_HOME/bin/nvcc`, `PATH`, or the repository's `.cuda/` venv
-//! made by `scripts/install-cuda-toolchain`. A file is recompiled only when its fingerprint (nvcc
-//! path, flags, the file and every header) changed.
+//! made by `scripts/install-cuda-toolchain` (not looked at when `MIXTRAL_NO_LOCAL_CUDA` is set, so
+//! that CI can build as a machine without a toolchain would). A file is recompiled only when its
+//! fingerprint (nvcc path, flags, the file and every header) changed.
+//!
+//! Without the kernels: when no nvcc is found, or when `DOCS_RS` is set (docs.rs builds
+//! documentation only), the script does not fail. It warns that the kernels were not built and
+//! why, writes an empty `KERNELS` table and sets `cfg(mixtral_no_kernels)`; `src/lib.rs` then stops
+//! every compilation except rustdoc's (`cfg(doc)`) with an error saying how to get nvcc. So
+//! `cargo doc --features cuda` works with no toolchain, and `cargo build --features cuda` still
+//! fails, clearly. While nvcc is missing the script watches every place it looked (missing files
+//! count as changed), so it runs on every build until a toolchain appears.
+//!
+//! Binaries: `cargo doc` compiles the library with rustc, not rustdoc (so without `cfg(doc)`), for
+//! every binary it documents, which the error above would stop. `mixtral-run` is therefore not
+//! documented (`doc = false` in Cargo.toml): its interface is `mixtral-run --help`.
+//!
+//! An explicit `$NVCC` is used even when it does not exist, so that the error names it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -23,15 +38,28 @@ const GENCODE: &[&str] = &[
     "-gencode=arch=compute_90,code=compute_90",
 ];
 
+/// The cfg set when the kernels were not built (see the header comment).
+const NO_KERNELS_CFG: &str = "mixtral_no_kernels";
+
+/// When set, the repository's `.cuda/` venv is not looked at.
+const NO_LOCAL_CUDA_ENV: &str = "MIXTRAL_NO_LOCAL_CUDA";
+
 fn main() -> ExitCode {
+    println!("cargo::rustc-check-cfg=cfg({NO_KERNELS_CFG})");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return ExitCode::SUCCESS;
     }
     match build_kernels() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Built::Kernels) => ExitCode::SUCCESS,
+        Ok(Built::Skipped { reason, fix }) => {
+            println!("cargo::warning=feature `cuda`: the CUDA kernels were not built: {reason}.");
+            println!("cargo::warning=Only documentation builds work like this; {fix}.");
+            println!("cargo::rustc-cfg={NO_KERNELS_CFG}");
+            ExitCode::SUCCESS
+        }
         Err(message) => {
             for line in message.lines() {
-                println!("cargo:warning={line}");
+                println!("cargo::warning={line}");
             }
             eprintln!("error: {message}");
             ExitCode::FAILURE
@@ -39,35 +67,72 @@ fn main() -> ExitCode {
     }
 }
 
-fn build_kernels() -> Result<(), String> {
+/// What [`build_kernels`] did.
+enum Built {
+    /// Every kernel compiled, and the table of their fatbins written.
+    Kernels,
+    /// No kernel compiled, and an empty table written, because of `reason`; `fix` says how to get
+    /// the kernels built.
+    Skipped { reason: String, fix: &'static str },
+}
+
+fn build_kernels() -> Result<Built, String> {
     let root = PathBuf::from(env_var("CARGO_MANIFEST_DIR")?);
     let out_dir = PathBuf::from(env_var("OUT_DIR")?);
+    let kernels_rs = out_dir.join("kernels.rs");
     let csrc = root.join("csrc");
-    println!("cargo:rerun-if-env-changed=NVCC");
-    println!("cargo:rerun-if-env-changed=CUDA_HOME");
-    println!("cargo:rerun-if-changed={}", csrc.display());
+    for var in ["NVCC", "CUDA_HOME", "DOCS_RS", NO_LOCAL_CUDA_ENV] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    println!("cargo::rerun-if-changed={}", csrc.display());
 
-    let nvcc = find_nvcc(&root).ok_or_else(|| {
-        "feature `cuda` needs nvcc (CUDA 13.0), and none was found in $NVCC, $CUDA_HOME/bin, PATH or \
-         the repository's .cuda/ venv.\nRun `scripts/install-cuda-toolchain` (installs it into .cuda/, \
-         no GPU needed), or set NVCC / CUDA_HOME."
-            .to_string()
-    })?;
-    println!("cargo:rerun-if-changed={}", nvcc.display());
+    let skipped = |reason: String, fix: &'static str| {
+        write(&kernels_rs, &kernel_table(&[]))?;
+        Ok(Built::Skipped { reason, fix })
+    };
+    if std::env::var_os("DOCS_RS").is_some() {
+        return skipped(
+            "DOCS_RS is set (a docs.rs documentation build)".into(),
+            "unset DOCS_RS to build the crate",
+        );
+    }
+    let nvcc = match find_nvcc(&root) {
+        Nvcc::Found(path) => path,
+        Nvcc::Missing { looked_at } => {
+            println!("cargo::rerun-if-env-changed=PATH");
+            for path in &looked_at {
+                println!("cargo::rerun-if-changed={}", path.display());
+            }
+            let places = if std::env::var_os(NO_LOCAL_CUDA_ENV).is_some() {
+                format!(
+                    "$CUDA_HOME/bin or PATH (the repository's .cuda/ venv was not looked at: \
+                     {NO_LOCAL_CUDA_ENV} is set)"
+                )
+            } else {
+                "$CUDA_HOME/bin, PATH or the repository's .cuda/ venv".into()
+            };
+            return skipped(
+                format!("no nvcc (CUDA 13.0) was found: $NVCC is not set, and none is in {places}"),
+                "run `scripts/install-cuda-toolchain` (no GPU needed) or set NVCC / CUDA_HOME to \
+                 build the crate",
+            );
+        }
+    };
+    println!("cargo::rerun-if-changed={}", nvcc.display());
 
     let sources = list_files(&csrc, "cu")?;
     let mut headers = list_files(&csrc, "cuh")?;
     headers.extend(list_files(&csrc.join("generated"), "cuh")?);
     headers.extend(list_files(&csrc.join("generated"), "h")?);
     for path in sources.iter().chain(&headers) {
-        println!("cargo:rerun-if-changed={}", path.display());
+        println!("cargo::rerun-if-changed={}", path.display());
     }
     let mut header_bytes = Vec::new();
     for header in &headers {
         header_bytes.extend(read(header)?);
     }
 
-    let mut table = String::from("/// (csrc file stem, fatbin) for every kernel file.\npub static KERNELS: &[(&str, &[u8])] = &[\n");
+    let mut fatbins = Vec::new();
     for source in &sources {
         let stem = source
             .file_stem()
@@ -84,14 +149,28 @@ fn build_kernels() -> Result<(), String> {
             std::fs::write(&stamp, &fingerprint)
                 .map_err(|e| format!("{}: {e}", stamp.display()))?;
         }
+        fatbins.push((stem.to_string(), fatbin));
+    }
+    write(&kernels_rs, &kernel_table(&fatbins))?;
+    Ok(Built::Kernels)
+}
+
+/// The text of `kernels.rs` for these (file stem, fatbin path) pairs.
+fn kernel_table(fatbins: &[(String, PathBuf)]) -> String {
+    let mut table = String::from("/// (csrc file stem, fatbin) for every kernel file.\n");
+    table.push_str("pub static KERNELS: &[(&str, &[u8])] = &[\n");
+    for (stem, fatbin) in fatbins {
         table.push_str(&format!(
             "    ({stem:?}, include_bytes!({:?})),\n",
             fatbin.display().to_string()
         ));
     }
     table.push_str("];\n");
-    let kernels_rs = out_dir.join("kernels.rs");
-    std::fs::write(&kernels_rs, table).map_err(|e| format!("{}: {e}", kernels_rs.display()))
+    table
+}
+
+fn write(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn env_var(name: &str) -> Result<String, String> {
@@ -118,35 +197,47 @@ fn list_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
-fn find_nvcc(root: &Path) -> Option<PathBuf> {
+/// Where nvcc is.
+enum Nvcc {
+    /// At this path (an explicit `$NVCC` even when it does not exist).
+    Found(PathBuf),
+    /// Nowhere: these are the paths looked at.
+    Missing { looked_at: Vec<PathBuf> },
+}
+
+fn find_nvcc(root: &Path) -> Nvcc {
     if let Some(path) = std::env::var_os("NVCC") {
         // An explicit choice: used even when missing, so that the error names it.
-        return Some(PathBuf::from(path));
+        return Nvcc::Found(PathBuf::from(path));
     }
+    let mut looked_at = Vec::new();
     if let Some(home) = std::env::var_os("CUDA_HOME") {
-        let path = PathBuf::from(home).join("bin/nvcc");
-        if path.is_file() {
-            return Some(path);
-        }
+        looked_at.push(PathBuf::from(home).join("bin/nvcc"));
     }
     if let Some(paths) = std::env::var_os("PATH") {
-        if let Some(path) = std::env::split_paths(&paths)
-            .map(|dir| dir.join("nvcc"))
-            .find(|p| p.is_file())
-        {
-            return Some(path);
-        }
+        looked_at.extend(std::env::split_paths(&paths).map(|dir| dir.join("nvcc")));
     }
-    // .cuda/lib/python3.X/site-packages/nvidia/cu13/bin/nvcc, made by scripts/install-cuda-toolchain.
-    let lib = root.join(".cuda/lib");
-    let mut candidates: Vec<PathBuf> = std::fs::read_dir(&lib)
-        .ok()?
-        .filter_map(|entry| entry.ok())
-        .map(|entry| entry.path().join("site-packages/nvidia/cu13/bin/nvcc"))
-        .filter(|path| path.is_file())
-        .collect();
-    candidates.sort();
-    candidates.pop()
+    if let Some(path) = looked_at.iter().find(|p| p.is_file()) {
+        return Nvcc::Found(path.clone());
+    }
+    if std::env::var_os(NO_LOCAL_CUDA_ENV).is_none() {
+        // .cuda/lib/python3.X/site-packages/nvidia/cu13/bin/nvcc, made by
+        // scripts/install-cuda-toolchain.
+        let lib = root.join(".cuda/lib");
+        let mut candidates: Vec<PathBuf> = std::fs::read_dir(&lib)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.ok())
+            .map(|entry| entry.path().join("site-packages/nvidia/cu13/bin/nvcc"))
+            .filter(|path| path.is_file())
+            .collect();
+        candidates.sort();
+        if let Some(path) = candidates.pop() {
+            return Nvcc::Found(path);
+        }
+        looked_at.push(lib);
+    }
+    Nvcc::Missing { looked_at }
 }
 
 fn nvcc_args(stem: &str, csrc: &Path, source: &Path, fatbin: &Path) -> Vec<String> {
@@ -181,7 +272,7 @@ fn compile(nvcc: &Path, args: &[String], source: &Path) -> Result<(), String> {
     }
     // ptxas spill / local-memory warnings and compiler warnings are shown, not swallowed.
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
-        println!("cargo:warning={}: {line}", source.display());
+        println!("cargo::warning={}: {line}", source.display());
     }
     Ok(())
 }

@@ -7,6 +7,8 @@
 //! - [`config`]: `config.json` -> validated [`ModelConfig`];
 //! - [`checkpoint`]: memory-mapped safetensors shards -> validated zero-copy tensor views;
 //! - [`weights`]: the typed per-layer weights of the model, checked against the config;
+//! - [`packed`]: the FP8 / INT8 / INT4 encodings and the packed layout of a quantized matrix (used
+//!   by the checkpoint, the loaders and both backends; it uses no other module);
 //! - [`quant`]: FP8 / INT8 / INT4 (GPTQ) weights, quantized on load or published pre-quantized,
 //!   dequantized to f32 for the CPU reference; the memory preflight;
 //! - [`tokenizer`]: `tokenizer.json`, the chat template, streaming detokenization;
@@ -37,6 +39,15 @@
 //! ```
 #![warn(missing_docs)]
 
+// build.rs sets `mixtral_no_kernels` when it could not compile the CUDA kernels; only rustdoc
+// (`cfg(doc)`) may go on without them.
+#[cfg(all(feature = "cuda", mixtral_no_kernels, not(doc)))]
+compile_error!(
+    "feature `cuda`: the CUDA kernels were not built (build.rs's warning above says why). Run \
+     scripts/install-cuda-toolchain (no GPU needed), or point NVCC or CUDA_HOME at a CUDA 13.0 \
+     nvcc, then build again. Without them only `cargo doc --features cuda` works."
+);
+
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
@@ -47,6 +58,7 @@ pub mod engine;
 pub mod generate;
 pub mod kv;
 pub mod model;
+pub mod packed;
 pub mod quant;
 pub mod random_model;
 pub mod sampling;

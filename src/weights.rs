@@ -7,6 +7,9 @@
 //! `[intermediate, hidden]`, w2 `[hidden, intermediate]`. A dense Mistral checkpoint's
 //! `mlp.{gate,up,down}_proj` become the single expert's w1, w3, w2. Tensors the model does not use
 //! (e.g. rotary `inv_freq` buffers) are ignored; tensors may mix dtypes.
+//!
+//! Uses [`crate::config`], [`crate::checkpoint`] and [`crate::dtype`]; the quantized loader
+//! ([`crate::quant::load`]) builds on this module, never the reverse.
 
 use crate::checkpoint::{Checkpoint, LoadProgress, TensorView};
 use crate::config::{Architecture, ModelConfig};

@@ -10,6 +10,10 @@
 //! reader can guard against).
 //!
 //! The module also writes safetensors files ([`write_safetensors`], [`write_raw_safetensors`]).
+//!
+//! It uses only [`crate::dtype`] and [`crate::packed`] (a quantized matrix held as a tensor,
+//! [`TensorView::from_packed`]); [`crate::weights`] and [`crate::quant`] read checkpoints, never
+//! the reverse.
 
 mod error;
 mod header;
@@ -23,7 +27,7 @@ pub use writer::{
 };
 
 use crate::dtype::{DType, RawDType, WeightSlice};
-use crate::quant::PackedMatrix;
+use crate::packed::PackedMatrix;
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

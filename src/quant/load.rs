@@ -1,12 +1,12 @@
 //! Builds [`ModelWeights`] whose quantizable projections (attention q/k/v/o, expert w1/w2/w3) are
-//! quantized and held in the packed layout of [`super::packed`] ([`TensorView::from_packed`]): the
+//! quantized and held in the packed layout of [`crate::packed`] ([`TensorView::from_packed`]): the
 //! GPU engine uploads that layout, the CPU reference engine dequantizes each matrix to f32 the first
 //! time it reads it. (A GPTQ layer whose groups are not equal runs of columns, and 4-bit on load of
 //! a matrix with an odd column count, are held dequantized instead: the packed layout cannot
 //! express them.)
 //!
 //! Per projection `<p>.weight` (shape `[out, in]` from the config), the first that applies:
-//! - `<p>.qweight` exists: GPTQ 4-bit (see [`super::int4`]): `<p>.qweight` I32 `[in/8, out]`,
+//! - `<p>.qweight` exists: GPTQ 4-bit (see [`int4`]): `<p>.qweight` I32 `[in/8, out]`,
 //!   `<p>.qzeros` I32 `[groups, out/8]`, `<p>.scales` float `[groups, out]`, `<p>.g_idx` I32
 //!   `[in]` (optional: without it input `k` is in group `k / (in / groups)`);
 //! - `<p>.weight` is `F8_E4M3`: FP8 with `<p>.weight_scale` float, per tensor (`[]` or `[1]`) or
@@ -14,17 +14,17 @@
 //!   `<p>.input_scale` (static activation scale) is ignored: activations stay f32 on the CPU;
 //! - `<p>.weight` is `I8`: INT8 with `<p>.weight_scale` as for FP8;
 //! - `<p>.weight` is a float type: taken as stored, or quantized then dequantized when a format
-//!   is asked for ([`super::fp8::quantize_per_channel`], [`super::int8::quantize_per_channel`],
-//!   [`super::int4::quantize_rtn`] with groups of 128).
+//!   is asked for ([`fp8::quantize_per_channel`], [`int8::quantize_per_channel`],
+//!   [`int4::quantize_rtn`] with groups of 128).
 //!
 //! Every other tensor is taken exactly as [`ModelWeights::from_checkpoint`] takes it (memory-mapped,
 //! no copy) and must be stored in a float type.
 
-use super::packed::{self, LayoutError, PackedMatrix};
-use super::{fp8, int4, int8, QuantError, QuantFormat};
+use super::{packed, QuantError, QuantFormat};
 use crate::checkpoint::{Checkpoint, RawTensor, TensorView};
 use crate::config::ModelConfig;
 use crate::dtype::RawDType;
+use crate::packed::{fp8, int4, int8, LayoutError, PackedMatrix};
 use crate::weights::{
     take, ExpertWeights, LayerWeights, ModelLayout, ModelWeights, TensorSpec, Weight, WeightsError,
 };

@@ -3,7 +3,7 @@
 //!
 //! - weights: the quantizable projections (attention q/k/v/o, every expert's w1/w2/w3) at the
 //!   format's bytes per parameter plus its scales (FP8/INT8: one f32 scale per output channel;
-//!   INT4: the packed layout of [`super::packed`], an f32 scale and an f32 zero per group of 128
+//!   INT4: the packed layout of [`crate::packed`], an f32 scale and an f32 zero per group of 128
 //!   inputs per output; an act-order permutation, 4 bytes per input, is left out); router, norms,
 //!   embedding and LM head in bf16;
 //! - KV cache: keys and values of every layer in bf16, `context_tokens * batch` tokens;

@@ -1,6 +1,5 @@
-//! Quantized weight formats: FP8 E4M3 with scales ([`fp8`]), INT8 weight-only per output channel
-//! ([`int8`]), 4-bit RTN groups and GPTQ packing ([`int4`]); loading them ([`load`]) and the
-//! memory they need ([`memory`]).
+//! Quantized weights: the format choice ([`QuantFormat`]), loading them ([`load`]) and the memory
+//! they need ([`memory`]).
 //!
 //! Two ways in, one result: a bf16/f16/f32 checkpoint quantized as it is loaded
 //! ([`crate::LoadOptions::quant`], `mixtral-run --quantize`), or a checkpoint published already
@@ -8,14 +7,15 @@
 //! Only the attention projections (q, k, v, o) and the expert matrices (w1, w2, w3) are quantized;
 //! the router, the norms, the embedding and the LM head always stay in their stored precision.
 //!
-//! Quantized matrices are held in one packed layout ([`packed`]) whatever their source. The GPU
-//! engine uploads it as it is and its kernels dequantize in registers; the CPU reference path
-//! dequantizes each matrix to f32 on first use ([`PackedMatrix::dequantize`], the one definition of
-//! the values both backends use) and the f32 CPU engine runs unchanged.
+//! Quantized matrices are held in one packed layout, defined with the FP8 / INT8 / INT4 encodings
+//! in [`crate::packed`] (re-exported here: [`fp8`], [`int4`], [`int8`], [`PackedMatrix`],
+//! [`PackedKind`]). The GPU engine uploads it as it is and its kernels dequantize in registers; the
+//! CPU reference path dequantizes each matrix to f32 on first use ([`PackedMatrix::dequantize`],
+//! the one definition of the values both backends use) and the f32 CPU engine runs unchanged.
+//!
+//! Dependencies run one way: this module reads checkpoints ([`crate::checkpoint`]) into
+//! [`crate::weights`] and uses [`crate::packed`]; none of those uses this module.
 
-pub mod fp8;
-pub mod int4;
-pub mod int8;
 pub mod load;
 pub mod memory;
 pub mod packed;
@@ -24,9 +24,9 @@ use crate::dtype::RawDType;
 use crate::weights::WeightsError;
 use std::path::PathBuf;
 
+pub use crate::packed::{fp8, int4, int8, PackedKind, PackedMatrix};
 pub use load::{declared_format, load_weights, GptqZeros, QuantizedWeights};
 pub use memory::{estimate_memory, MemoryEstimate};
-pub use packed::{PackedKind, PackedMatrix};
 
 /// A weight format of the quantizable projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -62,7 +62,7 @@ impl StackFormat {
 }
 
 /// The format of a stack made of `groups`: each group is matrices that share one input (stored one
-/// after the other, e.g. q, k, v; or w1[e], w3[e]), which must share a permutation. Packed when
+/// after the other, e.g. q, k, v; or `w1[e]`, `w3[e]`), which must share a permutation. Packed when
 /// every matrix is packed in one kind the kernels read; bf16 otherwise.
 pub fn stack_format(groups: &[&[&Weight]]) -> StackFormat {
     let mut kind = None;

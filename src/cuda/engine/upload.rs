@@ -687,7 +687,7 @@ fn randomize_packed(
 }
 
 /// Fills every region of `gpu` with seeded values of a sensible scale (norm weights near 1,
-/// projections uniform with variance 1 / fan-in; packed stacks as [`randomize_packed`] says), for
+/// projections uniform with variance 1 / fan-in; packed stacks as `randomize_packed` says), for
 /// benchmarks of real shapes without a checkpoint.
 pub fn randomize_weights(
     gpu: &GpuWeights,

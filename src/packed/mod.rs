@@ -1,0 +1,495 @@
+//! Quantized matrices: the FP8 E4M3 ([`fp8`]), INT8 ([`int8`]) and 4-bit RTN / GPTQ ([`int4`])
+//! encodings, and the one packed layout of a quantized matrix `[rows, cols]` (`[out, in]`) that
+//! every source format is held in, as the GPU kernels read it. Its [`PackedMatrix::dequantize`] is
+//! what the CPU reference engine computes with, so both backends use exactly the same numbers.
+//!
+//! This module depends on no other module of the crate. The checkpoint layer holds a packed matrix
+//! as a tensor ([`crate::checkpoint::TensorView::from_packed`]) and [`crate::quant`] builds them
+//! from checkpoints: both depend on this module, never the reverse. In dependency order, each
+//! module using only those before it: `dtype`, `packed`, `config`, `checkpoint`, `weights`,
+//! `quant`.
+//!
+//! The layout:
+//! - FP8 E4M3 and INT8: `codes` `[rows, cols]` bytes (E4M3 codes / two's complement `i8`);
+//!   `params` `[rows]` f32 scales (a per-tensor scale is repeated per row);
+//!   `w[r][c] = value(codes[r][c]) * params[r]`.
+//! - INT4: `codes` `[rows, cols / 2]` bytes: stored column `j` of a row is in byte `j / 2`, the low
+//!   nibble for even `j`; `params` `[rows, groups, 2]` f32 pairs `(scale, zero)`, stored column `j`
+//!   in group `j / group_size` (the last group of a row may be shorter), `zero` an integer in
+//!   `0..=16`; `w = scale * (q - zero)`.
+//! - `perm` (INT4 only, from a GPTQ act-order checkpoint): stored column `j` holds input column
+//!   `perm[j]`; without it stored column `j` is input column `j`.
+//!
+//! [`PackedMatrix::gpu_layout_ok`] says whether the GPU kernels can read a matrix: every row a whole
+//! number of 16-byte chunks (`cols` a multiple of 16 for 8-bit, 32 for 4-bit) and, for 4-bit,
+//! groups of a multiple of 32 columns, so that one lane's 16-byte chunk never spans two groups.
+
+pub mod fp8;
+pub mod int4;
+pub mod int8;
+
+use std::fmt;
+
+/// The element format of a [`PackedMatrix`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PackedKind {
+    /// FP8 E4M3 codes with a scale per row.
+    Fp8,
+    /// INT8 codes with a scale per row.
+    Int8,
+    /// 4-bit codes with a `(scale, zero)` pair per row and group of `group_size` stored columns.
+    Int4 {
+        /// Stored columns per group (the last group of a row may be shorter).
+        group_size: usize,
+    },
+}
+
+/// Why a matrix could not be packed; the caller names the tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutError(pub String);
+
+impl fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LayoutError {}
+
+impl PackedKind {
+    /// Bytes of one row's codes for `cols` columns (`cols / 2` for 4-bit).
+    pub fn row_code_bytes(self, cols: usize) -> usize {
+        match self {
+            PackedKind::Int4 { .. } => cols / 2,
+            PackedKind::Fp8 | PackedKind::Int8 => cols,
+        }
+    }
+
+    /// f32 parameters of one row of `cols` columns: a scale (8-bit), or a `(scale, zero)` pair
+    /// per group (4-bit).
+    pub fn row_params(self, cols: usize) -> usize {
+        match self {
+            PackedKind::Int4 { group_size } => 2 * cols.div_ceil(group_size.max(1)),
+            PackedKind::Fp8 | PackedKind::Int8 => 1,
+        }
+    }
+}
+
+fn fail<T>(reason: impl Into<String>) -> Result<T, LayoutError> {
+    Err(LayoutError(reason.into()))
+}
+
+/// One quantized matrix in the packed layout (see the module documentation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedMatrix {
+    /// Element format.
+    pub kind: PackedKind,
+    /// Rows (output features).
+    pub rows: usize,
+    /// Columns (input features).
+    pub cols: usize,
+    /// Codes: `[rows, cols]` bytes (8-bit) or `[rows, cols / 2]` (4-bit).
+    pub codes: Vec<u8>,
+    /// `[rows]` scales (8-bit) or `[rows, groups, 2]` `(scale, zero)` pairs (4-bit).
+    pub params: Vec<f32>,
+    /// 4-bit act-order only: `[cols]`, the input column of each stored column (a permutation).
+    pub perm: Option<Vec<u32>>,
+}
+
+/// `scales` as one per row: a single scale repeated, or `rows` scales as they are.
+fn per_row(scales: &[f32], rows: usize) -> Result<Vec<f32>, LayoutError> {
+    match scales.len() {
+        1 => Ok(vec![scales[0]; rows]),
+        n if n == rows => Ok(scales.to_vec()),
+        n => fail(format!("{n} scales for {rows} rows (expected 1 or {rows})")),
+    }
+}
+
+fn check_len(what: &str, len: usize, expected: Option<usize>) -> Result<(), LayoutError> {
+    match expected {
+        Some(e) if e == len => Ok(()),
+        Some(e) => fail(format!("{what} has {len} elements, expected {e}")),
+        None => fail(format!("{what}: the shape overflows")),
+    }
+}
+
+/// Packs 4-bit codes `q` (`[rows, cols]`, values 0..=15, `cols` even) two per byte, the low nibble
+/// for the even column.
+pub fn pack_nibbles(q: &[u8]) -> Vec<u8> {
+    q.chunks(2)
+        .map(|p| (p[0] & 0x0F) | (p.get(1).copied().unwrap_or(0) & 0x0F) << 4)
+        .collect()
+}
+
+/// The E4M3 value of `code` computed the way the GPU kernels compute it: the sign, exponent and
+/// mantissa bits moved into an f32 (`sign << 31 | (code & 0x7f) << 20`), then multiplied by 2^120
+/// (the exponent-bias difference 127 - 7). Exact for every code except the two NaN codes.
+pub fn fp8_decode_by_bits(code: u8) -> f32 {
+    let bits = (u32::from(code & 0x80) << 24) | (u32::from(code & 0x7F) << 20);
+    f32::from_bits(bits) * f32::from_bits((127 + 120) << 23)
+}
+
+/// An 8-bit integer `v` (0..=255) computed the way the GPU kernels compute it: the bits placed in
+/// the mantissa of 2^23 (`0x4B000000 | v`), then 2^23 subtracted. Exact.
+pub fn magic_u8_to_f32(v: u8) -> f32 {
+    f32::from_bits(0x4B00_0000 | u32::from(v)) - 8_388_608.0
+}
+
+impl PackedMatrix {
+    /// FP8 codes `[rows, cols]` with one scale, or one per row.
+    pub fn fp8(
+        codes: Vec<u8>,
+        scales: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, LayoutError> {
+        check_len("codes", codes.len(), rows.checked_mul(cols))?;
+        if let Some(i) = codes.iter().position(|&c| fp8::is_nan_code(c)) {
+            return fail(format!("element {i} is an FP8 NaN code"));
+        }
+        Ok(PackedMatrix {
+            kind: PackedKind::Fp8,
+            rows,
+            cols,
+            codes,
+            params: per_row(scales, rows)?,
+            perm: None,
+        })
+    }
+
+    /// INT8 codes `[rows, cols]` with one scale, or one per row.
+    pub fn int8(
+        codes: &[i8],
+        scales: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, LayoutError> {
+        check_len("codes", codes.len(), rows.checked_mul(cols))?;
+        Ok(PackedMatrix {
+            kind: PackedKind::Int8,
+            rows,
+            cols,
+            codes: codes.iter().map(|&c| c as u8).collect(),
+            params: per_row(scales, rows)?,
+            perm: None,
+        })
+    }
+
+    /// An RTN 4-bit matrix ([`int4::quantize_rtn`]); `cols` must be even.
+    pub fn from_rtn(r: &int4::Rtn) -> Result<Self, LayoutError> {
+        if !r.cols.is_multiple_of(2) || r.group_size == 0 {
+            return fail(format!(
+                "4-bit packing needs an even column count ({}) and groups of at least 1 ({})",
+                r.cols, r.group_size
+            ));
+        }
+        let groups = r.groups();
+        check_len("codes", r.q.len(), r.rows.checked_mul(r.cols))?;
+        check_len("scales", r.scales.len(), r.rows.checked_mul(groups))?;
+        check_len("zeros", r.zeros.len(), r.rows.checked_mul(groups))?;
+        let params = r
+            .scales
+            .iter()
+            .zip(&r.zeros)
+            .flat_map(|(&s, &z)| [s, f32::from(z)])
+            .collect();
+        Ok(PackedMatrix {
+            kind: PackedKind::Int4 {
+                group_size: r.group_size,
+            },
+            rows: r.rows,
+            cols: r.cols,
+            codes: pack_nibbles(&r.q),
+            params,
+            perm: None,
+        })
+    }
+
+    /// A GPTQ 4-bit layer (tensors as [`int4::dequantize_gptq`] takes them, already checked against
+    /// `shape` by the caller's shape checks). The groups of `g_idx`, taken in order of group, must
+    /// be contiguous runs of one size (the last may be shorter), as GPTQ writes them with and
+    /// without act-order; a `g_idx` that is not sequential becomes `perm`.
+    pub fn from_gptq(
+        shape: int4::GptqShape,
+        qweight: &[i32],
+        qzeros: &[i32],
+        scales: &[f32],
+        g_idx: &[usize],
+        zero_offset: i32,
+    ) -> Result<Self, LayoutError> {
+        let int4::GptqShape {
+            inputs,
+            outputs,
+            groups,
+        } = shape;
+        if inputs == 0 || !inputs.is_multiple_of(8) || !outputs.is_multiple_of(8) || groups == 0 {
+            return fail(
+                "GPTQ needs inputs and outputs positive multiples of 8 and at least one group",
+            );
+        }
+        check_len("qweight", qweight.len(), Some(inputs / 8 * outputs))?;
+        check_len("qzeros", qzeros.len(), groups.checked_mul(outputs / 8))?;
+        check_len("scales", scales.len(), groups.checked_mul(outputs))?;
+        check_len("g_idx", g_idx.len(), Some(inputs))?;
+        if let Some(&g) = g_idx.iter().find(|&&g| g >= groups) {
+            return fail(format!("g_idx names group {g} of {groups}"));
+        }
+        // Stored order: input columns sorted by group (stable, so a sequential g_idx stays as is).
+        let mut order: Vec<usize> = (0..inputs).collect();
+        order.sort_by_key(|&k| g_idx[k]);
+        let group_size = g_idx.iter().filter(|&&g| g == g_idx[order[0]]).count();
+        for (j, &k) in order.iter().enumerate() {
+            if g_idx[k] != j / group_size {
+                return fail(format!(
+                    "the groups of g_idx are not runs of {group_size} columns: stored column {j} \
+                     (input {k}) is in group {}, expected {}",
+                    g_idx[k],
+                    j / group_size
+                ));
+            }
+        }
+        let stored_groups = inputs.div_ceil(group_size);
+        if stored_groups != groups {
+            return fail(format!(
+                "g_idx uses {stored_groups} groups of {group_size} columns, the tensors have {groups}"
+            ));
+        }
+        let mut q = vec![0u8; outputs * inputs];
+        for (j, &k) in order.iter().enumerate() {
+            for n in 0..outputs {
+                q[n * inputs + j] = int4::nibble(qweight[k / 8 * outputs + n], k % 8);
+            }
+        }
+        let mut params = Vec::with_capacity(outputs * groups * 2);
+        for n in 0..outputs {
+            for g in 0..groups {
+                let zero =
+                    i32::from(int4::nibble(qzeros[g * (outputs / 8) + n / 8], n % 8)) + zero_offset;
+                params.extend([scales[g * outputs + n], zero as f32]);
+            }
+        }
+        let sequential = order.iter().enumerate().all(|(j, &k)| j == k);
+        Ok(PackedMatrix {
+            kind: PackedKind::Int4 { group_size },
+            rows: outputs,
+            cols: inputs,
+            codes: pack_nibbles(&q),
+            params,
+            perm: (!sequential).then(|| order.iter().map(|&k| k as u32).collect()),
+        })
+    }
+
+    /// Groups per row (1 for the 8-bit formats).
+    pub fn groups(&self) -> usize {
+        match self.kind {
+            PackedKind::Int4 { group_size } => self.cols.div_ceil(group_size.max(1)),
+            _ => 1,
+        }
+    }
+
+    /// Bytes of one row's codes.
+    pub fn row_code_bytes(&self) -> usize {
+        self.kind.row_code_bytes(self.cols)
+    }
+
+    /// f32 parameters per row.
+    pub fn row_params(&self) -> usize {
+        self.kind.row_params(self.cols)
+    }
+
+    /// Bytes held: codes, parameters and permutation.
+    pub fn stored_bytes(&self) -> usize {
+        self.codes.len() + 4 * self.params.len() + 4 * self.perm.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The code (0..=255, or 0..=15 for 4-bit) of stored column `j` of row `r`.
+    fn code(&self, r: usize, j: usize) -> u8 {
+        match self.kind {
+            PackedKind::Int4 { .. } => {
+                let byte = self.codes[r * self.cols / 2 + j / 2];
+                if j.is_multiple_of(2) {
+                    byte & 0x0F
+                } else {
+                    byte >> 4
+                }
+            }
+            _ => self.codes[r * self.cols + j],
+        }
+    }
+
+    /// The matrix as f32 `[rows, cols]` in input-column order: the values the GPU kernels multiply
+    /// by and the CPU reference engine runs on.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.rows * self.cols];
+        for r in 0..self.rows {
+            let row = &mut out[r * self.cols..(r + 1) * self.cols];
+            for j in 0..self.cols {
+                let c = self.code(r, j);
+                let v = match self.kind {
+                    PackedKind::Fp8 => fp8::decode(c) * self.params[r],
+                    PackedKind::Int8 => f32::from(c as i8) * self.params[r],
+                    PackedKind::Int4 { group_size } => {
+                        let at = (r * self.groups() + j / group_size) * 2;
+                        self.params[at] * (f32::from(c) - self.params[at + 1])
+                    }
+                };
+                let k = self.perm.as_ref().map_or(j, |p| p[j] as usize);
+                row[k] = v;
+            }
+        }
+        out
+    }
+
+    /// `Ok` when the GPU kernels can read this matrix, else why not.
+    pub fn gpu_layout_ok(&self) -> Result<(), LayoutError> {
+        match self.kind {
+            PackedKind::Fp8 | PackedKind::Int8 if !self.cols.is_multiple_of(16) => fail(format!(
+                "8-bit rows on the GPU need a multiple of 16 columns, not {}",
+                self.cols
+            )),
+            PackedKind::Int4 { group_size } if !self.cols.is_multiple_of(32) => fail(format!(
+                "4-bit rows on the GPU need a multiple of 32 columns, not {} (groups of {group_size})",
+                self.cols
+            )),
+            PackedKind::Int4 { group_size } if !group_size.is_multiple_of(32) => fail(format!(
+                "4-bit groups on the GPU need a multiple of 32 columns, not {group_size}"
+            )),
+            _ if self.rows == 0 || self.cols == 0 => fail("an empty matrix"),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..rows * cols)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_kernels_fp8_formula_is_exact_for_every_code() {
+        for code in 0..=255u8 {
+            if fp8::is_nan_code(code) {
+                continue;
+            }
+            assert_eq!(
+                fp8_decode_by_bits(code).to_bits(),
+                fp8::decode(code).to_bits(),
+                "code {code:#04x}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_kernels_integer_formula_is_exact() {
+        for v in 0..=255u8 {
+            assert_eq!(magic_u8_to_f32(v), f32::from(v));
+            // INT8 codes: the kernels flip the sign bit and subtract 128 more.
+            let signed = magic_u8_to_f32(v ^ 0x80) - 128.0;
+            assert_eq!(signed, f32::from(v as i8));
+        }
+    }
+
+    #[test]
+    fn nibbles_pack_low_first() {
+        assert_eq!(pack_nibbles(&[1, 2, 15, 0, 7, 9]), vec![0x21, 0x0F, 0x97]);
+    }
+
+    proptest! {
+        #[test]
+        fn eight_bit_packing_dequantizes_like_the_reference(
+            rows in 1usize..9, cols in 1usize..40, seed in any::<u64>(), per_tensor in any::<bool>()
+        ) {
+            let w = matrix(rows, cols, seed);
+            let (codes, mut scales) = fp8::quantize_per_channel(&w, rows, cols);
+            if per_tensor {
+                scales.truncate(1);
+            }
+            let p = PackedMatrix::fp8(codes.clone(), &scales, rows, cols).unwrap();
+            prop_assert_eq!(p.dequantize(), fp8::dequantize(&codes, &scales, cols).unwrap());
+            let (codes, scales) = int8::quantize_per_channel(&w, rows, cols);
+            let p = PackedMatrix::int8(&codes, &scales, rows, cols).unwrap();
+            prop_assert_eq!(p.dequantize(), int8::dequantize(&codes, &scales, cols).unwrap());
+        }
+
+        #[test]
+        fn rtn_packing_dequantizes_like_the_reference(
+            rows in 1usize..6, half_cols in 1usize..150, group in 1usize..70, seed in any::<u64>()
+        ) {
+            let cols = half_cols * 2;
+            let r = int4::quantize_rtn(&matrix(rows, cols, seed), rows, cols, group);
+            let p = PackedMatrix::from_rtn(&r).unwrap();
+            prop_assert_eq!(p.dequantize(), int4::dequantize_rtn(&r).unwrap());
+            prop_assert_eq!(p.codes.len(), rows * cols / 2);
+            prop_assert_eq!(p.params.len(), rows * p.row_params());
+        }
+
+        #[test]
+        fn gptq_packing_dequantizes_like_the_reference_with_and_without_act_order(
+            out8 in 1usize..4, groups in 1usize..5, group8 in 1usize..5, act_order in any::<bool>(),
+            seed in any::<u64>(), offset in 0i32..2,
+        ) {
+            let (outputs, group_size) = (out8 * 8, group8 * 8);
+            let inputs = groups * group_size;
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; s };
+            let qweight: Vec<i32> = (0..inputs / 8 * outputs).map(|_| next() as i32).collect();
+            let qzeros: Vec<i32> = (0..groups * outputs / 8).map(|_| next() as i32).collect();
+            let scales: Vec<f32> = (0..groups * outputs).map(|_| (next() % 1000 + 1) as f32 * 1e-4).collect();
+            let mut g_idx = int4::sequential_g_idx(inputs, group_size);
+            if act_order {
+                // A random permutation of the group assignment (every group keeps its size).
+                for i in (1..inputs).rev() {
+                    g_idx.swap(i, (next() % (i as u64 + 1)) as usize);
+                }
+            }
+            let shape = int4::GptqShape { inputs, outputs, groups };
+            let p = PackedMatrix::from_gptq(shape, &qweight, &qzeros, &scales, &g_idx, offset).unwrap();
+            let reference = int4::dequantize_gptq(shape, &qweight, &qzeros, &scales, &g_idx, offset).unwrap();
+            prop_assert_eq!(p.dequantize(), reference);
+            prop_assert_eq!(p.kind, PackedKind::Int4 { group_size });
+            if let Some(perm) = &p.perm {
+                let mut sorted = perm.clone();
+                sorted.sort_unstable();
+                prop_assert_eq!(sorted, (0..inputs as u32).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    #[test]
+    fn gptq_groups_of_unequal_size_are_refused() {
+        let shape = int4::GptqShape {
+            inputs: 16,
+            outputs: 8,
+            groups: 2,
+        };
+        let mut g_idx = vec![1usize; 16];
+        g_idx[3] = 0; // a group of 1 before a group of 15
+        let r = PackedMatrix::from_gptq(shape, &[0; 16], &[0; 2], &[1.0; 16], &g_idx, 1);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn gpu_layout_rules() {
+        let r = int4::quantize_rtn(&matrix(2, 64, 3), 2, 64, 32);
+        assert!(PackedMatrix::from_rtn(&r).unwrap().gpu_layout_ok().is_ok());
+        let r = int4::quantize_rtn(&matrix(2, 48, 3), 2, 48, 128);
+        assert!(PackedMatrix::from_rtn(&r).unwrap().gpu_layout_ok().is_err());
+        let r = int4::quantize_rtn(&matrix(2, 64, 3), 2, 64, 16);
+        assert!(PackedMatrix::from_rtn(&r).unwrap().gpu_layout_ok().is_err());
+        let (codes, scales) = int8::quantize_per_channel(&matrix(2, 24, 3), 2, 24);
+        let p = PackedMatrix::int8(&codes, &scales, 2, 24).unwrap();
+        assert!(p.gpu_layout_ok().is_err());
+    }
+}
