@@ -13,7 +13,7 @@ use cudarc::driver::CudaStream;
 use half::bf16;
 use mixtral::cuda::ops::{
     self, attention_splits, AttentionDecodeBuffers, AttentionDecodeShape, AttentionPrefillBuffers,
-    AttentionPrefillShape, FillShape, LinearBuffers, LinearOut, LinearShape, MoeBuffers, MoeShape,
+    AttentionPrefillShape, FillValues, LinearBuffers, LinearOut, LinearShape, MoeBuffers, MoeShape,
     PagedCacheShape, QLinearBuffers, QMoeBuffers, QuantWeights, RouterBuffers, RouterShape,
 };
 use mixtral::cuda::region::{DeviceArena, Region};
@@ -49,13 +49,12 @@ impl Bench {
         ops::fill_random(
             &self.kernels,
             self.device.stream(),
-            &FillShape {
-                len,
+            &FillValues {
                 seed: self.seed,
                 scale,
                 shift: 0.0,
             },
-            &mut r,
+            r.view_mut(),
         )
         .expect("fill");
         r
