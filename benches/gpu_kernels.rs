@@ -14,7 +14,7 @@ use half::bf16;
 use mixtral::cuda::args::{LinearArgs, LinearScalars, MoeScalars, QMoeArgs};
 use mixtral::cuda::ops::{
     self, attention_splits, AttentionDecodeBuffers, AttentionDecodeShape, AttentionPrefillBuffers,
-    AttentionPrefillShape, FillShape, MoeBuffers, MoeShape, PackedView, PagedCacheShape,
+    AttentionPrefillShape, FillValues, MoeBuffers, MoeShape, PackedView, PagedCacheShape,
     RouterBuffers, RouterShape,
 };
 use mixtral::cuda::region::{DeviceArena, Region};
@@ -50,13 +50,12 @@ impl Bench {
         ops::fill_random(
             &self.kernels,
             self.device.stream(),
-            &FillShape {
-                len,
+            &FillValues {
                 seed: self.seed,
                 scale,
                 shift: 0.0,
             },
-            &mut r,
+            r.view_mut(),
         )
         .expect("fill");
         r

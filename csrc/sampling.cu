@@ -364,7 +364,7 @@ __device__ void sample_body(const SampleParams& p) {
 
     const double total = mass_from(r, order, floor, Key{0, 0u});
     if (threadIdx.x == 0) {
-        uint64_t* state = static_cast<uint64_t*>(p.rng_state) + (size_t)row * SAMPLE_RNG_WORDS;
+        uint64_t* state = p.rng_state + (size_t)row * SAMPLE_RNG_WORDS;
         draw_target = __dmul_rn(next_uniform(state), total);
     }
     __syncthreads();

@@ -9,7 +9,8 @@
 use std::path::PathBuf;
 
 use half::bf16;
-use mixtral::cuda::ops::{fill_random, FillShape};
+use mixtral::cuda::memory::ViewMut;
+use mixtral::cuda::ops::{fill_random, FillValues};
 use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, Kernels};
 use mixtral::{Engine, EngineError, LoadOptions, LogitsFor, Model, SeqStep};
 
@@ -51,17 +52,15 @@ fn a_sticky_device_fault_makes_the_engine_refuse_further_work() {
     // Write through an address nothing is mapped at, in the same (primary) context.
     let device = CudaDevice::new(0).expect("device");
     let kernels = Kernels::load(&device).expect("kernels");
-    // SAFETY: deliberately invalid: the point is the device fault. The slice is leaked, never freed.
-    let mut bogus = unsafe { device.stream().upgrade_device_ptr::<bf16>(0x1000, 1 << 20) };
-    let shape = FillShape {
-        len: 1 << 20,
+    // SAFETY: deliberately invalid: the point is the device fault. Nothing owns or frees the view.
+    let bogus = unsafe { ViewMut::<bf16>::from_raw(0x1000, 1 << 20) };
+    let values = FillValues {
         seed: 1,
         scale: 1.0,
         shift: 0.0,
     };
-    let _ = fill_random(&kernels, device.stream(), &shape, &mut bogus);
+    let _ = fill_random(&kernels, device.stream(), &values, bogus);
     let fault = device.stream().synchronize();
-    bogus.leak();
     assert!(fault.is_err(), "the write to address 0x1000 did not fault");
 
     match step(&mut engine, 0) {

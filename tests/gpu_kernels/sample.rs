@@ -5,10 +5,10 @@
 //! non-finite logit or an out-of-domain parameter gets its sentinel and keeps its state.
 
 use cudarc::driver::{CudaSlice, CudaStream};
-use mixtral::cuda::args::{ArgmaxArgs, ArgmaxScalars};
+use mixtral::cuda::args::{ArgmaxArgs, ArgmaxScalars, SampleArgs, SampleScalars};
+use mixtral::cuda::memory::ViewMut;
 use mixtral::cuda::ops::{
-    argmax, rng_state_for_seed, sample, SampleBuffers, SampleShape, RNG_STATE_WORDS,
-    SAMPLE_ID_BAD_PARAMS, SAMPLE_ID_NON_FINITE,
+    argmax, rng_state_for_seed, sample, RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS, SAMPLE_ID_NON_FINITE,
 };
 use mixtral::sampling::{Rng, Sampler, SamplingParams};
 use proptest::prelude::*;
@@ -90,37 +90,30 @@ fn draw(
     let top_k = Guarded::with(stream, &rows.iter().map(|r| r.top_k).collect::<Vec<_>>());
     let top_p = Guarded::with(stream, &rows.iter().map(|r| r.top_p).collect::<Vec<_>>());
     let mut state = StateBuffer::new(stream, rows);
-    let shape = SampleShape {
-        rows: rows.len(),
-        vocab,
+    let scalars = SampleScalars {
+        rows: rows.len() as u32,
+        vocab: vocab as u32,
     };
     let mut all = Vec::with_capacity(draws);
     for _ in 0..draws {
         let mut out = Guarded::<u32>::poisoned(stream, rows.len());
-        {
-            let (l, t, k, p) = (
-                logits_d.view(),
-                temperature.view(),
-                top_k.view(),
-                top_p.view(),
-            );
-            let mut s = state.buf.slice_mut(GUARD..GUARD + state.len);
-            let mut o = out.view_mut();
-            sample(
-                &gpu.kernels,
-                stream,
-                &shape,
-                SampleBuffers {
-                    logits: &l,
-                    temperature: &t,
-                    top_k: &k,
-                    top_p: &p,
-                    rng_state: &mut s,
-                    out_ids: &mut o,
-                },
-            )
-            .expect("sample");
-        }
+        let rng_state = ViewMut::of(&mut state.buf)
+            .sub(GUARD, state.len)
+            .expect("inside the guarded buffer");
+        sample(
+            &gpu.kernels,
+            stream,
+            &scalars,
+            SampleArgs {
+                logits: logits_d.dev(),
+                temperature: temperature.dev(),
+                top_k: top_k.dev(),
+                top_p: top_p.dev(),
+                rng_state,
+                out_ids: out.dev_mut(),
+            },
+        )
+        .expect("sample");
         all.push(out.read_written(stream, "out_ids"));
     }
     (all, state.read(stream))

@@ -33,12 +33,13 @@ use self::upload::{
     allocate_weights, device_weight_bytes, is_tied, randomize_weights, upload_weights,
     weight_formats, GpuWeights, LayerFormats,
 };
+use super::args::{SampleArgs, SampleScalars};
 use super::device::CudaDevice;
 use super::error::CudaError;
 use super::module::Kernels;
 use super::ops::{
-    self, rng_state_for_seed, SampleBuffers, SampleShape, WgmmaCheck, RNG_STATE_WORDS,
-    SAMPLE_ID_BAD_PARAMS, SAMPLE_ID_NON_FINITE,
+    self, rng_state_for_seed, WgmmaCheck, RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS,
+    SAMPLE_ID_NON_FINITE,
 };
 use super::region::{DeviceArena, Region};
 use crate::checkpoint::LoadProgress;
@@ -774,7 +775,8 @@ impl CudaEngine {
             rng[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS]
                 .copy_from_slice(&samplers[k].rng().state());
         }
-        let b = &self.plan.sampling;
+        let vocab = self.plan.vocab();
+        let b = &mut self.plan.sampling;
         plan::upload(
             stream,
             &b.temperature,
@@ -784,22 +786,20 @@ impl CudaEngine {
         plan::upload(stream, &b.top_k, &top_k, "sampling top-k")?;
         plan::upload(stream, &b.top_p, &top_p, "sampling top-p")?;
         plan::upload(stream, &b.rng_state, &rng, "sampling random states")?;
-        let mut rng_state = b.rng_state.clone();
-        let mut ids = b.ids.clone();
         ops::sample(
             &self.kernels,
             stream,
-            &SampleShape {
-                rows,
-                vocab: self.plan.vocab(),
+            &SampleScalars {
+                rows: rows as u32,
+                vocab: vocab as u32,
             },
-            SampleBuffers {
-                logits: &self.plan.logits,
-                temperature: &b.temperature,
-                top_k: &b.top_k,
-                top_p: &b.top_p,
-                rng_state: &mut rng_state,
-                out_ids: &mut ids,
+            SampleArgs {
+                logits: self.plan.logits.view(),
+                temperature: b.temperature.view(),
+                top_k: b.top_k.view(),
+                top_p: b.top_p.view(),
+                rng_state: b.rng_state.view_mut(),
+                out_ids: b.ids.view_mut(),
             },
         )?;
         let drawn = download(stream, &b.ids, rows)?;

@@ -19,7 +19,7 @@ use half::bf16;
 
 use super::super::error::CudaError;
 use super::super::module::Kernels;
-use super::super::ops::{fill_random, FillShape};
+use super::super::ops::{fill_random, FillValues};
 use super::super::params::LINEAR_GEMV_MAX_TOKENS;
 use super::super::region::{DeviceArena, Region, REGION_ALIGN};
 use super::matrix::{
@@ -710,18 +710,11 @@ pub fn randomize_weights(
         } else {
             0.1
         };
+        // Regions are shared addresses (the engine's one stream orders the accesses): a clone gives
+        // the written view.
         let mut target = region.clone();
-        fill_random(
-            kernels,
-            stream,
-            &FillShape {
-                len: region.len_elems(),
-                seed,
-                scale,
-                shift,
-            },
-            &mut target,
-        )
+        let values = FillValues { seed, scale, shift };
+        fill_random(kernels, stream, &values, target.view_mut())
     };
     let mut staging = Staging::new(ctx, stream, 0, None)?;
     let mut fill_matrix = |m: &DeviceMatrix, fan_in: usize, seed: u32| match m {

@@ -1,14 +1,17 @@
-//! `fill_random`: seeded pseudo-random bf16 values `out[i] = shift + scale * u`, `u` in [-1, 1), for
-//! benchmarks that make weights of real shapes on the device (`[len]`, any length: filled in pieces
-//! of at most 2^30 elements with consecutive hash indices).
+//! `fill_random` (csrc/fill.cu): seeded pseudo-random bf16 values `out[i] = shift + scale * u`, `u` in
+//! [-1, 1), for benchmarks that make weights of real shapes on the device. Fills a whole `[len]` view
+//! of any length, in launches of at most 2^30 elements with consecutive hash indices.
 
-use cudarc::driver::{CudaStream, DevicePtrMut};
+use cudarc::driver::CudaStream;
 use half::bf16;
 
-use super::super::error::CudaError;
-use super::super::module::Kernels;
-use super::super::params::{FillParams, KernelFamily, FILL_THREADS};
-use super::{launch, write, Check, Launch};
+use crate::cuda::args::{FillArgs, FillScalars};
+use crate::cuda::checks::Check;
+use crate::cuda::error::CudaError;
+use crate::cuda::launch::{launch, Grid};
+use crate::cuda::memory::ViewMut;
+use crate::cuda::module::Kernels;
+use crate::cuda::params::{FillParams, KernelFamily, FILL_THREADS};
 
 /// Elements per launch (keeps every index of a launch below 2^31).
 const PIECE: usize = 1 << 30;
@@ -17,9 +20,7 @@ const MAX_BLOCKS: usize = 1 << 16;
 
 /// Values of [`fill_random`].
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FillShape {
-    /// Elements to write from the start of `out`.
-    pub len: usize,
+pub struct FillValues {
     /// Seed.
     pub seed: u32,
     /// Half-width of the range.
@@ -28,74 +29,62 @@ pub struct FillShape {
     pub shift: f32,
 }
 
-/// One launch per piece of at most 2^30 elements: (element offset, launch).
-fn plan_fill(
-    s: &FillShape,
-    address: u64,
-    len: usize,
-) -> Result<Vec<(usize, Launch<FillParams>)>, CudaError> {
+/// One launch per piece of at most [`PIECE`] elements of `out`, in order.
+fn plan(v: &FillValues, mut out: ViewMut<'_, bf16>) -> Result<Vec<(FillParams, Grid)>, CudaError> {
     let c = Check { op: "fill_random" };
-    if !s.scale.is_finite() || !s.shift.is_finite() {
-        return Err(CudaError::InvalidFloat {
-            op: "fill_random",
-            what: "scale / shift",
-            value: if s.scale.is_finite() {
-                s.shift
-            } else {
-                s.scale
-            },
-        });
+    for (what, value) in [("scale", v.scale), ("shift", v.shift)] {
+        if !value.is_finite() {
+            return Err(CudaError::InvalidFloat {
+                op: c.op,
+                what,
+                value,
+            });
+        }
     }
-    if len < s.len {
-        return Err(CudaError::BufferTooSmall {
-            op: "fill_random",
-            buffer: "out",
-            expected: s.len,
-            actual: len,
-        });
-    }
+    let len = out.len();
     // The hash index wraps at 2^32: beyond that, values would repeat.
-    if s.len > u32::MAX as usize {
-        return Err(c.unsupported("len", s.len, "must be below 2^32"));
+    if len > u32::MAX as usize {
+        return Err(c.unsupported("len", len, "must be below 2^32"));
     }
     let variant = c.variant(KernelFamily::FillRandom, "fill_random", &[])?;
-    let mut launches = Vec::new();
+    let mut launches = Vec::with_capacity(len.div_ceil(PIECE));
     let mut offset = 0;
-    while offset < s.len {
-        let piece = (s.len - offset).min(PIECE);
+    while offset < len {
+        let piece = (len - offset).min(PIECE);
+        let view = out
+            .reborrow()
+            .sub(offset, piece)
+            .ok_or(CudaError::BufferTooSmall {
+                op: c.op,
+                buffer: "out",
+                expected: offset + piece,
+                actual: len,
+            })?;
+        let s = FillScalars {
+            len: piece as u32,
+            base: offset as u32,
+            seed: v.seed,
+            scale: v.scale,
+            shift: v.shift,
+        };
+        let params = FillArgs { out: view }.params(c.op, &s)?;
         let blocks = piece.div_ceil(FILL_THREADS as usize).min(MAX_BLOCKS);
-        launches.push((
-            offset,
-            Launch {
-                variant,
-                grid: (blocks as u32, 1, 1),
-                block: FILL_THREADS,
-                shared_bytes: 0,
-                params: FillParams {
-                    out: address + (offset * std::mem::size_of::<bf16>()) as u64,
-                    len: piece as u32,
-                    base: offset as u32,
-                    seed: s.seed,
-                    scale: s.scale,
-                    shift: s.shift,
-                },
-            },
-        ));
+        launches.push((params, Grid::linear(variant, blocks as u32, FILL_THREADS)));
         offset += piece;
     }
     Ok(launches)
 }
 
-/// Fills the first `shape.len` elements of `out` with seeded values in `shift ± scale`.
+/// Fills every element of `out` with seeded values in `shift ± scale` (set-up only: the plan is a
+/// small vector).
 pub fn fill_random(
     kernels: &Kernels,
     stream: &CudaStream,
-    shape: &FillShape,
-    out: &mut dyn DevicePtrMut<bf16>,
+    v: &FillValues,
+    out: ViewMut<'_, bf16>,
 ) -> Result<(), CudaError> {
-    let (buf, _guard) = write(out, stream);
-    for (_, plan) in plan_fill(shape, buf.address, buf.len)? {
-        launch(kernels, stream, &plan)?;
+    for (params, grid) in plan(v, out)? {
+        launch(kernels, stream, &params, &[grid])?;
     }
     Ok(())
 }
@@ -103,49 +92,53 @@ pub fn fill_random(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::ops::fake::{symbol, unsupported, view_mut, BASE};
 
-    fn shape(len: usize) -> FillShape {
-        FillShape {
-            len,
-            seed: 7,
-            scale: 0.02,
-            shift: 0.0,
-        }
-    }
+    const VALUES: FillValues = FillValues {
+        seed: 7,
+        scale: 0.02,
+        shift: 0.0,
+    };
 
     #[test]
     fn pieces_cover_the_buffer_with_consecutive_indices() {
         let len = 2 * PIECE + 12_345;
-        let plans = plan_fill(&shape(len), 0x1000, len).unwrap();
+        let plans = plan(&VALUES, view_mut(len)).unwrap();
         assert_eq!(plans.len(), 3);
         let mut next = 0usize;
-        for (offset, launch) in &plans {
-            assert_eq!(*offset, next);
-            assert_eq!(launch.params.base as usize, next);
-            assert_eq!(launch.params.out, 0x1000 + 2 * next as u64);
-            let covered = launch.grid.0 as usize * FILL_THREADS as usize;
-            assert!(
-                covered >= (launch.params.len as usize).min(MAX_BLOCKS * FILL_THREADS as usize)
-            );
-            next += launch.params.len as usize;
+        for (params, grid) in &plans {
+            assert_eq!(symbol(grid), "fill_random");
+            assert_eq!(params.base as usize, next);
+            assert_eq!(params.out, BASE + 2 * next as u64);
+            assert_eq!((params.seed, params.scale), (7, 0.02));
+            let covered = grid.grid.0 as usize * FILL_THREADS as usize;
+            assert!(covered >= (params.len as usize).min(MAX_BLOCKS * FILL_THREADS as usize));
+            next += params.len as usize;
         }
         assert_eq!(next, len);
+        assert_eq!(plans[2].0.len, 12_345);
     }
 
     #[test]
-    fn bad_values_and_short_buffers_are_refused() {
-        assert!(matches!(
-            plan_fill(&shape(100), 0, 99),
-            Err(CudaError::BufferTooSmall { .. })
-        ));
-        let nan = FillShape {
-            scale: f32::NAN,
-            ..shape(10)
-        };
-        assert!(matches!(
-            plan_fill(&nan, 0, 10),
-            Err(CudaError::InvalidFloat { .. })
-        ));
-        assert!(plan_fill(&shape(0), 0, 0).unwrap().is_empty());
+    fn bad_values_and_huge_buffers_are_refused() {
+        for bad in [f32::NAN, f32::INFINITY] {
+            for v in [
+                FillValues {
+                    scale: bad,
+                    ..VALUES
+                },
+                FillValues {
+                    shift: bad,
+                    ..VALUES
+                },
+            ] {
+                assert!(matches!(
+                    plan(&v, view_mut(10)),
+                    Err(CudaError::InvalidFloat { .. })
+                ));
+            }
+        }
+        unsupported(plan(&VALUES, view_mut(1 << 32)), "len");
+        assert!(plan(&VALUES, view_mut(0)).unwrap().is_empty());
     }
 }
