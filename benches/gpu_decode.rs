@@ -7,7 +7,8 @@
 //! `scripts/gpu-check` uses: every measurement once, median of repeated steps after a warm-up, one
 //! JSON object per line. `gpu_decode --protocol-quant OUT.jsonl` measures the packed formats (FP8,
 //! INT8, 4-bit) at 32 layers the same way: decode at batch 1 and 8, a 512-token prefill. Without a
-//! CUDA device each prints why and exits successfully.
+//! CUDA driver or device each prints why and exits successfully; any other failure to build the
+//! engine panics (the rule of `tests/common/gpu.rs`).
 //!
 //! Decode is measured at a fixed context: each step rewinds the sequences to the context and appends
 //! one token, so every sample does the same work. Long contexts are made with
@@ -103,7 +104,7 @@ fn protocol_quant(out_path: &str) {
         let mut engine = match engine_in(layers, true, format) {
             Ok(e) => e,
             Err(e) if skip(&e) => {
-                eprintln!("gpu_decode: skipped: {e}");
+                gpu_rule::print_skip("gpu_decode", &e);
                 return;
             }
             Err(e) => panic!("building the {format} engine: {e}"),
@@ -201,8 +202,13 @@ fn median_ms(mut run: impl FnMut(), repeats: usize) -> f64 {
     times[times.len() / 2]
 }
 
+/// The skip rule of the GPU tests: only a missing CUDA driver or device skips.
+#[path = "../tests/common/gpu.rs"]
+#[allow(dead_code)]
+mod gpu_rule;
+
 fn skip(e: &CudaError) -> bool {
-    matches!(e, CudaError::NoDriver | CudaError::NoDevice { .. })
+    gpu_rule::no_gpu(e)
 }
 
 /// The fixed protocol: one JSON line per measurement into `out`.
@@ -225,7 +231,7 @@ fn protocol(out_path: &str) {
         let mut engine = match engine(layers, graphs) {
             Ok(e) => e,
             Err(e) if skip(&e) => {
-                eprintln!("gpu_decode: skipped: {e}");
+                gpu_rule::print_skip("gpu_decode", &e);
                 return;
             }
             Err(e) => panic!("building the engine: {e}"),
@@ -293,7 +299,7 @@ fn benches(c: &mut Criterion) {
     let mut engine = match engine(layers, true) {
         Ok(e) => e,
         Err(e) if skip(&e) => {
-            eprintln!("gpu_decode: skipped: {e}");
+            gpu_rule::print_skip("gpu_decode", &e);
             return;
         }
         Err(e) => panic!("building the engine: {e}"),

@@ -1,7 +1,8 @@
 //! Per-kernel GPU benchmarks on Mixtral-8x7B shapes (one layer's worth of each op), with seeded
 //! random bf16 data made on the device. Criterion throughput is bytes for the bandwidth-bound decode
 //! kernels (weights or KV read once: read the rate as GB/s) and FLOPs for the tensor-core prefill
-//! kernels (read elements/s as FLOP/s). Without a CUDA device it prints why and exits successfully.
+//! kernels (read elements/s as FLOP/s). Without a CUDA driver or device it prints why and exits
+//! successfully; any other failure to open the device or load the kernels panics.
 //!
 //! `cargo bench --features cuda,testing --bench gpu_kernels`. Each sample ends with a stream synchronise.
 
@@ -563,13 +564,14 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
     group.finish();
 }
 
+/// The skip rule of the GPU tests: only a missing CUDA driver or device skips.
+#[path = "../tests/common/gpu.rs"]
+mod gpu_rule;
+
 fn main() {
-    let device = match CudaDevice::new(0) {
-        Ok(device) => device,
-        Err(e) => {
-            eprintln!("gpu_kernels: skipped: {e}");
-            return;
-        }
+    let Some(device) = gpu_rule::or_skip("gpu_kernels", "opening device 0", CudaDevice::new(0))
+    else {
+        return;
     };
     let kernels = Kernels::load(&device).expect("kernels");
     let arena = DeviceArena::new(Arc::clone(device.stream()));

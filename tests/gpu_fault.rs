@@ -1,4 +1,5 @@
-//! A sticky device fault (built with `--features cuda`; skips without a device). Its own test binary:
+//! A sticky device fault (built with `--features cuda`; skips only without a CUDA driver or device,
+//! `tests/common/gpu.rs`). Its own test binary:
 //! the fault poisons the process's CUDA context for good.
 //!
 //! After an illegal-address fault in the shared primary context, the CUDA engine's next step fails
@@ -6,7 +7,7 @@
 //! holding `CudaError::Dead` instead of touching the device again.
 #![cfg(feature = "cuda")]
 
-use std::path::PathBuf;
+mod common;
 
 use half::bf16;
 use mixtral::cuda::memory::ViewMut;
@@ -14,11 +15,7 @@ use mixtral::cuda::ops::{fill_random, FillValues};
 use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, Kernels};
 use mixtral::{Engine, EngineError, LoadOptions, LogitsFor, Model, SeqStep};
 
-fn root() -> PathBuf {
-    std::env::var_os("MIXTRAL_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-}
+use common::repo::root;
 
 #[test]
 fn a_sticky_device_fault_makes_the_engine_refuse_further_work() {
@@ -30,13 +27,12 @@ fn a_sticky_device_fault_makes_the_engine_refuse_further_work() {
         max_step_tokens: 16,
         ..CudaEngineOptions::default()
     };
-    let mut engine = match CudaEngine::new(&model.weights, options, None) {
-        Ok(engine) => engine,
-        Err(e @ (CudaError::NoDriver | CudaError::NoDevice { .. })) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
-        Err(e) => panic!("building the engine: {e}"),
+    let Some(mut engine) = common::gpu::or_skip(
+        "a_sticky_device_fault_makes_the_engine_refuse_further_work",
+        "building the CUDA engine",
+        CudaEngine::new(&model.weights, options, None),
+    ) else {
+        return;
     };
     let seq = engine.new_sequence().expect("sequence");
     let step = |engine: &mut CudaEngine, start_pos: usize| {

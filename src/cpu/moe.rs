@@ -25,6 +25,27 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// The SwiGLU activation `act = silu(w1 x) * (w3 x)` of every row of `x: [tokens, hidden]` into
+/// `act: [tokens, intermediate]`: the input of the down projection `w2` (what the GPU expert
+/// kernels store before it).
+///
+/// # Panics
+/// When the matrices or `act` do not have the shapes of the module docs.
+pub fn expert_act(
+    x: &[f32],
+    expert: &Expert<'_>,
+    hidden: usize,
+    intermediate: usize,
+    act: &mut [f32],
+) {
+    let mut up = vec![0.0f32; act.len()];
+    matmul(x, expert.w1, intermediate, hidden, act);
+    matmul(x, expert.w3, intermediate, hidden, &mut up);
+    for (g, u) in act.iter_mut().zip(&up) {
+        *g = silu(*g) * u;
+    }
+}
+
 /// `out = w2(silu(w1 x) * (w3 x))` for every row of `x: [tokens, hidden]`.
 ///
 /// # Panics
@@ -37,14 +58,9 @@ pub fn expert_mlp(
     out: &mut [f32],
 ) {
     let tokens = x.len() / hidden.max(1);
-    let mut gate = vec![0.0f32; tokens * intermediate];
-    let mut up = vec![0.0f32; tokens * intermediate];
-    matmul(x, expert.w1, intermediate, hidden, &mut gate);
-    matmul(x, expert.w3, intermediate, hidden, &mut up);
-    for (g, u) in gate.iter_mut().zip(&up) {
-        *g = silu(*g) * u;
-    }
-    matmul(&gate, expert.w2, hidden, intermediate, out);
+    let mut act = vec![0.0f32; tokens * intermediate];
+    expert_act(x, expert, hidden, intermediate, &mut act);
+    matmul(&act, expert.w2, hidden, intermediate, out);
 }
 
 /// The feed-forward block over `x: [tokens, hidden]` into `out: [tokens, hidden]`.

@@ -157,7 +157,15 @@ fn check(gpu: &Gpu, case: &Case) {
     let out = common::to_f32(&out.read_written(stream, "out"));
     part_out.read(stream, "part_out");
     part_lse.read(stream, "part_lse");
-    common::assert_close(&format!("{case:?}"), &out, &reference, 1e-2);
+    // Scores, softmax, weighted sums and the split combine all in f32 (over at most the longest
+    // sequence's keys), then one rounding at the bf16 store.
+    let keys = lengths.iter().copied().max().unwrap_or(0);
+    common::assert_close(
+        &format!("{case:?}"),
+        &out,
+        &reference,
+        common::bf16_bound(keys, 1),
+    );
 }
 
 #[test]

@@ -1,5 +1,8 @@
 //! Shared harness of the GPU kernel tests: the one device (or the printed reason there is none),
-//! guard-banded device buffers, bf16 helpers and the relative L2 error.
+//! guard-banded device buffers, the helpers of `tests/common` re-exported, and the error bounds
+//! every comparison uses, each derived from the arithmetic ([`f32_bound`], [`bf16_bound`],
+//! [`propagated_bound`]; the derivations are on the functions, and the tests at the end of this file
+//! check the rounding constants they rest on, on the CPU).
 #![allow(dead_code)]
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -7,6 +10,9 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 use mixtral::cuda::{CudaDevice, Kernels};
+
+use crate::shared;
+pub use crate::shared::numeric::{random_values, rel_l2, round_bf16, to_bf16, to_f32};
 
 /// Elements of poison on each side of every guarded buffer (128 or 256 bytes: keeps 16-byte alignment).
 pub const GUARD: usize = 64;
@@ -26,22 +32,44 @@ impl Gpu {
     }
 }
 
-static GPU: OnceLock<Result<Mutex<Gpu>, String>> = OnceLock::new();
+/// What opening the device gave, once per test binary.
+enum Opened {
+    /// The device and its kernels.
+    Ready(Mutex<Gpu>),
+    /// No CUDA driver or no device: the tests skip.
+    NoGpu(String),
+    /// A device is there but failed: the tests fail.
+    Broken(&'static str, String),
+}
 
-/// The GPU, locked for one test (tests run one at a time on it), or `None` after printing why the
-/// test is skipped (no driver, no device, kernels failed to load).
+static GPU: OnceLock<Opened> = OnceLock::new();
+
+fn open() -> Opened {
+    let device = match CudaDevice::new(0) {
+        Ok(device) => device,
+        Err(e) if shared::gpu::no_gpu(&e) => return Opened::NoGpu(e.to_string()),
+        Err(e) => return Opened::Broken("opening device 0", e.to_string()),
+    };
+    match Kernels::load(&device) {
+        Ok(kernels) => Opened::Ready(Mutex::new(Gpu { device, kernels })),
+        Err(e) => Opened::Broken("loading the kernels", e.to_string()),
+    }
+}
+
+/// The GPU, locked for one test (tests run one at a time on it); or `None` after printing why the
+/// test skips, which only a machine without a CUDA driver or device does (`tests/common/gpu.rs`).
+///
+/// # Panics
+/// When a device is present but cannot be opened or the kernels do not load: every GPU test then
+/// fails with that error.
 pub fn gpu(test: &str) -> Option<MutexGuard<'static, Gpu>> {
-    let gpu = GPU.get_or_init(|| {
-        let device = CudaDevice::new(0).map_err(|e| e.to_string())?;
-        let kernels = Kernels::load(&device).map_err(|e| format!("loading kernels: {e}"))?;
-        Ok(Mutex::new(Gpu { device, kernels }))
-    });
-    match gpu {
-        Ok(gpu) => Some(gpu.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
-        Err(reason) => {
-            eprintln!("skipped {test}: no usable CUDA device ({reason})");
+    match GPU.get_or_init(open) {
+        Opened::Ready(gpu) => Some(gpu.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
+        Opened::NoGpu(reason) => {
+            shared::gpu::print_skip(test, reason);
             None
         }
+        Opened::Broken(what, error) => shared::gpu::fail(test, what, error),
     }
 }
 
@@ -156,36 +184,6 @@ impl<T: Poison> Guarded<T> {
     }
 }
 
-/// bf16 copies of `values`.
-pub fn to_bf16(values: &[f32]) -> Vec<bf16> {
-    values.iter().map(|&v| bf16::from_f32(v)).collect()
-}
-
-/// f32 copies of bf16 `values`.
-pub fn to_f32(values: &[bf16]) -> Vec<f32> {
-    values.iter().map(|v| v.to_f32()).collect()
-}
-
-/// `values` rounded through bf16 (what the device sees of a host f32 input).
-pub fn round_bf16(values: &[f32]) -> Vec<f32> {
-    values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
-}
-
-/// `||out - reference|| / ||reference||`; infinite when anything is not finite.
-pub fn rel_l2(out: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(out.len(), reference.len(), "length mismatch");
-    let mut diff = 0.0f64;
-    let mut norm = 0.0f64;
-    for (&o, &r) in out.iter().zip(reference) {
-        if !o.is_finite() || !r.is_finite() {
-            return f64::INFINITY;
-        }
-        diff += (o as f64 - r as f64).powi(2);
-        norm += (r as f64).powi(2);
-    }
-    diff.sqrt() / norm.sqrt().max(f64::MIN_POSITIVE)
-}
-
 /// Asserts `rel_l2(out, reference) <= bound` with a message naming `what`.
 pub fn assert_close(what: &str, out: &[f32], reference: &[f32], bound: f64) {
     let err = rel_l2(out, reference);
@@ -195,17 +193,240 @@ pub fn assert_close(what: &str, out: &[f32], reference: &[f32], bound: f64) {
     );
 }
 
-/// Deterministic pseudo-random values in [-scale, scale) (splitmix64), never constant.
-pub fn random_values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    (0..len)
-        .map(|_| {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+// ---------------------------------------------------------------------------------------------
+// Error bounds (DESIGN.md, "Correctness rules for tests"). Every float comparison of the kernel
+// tests uses one of these, with the rounding chain of its kernel written beside it.
+
+/// f32's unit roundoff: one rounding to nearest moves a value by at most 2^-24 of itself.
+pub const F32_UNIT: f64 = 1.0 / (1u64 << 24) as f64;
+
+/// bf16's unit roundoff (8 significant bits): one rounding to nearest moves each element by at
+/// most half an ulp, which is at most 2^-8 of the element, so a vector by at most 2^-8 = 3.9e-3 in
+/// relative L2 (random data: 1.5e-3 to 1.7e-3; `tests::one_bf16_rounding_is_within_its_constants`).
+pub const BF16_UNIT: f64 = 1.0 / 256.0;
+
+/// The RMS of one bf16 rounding error relative to the value rounded: uniform on plus or minus half
+/// an ulp, at most 2^-8 of the value, so at most 2^-8 / sqrt(3) = 2.26e-3.
+pub const BF16_RMS: f64 = BF16_UNIT / 1.732_050_807_568_877_2;
+
+/// Relative L2 bound of an f32 output summing `k` products of identical bf16 inputs (exact in f32)
+/// in an order, or with a rounding, other than the reference's.
+///
+/// Derivation: rounding to nearest, each of the k additions errs by at most 2^-24 of the running
+/// sum, and over random signs the errors add like a random walk: about sqrt(k) * 2^-24 relative at
+/// most (2e-6 at k = 1024; the CPU and a sequential sum measure a tenth of that). Tensor cores
+/// (mma.sync, wgmma) truncate instead when they add a k-step's products into the f32 accumulator,
+/// a bias that grows like k: modelled with one truncation per 4 products, 9e-6 at k = 4096
+/// (`tests::f32_bound_covers_reordered_and_truncated_sums`). Bound: `max(1e-5, (k / 16) * 2^-24)`,
+/// 1e-5 up to k = 2684 and 1.5e-5 at 4096; an accumulator or an input in bf16 (1e-3 and more) is two
+/// orders above it.
+pub fn f32_bound(k: usize) -> f64 {
+    (k as f64 / 16.0 * F32_UNIT).max(1e-5)
+}
+
+/// Relative L2 bound of an output that went through `roundings` bf16 roundings after an f32
+/// accumulation of `k` terms: its own bf16 store counts one, and so does each bf16 intermediate
+/// whose error reaches the output through element-wise operations or a softmax-weighted average.
+///
+/// Derivation: each rounding moves the values it rounds by at most [`BF16_UNIT`] of themselves, so
+/// by at most 2^-8 in relative L2 where nothing after it amplifies relative error; roundings add at
+/// most linearly; plus [`f32_bound`]`(k)`. One rounding: 3.9e-3 + 1e-5 (random data: 1.5e-3 to
+/// 1.7e-3). Where a bf16 intermediate feeds a projection, whose amplification depends on the data,
+/// use [`propagated_bound`].
+pub fn bf16_bound(k: usize, roundings: usize) -> f64 {
+    roundings as f64 * BF16_UNIT + f32_bound(k)
+}
+
+/// `sum_o sum_i (scale * m[o, i] * a[i])^2` for `m: [rows, a.len()]` row-major: what a bf16
+/// rounding of `a` contributes to the squared error of `scale * m a`, per unit of relative error
+/// variance ([`propagated_bound`] adds these over the rows of an output).
+pub fn propagation(m: &[f32], a: &[f32], scale: f32) -> f64 {
+    let cols = a.len();
+    assert_eq!(
+        m.len() % cols.max(1),
+        0,
+        "propagation: m is not [rows, {cols}]"
+    );
+    let mut column_sq = vec![0.0f64; cols];
+    for row in m.chunks_exact(cols.max(1)) {
+        for (c, &w) in column_sq.iter_mut().zip(row) {
+            *c += (w as f64).powi(2);
+        }
+    }
+    let scale = (scale as f64).powi(2);
+    column_sq
+        .iter()
+        .zip(a)
+        .map(|(c, &x)| scale * c * (x as f64).powi(2))
+        .sum()
+}
+
+/// Relative L2 bound of an f32 output `y = m a` whose input `a` the device rounded to bf16 and the
+/// reference did not, `propagated` being the sum of [`propagation`] over the output's rows, `k` the
+/// longest f32 sum on the path.
+///
+/// Derivation: the rounding errors d_i are independent, zero-mean, of RMS at most [`BF16_RMS`]
+/// times |a_i|, so E |m d|^2 <= BF16_RMS^2 * sum_o sum_i m_oi^2 a_i^2: the expected error follows
+/// from the data, with no assumed amplification (a small projection of random data amplifies
+/// relative error several times in about 1% of cases:
+/// `tests::propagated_bound_covers_a_rounded_activation_through_small_projections`). |m d| is a sum of
+/// independent terms and exceeds 4 times its RMS with probability below 1e-4 (the chi-square tail
+/// of one degree of freedom, the worst case). Plus [`f32_bound`]`(k)`.
+pub fn propagated_bound(propagated: f64, reference: &[f32], k: usize) -> f64 {
+    let norm = reference
+        .iter()
+        .map(|&r| (r as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    4.0 * BF16_RMS * propagated.sqrt() / norm.max(f64::MIN_POSITIVE) + f32_bound(k)
+}
+
+/// Checks, on the CPU, the constants the bounds above rest on. They run without a device.
+mod tests {
+    use super::*;
+
+    /// bf16 rounding to nearest, done on the bits (independent of `half`): the f32 value.
+    fn bf16_bits(x: f32) -> f32 {
+        let bits = x.to_bits();
+        let round = 0x7fff + ((bits >> 16) & 1);
+        f32::from_bits(bits.wrapping_add(round) & 0xffff_0000)
+    }
+
+    #[test]
+    fn one_bf16_rounding_is_within_its_constants() {
+        let uniform = random_values(1, 100_000, 1.0);
+        let cubes: Vec<f32> = random_values(2, 100_000, 3.0)
+            .iter()
+            .map(|v| v * v * v)
+            .collect();
+        let binades: Vec<f32> = random_values(3, 100_000, 20.0)
+            .iter()
+            .zip(random_values(4, 100_000, 1.0))
+            .map(|(e, m)| m * e.exp2())
+            .collect();
+        for (name, values) in [
+            ("uniform", uniform),
+            ("cubes", cubes),
+            ("many binades", binades),
+        ] {
+            let rounded = round_bf16(&values);
+            let by_bits: Vec<f32> = values.iter().map(|&v| bf16_bits(v)).collect();
+            assert_eq!(rounded, by_bits, "{name}: half rounds to nearest even");
+            let err = rel_l2(&rounded, &values);
+            assert!(
+                (1.0e-3..=1.8e-3).contains(&err),
+                "{name}: one rounding gives rel L2 {err:e}"
+            );
+            let worst = values
+                .iter()
+                .zip(&rounded)
+                .filter(|(v, _)| **v != 0.0)
+                .map(|(&v, &r)| ((r - v) / v).abs() as f64)
+                .fold(0.0, f64::max);
+            assert!(worst <= BF16_UNIT, "{name}: element error {worst:e} > 2^-8");
+            let rms = (values
+                .iter()
+                .zip(&rounded)
+                .filter(|(v, _)| **v != 0.0)
+                .map(|(&v, &r)| (((r - v) / v) as f64).powi(2))
+                .sum::<f64>()
+                / values.len() as f64)
+                .sqrt();
+            assert!(
+                rms <= BF16_RMS,
+                "{name}: relative RMS {rms:e} > {BF16_RMS:e}"
+            );
+        }
+    }
+
+    /// Dot products of random bf16 rows of length `k` (products exact in f32): the exact sums, and
+    /// the sums accumulated by `accumulate` (one f32 accumulator given the products in order).
+    fn dots(k: usize, accumulate: impl Fn(&[f32]) -> f32) -> (Vec<f32>, Vec<f32>) {
+        let (mut exact, mut summed) = (Vec::new(), Vec::new());
+        for row in 0..256u64 {
+            let x = round_bf16(&random_values(row, k, 1.0));
+            let w = round_bf16(&random_values(row ^ 0xabcd, k, 0.5));
+            let products: Vec<f32> = x.iter().zip(&w).map(|(a, b)| a * b).collect();
+            exact.push(products.iter().map(|&p| p as f64).sum::<f64>() as f32);
+            summed.push(accumulate(&products));
+        }
+        (summed, exact)
+    }
+
+    /// Rounds toward zero to f32 (a truncating adder).
+    fn truncate(x: f64) -> f32 {
+        let f = x as f32;
+        if (f as f64).abs() > x.abs() {
+            f32::from_bits(f.to_bits() - 1)
+        } else {
+            f
+        }
+    }
+
+    #[test]
+    fn f32_bound_covers_reordered_and_truncated_sums() {
+        for k in [64usize, 1024, 4096] {
+            let bound = f32_bound(k);
+            let sequential = |p: &[f32]| p.iter().fold(0.0f32, |acc, &v| acc + v);
+            let lanes = |p: &[f32]| {
+                let mut lane = [0.0f32; 16];
+                for (i, &v) in p.iter().enumerate() {
+                    lane[i % 16] += v;
+                }
+                lane.iter().sum()
+            };
+            // A tensor-core model: 4 exact products added into the accumulator, truncated.
+            let truncating = |p: &[f32]| {
+                p.chunks(4).fold(0.0f32, |acc, c| {
+                    truncate(acc as f64 + c.iter().map(|&v| v as f64).sum::<f64>())
+                })
+            };
+            let bf16_accumulator = |p: &[f32]| p.iter().fold(0.0f32, |acc, &v| bf16_bits(acc + v));
+            let (seq, exact) = dots(k, sequential);
+            let (lane, _) = dots(k, lanes);
+            let (trunc, _) = dots(k, truncating);
+            let (bf16_acc, _) = dots(k, bf16_accumulator);
+            for (name, err) in [
+                ("sequential vs exact", rel_l2(&seq, &exact)),
+                ("sequential vs 16 lanes", rel_l2(&seq, &lane)),
+                ("truncating vs 16 lanes", rel_l2(&trunc, &lane)),
+            ] {
+                assert!(err <= bound, "k {k}: {name}: {err:e} > {bound:e}");
+            }
+            let caught = rel_l2(&bf16_acc, &exact);
+            assert!(
+                caught > 10.0 * bound,
+                "k {k}: a bf16 accumulator ({caught:e}) is not caught by {bound:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn propagated_bound_covers_a_rounded_activation_through_small_projections() {
+        let mut beyond_one_rounding = 0;
+        for (trial, (rows, cols)) in
+            (0..4000u64).zip([(8, 16), (8, 8), (16, 8), (64, 40)].iter().cycle())
+        {
+            let a = random_values(trial, *cols, 1.0);
+            let m = round_bf16(&random_values(trial ^ 0x5eed, rows * cols, 0.5));
+            let project = |a: &[f32]| -> Vec<f32> {
+                m.chunks_exact(*cols)
+                    .map(|row| row.iter().zip(a).map(|(w, x)| w * x).sum())
+                    .collect()
+            };
+            let reference = project(&a);
+            let out = project(&round_bf16(&a));
+            let err = rel_l2(&out, &reference);
+            let bound = propagated_bound(propagation(&m, &a, 1.0), &reference, *cols);
+            assert!(
+                err <= bound,
+                "trial {trial} [{rows}, {cols}]: {err:e} > {bound:e}"
+            );
+            if err > bf16_bound(*cols, 1) {
+                beyond_one_rounding += 1;
+            }
+        }
+        // The reason for a data-derived bound: a fixed one-rounding bound fails some of these.
+        assert!(beyond_one_rounding > 0);
+    }
 }

@@ -2,8 +2,8 @@
 //! fixture of [`moe_gemv`](super::moe_gemv) (the same shapes as the `moe_grouped` test: several
 //! 64-slot tiles per expert, idle experts, K tails and partial column blocks), and
 //! `moe_wgmma_self_check`. The kernels exist only for compute capability 9.0: on another device the
-//! comparisons print why they skip, and the tests check instead that the launcher refuses the device
-//! and that the self-check answers `NotHopper`.
+//! comparisons print that they do not apply (`not applicable <test>: ...`), and the tests check
+//! instead that the launcher refuses the device and that the self-check answers `NotHopper`.
 
 use half::bf16;
 use mixtral::cuda::ops::{
@@ -16,7 +16,9 @@ use proptest::prelude::*;
 use super::moe_gemv::{cases, check_moe, MoeCase};
 use crate::common;
 
-/// True when the device runs the wgmma kernels; otherwise prints why `test` skips.
+/// True when the device runs the wgmma kernels; otherwise prints why `test` does not run them
+/// (no GPU: the skip of `common::gpu`; another GPU: not applicable there, and
+/// `moe_wgmma_self_check_and_device_gate` checks that the launcher refuses it).
 fn hopper(test: &str) -> bool {
     let Some(gpu) = common::gpu(test) else {
         return false;
@@ -24,7 +26,8 @@ fn hopper(test: &str) -> bool {
     let (major, minor) = gpu.device.compute_capability();
     if (major, minor) != WGMMA_COMPUTE_CAPABILITY {
         eprintln!(
-            "skipped {test}: {} has compute capability {major}.{minor}; the wgmma kernels run only on 9.0",
+            "not applicable {test}: {} has compute capability {major}.{minor}; the wgmma kernels \
+             run only on 9.0",
             gpu.device.name()
         );
         return false;

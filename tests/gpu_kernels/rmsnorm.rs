@@ -1,6 +1,7 @@
 //! `rmsnorm` with each [`Addend`] against `cpu::norm::{rms_norm, add_rms_norm}`: odd widths, 1 row,
-//! several addends per row; the bf16 output within rel L2 1e-2, the updated f32 residual within
-//! 1e-6 (and untouched without an addend).
+//! several addends per row; the bf16 output within one bf16 rounding of the reference (the norm is
+//! computed in f32 and rounded once), the updated f32 residual within 1e-6 (the same f32 additions in
+//! the same order: equal unless an addition is contracted; untouched without an addend).
 
 use half::bf16;
 use mixtral::cpu::norm::{add_rms_norm, rms_norm};
@@ -11,7 +12,9 @@ use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use crate::common::{self, assert_close, random_values, round_bf16, to_bf16, to_f32, Guarded};
+use crate::common::{
+    self, assert_close, bf16_bound, random_values, round_bf16, to_bf16, to_f32, Guarded,
+};
 
 /// Which addend the case uses.
 #[derive(Debug, Clone, Copy)]
@@ -97,7 +100,8 @@ fn rmsnorm_matches_the_cpu_reference_for_every_addend() {
             .expect("rmsnorm");
             let out = to_f32(&out.read_written(stream, "out"));
             let new_residual = residual_d.read(stream, "residual");
-            assert_close("rmsnorm out", &out, &reference, 1e-2);
+            // f32 sum of `hidden` squares, rsqrt and product, then one rounding at the bf16 store.
+            assert_close("rmsnorm out", &out, &reference, bf16_bound(hidden, 1));
             if count == 0 {
                 prop_assert_eq!(
                     &new_residual,

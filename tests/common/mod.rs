@@ -1,0 +1,14 @@
+//! Helpers shared by several integration tests, in one place: where the repository is
+//! ([`repo`]), seeded random values, bf16 rounding and the relative L2 error ([`numeric`]), the CPU
+//! reference of the expert slots the MoE kernels write ([`moe`]), and, with `--features cuda`, the
+//! one rule deciding when a GPU test may skip ([`gpu`]).
+//!
+//! A test file at `tests/x.rs` includes it with `mod common;`; the kernel tests' folder with
+//! `#[path = "../common/mod.rs"] mod shared;`. Each test binary uses part of it.
+#![allow(dead_code)]
+
+#[cfg(feature = "cuda")]
+pub mod gpu;
+pub mod moe;
+pub mod numeric;
+pub mod repo;
