@@ -599,3 +599,100 @@ fn sub_range<T>(address: u64, len: usize, offset: usize, count: usize) -> Option
 fn cast_len<T, U>(len: usize) -> usize {
     len * std::mem::size_of::<T>() / std::mem::size_of::<U>().max(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 256-byte aligned address nothing dereferences.
+    const BASE: u64 = 0x7f00_0000_0000;
+
+    fn view_mut<T>(len: usize) -> ViewMut<'static, T> {
+        // SAFETY: only addresses and lengths are inspected; nothing is launched on the view.
+        unsafe { ViewMut::from_raw(BASE, len) }
+    }
+
+    fn view<T>(len: usize) -> View<'static, T> {
+        // SAFETY: as `view_mut`.
+        unsafe { View::from_raw(BASE, len) }
+    }
+
+    fn at<T>(v: &ViewMut<'_, T>) -> (u64, usize) {
+        (v.address() - BASE, v.len())
+    }
+
+    fn rows_at<T>(r: &Rows<'_, T>) -> (u64, usize, usize, usize) {
+        (r.address() - BASE, r.rows(), r.stride(), r.width())
+    }
+
+    #[test]
+    fn sub_offsets_by_whole_elements_and_refuses_out_of_range() {
+        assert_eq!(at(&view_mut::<f32>(10).sub(3, 7).unwrap()), (12, 7));
+        assert_eq!(at(&view_mut::<bf16>(10).sub(10, 0).unwrap()), (20, 0));
+        assert!(view_mut::<f32>(10).sub(3, 8).is_none());
+        assert!(view_mut::<f32>(10).sub(11, 0).is_none());
+        assert!(view_mut::<f32>(10).sub(usize::MAX, 2).is_none());
+        let v = view::<u64>(10).sub(2, 3).unwrap();
+        assert_eq!((v.address() - BASE, v.len()), (16, 3));
+        assert!(view::<u64>(10).sub(8, 3).is_none());
+    }
+
+    #[test]
+    fn split_at_gives_two_adjacent_views() {
+        let (a, b) = view_mut::<f32>(10).split_at(4).unwrap();
+        assert_eq!((at(&a), at(&b)), ((0, 4), (16, 6)));
+        let (a, b) = view_mut::<u64>(3).split_at(3).unwrap();
+        assert_eq!((at(&a), at(&b)), ((0, 3), (24, 0)));
+        assert!(view_mut::<f32>(10).split_at(11).is_none());
+    }
+
+    #[test]
+    fn cast_keeps_the_address_and_counts_whole_elements() {
+        assert_eq!(at(&view_mut::<bf16>(7).cast::<u32>()), (0, 3));
+        assert_eq!(at(&view_mut::<f32>(5).cast::<u8>()), (0, 20));
+        let v = view::<u8>(17).cast::<u64>();
+        assert_eq!((v.address(), v.len()), (BASE, 2));
+        let v = view_mut::<f32>(100).sub(10, 4).unwrap().cast::<bf16>();
+        assert_eq!(at(&v), (40, 8));
+    }
+
+    #[test]
+    fn column_groups_cut_each_row_in_order() {
+        // 3 rows of 2 + 3 + 1 f32 columns.
+        let [q, k, v] = view_mut::<f32>(18).column_groups([2, 3, 1]).unwrap();
+        assert_eq!(rows_at(&q.into()), (0, 3, 6, 2));
+        assert_eq!(rows_at(&k.into()), (8, 3, 6, 3));
+        assert_eq!(rows_at(&v.into()), (20, 3, 6, 1));
+        let [whole] = view_mut::<bf16>(8).column_groups([4]).unwrap();
+        assert_eq!(
+            (whole.address() - BASE, whole.rows(), whole.stride()),
+            (0, 2, 4)
+        );
+        assert!(view_mut::<f32>(19).column_groups([2, 3, 1]).is_none());
+        assert!(view_mut::<f32>(18).column_groups([0, 0]).is_none());
+        assert!(view_mut::<f32>(18).column_groups::<0>([]).is_none());
+    }
+
+    #[test]
+    fn sub_rows_moves_by_whole_strides() {
+        let [_, k] = view_mut::<bf16>(40).column_groups([6, 2]).unwrap();
+        let k = Rows::from(k);
+        assert_eq!(rows_at(&k), (12, 5, 8, 2));
+        assert_eq!(rows_at(&k.sub_rows(2, 3).unwrap()), (12 + 2 * 16, 3, 8, 2));
+        assert_eq!(rows_at(&k.sub_rows(5, 0).unwrap()), (12 + 5 * 16, 0, 8, 2));
+        assert!(k.sub_rows(3, 3).is_none());
+        assert!(k.sub_rows(6, 0).is_none());
+        assert!(k.sub_rows(usize::MAX, 2).is_none());
+    }
+
+    #[test]
+    fn reborrowed_and_read_views_see_the_same_elements() {
+        let mut v = view_mut::<f32>(6).sub(1, 4).unwrap();
+        assert_eq!(at(&v.reborrow()), (4, 4));
+        let r = v.as_view();
+        assert_eq!((r.address() - BASE, r.len()), (4, 4));
+        let [mut g, _] = view_mut::<f32>(6).column_groups([1, 2]).unwrap();
+        assert_eq!(rows_at(&g.reborrow().into()), (0, 2, 3, 1));
+        assert_eq!(rows_at(&g.as_rows()), (0, 2, 3, 1));
+    }
+}
