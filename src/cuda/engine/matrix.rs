@@ -22,15 +22,12 @@ use super::super::module::Kernels;
 use super::super::ops::{
     self, DequantShape, MoeBuffers, MoeShape, PackedView, MOE_GROUPED_MIN_TOKENS,
 };
-use super::super::params::LINEAR_GEMV_MAX_TOKENS;
+use super::super::select::{select, Choice, Device, Format, Op};
 use super::super::region::{DeviceArena, Region};
 use crate::quant::PackedKind;
 use crate::weights::Weight;
 
-/// Most tokens a chunk runs through `qmoe_gemv` over packed experts; larger chunks expand the
-/// experts to bf16 first. (Reading the packed weights once per 8 slots of an expert costs less than
-/// writing and reading a bf16 copy until about 40 slots per expert; not measured.)
-pub const QUANT_MOE_GEMV_MAX_TOKENS: usize = 128;
+pub use super::super::select::QUANT_MOE_GEMV_MAX_TOKENS;
 
 /// How one stack of matrices is stored on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +233,14 @@ pub fn project<'a>(
 ) -> Result<(), CudaError> {
     let dense = match w {
         DeviceMatrix::Bf16(w) => w,
-        DeviceMatrix::Packed(p) if s.tokens <= LINEAR_GEMV_MAX_TOKENS => {
+        DeviceMatrix::Packed(p)
+            if select(
+                Op::Projection,
+                s.tokens as usize,
+                Format::Packed,
+                Device::default(),
+            ) == Choice::QLinear =>
+        {
             return ops::qlinear(kernels, stream, s, x, p.view(), out);
         }
         DeviceMatrix::Packed(p) => expand(

@@ -3,7 +3,7 @@
 //! bf16 `x` and `w`, f32 accumulation, bf16 or f32 output (the view's type picks the variant).
 //!
 //! The planner picks the kernel from the token count:
-//! - up to [`LINEAR_GEMV_MAX_TOKENS`] (16) tokens, `linear_gemv_t{1,2,4,8}`: a bandwidth-bound GEMV
+//! - up to [`LINEAR_GEMV_MAX_TOKENS`](crate::cuda::select::LINEAR_GEMV_MAX_TOKENS) (16) tokens, `linear_gemv_t{1,2,4,8}`: a bandwidth-bound GEMV
 //!   that streams each weight row once per tile of TILE tokens, TILE the smallest compiled tile
 //!   covering the batch (capped at 8: 9..=16 tokens read the weights twice, the second pass mostly
 //!   from L2);
@@ -17,10 +17,11 @@ use cudarc::driver::CudaStream;
 use crate::cuda::args::{LinearArgs, LinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
+use crate::cuda::select::{select, Choice, Device as SelectDevice, Format, Op};
 use crate::cuda::launch::{launch, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
-    KernelFamily, LinearParams, LINEAR_GEMV_MAX_TOKENS, LINEAR_GEMV_ROWS_PER_WARP,
+    KernelFamily, LinearParams, LINEAR_GEMV_ROWS_PER_WARP,
     LINEAR_GEMV_WARPS, LINEAR_MMA_BM, LINEAR_MMA_BN, LINEAR_MMA_THREADS,
 };
 
@@ -51,7 +52,13 @@ fn plan(
     }
     let params = a.params(c.op, s)?;
     let out_f32 = u32::from(a.out.is_f32());
-    let grid = if s.tokens <= LINEAR_GEMV_MAX_TOKENS {
+    let choice = select(
+        Op::Projection,
+        s.tokens as usize,
+        Format::Bf16,
+        SelectDevice::default(),
+    );
+    let grid = if choice == Choice::LinearGemv {
         let rows_per_block = LINEAR_GEMV_WARPS * LINEAR_GEMV_ROWS_PER_WARP;
         let variant = c.variant(
             KernelFamily::LinearGemv,
@@ -80,7 +87,7 @@ fn plan(
 }
 
 /// `out[t, o] = sum_i x[t, i] * w[o, i]` with f32 accumulation: a GEMV for up to
-/// [`LINEAR_GEMV_MAX_TOKENS`] tokens, the tensor-core GEMM above; zero tokens launch nothing.
+/// [`LINEAR_GEMV_MAX_TOKENS`](crate::cuda::select::LINEAR_GEMV_MAX_TOKENS) tokens, the tensor-core GEMM above; zero tokens launch nothing.
 pub fn linear(
     kernels: &Kernels,
     stream: &CudaStream,
@@ -98,6 +105,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::cuda::select::LINEAR_GEMV_MAX_TOKENS;
     use crate::cuda::memory::AnyViewMut;
     use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
     use crate::cuda::params::KERNEL_VARIANTS;
@@ -255,7 +263,7 @@ mod tests {
                 .unwrap();
             let (gx, gy, gz) = g.grid;
             prop_assert_eq!(gz, 1);
-            if tokens <= LINEAR_GEMV_MAX_TOKENS {
+            if tokens as usize <= LINEAR_GEMV_MAX_TOKENS {
                 // One block per LINEAR_GEMV_WARPS * ROWS_PER_WARP output rows; the kernel loops
                 // over the token tiles.
                 let rows = LINEAR_GEMV_WARPS * LINEAR_GEMV_ROWS_PER_WARP;
