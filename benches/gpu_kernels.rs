@@ -12,11 +12,12 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use cudarc::driver::CudaStream;
 use half::bf16;
-use mixtral::cuda::args::{LinearArgs, LinearScalars, MoeScalars, QMoeArgs};
+use mixtral::cuda::args::{
+    AttentionDecodeArgs, AttentionPrefillArgs, LinearArgs, LinearScalars, MoeScalars, QMoeArgs,
+};
 use mixtral::cuda::ops::{
-    self, attention_splits, AttentionDecodeBuffers, AttentionDecodeShape, AttentionPrefillBuffers,
-    AttentionPrefillShape, FillValues, MoeBuffers, MoeShape, PackedView, PagedCacheShape,
-    RouterBuffers, RouterShape,
+    self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, FillValues, MoeBuffers,
+    MoeShape, PackedView, PagedCacheShape, RouterBuffers, RouterShape,
 };
 use mixtral::cuda::region::{DeviceArena, Region};
 use mixtral::cuda::{CudaDevice, Kernels};
@@ -484,7 +485,12 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
         .measurement_time(Duration::from_secs(2));
     let split_keys = 256;
     let max_splits = attention_splits(context, split_keys);
-    let q = b.random(HEADS * HEAD_DIM, 1.0);
+    let mut q = b.random(HEADS * HEAD_DIM, 1.0);
+    let [q_rows] = q
+        .view_mut()
+        .column_groups([HEADS * HEAD_DIM])
+        .expect("one row of q");
+    let q_rows = q_rows.into();
     let token_seq = b.upload(&[0i32]);
     let mut out = b.zeros::<bf16>(HEADS * HEAD_DIM);
     let mut part_out = b.zeros::<f32>(HEADS * max_splits * HEAD_DIM);
@@ -502,22 +508,20 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
                         n_heads: HEADS,
                         n_kv_heads: KV_HEADS,
                         head_dim: HEAD_DIM,
-                        q_stride: HEADS * HEAD_DIM,
                         cache,
                         window: None,
                         split_keys,
-                        max_splits,
                     },
-                    AttentionDecodeBuffers {
-                        q: &q,
-                        k_cache: &k_cache,
-                        v_cache: &v_cache,
-                        block_tables: &tables,
-                        token_seq: &token_seq,
-                        positions: &positions,
-                        out: &mut out,
-                        part_out: &mut part_out,
-                        part_lse: &mut part_lse,
+                    AttentionDecodeArgs {
+                        q: q_rows,
+                        k_cache: k_cache.view(),
+                        v_cache: v_cache.view(),
+                        block_tables: tables.view(),
+                        token_seq: token_seq.view(),
+                        positions: positions.view(),
+                        out: out.view_mut(),
+                        part_out: part_out.view_mut(),
+                        part_lse: part_lse.view_mut(),
                     },
                 )
                 .expect("attention decode");
@@ -526,7 +530,12 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
         });
     }
     for tokens in [512usize, 4096] {
-        let q = b.random(tokens * HEADS * HEAD_DIM, 1.0);
+        let mut q = b.random(tokens * HEADS * HEAD_DIM, 1.0);
+        let [q_rows] = q
+            .view_mut()
+            .column_groups([HEADS * HEAD_DIM])
+            .expect("whole rows of q");
+        let q_rows = q_rows.into();
         let mut out = b.zeros::<bf16>(tokens * HEADS * HEAD_DIM);
         // Causal: about half of the tokens x tokens scores, two matmuls of 2 FLOPs per MAC.
         group.throughput(Throughput::Elements(
@@ -544,16 +553,15 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
                         n_heads: HEADS,
                         n_kv_heads: KV_HEADS,
                         head_dim: HEAD_DIM,
-                        q_stride: HEADS * HEAD_DIM,
                         cache,
                         window: None,
                     },
-                    AttentionPrefillBuffers {
-                        q: &q,
-                        k_cache: &k_cache,
-                        v_cache: &v_cache,
-                        block_tables: &tables,
-                        out: &mut out,
+                    AttentionPrefillArgs {
+                        q: q_rows,
+                        k_cache: k_cache.view(),
+                        v_cache: v_cache.view(),
+                        block_tables: tables.view(),
+                        out: out.view_mut(),
                     },
                 )
                 .expect("attention prefill");

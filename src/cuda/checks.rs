@@ -9,6 +9,8 @@ use super::params::{KernelFamily, KERNEL_VARIANTS};
 pub const MAX_INDEX: usize = i32::MAX as usize;
 /// Largest grid y / z dimension.
 pub const MAX_GRID_YZ: usize = 65_535;
+/// Static plus dynamic shared memory a block may use without opting in to more.
+pub const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 
 /// Saturating product of extent factors.
 pub fn product(factors: &[u128]) -> u128 {

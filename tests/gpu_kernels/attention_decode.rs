@@ -6,9 +6,8 @@
 //! The split scratch buffers are guard-banded too.
 
 use half::bf16;
-use mixtral::cuda::ops::{
-    attention_decode, attention_splits, AttentionDecodeBuffers, AttentionDecodeShape,
-};
+use mixtral::cuda::args::AttentionDecodeArgs;
+use mixtral::cuda::ops::{attention_decode, attention_splits, AttentionDecodeShape};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -114,9 +113,8 @@ fn check(gpu: &Gpu, case: &Case) {
         reference.extend(pool.reference(row, q_seq, heads, case.cached[row], case.window));
     }
 
-    let max_keys = pool.cache.max_blocks_per_seq * pool.cache.block_size;
-    let max_splits = attention_splits(max_keys, case.split_keys);
-    let q_dev = Guarded::with(stream, &common::to_bf16(&q_rows));
+    let max_splits = attention_splits(pool.cache.capacity(), case.split_keys);
+    let mut q_dev = Guarded::with(stream, &common::to_bf16(&q_rows));
     let k_cache = Guarded::with(stream, &common::to_bf16(&pool.k));
     let v_cache = Guarded::with(stream, &common::to_bf16(&pool.v));
     let block_tables = Guarded::with(stream, &pool.tables);
@@ -131,26 +129,28 @@ fn check(gpu: &Gpu, case: &Case) {
         n_heads: heads,
         n_kv_heads: case.kv_heads,
         head_dim: case.head_dim,
-        q_stride,
         cache: pool.cache,
         window: case.window,
         split_keys: case.split_keys,
-        max_splits,
     };
+    let [q, _] = q_dev
+        .dev_mut()
+        .column_groups([width, q_stride - width])
+        .expect("whole rows of q");
     attention_decode(
         &gpu.kernels,
         stream,
         &shape,
-        AttentionDecodeBuffers {
-            q: &q_dev.view(),
-            k_cache: &k_cache.view(),
-            v_cache: &v_cache.view(),
-            block_tables: &block_tables.view(),
-            token_seq: &token_seq_dev.view(),
-            positions: &positions_dev.view(),
-            out: &mut out.view_mut(),
-            part_out: &mut part_out.view_mut(),
-            part_lse: &mut part_lse.view_mut(),
+        AttentionDecodeArgs {
+            q: q.into(),
+            k_cache: k_cache.dev(),
+            v_cache: v_cache.dev(),
+            block_tables: block_tables.dev(),
+            token_seq: token_seq_dev.dev(),
+            positions: positions_dev.dev(),
+            out: out.dev_mut(),
+            part_out: part_out.dev_mut(),
+            part_lse: part_lse.dev_mut(),
         },
     )
     .expect("attention_decode launch");

@@ -6,9 +6,8 @@
 
 use half::bf16;
 use mixtral::cpu::attention::{attention, AttentionShape, PagedView};
-use mixtral::cuda::ops::{
-    attention_prefill, AttentionPrefillBuffers, AttentionPrefillShape, PagedCacheShape,
-};
+use mixtral::cuda::args::AttentionPrefillArgs;
+use mixtral::cuda::ops::{attention_prefill, AttentionPrefillShape, PagedCacheShape};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -219,7 +218,7 @@ fn run(
     window: Option<usize>,
 ) -> Vec<f32> {
     let stream = gpu.stream();
-    let q = Guarded::with(stream, &common::to_bf16(q_rows));
+    let mut q = Guarded::with(stream, &common::to_bf16(q_rows));
     let k_cache = Guarded::with(stream, &common::to_bf16(&pool.k));
     let v_cache = Guarded::with(stream, &common::to_bf16(&pool.v));
     let block_tables = Guarded::with(stream, tables);
@@ -231,20 +230,24 @@ fn run(
         n_heads: heads,
         n_kv_heads: pool.kv_heads,
         head_dim: pool.head_dim,
-        q_stride,
         cache: pool.cache,
         window,
     };
+    let width = heads * pool.head_dim;
+    let [q, _] = q
+        .dev_mut()
+        .column_groups([width, q_stride - width])
+        .expect("whole rows of q");
     attention_prefill(
         &gpu.kernels,
         stream,
         &shape,
-        AttentionPrefillBuffers {
-            q: &q.view(),
-            k_cache: &k_cache.view(),
-            v_cache: &v_cache.view(),
-            block_tables: &block_tables.view(),
-            out: &mut out.view_mut(),
+        AttentionPrefillArgs {
+            q: q.into(),
+            k_cache: k_cache.dev(),
+            v_cache: v_cache.dev(),
+            block_tables: block_tables.dev(),
+            out: out.dev_mut(),
         },
     )
     .expect("attention_prefill launch");

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use half::bf16;
 use mixtral::cpu::rope::Rope;
-use mixtral::cuda::ops::{rope_kv, PagedCacheShape, RopeKvBuffers, RopeKvShape};
+use mixtral::cuda::args::{RopeKvArgs, RopeKvScalars};
+use mixtral::cuda::ops::rope_kv;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -100,27 +101,21 @@ fn rope_kv_rotates_and_fills_the_paged_cache() {
                 rope.apply(&mut q_ref, n_heads, &positions);
                 rope.apply(&mut k_ref, n_kv_heads, &positions);
 
-                let cache = PagedCacheShape {
-                    num_blocks,
-                    block_size,
-                    num_seqs,
-                    max_blocks_per_seq,
-                };
-                let shape = RopeKvShape {
-                    tokens,
-                    n_heads,
-                    n_kv_heads,
-                    head_dim,
-                    q_stride,
-                    k_stride,
-                    v_stride,
-                    cache,
+                let scalars = RopeKvScalars {
+                    tokens: tokens as u32,
+                    n_heads: n_heads as u32,
+                    n_kv_heads: n_kv_heads as u32,
+                    head_dim: head_dim as u32,
+                    block_size: block_size as u32,
+                    max_blocks_per_seq: max_blocks_per_seq as u32,
+                    num_blocks: num_blocks as u32,
+                    num_seqs: num_seqs as u32,
                 };
                 let cache_len = num_blocks * block_size * kv_width;
                 let positions_i32: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
                 let mut q_d = Guarded::with(stream, &q);
-                let k_d = Guarded::with(stream, &k);
-                let v_d = Guarded::with(stream, &v);
+                let mut k_d = Guarded::with(stream, &k);
+                let mut v_d = Guarded::with(stream, &v);
                 let mut k_cache = Guarded::<bf16>::poisoned(stream, cache_len);
                 let mut v_cache = Guarded::<bf16>::poisoned(stream, cache_len);
                 let tables_d = Guarded::with(stream, &block_tables);
@@ -128,31 +123,32 @@ fn rope_kv_rotates_and_fills_the_paged_cache() {
                 let pos_d = Guarded::with(stream, &positions_i32);
                 let freq_d = Guarded::with(stream, rope.inv_freq());
                 {
-                    let (kv, vv, tv, sv, pv_, fv) = (
-                        k_d.view(),
-                        v_d.view(),
-                        tables_d.view(),
-                        seq_d.view(),
-                        pos_d.view(),
-                        freq_d.view(),
-                    );
-                    let mut qv = q_d.view_mut();
-                    let mut kc = k_cache.view_mut();
-                    let mut vc = v_cache.view_mut();
+                    let [q_rows, _] = q_d
+                        .dev_mut()
+                        .column_groups([q_width, pq])
+                        .expect("whole rows of q");
+                    let [k_rows, _] = k_d
+                        .dev_mut()
+                        .column_groups([kv_width, pk])
+                        .expect("whole rows of k");
+                    let [v_rows, _] = v_d
+                        .dev_mut()
+                        .column_groups([kv_width, pv])
+                        .expect("whole rows of v");
                     rope_kv(
                         &gpu.kernels,
                         stream,
-                        &shape,
-                        RopeKvBuffers {
-                            q: &mut qv,
-                            k: &kv,
-                            v: &vv,
-                            k_cache: &mut kc,
-                            v_cache: &mut vc,
-                            block_tables: &tv,
-                            token_seq: &sv,
-                            positions: &pv_,
-                            inv_freq: &fv,
+                        &scalars,
+                        RopeKvArgs {
+                            q: q_rows,
+                            k: k_rows.into(),
+                            v: v_rows.into(),
+                            k_cache: k_cache.dev_mut(),
+                            v_cache: v_cache.dev_mut(),
+                            block_tables: tables_d.dev(),
+                            token_seq: seq_d.dev(),
+                            positions: pos_d.dev(),
+                            inv_freq: freq_d.dev(),
                         },
                     )
                     .expect("rope_kv");

@@ -18,15 +18,16 @@ use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::super::args::{
-    ArgmaxArgs, ArgmaxScalars, EmbeddingArgs, EmbeddingScalars, LinearArgs, LinearScalars,
-    RmsnormArgs, RmsnormScalars,
+    ArgmaxArgs, ArgmaxScalars, AttentionDecodeArgs, AttentionPrefillArgs, EmbeddingArgs,
+    EmbeddingScalars, LinearArgs, LinearScalars, RmsnormArgs, RmsnormScalars, RopeKvArgs,
+    RopeKvScalars,
 };
 use super::super::error::CudaError;
+use super::super::memory::Rows;
 use super::super::module::Kernels;
 use super::super::ops::{
-    self, attention_splits, AttentionDecodeBuffers, AttentionDecodeShape, AttentionPrefillBuffers,
-    AttentionPrefillShape, MoeShape, PagedCacheShape, RopeKvBuffers, RopeKvShape, RouterBuffers,
-    RouterShape, RNG_STATE_WORDS,
+    self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, MoeShape,
+    PagedCacheShape, RouterBuffers, RouterShape, RNG_STATE_WORDS,
 };
 use super::super::region::{DeviceArena, Region};
 use super::inputs::PrefillPiece;
@@ -537,81 +538,74 @@ impl Plan {
     ) -> Result<(), CudaError> {
         let d = self.dims;
         let cache = self.cache_shape();
-        let k = self.qkv.sub(d.q_width, self.qkv.len_elems() - d.q_width);
-        let v = self.qkv.sub(
-            d.q_width + d.kv_width,
-            self.qkv.len_elems() - d.q_width - d.kv_width,
-        );
-        let (Some(k), Some(v)) = (k, v) else {
+        let Some([mut q, k, v]) = self
+            .qkv
+            .view_mut()
+            .column_groups([d.q_width, d.kv_width, d.kv_width])
+        else {
             return Err(CudaError::UnsupportedModel(
-                "the q/k/v buffer is smaller than one row".into(),
+                "the q/k/v buffer is not whole rows of q, k and v".into(),
             ));
         };
         ops::rope_kv(
             kernels,
             stream,
-            &RopeKvShape {
-                tokens,
-                n_heads: d.heads,
-                n_kv_heads: d.kv_heads,
-                head_dim: d.head_dim,
-                q_stride: d.qkv_width,
-                k_stride: d.qkv_width,
-                v_stride: d.qkv_width,
-                cache,
+            &RopeKvScalars {
+                tokens: tokens as u32,
+                n_heads: d.heads as u32,
+                n_kv_heads: d.kv_heads as u32,
+                head_dim: d.head_dim as u32,
+                block_size: cache.block_size as u32,
+                max_blocks_per_seq: cache.max_blocks_per_seq as u32,
+                num_blocks: cache.num_blocks as u32,
+                num_seqs: cache.num_seqs as u32,
             },
-            RopeKvBuffers {
-                q: &mut self.qkv,
-                k: &k,
-                v: &v,
-                k_cache: &mut self.k_cache[l],
-                v_cache: &mut self.v_cache[l],
-                block_tables: &self.block_tables,
-                token_seq: &self.inputs.token_seq,
-                positions: &self.inputs.positions,
-                inv_freq: &self.inv_freq,
+            RopeKvArgs {
+                q: q.reborrow(),
+                k: k.into(),
+                v: v.into(),
+                k_cache: self.k_cache[l].view_mut(),
+                v_cache: self.v_cache[l].view_mut(),
+                block_tables: self.block_tables.view(),
+                token_seq: self.inputs.token_seq.view(),
+                positions: self.inputs.positions.view(),
+                inv_freq: self.inv_freq.view(),
             },
         )?;
+        let q: Rows<'_, bf16> = q.into();
         match attention {
-            Attention::Decode => {
-                let max_splits =
-                    attention_splits(cache.max_blocks_per_seq * cache.block_size, SPLIT_KEYS);
-                ops::attention_decode(
-                    kernels,
-                    stream,
-                    &AttentionDecodeShape {
-                        tokens,
-                        n_heads: d.heads,
-                        n_kv_heads: d.kv_heads,
-                        head_dim: d.head_dim,
-                        q_stride: d.qkv_width,
-                        cache,
-                        window: d.window,
-                        split_keys: SPLIT_KEYS,
-                        max_splits,
-                    },
-                    AttentionDecodeBuffers {
-                        q: &self.qkv,
-                        k_cache: &self.k_cache[l],
-                        v_cache: &self.v_cache[l],
-                        block_tables: &self.block_tables,
-                        token_seq: &self.inputs.token_seq,
-                        positions: &self.inputs.positions,
-                        out: &mut self.attn,
-                        part_out: &mut self.part_out,
-                        part_lse: &mut self.part_lse,
-                    },
-                )
-            }
+            Attention::Decode => ops::attention_decode(
+                kernels,
+                stream,
+                &AttentionDecodeShape {
+                    tokens,
+                    n_heads: d.heads,
+                    n_kv_heads: d.kv_heads,
+                    head_dim: d.head_dim,
+                    cache,
+                    window: d.window,
+                    split_keys: SPLIT_KEYS,
+                },
+                AttentionDecodeArgs {
+                    q,
+                    k_cache: self.k_cache[l].view(),
+                    v_cache: self.v_cache[l].view(),
+                    block_tables: self.block_tables.view(),
+                    token_seq: self.inputs.token_seq.view(),
+                    positions: self.inputs.positions.view(),
+                    out: self.attn.view_mut(),
+                    part_out: self.part_out.view_mut(),
+                    part_lse: self.part_lse.view_mut(),
+                },
+            ),
             Attention::Prefill(pieces) => {
                 for piece in pieces {
-                    let q = self
-                        .qkv
-                        .sub(piece.token_offset * d.qkv_width, piece.len * d.qkv_width);
+                    let q = q.sub_rows(piece.token_offset, piece.len);
                     let out = self
                         .attn
+                        .view_mut()
                         .sub(piece.token_offset * d.q_width, piece.len * d.q_width);
-                    let (Some(q), Some(mut out)) = (q, out) else {
+                    let (Some(q), Some(out)) = (q, out) else {
                         return Err(CudaError::Unsupported {
                             op: "attention_prefill",
                             what: "piece end",
@@ -629,16 +623,15 @@ impl Plan {
                             n_heads: d.heads,
                             n_kv_heads: d.kv_heads,
                             head_dim: d.head_dim,
-                            q_stride: d.qkv_width,
                             cache,
                             window: d.window,
                         },
-                        AttentionPrefillBuffers {
-                            q: &q,
-                            k_cache: &self.k_cache[l],
-                            v_cache: &self.v_cache[l],
-                            block_tables: &self.block_tables,
-                            out: &mut out,
+                        AttentionPrefillArgs {
+                            q,
+                            k_cache: self.k_cache[l].view(),
+                            v_cache: self.v_cache[l].view(),
+                            block_tables: self.block_tables.view(),
+                            out,
                         },
                     )?;
                 }

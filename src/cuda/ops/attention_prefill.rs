@@ -1,20 +1,24 @@
-//! The prefill flash-attention op: one sequence's run of consecutive query tokens attends causally
-//! (optionally within a sliding window) to its paged KV cache, with grouped-query heads, on bf16
-//! tensor cores (`csrc/attention_prefill.cu`). One launch per sequence; not meant for graph capture
-//! (the engine calls it once per prefill entry of a step), though it neither allocates nor syncs.
+//! `attention_prefill` (csrc/attention_prefill.cu): causal flash attention of one sequence's
+//! `tokens` consecutive queries (positions `start_pos ..`, block-table row `seq_row`) over its paged
+//! cache, GQA, optional sliding window, on bf16 tensor cores with an f32 softmax. q
+//! `[tokens, n_heads, head_dim]` (a column group of wider rows, any alignment) gives out
+//! `[tokens, n_heads, head_dim]` bf16, contiguous. The cache must already hold this step's keys and
+//! values. One launch per sequence (the engine's prefill pieces).
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
-use half::bf16;
+use cudarc::driver::CudaStream;
 
-use super::{launch, read, write, Buf, Check, Launch, PagedCacheShape, DEFAULT_SHARED_BYTES};
+use super::paged_cache::{gqa_group, score_scale, window_scalar, PagedCacheShape};
+use crate::cuda::args::{AttentionPrefillArgs, AttentionPrefillScalars};
+use crate::cuda::checks::{Check, DEFAULT_SHARED_BYTES};
 use crate::cuda::error::CudaError;
+use crate::cuda::launch::{launch, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
     AttentionPrefillParams, KernelFamily, ATTENTION_PREFILL_KEYS, ATTENTION_PREFILL_PAD,
     ATTENTION_PREFILL_QUERIES, ATTENTION_PREFILL_THREADS,
 };
 
-/// Shapes of [`attention_prefill`].
+/// What the caller decides for [`attention_prefill`]; the planner derives the score scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionPrefillShape {
     /// Query tokens of the sequence in this step (consecutive positions).
@@ -29,69 +33,32 @@ pub struct AttentionPrefillShape {
     pub n_kv_heads: usize,
     /// Head dimension (a compiled value: 16, 32, 64 or 128).
     pub head_dim: usize,
-    /// Elements between consecutive tokens of `q` (>= n_heads * head_dim).
-    pub q_stride: usize,
     /// The cache and block tables.
     pub cache: PagedCacheShape,
     /// Sliding window W (keys per query, itself included); `None` = full causal attention.
     pub window: Option<usize>,
 }
 
-/// Buffers of [`attention_prefill`].
-pub struct AttentionPrefillBuffers<'a> {
-    /// `[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`; any alignment).
-    pub q: &'a dyn DevicePtr<bf16>,
-    /// `[num_blocks, block_size, n_kv_heads, head_dim]` key cache (16-byte aligned), holding the
-    /// keys of positions `0 .. start_pos + tokens`.
-    pub k_cache: &'a dyn DevicePtr<bf16>,
-    /// `[num_blocks, block_size, n_kv_heads, head_dim]` value cache (16-byte aligned).
-    pub v_cache: &'a dyn DevicePtr<bf16>,
-    /// `[num_seqs, max_blocks_per_seq]` block tables.
-    pub block_tables: &'a dyn DevicePtr<i32>,
-    /// `[tokens, n_heads, head_dim]` output, contiguous.
-    pub out: &'a mut dyn DevicePtrMut<bf16>,
-}
-
-/// The buffers as the planner sees them.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct PrefillBufs {
-    pub(super) q: Buf,
-    pub(super) k_cache: Buf,
-    pub(super) v_cache: Buf,
-    pub(super) block_tables: Buf,
-    pub(super) out: Buf,
-}
-
 /// Static shared memory of the kernel for `head_dim` (as declared in `csrc/attention_prefill.cu`):
 /// the K tile `[KEYS, head_dim + PAD]` and transposed V tile `[head_dim, KEYS + PAD]` in bf16, and
 /// one 64-bit cache slot per key.
-pub(super) fn prefill_shared_bytes(head_dim: usize) -> usize {
+fn shared_bytes(head_dim: usize) -> usize {
     let keys = ATTENTION_PREFILL_KEYS as usize;
     let pad = ATTENTION_PREFILL_PAD as usize;
     keys * (head_dim + pad) * 2 + head_dim * (keys + pad) * 2 + keys * 8
 }
 
-pub(super) fn plan_attention_prefill(
+fn plan(
     s: &AttentionPrefillShape,
-    b: &PrefillBufs,
-) -> Result<Option<Launch<AttentionPrefillParams>>, CudaError> {
+    a: &AttentionPrefillArgs<'_>,
+) -> Result<Option<(AttentionPrefillParams, [Grid; 1])>, CudaError> {
     let c = Check {
         op: "attention_prefill",
     };
-    c.at_least("n_kv_heads", s.n_kv_heads, 1)?;
-    if s.n_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
-        return Err(c.unsupported(
-            "n_heads",
-            s.n_heads,
-            format!(
-                "must be a positive multiple of n_kv_heads = {}",
-                s.n_kv_heads
-            ),
-        ));
-    }
+    gqa_group(&c, s.n_heads, s.n_kv_heads)?;
     let head_dim = c.count("head_dim", s.head_dim)?;
     let variant = c.variant(KernelFamily::AttentionPrefill, "head_dim", &[head_dim])?;
-    let shared = prefill_shared_bytes(s.head_dim);
+    let shared = shared_bytes(s.head_dim);
     if shared > DEFAULT_SHARED_BYTES {
         return Err(c.unsupported(
             "head_dim",
@@ -99,23 +66,7 @@ pub(super) fn plan_attention_prefill(
             format!("needs {shared} bytes of shared memory, above {DEFAULT_SHARED_BYTES}"),
         ));
     }
-    let window = match s.window {
-        None => 0,
-        Some(w) => {
-            c.at_least("window", w, 1)?;
-            c.count("window", w)?
-        }
-    };
-    let n_heads = c.grid_yz("n_heads", s.n_heads)?;
-    let n_kv_heads = c.count("n_kv_heads", s.n_kv_heads)?;
-    s.cache.check(
-        &c,
-        s.n_kv_heads,
-        s.head_dim,
-        b.k_cache,
-        b.v_cache,
-        b.block_tables,
-    )?;
+    let capacity = s.cache.check(&c)?;
     if s.seq_row >= s.cache.num_seqs {
         return Err(c.unsupported(
             "seq_row",
@@ -124,7 +75,6 @@ pub(super) fn plan_attention_prefill(
         ));
     }
     // Every query position (and so every key position) must have a block-table column.
-    let capacity = s.cache.max_blocks_per_seq * s.cache.block_size; // checked below 2^31 above
     let end = s
         .start_pos
         .checked_add(s.tokens)
@@ -138,97 +88,60 @@ pub(super) fn plan_attention_prefill(
             ),
         ));
     }
-    c.aligned16("k_cache", b.k_cache)?;
-    c.aligned16("v_cache", b.v_cache)?;
-    c.len(
-        "q",
-        b.q,
-        c.strided("q_stride", s.tokens, s.q_stride, s.n_heads * s.head_dim)?,
-    )?;
-    c.len(
-        "out",
-        b.out,
-        c.product(
-            "tokens * n_heads * head_dim",
-            &[s.tokens, s.n_heads, s.head_dim],
-        )?,
-    )?;
+    let scalars = AttentionPrefillScalars {
+        tokens: s.tokens as u32,
+        start_pos: s.start_pos as u32,
+        seq_row: s.seq_row as u32,
+        n_heads: c.grid_yz("n_heads", s.n_heads)?,
+        n_kv_heads: s.n_kv_heads as u32,
+        head_dim,
+        block_size: s.cache.block_size as u32,
+        max_blocks_per_seq: s.cache.max_blocks_per_seq as u32,
+        num_blocks: s.cache.num_blocks as u32,
+        num_seqs: s.cache.num_seqs as u32,
+        window: window_scalar(&c, s.window)?,
+        scale: score_scale(head_dim),
+    };
+    let params = a.params(c.op, &scalars)?;
     if s.tokens == 0 {
         return Ok(None);
     }
-    let tiles = s.tokens.div_ceil(ATTENTION_PREFILL_QUERIES as usize);
-    Ok(Some(Launch {
-        variant,
-        grid: (c.count("query tiles", tiles)?, n_heads, 1),
-        block: ATTENTION_PREFILL_THREADS,
-        shared_bytes: 0,
-        params: AttentionPrefillParams {
-            q: b.q.address,
-            k_cache: b.k_cache.address,
-            v_cache: b.v_cache.address,
-            block_tables: b.block_tables.address,
-            out: b.out.address,
-            tokens: c.count("tokens", s.tokens)?,
-            start_pos: c.count("start_pos", s.start_pos)?,
-            seq_row: c.count("seq_row", s.seq_row)?,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            q_stride: c.count("q_stride", s.q_stride)?,
-            block_size: c.count("block_size", s.cache.block_size)?,
-            max_blocks_per_seq: c.count("max_blocks_per_seq", s.cache.max_blocks_per_seq)?,
-            num_blocks: c.count("num_blocks", s.cache.num_blocks)?,
-            num_seqs: c.count("num_seqs", s.cache.num_seqs)?,
-            window,
-            scale: 1.0 / (s.head_dim as f32).sqrt(),
-        },
-    }))
+    let tiles = s.tokens.div_ceil(ATTENTION_PREFILL_QUERIES as usize) as u32;
+    Ok(Some((
+        params,
+        [Grid {
+            variant,
+            grid: (tiles, scalars.n_heads, 1),
+            block: ATTENTION_PREFILL_THREADS,
+            shared_bytes: 0,
+        }],
+    )))
 }
 
-/// Causal flash attention of one sequence's `tokens` queries at positions
-/// `start_pos .. start_pos + tokens` over its paged cache (block-table row `seq_row`), GQA, optional
-/// sliding window, f32 softmax; writes `out: [tokens, n_heads, head_dim]`. The cache must already
-/// hold this step's keys and values. Nothing is allocated and nothing synchronises; zero tokens
+/// Causal flash attention of one sequence's queries over its paged cache into `out`; zero tokens
 /// launch nothing.
 pub fn attention_prefill(
     kernels: &Kernels,
     stream: &CudaStream,
     shape: &AttentionPrefillShape,
-    b: AttentionPrefillBuffers<'_>,
+    args: AttentionPrefillArgs<'_>,
 ) -> Result<(), CudaError> {
-    let (q, _q) = read(b.q, stream);
-    let (k_cache, _k_cache) = read(b.k_cache, stream);
-    let (v_cache, _v_cache) = read(b.v_cache, stream);
-    let (block_tables, _block_tables) = read(b.block_tables, stream);
-    let (out, _out) = write(b.out, stream);
-    let bufs = PrefillBufs {
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        out,
-    };
-    match plan_attention_prefill(shape, &bufs)? {
-        Some(plan) => launch(kernels, stream, &plan),
+    match plan(shape, &args)? {
+        Some((params, grids)) => launch(kernels, stream, &params, &grids),
         None => Ok(()),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    //! GPU-free tests of the planner: instantiation per head_dim, grid, exact buffer lengths and the
+    //! GPU-free tests of the planner: instantiation per head_dim, grid, the shape rules and the
     //! typed errors.
 
     use proptest::prelude::*;
 
     use super::*;
+    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
     use crate::cuda::params::KERNEL_VARIANTS;
-
-    const BASE: u64 = 0x7f00_0000_0000;
-
-    fn buf(len: usize) -> Buf {
-        Buf { address: BASE, len }
-    }
 
     fn shape() -> AttentionPrefillShape {
         AttentionPrefillShape {
@@ -238,7 +151,6 @@ mod tests {
             n_heads: 32,
             n_kv_heads: 8,
             head_dim: 128,
-            q_stride: (32 + 2 * 8) * 128,
             cache: PagedCacheShape {
                 num_blocks: 40,
                 block_size: 16,
@@ -249,42 +161,29 @@ mod tests {
         }
     }
 
-    /// Buffers of exactly the length the kernel touches for `s`.
-    fn bufs(s: &AttentionPrefillShape) -> PrefillBufs {
-        let cache = s.cache.num_blocks * s.cache.block_size * s.n_kv_heads * s.head_dim;
-        let q = if s.tokens == 0 {
-            0
-        } else {
-            (s.tokens - 1) * s.q_stride + s.n_heads * s.head_dim
-        };
-        PrefillBufs {
-            q: buf(q),
-            k_cache: buf(cache),
-            v_cache: buf(cache),
-            block_tables: buf(s.cache.num_seqs * s.cache.max_blocks_per_seq),
-            out: buf(s.tokens * s.n_heads * s.head_dim),
+    /// Buffers of exactly the length the kernel touches for `s`, q a column group of fused rows
+    /// starting `offset` elements into its allocation.
+    fn args_at(s: &AttentionPrefillShape, offset: usize) -> AttentionPrefillArgs<'static> {
+        let width = s.n_heads * s.head_dim;
+        let kv = s.n_kv_heads * s.head_dim;
+        let rows = s.tokens * (width + 2 * kv);
+        let [q, _] = view_mut(offset + rows)
+            .sub(offset, rows)
+            .unwrap()
+            .column_groups([width, 2 * kv])
+            .unwrap();
+        let cache = s.cache.num_blocks * s.cache.block_size * kv;
+        AttentionPrefillArgs {
+            q: q.into(),
+            k_cache: view(cache),
+            v_cache: view(cache),
+            block_tables: view(s.cache.num_seqs * s.cache.max_blocks_per_seq),
+            out: view_mut(s.tokens * width),
         }
     }
 
-    fn too_small(s: &AttentionPrefillShape, b: PrefillBufs, name: &str) {
-        match plan_attention_prefill(s, &b) {
-            Err(CudaError::BufferTooSmall { buffer, .. }) => assert_eq!(buffer, name),
-            other => panic!("expected BufferTooSmall({name}), got {other:?}"),
-        }
-    }
-
-    fn unsupported(s: &AttentionPrefillShape, name: &str) {
-        match plan_attention_prefill(s, &bufs(s)) {
-            Err(CudaError::Unsupported { what, .. }) => assert_eq!(what, name),
-            other => panic!("expected Unsupported({name}), got {other:?}"),
-        }
-    }
-
-    fn shorter(b: Buf) -> Buf {
-        Buf {
-            len: b.len - 1,
-            ..b
-        }
+    fn args(s: &AttentionPrefillShape) -> AttentionPrefillArgs<'static> {
+        args_at(s, 0)
     }
 
     #[test]
@@ -292,19 +191,16 @@ mod tests {
         for head_dim in [16, 32, 64, 128] {
             let s = AttentionPrefillShape {
                 head_dim,
-                q_stride: 48 * head_dim,
                 ..shape()
             };
-            let plan = plan_attention_prefill(&s, &bufs(&s)).unwrap().unwrap();
-            assert_eq!(
-                KERNEL_VARIANTS[plan.variant].symbol,
-                format!("attention_prefill_d{head_dim}")
-            );
+            let (p, [grid]) = plan(&s, &args(&s)).unwrap().unwrap();
+            assert_eq!(symbol(&grid), format!("attention_prefill_d{head_dim}"));
             // 100 tokens in tiles of 64 queries, one column per query head.
-            assert_eq!(plan.grid, (2, 32, 1));
-            assert_eq!(plan.block, ATTENTION_PREFILL_THREADS);
-            assert_eq!(plan.shared_bytes, 0);
-            let p = plan.params;
+            assert_eq!(grid.grid, (2, 32, 1));
+            assert_eq!(
+                (grid.block, grid.shared_bytes),
+                (ATTENTION_PREFILL_THREADS, 0)
+            );
             assert_eq!(
                 (p.tokens, p.start_pos, p.seq_row, p.n_heads, p.n_kv_heads),
                 (100, 30, 2, 32, 8)
@@ -319,21 +215,15 @@ mod tests {
             );
             assert_eq!(p.scale, 1.0 / (head_dim as f32).sqrt());
         }
-        let one = AttentionPrefillShape {
-            tokens: 1,
-            ..shape()
-        };
-        let plan = plan_attention_prefill(&one, &bufs(&one)).unwrap().unwrap();
-        assert_eq!(plan.grid, (1, 32, 1));
-        let exact = AttentionPrefillShape {
-            tokens: 64,
-            start_pos: 0,
-            ..shape()
-        };
-        let plan = plan_attention_prefill(&exact, &bufs(&exact))
-            .unwrap()
-            .unwrap();
-        assert_eq!(plan.grid, (1, 32, 1));
+        for (tokens, tiles) in [(1, 1), (64, 1), (65, 2)] {
+            let s = AttentionPrefillShape {
+                tokens,
+                start_pos: 0,
+                ..shape()
+            };
+            let (_, [grid]) = plan(&s, &args(&s)).unwrap().unwrap();
+            assert_eq!(grid.grid, (tiles, 32, 1));
+        }
     }
 
     #[test]
@@ -342,183 +232,135 @@ mod tests {
             window: Some(7),
             ..shape()
         };
-        let plan = plan_attention_prefill(&s, &bufs(&s)).unwrap().unwrap();
-        assert_eq!(plan.params.window, 7);
-        unsupported(
-            &AttentionPrefillShape {
-                window: Some(0),
-                ..shape()
-            },
-            "window",
-        );
+        let (p, _) = plan(&s, &args(&s)).unwrap().unwrap();
+        assert_eq!(p.window, 7);
+        let zero = AttentionPrefillShape {
+            window: Some(0),
+            ..shape()
+        };
+        unsupported(plan(&zero, &args(&zero)), "window");
     }
 
     #[test]
     fn refuses_shapes_the_kernels_cannot_take() {
+        let refused = |s: AttentionPrefillShape, what: &str| unsupported(plan(&s, &args(&s)), what);
         for head_dim in [8, 48, 96, 256] {
-            unsupported(
-                &AttentionPrefillShape {
+            refused(
+                AttentionPrefillShape {
                     head_dim,
-                    q_stride: 32 * head_dim,
                     ..shape()
                 },
                 "head_dim",
             );
         }
-        unsupported(
-            &AttentionPrefillShape {
+        refused(
+            AttentionPrefillShape {
                 n_heads: 12,
                 ..shape()
             },
             "n_heads",
         );
-        unsupported(
-            &AttentionPrefillShape {
+        refused(
+            AttentionPrefillShape {
                 n_kv_heads: 0,
                 ..shape()
             },
             "n_kv_heads",
         );
-        unsupported(
-            &AttentionPrefillShape {
+        refused(
+            AttentionPrefillShape {
                 seq_row: 3,
                 ..shape()
             },
             "seq_row",
         );
         // 9 blocks of 16 = 144 positions: 44 + 100 fits, 45 + 100 does not.
-        assert!(plan_attention_prefill(
-            &AttentionPrefillShape {
-                start_pos: 44,
-                ..shape()
-            },
-            &bufs(&shape())
-        )
-        .is_ok());
-        unsupported(
-            &AttentionPrefillShape {
+        let last = AttentionPrefillShape {
+            start_pos: 44,
+            ..shape()
+        };
+        assert!(plan(&last, &args(&last)).is_ok());
+        refused(
+            AttentionPrefillShape {
                 start_pos: 45,
                 ..shape()
             },
             "start_pos + tokens",
         );
-        unsupported(
-            &AttentionPrefillShape {
-                start_pos: usize::MAX,
-                ..shape()
-            },
-            "start_pos + tokens",
-        );
-        unsupported(
-            &AttentionPrefillShape {
-                q_stride: 32 * 128 - 1,
-                ..shape()
-            },
-            "q_stride",
-        );
-        unsupported(
-            &AttentionPrefillShape {
-                cache: PagedCacheShape {
-                    block_size: 0,
-                    ..shape().cache
-                },
+        let huge = AttentionPrefillShape {
+            start_pos: usize::MAX,
+            ..shape()
+        };
+        unsupported(plan(&huge, &args(&shape())), "start_pos + tokens");
+        let no_block = PagedCacheShape {
+            block_size: 0,
+            ..shape().cache
+        };
+        refused(
+            AttentionPrefillShape {
+                cache: no_block,
                 ..shape()
             },
             "block_size",
         );
-        unsupported(
-            &AttentionPrefillShape {
+        refused(
+            AttentionPrefillShape {
                 n_heads: 65_536,
-                n_kv_heads: 8,
-                q_stride: 65_536 * 128,
                 ..shape()
             },
             "n_heads",
         );
-    }
-
-    #[test]
-    fn every_buffer_must_cover_what_the_kernel_touches() {
-        let s = shape();
-        let b = bufs(&s);
-        assert!(plan_attention_prefill(&s, &b).is_ok());
-        too_small(
-            &s,
-            PrefillBufs {
-                q: shorter(b.q),
-                ..b
-            },
-            "q",
-        );
-        too_small(
-            &s,
-            PrefillBufs {
-                k_cache: shorter(b.k_cache),
-                ..b
-            },
-            "k_cache",
-        );
-        too_small(
-            &s,
-            PrefillBufs {
-                v_cache: shorter(b.v_cache),
-                ..b
-            },
-            "v_cache",
-        );
-        too_small(
-            &s,
-            PrefillBufs {
-                block_tables: shorter(b.block_tables),
-                ..b
-            },
-            "block_tables",
-        );
-        too_small(
-            &s,
-            PrefillBufs {
-                out: shorter(b.out),
-                ..b
-            },
-            "out",
-        );
-    }
-
-    #[test]
-    fn the_caches_must_be_16_byte_aligned_and_q_need_not_be() {
-        let s = shape();
-        let b = bufs(&s);
-        let odd = |x: Buf| Buf {
-            address: x.address + 2,
-            ..x
+        // q's column group must be as wide as the heads the kernel reads.
+        let narrow = AttentionPrefillShape {
+            n_heads: 24,
+            ..shape()
         };
+        unsupported(plan(&shape(), &args(&narrow)), "q");
+    }
+
+    #[test]
+    fn refuses_short_buffers_by_name() {
+        let s = shape();
+        let short_rows = AttentionPrefillShape { tokens: 99, ..s };
+        too_small(plan(&s, &args(&short_rows)), "q");
+        let short_out = AttentionPrefillArgs {
+            out: view_mut(100 * 32 * 128 - 1),
+            ..args(&s)
+        };
+        too_small(plan(&s, &short_out), "out");
+    }
+
+    #[test]
+    fn the_caches_must_be_16_byte_aligned_and_q_and_out_need_not_be() {
+        let s = shape();
+        let cache = 40 * 16 * 8 * 128;
+        let odd = || view(cache + 1).sub(1, cache).unwrap();
         for (name, bad) in [
             (
                 "k_cache",
-                PrefillBufs {
-                    k_cache: odd(b.k_cache),
-                    ..b
+                AttentionPrefillArgs {
+                    k_cache: odd(),
+                    ..args(&s)
                 },
             ),
             (
                 "v_cache",
-                PrefillBufs {
-                    v_cache: odd(b.v_cache),
-                    ..b
+                AttentionPrefillArgs {
+                    v_cache: odd(),
+                    ..args(&s)
                 },
             ),
         ] {
-            match plan_attention_prefill(&s, &bad) {
+            match plan(&s, &bad) {
                 Err(CudaError::Misaligned { buffer, .. }) => assert_eq!(buffer, name),
                 other => panic!("expected Misaligned({name}), got {other:?}"),
             }
         }
-        let shifted = PrefillBufs {
-            q: odd(b.q),
-            out: odd(b.out),
-            ..b
+        let shifted = AttentionPrefillArgs {
+            out: view_mut(100 * 32 * 128 + 1).sub(1, 100 * 32 * 128).unwrap(),
+            ..args_at(&s, 1)
         };
-        assert!(plan_attention_prefill(&s, &shifted).is_ok());
+        assert!(plan(&s, &shifted).is_ok());
     }
 
     #[test]
@@ -527,8 +369,11 @@ mod tests {
             tokens: 0,
             ..shape()
         };
-        assert!(plan_attention_prefill(&s, &bufs(&s)).unwrap().is_none());
-        unsupported(&AttentionPrefillShape { seq_row: 9, ..s }, "seq_row");
+        assert!(plan(&s, &args(&s)).unwrap().is_none());
+        unsupported(
+            plan(&AttentionPrefillShape { seq_row: 9, ..s }, &args(&s)),
+            "seq_row",
+        );
     }
 
     #[test]
@@ -538,9 +383,8 @@ mod tests {
             .iter()
             .filter(|v| v.family == KernelFamily::AttentionPrefill)
         {
-            let head_dim = v.consts[0] as usize;
             assert!(
-                prefill_shared_bytes(head_dim) <= DEFAULT_SHARED_BYTES,
+                shared_bytes(v.consts[0] as usize) <= DEFAULT_SHARED_BYTES,
                 "{}",
                 v.symbol
             );
@@ -548,7 +392,7 @@ mod tests {
         }
         assert_eq!(seen, 4);
         // The largest compiled value, as ptxas reports it for attention_prefill_d128.
-        assert_eq!(prefill_shared_bytes(128), 36_352);
+        assert_eq!(shared_bytes(128), 36_352);
     }
 
     proptest! {
@@ -568,22 +412,16 @@ mod tests {
                 num_seqs: 1,
                 max_blocks_per_seq: needed,
             };
-            let s = AttentionPrefillShape {
-                tokens,
-                start_pos,
-                seq_row: 0,
-                cache,
-                ..shape()
-            };
-            let plan = plan_attention_prefill(&s, &bufs(&s)).unwrap().unwrap();
-            let tiles = plan.grid.0 as usize;
+            let s = AttentionPrefillShape { tokens, start_pos, seq_row: 0, cache, ..shape() };
+            let (_, [grid]) = plan(&s, &args(&s)).unwrap().unwrap();
+            let tiles = grid.grid.0 as usize;
             prop_assert!(tiles * queries >= tokens && (tiles - 1) * queries < tokens);
             let short = AttentionPrefillShape {
                 cache: PagedCacheShape { max_blocks_per_seq: needed - 1, ..cache },
                 ..s
             };
             let refused = matches!(
-                plan_attention_prefill(&short, &bufs(&short)),
+                plan(&short, &args(&short)),
                 Err(CudaError::Unsupported { what: "start_pos + tokens", .. })
             );
             prop_assert!(refused);

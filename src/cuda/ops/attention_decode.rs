@@ -1,0 +1,313 @@
+//! `attention_decode` + `attention_combine` (csrc/attention_decode.cu): split-KV flash-decoding of
+//! `tokens` query tokens (each at its own position and block-table row) over the paged cache, GQA,
+//! optional sliding window, f32 softmax. q `[tokens, n_heads, head_dim]` (a column group of wider
+//! rows) gives out `[tokens, n_heads, head_dim]` bf16, through the per-split scratch part_out
+//! `[tokens, n_heads, max_splits, head_dim]` and part_lse `[tokens, n_heads, max_splits]` f32, where
+//! `max_splits` = [`attention_splits`] of a sequence's capacity.
+
+use cudarc::driver::CudaStream;
+
+use super::paged_cache::{
+    attention_splits, gqa_group, score_scale, window_scalar, PagedCacheShape,
+};
+use crate::cuda::args::{AttentionDecodeArgs, AttentionDecodeScalars};
+use crate::cuda::checks::Check;
+use crate::cuda::error::CudaError;
+use crate::cuda::launch::{launch, Grid};
+use crate::cuda::module::Kernels;
+use crate::cuda::params::{
+    AttentionDecodeParams, KernelFamily, ATTENTION_COMBINE_THREADS, ATTENTION_MAX_SPLIT_KEYS,
+    ATTENTION_THREADS,
+};
+
+/// What the caller decides for [`attention_decode`]; the planner derives the split count and the
+/// score scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionDecodeShape {
+    /// Query tokens (at most 65535).
+    pub tokens: usize,
+    /// Query heads (a multiple of `n_kv_heads`).
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Head dimension (a compiled value: 16, 32, 64 or 128).
+    pub head_dim: usize,
+    /// The cache and block tables.
+    pub cache: PagedCacheShape,
+    /// Sliding window W (keys per query, itself included); `None` = full causal attention.
+    pub window: Option<usize>,
+    /// Keys per split (1..=ATTENTION_MAX_SPLIT_KEYS).
+    pub split_keys: usize,
+}
+
+fn plan(
+    s: &AttentionDecodeShape,
+    a: &AttentionDecodeArgs<'_>,
+) -> Result<Option<(AttentionDecodeParams, [Grid; 2])>, CudaError> {
+    let c = Check {
+        op: "attention_decode",
+    };
+    let group = gqa_group(&c, s.n_heads, s.n_kv_heads)?;
+    let head_dim = c.count("head_dim", s.head_dim)?;
+    let decode = c.variant(
+        KernelFamily::AttentionDecode,
+        "(head_dim, group)",
+        &[head_dim, group],
+    )?;
+    let combine = c.variant(KernelFamily::AttentionCombine, "attention_combine", &[])?;
+    if s.split_keys == 0 || s.split_keys > ATTENTION_MAX_SPLIT_KEYS as usize {
+        return Err(c.unsupported(
+            "split_keys",
+            s.split_keys,
+            format!("must be in 1..={ATTENTION_MAX_SPLIT_KEYS}"),
+        ));
+    }
+    // The splits cover every key a sequence can hold (the combine ignores splits past max_splits).
+    let max_splits = attention_splits(s.cache.check(&c)?, s.split_keys);
+    let scalars = AttentionDecodeScalars {
+        tokens: c.grid_yz("tokens", s.tokens)?,
+        n_heads: c.grid_yz("n_heads", s.n_heads)?,
+        n_kv_heads: c.grid_yz("n_kv_heads", s.n_kv_heads)?,
+        head_dim,
+        block_size: s.cache.block_size as u32,
+        max_blocks_per_seq: s.cache.max_blocks_per_seq as u32,
+        num_blocks: s.cache.num_blocks as u32,
+        num_seqs: s.cache.num_seqs as u32,
+        window: window_scalar(&c, s.window)?,
+        split_keys: s.split_keys as u32,
+        max_splits: c.count("max_splits", max_splits)?,
+        scale: score_scale(head_dim),
+    };
+    let params = a.params(c.op, &scalars)?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    // Dynamic shared memory: the split's scores of every query head of the group.
+    let shared = s.split_keys * group as usize * std::mem::size_of::<f32>();
+    Ok(Some((
+        params,
+        [
+            Grid {
+                variant: decode,
+                grid: (scalars.max_splits, scalars.n_kv_heads, scalars.tokens),
+                block: ATTENTION_THREADS,
+                shared_bytes: shared as u32,
+            },
+            Grid {
+                variant: combine,
+                grid: (scalars.n_heads, scalars.tokens, 1),
+                block: ATTENTION_COMBINE_THREADS,
+                shared_bytes: 0,
+            },
+        ],
+    )))
+}
+
+/// Split-KV decode attention over the paged cache, then the combine of the splits into `out`; zero
+/// tokens launch nothing.
+pub fn attention_decode(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    shape: &AttentionDecodeShape,
+    args: AttentionDecodeArgs<'_>,
+) -> Result<(), CudaError> {
+    match plan(shape, &args)? {
+        Some((params, grids)) => launch(kernels, stream, &params, &grids),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cuda::checks::DEFAULT_SHARED_BYTES;
+    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
+    use crate::cuda::params::KERNEL_VARIANTS;
+
+    fn shape() -> AttentionDecodeShape {
+        AttentionDecodeShape {
+            tokens: 2,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            cache: PagedCacheShape {
+                num_blocks: 7,
+                block_size: 16,
+                num_seqs: 3,
+                max_blocks_per_seq: 5,
+            },
+            window: None,
+            split_keys: 32,
+        }
+    }
+
+    /// Buffers of exactly the length the kernels touch for `s`, q a column group of fused rows.
+    fn args(s: &AttentionDecodeShape) -> AttentionDecodeArgs<'static> {
+        let width = s.n_heads * s.head_dim;
+        let kv = s.n_kv_heads * s.head_dim;
+        let [q, _] = view_mut(s.tokens * (width + 2 * kv))
+            .column_groups([width, 2 * kv])
+            .unwrap();
+        let cache = s.cache.num_blocks * s.cache.block_size * kv;
+        let splits = attention_splits(s.cache.capacity(), s.split_keys);
+        AttentionDecodeArgs {
+            q: q.into(),
+            k_cache: view(cache),
+            v_cache: view(cache),
+            block_tables: view(s.cache.num_seqs * s.cache.max_blocks_per_seq),
+            token_seq: view(s.tokens),
+            positions: view(s.tokens),
+            out: view_mut(s.tokens * width),
+            part_out: view_mut(s.tokens * s.n_heads * splits * s.head_dim),
+            part_lse: view_mut(s.tokens * s.n_heads * splits),
+        }
+    }
+
+    #[test]
+    fn picks_the_gqa_instantiation_and_derives_the_splits() {
+        let s = shape();
+        let (p, [decode, combine]) = plan(&s, &args(&s)).unwrap().unwrap();
+        assert_eq!(symbol(&decode), "attention_decode_d128_g4");
+        // 5 blocks of 16 = 80 keys: 3 splits of 32.
+        assert_eq!(p.max_splits, 3);
+        assert_eq!(decode.grid, (3, 8, 2));
+        assert_eq!(decode.shared_bytes, 4 * 32 * 4);
+        assert_eq!(symbol(&combine), "attention_combine");
+        assert_eq!(combine.grid, (32, 2, 1));
+        assert_eq!(p.q_stride, 32 * 128 + 2 * 8 * 128);
+        assert_eq!((p.split_keys, p.window), (32, 0));
+        assert!((p.scale - 128f32.sqrt().recip()).abs() < 1e-9);
+        let windowed = AttentionDecodeShape {
+            window: Some(4096),
+            ..s
+        };
+        let (p, _) = plan(&windowed, &args(&s)).unwrap().unwrap();
+        assert_eq!(p.window, 4096);
+        let empty = AttentionDecodeShape { tokens: 0, ..s };
+        assert!(plan(&empty, &args(&empty)).unwrap().is_none());
+    }
+
+    #[test]
+    fn refuses_shapes_the_kernels_cannot_take() {
+        let s = shape();
+        let bad = |shape: AttentionDecodeShape| plan(&shape, &args(&s));
+        unsupported(
+            bad(AttentionDecodeShape { head_dim: 96, ..s }),
+            "(head_dim, group)",
+        );
+        unsupported(
+            bad(AttentionDecodeShape { n_heads: 24, ..s }),
+            "(head_dim, group)",
+        );
+        unsupported(bad(AttentionDecodeShape { n_heads: 30, ..s }), "n_heads");
+        unsupported(
+            bad(AttentionDecodeShape { n_kv_heads: 0, ..s }),
+            "n_kv_heads",
+        );
+        unsupported(
+            bad(AttentionDecodeShape {
+                window: Some(0),
+                ..s
+            }),
+            "window",
+        );
+        for split_keys in [0, 513] {
+            unsupported(bad(AttentionDecodeShape { split_keys, ..s }), "split_keys");
+        }
+        unsupported(
+            bad(AttentionDecodeShape {
+                tokens: 65_536,
+                ..s
+            }),
+            "tokens",
+        );
+        let no_block = PagedCacheShape {
+            block_size: 0,
+            ..s.cache
+        };
+        unsupported(
+            bad(AttentionDecodeShape {
+                cache: no_block,
+                ..s
+            }),
+            "block_size",
+        );
+    }
+
+    #[test]
+    fn refuses_short_buffers_by_name() {
+        let s = shape();
+        let short_lse = AttentionDecodeArgs {
+            part_lse: view_mut(2 * 32 * 3 - 1),
+            ..args(&s)
+        };
+        too_small(plan(&s, &short_lse), "part_lse");
+        let short_out = AttentionDecodeArgs {
+            part_out: view_mut(2 * 32 * 3 * 128 - 1),
+            ..args(&s)
+        };
+        too_small(plan(&s, &short_out), "part_out");
+        // Splits sized for a shorter sequence do not cover this one.
+        let longer = AttentionDecodeShape {
+            cache: PagedCacheShape {
+                max_blocks_per_seq: 7,
+                ..s.cache
+            },
+            ..s
+        };
+        let sized_for_s = AttentionDecodeArgs {
+            block_tables: view(3 * 7),
+            ..args(&s)
+        };
+        too_small(plan(&longer, &sized_for_s), "part_out");
+    }
+
+    #[test]
+    fn dynamic_shared_memory_fits_for_every_compiled_variant() {
+        for v in KERNEL_VARIANTS
+            .iter()
+            .filter(|v| v.family == KernelFamily::AttentionDecode)
+        {
+            let (head_dim, group) = (v.consts[0] as usize, v.consts[1] as usize);
+            let s = AttentionDecodeShape {
+                n_heads: group * 2,
+                n_kv_heads: 2,
+                head_dim,
+                split_keys: ATTENTION_MAX_SPLIT_KEYS as usize,
+                ..shape()
+            };
+            let (_, [decode, _]) = plan(&s, &args(&s)).unwrap().unwrap();
+            assert_eq!(decode.symbol(), v.symbol);
+            // The kernel's static shared memory (q and the cross-warp reduction) comes on top.
+            let static_bytes = (group * head_dim
+                + (ATTENTION_THREADS as usize / 32) * group * head_dim
+                + 2 * group)
+                * 4;
+            assert!(
+                decode.shared_bytes as usize + static_bytes <= DEFAULT_SHARED_BYTES,
+                "{}",
+                v.symbol
+            );
+        }
+    }
+
+    proptest! {
+        /// The derived splits are the fewest covering the longest sequence the block tables allow.
+        #[test]
+        fn splits_cover_the_longest_sequence(
+            block_size in 1usize..40, max_blocks in 1usize..40, split_keys in 1usize..=512,
+        ) {
+            let cache = PagedCacheShape {
+                num_blocks: 3, block_size, num_seqs: 2, max_blocks_per_seq: max_blocks,
+            };
+            let s = AttentionDecodeShape { cache, split_keys, ..shape() };
+            let (p, [decode, _]) = plan(&s, &args(&s)).unwrap().unwrap();
+            let (splits, keys) = (p.max_splits as usize, max_blocks * block_size);
+            prop_assert!(splits * split_keys >= keys);
+            prop_assert!(splits == 1 || (splits - 1) * split_keys < keys);
+            prop_assert_eq!(decode.grid.0 as usize, splits);
+        }
+    }
+}
