@@ -15,11 +15,12 @@
 use cudarc::driver::{CudaStream, DevicePtr};
 use half::bf16;
 
+use super::super::args::{MoeArgs, MoeScalars};
 use super::super::error::CudaError;
 use super::super::module::Kernels;
 use super::super::ops::{
-    self, DequantShape, LinearBuffers, LinearOut, LinearShape, MoeBuffers, MoeShape,
-    QLinearBuffers, QMoeBuffers, QuantWeights, MOE_GROUPED_MIN_TOKENS,
+    self, DequantShape, LinearBuffers, LinearOut, LinearShape, MoeShape, QLinearBuffers,
+    QMoeBuffers, QuantWeights, MOE_GROUPED_MIN_TOKENS,
 };
 use super::super::params::LINEAR_GEMV_MAX_TOKENS;
 use super::super::region::{DeviceArena, Region};
@@ -254,16 +255,16 @@ pub fn project<'a>(
     ops::linear(kernels, stream, shape, LinearBuffers { x, w: dense, out })
 }
 
-/// The routing buffers and outputs of [`experts`] (those of [`MoeBuffers`] besides the weights).
+/// The routing buffers and outputs of [`experts`] (those of [`MoeArgs`] besides the weights).
 pub struct ExpertIo<'a> {
     /// `[tokens, hidden]` normalised hidden states.
-    pub x: &'a dyn DevicePtr<bf16>,
+    pub x: &'a Region<bf16>,
     /// `[tokens, top_k]` routing weights.
-    pub topk_weights: &'a dyn DevicePtr<f32>,
+    pub topk_weights: &'a Region<f32>,
     /// `[experts + 1]` slot offsets per expert.
-    pub expert_offsets: &'a dyn DevicePtr<i32>,
+    pub expert_offsets: &'a Region<i32>,
     /// `[tokens * top_k]` slots grouped by expert.
-    pub sorted_slots: &'a dyn DevicePtr<i32>,
+    pub sorted_slots: &'a Region<i32>,
     /// `[tokens * top_k, inter]` scratch.
     pub act: &'a mut Region<bf16>,
     /// `[tokens * top_k, hidden]` weighted expert outputs.
@@ -286,18 +287,24 @@ pub enum GroupedKernel {
 pub fn experts<'a>(
     kernels: &Kernels,
     stream: &CudaStream,
-    shape: &MoeShape,
+    shape: &MoeScalars,
     [w1, w3, w2]: [&'a DeviceMatrix; 3],
     io: ExpertIo<'a>,
     scratch: &'a DequantScratch,
     grouped: GroupedKernel,
 ) -> Result<(), CudaError> {
     if let (Some(p1), Some(p3), Some(p2)) = (w1.packed(), w3.packed(), w2.packed()) {
-        if shape.tokens <= QUANT_MOE_GEMV_MAX_TOKENS {
+        if shape.tokens as usize <= QUANT_MOE_GEMV_MAX_TOKENS {
             return ops::qmoe_gemv(
                 kernels,
                 stream,
-                shape,
+                &MoeShape {
+                    tokens: shape.tokens as usize,
+                    hidden: shape.hidden as usize,
+                    inter: shape.inter as usize,
+                    experts: shape.experts as usize,
+                    top_k: shape.top_k as usize,
+                },
                 QMoeBuffers {
                     x: io.x,
                     w1: p1.weights(),
@@ -314,23 +321,23 @@ pub fn experts<'a>(
     }
     let dense = |w: &'a DeviceMatrix, s: &'a Option<Region<bf16>>| match w {
         DeviceMatrix::Bf16(r) => Ok(r),
-        DeviceMatrix::Packed(p) => expand(kernels, stream, p, s.as_ref(), shape.tokens),
+        DeviceMatrix::Packed(p) => expand(kernels, stream, p, s.as_ref(), shape.tokens as usize),
     };
-    let buffers = MoeBuffers {
-        x: io.x,
-        w1: dense(w1, &scratch.w1)?,
-        w3: dense(w3, &scratch.w3)?,
-        w2: dense(w2, &scratch.w2)?,
-        topk_weights: io.topk_weights,
-        expert_offsets: io.expert_offsets,
-        sorted_slots: io.sorted_slots,
-        act: io.act,
-        out: io.out,
+    let args = MoeArgs {
+        x: io.x.view(),
+        w1: dense(w1, &scratch.w1)?.view(),
+        w3: dense(w3, &scratch.w3)?.view(),
+        w2: dense(w2, &scratch.w2)?.view(),
+        topk_weights: io.topk_weights.view(),
+        expert_offsets: io.expert_offsets.view(),
+        sorted_slots: io.sorted_slots.view(),
+        act: io.act.view_mut(),
+        out: io.out.view_mut(),
     };
-    if grouped == GroupedKernel::Wgmma && shape.tokens >= MOE_GROUPED_MIN_TOKENS {
-        ops::moe_wgmma_gemm(kernels, stream, shape, buffers)
+    if grouped == GroupedKernel::Wgmma && shape.tokens as usize >= MOE_GROUPED_MIN_TOKENS {
+        ops::moe_wgmma_gemm(kernels, stream, shape, args)
     } else {
-        ops::moe_experts(kernels, stream, shape, buffers)
+        ops::moe_experts(kernels, stream, shape, args)
     }
 }
 
