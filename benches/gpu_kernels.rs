@@ -13,11 +13,12 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use cudarc::driver::CudaStream;
 use half::bf16;
 use mixtral::cuda::args::{
-    AttentionDecodeArgs, AttentionPrefillArgs, LinearArgs, LinearScalars, MoeScalars, QMoeArgs,
+    AttentionDecodeArgs, AttentionPrefillArgs, LinearArgs, LinearScalars, MoeArgs, MoeScalars,
+    QMoeArgs, RouterArgs, RouterScalars,
 };
 use mixtral::cuda::ops::{
-    self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, FillValues, MoeBuffers,
-    MoeShape, PackedView, PagedCacheShape, RouterBuffers, RouterShape,
+    self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, FillValues, PackedView,
+    PagedCacheShape,
 };
 use mixtral::cuda::region::{DeviceArena, Region};
 use mixtral::cuda::{CudaDevice, Kernels};
@@ -148,21 +149,21 @@ fn route(b: &mut Bench, stream: &Arc<CudaStream>, gate: &Region<bf16>, tokens: u
     ops::router(
         &b.kernels,
         stream,
-        &RouterShape {
-            tokens,
-            hidden: HIDDEN,
-            experts: EXPERTS,
-            top_k: TOP_K,
+        &RouterScalars {
+            tokens: tokens as u32,
+            hidden: HIDDEN as u32,
+            experts: EXPERTS as u32,
+            top_k: TOP_K as u32,
         },
-        RouterBuffers {
-            x: &x,
-            gate,
-            logits: &mut logits,
-            topk_ids: &mut topk_ids,
-            topk_weights: &mut topk_weights,
-            expert_counts: &mut counts,
-            expert_offsets: &mut offsets,
-            sorted_slots: &mut sorted,
+        RouterArgs {
+            x: x.view(),
+            gate: gate.view(),
+            logits: logits.view_mut(),
+            topk_ids: topk_ids.view_mut(),
+            topk_weights: topk_weights.view_mut(),
+            expert_counts: counts.view_mut(),
+            expert_offsets: offsets.view_mut(),
+            sorted_slots: sorted.view_mut(),
         },
     )
     .expect("router");
@@ -208,29 +209,23 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
                 (2 * slots * 3 * INTER * HIDDEN) as u64,
             ));
         }
-        let shape = MoeShape {
-            tokens,
-            hidden: HIDDEN,
-            inter: INTER,
-            experts: EXPERTS,
-            top_k: TOP_K,
-        };
+        let shape = moe_scalars(tokens);
         group.bench_function(BenchmarkId::new("experts", tokens), |bench| {
             bench.iter(|| {
                 ops::moe_experts(
                     &b.kernels,
                     &stream,
                     &shape,
-                    MoeBuffers {
-                        x: &x,
-                        w1: &w1,
-                        w3: &w3,
-                        w2: &w2,
-                        topk_weights: &topk_weights,
-                        expert_offsets: &offsets,
-                        sorted_slots: &sorted,
-                        act: &mut act,
-                        out: &mut out,
+                    MoeArgs {
+                        x: x.view(),
+                        w1: w1.view(),
+                        w3: w3.view(),
+                        w2: w2.view(),
+                        topk_weights: topk_weights.view(),
+                        expert_offsets: offsets.view(),
+                        sorted_slots: sorted.view(),
+                        act: act.view_mut(),
+                        out: out.view_mut(),
                     },
                 )
                 .expect("moe");
@@ -273,13 +268,7 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
         group.throughput(Throughput::Elements(
             (2 * slots * 3 * INTER * HIDDEN) as u64,
         ));
-        let shape = MoeShape {
-            tokens,
-            hidden: HIDDEN,
-            inter: INTER,
-            experts: EXPERTS,
-            top_k: TOP_K,
-        };
+        let shape = moe_scalars(tokens);
         let mut ops_to_run: Vec<(&str, MoeOp)> = vec![("grouped", ops::moe_grouped_gemm)];
         if check.passed() {
             ops_to_run.push(("wgmma", ops::moe_wgmma_gemm));
@@ -291,16 +280,16 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
                         &b.kernels,
                         &stream,
                         &shape,
-                        MoeBuffers {
-                            x: &x,
-                            w1: &w1,
-                            w3: &w3,
-                            w2: &w2,
-                            topk_weights: &topk_weights,
-                            expert_offsets: &offsets,
-                            sorted_slots: &sorted,
-                            act: &mut act,
-                            out: &mut out,
+                        MoeArgs {
+                            x: x.view(),
+                            w1: w1.view(),
+                            w3: w3.view(),
+                            w2: w2.view(),
+                            topk_weights: topk_weights.view(),
+                            expert_offsets: offsets.view(),
+                            sorted_slots: sorted.view(),
+                            act: act.view_mut(),
+                            out: out.view_mut(),
                         },
                     )
                     .expect(name);
@@ -314,7 +303,18 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
 
 /// An expert-MLP op with `moe_grouped_gemm`'s signature.
 type MoeOp =
-    fn(&Kernels, &CudaStream, &MoeShape, MoeBuffers<'_>) -> Result<(), mixtral::cuda::CudaError>;
+    fn(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), mixtral::cuda::CudaError>;
+
+/// Mixtral's expert shapes for `tokens` tokens.
+fn moe_scalars(tokens: usize) -> MoeScalars {
+    MoeScalars {
+        tokens: tokens as u32,
+        hidden: HIDDEN as u32,
+        inter: INTER as u32,
+        experts: EXPERTS as u32,
+        top_k: TOP_K as u32,
+    }
+}
 
 /// A packed stack of `count` `[rows, cols]` matrices with pseudo-random codes (no FP8 NaN code),
 /// scales around 0.01 and 4-bit zeros of 8; returns (codes, params, bytes the kernels read).

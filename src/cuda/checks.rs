@@ -192,3 +192,23 @@ impl Check {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_a_compiled_variant() {
+        for family in KernelFamily::ALL {
+            let variants: Vec<_> = KERNEL_VARIANTS
+                .iter()
+                .filter(|v| v.family == family)
+                .collect();
+            assert!(!variants.is_empty(), "{family:?}");
+            for v in variants {
+                assert_eq!(v.consts.len(), family.axes().len(), "{}", v.symbol);
+                assert!(v.symbol.starts_with(family.name()), "{}", v.symbol);
+            }
+        }
+    }
+}

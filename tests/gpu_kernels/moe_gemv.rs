@@ -9,7 +9,8 @@ use half::bf16;
 use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::moe::{moe_block, Expert};
 use mixtral::cpu::router::{group_by_expert, route};
-use mixtral::cuda::ops::{moe_gemv, MoeBuffers, MoeShape};
+use mixtral::cuda::args::{MoeArgs, MoeScalars};
+use mixtral::cuda::ops::moe_gemv;
 use mixtral::cuda::{CudaError, Kernels};
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
@@ -63,7 +64,7 @@ pub fn cases(tokens: impl Strategy<Value = usize>) -> impl Strategy<Value = MoeC
 }
 
 /// The op under test: [`moe_gemv`] or one with its signature.
-pub type MoeOp = fn(&Kernels, &CudaStream, &MoeShape, MoeBuffers<'_>) -> Result<(), CudaError>;
+pub type MoeOp = fn(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError>;
 
 /// Runs `op` on `case` and compares `act` and `out` with the CPU reference; `name` labels failures.
 /// Returns the slots each expert received (the routing is built even when there is no device).
@@ -133,27 +134,27 @@ pub fn check_moe(name: &str, op: MoeOp, case: &MoeCase) -> Vec<usize> {
     let d_sorted = Guarded::with(stream, &sorted);
     let mut d_act = Guarded::<bf16>::poisoned(stream, slots * inter);
     let mut d_out = Guarded::<f32>::poisoned(stream, slots * hidden);
-    let shape = MoeShape {
-        tokens,
-        hidden,
-        inter,
-        experts,
-        top_k,
+    let shape = MoeScalars {
+        tokens: tokens as u32,
+        hidden: hidden as u32,
+        inter: inter as u32,
+        experts: experts as u32,
+        top_k: top_k as u32,
     };
     op(
         &gpu.kernels,
         stream,
         &shape,
-        MoeBuffers {
-            x: &d_x.view(),
-            w1: &d_w1.view(),
-            w3: &d_w3.view(),
-            w2: &d_w2.view(),
-            topk_weights: &d_weights.view(),
-            expert_offsets: &d_offsets.view(),
-            sorted_slots: &d_sorted.view(),
-            act: &mut d_act.view_mut(),
-            out: &mut d_out.view_mut(),
+        MoeArgs {
+            x: d_x.dev(),
+            w1: d_w1.dev(),
+            w3: d_w3.dev(),
+            w2: d_w2.dev(),
+            topk_weights: d_weights.dev(),
+            expert_offsets: d_offsets.dev(),
+            sorted_slots: d_sorted.dev(),
+            act: d_act.dev_mut(),
+            out: d_out.dev_mut(),
         },
     )
     .unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));

@@ -6,9 +6,11 @@
 //! instead that the launcher refuses the device and that the self-check answers `NotHopper`.
 
 use half::bf16;
+use mixtral::cuda::args::{MoeArgs, MoeScalars};
+use mixtral::cuda::memory::{View, ViewMut};
 use mixtral::cuda::ops::{
-    moe_wgmma_gemm, moe_wgmma_self_check, MoeBuffers, MoeShape, WgmmaCheck,
-    WGMMA_COMPUTE_CAPABILITY, WGMMA_SELF_CHECK_BOUND,
+    moe_wgmma_gemm, moe_wgmma_self_check, WgmmaCheck, WGMMA_COMPUTE_CAPABILITY,
+    WGMMA_SELF_CHECK_BOUND,
 };
 use mixtral::cuda::CudaError;
 use proptest::prelude::*;
@@ -139,7 +141,7 @@ fn moe_wgmma_self_check_and_device_gate() {
     }
     assert_eq!(check, WgmmaCheck::NotHopper);
     // Valid buffers of a small problem: only the device is refused.
-    let shape = MoeShape {
+    let shape = MoeScalars {
         tokens: 4,
         hidden: 64,
         inter: 64,
@@ -157,16 +159,16 @@ fn moe_wgmma_self_check_and_device_gate() {
         &gpu.kernels,
         stream,
         &shape,
-        MoeBuffers {
-            x: &x,
-            w1: &w,
-            w3: &w,
-            w2: &w,
-            topk_weights: &weights,
-            expert_offsets: &offsets,
-            sorted_slots: &sorted,
-            act: &mut act,
-            out: &mut out,
+        MoeArgs {
+            x: View::of(&x),
+            w1: View::of(&w),
+            w3: View::of(&w),
+            w2: View::of(&w),
+            topk_weights: View::of(&weights),
+            expert_offsets: View::of(&offsets),
+            sorted_slots: View::of(&sorted),
+            act: ViewMut::of(&mut act),
+            out: ViewMut::of(&mut out),
         },
     );
     match result {

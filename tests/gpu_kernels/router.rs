@@ -5,7 +5,8 @@
 
 use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::router::{group_by_expert, route};
-use mixtral::cuda::ops::{router, RouterBuffers, RouterShape};
+use mixtral::cuda::args::{RouterArgs, RouterScalars};
+use mixtral::cuda::ops::router;
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -56,34 +57,27 @@ fn router_picks_and_groups_the_host_experts() {
                 let mut counts = Guarded::<i32>::poisoned(stream, experts);
                 let mut offsets = Guarded::<i32>::poisoned(stream, experts + 1);
                 let mut sorted = Guarded::<i32>::poisoned(stream, slots);
-                {
-                    let (xv, gv) = (x_d.view(), gate_d.view());
-                    let (mut lv, mut iv, mut wv) =
-                        (logits.view_mut(), ids.view_mut(), weights.view_mut());
-                    let (mut cv, mut ov, mut sv) =
-                        (counts.view_mut(), offsets.view_mut(), sorted.view_mut());
-                    router(
-                        &gpu.kernels,
-                        stream,
-                        &RouterShape {
-                            tokens,
-                            hidden,
-                            experts,
-                            top_k,
-                        },
-                        RouterBuffers {
-                            x: &xv,
-                            gate: &gv,
-                            logits: &mut lv,
-                            topk_ids: &mut iv,
-                            topk_weights: &mut wv,
-                            expert_counts: &mut cv,
-                            expert_offsets: &mut ov,
-                            sorted_slots: &mut sv,
-                        },
-                    )
-                    .expect("router");
-                }
+                router(
+                    &gpu.kernels,
+                    stream,
+                    &RouterScalars {
+                        tokens: tokens as u32,
+                        hidden: hidden as u32,
+                        experts: experts as u32,
+                        top_k: top_k as u32,
+                    },
+                    RouterArgs {
+                        x: x_d.dev(),
+                        gate: gate_d.dev(),
+                        logits: logits.dev_mut(),
+                        topk_ids: ids.dev_mut(),
+                        topk_weights: weights.dev_mut(),
+                        expert_counts: counts.dev_mut(),
+                        expert_offsets: offsets.dev_mut(),
+                        sorted_slots: sorted.dev_mut(),
+                    },
+                )
+                .expect("router");
                 let logits = logits.read_written(stream, "logits");
                 let ids = ids.read_written(stream, "topk_ids");
                 let weights = weights.read_written(stream, "topk_weights");

@@ -15,12 +15,12 @@
 use cudarc::driver::CudaStream;
 use half::bf16;
 
-use super::super::args::{LinearArgs, LinearScalars, MoeScalars, QMoeArgs};
+use super::super::args::{LinearArgs, LinearScalars, MoeArgs, MoeScalars, QMoeArgs};
 use super::super::error::CudaError;
 use super::super::memory::{AnyViewMut, View};
 use super::super::module::Kernels;
 use super::super::ops::{
-    self, DequantShape, MoeBuffers, MoeShape, PackedView, MOE_GROUPED_MIN_TOKENS,
+    self, DequantShape, PackedView, MOE_GROUPED_MIN_TOKENS,
 };
 use super::super::select::{select, Choice, Device, Format, Op};
 use super::super::region::{DeviceArena, Region};
@@ -255,7 +255,7 @@ pub fn project<'a>(
     ops::linear(kernels, stream, s, LinearArgs { x, w, out })
 }
 
-/// The routing buffers and outputs of [`experts`] (those of [`MoeBuffers`] besides the weights).
+/// The routing buffers and outputs of [`experts`] (those of [`MoeArgs`] besides the weights).
 pub struct ExpertIo<'a> {
     /// `[tokens, hidden]` normalised hidden states.
     pub x: &'a Region<bf16>,
@@ -287,22 +287,19 @@ pub enum GroupedKernel {
 pub fn experts<'a>(
     kernels: &Kernels,
     stream: &CudaStream,
-    shape: &MoeShape,
+    shape: &MoeScalars,
     [w1, w3, w2]: [&'a DeviceMatrix; 3],
     io: ExpertIo<'a>,
     scratch: &'a DequantScratch,
     grouped: GroupedKernel,
 ) -> Result<(), CudaError> {
+    let device = Device {
+        hopper_experts: grouped == GroupedKernel::Wgmma,
+    };
     if let (Some(p1), Some(p3), Some(p2)) = (w1.packed(), w3.packed(), w2.packed()) {
-        if shape.tokens <= QUANT_MOE_GEMV_MAX_TOKENS {
+        if select(Op::Experts, shape.tokens as usize, Format::Packed, device) == Choice::QMoeGemv {
             let (w1, w3, w2) = (p1.view(), p3.view(), p2.view());
-            let s = MoeScalars {
-                tokens: shape.tokens as u32,
-                hidden: shape.hidden as u32,
-                inter: shape.inter as u32,
-                experts: shape.experts as u32,
-                top_k: shape.top_k as u32,
-            };
+            let s = *shape;
             let args = QMoeArgs {
                 x: io.x.view(),
                 w1_codes: w1.codes,
@@ -324,23 +321,23 @@ pub fn experts<'a>(
     }
     let dense = |w: &'a DeviceMatrix, s: &'a Option<Region<bf16>>| match w {
         DeviceMatrix::Bf16(r) => Ok(r),
-        DeviceMatrix::Packed(p) => expand(kernels, stream, p, s.as_ref(), shape.tokens),
+        DeviceMatrix::Packed(p) => expand(kernels, stream, p, s.as_ref(), shape.tokens as usize),
     };
-    let buffers = MoeBuffers {
-        x: io.x,
-        w1: dense(w1, &scratch.w1)?,
-        w3: dense(w3, &scratch.w3)?,
-        w2: dense(w2, &scratch.w2)?,
-        topk_weights: io.topk_weights,
-        expert_offsets: io.expert_offsets,
-        sorted_slots: io.sorted_slots,
-        act: io.act,
-        out: io.out,
+    let args = MoeArgs {
+        x: io.x.view(),
+        w1: dense(w1, &scratch.w1)?.view(),
+        w3: dense(w3, &scratch.w3)?.view(),
+        w2: dense(w2, &scratch.w2)?.view(),
+        topk_weights: io.topk_weights.view(),
+        expert_offsets: io.expert_offsets.view(),
+        sorted_slots: io.sorted_slots.view(),
+        act: io.act.view_mut(),
+        out: io.out.view_mut(),
     };
-    if grouped == GroupedKernel::Wgmma && shape.tokens >= MOE_GROUPED_MIN_TOKENS {
-        ops::moe_wgmma_gemm(kernels, stream, shape, buffers)
+    if grouped == GroupedKernel::Wgmma && shape.tokens as usize >= MOE_GROUPED_MIN_TOKENS {
+        ops::moe_wgmma_gemm(kernels, stream, shape, args)
     } else {
-        ops::moe_experts(kernels, stream, shape, buffers)
+        ops::moe_experts(kernels, stream, shape, args)
     }
 }
 

@@ -19,15 +19,15 @@ use half::bf16;
 
 use super::super::args::{
     ArgmaxArgs, ArgmaxScalars, AttentionDecodeArgs, AttentionPrefillArgs, EmbeddingArgs,
-    EmbeddingScalars, LinearArgs, LinearScalars, RmsnormArgs, RmsnormScalars, RopeKvArgs,
-    RopeKvScalars,
+    EmbeddingScalars, LinearArgs, LinearScalars, MoeScalars, RmsnormArgs, RmsnormScalars,
+    RopeKvArgs, RopeKvScalars, RouterArgs, RouterScalars,
 };
 use super::super::error::CudaError;
 use super::super::memory::Rows;
 use super::super::module::Kernels;
 use super::super::ops::{
-    self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, MoeShape,
-    PagedCacheShape, RouterBuffers, RouterShape, RNG_STATE_WORDS,
+    self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, PagedCacheShape,
+    RNG_STATE_WORDS,
 };
 use super::super::region::{DeviceArena, Region};
 use super::inputs::PrefillPiece;
@@ -425,32 +425,32 @@ impl Plan {
             ops::router(
                 kernels,
                 stream,
-                &RouterShape {
-                    tokens,
-                    hidden: d.hidden,
-                    experts: d.experts,
-                    top_k: d.top_k,
+                &RouterScalars {
+                    tokens: tokens as u32,
+                    hidden: d.hidden as u32,
+                    experts: d.experts as u32,
+                    top_k: d.top_k as u32,
                 },
-                RouterBuffers {
-                    x: &self.xn,
-                    gate: &w.gate,
-                    logits: &mut self.router_logits,
-                    topk_ids: &mut self.topk_ids,
-                    topk_weights: &mut self.topk_weights,
-                    expert_counts: &mut self.expert_counts,
-                    expert_offsets: &mut self.expert_offsets,
-                    sorted_slots: &mut self.sorted_slots,
+                RouterArgs {
+                    x: self.xn.view(),
+                    gate: w.gate.view(),
+                    logits: self.router_logits.view_mut(),
+                    topk_ids: self.topk_ids.view_mut(),
+                    topk_weights: self.topk_weights.view_mut(),
+                    expert_counts: self.expert_counts.view_mut(),
+                    expert_offsets: self.expert_offsets.view_mut(),
+                    sorted_slots: self.sorted_slots.view_mut(),
                 },
             )?;
             matrix::experts(
                 kernels,
                 stream,
-                &MoeShape {
-                    tokens,
-                    hidden: d.hidden,
-                    inter: d.inter,
-                    experts: d.experts,
-                    top_k: d.top_k,
+                &MoeScalars {
+                    tokens: tokens as u32,
+                    hidden: d.hidden as u32,
+                    inter: d.inter as u32,
+                    experts: d.experts as u32,
+                    top_k: d.top_k as u32,
                 },
                 [&w.w1, &w.w3, &w.w2],
                 ExpertIo {

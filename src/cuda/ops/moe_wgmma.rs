@@ -14,16 +14,18 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::CudaStream;
 use half::bf16;
 
-use super::moe_grouped::{plan_tiled, TiledExperts};
-use super::{
-    launch_moe, moe_grouped_gemm, Check, CudaError, KernelFamily, Kernels, Launch, MoeBuffers,
-    MoeBufs, MoeParams, MoeShape,
-};
+use super::moe_grouped::{moe_grouped_gemm, tile_list};
 use crate::cpu::router::{group_by_expert, route};
-use crate::cuda::params::{MOE_WGMMA_BM, MOE_WGMMA_BN, MOE_WGMMA_THREADS};
+use crate::cuda::args::{MoeArgs, MoeScalars};
+use crate::cuda::checks::Check;
+use crate::cuda::error::CudaError;
+use crate::cuda::launch::{launch, Grid};
+use crate::cuda::memory::{copy_to_host, DeviceArena, DeviceBuffer};
+use crate::cuda::module::Kernels;
+use crate::cuda::params::{KernelFamily, MoeParams, MOE_WGMMA_BM, MOE_WGMMA_BN, MOE_WGMMA_THREADS};
 use crate::sampling::Rng;
 
 /// The op name in errors.
@@ -36,19 +38,6 @@ pub const WGMMA_COMPUTE_CAPABILITY: (i32, i32) = (9, 0);
 /// on `out`, each) that [`moe_wgmma_self_check`] accepts: the bound the GPU tests put on every bf16
 /// path. The two differ only in the order of f32 accumulation, so a correct kernel is far below it.
 pub const WGMMA_SELF_CHECK_BOUND: f64 = 1e-2;
-
-/// The Hopper kernels of `csrc/moe_wgmma.cu`: the tile list of `moe_grouped`; 64 output columns per
-/// up block (the 128-row B operand holds 64 rows of w1 and the same 64 rows of w3), 128 (rows of w2)
-/// per down block.
-pub(super) const WGMMA: TiledExperts = TiledExperts {
-    op: OP,
-    up: (KernelFamily::MoeWgmmaUp, "moe_wgmma_up"),
-    down: (KernelFamily::MoeWgmmaDown, "moe_wgmma_down"),
-    bm: MOE_WGMMA_BM as usize,
-    up_columns: MOE_WGMMA_BN as usize / 2,
-    down_columns: MOE_WGMMA_BN as usize,
-    threads: MOE_WGMMA_THREADS,
-};
 
 /// Refuses a device the sm_90a kernels cannot run on.
 fn require_hopper(c: &Check, capability: (i32, i32)) -> Result<(), CudaError> {
@@ -66,28 +55,53 @@ fn require_hopper(c: &Check, capability: (i32, i32)) -> Result<(), CudaError> {
     Ok(())
 }
 
-fn plan_moe_wgmma(s: &MoeShape, b: &MoeBufs) -> Result<Option<[Launch<MoeParams>; 2]>, CudaError> {
-    plan_tiled(&WGMMA, s, b)
+/// The tile list of `moe_grouped`; 64 output columns per up block (the 128-row B operand holds 64
+/// rows of w1 and the same 64 rows of w3), 128 (rows of w2) per down block.
+fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
+    let c = Check { op: OP };
+    let params = a.params(c.op, s)?;
+    let tiles = tile_list(&c, s, a.out.address(), MOE_WGMMA_BM)?;
+    let up = c.variant(KernelFamily::MoeWgmmaUp, "moe_wgmma_up", &[])?;
+    let down = c.variant(KernelFamily::MoeWgmmaDown, "moe_wgmma_down", &[])?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    let up_blocks = c.grid_yz("inter blocks", s.inter.div_ceil(MOE_WGMMA_BN / 2) as usize)?;
+    let down_blocks = c.grid_yz("hidden blocks", s.hidden.div_ceil(MOE_WGMMA_BN) as usize)?;
+    let grid = |variant, blocks| Grid {
+        variant,
+        grid: (tiles, blocks, 1),
+        block: MOE_WGMMA_THREADS,
+        shared_bytes: 0,
+    };
+    Ok(Some((
+        params,
+        [grid(up, up_blocks), grid(down, down_blocks)],
+    )))
 }
 
 /// The routed expert MLPs of a prefill batch on Hopper warpgroup MMA: `act = silu(w1 x) * (w3 x)`,
 /// `out = weight * (w2 act)` per slot, the same buffers and results as [`moe_grouped_gemm`] (`out`
 /// 16-byte aligned as well). Zero tokens launch nothing.
 ///
-/// Use it only after [`moe_wgmma_self_check`] returned [`WgmmaCheck::Passed`] on this device. Any device whose compute capability is not 9.0 is refused
-/// with [`CudaError::Unsupported`] (`what` = "compute capability") before anything is launched.
+/// Use it only after [`moe_wgmma_self_check`] returned [`WgmmaCheck::Passed`] on this device. Any
+/// device whose compute capability is not 9.0 is refused with [`CudaError::Unsupported`] (`what` =
+/// "compute capability") before anything is launched.
 pub fn moe_wgmma_gemm(
     kernels: &Kernels,
     stream: &CudaStream,
-    shape: &MoeShape,
-    b: MoeBuffers<'_>,
+    s: &MoeScalars,
+    args: MoeArgs<'_>,
 ) -> Result<(), CudaError> {
     let capability = stream
         .context()
         .compute_capability()
         .map_err(CudaError::driver("reading the compute capability"))?;
     require_hopper(&Check { op: OP }, capability)?;
-    launch_moe(kernels, stream, shape, b, plan_moe_wgmma)
+    match plan(s, &args)? {
+        Some((params, grids)) => launch(kernels, stream, &params, &grids),
+        None => Ok(()),
+    }
 }
 
 /// What [`moe_wgmma_self_check`] found.
@@ -122,7 +136,7 @@ const SELF_CHECK_SEED: u64 = 0x5eed_0090;
 /// The random grouped MoE problem [`moe_wgmma_self_check`] runs, on the host.
 #[derive(Debug, Clone)]
 struct SelfCheckProblem {
-    shape: MoeShape,
+    shape: MoeScalars,
     x: Vec<bf16>,
     w1: Vec<bf16>,
     w3: Vec<bf16>,
@@ -145,20 +159,20 @@ fn random_bf16(rng: &mut Rng, len: usize, scale: f64) -> Vec<bf16> {
 /// never wins (an idle expert), expert 7 is in almost every token's top-2 (several 64-slot tiles, the
 /// last one partial), the others share the rest unevenly. The grouping is the CPU router's.
 fn self_check_problem(seed: u64) -> SelfCheckProblem {
-    let shape = MoeShape {
+    let shape = MoeScalars {
         tokens: 100,
         hidden: 264,
         inter: 376,
         experts: 8,
         top_k: 2,
     };
-    let MoeShape {
-        tokens,
-        hidden,
-        inter,
-        experts,
-        top_k,
-    } = shape;
+    let (tokens, hidden, inter, experts, top_k) = (
+        shape.tokens as usize,
+        shape.hidden as usize,
+        shape.inter as usize,
+        shape.experts as usize,
+        shape.top_k as usize,
+    );
     let mut rng = Rng::new(seed);
     let x = random_bf16(&mut rng, tokens * hidden, 1.0);
     let matrix = experts * inter * hidden;
@@ -220,84 +234,67 @@ fn verdict(act_rel_l2: f64, out_rel_l2: f64) -> WgmmaCheck {
     }
 }
 
+/// An expert-MLP op with [`moe_grouped_gemm`]'s signature.
+type MoeOp = fn(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError>;
+
 /// The expert outputs of one op on the self-check problem: (`act`, `out`) read back, both
 /// pre-filled with NaN so that an element the op leaves unwritten shows.
 fn run_op(
     kernels: &Kernels,
-    stream: &Arc<CudaStream>,
+    stream: &CudaStream,
+    arena: &mut DeviceArena,
     problem: &SelfCheckProblem,
     inputs: &SelfCheckInputs,
-    op: fn(&Kernels, &CudaStream, &MoeShape, MoeBuffers<'_>) -> Result<(), CudaError>,
+    op: MoeOp,
 ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
     let s = &problem.shape;
-    let slots = s.tokens * s.top_k;
-    let mut act = stream
-        .clone_htod(&vec![bf16::NAN; slots * s.inter])
-        .map_err(CudaError::driver("uploading the wgmma self-check outputs"))?;
-    let mut out = stream
-        .clone_htod(&vec![f32::NAN; slots * s.hidden])
-        .map_err(CudaError::driver("uploading the wgmma self-check outputs"))?;
+    let slots = (s.tokens * s.top_k) as usize;
+    let what = "the wgmma self-check outputs";
+    let mut act = arena.upload(&vec![bf16::NAN; slots * s.inter as usize], what)?;
+    let mut out = arena.upload(&vec![f32::NAN; slots * s.hidden as usize], what)?;
     op(
         kernels,
         stream,
         s,
-        MoeBuffers {
-            x: &inputs.x,
-            w1: &inputs.w1,
-            w3: &inputs.w3,
-            w2: &inputs.w2,
-            topk_weights: &inputs.topk_weights,
-            expert_offsets: &inputs.expert_offsets,
-            sorted_slots: &inputs.sorted_slots,
-            act: &mut act,
-            out: &mut out,
+        MoeArgs {
+            x: inputs.x.view(),
+            w1: inputs.w1.view(),
+            w3: inputs.w3.view(),
+            w2: inputs.w2.view(),
+            topk_weights: inputs.topk_weights.view(),
+            expert_offsets: inputs.expert_offsets.view(),
+            sorted_slots: inputs.sorted_slots.view(),
+            act: act.view_mut(),
+            out: out.view_mut(),
         },
     )?;
-    let act = stream.clone_dtoh(&act).map_err(CudaError::driver(
-        "reading back the wgmma self-check outputs",
-    ))?;
-    let out = stream.clone_dtoh(&out).map_err(CudaError::driver(
-        "reading back the wgmma self-check outputs",
-    ))?;
+    let act = copy_to_host(stream, act.view())?;
+    let out = copy_to_host(stream, out.view())?;
     Ok((act.iter().map(|v| v.to_f32()).collect(), out))
 }
 
 /// The self-check problem's inputs on the device.
 struct SelfCheckInputs {
-    x: CudaSlice<bf16>,
-    w1: CudaSlice<bf16>,
-    w3: CudaSlice<bf16>,
-    w2: CudaSlice<bf16>,
-    topk_weights: CudaSlice<f32>,
-    expert_offsets: CudaSlice<i32>,
-    sorted_slots: CudaSlice<i32>,
+    x: DeviceBuffer<bf16>,
+    w1: DeviceBuffer<bf16>,
+    w3: DeviceBuffer<bf16>,
+    w2: DeviceBuffer<bf16>,
+    topk_weights: DeviceBuffer<f32>,
+    expert_offsets: DeviceBuffer<i32>,
+    sorted_slots: DeviceBuffer<i32>,
 }
 
 impl SelfCheckInputs {
-    fn upload(stream: &Arc<CudaStream>, p: &SelfCheckProblem) -> Result<Self, CudaError> {
-        let context = "uploading the wgmma self-check inputs";
+    fn upload(arena: &mut DeviceArena, p: &SelfCheckProblem) -> Result<Self, CudaError> {
+        let what = "the wgmma self-check inputs";
         Ok(SelfCheckInputs {
-            x: stream
-                .clone_htod(&p.x)
-                .map_err(CudaError::driver(context))?,
-            w1: stream
-                .clone_htod(&p.w1)
-                .map_err(CudaError::driver(context))?,
-            w3: stream
-                .clone_htod(&p.w3)
-                .map_err(CudaError::driver(context))?,
-            w2: stream
-                .clone_htod(&p.w2)
-                .map_err(CudaError::driver(context))?,
-            topk_weights: stream
-                .clone_htod(&p.topk_weights)
-                .map_err(CudaError::driver(context))?,
-            expert_offsets: stream
-                .clone_htod(&p.expert_offsets)
-                .map_err(CudaError::driver(context))?,
-            sorted_slots: stream
-                .clone_htod(&p.sorted_slots)
-                .map_err(CudaError::driver(context))?,
+            x: arena.upload(&p.x, what)?,
+            w1: arena.upload(&p.w1, what)?,
+            w3: arena.upload(&p.w3, what)?,
+            w2: arena.upload(&p.w2, what)?,
+            topk_weights: arena.upload(&p.topk_weights, what)?,
+            expert_offsets: arena.upload(&p.expert_offsets, what)?,
+            sorted_slots: arena.upload(&p.sorted_slots, what)?,
         })
     }
 }
@@ -323,16 +320,37 @@ pub fn moe_wgmma_self_check(
         return Ok(WgmmaCheck::NotHopper);
     }
     let problem = self_check_problem(SELF_CHECK_SEED);
-    let inputs = SelfCheckInputs::upload(stream, &problem)?;
-    let (act_ref, out_ref) = run_op(kernels, stream, &problem, &inputs, moe_grouped_gemm)?;
-    let (act, out) = run_op(kernels, stream, &problem, &inputs, moe_wgmma_gemm)?;
+    let mut arena = DeviceArena::new(Arc::clone(stream));
+    let inputs = SelfCheckInputs::upload(&mut arena, &problem)?;
+    let (act_ref, out_ref) = run_op(
+        kernels,
+        stream,
+        &mut arena,
+        &problem,
+        &inputs,
+        moe_grouped_gemm,
+    )?;
+    let (act, out) = run_op(
+        kernels,
+        stream,
+        &mut arena,
+        &problem,
+        &inputs,
+        moe_wgmma_gemm,
+    )?;
     Ok(verdict(rel_l2(&act, &act_ref), rel_l2(&out, &out_ref)))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::moe_grouped::tests::bufs;
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::cuda::ops::fake::symbol;
+    use crate::cuda::ops::moe_gemv::tests::{args, mixtral, needs_exactly_the_contiguous_sizes};
+    use crate::cuda::ops::moe_grouped::tests::{
+        grid_covers, mixtral_prefill_grids, refuses_bad_tile_lists,
+    };
 
     fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
         match result {
@@ -341,6 +359,41 @@ mod tests {
                 assert_eq!(what, name);
             }
             other => panic!("expected Unsupported({name}), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn moe_wgmma_prefill_grids() {
+        mixtral_prefill_grids(plan, "moe_wgmma_up", "moe_wgmma_down");
+        let s = mixtral(512);
+        let (_, [up, _]) = plan(&s, &args(&s, "", "")).unwrap().unwrap();
+        assert_eq!(
+            crate::cuda::params::KERNEL_VARIANTS[up.variant].module,
+            "moe_wgmma"
+        );
+        assert_eq!(symbol(&up), "moe_wgmma_up");
+    }
+
+    #[test]
+    fn moe_wgmma_refuses_bad_shapes() {
+        refuses_bad_tile_lists(OP, plan);
+    }
+
+    proptest! {
+        #[test]
+        fn moe_wgmma_grid_covers_the_columns_and_the_worst_tile_count(
+            tokens in 1u32..600, hidden8 in 1u32..40, inter8 in 1u32..40, experts in 1u32..12, k in 1u32..4,
+        ) {
+            let s = MoeScalars { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k: k.min(experts) };
+            grid_covers(plan, &s)?;
+        }
+
+        #[test]
+        fn moe_wgmma_needs_exactly_the_contiguous_sizes(
+            tokens in 1u32..20, hidden8 in 1u32..8, inter8 in 1u32..8, experts in 1u32..9, k in 1u32..3,
+        ) {
+            let s = MoeScalars { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k: k.min(experts) };
+            needs_exactly_the_contiguous_sizes(plan, &s);
         }
     }
 
@@ -356,24 +409,29 @@ mod tests {
     #[test]
     fn self_check_problem_has_uneven_counts_an_idle_expert_and_tails() {
         let p = self_check_problem(SELF_CHECK_SEED);
-        let s = p.shape;
-        let slots = s.tokens * s.top_k;
         // Shapes the planner accepts, with tails in every dimension a block tiles.
-        assert!(plan_moe_wgmma(&s, &bufs(&s)).unwrap().is_some());
-        assert_ne!(s.hidden % 32, 0);
-        assert_ne!(s.inter % 32, 0);
-        assert_ne!(s.inter % WGMMA.up_columns, 0);
-        assert_ne!(s.hidden % WGMMA.down_columns, 0);
-        assert_eq!(p.x.len(), s.tokens * s.hidden);
-        assert_eq!(p.w1.len(), s.experts * s.inter * s.hidden);
+        assert!(plan(&p.shape, &args(&p.shape, "", "")).unwrap().is_some());
+        let (tokens, hidden, inter, experts) = (
+            p.shape.tokens as usize,
+            p.shape.hidden as usize,
+            p.shape.inter as usize,
+            p.shape.experts as usize,
+        );
+        assert_ne!(hidden % 32, 0);
+        assert_ne!(inter % 32, 0);
+        assert_ne!(inter % (MOE_WGMMA_BN as usize / 2), 0);
+        assert_ne!(hidden % MOE_WGMMA_BN as usize, 0);
+        let slots = tokens * p.shape.top_k as usize;
+        assert_eq!(p.x.len(), tokens * hidden);
+        assert_eq!(p.w1.len(), experts * inter * hidden);
         assert_eq!(p.topk_weights.len(), slots);
         // The grouping is a permutation of the slots, consistent with the counts.
         let mut seen = p.sorted_slots.clone();
         seen.sort_unstable();
         assert_eq!(seen, (0..slots as i32).collect::<Vec<_>>());
-        assert_eq!(p.expert_offsets.len(), s.experts + 1);
+        assert_eq!(p.expert_offsets.len(), experts + 1);
         assert_eq!(p.expert_offsets[0], 0);
-        assert_eq!(p.expert_offsets[s.experts] as usize, slots);
+        assert_eq!(p.expert_offsets[experts] as usize, slots);
         let counts: Vec<usize> = p
             .expert_offsets
             .windows(2)

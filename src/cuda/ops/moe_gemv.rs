@@ -1,0 +1,280 @@
+//! `moe_up` / `moe_down` (csrc/moe_gemv.cu): the routed expert MLPs of a decode batch, GEMV style.
+//! For every slot `s = t * top_k + j` routed to expert `e` (the router's `expert_offsets` /
+//! `sorted_slots`): `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])` (`[tokens * top_k, inter]` bf16) and
+//! `out[s] = weight[s] * (w2[e] act[s])` (`[tokens * top_k, hidden]` f32). w1 / w3 are
+//! `[experts, inter, hidden]`, w2 `[experts, hidden, inter]` bf16.
+//!
+//! Also the shape rules every expert kernel over [`MoeParams`] states ([`moe_rules`]): the tensor-core
+//! kernels of [`moe_grouped`](super::moe_grouped) and [`moe_wgmma`](super::moe_wgmma) check them too.
+
+use cudarc::driver::CudaStream;
+
+use crate::cuda::args::{MoeArgs, MoeScalars};
+use crate::cuda::checks::Check;
+use crate::cuda::error::CudaError;
+use crate::cuda::launch::{launch, Grid};
+use crate::cuda::module::Kernels;
+use crate::cuda::params::{KernelFamily, MoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS};
+
+/// The rules of every expert kernel beyond the buffer extents: hidden and inter multiples of 8
+/// (16-byte loads), top_k in 1..=experts, counts and `tokens * hidden` below 2^31; returns the slot
+/// count `tokens * top_k` (below 2^31: the kernels hold slots in 32-bit integers).
+pub(super) fn moe_rules(c: &Check, s: &MoeScalars) -> Result<usize, CudaError> {
+    c.multiple_of_8("hidden", s.hidden as usize)?;
+    c.multiple_of_8("inter", s.inter as usize)?;
+    c.at_least("experts", s.experts as usize, 1)?;
+    if s.top_k == 0 || s.top_k > s.experts {
+        return Err(c.unsupported("top_k", s.top_k as usize, "must be in 1..=experts"));
+    }
+    for (what, value) in [
+        ("tokens", s.tokens),
+        ("hidden", s.hidden),
+        ("inter", s.inter),
+        ("experts", s.experts),
+    ] {
+        c.count(what, value as usize)?;
+    }
+    c.product("tokens * hidden", &[s.tokens as usize, s.hidden as usize])?;
+    c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])
+}
+
+/// Slots handled per weight pass: the smallest compiled tile covering `tokens` (the most slots one
+/// expert can get), capped at the largest tile.
+pub(crate) fn moe_tile(tokens: usize) -> u32 {
+    match tokens {
+        0..=1 => 1,
+        2 => 2,
+        3..=4 => 4,
+        _ => 8,
+    }
+}
+
+fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
+    let c = Check { op: "moe_gemv" };
+    let params = a.params(c.op, s)?;
+    moe_rules(&c, s)?;
+    let experts = c.grid_yz("experts", s.experts as usize)?;
+    let tile = moe_tile(s.tokens as usize);
+    let up = c.variant(KernelFamily::MoeUp, "tile", &[tile])?;
+    let down = c.variant(KernelFamily::MoeDown, "tile", &[tile])?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    let block = MOE_WARPS * 32;
+    let grid = |variant, columns: u32, per_block: u32| Grid {
+        variant,
+        grid: (columns.div_ceil(per_block), experts, 1),
+        block,
+        shared_bytes: 0,
+    };
+    Ok(Some((
+        params,
+        [
+            grid(up, s.inter, MOE_WARPS),
+            grid(down, s.hidden, MOE_WARPS * MOE_DOWN_ROWS_PER_WARP),
+        ],
+    )))
+}
+
+/// The routed expert MLPs of a decode batch: `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)`
+/// per slot; zero tokens launch nothing.
+pub fn moe_gemv(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    s: &MoeScalars,
+    args: MoeArgs<'_>,
+) -> Result<(), CudaError> {
+    match plan(s, &args)? {
+        Some((params, grids)) => launch(kernels, stream, &params, &grids),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cuda::memory::{View, ViewMut};
+    use crate::cuda::ops::fake::{symbol, too_small, unsupported, BASE};
+
+    /// The buffers of [`MoeArgs`] in declaration order.
+    pub const BUFFERS: [&str; 9] = [
+        "x",
+        "w1",
+        "w3",
+        "w2",
+        "topk_weights",
+        "expert_offsets",
+        "sorted_slots",
+        "act",
+        "out",
+    ];
+
+    /// Buffers of exactly the sizes `s` needs, except `short` one element short and `shifted` 8
+    /// bytes off a 16-byte boundary (by name; "" for none).
+    pub fn args(s: &MoeScalars, short: &str, shifted: &str) -> MoeArgs<'static> {
+        let (t, h, i, e, k) = (
+            s.tokens as usize,
+            s.hidden as usize,
+            s.inter as usize,
+            s.experts as usize,
+            s.top_k as usize,
+        );
+        let len = |name: &str, n: usize| n - usize::from(name == short);
+        let at = |name: &str| BASE + if name == shifted { 8 } else { 0 };
+        fn r<T>(address: u64, len: usize) -> View<'static, T> {
+            // SAFETY: planner tests only read the address and length; nothing is launched on it.
+            unsafe { View::from_raw(address, len) }
+        }
+        fn w<T>(address: u64, len: usize) -> ViewMut<'static, T> {
+            // SAFETY: as `r`.
+            unsafe { ViewMut::from_raw(address, len) }
+        }
+        MoeArgs {
+            x: r(at("x"), len("x", t * h)),
+            w1: r(at("w1"), len("w1", e * i * h)),
+            w3: r(at("w3"), len("w3", e * i * h)),
+            w2: r(at("w2"), len("w2", e * h * i)),
+            topk_weights: r(at("topk_weights"), len("topk_weights", t * k)),
+            expert_offsets: r(at("expert_offsets"), len("expert_offsets", e + 1)),
+            sorted_slots: r(at("sorted_slots"), len("sorted_slots", t * k)),
+            act: w(at("act"), len("act", t * k * i)),
+            out: w(at("out"), len("out", t * k * h)),
+        }
+    }
+
+    /// Mixtral 8x7B's expert shapes.
+    pub fn mixtral(tokens: u32) -> MoeScalars {
+        MoeScalars {
+            tokens,
+            hidden: 4096,
+            inter: 14336,
+            experts: 8,
+            top_k: 2,
+        }
+    }
+
+    type Planner<P> = fn(&MoeScalars, &MoeArgs<'_>) -> Result<Option<P>, CudaError>;
+
+    /// The shape rules of [`moe_rules`] and the alignment of x, the weights and act, as `planner`
+    /// (named `op` in its errors) reports them.
+    pub fn refuses_bad_shapes<P: std::fmt::Debug>(op: &str, planner: Planner<P>) {
+        let s = mixtral(64);
+        let bad = |s: MoeScalars, what: &str| {
+            let result = planner(&s, &args(&s, "", ""));
+            if let Err(CudaError::Unsupported { op: got, .. }) = &result {
+                assert_eq!(*got, op);
+            }
+            unsupported(result, what);
+        };
+        bad(MoeScalars { hidden: 4100, ..s }, "hidden");
+        bad(MoeScalars { inter: 0, ..s }, "inter");
+        bad(MoeScalars { inter: 44, ..s }, "inter");
+        bad(MoeScalars { experts: 0, ..s }, "experts");
+        bad(MoeScalars { top_k: 0, ..s }, "top_k");
+        bad(MoeScalars { top_k: 9, ..s }, "top_k");
+        let small = MoeScalars {
+            hidden: 8,
+            inter: 8,
+            experts: 1,
+            top_k: 1,
+            ..s
+        };
+        bad(
+            MoeScalars {
+                tokens: 1 << 31,
+                ..small
+            },
+            "tokens",
+        );
+        bad(
+            MoeScalars {
+                tokens: 1 << 28,
+                ..small
+            },
+            "tokens * hidden",
+        );
+        for name in ["x", "w1", "w3", "w2", "act"] {
+            match planner(&s, &args(&s, "", name)) {
+                Err(CudaError::Misaligned {
+                    op: got, buffer, ..
+                }) => {
+                    assert_eq!((got, buffer), (op, name));
+                }
+                other => panic!("{name}: expected Misaligned, got {other:?}"),
+            }
+        }
+        // Zero tokens launch nothing, after the checks.
+        let empty = MoeScalars { tokens: 0, ..s };
+        assert!(planner(&empty, &args(&empty, "", "")).unwrap().is_none());
+        too_small(
+            planner(&empty, &args(&empty, "expert_offsets", "")),
+            "expert_offsets",
+        );
+    }
+
+    /// For shapes the kernels take, exact buffers pass and each one element short is refused by name.
+    pub fn needs_exactly_the_contiguous_sizes<P: std::fmt::Debug>(
+        planner: Planner<P>,
+        s: &MoeScalars,
+    ) {
+        assert!(planner(s, &args(s, "", "")).unwrap().is_some());
+        for name in BUFFERS {
+            too_small(planner(s, &args(s, name, "")), name);
+        }
+    }
+
+    #[test]
+    fn moe_grids_for_mixtral_shapes() {
+        let s = mixtral(1);
+        let (params, [up, down]) = plan(&s, &args(&s, "", "")).unwrap().unwrap();
+        assert_eq!(
+            (symbol(&up), up.grid, up.block),
+            ("moe_up_t1", (14336 / 8, 8, 1), 256)
+        );
+        assert_eq!(
+            (symbol(&down), down.grid, down.block),
+            ("moe_down_t1", (4096 / 16, 8, 1), 256)
+        );
+        assert_eq!((params.tokens, params.inter, params.top_k), (1, 14336, 2));
+        let batch = mixtral(13);
+        let (_, [up, down]) = plan(&batch, &args(&batch, "", "")).unwrap().unwrap();
+        assert_eq!((symbol(&up), symbol(&down)), ("moe_up_t8", "moe_down_t8"));
+        // out is written with scalar stores: any 4-byte alignment is accepted.
+        assert!(plan(&s, &args(&s, "", "out")).is_ok());
+        let many = MoeScalars {
+            experts: 65_536,
+            hidden: 8,
+            inter: 8,
+            ..s
+        };
+        unsupported(plan(&many, &args(&many, "", "")), "experts");
+    }
+
+    #[test]
+    fn moe_gemv_refuses_bad_shapes() {
+        refuses_bad_shapes("moe_gemv", plan);
+    }
+
+    #[test]
+    fn moe_tile_covers_the_batch_up_to_the_largest_tile() {
+        for tokens in 1..64 {
+            let tile = moe_tile(tokens) as usize;
+            assert!(tile >= tokens.min(8), "tokens {tokens} tile {tile}");
+            assert!(tile < 2 * tokens, "tokens {tokens} tile {tile}: wasteful");
+        }
+    }
+
+    proptest! {
+        /// For any MoE shape the kernels take, buffers of exactly the contiguous sizes pass and each
+        /// one made one element shorter is refused by name.
+        #[test]
+        fn moe_needs_exactly_the_contiguous_sizes(
+            tokens in 1u32..40, hidden8 in 1u32..64, inter8 in 1u32..64, experts in 1u32..12, k in 1u32..4,
+        ) {
+            let s = MoeScalars { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k: k.min(experts) };
+            needs_exactly_the_contiguous_sizes(plan, &s);
+        }
+    }
+}

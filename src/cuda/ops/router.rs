@@ -1,0 +1,154 @@
+//! `router` (csrc/router.cu): the MoE router of `[tokens, hidden]` bf16 states over a
+//! `[experts, hidden]` gate. `router_topk` (one block per token) writes the f32 logits
+//! `[tokens, experts]`, the top_k experts `[tokens, top_k]` (softmax, ties to the lower expert) and
+//! their renormalised weights; `router_group` (one warp) groups the `tokens * top_k` slots by expert:
+//! counts `[experts]`, offsets `[experts + 1]` and `sorted_slots`.
+
+use cudarc::driver::CudaStream;
+
+use crate::cuda::args::{RouterArgs, RouterScalars};
+use crate::cuda::checks::Check;
+use crate::cuda::error::CudaError;
+use crate::cuda::launch::{launch, Grid};
+use crate::cuda::module::Kernels;
+use crate::cuda::params::{
+    KernelFamily, RouterParams, ROUTER_GROUP_THREADS, ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K,
+    ROUTER_THREADS,
+};
+
+fn plan(
+    s: &RouterScalars,
+    a: &RouterArgs<'_>,
+) -> Result<Option<(RouterParams, [Grid; 2])>, CudaError> {
+    let c = Check { op: "router" };
+    let params = a.params(c.op, s)?;
+    c.multiple_of_8("hidden", s.hidden as usize)?;
+    if s.experts == 0 || s.experts > ROUTER_MAX_EXPERTS {
+        return Err(c.unsupported(
+            "experts",
+            s.experts as usize,
+            format!("must be in 1..={ROUTER_MAX_EXPERTS}"),
+        ));
+    }
+    if s.top_k == 0 || s.top_k > s.experts || s.top_k > ROUTER_MAX_TOP_K {
+        return Err(c.unsupported(
+            "top_k",
+            s.top_k as usize,
+            format!("must be in 1..={ROUTER_MAX_TOP_K} and at most experts"),
+        ));
+    }
+    c.count("tokens", s.tokens as usize)?;
+    c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
+    let topk = c.variant(KernelFamily::RouterTopk, "router_topk", &[])?;
+    let group = c.variant(KernelFamily::RouterGroup, "router_group", &[])?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    Ok(Some((
+        params,
+        [
+            Grid::linear(topk, s.tokens, ROUTER_THREADS),
+            Grid::linear(group, 1, ROUTER_GROUP_THREADS),
+        ],
+    )))
+}
+
+/// Router logits, softmax, top-k with renormalised weights, and the grouping of slots per expert;
+/// zero tokens launch nothing.
+pub fn router(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    s: &RouterScalars,
+    args: RouterArgs<'_>,
+) -> Result<(), CudaError> {
+    match plan(s, &args)? {
+        Some((params, grids)) => launch(kernels, stream, &params, &grids),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE};
+
+    /// Buffers of exactly the sizes `s` needs, `expert_offsets` `offsets_short` elements short.
+    fn args(s: &RouterScalars, offsets_short: usize) -> RouterArgs<'static> {
+        let (t, h, e, k) = (
+            s.tokens as usize,
+            s.hidden as usize,
+            s.experts as usize,
+            s.top_k as usize,
+        );
+        RouterArgs {
+            x: view(t * h),
+            gate: view(e * h),
+            logits: view_mut(t * e),
+            topk_ids: view_mut(t * k),
+            topk_weights: view_mut(t * k),
+            expert_counts: view_mut(e),
+            expert_offsets: view_mut(e + 1 - offsets_short),
+            sorted_slots: view_mut(t * k),
+        }
+    }
+
+    #[test]
+    fn router_limits_and_launches() {
+        let s = RouterScalars {
+            tokens: 3,
+            hidden: 64,
+            experts: 8,
+            top_k: 2,
+        };
+        let (params, [topk, group]) = plan(&s, &args(&s, 0)).unwrap().unwrap();
+        assert_eq!(
+            (symbol(&topk), topk.grid, topk.block),
+            ("router_topk", (3, 1, 1), ROUTER_THREADS)
+        );
+        assert_eq!(
+            (symbol(&group), group.grid, group.block),
+            ("router_group", (1, 1, 1), ROUTER_GROUP_THREADS)
+        );
+        assert_eq!(
+            (params.tokens, params.hidden, params.experts, params.top_k),
+            (3, 64, 8, 2)
+        );
+        let bad = |s: RouterScalars, what: &str| unsupported(plan(&s, &args(&s, 0)), what);
+        bad(RouterScalars { hidden: 60, ..s }, "hidden");
+        bad(
+            RouterScalars {
+                top_k: 9,
+                experts: 16,
+                ..s
+            },
+            "top_k",
+        );
+        bad(
+            RouterScalars {
+                top_k: 3,
+                experts: 2,
+                ..s
+            },
+            "top_k",
+        );
+        bad(RouterScalars { top_k: 0, ..s }, "top_k");
+        bad(RouterScalars { experts: 257, ..s }, "experts");
+        bad(
+            RouterScalars {
+                tokens: 1 << 31,
+                hidden: 8,
+                ..s
+            },
+            "tokens",
+        );
+        too_small(plan(&s, &args(&s, 1)), "expert_offsets");
+        // SAFETY: the planner only reads the address; nothing is launched.
+        let x = unsafe { crate::cuda::memory::View::from_raw(BASE + 8, 192) };
+        assert!(matches!(
+            plan(&s, &RouterArgs { x, ..args(&s, 0) }),
+            Err(CudaError::Misaligned { buffer: "x", .. })
+        ));
+        let empty = RouterScalars { tokens: 0, ..s };
+        assert!(plan(&empty, &args(&empty, 0)).unwrap().is_none());
+    }
+}
