@@ -25,7 +25,7 @@ use crate::cuda::params::{
     LINEAR_GEMV_WARPS, LINEAR_MMA_BM, LINEAR_MMA_BN, LINEAR_MMA_THREADS,
 };
 
-/// Tokens (or slots) per weight pass of the GEMVs (`linear_gemv`, `qlinear`, `qmoe_*`): the
+/// Tokens (or slots) per weight pass of the GEMVs (`linear_gemv`, `qlinear`, `moe_*`, `qmoe_*`): the
 /// smallest compiled tile covering `tokens`, capped at 8.
 pub(super) fn gemv_tile(tokens: u32) -> u32 {
     match tokens {

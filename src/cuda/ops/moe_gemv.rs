@@ -11,6 +11,7 @@ use cudarc::driver::CudaStream;
 
 use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::Check;
+use super::linear::gemv_tile;
 use crate::cuda::error::CudaError;
 use crate::cuda::launch::{launch, Grid};
 use crate::cuda::module::Kernels;
@@ -38,23 +39,12 @@ pub(super) fn moe_rules(c: &Check, s: &MoeScalars) -> Result<usize, CudaError> {
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])
 }
 
-/// Slots handled per weight pass: the smallest compiled tile covering `tokens` (the most slots one
-/// expert can get), capped at the largest tile.
-pub(crate) fn moe_tile(tokens: usize) -> u32 {
-    match tokens {
-        0..=1 => 1,
-        2 => 2,
-        3..=4 => 4,
-        _ => 8,
-    }
-}
-
 fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
     let c = Check { op: "moe_gemv" };
     let params = a.params(c.op, s)?;
     moe_rules(&c, s)?;
     let experts = c.grid_yz("experts", s.experts as usize)?;
-    let tile = moe_tile(s.tokens as usize);
+    let tile = gemv_tile(s.tokens);
     let up = c.variant(KernelFamily::MoeUp, "tile", &[tile])?;
     let down = c.variant(KernelFamily::MoeDown, "tile", &[tile])?;
     if s.tokens == 0 {
@@ -258,9 +248,9 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn moe_tile_covers_the_batch_up_to_the_largest_tile() {
+    fn the_gemv_tile_covers_the_batch_up_to_the_largest_tile() {
         for tokens in 1..64 {
-            let tile = moe_tile(tokens) as usize;
+            let tile = gemv_tile(tokens as u32) as usize;
             assert!(tile >= tokens.min(8), "tokens {tokens} tile {tile}");
             assert!(tile < 2 * tokens, "tokens {tokens} tile {tile}: wasteful");
         }
