@@ -16,11 +16,11 @@ use mixtral::cuda::args::{
     AttentionDecodeArgs, AttentionPrefillArgs, LinearArgs, LinearScalars, MoeArgs, MoeScalars,
     QMoeArgs, RouterArgs, RouterScalars,
 };
+use mixtral::cuda::memory::{DeviceArena, DeviceBuffer};
 use mixtral::cuda::ops::{
     self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, FillValues, PackedView,
     PagedCacheShape,
 };
-use mixtral::cuda::region::{DeviceArena, Region};
 use mixtral::cuda::{CudaDevice, Kernels};
 use mixtral::quant::PackedKind;
 
@@ -47,7 +47,7 @@ impl Bench {
     }
 
     /// `len` random bf16 values of half-width `scale`.
-    fn random(&mut self, len: usize, scale: f32) -> Region<bf16> {
+    fn random(&mut self, len: usize, scale: f32) -> DeviceBuffer<bf16> {
         let mut r = self.arena.zeroed::<bf16>(len, "bench data").expect("alloc");
         self.seed += 1;
         ops::fill_random(
@@ -64,18 +64,12 @@ impl Bench {
         r
     }
 
-    fn zeros<T>(&mut self, len: usize) -> Region<T> {
+    fn zeros<T>(&mut self, len: usize) -> DeviceBuffer<T> {
         self.arena.zeroed::<T>(len, "bench output").expect("alloc")
     }
 
-    fn upload<T: cudarc::driver::DeviceRepr>(&mut self, host: &[T]) -> Region<T> {
-        let r = self.zeros::<T>(host.len());
-        let stream = self.stream();
-        // SAFETY: the region holds host.len() elements; synchronised before `host` can go away.
-        unsafe { cudarc::driver::result::memcpy_htod_async(r.address(), host, stream.cu_stream()) }
-            .expect("upload");
-        stream.synchronize().expect("sync");
-        r
+    fn upload<T: cudarc::driver::DeviceRepr>(&mut self, host: &[T]) -> DeviceBuffer<T> {
+        self.arena.upload(host, "bench input").expect("upload")
     }
 }
 
@@ -128,16 +122,21 @@ fn linear_benches(c: &mut Criterion, b: &mut Bench) {
 
 /// The inputs and outputs of the expert kernels for `tokens` random rows routed by the device router.
 struct Routed {
-    x: Region<bf16>,
-    topk_weights: Region<f32>,
-    offsets: Region<i32>,
-    sorted: Region<i32>,
-    act: Region<bf16>,
-    out: Region<f32>,
+    x: DeviceBuffer<bf16>,
+    topk_weights: DeviceBuffer<f32>,
+    offsets: DeviceBuffer<i32>,
+    sorted: DeviceBuffer<i32>,
+    act: DeviceBuffer<bf16>,
+    out: DeviceBuffer<f32>,
 }
 
 /// Random hidden states for `tokens` tokens, routed through `gate` by the device router.
-fn route(b: &mut Bench, stream: &Arc<CudaStream>, gate: &Region<bf16>, tokens: usize) -> Routed {
+fn route(
+    b: &mut Bench,
+    stream: &Arc<CudaStream>,
+    gate: &DeviceBuffer<bf16>,
+    tokens: usize,
+) -> Routed {
     let x = b.random(tokens * HIDDEN, 1.0);
     let slots = tokens * TOP_K;
     let mut logits = b.zeros::<f32>(tokens * EXPERTS);
@@ -324,7 +323,7 @@ fn packed_stack(
     count: usize,
     rows: usize,
     cols: usize,
-) -> (Region<u8>, Region<f32>, usize) {
+) -> (DeviceBuffer<u8>, DeviceBuffer<f32>, usize) {
     let (row_bytes, row_params) = match kind {
         PackedKind::Int4 { group_size } => (cols / 2, 2 * cols.div_ceil(group_size)),
         _ => (cols, 1),

@@ -43,7 +43,6 @@ internal! {
     mod ops;
     #[rustfmt::skip]
     mod params;
-    mod region;
     mod select;
 }
 

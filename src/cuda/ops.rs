@@ -36,6 +36,7 @@ mod moe_gemv;
 pub use moe_gemv::*;
 
 mod moe_grouped;
+pub use crate::cuda::select::MOE_GROUPED_MIN_TOKENS;
 pub use moe_grouped::*;
 
 mod paged_cache;

@@ -2,7 +2,8 @@
 //! plus the greedy argmax, recorded once from [`Plan::forward`] and replayed every decode step. Every
 //! pointer in the graph is a plan buffer allocated at load, and everything that changes per token
 //! (ids, positions, block-table rows, the block tables) lives in device memory the host updates
-//! before the replay, so a replay needs no host work beyond its one launch.
+//! before the replay, so a replay needs no host work beyond its one launch. The engine owns the
+//! graphs and the buffers together and drops the graphs first.
 
 use std::sync::Arc;
 
@@ -11,7 +12,8 @@ use cudarc::driver::{CudaGraph, CudaStream};
 
 use super::super::error::CudaError;
 use super::super::module::Kernels;
-use super::plan::{Pass, Plan};
+use super::forward::Pass;
+use super::plan::Plan;
 use super::upload::GpuWeights;
 
 /// A captured decode pass of `bucket` tokens.
@@ -40,7 +42,7 @@ impl DecodeGraph {
         plan: &mut Plan,
         kernels: &Kernels,
         stream: &Arc<CudaStream>,
-        weights: &GpuWeights,
+        weights: &mut GpuWeights,
         bucket: usize,
     ) -> Result<DecodeGraph, CudaError> {
         stream

@@ -1,11 +1,11 @@
 //! Weight matrix stacks on the device, bf16 or packed (quantized, the layout of
 //! [`crate::quant::packed`]), and the two products the forward pass takes of them:
-//! - [`project`]: a dense projection. Packed weights go through `qlinear` for up to
-//!   `LINEAR_GEMV_MAX_TOKENS` tokens; larger chunks expand the matrix to bf16 in a scratch buffer
-//!   ([`DequantScratch`]) and take the tensor-core GEMM.
-//! - [`experts`]: the routed expert MLPs. Packed stacks go through `qmoe_gemv` for up to
-//!   [`QUANT_MOE_GEMV_MAX_TOKENS`] tokens; larger chunks expand all three stacks of the layer and take
-//!   the grouped tensor-core GEMM.
+//! - [`project`]: a dense projection;
+//! - [`experts`]: the routed expert MLPs.
+//!
+//! The selection table ([`select`](super::super::select)) picks the kernels from the token count
+//! and the format; where it picks a bf16 kernel for packed weights, the stack is first expanded into
+//! a bf16 scratch buffer ([`DequantScratch`]).
 //!
 //! Which stacks are packed is decided on the host ([`stack_format`]): every matrix of the stack must
 //! be packed, in one format, readable by the kernels, and (act-order) the matrices sharing an input
@@ -17,17 +17,13 @@ use half::bf16;
 
 use super::super::args::{LinearArgs, LinearScalars, MoeArgs, MoeScalars, QMoeArgs};
 use super::super::error::CudaError;
-use super::super::memory::{AnyViewMut, View};
+use super::super::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::module::Kernels;
-use super::super::ops::{
-    self, DequantShape, PackedView, MOE_GROUPED_MIN_TOKENS,
-};
+use super::super::ops::{self, DequantShape, PackedView};
 use super::super::select::{select, Choice, Device, Format, Op};
-use super::super::region::{DeviceArena, Region};
 use crate::quant::PackedKind;
 use crate::weights::Weight;
 
-pub use super::super::select::QUANT_MOE_GEMV_MAX_TOKENS;
 
 /// How one stack of matrices is stored on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,8 +84,8 @@ pub fn stack_format(groups: &[&[&Weight]]) -> StackFormat {
 }
 
 /// A packed stack of `count` matrices `[rows, cols]` on the device.
-#[derive(Debug, Clone)]
-pub struct PackedRegions {
+#[derive(Debug)]
+pub struct PackedStack {
     /// Element format.
     pub kind: PackedKind,
     /// Matrices.
@@ -99,35 +95,34 @@ pub struct PackedRegions {
     /// Columns of each.
     pub cols: usize,
     /// `[count, rows, row bytes]`.
-    pub codes: Region<u8>,
+    pub codes: DeviceBuffer<u8>,
     /// `[count, rows, row params]`.
-    pub params: Region<f32>,
-    /// `[count, cols]` input column of each stored column.
-    pub perm: Option<Region<u32>>,
+    pub params: DeviceBuffer<f32>,
+    /// `[count, cols]` input column of each stored column; `None` without a permutation, and for
+    /// an up-projection stack (w3), which uses its gate stack's (w1).
+    pub perm: Option<DeviceBuffer<u32>>,
 }
 
-impl PackedRegions {
-    /// Allocates (zero-filled) a stack of `count` matrices `[rows, cols]`; `share_perm` reuses
-    /// another stack's permutation (w3 shares w1's).
+impl PackedStack {
+    /// Allocates (zero-filled) a stack of `count` matrices `[rows, cols]`, with its own
+    /// permutation when `perm`.
     pub fn allocate(
         arena: &mut DeviceArena,
         (kind, perm): (PackedKind, bool),
         (count, rows, cols): (usize, usize, usize),
-        share_perm: Option<&Region<u32>>,
         what: &str,
-    ) -> Result<PackedRegions, CudaError> {
+    ) -> Result<PackedStack, CudaError> {
         let matrices = count * rows;
         let codes = arena.zeroed(
             matrices * kind.row_code_bytes(cols),
             &format!("{what} codes"),
         )?;
         let params = arena.zeroed(matrices * kind.row_params(cols), &format!("{what} scales"))?;
-        let perm = match (perm, share_perm) {
-            (false, _) => None,
-            (true, Some(shared)) => Some(shared.clone()),
-            (true, None) => Some(arena.zeroed(count * cols, &format!("{what} permutation"))?),
+        let perm = match perm {
+            false => None,
+            true => Some(arena.zeroed(count * cols, &format!("{what} permutation"))?),
         };
-        Ok(PackedRegions {
+        Ok(PackedStack {
             kind,
             count,
             rows,
@@ -143,26 +138,33 @@ impl PackedRegions {
             kind: self.kind,
             codes: self.codes.view(),
             params: self.params.view(),
-            perm: self.perm.as_ref().map(Region::view),
+            perm: self.perm.as_ref().map(DeviceBuffer::view),
         }
     }
 }
 
 /// One stack of weight matrices on the device.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum DeviceMatrix {
     /// bf16 `[count, rows, cols]`.
-    Bf16(Region<bf16>),
+    Bf16(DeviceBuffer<bf16>),
     /// Packed.
-    Packed(PackedRegions),
+    Packed(PackedStack),
 }
 
 impl DeviceMatrix {
     /// The packed stack, if packed.
-    pub fn packed(&self) -> Option<&PackedRegions> {
+    pub fn packed(&self) -> Option<&PackedStack> {
         match self {
             DeviceMatrix::Packed(p) => Some(p),
             DeviceMatrix::Bf16(_) => None,
+        }
+    }
+
+    fn format(&self) -> Format {
+        match self {
+            DeviceMatrix::Bf16(_) => Format::Bf16,
+            DeviceMatrix::Packed(_) => Format::Packed,
         }
     }
 }
@@ -172,41 +174,46 @@ impl DeviceMatrix {
 #[derive(Debug, Default)]
 pub struct DequantScratch {
     /// `[rows, cols]` of the largest packed projection.
-    pub dense: Option<Region<bf16>>,
+    pub dense: Option<DeviceBuffer<bf16>>,
     /// `[experts, inter, hidden]`.
-    pub w1: Option<Region<bf16>>,
+    pub w1: Option<DeviceBuffer<bf16>>,
     /// `[experts, inter, hidden]`.
-    pub w3: Option<Region<bf16>>,
+    pub w3: Option<DeviceBuffer<bf16>>,
     /// `[experts, hidden, inter]`.
-    pub w2: Option<Region<bf16>>,
+    pub w2: Option<DeviceBuffer<bf16>>,
 }
 
-fn no_scratch(what: &'static str, tokens: usize) -> CudaError {
-    CudaError::Unsupported {
-        op: "forward",
-        what,
-        value: tokens,
-        reason: "tokens past the packed kernels' range, and no dequantization scratch".into(),
-    }
-}
-
-/// Expands `p` into the start of `scratch` (bf16, input-column order), which the bf16 kernels then
-/// read (they touch only the first `count * rows * cols` elements).
-fn expand<'a>(
+/// `w` as bf16: its own buffer, or (packed) expanded into the start of `scratch` (input-column
+/// order), which the bf16 kernels then read (they touch only the first `count * rows * cols`
+/// elements).
+fn dense<'a>(
     kernels: &Kernels,
     stream: &CudaStream,
-    p: &PackedRegions,
-    scratch: Option<&'a Region<bf16>>,
-    tokens: usize,
-) -> Result<&'a Region<bf16>, CudaError> {
-    let scratch = scratch.ok_or_else(|| no_scratch("tokens", tokens))?;
-    let elements = p.count * p.rows * p.cols;
-    let mut out = scratch.sub(0, elements).ok_or(CudaError::BufferTooSmall {
-        op: "dequantize",
-        buffer: "scratch",
-        expected: elements,
-        actual: scratch.len_elems(),
+    w: &'a DeviceMatrix,
+    scratch: &'a mut Option<DeviceBuffer<bf16>>,
+    tokens: u32,
+) -> Result<View<'a, bf16>, CudaError> {
+    let p = match w {
+        DeviceMatrix::Bf16(w) => return Ok(w.view()),
+        DeviceMatrix::Packed(p) => p,
+    };
+    let scratch = scratch.as_mut().ok_or_else(|| CudaError::Unsupported {
+        op: "forward",
+        what: "tokens",
+        value: tokens as usize,
+        reason: "tokens past the packed kernels' range, and no dequantization scratch".into(),
     })?;
+    let elements = p.count * p.rows * p.cols;
+    let capacity = scratch.len();
+    let out = scratch
+        .view_mut()
+        .sub(0, elements)
+        .ok_or(CudaError::BufferTooSmall {
+            op: "dequantize",
+            buffer: "scratch",
+            expected: elements,
+            actual: capacity,
+        })?;
     ops::dequantize(
         kernels,
         stream,
@@ -216,63 +223,30 @@ fn expand<'a>(
             cols: p.cols as u32,
         },
         p.view(),
-        out.view_mut(),
+        out,
     )?;
-    Ok(scratch)
+    Ok(scratch.view())
 }
 
-/// `out = x @ w^T` over `s` for a bf16 or packed `w` (see the module documentation).
-pub fn project<'a>(
+/// `out = x @ w^T` over `s` for a bf16 or packed `w`, with the kernels the selection table picks.
+pub fn project(
     kernels: &Kernels,
     stream: &CudaStream,
     s: &LinearScalars,
-    x: View<'a, bf16>,
-    w: &'a DeviceMatrix,
-    out: AnyViewMut<'a>,
-    scratch: &'a DequantScratch,
+    x: View<'_, bf16>,
+    w: &DeviceMatrix,
+    out: AnyViewMut<'_>,
+    scratch: &mut Option<DeviceBuffer<bf16>>,
 ) -> Result<(), CudaError> {
-    let dense = match w {
-        DeviceMatrix::Bf16(w) => w,
-        DeviceMatrix::Packed(p)
-            if select(
-                Op::Projection,
-                s.tokens as usize,
-                Format::Packed,
-                Device::default(),
-            ) == Choice::QLinear =>
-        {
-            return ops::qlinear(kernels, stream, s, x, p.view(), out);
-        }
-        DeviceMatrix::Packed(p) => expand(
-            kernels,
-            stream,
-            p,
-            scratch.dense.as_ref(),
-            s.tokens as usize,
-        )?,
-    };
-    let w = dense.view();
+    let choice = select(Op::Projection, s.tokens as usize, w.format(), Device::default());
+    if let (Choice::QLinear, DeviceMatrix::Packed(p)) = (choice, w) {
+        return ops::qlinear(kernels, stream, s, x, p.view(), out);
+    }
+    let w = dense(kernels, stream, w, scratch, s.tokens)?;
     ops::linear(kernels, stream, s, LinearArgs { x, w, out })
 }
 
-/// The routing buffers and outputs of [`experts`] (those of [`MoeArgs`] besides the weights).
-pub struct ExpertIo<'a> {
-    /// `[tokens, hidden]` normalised hidden states.
-    pub x: &'a Region<bf16>,
-    /// `[tokens, top_k]` routing weights.
-    pub topk_weights: &'a Region<f32>,
-    /// `[experts + 1]` slot offsets per expert.
-    pub expert_offsets: &'a Region<i32>,
-    /// `[tokens * top_k]` slots grouped by expert.
-    pub sorted_slots: &'a Region<i32>,
-    /// `[tokens * top_k, inter]` scratch.
-    pub act: &'a mut Region<bf16>,
-    /// `[tokens * top_k, hidden]` weighted expert outputs.
-    pub out: &'a mut Region<f32>,
-}
-
-/// Which tensor-core kernels run the expert GEMMs of chunks of [`MOE_GROUPED_MIN_TOKENS`] tokens
-/// or more.
+/// Which tensor-core kernels run the expert GEMMs of large chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GroupedKernel {
     /// `moe_grouped_gemm` (mma.sync; every supported GPU).
@@ -282,62 +256,88 @@ pub enum GroupedKernel {
     Wgmma,
 }
 
-/// The routed expert MLPs of one layer over bf16 or packed stacks (see the module documentation);
-/// `grouped` picks the tensor-core kernels of large chunks.
-pub fn experts<'a>(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    shape: &MoeScalars,
-    [w1, w3, w2]: [&'a DeviceMatrix; 3],
-    io: ExpertIo<'a>,
-    scratch: &'a DequantScratch,
-    grouped: GroupedKernel,
-) -> Result<(), CudaError> {
-    let device = Device {
-        hopper_experts: grouped == GroupedKernel::Wgmma,
-    };
-    if let (Some(p1), Some(p3), Some(p2)) = (w1.packed(), w3.packed(), w2.packed()) {
-        if select(Op::Experts, shape.tokens as usize, Format::Packed, device) == Choice::QMoeGemv {
-            let (w1, w3, w2) = (p1.view(), p3.view(), p2.view());
-            let s = *shape;
-            let args = QMoeArgs {
-                x: io.x.view(),
-                w1_codes: w1.codes,
-                w1_params: w1.params,
-                w3_codes: w3.codes,
-                w3_params: w3.params,
-                w13_perm: ops::shared_perm(w1.perm, w3.perm)?,
-                w2_codes: w2.codes,
-                w2_params: w2.params,
-                w2_perm: w2.perm,
-                topk_weights: io.topk_weights.view(),
-                expert_offsets: io.expert_offsets.view(),
-                sorted_slots: io.sorted_slots.view(),
-                act: io.act.view_mut(),
-                out: io.out.view_mut(),
-            };
-            return ops::qmoe_gemv(kernels, stream, &s, [w1.kind, w3.kind, w2.kind], args);
+impl GroupedKernel {
+    /// What the selection table needs to know of the device.
+    pub fn device(self) -> Device {
+        Device {
+            hopper_experts: self == GroupedKernel::Wgmma,
         }
     }
-    let dense = |w: &'a DeviceMatrix, s: &'a Option<Region<bf16>>| match w {
-        DeviceMatrix::Bf16(r) => Ok(r),
-        DeviceMatrix::Packed(p) => expand(kernels, stream, p, s.as_ref(), shape.tokens as usize),
+}
+
+/// The routing inputs and outputs of [`experts`] (those of [`MoeArgs`] besides the weights).
+pub struct ExpertIo<'a> {
+    /// `[tokens, hidden]` normalised hidden states.
+    pub x: View<'a, bf16>,
+    /// `[tokens, top_k]` routing weights.
+    pub topk_weights: View<'a, f32>,
+    /// `[experts + 1]` slot offsets per expert.
+    pub expert_offsets: View<'a, i32>,
+    /// `[tokens * top_k]` slots grouped by expert.
+    pub sorted_slots: View<'a, i32>,
+    /// `[tokens * top_k, inter]` scratch.
+    pub act: ViewMut<'a, bf16>,
+    /// `[tokens * top_k, hidden]` weighted expert outputs.
+    pub out: ViewMut<'a, f32>,
+}
+
+/// The routed expert MLPs of one layer over bf16 or packed stacks, with the kernels the selection
+/// table picks for `device`.
+pub fn experts(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    s: &MoeScalars,
+    [w1, w3, w2]: [&DeviceMatrix; 3],
+    io: ExpertIo<'_>,
+    scratch: &mut DequantScratch,
+    device: Device,
+) -> Result<(), CudaError> {
+    // Packed kernels only when all three stacks are packed; otherwise the packed ones are expanded.
+    let format = match (w1.format(), w3.format(), w2.format()) {
+        (Format::Packed, Format::Packed, Format::Packed) => Format::Packed,
+        _ => Format::Bf16,
     };
+    let choice = select(Op::Experts, s.tokens as usize, format, device);
+    if let (Choice::QMoeGemv, Some(p1), Some(p3), Some(p2)) =
+        (choice, w1.packed(), w3.packed(), w2.packed())
+    {
+        let (v1, v3, v2) = (p1.view(), p3.view(), p2.view());
+        let args = QMoeArgs {
+            x: io.x,
+            w1_codes: v1.codes,
+            w1_params: v1.params,
+            w3_codes: v3.codes,
+            w3_params: v3.params,
+            // w3 reads with w1's permutation (its own is never allocated).
+            w13_perm: v1.perm,
+            w2_codes: v2.codes,
+            w2_params: v2.params,
+            w2_perm: v2.perm,
+            topk_weights: io.topk_weights,
+            expert_offsets: io.expert_offsets,
+            sorted_slots: io.sorted_slots,
+            act: io.act,
+            out: io.out,
+        };
+        return ops::qmoe_gemv(kernels, stream, s, [v1.kind, v3.kind, v2.kind], args);
+    }
     let args = MoeArgs {
-        x: io.x.view(),
-        w1: dense(w1, &scratch.w1)?.view(),
-        w3: dense(w3, &scratch.w3)?.view(),
-        w2: dense(w2, &scratch.w2)?.view(),
-        topk_weights: io.topk_weights.view(),
-        expert_offsets: io.expert_offsets.view(),
-        sorted_slots: io.sorted_slots.view(),
-        act: io.act.view_mut(),
-        out: io.out.view_mut(),
+        x: io.x,
+        w1: dense(kernels, stream, w1, &mut scratch.w1, s.tokens)?,
+        w3: dense(kernels, stream, w3, &mut scratch.w3, s.tokens)?,
+        w2: dense(kernels, stream, w2, &mut scratch.w2, s.tokens)?,
+        topk_weights: io.topk_weights,
+        expert_offsets: io.expert_offsets,
+        sorted_slots: io.sorted_slots,
+        act: io.act,
+        out: io.out,
     };
-    if grouped == GroupedKernel::Wgmma && shape.tokens as usize >= MOE_GROUPED_MIN_TOKENS {
-        ops::moe_wgmma_gemm(kernels, stream, shape, args)
-    } else {
-        ops::moe_experts(kernels, stream, shape, args)
+    match choice {
+        Choice::MoeGemv => ops::moe_gemv(kernels, stream, s, args),
+        Choice::MoeWgmma | Choice::DequantizeThenMoeWgmma => {
+            ops::moe_wgmma_gemm(kernels, stream, s, args)
+        }
+        _ => ops::moe_grouped_gemm(kernels, stream, s, args),
     }
 }
 

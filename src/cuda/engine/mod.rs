@@ -13,6 +13,7 @@
 //! with a dead [`EngineError::Backend`] ([`EngineError::is_dead`]) holding the [`CudaError`]: the
 //! failure itself, then [`CudaError::Dead`] naming it (a sticky CUDA error poisons the context).
 
+pub mod forward;
 pub mod graph;
 pub mod inputs;
 pub mod matrix;
@@ -28,7 +29,8 @@ use self::graph::DecodeGraph;
 use self::inputs::{decode_buckets, schedule_step, Chunk, ChunkKind, NO_SEQUENCE};
 pub use self::matrix::GroupedKernel;
 use self::matrix::StackFormat;
-use self::plan::{plan_bytes, Attention, Pass, Plan, PlanSizes};
+use self::forward::{Attention, Pass};
+use self::plan::{plan_bytes, Plan, PlanSizes};
 use self::upload::{
     allocate_weights, device_weight_bytes, is_tied, randomize_weights, upload_weights,
     weight_formats, GpuWeights, LayerFormats,
@@ -41,7 +43,7 @@ use super::ops::{
     self, rng_state_for_seed, WgmmaCheck, RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS,
     SAMPLE_ID_NON_FINITE,
 };
-use super::region::{DeviceArena, Region};
+use super::memory::{copy_to_device, copy_to_host, DeviceArena, DeviceBuffer};
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::engine::{
@@ -303,7 +305,7 @@ impl CudaEngine {
         }
         let stream = Arc::clone(device.stream());
         let mut arena = DeviceArena::new(Arc::clone(&stream));
-        let gpu_weights = allocate_weights(
+        let mut gpu_weights = allocate_weights(
             &config,
             tied,
             &formats,
@@ -314,13 +316,13 @@ impl CudaEngine {
             WeightSource::Checkpoint(w) => upload_weights(
                 w,
                 &formats,
-                &gpu_weights,
+                &mut gpu_weights,
                 device.context(),
                 &stream,
                 progress,
             )?,
             WeightSource::Random { seed, .. } => randomize_weights(
-                &gpu_weights,
+                &mut gpu_weights,
                 &config,
                 seed,
                 &kernels,
@@ -334,7 +336,7 @@ impl CudaEngine {
             .filter(|f| *f != StackFormat::Bf16)
             .count();
         let weights_allocated = arena.bytes();
-        let mut plan = Plan::new(&config, sizes, &mut arena, &stream)?;
+        let mut plan = Plan::new(&config, sizes, &mut arena)?;
         let wgmma_check = if options.hopper_wgmma {
             let check = ops::moe_wgmma_self_check(&kernels, &stream)?;
             if check.passed() {
@@ -401,7 +403,7 @@ impl CudaEngine {
             self.upload_inputs(&padding)?;
             let stream = Arc::clone(self.device.stream());
             self.plan
-                .forward(&self.kernels, &stream, &self.weights, Pass::decode(bucket))?;
+                .forward(&self.kernels, &stream, &mut self.weights, Pass::decode(bucket))?;
             stream
                 .synchronize()
                 .map_err(CudaError::driver(format!("warming up bucket {bucket}")))?;
@@ -410,7 +412,7 @@ impl CudaEngine {
                     &mut self.plan,
                     &self.kernels,
                     &stream,
-                    &self.weights,
+                    &mut self.weights,
                     bucket,
                 )?;
                 self.graphs.push(graph);
@@ -625,9 +627,10 @@ impl CudaEngine {
             let target = self
                 .plan
                 .block_tables
+                .view_mut()
                 .sub(row * width, width)
                 .ok_or_else(|| CudaError::Dead(format!("block-table row {row} out of range")))?;
-            plan::upload(self.device.stream(), &target, current, "a block-table row")?;
+            copy_to_device(self.device.stream(), target, current, "a block-table row")?;
         }
         Ok(())
     }
@@ -648,12 +651,13 @@ impl CudaEngine {
         for (i, &r) in chunk.logit_rows.iter().enumerate() {
             words[3 * m + i] = r as i32;
         }
-        let all: Region<i32> = self.plan.inputs.all.clone();
-        if all.len_elems() < words.len() {
-            return Err(CudaError::Dead("the step-input region is too small".into()));
+        let all = self.plan.inputs.all().view_mut();
+        if all.len() < words.len() {
+            return Err(CudaError::Dead("the step-input buffer is too small".into()));
         }
-        // SAFETY: the region holds every word; the pinned words are not written again before the
-        // chunk's read-back has waited for the stream (which orders this copy first).
+        // SAFETY: the exclusively borrowed buffer holds every word; the pinned words are not
+        // written again before the chunk's read-back has waited for the stream (which orders this
+        // copy first).
         unsafe {
             cudarc::driver::result::memcpy_htod_async(
                 all.address(),
@@ -684,7 +688,7 @@ impl CudaEngine {
                     None => self.plan.forward(
                         &self.kernels,
                         &stream,
-                        &self.weights,
+                        &mut self.weights,
                         Pass::decode(*bucket),
                     )?,
                 }
@@ -695,7 +699,7 @@ impl CudaEngine {
                 self.plan.forward(
                     &self.kernels,
                     &stream,
-                    &self.weights,
+                    &mut self.weights,
                     Pass {
                         tokens: chunk.tokens(),
                         rows,
@@ -779,13 +783,13 @@ impl CudaEngine {
         let b = &mut self.plan.sampling;
         plan::upload(
             stream,
-            &b.temperature,
+            &mut b.temperature,
             &temperature,
             "sampling temperatures",
         )?;
-        plan::upload(stream, &b.top_k, &top_k, "sampling top-k")?;
-        plan::upload(stream, &b.top_p, &top_p, "sampling top-p")?;
-        plan::upload(stream, &b.rng_state, &rng, "sampling random states")?;
+        plan::upload(stream, &mut b.top_k, &top_k, "sampling top-k")?;
+        plan::upload(stream, &mut b.top_p, &top_p, "sampling top-p")?;
+        plan::upload(stream, &mut b.rng_state, &rng, "sampling random states")?;
         ops::sample(
             &self.kernels,
             stream,
@@ -834,29 +838,19 @@ impl Drop for CudaEngine {
     }
 }
 
-/// Reads the first `len` elements of `src` back to the host.
+/// Reads the first `len` elements of `src` back to the host (a host sync).
 fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
     stream: &Arc<cudarc::driver::CudaStream>,
-    src: &Region<T>,
+    src: &DeviceBuffer<T>,
     len: usize,
 ) -> Result<Vec<T>, CudaError> {
-    let Some(part) = src.sub(0, len) else {
+    let Some(part) = src.view().sub(0, len) else {
         return Err(CudaError::Dead(format!(
             "reading {len} elements from a buffer of {}",
-            src.len_elems()
+            src.len()
         )));
     };
-    let mut host = vec![T::default(); len];
-    // SAFETY: `host` holds `len` elements and stays alive until the synchronise below; the source
-    // range is inside a live region.
-    unsafe {
-        cudarc::driver::result::memcpy_dtoh_async(&mut host, part.address(), stream.cu_stream())
-    }
-    .map_err(CudaError::driver("reading results back"))?;
-    stream
-        .synchronize()
-        .map_err(CudaError::driver("reading results back"))?;
-    Ok(host)
+    copy_to_host(stream, part)
 }
 
 #[derive(Debug, Clone, Copy)]

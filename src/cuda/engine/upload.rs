@@ -20,12 +20,9 @@ use half::bf16;
 use super::super::error::CudaError;
 use super::super::module::Kernels;
 use super::super::ops::{fill_random, FillValues};
-use super::super::params::LINEAR_GEMV_MAX_TOKENS;
-use super::super::region::{DeviceArena, Region, REGION_ALIGN};
-use super::matrix::{
-    stack_format, DequantScratch, DeviceMatrix, PackedRegions, StackFormat,
-    QUANT_MOE_GEMV_MAX_TOKENS,
-};
+use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut, BUFFER_ALIGN};
+use super::super::select::{select, Choice, Device, Format, Op};
+use super::matrix::{stack_format, DequantScratch, DeviceMatrix, PackedStack, StackFormat};
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::dtype::WeightSlice;
@@ -39,20 +36,20 @@ const PROGRESS_STEP: u64 = 256 << 20;
 
 /// One decoder layer on the device.
 #[derive(Debug)]
-pub struct LayerRegions {
+pub struct LayerWeights {
     /// Norm before attention `[hidden]`.
-    pub attn_norm: Region<bf16>,
+    pub attn_norm: DeviceBuffer<bf16>,
     /// Fused q/k/v projection `[q_width + 2 kv_width, hidden]`.
     pub qkv: DeviceMatrix,
     /// Output projection `[hidden, q_width]`.
     pub o: DeviceMatrix,
     /// Norm before the experts `[hidden]`.
-    pub ffn_norm: Region<bf16>,
+    pub ffn_norm: DeviceBuffer<bf16>,
     /// Router `[experts, hidden]`.
-    pub gate: Region<bf16>,
+    pub gate: DeviceBuffer<bf16>,
     /// Gate projections `[experts, inter, hidden]`.
     pub w1: DeviceMatrix,
-    /// Up projections `[experts, inter, hidden]` (sharing w1's permutation when packed).
+    /// Up projections `[experts, inter, hidden]` (read with w1's permutation when packed).
     pub w3: DeviceMatrix,
     /// Down projections `[experts, hidden, inter]`.
     pub w2: DeviceMatrix,
@@ -62,15 +59,22 @@ pub struct LayerRegions {
 #[derive(Debug)]
 pub struct GpuWeights {
     /// Embedding `[vocab, hidden]`.
-    pub embed: Region<bf16>,
+    pub embed: DeviceBuffer<bf16>,
     /// Decoder layers.
-    pub layers: Vec<LayerRegions>,
+    pub layers: Vec<LayerWeights>,
     /// Final norm `[hidden]`.
-    pub final_norm: Region<bf16>,
-    /// LM head `[vocab, hidden]` (the embedding's region when tied).
-    pub lm_head: Region<bf16>,
+    pub final_norm: DeviceBuffer<bf16>,
+    /// LM head `[vocab, hidden]`; `None` when it is the embedding (tied).
+    pub lm_head: Option<DeviceBuffer<bf16>>,
     /// Where packed stacks are expanded for large chunks (empty when nothing is packed).
     pub scratch: DequantScratch,
+}
+
+impl GpuWeights {
+    /// The LM head `[vocab, hidden]` (the embedding when tied).
+    pub fn lm_head(&self) -> View<'_, bf16> {
+        self.lm_head.as_ref().unwrap_or(&self.embed).view()
+    }
 }
 
 /// How each stack of one layer is stored.
@@ -120,7 +124,7 @@ pub fn weight_formats(weights: &ModelWeights) -> Vec<LayerFormats> {
 
 /// Bytes [`allocate_weights`] allocates for a model of `config` (`tied`: the LM head is the
 /// embedding) with `formats` per layer and chunks of up to `max_tokens` tokens (the dequantization
-/// scratch); an upper bound (each region is rounded up to [`REGION_ALIGN`]).
+/// scratch); an upper bound (each region is rounded up to [`BUFFER_ALIGN`]).
 pub fn device_weight_bytes(
     config: &ModelConfig,
     tied: bool,
@@ -144,7 +148,7 @@ pub fn device_weight_bytes(
     regions += 3;
     let scratch = scratch_elements(config, formats, max_tokens);
     bytes += 2 * scratch.iter().sum::<usize>();
-    bytes + (regions + scratch.len()) * REGION_ALIGN
+    bytes + (regions + scratch.len()) * BUFFER_ALIGN
 }
 
 /// bf16 elements of the scratch buffers (dense, w1, w3, w2; 0 = none) packed stacks need for chunks
@@ -160,7 +164,8 @@ fn scratch_elements(
     let mut dense = 0;
     let mut expert = [0; 3];
     for f in formats {
-        if max_tokens > LINEAR_GEMV_MAX_TOKENS as usize {
+        let largest = |op| select(op, max_tokens, Format::Packed, Device::default());
+        if largest(Op::Projection) == Choice::DequantizeThenLinearMma {
             if f.qkv != StackFormat::Bf16 {
                 dense = dense.max((c.q_width() + 2 * c.kv_width()) * h);
             }
@@ -168,9 +173,10 @@ fn scratch_elements(
                 dense = dense.max(h * c.q_width());
             }
         }
-        if max_tokens > QUANT_MOE_GEMV_MAX_TOKENS
-            && (f.w13 != StackFormat::Bf16 || f.w2 != StackFormat::Bf16)
-        {
+        let packed = [f.w13, f.w2].map(|f| f != StackFormat::Bf16);
+        // Mixed stacks run the bf16 kernels at every size, expanding the packed ones.
+        let expands = packed[0] != packed[1] || largest(Op::Experts) != Choice::QMoeGemv;
+        if packed.contains(&true) && expands {
             let n = experts * c.intermediate_size * h;
             expert = [n, n, n];
         }
@@ -183,22 +189,22 @@ pub fn is_tied(weights: &ModelWeights) -> bool {
     weights.lm_head.tensor.name() == weights.embed.tensor.name()
 }
 
-/// Allocates one stack of `count` matrices `[rows, cols]` in `format`.
+/// Allocates one stack of `count` matrices `[rows, cols]` in `format` (without a permutation
+/// buffer unless `own_perm`: w3 reads w1's).
 fn allocate_stack(
     arena: &mut DeviceArena,
     format: StackFormat,
     shape: (usize, usize, usize),
-    share_perm: Option<&Region<u32>>,
+    own_perm: bool,
     what: &str,
 ) -> Result<DeviceMatrix, CudaError> {
     let (count, rows, cols) = shape;
     match format {
         StackFormat::Bf16 => Ok(DeviceMatrix::Bf16(arena.zeroed(count * rows * cols, what)?)),
-        StackFormat::Packed { kind, perm } => Ok(DeviceMatrix::Packed(PackedRegions::allocate(
+        StackFormat::Packed { kind, perm } => Ok(DeviceMatrix::Packed(PackedStack::allocate(
             arena,
-            (kind, perm),
+            (kind, perm && own_perm),
             shape,
-            share_perm,
             what,
         )?)),
     }
@@ -224,14 +230,14 @@ pub fn allocate_weights(
             arena,
             f.qkv,
             (1, c.q_width() + 2 * c.kv_width(), h),
-            None,
+            true,
             &format!("layer {l} fused q/k/v projection"),
         )?;
         let o = allocate_stack(
             arena,
             f.o,
             (1, h, c.q_width()),
-            None,
+            true,
             &format!("layer {l} o_proj"),
         )?;
         let ffn_norm = arena.zeroed(h, &format!("layer {l} ffn norm"))?;
@@ -240,25 +246,24 @@ pub fn allocate_weights(
             arena,
             f.w13,
             (experts, inter, h),
-            None,
+            true,
             &format!("layer {l} experts w1"),
         )?;
-        let shared = w1.packed().and_then(|p| p.perm.clone());
         let w3 = allocate_stack(
             arena,
             f.w13,
             (experts, inter, h),
-            shared.as_ref(),
+            false,
             &format!("layer {l} experts w3"),
         )?;
         let w2 = allocate_stack(
             arena,
             f.w2,
             (experts, h, inter),
-            None,
+            true,
             &format!("layer {l} experts w2"),
         )?;
-        layers.push(LayerRegions {
+        layers.push(LayerWeights {
             attn_norm,
             qkv,
             o,
@@ -272,12 +277,12 @@ pub fn allocate_weights(
     let embed = arena.zeroed(c.vocab_size * h, "embedding")?;
     let final_norm = arena.zeroed(h, "final norm")?;
     let lm_head = if tied {
-        embed.clone()
+        None
     } else {
-        arena.zeroed(c.vocab_size * h, "lm_head")?
+        Some(arena.zeroed(c.vocab_size * h, "lm_head")?)
     };
     let [dense, w1, w3, w2] = scratch_elements(config, formats, max_tokens);
-    let mut scratch_region = |n: usize, what: &str| -> Result<Option<Region<bf16>>, CudaError> {
+    let mut scratch_region = |n: usize, what: &str| -> Result<Option<DeviceBuffer<bf16>>, CudaError> {
         if n == 0 {
             Ok(None)
         } else {
@@ -343,14 +348,14 @@ impl<'s> Staging<'s> {
     fn copy(
         &mut self,
         src: WeightSlice<'_>,
-        dst: &Region<bf16>,
+        dst: ViewMut<'_, bf16>,
         offset: usize,
         name: &str,
     ) -> Result<(), CudaError> {
         let target = dst.sub(offset, src.len()).ok_or_else(|| {
-            CudaError::UnsupportedModel(format!("{name} does not fit its region"))
+            CudaError::UnsupportedModel(format!("{name} does not fit its buffer"))
         })?;
-        self.copy_bytes(&target.cast::<u8>(), name, &mut |at, out| {
+        self.copy_bytes(target.cast::<u8>(), name, &mut |at, out| {
             let (first, count) = (at / 2, out.len() / 2);
             convert_to_bf16(src.slice(first..first + count), out);
         })
@@ -360,11 +365,11 @@ impl<'s> Staging<'s> {
     /// bytes of each chunk (an even length, at an even offset).
     fn copy_bytes(
         &mut self,
-        target: &Region<u8>,
+        target: ViewMut<'_, u8>,
         name: &str,
         fill: &mut dyn FnMut(usize, &mut [u8]),
     ) -> Result<(), CudaError> {
-        let total = target.len_elems();
+        let total = target.len();
         let mut done = 0;
         while done < total {
             let take = (total - done).min(STAGING_BYTES);
@@ -380,7 +385,8 @@ impl<'s> Staging<'s> {
             let bytes = &mut host[..take];
             fill(done, bytes);
             // SAFETY: `bytes` is pinned memory that is not touched again until `copied[i]` (recorded
-            // right after) has completed; `target` is a live region of `total` bytes.
+            // right after) has completed; `target` is a live, exclusively borrowed buffer of `total`
+            // bytes.
             unsafe {
                 cudarc::driver::result::memcpy_htod_async(
                     target.address() + done as u64,
@@ -458,13 +464,13 @@ fn convert_to_bf16(src: WeightSlice<'_>, out: &mut [u8]) {
 /// Copies `parts` one after the other into `dst`.
 fn copy_stacked(
     staging: &mut Staging<'_>,
-    dst: &Region<bf16>,
+    dst: &mut DeviceBuffer<bf16>,
     parts: &[&Weight],
     what: &str,
 ) -> Result<(), CudaError> {
     let mut offset = 0;
     for w in parts {
-        staging.copy(w.data(), dst, offset, what)?;
+        staging.copy(w.data(), dst.view_mut(), offset, what)?;
         offset += w.rows * w.cols;
     }
     Ok(())
@@ -478,26 +484,25 @@ fn le_bytes<T: bytemuck::Pod>(values: &[T]) -> &[u8] {
 /// Copies `src` into `dst[offset ..]` of a byte view.
 fn copy_raw(
     staging: &mut Staging<'_>,
-    dst: &Region<u8>,
+    dst: ViewMut<'_, u8>,
     offset: usize,
     src: &[u8],
     what: &str,
 ) -> Result<(), CudaError> {
     let target = dst
         .sub(offset, src.len())
-        .ok_or_else(|| CudaError::UnsupportedModel(format!("{what} does not fit its region")))?;
-    staging.copy_bytes(&target, what, &mut |at, out| {
+        .ok_or_else(|| CudaError::UnsupportedModel(format!("{what} does not fit its buffer")))?;
+    staging.copy_bytes(target, what, &mut |at, out| {
         out.copy_from_slice(&src[at..at + out.len()])
     })
 }
 
 /// Copies a stack whose matrix `m` is `matrices[m]` (row blocks stored one after the other, e.g.
-/// q, k, v) into `dst`; `with_perm`: also the permutation (false for a stack sharing another's).
+/// q, k, v) into `dst`, with the permutation where the stack has a buffer for it.
 fn copy_matrices(
     staging: &mut Staging<'_>,
-    dst: &DeviceMatrix,
+    dst: &mut DeviceMatrix,
     matrices: &[&[&Weight]],
-    with_perm: bool,
     what: &str,
 ) -> Result<(), CudaError> {
     let p = match dst {
@@ -513,37 +518,22 @@ fn copy_matrices(
             let packed = w.tensor.packed().ok_or_else(|| {
                 CudaError::UnsupportedModel(format!("{what}: {} is not packed", w.tensor.name()))
             })?;
-            copy_raw(staging, &p.codes, codes, &packed.codes, what)?;
+            copy_raw(staging, p.codes.view_mut(), codes, &packed.codes, what)?;
             codes += packed.codes.len();
-            copy_raw(
-                staging,
-                &p.params.cast::<u8>(),
-                params,
-                le_bytes(&packed.params),
-                what,
-            )?;
+            let bytes = le_bytes(&packed.params);
+            copy_raw(staging, p.params.view_mut().cast(), params, bytes, what)?;
             params += 4 * packed.params.len();
-            if let (0, true, Some(region), Some(perm)) = (b, with_perm, &p.perm, &packed.perm) {
-                copy_raw(
-                    staging,
-                    &region.cast::<u8>(),
-                    4 * m * p.cols,
-                    le_bytes(perm),
-                    what,
-                )?;
+            if let (0, Some(buffer), Some(perm)) = (b, &mut p.perm, &packed.perm) {
+                let at = 4 * m * p.cols;
+                copy_raw(staging, buffer.view_mut().cast(), at, le_bytes(perm), what)?;
             }
         }
         // A matrix without a permutation in a stack that has one gets the identity.
         let first = blocks.first().and_then(|w| w.tensor.packed());
-        if let (true, Some(region), Some(None)) = (with_perm, &p.perm, first.map(|f| &f.perm)) {
+        if let (Some(buffer), Some(None)) = (&mut p.perm, first.map(|f| &f.perm)) {
             let identity: Vec<u32> = (0..p.cols as u32).collect();
-            copy_raw(
-                staging,
-                &region.cast::<u8>(),
-                4 * m * p.cols,
-                le_bytes(&identity),
-                what,
-            )?;
+            let at = 4 * m * p.cols;
+            copy_raw(staging, buffer.view_mut().cast(), at, le_bytes(&identity), what)?;
         }
     }
     Ok(())
@@ -559,7 +549,7 @@ fn singles<'w>(v: &'w [[&'w Weight; 1]]) -> Vec<&'w [&'w Weight]> {
 pub fn upload_weights(
     weights: &ModelWeights,
     formats: &[LayerFormats],
-    gpu: &GpuWeights,
+    gpu: &mut GpuWeights,
     ctx: &Arc<CudaContext>,
     stream: &Arc<CudaStream>,
     progress: Option<&dyn Fn(LoadProgress)>,
@@ -567,67 +557,62 @@ pub fn upload_weights(
     let total = device_weight_bytes(&weights.config, is_tied(weights), formats, 0) as u64;
     let mut staging = Staging::new(ctx, stream, total, progress)?;
     let st = &mut staging;
-    for (l, (lw, g)) in weights.layers.iter().zip(&gpu.layers).enumerate() {
+    for (l, (lw, g)) in weights.layers.iter().zip(&mut gpu.layers).enumerate() {
         copy_stacked(
             st,
-            &g.attn_norm,
+            &mut g.attn_norm,
             &[&lw.attn_norm],
             &format!("layer {l} input norm"),
         )?;
         copy_stacked(
             st,
-            &g.ffn_norm,
+            &mut g.ffn_norm,
             &[&lw.ffn_norm],
             &format!("layer {l} ffn norm"),
         )?;
         copy_matrices(
             st,
-            &g.o,
+            &mut g.o,
             &[&[&lw.o_proj]],
-            true,
             &format!("layer {l} o_proj"),
         )?;
         copy_matrices(
             st,
-            &g.qkv,
+            &mut g.qkv,
             &[&[&lw.q_proj, &lw.k_proj, &lw.v_proj]],
-            true,
             &format!("layer {l} q/k/v projections"),
         )?;
         // A dense model has no router: its zero gate gives the one expert weight 1.
         if let Some(r) = &lw.router {
-            copy_stacked(st, &g.gate, &[r], &format!("layer {l} router"))?;
+            copy_stacked(st, &mut g.gate, &[r], &format!("layer {l} router"))?;
         }
         let w1: Vec<[&Weight; 1]> = lw.experts.iter().map(|e| [&e.w1]).collect();
         let w3: Vec<[&Weight; 1]> = lw.experts.iter().map(|e| [&e.w3]).collect();
         let w2: Vec<[&Weight; 1]> = lw.experts.iter().map(|e| [&e.w2]).collect();
         copy_matrices(
             st,
-            &g.w1,
+            &mut g.w1,
             &singles(&w1),
-            true,
             &format!("layer {l} experts w1"),
         )?;
-        // w3 shares w1's permutation region.
+        // w3 has no permutation buffer of its own: it reads w1's.
         copy_matrices(
             st,
-            &g.w3,
+            &mut g.w3,
             &singles(&w3),
-            false,
             &format!("layer {l} experts w3"),
         )?;
         copy_matrices(
             st,
-            &g.w2,
+            &mut g.w2,
             &singles(&w2),
-            true,
             &format!("layer {l} experts w2"),
         )?;
     }
-    copy_stacked(st, &gpu.embed, &[&weights.embed], "embedding")?;
-    copy_stacked(st, &gpu.final_norm, &[&weights.final_norm], "final norm")?;
-    if !is_tied(weights) {
-        copy_stacked(st, &gpu.lm_head, &[&weights.lm_head], "lm_head")?;
+    copy_stacked(st, &mut gpu.embed, &[&weights.embed], "embedding")?;
+    copy_stacked(st, &mut gpu.final_norm, &[&weights.final_norm], "final norm")?;
+    if let Some(lm_head) = &mut gpu.lm_head {
+        copy_stacked(st, lm_head, &[&weights.lm_head], "lm_head")?;
     }
     staging.finish()
 }
@@ -637,7 +622,7 @@ pub fn upload_weights(
 /// `1 / cols` (4-bit: zero 8). For benchmarks: the values mean nothing.
 fn randomize_packed(
     staging: &mut Staging<'_>,
-    p: &PackedRegions,
+    p: &mut PackedStack,
     seed: u64,
 ) -> Result<(), CudaError> {
     let mut state = seed | 1;
@@ -648,7 +633,7 @@ fn randomize_packed(
         state
     };
     let fp8 = p.kind == PackedKind::Fp8;
-    staging.copy_bytes(&p.codes, "random packed codes", &mut |_, out| {
+    staging.copy_bytes(p.codes.view_mut(), "random packed codes", &mut |_, out| {
         for chunk in out.chunks_mut(8) {
             let word = next().to_le_bytes();
             for (o, b) in chunk.iter_mut().zip(word) {
@@ -664,17 +649,17 @@ fn randomize_packed(
         PackedKind::Int4 { .. } => [spread * 3f32.sqrt() / 8.0, 8.0],
     };
     let per_row = matches!(p.kind, PackedKind::Int4 { .. });
-    let params = p.params.cast::<u8>();
-    staging.copy_bytes(&params, "random packed scales", &mut |at, out| {
+    let params = p.params.view_mut().cast::<u8>();
+    staging.copy_bytes(params, "random packed scales", &mut |at, out| {
         for (i, o) in out.chunks_exact_mut(4).enumerate() {
             let element = at / 4 + i;
             let v = if per_row { pair[element % 2] } else { pair[0] };
             o.copy_from_slice(&v.to_le_bytes());
         }
     })?;
-    if let Some(perm) = &p.perm {
-        let cols = p.cols;
-        staging.copy_bytes(&perm.cast::<u8>(), "random permutation", &mut |at, out| {
+    let cols = p.cols;
+    if let Some(perm) = &mut p.perm {
+        staging.copy_bytes(perm.view_mut().cast(), "random permutation", &mut |at, out| {
             for (i, o) in out.chunks_exact_mut(4).enumerate() {
                 // The reversed column order of each matrix: a valid permutation.
                 let element = at / 4 + i;
@@ -690,7 +675,7 @@ fn randomize_packed(
 /// projections uniform with variance 1 / fan-in; packed stacks as `randomize_packed` says), for
 /// benchmarks of real shapes without a checkpoint.
 pub fn randomize_weights(
-    gpu: &GpuWeights,
+    gpu: &mut GpuWeights,
     config: &ModelConfig,
     seed: u32,
     kernels: &Kernels,
@@ -704,38 +689,35 @@ pub fn randomize_weights(
             .wrapping_add(2_891_336_453);
         next_seed
     };
-    let fill = |region: &Region<bf16>, fan_in: usize, shift: f32, seed: u32| {
+    let fill = |buffer: &mut DeviceBuffer<bf16>, fan_in: usize, shift: f32, seed: u32| {
         let scale = if shift == 0.0 {
             (3.0 / fan_in.max(1) as f32).sqrt()
         } else {
             0.1
         };
-        // Regions are shared addresses (the engine's one stream orders the accesses): a clone gives
-        // the written view.
-        let mut target = region.clone();
         let values = FillValues { seed, scale, shift };
-        fill_random(kernels, stream, &values, target.view_mut())
+        fill_random(kernels, stream, &values, buffer.view_mut())
     };
     let mut staging = Staging::new(ctx, stream, 0, None)?;
-    let mut fill_matrix = |m: &DeviceMatrix, fan_in: usize, seed: u32| match m {
-        DeviceMatrix::Bf16(region) => fill(region, fan_in, 0.0, seed),
+    let mut fill_matrix = |m: &mut DeviceMatrix, fan_in: usize, seed: u32| match m {
+        DeviceMatrix::Bf16(buffer) => fill(buffer, fan_in, 0.0, seed),
         DeviceMatrix::Packed(p) => randomize_packed(&mut staging, p, u64::from(seed) << 17 | 1),
     };
     let h = config.hidden_size;
-    for g in &gpu.layers {
-        fill(&g.attn_norm, 1, 1.0, new_seed())?;
-        fill(&g.ffn_norm, 1, 1.0, new_seed())?;
-        fill_matrix(&g.qkv, h, new_seed())?;
-        fill_matrix(&g.o, config.q_width(), new_seed())?;
-        fill(&g.gate, h, 0.0, new_seed())?;
-        fill_matrix(&g.w1, h, new_seed())?;
-        fill_matrix(&g.w3, h, new_seed())?;
-        fill_matrix(&g.w2, config.intermediate_size, new_seed())?;
+    for g in &mut gpu.layers {
+        fill(&mut g.attn_norm, 1, 1.0, new_seed())?;
+        fill(&mut g.ffn_norm, 1, 1.0, new_seed())?;
+        fill_matrix(&mut g.qkv, h, new_seed())?;
+        fill_matrix(&mut g.o, config.q_width(), new_seed())?;
+        fill(&mut g.gate, h, 0.0, new_seed())?;
+        fill_matrix(&mut g.w1, h, new_seed())?;
+        fill_matrix(&mut g.w3, h, new_seed())?;
+        fill_matrix(&mut g.w2, config.intermediate_size, new_seed())?;
     }
-    fill(&gpu.embed, 1, 0.0, new_seed())?;
-    fill(&gpu.final_norm, 1, 1.0, new_seed())?;
-    if gpu.lm_head.address() != gpu.embed.address() {
-        fill(&gpu.lm_head, h, 0.0, new_seed())?;
+    fill(&mut gpu.embed, 1, 0.0, new_seed())?;
+    fill(&mut gpu.final_norm, 1, 1.0, new_seed())?;
+    if let Some(lm_head) = &mut gpu.lm_head {
+        fill(lm_head, h, 0.0, new_seed())?;
     }
     staging.finish()?;
     stream

@@ -1,6 +1,6 @@
 //! `moe_grouped_up` / `moe_grouped_down` (csrc/moe_grouped.cu): the routed expert MLPs of a prefill
 //! batch as two grouped tensor-core GEMMs (SwiGLU fused into the first), with exactly the buffers and
-//! results of [`moe_gemv`]; [`moe_experts`] picks between the two by the token count.
+//! results of [`moe_gemv`]; [`moe_experts`] runs the one the selection table picks for bf16 experts.
 //!
 //! Grid: x = a flattened list of (expert, 64-slot) tiles sized for the worst case (the per-expert
 //! counts are in device memory), y = output column blocks: MOE_GROUPED_BN columns (rows of w1 and
@@ -15,23 +15,11 @@ use crate::cuda::checks::{aligned, Check};
 use crate::cuda::error::CudaError;
 use crate::cuda::launch::{launch, Grid};
 use crate::cuda::module::Kernels;
+use crate::cuda::select::{select, Choice, Device, Format, Op};
 use crate::cuda::params::{
     KernelFamily, MoeParams, MOE_GROUPED_BM, MOE_GROUPED_BN, MOE_GROUPED_THREADS,
     ROUTER_MAX_EXPERTS,
 };
-
-/// Token count from which [`moe_experts`] uses [`moe_grouped_gemm`] instead of [`moe_gemv`].
-///
-/// Below it every expert gets few slots and the decode GEMV reads each weight row once per 8 slots
-/// at full bandwidth; from it on, a 64-slot tensor-core tile serves more slots per weight read
-/// (32 tokens with top-2 over 8 experts is 8 slots per expert on average, one GEMV pass). Chosen
-/// from that arithmetic, not measured.
-pub const MOE_GROUPED_MIN_TOKENS: usize = 32;
-
-/// Whether [`moe_experts`] runs the grouped GEMM for `tokens` tokens.
-fn use_grouped(tokens: usize) -> bool {
-    tokens >= MOE_GROUPED_MIN_TOKENS
-}
 
 /// Upper bound on the tiles of `bm` slots in the flattened list: `sum_e ceil(count_e / bm)` over
 /// counts summing to `slots`, at most `min(experts, slots)` of them non-zero, is at most
@@ -106,18 +94,18 @@ pub fn moe_grouped_gemm(
     }
 }
 
-/// Picks [`moe_gemv`] below [`MOE_GROUPED_MIN_TOKENS`] tokens and [`moe_grouped_gemm`] from it on;
-/// both write the same `act` and `out`.
+/// Runs [`moe_gemv`] or [`moe_grouped_gemm`] over bf16 experts, as the selection table picks for
+/// the token count (on any device: the Hopper kernels are chosen by the engine); both write the
+/// same `act` and `out`.
 pub fn moe_experts(
     kernels: &Kernels,
     stream: &CudaStream,
     s: &MoeScalars,
     args: MoeArgs<'_>,
 ) -> Result<(), CudaError> {
-    if use_grouped(s.tokens as usize) {
-        moe_grouped_gemm(kernels, stream, s, args)
-    } else {
-        moe_gemv(kernels, stream, s, args)
+    match select(Op::Experts, s.tokens as usize, Format::Bf16, Device::default()) {
+        Choice::MoeGemv => moe_gemv(kernels, stream, s, args),
+        _ => moe_grouped_gemm(kernels, stream, s, args),
     }
 }
 
@@ -217,15 +205,6 @@ pub(super) mod tests {
         assert_eq!(max_tiles(3, 8, 64), 3);
         assert_eq!(max_tiles(1, 1, 64), 1);
         assert_eq!(max_tiles(0, 8, 64), 0);
-    }
-
-    #[test]
-    fn dispatch_threshold() {
-        assert!(!use_grouped(0));
-        assert!(!use_grouped(1));
-        assert!(!use_grouped(MOE_GROUPED_MIN_TOKENS - 1));
-        assert!(use_grouped(MOE_GROUPED_MIN_TOKENS));
-        assert!(use_grouped(4096));
     }
 
     proptest! {

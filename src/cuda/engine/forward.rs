@@ -1,0 +1,445 @@
+//! The forward pass of one chunk, as the model reads (per chunk of `T` tokens, `H` hidden,
+//! `Q = heads * head_dim`, `K = kv_heads * head_dim`):
+//!
+//! ```text
+//! residual [T, H] f32 = embed(ids)
+//! per layer: xn = norm(residual += previous layer's expert slots)
+//!            qkv [T, Q + 2K] = xn @ w_qkv;  rope on q and k, k/v into the paged cache
+//!            attn [T, Q] = attention(q, cache)            (split-KV decode, or flash prefill)
+//!            xn = norm(residual += attn @ w_o)
+//!            slots [T, top_k, H] f32 = experts(xn, router(xn))
+//! logits [R, vocab] f32 = norm(residual += slots)[rows] @ lm_head;  greedy = argmax(logits)
+//! ```
+//!
+//! A fixed sequence of checked kernel launches on the engine's stream (no allocation, no host sync,
+//! no string lookup), so a decode chunk can be captured into a graph. [`Step`] fills each op's
+//! scalars from the model dimensions and the chunk's token count, so each line below is one op.
+
+use cudarc::driver::CudaStream;
+use half::bf16;
+
+use super::super::args::{
+    ArgmaxArgs, ArgmaxScalars, AttentionDecodeArgs, AttentionPrefillArgs, EmbeddingArgs,
+    EmbeddingScalars, LinearArgs, LinearScalars, MoeScalars, RmsnormArgs, RmsnormScalars,
+    RopeKvArgs, RopeKvScalars, RouterArgs, RouterScalars,
+};
+use super::super::error::CudaError;
+use super::super::memory::{AnyView, AnyViewMut, DeviceBuffer, Rows, View, ViewMut};
+use super::super::module::Kernels;
+use super::super::ops::{self, AttentionDecodeShape, AttentionPrefillShape, PagedCacheShape};
+use super::inputs::PrefillPiece;
+use super::matrix::{self, DequantScratch, DeviceMatrix, ExpertIo, GroupedKernel};
+use super::plan::{Activations, Dims, Inputs, LayerCache, Plan, Routing, SPLIT_KEYS};
+use super::upload::GpuWeights;
+
+/// One forward pass: how many tokens, which logits, which attention.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass<'a> {
+    /// Tokens whose inputs are in [`Plan::inputs`].
+    pub tokens: usize,
+    /// Logits rows: `tokens` reads every token in order without a gather; fewer gathers the rows
+    /// listed first in the inputs' row indices.
+    pub rows: usize,
+    /// The attention kernels to use.
+    pub attention: Attention<'a>,
+    /// Also the argmax of every logits row into [`Plan::greedy`].
+    pub greedy: bool,
+}
+
+impl Pass<'_> {
+    /// A decode pass of `bucket` tokens: logits and greedy ids for every token.
+    pub fn decode(bucket: usize) -> Pass<'static> {
+        Pass {
+            tokens: bucket,
+            rows: bucket,
+            attention: Attention::Decode,
+            greedy: true,
+        }
+    }
+}
+
+/// What a forward pass computes besides the cache writes.
+#[derive(Debug, Clone, Copy)]
+pub enum Attention<'a> {
+    /// Split-KV decode attention over every token at once (each token at its own position).
+    Decode,
+    /// Flash prefill attention, once per piece.
+    Prefill(&'a [PrefillPiece]),
+}
+
+/// What the norm before a block adds into the residual stream first.
+enum Add<'a> {
+    /// Nothing (the first layer).
+    Nothing,
+    /// The attention projection `[T, H]`.
+    Attention(View<'a, f32>),
+    /// The expert slots `[T, top_k, H]` of the previous layer.
+    Experts(View<'a, f32>),
+}
+
+impl Plan {
+    /// Issues the forward pass `pass` over the inputs already in [`Plan::inputs`].
+    pub fn forward(
+        &mut self,
+        kernels: &Kernels,
+        stream: &CudaStream,
+        weights: &mut GpuWeights,
+        pass: Pass<'_>,
+    ) -> Result<(), CudaError> {
+        let Pass {
+            tokens,
+            rows,
+            attention,
+            greedy,
+        } = pass;
+        if tokens == 0 || tokens > self.sizes.max_tokens || rows > tokens {
+            return Err(CudaError::Unsupported {
+                op: "forward",
+                what: "tokens",
+                value: tokens,
+                reason: format!(
+                    "must be in 1..={} with at most that many logits rows ({rows})",
+                    self.sizes.max_tokens
+                ),
+            });
+        }
+        let step = Step {
+            kernels,
+            stream,
+            d: self.dims,
+            cache: self.cache_shape(),
+            tokens: tokens as u32,
+            experts_on: self.grouped,
+        };
+        let (d, a, inputs) = (self.dims, &mut self.act, &self.inputs);
+        let scratch = &mut weights.scratch;
+        step.embed(inputs.ids(), weights.embed.view(), a.residual.view_mut())?;
+        for (l, w) in weights.layers.iter().enumerate() {
+            let slots = if l == 0 { Add::Nothing } else { Add::Experts(a.moe_out.view()) };
+            step.norm(&mut a.residual, slots, &w.attn_norm, &mut a.xn)?;
+            let qkv = (d.hidden, d.qkv_width);
+            step.project(a.xn.view(), &w.qkv, qkv, a.qkv.view_mut().into(), scratch)?;
+            let cache = (&mut self.cache[l], self.block_tables.view(), self.inv_freq.view());
+            step.attention(a, cache, inputs, attention)?;
+            let o = (d.q_width, d.hidden);
+            step.project(a.attn.view(), &w.o, o, a.o_out.view_mut().into(), scratch)?;
+            let o_out = Add::Attention(a.o_out.view());
+            step.norm(&mut a.residual, o_out, &w.ffn_norm, &mut a.xn)?;
+            step.route(a.xn.view(), &w.gate, &mut a.routing)?;
+            let stacks = [&w.w1, &w.w3, &w.w2];
+            step.experts(a.xn.view(), stacks, &a.routing, &mut a.act, &mut a.moe_out, scratch)?;
+        }
+        let slots = Add::Experts(a.moe_out.view());
+        step.norm(&mut a.residual, slots, &weights.final_norm, &mut a.xn)?;
+        let head_input = if rows == tokens {
+            a.xn.view()
+        } else {
+            step.gather(rows, inputs.rows(), a.xn.view(), a.gathered.view_mut())?;
+            a.gathered.view()
+        };
+        let lm_head = weights.lm_head();
+        step.lm_head(rows, head_input, lm_head, self.logits.view_mut())?;
+        if greedy {
+            step.argmax(rows, self.logits.view(), self.greedy.view_mut())?;
+        }
+        Ok(())
+    }
+}
+
+/// The launches of one chunk: the model dimensions, the cache shape and the token count every op
+/// of the chunk shares, so that each op of [`Plan::forward`] is one line.
+struct Step<'k> {
+    kernels: &'k Kernels,
+    stream: &'k CudaStream,
+    d: Dims,
+    cache: PagedCacheShape,
+    tokens: u32,
+    experts_on: GroupedKernel,
+}
+
+impl Step<'_> {
+    /// `out[t] = table[ids[t]]` into the f32 residual stream.
+    fn embed(
+        &self,
+        ids: View<'_, u32>,
+        table: View<'_, bf16>,
+        out: ViewMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let s = EmbeddingScalars {
+            tokens: self.tokens,
+            hidden: self.d.hidden as u32,
+            vocab: self.d.vocab as u32,
+        };
+        let args = EmbeddingArgs {
+            ids,
+            table,
+            out: out.into(),
+        };
+        ops::embedding(self.kernels, self.stream, &s, args)
+    }
+
+    /// `residual += add`, then `out = rmsnorm(residual) * weight`.
+    fn norm(
+        &self,
+        residual: &mut DeviceBuffer<f32>,
+        add: Add<'_>,
+        weight: &DeviceBuffer<bf16>,
+        out: &mut DeviceBuffer<bf16>,
+    ) -> Result<(), CudaError> {
+        let (addend, count) = match add {
+            Add::Nothing => (None, 0),
+            Add::Attention(v) => (Some(AnyView::F32(v)), 1),
+            Add::Experts(v) => (Some(AnyView::F32(v)), self.d.top_k),
+        };
+        let s = RmsnormScalars {
+            rows: self.tokens,
+            hidden: self.d.hidden as u32,
+            addend_count: count as u32,
+            eps: self.d.eps,
+        };
+        let args = RmsnormArgs {
+            out: out.view_mut(),
+            residual: residual.view_mut(),
+            addend,
+            weight: weight.view(),
+        };
+        ops::rmsnorm(self.kernels, self.stream, &s, args)
+    }
+
+    /// `out = x @ w^T` for `w` of `(in, out)` features, bf16 or packed.
+    fn project(
+        &self,
+        x: View<'_, bf16>,
+        w: &DeviceMatrix,
+        (in_features, out_features): (usize, usize),
+        out: AnyViewMut<'_>,
+        scratch: &mut DequantScratch,
+    ) -> Result<(), CudaError> {
+        let s = LinearScalars {
+            tokens: self.tokens,
+            in_features: in_features as u32,
+            out_features: out_features as u32,
+        };
+        matrix::project(self.kernels, self.stream, &s, x, w, out, &mut scratch.dense)
+    }
+
+    /// RoPE on q and k with k/v appended to the layer's cache, then attention into `a.attn`.
+    fn attention(
+        &self,
+        a: &mut Activations,
+        (cache, block_tables, inv_freq): (&mut LayerCache, View<'_, i32>, View<'_, f32>),
+        inputs: &Inputs,
+        attention: Attention<'_>,
+    ) -> Result<(), CudaError> {
+        let d = self.d;
+        let Some([mut q, k, v]) = a
+            .qkv
+            .view_mut()
+            .column_groups([d.q_width, d.kv_width, d.kv_width])
+        else {
+            return Err(CudaError::UnsupportedModel(
+                "the q/k/v buffer is not whole rows of q, k and v".into(),
+            ));
+        };
+        let c = self.cache;
+        let s = RopeKvScalars {
+            tokens: self.tokens,
+            n_heads: d.heads as u32,
+            n_kv_heads: d.kv_heads as u32,
+            head_dim: d.head_dim as u32,
+            block_size: c.block_size as u32,
+            max_blocks_per_seq: c.max_blocks_per_seq as u32,
+            num_blocks: c.num_blocks as u32,
+            num_seqs: c.num_seqs as u32,
+        };
+        let args = RopeKvArgs {
+            q: q.reborrow(),
+            k: k.into(),
+            v: v.into(),
+            k_cache: cache.k.view_mut(),
+            v_cache: cache.v.view_mut(),
+            block_tables,
+            token_seq: inputs.token_seq(),
+            positions: inputs.positions(),
+            inv_freq,
+        };
+        ops::rope_kv(self.kernels, self.stream, &s, args)?;
+        let q: Rows<'_, bf16> = q.into();
+        match attention {
+            Attention::Decode => {
+                let shape = AttentionDecodeShape {
+                    tokens: self.tokens as usize,
+                    n_heads: d.heads,
+                    n_kv_heads: d.kv_heads,
+                    head_dim: d.head_dim,
+                    cache: c,
+                    window: d.window,
+                    split_keys: SPLIT_KEYS,
+                };
+                let args = AttentionDecodeArgs {
+                    q,
+                    k_cache: cache.k.view(),
+                    v_cache: cache.v.view(),
+                    block_tables,
+                    token_seq: inputs.token_seq(),
+                    positions: inputs.positions(),
+                    out: a.attn.view_mut(),
+                    part_out: a.part_out.view_mut(),
+                    part_lse: a.part_lse.view_mut(),
+                };
+                ops::attention_decode(self.kernels, self.stream, &shape, args)
+            }
+            Attention::Prefill(pieces) => {
+                for piece in pieces {
+                    let piece_q = q.sub_rows(piece.token_offset, piece.len);
+                    let out = a
+                        .attn
+                        .view_mut()
+                        .sub(piece.token_offset * d.q_width, piece.len * d.q_width);
+                    let (Some(piece_q), Some(out)) = (piece_q, out) else {
+                        return Err(CudaError::Unsupported {
+                            op: "attention_prefill",
+                            what: "piece end",
+                            value: piece.token_offset + piece.len,
+                            reason: format!("must be at most {} tokens", q.rows()),
+                        });
+                    };
+                    let shape = AttentionPrefillShape {
+                        tokens: piece.len,
+                        start_pos: piece.start_pos,
+                        seq_row: piece.seq_row,
+                        n_heads: d.heads,
+                        n_kv_heads: d.kv_heads,
+                        head_dim: d.head_dim,
+                        cache: c,
+                        window: d.window,
+                    };
+                    let args = AttentionPrefillArgs {
+                        q: piece_q,
+                        k_cache: cache.k.view(),
+                        v_cache: cache.v.view(),
+                        block_tables,
+                        out,
+                    };
+                    ops::attention_prefill(self.kernels, self.stream, &shape, args)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Router logits, softmax, top-k and the slots grouped by expert.
+    fn route(
+        &self,
+        x: View<'_, bf16>,
+        gate: &DeviceBuffer<bf16>,
+        r: &mut Routing,
+    ) -> Result<(), CudaError> {
+        let s = RouterScalars {
+            tokens: self.tokens,
+            hidden: self.d.hidden as u32,
+            experts: self.d.experts as u32,
+            top_k: self.d.top_k as u32,
+        };
+        let args = RouterArgs {
+            x,
+            gate: gate.view(),
+            logits: r.logits.view_mut(),
+            topk_ids: r.topk_ids.view_mut(),
+            topk_weights: r.topk_weights.view_mut(),
+            expert_counts: r.expert_counts.view_mut(),
+            expert_offsets: r.expert_offsets.view_mut(),
+            sorted_slots: r.sorted_slots.view_mut(),
+        };
+        ops::router(self.kernels, self.stream, &s, args)
+    }
+
+    /// The routed expert MLPs: `out[slot] = weight * w2(silu(w1 x) * w3 x)`.
+    fn experts(
+        &self,
+        x: View<'_, bf16>,
+        stacks: [&DeviceMatrix; 3],
+        r: &Routing,
+        act: &mut DeviceBuffer<bf16>,
+        out: &mut DeviceBuffer<f32>,
+        scratch: &mut DequantScratch,
+    ) -> Result<(), CudaError> {
+        let s = MoeScalars {
+            tokens: self.tokens,
+            hidden: self.d.hidden as u32,
+            inter: self.d.inter as u32,
+            experts: self.d.experts as u32,
+            top_k: self.d.top_k as u32,
+        };
+        let io = ExpertIo {
+            x,
+            topk_weights: r.topk_weights.view(),
+            expert_offsets: r.expert_offsets.view(),
+            sorted_slots: r.sorted_slots.view(),
+            act: act.view_mut(),
+            out: out.view_mut(),
+        };
+        let device = self.experts_on.device();
+        matrix::experts(self.kernels, self.stream, &s, stacks, io, scratch, device)
+    }
+
+    /// Gathers `rows` rows of `x` (an embedding lookup whose table is the activations).
+    fn gather(
+        &self,
+        rows: usize,
+        ids: View<'_, u32>,
+        x: View<'_, bf16>,
+        out: ViewMut<'_, bf16>,
+    ) -> Result<(), CudaError> {
+        let s = EmbeddingScalars {
+            tokens: rows as u32,
+            hidden: self.d.hidden as u32,
+            vocab: self.tokens,
+        };
+        let args = EmbeddingArgs {
+            ids,
+            table: x,
+            out: out.into(),
+        };
+        ops::embedding(self.kernels, self.stream, &s, args)
+    }
+
+    /// `logits = x @ lm_head^T` in f32 for `rows` rows.
+    fn lm_head(
+        &self,
+        rows: usize,
+        x: View<'_, bf16>,
+        w: View<'_, bf16>,
+        logits: ViewMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let s = LinearScalars {
+            tokens: rows as u32,
+            in_features: self.d.hidden as u32,
+            out_features: self.d.vocab as u32,
+        };
+        let args = LinearArgs {
+            x,
+            w,
+            out: logits.into(),
+        };
+        ops::linear(self.kernels, self.stream, &s, args)
+    }
+
+    /// The greedy id of each logits row.
+    fn argmax(
+        &self,
+        rows: usize,
+        logits: View<'_, f32>,
+        out: ViewMut<'_, u32>,
+    ) -> Result<(), CudaError> {
+        let s = ArgmaxScalars {
+            rows: rows as u32,
+            vocab: self.d.vocab as u32,
+        };
+        let args = ArgmaxArgs {
+            logits,
+            out_ids: out,
+        };
+        ops::argmax(self.kernels, self.stream, &s, args)
+    }
+}
