@@ -2,7 +2,7 @@
 //! [`args`](super::args) call (length, rows and width, 16-byte alignment) and [`Check`], the shape
 //! rules the hand-written planners state (32-bit counts, grid limits, compiled variants).
 
-use super::error::CudaError;
+use super::error::{CudaError, KernelError};
 use super::params::{KernelFamily, KERNEL_VARIANTS};
 
 /// Largest count (and product of counts) the kernels index with 32-bit integers.
@@ -25,12 +25,12 @@ pub fn need(
     expected: u128,
 ) -> Result<(), CudaError> {
     if (actual as u128) < expected {
-        return Err(CudaError::BufferTooSmall {
+        return Err(CudaError::Kernel(KernelError::BufferTooSmall {
             op,
             buffer,
             expected: usize::try_from(expected).unwrap_or(usize::MAX),
             actual,
-        });
+        }));
     }
     Ok(())
 }
@@ -45,12 +45,12 @@ pub fn need_rows(
 ) -> Result<(), CudaError> {
     need(op, buffer, rows, need_rows)?;
     if (width as u128) < need_width {
-        return Err(CudaError::Unsupported {
+        return Err(CudaError::Kernel(KernelError::Unsupported {
             op,
             what: buffer,
             value: width,
             reason: format!("its rows are {width} wide; the kernel reads {need_width}"),
-        });
+        }));
     }
     Ok(())
 }
@@ -63,11 +63,11 @@ pub fn stride(op: &'static str, buffer: &'static str, stride: usize) -> Result<u
 /// A buffer read or written with 16-byte vector accesses must start 16-byte aligned.
 pub fn aligned(op: &'static str, buffer: &'static str, address: u64) -> Result<(), CudaError> {
     if !address.is_multiple_of(16) {
-        return Err(CudaError::Misaligned {
+        return Err(CudaError::Kernel(KernelError::Misaligned {
             op,
             buffer,
             address,
-        });
+        }));
     }
     Ok(())
 }
@@ -87,12 +87,12 @@ impl Check {
         value: usize,
         reason: impl Into<String>,
     ) -> CudaError {
-        CudaError::Unsupported {
+        CudaError::Kernel(KernelError::Unsupported {
             op: self.op,
             what,
             value,
             reason: reason.into(),
-        }
+        })
     }
 
     /// `value` as the kernels' 32-bit count (below 2^31).
@@ -152,11 +152,11 @@ impl Check {
     /// A float that must be finite and non-negative.
     pub fn finite(&self, what: &'static str, value: f32) -> Result<(), CudaError> {
         if !value.is_finite() || value < 0.0 {
-            return Err(CudaError::InvalidFloat {
+            return Err(CudaError::Kernel(KernelError::InvalidFloat {
                 op: self.op,
                 what,
                 value,
-            });
+            }));
         }
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! The error type of the CUDA backend: every failure names the op, buffer, value or kernel involved.
+//! The error type of the CUDA backend, [`CudaError`]: every failure names the device, allocation,
+//! value or kernel involved; a refused kernel launch is a [`KernelError`] inside it.
 
 use cudarc::driver::DriverError;
 
@@ -39,6 +40,38 @@ pub enum CudaError {
         #[source]
         source: DriverError,
     },
+    /// The device has not enough free memory for an allocation (or for the whole plan, checked
+    /// before allocating).
+    #[error(
+        "out of GPU memory allocating {what}: {bytes} bytes needed, {free} of {total} bytes free"
+    )]
+    OutOfMemory {
+        /// What was being allocated.
+        what: String,
+        /// Bytes needed.
+        bytes: usize,
+        /// Free device memory when it failed.
+        free: usize,
+        /// Total device memory.
+        total: usize,
+    },
+    /// The model or the options need something the CUDA engine does not support.
+    #[error("the CUDA engine cannot run this model: {0}")]
+    UnsupportedModel(String),
+    /// An earlier failure left the device in an unknown state (a sticky CUDA error); the engine
+    /// refuses all further work.
+    #[error("the CUDA engine is unusable after an earlier failure: {0}")]
+    Dead(String),
+    /// A kernel launch refused by the launch checks or by the driver (a fault of the engine's plan,
+    /// never of the model or the input).
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+}
+
+/// Why a kernel launch was refused: by the checks every launch makes (buffers, shapes, compiled
+/// variants) or by the driver. Each names the op, buffer, value or kernel involved.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
     /// A compiled kernel the crate expects is not in the embedded fatbins.
     #[error("kernel {symbol} is not in the embedded fatbin {module}")]
     MissingKernel {
@@ -100,33 +133,11 @@ pub enum CudaError {
         #[source]
         source: DriverError,
     },
-    /// The device has not enough free memory for an allocation (or for the whole plan, checked
-    /// before allocating).
-    #[error(
-        "out of GPU memory allocating {what}: {bytes} bytes needed, {free} of {total} bytes free"
-    )]
-    OutOfMemory {
-        /// What was being allocated.
-        what: String,
-        /// Bytes needed.
-        bytes: usize,
-        /// Free device memory when it failed.
-        free: usize,
-        /// Total device memory.
-        total: usize,
-    },
-    /// The model or the options need something the CUDA engine does not support.
-    #[error("the CUDA engine cannot run this model: {0}")]
-    UnsupportedModel(String),
-    /// An earlier failure left the device in an unknown state (a sticky CUDA error); the engine
-    /// refuses all further work.
-    #[error("the CUDA engine is unusable after an earlier failure: {0}")]
-    Dead(String),
 }
 
 impl CudaError {
     /// Wraps a driver error with what was being done.
-    pub fn driver(context: impl Into<String>) -> impl FnOnce(DriverError) -> CudaError {
+    pub(crate) fn driver(context: impl Into<String>) -> impl FnOnce(DriverError) -> CudaError {
         let context = context.into();
         move |source| CudaError::Driver { context, source }
     }

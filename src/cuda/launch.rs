@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::error::CudaError;
+use super::error::{CudaError, KernelError};
 use super::module::Kernels;
 use super::params::{KernelVariant, KERNEL_VARIANTS};
 
@@ -49,10 +49,10 @@ pub fn launch<P: DeviceRepr>(
         let variant: &'static KernelVariant = &KERNEL_VARIANTS[g.variant];
         let function = kernels
             .function(g.variant)
-            .ok_or(CudaError::MissingKernel {
+            .ok_or(CudaError::Kernel(KernelError::MissingKernel {
                 symbol: variant.symbol,
                 module: variant.module,
-            })?;
+            }))?;
         let config = LaunchConfig {
             grid_dim: g.grid,
             block_dim: (g.block, 1, 1),
@@ -66,10 +66,10 @@ pub fn launch<P: DeviceRepr>(
         // after checking each covers every element and alignment the kernel touches for the scalars
         // in `params`; a buffer dropped after this call is freed in stream order, after the kernel.
         // The planner chose the geometry and shared memory the kernel was written for.
-        unsafe { builder.launch(config) }.map_err(|source| CudaError::Launch {
+        unsafe { builder.launch(config) }.map_err(|source| CudaError::Kernel(KernelError::Launch {
             symbol: variant.symbol,
             source,
-        })?;
+        }))?;
     }
     Ok(())
 }

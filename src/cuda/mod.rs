@@ -31,6 +31,20 @@ macro_rules! internal {
     )*};
 }
 
+/// Declares a method public with the `testing` feature (for the crate's tests and benches) and
+/// crate-private otherwise.
+macro_rules! testing_pub {
+    ($(#[$attr:meta])* fn $name:ident $($rest:tt)*) => {
+        $(#[$attr])*
+        #[cfg(feature = "testing")]
+        pub fn $name $($rest)*
+        $(#[$attr])*
+        #[cfg(not(feature = "testing"))]
+        #[allow(dead_code)]
+        pub(crate) fn $name $($rest)*
+    };
+}
+
 internal! {
     #[rustfmt::skip]
     mod args;
@@ -50,10 +64,10 @@ mod error;
 #[rustfmt::skip]
 mod params_ffi;
 
-pub use engine::{CudaEngine, CudaEngineOptions, MemoryUse, WeightSource};
+pub use engine::{CudaEngine, CudaEngineOptions, MemoryUse};
 pub use error::CudaError;
 #[cfg(feature = "testing")]
-pub use {device::CudaDevice, module::Kernels};
+pub use {device::CudaDevice, engine::WeightSource, error::KernelError, module::Kernels};
 
 /// The kernel-selection table as text: for each op, weight format and device, which kernels run
 /// over which token counts (what `mixtral-run --explain` prints).

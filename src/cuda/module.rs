@@ -9,7 +9,7 @@ use cudarc::driver::{CudaFunction, CudaModule};
 use cudarc::nvrtc::Ptx;
 
 use super::device::CudaDevice;
-use super::error::CudaError;
+use super::error::{CudaError, KernelError};
 use super::params::{KernelFamily, KernelVariant, KERNEL_VARIANTS};
 
 mod embedded {
@@ -45,10 +45,10 @@ impl Kernels {
         }
         let mut functions = Vec::with_capacity(KERNEL_VARIANTS.len());
         for variant in KERNEL_VARIANTS {
-            let missing = || CudaError::MissingKernel {
+            let missing = || CudaError::Kernel(KernelError::MissingKernel {
                 symbol: variant.symbol,
                 module: variant.module,
-            };
+            });
             let module = modules
                 .iter()
                 .find(|(stem, _)| *stem == variant.module)

@@ -12,7 +12,7 @@ use mixtral::cuda::ops::{
     moe_wgmma_gemm, moe_wgmma_self_check, WgmmaCheck, WGMMA_COMPUTE_CAPABILITY,
     WGMMA_SELF_CHECK_BOUND,
 };
-use mixtral::cuda::CudaError;
+use mixtral::cuda::{CudaError, KernelError};
 use proptest::prelude::*;
 
 use super::moe_gemv::{cases, check_moe, MoeCase};
@@ -172,7 +172,7 @@ fn moe_wgmma_self_check_and_device_gate() {
         },
     );
     match result {
-        Err(CudaError::Unsupported { op, what, .. }) => {
+        Err(CudaError::Kernel(KernelError::Unsupported { op, what, .. })) => {
             assert_eq!((op, what), ("moe_wgmma_gemm", "compute capability"));
         }
         other => panic!("{name}: expected the device to be refused, got {other:?}"),

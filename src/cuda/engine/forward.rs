@@ -23,7 +23,7 @@ use super::super::args::{
     EmbeddingScalars, LinearArgs, LinearScalars, MoeScalars, RmsnormArgs, RmsnormScalars,
     RopeKvArgs, RopeKvScalars, RouterArgs, RouterScalars,
 };
-use super::super::error::CudaError;
+use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyView, AnyViewMut, DeviceBuffer, Rows, View, ViewMut};
 use super::super::module::Kernels;
 use super::super::ops::{self, AttentionDecodeShape, AttentionPrefillShape, PagedCacheShape};
@@ -93,7 +93,7 @@ impl Plan {
             greedy,
         } = pass;
         if tokens == 0 || tokens > self.sizes.max_tokens || rows > tokens {
-            return Err(CudaError::Unsupported {
+            return Err(CudaError::Kernel(KernelError::Unsupported {
                 op: "forward",
                 what: "tokens",
                 value: tokens,
@@ -101,7 +101,7 @@ impl Plan {
                     "must be in 1..={} with at most that many logits rows ({rows})",
                     self.sizes.max_tokens
                 ),
-            });
+            }));
         }
         let step = Step {
             kernels,
@@ -297,12 +297,12 @@ impl Step<'_> {
                         .view_mut()
                         .sub(piece.token_offset * d.q_width, piece.len * d.q_width);
                     let (Some(piece_q), Some(out)) = (piece_q, out) else {
-                        return Err(CudaError::Unsupported {
+                        return Err(CudaError::Kernel(KernelError::Unsupported {
                             op: "attention_prefill",
                             what: "piece end",
                             value: piece.token_offset + piece.len,
                             reason: format!("must be at most {} tokens", q.rows()),
-                        });
+                        }));
                     };
                     let shape = AttentionPrefillShape {
                         tokens: piece.len,

@@ -16,7 +16,7 @@ use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::super::args::{LinearArgs, LinearScalars, MoeArgs, MoeScalars, QMoeArgs};
-use super::super::error::CudaError;
+use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::module::Kernels;
 use super::super::ops::{self, DequantShape, PackedView};
@@ -197,23 +197,23 @@ fn dense<'a>(
         DeviceMatrix::Bf16(w) => return Ok(w.view()),
         DeviceMatrix::Packed(p) => p,
     };
-    let scratch = scratch.as_mut().ok_or_else(|| CudaError::Unsupported {
+    let scratch = scratch.as_mut().ok_or_else(|| CudaError::Kernel(KernelError::Unsupported {
         op: "forward",
         what: "tokens",
         value: tokens as usize,
         reason: "tokens past the packed kernels' range, and no dequantization scratch".into(),
-    })?;
+    }))?;
     let elements = p.count * p.rows * p.cols;
     let capacity = scratch.len();
     let out = scratch
         .view_mut()
         .sub(0, elements)
-        .ok_or(CudaError::BufferTooSmall {
+        .ok_or(CudaError::Kernel(KernelError::BufferTooSmall {
             op: "dequantize",
             buffer: "scratch",
             expected: elements,
             actual: capacity,
-        })?;
+        }))?;
     ops::dequantize(
         kernels,
         stream,

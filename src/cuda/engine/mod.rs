@@ -77,7 +77,7 @@ pub struct CudaEngineOptions {
     pub reserve_bytes: usize,
     /// On a compute capability 9.0 GPU (H100, H200), run the expert GEMMs of prefill chunks with
     /// the Hopper warpgroup-MMA kernels, after checking them against the mma.sync kernels once at
-    /// build ([`CudaEngine::prefill_experts`] says which run). Off by default until those kernels
+    /// build (`CudaEngine::prefill_experts` says which run). Off by default until those kernels
     /// have been verified on hardware.
     pub hopper_wgmma: bool,
 }
@@ -230,162 +230,166 @@ impl CudaEngine {
         Self::build(WeightSource::Checkpoint(weights), options, progress)
     }
 
-    /// An engine for a model of `config`'s shape with seeded random weights made on the device (for
-    /// benchmarks: nothing is read from disk).
-    pub fn with_random_weights(
-        config: &ModelConfig,
-        seed: u32,
-        options: CudaEngineOptions,
-    ) -> Result<CudaEngine, CudaError> {
-        Self::build(
-            WeightSource::Random {
-                config,
-                seed,
-                format: QuantFormat::Bf16,
-            },
-            options,
-            None,
-        )
+    testing_pub! {
+        /// An engine for a model of `config`'s shape with seeded random weights made on the device (for
+        /// benchmarks: nothing is read from disk).
+        fn with_random_weights(
+            config: &ModelConfig,
+            seed: u32,
+            options: CudaEngineOptions,
+        ) -> Result<CudaEngine, CudaError> {
+            Self::build(
+                WeightSource::Random {
+                    config,
+                    seed,
+                    format: QuantFormat::Bf16,
+                },
+                options,
+                None,
+            )
+        }
     }
 
-    /// Builds an engine over `source`.
-    pub fn build(
-        source: WeightSource<'_>,
-        options: CudaEngineOptions,
-        progress: Option<&dyn Fn(LoadProgress)>,
-    ) -> Result<CudaEngine, CudaError> {
-        let (config, tied, formats) = match source {
-            WeightSource::Checkpoint(w) => (w.config.clone(), is_tied(w), weight_formats(w)),
-            WeightSource::Random { config, format, .. } => {
-                let stack = match format {
-                    QuantFormat::Bf16 => StackFormat::Bf16,
-                    QuantFormat::Fp8 => StackFormat::Packed {
-                        kind: PackedKind::Fp8,
-                        perm: false,
-                    },
-                    QuantFormat::Int8 => StackFormat::Packed {
-                        kind: PackedKind::Int8,
-                        perm: false,
-                    },
-                    QuantFormat::Int4 => StackFormat::Packed {
-                        kind: PackedKind::Int4 {
-                            group_size: int4::GROUP_SIZE,
+    testing_pub! {
+        /// Builds an engine over `source`.
+        fn build(
+            source: WeightSource<'_>,
+            options: CudaEngineOptions,
+            progress: Option<&dyn Fn(LoadProgress)>,
+        ) -> Result<CudaEngine, CudaError> {
+            let (config, tied, formats) = match source {
+                WeightSource::Checkpoint(w) => (w.config.clone(), is_tied(w), weight_formats(w)),
+                WeightSource::Random { config, format, .. } => {
+                    let stack = match format {
+                        QuantFormat::Bf16 => StackFormat::Bf16,
+                        QuantFormat::Fp8 => StackFormat::Packed {
+                            kind: PackedKind::Fp8,
+                            perm: false,
                         },
-                        perm: false,
-                    },
-                };
-                let formats = vec![LayerFormats::all(stack); config.num_layers];
-                (config.clone(), config.tie_word_embeddings, formats)
+                        QuantFormat::Int8 => StackFormat::Packed {
+                            kind: PackedKind::Int8,
+                            perm: false,
+                        },
+                        QuantFormat::Int4 => StackFormat::Packed {
+                            kind: PackedKind::Int4 {
+                                group_size: int4::GROUP_SIZE,
+                            },
+                            perm: false,
+                        },
+                    };
+                    let formats = vec![LayerFormats::all(stack); config.num_layers];
+                    (config.clone(), config.tie_word_embeddings, formats)
+                }
+            };
+            let device = CudaDevice::new(options.device)?;
+            device
+                .context()
+                .bind_to_thread()
+                .map_err(CudaError::driver("making the CUDA context current"))?;
+            let kernels = Kernels::load(&device)?;
+            let (free, total) = device
+                .context()
+                .mem_get_info()
+                .map_err(CudaError::driver("reading free device memory"))?;
+            let weight_bytes =
+                device_weight_bytes(&config, tied, &formats, options.max_step_tokens.max(1));
+            let sizes = plan_sizes(&config, &options, free.saturating_sub(weight_bytes))?;
+            let needed = weight_bytes + plan_bytes(&config, &sizes) + options.reserve_bytes;
+            if needed > free {
+                return Err(CudaError::OutOfMemory {
+                    what: format!(
+                        "the weights ({weight_bytes} bytes) and {} KV blocks of {} tokens",
+                        sizes.num_blocks, sizes.block_size
+                    ),
+                    bytes: needed,
+                    free,
+                    total,
+                });
             }
-        };
-        let device = CudaDevice::new(options.device)?;
-        device
-            .context()
-            .bind_to_thread()
-            .map_err(CudaError::driver("making the CUDA context current"))?;
-        let kernels = Kernels::load(&device)?;
-        let (free, total) = device
-            .context()
-            .mem_get_info()
-            .map_err(CudaError::driver("reading free device memory"))?;
-        let weight_bytes =
-            device_weight_bytes(&config, tied, &formats, options.max_step_tokens.max(1));
-        let sizes = plan_sizes(&config, &options, free.saturating_sub(weight_bytes))?;
-        let needed = weight_bytes + plan_bytes(&config, &sizes) + options.reserve_bytes;
-        if needed > free {
-            return Err(CudaError::OutOfMemory {
-                what: format!(
-                    "the weights ({weight_bytes} bytes) and {} KV blocks of {} tokens",
-                    sizes.num_blocks, sizes.block_size
-                ),
-                bytes: needed,
-                free,
-                total,
-            });
-        }
-        let stream = Arc::clone(device.stream());
-        let mut arena = DeviceArena::new(Arc::clone(&stream));
-        let mut gpu_weights = allocate_weights(
-            &config,
-            tied,
-            &formats,
-            options.max_step_tokens.max(1),
-            &mut arena,
-        )?;
-        match source {
-            WeightSource::Checkpoint(w) => upload_weights(
-                w,
-                &formats,
-                &mut gpu_weights,
-                device.context(),
-                &stream,
-                progress,
-            )?,
-            WeightSource::Random { seed, .. } => randomize_weights(
-                &mut gpu_weights,
+            let stream = Arc::clone(device.stream());
+            let mut arena = DeviceArena::new(Arc::clone(&stream));
+            let mut gpu_weights = allocate_weights(
                 &config,
-                seed,
-                &kernels,
-                device.context(),
-                &stream,
-            )?,
-        }
-        let packed_stacks = formats
-            .iter()
-            .flat_map(|f| [f.qkv, f.o, f.w13, f.w13, f.w2])
-            .filter(|f| *f != StackFormat::Bf16)
-            .count();
-        let weights_allocated = arena.bytes();
-        let mut plan = Plan::new(&config, sizes, &mut arena)?;
-        let wgmma_check = if options.hopper_wgmma {
-            let check = ops::moe_wgmma_self_check(&kernels, &stream)?;
-            if check.passed() {
-                plan.grouped = GroupedKernel::Wgmma;
+                tied,
+                &formats,
+                options.max_step_tokens.max(1),
+                &mut arena,
+            )?;
+            match source {
+                WeightSource::Checkpoint(w) => upload_weights(
+                    w,
+                    &formats,
+                    &mut gpu_weights,
+                    device.context(),
+                    &stream,
+                    progress,
+                )?,
+                WeightSource::Random { seed, .. } => randomize_weights(
+                    &mut gpu_weights,
+                    &config,
+                    seed,
+                    &kernels,
+                    device.context(),
+                    &stream,
+                )?,
             }
-            Some(check)
-        } else {
-            None
-        };
-        let max_context = options
-            .max_context
-            .unwrap_or(config.max_position_embeddings)
-            .max(1);
-        let kv = PagedKv::new(KvLimits {
-            block_size: sizes.block_size,
-            num_blocks: sizes.num_blocks,
-            max_context,
-            max_sequences: sizes.max_sequences,
-            vocab_size: config.vocab_size,
-        })
-        .map_err(|e| CudaError::UnsupportedModel(e.to_string()))?;
-        // SAFETY: every word is written before each upload (`upload_inputs` fills the whole slice).
-        let host_inputs = unsafe { device.context().alloc_pinned::<i32>(4 * sizes.max_tokens) }
-            .map_err(CudaError::driver("allocating pinned input memory"))?;
-        let mut engine = CudaEngine {
-            graphs: Vec::new(),
-            plan,
-            weights: gpu_weights,
-            memory: MemoryUse {
-                weights: weights_allocated,
-                packed_stacks,
-                plan: arena.bytes() - weights_allocated,
-                kv_blocks: sizes.num_blocks,
-                free_before: free,
-            },
-            arena,
-            kernels,
-            device,
-            config,
-            kv,
-            seq_rows: HashMap::new(),
-            free_rows: (0..sizes.max_sequences).rev().collect(),
-            tables: vec![-1; sizes.max_sequences * sizes.max_blocks_per_seq],
-            host_inputs,
-            wgmma_check,
-            dead: None,
-        };
-        engine.warm_up_and_capture(options.cuda_graphs)?;
-        Ok(engine)
+            let packed_stacks = formats
+                .iter()
+                .flat_map(|f| [f.qkv, f.o, f.w13, f.w13, f.w2])
+                .filter(|f| *f != StackFormat::Bf16)
+                .count();
+            let weights_allocated = arena.bytes();
+            let mut plan = Plan::new(&config, sizes, &mut arena)?;
+            let wgmma_check = if options.hopper_wgmma {
+                let check = ops::moe_wgmma_self_check(&kernels, &stream)?;
+                if check.passed() {
+                    plan.grouped = GroupedKernel::Wgmma;
+                }
+                Some(check)
+            } else {
+                None
+            };
+            let max_context = options
+                .max_context
+                .unwrap_or(config.max_position_embeddings)
+                .max(1);
+            let kv = PagedKv::new(KvLimits {
+                block_size: sizes.block_size,
+                num_blocks: sizes.num_blocks,
+                max_context,
+                max_sequences: sizes.max_sequences,
+                vocab_size: config.vocab_size,
+            })
+            .map_err(|e| CudaError::UnsupportedModel(e.to_string()))?;
+            // SAFETY: every word is written before each upload (`upload_inputs` fills the whole slice).
+            let host_inputs = unsafe { device.context().alloc_pinned::<i32>(4 * sizes.max_tokens) }
+                .map_err(CudaError::driver("allocating pinned input memory"))?;
+            let mut engine = CudaEngine {
+                graphs: Vec::new(),
+                plan,
+                weights: gpu_weights,
+                memory: MemoryUse {
+                    weights: weights_allocated,
+                    packed_stacks,
+                    plan: arena.bytes() - weights_allocated,
+                    kv_blocks: sizes.num_blocks,
+                    free_before: free,
+                },
+                arena,
+                kernels,
+                device,
+                config,
+                kv,
+                seq_rows: HashMap::new(),
+                free_rows: (0..sizes.max_sequences).rev().collect(),
+                tables: vec![-1; sizes.max_sequences * sizes.max_blocks_per_seq],
+                host_inputs,
+                wgmma_check,
+                dead: None,
+            };
+            engine.warm_up_and_capture(options.cuda_graphs)?;
+            Ok(engine)
+        }
     }
 
     /// Runs every decode bucket once eagerly (all tokens padding: nothing is written to the cache),
@@ -421,9 +425,11 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// The device name.
-    pub fn device_name(&self) -> &str {
-        self.device.name()
+    testing_pub! {
+        /// The device name.
+        fn device_name(&self) -> &str {
+            self.device.name()
+        }
     }
 
     /// Device memory held.
@@ -434,77 +440,87 @@ impl CudaEngine {
         }
     }
 
-    /// The kernels that run the expert GEMMs of prefill chunks, and the result of the Hopper
-    /// kernels' self-check when [`CudaEngineOptions::hopper_wgmma`] asked for one.
-    pub fn prefill_experts(&self) -> (GroupedKernel, Option<WgmmaCheck>) {
-        (self.plan.grouped, self.wgmma_check)
-    }
-
-    /// The captured decode batch sizes (empty with graphs off).
-    pub fn graph_buckets(&self) -> Vec<usize> {
-        self.graphs.iter().map(|g| g.bucket).collect()
-    }
-
-    /// Like [`Engine::step`], but reads back only the greedy token of every logits row (argmax on
-    /// the device, ties to the lowest id) instead of the logits: the fast path of greedy decoding.
-    /// A row whose logits hold a NaN or an infinity is [`EngineError::NonFiniteLogits`] (the step
-    /// itself was applied), never a token.
-    pub fn step_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, EngineError> {
-        self.run_step(batch, Readback::Greedy, None)
-            .map(|r| match r {
-                Output::Greedy(ids) => ids,
-                Output::Logits(_) => Vec::new(),
-            })
-    }
-
-    /// Grows `seq` to `len` cached tokens without computing them: their keys and values are whatever
-    /// the blocks hold. For benchmarks of long-context decode, whose cost does not depend on the
-    /// values; never use it for generation.
-    pub fn extend_unfilled(&mut self, seq: SeqId, len: usize) -> Result<(), EngineError> {
-        self.check_alive()?;
-        let cached = self.kv.sequence_len(seq)?;
-        if len <= cached {
-            return Ok(());
+    testing_pub! {
+        /// The kernels that run the expert GEMMs of prefill chunks, and the result of the Hopper
+        /// kernels' self-check when [`CudaEngineOptions::hopper_wgmma`] asked for one.
+        fn prefill_experts(&self) -> (GroupedKernel, Option<WgmmaCheck>) {
+            (self.plan.grouped, self.wgmma_check)
         }
-        self.bind()?;
-        let filler = vec![0u32; len - cached];
-        self.kv.apply_step(&[SeqStep {
-            seq,
-            tokens: &filler,
-            start_pos: cached,
-            logits: LogitsFor::None,
-        }])?;
-        self.sync_block_tables(&[seq]).map_err(|e| self.fail(e))
     }
 
-    /// Like [`CudaEngine::step_greedy`], but draws each logits row's token on the device with
-    /// `samplers[i]` (one per logits row, in output order): temperature, top-k and top-p exactly as
-    /// [`Sampler::sample`] defines them, from the sampler's own random stream, which advances as
-    /// the host sampler's would. Greedy samplers take the device argmax. The repetition penalty is
-    /// not applied on the device: a sampler using it is refused (before anything changes; the
-    /// [`Engine::step_tokens`] of this engine samples such steps on the host), and so is a sampler
-    /// count other than the step's rows ([`EngineError::SamplerCount`]). A row whose logits are
-    /// not finite is [`EngineError::NonFiniteLogits`] (the step itself was applied).
-    pub fn step_sample(
-        &mut self,
-        batch: &[SeqStep<'_>],
-        samplers: &mut [Sampler],
-    ) -> Result<Vec<u32>, EngineError> {
-        check_sampler_count(batch, samplers.len())?;
-        if let Some(s) = samplers
-            .iter()
-            .find(|s| s.params().repetition_penalty != 1.0)
-        {
-            return Err(EngineError::InvalidOptions(format!(
-                "repetition penalty {} is not applied by device sampling",
-                s.params().repetition_penalty
-            )));
+    testing_pub! {
+        /// The captured decode batch sizes (empty with graphs off).
+        fn graph_buckets(&self) -> Vec<usize> {
+            self.graphs.iter().map(|g| g.bucket).collect()
         }
-        self.run_step(batch, Readback::Greedy, Some(samplers))
-            .map(|r| match r {
-                Output::Greedy(ids) => ids,
-                Output::Logits(_) => Vec::new(),
-            })
+    }
+
+    testing_pub! {
+        /// Like [`Engine::step`], but reads back only the greedy token of every logits row (argmax on
+        /// the device, ties to the lowest id) instead of the logits: the fast path of greedy decoding.
+        /// A row whose logits hold a NaN or an infinity is [`EngineError::NonFiniteLogits`] (the step
+        /// itself was applied), never a token.
+        fn step_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, EngineError> {
+            self.run_step(batch, Readback::Greedy, None)
+                .map(|r| match r {
+                    Output::Greedy(ids) => ids,
+                    Output::Logits(_) => Vec::new(),
+                })
+        }
+    }
+
+    testing_pub! {
+        /// Grows `seq` to `len` cached tokens without computing them: their keys and values are whatever
+        /// the blocks hold. For benchmarks of long-context decode, whose cost does not depend on the
+        /// values; never use it for generation.
+        fn extend_unfilled(&mut self, seq: SeqId, len: usize) -> Result<(), EngineError> {
+            self.check_alive()?;
+            let cached = self.kv.sequence_len(seq)?;
+            if len <= cached {
+                return Ok(());
+            }
+            self.bind()?;
+            let filler = vec![0u32; len - cached];
+            self.kv.apply_step(&[SeqStep {
+                seq,
+                tokens: &filler,
+                start_pos: cached,
+                logits: LogitsFor::None,
+            }])?;
+            self.sync_block_tables(&[seq]).map_err(|e| self.fail(e))
+        }
+    }
+
+    testing_pub! {
+        /// Like [`CudaEngine::step_greedy`], but draws each logits row's token on the device with
+        /// `samplers[i]` (one per logits row, in output order): temperature, top-k and top-p exactly as
+        /// [`Sampler::sample`] defines them, from the sampler's own random stream, which advances as
+        /// the host sampler's would. Greedy samplers take the device argmax. The repetition penalty is
+        /// not applied on the device: a sampler using it is refused (before anything changes; the
+        /// [`Engine::step_tokens`] of this engine samples such steps on the host), and so is a sampler
+        /// count other than the step's rows ([`EngineError::SamplerCount`]). A row whose logits are
+        /// not finite is [`EngineError::NonFiniteLogits`] (the step itself was applied).
+        fn step_sample(
+            &mut self,
+            batch: &[SeqStep<'_>],
+            samplers: &mut [Sampler],
+        ) -> Result<Vec<u32>, EngineError> {
+            check_sampler_count(batch, samplers.len())?;
+            if let Some(s) = samplers
+                .iter()
+                .find(|s| s.params().repetition_penalty != 1.0)
+            {
+                return Err(EngineError::InvalidOptions(format!(
+                    "repetition penalty {} is not applied by device sampling",
+                    s.params().repetition_penalty
+                )));
+            }
+            self.run_step(batch, Readback::Greedy, Some(samplers))
+                .map(|r| match r {
+                    Output::Greedy(ids) => ids,
+                    Output::Logits(_) => Vec::new(),
+                })
+        }
     }
 
     /// Marks the engine dead after `error` (the first failure is kept) and returns the dead
@@ -919,8 +935,8 @@ impl Engine for CudaEngine {
             })
     }
 
-    /// On the device: [`CudaEngine::step_greedy`] when every sampler is greedy, else
-    /// [`CudaEngine::step_sample`] (each sampler's stream moved to where the device left it).
+    /// On the device: the argmax kernel when every sampler is greedy, else the sampling kernel
+    /// (each sampler's stream moved to where the device left it).
     /// Samplers with a repetition penalty, which the device does not apply, make the whole step
     /// read its logits back and sample on the host ([`sample_on_host`]).
     fn step_tokens(

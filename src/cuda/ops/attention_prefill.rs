@@ -140,6 +140,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::cuda::error::KernelError;
     use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
     use crate::cuda::params::KERNEL_VARIANTS;
 
@@ -352,7 +353,7 @@ mod tests {
             ),
         ] {
             match plan(&s, &bad) {
-                Err(CudaError::Misaligned { buffer, .. }) => assert_eq!(buffer, name),
+                Err(CudaError::Kernel(KernelError::Misaligned { buffer, .. })) => assert_eq!(buffer, name),
                 other => panic!("expected Misaligned({name}), got {other:?}"),
             }
         }
@@ -422,7 +423,7 @@ mod tests {
             };
             let refused = matches!(
                 plan(&short, &args(&short)),
-                Err(CudaError::Unsupported { what: "start_pos + tokens", .. })
+                Err(CudaError::Kernel(KernelError::Unsupported { what: "start_pos + tokens", .. }))
             );
             prop_assert!(refused);
         }

@@ -1,7 +1,7 @@
 //! Views of made-up addresses for the planners' GPU-free tests (never launched on), and the
 //! assertions those tests share.
 
-use crate::cuda::error::CudaError;
+use crate::cuda::error::{CudaError, KernelError};
 use crate::cuda::launch::Grid;
 use crate::cuda::memory::{View, ViewMut};
 
@@ -28,7 +28,7 @@ pub fn symbol(grid: &Grid) -> &'static str {
 /// Asserts `result` is `BufferTooSmall` naming `name`.
 pub fn too_small(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
     match result {
-        Err(CudaError::BufferTooSmall { buffer, .. }) => assert_eq!(buffer, name),
+        Err(CudaError::Kernel(KernelError::BufferTooSmall { buffer, .. })) => assert_eq!(buffer, name),
         other => panic!("expected BufferTooSmall({name}), got {other:?}"),
     }
 }
@@ -36,7 +36,7 @@ pub fn too_small(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
 /// Asserts `result` is `Unsupported` naming `name`.
 pub fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
     match result {
-        Err(CudaError::Unsupported { what, .. }) => assert_eq!(what, name),
+        Err(CudaError::Kernel(KernelError::Unsupported { what, .. })) => assert_eq!(what, name),
         other => panic!("expected Unsupported({name}), got {other:?}"),
     }
 }

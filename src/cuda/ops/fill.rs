@@ -7,7 +7,7 @@ use half::bf16;
 
 use crate::cuda::args::{FillArgs, FillScalars};
 use crate::cuda::checks::Check;
-use crate::cuda::error::CudaError;
+use crate::cuda::error::{CudaError, KernelError};
 use crate::cuda::launch::{launch, Grid};
 use crate::cuda::memory::ViewMut;
 use crate::cuda::module::Kernels;
@@ -34,11 +34,11 @@ fn plan(v: &FillValues, mut out: ViewMut<'_, bf16>) -> Result<Vec<(FillParams, G
     let c = Check { op: "fill_random" };
     for (what, value) in [("scale", v.scale), ("shift", v.shift)] {
         if !value.is_finite() {
-            return Err(CudaError::InvalidFloat {
+            return Err(CudaError::Kernel(KernelError::InvalidFloat {
                 op: c.op,
                 what,
                 value,
-            });
+            }));
         }
     }
     let len = out.len();
@@ -54,12 +54,12 @@ fn plan(v: &FillValues, mut out: ViewMut<'_, bf16>) -> Result<Vec<(FillParams, G
         let view = out
             .reborrow()
             .sub(offset, piece)
-            .ok_or(CudaError::BufferTooSmall {
+            .ok_or(CudaError::Kernel(KernelError::BufferTooSmall {
                 op: c.op,
                 buffer: "out",
                 expected: offset + piece,
                 actual: len,
-            })?;
+            }))?;
         let s = FillScalars {
             len: piece as u32,
             base: offset as u32,
@@ -134,7 +134,7 @@ mod tests {
             ] {
                 assert!(matches!(
                     plan(&v, view_mut(10)),
-                    Err(CudaError::InvalidFloat { .. })
+                    Err(CudaError::Kernel(KernelError::InvalidFloat { .. }))
                 ));
             }
         }

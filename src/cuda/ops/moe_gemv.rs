@@ -85,6 +85,7 @@ pub(super) mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::cuda::error::KernelError;
     use crate::cuda::memory::{View, ViewMut};
     use crate::cuda::ops::fake::{symbol, too_small, unsupported, BASE};
 
@@ -153,7 +154,7 @@ pub(super) mod tests {
         let s = mixtral(64);
         let bad = |s: MoeScalars, what: &str| {
             let result = planner(&s, &args(&s, "", ""));
-            if let Err(CudaError::Unsupported { op: got, .. }) = &result {
+            if let Err(CudaError::Kernel(KernelError::Unsupported { op: got, .. })) = &result {
                 assert_eq!(*got, op);
             }
             unsupported(result, what);
@@ -187,9 +188,9 @@ pub(super) mod tests {
         );
         for name in ["x", "w1", "w3", "w2", "act"] {
             match planner(&s, &args(&s, "", name)) {
-                Err(CudaError::Misaligned {
+                Err(CudaError::Kernel(KernelError::Misaligned {
                     op: got, buffer, ..
-                }) => {
+                })) => {
                     assert_eq!((got, buffer), (op, name));
                 }
                 other => panic!("{name}: expected Misaligned, got {other:?}"),

@@ -114,6 +114,7 @@ pub(super) mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::cuda::error::KernelError;
     use crate::cuda::ops::fake::{symbol, unsupported};
     use crate::cuda::ops::moe_gemv::tests::{
         args, mixtral, needs_exactly_the_contiguous_sizes, refuses_bad_shapes,
@@ -158,9 +159,9 @@ pub(super) mod tests {
         unsupported(planner(&many, &args(&many, "", "")), "experts");
         let s = mixtral(64);
         match planner(&s, &args(&s, "", "out")) {
-            Err(CudaError::Misaligned {
+            Err(CudaError::Kernel(KernelError::Misaligned {
                 op: got, buffer, ..
-            }) => {
+            })) => {
                 assert_eq!((got, buffer), (op, "out"));
             }
             other => panic!("expected Misaligned(out), got {other:?}"),

@@ -346,6 +346,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::cuda::error::KernelError;
     use crate::cuda::ops::fake::symbol;
     use crate::cuda::ops::moe_gemv::tests::{args, mixtral, needs_exactly_the_contiguous_sizes};
     use crate::cuda::ops::moe_grouped::tests::{
@@ -354,7 +355,7 @@ mod tests {
 
     fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
         match result {
-            Err(CudaError::Unsupported { op, what, .. }) => {
+            Err(CudaError::Kernel(KernelError::Unsupported { op, what, .. })) => {
                 assert_eq!(op, OP);
                 assert_eq!(what, name);
             }

@@ -124,6 +124,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::cuda::error::KernelError;
     use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE};
 
     const KINDS: [PackedKind; 4] = [
@@ -331,7 +332,7 @@ mod tests {
                 let mut lens = full;
                 lens[i] -= 1;
                 match plan(&s, [kind; 3], &args(lens, true)) {
-                    Err(CudaError::BufferTooSmall { buffer, .. }) => prop_assert_eq!(buffer, name),
+                    Err(CudaError::Kernel(KernelError::BufferTooSmall { buffer, .. })) => prop_assert_eq!(buffer, name),
                     other => prop_assert!(false, "{}: {:?}", name, other),
                 }
             }

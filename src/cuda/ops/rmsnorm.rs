@@ -70,6 +70,7 @@ pub fn rmsnorm(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::error::KernelError;
     use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
 
     fn args(residual: usize, addend: Option<usize>, weight: usize) -> RmsnormArgs<'static> {
@@ -107,7 +108,7 @@ mod tests {
         for eps in [f32::NAN, -1e-6, f32::INFINITY] {
             assert!(matches!(
                 plan(&RmsnormScalars { eps, ..plain }, &args(30, None, 10)),
-                Err(CudaError::InvalidFloat { what: "eps", .. })
+                Err(CudaError::Kernel(KernelError::InvalidFloat { what: "eps", .. }))
             ));
         }
     }

@@ -70,6 +70,7 @@ pub fn router(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::error::KernelError;
     use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE};
 
     /// Buffers of exactly the sizes `s` needs, `expert_offsets` `offsets_short` elements short.
@@ -146,7 +147,7 @@ mod tests {
         let x = unsafe { crate::cuda::memory::View::from_raw(BASE + 8, 192) };
         assert!(matches!(
             plan(&s, &RouterArgs { x, ..args(&s, 0) }),
-            Err(CudaError::Misaligned { buffer: "x", .. })
+            Err(CudaError::Kernel(KernelError::Misaligned { buffer: "x", .. }))
         ));
         let empty = RouterScalars { tokens: 0, ..s };
         assert!(plan(&empty, &args(&empty, 0)).unwrap().is_none());

@@ -9,7 +9,7 @@ use cudarc::driver::CudaStream;
 
 use crate::cuda::args::{SampleArgs, SampleScalars};
 use crate::cuda::checks::Check;
-use crate::cuda::error::CudaError;
+use crate::cuda::error::{CudaError, KernelError};
 use crate::cuda::launch::{launch, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
@@ -49,11 +49,11 @@ fn plan(
     // The kernel loads and stores the state as u64 words; a view cast from narrower elements could
     // start between two of them.
     if !params.rng_state.is_multiple_of(8) {
-        return Err(CudaError::Misaligned {
+        return Err(CudaError::Kernel(KernelError::Misaligned {
             op: c.op,
             buffer: "rng_state",
             address: params.rng_state,
-        });
+        }));
     }
     let variant = c.variant(KernelFamily::Sample, "sample", &[])?;
     if s.rows == 0 {
@@ -152,7 +152,7 @@ mod tests {
         // SAFETY: never launched on; the planner reads only the address and length.
         a.rng_state = unsafe { ViewMut::from_raw(BASE + 4, 2 * RNG_STATE_WORDS) };
         match plan(&s, &a) {
-            Err(CudaError::Misaligned { buffer, .. }) => assert_eq!(buffer, "rng_state"),
+            Err(CudaError::Kernel(KernelError::Misaligned { buffer, .. })) => assert_eq!(buffer, "rng_state"),
             other => panic!("expected Misaligned(rng_state), got {other:?}"),
         }
     }
