@@ -73,3 +73,15 @@ pub fn launch<P: DeviceRepr>(
     }
     Ok(())
 }
+
+/// Issues what a planner returned: its launches, or nothing (zero tokens or rows).
+pub fn launch_planned<P: DeviceRepr, const N: usize>(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    planned: Option<(P, [Grid; N])>,
+) -> Result<(), CudaError> {
+    match planned {
+        Some((params, grids)) => launch(kernels, stream, &params, &grids),
+        None => Ok(()),
+    }
+}

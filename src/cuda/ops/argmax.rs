@@ -6,7 +6,7 @@ use cudarc::driver::CudaStream;
 use crate::cuda::args::{ArgmaxArgs, ArgmaxScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{ArgmaxParams, KernelFamily, ARGMAX_THREADS};
 
@@ -36,10 +36,7 @@ pub fn argmax(
     s: &ArgmaxScalars,
     args: ArgmaxArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(s, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, &args)?)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use super::paged_cache::{
 use crate::cuda::args::{AttentionDecodeArgs, AttentionDecodeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
     AttentionDecodeParams, KernelFamily, ATTENTION_COMBINE_THREADS, ATTENTION_MAX_SPLIT_KEYS,
@@ -111,10 +111,7 @@ pub fn attention_decode(
     shape: &AttentionDecodeShape,
     args: AttentionDecodeArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(shape, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(shape, &args)?)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use super::paged_cache::{gqa_group, score_scale, window_scalar, PagedCacheShape}
 use crate::cuda::args::{AttentionPrefillArgs, AttentionPrefillScalars};
 use crate::cuda::checks::{Check, DEFAULT_SHARED_BYTES};
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
     AttentionPrefillParams, KernelFamily, ATTENTION_PREFILL_KEYS, ATTENTION_PREFILL_PAD,
@@ -126,10 +126,7 @@ pub fn attention_prefill(
     shape: &AttentionPrefillShape,
     args: AttentionPrefillArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(shape, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(shape, &args)?)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use super::quant_layout::{row_layout, PackedView};
 use crate::cuda::args::{DequantArgs, DequantScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::memory::ViewMut;
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{DequantParams, KernelFamily, DEQUANT_THREADS};
@@ -77,24 +77,14 @@ pub fn dequantize(
         perm: w.perm,
         out,
     };
-    match plan(s, w.kind, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, w.kind, &args)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cuda::memory::View;
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE};
-
-    const KINDS: [PackedKind; 4] = [
-        PackedKind::Fp8,
-        PackedKind::Int8,
-        PackedKind::Int4 { group_size: 32 },
-        PackedKind::Int4 { group_size: 128 },
-    ];
+    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE, KINDS};
 
     /// Buffer lengths `[codes, params, perm, out]` exactly as needed.
     fn exact(s: &DequantShape, kind: PackedKind) -> [usize; 4] {

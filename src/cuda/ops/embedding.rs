@@ -8,7 +8,7 @@ use cudarc::driver::CudaStream;
 use crate::cuda::args::{EmbeddingArgs, EmbeddingScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{EmbeddingParams, KernelFamily, EMBEDDING_THREADS};
 
@@ -48,10 +48,7 @@ pub fn embedding(
     s: &EmbeddingScalars,
     args: EmbeddingArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(s, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, &args)?)
 }
 
 #[cfg(test)]

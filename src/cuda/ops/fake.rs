@@ -4,6 +4,7 @@
 use crate::cuda::error::{CudaError, KernelError};
 use crate::cuda::launch::Grid;
 use crate::cuda::memory::{View, ViewMut};
+use crate::packed::PackedKind;
 
 /// A 256-byte aligned address no test dereferences.
 pub const BASE: u64 = 0x7f00_0000_0000;
@@ -40,3 +41,12 @@ pub fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) 
         other => panic!("expected Unsupported({name}), got {other:?}"),
     }
 }
+
+/// The packed formats the quantized planners are tested with: both 8-bit kinds, 4-bit with one
+/// group per 16-byte chunk and with Mixtral's groups of 128.
+pub const KINDS: [PackedKind; 4] = [
+    PackedKind::Fp8,
+    PackedKind::Int8,
+    PackedKind::Int4 { group_size: 32 },
+    PackedKind::Int4 { group_size: 128 },
+];

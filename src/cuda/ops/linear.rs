@@ -18,7 +18,7 @@ use crate::cuda::args::{LinearArgs, LinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
 use crate::cuda::select::{select, Choice, Device as SelectDevice, Format, Op};
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
     KernelFamily, LinearParams, LINEAR_GEMV_ROWS_PER_WARP,
@@ -94,10 +94,7 @@ pub fn linear(
     s: &LinearScalars,
     args: LinearArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(s, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, &args)?)
 }
 
 #[cfg(test)]

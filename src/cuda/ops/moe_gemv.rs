@@ -13,7 +13,7 @@ use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::Check;
 use super::linear::gemv_tile;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{KernelFamily, MoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS};
 
@@ -74,10 +74,7 @@ pub fn moe_gemv(
     s: &MoeScalars,
     args: MoeArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(s, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, &args)?)
 }
 
 #[cfg(test)]

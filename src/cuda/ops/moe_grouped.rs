@@ -13,7 +13,7 @@ use super::moe_gemv::{moe_gemv, moe_rules};
 use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::{aligned, Check};
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::select::{select, Choice, Device, Format, Op};
 use crate::cuda::params::{
@@ -88,10 +88,7 @@ pub fn moe_grouped_gemm(
     s: &MoeScalars,
     args: MoeArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(s, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, &args)?)
 }
 
 /// Runs [`moe_gemv`] or [`moe_grouped_gemm`] over bf16 experts, as the selection table picks for

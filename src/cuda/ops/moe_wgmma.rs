@@ -22,7 +22,7 @@ use crate::cpu::router::{group_by_expert, route};
 use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::memory::{copy_to_host, DeviceArena, DeviceBuffer};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{KernelFamily, MoeParams, MOE_WGMMA_BM, MOE_WGMMA_BN, MOE_WGMMA_THREADS};
@@ -98,10 +98,7 @@ pub fn moe_wgmma_gemm(
         .compute_capability()
         .map_err(CudaError::driver("reading the compute capability"))?;
     require_hopper(&Check { op: OP }, capability)?;
-    match plan(s, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, &args)?)
 }
 
 /// What [`moe_wgmma_self_check`] found.

@@ -14,7 +14,7 @@ use super::quant_layout::{row_layout, PackedView};
 use crate::cuda::args::{LinearScalars, QLinearArgs, QLinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::memory::{AnyViewMut, View};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
@@ -88,10 +88,7 @@ pub fn qlinear(
         perm: w.perm,
         out,
     };
-    match plan(s, w.kind, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, w.kind, &args)?)
 }
 
 #[cfg(test)]
@@ -99,16 +96,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
+    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, KINDS};
     use crate::cuda::params::KERNEL_VARIANTS;
-
-    /// The formats under test: both 8-bit kinds, 4-bit with one group per chunk and Mixtral's groups.
-    const KINDS: [PackedKind; 4] = [
-        PackedKind::Fp8,
-        PackedKind::Int8,
-        PackedKind::Int4 { group_size: 32 },
-        PackedKind::Int4 { group_size: 128 },
-    ];
 
     /// A column count every kind accepts.
     const COLS: u32 = 96;

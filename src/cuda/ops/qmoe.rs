@@ -14,7 +14,7 @@ use super::quant_layout::row_layout;
 use crate::cuda::args::{MoeScalars, QMoeArgs, QMoeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::memory::View;
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{KernelFamily, QMoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS};
@@ -113,10 +113,7 @@ pub fn qmoe_gemv(
     kinds: [PackedKind; 3],
     args: QMoeArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(s, kinds, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, kinds, &args)?)
 }
 
 #[cfg(test)]
@@ -125,14 +122,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::error::KernelError;
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE};
-
-    const KINDS: [PackedKind; 4] = [
-        PackedKind::Fp8,
-        PackedKind::Int8,
-        PackedKind::Int4 { group_size: 32 },
-        PackedKind::Int4 { group_size: 128 },
-    ];
+    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE, KINDS};
 
     const NAMES: [&str; 14] = [
         "x",

@@ -7,7 +7,7 @@ use cudarc::driver::CudaStream;
 use crate::cuda::args::{RmsnormArgs, RmsnormScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::memory::AnyView;
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{KernelFamily, RmsnormParams, RMSNORM_THREADS};
@@ -61,10 +61,7 @@ pub fn rmsnorm(
     s: &RmsnormScalars,
     args: RmsnormArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(s, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, &args)?)
 }
 
 #[cfg(test)]

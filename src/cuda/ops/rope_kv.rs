@@ -10,7 +10,7 @@ use super::paged_cache::PagedCacheShape;
 use crate::cuda::args::{RopeKvArgs, RopeKvScalars};
 use crate::cuda::checks::{Check, DEFAULT_SHARED_BYTES};
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{KernelFamily, RopeKvParams, ROPE_KV_THREADS};
 
@@ -67,10 +67,7 @@ pub fn rope_kv(
     s: &RopeKvScalars,
     args: RopeKvArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(s, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, &args)?)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use cudarc::driver::CudaStream;
 use crate::cuda::args::{RouterArgs, RouterScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
     KernelFamily, RouterParams, ROUTER_GROUP_THREADS, ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K,
@@ -61,10 +61,7 @@ pub fn router(
     s: &RouterScalars,
     args: RouterArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(s, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, &args)?)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use cudarc::driver::CudaStream;
 use crate::cuda::args::{SampleArgs, SampleScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::{CudaError, KernelError};
-use crate::cuda::launch::{launch, Grid};
+use crate::cuda::launch::{launch_planned, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
     KernelFamily, SampleParams, SAMPLE_BAD_PARAMS, SAMPLE_NON_FINITE, SAMPLE_RNG_WORDS,
@@ -76,10 +76,7 @@ pub fn sample(
     s: &SampleScalars,
     args: SampleArgs<'_>,
 ) -> Result<(), CudaError> {
-    match plan(s, &args)? {
-        Some((params, grids)) => launch(kernels, stream, &params, &grids),
-        None => Ok(()),
-    }
+    launch_planned(kernels, stream, plan(s, &args)?)
 }
 
 #[cfg(test)]
