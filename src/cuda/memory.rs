@@ -234,15 +234,55 @@ pub struct ViewMut<'a, T> {
     _borrow: PhantomData<&'a mut [T]>,
 }
 
-impl<'a, T> View<'a, T> {
-    fn new(address: u64, len: usize) -> Self {
-        View {
-            address,
-            len,
-            _borrow: PhantomData,
-        }
-    }
+/// The methods [`View`] and [`ViewMut`] share: construction, address, length, sub-ranges and casts
+/// (each keeps its borrow: a sub-view of a written view is written).
+macro_rules! view_methods {
+    ($view:ident) => {
+        impl<'a, T> $view<'a, T> {
+            fn new(address: u64, len: usize) -> Self {
+                $view {
+                    address,
+                    len,
+                    _borrow: PhantomData,
+                }
+            }
 
+            /// Device address of element 0.
+            pub fn address(&self) -> u64 {
+                self.address
+            }
+
+            /// Elements viewed.
+            pub fn len(&self) -> usize {
+                self.len
+            }
+
+            /// True when no element is viewed.
+            pub fn is_empty(&self) -> bool {
+                self.len == 0
+            }
+
+            /// Elements `offset .. offset + len`; `None` when out of range.
+            pub fn sub(self, offset: usize, len: usize) -> Option<$view<'a, T>> {
+                let (address, len) = sub_range::<T>(self.address, self.len, offset, len)?;
+                Some($view::new(address, len))
+            }
+
+            /// The same memory as whole elements of `U` (both plain data).
+            pub fn cast<U: bytemuck::Pod>(self) -> $view<'a, U>
+            where
+                T: bytemuck::Pod,
+            {
+                $view::new(self.address, cast_len::<T, U>(self.len))
+            }
+        }
+    };
+}
+
+view_methods!(View);
+view_methods!(ViewMut);
+
+impl<'a, T> View<'a, T> {
     /// The whole of a cudarc allocation, read.
     pub fn of(slice: &'a CudaSlice<T>) -> Self {
         let (address, guard) = slice.device_ptr(slice.stream());
@@ -258,45 +298,10 @@ impl<'a, T> View<'a, T> {
         View::new(address, len)
     }
 
-    /// Device address of element 0.
-    pub fn address(&self) -> u64 {
-        self.address
-    }
 
-    /// Elements viewed.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True when no element is viewed.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Elements `offset .. offset + len`; `None` when out of range.
-    pub fn sub(self, offset: usize, len: usize) -> Option<View<'a, T>> {
-        let (address, len) = sub_range::<T>(self.address, self.len, offset, len)?;
-        Some(View::new(address, len))
-    }
-
-    /// The same memory as whole elements of `U` (both plain data).
-    pub fn cast<U: bytemuck::Pod>(self) -> View<'a, U>
-    where
-        T: bytemuck::Pod,
-    {
-        View::new(self.address, cast_len::<T, U>(self.len))
-    }
 }
 
 impl<'a, T> ViewMut<'a, T> {
-    fn new(address: u64, len: usize) -> Self {
-        ViewMut {
-            address,
-            len,
-            _borrow: PhantomData,
-        }
-    }
-
     /// The whole of a cudarc allocation, written.
     pub fn of(slice: &'a mut CudaSlice<T>) -> Self {
         let stream = Arc::clone(slice.stream());
@@ -314,20 +319,6 @@ impl<'a, T> ViewMut<'a, T> {
         ViewMut::new(address, len)
     }
 
-    /// Device address of element 0.
-    pub fn address(&self) -> u64 {
-        self.address
-    }
-
-    /// Elements viewed.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True when no element is viewed.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 
     /// A shorter-lived written view of the same elements (to pass to one launch and keep this one).
     pub fn reborrow(&mut self) -> ViewMut<'_, T> {
@@ -339,19 +330,6 @@ impl<'a, T> ViewMut<'a, T> {
         View::new(self.address, self.len)
     }
 
-    /// Elements `offset .. offset + len`; `None` when out of range.
-    pub fn sub(self, offset: usize, len: usize) -> Option<ViewMut<'a, T>> {
-        let (address, len) = sub_range::<T>(self.address, self.len, offset, len)?;
-        Some(ViewMut::new(address, len))
-    }
-
-    /// The same memory as whole elements of `U` (both plain data).
-    pub fn cast<U: bytemuck::Pod>(self) -> ViewMut<'a, U>
-    where
-        T: bytemuck::Pod,
-    {
-        ViewMut::new(self.address, cast_len::<T, U>(self.len))
-    }
 
     /// The first `mid` elements and the rest, both written; `None` when `mid > len`.
     pub fn split_at(self, mid: usize) -> Option<(ViewMut<'a, T>, ViewMut<'a, T>)> {
