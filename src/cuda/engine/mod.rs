@@ -797,15 +797,11 @@ impl CudaEngine {
         }
         let vocab = self.plan.vocab();
         let b = &mut self.plan.sampling;
-        plan::upload(
-            stream,
-            &mut b.temperature,
-            &temperature,
-            "sampling temperatures",
-        )?;
-        plan::upload(stream, &mut b.top_k, &top_k, "sampling top-k")?;
-        plan::upload(stream, &mut b.top_p, &top_p, "sampling top-p")?;
-        plan::upload(stream, &mut b.rng_state, &rng, "sampling random states")?;
+        let temperatures = b.temperature.view_mut();
+        copy_to_device(stream, temperatures, &temperature, "sampling temperatures")?;
+        copy_to_device(stream, b.top_k.view_mut(), &top_k, "sampling top-k")?;
+        copy_to_device(stream, b.top_p.view_mut(), &top_p, "sampling top-p")?;
+        copy_to_device(stream, b.rng_state.view_mut(), &rng, "sampling random states")?;
         ops::sample(
             &self.kernels,
             stream,

@@ -2,11 +2,10 @@
 //! words, allocated once when the engine is built (no allocation afterwards), each an owned
 //! [`DeviceBuffer`] the forward pass ([`forward`](super::forward)) borrows views of.
 
-use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::super::error::CudaError;
-use super::super::memory::{copy_to_device, DeviceArena, DeviceBuffer, View};
+use super::super::memory::{DeviceArena, DeviceBuffer, View};
 use super::super::ops::{attention_splits, PagedCacheShape, RNG_STATE_WORDS};
 use super::matrix::GroupedKernel;
 use crate::config::ModelConfig;
@@ -332,15 +331,4 @@ impl Plan {
             max_blocks_per_seq: self.sizes.max_blocks_per_seq,
         }
     }
-}
-
-/// Synchronous upload of a small host table into the start of `dst` (at load, and block-table rows
-/// between steps).
-pub fn upload<T: cudarc::driver::DeviceRepr>(
-    stream: &CudaStream,
-    dst: &mut DeviceBuffer<T>,
-    host: &[T],
-    what: &str,
-) -> Result<(), CudaError> {
-    copy_to_device(stream, dst.view_mut(), host, what)
 }
