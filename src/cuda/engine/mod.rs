@@ -18,12 +18,11 @@ pub mod graph;
 pub mod inputs;
 pub mod matrix;
 pub mod plan;
+pub mod staging;
 pub mod upload;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-
-use cudarc::driver::PinnedHostSlice;
 
 use self::graph::DecodeGraph;
 use self::inputs::{decode_buckets, schedule_step, Chunk, ChunkKind, NO_SEQUENCE};
@@ -31,6 +30,7 @@ pub use self::matrix::GroupedKernel;
 use self::matrix::StackFormat;
 use self::forward::{Attention, Pass};
 use self::plan::{plan_bytes, Plan, PlanSizes};
+use self::staging::StepStaging;
 use self::upload::{
     allocate_weights, device_weight_bytes, is_tied, randomize_weights, upload_weights,
     weight_formats, GpuWeights, LayerFormats,
@@ -40,10 +40,10 @@ use super::device::CudaDevice;
 use super::error::CudaError;
 use super::module::Kernels;
 use super::ops::{
-    self, rng_state_for_seed, WgmmaCheck, RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS,
+    self, WgmmaCheck, RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS,
     SAMPLE_ID_NON_FINITE,
 };
-use super::memory::{copy_to_device, copy_to_host, DeviceArena, DeviceBuffer};
+use super::memory::{copy_to_host, DeviceArena, DeviceBuffer};
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::engine::{
@@ -128,11 +128,9 @@ pub struct CudaEngine {
     /// Block-table row of each live sequence.
     seq_rows: HashMap<SeqId, usize>,
     free_rows: Vec<usize>,
-    /// Host copy of the device block tables `[max_sequences, max_blocks_per_seq]`.
-    tables: Vec<i32>,
-    /// `[4, max_tokens]` input words of the next chunk, in pinned memory: uploaded without a host
-    /// sync (the previous chunk's read-back already waited for the device).
-    host_inputs: PinnedHostSlice<i32>,
+    /// Page-locked host memory of every per-step upload and read-back (with the host copy of the
+    /// block tables).
+    staging: StepStaging,
     memory: MemoryUse,
     /// The Hopper expert kernels' self-check, when asked for.
     wgmma_check: Option<WgmmaCheck>,
@@ -361,9 +359,7 @@ impl CudaEngine {
                 vocab_size: config.vocab_size,
             })
             .map_err(|e| CudaError::UnsupportedModel(e.to_string()))?;
-            // SAFETY: every word is written before each upload (`upload_inputs` fills the whole slice).
-            let host_inputs = unsafe { device.context().alloc_pinned::<i32>(4 * sizes.max_tokens) }
-                .map_err(CudaError::driver("allocating pinned input memory"))?;
+            let staging = StepStaging::new(device.context(), &sizes)?;
             let mut engine = CudaEngine {
                 graphs: Vec::new(),
                 plan,
@@ -382,8 +378,7 @@ impl CudaEngine {
                 kv,
                 seq_rows: HashMap::new(),
                 free_rows: (0..sizes.max_sequences).rev().collect(),
-                tables: vec![-1; sizes.max_sequences * sizes.max_blocks_per_seq],
-                host_inputs,
+                staging,
                 wgmma_check,
                 dead: None,
             };
@@ -408,9 +403,7 @@ impl CudaEngine {
             let stream = Arc::clone(self.device.stream());
             self.plan
                 .forward(&self.kernels, &stream, &mut self.weights, Pass::decode(bucket))?;
-            stream
-                .synchronize()
-                .map_err(CudaError::driver(format!("warming up bucket {bucket}")))?;
+            self.staging.finish(&stream)?;
             if capture {
                 let graph = DecodeGraph::capture(
                     &mut self.plan,
@@ -624,39 +617,48 @@ impl CudaEngine {
         }
     }
 
-    /// Uploads the block-table rows of `seqs` that differ from the device copy.
+    /// Uploads the block-table rows of `seqs` that differ from the device copy (one copy of the
+    /// rows from the first to the last changed one; no host sync).
     fn sync_block_tables(&mut self, seqs: &[SeqId]) -> Result<(), CudaError> {
         let width = self.plan.sizes().max_blocks_per_seq;
+        let tables = self.staging.tables.host()?;
+        let mut changed: Option<(usize, usize)> = None;
         for &seq in seqs {
             let (Some(&row), Ok(table)) = (self.seq_rows.get(&seq), self.kv.block_table(seq))
             else {
                 continue;
             };
+            let Some(current) = tables.get_mut(row * width..(row + 1) * width) else {
+                return Err(CudaError::Dead(format!("block-table row {row} out of range")));
+            };
             let wanted = (0..width).map(|i| table.get(i).map_or(-1, |&b| b as i32));
-            let current = &mut self.tables[row * width..(row + 1) * width];
             if current.iter().copied().eq(wanted.clone()) {
                 continue;
             }
             for (c, w) in current.iter_mut().zip(wanted) {
                 *c = w;
             }
-            let target = self
-                .plan
-                .block_tables
-                .view_mut()
-                .sub(row * width, width)
-                .ok_or_else(|| CudaError::Dead(format!("block-table row {row} out of range")))?;
-            copy_to_device(self.device.stream(), target, current, "a block-table row")?;
+            changed = Some(changed.map_or((row, row), |(lo, hi)| (lo.min(row), hi.max(row))));
         }
-        Ok(())
+        let Some((lo, hi)) = changed else {
+            return Ok(());
+        };
+        let rows = (hi + 1 - lo) * width;
+        let target = self
+            .plan
+            .block_tables
+            .view_mut()
+            .sub(lo * width, rows)
+            .ok_or_else(|| CudaError::Dead(format!("block-table rows {lo}..={hi} out of range")))?;
+        self.staging
+            .tables
+            .upload(self.device.stream(), lo * width, target)
     }
 
+    /// Starts uploading the chunk's token ids, positions, sequence rows and logit rows.
     fn upload_inputs(&mut self, chunk: &Chunk) -> Result<(), CudaError> {
         let m = self.plan.sizes().max_tokens;
-        let words = self
-            .host_inputs
-            .as_mut_slice()
-            .map_err(CudaError::driver("mapping the pinned step inputs"))?;
+        let words = self.staging.inputs.host()?;
         words.fill(0);
         words[2 * m..3 * m].fill(NO_SEQUENCE);
         for (i, &id) in chunk.ids.iter().enumerate() {
@@ -668,36 +670,32 @@ impl CudaEngine {
             words[3 * m + i] = r as i32;
         }
         let all = self.plan.inputs.all().view_mut();
-        if all.len() < words.len() {
-            return Err(CudaError::Dead("the step-input buffer is too small".into()));
-        }
-        // SAFETY: the exclusively borrowed buffer holds every word; the pinned words are not
-        // written again before the chunk's read-back has waited for the stream (which orders this
-        // copy first).
-        unsafe {
-            cudarc::driver::result::memcpy_htod_async(
-                all.address(),
-                &*words,
-                self.device.stream().cu_stream(),
-            )
-        }
-        .map_err(CudaError::driver("uploading the step inputs"))
+        self.staging.inputs.upload(self.device.stream(), 0, all)
     }
 
     /// Runs one chunk and appends its rows to `out`; with `samplers` (one per row of the chunk) the
     /// rows are drawn on the device. Returns the first row (of the chunk) whose logits were not
-    /// finite, if any.
+    /// finite, if any. Waits for the device once, at the end.
     fn run_chunk(
         &mut self,
         chunk: &Chunk,
         out: &mut Output,
-        samplers: Option<&mut [Sampler]>,
+        mut samplers: Option<&mut [Sampler]>,
     ) -> Result<Option<usize>, CudaError> {
         self.upload_inputs(chunk)?;
         let stream = Arc::clone(self.device.stream());
         let greedy = matches!(out, Output::Greedy(_));
-        // Rows of the device logits holding this chunk's wanted rows, in order.
-        let device_rows: Vec<usize> = match &chunk.kind {
+        let wanted = chunk.logit_rows.len();
+        // The device logits row holding the chunk's `k`-th wanted row.
+        let decode = matches!(chunk.kind, ChunkKind::Decode { .. });
+        let row = |k: usize| {
+            if decode {
+                chunk.logit_rows[k] as usize
+            } else {
+                k
+            }
+        };
+        match &chunk.kind {
             ChunkKind::Decode { bucket } => {
                 match self.graphs.iter().find(|g| g.bucket == *bucket) {
                     Some(graph) => graph.replay()?,
@@ -708,84 +706,96 @@ impl CudaEngine {
                         Pass::decode(*bucket),
                     )?,
                 }
-                chunk.logit_rows.iter().map(|&r| r as usize).collect()
             }
             ChunkKind::Prefill { pieces } => {
-                let rows = chunk.logit_rows.len();
                 self.plan.forward(
                     &self.kernels,
                     &stream,
                     &mut self.weights,
                     Pass {
                         tokens: chunk.tokens(),
-                        rows,
+                        rows: wanted,
                         attention: Attention::Prefill(pieces),
                         greedy,
                     },
                 )?;
-                (0..rows).collect()
             }
-        };
-        let Some(&last) = device_rows.iter().max() else {
-            stream
-                .synchronize()
-                .map_err(CudaError::driver("finishing a step"))?;
+        }
+        let Some(rows) = (0..wanted).map(row).max().map(|last| last + 1) else {
+            self.staging.finish(&stream)?;
             return Ok(None);
         };
-        match out {
-            Output::Greedy(ids) => {
-                let greedy = download(&stream, &self.plan.greedy, last + 1)?;
-                match samplers {
-                    None => {
-                        for (k, &r) in device_rows.iter().enumerate() {
-                            if greedy[r] == SAMPLE_ID_NON_FINITE {
-                                return Ok(Some(k));
-                            }
-                            ids.push(greedy[r]);
-                        }
-                    }
-                    Some(samplers) => {
-                        let drawn = self.sample_rows(&stream, &device_rows, last + 1, samplers)?;
-                        for (k, &r) in device_rows.iter().enumerate() {
-                            let id = drawn[k].unwrap_or(greedy[r]);
-                            if id == SAMPLE_ID_NON_FINITE {
-                                return Ok(Some(k));
-                            }
-                            ids.push(id);
-                        }
-                    }
-                }
-            }
+        let ids = match out {
             Output::Logits(step) => {
                 let vocab = self.plan.vocab();
-                let all = download(&stream, &self.plan.logits, (last + 1) * vocab)?;
-                for &r in &device_rows {
+                let all = download(&stream, &self.plan.logits, rows * vocab)?;
+                for r in (0..wanted).map(row) {
                     step.logits
                         .extend_from_slice(&all[r * vocab..(r + 1) * vocab]);
                 }
+                return Ok(None);
             }
+            Output::Greedy(ids) => ids,
+        };
+        let greedy_ids = self.plan.greedy.view().sub(0, rows).ok_or_else(|| too_few(rows))?;
+        self.staging.greedy.download(&stream, greedy_ids)?;
+        if let Some(samplers) = samplers.as_deref() {
+            self.start_sampling(&stream, rows, &row, samplers)?;
+        }
+        self.staging.finish(&stream)?;
+        let greedy = self.staging.greedy.host()?;
+        let drawn = self.staging.drawn.host()?;
+        let states = self.staging.rng_after.host()?;
+        for k in 0..wanted {
+            let r = row(k);
+            let mut id = greedy[r];
+            let drawing = samplers
+                .as_deref_mut()
+                .and_then(|all| all.get_mut(k))
+                .filter(|s| !s.params().is_greedy());
+            if let Some(sampler) = drawing {
+                id = drawn[r];
+                if id == SAMPLE_ID_BAD_PARAMS {
+                    return Err(CudaError::Dead(format!(
+                        "device sampling refused the validated parameters of row {k}"
+                    )));
+                }
+                if id != SAMPLE_ID_NON_FINITE {
+                    let mut state = [0u64; RNG_STATE_WORDS];
+                    state.copy_from_slice(&states[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS]);
+                    sampler.set_rng(Rng::from_state(state));
+                }
+            }
+            if id == SAMPLE_ID_NON_FINITE {
+                return Ok(Some(k));
+            }
+            ids.push(id);
         }
         Ok(None)
     }
 
-    /// Draws the logits rows `device_rows` (of the first `rows` device rows) with `samplers` (one per
-    /// entry of `device_rows`): `None` for greedy samplers (the caller takes the argmax), else the
-    /// drawn id or [`SAMPLE_ID_NON_FINITE`]. Each drawing sampler's stream moves to where the
-    /// device left it.
-    fn sample_rows(
+    /// Enqueues the device draw of the first `rows` logits rows: sampler `k` (of the chunk's wanted
+    /// rows) draws device row `row(k)`; greedy samplers and rows nobody reads get a cheap top-1
+    /// draw. The drawn ids and advanced random states come back through the staging buffers.
+    fn start_sampling(
         &mut self,
         stream: &Arc<cudarc::driver::CudaStream>,
-        device_rows: &[usize],
         rows: usize,
-        samplers: &mut [Sampler],
-    ) -> Result<Vec<Option<u32>>, CudaError> {
-        // Rows nobody reads still get valid parameters (a cheap top-1 draw).
-        let mut temperature = vec![1.0f32; rows];
-        let mut top_k = vec![1u32; rows];
-        let mut top_p = vec![1.0f32; rows];
-        let mut rng: Vec<u64> = (0..rows).flat_map(|_| rng_state_for_seed(0)).collect();
-        for (k, &r) in device_rows.iter().enumerate() {
-            let p = *samplers[k].params();
+        row: &dyn Fn(usize) -> usize,
+        samplers: &[Sampler],
+    ) -> Result<(), CudaError> {
+        let s = &mut self.staging;
+        let (temperature, top_k) = (s.temperature.host()?, s.top_k.host()?);
+        let (top_p, rng) = (s.top_p.host()?, s.rng_state.host()?);
+        let seed0 = Rng::new(0).state();
+        temperature[..rows].fill(1.0);
+        top_k[..rows].fill(1);
+        top_p[..rows].fill(1.0);
+        for state in rng[..rows * RNG_STATE_WORDS].chunks_exact_mut(RNG_STATE_WORDS) {
+            state.copy_from_slice(&seed0);
+        }
+        for (k, sampler) in samplers.iter().enumerate() {
+            let (r, p) = (row(k), *sampler.params());
             if p.is_greedy() {
                 continue;
             }
@@ -793,21 +803,21 @@ impl CudaEngine {
             top_k[r] = u32::try_from(p.top_k).unwrap_or(u32::MAX);
             top_p[r] = p.top_p;
             rng[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS]
-                .copy_from_slice(&samplers[k].rng().state());
+                .copy_from_slice(&sampler.rng().state());
         }
-        let vocab = self.plan.vocab();
+        let vocab = self.plan.vocab() as u32;
         let b = &mut self.plan.sampling;
-        let temperatures = b.temperature.view_mut();
-        copy_to_device(stream, temperatures, &temperature, "sampling temperatures")?;
-        copy_to_device(stream, b.top_k.view_mut(), &top_k, "sampling top-k")?;
-        copy_to_device(stream, b.top_p.view_mut(), &top_p, "sampling top-p")?;
-        copy_to_device(stream, b.rng_state.view_mut(), &rng, "sampling random states")?;
+        let words = rows * RNG_STATE_WORDS;
+        s.temperature.upload(stream, 0, b.temperature.view_mut().sub(0, rows).ok_or_else(|| too_few(rows))?)?;
+        s.top_k.upload(stream, 0, b.top_k.view_mut().sub(0, rows).ok_or_else(|| too_few(rows))?)?;
+        s.top_p.upload(stream, 0, b.top_p.view_mut().sub(0, rows).ok_or_else(|| too_few(rows))?)?;
+        s.rng_state.upload(stream, 0, b.rng_state.view_mut().sub(0, words).ok_or_else(|| too_few(words))?)?;
         ops::sample(
             &self.kernels,
             stream,
             &SampleScalars {
                 rows: rows as u32,
-                vocab: vocab as u32,
+                vocab,
             },
             SampleArgs {
                 logits: self.plan.logits.view(),
@@ -818,29 +828,14 @@ impl CudaEngine {
                 out_ids: b.ids.view_mut(),
             },
         )?;
-        let drawn = download(stream, &b.ids, rows)?;
-        let states = download(stream, &b.rng_state, rows * RNG_STATE_WORDS)?;
-        let mut out = Vec::with_capacity(device_rows.len());
-        for (k, &r) in device_rows.iter().enumerate() {
-            if samplers[k].params().is_greedy() {
-                out.push(None);
-                continue;
-            }
-            let id = drawn[r];
-            if id == SAMPLE_ID_BAD_PARAMS {
-                return Err(CudaError::Dead(format!(
-                    "device sampling refused the validated parameters of row {k}"
-                )));
-            }
-            if id != SAMPLE_ID_NON_FINITE {
-                let mut state = [0u64; RNG_STATE_WORDS];
-                state.copy_from_slice(&states[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS]);
-                samplers[k].set_rng(Rng::from_state(state));
-            }
-            out.push(Some(id));
-        }
-        Ok(out)
+        s.drawn.download(stream, b.ids.view().sub(0, rows).ok_or_else(|| too_few(rows))?)?;
+        s.rng_after.download(stream, b.rng_state.view().sub(0, words).ok_or_else(|| too_few(words))?)
     }
+}
+
+/// A plan buffer shorter than a step needs (the plan is sized for `max_tokens`, so a bug).
+fn too_few(len: usize) -> CudaError {
+    CudaError::Dead(format!("a step needs {len} elements of a plan buffer that has fewer"))
 }
 
 impl Drop for CudaEngine {
