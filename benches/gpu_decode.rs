@@ -22,6 +22,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use mixtral::config::ModelConfig;
 use mixtral::cuda::engine::GroupedKernel;
 use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, WeightSource};
+use mixtral::engine::EngineOptions;
 use mixtral::quant::QuantFormat;
 use mixtral::{LogitsFor, SeqId, SeqStep};
 
@@ -77,9 +78,12 @@ fn engine_with(
     wgmma: bool,
 ) -> Result<CudaEngine, CudaError> {
     let options = CudaEngineOptions {
-        max_context: Some(32768),
-        max_sequences: 32,
-        max_step_tokens: 4096,
+        engine: EngineOptions {
+            max_context: Some(32768),
+            max_sequences: Some(32),
+            max_step_tokens: Some(4096),
+            ..EngineOptions::default()
+        },
         cuda_graphs: graphs,
         hopper_wgmma: wgmma,
         ..CudaEngineOptions::default()

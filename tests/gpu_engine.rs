@@ -28,6 +28,7 @@ use common::numeric::{argmax, rel_l2};
 use common::repo::root;
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::cuda::{CudaEngine, CudaEngineOptions, CudaError};
+use mixtral::engine::EngineOptions;
 use mixtral::quant::QuantFormat;
 use mixtral::{Engine, EngineError, LoadOptions, LogitsFor, Model, SeqStep};
 use serde_json::Value;
@@ -107,9 +108,12 @@ fn golden_ids(dir: &Path) -> (Vec<u32>, Vec<u32>) {
 
 fn small_options() -> CudaEngineOptions {
     CudaEngineOptions {
-        max_context: Some(256),
-        max_sequences: 4,
-        max_step_tokens: 64,
+        engine: EngineOptions {
+            max_context: Some(256),
+            max_sequences: Some(4),
+            max_step_tokens: Some(64),
+            ..EngineOptions::default()
+        },
         ..CudaEngineOptions::default()
     }
 }
@@ -383,10 +387,8 @@ fn chunked_prefill_matches_one_pass() {
     let Some(mut one_pass) = gpu_engine(&model, small_options(), "chunked_prefill") else {
         return;
     };
-    let chunked_options = CudaEngineOptions {
-        max_step_tokens: 4,
-        ..small_options()
-    };
+    let mut chunked_options = small_options();
+    chunked_options.engine.max_step_tokens = Some(4);
     let mut chunked = gpu_engine(&model, chunked_options, "chunked_prefill").expect("engine");
     let prompt: Vec<u32> = (0..13).map(|i| 1 + 37 * i).collect();
     let mut all = Vec::new();
@@ -450,10 +452,8 @@ fn a_model_that_cannot_fit_is_a_typed_error_and_frees_everything() {
     };
     let before = probe.memory().free_before;
     drop(probe);
-    let huge = CudaEngineOptions {
-        kv_blocks: Some(1 << 40),
-        ..small_options()
-    };
+    let mut huge = small_options();
+    huge.engine.kv_blocks = Some(1 << 40);
     match CudaEngine::new(&model.weights, huge, None) {
         Err(CudaError::OutOfMemory { bytes, free, .. }) => assert!(bytes > free),
         other => panic!("expected OutOfMemory, got {other:?}"),
@@ -638,10 +638,8 @@ fn quantized_fixtures_run_packed_and_match_the_cpu() {
             (format!("{what}{suffix}"), measured_drift(&name))
         });
         // Chunks of up to 256 tokens: the 160-token prompt runs in one step.
-        let options = CudaEngineOptions {
-            max_step_tokens: 256,
-            ..small_options()
-        };
+        let mut options = small_options();
+        options.engine.max_step_tokens = Some(256);
         let Some(mut gpu) = gpu_engine(&model, options, "quantized_fixtures") else {
             return;
         };
@@ -669,11 +667,9 @@ fn hopper_expert_kernels_pass_their_self_check_and_match_the_cpu() {
     use mixtral::cuda::ops::WgmmaCheck;
     let _lock = lock();
     let model = load(&root().join("models/mini-mixtral"));
-    let options = CudaEngineOptions {
-        hopper_wgmma: true,
-        max_step_tokens: 128,
-        ..small_options()
-    };
+    let mut options = small_options();
+    options.hopper_wgmma = true;
+    options.engine.max_step_tokens = Some(128);
     let Some(mut gpu) = gpu_engine(&model, options, "hopper_expert_kernels") else {
         return;
     };
@@ -707,11 +703,9 @@ fn a_full_kv_cache_is_a_typed_error_and_the_other_sequences_go_on() {
     let _lock = lock();
     let dir = root().join("models/tiny-mixtral");
     let model = load(&dir);
-    let options = CudaEngineOptions {
-        kv_blocks: Some(4),
-        block_size: 16,
-        ..small_options()
-    };
+    let mut options = small_options();
+    options.engine.kv_blocks = Some(4);
+    options.engine.block_size = Some(16);
     let Some(mut gpu) = gpu_engine(&model, options, "kv_cache_full") else {
         return;
     };

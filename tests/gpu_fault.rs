@@ -13,6 +13,7 @@ use half::bf16;
 use mixtral::cuda::memory::ViewMut;
 use mixtral::cuda::ops::{fill_random, FillValues};
 use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, Kernels};
+use mixtral::engine::EngineOptions;
 use mixtral::{Engine, EngineError, LoadOptions, LogitsFor, Model, SeqStep};
 
 use common::repo::root;
@@ -22,9 +23,12 @@ fn a_sticky_device_fault_makes_the_engine_refuse_further_work() {
     let model = Model::load(&root().join("models/tiny-mixtral"), &LoadOptions::default())
         .expect("tiny model");
     let options = CudaEngineOptions {
-        max_context: Some(64),
-        max_sequences: 2,
-        max_step_tokens: 16,
+        engine: EngineOptions {
+            max_context: Some(64),
+            max_sequences: Some(2),
+            max_step_tokens: Some(16),
+            ..EngineOptions::default()
+        },
         ..CudaEngineOptions::default()
     };
     let Some(mut engine) = common::gpu::or_skip(

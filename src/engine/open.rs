@@ -110,18 +110,13 @@ impl EngineOptions {
         }
     }
 
-    /// The CUDA engine's options on device `ordinal`: its defaults with every field given here.
+    /// The CUDA engine's options on device `ordinal`: these limits, the CUDA defaults for the rest.
     #[cfg(feature = "cuda")]
     pub fn cuda(&self, ordinal: usize) -> crate::cuda::CudaEngineOptions {
-        let d = crate::cuda::CudaEngineOptions::default();
         crate::cuda::CudaEngineOptions {
+            engine: self.clone(),
             device: ordinal,
-            max_context: self.max_context.or(d.max_context),
-            block_size: self.block_size.unwrap_or(d.block_size),
-            kv_blocks: self.kv_blocks.or(d.kv_blocks),
-            max_sequences: self.max_sequences.unwrap_or(d.max_sequences),
-            max_step_tokens: self.max_step_tokens.unwrap_or(d.max_step_tokens),
-            ..d
+            ..crate::cuda::CudaEngineOptions::default()
         }
     }
 }
@@ -288,33 +283,6 @@ mod tests {
                 cpu.kv_blocks
             ),
             (Some(64), 2, 8, Some(5))
-        );
-    }
-
-    #[cfg(feature = "cuda")]
-    #[test]
-    fn unified_options_fill_the_cuda_options() {
-        let options = EngineOptions {
-            max_context: Some(64),
-            max_sequences: Some(2),
-            block_size: Some(8),
-            kv_blocks: None,
-            max_step_tokens: Some(16),
-        };
-        let cuda = options.cuda(1);
-        let d = crate::cuda::CudaEngineOptions::default();
-        assert_eq!(
-            (
-                cuda.device,
-                cuda.max_context,
-                cuda.max_sequences,
-                cuda.block_size,
-                cuda.kv_blocks,
-                cuda.max_step_tokens,
-                cuda.cuda_graphs,
-                cuda.reserve_bytes,
-            ),
-            (1, Some(64), 2, 8, None, 16, d.cuda_graphs, d.reserve_bytes)
         );
     }
 }

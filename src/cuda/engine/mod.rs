@@ -47,7 +47,7 @@ use super::memory::{copy_to_host, DeviceArena, DeviceBuffer};
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::engine::{
-    check_sampler_count, sample_on_host, Engine, EngineError, LogitsFor, RowSampler, SeqId,
+    check_sampler_count, EngineOptions, sample_on_host, Engine, EngineError, LogitsFor, RowSampler, SeqId,
     SeqStep, StepOutput,
 };
 use crate::kv::{KvLimits, PagedKv};
@@ -59,18 +59,12 @@ use crate::weights::ModelWeights;
 /// the remaining memory holds (up to `max_sequences` full contexts).
 #[derive(Debug, Clone)]
 pub struct CudaEngineOptions {
+    /// The limits every backend takes. Left `None`: the model's context, 16-token blocks, 16
+    /// sequences (also the largest decode batch), 512 tokens per forward pass (longer steps run in
+    /// chunks), and as many KV blocks as fit (at most `max_sequences` full contexts).
+    pub engine: EngineOptions,
     /// CUDA device ordinal.
     pub device: usize,
-    /// Longest sequence, in tokens; `None` = the model's `max_position_embeddings`.
-    pub max_context: Option<usize>,
-    /// Tokens per KV-cache block.
-    pub block_size: usize,
-    /// Blocks in the KV pool; `None` = as many as fit (at most `max_sequences` full contexts).
-    pub kv_blocks: Option<usize>,
-    /// Most sequences alive at once (also the largest decode batch).
-    pub max_sequences: usize,
-    /// Most tokens in one forward pass; longer steps run in chunks of this size.
-    pub max_step_tokens: usize,
     /// Capture and replay CUDA graphs for decode steps (off: eager launches, for comparison).
     pub cuda_graphs: bool,
     /// Device memory left free for the driver and other users, in bytes.
@@ -85,16 +79,26 @@ pub struct CudaEngineOptions {
 impl Default for CudaEngineOptions {
     fn default() -> Self {
         CudaEngineOptions {
+            engine: EngineOptions::default(),
             device: 0,
-            max_context: None,
-            block_size: 16,
-            kv_blocks: None,
-            max_sequences: 16,
-            max_step_tokens: 512,
             cuda_graphs: true,
             reserve_bytes: 1 << 30,
             hopper_wgmma: false,
         }
+    }
+}
+
+impl CudaEngineOptions {
+    fn block_size(&self) -> usize {
+        self.engine.block_size.unwrap_or(16)
+    }
+
+    fn max_sequences(&self) -> usize {
+        self.engine.max_sequences.unwrap_or(16)
+    }
+
+    fn max_step_tokens(&self) -> usize {
+        self.engine.max_step_tokens.unwrap_or(512)
     }
 }
 
@@ -159,35 +163,36 @@ pub fn plan_sizes(
 ) -> Result<PlanSizes, CudaError> {
     let invalid =
         |what: &str| CudaError::UnsupportedModel(format!("invalid engine options: {what}"));
-    if options.block_size == 0 || options.max_sequences == 0 || options.max_step_tokens == 0 {
+    if options.block_size() == 0 || options.max_sequences() == 0 || options.max_step_tokens() == 0 {
         return Err(invalid(
             "block_size, max_sequences and max_step_tokens must be at least 1",
         ));
     }
     let max_context = options
+        .engine
         .max_context
         .unwrap_or(config.max_position_embeddings)
         .max(1);
     if max_context > i32::MAX as usize / 2 {
         return Err(invalid("max_context must be below 2^30"));
     }
-    let max_blocks_per_seq = max_context.div_ceil(options.block_size);
-    let max_decode_tokens = options.max_sequences.min(options.max_step_tokens);
+    let max_blocks_per_seq = max_context.div_ceil(options.block_size());
+    let max_decode_tokens = options.max_sequences().min(options.max_step_tokens());
     let mut sizes = PlanSizes {
-        max_tokens: options.max_step_tokens,
+        max_tokens: options.max_step_tokens(),
         max_decode_tokens,
-        max_sequences: options.max_sequences,
+        max_sequences: options.max_sequences(),
         num_blocks: 0,
-        block_size: options.block_size,
+        block_size: options.block_size(),
         max_blocks_per_seq,
     };
     let without_cache = plan_bytes(config, &sizes);
     sizes.num_blocks = 1;
     let per_block = plan_bytes(config, &sizes) - without_cache;
     let wanted = max_blocks_per_seq
-        .checked_mul(options.max_sequences)
+        .checked_mul(options.max_sequences())
         .ok_or_else(|| invalid("max_sequences * blocks per context overflows"))?;
-    sizes.num_blocks = match options.kv_blocks {
+    sizes.num_blocks = match options.engine.kv_blocks {
         Some(0) => return Err(invalid("kv_blocks must be at least 1")),
         Some(n) => n,
         None => {
@@ -290,7 +295,7 @@ impl CudaEngine {
                 .mem_get_info()
                 .map_err(CudaError::driver("reading free device memory"))?;
             let weight_bytes =
-                device_weight_bytes(&config, tied, &formats, options.max_step_tokens.max(1));
+                device_weight_bytes(&config, tied, &formats, options.max_step_tokens().max(1));
             let sizes = plan_sizes(&config, &options, free.saturating_sub(weight_bytes))?;
             let needed = weight_bytes + plan_bytes(&config, &sizes) + options.reserve_bytes;
             if needed > free {
@@ -310,7 +315,7 @@ impl CudaEngine {
                 &config,
                 tied,
                 &formats,
-                options.max_step_tokens.max(1),
+                options.max_step_tokens().max(1),
                 &mut arena,
             )?;
             match source {
@@ -348,6 +353,7 @@ impl CudaEngine {
                 None
             };
             let max_context = options
+                .engine
                 .max_context
                 .unwrap_or(config.max_position_embeddings)
                 .max(1);

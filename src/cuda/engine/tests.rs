@@ -2,6 +2,7 @@
 
 use super::plan::plan_bytes;
 use super::*;
+use crate::engine::EngineOptions;
 use crate::config::{Architecture, ModelConfig};
 
 /// Mixtral-8x7B's published shape.
@@ -23,11 +24,9 @@ fn mixtral_8x7b() -> ModelConfig {
 #[test]
 fn kv_cache_fills_the_memory_left_and_no_more() {
     let config = mixtral_8x7b();
-    let options = CudaEngineOptions {
-        max_context: Some(32768),
-        max_sequences: 4,
-        ..CudaEngineOptions::default()
-    };
+    let mut options = CudaEngineOptions::default();
+    options.engine.max_context = Some(32768);
+    options.engine.max_sequences = Some(4);
     // 20 GiB after the weights: less than 4 full contexts of 4 GiB each plus activations? No: 4 x 4
     // GiB = 16 GiB fits, so the pool holds exactly four contexts.
     let sizes = plan_sizes(&config, &options, 20 << 30).unwrap();
@@ -70,31 +69,36 @@ fn kv_cache_bytes_match_the_published_figure() {
 #[test]
 fn explicit_kv_blocks_are_kept_and_bad_options_refused() {
     let config = mixtral_8x7b();
-    let options = CudaEngineOptions {
-        kv_blocks: Some(123),
-        ..CudaEngineOptions::default()
-    };
+    let mut options = CudaEngineOptions::default();
+    options.engine.kv_blocks = Some(123);
     assert_eq!(plan_sizes(&config, &options, 0).unwrap().num_blocks, 123);
     for bad in [
-        CudaEngineOptions {
-            block_size: 0,
-            ..CudaEngineOptions::default()
+        EngineOptions {
+            block_size: Some(0),
+            ..EngineOptions::default()
         },
-        CudaEngineOptions {
-            max_sequences: 0,
-            ..CudaEngineOptions::default()
+        EngineOptions {
+            max_sequences: Some(0),
+            ..EngineOptions::default()
         },
-        CudaEngineOptions {
+        EngineOptions {
             kv_blocks: Some(0),
-            ..CudaEngineOptions::default()
+            ..EngineOptions::default()
         },
-        CudaEngineOptions {
+        EngineOptions {
             max_context: Some(usize::MAX),
-            ..CudaEngineOptions::default()
+            ..EngineOptions::default()
         },
     ] {
         assert!(matches!(
-            plan_sizes(&config, &bad, 1 << 40),
+            plan_sizes(
+                &config,
+                &CudaEngineOptions {
+                    engine: bad,
+                    ..CudaEngineOptions::default()
+                },
+                1 << 40
+            ),
             Err(CudaError::UnsupportedModel(_))
         ));
     }
@@ -115,11 +119,9 @@ fn mixtral_8x7b_fits_an_80_gb_gpu_packed_in_8_bits_with_a_32k_context_but_not_in
     let config = mixtral_8x7b();
     // An H100 80GB reports about 79.1 GiB free with nothing else running.
     let free: usize = 79 << 30;
-    let options = CudaEngineOptions {
-        max_context: Some(32768),
-        max_sequences: 1,
-        ..CudaEngineOptions::default()
-    };
+    let mut options = CudaEngineOptions::default();
+    options.engine.max_context = Some(32768);
+    options.engine.max_sequences = Some(1);
     let layers = |f| vec![LayerFormats::all(f); config.num_layers];
     let bf16 = device_weight_bytes(&config, false, &layers(StackFormat::Bf16), 512);
     assert!(bf16 > free, "bf16 Mixtral-8x7B: {bf16} bytes");
@@ -129,7 +131,7 @@ fn mixtral_8x7b_fits_an_80_gb_gpu_packed_in_8_bits_with_a_32k_context_but_not_in
         PackedKind::Int4 { group_size: 128 },
     ] {
         let formats = layers(StackFormat::Packed { kind, perm: false });
-        let weights = device_weight_bytes(&config, false, &formats, options.max_step_tokens);
+        let weights = device_weight_bytes(&config, false, &formats, options.max_step_tokens());
         let sizes = plan_sizes(&config, &options, free - weights).unwrap();
         assert_eq!(sizes.num_blocks, 2048, "{kind:?}: one full 32k context");
         let needed = weights + plan_bytes(&config, &sizes) + options.reserve_bytes;
