@@ -51,32 +51,61 @@ pub(super) fn tile_list(
     c.count("tiles", max_tiles(slots, s.experts as usize, bm as usize))
 }
 
-fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
-    let c = Check {
-        op: "moe_grouped_gemm",
-    };
+/// One pair of tile-list kernels: the up kernel writes `up_cols` columns of `act` per block, the
+/// down kernel `down_cols` columns of `out`, over tiles of `bm` slots, `threads` per block.
+pub(super) struct TilePair {
+    pub up: (KernelFamily, &'static str),
+    pub down: (KernelFamily, &'static str),
+    pub bm: u32,
+    pub up_cols: u32,
+    pub down_cols: u32,
+    pub threads: u32,
+}
+
+/// Plans a [`TilePair`]: the [`tile_list`] rules, the instantiations, then grid x = tiles and
+/// y = column blocks of each pass.
+pub(super) fn plan_tile_pair(
+    c: &Check,
+    pair: &TilePair,
+    s: &MoeScalars,
+    a: &MoeArgs<'_>,
+) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
     let params = a.params(c.op, s)?;
-    let tiles = tile_list(&c, s, a.out.address(), MOE_GROUPED_BM)?;
-    let up = c.variant(KernelFamily::MoeGroupedUp, "moe_grouped_up", &[])?;
-    let down = c.variant(KernelFamily::MoeGroupedDown, "moe_grouped_down", &[])?;
+    let tiles = tile_list(c, s, a.out.address(), pair.bm)?;
+    let up = c.variant(pair.up.0, pair.up.1, &[])?;
+    let down = c.variant(pair.down.0, pair.down.1, &[])?;
     if s.tokens == 0 {
         return Ok(None);
     }
-    let up_blocks = c.grid_yz("inter blocks", s.inter.div_ceil(MOE_GROUPED_BN) as usize)?;
-    let down_blocks = c.grid_yz(
-        "hidden blocks",
-        s.hidden.div_ceil(2 * MOE_GROUPED_BN) as usize,
-    )?;
+    let up_blocks = c.grid_yz("inter blocks", s.inter.div_ceil(pair.up_cols) as usize)?;
+    let down_blocks = c.grid_yz("hidden blocks", s.hidden.div_ceil(pair.down_cols) as usize)?;
     let grid = |variant, blocks| Grid {
         variant,
         grid: (tiles, blocks, 1),
-        block: MOE_GROUPED_THREADS,
+        block: pair.threads,
         shared_bytes: 0,
     };
     Ok(Some((
         params,
         [grid(up, up_blocks), grid(down, down_blocks)],
     )))
+}
+
+/// MOE_GROUPED_BN columns of w1 and w3 per up block, twice that (rows of w2) per down block.
+const GROUPED: TilePair = TilePair {
+    up: (KernelFamily::MoeGroupedUp, "moe_grouped_up"),
+    down: (KernelFamily::MoeGroupedDown, "moe_grouped_down"),
+    bm: MOE_GROUPED_BM,
+    up_cols: MOE_GROUPED_BN,
+    down_cols: 2 * MOE_GROUPED_BN,
+    threads: MOE_GROUPED_THREADS,
+};
+
+fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
+    let c = Check {
+        op: "moe_grouped_gemm",
+    };
+    plan_tile_pair(&c, &GROUPED, s, a)
 }
 
 /// The routed expert MLPs of a prefill batch on tensor cores: `act = silu(w1 x) * (w3 x)`,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 use half::bf16;
 
-use super::moe_grouped::{moe_grouped_gemm, tile_list};
+use super::moe_grouped::{moe_grouped_gemm, plan_tile_pair, TilePair};
 use crate::cpu::router::{group_by_expert, route};
 use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::Check;
@@ -57,27 +57,17 @@ fn require_hopper(c: &Check, capability: (i32, i32)) -> Result<(), CudaError> {
 
 /// The tile list of `moe_grouped`; 64 output columns per up block (the 128-row B operand holds 64
 /// rows of w1 and the same 64 rows of w3), 128 (rows of w2) per down block.
+const WGMMA: TilePair = TilePair {
+    up: (KernelFamily::MoeWgmmaUp, "moe_wgmma_up"),
+    down: (KernelFamily::MoeWgmmaDown, "moe_wgmma_down"),
+    bm: MOE_WGMMA_BM,
+    up_cols: MOE_WGMMA_BN / 2,
+    down_cols: MOE_WGMMA_BN,
+    threads: MOE_WGMMA_THREADS,
+};
+
 fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
-    let c = Check { op: OP };
-    let params = a.params(c.op, s)?;
-    let tiles = tile_list(&c, s, a.out.address(), MOE_WGMMA_BM)?;
-    let up = c.variant(KernelFamily::MoeWgmmaUp, "moe_wgmma_up", &[])?;
-    let down = c.variant(KernelFamily::MoeWgmmaDown, "moe_wgmma_down", &[])?;
-    if s.tokens == 0 {
-        return Ok(None);
-    }
-    let up_blocks = c.grid_yz("inter blocks", s.inter.div_ceil(MOE_WGMMA_BN / 2) as usize)?;
-    let down_blocks = c.grid_yz("hidden blocks", s.hidden.div_ceil(MOE_WGMMA_BN) as usize)?;
-    let grid = |variant, blocks| Grid {
-        variant,
-        grid: (tiles, blocks, 1),
-        block: MOE_WGMMA_THREADS,
-        shared_bytes: 0,
-    };
-    Ok(Some((
-        params,
-        [grid(up, up_blocks), grid(down, down_blocks)],
-    )))
+    plan_tile_pair(&Check { op: OP }, &WGMMA, s, a)
 }
 
 /// The routed expert MLPs of a prefill batch on Hopper warpgroup MMA: `act = silu(w1 x) * (w3 x)`,
