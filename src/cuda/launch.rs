@@ -85,3 +85,20 @@ pub fn launch_planned<P: DeviceRepr, const N: usize>(
         None => Ok(()),
     }
 }
+
+/// Defines an op's launcher, `pub fn NAME(kernels, stream, scalars, args)`: plans with the op's
+/// planner, then issues what it planned (nothing for zero tokens or rows).
+macro_rules! planned_launcher {
+    ($(#[$doc:meta])* $name:ident($scalars:ty, $args:ident) = $plan:path) => {
+        $(#[$doc])*
+        pub fn $name(
+            kernels: &$crate::cuda::module::Kernels,
+            stream: &cudarc::driver::CudaStream,
+            scalars: &$scalars,
+            args: $crate::cuda::args::$args<'_>,
+        ) -> Result<(), $crate::cuda::error::CudaError> {
+            $crate::cuda::launch::launch_planned(kernels, stream, $plan(scalars, &args)?)
+        }
+    };
+}
+pub(crate) use planned_launcher;

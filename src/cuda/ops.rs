@@ -57,7 +57,6 @@ pub use sample::*;
 mod fill;
 pub use fill::*;
 
-
 mod quant_layout;
 pub use quant_layout::PackedView;
 

@@ -12,7 +12,7 @@
 //! ```
 //!
 //! A fixed sequence of checked kernel launches on the engine's stream (no allocation, no host sync,
-//! no string lookup), so a decode chunk can be captured into a graph. [`Step`] fills each op's
+//! no string lookup), so a decode chunk can be captured into a graph. `Step` fills each op's
 //! scalars from the model dimensions and the chunk's token count, so each line below is one op.
 
 use cudarc::driver::CudaStream;

@@ -1,13 +1,10 @@
 //! `argmax` (csrc/sampling.cu): greedy sampling, `out_ids[r]` = the lowest id of the maximum of
 //! `logits[r, :]` (`[rows, vocab]` f32), or SAMPLE_NON_FINITE for a row holding a NaN or an infinity.
 
-use cudarc::driver::CudaStream;
-
 use crate::cuda::args::{ArgmaxArgs, ArgmaxScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
-use crate::cuda::module::Kernels;
+use crate::cuda::launch::{planned_launcher, Grid};
 use crate::cuda::params::{ArgmaxParams, KernelFamily, ARGMAX_THREADS};
 
 fn plan(
@@ -29,14 +26,9 @@ fn plan(
     )))
 }
 
-/// The argmax of each logits row; zero rows launch nothing.
-pub fn argmax(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &ArgmaxScalars,
-    args: ArgmaxArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(s, &args)?)
+planned_launcher! {
+    /// The argmax of each logits row; zero rows launch nothing.
+    argmax(ArgmaxScalars, ArgmaxArgs) = plan
 }
 
 #[cfg(test)]

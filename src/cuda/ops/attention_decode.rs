@@ -5,16 +5,13 @@
 //! `[tokens, n_heads, max_splits, head_dim]` and part_lse `[tokens, n_heads, max_splits]` f32, where
 //! `max_splits` = [`attention_splits`] of a sequence's capacity.
 
-use cudarc::driver::CudaStream;
-
 use super::paged_cache::{
     attention_splits, gqa_group, score_scale, window_scalar, PagedCacheShape,
 };
 use crate::cuda::args::{AttentionDecodeArgs, AttentionDecodeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
-use crate::cuda::module::Kernels;
+use crate::cuda::launch::{planned_launcher, Grid};
 use crate::cuda::params::{
     AttentionDecodeParams, KernelFamily, ATTENTION_COMBINE_THREADS, ATTENTION_MAX_SPLIT_KEYS,
     ATTENTION_THREADS,
@@ -103,15 +100,10 @@ fn plan(
     )))
 }
 
-/// Split-KV decode attention over the paged cache, then the combine of the splits into `out`; zero
-/// tokens launch nothing.
-pub fn attention_decode(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    shape: &AttentionDecodeShape,
-    args: AttentionDecodeArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(shape, &args)?)
+planned_launcher! {
+    /// Split-KV decode attention over the paged cache, then the combine of the splits into `out`; zero
+    /// tokens launch nothing.
+    attention_decode(AttentionDecodeShape, AttentionDecodeArgs) = plan
 }
 
 #[cfg(test)]

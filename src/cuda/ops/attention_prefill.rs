@@ -5,14 +5,11 @@
 //! `[tokens, n_heads, head_dim]` bf16, contiguous. The cache must already hold this step's keys and
 //! values. One launch per sequence (the engine's prefill pieces).
 
-use cudarc::driver::CudaStream;
-
 use super::paged_cache::{gqa_group, score_scale, window_scalar, PagedCacheShape};
 use crate::cuda::args::{AttentionPrefillArgs, AttentionPrefillScalars};
 use crate::cuda::checks::{Check, DEFAULT_SHARED_BYTES};
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
-use crate::cuda::module::Kernels;
+use crate::cuda::launch::{planned_launcher, Grid};
 use crate::cuda::params::{
     AttentionPrefillParams, KernelFamily, ATTENTION_PREFILL_KEYS, ATTENTION_PREFILL_PAD,
     ATTENTION_PREFILL_QUERIES, ATTENTION_PREFILL_THREADS,
@@ -118,15 +115,10 @@ fn plan(
     )))
 }
 
-/// Causal flash attention of one sequence's queries over its paged cache into `out`; zero tokens
-/// launch nothing.
-pub fn attention_prefill(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    shape: &AttentionPrefillShape,
-    args: AttentionPrefillArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(shape, &args)?)
+planned_launcher! {
+    /// Causal flash attention of one sequence's queries over its paged cache into `out`; zero tokens
+    /// launch nothing.
+    attention_prefill(AttentionPrefillShape, AttentionPrefillArgs) = plan
 }
 
 #[cfg(test)]

@@ -3,13 +3,10 @@
 //! variant); an id >= vocab gives a row of zeros (validate ids on the host). Also gathers rows of
 //! any bf16 matrix (the LM head's input rows).
 
-use cudarc::driver::CudaStream;
-
 use crate::cuda::args::{EmbeddingArgs, EmbeddingScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
-use crate::cuda::module::Kernels;
+use crate::cuda::launch::{planned_launcher, Grid};
 use crate::cuda::params::{EmbeddingParams, KernelFamily, EMBEDDING_THREADS};
 
 fn plan(
@@ -41,14 +38,9 @@ fn plan(
     )))
 }
 
-/// Gathers the table rows of `ids` into `out`; zero tokens launch nothing.
-pub fn embedding(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &EmbeddingScalars,
-    args: EmbeddingArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(s, &args)?)
+planned_launcher! {
+    /// Gathers the table rows of `ids` into `out`; zero tokens launch nothing.
+    embedding(EmbeddingScalars, EmbeddingArgs) = plan
 }
 
 #[cfg(test)]

@@ -12,14 +12,11 @@
 //!   the GPU, while the GEMV's cost is one weight read per 8 tokens; at 17+ tokens a third weight
 //!   pass would cost more than the tensor cores' idle rows. The crossover has not been measured.
 
-use cudarc::driver::CudaStream;
-
 use crate::cuda::args::{LinearArgs, LinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
 use crate::cuda::select::{select, Choice, Device as SelectDevice, Format, Op};
-use crate::cuda::launch::{launch_planned, Grid};
-use crate::cuda::module::Kernels;
+use crate::cuda::launch::{planned_launcher, Grid};
 use crate::cuda::params::{
     KernelFamily, LinearParams, LINEAR_GEMV_ROWS_PER_WARP,
     LINEAR_GEMV_WARPS, LINEAR_MMA_BM, LINEAR_MMA_BN, LINEAR_MMA_THREADS,
@@ -86,15 +83,10 @@ fn plan(
     Ok(Some((params, [grid])))
 }
 
-/// `out[t, o] = sum_i x[t, i] * w[o, i]` with f32 accumulation: a GEMV for up to
-/// [`LINEAR_GEMV_MAX_TOKENS`](crate::cuda::select::LINEAR_GEMV_MAX_TOKENS) tokens, the tensor-core GEMM above; zero tokens launch nothing.
-pub fn linear(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &LinearScalars,
-    args: LinearArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(s, &args)?)
+planned_launcher! {
+    /// `out[t, o] = sum_i x[t, i] * w[o, i]` with f32 accumulation: a GEMV for up to
+    /// [`LINEAR_GEMV_MAX_TOKENS`](crate::cuda::select::LINEAR_GEMV_MAX_TOKENS) tokens, the tensor-core GEMM above; zero tokens launch nothing.
+    linear(LinearScalars, LinearArgs) = plan
 }
 
 #[cfg(test)]

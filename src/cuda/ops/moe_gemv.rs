@@ -7,14 +7,11 @@
 //! Also the shape rules every expert kernel over [`MoeParams`] states ([`moe_rules`]): the tensor-core
 //! kernels of [`moe_grouped`](super::moe_grouped) and [`moe_wgmma`](super::moe_wgmma) check them too.
 
-use cudarc::driver::CudaStream;
-
 use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::Check;
 use super::linear::gemv_tile;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
-use crate::cuda::module::Kernels;
+use crate::cuda::launch::{planned_launcher, Grid};
 use crate::cuda::params::{KernelFamily, MoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS};
 
 /// The rules of every expert kernel beyond the buffer extents: hidden and inter multiples of 8
@@ -66,15 +63,10 @@ fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])
     )))
 }
 
-/// The routed expert MLPs of a decode batch: `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)`
-/// per slot; zero tokens launch nothing.
-pub fn moe_gemv(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &MoeScalars,
-    args: MoeArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(s, &args)?)
+planned_launcher! {
+    /// The routed expert MLPs of a decode batch: `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)`
+    /// per slot; zero tokens launch nothing.
+    moe_gemv(MoeScalars, MoeArgs) = plan
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use super::moe_gemv::{moe_gemv, moe_rules};
 use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::{aligned, Check};
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
+use crate::cuda::launch::{planned_launcher, Grid};
 use crate::cuda::module::Kernels;
 use crate::cuda::select::{select, Choice, Device, Format, Op};
 use crate::cuda::params::{
@@ -108,16 +108,11 @@ fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])
     plan_tile_pair(&c, &GROUPED, s, a)
 }
 
-/// The routed expert MLPs of a prefill batch on tensor cores: `act = silu(w1 x) * (w3 x)`,
-/// `out = weight * (w2 act)` per slot, the same buffers and results as [`moe_gemv`] (`out` must be
-/// 16-byte aligned as well). Zero tokens launch nothing.
-pub fn moe_grouped_gemm(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &MoeScalars,
-    args: MoeArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(s, &args)?)
+planned_launcher! {
+    /// The routed expert MLPs of a prefill batch on tensor cores: `act = silu(w1 x) * (w3 x)`,
+    /// `out = weight * (w2 act)` per slot, the same buffers and results as [`moe_gemv`] (`out` must be
+    /// 16-byte aligned as well). Zero tokens launch nothing.
+    moe_grouped_gemm(MoeScalars, MoeArgs) = plan
 }
 
 /// Runs [`moe_gemv`] or [`moe_grouped_gemm`] over bf16 experts, as the selection table picks for

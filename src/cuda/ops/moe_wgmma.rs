@@ -75,7 +75,7 @@ fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])
 /// 16-byte aligned as well). Zero tokens launch nothing.
 ///
 /// Use it only after [`moe_wgmma_self_check`] returned [`WgmmaCheck::Passed`] on this device. Any
-/// device whose compute capability is not 9.0 is refused with [`CudaError::Unsupported`] (`what` =
+/// device whose compute capability is not 9.0 is refused with `KernelError::Unsupported` (`what` =
 /// "compute capability") before anything is launched.
 pub fn moe_wgmma_gemm(
     kernels: &Kernels,

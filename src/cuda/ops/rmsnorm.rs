@@ -2,14 +2,11 @@
 //! the attention projection, or the MoE slots) into the f32 residual stream `[rows, hidden]` in place,
 //! then writes `out = residual * rsqrt(mean(residual^2) + eps) * weight` (f32 math, bf16 out).
 
-use cudarc::driver::CudaStream;
-
 use crate::cuda::args::{RmsnormArgs, RmsnormScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
+use crate::cuda::launch::{planned_launcher, Grid};
 use crate::cuda::memory::AnyView;
-use crate::cuda::module::Kernels;
 use crate::cuda::params::{KernelFamily, RmsnormParams, RMSNORM_THREADS};
 
 fn plan(
@@ -54,14 +51,9 @@ fn plan(
     )))
 }
 
-/// `residual += sum of addends; out = rmsnorm(residual) * weight`; zero rows launch nothing.
-pub fn rmsnorm(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &RmsnormScalars,
-    args: RmsnormArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(s, &args)?)
+planned_launcher! {
+    /// `residual += sum of addends; out = rmsnorm(residual) * weight`; zero rows launch nothing.
+    rmsnorm(RmsnormScalars, RmsnormArgs) = plan
 }
 
 #[cfg(test)]

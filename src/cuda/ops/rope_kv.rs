@@ -4,14 +4,11 @@
 //! [`PagedCacheShape`](super::PagedCacheShape)). q, k and v are column groups of wider rows (the
 //! fused QKV activation).
 
-use cudarc::driver::CudaStream;
-
 use super::paged_cache::PagedCacheShape;
 use crate::cuda::args::{RopeKvArgs, RopeKvScalars};
 use crate::cuda::checks::{Check, DEFAULT_SHARED_BYTES};
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
-use crate::cuda::module::Kernels;
+use crate::cuda::launch::{planned_launcher, Grid};
 use crate::cuda::params::{KernelFamily, RopeKvParams, ROPE_KV_THREADS};
 
 fn plan(
@@ -59,15 +56,10 @@ fn plan(
     )))
 }
 
-/// RoPE on q (in place) and k, and k/v written to the paged cache at each token's position; zero
-/// tokens launch nothing.
-pub fn rope_kv(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &RopeKvScalars,
-    args: RopeKvArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(s, &args)?)
+planned_launcher! {
+    /// RoPE on q (in place) and k, and k/v written to the paged cache at each token's position; zero
+    /// tokens launch nothing.
+    rope_kv(RopeKvScalars, RopeKvArgs) = plan
 }
 
 #[cfg(test)]

@@ -4,13 +4,10 @@
 //! their renormalised weights; `router_group` (one warp) groups the `tokens * top_k` slots by expert:
 //! counts `[experts]`, offsets `[experts + 1]` and `sorted_slots`.
 
-use cudarc::driver::CudaStream;
-
 use crate::cuda::args::{RouterArgs, RouterScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
-use crate::cuda::module::Kernels;
+use crate::cuda::launch::{planned_launcher, Grid};
 use crate::cuda::params::{
     KernelFamily, RouterParams, ROUTER_GROUP_THREADS, ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K,
     ROUTER_THREADS,
@@ -53,15 +50,10 @@ fn plan(
     )))
 }
 
-/// Router logits, softmax, top-k with renormalised weights, and the grouping of slots per expert;
-/// zero tokens launch nothing.
-pub fn router(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &RouterScalars,
-    args: RouterArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(s, &args)?)
+planned_launcher! {
+    /// Router logits, softmax, top-k with renormalised weights, and the grouping of slots per expert;
+    /// zero tokens launch nothing.
+    router(RouterScalars, RouterArgs) = plan
 }
 
 #[cfg(test)]

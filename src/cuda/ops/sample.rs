@@ -5,13 +5,10 @@
 //! device memory, so a captured CUDA graph can replay the launch every token while the engine
 //! updates those buffers.
 
-use cudarc::driver::CudaStream;
-
 use crate::cuda::args::{SampleArgs, SampleScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::{CudaError, KernelError};
-use crate::cuda::launch::{launch_planned, Grid};
-use crate::cuda::module::Kernels;
+use crate::cuda::launch::{planned_launcher, Grid};
 use crate::cuda::params::{
     KernelFamily, SampleParams, SAMPLE_BAD_PARAMS, SAMPLE_NON_FINITE, SAMPLE_RNG_WORDS,
     SAMPLE_THREADS,
@@ -65,18 +62,13 @@ fn plan(
     )))
 }
 
-/// Draws one id per row: temperature, top-k (ties to the lower id), top-p, then a draw from the
-/// softmax of what is left with the row's random stream, as the host sampler defines them (no
-/// repetition penalty). For the same logits and seed the id equals the host's except when float
-/// rounding puts the uniform exactly at a boundary (the device sums in parallel). Zero rows launch
-/// nothing.
-pub fn sample(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &SampleScalars,
-    args: SampleArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(s, &args)?)
+planned_launcher! {
+    /// Draws one id per row: temperature, top-k (ties to the lower id), top-p, then a draw from the
+    /// softmax of what is left with the row's random stream, as the host sampler defines them (no
+    /// repetition penalty). For the same logits and seed the id equals the host's except when float
+    /// rounding puts the uniform exactly at a boundary (the device sums in parallel). Zero rows launch
+    /// nothing.
+    sample(SampleScalars, SampleArgs) = plan
 }
 
 #[cfg(test)]
