@@ -102,3 +102,13 @@ macro_rules! planned_launcher {
     };
 }
 pub(crate) use planned_launcher;
+
+/// A planner's result: `grids` with `params`, or nothing to launch when `count` (the op's tokens
+/// or rows) is zero.
+pub fn unless_empty<P, const N: usize>(
+    count: u32,
+    params: P,
+    grids: [Grid; N],
+) -> Option<(P, [Grid; N])> {
+    (count > 0).then_some((params, grids))
+}

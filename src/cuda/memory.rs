@@ -483,61 +483,41 @@ pub enum AnyViewMut<'a> {
     F32(ViewMut<'a, f32>),
 }
 
-impl AnyView<'_> {
-    /// Device address of element 0.
-    pub fn address(&self) -> u64 {
-        match self {
-            AnyView::Bf16(v) => v.address(),
-            AnyView::F32(v) => v.address(),
+/// The methods [`AnyView`] and [`AnyViewMut`] share.
+macro_rules! any_view_methods {
+    ($any:ident) => {
+        impl $any<'_> {
+            /// Device address of element 0.
+            pub fn address(&self) -> u64 {
+                match self {
+                    $any::Bf16(v) => v.address(),
+                    $any::F32(v) => v.address(),
+                }
+            }
+
+            /// Elements viewed.
+            pub fn len(&self) -> usize {
+                match self {
+                    $any::Bf16(v) => v.len(),
+                    $any::F32(v) => v.len(),
+                }
+            }
+
+            /// True when no element is viewed.
+            pub fn is_empty(&self) -> bool {
+                self.len() == 0
+            }
+
+            /// True for f32 elements.
+            pub fn is_f32(&self) -> bool {
+                matches!(self, $any::F32(_))
+            }
         }
-    }
-
-    /// Elements viewed.
-    pub fn len(&self) -> usize {
-        match self {
-            AnyView::Bf16(v) => v.len(),
-            AnyView::F32(v) => v.len(),
-        }
-    }
-
-    /// True when no element is viewed.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// True for f32 elements.
-    pub fn is_f32(&self) -> bool {
-        matches!(self, AnyView::F32(_))
-    }
+    };
 }
 
-impl AnyViewMut<'_> {
-    /// Device address of element 0.
-    pub fn address(&self) -> u64 {
-        match self {
-            AnyViewMut::Bf16(v) => v.address(),
-            AnyViewMut::F32(v) => v.address(),
-        }
-    }
-
-    /// Elements viewed.
-    pub fn len(&self) -> usize {
-        match self {
-            AnyViewMut::Bf16(v) => v.len(),
-            AnyViewMut::F32(v) => v.len(),
-        }
-    }
-
-    /// True when no element is viewed.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// True for f32 elements.
-    pub fn is_f32(&self) -> bool {
-        matches!(self, AnyViewMut::F32(_))
-    }
-}
+any_view_methods!(AnyView);
+any_view_methods!(AnyViewMut);
 
 impl<'a> From<ViewMut<'a, bf16>> for AnyViewMut<'a> {
     fn from(view: ViewMut<'a, bf16>) -> Self {

@@ -4,7 +4,7 @@
 use crate::cuda::args::{ArgmaxArgs, ArgmaxScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
 use crate::cuda::params::{ArgmaxParams, KernelFamily, ARGMAX_THREADS};
 
 fn plan(
@@ -17,13 +17,7 @@ fn plan(
     c.at_least("vocab", s.vocab as usize, 1)?;
     c.product("rows * vocab", &[s.rows as usize, s.vocab as usize])?;
     let variant = c.variant(KernelFamily::Argmax, "argmax", &[])?;
-    if s.rows == 0 {
-        return Ok(None);
-    }
-    Ok(Some((
-        params,
-        [Grid::linear(variant, s.rows, ARGMAX_THREADS)],
-    )))
+    Ok(unless_empty(s.rows, params, [Grid::linear(variant, s.rows, ARGMAX_THREADS)]))
 }
 
 planned_launcher! {

@@ -9,7 +9,7 @@ use super::paged_cache::{gqa_group, score_scale, window_scalar, PagedCacheShape}
 use crate::cuda::args::{AttentionPrefillArgs, AttentionPrefillScalars};
 use crate::cuda::checks::{Check, DEFAULT_SHARED_BYTES};
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
 use crate::cuda::params::{
     AttentionPrefillParams, KernelFamily, ATTENTION_PREFILL_KEYS, ATTENTION_PREFILL_PAD,
     ATTENTION_PREFILL_QUERIES, ATTENTION_PREFILL_THREADS,
@@ -100,19 +100,14 @@ fn plan(
         scale: score_scale(head_dim),
     };
     let params = a.params(c.op, &scalars)?;
-    if s.tokens == 0 {
-        return Ok(None);
-    }
     let tiles = s.tokens.div_ceil(ATTENTION_PREFILL_QUERIES as usize) as u32;
-    Ok(Some((
-        params,
-        [Grid {
-            variant,
-            grid: (tiles, scalars.n_heads, 1),
-            block: ATTENTION_PREFILL_THREADS,
-            shared_bytes: 0,
-        }],
-    )))
+    let grid = Grid {
+        variant,
+        grid: (tiles, scalars.n_heads, 1),
+        block: ATTENTION_PREFILL_THREADS,
+        shared_bytes: 0,
+    };
+    Ok(unless_empty(tiles, params, [grid]))
 }
 
 planned_launcher! {

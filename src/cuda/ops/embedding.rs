@@ -6,7 +6,7 @@
 use crate::cuda::args::{EmbeddingArgs, EmbeddingScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
 use crate::cuda::params::{EmbeddingParams, KernelFamily, EMBEDDING_THREADS};
 
 fn plan(
@@ -29,13 +29,7 @@ fn plan(
         "out_f32",
         &[u32::from(a.out.is_f32())],
     )?;
-    if s.tokens == 0 {
-        return Ok(None);
-    }
-    Ok(Some((
-        params,
-        [Grid::linear(variant, s.tokens, EMBEDDING_THREADS)],
-    )))
+    Ok(unless_empty(s.tokens, params, [Grid::linear(variant, s.tokens, EMBEDDING_THREADS)]))
 }
 
 planned_launcher! {

@@ -16,7 +16,7 @@ use crate::cuda::args::{LinearArgs, LinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
 use crate::cuda::select::{select, Choice, Device as SelectDevice, Format, Op};
-use crate::cuda::launch::{planned_launcher, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
 use crate::cuda::params::{
     KernelFamily, LinearParams, LINEAR_GEMV_ROWS_PER_WARP,
     LINEAR_GEMV_WARPS, LINEAR_MMA_BM, LINEAR_MMA_BN, LINEAR_MMA_THREADS,
@@ -77,10 +77,7 @@ fn plan(
             shared_bytes: 0,
         }
     };
-    if s.tokens == 0 {
-        return Ok(None);
-    }
-    Ok(Some((params, [grid])))
+    Ok(unless_empty(s.tokens, params, [grid]))
 }
 
 planned_launcher! {

@@ -14,7 +14,7 @@ use super::quant_layout::{row_layout, PackedView};
 use crate::cuda::args::{LinearScalars, QLinearArgs, QLinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
+use crate::cuda::launch::{launch_planned, unless_empty, Grid};
 use crate::cuda::memory::{AnyViewMut, View};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
@@ -57,18 +57,10 @@ fn plan(
         "(kind, tile, out_f32)",
         &[l.kind, gemv_tile(s.tokens), u32::from(a.out.is_f32())],
     )?;
-    if s.tokens == 0 {
-        return Ok(None);
-    }
     let rows_per_block = QLINEAR_WARPS * QLINEAR_ROWS_PER_WARP;
-    Ok(Some((
-        params,
-        [Grid::linear(
-            variant,
-            s.out_features.div_ceil(rows_per_block),
-            QLINEAR_WARPS * 32,
-        )],
-    )))
+    let blocks = s.out_features.div_ceil(rows_per_block);
+    let grid = Grid::linear(variant, blocks, QLINEAR_WARPS * 32);
+    Ok(unless_empty(s.tokens, params, [grid]))
 }
 
 /// `out[t, o] = sum_i x[t, i] * w[o, i]` with `w` packed, f32 accumulation, for at most

@@ -5,7 +5,7 @@
 use crate::cuda::args::{RmsnormArgs, RmsnormScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
 use crate::cuda::memory::AnyView;
 use crate::cuda::params::{KernelFamily, RmsnormParams, RMSNORM_THREADS};
 
@@ -42,13 +42,7 @@ fn plan(
     };
     let params = a.params(c.op, s)?;
     let variant = c.variant(KernelFamily::Rmsnorm, "add", &[add])?;
-    if s.rows == 0 {
-        return Ok(None);
-    }
-    Ok(Some((
-        params,
-        [Grid::linear(variant, s.rows, RMSNORM_THREADS)],
-    )))
+    Ok(unless_empty(s.rows, params, [Grid::linear(variant, s.rows, RMSNORM_THREADS)]))
 }
 
 planned_launcher! {

@@ -8,7 +8,7 @@ use super::paged_cache::PagedCacheShape;
 use crate::cuda::args::{RopeKvArgs, RopeKvScalars};
 use crate::cuda::checks::{Check, DEFAULT_SHARED_BYTES};
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
 use crate::cuda::params::{KernelFamily, RopeKvParams, ROPE_KV_THREADS};
 
 fn plan(
@@ -42,18 +42,12 @@ fn plan(
     .check(&c)?;
     let params = a.params(c.op, s)?;
     let variant = c.variant(KernelFamily::RopeKv, "rope_kv", &[])?;
-    if s.tokens == 0 {
-        return Ok(None);
-    }
-    Ok(Some((
-        params,
-        [Grid {
+    Ok(unless_empty(s.tokens, params, [Grid {
             variant,
             grid: (s.tokens, 1, 1),
             block: ROPE_KV_THREADS,
             shared_bytes: shared as u32,
-        }],
-    )))
+        }]))
 }
 
 planned_launcher! {

@@ -7,7 +7,7 @@
 use crate::cuda::args::{RouterArgs, RouterScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
 use crate::cuda::params::{
     KernelFamily, RouterParams, ROUTER_GROUP_THREADS, ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K,
     ROUTER_THREADS,
@@ -38,16 +38,10 @@ fn plan(
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
     let topk = c.variant(KernelFamily::RouterTopk, "router_topk", &[])?;
     let group = c.variant(KernelFamily::RouterGroup, "router_group", &[])?;
-    if s.tokens == 0 {
-        return Ok(None);
-    }
-    Ok(Some((
-        params,
-        [
+    Ok(unless_empty(s.tokens, params, [
             Grid::linear(topk, s.tokens, ROUTER_THREADS),
             Grid::linear(group, 1, ROUTER_GROUP_THREADS),
-        ],
-    )))
+        ]))
 }
 
 planned_launcher! {

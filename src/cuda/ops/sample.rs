@@ -8,7 +8,7 @@
 use crate::cuda::args::{SampleArgs, SampleScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::{CudaError, KernelError};
-use crate::cuda::launch::{planned_launcher, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
 use crate::cuda::params::{
     KernelFamily, SampleParams, SAMPLE_BAD_PARAMS, SAMPLE_NON_FINITE, SAMPLE_RNG_WORDS,
     SAMPLE_THREADS,
@@ -53,13 +53,7 @@ fn plan(
         }));
     }
     let variant = c.variant(KernelFamily::Sample, "sample", &[])?;
-    if s.rows == 0 {
-        return Ok(None);
-    }
-    Ok(Some((
-        params,
-        [Grid::linear(variant, s.rows, SAMPLE_THREADS)],
-    )))
+    Ok(unless_empty(s.rows, params, [Grid::linear(variant, s.rows, SAMPLE_THREADS)]))
 }
 
 planned_launcher! {
