@@ -733,6 +733,7 @@ impl CudaEngine {
         };
         let ids = match out {
             Output::Logits(step) => {
+                self.staging.finish(&stream)?;
                 let vocab = self.plan.vocab();
                 let all = download(&stream, &self.plan.logits, rows * vocab)?;
                 for r in (0..wanted).map(row) {
