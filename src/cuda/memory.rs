@@ -101,6 +101,36 @@ impl<T> DeviceBuffer<T> {
     pub fn view_mut(&mut self) -> ViewMut<'_, T> {
         ViewMut::new(self.address, self.len)
     }
+
+    /// Starts copying elements `src..src + len` over `dst..dst + len` of this buffer (stream
+    /// ordered, no host sync). Refuses ranges out of bounds or overlapping.
+    pub fn copy_within(
+        &mut self,
+        stream: &CudaStream,
+        src: usize,
+        dst: usize,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        let bad = || {
+            CudaError::Dead(format!(
+                "copying elements {src}..+{len} to {dst}..+{len} within a buffer of {}",
+                self.len
+            ))
+        };
+        let (Some(from), Some(to)) = (sub_range::<T>(self.address, self.len, src, len), sub_range::<T>(self.address, self.len, dst, len)) else {
+            return Err(bad());
+        };
+        if src.abs_diff(dst) < len {
+            return Err(bad());
+        }
+        let bytes = len * std::mem::size_of::<T>();
+        // SAFETY: both ranges lie inside this live, exclusively borrowed allocation and do not
+        // overlap; the copy is ordered on `stream` with every kernel touching the buffer.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(to.0, from.0, bytes, stream.cu_stream())
+        }
+        .map_err(CudaError::driver("copying within a device buffer"))
+    }
 }
 
 /// Allocates device buffers on one stream's context and counts the bytes it handed out.
