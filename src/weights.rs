@@ -8,16 +8,23 @@
 //! `mlp.{gate,up,down}_proj` become the single expert's w1, w3, w2. Tensors the model does not use
 //! (e.g. rotary `inv_freq` buffers) are ignored; tensors may mix dtypes.
 //!
+//! The MoE tensors are named in one of the forms of [`names::MoeForm`] (w1 = `gate_proj`,
+//! w3 = `up_proj`, w2 = `down_proj`; or 3-D fused experts), detected once per checkpoint from the
+//! names present ([`names::MoeForm::detect`]); every name is then resolved through that form.
+//!
 //! Uses [`crate::config`], [`crate::checkpoint`] and [`crate::dtype`]; the quantized loader
 //! ([`crate::quant::load`]) builds on this module, never the reverse.
 
 use crate::checkpoint::{Checkpoint, LoadProgress, TensorView};
 use crate::config::{Architecture, ModelConfig};
-use crate::dtype::WeightSlice;
+use crate::dtype::{RawDType, WeightSlice};
+use names::{ExpertSource, MoeForm};
 use std::path::PathBuf;
 
-/// The checkpoint name of every tensor: the one place that spells them.
+/// The checkpoint name of every tensor: the one place that spells them, in every naming form a
+/// loader accepts ([`MoeForm`]).
 pub mod names {
+    use crate::checkpoint::Checkpoint;
     /// Token embedding.
     pub const EMBED: &str = "model.embed_tokens.weight";
     /// Final RMSNorm.
@@ -40,33 +47,238 @@ pub mod names {
     pub fn ffn_norm(i: usize) -> String {
         layer(i, "post_attention_layernorm.weight")
     }
-    /// Router of layer `i`.
+    /// Router of layer `i` (classic form).
     pub fn router(i: usize) -> String {
-        layer(i, "block_sparse_moe.gate.weight")
+        MoeForm::Classic.router(i)
     }
-    /// Expert `e`'s `w{n}` (n = 1, 2, 3) of layer `i`.
+    /// Expert `e`'s `w{n}` (n = 1, 2, 3) of layer `i` (classic form).
     pub fn expert(i: usize, e: usize, n: u8) -> String {
-        layer(i, &format!("block_sparse_moe.experts.{e}.w{n}.weight"))
+        format!("{}.weight", MoeForm::Classic.module(i, e, n))
     }
     /// Dense MLP projection of layer `i` (`gate_proj` = w1, `down_proj` = w2, `up_proj` = w3),
     /// named by the expert matrix number `n` it stands for.
     pub fn dense_mlp(i: usize, n: u8) -> String {
-        let proj = match n {
+        layer(i, &format!("mlp.{}.weight", proj(n)))
+    }
+    /// The projection name of expert matrix `n`: w1 = `gate_proj`, w2 = `down_proj`,
+    /// w3 = `up_proj`.
+    fn proj(n: u8) -> &'static str {
+        match n {
             1 => "gate_proj",
             2 => "down_proj",
             _ => "up_proj",
+        }
+    }
+
+    /// How a checkpoint names the tensors of its MoE blocks (router and experts); one form per
+    /// checkpoint. `N` is the layer, `E` the expert.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum MoeForm {
+        /// `model.layers.N.block_sparse_moe.{gate, experts.E.w1/w2/w3}` (the Mixtral release, and
+        /// what transformers writes by default).
+        Classic,
+        /// `model.layers.N.mlp.{gate, experts.E.gate_proj/up_proj/down_proj}` (GPTQModel 7.7 on
+        /// transformers 5).
+        MlpProj,
+        /// `model.layers.N.block_sparse_moe.{gate, experts.E.gate_proj/up_proj/down_proj}`
+        /// (llm-compressor on transformers 5).
+        SparseMoeProj,
+        /// `model.layers.N.mlp.gate` and 3-D `model.layers.N.mlp.experts.gate_up_proj`
+        /// `[experts, 2 * intermediate, hidden]` (each expert's w1 rows, then its w3 rows) and
+        /// `model.layers.N.mlp.experts.down_proj` `[experts, hidden, intermediate]` (transformers
+        /// 5's own module layout, written by `save_pretrained(save_original_format=False)`).
+        /// Unquantized (BF16, F16, F32) only.
+        Fused,
+    }
+
+    /// Where one expert matrix is stored, in a given [`MoeForm`].
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum ExpertSource {
+        /// A tensor of its own, `<module>.weight`; a quantized one's companions share the module
+        /// prefix (`<module>.qweight`, `<module>.weight_scale`, ...).
+        Module(String),
+        /// Part `part` of `parts` equal runs of rows of matrix `expert` of the 3-D tensor `tensor`
+        /// (`gate_up_proj`: 2 parts, w1 then w3; `down_proj`: 1 part, w2).
+        Fused {
+            /// The 3-D tensor's name.
+            tensor: String,
+            /// The expert (first dimension).
+            expert: usize,
+            /// Which run of rows.
+            part: usize,
+            /// How many runs of rows each matrix holds.
+            parts: usize,
+        },
+    }
+
+    impl MoeForm {
+        /// Every form, in the order detection reports them.
+        pub const ALL: [MoeForm; 4] = [
+            MoeForm::Classic,
+            MoeForm::MlpProj,
+            MoeForm::SparseMoeProj,
+            MoeForm::Fused,
+        ];
+
+        /// The form's names in words, for messages.
+        pub fn describe(self) -> &'static str {
+            match self {
+                MoeForm::Classic => "`block_sparse_moe.gate`, `block_sparse_moe.experts.E.w1/w2/w3`",
+                MoeForm::MlpProj => "`mlp.gate`, `mlp.experts.E.gate_proj/up_proj/down_proj`",
+                MoeForm::SparseMoeProj => {
+                    "`block_sparse_moe.gate`, `block_sparse_moe.experts.E.gate_proj/up_proj/down_proj`"
+                }
+                MoeForm::Fused => {
+                    "`mlp.gate`, fused 3-D `mlp.experts.gate_up_proj` [E, 2I, H] and \
+                     `mlp.experts.down_proj` [E, H, I] (unquantized)"
+                }
+            }
+        }
+
+        /// The MoE block's module within a layer.
+        fn block(self) -> &'static str {
+            match self {
+                MoeForm::Classic | MoeForm::SparseMoeProj => "block_sparse_moe",
+                MoeForm::MlpProj | MoeForm::Fused => "mlp",
+            }
+        }
+
+        /// Router of layer `i`.
+        pub fn router(self, i: usize) -> String {
+            layer(i, &format!("{}.gate.weight", self.block()))
+        }
+
+        /// Module prefix of expert `e`'s `w{n}` in layer `i` for the per-expert forms (for
+        /// [`MoeForm::Fused`], the 3-D tensor's name).
+        fn module(self, i: usize, e: usize, n: u8) -> String {
+            let block = self.block();
+            match self {
+                MoeForm::Classic => layer(i, &format!("{block}.experts.{e}.w{n}")),
+                MoeForm::MlpProj | MoeForm::SparseMoeProj => {
+                    layer(i, &format!("{block}.experts.{e}.{}", proj(n)))
+                }
+                MoeForm::Fused => {
+                    let tensor = if n == 2 { "down_proj" } else { "gate_up_proj" };
+                    layer(i, &format!("{block}.experts.{tensor}"))
+                }
+            }
+        }
+
+        /// Where expert `e`'s `w{n}` (n = 1, 2, 3) of layer `i` is stored.
+        pub fn expert(self, i: usize, e: usize, n: u8) -> ExpertSource {
+            let module = self.module(i, e, n);
+            match self {
+                MoeForm::Fused => ExpertSource::Fused {
+                    tensor: module,
+                    expert: e,
+                    part: usize::from(n == 3),
+                    parts: if n == 2 { 1 } else { 2 },
+                },
+                _ => ExpertSource::Module(module),
+            }
+        }
+
+        /// True when `name` is one of this form's expert tensors of layer 0, expert 0 (any
+        /// suffix: `.weight`, `.qweight`, ...; the exact 3-D tensor for the fused form).
+        fn marks(self, name: &str) -> bool {
+            let module = self.module(0, 0, 1);
+            match self {
+                MoeForm::Fused => name == module,
+                _ => name
+                    .strip_prefix(module.as_str())
+                    .is_some_and(|rest| rest.starts_with('.')),
+            }
+        }
+
+        /// The form of `checkpoint`'s MoE tensors, from the names present (packed types
+        /// included): the forms whose first expert tensor of layer 0 is there. Exactly one must be.
+        pub fn detect(checkpoint: &Checkpoint) -> Result<MoeForm, super::WeightsError> {
+            let mut all = checkpoint.names();
+            all.extend(checkpoint.packed_names());
+            let found: Vec<MoeForm> = MoeForm::ALL
+                .into_iter()
+                .filter(|form| all.iter().any(|name| form.marks(name)))
+                .collect();
+            match found.as_slice() {
+                [one] => Ok(*one),
+                [] => Err(super::WeightsError::UnknownForm {
+                    found: first_layer_names(&all),
+                    known: known_forms(),
+                }),
+                several => Err(super::WeightsError::AmbiguousForm {
+                    forms: several.iter().map(|f| f.describe().to_string()).collect(),
+                }),
+            }
+        }
+    }
+
+    /// At most this many names in a message.
+    const SHOWN: usize = 12;
+
+    /// What an unknown-form error shows: layer 0's tensors other than attention and norms (all of
+    /// the checkpoint's when layer 0 has none), at most [`SHOWN`], with a count of the rest.
+    fn first_layer_names(all: &[&str]) -> String {
+        let prefix = layer(0, "");
+        let skip = |n: &str| {
+            let rest = n.strip_prefix(prefix.as_str()).unwrap_or(n);
+            rest.starts_with("self_attn.") || rest.ends_with("layernorm.weight")
         };
-        layer(i, &format!("mlp.{proj}.weight"))
+        let mut names: Vec<&str> = all
+            .iter()
+            .copied()
+            .filter(|n| n.starts_with(prefix.as_str()) && !skip(n))
+            .collect();
+        if names.is_empty() {
+            names = all.to_vec();
+        }
+        names.sort_unstable();
+        let mut shown = names
+            .iter()
+            .take(SHOWN)
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if names.len() > SHOWN {
+            shown.push_str(&format!(" and {} more", names.len() - SHOWN));
+        }
+        if shown.is_empty() {
+            shown.push_str("no tensors");
+        }
+        shown
+    }
+
+    /// Every known form in words, numbered.
+    fn known_forms() -> String {
+        MoeForm::ALL
+            .iter()
+            .enumerate()
+            .map(|(k, f)| format!("({}) {}", k + 1, f.describe()))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
 /// The name and exact shape of one tensor a model needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
-    /// Checkpoint name.
+    /// Checkpoint name (of the 3-D tensor holding it, for a [`Block`]).
     pub name: String,
     /// Shape: `[n]` for vectors, `[rows, cols]` for matrices.
     pub shape: Vec<usize>,
+    /// `Some` when the matrix is stored as part of a 3-D tensor (fused experts).
+    pub block: Option<Block>,
+}
+
+/// Where a matrix `[rows, cols]` lies inside a stored 3-D tensor `[count, rows_per, cols]`: rows
+/// `first_row..first_row + rows` of matrix `index` (contiguous, so it is viewed without a copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// Shape of the stored tensor.
+    pub stored: [usize; 3],
+    /// Which matrix (the expert).
+    pub index: usize,
+    /// Its first row within that matrix.
+    pub first_row: usize,
 }
 
 impl TensorSpec {
@@ -74,12 +286,39 @@ impl TensorSpec {
         TensorSpec {
             name: name.into(),
             shape: vec![n],
+            block: None,
         }
     }
     fn matrix(name: impl Into<String>, rows: usize, cols: usize) -> Self {
         TensorSpec {
             name: name.into(),
             shape: vec![rows, cols],
+            block: None,
+        }
+    }
+    /// Expert matrix `[rows, cols]` stored at `source`, out of `experts` (for a fused tensor).
+    fn expert(source: ExpertSource, rows: usize, cols: usize, experts: usize) -> Self {
+        match source {
+            ExpertSource::Module(module) => {
+                TensorSpec::matrix(format!("{module}.weight"), rows, cols)
+            }
+            ExpertSource::Fused {
+                tensor,
+                expert,
+                part,
+                parts,
+            } => {
+                let (rows_per, first_row) = (parts * rows, part * rows);
+                TensorSpec {
+                    name: tensor,
+                    shape: vec![rows, cols],
+                    block: Some(Block {
+                        stored: [experts, rows_per, cols],
+                        index: expert,
+                        first_row,
+                    }),
+                }
+            }
         }
     }
 }
@@ -119,6 +358,8 @@ pub struct LayerLayout {
 /// Every tensor a model of a given configuration needs, with its name and shape.
 #[derive(Debug, Clone)]
 pub struct ModelLayout {
+    /// How the MoE tensors are named (irrelevant for a dense model).
+    pub form: MoeForm,
     /// `[vocab, hidden]`.
     pub embed: TensorSpec,
     /// Decoder layers.
@@ -130,20 +371,55 @@ pub struct ModelLayout {
 }
 
 impl ModelLayout {
-    /// The layout of `config`'s model.
+    /// The layout of `config`'s model, MoE tensors named in the classic form.
     pub fn new(config: &ModelConfig) -> Self {
+        Self::with_form(config, MoeForm::Classic)
+    }
+
+    /// The layout of `config`'s model as `checkpoint` names it ([`MoeForm::detect`]; a dense model
+    /// has one form). A fused checkpoint's 3-D expert tensors must be stored unquantized.
+    pub fn for_checkpoint(
+        checkpoint: &Checkpoint,
+        config: &ModelConfig,
+    ) -> Result<Self, WeightsError> {
+        let moe = config.architecture != Architecture::Mistral && config.num_layers > 0;
+        let form = if moe {
+            MoeForm::detect(checkpoint)?
+        } else {
+            MoeForm::Classic
+        };
+        let layout = Self::with_form(config, form);
+        if form == MoeForm::Fused {
+            for spec in layout.tensors() {
+                let raw = spec
+                    .block
+                    .as_ref()
+                    .and_then(|_| checkpoint.raw_tensor(&spec.name));
+                if let Some(raw) = raw.filter(|r| r.dtype().float().is_none()) {
+                    return Err(WeightsError::QuantizedFused {
+                        path: raw.path().to_path_buf(),
+                        tensor: spec.name.clone(),
+                        dtype: raw.dtype(),
+                    });
+                }
+            }
+        }
+        Ok(layout)
+    }
+
+    /// The layout of `config`'s model, MoE tensors named in `form`.
+    pub fn with_form(config: &ModelConfig, form: MoeForm) -> Self {
         let hidden = config.hidden_size;
         let inter = config.intermediate_size;
         let layers = (0..config.num_layers)
             .map(|i| {
                 let dense = config.architecture == Architecture::Mistral;
                 let mlp = |e: usize, n: u8, rows, cols| {
-                    let name = if dense {
-                        names::dense_mlp(i, n)
+                    if dense {
+                        TensorSpec::matrix(names::dense_mlp(i, n), rows, cols)
                     } else {
-                        names::expert(i, e, n)
-                    };
-                    TensorSpec::matrix(name, rows, cols)
+                        TensorSpec::expert(form.expert(i, e, n), rows, cols, config.num_experts)
+                    }
                 };
                 LayerLayout {
                     attn_norm: TensorSpec::vector(names::attn_norm(i), hidden),
@@ -153,7 +429,7 @@ impl ModelLayout {
                     o_proj: TensorSpec::matrix(names::attn_proj(i, 'o'), hidden, config.q_width()),
                     ffn_norm: TensorSpec::vector(names::ffn_norm(i), hidden),
                     router: (!dense)
-                        .then(|| TensorSpec::matrix(names::router(i), config.num_experts, hidden)),
+                        .then(|| TensorSpec::matrix(form.router(i), config.num_experts, hidden)),
                     experts: (0..if dense { 1 } else { config.num_experts })
                         .map(|e| ExpertLayout {
                             w1: mlp(e, 1, inter, hidden),
@@ -165,6 +441,7 @@ impl ModelLayout {
             })
             .collect();
         ModelLayout {
+            form,
             embed: TensorSpec::matrix(names::EMBED, config.vocab_size, hidden),
             layers,
             final_norm: TensorSpec::vector(names::FINAL_NORM, hidden),
@@ -276,15 +553,49 @@ pub enum WeightsError {
         /// Shape in the checkpoint.
         found: Vec<usize>,
     },
+    /// The MoE tensors are named in none of the forms the loader knows.
+    #[error(
+        "the checkpoint's MoE tensors are named in no known form; found {found}; known forms \
+         (N = layer, E = expert, under `model.layers.N.`): {known}"
+    )]
+    UnknownForm {
+        /// The first layer's feed-forward tensor names (or the checkpoint's first names).
+        found: String,
+        /// The known forms, in words.
+        known: String,
+    },
+    /// Tensors of more than one naming form are present.
+    #[error("the checkpoint holds MoE tensors named in several forms: {}", forms.join("; "))]
+    AmbiguousForm {
+        /// The forms found, in words.
+        forms: Vec<String>,
+    },
+    /// Fused 3-D experts stored in a quantized type (only BF16, F16 and F32 are read).
+    #[error(
+        "{path}: tensor `{tensor}` holds fused experts stored as {dtype}; fused experts are read \
+         only unquantized (BF16, F16, F32)"
+    )]
+    QuantizedFused {
+        /// The file holding it.
+        path: PathBuf,
+        /// The 3-D tensor.
+        tensor: String,
+        /// Its dtype.
+        dtype: RawDType,
+    },
 }
 
-/// Looks up `spec` in `checkpoint` and checks its shape.
+/// Looks up `spec` in `checkpoint` and checks its shape (for a [`Block`], the stored tensor's, then
+/// views the block).
 pub(crate) fn take(checkpoint: &Checkpoint, spec: &TensorSpec) -> Result<Weight, WeightsError> {
     let tensor = checkpoint
         .tensor(&spec.name)
         .ok_or_else(|| WeightsError::Missing {
             tensor: spec.name.clone(),
         })?;
+    if let Some(block) = &spec.block {
+        return take_block(tensor, spec, block);
+    }
     if tensor.shape() != spec.shape.as_slice() {
         return Err(WeightsError::Shape {
             path: tensor.path().to_path_buf(),
@@ -305,15 +616,51 @@ pub(crate) fn take(checkpoint: &Checkpoint, spec: &TensorSpec) -> Result<Weight,
     })
 }
 
+/// The matrix `block` of the 3-D `tensor`, `spec.shape` `[rows, cols]`, viewed without a copy.
+fn take_block(
+    tensor: &TensorView,
+    spec: &TensorSpec,
+    block: &Block,
+) -> Result<Weight, WeightsError> {
+    let shape_error = || WeightsError::Shape {
+        path: tensor.path().to_path_buf(),
+        tensor: spec.name.clone(),
+        expected: block.stored.to_vec(),
+        found: tensor.shape().to_vec(),
+    };
+    let &[rows, cols] = spec.shape.as_slice() else {
+        return Err(shape_error());
+    };
+    if tensor.shape() != block.stored.as_slice() {
+        return Err(shape_error());
+    }
+    let name = format!(
+        "{}[{}][{}..{}]",
+        spec.name,
+        block.index,
+        block.first_row,
+        block.first_row + rows
+    );
+    let view = tensor
+        .block(name, [rows, cols], (block.index, block.first_row))
+        .ok_or_else(shape_error)?;
+    Ok(Weight {
+        rows,
+        cols,
+        tensor: view,
+    })
+}
+
 impl ModelWeights {
-    /// Takes every weight of `config`'s model from `checkpoint`, checking names and shapes. With
-    /// `tie_word_embeddings` the LM head is the embedding (a stored `lm_head.weight` is ignored);
-    /// tensors the model does not use are ignored.
+    /// Takes every weight of `config`'s model from `checkpoint`, checking names and shapes, the MoE
+    /// tensors named in whichever known form the checkpoint uses ([`ModelLayout::for_checkpoint`]).
+    /// With `tie_word_embeddings` the LM head is the embedding (a stored `lm_head.weight` is
+    /// ignored); tensors the model does not use are ignored.
     pub fn from_checkpoint(
         checkpoint: &Checkpoint,
         config: &ModelConfig,
     ) -> Result<Self, WeightsError> {
-        let layout = ModelLayout::new(config);
+        let layout = ModelLayout::for_checkpoint(checkpoint, config)?;
         let layers = layout
             .layers
             .iter()
