@@ -8,65 +8,42 @@
 //! `mlp.{gate,up,down}_proj` become the single expert's w1, w3, w2. Tensors the model does not use
 //! (e.g. rotary `inv_freq` buffers) are ignored; tensors may mix dtypes.
 //!
+//! The MoE tensors are named in one of the forms of [`names::MoeForm`] (w1 = `gate_proj`,
+//! w3 = `up_proj`, w2 = `down_proj`; or 3-D fused experts), detected once per checkpoint from the
+//! names present ([`names::MoeForm::detect`]); every name is then resolved through that form.
+//!
 //! Uses [`crate::config`], [`crate::checkpoint`] and [`crate::dtype`]; the quantized loader
 //! ([`crate::quant::load`]) builds on this module, never the reverse.
 
 use crate::checkpoint::{Checkpoint, LoadProgress, TensorView};
 use crate::config::{Architecture, ModelConfig};
-use crate::dtype::WeightSlice;
+use crate::dtype::{RawDType, WeightSlice};
+use names::{ExpertSource, MoeForm};
 use std::path::PathBuf;
 
-/// The checkpoint name of every tensor: the one place that spells them.
-pub mod names {
-    /// Token embedding.
-    pub const EMBED: &str = "model.embed_tokens.weight";
-    /// Final RMSNorm.
-    pub const FINAL_NORM: &str = "model.norm.weight";
-    /// LM head.
-    pub const LM_HEAD: &str = "lm_head.weight";
-
-    fn layer(i: usize, rest: &str) -> String {
-        format!("model.layers.{i}.{rest}")
-    }
-    /// RMSNorm before attention of layer `i`.
-    pub fn attn_norm(i: usize) -> String {
-        layer(i, "input_layernorm.weight")
-    }
-    /// Attention projection `which` (`'q'`, `'k'`, `'v'` or `'o'`) of layer `i`.
-    pub fn attn_proj(i: usize, which: char) -> String {
-        layer(i, &format!("self_attn.{which}_proj.weight"))
-    }
-    /// RMSNorm before the feed-forward block of layer `i`.
-    pub fn ffn_norm(i: usize) -> String {
-        layer(i, "post_attention_layernorm.weight")
-    }
-    /// Router of layer `i`.
-    pub fn router(i: usize) -> String {
-        layer(i, "block_sparse_moe.gate.weight")
-    }
-    /// Expert `e`'s `w{n}` (n = 1, 2, 3) of layer `i`.
-    pub fn expert(i: usize, e: usize, n: u8) -> String {
-        layer(i, &format!("block_sparse_moe.experts.{e}.w{n}.weight"))
-    }
-    /// Dense MLP projection of layer `i` (`gate_proj` = w1, `down_proj` = w2, `up_proj` = w3),
-    /// named by the expert matrix number `n` it stands for.
-    pub fn dense_mlp(i: usize, n: u8) -> String {
-        let proj = match n {
-            1 => "gate_proj",
-            2 => "down_proj",
-            _ => "up_proj",
-        };
-        layer(i, &format!("mlp.{proj}.weight"))
-    }
-}
+pub mod names;
 
 /// The name and exact shape of one tensor a model needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
-    /// Checkpoint name.
+    /// Checkpoint name (of the 3-D tensor holding it, for a [`Block`]).
     pub name: String,
     /// Shape: `[n]` for vectors, `[rows, cols]` for matrices.
     pub shape: Vec<usize>,
+    /// `Some` when the matrix is stored as part of a 3-D tensor (fused experts).
+    pub block: Option<Block>,
+}
+
+/// Where a matrix `[rows, cols]` lies inside a stored 3-D tensor `[count, rows_per, cols]`: rows
+/// `first_row..first_row + rows` of matrix `index` (contiguous, so it is viewed without a copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// Shape of the stored tensor.
+    pub stored: [usize; 3],
+    /// Which matrix (the expert).
+    pub index: usize,
+    /// Its first row within that matrix.
+    pub first_row: usize,
 }
 
 impl TensorSpec {
@@ -74,12 +51,39 @@ impl TensorSpec {
         TensorSpec {
             name: name.into(),
             shape: vec![n],
+            block: None,
         }
     }
     fn matrix(name: impl Into<String>, rows: usize, cols: usize) -> Self {
         TensorSpec {
             name: name.into(),
             shape: vec![rows, cols],
+            block: None,
+        }
+    }
+    /// Expert matrix `[rows, cols]` stored at `source`, out of `experts` (for a fused tensor).
+    fn expert(source: ExpertSource, rows: usize, cols: usize, experts: usize) -> Self {
+        match source {
+            ExpertSource::Module(module) => {
+                TensorSpec::matrix(format!("{module}.weight"), rows, cols)
+            }
+            ExpertSource::Fused {
+                tensor,
+                expert,
+                part,
+                parts,
+            } => {
+                let (rows_per, first_row) = (parts * rows, part * rows);
+                TensorSpec {
+                    name: tensor,
+                    shape: vec![rows, cols],
+                    block: Some(Block {
+                        stored: [experts, rows_per, cols],
+                        index: expert,
+                        first_row,
+                    }),
+                }
+            }
         }
     }
 }
@@ -119,6 +123,8 @@ pub struct LayerLayout {
 /// Every tensor a model of a given configuration needs, with its name and shape.
 #[derive(Debug, Clone)]
 pub struct ModelLayout {
+    /// How the MoE tensors are named (irrelevant for a dense model).
+    pub form: MoeForm,
     /// `[vocab, hidden]`.
     pub embed: TensorSpec,
     /// Decoder layers.
@@ -130,20 +136,55 @@ pub struct ModelLayout {
 }
 
 impl ModelLayout {
-    /// The layout of `config`'s model.
+    /// The layout of `config`'s model, MoE tensors named in the classic form.
     pub fn new(config: &ModelConfig) -> Self {
+        Self::with_form(config, MoeForm::Classic)
+    }
+
+    /// The layout of `config`'s model as `checkpoint` names it ([`MoeForm::detect`]; a dense model
+    /// has one form). A fused checkpoint's 3-D expert tensors must be stored unquantized.
+    pub fn for_checkpoint(
+        checkpoint: &Checkpoint,
+        config: &ModelConfig,
+    ) -> Result<Self, WeightsError> {
+        let moe = config.architecture != Architecture::Mistral && config.num_layers > 0;
+        let form = if moe {
+            MoeForm::detect(checkpoint)?
+        } else {
+            MoeForm::Classic
+        };
+        let layout = Self::with_form(config, form);
+        if form == MoeForm::Fused {
+            for spec in layout.tensors() {
+                let raw = spec
+                    .block
+                    .as_ref()
+                    .and_then(|_| checkpoint.raw_tensor(&spec.name));
+                if let Some(raw) = raw.filter(|r| r.dtype().float().is_none()) {
+                    return Err(WeightsError::QuantizedFused {
+                        path: raw.path().to_path_buf(),
+                        tensor: spec.name.clone(),
+                        dtype: raw.dtype(),
+                    });
+                }
+            }
+        }
+        Ok(layout)
+    }
+
+    /// The layout of `config`'s model, MoE tensors named in `form`.
+    pub fn with_form(config: &ModelConfig, form: MoeForm) -> Self {
         let hidden = config.hidden_size;
         let inter = config.intermediate_size;
         let layers = (0..config.num_layers)
             .map(|i| {
                 let dense = config.architecture == Architecture::Mistral;
                 let mlp = |e: usize, n: u8, rows, cols| {
-                    let name = if dense {
-                        names::dense_mlp(i, n)
+                    if dense {
+                        TensorSpec::matrix(names::dense_mlp(i, n), rows, cols)
                     } else {
-                        names::expert(i, e, n)
-                    };
-                    TensorSpec::matrix(name, rows, cols)
+                        TensorSpec::expert(form.expert(i, e, n), rows, cols, config.num_experts)
+                    }
                 };
                 LayerLayout {
                     attn_norm: TensorSpec::vector(names::attn_norm(i), hidden),
@@ -153,7 +194,7 @@ impl ModelLayout {
                     o_proj: TensorSpec::matrix(names::attn_proj(i, 'o'), hidden, config.q_width()),
                     ffn_norm: TensorSpec::vector(names::ffn_norm(i), hidden),
                     router: (!dense)
-                        .then(|| TensorSpec::matrix(names::router(i), config.num_experts, hidden)),
+                        .then(|| TensorSpec::matrix(form.router(i), config.num_experts, hidden)),
                     experts: (0..if dense { 1 } else { config.num_experts })
                         .map(|e| ExpertLayout {
                             w1: mlp(e, 1, inter, hidden),
@@ -165,6 +206,7 @@ impl ModelLayout {
             })
             .collect();
         ModelLayout {
+            form,
             embed: TensorSpec::matrix(names::EMBED, config.vocab_size, hidden),
             layers,
             final_norm: TensorSpec::vector(names::FINAL_NORM, hidden),
@@ -173,7 +215,8 @@ impl ModelLayout {
         }
     }
 
-    /// Every tensor, in checkpoint order (embedding, layers, final norm, LM head).
+    /// Every tensor, in checkpoint order (embedding, layers, final norm, LM head). In the fused
+    /// form each expert matrix is a [`Block`] of a 3-D tensor, so those names repeat.
     pub fn tensors(&self) -> Vec<&TensorSpec> {
         let mut out = vec![&self.embed];
         for l in &self.layers {
@@ -276,15 +319,49 @@ pub enum WeightsError {
         /// Shape in the checkpoint.
         found: Vec<usize>,
     },
+    /// The MoE tensors are named in none of the forms the loader knows.
+    #[error(
+        "the checkpoint's MoE tensors are named in no known form; found {found}; known forms \
+         (N = layer, E = expert, under `model.layers.N.`): {known}"
+    )]
+    UnknownForm {
+        /// The first layer's feed-forward tensor names (or the checkpoint's first names).
+        found: String,
+        /// The known forms, in words.
+        known: String,
+    },
+    /// Tensors of more than one naming form are present.
+    #[error("the checkpoint holds MoE tensors named in several forms: {}", forms.join("; "))]
+    AmbiguousForm {
+        /// The forms found, in words.
+        forms: Vec<String>,
+    },
+    /// Fused 3-D experts stored in a quantized type (only BF16, F16 and F32 are read).
+    #[error(
+        "{path}: tensor `{tensor}` holds fused experts stored as {dtype}; fused experts are read \
+         only unquantized (BF16, F16, F32)"
+    )]
+    QuantizedFused {
+        /// The file holding it.
+        path: PathBuf,
+        /// The 3-D tensor.
+        tensor: String,
+        /// Its dtype.
+        dtype: RawDType,
+    },
 }
 
-/// Looks up `spec` in `checkpoint` and checks its shape.
+/// Looks up `spec` in `checkpoint` and checks its shape (for a [`Block`], the stored tensor's, then
+/// views the block).
 pub(crate) fn take(checkpoint: &Checkpoint, spec: &TensorSpec) -> Result<Weight, WeightsError> {
     let tensor = checkpoint
         .tensor(&spec.name)
         .ok_or_else(|| WeightsError::Missing {
             tensor: spec.name.clone(),
         })?;
+    if let Some(block) = &spec.block {
+        return take_block(tensor, spec, block);
+    }
     if tensor.shape() != spec.shape.as_slice() {
         return Err(WeightsError::Shape {
             path: tensor.path().to_path_buf(),
@@ -305,15 +382,51 @@ pub(crate) fn take(checkpoint: &Checkpoint, spec: &TensorSpec) -> Result<Weight,
     })
 }
 
+/// The matrix `block` of the 3-D `tensor`, `spec.shape` `[rows, cols]`, viewed without a copy.
+fn take_block(
+    tensor: &TensorView,
+    spec: &TensorSpec,
+    block: &Block,
+) -> Result<Weight, WeightsError> {
+    let shape_error = || WeightsError::Shape {
+        path: tensor.path().to_path_buf(),
+        tensor: spec.name.clone(),
+        expected: block.stored.to_vec(),
+        found: tensor.shape().to_vec(),
+    };
+    let &[rows, cols] = spec.shape.as_slice() else {
+        return Err(shape_error());
+    };
+    if tensor.shape() != block.stored.as_slice() {
+        return Err(shape_error());
+    }
+    let name = format!(
+        "{}[{}][{}..{}]",
+        spec.name,
+        block.index,
+        block.first_row,
+        block.first_row + rows
+    );
+    let view = tensor
+        .block(name, [rows, cols], (block.index, block.first_row))
+        .ok_or_else(shape_error)?;
+    Ok(Weight {
+        rows,
+        cols,
+        tensor: view,
+    })
+}
+
 impl ModelWeights {
-    /// Takes every weight of `config`'s model from `checkpoint`, checking names and shapes. With
-    /// `tie_word_embeddings` the LM head is the embedding (a stored `lm_head.weight` is ignored);
-    /// tensors the model does not use are ignored.
+    /// Takes every weight of `config`'s model from `checkpoint`, checking names and shapes, the MoE
+    /// tensors named in whichever known form the checkpoint uses ([`ModelLayout::for_checkpoint`]).
+    /// With `tie_word_embeddings` the LM head is the embedding (a stored `lm_head.weight` is
+    /// ignored); tensors the model does not use are ignored.
     pub fn from_checkpoint(
         checkpoint: &Checkpoint,
         config: &ModelConfig,
     ) -> Result<Self, WeightsError> {
-        let layout = ModelLayout::new(config);
+        let layout = ModelLayout::for_checkpoint(checkpoint, config)?;
         let layers = layout
             .layers
             .iter()

@@ -137,23 +137,6 @@ pub enum CheckpointError {
         /// The tensor it overlaps.
         other: String,
     },
-    /// A tensor's data is not aligned to its element size in memory.
-    #[error(
-        "{path}: tensor `{tensor}`: {dtype} data at file offset {file_offset} is not aligned to \
-         {align} bytes"
-    )]
-    Misaligned {
-        /// The file.
-        path: PathBuf,
-        /// The tensor.
-        tensor: String,
-        /// Storage type.
-        dtype: crate::dtype::RawDType,
-        /// Absolute byte offset of the data in the file.
-        file_offset: u64,
-        /// Required alignment in bytes.
-        align: usize,
-    },
     /// The same tensor name appears twice, in one file or in two.
     #[error("tensor `{tensor}` appears twice: in {first} and in {path}")]
     DuplicateTensor {

@@ -2,8 +2,12 @@
 //! `model.safetensors.index.json`, validated and exposed as zero-copy [`TensorView`]s.
 //!
 //! Each file is mapped read-only once; its tensors share the mapping through an `Arc`, so a
-//! tensor's data is never copied. Opening validates every header completely (lengths, dtypes,
-//! shapes, byte ranges, overlaps, alignment) and the index against the shards, so that afterwards
+//! tensor's data is not copied: [`TensorView::bytes`] and [`RawTensor::bytes`] always borrow the
+//! mapping. The format does not require a tensor to be aligned to its element size (a header
+//! written without padding leaves tensors at odd offsets); [`TensorView::data`], a typed slice,
+//! borrows the mapping when the data are aligned and otherwise makes one aligned copy, on first
+//! use, kept with the view. Opening validates every header completely (lengths, dtypes, shapes,
+//! byte ranges, overlaps) and the index against the shards, so that afterwards
 //! [`TensorView::data`] cannot fail.
 //!
 //! The files must not be modified while mapped (truncating a mapped file is outside what any
@@ -23,7 +27,8 @@ mod writer;
 
 pub use error::CheckpointError;
 pub use writer::{
-    safetensors_header, write_raw_safetensors, write_safetensors, FillFn, TensorSource,
+    safetensors_header, safetensors_header_with, write_raw_safetensors, write_safetensors,
+    write_safetensors_with, write_tensor_bytes, FillFn, HeaderPadding, TensorBytes, TensorSource,
 };
 
 use crate::dtype::{DType, RawDType, WeightSlice};
@@ -75,6 +80,10 @@ impl std::ops::Deref for ShardBytes {
     }
 }
 
+/// An aligned copy of a tensor's bytes, made on the first typed read of data that are not aligned
+/// for their element type in the mapping (u64 words: aligned for every element type).
+type AlignedCopy = Arc<OnceLock<Vec<u64>>>;
+
 /// A read-only view of one tensor inside a memory-mapped shard (or, for weights computed at load
 /// such as dequantized ones, of f32 data owned in memory: [`TensorView::from_f32`]).
 #[derive(Debug, Clone)]
@@ -83,10 +92,13 @@ pub struct TensorView {
     name: String,
     dtype: DType,
     shape: Vec<usize>,
-    /// First byte within the file (validated: in bounds, and aligned for `dtype` unless empty).
+    /// First byte within the file (validated: in bounds; not necessarily aligned for `dtype`).
     start: usize,
     /// Length in bytes (`num_elements() * dtype.size()`).
     len: usize,
+    /// The aligned copy [`TensorView::data`] reads when the mapped bytes are not aligned; shared by
+    /// clones, so it is made at most once per tensor.
+    aligned: AlignedCopy,
 }
 
 impl TensorView {
@@ -119,11 +131,11 @@ impl TensorView {
         // In bounds: checked against the file length when the checkpoint was opened.
         &self.shard.map[self.start..self.start + self.len]
     }
-    /// The elements, borrowed from the mapping.
+    /// The elements: borrowed from the mapping when the data are aligned to the element size there,
+    /// else from an aligned copy made on the first call (and kept, shared by clones of the view).
     pub fn data(&self) -> WeightSlice<'_> {
-        // Alignment to the element size was checked when the checkpoint was opened, and the
-        // mapping never moves, so these casts cannot fail.
-        let bytes = self.bytes();
+        // `aligned_bytes` is aligned to the element size, so these casts cannot fail.
+        let bytes = self.aligned_bytes();
         if bytes.is_empty() {
             // An empty tensor's offset need not be aligned.
             return match self.dtype {
@@ -137,6 +149,57 @@ impl TensorView {
             DType::F16 => WeightSlice::F16(bytemuck::cast_slice(bytes)),
             DType::F32 => WeightSlice::F32(bytemuck::cast_slice(bytes)),
         }
+    }
+    /// The raw bytes at an address aligned for `dtype`: the mapping itself when it is, else the
+    /// aligned copy (made here on first use).
+    fn aligned_bytes(&self) -> &[u8] {
+        let bytes = self.bytes();
+        if bytes.as_ptr().align_offset(self.dtype.size()) == 0 {
+            return bytes;
+        }
+        let words = self.aligned.get_or_init(|| {
+            let mut words = vec![0u64; bytes.len().div_ceil(8)];
+            bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+            words
+        });
+        &bytemuck::cast_slice::<u64, u8>(words)[..self.len]
+    }
+    /// True when [`TensorView::data`] reads an aligned copy rather than the mapping (the data sit
+    /// at an address not aligned to the element size, as in a file whose header is not padded).
+    pub fn is_unaligned(&self) -> bool {
+        self.bytes().as_ptr().align_offset(self.dtype.size()) != 0
+    }
+    /// Matrix `block.0` of a stored 3-D tensor, rows `block.1..block.1 + shape[0]`, as a view of
+    /// `shape` `[rows, cols]` called `name` (the fused experts of a transformers 5 checkpoint).
+    /// `None` when the block does not lie inside this tensor (which must have 3 dimensions, the
+    /// last equal to `cols`).
+    pub(crate) fn block(
+        &self,
+        name: String,
+        shape: [usize; 2],
+        (index, first_row): (usize, usize),
+    ) -> Option<TensorView> {
+        let [_, rows_per_matrix, cols] = *self.shape.as_slice() else {
+            return None;
+        };
+        let [rows, block_cols] = shape;
+        if block_cols != cols || index >= self.shape[0] {
+            return None;
+        }
+        if first_row.checked_add(rows)? > rows_per_matrix {
+            return None;
+        }
+        let first = (index * rows_per_matrix + first_row) * cols * self.dtype.size();
+        let len = rows * cols * self.dtype.size();
+        Some(TensorView {
+            shard: Arc::clone(&self.shard),
+            name,
+            dtype: self.dtype,
+            shape: shape.to_vec(),
+            start: self.start + first,
+            len,
+            aligned: AlignedCopy::default(),
+        })
     }
     /// Asks the OS to start reading this tensor's pages in (a hint; errors are ignored).
     pub(crate) fn will_need(&self) {
@@ -169,6 +232,7 @@ impl TensorView {
             shape,
             start: 0,
             len,
+            aligned: AlignedCopy::default(),
         })
     }
     /// A quantized matrix held packed (`shape` `[rows, cols]` of `packed`): its f32 elements are
@@ -198,6 +262,7 @@ impl TensorView {
             shape,
             start: 0,
             len,
+            aligned: AlignedCopy::default(),
         })
     }
     /// The packed form of a quantized matrix ([`TensorView::from_packed`]), else `None`.
@@ -236,6 +301,8 @@ pub struct RawTensor {
     shape: Vec<usize>,
     start: usize,
     len: usize,
+    /// Shared with the float view ([`RawTensor::as_float`]).
+    aligned: AlignedCopy,
 }
 
 impl RawTensor {
@@ -259,7 +326,9 @@ impl RawTensor {
     pub fn num_elements(&self) -> usize {
         self.len / self.dtype.size()
     }
-    /// The raw little-endian bytes (`num_elements() * dtype().size()`).
+    /// The raw little-endian bytes (`num_elements() * dtype().size()`), borrowed from the mapping:
+    /// not necessarily aligned to the element size (read them with `from_le_bytes`, or through
+    /// [`RawTensor::as_float`] for a typed view).
     pub fn bytes(&self) -> &[u8] {
         // In bounds: checked against the file length when the checkpoint was opened.
         &self.shard.map[self.start..self.start + self.len]
@@ -273,6 +342,7 @@ impl RawTensor {
             shape: self.shape.clone(),
             start: self.start,
             len: self.len,
+            aligned: Arc::clone(&self.aligned),
         })
     }
 }
@@ -444,6 +514,7 @@ impl Checkpoint {
                 shape: entry.shape,
                 start: entry.start,
                 len: entry.len,
+                aligned: AlignedCopy::default(),
             };
             if let Some(view) = raw.as_float() {
                 self.tensors.insert(entry.name, view);
@@ -464,6 +535,7 @@ impl Checkpoint {
                 shape: t.shape.clone(),
                 start: t.start,
                 len: t.len,
+                aligned: Arc::clone(&t.aligned),
             });
         }
         self.packed.get(name).cloned()

@@ -127,7 +127,9 @@ pub fn load_weights(
     zeros: GptqZeros,
 ) -> Result<QuantizedWeights, QuantError> {
     let quantize = quantize.filter(|f| *f != QuantFormat::Bf16);
-    let layout = ModelLayout::new(config);
+    // Module names (and so every `<module>.qweight`, `<module>.weight_scale`, ...) in the
+    // checkpoint's naming form.
+    let layout = ModelLayout::for_checkpoint(checkpoint, config)?;
     // The format of the first quantized projection seen.
     let format = std::cell::Cell::new(None);
     let seen = |f: Option<QuantFormat>| format.set(format.get().or(f));
