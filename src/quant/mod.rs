@@ -16,6 +16,10 @@
 //! Dependencies run one way: this module reads checkpoints ([`crate::checkpoint`]) into
 //! [`crate::weights`] and uses [`crate::packed`]; none of those uses this module.
 
+pub mod awq;
+pub mod bnb;
+pub mod compressed;
+pub mod config;
 pub mod load;
 pub mod memory;
 pub mod packed;
@@ -25,6 +29,7 @@ use crate::weights::WeightsError;
 use std::path::PathBuf;
 
 pub use crate::packed::{fp8, int4, int8, PackedKind, PackedMatrix};
+pub use config::QuantMethod;
 pub use load::{declared_format, load_weights, GptqZeros, QuantizedWeights};
 pub use memory::{estimate_memory, MemoryEstimate};
 
@@ -35,9 +40,11 @@ pub enum QuantFormat {
     Bf16,
     /// FP8 E4M3 with a scale per output channel (on load) or as published (per tensor/channel).
     Fp8,
-    /// INT8 with a symmetric scale per output channel.
+    /// INT8 with a symmetric scale per output channel (also compressed-tensors 8-bit
+    /// `pack-quantized` as published).
     Int8,
-    /// 4-bit: RTN groups of 128 on load (asymmetric), or GPTQ as published.
+    /// 4-bit: RTN groups of 128 on load (asymmetric), or as published: GPTQ, compressed-tensors
+    /// 4-bit `pack-quantized`, AutoAWQ, bitsandbytes NF4 / FP4.
     Int4,
 }
 
@@ -166,6 +173,22 @@ pub enum QuantError {
         requested: QuantFormat,
         /// The format it is stored in.
         found: QuantFormat,
+    },
+    /// `config.json`'s `quantization_config` declares a method or format this crate does not
+    /// read.
+    #[error(
+        "{path}: quant_method `{method}` format `{format}` is not supported{detail}; supported: {}",
+        config::SUPPORTED
+    )]
+    UnsupportedFormat {
+        /// The `config.json`.
+        path: PathBuf,
+        /// `quant_method`.
+        method: String,
+        /// The method's format (`format`, `checkpoint_format`, `version`, ...), `-` when none.
+        format: String,
+        /// More about what was declared (e.g. ` (weights: int 4-bit, strategy tensor)`), or empty.
+        detail: String,
     },
     /// `config.json` could not be read for its `quantization_config`.
     #[error("{path}: {message}")]
