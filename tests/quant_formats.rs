@@ -190,12 +190,12 @@ fn packed_kind(model: &Model, base: &str) -> Option<PackedKind> {
     w.tensor.packed().map(|p| p.kind)
 }
 
+/// One projection's tensors as a tool writes them, and the values they stand for `[rows, cols]`.
+type Packed = (Vec<Stored>, Vec<f32>);
+
 /// Writes the base model with every projection replaced by `pack`'s tensors, loads it and checks
 /// each projection equals `pack`'s expected values; returns the model.
-fn round_trip(
-    config: Value,
-    pack: &mut dyn FnMut(&Projection, &mut Rng) -> (Vec<Stored>, Vec<f32>),
-) -> Model {
+fn round_trip(config: Value, pack: &mut dyn FnMut(&Projection, &mut Rng) -> Packed) -> Model {
     let (mut tensors, projections) = base_model();
     let mut rng = Rng(7);
     let mut expected = Vec::new();
@@ -284,7 +284,7 @@ fn pack_to_int32(values: &[i32], rows: usize, cols: usize, bits: u32, dim: usize
     }
 }
 
-fn ct_pack(ct: Ct, p: &Projection, rng: &mut Rng) -> (Vec<Stored>, Vec<f32>) {
+fn ct_pack(ct: Ct, p: &Projection, rng: &mut Rng) -> Packed {
     let (rows, cols) = (p.rows, p.cols);
     let group_size = ct.group.unwrap_or(cols);
     let groups = cols / group_size;
@@ -463,7 +463,7 @@ fn awq_word_layout_by_hand() {
     assert_eq!(words, vec![0x7531_6420]);
 }
 
-fn awq_pack(p: &Projection, group: usize, rng: &mut Rng) -> (Vec<Stored>, Vec<f32>) {
+fn awq_pack(p: &Projection, group: usize, rng: &mut Rng) -> Packed {
     let (n, k) = (p.rows, p.cols);
     let groups = k / group;
     let q: Vec<u32> = (0..k * n).map(|_| rng.int(0, 15) as u32).collect();
@@ -562,7 +562,7 @@ fn bnb_pack(
     quant_type: &str,
     nested: bool,
     rng: &mut Rng,
-) -> (Vec<Stored>, Vec<f32>) {
+) -> Packed {
     const BLOCK: usize = 64;
     const NESTED_BLOCK: usize = 256;
     let n = rows * cols;

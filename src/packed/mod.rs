@@ -614,6 +614,61 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn grouped_packing_dequantizes_like_the_grouped_formula(
+            rows in 1usize..6, groups in 1usize..4, group2 in 1usize..6, act_order in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let group_size = 2 * group2;
+            let cols = groups * group_size;
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; s };
+            let q: Vec<u8> = (0..rows * cols).map(|_| (next() % 16) as u8).collect();
+            let zeros: Vec<i32> = (0..rows * groups).map(|_| (next() % 17) as i32).collect();
+            let scales: Vec<f32> = (0..rows * groups).map(|_| (next() % 1000 + 1) as f32 * 1e-4).collect();
+            let mut g_idx = int4::sequential_g_idx(cols, group_size);
+            if act_order {
+                for i in (1..cols).rev() {
+                    g_idx.swap(i, (next() % (i as u64 + 1)) as usize);
+                }
+            }
+            let grouped = Grouped { rows, cols, groups, scales: &scales, zeros: &zeros, g_idx: &g_idx };
+            let p = PackedMatrix::int4_grouped(&q, grouped).unwrap();
+            prop_assert_eq!(p.dequantize(), grouped.dequantize(&q).unwrap());
+            prop_assert_eq!(p.kind, PackedKind::Int4 { group_size });
+        }
+
+        #[test]
+        fn table_packing_dequantizes_like_the_flattened_blocks(
+            rows in 1usize..6, half_cols in 1usize..40, per_block in 1usize..4, fp4 in any::<bool>(),
+            rows_in_block in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let table = if fp4 { lut4::Lut4::Fp4 } else { lut4::Lut4::Nf4 };
+            let cols = 2 * half_cols;
+            // Blocks of whole rows' parts (cols a multiple of the block) or of several rows.
+            let (block, group) = if rows_in_block {
+                (cols * per_block, cols)
+            } else {
+                let b = if cols % (2 * per_block) == 0 { cols / per_block } else { cols };
+                (b, b)
+            };
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; s };
+            let q: Vec<u8> = (0..rows * cols).map(|_| (next() % 16) as u8).collect();
+            let absmax: Vec<f32> = (0..(rows * cols).div_ceil(block)).map(|_| (next() % 1000) as f32 * 1e-3).collect();
+            let want = lut4::dequantize(table, &q, &absmax, block).unwrap();
+            let scales: Vec<f32> = (0..rows)
+                .flat_map(|r| (0..cols / group).map(move |g| (r * cols + g * group) / block))
+                .map(|b| absmax[b])
+                .collect();
+            let p = PackedMatrix::lut4(table, &q, &scales, (rows, cols), group).unwrap();
+            prop_assert_eq!(p.dequantize(), want);
+            prop_assert_eq!(p.params.len(), rows * p.row_params());
+            prop_assert!(p.gpu_layout_ok().is_err());
+        }
+    }
+
     #[test]
     fn gptq_groups_of_unequal_size_are_refused() {
         let shape = int4::GptqShape {

@@ -1,14 +1,18 @@
 //! Builds [`ModelWeights`] whose quantizable projections (attention q/k/v/o, expert w1/w2/w3) are
 //! quantized and held in the packed layout of [`crate::packed`] ([`TensorView::from_packed`]): the
 //! GPU engine uploads that layout, the CPU reference engine dequantizes each matrix to f32 the first
-//! time it reads it. (A GPTQ layer whose groups are not equal runs of columns, and 4-bit on load of
-//! a matrix with an odd column count, are held dequantized instead: the packed layout cannot
-//! express them.)
+//! time it reads it. (Layouts the packed form cannot express are held dequantized instead: GPTQ or
+//! compressed-tensors groups that are not equal runs of columns, compressed-tensors 8-bit with
+//! groups or zero points, bitsandbytes blocks that straddle rows, and 4-bit on load of a matrix
+//! with an odd column count.)
 //!
 //! Per projection `<p>.weight` (shape `[out, in]` from the config), the first that applies:
+//! - `<p>.weight_packed` exists: compressed-tensors `pack-quantized` (see [`compressed`]);
+//! - the config declares `awq` and `<p>.qweight` exists: AutoAWQ GEMM (see [`awq`]);
 //! - `<p>.qweight` exists: GPTQ 4-bit (see [`int4`]): `<p>.qweight` I32 `[in/8, out]`,
 //!   `<p>.qzeros` I32 `[groups, out/8]`, `<p>.scales` float `[groups, out]`, `<p>.g_idx` I32
 //!   `[in]` (optional: without it input `k` is in group `k / (in / groups)`);
+//! - `<p>.weight` is `U8` beside `<p>.weight.absmax`: bitsandbytes 4-bit (see [`bnb`]);
 //! - `<p>.weight` is `F8_E4M3`: FP8 with `<p>.weight_scale` float, per tensor (`[]` or `[1]`) or
 //!   per output channel (`[out]` or `[out, 1]`), the `compressed-tensors` layout; an
 //!   `<p>.input_scale` (static activation scale) is ignored: activations stay f32 on the CPU;
@@ -18,7 +22,8 @@
 //!   [`int4::quantize_rtn`] with groups of 128).
 //!
 //! Every other tensor is taken exactly as [`ModelWeights::from_checkpoint`] takes it (memory-mapped,
-//! no copy) and must be stored in a float type.
+//! no copy) and must be stored in a float type, except a router stored in the bitsandbytes or
+//! `pack-quantized` layout, which is dequantized to f32.
 
 use super::{awq, bnb, compressed, packed, QuantError, QuantFormat, QuantMethod};
 use crate::checkpoint::{Checkpoint, RawTensor, TensorView};
