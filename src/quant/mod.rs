@@ -20,9 +20,9 @@
 //! Dependencies run one way: this module reads checkpoints ([`crate::checkpoint`]) into
 //! [`crate::weights`] and uses [`crate::packed`]; none of those uses this module.
 
-mod awq;
-mod bnb;
-mod compressed;
+pub mod awq;
+pub mod bnb;
+pub mod compressed;
 pub mod config;
 pub mod load;
 pub mod memory;
