@@ -136,7 +136,8 @@ impl<'a> WeightSlice<'a> {
 }
 
 /// Storage type of any tensor a checkpoint may hold: the float weight types of [`DType`] plus the
-/// packed types of pre-quantized checkpoints (FP8 E4M3 weights, GPTQ's int32 words, int8/uint8).
+/// packed types of pre-quantized checkpoints (FP8 E4M3 weights, GPTQ's int32 words, int8/uint8,
+/// and int64 side tensors such as compressed-tensors' `weight_shape`).
 ///
 /// Only [`DType`] tensors are weights the engine reads directly; the others are read through
 /// [`crate::checkpoint::RawTensor`] and dequantized by [`crate::quant`].
@@ -148,6 +149,8 @@ pub enum RawDType {
     F8E4M3,
     /// Little-endian signed 32-bit integers (`I32`).
     I32,
+    /// Little-endian signed 64-bit integers (`I64`).
+    I64,
     /// Signed bytes (`I8`).
     I8,
     /// Unsigned bytes (`U8`).
@@ -161,10 +164,12 @@ impl RawDType {
             RawDType::Float(d) => d.size(),
             RawDType::F8E4M3 | RawDType::I8 | RawDType::U8 => 1,
             RawDType::I32 => 4,
+            RawDType::I64 => 8,
         }
     }
 
-    /// From a safetensors header dtype string (`BF16`, `F16`, `F32`, `F8_E4M3`, `I32`, `I8`, `U8`).
+    /// From a safetensors header dtype string (`BF16`, `F16`, `F32`, `F8_E4M3`, `I32`, `I64`,
+    /// `I8`, `U8`).
     pub fn from_safetensors_name(name: &str) -> Option<Self> {
         if let Some(d) = DType::from_safetensors_name(name) {
             return Some(RawDType::Float(d));
@@ -172,6 +177,7 @@ impl RawDType {
         match name {
             "F8_E4M3" => Some(RawDType::F8E4M3),
             "I32" => Some(RawDType::I32),
+            "I64" => Some(RawDType::I64),
             "I8" => Some(RawDType::I8),
             "U8" => Some(RawDType::U8),
             _ => None,
@@ -193,6 +199,7 @@ impl std::fmt::Display for RawDType {
             RawDType::Float(d) => d.fmt(f),
             RawDType::F8E4M3 => f.write_str("F8_E4M3"),
             RawDType::I32 => f.write_str("I32"),
+            RawDType::I64 => f.write_str("I64"),
             RawDType::I8 => f.write_str("I8"),
             RawDType::U8 => f.write_str("U8"),
         }

@@ -3,7 +3,7 @@
 
 use crate::checkpoint::{Checkpoint, CheckpointError, LoadProgress, OpenOptions};
 use crate::config::{ConfigError, ModelConfig};
-use crate::quant::{GptqZeros, QuantError, QuantFormat};
+use crate::quant::{QuantError, QuantFormat, QuantMethod};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{ModelWeights, WeightsError};
 use std::path::{Path, PathBuf};
@@ -100,11 +100,13 @@ impl Model {
         }
         let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
         config.merge_generation_config(&dir.join("generation_config.json"))?;
+        // Read first: a quantization method this crate does not read is refused by name, before
+        // any of its tensors is looked at.
+        let method = QuantMethod::from_config_file(&dir.join("config.json"))?;
         let checkpoint = Checkpoint::open_with_packed(dir, OpenOptions::default())?;
         let quantize = options.quant.filter(|f| *f != QuantFormat::Bf16);
         let (weights, quant) = if quantize.is_some() || checkpoint.has_packed() {
-            let zeros = GptqZeros::from_config_file(&dir.join("config.json"))?;
-            let q = crate::quant::load_weights(&checkpoint, &config, quantize, zeros)?;
+            let q = crate::quant::load_weights(&checkpoint, &config, quantize, &method)?;
             (q.weights, q.format)
         } else {
             // Unquantized: every weight stays memory-mapped, nothing is copied.

@@ -1,5 +1,6 @@
-//! Quantized matrices: the FP8 E4M3 ([`fp8`]), INT8 ([`int8`]) and 4-bit RTN / GPTQ ([`int4`])
-//! encodings, and the one packed layout of a quantized matrix `[rows, cols]` (`[out, in]`) that
+//! Quantized matrices: the FP8 E4M3 ([`fp8`]), INT8 ([`int8`]), 4-bit RTN / GPTQ ([`int4`]),
+//! compressed-tensors `pack-quantized` ([`pack_quantized`]), AutoAWQ GEMM ([`awq`]) and
+//! bitsandbytes NF4 / FP4 ([`lut4`]) encodings, and the one packed layout of a quantized matrix `[rows, cols]` (`[out, in]`) that
 //! every source format is held in, as the GPU kernels read it. Its [`PackedMatrix::dequantize`] is
 //! what the CPU reference engine computes with, so both backends use exactly the same numbers.
 //!
@@ -17,16 +18,24 @@
 //!   nibble for even `j`; `params` `[rows, groups, 2]` f32 pairs `(scale, zero)`, stored column `j`
 //!   in group `j / group_size` (the last group of a row may be shorter), `zero` an integer in
 //!   `0..=16`; `w = scale * (q - zero)`.
-//! - `perm` (INT4 only, from a GPTQ act-order checkpoint): stored column `j` holds input column
+//! - 4-bit table codes (LUT4, bitsandbytes NF4 / FP4): `codes` as for INT4 (low nibble for the
+//!   even column); `params` `[rows, groups]` f32 scales (the block's absmax), stored column `j` in
+//!   group `j / group_size`; `w = scale * table[q]` with the 16-entry table of [`lut4::Lut4`].
+//! - `perm` (INT4 only, from a GPTQ or compressed-tensors act-order checkpoint): stored column `j` holds input column
 //!   `perm[j]`; without it stored column `j` is input column `j`.
 //!
 //! [`PackedMatrix::gpu_layout_ok`] says whether the GPU kernels can read a matrix: every row a whole
 //! number of 16-byte chunks (`cols` a multiple of 16 for 8-bit, 32 for 4-bit) and, for 4-bit,
-//! groups of a multiple of 32 columns, so that one lane's 16-byte chunk never spans two groups.
+//! groups of a multiple of 32 columns, so that one lane's 16-byte chunk never spans two groups. No
+//! GPU kernel reads LUT4 yet: such a matrix is refused there (the CUDA engine then stores it in
+//! bf16 from [`PackedMatrix::dequantize`]).
 
+pub mod awq;
 pub mod fp8;
 pub mod int4;
 pub mod int8;
+pub mod lut4;
+pub mod pack_quantized;
 
 use std::fmt;
 
@@ -40,6 +49,14 @@ pub enum PackedKind {
     /// 4-bit codes with a `(scale, zero)` pair per row and group of `group_size` stored columns.
     Int4 {
         /// Stored columns per group (the last group of a row may be shorter).
+        group_size: usize,
+    },
+    /// 4-bit codes indexing a 16-value table, with a scale per row and group of `group_size`
+    /// columns (bitsandbytes NF4 / FP4).
+    Lut4 {
+        /// The table.
+        table: lut4::Lut4,
+        /// Columns per group (the last group of a row may be shorter).
         group_size: usize,
     },
 }
@@ -60,16 +77,17 @@ impl PackedKind {
     /// Bytes of one row's codes for `cols` columns (`cols / 2` for 4-bit).
     pub fn row_code_bytes(self, cols: usize) -> usize {
         match self {
-            PackedKind::Int4 { .. } => cols / 2,
+            PackedKind::Int4 { .. } | PackedKind::Lut4 { .. } => cols / 2,
             PackedKind::Fp8 | PackedKind::Int8 => cols,
         }
     }
 
-    /// f32 parameters of one row of `cols` columns: a scale (8-bit), or a `(scale, zero)` pair
-    /// per group (4-bit).
+    /// f32 parameters of one row of `cols` columns: a scale (8-bit), a `(scale, zero)` pair per
+    /// group (INT4), or a scale per group (LUT4).
     pub fn row_params(self, cols: usize) -> usize {
         match self {
             PackedKind::Int4 { group_size } => 2 * cols.div_ceil(group_size.max(1)),
+            PackedKind::Lut4 { group_size, .. } => cols.div_ceil(group_size.max(1)),
             PackedKind::Fp8 | PackedKind::Int8 => 1,
         }
     }
@@ -90,10 +108,54 @@ pub struct PackedMatrix {
     pub cols: usize,
     /// Codes: `[rows, cols]` bytes (8-bit) or `[rows, cols / 2]` (4-bit).
     pub codes: Vec<u8>,
-    /// `[rows]` scales (8-bit) or `[rows, groups, 2]` `(scale, zero)` pairs (4-bit).
+    /// `[rows]` scales (8-bit), `[rows, groups, 2]` `(scale, zero)` pairs (INT4) or
+    /// `[rows, groups]` scales (LUT4).
     pub params: Vec<f32>,
     /// 4-bit act-order only: `[cols]`, the input column of each stored column (a permutation).
     pub perm: Option<Vec<u32>>,
+}
+
+/// The groups of a grouped integer matrix `[rows, cols]` (scales and zero points per row and
+/// group): `w[r][k] = scales[r * groups + g] * (q[r][k] - zeros[r * groups + g])`, `g = g_idx[k]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Grouped<'a> {
+    /// Rows (outputs).
+    pub rows: usize,
+    /// Columns (inputs).
+    pub cols: usize,
+    /// Groups per row.
+    pub groups: usize,
+    /// `[rows, groups]` scales.
+    pub scales: &'a [f32],
+    /// `[rows, groups]` zero points, as unsigned codes.
+    pub zeros: &'a [i32],
+    /// `[cols]`: the group of each input column.
+    pub g_idx: &'a [usize],
+}
+
+impl Grouped<'_> {
+    /// `scale * (q - zero)` of every element of the unsigned codes `q` (`[rows, cols]`): the
+    /// matrix in f32. `None` when a length or a group index disagrees with the shape.
+    pub fn dequantize(&self, q: &[u8]) -> Option<Vec<f32>> {
+        let per_row = self.rows.checked_mul(self.groups)?;
+        let ok = q.len() == self.rows.checked_mul(self.cols)?
+            && self.scales.len() == per_row
+            && self.zeros.len() == per_row
+            && self.g_idx.len() == self.cols
+            && self.g_idx.iter().all(|&g| g < self.groups);
+        if !ok {
+            return None;
+        }
+        let mut out = Vec::with_capacity(q.len());
+        for r in 0..self.rows {
+            for (k, &g) in self.g_idx.iter().enumerate() {
+                let at = r * self.groups + g;
+                let diff = i32::from(q[r * self.cols + k]) - self.zeros[at];
+                out.push(self.scales[at] * diff as f32);
+            }
+        }
+        Some(out)
+    }
 }
 
 /// `scales` as one per row: a single scale repeated, or `rows` scales as they are.
@@ -206,9 +268,7 @@ impl PackedMatrix {
     }
 
     /// A GPTQ 4-bit layer (tensors as [`int4::dequantize_gptq`] takes them, already checked against
-    /// `shape` by the caller's shape checks). The groups of `g_idx`, taken in order of group, must
-    /// be contiguous runs of one size (the last may be shorter), as GPTQ writes them with and
-    /// without act-order; a `g_idx` that is not sequential becomes `perm`.
+    /// `shape` by the caller's shape checks), through [`PackedMatrix::int4_grouped`].
     pub fn from_gptq(
         shape: int4::GptqShape,
         qweight: &[i32],
@@ -230,12 +290,62 @@ impl PackedMatrix {
         check_len("qweight", qweight.len(), Some(inputs / 8 * outputs))?;
         check_len("qzeros", qzeros.len(), groups.checked_mul(outputs / 8))?;
         check_len("scales", scales.len(), groups.checked_mul(outputs))?;
-        check_len("g_idx", g_idx.len(), Some(inputs))?;
+        let mut q = vec![0u8; outputs * inputs];
+        for k in 0..inputs {
+            for n in 0..outputs {
+                q[n * inputs + k] = int4::nibble(qweight[k / 8 * outputs + n], k % 8);
+            }
+        }
+        let mut row_scales = Vec::with_capacity(outputs * groups);
+        let mut zeros = Vec::with_capacity(outputs * groups);
+        for n in 0..outputs {
+            for g in 0..groups {
+                let zero = int4::nibble(qzeros[g * (outputs / 8) + n / 8], n % 8);
+                zeros.push(i32::from(zero) + zero_offset);
+                row_scales.push(scales[g * outputs + n]);
+            }
+        }
+        let grouped = Grouped {
+            rows: outputs,
+            cols: inputs,
+            groups,
+            scales: &row_scales,
+            zeros: &zeros,
+            g_idx,
+        };
+        PackedMatrix::int4_grouped(&q, grouped)
+    }
+
+    /// A 4-bit matrix from its codes `q` (`[rows, cols]`, 0..=15, in input-column order) and the
+    /// groups of `grouped`. The groups of `g_idx`, taken in order of group, must be contiguous runs
+    /// of one size (the last may be shorter), as GPTQ and compressed-tensors write them with and
+    /// without act-order; a `g_idx` that is not sequential becomes `perm`.
+    pub fn int4_grouped(q: &[u8], grouped: Grouped<'_>) -> Result<Self, LayoutError> {
+        let Grouped {
+            rows,
+            cols,
+            groups,
+            scales,
+            zeros,
+            g_idx,
+        } = grouped;
+        if cols == 0 || !cols.is_multiple_of(2) || groups == 0 {
+            return fail(format!(
+                "4-bit packing needs an even, positive column count ({cols}) and at least one group"
+            ));
+        }
+        check_len("codes", q.len(), rows.checked_mul(cols))?;
+        check_len("scales", scales.len(), rows.checked_mul(groups))?;
+        check_len("zeros", zeros.len(), rows.checked_mul(groups))?;
+        check_len("g_idx", g_idx.len(), Some(cols))?;
         if let Some(&g) = g_idx.iter().find(|&&g| g >= groups) {
             return fail(format!("g_idx names group {g} of {groups}"));
         }
+        if let Some(z) = zeros.iter().find(|z| !(0..=16).contains(*z)) {
+            return fail(format!("zero point {z} is outside 0..=16"));
+        }
         // Stored order: input columns sorted by group (stable, so a sequential g_idx stays as is).
-        let mut order: Vec<usize> = (0..inputs).collect();
+        let mut order: Vec<usize> = (0..cols).collect();
         order.sort_by_key(|&k| g_idx[k]);
         let group_size = g_idx.iter().filter(|&&g| g == g_idx[order[0]]).count();
         for (j, &k) in order.iter().enumerate() {
@@ -248,41 +358,71 @@ impl PackedMatrix {
                 ));
             }
         }
-        let stored_groups = inputs.div_ceil(group_size);
+        let stored_groups = cols.div_ceil(group_size);
         if stored_groups != groups {
             return fail(format!(
                 "g_idx uses {stored_groups} groups of {group_size} columns, the tensors have {groups}"
             ));
         }
-        let mut q = vec![0u8; outputs * inputs];
+        let mut stored = vec![0u8; rows * cols];
         for (j, &k) in order.iter().enumerate() {
-            for n in 0..outputs {
-                q[n * inputs + j] = int4::nibble(qweight[k / 8 * outputs + n], k % 8);
+            for r in 0..rows {
+                stored[r * cols + j] = q[r * cols + k] & 0x0F;
             }
         }
-        let mut params = Vec::with_capacity(outputs * groups * 2);
-        for n in 0..outputs {
-            for g in 0..groups {
-                let zero =
-                    i32::from(int4::nibble(qzeros[g * (outputs / 8) + n / 8], n % 8)) + zero_offset;
-                params.extend([scales[g * outputs + n], zero as f32]);
-            }
-        }
+        let params = scales
+            .iter()
+            .zip(zeros)
+            .flat_map(|(&s, &z)| [s, z as f32])
+            .collect();
         let sequential = order.iter().enumerate().all(|(j, &k)| j == k);
         Ok(PackedMatrix {
             kind: PackedKind::Int4 { group_size },
-            rows: outputs,
-            cols: inputs,
-            codes: pack_nibbles(&q),
+            rows,
+            cols,
+            codes: pack_nibbles(&stored),
             params,
             perm: (!sequential).then(|| order.iter().map(|&k| k as u32).collect()),
+        })
+    }
+
+    /// A 4-bit table matrix: codes `q` (`[rows, cols]`, 0..=15), `scales` `[rows, groups]` for
+    /// groups of `group_size` columns (the last of a row may be shorter).
+    pub fn lut4(
+        table: lut4::Lut4,
+        q: &[u8],
+        scales: &[f32],
+        (rows, cols): (usize, usize),
+        group_size: usize,
+    ) -> Result<Self, LayoutError> {
+        if cols == 0 || !cols.is_multiple_of(2) || group_size == 0 {
+            return fail(format!(
+                "4-bit packing needs an even, positive column count ({cols}) and groups of at \
+                 least 1 ({group_size})"
+            ));
+        }
+        check_len("codes", q.len(), rows.checked_mul(cols))?;
+        check_len(
+            "scales",
+            scales.len(),
+            rows.checked_mul(cols.div_ceil(group_size)),
+        )?;
+        Ok(PackedMatrix {
+            kind: PackedKind::Lut4 { table, group_size },
+            rows,
+            cols,
+            codes: pack_nibbles(q),
+            params: scales.to_vec(),
+            perm: None,
         })
     }
 
     /// Groups per row (1 for the 8-bit formats).
     pub fn groups(&self) -> usize {
         match self.kind {
-            PackedKind::Int4 { group_size } => self.cols.div_ceil(group_size.max(1)),
+            PackedKind::Int4 { group_size } | PackedKind::Lut4 { group_size, .. } => {
+                self.cols.div_ceil(group_size.max(1))
+            }
             _ => 1,
         }
     }
@@ -305,7 +445,7 @@ impl PackedMatrix {
     /// The code (0..=255, or 0..=15 for 4-bit) of stored column `j` of row `r`.
     fn code(&self, r: usize, j: usize) -> u8 {
         match self.kind {
-            PackedKind::Int4 { .. } => {
+            PackedKind::Int4 { .. } | PackedKind::Lut4 { .. } => {
                 let byte = self.codes[r * self.cols / 2 + j / 2];
                 if j.is_multiple_of(2) {
                     byte & 0x0F
@@ -332,6 +472,9 @@ impl PackedMatrix {
                         let at = (r * self.groups() + j / group_size) * 2;
                         self.params[at] * (f32::from(c) - self.params[at + 1])
                     }
+                    PackedKind::Lut4 { table, group_size } => {
+                        self.params[r * self.groups() + j / group_size] * table.value(c)
+                    }
                 };
                 let k = self.perm.as_ref().map_or(j, |p| p[j] as usize);
                 row[k] = v;
@@ -353,6 +496,10 @@ impl PackedMatrix {
             )),
             PackedKind::Int4 { group_size } if !group_size.is_multiple_of(32) => fail(format!(
                 "4-bit groups on the GPU need a multiple of 32 columns, not {group_size}"
+            )),
+            PackedKind::Lut4 { table, .. } => fail(format!(
+                "no GPU kernel decodes 4-bit {} table codes yet",
+                table.name()
             )),
             _ if self.rows == 0 || self.cols == 0 => fail("an empty matrix"),
             _ => Ok(()),
@@ -464,6 +611,61 @@ mod tests {
                 sorted.sort_unstable();
                 prop_assert_eq!(sorted, (0..inputs as u32).collect::<Vec<_>>());
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn grouped_packing_dequantizes_like_the_grouped_formula(
+            rows in 1usize..6, groups in 1usize..4, group2 in 1usize..6, act_order in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let group_size = 2 * group2;
+            let cols = groups * group_size;
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; s };
+            let q: Vec<u8> = (0..rows * cols).map(|_| (next() % 16) as u8).collect();
+            let zeros: Vec<i32> = (0..rows * groups).map(|_| (next() % 17) as i32).collect();
+            let scales: Vec<f32> = (0..rows * groups).map(|_| (next() % 1000 + 1) as f32 * 1e-4).collect();
+            let mut g_idx = int4::sequential_g_idx(cols, group_size);
+            if act_order {
+                for i in (1..cols).rev() {
+                    g_idx.swap(i, (next() % (i as u64 + 1)) as usize);
+                }
+            }
+            let grouped = Grouped { rows, cols, groups, scales: &scales, zeros: &zeros, g_idx: &g_idx };
+            let p = PackedMatrix::int4_grouped(&q, grouped).unwrap();
+            prop_assert_eq!(p.dequantize(), grouped.dequantize(&q).unwrap());
+            prop_assert_eq!(p.kind, PackedKind::Int4 { group_size });
+        }
+
+        #[test]
+        fn table_packing_dequantizes_like_the_flattened_blocks(
+            rows in 1usize..6, half_cols in 1usize..40, per_block in 1usize..4, fp4 in any::<bool>(),
+            rows_in_block in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let table = if fp4 { lut4::Lut4::Fp4 } else { lut4::Lut4::Nf4 };
+            let cols = 2 * half_cols;
+            // Blocks of whole rows' parts (cols a multiple of the block) or of several rows.
+            let (block, group) = if rows_in_block {
+                (cols * per_block, cols)
+            } else {
+                let b = if cols % (2 * per_block) == 0 { cols / per_block } else { cols };
+                (b, b)
+            };
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; s };
+            let q: Vec<u8> = (0..rows * cols).map(|_| (next() % 16) as u8).collect();
+            let absmax: Vec<f32> = (0..(rows * cols).div_ceil(block)).map(|_| (next() % 1000) as f32 * 1e-3).collect();
+            let want = lut4::dequantize(table, &q, &absmax, block).unwrap();
+            let scales: Vec<f32> = (0..rows)
+                .flat_map(|r| (0..cols / group).map(move |g| (r * cols + g * group) / block))
+                .map(|b| absmax[b])
+                .collect();
+            let p = PackedMatrix::lut4(table, &q, &scales, (rows, cols), group).unwrap();
+            prop_assert_eq!(p.dequantize(), want);
+            prop_assert_eq!(p.params.len(), rows * p.row_params());
+            prop_assert!(p.gpu_layout_ok().is_err());
         }
     }
 

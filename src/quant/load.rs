@@ -1,14 +1,18 @@
 //! Builds [`ModelWeights`] whose quantizable projections (attention q/k/v/o, expert w1/w2/w3) are
 //! quantized and held in the packed layout of [`crate::packed`] ([`TensorView::from_packed`]): the
 //! GPU engine uploads that layout, the CPU reference engine dequantizes each matrix to f32 the first
-//! time it reads it. (A GPTQ layer whose groups are not equal runs of columns, and 4-bit on load of
-//! a matrix with an odd column count, are held dequantized instead: the packed layout cannot
-//! express them.)
+//! time it reads it. (Layouts the packed form cannot express are held dequantized instead: GPTQ or
+//! compressed-tensors groups that are not equal runs of columns, compressed-tensors 8-bit with
+//! groups or zero points, bitsandbytes blocks that straddle rows, and 4-bit on load of a matrix
+//! with an odd column count.)
 //!
 //! Per projection `<p>.weight` (shape `[out, in]` from the config), the first that applies:
+//! - `<p>.weight_packed` exists: compressed-tensors `pack-quantized` (see [`compressed`]);
+//! - the config declares `awq` and `<p>.qweight` exists: AutoAWQ GEMM (see [`awq`]);
 //! - `<p>.qweight` exists: GPTQ 4-bit (see [`int4`]): `<p>.qweight` I32 `[in/8, out]`,
 //!   `<p>.qzeros` I32 `[groups, out/8]`, `<p>.scales` float `[groups, out]`, `<p>.g_idx` I32
 //!   `[in]` (optional: without it input `k` is in group `k / (in / groups)`);
+//! - `<p>.weight` is `U8` beside `<p>.weight.absmax`: bitsandbytes 4-bit (see [`bnb`]);
 //! - `<p>.weight` is `F8_E4M3`: FP8 with `<p>.weight_scale` float, per tensor (`[]` or `[1]`) or
 //!   per output channel (`[out]` or `[out, 1]`), the `compressed-tensors` layout; an
 //!   `<p>.input_scale` (static activation scale) is ignored: activations stay f32 on the CPU;
@@ -18,9 +22,10 @@
 //!   [`int4::quantize_rtn`] with groups of 128).
 //!
 //! Every other tensor is taken exactly as [`ModelWeights::from_checkpoint`] takes it (memory-mapped,
-//! no copy) and must be stored in a float type.
+//! no copy) and must be stored in a float type, except a router stored in the bitsandbytes or
+//! `pack-quantized` layout, which is dequantized to f32.
 
-use super::{packed, QuantError, QuantFormat};
+use super::{awq, bnb, compressed, packed, QuantError, QuantFormat, QuantMethod};
 use crate::checkpoint::{Checkpoint, RawTensor, TensorView};
 use crate::config::ModelConfig;
 use crate::dtype::RawDType;
@@ -52,60 +57,21 @@ impl GptqZeros {
         }
     }
 
-    /// The convention named by `config.json`'s `quantization_config.checkpoint_format` (the
-    /// original format when the file, the object or the field is absent).
+    /// The convention named by `config.json`'s `quantization_config` (the original format when
+    /// the file, the object or `checkpoint_format` is absent); see [`QuantMethod`].
     pub fn from_config_file(path: &Path) -> Result<Self, QuantError> {
-        let Ok(text) = std::fs::read_to_string(path) else {
-            return Ok(GptqZeros::MinusOne);
-        };
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| QuantError::Config {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
-        let format = value
-            .get("quantization_config")
-            .and_then(|q| q.get("checkpoint_format"))
-            .and_then(|f| f.as_str());
-        match format {
-            None | Some("gptq") => Ok(GptqZeros::MinusOne),
-            Some("gptq_v2") => Ok(GptqZeros::Exact),
-            Some(other) => Err(QuantError::Config {
-                path: path.to_path_buf(),
-                message: format!(
-                    "quantization_config.checkpoint_format `{other}` is neither gptq nor gptq_v2"
-                ),
-            }),
-        }
+        Ok(QuantMethod::from_config_file(path)?.gptq_zeros())
     }
 }
 
 /// The format `config.json`'s `quantization_config` declares, when it declares one this crate
-/// reads: `quant_method` `gptq` (4 bits) is INT4, `fp8` is FP8, `compressed-tensors` is FP8 or
-/// INT8 by the `type` (`float` / `int`) of its 8-bit weight group. `None` otherwise (no file, no
-/// object, another method); the tensors themselves decide how a checkpoint is loaded.
+/// reads ([`QuantMethod::format`]): GPTQ, AWQ, bitsandbytes 4-bit and compressed-tensors 4-bit
+/// `pack-quantized` are INT4, `fp8` and compressed-tensors `float-quantized` FP8,
+/// compressed-tensors `int-quantized` and 8-bit `pack-quantized` INT8. `None` otherwise (no file,
+/// no object, a method this crate does not read); the tensors themselves decide how a checkpoint
+/// is loaded.
 pub fn declared_format(path: &Path) -> Option<QuantFormat> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let q = value.get("quantization_config")?;
-    match q.get("quant_method")?.as_str()? {
-        "gptq" if q.get("bits").and_then(|b| b.as_u64()).unwrap_or(4) == 4 => {
-            Some(QuantFormat::Int4)
-        }
-        "fp8" => Some(QuantFormat::Fp8),
-        "compressed-tensors" => {
-            let groups = q.get("config_groups")?.as_object()?;
-            groups.values().find_map(|g| {
-                let w = g.get("weights")?;
-                match (w.get("type")?.as_str()?, w.get("num_bits")?.as_u64()?) {
-                    ("float", 8) => Some(QuantFormat::Fp8),
-                    ("int", 8) => Some(QuantFormat::Int8),
-                    _ => None,
-                }
-            })
-        }
-        _ => None,
-    }
+    QuantMethod::from_config_file(path).ok()?.format()
 }
 
 /// The weights and the format their quantized projections are in.
@@ -119,12 +85,13 @@ pub struct QuantizedWeights {
 
 /// Loads `config`'s weights from `checkpoint` (opened with
 /// [`Checkpoint::open_with_packed`] to read pre-quantized tensors), quantizing float projections
-/// to `quantize` (`None` or `Some(Bf16)`: keep them as stored).
+/// to `quantize` (`None` or `Some(Bf16)`: keep them as stored). `method` is what the checkpoint's
+/// `quantization_config` declares ([`QuantMethod::from_config_file`]).
 pub fn load_weights(
     checkpoint: &Checkpoint,
     config: &ModelConfig,
     quantize: Option<QuantFormat>,
-    zeros: GptqZeros,
+    method: &QuantMethod,
 ) -> Result<QuantizedWeights, QuantError> {
     let quantize = quantize.filter(|f| *f != QuantFormat::Bf16);
     // Module names (and so every `<module>.qweight`, `<module>.weight_scale`, ...) in the
@@ -134,7 +101,7 @@ pub fn load_weights(
     let format = std::cell::Cell::new(None);
     let seen = |f: Option<QuantFormat>| format.set(format.get().or(f));
     let proj = |spec: &TensorSpec| -> Result<Weight, QuantError> {
-        let (w, f) = projection(checkpoint, spec, quantize, zeros)?;
+        let (w, f) = projection(checkpoint, spec, quantize, method)?;
         seen(f);
         Ok(w)
     };
@@ -145,7 +112,7 @@ pub fn load_weights(
             .experts
             .par_iter()
             .map(|e| {
-                let one = |spec| projection(checkpoint, spec, quantize, zeros);
+                let one = |spec| projection(checkpoint, spec, quantize, method);
                 Ok::<_, QuantError>([one(&e.w1)?, one(&e.w2)?, one(&e.w3)?])
             })
             .collect();
@@ -188,8 +155,25 @@ pub fn load_weights(
     })
 }
 
-/// A tensor that is never quantized: it must be stored in a float type.
+/// A tensor that is never quantized: it must be stored in a float type, or (a router a tool
+/// quantized anyway) in the bitsandbytes 4-bit or compressed-tensors `pack-quantized` layout,
+/// then dequantized to f32 here.
 fn high_precision(checkpoint: &Checkpoint, spec: &TensorSpec) -> Result<Weight, QuantError> {
+    let (rows, cols) = dims(spec);
+    let base = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
+    let tool = if checkpoint
+        .raw_tensor(&format!("{base}.weight_packed"))
+        .is_some()
+    {
+        Some(compressed::load(checkpoint, base, (rows, cols), &[])?)
+    } else {
+        bnb::find(checkpoint, &spec.name)
+            .map(|raw| bnb::load(checkpoint, &raw, (rows, cols)))
+            .transpose()?
+    };
+    if let Some(loaded) = tool {
+        return owned(spec, loaded.matrix.into_f32(), &loaded.path);
+    }
     if let Some(raw) = checkpoint.raw_tensor(&spec.name) {
         if raw.dtype().float().is_none() {
             return Err(QuantError::Unsupported {
@@ -219,16 +203,24 @@ fn projection(
     checkpoint: &Checkpoint,
     spec: &TensorSpec,
     quantize: Option<QuantFormat>,
-    zeros: GptqZeros,
+    method: &QuantMethod,
 ) -> Result<(Weight, Option<QuantFormat>), QuantError> {
     let (rows, cols) = dims(spec);
     let base = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
+    if let Some((name, loaded)) = published(checkpoint, spec, method)? {
+        no_conflict(&name, quantize, loaded.format)?;
+        let w = match loaded.matrix {
+            Matrix::Packed(p) => packed_weight(spec, p, &loaded.path)?,
+            Matrix::Dequantized(data) => owned(spec, data, &loaded.path)?,
+        };
+        return Ok((w, Some(loaded.format)));
+    }
     let qweight_name = format!("{base}.qweight");
     if let Some(qweight) = checkpoint.raw_tensor(&qweight_name) {
         no_conflict(&qweight_name, quantize, QuantFormat::Int4)?;
-        let w = match gptq(checkpoint, base, &qweight, rows, cols, zeros)? {
-            Gptq::Packed(p) => packed_weight(spec, p, qweight.path())?,
-            Gptq::Dequantized(data) => owned(spec, data, qweight.path())?,
+        let w = match gptq(checkpoint, base, &qweight, rows, cols, method.gptq_zeros())? {
+            Matrix::Packed(p) => packed_weight(spec, p, qweight.path())?,
+            Matrix::Dequantized(data) => owned(spec, data, qweight.path())?,
         };
         return Ok((w, Some(QuantFormat::Int4)));
     }
@@ -293,6 +285,40 @@ fn projection(
     }
 }
 
+/// A projection in a tool's own layout, recognised by its tensors: compressed-tensors
+/// `pack-quantized` (`<p>.weight_packed`), AutoAWQ (`<p>.qweight` when the config declares
+/// `awq`), bitsandbytes 4-bit (`<p>.weight` U8 beside `<p>.weight.absmax`). Returns the tensor
+/// that decided it and what was loaded; `None` for the other layouts (GPTQ, FP8, INT8, float).
+fn published(
+    checkpoint: &Checkpoint,
+    spec: &TensorSpec,
+    method: &QuantMethod,
+) -> Result<Option<(String, Loaded)>, QuantError> {
+    let (rows, cols) = dims(spec);
+    let base = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
+    let packed = format!("{base}.weight_packed");
+    if checkpoint.raw_tensor(&packed).is_some() {
+        let bits = match method {
+            QuantMethod::CompressedTensors { pack_bits, .. } => pack_bits.as_slice(),
+            _ => &[],
+        };
+        let loaded = compressed::load(checkpoint, base, (rows, cols), bits)?;
+        return Ok(Some((packed, loaded)));
+    }
+    if let QuantMethod::Awq { group_size } = method {
+        let qweight = format!("{base}.qweight");
+        if let Some(raw) = checkpoint.raw_tensor(&qweight) {
+            let loaded = awq::load(checkpoint, base, &raw, (rows, cols), *group_size)?;
+            return Ok(Some((qweight, loaded)));
+        }
+    }
+    if let Some(raw) = bnb::find(checkpoint, &spec.name) {
+        let loaded = bnb::load(checkpoint, &raw, (rows, cols))?;
+        return Ok(Some((spec.name.clone(), loaded)));
+    }
+    Ok(None)
+}
+
 /// Quantizes `w` (`[rows, cols]`) to `format` and back to f32 (`None` only for an empty matrix).
 fn quantize_dequantize(
     format: QuantFormat,
@@ -333,7 +359,11 @@ fn no_conflict(
 }
 
 /// A weight for `spec` held packed (dequantized on first CPU use), derived from the file `path`.
-fn packed_weight(spec: &TensorSpec, p: PackedMatrix, path: &Path) -> Result<Weight, QuantError> {
+pub(super) fn packed_weight(
+    spec: &TensorSpec,
+    p: PackedMatrix,
+    path: &Path,
+) -> Result<Weight, QuantError> {
     let (rows, cols) = dims(spec);
     let found = vec![p.rows, p.cols];
     let tensor = TensorView::from_packed(&spec.name, spec.shape.clone(), Arc::new(p), path)
@@ -347,7 +377,7 @@ fn packed_weight(spec: &TensorSpec, p: PackedMatrix, path: &Path) -> Result<Weig
 }
 
 /// A packing refusal as a typed error naming the tensor.
-fn unsupported(raw: &RawTensor, tensor: &str, e: LayoutError) -> QuantError {
+pub(super) fn unsupported(raw: &RawTensor, tensor: &str, e: LayoutError) -> QuantError {
     QuantError::Unsupported {
         path: raw.path().to_path_buf(),
         tensor: tensor.into(),
@@ -355,14 +385,37 @@ fn unsupported(raw: &RawTensor, tensor: &str, e: LayoutError) -> QuantError {
     }
 }
 
-/// A GPTQ projection: packed, or (groups that are not equal runs) dequantized.
-enum Gptq {
+/// A published projection: packed, or (a layout the packed form cannot express, e.g. groups that
+/// are not equal runs) dequantized to f32 `[rows, cols]`.
+pub(super) enum Matrix {
+    /// In the packed layout.
     Packed(PackedMatrix),
+    /// Dequantized.
     Dequantized(Vec<f32>),
 }
 
+impl Matrix {
+    /// The f32 values `[rows, cols]`.
+    pub(super) fn into_f32(self) -> Vec<f32> {
+        match self {
+            Matrix::Packed(p) => p.dequantize(),
+            Matrix::Dequantized(d) => d,
+        }
+    }
+}
+
+/// A published matrix, the format it counts as and the file it was read from.
+pub(super) struct Loaded {
+    /// The matrix.
+    pub matrix: Matrix,
+    /// INT4 or INT8.
+    pub format: QuantFormat,
+    /// The file holding its main tensor.
+    pub path: std::path::PathBuf,
+}
+
 /// An owned f32 weight for `spec`, derived from the file `path`.
-fn owned(spec: &TensorSpec, data: Vec<f32>, path: &Path) -> Result<Weight, QuantError> {
+pub(super) fn owned(spec: &TensorSpec, data: Vec<f32>, path: &Path) -> Result<Weight, QuantError> {
     let (rows, cols) = dims(spec);
     let found = vec![data.len()];
     let tensor =
@@ -378,7 +431,7 @@ fn owned(spec: &TensorSpec, data: Vec<f32>, path: &Path) -> Result<Weight, Quant
 }
 
 /// Checks `raw`'s shape is `expected` (described by `words` in the error).
-fn check_shape(
+pub(super) fn check_shape(
     raw: &RawTensor,
     expected: &[usize],
     words: impl FnOnce() -> String,
@@ -396,7 +449,7 @@ fn check_shape(
 }
 
 /// `name` as a required companion of `projection`.
-fn companion(
+pub(super) fn companion(
     checkpoint: &Checkpoint,
     name: &str,
     projection: &str,
@@ -410,7 +463,7 @@ fn companion(
 }
 
 /// The elements of a float tensor as f32.
-fn floats(raw: &RawTensor) -> Result<Vec<f32>, QuantError> {
+pub(super) fn floats(raw: &RawTensor) -> Result<Vec<f32>, QuantError> {
     match raw.as_float() {
         Some(view) => Ok(view.data().to_f32_vec()),
         None => Err(QuantError::DType {
@@ -423,7 +476,7 @@ fn floats(raw: &RawTensor) -> Result<Vec<f32>, QuantError> {
 }
 
 /// The elements of an I32 tensor.
-fn ints(raw: &RawTensor) -> Result<Vec<i32>, QuantError> {
+pub(super) fn ints(raw: &RawTensor) -> Result<Vec<i32>, QuantError> {
     if raw.dtype() != RawDType::I32 {
         return Err(QuantError::DType {
             path: raw.path().to_path_buf(),
@@ -439,8 +492,26 @@ fn ints(raw: &RawTensor) -> Result<Vec<i32>, QuantError> {
         .collect())
 }
 
+/// The elements of an I32 or I64 tensor, as i64.
+pub(super) fn int64s(raw: &RawTensor) -> Result<Vec<i64>, QuantError> {
+    match raw.dtype() {
+        RawDType::I64 => Ok(raw
+            .bytes()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .collect()),
+        RawDType::I32 => Ok(ints(raw)?.into_iter().map(i64::from).collect()),
+        found => Err(QuantError::DType {
+            path: raw.path().to_path_buf(),
+            tensor: raw.name().into(),
+            expected: "I32 or I64",
+            found,
+        }),
+    }
+}
+
 /// Checks every scale of `raw` (values `scales`) is positive and finite.
-fn check_scales(raw: &RawTensor, scales: &[f32]) -> Result<(), QuantError> {
+pub(super) fn check_scales(raw: &RawTensor, scales: &[f32]) -> Result<(), QuantError> {
     match scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
         Some(index) => Err(QuantError::BadScale {
             path: raw.path().to_path_buf(),
@@ -482,7 +553,7 @@ fn gptq(
     rows: usize,
     cols: usize,
     zeros: GptqZeros,
-) -> Result<Gptq, QuantError> {
+) -> Result<Matrix, QuantError> {
     let weight = format!("{base}.weight");
     if !cols.is_multiple_of(8) || !rows.is_multiple_of(8) {
         return Err(QuantError::Unsupported {
@@ -549,11 +620,11 @@ fn gptq(
         groups,
     };
     if let Ok(p) = PackedMatrix::from_gptq(shape, &q, &qzeros, &scales, &g_idx, zeros.offset()) {
-        return Ok(Gptq::Packed(p));
+        return Ok(Matrix::Packed(p));
     }
     // Groups that are not equal runs of columns: only the CPU reference can use this layout.
     int4::dequantize_gptq(shape, &q, &qzeros, &scales, &g_idx, zeros.offset())
-        .map(Gptq::Dequantized)
+        .map(Matrix::Dequantized)
         .ok_or_else(|| QuantError::Shape {
             path: qweight.path().to_path_buf(),
             tensor: qweight.name().into(),

@@ -3,12 +3,16 @@
 //!
 //! Two ways in, one result: a bf16/f16/f32 checkpoint quantized as it is loaded
 //! ([`crate::LoadOptions::quant`], `mixtral-run --quantize`), or a checkpoint published already
-//! quantized (FP8 / INT8 `compressed-tensors` layout, GPTQ 4-bit), recognised by its tensors.
-//! Only the attention projections (q, k, v, o) and the expert matrices (w1, w2, w3) are quantized;
-//! the router, the norms, the embedding and the LM head always stay in their stored precision.
+//! quantized, recognised by its tensors once `config.json`'s `quantization_config` has been
+//! checked ([`config`]): FP8 / INT8 (`compressed-tensors` float- / int-quantized, `fp8`), GPTQ
+//! 4-bit, compressed-tensors `pack-quantized` 4 / 8-bit, AutoAWQ GEMM 4-bit, bitsandbytes NF4 /
+//! FP4. Only the attention projections (q, k, v, o) and the expert matrices (w1, w2, w3) are
+//! quantized; the norms, the embedding and the LM head always stay in their stored precision, and
+//! so does the router unless a tool quantized it (bitsandbytes, `pack-quantized`), when it is
+//! dequantized to f32.
 //!
-//! Quantized matrices are held in one packed layout, defined with the FP8 / INT8 / INT4 encodings
-//! in [`crate::packed`] (re-exported here: [`fp8`], [`int4`], [`int8`], [`PackedMatrix`],
+//! Quantized matrices are held in one packed layout, defined with the encodings in
+//! [`crate::packed`] (re-exported here: [`fp8`], [`int4`], [`int8`], [`PackedMatrix`],
 //! [`PackedKind`]). The GPU engine uploads it as it is and its kernels dequantize in registers; the
 //! CPU reference path dequantizes each matrix to f32 on first use ([`PackedMatrix::dequantize`],
 //! the one definition of the values both backends use) and the f32 CPU engine runs unchanged.
@@ -16,6 +20,10 @@
 //! Dependencies run one way: this module reads checkpoints ([`crate::checkpoint`]) into
 //! [`crate::weights`] and uses [`crate::packed`]; none of those uses this module.
 
+pub mod awq;
+pub mod bnb;
+pub mod compressed;
+pub mod config;
 pub mod load;
 pub mod memory;
 pub mod packed;
@@ -25,6 +33,7 @@ use crate::weights::WeightsError;
 use std::path::PathBuf;
 
 pub use crate::packed::{fp8, int4, int8, PackedKind, PackedMatrix};
+pub use config::QuantMethod;
 pub use load::{declared_format, load_weights, GptqZeros, QuantizedWeights};
 pub use memory::{estimate_memory, MemoryEstimate};
 
@@ -35,9 +44,11 @@ pub enum QuantFormat {
     Bf16,
     /// FP8 E4M3 with a scale per output channel (on load) or as published (per tensor/channel).
     Fp8,
-    /// INT8 with a symmetric scale per output channel.
+    /// INT8 with a symmetric scale per output channel (also compressed-tensors 8-bit
+    /// `pack-quantized` as published).
     Int8,
-    /// 4-bit: RTN groups of 128 on load (asymmetric), or GPTQ as published.
+    /// 4-bit: RTN groups of 128 on load (asymmetric), or as published: GPTQ, compressed-tensors
+    /// 4-bit `pack-quantized`, AutoAWQ, bitsandbytes NF4 / FP4.
     Int4,
 }
 
@@ -166,6 +177,22 @@ pub enum QuantError {
         requested: QuantFormat,
         /// The format it is stored in.
         found: QuantFormat,
+    },
+    /// `config.json`'s `quantization_config` declares a method or format this crate does not
+    /// read.
+    #[error(
+        "{path}: quant_method `{method}` format `{format}` is not supported{detail}; supported: {}",
+        config::SUPPORTED
+    )]
+    UnsupportedFormat {
+        /// The `config.json`.
+        path: PathBuf,
+        /// `quant_method`.
+        method: String,
+        /// The method's format (`format`, `checkpoint_format`, `version`, ...), `-` when none.
+        format: String,
+        /// More about what was declared (e.g. ` (weights: int 4-bit, strategy tensor)`), or empty.
+        detail: String,
     },
     /// `config.json` could not be read for its `quantization_config`.
     #[error("{path}: {message}")]

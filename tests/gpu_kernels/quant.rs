@@ -90,6 +90,7 @@ fn pack(
             PackedMatrix::from_rtn(&int4::quantize_rtn(w, rows, cols, group_size))
                 .expect("4-bit packing")
         }
+        PackedKind::Lut4 { .. } => panic!("no kernel reads 4-bit table codes yet"),
     };
     m.perm = perm;
     m.gpu_layout_ok().expect("a layout the kernels read");

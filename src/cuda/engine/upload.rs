@@ -647,6 +647,8 @@ fn randomize_packed(
         PackedKind::Fp8 => [spread / 64.0, 0.0],
         PackedKind::Int8 => [spread * 3f32.sqrt() / 128.0, 0.0],
         PackedKind::Int4 { .. } => [spread * 3f32.sqrt() / 8.0, 8.0],
+        // Table values lie in [-1, 1]; one scale per group.
+        PackedKind::Lut4 { .. } => [spread * 3f32.sqrt(), 0.0],
     };
     let per_row = matches!(p.kind, PackedKind::Int4 { .. });
     let params = p.params.view_mut().cast::<u8>();

@@ -122,6 +122,7 @@ mod tests {
                     PackedKind::Fp8 => "fp8",
                     PackedKind::Int8 => "int8",
                     PackedKind::Int4 { .. } => "int4",
+                    PackedKind::Lut4 { .. } => "lut4",
                 };
                 assert_eq!(symbol(&g), format!("dequantize_{label}"));
                 assert_eq!((g.grid, g.block), ((5, 3, 1), DEQUANT_THREADS));

@@ -99,6 +99,7 @@ mod tests {
             PackedKind::Fp8 => "fp8",
             PackedKind::Int8 => "int8",
             PackedKind::Int4 { .. } => "int4",
+            PackedKind::Lut4 { .. } => "lut4",
         }
     }
 

@@ -50,6 +50,17 @@ pub(super) fn row_layout(
         PackedKind::Fp8 => (QUANT_KIND_FP8, 16),
         PackedKind::Int8 => (QUANT_KIND_INT8, 16),
         PackedKind::Int4 { .. } => (QUANT_KIND_INT4, 32),
+        PackedKind::Lut4 { table, group_size } => {
+            return Err(c.unsupported(
+                "group_size",
+                group_size,
+                format!(
+                    "4-bit {} table codes: no kernel decodes them yet (such stacks are stored \
+                     in bf16)",
+                    table.name()
+                ),
+            ))
+        }
     };
     let cols = c.count(cols_name, cols as usize)? as usize;
     if cols == 0 || !cols.is_multiple_of(chunk) {
@@ -60,7 +71,7 @@ pub(super) fn row_layout(
         ));
     }
     let group_size = match kind {
-        PackedKind::Fp8 | PackedKind::Int8 => 0,
+        PackedKind::Fp8 | PackedKind::Int8 | PackedKind::Lut4 { .. } => 0,
         PackedKind::Int4 { group_size } => {
             if group_size == 0 || !group_size.is_multiple_of(32) {
                 return Err(c.unsupported(
