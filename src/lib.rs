@@ -62,6 +62,7 @@ pub mod packed;
 pub mod quant;
 pub mod random_model;
 pub mod sampling;
+pub mod shard;
 pub mod tokenizer;
 pub mod weights;
 
