@@ -133,7 +133,7 @@ fn split(
     parts: usize,
     by: &'static str,
 ) -> Result<usize, PlanError> {
-    if value % parts == 0 {
+    if value.is_multiple_of(parts) {
         Ok(value / parts)
     } else {
         Err(PlanError::NotDivisible {

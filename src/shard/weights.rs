@@ -226,8 +226,8 @@ fn packed_cols(
                         .into(),
                 ));
             }
-            let whole_groups = |c: usize| c % group_size == 0 || c == packed.cols;
-            if !whole_groups(range.start) || !whole_groups(range.end) || range.start % 2 != 0 {
+            let whole_groups = |c: usize| c.is_multiple_of(group_size) || c == packed.cols;
+            if !whole_groups(range.start) || !whole_groups(range.end) || !range.start.is_multiple_of(2) {
                 return Err(unsliceable(
                     format!("int4 groups of {group_size}"),
                     format!(
