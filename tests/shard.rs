@@ -492,3 +492,51 @@ fn layouts_the_model_cannot_take_are_refused_naming_the_value() {
         "{error}"
     );
 }
+
+#[test]
+fn split_runs_are_deterministic_and_a_batch_equals_each_sequence_alone() {
+    // Every reduction has one fixed order and every kernel computes an element the same way
+    // whatever the token count, so these are exact equalities.
+    let model = load(&root().join("models/tiny-mixtral"));
+    let golden = read_golden(&root().join("models/tiny-mixtral"));
+    let a: Vec<u32> = golden.prompt_ids.clone();
+    let b: Vec<u32> = golden.greedy_ids.iter().rev().copied().collect();
+    for layout in [TP2, EP2, TP2_EP2] {
+        let first = all_logits(&mut sharded(&model, layout).unwrap(), &a);
+        let again = all_logits(&mut sharded(&model, layout).unwrap(), &a);
+        assert!(first == again, "{layout}: two runs differ");
+
+        let mut engine = sharded(&model, layout).unwrap();
+        let alone_b = all_logits(&mut engine, &b);
+        let (sa, sb) = (
+            engine.new_sequence().unwrap(),
+            engine.new_sequence().unwrap(),
+        );
+        let out = engine
+            .step(&[
+                SeqStep {
+                    seq: sa,
+                    tokens: &a,
+                    start_pos: 0,
+                    logits: LogitsFor::All,
+                },
+                SeqStep {
+                    seq: sb,
+                    tokens: &b,
+                    start_pos: 0,
+                    logits: LogitsFor::All,
+                },
+            ])
+            .unwrap();
+        let vocab = engine.config().vocab_size;
+        assert_eq!(out.len(), a.len() + b.len());
+        assert!(
+            out.logits[..a.len() * vocab] == first[..],
+            "{layout}: batch row of a"
+        );
+        assert!(
+            out.logits[a.len() * vocab..] == alone_b[..],
+            "{layout}: batch row of b"
+        );
+    }
+}
