@@ -227,7 +227,10 @@ fn packed_cols(
                 ));
             }
             let whole_groups = |c: usize| c.is_multiple_of(group_size) || c == packed.cols;
-            if !whole_groups(range.start) || !whole_groups(range.end) || !range.start.is_multiple_of(2) {
+            if !whole_groups(range.start)
+                || !whole_groups(range.end)
+                || !range.start.is_multiple_of(2)
+            {
                 return Err(unsliceable(
                     format!("int4 groups of {group_size}"),
                     format!(
