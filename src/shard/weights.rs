@@ -4,7 +4,8 @@
 //!
 //! A rank touches only its own bytes, and every read is recorded in a [`ReadLog`]:
 //! - memory-mapped float tensors: a row shard is a sub-slice of the mapping (no copy; the rank's
-//!   kernels read only those rows), a column shard copies each row's owned columns;
+//!   kernels read only those rows; data at an offset not aligned for its type is copied, rows
+//!   only), a column shard copies each row's owned columns;
 //! - quantized matrices held in the packed layout ([`crate::packed`]): the owned rows, or for
 //!   8-bit formats and 4-bit formats without act-order the owned columns (whole 4-bit groups), are
 //!   copied out of the codes and parameters and dequantized, exactly as the unsharded CPU engine
@@ -14,7 +15,7 @@
 
 use super::plan::RankShard;
 use crate::checkpoint::TensorView;
-use crate::dtype::WeightSlice;
+use crate::dtype::{DType, WeightSlice};
 use crate::packed::{PackedKind, PackedMatrix};
 use crate::weights::{ModelWeights, Weight};
 use half::{bf16, f16};
@@ -150,7 +151,18 @@ fn rows(w: &Weight, range: Range<usize>, log: &mut ReadLog) -> Result<Part, Shar
     }
     let elements = range.start * w.cols..range.end * w.cols;
     let size = w.tensor.dtype().size();
-    log.record(name, elements.start * size..elements.end * size);
+    let bytes = elements.start * size..elements.end * size;
+    log.record(name, bytes.clone());
+    let stored = w.tensor.bytes();
+    if stored.as_ptr().align_offset(size) != 0 {
+        // Data at an offset not aligned for its type: typed views of the whole tensor would copy
+        // all of it, so the rank copies its own rows.
+        return Ok(Part {
+            rows: n,
+            cols: w.cols,
+            data: PartData::Owned(owned_copy(w, &stored[bytes])),
+        });
+    }
     Ok(Part {
         rows: n,
         cols: w.cols,
@@ -159,6 +171,15 @@ fn rows(w: &Weight, range: Range<usize>, log: &mut ReadLog) -> Result<Part, Shar
             elements,
         },
     })
+}
+
+/// `bytes` of `w`'s data (whole elements), copied into memory aligned for their type.
+fn owned_copy(w: &Weight, bytes: &[u8]) -> Owned {
+    match w.tensor.dtype() {
+        DType::BF16 => Owned::BF16(bytemuck::pod_collect_to_vec(bytes)),
+        DType::F16 => Owned::F16(bytemuck::pod_collect_to_vec(bytes)),
+        DType::F32 => Owned::F32(bytemuck::pod_collect_to_vec(bytes)),
+    }
 }
 
 fn owned_f32(rows: usize, cols: usize, v: Vec<f32>) -> Part {
@@ -188,15 +209,10 @@ fn cols(w: &Weight, range: Range<usize>, log: &mut ReadLog) -> Result<Part, Shar
         log.record(name, at.clone());
         copied.extend_from_slice(&bytes[at]);
     }
-    let owned = match w.data() {
-        WeightSlice::BF16(_) => Owned::BF16(bytemuck::pod_collect_to_vec(&copied)),
-        WeightSlice::F16(_) => Owned::F16(bytemuck::pod_collect_to_vec(&copied)),
-        WeightSlice::F32(_) => Owned::F32(bytemuck::pod_collect_to_vec(&copied)),
-    };
     Ok(Part {
         rows: w.rows,
         cols: width,
-        data: PartData::Owned(owned),
+        data: PartData::Owned(owned_copy(w, &copied)),
     })
 }
 
