@@ -83,7 +83,8 @@ fn block_mut(blocks: &mut Vec<Vec<f32>>, id: usize, elements: usize) -> &mut [f3
 #[derive(Debug)]
 pub struct Rank<C> {
     config: Arc<ModelConfig>,
-    weights: RankWeights,
+    /// Shared with each step's body (never copied).
+    weights: Arc<RankWeights>,
     comms: RankComms<C>,
     cache: Vec<LayerCache>,
     /// Rows of one cache block (`min(block_size, max_context)`).
@@ -113,7 +114,7 @@ impl<C: Collective<Mem<f32> = [f32]>> Rank<C> {
         let rope = Rope::new(config.head_dim, config.rope_theta);
         Rank {
             config,
-            weights,
+            weights: Arc::new(weights),
             comms,
             cache,
             block_rows,
@@ -124,12 +125,12 @@ impl<C: Collective<Mem<f32> = [f32]>> Rank<C> {
     /// Runs one step; returns the logits `[job.selected.len(), vocab]` (every rank gets them).
     pub fn step(&mut self, job: &StepJob) -> Result<Vec<f32>, CollectiveError> {
         let config = Arc::clone(&self.config);
+        let weights = Arc::clone(&self.weights);
         let hidden = config.hidden_size;
         let mut x = self.embed(&job.tokens)?;
-        let num_layers = self.weights.layers.len();
-        for li in 0..num_layers {
-            let layer = self.weights.layers[li].clone();
-            let mut o = self.attention_block(li, &layer, job, &x)?;
+        let num_layers = weights.layers.len();
+        for (li, layer) in weights.layers.iter().enumerate() {
+            let mut o = self.attention_block(li, layer, job, &x)?;
             if li + 1 == num_layers {
                 // Only the requested positions are read after the last attention block.
                 x = gather_rows(&x, hidden, &job.selected);
@@ -146,7 +147,7 @@ impl<C: Collective<Mem<f32> = [f32]>> Rank<C> {
                 config.rms_norm_eps,
                 &mut h,
             );
-            let ffn = self.ffn_block(&layer, &h)?;
+            let ffn = self.ffn_block(layer, &h)?;
             for (x, f) in x.iter_mut().zip(&ffn) {
                 *x += f;
             }
