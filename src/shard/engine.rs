@@ -314,3 +314,65 @@ impl Engine for ShardedCpuEngine {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::LogitsFor;
+    use crate::shard::CollectiveError;
+    use crate::{LoadOptions, Model};
+
+    fn engine(layout: Layout, timeout: Duration) -> ShardedCpuEngine {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
+        let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+        let options = ShardedOptions {
+            layout,
+            cpu: CpuEngineOptions {
+                max_context: Some(64),
+                ..CpuEngineOptions::default()
+            },
+            timeout,
+        };
+        ShardedCpuEngine::new(&model.weights, &options).unwrap()
+    }
+
+    #[test]
+    fn a_rank_that_dies_kills_the_engine_with_a_clear_error_and_no_hang() {
+        let mut e = engine(Layout { tp: 2, ep: 1 }, Duration::from_secs(60));
+        let seq = e.new_sequence().unwrap();
+        let step = [SeqStep {
+            seq,
+            tokens: &[1, 2, 3],
+            start_pos: 0,
+            logits: LogitsFor::Last,
+        }];
+        e.step(&step).unwrap();
+        // Rank 1's thread ends (its job channel closes), dropping its collective handles.
+        e.workers[1].jobs = None;
+        e.workers[1].thread.take().unwrap().join().unwrap();
+        let next = [SeqStep {
+            seq,
+            tokens: &[4],
+            start_pos: 3,
+            logits: LogitsFor::Last,
+        }];
+        let error = e.step(&next).unwrap_err();
+        assert!(error.is_dead(), "{error}");
+        assert!(error.to_string().contains("rank 1 died"), "{error}");
+        // Rank 0 got the job and fails at once in its first collective (not after the 60 s).
+        let reply = e.workers[0].replies.recv_timeout(Duration::from_secs(10));
+        match reply {
+            Ok(Err(ShardError::Collective(CollectiveError::PeerGone { gone: 1, .. }))) => {}
+            other => panic!("{other:?}"),
+        }
+        // Every later call is refused with the same error.
+        assert_eq!(e.step(&next).unwrap_err(), error);
+    }
+
+    #[test]
+    fn describe_names_the_ranks() {
+        let e = engine(Layout { tp: 1, ep: 2 }, DEFAULT_TIMEOUT);
+        let line = e.describe().unwrap();
+        assert!(line.contains("2 simulated ranks (tp=1 ep=2)"), "{line}");
+    }
+}
