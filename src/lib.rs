@@ -16,6 +16,8 @@
 //!   paged KV cache ([`kv`]), and [`engine::open`], which builds any backend from a device string;
 //! - [`cpu`]: the pure-Rust reference backend ([`cpu::CpuEngine`]);
 //! - `cuda` (feature `cuda`): the GPU backend, `cuda::CudaEngine`, behind the same step API;
+//! - [`shard`]: tensor- and expert-parallel sharding, run on CPU-simulated ranks
+//!   ([`shard::ShardedCpuEngine`]);
 //! - [`generate`]: sampling, stop conditions, streaming generation and perplexity;
 //! - [`model`]: loads everything from a model directory in one call.
 //!
@@ -62,6 +64,7 @@ pub mod packed;
 pub mod quant;
 pub mod random_model;
 pub mod sampling;
+pub mod shard;
 pub mod tokenizer;
 pub mod weights;
 

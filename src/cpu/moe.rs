@@ -6,7 +6,7 @@
 //! w2 `[hidden, intermediate]`.
 
 use super::matmul::matmul;
-use super::router::{group_by_expert, route};
+use super::router::{group_by_expert, route, Routing};
 use crate::dtype::WeightSlice;
 
 /// The three matrices of one expert.
@@ -87,16 +87,55 @@ pub fn moe_block(
         expert_mlp(x, &experts[0], hidden, intermediate, out);
         return;
     };
+    let routing = route_tokens(x, router, experts.len(), top_k, hidden);
+    let all: Vec<(usize, Expert<'_>)> = experts.iter().copied().enumerate().collect();
+    moe_experts(x, &routing, &all, experts.len(), hidden, intermediate, out);
+}
+
+/// The routing of every row of `x: [tokens, hidden]`: router logits `x . router^T`
+/// (`router: [num_experts, hidden]`), then [`route`].
+///
+/// # Panics
+/// As [`route`], or when the shapes disagree.
+pub fn route_tokens(
+    x: &[f32],
+    router: WeightSlice<'_>,
+    num_experts: usize,
+    top_k: usize,
+    hidden: usize,
+) -> Routing {
     let tokens = x.len() / hidden.max(1);
-    let num_experts = experts.len();
     let mut logits = vec![0.0f32; tokens * num_experts];
     matmul(x, router, num_experts, hidden, &mut logits);
-    let routing = route(&logits, num_experts, top_k);
-    let groups = group_by_expert(&routing, num_experts);
+    route(&logits, num_experts, top_k)
+}
+
+/// The contribution of some of the experts to the MoE block: for every listed `(id, expert)` in
+/// list order (increasing id for [`moe_block`]), its tokens in `routing` gathered, the expert run
+/// once on them, and `weight(t, id) * expert(x[t])` added into `out[t]`; `out` starts at zero, so
+/// a token routed to none of the listed experts gets a zero row. `intermediate` is the listed
+/// experts' w1/w3 row count (a tensor-parallel rank passes its slice of the rows, and of w2's
+/// columns, and gets its partial sum of the down projection).
+///
+/// Shapes: `x, out: [tokens, hidden]`; ids below `num_experts` (the routing's).
+///
+/// # Panics
+/// When the shapes disagree or an id is not below `num_experts`.
+pub fn moe_experts(
+    x: &[f32],
+    routing: &Routing,
+    experts: &[(usize, Expert<'_>)],
+    num_experts: usize,
+    hidden: usize,
+    intermediate: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), x.len(), "moe_experts: out shape");
+    let groups = group_by_expert(routing, num_experts);
     out.fill(0.0);
     let mut xs = Vec::new();
     let mut ys = Vec::new();
-    for (e, expert) in experts.iter().enumerate() {
+    for &(e, expert) in experts {
         let assigned = groups.of(e);
         if assigned.is_empty() {
             continue;
@@ -107,7 +146,7 @@ pub fn moe_block(
             xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
         }
         ys.resize(xs.len(), 0.0);
-        expert_mlp(&xs, expert, hidden, intermediate, &mut ys);
+        expert_mlp(&xs, &expert, hidden, intermediate, &mut ys);
         for (&a, y) in assigned.iter().zip(ys.chunks_exact(hidden)) {
             let t = groups.token(a);
             let w = routing.weights[a];

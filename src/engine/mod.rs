@@ -51,7 +51,7 @@ mod open;
 mod tokens;
 
 pub use error::{BackendSource, EngineError};
-pub use open::{open, open_device, Device, EngineOptions, OpenError};
+pub use open::{check_parallel_supported, open, open_device, Device, EngineOptions, OpenError};
 pub use tokens::{check_sampler_count, logits_rows, sample_on_host, RowSampler};
 
 use crate::config::ModelConfig;

@@ -1,6 +1,8 @@
 //! [`open`]: builds any backend from a device string (`cpu`, `cuda`, `cuda:N`) with one set of
 //! [`EngineOptions`], returning a boxed [`Engine`]. A string that names no device, or a CUDA device
-//! in a build without the `cuda` feature, is an [`OpenError`] naming the string.
+//! in a build without the `cuda` feature, is an [`OpenError`] naming the string. A tensor- or
+//! expert-parallel split ([`EngineOptions::parallel`]) runs on the CPU as simulated ranks
+//! ([`ShardedCpuEngine`]); on CUDA it is refused (multi-GPU is not built yet).
 
 use std::fmt;
 use std::str::FromStr;
@@ -9,6 +11,8 @@ use std::sync::Arc;
 use super::{Engine, EngineError};
 use crate::checkpoint::LoadProgress;
 use crate::cpu::{CpuEngine, CpuEngineOptions};
+use crate::shard::engine::DEFAULT_TIMEOUT;
+use crate::shard::{Layout, ShardError, ShardedCpuEngine, ShardedOptions};
 use crate::weights::ModelWeights;
 
 /// Where an engine runs.
@@ -96,6 +100,10 @@ pub struct EngineOptions {
     /// Most tokens in one forward pass on the GPU (longer steps run in chunks); the CPU engine
     /// takes any step whole and ignores it.
     pub max_step_tokens: Option<usize>,
+    /// Tensor- and expert-parallel split; the default (1 x 1) is one rank. On the CPU a split runs
+    /// on simulated ranks, one thread each ([`ShardedCpuEngine`]); CUDA refuses it
+    /// ([`OpenError::MultiGpuNotBuilt`]).
+    pub parallel: Layout,
 }
 
 impl EngineOptions {
@@ -136,6 +144,28 @@ pub enum OpenError {
         /// The device as given.
         device: String,
     },
+    /// A tensor- or expert-parallel split on CUDA: several GPUs are not supported yet.
+    #[error(
+        "device {device}: {layout} needs {} GPUs; multi-GPU execution is not built yet (--device \
+         cpu runs the same split on simulated ranks)",
+        layout.world()
+    )]
+    MultiGpuNotBuilt {
+        /// The device as given.
+        device: String,
+        /// The split asked for.
+        layout: Layout,
+    },
+    /// The sharded CPU engine refused to build (a size the split does not divide, a weight format
+    /// that cannot be cut, bad cache options).
+    #[error("device {device}: {source}")]
+    Shard {
+        /// The device as given.
+        device: String,
+        /// Why.
+        #[source]
+        source: ShardError,
+    },
     /// The backend refused to build: bad options ([`EngineError::InvalidOptions`]) or a backend
     /// failure ([`EngineError::Backend`], for CUDA holding the `CudaError`: no driver, no such
     /// device, out of memory, ...).
@@ -170,6 +200,23 @@ pub fn open_device(
     build(device, &device.to_string(), weights, options, progress)
 }
 
+/// Refuses a tensor- or expert-parallel split on a CUDA device ([`OpenError::MultiGpuNotBuilt`]),
+/// to check before anything is loaded.
+pub fn check_parallel_supported(device: Device, layout: Layout) -> Result<(), OpenError> {
+    check_parallel(device, &device.to_string(), layout)
+}
+
+/// [`check_parallel_supported`], naming the device `text`.
+fn check_parallel(device: Device, text: &str, layout: Layout) -> Result<(), OpenError> {
+    match device {
+        Device::Cuda(_) if layout.is_sharded() => Err(OpenError::MultiGpuNotBuilt {
+            device: text.to_string(),
+            layout,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// [`open_device`], naming the device `text` in errors.
 fn build(
     device: Device,
@@ -178,7 +225,21 @@ fn build(
     options: &EngineOptions,
     progress: Option<&dyn Fn(LoadProgress)>,
 ) -> Result<Box<dyn Engine>, OpenError> {
+    check_parallel(device, text, options.parallel)?;
     device.supported(text)?;
+    if options.parallel.is_sharded() {
+        let sharded = ShardedOptions {
+            layout: options.parallel,
+            cpu: options.cpu(),
+            timeout: DEFAULT_TIMEOUT,
+        };
+        let engine =
+            ShardedCpuEngine::new(weights, &sharded).map_err(|source| OpenError::Shard {
+                device: text.to_string(),
+                source,
+            })?;
+        return Ok(Box::new(engine));
+    }
     let refused = |source: EngineError| OpenError::Engine {
         device: text.to_string(),
         source,
@@ -262,6 +323,26 @@ mod tests {
     }
 
     #[test]
+    fn a_split_on_cuda_is_refused_naming_the_layout() {
+        let layout = Layout { tp: 2, ep: 1 };
+        let error = check_parallel_supported(Device::Cuda(1), layout).unwrap_err();
+        assert_eq!(
+            error,
+            OpenError::MultiGpuNotBuilt {
+                device: "cuda:1".into(),
+                layout
+            }
+        );
+        assert!(error.to_string().contains("not built yet"), "{error}");
+        assert!(error.to_string().contains("2 GPUs"), "{error}");
+        assert_eq!(check_parallel_supported(Device::Cpu, layout), Ok(()));
+        assert_eq!(
+            check_parallel_supported(Device::Cuda(0), Layout::default()),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn unified_options_fill_only_what_they_name() {
         assert_eq!(
             format!("{:?}", EngineOptions::default().cpu()),
@@ -273,6 +354,7 @@ mod tests {
             block_size: Some(8),
             kv_blocks: Some(5),
             max_step_tokens: Some(16),
+            parallel: Layout::default(),
         };
         let cpu = options.cpu();
         assert_eq!(

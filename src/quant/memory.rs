@@ -31,7 +31,7 @@ pub struct MemoryEstimate {
 }
 
 /// Bytes of a quantizable `[rows, cols]` projection in `format`.
-fn projection_bytes(format: QuantFormat, rows: u64, cols: u64) -> u64 {
+pub(crate) fn projection_bytes(format: QuantFormat, rows: u64, cols: u64) -> u64 {
     match format {
         QuantFormat::Bf16 => rows * cols * 2,
         QuantFormat::Fp8 | QuantFormat::Int8 => rows * cols + rows * 4,

@@ -4,6 +4,7 @@
 pub use mixtral::engine::Device;
 use mixtral::quant::QuantFormat;
 use mixtral::sampling::{SamplingError, SamplingParams};
+pub use mixtral::shard::Layout;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -15,9 +16,10 @@ usage:
     mixtral-run --model DIR (--prompt TEXT | --prompt-file FILE) [--chat] [-n|--max-new-tokens N]
                 [--temperature T] [--top-k K] [--top-p P] [--repeat-penalty R] [--seed S]
                 [--stop TEXT]... [--device cpu|cuda|cuda:N] [--max-context N]
-                [--quantize fp8|int8|int4] [--json]
+                [--quantize fp8|int8|int4] [--tensor-parallel N] [--expert-parallel N] [--json]
     mixtral-run --model DIR --perplexity FILE [--device ...] [--max-context N] [--quantize ...]
-                [--json]
+                [--tensor-parallel N] [--expert-parallel N] [--json]
+    mixtral-run ... --dist-init HOST:PORT --rank R --world W [--dist-timeout S]
     mixtral-run --explain | --help | --version
 
 options:
@@ -39,6 +41,19 @@ options:
                            per output channel), int8 (a scale per output channel) or int4 (RTN,
                            groups of 128, asymmetric); bf16 keeps them as stored. Pre-quantized
                            directories (FP8, GPTQ) load without this flag
+    --tensor-parallel N    split attention (by KV-head groups), every expert (by intermediate rows)
+                           and the vocabulary over N ranks; with --device cpu the ranks are
+                           simulated, one thread each (how the sharded plan is tested); with cuda
+                           it is refused: multi-GPU execution is not built yet
+    --expert-parallel N    give each of N ranks (times the tensor-parallel size) whole experts
+    --dist-init HOST:PORT  join ranks in separate processes: rank 0 listens on HOST:PORT, the others
+                           connect; a rank that does not join or dies is an error on every rank
+                           within --dist-timeout. Only the bootstrap is built: after joining, every
+                           rank stops with an error saying the cross-process collective (NCCL) is
+                           not built yet
+    --rank R               this process's rank (with --dist-init)
+    --world W              number of ranks (with --dist-init)
+    --dist-timeout S       seconds to wait for the other ranks (default 60)
     --json                 one JSON object per line on stdout instead of plain text
     --explain              print which CUDA kernels run each op, by token count, weight format and
                            device (the kernel-selection table; needs a build with feature `cuda`)
@@ -64,6 +79,23 @@ pub struct Common {
     pub max_context: Option<usize>,
     /// Quantize on load (`--quantize`).
     pub quantize: Option<QuantFormat>,
+    /// `--tensor-parallel` x `--expert-parallel` (1 x 1 when not given).
+    pub parallel: Layout,
+    /// `--dist-init HOST:PORT --rank R --world W`.
+    pub dist: Option<DistInit>,
+}
+
+/// Where and as which rank to join ranks in other processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistInit {
+    /// Rank 0's `HOST:PORT`.
+    pub addr: String,
+    /// This rank.
+    pub rank: usize,
+    /// Ranks in all.
+    pub world: usize,
+    /// How long to wait for the others.
+    pub timeout: std::time::Duration,
 }
 
 /// Where the prompt comes from.
@@ -132,6 +164,12 @@ const VALUE_FLAGS: &[&str] = &[
     "--max-context",
     "--perplexity",
     "--quantize",
+    "--tensor-parallel",
+    "--expert-parallel",
+    "--dist-init",
+    "--rank",
+    "--world",
+    "--dist-timeout",
 ];
 
 /// Flags without a value.
@@ -274,6 +312,19 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<Command, UsageEr
             "invalid value \"0\" for --max-context: expected a positive integer".into(),
         ));
     }
+    let positive = |flag: &str| -> Result<Option<usize>, UsageError> {
+        match given.parsed::<usize>(flag, "a positive integer")? {
+            Some(0) => Err(UsageError(format!(
+                "invalid value \"0\" for {flag}: expected a positive integer"
+            ))),
+            n => Ok(n),
+        }
+    };
+    let parallel = Layout {
+        tp: positive("--tensor-parallel")?.unwrap_or(1),
+        ep: positive("--expert-parallel")?.unwrap_or(1),
+    };
+    let dist = dist_init(&given)?;
     let common = Common {
         model: PathBuf::from(model),
         device: given
@@ -284,6 +335,8 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<Command, UsageEr
         json: given.has("--json"),
         max_context,
         quantize: given.parsed::<QuantFormat>("--quantize", "bf16, fp8, int8 or int4")?,
+        parallel,
+        dist,
     };
 
     let sources: Vec<&str> = ["--prompt", "--prompt-file", "--perplexity"]
@@ -309,6 +362,52 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<Command, UsageEr
         [one] => generation(&given, common, one),
         [a, b, ..] => Err(UsageError(format!("{a} and {b} cannot be used together"))),
     }
+}
+
+/// `--dist-init`, `--rank`, `--world` (all three or none) and `--dist-timeout`.
+fn dist_init(given: &Given) -> Result<Option<DistInit>, UsageError> {
+    let flags = ["--dist-init", "--rank", "--world"];
+    let present: Vec<&str> = flags.into_iter().filter(|f| given.has(f)).collect();
+    if present.is_empty() {
+        if given.has("--dist-timeout") {
+            return Err(UsageError("--dist-timeout needs --dist-init".into()));
+        }
+        return Ok(None);
+    }
+    if let Some(missing) = flags.into_iter().find(|f| !given.has(f)) {
+        return Err(UsageError(format!(
+            "{missing} is required with {}",
+            present.join(", ")
+        )));
+    }
+    let rank = given
+        .parsed::<usize>("--rank", "a rank number")?
+        .unwrap_or(0);
+    let world = given
+        .parsed::<usize>("--world", "a positive integer")?
+        .unwrap_or(0);
+    if rank >= world {
+        return Err(UsageError(format!(
+            "invalid value \"{rank}\" for --rank: expected a rank below --world {world}"
+        )));
+    }
+    let seconds = given
+        .parsed::<f64>("--dist-timeout", "a positive number of seconds")?
+        .unwrap_or(60.0);
+    let timeout = std::time::Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| {
+            UsageError(format!(
+                "invalid value \"{seconds}\" for --dist-timeout: expected a positive number of seconds"
+            ))
+        })?;
+    Ok(Some(DistInit {
+        addr: given.value("--dist-init").unwrap_or_default().to_string(),
+        rank,
+        world,
+        timeout,
+    }))
 }
 
 /// The generation mode's flags; `source` is `--prompt` or `--prompt-file`.
@@ -547,6 +646,78 @@ mod tests {
         ];
         for (args, needle) in cases {
             match parse_str(args) {
+                Err(UsageError(msg)) => assert!(msg.contains(needle), "{args:?}: {msg}"),
+                Ok(c) => panic!("{args:?} accepted: {c:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn parallel_and_dist_flags() {
+        let g = generate_args(&["--model", "m", "--prompt", "x"]);
+        assert_eq!(g.common.parallel, Layout { tp: 1, ep: 1 });
+        assert_eq!(g.common.dist, None);
+        let g = generate_args(&[
+            "--model",
+            "m",
+            "--prompt",
+            "x",
+            "--tensor-parallel",
+            "2",
+            "--expert-parallel=4",
+        ]);
+        assert_eq!(g.common.parallel, Layout { tp: 2, ep: 4 });
+        let g = generate_args(&[
+            "--model",
+            "m",
+            "--prompt",
+            "x",
+            "--dist-init",
+            "127.0.0.1:29500",
+            "--rank",
+            "1",
+            "--world",
+            "2",
+            "--dist-timeout",
+            "0.5",
+        ]);
+        let dist = g.common.dist.unwrap();
+        assert_eq!(
+            (dist.addr.as_str(), dist.rank, dist.world),
+            ("127.0.0.1:29500", 1, 2)
+        );
+        assert_eq!(dist.timeout, std::time::Duration::from_millis(500));
+        let cases: &[(&[&str], &str)] = &[
+            (&["--tensor-parallel", "0"], "--tensor-parallel"),
+            (&["--expert-parallel", "two"], "--expert-parallel"),
+            (
+                &["--dist-init", "h:1", "--rank", "0"],
+                "--world is required",
+            ),
+            (&["--rank", "0", "--world", "2"], "--dist-init is required"),
+            (
+                &["--dist-init", "h:1", "--rank", "2", "--world", "2"],
+                "--rank",
+            ),
+            (&["--dist-timeout", "3"], "--dist-timeout needs --dist-init"),
+            (
+                &[
+                    "--dist-init",
+                    "h:1",
+                    "--rank",
+                    "0",
+                    "--world",
+                    "2",
+                    "--dist-timeout",
+                    "0",
+                ],
+                "--dist-timeout",
+            ),
+        ];
+        for (extra, needle) in cases {
+            let mut args = vec!["--model", "m", "--prompt", "x"];
+            args.extend_from_slice(extra);
+            match parse_str(&args) {
                 Err(UsageError(msg)) => assert!(msg.contains(needle), "{args:?}: {msg}"),
                 Ok(c) => panic!("{args:?} accepted: {c:?}"),
             }

@@ -5,10 +5,11 @@
 mod args;
 mod report;
 
-use args::{Command, Common, Device, GenerateArgs, PerplexityArgs, Prompt, UsageError};
-use mixtral::engine::{open_device, EngineOptions};
+use args::{Command, Common, Device, DistInit, GenerateArgs, PerplexityArgs, Prompt, UsageError};
+use mixtral::engine::{check_parallel_supported, open_device, EngineOptions};
 use mixtral::generate::{generate, perplexity, GenerateOptions};
 use mixtral::quant::{declared_format, estimate_memory, QuantFormat};
+use mixtral::shard::{memory, rank_memory, rendezvous};
 use mixtral::tokenizer::{ChatMessage, Tokenizer};
 use mixtral::{Engine, LoadOptions, Model, ModelConfig};
 use report::{LoadDisplay, TokenWriter};
@@ -99,11 +100,16 @@ type Loaded = (Model, Tokenizer, Duration, Option<String>);
 
 /// Loads the model directory (tokenizer required), showing progress.
 fn load(common: &Common) -> Result<Loaded, Failure> {
-    // A device this build cannot use is refused before the (long) load.
+    if let Some(dist) = &common.dist {
+        join_ranks(dist)?;
+    }
+    // A device this build cannot use, or a split it cannot run, is refused before the (long)
+    // load.
+    check_parallel_supported(common.device, common.parallel)?;
     common.device.check_supported()?;
-    // On a terminal the estimate comes before the (long) load; otherwise with the timings of a
-    // successful run, so that a failure stays a single `error:` line.
-    let mut estimate = preflight(common);
+    // On a terminal the estimate (per rank, for a split) comes before the (long) load; otherwise
+    // with the timings of a successful run, so that a failure stays a single `error:` line.
+    let mut estimate = preflight(common)?;
     if std::io::stderr().is_terminal() {
         if let Some(line) = estimate.take() {
             eprintln!("{line}");
@@ -129,18 +135,49 @@ fn load(common: &Common) -> Result<Loaded, Failure> {
     Ok((model, tokenizer, started.elapsed(), estimate))
 }
 
+/// Joins the ranks of other processes (`--dist-init`): rank 0 listens, the others connect, then
+/// one barrier checks that every rank is alive. Only this bootstrap is built, so a successful join
+/// still ends the run with an error saying so.
+fn join_ranks(dist: &DistInit) -> Result<(), Failure> {
+    let mut session = if dist.rank == 0 {
+        let blob = format!("mixtral-run world {}", dist.world);
+        rendezvous::listen(&dist.addr)?.accept_ranks(dist.world, dist.timeout, blob.as_bytes())?
+    } else {
+        rendezvous::connect(&dist.addr, dist.rank, dist.world, dist.timeout)?
+    };
+    session.barrier()?;
+    Err(Failure(format!(
+        "rank {} of {} joined the rendezvous at {}, but running ranks in separate processes needs \
+         the cross-process collective (NCCL), which is not built yet; --device cpu \
+         --tensor-parallel N runs the ranks in one process",
+        dist.rank, dist.world, dist.addr
+    )))
+}
+
 /// The memory the model needs (weights in the format it will have, a KV cache for the context
-/// allowed, one sequence), estimated from config.json before the weights are read. `None` when
-/// config.json cannot be read: loading reports that.
-fn preflight(common: &Common) -> Option<String> {
-    let config = ModelConfig::from_file(&common.model.join("config.json")).ok()?;
+/// allowed, one sequence), estimated from config.json before the weights are read: for one device,
+/// or per rank of a `--tensor-parallel` / `--expert-parallel` split (a split the model's sizes do
+/// not divide is refused here). `None` when config.json cannot be read: loading reports that.
+fn preflight(common: &Common) -> Result<Option<String>, Failure> {
+    let Ok(config) = ModelConfig::from_file(&common.model.join("config.json")) else {
+        return Ok(None);
+    };
     let format = match common.quantize {
         Some(f) => f,
         None => declared_format(&common.model.join("config.json")).unwrap_or(QuantFormat::Bf16),
     };
     let context = common.max_context.unwrap_or(config.max_position_embeddings);
+    if common.parallel.is_sharded() {
+        let plan = rank_memory(&config, format, common.parallel, context, 1)?;
+        return Ok(Some(memory::describe(
+            &plan,
+            common.parallel,
+            format,
+            context,
+        )));
+    }
     let estimate = estimate_memory(&config, format, context, 1);
-    Some(report::memory_estimate(format, context, &estimate))
+    Ok(Some(report::memory_estimate(format, context, &estimate)))
 }
 
 /// The context the user allows (`--max-context`, or the model's).
@@ -158,6 +195,7 @@ fn engine(model: &Model, common: &Common, needed: usize) -> Result<Box<dyn Engin
     let options = EngineOptions {
         max_context: Some(context_limit(model, common).min(needed).max(1)),
         max_sequences: Some(1),
+        parallel: common.parallel,
         ..EngineOptions::default()
     };
     let (display, progress) = LoadDisplay::new();

@@ -1,0 +1,65 @@
+//! Running one model on several ranks: tensor parallelism (TP), expert parallelism (EP) and the
+//! two combined.
+//!
+//! - [`plan`]: which heads, rows, columns, experts and token ids each rank owns ([`ShardPlan`]);
+//! - [`memory`]: the bytes each rank holds, from the config alone ([`rank_memory`]);
+//! - [`weights`]: a rank's part of the weights, reading only its own bytes ([`RankWeights`]);
+//! - [`collective`]: the all-reduce / all-gather interface every transport implements
+//!   ([`Collective`]); [`cpu_ranks`]: its in-process implementation, one thread per rank, a fixed
+//!   summation order and a timeout ([`cpu_group`]);
+//! - [`rank`]: one rank's forward pass with the CPU reference kernels;
+//! - [`engine`]: [`ShardedCpuEngine`], N simulated ranks behind the [`Engine`](crate::Engine)
+//!   trait (`mixtral-run --device cpu --tensor-parallel N`), the way the sharded plan is tested;
+//! - [`rendezvous`]: the TCP bootstrap of ranks in separate processes (`--dist-init HOST:PORT
+//!   --rank R --world W`) and their liveness.
+//!
+//! Multi-GPU execution (an NCCL [`Collective`]) is not built yet.
+
+pub mod collective;
+pub mod cpu_ranks;
+pub mod engine;
+pub mod memory;
+pub mod plan;
+pub mod rank;
+pub mod rendezvous;
+pub mod weights;
+
+pub use collective::{Collective, CollectiveError, Reducible};
+pub use cpu_ranks::{cpu_group, CpuRank};
+pub use engine::{ShardedCpuEngine, ShardedOptions};
+pub use memory::{rank_memory, RankMemory};
+pub use plan::{Layout, PlanError, RankShard, ShardPlan};
+pub use weights::{RankWeights, ReadLog, ShardWeightError};
+
+use crate::engine::EngineError;
+
+/// Why a sharded engine could not be built or run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ShardError {
+    /// The model cannot be split by the layout.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// A weight cannot be cut as planned.
+    #[error(transparent)]
+    Weights(#[from] ShardWeightError),
+    /// A collective failed (timeout, departed rank, mismatch).
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    /// The cache options were refused.
+    #[error(transparent)]
+    Options(#[from] EngineError),
+    /// A rank's thread ended without answering (it panicked).
+    #[error("rank {rank} died without answering")]
+    RankDied {
+        /// The rank.
+        rank: usize,
+    },
+    /// A rank's thread could not be started.
+    #[error("cannot start the thread of rank {rank}: {reason}")]
+    Spawn {
+        /// The rank.
+        rank: usize,
+        /// What the OS said.
+        reason: String,
+    },
+}

@@ -1,0 +1,207 @@
+//! `mixtral-run --tensor-parallel N` / `--expert-parallel N` on `models/tiny-mixtral`: with
+//! `--device cpu` the simulated ranks give the unsharded command's output (greedy tokens equal;
+//! perplexity within the golden tolerance, derived in tests/shard.rs); with `--device cuda` and for
+//! a split the model cannot take, one `error:` line before loading; `--dist-init` ranks in
+//! separate processes join over 127.0.0.1, and a rank that never joins is an error on the others
+//! within the timeout.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model() -> String {
+    root()
+        .join("models/tiny-mixtral")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn golden() -> Value {
+    let path: PathBuf = root().join("models/tiny-mixtral/golden.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mixtral-run"));
+    c.args(args).current_dir(root());
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    command(args).output().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+fn json_lines(out: &Output) -> Vec<Value> {
+    stdout(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+/// The token events and the done event's ids and finish reason (timings differ run to run).
+fn generation(out: &Output) -> (Vec<Value>, Value, Value) {
+    let lines = json_lines(out);
+    let (done, tokens) = lines.split_last().unwrap();
+    (
+        tokens.to_vec(),
+        done["generated_ids"].clone(),
+        done["finish_reason"].clone(),
+    )
+}
+
+/// One `error:` line on stderr, exit status 1, no panic.
+fn assert_one_error_line(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(needle), "{err}");
+}
+
+#[test]
+fn split_runs_give_the_unsharded_greedy_output() {
+    let g = golden();
+    let n = g["greedy_ids"].as_array().unwrap().len().to_string();
+    let prompt = g["prompt_text"].as_str().unwrap();
+    let base = [
+        "--model",
+        &model(),
+        "--prompt",
+        prompt,
+        "--json",
+        "-n",
+        &n,
+        "--device",
+        "cpu",
+    ];
+    let unsharded = run(&base);
+    assert!(unsharded.status.success(), "{}", stderr(&unsharded));
+    let want = generation(&unsharded);
+    assert_eq!(want.1, g["greedy_ids"]);
+    for split in [["--tensor-parallel", "2"], ["--expert-parallel", "2"]] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(&split);
+        let out = run(&args);
+        assert!(out.status.success(), "{split:?}: {}", stderr(&out));
+        assert_eq!(generation(&out), want, "{split:?}");
+        let err = stderr(&out);
+        assert!(err.contains("memory plan per rank"), "{split:?}: {err}");
+        assert!(err.contains("2 simulated ranks"), "{split:?}: {err}");
+    }
+}
+
+#[test]
+fn split_perplexity_matches_the_golden_score() {
+    let g = golden();
+    let golden_ppl = g["perplexity_text_perplexity"].as_f64().unwrap();
+    for split in [["--tensor-parallel", "2"], ["--expert-parallel", "2"]] {
+        let mut args = vec![
+            "--model",
+            &model(),
+            "--perplexity",
+            "tests/fixtures/perplexity.txt",
+            "--json",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(split.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(&args);
+        assert!(out.status.success(), "{split:?}: {}", stderr(&out));
+        let v = &json_lines(&out)[0];
+        assert_eq!(v["ids"], g["perplexity_text_ids"]);
+        let ppl = v["perplexity"].as_f64().unwrap();
+        assert!(
+            ((ppl - golden_ppl) / golden_ppl).abs() <= 1e-4,
+            "{split:?}: {ppl} vs {golden_ppl}"
+        );
+    }
+}
+
+#[test]
+fn a_split_on_cuda_and_a_split_the_model_cannot_take_are_one_error_line() {
+    let base = ["--model", &model(), "--prompt", "hi", "-n", "1"];
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--device", "cuda", "--tensor-parallel", "2"]);
+    assert_one_error_line(&run(&args), "multi-GPU execution is not built yet");
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--tensor-parallel", "4"]);
+    assert_one_error_line(&run(&args), "num_key_value_heads = 2");
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--expert-parallel", "3"]);
+    assert_one_error_line(&run(&args), "num_local_experts = 8");
+}
+
+/// A free port on 127.0.0.1 (bound, read, released).
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn rank(addr: &str, rank: usize, world: usize, timeout: &str) -> std::process::Child {
+    let (r, w) = (rank.to_string(), world.to_string());
+    command(&[
+        "--model",
+        &model(),
+        "--prompt",
+        "hi",
+        "-n",
+        "1",
+        "--dist-init",
+        addr,
+        "--rank",
+        &r,
+        "--world",
+        &w,
+        "--dist-timeout",
+        timeout,
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+#[test]
+fn dist_init_ranks_join_then_say_the_collective_is_not_built() {
+    let addr = free_addr();
+    let children: Vec<_> = (0..2).map(|r| rank(&addr, r, 2, "20")).collect();
+    for (r, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert_one_error_line(&out, &format!("rank {r} of 2 joined the rendezvous"));
+        assert!(stderr(&out).contains("not built yet"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn a_rank_that_never_joins_is_an_error_on_the_others_within_the_timeout() {
+    let addr = free_addr();
+    let started = Instant::now();
+    // World 3; rank 2 never starts.
+    let children: Vec<_> = (0..2).map(|r| rank(&addr, r, 3, "1.5")).collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert_one_error_line(&out, "[2] did not join");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}
