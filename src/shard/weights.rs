@@ -233,7 +233,13 @@ fn packed_cols(
     let width = range.len();
     let (code_cols, param_cols) = match packed.kind {
         PackedKind::Fp8 | PackedKind::Int8 => (range.clone(), 0..1),
-        PackedKind::Int4 { group_size } => {
+        PackedKind::Int4 { group_size } | PackedKind::Lut4 { group_size, .. } => {
+            // INT4 keeps a (scale, zero) pair per group, LUT4 a scale.
+            let per_group = if matches!(packed.kind, PackedKind::Int4 { .. }) {
+                2
+            } else {
+                1
+            };
             if packed.perm.is_some() {
                 return Err(unsliceable(
                     "int4 act-order".into(),
@@ -248,7 +254,7 @@ fn packed_cols(
                 || !range.start.is_multiple_of(2)
             {
                 return Err(unsliceable(
-                    format!("int4 groups of {group_size}"),
+                    format!("4-bit groups of {group_size}"),
                     format!(
                         "columns {}..{} cut a quantization group (or a byte of two codes)",
                         range.start, range.end
@@ -258,7 +264,7 @@ fn packed_cols(
             let groups = range.start / group_size..range.end.div_ceil(group_size);
             (
                 range.start / 2..range.end / 2,
-                groups.start * 2..groups.end * 2,
+                groups.start * per_group..groups.end * per_group,
             )
         }
     };
