@@ -235,10 +235,10 @@ fn packed_cols(
         PackedKind::Fp8 | PackedKind::Int8 => (range.clone(), 0..1),
         PackedKind::Int4 { group_size } | PackedKind::Lut4 { group_size, .. } => {
             // INT4 keeps a (scale, zero) pair per group, LUT4 a scale.
-            let per_group = if matches!(packed.kind, PackedKind::Int4 { .. }) {
-                2
+            let (kind, per_group) = if matches!(packed.kind, PackedKind::Int4 { .. }) {
+                ("int4", 2)
             } else {
-                1
+                ("lut4", 1)
             };
             if packed.perm.is_some() {
                 return Err(unsliceable(
@@ -254,7 +254,7 @@ fn packed_cols(
                 || !range.start.is_multiple_of(2)
             {
                 return Err(unsliceable(
-                    format!("4-bit groups of {group_size}"),
+                    format!("{kind} groups of {group_size}"),
                     format!(
                         "columns {}..{} cut a quantization group (or a byte of two codes)",
                         range.start, range.end
