@@ -15,7 +15,7 @@ fn generate() -> String {
         include_guard: Some("MIXTRAL_H".into()),
         cpp_compat: true,
         documentation: true,
-        documentation_style: cbindgen::DocumentationStyle::C,
+        documentation_style: cbindgen::DocumentationStyle::Doxy,
         style: cbindgen::Style::Both,
         usize_is_size_t: true,
         enumeration: cbindgen::EnumConfig {

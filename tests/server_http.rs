@@ -93,6 +93,15 @@ fn sse_payloads(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// A refused request: path, body, status, the error's `param` and `code`.
+type Case = (
+    &'static str,
+    Value,
+    u16,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_bad_request_is_an_openai_error() {
     let app = app();
@@ -100,8 +109,7 @@ async fn every_bad_request_is_an_openai_error() {
     let c = "/v1/completions";
     let chat = "/v1/chat/completions";
     let user = json!([{"role": "user", "content": "hi"}]);
-    // (path, body, status, param, code)
-    let cases: Vec<(&str, Value, u16, Option<&str>, Option<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             c,
             json!({"model": "gpt-4", "prompt": "x"}),

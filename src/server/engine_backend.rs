@@ -5,7 +5,7 @@
 //! sequence is freed at once).
 //!
 //! Logit bias, presence and frequency penalties and log-probabilities need the logits on the host:
-//! for those requests a [`Processed`] engine wraps the real one, reads each step's logits row
+//! for those requests a `Processed` engine wraps the real one, reads each step's logits row
 //! (`[vocab]`), keeps its log-softmax for the reply and changes the row before the host sampler
 //! draws from it. Other requests use the engine's own token step (on a GPU, sampling on the device).
 
