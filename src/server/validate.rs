@@ -52,6 +52,42 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// What every plan from [`completion`] or [`chat`] satisfies for `limits`: `None`, or the first
+    /// broken rule (for the fuzz target and its corpus test).
+    pub fn violation(&self, limits: &ModelLimits<'_>) -> Option<String> {
+        let count = self.requests.len();
+        if count == 0 || self.n == 0 || count % self.n != 0 || count > MAX_CHOICES {
+            return Some(format!("{count} requests for n = {}", self.n));
+        }
+        for (i, r) in self.requests.iter().enumerate() {
+            let broken = if r.prompt.is_empty() {
+                "an empty prompt"
+            } else if r.prompt.iter().any(|&id| id as usize >= limits.vocab) {
+                "a prompt id outside the vocabulary"
+            } else if r.max_tokens < 1 || r.prompt.len() + r.max_tokens > limits.max_context {
+                "max_tokens below 1 or past the context"
+            } else if r.sampling.validate().is_err() || r.sampling.temperature > 2.0 {
+                "sampling parameters out of range"
+            } else if r.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+                "too many top log-probabilities"
+            } else if r.stop.len() > MAX_STOPS || r.stop.iter().any(String::is_empty) {
+                "too many or empty stop strings"
+            } else if r.logit_bias.iter().any(|&(id, b)| {
+                id as usize >= limits.vocab || !(-100.0..=100.0).contains(&b)
+            }) {
+                "a logit bias out of range"
+            } else if !(-2.0..=2.0).contains(&r.presence_penalty)
+                || !(-2.0..=2.0).contains(&r.frequency_penalty)
+            {
+                "a penalty out of range"
+            } else {
+                continue;
+            };
+            return Some(format!("request {i}: {broken}: {r:?}"));
+        }
+        None
+    }
+
     /// Prompt tokens, each prompt counted once.
     pub fn prompt_tokens(&self) -> usize {
         self.requests
