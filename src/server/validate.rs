@@ -72,9 +72,11 @@ impl Plan {
                 "too many top log-probabilities"
             } else if r.stop.len() > MAX_STOPS || r.stop.iter().any(String::is_empty) {
                 "too many or empty stop strings"
-            } else if r.logit_bias.iter().any(|&(id, b)| {
-                id as usize >= limits.vocab || !(-100.0..=100.0).contains(&b)
-            }) {
+            } else if r
+                .logit_bias
+                .iter()
+                .any(|&(id, b)| id as usize >= limits.vocab || !(-100.0..=100.0).contains(&b))
+            {
                 "a logit bias out of range"
             } else if !(-2.0..=2.0).contains(&r.presence_penalty)
                 || !(-2.0..=2.0).contains(&r.frequency_penalty)
