@@ -56,7 +56,7 @@ impl Plan {
     /// broken rule (for the fuzz target and its corpus test).
     pub fn violation(&self, limits: &ModelLimits<'_>) -> Option<String> {
         let count = self.requests.len();
-        if count == 0 || self.n == 0 || count % self.n != 0 || count > MAX_CHOICES {
+        if count == 0 || self.n == 0 || !count.is_multiple_of(self.n) || count > MAX_CHOICES {
             return Some(format!("{count} requests for n = {}", self.n));
         }
         for (i, r) in self.requests.iter().enumerate() {
