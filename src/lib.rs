@@ -19,7 +19,9 @@
 //! - [`shard`]: tensor- and expert-parallel sharding, run on CPU-simulated ranks
 //!   ([`shard::ShardedCpuEngine`]);
 //! - [`generate`]: sampling, stop conditions, streaming generation and perplexity;
-//! - [`model`]: loads everything from a model directory in one call.
+//! - [`model`]: loads everything from a model directory in one call;
+//! - `server` (feature `server`, on by default): the OpenAI-compatible HTTP server of `mixtral-serve`;
+//! - [`capi`]: the C ABI (`include/mixtral.h`, built as `libmixtral.so`).
 //!
 //! ```no_run
 //! use mixtral::engine::{open, EngineOptions};
@@ -50,6 +52,7 @@ compile_error!(
      nvcc, then build again. Without them only `cargo doc --features cuda` works."
 );
 
+pub mod capi;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
@@ -64,6 +67,8 @@ pub mod packed;
 pub mod quant;
 pub mod random_model;
 pub mod sampling;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod shard;
 pub mod tokenizer;
 pub mod weights;

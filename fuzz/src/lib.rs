@@ -2,6 +2,8 @@
 //! files, so each input is written to disk first), the small model the `weights` target checks, and
 //! a walk over every tensor of an opened checkpoint.
 
+pub mod request;
+
 use mixtral::checkpoint::Checkpoint;
 use mixtral::dtype::DType;
 use mixtral::random_model::RandomModelSpec;
@@ -68,3 +70,4 @@ pub fn touch_all(checkpoint: &Checkpoint) -> f64 {
     }
     sum
 }
+

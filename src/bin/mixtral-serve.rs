@@ -1,0 +1,153 @@
+//! `mixtral-serve`: an OpenAI-compatible HTTP server for a Mixtral-family model directory. See
+//! `mixtral-serve --help`; a failure to start is one `error: ...` line on stderr, exit status 2 for
+//! command-line mistakes and 1 for everything else.
+
+use mixtral::engine::{open_device, EngineOptions};
+use mixtral::server::args::{self, ServeArgs, ServeCommand, UsageError};
+use mixtral::server::{router, EngineBackend, ServedModel, ServerState};
+use mixtral::{LoadOptions, Model};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Prints `error: <message>` as exactly one line.
+fn print_error(message: &str) {
+    let line: String = message
+        .chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect();
+    eprintln!("error: {line}");
+}
+
+/// The message of `error` followed by those of its sources not already part of it.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = inner.source();
+    }
+    message
+}
+
+fn main() -> ExitCode {
+    match args::parse(std::env::args_os().skip(1)) {
+        Err(UsageError(message)) => {
+            print_error(&format!("{message} (see mixtral-serve --help)"));
+            ExitCode::from(2)
+        }
+        Ok(ServeCommand::Help) => {
+            println!("{}", args::USAGE);
+            ExitCode::SUCCESS
+        }
+        Ok(ServeCommand::Version) => {
+            println!("mixtral-serve {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Ok(ServeCommand::Serve(a)) => match serve(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                print_error(&message);
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// Loads the model, starts the engine thread and serves until Ctrl-C or SIGTERM.
+fn serve(a: &ServeArgs) -> Result<(), String> {
+    a.device.check_supported().map_err(|e| chain(&e))?;
+    let started = Instant::now();
+    let options = LoadOptions {
+        progress: None,
+        require_tokenizer: true,
+        quant: a.quantize,
+    };
+    let mut model = Model::load(&a.model, &options).map_err(|e| chain(&e))?;
+    let tokenizer = model.tokenizer.take().map(Arc::new).ok_or_else(|| {
+        format!(
+            "{}: the model directory has no tokenizer.json",
+            a.model.display()
+        )
+    })?;
+    let engine_options = EngineOptions {
+        max_context: Some(
+            a.max_context
+                .unwrap_or(model.config.max_position_embeddings)
+                .max(1),
+        ),
+        max_sequences: Some(a.max_num_seqs),
+        max_step_tokens: a.max_num_batched_tokens,
+        ..EngineOptions::default()
+    };
+    let engine =
+        open_device(a.device, &model.weights, &engine_options, None).map_err(|e| chain(&e))?;
+    if let Some(line) = engine.describe() {
+        eprintln!("{line}");
+    }
+    let served = ServedModel {
+        id: a.model_id(),
+        tokenizer: Arc::clone(&tokenizer),
+        max_context: engine.max_context(),
+        vocab: model.config.vocab_size,
+    };
+    let mut eos = model.config.eos_token_ids.clone();
+    for &id in tokenizer.eos_ids() {
+        if !eos.contains(&id) {
+            eos.push(id);
+        }
+    }
+    let backend = EngineBackend::start(engine, tokenizer, eos)
+        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    let id = served.id.clone();
+    let app = router(Arc::new(ServerState::new(Arc::new(backend), served)));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let address = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| format!("cannot read the listening address: {e}"))?;
+        eprintln!(
+            "mixtral-serve: model {id:?} loaded in {:.1} s; listening on http://{local}",
+            started.elapsed().as_secs_f64()
+        );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown())
+            .await
+            .map_err(|e| format!("server failed: {e}"))
+    })
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM.
+async fn shutdown() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    eprintln!("mixtral-serve: shutting down");
+}

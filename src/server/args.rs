@@ -1,0 +1,300 @@
+//! `mixtral-serve`'s command line: flags (`--name value`, `--name=value`) into a [`ServeCommand`],
+//! every mistake a [`UsageError`] naming the flag and the value. `--device` and `--quantize` take
+//! what `mixtral-run` takes.
+
+use crate::engine::Device;
+use crate::quant::QuantFormat;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// The usage text of `--help`.
+pub const USAGE: &str = "\
+mixtral-serve: an OpenAI-compatible HTTP server for a Mixtral-family model directory
+
+usage:
+    mixtral-serve --model DIR [--host 127.0.0.1] [--port 8000] [--device cpu|cuda|cuda:N]
+                  [--quantize fp8|int8|int4] [--served-model-name NAME] [--max-num-seqs N]
+                  [--max-num-batched-tokens N] [--max-context N]
+    mixtral-serve --help | --version
+
+options:
+    --model DIR                  Hugging Face model directory (config.json, safetensors, tokenizer.json)
+    --host HOST                  address to listen on (default 127.0.0.1)
+    --port PORT                  port to listen on (default 8000; 0 picks a free one)
+    --device D                   cpu (default), cuda or cuda:N
+    --quantize F                 quantize the attention and expert weights on load: fp8, int8 or
+                                 int4 (bf16 keeps them as stored), as mixtral-run --quantize
+    --served-model-name NAME     the model id clients give (default: the model directory's name)
+    --max-num-seqs N             most sequences the engine holds at once (default 8)
+    --max-num-batched-tokens N   most tokens in one forward pass (default: the backend's)
+    --max-context N              longest sequence in tokens (default: the model's max_position_embeddings)
+    -h, --help                   this text
+    -V, --version                the version
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+The listening address is printed on stderr once the model is loaded.";
+
+/// A command-line mistake; its message names the flag and the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+/// The server's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeArgs {
+    /// The model directory.
+    pub model: PathBuf,
+    /// Address to listen on.
+    pub host: String,
+    /// Port (0 = any free one).
+    pub port: u16,
+    /// Where to run.
+    pub device: Device,
+    /// Quantize on load.
+    pub quantize: Option<QuantFormat>,
+    /// The model id clients give.
+    pub served_model_name: Option<String>,
+    /// Most sequences at once.
+    pub max_num_seqs: usize,
+    /// Most tokens per forward pass.
+    pub max_num_batched_tokens: Option<usize>,
+    /// Longest sequence.
+    pub max_context: Option<usize>,
+}
+
+impl ServeArgs {
+    /// The id clients give as `model`: `--served-model-name`, else the directory's last component.
+    pub fn model_id(&self) -> String {
+        self.served_model_name.clone().unwrap_or_else(|| {
+            self.model
+                .components()
+                .next_back()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .filter(|name| name != "." && name != "..")
+                .unwrap_or_else(|| self.model.display().to_string())
+        })
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServeCommand {
+    /// Print the usage.
+    Help,
+    /// Print the version.
+    Version,
+    /// Run the server.
+    Serve(ServeArgs),
+}
+
+/// Flags, all of which take a value.
+const FLAGS: &[&str] = &[
+    "--model",
+    "--host",
+    "--port",
+    "--device",
+    "--quantize",
+    "--served-model-name",
+    "--max-num-seqs",
+    "--max-num-batched-tokens",
+    "--max-context",
+];
+
+/// Parses the arguments after the program name.
+pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<ServeCommand, UsageError> {
+    let mut args = Vec::new();
+    for (i, arg) in raw.into_iter().enumerate() {
+        let arg = arg
+            .into_string()
+            .map_err(|a| UsageError(format!("argument {} ({a:?}) is not valid UTF-8", i + 1)))?;
+        args.push(arg);
+    }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        return Ok(ServeCommand::Help);
+    }
+    if args.iter().any(|a| a == "--version" || a == "-V") {
+        return Ok(ServeCommand::Version);
+    }
+    let mut given: Vec<(&'static str, String)> = Vec::new();
+    let mut rest = args.into_iter();
+    while let Some(arg) = rest.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((name, value)) if name.starts_with("--") => {
+                (name.to_string(), Some(value.to_string()))
+            }
+            _ => (arg.clone(), None),
+        };
+        let Some(&flag) = FLAGS.iter().find(|f| **f == name) else {
+            return Err(UsageError(if name.starts_with('-') {
+                format!("unknown flag {name}")
+            } else {
+                format!("unexpected argument {arg:?} (every input is given by a flag)")
+            }));
+        };
+        if given.iter().any(|(f, _)| *f == flag) {
+            return Err(UsageError(format!("{flag} given more than once")));
+        }
+        let value = match inline {
+            Some(v) => v,
+            None => rest
+                .next()
+                .ok_or_else(|| UsageError(format!("{flag} needs a value")))?,
+        };
+        given.push((flag, value));
+    }
+    let value = |flag: &str| {
+        given
+            .iter()
+            .find(|(f, _)| *f == flag)
+            .map(|(_, v)| v.as_str())
+    };
+    let parsed = |flag: &str, expected: &str| -> Result<Option<usize>, UsageError> {
+        value(flag)
+            .map(|v| {
+                v.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| {
+                        UsageError(format!(
+                            "invalid value {v:?} for {flag}: expected {expected}"
+                        ))
+                    })
+            })
+            .transpose()
+    };
+    let model = value("--model").ok_or_else(|| UsageError("--model DIR is required".into()))?;
+    let port = match value("--port") {
+        None => 8000,
+        Some(v) => v.trim().parse::<u16>().map_err(|_| {
+            UsageError(format!(
+                "invalid value {v:?} for --port: expected 0..=65535"
+            ))
+        })?,
+    };
+    let host = value("--host").unwrap_or("127.0.0.1").to_string();
+    if host.is_empty() {
+        return Err(UsageError("--host needs a non-empty address".into()));
+    }
+    let device = match value("--device") {
+        None => Device::Cpu,
+        Some(v) => Device::parse(v).map_err(|e| UsageError(format!("--device: {e}")))?,
+    };
+    let quantize = value("--quantize")
+        .map(|v| {
+            v.trim().parse::<QuantFormat>().map_err(|_| {
+                UsageError(format!(
+                    "invalid value {v:?} for --quantize: expected bf16, fp8, int8 or int4"
+                ))
+            })
+        })
+        .transpose()?;
+    let served_model_name = value("--served-model-name").map(str::to_string);
+    if served_model_name.as_deref() == Some("") {
+        return Err(UsageError(
+            "--served-model-name needs a non-empty name".into(),
+        ));
+    }
+    Ok(ServeCommand::Serve(ServeArgs {
+        model: PathBuf::from(model),
+        host,
+        port,
+        device,
+        quantize,
+        served_model_name,
+        max_num_seqs: parsed("--max-num-seqs", "a positive integer")?.unwrap_or(8),
+        max_num_batched_tokens: parsed("--max-num-batched-tokens", "a positive integer")?,
+        max_context: parsed("--max-context", "a positive integer")?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(args: &[&str]) -> Result<ServeCommand, UsageError> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        match parse_str(args) {
+            Ok(ServeCommand::Serve(a)) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_every_flag() {
+        let a = serve(&["--model", "models/mini-mixtral"]);
+        assert_eq!(
+            (
+                a.host.as_str(),
+                a.port,
+                a.device,
+                a.quantize,
+                a.max_num_seqs
+            ),
+            ("127.0.0.1", 8000, Device::Cpu, None, 8)
+        );
+        assert_eq!(a.model_id(), "mini-mixtral");
+        assert_eq!(
+            serve(&["--model", "models/mini-mixtral/"]).model_id(),
+            "mini-mixtral"
+        );
+        let a = serve(&[
+            "--model=m",
+            "--host",
+            "0.0.0.0",
+            "--port=0",
+            "--device",
+            "cuda:1",
+            "--quantize",
+            "int8",
+            "--served-model-name",
+            "mx",
+            "--max-num-seqs",
+            "32",
+            "--max-num-batched-tokens",
+            "2048",
+            "--max-context=1024",
+        ]);
+        assert_eq!(a.host, "0.0.0.0");
+        assert_eq!(a.port, 0);
+        assert_eq!(a.device, Device::Cuda(1));
+        assert_eq!(a.quantize, Some(QuantFormat::Int8));
+        assert_eq!(a.model_id(), "mx");
+        assert_eq!(
+            (a.max_num_seqs, a.max_num_batched_tokens, a.max_context),
+            (32, Some(2048), Some(1024))
+        );
+        assert_eq!(parse_str(&["--port", "x", "-h"]), Ok(ServeCommand::Help));
+    }
+
+    #[test]
+    fn mistakes_name_the_flag_and_value() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "--model"),
+            (&["--model", "m", "--port", "70000"], "--port"),
+            (&["--model", "m", "--port"], "--port needs a value"),
+            (&["--model", "m", "--device", "tpu"], "\"tpu\""),
+            (&["--model", "m", "--quantize", "int3"], "int3"),
+            (&["--model", "m", "--max-num-seqs", "0"], "--max-num-seqs"),
+            (
+                &["--model", "m", "--max-num-batched-tokens", "-1"],
+                "--max-num-batched-tokens",
+            ),
+            (&["--model", "m", "--frob", "1"], "--frob"),
+            (&["--model", "m", "stray"], "stray"),
+            (&["--model", "m", "--model", "n"], "more than once"),
+            (
+                &["--model", "m", "--served-model-name="],
+                "--served-model-name",
+            ),
+        ];
+        for (args, needle) in cases {
+            match parse_str(args) {
+                Err(UsageError(msg)) => assert!(msg.contains(needle), "{args:?}: {msg}"),
+                Ok(c) => panic!("{args:?} accepted: {c:?}"),
+            }
+        }
+    }
+}

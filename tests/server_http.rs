@@ -1,0 +1,621 @@
+//! The HTTP layer of `mixtral-serve` without a network: requests sent to the router with
+//! `tower::ServiceExt::oneshot`, over the engine backend on `models/tiny-mixtral`. Every refused
+//! request is a 4xx with an OpenAI-style error body naming the field; streamed replies are
+//! well-formed server-sent events ending with `[DONE]` whose text equals the whole reply's;
+//! `/v1/models`, `/health` and `/metrics` answer as documented; a client that drops a stream frees
+//! its KV blocks.
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use mixtral::engine::{open, EngineOptions};
+use mixtral::server::{router, EngineBackend, ServedModel, ServerState};
+use mixtral::{LoadOptions, Model};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tower::ServiceExt;
+
+/// Context of the default test server: small, so a prompt past it is cheap.
+const CONTEXT: usize = 64;
+
+fn app_with(context: usize, name: &str) -> Router {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
+    let mut model = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let tokenizer = Arc::new(model.tokenizer.take().unwrap());
+    let options = EngineOptions {
+        max_context: Some(context),
+        max_sequences: Some(4),
+        ..EngineOptions::default()
+    };
+    let engine = open("cpu", &model.weights, &options, None).unwrap();
+    let served = ServedModel {
+        id: name.into(),
+        tokenizer: Arc::clone(&tokenizer),
+        max_context: engine.max_context(),
+        vocab: model.config.vocab_size,
+    };
+    let backend =
+        EngineBackend::start(engine, tokenizer, model.config.eos_token_ids.clone()).unwrap();
+    router(Arc::new(ServerState::new(Arc::new(backend), served)))
+}
+
+fn app() -> Router {
+    app_with(CONTEXT, "tiny-mixtral")
+}
+
+fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body.into())
+        .unwrap()
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::builder().uri(path).body(Body::empty()).unwrap()
+}
+
+/// Status, content type and body text.
+async fn send(app: &Router, request: Request<Body>) -> (StatusCode, String, String) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let kind = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, kind, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn post_json(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let (status, _, text) = send(app, post(path, body.to_string())).await;
+    let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    (status, value)
+}
+
+/// The `data:` payloads of an SSE body, checking the framing on the way.
+fn sse_payloads(text: &str) -> Vec<String> {
+    assert!(text.ends_with("\n\n"), "{text:?}");
+    text.trim_end_matches("\n\n")
+        .split("\n\n")
+        .map(|event| {
+            let data = event
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("event without data: {event:?}"));
+            assert!(!data.contains('\n'), "{event:?}");
+            data.to_string()
+        })
+        .collect()
+}
+
+/// A refused request: path, body, status, the error's `param` and `code`.
+type Case = (
+    &'static str,
+    Value,
+    u16,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_bad_request_is_an_openai_error() {
+    let app = app();
+    let long_prompt: Vec<u32> = vec![1; CONTEXT];
+    let c = "/v1/completions";
+    let chat = "/v1/chat/completions";
+    let user = json!([{"role": "user", "content": "hi"}]);
+    let cases: Vec<Case> = vec![
+        (
+            c,
+            json!({"model": "gpt-4", "prompt": "x"}),
+            404,
+            Some("model"),
+            Some("model_not_found"),
+        ),
+        (
+            chat,
+            json!({"model": "other", "messages": user}),
+            404,
+            Some("model"),
+            Some("model_not_found"),
+        ),
+        (
+            c,
+            json!({"prompt": "x", "max_tokens": 0}),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "max_tokens": -5}),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "max_tokens": CONTEXT}),
+            400,
+            Some("max_tokens"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            chat,
+            json!({"messages": user, "max_tokens": 100000}),
+            400,
+            Some("max_tokens"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            chat,
+            json!({"messages": user, "max_completion_tokens": 0}),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": long_prompt}),
+            400,
+            Some("prompt"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            chat,
+            json!({"messages": [{"role": "user", "content": "word ".repeat(200)}]}),
+            400,
+            Some("messages"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            c,
+            json!({"prompt": "x", "temperature": 2.5}),
+            400,
+            Some("temperature"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "temperature": -0.1}),
+            400,
+            Some("temperature"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "top_p": 0}),
+            400,
+            Some("top_p"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "top_p": 1.01}),
+            400,
+            Some("top_p"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "top_k": -2}),
+            400,
+            Some("top_k"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "presence_penalty": 2.5}),
+            400,
+            Some("presence_penalty"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "frequency_penalty": -3}),
+            400,
+            Some("frequency_penalty"),
+            None,
+        ),
+        (c, json!({"prompt": "x", "n": 0}), 400, Some("n"), None),
+        (c, json!({"prompt": "x", "n": 65}), 400, Some("n"), None),
+        (
+            c,
+            json!({"prompt": "x", "logprobs": 21}),
+            400,
+            Some("logprobs"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "logprobs": -1}),
+            400,
+            Some("logprobs"),
+            None,
+        ),
+        (
+            chat,
+            json!({"messages": user, "top_logprobs": 3}),
+            400,
+            Some("top_logprobs"),
+            None,
+        ),
+        (
+            chat,
+            json!({"messages": user, "logprobs": true, "top_logprobs": 50}),
+            400,
+            Some("top_logprobs"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "logit_bias": {"abc": 1}}),
+            400,
+            Some("logit_bias"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "logit_bias": {"32000": 1}}),
+            400,
+            Some("logit_bias"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "logit_bias": {"5": 101}}),
+            400,
+            Some("logit_bias"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
+            400,
+            Some("stop"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "stop": ""}),
+            400,
+            Some("stop"),
+            None,
+        ),
+        (c, json!({"prompt": []}), 400, Some("prompt"), None),
+        (c, json!({"prompt": [[]]}), 400, Some("prompt"), None),
+        (c, json!({"prompt": [5, 32000]}), 400, Some("prompt"), None),
+        (c, json!({"prompt": [5, -1]}), 400, Some("prompt"), None),
+        (
+            c,
+            json!({"prompt": "x", "echo": true}),
+            400,
+            Some("echo"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "best_of": 3}),
+            400,
+            Some("best_of"),
+            None,
+        ),
+        (chat, json!({"messages": []}), 400, Some("messages"), None),
+        (
+            chat,
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            400,
+            Some("messages"),
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "x", "temperature": "hot"}),
+            400,
+            None,
+            None,
+        ),
+        (c, json!({"max_tokens": 3}), 400, None, None),
+        (chat, json!({"prompt": "x"}), 400, None, None),
+        (c, json!([1, 2]), 400, None, None),
+    ];
+    for (path, body, status, param, code) in cases {
+        let (got, value) = post_json(&app, path, body.clone()).await;
+        assert_eq!(got.as_u16(), status, "{path} {body}: {value}");
+        let error = &value["error"];
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}: {value}"
+        );
+        assert!(error["type"].is_string(), "{body}: {value}");
+        assert_eq!(error["param"].as_str(), param, "{body}: {value}");
+        assert_eq!(error["code"].as_str(), code, "{body}: {value}");
+    }
+
+    // Bodies that are not JSON at all, or not UTF-8.
+    for body in [&b"{\"prompt\": "[..], b"", b"\xff\xfe", b"null"] {
+        let (status, _, text) = send(&app, post(c, body.to_vec())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["error"]["type"], "invalid_request_error", "{text}");
+    }
+    // No such endpoint, wrong method: JSON errors too.
+    let (status, _, text) = send(&app, get("/v1/nothing")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]["message"].is_string());
+    let (status, _, text) = send(&app, get(c)).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]["message"].is_string());
+
+    // The server still serves after all of that.
+    let (status, value) = post_json(
+        &app,
+        c,
+        json!({"prompt": "x", "max_tokens": 2, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{value}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn models_and_health() {
+    let app = app_with(CONTEXT, "my-name");
+    let (status, kind, text) = send(&app, get("/v1/models")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(kind.starts_with("application/json"), "{kind}");
+    let value: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(value["object"], "list");
+    assert_eq!(value["data"].as_array().unwrap().len(), 1);
+    assert_eq!(value["data"][0]["id"], "my-name");
+    assert_eq!(value["data"][0]["object"], "model");
+    assert_eq!(value["data"][0]["max_model_len"], CONTEXT);
+    let (status, _, _) = send(&app, get("/health")).await;
+    assert_eq!(status, StatusCode::OK);
+    // The served name is the one requests must use.
+    let (status, _) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"model": "my-name", "prompt": "a", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_completion_is_sse_ending_in_done_and_equals_the_whole_reply() {
+    let app = app();
+    let request = json!({"prompt": "The capital of France is", "max_tokens": 10, "temperature": 0});
+    let (status, whole) = post_json(&app, "/v1/completions", request.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert_eq!(whole["object"], "text_completion");
+    assert_eq!(whole["usage"]["completion_tokens"], 10);
+    assert_eq!(whole["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        whole["usage"]["total_tokens"].as_u64(),
+        Some(whole["usage"]["prompt_tokens"].as_u64().unwrap() + 10)
+    );
+
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, kind, text) = send(&app, post("/v1/completions", streamed.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(kind.starts_with("text/event-stream"), "{kind}");
+    let payloads = sse_payloads(&text);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    let mut joined = String::new();
+    for chunk in &chunks[..chunks.len() - 1] {
+        assert_eq!(chunk["object"], "text_completion");
+        joined.push_str(chunk["choices"][0]["text"].as_str().unwrap());
+    }
+    assert_eq!(joined, whole["choices"][0]["text"].as_str().unwrap());
+    let finish = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(finish["finish_reason"], "length");
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage["usage"], whole["usage"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_chat_opens_with_the_role_and_equals_the_whole_reply() {
+    let app = app();
+    let request = json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0});
+    let (status, whole) = post_json(&app, "/v1/chat/completions", request.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    let (_, _, text) = send(&app, post("/v1/chat/completions", streamed.to_string())).await;
+    let payloads = sse_payloads(&text);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let joined: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        joined,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+    }
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sampling_fields_change_the_output_as_documented() {
+    let app = app();
+    let c = "/v1/completions";
+    // A +100 bias makes greedy decoding pick that id every time.
+    let (_, biased) = post_json(&app, c, json!({"prompt": [1, 415], "max_tokens": 4, "temperature": 0, "logit_bias": {"1000": 100}, "logprobs": 2})).await;
+    let logprobs = &biased["choices"][0]["logprobs"];
+    assert_eq!(logprobs["tokens"].as_array().unwrap().len(), 4, "{biased}");
+    let first = logprobs["tokens"][0].clone();
+    assert!(
+        logprobs["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| *t == first),
+        "{biased}"
+    );
+    for (lp, top) in logprobs["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(logprobs["top_logprobs"].as_array().unwrap())
+    {
+        assert!(lp.as_f64().unwrap() <= 0.0);
+        assert_eq!(top.as_object().unwrap().len(), 2, "{top}");
+    }
+    // The same seed gives the same sample; n choices are numbered.
+    let sampled = json!({"prompt": "a b", "max_tokens": 6, "temperature": 1.0, "seed": 7, "n": 2});
+    let (_, one) = post_json(&app, c, sampled.clone()).await;
+    let (_, two) = post_json(&app, c, sampled).await;
+    assert_eq!(one["choices"], two["choices"]);
+    assert_eq!(one["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(one["choices"][1]["index"], 1);
+    assert_eq!(one["usage"]["completion_tokens"], 12);
+    // A stop string ends the text before it.
+    let (_, plain) = post_json(
+        &app,
+        c,
+        json!({"prompt": "The capital of France is", "max_tokens": 10, "temperature": 0}),
+    )
+    .await;
+    let text = plain["choices"][0]["text"].as_str().unwrap().to_string();
+    let cut: String = text.chars().skip(3).take(2).collect();
+    let (_, stopped) = post_json(&app, c, json!({"prompt": "The capital of France is", "max_tokens": 10, "temperature": 0, "stop": cut})).await;
+    let before = &text[..text.find(&cut).unwrap()];
+    assert_eq!(stopped["choices"][0]["text"], before, "{stopped}");
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+    // A strong frequency penalty makes a repeated greedy token less likely to repeat.
+    let (_, penal) = post_json(&app, c, json!({"prompt": [1, 415], "max_tokens": 4, "temperature": 0, "logit_bias": {"1000": 3}, "frequency_penalty": 2, "logprobs": 0})).await;
+    assert_eq!(
+        penal["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+}
+
+/// The value of the metric line `name` (no labels) in Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_prometheus_text() {
+    let app = app();
+    let (status, _) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 5, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, kind, text) = send(&app, get("/metrics")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(kind.starts_with("text/plain"), "{kind}");
+    for line in text.lines() {
+        if let Some(comment) = line.strip_prefix("# ") {
+            assert!(
+                comment.starts_with("HELP ") || comment.starts_with("TYPE "),
+                "{line}"
+            );
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        assert!(name.starts_with("mixtral_"), "{line}");
+        value
+            .parse::<f64>()
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+    assert_eq!(metric(&text, "mixtral_requests_running"), 0.0);
+    assert_eq!(metric(&text, "mixtral_requests_waiting"), 0.0);
+    assert_eq!(metric(&text, "mixtral_kv_blocks_used"), 0.0);
+    assert!(metric(&text, "mixtral_kv_blocks_free") > 0.0);
+    assert_eq!(metric(&text, "mixtral_prefix_cache_hit_rate"), 0.0);
+    assert_eq!(metric(&text, "mixtral_generation_tokens_total"), 5.0);
+    assert!(metric(&text, "mixtral_generation_tokens_per_second") > 0.0);
+    assert_eq!(
+        metric(&text, "mixtral_time_to_first_token_seconds_count"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "mixtral_inter_token_latency_seconds_count"),
+        4.0
+    );
+    assert!(
+        text.contains("mixtral_requests_total{outcome=\"finished\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mixtral_time_to_first_token_seconds_bucket{le=\"+Inf\"} 1\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_stream_frees_its_blocks() {
+    const MAX_TOKENS: usize = 3000;
+    let app = app_with(4096, "tiny-mixtral");
+    let request =
+        json!({"prompt": "a b", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true});
+    let response = app
+        .clone()
+        .oneshot(post("/v1/completions", request.to_string()))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    // Wait for generation to be under way, then go away.
+    let frame = body.frame().await.unwrap().unwrap();
+    assert!(frame.data_ref().is_some_and(|d| d.starts_with(b"data: ")));
+    let (_, _, during) = send(&app, get("/metrics")).await;
+    assert_eq!(metric(&during, "mixtral_requests_running"), 1.0, "{during}");
+    assert!(metric(&during, "mixtral_kv_blocks_used") > 0.0, "{during}");
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, _, text) = send(&app, get("/metrics")).await;
+        if metric(&text, "mixtral_kv_blocks_used") == 0.0
+            && metric(&text, "mixtral_requests_running") == 0.0
+        {
+            assert!(
+                text.contains("mixtral_requests_total{outcome=\"aborted\"} 1\n"),
+                "{text}"
+            );
+            // Freed long before the request could have finished on its own.
+            assert!(
+                metric(&text, "mixtral_generation_tokens_total") < (MAX_TOKENS / 2) as f64,
+                "{text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "blocks still held:\n{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
