@@ -400,7 +400,11 @@ fn refused_steps_change_nothing_and_others_continue_identically() {
             (
                 // a grows to 16 tokens (+2 blocks), b to 9 (+1 block): 3 needed, 2 free.
                 vec![step(sa, &a[8..16], 8), step(sb, &b[8..9], 8)],
-                EngineError::KvCacheFull { needed: 3, free: 2 },
+                EngineError::KvCacheFull {
+                    seq: sb,
+                    needed: 3,
+                    free: 2,
+                },
             ),
             (
                 vec![step(sa, &a[8..9], 8), step(SeqId(999), &a[..1], 0)],
@@ -442,7 +446,11 @@ fn refused_steps_change_nothing_and_others_continue_identically() {
         let more = e.step(&[step(sa, &a[9..13], 9)]);
         assert_eq!(
             more.map(|_| ()),
-            Err(EngineError::KvCacheFull { needed: 1, free: 0 })
+            Err(EngineError::KvCacheFull {
+                seq: sa,
+                needed: 1,
+                free: 0
+            })
         );
         let again = step_one(&mut e, sa, &a[7..9], 7);
         assert_eq!(again.row(1), &ref_a[8][..], "{name}");
