@@ -17,6 +17,8 @@
 //! - [`cpu`]: the pure-Rust reference backend ([`cpu::CpuEngine`]);
 //! - `cuda` (feature `cuda`): the GPU backend, `cuda::CudaEngine`, behind the same step API;
 //! - [`generate`]: sampling, stop conditions, streaming generation and perplexity;
+//! - [`serve`]: continuous batching with prefix caching, and a thread-owned engine handle for
+//!   servers;
 //! - [`model`]: loads everything from a model directory in one call.
 //!
 //! ```no_run
@@ -62,6 +64,7 @@ pub mod packed;
 pub mod quant;
 pub mod random_model;
 pub mod sampling;
+pub mod serve;
 pub mod tokenizer;
 pub mod weights;
 

@@ -774,11 +774,14 @@ fn kv_rewinds_free_blocks_for_other_entries_in_the_same_step() {
     assert_eq!(kv.free_blocks(), 1);
     // b needs 2 blocks; a rewinding to 1 token returns 2 of its 3.
     let full = kv.apply_step(&[step(b, &t[..4], 0)]);
-    assert_eq!(full, Err(EngineError::KvCacheFull {
+    assert_eq!(
+        full,
+        Err(EngineError::KvCacheFull {
             seq: b,
             needed: 2,
             free: 1
-        }));
+        })
+    );
     kv.apply_step(&[step(b, &t[..4], 0), step(a, &t[..1], 1)])
         .unwrap();
     assert_eq!(kv.sequence_len(a), Ok(2));

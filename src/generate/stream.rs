@@ -88,10 +88,7 @@ impl<T: Deref<Target = Tokenizer>> Stream<T> {
 
     /// Takes `id` as the next generated token: the event for the callback, and the reason if the
     /// sequence ends with it.
-    pub fn accept(
-        &mut self,
-        id: u32,
-    ) -> Result<(TokenEvent, Option<FinishReason>), GenerateError> {
+    pub fn accept(&mut self, id: u32) -> Result<(TokenEvent, Option<FinishReason>), GenerateError> {
         let index = self.output.generated_ids.len();
         self.output.generated_ids.push(id);
         self.history.push(id);

@@ -52,7 +52,10 @@ impl PagedKv {
         let mut used = 0;
         for (b, (&c, info)) in counted.iter().zip(&self.info).enumerate() {
             if c != info.refs {
-                return Err(format!("block {b}: {} references recorded, {c} held", info.refs));
+                return Err(format!(
+                    "block {b}: {} references recorded, {c} held",
+                    info.refs
+                ));
             }
             let parked = self.cache.is_parked(b);
             let free_states = [recycled.contains(&b), parked];
@@ -71,16 +74,25 @@ impl PagedKv {
             }
         }
         if self.info.len() != self.fresh {
-            return Err(format!("{} block records for {} ids", self.info.len(), self.fresh));
+            return Err(format!(
+                "{} block records for {} ids",
+                self.info.len(),
+                self.fresh
+            ));
         }
         for (name, b) in self.cache.names() {
             if self.info.get(b).and_then(|i| i.name) != Some(name) {
-                return Err(format!("the cache names block {b} {name:x}, the block disagrees"));
+                return Err(format!(
+                    "the cache names block {b} {name:x}, the block disagrees"
+                ));
             }
         }
         let named = self.info.iter().filter(|i| i.name.is_some()).count();
         if named != self.cache.len() {
-            return Err(format!("{named} named blocks, {} in the index", self.cache.len()));
+            return Err(format!(
+                "{named} named blocks, {} in the index",
+                self.cache.len()
+            ));
         }
         if used + self.free_blocks() != self.limits.num_blocks {
             return Err(format!(

@@ -304,7 +304,12 @@ impl PagedKv {
     /// a shared block is copied on write). Refuses an unknown `seq` and the sequence limit.
     pub fn fork(&mut self, seq: SeqId) -> Result<SeqId, EngineError> {
         let s = self.get(seq)?.clone();
-        let blocks: Vec<usize> = s.blocks.iter().copied().filter(|&b| b != RELEASED).collect();
+        let blocks: Vec<usize> = s
+            .blocks
+            .iter()
+            .copied()
+            .filter(|&b| b != RELEASED)
+            .collect();
         let id = self.insert_sequence(s)?;
         for b in blocks {
             if let Some(i) = self.info.get_mut(b) {
