@@ -429,7 +429,10 @@ impl Scheduler {
             if leader_computed < prompt {
                 return Ok(false);
             }
-            if let Some(parent) = leader_seq {
+            // Only right after choice 0's prompt step: the child then rewinds one token, which no
+            // sliding window has released yet. Later it computes its prompt itself (the prefix
+            // cache still serves it).
+            if let Some(parent) = leader_seq.filter(|_| leader_computed == prompt) {
                 match engine.fork_sequence(parent) {
                     Ok(seq) => {
                         if let Some(s) = self.seqs.get_mut(&key) {
