@@ -86,8 +86,8 @@ fn prompt(rand: &mut Rand, shared: bool) -> Vec<u32> {
 }
 
 fn random_request(rand: &mut Rand, i: usize) -> Request {
-    let prompt = prompt(rand, i % 3 == 0);
-    let sampling = if i % 2 == 0 {
+    let prompt = prompt(rand, i.is_multiple_of(3));
+    let sampling = if i.is_multiple_of(2) {
         SamplingParams::greedy()
     } else {
         SamplingParams {
@@ -215,6 +215,7 @@ fn forked_choices_equal_single_requests_with_their_seeds() {
         collect(&mut outputs, scheduler.step(&mut e));
         e.kv().check_invariants().unwrap();
     }
+    assert_eq!(scheduler.stats(&e).forks, 2, "choices 1 and 2 share choice 0's prompt");
     assert_eq!(e.free_kv_blocks(), e.total_kv_blocks());
     for choice in 0..3 {
         let mut single = request.clone();

@@ -435,6 +435,7 @@ impl Scheduler {
             if let Some(parent) = leader_seq.filter(|_| leader_computed == prompt) {
                 match engine.fork_sequence(parent) {
                     Ok(seq) => {
+                        self.stats.forks += 1;
                         if let Some(s) = self.seqs.get_mut(&key) {
                             s.engine_seq = Some(seq);
                             s.computed = prompt - 1;

@@ -23,6 +23,8 @@ pub struct ServeStats {
     pub prefill_tokens: u64,
     /// Tokens generated.
     pub generated_tokens: u64,
+    /// Choices started by forking choice 0's engine sequence (sharing its prompt's KV).
+    pub forks: u64,
     /// Sequences preempted (their KV freed, to be computed again).
     pub preemptions: u64,
     /// Requests that ended normally (every choice finished).
