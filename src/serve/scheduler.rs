@@ -405,6 +405,8 @@ impl Scheduler {
             self.waiting.remove(&key);
             self.running.insert(key);
         }
+        // A request failed while admitting may have had choices planned already.
+        planned.retain(|p| self.seqs.contains_key(&p.key));
         planned.sort_by_key(|p| p.key);
         planned
     }
