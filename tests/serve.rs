@@ -215,7 +215,11 @@ fn forked_choices_equal_single_requests_with_their_seeds() {
         collect(&mut outputs, scheduler.step(&mut e));
         e.kv().check_invariants().unwrap();
     }
-    assert_eq!(scheduler.stats(&e).forks, 2, "choices 1 and 2 share choice 0's prompt");
+    assert_eq!(
+        scheduler.stats(&e).forks,
+        2,
+        "choices 1 and 2 share choice 0's prompt"
+    );
     assert_eq!(e.free_kv_blocks(), e.total_kv_blocks());
     for choice in 0..3 {
         let mut single = request.clone();
