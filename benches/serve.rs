@@ -130,7 +130,9 @@ fn bench(c: &mut Criterion) {
     group.finish();
 
     let mut group = c.benchmark_group("serve/ttft_shared_prefix");
-    group.sample_size(10).measurement_time(Duration::from_secs(5));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5));
     let vocab = setup.model.config.vocab_size;
     let shared = prompt(0, SHARED, vocab);
     for hit in [false, true] {

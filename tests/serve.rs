@@ -5,7 +5,9 @@
 //! - `n > 1` (forked choices) gives each choice what a single request with its seed gives;
 //! - log-probabilities equal the perplexity scorer's;
 //! - an abort (and a dropped stream of the engine handle) frees the request's blocks within one
-//!   step.
+//!   step;
+//! - a request that cannot fit the pool even alone fails with a typed error, freeing everything;
+//! - the handle serves tasks of a single-threaded tokio runtime without blocking it.
 
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::{generate, perplexity, FinishReason, GenerateOptions};
@@ -414,4 +416,97 @@ fn the_handle_streams_what_generate_gives_from_many_threads() {
     let stats = handle.stats();
     assert_eq!(stats.requests_finished, 8);
     assert_eq!(stats.kv_blocks_free, stats.kv_blocks_total);
+}
+
+#[test]
+fn a_request_larger_than_the_pool_fails_alone_and_frees_everything() {
+    let mut rand = Rand(31);
+    // 3 blocks of 4 tokens: a prompt of more than 12 tokens cannot be held.
+    let mut e = engine(4, Some(3));
+    let mut scheduler = Scheduler::new(&e, tokenizer(), SchedulerOptions::default());
+    let big = Request::new(prompt(&mut rand, true), GenerateOptions::greedy(4));
+    assert!(big.prompt.len() > 12);
+    let small = Request::new(vec![1, 415], GenerateOptions::greedy(4));
+    scheduler.add(RequestId(0), &big).unwrap();
+    scheduler.add(RequestId(1), &small).unwrap();
+    let mut failed = Vec::new();
+    let mut finished = Vec::new();
+    while !scheduler.is_idle() {
+        for (id, event) in scheduler.step(&mut e) {
+            match event {
+                Event::Error(ServeError::DoesNotFit { .. }) => failed.push(id),
+                Event::Finished { .. } => finished.push(id),
+                Event::Error(other) => panic!("{other}"),
+                Event::Token { .. } => {}
+            }
+        }
+        e.kv().check_invariants().unwrap();
+    }
+    assert_eq!(failed, vec![RequestId(0)]);
+    assert_eq!(finished, vec![RequestId(1)], "the next request still runs");
+    assert_eq!(scheduler.stats(&e).requests_failed, 1);
+    assert_eq!(e.free_kv_blocks(), e.total_kv_blocks());
+}
+
+#[test]
+fn the_handle_serves_a_single_threaded_tokio_runtime_without_blocking_it() {
+    let handle = Arc::new(
+        EngineHandle::spawn(
+            Box::new(engine(4, Some(96))),
+            tokenizer(),
+            SchedulerOptions::default(),
+        )
+        .unwrap(),
+    );
+    let mut rand = Rand(41);
+    let requests: Vec<Request> = (0..4).map(|i| random_request(&mut rand, i)).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let outputs = runtime.block_on(async {
+        // A task that only runs while the streams' tasks wait: if awaiting an event blocked the
+        // runtime's one thread, it could not tick before they all finish.
+        let ticker = {
+            let ticks = Arc::clone(&ticks);
+            tokio::task::spawn(async move {
+                loop {
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let tasks: Vec<_> = requests
+            .iter()
+            .cloned()
+            .map(|request| {
+                let handle = Arc::clone(&handle);
+                tokio::task::spawn(async move {
+                    let mut stream = handle.submit(request).unwrap();
+                    let mut out = Output::default();
+                    while let Some(event) = stream.recv().await {
+                        match event {
+                            Event::Token { token, .. } => {
+                                out.ids.push(token.id);
+                                out.text.push_str(&token.text);
+                            }
+                            Event::Finished { reason, .. } => out.reason = Some(reason),
+                            Event::Error(e) => panic!("{e}"),
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut outputs = Vec::new();
+        for task in tasks {
+            outputs.push(task.await.unwrap());
+        }
+        ticker.abort();
+        outputs
+    });
+    assert!(ticks.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    for (request, out) in requests.iter().zip(outputs) {
+        assert_eq!(out, alone(request));
+    }
 }
