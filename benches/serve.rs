@@ -49,6 +49,8 @@ impl Setup {
         let options = CpuEngineOptions {
             max_context: Some(SHARED + SUFFIX + NEW),
             max_sequences: 32,
+            // A sized pool caches prefixes (storage is still allocated on first use).
+            kv_blocks: Some(32 * (SHARED + SUFFIX + NEW).div_ceil(16)),
             ..Default::default()
         };
         CpuEngine::new(self.model.weights.clone(), options).expect("engine")

@@ -321,3 +321,23 @@ fn unused_cached_blocks_are_evicted_least_recently_used_first() {
     );
     assert_eq!(e.free_kv_blocks(), e.total_kv_blocks());
 }
+
+#[test]
+fn the_default_pool_caches_nothing_and_reuses_freed_storage() {
+    let options = CpuEngineOptions {
+        max_context: Some(64),
+        block_size: 4,
+        ..CpuEngineOptions::default()
+    };
+    let mut e = CpuEngine::new(weights(false), options).unwrap();
+    let prompt: Vec<u32> = (1..=13).collect();
+    for round in 0..3 {
+        let seq = e.new_sequence().unwrap();
+        assert_eq!(e.reuse_prefix(seq, &prompt).unwrap(), 0, "round {round}");
+        step(&mut e, seq, &prompt, 0, LogitsFor::Last);
+        e.free_sequence(seq).unwrap();
+        // Storage for 4 blocks, reused every round.
+        assert_eq!(e.kv().high_water_mark(), 4);
+    }
+    assert_eq!(e.kv().cached_blocks(), 0);
+}

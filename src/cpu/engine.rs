@@ -12,9 +12,10 @@
 //! one for V, allocated when a block id is first used (`block_rows = min(block_size,
 //! max_context)`), so an unused context costs nothing.
 //!
-//! The pool caches prefixes ([`crate::kv`]): [`Engine::reuse_prefix`] starts a sequence on cached
-//! blocks, [`Engine::fork_sequence`] shares a sequence's blocks, and a step first copies the
-//! blocks the pool asks for (copy-on-write). Blocks a sliding window no longer sees are released.
+//! A pool of a given size ([`CpuEngineOptions::kv_blocks`]) caches prefixes ([`crate::kv`]):
+//! [`Engine::reuse_prefix`] starts a sequence on cached blocks. [`Engine::fork_sequence`] shares a
+//! sequence's blocks, and a step first copies the blocks the pool asks for (copy-on-write). Blocks
+//! a sliding window no longer sees are released.
 
 use super::attention::{attention, AttentionShape, PagedView};
 use super::embedding::embed;
@@ -39,7 +40,10 @@ pub struct CpuEngineOptions {
     /// Tokens per KV-cache block.
     pub block_size: usize,
     /// Blocks in the KV pool; `None` = enough for `max_sequences` full contexts (bookkeeping
-    /// only: block storage is allocated on first use).
+    /// only: block storage is allocated on first use). A pool given here also caches prefixes
+    /// ([`Engine::reuse_prefix`]): blocks no sequence uses keep their storage until the pool needs
+    /// them, so its memory can grow to the whole pool. The default pool caches nothing, so its
+    /// memory stays at the most blocks ever in use at once.
     pub kv_blocks: Option<usize>,
     /// Most sequences alive at once.
     pub max_sequences: usize,
@@ -128,7 +132,7 @@ impl CpuEngine {
             max_sequences: options.max_sequences,
             vocab_size: config.vocab_size,
         })?
-        .with_prefix_caching(true)
+        .with_prefix_caching(options.kv_blocks.is_some())
         .with_sliding_window(config.sliding_window);
         let cache = (0..config.num_layers)
             .map(|_| LayerCache::default())
