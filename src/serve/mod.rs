@@ -18,7 +18,9 @@
 //!
 //! let mut model = Model::load("models/tiny-mixtral".as_ref(), &LoadOptions::default())?;
 //! let tokenizer = Arc::new(model.tokenizer.take().expect("a tokenizer.json"));
-//! let engine = open("cpu", &model.weights, &EngineOptions::default(), None)?;
+//! // A pool of a given size: the CPU engine then caches prefixes (see `CpuEngineOptions`).
+//! let options = EngineOptions { kv_blocks: Some(4096), ..EngineOptions::default() };
+//! let engine = open("cpu", &model.weights, &options, None)?;
 //! let handle = EngineHandle::spawn(engine, Arc::clone(&tokenizer), SchedulerOptions::default())?;
 //! let prompt = tokenizer.encode("The capital of France is", true)?;
 //! let options = GenerateOptions::greedy(16).with_eos(&model.config.eos_token_ids);
