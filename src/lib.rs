@@ -19,6 +19,8 @@
 //! - [`shard`]: tensor- and expert-parallel sharding, run on CPU-simulated ranks
 //!   ([`shard::ShardedCpuEngine`]);
 //! - [`generate`]: sampling, stop conditions, streaming generation and perplexity;
+//! - [`serve`]: continuous batching with prefix caching, and a thread-owned engine handle for
+//!   servers;
 //! - [`model`]: loads everything from a model directory in one call;
 //! - `server` (feature `server`, on by default): the OpenAI-compatible HTTP server of `mixtral-serve`;
 //! - [`capi`]: the C ABI (`include/mixtral.h`, built as `libmixtral.so`).
@@ -67,6 +69,7 @@ pub mod packed;
 pub mod quant;
 pub mod random_model;
 pub mod sampling;
+pub mod serve;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod shard;

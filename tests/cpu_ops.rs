@@ -745,7 +745,11 @@ fn kv_refusals_are_typed_and_change_nothing() {
         // a grows to 6 tokens (+1 block), b to 6 (+2 blocks): 3 needed, 2 free.
         (
             vec![step(a, &t[..3], 3), step(b, &t[..4], 2)],
-            EngineError::KvCacheFull { needed: 3, free: 2 },
+            EngineError::KvCacheFull {
+                seq: b,
+                needed: 3,
+                free: 2,
+            },
         ),
     ];
     for (batch, want) in cases {
@@ -770,7 +774,14 @@ fn kv_rewinds_free_blocks_for_other_entries_in_the_same_step() {
     assert_eq!(kv.free_blocks(), 1);
     // b needs 2 blocks; a rewinding to 1 token returns 2 of its 3.
     let full = kv.apply_step(&[step(b, &t[..4], 0)]);
-    assert_eq!(full, Err(EngineError::KvCacheFull { needed: 2, free: 1 }));
+    assert_eq!(
+        full,
+        Err(EngineError::KvCacheFull {
+            seq: b,
+            needed: 2,
+            free: 1
+        })
+    );
     kv.apply_step(&[step(b, &t[..4], 0), step(a, &t[..1], 1)])
         .unwrap();
     assert_eq!(kv.sequence_len(a), Ok(2));

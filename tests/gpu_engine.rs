@@ -734,7 +734,7 @@ fn a_full_kv_cache_is_a_typed_error_and_the_other_sequences_go_on() {
         logits: LogitsFor::Last,
     }]);
     assert!(
-        matches!(refused, Err(EngineError::KvCacheFull { needed, free: f }) if needed > f && f == free),
+        matches!(refused, Err(EngineError::KvCacheFull { seq, needed, free: f }) if seq == greedy_seq && needed > f && f == free),
         "{refused:?}"
     );
     assert_eq!(gpu.sequence_len(greedy_seq).unwrap(), 0);

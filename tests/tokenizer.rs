@@ -55,7 +55,7 @@ fn messages(value: &Value) -> Vec<ChatMessage> {
 }
 
 /// Streams `ids` through `detok` one at a time, then flushes.
-fn stream(mut detok: mixtral::tokenizer::Detokenizer<'_>, ids: &[u32]) -> String {
+fn stream(mut detok: mixtral::tokenizer::Detokenizer<&Tokenizer>, ids: &[u32]) -> String {
     let mut out = String::new();
     for &id in ids {
         out.push_str(&detok.push(id).expect("valid id"));

@@ -11,6 +11,11 @@
 //! K/V storage: per layer, one f32 buffer `[block_rows, kv_heads, head_dim]` per block id for K and
 //! one for V, allocated when a block id is first used (`block_rows = min(block_size,
 //! max_context)`), so an unused context costs nothing.
+//!
+//! A pool of a given size ([`CpuEngineOptions::kv_blocks`]) caches prefixes ([`crate::kv`]):
+//! [`Engine::reuse_prefix`] starts a sequence on cached blocks. [`Engine::fork_sequence`] shares a
+//! sequence's blocks, and a step first copies the blocks the pool asks for (copy-on-write). Blocks
+//! a sliding window no longer sees are released.
 
 use super::attention::{attention, AttentionShape, PagedView};
 use super::embedding::embed;
@@ -20,7 +25,7 @@ use super::norm::{add_rms_norm, rms_norm};
 use super::rope::Rope;
 use crate::config::ModelConfig;
 use crate::engine::{Engine, EngineError, SeqId, SeqStep, StepOutput};
-use crate::kv::{KvLimits, PagedKv, Slot, StepPlan};
+use crate::kv::{BlockCopy, KvLimits, PagedKv, Slot, StepPlan, RELEASED};
 use crate::weights::{LayerWeights, ModelWeights};
 use std::sync::Arc;
 
@@ -35,7 +40,10 @@ pub struct CpuEngineOptions {
     /// Tokens per KV-cache block.
     pub block_size: usize,
     /// Blocks in the KV pool; `None` = enough for `max_sequences` full contexts (bookkeeping
-    /// only: block storage is allocated on first use).
+    /// only: block storage is allocated on first use). A pool given here also caches prefixes
+    /// ([`Engine::reuse_prefix`]): blocks no sequence uses keep their storage until the pool needs
+    /// them, so its memory can grow to the whole pool. The default pool caches nothing, so its
+    /// memory stays at the most blocks ever in use at once.
     pub kv_blocks: Option<usize>,
     /// Most sequences alive at once.
     pub max_sequences: usize,
@@ -123,7 +131,9 @@ impl CpuEngine {
             max_context,
             max_sequences: options.max_sequences,
             vocab_size: config.vocab_size,
-        })?;
+        })?
+        .with_prefix_caching(options.kv_blocks.is_some())
+        .with_sliding_window(config.sliding_window);
         let cache = (0..config.num_layers)
             .map(|_| LayerCache::default())
             .collect();
@@ -174,12 +184,40 @@ impl Engine for CpuEngine {
     }
 
     fn step(&mut self, batch: &[SeqStep<'_>]) -> Result<StepOutput, EngineError> {
-        let plan = self.kv.apply_step(batch)?;
-        Ok(self.forward(batch, &plan))
+        let applied = self.kv.apply(batch)?;
+        self.copy_blocks(&applied.copies);
+        Ok(self.forward(batch, &applied.plan))
+    }
+
+    fn reuse_prefix(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize, EngineError> {
+        self.kv.reuse_prefix(seq, tokens)
+    }
+
+    fn fork_sequence(&mut self, seq: SeqId) -> Result<SeqId, EngineError> {
+        self.kv.fork(seq)
+    }
+
+    fn kv_block_size(&self) -> Option<usize> {
+        Some(self.kv.limits().block_size)
     }
 }
 
 impl CpuEngine {
+    /// Copies K and V of every layer from block `src` to block `dst` (copy-on-write).
+    fn copy_blocks(&mut self, copies: &[BlockCopy]) {
+        for c in copies {
+            for layer in &mut self.cache {
+                for blocks in [&mut layer.k, &mut layer.v] {
+                    let src = blocks.get(c.src).cloned().unwrap_or_default();
+                    let dst = block_mut(blocks, c.dst, self.block_elements);
+                    if src.len() == dst.len() {
+                        dst.copy_from_slice(&src);
+                    }
+                }
+            }
+        }
+    }
+
     /// Runs an applied step (validated, blocks reserved).
     fn forward(&mut self, batch: &[SeqStep<'_>], plan: &StepPlan) -> StepOutput {
         let weights = Arc::clone(&self.weights);
@@ -333,8 +371,9 @@ impl CpuEngine {
         s.attn.resize(total * q_width, 0.0);
         for e in &plan.entries {
             let table = self.kv.block_table(e.seq).unwrap_or(&[]);
-            let k_blocks: Vec<&[f32]> = table.iter().map(|&b| cache.k[b].as_slice()).collect();
-            let v_blocks: Vec<&[f32]> = table.iter().map(|&b| cache.v[b].as_slice()).collect();
+            // A released block (out of the sliding window) is never read: an empty view.
+            let k_blocks: Vec<&[f32]> = table.iter().map(|&b| view(&cache.k, b)).collect();
+            let v_blocks: Vec<&[f32]> = table.iter().map(|&b| view(&cache.v, b)).collect();
             let block_size = self.kv.limits().block_size;
             let rows = e.tokens();
             attention(
@@ -368,6 +407,14 @@ fn block_mut(blocks: &mut Vec<Vec<f32>>, id: usize, elements: usize) -> &mut [f3
         block.resize(elements, 0.0);
     }
     block
+}
+
+/// The storage of block `b` in `blocks`; empty for a [`RELEASED`] block (never read).
+fn view(blocks: &[Vec<f32>], b: usize) -> &[f32] {
+    match b {
+        RELEASED => &[],
+        b => blocks[b].as_slice(),
+    }
 }
 
 /// Rows `which` of `x: [rows, width]`, in that order.

@@ -53,13 +53,40 @@ pub enum EngineError {
     #[error("sequence {0:?} appears twice in one step")]
     DuplicateSequence(SeqId),
     /// Not enough free KV-cache blocks for the step; nothing was changed.
-    #[error("KV cache full: {needed} blocks needed, {free} free")]
+    #[error("KV cache full at sequence {seq:?}: {needed} blocks needed, {free} free")]
     KvCacheFull {
-        /// Blocks the step needs.
+        /// The first entry of the step (in batch order) at which the blocks needed so far exceed
+        /// the free ones: it and the entries after it did not fit.
+        seq: SeqId,
+        /// Blocks the step's entries up to and including `seq` need.
         needed: usize,
         /// Blocks free.
         free: usize,
     },
+    /// A step would rewind a sequence to where it needs blocks that the sliding window already
+    /// released.
+    #[error(
+        "sequence {seq:?} cannot start at position {start_pos}: blocks before position {first_kept} were released by the sliding window"
+    )]
+    WindowReleased {
+        /// The sequence.
+        seq: SeqId,
+        /// The requested start.
+        start_pos: usize,
+        /// The first position still held.
+        first_kept: usize,
+    },
+    /// An operation that needs an empty sequence (reusing a cached prefix) got one holding tokens.
+    #[error("sequence {seq:?} already holds {len} tokens")]
+    SequenceNotEmpty {
+        /// The sequence.
+        seq: SeqId,
+        /// Tokens it holds.
+        len: usize,
+    },
+    /// The backend does not implement the operation (named).
+    #[error("not supported by this engine: {0}")]
+    Unsupported(&'static str),
     /// Too many sequences at once.
     #[error("too many sequences (limit {limit})")]
     TooManySequences {

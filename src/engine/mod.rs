@@ -158,6 +158,34 @@ pub trait Engine: Send {
         sample_on_host(self, batch, samplers)
     }
 
+    /// Starts the empty sequence `seq` on the engine's cached KV blocks of the longest prefix of
+    /// `tokens` it holds (whole KV blocks, always leaving the last token of `tokens` to compute) and
+    /// returns how many tokens that is: the caller's next step starts at that position. The
+    /// default (an engine without a prefix cache) caches nothing and returns 0. A sequence that
+    /// is not empty is [`EngineError::SequenceNotEmpty`].
+    fn reuse_prefix(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize, EngineError> {
+        let len = self.sequence_len(seq)?;
+        if len != 0 {
+            return Err(EngineError::SequenceNotEmpty { seq, len });
+        }
+        let _ = tokens;
+        Ok(0)
+    }
+
+    /// A new sequence holding the same tokens as `seq` and sharing its KV blocks (written blocks
+    /// are copied on write), for several continuations of one prompt. The default is
+    /// [`EngineError::Unsupported`]: the caller computes the prompt again in a new sequence.
+    fn fork_sequence(&mut self, seq: SeqId) -> Result<SeqId, EngineError> {
+        let _ = seq;
+        Err(EngineError::Unsupported("fork_sequence"))
+    }
+
+    /// Tokens per KV block, when the engine says (for admission estimates; `None`, the default,
+    /// leaves the caller to learn from [`EngineError::KvCacheFull`]).
+    fn kv_block_size(&self) -> Option<usize> {
+        None
+    }
+
     /// One line on where the engine runs and what it holds (device, memory), for logs; `None`
     /// when there is nothing to say beyond the model (the default).
     fn describe(&self) -> Option<String> {

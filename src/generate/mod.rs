@@ -17,15 +17,15 @@ mod sequences;
 mod stop;
 mod stream;
 
-pub use perplexity::{perplexity, perplexity_chunked, Perplexity, PERPLEXITY_CHUNK};
-
-use crate::engine::{Engine, EngineError, LogitsFor, RowSampler, SeqId, SeqStep};
+pub use crate::engine::{Engine, EngineError, LogitsFor, RowSampler, SeqId, SeqStep};
 use crate::sampling::{SamplingError, SamplingParams};
 use crate::tokenizer::{Tokenizer, TokenizerError};
+pub use perplexity::{perplexity, perplexity_chunked, Perplexity, PERPLEXITY_CHUNK};
 use sequences::Sequences;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
-use stream::Stream;
+pub use stop::{Release, StopMatcher};
+pub use stream::Stream;
 
 /// What to generate and when to stop.
 #[derive(Debug, Clone, PartialEq)]

@@ -6,14 +6,14 @@
 /// Everything released before contains no stop string and no start of one that later text could
 /// complete, so a match can only begin inside the pending text.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct StopMatcher {
+pub struct StopMatcher {
     stops: Vec<String>,
     pending: String,
 }
 
 /// What [`StopMatcher::push`] decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Release {
+pub enum Release {
     /// Text that is final; the rest stays pending.
     Text(String),
     /// A stop string was completed: the text before it, which ends the output.
@@ -22,7 +22,7 @@ pub(crate) enum Release {
 
 impl StopMatcher {
     /// A matcher for `stops` (each non-empty).
-    pub(crate) fn new(stops: &[String]) -> Self {
+    pub fn new(stops: &[String]) -> Self {
         StopMatcher {
             stops: stops.to_vec(),
             pending: String::new(),
@@ -31,7 +31,7 @@ impl StopMatcher {
 
     /// Adds `piece`. With `last`, the text ends here: everything up to a stop string (or all of it)
     /// is released.
-    pub(crate) fn push(&mut self, piece: &str, last: bool) -> Release {
+    pub fn push(&mut self, piece: &str, last: bool) -> Release {
         self.pending.push_str(piece);
         if let Some(at) = self.first_stop() {
             let before = self.pending.get(..at).unwrap_or_default().to_string();

@@ -375,14 +375,17 @@ impl Tokenizer {
 
     /// A streaming decoder for a generated sequence, starting at the beginning of the text (the
     /// leading space of the first token is dropped, as [`Tokenizer::decode`] drops it).
-    pub fn detokenizer(&self) -> Detokenizer<'_> {
+    pub fn detokenizer(&self) -> Detokenizer<&Tokenizer> {
         Detokenizer::new(self)
     }
 
     /// A streaming decoder for tokens generated after `context` (the prompt's ids, or its last few):
     /// the pieces are the text that `decode(context ++ generated)` has after `decode(context)`, so the
     /// first generated token keeps its leading space.
-    pub fn detokenizer_after(&self, context: &[u32]) -> Result<Detokenizer<'_>, TokenizerError> {
+    pub fn detokenizer_after(
+        &self,
+        context: &[u32],
+    ) -> Result<Detokenizer<&Tokenizer>, TokenizerError> {
         Detokenizer::after(self, context)
     }
 

@@ -16,15 +16,20 @@
 //! Special ids are skipped (decode skips them) and never enter the window. A window is one emitted
 //! piece plus the held ids, so the work per id is O(window), independent of the sequence length;
 //! byte ids are only appended (no decoding) until their run ends.
+//!
+//! The detokenizer borrows its tokenizer (`Detokenizer<&Tokenizer>`) or shares it
+//! (`Detokenizer<Arc<Tokenizer>>`, for state that outlives a borrow, e.g. a server's request).
 
 use super::{TokenKind, Tokenizer, TokenizerError};
+use std::ops::Deref;
 
 /// Most ids of a caller's context kept as the first prefix.
 const CONTEXT_IDS: usize = 8;
 
-/// Incremental detokenizer: never drops a space, never splits a multi-byte character.
-pub struct Detokenizer<'t> {
-    tokenizer: &'t Tokenizer,
+/// Incremental detokenizer: never drops a space, never splits a multi-byte character. `T` holds the
+/// tokenizer: `&Tokenizer` or `Arc<Tokenizer>`.
+pub struct Detokenizer<T: Deref<Target = Tokenizer>> {
+    tokenizer: T,
     /// The prefix (already emitted, `ids[..read]`) followed by held ids.
     ids: Vec<u32>,
     /// Length of the prefix.
@@ -33,7 +38,7 @@ pub struct Detokenizer<'t> {
     prefix_text: String,
 }
 
-impl std::fmt::Debug for Detokenizer<'_> {
+impl<T: Deref<Target = Tokenizer>> std::fmt::Debug for Detokenizer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Detokenizer")
             .field("ids", &self.ids)
@@ -42,9 +47,9 @@ impl std::fmt::Debug for Detokenizer<'_> {
     }
 }
 
-impl<'t> Detokenizer<'t> {
+impl<T: Deref<Target = Tokenizer>> Detokenizer<T> {
     /// Starts at the beginning of a text.
-    pub(super) fn new(tokenizer: &'t Tokenizer) -> Self {
+    pub fn new(tokenizer: T) -> Self {
         Self {
             tokenizer,
             ids: Vec::new(),
@@ -53,8 +58,10 @@ impl<'t> Detokenizer<'t> {
         }
     }
 
-    /// Starts after `context`, whose last few non-special ids become the first prefix.
-    pub(super) fn after(tokenizer: &'t Tokenizer, context: &[u32]) -> Result<Self, TokenizerError> {
+    /// Starts after `context` (the prompt's ids, or its last few), whose last few non-special ids
+    /// become the first prefix: the pieces are the text that `decode(context ++ generated)` has
+    /// after `decode(context)`. An id the tokenizer does not know is an error.
+    pub fn after(tokenizer: T, context: &[u32]) -> Result<Self, TokenizerError> {
         let mut kept = Vec::with_capacity(CONTEXT_IDS);
         for &id in context.iter().rev() {
             if kept.len() == CONTEXT_IDS {
