@@ -409,6 +409,83 @@ fn chunked_prefill_matches_one_pass() {
     assert!(err <= 1e-2, "chunked vs one pass: rel L2 {err:e}");
 }
 
+/// The last-token logits of `tokens` run as one prefill in a new sequence (freed afterwards).
+fn fresh_last(gpu: &mut CudaEngine, tokens: &[u32]) -> Vec<f32> {
+    let seq = gpu.new_sequence().unwrap();
+    let out = gpu
+        .step(&[SeqStep {
+            seq,
+            tokens,
+            start_pos: 0,
+            logits: LogitsFor::Last,
+        }])
+        .expect("prefill");
+    gpu.free_sequence(seq).unwrap();
+    out.logits
+}
+
+/// Prefix caching and forks on the device: a prompt continued on cached blocks, and two forks of one
+/// sequence writing different tokens into their shared last block (copy-on-write), each match the
+/// same tokens prefilled from scratch. Bound: the chunked-prefill bound (1e-2 relative L2), for the
+/// same reason: the suffix attends to keys an earlier pass wrote, in another summation order.
+#[test]
+fn cached_prefixes_and_forks_match_a_fresh_prefill() {
+    let _lock = lock();
+    let dir = root().join("tests/fixtures/gqa-bf16-sharded-window");
+    let model = load(&dir);
+    let mut options = small_options();
+    options.engine.block_size = Some(4);
+    let Some(mut gpu) = gpu_engine(&model, options, "prefix_cache") else {
+        return;
+    };
+    let prompt: Vec<u32> = (0..13).map(|i| 1 + 37 * i).collect();
+    let fresh = fresh_last(&mut gpu, &prompt);
+    let seq = gpu.new_sequence().unwrap();
+    let cached = gpu.reuse_prefix(seq, &prompt).expect("reuse");
+    assert_eq!(
+        cached, 12,
+        "three full blocks of the freed sequence are cached"
+    );
+    let reused = gpu
+        .step(&[SeqStep {
+            seq,
+            tokens: &prompt[cached..],
+            start_pos: cached,
+            logits: LogitsFor::Last,
+        }])
+        .expect("suffix");
+    let err = rel_l2(&reused.logits, &fresh);
+    assert!(err <= 1e-2, "cached prefix vs fresh: rel L2 {err:e}");
+
+    let fork = gpu.fork_sequence(seq).expect("fork");
+    let (a, b) = (7u32, 9u32);
+    let both = gpu
+        .step(&[
+            SeqStep {
+                seq,
+                tokens: &[a],
+                start_pos: prompt.len(),
+                logits: LogitsFor::Last,
+            },
+            SeqStep {
+                seq: fork,
+                tokens: &[b],
+                start_pos: prompt.len(),
+                logits: LogitsFor::Last,
+            },
+        ])
+        .expect("forked decode");
+    let vocab = model.config.vocab_size;
+    for (row, token) in [(0, a), (1, b)] {
+        let mut tokens = prompt.clone();
+        tokens.push(token);
+        let expected = fresh_last(&mut gpu, &tokens);
+        let got = &both.logits[row * vocab..(row + 1) * vocab];
+        let err = rel_l2(got, &expected);
+        assert!(err <= 1e-2, "fork row {row} vs fresh: rel L2 {err:e}");
+    }
+}
+
 #[test]
 fn bad_requests_are_refused_and_the_engine_stays_usable() {
     let _lock = lock();

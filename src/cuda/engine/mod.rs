@@ -50,7 +50,7 @@ use crate::engine::{
     check_sampler_count, EngineOptions, sample_on_host, Engine, EngineError, LogitsFor, RowSampler, SeqId,
     SeqStep, StepOutput,
 };
-use crate::kv::{KvLimits, PagedKv};
+use crate::kv::{BlockCopy, KvLimits, PagedKv, RELEASED};
 use crate::quant::{int4, PackedKind, QuantFormat};
 use crate::sampling::{Rng, Sampler};
 use crate::weights::ModelWeights;
@@ -364,6 +364,10 @@ impl CudaEngine {
                 max_sequences: sizes.max_sequences,
                 vocab_size: config.vocab_size,
             })
+            .map(|kv| {
+                kv.with_prefix_caching(true)
+                    .with_sliding_window(config.sliding_window)
+            })
             .map_err(|e| CudaError::UnsupportedModel(e.to_string()))?;
             let staging = StepStaging::new(device.context(), &sizes)?;
             let mut engine = CudaEngine {
@@ -486,7 +490,11 @@ impl CudaEngine {
                 start_pos: cached,
                 logits: LogitsFor::None,
             }])?;
-            self.sync_block_tables(&[seq]).map_err(|e| self.fail(e))
+            let stream = Arc::clone(self.device.stream());
+            let synced = self
+                .sync_block_tables(&[seq])
+                .and_then(|()| self.staging.finish(&stream));
+            synced.map_err(|e| self.fail(e))
         }
     }
 
@@ -556,7 +564,8 @@ impl CudaEngine {
         mut samplers: Option<&mut [Sampler]>,
     ) -> Result<Output, EngineError> {
         self.check_alive()?;
-        let plan = self.kv.apply_step(batch)?;
+        let applied = self.kv.apply(batch)?;
+        let plan = applied.plan;
         if plan.entries.is_empty() {
             return Ok(match readback {
                 Readback::Logits => Output::Logits(StepOutput {
@@ -576,7 +585,10 @@ impl CudaEngine {
         }
         let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens).copied().collect();
         let result = self
-            .sync_block_tables(&plan.entries.iter().map(|e| e.seq).collect::<Vec<_>>())
+            .copy_blocks(&applied.copies)
+            .and_then(|()| {
+                self.sync_block_tables(&plan.entries.iter().map(|e| e.seq).collect::<Vec<_>>())
+            })
             .and_then(|()| {
                 let buckets = self.graph_buckets();
                 let buckets = if buckets.is_empty() {
@@ -623,6 +635,22 @@ impl CudaEngine {
         }
     }
 
+    /// Copies every layer's K and V of each block `src` over block `dst` (copy-on-write of a block
+    /// shared through the prefix cache or a fork), in stream order before the step writes them.
+    fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<(), CudaError> {
+        let blocks = self.plan.sizes().num_blocks;
+        let stream = self.device.stream();
+        for copy in copies {
+            for layer in &mut self.plan.cache {
+                for cache in [&mut layer.k, &mut layer.v] {
+                    let per_block = cache.len() / blocks.max(1);
+                    cache.copy_within(stream, copy.src * per_block, copy.dst * per_block, per_block)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Uploads the block-table rows of `seqs` that differ from the device copy (one copy of the
     /// rows from the first to the last changed one; no host sync).
     fn sync_block_tables(&mut self, seqs: &[SeqId]) -> Result<(), CudaError> {
@@ -637,7 +665,11 @@ impl CudaEngine {
             let Some(current) = tables.get_mut(row * width..(row + 1) * width) else {
                 return Err(CudaError::Dead(format!("block-table row {row} out of range")));
             };
-            let wanted = (0..width).map(|i| table.get(i).map_or(-1, |&b| b as i32));
+            // No block, or one released by the sliding window (never read): -1.
+            let wanted = (0..width).map(|i| match table.get(i) {
+                Some(&b) if b != RELEASED => b as i32,
+                _ => -1,
+            });
             if current.iter().copied().eq(wanted.clone()) {
                 continue;
             }
@@ -915,6 +947,34 @@ impl Engine for CudaEngine {
 
     fn sequence_len(&self, seq: SeqId) -> Result<usize, EngineError> {
         self.kv.sequence_len(seq)
+    }
+
+    fn reuse_prefix(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize, EngineError> {
+        self.check_alive()?;
+        self.kv.reuse_prefix(seq, tokens)
+    }
+
+    fn fork_sequence(&mut self, seq: SeqId) -> Result<SeqId, EngineError> {
+        self.check_alive()?;
+        let Some(row) = self.free_rows.pop() else {
+            return Err(EngineError::TooManySequences {
+                limit: self.kv.limits().max_sequences,
+            });
+        };
+        match self.kv.fork(seq) {
+            Ok(forked) => {
+                self.seq_rows.insert(forked, row);
+                Ok(forked)
+            }
+            Err(e) => {
+                self.free_rows.push(row);
+                Err(e)
+            }
+        }
+    }
+
+    fn kv_block_size(&self) -> Option<usize> {
+        Some(self.kv.limits().block_size)
     }
 
     fn free_kv_blocks(&self) -> usize {
