@@ -30,8 +30,8 @@ options:
     --max-num-batched-tokens N   most tokens in one engine step, decodes and prompt chunks
                                  together (default 512)
     --max-context N              longest sequence in tokens (default: the model's max_position_embeddings)
-    --kv-blocks N                KV-cache blocks of 16 tokens (default on the CPU: enough for
-                                 --max-num-seqs full contexts; on CUDA: what the GPU memory holds).
+    --kv-blocks N                KV-cache blocks of 16 tokens (default: enough for --max-num-seqs
+                                 full contexts; on CUDA at most what the free GPU memory holds).
                                  Freed blocks stay in the pool as the prefix cache, so on the CPU
                                  memory can grow to the whole pool
     -h, --help                   this text
