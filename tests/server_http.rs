@@ -734,6 +734,7 @@ async fn concurrent_requests_share_engine_steps() {
         assert_eq!(*status, StatusCode::OK, "{reply}");
         assert_eq!(&reply["choices"][0]["text"], want, "{reply}");
     }
+    eprintln!("{together_steps} engine steps together, {alone_steps} alone");
     assert!(
         together_steps < alone_steps,
         "{together_steps} steps together, {alone_steps} alone"
