@@ -1,16 +1,18 @@
 //! The HTTP layer of `mixtral-serve` without a network: requests sent to the router with
-//! `tower::ServiceExt::oneshot`, over the engine backend on `models/tiny-mixtral`. Every refused
-//! request is a 4xx with an OpenAI-style error body naming the field; streamed replies are
-//! well-formed server-sent events ending with `[DONE]` whose text equals the whole reply's;
-//! `/v1/models`, `/health` and `/metrics` answer as documented; a client that drops a stream frees
-//! its KV blocks.
+//! `tower::ServiceExt::oneshot`, over the serving core (`HandleBackend`) on `models/tiny-mixtral`,
+//! configured from a `mixtral-serve` command line as the binary is. Every refused request is a 4xx
+//! with an OpenAI-style error body naming the field; streamed replies are well-formed server-sent
+//! events ending with `[DONE]` whose text equals the whole reply's; `/v1/models`, `/health` and
+//! `/metrics` answer as documented; a client that drops a stream frees its KV blocks; a shared
+//! prompt prefix is served from the prefix cache; concurrent requests share engine steps.
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use mixtral::engine::{open, EngineOptions};
-use mixtral::server::{router, EngineBackend, ServedModel, ServerState};
+use mixtral::engine::open;
+use mixtral::server::args::{self, ServeCommand};
+use mixtral::server::{router, HandleBackend, ServedModel, ServerState};
 use mixtral::{LoadOptions, Model};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -21,24 +23,38 @@ use tower::ServiceExt;
 /// Context of the default test server: small, so a prompt past it is cheap.
 const CONTEXT: usize = 64;
 
+/// The router over `models/tiny-mixtral` as `mixtral-serve --model models/tiny-mixtral
+/// --max-context <context> --max-num-seqs 4 --served-model-name <name>` builds it.
 fn app_with(context: usize, name: &str) -> Router {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
+    let command = args::parse(
+        [
+            "--model",
+            dir.to_str().unwrap(),
+            "--max-context",
+            &context.to_string(),
+            "--max-num-seqs",
+            "4",
+            "--served-model-name",
+            name,
+        ]
+        .map(Into::into),
+    );
+    let Ok(ServeCommand::Serve(a)) = command else {
+        panic!("{command:?}");
+    };
     let mut model = Model::load(&dir, &LoadOptions::default()).unwrap();
     let tokenizer = Arc::new(model.tokenizer.take().unwrap());
-    let options = EngineOptions {
-        max_context: Some(context),
-        max_sequences: Some(4),
-        ..EngineOptions::default()
-    };
+    let options = a.engine_options(model.config.max_position_embeddings);
     let engine = open("cpu", &model.weights, &options, None).unwrap();
     let served = ServedModel {
-        id: name.into(),
+        id: a.model_id(),
         tokenizer: Arc::clone(&tokenizer),
         max_context: engine.max_context(),
         vocab: model.config.vocab_size,
     };
-    let backend =
-        EngineBackend::start(engine, tokenizer, model.config.eos_token_ids.clone()).unwrap();
+    let eos = model.config.eos_token_ids.clone();
+    let backend = HandleBackend::start(engine, tokenizer, eos, a.scheduler_options()).unwrap();
     router(Arc::new(ServerState::new(Arc::new(backend), served)))
 }
 
@@ -618,4 +634,109 @@ async fn a_dropped_stream_frees_its_blocks() {
         assert!(Instant::now() < deadline, "blocks still held:\n{text}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Tokens of the shared prefix: three full KV blocks of 16 tokens would be 48, so 40 leave two
+/// full blocks (32 tokens) to be cached and a partial one that is not.
+const SHARED: usize = 40;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_prompt_prefix_is_served_from_the_cache() {
+    let app = app();
+    let c = "/v1/completions";
+    // BOS, then ids spread over the vocabulary.
+    let prefix: Vec<u32> = std::iter::once(1)
+        .chain((1..SHARED as u32).map(|i| 100 + (i * 7919) % 20000))
+        .collect();
+    let with = |tail: &[u32]| -> Vec<u32> { prefix.iter().chain(tail).copied().collect() };
+    let (first, second) = (with(&[501, 502]), with(&[601, 602, 603]));
+    let body = |prompt: &[u32]| json!({"prompt": prompt, "max_tokens": 4, "temperature": 0});
+
+    let (status, one) = post_json(&app, c, body(&first)).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(one["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (status, two) = post_json(&app, c, body(&second)).await;
+    assert_eq!(status, StatusCode::OK, "{two}");
+    let cached = two["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached > 0 && cached <= SHARED as u64, "{two}");
+    assert_eq!(two["usage"]["prompt_tokens"], SHARED + 3);
+
+    // The same in a streamed reply's usage chunk.
+    let mut streamed = body(&second);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (_, _, text) = send(&app, post(c, streamed.to_string())).await;
+    let payloads = sse_payloads(&text);
+    let usage: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
+    let streamed_cached = usage["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(streamed_cached >= cached, "{usage}");
+
+    // Served from the cache or computed afresh, the greedy text is the same.
+    let (_, fresh) = post_json(&app_with(CONTEXT, "tiny-mixtral"), c, body(&second)).await;
+    assert_eq!(fresh["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(fresh["choices"][0]["text"], two["choices"][0]["text"]);
+
+    // The metrics count exactly the cached tokens the replies reported.
+    let (_, _, text) = send(&app, get("/metrics")).await;
+    let hits = metric(&text, "mixtral_prefix_cache_hit_tokens_total");
+    assert_eq!(hits, (cached + streamed_cached) as f64, "{text}");
+    let queried = metric(&text, "mixtral_prefix_cache_queried_tokens_total");
+    assert_eq!(queried, (SHARED + 2 + 2 * (SHARED + 3)) as f64, "{text}");
+    assert!(
+        metric(&text, "mixtral_prefix_cache_hit_rate") > 0.0,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_share_engine_steps() {
+    const NEW: usize = 24;
+    let app = app();
+    let c = "/v1/completions";
+    let prompts = [
+        "The capital of France is",
+        "1, 2, 3,",
+        "a b c d",
+        "Once upon a time",
+    ];
+    let body = |p: &str| json!({"prompt": p, "max_tokens": NEW, "temperature": 0});
+    let steps = |app: Router| async move {
+        let (_, _, text) = send(&app, get("/metrics")).await;
+        metric(&text, "mixtral_engine_steps_total")
+    };
+
+    // Alone, one after the other: every generated token takes a step of its own.
+    let before = steps(app.clone()).await;
+    let mut alone = Vec::new();
+    let mut generated = 0;
+    for p in prompts {
+        let (status, reply) = post_json(&app, c, body(p)).await;
+        assert_eq!(status, StatusCode::OK, "{reply}");
+        generated += reply["usage"]["completion_tokens"].as_u64().unwrap();
+        alone.push(reply["choices"][0]["text"].clone());
+    }
+    let alone_steps = steps(app.clone()).await - before;
+    assert!(
+        alone_steps >= generated as f64,
+        "{alone_steps} < {generated}"
+    );
+
+    // Together: the same texts in fewer steps, as sequences decode in the same steps.
+    let before = steps(app.clone()).await;
+    let replies =
+        futures_util::future::join_all(prompts.iter().map(|p| post_json(&app, c, body(p)))).await;
+    let together_steps = steps(app.clone()).await - before;
+    for ((status, reply), want) in replies.iter().zip(&alone) {
+        assert_eq!(*status, StatusCode::OK, "{reply}");
+        assert_eq!(&reply["choices"][0]["text"], want, "{reply}");
+    }
+    eprintln!("{together_steps} engine steps together, {alone_steps} alone");
+    assert!(
+        together_steps < alone_steps,
+        "{together_steps} steps together, {alone_steps} alone"
+    );
 }

@@ -2,9 +2,9 @@
 //! `mixtral-serve --help`; a failure to start is one `error: ...` line on stderr, exit status 2 for
 //! command-line mistakes and 1 for everything else.
 
-use mixtral::engine::{open_device, EngineOptions};
+use mixtral::engine::open_device;
 use mixtral::server::args::{self, ServeArgs, ServeCommand, UsageError};
-use mixtral::server::{router, EngineBackend, ServedModel, ServerState};
+use mixtral::server::{router, HandleBackend, ServedModel, ServerState};
 use mixtral::{LoadOptions, Model};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -58,7 +58,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads the model, starts the engine thread and serves until Ctrl-C or SIGTERM.
+/// Loads the model, starts the engine thread (the serving core: continuous batching, prefix
+/// caching) and serves until Ctrl-C or SIGTERM.
 fn serve(a: &ServeArgs) -> Result<(), String> {
     a.device.check_supported().map_err(|e| chain(&e))?;
     let started = Instant::now();
@@ -74,16 +75,7 @@ fn serve(a: &ServeArgs) -> Result<(), String> {
             a.model.display()
         )
     })?;
-    let engine_options = EngineOptions {
-        max_context: Some(
-            a.max_context
-                .unwrap_or(model.config.max_position_embeddings)
-                .max(1),
-        ),
-        max_sequences: Some(a.max_num_seqs),
-        max_step_tokens: a.max_num_batched_tokens,
-        ..EngineOptions::default()
-    };
+    let engine_options = a.engine_options(model.config.max_position_embeddings);
     let engine =
         open_device(a.device, &model.weights, &engine_options, None).map_err(|e| chain(&e))?;
     if let Some(line) = engine.describe() {
@@ -101,8 +93,14 @@ fn serve(a: &ServeArgs) -> Result<(), String> {
             eos.push(id);
         }
     }
-    let backend = EngineBackend::start(engine, tokenizer, eos)
-        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    let scheduler = a.scheduler_options();
+    eprintln!(
+        "mixtral-serve: KV cache of {} blocks; up to {} sequences and {} tokens per step",
+        engine.total_kv_blocks(),
+        scheduler.max_num_seqs,
+        scheduler.max_num_batched_tokens
+    );
+    let backend = HandleBackend::start(engine, tokenizer, eos, scheduler).map_err(|e| chain(&e))?;
     let id = served.id.clone();
     let app = router(Arc::new(ServerState::new(Arc::new(backend), served)));
 

@@ -3,9 +3,9 @@
 //! request ([`RequestStream`]), readable with `.recv().await` in an async runtime (tokio) or
 //! `blocking_recv()` on a plain thread. Dropping a stream aborts its request.
 //!
-//! The thread loop: take every queued command (submit, abort), run one scheduler step, send each
-//! event to its request's channel (a closed channel aborts the request), publish the stats; sleep
-//! on the command queue while there is nothing to do.
+//! The thread loop: take every queued command (submit, abort), run one scheduler step, publish the
+//! stats, send each event to its request's channel (a closed channel aborts the request); sleep on
+//! the command queue while there is nothing to do.
 
 use super::event::Event;
 use super::request::{Request, RequestId, RequestLimits, ServeError};
@@ -107,6 +107,12 @@ impl EngineHandle {
             Ok(s) => *s,
             Err(poisoned) => *poisoned.into_inner(),
         }
+    }
+
+    /// False once the engine thread has exited (shut down, or panicked); requests are then
+    /// refused with [`ServeError::Stopped`].
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// Stops the thread and waits for it (what dropping the handle does).
@@ -240,17 +246,28 @@ fn run(
                 Err(TryRecvError::Disconnected) => return,
             }
         }
-        for (id, event) in scheduler.step(engine.as_mut()) {
+        let events = scheduler.step(engine.as_mut());
+        // Published before the events go out, so that a client that has seen its request end
+        // reads stats in which it has ended.
+        publish(&stats, scheduler.stats(engine.as_ref()));
+        let mut aborted = false;
+        for (id, event) in events {
             let delivered = senders.get(&id).is_some_and(|tx| tx.send(event).is_ok());
             if !delivered {
-                scheduler.abort(id);
+                aborted |= scheduler.abort(id);
             }
         }
         senders.retain(|id, _| scheduler.is_active(*id));
-        let now = scheduler.stats(engine.as_ref());
-        match stats.lock() {
-            Ok(mut s) => *s = now,
-            Err(poisoned) => *poisoned.into_inner() = now,
+        if aborted {
+            publish(&stats, scheduler.stats(engine.as_ref()));
         }
+    }
+}
+
+/// Replaces the published stats with `now`.
+fn publish(stats: &Mutex<ServeStats>, now: ServeStats) {
+    match stats.lock() {
+        Ok(mut s) => *s = now,
+        Err(poisoned) => *poisoned.into_inner() = now,
     }
 }

@@ -2,8 +2,9 @@
 //! every mistake a [`UsageError`] naming the flag and the value. `--device` and `--quantize` take
 //! what `mixtral-run` takes.
 
-use crate::engine::Device;
+use crate::engine::{Device, EngineOptions};
 use crate::quant::QuantFormat;
+use crate::serve::SchedulerOptions;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -14,7 +15,7 @@ mixtral-serve: an OpenAI-compatible HTTP server for a Mixtral-family model direc
 usage:
     mixtral-serve --model DIR [--host 127.0.0.1] [--port 8000] [--device cpu|cuda|cuda:N]
                   [--quantize fp8|int8|int4] [--served-model-name NAME] [--max-num-seqs N]
-                  [--max-num-batched-tokens N] [--max-context N]
+                  [--max-num-batched-tokens N] [--max-context N] [--kv-blocks N]
     mixtral-serve --help | --version
 
 options:
@@ -25,9 +26,14 @@ options:
     --quantize F                 quantize the attention and expert weights on load: fp8, int8 or
                                  int4 (bf16 keeps them as stored), as mixtral-run --quantize
     --served-model-name NAME     the model id clients give (default: the model directory's name)
-    --max-num-seqs N             most sequences the engine holds at once (default 8)
-    --max-num-batched-tokens N   most tokens in one forward pass (default: the backend's)
+    --max-num-seqs N             most sequences (choices) running together (default 8)
+    --max-num-batched-tokens N   most tokens in one engine step, decodes and prompt chunks
+                                 together (default 512)
     --max-context N              longest sequence in tokens (default: the model's max_position_embeddings)
+    --kv-blocks N                KV-cache blocks of 16 tokens (default: enough for --max-num-seqs
+                                 full contexts; on CUDA at most what the free GPU memory holds).
+                                 Freed blocks stay in the pool as the prefix cache, so on the CPU
+                                 memory can grow to the whole pool
     -h, --help                   this text
     -V, --version                the version
 
@@ -59,6 +65,8 @@ pub struct ServeArgs {
     pub max_num_batched_tokens: Option<usize>,
     /// Longest sequence.
     pub max_context: Option<usize>,
+    /// KV-cache blocks.
+    pub kv_blocks: Option<usize>,
 }
 
 impl ServeArgs {
@@ -72,6 +80,43 @@ impl ServeArgs {
                 .filter(|name| name != "." && name != "..")
                 .unwrap_or_else(|| self.model.display().to_string())
         })
+    }
+
+    /// The engine's options for a model of `max_position_embeddings`: the context, the sequence
+    /// and step-token limits, and the KV pool. On the CPU the pool is always sized (`--kv-blocks`,
+    /// else `--max-num-seqs` full contexts), as only a sized CPU pool caches prefixes; on CUDA it
+    /// is left to the engine unless `--kv-blocks` is given.
+    pub fn engine_options(&self, max_position_embeddings: usize) -> EngineOptions {
+        let max_context = self.max_context.unwrap_or(max_position_embeddings).max(1);
+        let defaults = EngineOptions::default();
+        let kv_blocks = self.kv_blocks.or_else(|| {
+            (self.device == Device::Cpu).then(|| {
+                let block_size = defaults.cpu().block_size.max(1);
+                max_context
+                    .div_ceil(block_size)
+                    .saturating_mul(self.max_num_seqs)
+            })
+        });
+        EngineOptions {
+            max_context: Some(max_context),
+            max_sequences: Some(self.max_num_seqs),
+            max_step_tokens: self.max_num_batched_tokens,
+            kv_blocks,
+            ..defaults
+        }
+    }
+
+    /// The scheduler's options: `--max-num-seqs`, `--max-num-batched-tokens` (default 512),
+    /// prefix caching on.
+    pub fn scheduler_options(&self) -> SchedulerOptions {
+        let defaults = SchedulerOptions::default();
+        SchedulerOptions {
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self
+                .max_num_batched_tokens
+                .unwrap_or(defaults.max_num_batched_tokens),
+            prefix_caching: true,
+        }
     }
 }
 
@@ -97,6 +142,7 @@ const FLAGS: &[&str] = &[
     "--max-num-seqs",
     "--max-num-batched-tokens",
     "--max-context",
+    "--kv-blocks",
 ];
 
 /// Parses the arguments after the program name.
@@ -204,6 +250,7 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<ServeCommand, Us
         max_num_seqs: parsed("--max-num-seqs", "a positive integer")?.unwrap_or(8),
         max_num_batched_tokens: parsed("--max-num-batched-tokens", "a positive integer")?,
         max_context: parsed("--max-context", "a positive integer")?,
+        kv_blocks: parsed("--kv-blocks", "a positive integer")?,
     }))
 }
 
@@ -256,6 +303,8 @@ mod tests {
             "--max-num-batched-tokens",
             "2048",
             "--max-context=1024",
+            "--kv-blocks",
+            "300",
         ]);
         assert_eq!(a.host, "0.0.0.0");
         assert_eq!(a.port, 0);
@@ -266,7 +315,45 @@ mod tests {
             (a.max_num_seqs, a.max_num_batched_tokens, a.max_context),
             (32, Some(2048), Some(1024))
         );
+        assert_eq!(a.kv_blocks, Some(300));
         assert_eq!(parse_str(&["--port", "x", "-h"]), Ok(ServeCommand::Help));
+    }
+
+    #[test]
+    fn options_reach_the_engine_and_the_scheduler() {
+        let a = serve(&[
+            "--model",
+            "m",
+            "--max-num-seqs",
+            "4",
+            "--max-context",
+            "100",
+        ]);
+        let e = a.engine_options(4096);
+        assert_eq!((e.max_context, e.max_sequences), (Some(100), Some(4)));
+        // 100 tokens are 7 blocks of 16; 4 full contexts.
+        assert_eq!((e.kv_blocks, e.max_step_tokens), (Some(28), None));
+        let s = a.scheduler_options();
+        assert_eq!((s.max_num_seqs, s.max_num_batched_tokens), (4, 512));
+        assert!(s.prefix_caching);
+
+        let a = serve(&[
+            "--model",
+            "m",
+            "--kv-blocks",
+            "9",
+            "--max-num-batched-tokens",
+            "64",
+        ]);
+        let e = a.engine_options(4096);
+        assert_eq!(
+            (e.max_context, e.kv_blocks, e.max_step_tokens),
+            (Some(4096), Some(9), Some(64))
+        );
+        assert_eq!(a.scheduler_options().max_num_batched_tokens, 64);
+        // On CUDA the pool is the engine's unless given.
+        let a = serve(&["--model", "m", "--device", "cuda"]);
+        assert_eq!(a.engine_options(4096).kv_blocks, None);
     }
 
     #[test]
@@ -282,6 +369,7 @@ mod tests {
                 &["--model", "m", "--max-num-batched-tokens", "-1"],
                 "--max-num-batched-tokens",
             ),
+            (&["--model", "m", "--kv-blocks", "0"], "--kv-blocks"),
             (&["--model", "m", "--frob", "1"], "--frob"),
             (&["--model", "m", "stray"], "stray"),
             (&["--model", "m", "--model", "n"], "more than once"),

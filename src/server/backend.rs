@@ -5,6 +5,7 @@
 
 use crate::generate::FinishReason;
 use crate::sampling::SamplingParams;
+use std::task::{self, Context};
 use tokio::sync::mpsc;
 
 /// One sequence to generate, already validated against the model (ids in the vocabulary, prompt
@@ -85,23 +86,44 @@ pub enum StreamEvent {
     Failed(String),
 }
 
+/// Polls for a stream's next event (`Ready(None)` at its end).
+type Poll = Box<dyn FnMut(&mut Context<'_>) -> task::Poll<Option<StreamEvent>> + Send + Sync>;
+
 /// The events of one request. Dropping it aborts the request (its KV blocks are freed by the
 /// backend's next step).
-#[derive(Debug)]
 pub struct TokenStream {
-    receiver: mpsc::UnboundedReceiver<StreamEvent>,
+    poll: Poll,
+}
+
+impl std::fmt::Debug for TokenStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenStream").finish_non_exhaustive()
+    }
 }
 
 impl TokenStream {
     /// A stream and the sender a backend writes it with.
     pub fn channel() -> (mpsc::UnboundedSender<StreamEvent>, TokenStream) {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        (sender, TokenStream { receiver })
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        (
+            sender,
+            TokenStream::from_poll(move |cx| receiver.poll_recv(cx)),
+        )
     }
 
-    /// The next event; `None` when the backend dropped its sender (after the last event).
+    /// A stream whose events come from `poll` (`Ready(None)` once there are no more); dropping
+    /// the stream drops `poll` and what it owns.
+    pub fn from_poll(
+        poll: impl FnMut(&mut Context<'_>) -> task::Poll<Option<StreamEvent>> + Send + Sync + 'static,
+    ) -> Self {
+        TokenStream {
+            poll: Box::new(poll),
+        }
+    }
+
+    /// The next event; `None` after the last one (or when the backend dropped the request).
     pub async fn next(&mut self) -> Option<StreamEvent> {
-        self.receiver.recv().await
+        std::future::poll_fn(|cx| (self.poll)(cx)).await
     }
 }
 
@@ -111,14 +133,17 @@ pub enum BackendError {
     /// The engine thread has stopped (an engine that died, or shutdown).
     #[error("the engine is not running: {0}")]
     Stopped(String),
+    /// The backend refused the request itself (a limit the HTTP layer did not check).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A point-in-time view of the backend, for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stats {
-    /// Requests generating now.
+    /// Sequences (one per choice) running in the engine now.
     pub running: usize,
-    /// Requests accepted and not started.
+    /// Sequences accepted and waiting for admission (new, or preempted).
     pub waiting: usize,
     /// KV-cache blocks held by sequences.
     pub kv_blocks_used: usize,
@@ -128,6 +153,13 @@ pub struct Stats {
     pub prefix_cache_queries: u64,
     /// Of those, tokens found.
     pub prefix_cache_hits: u64,
+    /// Engine steps run.
+    pub steps: u64,
+    /// Prompt tokens the engine computed (cache hits excluded, recomputation after preemption
+    /// included).
+    pub prefill_tokens: u64,
+    /// Sequences preempted (their KV freed, to be computed again).
+    pub preemptions: u64,
 }
 
 /// Runs generation requests. Implementations own the engine; `submit` never blocks on it.

@@ -1,7 +1,7 @@
 //! Server metrics in Prometheus' text format: request and token counters, time-to-first-token and
 //! inter-token latency histograms, generated tokens per second over a sliding window, beside the
 //! backend's [`Stats`] (requests running and waiting, KV blocks used and free, prefix-cache hit
-//! rate) read when `/metrics` is asked for.
+//! rate, engine steps, prefill tokens, preemptions) read when `/metrics` is asked for.
 
 use super::backend::Stats;
 use std::collections::VecDeque;
@@ -165,13 +165,13 @@ impl Metrics {
         gauge(
             &mut out,
             "mixtral_requests_running",
-            "Requests generating now.",
+            "Sequences (one per choice) running in the engine now.",
             stats.running as f64,
         );
         gauge(
             &mut out,
             "mixtral_requests_waiting",
-            "Requests accepted, not yet started.",
+            "Sequences waiting for admission (new or preempted).",
             stats.waiting as f64,
         );
         gauge(
@@ -197,6 +197,37 @@ impl Metrics {
             "Share of prompt tokens found in the prefix cache (0 before any lookup).",
             hit_rate,
         );
+        for (name, help, value) in [
+            (
+                "mixtral_prefix_cache_queried_tokens_total",
+                "Prompt tokens looked up in the prefix cache.",
+                stats.prefix_cache_queries,
+            ),
+            (
+                "mixtral_prefix_cache_hit_tokens_total",
+                "Prompt tokens found in the prefix cache.",
+                stats.prefix_cache_hits,
+            ),
+            (
+                "mixtral_engine_steps_total",
+                "Engine steps (forward passes over a batch of sequences).",
+                stats.steps,
+            ),
+            (
+                "mixtral_prefill_tokens_total",
+                "Prompt tokens the engine computed (cache hits excluded, recomputation included).",
+                stats.prefill_tokens,
+            ),
+            (
+                "mixtral_preemptions_total",
+                "Sequences preempted when the KV cache ran out (computed again later).",
+                stats.preemptions,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {value}");
+        }
         self.with(|m| {
             prune(&mut m.recent, now);
             let window = now.duration_since(m.started).min(RATE_WINDOW).as_secs_f64();

@@ -5,29 +5,33 @@
 //! - [`openai`]: the request and reply JSON shapes;
 //! - [`validate`]: a request body to a [`Plan`] of [`GenerationRequest`]s, every field checked;
 //! - [`backend`]: the [`Backend`] trait, requests and token streams;
-//! - [`engine_backend`]: [`EngineBackend`], a backend over an [`Engine`](crate::Engine), one
-//!   request at a time on its own thread;
+//! - [`handle_backend`]: [`HandleBackend`], the backend over the serving core's
+//!   [`EngineHandle`](crate::serve::EngineHandle): continuous batching with prefix caching;
 //! - [`routes`]: the router ([`router`]) and whole replies; [`sse`]: streamed replies;
 //! - [`reply`]: choices, log-probabilities and usage; [`tracked`], [`metrics`]: `/metrics`;
 //! - [`errors`]: [`ApiError`], the OpenAI-style error body.
 //!
 //! ```no_run
 //! use mixtral::engine::{open, EngineOptions};
-//! use mixtral::server::{router, EngineBackend, ServedModel, ServerState};
+//! use mixtral::serve::SchedulerOptions;
+//! use mixtral::server::{router, HandleBackend, ServedModel, ServerState};
 //! use mixtral::{LoadOptions, Model};
 //! use std::sync::Arc;
 //!
 //! # async fn serve() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut model = Model::load("models/mini-mixtral".as_ref(), &LoadOptions::default())?;
 //! let tokenizer = Arc::new(model.tokenizer.take().expect("a tokenizer.json"));
-//! let engine = open("cpu", &model.weights, &EngineOptions::default(), None)?;
+//! // A pool of a given size: the CPU engine then caches prefixes.
+//! let options = EngineOptions { kv_blocks: Some(1024), ..EngineOptions::default() };
+//! let engine = open("cpu", &model.weights, &options, None)?;
 //! let served = ServedModel {
 //!     id: "mini-mixtral".into(),
 //!     tokenizer: Arc::clone(&tokenizer),
 //!     max_context: engine.max_context(),
 //!     vocab: model.config.vocab_size,
 //! };
-//! let backend = EngineBackend::start(engine, tokenizer, model.config.eos_token_ids.clone())?;
+//! let eos = model.config.eos_token_ids.clone();
+//! let backend = HandleBackend::start(engine, tokenizer, eos, SchedulerOptions::default())?;
 //! let app = router(Arc::new(ServerState::new(Arc::new(backend), served)));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
 //! axum::serve(listener, app).await?;
@@ -37,8 +41,8 @@
 
 pub mod args;
 pub mod backend;
-pub mod engine_backend;
 pub mod errors;
+pub mod handle_backend;
 pub mod metrics;
 pub mod openai;
 pub mod reply;
@@ -51,7 +55,7 @@ pub use backend::{
     Backend, BackendError, Finished, GeneratedToken, GenerationRequest, Stats, StreamEvent,
     TokenLogprob, TokenStream,
 };
-pub use engine_backend::EngineBackend;
 pub use errors::ApiError;
+pub use handle_backend::HandleBackend;
 pub use routes::{router, ServedModel, ServerState};
 pub use validate::Plan;

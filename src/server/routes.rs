@@ -2,7 +2,7 @@
 //! streamed ones in [`super::sse`]), `GET /v1/models`, `GET /health`, `GET /metrics`; any other
 //! path or method is a JSON 404 / 405.
 
-use super::backend::{Backend, StreamEvent};
+use super::backend::{Backend, BackendError, StreamEvent};
 use super::errors::ApiError;
 use super::metrics::Metrics;
 use super::openai::{ChatMessageOutput, ChatResponse, CompletionResponse, ModelCard, ModelList};
@@ -147,10 +147,10 @@ async fn generation(
     let mut streams = Vec::with_capacity(plan.requests.len());
     for request in &plan.requests {
         let prompt_tokens = request.prompt.len();
-        let stream = state
-            .backend
-            .submit(request.clone())
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let stream = state.backend.submit(request.clone()).map_err(|e| match e {
+            BackendError::Stopped(_) => ApiError::unavailable(e.to_string()),
+            BackendError::Refused(message) => ApiError::invalid(None, message),
+        })?;
         streams.push(Tracked::new(
             stream,
             Arc::clone(&state.metrics),

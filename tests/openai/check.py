@@ -7,6 +7,8 @@ Starts `mixtral-serve` on a free port (`--port 0`, the address read from its std
 - completions, streamed and not, temperature 0: the text equals `mixtral-run`'s greedy text for the
   same prompt and token count;
 - chat completions, streamed and not: the text equals `mixtral-run --chat`'s;
+- per model, every prompt's completion twice more, all sent at once (batched by the server): the
+  same text;
 - the streamed completion's log-probabilities (`logprobs=0`) equal `mixtral-run --perplexity`'s
   per-token values within 1e-5, on BOS + the prompt + the generated text. Perplexity re-tokenizes
   that text, so its ids are compared with `mixtral-run`'s prompt and generated ids first; only the
@@ -14,14 +16,16 @@ Starts `mixtral-serve` on a free port (`--port 0`, the address read from its std
   generated token for at least one prompt per model).
 
 Why 1e-5: both sides are the same CPU engine (incremental decode vs one scoring prefill), which the
-crate keeps bitwise equal independent of batching and chunking; the log-softmax is f64 on both
-sides, and JSON carries f64 exactly (shortest round-trip form). Any difference is a real bug; 1e-5
-is the issue's bound.
+crate keeps bitwise equal independent of batching, chunking and prefix caching; the log-softmax is
+f64 on both sides, and the serving core rounds it to f32 (half an f32 ulp: below 1e-6 for
+log-probabilities above -16, below 1e-5 above -128), which JSON then carries exactly.
+Anything larger is a real bug; 1e-5 is the issue's bound.
 
 Usage: check.py --serve BIN --run BIN --model DIR [--model DIR ...]
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -134,8 +138,10 @@ def check_model(serve_bin, run_bin, model):
         listed = [m.id for m in client.models.list().data]
         assert listed == [model_id], listed
         prompts = PROMPTS.get(model_id, DEFAULT_PROMPTS)
+        wants = {}
         for prompt in prompts:
             want = greedy(run_bin, model, prompt, chat=False)
+            wants[prompt] = want["text"]
 
             # Streamed, with log-probabilities.
             text, logprobs = "", []
@@ -193,6 +199,18 @@ def check_model(serve_bin, run_bin, model):
             assert whole.choices[0].message.content == want_chat["text"]
             assert whole.usage.prompt_tokens == len(want_chat["prompt_ids"]), whole.usage
 
+        # Every prompt at once, each twice (batched together, the second served partly from the
+        # prefix cache when its prompt fills a KV block): still mixtral-run's text.
+        def complete(prompt):
+            reply = client.completions.create(
+                model=model_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+            )
+            return prompt, reply.choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(prompts)) as pool:
+            for prompt, text in pool.map(complete, prompts * 2):
+                assert text == wants[prompt], (model_id, prompt, text, wants[prompt])
+
         # An unknown model is the client's NotFoundError.
         try:
             client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
@@ -201,7 +219,8 @@ def check_model(serve_bin, run_bin, model):
             pass
     assert full_logprob_checks >= 1, f"{model_id}: no prompt re-tokenized to the same ids"
     print(
-        f"{model_id}: {len(prompts)} prompts x (completion, chat) x (streamed, whole) equal "
+        f"{model_id}: {len(prompts)} prompts x (completion, chat) x (streamed, whole), and all at "
+        f"once, equal "
         f"mixtral-run; {compared} log-probabilities within {TOLERANCE} of --perplexity "
         f"({full_logprob_checks} prompts in full; largest difference {max_diff:.3g})"
     )
