@@ -25,10 +25,11 @@ fn generate() -> String {
         },
         ..Default::default()
     };
-    let mut builder = cbindgen::Builder::new().with_config(config);
-    for file in ["mod.rs", "error.rs", "handles.rs"] {
-        builder = builder.with_src(root.join("src/capi").join(file));
-    }
+    // `mod.rs` alone: cbindgen follows its `mod` items to the other files (listing them as well
+    // declared every function twice).
+    let builder = cbindgen::Builder::new()
+        .with_config(config)
+        .with_src(root.join("src/capi/mod.rs"));
     let bindings = builder.generate().expect("cbindgen failed on src/capi/");
     let mut out = Vec::new();
     bindings.write(&mut out);
