@@ -99,41 +99,55 @@ impl std::fmt::Debug for CpuEngine {
     }
 }
 
+/// The KV pool of a CPU engine for `options` (unset: the model's context, enough blocks for
+/// `max_sequences` full contexts) and the rows one block stores (`min(block_size, max_context)`).
+/// Refuses a zero block size, a block count that overflows and a block of one layer above 2^28
+/// f32 elements with [`EngineError::InvalidOptions`].
+pub(crate) fn kv_limits(
+    config: &ModelConfig,
+    options: &CpuEngineOptions,
+) -> Result<(KvLimits, usize), EngineError> {
+    let max_context = options
+        .max_context
+        .unwrap_or(config.max_position_embeddings);
+    let invalid = |what: &str| EngineError::InvalidOptions(what.to_string());
+    if options.block_size == 0 {
+        return Err(invalid("block_size must be at least 1"));
+    }
+    let num_blocks = match options.kv_blocks {
+        Some(n) => n,
+        None => max_context
+            .div_ceil(options.block_size)
+            .checked_mul(options.max_sequences)
+            .ok_or_else(|| invalid("max_sequences * blocks per context overflows"))?,
+    };
+    let block_rows = options.block_size.min(max_context);
+    block_rows
+        .checked_mul(config.kv_width())
+        .filter(|&n| n <= MAX_BLOCK_ELEMENTS)
+        .ok_or_else(|| {
+            invalid("block_size * kv_heads * head_dim exceeds 2^28 elements per block")
+        })?;
+    let limits = KvLimits {
+        block_size: options.block_size,
+        num_blocks,
+        max_context,
+        max_sequences: options.max_sequences,
+        vocab_size: config.vocab_size,
+    };
+    Ok((limits, block_rows))
+}
+
 impl CpuEngine {
     /// Builds an engine over `weights`. Refuses zero sizes, a pool whose block count overflows,
     /// and a block of one layer above 2^28 f32 elements with [`EngineError::InvalidOptions`].
     pub fn new(weights: Arc<ModelWeights>, options: CpuEngineOptions) -> Result<Self, EngineError> {
         let config = &weights.config;
-        let max_context = options
-            .max_context
-            .unwrap_or(config.max_position_embeddings);
-        let invalid = |what: &str| EngineError::InvalidOptions(what.to_string());
-        if options.block_size == 0 {
-            return Err(invalid("block_size must be at least 1"));
-        }
-        let num_blocks = match options.kv_blocks {
-            Some(n) => n,
-            None => max_context
-                .div_ceil(options.block_size)
-                .checked_mul(options.max_sequences)
-                .ok_or_else(|| invalid("max_sequences * blocks per context overflows"))?,
-        };
-        let block_rows = options.block_size.min(max_context);
-        let block_elements = block_rows
-            .checked_mul(config.kv_width())
-            .filter(|&n| n <= MAX_BLOCK_ELEMENTS)
-            .ok_or_else(|| {
-                invalid("block_size * kv_heads * head_dim exceeds 2^28 elements per block")
-            })?;
-        let kv = PagedKv::new(KvLimits {
-            block_size: options.block_size,
-            num_blocks,
-            max_context,
-            max_sequences: options.max_sequences,
-            vocab_size: config.vocab_size,
-        })?
-        .with_prefix_caching(options.kv_blocks.is_some())
-        .with_sliding_window(config.sliding_window);
+        let (limits, block_rows) = kv_limits(config, &options)?;
+        let block_elements = block_rows * config.kv_width();
+        let kv = PagedKv::new(limits)?
+            .with_prefix_caching(options.kv_blocks.is_some())
+            .with_sliding_window(config.sliding_window);
         let cache = (0..config.num_layers)
             .map(|_| LayerCache::default())
             .collect();

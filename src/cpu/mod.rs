@@ -15,4 +15,5 @@ pub mod norm;
 pub mod rope;
 pub mod router;
 
+pub(crate) use engine::kv_limits;
 pub use engine::{CpuEngine, CpuEngineOptions};

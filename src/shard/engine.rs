@@ -16,7 +16,7 @@ use super::ShardError;
 use crate::config::ModelConfig;
 use crate::cpu::CpuEngineOptions;
 use crate::engine::{Engine, EngineError, SeqId, SeqStep, StepOutput};
-use crate::kv::{KvLimits, PagedKv, StepPlan};
+use crate::kv::{PagedKv, StepPlan};
 use crate::weights::ModelWeights;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -69,36 +69,6 @@ impl std::fmt::Debug for ShardedCpuEngine {
     }
 }
 
-/// The KV pool limits of `options` for `config` (the CPU engine's rules) and the rows of one
-/// cache block.
-fn kv_limits(
-    config: &ModelConfig,
-    options: &CpuEngineOptions,
-) -> Result<(KvLimits, usize), EngineError> {
-    let max_context = options
-        .max_context
-        .unwrap_or(config.max_position_embeddings);
-    let invalid = |what: &str| EngineError::InvalidOptions(what.to_string());
-    if options.block_size == 0 {
-        return Err(invalid("block_size must be at least 1"));
-    }
-    let num_blocks = match options.kv_blocks {
-        Some(n) => n,
-        None => max_context
-            .div_ceil(options.block_size)
-            .checked_mul(options.max_sequences)
-            .ok_or_else(|| invalid("max_sequences * blocks per context overflows"))?,
-    };
-    let limits = KvLimits {
-        block_size: options.block_size,
-        num_blocks,
-        max_context,
-        max_sequences: options.max_sequences,
-        vocab_size: config.vocab_size,
-    };
-    Ok((limits, options.block_size.min(max_context)))
-}
-
 impl ShardedCpuEngine {
     /// Splits `weights` by `options.layout` and starts one thread per rank. Refuses a layout the
     /// model cannot be split by, a weight format that cannot be cut as planned, and bad cache
@@ -106,7 +76,7 @@ impl ShardedCpuEngine {
     pub fn new(weights: &ModelWeights, options: &ShardedOptions) -> Result<Self, ShardError> {
         let config = Arc::new(weights.config.clone());
         let plan = ShardPlan::new(&config, options.layout)?;
-        let (limits, block_rows) = kv_limits(&config, &options.cpu)?;
+        let (limits, block_rows) = crate::cpu::kv_limits(&config, &options.cpu)?;
         let kv = PagedKv::new(limits)?;
         let layout = options.layout;
         let mut world = cpu_group(layout.world(), options.timeout).into_iter();
