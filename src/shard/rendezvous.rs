@@ -354,7 +354,11 @@ pub fn connect(
     };
     let mut link = Link::new(0, stream).map_err(|_| RendezvousError::PeerGone { rank, gone: 0 })?;
     link.send(rank, &format!("HELLO {world} {rank}"))?;
-    let line = link.receive(rank, deadline, timeout)?;
+    // Rank 0 was listening before this rank connected, so it answers (GO, or ABORT when a rank did
+    // not join) within `timeout` from now; twice that leaves room for a loaded machine, where a
+    // window ending at this rank's own deadline raced rank 0's and lost.
+    let answer_within = timeout * 2;
+    let line = link.receive(rank, Instant::now() + answer_within, answer_within)?;
     let blob = match line.split_once(' ') {
         Some(("GO", h)) => unhex(h),
         Some(("ABORT", reason)) => {
