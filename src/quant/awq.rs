@@ -4,7 +4,9 @@
 //! `in / groups` inputs (which must equal the declared `group_size`, when declared). Lands in the
 //! packed INT4 layout (held dequantized only for an odd input count, which AWQ does not write).
 
-use super::load::{check_scales, check_shape, companion, floats, ints, Loaded, Matrix};
+use super::load::{
+    check_scales, check_shape, companion, floats, ints, shape_error, Loaded, Matrix,
+};
 use super::{QuantError, QuantFormat};
 use crate::checkpoint::{Checkpoint, RawTensor};
 use crate::packed::{awq, int4, Grouped, PackedMatrix};
@@ -31,22 +33,18 @@ pub(super) fn load(
     let scales_raw = companion(checkpoint, &format!("{base}.scales"), &weight)?;
     let groups = match scales_raw.shape() {
         [g, n] if *n == rows && *g > 0 && cols.is_multiple_of(*g) => *g,
-        found => {
-            return Err(QuantError::Shape {
-                path: scales_raw.path().to_path_buf(),
-                tensor: scales_raw.name().into(),
-                expected: format!("[groups, {rows}] (groups >= 1 dividing in = {cols}, out)"),
-                found: found.to_vec(),
-            })
+        _ => {
+            return Err(shape_error(
+                &scales_raw,
+                format!("[groups, {rows}] (groups >= 1 dividing in = {cols}, out)"),
+            ))
         }
     };
     if let Some(g) = group_size.filter(|&g| g * groups != cols) {
-        return Err(QuantError::Shape {
-            path: scales_raw.path().to_path_buf(),
-            tensor: scales_raw.name().into(),
-            expected: format!("[{}, {rows}] (in / group_size {g}, out)", cols.div_ceil(g)),
-            found: scales_raw.shape().to_vec(),
-        });
+        return Err(shape_error(
+            &scales_raw,
+            format!("[{}, {rows}] (in / group_size {g}, out)", cols.div_ceil(g)),
+        ));
     }
     let scales_t = floats(&scales_raw)?;
     check_scales(&scales_raw, &scales_t)?;

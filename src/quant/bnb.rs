@@ -14,7 +14,7 @@
 //! block (`in` a multiple of `blocksize`, or `blocksize` a multiple of `in`); otherwise held
 //! dequantized (f32).
 
-use super::load::{companion, floats, unsupported, Loaded, Matrix};
+use super::load::{companion, floats, shape_error, unsupported, Loaded, Matrix};
 use super::{QuantError, QuantFormat};
 use crate::checkpoint::{Checkpoint, RawTensor};
 use crate::dtype::RawDType;
@@ -170,12 +170,7 @@ fn block_absmax(
         if raw.shape() == [expected] {
             Ok(())
         } else {
-            Err(QuantError::Shape {
-                path: raw.path().to_path_buf(),
-                tensor: raw.name().into(),
-                expected: format!("[{expected}]"),
-                found: raw.shape().to_vec(),
-            })
+            Err(shape_error(raw, format!("[{expected}]")))
         }
     };
     count(&absmax_raw, blocks)?;

@@ -14,7 +14,8 @@
 //! columns, are held dequantized (f32, CPU-exact; the GPU engine stores them in bf16).
 
 use super::load::{
-    check_scales, check_shape, companion, floats, int64s, ints, unsupported, Loaded, Matrix,
+    check_scales, check_shape, companion, floats, int64s, ints, shape_error, unsupported, Loaded,
+    Matrix,
 };
 use super::{QuantError, QuantFormat};
 use crate::checkpoint::Checkpoint;
@@ -46,28 +47,24 @@ pub(super) fn load(
         .filter(|b| declared.is_empty() || declared.contains(b))
         .find(|&b| fits(b).is_some_and(|s| packed.shape() == s))
     else {
-        return Err(QuantError::Shape {
-            path: packed.path().to_path_buf(),
-            tensor: packed.name().into(),
-            expected: format!(
+        return Err(shape_error(
+            &packed,
+            format!(
                 "[{rows}, {}] (4-bit) or [{rows}, {}] (8-bit), bits declared {declared:?}",
                 cols.div_ceil(8),
                 cols.div_ceil(4)
             ),
-            found: packed.shape().to_vec(),
-        });
+        ));
     };
     let q = pq::unpack_rows(&ints(&packed)?, bits, rows, cols).unwrap_or_default();
     let scale_raw = companion(checkpoint, &format!("{base}.weight_scale"), &weight)?;
     let groups = match scale_raw.shape() {
         [r, g] if *r == rows && *g > 0 => *g,
-        found => {
-            return Err(QuantError::Shape {
-                path: scale_raw.path().to_path_buf(),
-                tensor: scale_raw.name().into(),
-                expected: format!("[{rows}, groups] (out, groups >= 1)"),
-                found: found.to_vec(),
-            })
+        _ => {
+            return Err(shape_error(
+                &scale_raw,
+                format!("[{rows}, groups] (out, groups >= 1)"),
+            ))
         }
     };
     let scales = floats(&scale_raw)?;
@@ -159,12 +156,10 @@ fn group_index(
         }
     }
     if !cols.is_multiple_of(groups) {
-        return Err(QuantError::Shape {
-            path: scale.path().to_path_buf(),
-            tensor: scale.name().into(),
-            expected: format!("a group count dividing in ({cols})"),
-            found: scale.shape().to_vec(),
-        });
+        return Err(shape_error(
+            scale,
+            format!("a group count dividing in ({cols})"),
+        ));
     }
     Ok(int4::sequential_g_idx(cols, cols / groups))
 }

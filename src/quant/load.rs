@@ -430,6 +430,16 @@ pub(super) fn owned(spec: &TensorSpec, data: Vec<f32>, path: &Path) -> Result<We
     Ok(Weight { rows, cols, tensor })
 }
 
+/// The error for `raw`'s shape, which is not `expected`.
+pub(super) fn shape_error(raw: &RawTensor, expected: String) -> QuantError {
+    QuantError::Shape {
+        path: raw.path().to_path_buf(),
+        tensor: raw.name().into(),
+        expected,
+        found: raw.shape().to_vec(),
+    }
+}
+
 /// Checks `raw`'s shape is `expected` (described by `words` in the error).
 pub(super) fn check_shape(
     raw: &RawTensor,
@@ -439,12 +449,7 @@ pub(super) fn check_shape(
     if raw.shape() == expected {
         Ok(())
     } else {
-        Err(QuantError::Shape {
-            path: raw.path().to_path_buf(),
-            tensor: raw.name().into(),
-            expected: words(),
-            found: raw.shape().to_vec(),
-        })
+        Err(shape_error(raw, words()))
     }
 }
 
@@ -569,13 +574,11 @@ fn gptq(
     let scales_raw = companion(checkpoint, &format!("{base}.scales"), &weight)?;
     let groups = match scales_raw.shape() {
         [g, n] if *n == rows && *g > 0 => *g,
-        found => {
-            return Err(QuantError::Shape {
-                path: scales_raw.path().to_path_buf(),
-                tensor: scales_raw.name().into(),
-                expected: format!("[groups, {rows}] (groups >= 1, out)"),
-                found: found.to_vec(),
-            })
+        _ => {
+            return Err(shape_error(
+                &scales_raw,
+                format!("[groups, {rows}] (groups >= 1, out)"),
+            ))
         }
     };
     let scales = floats(&scales_raw)?;
@@ -625,10 +628,5 @@ fn gptq(
     // Groups that are not equal runs of columns: only the CPU reference can use this layout.
     int4::dequantize_gptq(shape, &q, &qzeros, &scales, &g_idx, zeros.offset())
         .map(Matrix::Dequantized)
-        .ok_or_else(|| QuantError::Shape {
-            path: qweight.path().to_path_buf(),
-            tensor: qweight.name().into(),
-            expected: "tensors consistent with each other".into(),
-            found: qweight.shape().to_vec(),
-        })
+        .ok_or_else(|| shape_error(qweight, "tensors consistent with each other".into()))
 }
