@@ -5,14 +5,51 @@
 //!
 //! Decode is measured at a fixed context: each iteration rewinds the sequence to the prompt length
 //! and appends one token, so every sample does the same work.
+//!
+//! The mid-size models are also measured against their floor, printed beside criterion's figures:
+//! the bytes of weights a decode token reads ([`decode_weight_bytes`]) over the copy bandwidth
+//! measured at start (read + write bytes of a parallel copy larger than any cache, median of
+//! nine). Each is run with the CPU's fastest kernel and, where that is AVX-512, again with AVX2
+//! (the kernel of most desktop CPUs).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use mixtral::cpu::matmul::{active_kernel, set_active_kernel, Kernel};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::dtype::DType;
+use mixtral::quant::{decode_weight_bytes, QuantFormat};
 use mixtral::random_model::{write_random_model, RandomModelSpec};
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
+use rayon::prelude::*;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Median of nine timings of `f`, in seconds.
+fn median_seconds(mut f: impl FnMut()) -> f64 {
+    let mut times: Vec<f64> = (0..9)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[4]
+}
+
+/// Copy bandwidth of this machine in bytes per second (read + write), over 256 MiB copied in
+/// parallel chunks by every thread.
+fn copy_bandwidth() -> f64 {
+    const BYTES: usize = 256 << 20;
+    let src = vec![1u8; BYTES];
+    let mut dst = vec![0u8; BYTES];
+    let mut copy = || {
+        dst.par_chunks_mut(1 << 20)
+            .zip(src.par_chunks(1 << 20))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    };
+    copy();
+    2.0 * BYTES as f64 / median_seconds(copy)
+}
 
 /// Prompt used for decode: `len` pseudo-random token ids (never constant), BOS first.
 fn prompt(len: usize, vocab: usize) -> Vec<u32> {
@@ -44,6 +81,47 @@ fn engine_for(dir: &Path) -> CpuEngine {
         ..Default::default()
     };
     CpuEngine::new(model.weights.clone(), options).expect("engine")
+}
+
+/// Prints the decode floor of the model at `dir` beside a median of nine decode steps at context
+/// 16, measured outside criterion so that the two sit on one line.
+fn print_floor(name: &str, dir: &Path, dtype: DType, bandwidth: f64) {
+    let mut engine = engine_for(dir);
+    let config = engine.config().clone();
+    // Every tensor of the random model is stored in `dtype`: bf16's bytes scale with it.
+    let bytes = decode_weight_bytes(&config, QuantFormat::Bf16) * dtype.size() as u64 / 2;
+    let seq = engine.new_sequence().expect("sequence");
+    let ids = prompt(17, config.vocab_size);
+    let prefill = SeqStep {
+        seq,
+        tokens: &ids[..16],
+        start_pos: 0,
+        logits: LogitsFor::None,
+    };
+    engine.step(&[prefill]).expect("prefill");
+    let step = SeqStep {
+        seq,
+        tokens: &ids[16..],
+        start_pos: 16,
+        logits: LogitsFor::Last,
+    };
+    let mut decode = || {
+        engine.step(&[step]).expect("decode step");
+    };
+    decode();
+    let seconds = median_seconds(decode);
+    let floor = bytes as f64 / bandwidth;
+    println!(
+        "cpu/{name} ({}): decode {:.1} ms a token at context 16, floor {:.1} ms \
+         ({:.0} MB of weights at {:.1} GB/s), {:.2}x the floor",
+        active_kernel().name(),
+        seconds * 1e3,
+        floor * 1e3,
+        bytes as f64 / 1e6,
+        bandwidth / 1e9,
+        seconds / floor
+    );
+    engine.free_sequence(seq).expect("free");
 }
 
 fn bench_model(c: &mut Criterion, name: &str, dir: &Path) {
@@ -102,15 +180,31 @@ fn bench_model(c: &mut Criterion, name: &str, dir: &Path) {
 }
 
 fn cpu_benches(c: &mut Criterion) {
+    let bandwidth = copy_bandwidth();
+    println!("copy bandwidth: {:.1} GB/s (read + write)", bandwidth / 1e9);
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
     bench_model(c, "tiny-mixtral", &shipped);
 
+    let fastest = active_kernel();
+    let mut kernels = vec![fastest];
+    if fastest == Kernel::Avx512 && Kernel::Avx2.is_available() {
+        kernels.push(Kernel::Avx2);
+    }
     for (name, dtype) in [("mid-size-bf16", DType::BF16), ("mid-size-f32", DType::F32)] {
         let dir = tempfile::tempdir().expect("temp dir");
         let spec = RandomModelSpec::mid_size(7).with_dtype(dtype);
         write_random_model(dir.path(), &spec).expect("write mid-size model");
         flush_to_disk(dir.path());
-        bench_model(c, name, dir.path());
+        for &kernel in &kernels {
+            set_active_kernel(kernel).expect("available kernel");
+            let name = match kernel == fastest {
+                true => name.to_string(),
+                false => format!("{name}-{}", kernel.name()),
+            };
+            print_floor(&name, dir.path(), dtype, bandwidth);
+            bench_model(c, &name, dir.path());
+        }
+        set_active_kernel(fastest).expect("available kernel");
     }
 }
 

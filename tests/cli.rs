@@ -220,6 +220,47 @@ fn assert_fails(args: &[&str], code: i32, needle: &str) {
 }
 
 #[test]
+fn every_cpu_kernel_named_by_the_environment_reproduces_the_golden_continuation() {
+    let g = golden();
+    let want = ids(&g["greedy_ids"]);
+    let n = want.len().to_string();
+    let prompt = g["prompt_text"].as_str().unwrap();
+    let m = model();
+    let args = [
+        "--model",
+        &m,
+        "--prompt",
+        prompt,
+        "--json",
+        "--temperature",
+        "0",
+        "-n",
+        &n,
+    ];
+    let with_kernel = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_mixtral-run"))
+            .args(args)
+            .env(mixtral::cpu::matmul::KERNEL_VAR, value)
+            .current_dir(root())
+            .output()
+            .unwrap()
+    };
+    for kernel in mixtral::cpu::matmul::Kernel::available() {
+        let out = with_kernel(kernel.name());
+        assert!(out.status.success(), "{}: {}", kernel.name(), stderr(&out));
+        let done = json_lines(&out).pop().unwrap();
+        assert_eq!(ids(&done["generated_ids"]), want, "{}", kernel.name());
+    }
+    let out = with_kernel("sse9");
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("error: ") && err.contains("\"sse9\""),
+        "{err}"
+    );
+}
+
+#[test]
 fn command_line_mistakes_exit_2() {
     let m = model();
     assert_fails(&["--model", &m, "--prompt", "x", "--bogus"], 2, "--bogus");

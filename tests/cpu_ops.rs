@@ -126,13 +126,15 @@ proptest! {
         let mut rng = Rng(seed);
         let x = rng.vec(tokens * k);
         let weights = TypedWeights::new(&rng.vec(n * k));
-        for w in weights.slices() {
+        for (w, kernel) in weights.slices().into_iter().flat_map(|w| {
+            Kernel::available().into_iter().map(move |kernel| (w, kernel))
+        }) {
             let mut all = vec![0.0f32; tokens * n];
-            matmul(&x, w, n, k, &mut all);
+            matmul_with(kernel, &x, w, n, k, &mut all);
             for t in 0..tokens {
                 let mut one = vec![0.0f32; n];
-                matmul(&x[t * k..(t + 1) * k], w, n, k, &mut one);
-                prop_assert_eq!(&all[t * n..(t + 1) * n], &one[..]);
+                matmul_with(kernel, &x[t * k..(t + 1) * k], w, n, k, &mut one);
+                prop_assert_eq!(&all[t * n..(t + 1) * n], &one[..], "{:?} {:?}", kernel, w.dtype());
             }
         }
     }

@@ -1,14 +1,17 @@
 //! The CPU engine against Hugging Face transformers: for every golden fixture (tiny random
 //! checkpoints written by transformers, see tests/fixtures/README.md) the engine must reproduce the
 //! greedy continuation exactly (decoding incrementally through the KV cache), the teacher-forced
-//! per-token log-probs to 1e-4, and the last position's logits.
+//! per-token log-probs to 1e-4, and the last position's logits; with every CPU kernel this
+//! machine can run (scalar, AVX2, AVX-512), one after the other.
 
+use mixtral::cpu::matmul::{set_active_kernel, Kernel};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::perplexity;
 use mixtral::sampling::{Sampler, SamplingParams};
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 const LOGPROB_TOLERANCE: f64 = 1e-4;
 const LOGITS_REL_L2: f64 = 1e-5;
@@ -114,6 +117,18 @@ fn greedy_incremental(engine: &mut CpuEngine, prompt: &[u32], n: usize) -> Vec<u
     generated
 }
 
+/// Held while a test runs with a chosen kernel: the choice is process-wide.
+static KERNEL_CHOICE: Mutex<()> = Mutex::new(());
+
+/// Runs `check` with each kernel this CPU has, naming the kernel in a failure.
+fn with_each_kernel(check: impl Fn(&str)) {
+    let _only_me = KERNEL_CHOICE.lock().unwrap_or_else(|e| e.into_inner());
+    for kernel in Kernel::available() {
+        set_active_kernel(kernel).expect("available kernel");
+        check(kernel.name());
+    }
+}
+
 fn rel_l2(out: &[f32], reference: &[f64]) -> f64 {
     assert_eq!(out.len(), reference.len());
     let (mut diff, mut norm) = (0.0f64, 0.0f64);
@@ -127,79 +142,91 @@ fn rel_l2(out: &[f32], reference: &[f64]) -> f64 {
 
 #[test]
 fn greedy_tokens_match_transformers() {
-    for dir in fixture_dirs() {
-        let golden = read_golden(&dir);
-        let mut engine = engine(&dir);
-        let got = greedy_incremental(&mut engine, &golden.prompt_ids, golden.greedy_ids.len());
-        assert_eq!(got, golden.greedy_ids, "{}", dir.display());
-        assert_eq!(
-            engine.free_kv_blocks(),
-            engine.total_kv_blocks(),
-            "{}: blocks leaked",
-            dir.display()
-        );
-    }
+    with_each_kernel(|kernel| {
+        for dir in fixture_dirs() {
+            let golden = read_golden(&dir);
+            let mut engine = engine(&dir);
+            let got = greedy_incremental(&mut engine, &golden.prompt_ids, golden.greedy_ids.len());
+            assert_eq!(got, golden.greedy_ids, "{} ({kernel})", dir.display());
+            assert_eq!(
+                engine.free_kv_blocks(),
+                engine.total_kv_blocks(),
+                "{}: blocks leaked",
+                dir.display()
+            );
+        }
+    });
 }
 
 #[test]
 fn logprobs_and_perplexity_match_transformers() {
-    for dir in fixture_dirs() {
-        let golden = read_golden(&dir);
-        let mut engine = engine(&dir);
-        let sequence = golden.sequence();
-        let scored = perplexity(&mut engine, &sequence).unwrap();
-        assert_eq!(
-            scored.token_logprobs.len(),
-            golden.token_logprobs.len(),
-            "{}",
-            dir.display()
-        );
-        let worst = scored
-            .token_logprobs
-            .iter()
-            .zip(&golden.token_logprobs)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f64, f64::max);
-        eprintln!("{}: max |logprob diff| {worst:.2e}", dir.display());
-        assert!(
-            worst <= LOGPROB_TOLERANCE,
-            "{}: max |logprob diff| {worst:e}",
-            dir.display()
-        );
-        let rel = (scored.perplexity - golden.perplexity).abs() / golden.perplexity;
-        assert!(
-            rel <= 1e-4,
-            "{}: perplexity {} vs {}",
-            dir.display(),
-            scored.perplexity,
-            golden.perplexity
-        );
-    }
+    with_each_kernel(|kernel| {
+        for dir in fixture_dirs() {
+            let golden = read_golden(&dir);
+            let mut engine = engine(&dir);
+            let sequence = golden.sequence();
+            let scored = perplexity(&mut engine, &sequence).unwrap();
+            assert_eq!(
+                scored.token_logprobs.len(),
+                golden.token_logprobs.len(),
+                "{}",
+                dir.display()
+            );
+            let worst = scored
+                .token_logprobs
+                .iter()
+                .zip(&golden.token_logprobs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f64, f64::max);
+            eprintln!(
+                "{} ({kernel}): max |logprob diff| {worst:.2e}",
+                dir.display()
+            );
+            assert!(
+                worst <= LOGPROB_TOLERANCE,
+                "{} ({kernel}): max |logprob diff| {worst:e}",
+                dir.display()
+            );
+            let rel = (scored.perplexity - golden.perplexity).abs() / golden.perplexity;
+            assert!(
+                rel <= 1e-4,
+                "{} ({kernel}): perplexity {} vs {}",
+                dir.display(),
+                scored.perplexity,
+                golden.perplexity
+            );
+        }
+    });
 }
 
 #[test]
 fn last_logits_match_transformers() {
-    for dir in fixture_dirs() {
-        let golden = read_golden(&dir);
-        let mut engine = engine(&dir);
-        let sequence = golden.sequence();
-        let seq = engine.new_sequence().unwrap();
-        let out = engine
-            .step(&[SeqStep {
-                seq,
-                tokens: &sequence,
-                start_pos: 0,
-                logits: LogitsFor::Last,
-            }])
-            .unwrap();
-        let rel = rel_l2(out.row(0), &golden.last_logits);
-        eprintln!("{}: last-logits relative L2 error {rel:.2e}", dir.display());
-        assert!(
-            rel <= LOGITS_REL_L2,
-            "{}: relative L2 error of last logits {rel:e}",
-            dir.display()
-        );
-    }
+    with_each_kernel(|kernel| {
+        for dir in fixture_dirs() {
+            let golden = read_golden(&dir);
+            let mut engine = engine(&dir);
+            let sequence = golden.sequence();
+            let seq = engine.new_sequence().unwrap();
+            let out = engine
+                .step(&[SeqStep {
+                    seq,
+                    tokens: &sequence,
+                    start_pos: 0,
+                    logits: LogitsFor::Last,
+                }])
+                .unwrap();
+            let rel = rel_l2(out.row(0), &golden.last_logits);
+            eprintln!(
+                "{} ({kernel}): last-logits relative L2 error {rel:.2e}",
+                dir.display()
+            );
+            assert!(
+                rel <= LOGITS_REL_L2,
+                "{} ({kernel}): relative L2 error of last logits {rel:e}",
+                dir.display()
+            );
+        }
+    });
 }
 
 #[test]

@@ -8,7 +8,9 @@
 use mixtral::checkpoint::{write_raw_safetensors, Checkpoint, OpenOptions};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::perplexity;
-use mixtral::quant::{declared_format, estimate_memory, QuantError, QuantFormat};
+use mixtral::quant::{
+    declared_format, decode_weight_bytes, estimate_memory, QuantError, QuantFormat,
+};
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, ModelConfig, ModelError, SeqStep};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -301,6 +303,19 @@ fn mixtral_8x7b_fits_80_gb_in_fp8_and_int8_not_in_bf16() {
     }
     let batch4 = estimate_memory(&config, QuantFormat::Fp8, context, 4);
     assert_eq!(batch4.kv_bytes, 4 * fp8.kv_bytes);
+
+    // A decode token reads about 12.9 B active parameters, less the embedding table but one row.
+    let (vocab, hidden) = (32000u64, 4096u64);
+    let active = decode_weight_bytes(&config, QuantFormat::Bf16) / 2 + vocab * hidden - hidden;
+    assert!((12.85e9..12.95e9).contains(&(active as f64)), "{active}");
+    // Choosing every expert reads every weight but the embedding rows of the other tokens.
+    let mut all = config.clone();
+    all.experts_per_token = all.num_experts;
+    for format in [QuantFormat::Bf16, QuantFormat::Fp8, QuantFormat::Int4] {
+        let whole = estimate_memory(&all, format, 1, 1).weights_bytes;
+        let read = decode_weight_bytes(&all, format);
+        assert_eq!(read, whole - 2 * (vocab * hidden - hidden), "{format:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

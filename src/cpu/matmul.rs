@@ -3,20 +3,26 @@
 //! accumulated in f32.
 //!
 //! Output rows `n` are split into chunks computed in parallel (rayon). Within a chunk, a register
-//! tile of up to four tokens times a few weight rows (four with AVX-512, two with AVX2) is
-//! accumulated at once, so a prefill reads each weight row from memory once and each load feeds
-//! several multiply-adds. The inner loops use AVX-512F or AVX2+FMA(+F16C) when the CPU has them
-//! (chosen at run time; bf16 becomes f32 in registers by a 16-bit left shift), else a portable
-//! scalar loop.
+//! tile of up to four tokens times a few weight rows (four with AVX-512; with AVX2 four for one
+//! token, two for more) is accumulated at once, so a prefill reads each weight row from memory
+//! once and each load feeds several multiply-adds. The inner loops use AVX-512F or
+//! AVX2+FMA(+F16C) when the CPU has them, else a portable scalar loop. bf16 weights are loaded as
+//! 32-bit pairs and become two f32 vectors by one shift and one mask (no widening shuffles),
+//! against activations reordered once per product to match ([`pair_activations`]).
+//!
+//! The kernel is chosen at run time ([`active_kernel`]): the fastest this CPU has, or the one the
+//! `MIXTRAL_CPU_KERNEL` environment variable names (`scalar`, `avx2`, `avx512`), or the one
+//! given to [`set_active_kernel`].
 //!
 //! Results are deterministic: each output element is computed by one fixed sequence of operations
-//! (one accumulator over the lanes in index order, the lanes summed, the remaining elements added in
-//! order) that depends only on `k` and the chosen [`Kernel`], never on the thread count, the number
-//! of tokens or where the element falls in a tile.
+//! (one accumulator over the lanes, fed block by block, the lanes summed, the remaining elements
+//! added in order) that depends only on `k` and the chosen [`Kernel`], never on the thread count,
+//! the number of tokens or where the element falls in a tile.
 
 use crate::dtype::WeightSlice;
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Tokens processed together against the rows of a tile.
 const TOKENS: usize = 4;
@@ -66,32 +72,142 @@ impl Kernel {
         }
     }
 
-    /// Weight rows per register tile.
-    fn rows(self) -> usize {
+    /// Weight rows per register tile of `tokens` tokens (as many as the registers hold).
+    fn rows(self, tokens: usize) -> usize {
         match self {
             Kernel::Avx512 => 4,
+            Kernel::Avx2 if tokens == 1 => 4,
             Kernel::Avx2 => 2,
             Kernel::Scalar => 1,
         }
     }
 
+    /// Elements of one bf16 block of the SIMD kernels: a block's even elements meet the first
+    /// half of its prepared activations and its odd elements the second ([`pair_activations`]).
+    /// `None` for kernels that read activations as they are.
+    fn bf16_block(self) -> Option<usize> {
+        match self {
+            Kernel::Avx512 => Some(32),
+            Kernel::Avx2 => Some(16),
+            Kernel::Scalar => None,
+        }
+    }
+
     /// Every kernel this CPU can run.
     pub fn available() -> Vec<Kernel> {
-        [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512]
+        Kernel::ALL
             .into_iter()
             .filter(|k| k.is_available())
             .collect()
     }
+
+    /// Every kernel, slowest first.
+    const ALL: [Kernel; 3] = [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512];
+
+    /// The kernel's name: `scalar`, `avx2` or `avx512`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+        }
+    }
+
+    /// The kernel named by the `MIXTRAL_CPU_KERNEL` environment variable; `Ok(None)` when it is
+    /// unset or empty.
+    ///
+    /// # Errors
+    /// When the variable names no kernel, or one this CPU cannot run.
+    pub fn from_env() -> Result<Option<Kernel>, KernelChoiceError> {
+        let value = match std::env::var(KERNEL_VAR) {
+            Ok(value) if !value.trim().is_empty() => value,
+            Ok(_) | Err(std::env::VarError::NotPresent) => return Ok(None),
+            Err(std::env::VarError::NotUnicode(raw)) => {
+                return Err(KernelChoiceError::Unknown(
+                    raw.to_string_lossy().into_owned(),
+                ))
+            }
+        };
+        let name = value.trim().to_ascii_lowercase();
+        let kernel = Kernel::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or(KernelChoiceError::Unknown(value))?;
+        if !kernel.is_available() {
+            return Err(KernelChoiceError::Unavailable(kernel));
+        }
+        Ok(Some(kernel))
+    }
 }
 
-/// `y[t, n] = sum_k x[t, k] * w[n, k]` with the fastest kernel of this CPU.
+/// The environment variable naming the kernel [`matmul`] uses.
+pub const KERNEL_VAR: &str = "MIXTRAL_CPU_KERNEL";
+
+/// Why `MIXTRAL_CPU_KERNEL` (or [`set_active_kernel`]) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelChoiceError {
+    /// The value names no kernel.
+    #[error("{KERNEL_VAR}={0:?} names no CPU kernel (known: scalar, avx2, avx512)")]
+    Unknown(String),
+    /// The kernel needs instructions this CPU lacks.
+    #[error("this CPU cannot run the {} kernel (it has: {})", .0.name(), available_names())]
+    Unavailable(Kernel),
+}
+
+fn available_names() -> String {
+    let names: Vec<&str> = Kernel::available().into_iter().map(Kernel::name).collect();
+    names.join(", ")
+}
+
+/// The kernel [`matmul`] uses: 0 until first chosen, else `1 + ` its index in [`Kernel::ALL`].
+static ACTIVE: AtomicU8 = AtomicU8::new(0);
+
+/// The kernel [`matmul`] uses: the last one given to [`set_active_kernel`]; before any, the one
+/// `MIXTRAL_CPU_KERNEL` names when it is valid ([`Kernel::from_env`]), else [`Kernel::detect`].
+pub fn active_kernel() -> Kernel {
+    match ACTIVE.load(Ordering::Relaxed) {
+        0 => {
+            let kernel = Kernel::from_env()
+                .ok()
+                .flatten()
+                .unwrap_or_else(Kernel::detect);
+            // A concurrent first call chooses the same kernel; a concurrent setter wins.
+            let _ = ACTIVE.compare_exchange(0, code(kernel), Ordering::Relaxed, Ordering::Relaxed);
+            active_kernel()
+        }
+        n => Kernel::ALL[usize::from(n) - 1],
+    }
+}
+
+/// Makes [`matmul`] use `kernel` from now on, in every thread.
+///
+/// # Errors
+/// [`KernelChoiceError::Unavailable`] when this CPU cannot run it (nothing changes).
+pub fn set_active_kernel(kernel: Kernel) -> Result<(), KernelChoiceError> {
+    if !kernel.is_available() {
+        return Err(KernelChoiceError::Unavailable(kernel));
+    }
+    ACTIVE.store(code(kernel), Ordering::Relaxed);
+    Ok(())
+}
+
+/// `1 + ` the kernel's index in [`Kernel::ALL`].
+fn code(kernel: Kernel) -> u8 {
+    match kernel {
+        Kernel::Scalar => 1,
+        Kernel::Avx2 => 2,
+        Kernel::Avx512 => 3,
+    }
+}
+
+/// `y[t, n] = sum_k x[t, k] * w[n, k]` with the [`active_kernel`].
 ///
 /// Shapes: `x: [tokens, k]`, `w: [n, k]`, `y: [tokens, n]` with `tokens = x.len() / k`.
 ///
 /// # Panics
 /// When `k == 0` or the lengths do not match those shapes.
 pub fn matmul(x: &[f32], w: WeightSlice<'_>, n: usize, k: usize, y: &mut [f32]) {
-    matmul_with(Kernel::detect(), x, w, n, k, y)
+    matmul_with(active_kernel(), x, w, n, k, y)
 }
 
 /// [`matmul`] with a chosen kernel; a kernel this CPU cannot run is replaced by
@@ -120,6 +236,14 @@ pub fn matmul_with(
     } else {
         Kernel::Scalar
     };
+    let paired;
+    let x = match (w, kernel.bf16_block()) {
+        (WeightSlice::BF16(_), Some(block)) => {
+            paired = pair_activations(x, k, block);
+            &paired[..]
+        }
+        _ => x,
+    };
     let by_work = (TASK_WORK / (k * tokens)).max(TASK_MIN_ROWS);
     let by_bytes = (TASK_BYTES / (k * w.dtype().size())).max(1);
     let rows_per_task = by_work.min(by_bytes).min(n);
@@ -136,6 +260,26 @@ pub fn matmul_with(
             y[t * n + r] = v;
         }
     }
+}
+
+/// The activations as the SIMD bf16 kernels read them: in each row of `x: [tokens, k]`, each
+/// full block of `block` elements becomes its even elements followed by its odd ones; the last
+/// `k % block` elements stay in place.
+///
+/// A bf16 weight pair `(w[2j], w[2j + 1])` loaded as one 32-bit lane becomes two f32 by a shift
+/// and a mask, so the kernels multiply whole blocks without widening or shuffling the weights.
+fn pair_activations(x: &[f32], k: usize, block: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(k) {
+        let blocks = row.chunks_exact(block);
+        let tail = blocks.remainder();
+        for b in blocks {
+            out.extend(b.iter().step_by(2));
+            out.extend(b.iter().skip(1).step_by(2));
+        }
+        out.extend_from_slice(tail);
+    }
+    out
 }
 
 /// Fills `yt: [n, tokens]` in parallel chunks of `rows_per_task` rows.
@@ -185,9 +329,9 @@ fn typed_rows<W: Element>(
     out: &mut [f32],
 ) {
     let rows = out.len() / tokens;
-    let row_tile = kernel.rows();
     for t0 in (0..tokens).step_by(TOKENS) {
         let used = (tokens - t0).min(TOKENS);
+        let row_tile = kernel.rows(used);
         let xs: [&[f32]; TOKENS] = std::array::from_fn(|j| {
             let t = t0 + j.min(used - 1);
             &x[t * k..(t + 1) * k]
@@ -213,7 +357,8 @@ trait Element: Copy + Send + Sync {
     fn to_f32(self) -> f32;
 
     /// `out[r][t] = xs[t] . ws[r]` for `t < tokens` (1 or more; the rest are repeats) and
-    /// `r < kernel.rows()`; all slices of one length.
+    /// `r < kernel.rows(tokens)`; all slices of one length. For bf16 weights and a kernel with a
+    /// [`Kernel::bf16_block`], `xs` are the [`pair_activations`] of the token rows.
     fn tile(
         kernel: Kernel,
         xs: &[&[f32]; TOKENS],
@@ -244,18 +389,18 @@ macro_rules! element {
                     // only keeps an available one) and every slice has length `k` (checked).
                     Kernel::Avx512 => unsafe {
                         if tokens == 1 {
-                            widen(x86::$avx512::<1>(&[xs[0]], ws))
+                            widen(x86::$avx512::<1, 4>(&[xs[0]], ws))
                         } else {
-                            x86::$avx512::<TOKENS>(xs, ws)
+                            x86::$avx512::<TOKENS, 4>(xs, ws)
                         }
                     },
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: as above.
                     Kernel::Avx2 => unsafe {
                         if tokens == 1 {
-                            widen(x86::$avx2::<1>(&[xs[0]], ws))
+                            widen(x86::$avx2::<1, 4>(&[xs[0]], ws))
                         } else {
-                            x86::$avx2::<TOKENS>(xs, ws)
+                            x86::$avx2::<TOKENS, 2>(xs, ws)
                         }
                     },
                     _ => scalar_tile(xs, tokens, ws),
@@ -293,18 +438,23 @@ fn scalar_tile<W: Element>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The SIMD dot-product tiles: `T` f32 token rows times a few weight rows of one length
-    //! (checked by the caller), all their dot products.
+    //! The SIMD dot-product tiles: `T` f32 token rows times `R` weight rows of one length
+    //! (checked by the caller), all their dot products. f16 and f32 weights are widened lane by
+    //! lane against the activations as they are; bf16 weights are read as 32-bit pairs against
+    //! paired activations (`pair_activations`).
 
-    use super::ROWS;
+    use super::{Element, ROWS};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
+    /// The even (shifted up) and odd (masked) elements of 32 bf16 at `p`, as f32.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn load16_bf16(p: *const bf16) -> __m512 {
-        let raw = _mm256_loadu_si256(p as *const __m256i);
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+    unsafe fn pairs16_bf16(p: *const bf16) -> (__m512, __m512) {
+        let raw = _mm512_loadu_si512(p as *const __m512i);
+        let even = _mm512_slli_epi32::<16>(raw);
+        let odd = _mm512_and_si512(raw, _mm512_set1_epi32(0xffff_0000u32 as i32));
+        (_mm512_castsi512_ps(even), _mm512_castsi512_ps(odd))
     }
 
     #[inline]
@@ -319,11 +469,14 @@ mod x86 {
         _mm512_loadu_ps(p)
     }
 
+    /// The even (shifted up) and odd (masked) elements of 16 bf16 at `p`, as f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8_bf16(p: *const bf16) -> __m256 {
-        let raw = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+    unsafe fn pairs8_bf16(p: *const bf16) -> (__m256, __m256) {
+        let raw = _mm256_loadu_si256(p as *const __m256i);
+        let even = _mm256_slli_epi32::<16>(raw);
+        let odd = _mm256_and_si256(raw, _mm256_set1_epi32(0xffff_0000u32 as i32));
+        (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
     }
 
     #[inline]
@@ -347,63 +500,108 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// Defines a SIMD tile: `$rows` weight rows times `T` tokens, one accumulator per pair
-    /// over `$lanes`-element steps, then the lanes summed and the remaining elements added in
-    /// order.
+    /// Sums the lanes of each accumulator, then adds the elements from `i` on in order.
+    #[inline(always)]
+    fn finish<W: Element, V: Copy, const T: usize, const R: usize>(
+        acc: &[[V; T]; R],
+        reduce: impl Fn(V) -> f32,
+        xs: &[&[f32]; T],
+        ws: &[&[W]; ROWS],
+        i: usize,
+    ) -> [[f32; T]; ROWS] {
+        let mut out = [[0.0f32; T]; ROWS];
+        for r in 0..R {
+            for t in 0..T {
+                let mut s = reduce(acc[r][t]);
+                for e in i..ws[r].len() {
+                    s += xs[t][e] * ws[r][e].to_f32();
+                }
+                out[r][t] = s;
+            }
+        }
+        out
+    }
+
+    /// Defines a SIMD tile of widened weights: one accumulator per (row, token) pair over
+    /// `$lanes`-element steps, then [`finish`].
     macro_rules! simd_tile {
-        ($name:ident, $feature:literal, $t:ty, $lanes:literal, $rows:literal, $vec:ty,
+        ($name:ident, $feature:literal, $t:ty, $lanes:literal, $vec:ty,
          $zero:ident, $loadx:ident, $load:ident, $fma:ident, $reduce:ident) => {
             /// # Safety
-            /// The target features must be available, and every `xs[t]` and `ws[r]` as long
-            /// as `ws[0]`.
+            /// The target features must be available, `R <= ROWS`, and every `xs[t]` and
+            /// `ws[r]` as long as `ws[0]`.
             #[target_feature(enable = $feature)]
-            pub(super) unsafe fn $name<const T: usize>(
+            pub(super) unsafe fn $name<const T: usize, const R: usize>(
                 xs: &[&[f32]; T],
                 ws: &[&[$t]; ROWS],
             ) -> [[f32; T]; ROWS] {
                 let k = ws[0].len();
-                let mut acc: [[$vec; T]; $rows] = [[$zero(); T]; $rows];
-                let mut wv: [$vec; $rows] = [$zero(); $rows];
+                let mut acc: [[$vec; T]; R] = [[$zero(); T]; R];
+                let mut wv: [$vec; R] = [$zero(); R];
                 let mut i = 0;
                 while i + $lanes <= k {
-                    for r in 0..$rows {
+                    for r in 0..R {
                         wv[r] = $load(ws[r].as_ptr().add(i));
                     }
                     for t in 0..T {
                         let xv = $loadx(xs[t].as_ptr().add(i));
-                        for r in 0..$rows {
+                        for r in 0..R {
                             acc[r][t] = $fma(xv, wv[r], acc[r][t]);
                         }
                     }
                     i += $lanes;
                 }
-                let mut out = [[0.0f32; T]; ROWS];
-                for r in 0..$rows {
-                    for t in 0..T {
-                        let mut s = $reduce(acc[r][t]);
-                        for e in i..k {
-                            s += xs[t][e] * ws[r][e].to_f32();
-                        }
-                        out[r][t] = s;
-                    }
-                }
-                out
+                finish(&acc, |v| $reduce(v), xs, ws, i)
             }
         };
     }
 
-    use super::Element;
+    /// Defines a SIMD tile of bf16 weight pairs: per block of `2 * $lanes` elements, the even
+    /// weights times the block's first `$lanes` paired activations, then the odd weights times
+    /// the rest, into one accumulator per (row, token) pair; then [`finish`].
+    macro_rules! pair_tile {
+        ($name:ident, $feature:literal, $lanes:literal, $vec:ty,
+         $zero:ident, $loadx:ident, $pairs:ident, $fma:ident, $reduce:ident) => {
+            /// # Safety
+            /// The target features must be available, `R <= ROWS`, and every `xs[t]` and
+            /// `ws[r]` as long as `ws[0]`.
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name<const T: usize, const R: usize>(
+                xs: &[&[f32]; T],
+                ws: &[&[bf16]; ROWS],
+            ) -> [[f32; T]; ROWS] {
+                let k = ws[0].len();
+                let mut acc: [[$vec; T]; R] = [[$zero(); T]; R];
+                let mut even: [$vec; R] = [$zero(); R];
+                let mut odd: [$vec; R] = [$zero(); R];
+                let mut i = 0;
+                while i + 2 * $lanes <= k {
+                    for r in 0..R {
+                        (even[r], odd[r]) = $pairs(ws[r].as_ptr().add(i));
+                    }
+                    for t in 0..T {
+                        let xe = $loadx(xs[t].as_ptr().add(i));
+                        let xo = $loadx(xs[t].as_ptr().add(i + $lanes));
+                        for r in 0..R {
+                            acc[r][t] = $fma(xe, even[r], acc[r][t]);
+                            acc[r][t] = $fma(xo, odd[r], acc[r][t]);
+                        }
+                    }
+                    i += 2 * $lanes;
+                }
+                finish(&acc, |v| $reduce(v), xs, ws, i)
+            }
+        };
+    }
 
-    simd_tile!(
+    pair_tile!(
         avx512_bf16,
         "avx512f",
-        bf16,
         16,
-        4,
         __m512,
         _mm512_setzero_ps,
         _mm512_loadu_ps,
-        load16_bf16,
+        pairs16_bf16,
         _mm512_fmadd_ps,
         _mm512_reduce_add_ps
     );
@@ -412,7 +610,6 @@ mod x86 {
         "avx512f",
         f16,
         16,
-        4,
         __m512,
         _mm512_setzero_ps,
         _mm512_loadu_ps,
@@ -425,7 +622,6 @@ mod x86 {
         "avx512f",
         f32,
         16,
-        4,
         __m512,
         _mm512_setzero_ps,
         _mm512_loadu_ps,
@@ -433,16 +629,14 @@ mod x86 {
         _mm512_fmadd_ps,
         _mm512_reduce_add_ps
     );
-    simd_tile!(
+    pair_tile!(
         avx2_bf16,
         "avx2,fma,f16c",
-        bf16,
         8,
-        2,
         __m256,
         _mm256_setzero_ps,
         _mm256_loadu_ps,
-        load8_bf16,
+        pairs8_bf16,
         _mm256_fmadd_ps,
         reduce8
     );
@@ -451,7 +645,6 @@ mod x86 {
         "avx2,fma,f16c",
         f16,
         8,
-        2,
         __m256,
         _mm256_setzero_ps,
         _mm256_loadu_ps,
@@ -464,7 +657,6 @@ mod x86 {
         "avx2,fma,f16c",
         f32,
         8,
-        2,
         __m256,
         _mm256_setzero_ps,
         _mm256_loadu_ps,

@@ -42,6 +42,33 @@ pub(crate) fn projection_bytes(format: QuantFormat, rows: u64, cols: u64) -> u64
     }
 }
 
+/// Bytes of weights one token of a batch-1 decode reads, each once: the attention projections
+/// and the `experts_per_token` chosen experts' w1/w2/w3 in `format` (as [`estimate_memory`] counts
+/// them), the router and the two norms of every layer, the final norm, the LM head and one
+/// embedding row in bf16. A decode step cannot take less than these bytes over the memory
+/// bandwidth: its floor.
+pub fn decode_weight_bytes(config: &ModelConfig, format: QuantFormat) -> u64 {
+    let c = |v: usize| v as u64;
+    let (hidden, inter, vocab) = (
+        c(config.hidden_size),
+        c(config.intermediate_size),
+        c(config.vocab_size),
+    );
+    let (q_width, kv_width) = (c(config.q_width()), c(config.kv_width()));
+    let attention = 2 * projection_bytes(format, q_width, hidden)
+        + 2 * projection_bytes(format, kv_width, hidden);
+    let expert =
+        2 * projection_bytes(format, inter, hidden) + projection_bytes(format, hidden, inter);
+    let chosen = c(config
+        .experts_per_token
+        .max(1)
+        .min(config.num_experts.max(1)));
+    let router = c(config.num_experts) * hidden * 2;
+    let norms = 2 * hidden * 2;
+    let per_layer = attention + chosen * expert + router + norms;
+    c(config.num_layers) * per_layer + vocab * hidden * 2 + hidden * 2 + hidden * 2
+}
+
 /// Estimates the memory `config`'s model needs in `format`, with a KV cache for
 /// `context_tokens` tokens of each of `batch` sequences.
 pub fn estimate_memory(

@@ -35,7 +35,7 @@ use std::path::PathBuf;
 pub use crate::packed::{fp8, int4, int8, PackedKind, PackedMatrix};
 pub use config::QuantMethod;
 pub use load::{declared_format, load_weights, GptqZeros, QuantizedWeights};
-pub use memory::{estimate_memory, MemoryEstimate};
+pub use memory::{decode_weight_bytes, estimate_memory, MemoryEstimate};
 
 /// A weight format of the quantizable projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -78,6 +78,10 @@ fn main() -> ExitCode {
         }
         Ok(Command::Explain) => explain(),
         Ok(command) => {
+            if let Err(e) = mixtral::cpu::matmul::Kernel::from_env() {
+                print_error(&e.to_string());
+                return ExitCode::from(2);
+            }
             let result = match command {
                 Command::Generate(a) => run_generate(&a),
                 Command::Perplexity(a) => run_perplexity(&a),
