@@ -28,11 +28,35 @@ fn ids(v: &Value) -> Vec<u64> {
 }
 
 fn run(args: &[&str]) -> Output {
+    run_with_env(args, &[])
+}
+
+fn run_with_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mixtral-run"))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(root())
         .output()
         .unwrap()
+}
+
+/// The arguments of a greedy JSON run over the golden prompt, and the ids it must generate.
+fn golden_greedy_run(g: &Value) -> (Vec<String>, Vec<u64>) {
+    let want = ids(&g["greedy_ids"]);
+    let prompt = g["prompt_text"].as_str().unwrap();
+    let (m, n) = (model(), want.len().to_string());
+    let args = [
+        "--model",
+        &m,
+        "--prompt",
+        prompt,
+        "--json",
+        "--temperature",
+        "0",
+        "-n",
+        &n,
+    ];
+    (args.map(String::from).to_vec(), want)
 }
 
 fn stdout(out: &Output) -> String {
@@ -57,20 +81,8 @@ fn model() -> String {
 #[test]
 fn greedy_json_reproduces_the_golden_continuation() {
     let g = golden();
-    let want = ids(&g["greedy_ids"]);
-    let n = want.len().to_string();
-    let prompt = g["prompt_text"].as_str().unwrap();
-    let out = run(&[
-        "--model",
-        &model(),
-        "--prompt",
-        prompt,
-        "--json",
-        "--temperature",
-        "0",
-        "-n",
-        &n,
-    ]);
+    let (args, want) = golden_greedy_run(&g);
+    let out = run_with_env(&args, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let lines = json_lines(&out);
     let (done, tokens) = lines.split_last().unwrap();
@@ -221,30 +233,9 @@ fn assert_fails(args: &[&str], code: i32, needle: &str) {
 
 #[test]
 fn every_cpu_kernel_named_by_the_environment_reproduces_the_golden_continuation() {
-    let g = golden();
-    let want = ids(&g["greedy_ids"]);
-    let n = want.len().to_string();
-    let prompt = g["prompt_text"].as_str().unwrap();
-    let m = model();
-    let args = [
-        "--model",
-        &m,
-        "--prompt",
-        prompt,
-        "--json",
-        "--temperature",
-        "0",
-        "-n",
-        &n,
-    ];
-    let with_kernel = |value: &str| {
-        Command::new(env!("CARGO_BIN_EXE_mixtral-run"))
-            .args(args)
-            .env(mixtral::cpu::matmul::KERNEL_VAR, value)
-            .current_dir(root())
-            .output()
-            .unwrap()
-    };
+    let (args, want) = golden_greedy_run(&golden());
+    let with_kernel =
+        |value: &str| run_with_env(&args, &[(mixtral::cpu::matmul::KERNEL_VAR, value)]);
     for kernel in mixtral::cpu::matmul::Kernel::available() {
         let out = with_kernel(kernel.name());
         assert!(out.status.success(), "{}: {}", kernel.name(), stderr(&out));

@@ -42,31 +42,40 @@ pub(crate) fn projection_bytes(format: QuantFormat, rows: u64, cols: u64) -> u64
     }
 }
 
+/// Bytes of one layer's weights by part: the attention projections and one expert's w1/w2/w3 in
+/// `format`; the router and the two norms in bf16.
+struct LayerBytes {
+    attention: u64,
+    expert: u64,
+    router: u64,
+    norms: u64,
+}
+
+fn layer_bytes(config: &ModelConfig, format: QuantFormat) -> LayerBytes {
+    let c = |v: usize| v as u64;
+    let (hidden, inter) = (c(config.hidden_size), c(config.intermediate_size));
+    let (q_width, kv_width) = (c(config.q_width()), c(config.kv_width()));
+    LayerBytes {
+        attention: 2 * projection_bytes(format, q_width, hidden)
+            + 2 * projection_bytes(format, kv_width, hidden),
+        expert: 2 * projection_bytes(format, inter, hidden)
+            + projection_bytes(format, hidden, inter),
+        router: c(config.num_experts.max(1)) * hidden * 2,
+        norms: 2 * hidden * 2,
+    }
+}
+
 /// Bytes of weights one token of a batch-1 decode reads, each once: the attention projections
 /// and the `experts_per_token` chosen experts' w1/w2/w3 in `format` (as [`estimate_memory`] counts
 /// them), the router and the two norms of every layer, the final norm, the LM head and one
 /// embedding row in bf16. A decode step cannot take less than these bytes over the memory
 /// bandwidth: its floor.
 pub fn decode_weight_bytes(config: &ModelConfig, format: QuantFormat) -> u64 {
-    let c = |v: usize| v as u64;
-    let (hidden, inter, vocab) = (
-        c(config.hidden_size),
-        c(config.intermediate_size),
-        c(config.vocab_size),
-    );
-    let (q_width, kv_width) = (c(config.q_width()), c(config.kv_width()));
-    let attention = 2 * projection_bytes(format, q_width, hidden)
-        + 2 * projection_bytes(format, kv_width, hidden);
-    let expert =
-        2 * projection_bytes(format, inter, hidden) + projection_bytes(format, hidden, inter);
-    let chosen = c(config
-        .experts_per_token
-        .max(1)
-        .min(config.num_experts.max(1)));
-    let router = c(config.num_experts) * hidden * 2;
-    let norms = 2 * hidden * 2;
-    let per_layer = attention + chosen * expert + router + norms;
-    c(config.num_layers) * per_layer + vocab * hidden * 2 + hidden * 2 + hidden * 2
+    let parts = layer_bytes(config, format);
+    let chosen = config.experts_per_token.clamp(1, config.num_experts.max(1)) as u64;
+    let per_layer = parts.attention + chosen * parts.expert + parts.router + parts.norms;
+    let (hidden, vocab) = (config.hidden_size as u64, config.vocab_size as u64);
+    config.num_layers as u64 * per_layer + vocab * hidden * 2 + hidden * 2 + hidden * 2
 }
 
 /// Estimates the memory `config`'s model needs in `format`, with a KV cache for
@@ -86,13 +95,8 @@ pub fn estimate_memory(
     let (q_width, kv_width) = (c(config.q_width()), c(config.kv_width()));
     let layers = c(config.num_layers);
     let experts = c(config.num_experts.max(1));
-    let attention = 2 * projection_bytes(format, q_width, hidden)
-        + 2 * projection_bytes(format, kv_width, hidden);
-    let expert =
-        2 * projection_bytes(format, inter, hidden) + projection_bytes(format, hidden, inter);
-    let router = experts * hidden * 2;
-    let norms = 2 * hidden * 2;
-    let per_layer = attention + experts * expert + router + norms;
+    let parts = layer_bytes(config, format);
+    let per_layer = parts.attention + experts * parts.expert + parts.router + parts.norms;
     let heads = if config.tie_word_embeddings { 1 } else { 2 };
     let weights_bytes = layers * per_layer + heads * vocab * hidden * 2 + hidden * 2;
     let (context, batch) = (c(context_tokens), c(batch));
