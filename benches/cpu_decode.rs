@@ -10,7 +10,8 @@
 //! the bytes of weights a decode token reads ([`decode_weight_bytes`]) over the copy bandwidth
 //! measured at start (read + write bytes of a parallel copy larger than any cache, median of
 //! nine). Each is run with the CPU's fastest kernel and, where that is AVX-512, again with AVX2
-//! (the kernel of most desktop CPUs).
+//! (the kernel of most desktop CPUs). The bf16 model is also quantized on load to FP8, INT8 and
+//! 4-bit and its decode printed beside the floor of the packed bytes (no criterion run).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mixtral::cpu::matmul::{active_kernel, set_active_kernel, Kernel};
@@ -73,8 +74,12 @@ fn flush_to_disk(dir: &Path) {
     }
 }
 
-fn engine_for(dir: &Path) -> CpuEngine {
-    let model = Model::load(dir, &LoadOptions::default()).expect("load model");
+fn engine_for(dir: &Path, quant: Option<QuantFormat>) -> CpuEngine {
+    let load = LoadOptions {
+        quant,
+        ..Default::default()
+    };
+    let model = Model::load(dir, &load).expect("load model");
     let options = CpuEngineOptions {
         max_context: Some(4096),
         max_sequences: 4,
@@ -83,13 +88,16 @@ fn engine_for(dir: &Path) -> CpuEngine {
     CpuEngine::new(model.weights.clone(), options).expect("engine")
 }
 
-/// Prints the decode floor of the model at `dir` beside a median of nine decode steps at context
-/// 16, measured outside criterion so that the two sit on one line.
-fn print_floor(name: &str, dir: &Path, dtype: DType, bandwidth: f64) {
-    let mut engine = engine_for(dir);
+/// Prints the decode floor of the model at `dir` (quantized on load to `quant`) beside a median of
+/// nine decode steps at context 16, measured outside criterion so that the two sit on one line.
+fn print_floor(name: &str, dir: &Path, dtype: DType, quant: Option<QuantFormat>, bandwidth: f64) {
+    let mut engine = engine_for(dir, quant);
     let config = engine.config().clone();
-    // Every tensor of the random model is stored in `dtype`: bf16's bytes scale with it.
-    let bytes = decode_weight_bytes(&config, QuantFormat::Bf16) * dtype.size() as u64 / 2;
+    let bytes = match quant {
+        Some(format) => decode_weight_bytes(&config, format),
+        // Every tensor of the random model is stored in `dtype`: bf16's bytes scale with it.
+        None => decode_weight_bytes(&config, QuantFormat::Bf16) * dtype.size() as u64 / 2,
+    };
     let seq = engine.new_sequence().expect("sequence");
     let ids = prompt(17, config.vocab_size);
     let prefill = SeqStep {
@@ -125,7 +133,7 @@ fn print_floor(name: &str, dir: &Path, dtype: DType, bandwidth: f64) {
 }
 
 fn bench_model(c: &mut Criterion, name: &str, dir: &Path) {
-    let mut engine = engine_for(dir);
+    let mut engine = engine_for(dir, None);
     let vocab = engine.config().vocab_size;
     let seq = engine.new_sequence().expect("sequence");
     let mut group = c.benchmark_group(format!("cpu/{name}"));
@@ -201,8 +209,14 @@ fn cpu_benches(c: &mut Criterion) {
                 true => name.to_string(),
                 false => format!("{name}-{}", kernel.name()),
             };
-            print_floor(&name, dir.path(), dtype, bandwidth);
+            print_floor(&name, dir.path(), dtype, None, bandwidth);
             bench_model(c, &name, dir.path());
+            if dtype == DType::BF16 {
+                for format in [QuantFormat::Fp8, QuantFormat::Int8, QuantFormat::Int4] {
+                    let name = format!("{name}-{format:?}").to_lowercase();
+                    print_floor(&name, dir.path(), dtype, Some(format), bandwidth);
+                }
+            }
         }
         set_active_kernel(fastest).expect("available kernel");
     }

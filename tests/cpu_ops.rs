@@ -509,9 +509,9 @@ proptest! {
         let views: Vec<Expert<'_>> = mats
             .iter()
             .map(|[w1, w2, w3]| Expert {
-                w1: WeightSlice::F32(w1),
-                w2: WeightSlice::F32(w2),
-                w3: WeightSlice::F32(w3),
+                w1: WeightSlice::F32(w1).into(),
+                w2: WeightSlice::F32(w2).into(),
+                w3: WeightSlice::F32(w3).into(),
             })
             .collect();
         let mut out = vec![f32::NAN; x.len()];

@@ -22,6 +22,7 @@ use super::embedding::embed;
 use super::matmul::matmul;
 use super::moe::{moe_block, Expert};
 use super::norm::{add_rms_norm, rms_norm};
+use super::packed_matmul::Matrix;
 use super::rope::Rope;
 use crate::config::ModelConfig;
 use crate::engine::{Engine, EngineError, SeqId, SeqStep, StepOutput};
@@ -286,9 +287,9 @@ impl CpuEngine {
                 .experts
                 .iter()
                 .map(|e| Expert {
-                    w1: e.w1.data(),
-                    w2: e.w2.data(),
-                    w3: e.w3.data(),
+                    w1: Matrix::of(&e.w1),
+                    w2: Matrix::of(&e.w2),
+                    w3: Matrix::of(&e.w3),
                 })
                 .collect();
             moe_block(
@@ -361,9 +362,9 @@ impl CpuEngine {
         s.q.resize(total * q_width, 0.0);
         s.k.resize(total * kv_width, 0.0);
         s.v.resize(total * kv_width, 0.0);
-        matmul(&s.h, layer.q_proj.data(), q_width, hidden, &mut s.q);
-        matmul(&s.h, layer.k_proj.data(), kv_width, hidden, &mut s.k);
-        matmul(&s.h, layer.v_proj.data(), kv_width, hidden, &mut s.v);
+        Matrix::of(&layer.q_proj).product(&s.h, q_width, hidden, &mut s.q);
+        Matrix::of(&layer.k_proj).product(&s.h, kv_width, hidden, &mut s.k);
+        Matrix::of(&layer.v_proj).product(&s.h, kv_width, hidden, &mut s.v);
         self.rope.apply(&mut s.q, config.num_heads, positions);
         self.rope.apply(&mut s.k, config.num_kv_heads, positions);
 
@@ -407,7 +408,7 @@ impl CpuEngine {
             );
         }
         s.o.resize(total * hidden, 0.0);
-        matmul(&s.attn, layer.o_proj.data(), hidden, q_width, &mut s.o);
+        Matrix::of(&layer.o_proj).product(&s.attn, hidden, q_width, &mut s.o);
     }
 }
 

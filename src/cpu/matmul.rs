@@ -268,7 +268,7 @@ pub fn matmul_with(
 ///
 /// A bf16 weight pair `(w[2j], w[2j + 1])` loaded as one 32-bit lane becomes two f32 by a shift
 /// and a mask, so the kernels multiply whole blocks without widening or shuffling the weights.
-fn pair_activations(x: &[f32], k: usize, block: usize) -> Vec<f32> {
+pub(crate) fn pair_activations(x: &[f32], k: usize, block: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks_exact(k) {
         let blocks = row.chunks_exact(block);
@@ -437,7 +437,7 @@ fn scalar_tile<W: Element>(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     //! The SIMD dot-product tiles: `T` f32 token rows times `R` weight rows of one length
     //! (checked by the caller), all their dot products. f16 and f32 weights are widened lane by
     //! lane against the activations as they are; bf16 weights are read as 32-bit pairs against
@@ -503,9 +503,10 @@ mod x86 {
         _mm256_loadu_ps(p)
     }
 
+    /// The sum of the eight lanes: (low half + high half), then pairwise.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn reduce8(v: __m256) -> f32 {
+    pub(in crate::cpu) unsafe fn reduce8(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));

@@ -12,6 +12,7 @@ mod engine;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
+pub mod packed_matmul;
 pub mod rope;
 pub mod router;
 

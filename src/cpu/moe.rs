@@ -6,18 +6,19 @@
 //! w2 `[hidden, intermediate]`.
 
 use super::matmul::matmul;
+use super::packed_matmul::Matrix;
 use super::router::{group_by_expert, route, Routing};
 use crate::dtype::WeightSlice;
 
-/// The three matrices of one expert.
+/// The three matrices of one expert (stored elements or packed codes).
 #[derive(Debug, Clone, Copy)]
 pub struct Expert<'a> {
     /// Gate projection `[intermediate, hidden]`.
-    pub w1: WeightSlice<'a>,
+    pub w1: Matrix<'a>,
     /// Down projection `[hidden, intermediate]`.
-    pub w2: WeightSlice<'a>,
+    pub w2: Matrix<'a>,
     /// Up projection `[intermediate, hidden]`.
-    pub w3: WeightSlice<'a>,
+    pub w3: Matrix<'a>,
 }
 
 /// `x * sigmoid(x)` in f32, as `x / (1 + exp(-x))`.
@@ -39,8 +40,8 @@ pub fn expert_act(
     act: &mut [f32],
 ) {
     let mut up = vec![0.0f32; act.len()];
-    matmul(x, expert.w1, intermediate, hidden, act);
-    matmul(x, expert.w3, intermediate, hidden, &mut up);
+    expert.w1.product(x, intermediate, hidden, act);
+    expert.w3.product(x, intermediate, hidden, &mut up);
     for (g, u) in act.iter_mut().zip(&up) {
         *g = silu(*g) * u;
     }
@@ -60,7 +61,7 @@ pub fn expert_mlp(
     let tokens = x.len() / hidden.max(1);
     let mut act = vec![0.0f32; tokens * intermediate];
     expert_act(x, expert, hidden, intermediate, &mut act);
-    matmul(&act, expert.w2, hidden, intermediate, out);
+    expert.w2.product(&act, hidden, intermediate, out);
 }
 
 /// The feed-forward block over `x: [tokens, hidden]` into `out: [tokens, hidden]`.

@@ -251,9 +251,9 @@ impl<C: Collective<Mem<f32> = [f32]>> Rank<C> {
             .iter()
             .map(|e| {
                 let m = Expert {
-                    w1: e.w1.data(),
-                    w2: e.w2.data(),
-                    w3: e.w3.data(),
+                    w1: e.w1.data().into(),
+                    w2: e.w2.data().into(),
+                    w3: e.w3.data().into(),
                 };
                 (e.id, m)
             })

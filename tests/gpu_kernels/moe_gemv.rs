@@ -171,9 +171,9 @@ pub fn check_moe(name: &str, op: MoeOp, case: &MoeCase) -> Vec<usize> {
     let matrix = inter * hidden;
     let experts_cpu: Vec<Expert<'_>> = (0..experts)
         .map(|e| Expert {
-            w1: WeightSlice::BF16(&w1[e * matrix..(e + 1) * matrix]),
-            w2: WeightSlice::BF16(&w2[e * matrix..(e + 1) * matrix]),
-            w3: WeightSlice::BF16(&w3[e * matrix..(e + 1) * matrix]),
+            w1: WeightSlice::BF16(&w1[e * matrix..(e + 1) * matrix]).into(),
+            w2: WeightSlice::BF16(&w2[e * matrix..(e + 1) * matrix]).into(),
+            w3: WeightSlice::BF16(&w3[e * matrix..(e + 1) * matrix]).into(),
         })
         .collect();
     let reference = expert_slots(&x, &experts_cpu, &routing, &groups, hidden, inter);

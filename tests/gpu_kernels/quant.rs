@@ -528,9 +528,9 @@ fn check_qmoe(name: &str, case: &QMoeCase) {
     let experts_cpu: Vec<Expert<'_>> = dequantized
         .iter()
         .map(|[m1, m3, m2]| Expert {
-            w1: WeightSlice::F32(m1),
-            w2: WeightSlice::F32(m2),
-            w3: WeightSlice::F32(m3),
+            w1: WeightSlice::F32(m1).into(),
+            w2: WeightSlice::F32(m2).into(),
+            w3: WeightSlice::F32(m3).into(),
         })
         .collect();
     let reference = expert_slots(&x, &experts_cpu, &routing, &groups, hidden, inter);
