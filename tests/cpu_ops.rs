@@ -3,6 +3,9 @@
 //! determinism), RMSNorm, RoPE, sliding-window GQA attention over a paged cache, routing and
 //! grouping, the MoE block, embedding, and the paged-KV bookkeeping.
 
+mod common;
+
+use common::numeric::product_definition;
 use half::{bf16, f16};
 use mixtral::cpu::attention::{attention, AttentionShape, PagedView};
 use mixtral::cpu::embedding::embed;
@@ -75,22 +78,9 @@ impl TypedWeights {
     }
 }
 
-/// The definition: `y[t, n] = sum_k x[t, k] * w[n, k]`, in f64, with the magnitude
-/// `sum_k |x[t, k] * w[n, k]|` of each sum.
+/// The definition: `y[t, n] = sum_k x[t, k] * w[n, k]`, in f64, with the magnitude of each sum.
 fn matmul_definition(x: &[f32], w: WeightSlice<'_>, n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
-    let tokens = x.len() / k;
-    let mut y = vec![0.0f64; tokens * n];
-    let mut mag = vec![0.0f64; tokens * n];
-    for t in 0..tokens {
-        for r in 0..n {
-            for i in 0..k {
-                let p = x[t * k + i] as f64 * w.get(r * k + i) as f64;
-                y[t * n + r] += p;
-                mag[t * n + r] += p.abs();
-            }
-        }
-    }
-    (y, mag)
+    product_definition(x, |i| w.get(i) as f64, n, k)
 }
 
 proptest! {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::numeric::random_values;
+use common::numeric::{product_definition, random_values};
 use mixtral::cpu::matmul::Kernel;
 use mixtral::cpu::packed_matmul::{packed_matmul_with, Matrix};
 use mixtral::packed::lut4::Lut4;
@@ -75,20 +75,7 @@ fn random_matrix(
 /// `(y, magnitude)`: the f64 product with the dequantized values and `sum |x| |w|` per element.
 fn definition(x: &[f32], w: &PackedMatrix) -> (Vec<f64>, Vec<f64>) {
     let values = w.dequantize();
-    let (n, k) = (w.rows, w.cols);
-    let tokens = x.len() / k;
-    let mut y = vec![0.0f64; tokens * n];
-    let mut mag = vec![0.0f64; tokens * n];
-    for t in 0..tokens {
-        for r in 0..n {
-            for j in 0..k {
-                let (a, b) = (x[t * k + j] as f64, values[r * k + j] as f64);
-                y[t * n + r] += a * b;
-                mag[t * n + r] += (a * b).abs();
-            }
-        }
-    }
-    (y, mag)
+    product_definition(x, |i| values[i] as f64, w.rows, w.cols)
 }
 
 /// Every kind, with group sizes that allow the SIMD loop (multiples of 16) and some that do not.

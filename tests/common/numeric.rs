@@ -58,3 +58,27 @@ pub fn argmax(row: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// The definition of a product: `y[t, n] = sum_k x[t, k] * w(n * k_len + k)` in f64, with the
+/// magnitude `sum_k |x[t, k] * w(..)|` of each sum (what a rounding bound scales with); `w` gives
+/// the weight at a row-major index of `[n, k]`.
+pub fn product_definition(
+    x: &[f32],
+    w: impl Fn(usize) -> f64,
+    n: usize,
+    k: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let tokens = x.len() / k;
+    let mut y = vec![0.0f64; tokens * n];
+    let mut mag = vec![0.0f64; tokens * n];
+    for t in 0..tokens {
+        for r in 0..n {
+            for i in 0..k {
+                let p = x[t * k + i] as f64 * w(r * k + i);
+                y[t * n + r] += p;
+                mag[t * n + r] += p.abs();
+            }
+        }
+    }
+    (y, mag)
+}
