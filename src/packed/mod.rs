@@ -25,10 +25,10 @@
 //!   `perm[j]`; without it stored column `j` is input column `j`.
 //!
 //! [`PackedMatrix::gpu_layout_ok`] says whether the GPU kernels can read a matrix: every row a whole
-//! number of 16-byte chunks (`cols` a multiple of 16 for 8-bit, 32 for 4-bit) and, for 4-bit,
-//! groups of a multiple of 32 columns, so that one lane's 16-byte chunk never spans two groups. No
-//! GPU kernel reads LUT4 yet: such a matrix is refused there (the CUDA engine then stores it in
-//! bf16 from [`PackedMatrix::dequantize`]).
+//! number of 16-byte chunks (`cols` a multiple of 16 for 8-bit, 32 for 4-bit) and, for 4-bit (INT4
+//! and LUT4), groups of a multiple of 32 columns, so that one lane's 16-byte chunk never spans two
+//! groups. A matrix they cannot read is stored in bf16 from [`PackedMatrix::dequantize`] by the
+//! CUDA engine.
 
 pub mod awq;
 pub mod fp8;
@@ -490,17 +490,22 @@ impl PackedMatrix {
                 "8-bit rows on the GPU need a multiple of 16 columns, not {}",
                 self.cols
             )),
-            PackedKind::Int4 { group_size } if !self.cols.is_multiple_of(32) => fail(format!(
-                "4-bit rows on the GPU need a multiple of 32 columns, not {} (groups of {group_size})",
-                self.cols
-            )),
-            PackedKind::Int4 { group_size } if !group_size.is_multiple_of(32) => fail(format!(
-                "4-bit groups on the GPU need a multiple of 32 columns, not {group_size}"
-            )),
-            PackedKind::Lut4 { table, .. } => fail(format!(
-                "no GPU kernel decodes 4-bit {} table codes yet",
-                table.name()
-            )),
+            PackedKind::Int4 { group_size } | PackedKind::Lut4 { group_size, .. }
+                if !self.cols.is_multiple_of(32) =>
+            {
+                fail(format!(
+                    "4-bit rows on the GPU need a multiple of 32 columns, not {} (groups of \
+                     {group_size})",
+                    self.cols
+                ))
+            }
+            PackedKind::Int4 { group_size } | PackedKind::Lut4 { group_size, .. }
+                if !group_size.is_multiple_of(32) =>
+            {
+                fail(format!(
+                    "4-bit groups on the GPU need a multiple of 32 columns, not {group_size}"
+                ))
+            }
             _ if self.rows == 0 || self.cols == 0 => fail("an empty matrix"),
             _ => Ok(()),
         }
@@ -665,7 +670,8 @@ mod tests {
             let p = PackedMatrix::lut4(table, &q, &scales, (rows, cols), group).unwrap();
             prop_assert_eq!(p.dequantize(), want);
             prop_assert_eq!(p.params.len(), rows * p.row_params());
-            prop_assert!(p.gpu_layout_ok().is_err());
+            let readable = cols % 32 == 0 && group % 32 == 0;
+            prop_assert_eq!(p.gpu_layout_ok().is_ok(), readable);
         }
     }
 
@@ -693,5 +699,21 @@ mod tests {
         let (codes, scales) = int8::quantize_per_channel(&matrix(2, 24, 3), 2, 24);
         let p = PackedMatrix::int8(&codes, &scales, 2, 24).unwrap();
         assert!(p.gpu_layout_ok().is_err());
+        // 4-bit table codes: the rules of INT4 (bitsandbytes' blocks of 64 are readable).
+        for table in [lut4::Lut4::Nf4, lut4::Lut4::Fp4] {
+            for (cols, group, ok) in [
+                (128, 64, true),
+                (64, 32, true),
+                (48, 48, false),
+                (64, 16, false),
+            ] {
+                let p = lut4::quantize(table, &matrix(2, cols, 5), (2, cols), group).unwrap();
+                assert_eq!(
+                    p.gpu_layout_ok().is_ok(),
+                    ok,
+                    "{table:?} [{cols}] groups of {group}"
+                );
+            }
+        }
     }
 }

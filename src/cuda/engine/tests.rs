@@ -148,7 +148,7 @@ fn mixtral_8x7b_fits_an_80_gb_gpu_packed_in_8_bits_with_a_32k_context_but_not_in
 }
 
 #[test]
-fn every_quantized_fixture_is_stored_packed_act_order_included() {
+fn every_quantized_fixture_is_stored_packed_act_order_and_table_codes_included() {
     use super::matrix::StackFormat;
     use crate::quant::PackedKind;
     use crate::{LoadOptions, Model};
@@ -169,6 +169,26 @@ fn every_quantized_fixture_is_stored_packed_act_order_included() {
                 LayerFormats::all(StackFormat::Packed { kind, perm }),
                 "{dir}"
             );
+        }
+    }
+    // bitsandbytes 4-bit checkpoints (attention projections quantized in blocks of 64, the experts
+    // bf16): the attention stacks packed as table codes, read by the LUT4 kernels.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real-quant");
+    for (dir, table) in [
+        ("bnb-nf4", crate::packed::lut4::Lut4::Nf4),
+        ("bnb-fp4", crate::packed::lut4::Lut4::Fp4),
+    ] {
+        let model = Model::load(&root.join(dir), &LoadOptions::default()).expect(dir);
+        let packed = StackFormat::Packed {
+            kind: PackedKind::Lut4 {
+                table,
+                group_size: 64,
+            },
+            perm: false,
+        };
+        for f in weight_formats(&model.weights) {
+            assert_eq!((f.qkv, f.o), (packed, packed), "{dir}");
+            assert_eq!((f.w13, f.w2), (StackFormat::Bf16, StackFormat::Bf16), "{dir}");
         }
     }
     // A bf16 model stays bf16.
