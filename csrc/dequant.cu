@@ -1,6 +1,6 @@
 // dequant.cu: a stack of packed quantized matrices (FP8, INT8, 4-bit integer or 4-bit table codes,
-// the layout of src/packed/mod.rs; decoding in csrc/quant.cuh) expanded to bf16 in input-column order, for the
-// tensor-core kernels of prefill chunks.
+// the layout of src/packed/mod.rs; decoding in csrc/quant.cuh) expanded to bf16 in input-column order,
+// for the tensor-core kernels of prefill chunks.
 //
 //   codes  [count, rows, row_bytes] u8        row_bytes = cols (8-bit) or cols / 2 (4-bit), 16-byte aligned
 //   params [count, rows, row_params] f32      row scale (8-bit), (scale, zero) per group (INT4) or
@@ -10,15 +10,16 @@
 //   out    [count, rows, cols] bf16           16-byte aligned
 //
 //   out[m, r, perm[m, j]] = bf16(w[m, r, j]) (out[m, r, j] without perm), w the exact dequantized value
-//   (8-bit: value(code) * scale; INT4: scale * (q - zero); LUT4: scale * table[q]), rounded once to nearest even: the same
-//   bits as PackedMatrix::dequantize rounded to bf16 on the host. A perm entry >= cols is skipped.
+//   (8-bit: value(code) * scale; INT4: scale * (q - zero); LUT4: scale * table[q]), rounded once to
+//   nearest even: the same bits as PackedMatrix::dequantize rounded to bf16 on the host. A perm entry
+//   >= cols is skipped.
 //
-// dequantize_{fp8,int8,int4,lut4}: one block per (row, matrix), grid (rows, count), DEQUANT_THREADS threads;
-//   each thread takes every DEQUANT_THREADS-th 16-byte chunk of the row's codes (one streaming load),
-//   decodes its 16 (8-bit) or 32 (4-bit) values and stores them as 16-byte bf16 vectors (without perm)
-//   or scalar bf16 stores at perm[j]. cols is a multiple of 16 / 32 and group_size of 32 (checked by the
-//   Rust launcher), so every chunk is whole and in one group. LUT4 reads its 64-byte table into shared
-//   memory once per block first.
+// dequantize_{fp8,int8,int4,lut4}: one block per (row, matrix), grid (rows, count), DEQUANT_THREADS
+//   threads; each thread takes every DEQUANT_THREADS-th 16-byte chunk of the row's codes (one
+//   streaming load), decodes its 16 (8-bit) or 32 (4-bit) values and stores them as 16-byte bf16
+//   vectors (without perm) or scalar bf16 stores at perm[j]. cols is a multiple of 16 / 32 and
+//   group_size of 32 (checked by the Rust launcher), so every chunk is whole and in one group. LUT4
+//   reads its 64-byte table into shared memory once per block first.
 //
 // No fast math: the only arithmetic is the exact decoding and one f32 product.
 //

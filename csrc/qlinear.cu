@@ -1,5 +1,6 @@
 // qlinear.cu: the dense projection of a decode batch over one packed quantized weight matrix (FP8,
-// INT8, 4-bit integer or 4-bit table codes, the layout of src/packed/mod.rs; decoding in csrc/quant.cuh).
+// INT8, 4-bit integer or 4-bit table codes, the layout of src/packed/mod.rs; decoding in
+// csrc/quant.cuh).
 //
 //   x     [tokens, in_features] bf16              input rows (16-byte aligned), tokens <= 16
 //   codes [out_features, row_bytes] u8            row_bytes = in_features (8-bit) or in_features / 2
@@ -30,8 +31,9 @@
 //
 // Ran on an H100 (2026-11-28, benches/RESULTS.md): tests/gpu_kernels/quant.rs passes against the
 // CPU reference for every kind, group size and tile, with and without a permutation (LUT4, added
-// later, not yet run on a GPU). Not yet run on sm_80. The decoding formulas are the ones checked bit for bit on the host in src/quant/packed.rs
-// (fp8_decode_by_bits, magic_u8_to_f32).
+// later, not yet run on a GPU). Not yet run on sm_80. The decoding formulas are the ones checked bit
+// for bit on the host in src/packed/mod.rs (fp8_decode_by_bits, magic_u8_to_f32,
+// lut4_offsets_by_bytes).
 #include "quant.cuh"
 
 namespace {

@@ -1,6 +1,7 @@
 // qmoe.cu: the expert MLP of decode batches over packed quantized expert stacks (FP8, INT8, 4-bit
-// integer or 4-bit table codes, the layout of src/packed/mod.rs; decoding in csrc/quant.cuh), SwiGLU fused: moe_gemv.cu with
-// packed weights, over the slots the router grouped by expert (slot s = t * top_k + j).
+// integer or 4-bit table codes, the layout of src/packed/mod.rs; decoding in csrc/quant.cuh), SwiGLU
+// fused: moe_gemv.cu with packed weights, over the slots the router grouped by expert
+// (slot s = t * top_k + j).
 //
 //   x       [tokens, hidden] bf16                         normalised hidden states (16-byte aligned)
 //   w1, w3  [experts, inter] packed rows of hidden cols    codes [experts, inter, w13_row_bytes] u8,

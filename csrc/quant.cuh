@@ -1,4 +1,4 @@
-// quant.cuh: reading quantized weights in the packed layout of src/quant/packed.rs, shared by
+// quant.cuh: reading quantized weights in the packed layout of src/packed/mod.rs, shared by
 // qlinear.cu, qmoe.cu and dequant.cu.
 //
 // Layout of one matrix [rows, cols] (stored column j; `perm` maps it to input column perm[j]):
@@ -16,14 +16,15 @@
 // Decoding is exact (every value equals PackedMatrix::dequantize on the host):
 //   FP8:  the bits (c & 0x80) << 24 | (c & 0x7f) << 20 as an f32, times 2^120 (bias 127 - 7). The
 //         f32 from the bits alone is tiny (at most 2^-112, denormal for exponent 0), so it is scaled
-//         by 2^120 before anything else multiplies it. (packed.rs: fp8_decode_by_bits.)
+//         by 2^120 before anything else multiplies it. (packed/mod.rs: fp8_decode_by_bits.)
 //   INT8: the code with its sign bit flipped placed in the mantissa of 2^23 (0x4B000000 | (c ^ 0x80)),
-//         minus 2^23 + 128. (packed.rs: magic_u8_to_f32.)
+//         minus 2^23 + 128. (packed/mod.rs: magic_u8_to_f32.)
 //   INT4: the nibble q in the mantissa of 2^23 (0x4B000000 | q), minus 2^23 + zero: q - zero exactly,
 //         as 2^23 + zero is exact for an integer zero.
 //   LUT4: table[q] read from shared memory (16 words in 16 distinct banks: a warp's lookups never
-//         conflict), then one f32 product with the group scale, rounded once: the value
-//         PackedMatrix::dequantize computes (scale * table.value(q)), bit for bit.
+//         conflict) at the byte offset 4 * q (packed/mod.rs: lut4_offsets_by_bytes), then one f32
+//         product with the group scale, rounded once: the value PackedMatrix::dequantize computes
+//         (scale * table.value(q)), bit for bit.
 #pragma once
 
 #include "common.cuh"
@@ -31,13 +32,13 @@
 namespace mx {
 namespace quant {
 
-// Stored columns in one 16-byte chunk of codes.
 // Whether KIND packs two 4-bit codes per byte (INT4, LUT4).
 template <int KIND>
 __host__ __device__ constexpr bool is_4bit() {
     return KIND == QUANT_KIND_INT4 || KIND == QUANT_KIND_LUT4;
 }
 
+// Stored columns in one 16-byte chunk of codes.
 template <int KIND>
 __host__ __device__ constexpr uint32_t chunk_elems() {
     return is_4bit<KIND>() ? 32u : 16u;
@@ -47,6 +48,9 @@ __host__ __device__ constexpr uint32_t chunk_elems() {
 // aligned: the low byte of its shared address is 0, so a byte offset 4 * q (at most 60) is placed there
 // by one PRMT (lut4_values).
 static __shared__ __align__(256) float lut4_table[QUANT_TABLE_VALUES];
+static_assert(QLINEAR_WARPS * 32 >= QUANT_TABLE_VALUES && MOE_WARPS * 32 >= QUANT_TABLE_VALUES &&
+                  DEQUANT_THREADS >= QUANT_TABLE_VALUES,
+              "load_table reads one table value per thread");
 
 // LUT4: reads the kernel's `table` (QUANT_TABLE_VALUES f32) into lut4_table with the first threads of
 // the block (every kernel has at least that many) and synchronises the block, so every thread must

@@ -197,6 +197,19 @@ pub fn magic_u8_to_f32(v: u8) -> f32 {
     f32::from_bits(0x4B00_0000 | u32::from(v)) - 8_388_608.0
 }
 
+/// The byte offsets `4 * q` of the 8 codes `q` of a little-endian 32-bit word of 4-bit codes (code
+/// k in bits `4k..4k + 4`), computed the way the GPU kernels compute LUT4 table addresses: the
+/// offsets of the even codes in the bytes of `(w << 2) & 0x3C3C3C3C`, those of the odd codes in the
+/// bytes of `(w >> 2) & 0x3C3C3C3C`, byte i of each taken alone (a PRMT on the GPU). Exact.
+pub fn lut4_offsets_by_bytes(w: u32) -> [u32; 8] {
+    let even = (w << 2) & 0x3C3C_3C3C;
+    let odd = (w >> 2) & 0x3C3C_3C3C;
+    std::array::from_fn(|k| {
+        let bytes = if k % 2 == 0 { even } else { odd };
+        (bytes >> (8 * (k / 2))) & 0xFF
+    })
+}
+
 impl PackedMatrix {
     /// FP8 codes `[rows, cols]` with one scale, or one per row.
     pub fn fp8(
@@ -550,6 +563,27 @@ mod tests {
             // INT8 codes: the kernels flip the sign bit and subtract 128 more.
             let signed = magic_u8_to_f32(v ^ 0x80) - 128.0;
             assert_eq!(signed, f32::from(v as i8));
+        }
+    }
+
+    #[test]
+    fn the_kernels_table_offsets_follow_the_stored_columns() {
+        // A row of 64 codes packed as the matrices hold them, read back as the kernels read it: each
+        // little-endian word of the codes holds stored columns 8j .. 8j + 8.
+        let q: Vec<u8> = (0..64u32).map(|i| ((i * 7 + i / 16) % 16) as u8).collect();
+        let packed = pack_nibbles(&q);
+        for (j, word) in packed.chunks_exact(4).enumerate() {
+            let w = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            let offsets = lut4_offsets_by_bytes(w);
+            for (k, &offset) in offsets.iter().enumerate() {
+                assert_eq!(offset, 4 * u32::from(q[8 * j + k]), "column {}", 8 * j + k);
+            }
+        }
+        for w in [0u32, u32::MAX, 0x0123_4567, 0xFEDC_BA98, 0x8F1E_2D3C] {
+            let offsets = lut4_offsets_by_bytes(w);
+            for (k, &offset) in offsets.iter().enumerate() {
+                assert_eq!(offset, 4 * ((w >> (4 * k)) & 0xF), "{w:#x} nibble {k}");
+            }
         }
     }
 

@@ -9,8 +9,8 @@
 //! experts stacked: `w1`, `w3` `[experts, inter, hidden]`, `w2` `[experts, hidden, inter]`. Then the
 //! embedding `[vocab, hidden]`, the final norm and the LM head (the embedding's region when tied).
 //! Norms, router, embedding and LM head are bf16; each projection stack is bf16 or, when its
-//! matrices are quantized ([`weight_formats`]), packed (codes, scales, permutation: see
-//! [`super::matrix`]), copied as it is held in memory.
+//! matrices are quantized ([`weight_formats`]), packed (codes, scales, permutation, and the table of
+//! 4-bit table codes: see [`super::matrix`]), copied as it is held in memory.
 
 use std::sync::Arc;
 
