@@ -55,6 +55,14 @@ impl StackFormat {
         }
     }
 
+    /// The element format when packed; `None` for bf16.
+    pub fn kind(self) -> Option<PackedKind> {
+        match self {
+            StackFormat::Packed { kind, .. } => Some(kind),
+            StackFormat::Bf16 => None,
+        }
+    }
+
     /// The storage of every projection stack of a model made with random weights in `format`
     /// (quantized on load: FP8 / INT8 per row, 4-bit in groups of [`int4::GROUP_SIZE`]).
     pub fn of_quant_format(format: QuantFormat) -> StackFormat {
@@ -326,9 +334,10 @@ pub fn experts(
     scratch: &mut DequantScratch,
     device: Device,
 ) -> Result<(), CudaError> {
-    // Packed kernels only when all three stacks are packed; otherwise the packed ones are expanded.
-    let format = match (w1.format(), w3.format(), w2.format()) {
-        (Format::Packed, Format::Packed, Format::Packed) => Format::Packed,
+    // Packed kernels only when all three stacks are packed in one kind (`qmoe_gemv` takes one group
+    // size and one table); otherwise the packed ones are expanded.
+    let format = match [w1, w3, w2].map(|m| m.packed().map(|p| p.kind)) {
+        [Some(k1), Some(k3), Some(k2)] if k1 == k3 && k3 == k2 => Format::Packed,
         _ => Format::Bf16,
     };
     let choice = select(Op::Experts, s.tokens as usize, format, device);

@@ -177,8 +177,9 @@ fn scratch_elements(
             }
         }
         let packed = [f.w13, f.w2].map(|f| f != StackFormat::Bf16);
-        // Mixed stacks run the bf16 kernels at every size, expanding the packed ones.
-        let expands = packed[0] != packed[1] || largest(Op::Experts) != Choice::QMoeGemv;
+        // Mixed stacks (one bf16, or packed in two kinds, which `qmoe_gemv` cannot take together)
+        // run the bf16 kernels at every size, expanding the packed ones.
+        let expands = f.w13.kind() != f.w2.kind() || largest(Op::Experts) != Choice::QMoeGemv;
         if packed.contains(&true) && expands {
             let n = experts * c.intermediate_size * h;
             expert = [n, n, n];
@@ -204,12 +205,10 @@ fn allocate_stack(
     let (count, rows, cols) = shape;
     match format {
         StackFormat::Bf16 => Ok(DeviceMatrix::Bf16(arena.zeroed(count * rows * cols, what)?)),
-        StackFormat::Packed { kind, perm } => Ok(DeviceMatrix::Packed(Box::new(PackedStack::allocate(
-            arena,
-            (kind, perm && own_perm),
-            shape,
-            what,
-        )?))),
+        StackFormat::Packed { kind, perm } => {
+            let stack = PackedStack::allocate(arena, (kind, perm && own_perm), shape, what)?;
+            Ok(DeviceMatrix::Packed(Box::new(stack)))
+        }
     }
 }
 
