@@ -6,7 +6,7 @@
 //! long-context decode, prefill). `gpu_decode --protocol OUT.jsonl` runs the fixed protocol that
 //! `scripts/gpu-check` uses: every measurement once, median of repeated steps after a warm-up, one
 //! JSON object per line. `gpu_decode --protocol-quant OUT.jsonl` measures the packed formats (FP8,
-//! INT8, 4-bit) at 32 layers the same way: decode at batch 1 and 8, a 512-token prefill. Without a
+//! INT8, 4-bit, and bitsandbytes NF4 in blocks of 64 as `nf4`) at 32 layers the same way: decode at batch 1 and 8, a 512-token prefill. Without a
 //! CUDA driver or device each prints why and exits successfully; any other failure to build the
 //! engine panics (the rule of `tests/common/gpu.rs`).
 //!
@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use mixtral::config::ModelConfig;
+use mixtral::cuda::engine::matrix::StackFormat;
 use mixtral::cuda::engine::GroupedKernel;
 use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, WeightSource};
 use mixtral::engine::EngineOptions;
-use mixtral::quant::QuantFormat;
+use mixtral::packed::lut4::Lut4;
+use mixtral::quant::{PackedKind, QuantFormat};
 use mixtral::{LogitsFor, SeqId, SeqStep};
 
 const WARMUP: usize = 5;
@@ -62,11 +64,11 @@ fn layers() -> usize {
 }
 
 fn engine(layers: usize, graphs: bool) -> Result<CudaEngine, CudaError> {
-    engine_in(layers, graphs, QuantFormat::Bf16)
+    engine_in(layers, graphs, StackFormat::Bf16)
 }
 
 /// An engine with random weights whose projection stacks are stored in `format`.
-fn engine_in(layers: usize, graphs: bool, format: QuantFormat) -> Result<CudaEngine, CudaError> {
+fn engine_in(layers: usize, graphs: bool, format: StackFormat) -> Result<CudaEngine, CudaError> {
     engine_with(layers, graphs, format, false)
 }
 
@@ -74,7 +76,7 @@ fn engine_in(layers: usize, graphs: bool, format: QuantFormat) -> Result<CudaEng
 fn engine_with(
     layers: usize,
     graphs: bool,
-    format: QuantFormat,
+    format: StackFormat,
     wgmma: bool,
 ) -> Result<CudaEngine, CudaError> {
     let options = CudaEngineOptions {
@@ -104,8 +106,17 @@ fn engine_with(
 fn protocol_quant(out_path: &str) {
     let layers = 32;
     let mut out = std::fs::File::create(out_path).expect("protocol output");
-    for format in [QuantFormat::Fp8, QuantFormat::Int8, QuantFormat::Int4] {
-        let mut engine = match engine_in(layers, true, format) {
+    let nf4 = StackFormat::Packed {
+        kind: PackedKind::Lut4 {
+            table: Lut4::Nf4,
+            group_size: 64,
+        },
+        perm: false,
+    };
+    let formats = [QuantFormat::Fp8, QuantFormat::Int8, QuantFormat::Int4]
+        .map(|f| (f.as_str(), StackFormat::of_quant_format(f)));
+    for (format, stack) in formats.into_iter().chain([("nf4", nf4)]) {
+        let mut engine = match engine_in(layers, true, stack) {
             Ok(e) => e,
             Err(e) if skip(&e) => {
                 gpu_rule::print_skip("gpu_decode", &e);
@@ -275,7 +286,7 @@ fn protocol(out_path: &str) {
         }
     }
     // Prefill again with the Hopper expert kernels, where their self-check passes.
-    let mut engine = match engine_with(layers, true, QuantFormat::Bf16, true) {
+    let mut engine = match engine_with(layers, true, StackFormat::Bf16, true) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("gpu_decode: no engine with the Hopper expert kernels: {e}");

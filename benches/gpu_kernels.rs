@@ -16,12 +16,14 @@ use mixtral::cuda::args::{
     AttentionDecodeArgs, AttentionPrefillArgs, LinearArgs, LinearScalars, MoeArgs, MoeScalars,
     QMoeArgs, RouterArgs, RouterScalars,
 };
+use mixtral::cuda::engine::matrix::table_values;
 use mixtral::cuda::memory::{DeviceArena, DeviceBuffer};
 use mixtral::cuda::ops::{
     self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, FillValues, PackedView,
     PagedCacheShape,
 };
 use mixtral::cuda::{CudaDevice, Kernels};
+use mixtral::packed::lut4::Lut4;
 use mixtral::quant::PackedKind;
 
 const HIDDEN: usize = 4096;
@@ -316,7 +318,8 @@ fn moe_scalars(tokens: usize) -> MoeScalars {
 }
 
 /// A packed stack of `count` `[rows, cols]` matrices with pseudo-random codes (no FP8 NaN code),
-/// scales around 0.01 and 4-bit zeros of 8; returns (codes, params, bytes the kernels read).
+/// scales around 0.01 and INT4 zeros of 8 (LUT4: one scale per group); returns (codes, params,
+/// bytes the kernels read).
 fn packed_stack(
     b: &mut Bench,
     kind: PackedKind,
@@ -324,10 +327,7 @@ fn packed_stack(
     rows: usize,
     cols: usize,
 ) -> (DeviceBuffer<u8>, DeviceBuffer<f32>, usize) {
-    let (row_bytes, row_params) = match kind {
-        PackedKind::Int4 { group_size } => (cols / 2, 2 * cols.div_ceil(group_size)),
-        _ => (cols, 1),
-    };
+    let (row_bytes, row_params) = (kind.row_code_bytes(cols), kind.row_params(cols));
     let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (count * rows * cols) as u64;
     let codes: Vec<u8> = (0..count * rows * row_bytes)
         .map(|_| {
@@ -339,7 +339,7 @@ fn packed_stack(
         .collect();
     let params: Vec<f32> = (0..count * rows * row_params)
         .map(|i| {
-            if row_params > 1 && i % 2 == 1 {
+            if matches!(kind, PackedKind::Int4 { .. }) && i % 2 == 1 {
                 8.0
             } else {
                 0.01
@@ -362,9 +362,19 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
         ("fp8", PackedKind::Fp8),
         ("int8", PackedKind::Int8),
         ("int4", PackedKind::Int4 { group_size: 128 }),
+        // bitsandbytes NF4 in its blocks of 64.
+        (
+            "nf4",
+            PackedKind::Lut4 {
+                table: Lut4::Nf4,
+                group_size: 64,
+            },
+        ),
     ];
     let gate = b.random(EXPERTS * HIDDEN, 0.02);
     for (label, kind) in kinds {
+        // LUT4's 16 values, read once per block (not counted in the bytes).
+        let table = table_values(kind).map(|t| b.upload(&t));
         for (name, out_features) in [("qkv", 6144), ("o", 4096)] {
             let (codes, params, bytes) = packed_stack(b, kind, 1, out_features, HIDDEN);
             for tokens in [1usize, 8] {
@@ -389,6 +399,7 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
                                     codes: codes.view(),
                                     params: params.view(),
                                     perm: None,
+                                    table: table.as_ref().map(DeviceBuffer::view),
                                 },
                                 y.view_mut().into(),
                             )
@@ -439,6 +450,7 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
                             w2_codes: w2_codes.view(),
                             w2_params: w2_params.view(),
                             w2_perm: None,
+                            table: table.as_ref().map(DeviceBuffer::view),
                             topk_weights: topk_weights.view(),
                             expert_offsets: offsets.view(),
                             sorted_slots: sorted.view(),

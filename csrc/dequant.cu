@@ -1,26 +1,30 @@
-// dequant.cu: a stack of packed quantized matrices (FP8, INT8 or 4-bit, the layout of
-// src/quant/packed.rs; decoding in csrc/quant.cuh) expanded to bf16 in input-column order, for the
-// tensor-core kernels of prefill chunks.
+// dequant.cu: a stack of packed quantized matrices (FP8, INT8, 4-bit integer or 4-bit table codes,
+// the layout of src/packed/mod.rs; decoding in csrc/quant.cuh) expanded to bf16 in input-column order,
+// for the tensor-core kernels of prefill chunks.
 //
 //   codes  [count, rows, row_bytes] u8        row_bytes = cols (8-bit) or cols / 2 (4-bit), 16-byte aligned
-//   params [count, rows, row_params] f32      row scale (8-bit) or (scale, zero) per group (4-bit)
+//   params [count, rows, row_params] f32      row scale (8-bit), (scale, zero) per group (INT4) or
+//                                             scale per group (LUT4)
 //   perm   [count, cols] u32 or null          input column of each stored column
+//   table  [QUANT_TABLE_VALUES] f32           LUT4 only: the values of the 4-bit codes
 //   out    [count, rows, cols] bf16           16-byte aligned
 //
 //   out[m, r, perm[m, j]] = bf16(w[m, r, j]) (out[m, r, j] without perm), w the exact dequantized value
-//   (8-bit: value(code) * scale; 4-bit: scale * (q - zero)), rounded once to nearest even: the same
-//   bits as PackedMatrix::dequantize rounded to bf16 on the host. A perm entry >= cols is skipped.
+//   (8-bit: value(code) * scale; INT4: scale * (q - zero); LUT4: scale * table[q]), rounded once to
+//   nearest even: the same bits as PackedMatrix::dequantize rounded to bf16 on the host. A perm entry
+//   >= cols is skipped.
 //
-// dequantize_{fp8,int8,int4}: one block per (row, matrix), grid (rows, count), DEQUANT_THREADS threads;
-//   each thread takes every DEQUANT_THREADS-th 16-byte chunk of the row's codes (one streaming load),
-//   decodes its 16 (8-bit) or 32 (4-bit) values and stores them as 16-byte bf16 vectors (without perm)
-//   or scalar bf16 stores at perm[j]. cols is a multiple of 16 / 32 and group_size of 32 (checked by the
-//   Rust launcher), so every chunk is whole and in one group.
+// dequantize_{fp8,int8,int4,lut4}: one block per (row, matrix), grid (rows, count), DEQUANT_THREADS
+//   threads; each thread takes every DEQUANT_THREADS-th 16-byte chunk of the row's codes (one
+//   streaming load), decodes its 16 (8-bit) or 32 (4-bit) values and stores them as 16-byte bf16
+//   vectors (without perm) or scalar bf16 stores at perm[j]. cols is a multiple of 16 / 32 and
+//   group_size of 32 (checked by the Rust launcher), so every chunk is whole and in one group. LUT4
+//   reads its 64-byte table into shared memory once per block first.
 //
 // No fast math: the only arithmetic is the exact decoding and one f32 product.
 //
 // Ran on an H100 (2026-11-28, benches/RESULTS.md): tests/gpu_kernels/quant.rs checks it bit-exact
-// against PackedMatrix::dequantize. Not yet run on sm_80.
+// against PackedMatrix::dequantize (LUT4, added later, not yet run on a GPU). Not yet run on sm_80.
 #include "quant.cuh"
 
 namespace {
@@ -33,6 +37,7 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 template <int KIND>
 __device__ void dequant_body(const DequantParams& p) {
     constexpr uint32_t ELEMS = mx::quant::chunk_elems<KIND>();
+    mx::quant::load_table<KIND>(p.table);  // before any thread returns
     const uint32_t row = blockIdx.x;
     const uint32_t m = blockIdx.y;
     if (row >= p.rows || m >= p.count) return;
@@ -48,6 +53,8 @@ __device__ void dequant_body(const DequantParams& p) {
         float bias = 0.0f;
         if constexpr (KIND == QUANT_KIND_INT4) {
             mx::quant::int4_group(params, chunk, p.group_size, scale, bias);
+        } else if constexpr (KIND == QUANT_KIND_LUT4) {
+            scale = mx::quant::lut4_group(params, chunk, p.group_size);
         } else {
             scale = __ldg(params);
         }

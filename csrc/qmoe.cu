@@ -1,6 +1,7 @@
-// qmoe.cu: the expert MLP of decode batches over packed quantized expert stacks (FP8, INT8 or 4-bit,
-// the layout of src/quant/packed.rs; decoding in csrc/quant.cuh), SwiGLU fused: moe_gemv.cu with
-// packed weights, over the slots the router grouped by expert (slot s = t * top_k + j).
+// qmoe.cu: the expert MLP of decode batches over packed quantized expert stacks (FP8, INT8, 4-bit
+// integer or 4-bit table codes, the layout of src/packed/mod.rs; decoding in csrc/quant.cuh), SwiGLU
+// fused: moe_gemv.cu with packed weights, over the slots the router grouped by expert
+// (slot s = t * top_k + j).
 //
 //   x       [tokens, hidden] bf16                         normalised hidden states (16-byte aligned)
 //   w1, w3  [experts, inter] packed rows of hidden cols    codes [experts, inter, w13_row_bytes] u8,
@@ -9,11 +10,12 @@
 //   w2      [experts, hidden] packed rows of inter cols    codes [experts, hidden, w2_row_bytes] u8,
 //                                                          params [experts, hidden, w2_row_params] f32
 //   w2_perm [experts, inter] u32 or null
+//   table   [QUANT_TABLE_VALUES] f32                       LUT4 only: the values of the 4-bit codes
 //   act     [tokens * top_k, inter] bf16    qmoe_up:   act[s] = silu(w1[e] x[t]) * (w3[e] x[t])
 //   out     [tokens * top_k, hidden] f32    qmoe_down: out[s] = topk_weights[s] * (w2[e] act[s])
 // where w[e] x sums w[e][r][j] * x[perm[e][j]] over the stored columns j (x[j] without perm).
 //
-// qmoe_up_{fp8,int8,int4}_t{TILE}: each warp owns row `row` of w1[e] and of w3[e]; qmoe_down: each warp
+// qmoe_up_{fp8,int8,int4,lut4}_t{TILE}: each warp owns row `row` of w1[e] and of w3[e]; qmoe_down: each warp
 //   owns MOE_DOWN_ROWS_PER_WARP rows of w2[e]. Each lane takes every 32nd 16-byte chunk of codes and
 //   issues QUANT_UNROLL streaming loads per row (halved for TILE >= 4) before decoding them in
 //   registers; every weight row is read once per tile of an expert's slots (slot_tiles.cuh: at most
@@ -21,11 +23,12 @@
 //   (ceil(hidden / (MOE_WARPS * MOE_DOWN_ROWS_PER_WARP)), experts), MOE_WARPS * 32 threads. hidden
 //   and inter are multiples of 16 (8-bit) / 32 (4-bit), group_size of 32, codes / x / act / perm
 //   16-byte aligned (checked by the Rust launcher). Slots and offsets outside their ranges are skipped.
+//   LUT4 reads its 64-byte table into shared memory once per block, before any warp returns.
 //
 // No fast math: expf in silu stays accurate (it is not on the critical path).
 //
 // Ran on an H100 (2026-11-28, benches/RESULTS.md): tests/gpu_kernels/quant.rs passes against the
-// CPU reference for every kind and tile. Not yet run on sm_80.
+// CPU reference for every kind and tile (LUT4, added later, not yet run on a GPU). Not yet run on sm_80.
 #include "quant.cuh"
 #include "slot_tiles.cuh"
 
@@ -40,6 +43,7 @@ __device__ __forceinline__ void expert_range(const QMoeParams& p, int32_t& begin
 
 template <int KIND, int MAX_TILE>
 __device__ void qmoe_up_body(const QMoeParams& p) {
+    mx::quant::load_table<KIND>(p.table);  // before any warp returns
     int32_t begin, end;
     expert_range(p, begin, end);
     const uint32_t row = blockIdx.x * MOE_WARPS + threadIdx.x / 32;
@@ -78,6 +82,7 @@ template <int KIND, int MAX_TILE>
 __device__ void qmoe_down_body(const QMoeParams& p) {
     constexpr int R = MOE_DOWN_ROWS_PER_WARP;
     static_assert(R * MAX_TILE <= 32, "one lane per output");
+    mx::quant::load_table<KIND>(p.table);  // before any warp returns
     int32_t begin, end;
     expert_range(p, begin, end);
     const uint32_t row0 = (blockIdx.x * MOE_WARPS + threadIdx.x / 32) * R;

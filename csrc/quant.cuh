@@ -1,4 +1,4 @@
-// quant.cuh: reading quantized weights in the packed layout of src/quant/packed.rs, shared by
+// quant.cuh: reading quantized weights in the packed layout of src/packed/mod.rs, shared by
 // qlinear.cu, qmoe.cu and dequant.cu.
 //
 // Layout of one matrix [rows, cols] (stored column j; `perm` maps it to input column perm[j]):
@@ -7,17 +7,24 @@
 //   KIND = QUANT_KIND_INT4: codes [rows, cols / 2] bytes, stored column j in byte j / 2, the low nibble
 //     for even j; params [rows, groups, 2] f32 (scale, zero), group j / group_size; zero an integer in
 //     0..=16: w[r][j] = scale * (q - zero).
+//   KIND = QUANT_KIND_LUT4 (bitsandbytes NF4 / FP4): codes as INT4; params [rows, groups] f32 scales;
+//     a table of QUANT_TABLE_VALUES f32 values (the kernel's `table` pointer, read into shared memory
+//     once per block by load_table): w[r][j] = table[q] * scale[r][j / group_size].
 // Every row is a whole number of 16-byte chunks (cols a multiple of 16 for 8-bit, 32 for 4-bit) and,
-// for 4-bit, group_size is a multiple of 32, so the 32 elements of one chunk share one (scale, zero).
+// for 4-bit, group_size is a multiple of 32, so the 32 elements of one chunk share one group.
 //
 // Decoding is exact (every value equals PackedMatrix::dequantize on the host):
 //   FP8:  the bits (c & 0x80) << 24 | (c & 0x7f) << 20 as an f32, times 2^120 (bias 127 - 7). The
 //         f32 from the bits alone is tiny (at most 2^-112, denormal for exponent 0), so it is scaled
-//         by 2^120 before anything else multiplies it. (packed.rs: fp8_decode_by_bits.)
+//         by 2^120 before anything else multiplies it. (packed/mod.rs: fp8_decode_by_bits.)
 //   INT8: the code with its sign bit flipped placed in the mantissa of 2^23 (0x4B000000 | (c ^ 0x80)),
-//         minus 2^23 + 128. (packed.rs: magic_u8_to_f32.)
+//         minus 2^23 + 128. (packed/mod.rs: magic_u8_to_f32.)
 //   INT4: the nibble q in the mantissa of 2^23 (0x4B000000 | q), minus 2^23 + zero: q - zero exactly,
 //         as 2^23 + zero is exact for an integer zero.
+//   LUT4: table[q] read from shared memory (16 words in 16 distinct banks: a warp's lookups never
+//         conflict) at the byte offset 4 * q (packed/mod.rs: lut4_offsets_by_bytes), then one f32
+//         product with the group scale, rounded once: the value PackedMatrix::dequantize computes
+//         (scale * table.value(q)), bit for bit.
 #pragma once
 
 #include "common.cuh"
@@ -25,13 +32,36 @@
 namespace mx {
 namespace quant {
 
+// Whether KIND packs two 4-bit codes per byte (INT4, LUT4).
+template <int KIND>
+__host__ __device__ constexpr bool is_4bit() {
+    return KIND == QUANT_KIND_INT4 || KIND == QUANT_KIND_LUT4;
+}
+
 // Stored columns in one 16-byte chunk of codes.
 template <int KIND>
 __host__ __device__ constexpr uint32_t chunk_elems() {
-    return KIND == QUANT_KIND_INT4 ? 32u : 16u;
+    return is_4bit<KIND>() ? 32u : 16u;
 }
 
-static_assert(QUANT_CHUNK_BYTES == 16, "one chunk is one 16-byte load");
+// The table of the running LUT4 kernel (QUANT_TABLE_VALUES f32), filled by load_table. 256-byte
+// aligned: the low byte of its shared address is 0, so a byte offset 4 * q (at most 60) is placed there
+// by one PRMT (lut4_values).
+static __shared__ __align__(256) float lut4_table[QUANT_TABLE_VALUES];
+static_assert(QLINEAR_WARPS * 32 >= QUANT_TABLE_VALUES && MOE_WARPS * 32 >= QUANT_TABLE_VALUES &&
+                  DEQUANT_THREADS >= QUANT_TABLE_VALUES,
+              "load_table reads one table value per thread");
+
+// LUT4: reads the kernel's `table` (QUANT_TABLE_VALUES f32) into lut4_table with the first threads of
+// the block (every kernel has at least that many) and synchronises the block, so every thread must
+// call it before any returns. The other kinds: nothing.
+template <int KIND>
+__device__ __forceinline__ void load_table(const float* table) {
+    if constexpr (KIND == QUANT_KIND_LUT4) {
+        if (threadIdx.x < QUANT_TABLE_VALUES) lut4_table[threadIdx.x] = __ldg(table + threadIdx.x);
+        __syncthreads();
+    }
+}
 
 // Word i (0..3) of a 16-byte chunk; i is a compile-time constant after unrolling.
 __device__ __forceinline__ uint32_t word(const uint4& c, int i) {
@@ -58,14 +88,40 @@ __device__ __forceinline__ float int4_value(uint32_t w, int k, float bias) {
     return __uint_as_float(0x4B000000u | ((w >> (4 * k)) & 0xFu)) - bias;
 }
 
+// The f32 at shared address `address`.
+__device__ __forceinline__ float load_shared_f32(uint32_t address) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(address));
+    return v;
+}
+
+// lut4_table[q] of the 8 nibbles q of w (v[k]: nibble k). The byte offsets 4 * q of the four even
+// nibbles are made at once in the bytes of one word, those of the odd nibbles in another (a shift and a
+// mask each); one PRMT per value then puts its offset byte under the upper three bytes of the table's
+// address, giving the address of its LDS. A warp's 32 lookups never conflict: the 16 words lie in 16
+// distinct banks.
+__device__ __forceinline__ void lut4_values(uint32_t w, float (&v)[8]) {
+    const uint32_t base = (uint32_t)__cvta_generic_to_shared(lut4_table);
+    const uint32_t even = (w << 2) & 0x3C3C3C3Cu;
+    const uint32_t odd = (w >> 2) & 0x3C3C3C3Cu;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = load_shared_f32(__byte_perm(even, base, 0x7650u | (uint32_t)i));
+        v[2 * i + 1] = load_shared_f32(__byte_perm(odd, base, 0x7650u | (uint32_t)i));
+    }
+}
+
 // The 8 stored columns 8 * piece .. 8 * piece + 7 of chunk c: the code values (8-bit, before the row
-// scale) or q - zero (4-bit; bias = 2^23 + zero of the chunk's group).
+// scale), q - zero (INT4; bias = 2^23 + zero of the chunk's group) or table[q] (LUT4, before the group
+// scale; the table read by load_table).
 template <int KIND>
 __device__ __forceinline__ void decode8(const uint4& c, int piece, float bias, float (&v)[8]) {
     if constexpr (KIND == QUANT_KIND_INT4) {
         const uint32_t w = word(c, piece);
 #pragma unroll
         for (int k = 0; k < 8; ++k) v[k] = int4_value(w, k, bias);
+    } else if constexpr (KIND == QUANT_KIND_LUT4) {
+        lut4_values(word(c, piece), v);
     } else {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -88,6 +144,11 @@ __device__ __forceinline__ void int4_group(const float* row_params, uint32_t chu
     const uint32_t g = chunk * 32u / group_size;
     scale = __ldg(row_params + 2 * (size_t)g);
     bias = 8388608.0f + __ldg(row_params + 2 * (size_t)g + 1);
+}
+
+// The scale of the group holding chunk `chunk` of a LUT4 row (params of that row).
+__device__ __forceinline__ float lut4_group(const float* row_params, uint32_t chunk, uint32_t group_size) {
+    return __ldg(row_params + (size_t)(chunk * 32u / group_size));
 }
 
 // The 8 input columns of stored columns e0 .. e0 + 7 (perm 16-byte aligned, e0 a multiple of 8).
@@ -118,7 +179,8 @@ __device__ __forceinline__ void load_x8(const mx_bf16* a, uint32_t e0, bool perm
 }
 
 // acc[r][j] += w[r] . x_j over the stored columns col0 .. col0 + chunk_elems of one chunk (codes c[r]).
-// 8-bit: the code values (the row scale is applied by dot_rows); 4-bit: scale[r] * sum (q - zero) x.
+// 8-bit: the code values (the row scale is applied by dot_rows); INT4: scale[r] * sum (q - zero) x;
+// LUT4: sum (table[q] * scale[r]) x, each weight the exact dequantized value.
 template <int KIND, int R, int TILE>
 __device__ __forceinline__ void accumulate_chunk(const uint4 (&c)[R], const float (&scale)[R], const float (&bias)[R],
                                                  const uint32_t* perm, const mx_bf16* const (&a)[TILE],
@@ -133,13 +195,19 @@ __device__ __forceinline__ void accumulate_chunk(const uint4 (&c)[R], const floa
     const bool permuted = perm != nullptr;
     // Not unrolled for 4-bit: unrolled, ptxas hoists the x loads of all four pieces (up to 4 * TILE
     // 16-byte registers) ahead of the math.
-    constexpr int PIECE_UNROLL = KIND == QUANT_KIND_INT4 ? 1 : PIECES;
+    constexpr int PIECE_UNROLL = is_4bit<KIND>() ? 1 : PIECES;
 #pragma unroll PIECE_UNROLL
     for (int piece = 0; piece < PIECES; ++piece) {
         const uint32_t e0 = col0 + 8 * piece;
         float w[R][8];
 #pragma unroll
-        for (int r = 0; r < R; ++r) decode8<KIND>(c[r], piece, bias[r], w[r]);
+        for (int r = 0; r < R; ++r) {
+            decode8<KIND>(c[r], piece, bias[r], w[r]);
+            if constexpr (KIND == QUANT_KIND_LUT4) {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) w[r][k] = __fmul_rn(w[r][k], scale[r]);
+            }
+        }
         uint32_t idx[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         if (permuted) load_perm8(perm, e0, idx);
 #pragma unroll
@@ -170,6 +238,7 @@ __device__ __forceinline__ void accumulate_chunk(const uint4 (&c)[R], const floa
 // R packed rows of `cols` columns (codes[r], params[r]: the row's codes and parameters) against TILE
 // activation rows a[j]; every lane returns the full sums. Each lane takes every 32nd 16-byte chunk;
 // a step issues QUANT_UNROLL chunks per row (and, 4-bit, their group parameters) before using them.
+// LUT4: the kernel has called load_table.
 template <int KIND, int R, int TILE>
 __device__ __forceinline__ void dot_rows(const uint8_t* const (&codes)[R], const float* const (&params)[R],
                                          const uint32_t* perm, const mx_bf16* const (&a)[TILE], uint32_t cols,
@@ -200,18 +269,21 @@ __device__ __forceinline__ void dot_rows(const uint8_t* const (&codes)[R], const
                 scale[u][r] = 1.0f;
                 bias[u][r] = 0.0f;
                 if constexpr (KIND == QUANT_KIND_INT4) int4_group(params[r], chunk, group_size, scale[u][r], bias[u][r]);
+                if constexpr (KIND == QUANT_KIND_LUT4) scale[u][r] = lut4_group(params[r], chunk, group_size);
             }
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const uint32_t chunk = base + u * 32 + lane;
-            if (chunk < chunks) accumulate_chunk<KIND, R, TILE>(c[u], scale[u], bias[u], perm, a, chunk * ELEMS, cols, acc);
+            if (chunk < chunks) {
+                accumulate_chunk<KIND, R, TILE>(c[u], scale[u], bias[u], perm, a, chunk * ELEMS, cols, acc);
+            }
         }
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         // 8-bit: the row scale, once per row.
-        const float row_scale = KIND == QUANT_KIND_INT4 ? 1.0f : __ldg(params[r]);
+        const float row_scale = is_4bit<KIND>() ? 1.0f : __ldg(params[r]);
 #pragma unroll
         for (int j = 0; j < TILE; ++j) acc[r][j] = group_sum(acc[r][j]) * row_scale;
     }

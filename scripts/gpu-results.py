@@ -12,9 +12,11 @@ HIDDEN, INTER, VOCAB, Q, KV = 4096, 14336, 32000, 4096, 1024
 
 
 # Bytes per parameter of the attention and expert projections in each storage format (the packed
-# layout of src/quant/packed.rs: 8-bit codes plus an f32 scale per row of 4096 or 14336 inputs,
-# taken as 4096; 4-bit codes plus an f32 (scale, zero) pair per group of 128).
-PROJECTION_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4 / 4096, "int8": 1.0 + 4 / 4096, "int4": 0.5 + 8 / 128}
+# layout of src/packed/mod.rs: 8-bit codes plus an f32 scale per row of 4096 or 14336 inputs,
+# taken as 4096; 4-bit codes plus an f32 (scale, zero) pair per group of 128; NF4 table codes plus
+# an f32 scale per block of 64).
+PROJECTION_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4 / 4096, "int8": 1.0 + 4 / 4096, "int4": 0.5 + 8 / 128,
+                    "nf4": 0.5 + 4 / 64}
 
 
 def active_bytes(layers, dtype="bf16"):

@@ -255,6 +255,8 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "QUANT_KIND_FP8", value: 0, doc: "KIND template value of the quantized kernels: FP8 E4M3 codes, one f32 scale per row." },
     Constant { name: "QUANT_KIND_INT8", value: 1, doc: "KIND template value of the quantized kernels: INT8 codes, one f32 scale per row." },
     Constant { name: "QUANT_KIND_INT4", value: 2, doc: "KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), an f32 (scale, zero) pair per row and group." },
+    Constant { name: "QUANT_KIND_LUT4", value: 3, doc: "KIND template value of the quantized kernels: 4-bit codes (low nibble = even column) indexing a table of QUANT_TABLE_VALUES f32 values (bitsandbytes NF4 / FP4), one f32 scale per row and group: w = table[q] * scale." },
+    Constant { name: "QUANT_TABLE_VALUES", value: 16, doc: "f32 values of the table a QUANT_KIND_LUT4 matrix's codes index (read into shared memory once per block)." },
     Constant { name: "QUANT_CHUNK_BYTES", value: 16, doc: "Bytes of codes one lane loads at a time in the quantized kernels (16 elements of 8 bits or 32 of 4 bits)." },
     Constant { name: "QUANT_UNROLL", value: 4, doc: "16-byte code loads per row each lane of `qlinear` / `qmoe_*` issues before using them." },
     Constant { name: "QLINEAR_WARPS", value: 8, doc: "Warps per block of `qlinear` (each warp owns QLINEAR_ROWS_PER_WARP output rows)." },
@@ -494,15 +496,16 @@ pub const STRUCTS: &[ParamStruct] = &[
         fields: &[
             field("x", read(Bf16), "`[tokens, in_features]` input rows (16-byte aligned).").len("tokens * in_features").aligned(),
             field("codes", read(U8), "`[out_features, row_bytes]` codes (16-byte aligned).").len("out_features * row_bytes").aligned(),
-            field("params", read(F32), "`[out_features, row_params]`: the row scale (8-bit) or (scale, zero) per group (4-bit).").len("out_features * row_params"),
+            field("params", read(F32), "`[out_features, row_params]`: the row scale (8-bit), (scale, zero) per group (INT4) or scale per group (LUT4).").len("out_features * row_params"),
             field("perm", read(U32E), "`[in_features]` input column of each stored column (16-byte aligned), or null.").len("in_features").aligned().nullable(),
+            field("table", read(F32), "`[QUANT_TABLE_VALUES]` values of the 4-bit codes (LUT4; null for the other kinds).").len("QUANT_TABLE_VALUES").nullable(),
             field("out", write(Void), "`[tokens, out_features]`, bf16 or f32 as the variant says.").len("tokens * out_features"),
             field("tokens", U32, "Number of tokens (at most LINEAR_GEMV_MAX_TOKENS)."),
             field("in_features", U32, "Input features (a multiple of 16 for 8-bit, 32 for 4-bit)."),
             field("out_features", U32, "Output features (rows of the matrix)."),
             field("row_bytes", U32, "Code bytes per row: in_features (8-bit) or in_features / 2 (4-bit)."),
-            field("row_params", U32, "f32 parameters per row: 1 (8-bit) or 2 * ceil(in_features / group_size) (4-bit)."),
-            field("group_size", U32, "Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit."),
+            field("row_params", U32, "f32 parameters per row: 1 (8-bit), 2 * ceil(in_features / group_size) (INT4) or ceil(in_features / group_size) (LUT4)."),
+            field("group_size", U32, "Stored columns per group (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit."),
         ],
     },
     ParamStruct {
@@ -520,6 +523,7 @@ pub const STRUCTS: &[ParamStruct] = &[
             field("w2_codes", read(U8), "`[experts, hidden, w2_row_bytes]` down projection codes (16-byte aligned).").len("experts * hidden * w2_row_bytes").aligned(),
             field("w2_params", read(F32), "`[experts, hidden, w2_row_params]` down projection parameters.").len("experts * hidden * w2_row_params"),
             field("w2_perm", read(U32E), "`[experts, inter]` permutation of w2 (16-byte aligned), or null.").len("experts * inter").aligned().nullable(),
+            field("table", read(F32), "`[QUANT_TABLE_VALUES]` values of the 4-bit codes of all three stacks (LUT4; null for the other kinds).").len("QUANT_TABLE_VALUES").nullable(),
             field("topk_weights", read(F32), "`[tokens, top_k]` routing weights.").len("tokens * top_k"),
             field("expert_offsets", read(I32), "`[experts + 1]` start of each expert's slots in `sorted_slots`.").len("experts + 1"),
             field("sorted_slots", read(I32), "`[tokens * top_k]` slots grouped by expert.").len("tokens * top_k"),
@@ -530,7 +534,7 @@ pub const STRUCTS: &[ParamStruct] = &[
             field("inter", U32, "Expert intermediate size (a multiple of 16 for 8-bit, 32 for 4-bit)."),
             field("experts", U32, "Number of experts."),
             field("top_k", U32, "Experts per token."),
-            field("group_size", U32, "Stored columns per group of every stack (4-bit, a multiple of 32); 0 for 8-bit."),
+            field("group_size", U32, "Stored columns per group of every stack (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit."),
             field("w13_row_bytes", U32, "Code bytes per row of w1 and w3."),
             field("w13_row_params", U32, "f32 parameters per row of w1 and w3."),
             field("w2_row_bytes", U32, "Code bytes per row of w2."),
@@ -545,13 +549,14 @@ pub const STRUCTS: &[ParamStruct] = &[
             field("codes", read(U8), "`[count, rows, row_bytes]` codes (16-byte aligned).").len("count * rows * row_bytes").aligned(),
             field("params", read(F32), "`[count, rows, row_params]` parameters.").len("count * rows * row_params"),
             field("perm", read(U32E), "`[count, cols]` input column of each stored column, or null.").len("count * cols").nullable(),
+            field("table", read(F32), "`[QUANT_TABLE_VALUES]` values of the 4-bit codes (LUT4; null for the other kinds).").len("QUANT_TABLE_VALUES").nullable(),
             field("out", write(Bf16), "`[count, rows, cols]` dequantized matrices (16-byte aligned).").len("count * rows * cols").aligned(),
             field("count", U32, "Matrices in the stack."),
             field("rows", U32, "Rows of each matrix."),
             field("cols", U32, "Columns of each matrix (a multiple of 16 for 8-bit, 32 for 4-bit)."),
             field("row_bytes", U32, "Code bytes per row."),
             field("row_params", U32, "f32 parameters per row."),
-            field("group_size", U32, "Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit."),
+            field("group_size", U32, "Stored columns per group (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit."),
         ],
     },
 ];
@@ -774,7 +779,7 @@ pub const FAMILIES: &[Family] = &[
 /// The element format axis of the quantized kernels (values: the QUANT_KIND_* constants).
 const KIND_AXIS: Axis = Axis {
     name: "KIND",
-    values: &[v(0, "fp8"), v(1, "int8"), v(2, "int4")],
+    values: &[v(0, "fp8"), v(1, "int8"), v(2, "int4"), v(3, "lut4")],
 };
 
 /// Tokens (slots) per weight pass of the quantized GEMVs.

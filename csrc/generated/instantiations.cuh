@@ -146,7 +146,15 @@
     X(qlinear_int4_t4_bf16, 2, 4, 0) \
     X(qlinear_int4_t4_f32, 2, 4, 1) \
     X(qlinear_int4_t8_bf16, 2, 8, 0) \
-    X(qlinear_int4_t8_f32, 2, 8, 1)
+    X(qlinear_int4_t8_f32, 2, 8, 1) \
+    X(qlinear_lut4_t1_bf16, 3, 1, 0) \
+    X(qlinear_lut4_t1_f32, 3, 1, 1) \
+    X(qlinear_lut4_t2_bf16, 3, 2, 0) \
+    X(qlinear_lut4_t2_f32, 3, 2, 1) \
+    X(qlinear_lut4_t4_bf16, 3, 4, 0) \
+    X(qlinear_lut4_t4_f32, 3, 4, 1) \
+    X(qlinear_lut4_t8_bf16, 3, 8, 0) \
+    X(qlinear_lut4_t8_f32, 3, 8, 1)
 
 // qmoe_up (csrc/qmoe.cu, takes QMoeParams): X(symbol, KIND, TILE)
 #define MIXTRAL_QMOE_UP_VARIANTS(X) \
@@ -161,7 +169,11 @@
     X(qmoe_up_int4_t1, 2, 1) \
     X(qmoe_up_int4_t2, 2, 2) \
     X(qmoe_up_int4_t4, 2, 4) \
-    X(qmoe_up_int4_t8, 2, 8)
+    X(qmoe_up_int4_t8, 2, 8) \
+    X(qmoe_up_lut4_t1, 3, 1) \
+    X(qmoe_up_lut4_t2, 3, 2) \
+    X(qmoe_up_lut4_t4, 3, 4) \
+    X(qmoe_up_lut4_t8, 3, 8)
 
 // qmoe_down (csrc/qmoe.cu, takes QMoeParams): X(symbol, KIND, TILE)
 #define MIXTRAL_QMOE_DOWN_VARIANTS(X) \
@@ -176,10 +188,15 @@
     X(qmoe_down_int4_t1, 2, 1) \
     X(qmoe_down_int4_t2, 2, 2) \
     X(qmoe_down_int4_t4, 2, 4) \
-    X(qmoe_down_int4_t8, 2, 8)
+    X(qmoe_down_int4_t8, 2, 8) \
+    X(qmoe_down_lut4_t1, 3, 1) \
+    X(qmoe_down_lut4_t2, 3, 2) \
+    X(qmoe_down_lut4_t4, 3, 4) \
+    X(qmoe_down_lut4_t8, 3, 8)
 
 // dequantize (csrc/dequant.cu, takes DequantParams): X(symbol, KIND)
 #define MIXTRAL_DEQUANTIZE_VARIANTS(X) \
     X(dequantize_fp8, 0) \
     X(dequantize_int8, 1) \
-    X(dequantize_int4, 2)
+    X(dequantize_int4, 2) \
+    X(dequantize_lut4, 3)

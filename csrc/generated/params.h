@@ -112,6 +112,10 @@ typedef struct mx_bf16 {
 #define QUANT_KIND_INT8 1u
 // KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), an f32 (scale, zero) pair per row and group.
 #define QUANT_KIND_INT4 2u
+// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column) indexing a table of QUANT_TABLE_VALUES f32 values (bitsandbytes NF4 / FP4), one f32 scale per row and group: w = table[q] * scale.
+#define QUANT_KIND_LUT4 3u
+// f32 values of the table a QUANT_KIND_LUT4 matrix's codes index (read into shared memory once per block).
+#define QUANT_TABLE_VALUES 16u
 // Bytes of codes one lane loads at a time in the quantized kernels (16 elements of 8 bits or 32 of 4 bits).
 #define QUANT_CHUNK_BYTES 16u
 // 16-byte code loads per row each lane of `qlinear` / `qmoe_*` issues before using them.
@@ -567,10 +571,12 @@ typedef struct QLinearParams {
     const mx_bf16* x;
     // `[out_features, row_bytes]` codes (16-byte aligned).
     const uint8_t* codes;
-    // `[out_features, row_params]`: the row scale (8-bit) or (scale, zero) per group (4-bit).
+    // `[out_features, row_params]`: the row scale (8-bit), (scale, zero) per group (INT4) or scale per group (LUT4).
     const float* params;
     // `[in_features]` input column of each stored column (16-byte aligned), or null.
     const uint32_t* perm;
+    // `[QUANT_TABLE_VALUES]` values of the 4-bit codes (LUT4; null for the other kinds).
+    const float* table;
     // `[tokens, out_features]`, bf16 or f32 as the variant says.
     void* out;
     // Number of tokens (at most LINEAR_GEMV_MAX_TOKENS).
@@ -581,24 +587,25 @@ typedef struct QLinearParams {
     uint32_t out_features;
     // Code bytes per row: in_features (8-bit) or in_features / 2 (4-bit).
     uint32_t row_bytes;
-    // f32 parameters per row: 1 (8-bit) or 2 * ceil(in_features / group_size) (4-bit).
+    // f32 parameters per row: 1 (8-bit), 2 * ceil(in_features / group_size) (INT4) or ceil(in_features / group_size) (LUT4).
     uint32_t row_params;
-    // Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit.
+    // Stored columns per group (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit.
     uint32_t group_size;
 } QLinearParams;
-MX_STATIC_ASSERT(sizeof(QLinearParams) == 64, "QLinearParams: size");
+MX_STATIC_ASSERT(sizeof(QLinearParams) == 72, "QLinearParams: size");
 MX_STATIC_ASSERT(MX_ALIGNOF(QLinearParams) == 8, "QLinearParams: alignment");
 MX_STATIC_ASSERT(offsetof(QLinearParams, x) == 0, "QLinearParams.x: offset");
 MX_STATIC_ASSERT(offsetof(QLinearParams, codes) == 8, "QLinearParams.codes: offset");
 MX_STATIC_ASSERT(offsetof(QLinearParams, params) == 16, "QLinearParams.params: offset");
 MX_STATIC_ASSERT(offsetof(QLinearParams, perm) == 24, "QLinearParams.perm: offset");
-MX_STATIC_ASSERT(offsetof(QLinearParams, out) == 32, "QLinearParams.out: offset");
-MX_STATIC_ASSERT(offsetof(QLinearParams, tokens) == 40, "QLinearParams.tokens: offset");
-MX_STATIC_ASSERT(offsetof(QLinearParams, in_features) == 44, "QLinearParams.in_features: offset");
-MX_STATIC_ASSERT(offsetof(QLinearParams, out_features) == 48, "QLinearParams.out_features: offset");
-MX_STATIC_ASSERT(offsetof(QLinearParams, row_bytes) == 52, "QLinearParams.row_bytes: offset");
-MX_STATIC_ASSERT(offsetof(QLinearParams, row_params) == 56, "QLinearParams.row_params: offset");
-MX_STATIC_ASSERT(offsetof(QLinearParams, group_size) == 60, "QLinearParams.group_size: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, table) == 32, "QLinearParams.table: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, out) == 40, "QLinearParams.out: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, tokens) == 48, "QLinearParams.tokens: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, in_features) == 52, "QLinearParams.in_features: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, out_features) == 56, "QLinearParams.out_features: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, row_bytes) == 60, "QLinearParams.row_bytes: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, row_params) == 64, "QLinearParams.row_params: offset");
+MX_STATIC_ASSERT(offsetof(QLinearParams, group_size) == 68, "QLinearParams.group_size: offset");
 
 // The decode expert MLP of `MoeParams` over packed expert stacks: matrix e of a stack starts at `e * rows * row_bytes` codes, `e * rows * row_params` params and `e * cols` perm entries. `qmoe_up` writes `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])`, `qmoe_down` `out[s] = weight[s] * (w2[e] act[s])`.
 typedef struct QMoeParams {
@@ -620,6 +627,8 @@ typedef struct QMoeParams {
     const float* w2_params;
     // `[experts, inter]` permutation of w2 (16-byte aligned), or null.
     const uint32_t* w2_perm;
+    // `[QUANT_TABLE_VALUES]` values of the 4-bit codes of all three stacks (LUT4; null for the other kinds).
+    const float* table;
     // `[tokens, top_k]` routing weights.
     const float* topk_weights;
     // `[experts + 1]` start of each expert's slots in `sorted_slots`.
@@ -640,7 +649,7 @@ typedef struct QMoeParams {
     uint32_t experts;
     // Experts per token.
     uint32_t top_k;
-    // Stored columns per group of every stack (4-bit, a multiple of 32); 0 for 8-bit.
+    // Stored columns per group of every stack (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit.
     uint32_t group_size;
     // Code bytes per row of w1 and w3.
     uint32_t w13_row_bytes;
@@ -651,7 +660,7 @@ typedef struct QMoeParams {
     // f32 parameters per row of w2.
     uint32_t w2_row_params;
 } QMoeParams;
-MX_STATIC_ASSERT(sizeof(QMoeParams) == 152, "QMoeParams: size");
+MX_STATIC_ASSERT(sizeof(QMoeParams) == 160, "QMoeParams: size");
 MX_STATIC_ASSERT(MX_ALIGNOF(QMoeParams) == 8, "QMoeParams: alignment");
 MX_STATIC_ASSERT(offsetof(QMoeParams, x) == 0, "QMoeParams.x: offset");
 MX_STATIC_ASSERT(offsetof(QMoeParams, w1_codes) == 8, "QMoeParams.w1_codes: offset");
@@ -662,21 +671,22 @@ MX_STATIC_ASSERT(offsetof(QMoeParams, w13_perm) == 40, "QMoeParams.w13_perm: off
 MX_STATIC_ASSERT(offsetof(QMoeParams, w2_codes) == 48, "QMoeParams.w2_codes: offset");
 MX_STATIC_ASSERT(offsetof(QMoeParams, w2_params) == 56, "QMoeParams.w2_params: offset");
 MX_STATIC_ASSERT(offsetof(QMoeParams, w2_perm) == 64, "QMoeParams.w2_perm: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, topk_weights) == 72, "QMoeParams.topk_weights: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, expert_offsets) == 80, "QMoeParams.expert_offsets: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, sorted_slots) == 88, "QMoeParams.sorted_slots: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, act) == 96, "QMoeParams.act: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, out) == 104, "QMoeParams.out: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, tokens) == 112, "QMoeParams.tokens: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, hidden) == 116, "QMoeParams.hidden: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, inter) == 120, "QMoeParams.inter: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, experts) == 124, "QMoeParams.experts: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, top_k) == 128, "QMoeParams.top_k: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, group_size) == 132, "QMoeParams.group_size: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, w13_row_bytes) == 136, "QMoeParams.w13_row_bytes: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, w13_row_params) == 140, "QMoeParams.w13_row_params: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, w2_row_bytes) == 144, "QMoeParams.w2_row_bytes: offset");
-MX_STATIC_ASSERT(offsetof(QMoeParams, w2_row_params) == 148, "QMoeParams.w2_row_params: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, table) == 72, "QMoeParams.table: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, topk_weights) == 80, "QMoeParams.topk_weights: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, expert_offsets) == 88, "QMoeParams.expert_offsets: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, sorted_slots) == 96, "QMoeParams.sorted_slots: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, act) == 104, "QMoeParams.act: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, out) == 112, "QMoeParams.out: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, tokens) == 120, "QMoeParams.tokens: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, hidden) == 124, "QMoeParams.hidden: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, inter) == 128, "QMoeParams.inter: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, experts) == 132, "QMoeParams.experts: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, top_k) == 136, "QMoeParams.top_k: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, group_size) == 140, "QMoeParams.group_size: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w13_row_bytes) == 144, "QMoeParams.w13_row_bytes: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w13_row_params) == 148, "QMoeParams.w13_row_params: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w2_row_bytes) == 152, "QMoeParams.w2_row_bytes: offset");
+MX_STATIC_ASSERT(offsetof(QMoeParams, w2_row_params) == 156, "QMoeParams.w2_row_params: offset");
 
 // A stack of `count` packed matrices `[rows, cols]` expanded to bf16 in input-column order: `out[m, r, perm[m, j]] = bf16(w[m, r, j])` for every stored column j (perm absent: `out[m, r, j]`).
 typedef struct DequantParams {
@@ -686,6 +696,8 @@ typedef struct DequantParams {
     const float* params;
     // `[count, cols]` input column of each stored column, or null.
     const uint32_t* perm;
+    // `[QUANT_TABLE_VALUES]` values of the 4-bit codes (LUT4; null for the other kinds).
+    const float* table;
     // `[count, rows, cols]` dequantized matrices (16-byte aligned).
     mx_bf16* out;
     // Matrices in the stack.
@@ -698,18 +710,19 @@ typedef struct DequantParams {
     uint32_t row_bytes;
     // f32 parameters per row.
     uint32_t row_params;
-    // Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit.
+    // Stored columns per group (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit.
     uint32_t group_size;
 } DequantParams;
-MX_STATIC_ASSERT(sizeof(DequantParams) == 56, "DequantParams: size");
+MX_STATIC_ASSERT(sizeof(DequantParams) == 64, "DequantParams: size");
 MX_STATIC_ASSERT(MX_ALIGNOF(DequantParams) == 8, "DequantParams: alignment");
 MX_STATIC_ASSERT(offsetof(DequantParams, codes) == 0, "DequantParams.codes: offset");
 MX_STATIC_ASSERT(offsetof(DequantParams, params) == 8, "DequantParams.params: offset");
 MX_STATIC_ASSERT(offsetof(DequantParams, perm) == 16, "DequantParams.perm: offset");
-MX_STATIC_ASSERT(offsetof(DequantParams, out) == 24, "DequantParams.out: offset");
-MX_STATIC_ASSERT(offsetof(DequantParams, count) == 32, "DequantParams.count: offset");
-MX_STATIC_ASSERT(offsetof(DequantParams, rows) == 36, "DequantParams.rows: offset");
-MX_STATIC_ASSERT(offsetof(DequantParams, cols) == 40, "DequantParams.cols: offset");
-MX_STATIC_ASSERT(offsetof(DequantParams, row_bytes) == 44, "DequantParams.row_bytes: offset");
-MX_STATIC_ASSERT(offsetof(DequantParams, row_params) == 48, "DequantParams.row_params: offset");
-MX_STATIC_ASSERT(offsetof(DequantParams, group_size) == 52, "DequantParams.group_size: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, table) == 24, "DequantParams.table: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, out) == 32, "DequantParams.out: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, count) == 40, "DequantParams.count: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, rows) == 44, "DequantParams.rows: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, cols) == 48, "DequantParams.cols: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, row_bytes) == 52, "DequantParams.row_bytes: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, row_params) == 56, "DequantParams.row_params: offset");
+MX_STATIC_ASSERT(offsetof(DequantParams, group_size) == 60, "DequantParams.group_size: offset");

@@ -670,10 +670,12 @@ pub struct QLinearArgs<'a> {
     pub x: View<'a, bf16>,
     /// `[out_features, row_bytes]` codes (16-byte aligned).
     pub codes: View<'a, u8>,
-    /// `[out_features, row_params]`: the row scale (8-bit) or (scale, zero) per group (4-bit).
+    /// `[out_features, row_params]`: the row scale (8-bit), (scale, zero) per group (INT4) or scale per group (LUT4).
     pub params: View<'a, f32>,
     /// `[in_features]` input column of each stored column (16-byte aligned), or null.
     pub perm: Option<View<'a, u32>>,
+    /// `[QUANT_TABLE_VALUES]` values of the 4-bit codes (LUT4; null for the other kinds).
+    pub table: Option<View<'a, f32>>,
     /// `[tokens, out_features]`, bf16 or f32 as the variant says.
     pub out: AnyViewMut<'a>,
 }
@@ -689,9 +691,9 @@ pub struct QLinearScalars {
     pub out_features: u32,
     /// Code bytes per row: in_features (8-bit) or in_features / 2 (4-bit).
     pub row_bytes: u32,
-    /// f32 parameters per row: 1 (8-bit) or 2 * ceil(in_features / group_size) (4-bit).
+    /// f32 parameters per row: 1 (8-bit), 2 * ceil(in_features / group_size) (INT4) or ceil(in_features / group_size) (LUT4).
     pub row_params: u32,
-    /// Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit.
+    /// Stored columns per group (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit.
     pub group_size: u32,
 }
 
@@ -708,12 +710,16 @@ impl QLinearArgs<'_> {
             need(op, "perm", view.len(), u128::from(s.in_features))?;
             aligned(op, "perm", view.address())?;
         }
+        if let Some(view) = &self.table {
+            need(op, "table", view.len(), u128::from(QUANT_TABLE_VALUES))?;
+        }
         need(op, "out", self.out.len(), product(&[u128::from(s.tokens), u128::from(s.out_features)]))?;
         Ok(QLinearParams {
             x: self.x.address(),
             codes: self.codes.address(),
             params: self.params.address(),
             perm: self.perm.as_ref().map_or(0, |v| v.address()),
+            table: self.table.as_ref().map_or(0, |v| v.address()),
             out: self.out.address(),
             tokens: s.tokens,
             in_features: s.in_features,
@@ -746,6 +752,8 @@ pub struct QMoeArgs<'a> {
     pub w2_params: View<'a, f32>,
     /// `[experts, inter]` permutation of w2 (16-byte aligned), or null.
     pub w2_perm: Option<View<'a, u32>>,
+    /// `[QUANT_TABLE_VALUES]` values of the 4-bit codes of all three stacks (LUT4; null for the other kinds).
+    pub table: Option<View<'a, f32>>,
     /// `[tokens, top_k]` routing weights.
     pub topk_weights: View<'a, f32>,
     /// `[experts + 1]` start of each expert's slots in `sorted_slots`.
@@ -771,7 +779,7 @@ pub struct QMoeScalars {
     pub experts: u32,
     /// Experts per token.
     pub top_k: u32,
-    /// Stored columns per group of every stack (4-bit, a multiple of 32); 0 for 8-bit.
+    /// Stored columns per group of every stack (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit.
     pub group_size: u32,
     /// Code bytes per row of w1 and w3.
     pub w13_row_bytes: u32,
@@ -806,6 +814,9 @@ impl QMoeArgs<'_> {
             need(op, "w2_perm", view.len(), product(&[u128::from(s.experts), u128::from(s.inter)]))?;
             aligned(op, "w2_perm", view.address())?;
         }
+        if let Some(view) = &self.table {
+            need(op, "table", view.len(), u128::from(QUANT_TABLE_VALUES))?;
+        }
         need(op, "topk_weights", self.topk_weights.len(), product(&[u128::from(s.tokens), u128::from(s.top_k)]))?;
         need(op, "expert_offsets", self.expert_offsets.len(), u128::from(s.experts).saturating_add(1u128))?;
         need(op, "sorted_slots", self.sorted_slots.len(), product(&[u128::from(s.tokens), u128::from(s.top_k)]))?;
@@ -822,6 +833,7 @@ impl QMoeArgs<'_> {
             w2_codes: self.w2_codes.address(),
             w2_params: self.w2_params.address(),
             w2_perm: self.w2_perm.as_ref().map_or(0, |v| v.address()),
+            table: self.table.as_ref().map_or(0, |v| v.address()),
             topk_weights: self.topk_weights.address(),
             expert_offsets: self.expert_offsets.address(),
             sorted_slots: self.sorted_slots.address(),
@@ -850,6 +862,8 @@ pub struct DequantArgs<'a> {
     pub params: View<'a, f32>,
     /// `[count, cols]` input column of each stored column, or null.
     pub perm: Option<View<'a, u32>>,
+    /// `[QUANT_TABLE_VALUES]` values of the 4-bit codes (LUT4; null for the other kinds).
+    pub table: Option<View<'a, f32>>,
     /// `[count, rows, cols]` dequantized matrices (16-byte aligned).
     pub out: ViewMut<'a, bf16>,
 }
@@ -867,7 +881,7 @@ pub struct DequantScalars {
     pub row_bytes: u32,
     /// f32 parameters per row.
     pub row_params: u32,
-    /// Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit.
+    /// Stored columns per group (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit.
     pub group_size: u32,
 }
 
@@ -881,12 +895,16 @@ impl DequantArgs<'_> {
         if let Some(view) = &self.perm {
             need(op, "perm", view.len(), product(&[u128::from(s.count), u128::from(s.cols)]))?;
         }
+        if let Some(view) = &self.table {
+            need(op, "table", view.len(), u128::from(QUANT_TABLE_VALUES))?;
+        }
         need(op, "out", self.out.len(), product(&[u128::from(s.count), u128::from(s.rows), u128::from(s.cols)]))?;
         aligned(op, "out", self.out.address())?;
         Ok(DequantParams {
             codes: self.codes.address(),
             params: self.params.address(),
             perm: self.perm.as_ref().map_or(0, |v| v.address()),
+            table: self.table.as_ref().map_or(0, |v| v.address()),
             out: self.out.address(),
             count: s.count,
             rows: s.rows,

@@ -90,6 +90,10 @@ pub const QUANT_KIND_FP8: u32 = 0;
 pub const QUANT_KIND_INT8: u32 = 1;
 /// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), an f32 (scale, zero) pair per row and group.
 pub const QUANT_KIND_INT4: u32 = 2;
+/// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column) indexing a table of QUANT_TABLE_VALUES f32 values (bitsandbytes NF4 / FP4), one f32 scale per row and group: w = table[q] * scale.
+pub const QUANT_KIND_LUT4: u32 = 3;
+/// f32 values of the table a QUANT_KIND_LUT4 matrix's codes index (read into shared memory once per block).
+pub const QUANT_TABLE_VALUES: u32 = 16;
 /// Bytes of codes one lane loads at a time in the quantized kernels (16 elements of 8 bits or 32 of 4 bits).
 pub const QUANT_CHUNK_BYTES: u32 = 16;
 /// 16-byte code loads per row each lane of `qlinear` / `qmoe_*` issues before using them.
@@ -580,10 +584,12 @@ pub struct QLinearParams {
     pub x: u64,
     /// `[out_features, row_bytes]` codes (16-byte aligned). Device pointer to u8, read.
     pub codes: u64,
-    /// `[out_features, row_params]`: the row scale (8-bit) or (scale, zero) per group (4-bit). Device pointer to f32, read.
+    /// `[out_features, row_params]`: the row scale (8-bit), (scale, zero) per group (INT4) or scale per group (LUT4). Device pointer to f32, read.
     pub params: u64,
     /// `[in_features]` input column of each stored column (16-byte aligned), or null. Device pointer to u32, read.
     pub perm: u64,
+    /// `[QUANT_TABLE_VALUES]` values of the 4-bit codes (LUT4; null for the other kinds). Device pointer to f32, read.
+    pub table: u64,
     /// `[tokens, out_features]`, bf16 or f32 as the variant says. Device pointer to variant-typed, written.
     pub out: u64,
     /// Number of tokens (at most LINEAR_GEMV_MAX_TOKENS).
@@ -594,25 +600,26 @@ pub struct QLinearParams {
     pub out_features: u32,
     /// Code bytes per row: in_features (8-bit) or in_features / 2 (4-bit).
     pub row_bytes: u32,
-    /// f32 parameters per row: 1 (8-bit) or 2 * ceil(in_features / group_size) (4-bit).
+    /// f32 parameters per row: 1 (8-bit), 2 * ceil(in_features / group_size) (INT4) or ceil(in_features / group_size) (LUT4).
     pub row_params: u32,
-    /// Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit.
+    /// Stored columns per group (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit.
     pub group_size: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<QLinearParams>() == 64);
+const _: () = assert!(core::mem::size_of::<QLinearParams>() == 72);
 const _: () = assert!(core::mem::align_of::<QLinearParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(QLinearParams, x) == 0);
 const _: () = assert!(core::mem::offset_of!(QLinearParams, codes) == 8);
 const _: () = assert!(core::mem::offset_of!(QLinearParams, params) == 16);
 const _: () = assert!(core::mem::offset_of!(QLinearParams, perm) == 24);
-const _: () = assert!(core::mem::offset_of!(QLinearParams, out) == 32);
-const _: () = assert!(core::mem::offset_of!(QLinearParams, tokens) == 40);
-const _: () = assert!(core::mem::offset_of!(QLinearParams, in_features) == 44);
-const _: () = assert!(core::mem::offset_of!(QLinearParams, out_features) == 48);
-const _: () = assert!(core::mem::offset_of!(QLinearParams, row_bytes) == 52);
-const _: () = assert!(core::mem::offset_of!(QLinearParams, row_params) == 56);
-const _: () = assert!(core::mem::offset_of!(QLinearParams, group_size) == 60);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, table) == 32);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, out) == 40);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, tokens) == 48);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, in_features) == 52);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, out_features) == 56);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, row_bytes) == 60);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, row_params) == 64);
+const _: () = assert!(core::mem::offset_of!(QLinearParams, group_size) == 68);
 
 /// The decode expert MLP of `MoeParams` over packed expert stacks: matrix e of a stack starts at `e * rows * row_bytes` codes, `e * rows * row_params` params and `e * cols` perm entries. `qmoe_up` writes `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])`, `qmoe_down` `out[s] = weight[s] * (w2[e] act[s])`.
 #[repr(C)]
@@ -636,6 +643,8 @@ pub struct QMoeParams {
     pub w2_params: u64,
     /// `[experts, inter]` permutation of w2 (16-byte aligned), or null. Device pointer to u32, read.
     pub w2_perm: u64,
+    /// `[QUANT_TABLE_VALUES]` values of the 4-bit codes of all three stacks (LUT4; null for the other kinds). Device pointer to f32, read.
+    pub table: u64,
     /// `[tokens, top_k]` routing weights. Device pointer to f32, read.
     pub topk_weights: u64,
     /// `[experts + 1]` start of each expert's slots in `sorted_slots`. Device pointer to i32, read.
@@ -656,7 +665,7 @@ pub struct QMoeParams {
     pub experts: u32,
     /// Experts per token.
     pub top_k: u32,
-    /// Stored columns per group of every stack (4-bit, a multiple of 32); 0 for 8-bit.
+    /// Stored columns per group of every stack (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit.
     pub group_size: u32,
     /// Code bytes per row of w1 and w3.
     pub w13_row_bytes: u32,
@@ -668,7 +677,7 @@ pub struct QMoeParams {
     pub w2_row_params: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<QMoeParams>() == 152);
+const _: () = assert!(core::mem::size_of::<QMoeParams>() == 160);
 const _: () = assert!(core::mem::align_of::<QMoeParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(QMoeParams, x) == 0);
 const _: () = assert!(core::mem::offset_of!(QMoeParams, w1_codes) == 8);
@@ -679,21 +688,22 @@ const _: () = assert!(core::mem::offset_of!(QMoeParams, w13_perm) == 40);
 const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_codes) == 48);
 const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_params) == 56);
 const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_perm) == 64);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, topk_weights) == 72);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, expert_offsets) == 80);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, sorted_slots) == 88);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, act) == 96);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, out) == 104);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, tokens) == 112);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, hidden) == 116);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, inter) == 120);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, experts) == 124);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, top_k) == 128);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, group_size) == 132);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, w13_row_bytes) == 136);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, w13_row_params) == 140);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_row_bytes) == 144);
-const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_row_params) == 148);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, table) == 72);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, topk_weights) == 80);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, expert_offsets) == 88);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, sorted_slots) == 96);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, act) == 104);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, out) == 112);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, tokens) == 120);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, hidden) == 124);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, inter) == 128);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, experts) == 132);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, top_k) == 136);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, group_size) == 140);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w13_row_bytes) == 144);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w13_row_params) == 148);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_row_bytes) == 152);
+const _: () = assert!(core::mem::offset_of!(QMoeParams, w2_row_params) == 156);
 
 /// A stack of `count` packed matrices `[rows, cols]` expanded to bf16 in input-column order: `out[m, r, perm[m, j]] = bf16(w[m, r, j])` for every stored column j (perm absent: `out[m, r, j]`).
 #[repr(C)]
@@ -705,6 +715,8 @@ pub struct DequantParams {
     pub params: u64,
     /// `[count, cols]` input column of each stored column, or null. Device pointer to u32, read.
     pub perm: u64,
+    /// `[QUANT_TABLE_VALUES]` values of the 4-bit codes (LUT4; null for the other kinds). Device pointer to f32, read.
+    pub table: u64,
     /// `[count, rows, cols]` dequantized matrices (16-byte aligned). Device pointer to bf16, written.
     pub out: u64,
     /// Matrices in the stack.
@@ -717,22 +729,23 @@ pub struct DequantParams {
     pub row_bytes: u32,
     /// f32 parameters per row.
     pub row_params: u32,
-    /// Stored columns per group (4-bit, a multiple of 32); 0 for 8-bit.
+    /// Stored columns per group (4-bit: INT4 and LUT4, a multiple of 32); 0 for 8-bit.
     pub group_size: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<DequantParams>() == 56);
+const _: () = assert!(core::mem::size_of::<DequantParams>() == 64);
 const _: () = assert!(core::mem::align_of::<DequantParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(DequantParams, codes) == 0);
 const _: () = assert!(core::mem::offset_of!(DequantParams, params) == 8);
 const _: () = assert!(core::mem::offset_of!(DequantParams, perm) == 16);
-const _: () = assert!(core::mem::offset_of!(DequantParams, out) == 24);
-const _: () = assert!(core::mem::offset_of!(DequantParams, count) == 32);
-const _: () = assert!(core::mem::offset_of!(DequantParams, rows) == 36);
-const _: () = assert!(core::mem::offset_of!(DequantParams, cols) == 40);
-const _: () = assert!(core::mem::offset_of!(DequantParams, row_bytes) == 44);
-const _: () = assert!(core::mem::offset_of!(DequantParams, row_params) == 48);
-const _: () = assert!(core::mem::offset_of!(DequantParams, group_size) == 52);
+const _: () = assert!(core::mem::offset_of!(DequantParams, table) == 24);
+const _: () = assert!(core::mem::offset_of!(DequantParams, out) == 32);
+const _: () = assert!(core::mem::offset_of!(DequantParams, count) == 40);
+const _: () = assert!(core::mem::offset_of!(DequantParams, rows) == 44);
+const _: () = assert!(core::mem::offset_of!(DequantParams, cols) == 48);
+const _: () = assert!(core::mem::offset_of!(DequantParams, row_bytes) == 52);
+const _: () = assert!(core::mem::offset_of!(DequantParams, row_params) == 56);
+const _: () = assert!(core::mem::offset_of!(DequantParams, group_size) == 60);
 
 /// A kernel family: one `__global__` template in csrc/.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -1385,6 +1398,54 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         consts: &[2, 8, 1],
     },
     KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_lut4_t1_bf16",
+        consts: &[3, 1, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_lut4_t1_f32",
+        consts: &[3, 1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_lut4_t2_bf16",
+        consts: &[3, 2, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_lut4_t2_f32",
+        consts: &[3, 2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_lut4_t4_bf16",
+        consts: &[3, 4, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_lut4_t4_f32",
+        consts: &[3, 4, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_lut4_t8_bf16",
+        consts: &[3, 8, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinear,
+        module: "qlinear",
+        symbol: "qlinear_lut4_t8_f32",
+        consts: &[3, 8, 1],
+    },
+    KernelVariant {
         family: KernelFamily::QMoeUp,
         module: "qmoe",
         symbol: "qmoe_up_fp8_t1",
@@ -1455,6 +1516,30 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         module: "qmoe",
         symbol: "qmoe_up_int4_t8",
         consts: &[2, 8],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_lut4_t1",
+        consts: &[3, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_lut4_t2",
+        consts: &[3, 2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_lut4_t4",
+        consts: &[3, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeUp,
+        module: "qmoe",
+        symbol: "qmoe_up_lut4_t8",
+        consts: &[3, 8],
     },
     KernelVariant {
         family: KernelFamily::QMoeDown,
@@ -1529,6 +1614,30 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         consts: &[2, 8],
     },
     KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_lut4_t1",
+        consts: &[3, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_lut4_t2",
+        consts: &[3, 2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_lut4_t4",
+        consts: &[3, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeDown,
+        module: "qmoe",
+        symbol: "qmoe_down_lut4_t8",
+        consts: &[3, 8],
+    },
+    KernelVariant {
         family: KernelFamily::Dequantize,
         module: "dequant",
         symbol: "dequantize_fp8",
@@ -1545,6 +1654,12 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         module: "dequant",
         symbol: "dequantize_int4",
         consts: &[2],
+    },
+    KernelVariant {
+        family: KernelFamily::Dequantize,
+        module: "dequant",
+        symbol: "dequantize_lut4",
+        consts: &[3],
     },
 ];
 
@@ -2287,6 +2402,11 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     core::mem::size_of_val(&QLinearParams::default().perm),
                 ),
                 (
+                    "table",
+                    core::mem::offset_of!(QLinearParams, table),
+                    core::mem::size_of_val(&QLinearParams::default().table),
+                ),
+                (
                     "out",
                     core::mem::offset_of!(QLinearParams, out),
                     core::mem::size_of_val(&QLinearParams::default().out),
@@ -2372,6 +2492,11 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "w2_perm",
                     core::mem::offset_of!(QMoeParams, w2_perm),
                     core::mem::size_of_val(&QMoeParams::default().w2_perm),
+                ),
+                (
+                    "table",
+                    core::mem::offset_of!(QMoeParams, table),
+                    core::mem::size_of_val(&QMoeParams::default().table),
                 ),
                 (
                     "topk_weights",
@@ -2469,6 +2594,11 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "perm",
                     core::mem::offset_of!(DequantParams, perm),
                     core::mem::size_of_val(&DequantParams::default().perm),
+                ),
+                (
+                    "table",
+                    core::mem::offset_of!(DequantParams, table),
+                    core::mem::size_of_val(&DequantParams::default().table),
                 ),
                 (
                     "out",

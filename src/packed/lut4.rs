@@ -13,6 +13,8 @@
 //! (sign bit 8; code 8 is +0), divided by 12 in f32. bitsandbytes finally rounds the product to the weight's
 //! original dtype (`dtype` in its quant state, e.g. bf16); here it stays f32.
 
+use super::{LayoutError, PackedMatrix};
+
 /// NF4: normal-distribution quantiles, code order.
 const NF4: [f32; 16] = [
     -1.0,
@@ -129,6 +131,47 @@ pub fn dequantize(table: Lut4, q: &[u8], absmax: &[f32], blocksize: usize) -> Op
     )
 }
 
+/// Quantizes `w` (`[rows, cols]`, row-major) to `table` codes in groups of `group_size` columns of
+/// a row (the last group of a row may be shorter), as bitsandbytes quantizes a block: the group's
+/// scale is its largest magnitude, each element's code the table value nearest to `w / scale` (the
+/// lower code on a tie; every code 0 gives the value nearest 0 when the scale is 0). For tests and
+/// benchmarks of the packed kernels; the loaders read published codes.
+pub fn quantize(
+    table: Lut4,
+    w: &[f32],
+    (rows, cols): (usize, usize),
+    group_size: usize,
+) -> Result<PackedMatrix, LayoutError> {
+    if group_size == 0 || w.len() != rows.saturating_mul(cols) {
+        return Err(LayoutError(format!(
+            "{} values for [{rows}, {cols}] in groups of {group_size}",
+            w.len()
+        )));
+    }
+    let values = table.values();
+    let nearest = |x: f32| -> u8 {
+        let distance = |q: usize| (values[q] - x).abs();
+        (0..16).fold(0, |best, q| {
+            if distance(q) < distance(best) {
+                q
+            } else {
+                best
+            }
+        }) as u8
+    };
+    let mut q = Vec::with_capacity(w.len());
+    let mut scales = Vec::with_capacity(rows * cols.div_ceil(group_size));
+    for row in w.chunks(cols.max(1)).take(rows) {
+        for group in row.chunks(group_size) {
+            let scale = group.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            q.extend(group.iter().map(|&v| nearest(v * inverse)));
+            scales.push(scale);
+        }
+    }
+    PackedMatrix::lut4(table, &q, &scales, (rows, cols), group_size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +189,55 @@ mod tests {
         assert_eq!((nf4[0], nf4[7], nf4[15]), (-1.0, 0.0, 1.0));
         assert!(nf4.windows(2).all(|p| p[0] < p[1]));
         assert_eq!(nf4[14], 0.722_956_84);
+    }
+
+    #[test]
+    fn quantizing_picks_the_nearest_value_of_each_group() {
+        for table in [Lut4::Nf4, Lut4::Fp4] {
+            let values = table.values();
+            let gap = values
+                .iter()
+                .flat_map(|a| values.iter().map(move |b| (a - b).abs()))
+                .filter(|&d| d > 0.0)
+                .fold(0.0f32, f32::max);
+            // Two rows of 40 columns in groups of 16 (the last of each row 8 long); one group zero.
+            let mut w: Vec<f32> = (0..80)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.07)
+                .collect();
+            w[16..32].fill(0.0);
+            let p = quantize(table, &w, (2, 40), 16).unwrap();
+            assert_eq!(
+                p.kind,
+                crate::packed::PackedKind::Lut4 {
+                    table,
+                    group_size: 16
+                }
+            );
+            assert_eq!(p.params.len(), 2 * 3);
+            assert_eq!(p.params[1], 0.0, "the zero group's scale");
+            let back = p.dequantize();
+            for (i, (&x, &y)) in w.iter().zip(&back).enumerate() {
+                let scale = p.params[(i / 40) * 3 + (i % 40) / 16];
+                // Within half the widest gap between table values of the group's scale, and every
+                // group's largest magnitude is exact (the table holds -1 or 1).
+                assert!(
+                    (x - y).abs() <= 0.5 * gap * scale,
+                    "{table:?} element {i}: {x} -> {y}"
+                );
+                if x.abs() == scale && scale > 0.0 {
+                    assert_eq!(x, y, "{table:?} element {i}");
+                }
+            }
+            // Every table value (times a power-of-two scale) is its own code.
+            let exact: Vec<f32> = values.iter().map(|v| v * 0.5).collect();
+            let mut row = exact.clone();
+            row.push(0.5); // the scale: the largest magnitude of the group is 0.5
+            row.push(0.0);
+            let p = quantize(table, &row, (1, 18), 18).unwrap();
+            assert_eq!(&p.dequantize()[..16], &exact[..]);
+        }
+        assert!(quantize(Lut4::Nf4, &[0.0; 6], (2, 4), 2).is_err());
+        assert!(quantize(Lut4::Nf4, &[0.0; 8], (2, 4), 0).is_err());
     }
 
     #[test]

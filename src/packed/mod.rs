@@ -25,10 +25,10 @@
 //!   `perm[j]`; without it stored column `j` is input column `j`.
 //!
 //! [`PackedMatrix::gpu_layout_ok`] says whether the GPU kernels can read a matrix: every row a whole
-//! number of 16-byte chunks (`cols` a multiple of 16 for 8-bit, 32 for 4-bit) and, for 4-bit,
-//! groups of a multiple of 32 columns, so that one lane's 16-byte chunk never spans two groups. No
-//! GPU kernel reads LUT4 yet: such a matrix is refused there (the CUDA engine then stores it in
-//! bf16 from [`PackedMatrix::dequantize`]).
+//! number of 16-byte chunks (`cols` a multiple of 16 for 8-bit, 32 for 4-bit) and, for 4-bit (INT4
+//! and LUT4), groups of a multiple of 32 columns, so that one lane's 16-byte chunk never spans two
+//! groups. A matrix they cannot read is stored in bf16 from [`PackedMatrix::dequantize`] by the
+//! CUDA engine.
 
 pub mod awq;
 pub mod fp8;
@@ -195,6 +195,19 @@ pub fn fp8_decode_by_bits(code: u8) -> f32 {
 /// the mantissa of 2^23 (`0x4B000000 | v`), then 2^23 subtracted. Exact.
 pub fn magic_u8_to_f32(v: u8) -> f32 {
     f32::from_bits(0x4B00_0000 | u32::from(v)) - 8_388_608.0
+}
+
+/// The byte offsets `4 * q` of the 8 codes `q` of a little-endian 32-bit word of 4-bit codes (code
+/// k in bits `4k..4k + 4`), computed the way the GPU kernels compute LUT4 table addresses: the
+/// offsets of the even codes in the bytes of `(w << 2) & 0x3C3C3C3C`, those of the odd codes in the
+/// bytes of `(w >> 2) & 0x3C3C3C3C`, byte i of each taken alone (a PRMT on the GPU). Exact.
+pub fn lut4_offsets_by_bytes(w: u32) -> [u32; 8] {
+    let even = (w << 2) & 0x3C3C_3C3C;
+    let odd = (w >> 2) & 0x3C3C_3C3C;
+    std::array::from_fn(|k| {
+        let bytes = if k % 2 == 0 { even } else { odd };
+        (bytes >> (8 * (k / 2))) & 0xFF
+    })
 }
 
 impl PackedMatrix {
@@ -490,17 +503,22 @@ impl PackedMatrix {
                 "8-bit rows on the GPU need a multiple of 16 columns, not {}",
                 self.cols
             )),
-            PackedKind::Int4 { group_size } if !self.cols.is_multiple_of(32) => fail(format!(
-                "4-bit rows on the GPU need a multiple of 32 columns, not {} (groups of {group_size})",
-                self.cols
-            )),
-            PackedKind::Int4 { group_size } if !group_size.is_multiple_of(32) => fail(format!(
-                "4-bit groups on the GPU need a multiple of 32 columns, not {group_size}"
-            )),
-            PackedKind::Lut4 { table, .. } => fail(format!(
-                "no GPU kernel decodes 4-bit {} table codes yet",
-                table.name()
-            )),
+            PackedKind::Int4 { group_size } | PackedKind::Lut4 { group_size, .. }
+                if !self.cols.is_multiple_of(32) =>
+            {
+                fail(format!(
+                    "4-bit rows on the GPU need a multiple of 32 columns, not {} (groups of \
+                     {group_size})",
+                    self.cols
+                ))
+            }
+            PackedKind::Int4 { group_size } | PackedKind::Lut4 { group_size, .. }
+                if !group_size.is_multiple_of(32) =>
+            {
+                fail(format!(
+                    "4-bit groups on the GPU need a multiple of 32 columns, not {group_size}"
+                ))
+            }
             _ if self.rows == 0 || self.cols == 0 => fail("an empty matrix"),
             _ => Ok(()),
         }
@@ -545,6 +563,27 @@ mod tests {
             // INT8 codes: the kernels flip the sign bit and subtract 128 more.
             let signed = magic_u8_to_f32(v ^ 0x80) - 128.0;
             assert_eq!(signed, f32::from(v as i8));
+        }
+    }
+
+    #[test]
+    fn the_kernels_table_offsets_follow_the_stored_columns() {
+        // A row of 64 codes packed as the matrices hold them, read back as the kernels read it: each
+        // little-endian word of the codes holds stored columns 8j .. 8j + 8.
+        let q: Vec<u8> = (0..64u32).map(|i| ((i * 7 + i / 16) % 16) as u8).collect();
+        let packed = pack_nibbles(&q);
+        for (j, word) in packed.chunks_exact(4).enumerate() {
+            let w = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            let offsets = lut4_offsets_by_bytes(w);
+            for (k, &offset) in offsets.iter().enumerate() {
+                assert_eq!(offset, 4 * u32::from(q[8 * j + k]), "column {}", 8 * j + k);
+            }
+        }
+        for w in [0u32, u32::MAX, 0x0123_4567, 0xFEDC_BA98, 0x8F1E_2D3C] {
+            let offsets = lut4_offsets_by_bytes(w);
+            for (k, &offset) in offsets.iter().enumerate() {
+                assert_eq!(offset, 4 * ((w >> (4 * k)) & 0xF), "{w:#x} nibble {k}");
+            }
         }
     }
 
@@ -665,7 +704,8 @@ mod tests {
             let p = PackedMatrix::lut4(table, &q, &scales, (rows, cols), group).unwrap();
             prop_assert_eq!(p.dequantize(), want);
             prop_assert_eq!(p.params.len(), rows * p.row_params());
-            prop_assert!(p.gpu_layout_ok().is_err());
+            let readable = cols % 32 == 0 && group % 32 == 0;
+            prop_assert_eq!(p.gpu_layout_ok().is_ok(), readable);
         }
     }
 
@@ -693,5 +733,21 @@ mod tests {
         let (codes, scales) = int8::quantize_per_channel(&matrix(2, 24, 3), 2, 24);
         let p = PackedMatrix::int8(&codes, &scales, 2, 24).unwrap();
         assert!(p.gpu_layout_ok().is_err());
+        // 4-bit table codes: the rules of INT4 (bitsandbytes' blocks of 64 are readable).
+        for table in [lut4::Lut4::Nf4, lut4::Lut4::Fp4] {
+            for (cols, group, ok) in [
+                (128, 64, true),
+                (64, 32, true),
+                (48, 48, false),
+                (64, 16, false),
+            ] {
+                let p = lut4::quantize(table, &matrix(2, cols, 5), (2, cols), group).unwrap();
+                assert_eq!(
+                    p.gpu_layout_ok().is_ok(),
+                    ok,
+                    "{table:?} [{cols}] groups of {group}"
+                );
+            }
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! dequantize}`) against the CPU reference on the dequantized matrices
 //! (`PackedMatrix::dequantize`, the values the CPU engine runs on): every format (FP8, INT8, 4-bit
 //! in groups of 32, 64 and 128 columns, the last group of a row shorter when 128 does not divide the
-//! columns), with and without a random permutation of the input columns; `qlinear` for 1..=16
+//! columns, and 4-bit table codes: NF4 in bitsandbytes' blocks of 64 and in groups of 128, FP4 in
+//! groups of 32), with and without a random permutation of the input columns; `qlinear` for 1..=16
 //! tokens and both output types, `qmoe_gemv` with the router's grouping built on the CPU (idle
 //! experts included), `dequantize` bit-exact against the host values rounded to bf16.
 
@@ -12,9 +13,11 @@ use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::moe::Expert;
 use mixtral::cpu::router::{group_by_expert, route};
 use mixtral::cuda::args::{LinearScalars, MoeScalars, QMoeArgs};
+use mixtral::cuda::engine::matrix::table_values;
 use mixtral::cuda::memory::View;
 use mixtral::cuda::ops::{dequantize, qlinear, qmoe_gemv, shared_perm, DequantShape, PackedView};
 use mixtral::dtype::WeightSlice;
+use mixtral::packed::lut4::{self, Lut4};
 use mixtral::quant::{fp8, int4, int8, PackedKind, PackedMatrix};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -23,9 +26,12 @@ use crate::common::{self, Gpu, Guarded};
 use crate::shared::moe::expert_slots;
 
 /// The bound of a qlinear output over `cols` columns against the CPU on the dequantized matrix:
-/// the decoding is exact and the scale multiplies partial sums instead of each element, so only
-/// f32 roundings over the `cols` terms differ ([`common::f32_bound`]), plus one bf16 rounding at
-/// the store for a bf16 output ([`common::bf16_bound`]).
+/// the decoding is exact and the scale multiplies partial sums instead of each element (8-bit,
+/// INT4), or each weight is the dequantized value itself (LUT4: `table[q] * scale` rounded once in
+/// f32, as `PackedMatrix::dequantize`, then fused into the FMA with x where the CPU rounds the
+/// product: at most one more rounding per term), so only f32 roundings over the `cols` terms
+/// differ ([`common::f32_bound`]), plus one bf16 rounding at the store for a bf16 output
+/// ([`common::bf16_bound`]).
 fn qlinear_bound(cols: usize, out_f32: bool) -> f64 {
     if out_f32 {
         common::f32_bound(cols)
@@ -35,12 +41,24 @@ fn qlinear_bound(cols: usize, out_f32: bool) -> f64 {
 }
 
 /// Every format the kernels read.
-const KINDS: [PackedKind; 5] = [
+const KINDS: [PackedKind; 8] = [
     PackedKind::Fp8,
     PackedKind::Int8,
     PackedKind::Int4 { group_size: 32 },
     PackedKind::Int4 { group_size: 64 },
     PackedKind::Int4 { group_size: 128 },
+    PackedKind::Lut4 {
+        table: Lut4::Nf4,
+        group_size: 64,
+    },
+    PackedKind::Lut4 {
+        table: Lut4::Nf4,
+        group_size: 128,
+    },
+    PackedKind::Lut4 {
+        table: Lut4::Fp4,
+        group_size: 32,
+    },
 ];
 
 /// A column count every format accepts: a multiple of 32.
@@ -90,7 +108,9 @@ fn pack(
             PackedMatrix::from_rtn(&int4::quantize_rtn(w, rows, cols, group_size))
                 .expect("4-bit packing")
         }
-        PackedKind::Lut4 { .. } => panic!("no kernel reads 4-bit table codes yet"),
+        PackedKind::Lut4 { table, group_size } => {
+            lut4::quantize(table, w, (rows, cols), group_size).expect("4-bit table packing")
+        }
     };
     m.perm = perm;
     m.gpu_layout_ok().expect("a layout the kernels read");
@@ -115,12 +135,14 @@ fn random_matrix(
     )
 }
 
-/// A stack of packed matrices on the device (the matrices one after the other).
+/// A stack of packed matrices on the device (the matrices one after the other), with the table of
+/// its kind (LUT4) as the engine uploads it.
 struct DeviceStack {
     kind: PackedKind,
     codes: CudaSlice<u8>,
     params: CudaSlice<f32>,
     perm: Option<CudaSlice<u32>>,
+    table: Option<CudaSlice<f32>>,
 }
 
 impl DeviceStack {
@@ -143,6 +165,8 @@ impl DeviceStack {
             codes: stream.clone_htod(&codes).expect("upload codes"),
             params: stream.clone_htod(&params).expect("upload params"),
             perm: perm.map(|p| stream.clone_htod(&p).expect("upload perm")),
+            table: table_values(matrices[0].kind)
+                .map(|t| stream.clone_htod(&t).expect("upload table")),
         }
     }
 
@@ -152,6 +176,7 @@ impl DeviceStack {
             codes: View::of(&self.codes),
             params: View::of(&self.params),
             perm: self.perm.as_ref().map(View::of),
+            table: self.table.as_ref().map(View::of),
         }
     }
 
@@ -503,6 +528,7 @@ fn check_qmoe(name: &str, case: &QMoeCase) {
         w2_codes: w2s.codes,
         w2_params: w2s.params,
         w2_perm: w2s.perm,
+        table: w1s.table,
         topk_weights: d_weights.dev(),
         expert_offsets: d_offsets.dev(),
         sorted_slots: d_sorted.dev(),

@@ -21,11 +21,12 @@ use super::super::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View, ViewMut}
 use super::super::module::Kernels;
 use super::super::ops::{self, DequantShape, PackedView};
 use super::super::select::{select, Choice, Device, Format, Op};
-use crate::quant::PackedKind;
+use crate::quant::{int4, PackedKind, QuantFormat};
 use crate::weights::Weight;
 
 
-/// How one stack of matrices is stored on the device.
+/// How one stack of matrices is stored on the device (packed: codes, parameters, the permutation
+/// when `perm`, and for 4-bit table codes the table's 16 f32 values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StackFormat {
     /// bf16 `[count, rows, cols]`.
@@ -41,7 +42,7 @@ pub enum StackFormat {
 
 impl StackFormat {
     /// Device bytes of `count` matrices `[rows, cols]` in this format (each region rounded up to
-    /// the arena's alignment by the caller's arithmetic being an upper bound within 3 * 256 bytes).
+    /// the arena's alignment by the caller's arithmetic being an upper bound within 4 * 256 bytes).
     pub fn bytes(self, count: usize, rows: usize, cols: usize) -> usize {
         let matrices = count * rows;
         match self {
@@ -49,8 +50,40 @@ impl StackFormat {
             StackFormat::Packed { kind, perm } => {
                 matrices * (kind.row_code_bytes(cols) + 4 * kind.row_params(cols))
                     + if perm { count * cols * 4 } else { 0 }
+                    + 4 * table_values(kind).map_or(0, |t| t.len())
             }
         }
+    }
+
+    /// The element format when packed; `None` for bf16.
+    pub fn kind(self) -> Option<PackedKind> {
+        match self {
+            StackFormat::Packed { kind, .. } => Some(kind),
+            StackFormat::Bf16 => None,
+        }
+    }
+
+    /// The storage of every projection stack of a model made with random weights in `format`
+    /// (quantized on load: FP8 / INT8 per row, 4-bit in groups of [`int4::GROUP_SIZE`]).
+    pub fn of_quant_format(format: QuantFormat) -> StackFormat {
+        let kind = match format {
+            QuantFormat::Bf16 => return StackFormat::Bf16,
+            QuantFormat::Fp8 => PackedKind::Fp8,
+            QuantFormat::Int8 => PackedKind::Int8,
+            QuantFormat::Int4 => PackedKind::Int4 {
+                group_size: int4::GROUP_SIZE,
+            },
+        };
+        StackFormat::Packed { kind, perm: false }
+    }
+}
+
+/// The values a stack of `kind` keeps on the device beside its codes: LUT4's table; `None` for the
+/// other kinds.
+pub fn table_values(kind: PackedKind) -> Option<[f32; 16]> {
+    match kind {
+        PackedKind::Lut4 { table, .. } => Some(table.values()),
+        PackedKind::Fp8 | PackedKind::Int8 | PackedKind::Int4 { .. } => None,
     }
 }
 
@@ -101,6 +134,9 @@ pub struct PackedStack {
     /// `[count, cols]` input column of each stored column; `None` without a permutation, and for
     /// an up-projection stack (w3), which uses its gate stack's (w1).
     pub perm: Option<DeviceBuffer<u32>>,
+    /// LUT4: `[16]` the table's values ([`table_values`], written by the upload); `None` for the
+    /// other kinds.
+    pub table: Option<DeviceBuffer<f32>>,
 }
 
 impl PackedStack {
@@ -122,6 +158,10 @@ impl PackedStack {
             false => None,
             true => Some(arena.zeroed(count * cols, &format!("{what} permutation"))?),
         };
+        let table = match table_values(kind) {
+            None => None,
+            Some(t) => Some(arena.zeroed(t.len(), &format!("{what} table"))?),
+        };
         Ok(PackedStack {
             kind,
             count,
@@ -130,6 +170,7 @@ impl PackedStack {
             codes,
             params,
             perm,
+            table,
         })
     }
 
@@ -139,6 +180,7 @@ impl PackedStack {
             codes: self.codes.view(),
             params: self.params.view(),
             perm: self.perm.as_ref().map(DeviceBuffer::view),
+            table: self.table.as_ref().map(DeviceBuffer::view),
         }
     }
 }
@@ -148,15 +190,15 @@ impl PackedStack {
 pub enum DeviceMatrix {
     /// bf16 `[count, rows, cols]`.
     Bf16(DeviceBuffer<bf16>),
-    /// Packed.
-    Packed(PackedStack),
+    /// Packed (boxed: its buffers make it several times the size of the bf16 variant).
+    Packed(Box<PackedStack>),
 }
 
 impl DeviceMatrix {
     /// The packed stack, if packed.
     pub fn packed(&self) -> Option<&PackedStack> {
         match self {
-            DeviceMatrix::Packed(p) => Some(p),
+            DeviceMatrix::Packed(p) => Some(p.as_ref()),
             DeviceMatrix::Bf16(_) => None,
         }
     }
@@ -292,9 +334,10 @@ pub fn experts(
     scratch: &mut DequantScratch,
     device: Device,
 ) -> Result<(), CudaError> {
-    // Packed kernels only when all three stacks are packed; otherwise the packed ones are expanded.
-    let format = match (w1.format(), w3.format(), w2.format()) {
-        (Format::Packed, Format::Packed, Format::Packed) => Format::Packed,
+    // Packed kernels only when all three stacks are packed in one kind (`qmoe_gemv` takes one group
+    // size and one table); otherwise the packed ones are expanded.
+    let format = match [w1, w3, w2].map(|m| m.packed().map(|p| p.kind)) {
+        [Some(k1), Some(k3), Some(k2)] if k1 == k3 && k3 == k2 => Format::Packed,
         _ => Format::Bf16,
     };
     let choice = select(Op::Experts, s.tokens as usize, format, device);
@@ -313,6 +356,8 @@ pub fn experts(
             w2_codes: v2.codes,
             w2_params: v2.params,
             w2_perm: v2.perm,
+            // One table for the three: qmoe_gemv refuses stacks of different kinds.
+            table: v1.table,
             topk_weights: io.topk_weights,
             expert_offsets: io.expert_offsets,
             sorted_slots: io.sorted_slots,
@@ -421,6 +466,36 @@ mod tests {
         assert_eq!(stack_format(&[&[&a], &[&int4(4, 64, None)]]), packed);
     }
 
+    fn nf4(rows: usize, cols: usize, group_size: usize) -> Weight {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| (i % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        let table = crate::packed::lut4::Lut4::Nf4;
+        packed_weight(
+            crate::packed::lut4::quantize(table, &w, (rows, cols), group_size).unwrap(),
+        )
+    }
+
+    #[test]
+    fn table_codes_are_packed_where_the_kernels_read_them() {
+        let kind = PackedKind::Lut4 {
+            table: crate::packed::lut4::Lut4::Nf4,
+            group_size: 64,
+        };
+        let (a, b) = (nf4(4, 128, 64), nf4(8, 128, 64));
+        assert_eq!(
+            stack_format(&[&[&a, &b]]),
+            StackFormat::Packed { kind, perm: false }
+        );
+        // Groups of 16 columns, or 48 columns: a 32-column chunk would span two groups.
+        for (cols, group) in [(128, 16), (96, 48)] {
+            assert_eq!(stack_format(&[&[&nf4(4, cols, group)]]), StackFormat::Bf16);
+        }
+        assert_eq!(stack_format(&[&[&a], &[&int4(4, 128, None)]]), StackFormat::Bf16);
+        assert_eq!(table_values(kind), Some(crate::packed::lut4::Lut4::Nf4.values()));
+        assert_eq!(table_values(PackedKind::Int4 { group_size: 64 }), None);
+    }
+
     #[test]
     fn stack_bytes_follow_the_packed_layout() {
         let fp8 = StackFormat::Packed {
@@ -437,6 +512,17 @@ mod tests {
             8 * 14336 * (2048 + 4 * 64) + 8 * 4096 * 4
         );
         assert_eq!(StackFormat::Bf16.bytes(2, 3, 8), 96);
+        let nf4 = StackFormat::Packed {
+            kind: PackedKind::Lut4 {
+                table: crate::packed::lut4::Lut4::Nf4,
+                group_size: 64,
+            },
+            perm: false,
+        };
+        assert_eq!(
+            nf4.bytes(8, 14336, 4096),
+            8 * 14336 * (2048 + 4 * 64) + 4 * 16
+        );
         // Mixtral-8x7B's expert stacks of one layer, w1 + w3 + w2: fp8 about half of bf16.
         let bf16 = 3 * StackFormat::Bf16.bytes(8, 14336, 4096);
         let q = 3 * fp8.bytes(8, 14336, 4096);

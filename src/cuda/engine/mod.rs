@@ -51,7 +51,6 @@ use crate::engine::{
     SeqStep, StepOutput,
 };
 use crate::kv::{BlockCopy, KvLimits, PagedKv, RELEASED};
-use crate::quant::{int4, PackedKind, QuantFormat};
 use crate::sampling::{Rng, Sampler};
 use crate::weights::ModelWeights;
 
@@ -217,8 +216,9 @@ pub enum WeightSource<'a> {
         /// Seed of the values.
         seed: u32,
         /// Storage of every projection stack (bf16, or packed in a quantized format: then the codes
-        /// are made on the host and uploaded).
-        format: QuantFormat,
+        /// are made on the host and uploaded; [`StackFormat::of_quant_format`] gives the formats
+        /// quantizing on load makes).
+        format: StackFormat,
     },
 }
 
@@ -245,7 +245,7 @@ impl CudaEngine {
                 WeightSource::Random {
                     config,
                     seed,
-                    format: QuantFormat::Bf16,
+                    format: StackFormat::Bf16,
                 },
                 options,
                 None,
@@ -263,24 +263,7 @@ impl CudaEngine {
             let (config, tied, formats) = match source {
                 WeightSource::Checkpoint(w) => (w.config.clone(), is_tied(w), weight_formats(w)),
                 WeightSource::Random { config, format, .. } => {
-                    let stack = match format {
-                        QuantFormat::Bf16 => StackFormat::Bf16,
-                        QuantFormat::Fp8 => StackFormat::Packed {
-                            kind: PackedKind::Fp8,
-                            perm: false,
-                        },
-                        QuantFormat::Int8 => StackFormat::Packed {
-                            kind: PackedKind::Int8,
-                            perm: false,
-                        },
-                        QuantFormat::Int4 => StackFormat::Packed {
-                            kind: PackedKind::Int4 {
-                                group_size: int4::GROUP_SIZE,
-                            },
-                            perm: false,
-                        },
-                    };
-                    let formats = vec![LayerFormats::all(stack); config.num_layers];
+                    let formats = vec![LayerFormats::all(format); config.num_layers];
                     (config.clone(), config.tie_word_embeddings, formats)
                 }
             };

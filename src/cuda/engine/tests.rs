@@ -148,7 +148,38 @@ fn mixtral_8x7b_fits_an_80_gb_gpu_packed_in_8_bits_with_a_32k_context_but_not_in
 }
 
 #[test]
-fn every_quantized_fixture_is_stored_packed_act_order_included() {
+fn expert_stacks_packed_in_two_kinds_get_the_dequantization_scratch() {
+    use super::matrix::StackFormat;
+    use super::upload::{device_weight_bytes, LayerFormats};
+    use crate::packed::lut4::Lut4;
+    use crate::quant::PackedKind;
+    let config = mixtral_8x7b();
+    let nf4 = |group_size| StackFormat::Packed {
+        kind: PackedKind::Lut4 {
+            table: Lut4::Nf4,
+            group_size,
+        },
+        perm: false,
+    };
+    let layers = |w13, w2| {
+        let f = LayerFormats {
+            w13,
+            w2,
+            ..LayerFormats::all(nf4(64))
+        };
+        vec![f; config.num_layers]
+    };
+    // One token per step: the packed expert kernels would run, so one kind needs no scratch; w1 /
+    // w3 and w2 in different groups cannot share those kernels and are expanded (3 bf16 stacks).
+    let same = device_weight_bytes(&config, false, &layers(nf4(64), nf4(64)), 1);
+    let mixed = device_weight_bytes(&config, false, &layers(nf4(64), nf4(128)), 1);
+    let w2_smaller = nf4(64).bytes(8, 4096, 14336) - nf4(128).bytes(8, 4096, 14336);
+    let scratch = 3 * 2 * config.num_experts * config.intermediate_size * config.hidden_size;
+    assert!(mixed + w2_smaller * config.num_layers >= same + scratch, "{mixed} vs {same}");
+}
+
+#[test]
+fn every_quantized_fixture_is_stored_packed_act_order_and_table_codes_included() {
     use super::matrix::StackFormat;
     use crate::quant::PackedKind;
     use crate::{LoadOptions, Model};
@@ -169,6 +200,26 @@ fn every_quantized_fixture_is_stored_packed_act_order_included() {
                 LayerFormats::all(StackFormat::Packed { kind, perm }),
                 "{dir}"
             );
+        }
+    }
+    // bitsandbytes 4-bit checkpoints (attention projections quantized in blocks of 64, the experts
+    // bf16): the attention stacks packed as table codes, read by the LUT4 kernels.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real-quant");
+    for (dir, table) in [
+        ("bnb-nf4", crate::packed::lut4::Lut4::Nf4),
+        ("bnb-fp4", crate::packed::lut4::Lut4::Fp4),
+    ] {
+        let model = Model::load(&root.join(dir), &LoadOptions::default()).expect(dir);
+        let packed = StackFormat::Packed {
+            kind: PackedKind::Lut4 {
+                table,
+                group_size: 64,
+            },
+            perm: false,
+        };
+        for f in weight_formats(&model.weights) {
+            assert_eq!((f.qkv, f.o), (packed, packed), "{dir}");
+            assert_eq!((f.w13, f.w2), (StackFormat::Bf16, StackFormat::Bf16), "{dir}");
         }
     }
     // A bf16 model stays bf16.

@@ -9,8 +9,8 @@
 //! experts stacked: `w1`, `w3` `[experts, inter, hidden]`, `w2` `[experts, hidden, inter]`. Then the
 //! embedding `[vocab, hidden]`, the final norm and the LM head (the embedding's region when tied).
 //! Norms, router, embedding and LM head are bf16; each projection stack is bf16 or, when its
-//! matrices are quantized ([`weight_formats`]), packed (codes, scales, permutation: see
-//! [`super::matrix`]), copied as it is held in memory.
+//! matrices are quantized ([`weight_formats`]), packed (codes, scales, permutation, and the table of
+//! 4-bit table codes: see [`super::matrix`]), copied as it is held in memory.
 
 use std::sync::Arc;
 
@@ -22,7 +22,9 @@ use super::super::module::Kernels;
 use super::super::ops::{fill_random, FillValues};
 use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut, BUFFER_ALIGN};
 use super::super::select::{select, Choice, Device, Format, Op};
-use super::matrix::{stack_format, DequantScratch, DeviceMatrix, PackedStack, StackFormat};
+use super::matrix::{
+    stack_format, table_values, DequantScratch, DeviceMatrix, PackedStack, StackFormat,
+};
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::dtype::WeightSlice;
@@ -142,7 +144,8 @@ pub fn device_weight_bytes(
         bytes += 2 * (2 * h + experts * h);
         bytes += f.qkv.bytes(1, qkv_rows, h) + f.o.bytes(1, h, c.q_width());
         bytes += 2 * f.w13.bytes(experts, inter, h) + f.w2.bytes(experts, h, inter);
-        regions += 3 + 5 * 3;
+        // Norms and router; codes, params, permutation and table of each of the 5 stacks.
+        regions += 3 + 5 * 4;
     }
     bytes += 2 * (c.vocab_size * h * if tied { 1 } else { 2 } + h);
     regions += 3;
@@ -174,8 +177,9 @@ fn scratch_elements(
             }
         }
         let packed = [f.w13, f.w2].map(|f| f != StackFormat::Bf16);
-        // Mixed stacks run the bf16 kernels at every size, expanding the packed ones.
-        let expands = packed[0] != packed[1] || largest(Op::Experts) != Choice::QMoeGemv;
+        // Mixed stacks (one bf16, or packed in two kinds, which `qmoe_gemv` cannot take together)
+        // run the bf16 kernels at every size, expanding the packed ones.
+        let expands = f.w13.kind() != f.w2.kind() || largest(Op::Experts) != Choice::QMoeGemv;
         if packed.contains(&true) && expands {
             let n = experts * c.intermediate_size * h;
             expert = [n, n, n];
@@ -201,12 +205,10 @@ fn allocate_stack(
     let (count, rows, cols) = shape;
     match format {
         StackFormat::Bf16 => Ok(DeviceMatrix::Bf16(arena.zeroed(count * rows * cols, what)?)),
-        StackFormat::Packed { kind, perm } => Ok(DeviceMatrix::Packed(PackedStack::allocate(
-            arena,
-            (kind, perm && own_perm),
-            shape,
-            what,
-        )?)),
+        StackFormat::Packed { kind, perm } => {
+            let stack = PackedStack::allocate(arena, (kind, perm && own_perm), shape, what)?;
+            Ok(DeviceMatrix::Packed(Box::new(stack)))
+        }
     }
 }
 
@@ -536,6 +538,14 @@ fn copy_matrices(
             copy_raw(staging, buffer.view_mut().cast(), at, le_bytes(&identity), what)?;
         }
     }
+    copy_table(staging, p, what)
+}
+
+/// Copies the table of a LUT4 stack (its kind's values); nothing for the other kinds.
+fn copy_table(staging: &mut Staging<'_>, p: &mut PackedStack, what: &str) -> Result<(), CudaError> {
+    if let (Some(buffer), Some(values)) = (&mut p.table, table_values(p.kind)) {
+        copy_raw(staging, buffer.view_mut().cast(), 0, le_bytes(&values), what)?;
+    }
     Ok(())
 }
 
@@ -647,9 +657,10 @@ fn randomize_packed(
         PackedKind::Fp8 => [spread / 64.0, 0.0],
         PackedKind::Int8 => [spread * 3f32.sqrt() / 128.0, 0.0],
         PackedKind::Int4 { .. } => [spread * 3f32.sqrt() / 8.0, 8.0],
-        // Table values lie in [-1, 1]; one scale per group.
+        // Table values lie in [-1, 1]; one scale per group (the table itself is the kind's).
         PackedKind::Lut4 { .. } => [spread * 3f32.sqrt(), 0.0],
     };
+    copy_table(staging, p, "random packed stack")?;
     let per_row = matches!(p.kind, PackedKind::Int4 { .. });
     let params = p.params.view_mut().cast::<u8>();
     staging.copy_bytes(params, "random packed scales", &mut |at, out| {

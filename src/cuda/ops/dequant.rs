@@ -6,7 +6,7 @@
 use cudarc::driver::CudaStream;
 use half::bf16;
 
-use super::quant_layout::{row_layout, PackedView};
+use super::quant_layout::{row_layout, table_view, PackedView};
 use crate::cuda::args::{DequantArgs, DequantScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -34,6 +34,7 @@ fn plan(
 ) -> Result<Option<(DequantParams, [Grid; 1])>, CudaError> {
     let c = Check { op: "dequantize" };
     let l = row_layout(&c, kind, s.cols, "cols")?;
+    table_view(&c, kind, a.table)?;
     let count = c.grid_yz("count", s.count as usize)?;
     c.count("rows", s.rows as usize)?;
     let params = a.params(
@@ -75,6 +76,7 @@ pub fn dequantize(
         codes: w.codes,
         params: w.params,
         perm: w.perm,
+        table: w.table,
         out,
     };
     launch_planned(kernels, stream, plan(s, w.kind, &args)?)
@@ -84,7 +86,9 @@ pub fn dequantize(
 mod tests {
     use super::*;
     use crate::cuda::memory::View;
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE, KINDS};
+    use crate::cuda::ops::fake::{
+        symbol, table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
+    };
 
     /// Buffer lengths `[codes, params, perm, out]` exactly as needed.
     fn exact(s: &DequantShape, kind: PackedKind) -> [usize; 4] {
@@ -97,11 +101,12 @@ mod tests {
         ]
     }
 
-    fn args(l: [usize; 4], perm: bool) -> DequantArgs<'static> {
+    fn args(kind: PackedKind, l: [usize; 4], perm: bool) -> DequantArgs<'static> {
         DequantArgs {
             codes: view(l[0]),
             params: view(l[1]),
             perm: perm.then(|| view(l[2])),
+            table: table_for(kind),
             out: view_mut(l[3]),
         }
     }
@@ -115,7 +120,7 @@ mod tests {
         };
         for kind in KINDS {
             for perm in [false, true] {
-                let (p, [g]) = plan(&s, kind, &args(exact(&s, kind), perm))
+                let (p, [g]) = plan(&s, kind, &args(kind, exact(&s, kind), perm))
                     .unwrap()
                     .unwrap();
                 let label = match kind {
@@ -132,8 +137,15 @@ mod tests {
                     (kind.row_code_bytes(96), kind.row_params(96))
                 );
                 assert_eq!(p.perm != 0, perm);
+                assert_eq!(p.table != 0, label == "lut4");
             }
         }
+        let nf4 = KINDS[4];
+        let mut a = args(nf4, exact(&s, nf4), false);
+        a.table = None;
+        unsupported(plan(&s, nf4, &a), "table");
+        a.table = Some(view(15));
+        too_small(plan(&s, nf4, &a), "table");
     }
 
     #[test]
@@ -148,10 +160,10 @@ mod tests {
             for (i, name) in ["codes", "params", "perm", "out"].into_iter().enumerate() {
                 let mut lens = full;
                 lens[i] -= 1;
-                too_small(plan(&s, kind, &args(lens, true)), name);
+                too_small(plan(&s, kind, &args(kind, lens, true)), name);
             }
             // The permutation is read element by element here: any element-aligned view works.
-            let mut a = args(full, false);
+            let mut a = args(kind, full, false);
             // SAFETY: planner tests never launch; the address is only checked.
             a.perm = Some(unsafe { View::from_raw(BASE + 4, full[2]) });
             assert!(plan(&s, kind, &a).is_ok());
@@ -159,7 +171,7 @@ mod tests {
                 DequantShape { count: 0, ..s },
                 DequantShape { rows: 0, ..s },
             ] {
-                assert!(plan(&empty, kind, &args(exact(&empty, kind), true))
+                assert!(plan(&empty, kind, &args(kind, exact(&empty, kind), true))
                     .unwrap()
                     .is_none());
             }
@@ -174,7 +186,7 @@ mod tests {
             cols: 24,
         };
         unsupported(
-            plan(&s, PackedKind::Fp8, &args([32, 1, 32, 32], false)),
+            plan(&s, PackedKind::Fp8, &args(PackedKind::Fp8, [32, 1, 32, 32], false)),
             "cols",
         );
         let s = DequantShape {
@@ -183,6 +195,9 @@ mod tests {
             cols: 32,
         };
         let lens = exact(&s, PackedKind::Fp8);
-        unsupported(plan(&s, PackedKind::Fp8, &args(lens, false)), "count");
+        unsupported(
+            plan(&s, PackedKind::Fp8, &args(PackedKind::Fp8, lens, false)),
+            "count",
+        );
     }
 }

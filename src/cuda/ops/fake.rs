@@ -4,6 +4,7 @@
 use crate::cuda::error::{CudaError, KernelError};
 use crate::cuda::launch::Grid;
 use crate::cuda::memory::{View, ViewMut};
+use crate::packed::lut4::Lut4;
 use crate::packed::PackedKind;
 
 /// A 256-byte aligned address no test dereferences.
@@ -43,10 +44,27 @@ pub fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) 
 }
 
 /// The packed formats the quantized planners are tested with: both 8-bit kinds, 4-bit with one
-/// group per 16-byte chunk and with Mixtral's groups of 128.
-pub const KINDS: [PackedKind; 4] = [
+/// group per 16-byte chunk and with Mixtral's groups of 128, and 4-bit table codes (NF4 in
+/// bitsandbytes' blocks of 64, FP4 in groups of 32).
+pub const KINDS: [PackedKind; 6] = [
     PackedKind::Fp8,
     PackedKind::Int8,
     PackedKind::Int4 { group_size: 32 },
     PackedKind::Int4 { group_size: 128 },
+    PackedKind::Lut4 {
+        table: Lut4::Nf4,
+        group_size: 64,
+    },
+    PackedKind::Lut4 {
+        table: Lut4::Fp4,
+        group_size: 32,
+    },
 ];
+
+/// A table view (16 values) for LUT4 kinds, `None` for the others: what [`PackedView::table`]
+/// holds.
+///
+/// [`PackedView::table`]: crate::cuda::ops::PackedView::table
+pub fn table_for(kind: PackedKind) -> Option<View<'static, f32>> {
+    matches!(kind, PackedKind::Lut4 { .. }).then(|| view(16))
+}

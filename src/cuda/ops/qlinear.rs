@@ -10,7 +10,7 @@ use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::linear::gemv_tile;
-use super::quant_layout::{row_layout, PackedView};
+use super::quant_layout::{row_layout, table_view, PackedView};
 use crate::cuda::args::{LinearScalars, QLinearArgs, QLinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -41,6 +41,7 @@ fn plan(
     c.at_least("out_features", s.out_features as usize, 1)?;
     c.count("out_features", s.out_features as usize)?;
     let l = row_layout(&c, kind, s.in_features, "in_features")?;
+    table_view(&c, kind, a.table)?;
     let params = a.params(
         c.op,
         &QLinearScalars {
@@ -78,6 +79,7 @@ pub fn qlinear(
         codes: w.codes,
         params: w.params,
         perm: w.perm,
+        table: w.table,
         out,
     };
     launch_planned(kernels, stream, plan(s, w.kind, &args)?)
@@ -88,7 +90,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, KINDS};
+    use crate::cuda::ops::fake::{symbol, table_for, too_small, unsupported, view, view_mut, KINDS};
+    use crate::packed::lut4::Lut4;
     use crate::cuda::params::KERNEL_VARIANTS;
 
     /// A column count every kind accepts.
@@ -127,12 +130,13 @@ mod tests {
         ]
     }
 
-    fn args(lens: [usize; 5], perm: bool, out_f32: bool) -> QLinearArgs<'static> {
+    fn args(kind: PackedKind, lens: [usize; 5], perm: bool, out_f32: bool) -> QLinearArgs<'static> {
         QLinearArgs {
             x: view(lens[0]),
             codes: view(lens[1]),
             params: view(lens[2]),
             perm: perm.then(|| view(lens[3])),
+            table: table_for(kind),
             out: if out_f32 {
                 AnyViewMut::F32(view_mut(lens[4]))
             } else {
@@ -147,7 +151,7 @@ mod tests {
         perm: bool,
         out_f32: bool,
     ) -> Result<Option<(QLinearParams, [Grid; 1])>, CudaError> {
-        plan(s, kind, &args(exact(s, kind, perm), perm, out_f32))
+        plan(s, kind, &args(kind, exact(s, kind, perm), perm, out_f32))
     }
 
     #[test]
@@ -193,11 +197,15 @@ mod tests {
                     (kind.row_code_bytes(96), kind.row_params(96))
                 );
                 let group = match kind {
-                    PackedKind::Int4 { group_size } => group_size as u32,
+                    PackedKind::Int4 { group_size } | PackedKind::Lut4 { group_size, .. } => {
+                        group_size as u32
+                    }
                     _ => 0,
                 };
                 assert_eq!(p.group_size, group);
                 assert_eq!(p.perm != 0, perm, "a null perm without one");
+                let lut4 = matches!(kind, PackedKind::Lut4 { .. });
+                assert_eq!(p.table != 0, lut4, "a table exactly for table codes");
             }
         }
     }
@@ -227,9 +235,9 @@ mod tests {
                 {
                     let mut lens = full;
                     lens[i] -= 1;
-                    too_small(plan(&s, kind, &args(lens, true, false)), name);
+                    too_small(plan(&s, kind, &args(kind, lens, true, false)), name);
                 }
-                assert!(plan(&s, kind, &args(full, true, true)).is_ok());
+                assert!(plan(&s, kind, &args(kind, full, true, true)).is_ok());
             }
         }
     }
@@ -263,13 +271,27 @@ mod tests {
     }
 
     #[test]
+    fn a_table_exactly_for_table_codes_and_never_short() {
+        let s = scalars(2, COLS, 5);
+        let nf4 = KINDS[4];
+        let mut a = args(nf4, exact(&s, nf4, false), false, false);
+        a.table = None;
+        unsupported(plan(&s, nf4, &a), "table");
+        a.table = Some(view(15));
+        too_small(plan(&s, nf4, &a), "table");
+        let mut a = args(PackedKind::Fp8, exact(&s, PackedKind::Fp8, false), false, false);
+        a.table = Some(view(16));
+        unsupported(plan(&s, PackedKind::Fp8, &a), "table");
+    }
+
+    #[test]
     fn zero_tokens_launch_nothing_but_are_still_checked() {
         for kind in KINDS {
             let s = scalars(0, COLS, 10);
             assert!(plan_exact(&s, kind, true, false).unwrap().is_none());
             let mut lens = exact(&s, kind, false);
             lens[1] -= 1;
-            too_small(plan(&s, kind, &args(lens, false, false)), "codes");
+            too_small(plan(&s, kind, &args(kind, lens, false, false)), "codes");
         }
     }
 
@@ -278,6 +300,10 @@ mod tests {
             Just(PackedKind::Fp8),
             Just(PackedKind::Int8),
             (1usize..=6).prop_map(|g| PackedKind::Int4 { group_size: 32 * g }),
+            (1usize..=6).prop_map(|g| PackedKind::Lut4 {
+                table: Lut4::Nf4,
+                group_size: 32 * g
+            }),
         ]
     }
 

@@ -4,13 +4,14 @@
 //! `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])` (`[tokens * top_k, inter]` bf16) and `qmoe_down`
 //! `out[s] = weight[s] * (w2[e] act[s])` (`[tokens * top_k, hidden]` f32). w1 and w3 are
 //! `[experts, inter, hidden]`, w2 `[experts, hidden, inter]`; the three stacks have one format, and
-//! w1 and w3 one column permutation (or none). Each expert's weights are streamed once per tile of
+//! w1 and w3 one column permutation (or none); 4-bit table codes (LUT4) one table for the three
+//! ([`QMoeArgs::table`], the same values: the format includes the table). Each expert's weights are streamed once per tile of
 //! slots, the tile of `linear_gemv` for the token count (the most slots one expert can get).
 
 use cudarc::driver::CudaStream;
 
 use super::linear::gemv_tile;
-use super::quant_layout::row_layout;
+use super::quant_layout::{row_layout, table_view};
 use crate::cuda::args::{MoeScalars, QMoeArgs, QMoeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -66,6 +67,7 @@ fn plan(
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
     let l13 = row_layout(&c, k1, s.hidden, "hidden")?;
     let l2 = row_layout(&c, k1, s.inter, "inter")?;
+    table_view(&c, k1, a.table)?;
     let params = a.params(
         c.op,
         &QMoeScalars {
@@ -122,7 +124,10 @@ mod tests {
 
     use super::*;
     use crate::cuda::error::KernelError;
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE, KINDS};
+    use crate::cuda::ops::fake::{
+        symbol, table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
+    };
+    use crate::packed::lut4::Lut4;
 
     const NAMES: [&str; 14] = [
         "x",
@@ -174,8 +179,9 @@ mod tests {
         ]
     }
 
-    fn args(l: [usize; 14], perm: bool) -> QMoeArgs<'static> {
+    fn args(kind: PackedKind, l: [usize; 14], perm: bool) -> QMoeArgs<'static> {
         QMoeArgs {
+            table: table_for(kind),
             x: view(l[0]),
             w1_codes: view(l[1]),
             w1_params: view(l[2]),
@@ -197,7 +203,7 @@ mod tests {
         s: &MoeScalars,
         kind: PackedKind,
     ) -> Result<Option<(QMoeParams, [Grid; 2])>, CudaError> {
-        plan(s, [kind; 3], &args(exact(s, kind), true))
+        plan(s, [kind; 3], &args(kind, exact(s, kind), true))
     }
 
     fn label(kind: PackedKind) -> &'static str {
@@ -242,11 +248,15 @@ mod tests {
         let (p, _) = plan(
             &s,
             [PackedKind::Fp8; 3],
-            &args(exact(&s, PackedKind::Fp8), false),
+            &args(PackedKind::Fp8, exact(&s, PackedKind::Fp8), false),
         )
         .unwrap()
         .unwrap();
-        assert_eq!((p.w13_perm, p.w2_perm), (0, 0));
+        assert_eq!((p.w13_perm, p.w2_perm, p.table), (0, 0, 0));
+        let nf4 = KINDS[4];
+        let (p, _) = plan_exact(&s, nf4).unwrap().unwrap();
+        assert_ne!(p.table, 0, "table codes pass their table");
+        assert_eq!(p.group_size, 64);
     }
 
     #[test]
@@ -269,17 +279,46 @@ mod tests {
     fn stacks_must_have_one_format() {
         let s = scalars(2, 96, 64, 4, 1);
         let kind = PackedKind::Int4 { group_size: 32 };
-        let a = args(exact(&s, kind), false);
-        for other in [PackedKind::Int8, PackedKind::Int4 { group_size: 64 }] {
+        let a = args(kind, exact(&s, kind), false);
+        for other in [PackedKind::Int8, PackedKind::Int4 { group_size: 64 }, KINDS[5]] {
             unsupported(plan(&s, [kind, other, kind], &a), "w3 kind");
             unsupported(plan(&s, [kind, kind, other], &a), "w2 kind");
         }
+        // NF4 and FP4 are different formats: one table cannot serve both.
+        let (nf4, fp4) = (
+            PackedKind::Lut4 {
+                table: Lut4::Nf4,
+                group_size: 32,
+            },
+            PackedKind::Lut4 {
+                table: Lut4::Fp4,
+                group_size: 32,
+            },
+        );
+        let a = args(nf4, exact(&s, nf4), false);
+        unsupported(plan(&s, [nf4, fp4, nf4], &a), "w3 kind");
+        unsupported(plan(&s, [nf4, nf4, fp4], &a), "w2 kind");
+    }
+
+    #[test]
+    fn a_table_exactly_for_table_codes() {
+        let s = scalars(2, 96, 64, 4, 1);
+        let nf4 = KINDS[4];
+        let mut a = args(nf4, exact(&s, nf4), false);
+        a.table = None;
+        unsupported(plan(&s, [nf4; 3], &a), "table");
+        a.table = Some(view(15));
+        too_small(plan(&s, [nf4; 3], &a), "table");
+        let int4 = PackedKind::Int4 { group_size: 32 };
+        let mut a = args(int4, exact(&s, int4), false);
+        a.table = Some(view(16));
+        unsupported(plan(&s, [int4; 3], &a), "table");
     }
 
     #[test]
     fn refuses_bad_shapes() {
         let kind = PackedKind::Int4 { group_size: 32 };
-        let a = args(exact(&scalars(2, 96, 64, 4, 2), kind), false);
+        let a = args(kind, exact(&scalars(2, 96, 64, 4, 2), kind), false);
         for (bad, what) in [
             (scalars(2, 48, 64, 4, 2), "hidden"),
             (scalars(2, 96, 40, 4, 2), "inter"),
@@ -295,7 +334,7 @@ mod tests {
         assert!(plan_exact(&empty, kind).unwrap().is_none());
         let mut lens = exact(&empty, kind);
         lens[6] -= 1;
-        too_small(plan(&empty, [kind; 3], &args(lens, true)), "w2_codes");
+        too_small(plan(&empty, [kind; 3], &args(kind, lens, true)), "w2_codes");
     }
 
     fn kinds() -> impl Strategy<Value = PackedKind> {
@@ -303,6 +342,10 @@ mod tests {
             Just(PackedKind::Fp8),
             Just(PackedKind::Int8),
             (1usize..=6).prop_map(|g| PackedKind::Int4 { group_size: 32 * g }),
+            (1usize..=6).prop_map(|g| PackedKind::Lut4 {
+                table: Lut4::Fp4,
+                group_size: 32 * g
+            }),
         ]
     }
 
@@ -318,11 +361,11 @@ mod tests {
         ) {
             let s = scalars(tokens, hidden32 * 32, inter32 * 32, experts, k.min(experts));
             let full = exact(&s, kind);
-            prop_assert!(plan(&s, [kind; 3], &args(full, true)).is_ok());
+            prop_assert!(plan(&s, [kind; 3], &args(kind, full, true)).is_ok());
             for (i, name) in NAMES.into_iter().enumerate() {
                 let mut lens = full;
                 lens[i] -= 1;
-                match plan(&s, [kind; 3], &args(lens, true)) {
+                match plan(&s, [kind; 3], &args(kind, lens, true)) {
                     Err(CudaError::Kernel(KernelError::BufferTooSmall { buffer, .. })) => prop_assert_eq!(buffer, name),
                     other => prop_assert!(false, "{}: {:?}", name, other),
                 }

@@ -1,15 +1,15 @@
 //! What the quantized kernels (`qlinear`, `qmoe_*`, `dequantize`; csrc/quant.cuh) take of a stack
-//! of packed matrices in the layout of [`crate::quant::packed`]: the [`PackedView`] of its buffers
-//! and the row layout of its format for a column count (the rules of
+//! of packed matrices in the layout of [`crate::quant::packed`]: the [`PackedView`] of its buffers,
+//! the row layout of its format for a column count (the rules of
 //! [`crate::quant::PackedMatrix::gpu_layout_ok`]: whole 16-byte chunks of codes per row and, for
-//! 4-bit, groups of a multiple of 32 columns). Matrix `m` of a stack of `[rows, cols]` matrices
-//! starts at `m * rows * row_bytes` codes, `m * rows * row_params` params and `m * cols` perm
-//! entries.
+//! 4-bit, groups of a multiple of 32 columns) and, for 4-bit table codes (LUT4), the device copy of
+//! the table ([`table_view`]). Matrix `m` of a stack of `[rows, cols]` matrices starts at
+//! `m * rows * row_bytes` codes, `m * rows * row_params` params and `m * cols` perm entries.
 
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
 use crate::cuda::memory::View;
-use crate::cuda::params::{QUANT_KIND_FP8, QUANT_KIND_INT4, QUANT_KIND_INT8};
+use crate::cuda::params::{QUANT_KIND_FP8, QUANT_KIND_INT4, QUANT_KIND_INT8, QUANT_KIND_LUT4};
 use crate::quant::PackedKind;
 
 /// The device buffers of a stack of packed matrices (one for a projection, one per expert).
@@ -19,10 +19,37 @@ pub struct PackedView<'a> {
     pub kind: PackedKind,
     /// `[count, rows, row bytes]` codes (row bytes `cols`, or `cols / 2` for 4-bit).
     pub codes: View<'a, u8>,
-    /// `[count, rows]` scales (8-bit) or `[count, rows, groups, 2]` `(scale, zero)` pairs (4-bit).
+    /// `[count, rows]` scales (8-bit), `[count, rows, groups, 2]` `(scale, zero)` pairs (INT4) or
+    /// `[count, rows, groups]` scales (LUT4).
     pub params: View<'a, f32>,
     /// `None`, or `[count, cols]`: the input column of each stored column of each matrix.
     pub perm: Option<View<'a, u32>>,
+    /// LUT4: the 16 values of the codes (`kind`'s table, [`crate::packed::lut4::Lut4::values`]);
+    /// `None` for the other kinds.
+    pub table: Option<View<'a, f32>>,
+}
+
+/// `table` when the kind needs one (LUT4: present) and `None` otherwise; a table where none is
+/// read, or none where one is, is refused. Its length is checked by the kernel arguments.
+pub(super) fn table_view<'a>(
+    c: &Check,
+    kind: PackedKind,
+    table: Option<View<'a, f32>>,
+) -> Result<Option<View<'a, f32>>, CudaError> {
+    match (kind, table) {
+        (PackedKind::Lut4 { .. }, Some(t)) => Ok(Some(t)),
+        (PackedKind::Lut4 { table, .. }, None) => Err(c.unsupported(
+            "table",
+            0,
+            format!("4-bit {} codes need their table on the device", table.name()),
+        )),
+        (_, None) => Ok(None),
+        (kind, Some(t)) => Err(c.unsupported(
+            "table",
+            t.len(),
+            format!("{kind:?} codes index no table (only 4-bit table codes do)"),
+        )),
+    }
 }
 
 /// What the kernels take of a stack's format for a column count.
@@ -30,7 +57,7 @@ pub struct PackedView<'a> {
 pub(super) struct RowLayout {
     /// The KIND template value.
     pub kind: u32,
-    /// Stored columns per group (4-bit), 0 for 8-bit.
+    /// Stored columns per group (4-bit: INT4 and LUT4), 0 for 8-bit.
     pub group_size: u32,
     /// Code bytes per row.
     pub row_bytes: u32,
@@ -50,17 +77,7 @@ pub(super) fn row_layout(
         PackedKind::Fp8 => (QUANT_KIND_FP8, 16),
         PackedKind::Int8 => (QUANT_KIND_INT8, 16),
         PackedKind::Int4 { .. } => (QUANT_KIND_INT4, 32),
-        PackedKind::Lut4 { table, group_size } => {
-            return Err(c.unsupported(
-                "group_size",
-                group_size,
-                format!(
-                    "4-bit {} table codes: no kernel decodes them yet (such stacks are stored \
-                     in bf16)",
-                    table.name()
-                ),
-            ))
-        }
+        PackedKind::Lut4 { .. } => (QUANT_KIND_LUT4, 32),
     };
     let cols = c.count(cols_name, cols as usize)? as usize;
     if cols == 0 || !cols.is_multiple_of(chunk) {
@@ -71,8 +88,8 @@ pub(super) fn row_layout(
         ));
     }
     let group_size = match kind {
-        PackedKind::Fp8 | PackedKind::Int8 | PackedKind::Lut4 { .. } => 0,
-        PackedKind::Int4 { group_size } => {
+        PackedKind::Fp8 | PackedKind::Int8 => 0,
+        PackedKind::Int4 { group_size } | PackedKind::Lut4 { group_size, .. } => {
             if group_size == 0 || !group_size.is_multiple_of(32) {
                 return Err(c.unsupported(
                     "group_size",
@@ -95,9 +112,15 @@ pub(super) fn row_layout(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::ops::fake::unsupported;
+    use crate::cuda::ops::fake::{unsupported, view};
+    use crate::packed::lut4::Lut4;
 
     const C: Check = Check { op: "test" };
+
+    const NF4_64: PackedKind = PackedKind::Lut4 {
+        table: Lut4::Nf4,
+        group_size: 64,
+    };
 
     #[test]
     fn row_sizes_are_the_packed_layout_definition() {
@@ -106,6 +129,11 @@ mod tests {
             PackedKind::Int8,
             PackedKind::Int4 { group_size: 32 },
             PackedKind::Int4 { group_size: 64 },
+            NF4_64,
+            PackedKind::Lut4 {
+                table: Lut4::Fp4,
+                group_size: 32,
+            },
         ] {
             let l = row_layout(&C, kind, 96, "cols").unwrap();
             assert_eq!(l.row_bytes as usize, kind.row_code_bytes(96));
@@ -116,6 +144,12 @@ mod tests {
         assert_eq!(
             (l.kind, l.group_size, l.row_bytes, l.row_params),
             (2, 64, 48, 4)
+        );
+        // LUT4: one scale per group, the same groups: 96 columns in groups of 64, 2 params per row.
+        let l = row_layout(&C, NF4_64, 96, "cols").unwrap();
+        assert_eq!(
+            (l.kind, l.group_size, l.row_bytes, l.row_params),
+            (3, 64, 48, 2)
         );
         let l = row_layout(&C, PackedKind::Int8, 4096, "cols").unwrap();
         assert_eq!(
@@ -130,6 +164,7 @@ mod tests {
             (PackedKind::Fp8, [0, 8, 24, 100]),
             (PackedKind::Int8, [0, 8, 40, 4095]),
             (PackedKind::Int4 { group_size: 32 }, [0, 16, 48, 80]),
+            (NF4_64, [0, 16, 48, 80]),
         ] {
             for cols in bad_cols {
                 unsupported(row_layout(&C, kind, cols, "in_features"), "in_features");
@@ -140,7 +175,30 @@ mod tests {
                 row_layout(&C, PackedKind::Int4 { group_size }, 96, "cols"),
                 "group_size",
             );
+            let table = Lut4::Fp4;
+            unsupported(
+                row_layout(&C, PackedKind::Lut4 { table, group_size }, 96, "cols"),
+                "group_size",
+            );
         }
         unsupported(row_layout(&C, PackedKind::Fp8, 1 << 31, "cols"), "cols");
+    }
+
+    #[test]
+    fn a_table_goes_with_table_codes_only() {
+        let t = view::<f32>(16);
+        assert_eq!(
+            table_view(&C, NF4_64, Some(t)).unwrap().unwrap().len(),
+            16
+        );
+        unsupported(table_view(&C, NF4_64, None), "table");
+        for kind in [
+            PackedKind::Fp8,
+            PackedKind::Int8,
+            PackedKind::Int4 { group_size: 32 },
+        ] {
+            assert!(table_view(&C, kind, None).unwrap().is_none());
+            unsupported(table_view(&C, kind, Some(t)), "table");
+        }
     }
 }
