@@ -454,7 +454,7 @@ pub(super) mod x86 {
 
     /// Asks for the cache line `PREFETCH_BYTES` after `p` (never faults, even past the end).
     #[inline(always)]
-    unsafe fn prefetch_ahead<T>(p: *const T) {
+    pub(in crate::cpu) unsafe fn prefetch_ahead<T>(p: *const T) {
         let ahead = (p as *const i8).wrapping_add(PREFETCH_BYTES);
         _mm_prefetch::<_MM_HINT_T0>(ahead);
     }

@@ -11,7 +11,7 @@
 //! to match.
 //!
 //! With AVX2 (also used on AVX-512 CPUs), blocks of 16 stored columns are decoded in registers:
-//! 8-bit codes widened (FP8 rebuilt as f32 bit fields), 4-bit codes split into the
+//! 8-bit codes widened (FP8 codes rebuilt as f16 and converted), 4-bit codes split into the
 //! block's even columns (low nibbles) and odd columns (high nibbles) against activations paired to
 //! match ([`super::matmul`]'s pairing); one vector accumulator per group, folded into a running
 //! vector total by the group's scale, its lanes summed at the end. Matrices whose columns or
@@ -278,44 +278,44 @@ mod x86 {
     //! columns.
 
     use super::{Decode, View, BLOCK, TOKENS};
-    use crate::cpu::matmul::x86::reduce8;
+    use crate::cpu::matmul::x86::{prefetch_ahead, reduce8};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// The FP8 E4M3 values ([`crate::packed::fp8::decode`], exactly) of the 8 codes in the low
-    /// bytes of `bytes`: a normal code's exponent and mantissa moved into an f32 and rebiased
-    /// (`+120`), a subnormal's mantissa converted and scaled by `2^-9`, the NaN codes made NaN,
-    /// then the sign.
+    /// What the SIMD FP8 values are short of: 2^8 (folded into the scales).
+    const FP8_SHORTFALL: f32 = 256.0;
+
+    /// The FP8 E4M3 values ([`crate::packed::fp8::decode`]) divided by [`FP8_SHORTFALL`] of the
+    /// 16 codes at `p`, exactly: each code's sign, exponent and mantissa moved into an f16, whose
+    /// exponent bias is 8 more than E4M3's (so the f16 value is 2^-8 times the FP8 one,
+    /// subnormals included), the NaN codes made NaN, then converted to f32. Codes 0..8, then 8..16.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn fp8_values(bytes: __m128i) -> __m256 {
-        let b = _mm256_cvtepu8_epi32(bytes);
-        let magnitude = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
-        let normal = _mm256_add_epi32(
-            _mm256_slli_epi32::<20>(magnitude),
-            _mm256_set1_epi32(120 << 23),
-        );
-        let mantissa = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0x07)));
-        let subnormal = _mm256_mul_ps(mantissa, _mm256_set1_ps(1.0 / 512.0));
-        let exponent = _mm256_and_si256(b, _mm256_set1_epi32(0x78));
-        let is_subnormal = _mm256_cmpeq_epi32(exponent, _mm256_setzero_si256());
-        let value = _mm256_blendv_ps(
-            _mm256_castsi256_ps(normal),
-            subnormal,
-            _mm256_castsi256_ps(is_subnormal),
-        );
-        let is_nan = _mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7F));
-        let value = _mm256_blendv_ps(value, _mm256_set1_ps(f32::NAN), _mm256_castsi256_ps(is_nan));
-        let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80)));
-        _mm256_or_ps(value, _mm256_castsi256_ps(sign))
+    unsafe fn fp8_values(p: *const u8) -> (__m256, __m256) {
+        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+        let magnitude = _mm256_and_si256(b, _mm256_set1_epi16(0x7F));
+        let sign = _mm256_and_si256(_mm256_slli_epi16::<8>(b), _mm256_set1_epi16(i16::MIN));
+        let half = _mm256_or_si256(_mm256_slli_epi16::<7>(magnitude), sign);
+        let is_nan = _mm256_cmpeq_epi16(magnitude, _mm256_set1_epi16(0x7F));
+        let half = _mm256_or_si256(half, _mm256_and_si256(is_nan, _mm256_set1_epi16(0x7E00)));
+        (
+            _mm256_cvtph_ps(_mm256_castsi256_si128(half)),
+            _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(half)),
+        )
     }
+
+    /// Kinds of the SIMD loop, as a const parameter (so each kind gets its own loop).
+    const FP8: u8 = 0;
+    const INT8: u8 = 1;
+    const INT4: u8 = 2;
+    const LUT4: u8 = 3;
 
     /// The rows of one task, in tiles of four rows for one token or one row for up to four.
     ///
     /// # Safety
-    /// AVX2, FMA and F16C must be available, `view`'s lengths consistent with its shape (`View::new`)
-    /// and its blocks whole (`View::simd_blocks`), `xs` `[tokens, cols]` as the loop reads it, and
-    /// `out` `[rows.len(), tokens]`.
+    /// AVX2, FMA and F16C must be available, `view`'s lengths consistent with its shape
+    /// (`View::new`) and its blocks whole (`View::simd_blocks`), `xs` `[tokens, cols]` as the loop
+    /// reads it, and `out` `[rows.len(), tokens]`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn rows(
         view: &View<'_>,
@@ -324,37 +324,51 @@ mod x86 {
         rows: Range<usize>,
         out: &mut [f32],
     ) {
+        match view.decode {
+            Decode::Fp8 => rows_of::<FP8>(view, xs, tokens, rows, out),
+            Decode::Int8 => rows_of::<INT8>(view, xs, tokens, rows, out),
+            Decode::Int4 => rows_of::<INT4>(view, xs, tokens, rows, out),
+            Decode::Lut4(_) => rows_of::<LUT4>(view, xs, tokens, rows, out),
+        }
+    }
+
+    /// [`rows`] for one kind.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_of<const KIND: u8>(
+        view: &View<'_>,
+        xs: &[f32],
+        tokens: usize,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
         let k = view.cols;
-        let token_rows = |t0: usize, used: usize| -> [&[f32]; TOKENS] {
-            std::array::from_fn(|j| {
-                let t = t0 + j.min(used - 1);
-                &xs[t * k..(t + 1) * k]
-            })
-        };
         let start = rows.start;
         if tokens == 1 {
             let x = [&xs[..k]];
             let mut r = rows.start;
             while r + 4 <= rows.end {
-                let y = tile::<1, 4>(view, &x, r);
+                let y = tile::<KIND, 1, 4>(view, &x, r);
                 for (i, v) in y.iter().enumerate() {
                     out[r - start + i] = v[0];
                 }
                 r += 4;
             }
             for r in r..rows.end {
-                out[r - start] = tile::<1, 1>(view, &x, r)[0][0];
+                out[r - start] = tile::<KIND, 1, 1>(view, &x, r)[0][0];
             }
             return;
         }
         for t0 in (0..tokens).step_by(TOKENS) {
             let used = (tokens - t0).min(TOKENS);
-            let x = token_rows(t0, used);
+            let x: [&[f32]; TOKENS] = std::array::from_fn(|j| {
+                let t = t0 + j.min(used - 1);
+                &xs[t * k..(t + 1) * k]
+            });
             for r in rows.clone() {
                 let y = if used == 1 {
-                    [tile::<1, 1>(view, &[x[0]], r)[0][0]; TOKENS]
+                    [tile::<KIND, 1, 1>(view, &[x[0]], r)[0][0]; TOKENS]
                 } else {
-                    tile::<TOKENS, 1>(view, &x, r)[0]
+                    tile::<KIND, TOKENS, 1>(view, &x, r)[0]
                 };
                 let at = (r - start) * tokens + t0;
                 out[at..at + used].copy_from_slice(&y[..used]);
@@ -367,11 +381,21 @@ mod x86 {
     /// lanes summed at the end.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const T: usize, const R: usize>(
+    unsafe fn tile<const KIND: u8, const T: usize, const R: usize>(
         view: &View<'_>,
         x: &[&[f32]; T],
         r0: usize,
     ) -> [[f32; T]; R] {
+        let table = match view.decode {
+            Decode::Lut4(table) => table,
+            _ => [0.0; 16],
+        };
+        let table = (
+            _mm256_loadu_ps(table.as_ptr()),
+            _mm256_loadu_ps(table.as_ptr().add(8)),
+        );
+        let rows: [*const u8; R] =
+            std::array::from_fn(|i| view.codes.as_ptr().add((r0 + i) * view.row_bytes));
         let mut total = [[_mm256_setzero_ps(); T]; R];
         for g in 0..view.groups {
             let mut acc = [[_mm256_setzero_ps(); T]; R];
@@ -379,14 +403,23 @@ mod x86 {
             let mut zero = [_mm256_setzero_ps(); R];
             for i in 0..R {
                 let (s, z) = view.group_params(r0 + i, g);
+                let s = if KIND == FP8 { s * FP8_SHORTFALL } else { s };
                 scale[i] = _mm256_set1_ps(s);
                 zero[i] = _mm256_set1_ps(z);
             }
             let mut j = g * view.group;
             let end = (j + view.group).min(view.cols);
             while j < end {
+                let byte = if KIND == INT4 || KIND == LUT4 {
+                    j / 2
+                } else {
+                    j
+                };
                 for i in 0..R {
-                    let (a, b) = decode_block(view, r0 + i, j, zero[i]);
+                    if byte % 64 == 0 {
+                        prefetch_ahead(rows[i].add(byte));
+                    }
+                    let (a, b) = decode_block::<KIND>(rows[i], j, zero[i], table);
                     for t in 0..T {
                         let xa = _mm256_loadu_ps(x[t].as_ptr().add(j));
                         let xb = _mm256_loadu_ps(x[t].as_ptr().add(j + BLOCK / 2));
@@ -411,44 +444,48 @@ mod x86 {
         y
     }
 
-    /// The weights before their scale of the 16 stored columns from `j` of row `r`: columns
-    /// `j..j + 8` and `j + 8..j + 16` for the 8-bit kinds; the even and the odd columns for the
-    /// 4-bit ones.
+    /// The weights before their scale of the 16 stored columns from `j` of the row whose codes
+    /// start at `row`: columns `j..j + 8` and `j + 8..j + 16` for the 8-bit kinds; the even and
+    /// the odd columns for the 4-bit ones (`zero`: INT4's zero; `table`: LUT4's two halves).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn decode_block(view: &View<'_>, r: usize, j: usize, zero: __m256) -> (__m256, __m256) {
-        let row = view.codes.as_ptr().add(r * view.row_bytes);
-        if view.nibbles {
-            let bytes = _mm_loadl_epi64(row.add(j / 2) as *const __m128i);
-            let pairs = _mm256_cvtepu8_epi32(bytes);
-            let low = _mm256_and_si256(pairs, _mm256_set1_epi32(0x0F));
-            let high = _mm256_srli_epi32::<4>(pairs);
-            return match view.decode {
-                Decode::Lut4(table) => (lookup(&table, low), lookup(&table, high)),
-                _ => (
-                    _mm256_sub_ps(_mm256_cvtepi32_ps(low), zero),
-                    _mm256_sub_ps(_mm256_cvtepi32_ps(high), zero),
-                ),
-            };
+    unsafe fn decode_block<const KIND: u8>(
+        row: *const u8,
+        j: usize,
+        zero: __m256,
+        table: (__m256, __m256),
+    ) -> (__m256, __m256) {
+        if KIND == FP8 {
+            return fp8_values(row.add(j));
         }
-        let first = _mm_loadl_epi64(row.add(j) as *const __m128i);
-        let second = _mm_loadl_epi64(row.add(j + 8) as *const __m128i);
-        match view.decode {
-            Decode::Fp8 => (fp8_values(first), fp8_values(second)),
-            _ => (
+        if KIND == INT8 {
+            let first = _mm_loadl_epi64(row.add(j) as *const __m128i);
+            let second = _mm_loadl_epi64(row.add(j + 8) as *const __m128i);
+            return (
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(first)),
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(second)),
-            ),
+            );
         }
+        let bytes = _mm_loadl_epi64(row.add(j / 2) as *const __m128i);
+        let pairs = _mm256_cvtepu8_epi32(bytes);
+        let low = _mm256_and_si256(pairs, _mm256_set1_epi32(0x0F));
+        let high = _mm256_srli_epi32::<4>(pairs);
+        if KIND == LUT4 {
+            return (lookup(table, low), lookup(table, high));
+        }
+        (
+            _mm256_sub_ps(_mm256_cvtepi32_ps(low), zero),
+            _mm256_sub_ps(_mm256_cvtepi32_ps(high), zero),
+        )
     }
 
     /// `table[index]` for 8 indices in 0..16: the low and high halves of the table permuted by
     /// the index's low three bits, the half chosen by its bit 3.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lookup(table: &[f32; 16], index: __m256i) -> __m256 {
-        let low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table.as_ptr()), index);
-        let high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table.as_ptr().add(8)), index);
+    unsafe fn lookup(table: (__m256, __m256), index: __m256i) -> __m256 {
+        let low = _mm256_permutevar8x32_ps(table.0, index);
+        let high = _mm256_permutevar8x32_ps(table.1, index);
         let upper_half = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(index));
         _mm256_blendv_ps(low, high, upper_half)
     }
