@@ -12,12 +12,14 @@
 // MOE_DOWN_ROWS_PER_WARP rows of w2), each lane issues MOE_UNROLL 16-byte streaming loads per row before
 // using them (LDG.E.128, no L1 allocation), and every weight row is read once per tile of an expert's
 // slots (slot_tiles.cuh: tiles sized by the expert's own slot count), while the small activation rows
-// are shared by all warps through L1. An expert with no slots costs one early-exiting block per row
-// group. hidden and inter are multiples of 8 and the buffers
+// are shared by all warps through L1. Blocks are launched only for the experts that can have slots
+// (slot_tiles.cuh: min(experts, tokens * top_k) grid rows, row y serving the y-th expert with slots).
+// hidden and inter are multiples of 8 and the buffers
 // 16-byte aligned (checked by the Rust launcher).
 //
-// Grids: moe_up (ceil(inter / MOE_WARPS), experts), moe_down
-// (ceil(hidden / (MOE_WARPS * MOE_DOWN_ROWS_PER_WARP)), experts); MOE_WARPS * 32 threads.
+// Grids: moe_up (ceil(inter / MOE_WARPS), active), moe_down
+// (ceil(hidden / (MOE_WARPS * MOE_DOWN_ROWS_PER_WARP)), active), active = min(experts, tokens * top_k);
+// MOE_WARPS * 32 threads.
 // MAX_TILE (the widest tile, from the batch size) is the template constant: 1, 2, 4 or 8.
 // No fast math: expf in silu stays accurate (it is not on the critical path).
 #include "common.cuh"
@@ -65,22 +67,20 @@ __device__ __forceinline__ void dot_rows(const mx_bf16* const (&w)[R], const mx_
     }
 }
 
-// The slots of expert blockIdx.y as [begin, end) into sorted_slots, clamped to the slot count.
-__device__ __forceinline__ void expert_range(const MoeParams& p, int32_t& begin, int32_t& end) {
-    const int32_t slots = (int32_t)(p.tokens * p.top_k);
-    begin = max(0, min(p.expert_offsets[blockIdx.y], slots));
-    end = max(begin, min(p.expert_offsets[blockIdx.y + 1], slots));
+// The expert this block serves (slot_tiles.cuh: the blockIdx.y-th with slots) and its slots.
+__device__ __forceinline__ uint32_t expert_range(const MoeParams& p, int32_t& begin, int32_t& end) {
+    return mx::active_expert(p.expert_offsets, p.experts, (int32_t)(p.tokens * p.top_k), begin, end);
 }
 
 template <int MAX_TILE>
 __device__ void moe_up_body(const MoeParams& p) {
     int32_t begin, end;
-    expert_range(p, begin, end);
+    const uint32_t expert = expert_range(p, begin, end);
     const uint32_t row = blockIdx.x * MOE_WARPS + threadIdx.x / 32;
     if (begin == end || row >= p.inter) return;  // no block-wide synchronisation follows
     const uint32_t lane = threadIdx.x % 32;
     const uint32_t slots = p.tokens * p.top_k;
-    const size_t row_offset = ((size_t)blockIdx.y * p.inter + row) * p.hidden;
+    const size_t row_offset = ((size_t)expert * p.inter + row) * p.hidden;
     const mx_bf16* const w[2] = {p.w1 + row_offset, p.w3 + row_offset};
     mx::for_slot_tiles<MAX_TILE>(begin, end, [&](auto width, int32_t tile) {
         constexpr int TILE = decltype(width)::value;
@@ -109,7 +109,7 @@ __device__ void moe_down_body(const MoeParams& p) {
     constexpr int R = MOE_DOWN_ROWS_PER_WARP;
     static_assert(R * MAX_TILE <= 32, "one lane per output");
     int32_t begin, end;
-    expert_range(p, begin, end);
+    const uint32_t expert = expert_range(p, begin, end);
     const uint32_t row0 = (blockIdx.x * MOE_WARPS + threadIdx.x / 32) * R;
     if (begin == end || row0 >= p.hidden) return;  // no block-wide synchronisation follows
     const uint32_t lane = threadIdx.x % 32;
@@ -117,7 +117,7 @@ __device__ void moe_down_body(const MoeParams& p) {
     const mx_bf16* w[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        w[r] = p.w2 + ((size_t)blockIdx.y * p.hidden + min(row0 + r, p.hidden - 1)) * p.inter;
+        w[r] = p.w2 + ((size_t)expert * p.hidden + min(row0 + r, p.hidden - 1)) * p.inter;
     }
     mx::for_slot_tiles<MAX_TILE>(begin, end, [&](auto width, int32_t tile) {
         constexpr int TILE = decltype(width)::value;

@@ -19,7 +19,7 @@
 //   owns MOE_DOWN_ROWS_PER_WARP rows of w2[e]. Each lane takes every 32nd 16-byte chunk of codes and
 //   issues QUANT_UNROLL streaming loads per row (halved for TILE >= 4) before decoding them in
 //   registers; every weight row is read once per tile of an expert's slots (slot_tiles.cuh: at most
-//   TILE from the batch size, as moe_gemv, narrower where the expert has fewer slots). Grids and block size are moe_gemv's: (ceil(inter / MOE_WARPS), experts) and
+//   TILE from the batch size, as moe_gemv, narrower where the expert has fewer slots). Grids and block size are moe_gemv's: (ceil(inter / MOE_WARPS), active) and
 //   (ceil(hidden / (MOE_WARPS * MOE_DOWN_ROWS_PER_WARP)), experts), MOE_WARPS * 32 threads. hidden
 //   and inter are multiples of 16 (8-bit) / 32 (4-bit), group_size of 32, codes / x / act / perm
 //   16-byte aligned (checked by the Rust launcher). Slots and offsets outside their ranges are skipped.
@@ -34,28 +34,26 @@
 
 namespace {
 
-// The slots of expert blockIdx.y as [begin, end) into sorted_slots, clamped to the slot count.
-__device__ __forceinline__ void expert_range(const QMoeParams& p, int32_t& begin, int32_t& end) {
-    const int32_t slots = (int32_t)(p.tokens * p.top_k);
-    begin = max(0, min(p.expert_offsets[blockIdx.y], slots));
-    end = max(begin, min(p.expert_offsets[blockIdx.y + 1], slots));
+// The expert this block serves (slot_tiles.cuh: the blockIdx.y-th with slots) and its slots.
+__device__ __forceinline__ uint32_t expert_range(const QMoeParams& p, int32_t& begin, int32_t& end) {
+    return mx::active_expert(p.expert_offsets, p.experts, (int32_t)(p.tokens * p.top_k), begin, end);
 }
 
 template <int KIND, int MAX_TILE>
 __device__ void qmoe_up_body(const QMoeParams& p) {
     mx::quant::load_table<KIND>(p.table);  // before any warp returns
     int32_t begin, end;
-    expert_range(p, begin, end);
+    const uint32_t expert = expert_range(p, begin, end);
     const uint32_t row = blockIdx.x * MOE_WARPS + threadIdx.x / 32;
     if (begin == end || row >= p.inter) return;  // no block-wide synchronisation follows
     const uint32_t lane = threadIdx.x % 32;
     const uint32_t slots = p.tokens * p.top_k;
-    const size_t matrix_row = (size_t)blockIdx.y * p.inter + row;
+    const size_t matrix_row = (size_t)expert * p.inter + row;
     const uint8_t* const codes[2] = {p.w1_codes + matrix_row * p.w13_row_bytes,
                                      p.w3_codes + matrix_row * p.w13_row_bytes};
     const float* const params[2] = {p.w1_params + matrix_row * p.w13_row_params,
                                     p.w3_params + matrix_row * p.w13_row_params};
-    const uint32_t* perm = p.w13_perm != nullptr ? p.w13_perm + (size_t)blockIdx.y * p.hidden : nullptr;
+    const uint32_t* perm = p.w13_perm != nullptr ? p.w13_perm + (size_t)expert * p.hidden : nullptr;
     mx::for_slot_tiles<MAX_TILE>(begin, end, [&](auto width, int32_t tile) {
         constexpr int TILE = decltype(width)::value;
         uint32_t slot[TILE];
@@ -84,7 +82,7 @@ __device__ void qmoe_down_body(const QMoeParams& p) {
     static_assert(R * MAX_TILE <= 32, "one lane per output");
     mx::quant::load_table<KIND>(p.table);  // before any warp returns
     int32_t begin, end;
-    expert_range(p, begin, end);
+    const uint32_t expert = expert_range(p, begin, end);
     const uint32_t row0 = (blockIdx.x * MOE_WARPS + threadIdx.x / 32) * R;
     if (begin == end || row0 >= p.hidden) return;  // no block-wide synchronisation follows
     const uint32_t lane = threadIdx.x % 32;
@@ -94,11 +92,11 @@ __device__ void qmoe_down_body(const QMoeParams& p) {
     const float* params[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        const size_t matrix_row = (size_t)blockIdx.y * p.hidden + min(row0 + r, p.hidden - 1);
+        const size_t matrix_row = (size_t)expert * p.hidden + min(row0 + r, p.hidden - 1);
         codes[r] = p.w2_codes + matrix_row * p.w2_row_bytes;
         params[r] = p.w2_params + matrix_row * p.w2_row_params;
     }
-    const uint32_t* perm = p.w2_perm != nullptr ? p.w2_perm + (size_t)blockIdx.y * p.inter : nullptr;
+    const uint32_t* perm = p.w2_perm != nullptr ? p.w2_perm + (size_t)expert * p.inter : nullptr;
     mx::for_slot_tiles<MAX_TILE>(begin, end, [&](auto width, int32_t tile) {
         constexpr int TILE = decltype(width)::value;
         uint32_t slot[TILE];

@@ -1,5 +1,11 @@
-// slot_tiles.cuh: how the decode expert GEMVs (moe_gemv.cu, qmoe.cu) walk one expert's routed slots
-// [begin, end) of sorted_slots in tiles (slots computed per pass over the expert's weight rows).
+// slot_tiles.cuh: which expert a block of the decode expert GEMVs (moe_gemv.cu, qmoe.cu) serves, and
+// how it walks that expert's routed slots [begin, end) of sorted_slots in tiles (slots computed per
+// pass over the expert's weight rows).
+//
+// Grid row blockIdx.y serves the y-th expert, in expert order, among those with slots: a batch of
+// `slots` routed slots has at most min(experts, slots) such experts, so the grid has that many rows
+// (2 for one token over top-2 of 8 experts, not 8), and a row past the last expert with slots has
+// nothing to do.
 //
 // The kernel variant's MAX_TILE comes from the batch size; the tiles actually used come from the
 // expert's own slot count, known only on the device: full MAX_TILE tiles while more than half a tile
@@ -12,6 +18,29 @@
 #include <stdint.h>
 
 namespace mx {
+
+// The expert grid row blockIdx.y serves and its slots [begin, end) into sorted_slots (the router's
+// expert_offsets [experts + 1], clamped to the slot count); begin == end when fewer experts than
+// grid rows have slots. Block-uniform: every thread reads the same offsets.
+__device__ __forceinline__ uint32_t active_expert(const int32_t* expert_offsets, uint32_t experts,
+                                                  int32_t slots, int32_t& begin, int32_t& end) {
+    begin = 0;
+    end = 0;
+    uint32_t seen = 0;
+    int32_t next = max(0, min(expert_offsets[0], slots));
+    for (uint32_t e = 0; e < experts; ++e) {
+        const int32_t first = next;
+        next = max(first, min(expert_offsets[e + 1], slots));
+        if (next == first) continue;
+        if (seen == blockIdx.y) {
+            begin = first;
+            end = next;
+            return e;
+        }
+        ++seen;
+    }
+    return 0;
+}
 
 // A compile-time tile width handed to the per-tile body.
 template <int N>

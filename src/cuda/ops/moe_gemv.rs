@@ -36,11 +36,18 @@ pub(super) fn moe_rules(c: &Check, s: &MoeScalars) -> Result<usize, CudaError> {
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])
 }
 
+/// Grid rows of the decode expert kernels: the most experts a batch can route slots to,
+/// `min(experts, tokens * top_k)` (row `y` serves the `y`-th expert with slots, csrc/slot_tiles.cuh).
+pub(super) fn active_experts(c: &Check, experts: u32, tokens: u32, top_k: u32) -> Result<u32, CudaError> {
+    let slots = tokens as usize * top_k as usize;
+    c.grid_yz("experts", (experts as usize).min(slots))
+}
+
 fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
     let c = Check { op: "moe_gemv" };
     let params = a.params(c.op, s)?;
     moe_rules(&c, s)?;
-    let experts = c.grid_yz("experts", s.experts as usize)?;
+    let experts = active_experts(&c, s.experts, s.tokens, s.top_k)?;
     let tile = gemv_tile(s.tokens);
     let up = c.variant(KernelFamily::MoeUp, "tile", &[tile])?;
     let down = c.variant(KernelFamily::MoeDown, "tile", &[tile])?;
@@ -209,22 +216,26 @@ pub(super) mod tests {
     fn moe_grids_for_mixtral_shapes() {
         let s = mixtral(1);
         let (params, [up, down]) = plan(&s, &args(&s, "", "")).unwrap().unwrap();
+        // One token reaches top_k = 2 of the 8 experts: two grid rows.
         assert_eq!(
             (symbol(&up), up.grid, up.block),
-            ("moe_up_t1", (14336 / 8, 8, 1), 256)
+            ("moe_up_t1", (14336 / 8, 2, 1), 256)
         );
         assert_eq!(
             (symbol(&down), down.grid, down.block),
-            ("moe_down_t1", (4096 / 16, 8, 1), 256)
+            ("moe_down_t1", (4096 / 16, 2, 1), 256)
         );
         assert_eq!((params.tokens, params.inter, params.top_k), (1, 14336, 2));
         let batch = mixtral(13);
         let (_, [up, down]) = plan(&batch, &args(&batch, "", "")).unwrap().unwrap();
         assert_eq!((symbol(&up), symbol(&down)), ("moe_up_t8", "moe_down_t8"));
+        assert_eq!((up.grid.1, down.grid.1), (8, 8));
         // out is written with scalar stores: any 4-byte alignment is accepted.
         assert!(plan(&s, &args(&s, "", "out")).is_ok());
+        // More grid rows than a grid has: as many experts as slots, both above 65 535.
         let many = MoeScalars {
             experts: 65_536,
+            tokens: 32_768,
             hidden: 8,
             inter: 8,
             ..s

@@ -11,6 +11,7 @@
 use cudarc::driver::CudaStream;
 
 use super::linear::gemv_tile;
+use super::moe_gemv::active_experts;
 use super::quant_layout::{row_layout, table_view};
 use crate::cuda::args::{MoeScalars, QMoeArgs, QMoeScalars};
 use crate::cuda::checks::Check;
@@ -62,7 +63,7 @@ fn plan(
     if s.top_k == 0 || s.top_k > s.experts {
         return Err(c.unsupported("top_k", s.top_k as usize, "must be in 1..=experts"));
     }
-    let experts = c.grid_yz("experts", s.experts as usize)?;
+    let experts = active_experts(&c, s.experts, s.tokens, s.top_k)?;
     c.count("tokens", s.tokens as usize)?;
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
     let l13 = row_layout(&c, k1, s.hidden, "hidden")?;
@@ -224,8 +225,10 @@ mod tests {
                 let k = label(kind);
                 assert_eq!(symbol(&up), format!("qmoe_up_{k}_t{tile}"));
                 assert_eq!(symbol(&down), format!("qmoe_down_{k}_t{tile}"));
-                assert_eq!(up.grid, (14336 / 8, 8, 1));
-                assert_eq!(down.grid, (4096 / 16, 8, 1));
+                // Grid rows: the experts a batch can reach, min(8, tokens * 2).
+                let active = (tokens * 2).min(8);
+                assert_eq!(up.grid, (14336 / 8, active, 1));
+                assert_eq!(down.grid, (4096 / 16, active, 1));
                 assert_eq!((up.block, down.block), (256, 256));
                 assert_eq!(
                     [
@@ -323,7 +326,7 @@ mod tests {
             (scalars(2, 48, 64, 4, 2), "hidden"),
             (scalars(2, 96, 40, 4, 2), "inter"),
             (scalars(2, 96, 64, 0, 1), "experts"),
-            (scalars(2, 96, 64, 70_000, 1), "experts"),
+            (scalars(70_000, 96, 64, 70_000, 1), "experts"),
             (scalars(2, 96, 64, 4, 5), "top_k"),
             (scalars(2, 96, 64, 4, 0), "top_k"),
         ] {
