@@ -10,16 +10,17 @@
 //! act-order matrix stores its columns permuted: the activations are permuted once per product
 //! to match.
 //!
-//! With AVX2 (also used on AVX-512 CPUs), blocks of 16 stored columns are decoded in registers:
-//! 8-bit codes widened (FP8 codes rebuilt as f16 and converted), 4-bit codes split into the
-//! block's even columns (low nibbles) and odd columns (high nibbles) against activations paired to
-//! match ([`super::matmul`]'s pairing); one vector accumulator per group, folded into a running
-//! vector total by the group's scale, its lanes summed at the end. Matrices whose columns or
-//! groups are not multiples of 16 use the scalar loop: each group's products added in stored
-//! column order, the group sums scaled and added in group order.
+//! With AVX-512 (blocks of 32 stored columns) or AVX2 (blocks of 16), each block is decoded in
+//! registers: 8-bit codes widened (FP8 codes rebuilt as floating-point bit fields), 4-bit codes
+//! split into the block's even columns (low nibbles) and odd columns (high nibbles) against
+//! activations paired to match ([`super::matmul`]'s pairing), LUT4 codes looked up in the table
+//! held in registers; one vector accumulator per group, folded into a running vector total by the
+//! group's scale, its lanes summed at the end. A matrix whose groups do not hold whole blocks of
+//! the kernel's width uses the next narrower loop, down to the scalar one: each group's products
+//! added in stored column order, the group sums scaled and added in group order.
 //!
-//! Results depend only on the matrix, `k` and the [`Kernel`] class (scalar or SIMD), never on the
-//! thread count or the number of tokens.
+//! Results depend only on the matrix and the loop ([`Kernel`] and block fit), never on the thread
+//! count or the number of tokens.
 
 use super::matmul::{active_kernel, matmul, pair_activations, Kernel};
 use crate::dtype::WeightSlice;
@@ -32,8 +33,6 @@ use std::borrow::Cow;
 const TOKENS: usize = 4;
 /// Multiply-adds per parallel task, about.
 const TASK_WORK: usize = 1 << 16;
-/// Columns of a SIMD block.
-const BLOCK: usize = 16;
 
 /// A matrix `[n, k]` a product reads: its stored elements, or a quantized matrix held packed.
 #[derive(Debug, Clone, Copy)]
@@ -83,8 +82,8 @@ pub fn packed_matmul(x: &[f32], w: &PackedMatrix, y: &mut [f32]) {
     packed_matmul_with(active_kernel(), x, w, y)
 }
 
-/// [`packed_matmul`] with a chosen kernel: [`Kernel::Scalar`] runs the scalar loop, the others
-/// the AVX2 one where this CPU has AVX2 and the matrix's blocks allow it.
+/// [`packed_matmul`] with a chosen kernel: its own loop where this CPU runs it and the matrix's
+/// groups hold whole blocks of it, else the next narrower one (AVX-512, AVX2, scalar).
 ///
 /// # Panics
 /// As [`packed_matmul`].
@@ -102,7 +101,7 @@ pub fn packed_matmul_with(kernel: Kernel, x: &[f32], w: &PackedMatrix, y: &mut [
     if tokens == 0 || n == 0 {
         return;
     }
-    let simd = kernel != Kernel::Scalar && Kernel::Avx2.is_available() && view.simd_blocks();
+    let loop_kind = LoopKind::choose(kernel, &view);
     // Activations in stored column order, then (4-bit SIMD) paired within blocks.
     let mut xs = Cow::Borrowed(x);
     if let Some(perm) = &w.perm {
@@ -112,8 +111,8 @@ pub fn packed_matmul_with(kernel: Kernel, x: &[f32], w: &PackedMatrix, y: &mut [
                 .collect(),
         );
     }
-    if simd && view.nibbles {
-        xs = Cow::Owned(pair_activations(&xs, k, BLOCK));
+    if let (true, Some(block)) = (view.nibbles, loop_kind.block()) {
+        xs = Cow::Owned(pair_activations(&xs, k, block));
     }
     let rows_per_task = (TASK_WORK / (k * tokens)).clamp(16, n.max(16)).min(n);
     let mut yt = vec![0.0f32; n * tokens];
@@ -122,21 +121,56 @@ pub fn packed_matmul_with(kernel: Kernel, x: &[f32], w: &PackedMatrix, y: &mut [
         .for_each(|(chunk, out)| {
             let first = chunk * rows_per_task;
             let rows = first..first + out.len() / tokens;
-            if simd {
+            match loop_kind {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2, FMA and F16C are available (checked above), the view's lengths were
-                // checked against the shape in `View::new`, its blocks in `simd_blocks`, and every
-                // activation row has `k` elements.
-                unsafe {
-                    x86::rows(&view, &xs, tokens, rows, out)
-                };
-            } else {
-                scalar_rows(&view, &xs, tokens, rows, out);
+                // SAFETY: the loop's CPU features are available and the view's blocks whole for
+                // it (`LoopKind::choose`), its lengths were checked against the shape in
+                // `View::new`, and every activation row has `k` elements.
+                LoopKind::Avx512 => unsafe { avx512::rows(&view, &xs, tokens, rows, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                LoopKind::Avx2 => unsafe { avx2::rows(&view, &xs, tokens, rows, out) },
+                _ => scalar_rows(&view, &xs, tokens, rows, out),
             }
         });
     for (r, row) in yt.chunks_exact(tokens).enumerate() {
         for (t, &v) in row.iter().enumerate() {
             y[t * n + r] = v;
+        }
+    }
+}
+
+/// Which loop computes a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoopKind {
+    /// One element at a time ([`scalar_rows`]).
+    Scalar,
+    /// Blocks of 16 columns in AVX2 registers.
+    Avx2,
+    /// Blocks of 32 columns in AVX-512 registers.
+    Avx512,
+}
+
+impl LoopKind {
+    /// The kernel's own loop when this CPU runs it and the matrix's groups hold whole blocks of
+    /// it; else the next narrower one that fits (AVX-512, AVX2, scalar).
+    fn choose(kernel: Kernel, view: &View<'_>) -> LoopKind {
+        let runs = |k: Kernel| kernel.is_available() && k.is_available();
+        match kernel {
+            Kernel::Avx512 if runs(Kernel::Avx512) && view.whole_blocks(32) => LoopKind::Avx512,
+            Kernel::Avx512 | Kernel::Avx2 if runs(Kernel::Avx2) && view.whole_blocks(16) => {
+                LoopKind::Avx2
+            }
+            _ => LoopKind::Scalar,
+        }
+    }
+
+    /// Columns per block of a SIMD loop.
+    fn block(self) -> Option<usize> {
+        match self {
+            LoopKind::Scalar => None,
+            LoopKind::Avx2 => Some(16),
+            LoopKind::Avx512 => Some(32),
         }
     }
 }
@@ -213,9 +247,9 @@ impl<'a> View<'a> {
         }
     }
 
-    /// Whether the SIMD loop can run: whole blocks in every group and row.
-    fn simd_blocks(&self) -> bool {
-        self.cols.is_multiple_of(BLOCK) && self.group.is_multiple_of(BLOCK)
+    /// Whether every group and row holds whole blocks of `block` columns.
+    fn whole_blocks(&self, block: usize) -> bool {
+        self.cols.is_multiple_of(block) && self.group.is_multiple_of(block)
     }
 
     /// Scale and zero (0 where the kind has none) of group `g` of row `r`.
@@ -272,18 +306,205 @@ fn scalar_rows(
     }
 }
 
+/// The SIMD loops over the blocks of one module's ISA (`avx2`, `avx512`), written once: each module
+/// defines `BLOCK` (columns per block), `FP8_SHORTFALL` (the factor its FP8 values are short of,
+/// folded into the scales), the vector type `V` with `zero`, `splat`, `load`, `fma` and `reduce`,
+/// the LUT4 table registers `Table` and `load_table`, and `decode_block::<KIND>`, which gives the
+/// weights before their scale of one block of one row as two vectors (8-bit: the first and second
+/// halves of the block; 4-bit: its even and odd columns).
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    //! The AVX2 loop: register tiles of `T` tokens times `R` rows over blocks of 16 stored
-    //! columns.
+macro_rules! simd_loops {
+    ($feature:literal) => {
+        use super::{Decode, View, TOKENS};
+        use crate::cpu::matmul::x86::prefetch_ahead;
+        use std::ops::Range;
 
-    use super::{Decode, View, BLOCK, TOKENS};
-    use crate::cpu::matmul::x86::{prefetch_ahead, reduce8};
+        /// Kinds of the SIMD loop, as a const parameter (so each kind gets its own loop).
+        const FP8: u8 = 0;
+        const INT8: u8 = 1;
+        const INT4: u8 = 2;
+        const LUT4: u8 = 3;
+
+        /// The rows of one task, in tiles of four rows for one token or one row for up to four.
+        ///
+        /// # Safety
+        /// The module's CPU features must be available, `view`'s lengths consistent with its shape
+        /// (`View::new`) and its groups whole blocks (`View::whole_blocks(BLOCK)`), `xs`
+        /// `[tokens, cols]` as the loop reads it, and `out` `[rows.len(), tokens]`.
+        #[target_feature(enable = $feature)]
+        pub(super) unsafe fn rows(
+            view: &View<'_>,
+            xs: &[f32],
+            tokens: usize,
+            rows: Range<usize>,
+            out: &mut [f32],
+        ) {
+            match view.decode {
+                Decode::Fp8 => rows_of::<FP8>(view, xs, tokens, rows, out),
+                Decode::Int8 => rows_of::<INT8>(view, xs, tokens, rows, out),
+                Decode::Int4 => rows_of::<INT4>(view, xs, tokens, rows, out),
+                Decode::Lut4(_) => rows_of::<LUT4>(view, xs, tokens, rows, out),
+            }
+        }
+
+        /// [`rows`] for one kind.
+        #[target_feature(enable = $feature)]
+        unsafe fn rows_of<const KIND: u8>(
+            view: &View<'_>,
+            xs: &[f32],
+            tokens: usize,
+            rows: Range<usize>,
+            out: &mut [f32],
+        ) {
+            let k = view.cols;
+            let start = rows.start;
+            if tokens == 1 {
+                let x = [&xs[..k]];
+                let mut r = rows.start;
+                while r + 4 <= rows.end {
+                    let y = tile::<KIND, 1, 4>(view, &x, r);
+                    for (i, v) in y.iter().enumerate() {
+                        out[r - start + i] = v[0];
+                    }
+                    r += 4;
+                }
+                for r in r..rows.end {
+                    out[r - start] = tile::<KIND, 1, 1>(view, &x, r)[0][0];
+                }
+                return;
+            }
+            for t0 in (0..tokens).step_by(TOKENS) {
+                let used = (tokens - t0).min(TOKENS);
+                let x: [&[f32]; TOKENS] = std::array::from_fn(|j| {
+                    let t = t0 + j.min(used - 1);
+                    &xs[t * k..(t + 1) * k]
+                });
+                for r in rows.clone() {
+                    let y = if used == 1 {
+                        [tile::<KIND, 1, 1>(view, &[x[0]], r)[0][0]; TOKENS]
+                    } else {
+                        tile::<KIND, TOKENS, 1>(view, &x, r)[0]
+                    };
+                    let at = (r - start) * tokens + t0;
+                    out[at..at + used].copy_from_slice(&y[..used]);
+                }
+            }
+        }
+
+        /// `y[i][t]` = row `r0 + i` times token row `x[t]`: per group, one accumulator per (row,
+        /// token) over the group's blocks, folded into the total by the group's scale; the
+        /// total's lanes summed at the end.
+        #[inline]
+        #[target_feature(enable = $feature)]
+        unsafe fn tile<const KIND: u8, const T: usize, const R: usize>(
+            view: &View<'_>,
+            x: &[&[f32]; T],
+            r0: usize,
+        ) -> [[f32; T]; R] {
+            let table = load_table(match &view.decode {
+                Decode::Lut4(table) => table,
+                _ => &[0.0; 16],
+            });
+            let rows: [*const u8; R] =
+                std::array::from_fn(|i| view.codes.as_ptr().add((r0 + i) * view.row_bytes));
+            let mut total = [[zero(); T]; R];
+            for g in 0..view.groups {
+                let mut acc = [[zero(); T]; R];
+                let mut scale = [zero(); R];
+                let mut zeros = [zero(); R];
+                for i in 0..R {
+                    let (s, z) = view.group_params(r0 + i, g);
+                    scale[i] = splat(if KIND == FP8 { s * FP8_SHORTFALL } else { s });
+                    zeros[i] = splat(z);
+                }
+                let mut j = g * view.group;
+                let end = (j + view.group).min(view.cols);
+                while j < end {
+                    let byte = if KIND == INT4 || KIND == LUT4 {
+                        j / 2
+                    } else {
+                        j
+                    };
+                    for i in 0..R {
+                        if byte % 64 == 0 {
+                            prefetch_ahead(rows[i].add(byte));
+                        }
+                        let (a, b) = decode_block::<KIND>(rows[i], j, zeros[i], table);
+                        for t in 0..T {
+                            let xa = load(x[t].as_ptr().add(j));
+                            let xb = load(x[t].as_ptr().add(j + BLOCK / 2));
+                            acc[i][t] = fma(xa, a, acc[i][t]);
+                            acc[i][t] = fma(xb, b, acc[i][t]);
+                        }
+                    }
+                    j += BLOCK;
+                }
+                for i in 0..R {
+                    for t in 0..T {
+                        total[i][t] = fma(acc[i][t], scale[i], total[i][t]);
+                    }
+                }
+            }
+            let mut y = [[0.0f32; T]; R];
+            for i in 0..R {
+                for t in 0..T {
+                    y[i][t] = reduce(total[i][t]);
+                }
+            }
+            y
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The loop in AVX2 registers: blocks of 16 columns, 8 f32 lanes.
+
+    use crate::cpu::matmul::x86::reduce8;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
-    /// What the SIMD FP8 values are short of: 2^8 (folded into the scales).
+    simd_loops!("avx2,fma,f16c");
+
+    const BLOCK: usize = 16;
+    /// The FP8 values are decoded through f16, 2^8 short of their value.
     const FP8_SHORTFALL: f32 = 256.0;
+
+    type V = __m256;
+    type Table = (__m256, __m256);
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn zero() -> V {
+        _mm256_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn splat(v: f32) -> V {
+        _mm256_set1_ps(v)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load(p: *const f32) -> V {
+        _mm256_loadu_ps(p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fma(a: V, b: V, c: V) -> V {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn reduce(v: V) -> f32 {
+        reduce8(v)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_table(table: &[f32; 16]) -> Table {
+        (
+            _mm256_loadu_ps(table.as_ptr()),
+            _mm256_loadu_ps(table.as_ptr().add(8)),
+        )
+    }
 
     /// The FP8 E4M3 values ([`crate::packed::fp8::decode`]) divided by [`FP8_SHORTFALL`] of the
     /// 16 codes at `p`, exactly: each code's sign, exponent and mantissa moved into an f16, whose
@@ -291,7 +512,7 @@ mod x86 {
     /// subnormals included), the NaN codes made NaN, then converted to f32. Codes 0..8, then 8..16.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn fp8_values(p: *const u8) -> (__m256, __m256) {
+    unsafe fn fp8_values(p: *const u8) -> (V, V) {
         let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
         let magnitude = _mm256_and_si256(b, _mm256_set1_epi16(0x7F));
         let sign = _mm256_and_si256(_mm256_slli_epi16::<8>(b), _mm256_set1_epi16(i16::MIN));
@@ -304,157 +525,28 @@ mod x86 {
         )
     }
 
-    /// Kinds of the SIMD loop, as a const parameter (so each kind gets its own loop).
-    const FP8: u8 = 0;
-    const INT8: u8 = 1;
-    const INT4: u8 = 2;
-    const LUT4: u8 = 3;
-
-    /// The rows of one task, in tiles of four rows for one token or one row for up to four.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available, `view`'s lengths consistent with its shape
-    /// (`View::new`) and its blocks whole (`View::simd_blocks`), `xs` `[tokens, cols]` as the loop
-    /// reads it, and `out` `[rows.len(), tokens]`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn rows(
-        view: &View<'_>,
-        xs: &[f32],
-        tokens: usize,
-        rows: Range<usize>,
-        out: &mut [f32],
-    ) {
-        match view.decode {
-            Decode::Fp8 => rows_of::<FP8>(view, xs, tokens, rows, out),
-            Decode::Int8 => rows_of::<INT8>(view, xs, tokens, rows, out),
-            Decode::Int4 => rows_of::<INT4>(view, xs, tokens, rows, out),
-            Decode::Lut4(_) => rows_of::<LUT4>(view, xs, tokens, rows, out),
-        }
-    }
-
-    /// [`rows`] for one kind.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows_of<const KIND: u8>(
-        view: &View<'_>,
-        xs: &[f32],
-        tokens: usize,
-        rows: Range<usize>,
-        out: &mut [f32],
-    ) {
-        let k = view.cols;
-        let start = rows.start;
-        if tokens == 1 {
-            let x = [&xs[..k]];
-            let mut r = rows.start;
-            while r + 4 <= rows.end {
-                let y = tile::<KIND, 1, 4>(view, &x, r);
-                for (i, v) in y.iter().enumerate() {
-                    out[r - start + i] = v[0];
-                }
-                r += 4;
-            }
-            for r in r..rows.end {
-                out[r - start] = tile::<KIND, 1, 1>(view, &x, r)[0][0];
-            }
-            return;
-        }
-        for t0 in (0..tokens).step_by(TOKENS) {
-            let used = (tokens - t0).min(TOKENS);
-            let x: [&[f32]; TOKENS] = std::array::from_fn(|j| {
-                let t = t0 + j.min(used - 1);
-                &xs[t * k..(t + 1) * k]
-            });
-            for r in rows.clone() {
-                let y = if used == 1 {
-                    [tile::<KIND, 1, 1>(view, &[x[0]], r)[0][0]; TOKENS]
-                } else {
-                    tile::<KIND, TOKENS, 1>(view, &x, r)[0]
-                };
-                let at = (r - start) * tokens + t0;
-                out[at..at + used].copy_from_slice(&y[..used]);
-            }
-        }
-    }
-
-    /// `y[i][t]` = row `r0 + i` times token row `x[t]`: per group, one accumulator per (row,
-    /// token) over the group's blocks, folded into the total by the group's scale; the total's
-    /// lanes summed at the end.
+    /// `table[index]` for 8 indices in 0..16: the low and high halves of the table permuted by
+    /// the index's low three bits, the half chosen by its bit 3.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const KIND: u8, const T: usize, const R: usize>(
-        view: &View<'_>,
-        x: &[&[f32]; T],
-        r0: usize,
-    ) -> [[f32; T]; R] {
-        let table = match view.decode {
-            Decode::Lut4(table) => table,
-            _ => [0.0; 16],
-        };
-        let table = (
-            _mm256_loadu_ps(table.as_ptr()),
-            _mm256_loadu_ps(table.as_ptr().add(8)),
-        );
-        let rows: [*const u8; R] =
-            std::array::from_fn(|i| view.codes.as_ptr().add((r0 + i) * view.row_bytes));
-        let mut total = [[_mm256_setzero_ps(); T]; R];
-        for g in 0..view.groups {
-            let mut acc = [[_mm256_setzero_ps(); T]; R];
-            let mut scale = [_mm256_setzero_ps(); R];
-            let mut zero = [_mm256_setzero_ps(); R];
-            for i in 0..R {
-                let (s, z) = view.group_params(r0 + i, g);
-                let s = if KIND == FP8 { s * FP8_SHORTFALL } else { s };
-                scale[i] = _mm256_set1_ps(s);
-                zero[i] = _mm256_set1_ps(z);
-            }
-            let mut j = g * view.group;
-            let end = (j + view.group).min(view.cols);
-            while j < end {
-                let byte = if KIND == INT4 || KIND == LUT4 {
-                    j / 2
-                } else {
-                    j
-                };
-                for i in 0..R {
-                    if byte % 64 == 0 {
-                        prefetch_ahead(rows[i].add(byte));
-                    }
-                    let (a, b) = decode_block::<KIND>(rows[i], j, zero[i], table);
-                    for t in 0..T {
-                        let xa = _mm256_loadu_ps(x[t].as_ptr().add(j));
-                        let xb = _mm256_loadu_ps(x[t].as_ptr().add(j + BLOCK / 2));
-                        acc[i][t] = _mm256_fmadd_ps(xa, a, acc[i][t]);
-                        acc[i][t] = _mm256_fmadd_ps(xb, b, acc[i][t]);
-                    }
-                }
-                j += BLOCK;
-            }
-            for i in 0..R {
-                for t in 0..T {
-                    total[i][t] = _mm256_fmadd_ps(acc[i][t], scale[i], total[i][t]);
-                }
-            }
-        }
-        let mut y = [[0.0f32; T]; R];
-        for i in 0..R {
-            for t in 0..T {
-                y[i][t] = reduce8(total[i][t]);
-            }
-        }
-        y
+    unsafe fn lookup(table: Table, index: __m256i) -> V {
+        let low = _mm256_permutevar8x32_ps(table.0, index);
+        let high = _mm256_permutevar8x32_ps(table.1, index);
+        let upper_half = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(index));
+        _mm256_blendv_ps(low, high, upper_half)
     }
 
     /// The weights before their scale of the 16 stored columns from `j` of the row whose codes
     /// start at `row`: columns `j..j + 8` and `j + 8..j + 16` for the 8-bit kinds; the even and
-    /// the odd columns for the 4-bit ones (`zero`: INT4's zero; `table`: LUT4's two halves).
+    /// the odd columns for the 4-bit ones (`zero`: INT4's zero; `table`: LUT4's).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn decode_block<const KIND: u8>(
         row: *const u8,
         j: usize,
-        zero: __m256,
-        table: (__m256, __m256),
-    ) -> (__m256, __m256) {
+        zero: V,
+        table: Table,
+    ) -> (V, V) {
         if KIND == FP8 {
             return fp8_values(row.add(j));
         }
@@ -466,8 +558,7 @@ mod x86 {
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(second)),
             );
         }
-        let bytes = _mm_loadl_epi64(row.add(j / 2) as *const __m128i);
-        let pairs = _mm256_cvtepu8_epi32(bytes);
+        let pairs = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(j / 2) as *const __m128i));
         let low = _mm256_and_si256(pairs, _mm256_set1_epi32(0x0F));
         let high = _mm256_srli_epi32::<4>(pairs);
         if KIND == LUT4 {
@@ -478,15 +569,105 @@ mod x86 {
             _mm256_sub_ps(_mm256_cvtepi32_ps(high), zero),
         )
     }
+}
 
-    /// `table[index]` for 8 indices in 0..16: the low and high halves of the table permuted by
-    /// the index's low three bits, the half chosen by its bit 3.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The loop in AVX-512 registers: blocks of 32 columns, 16 f32 lanes.
+
+    use std::arch::x86_64::*;
+
+    simd_loops!("avx512f");
+
+    const BLOCK: usize = 32;
+    /// The FP8 values are decoded through f16, 2^8 short of their value.
+    const FP8_SHORTFALL: f32 = 256.0;
+
+    type V = __m512;
+    type Table = __m512;
+
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lookup(table: (__m256, __m256), index: __m256i) -> __m256 {
-        let low = _mm256_permutevar8x32_ps(table.0, index);
-        let high = _mm256_permutevar8x32_ps(table.1, index);
-        let upper_half = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(index));
-        _mm256_blendv_ps(low, high, upper_half)
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zero() -> V {
+        _mm512_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn splat(v: f32) -> V {
+        _mm512_set1_ps(v)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(p: *const f32) -> V {
+        _mm512_loadu_ps(p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma(a: V, b: V, c: V) -> V {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce(v: V) -> f32 {
+        _mm512_reduce_add_ps(v)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_table(table: &[f32; 16]) -> Table {
+        _mm512_loadu_ps(table.as_ptr())
+    }
+
+    /// The FP8 E4M3 values ([`crate::packed::fp8::decode`]) divided by [`FP8_SHORTFALL`] of the
+    /// 16 codes at `p`, exactly: as the AVX2 loop builds them (each code moved into an f16 whose
+    /// value is 2^-8 times the FP8 one, NaN codes made NaN), converted 16 at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fp8_values(p: *const u8) -> V {
+        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+        let magnitude = _mm256_and_si256(b, _mm256_set1_epi16(0x7F));
+        let sign = _mm256_and_si256(_mm256_slli_epi16::<8>(b), _mm256_set1_epi16(i16::MIN));
+        let half = _mm256_or_si256(_mm256_slli_epi16::<7>(magnitude), sign);
+        let is_nan = _mm256_cmpeq_epi16(magnitude, _mm256_set1_epi16(0x7F));
+        _mm512_cvtph_ps(_mm256_or_si256(
+            half,
+            _mm256_and_si256(is_nan, _mm256_set1_epi16(0x7E00)),
+        ))
+    }
+
+    /// The weights before their scale of the 32 stored columns from `j` of the row whose codes
+    /// start at `row`: columns `j..j + 16` and `j + 16..j + 32` for the 8-bit kinds; the even and
+    /// the odd columns for the 4-bit ones (`zero`: INT4's zero; `table`: LUT4's).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn decode_block<const KIND: u8>(
+        row: *const u8,
+        j: usize,
+        zero: V,
+        table: Table,
+    ) -> (V, V) {
+        if KIND == FP8 {
+            return (fp8_values(row.add(j)), fp8_values(row.add(j + 16)));
+        }
+        if KIND == INT8 {
+            let first = _mm_loadu_si128(row.add(j) as *const __m128i);
+            let second = _mm_loadu_si128(row.add(j + 16) as *const __m128i);
+            return (
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(first)),
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(second)),
+            );
+        }
+        let pairs = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(j / 2) as *const __m128i));
+        let low = _mm512_and_si512(pairs, _mm512_set1_epi32(0x0F));
+        let high = _mm512_srli_epi32::<4>(pairs);
+        if KIND == LUT4 {
+            return (
+                _mm512_permutexvar_ps(low, table),
+                _mm512_permutexvar_ps(high, table),
+            );
+        }
+        (
+            _mm512_sub_ps(_mm512_cvtepi32_ps(low), zero),
+            _mm512_sub_ps(_mm512_cvtepi32_ps(high), zero),
+        )
     }
 }
