@@ -61,13 +61,15 @@ internal! {
 }
 
 mod error;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 #[rustfmt::skip]
 mod params_ffi;
 
 pub use engine::{CudaEngine, CudaEngineOptions, MemoryUse};
 pub use error::CudaError;
 #[cfg(feature = "testing")]
-pub use {device::CudaDevice, engine::WeightSource, error::KernelError, module::Kernels};
+pub use {device::CudaDevice, engine::RankSetup, engine::WeightSource, error::KernelError, module::Kernels};
 
 /// The kernel-selection table as text: for each op, weight format and device, which kernels run
 /// over which token counts (what `mixtral-run --explain` prints).
