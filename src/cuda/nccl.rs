@@ -118,15 +118,20 @@ pub fn load() -> Result<i32, NcclError> {
 }
 
 /// The typed error of a failed call, with NCCL's own words for it.
-fn call_error(call: &'static str, e: result::NcclError, comm: Option<sys::ncclComm_t>) -> NcclError {
+fn call_error(
+    call: &'static str,
+    e: result::NcclError,
+    comm: Option<sys::ncclComm_t>,
+) -> NcclError {
     // SAFETY: ncclGetErrorString returns a static string for any result code; ncclGetLastError
     // a string owned by the library, valid until the next NCCL call on this thread.
     let code = unsafe { CStr::from_ptr(sys::ncclGetErrorString(e.0)) }
         .to_string_lossy()
         .into_owned();
-    let last = unsafe { CStr::from_ptr(sys::ncclGetLastError(comm.unwrap_or(std::ptr::null_mut()))) }
-        .to_string_lossy()
-        .into_owned();
+    let last =
+        unsafe { CStr::from_ptr(sys::ncclGetLastError(comm.unwrap_or(std::ptr::null_mut()))) }
+            .to_string_lossy()
+            .into_owned();
     NcclError::Call {
         call,
         code: format!("{code} ({:?})", e.0),
@@ -180,8 +185,10 @@ impl NcclComm {
         let devices: Vec<i32> = ordinals.iter().map(|&o| o as i32).collect();
         let mut comms = vec![std::ptr::null_mut(); devices.len()];
         // SAFETY: `comms` has room for one handle per device of `devices`.
-        unsafe { result::comm_init_all(comms.as_mut_ptr(), devices.len() as i32, devices.as_ptr()) }
-            .map_err(|e| call_error("ncclCommInitAll", e, None))?;
+        unsafe {
+            result::comm_init_all(comms.as_mut_ptr(), devices.len() as i32, devices.as_ptr())
+        }
+        .map_err(|e| call_error("ncclCommInitAll", e, None))?;
         let size = comms.len();
         Ok(comms
             .into_iter()
@@ -206,8 +213,7 @@ impl NcclComm {
         ctx: &Arc<CudaContext>,
     ) -> Result<NcclComm, NcclError> {
         load()?;
-        let bytes: [u8; UNIQUE_ID_BYTES] =
-            id.try_into().map_err(|_| NcclError::BadId(id.len()))?;
+        let bytes: [u8; UNIQUE_ID_BYTES] = id.try_into().map_err(|_| NcclError::BadId(id.len()))?;
         let id = sys::ncclUniqueId {
             internal: bytes.map(|b| b as std::ffi::c_char),
         };
@@ -386,7 +392,10 @@ impl Collective for NcclRank {
 
     /// Enqueues `ncclAllReduce` (sum) on the rank's stream; bf16 is summed by NCCL in its own
     /// order (not the CPU ranks' fixed order).
-    fn all_reduce<T: Reducible>(&mut self, buf: &mut DeviceBuffer<T>) -> Result<(), CollectiveError> {
+    fn all_reduce<T: Reducible>(
+        &mut self,
+        buf: &mut DeviceBuffer<T>,
+    ) -> Result<(), CollectiveError> {
         self.comm
             .all_reduce(&self.stream, buf.view_mut())
             .map_err(|e| self.failed(Op::AllReduce, e))
@@ -537,7 +546,10 @@ mod tests {
         }
         let e = NcclComm::init_all(&[]).map(|_| ()).unwrap_err();
         assert!(
-            matches!(e, NcclError::NoRanks | NcclError::Missing { .. } | NcclError::TooOld { .. }),
+            matches!(
+                e,
+                NcclError::NoRanks | NcclError::Missing { .. } | NcclError::TooOld { .. }
+            ),
             "{e}"
         );
     }

@@ -13,7 +13,12 @@
 //! - [`rendezvous`]: the TCP bootstrap of ranks in separate processes (`--dist-init HOST:PORT
 //!   --rank R --world W`) and their liveness.
 //!
-//! Multi-GPU execution (an NCCL [`Collective`]) is not built yet.
+//! On GPUs (feature `nccl`): `mixtral::cuda::nccl::NcclRank` is the NCCL [`Collective`] over
+//! device memory, and `mixtral::cuda::ShardedCudaEngine` runs this plan with one CUDA engine per
+//! GPU of one process, the collectives inside its decode graphs (`mixtral-run --device cuda
+//! --tensor-parallel N`). It compiles and its CPU-side parts are tested; it has not yet run on
+//! GPUs. Ranks in separate processes (`--dist-init`) join the rendezvous only: the NCCL world
+//! over it is not wired into an engine yet.
 
 pub mod collective;
 pub mod cpu_ranks;

@@ -12,7 +12,9 @@
 //! ```
 //!
 //! A fixed sequence of checked kernel launches on the engine's stream (no allocation, no host sync,
-//! no string lookup), so a decode chunk can be captured into a graph. `Step` fills each op's
+//! no string lookup), so a decode chunk can be captured into a graph. A rank of a sharded engine
+//! ([`Plan::rank`]) runs the same lines at its shard's sizes, with its collectives after the
+//! embedding, o_proj and the experts and around the LM head ([`super::rank`]). `Step` fills each op's
 //! scalars from the model dimensions and the chunk's token count, so each line below is one op.
 
 use std::ops::Range;
@@ -107,6 +109,7 @@ impl Plan {
             }));
         }
         let d = self.dims;
+        let held = self.rank.as_ref();
         let step = Step {
             kernels,
             stream,
@@ -114,10 +117,10 @@ impl Plan {
             cache: self.cache_shape(),
             tokens: tokens as u32,
             experts_on: self.grouped,
-            vocab_rows: self.rank.as_ref().map_or(d.vocab, |r| r.vocab.len()),
-            held_experts: self.rank.as_ref().map_or(0..d.experts, |r| r.experts.clone()),
+            vocab_rows: held.map_or(d.vocab, |r| r.vocab.len()),
+            held_experts: held.map_or(0..d.experts, |r| r.experts.clone()),
         };
-        let (a, inputs, mut rank) = (&mut self.act, &self.inputs, self.rank.as_mut());
+        let (a, inputs, rank) = (&mut self.act, &self.inputs, self.rank.as_mut());
         let scratch = &mut weights.scratch;
         // A rank's activations [T, hidden] and expert slots [T, top_k, hidden].
         let (hidden_len, slots_len) = (tokens * d.hidden, tokens * d.top_k * d.hidden);
@@ -158,7 +161,7 @@ impl Plan {
             a.gathered.view()
         };
         let lm_head = weights.lm_head();
-        match rank.as_deref_mut() {
+        match rank {
             None => step.lm_head(rows, head_input, lm_head, self.logits.view_mut())?,
             Some(r) => {
                 step.lm_head(rows, head_input, lm_head, r.logits_part.view_mut())?;

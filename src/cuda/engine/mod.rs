@@ -100,7 +100,8 @@ impl CudaEngineOptions {
         self.engine.max_sequences.unwrap_or(16)
     }
 
-    fn max_step_tokens(&self) -> usize {
+    /// Most tokens in one forward pass (the default when not given).
+    pub(crate) fn max_step_tokens(&self) -> usize {
         self.engine.max_step_tokens.unwrap_or(512)
     }
 }
@@ -297,21 +298,30 @@ impl CudaEngine {
                 WeightSource::Random { config, .. } | WeightSource::Shard { config, .. } => config,
             };
             let max_tokens = options.max_step_tokens().max(1);
+            let packed_random = matches!(
+                source,
+                WeightSource::Random { format, .. } if format != QuantFormat::Bf16
+            );
             let (config, tied, formats) = match (&rank, source) {
-                (Some(_), WeightSource::Checkpoint(_))
-                | (Some(_), WeightSource::Random { format: QuantFormat::Fp8 | QuantFormat::Int8 | QuantFormat::Int4, .. })
-                | (None, WeightSource::Shard { .. }) => {
+                (Some(_), WeightSource::Checkpoint(_)) | (None, WeightSource::Shard { .. }) => {
                     return Err(CudaError::UnsupportedModel(
                         "a rank of a sharded engine takes its shard or random bf16 weights, and a \
                          shard needs its rank"
                             .into(),
                     ))
                 }
+                (Some(_), _) if packed_random => {
+                    return Err(CudaError::UnsupportedModel(
+                        "a rank of a sharded engine holds bf16 stacks".into(),
+                    ))
+                }
                 (Some(r), _) => {
                     rank::check_shard(full, &r.shard)?;
                     (rank::plan_config(full, &r.shard), false, rank::formats(full))
                 }
-                (None, WeightSource::Checkpoint(w)) => (w.config.clone(), is_tied(w), weight_formats(w)),
+                (None, WeightSource::Checkpoint(w)) => {
+                    (w.config.clone(), is_tied(w), weight_formats(w))
+                }
                 (None, WeightSource::Random { config, format, .. }) => {
                     let stack = match format {
                         QuantFormat::Bf16 => StackFormat::Bf16,

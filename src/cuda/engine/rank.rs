@@ -94,7 +94,9 @@ impl RankPlan {
     ) -> Result<(), CudaError> {
         let have = buf.len();
         let view = buf.view_mut().sub(0, len).ok_or_else(|| {
-            CudaError::Dead(format!("an all-reduce of {len} elements over a buffer of {have}"))
+            CudaError::Dead(format!(
+                "an all-reduce of {len} elements over a buffer of {have}"
+            ))
         })?;
         self.comms.all_reduce(group, stream, view)
     }
@@ -170,7 +172,8 @@ pub fn check_shard(config: &ModelConfig, shard: &RankShard) -> Result<(), CudaEr
 /// [`RankPlan`] buffers, for chunks of up to `max_tokens` tokens.
 pub fn rank_bytes(config: &ModelConfig, shard: &RankShard, max_tokens: usize) -> usize {
     let w = weight_config(config, shard);
-    let gates = config.num_layers * (2 * config.num_experts.max(1) * config.hidden_size + BUFFER_ALIGN);
+    let gates =
+        config.num_layers * (2 * config.num_experts.max(1) * config.hidden_size + BUFFER_ALIGN);
     let logits = 4 * max_tokens * shard.vocab.len() + BUFFER_ALIGN;
     device_weight_bytes(&w, false, &formats(config), max_tokens) + gates + logits
 }
@@ -225,7 +228,10 @@ fn copy_parts(
 }
 
 /// The bf16 region of a stack allocated by [`allocate_rank_weights`].
-fn bf16_stack<'a>(m: &'a mut DeviceMatrix, what: &str) -> Result<&'a mut DeviceBuffer<bf16>, CudaError> {
+fn bf16_stack<'a>(
+    m: &'a mut DeviceMatrix,
+    what: &str,
+) -> Result<&'a mut DeviceBuffer<bf16>, CudaError> {
     match m {
         DeviceMatrix::Bf16(b) => Ok(b),
         DeviceMatrix::Packed(_) => Err(CudaError::UnsupportedModel(format!(
@@ -246,7 +252,14 @@ pub fn upload_rank_weights(
     let mut total = 0u64;
     let mut count = |p: &Part| total += 2 * (p.rows * p.cols) as u64;
     for l in &weights.layers {
-        for p in [&l.attn_norm, &l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.ffn_norm] {
+        for p in [
+            &l.attn_norm,
+            &l.q_proj,
+            &l.k_proj,
+            &l.v_proj,
+            &l.o_proj,
+            &l.ffn_norm,
+        ] {
             count(p);
         }
         l.router.iter().for_each(&mut count);
@@ -260,8 +273,18 @@ pub fn upload_rank_weights(
     let mut staging = Staging::new(ctx, stream, total, progress)?;
     let st = &mut staging;
     for (l, (lw, g)) in weights.layers.iter().zip(&mut gpu.layers).enumerate() {
-        copy_parts(st, &mut g.attn_norm, &[&lw.attn_norm], &format!("layer {l} input norm"))?;
-        copy_parts(st, &mut g.ffn_norm, &[&lw.ffn_norm], &format!("layer {l} ffn norm"))?;
+        copy_parts(
+            st,
+            &mut g.attn_norm,
+            &[&lw.attn_norm],
+            &format!("layer {l} input norm"),
+        )?;
+        copy_parts(
+            st,
+            &mut g.ffn_norm,
+            &[&lw.ffn_norm],
+            &format!("layer {l} ffn norm"),
+        )?;
         let what = format!("layer {l} q/k/v projections");
         let qkv = bf16_stack(&mut g.qkv, &what)?;
         copy_parts(st, qkv, &[&lw.q_proj, &lw.k_proj, &lw.v_proj], &what)?;
@@ -274,13 +297,22 @@ pub fn upload_rank_weights(
         let w1: Vec<&Part> = lw.experts.iter().map(|e| &e.w1).collect();
         let w3: Vec<&Part> = lw.experts.iter().map(|e| &e.w3).collect();
         let w2: Vec<&Part> = lw.experts.iter().map(|e| &e.w2).collect();
-        for (stack, parts, name) in [(&mut g.w1, w1, "w1"), (&mut g.w3, w3, "w3"), (&mut g.w2, w2, "w2")] {
+        for (stack, parts, name) in [
+            (&mut g.w1, w1, "w1"),
+            (&mut g.w3, w3, "w3"),
+            (&mut g.w2, w2, "w2"),
+        ] {
             let what = format!("layer {l} experts {name}");
             copy_parts(st, bf16_stack(stack, &what)?, &parts, &what)?;
         }
     }
     copy_parts(st, &mut gpu.embed, &[&weights.embed], "embedding")?;
-    copy_parts(st, &mut gpu.final_norm, &[&weights.final_norm], "final norm")?;
+    copy_parts(
+        st,
+        &mut gpu.final_norm,
+        &[&weights.final_norm],
+        "final norm",
+    )?;
     if let Some(lm_head) = &mut gpu.lm_head {
         copy_parts(st, lm_head, &[&weights.lm_head], "lm_head")?;
     }
@@ -306,7 +338,10 @@ mod tests {
         let plan = ShardPlan::new(&c, Layout { tp: 2, ep: 2 }).unwrap();
         let shard = &plan.ranks[3];
         let p = plan_config(&c, shard);
-        assert_eq!((p.num_heads, p.num_kv_heads, p.intermediate_size), (4, 2, 48));
+        assert_eq!(
+            (p.num_heads, p.num_kv_heads, p.intermediate_size),
+            (4, 2, 48)
+        );
         assert_eq!((p.num_experts, p.vocab_size), (8, 512));
         assert_eq!(p.group_size(), c.group_size());
         let w = weight_config(&c, shard);
