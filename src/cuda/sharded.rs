@@ -398,7 +398,10 @@ impl ShardedCudaEngine {
                     let missing = answers.iter().position(Option::is_none).unwrap_or(0);
                     return Err(rank_gone(
                         ranks.start + missing,
-                        &format!("no answer within {:?}", self.timeout),
+                        &format!(
+                            "no answer within {:?} (stuck on its device, or its thread ended)",
+                            self.timeout
+                        ),
                     ));
                 }
             }
@@ -406,9 +409,11 @@ impl ShardedCudaEngine {
         Ok(answers.into_iter().flatten().collect())
     }
 
-    /// [`ShardedCudaEngine::on_ranks`] over every rank, with rank 0's answer kept: a failure to
-    /// answer, or ranks answering differently, makes the engine dead.
-    fn on_all<T: Clone + PartialEq + Send + 'static>(
+    /// [`ShardedCudaEngine::on_ranks`] over every rank, with rank 0's answer kept. A refusal every
+    /// rank makes (a bad request: no rank changed anything) leaves the engine usable; a failure
+    /// to answer, a dead rank, or ranks answering differently (one refusing what another did)
+    /// makes it dead.
+    fn on_all<T: PartialEq + Send + 'static>(
         &mut self,
         f: impl Fn(&mut CudaEngine) -> Result<T, EngineError> + Send + Sync + 'static,
     ) -> Result<T, EngineError> {
@@ -416,18 +421,27 @@ impl ShardedCudaEngine {
             Ok(a) => a,
             Err(e) => return Err(self.kill(e)),
         };
-        let mut answers = answers.into_iter();
-        let first = answers
-            .next()
-            .unwrap_or(Err(EngineError::Unsupported("no ranks")));
-        if let Some((rank, other)) = answers.enumerate().find(|(_, a)| *a != first) {
-            let detail = format!(
-                "rank {} answered {:?} where rank 0 answered {:?}",
-                rank + 1,
-                other.as_ref().err(),
+        let mut answers = answers.into_iter().enumerate();
+        let Some((_, first)) = answers.next() else {
+            return Err(EngineError::Unsupported("no ranks"));
+        };
+        let disagree = |rank: usize, what: &str| {
+            EngineError::dead(CudaError::Dead(format!(
+                "rank {rank} {what} where rank 0 answered {:?}",
                 first.as_ref().err()
-            );
-            return Err(self.kill(EngineError::dead(CudaError::Dead(detail))));
+            )))
+        };
+        for (rank, other) in answers {
+            let error = match (&first, &other) {
+                (Err(e), _) if e.is_dead() => e.clone(),
+                (_, Err(e)) if e.is_dead() => e.clone(),
+                (Ok(a), Ok(b)) if a == b => continue,
+                (Err(_), Err(_)) => continue,
+                (Ok(_), Ok(_)) => disagree(rank, "answered differently"),
+                (_, Err(e)) => disagree(rank, &format!("failed with {e}")),
+                (Err(_), Ok(_)) => disagree(rank, "succeeded"),
+            };
+            return Err(self.kill(error));
         }
         if let Err(e) = &first {
             if e.is_dead() {
@@ -653,13 +667,13 @@ impl PartialEq for Logits {
     }
 }
 
-/// Drawn ids and the advanced samplers of one rank (compared across ranks by the ids only: the
-/// samplers advance alike when the ids agree).
+/// Drawn ids and the advanced samplers of one rank, compared across ranks by their count only:
+/// every rank gathers the same logits, but rank 0's draw is the answer whatever the others drew.
 #[derive(Debug, Clone)]
 struct SamplerRows(Vec<u32>, Vec<Sampler>);
 
 impl PartialEq for SamplerRows {
     fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
+        self.0.len() == other.0.len()
     }
 }
