@@ -10,6 +10,8 @@
 //! - [`rank`]: one rank's forward pass with the CPU reference kernels;
 //! - [`engine`]: [`ShardedCpuEngine`], N simulated ranks behind the [`Engine`](crate::Engine)
 //!   trait (`mixtral-run --device cpu --tensor-parallel N`), the way the sharded plan is tested;
+//! - [`replicas`]: N whole engines in lockstep behind one [`Engine`](crate::Engine), each on its
+//!   own thread, rank 0 answering (how the sharded CUDA engine schedules its GPUs);
 //! - [`rendezvous`]: the TCP bootstrap of ranks in separate processes (`--dist-init HOST:PORT
 //!   --rank R --world W`) and their liveness.
 //!
@@ -27,6 +29,7 @@ pub mod memory;
 pub mod plan;
 pub mod rank;
 pub mod rendezvous;
+pub mod replicas;
 pub mod weights;
 
 pub use collective::{Collective, CollectiveError, Reducible};
