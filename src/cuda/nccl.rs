@@ -1,5 +1,5 @@
 //! NCCL over device memory (feature `nccl`): communicators ([`NcclComm`]), the
-//! [`Collective`](crate::shard::Collective) implementation of one rank on one stream
+//! [`Collective`] implementation of one rank on one stream
 //! ([`NcclRank`]: `ncclAllReduce` with `ncclSum` and `ncclAllGather`, f32 and bf16), and the
 //! collectives of a sharded CUDA engine's rank ([`NcclGroups`]: its world and its tensor-parallel
 //! group).
@@ -359,7 +359,7 @@ impl NcclComm {
 }
 
 /// An NCCL communicator bound to the stream its operations run on: the [`Collective`] of one rank
-/// over device memory (whole [`DeviceBuffer`]s; the engine issues the same operations on parts
+/// over device memory (whole device buffers; the engine issues the same operations on parts
 /// of its buffers through [`NcclGroups`]).
 #[derive(Debug)]
 pub struct NcclRank {

@@ -2,7 +2,7 @@
 //! (feature `nccl`), behind the [`Engine`] trait.
 //!
 //! Rank `r` of the [`ShardPlan`] runs on GPU `first + r` as a [`CudaEngine`] over its
-//! [`RankWeights`] (built by [`CudaEngine::build_rank`]), owned by one thread. Its collectives are
+//! [`RankWeights`] (built by `CudaEngine::build_rank`), owned by one thread. Its collectives are
 //! NCCL communicators made at once for the whole world and, with both tensor and expert
 //! parallelism, for each TP group ([`NcclComm::init_all`]); the forward pass issues them on the
 //! rank's stream, inside its decode graphs.

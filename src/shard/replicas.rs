@@ -550,7 +550,11 @@ mod tests {
         r.new_sequence().unwrap();
         let e = r.new_sequence().unwrap_err();
         assert!(e.is_dead(), "{e}");
-        assert!(e.to_string().contains("rank 1: failed with too many sequences"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("rank 1: failed with too many sequences"),
+            "{e}"
+        );
         assert_eq!(
             r.new_sequence().unwrap_err(),
             e,
