@@ -1,8 +1,9 @@
 //! The sharded CUDA engine (feature `nccl`) against the unsharded CUDA engine, on the trained
 //! model (`models/mini-mixtral`: 2 KV heads, 8 experts, so TP 2 and EP 2 divide it).
 //!
-//! Only a machine with no CUDA driver or device skips (`tests/common/gpu.rs`), and the two-GPU
-//! test also on a machine with one GPU, saying so; a missing NCCL on a machine with a GPU fails.
+//! Only a machine with no CUDA driver or device skips (`tests/common/gpu.rs`); on a machine with
+//! one GPU the two-GPU test says it is not applicable (`scripts/gpu-check` runs the world of one,
+//! `scripts/multi-gpu-check` both); a missing NCCL on a machine with a GPU fails.
 //!
 //! Bounds, fixed before any run:
 //! - NCCL world of one rank, on one GPU: the rank runs the unsharded kernels on the same bf16
@@ -78,7 +79,7 @@ fn sharded(model: &Model, layout: Layout, test: &str) -> Option<ShardedCudaEngin
     match ShardedCudaEngine::new(&model.weights, &opts) {
         Ok(e) => Some(e),
         Err(MultiGpuError::TooFewGpus { needed, count, .. }) => {
-            eprintln!("skipped {test}: needs {needed} GPUs, the driver reports {count}");
+            eprintln!("not applicable {test}: needs {needed} GPUs, the driver reports {count}");
             None
         }
         Err(e) => match e.cuda() {
