@@ -349,6 +349,53 @@ mod tests {
         check_shard(&c, shard).unwrap();
     }
 
+    /// Every part a rank uploads fills its device region exactly (the regions are sized from
+    /// [`weight_config`] the way `allocate_weights` sizes them; a part too large would be refused
+    /// by the upload, one too small would leave zeros in the region).
+    #[test]
+    fn a_ranks_parts_fill_its_device_regions_exactly() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
+        let model = crate::Model::load(&dir, &crate::LoadOptions::default()).unwrap();
+        let full = &model.config;
+        for layout in [
+            Layout { tp: 2, ep: 1 },
+            Layout { tp: 1, ep: 2 },
+            Layout { tp: 2, ep: 4 },
+        ] {
+            let plan = ShardPlan::new(full, layout).unwrap();
+            for shard in &plan.ranks {
+                let mut log = crate::shard::ReadLog::default();
+                let w = RankWeights::new(&model.weights, shard, &mut log).unwrap();
+                let c = weight_config(full, shard);
+                let (h, inter) = (c.hidden_size, c.intermediate_size);
+                let size = |p: &Part| p.rows * p.cols;
+                let what = format!("{layout} rank {}", shard.rank);
+                for l in &w.layers {
+                    let qkv = size(&l.q_proj) + size(&l.k_proj) + size(&l.v_proj);
+                    assert_eq!(qkv, (c.q_width() + 2 * c.kv_width()) * h, "{what}");
+                    assert_eq!(size(&l.o_proj), h * c.q_width(), "{what}");
+                    let router = l.router.as_ref().map_or(0, size);
+                    assert_eq!(router, full.num_experts * h, "{what}: the whole router");
+                    assert_eq!(l.experts.len(), c.num_experts.max(1), "{what}");
+                    for e in &l.experts {
+                        assert_eq!(size(&e.w1), inter * h, "{what}");
+                        assert_eq!(size(&e.w3), inter * h, "{what}");
+                        assert_eq!((e.w2.rows, e.w2.cols), (h, inter), "{what}");
+                    }
+                }
+                assert_eq!(size(&w.embed), c.vocab_size * h, "{what}");
+                assert_eq!(size(&w.lm_head), c.vocab_size * h, "{what}");
+                // The plan runs with the whole vocabulary and every expert.
+                let p = plan_config(full, shard);
+                assert_eq!(
+                    (p.vocab_size, p.num_experts),
+                    (full.vocab_size, full.num_experts)
+                );
+                check_shard(full, shard).unwrap();
+            }
+        }
+    }
+
     #[test]
     fn fewer_experts_per_rank_than_each_token_uses_is_refused() {
         let c = config();
