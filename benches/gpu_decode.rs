@@ -6,7 +6,10 @@
 //! long-context decode, prefill). `gpu_decode --protocol OUT.jsonl` runs the fixed protocol that
 //! `scripts/gpu-check` uses: every measurement once, median of repeated steps after a warm-up, one
 //! JSON object per line. `gpu_decode --protocol-quant OUT.jsonl` measures the packed formats (FP8,
-//! INT8, 4-bit, and bitsandbytes NF4 in blocks of 64 as `nf4`) at 32 layers the same way: decode at batch 1 and 8, a 512-token prefill. Without a
+//! INT8, 4-bit, and bitsandbytes NF4 in blocks of 64 as `nf4`) at 32 layers the same way: decode at
+//! batch 1 and 8, a 512-token prefill. `gpu_decode --protocol-multi OUT.jsonl` (a build with feature
+//! `nccl`, for `scripts/multi-gpu-check`) times batch-1 decode at TP=1 (one GPU) and TP=2 (two GPUs,
+//! NCCL) on the same shapes through the [`mixtral::Engine`] trait and prints the speedup. Without a
 //! CUDA driver or device each prints why and exits successfully; any other failure to build the
 //! engine panics (the rule of `tests/common/gpu.rs`).
 //!
@@ -347,8 +350,110 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
+/// Batch-1 decode at TP=1 and TP=2 (random bf16 weights, the same shapes; one sequence holding
+/// 16 prompt tokens, each step rewinding to position 16 and drawing the greedy token on the
+/// device), one JSON line each into `out_path` with the tensor-parallel size as `tp`; prints the
+/// speedup TP=1 / TP=2.
+#[cfg(feature = "nccl")]
+fn protocol_multi(out_path: &str) {
+    use mixtral::cuda::{MultiGpuError, ShardedCudaEngine, ShardedCudaOptions};
+    use mixtral::sampling::{Sampler, SamplingParams};
+    use mixtral::shard::Layout;
+    use mixtral::{Engine, RowSampler};
+
+    let layers = layers();
+    let config = mixtral_config(layers);
+    let card = match CudaDevice::new(0) {
+        Ok(d) => d.name().to_string(),
+        Err(e) if skip(&e) => {
+            gpu_rule::print_skip("gpu_decode", &e);
+            return;
+        }
+        Err(e) => panic!("opening device 0: {e}"),
+    };
+    let options = CudaEngineOptions {
+        engine: EngineOptions {
+            max_context: Some(4096),
+            max_sequences: Some(4),
+            max_step_tokens: Some(512),
+            ..EngineOptions::default()
+        },
+        ..CudaEngineOptions::default()
+    };
+    let mut out = std::fs::File::create(out_path).expect("protocol output");
+    let mut times = Vec::new();
+    for tp in [1usize, 2] {
+        let mut engine: Box<dyn Engine> = if tp == 1 {
+            let source = WeightSource::Random {
+                config: &config,
+                seed: 1234,
+                format: StackFormat::Bf16,
+            };
+            match CudaEngine::build(source, options.clone(), None) {
+                Ok(e) => Box::new(e),
+                Err(e) => panic!("building the TP=1 engine ({layers} layers): {e}"),
+            }
+        } else {
+            let sharded = ShardedCudaOptions {
+                layout: Layout { tp, ep: 1 },
+                cuda: options.clone(),
+                timeout: Duration::from_secs(600),
+            };
+            match ShardedCudaEngine::with_random_weights(&config, 1234, &sharded) {
+                Ok(e) => Box::new(e),
+                Err(e @ MultiGpuError::TooFewGpus { .. }) => {
+                    eprintln!("gpu_decode: no TP={tp} figure: {e}");
+                    std::process::exit(3);
+                }
+                Err(e) => panic!("building the TP={tp} engine ({layers} layers): {e}"),
+            }
+        };
+        let prompt = ids(16, 5);
+        let seq = engine.new_sequence().expect("sequence");
+        let mut sampler = Sampler::new(SamplingParams::greedy()).expect("greedy sampler");
+        let mut draw = |engine: &mut Box<dyn Engine>, tokens: &[u32], start_pos: usize| {
+            let step = [SeqStep {
+                seq,
+                tokens,
+                start_pos,
+                logits: LogitsFor::Last,
+            }];
+            let mut rows = [RowSampler::new(&mut sampler, &prompt)];
+            let drawn = engine.step_tokens(&step, &mut rows).expect("step");
+            assert_eq!(drawn.len(), 1);
+        };
+        draw(&mut engine, &prompt, 0);
+        let next = ids(1, 6);
+        let ms = median_ms(|| draw(&mut engine, &next, 16), REPEATS * 3);
+        let line = format!(
+            r#"{{"card": "{card}", "what": "decode", "dtype": "bf16", "layers": {layers}, "batch": 1, "context": 16, "graphs": true, "tp": {tp}, "ours_ms": {ms:.4}}}"#
+        );
+        println!("{line}");
+        writeln!(out, "{line}").expect("write protocol output");
+        times.push(ms);
+    }
+    let speedup = times[0] / times[1];
+    println!(
+        "TP=2 vs TP=1 batch-1 decode, {layers} layers bf16, {card}: {:.3} vs {:.3} ms, speedup \
+         {speedup:.2}x (target 1.6x)",
+        times[1], times[0]
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--protocol-multi") {
+        let out = args.get(i + 1).expect("--protocol-multi OUT.jsonl");
+        #[cfg(feature = "nccl")]
+        protocol_multi(out);
+        #[cfg(not(feature = "nccl"))]
+        {
+            eprintln!("gpu_decode: --protocol-multi {out} needs a build with feature nccl");
+            std::process::exit(2);
+        }
+        #[cfg(feature = "nccl")]
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--protocol-quant") {
         let out = args.get(i + 1).expect("--protocol-quant OUT.jsonl");
         protocol_quant(out);

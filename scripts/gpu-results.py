@@ -70,6 +70,8 @@ def main():
             "pytorch_ms": pt, "floor_ms": floor, "achieved_gbps": gbps,
             "eager_ms": eager.get(k),
         }
+        if "tp" in r:  # scripts/multi-gpu-check: the tensor-parallel size (GPUs)
+            line["tp"] = r["tp"]
         lines.append(line)
         fmt = lambda v, f: (f.format(v) if v is not None else "-")
         ratio = pt / r["ours_ms"] if pt else None

@@ -62,6 +62,10 @@ pub enum CudaError {
     /// refuses all further work.
     #[error("the CUDA engine is unusable after an earlier failure: {0}")]
     Dead(String),
+    /// A collective between the ranks of a sharded engine failed (NCCL missing or refusing a
+    /// call).
+    #[error("collective: {0}")]
+    Collective(String),
     /// A kernel launch refused by the launch checks or by the driver (a fault of the engine's plan,
     /// never of the model or the input).
     #[error(transparent)]

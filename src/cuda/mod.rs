@@ -10,7 +10,11 @@
 //! - `memory`: owned device buffers and the borrowed views the kernels take (sound by their types);
 //! - `ops`: one planner per kernel family beside its `csrc/` file (shape rules, variant, grid), and
 //!   `launch`/`checks`, the one launch path;
-//! - `engine`: the static execution plan, the weight upload and the decode graphs.
+//! - `engine`: the static execution plan, the weight upload and the decode graphs (and `rank`,
+//!   what a rank of a sharded engine adds to them).
+//!
+//! With the `nccl` feature: `nccl`, NCCL loaded at run time, and `sharded`, one model over
+//! several GPUs of one process (tensor and expert parallel; unverified on GPUs so far).
 //!
 //! The ops allocate nothing on the device and never synchronise, so the plan calls them with
 //! preallocated buffers and captures a whole decode step in a CUDA graph. The kernels compile for
@@ -61,13 +65,22 @@ internal! {
 }
 
 mod error;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+#[cfg(feature = "nccl")]
+pub mod sharded;
 #[rustfmt::skip]
 mod params_ffi;
 
 pub use engine::{CudaEngine, CudaEngineOptions, MemoryUse};
 pub use error::CudaError;
+#[cfg(feature = "nccl")]
+pub use sharded::{MultiGpuError, ShardedCudaEngine, ShardedCudaOptions};
 #[cfg(feature = "testing")]
-pub use {device::CudaDevice, engine::WeightSource, error::KernelError, module::Kernels};
+pub use {
+    device::CudaDevice, engine::RankSetup, engine::WeightSource, error::KernelError,
+    module::Kernels,
+};
 
 /// The kernel-selection table as text: for each op, weight format and device, which kernels run
 /// over which token counts (what `mixtral-run --explain` prints).

@@ -2,7 +2,8 @@
 //! [`EngineOptions`], returning a boxed [`Engine`]. A string that names no device, or a CUDA device
 //! in a build without the `cuda` feature, is an [`OpenError`] naming the string. A tensor- or
 //! expert-parallel split ([`EngineOptions::parallel`]) runs on the CPU as simulated ranks
-//! ([`ShardedCpuEngine`]); on CUDA it is refused (multi-GPU is not built yet).
+//! ([`ShardedCpuEngine`]); on CUDA, over one GPU per rank with NCCL in a build with the `nccl`
+//! feature (`mixtral::cuda::ShardedCudaEngine`), and is refused without it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -101,8 +102,9 @@ pub struct EngineOptions {
     /// takes any step whole and ignores it.
     pub max_step_tokens: Option<usize>,
     /// Tensor- and expert-parallel split; the default (1 x 1) is one rank. On the CPU a split runs
-    /// on simulated ranks, one thread each ([`ShardedCpuEngine`]); CUDA refuses it
-    /// ([`OpenError::MultiGpuNotBuilt`]).
+    /// on simulated ranks, one thread each ([`ShardedCpuEngine`]); on CUDA over the GPUs from the
+    /// device given on, with the `nccl` feature (refused without it:
+    /// [`OpenError::MultiGpuNotBuilt`]).
     pub parallel: Layout,
 }
 
@@ -144,10 +146,10 @@ pub enum OpenError {
         /// The device as given.
         device: String,
     },
-    /// A tensor- or expert-parallel split on CUDA: several GPUs are not supported yet.
+    /// A tensor- or expert-parallel split on CUDA in a build without the `nccl` feature.
     #[error(
-        "device {device}: {layout} needs {} GPUs; multi-GPU execution is not built yet (--device \
-         cpu runs the same split on simulated ranks)",
+        "device {device}: {layout} needs {} GPUs, and this build has no multi-GPU support \
+         (rebuild with --features cuda,nccl; --device cpu runs the same split on simulated ranks)",
         layout.world()
     )]
     MultiGpuNotBuilt {
@@ -200,8 +202,8 @@ pub fn open_device(
     build(device, &device.to_string(), weights, options, progress)
 }
 
-/// Refuses a tensor- or expert-parallel split on a CUDA device ([`OpenError::MultiGpuNotBuilt`]),
-/// to check before anything is loaded.
+/// Refuses a tensor- or expert-parallel split on a CUDA device in a build without the `nccl`
+/// feature ([`OpenError::MultiGpuNotBuilt`]), to check before anything is loaded.
 pub fn check_parallel_supported(device: Device, layout: Layout) -> Result<(), OpenError> {
     check_parallel(device, &device.to_string(), layout)
 }
@@ -209,10 +211,12 @@ pub fn check_parallel_supported(device: Device, layout: Layout) -> Result<(), Op
 /// [`check_parallel_supported`], naming the device `text`.
 fn check_parallel(device: Device, text: &str, layout: Layout) -> Result<(), OpenError> {
     match device {
-        Device::Cuda(_) if layout.is_sharded() => Err(OpenError::MultiGpuNotBuilt {
-            device: text.to_string(),
-            layout,
-        }),
+        Device::Cuda(_) if layout.is_sharded() && !cfg!(feature = "nccl") => {
+            Err(OpenError::MultiGpuNotBuilt {
+                device: text.to_string(),
+                layout,
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -227,6 +231,21 @@ fn build(
 ) -> Result<Box<dyn Engine>, OpenError> {
     check_parallel(device, text, options.parallel)?;
     device.supported(text)?;
+    #[cfg(feature = "nccl")]
+    if let (Device::Cuda(first), true) = (device, options.parallel.is_sharded()) {
+        let sharded = crate::cuda::ShardedCudaOptions {
+            layout: options.parallel,
+            cuda: options.cuda(first),
+            timeout: crate::cuda::sharded::DEFAULT_TIMEOUT,
+        };
+        let engine = crate::cuda::ShardedCudaEngine::new(weights, &sharded).map_err(|e| {
+            OpenError::Engine {
+                device: text.to_string(),
+                source: EngineError::backend(e),
+            }
+        })?;
+        return Ok(Box::new(engine));
+    }
     if options.parallel.is_sharded() {
         let sharded = ShardedOptions {
             layout: options.parallel,
@@ -322,6 +341,7 @@ mod tests {
         assert_eq!(Device::Cpu.check_supported(), Ok(()));
     }
 
+    #[cfg(not(feature = "nccl"))]
     #[test]
     fn a_split_on_cuda_is_refused_naming_the_layout() {
         let layout = Layout { tp: 2, ep: 1 };
@@ -333,7 +353,10 @@ mod tests {
                 layout
             }
         );
-        assert!(error.to_string().contains("not built yet"), "{error}");
+        assert!(
+            error.to_string().contains("no multi-GPU support"),
+            "{error}"
+        );
         assert!(error.to_string().contains("2 GPUs"), "{error}");
         assert_eq!(check_parallel_supported(Device::Cpu, layout), Ok(()));
         assert_eq!(

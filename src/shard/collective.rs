@@ -4,9 +4,9 @@
 //! ([`Reducible`]).
 //!
 //! The buffers are the implementation's own memory type ([`Collective::Mem`]): host slices for
-//! the in-process CPU ranks ([`super::cpu_ranks`]); an NCCL implementation (cudarc's `nccl`
-//! feature: `ncclAllReduce` with `ncclSum`, `ncclAllGather`, one communicator per group from
-//! `ncclCommSplit`) would name device memory there and keep the same calls. Every rank of a group
+//! the in-process CPU ranks ([`super::cpu_ranks`]); device buffers for NCCL (feature `nccl`:
+//! `mixtral::cuda::nccl::NcclRank`, `ncclAllReduce` with `ncclSum` and `ncclAllGather`, enqueued
+//! on the rank's stream and complete in stream order). Every rank of a group
 //! must issue the same operations in the same order with buffers of the same length (SPMD); a
 //! rank that does not, or that dies, must turn into a [`CollectiveError`] on the others, never a
 //! hang.
@@ -114,6 +114,16 @@ pub enum CollectiveError {
         got: usize,
         /// Elements needed.
         expected: usize,
+    },
+    /// The transport refused or failed the operation (an NCCL error).
+    #[error("rank {rank}: {op} failed: {reason}")]
+    Transport {
+        /// The rank reporting.
+        rank: usize,
+        /// The operation.
+        op: Op,
+        /// What the transport said.
+        reason: String,
     },
     /// The group failed earlier (a timeout, a departed rank, a mismatch) and accepts no more work.
     #[error("rank {rank}: the group is broken by an earlier failure: {cause}")]

@@ -10,10 +10,17 @@
 //! - [`rank`]: one rank's forward pass with the CPU reference kernels;
 //! - [`engine`]: [`ShardedCpuEngine`], N simulated ranks behind the [`Engine`](crate::Engine)
 //!   trait (`mixtral-run --device cpu --tensor-parallel N`), the way the sharded plan is tested;
+//! - [`replicas`]: N whole engines in lockstep behind one [`Engine`](crate::Engine), each on its
+//!   own thread, rank 0 answering (how the sharded CUDA engine schedules its GPUs);
 //! - [`rendezvous`]: the TCP bootstrap of ranks in separate processes (`--dist-init HOST:PORT
 //!   --rank R --world W`) and their liveness.
 //!
-//! Multi-GPU execution (an NCCL [`Collective`]) is not built yet.
+//! On GPUs (feature `nccl`): `mixtral::cuda::nccl::NcclRank` is the NCCL [`Collective`] over
+//! device memory, and `mixtral::cuda::ShardedCudaEngine` runs this plan with one CUDA engine per
+//! GPU of one process, the collectives inside its decode graphs (`mixtral-run --device cuda
+//! --tensor-parallel N`). It compiles and its CPU-side parts are tested; it has not yet run on
+//! GPUs. Ranks in separate processes (`--dist-init`) join the rendezvous only: the NCCL world
+//! over it is not wired into an engine yet.
 
 pub mod collective;
 pub mod cpu_ranks;
@@ -22,6 +29,7 @@ pub mod memory;
 pub mod plan;
 pub mod rank;
 pub mod rendezvous;
+pub mod replicas;
 pub mod weights;
 
 pub use collective::{Collective, CollectiveError, Reducible};

@@ -44,7 +44,8 @@ options:
     --tensor-parallel N    split attention (by KV-head groups), every expert (by intermediate rows)
                            and the vocabulary over N ranks; with --device cpu the ranks are
                            simulated, one thread each (how the sharded plan is tested); with cuda
-                           it is refused: multi-GPU execution is not built yet
+                           one GPU per rank from the device given on, over NCCL (a build with
+                           feature `nccl`; unverified on GPUs so far)
     --expert-parallel N    give each of N ranks (times the tensor-parallel size) whole experts
     --dist-init HOST:PORT  join ranks in separate processes: rank 0 listens on HOST:PORT, the others
                            connect; a rank that does not join or dies is an error on every rank

@@ -12,8 +12,12 @@
 //! ```
 //!
 //! A fixed sequence of checked kernel launches on the engine's stream (no allocation, no host sync,
-//! no string lookup), so a decode chunk can be captured into a graph. `Step` fills each op's
+//! no string lookup), so a decode chunk can be captured into a graph. A rank of a sharded engine
+//! ([`Plan::rank`]) runs the same lines at its shard's sizes, with its collectives after the
+//! embedding, o_proj and the experts and around the LM head ([`super::rank`]). `Step` fills each op's
 //! scalars from the model dimensions and the chunk's token count, so each line below is one op.
+
+use std::ops::Range;
 
 use cudarc::driver::CudaStream;
 use half::bf16;
@@ -30,6 +34,7 @@ use super::super::ops::{self, AttentionDecodeShape, AttentionPrefillShape, Paged
 use super::inputs::PrefillPiece;
 use super::matrix::{self, DequantScratch, DeviceMatrix, ExpertIo, GroupedKernel};
 use super::plan::{Activations, Dims, Inputs, LayerCache, Plan, Routing, SPLIT_KEYS};
+use super::rank::Group;
 use super::upload::GpuWeights;
 
 /// One forward pass: how many tokens, which logits, which attention.
@@ -103,17 +108,26 @@ impl Plan {
                 ),
             }));
         }
+        let d = self.dims;
+        let held = self.rank.as_ref();
         let step = Step {
             kernels,
             stream,
-            d: self.dims,
+            d,
             cache: self.cache_shape(),
             tokens: tokens as u32,
             experts_on: self.grouped,
+            vocab_rows: held.map_or(d.vocab, |r| r.vocab.len()),
+            held_experts: held.map_or(0..d.experts, |r| r.experts.clone()),
         };
-        let (d, a, inputs) = (self.dims, &mut self.act, &self.inputs);
+        let (a, inputs, rank) = (&mut self.act, &self.inputs, self.rank.as_mut());
         let scratch = &mut weights.scratch;
+        // A rank's activations [T, hidden] and expert slots [T, top_k, hidden].
+        let (hidden_len, slots_len) = (tokens * d.hidden, tokens * d.top_k * d.hidden);
         step.embed(inputs.ids(), weights.embed.view(), a.residual.view_mut())?;
+        if let Some(r) = &rank {
+            r.reduce(Group::World, stream, &mut a.residual, hidden_len)?;
+        }
         for (l, w) in weights.layers.iter().enumerate() {
             let slots = if l == 0 { Add::Nothing } else { Add::Experts(a.moe_out.view()) };
             step.norm(&mut a.residual, slots, &w.attn_norm, &mut a.xn)?;
@@ -123,11 +137,20 @@ impl Plan {
             step.attention(a, cache, inputs, attention)?;
             let o = (d.q_width, d.hidden);
             step.project(a.attn.view(), &w.o, o, a.o_out.view_mut().into(), scratch)?;
+            if let Some(r) = &rank {
+                r.reduce(Group::Tp, stream, &mut a.o_out, hidden_len)?;
+            }
             let o_out = Add::Attention(a.o_out.view());
             step.norm(&mut a.residual, o_out, &w.ffn_norm, &mut a.xn)?;
             step.route(a.xn.view(), &w.gate, &mut a.routing)?;
+            if let Some(r) = rank.as_ref().filter(|r| r.partial_experts) {
+                r.zero(stream, &mut a.moe_out, slots_len)?;
+            }
             let stacks = [&w.w1, &w.w3, &w.w2];
             step.experts(a.xn.view(), stacks, &a.routing, &mut a.act, &mut a.moe_out, scratch)?;
+            if let Some(r) = &rank {
+                r.reduce(Group::World, stream, &mut a.moe_out, slots_len)?;
+            }
         }
         let slots = Add::Experts(a.moe_out.view());
         step.norm(&mut a.residual, slots, &weights.final_norm, &mut a.xn)?;
@@ -138,7 +161,16 @@ impl Plan {
             a.gathered.view()
         };
         let lm_head = weights.lm_head();
-        step.lm_head(rows, head_input, lm_head, self.logits.view_mut())?;
+        match rank {
+            None => step.lm_head(rows, head_input, lm_head, self.logits.view_mut())?,
+            Some(r) => {
+                step.lm_head(rows, head_input, lm_head, r.logits_part.view_mut())?;
+                let part = r.logits_part.view();
+                let width = r.vocab.len();
+                r.comms
+                    .all_gather_rows(stream, part, width, rows, self.logits.view_mut())?;
+            }
+        }
         if greedy {
             step.argmax(rows, self.logits.view(), self.greedy.view_mut())?;
         }
@@ -155,6 +187,10 @@ struct Step<'k> {
     cache: PagedCacheShape,
     tokens: u32,
     experts_on: GroupedKernel,
+    /// Rows of the embedding and LM head held (the vocabulary, or a rank's part of it).
+    vocab_rows: usize,
+    /// Experts of the stacks held, as indices of the router's experts.
+    held_experts: Range<usize>,
 }
 
 impl Step<'_> {
@@ -168,7 +204,7 @@ impl Step<'_> {
         let s = EmbeddingScalars {
             tokens: self.tokens,
             hidden: self.d.hidden as u32,
-            vocab: self.d.vocab as u32,
+            vocab: self.vocab_rows as u32,
         };
         let args = EmbeddingArgs {
             ids,
@@ -368,13 +404,23 @@ impl Step<'_> {
             tokens: self.tokens,
             hidden: self.d.hidden as u32,
             inter: self.d.inter as u32,
-            experts: self.d.experts as u32,
+            experts: self.held_experts.len() as u32,
             top_k: self.d.top_k as u32,
+        };
+        // The slot offsets of the experts held (all of them, or a rank's range).
+        let offsets = r.expert_offsets.view();
+        let first = self.held_experts.start;
+        let Some(expert_offsets) = offsets.sub(first, self.held_experts.len() + 1) else {
+            return Err(CudaError::UnsupportedModel(format!(
+                "experts {:?} are not all routed experts of {}",
+                self.held_experts,
+                offsets.len().saturating_sub(1)
+            )));
         };
         let io = ExpertIo {
             x,
             topk_weights: r.topk_weights.view(),
-            expert_offsets: r.expert_offsets.view(),
+            expert_offsets,
             sorted_slots: r.sorted_slots.view(),
             act: act.view_mut(),
             out: out.view_mut(),
@@ -415,7 +461,7 @@ impl Step<'_> {
         let s = LinearScalars {
             tokens: rows as u32,
             in_features: self.d.hidden as u32,
-            out_features: self.d.vocab as u32,
+            out_features: self.vocab_rows as u32,
         };
         let args = LinearArgs {
             x,

@@ -18,6 +18,7 @@ pub mod graph;
 pub mod inputs;
 pub mod matrix;
 pub mod plan;
+pub mod rank;
 pub mod staging;
 pub mod upload;
 
@@ -52,7 +53,9 @@ use crate::engine::{
 };
 use crate::kv::{BlockCopy, KvLimits, PagedKv, RELEASED};
 use crate::sampling::{Rng, Sampler};
+use crate::shard::{RankShard, RankWeights};
 use crate::weights::ModelWeights;
+use self::rank::DeviceCollectives;
 
 /// Options of a [`CudaEngine`]. The defaults fit a model on the first GPU with as much KV cache as
 /// the remaining memory holds (up to `max_sequences` full contexts).
@@ -96,7 +99,8 @@ impl CudaEngineOptions {
         self.engine.max_sequences.unwrap_or(16)
     }
 
-    fn max_step_tokens(&self) -> usize {
+    /// Most tokens in one forward pass (the default when not given).
+    pub(crate) fn max_step_tokens(&self) -> usize {
         self.engine.max_step_tokens.unwrap_or(512)
     }
 }
@@ -204,9 +208,25 @@ pub fn plan_sizes(
     Ok(sizes)
 }
 
+/// What makes an engine one rank of a sharded engine: its part of the model and its groups.
+#[derive(Debug)]
+pub struct RankSetup {
+    /// What the rank holds.
+    pub shard: RankShard,
+    /// Its collectives (world and tensor-parallel group).
+    pub comms: Box<dyn DeviceCollectives>,
+}
+
 /// Where a [`CudaEngine`]'s weights come from.
 #[derive(Clone, Copy)]
 pub enum WeightSource<'a> {
+    /// One rank's shard of a checkpoint (with a [`RankSetup`]).
+    Shard {
+        /// The shard.
+        weights: &'a RankWeights,
+        /// The whole model's config.
+        config: &'a ModelConfig,
+    },
     /// A loaded checkpoint (uploaded through pinned staging).
     Checkpoint(&'a ModelWeights),
     /// Seeded random values made on the device, for benchmarks of real shapes without a checkpoint.
@@ -260,9 +280,49 @@ impl CudaEngine {
             options: CudaEngineOptions,
             progress: Option<&dyn Fn(LoadProgress)>,
         ) -> Result<CudaEngine, CudaError> {
-            let (config, tied, formats) = match source {
-                WeightSource::Checkpoint(w) => (w.config.clone(), is_tied(w), weight_formats(w)),
-                WeightSource::Random { config, format, .. } => {
+            Self::build_rank(source, None, options, progress)
+        }
+    }
+
+    testing_pub! {
+        /// Builds an engine over `source`; with `rank`, one rank of a sharded engine: `source` is
+        /// that rank's shard ([`WeightSource::Shard`]) or random bf16 weights of its shapes.
+        fn build_rank(
+            source: WeightSource<'_>,
+            rank: Option<RankSetup>,
+            options: CudaEngineOptions,
+            progress: Option<&dyn Fn(LoadProgress)>,
+        ) -> Result<CudaEngine, CudaError> {
+            let full = match source {
+                WeightSource::Checkpoint(w) => &w.config,
+                WeightSource::Random { config, .. } | WeightSource::Shard { config, .. } => config,
+            };
+            let max_tokens = options.max_step_tokens().max(1);
+            let packed_random = matches!(
+                source,
+                WeightSource::Random { format, .. } if format != StackFormat::Bf16
+            );
+            let (config, tied, formats) = match (&rank, source) {
+                (Some(_), WeightSource::Checkpoint(_)) | (None, WeightSource::Shard { .. }) => {
+                    return Err(CudaError::UnsupportedModel(
+                        "a rank of a sharded engine takes its shard or random bf16 weights, and a \
+                         shard needs its rank"
+                            .into(),
+                    ))
+                }
+                (Some(_), _) if packed_random => {
+                    return Err(CudaError::UnsupportedModel(
+                        "a rank of a sharded engine holds bf16 stacks".into(),
+                    ))
+                }
+                (Some(r), _) => {
+                    rank::check_shard(full, &r.shard)?;
+                    (rank::plan_config(full, &r.shard), false, rank::formats(full))
+                }
+                (None, WeightSource::Checkpoint(w)) => {
+                    (w.config.clone(), is_tied(w), weight_formats(w))
+                }
+                (None, WeightSource::Random { config, format, .. }) => {
                     let formats = vec![LayerFormats::all(format); config.num_layers];
                     (config.clone(), config.tie_word_embeddings, formats)
                 }
@@ -277,8 +337,10 @@ impl CudaEngine {
                 .context()
                 .mem_get_info()
                 .map_err(CudaError::driver("reading free device memory"))?;
-            let weight_bytes =
-                device_weight_bytes(&config, tied, &formats, options.max_step_tokens().max(1));
+            let weight_bytes = match &rank {
+                Some(r) => rank::rank_bytes(full, &r.shard, max_tokens),
+                None => device_weight_bytes(&config, tied, &formats, max_tokens),
+            };
             let sizes = plan_sizes(&config, &options, free.saturating_sub(weight_bytes))?;
             let needed = weight_bytes + plan_bytes(&config, &sizes) + options.reserve_bytes;
             if needed > free {
@@ -294,14 +356,18 @@ impl CudaEngine {
             }
             let stream = Arc::clone(device.stream());
             let mut arena = DeviceArena::new(Arc::clone(&stream));
-            let mut gpu_weights = allocate_weights(
-                &config,
-                tied,
-                &formats,
-                options.max_step_tokens().max(1),
-                &mut arena,
-            )?;
+            let mut gpu_weights = match &rank {
+                Some(r) => rank::allocate_rank_weights(full, &r.shard, max_tokens, &mut arena)?,
+                None => allocate_weights(&config, tied, &formats, max_tokens, &mut arena)?,
+            };
             match source {
+                WeightSource::Shard { weights, .. } => rank::upload_rank_weights(
+                    weights,
+                    &mut gpu_weights,
+                    device.context(),
+                    &stream,
+                    progress,
+                )?,
                 WeightSource::Checkpoint(w) => upload_weights(
                     w,
                     &formats,
@@ -326,6 +392,10 @@ impl CudaEngine {
                 .count();
             let weights_allocated = arena.bytes();
             let mut plan = Plan::new(&config, sizes, &mut arena)?;
+            if let Some(r) = rank {
+                let rank_plan = rank::rank_plan(full, &r.shard, r.comms, max_tokens, &mut arena)?;
+                plan.rank = Some(rank_plan);
+            }
             let wgmma_check = if options.hopper_wgmma {
                 let check = ops::moe_wgmma_self_check(&kernels, &stream)?;
                 if check.passed() {
@@ -682,8 +752,14 @@ impl CudaEngine {
         let words = self.staging.inputs.host()?;
         words.fill(0);
         words[2 * m..3 * m].fill(NO_SEQUENCE);
+        // A rank holds the embedding rows of its token ids only: the others read a zero row.
+        let vocab = self.plan.rank.as_ref().map(|r| r.vocab.clone());
         for (i, &id) in chunk.ids.iter().enumerate() {
-            words[i] = id as i32;
+            words[i] = match &vocab {
+                None => id as i32,
+                Some(v) if v.contains(&(id as usize)) => (id as usize - v.start) as i32,
+                Some(_) => -1,
+            };
             words[m + i] = chunk.positions[i];
             words[2 * m + i] = chunk.token_seq[i];
         }

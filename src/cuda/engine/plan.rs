@@ -8,6 +8,7 @@ use super::super::error::CudaError;
 use super::super::memory::{DeviceArena, DeviceBuffer, View};
 use super::super::ops::{attention_splits, PagedCacheShape, RNG_STATE_WORDS};
 use super::matrix::GroupedKernel;
+use super::rank::RankPlan;
 use crate::config::ModelConfig;
 use crate::cpu::rope::Rope;
 
@@ -241,6 +242,8 @@ pub struct Plan {
     pub block_tables: DeviceBuffer<i32>,
     /// Each layer's KV cache.
     pub cache: Vec<LayerCache>,
+    /// A sharded engine's rank: what it holds and its collectives (`None`: the whole model).
+    pub rank: Option<RankPlan>,
 }
 
 impl Plan {
@@ -309,6 +312,7 @@ impl Plan {
             inv_freq,
             block_tables,
             cache,
+            rank: None,
         })
     }
 

@@ -307,7 +307,7 @@ pub fn allocate_weights(
 }
 
 /// Double-buffered pinned staging.
-struct Staging<'s> {
+pub(super) struct Staging<'s> {
     stream: &'s Arc<CudaStream>,
     buffers: [PinnedHostSlice<u8>; 2],
     copied: [CudaEvent; 2],
@@ -319,7 +319,7 @@ struct Staging<'s> {
 }
 
 impl<'s> Staging<'s> {
-    fn new(
+    pub(super) fn new(
         ctx: &Arc<CudaContext>,
         stream: &'s Arc<CudaStream>,
         total_bytes: u64,
@@ -347,7 +347,7 @@ impl<'s> Staging<'s> {
     }
 
     /// Copies `src` (converted to bf16) to `dst[offset ..]`.
-    fn copy(
+    pub(super) fn copy(
         &mut self,
         src: WeightSlice<'_>,
         dst: ViewMut<'_, bf16>,
@@ -423,7 +423,7 @@ impl<'s> Staging<'s> {
 
     /// Waits for every copy, then reports the end (`done_bytes == total_bytes`: the total was an
     /// upper bound).
-    fn finish(&mut self) -> Result<(), CudaError> {
+    pub(super) fn finish(&mut self) -> Result<(), CudaError> {
         self.stream
             .synchronize()
             .map_err(CudaError::driver("finishing the weight upload"))?;

@@ -1,0 +1,406 @@
+//! One rank of a sharded CUDA engine: what its forward pass adds to the unsharded one.
+//!
+//! A rank runs the same [`Plan::forward`](super::plan::Plan) over its [`RankWeights`] shard, with
+//! the model dimensions of its shard ([`plan_config`]: its query and KV heads, its intermediate
+//! rows; all experts for the replicated router and the whole vocabulary for the logits) and a
+//! [`RankPlan`] naming what it holds of the rest (its token ids, its experts) and its
+//! collectives, issued on the engine's stream at the points of the CPU rank
+//! ([`crate::shard::rank`]), so a decode graph captures them with the kernels:
+//! - the embedding: rows of the rank's token ids (zeros for the others), `[T, hidden]` f32,
+//!   all-reduced over the world;
+//! - after o_proj: the rank's partial `[T, hidden]` f32, all-reduced over its TP group;
+//! - after the experts: the rank's partial expert slots `[T, top_k, hidden]` f32 (zeros for slots
+//!   routed to other ranks' experts), all-reduced over the world;
+//! - the LM head: the rank's vocabulary columns `[R, vocab / world]`, all-gathered over the world
+//!   into the logits `[R, vocab]` row by row, before the argmax and sampling.
+//!
+//! The device stacks of a rank are bf16 (quantized shards are held dequantized by
+//! [`RankWeights`]); the router is whole, `[experts, hidden]`.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream};
+use half::bf16;
+
+use super::super::error::CudaError;
+use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut, BUFFER_ALIGN};
+use super::matrix::{DeviceMatrix, StackFormat};
+use super::upload::{allocate_weights, device_weight_bytes, GpuWeights, LayerFormats, Staging};
+use crate::checkpoint::LoadProgress;
+use crate::config::ModelConfig;
+use crate::shard::weights::Part;
+use crate::shard::{RankShard, RankWeights};
+
+/// Which group of ranks a collective spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Every rank (the embedding, the experts, the LM head).
+    World,
+    /// The rank's tensor-parallel group (attention).
+    Tp,
+}
+
+/// The collectives a rank's forward pass issues, on device memory, ordered on the engine's
+/// stream (and so captured into its decode graphs). Every rank of a group issues the same calls
+/// in the same order with buffers of the same length.
+pub trait DeviceCollectives: Send + std::fmt::Debug {
+    /// Ranks in `group`.
+    fn size(&self, group: Group) -> usize;
+
+    /// Replaces `buf` by its element-wise sum over `group`.
+    fn all_reduce(
+        &self,
+        group: Group,
+        stream: &CudaStream,
+        buf: ViewMut<'_, f32>,
+    ) -> Result<(), CudaError>;
+
+    /// Fills each of the `rows` rows of `out` (`[rows, size * width]`, world group) with every
+    /// rank's row of `part` (`[rows, width]`), in rank order.
+    fn all_gather_rows(
+        &self,
+        stream: &CudaStream,
+        part: View<'_, f32>,
+        width: usize,
+        rows: usize,
+        out: ViewMut<'_, f32>,
+    ) -> Result<(), CudaError>;
+}
+
+/// What a rank's forward pass needs besides the unsharded plan.
+#[derive(Debug)]
+pub struct RankPlan {
+    /// Token ids whose embedding and LM-head rows the rank holds.
+    pub vocab: Range<usize>,
+    /// Experts whose stacks the rank holds (indices into the router's experts).
+    pub experts: Range<usize>,
+    /// True when other ranks hold other experts: the slots routed to them stay zero here.
+    pub partial_experts: bool,
+    /// The rank's groups.
+    pub comms: Box<dyn DeviceCollectives>,
+    /// `[max_tokens, vocab.len()]` the rank's logits columns.
+    pub logits_part: DeviceBuffer<f32>,
+}
+
+impl RankPlan {
+    /// Sums the first `len` elements of `buf` over `group`.
+    pub fn reduce(
+        &self,
+        group: Group,
+        stream: &CudaStream,
+        buf: &mut DeviceBuffer<f32>,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        let have = buf.len();
+        let view = buf.view_mut().sub(0, len).ok_or_else(|| {
+            CudaError::Dead(format!(
+                "an all-reduce of {len} elements over a buffer of {have}"
+            ))
+        })?;
+        self.comms.all_reduce(group, stream, view)
+    }
+
+    /// Zeroes the first `len` elements of `buf` (stream ordered, capturable).
+    pub fn zero(
+        &self,
+        stream: &CudaStream,
+        buf: &mut DeviceBuffer<f32>,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        let have = buf.len();
+        let view = buf.view_mut().sub(0, len).ok_or_else(|| {
+            CudaError::Dead(format!("zeroing {len} elements of a buffer of {have}"))
+        })?;
+        // SAFETY: the range lies inside a live, exclusively borrowed allocation; the memset is
+        // ordered on `stream` with every kernel touching the buffer.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                view.address(),
+                0,
+                len * std::mem::size_of::<f32>(),
+                stream.cu_stream(),
+            )
+        }
+        .map_err(CudaError::driver("zeroing the expert slots of other ranks"))
+    }
+}
+
+/// The dimensions a rank's plan and kernels run with: its query and KV heads and intermediate
+/// rows; the experts (the router is replicated) and the vocabulary (the gathered logits) whole.
+pub fn plan_config(config: &ModelConfig, shard: &RankShard) -> ModelConfig {
+    ModelConfig {
+        num_heads: shard.num_heads(),
+        num_kv_heads: shard.num_kv_heads(),
+        intermediate_size: shard.inter.len(),
+        ..config.clone()
+    }
+}
+
+/// The dimensions of a rank's weight stacks: [`plan_config`] with its own experts and token ids.
+fn weight_config(config: &ModelConfig, shard: &RankShard) -> ModelConfig {
+    ModelConfig {
+        num_experts: if config.num_experts == 0 {
+            0
+        } else {
+            shard.experts.len()
+        },
+        vocab_size: shard.vocab.len(),
+        ..plan_config(config, shard)
+    }
+}
+
+/// The storage of a rank's stacks: bf16 (quantized shards arrive dequantized).
+pub fn formats(config: &ModelConfig) -> Vec<LayerFormats> {
+    vec![LayerFormats::all(StackFormat::Bf16); config.num_layers]
+}
+
+/// Refuses a shard the CUDA expert kernels cannot run: fewer experts than each token picks.
+pub fn check_shard(config: &ModelConfig, shard: &RankShard) -> Result<(), CudaError> {
+    let top_k = config.experts_per_token.max(1);
+    if config.num_experts > 0 && shard.experts.len() < top_k.min(config.num_experts) {
+        return Err(CudaError::UnsupportedModel(format!(
+            "expert parallelism leaves {} expert(s) per rank, fewer than the {top_k} each token \
+             uses; the CUDA expert kernels need at least {top_k}",
+            shard.experts.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Device bytes of a rank's weights (an upper bound, like [`device_weight_bytes`]) and of its
+/// [`RankPlan`] buffers, for chunks of up to `max_tokens` tokens.
+pub fn rank_bytes(config: &ModelConfig, shard: &RankShard, max_tokens: usize) -> usize {
+    let w = weight_config(config, shard);
+    let gates =
+        config.num_layers * (2 * config.num_experts.max(1) * config.hidden_size + BUFFER_ALIGN);
+    let logits = 4 * max_tokens * shard.vocab.len() + BUFFER_ALIGN;
+    device_weight_bytes(&w, false, &formats(config), max_tokens) + gates + logits
+}
+
+/// Allocates a rank's weight regions: the unsharded layout at its shard's sizes, with the whole
+/// router.
+pub fn allocate_rank_weights(
+    config: &ModelConfig,
+    shard: &RankShard,
+    max_tokens: usize,
+    arena: &mut DeviceArena,
+) -> Result<GpuWeights, CudaError> {
+    let w = weight_config(config, shard);
+    let mut gpu = allocate_weights(&w, false, &formats(config), max_tokens, arena)?;
+    let router = config.num_experts.max(1) * config.hidden_size;
+    for (l, layer) in gpu.layers.iter_mut().enumerate() {
+        layer.gate = arena.zeroed(router, &format!("layer {l} router"))?;
+    }
+    Ok(gpu)
+}
+
+/// Allocates the [`RankPlan`] of `shard` for chunks of up to `max_tokens` tokens.
+pub fn rank_plan(
+    config: &ModelConfig,
+    shard: &RankShard,
+    comms: Box<dyn DeviceCollectives>,
+    max_tokens: usize,
+    arena: &mut DeviceArena,
+) -> Result<RankPlan, CudaError> {
+    Ok(RankPlan {
+        vocab: shard.vocab.clone(),
+        experts: shard.experts.clone(),
+        partial_experts: shard.experts.len() < config.num_experts.max(1),
+        comms,
+        logits_part: arena.zeroed(max_tokens * shard.vocab.len(), "the rank's logits columns")?,
+    })
+}
+
+/// Copies `parts` one after the other into `dst` (converted to bf16).
+fn copy_parts(
+    staging: &mut Staging<'_>,
+    dst: &mut DeviceBuffer<bf16>,
+    parts: &[&Part],
+    what: &str,
+) -> Result<(), CudaError> {
+    let mut offset = 0;
+    for p in parts {
+        staging.copy(p.data(), dst.view_mut(), offset, what)?;
+        offset += p.rows * p.cols;
+    }
+    Ok(())
+}
+
+/// The bf16 region of a stack allocated by [`allocate_rank_weights`].
+fn bf16_stack<'a>(
+    m: &'a mut DeviceMatrix,
+    what: &str,
+) -> Result<&'a mut DeviceBuffer<bf16>, CudaError> {
+    match m {
+        DeviceMatrix::Bf16(b) => Ok(b),
+        DeviceMatrix::Packed(_) => Err(CudaError::UnsupportedModel(format!(
+            "{what}: a rank's stacks are bf16"
+        ))),
+    }
+}
+
+/// Uploads `weights` into the regions of `gpu` (made by [`allocate_rank_weights`] for its shard)
+/// through pinned staging, reporting progress.
+pub fn upload_rank_weights(
+    weights: &RankWeights,
+    gpu: &mut GpuWeights,
+    ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
+    progress: Option<&dyn Fn(LoadProgress)>,
+) -> Result<(), CudaError> {
+    let mut total = 0u64;
+    let mut count = |p: &Part| total += 2 * (p.rows * p.cols) as u64;
+    for l in &weights.layers {
+        for p in [
+            &l.attn_norm,
+            &l.q_proj,
+            &l.k_proj,
+            &l.v_proj,
+            &l.o_proj,
+            &l.ffn_norm,
+        ] {
+            count(p);
+        }
+        l.router.iter().for_each(&mut count);
+        for e in &l.experts {
+            [&e.w1, &e.w2, &e.w3].into_iter().for_each(&mut count);
+        }
+    }
+    [&weights.embed, &weights.final_norm, &weights.lm_head]
+        .into_iter()
+        .for_each(&mut count);
+    let mut staging = Staging::new(ctx, stream, total, progress)?;
+    let st = &mut staging;
+    for (l, (lw, g)) in weights.layers.iter().zip(&mut gpu.layers).enumerate() {
+        copy_parts(
+            st,
+            &mut g.attn_norm,
+            &[&lw.attn_norm],
+            &format!("layer {l} input norm"),
+        )?;
+        copy_parts(
+            st,
+            &mut g.ffn_norm,
+            &[&lw.ffn_norm],
+            &format!("layer {l} ffn norm"),
+        )?;
+        let what = format!("layer {l} q/k/v projections");
+        let qkv = bf16_stack(&mut g.qkv, &what)?;
+        copy_parts(st, qkv, &[&lw.q_proj, &lw.k_proj, &lw.v_proj], &what)?;
+        let what = format!("layer {l} o_proj");
+        copy_parts(st, bf16_stack(&mut g.o, &what)?, &[&lw.o_proj], &what)?;
+        // A dense model has no router: its zero gate gives the one expert weight 1.
+        if let Some(r) = &lw.router {
+            copy_parts(st, &mut g.gate, &[r], &format!("layer {l} router"))?;
+        }
+        let w1: Vec<&Part> = lw.experts.iter().map(|e| &e.w1).collect();
+        let w3: Vec<&Part> = lw.experts.iter().map(|e| &e.w3).collect();
+        let w2: Vec<&Part> = lw.experts.iter().map(|e| &e.w2).collect();
+        for (stack, parts, name) in [
+            (&mut g.w1, w1, "w1"),
+            (&mut g.w3, w3, "w3"),
+            (&mut g.w2, w2, "w2"),
+        ] {
+            let what = format!("layer {l} experts {name}");
+            copy_parts(st, bf16_stack(stack, &what)?, &parts, &what)?;
+        }
+    }
+    copy_parts(st, &mut gpu.embed, &[&weights.embed], "embedding")?;
+    copy_parts(
+        st,
+        &mut gpu.final_norm,
+        &[&weights.final_norm],
+        "final norm",
+    )?;
+    if let Some(lm_head) = &mut gpu.lm_head {
+        copy_parts(st, lm_head, &[&weights.lm_head], "lm_head")?;
+    }
+    staging.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::{Layout, ShardPlan};
+
+    fn config() -> ModelConfig {
+        let text = r#"{"architectures":["MixtralForCausalLM"],"hidden_size":64,"intermediate_size":96,
+            "num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":4,
+            "num_local_experts":8,"num_experts_per_tok":2,"vocab_size":512,
+            "max_position_embeddings":128}"#;
+        ModelConfig::from_json_str(text, "config.json".as_ref()).unwrap()
+    }
+
+    #[test]
+    fn a_rank_runs_its_heads_and_rows_with_every_expert_and_token_id() {
+        let c = config();
+        let plan = ShardPlan::new(&c, Layout { tp: 2, ep: 2 }).unwrap();
+        let shard = &plan.ranks[3];
+        let p = plan_config(&c, shard);
+        assert_eq!(
+            (p.num_heads, p.num_kv_heads, p.intermediate_size),
+            (4, 2, 48)
+        );
+        assert_eq!((p.num_experts, p.vocab_size), (8, 512));
+        assert_eq!(p.group_size(), c.group_size());
+        let w = weight_config(&c, shard);
+        assert_eq!((w.num_experts, w.vocab_size, w.q_width()), (4, 128, 4 * 8));
+        check_shard(&c, shard).unwrap();
+    }
+
+    /// Every part a rank uploads fills its device region exactly (the regions are sized from
+    /// [`weight_config`] the way `allocate_weights` sizes them; a part too large would be refused
+    /// by the upload, one too small would leave zeros in the region).
+    #[test]
+    fn a_ranks_parts_fill_its_device_regions_exactly() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
+        let model = crate::Model::load(&dir, &crate::LoadOptions::default()).unwrap();
+        let full = &model.config;
+        for layout in [
+            Layout { tp: 2, ep: 1 },
+            Layout { tp: 1, ep: 2 },
+            Layout { tp: 2, ep: 4 },
+        ] {
+            let plan = ShardPlan::new(full, layout).unwrap();
+            for shard in &plan.ranks {
+                let mut log = crate::shard::ReadLog::default();
+                let w = RankWeights::new(&model.weights, shard, &mut log).unwrap();
+                let c = weight_config(full, shard);
+                let (h, inter) = (c.hidden_size, c.intermediate_size);
+                let size = |p: &Part| p.rows * p.cols;
+                let what = format!("{layout} rank {}", shard.rank);
+                for l in &w.layers {
+                    let qkv = size(&l.q_proj) + size(&l.k_proj) + size(&l.v_proj);
+                    assert_eq!(qkv, (c.q_width() + 2 * c.kv_width()) * h, "{what}");
+                    assert_eq!(size(&l.o_proj), h * c.q_width(), "{what}");
+                    let router = l.router.as_ref().map_or(0, size);
+                    assert_eq!(router, full.num_experts * h, "{what}: the whole router");
+                    assert_eq!(l.experts.len(), c.num_experts.max(1), "{what}");
+                    for e in &l.experts {
+                        assert_eq!(size(&e.w1), inter * h, "{what}");
+                        assert_eq!(size(&e.w3), inter * h, "{what}");
+                        assert_eq!((e.w2.rows, e.w2.cols), (h, inter), "{what}");
+                    }
+                }
+                assert_eq!(size(&w.embed), c.vocab_size * h, "{what}");
+                assert_eq!(size(&w.lm_head), c.vocab_size * h, "{what}");
+                // The plan runs with the whole vocabulary and every expert.
+                let p = plan_config(full, shard);
+                assert_eq!(
+                    (p.vocab_size, p.num_experts),
+                    (full.vocab_size, full.num_experts)
+                );
+                check_shard(full, shard).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn fewer_experts_per_rank_than_each_token_uses_is_refused() {
+        let c = config();
+        let plan = ShardPlan::new(&c, Layout { tp: 1, ep: 8 }).unwrap();
+        let e = check_shard(&c, &plan.ranks[0]).unwrap_err();
+        assert!(e.to_string().contains("1 expert(s) per rank"), "{e}");
+    }
+}

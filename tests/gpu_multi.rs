@@ -1,0 +1,185 @@
+//! The sharded CUDA engine (feature `nccl`) against the unsharded CUDA engine, on the trained
+//! model (`models/mini-mixtral`: 2 KV heads, 8 experts, so TP 2 and EP 2 divide it).
+//!
+//! Only a machine with no CUDA driver or device skips (`tests/common/gpu.rs`); on a machine with
+//! one GPU the two-GPU test says it is not applicable (`scripts/gpu-check` runs the world of one,
+//! `scripts/multi-gpu-check` both); a missing NCCL on a machine with a GPU fails.
+//!
+//! Bounds, fixed before any run:
+//! - NCCL world of one rank, on one GPU: the rank runs the unsharded kernels on the same bf16
+//!   weights at the same sizes (all its heads, rows, experts and token ids); an all-reduce over
+//!   one rank and an all-gather from one rank copy their input, so the logits must be
+//!   bit-identical to the unsharded engine's at every step, decode steps replaying graphs that
+//!   hold the NCCL calls;
+//! - TP 2 and EP 2 against TP 1: the ranks compute the same per-head attention and per-row
+//!   SwiGLU values; only the f32 sums change order (each o_proj and expert output summed from two
+//!   partial sums, 2^-24 relative each), far below the trained model's greedy margins (at least
+//!   0.15 logits, checked on the CPU by `tests/gpu_engine.rs`): the greedy ids must be equal for
+//!   [`STEPS`] steps, and every step's logits within [`SHARDED_REL_L2`] of TP 1's.
+#![cfg(all(feature = "cuda", feature = "nccl"))]
+
+mod common;
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use common::numeric::{argmax, rel_l2};
+use common::repo::root;
+use mixtral::cuda::{
+    CudaEngine, CudaEngineOptions, MultiGpuError, ShardedCudaEngine, ShardedCudaOptions,
+};
+use mixtral::engine::EngineOptions;
+use mixtral::shard::Layout;
+use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
+
+/// Greedy steps compared.
+const STEPS: usize = 32;
+
+/// Relative L2 distance allowed between a sharded engine's logits and the unsharded engine's, at
+/// every step. Derivation: the only arithmetic that changes is the order of f32 sums (o_proj and
+/// the expert down projection summed from per-rank partial sums; each reordering is within
+/// 2^-24 relative, and 8 such per layer over 4 layers add up to about 1e-6), then amplified by the
+/// norms and softmaxes (a factor of a few): about 1e-5. The bound 1e-3 is 100 times that, still 30
+/// times below the GPU-vs-CPU bound of `tests/gpu_engine.rs` (3e-2), so a wrong reduction (a
+/// missing or doubled partial sum, about 1e-1 or more) fails it.
+const SHARDED_REL_L2: f64 = 1e-3;
+
+/// One test at a time on the devices.
+static DEVICES: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    DEVICES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn options() -> CudaEngineOptions {
+    CudaEngineOptions {
+        engine: EngineOptions {
+            max_context: Some(256),
+            max_sequences: Some(4),
+            max_step_tokens: Some(64),
+            ..EngineOptions::default()
+        },
+        ..CudaEngineOptions::default()
+    }
+}
+
+fn model() -> Model {
+    Model::load(&root().join("models/mini-mixtral"), &LoadOptions::default()).expect("mini-mixtral")
+}
+
+/// The sharded engine; `None` after printing why the test skips: no driver or device, or fewer
+/// GPUs than the layout needs. Any other failure (NCCL missing, an engine that does not build)
+/// fails the test.
+fn sharded(model: &Model, layout: Layout, test: &str) -> Option<ShardedCudaEngine> {
+    let opts = ShardedCudaOptions {
+        layout,
+        cuda: options(),
+        timeout: Duration::from_secs(120),
+    };
+    match ShardedCudaEngine::new(&model.weights, &opts) {
+        Ok(e) => Some(e),
+        Err(MultiGpuError::TooFewGpus { needed, count, .. }) => {
+            eprintln!("not applicable {test}: needs {needed} GPUs, the driver reports {count}");
+            None
+        }
+        Err(e) => match e.cuda() {
+            Some(c) if common::gpu::no_gpu(c) => {
+                common::gpu::print_skip(test, c);
+                None
+            }
+            _ => common::gpu::fail(test, "building the sharded CUDA engine", &e),
+        },
+    }
+}
+
+/// Prefills `prompt`, then decodes greedily one token at a time: the ids and each step's logits.
+fn greedy(engine: &mut dyn Engine, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let seq = engine.new_sequence().expect("sequence");
+    let (mut ids, mut rows) = (Vec::new(), Vec::new());
+    let mut tokens = prompt.to_vec();
+    let mut pos = 0;
+    for _ in 0..n {
+        let out = engine
+            .step(&[SeqStep {
+                seq,
+                tokens: &tokens,
+                start_pos: pos,
+                logits: LogitsFor::Last,
+            }])
+            .expect("step");
+        let row = out.row(0).to_vec();
+        let next = argmax(&row);
+        pos += tokens.len();
+        tokens = vec![next];
+        ids.push(next);
+        rows.push(row);
+    }
+    engine.free_sequence(seq).expect("free");
+    (ids, rows)
+}
+
+fn prompt(model: &Model) -> Vec<u32> {
+    let tokenizer = model.tokenizer.as_ref().expect("tokenizer");
+    tokenizer
+        .encode("The following example shows", true)
+        .expect("encode")
+}
+
+#[test]
+fn nccl_world_of_one_runs_the_whole_sharded_path_in_the_graphs_and_matches_the_unsharded_engine() {
+    let _lock = lock();
+    let test = "nccl_world_of_one";
+    let model = model();
+    let Some(mut one) = sharded(&model, Layout::default(), test) else {
+        return;
+    };
+    let buckets = one.rank_graph_buckets().expect("graph buckets");
+    assert!(
+        !buckets.is_empty(),
+        "decode graphs captured with the collectives"
+    );
+    let Some(mut plain) = common::gpu::or_skip(
+        test,
+        "building the CUDA engine",
+        CudaEngine::new(&model.weights, options(), None),
+    ) else {
+        return;
+    };
+    let ids = prompt(&model);
+    let (sharded_ids, sharded_rows) = greedy(&mut one, &ids, STEPS);
+    let (plain_ids, plain_rows) = greedy(&mut plain, &ids, STEPS);
+    assert_eq!(sharded_ids, plain_ids, "greedy ids");
+    for (i, (s, p)) in sharded_rows.iter().zip(&plain_rows).enumerate() {
+        let same = s.iter().zip(p).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "step {i}: logits differ (rel L2 {:e})", rel_l2(s, p));
+    }
+}
+
+#[test]
+fn tensor_and_expert_parallel_on_two_gpus_match_one_gpu() {
+    let _lock = lock();
+    let model = model();
+    let ids = prompt(&model);
+    let mut reference = None;
+    for layout in [Layout { tp: 2, ep: 1 }, Layout { tp: 1, ep: 2 }] {
+        let test = format!("two_gpus {layout}");
+        let Some(mut engine) = sharded(&model, layout, &test) else {
+            return;
+        };
+        let (want_ids, want_rows) = match &reference {
+            Some(r) => r,
+            None => {
+                let mut one = CudaEngine::new(&model.weights, options(), None)
+                    .unwrap_or_else(|e| common::gpu::fail(&test, "building the CUDA engine", &e));
+                reference.insert(greedy(&mut one, &ids, STEPS))
+            }
+        };
+        let (got_ids, got_rows) = greedy(&mut engine, &ids, STEPS);
+        for (i, (g, w)) in got_rows.iter().zip(want_rows).enumerate() {
+            let err = rel_l2(g, w);
+            eprintln!("{layout}: step {i}: logits rel L2 {err:.2e}");
+            assert!(err <= SHARDED_REL_L2, "{layout}: step {i}: rel L2 {err:e}");
+        }
+        assert_eq!(&got_ids, want_ids, "{layout}: greedy ids");
+    }
+}
