@@ -456,6 +456,38 @@ macro_rules! simd_loops {
     };
 }
 
+/// The vector operations [`simd_loops`] uses, over one module's vector type `V`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! vector_ops {
+    ($feature:literal, $zero:ident, $splat:ident, $load:ident, $fma:ident, $reduce:ident) => {
+        #[inline]
+        #[target_feature(enable = $feature)]
+        unsafe fn zero() -> V {
+            $zero()
+        }
+        #[inline]
+        #[target_feature(enable = $feature)]
+        unsafe fn splat(v: f32) -> V {
+            $splat(v)
+        }
+        #[inline]
+        #[target_feature(enable = $feature)]
+        unsafe fn load(p: *const f32) -> V {
+            $load(p)
+        }
+        #[inline]
+        #[target_feature(enable = $feature)]
+        unsafe fn fma(a: V, b: V, c: V) -> V {
+            $fma(a, b, c)
+        }
+        #[inline]
+        #[target_feature(enable = $feature)]
+        unsafe fn reduce(v: V) -> f32 {
+            $reduce(v)
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! The loop in AVX2 registers: blocks of 16 columns, 8 f32 lanes.
@@ -472,31 +504,15 @@ mod avx2 {
     type V = __m256;
     type Table = (__m256, __m256);
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn zero() -> V {
-        _mm256_setzero_ps()
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn splat(v: f32) -> V {
-        _mm256_set1_ps(v)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load(p: *const f32) -> V {
-        _mm256_loadu_ps(p)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn fma(a: V, b: V, c: V) -> V {
-        _mm256_fmadd_ps(a, b, c)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn reduce(v: V) -> f32 {
-        reduce8(v)
-    }
+    vector_ops!(
+        "avx2,fma,f16c",
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        reduce8
+    );
+
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load_table(table: &[f32; 16]) -> Table {
@@ -506,19 +522,26 @@ mod avx2 {
         )
     }
 
-    /// The FP8 E4M3 values ([`crate::packed::fp8::decode`]) divided by [`FP8_SHORTFALL`] of the
-    /// 16 codes at `p`, exactly: each code's sign, exponent and mantissa moved into an f16, whose
-    /// exponent bias is 8 more than E4M3's (so the f16 value is 2^-8 times the FP8 one,
-    /// subnormals included), the NaN codes made NaN, then converted to f32. Codes 0..8, then 8..16.
+    /// The FP8 E4M3 values ([`crate::packed::fp8::decode`]) of the 16 codes at `p` as f16 bits
+    /// 2^-8 times their value, exactly: each code's sign, exponent and mantissa moved into an f16,
+    /// whose exponent bias is 8 more than E4M3's (subnormals included), the NaN codes made NaN.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn fp8_values(p: *const u8) -> (V, V) {
+    pub(super) unsafe fn fp8_as_f16(p: *const u8) -> __m256i {
         let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
         let magnitude = _mm256_and_si256(b, _mm256_set1_epi16(0x7F));
         let sign = _mm256_and_si256(_mm256_slli_epi16::<8>(b), _mm256_set1_epi16(i16::MIN));
         let half = _mm256_or_si256(_mm256_slli_epi16::<7>(magnitude), sign);
         let is_nan = _mm256_cmpeq_epi16(magnitude, _mm256_set1_epi16(0x7F));
-        let half = _mm256_or_si256(half, _mm256_and_si256(is_nan, _mm256_set1_epi16(0x7E00)));
+        _mm256_or_si256(half, _mm256_and_si256(is_nan, _mm256_set1_epi16(0x7E00)))
+    }
+
+    /// The FP8 values divided by [`FP8_SHORTFALL`] of the 16 codes at `p` ([`fp8_as_f16`]) as
+    /// f32: codes 0..8, then 8..16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fp8_values(p: *const u8) -> (V, V) {
+        let half = fp8_as_f16(p);
         (
             _mm256_cvtph_ps(_mm256_castsi256_si128(half)),
             _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(half)),
@@ -586,52 +609,27 @@ mod avx512 {
     type V = __m512;
     type Table = __m512;
 
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn zero() -> V {
-        _mm512_setzero_ps()
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn splat(v: f32) -> V {
-        _mm512_set1_ps(v)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load(p: *const f32) -> V {
-        _mm512_loadu_ps(p)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn fma(a: V, b: V, c: V) -> V {
-        _mm512_fmadd_ps(a, b, c)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn reduce(v: V) -> f32 {
-        _mm512_reduce_add_ps(v)
-    }
+    vector_ops!(
+        "avx512f",
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps
+    );
+
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn load_table(table: &[f32; 16]) -> Table {
         _mm512_loadu_ps(table.as_ptr())
     }
 
-    /// The FP8 E4M3 values ([`crate::packed::fp8::decode`]) divided by [`FP8_SHORTFALL`] of the
-    /// 16 codes at `p`, exactly: as the AVX2 loop builds them (each code moved into an f16 whose
-    /// value is 2^-8 times the FP8 one, NaN codes made NaN), converted 16 at a time.
+    /// The FP8 values divided by [`FP8_SHORTFALL`] of the 16 codes at `p`, exactly (the f16 bits
+    /// of [`super::avx2::fp8_as_f16`], converted 16 at a time).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn fp8_values(p: *const u8) -> V {
-        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
-        let magnitude = _mm256_and_si256(b, _mm256_set1_epi16(0x7F));
-        let sign = _mm256_and_si256(_mm256_slli_epi16::<8>(b), _mm256_set1_epi16(i16::MIN));
-        let half = _mm256_or_si256(_mm256_slli_epi16::<7>(magnitude), sign);
-        let is_nan = _mm256_cmpeq_epi16(magnitude, _mm256_set1_epi16(0x7F));
-        _mm512_cvtph_ps(_mm256_or_si256(
-            half,
-            _mm256_and_si256(is_nan, _mm256_set1_epi16(0x7E00)),
-        ))
+        _mm512_cvtph_ps(super::avx2::fp8_as_f16(p))
     }
 
     /// The weights before their scale of the 32 stored columns from `j` of the row whose codes

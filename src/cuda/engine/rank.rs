@@ -83,6 +83,18 @@ pub struct RankPlan {
     pub logits_part: DeviceBuffer<f32>,
 }
 
+/// The first `len` elements of `buf`, for `what` (named in the error when `buf` is shorter).
+fn prefix<'a>(
+    buf: &'a mut DeviceBuffer<f32>,
+    len: usize,
+    what: &str,
+) -> Result<ViewMut<'a, f32>, CudaError> {
+    let have = buf.len();
+    buf.view_mut().sub(0, len).ok_or_else(|| {
+        CudaError::Dead(format!("{what} of {len} elements of a buffer of {have}"))
+    })
+}
+
 impl RankPlan {
     /// Sums the first `len` elements of `buf` over `group`.
     pub fn reduce(
@@ -92,12 +104,7 @@ impl RankPlan {
         buf: &mut DeviceBuffer<f32>,
         len: usize,
     ) -> Result<(), CudaError> {
-        let have = buf.len();
-        let view = buf.view_mut().sub(0, len).ok_or_else(|| {
-            CudaError::Dead(format!(
-                "an all-reduce of {len} elements over a buffer of {have}"
-            ))
-        })?;
+        let view = prefix(buf, len, "an all-reduce")?;
         self.comms.all_reduce(group, stream, view)
     }
 
@@ -108,10 +115,7 @@ impl RankPlan {
         buf: &mut DeviceBuffer<f32>,
         len: usize,
     ) -> Result<(), CudaError> {
-        let have = buf.len();
-        let view = buf.view_mut().sub(0, len).ok_or_else(|| {
-            CudaError::Dead(format!("zeroing {len} elements of a buffer of {have}"))
-        })?;
+        let view = prefix(buf, len, "zeroing")?;
         // SAFETY: the range lies inside a live, exclusively borrowed allocation; the memset is
         // ordered on `stream` with every kernel touching the buffer.
         unsafe {
