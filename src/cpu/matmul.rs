@@ -8,7 +8,7 @@
 //! once and each load feeds several multiply-adds. The inner loops use AVX-512F or
 //! AVX2+FMA(+F16C) when the CPU has them, else a portable scalar loop. bf16 weights are loaded as
 //! 32-bit pairs and become two f32 vectors by one shift and one mask (no widening shuffles),
-//! against activations reordered once per product to match ([`pair_activations`]).
+//! against activations reordered once per product to match (`pair_activations`).
 //!
 //! The kernel is chosen at run time ([`active_kernel`]): the fastest this CPU has, or the one the
 //! `MIXTRAL_CPU_KERNEL` environment variable names (`scalar`, `avx2`, `avx512`), or the one
