@@ -247,14 +247,35 @@ pub fn matmul_with(
     let by_work = (TASK_WORK / (k * tokens)).max(TASK_MIN_ROWS);
     let by_bytes = (TASK_BYTES / (k * w.dtype().size())).max(1);
     let rows_per_task = by_work.min(by_bytes).min(n);
+    by_row_chunks(tokens, rows_per_task, y, |first, out| {
+        let rows = out.len() / tokens;
+        let w_chunk = w.slice(first * k..(first + rows) * k);
+        chunk_rows(kernel, x, w_chunk, k, tokens, out);
+    });
+}
+
+/// Fills `y: [tokens, n]` from its transpose `[n, tokens]`, computed in parallel chunks of
+/// `rows_per_task` rows: `fill(first_row, out)` writes rows `first_row..` of the transpose into
+/// `out` (`[rows, tokens]`). One token writes straight into `y` (its rows are contiguous); more
+/// go through a transposed copy.
+pub(crate) fn by_row_chunks(
+    tokens: usize,
+    rows_per_task: usize,
+    y: &mut [f32],
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let run = |yt: &mut [f32]| {
+        yt.par_chunks_mut(rows_per_task * tokens)
+            .enumerate()
+            .for_each(|(chunk, out)| fill(chunk * rows_per_task, out));
+    };
     if tokens == 1 {
-        // y is already [n, 1]: rows are contiguous.
-        rows_into(kernel, x, w, k, rows_per_task, 1, y);
+        run(y);
         return;
     }
-    // Computed as yt[n, tokens], then transposed.
+    let n = y.len() / tokens;
     let mut yt = vec![0.0f32; n * tokens];
-    rows_into(kernel, x, w, k, rows_per_task, tokens, &mut yt);
+    run(&mut yt);
     for (r, row) in yt.chunks_exact(tokens).enumerate() {
         for (t, &v) in row.iter().enumerate() {
             y[t * n + r] = v;
@@ -280,26 +301,6 @@ pub(crate) fn pair_activations(x: &[f32], k: usize, block: usize) -> Vec<f32> {
         out.extend_from_slice(tail);
     }
     out
-}
-
-/// Fills `yt: [n, tokens]` in parallel chunks of `rows_per_task` rows.
-fn rows_into(
-    kernel: Kernel,
-    x: &[f32],
-    w: WeightSlice<'_>,
-    k: usize,
-    rows_per_task: usize,
-    tokens: usize,
-    yt: &mut [f32],
-) {
-    yt.par_chunks_mut(rows_per_task * tokens)
-        .enumerate()
-        .for_each(|(chunk, out)| {
-            let first = chunk * rows_per_task;
-            let rows = out.len() / tokens;
-            let w_chunk = w.slice(first * k..(first + rows) * k);
-            chunk_rows(kernel, x, w_chunk, k, tokens, out);
-        });
 }
 
 /// `out[r, t] = x[t] . w_chunk[r]` for the rows of one chunk.

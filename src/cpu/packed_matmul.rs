@@ -22,11 +22,10 @@
 //! Results depend only on the matrix and the loop ([`Kernel`] and block fit), never on the thread
 //! count or the number of tokens.
 
-use super::matmul::{active_kernel, matmul, pair_activations, Kernel};
+use super::matmul::{active_kernel, by_row_chunks, matmul, pair_activations, Kernel};
 use crate::dtype::WeightSlice;
 use crate::packed::{fp8, PackedKind, PackedMatrix};
 use crate::weights::Weight;
-use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// Tokens of one register tile with the SIMD loop (and rows per tile: [`simd_rows`]).
@@ -115,29 +114,20 @@ pub fn packed_matmul_with(kernel: Kernel, x: &[f32], w: &PackedMatrix, y: &mut [
         xs = Cow::Owned(pair_activations(&xs, k, block));
     }
     let rows_per_task = (TASK_WORK / (k * tokens)).clamp(16, n.max(16)).min(n);
-    let mut yt = vec![0.0f32; n * tokens];
-    yt.par_chunks_mut(rows_per_task * tokens)
-        .enumerate()
-        .for_each(|(chunk, out)| {
-            let first = chunk * rows_per_task;
-            let rows = first..first + out.len() / tokens;
-            match loop_kind {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the loop's CPU features are available and the view's blocks whole for
-                // it (`LoopKind::choose`), its lengths were checked against the shape in
-                // `View::new`, and every activation row has `k` elements.
-                LoopKind::Avx512 => unsafe { avx512::rows(&view, &xs, tokens, rows, out) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
-                LoopKind::Avx2 => unsafe { avx2::rows(&view, &xs, tokens, rows, out) },
-                _ => scalar_rows(&view, &xs, tokens, rows, out),
-            }
-        });
-    for (r, row) in yt.chunks_exact(tokens).enumerate() {
-        for (t, &v) in row.iter().enumerate() {
-            y[t * n + r] = v;
+    by_row_chunks(tokens, rows_per_task, y, |first, out| {
+        let rows = first..first + out.len() / tokens;
+        match loop_kind {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the loop's CPU features are available and the view's blocks whole for it
+            // (`LoopKind::choose`), its lengths were checked against the shape in `View::new`,
+            // and every activation row has `k` elements.
+            LoopKind::Avx512 => unsafe { avx512::rows(&view, &xs, tokens, rows, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            LoopKind::Avx2 => unsafe { avx2::rows(&view, &xs, tokens, rows, out) },
+            _ => scalar_rows(&view, &xs, tokens, rows, out),
         }
-    }
+    });
 }
 
 /// Which loop computes a product.
