@@ -28,7 +28,8 @@ use crate::packed::{fp8, PackedKind, PackedMatrix};
 use crate::weights::Weight;
 use std::borrow::Cow;
 
-/// Tokens of one register tile with the SIMD loop (and rows per tile: [`simd_rows`]).
+/// Tokens of one register tile of the SIMD loops (a tile is four rows for one token, one row for
+/// more).
 const TOKENS: usize = 4;
 /// Multiply-adds per parallel task, about.
 const TASK_WORK: usize = 1 << 16;
