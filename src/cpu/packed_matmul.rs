@@ -33,6 +33,10 @@ use std::borrow::Cow;
 const TOKENS: usize = 4;
 /// Multiply-adds per parallel task, about.
 const TASK_WORK: usize = 1 << 16;
+/// What the SIMD loops' FP8 values are short of (they are decoded through f16, whose exponent bias
+/// is 8 more than E4M3's), folded into the scales.
+#[cfg(target_arch = "x86_64")]
+const FP8_SHORTFALL: f32 = 256.0;
 
 /// A matrix `[n, k]` a product reads: its stored elements, or a quantized matrix held packed.
 #[derive(Debug, Clone, Copy)]
@@ -298,15 +302,15 @@ fn scalar_rows(
 }
 
 /// The SIMD loops over the blocks of one module's ISA (`avx2`, `avx512`), written once: each module
-/// defines `BLOCK` (columns per block), `FP8_SHORTFALL` (the factor its FP8 values are short of,
-/// folded into the scales), the vector type `V` with `zero`, `splat`, `load`, `fma` and `reduce`,
-/// the LUT4 table registers `Table` and `load_table`, and `decode_block::<KIND>`, which gives the
-/// weights before their scale of one block of one row as two vectors (8-bit: the first and second
-/// halves of the block; 4-bit: its even and odd columns).
+/// defines `BLOCK` (columns per block), the vector type `V` with `zero`, `splat`, `load`, `fma` and
+/// `reduce`, the LUT4 table registers `Table` and `load_table`, and `decode_block::<KIND>`, which
+/// gives the weights before their scale of one block of one row as two vectors (8-bit: the first
+/// and second halves of the block; 4-bit: its even and odd columns). Both decode FP8 through f16,
+/// [`FP8_SHORTFALL`] short of its value.
 #[cfg(target_arch = "x86_64")]
 macro_rules! simd_loops {
     ($feature:literal) => {
-        use super::{Decode, View, TOKENS};
+        use super::{Decode, View, FP8_SHORTFALL, TOKENS};
         use crate::cpu::matmul::x86::prefetch_ahead;
         use std::ops::Range;
 
@@ -489,8 +493,6 @@ mod avx2 {
     simd_loops!("avx2,fma,f16c");
 
     const BLOCK: usize = 16;
-    /// The FP8 values are decoded through f16, 2^8 short of their value.
-    const FP8_SHORTFALL: f32 = 256.0;
 
     type V = __m256;
     type Table = (__m256, __m256);
@@ -594,8 +596,6 @@ mod avx512 {
     simd_loops!("avx512f");
 
     const BLOCK: usize = 32;
-    /// The FP8 values are decoded through f16, 2^8 short of their value.
-    const FP8_SHORTFALL: f32 = 256.0;
 
     type V = __m512;
     type Table = __m512;
