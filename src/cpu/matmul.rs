@@ -82,10 +82,11 @@ impl Kernel {
         }
     }
 
-    /// Elements of one bf16 block of the SIMD kernels: a block's even elements meet the first
-    /// half of its prepared activations and its odd elements the second ([`pair_activations`]).
-    /// `None` for kernels that read activations as they are.
-    fn bf16_block(self) -> Option<usize> {
+    /// Elements of one paired block of the SIMD kernels (bf16 weights here, 4-bit codes in
+    /// [`super::packed_matmul`]): a block's even elements meet the first half of its prepared
+    /// activations and its odd elements the second ([`pair_activations`]). `None` for kernels
+    /// that read activations as they are.
+    pub(crate) fn pair_block(self) -> Option<usize> {
         match self {
             Kernel::Avx512 => Some(32),
             Kernel::Avx2 => Some(16),
@@ -237,7 +238,7 @@ pub fn matmul_with(
         Kernel::Scalar
     };
     let paired;
-    let x = match (w, kernel.bf16_block()) {
+    let x = match (w, kernel.pair_block()) {
         (WeightSlice::BF16(_), Some(block)) => {
             paired = pair_activations(x, k, block);
             &paired[..]
@@ -359,7 +360,7 @@ trait Element: Copy + Send + Sync {
 
     /// `out[r][t] = xs[t] . ws[r]` for `t < tokens` (1 or more; the rest are repeats) and
     /// `r < kernel.rows(tokens)`; all slices of one length. For bf16 weights and a kernel with a
-    /// [`Kernel::bf16_block`], `xs` are the [`pair_activations`] of the token rows.
+    /// [`Kernel::pair_block`], `xs` are the [`pair_activations`] of the token rows.
     fn tile(
         kernel: Kernel,
         xs: &[&[f32]; TOKENS],

@@ -150,22 +150,24 @@ impl LoopKind {
     /// The kernel's own loop when this CPU runs it and the matrix's groups hold whole blocks of
     /// it; else the next narrower one that fits (AVX-512, AVX2, scalar).
     fn choose(kernel: Kernel, view: &View<'_>) -> LoopKind {
-        let runs = |k: Kernel| kernel.is_available() && k.is_available();
+        let fits = |k: Kernel| {
+            kernel.is_available()
+                && k.is_available()
+                && k.pair_block().is_some_and(|b| view.whole_blocks(b))
+        };
         match kernel {
-            Kernel::Avx512 if runs(Kernel::Avx512) && view.whole_blocks(32) => LoopKind::Avx512,
-            Kernel::Avx512 | Kernel::Avx2 if runs(Kernel::Avx2) && view.whole_blocks(16) => {
-                LoopKind::Avx2
-            }
+            Kernel::Avx512 if fits(Kernel::Avx512) => LoopKind::Avx512,
+            Kernel::Avx512 | Kernel::Avx2 if fits(Kernel::Avx2) => LoopKind::Avx2,
             _ => LoopKind::Scalar,
         }
     }
 
-    /// Columns per block of a SIMD loop.
+    /// Columns per block of a SIMD loop (its kernel's paired block).
     fn block(self) -> Option<usize> {
         match self {
             LoopKind::Scalar => None,
-            LoopKind::Avx2 => Some(16),
-            LoopKind::Avx512 => Some(32),
+            LoopKind::Avx2 => Kernel::Avx2.pair_block(),
+            LoopKind::Avx512 => Kernel::Avx512.pair_block(),
         }
     }
 }
