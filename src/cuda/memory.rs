@@ -513,9 +513,9 @@ pub enum AnyViewMut<'a> {
     F32(ViewMut<'a, f32>),
 }
 
-/// The methods [`AnyView`] and [`AnyViewMut`] share.
+/// The methods [`AnyView`] and [`AnyViewMut`] share, and their conversions from typed views.
 macro_rules! any_view_methods {
-    ($any:ident) => {
+    ($any:ident, $view:ident) => {
         impl $any<'_> {
             /// Device address of element 0.
             pub fn address(&self) -> u64 {
@@ -543,35 +543,23 @@ macro_rules! any_view_methods {
                 matches!(self, $any::F32(_))
             }
         }
+
+        impl<'a> From<$view<'a, bf16>> for $any<'a> {
+            fn from(view: $view<'a, bf16>) -> Self {
+                $any::Bf16(view)
+            }
+        }
+
+        impl<'a> From<$view<'a, f32>> for $any<'a> {
+            fn from(view: $view<'a, f32>) -> Self {
+                $any::F32(view)
+            }
+        }
     };
 }
 
-any_view_methods!(AnyView);
-any_view_methods!(AnyViewMut);
-
-impl<'a> From<ViewMut<'a, bf16>> for AnyViewMut<'a> {
-    fn from(view: ViewMut<'a, bf16>) -> Self {
-        AnyViewMut::Bf16(view)
-    }
-}
-
-impl<'a> From<ViewMut<'a, f32>> for AnyViewMut<'a> {
-    fn from(view: ViewMut<'a, f32>) -> Self {
-        AnyViewMut::F32(view)
-    }
-}
-
-impl<'a> From<View<'a, bf16>> for AnyView<'a> {
-    fn from(view: View<'a, bf16>) -> Self {
-        AnyView::Bf16(view)
-    }
-}
-
-impl<'a> From<View<'a, f32>> for AnyView<'a> {
-    fn from(view: View<'a, f32>) -> Self {
-        AnyView::F32(view)
-    }
-}
+any_view_methods!(AnyView, View);
+any_view_methods!(AnyViewMut, ViewMut);
 
 fn byte_offset<T>(elements: usize) -> u64 {
     (elements * std::mem::size_of::<T>()) as u64

@@ -72,14 +72,9 @@ pub fn dequantize(
     w: PackedView<'_>,
     out: ViewMut<'_, bf16>,
 ) -> Result<(), CudaError> {
-    let args = DequantArgs {
-        codes: w.codes,
-        params: w.params,
-        perm: w.perm,
-        table: w.table,
-        out,
-    };
-    launch_planned(kernels, stream, plan(s, w.kind, &args)?)
+    let PackedView { kind, codes, params, perm, table } = w;
+    let args = DequantArgs { codes, params, perm, table, out };
+    launch_planned(kernels, stream, plan(s, kind, &args)?)
 }
 
 #[cfg(test)]
@@ -101,6 +96,10 @@ mod tests {
         ]
     }
 
+    fn shape(count: u32, rows: u32, cols: u32) -> DequantShape {
+        DequantShape { count, rows, cols }
+    }
+
     fn args(kind: PackedKind, l: [usize; 4], perm: bool) -> DequantArgs<'static> {
         DequantArgs {
             codes: view(l[0]),
@@ -113,11 +112,7 @@ mod tests {
 
     #[test]
     fn grid_symbol_and_params() {
-        let s = DequantShape {
-            count: 3,
-            rows: 5,
-            cols: 96,
-        };
+        let s = shape(3, 5, 96);
         for kind in KINDS {
             for perm in [false, true] {
                 let (p, [g]) = plan(&s, kind, &args(kind, exact(&s, kind), perm))
@@ -150,11 +145,7 @@ mod tests {
 
     #[test]
     fn every_buffer_one_element_short_is_refused_by_name_and_empty_stacks_launch_nothing() {
-        let s = DequantShape {
-            count: 2,
-            rows: 3,
-            cols: 96,
-        };
+        let s = shape(2, 3, 96);
         for kind in KINDS {
             let full = exact(&s, kind);
             for (i, name) in ["codes", "params", "perm", "out"].into_iter().enumerate() {
@@ -180,20 +171,12 @@ mod tests {
 
     #[test]
     fn refuses_unreadable_columns_and_too_many_matrices() {
-        let s = DequantShape {
-            count: 1,
-            rows: 1,
-            cols: 24,
-        };
+        let s = shape(1, 1, 24);
         unsupported(
             plan(&s, PackedKind::Fp8, &args(PackedKind::Fp8, [32, 1, 32, 32], false)),
             "cols",
         );
-        let s = DequantShape {
-            count: 70_000,
-            rows: 1,
-            cols: 32,
-        };
+        let s = shape(70_000, 1, 32);
         let lens = exact(&s, PackedKind::Fp8);
         unsupported(
             plan(&s, PackedKind::Fp8, &args(PackedKind::Fp8, lens, false)),

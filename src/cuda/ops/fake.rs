@@ -68,3 +68,18 @@ pub const KINDS: [PackedKind; 6] = [
 pub fn table_for(kind: PackedKind) -> Option<View<'static, f32>> {
     matches!(kind, PackedKind::Lut4 { .. }).then(|| view(16))
 }
+
+/// Any packed format the quantized planners take: both 8-bit kinds, and 4-bit codes (integer or
+/// `table`) in groups of 32 to 192.
+pub fn any_kind(table: Lut4) -> impl proptest::strategy::Strategy<Value = PackedKind> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(PackedKind::Fp8),
+        Just(PackedKind::Int8),
+        (1usize..=6).prop_map(|g| PackedKind::Int4 { group_size: 32 * g }),
+        (1usize..=6).prop_map(move |g| PackedKind::Lut4 {
+            table,
+            group_size: 32 * g
+        }),
+    ]
+}

@@ -189,6 +189,20 @@ pub(super) mod tests {
         }
     }
 
+    /// MoE shapes the tiled planners take: 1 to `max_tokens - 1` tokens, hidden and inter multiples
+    /// of 8 below `8 * max_dim8`, 1 to 11 experts, top_k 1 to 3 (at most the experts).
+    pub fn moe_shapes(max_tokens: u32, max_dim8: u32) -> impl Strategy<Value = MoeScalars> {
+        (1..max_tokens, 1..max_dim8, 1..max_dim8, 1u32..12, 1u32..4).prop_map(
+            |(tokens, hidden8, inter8, experts, k)| MoeScalars {
+                tokens,
+                hidden: hidden8 * 8,
+                inter: inter8 * 8,
+                experts,
+                top_k: k.min(experts),
+            },
+        )
+    }
+
     /// For a shape the kernels take: the grid covers the columns and the worst tile count (all slots
     /// on one expert, and spread as evenly as the slots allow).
     pub fn grid_covers(planner: Planner, s: &MoeScalars) -> Result<(), TestCaseError> {
@@ -239,18 +253,12 @@ pub(super) mod tests {
         }
 
         #[test]
-        fn moe_grouped_grid_covers_the_columns_and_the_worst_tile_count(
-            tokens in 1u32..600, hidden8 in 1u32..40, inter8 in 1u32..40, experts in 1u32..12, k in 1u32..4,
-        ) {
-            let s = MoeScalars { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k: k.min(experts) };
+        fn moe_grouped_grid_covers_the_columns_and_the_worst_tile_count(s in moe_shapes(600, 40)) {
             grid_covers(plan, &s)?;
         }
 
         #[test]
-        fn moe_grouped_needs_exactly_the_contiguous_sizes(
-            tokens in 1u32..20, hidden8 in 1u32..8, inter8 in 1u32..8, experts in 1u32..9, k in 1u32..3,
-        ) {
-            let s = MoeScalars { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k: k.min(experts) };
+        fn moe_grouped_needs_exactly_the_contiguous_sizes(s in moe_shapes(20, 8)) {
             needs_exactly_the_contiguous_sizes(plan, &s);
         }
     }

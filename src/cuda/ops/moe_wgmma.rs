@@ -337,7 +337,7 @@ mod tests {
     use crate::cuda::ops::fake::symbol;
     use crate::cuda::ops::moe_gemv::tests::{args, mixtral, needs_exactly_the_contiguous_sizes};
     use crate::cuda::ops::moe_grouped::tests::{
-        grid_covers, mixtral_prefill_grids, refuses_bad_tile_lists,
+        grid_covers, mixtral_prefill_grids, moe_shapes, refuses_bad_tile_lists,
     };
 
     fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
@@ -369,18 +369,12 @@ mod tests {
 
     proptest! {
         #[test]
-        fn moe_wgmma_grid_covers_the_columns_and_the_worst_tile_count(
-            tokens in 1u32..600, hidden8 in 1u32..40, inter8 in 1u32..40, experts in 1u32..12, k in 1u32..4,
-        ) {
-            let s = MoeScalars { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k: k.min(experts) };
+        fn moe_wgmma_grid_covers_the_columns_and_the_worst_tile_count(s in moe_shapes(600, 40)) {
             grid_covers(plan, &s)?;
         }
 
         #[test]
-        fn moe_wgmma_needs_exactly_the_contiguous_sizes(
-            tokens in 1u32..20, hidden8 in 1u32..8, inter8 in 1u32..8, experts in 1u32..9, k in 1u32..3,
-        ) {
-            let s = MoeScalars { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k: k.min(experts) };
+        fn moe_wgmma_needs_exactly_the_contiguous_sizes(s in moe_shapes(20, 8)) {
             needs_exactly_the_contiguous_sizes(plan, &s);
         }
     }

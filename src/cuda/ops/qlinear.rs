@@ -74,15 +74,9 @@ pub fn qlinear(
     w: PackedView<'_>,
     out: AnyViewMut<'_>,
 ) -> Result<(), CudaError> {
-    let args = QLinearArgs {
-        x,
-        codes: w.codes,
-        params: w.params,
-        perm: w.perm,
-        table: w.table,
-        out,
-    };
-    launch_planned(kernels, stream, plan(s, w.kind, &args)?)
+    let PackedView { kind, codes, params, perm, table } = w;
+    let args = QLinearArgs { x, codes, params, perm, table, out };
+    launch_planned(kernels, stream, plan(s, kind, &args)?)
 }
 
 #[cfg(test)]
@@ -90,7 +84,9 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::cuda::ops::fake::{symbol, table_for, too_small, unsupported, view, view_mut, KINDS};
+    use crate::cuda::ops::fake::{
+        any_kind, symbol, table_for, too_small, unsupported, view, view_mut, KINDS,
+    };
     use crate::packed::lut4::Lut4;
     use crate::cuda::params::KERNEL_VARIANTS;
 
@@ -295,22 +291,10 @@ mod tests {
         }
     }
 
-    fn kinds() -> impl Strategy<Value = PackedKind> {
-        prop_oneof![
-            Just(PackedKind::Fp8),
-            Just(PackedKind::Int8),
-            (1usize..=6).prop_map(|g| PackedKind::Int4 { group_size: 32 * g }),
-            (1usize..=6).prop_map(|g| PackedKind::Lut4 {
-                table: Lut4::Nf4,
-                group_size: 32 * g
-            }),
-        ]
-    }
-
     proptest! {
         #[test]
         fn the_grid_covers_every_row_once(
-            kind in kinds(),
+            kind in any_kind(Lut4::Nf4),
             tokens in 1u32..=16,
             in32 in 1u32..40,
             out_features in 1u32..3000,

@@ -126,7 +126,7 @@ mod tests {
     use super::*;
     use crate::cuda::error::KernelError;
     use crate::cuda::ops::fake::{
-        symbol, table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
+        any_kind, symbol, table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
     };
     use crate::packed::lut4::Lut4;
 
@@ -340,22 +340,10 @@ mod tests {
         too_small(plan(&empty, [kind; 3], &args(kind, lens, true)), "w2_codes");
     }
 
-    fn kinds() -> impl Strategy<Value = PackedKind> {
-        prop_oneof![
-            Just(PackedKind::Fp8),
-            Just(PackedKind::Int8),
-            (1usize..=6).prop_map(|g| PackedKind::Int4 { group_size: 32 * g }),
-            (1usize..=6).prop_map(|g| PackedKind::Lut4 {
-                table: Lut4::Fp4,
-                group_size: 32 * g
-            }),
-        ]
-    }
-
     proptest! {
         #[test]
         fn every_buffer_one_element_short_is_refused_by_name(
-            kind in kinds(),
+            kind in any_kind(Lut4::Fp4),
             tokens in 1u32..20,
             hidden32 in 1u32..8,
             inter32 in 1u32..8,
