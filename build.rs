@@ -6,7 +6,10 @@
 //! nvcc is found through `$NVCC`, `$CUDA_HOME/bin/nvcc`, `PATH`, or the repository's `.cuda/` venv
 //! made by `scripts/install-cuda-toolchain` (not looked at when `MIXTRAL_NO_LOCAL_CUDA` is set, so
 //! that CI can build as a machine without a toolchain would). A file is recompiled only when its
-//! fingerprint (nvcc path, flags, the file and every header) changed.
+//! fingerprint (nvcc path, flags, the file and every header) changed. Fatbins are kept under their
+//! fingerprints in `mixtral-kernel-cache/` beside the profile folders of the target directory, so
+//! the builds of other feature sets and profiles (clippy, test, release) reuse them instead of
+//! running nvcc again; files that do need nvcc compile in parallel (`NUM_JOBS` at a time).
 //!
 //! Without the kernels: when no nvcc is found, or when `DOCS_RS` is set (docs.rs builds
 //! documentation only), the script does not fail. It warns that the kernels were not built and
@@ -132,24 +135,29 @@ fn build_kernels() -> Result<Built, String> {
         header_bytes.extend(read(header)?);
     }
 
+    let cache = kernel_cache(&out_dir);
+    std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
     let mut fatbins = Vec::new();
+    let mut to_compile = Vec::new();
     for source in &sources {
         let stem = source
             .file_stem()
             .and_then(|s| s.to_str())
             .ok_or_else(|| format!("{}: file name is not UTF-8", source.display()))?;
-        let fatbin = out_dir.join(format!("{stem}.fatbin"));
-        let args = nvcc_args(stem, &csrc, source, &fatbin);
+        let args = nvcc_args(stem, &csrc);
         let fingerprint = fingerprint(&nvcc, &args, &read(source)?, &header_bytes);
-        let stamp = out_dir.join(format!("{stem}.fingerprint"));
-        let up_to_date = fatbin.exists()
-            && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&fingerprint);
-        if !up_to_date {
-            compile(&nvcc, &args, source)?;
-            std::fs::write(&stamp, &fingerprint)
-                .map_err(|e| format!("{}: {e}", stamp.display()))?;
+        let cached = cache.join(format!("{stem}-{fingerprint}.fatbin"));
+        if !cached.exists() {
+            to_compile.push((args, source.clone(), cached.clone()));
         }
-        fatbins.push((stem.to_string(), fatbin));
+        fatbins.push((stem.to_string(), cached));
+    }
+    compile_all(&nvcc, &to_compile, &out_dir)?;
+    // The table names copies in OUT_DIR, so that cleaning the cache never breaks a built crate.
+    for (stem, cached) in &mut fatbins {
+        let copy = out_dir.join(format!("{stem}.fatbin"));
+        std::fs::copy(&*cached, &copy).map_err(|e| format!("{}: {e}", copy.display()))?;
+        *cached = copy;
     }
     write(&kernels_rs, &kernel_table(&fatbins))?;
     Ok(Built::Kernels)
@@ -240,7 +248,25 @@ fn find_nvcc(root: &Path) -> Nvcc {
     Nvcc::Missing { looked_at }
 }
 
-fn nvcc_args(stem: &str, csrc: &Path, source: &Path, fatbin: &Path) -> Vec<String> {
+/// Where fatbins are kept under their fingerprints for every build of this target directory:
+/// `mixtral-kernel-cache/` beside the profile folders (OUT_DIR is
+/// `<target>/<profile>/build/mixtral-<hash>/out`), or OUT_DIR itself in any other layout.
+fn kernel_cache(out_dir: &Path) -> PathBuf {
+    let build = out_dir
+        .ancestors()
+        .nth(2)
+        .filter(|dir| dir.ends_with("build"));
+    match build
+        .and_then(|dir| dir.parent())
+        .and_then(|profile| profile.parent())
+    {
+        Some(target) => target.join("mixtral-kernel-cache"),
+        None => out_dir.to_path_buf(),
+    }
+}
+
+/// nvcc's flags for `stem`, without the output and input paths.
+fn nvcc_args(stem: &str, csrc: &Path) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "-fatbin".into(),
         "-std=c++17".into(),
@@ -253,19 +279,70 @@ fn nvcc_args(stem: &str, csrc: &Path, source: &Path, fatbin: &Path) -> Vec<Strin
     if FAST_MATH_FILES.contains(&stem) {
         args.push("--use_fast_math".into());
     }
-    args.push("-o".into());
-    args.push(fatbin.display().to_string());
-    args.push(source.display().to_string());
     args
 }
 
-fn compile(nvcc: &Path, args: &[String], source: &Path) -> Result<(), String> {
-    let output = Command::new(nvcc).args(args).output().map_err(|e| {
-        format!(
-            "running {}: {e}\nRun `scripts/install-cuda-toolchain`, or point NVCC / CUDA_HOME at a CUDA 13.0 nvcc.",
-            nvcc.display()
-        )
-    })?;
+/// Compiles each `(args, source, fatbin)`, `NUM_JOBS` (cargo's job count) at a time.
+fn compile_all(
+    nvcc: &Path,
+    jobs: &[(Vec<String>, PathBuf, PathBuf)],
+    out_dir: &Path,
+) -> Result<(), String> {
+    let workers = std::env::var("NUM_JOBS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, jobs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((args, source, fatbin)) = jobs.get(i) else {
+                        return Ok(());
+                    };
+                    compile(nvcc, args, source, fatbin, out_dir)?;
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("an nvcc worker thread panicked".into()))
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+/// Runs nvcc on `source` into a temporary file of `out_dir`, then moves the result to `fatbin`
+/// (a finished fatbin is never seen half written).
+fn compile(
+    nvcc: &Path,
+    args: &[String],
+    source: &Path,
+    fatbin: &Path,
+    out_dir: &Path,
+) -> Result<(), String> {
+    let name = fatbin
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("kernel.fatbin");
+    let partial = out_dir.join(format!("{name}.partial"));
+    let output = Command::new(nvcc)
+        .args(args)
+        .arg("-o")
+        .arg(&partial)
+        .arg(source)
+        .output()
+        .map_err(|e| {
+            format!(
+                "running {}: {e}\nRun `scripts/install-cuda-toolchain`, or point NVCC / CUDA_HOME at a CUDA 13.0 nvcc.",
+                nvcc.display()
+            )
+        })?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
         return Err(format!("nvcc failed on {}:\n{stderr}", source.display()));
@@ -274,7 +351,10 @@ fn compile(nvcc: &Path, args: &[String], source: &Path) -> Result<(), String> {
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
         println!("cargo::warning={}: {line}", source.display());
     }
-    Ok(())
+    // A rename within one file system; across two (an unusual OUT_DIR), a copy.
+    std::fs::rename(&partial, fatbin)
+        .or_else(|_| std::fs::copy(&partial, fatbin).map(drop))
+        .map_err(|e| format!("{}: {e}", fatbin.display()))
 }
 
 /// FNV-1a over everything that determines a fatbin's bytes.
