@@ -38,6 +38,10 @@ impl Grid {
     }
 }
 
+/// What a planner returns: the parameter struct and its `N` launches, or nothing to launch (zero
+/// tokens or rows), or why the shapes or buffers are refused.
+pub type Planned<P, const N: usize> = Result<Option<(P, [Grid; N])>, CudaError>;
+
 /// Issues `grids` in order, each with `params` (checked by the generated `params()`), on `stream`.
 pub fn launch<P: DeviceRepr>(
     kernels: &Kernels,

@@ -3,14 +3,10 @@
 
 use crate::cuda::args::{ArgmaxArgs, ArgmaxScalars};
 use crate::cuda::checks::Check;
-use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{ArgmaxParams, KernelFamily, ARGMAX_THREADS};
 
-fn plan(
-    s: &ArgmaxScalars,
-    a: &ArgmaxArgs<'_>,
-) -> Result<Option<(ArgmaxParams, [Grid; 1])>, CudaError> {
+fn plan(s: &ArgmaxScalars, a: &ArgmaxArgs<'_>) -> Planned<ArgmaxParams, 1> {
     let c = Check { op: "argmax" };
     let params = a.params(c.op, s)?;
     c.count("rows", s.rows as usize)?;

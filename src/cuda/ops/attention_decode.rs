@@ -10,8 +10,7 @@ use super::paged_cache::{
 };
 use crate::cuda::args::{AttentionDecodeArgs, AttentionDecodeScalars};
 use crate::cuda::checks::Check;
-use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, Grid};
+use crate::cuda::launch::{planned_launcher, Grid, Planned};
 use crate::cuda::params::{
     AttentionDecodeParams, KernelFamily, ATTENTION_COMBINE_THREADS, ATTENTION_MAX_SPLIT_KEYS,
     ATTENTION_THREADS,
@@ -40,7 +39,7 @@ pub struct AttentionDecodeShape {
 fn plan(
     s: &AttentionDecodeShape,
     a: &AttentionDecodeArgs<'_>,
-) -> Result<Option<(AttentionDecodeParams, [Grid; 2])>, CudaError> {
+) -> Planned<AttentionDecodeParams, 2> {
     let c = Check {
         op: "attention_decode",
     };

@@ -8,8 +8,7 @@
 use super::paged_cache::{gqa_group, score_scale, window_scalar, PagedCacheShape};
 use crate::cuda::args::{AttentionPrefillArgs, AttentionPrefillScalars};
 use crate::cuda::checks::{Check, DEFAULT_SHARED_BYTES};
-use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{
     AttentionPrefillParams, KernelFamily, ATTENTION_PREFILL_KEYS, ATTENTION_PREFILL_PAD,
     ATTENTION_PREFILL_QUERIES, ATTENTION_PREFILL_THREADS,
@@ -48,7 +47,7 @@ fn shared_bytes(head_dim: usize) -> usize {
 fn plan(
     s: &AttentionPrefillShape,
     a: &AttentionPrefillArgs<'_>,
-) -> Result<Option<(AttentionPrefillParams, [Grid; 1])>, CudaError> {
+) -> Planned<AttentionPrefillParams, 1> {
     let c = Check {
         op: "attention_prefill",
     };
@@ -124,7 +123,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::cuda::error::KernelError;
+    use crate::cuda::error::{CudaError, KernelError};
     use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
     use crate::cuda::params::KERNEL_VARIANTS;
 

@@ -10,7 +10,7 @@ use super::quant_layout::{row_layout, table_view, PackedView};
 use crate::cuda::args::{DequantArgs, DequantScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
+use crate::cuda::launch::{launch_planned, Grid, Planned};
 use crate::cuda::memory::ViewMut;
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{DequantParams, KernelFamily, DEQUANT_THREADS};
@@ -27,11 +27,7 @@ pub struct DequantShape {
     pub cols: u32,
 }
 
-fn plan(
-    s: &DequantShape,
-    kind: PackedKind,
-    a: &DequantArgs<'_>,
-) -> Result<Option<(DequantParams, [Grid; 1])>, CudaError> {
+fn plan(s: &DequantShape, kind: PackedKind, a: &DequantArgs<'_>) -> Planned<DequantParams, 1> {
     let c = Check { op: "dequantize" };
     let l = row_layout(&c, kind, s.cols, "cols")?;
     table_view(&c, kind, a.table)?;

@@ -5,14 +5,10 @@
 
 use crate::cuda::args::{EmbeddingArgs, EmbeddingScalars};
 use crate::cuda::checks::Check;
-use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{EmbeddingParams, KernelFamily, EMBEDDING_THREADS};
 
-fn plan(
-    s: &EmbeddingScalars,
-    a: &EmbeddingArgs<'_>,
-) -> Result<Option<(EmbeddingParams, [Grid; 1])>, CudaError> {
+fn plan(s: &EmbeddingScalars, a: &EmbeddingArgs<'_>) -> Planned<EmbeddingParams, 1> {
     let c = Check { op: "embedding" };
     let params = a.params(c.op, s)?;
     for (what, value) in [

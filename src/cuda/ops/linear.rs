@@ -14,9 +14,8 @@
 
 use crate::cuda::args::{LinearArgs, LinearScalars};
 use crate::cuda::checks::Check;
-use crate::cuda::error::CudaError;
 use crate::cuda::select::{select, Choice, Device as SelectDevice, Format, Op};
-use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{
     KernelFamily, LinearParams, LINEAR_GEMV_ROWS_PER_WARP,
     LINEAR_GEMV_WARPS, LINEAR_MMA_BM, LINEAR_MMA_BN, LINEAR_MMA_THREADS,
@@ -33,10 +32,7 @@ pub(super) fn gemv_tile(tokens: u32) -> u32 {
     }
 }
 
-fn plan(
-    s: &LinearScalars,
-    a: &LinearArgs<'_>,
-) -> Result<Option<(LinearParams, [Grid; 1])>, CudaError> {
+fn plan(s: &LinearScalars, a: &LinearArgs<'_>) -> Planned<LinearParams, 1> {
     let c = Check { op: "linear" };
     c.multiple_of_8("in_features", s.in_features as usize)?;
     c.at_least("out_features", s.out_features as usize, 1)?;
@@ -117,10 +113,7 @@ mod tests {
     }
 
     /// Plans `s` with buffers of exactly the needed lengths.
-    fn plan_exact(
-        s: &LinearScalars,
-        out_f32: bool,
-    ) -> Result<Option<(LinearParams, [Grid; 1])>, CudaError> {
+    fn plan_exact(s: &LinearScalars, out_f32: bool) -> Planned<LinearParams, 1> {
         let (t, i, o) = (
             s.tokens as usize,
             s.in_features as usize,

@@ -11,7 +11,7 @@ use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::Check;
 use super::linear::gemv_tile;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, Grid};
+use crate::cuda::launch::{planned_launcher, Grid, Planned};
 use crate::cuda::params::{KernelFamily, MoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS};
 
 /// The rules of every expert kernel beyond the buffer extents: hidden and inter multiples of 8
@@ -43,7 +43,7 @@ pub(super) fn active_experts(c: &Check, experts: u32, tokens: u32, top_k: u32) -
     c.grid_yz("experts", (experts as usize).min(slots))
 }
 
-fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
+fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
     let c = Check { op: "moe_gemv" };
     let params = a.params(c.op, s)?;
     moe_rules(&c, s)?;

@@ -13,7 +13,7 @@ use super::moe_gemv::{moe_gemv, moe_rules};
 use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::{aligned, Check};
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, Grid};
+use crate::cuda::launch::{planned_launcher, Grid, Planned};
 use crate::cuda::module::Kernels;
 use crate::cuda::select::{select, Choice, Device, Format, Op};
 use crate::cuda::params::{
@@ -69,7 +69,7 @@ pub(super) fn plan_tile_pair(
     pair: &TilePair,
     s: &MoeScalars,
     a: &MoeArgs<'_>,
-) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
+) -> Planned<MoeParams, 2> {
     let params = a.params(c.op, s)?;
     let tiles = tile_list(c, s, a.out.address(), pair.bm)?;
     let up = c.variant(pair.up.0, pair.up.1, &[])?;
@@ -101,7 +101,7 @@ const GROUPED: TilePair = TilePair {
     threads: MOE_GROUPED_THREADS,
 };
 
-fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
+fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
     let c = Check {
         op: "moe_grouped_gemm",
     };
@@ -143,7 +143,7 @@ pub(super) mod tests {
 
     /// A tile-list planner.
     pub type Planner =
-        fn(&MoeScalars, &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError>;
+        fn(&MoeScalars, &MoeArgs<'_>) -> Planned<MoeParams, 2>;
 
     /// The tiles the kernel walks for these per-expert counts.
     fn real_tiles(counts: &[usize]) -> usize {

@@ -22,7 +22,7 @@ use crate::cpu::router::{group_by_expert, route};
 use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
+use crate::cuda::launch::{launch_planned, Planned};
 use crate::cuda::memory::{copy_to_host, DeviceArena, DeviceBuffer};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{KernelFamily, MoeParams, MOE_WGMMA_BM, MOE_WGMMA_BN, MOE_WGMMA_THREADS};
@@ -66,7 +66,7 @@ const WGMMA: TilePair = TilePair {
     threads: MOE_WGMMA_THREADS,
 };
 
-fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Result<Option<(MoeParams, [Grid; 2])>, CudaError> {
+fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
     plan_tile_pair(&Check { op: OP }, &WGMMA, s, a)
 }
 

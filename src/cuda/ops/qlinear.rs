@@ -14,7 +14,7 @@ use super::quant_layout::{row_layout, table_view, PackedView};
 use crate::cuda::args::{LinearScalars, QLinearArgs, QLinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, unless_empty, Grid};
+use crate::cuda::launch::{launch_planned, unless_empty, Grid, Planned};
 use crate::cuda::memory::{AnyViewMut, View};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
@@ -22,11 +22,7 @@ use crate::cuda::params::{
 };
 use crate::quant::PackedKind;
 
-fn plan(
-    s: &LinearScalars,
-    kind: PackedKind,
-    a: &QLinearArgs<'_>,
-) -> Result<Option<(QLinearParams, [Grid; 1])>, CudaError> {
+fn plan(s: &LinearScalars, kind: PackedKind, a: &QLinearArgs<'_>) -> Planned<QLinearParams, 1> {
     let c = Check { op: "qlinear" };
     if s.tokens > LINEAR_GEMV_MAX_TOKENS {
         return Err(c.unsupported(
@@ -146,7 +142,7 @@ mod tests {
         kind: PackedKind,
         perm: bool,
         out_f32: bool,
-    ) -> Result<Option<(QLinearParams, [Grid; 1])>, CudaError> {
+    ) -> Planned<QLinearParams, 1> {
         plan(s, kind, &args(kind, exact(s, kind, perm), perm, out_f32))
     }
 

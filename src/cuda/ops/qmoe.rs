@@ -16,7 +16,7 @@ use super::quant_layout::{row_layout, table_view};
 use crate::cuda::args::{MoeScalars, QMoeArgs, QMoeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{launch_planned, Grid};
+use crate::cuda::launch::{launch_planned, Grid, Planned};
 use crate::cuda::memory::View;
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{KernelFamily, QMoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS};
@@ -42,11 +42,7 @@ pub fn shared_perm<'a>(
     }
 }
 
-fn plan(
-    s: &MoeScalars,
-    [k1, k3, k2]: [PackedKind; 3],
-    a: &QMoeArgs<'_>,
-) -> Result<Option<(QMoeParams, [Grid; 2])>, CudaError> {
+fn plan(s: &MoeScalars, [k1, k3, k2]: [PackedKind; 3], a: &QMoeArgs<'_>) -> Planned<QMoeParams, 2> {
     let c = Check { op: OP };
     for (what, kind) in [("w3 kind", k3), ("w2 kind", k2)] {
         if kind != k1 {
@@ -200,10 +196,7 @@ mod tests {
         }
     }
 
-    fn plan_exact(
-        s: &MoeScalars,
-        kind: PackedKind,
-    ) -> Result<Option<(QMoeParams, [Grid; 2])>, CudaError> {
+    fn plan_exact(s: &MoeScalars, kind: PackedKind) -> Planned<QMoeParams, 2> {
         plan(s, [kind; 3], &args(kind, exact(s, kind), true))
     }
 

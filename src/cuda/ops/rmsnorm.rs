@@ -4,15 +4,11 @@
 
 use crate::cuda::args::{RmsnormArgs, RmsnormScalars};
 use crate::cuda::checks::Check;
-use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::memory::AnyView;
 use crate::cuda::params::{KernelFamily, RmsnormParams, RMSNORM_THREADS};
 
-fn plan(
-    s: &RmsnormScalars,
-    a: &RmsnormArgs<'_>,
-) -> Result<Option<(RmsnormParams, [Grid; 1])>, CudaError> {
+fn plan(s: &RmsnormScalars, a: &RmsnormArgs<'_>) -> Planned<RmsnormParams, 1> {
     let c = Check { op: "rmsnorm" };
     c.count("rows", s.rows as usize)?;
     c.at_least("hidden", s.hidden as usize, 1)?;
@@ -53,7 +49,7 @@ planned_launcher! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::error::KernelError;
+    use crate::cuda::error::{CudaError, KernelError};
     use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
 
     fn args(residual: usize, addend: Option<usize>, weight: usize) -> RmsnormArgs<'static> {

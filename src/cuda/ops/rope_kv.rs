@@ -7,14 +7,10 @@
 use super::paged_cache::PagedCacheShape;
 use crate::cuda::args::{RopeKvArgs, RopeKvScalars};
 use crate::cuda::checks::{Check, DEFAULT_SHARED_BYTES};
-use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{KernelFamily, RopeKvParams, ROPE_KV_THREADS};
 
-fn plan(
-    s: &RopeKvScalars,
-    a: &RopeKvArgs<'_>,
-) -> Result<Option<(RopeKvParams, [Grid; 1])>, CudaError> {
+fn plan(s: &RopeKvScalars, a: &RopeKvArgs<'_>) -> Planned<RopeKvParams, 1> {
     let c = Check { op: "rope_kv" };
     let head_dim = s.head_dim as usize;
     if head_dim < 2 || !head_dim.is_multiple_of(2) {

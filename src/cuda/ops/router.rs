@@ -6,17 +6,13 @@
 
 use crate::cuda::args::{RouterArgs, RouterScalars};
 use crate::cuda::checks::Check;
-use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{
     KernelFamily, RouterParams, ROUTER_GROUP_THREADS, ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K,
     ROUTER_THREADS,
 };
 
-fn plan(
-    s: &RouterScalars,
-    a: &RouterArgs<'_>,
-) -> Result<Option<(RouterParams, [Grid; 2])>, CudaError> {
+fn plan(s: &RouterScalars, a: &RouterArgs<'_>) -> Planned<RouterParams, 2> {
     let c = Check { op: "router" };
     let params = a.params(c.op, s)?;
     c.multiple_of_8("hidden", s.hidden as usize)?;
@@ -53,7 +49,7 @@ planned_launcher! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::error::KernelError;
+    use crate::cuda::error::{CudaError, KernelError};
     use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE};
 
     /// Buffers of exactly the sizes `s` needs, `expert_offsets` `offsets_short` elements short.

@@ -8,7 +8,7 @@
 use crate::cuda::args::{SampleArgs, SampleScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::{CudaError, KernelError};
-use crate::cuda::launch::{planned_launcher, unless_empty, Grid};
+use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{
     KernelFamily, SampleParams, SAMPLE_BAD_PARAMS, SAMPLE_NON_FINITE, SAMPLE_RNG_WORDS,
     SAMPLE_THREADS,
@@ -33,10 +33,7 @@ pub fn rng_state_for_seed(seed: u64) -> Vec<u64> {
     Rng::new(seed).state().to_vec()
 }
 
-fn plan(
-    s: &SampleScalars,
-    a: &SampleArgs<'_>,
-) -> Result<Option<(SampleParams, [Grid; 1])>, CudaError> {
+fn plan(s: &SampleScalars, a: &SampleArgs<'_>) -> Planned<SampleParams, 1> {
     let c = Check { op: "sample" };
     c.count("rows", s.rows as usize)?;
     c.count("vocab", s.vocab as usize)?;
