@@ -26,7 +26,9 @@ use half::bf16;
 use super::super::error::CudaError;
 use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut, BUFFER_ALIGN};
 use super::matrix::{DeviceMatrix, StackFormat};
-use super::upload::{allocate_weights, device_weight_bytes, GpuWeights, LayerFormats, Staging};
+use super::upload::{
+    allocate_weights, copy_stacked, device_weight_bytes, GpuWeights, LayerFormats, Staging,
+};
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::shard::weights::Part;
@@ -216,21 +218,6 @@ pub fn rank_plan(
     })
 }
 
-/// Copies `parts` one after the other into `dst` (converted to bf16).
-fn copy_parts(
-    staging: &mut Staging<'_>,
-    dst: &mut DeviceBuffer<bf16>,
-    parts: &[&Part],
-    what: &str,
-) -> Result<(), CudaError> {
-    let mut offset = 0;
-    for p in parts {
-        staging.copy(p.data(), dst.view_mut(), offset, what)?;
-        offset += p.rows * p.cols;
-    }
-    Ok(())
-}
-
 /// The bf16 region of a stack allocated by [`allocate_rank_weights`].
 fn bf16_stack<'a>(
     m: &'a mut DeviceMatrix,
@@ -277,13 +264,13 @@ pub fn upload_rank_weights(
     let mut staging = Staging::new(ctx, stream, total, progress)?;
     let st = &mut staging;
     for (l, (lw, g)) in weights.layers.iter().zip(&mut gpu.layers).enumerate() {
-        copy_parts(
+        copy_stacked(
             st,
             &mut g.attn_norm,
             &[&lw.attn_norm],
             &format!("layer {l} input norm"),
         )?;
-        copy_parts(
+        copy_stacked(
             st,
             &mut g.ffn_norm,
             &[&lw.ffn_norm],
@@ -291,12 +278,12 @@ pub fn upload_rank_weights(
         )?;
         let what = format!("layer {l} q/k/v projections");
         let qkv = bf16_stack(&mut g.qkv, &what)?;
-        copy_parts(st, qkv, &[&lw.q_proj, &lw.k_proj, &lw.v_proj], &what)?;
+        copy_stacked(st, qkv, &[&lw.q_proj, &lw.k_proj, &lw.v_proj], &what)?;
         let what = format!("layer {l} o_proj");
-        copy_parts(st, bf16_stack(&mut g.o, &what)?, &[&lw.o_proj], &what)?;
+        copy_stacked(st, bf16_stack(&mut g.o, &what)?, &[&lw.o_proj], &what)?;
         // A dense model has no router: its zero gate gives the one expert weight 1.
         if let Some(r) = &lw.router {
-            copy_parts(st, &mut g.gate, &[r], &format!("layer {l} router"))?;
+            copy_stacked(st, &mut g.gate, &[r], &format!("layer {l} router"))?;
         }
         let w1: Vec<&Part> = lw.experts.iter().map(|e| &e.w1).collect();
         let w3: Vec<&Part> = lw.experts.iter().map(|e| &e.w3).collect();
@@ -307,18 +294,18 @@ pub fn upload_rank_weights(
             (&mut g.w2, w2, "w2"),
         ] {
             let what = format!("layer {l} experts {name}");
-            copy_parts(st, bf16_stack(stack, &what)?, &parts, &what)?;
+            copy_stacked(st, bf16_stack(stack, &what)?, &parts, &what)?;
         }
     }
-    copy_parts(st, &mut gpu.embed, &[&weights.embed], "embedding")?;
-    copy_parts(
+    copy_stacked(st, &mut gpu.embed, &[&weights.embed], "embedding")?;
+    copy_stacked(
         st,
         &mut gpu.final_norm,
         &[&weights.final_norm],
         "final norm",
     )?;
     if let Some(lm_head) = &mut gpu.lm_head {
-        copy_parts(st, lm_head, &[&weights.lm_head], "lm_head")?;
+        copy_stacked(st, lm_head, &[&weights.lm_head], "lm_head")?;
     }
     staging.finish()
 }

@@ -29,6 +29,7 @@ use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::dtype::WeightSlice;
 use crate::quant::PackedKind;
+use crate::shard::weights::Part;
 use crate::weights::{ModelWeights, Weight};
 
 /// Bytes of each pinned staging buffer.
@@ -463,17 +464,37 @@ fn convert_to_bf16(src: WeightSlice<'_>, out: &mut [u8]) {
     }
 }
 
-/// Copies `parts` one after the other into `dst`.
-fn copy_stacked(
+/// Host elements that go up to the GPU: a model's [`Weight`], or a rank's [`Part`] of one.
+pub(super) trait HostTensor {
+    /// The elements, row-major, in their stored precision.
+    fn data(&self) -> WeightSlice<'_>;
+}
+
+impl HostTensor for Weight {
+    fn data(&self) -> WeightSlice<'_> {
+        Weight::data(self)
+    }
+}
+
+impl HostTensor for Part {
+    fn data(&self) -> WeightSlice<'_> {
+        Part::data(self)
+    }
+}
+
+/// Copies `parts` one after the other into `dst` (converted to bf16).
+pub(super) fn copy_stacked<T: HostTensor>(
     staging: &mut Staging<'_>,
     dst: &mut DeviceBuffer<bf16>,
-    parts: &[&Weight],
+    parts: &[&T],
     what: &str,
 ) -> Result<(), CudaError> {
     let mut offset = 0;
-    for w in parts {
-        staging.copy(w.data(), dst.view_mut(), offset, what)?;
-        offset += w.rows * w.cols;
+    for part in parts {
+        let data = part.data();
+        let len = data.len();
+        staging.copy(data, dst.view_mut(), offset, what)?;
+        offset += len;
     }
     Ok(())
 }
