@@ -451,6 +451,39 @@ fn fp8_and_int8_split_like_their_unsharded_engine() {
     }
 }
 
+/// A rank keeps its pieces of quantized matrices packed: every projection and expert part of a
+/// quantized fixture has a packed form, and holds its codes and parameters, never 4-byte f32
+/// elements: the 8-bit kinds hold 1 byte a weight plus one f32 scale per row (4 / cols, under 0.3
+/// at these fixtures' widths), GPTQ 0.5 bytes of codes plus an f32 scale and zero per group of 32
+/// (8 / 32 = 0.25), so 0.75 in all.
+#[test]
+fn quantized_parts_stay_packed_on_every_rank() {
+    for (name, layout, bytes_per_weight) in [
+        ("fp8-channel", TP2, 1.3),
+        ("int8-channel", TP2_EP2, 1.3),
+        ("gptq", EP2, 0.76),
+    ] {
+        let model = load(&quant_dir(name));
+        let plan = ShardPlan::new(&model.weights.config, layout).unwrap();
+        for shard in &plan.ranks {
+            let rank = RankWeights::new(&model.weights, shard, &mut ReadLog::default()).unwrap();
+            for (l, layer) in rank.layers.iter().enumerate() {
+                let experts = layer.experts.iter().flat_map(|e| [&e.w1, &e.w2, &e.w3]);
+                let attention = [&layer.q_proj, &layer.k_proj, &layer.v_proj, &layer.o_proj];
+                for part in attention.into_iter().chain(experts) {
+                    let what = format!("{name} {layout} rank {} layer {l}", shard.rank);
+                    let packed = part
+                        .packed()
+                        .unwrap_or_else(|| panic!("{what}: not packed"));
+                    assert_eq!((packed.rows, packed.cols), (part.rows, part.cols), "{what}");
+                    let held = part.owned_bytes() as f64 / (part.rows * part.cols) as f64;
+                    assert!(held < bytes_per_weight, "{what}: {held} bytes a weight");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn int4_that_cannot_be_cut_is_a_typed_error_naming_the_tensor() {
     let cases = [

@@ -15,7 +15,6 @@ use super::weights::{RankLayer, RankWeights};
 use crate::config::ModelConfig;
 use crate::cpu::attention::{attention, AttentionShape, PagedView};
 use crate::cpu::embedding::embed;
-use crate::cpu::matmul::matmul;
 use crate::cpu::moe::{expert_mlp, moe_experts, route_tokens, Expert};
 use crate::cpu::norm::{add_rms_norm, rms_norm};
 use crate::cpu::rope::Rope;
@@ -192,9 +191,9 @@ impl<C: Collective<Mem<f32> = [f32]>> Rank<C> {
         let mut q = vec![0.0f32; total * q_width];
         let mut k = vec![0.0f32; total * kv_width];
         let mut v = vec![0.0f32; total * kv_width];
-        matmul(&h, layer.q_proj.data(), q_width, hidden, &mut q);
-        matmul(&h, layer.k_proj.data(), kv_width, hidden, &mut k);
-        matmul(&h, layer.v_proj.data(), kv_width, hidden, &mut v);
+        layer.q_proj.matrix().product(&h, q_width, hidden, &mut q);
+        layer.k_proj.matrix().product(&h, kv_width, hidden, &mut k);
+        layer.v_proj.matrix().product(&h, kv_width, hidden, &mut v);
         self.rope.apply(&mut q, heads, &job.positions);
         self.rope.apply(&mut k, kv_heads, &job.positions);
 
@@ -235,7 +234,10 @@ impl<C: Collective<Mem<f32> = [f32]>> Rank<C> {
             );
         }
         let mut o = vec![0.0f32; total * hidden];
-        matmul(&attn, layer.o_proj.data(), hidden, q_width, &mut o);
+        layer
+            .o_proj
+            .matrix()
+            .product(&attn, hidden, q_width, &mut o);
         self.comms.tp.all_reduce::<f32>(&mut o[..])?;
         Ok(o)
     }
@@ -251,9 +253,9 @@ impl<C: Collective<Mem<f32> = [f32]>> Rank<C> {
             .iter()
             .map(|e| {
                 let m = Expert {
-                    w1: e.w1.data().into(),
-                    w2: e.w2.data().into(),
-                    w3: e.w3.data().into(),
+                    w1: e.w1.matrix(),
+                    w2: e.w2.matrix(),
+                    w3: e.w3.matrix(),
                 };
                 (e.id, m)
             })
@@ -307,7 +309,10 @@ impl<C: Collective<Mem<f32> = [f32]>> Rank<C> {
             config.rms_norm_eps,
             &mut h,
         );
-        matmul(&h, self.weights.lm_head.data(), local, hidden, &mut part);
+        self.weights
+            .lm_head
+            .matrix()
+            .product(&h, local, hidden, &mut part);
         let world = self.comms.world.size();
         let mut gathered = vec![0.0f32; world * part.len()];
         self.comms

@@ -8,18 +8,21 @@
 //!   only), a column shard copies each row's owned columns;
 //! - quantized matrices held in the packed layout ([`crate::packed`]): the owned rows, or for
 //!   8-bit formats and 4-bit formats without act-order the owned columns (whole 4-bit groups), are
-//!   copied out of the codes and parameters and dequantized, exactly as the unsharded CPU engine
-//!   dequantizes the whole matrix. A 4-bit act-order matrix (GPTQ `g_idx`) stores its columns
-//!   permuted and cannot be split by columns; neither can 4-bit groups cut by the shard boundary:
-//!   both are [`ShardWeightError::Unsliceable`] naming the tensor.
+//!   copied out of the codes and parameters and stay packed: [`Part::matrix`] gives the products
+//!   the packed form, as the unsharded engines read the whole matrix, and [`Part::data`]
+//!   dequantizes only when elements are asked for. A 4-bit act-order matrix (GPTQ `g_idx`) stores
+//!   its columns permuted and cannot be split by columns; neither can 4-bit groups cut by the
+//!   shard boundary: both are [`ShardWeightError::Unsliceable`] naming the tensor.
 
 use super::plan::RankShard;
 use crate::checkpoint::TensorView;
+use crate::cpu::packed_matmul::Matrix;
 use crate::dtype::{DType, WeightSlice};
 use crate::packed::{PackedKind, PackedMatrix};
 use crate::weights::{ModelWeights, Weight};
 use half::{bf16, f16};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// A weight that cannot be split the way the plan asks.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -91,7 +94,7 @@ pub struct Part {
 
 #[derive(Debug, Clone)]
 enum PartData {
-    /// Elements `elements` of a memory-mapped (or owned) float tensor.
+    /// Elements `elements` of a memory-mapped (or owned, or packed) tensor.
     Mapped {
         tensor: TensorView,
         elements: Range<usize>,
@@ -101,7 +104,7 @@ enum PartData {
 }
 
 impl Part {
-    /// The elements.
+    /// The elements (a packed part's are dequantized on the first call and kept).
     pub fn data(&self) -> WeightSlice<'_> {
         match &self.data {
             PartData::Mapped { tensor, elements } => tensor.data().slice(elements.clone()),
@@ -111,10 +114,31 @@ impl Part {
         }
     }
 
-    /// Bytes the part holds (0 for a view of the mapping).
+    /// The matrix a product reads: the packed codes of a quantized part (never dequantized), or
+    /// the elements.
+    pub fn matrix(&self) -> Matrix<'_> {
+        match self.packed() {
+            Some(packed) => Matrix::Packed(packed),
+            None => Matrix::Dense(self.data()),
+        }
+    }
+
+    /// The packed form of a quantized part, else `None`.
+    pub fn packed(&self) -> Option<&PackedMatrix> {
+        match &self.data {
+            PartData::Mapped { tensor, .. } => tensor.packed().map(|p| &**p),
+            PartData::Owned(_) => None,
+        }
+    }
+
+    /// Bytes the part holds itself: 0 for a view of the mapping, the codes and parameters of a
+    /// packed part (its elements are not kept), the elements of a copy.
     pub fn owned_bytes(&self) -> usize {
         match &self.data {
-            PartData::Mapped { .. } => 0,
+            PartData::Mapped { tensor, .. } => match tensor.packed() {
+                Some(packed) => packed.stored_bytes(),
+                None => 0,
+            },
             PartData::Owned(o) => match o {
                 Owned::BF16(v) => v.len() * 2,
                 Owned::F16(v) => v.len() * 2,
@@ -147,7 +171,7 @@ fn rows(w: &Weight, range: Range<usize>, log: &mut ReadLog) -> Result<Part, Shar
             params: packed.params[params].to_vec(),
             perm: packed.perm.clone(),
         };
-        return Ok(owned_f32(n, w.cols, part.dequantize()));
+        return Ok(packed_part(w, part));
     }
     let elements = range.start * w.cols..range.end * w.cols;
     let size = w.tensor.dtype().size();
@@ -182,11 +206,26 @@ fn owned_copy(w: &Weight, bytes: &[u8]) -> Owned {
     }
 }
 
-fn owned_f32(rows: usize, cols: usize, v: Vec<f32>) -> Part {
-    Part {
-        rows,
-        cols,
-        data: PartData::Owned(Owned::F32(v)),
+/// A part of the quantized `w`, held packed.
+fn packed_part(w: &Weight, part: PackedMatrix) -> Part {
+    let (rows, cols) = (part.rows, part.cols);
+    let part = Arc::new(part);
+    let name = w.tensor.name();
+    match TensorView::from_packed(name, vec![rows, cols], Arc::clone(&part), w.tensor.path()) {
+        Some(tensor) => Part {
+            rows,
+            cols,
+            data: PartData::Mapped {
+                tensor,
+                elements: 0..rows * cols,
+            },
+        },
+        // Not reached: the shape is the packed matrix's own.
+        None => Part {
+            rows,
+            cols,
+            data: PartData::Owned(Owned::F32(part.dequantize())),
+        },
     }
 }
 
@@ -198,8 +237,7 @@ fn cols(w: &Weight, range: Range<usize>, log: &mut ReadLog) -> Result<Part, Shar
     let name = w.tensor.name();
     let width = range.len();
     if let Some(packed) = w.tensor.packed() {
-        let part = packed_cols(name, packed, range, log)?;
-        return Ok(owned_f32(w.rows, width, part.dequantize()));
+        return Ok(packed_part(w, packed_cols(name, packed, range, log)?));
     }
     let size = w.tensor.dtype().size();
     let bytes = w.tensor.bytes();
