@@ -20,7 +20,8 @@ use std::time::Duration;
 use cudarc::driver::CudaContext;
 
 use super::device::driver_present;
-use super::engine::rank::{plan_config, rank_bytes};
+use super::engine::rank::{formats as rank_formats, plan_config, rank_bytes};
+use super::engine::upload::LayerFormats;
 use super::engine::{plan_sizes, RankSetup, WeightSource};
 use super::nccl::{NcclComm, NcclError, NcclGroups, TpComm};
 use super::{CudaEngine, CudaEngineOptions, CudaError};
@@ -214,7 +215,11 @@ impl ShardedCudaEngine {
         let mut tp_comms = tp_comms.into_iter();
         let mut rank_options = options.cuda.clone();
         if rank_options.engine.kv_blocks.is_none() {
-            let blocks = agreed_kv_blocks(&config, &plan, &ordinals, &rank_options)?;
+            let formats: Vec<_> = rank_weights
+                .iter()
+                .map(|w| rank_formats(&config, w.as_ref()))
+                .collect();
+            let blocks = agreed_kv_blocks(&config, &plan, &formats, &ordinals, &rank_options)?;
             rank_options.engine.kv_blocks = Some(blocks);
         }
         let seed = match source {
@@ -285,15 +290,17 @@ impl ShardedCudaEngine {
     }
 }
 
-/// The KV block count every rank can hold: the least of what each rank's free memory allows.
+/// The KV block count every rank can hold: the least of what each rank's free memory allows, with
+/// its weights stored in its `formats`.
 fn agreed_kv_blocks(
     config: &ModelConfig,
     plan: &ShardPlan,
+    formats: &[Vec<LayerFormats>],
     ordinals: &[usize],
     options: &CudaEngineOptions,
 ) -> Result<usize, MultiGpuError> {
     let mut least = usize::MAX;
-    for (shard, &ordinal) in plan.ranks.iter().zip(ordinals) {
+    for ((shard, &ordinal), formats) in plan.ranks.iter().zip(ordinals).zip(formats) {
         let failed = |source: CudaError| MultiGpuError::Rank {
             rank: shard.rank,
             ordinal,
@@ -306,7 +313,7 @@ fn agreed_kv_blocks(
         let (free, _) = ctx
             .mem_get_info()
             .map_err(|e| failed(CudaError::driver("reading free device memory")(e)))?;
-        let weights = rank_bytes(config, shard, options.max_step_tokens().max(1));
+        let weights = rank_bytes(config, shard, formats, options.max_step_tokens().max(1));
         let sizes = plan_sizes(
             &plan_config(config, shard),
             options,

@@ -22,7 +22,7 @@ use super::super::module::Kernels;
 use super::super::ops::{self, DequantShape, PackedView};
 use super::super::select::{select, Choice, Device, Format, Op};
 use crate::quant::{int4, PackedKind, QuantFormat};
-use crate::weights::Weight;
+use super::host::HostTensor;
 
 
 /// How one stack of matrices is stored on the device (packed: codes, parameters, the permutation
@@ -90,15 +90,15 @@ pub fn table_values(kind: PackedKind) -> Option<[f32; 16]> {
 /// The format of a stack made of `groups`: each group is matrices that share one input (stored one
 /// after the other, e.g. q, k, v; or `w1[e]`, `w3[e]`), which must share a permutation. Packed when
 /// every matrix is packed in one kind the kernels read; bf16 otherwise.
-pub fn stack_format(groups: &[&[&Weight]]) -> StackFormat {
+pub fn stack_format<T: HostTensor>(groups: &[&[&T]]) -> StackFormat {
     let mut kind = None;
     let mut perm = false;
     for group in groups {
-        let Some(first) = group.first().and_then(|w| w.tensor.packed()) else {
+        let Some(first) = group.first().and_then(|w| w.packed()) else {
             return StackFormat::Bf16;
         };
         for w in group.iter() {
-            let Some(p) = w.tensor.packed() else {
+            let Some(p) = w.packed() else {
                 return StackFormat::Bf16;
             };
             if p.gpu_layout_ok().is_err() || p.perm != first.perm || p.cols != first.cols {
@@ -391,6 +391,7 @@ mod tests {
     use super::*;
     use crate::checkpoint::TensorView;
     use crate::quant::{int4, PackedMatrix};
+    use crate::weights::Weight;
     use std::sync::Arc;
 
     fn packed_weight(p: PackedMatrix) -> Weight {

@@ -15,6 +15,7 @@
 
 pub mod forward;
 pub mod graph;
+pub mod host;
 pub mod inputs;
 pub mod matrix;
 pub mod plan;
@@ -312,12 +313,16 @@ impl CudaEngine {
                 }
                 (Some(_), _) if packed_random => {
                     return Err(CudaError::UnsupportedModel(
-                        "a rank of a sharded engine holds bf16 stacks".into(),
+                        "a rank of a sharded engine takes random weights in bf16 only".into(),
                     ))
                 }
-                (Some(r), _) => {
+                (Some(r), source) => {
                     rank::check_shard(full, &r.shard)?;
-                    (rank::plan_config(full, &r.shard), false, rank::formats(full))
+                    let shard = match source {
+                        WeightSource::Shard { weights, .. } => Some(weights),
+                        _ => None,
+                    };
+                    (rank::plan_config(full, &r.shard), false, rank::formats(full, shard))
                 }
                 (None, WeightSource::Checkpoint(w)) => {
                     (w.config.clone(), is_tied(w), weight_formats(w))
@@ -338,7 +343,7 @@ impl CudaEngine {
                 .mem_get_info()
                 .map_err(CudaError::driver("reading free device memory"))?;
             let weight_bytes = match &rank {
-                Some(r) => rank::rank_bytes(full, &r.shard, max_tokens),
+                Some(r) => rank::rank_bytes(full, &r.shard, &formats, max_tokens),
                 None => device_weight_bytes(&config, tied, &formats, max_tokens),
             };
             let sizes = plan_sizes(&config, &options, free.saturating_sub(weight_bytes))?;
@@ -357,25 +362,18 @@ impl CudaEngine {
             let stream = Arc::clone(device.stream());
             let mut arena = DeviceArena::new(Arc::clone(&stream));
             let mut gpu_weights = match &rank {
-                Some(r) => rank::allocate_rank_weights(full, &r.shard, max_tokens, &mut arena)?,
+                Some(r) => {
+                    rank::allocate_rank_weights(full, &r.shard, &formats, max_tokens, &mut arena)?
+                }
                 None => allocate_weights(&config, tied, &formats, max_tokens, &mut arena)?,
             };
             match source {
-                WeightSource::Shard { weights, .. } => rank::upload_rank_weights(
-                    weights,
-                    &mut gpu_weights,
-                    device.context(),
-                    &stream,
-                    progress,
-                )?,
-                WeightSource::Checkpoint(w) => upload_weights(
-                    w,
-                    &formats,
-                    &mut gpu_weights,
-                    device.context(),
-                    &stream,
-                    progress,
-                )?,
+                WeightSource::Shard { weights, .. } => {
+                    upload_weights(weights, &mut gpu_weights, device.context(), &stream, progress)?
+                }
+                WeightSource::Checkpoint(w) => {
+                    upload_weights(w, &mut gpu_weights, device.context(), &stream, progress)?
+                }
                 WeightSource::Random { seed, .. } => randomize_weights(
                     &mut gpu_weights,
                     &config,

@@ -14,24 +14,22 @@
 //! - the LM head: the rank's vocabulary columns `[R, vocab / world]`, all-gathered over the world
 //!   into the logits `[R, vocab]` row by row, before the argmax and sampling.
 //!
-//! The device stacks of a rank are bf16 (quantized shards are held dequantized by
-//! [`RankWeights`]); the router is whole, `[experts, hidden]`.
+//! A rank's stacks are stored as a whole model's would be ([`formats`]): packed where its parts of
+//! a quantized checkpoint are packed in a kind the kernels read, bf16 otherwise (and for random
+//! weights); they are uploaded by the same [`upload_weights`](super::upload::upload_weights). The
+//! router is whole, `[experts, hidden]`.
 
 use std::ops::Range;
-use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaStream};
-use half::bf16;
+use cudarc::driver::CudaStream;
 
 use super::super::error::CudaError;
 use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut, BUFFER_ALIGN};
-use super::matrix::{DeviceMatrix, StackFormat};
+use super::matrix::StackFormat;
 use super::upload::{
-    allocate_weights, copy_stacked, device_weight_bytes, GpuWeights, LayerFormats, Staging,
+    allocate_weights, device_weight_bytes, weight_formats, GpuWeights, LayerFormats,
 };
-use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
-use crate::shard::weights::Part;
 use crate::shard::{RankShard, RankWeights};
 
 /// Which group of ranks a collective spans.
@@ -156,9 +154,13 @@ fn weight_config(config: &ModelConfig, shard: &RankShard) -> ModelConfig {
     }
 }
 
-/// The storage of a rank's stacks: bf16 (quantized shards arrive dequantized).
-pub fn formats(config: &ModelConfig) -> Vec<LayerFormats> {
-    vec![LayerFormats::all(StackFormat::Bf16); config.num_layers]
+/// The storage of a rank's stacks: packed where its shard's parts allow (as for a whole model,
+/// [`weight_formats`]), bf16 for random weights (`None`).
+pub fn formats(config: &ModelConfig, weights: Option<&RankWeights>) -> Vec<LayerFormats> {
+    match weights {
+        Some(w) => weight_formats(w),
+        None => vec![LayerFormats::all(StackFormat::Bf16); config.num_layers],
+    }
 }
 
 /// Refuses a shard the CUDA expert kernels cannot run: fewer experts than each token picks.
@@ -174,26 +176,33 @@ pub fn check_shard(config: &ModelConfig, shard: &RankShard) -> Result<(), CudaEr
     Ok(())
 }
 
-/// Device bytes of a rank's weights (an upper bound, like [`device_weight_bytes`]) and of its
-/// [`RankPlan`] buffers, for chunks of up to `max_tokens` tokens.
-pub fn rank_bytes(config: &ModelConfig, shard: &RankShard, max_tokens: usize) -> usize {
+/// Device bytes of a rank's weights stored in `formats` (an upper bound, like
+/// [`device_weight_bytes`]) and of its [`RankPlan`] buffers, for chunks of up to `max_tokens`
+/// tokens.
+pub fn rank_bytes(
+    config: &ModelConfig,
+    shard: &RankShard,
+    formats: &[LayerFormats],
+    max_tokens: usize,
+) -> usize {
     let w = weight_config(config, shard);
     let gates =
         config.num_layers * (2 * config.num_experts.max(1) * config.hidden_size + BUFFER_ALIGN);
     let logits = 4 * max_tokens * shard.vocab.len() + BUFFER_ALIGN;
-    device_weight_bytes(&w, false, &formats(config), max_tokens) + gates + logits
+    device_weight_bytes(&w, false, formats, max_tokens) + gates + logits
 }
 
-/// Allocates a rank's weight regions: the unsharded layout at its shard's sizes, with the whole
-/// router.
+/// Allocates a rank's weight regions in `formats`: the unsharded layout at its shard's sizes, with
+/// the whole router.
 pub fn allocate_rank_weights(
     config: &ModelConfig,
     shard: &RankShard,
+    formats: &[LayerFormats],
     max_tokens: usize,
     arena: &mut DeviceArena,
 ) -> Result<GpuWeights, CudaError> {
     let w = weight_config(config, shard);
-    let mut gpu = allocate_weights(&w, false, &formats(config), max_tokens, arena)?;
+    let mut gpu = allocate_weights(&w, false, formats, max_tokens, arena)?;
     let router = config.num_experts.max(1) * config.hidden_size;
     for (l, layer) in gpu.layers.iter_mut().enumerate() {
         layer.gate = arena.zeroed(router, &format!("layer {l} router"))?;
@@ -218,102 +227,12 @@ pub fn rank_plan(
     })
 }
 
-/// The bf16 region of a stack allocated by [`allocate_rank_weights`].
-fn bf16_stack<'a>(
-    m: &'a mut DeviceMatrix,
-    what: &str,
-) -> Result<&'a mut DeviceBuffer<bf16>, CudaError> {
-    match m {
-        DeviceMatrix::Bf16(b) => Ok(b),
-        DeviceMatrix::Packed(_) => Err(CudaError::UnsupportedModel(format!(
-            "{what}: a rank's stacks are bf16"
-        ))),
-    }
-}
-
-/// Uploads `weights` into the regions of `gpu` (made by [`allocate_rank_weights`] for its shard)
-/// through pinned staging, reporting progress.
-pub fn upload_rank_weights(
-    weights: &RankWeights,
-    gpu: &mut GpuWeights,
-    ctx: &Arc<CudaContext>,
-    stream: &Arc<CudaStream>,
-    progress: Option<&dyn Fn(LoadProgress)>,
-) -> Result<(), CudaError> {
-    let mut total = 0u64;
-    let mut count = |p: &Part| total += 2 * (p.rows * p.cols) as u64;
-    for l in &weights.layers {
-        for p in [
-            &l.attn_norm,
-            &l.q_proj,
-            &l.k_proj,
-            &l.v_proj,
-            &l.o_proj,
-            &l.ffn_norm,
-        ] {
-            count(p);
-        }
-        l.router.iter().for_each(&mut count);
-        for e in &l.experts {
-            [&e.w1, &e.w2, &e.w3].into_iter().for_each(&mut count);
-        }
-    }
-    [&weights.embed, &weights.final_norm, &weights.lm_head]
-        .into_iter()
-        .for_each(&mut count);
-    let mut staging = Staging::new(ctx, stream, total, progress)?;
-    let st = &mut staging;
-    for (l, (lw, g)) in weights.layers.iter().zip(&mut gpu.layers).enumerate() {
-        copy_stacked(
-            st,
-            &mut g.attn_norm,
-            &[&lw.attn_norm],
-            &format!("layer {l} input norm"),
-        )?;
-        copy_stacked(
-            st,
-            &mut g.ffn_norm,
-            &[&lw.ffn_norm],
-            &format!("layer {l} ffn norm"),
-        )?;
-        let what = format!("layer {l} q/k/v projections");
-        let qkv = bf16_stack(&mut g.qkv, &what)?;
-        copy_stacked(st, qkv, &[&lw.q_proj, &lw.k_proj, &lw.v_proj], &what)?;
-        let what = format!("layer {l} o_proj");
-        copy_stacked(st, bf16_stack(&mut g.o, &what)?, &[&lw.o_proj], &what)?;
-        // A dense model has no router: its zero gate gives the one expert weight 1.
-        if let Some(r) = &lw.router {
-            copy_stacked(st, &mut g.gate, &[r], &format!("layer {l} router"))?;
-        }
-        let w1: Vec<&Part> = lw.experts.iter().map(|e| &e.w1).collect();
-        let w3: Vec<&Part> = lw.experts.iter().map(|e| &e.w3).collect();
-        let w2: Vec<&Part> = lw.experts.iter().map(|e| &e.w2).collect();
-        for (stack, parts, name) in [
-            (&mut g.w1, w1, "w1"),
-            (&mut g.w3, w3, "w3"),
-            (&mut g.w2, w2, "w2"),
-        ] {
-            let what = format!("layer {l} experts {name}");
-            copy_stacked(st, bf16_stack(stack, &what)?, &parts, &what)?;
-        }
-    }
-    copy_stacked(st, &mut gpu.embed, &[&weights.embed], "embedding")?;
-    copy_stacked(
-        st,
-        &mut gpu.final_norm,
-        &[&weights.final_norm],
-        "final norm",
-    )?;
-    if let Some(lm_head) = &mut gpu.lm_head {
-        copy_stacked(st, lm_head, &[&weights.lm_head], "lm_head")?;
-    }
-    staging.finish()
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::shard::{Layout, ShardPlan};
+    use crate::shard::weights::Part;
 
     fn config() -> ModelConfig {
         let text = r#"{"architectures":["MixtralForCausalLM"],"hidden_size":64,"intermediate_size":96,
@@ -393,5 +312,32 @@ mod tests {
         let plan = ShardPlan::new(&c, Layout { tp: 1, ep: 8 }).unwrap();
         let e = check_shard(&c, &plan.ranks[0]).unwrap_err();
         assert!(e.to_string().contains("1 expert(s) per rank"), "{e}");
+    }
+
+    /// A rank of a quantized checkpoint keeps its stacks packed where its parts can be read by the
+    /// kernels (8-bit rows: a multiple of 16 columns), and its memory plan counts the packed
+    /// bytes, not bf16: the FP8 fixture (hidden 64, intermediate 96, 4 heads of 16) packs every
+    /// stack under EP=2, and under TP=2 too (o_proj's 32 and w2's 48 columns per rank).
+    #[test]
+    fn a_quantized_ranks_stacks_stay_packed_and_its_memory_plan_counts_them() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = root.join("tests/fixtures/quant/fp8-channel");
+        let model = crate::Model::load(&dir, &crate::LoadOptions::default()).unwrap();
+        let full = &model.config;
+        let packed = StackFormat::Packed {
+            kind: crate::quant::PackedKind::Fp8,
+            perm: false,
+        };
+        for layout in [Layout { tp: 1, ep: 2 }, Layout { tp: 2, ep: 1 }] {
+            let plan = ShardPlan::new(full, layout).unwrap();
+            for shard in &plan.ranks {
+                let mut log = crate::shard::ReadLog::default();
+                let w = RankWeights::new(&model.weights, shard, &mut log).unwrap();
+                let f = formats(full, Some(&w));
+                assert!(f.iter().all(|l| *l == LayerFormats::all(packed)), "{layout}: {f:?}");
+                let bf16 = formats(full, None);
+                assert!(rank_bytes(full, shard, &f, 8) < rank_bytes(full, shard, &bf16, 8));
+            }
+        }
     }
 }

@@ -192,7 +192,7 @@ fn every_quantized_fixture_is_stored_packed_act_order_and_table_codes_included()
         ("gptq-actorder", PackedKind::Int4 { group_size: 32 }, true),
     ] {
         let model = Model::load(&root.join(dir), &LoadOptions::default()).expect(dir);
-        let formats = weight_formats(&model.weights);
+        let formats = weight_formats(model.weights.as_ref());
         assert_eq!(formats.len(), model.config.num_layers);
         for f in formats {
             assert_eq!(
@@ -217,7 +217,7 @@ fn every_quantized_fixture_is_stored_packed_act_order_and_table_codes_included()
             },
             perm: false,
         };
-        for f in weight_formats(&model.weights) {
+        for f in weight_formats(model.weights.as_ref()) {
             assert_eq!((f.qkv, f.o), (packed, packed), "{dir}");
             assert_eq!((f.w13, f.w2), (StackFormat::Bf16, StackFormat::Bf16), "{dir}");
         }
@@ -225,7 +225,7 @@ fn every_quantized_fixture_is_stored_packed_act_order_and_table_codes_included()
     // A bf16 model stays bf16.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
     let model = Model::load(&dir, &LoadOptions::default()).expect("tiny");
-    assert!(weight_formats(&model.weights)
+    assert!(weight_formats(model.weights.as_ref())
         .iter()
         .all(|f| *f == LayerFormats::all(StackFormat::Bf16)));
 }

@@ -22,6 +22,7 @@ use super::super::module::Kernels;
 use super::super::ops::{fill_random, FillValues};
 use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut, BUFFER_ALIGN};
 use super::super::select::{select, Choice, Device, Format, Op};
+use super::host::{upload_bytes, HostModel, HostTensor};
 use super::matrix::{
     stack_format, table_values, DequantScratch, DeviceMatrix, PackedStack, StackFormat,
 };
@@ -29,8 +30,7 @@ use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::dtype::WeightSlice;
 use crate::quant::PackedKind;
-use crate::shard::weights::Part;
-use crate::weights::{ModelWeights, Weight};
+use crate::weights::ModelWeights;
 
 /// Bytes of each pinned staging buffer.
 const STAGING_BYTES: usize = 32 << 20;
@@ -105,21 +105,21 @@ impl LayerFormats {
     }
 }
 
-/// The storage of every layer's stacks for `weights`: packed where [`stack_format`] allows.
-pub fn weight_formats(weights: &ModelWeights) -> Vec<LayerFormats> {
+/// The storage of every layer's stacks for `weights` (a model's, or a rank's shard): packed where
+/// [`stack_format`] allows.
+pub fn weight_formats<M: HostModel>(weights: &M) -> Vec<LayerFormats> {
     weights
-        .layers
+        .host_layers()
         .iter()
         .map(|l| {
-            let w13: Vec<[&Weight; 2]> = l.experts.iter().map(|e| [&e.w1, &e.w3]).collect();
-            let w13: Vec<&[&Weight]> = w13.iter().map(|g| g.as_slice()).collect();
-            let w2: Vec<[&Weight; 1]> = l.experts.iter().map(|e| [&e.w2]).collect();
-            let w2: Vec<&[&Weight]> = w2.iter().map(|g| g.as_slice()).collect();
+            let w13: Vec<[&M::Tensor; 2]> = l.experts.iter().map(|[w1, w3, _]| [*w1, *w3]).collect();
+            let w13: Vec<&[&M::Tensor]> = w13.iter().map(|g| g.as_slice()).collect();
+            let w2: Vec<[&M::Tensor; 1]> = l.experts.iter().map(|[_, _, w2]| [*w2]).collect();
             LayerFormats {
-                qkv: stack_format(&[&[&l.q_proj, &l.k_proj, &l.v_proj]]),
-                o: stack_format(&[&[&l.o_proj]]),
+                qkv: stack_format(&[&l.qkv]),
+                o: stack_format(&[&[l.o]]),
                 w13: stack_format(&w13),
-                w2: stack_format(&w2),
+                w2: stack_format(&singles(&w2)),
             }
         })
         .collect()
@@ -464,24 +464,6 @@ fn convert_to_bf16(src: WeightSlice<'_>, out: &mut [u8]) {
     }
 }
 
-/// Host elements that go up to the GPU: a model's [`Weight`], or a rank's [`Part`] of one.
-pub(super) trait HostTensor {
-    /// The elements, row-major, in their stored precision.
-    fn data(&self) -> WeightSlice<'_>;
-}
-
-impl HostTensor for Weight {
-    fn data(&self) -> WeightSlice<'_> {
-        Weight::data(self)
-    }
-}
-
-impl HostTensor for Part {
-    fn data(&self) -> WeightSlice<'_> {
-        Part::data(self)
-    }
-}
-
 /// Copies `parts` one after the other into `dst` (converted to bf16).
 pub(super) fn copy_stacked<T: HostTensor>(
     staging: &mut Staging<'_>,
@@ -522,15 +504,15 @@ fn copy_raw(
 
 /// Copies a stack whose matrix `m` is `matrices[m]` (row blocks stored one after the other, e.g.
 /// q, k, v) into `dst`, with the permutation where the stack has a buffer for it.
-fn copy_matrices(
+fn copy_matrices<T: HostTensor>(
     staging: &mut Staging<'_>,
     dst: &mut DeviceMatrix,
-    matrices: &[&[&Weight]],
+    matrices: &[&[&T]],
     what: &str,
 ) -> Result<(), CudaError> {
     let p = match dst {
         DeviceMatrix::Bf16(region) => {
-            let parts: Vec<&Weight> = matrices.iter().flat_map(|m| m.iter().copied()).collect();
+            let parts: Vec<&T> = matrices.iter().flat_map(|m| m.iter().copied()).collect();
             return copy_stacked(staging, region, &parts, what);
         }
         DeviceMatrix::Packed(p) => p,
@@ -538,8 +520,8 @@ fn copy_matrices(
     let (mut codes, mut params) = (0, 0);
     for (m, blocks) in matrices.iter().enumerate() {
         for (b, w) in blocks.iter().enumerate() {
-            let packed = w.tensor.packed().ok_or_else(|| {
-                CudaError::UnsupportedModel(format!("{what}: {} is not packed", w.tensor.name()))
+            let packed = w.packed().ok_or_else(|| {
+                CudaError::UnsupportedModel(format!("{what}: {} is not packed", w.name()))
             })?;
             copy_raw(staging, p.codes.view_mut(), codes, &packed.codes, what)?;
             codes += packed.codes.len();
@@ -552,7 +534,7 @@ fn copy_matrices(
             }
         }
         // A matrix without a permutation in a stack that has one gets the identity.
-        let first = blocks.first().and_then(|w| w.tensor.packed());
+        let first = blocks.first().and_then(|w| w.packed());
         if let (Some(buffer), Some(None)) = (&mut p.perm, first.map(|f| &f.perm)) {
             let identity: Vec<u32> = (0..p.cols as u32).collect();
             let at = 4 * m * p.cols;
@@ -571,79 +553,49 @@ fn copy_table(staging: &mut Staging<'_>, p: &mut PackedStack, what: &str) -> Res
 }
 
 /// One matrix per entry (a stack of single-block matrices).
-fn singles<'w>(v: &'w [[&'w Weight; 1]]) -> Vec<&'w [&'w Weight]> {
+fn singles<'w, T>(v: &'w [[&'w T; 1]]) -> Vec<&'w [&'w T]> {
     v.iter().map(|m| m.as_slice()).collect()
 }
 
-/// Uploads `weights` into the regions of `gpu` (made by [`allocate_weights`] for the same config and
-/// `formats`, the [`weight_formats`] of `weights`), reporting progress in bytes uploaded.
-pub fn upload_weights(
-    weights: &ModelWeights,
-    formats: &[LayerFormats],
+/// Uploads `weights` (a model's, or a rank's shard) into the regions of `gpu` (made by
+/// [`allocate_weights`] for their sizes and the [`weight_formats`] of `weights`), reporting
+/// progress in bytes uploaded.
+pub fn upload_weights<M: HostModel>(
+    weights: &M,
     gpu: &mut GpuWeights,
     ctx: &Arc<CudaContext>,
     stream: &Arc<CudaStream>,
     progress: Option<&dyn Fn(LoadProgress)>,
 ) -> Result<(), CudaError> {
-    let total = device_weight_bytes(&weights.config, is_tied(weights), formats, 0) as u64;
+    let layers = weights.host_layers();
+    let [embed, final_norm, lm_head] = weights.ends();
+    let mut total = [embed, final_norm, lm_head].map(upload_bytes).iter().sum::<u64>();
+    for l in &layers {
+        let norms_and_router = [l.attn_norm, l.ffn_norm].into_iter().chain(l.router);
+        let tensors = norms_and_router.chain([l.o]).chain(l.qkv).chain(l.experts.concat());
+        total += tensors.map(upload_bytes).sum::<u64>();
+    }
     let mut staging = Staging::new(ctx, stream, total, progress)?;
     let st = &mut staging;
-    for (l, (lw, g)) in weights.layers.iter().zip(&mut gpu.layers).enumerate() {
-        copy_stacked(
-            st,
-            &mut g.attn_norm,
-            &[&lw.attn_norm],
-            &format!("layer {l} input norm"),
-        )?;
-        copy_stacked(
-            st,
-            &mut g.ffn_norm,
-            &[&lw.ffn_norm],
-            &format!("layer {l} ffn norm"),
-        )?;
-        copy_matrices(
-            st,
-            &mut g.o,
-            &[&[&lw.o_proj]],
-            &format!("layer {l} o_proj"),
-        )?;
-        copy_matrices(
-            st,
-            &mut g.qkv,
-            &[&[&lw.q_proj, &lw.k_proj, &lw.v_proj]],
-            &format!("layer {l} q/k/v projections"),
-        )?;
+    for (l, (lw, g)) in layers.iter().zip(&mut gpu.layers).enumerate() {
+        copy_stacked(st, &mut g.attn_norm, &[lw.attn_norm], &format!("layer {l} input norm"))?;
+        copy_stacked(st, &mut g.ffn_norm, &[lw.ffn_norm], &format!("layer {l} ffn norm"))?;
+        copy_matrices(st, &mut g.o, &[&[lw.o]], &format!("layer {l} o_proj"))?;
+        copy_matrices(st, &mut g.qkv, &[&lw.qkv], &format!("layer {l} q/k/v projections"))?;
         // A dense model has no router: its zero gate gives the one expert weight 1.
-        if let Some(r) = &lw.router {
+        if let Some(r) = lw.router {
             copy_stacked(st, &mut g.gate, &[r], &format!("layer {l} router"))?;
         }
-        let w1: Vec<[&Weight; 1]> = lw.experts.iter().map(|e| [&e.w1]).collect();
-        let w3: Vec<[&Weight; 1]> = lw.experts.iter().map(|e| [&e.w3]).collect();
-        let w2: Vec<[&Weight; 1]> = lw.experts.iter().map(|e| [&e.w2]).collect();
-        copy_matrices(
-            st,
-            &mut g.w1,
-            &singles(&w1),
-            &format!("layer {l} experts w1"),
-        )?;
         // w3 has no permutation buffer of its own: it reads w1's.
-        copy_matrices(
-            st,
-            &mut g.w3,
-            &singles(&w3),
-            &format!("layer {l} experts w3"),
-        )?;
-        copy_matrices(
-            st,
-            &mut g.w2,
-            &singles(&w2),
-            &format!("layer {l} experts w2"),
-        )?;
+        for (stack, m, name) in [(&mut g.w1, 0, "w1"), (&mut g.w3, 1, "w3"), (&mut g.w2, 2, "w2")] {
+            let matrices: Vec<[&M::Tensor; 1]> = lw.experts.iter().map(|e| [e[m]]).collect();
+            copy_matrices(st, stack, &singles(&matrices), &format!("layer {l} experts {name}"))?;
+        }
     }
-    copy_stacked(st, &mut gpu.embed, &[&weights.embed], "embedding")?;
-    copy_stacked(st, &mut gpu.final_norm, &[&weights.final_norm], "final norm")?;
-    if let Some(lm_head) = &mut gpu.lm_head {
-        copy_stacked(st, lm_head, &[&weights.lm_head], "lm_head")?;
+    copy_stacked(st, &mut gpu.embed, &[embed], "embedding")?;
+    copy_stacked(st, &mut gpu.final_norm, &[final_norm], "final norm")?;
+    if let Some(region) = &mut gpu.lm_head {
+        copy_stacked(st, region, &[lm_head], "lm_head")?;
     }
     staging.finish()
 }
