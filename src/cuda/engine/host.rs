@@ -69,45 +69,34 @@ pub trait HostModel {
     fn ends(&self) -> [&Self::Tensor; 3];
 }
 
-impl HostModel for ModelWeights {
-    type Tensor = Weight;
-    fn host_layers(&self) -> Vec<HostLayer<'_, Weight>> {
-        self.layers
-            .iter()
-            .map(|l| HostLayer {
-                attn_norm: &l.attn_norm,
-                qkv: [&l.q_proj, &l.k_proj, &l.v_proj],
-                o: &l.o_proj,
-                ffn_norm: &l.ffn_norm,
-                router: l.router.as_ref(),
-                experts: l.experts.iter().map(|e| [&e.w1, &e.w3, &e.w2]).collect(),
-            })
-            .collect()
-    }
-    fn ends(&self) -> [&Weight; 3] {
-        [&self.embed, &self.final_norm, &self.lm_head]
-    }
+/// Implements [`HostModel`] for a weights type whose layers and experts have the same field names
+/// as [`ModelWeights`]' (a rank's [`RankWeights`] mirror them).
+macro_rules! host_model {
+    ($weights:ty, $tensor:ty) => {
+        impl HostModel for $weights {
+            type Tensor = $tensor;
+            fn host_layers(&self) -> Vec<HostLayer<'_, $tensor>> {
+                self.layers
+                    .iter()
+                    .map(|l| HostLayer {
+                        attn_norm: &l.attn_norm,
+                        qkv: [&l.q_proj, &l.k_proj, &l.v_proj],
+                        o: &l.o_proj,
+                        ffn_norm: &l.ffn_norm,
+                        router: l.router.as_ref(),
+                        experts: l.experts.iter().map(|e| [&e.w1, &e.w3, &e.w2]).collect(),
+                    })
+                    .collect()
+            }
+            fn ends(&self) -> [&$tensor; 3] {
+                [&self.embed, &self.final_norm, &self.lm_head]
+            }
+        }
+    };
 }
 
-impl HostModel for RankWeights {
-    type Tensor = Part;
-    fn host_layers(&self) -> Vec<HostLayer<'_, Part>> {
-        self.layers
-            .iter()
-            .map(|l| HostLayer {
-                attn_norm: &l.attn_norm,
-                qkv: [&l.q_proj, &l.k_proj, &l.v_proj],
-                o: &l.o_proj,
-                ffn_norm: &l.ffn_norm,
-                router: l.router.as_ref(),
-                experts: l.experts.iter().map(|e| [&e.w1, &e.w3, &e.w2]).collect(),
-            })
-            .collect()
-    }
-    fn ends(&self) -> [&Part; 3] {
-        [&self.embed, &self.final_norm, &self.lm_head]
-    }
-}
+host_model!(ModelWeights, Weight);
+host_model!(RankWeights, Part);
 
 /// Bytes the upload of `t` moves: its packed codes, parameters and permutation, or its elements
 /// as bf16 (an estimate for progress: a packed matrix in a bf16 stack moves its elements).
