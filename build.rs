@@ -153,6 +153,7 @@ fn build_kernels() -> Result<Built, String> {
         fatbins.push((stem.to_string(), cached));
     }
     compile_all(&nvcc, &to_compile, &out_dir)?;
+    prune_cache(&cache, &fatbins);
     // The table names copies in OUT_DIR, so that cleaning the cache never breaks a built crate.
     for (stem, cached) in &mut fatbins {
         let copy = out_dir.join(format!("{stem}.fatbin"));
@@ -262,6 +263,30 @@ fn kernel_cache(out_dir: &Path) -> PathBuf {
     {
         Some(target) => target.join("mixtral-kernel-cache"),
         None => out_dir.to_path_buf(),
+    }
+}
+
+/// Removes the cache's older fatbins of the files in `current` (other fingerprints of the same
+/// stem), so that editing a kernel does not grow the cache; failures are ignored.
+fn prune_cache(cache: &Path, current: &[(String, PathBuf)]) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let stale = current.iter().any(|(stem, kept)| {
+            let fingerprinted = name
+                .strip_prefix(stem.as_str())
+                .and_then(|r| r.strip_prefix('-'));
+            let hex = fingerprinted.and_then(|r| r.strip_suffix(".fatbin"));
+            hex.is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                && kept.as_path() != path
+        });
+        if stale {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
