@@ -569,7 +569,8 @@ pub fn upload_weights<M: HostModel>(
 ) -> Result<(), CudaError> {
     let layers = weights.host_layers();
     let [embed, final_norm, lm_head] = weights.ends();
-    let mut total = [embed, final_norm, lm_head].map(upload_bytes).iter().sum::<u64>();
+    let head = gpu.lm_head.is_some().then_some(lm_head);
+    let mut total = [embed, final_norm].into_iter().chain(head).map(upload_bytes).sum::<u64>();
     for l in &layers {
         let norms_and_router = [l.attn_norm, l.ffn_norm].into_iter().chain(l.router);
         let tensors = norms_and_router.chain([l.o]).chain(l.qkv).chain(l.experts.concat());
