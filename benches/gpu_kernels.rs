@@ -585,6 +585,7 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
 
 /// The skip rule of the GPU tests: only a missing CUDA driver or device skips.
 #[path = "../tests/common/gpu.rs"]
+#[allow(dead_code)]
 mod gpu_rule;
 
 fn main() {

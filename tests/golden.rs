@@ -4,6 +4,9 @@
 //! per-token log-probs to 1e-4, and the last position's logits; with every CPU kernel this
 //! machine can run (scalar, AVX2, AVX-512), one after the other.
 
+mod common;
+
+use common::numeric::max_abs_diff;
 use mixtral::cpu::matmul::{set_active_kernel, Kernel};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::perplexity;
@@ -172,12 +175,7 @@ fn logprobs_and_perplexity_match_transformers() {
                 "{}",
                 dir.display()
             );
-            let worst = scored
-                .token_logprobs
-                .iter()
-                .zip(&golden.token_logprobs)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f64, f64::max);
+            let worst = max_abs_diff(&scored.token_logprobs, &golden.token_logprobs);
             eprintln!(
                 "{} ({kernel}): max |logprob diff| {worst:.2e}",
                 dir.display()

@@ -24,11 +24,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use common::gpu::small_options;
 use common::numeric::{argmax, rel_l2};
 use common::repo::root;
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::cuda::{CudaEngine, CudaEngineOptions, CudaError};
-use mixtral::engine::EngineOptions;
 use mixtral::quant::QuantFormat;
 use mixtral::{Engine, EngineError, LoadOptions, LogitsFor, Model, SeqStep};
 use serde_json::Value;
@@ -104,18 +104,6 @@ fn golden_ids(dir: &Path) -> (Vec<u32>, Vec<u32>) {
             .collect()
     };
     (ids("prompt_ids"), ids("greedy_ids"))
-}
-
-fn small_options() -> CudaEngineOptions {
-    CudaEngineOptions {
-        engine: EngineOptions {
-            max_context: Some(256),
-            max_sequences: Some(4),
-            max_step_tokens: Some(64),
-            ..EngineOptions::default()
-        },
-        ..CudaEngineOptions::default()
-    }
 }
 
 /// A CUDA engine; or `None` after printing why the test skips (no CUDA driver or device only: any

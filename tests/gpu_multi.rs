@@ -23,12 +23,10 @@ mod common;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use common::gpu::small_options;
 use common::numeric::{argmax, rel_l2};
 use common::repo::root;
-use mixtral::cuda::{
-    CudaEngine, CudaEngineOptions, MultiGpuError, ShardedCudaEngine, ShardedCudaOptions,
-};
-use mixtral::engine::EngineOptions;
+use mixtral::cuda::{CudaEngine, MultiGpuError, ShardedCudaEngine, ShardedCudaOptions};
 use mixtral::shard::Layout;
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
 
@@ -51,18 +49,6 @@ fn lock() -> MutexGuard<'static, ()> {
     DEVICES.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn options() -> CudaEngineOptions {
-    CudaEngineOptions {
-        engine: EngineOptions {
-            max_context: Some(256),
-            max_sequences: Some(4),
-            max_step_tokens: Some(64),
-            ..EngineOptions::default()
-        },
-        ..CudaEngineOptions::default()
-    }
-}
-
 fn model() -> Model {
     Model::load(&root().join("models/mini-mixtral"), &LoadOptions::default()).expect("mini-mixtral")
 }
@@ -73,7 +59,7 @@ fn model() -> Model {
 fn sharded(model: &Model, layout: Layout, test: &str) -> Option<ShardedCudaEngine> {
     let opts = ShardedCudaOptions {
         layout,
-        cuda: options(),
+        cuda: small_options(),
         timeout: Duration::from_secs(120),
     };
     match ShardedCudaEngine::new(&model.weights, &opts) {
@@ -141,7 +127,7 @@ fn nccl_world_of_one_runs_the_whole_sharded_path_in_the_graphs_and_matches_the_u
     let Some(mut plain) = common::gpu::or_skip(
         test,
         "building the CUDA engine",
-        CudaEngine::new(&model.weights, options(), None),
+        CudaEngine::new(&model.weights, small_options(), None),
     ) else {
         return;
     };
@@ -169,7 +155,7 @@ fn tensor_and_expert_parallel_on_two_gpus_match_one_gpu() {
         let (want_ids, want_rows) = match &reference {
             Some(r) => r,
             None => {
-                let mut one = CudaEngine::new(&model.weights, options(), None)
+                let mut one = CudaEngine::new(&model.weights, small_options(), None)
                     .unwrap_or_else(|e| common::gpu::fail(&test, "building the CUDA engine", &e));
                 reference.insert(greedy(&mut one, &ids, STEPS))
             }

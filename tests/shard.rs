@@ -22,7 +22,7 @@
 
 mod common;
 
-use common::numeric::random_values;
+use common::numeric::{max_abs_diff, random_values};
 use common::repo::root;
 use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
@@ -180,12 +180,7 @@ fn check_golden(dir: &Path, golden: &Golden, engine: &mut ShardedCpuEngine) {
         .copied()
         .collect();
     let scored = perplexity(engine, &sequence).unwrap();
-    let worst = scored
-        .token_logprobs
-        .iter()
-        .zip(&golden.token_logprobs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f64, f64::max);
+    let worst = max_abs_diff(&scored.token_logprobs, &golden.token_logprobs);
     let rel_ppl = (scored.perplexity - golden.perplexity).abs() / golden.perplexity;
     let all = all_logits(engine, &sequence);
     let vocab = engine.config().vocab_size;
@@ -440,12 +435,7 @@ fn fp8_and_int8_split_like_their_unsharded_engine() {
                 "{name} {layout}"
             );
             let got = perplexity(&mut engine, &ids).unwrap();
-            let worst = got
-                .token_logprobs
-                .iter()
-                .zip(&want.token_logprobs)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f64, f64::max);
+            let worst = max_abs_diff(&got.token_logprobs, &want.token_logprobs);
             assert!(worst <= LOGPROB_TOLERANCE, "{name} {layout}: {worst:e}");
         }
     }

@@ -7,7 +7,22 @@
 //!
 //! Also included by `benches/gpu_*.rs` (`#[path]`), so tests and benches share the rule.
 
-use mixtral::cuda::CudaError;
+use mixtral::cuda::{CudaEngineOptions, CudaError};
+use mixtral::engine::EngineOptions;
+
+/// Engine options small enough for the test models on any GPU: 256 tokens of context, 4 sequences,
+/// 64 tokens a step.
+pub fn small_options() -> CudaEngineOptions {
+    CudaEngineOptions {
+        engine: EngineOptions {
+            max_context: Some(256),
+            max_sequences: Some(4),
+            max_step_tokens: Some(64),
+            ..EngineOptions::default()
+        },
+        ..CudaEngineOptions::default()
+    }
+}
 
 /// True when `e` says this machine has no GPU at all: no driver, or a driver reporting no device.
 pub fn no_gpu(e: &CudaError) -> bool {

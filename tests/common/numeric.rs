@@ -82,3 +82,12 @@ pub fn product_definition(
     }
     (y, mag)
 }
+
+/// The largest `|a[i] - b[i]|` over the pairs of `a` and `b` (0 when there are none): the worst
+/// per-token log-probability difference of two scorings.
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f64, f64::max)
+}
