@@ -2,7 +2,8 @@
 //! `--device cpu` the simulated ranks give the unsharded command's output (greedy tokens equal;
 //! perplexity within the golden tolerance, derived in tests/shard.rs); with `--device cuda` and for
 //! a split the model cannot take, one `error:` line before loading; `--dist-init` ranks in
-//! separate processes join over 127.0.0.1, and a rank that never joins is an error on the others
+//! separate processes (joined over 127.0.0.1) give the unsharded output, rank 0 printing it and
+//! the others nothing; a rank that never joins, or that dies mid-run, is an error on the others
 //! within the timeout.
 
 use serde_json::Value;
@@ -161,15 +162,17 @@ fn free_addr() -> String {
     l.local_addr().unwrap().to_string()
 }
 
-fn rank(addr: &str, rank: usize, world: usize, timeout: &str) -> std::process::Child {
+/// Rank `rank` of a world of `world` processes running `args` (the split included).
+fn rank_with(
+    args: &[&str],
+    addr: &str,
+    rank: usize,
+    world: usize,
+    timeout: &str,
+) -> std::process::Child {
     let (r, w) = (rank.to_string(), world.to_string());
-    command(&[
-        "--model",
-        &model(),
-        "--prompt",
-        "hi",
-        "-n",
-        "1",
+    let mut all = args.to_vec();
+    all.extend_from_slice(&[
         "--dist-init",
         addr,
         "--rank",
@@ -178,35 +181,178 @@ fn rank(addr: &str, rank: usize, world: usize, timeout: &str) -> std::process::C
         &w,
         "--dist-timeout",
         timeout,
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap()
+    ]);
+    command(&all)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Rank `rank` of a world of `world` generating one token, split by expert parallelism.
+fn rank(addr: &str, rank: usize, world: usize, timeout: &str) -> std::process::Child {
+    let ep = world.to_string();
+    let args = [
+        "--model",
+        &model(),
+        "--prompt",
+        "hi",
+        "-n",
+        "1",
+        "--expert-parallel",
+        &ep,
+    ];
+    rank_with(&args, addr, rank, world, timeout)
+}
+
+/// Runs every rank of `args` split by `split` (world `world`) in its own process; their outputs
+/// by rank.
+fn processes(args: &[&str], split: &[&str], world: usize) -> Vec<Output> {
+    let addr = free_addr();
+    let mut all = args.to_vec();
+    all.extend_from_slice(split);
+    // The followers first, so that rank 0 is not the one left waiting.
+    let mut children: Vec<_> = (1..world)
+        .map(|r| rank_with(&all, &addr, r, world, "60"))
+        .collect();
+    children.insert(0, rank_with(&all, &addr, 0, world, "60"));
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
 }
 
 #[test]
-fn dist_init_ranks_join_then_say_the_collective_is_not_built() {
-    let addr = free_addr();
-    let children: Vec<_> = (0..2).map(|r| rank(&addr, r, 2, "20")).collect();
-    for (r, child) in children.into_iter().enumerate() {
-        let out = child.wait_with_output().unwrap();
-        assert_one_error_line(&out, &format!("rank {r} of 2 joined the rendezvous"));
-        assert!(stderr(&out).contains("not built yet"), "{}", stderr(&out));
+fn ranks_in_separate_processes_give_the_unsharded_greedy_output() {
+    let g = golden();
+    let n = g["greedy_ids"].as_array().unwrap().len().to_string();
+    let prompt = g["prompt_text"].as_str().unwrap();
+    let base = [
+        "--model",
+        &model(),
+        "--prompt",
+        prompt,
+        "--json",
+        "-n",
+        &n,
+        "--device",
+        "cpu",
+    ];
+    let unsharded = run(&base);
+    assert!(unsharded.status.success(), "{}", stderr(&unsharded));
+    let want = generation(&unsharded);
+    assert_eq!(want.1, g["greedy_ids"]);
+    let splits: [(&[&str], usize); 2] = [
+        (&["--tensor-parallel", "2"], 2),
+        (&["--expert-parallel", "2"], 2),
+    ];
+    for (split, world) in splits {
+        let outs = processes(&base, split, world);
+        for (r, out) in outs.iter().enumerate() {
+            assert!(out.status.success(), "{split:?} rank {r}: {}", stderr(out));
+        }
+        assert_eq!(generation(&outs[0]), want, "{split:?}");
+        assert!(
+            stderr(&outs[0]).contains("in separate processes"),
+            "{}",
+            stderr(&outs[0])
+        );
+        for out in &outs[1..] {
+            assert_eq!(stdout(out), "", "{split:?}");
+        }
     }
+}
+
+#[test]
+fn four_processes_score_the_golden_perplexity() {
+    let g = golden();
+    let golden_ppl = g["perplexity_text_perplexity"].as_f64().unwrap();
+    let args = [
+        "--model",
+        &model(),
+        "--perplexity",
+        "tests/fixtures/perplexity.txt",
+        "--json",
+    ];
+    let split = ["--tensor-parallel", "2", "--expert-parallel", "2"];
+    let outs = processes(&args, &split, 4);
+    for (r, out) in outs.iter().enumerate() {
+        assert!(out.status.success(), "rank {r}: {}", stderr(out));
+    }
+    let v = &json_lines(&outs[0])[0];
+    assert_eq!(v["ids"], g["perplexity_text_ids"]);
+    let ppl = v["perplexity"].as_f64().unwrap();
+    // The golden tolerance of the in-process split (tests/shard.rs derives it); the TCP
+    // collective sums in the same order, so the processes add no error of their own.
+    assert!(
+        ((ppl - golden_ppl) / golden_ppl).abs() <= 1e-4,
+        "{ppl} vs {golden_ppl}"
+    );
+}
+
+#[test]
+fn a_rank_that_dies_mid_run_is_an_error_on_rank_0_within_the_timeout() {
+    use std::io::{BufRead, BufReader};
+    let addr = free_addr();
+    let args = [
+        "--model",
+        &model(),
+        "--prompt",
+        "hi",
+        "-n",
+        "4000",
+        "--json",
+        "--tensor-parallel",
+        "2",
+    ];
+    let mut follower = rank_with(&args, &addr, 1, 2, "30");
+    let mut leader = rank_with(&args, &addr, 0, 2, "30");
+    // Once rank 0 has streamed a token, both are mid-run: kill rank 1's process.
+    let mut lines = BufReader::new(leader.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("\"token\""), "{first}");
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    let killed = Instant::now();
+    lines.for_each(drop);
+    let out = leader.wait_with_output().unwrap();
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert_one_error_line(&out, "rank 1");
+}
+
+#[test]
+fn a_world_without_one_rank_per_process_is_a_usage_error() {
+    let out = run(&[
+        "--model",
+        &model(),
+        "--prompt",
+        "hi",
+        "--dist-init",
+        "127.0.0.1:1",
+        "--rank",
+        "0",
+        "--world",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--world 2 needs"), "{}", stderr(&out));
 }
 
 #[test]
 fn a_rank_that_never_joins_is_an_error_on_the_others_within_the_timeout() {
     let addr = free_addr();
     let started = Instant::now();
-    // World 3; rank 2 never starts. The timeout leaves room for rank 1's process to start on a
-    // loaded machine (with 1.5 s it once started too late and was reported missing as well); the
-    // bound only shows the wait ends, long before a hang would.
-    let children: Vec<_> = (0..2).map(|r| rank(&addr, r, 3, "5")).collect();
+    // World 4; ranks 2 and 3 never start. The timeout leaves room for rank 1's process to start
+    // on a loaded machine (with 1.5 s it once started too late and was reported missing as well);
+    // the bound only shows the wait ends, long before a hang would.
+    let children: Vec<_> = (0..2).map(|r| rank(&addr, r, 4, "5")).collect();
     for child in children {
         let out = child.wait_with_output().unwrap();
-        assert_one_error_line(&out, "[2] did not join");
+        assert_one_error_line(&out, "[2, 3] did not join");
     }
     assert!(
         started.elapsed() < Duration::from_secs(45),

@@ -75,7 +75,7 @@ mod params_ffi;
 pub use engine::{CudaEngine, CudaEngineOptions, MemoryUse};
 pub use error::CudaError;
 #[cfg(feature = "nccl")]
-pub use sharded::{MultiGpuError, ShardedCudaEngine, ShardedCudaOptions};
+pub use sharded::{open_process_rank, MultiGpuError, ShardedCudaEngine, ShardedCudaOptions};
 #[cfg(feature = "testing")]
 pub use {
     device::CudaDevice, engine::RankSetup, engine::WeightSource, error::KernelError,

@@ -28,7 +28,9 @@ use super::{CudaEngine, CudaEngineOptions, CudaError};
 use crate::config::ModelConfig;
 use crate::engine::{Engine, EngineError, RowSampler, SeqId, SeqStep, StepOutput};
 use crate::shard::replicas::{Build, Replicas, SpawnError};
-use crate::shard::{Layout, PlanError, RankWeights, ReadLog, ShardPlan, ShardWeightError};
+use crate::shard::{
+    Layout, PlanError, RankShard, RankWeights, ReadLog, ShardPlan, ShardWeightError,
+};
 use crate::weights::ModelWeights;
 
 /// How long the scheduler waits for every rank to answer one call, unless set.
@@ -301,28 +303,100 @@ fn agreed_kv_blocks(
 ) -> Result<usize, MultiGpuError> {
     let mut least = usize::MAX;
     for ((shard, &ordinal), formats) in plan.ranks.iter().zip(ordinals).zip(formats) {
-        let failed = |source: CudaError| MultiGpuError::Rank {
-            rank: shard.rank,
-            ordinal,
-            source,
-        };
-        let ctx = CudaContext::new(ordinal)
-            .map_err(|e| failed(CudaError::driver(format!("opening device {ordinal}"))(e)))?;
-        ctx.bind_to_thread()
-            .map_err(|e| failed(CudaError::driver("making the CUDA context current")(e)))?;
-        let (free, _) = ctx
-            .mem_get_info()
-            .map_err(|e| failed(CudaError::driver("reading free device memory")(e)))?;
-        let weights = rank_bytes(config, shard, formats, options.max_step_tokens().max(1));
-        let sizes = plan_sizes(
-            &plan_config(config, shard),
-            options,
-            free.saturating_sub(weights),
-        )
-        .map_err(failed)?;
-        least = least.min(sizes.num_blocks);
+        least = least.min(rank_kv_blocks(config, shard, formats, ordinal, options)?);
     }
     Ok(least.max(1))
+}
+
+/// The KV blocks rank `shard` can hold on device `ordinal` after its weights (in `formats`).
+fn rank_kv_blocks(
+    config: &ModelConfig,
+    shard: &RankShard,
+    formats: &[LayerFormats],
+    ordinal: usize,
+    options: &CudaEngineOptions,
+) -> Result<usize, MultiGpuError> {
+    let failed = |source: CudaError| MultiGpuError::Rank {
+        rank: shard.rank,
+        ordinal,
+        source,
+    };
+    let ctx = CudaContext::new(ordinal)
+        .map_err(|e| failed(CudaError::driver(format!("opening device {ordinal}"))(e)))?;
+    ctx.bind_to_thread()
+        .map_err(|e| failed(CudaError::driver("making the CUDA context current")(e)))?;
+    let (free, _) = ctx
+        .mem_get_info()
+        .map_err(|e| failed(CudaError::driver("reading free device memory")(e)))?;
+    let weights = rank_bytes(config, shard, formats, options.max_step_tokens().max(1));
+    let sizes = plan_sizes(
+        &plan_config(config, shard),
+        options,
+        free.saturating_sub(weights),
+    )
+    .map_err(failed)?;
+    Ok(sizes.num_blocks)
+}
+
+/// One rank of a world of processes (`mixtral-run --device cuda:N --dist-init ...`): rank `rank`
+/// of `layout` on device `options.device`, its shard of `weights` uploaded, its NCCL
+/// communicators joined through `nccl_id` (rank 0's [`NcclComm::unique_id`], handed out by the
+/// rendezvous) and, with both tensor and expert parallelism, split into TP groups. Every rank
+/// calls this at about the same time (joining waits for all). Unless set, the KV block count is
+/// the least every rank can hold: `agree_min` takes this rank's and returns the world's (the
+/// rendezvous's [`crate::shard::rendezvous::Session::agree_min`]).
+pub fn open_process_rank(
+    weights: &ModelWeights,
+    layout: Layout,
+    rank: usize,
+    nccl_id: &[u8],
+    options: &CudaEngineOptions,
+    agree_min: impl FnOnce(usize) -> Result<usize, String>,
+    progress: Option<&dyn Fn(crate::checkpoint::LoadProgress)>,
+) -> Result<CudaEngine, MultiGpuError> {
+    let config = &weights.config;
+    let plan = ShardPlan::new(config, layout)?;
+    let ordinal = options.device;
+    let shard = plan.ranks.get(rank).ok_or_else(|| MultiGpuError::Worker {
+        rank,
+        reason: format!("not a rank of {layout}"),
+    })?;
+    let failed = |source: CudaError| MultiGpuError::Rank {
+        rank,
+        ordinal,
+        source,
+    };
+    if !driver_present() {
+        return Err(failed(CudaError::NoDriver));
+    }
+    let mut log = ReadLog::default();
+    let rank_weights = RankWeights::new(weights, shard, &mut log)?;
+    let mut options = options.clone();
+    if options.engine.kv_blocks.is_none() {
+        let formats = rank_formats(config, Some(&rank_weights));
+        let mine = rank_kv_blocks(config, shard, &formats, ordinal, &options)?;
+        let agreed = agree_min(mine).map_err(|reason| MultiGpuError::Worker { rank, reason })?;
+        options.engine.kv_blocks = Some(agreed.max(1));
+    }
+    let ctx = CudaContext::new(ordinal)
+        .map_err(|e| failed(CudaError::driver(format!("opening device {ordinal}"))(e)))?;
+    let world = NcclComm::join(nccl_id, rank, layout.world(), &ctx)?;
+    let tp = if layout.tp == layout.world() {
+        TpComm::World
+    } else if layout.tp == 1 {
+        TpComm::Alone
+    } else {
+        TpComm::Own(world.split(shard.ep_rank, shard.tp_rank)?)
+    };
+    let setup = RankSetup {
+        shard: shard.clone(),
+        comms: Box::new(NcclGroups { world, tp }),
+    };
+    let source = WeightSource::Shard {
+        weights: &rank_weights,
+        config,
+    };
+    CudaEngine::build_rank(source, Some(setup), options, progress).map_err(failed)
 }
 
 impl Engine for ShardedCudaEngine {

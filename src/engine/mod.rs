@@ -57,11 +57,13 @@ pub use tokens::{check_sampler_count, logits_rows, sample_on_host, RowSampler};
 use crate::config::ModelConfig;
 
 /// Identifies one sequence (one KV-cache block table) inside an engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct SeqId(pub u64);
 
 /// Which positions of a [`SeqStep`] should produce logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LogitsFor {
     /// No logits (e.g. the first chunks of a long prefill).
     None,

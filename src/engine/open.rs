@@ -87,7 +87,7 @@ impl fmt::Display for Device {
 
 /// Options every backend takes; `None` leaves the backend's default (see [`CpuEngineOptions`]
 /// and, with the `cuda` feature, `CudaEngineOptions`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EngineOptions {
     /// Longest sequence, in tokens; `None` = the model's `max_position_embeddings`.
     pub max_context: Option<usize>,

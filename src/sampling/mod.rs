@@ -62,7 +62,7 @@ pub enum SamplingError {
 }
 
 /// How to choose each token.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// Softmax temperature; `0` = greedy. Must be finite and `>= 0`.
     pub temperature: f32,

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 /// One rank's deposit.
 #[derive(Debug)]
-struct Deposit {
-    op: Op,
-    ty: &'static str,
-    data: Vec<f32>,
+pub(super) struct Deposit {
+    pub(super) op: Op,
+    pub(super) ty: &'static str,
+    pub(super) data: Vec<f32>,
 }
 
 /// The board of the operation being assembled.
@@ -213,8 +213,9 @@ impl CpuRank {
 }
 
 /// The result of a full board: the sum in rank order, or the concatenation in rank order; a
-/// description of the disagreement when the ranks called different things.
-fn combine(arrived: &[Option<Deposit>]) -> Result<Vec<f32>, String> {
+/// description of the disagreement when the ranks called different things. Also the TCP
+/// collective's ([`super::tcp_ranks`]), so both sum alike.
+pub(super) fn combine(arrived: &[Option<Deposit>]) -> Result<Vec<f32>, String> {
     let deposits: Vec<&Deposit> = arrived.iter().flatten().collect();
     let first = deposits[0];
     let agree = deposits

@@ -7,7 +7,12 @@
 //! its [`CpuRank`] handles and returns the gathered logits (rank 0's are kept). A rank failure
 //! (a collective timeout, a departed rank, a panic) makes the engine dead: every later call is
 //! refused with the first failure.
+//!
+//! [`ShardedCpuEngine::one_rank`] runs a single rank of the plan, its collectives given (ranks in
+//! separate processes: [`super::tcp_ranks`]); the other processes run the other ranks, in
+//! lockstep with this one ([`super::lockstep`]).
 
+use super::collective::Collective;
 use super::cpu_ranks::{cpu_group, CpuRank};
 use super::plan::{Layout, ShardPlan};
 use super::rank::{JobEntry, Rank, RankComms, StepJob};
@@ -56,6 +61,8 @@ pub struct ShardedCpuEngine {
     workers: Vec<Worker>,
     /// Bytes each rank read while taking its weights.
     read_bytes: Vec<u64>,
+    /// The ranks this engine runs (every rank, or one of a world of processes).
+    ranks: Vec<usize>,
     /// The failure that killed the engine.
     dead: Option<EngineError>,
 }
@@ -96,7 +103,7 @@ impl ShardedCpuEngine {
                     .expect("one TP handle per rank of the group"),
             };
             let rank = Rank::new(Arc::clone(&config), rank_weights, comms, block_rows);
-            workers.push(spawn(shard.rank, rank)?);
+            workers.push(spawn(shard.rank, rank, shard.rank == 0)?);
         }
         Ok(ShardedCpuEngine {
             config,
@@ -104,6 +111,47 @@ impl ShardedCpuEngine {
             kv,
             workers,
             read_bytes,
+            ranks: (0..layout.world()).collect(),
+            dead: None,
+        })
+    }
+
+    /// Rank `rank` of `options.layout` alone, over `comms` (its handles on the world and its TP
+    /// group, whose other ranks run elsewhere, each as the same call with its own rank). Its
+    /// steps answer with the gathered logits, which every rank holds. Refuses what
+    /// [`ShardedCpuEngine::new`] refuses, and a rank outside the layout.
+    pub fn one_rank<C>(
+        weights: &ModelWeights,
+        options: &ShardedOptions,
+        rank: usize,
+        comms: RankComms<C>,
+    ) -> Result<Self, ShardError>
+    where
+        C: Collective<Mem<f32> = [f32]> + 'static,
+    {
+        let config = Arc::new(weights.config.clone());
+        let layout = options.layout;
+        let plan = ShardPlan::new(&config, layout)?;
+        let shard = plan
+            .ranks
+            .get(rank)
+            .ok_or(ShardError::NoSuchRank { rank, layout })?;
+        let (limits, block_rows) = crate::cpu::kv_limits(&config, &options.cpu)?;
+        let kv = PagedKv::new(limits)?;
+        let mut log = ReadLog::default();
+        let rank_weights = RankWeights::new(weights, shard, &mut log)?;
+        let worker = spawn(
+            rank,
+            Rank::new(Arc::clone(&config), rank_weights, comms, block_rows),
+            true,
+        )?;
+        Ok(ShardedCpuEngine {
+            config,
+            layout,
+            kv,
+            workers: vec![worker],
+            read_bytes: vec![log.total_bytes()],
+            ranks: vec![rank],
             dead: None,
         })
     }
@@ -113,7 +161,8 @@ impl ShardedCpuEngine {
         self.layout
     }
 
-    /// Bytes of weights each rank read when it took its shard, by rank.
+    /// Bytes of weights each rank read when it took its shard, by rank (of [`ShardedCpuEngine::one_rank`]: its
+    /// rank's only).
     pub fn read_bytes(&self) -> &[u64] {
         &self.read_bytes
     }
@@ -180,9 +229,13 @@ impl ShardedCpuEngine {
     }
 }
 
-/// Starts rank `index`'s thread: it runs each job it receives and answers; it stops after a
-/// failure (its group is broken) or when the engine drops its job channel.
-fn spawn(index: usize, mut rank: Rank<CpuRank>) -> Result<Worker, ShardError> {
+/// Starts rank `index`'s thread: it runs each job it receives and answers (with the logits when
+/// `answers`); it stops after a failure (its group is broken) or when the engine drops its job
+/// channel.
+fn spawn<C>(index: usize, mut rank: Rank<C>, answers: bool) -> Result<Worker, ShardError>
+where
+    C: Collective<Mem<f32> = [f32]> + 'static,
+{
     let (jobs, job_rx) = channel::<Arc<StepJob>>();
     let (reply_tx, replies) = channel::<Reply>();
     let thread = std::thread::Builder::new()
@@ -191,7 +244,7 @@ fn spawn(index: usize, mut rank: Rank<CpuRank>) -> Result<Worker, ShardError> {
             for job in job_rx {
                 let reply = rank
                     .step(&job)
-                    .map(|logits| (index == 0).then_some(logits))
+                    .map(|logits| answers.then_some(logits))
                     .map_err(ShardError::from);
                 let failed = reply.is_err();
                 if reply_tx.send(reply).is_err() || failed {
@@ -277,11 +330,18 @@ impl Engine for ShardedCpuEngine {
     }
 
     fn describe(&self) -> Option<String> {
-        Some(format!(
-            "cpu: {} simulated ranks ({}), one thread each",
-            self.layout.world(),
-            self.layout
-        ))
+        Some(match self.ranks.as_slice() {
+            [rank] if self.layout.is_sharded() => format!(
+                "cpu: rank {rank} of {} ({}), the others in their own processes",
+                self.layout.world(),
+                self.layout
+            ),
+            _ => format!(
+                "cpu: {} simulated ranks ({}), one thread each",
+                self.layout.world(),
+                self.layout
+            ),
+        })
     }
 }
 

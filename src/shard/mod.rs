@@ -13,24 +13,31 @@
 //! - [`replicas`]: N whole engines in lockstep behind one [`Engine`](crate::Engine), each on its
 //!   own thread, rank 0 answering (how the sharded CUDA engine schedules its GPUs);
 //! - [`rendezvous`]: the TCP bootstrap of ranks in separate processes (`--dist-init HOST:PORT
-//!   --rank R --world W`) and their liveness.
+//!   --rank R --world W`) and their liveness;
+//! - [`tcp_ranks`]: the [`Collective`] of CPU ranks in separate processes, over TCP through rank 0;
+//! - [`lockstep`]: rank 0's [`lockstep::Leader`] engine and the other ranks' [`lockstep::follow`],
+//!   which keep the processes' engines in step;
+//! - [`world`]: joining a world of processes and opening this process's rank ([`world::join`]).
 //!
 //! On GPUs (feature `nccl`): `mixtral::cuda::nccl::NcclRank` is the NCCL [`Collective`] over
 //! device memory, and `mixtral::cuda::ShardedCudaEngine` runs this plan with one CUDA engine per
 //! GPU of one process, the collectives inside its decode graphs (`mixtral-run --device cuda
-//! --tensor-parallel N`). It compiles and its CPU-side parts are tested; it has not yet run on
-//! GPUs. Ranks in separate processes (`--dist-init`) join the rendezvous only: the NCCL world
-//! over it is not wired into an engine yet.
+//! --tensor-parallel N`); `mixtral::cuda::open_process_rank` is one such rank in a process of its
+//! own, its NCCL world joined through the rendezvous. They compile and their CPU-side parts are
+//! tested; they have not yet run on GPUs.
 
 pub mod collective;
 pub mod cpu_ranks;
 pub mod engine;
+pub mod lockstep;
 pub mod memory;
 pub mod plan;
 pub mod rank;
 pub mod rendezvous;
 pub mod replicas;
+pub mod tcp_ranks;
 pub mod weights;
+pub mod world;
 
 pub use collective::{Collective, CollectiveError, Reducible};
 pub use cpu_ranks::{cpu_group, CpuRank};
@@ -56,6 +63,14 @@ pub enum ShardError {
     /// The cache options were refused.
     #[error(transparent)]
     Options(#[from] EngineError),
+    /// A rank the layout does not have.
+    #[error("rank {rank} is not a rank of {layout} ({} ranks)", layout.world())]
+    NoSuchRank {
+        /// The rank asked for.
+        rank: usize,
+        /// The split.
+        layout: Layout,
+    },
     /// A rank's thread ended without answering (it panicked).
     #[error("rank {rank} died without answering")]
     RankDied {

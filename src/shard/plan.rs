@@ -21,7 +21,9 @@ use crate::config::ModelConfig;
 use std::ops::Range;
 
 /// How many ways the model is split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Layout {
     /// Tensor-parallel size (ranks of one TP group).
     pub tp: usize,

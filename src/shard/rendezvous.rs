@@ -1,11 +1,13 @@
 //! The TCP rendezvous of ranks in separate processes (`--dist-init HOST:PORT --rank R --world W`),
-//! bootstrap and liveness only: rank 0 listens ([`listen`], [`Listener::accept_ranks`]), ranks
+//! their bootstrap and liveness, and the connections later messages travel on
+//! ([`Session::send_to`], [`Session::receive_from`], [`Session::into_streams`]): rank 0 listens ([`listen`], [`Listener::accept_ranks`]), ranks
 //! `1..W` connect ([`connect`]) and say who they are; once all have joined, rank 0 hands every rank
 //! the same bootstrap blob (what an NCCL unique id would travel in) and keeps one connection to
 //! each. [`Session::barrier`] then checks that every rank is still there.
 //!
 //! The protocol is one text line per message: `HELLO <world> <rank>`, then `GO <blob hex>` or
-//! `ABORT <reason>`; `BARRIER <n>`, answered by `PASS <n>` or `ABORT <reason>`.
+//! `ABORT <reason>`; `BARRIER <n>`, answered by `PASS <n>` or `ABORT <reason>`; `MIN <n>` to rank
+//! 0, answered by `MIN <least>` ([`Session::agree_min`]).
 //!
 //! Nothing waits forever: a rank that has not joined by the timeout makes rank 0 fail with
 //! [`RendezvousError::JoinTimeout`] naming it, and every joined rank receive an `ABORT` naming it
@@ -134,19 +136,34 @@ impl Link {
         timeout: Duration,
     ) -> Result<String, RendezvousError> {
         let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(RendezvousError::Timeout {
+                rank: me,
+                peer: self.peer,
+                timeout,
+            });
+        }
+        self.receive_within(me, Some(left), timeout)
+    }
+
+    /// The next line, waiting at most `left` (`None`: until it comes or the peer is gone);
+    /// `timeout` is what a timeout error reports.
+    fn receive_within(
+        &mut self,
+        me: usize,
+        left: Option<Duration>,
+        timeout: Duration,
+    ) -> Result<String, RendezvousError> {
         let timed_out = RendezvousError::Timeout {
             rank: me,
             peer: self.peer,
             timeout,
         };
-        if left.is_zero() {
-            return Err(timed_out);
-        }
         let gone = RendezvousError::PeerGone {
             rank: me,
             gone: self.peer,
         };
-        if self.reader.get_ref().set_read_timeout(Some(left)).is_err() {
+        if self.reader.get_ref().set_read_timeout(left).is_err() {
             return Err(gone);
         }
         let mut line = String::new();
@@ -359,7 +376,11 @@ pub fn connect(
     // window ending at this rank's own deadline raced rank 0's and lost.
     let answer_within = timeout * 2;
     let line = link.receive(rank, Instant::now() + answer_within, answer_within)?;
-    let blob = match line.split_once(' ') {
+    // An empty blob is `GO` alone (the line's trailing space is trimmed).
+    let blob = match line
+        .split_once(' ')
+        .or((line == "GO").then_some(("GO", "")))
+    {
         Some(("GO", h)) => unhex(h),
         Some(("ABORT", reason)) => {
             return Err(RendezvousError::Aborted {
@@ -398,6 +419,92 @@ impl Session {
     /// The blob rank 0 handed out (the same on every rank).
     pub fn blob(&self) -> &[u8] {
         &self.blob
+    }
+
+    /// The timeout every wait of this session uses.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The ranks this one has a connection to: every other rank on rank 0, rank 0 on the others.
+    pub fn peers(&self) -> Vec<usize> {
+        self.links.iter().map(|l| l.peer).collect()
+    }
+
+    /// The connection to `peer`, or [`RendezvousError::BadRank`] when there is none.
+    fn link(&mut self, peer: usize) -> Result<&mut Link, RendezvousError> {
+        let world = self.world;
+        self.links
+            .iter_mut()
+            .find(|l| l.peer == peer)
+            .ok_or(RendezvousError::BadRank { rank: peer, world })
+    }
+
+    /// Sends one line (no line break inside) to `peer`, one of [`Session::peers`].
+    pub fn send_to(&mut self, peer: usize, line: &str) -> Result<(), RendezvousError> {
+        let me = self.rank;
+        self.link(peer)?.send(me, line)
+    }
+
+    /// The next line from `peer`, waiting at most `wait` (`None`: until it comes, or the peer's
+    /// connection closes).
+    pub fn receive_from(
+        &mut self,
+        peer: usize,
+        wait: Option<Duration>,
+    ) -> Result<String, RendezvousError> {
+        let me = self.rank;
+        let timeout = wait.unwrap_or(self.timeout);
+        self.link(peer)?.receive_within(me, wait, timeout)
+    }
+
+    /// The least of every rank's `value` (each rank calls it with its own; at most the timeout).
+    pub fn agree_min(&mut self, value: u64) -> Result<u64, RendezvousError> {
+        let (me, timeout) = (self.rank, self.timeout);
+        let parse = |line: String, peer: usize| {
+            line.strip_prefix("MIN ")
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(RendezvousError::Protocol {
+                    rank: me,
+                    peer,
+                    line,
+                })
+        };
+        if me != 0 {
+            self.send_to(0, &format!("MIN {value}"))?;
+            let line = self.receive_from(0, Some(timeout * 2))?;
+            return parse(line, 0);
+        }
+        let mut least = value;
+        for peer in self.peers() {
+            let line = self.receive_from(peer, Some(timeout))?;
+            least = least.min(parse(line, peer)?);
+        }
+        for peer in self.peers() {
+            self.send_to(peer, &format!("MIN {least}"))?;
+        }
+        Ok(least)
+    }
+
+    /// The connections as plain streams, by peer, for a protocol of its own (the TCP
+    /// collective); [`RendezvousError::Protocol`] when a peer already sent more than the
+    /// rendezvous.
+    pub fn into_streams(self) -> Result<Vec<(usize, TcpStream)>, RendezvousError> {
+        let me = self.rank;
+        self.links
+            .into_iter()
+            .map(|link| {
+                if !link.reader.buffer().is_empty() {
+                    let line = String::from_utf8_lossy(link.reader.buffer()).into_owned();
+                    return Err(RendezvousError::Protocol {
+                        rank: me,
+                        peer: link.peer,
+                        line,
+                    });
+                }
+                Ok((link.peer, link.writer))
+            })
+            .collect()
     }
 
     /// Waits until every rank has reached this barrier (at most the timeout); a rank that died
@@ -488,6 +595,27 @@ mod tests {
             assert_eq!(w.join().unwrap(), b"unique-id");
         }
         assert_eq!((s0.rank(), s0.world()), (0, 3));
+    }
+
+    #[test]
+    fn every_rank_agrees_on_the_least_value_and_an_empty_blob_arrives_empty() {
+        let (listener, addr) = rank0();
+        let values = [7u64, 3, 9];
+        let workers: Vec<_> = (1..3)
+            .map(|r| {
+                let addr = addr.clone();
+                thread::spawn(move || {
+                    let mut s = connect(&addr, r, 3, SHORT).unwrap();
+                    assert!(s.blob().is_empty());
+                    s.agree_min(values[r]).unwrap()
+                })
+            })
+            .collect();
+        let mut s0 = listener.accept_ranks(3, SHORT, b"").unwrap();
+        assert_eq!(s0.agree_min(values[0]).unwrap(), 3);
+        for w in workers {
+            assert_eq!(w.join().unwrap(), 3);
+        }
     }
 
     #[test]

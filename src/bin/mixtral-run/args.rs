@@ -47,14 +47,18 @@ options:
                            one GPU per rank from the device given on, over NCCL (a build with
                            feature `nccl`; unverified on GPUs so far)
     --expert-parallel N    give each of N ranks (times the tensor-parallel size) whole experts
-    --dist-init HOST:PORT  join ranks in separate processes: rank 0 listens on HOST:PORT, the others
-                           connect; a rank that does not join or dies is an error on every rank
-                           within --dist-timeout. Only the bootstrap is built: after joining, every
-                           rank stops with an error saying the cross-process collective (NCCL) is
-                           not built yet
+    --dist-init HOST:PORT  run the split's ranks in separate processes, one each, every process
+                           given the same command but its own --rank (as torchrun does): rank 0
+                           listens on HOST:PORT, schedules and prints; the others connect and serve
+                           it, printing nothing. CPU ranks meet over TCP; GPU ranks (one per
+                           process, --device cuda:N) over NCCL (feature `nccl`, unverified on GPUs).
+                           A rank that does not join or dies is an error on every rank within
+                           --dist-timeout
     --rank R               this process's rank (with --dist-init)
-    --world W              number of ranks (with --dist-init)
-    --dist-timeout S       seconds to wait for the other ranks (default 60)
+    --world W              number of ranks (with --dist-init): --tensor-parallel times
+                           --expert-parallel
+    --dist-timeout S       seconds to wait for the other ranks to join, in each collective and for
+                           each step's answers (default 60)
     --json                 one JSON object per line on stdout instead of plain text
     --explain              print which CUDA kernels run each op, by token count, weight format and
                            device (the kernel-selection table; needs a build with feature `cuda`)
@@ -86,18 +90,7 @@ pub struct Common {
     pub dist: Option<DistInit>,
 }
 
-/// Where and as which rank to join ranks in other processes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DistInit {
-    /// Rank 0's `HOST:PORT`.
-    pub addr: String,
-    /// This rank.
-    pub rank: usize,
-    /// Ranks in all.
-    pub world: usize,
-    /// How long to wait for the others.
-    pub timeout: std::time::Duration,
-}
+pub use mixtral::shard::world::DistInit;
 
 /// Where the prompt comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -326,6 +319,15 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<Command, UsageEr
         ep: positive("--expert-parallel")?.unwrap_or(1),
     };
     let dist = dist_init(&given)?;
+    if let Some(d) = &dist {
+        if d.world != parallel.world() {
+            return Err(UsageError(format!(
+                "--world {} needs --tensor-parallel and --expert-parallel whose product is {} \
+                 (one rank per process); they give {parallel}",
+                d.world, d.world
+            )));
+        }
+    }
     let common = Common {
         model: PathBuf::from(model),
         device: given
@@ -681,6 +683,8 @@ mod tests {
             "2",
             "--dist-timeout",
             "0.5",
+            "--tensor-parallel",
+            "2",
         ]);
         let dist = g.common.dist.unwrap();
         assert_eq!(
@@ -701,6 +705,10 @@ mod tests {
                 "--rank",
             ),
             (&["--dist-timeout", "3"], "--dist-timeout needs --dist-init"),
+            (
+                &["--dist-init", "h:1", "--rank", "0", "--world", "2"],
+                "--world 2 needs --tensor-parallel and --expert-parallel whose product is 2",
+            ),
             (
                 &[
                     "--dist-init",

@@ -5,11 +5,12 @@
 mod args;
 mod report;
 
-use args::{Command, Common, Device, DistInit, GenerateArgs, PerplexityArgs, Prompt, UsageError};
+use args::{Command, Common, Device, GenerateArgs, PerplexityArgs, Prompt, UsageError};
 use mixtral::engine::{check_parallel_supported, open_device, EngineOptions};
 use mixtral::generate::{generate, perplexity, GenerateOptions};
 use mixtral::quant::{declared_format, estimate_memory, QuantFormat};
-use mixtral::shard::{memory, rank_memory, rendezvous};
+use mixtral::shard::world::{self, Joined};
+use mixtral::shard::{memory, rank_memory};
 use mixtral::tokenizer::{ChatMessage, Tokenizer};
 use mixtral::{Engine, LoadOptions, Model, ModelConfig};
 use report::{LoadDisplay, TokenWriter};
@@ -98,27 +99,38 @@ fn main() -> ExitCode {
     }
 }
 
-/// A loaded model directory, its tokenizer, the load time and, when not yet shown, the memory
-/// estimate line.
-type Loaded = (Model, Tokenizer, Duration, Option<String>);
+/// A loaded model directory.
+struct Loaded {
+    model: Model,
+    tokenizer: Tokenizer,
+    load_time: Duration,
+    /// The memory estimate line, when not yet shown.
+    estimate: Option<String>,
+    /// Rank 0 of ranks in separate processes (`--dist-init`), joined.
+    leader: Option<Joined>,
+}
 
-/// Loads the model directory (tokenizer required), showing progress.
-fn load(common: &Common) -> Result<Loaded, Failure> {
-    if let Some(dist) = &common.dist {
-        join_ranks(dist)?;
-    }
+/// Loads the model directory (tokenizer required), showing progress. With `--dist-init`, joins
+/// the other ranks first; a rank other than 0 then serves rank 0 until it is done, and `None`
+/// says there is nothing left to do.
+fn load(common: &Common) -> Result<Option<Loaded>, Failure> {
     // A device this build cannot use, or a split it cannot run, is refused before the (long)
     // load.
     check_parallel_supported(common.device, common.parallel)?;
     common.device.check_supported()?;
     // On a terminal the estimate (per rank, for a split) comes before the (long) load; otherwise
-    // with the timings of a successful run, so that a failure stays a single `error:` line.
+    // with the timings of a successful run, so that a failure stays a single `error:` line. A
+    // split the model cannot take is refused here, before joining other ranks.
     let mut estimate = preflight(common)?;
     if std::io::stderr().is_terminal() {
         if let Some(line) = estimate.take() {
             eprintln!("{line}");
         }
     }
+    let joined = match &common.dist {
+        Some(dist) => Some(world::join(dist, common.device)?),
+        None => None,
+    };
     let started = Instant::now();
     let (display, progress) = LoadDisplay::new();
     let options = LoadOptions {
@@ -136,26 +148,23 @@ fn load(common: &Common) -> Result<Loaded, Failure> {
             common.model.display()
         ))
     })?;
-    Ok((model, tokenizer, started.elapsed(), estimate))
-}
-
-/// Joins the ranks of other processes (`--dist-init`): rank 0 listens, the others connect, then
-/// one barrier checks that every rank is alive. Only this bootstrap is built, so a successful join
-/// still ends the run with an error saying so.
-fn join_ranks(dist: &DistInit) -> Result<(), Failure> {
-    let mut session = if dist.rank == 0 {
-        let blob = format!("mixtral-run world {}", dist.world);
-        rendezvous::listen(&dist.addr)?.accept_ranks(dist.world, dist.timeout, blob.as_bytes())?
-    } else {
-        rendezvous::connect(&dist.addr, dist.rank, dist.world, dist.timeout)?
+    let leader = match joined {
+        Some(j) if j.rank() != 0 => {
+            let (display, progress) = LoadDisplay::new();
+            let served = j.follow(&model.weights, Some(&*progress));
+            display.finish();
+            served?;
+            return Ok(None);
+        }
+        leader => leader,
     };
-    session.barrier()?;
-    Err(Failure(format!(
-        "rank {} of {} joined the rendezvous at {}, but running ranks in separate processes needs \
-         the cross-process collective (NCCL), which is not built yet; --device cpu \
-         --tensor-parallel N runs the ranks in one process",
-        dist.rank, dist.world, dist.addr
-    )))
+    Ok(Some(Loaded {
+        model,
+        tokenizer,
+        load_time: started.elapsed(),
+        estimate,
+        leader,
+    }))
 }
 
 /// The memory the model needs (weights in the format it will have, a KV cache for the context
@@ -194,8 +203,14 @@ fn context_limit(model: &Model, common: &Common) -> usize {
 /// An engine on `--device` for one sequence of `needed` tokens: its context (and so its KV cache)
 /// is `needed` capped by [`context_limit`]; a request past the cap is then refused by
 /// `generate`/`perplexity` with the limit in the message. A GPU engine shows its weight upload's
-/// progress, then one line on what it holds.
-fn engine(model: &Model, common: &Common, needed: usize) -> Result<Box<dyn Engine>, Failure> {
+/// progress, then one line on what it holds. With `leader` (rank 0 of ranks in separate
+/// processes) the engine is this rank's, leading the others.
+fn engine(
+    model: &Model,
+    common: &Common,
+    needed: usize,
+    leader: Option<Joined>,
+) -> Result<Box<dyn Engine>, Failure> {
     let options = EngineOptions {
         max_context: Some(context_limit(model, common).min(needed).max(1)),
         max_sequences: Some(1),
@@ -203,7 +218,13 @@ fn engine(model: &Model, common: &Common, needed: usize) -> Result<Box<dyn Engin
         ..EngineOptions::default()
     };
     let (display, progress) = LoadDisplay::new();
-    let built = open_device(common.device, &model.weights, &options, Some(&*progress));
+    let built = match leader {
+        Some(leader) => leader
+            .lead(&model.weights, &options, Some(&*progress))
+            .map_err(Failure::from),
+        None => open_device(common.device, &model.weights, &options, Some(&*progress))
+            .map_err(Failure::from),
+    };
     display.finish();
     let engine = built?;
     if let Some(line) = engine.describe() {
@@ -231,14 +252,23 @@ fn run_generate(a: &GenerateArgs) -> Result<(), Failure> {
         Prompt::Text(text) => text.clone(),
         Prompt::File(path) => read_text(path, "prompt file")?,
     };
-    let (model, tokenizer, load_time, estimate) = load(&a.common)?;
+    let Some(loaded) = load(&a.common)? else {
+        return Ok(());
+    };
+    let Loaded {
+        model,
+        tokenizer,
+        load_time,
+        estimate,
+        leader,
+    } = loaded;
     let prompt = if a.chat {
         tokenizer.encode_chat(&[ChatMessage::user(text)])?
     } else {
         tokenizer.encode(&text, true)?
     };
     let needed = prompt.len().saturating_add(a.max_new_tokens);
-    let mut engine = engine(&model, &a.common, needed)?;
+    let mut engine = engine(&model, &a.common, needed, leader)?;
     let mut options = GenerateOptions::greedy(a.max_new_tokens)
         .with_sampling(a.sampling)
         .with_eos(&model.config.eos_token_ids)
@@ -273,11 +303,20 @@ fn run_generate(a: &GenerateArgs) -> Result<(), Failure> {
 
 fn run_perplexity(a: &PerplexityArgs) -> Result<(), Failure> {
     let text = read_text(&a.file, "text file")?;
-    let (model, tokenizer, load_time, estimate) = load(&a.common)?;
+    let Some(loaded) = load(&a.common)? else {
+        return Ok(());
+    };
+    let Loaded {
+        model,
+        tokenizer,
+        load_time,
+        estimate,
+        leader,
+    } = loaded;
     let ids = tokenizer.encode(&text, true)?;
     // The last token is scored, never fed.
     let fed = ids.len().saturating_sub(1);
-    let mut engine = engine(&model, &a.common, fed)?;
+    let mut engine = engine(&model, &a.common, fed, leader)?;
     let started = Instant::now();
     let scored = perplexity(engine.as_mut(), &ids)?;
     let scoring = started.elapsed();
