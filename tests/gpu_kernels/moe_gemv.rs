@@ -15,7 +15,7 @@ use mixtral::cuda::{CudaError, Kernels};
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
 
-use crate::common::{self, Guarded};
+use crate::common::{self, Guarded, Poison};
 use crate::shared::moe::expert_slots;
 
 /// One random MoE problem.
@@ -265,4 +265,117 @@ fn moe_gemv_with_idle_experts() {
         (0, 0),
         "cold experts got slots: {counts:?}"
     );
+}
+
+/// A rank of an expert-parallel split holding one expert of a top-2 model (fewer experts than each
+/// token uses): given that expert's weights and its range of the router's offsets
+/// (`offsets[e..e + 2]`, absolute slot positions), `moe_gemv` writes exactly the slots routed to it,
+/// within `check_moe`'s bounds, and never touches the others (they stay poisoned).
+#[test]
+fn moe_gemv_on_a_rank_holding_one_expert_of_top_2() {
+    let name = "moe_gemv_on_a_rank_holding_one_expert_of_top_2";
+    let (tokens, hidden, inter, experts, top_k, seed) = (5, 64, 40, 8, 2, 11u64);
+    let slots = tokens * top_k;
+    let matrix = inter * hidden;
+    let x = common::round_bf16(&common::random_values(seed, tokens * hidden, 1.0));
+    let w_scale = 2.0 / (hidden as f32).sqrt();
+    let w1 = common::to_bf16(&common::random_values(seed ^ 1, experts * matrix, w_scale));
+    let w3 = common::to_bf16(&common::random_values(seed ^ 2, experts * matrix, w_scale));
+    let w2_scale = 2.0 / (inter as f32).sqrt();
+    let w2 = common::to_bf16(&common::random_values(seed ^ 3, experts * matrix, w2_scale));
+    let router = common::to_bf16(&common::random_values(seed ^ 4, experts * hidden, 0.5));
+    let mut logits = vec![0.0f32; tokens * experts];
+    matmul(&x, WeightSlice::BF16(&router), experts, hidden, &mut logits);
+    let routing = route(&logits, experts, top_k);
+    let groups = group_by_expert(&routing, experts);
+    // The expert with the most slots is the one held (it has at least one: 10 slots, 8 experts).
+    let held = (0..experts).max_by_key(|&e| groups.counts[e]).unwrap();
+    let offsets: Vec<i32> = groups.offsets[held..held + 2]
+        .iter()
+        .map(|&o| o as i32)
+        .collect();
+    let sorted: Vec<i32> = groups.assignments.iter().map(|&a| a as i32).collect();
+    let Some(gpu) = common::gpu(name) else {
+        return;
+    };
+    let stream = gpu.stream();
+    let one = |w: &[bf16]| Guarded::with(stream, &w[held * matrix..(held + 1) * matrix]);
+    let (d_w1, d_w3, d_w2) = (one(&w1), one(&w3), one(&w2));
+    let d_x = Guarded::with(stream, &common::to_bf16(&x));
+    let d_weights = Guarded::with(stream, &routing.weights);
+    let d_offsets = Guarded::with(stream, &offsets);
+    let d_sorted = Guarded::with(stream, &sorted);
+    let mut d_act = Guarded::<bf16>::poisoned(stream, slots * inter);
+    let mut d_out = Guarded::<f32>::poisoned(stream, slots * hidden);
+    let shape = MoeScalars {
+        tokens: tokens as u32,
+        hidden: hidden as u32,
+        inter: inter as u32,
+        experts: 1,
+        top_k: top_k as u32,
+    };
+    let args = MoeArgs {
+        x: d_x.dev(),
+        w1: d_w1.dev(),
+        w3: d_w3.dev(),
+        w2: d_w2.dev(),
+        topk_weights: d_weights.dev(),
+        expert_offsets: d_offsets.dev(),
+        sorted_slots: d_sorted.dev(),
+        act: d_act.dev_mut(),
+        out: d_out.dev_mut(),
+    };
+    moe_gemv(&gpu.kernels, stream, &shape, args).unwrap_or_else(|e| panic!("{name}: {e}"));
+    stream.synchronize().expect("synchronize");
+    let act = d_act.read(stream, "act");
+    let out = d_out.read(stream, "out");
+
+    let experts_cpu: Vec<Expert<'_>> = (0..experts)
+        .map(|e| Expert {
+            w1: WeightSlice::BF16(&w1[e * matrix..(e + 1) * matrix]).into(),
+            w2: WeightSlice::BF16(&w2[e * matrix..(e + 1) * matrix]).into(),
+            w3: WeightSlice::BF16(&w3[e * matrix..(e + 1) * matrix]).into(),
+        })
+        .collect();
+    let reference = expert_slots(&x, &experts_cpu, &routing, &groups, hidden, inter);
+    let mine: Vec<usize> = (0..slots).filter(|&s| routing.experts[s] == held).collect();
+    let rows = |v: &[f32], width: usize| -> Vec<f32> {
+        mine.iter()
+            .flat_map(|&s| v[s * width..(s + 1) * width].iter().copied())
+            .collect()
+    };
+    // The bounds of `check_moe`, over the held expert's slots.
+    let act_f32 = common::to_f32(&act);
+    let act_bound = common::bf16_bound(hidden, 1);
+    common::assert_close(
+        name,
+        &rows(&act_f32, inter),
+        &rows(&reference.act, inter),
+        act_bound,
+    );
+    let w2_f32 = common::to_f32(&w2[held * matrix..(held + 1) * matrix]);
+    let propagated: f64 = mine
+        .iter()
+        .map(|&s| {
+            let a = &reference.act[s * inter..(s + 1) * inter];
+            common::propagation(&w2_f32, a, routing.weights[s])
+        })
+        .sum();
+    let want = rows(&reference.out, hidden);
+    let out_bound = common::propagated_bound(propagated, &want, hidden + inter);
+    common::assert_close(name, &rows(&out, hidden), &want, out_bound);
+    // Every other slot is untouched, in `act` and in `out`.
+    for s in (0..slots).filter(|s| !mine.contains(s)) {
+        let untouched = out[s * hidden..(s + 1) * hidden]
+            .iter()
+            .all(|&v| f32::same_bits(v, f32::POISON))
+            && act[s * inter..(s + 1) * inter]
+                .iter()
+                .all(|&v| bf16::same_bits(v, bf16::POISON));
+        assert!(
+            untouched,
+            "{name}: slot {s} (expert {}) was written",
+            routing.experts[s]
+        );
+    }
 }

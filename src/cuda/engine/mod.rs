@@ -317,7 +317,6 @@ impl CudaEngine {
                     ))
                 }
                 (Some(r), source) => {
-                    rank::check_shard(full, &r.shard)?;
                     let shard = match source {
                         WeightSource::Shard { weights, .. } => Some(weights),
                         _ => None,

@@ -163,19 +163,6 @@ pub fn formats(config: &ModelConfig, weights: Option<&RankWeights>) -> Vec<Layer
     }
 }
 
-/// Refuses a shard the CUDA expert kernels cannot run: fewer experts than each token picks.
-pub fn check_shard(config: &ModelConfig, shard: &RankShard) -> Result<(), CudaError> {
-    let top_k = config.experts_per_token.max(1);
-    if config.num_experts > 0 && shard.experts.len() < top_k.min(config.num_experts) {
-        return Err(CudaError::UnsupportedModel(format!(
-            "expert parallelism leaves {} expert(s) per rank, fewer than the {top_k} each token \
-             uses; the CUDA expert kernels need at least {top_k}",
-            shard.experts.len()
-        )));
-    }
-    Ok(())
-}
-
 /// Device bytes of a rank's weights stored in `formats` (an upper bound, like
 /// [`device_weight_bytes`]) and of its [`RankPlan`] buffers, for chunks of up to `max_tokens`
 /// tokens.
@@ -256,7 +243,6 @@ mod tests {
         assert_eq!(p.group_size(), c.group_size());
         let w = weight_config(&c, shard);
         assert_eq!((w.num_experts, w.vocab_size, w.q_width()), (4, 128, 4 * 8));
-        check_shard(&c, shard).unwrap();
     }
 
     /// Every part a rank uploads fills its device region exactly (the regions are sized from
@@ -301,17 +287,8 @@ mod tests {
                     (p.vocab_size, p.num_experts),
                     (full.vocab_size, full.num_experts)
                 );
-                check_shard(full, shard).unwrap();
             }
         }
-    }
-
-    #[test]
-    fn fewer_experts_per_rank_than_each_token_uses_is_refused() {
-        let c = config();
-        let plan = ShardPlan::new(&c, Layout { tp: 1, ep: 8 }).unwrap();
-        let e = check_shard(&c, &plan.ranks[0]).unwrap_err();
-        assert!(e.to_string().contains("1 expert(s) per rank"), "{e}");
     }
 
     /// A rank of a quantized checkpoint keeps its stacks packed where its parts can be read by the

@@ -15,15 +15,15 @@ use crate::cuda::launch::{planned_launcher, Grid, Planned};
 use crate::cuda::params::{KernelFamily, MoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS};
 
 /// The rules of every expert kernel beyond the buffer extents: hidden and inter multiples of 8
-/// (16-byte loads), top_k in 1..=experts, counts and `tokens * hidden` below 2^31; returns the slot
-/// count `tokens * top_k` (below 2^31: the kernels hold slots in 32-bit integers).
+/// (16-byte loads), top_k at least 1, counts and `tokens * hidden` below 2^31; returns the slot
+/// count `tokens * top_k` (below 2^31: the kernels hold slots in 32-bit integers). `experts` are the
+/// experts held, which may be fewer than `top_k`: a rank of an expert-parallel split holding one
+/// expert of a top-2 model runs the slots routed to it and leaves the others' alone.
 pub(super) fn moe_rules(c: &Check, s: &MoeScalars) -> Result<usize, CudaError> {
     c.multiple_of_8("hidden", s.hidden as usize)?;
     c.multiple_of_8("inter", s.inter as usize)?;
     c.at_least("experts", s.experts as usize, 1)?;
-    if s.top_k == 0 || s.top_k > s.experts {
-        return Err(c.unsupported("top_k", s.top_k as usize, "must be in 1..=experts"));
-    }
+    c.at_least("top_k", s.top_k as usize, 1)?;
     for (what, value) in [
         ("tokens", s.tokens),
         ("hidden", s.hidden),
@@ -160,7 +160,9 @@ pub(super) mod tests {
         bad(MoeScalars { inter: 44, ..s }, "inter");
         bad(MoeScalars { experts: 0, ..s }, "experts");
         bad(MoeScalars { top_k: 0, ..s }, "top_k");
-        bad(MoeScalars { top_k: 9, ..s }, "top_k");
+        // A rank holding one expert of a top-2 model is planned.
+        let one_held = MoeScalars { experts: 1, ..s };
+        assert!(planner(&one_held, &args(&one_held, "", "")).is_ok());
         let small = MoeScalars {
             hidden: 8,
             inter: 8,
