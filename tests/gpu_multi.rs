@@ -62,7 +62,7 @@ fn sharded(model: &Model, layout: Layout, test: &str) -> Option<ShardedCudaEngin
         cuda: small_options(),
         timeout: Duration::from_secs(120),
     };
-    match ShardedCudaEngine::new(&model.weights, &opts) {
+    match ShardedCudaEngine::new(&model.weights, &opts, None) {
         Ok(e) => Some(e),
         Err(MultiGpuError::TooFewGpus { needed, count, .. }) => {
             eprintln!("not applicable {test}: needs {needed} GPUs, the driver reports {count}");

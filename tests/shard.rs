@@ -563,3 +563,23 @@ fn split_runs_are_deterministic_and_a_batch_equals_each_sequence_alone() {
         );
     }
 }
+
+#[test]
+fn a_ranks_parts_name_their_tensor_and_piece() {
+    let model = load(&root().join("models/tiny-mixtral"));
+    let plan = ShardPlan::new(&model.config, TP2).unwrap();
+    let shard = &plan.ranks[1];
+    let mut log = ReadLog::default();
+    let rank = RankWeights::new(&model.weights, shard, &mut log).unwrap();
+    let (whole, part) = (&model.weights.layers[0], &rank.layers[0]);
+    // q_proj is cut by rows (rank 1's heads), o_proj by columns.
+    let q = whole.q_proj.tensor.name();
+    let rows = part.q_proj.rows;
+    assert_eq!(part.q_proj.name(), format!("{q} rows {rows}..{}", 2 * rows));
+    let o = whole.o_proj.tensor.name();
+    let cols = part.o_proj.cols;
+    assert_eq!(
+        part.o_proj.name(),
+        format!("{o} columns {cols}..{}", 2 * cols)
+    );
+}

@@ -348,7 +348,7 @@ impl RawTensor {
 }
 
 /// Progress of a long load, reported to a callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadProgress {
     /// Bytes processed so far.
     pub done_bytes: u64,

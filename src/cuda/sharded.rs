@@ -25,6 +25,7 @@ use super::engine::upload::LayerFormats;
 use super::engine::{plan_sizes, RankSetup, WeightSource};
 use super::nccl::{NcclComm, NcclError, NcclGroups, TpComm};
 use super::{CudaEngine, CudaEngineOptions, CudaError};
+use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::engine::{Engine, EngineError, RowSampler, SeqId, SeqStep, StepOutput};
 use crate::shard::replicas::{Build, Replicas, SpawnError};
@@ -133,13 +134,15 @@ enum Source<'a> {
 
 impl ShardedCudaEngine {
     /// Splits `weights` by `options.layout` over the GPUs `options.cuda.device ..` and builds one
-    /// engine per rank. Refuses a layout the model cannot be split by, fewer GPUs than ranks, a
-    /// missing NCCL, and whatever a rank's engine refuses.
+    /// engine per rank, reporting the ranks' uploads together to `progress`. Refuses a layout the
+    /// model cannot be split by, fewer GPUs than ranks, a missing NCCL, and whatever a rank's
+    /// engine refuses.
     pub fn new(
         weights: &ModelWeights,
         options: &ShardedCudaOptions,
+        progress: Option<&dyn Fn(LoadProgress)>,
     ) -> Result<Self, MultiGpuError> {
-        Self::build(Source::Checkpoint(weights), options)
+        Self::build(Source::Checkpoint(weights), options, progress)
     }
 
     testing_pub! {
@@ -150,11 +153,15 @@ impl ShardedCudaEngine {
             seed: u32,
             options: &ShardedCudaOptions,
         ) -> Result<Self, MultiGpuError> {
-            Self::build(Source::Random { config, seed }, options)
+            Self::build(Source::Random { config, seed }, options, None)
         }
     }
 
-    fn build(source: Source<'_>, options: &ShardedCudaOptions) -> Result<Self, MultiGpuError> {
+    fn build(
+        source: Source<'_>,
+        options: &ShardedCudaOptions,
+        progress: Option<&dyn Fn(LoadProgress)>,
+    ) -> Result<Self, MultiGpuError> {
         let config = match source {
             Source::Checkpoint(w) => w.config.clone(),
             Source::Random { config, .. } => config.clone(),
@@ -241,7 +248,7 @@ impl ShardedCudaEngine {
             opts.device = ordinals[shard.rank];
             let full = config.clone();
             let seed = seed.wrapping_add(shard.rank as u32);
-            builds.push(Box::new(move || {
+            builds.push(Box::new(move |report| {
                 let source = match &weights {
                     Some(w) => WeightSource::Shard {
                         weights: w,
@@ -253,11 +260,12 @@ impl ShardedCudaEngine {
                         format: crate::cuda::engine::matrix::StackFormat::Bf16,
                     },
                 };
-                CudaEngine::build_rank(source, Some(setup), opts, None)
+                CudaEngine::build_rank(source, Some(setup), opts, Some(report))
             }));
         }
         // Every rank builds at once: the warm-up passes run the collectives.
-        let ranks = Replicas::spawn(config, options.timeout, builds).map_err(|e| match e {
+        let spawned = Replicas::spawn(config, options.timeout, builds, progress);
+        let ranks = spawned.map_err(|e| match e {
             SpawnError::Build { rank, error } => MultiGpuError::Rank {
                 rank,
                 ordinal: ordinals[rank],
@@ -352,7 +360,7 @@ pub fn open_process_rank(
     nccl_id: &[u8],
     options: &CudaEngineOptions,
     agree_min: impl FnOnce(usize) -> Result<usize, String>,
-    progress: Option<&dyn Fn(crate::checkpoint::LoadProgress)>,
+    progress: Option<&dyn Fn(LoadProgress)>,
 ) -> Result<CudaEngine, MultiGpuError> {
     let config = &weights.config;
     let plan = ShardPlan::new(config, layout)?;

@@ -238,11 +238,10 @@ fn build(
             cuda: options.cuda(first),
             timeout: crate::cuda::sharded::DEFAULT_TIMEOUT,
         };
-        let engine = crate::cuda::ShardedCudaEngine::new(weights, &sharded).map_err(|e| {
-            OpenError::Engine {
-                device: text.to_string(),
-                source: EngineError::backend(e),
-            }
+        let built = crate::cuda::ShardedCudaEngine::new(weights, &sharded, progress);
+        let engine = built.map_err(|e| OpenError::Engine {
+            device: text.to_string(),
+            source: EngineError::backend(e),
         })?;
         return Ok(Box::new(engine));
     }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::engine::{Engine, EngineError, LogitsFor, RowSampler, SeqId, SeqStep, StepOutput};
 use crate::sampling::Sampler;
@@ -25,8 +26,17 @@ use crate::sampling::Sampler;
 /// Work for one rank's engine.
 type Job<E> = Box<dyn FnOnce(&mut E) + Send>;
 
-/// Builds one rank's engine, on that rank's thread.
-pub type Build<E, B> = Box<dyn FnOnce() -> Result<E, B> + Send>;
+/// Builds one rank's engine, on that rank's thread, reporting its load progress to the closure it
+/// is given.
+pub type Build<E, B> = Box<dyn FnOnce(&dyn Fn(LoadProgress)) -> Result<E, B> + Send>;
+
+/// What a rank's thread reports while it builds.
+enum Building<B> {
+    /// Its load progress.
+    Progress(LoadProgress),
+    /// Its engine's limits (`max_context`, KV block size), or why it did not build.
+    Built(Result<(usize, Option<usize>), B>),
+}
 
 /// Why the replicas could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -77,16 +87,18 @@ impl<E: Engine + 'static> std::fmt::Debug for Replicas<E> {
 
 impl<E: Engine + 'static> Replicas<E> {
     /// Starts one thread per builder (rank `r` runs `builds[r]`), all at once (their builds may
-    /// wait for each other, e.g. in collectives), and waits up to `timeout` for every engine.
+    /// wait for each other, e.g. in collectives), and waits up to `timeout` for every engine,
+    /// reporting the sum of the ranks' load progress to `progress` on the caller's thread.
     /// `config` is what [`Engine::config`] answers (the whole model's). A rank that fails to
     /// build is [`SpawnError::Build`]; the others are then left to end on their own.
     pub fn spawn<B: Send + 'static>(
         config: ModelConfig,
         timeout: Duration,
         builds: Vec<Build<E, B>>,
+        progress: Option<&dyn Fn(LoadProgress)>,
     ) -> Result<Self, SpawnError<B>> {
         let ranks = builds.len();
-        let (built_tx, built_rx) = channel::<(usize, Result<(usize, Option<usize>), B>)>();
+        let (built_tx, built_rx) = channel::<(usize, Building<B>)>();
         let mut workers = Vec::with_capacity(ranks);
         for (rank, build) in builds.into_iter().enumerate() {
             let built = built_tx.clone();
@@ -94,15 +106,18 @@ impl<E: Engine + 'static> Replicas<E> {
             let thread = std::thread::Builder::new()
                 .name(format!("rank-{rank}"))
                 .spawn(move || {
-                    let mut engine = match build() {
+                    let report = |p: LoadProgress| {
+                        let _ = built.send((rank, Building::Progress(p)));
+                    };
+                    let mut engine = match build(&report) {
                         Ok(e) => e,
                         Err(e) => {
-                            let _ = built.send((rank, Err(e)));
+                            let _ = built.send((rank, Building::Built(Err(e))));
                             return;
                         }
                     };
                     let limits = (engine.max_context(), engine.kv_block_size());
-                    if built.send((rank, Ok(limits))).is_err() {
+                    if built.send((rank, Building::Built(Ok(limits)))).is_err() {
                         return;
                     }
                     drop(built);
@@ -130,7 +145,8 @@ impl<E: Engine + 'static> Replicas<E> {
         };
         let deadline = Instant::now() + timeout;
         let mut limits = vec![None; ranks];
-        for _ in 0..ranks {
+        let mut loaded = vec![LoadProgress::default(); ranks];
+        while limits.iter().any(Option::is_none) {
             let left = deadline.saturating_duration_since(Instant::now());
             let (rank, result) = match built_rx.recv_timeout(left) {
                 Ok(answer) => answer,
@@ -146,8 +162,17 @@ impl<E: Engine + 'static> Replicas<E> {
                 }
             };
             match result {
-                Ok(l) => limits[rank] = Some(l),
-                Err(error) => {
+                Building::Progress(p) => {
+                    loaded[rank] = p;
+                    if let Some(report) = progress {
+                        report(LoadProgress {
+                            done_bytes: loaded.iter().map(|l| l.done_bytes).sum(),
+                            total_bytes: loaded.iter().map(|l| l.total_bytes).sum(),
+                        });
+                    }
+                }
+                Building::Built(Ok(l)) => limits[rank] = Some(l),
+                Building::Built(Err(error)) => {
                     // The other ranks may wait for this one (in a collective): leave them.
                     replicas.abandon();
                     return Err(SpawnError::Build { rank, error });
@@ -472,7 +497,7 @@ mod tests {
             .iter()
             .map(|&n| {
                 let weights = Arc::clone(&model.weights);
-                let build: Build<CpuEngine, EngineError> = Box::new(move || {
+                let build: Build<CpuEngine, EngineError> = Box::new(move |_| {
                     let options = CpuEngineOptions {
                         max_context: Some(64),
                         max_sequences: n,
@@ -483,7 +508,7 @@ mod tests {
                 build
             })
             .collect();
-        Replicas::spawn(model.config.clone(), Duration::from_secs(60), builds).unwrap()
+        Replicas::spawn(model.config.clone(), Duration::from_secs(60), builds, None).unwrap()
     }
 
     fn steps(seq: SeqId, tokens: &[u32], start_pos: usize) -> [SeqStep<'_>; 1] {
@@ -580,16 +605,46 @@ mod tests {
     }
 
     #[test]
+    fn the_ranks_load_progress_reaches_the_caller_summed() {
+        let model = model();
+        let builds: Vec<Build<CpuEngine, String>> = (1..=3u64)
+            .map(|r| {
+                let weights = Arc::clone(&model.weights);
+                let build: Build<CpuEngine, String> = Box::new(move |report| {
+                    // Rank r loads 100 * r bytes in two halves.
+                    for done in [50 * r, 100 * r] {
+                        report(LoadProgress {
+                            done_bytes: done,
+                            total_bytes: 100 * r,
+                        });
+                    }
+                    CpuEngine::new(weights, CpuEngineOptions::default()).map_err(|e| e.to_string())
+                });
+                build
+            })
+            .collect();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let report = |p: LoadProgress| seen.lock().unwrap().push(p);
+        let config = model.config.clone();
+        Replicas::spawn(config, Duration::from_secs(60), builds, Some(&report)).unwrap();
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.len(), 6);
+        assert!(seen.windows(2).all(|w| w[0].done_bytes <= w[1].done_bytes));
+        let last = seen.last().unwrap();
+        assert_eq!((last.done_bytes, last.total_bytes), (600, 600));
+    }
+
+    #[test]
     fn a_rank_that_fails_to_build_is_named() {
         let model = model();
         let weights = Arc::clone(&model.weights);
         let builds: Vec<Build<CpuEngine, String>> = vec![
-            Box::new(move || {
+            Box::new(move |_| {
                 CpuEngine::new(weights, CpuEngineOptions::default()).map_err(|e| e.to_string())
             }),
-            Box::new(|| Err("no device".to_string())),
+            Box::new(|_| Err("no device".to_string())),
         ];
-        match Replicas::spawn(model.config.clone(), Duration::from_secs(60), builds) {
+        match Replicas::spawn(model.config.clone(), Duration::from_secs(60), builds, None) {
             Err(SpawnError::Build { rank: 1, error }) => assert_eq!(error, "no device"),
             other => panic!("{:?}", other.map(|r| r.len())),
         }

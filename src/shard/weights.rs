@@ -85,6 +85,8 @@ enum Owned {
 /// A rank's piece of one tensor, row-major `[rows, cols]`.
 #[derive(Debug, Clone)]
 pub struct Part {
+    /// The tensor it is cut from and which piece (`... rows 0..64`, `... columns 32..64`).
+    name: String,
     /// Rows.
     pub rows: usize,
     /// Columns.
@@ -104,6 +106,11 @@ enum PartData {
 }
 
 impl Part {
+    /// The tensor it is cut from and which piece, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The elements (a packed part's are dequantized on the first call and kept).
     pub fn data(&self) -> WeightSlice<'_> {
         match &self.data {
@@ -156,6 +163,7 @@ fn whole(w: &Weight, log: &mut ReadLog) -> Result<Part, ShardWeightError> {
 /// Rows `range` of `w`.
 fn rows(w: &Weight, range: Range<usize>, log: &mut ReadLog) -> Result<Part, ShardWeightError> {
     let name = w.tensor.name();
+    let piece = format!("{name} rows {range:?}");
     let n = range.len();
     if let Some(packed) = w.tensor.packed() {
         let (rc, rp) = (packed.row_code_bytes(), packed.row_params());
@@ -171,7 +179,7 @@ fn rows(w: &Weight, range: Range<usize>, log: &mut ReadLog) -> Result<Part, Shar
             params: packed.params[params].to_vec(),
             perm: packed.perm.clone(),
         };
-        return Ok(packed_part(w, part));
+        return Ok(packed_part(w, part, piece));
     }
     let elements = range.start * w.cols..range.end * w.cols;
     let size = w.tensor.dtype().size();
@@ -182,12 +190,14 @@ fn rows(w: &Weight, range: Range<usize>, log: &mut ReadLog) -> Result<Part, Shar
         // Data at an offset not aligned for its type: typed views of the whole tensor would copy
         // all of it, so the rank copies its own rows.
         return Ok(Part {
+            name: piece,
             rows: n,
             cols: w.cols,
             data: PartData::Owned(owned_copy(w, &stored[bytes])),
         });
     }
     Ok(Part {
+        name: piece,
         rows: n,
         cols: w.cols,
         data: PartData::Mapped {
@@ -206,13 +216,14 @@ fn owned_copy(w: &Weight, bytes: &[u8]) -> Owned {
     }
 }
 
-/// A part of the quantized `w`, held packed.
-fn packed_part(w: &Weight, part: PackedMatrix) -> Part {
+/// A part of the quantized `w`, held packed; `piece` names it.
+fn packed_part(w: &Weight, part: PackedMatrix, piece: String) -> Part {
     let (rows, cols) = (part.rows, part.cols);
     let part = Arc::new(part);
     let name = w.tensor.name();
     match TensorView::from_packed(name, vec![rows, cols], Arc::clone(&part), w.tensor.path()) {
         Some(tensor) => Part {
+            name: piece,
             rows,
             cols,
             data: PartData::Mapped {
@@ -222,6 +233,7 @@ fn packed_part(w: &Weight, part: PackedMatrix) -> Part {
         },
         // Not reached: the shape is the packed matrix's own.
         None => Part {
+            name: piece,
             rows,
             cols,
             data: PartData::Owned(Owned::F32(part.dequantize())),
@@ -235,9 +247,14 @@ fn cols(w: &Weight, range: Range<usize>, log: &mut ReadLog) -> Result<Part, Shar
         return whole(w, log);
     }
     let name = w.tensor.name();
+    let piece = format!("{name} columns {range:?}");
     let width = range.len();
     if let Some(packed) = w.tensor.packed() {
-        return Ok(packed_part(w, packed_cols(name, packed, range, log)?));
+        return Ok(packed_part(
+            w,
+            packed_cols(name, packed, range, log)?,
+            piece,
+        ));
     }
     let size = w.tensor.dtype().size();
     let bytes = w.tensor.bytes();
@@ -248,6 +265,7 @@ fn cols(w: &Weight, range: Range<usize>, log: &mut ReadLog) -> Result<Part, Shar
         copied.extend_from_slice(&bytes[at]);
     }
     Ok(Part {
+        name: piece,
         rows: w.rows,
         cols: width,
         data: PartData::Owned(owned_copy(w, &copied)),

@@ -39,7 +39,7 @@ impl HostTensor for Part {
         Part::packed(self)
     }
     fn name(&self) -> &str {
-        "a rank's part"
+        Part::name(self)
     }
 }
 
