@@ -1,6 +1,10 @@
 //! The sharded CUDA engine (feature `nccl`) against the unsharded CUDA engine, on the trained
 //! model (`models/mini-mixtral`: 2 KV heads, 8 experts, so TP 2 and EP 2 divide it).
 //!
+//! The same ranks joined as processes do (`mixtral-run --dist-init`: the rendezvous, the NCCL
+//! world joined through rank 0's unique id, rank 0 leading the others in lockstep), each rank in a
+//! thread here.
+//!
 //! Only a machine with no CUDA driver or device skips (`tests/common/gpu.rs`); on a machine with
 //! one GPU the two-GPU test says it is not applicable (`scripts/gpu-check` runs the world of one,
 //! `scripts/multi-gpu-check` both); a missing NCCL on a machine with a GPU fails.
@@ -167,5 +171,107 @@ fn tensor_and_expert_parallel_on_two_gpus_match_one_gpu() {
             assert!(err <= SHARDED_REL_L2, "{layout}: step {i}: rel L2 {err:e}");
         }
         assert_eq!(&got_ids, want_ids, "{layout}: greedy ids");
+    }
+}
+
+/// This process's part of a world of processes (`mixtral-run --dist-init`), each rank in a thread
+/// of its own here: rank 0 leads on `cuda:0` and returns its engine; rank `r > 0` follows on
+/// `cuda:r` in a thread until rank 0's engine is dropped. The NCCL world is joined through the
+/// unique id rank 0 hands out in the rendezvous, as across processes.
+fn process_ranks(
+    model: &Model,
+    layout: Layout,
+    test: &str,
+) -> (Box<dyn Engine>, Vec<std::thread::JoinHandle<()>>) {
+    use mixtral::engine::Device;
+    use mixtral::shard::world::{self, DistInit};
+    let world = layout.world();
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("its address").to_string()
+    };
+    let dist = |rank| DistInit {
+        addr: addr.clone(),
+        rank,
+        world,
+        timeout: Duration::from_secs(120),
+    };
+    let weights = std::sync::Arc::clone(&model.weights);
+    let followers = (1..world)
+        .map(|r| {
+            let (dist, weights, test) =
+                (dist(r), std::sync::Arc::clone(&weights), test.to_string());
+            std::thread::spawn(move || {
+                let joined = world::join(&dist, Device::Cuda(r)).unwrap_or_else(|e| {
+                    common::gpu::fail(&test, &format!("joining as rank {r}"), &e)
+                });
+                joined
+                    .follow(&weights, None)
+                    .unwrap_or_else(|e| common::gpu::fail(&test, "following rank 0", &e));
+            })
+        })
+        .collect();
+    let joined = world::join(&dist(0), Device::Cuda(0))
+        .unwrap_or_else(|e| common::gpu::fail(test, "joining as rank 0", &e));
+    let options = mixtral::engine::EngineOptions {
+        parallel: layout,
+        ..small_options().engine
+    };
+    let engine = joined
+        .lead(&weights, &options, None)
+        .unwrap_or_else(|e| common::gpu::fail(test, "leading", &e));
+    (engine, followers)
+}
+
+/// Bounds as above: a world of one process is bit-identical to the unsharded engine; two
+/// processes (TP 2, EP 2) within [`SHARDED_REL_L2`] of it with equal greedy ids.
+#[test]
+fn ranks_joined_as_processes_match_the_unsharded_engine() {
+    let _lock = lock();
+    let test = "process_ranks";
+    let model = model();
+    let Some(mut plain) = common::gpu::or_skip(
+        test,
+        "building the CUDA engine",
+        CudaEngine::new(&model.weights, small_options(), None),
+    ) else {
+        return;
+    };
+    let ids = prompt(&model);
+    let (want_ids, want_rows) = greedy(&mut plain, &ids, STEPS);
+    drop(plain);
+    let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0) as usize;
+    for layout in [
+        Layout::default(),
+        Layout { tp: 2, ep: 1 },
+        Layout { tp: 1, ep: 2 },
+    ] {
+        if layout.world() > gpus {
+            eprintln!(
+                "not applicable {test} {layout}: needs {} GPUs, the driver reports {gpus}",
+                layout.world()
+            );
+            continue;
+        }
+        let (mut engine, followers) = process_ranks(&model, layout, test);
+        let (got_ids, got_rows) = greedy(engine.as_mut(), &ids, STEPS);
+        drop(engine);
+        for f in followers {
+            f.join().expect("a follower panicked");
+        }
+        for (i, (g, w)) in got_rows.iter().zip(&want_rows).enumerate() {
+            if layout.is_sharded() {
+                let err = rel_l2(g, w);
+                assert!(err <= SHARDED_REL_L2, "{layout}: step {i}: rel L2 {err:e}");
+            } else {
+                let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{layout}: step {i}: logits differ (rel L2 {:e})",
+                    rel_l2(g, w)
+                );
+            }
+        }
+        assert_eq!(got_ids, want_ids, "{layout}: greedy ids");
     }
 }
