@@ -74,26 +74,39 @@ fn assert_one_error_line(out: &Output, needle: &str) {
     assert!(lines[0].contains(needle), "{err}");
 }
 
-#[test]
-fn split_runs_give_the_unsharded_greedy_output() {
+/// The golden prompt, greedy for as many tokens as the golden ids, JSON, on the CPU.
+fn golden_generation_args() -> Vec<String> {
     let g = golden();
     let n = g["greedy_ids"].as_array().unwrap().len().to_string();
-    let prompt = g["prompt_text"].as_str().unwrap();
-    let base = [
+    let prompt = g["prompt_text"].as_str().unwrap().to_string();
+    let args = [
         "--model",
         &model(),
         "--prompt",
-        prompt,
+        &prompt,
         "--json",
         "-n",
         &n,
         "--device",
         "cpu",
     ];
-    let unsharded = run(&base);
+    args.map(String::from).to_vec()
+}
+
+/// The unsharded run of `args`, checked against the golden greedy ids.
+fn unsharded_generation(args: &[&str]) -> (Vec<Value>, Value, Value) {
+    let unsharded = run(args);
     assert!(unsharded.status.success(), "{}", stderr(&unsharded));
     let want = generation(&unsharded);
-    assert_eq!(want.1, g["greedy_ids"]);
+    assert_eq!(want.1, golden()["greedy_ids"]);
+    want
+}
+
+#[test]
+fn split_runs_give_the_unsharded_greedy_output() {
+    let base = golden_generation_args();
+    let base: Vec<&str> = base.iter().map(String::as_str).collect();
+    let want = unsharded_generation(&base);
     for split in [["--tensor-parallel", "2"], ["--expert-parallel", "2"]] {
         let mut args = base.to_vec();
         args.extend_from_slice(&split);
@@ -224,24 +237,9 @@ fn processes(args: &[&str], split: &[&str], world: usize) -> Vec<Output> {
 
 #[test]
 fn ranks_in_separate_processes_give_the_unsharded_greedy_output() {
-    let g = golden();
-    let n = g["greedy_ids"].as_array().unwrap().len().to_string();
-    let prompt = g["prompt_text"].as_str().unwrap();
-    let base = [
-        "--model",
-        &model(),
-        "--prompt",
-        prompt,
-        "--json",
-        "-n",
-        &n,
-        "--device",
-        "cpu",
-    ];
-    let unsharded = run(&base);
-    assert!(unsharded.status.success(), "{}", stderr(&unsharded));
-    let want = generation(&unsharded);
-    assert_eq!(want.1, g["greedy_ids"]);
+    let base = golden_generation_args();
+    let base: Vec<&str> = base.iter().map(String::as_str).collect();
+    let want = unsharded_generation(&base);
     let splits: [(&[&str], usize); 2] = [
         (&["--tensor-parallel", "2"], 2),
         (&["--expert-parallel", "2"], 2),

@@ -139,9 +139,23 @@ fn nccl_world_of_one_runs_the_whole_sharded_path_in_the_graphs_and_matches_the_u
     let (sharded_ids, sharded_rows) = greedy(&mut one, &ids, STEPS);
     let (plain_ids, plain_rows) = greedy(&mut plain, &ids, STEPS);
     assert_eq!(sharded_ids, plain_ids, "greedy ids");
-    for (i, (s, p)) in sharded_rows.iter().zip(&plain_rows).enumerate() {
-        let same = s.iter().zip(p).all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "step {i}: logits differ (rel L2 {:e})", rel_l2(s, p));
+    assert_bit_identical(&sharded_rows, &plain_rows);
+}
+
+/// Every step's logits bit for bit equal.
+fn assert_bit_identical(got: &[Vec<f32>], want: &[Vec<f32>]) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "step {i}: logits differ (rel L2 {:e})", rel_l2(g, w));
+    }
+}
+
+/// Every step's logits within [`SHARDED_REL_L2`].
+fn assert_close(layout: Layout, got: &[Vec<f32>], want: &[Vec<f32>]) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = rel_l2(g, w);
+        eprintln!("{layout}: step {i}: logits rel L2 {err:.2e}");
+        assert!(err <= SHARDED_REL_L2, "{layout}: step {i}: rel L2 {err:e}");
     }
 }
 
@@ -165,11 +179,7 @@ fn tensor_and_expert_parallel_on_two_gpus_match_one_gpu() {
             }
         };
         let (got_ids, got_rows) = greedy(&mut engine, &ids, STEPS);
-        for (i, (g, w)) in got_rows.iter().zip(want_rows).enumerate() {
-            let err = rel_l2(g, w);
-            eprintln!("{layout}: step {i}: logits rel L2 {err:.2e}");
-            assert!(err <= SHARDED_REL_L2, "{layout}: step {i}: rel L2 {err:e}");
-        }
+        assert_close(layout, &got_rows, want_rows);
         assert_eq!(&got_ids, want_ids, "{layout}: greedy ids");
     }
 }
@@ -259,18 +269,10 @@ fn ranks_joined_as_processes_match_the_unsharded_engine() {
         for f in followers {
             f.join().expect("a follower panicked");
         }
-        for (i, (g, w)) in got_rows.iter().zip(&want_rows).enumerate() {
-            if layout.is_sharded() {
-                let err = rel_l2(g, w);
-                assert!(err <= SHARDED_REL_L2, "{layout}: step {i}: rel L2 {err:e}");
-            } else {
-                let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(
-                    same,
-                    "{layout}: step {i}: logits differ (rel L2 {:e})",
-                    rel_l2(g, w)
-                );
-            }
+        if layout.is_sharded() {
+            assert_close(layout, &got_rows, &want_rows);
+        } else {
+            assert_bit_identical(&got_rows, &want_rows);
         }
         assert_eq!(got_ids, want_ids, "{layout}: greedy ids");
     }

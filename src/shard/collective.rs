@@ -158,3 +158,42 @@ pub trait Collective: Send {
         out: &mut Self::Mem<T>,
     ) -> Result<(), CollectiveError>;
 }
+
+/// An all-reduce of a host buffer through `exchange`, which takes this rank's values as f32 and
+/// returns the group's sums: how the host transports ([`super::cpu_ranks`], [`super::tcp_ranks`])
+/// implement [`Collective::all_reduce`].
+pub(super) fn host_all_reduce<T: Reducible, S: std::borrow::Borrow<Vec<f32>>>(
+    buf: &mut [T],
+    exchange: impl FnOnce(Vec<f32>) -> Result<S, CollectiveError>,
+) -> Result<(), CollectiveError> {
+    let sum = exchange(buf.iter().map(|v| v.to_f32()).collect())?;
+    for (b, &s) in buf.iter_mut().zip(sum.borrow().iter()) {
+        *b = T::from_f32(s);
+    }
+    Ok(())
+}
+
+/// An all-gather of host buffers through `exchange` (this rank's part as f32 in, every part in
+/// rank order out), refusing an `out` that is not `size` parts: how the host transports implement
+/// [`Collective::all_gather`].
+pub(super) fn host_all_gather<T: Reducible, S: std::borrow::Borrow<Vec<f32>>>(
+    (rank, size): (usize, usize),
+    part: &[T],
+    out: &mut [T],
+    exchange: impl FnOnce(Vec<f32>) -> Result<S, CollectiveError>,
+) -> Result<(), CollectiveError> {
+    let expected = part.len() * size;
+    if out.len() != expected {
+        return Err(CollectiveError::BadLength {
+            rank,
+            op: Op::AllGather,
+            got: out.len(),
+            expected,
+        });
+    }
+    let all = exchange(part.iter().map(|v| v.to_f32()).collect())?;
+    for (o, &v) in out.iter_mut().zip(all.borrow().iter()) {
+        *o = T::from_f32(v);
+    }
+    Ok(())
+}

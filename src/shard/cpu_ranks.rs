@@ -12,7 +12,9 @@
 //! panicked) makes them fail at once with [`CollectiveError::PeerGone`]. Either failure breaks the
 //! group: every later operation on any rank is [`CollectiveError::Broken`]. Nothing waits forever.
 
-use super::collective::{Collective, CollectiveError, Op, Reducible};
+use super::collective::{
+    host_all_gather, host_all_reduce, Collective, CollectiveError, Op, Reducible,
+};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -258,12 +260,7 @@ impl Collective for CpuRank {
     }
 
     fn all_reduce<T: Reducible>(&mut self, buf: &mut [T]) -> Result<(), CollectiveError> {
-        let data = buf.iter().map(|v| v.to_f32()).collect();
-        let sum = self.exchange(Op::AllReduce, T::NAME, data)?;
-        for (b, &s) in buf.iter_mut().zip(sum.iter()) {
-            *b = T::from_f32(s);
-        }
-        Ok(())
+        host_all_reduce(buf, |data| self.exchange(Op::AllReduce, T::NAME, data))
     }
 
     fn all_gather<T: Reducible>(
@@ -271,21 +268,10 @@ impl Collective for CpuRank {
         part: &[T],
         out: &mut [T],
     ) -> Result<(), CollectiveError> {
-        let expected = part.len() * self.shared.size;
-        if out.len() != expected {
-            return Err(CollectiveError::BadLength {
-                rank: self.rank,
-                op: Op::AllGather,
-                got: out.len(),
-                expected,
-            });
-        }
-        let data = part.iter().map(|v| v.to_f32()).collect();
-        let all = self.exchange(Op::AllGather, T::NAME, data)?;
-        for (o, &v) in out.iter_mut().zip(all.iter()) {
-            *o = T::from_f32(v);
-        }
-        Ok(())
+        let group = (self.rank, self.shared.size);
+        host_all_gather(group, part, out, |data| {
+            self.exchange(Op::AllGather, T::NAME, data)
+        })
     }
 }
 

@@ -25,7 +25,9 @@
 //! u64 (the operation's index), `len` u64; then `len` f32 values, or `len` bytes of UTF-8 text for
 //! a failure.
 
-use super::collective::{Collective, CollectiveError, Op, Reducible};
+use super::collective::{
+    host_all_gather, host_all_reduce, Collective, CollectiveError, Op, Reducible,
+};
 use super::cpu_ranks::{combine, Deposit};
 use super::plan::{Layout, RankShard};
 use super::rank::RankComms;
@@ -476,12 +478,7 @@ impl Collective for TcpRank {
     }
 
     fn all_reduce<T: Reducible>(&mut self, buf: &mut [T]) -> Result<(), CollectiveError> {
-        let data = buf.iter().map(|v| v.to_f32()).collect();
-        let sum = self.exchange(Op::AllReduce, T::NAME, data)?;
-        for (b, &s) in buf.iter_mut().zip(sum.iter()) {
-            *b = T::from_f32(s);
-        }
-        Ok(())
+        host_all_reduce(buf, |data| self.exchange(Op::AllReduce, T::NAME, data))
     }
 
     fn all_gather<T: Reducible>(
@@ -489,21 +486,10 @@ impl Collective for TcpRank {
         part: &[T],
         out: &mut [T],
     ) -> Result<(), CollectiveError> {
-        let expected = part.len() * self.size;
-        if out.len() != expected {
-            return Err(CollectiveError::BadLength {
-                rank: self.rank,
-                op: Op::AllGather,
-                got: out.len(),
-                expected,
-            });
-        }
-        let data = part.iter().map(|v| v.to_f32()).collect();
-        let all = self.exchange(Op::AllGather, T::NAME, data)?;
-        for (o, &v) in out.iter_mut().zip(all.iter()) {
-            *o = T::from_f32(v);
-        }
-        Ok(())
+        let group = (self.rank, self.size);
+        host_all_gather(group, part, out, |data| {
+            self.exchange(Op::AllGather, T::NAME, data)
+        })
     }
 }
 

@@ -252,16 +252,16 @@ fn run_generate(a: &GenerateArgs) -> Result<(), Failure> {
         Prompt::Text(text) => text.clone(),
         Prompt::File(path) => read_text(path, "prompt file")?,
     };
-    let Some(loaded) = load(&a.common)? else {
-        return Ok(());
-    };
-    let Loaded {
+    let Some(Loaded {
         model,
         tokenizer,
         load_time,
         estimate,
         leader,
-    } = loaded;
+    }) = load(&a.common)?
+    else {
+        return Ok(());
+    };
     let prompt = if a.chat {
         tokenizer.encode_chat(&[ChatMessage::user(text)])?
     } else {
@@ -303,16 +303,16 @@ fn run_generate(a: &GenerateArgs) -> Result<(), Failure> {
 
 fn run_perplexity(a: &PerplexityArgs) -> Result<(), Failure> {
     let text = read_text(&a.file, "text file")?;
-    let Some(loaded) = load(&a.common)? else {
-        return Ok(());
-    };
-    let Loaded {
+    let Some(Loaded {
         model,
         tokenizer,
         load_time,
         estimate,
         leader,
-    } = loaded;
+    }) = load(&a.common)?
+    else {
+        return Ok(());
+    };
     let ids = tokenizer.encode(&text, true)?;
     // The last token is scored, never fed.
     let fed = ids.len().saturating_sub(1);
