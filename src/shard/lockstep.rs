@@ -439,24 +439,15 @@ impl<E: Engine + ?Sized> Engine for Leader<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::{CpuEngine, CpuEngineOptions};
+    use crate::cpu::CpuEngine;
     use crate::shard::rendezvous;
-    use crate::{LoadOptions, Model};
+    use crate::shard::test_support::{cpu, steps, tiny_model};
+    use crate::Model;
     use std::sync::Arc;
     use std::thread::{self, JoinHandle};
 
     fn model() -> Arc<Model> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
-        Arc::new(Model::load(&dir, &LoadOptions::default()).unwrap())
-    }
-
-    fn cpu(model: &Model, max_sequences: usize) -> CpuEngine {
-        let options = CpuEngineOptions {
-            max_context: Some(64),
-            max_sequences,
-            ..CpuEngineOptions::default()
-        };
-        CpuEngine::new(Arc::clone(&model.weights), options).unwrap()
+        Arc::new(tiny_model())
     }
 
     /// A leader over a CPU engine allowing `sequences[0]` sequences, and one follower thread per
@@ -482,15 +473,6 @@ mod tests {
         let session = listener.accept_ranks(world, timeout, b"").unwrap();
         let leader = Leader::new(Box::new(cpu(model, sequences[0])), session, timeout).unwrap();
         (leader, followers)
-    }
-
-    fn steps(seq: SeqId, tokens: &[u32], start_pos: usize) -> [SeqStep<'_>; 1] {
-        [SeqStep {
-            seq,
-            tokens,
-            start_pos,
-            logits: LogitsFor::Last,
-        }]
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub mod rank;
 pub mod rendezvous;
 pub mod replicas;
 pub mod tcp_ranks;
+#[cfg(test)]
+mod test_support;
 pub mod weights;
 pub mod world;
 

@@ -475,21 +475,8 @@ mod tests {
     use super::*;
     use crate::cpu::{CpuEngine, CpuEngineOptions};
     use crate::sampling::SamplingParams;
-    use crate::{LoadOptions, Model};
-
-    fn model() -> Model {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
-        Model::load(&dir, &LoadOptions::default()).unwrap()
-    }
-
-    fn cpu(model: &Model, max_sequences: usize) -> CpuEngine {
-        let options = CpuEngineOptions {
-            max_context: Some(64),
-            max_sequences,
-            ..CpuEngineOptions::default()
-        };
-        CpuEngine::new(Arc::clone(&model.weights), options).unwrap()
-    }
+    use crate::shard::test_support::{cpu, steps, tiny_model as model};
+    use crate::Model;
 
     /// `n` CPU engines, rank `r` allowing `sequences[r]` sequences.
     fn replicas(model: &Model, sequences: &[usize]) -> Replicas<CpuEngine> {
@@ -509,15 +496,6 @@ mod tests {
             })
             .collect();
         Replicas::spawn(model.config.clone(), Duration::from_secs(60), builds, None).unwrap()
-    }
-
-    fn steps(seq: SeqId, tokens: &[u32], start_pos: usize) -> [SeqStep<'_>; 1] {
-        [SeqStep {
-            seq,
-            tokens,
-            start_pos,
-            logits: LogitsFor::Last,
-        }]
     }
 
     #[test]

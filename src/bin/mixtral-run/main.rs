@@ -252,23 +252,17 @@ fn run_generate(a: &GenerateArgs) -> Result<(), Failure> {
         Prompt::Text(text) => text.clone(),
         Prompt::File(path) => read_text(path, "prompt file")?,
     };
-    let Some(Loaded {
-        model,
-        tokenizer,
-        load_time,
-        estimate,
-        leader,
-    }) = load(&a.common)?
-    else {
+    let Some(loaded) = load(&a.common)? else {
         return Ok(());
     };
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     let prompt = if a.chat {
         tokenizer.encode_chat(&[ChatMessage::user(text)])?
     } else {
         tokenizer.encode(&text, true)?
     };
     let needed = prompt.len().saturating_add(a.max_new_tokens);
-    let mut engine = engine(&model, &a.common, needed, leader)?;
+    let mut engine = engine(model, &a.common, needed, loaded.leader)?;
     let mut options = GenerateOptions::greedy(a.max_new_tokens)
         .with_sampling(a.sampling)
         .with_eos(&model.config.eos_token_ids)
@@ -279,7 +273,7 @@ fn run_generate(a: &GenerateArgs) -> Result<(), Failure> {
     let mut write_error = None;
     let output = generate(
         engine.as_mut(),
-        &tokenizer,
+        tokenizer,
         &prompt,
         &options,
         |event| match writer.token(event) {
@@ -296,34 +290,28 @@ fn run_generate(a: &GenerateArgs) -> Result<(), Failure> {
     writer
         .done(&output)
         .map_err(|e| Failure(format!("cannot write to stdout: {e}")))?;
-    estimate.iter().for_each(|line| eprintln!("{line}"));
-    report::generation_timings(load_time, &output);
+    loaded.estimate.iter().for_each(|line| eprintln!("{line}"));
+    report::generation_timings(loaded.load_time, &output);
     Ok(())
 }
 
 fn run_perplexity(a: &PerplexityArgs) -> Result<(), Failure> {
     let text = read_text(&a.file, "text file")?;
-    let Some(Loaded {
-        model,
-        tokenizer,
-        load_time,
-        estimate,
-        leader,
-    }) = load(&a.common)?
-    else {
+    let Some(loaded) = load(&a.common)? else {
         return Ok(());
     };
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     let ids = tokenizer.encode(&text, true)?;
     // The last token is scored, never fed.
     let fed = ids.len().saturating_sub(1);
-    let mut engine = engine(&model, &a.common, fed, leader)?;
+    let mut engine = engine(model, &a.common, fed, loaded.leader)?;
     let started = Instant::now();
     let scored = perplexity(engine.as_mut(), &ids)?;
     let scoring = started.elapsed();
     TokenWriter::new(a.common.json)
         .perplexity(&ids, &scored)
         .map_err(|e| Failure(format!("cannot write to stdout: {e}")))?;
-    estimate.iter().for_each(|line| eprintln!("{line}"));
-    report::perplexity_timings(load_time, fed, scoring);
+    loaded.estimate.iter().for_each(|line| eprintln!("{line}"));
+    report::perplexity_timings(loaded.load_time, fed, scoring);
     Ok(())
 }
