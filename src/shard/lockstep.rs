@@ -22,9 +22,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::rendezvous::{RendezvousError, Session};
+use super::replicas::{borrowed, owned_steps, OwnedStep};
 use crate::config::ModelConfig;
 use crate::engine::StepOutput;
-use crate::engine::{Engine, EngineError, EngineOptions, LogitsFor, RowSampler, SeqId, SeqStep};
+use crate::engine::{Engine, EngineError, EngineOptions, RowSampler, SeqId, SeqStep};
 use crate::sampling::{Rng, Sampler, SamplingParams};
 
 /// Why a follower stopped other than by rank 0's `Stop`, or stopped after its engine failed.
@@ -43,15 +44,6 @@ pub enum FollowError {
     },
 }
 
-/// One sequence's part of a step, owned.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct WireStep {
-    seq: SeqId,
-    tokens: Vec<u32>,
-    start_pos: usize,
-    logits: LogitsFor,
-}
-
 /// One row's sampler and history.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct WireRow {
@@ -65,8 +57,8 @@ struct WireRow {
 enum Call {
     NewSequence,
     FreeSequence(SeqId),
-    Step(Vec<WireStep>),
-    StepTokens(Vec<WireStep>, Vec<WireRow>),
+    Step(Vec<OwnedStep>),
+    StepTokens(Vec<OwnedStep>, Vec<WireRow>),
     ReusePrefix(SeqId, Vec<u32>),
     ForkSequence(SeqId),
     Stop,
@@ -78,30 +70,6 @@ enum Answer {
     Done(String),
     Refused(String),
     Dead(String),
-}
-
-fn wire_steps(batch: &[SeqStep<'_>]) -> Vec<WireStep> {
-    batch
-        .iter()
-        .map(|s| WireStep {
-            seq: s.seq,
-            tokens: s.tokens.to_vec(),
-            start_pos: s.start_pos,
-            logits: s.logits,
-        })
-        .collect()
-}
-
-fn borrowed(steps: &[WireStep]) -> Vec<SeqStep<'_>> {
-    steps
-        .iter()
-        .map(|s| SeqStep {
-            seq: s.seq,
-            tokens: &s.tokens,
-            start_pos: s.start_pos,
-            logits: s.logits,
-        })
-        .collect()
 }
 
 /// What every rank compares of a step's logits: their rows and length (the values are gathered
@@ -388,7 +356,7 @@ impl<E: Engine + ?Sized> Engine for Leader<E> {
     }
 
     fn step(&mut self, batch: &[SeqStep<'_>]) -> Result<StepOutput, EngineError> {
-        let call = Call::Step(wire_steps(batch));
+        let call = Call::Step(owned_steps(batch));
         self.on_all(&call, |e| e.step(batch), logits_digest)
     }
 
@@ -405,7 +373,7 @@ impl<E: Engine + ?Sized> Engine for Leader<E> {
                 history: s.history.to_vec(),
             })
             .collect();
-        let call = Call::StepTokens(wire_steps(batch), rows);
+        let call = Call::StepTokens(owned_steps(batch), rows);
         self.on_all(
             &call,
             |e| e.step_tokens(batch, samplers),
@@ -441,7 +409,7 @@ mod tests {
     use super::*;
     use crate::cpu::CpuEngine;
     use crate::shard::rendezvous;
-    use crate::shard::test_support::{cpu, steps, tiny_model};
+    use crate::shard::test_support::{answers_like_one_engine, cpu, tiny_model};
     use crate::Model;
     use std::sync::Arc;
     use std::thread::{self, JoinHandle};
@@ -478,42 +446,8 @@ mod tests {
     #[test]
     fn a_leader_answers_what_one_engine_answers_and_its_drop_ends_the_followers() {
         let model = model();
-        let mut one = cpu(&model, 4);
         let (mut three, followers) = world(&model, &[4, 4, 4]);
-        let (a, b) = (one.new_sequence().unwrap(), three.new_sequence().unwrap());
-        assert_eq!(a, b);
-        let prompt = [1, 5, 9, 13];
-        assert_eq!(
-            three.step(&steps(b, &prompt, 0)).unwrap(),
-            one.step(&steps(a, &prompt, 0)).unwrap()
-        );
-        assert_eq!(three.sequence_len(b).unwrap(), 4);
-        assert_eq!(three.free_kv_blocks(), one.free_kv_blocks());
-        let params = SamplingParams {
-            temperature: 0.8,
-            seed: 7,
-            ..SamplingParams::greedy()
-        };
-        let (mut s1, mut s3) = (Sampler::new(params).unwrap(), Sampler::new(params).unwrap());
-        let history = [1, 5, 9, 13, 2];
-        let want = one
-            .step_tokens(
-                &steps(a, &[2], 4),
-                &mut [RowSampler::new(&mut s1, &history)],
-            )
-            .unwrap();
-        let got = three
-            .step_tokens(
-                &steps(b, &[2], 4),
-                &mut [RowSampler::new(&mut s3, &history)],
-            )
-            .unwrap();
-        assert_eq!(got, want);
-        assert_eq!(s3.rng(), s1.rng());
-        // A refusal every rank makes leaves the group usable.
-        assert!(three.free_sequence(SeqId(99)).is_err());
-        let c = three.fork_sequence(b).unwrap();
-        assert_eq!(c, one.fork_sequence(a).unwrap());
+        answers_like_one_engine(&mut cpu(&model, 4), &mut three);
         drop(three);
         for f in followers {
             assert_eq!(f.join().unwrap(), Ok(()));

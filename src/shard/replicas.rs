@@ -317,29 +317,35 @@ fn rank_failed(rank: usize, why: &str) -> EngineError {
 pub struct ReplicaFailure(String);
 
 /// A step's entries, owned (to send to the rank threads).
-#[derive(Debug, Clone)]
-struct OwnedStep {
+/// One sequence's part of a step, owned (to send to rank threads, or to other processes:
+/// [`super::lockstep`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct OwnedStep {
     seq: SeqId,
     tokens: Vec<u32>,
     start_pos: usize,
     logits: LogitsFor,
 }
 
-fn owned(batch: &[SeqStep<'_>]) -> Arc<Vec<OwnedStep>> {
-    Arc::new(
-        batch
-            .iter()
-            .map(|s| OwnedStep {
-                seq: s.seq,
-                tokens: s.tokens.to_vec(),
-                start_pos: s.start_pos,
-                logits: s.logits,
-            })
-            .collect(),
-    )
+/// The owned copy of a step's entries.
+pub(super) fn owned_steps(batch: &[SeqStep<'_>]) -> Vec<OwnedStep> {
+    batch
+        .iter()
+        .map(|s| OwnedStep {
+            seq: s.seq,
+            tokens: s.tokens.to_vec(),
+            start_pos: s.start_pos,
+            logits: s.logits,
+        })
+        .collect()
 }
 
-fn borrowed(steps: &[OwnedStep]) -> Vec<SeqStep<'_>> {
+fn owned(batch: &[SeqStep<'_>]) -> Arc<Vec<OwnedStep>> {
+    Arc::new(owned_steps(batch))
+}
+
+/// The step entries of owned ones.
+pub(super) fn borrowed(steps: &[OwnedStep]) -> Vec<SeqStep<'_>> {
     steps
         .iter()
         .map(|s| SeqStep {
@@ -474,8 +480,7 @@ impl<E: Engine + 'static> Engine for Replicas<E> {
 mod tests {
     use super::*;
     use crate::cpu::{CpuEngine, CpuEngineOptions};
-    use crate::sampling::SamplingParams;
-    use crate::shard::test_support::{cpu, steps, tiny_model as model};
+    use crate::shard::test_support::{answers_like_one_engine, cpu, steps, tiny_model as model};
     use crate::Model;
 
     /// `n` CPU engines, rank `r` allowing `sequences[r]` sequences.
@@ -501,48 +506,9 @@ mod tests {
     #[test]
     fn replicas_answer_what_one_engine_answers() {
         let model = model();
-        let mut one = cpu(&model, 4);
         let mut three = replicas(&model, &[4, 4, 4]);
         assert_eq!(three.len(), 3);
-        assert_eq!(three.max_context(), one.max_context());
-        assert_eq!(three.total_kv_blocks(), one.total_kv_blocks());
-        let (a, b) = (one.new_sequence().unwrap(), three.new_sequence().unwrap());
-        assert_eq!(a, b);
-        let prompt = [1, 5, 9, 13];
-        let want = one.step(&steps(a, &prompt, 0)).unwrap();
-        let got = three.step(&steps(b, &prompt, 0)).unwrap();
-        assert_eq!(got, want);
-        assert_eq!(three.sequence_len(b).unwrap(), 4);
-        assert_eq!(three.free_kv_blocks(), one.free_kv_blocks());
-        // Sampled tokens and the samplers' streams, as one engine's.
-        let params = SamplingParams {
-            temperature: 0.8,
-            seed: 7,
-            ..SamplingParams::greedy()
-        };
-        let (mut s1, mut s3) = (Sampler::new(params).unwrap(), Sampler::new(params).unwrap());
-        let history = prompt.to_vec();
-        let want = one
-            .step_tokens(
-                &steps(a, &[3], 4),
-                &mut [RowSampler::new(&mut s1, &history)],
-            )
-            .unwrap();
-        let got = three
-            .step_tokens(
-                &steps(b, &[3], 4),
-                &mut [RowSampler::new(&mut s3, &history)],
-            )
-            .unwrap();
-        assert_eq!(got, want);
-        assert_eq!(s3.rng().state(), s1.rng().state());
-        // A refusal every rank makes leaves the replicas usable.
-        let bad = SeqId(999);
-        let e = three.step(&steps(bad, &[1], 0)).unwrap_err();
-        assert_eq!(e, one.step(&steps(bad, &[1], 0)).unwrap_err());
-        assert!(!e.is_dead(), "{e}");
-        three.free_sequence(b).unwrap();
-        assert_eq!(three.new_sequence().unwrap(), one.new_sequence().unwrap());
+        answers_like_one_engine(&mut cpu(&model, 4), &mut three);
     }
 
     #[test]
