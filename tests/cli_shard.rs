@@ -119,10 +119,22 @@ fn split_runs_give_the_unsharded_greedy_output() {
     }
 }
 
-#[test]
-fn split_perplexity_matches_the_golden_score() {
+/// `out`'s perplexity line has the golden ids and the golden perplexity within 1e-4 relative
+/// (the split's tolerance, derived in tests/shard.rs).
+fn assert_golden_perplexity(out: &Output, what: &str) {
     let g = golden();
     let golden_ppl = g["perplexity_text_perplexity"].as_f64().unwrap();
+    let v = &json_lines(out)[0];
+    assert_eq!(v["ids"], g["perplexity_text_ids"], "{what}");
+    let ppl = v["perplexity"].as_f64().unwrap();
+    assert!(
+        ((ppl - golden_ppl) / golden_ppl).abs() <= 1e-4,
+        "{what}: {ppl} vs {golden_ppl}"
+    );
+}
+
+#[test]
+fn split_perplexity_matches_the_golden_score() {
     for split in [["--tensor-parallel", "2"], ["--expert-parallel", "2"]] {
         let mut args = vec![
             "--model",
@@ -138,13 +150,7 @@ fn split_perplexity_matches_the_golden_score() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = run(&args);
         assert!(out.status.success(), "{split:?}: {}", stderr(&out));
-        let v = &json_lines(&out)[0];
-        assert_eq!(v["ids"], g["perplexity_text_ids"]);
-        let ppl = v["perplexity"].as_f64().unwrap();
-        assert!(
-            ((ppl - golden_ppl) / golden_ppl).abs() <= 1e-4,
-            "{split:?}: {ppl} vs {golden_ppl}"
-        );
+        assert_golden_perplexity(&out, &format!("{split:?}"));
     }
 }
 
@@ -263,8 +269,6 @@ fn ranks_in_separate_processes_give_the_unsharded_greedy_output() {
 
 #[test]
 fn four_processes_score_the_golden_perplexity() {
-    let g = golden();
-    let golden_ppl = g["perplexity_text_perplexity"].as_f64().unwrap();
     let args = [
         "--model",
         &model(),
@@ -277,15 +281,9 @@ fn four_processes_score_the_golden_perplexity() {
     for (r, out) in outs.iter().enumerate() {
         assert!(out.status.success(), "rank {r}: {}", stderr(out));
     }
-    let v = &json_lines(&outs[0])[0];
-    assert_eq!(v["ids"], g["perplexity_text_ids"]);
-    let ppl = v["perplexity"].as_f64().unwrap();
-    // The golden tolerance of the in-process split (tests/shard.rs derives it); the TCP
-    // collective sums in the same order, so the processes add no error of their own.
-    assert!(
-        ((ppl - golden_ppl) / golden_ppl).abs() <= 1e-4,
-        "{ppl} vs {golden_ppl}"
-    );
+    // The golden tolerance of the in-process split; the TCP collective sums in the same order,
+    // so the processes add no error of their own.
+    assert_golden_perplexity(&outs[0], "tp=2 ep=2 in 4 processes");
 }
 
 #[test]

@@ -82,6 +82,12 @@ fn sharded(model: &Model, layout: Layout, test: &str) -> Option<ShardedCudaEngin
     }
 }
 
+/// The unsharded CUDA engine; `None` after printing why the test skips (no driver or device).
+fn unsharded(model: &Model, test: &str) -> Option<CudaEngine> {
+    let built = CudaEngine::new(&model.weights, small_options(), None);
+    common::gpu::or_skip(test, "building the CUDA engine", built)
+}
+
 /// Prefills `prompt`, then decodes greedily one token at a time: the ids and each step's logits.
 fn greedy(engine: &mut dyn Engine, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     let seq = engine.new_sequence().expect("sequence");
@@ -128,11 +134,7 @@ fn nccl_world_of_one_runs_the_whole_sharded_path_in_the_graphs_and_matches_the_u
         !buckets.is_empty(),
         "decode graphs captured with the collectives"
     );
-    let Some(mut plain) = common::gpu::or_skip(
-        test,
-        "building the CUDA engine",
-        CudaEngine::new(&model.weights, small_options(), None),
-    ) else {
+    let Some(mut plain) = unsharded(&model, test) else {
         return;
     };
     let ids = prompt(&model);
@@ -240,11 +242,7 @@ fn ranks_joined_as_processes_match_the_unsharded_engine() {
     let _lock = lock();
     let test = "process_ranks";
     let model = model();
-    let Some(mut plain) = common::gpu::or_skip(
-        test,
-        "building the CUDA engine",
-        CudaEngine::new(&model.weights, small_options(), None),
-    ) else {
+    let Some(mut plain) = unsharded(&model, test) else {
         return;
     };
     let ids = prompt(&model);
