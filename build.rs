@@ -11,6 +11,13 @@
 //! the builds of other feature sets and profiles (clippy, test, release) reuse them instead of
 //! running nvcc again; files that do need nvcc compile in parallel (`NUM_JOBS` at a time).
 //!
+//! CUTLASS: `csrc/cutlass/*.cu` (host code that launches CUTLASS's Hopper kernels, behind
+//! `extern "C"` entry points) compile with nvcc into position-independent objects, cached the same
+//! way, archived by the `cc` crate into the static library `mixtral_cutlass` and linked with the
+//! static CUDA runtime. CUTLASS's headers come from `$CUTLASS_DIR` or the `.cuda/` venv; without
+//! them the script warns and sets `cfg(mixtral_no_cutlass)`, and only the CUTLASS kernels are
+//! missing.
+//!
 //! Without the kernels: when no nvcc is found, or when `DOCS_RS` is set (docs.rs builds
 //! documentation only), the script does not fail. It warns that the kernels were not built and
 //! why, writes an empty `KERNELS` table and sets `cfg(mixtral_no_kernels)`; `src/lib.rs` then stops
@@ -47,8 +54,15 @@ const NO_KERNELS_CFG: &str = "mixtral_no_kernels";
 /// When set, the repository's `.cuda/` venv is not looked at.
 const NO_LOCAL_CUDA_ENV: &str = "MIXTRAL_NO_LOCAL_CUDA";
 
+/// The cfg set when the kernels were built but the CUTLASS shim was not (no CUTLASS headers).
+const NO_CUTLASS_CFG: &str = "mixtral_no_cutlass";
+
+/// CUTLASS's source tree, when not the `.cuda/` venv's.
+const CUTLASS_DIR_ENV: &str = "CUTLASS_DIR";
+
 fn main() -> ExitCode {
     println!("cargo::rustc-check-cfg=cfg({NO_KERNELS_CFG})");
+    println!("cargo::rustc-check-cfg=cfg({NO_CUTLASS_CFG})");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return ExitCode::SUCCESS;
     }
@@ -161,7 +175,124 @@ fn build_kernels() -> Result<Built, String> {
         *cached = copy;
     }
     write(&kernels_rs, &kernel_table(&fatbins))?;
+    build_cutlass(&nvcc, &root, &cache, &out_dir, &header_bytes)?;
     Ok(Built::Kernels)
+}
+
+/// Compiles the CUTLASS shim (`csrc/cutlass/*.cu`: host code and sm_90a kernels) into objects, kept
+/// under their fingerprints in the kernel cache like the fatbins, and links them as the static
+/// library `mixtral_cutlass` (archived by the `cc` crate) with the static CUDA runtime CUTLASS
+/// launches through. Without CUTLASS's headers it warns and sets `cfg(mixtral_no_cutlass)`: the
+/// rest of the crate builds, and the CUTLASS kernels report that they were not built.
+fn build_cutlass(
+    nvcc: &Path,
+    root: &Path,
+    cache: &Path,
+    out_dir: &Path,
+    header_bytes: &[u8],
+) -> Result<(), String> {
+    let shim = root.join("csrc/cutlass");
+    let sources = list_files(&shim, "cu")?;
+    println!("cargo::rerun-if-env-changed={CUTLASS_DIR_ENV}");
+    let Some(cutlass) = find_cutlass(root) else {
+        println!(
+            "cargo::warning=feature `cuda`: CUTLASS was not found (${CUTLASS_DIR_ENV}, or the \
+             .cuda/ venv's nvidia-cutlass): the CUTLASS kernels were not built; run \
+             `scripts/install-cuda-toolchain` to build them."
+        );
+        println!("cargo::rustc-cfg={NO_CUTLASS_CFG}");
+        return Ok(());
+    };
+    let version = read(&cutlass.join("include/cutlass/version.h"))?;
+    let mut identity = header_bytes.to_vec();
+    identity.extend(&version);
+    let mut objects = Vec::new();
+    let mut to_compile = Vec::new();
+    for source in &sources {
+        println!("cargo::rerun-if-changed={}", source.display());
+        let stem = source
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| format!("{}: file name is not UTF-8", source.display()))?;
+        let args = cutlass_args(root, &cutlass);
+        let fingerprint = fingerprint(nvcc, &args, &read(source)?, &identity);
+        let cached = cache.join(format!("{stem}-{fingerprint}.o"));
+        if !cached.exists() {
+            to_compile.push((args, source.clone(), cached.clone()));
+        }
+        objects.push((stem.to_string(), cached));
+    }
+    compile_all(nvcc, &to_compile, out_dir)?;
+    prune_cache(cache, &objects);
+    let mut archive = cc::Build::new();
+    archive.cargo_metadata(true).cargo_warnings(true);
+    for (_, object) in &objects {
+        archive.object(object);
+    }
+    archive
+        .try_compile("mixtral_cutlass")
+        .map_err(|e| format!("archiving the CUTLASS objects: {e}"))?;
+    // The static CUDA runtime sits beside nvcc (`<cuda>/bin/nvcc`, `<cuda>/lib*/libcudart_static.a`).
+    let cuda = nvcc
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"));
+    for lib in ["lib", "lib64", "lib/x86_64-linux-gnu"] {
+        if cuda.join(lib).join("libcudart_static.a").is_file() {
+            println!(
+                "cargo::rustc-link-search=native={}",
+                cuda.join(lib).display()
+            );
+        }
+    }
+    for lib in ["static=cudart_static", "stdc++", "dl", "rt", "pthread"] {
+        println!("cargo::rustc-link-lib={lib}");
+    }
+    Ok(())
+}
+
+/// CUTLASS's source tree (holding `include/` and `tools/util/include/`): `$CUTLASS_DIR`, or the
+/// `nvidia-cutlass` wheel in the repository's `.cuda/` venv.
+fn find_cutlass(root: &Path) -> Option<PathBuf> {
+    let has_headers = |dir: &Path| dir.join("include/cutlass/cutlass.h").is_file();
+    if let Some(dir) = std::env::var_os(CUTLASS_DIR_ENV) {
+        return Some(PathBuf::from(dir)).filter(|d| has_headers(d));
+    }
+    if std::env::var_os(NO_LOCAL_CUDA_ENV).is_some() {
+        return None;
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(root.join(".cuda/lib"))
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path().join("site-packages/cutlass_library/source"))
+        .filter(|dir| has_headers(dir))
+        .collect();
+    candidates.sort();
+    candidates.pop()
+}
+
+/// nvcc's flags for a CUTLASS shim file: host and device code into one position-independent
+/// object (the crate is also a `cdylib`), sm_90a only, `-DNDEBUG` (without it ptxas serializes
+/// the warpgroup MMAs).
+fn cutlass_args(root: &Path, cutlass: &Path) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "-c".into(),
+        "-std=c++17".into(),
+        "-O3".into(),
+        "-DNDEBUG".into(),
+        "--expt-relaxed-constexpr".into(),
+        "-Xcompiler=-fPIC".into(),
+        "-lineinfo".into(),
+        "-Xptxas=-warn-spills,-warn-lmem-usage".into(),
+        "-gencode=arch=compute_90a,code=sm_90a".into(),
+        format!("-I{}", root.join("csrc").display()),
+        format!("-I{}", cutlass.join("include").display()),
+        format!("-I{}", cutlass.join("tools/util/include").display()),
+    ];
+    // Warnings from CUTLASS's own headers are not this crate's to fix.
+    args.push("-diag-suppress=20013,20015".into());
+    args
 }
 
 /// The text of `kernels.rs` for these (file stem, fatbin path) pairs.
@@ -280,7 +411,8 @@ fn prune_cache(cache: &Path, current: &[(String, PathBuf)]) {
             let fingerprinted = name
                 .strip_prefix(stem.as_str())
                 .and_then(|r| r.strip_prefix('-'));
-            let hex = fingerprinted.and_then(|r| r.strip_suffix(".fatbin"));
+            let hex = fingerprinted
+                .and_then(|r| r.strip_suffix(".fatbin").or_else(|| r.strip_suffix(".o")));
             hex.is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
                 && kept.as_path() != path
         });

@@ -72,15 +72,15 @@ fn engine(layers: usize, graphs: bool) -> Result<CudaEngine, CudaError> {
 
 /// An engine with random weights whose projection stacks are stored in `format`.
 fn engine_in(layers: usize, graphs: bool, format: StackFormat) -> Result<CudaEngine, CudaError> {
-    engine_with(layers, graphs, format, false)
+    engine_with(layers, graphs, format, GroupedKernel::Mma)
 }
 
-/// [`engine_in`], with the Hopper expert kernels asked for (`wgmma`).
+/// [`engine_in`], with the Hopper expert kernels `grouped` asked for (`Mma`: none).
 fn engine_with(
     layers: usize,
     graphs: bool,
     format: StackFormat,
-    wgmma: bool,
+    grouped: GroupedKernel,
 ) -> Result<CudaEngine, CudaError> {
     let options = CudaEngineOptions {
         engine: EngineOptions {
@@ -90,7 +90,8 @@ fn engine_with(
             ..EngineOptions::default()
         },
         cuda_graphs: graphs,
-        hopper_wgmma: wgmma,
+        hopper_wgmma: grouped == GroupedKernel::Wgmma,
+        cutlass_experts: grouped == GroupedKernel::Cutlass,
         ..CudaEngineOptions::default()
     };
     CudaEngine::build(
@@ -288,23 +289,27 @@ fn protocol(out_path: &str) {
             }
         }
     }
-    // Prefill again with the Hopper expert kernels, where their self-check passes.
-    let mut engine = match engine_with(layers, true, StackFormat::Bf16, true) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("gpu_decode: no engine with the Hopper expert kernels: {e}");
-            return;
+    // Prefill again with each Hopper expert kernel, where its self-check passes.
+    for asked in [GroupedKernel::Wgmma, GroupedKernel::Cutlass] {
+        let mut engine = match engine_with(layers, true, StackFormat::Bf16, asked) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("gpu_decode: no engine with the {asked:?} expert kernels: {e}");
+                continue;
+            }
+        };
+        let (kernel, check) = engine.prefill_experts();
+        eprintln!("gpu_decode: {asked:?} expert kernels: {kernel:?}, self-check {check:?}");
+        if kernel != asked {
+            continue;
         }
-    };
-    let (kernel, check) = engine.prefill_experts();
-    eprintln!("gpu_decode: Hopper expert kernels: {kernel:?}, self-check {check:?}");
-    if kernel == GroupedKernel::Wgmma {
         let card = engine.device_name().to_string();
+        let name = format!("{kernel:?}").to_lowercase();
         for tokens in [512, 4096] {
             let prompt = ids(tokens, 7);
             let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
             let line = format!(
-                r#"{{"card": "{card}", "what": "prefill", "dtype": "bf16", "kernel": "wgmma", "layers": {layers}, "batch": 1, "context": {tokens}, "graphs": true, "ours_ms": {ms:.4}}}"#
+                r#"{{"card": "{card}", "what": "prefill", "dtype": "bf16", "kernel": "{name}", "layers": {layers}, "batch": 1, "context": {tokens}, "graphs": true, "ours_ms": {ms:.4}}}"#
             );
             println!("{line}");
             writeln!(out, "{line}").expect("write protocol output");

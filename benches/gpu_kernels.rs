@@ -237,15 +237,22 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
     group.finish();
 }
 
-/// The two prefill expert GEMMs side by side at Mixtral prefill shapes: `moe_grouped_gemm`
-/// (mma.sync) and, on compute capability 9.0 after a passing `moe_wgmma_self_check`,
-/// `moe_wgmma_gemm` (wgmma). Throughput in FLOPs (`2 * slots * 3 * inter * hidden`), routing from the
-/// device router on random data.
+/// The prefill expert GEMMs side by side at Mixtral prefill shapes: `moe_grouped_gemm` (mma.sync)
+/// and, on compute capability 9.0 after their passing self-checks, `moe_wgmma_gemm` (wgmma) and
+/// `moe_cutlass_gemm` (CUTLASS's grouped GEMM, its gather, SwiGLU and scatter included).
+/// Throughput in FLOPs (`2 * slots * 3 * inter * hidden`), routing from the device router on random
+/// data.
 fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
     let stream = b.stream();
     let check = ops::moe_wgmma_self_check(&b.kernels, &stream).expect("wgmma self-check");
     eprintln!(
         "moe_prefill: moe_wgmma_self_check on {}: {check:?}",
+        b.device.name()
+    );
+    let cutlass_check =
+        ops::moe_cutlass_self_check(&b.kernels, &stream).expect("CUTLASS self-check");
+    eprintln!(
+        "moe_prefill: moe_cutlass_self_check on {}: {cutlass_check:?}",
         b.device.name()
     );
     let gate = b.random(EXPERTS * HIDDEN, 0.02);
@@ -270,11 +277,30 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
             (2 * slots * 3 * INTER * HIDDEN) as u64,
         ));
         let shape = moe_scalars(tokens);
-        let mut ops_to_run: Vec<(&str, MoeOp)> = vec![("grouped", ops::moe_grouped_gemm)];
+        let mut scratch = cutlass_check
+            .passed()
+            .then(|| {
+                let mut arena = DeviceArena::new(Arc::clone(&stream));
+                ops::MoeCutlassScratch::new(&mut arena, &stream, &shape)
+            })
+            .transpose()
+            .expect("CUTLASS scratch");
+        let mut ops_to_run: Vec<(&str, Box<MoeOpMut<'_>>)> =
+            vec![("grouped", Box::new(ops::moe_grouped_gemm))];
         if check.passed() {
-            ops_to_run.push(("wgmma", ops::moe_wgmma_gemm));
+            ops_to_run.push(("wgmma", Box::new(ops::moe_wgmma_gemm)));
         }
-        for (name, op) in ops_to_run {
+        if let Some(scratch) = scratch.as_mut() {
+            ops_to_run.push((
+                "cutlass",
+                Box::new(
+                    move |_: &Kernels, stream: &CudaStream, s: &MoeScalars, a: MoeArgs<'_>| {
+                        ops::moe_cutlass_gemm(stream, s, a, scratch)
+                    },
+                ),
+            ));
+        }
+        for (name, mut op) in ops_to_run {
             group.bench_function(BenchmarkId::new(name, tokens), |bench| {
                 bench.iter(|| {
                     op(
@@ -302,9 +328,9 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
     group.finish();
 }
 
-/// An expert-MLP op with `moe_grouped_gemm`'s signature.
-type MoeOp =
-    fn(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), mixtral::cuda::CudaError>;
+/// An expert-MLP op with `moe_grouped_gemm`'s signature (a closure may hold its scratch).
+type MoeOpMut<'o> = dyn FnMut(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), mixtral::cuda::CudaError>
+    + 'o;
 
 /// Mixtral's expert shapes for `tokens` tokens.
 fn moe_scalars(tokens: usize) -> MoeScalars {

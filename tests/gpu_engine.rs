@@ -728,36 +728,51 @@ fn quantized_fixtures_run_packed_and_match_the_cpu() {
 /// mma.sync kernels.
 #[test]
 fn hopper_expert_kernels_pass_their_self_check_and_match_the_cpu() {
+    check_hopper_expert_kernels(mixtral::cuda::engine::GroupedKernel::Wgmma);
+}
+
+/// The same for CUTLASS's grouped GEMM (`csrc/cutlass/`).
+#[test]
+fn cutlass_expert_kernels_pass_their_self_check_and_match_the_cpu() {
+    check_hopper_expert_kernels(mixtral::cuda::engine::GroupedKernel::Cutlass);
+}
+
+/// Asks for the `asked` expert kernels on the trained model and checks a 100-token prefill and 4
+/// greedy steps against the CPU within [`TRAINED_LOGITS_REL_L2`] with the same ids.
+fn check_hopper_expert_kernels(asked: mixtral::cuda::engine::GroupedKernel) {
     use mixtral::cuda::engine::GroupedKernel;
-    use mixtral::cuda::ops::WgmmaCheck;
+    use mixtral::cuda::ops::HopperCheck;
     let _lock = lock();
     let model = load(&root().join("models/mini-mixtral"));
     let mut options = small_options();
-    options.hopper_wgmma = true;
+    options.hopper_wgmma = asked == GroupedKernel::Wgmma;
+    options.cutlass_experts = asked == GroupedKernel::Cutlass;
     options.engine.max_step_tokens = Some(128);
-    let Some(mut gpu) = gpu_engine(&model, options, "hopper_expert_kernels") else {
+    let name = format!("{asked:?}_expert_kernels").to_lowercase();
+    let Some(mut gpu) = gpu_engine(&model, options, &name) else {
         return;
     };
     match gpu.prefill_experts() {
-        (GroupedKernel::Mma, Some(WgmmaCheck::NotHopper)) => {
-            eprintln!(
-                "hopper_expert_kernels: not a compute capability 9.0 GPU: mma.sync kernels kept"
-            );
+        (GroupedKernel::Mma, Some(HopperCheck::NotHopper)) => {
+            eprintln!("{name}: not a compute capability 9.0 GPU: mma.sync kernels kept");
             return;
         }
-        (GroupedKernel::Wgmma, Some(WgmmaCheck::Passed { rel_l2 })) => {
-            eprintln!("hopper_expert_kernels: self-check rel L2 {rel_l2:.2e}");
+        (kernel, Some(HopperCheck::Passed { rel_l2 })) if kernel == asked => {
+            eprintln!("{name}: self-check rel L2 {rel_l2:.2e}");
         }
-        other => panic!("Hopper expert kernels: {other:?}"),
+        other => panic!("{name}: {other:?}"),
     }
     let prompt: Vec<u32> = (0..100u32).map(|i| (i * 131 + 7) % 32000).collect();
     let (cpu_ids, cpu_logits) = greedy(&mut cpu_engine(&model), &prompt, 4);
     let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, 4);
     for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
         let err = rel_l2(g, c);
-        assert!(err <= TRAINED_LOGITS_REL_L2, "step {i}: rel L2 {err:e}");
+        assert!(
+            err <= TRAINED_LOGITS_REL_L2,
+            "{name} step {i}: rel L2 {err:e}"
+        );
     }
-    assert_eq!(gpu_ids, cpu_ids);
+    assert_eq!(gpu_ids, cpu_ids, "{name}");
 }
 
 /// A step that needs more KV blocks than are free is refused with a typed error before anything

@@ -236,6 +236,10 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "MOE_WGMMA_BK", value: 32, doc: "Reduction elements per shared-memory stage of the Hopper grouped expert GEMM (two wgmma k16 steps)." },
     Constant { name: "MOE_WGMMA_STAGES", value: 3, doc: "cp.async shared-memory stages of the Hopper grouped expert GEMM (loads run two stages ahead)." },
 
+    // --- moe_cutlass ---
+    Constant { name: "MOE_CUTLASS_GROUP_BYTES", value: 128, doc: "Bytes of `MoeCutlassParams::groups` per GEMM group (its problem shape, A / B / D pointers and strides; checked by a static_assert in csrc/cutlass/)." },
+    Constant { name: "MOE_CUTLASS_STATUS_BASE", value: 1000, doc: "Added to a `cutlass::Status` returned by the CUTLASS entry points (below it: a `cudaError_t`)." },
+
     // --- attention_prefill ---
     Constant { name: "ATTENTION_PREFILL_THREADS", value: 128, doc: "Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head)." },
     Constant { name: "ATTENTION_PREFILL_QUERIES", value: 64, doc: "Query tokens per block of `attention_prefill` (16 per warp)." },
@@ -362,6 +366,36 @@ pub const STRUCTS: &[ParamStruct] = &[
             field("inter", U32, "Expert intermediate size (a multiple of 8)."),
             field("experts", U32, "Number of experts."),
             field("top_k", U32, "Experts per token."),
+        ],
+    },
+    ParamStruct {
+        name: "MoeCutlassParams",
+        doc: "Expert MLP of prefill chunks on CUTLASS's Hopper grouped GEMM (`mx_moe_cutlass_run`, \
+              csrc/cutlass/): over the slots in expert-sorted order (row r is slot `sorted_slots[r]`), \
+              `act[r] = silu(w1[e] x[t]) * (w3[e] x[t])` and `out[s] = weight[s] * (w2[e] act[r])`, with \
+              the expert-sorted scratch rows `xs`, `gate_up` and `down` in between.",
+        fields: &[
+            field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states.").len("tokens * hidden").aligned(),
+            field("w1", read(Bf16), "`[experts, inter, hidden]` gate projections.").len("experts * inter * hidden").aligned(),
+            field("w3", read(Bf16), "`[experts, inter, hidden]` up projections.").len("experts * inter * hidden").aligned(),
+            field("w2", read(Bf16), "`[experts, hidden, inter]` down projections.").len("experts * hidden * inter").aligned(),
+            field("topk_weights", read(F32), "`[tokens, top_k]` routing weights.").len("tokens * top_k"),
+            field("expert_offsets", read(I32), "`[experts + 1]` start of each expert's slots in `sorted_slots`.").len("experts + 1"),
+            field("sorted_slots", read(I32), "`[tokens * top_k]` slots grouped by expert.").len("tokens * top_k"),
+            field("act", write(Bf16), "`[tokens * top_k, inter]` SwiGLU activations in expert-sorted order.").len("tokens * top_k * inter").aligned(),
+            field("out", write(F32), "`[tokens * top_k, hidden]` weighted expert outputs per slot.").len("tokens * top_k * hidden").aligned(),
+            field("xs", write(Bf16), "`[tokens * top_k, hidden]` scratch: the rows of `x` in expert-sorted order.").len("tokens * top_k * hidden").aligned(),
+            field("gate_up", write(F32), "`[2, tokens * top_k, inter]` scratch: the w1 and w3 products in expert-sorted order.").len("2 * tokens * top_k * inter").aligned(),
+            field("down", write(F32), "`[tokens * top_k, hidden]` scratch: the w2 products in expert-sorted order.").len("tokens * top_k * hidden").aligned(),
+            field("groups", write(U8), "`[3 * experts, MOE_CUTLASS_GROUP_BYTES]` scratch: the grouped GEMMs' shapes, pointers and strides.").len("3 * experts * MOE_CUTLASS_GROUP_BYTES").aligned(),
+            field("workspace", write(U8), "`[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_workspace_bytes`).").len("workspace_bytes").aligned(),
+            field("tokens", U32, "Number of tokens."),
+            field("hidden", U32, "Hidden size (a multiple of 8)."),
+            field("inter", U32, "Expert intermediate size (a multiple of 8)."),
+            field("experts", U32, "Number of experts."),
+            field("top_k", U32, "Experts per token."),
+            field("workspace_bytes", U32, "Bytes of `workspace`."),
+            field("sm_count", U32, "Streaming multiprocessors of the device (the persistent grid)."),
         ],
     },
     ParamStruct {

@@ -88,6 +88,10 @@ typedef struct mx_bf16 {
 #define MOE_WGMMA_BK 32u
 // cp.async shared-memory stages of the Hopper grouped expert GEMM (loads run two stages ahead).
 #define MOE_WGMMA_STAGES 3u
+// Bytes of `MoeCutlassParams::groups` per GEMM group (its problem shape, A / B / D pointers and strides; checked by a static_assert in csrc/cutlass/).
+#define MOE_CUTLASS_GROUP_BYTES 128u
+// Added to a `cutlass::Status` returned by the CUTLASS entry points (below it: a `cudaError_t`).
+#define MOE_CUTLASS_STATUS_BASE 1000u
 // Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head).
 #define ATTENTION_PREFILL_THREADS 128u
 // Query tokens per block of `attention_prefill` (16 per warp).
@@ -336,6 +340,75 @@ MX_STATIC_ASSERT(offsetof(MoeParams, hidden) == 76, "MoeParams.hidden: offset");
 MX_STATIC_ASSERT(offsetof(MoeParams, inter) == 80, "MoeParams.inter: offset");
 MX_STATIC_ASSERT(offsetof(MoeParams, experts) == 84, "MoeParams.experts: offset");
 MX_STATIC_ASSERT(offsetof(MoeParams, top_k) == 88, "MoeParams.top_k: offset");
+
+// Expert MLP of prefill chunks on CUTLASS's Hopper grouped GEMM (`mx_moe_cutlass_run`, csrc/cutlass/): over the slots in expert-sorted order (row r is slot `sorted_slots[r]`), `act[r] = silu(w1[e] x[t]) * (w3[e] x[t])` and `out[s] = weight[s] * (w2[e] act[r])`, with the expert-sorted scratch rows `xs`, `gate_up` and `down` in between.
+typedef struct MoeCutlassParams {
+    // `[tokens, hidden]` normalised hidden states.
+    const mx_bf16* x;
+    // `[experts, inter, hidden]` gate projections.
+    const mx_bf16* w1;
+    // `[experts, inter, hidden]` up projections.
+    const mx_bf16* w3;
+    // `[experts, hidden, inter]` down projections.
+    const mx_bf16* w2;
+    // `[tokens, top_k]` routing weights.
+    const float* topk_weights;
+    // `[experts + 1]` start of each expert's slots in `sorted_slots`.
+    const int32_t* expert_offsets;
+    // `[tokens * top_k]` slots grouped by expert.
+    const int32_t* sorted_slots;
+    // `[tokens * top_k, inter]` SwiGLU activations in expert-sorted order.
+    mx_bf16* act;
+    // `[tokens * top_k, hidden]` weighted expert outputs per slot.
+    float* out;
+    // `[tokens * top_k, hidden]` scratch: the rows of `x` in expert-sorted order.
+    mx_bf16* xs;
+    // `[2, tokens * top_k, inter]` scratch: the w1 and w3 products in expert-sorted order.
+    float* gate_up;
+    // `[tokens * top_k, hidden]` scratch: the w2 products in expert-sorted order.
+    float* down;
+    // `[3 * experts, MOE_CUTLASS_GROUP_BYTES]` scratch: the grouped GEMMs' shapes, pointers and strides.
+    uint8_t* groups;
+    // `[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_workspace_bytes`).
+    uint8_t* workspace;
+    // Number of tokens.
+    uint32_t tokens;
+    // Hidden size (a multiple of 8).
+    uint32_t hidden;
+    // Expert intermediate size (a multiple of 8).
+    uint32_t inter;
+    // Number of experts.
+    uint32_t experts;
+    // Experts per token.
+    uint32_t top_k;
+    // Bytes of `workspace`.
+    uint32_t workspace_bytes;
+    // Streaming multiprocessors of the device (the persistent grid).
+    uint32_t sm_count;
+} MoeCutlassParams;
+MX_STATIC_ASSERT(sizeof(MoeCutlassParams) == 144, "MoeCutlassParams: size");
+MX_STATIC_ASSERT(MX_ALIGNOF(MoeCutlassParams) == 8, "MoeCutlassParams: alignment");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, x) == 0, "MoeCutlassParams.x: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, w1) == 8, "MoeCutlassParams.w1: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, w3) == 16, "MoeCutlassParams.w3: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, w2) == 24, "MoeCutlassParams.w2: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, topk_weights) == 32, "MoeCutlassParams.topk_weights: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, expert_offsets) == 40, "MoeCutlassParams.expert_offsets: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, sorted_slots) == 48, "MoeCutlassParams.sorted_slots: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, act) == 56, "MoeCutlassParams.act: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, out) == 64, "MoeCutlassParams.out: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, xs) == 72, "MoeCutlassParams.xs: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, gate_up) == 80, "MoeCutlassParams.gate_up: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, down) == 88, "MoeCutlassParams.down: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, groups) == 96, "MoeCutlassParams.groups: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, workspace) == 104, "MoeCutlassParams.workspace: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, tokens) == 112, "MoeCutlassParams.tokens: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, hidden) == 116, "MoeCutlassParams.hidden: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, inter) == 120, "MoeCutlassParams.inter: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, experts) == 124, "MoeCutlassParams.experts: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, top_k) == 128, "MoeCutlassParams.top_k: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, workspace_bytes) == 132, "MoeCutlassParams.workspace_bytes: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassParams, sm_count) == 136, "MoeCutlassParams.sm_count: offset");
 
 // Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.
 typedef struct AttentionDecodeParams {

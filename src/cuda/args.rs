@@ -327,6 +327,113 @@ impl MoeArgs<'_> {
     }
 }
 
+/// The device buffers of [`MoeCutlassParams`].
+#[derive(Debug)]
+pub struct MoeCutlassArgs<'a> {
+    /// `[tokens, hidden]` normalised hidden states.
+    pub x: View<'a, bf16>,
+    /// `[experts, inter, hidden]` gate projections.
+    pub w1: View<'a, bf16>,
+    /// `[experts, inter, hidden]` up projections.
+    pub w3: View<'a, bf16>,
+    /// `[experts, hidden, inter]` down projections.
+    pub w2: View<'a, bf16>,
+    /// `[tokens, top_k]` routing weights.
+    pub topk_weights: View<'a, f32>,
+    /// `[experts + 1]` start of each expert's slots in `sorted_slots`.
+    pub expert_offsets: View<'a, i32>,
+    /// `[tokens * top_k]` slots grouped by expert.
+    pub sorted_slots: View<'a, i32>,
+    /// `[tokens * top_k, inter]` SwiGLU activations in expert-sorted order.
+    pub act: ViewMut<'a, bf16>,
+    /// `[tokens * top_k, hidden]` weighted expert outputs per slot.
+    pub out: ViewMut<'a, f32>,
+    /// `[tokens * top_k, hidden]` scratch: the rows of `x` in expert-sorted order.
+    pub xs: ViewMut<'a, bf16>,
+    /// `[2, tokens * top_k, inter]` scratch: the w1 and w3 products in expert-sorted order.
+    pub gate_up: ViewMut<'a, f32>,
+    /// `[tokens * top_k, hidden]` scratch: the w2 products in expert-sorted order.
+    pub down: ViewMut<'a, f32>,
+    /// `[3 * experts, MOE_CUTLASS_GROUP_BYTES]` scratch: the grouped GEMMs' shapes, pointers and strides.
+    pub groups: ViewMut<'a, u8>,
+    /// `[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_workspace_bytes`).
+    pub workspace: ViewMut<'a, u8>,
+}
+
+/// The scalar fields of [`MoeCutlassParams`] (row strides come from the `Rows` views).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MoeCutlassScalars {
+    /// Number of tokens.
+    pub tokens: u32,
+    /// Hidden size (a multiple of 8).
+    pub hidden: u32,
+    /// Expert intermediate size (a multiple of 8).
+    pub inter: u32,
+    /// Number of experts.
+    pub experts: u32,
+    /// Experts per token.
+    pub top_k: u32,
+    /// Bytes of `workspace`.
+    pub workspace_bytes: u32,
+    /// Streaming multiprocessors of the device (the persistent grid).
+    pub sm_count: u32,
+}
+
+impl MoeCutlassArgs<'_> {
+    /// Checks every buffer against what the kernel touches for `s` (`op` names the caller in errors)
+    /// and fills the parameters.
+    pub fn params(&self, op: &'static str, s: &MoeCutlassScalars) -> Result<MoeCutlassParams, CudaError> {
+        need(op, "x", self.x.len(), product(&[u128::from(s.tokens), u128::from(s.hidden)]))?;
+        aligned(op, "x", self.x.address())?;
+        need(op, "w1", self.w1.len(), product(&[u128::from(s.experts), u128::from(s.inter), u128::from(s.hidden)]))?;
+        aligned(op, "w1", self.w1.address())?;
+        need(op, "w3", self.w3.len(), product(&[u128::from(s.experts), u128::from(s.inter), u128::from(s.hidden)]))?;
+        aligned(op, "w3", self.w3.address())?;
+        need(op, "w2", self.w2.len(), product(&[u128::from(s.experts), u128::from(s.hidden), u128::from(s.inter)]))?;
+        aligned(op, "w2", self.w2.address())?;
+        need(op, "topk_weights", self.topk_weights.len(), product(&[u128::from(s.tokens), u128::from(s.top_k)]))?;
+        need(op, "expert_offsets", self.expert_offsets.len(), u128::from(s.experts).saturating_add(1u128))?;
+        need(op, "sorted_slots", self.sorted_slots.len(), product(&[u128::from(s.tokens), u128::from(s.top_k)]))?;
+        need(op, "act", self.act.len(), product(&[u128::from(s.tokens), u128::from(s.top_k), u128::from(s.inter)]))?;
+        aligned(op, "act", self.act.address())?;
+        need(op, "out", self.out.len(), product(&[u128::from(s.tokens), u128::from(s.top_k), u128::from(s.hidden)]))?;
+        aligned(op, "out", self.out.address())?;
+        need(op, "xs", self.xs.len(), product(&[u128::from(s.tokens), u128::from(s.top_k), u128::from(s.hidden)]))?;
+        aligned(op, "xs", self.xs.address())?;
+        need(op, "gate_up", self.gate_up.len(), product(&[2u128, u128::from(s.tokens), u128::from(s.top_k), u128::from(s.inter)]))?;
+        aligned(op, "gate_up", self.gate_up.address())?;
+        need(op, "down", self.down.len(), product(&[u128::from(s.tokens), u128::from(s.top_k), u128::from(s.hidden)]))?;
+        aligned(op, "down", self.down.address())?;
+        need(op, "groups", self.groups.len(), product(&[3u128, u128::from(s.experts), u128::from(MOE_CUTLASS_GROUP_BYTES)]))?;
+        aligned(op, "groups", self.groups.address())?;
+        need(op, "workspace", self.workspace.len(), u128::from(s.workspace_bytes))?;
+        aligned(op, "workspace", self.workspace.address())?;
+        Ok(MoeCutlassParams {
+            x: self.x.address(),
+            w1: self.w1.address(),
+            w3: self.w3.address(),
+            w2: self.w2.address(),
+            topk_weights: self.topk_weights.address(),
+            expert_offsets: self.expert_offsets.address(),
+            sorted_slots: self.sorted_slots.address(),
+            act: self.act.address(),
+            out: self.out.address(),
+            xs: self.xs.address(),
+            gate_up: self.gate_up.address(),
+            down: self.down.address(),
+            groups: self.groups.address(),
+            workspace: self.workspace.address(),
+            tokens: s.tokens,
+            hidden: s.hidden,
+            inter: s.inter,
+            experts: s.experts,
+            top_k: s.top_k,
+            workspace_bytes: s.workspace_bytes,
+            sm_count: s.sm_count,
+        })
+    }
+}
+
 /// The device buffers of [`AttentionDecodeParams`].
 #[derive(Debug)]
 pub struct AttentionDecodeArgs<'a> {

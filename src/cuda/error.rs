@@ -128,6 +128,16 @@ pub enum KernelError {
         /// Its value.
         value: f32,
     },
+    /// A host entry point of a kernel library (the CUTLASS shim, `csrc/cutlass/`) failed.
+    #[error("{entry} failed with code {code}: {reason}")]
+    Library {
+        /// The `extern "C"` entry point.
+        entry: &'static str,
+        /// What it returned.
+        code: i32,
+        /// The code read as a `cudaError_t` or a `cutlass::Status`.
+        reason: String,
+    },
     /// A kernel launch was refused by the driver.
     #[error("launching kernel {symbol} failed: {source}")]
     Launch {

@@ -71,3 +71,6 @@ pub use dequant::*;
 
 mod moe_wgmma;
 pub use moe_wgmma::*;
+
+mod moe_cutlass;
+pub use moe_cutlass::*;

@@ -66,6 +66,10 @@ pub const MOE_WGMMA_BN: u32 = 128;
 pub const MOE_WGMMA_BK: u32 = 32;
 /// cp.async shared-memory stages of the Hopper grouped expert GEMM (loads run two stages ahead).
 pub const MOE_WGMMA_STAGES: u32 = 3;
+/// Bytes of `MoeCutlassParams::groups` per GEMM group (its problem shape, A / B / D pointers and strides; checked by a static_assert in csrc/cutlass/).
+pub const MOE_CUTLASS_GROUP_BYTES: u32 = 128;
+/// Added to a `cutlass::Status` returned by the CUTLASS entry points (below it: a `cudaError_t`).
+pub const MOE_CUTLASS_STATUS_BASE: u32 = 1000;
 /// Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head).
 pub const ATTENTION_PREFILL_THREADS: u32 = 128;
 /// Query tokens per block of `attention_prefill` (16 per warp).
@@ -329,6 +333,78 @@ const _: () = assert!(core::mem::offset_of!(MoeParams, hidden) == 76);
 const _: () = assert!(core::mem::offset_of!(MoeParams, inter) == 80);
 const _: () = assert!(core::mem::offset_of!(MoeParams, experts) == 84);
 const _: () = assert!(core::mem::offset_of!(MoeParams, top_k) == 88);
+
+/// Expert MLP of prefill chunks on CUTLASS's Hopper grouped GEMM (`mx_moe_cutlass_run`, csrc/cutlass/): over the slots in expert-sorted order (row r is slot `sorted_slots[r]`), `act[r] = silu(w1[e] x[t]) * (w3[e] x[t])` and `out[s] = weight[s] * (w2[e] act[r])`, with the expert-sorted scratch rows `xs`, `gate_up` and `down` in between.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MoeCutlassParams {
+    /// `[tokens, hidden]` normalised hidden states. Device pointer to bf16, read.
+    pub x: u64,
+    /// `[experts, inter, hidden]` gate projections. Device pointer to bf16, read.
+    pub w1: u64,
+    /// `[experts, inter, hidden]` up projections. Device pointer to bf16, read.
+    pub w3: u64,
+    /// `[experts, hidden, inter]` down projections. Device pointer to bf16, read.
+    pub w2: u64,
+    /// `[tokens, top_k]` routing weights. Device pointer to f32, read.
+    pub topk_weights: u64,
+    /// `[experts + 1]` start of each expert's slots in `sorted_slots`. Device pointer to i32, read.
+    pub expert_offsets: u64,
+    /// `[tokens * top_k]` slots grouped by expert. Device pointer to i32, read.
+    pub sorted_slots: u64,
+    /// `[tokens * top_k, inter]` SwiGLU activations in expert-sorted order. Device pointer to bf16, written.
+    pub act: u64,
+    /// `[tokens * top_k, hidden]` weighted expert outputs per slot. Device pointer to f32, written.
+    pub out: u64,
+    /// `[tokens * top_k, hidden]` scratch: the rows of `x` in expert-sorted order. Device pointer to bf16, written.
+    pub xs: u64,
+    /// `[2, tokens * top_k, inter]` scratch: the w1 and w3 products in expert-sorted order. Device pointer to f32, written.
+    pub gate_up: u64,
+    /// `[tokens * top_k, hidden]` scratch: the w2 products in expert-sorted order. Device pointer to f32, written.
+    pub down: u64,
+    /// `[3 * experts, MOE_CUTLASS_GROUP_BYTES]` scratch: the grouped GEMMs' shapes, pointers and strides. Device pointer to u8, written.
+    pub groups: u64,
+    /// `[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_workspace_bytes`). Device pointer to u8, written.
+    pub workspace: u64,
+    /// Number of tokens.
+    pub tokens: u32,
+    /// Hidden size (a multiple of 8).
+    pub hidden: u32,
+    /// Expert intermediate size (a multiple of 8).
+    pub inter: u32,
+    /// Number of experts.
+    pub experts: u32,
+    /// Experts per token.
+    pub top_k: u32,
+    /// Bytes of `workspace`.
+    pub workspace_bytes: u32,
+    /// Streaming multiprocessors of the device (the persistent grid).
+    pub sm_count: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<MoeCutlassParams>() == 144);
+const _: () = assert!(core::mem::align_of::<MoeCutlassParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, x) == 0);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, w1) == 8);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, w3) == 16);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, w2) == 24);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, topk_weights) == 32);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, expert_offsets) == 40);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, sorted_slots) == 48);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, act) == 56);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, out) == 64);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, xs) == 72);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, gate_up) == 80);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, down) == 88);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, groups) == 96);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, workspace) == 104);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, tokens) == 112);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, hidden) == 116);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, inter) == 120);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, experts) == 124);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, top_k) == 128);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, workspace_bytes) == 132);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, sm_count) == 136);
 
 /// Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.
 #[repr(C)]
@@ -2011,6 +2087,118 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "top_k",
                     core::mem::offset_of!(MoeParams, top_k),
                     core::mem::size_of_val(&MoeParams::default().top_k),
+                ),
+            ],
+        },
+        CompiledLayout {
+            name: "MoeCutlassParams",
+            size: core::mem::size_of::<MoeCutlassParams>(),
+            align: core::mem::align_of::<MoeCutlassParams>(),
+            fields: vec![
+                (
+                    "x",
+                    core::mem::offset_of!(MoeCutlassParams, x),
+                    core::mem::size_of_val(&MoeCutlassParams::default().x),
+                ),
+                (
+                    "w1",
+                    core::mem::offset_of!(MoeCutlassParams, w1),
+                    core::mem::size_of_val(&MoeCutlassParams::default().w1),
+                ),
+                (
+                    "w3",
+                    core::mem::offset_of!(MoeCutlassParams, w3),
+                    core::mem::size_of_val(&MoeCutlassParams::default().w3),
+                ),
+                (
+                    "w2",
+                    core::mem::offset_of!(MoeCutlassParams, w2),
+                    core::mem::size_of_val(&MoeCutlassParams::default().w2),
+                ),
+                (
+                    "topk_weights",
+                    core::mem::offset_of!(MoeCutlassParams, topk_weights),
+                    core::mem::size_of_val(&MoeCutlassParams::default().topk_weights),
+                ),
+                (
+                    "expert_offsets",
+                    core::mem::offset_of!(MoeCutlassParams, expert_offsets),
+                    core::mem::size_of_val(&MoeCutlassParams::default().expert_offsets),
+                ),
+                (
+                    "sorted_slots",
+                    core::mem::offset_of!(MoeCutlassParams, sorted_slots),
+                    core::mem::size_of_val(&MoeCutlassParams::default().sorted_slots),
+                ),
+                (
+                    "act",
+                    core::mem::offset_of!(MoeCutlassParams, act),
+                    core::mem::size_of_val(&MoeCutlassParams::default().act),
+                ),
+                (
+                    "out",
+                    core::mem::offset_of!(MoeCutlassParams, out),
+                    core::mem::size_of_val(&MoeCutlassParams::default().out),
+                ),
+                (
+                    "xs",
+                    core::mem::offset_of!(MoeCutlassParams, xs),
+                    core::mem::size_of_val(&MoeCutlassParams::default().xs),
+                ),
+                (
+                    "gate_up",
+                    core::mem::offset_of!(MoeCutlassParams, gate_up),
+                    core::mem::size_of_val(&MoeCutlassParams::default().gate_up),
+                ),
+                (
+                    "down",
+                    core::mem::offset_of!(MoeCutlassParams, down),
+                    core::mem::size_of_val(&MoeCutlassParams::default().down),
+                ),
+                (
+                    "groups",
+                    core::mem::offset_of!(MoeCutlassParams, groups),
+                    core::mem::size_of_val(&MoeCutlassParams::default().groups),
+                ),
+                (
+                    "workspace",
+                    core::mem::offset_of!(MoeCutlassParams, workspace),
+                    core::mem::size_of_val(&MoeCutlassParams::default().workspace),
+                ),
+                (
+                    "tokens",
+                    core::mem::offset_of!(MoeCutlassParams, tokens),
+                    core::mem::size_of_val(&MoeCutlassParams::default().tokens),
+                ),
+                (
+                    "hidden",
+                    core::mem::offset_of!(MoeCutlassParams, hidden),
+                    core::mem::size_of_val(&MoeCutlassParams::default().hidden),
+                ),
+                (
+                    "inter",
+                    core::mem::offset_of!(MoeCutlassParams, inter),
+                    core::mem::size_of_val(&MoeCutlassParams::default().inter),
+                ),
+                (
+                    "experts",
+                    core::mem::offset_of!(MoeCutlassParams, experts),
+                    core::mem::size_of_val(&MoeCutlassParams::default().experts),
+                ),
+                (
+                    "top_k",
+                    core::mem::offset_of!(MoeCutlassParams, top_k),
+                    core::mem::size_of_val(&MoeCutlassParams::default().top_k),
+                ),
+                (
+                    "workspace_bytes",
+                    core::mem::offset_of!(MoeCutlassParams, workspace_bytes),
+                    core::mem::size_of_val(&MoeCutlassParams::default().workspace_bytes),
+                ),
+                (
+                    "sm_count",
+                    core::mem::offset_of!(MoeCutlassParams, sm_count),
+                    core::mem::size_of_val(&MoeCutlassParams::default().sm_count),
                 ),
             ],
         },

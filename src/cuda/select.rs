@@ -10,8 +10,9 @@
 //!   weight read;
 //! - packed experts: reading the packed weights once per 8 slots costs less than expanding them to
 //!   bf16 and reading that copy until about 40 slots per expert: up to 128 tokens;
-//! - the Hopper warpgroup-MMA expert kernels run only where asked for, on compute capability 9.x,
-//!   after their self-check against the mma.sync kernels passed on the device.
+//! - the Hopper expert kernels (hand-written warpgroup MMA, or CUTLASS's grouped GEMM) run only
+//!   where asked for, on compute capability 9.0, after their self-check against the mma.sync
+//!   kernels passed on the device.
 
 use std::fmt::Write as _;
 
@@ -40,11 +41,29 @@ pub enum Format {
     Packed,
 }
 
+/// Which tensor-core kernels run the expert GEMMs of large chunks (decided once per engine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupedKernel {
+    /// `moe_grouped_gemm` (mma.sync; every supported GPU).
+    #[default]
+    Mma,
+    /// `moe_wgmma_gemm` (Hopper warpgroup MMA), once its self-check passed on this device.
+    Wgmma,
+    /// `moe_cutlass_gemm` (CUTLASS's Hopper grouped GEMM), once its self-check passed on this
+    /// device.
+    Cutlass,
+}
+
+impl GroupedKernel {
+    /// Every kind, in the order `mixtral-run --explain` lists them.
+    pub const ALL: [GroupedKernel; 3] = [GroupedKernel::Mma, GroupedKernel::Wgmma, GroupedKernel::Cutlass];
+}
+
 /// What the device offers beyond sm_80.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Device {
-    /// The Hopper expert kernels were asked for and passed their self-check on this device.
-    pub hopper_experts: bool,
+    /// The expert GEMMs of large chunks.
+    pub grouped: GroupedKernel,
 }
 
 /// The kernels one op runs, in order.
@@ -64,12 +83,17 @@ pub enum Choice {
     MoeGrouped,
     /// `moe_wgmma_up` + `moe_wgmma_down`: the Hopper warpgroup-MMA grouped GEMM.
     MoeWgmma,
+    /// `moe_cutlass`: gather, CUTLASS's grouped GEMM (w1 and w3), SwiGLU, grouped GEMM (w2),
+    /// scatter.
+    MoeCutlass,
     /// `qmoe_up` + `qmoe_down`: GEMVs over the packed experts.
     QMoeGemv,
     /// `dequantize` of the three expert stacks into bf16 scratch, then the grouped GEMM.
     DequantizeThenMoeGrouped,
     /// `dequantize` of the three expert stacks, then the Hopper grouped GEMM.
     DequantizeThenMoeWgmma,
+    /// `dequantize` of the three expert stacks, then CUTLASS's grouped GEMM.
+    DequantizeThenMoeCutlass,
 }
 
 impl Choice {
@@ -83,9 +107,11 @@ impl Choice {
             Choice::MoeGemv => "moe_up + moe_down",
             Choice::MoeGrouped => "moe_grouped_up + moe_grouped_down",
             Choice::MoeWgmma => "moe_wgmma_up + moe_wgmma_down",
+            Choice::MoeCutlass => "moe_cutlass (gather, grouped GEMM x2, swiglu, scatter)",
             Choice::QMoeGemv => "qmoe_up + qmoe_down",
             Choice::DequantizeThenMoeGrouped => "dequantize x3 + moe_grouped_up + moe_grouped_down",
             Choice::DequantizeThenMoeWgmma => "dequantize x3 + moe_wgmma_up + moe_wgmma_down",
+            Choice::DequantizeThenMoeCutlass => "dequantize x3 + moe_cutlass",
         }
     }
 }
@@ -98,24 +124,28 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
         (Op::Projection, Format::Packed) if tokens <= LINEAR_GEMV_MAX_TOKENS => Choice::QLinear,
         (Op::Projection, Format::Packed) => Choice::DequantizeThenLinearMma,
         (Op::Experts, Format::Bf16) if tokens < MOE_GROUPED_MIN_TOKENS => Choice::MoeGemv,
-        (Op::Experts, Format::Bf16) if device.hopper_experts => Choice::MoeWgmma,
-        (Op::Experts, Format::Bf16) => Choice::MoeGrouped,
+        (Op::Experts, Format::Bf16) => match device.grouped {
+            GroupedKernel::Mma => Choice::MoeGrouped,
+            GroupedKernel::Wgmma => Choice::MoeWgmma,
+            GroupedKernel::Cutlass => Choice::MoeCutlass,
+        },
         (Op::Experts, Format::Packed) if tokens <= QUANT_MOE_GEMV_MAX_TOKENS => Choice::QMoeGemv,
-        (Op::Experts, Format::Packed) if device.hopper_experts => Choice::DequantizeThenMoeWgmma,
-        (Op::Experts, Format::Packed) => Choice::DequantizeThenMoeGrouped,
+        (Op::Experts, Format::Packed) => match device.grouped {
+            GroupedKernel::Mma => Choice::DequantizeThenMoeGrouped,
+            GroupedKernel::Wgmma => Choice::DequantizeThenMoeWgmma,
+            GroupedKernel::Cutlass => Choice::DequantizeThenMoeCutlass,
+        },
     }
 }
 
 /// The whole table as text: one line per op, format and device where the choice changes, with the
 /// token ranges.
 pub fn table() -> String {
-    let mut out = String::from("op          format  hopper  tokens       kernels\n");
+    let mut out = String::from("op          format  grouped  tokens       kernels\n");
     for op in [Op::Projection, Op::Experts] {
         for format in [Format::Bf16, Format::Packed] {
-            for hopper in [false, true] {
-                let device = Device {
-                    hopper_experts: hopper,
-                };
+            for grouped in GroupedKernel::ALL {
+                let device = Device { grouped };
                 let mut start = 1;
                 let mut current = select(op, 1, format, device);
                 // Every threshold is far below this; past it the choice no longer changes.
@@ -130,10 +160,10 @@ pub fn table() -> String {
                         };
                         let _ = writeln!(
                             out,
-                            "{:<11} {:<7} {:<7} {range:<12} {}",
+                            "{:<11} {:<7} {:<8} {range:<12} {}",
                             format!("{op:?}").to_lowercase(),
                             format!("{format:?}").to_lowercase(),
-                            if hopper { "yes" } else { "no" },
+                            format!("{grouped:?}").to_lowercase(),
                             current.kernels()
                         );
                         start = tokens;
@@ -151,10 +181,13 @@ mod tests {
     use super::*;
 
     const NO: Device = Device {
-        hopper_experts: false,
+        grouped: GroupedKernel::Mma,
     };
     const HOPPER: Device = Device {
-        hopper_experts: true,
+        grouped: GroupedKernel::Wgmma,
+    };
+    const CUTLASS: Device = Device {
+        grouped: GroupedKernel::Cutlass,
     };
 
     #[test]
@@ -177,15 +210,23 @@ mod tests {
             e(129, Format::Packed, HOPPER),
             Choice::DequantizeThenMoeWgmma
         );
+        assert_eq!(e(31, Format::Bf16, CUTLASS), Choice::MoeGemv);
+        assert_eq!(e(32, Format::Bf16, CUTLASS), Choice::MoeCutlass);
+        assert_eq!(e(128, Format::Packed, CUTLASS), Choice::QMoeGemv);
+        assert_eq!(
+            e(129, Format::Packed, CUTLASS),
+            Choice::DequantizeThenMoeCutlass
+        );
     }
 
     #[test]
     fn the_printed_table_lists_each_range_once() {
         let text = table();
-        assert!(text.contains("projection  bf16    no      1-16         linear_gemv"));
-        assert!(text.contains("projection  bf16    no      17+          linear_mma"));
-        assert!(text.contains("experts     packed  yes     129+"));
-        // 2 ops x 2 formats x 2 devices, two ranges each, plus the header.
-        assert_eq!(text.lines().count(), 1 + 16);
+        assert!(text.contains("projection  bf16    mma      1-16         linear_gemv"));
+        assert!(text.contains("projection  bf16    mma      17+          linear_mma"));
+        assert!(text.contains("experts     packed  wgmma    129+"));
+        assert!(text.contains("experts     bf16    cutlass  32+          moe_cutlass"));
+        // 2 ops x 2 formats x 3 grouped kernels, two ranges each, plus the header.
+        assert_eq!(text.lines().count(), 1 + 24);
     }
 }

@@ -33,6 +33,7 @@ mod attention_decode;
 mod attention_prefill;
 mod embedding;
 mod linear;
+mod moe_cutlass;
 mod moe_gemv;
 mod moe_grouped;
 mod moe_wgmma;

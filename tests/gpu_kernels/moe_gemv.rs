@@ -66,9 +66,31 @@ pub fn cases(tokens: impl Strategy<Value = usize>) -> impl Strategy<Value = MoeC
 /// The op under test: [`moe_gemv`] or one with its signature.
 pub type MoeOp = fn(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError>;
 
+/// An op with [`MoeOp`]'s signature that may hold state (a scratch), and where it leaves `act`.
+pub type MoeOpMut<'o> =
+    dyn FnMut(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError> + 'o;
+
+/// Where an op leaves `act`: row s is slot s, or row r is slot `sorted_slots[r]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActOrder {
+    /// Slot order.
+    Slots,
+    /// Expert-sorted order.
+    ExpertSorted,
+}
+
 /// Runs `op` on `case` and compares `act` and `out` with the CPU reference; `name` labels failures.
 /// Returns the slots each expert received (the routing is built even when there is no device).
-pub fn check_moe(name: &str, op: MoeOp, case: &MoeCase) -> Vec<usize> {
+pub fn check_moe(name: &str, mut op: MoeOp, case: &MoeCase) -> Vec<usize> {
+    check_moe_with(name, (&mut op, ActOrder::Slots), case)
+}
+
+/// [`check_moe`] for an op that may hold state, with `act` read in its order.
+pub fn check_moe_with(
+    name: &str,
+    (op, order): (&mut MoeOpMut<'_>, ActOrder),
+    case: &MoeCase,
+) -> Vec<usize> {
     let &MoeCase {
         tokens,
         hidden,
@@ -160,6 +182,17 @@ pub fn check_moe(name: &str, op: MoeOp, case: &MoeCase) -> Vec<usize> {
     .unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
     stream.synchronize().expect("synchronize");
     let act = common::to_f32(&d_act.read_written(stream, "act"));
+    let act = match order {
+        ActOrder::Slots => act,
+        ActOrder::ExpertSorted => {
+            let mut in_slot_order = vec![f32::NAN; act.len()];
+            for (r, row) in act.chunks_exact(inter).enumerate() {
+                let s = sorted[r] as usize;
+                in_slot_order[s * inter..(s + 1) * inter].copy_from_slice(row);
+            }
+            in_slot_order
+        }
+    };
     let out = d_out.read_written(stream, "out");
     // The inputs are untouched, guards included.
     assert_eq!(d_x.read(stream, "x"), x_bf16, "{name}: x changed");

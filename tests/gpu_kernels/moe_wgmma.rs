@@ -9,7 +9,7 @@ use half::bf16;
 use mixtral::cuda::args::{MoeArgs, MoeScalars};
 use mixtral::cuda::memory::{View, ViewMut};
 use mixtral::cuda::ops::{
-    moe_wgmma_gemm, moe_wgmma_self_check, WgmmaCheck, WGMMA_COMPUTE_CAPABILITY,
+    moe_wgmma_gemm, moe_wgmma_self_check, HopperCheck, WGMMA_COMPUTE_CAPABILITY,
     WGMMA_SELF_CHECK_BOUND,
 };
 use mixtral::cuda::{CudaError, KernelError};
@@ -131,7 +131,7 @@ fn moe_wgmma_self_check_and_device_gate() {
     let check = moe_wgmma_self_check(&gpu.kernels, stream).expect("self-check");
     if gpu.device.compute_capability() == WGMMA_COMPUTE_CAPABILITY {
         match check {
-            WgmmaCheck::Passed { rel_l2 } => assert!(rel_l2 <= WGMMA_SELF_CHECK_BOUND),
+            HopperCheck::Passed { rel_l2 } => assert!(rel_l2 <= WGMMA_SELF_CHECK_BOUND),
             other => panic!(
                 "{name}: expected Passed on {}, got {other:?}",
                 gpu.device.name()
@@ -139,7 +139,7 @@ fn moe_wgmma_self_check_and_device_gate() {
         }
         return;
     }
-    assert_eq!(check, WgmmaCheck::NotHopper);
+    assert_eq!(check, HopperCheck::NotHopper);
     // Valid buffers of a small problem: only the device is refused.
     let shape = MoeScalars {
         tokens: 4,

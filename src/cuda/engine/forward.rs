@@ -30,7 +30,9 @@ use super::super::args::{
 use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyView, AnyViewMut, DeviceBuffer, Rows, View, ViewMut};
 use super::super::module::Kernels;
-use super::super::ops::{self, AttentionDecodeShape, AttentionPrefillShape, PagedCacheShape};
+use super::super::ops::{
+    self, AttentionDecodeShape, AttentionPrefillShape, MoeCutlassScratch, PagedCacheShape,
+};
 use super::inputs::PrefillPiece;
 use super::matrix::{self, DequantScratch, DeviceMatrix, ExpertIo, GroupedKernel};
 use super::plan::{Activations, Dims, Inputs, LayerCache, Plan, Routing, SPLIT_KEYS};
@@ -71,6 +73,14 @@ pub enum Attention<'a> {
     /// Flash prefill attention, once per piece.
     Prefill(&'a [PrefillPiece]),
 }
+
+/// The routing, the activations, the output slots and the CUTLASS scratch of the expert MLPs.
+type ExpertBuffers<'a> = (
+    &'a Routing,
+    &'a mut DeviceBuffer<bf16>,
+    &'a mut DeviceBuffer<f32>,
+    Option<&'a mut MoeCutlassScratch>,
+);
 
 /// What the norm before a block adds into the residual stream first.
 enum Add<'a> {
@@ -147,7 +157,8 @@ impl Plan {
                 r.zero(stream, &mut a.moe_out, slots_len)?;
             }
             let stacks = [&w.w1, &w.w3, &w.w2];
-            step.experts(a.xn.view(), stacks, &a.routing, &mut a.act, &mut a.moe_out, scratch)?;
+            let io = (&a.routing, &mut a.act, &mut a.moe_out, a.cutlass.as_mut());
+            step.experts(a.xn.view(), stacks, io, scratch)?;
             if let Some(r) = &rank {
                 r.reduce(Group::World, stream, &mut a.moe_out, slots_len)?;
             }
@@ -395,9 +406,7 @@ impl Step<'_> {
         &self,
         x: View<'_, bf16>,
         stacks: [&DeviceMatrix; 3],
-        r: &Routing,
-        act: &mut DeviceBuffer<bf16>,
-        out: &mut DeviceBuffer<f32>,
+        (r, act, out, cutlass): ExpertBuffers<'_>,
         scratch: &mut DequantScratch,
     ) -> Result<(), CudaError> {
         let s = MoeScalars {
@@ -425,8 +434,8 @@ impl Step<'_> {
             act: act.view_mut(),
             out: out.view_mut(),
         };
-        let device = self.experts_on.device();
-        matrix::experts(self.kernels, self.stream, &s, stacks, io, scratch, device)
+        let grouped = self.experts_on;
+        matrix::experts(self.kernels, self.stream, &s, stacks, io, scratch, grouped, cutlass)
     }
 
     /// Gathers `rows` rows of `x` (an embedding lookup whose table is the activations).

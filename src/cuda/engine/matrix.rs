@@ -19,7 +19,8 @@ use super::super::args::{LinearArgs, LinearScalars, MoeArgs, MoeScalars, QMoeArg
 use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::module::Kernels;
-use super::super::ops::{self, DequantShape, PackedView};
+use super::super::ops::{self, DequantShape, MoeCutlassScratch, PackedView};
+pub use super::super::select::GroupedKernel;
 use super::super::select::{select, Choice, Device, Format, Op};
 use crate::quant::{int4, PackedKind, QuantFormat};
 use super::host::HostTensor;
@@ -288,24 +289,6 @@ pub fn project(
     ops::linear(kernels, stream, s, LinearArgs { x, w, out })
 }
 
-/// Which tensor-core kernels run the expert GEMMs of large chunks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum GroupedKernel {
-    /// `moe_grouped_gemm` (mma.sync; every supported GPU).
-    #[default]
-    Mma,
-    /// `moe_wgmma_gemm` (Hopper warpgroup MMA), once its self-check passed on this device.
-    Wgmma,
-}
-
-impl GroupedKernel {
-    /// What the selection table needs to know of the device.
-    pub fn device(self) -> Device {
-        Device {
-            hopper_experts: self == GroupedKernel::Wgmma,
-        }
-    }
-}
 
 /// The routing inputs and outputs of [`experts`] (those of [`MoeArgs`] besides the weights).
 pub struct ExpertIo<'a> {
@@ -324,7 +307,8 @@ pub struct ExpertIo<'a> {
 }
 
 /// The routed expert MLPs of one layer over bf16 or packed stacks, with the kernels the selection
-/// table picks for `device`.
+/// table picks for `grouped` (whose scratch `cutlass` holds when it is [`GroupedKernel::Cutlass`]).
+#[allow(clippy::too_many_arguments)]
 pub fn experts(
     kernels: &Kernels,
     stream: &CudaStream,
@@ -332,8 +316,10 @@ pub fn experts(
     [w1, w3, w2]: [&DeviceMatrix; 3],
     io: ExpertIo<'_>,
     scratch: &mut DequantScratch,
-    device: Device,
+    grouped: GroupedKernel,
+    cutlass: Option<&mut MoeCutlassScratch>,
 ) -> Result<(), CudaError> {
+    let device = Device { grouped };
     // Packed kernels only when all three stacks are packed in one kind (`qmoe_gemv` takes one group
     // size and one table); otherwise the packed ones are expanded.
     let format = match [w1, w3, w2].map(|m| m.packed().map(|p| p.kind)) {
@@ -381,6 +367,12 @@ pub fn experts(
         Choice::MoeGemv => ops::moe_gemv(kernels, stream, s, args),
         Choice::MoeWgmma | Choice::DequantizeThenMoeWgmma => {
             ops::moe_wgmma_gemm(kernels, stream, s, args)
+        }
+        Choice::MoeCutlass | Choice::DequantizeThenMoeCutlass => {
+            let scratch = cutlass.ok_or_else(|| {
+                CudaError::UnsupportedModel("the CUTLASS expert kernels have no scratch".into())
+            })?;
+            ops::moe_cutlass_gemm(stream, s, args, scratch)
         }
         _ => ops::moe_grouped_gemm(kernels, stream, s, args),
     }

@@ -31,18 +31,18 @@ use self::inputs::{decode_buckets, schedule_step, Chunk, ChunkKind, NO_SEQUENCE}
 pub use self::matrix::GroupedKernel;
 use self::matrix::StackFormat;
 use self::forward::{Attention, Pass};
-use self::plan::{plan_bytes, Plan, PlanSizes};
+use self::plan::{plan_bytes, Dims, Plan, PlanSizes};
 use self::staging::StepStaging;
 use self::upload::{
     allocate_weights, device_weight_bytes, is_tied, randomize_weights, upload_weights,
     weight_formats, GpuWeights, LayerFormats,
 };
-use super::args::{SampleArgs, SampleScalars};
+use super::args::{MoeScalars, SampleArgs, SampleScalars};
 use super::device::CudaDevice;
 use super::error::CudaError;
 use super::module::Kernels;
 use super::ops::{
-    self, WgmmaCheck, RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS,
+    self, HopperCheck, RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS,
     SAMPLE_ID_NON_FINITE,
 };
 use super::memory::{copy_to_host, DeviceArena, DeviceBuffer};
@@ -77,6 +77,11 @@ pub struct CudaEngineOptions {
     /// build (`CudaEngine::prefill_experts` says which run). Off by default until those kernels
     /// have been verified on hardware.
     pub hopper_wgmma: bool,
+    /// On a compute capability 9.0 GPU, run the expert GEMMs of prefill chunks on CUTLASS's Hopper
+    /// grouped GEMM (`csrc/cutlass/`), after checking it against the mma.sync kernels once at
+    /// build; it takes precedence over `hopper_wgmma` when both pass. Off by default until it has
+    /// run on hardware.
+    pub cutlass_experts: bool,
 }
 
 impl Default for CudaEngineOptions {
@@ -87,6 +92,7 @@ impl Default for CudaEngineOptions {
             cuda_graphs: true,
             reserve_bytes: 1 << 30,
             hopper_wgmma: false,
+            cutlass_experts: false,
         }
     }
 }
@@ -141,7 +147,7 @@ pub struct CudaEngine {
     staging: StepStaging,
     memory: MemoryUse,
     /// The Hopper expert kernels' self-check, when asked for.
-    wgmma_check: Option<WgmmaCheck>,
+    hopper_check: Option<HopperCheck>,
     /// The first device failure; set once, then every call fails fast.
     dead: Option<String>,
 }
@@ -345,6 +351,20 @@ impl CudaEngine {
                 Some(r) => rank::rank_bytes(full, &r.shard, &formats, max_tokens),
                 None => device_weight_bytes(&config, tied, &formats, max_tokens),
             };
+            // The CUTLASS expert scratch, when asked for, whether or not its self-check passes.
+            let cutlass_bytes = if options.cutlass_experts {
+                let dims = Dims::of(&config);
+                ops::MoeCutlassScratch::bytes(&MoeScalars {
+                    tokens: max_tokens as u32,
+                    hidden: dims.hidden as u32,
+                    inter: dims.inter as u32,
+                    experts: dims.experts as u32,
+                    top_k: dims.top_k as u32,
+                })
+            } else {
+                0
+            };
+            let weight_bytes = weight_bytes + cutlass_bytes;
             let sizes = plan_sizes(&config, &options, free.saturating_sub(weight_bytes))?;
             let needed = weight_bytes + plan_bytes(&config, &sizes) + options.reserve_bytes;
             if needed > free {
@@ -402,6 +422,17 @@ impl CudaEngine {
             } else {
                 None
             };
+            let cutlass_check = if options.cutlass_experts {
+                let check = ops::moe_cutlass_self_check(&kernels, &stream)?;
+                if check.passed() {
+                    let max = plan.expert_shape();
+                    plan.act.cutlass = Some(ops::MoeCutlassScratch::new(&mut arena, &stream, &max)?);
+                    plan.grouped = GroupedKernel::Cutlass;
+                }
+                Some(check)
+            } else {
+                None
+            };
             let max_context = options
                 .engine
                 .max_context
@@ -439,7 +470,7 @@ impl CudaEngine {
                 seq_rows: HashMap::new(),
                 free_rows: (0..sizes.max_sequences).rev().collect(),
                 staging,
-                wgmma_check,
+                hopper_check: cutlass_check.or(wgmma_check),
                 dead: None,
             };
             engine.warm_up_and_capture(options.cuda_graphs)?;
@@ -495,9 +526,10 @@ impl CudaEngine {
 
     testing_pub! {
         /// The kernels that run the expert GEMMs of prefill chunks, and the result of the Hopper
-        /// kernels' self-check when [`CudaEngineOptions::hopper_wgmma`] asked for one.
-        fn prefill_experts(&self) -> (GroupedKernel, Option<WgmmaCheck>) {
-            (self.plan.grouped, self.wgmma_check)
+        /// kernels' self-check when [`CudaEngineOptions::hopper_wgmma`] or
+        /// [`CudaEngineOptions::cutlass_experts`] asked for one (CUTLASS's when both did).
+        fn prefill_experts(&self) -> (GroupedKernel, Option<HopperCheck>) {
+            (self.plan.grouped, self.hopper_check)
         }
     }
 

@@ -4,9 +4,10 @@
 
 use half::bf16;
 
+use super::super::args::MoeScalars;
 use super::super::error::CudaError;
 use super::super::memory::{DeviceArena, DeviceBuffer, View};
-use super::super::ops::{attention_splits, PagedCacheShape, RNG_STATE_WORDS};
+use super::super::ops::{attention_splits, MoeCutlassScratch, PagedCacheShape, RNG_STATE_WORDS};
 use super::matrix::GroupedKernel;
 use super::rank::RankPlan;
 use crate::config::ModelConfig;
@@ -215,6 +216,8 @@ pub struct Activations {
     pub part_lse: DeviceBuffer<f32>,
     /// `[M, hidden]` the rows whose logits are computed, gathered.
     pub gathered: DeviceBuffer<bf16>,
+    /// The CUTLASS expert kernels' scratch, when they run the expert GEMMs of large chunks.
+    pub cutlass: Option<MoeCutlassScratch>,
 }
 
 /// Every buffer of the plan.
@@ -247,6 +250,19 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The expert MLPs' shape of the largest chunk, over the experts this plan holds.
+    pub fn expert_shape(&self) -> MoeScalars {
+        let d = self.dims;
+        let experts = self.rank.as_ref().map_or(d.experts, |r| r.experts.len());
+        MoeScalars {
+            tokens: self.sizes.max_tokens as u32,
+            hidden: d.hidden as u32,
+            inter: d.inter as u32,
+            experts: experts as u32,
+            top_k: d.top_k as u32,
+        }
+    }
+
     /// Allocates every buffer for `config` and `sizes` in `arena` (zero-filled), and uploads the
     /// RoPE inverse frequencies. Block tables start at -1 (no block).
     pub fn new(
@@ -290,6 +306,7 @@ impl Plan {
             part_out: arena.zeroed(decode * d.head_dim, "attention split outputs")?,
             part_lse: arena.zeroed(decode, "attention split sums")?,
             gathered: arena.zeroed(m * d.hidden, "gathered rows")?,
+            cutlass: None,
         };
         Ok(Plan {
             dims: d,

@@ -5,7 +5,7 @@
 //!
 //! The kernels passed their tests on an H100 but are slower than `moe_grouped` there (see the header
 //! of `csrc/moe_wgmma.cu`), so nothing selects them by itself: a caller runs
-//! [`moe_wgmma_self_check`] first and uses [`moe_wgmma_gemm`] only after [`WgmmaCheck::Passed`]. The launcher refuses every device whose compute capability is not 9.0
+//! [`moe_wgmma_self_check`] first and uses [`moe_wgmma_gemm`] only after [`HopperCheck::Passed`]. The launcher refuses every device whose compute capability is not 9.0
 //! (the only one sm_90a code runs on; elsewhere the fatbin holds a `__trap()` body).
 //!
 //! Grid: x = the flattened list of (expert, 64-slot) tiles sized for the worst routing (as
@@ -74,7 +74,7 @@ fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
 /// `out = weight * (w2 act)` per slot, the same buffers and results as [`moe_grouped_gemm`] (`out`
 /// 16-byte aligned as well). Zero tokens launch nothing.
 ///
-/// Use it only after [`moe_wgmma_self_check`] returned [`WgmmaCheck::Passed`] on this device. Any
+/// Use it only after [`moe_wgmma_self_check`] returned [`HopperCheck::Passed`] on this device. Any
 /// device whose compute capability is not 9.0 is refused with `KernelError::Unsupported` (`what` =
 /// "compute capability") before anything is launched.
 pub fn moe_wgmma_gemm(
@@ -91,18 +91,20 @@ pub fn moe_wgmma_gemm(
     launch_planned(kernels, stream, plan(s, &args)?)
 }
 
-/// What [`moe_wgmma_self_check`] found.
+/// What the self-check of a Hopper expert kernel ([`moe_wgmma_self_check`],
+/// [`moe_cutlass_self_check`](super::moe_cutlass_self_check)) found.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum WgmmaCheck {
-    /// The device's compute capability is not 9.0: nothing was run, use [`moe_grouped_gemm`].
+pub enum HopperCheck {
+    /// The device's compute capability is not 9.0 (or the build lacks the kernel): nothing was
+    /// run, use [`moe_grouped_gemm`].
     NotHopper,
-    /// [`moe_wgmma_gemm`] agreed with [`moe_grouped_gemm`]: the larger of the relative L2
+    /// The checked kernel agreed with [`moe_grouped_gemm`]: the larger of the relative L2
     /// differences of `act` and `out` is `rel_l2` <= [`WGMMA_SELF_CHECK_BOUND`].
     Passed {
         /// The larger of the two relative L2 differences.
         rel_l2: f64,
     },
-    /// [`moe_wgmma_gemm`] disagreed with [`moe_grouped_gemm`] (or left an element unwritten, or
+    /// The checked kernel disagreed with [`moe_grouped_gemm`] (or left an element unwritten, or
     /// wrote a non-finite value: `rel_l2` is then infinite): do not use it.
     Failed {
         /// The larger of the two relative L2 differences.
@@ -110,10 +112,10 @@ pub enum WgmmaCheck {
     },
 }
 
-impl WgmmaCheck {
-    /// True only for [`WgmmaCheck::Passed`].
+impl HopperCheck {
+    /// True only for [`HopperCheck::Passed`].
     pub fn passed(&self) -> bool {
-        matches!(self, WgmmaCheck::Passed { .. })
+        matches!(self, HopperCheck::Passed { .. })
     }
 }
 
@@ -207,7 +209,7 @@ fn rel_l2(out: &[f32], reference: &[f32]) -> f64 {
 }
 
 /// The verdict on the two differences.
-fn verdict(act_rel_l2: f64, out_rel_l2: f64) -> WgmmaCheck {
+fn verdict(act_rel_l2: f64, out_rel_l2: f64) -> HopperCheck {
     // NaN compares false: a NaN difference becomes infinite, hence Failed.
     let worst = if act_rel_l2.is_nan() || out_rel_l2.is_nan() {
         f64::INFINITY
@@ -215,24 +217,34 @@ fn verdict(act_rel_l2: f64, out_rel_l2: f64) -> WgmmaCheck {
         act_rel_l2.max(out_rel_l2)
     };
     if worst <= WGMMA_SELF_CHECK_BOUND {
-        WgmmaCheck::Passed { rel_l2: worst }
+        HopperCheck::Passed { rel_l2: worst }
     } else {
-        WgmmaCheck::Failed { rel_l2: worst }
+        HopperCheck::Failed { rel_l2: worst }
     }
 }
 
-/// An expert-MLP op with [`moe_grouped_gemm`]'s signature.
-type MoeOp = fn(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError>;
+/// An expert-MLP op with [`moe_grouped_gemm`]'s signature (a closure may hold the op's scratch).
+pub(super) type MoeOp<'o> =
+    dyn FnMut(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError> + 'o;
 
-/// The expert outputs of one op on the self-check problem: (`act`, `out`) read back, both
-/// pre-filled with NaN so that an element the op leaves unwritten shows.
+/// Where an op leaves `act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ActOrder {
+    /// Row s is slot s (`moe_grouped_gemm`, `moe_wgmma_gemm`).
+    Slots,
+    /// Row r is slot `sorted_slots[r]` (`moe_cutlass_gemm`).
+    ExpertSorted,
+}
+
+/// The expert outputs of one op on the self-check problem: (`act` in slot order, `out`) read back,
+/// both pre-filled with NaN so that an element the op leaves unwritten shows.
 fn run_op(
     kernels: &Kernels,
     stream: &CudaStream,
     arena: &mut DeviceArena,
     problem: &SelfCheckProblem,
     inputs: &SelfCheckInputs,
-    op: MoeOp,
+    (op, order): (&mut MoeOp<'_>, ActOrder),
 ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
     let s = &problem.shape;
     let slots = (s.tokens * s.top_k) as usize;
@@ -257,7 +269,19 @@ fn run_op(
     )?;
     let act = copy_to_host(stream, act.view())?;
     let out = copy_to_host(stream, out.view())?;
-    Ok((act.iter().map(|v| v.to_f32()).collect(), out))
+    let inter = s.inter as usize;
+    let mut in_slot_order = vec![f32::NAN; act.len()];
+    for (r, row) in act.chunks_exact(inter).enumerate() {
+        let slot = match order {
+            ActOrder::Slots => r,
+            ActOrder::ExpertSorted => problem.sorted_slots[r] as usize,
+        };
+        let to = &mut in_slot_order[slot * inter..(slot + 1) * inter];
+        for (t, v) in to.iter_mut().zip(row) {
+            *t = v.to_f32();
+        }
+    }
+    Ok((in_slot_order, out))
 }
 
 /// The self-check problem's inputs on the device.
@@ -290,7 +314,7 @@ impl SelfCheckInputs {
 /// [`moe_grouped_gemm`] and [`moe_wgmma_gemm`] on a fixed seeded problem (100 tokens top-2, 8 experts
 /// with uneven counts and one idle, hidden 264, inter 376; about 5 MB of device memory, allocated
 /// here and freed on return) and compares `act` and `out` by relative L2 difference against
-/// [`WGMMA_SELF_CHECK_BOUND`]. Other devices get [`WgmmaCheck::NotHopper`] without any device work.
+/// [`WGMMA_SELF_CHECK_BOUND`]. Other devices get [`HopperCheck::NotHopper`] without any device work.
 ///
 /// Meant to run once when an engine is built, never per token: it synchronises the stream (the
 /// read-backs). An error is a driver failure (allocation, copy, launch); a fault inside a kernel is
@@ -298,34 +322,36 @@ impl SelfCheckInputs {
 pub fn moe_wgmma_self_check(
     kernels: &Kernels,
     stream: &Arc<CudaStream>,
-) -> Result<WgmmaCheck, CudaError> {
+) -> Result<HopperCheck, CudaError> {
     let capability = stream
         .context()
         .compute_capability()
         .map_err(CudaError::driver("reading the compute capability"))?;
     if capability != WGMMA_COMPUTE_CAPABILITY {
-        return Ok(WgmmaCheck::NotHopper);
+        return Ok(HopperCheck::NotHopper);
     }
+    compare_with_grouped(kernels, stream, (&mut moe_wgmma_gemm, ActOrder::Slots))
+}
+
+/// Runs [`moe_grouped_gemm`] and `op` on the self-check problem (in an arena freed on return) and
+/// compares `act` and `out` by relative L2 difference against [`WGMMA_SELF_CHECK_BOUND`].
+pub(super) fn compare_with_grouped(
+    kernels: &Kernels,
+    stream: &Arc<CudaStream>,
+    op: (&mut MoeOp<'_>, ActOrder),
+) -> Result<HopperCheck, CudaError> {
     let problem = self_check_problem(SELF_CHECK_SEED);
     let mut arena = DeviceArena::new(Arc::clone(stream));
     let inputs = SelfCheckInputs::upload(&mut arena, &problem)?;
-    let (act_ref, out_ref) = run_op(
-        kernels,
-        stream,
-        &mut arena,
-        &problem,
-        &inputs,
-        moe_grouped_gemm,
-    )?;
-    let (act, out) = run_op(
-        kernels,
-        stream,
-        &mut arena,
-        &problem,
-        &inputs,
-        moe_wgmma_gemm,
-    )?;
+    let reference = (&mut moe_grouped_gemm as &mut MoeOp<'_>, ActOrder::Slots);
+    let (act_ref, out_ref) = run_op(kernels, stream, &mut arena, &problem, &inputs, reference)?;
+    let (act, out) = run_op(kernels, stream, &mut arena, &problem, &inputs, op)?;
     Ok(verdict(rel_l2(&act, &act_ref), rel_l2(&out, &out_ref)))
+}
+
+/// The shape of the self-check problem (what a checked op's scratch must hold).
+pub(super) fn self_check_shape() -> MoeScalars {
+    self_check_problem(SELF_CHECK_SEED).shape
 }
 
 #[cfg(test)]
@@ -446,21 +472,21 @@ mod tests {
         );
         assert_eq!(rel_l2(&reference, &[0.0; 4]), f64::INFINITY);
         assert_eq!(rel_l2(&reference[..3], &reference), f64::INFINITY);
-        assert_eq!(verdict(1e-3, 2e-3), WgmmaCheck::Passed { rel_l2: 2e-3 });
-        assert_eq!(verdict(1e-3, 0.5), WgmmaCheck::Failed { rel_l2: 0.5 });
+        assert_eq!(verdict(1e-3, 2e-3), HopperCheck::Passed { rel_l2: 2e-3 });
+        assert_eq!(verdict(1e-3, 0.5), HopperCheck::Failed { rel_l2: 0.5 });
         assert_eq!(
             verdict(f64::NAN, 0.0),
-            WgmmaCheck::Failed {
+            HopperCheck::Failed {
                 rel_l2: f64::INFINITY
             }
         );
         assert_eq!(
             verdict(f64::INFINITY, 0.0),
-            WgmmaCheck::Failed {
+            HopperCheck::Failed {
                 rel_l2: f64::INFINITY
             }
         );
         assert!(verdict(0.0, 0.0).passed());
-        assert!(!WgmmaCheck::NotHopper.passed());
+        assert!(!HopperCheck::NotHopper.passed());
     }
 }

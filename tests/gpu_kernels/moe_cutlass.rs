@@ -1,0 +1,177 @@
+//! `moe_cutlass_gemm` (the prefill expert MLP on CUTLASS's Hopper grouped GEMM, `csrc/cutlass/`)
+//! against the CPU expert MLP with the fixture of [`moe_gemv`](super::moe_gemv), `act` read in its
+//! expert-sorted order, under the same bounds (f32 products and SwiGLU, one bf16 rounding of `act`,
+//! its error propagated through w2), and `moe_cutlass_self_check`. Shapes: 1 to 300 tokens, an
+//! expert with no slots (a group with M = 0), hidden and inter multiples of 8 that are not
+//! multiples of the 128 x 128 x 64 tile, so every tail is crossed. The kernels exist only for
+//! compute capability 9.0 in a build with CUTLASS: elsewhere the comparisons print that they do
+//! not apply, and the gate test checks that the launcher refuses the device.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+use mixtral::cuda::args::{MoeArgs, MoeScalars};
+use mixtral::cuda::memory::DeviceArena;
+use mixtral::cuda::ops::{
+    moe_cutlass_gemm, moe_cutlass_self_check, HopperCheck, MoeCutlassScratch, CUTLASS_BUILT,
+    CUTLASS_COMPUTE_CAPABILITY, WGMMA_SELF_CHECK_BOUND,
+};
+use mixtral::cuda::{CudaError, Kernels};
+use proptest::prelude::*;
+
+use super::moe_gemv::{cases, check_moe_with, ActOrder, MoeCase};
+use crate::common;
+
+/// The device's stream when it runs the CUTLASS kernels; otherwise prints why `test` does not run
+/// them (no GPU: the skip of `common::gpu`; another GPU or no CUTLASS in the build: not applicable,
+/// and `moe_cutlass_self_check_and_device_gate` checks the refusal).
+fn hopper_stream(test: &str) -> Option<Arc<CudaStream>> {
+    let gpu = common::gpu(test)?;
+    let (major, minor) = gpu.device.compute_capability();
+    if (major, minor) != CUTLASS_COMPUTE_CAPABILITY || !CUTLASS_BUILT {
+        eprintln!(
+            "not applicable {test}: {} has compute capability {major}.{minor} (CUTLASS built: \
+             {CUTLASS_BUILT}); the CUTLASS kernels run only on 9.0",
+            gpu.device.name()
+        );
+        return None;
+    }
+    Some(Arc::clone(gpu.stream()))
+}
+
+/// Runs [`check_moe_with`] on `case` with a scratch made for its shape.
+fn check_cutlass(name: &str, stream: &Arc<CudaStream>, case: &MoeCase) -> Vec<usize> {
+    let max = MoeScalars {
+        tokens: case.tokens as u32,
+        hidden: case.hidden as u32,
+        inter: case.inter as u32,
+        experts: case.experts as u32,
+        top_k: case.top_k as u32,
+    };
+    let mut arena = DeviceArena::new(Arc::clone(stream));
+    let mut scratch = MoeCutlassScratch::new(&mut arena, stream, &max)
+        .unwrap_or_else(|e| panic!("{name}: scratch for {case:?}: {e}"));
+    let mut op = |_: &Kernels, stream: &CudaStream, s: &MoeScalars, args: MoeArgs<'_>| {
+        moe_cutlass_gemm(stream, s, args, &mut scratch)
+    };
+    check_moe_with(name, (&mut op, ActOrder::ExpertSorted), case)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn moe_cutlass_matches_the_cpu_experts(
+        case in cases(prop_oneof![Just(1usize), 1usize..8, 8usize..300]),
+    ) {
+        let name = "moe_cutlass_matches_the_cpu_experts";
+        if let Some(stream) = hopper_stream(name) {
+            let counts = check_cutlass(name, &stream, &case);
+            prop_assert_eq!(counts.iter().sum::<usize>(), case.tokens * case.top_k);
+        }
+    }
+}
+
+/// Three hot experts share 400 slots (M up to several 128-row tiles, the last partial), five get
+/// none (groups with M = 0); hidden 200 and inter 136 leave K and N tails.
+#[test]
+fn moe_cutlass_with_skewed_routing() {
+    let name = "moe_cutlass_with_skewed_routing";
+    let Some(stream) = hopper_stream(name) else {
+        return;
+    };
+    let case = MoeCase {
+        tokens: 200,
+        hidden: 200,
+        inter: 136,
+        experts: 8,
+        top_k: 2,
+        cold: 0b0111_1100,
+        seed: 11,
+    };
+    let counts = check_cutlass(name, &stream, &case);
+    assert!(
+        counts[2..7].iter().all(|&c| c == 0),
+        "cold experts got slots: {counts:?}"
+    );
+    assert!(
+        counts.iter().any(|&c| c > 128),
+        "no expert spans two tiles: {counts:?}"
+    );
+}
+
+/// A single token, top-1, four experts: one group with one row, three empty.
+#[test]
+fn moe_cutlass_single_token() {
+    let name = "moe_cutlass_single_token";
+    let Some(stream) = hopper_stream(name) else {
+        return;
+    };
+    let case = MoeCase {
+        tokens: 1,
+        hidden: 64,
+        inter: 96,
+        experts: 4,
+        top_k: 1,
+        cold: 0,
+        seed: 3,
+    };
+    let counts = check_cutlass(name, &stream, &case);
+    assert_eq!(counts.iter().sum::<usize>(), 1);
+}
+
+/// K = 1024 and 768 (16 and 12 k-tiles of 64 through the pipeline stages), 300 tokens top-2.
+#[test]
+fn moe_cutlass_with_long_k() {
+    let name = "moe_cutlass_with_long_k";
+    let Some(stream) = hopper_stream(name) else {
+        return;
+    };
+    let case = MoeCase {
+        tokens: 300,
+        hidden: 1024,
+        inter: 768,
+        experts: 8,
+        top_k: 2,
+        cold: 0,
+        seed: 5,
+    };
+    check_cutlass(name, &stream, &case);
+}
+
+/// On compute capability 9.0 (with CUTLASS built) the self-check passes within its bound; elsewhere
+/// it answers `NotHopper` and making the scratch is refused before anything is launched.
+#[test]
+fn moe_cutlass_self_check_and_device_gate() {
+    let name = "moe_cutlass_self_check_and_device_gate";
+    let Some(gpu) = common::gpu(name) else {
+        return;
+    };
+    let stream = gpu.stream();
+    let check = moe_cutlass_self_check(&gpu.kernels, stream).expect("self-check");
+    if gpu.device.compute_capability() == CUTLASS_COMPUTE_CAPABILITY && CUTLASS_BUILT {
+        match check {
+            HopperCheck::Passed { rel_l2 } => assert!(rel_l2 <= WGMMA_SELF_CHECK_BOUND),
+            other => panic!(
+                "{name}: expected Passed on {}, got {other:?}",
+                gpu.device.name()
+            ),
+        }
+        return;
+    }
+    assert_eq!(check, HopperCheck::NotHopper);
+    let shape = MoeScalars {
+        tokens: 4,
+        hidden: 64,
+        inter: 64,
+        experts: 4,
+        top_k: 2,
+    };
+    let mut arena = DeviceArena::new(Arc::clone(stream));
+    match MoeCutlassScratch::new(&mut arena, stream, &shape) {
+        Err(CudaError::Kernel(mixtral::cuda::KernelError::Unsupported { what, .. })) => {
+            assert!(what == "compute capability" || what == "build", "{what}");
+        }
+        other => panic!("{name}: expected the device to be refused, got {other:?}"),
+    }
+}
