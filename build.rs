@@ -151,23 +151,13 @@ fn build_kernels() -> Result<Built, String> {
 
     let cache = kernel_cache(&out_dir);
     std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
-    let mut fatbins = Vec::new();
-    let mut to_compile = Vec::new();
-    for source in &sources {
-        let stem = source
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| format!("{}: file name is not UTF-8", source.display()))?;
-        let args = nvcc_args(stem, &csrc);
-        let fingerprint = fingerprint(&nvcc, &args, &read(source)?, &header_bytes);
-        let cached = cache.join(format!("{stem}-{fingerprint}.fatbin"));
-        if !cached.exists() {
-            to_compile.push((args, source.clone(), cached.clone()));
-        }
-        fatbins.push((stem.to_string(), cached));
-    }
-    compile_all(&nvcc, &to_compile, &out_dir)?;
-    prune_cache(&cache, &fatbins);
+    let cached = Cached {
+        nvcc: &nvcc,
+        cache: &cache,
+        out_dir: &out_dir,
+        identity: &header_bytes,
+    };
+    let mut fatbins = cached.build(&sources, "fatbin", |stem| nvcc_args(stem, &csrc))?;
     // The table names copies in OUT_DIR, so that cleaning the cache never breaks a built crate.
     for (stem, cached) in &mut fatbins {
         let copy = out_dir.join(format!("{stem}.fatbin"));
@@ -203,27 +193,18 @@ fn build_cutlass(
         println!("cargo::rustc-cfg={NO_CUTLASS_CFG}");
         return Ok(());
     };
-    let version = read(&cutlass.join("include/cutlass/version.h"))?;
-    let mut identity = header_bytes.to_vec();
-    identity.extend(&version);
-    let mut objects = Vec::new();
-    let mut to_compile = Vec::new();
     for source in &sources {
         println!("cargo::rerun-if-changed={}", source.display());
-        let stem = source
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| format!("{}: file name is not UTF-8", source.display()))?;
-        let args = cutlass_args(root, &cutlass);
-        let fingerprint = fingerprint(nvcc, &args, &read(source)?, &identity);
-        let cached = cache.join(format!("{stem}-{fingerprint}.o"));
-        if !cached.exists() {
-            to_compile.push((args, source.clone(), cached.clone()));
-        }
-        objects.push((stem.to_string(), cached));
     }
-    compile_all(nvcc, &to_compile, out_dir)?;
-    prune_cache(cache, &objects);
+    let mut identity = header_bytes.to_vec();
+    identity.extend(read(&cutlass.join("include/cutlass/version.h"))?);
+    let cached = Cached {
+        nvcc,
+        cache,
+        out_dir,
+        identity: &identity,
+    };
+    let objects = cached.build(&sources, "o", |_| cutlass_args(root, &cutlass))?;
     let mut archive = cc::Build::new();
     archive.cargo_metadata(true).cargo_warnings(true);
     for (_, object) in &objects {
@@ -293,6 +274,45 @@ fn cutlass_args(root: &Path, cutlass: &Path) -> Vec<String> {
     // Warnings from CUTLASS's own headers are not this crate's to fix.
     args.push("-diag-suppress=20013,20015".into());
     args
+}
+
+/// nvcc outputs kept in the cache under the fingerprint of everything that determines them.
+struct Cached<'a> {
+    nvcc: &'a Path,
+    cache: &'a Path,
+    out_dir: &'a Path,
+    /// Bytes besides the source and flags that the outputs depend on (headers, versions).
+    identity: &'a [u8],
+}
+
+impl Cached<'_> {
+    /// (file stem, cached output ending in `.ext`) for each source, compiling with `args(stem)`
+    /// those not cached yet, and pruning older outputs of the same stems.
+    fn build(
+        &self,
+        sources: &[PathBuf],
+        ext: &str,
+        args: impl Fn(&str) -> Vec<String>,
+    ) -> Result<Vec<(String, PathBuf)>, String> {
+        let mut outputs = Vec::new();
+        let mut to_compile = Vec::new();
+        for source in sources {
+            let stem = source
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .ok_or_else(|| format!("{}: file name is not UTF-8", source.display()))?;
+            let args = args(stem);
+            let fingerprint = fingerprint(self.nvcc, &args, &read(source)?, self.identity);
+            let cached = self.cache.join(format!("{stem}-{fingerprint}.{ext}"));
+            if !cached.exists() {
+                to_compile.push((args, source.clone(), cached.clone()));
+            }
+            outputs.push((stem.to_string(), cached));
+        }
+        compile_all(self.nvcc, &to_compile, self.out_dir)?;
+        prune_cache(self.cache, &outputs);
+        Ok(outputs)
+    }
 }
 
 /// The text of `kernels.rs` for these (file stem, fatbin path) pairs.

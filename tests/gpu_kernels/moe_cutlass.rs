@@ -19,7 +19,9 @@ use mixtral::cuda::ops::{
 use mixtral::cuda::{CudaError, Kernels};
 use proptest::prelude::*;
 
-use super::moe_gemv::{cases, check_moe_with, ActOrder, MoeCase};
+use super::moe_gemv::{
+    assert_skewed, cases, check_moe_with, ActOrder, MoeCase, LONG_K, SINGLE_TOKEN, SKEWED,
+};
 use crate::common;
 
 /// The device's stream when it runs the CUTLASS kernels; otherwise prints why `test` does not run
@@ -80,24 +82,7 @@ fn moe_cutlass_with_skewed_routing() {
     let Some(stream) = hopper_stream(name) else {
         return;
     };
-    let case = MoeCase {
-        tokens: 200,
-        hidden: 200,
-        inter: 136,
-        experts: 8,
-        top_k: 2,
-        cold: 0b0111_1100,
-        seed: 11,
-    };
-    let counts = check_cutlass(name, &stream, &case);
-    assert!(
-        counts[2..7].iter().all(|&c| c == 0),
-        "cold experts got slots: {counts:?}"
-    );
-    assert!(
-        counts.iter().any(|&c| c > 128),
-        "no expert spans two tiles: {counts:?}"
-    );
+    assert_skewed(&check_cutlass(name, &stream, &SKEWED));
 }
 
 /// A single token, top-1, four experts: one group with one row, three empty.
@@ -107,16 +92,7 @@ fn moe_cutlass_single_token() {
     let Some(stream) = hopper_stream(name) else {
         return;
     };
-    let case = MoeCase {
-        tokens: 1,
-        hidden: 64,
-        inter: 96,
-        experts: 4,
-        top_k: 1,
-        cold: 0,
-        seed: 3,
-    };
-    let counts = check_cutlass(name, &stream, &case);
+    let counts = check_cutlass(name, &stream, &SINGLE_TOKEN);
     assert_eq!(counts.iter().sum::<usize>(), 1);
 }
 
@@ -127,16 +103,7 @@ fn moe_cutlass_with_long_k() {
     let Some(stream) = hopper_stream(name) else {
         return;
     };
-    let case = MoeCase {
-        tokens: 300,
-        hidden: 1024,
-        inter: 768,
-        experts: 8,
-        top_k: 2,
-        cold: 0,
-        seed: 5,
-    };
-    check_cutlass(name, &stream, &case);
+    check_cutlass(name, &stream, &LONG_K);
 }
 
 /// On compute capability 9.0 (with CUTLASS built) the self-check passes within its bound; elsewhere

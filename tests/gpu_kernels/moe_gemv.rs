@@ -37,6 +37,53 @@ pub struct MoeCase {
     pub seed: u64,
 }
 
+/// Three hot experts share 400 slots (at least one spans three 64-slot tiles, the last partial),
+/// five get none; top-2; hidden 200 and inter 136 leave K tails and partial column blocks.
+pub const SKEWED: MoeCase = MoeCase {
+    tokens: 200,
+    hidden: 200,
+    inter: 136,
+    experts: 8,
+    top_k: 2,
+    cold: 0b0111_1100,
+    seed: 11,
+};
+
+/// A single token, top-1, four experts: one tile with one row.
+pub const SINGLE_TOKEN: MoeCase = MoeCase {
+    tokens: 1,
+    hidden: 64,
+    inter: 96,
+    experts: 4,
+    top_k: 1,
+    cold: 0,
+    seed: 3,
+};
+
+/// Hidden and inter many k stages long (1024 and 768), 300 tokens top-2 over 8 experts.
+pub const LONG_K: MoeCase = MoeCase {
+    tokens: 300,
+    hidden: 1024,
+    inter: 768,
+    experts: 8,
+    top_k: 2,
+    cold: 0,
+    seed: 5,
+};
+
+/// Checks that [`SKEWED`]'s routing is as it says: the cold experts got nothing, one expert more
+/// than two 64-slot tiles.
+pub fn assert_skewed(counts: &[usize]) {
+    assert!(
+        counts[2..7].iter().all(|&c| c == 0),
+        "cold experts got slots: {counts:?}"
+    );
+    assert!(
+        counts.iter().any(|&c| c > 128),
+        "no expert spans three tiles: {counts:?}"
+    );
+}
+
 /// Generated cases: `tokens` from the strategy, hidden / inter odd and even multiples of 8 (K tails
 /// shorter than a GEMM tile), 1 to 8 experts, top-1 and top-2, some experts cold.
 pub fn cases(tokens: impl Strategy<Value = usize>) -> impl Strategy<Value = MoeCase> {

@@ -7,7 +7,7 @@
 use mixtral::cuda::ops::{moe_experts, moe_grouped_gemm, MOE_GROUPED_MIN_TOKENS};
 use proptest::prelude::*;
 
-use super::moe_gemv::{cases, check_moe, MoeCase};
+use super::moe_gemv::{assert_skewed, cases, check_moe, MoeCase, SINGLE_TOKEN, SKEWED};
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
@@ -25,39 +25,17 @@ proptest! {
 /// five get nothing; top-2.
 #[test]
 fn moe_grouped_with_skewed_routing() {
-    let case = MoeCase {
-        tokens: 200,
-        hidden: 200,
-        inter: 136,
-        experts: 8,
-        top_k: 2,
-        cold: 0b0111_1100,
-        seed: 11,
-    };
-    let counts = check_moe("moe_grouped_with_skewed_routing", moe_grouped_gemm, &case);
-    assert!(
-        counts[2..7].iter().all(|&c| c == 0),
-        "cold experts got slots: {counts:?}"
-    );
-    assert!(
-        counts.iter().any(|&c| c > 128),
-        "no expert spans three tiles: {counts:?}"
-    );
+    assert_skewed(&check_moe(
+        "moe_grouped_with_skewed_routing",
+        moe_grouped_gemm,
+        &SKEWED,
+    ));
 }
 
 /// A single token, top-1, four experts: one tile with one row.
 #[test]
 fn moe_grouped_single_token() {
-    let case = MoeCase {
-        tokens: 1,
-        hidden: 64,
-        inter: 96,
-        experts: 4,
-        top_k: 1,
-        cold: 0,
-        seed: 3,
-    };
-    let counts = check_moe("moe_grouped_single_token", moe_grouped_gemm, &case);
+    let counts = check_moe("moe_grouped_single_token", moe_grouped_gemm, &SINGLE_TOKEN);
     assert_eq!(counts.iter().sum::<usize>(), 1);
 }
 

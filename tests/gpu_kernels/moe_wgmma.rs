@@ -15,7 +15,7 @@ use mixtral::cuda::ops::{
 use mixtral::cuda::{CudaError, KernelError};
 use proptest::prelude::*;
 
-use super::moe_gemv::{cases, check_moe, MoeCase};
+use super::moe_gemv::{assert_skewed, cases, check_moe, LONG_K, SINGLE_TOKEN, SKEWED};
 use crate::common;
 
 /// True when the device runs the wgmma kernels; otherwise prints why `test` does not run them
@@ -59,24 +59,7 @@ fn moe_wgmma_with_skewed_routing() {
     if !hopper(name) {
         return;
     }
-    let case = MoeCase {
-        tokens: 200,
-        hidden: 200,
-        inter: 136,
-        experts: 8,
-        top_k: 2,
-        cold: 0b0111_1100,
-        seed: 11,
-    };
-    let counts = check_moe(name, moe_wgmma_gemm, &case);
-    assert!(
-        counts[2..7].iter().all(|&c| c == 0),
-        "cold experts got slots: {counts:?}"
-    );
-    assert!(
-        counts.iter().any(|&c| c > 128),
-        "no expert spans three tiles: {counts:?}"
-    );
+    assert_skewed(&check_moe(name, moe_wgmma_gemm, &SKEWED));
 }
 
 /// A single token, top-1, four experts: one tile with one row.
@@ -86,16 +69,7 @@ fn moe_wgmma_single_token() {
     if !hopper(name) {
         return;
     }
-    let case = MoeCase {
-        tokens: 1,
-        hidden: 64,
-        inter: 96,
-        experts: 4,
-        top_k: 1,
-        cold: 0,
-        seed: 3,
-    };
-    let counts = check_moe(name, moe_wgmma_gemm, &case);
+    let counts = check_moe(name, moe_wgmma_gemm, &SINGLE_TOKEN);
     assert_eq!(counts.iter().sum::<usize>(), 1);
 }
 
@@ -107,16 +81,7 @@ fn moe_wgmma_with_long_k() {
     if !hopper(name) {
         return;
     }
-    let case = MoeCase {
-        tokens: 300,
-        hidden: 1024,
-        inter: 768,
-        experts: 8,
-        top_k: 2,
-        cold: 0,
-        seed: 5,
-    };
-    check_moe(name, moe_wgmma_gemm, &case);
+    check_moe(name, moe_wgmma_gemm, &LONG_K);
 }
 
 /// On compute capability 9.0 the self-check passes (within its bound); elsewhere it answers
