@@ -229,10 +229,10 @@ using namespace mx_moe_cutlass;
 // Workspace bytes the grouped GEMMs of `experts` experts need on a GPU of `sm_count` SMs (the larger
 // of the up and down GEMMs' needs: they share one workspace).
 extern "C" size_t mx_moe_cutlass_workspace_bytes(uint32_t experts, uint32_t sm_count) {
-    uint8_t* none = nullptr;
-    const GroupArrays arrays = group_arrays(none, 3 * experts);
-    const size_t up = Gemm::get_workspace_size(gemm_arguments(arrays, 0, 2 * experts, (int)sm_count));
-    const size_t down = Gemm::get_workspace_size(gemm_arguments(arrays, 2 * experts, experts, (int)sm_count));
+    // The size depends on the group count and the SM count only: no arrays are needed.
+    const GroupArrays none{};
+    const size_t up = Gemm::get_workspace_size(gemm_arguments(none, 0, 2 * experts, (int)sm_count));
+    const size_t down = Gemm::get_workspace_size(gemm_arguments(none, 0, experts, (int)sm_count));
     return up > down ? up : down;
 }
 
