@@ -24,7 +24,7 @@ use half::bf16;
 
 use super::super::args::{
     ArgmaxArgs, ArgmaxScalars, AttentionDecodeArgs, AttentionPrefillArgs, EmbeddingArgs,
-    EmbeddingScalars, LinearArgs, LinearScalars, MoeScalars, RmsnormArgs, RmsnormScalars,
+    EmbeddingScalars, LinearArgs, LinearScalars, RmsnormArgs, RmsnormScalars,
     RopeKvArgs, RopeKvScalars, RouterArgs, RouterScalars,
 };
 use super::super::error::{CudaError, KernelError};
@@ -409,13 +409,8 @@ impl Step<'_> {
         (r, act, out, cutlass): ExpertBuffers<'_>,
         scratch: &mut DequantScratch,
     ) -> Result<(), CudaError> {
-        let s = MoeScalars {
-            tokens: self.tokens,
-            hidden: self.d.hidden as u32,
-            inter: self.d.inter as u32,
-            experts: self.held_experts.len() as u32,
-            top_k: self.d.top_k as u32,
-        };
+        let held = Some(self.held_experts.len());
+        let s = self.d.expert_shape(self.tokens as usize, held);
         // The slot offsets of the experts held (all of them, or a rank's range).
         let offsets = r.expert_offsets.view();
         let first = self.held_experts.start;

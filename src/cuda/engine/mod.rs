@@ -37,7 +37,7 @@ use self::upload::{
     allocate_weights, device_weight_bytes, is_tied, randomize_weights, upload_weights,
     weight_formats, GpuWeights, LayerFormats,
 };
-use super::args::{MoeScalars, SampleArgs, SampleScalars};
+use super::args::{SampleArgs, SampleScalars};
 use super::device::CudaDevice;
 use super::error::CudaError;
 use super::module::Kernels;
@@ -353,14 +353,8 @@ impl CudaEngine {
             };
             // The CUTLASS expert scratch, when asked for, whether or not its self-check passes.
             let cutlass_bytes = if options.cutlass_experts {
-                let dims = Dims::of(&config);
-                ops::MoeCutlassScratch::bytes(&MoeScalars {
-                    tokens: max_tokens as u32,
-                    hidden: dims.hidden as u32,
-                    inter: dims.inter as u32,
-                    experts: dims.experts as u32,
-                    top_k: dims.top_k as u32,
-                })
+                let shape = Dims::of(&config).expert_shape(max_tokens, None);
+                ops::MoeCutlassScratch::bytes(&shape)
             } else {
                 0
             };

@@ -65,6 +65,17 @@ pub struct Dims {
 }
 
 impl Dims {
+    /// The expert MLPs' shape for `tokens` tokens over `held` experts (`None`: all of them).
+    pub fn expert_shape(&self, tokens: usize, held: Option<usize>) -> MoeScalars {
+        MoeScalars {
+            tokens: tokens as u32,
+            hidden: self.hidden as u32,
+            inter: self.inter as u32,
+            experts: held.unwrap_or(self.experts) as u32,
+            top_k: self.top_k as u32,
+        }
+    }
+
     /// The dimensions of `c`.
     pub fn of(c: &ModelConfig) -> Dims {
         Dims {
@@ -252,15 +263,8 @@ pub struct Plan {
 impl Plan {
     /// The expert MLPs' shape of the largest chunk, over the experts this plan holds.
     pub fn expert_shape(&self) -> MoeScalars {
-        let d = self.dims;
-        let experts = self.rank.as_ref().map_or(d.experts, |r| r.experts.len());
-        MoeScalars {
-            tokens: self.sizes.max_tokens as u32,
-            hidden: d.hidden as u32,
-            inter: d.inter as u32,
-            experts: experts as u32,
-            top_k: d.top_k as u32,
-        }
+        let held = self.rank.as_ref().map(|r| r.experts.len());
+        self.dims.expert_shape(self.sizes.max_tokens, held)
     }
 
     /// Allocates every buffer for `config` and `sizes` in `arena` (zero-filled), and uploads the

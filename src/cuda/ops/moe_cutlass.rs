@@ -64,7 +64,8 @@ mod ffi {
 pub const CUTLASS_BUILT: bool = cfg!(not(any(mixtral_no_kernels, mixtral_no_cutlass)));
 
 /// The device memory [`moe_cutlass_gemm`] works in, for chunks of up to `max_tokens` tokens of one
-/// model's expert shapes on one device.
+/// model's expert shapes on one device. It exists only for a device and build that run the CUTLASS
+/// kernels ([`MoeCutlassScratch::new`] checks both), so the launcher needs no check of its own.
 #[derive(Debug)]
 pub struct MoeCutlassScratch {
     shape: MoeScalars,
@@ -95,20 +96,17 @@ impl MoeCutlassScratch {
         // SAFETY: a pure host computation of CUTLASS over its own argument structs.
         let workspace = unsafe { ffi::mx_moe_cutlass_workspace_bytes(max.experts, sm_count) };
         let workspace_bytes = c.count("workspace bytes", workspace)?;
-        let (hidden, inter) = (max.hidden as usize, max.inter as usize);
-        let slots = c.product("tokens * top_k", &[max.tokens as usize, max.top_k as usize])?;
+        c.product("tokens * top_k", &[max.tokens as usize, max.top_k as usize])?;
+        let [xs, gate_up, down, groups] = lengths(max);
         let what = "the CUTLASS expert scratch";
         Ok(MoeCutlassScratch {
             shape: *max,
             sm_count,
             workspace_bytes,
-            xs: arena.zeroed(slots * hidden, what)?,
-            gate_up: arena.zeroed(2 * slots * inter, what)?,
-            down: arena.zeroed(slots * hidden, what)?,
-            groups: arena.zeroed(
-                3 * max.experts as usize * MOE_CUTLASS_GROUP_BYTES as usize,
-                what,
-            )?,
+            xs: arena.zeroed(xs, what)?,
+            gate_up: arena.zeroed(gate_up, what)?,
+            down: arena.zeroed(down, what)?,
+            groups: arena.zeroed(groups, what)?,
             workspace: arena.zeroed(workspace.max(1), what)?,
         })
     }
@@ -116,13 +114,18 @@ impl MoeCutlassScratch {
     /// Device bytes [`MoeCutlassScratch::new`] allocates for `max`, the workspace aside (a few KiB
     /// per SM).
     pub fn bytes(max: &MoeScalars) -> usize {
-        let slots = max.tokens as usize * max.top_k as usize;
-        let (hidden, inter) = (max.hidden as usize, max.inter as usize);
-        slots * hidden * 2
-            + 2 * slots * inter * 4
-            + slots * hidden * 4
-            + 3 * max.experts as usize * MOE_CUTLASS_GROUP_BYTES as usize
+        let [xs, gate_up, down, groups] = lengths(max);
+        xs * 2 + gate_up * 4 + down * 4 + groups
     }
+}
+
+/// Elements of the scratch buffers for `max`: `xs` `[S, hidden]` bf16, `gate_up` `[2, S, inter]`
+/// f32, `down` `[S, hidden]` f32, `groups` bytes.
+fn lengths(max: &MoeScalars) -> [usize; 4] {
+    let slots = max.tokens as usize * max.top_k as usize;
+    let (hidden, inter) = (max.hidden as usize, max.inter as usize);
+    let groups = 3 * max.experts as usize * MOE_CUTLASS_GROUP_BYTES as usize;
+    [slots * hidden, 2 * slots * inter, slots * hidden, groups]
 }
 
 /// Refuses a device the sm_90a shim cannot run on, and a build without it.
@@ -215,17 +218,14 @@ fn plan(
 /// computes it, with `act` written in expert-sorted order (row r is slot `sorted_slots[r]`), and
 /// `out` 16-byte aligned. Zero tokens launch nothing.
 ///
-/// Refuses a build without CUTLASS and any device whose compute capability is not 9.0 with
-/// `KernelError::Unsupported` before anything is launched; a failure inside the shim is
-/// [`KernelError::Library`].
+/// A build without CUTLASS and a device whose compute capability is not 9.0 never get this far:
+/// [`MoeCutlassScratch::new`] refuses them. A failure inside the shim is [`KernelError::Library`].
 pub fn moe_cutlass_gemm(
     stream: &CudaStream,
     s: &MoeScalars,
     args: MoeArgs<'_>,
     scratch: &mut MoeCutlassScratch,
 ) -> Result<(), CudaError> {
-    let c = Check { op: OP };
-    require_built_for(&c, stream)?;
     let params = plan(s, args, scratch)?;
     if s.tokens == 0 {
         return Ok(());
