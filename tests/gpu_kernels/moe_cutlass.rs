@@ -13,14 +13,14 @@ use cudarc::driver::CudaStream;
 use mixtral::cuda::args::{MoeArgs, MoeScalars};
 use mixtral::cuda::memory::DeviceArena;
 use mixtral::cuda::ops::{
-    moe_cutlass_gemm, moe_cutlass_self_check, HopperCheck, MoeCutlassScratch, CUTLASS_BUILT,
-    CUTLASS_COMPUTE_CAPABILITY, WGMMA_SELF_CHECK_BOUND,
+    moe_cutlass_gemm, moe_cutlass_self_check, ActOrder, HopperCheck, MoeCutlassScratch,
+    CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY, WGMMA_SELF_CHECK_BOUND,
 };
 use mixtral::cuda::{CudaError, Kernels};
 use proptest::prelude::*;
 
 use super::moe_gemv::{
-    assert_skewed, cases, check_moe_with, ActOrder, MoeCase, LONG_K, SINGLE_TOKEN, SKEWED,
+    assert_skewed, cases, check_moe_with, MoeCase, LONG_K, SINGLE_TOKEN, SKEWED,
 };
 use crate::common;
 

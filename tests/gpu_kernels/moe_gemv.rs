@@ -10,7 +10,7 @@ use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::moe::{moe_block, Expert};
 use mixtral::cpu::router::{group_by_expert, route};
 use mixtral::cuda::args::{MoeArgs, MoeScalars};
-use mixtral::cuda::ops::moe_gemv;
+use mixtral::cuda::ops::{moe_gemv, ActOrder};
 use mixtral::cuda::{CudaError, Kernels};
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
@@ -117,15 +117,6 @@ pub type MoeOp = fn(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(
 pub type MoeOpMut<'o> =
     dyn FnMut(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError> + 'o;
 
-/// Where an op leaves `act`: row s is slot s, or row r is slot `sorted_slots[r]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActOrder {
-    /// Slot order.
-    Slots,
-    /// Expert-sorted order.
-    ExpertSorted,
-}
-
 /// Runs `op` on `case` and compares `act` and `out` with the CPU reference; `name` labels failures.
 /// Returns the slots each expert received (the routing is built even when there is no device).
 pub fn check_moe(name: &str, mut op: MoeOp, case: &MoeCase) -> Vec<usize> {
@@ -229,17 +220,7 @@ pub fn check_moe_with(
     .unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
     stream.synchronize().expect("synchronize");
     let act = common::to_f32(&d_act.read_written(stream, "act"));
-    let act = match order {
-        ActOrder::Slots => act,
-        ActOrder::ExpertSorted => {
-            let mut in_slot_order = vec![f32::NAN; act.len()];
-            for (r, row) in act.chunks_exact(inter).enumerate() {
-                let s = sorted[r] as usize;
-                in_slot_order[s * inter..(s + 1) * inter].copy_from_slice(row);
-            }
-            in_slot_order
-        }
-    };
+    let act = order.in_slot_order(act, &sorted, inter);
     let out = d_out.read_written(stream, "out");
     // The inputs are untouched, guards included.
     assert_eq!(d_x.read(stream, "x"), x_bf16, "{name}: x changed");

@@ -289,7 +289,6 @@ pub fn project(
     ops::linear(kernels, stream, s, LinearArgs { x, w, out })
 }
 
-
 /// The routing inputs and outputs of [`experts`] (those of [`MoeArgs`] besides the weights).
 pub struct ExpertIo<'a> {
     /// `[tokens, hidden]` normalised hidden states.

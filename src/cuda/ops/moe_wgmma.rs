@@ -227,13 +227,29 @@ fn verdict(act_rel_l2: f64, out_rel_l2: f64) -> HopperCheck {
 pub(super) type MoeOp<'o> =
     dyn FnMut(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError> + 'o;
 
-/// Where an op leaves `act`.
+/// Where an expert-MLP op leaves `act` (`[slots, inter]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum ActOrder {
+pub enum ActOrder {
     /// Row s is slot s (`moe_grouped_gemm`, `moe_wgmma_gemm`).
     Slots,
     /// Row r is slot `sorted_slots[r]` (`moe_cutlass_gemm`).
     ExpertSorted,
+}
+
+impl ActOrder {
+    /// `act` (rows of `inter` values in this order) with row s holding slot s; a slot no row
+    /// names stays NaN.
+    pub fn in_slot_order(self, act: Vec<f32>, sorted_slots: &[i32], inter: usize) -> Vec<f32> {
+        if self == ActOrder::Slots {
+            return act;
+        }
+        let mut by_slot = vec![f32::NAN; act.len()];
+        for (row, &slot) in act.chunks_exact(inter).zip(sorted_slots) {
+            let slot = slot as usize;
+            by_slot[slot * inter..(slot + 1) * inter].copy_from_slice(row);
+        }
+        by_slot
+    }
 }
 
 /// The expert outputs of one op on the self-check problem: (`act` in slot order, `out`) read back,
@@ -269,19 +285,9 @@ fn run_op(
     )?;
     let act = copy_to_host(stream, act.view())?;
     let out = copy_to_host(stream, out.view())?;
-    let inter = s.inter as usize;
-    let mut in_slot_order = vec![f32::NAN; act.len()];
-    for (r, row) in act.chunks_exact(inter).enumerate() {
-        let slot = match order {
-            ActOrder::Slots => r,
-            ActOrder::ExpertSorted => problem.sorted_slots[r] as usize,
-        };
-        let to = &mut in_slot_order[slot * inter..(slot + 1) * inter];
-        for (t, v) in to.iter_mut().zip(row) {
-            *t = v.to_f32();
-        }
-    }
-    Ok((in_slot_order, out))
+    let act = act.iter().map(|v| v.to_f32()).collect();
+    let act = order.in_slot_order(act, &problem.sorted_slots, s.inter as usize);
+    Ok((act, out))
 }
 
 /// The self-check problem's inputs on the device.
@@ -457,6 +463,20 @@ mod tests {
         // Same seed, same problem; another seed, another problem.
         assert_eq!(self_check_problem(SELF_CHECK_SEED).x, p.x);
         assert_ne!(self_check_problem(SELF_CHECK_SEED + 1).x, p.x);
+    }
+
+    #[test]
+    fn expert_sorted_act_rows_go_back_to_their_slots() {
+        // Rows of 2 values; row r holds slot sorted[r].
+        let act = vec![20.0, 21.0, 0.0, 1.0, 10.0, 11.0];
+        let sorted = [2, 0, 1];
+        let by_slot = ActOrder::ExpertSorted.in_slot_order(act.clone(), &sorted, 2);
+        assert_eq!(by_slot, vec![0.0, 1.0, 10.0, 11.0, 20.0, 21.0]);
+        assert_eq!(ActOrder::Slots.in_slot_order(act.clone(), &sorted, 2), act);
+        // A slot no row names (a grouping that is not a permutation) stays NaN.
+        let missing = ActOrder::ExpertSorted.in_slot_order(act, &[0, 0, 1], 2);
+        assert_eq!(&missing[..4], &[0.0, 1.0, 10.0, 11.0]);
+        assert!(missing[4..].iter().all(|v| v.is_nan()));
     }
 
     #[test]
