@@ -12,8 +12,8 @@
 //! running nvcc again; files that do need nvcc compile in parallel (`NUM_JOBS` at a time).
 //!
 //! CUTLASS: `csrc/cutlass/*.cu` (host code that launches CUTLASS's Hopper kernels, behind
-//! `extern "C"` entry points) compile with nvcc into position-independent objects, cached the same
-//! way, archived by the `cc` crate into the static library `mixtral_cutlass` and linked with the
+//! `extern "C"` entry points; the headers they share are `csrc/cutlass/*.cuh`) compile with nvcc
+//! into position-independent objects, cached the same way, archived by the `cc` crate into the static library `mixtral_cutlass` and linked with the
 //! static CUDA runtime. CUTLASS's headers come from `$CUTLASS_DIR` or the `.cuda/` venv; without
 //! them the script warns and sets `cfg(mixtral_no_cutlass)`, and only the CUTLASS kernels are
 //! missing.
@@ -193,10 +193,14 @@ fn build_cutlass(
         println!("cargo::rustc-cfg={NO_CUTLASS_CFG}");
         return Ok(());
     };
-    for source in &sources {
-        println!("cargo::rerun-if-changed={}", source.display());
+    let shim_headers = list_files(&shim, "cuh")?;
+    for path in sources.iter().chain(&shim_headers) {
+        println!("cargo::rerun-if-changed={}", path.display());
     }
     let mut identity = header_bytes.to_vec();
+    for header in &shim_headers {
+        identity.extend(read(header)?);
+    }
     identity.extend(read(&cutlass.join("include/cutlass/version.h"))?);
     let cached = Cached {
         nvcc,

@@ -106,7 +106,8 @@ fn engine_with(
 }
 
 /// The quantized protocol: decode at batch 1 and 8 (context 16) and a 512-token prefill, all 32
-/// layers, for each packed format (weights made on the host and uploaded: about 20 s per engine).
+/// layers, for each packed format (weights made on the host and uploaded: about 20 s per engine);
+/// FP8 prefills 4096 tokens as well, and both lengths again on CUTLASS's FP8 expert kernels.
 fn protocol_quant(out_path: &str) {
     let layers = 32;
     let mut out = std::fs::File::create(out_path).expect("protocol output");
@@ -117,6 +118,7 @@ fn protocol_quant(out_path: &str) {
         },
         perm: false,
     };
+    let fp8 = StackFormat::of_quant_format(QuantFormat::Fp8);
     let formats = [QuantFormat::Fp8, QuantFormat::Int8, QuantFormat::Int4]
         .map(|f| (f.as_str(), StackFormat::of_quant_format(f)));
     for (format, stack) in formats.into_iter().chain([("nf4", nf4)]) {
@@ -129,9 +131,9 @@ fn protocol_quant(out_path: &str) {
             Err(e) => panic!("building the {format} engine: {e}"),
         };
         let card = engine.device_name().to_string();
-        let mut record = |what: &str, batch: usize, context: usize, ms: f64| {
+        let mut record = |what: &str, kernel: &str, batch: usize, context: usize, ms: f64| {
             let line = format!(
-                r#"{{"card": "{card}", "what": "{what}", "dtype": "{format}", "layers": {layers}, "batch": {batch}, "context": {context}, "graphs": true, "ours_ms": {ms:.4}}}"#
+                r#"{{"card": "{card}", "what": "{what}", "dtype": "{format}", "kernel": "{kernel}", "layers": {layers}, "batch": {batch}, "context": {context}, "graphs": true, "ours_ms": {ms:.4}}}"#
             );
             println!("{line}");
             writeln!(out, "{line}").expect("write protocol output");
@@ -140,14 +142,37 @@ fn protocol_quant(out_path: &str) {
             let seqs = sequences(&mut engine, batch, 16);
             let tokens: Vec<[u32; 1]> = ids(batch, 16).iter().map(|&t| [t]).collect();
             let ms = median_ms(|| decode_step(&mut engine, &seqs, 16, &tokens), REPEATS);
-            record("decode", batch, 16, ms);
+            record("decode", "mma", batch, 16, ms);
             for seq in seqs {
                 mixtral::Engine::free_sequence(&mut engine, seq).expect("free");
             }
         }
-        let prompt = ids(512, 7);
-        let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
-        record("prefill", 1, 512, ms);
+        // FP8 prefill also at 4096 tokens, and again on CUTLASS's FP8 grouped GEMM (where its
+        // self-check passes), one engine at a time: two 32-layer FP8 models do not fit one card.
+        let lengths: &[usize] = if stack == fp8 { &[512, 4096] } else { &[512] };
+        for &tokens in lengths {
+            let ms = median_ms(|| prefill(&mut engine, &ids(tokens, 7)), 5);
+            record("prefill", "mma", 1, tokens, ms);
+        }
+        if stack != fp8 {
+            continue;
+        }
+        drop(engine);
+        let mut engine = match engine_with(layers, true, stack, GroupedKernel::Cutlass) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("gpu_decode: no FP8 engine with the CUTLASS expert kernels: {e}");
+                continue;
+            }
+        };
+        let (kernel, check) = engine.prefill_experts();
+        eprintln!("gpu_decode: FP8 CUTLASS expert kernels: {kernel:?}, self-check {check:?}");
+        if kernel == GroupedKernel::Cutlass {
+            for tokens in [512, 4096] {
+                let ms = median_ms(|| prefill(&mut engine, &ids(tokens, 7)), 5);
+                record("prefill", "cutlass", 1, tokens, ms);
+            }
+        }
     }
 }
 

@@ -238,8 +238,9 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
 }
 
 /// The prefill expert GEMMs side by side at Mixtral prefill shapes: `moe_grouped_gemm` (mma.sync)
-/// and, on compute capability 9.0 after their passing self-checks, `moe_wgmma_gemm` (wgmma) and
-/// `moe_cutlass_gemm` (CUTLASS's grouped GEMM, its gather, SwiGLU and scatter included).
+/// and, on compute capability 9.0 after their passing self-checks, `moe_wgmma_gemm` (wgmma),
+/// `moe_cutlass_gemm` (CUTLASS's grouped GEMM, its gather, SwiGLU and scatter included) and
+/// `moe_cutlass_fp8_gemm` (the same over FP8 stacks, FP8 x FP8, the quantizing kernels included).
 /// Throughput in FLOPs (`2 * slots * 3 * inter * hidden`), routing from the device router on random
 /// data.
 fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
@@ -255,6 +256,19 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
         "moe_prefill: moe_cutlass_self_check on {}: {cutlass_check:?}",
         b.device.name()
     );
+    let fp8_check = ops::moe_cutlass_fp8_self_check(&stream).expect("CUTLASS FP8 self-check");
+    eprintln!(
+        "moe_prefill: moe_cutlass_fp8_self_check on {}: {fp8_check:?}",
+        b.device.name()
+    );
+    // FP8 stacks for the FP8 kernels (pseudo-random codes, scales 0.01).
+    let fp8 = fp8_check.passed().then(|| {
+        [
+            packed_stack(b, PackedKind::Fp8, EXPERTS, INTER, HIDDEN),
+            packed_stack(b, PackedKind::Fp8, EXPERTS, INTER, HIDDEN),
+            packed_stack(b, PackedKind::Fp8, EXPERTS, HIDDEN, INTER),
+        ]
+    });
     let gate = b.random(EXPERTS * HIDDEN, 0.02);
     let w1 = b.random(EXPERTS * INTER * HIDDEN, 0.02);
     let w3 = b.random(EXPERTS * INTER * HIDDEN, 0.02);
@@ -299,6 +313,36 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
                     },
                 ),
             ));
+        }
+        if let Some([(c1, p1, _), (c3, p3, _), (c2, p2, _)]) = &fp8 {
+            let mut arena = DeviceArena::new(Arc::clone(&stream));
+            let mut scratch = ops::MoeCutlassFp8Scratch::new(&mut arena, &stream, &shape)
+                .expect("CUTLASS FP8 scratch");
+            group.bench_function(BenchmarkId::new("cutlass_fp8", tokens), |bench| {
+                bench.iter(|| {
+                    let args = QMoeArgs {
+                        x: x.view(),
+                        w1_codes: c1.view(),
+                        w1_params: p1.view(),
+                        w3_codes: c3.view(),
+                        w3_params: p3.view(),
+                        w13_perm: None,
+                        w2_codes: c2.view(),
+                        w2_params: p2.view(),
+                        w2_perm: None,
+                        table: None,
+                        topk_weights: topk_weights.view(),
+                        expert_offsets: offsets.view(),
+                        sorted_slots: sorted.view(),
+                        act: act.view_mut(),
+                        out: out.view_mut(),
+                    };
+                    let kinds = [PackedKind::Fp8; 3];
+                    ops::moe_cutlass_fp8_gemm(&stream, &shape, kinds, args, &mut scratch)
+                        .expect("cutlass_fp8");
+                    sync(&stream);
+                })
+            });
         }
         for (name, mut op) in ops_to_run {
             group.bench_function(BenchmarkId::new(name, tokens), |bench| {

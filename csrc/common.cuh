@@ -88,6 +88,7 @@ __device__ __forceinline__ float group_sum(float v) {
     return v;
 }
 
+// Maximum over the `WIDTH` consecutive lanes of each aligned lane group; every lane gets it.
 template <int WIDTH = 32>
 __device__ __forceinline__ float group_max(float v) {
 #pragma unroll
@@ -95,21 +96,35 @@ __device__ __forceinline__ float group_max(float v) {
     return v;
 }
 
-// Sum over a block of THREADS threads; every thread gets the total. Contains __syncthreads, so every
-// thread of the block must call it.
-template <int THREADS>
-__device__ __forceinline__ float block_sum(float v) {
+// `combine` over a block of THREADS threads (`group(v)` combines a warp first); every thread gets the
+// result. Contains __syncthreads, so every thread of the block must call it.
+template <int THREADS, class Group, class Combine>
+__device__ __forceinline__ float block_reduce(float v, float identity, Group group, Combine combine) {
     static_assert(THREADS % 32 == 0 && THREADS <= 1024, "block of whole warps");
     __shared__ float partial[THREADS / 32];
-    v = group_sum(v);
+    v = group(v);
     const int warp = threadIdx.x / 32;
     if (threadIdx.x % 32 == 0) partial[warp] = v;
     __syncthreads();
-    float total = 0.0f;
+    float total = identity;
 #pragma unroll
-    for (int w = 0; w < THREADS / 32; ++w) total += partial[w];
+    for (int w = 0; w < THREADS / 32; ++w) total = combine(total, partial[w]);
     __syncthreads();  // `partial` may be reused by a following call
     return total;
+}
+
+// Sum over a block of THREADS threads; every thread gets the total (see block_reduce).
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float v) {
+    return block_reduce<THREADS>(
+        v, 0.0f, [](float x) { return group_sum(x); }, [](float a, float b) { return a + b; });
+}
+
+// Maximum over a block of THREADS threads; every thread gets it (see block_reduce).
+template <int THREADS>
+__device__ __forceinline__ float block_max(float v) {
+    return block_reduce<THREADS>(
+        v, __int_as_float(0xff800000), [](float x) { return group_max(x); }, [](float a, float b) { return fmaxf(a, b); });
 }
 
 // Cache slot of (sequence row `seq`, position `pos`) in a paged cache, or -1 when the block table or

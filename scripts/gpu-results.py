@@ -76,7 +76,7 @@ def main():
         fmt = lambda v, f: (f.format(v) if v is not None else "-")
         ratio = pt / r["ours_ms"] if pt else None
         frac = floor / r["ours_ms"] if floor else None
-        label = r["what"] + ("/wgmma" if r.get("kernel") == "wgmma" else "")
+        label = r["what"] + ("/" + r["kernel"] if r.get("kernel", "mma") != "mma" else "")
         print(f"{label:13} {r['dtype']:5} {r['batch']:>5} {r['context']:>6} {r['ours_ms']:>9.3f} {fmt(pt, '{:9.3f}'):>9} "
               f"{fmt(ratio, '{:6.2f}'):>6} {fmt(gbps, '{:7.0f}'):>7} {fmt(floor, '{:9.3f}'):>9} {fmt(frac, '{:8.2f}'):>8}")
     for k, ms in eager.items():

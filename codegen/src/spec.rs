@@ -399,6 +399,41 @@ pub const STRUCTS: &[ParamStruct] = &[
         ],
     },
     ParamStruct {
+        name: "MoeCutlassFp8Params",
+        doc: "Expert MLP of prefill chunks over FP8 E4M3 expert stacks on CUTLASS's Hopper grouped GEMM \
+              (`mx_moe_cutlass_fp8_run`, csrc/cutlass/): `MoeCutlassParams`' computation with the rows of `x` \
+              and the SwiGLU activations quantized per row to E4M3 (scale = amax / 448) and the weights read \
+              as stored (`w[o, i] = code[o, i] * scale[o]`), FP8 x FP8 products accumulated in f32.",
+        fields: &[
+            field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states.").len("tokens * hidden").aligned(),
+            field("w1", read(U8), "`[experts, inter, hidden]` gate projection codes.").len("experts * inter * hidden").aligned(),
+            field("w1_scales", read(F32), "`[experts, inter]` gate projection row scales.").len("experts * inter").aligned(),
+            field("w3", read(U8), "`[experts, inter, hidden]` up projection codes.").len("experts * inter * hidden").aligned(),
+            field("w3_scales", read(F32), "`[experts, inter]` up projection row scales.").len("experts * inter").aligned(),
+            field("w2", read(U8), "`[experts, hidden, inter]` down projection codes.").len("experts * hidden * inter").aligned(),
+            field("w2_scales", read(F32), "`[experts, hidden]` down projection row scales.").len("experts * hidden").aligned(),
+            field("topk_weights", read(F32), "`[tokens, top_k]` routing weights.").len("tokens * top_k"),
+            field("expert_offsets", read(I32), "`[experts + 1]` start of each expert's slots in `sorted_slots`.").len("experts + 1"),
+            field("sorted_slots", read(I32), "`[tokens * top_k]` slots grouped by expert.").len("tokens * top_k"),
+            field("out", write(F32), "`[tokens * top_k, hidden]` weighted expert outputs per slot.").len("tokens * top_k * hidden").aligned(),
+            field("xs", write(U8), "`[tokens * top_k, hidden]` scratch: the E4M3 codes of the rows of `x` in expert-sorted order.").len("tokens * top_k * hidden").aligned(),
+            field("xs_scales", write(F32), "`[tokens * top_k]` scratch: the scale of each row of `xs`.").len("tokens * top_k"),
+            field("gate_up", write(F32), "`[2, tokens * top_k, inter]` scratch: the w1 and w3 code products, then the SwiGLU activations.").len("2 * tokens * top_k * inter").aligned(),
+            field("act", write(U8), "`[tokens * top_k, inter]` scratch: the E4M3 codes of the SwiGLU activations, expert-sorted.").len("tokens * top_k * inter").aligned(),
+            field("act_scales", write(F32), "`[tokens * top_k]` scratch: the scale of each row of `act`.").len("tokens * top_k"),
+            field("down", write(F32), "`[tokens * top_k, hidden]` scratch: the w2 code products in expert-sorted order.").len("tokens * top_k * hidden").aligned(),
+            field("groups", write(U8), "`[3 * experts, MOE_CUTLASS_GROUP_BYTES]` scratch: the grouped GEMMs' shapes, pointers and strides.").len("3 * experts * MOE_CUTLASS_GROUP_BYTES").aligned(),
+            field("workspace", write(U8), "`[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_fp8_workspace_bytes`).").len("workspace_bytes").aligned(),
+            field("tokens", U32, "Number of tokens."),
+            field("hidden", U32, "Hidden size (a multiple of 16)."),
+            field("inter", U32, "Expert intermediate size (a multiple of 16)."),
+            field("experts", U32, "Number of experts."),
+            field("top_k", U32, "Experts per token."),
+            field("workspace_bytes", U32, "Bytes of `workspace`."),
+            field("sm_count", U32, "Streaming multiprocessors of the device (the persistent grid)."),
+        ],
+    },
+    ParamStruct {
         name: "AttentionDecodeParams",
         doc: "Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, \
               position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p \

@@ -9,6 +9,7 @@ use super::matmul::matmul;
 use super::packed_matmul::Matrix;
 use super::router::{group_by_expert, route, Routing};
 use crate::dtype::WeightSlice;
+use crate::packed::fp8;
 
 /// The three matrices of one expert (stored elements or packed codes).
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +62,32 @@ pub fn expert_mlp(
     let tokens = x.len() / hidden.max(1);
     let mut act = vec![0.0f32; tokens * intermediate];
     expert_act(x, expert, hidden, intermediate, &mut act);
+    expert.w2.product(&act, hidden, intermediate, out);
+}
+
+/// [`expert_mlp`] with FP8 activations, as the FP8 x FP8 tensor-core kernels compute it: the rows
+/// of `x` and of the SwiGLU activations are quantized per row to E4M3 and dequantized again
+/// ([`fp8::round_trip_rows`]) before each product; the weights are used as they are.
+///
+/// # Panics
+/// When the matrices do not have the shapes of the module docs.
+pub fn expert_mlp_fp8_activations(
+    x: &[f32],
+    expert: &Expert<'_>,
+    hidden: usize,
+    intermediate: usize,
+    out: &mut [f32],
+) {
+    let tokens = x.len() / hidden.max(1);
+    let mut act = vec![0.0f32; tokens * intermediate];
+    expert_act(
+        &fp8::round_trip_rows(x, hidden),
+        expert,
+        hidden,
+        intermediate,
+        &mut act,
+    );
+    let act = fp8::round_trip_rows(&act, intermediate);
     expert.w2.product(&act, hidden, intermediate, out);
 }
 

@@ -434,6 +434,136 @@ impl MoeCutlassArgs<'_> {
     }
 }
 
+/// The device buffers of [`MoeCutlassFp8Params`].
+#[derive(Debug)]
+pub struct MoeCutlassFp8Args<'a> {
+    /// `[tokens, hidden]` normalised hidden states.
+    pub x: View<'a, bf16>,
+    /// `[experts, inter, hidden]` gate projection codes.
+    pub w1: View<'a, u8>,
+    /// `[experts, inter]` gate projection row scales.
+    pub w1_scales: View<'a, f32>,
+    /// `[experts, inter, hidden]` up projection codes.
+    pub w3: View<'a, u8>,
+    /// `[experts, inter]` up projection row scales.
+    pub w3_scales: View<'a, f32>,
+    /// `[experts, hidden, inter]` down projection codes.
+    pub w2: View<'a, u8>,
+    /// `[experts, hidden]` down projection row scales.
+    pub w2_scales: View<'a, f32>,
+    /// `[tokens, top_k]` routing weights.
+    pub topk_weights: View<'a, f32>,
+    /// `[experts + 1]` start of each expert's slots in `sorted_slots`.
+    pub expert_offsets: View<'a, i32>,
+    /// `[tokens * top_k]` slots grouped by expert.
+    pub sorted_slots: View<'a, i32>,
+    /// `[tokens * top_k, hidden]` weighted expert outputs per slot.
+    pub out: ViewMut<'a, f32>,
+    /// `[tokens * top_k, hidden]` scratch: the E4M3 codes of the rows of `x` in expert-sorted order.
+    pub xs: ViewMut<'a, u8>,
+    /// `[tokens * top_k]` scratch: the scale of each row of `xs`.
+    pub xs_scales: ViewMut<'a, f32>,
+    /// `[2, tokens * top_k, inter]` scratch: the w1 and w3 code products, then the SwiGLU activations.
+    pub gate_up: ViewMut<'a, f32>,
+    /// `[tokens * top_k, inter]` scratch: the E4M3 codes of the SwiGLU activations, expert-sorted.
+    pub act: ViewMut<'a, u8>,
+    /// `[tokens * top_k]` scratch: the scale of each row of `act`.
+    pub act_scales: ViewMut<'a, f32>,
+    /// `[tokens * top_k, hidden]` scratch: the w2 code products in expert-sorted order.
+    pub down: ViewMut<'a, f32>,
+    /// `[3 * experts, MOE_CUTLASS_GROUP_BYTES]` scratch: the grouped GEMMs' shapes, pointers and strides.
+    pub groups: ViewMut<'a, u8>,
+    /// `[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_fp8_workspace_bytes`).
+    pub workspace: ViewMut<'a, u8>,
+}
+
+/// The scalar fields of [`MoeCutlassFp8Params`] (row strides come from the `Rows` views).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MoeCutlassFp8Scalars {
+    /// Number of tokens.
+    pub tokens: u32,
+    /// Hidden size (a multiple of 16).
+    pub hidden: u32,
+    /// Expert intermediate size (a multiple of 16).
+    pub inter: u32,
+    /// Number of experts.
+    pub experts: u32,
+    /// Experts per token.
+    pub top_k: u32,
+    /// Bytes of `workspace`.
+    pub workspace_bytes: u32,
+    /// Streaming multiprocessors of the device (the persistent grid).
+    pub sm_count: u32,
+}
+
+impl MoeCutlassFp8Args<'_> {
+    /// Checks every buffer against what the kernel touches for `s` (`op` names the caller in errors)
+    /// and fills the parameters.
+    pub fn params(&self, op: &'static str, s: &MoeCutlassFp8Scalars) -> Result<MoeCutlassFp8Params, CudaError> {
+        need(op, "x", self.x.len(), product(&[u128::from(s.tokens), u128::from(s.hidden)]))?;
+        aligned(op, "x", self.x.address())?;
+        need(op, "w1", self.w1.len(), product(&[u128::from(s.experts), u128::from(s.inter), u128::from(s.hidden)]))?;
+        aligned(op, "w1", self.w1.address())?;
+        need(op, "w1_scales", self.w1_scales.len(), product(&[u128::from(s.experts), u128::from(s.inter)]))?;
+        aligned(op, "w1_scales", self.w1_scales.address())?;
+        need(op, "w3", self.w3.len(), product(&[u128::from(s.experts), u128::from(s.inter), u128::from(s.hidden)]))?;
+        aligned(op, "w3", self.w3.address())?;
+        need(op, "w3_scales", self.w3_scales.len(), product(&[u128::from(s.experts), u128::from(s.inter)]))?;
+        aligned(op, "w3_scales", self.w3_scales.address())?;
+        need(op, "w2", self.w2.len(), product(&[u128::from(s.experts), u128::from(s.hidden), u128::from(s.inter)]))?;
+        aligned(op, "w2", self.w2.address())?;
+        need(op, "w2_scales", self.w2_scales.len(), product(&[u128::from(s.experts), u128::from(s.hidden)]))?;
+        aligned(op, "w2_scales", self.w2_scales.address())?;
+        need(op, "topk_weights", self.topk_weights.len(), product(&[u128::from(s.tokens), u128::from(s.top_k)]))?;
+        need(op, "expert_offsets", self.expert_offsets.len(), u128::from(s.experts).saturating_add(1u128))?;
+        need(op, "sorted_slots", self.sorted_slots.len(), product(&[u128::from(s.tokens), u128::from(s.top_k)]))?;
+        need(op, "out", self.out.len(), product(&[u128::from(s.tokens), u128::from(s.top_k), u128::from(s.hidden)]))?;
+        aligned(op, "out", self.out.address())?;
+        need(op, "xs", self.xs.len(), product(&[u128::from(s.tokens), u128::from(s.top_k), u128::from(s.hidden)]))?;
+        aligned(op, "xs", self.xs.address())?;
+        need(op, "xs_scales", self.xs_scales.len(), product(&[u128::from(s.tokens), u128::from(s.top_k)]))?;
+        need(op, "gate_up", self.gate_up.len(), product(&[2u128, u128::from(s.tokens), u128::from(s.top_k), u128::from(s.inter)]))?;
+        aligned(op, "gate_up", self.gate_up.address())?;
+        need(op, "act", self.act.len(), product(&[u128::from(s.tokens), u128::from(s.top_k), u128::from(s.inter)]))?;
+        aligned(op, "act", self.act.address())?;
+        need(op, "act_scales", self.act_scales.len(), product(&[u128::from(s.tokens), u128::from(s.top_k)]))?;
+        need(op, "down", self.down.len(), product(&[u128::from(s.tokens), u128::from(s.top_k), u128::from(s.hidden)]))?;
+        aligned(op, "down", self.down.address())?;
+        need(op, "groups", self.groups.len(), product(&[3u128, u128::from(s.experts), u128::from(MOE_CUTLASS_GROUP_BYTES)]))?;
+        aligned(op, "groups", self.groups.address())?;
+        need(op, "workspace", self.workspace.len(), u128::from(s.workspace_bytes))?;
+        aligned(op, "workspace", self.workspace.address())?;
+        Ok(MoeCutlassFp8Params {
+            x: self.x.address(),
+            w1: self.w1.address(),
+            w1_scales: self.w1_scales.address(),
+            w3: self.w3.address(),
+            w3_scales: self.w3_scales.address(),
+            w2: self.w2.address(),
+            w2_scales: self.w2_scales.address(),
+            topk_weights: self.topk_weights.address(),
+            expert_offsets: self.expert_offsets.address(),
+            sorted_slots: self.sorted_slots.address(),
+            out: self.out.address(),
+            xs: self.xs.address(),
+            xs_scales: self.xs_scales.address(),
+            gate_up: self.gate_up.address(),
+            act: self.act.address(),
+            act_scales: self.act_scales.address(),
+            down: self.down.address(),
+            groups: self.groups.address(),
+            workspace: self.workspace.address(),
+            tokens: s.tokens,
+            hidden: s.hidden,
+            inter: s.inter,
+            experts: s.experts,
+            top_k: s.top_k,
+            workspace_bytes: s.workspace_bytes,
+            sm_count: s.sm_count,
+        })
+    }
+}
+
 /// The device buffers of [`AttentionDecodeParams`].
 #[derive(Debug)]
 pub struct AttentionDecodeArgs<'a> {

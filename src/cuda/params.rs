@@ -406,6 +406,93 @@ const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, top_k) == 128);
 const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, workspace_bytes) == 132);
 const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, sm_count) == 136);
 
+/// Expert MLP of prefill chunks over FP8 E4M3 expert stacks on CUTLASS's Hopper grouped GEMM (`mx_moe_cutlass_fp8_run`, csrc/cutlass/): `MoeCutlassParams`' computation with the rows of `x` and the SwiGLU activations quantized per row to E4M3 (scale = amax / 448) and the weights read as stored (`w[o, i] = code[o, i] * scale[o]`), FP8 x FP8 products accumulated in f32.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MoeCutlassFp8Params {
+    /// `[tokens, hidden]` normalised hidden states. Device pointer to bf16, read.
+    pub x: u64,
+    /// `[experts, inter, hidden]` gate projection codes. Device pointer to u8, read.
+    pub w1: u64,
+    /// `[experts, inter]` gate projection row scales. Device pointer to f32, read.
+    pub w1_scales: u64,
+    /// `[experts, inter, hidden]` up projection codes. Device pointer to u8, read.
+    pub w3: u64,
+    /// `[experts, inter]` up projection row scales. Device pointer to f32, read.
+    pub w3_scales: u64,
+    /// `[experts, hidden, inter]` down projection codes. Device pointer to u8, read.
+    pub w2: u64,
+    /// `[experts, hidden]` down projection row scales. Device pointer to f32, read.
+    pub w2_scales: u64,
+    /// `[tokens, top_k]` routing weights. Device pointer to f32, read.
+    pub topk_weights: u64,
+    /// `[experts + 1]` start of each expert's slots in `sorted_slots`. Device pointer to i32, read.
+    pub expert_offsets: u64,
+    /// `[tokens * top_k]` slots grouped by expert. Device pointer to i32, read.
+    pub sorted_slots: u64,
+    /// `[tokens * top_k, hidden]` weighted expert outputs per slot. Device pointer to f32, written.
+    pub out: u64,
+    /// `[tokens * top_k, hidden]` scratch: the E4M3 codes of the rows of `x` in expert-sorted order. Device pointer to u8, written.
+    pub xs: u64,
+    /// `[tokens * top_k]` scratch: the scale of each row of `xs`. Device pointer to f32, written.
+    pub xs_scales: u64,
+    /// `[2, tokens * top_k, inter]` scratch: the w1 and w3 code products, then the SwiGLU activations. Device pointer to f32, written.
+    pub gate_up: u64,
+    /// `[tokens * top_k, inter]` scratch: the E4M3 codes of the SwiGLU activations, expert-sorted. Device pointer to u8, written.
+    pub act: u64,
+    /// `[tokens * top_k]` scratch: the scale of each row of `act`. Device pointer to f32, written.
+    pub act_scales: u64,
+    /// `[tokens * top_k, hidden]` scratch: the w2 code products in expert-sorted order. Device pointer to f32, written.
+    pub down: u64,
+    /// `[3 * experts, MOE_CUTLASS_GROUP_BYTES]` scratch: the grouped GEMMs' shapes, pointers and strides. Device pointer to u8, written.
+    pub groups: u64,
+    /// `[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_fp8_workspace_bytes`). Device pointer to u8, written.
+    pub workspace: u64,
+    /// Number of tokens.
+    pub tokens: u32,
+    /// Hidden size (a multiple of 16).
+    pub hidden: u32,
+    /// Expert intermediate size (a multiple of 16).
+    pub inter: u32,
+    /// Number of experts.
+    pub experts: u32,
+    /// Experts per token.
+    pub top_k: u32,
+    /// Bytes of `workspace`.
+    pub workspace_bytes: u32,
+    /// Streaming multiprocessors of the device (the persistent grid).
+    pub sm_count: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<MoeCutlassFp8Params>() == 184);
+const _: () = assert!(core::mem::align_of::<MoeCutlassFp8Params>() == 8);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, x) == 0);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w1) == 8);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w1_scales) == 16);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w3) == 24);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w3_scales) == 32);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w2) == 40);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w2_scales) == 48);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, topk_weights) == 56);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, expert_offsets) == 64);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, sorted_slots) == 72);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, out) == 80);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, xs) == 88);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, xs_scales) == 96);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, gate_up) == 104);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, act) == 112);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, act_scales) == 120);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, down) == 128);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, groups) == 136);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, workspace) == 144);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, tokens) == 152);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, hidden) == 156);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, inter) == 160);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, experts) == 164);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, top_k) == 168);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, workspace_bytes) == 172);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, sm_count) == 176);
+
 /// Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -2199,6 +2286,143 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "sm_count",
                     core::mem::offset_of!(MoeCutlassParams, sm_count),
                     core::mem::size_of_val(&MoeCutlassParams::default().sm_count),
+                ),
+            ],
+        },
+        CompiledLayout {
+            name: "MoeCutlassFp8Params",
+            size: core::mem::size_of::<MoeCutlassFp8Params>(),
+            align: core::mem::align_of::<MoeCutlassFp8Params>(),
+            fields: vec![
+                (
+                    "x",
+                    core::mem::offset_of!(MoeCutlassFp8Params, x),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().x),
+                ),
+                (
+                    "w1",
+                    core::mem::offset_of!(MoeCutlassFp8Params, w1),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w1),
+                ),
+                (
+                    "w1_scales",
+                    core::mem::offset_of!(MoeCutlassFp8Params, w1_scales),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w1_scales),
+                ),
+                (
+                    "w3",
+                    core::mem::offset_of!(MoeCutlassFp8Params, w3),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w3),
+                ),
+                (
+                    "w3_scales",
+                    core::mem::offset_of!(MoeCutlassFp8Params, w3_scales),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w3_scales),
+                ),
+                (
+                    "w2",
+                    core::mem::offset_of!(MoeCutlassFp8Params, w2),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w2),
+                ),
+                (
+                    "w2_scales",
+                    core::mem::offset_of!(MoeCutlassFp8Params, w2_scales),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w2_scales),
+                ),
+                (
+                    "topk_weights",
+                    core::mem::offset_of!(MoeCutlassFp8Params, topk_weights),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().topk_weights),
+                ),
+                (
+                    "expert_offsets",
+                    core::mem::offset_of!(MoeCutlassFp8Params, expert_offsets),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().expert_offsets),
+                ),
+                (
+                    "sorted_slots",
+                    core::mem::offset_of!(MoeCutlassFp8Params, sorted_slots),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().sorted_slots),
+                ),
+                (
+                    "out",
+                    core::mem::offset_of!(MoeCutlassFp8Params, out),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().out),
+                ),
+                (
+                    "xs",
+                    core::mem::offset_of!(MoeCutlassFp8Params, xs),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().xs),
+                ),
+                (
+                    "xs_scales",
+                    core::mem::offset_of!(MoeCutlassFp8Params, xs_scales),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().xs_scales),
+                ),
+                (
+                    "gate_up",
+                    core::mem::offset_of!(MoeCutlassFp8Params, gate_up),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().gate_up),
+                ),
+                (
+                    "act",
+                    core::mem::offset_of!(MoeCutlassFp8Params, act),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().act),
+                ),
+                (
+                    "act_scales",
+                    core::mem::offset_of!(MoeCutlassFp8Params, act_scales),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().act_scales),
+                ),
+                (
+                    "down",
+                    core::mem::offset_of!(MoeCutlassFp8Params, down),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().down),
+                ),
+                (
+                    "groups",
+                    core::mem::offset_of!(MoeCutlassFp8Params, groups),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().groups),
+                ),
+                (
+                    "workspace",
+                    core::mem::offset_of!(MoeCutlassFp8Params, workspace),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().workspace),
+                ),
+                (
+                    "tokens",
+                    core::mem::offset_of!(MoeCutlassFp8Params, tokens),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().tokens),
+                ),
+                (
+                    "hidden",
+                    core::mem::offset_of!(MoeCutlassFp8Params, hidden),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().hidden),
+                ),
+                (
+                    "inter",
+                    core::mem::offset_of!(MoeCutlassFp8Params, inter),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().inter),
+                ),
+                (
+                    "experts",
+                    core::mem::offset_of!(MoeCutlassFp8Params, experts),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().experts),
+                ),
+                (
+                    "top_k",
+                    core::mem::offset_of!(MoeCutlassFp8Params, top_k),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().top_k),
+                ),
+                (
+                    "workspace_bytes",
+                    core::mem::offset_of!(MoeCutlassFp8Params, workspace_bytes),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().workspace_bytes),
+                ),
+                (
+                    "sm_count",
+                    core::mem::offset_of!(MoeCutlassFp8Params, sm_count),
+                    core::mem::size_of_val(&MoeCutlassFp8Params::default().sm_count),
                 ),
             ],
         },

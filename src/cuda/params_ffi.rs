@@ -15,6 +15,8 @@ unsafe impl cudarc::driver::DeviceRepr for super::params::MoeParams {}
 // SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
 unsafe impl cudarc::driver::DeviceRepr for super::params::MoeCutlassParams {}
 // SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
+unsafe impl cudarc::driver::DeviceRepr for super::params::MoeCutlassFp8Params {}
+// SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
 unsafe impl cudarc::driver::DeviceRepr for super::params::AttentionDecodeParams {}
 // SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
 unsafe impl cudarc::driver::DeviceRepr for super::params::ArgmaxParams {}

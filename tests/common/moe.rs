@@ -1,9 +1,20 @@
 //! The CPU reference of what the MoE expert kernels write per slot, from the crate's own CPU
-//! expert (`mixtral::cpu::moe::{expert_act, expert_mlp}`): shared by the bf16 and the quantized
-//! expert kernel tests, so the reference is called, never copied.
+//! expert (`mixtral::cpu::moe::{expert_act, expert_mlp, expert_mlp_fp8_activations}`): shared by
+//! the bf16 and the quantized expert kernel tests, so the reference is called, never copied.
 
-use mixtral::cpu::moe::{expert_act, expert_mlp, Expert};
+use mixtral::cpu::moe::{expert_act, expert_mlp, expert_mlp_fp8_activations, Expert};
 use mixtral::cpu::router::{ExpertGroups, Routing};
+use mixtral::quant::fp8;
+
+/// What the expert kernels multiply the weights with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// The activations as they are (the bf16 and weight-only quantized kernels).
+    Exact,
+    /// The rows of x and of the SwiGLU activations quantized to E4M3 per row (the FP8 x FP8
+    /// kernels); `act` is then the SwiGLU of the quantized x, before its own quantization.
+    Fp8,
+}
 
 /// What the expert kernels write for every slot `s = t * top_k + j` (token t's j-th expert e).
 pub struct SlotReference {
@@ -23,6 +34,25 @@ pub fn expert_slots(
     hidden: usize,
     inter: usize,
 ) -> SlotReference {
+    expert_slots_with(
+        Activations::Exact,
+        x,
+        experts,
+        routing,
+        groups,
+        (hidden, inter),
+    )
+}
+
+/// [`expert_slots`] with the activations the kernels under test multiply with.
+pub fn expert_slots_with(
+    activations: Activations,
+    x: &[f32],
+    experts: &[Expert<'_>],
+    routing: &Routing,
+    groups: &ExpertGroups,
+    (hidden, inter): (usize, usize),
+) -> SlotReference {
     let slots = routing.experts.len();
     let mut act = vec![0.0f32; slots * inter];
     let mut out = vec![0.0f32; slots * hidden];
@@ -39,9 +69,23 @@ pub fn expert_slots(
             })
             .collect();
         let mut acts = vec![0.0f32; assigned.len() * inter];
-        expert_act(&xs, expert, hidden, inter, &mut acts);
         let mut ys = vec![0.0f32; assigned.len() * hidden];
-        expert_mlp(&xs, expert, hidden, inter, &mut ys);
+        match activations {
+            Activations::Exact => {
+                expert_act(&xs, expert, hidden, inter, &mut acts);
+                expert_mlp(&xs, expert, hidden, inter, &mut ys);
+            }
+            Activations::Fp8 => {
+                expert_act(
+                    &fp8::round_trip_rows(&xs, hidden),
+                    expert,
+                    hidden,
+                    inter,
+                    &mut acts,
+                );
+                expert_mlp_fp8_activations(&xs, expert, hidden, inter, &mut ys);
+            }
+        }
         for (i, &a) in assigned.iter().enumerate() {
             act[a * inter..(a + 1) * inter].copy_from_slice(&acts[i * inter..(i + 1) * inter]);
             let w = routing.weights[a];

@@ -281,6 +281,42 @@ pub fn propagated_bound(propagated: f64, reference: &[f32], k: usize) -> f64 {
     4.0 * BF16_RMS * propagated.sqrt() / norm.max(f64::MIN_POSITIVE) + f32_bound(k)
 }
 
+/// Relative difference, in the model of [`fp8_bound`], between an FP8 tensor-core sum of exact
+/// E4M3 x E4M3 products and the f32 sum of the same products: 2^-10.
+///
+/// Derivation (a model from the hardware's documented behaviour, not yet a measurement on this
+/// crate's kernels): the products are exact; the tensor cores add them into an accumulator that
+/// keeps about 14 significant bits, which CUTLASS's FP8 mainloop promotes into f32 registers every
+/// 128 products (4 k-blocks of 32). Each interval therefore errs by up to 2^-14 of its magnitude
+/// (the sum of |products| over 128 terms, about sqrt(128) = 2^3.5 times its sum for random signs),
+/// and the intervals' errors add like a random walk, as their sums do: 2^-14 * 2^3.5 = 2^-10.5 of
+/// the sum, taken as 2^-10.
+pub const FP8_ACCUMULATION: f64 = 1.0 / 1024.0;
+
+/// Relative L2 bound of the FP8 x FP8 expert output `out = weight * w2 q(act)` against the CPU
+/// reference with the same per-row E4M3 quantization (`expert_mlp_fp8_activations`), `propagated`
+/// being the sum of [`propagation`] over the output's rows (w2 against the reference `act`).
+///
+/// Derivation: the rows of x quantize to the same codes on both sides (identical bf16 inputs, the
+/// same IEEE division and rounding). The SwiGLU activations then differ by d = 2 *
+/// [`FP8_ACCUMULATION`] of themselves (w1 and w3 each; the row scale, from the row maximum,
+/// moves by as much). Where a rounding boundary of E4M3 falls between the two values, with
+/// probability d |a| / step, the codes differ by one step, at most 2^-3 |a|; otherwise not at
+/// all. So each element errs with variance d |a| * step <= d * 2^-3 * a^2: relative RMS
+/// sqrt(2^-3 d) = 2^-6 = 1.6e-2, independent from element to element. Through w2 this is
+/// [`propagated_bound`]'s argument with that RMS in place of bf16's (4 times the RMS: a tail below
+/// 1e-4), plus the direct effect of d and of the w2 sum's own [`FP8_ACCUMULATION`].
+pub fn fp8_bound(propagated: f64, reference: &[f32]) -> f64 {
+    let d = 2.0 * FP8_ACCUMULATION;
+    let flip_rms = (d / 8.0).sqrt();
+    let norm = reference
+        .iter()
+        .map(|&r| (r as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    4.0 * flip_rms * propagated.sqrt() / norm.max(f64::MIN_POSITIVE) + d + FP8_ACCUMULATION
+}
+
 /// Checks, on the CPU, the constants the bounds above rest on. They run without a device.
 mod tests {
     use super::*;

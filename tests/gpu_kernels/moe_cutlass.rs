@@ -5,7 +5,9 @@
 //! expert with no slots (a group with M = 0), hidden and inter multiples of 8 that are not
 //! multiples of the 128 x 128 x 64 tile, so every tail is crossed. The kernels exist only for
 //! compute capability 9.0 in a build with CUTLASS: elsewhere the comparisons print that they do
-//! not apply, and the gate test checks that the launcher refuses the device.
+//! not apply, and the gate tests check that the launcher refuses the device. The FP8 kernels'
+//! comparisons are in [`quant`](super::quant), beside the other kernels over packed stacks; their
+//! self-check and gate are here.
 
 use std::sync::Arc;
 
@@ -13,8 +15,9 @@ use cudarc::driver::CudaStream;
 use mixtral::cuda::args::{MoeArgs, MoeScalars};
 use mixtral::cuda::memory::DeviceArena;
 use mixtral::cuda::ops::{
-    moe_cutlass_gemm, moe_cutlass_self_check, ActOrder, HopperCheck, MoeCutlassScratch,
-    CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY, WGMMA_SELF_CHECK_BOUND,
+    moe_cutlass_fp8_self_check, moe_cutlass_gemm, moe_cutlass_self_check, ActOrder, HopperCheck,
+    MoeCutlassFp8Scratch, MoeCutlassScratch, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
+    FP8_SELF_CHECK_BOUND, WGMMA_SELF_CHECK_BOUND,
 };
 use mixtral::cuda::{CudaError, Kernels};
 use proptest::prelude::*;
@@ -110,15 +113,41 @@ fn moe_cutlass_with_long_k() {
 /// it answers `NotHopper` and making the scratch is refused before anything is launched.
 #[test]
 fn moe_cutlass_self_check_and_device_gate() {
-    let name = "moe_cutlass_self_check_and_device_gate";
+    self_check_and_device_gate(
+        "moe_cutlass_self_check_and_device_gate",
+        |gpu| moe_cutlass_self_check(&gpu.kernels, gpu.stream()),
+        WGMMA_SELF_CHECK_BOUND,
+        |arena, stream, shape| MoeCutlassScratch::new(arena, stream, shape).map(drop),
+    );
+}
+
+/// The same for the FP8 kernels: their self-check against the CPU reference with FP8 activations.
+#[test]
+fn moe_cutlass_fp8_self_check_and_device_gate() {
+    self_check_and_device_gate(
+        "moe_cutlass_fp8_self_check_and_device_gate",
+        |gpu| moe_cutlass_fp8_self_check(gpu.stream()),
+        FP8_SELF_CHECK_BOUND,
+        |arena, stream, shape| MoeCutlassFp8Scratch::new(arena, stream, shape).map(drop),
+    );
+}
+
+/// A self-check's verdict on this device: `Passed` within `bound` where the CUTLASS kernels run;
+/// elsewhere `NotHopper`, and `scratch` refused for the device or the build.
+fn self_check_and_device_gate(
+    name: &str,
+    check: impl FnOnce(&common::Gpu) -> Result<HopperCheck, CudaError>,
+    bound: f64,
+    scratch: impl FnOnce(&mut DeviceArena, &Arc<CudaStream>, &MoeScalars) -> Result<(), CudaError>,
+) {
     let Some(gpu) = common::gpu(name) else {
         return;
     };
     let stream = gpu.stream();
-    let check = moe_cutlass_self_check(&gpu.kernels, stream).expect("self-check");
+    let verdict = check(&gpu).expect("self-check");
     if gpu.device.compute_capability() == CUTLASS_COMPUTE_CAPABILITY && CUTLASS_BUILT {
-        match check {
-            HopperCheck::Passed { rel_l2 } => assert!(rel_l2 <= WGMMA_SELF_CHECK_BOUND),
+        match verdict {
+            HopperCheck::Passed { rel_l2 } => assert!(rel_l2 <= bound),
             other => panic!(
                 "{name}: expected Passed on {}, got {other:?}",
                 gpu.device.name()
@@ -126,7 +155,7 @@ fn moe_cutlass_self_check_and_device_gate() {
         }
         return;
     }
-    assert_eq!(check, HopperCheck::NotHopper);
+    assert_eq!(verdict, HopperCheck::NotHopper);
     let shape = MoeScalars {
         tokens: 4,
         hidden: 64,
@@ -135,7 +164,7 @@ fn moe_cutlass_self_check_and_device_gate() {
         top_k: 2,
     };
     let mut arena = DeviceArena::new(Arc::clone(stream));
-    match MoeCutlassScratch::new(&mut arena, stream, &shape) {
+    match scratch(&mut arena, stream, &shape) {
         Err(CudaError::Kernel(mixtral::cuda::KernelError::Unsupported { what, .. })) => {
             assert!(what == "compute capability" || what == "build", "{what}");
         }

@@ -14,8 +14,12 @@ use mixtral::cpu::moe::Expert;
 use mixtral::cpu::router::{group_by_expert, route};
 use mixtral::cuda::args::{LinearScalars, MoeScalars, QMoeArgs};
 use mixtral::cuda::engine::matrix::table_values;
+use mixtral::cuda::memory::DeviceArena;
 use mixtral::cuda::memory::View;
-use mixtral::cuda::ops::{dequantize, qlinear, qmoe_gemv, shared_perm, DequantShape, PackedView};
+use mixtral::cuda::ops::{
+    dequantize, moe_cutlass_fp8_gemm, qlinear, qmoe_gemv, shared_perm, DequantShape,
+    MoeCutlassFp8Scratch, PackedView, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
+};
 use mixtral::dtype::WeightSlice;
 use mixtral::packed::lut4::{self, Lut4};
 use mixtral::quant::{fp8, int4, int8, PackedKind, PackedMatrix};
@@ -23,7 +27,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use crate::common::{self, Gpu, Guarded};
-use crate::shared::moe::expert_slots;
+use crate::shared::moe::{expert_slots_with, Activations};
 
 /// The bound of a qlinear output over `cols` columns against the CPU on the dequantized matrix:
 /// the decoding is exact and the scale multiplies partial sums instead of each element (8-bit,
@@ -423,9 +427,25 @@ fn qmoe_cases() -> impl Strategy<Value = QMoeCase> {
         )
 }
 
+/// The expert kernels over packed stacks under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QMoeKernel {
+    /// `qmoe_gemv` (every format; `act` and `out` compared).
+    Gemv,
+    /// `moe_cutlass_fp8_gemm` (FP8 without permutation, compute capability 9.0 in a build with
+    /// CUTLASS; `out` compared with the FP8-activation reference, `act` is not written).
+    CutlassFp8,
+}
+
 /// Runs qmoe_gemv on `case` and compares `act` and `out` per slot with the CPU expert MLP on the
 /// dequantized experts.
 fn check_qmoe(name: &str, case: &QMoeCase) {
+    check_qmoe_with(name, QMoeKernel::Gemv, case);
+}
+
+/// Runs `kernel` on `case` and compares its outputs per slot with the CPU expert MLP on the
+/// dequantized experts (with the activations `kernel` multiplies with).
+fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     let Some(gpu) = common::gpu(name) else {
         return;
     };
@@ -535,16 +555,30 @@ fn check_qmoe(name: &str, case: &QMoeCase) {
         act: d_act.dev_mut(),
         out: d_out.dev_mut(),
     };
-    qmoe_gemv(
-        &gpu.kernels,
-        stream,
-        &shape,
-        [w1s.kind, w3s.kind, w2s.kind],
-        args,
-    )
-    .unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
+    let kinds = [w1s.kind, w3s.kind, w2s.kind];
+    let run = match kernel {
+        QMoeKernel::Gemv => qmoe_gemv(&gpu.kernels, stream, &shape, kinds, args),
+        QMoeKernel::CutlassFp8 => {
+            let mut arena = DeviceArena::new(std::sync::Arc::clone(stream));
+            let mut scratch = match MoeCutlassFp8Scratch::new(&mut arena, stream, &shape) {
+                Ok(scratch) => scratch,
+                Err(e) => {
+                    // Only another GPU or a build without CUTLASS may refuse: the gate test
+                    // (`moe_cutlass_fp8_self_check_and_device_gate`) checks which.
+                    eprintln!("not applicable {name} on {}: {e}", gpu.device.name());
+                    assert!(
+                        gpu.device.compute_capability() != CUTLASS_COMPUTE_CAPABILITY
+                            || !CUTLASS_BUILT,
+                        "{name}: {e}"
+                    );
+                    return;
+                }
+            };
+            moe_cutlass_fp8_gemm(stream, &shape, kinds, args, &mut scratch)
+        }
+    };
+    run.unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
     stream.synchronize().expect("synchronize");
-    let act = common::to_f32(&d_act.read_written(stream, "act"));
     let out = d_out.read_written(stream, "out");
 
     // The CPU reference, expert by expert over the same grouping, on the dequantized matrices.
@@ -559,15 +593,12 @@ fn check_qmoe(name: &str, case: &QMoeCase) {
             w3: WeightSlice::F32(m3).into(),
         })
         .collect();
-    let reference = expert_slots(&x, &experts_cpu, &routing, &groups, hidden, inter);
-    // The rounding chain of moe_gemv (tests/gpu_kernels/moe_gemv.rs) on the dequantized weights:
-    // act rounded once to bf16; out derived from that rounding propagated through w2.
-    common::assert_close(
-        &format!("{name} act {case:?}"),
-        &act,
-        &reference.act,
-        common::bf16_bound(hidden, 1),
-    );
+    let activations = match kernel {
+        QMoeKernel::Gemv => Activations::Exact,
+        QMoeKernel::CutlassFp8 => Activations::Fp8,
+    };
+    let (experts_cpu, dims) = (&experts_cpu, (hidden, inter));
+    let reference = expert_slots_with(activations, &x, experts_cpu, &routing, &groups, dims);
     let propagated: f64 = (0..slots)
         .map(|s| {
             common::propagation(
@@ -577,11 +608,28 @@ fn check_qmoe(name: &str, case: &QMoeCase) {
             )
         })
         .sum();
+    let out_bound = match kernel {
+        // The rounding chain of moe_gemv (tests/gpu_kernels/moe_gemv.rs) on the dequantized
+        // weights: act rounded once to bf16; out derived from that rounding propagated through w2.
+        QMoeKernel::Gemv => {
+            let act = common::to_f32(&d_act.read_written(stream, "act"));
+            common::assert_close(
+                &format!("{name} act {case:?}"),
+                &act,
+                &reference.act,
+                common::bf16_bound(hidden, 1),
+            );
+            common::propagated_bound(propagated, &reference.out, hidden + inter)
+        }
+        // The same codes of x on both sides; activation codes one step apart where the FP8
+        // accumulation moves them across a rounding boundary (`common::fp8_bound`).
+        QMoeKernel::CutlassFp8 => common::fp8_bound(propagated, &reference.out),
+    };
     common::assert_close(
         &format!("{name} out {case:?}"),
         &out,
         &reference.out,
-        common::propagated_bound(propagated, &reference.out, hidden + inter),
+        out_bound,
     );
 }
 
@@ -611,4 +659,65 @@ fn qmoe_gemv_every_format_with_idle_experts() {
         };
         check_qmoe("qmoe_gemv_every_format_with_idle_experts", &case);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// moe_cutlass_fp8_gemm
+
+/// FP8 cases for CUTLASS's FP8 expert kernels: hidden and inter multiples of 16 (whole 16-byte
+/// rows of codes), 1 to 300 tokens (groups of M = 0 up to several 128-row tiles), no permutation.
+fn fp8_cases() -> impl Strategy<Value = QMoeCase> {
+    (
+        prop_oneof![Just(1usize), 1usize..8, 8usize..300],
+        1usize..=20,
+        1usize..=16,
+        1usize..=8,
+        1usize..=2,
+        any::<u32>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(tokens, hidden16, inter16, experts, top_k, cold, seed)| QMoeCase {
+                kind: PackedKind::Fp8,
+                tokens,
+                hidden: hidden16 * 16,
+                inter: inter16 * 16,
+                experts,
+                top_k: top_k.min(experts),
+                cold: cold & ((1u32 << experts) - 1) & !1,
+                permuted: false,
+                seed,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn moe_cutlass_fp8_matches_the_cpu_experts_with_fp8_activations(case in fp8_cases()) {
+        check_qmoe_with("moe_cutlass_fp8", QMoeKernel::CutlassFp8, &case);
+    }
+}
+
+/// Mixtral-like depth: K = 1024 and 768 (8 and 6 k-tiles of 128), 300 tokens top-2 over 8 experts
+/// with two cold ones, so several 128-row tiles per expert and groups with M = 0.
+#[test]
+fn moe_cutlass_fp8_with_long_k_and_idle_experts() {
+    let case = QMoeCase {
+        kind: PackedKind::Fp8,
+        tokens: 300,
+        hidden: 1024,
+        inter: 768,
+        experts: 8,
+        top_k: 2,
+        cold: 0b0110_0000,
+        permuted: false,
+        seed: 17,
+    };
+    check_qmoe_with(
+        "moe_cutlass_fp8_with_long_k_and_idle_experts",
+        QMoeKernel::CutlassFp8,
+        &case,
+    );
 }

@@ -31,10 +31,10 @@ use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyView, AnyViewMut, DeviceBuffer, Rows, View, ViewMut};
 use super::super::module::Kernels;
 use super::super::ops::{
-    self, AttentionDecodeShape, AttentionPrefillShape, MoeCutlassScratch, PagedCacheShape,
+    self, AttentionDecodeShape, AttentionPrefillShape, PagedCacheShape,
 };
 use super::inputs::PrefillPiece;
-use super::matrix::{self, DequantScratch, DeviceMatrix, ExpertIo, GroupedKernel};
+use super::matrix::{self, DequantScratch, DeviceMatrix, ExpertIo, GroupedExperts};
 use super::plan::{Activations, Dims, Inputs, LayerCache, Plan, Routing, SPLIT_KEYS};
 use super::rank::Group;
 use super::upload::GpuWeights;
@@ -74,12 +74,13 @@ pub enum Attention<'a> {
     Prefill(&'a [PrefillPiece]),
 }
 
-/// The routing, the activations, the output slots and the CUTLASS scratch of the expert MLPs.
+/// The routing, the activations, the output slots and the grouped kernels (with their scratch) of
+/// the expert MLPs.
 type ExpertBuffers<'a> = (
     &'a Routing,
     &'a mut DeviceBuffer<bf16>,
     &'a mut DeviceBuffer<f32>,
-    Option<&'a mut MoeCutlassScratch>,
+    &'a mut GroupedExperts,
 );
 
 /// What the norm before a block adds into the residual stream first.
@@ -126,11 +127,11 @@ impl Plan {
             d,
             cache: self.cache_shape(),
             tokens: tokens as u32,
-            experts_on: self.grouped,
             vocab_rows: held.map_or(d.vocab, |r| r.vocab.len()),
             held_experts: held.map_or(0..d.experts, |r| r.experts.clone()),
         };
         let (a, inputs, rank) = (&mut self.act, &self.inputs, self.rank.as_mut());
+        let grouped = &mut self.grouped;
         let scratch = &mut weights.scratch;
         // A rank's activations [T, hidden] and expert slots [T, top_k, hidden].
         let (hidden_len, slots_len) = (tokens * d.hidden, tokens * d.top_k * d.hidden);
@@ -157,7 +158,7 @@ impl Plan {
                 r.zero(stream, &mut a.moe_out, slots_len)?;
             }
             let stacks = [&w.w1, &w.w3, &w.w2];
-            let io = (&a.routing, &mut a.act, &mut a.moe_out, a.cutlass.as_mut());
+            let io = (&a.routing, &mut a.act, &mut a.moe_out, &mut *grouped);
             step.experts(a.xn.view(), stacks, io, scratch)?;
             if let Some(r) = &rank {
                 r.reduce(Group::World, stream, &mut a.moe_out, slots_len)?;
@@ -197,7 +198,6 @@ struct Step<'k> {
     d: Dims,
     cache: PagedCacheShape,
     tokens: u32,
-    experts_on: GroupedKernel,
     /// Rows of the embedding and LM head held (the vocabulary, or a rank's part of it).
     vocab_rows: usize,
     /// Experts of the stacks held, as indices of the router's experts.
@@ -406,7 +406,7 @@ impl Step<'_> {
         &self,
         x: View<'_, bf16>,
         stacks: [&DeviceMatrix; 3],
-        (r, act, out, cutlass): ExpertBuffers<'_>,
+        (r, act, out, grouped): ExpertBuffers<'_>,
         scratch: &mut DequantScratch,
     ) -> Result<(), CudaError> {
         let held = Some(self.held_experts.len());
@@ -429,8 +429,7 @@ impl Step<'_> {
             act: act.view_mut(),
             out: out.view_mut(),
         };
-        let grouped = self.experts_on;
-        matrix::experts(self.kernels, self.stream, &s, stacks, io, scratch, grouped, cutlass)
+        matrix::experts(self.kernels, self.stream, &s, stacks, io, scratch, grouped)
     }
 
     /// Gathers `rows` rows of `x` (an embedding lookup whose table is the activations).

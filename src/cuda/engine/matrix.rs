@@ -19,7 +19,7 @@ use super::super::args::{LinearArgs, LinearScalars, MoeArgs, MoeScalars, QMoeArg
 use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::module::Kernels;
-use super::super::ops::{self, DequantShape, MoeCutlassScratch, PackedView};
+use super::super::ops::{self, DequantShape, MoeCutlassFp8Scratch, MoeCutlassScratch, PackedView};
 pub use super::super::select::GroupedKernel;
 use super::super::select::{select, Choice, Device, Format, Op};
 use crate::quant::{int4, PackedKind, QuantFormat};
@@ -305,9 +305,52 @@ pub struct ExpertIo<'a> {
     pub out: ViewMut<'a, f32>,
 }
 
+/// Which kernels run the expert GEMMs of large chunks, with the scratch they work in: decided once
+/// per engine (the Hopper kernels after their self-check on the device).
+#[derive(Debug, Default)]
+pub enum GroupedExperts {
+    /// `moe_grouped_gemm` (mma.sync; every supported GPU).
+    #[default]
+    Mma,
+    /// `moe_wgmma_gemm` (Hopper warpgroup MMA).
+    Wgmma,
+    /// `moe_cutlass_gemm` (CUTLASS's Hopper grouped GEMM, bf16) and its scratch.
+    Cutlass(Box<MoeCutlassScratch>),
+    /// `moe_cutlass_fp8_gemm` (CUTLASS's Hopper grouped GEMM over FP8 stacks) and its scratch:
+    /// for models whose experts are all FP8.
+    CutlassFp8(Box<MoeCutlassFp8Scratch>),
+}
+
+impl GroupedExperts {
+    /// The kind of kernels, as the selection table knows them.
+    pub fn kernel(&self) -> GroupedKernel {
+        match self {
+            GroupedExperts::Mma => GroupedKernel::Mma,
+            GroupedExperts::Wgmma => GroupedKernel::Wgmma,
+            GroupedExperts::Cutlass(_) | GroupedExperts::CutlassFp8(_) => GroupedKernel::Cutlass,
+        }
+    }
+}
+
+/// The format the selection table knows a layer's expert stacks by: FP8 when all three are FP8
+/// without permutation, packed when all three are packed in one kind (`qmoe_gemv` takes one group
+/// size and one table), bf16 otherwise (the packed ones are then expanded).
+fn experts_format(stacks: [&DeviceMatrix; 3]) -> Format {
+    match stacks.map(DeviceMatrix::packed) {
+        [Some(p1), Some(p3), Some(p2)] if p1.kind == p3.kind && p3.kind == p2.kind => {
+            let permuted = p1.perm.is_some() || p2.perm.is_some();
+            if p1.kind == PackedKind::Fp8 && !permuted {
+                Format::Fp8
+            } else {
+                Format::Packed
+            }
+        }
+        _ => Format::Bf16,
+    }
+}
+
 /// The routed expert MLPs of one layer over bf16 or packed stacks, with the kernels the selection
-/// table picks for `grouped` (whose scratch `cutlass` holds when it is [`GroupedKernel::Cutlass`]).
-#[allow(clippy::too_many_arguments)]
+/// table picks for `grouped`.
 pub fn experts(
     kernels: &Kernels,
     stream: &CudaStream,
@@ -315,18 +358,14 @@ pub fn experts(
     [w1, w3, w2]: [&DeviceMatrix; 3],
     io: ExpertIo<'_>,
     scratch: &mut DequantScratch,
-    grouped: GroupedKernel,
-    cutlass: Option<&mut MoeCutlassScratch>,
+    grouped: &mut GroupedExperts,
 ) -> Result<(), CudaError> {
-    let device = Device { grouped };
-    // Packed kernels only when all three stacks are packed in one kind (`qmoe_gemv` takes one group
-    // size and one table); otherwise the packed ones are expanded.
-    let format = match [w1, w3, w2].map(|m| m.packed().map(|p| p.kind)) {
-        [Some(k1), Some(k3), Some(k2)] if k1 == k3 && k3 == k2 => Format::Packed,
-        _ => Format::Bf16,
+    let device = Device {
+        grouped: grouped.kernel(),
     };
+    let format = experts_format([w1, w3, w2]);
     let choice = select(Op::Experts, s.tokens as usize, format, device);
-    if let (Choice::QMoeGemv, Some(p1), Some(p3), Some(p2)) =
+    if let (Choice::QMoeGemv | Choice::MoeCutlassFp8, Some(p1), Some(p3), Some(p2)) =
         (choice, w1.packed(), w3.packed(), w2.packed())
     {
         let (v1, v3, v2) = (p1.view(), p3.view(), p2.view());
@@ -349,7 +388,14 @@ pub fn experts(
             act: io.act,
             out: io.out,
         };
-        return ops::qmoe_gemv(kernels, stream, s, [v1.kind, v3.kind, v2.kind], args);
+        let kinds = [v1.kind, v3.kind, v2.kind];
+        return match grouped {
+            GroupedExperts::CutlassFp8(cutlass) if choice == Choice::MoeCutlassFp8 => {
+                ops::moe_cutlass_fp8_gemm(stream, s, kinds, args, cutlass)
+            }
+            _ if choice == Choice::QMoeGemv => ops::qmoe_gemv(kernels, stream, s, kinds, args),
+            _ => Err(no_scratch("FP8")),
+        };
     }
     let args = MoeArgs {
         x: io.x,
@@ -367,14 +413,21 @@ pub fn experts(
         Choice::MoeWgmma | Choice::DequantizeThenMoeWgmma => {
             ops::moe_wgmma_gemm(kernels, stream, s, args)
         }
-        Choice::MoeCutlass | Choice::DequantizeThenMoeCutlass => {
-            let scratch = cutlass.ok_or_else(|| {
-                CudaError::UnsupportedModel("the CUTLASS expert kernels have no scratch".into())
-            })?;
-            ops::moe_cutlass_gemm(stream, s, args, scratch)
-        }
+        Choice::MoeCutlass | Choice::DequantizeThenMoeCutlass => match grouped {
+            GroupedExperts::Cutlass(cutlass) => ops::moe_cutlass_gemm(stream, s, args, cutlass),
+            _ => Err(no_scratch("bf16")),
+        },
         _ => ops::moe_grouped_gemm(kernels, stream, s, args),
     }
+}
+
+/// The CUTLASS kernels of `precision` were selected for a layer without their scratch: the engine
+/// made the scratch of the other precision (a model whose experts are FP8 in some layers only).
+fn no_scratch(precision: &str) -> CudaError {
+    CudaError::UnsupportedModel(format!(
+        "the CUTLASS {precision} expert kernels have no scratch: this model's layers mix FP8 \
+         experts with others"
+    ))
 }
 
 #[cfg(test)]

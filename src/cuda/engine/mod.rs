@@ -29,7 +29,7 @@ use std::sync::Arc;
 use self::graph::DecodeGraph;
 use self::inputs::{decode_buckets, schedule_step, Chunk, ChunkKind, NO_SEQUENCE};
 pub use self::matrix::GroupedKernel;
-use self::matrix::StackFormat;
+use self::matrix::{GroupedExperts, StackFormat};
 use self::forward::{Attention, Pass};
 use self::plan::{plan_bytes, Dims, Plan, PlanSizes};
 use self::staging::StepStaging;
@@ -53,6 +53,7 @@ use crate::engine::{
     SeqStep, StepOutput,
 };
 use crate::kv::{BlockCopy, KvLimits, PagedKv, RELEASED};
+use crate::quant::PackedKind;
 use crate::sampling::{Rng, Sampler};
 use crate::shard::{RankShard, RankWeights};
 use crate::weights::ModelWeights;
@@ -78,9 +79,10 @@ pub struct CudaEngineOptions {
     /// have been verified on hardware.
     pub hopper_wgmma: bool,
     /// On a compute capability 9.0 GPU, run the expert GEMMs of prefill chunks on CUTLASS's Hopper
-    /// grouped GEMM (`csrc/cutlass/`), after checking it against the mma.sync kernels once at
-    /// build; it takes precedence over `hopper_wgmma` when both pass. Off by default until it has
-    /// run on hardware.
+    /// grouped GEMM (`csrc/cutlass/`), after its self-check once at build (against the mma.sync
+    /// kernels; for a model whose experts are all FP8, the FP8 x FP8 kernels against their CPU
+    /// reference); it takes precedence over `hopper_wgmma` when both pass. Off by default until it
+    /// has run on hardware.
     pub cutlass_experts: bool,
 }
 
@@ -352,11 +354,23 @@ impl CudaEngine {
                 None => device_weight_bytes(&config, tied, &formats, max_tokens),
             };
             // The CUTLASS expert scratch, when asked for, whether or not its self-check passes.
-            let cutlass_bytes = if options.cutlass_experts {
-                let shape = Dims::of(&config).expert_shape(max_tokens, None);
-                ops::MoeCutlassScratch::bytes(&shape)
-            } else {
-                0
+            let fp8_experts = formats.iter().all(|f| {
+                let fp8 = StackFormat::Packed {
+                    kind: PackedKind::Fp8,
+                    perm: false,
+                };
+                f.w13 == fp8 && f.w2 == fp8
+            });
+            let cutlass_bytes = match (options.cutlass_experts, fp8_experts) {
+                (false, _) => 0,
+                (true, fp8) => {
+                    let shape = Dims::of(&config).expert_shape(max_tokens, None);
+                    if fp8 {
+                        ops::MoeCutlassFp8Scratch::bytes(&shape)
+                    } else {
+                        ops::MoeCutlassScratch::bytes(&shape)
+                    }
+                }
             };
             let weight_bytes = weight_bytes + cutlass_bytes;
             let sizes = plan_sizes(&config, &options, free.saturating_sub(weight_bytes))?;
@@ -410,18 +424,27 @@ impl CudaEngine {
             let wgmma_check = if options.hopper_wgmma {
                 let check = ops::moe_wgmma_self_check(&kernels, &stream)?;
                 if check.passed() {
-                    plan.grouped = GroupedKernel::Wgmma;
+                    plan.grouped = GroupedExperts::Wgmma;
                 }
                 Some(check)
             } else {
                 None
             };
             let cutlass_check = if options.cutlass_experts {
-                let check = ops::moe_cutlass_self_check(&kernels, &stream)?;
+                let max = plan.expert_shape();
+                let check = if fp8_experts {
+                    ops::moe_cutlass_fp8_self_check(&stream)?
+                } else {
+                    ops::moe_cutlass_self_check(&kernels, &stream)?
+                };
                 if check.passed() {
-                    let max = plan.expert_shape();
-                    plan.act.cutlass = Some(ops::MoeCutlassScratch::new(&mut arena, &stream, &max)?);
-                    plan.grouped = GroupedKernel::Cutlass;
+                    plan.grouped = if fp8_experts {
+                        let scratch = ops::MoeCutlassFp8Scratch::new(&mut arena, &stream, &max)?;
+                        GroupedExperts::CutlassFp8(Box::new(scratch))
+                    } else {
+                        let scratch = ops::MoeCutlassScratch::new(&mut arena, &stream, &max)?;
+                        GroupedExperts::Cutlass(Box::new(scratch))
+                    };
                 }
                 Some(check)
             } else {
@@ -523,7 +546,7 @@ impl CudaEngine {
         /// kernels' self-check when [`CudaEngineOptions::hopper_wgmma`] or
         /// [`CudaEngineOptions::cutlass_experts`] asked for one (CUTLASS's when both did).
         fn prefill_experts(&self) -> (GroupedKernel, Option<HopperCheck>) {
-            (self.plan.grouped, self.hopper_check)
+            (self.plan.grouped.kernel(), self.hopper_check)
         }
     }
 

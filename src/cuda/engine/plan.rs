@@ -7,8 +7,8 @@ use half::bf16;
 use super::super::args::MoeScalars;
 use super::super::error::CudaError;
 use super::super::memory::{DeviceArena, DeviceBuffer, View};
-use super::super::ops::{attention_splits, MoeCutlassScratch, PagedCacheShape, RNG_STATE_WORDS};
-use super::matrix::GroupedKernel;
+use super::super::ops::{attention_splits, PagedCacheShape, RNG_STATE_WORDS};
+use super::matrix::GroupedExperts;
 use super::rank::RankPlan;
 use crate::config::ModelConfig;
 use crate::cpu::rope::Rope;
@@ -227,8 +227,6 @@ pub struct Activations {
     pub part_lse: DeviceBuffer<f32>,
     /// `[M, hidden]` the rows whose logits are computed, gathered.
     pub gathered: DeviceBuffer<bf16>,
-    /// The CUTLASS expert kernels' scratch, when they run the expert GEMMs of large chunks.
-    pub cutlass: Option<MoeCutlassScratch>,
 }
 
 /// Every buffer of the plan.
@@ -238,8 +236,8 @@ pub struct Plan {
     pub dims: Dims,
     /// The sizes the plan was built for.
     pub sizes: PlanSizes,
-    /// The tensor-core kernels of the expert GEMMs of large chunks.
-    pub grouped: GroupedKernel,
+    /// The tensor-core kernels of the expert GEMMs of large chunks, with their scratch.
+    pub grouped: GroupedExperts,
     /// Step inputs (uploaded before each chunk).
     pub inputs: Inputs,
     /// The activations.
@@ -310,12 +308,11 @@ impl Plan {
             part_out: arena.zeroed(decode * d.head_dim, "attention split outputs")?,
             part_lse: arena.zeroed(decode, "attention split sums")?,
             gathered: arena.zeroed(m * d.hidden, "gathered rows")?,
-            cutlass: None,
         };
         Ok(Plan {
             dims: d,
             sizes,
-            grouped: GroupedKernel::Mma,
+            grouped: GroupedExperts::Mma,
             inputs: Inputs {
                 words: arena.zeroed(4 * m, "step inputs")?,
                 max_tokens: m,

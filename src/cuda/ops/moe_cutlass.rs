@@ -1,61 +1,91 @@
-//! The prefill expert MLPs on CUTLASS's Hopper grouped GEMM: [`moe_cutlass_gemm`] runs
-//! `csrc/cutlass/moe_experts_sm90.cu` (TMA, warp-specialized cooperative, persistent; sm_90a only)
-//! through its `extern "C"` entry points, declared here and nowhere else. Shapes (`S = tokens *
-//! top_k` slots): x `[tokens, hidden]` bf16 is gathered into expert-sorted rows `[S, hidden]`, the
-//! w1 / w3 products `[2, S, inter]` f32 become `act [S, inter]` bf16 (expert-sorted), the w2 product
-//! `[S, hidden]` f32 is scattered into `out [S, hidden]` f32 per slot with its routing weight.
+//! The prefill expert MLPs on CUTLASS's Hopper grouped GEMM (TMA, warp-specialized cooperative,
+//! persistent; sm_90a only), through the `extern "C"` entry points of `csrc/cutlass/`, declared here
+//! and nowhere else. Shapes (`S = tokens * top_k` slots): x `[tokens, hidden]` bf16 is gathered into
+//! expert-sorted rows `[S, hidden]`, the w1 / w3 products `[2, S, inter]` f32 become the SwiGLU
+//! activations `[S, inter]` (expert-sorted), the w2 product `[S, hidden]` f32 is scattered into
+//! `out [S, hidden]` f32 per slot with its routing weight.
+//! - [`moe_cutlass_gemm`]: bf16 experts (`moe_experts_sm90.cu`); `act` is written in bf16.
+//! - [`moe_cutlass_fp8_gemm`]: FP8 E4M3 expert stacks read as packed (`moe_experts_fp8_sm90.cu`),
+//!   FP8 x FP8 on the tensor cores: the rows of x and of the activations are quantized per row
+//!   on the device exactly as [`crate::quant::fp8::quantize_per_channel`] does, so its CPU
+//!   reference is [`crate::cpu::moe::expert_mlp_fp8_activations`].
 //!
-//! The scratch rows, the GEMMs' per-group arrays and their workspace live in a
-//! [`MoeCutlassScratch`] allocated once for the largest chunk; the problem shapes and pointers are
-//! written on the device from the router's offsets, so the launch can be captured into a graph.
+//! The scratch rows, the GEMMs' per-group arrays and their workspace live in a scratch
+//! ([`MoeCutlassScratch`], [`MoeCutlassFp8Scratch`]) allocated once for the largest chunk; the
+//! problem shapes and pointers are written on the device from the router's offsets, so a launch
+//! can be captured into a graph.
 //!
-//! Never run on a GPU yet: like the wgmma kernels, an engine uses it only when asked
-//! (`CudaEngineOptions::cutlass_experts`) and after [`moe_cutlass_self_check`] agreed with
-//! `moe_grouped` on the device.
+//! Never run on a GPU yet: like the wgmma kernels, an engine uses them only when asked
+//! (`CudaEngineOptions::cutlass_experts`) and after their self-check ([`moe_cutlass_self_check`],
+//! [`moe_cutlass_fp8_self_check`]) passed on the device.
 
 use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaStream};
 use half::bf16;
 
-use crate::cuda::args::{MoeArgs, MoeCutlassArgs, MoeCutlassScalars, MoeScalars};
+use super::moe_wgmma::{
+    compare_with_grouped, rel_l2, self_check_problem, self_check_shape, verdict, ActOrder,
+    HopperCheck, SELF_CHECK_SEED,
+};
+use super::quant_layout::row_layout;
+use crate::cpu::moe::{expert_mlp_fp8_activations, Expert};
+use crate::cuda::args::{
+    MoeArgs, MoeCutlassArgs, MoeCutlassFp8Args, MoeCutlassFp8Scalars, MoeCutlassScalars,
+    MoeScalars, QMoeArgs,
+};
 use crate::cuda::checks::Check;
 use crate::cuda::error::{CudaError, KernelError};
-use crate::cuda::memory::{DeviceArena, DeviceBuffer};
+use crate::cuda::memory::{copy_to_host, DeviceArena, DeviceBuffer};
 use crate::cuda::module::Kernels;
-use crate::cuda::params::{MoeCutlassParams, MOE_CUTLASS_GROUP_BYTES, MOE_CUTLASS_STATUS_BASE};
+use crate::cuda::params::{MOE_CUTLASS_GROUP_BYTES, MOE_CUTLASS_STATUS_BASE};
+use crate::dtype::WeightSlice;
+use crate::quant::{fp8, PackedKind};
 
-use super::moe_wgmma::{compare_with_grouped, self_check_shape, ActOrder, HopperCheck};
-
-/// The op name in errors.
+/// The op names in errors.
 const OP: &str = "moe_cutlass_gemm";
+const OP_FP8: &str = "moe_cutlass_fp8_gemm";
 
 /// The one compute capability the CUTLASS shim is built for (sm_90a: H100, H200).
 pub const CUTLASS_COMPUTE_CAPABILITY: (i32, i32) = (9, 0);
 
 #[cfg(not(any(mixtral_no_kernels, mixtral_no_cutlass)))]
 mod ffi {
-    use crate::cuda::params::MoeCutlassParams;
+    use crate::cuda::params::{MoeCutlassFp8Params, MoeCutlassParams};
+    use std::ffi::c_void;
 
     extern "C" {
-        /// Workspace bytes of the grouped GEMMs of `experts` experts on `sm_count` SMs.
+        /// Workspace bytes of the bf16 grouped GEMMs of `experts` experts on `sm_count` SMs.
         pub fn mx_moe_cutlass_workspace_bytes(experts: u32, sm_count: u32) -> usize;
         /// The six steps of `csrc/cutlass/moe_experts_sm90.cu` on `stream`: 0, a `cudaError_t`, or
         /// `MOE_CUTLASS_STATUS_BASE` + a `cutlass::Status`.
-        pub fn mx_moe_cutlass_run(params: *const MoeCutlassParams, stream: *mut std::ffi::c_void) -> i32;
+        pub fn mx_moe_cutlass_run(params: *const MoeCutlassParams, stream: *mut c_void) -> i32;
+        /// Workspace bytes of the FP8 grouped GEMMs of `experts` experts on `sm_count` SMs.
+        pub fn mx_moe_cutlass_fp8_workspace_bytes(experts: u32, sm_count: u32) -> usize;
+        /// The six steps of `csrc/cutlass/moe_experts_fp8_sm90.cu` on `stream` (codes as above).
+        pub fn mx_moe_cutlass_fp8_run(params: *const MoeCutlassFp8Params, stream: *mut c_void) -> i32;
     }
 }
 
 /// Refuses a build without the CUTLASS shim (no CUTLASS headers when it was compiled).
 #[cfg(any(mixtral_no_kernels, mixtral_no_cutlass))]
 mod ffi {
-    use crate::cuda::params::MoeCutlassParams;
+    use crate::cuda::params::{MoeCutlassFp8Params, MoeCutlassParams};
+    use std::ffi::c_void;
 
     pub unsafe fn mx_moe_cutlass_workspace_bytes(_: u32, _: u32) -> usize {
         0
     }
 
-    pub unsafe fn mx_moe_cutlass_run(_: *const MoeCutlassParams, _: *mut std::ffi::c_void) -> i32 {
+    pub unsafe fn mx_moe_cutlass_run(_: *const MoeCutlassParams, _: *mut c_void) -> i32 {
+        -1
+    }
+
+    pub unsafe fn mx_moe_cutlass_fp8_workspace_bytes(_: u32, _: u32) -> usize {
+        0
+    }
+
+    pub unsafe fn mx_moe_cutlass_fp8_run(_: *const MoeCutlassFp8Params, _: *mut c_void) -> i32 {
         -1
     }
 }
@@ -63,69 +93,174 @@ mod ffi {
 /// Whether this build holds the CUTLASS kernels.
 pub const CUTLASS_BUILT: bool = cfg!(not(any(mixtral_no_kernels, mixtral_no_cutlass)));
 
-/// The device memory [`moe_cutlass_gemm`] works in, for chunks of up to `max_tokens` tokens of one
-/// model's expert shapes on one device. It exists only for a device and build that run the CUTLASS
-/// kernels ([`MoeCutlassScratch::new`] checks both), so the launcher needs no check of its own.
+/// The input element of the grouped GEMMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Precision {
+    Bf16,
+    Fp8,
+}
+
+/// What both scratches hold: the GEMMs' f32 outputs, their per-group arrays and workspace, for
+/// chunks of up to `shape.tokens` tokens of one model's expert shapes on one device. It exists only
+/// for a device and build that run the CUTLASS kernels (`new` checks both), so the launchers need
+/// no check of their own.
 #[derive(Debug)]
-pub struct MoeCutlassScratch {
+struct GemmScratch {
     shape: MoeScalars,
     sm_count: u32,
     workspace_bytes: u32,
-    xs: DeviceBuffer<bf16>,
     gate_up: DeviceBuffer<f32>,
     down: DeviceBuffer<f32>,
     groups: DeviceBuffer<u8>,
     workspace: DeviceBuffer<u8>,
 }
 
+/// What the scratch allocations are called in errors.
+const SCRATCH: &str = "the CUTLASS expert scratch";
+
+impl GemmScratch {
+    fn new(
+        c: &Check,
+        precision: Precision,
+        arena: &mut DeviceArena,
+        stream: &CudaStream,
+        max: &MoeScalars,
+    ) -> Result<GemmScratch, CudaError> {
+        require_built_for(c, stream)?;
+        let sm_count = stream
+            .context()
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(CudaError::driver("reading the SM count"))?;
+        let sm_count = u32::try_from(sm_count).unwrap_or(1).max(1);
+        // SAFETY: pure host computations of CUTLASS over its own argument structs.
+        let workspace = unsafe {
+            match precision {
+                Precision::Bf16 => ffi::mx_moe_cutlass_workspace_bytes(max.experts, sm_count),
+                Precision::Fp8 => ffi::mx_moe_cutlass_fp8_workspace_bytes(max.experts, sm_count),
+            }
+        };
+        let workspace_bytes = c.count("workspace bytes", workspace)?;
+        c.product("tokens * top_k", &[max.tokens as usize, max.top_k as usize])?;
+        let [gate_up, down, groups] = gemm_lengths(max);
+        Ok(GemmScratch {
+            shape: *max,
+            sm_count,
+            workspace_bytes,
+            gate_up: arena.zeroed(gate_up, SCRATCH)?,
+            down: arena.zeroed(down, SCRATCH)?,
+            groups: arena.zeroed(groups, SCRATCH)?,
+            workspace: arena.zeroed(workspace.max(1), SCRATCH)?,
+        })
+    }
+
+    /// Refuses `s` unless it has the scratch's hidden, inter and experts and at most its slots.
+    fn check(&self, c: &Check, s: &MoeScalars) -> Result<(), CudaError> {
+        let max = self.shape;
+        if (s.hidden, s.inter, s.experts) != (max.hidden, max.inter, max.experts) {
+            return Err(c.unsupported(
+                "shape",
+                s.hidden as usize,
+                format!(
+                    "(hidden, inter, experts) = ({}, {}, {}) must be the scratch's ({}, {}, {})",
+                    s.hidden, s.inter, s.experts, max.hidden, max.inter, max.experts
+                ),
+            ));
+        }
+        let slots = s.tokens as usize * s.top_k as usize;
+        let capacity = max.tokens as usize * max.top_k as usize;
+        if slots > capacity {
+            return Err(c.unsupported(
+                "tokens * top_k",
+                slots,
+                format!("must be at most the scratch's {capacity} slots"),
+            ));
+        }
+        c.at_least("experts", s.experts as usize, 1)?;
+        c.at_least("top_k", s.top_k as usize, 1)
+    }
+}
+
+/// Elements of the shared scratch buffers for `max`: `gate_up` `[2, S, inter]` f32, `down`
+/// `[S, hidden]` f32, `groups` bytes.
+fn gemm_lengths(max: &MoeScalars) -> [usize; 3] {
+    let slots = max.tokens as usize * max.top_k as usize;
+    let (hidden, inter) = (max.hidden as usize, max.inter as usize);
+    let groups = 3 * max.experts as usize * MOE_CUTLASS_GROUP_BYTES as usize;
+    [2 * slots * inter, slots * hidden, groups]
+}
+
+/// Device bytes of the shared scratch buffers for `max`, the workspace aside (a few KiB per SM).
+fn gemm_bytes(max: &MoeScalars) -> usize {
+    let [gate_up, down, groups] = gemm_lengths(max);
+    gate_up * 4 + down * 4 + groups
+}
+
+/// The device memory [`moe_cutlass_gemm`] works in: the expert-sorted rows of x (`[S, hidden]`
+/// bf16) besides the GEMMs' buffers.
+#[derive(Debug)]
+pub struct MoeCutlassScratch {
+    gemm: GemmScratch,
+    xs: DeviceBuffer<bf16>,
+}
+
 impl MoeCutlassScratch {
     /// Allocates the scratch for `max` (its `tokens` = the most tokens of one chunk) in `arena`, on
-    /// the device of `stream`.
+    /// the device of `stream`; refuses a build without CUTLASS and a device it does not run on.
     pub fn new(
         arena: &mut DeviceArena,
         stream: &CudaStream,
         max: &MoeScalars,
     ) -> Result<MoeCutlassScratch, CudaError> {
         let c = Check { op: OP };
-        require_built_for(&c, stream)?;
-        let sm_count = stream
-            .context()
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(CudaError::driver("reading the SM count"))?;
-        let sm_count = u32::try_from(sm_count).unwrap_or(1).max(1);
-        // SAFETY: a pure host computation of CUTLASS over its own argument structs.
-        let workspace = unsafe { ffi::mx_moe_cutlass_workspace_bytes(max.experts, sm_count) };
-        let workspace_bytes = c.count("workspace bytes", workspace)?;
-        c.product("tokens * top_k", &[max.tokens as usize, max.top_k as usize])?;
-        let [xs, gate_up, down, groups] = lengths(max);
-        let what = "the CUTLASS expert scratch";
-        Ok(MoeCutlassScratch {
-            shape: *max,
-            sm_count,
-            workspace_bytes,
-            xs: arena.zeroed(xs, what)?,
-            gate_up: arena.zeroed(gate_up, what)?,
-            down: arena.zeroed(down, what)?,
-            groups: arena.zeroed(groups, what)?,
-            workspace: arena.zeroed(workspace.max(1), what)?,
-        })
+        let gemm = GemmScratch::new(&c, Precision::Bf16, arena, stream, max)?;
+        let slots = max.tokens as usize * max.top_k as usize;
+        let xs = arena.zeroed(slots * max.hidden as usize, SCRATCH)?;
+        Ok(MoeCutlassScratch { gemm, xs })
     }
 
-    /// Device bytes [`MoeCutlassScratch::new`] allocates for `max`, the workspace aside (a few KiB
-    /// per SM).
+    /// Device bytes [`MoeCutlassScratch::new`] allocates for `max`, the workspace aside.
     pub fn bytes(max: &MoeScalars) -> usize {
-        let [xs, gate_up, down, groups] = lengths(max);
-        xs * 2 + gate_up * 4 + down * 4 + groups
+        let slots = max.tokens as usize * max.top_k as usize;
+        gemm_bytes(max) + slots * max.hidden as usize * 2
     }
 }
 
-/// Elements of the scratch buffers for `max`: `xs` `[S, hidden]` bf16, `gate_up` `[2, S, inter]`
-/// f32, `down` `[S, hidden]` f32, `groups` bytes.
-fn lengths(max: &MoeScalars) -> [usize; 4] {
-    let slots = max.tokens as usize * max.top_k as usize;
-    let (hidden, inter) = (max.hidden as usize, max.inter as usize);
-    let groups = 3 * max.experts as usize * MOE_CUTLASS_GROUP_BYTES as usize;
-    [slots * hidden, 2 * slots * inter, slots * hidden, groups]
+/// The device memory [`moe_cutlass_fp8_gemm`] works in: the E4M3 codes of the expert-sorted rows
+/// of x (`[S, hidden]`) and of the activations (`[S, inter]`), with one f32 scale per row, besides
+/// the GEMMs' buffers.
+#[derive(Debug)]
+pub struct MoeCutlassFp8Scratch {
+    gemm: GemmScratch,
+    xs: DeviceBuffer<u8>,
+    xs_scales: DeviceBuffer<f32>,
+    act: DeviceBuffer<u8>,
+    act_scales: DeviceBuffer<f32>,
+}
+
+impl MoeCutlassFp8Scratch {
+    /// [`MoeCutlassScratch::new`] for the FP8 kernels.
+    pub fn new(
+        arena: &mut DeviceArena,
+        stream: &CudaStream,
+        max: &MoeScalars,
+    ) -> Result<MoeCutlassFp8Scratch, CudaError> {
+        let c = Check { op: OP_FP8 };
+        let gemm = GemmScratch::new(&c, Precision::Fp8, arena, stream, max)?;
+        let slots = max.tokens as usize * max.top_k as usize;
+        Ok(MoeCutlassFp8Scratch {
+            gemm,
+            xs: arena.zeroed(slots * max.hidden as usize, SCRATCH)?,
+            xs_scales: arena.zeroed(slots, SCRATCH)?,
+            act: arena.zeroed(slots * max.inter as usize, SCRATCH)?,
+            act_scales: arena.zeroed(slots, SCRATCH)?,
+        })
+    }
+
+    /// Device bytes [`MoeCutlassFp8Scratch::new`] allocates for `max`, the workspace aside.
+    pub fn bytes(max: &MoeScalars) -> usize {
+        let slots = max.tokens as usize * max.top_k as usize;
+        gemm_bytes(max) + slots * (max.hidden as usize + max.inter as usize + 8)
+    }
 }
 
 /// Refuses a device the sm_90a shim cannot run on, and a build without it.
@@ -153,38 +288,18 @@ fn require_built_for(c: &Check, stream: &CudaStream) -> Result<(), CudaError> {
     Ok(())
 }
 
-/// The parameters of one launch: `s` within the scratch's shape, hidden and inter multiples of 8
-/// (16-byte TMA rows), then every buffer checked by the generated [`MoeCutlassArgs::params`].
+/// The parameters of one bf16 launch: `s` within the scratch's shape, hidden and inter multiples of
+/// 8 (16-byte TMA rows), then every buffer checked by the generated [`MoeCutlassArgs::params`].
 fn plan(
     s: &MoeScalars,
     a: MoeArgs<'_>,
     scratch: &mut MoeCutlassScratch,
-) -> Result<MoeCutlassParams, CudaError> {
+) -> Result<crate::cuda::params::MoeCutlassParams, CudaError> {
     let c = Check { op: OP };
-    let max = scratch.shape;
-    if (s.hidden, s.inter, s.experts) != (max.hidden, max.inter, max.experts) {
-        return Err(c.unsupported(
-            "shape",
-            s.hidden as usize,
-            format!(
-                "(hidden, inter, experts) = ({}, {}, {}) must be the scratch's ({}, {}, {})",
-                s.hidden, s.inter, s.experts, max.hidden, max.inter, max.experts
-            ),
-        ));
-    }
-    let slots = s.tokens as usize * s.top_k as usize;
-    let capacity = max.tokens as usize * max.top_k as usize;
-    if slots > capacity {
-        return Err(c.unsupported(
-            "tokens * top_k",
-            slots,
-            format!("must be at most the scratch's {capacity} slots"),
-        ));
-    }
+    let g = &mut scratch.gemm;
+    g.check(&c, s)?;
     c.multiple_of_8("hidden", s.hidden as usize)?;
     c.multiple_of_8("inter", s.inter as usize)?;
-    c.at_least("experts", s.experts as usize, 1)?;
-    c.at_least("top_k", s.top_k as usize, 1)?;
     let args = MoeCutlassArgs {
         x: a.x,
         w1: a.w1,
@@ -196,10 +311,10 @@ fn plan(
         act: a.act,
         out: a.out,
         xs: scratch.xs.view_mut(),
-        gate_up: scratch.gate_up.view_mut(),
-        down: scratch.down.view_mut(),
-        groups: scratch.groups.view_mut(),
-        workspace: scratch.workspace.view_mut(),
+        gate_up: g.gate_up.view_mut(),
+        down: g.down.view_mut(),
+        groups: g.groups.view_mut(),
+        workspace: g.workspace.view_mut(),
     };
     let scalars = MoeCutlassScalars {
         tokens: s.tokens,
@@ -207,10 +322,95 @@ fn plan(
         inter: s.inter,
         experts: s.experts,
         top_k: s.top_k,
-        workspace_bytes: scratch.workspace_bytes,
-        sm_count: scratch.sm_count,
+        workspace_bytes: g.workspace_bytes,
+        sm_count: g.sm_count,
     };
     args.params(OP, &scalars)
+}
+
+/// The parameters of one FP8 launch: `s` within the scratch's shape, three FP8 stacks without
+/// permutations, hidden and inter multiples of 16 (16-byte TMA rows of codes), then every buffer
+/// checked by the generated [`MoeCutlassFp8Args::params`].
+fn plan_fp8(
+    s: &MoeScalars,
+    kinds: [PackedKind; 3],
+    a: QMoeArgs<'_>,
+    scratch: &mut MoeCutlassFp8Scratch,
+) -> Result<crate::cuda::params::MoeCutlassFp8Params, CudaError> {
+    let c = Check { op: OP_FP8 };
+    let g = &mut scratch.gemm;
+    g.check(&c, s)?;
+    if let Some(kind) = kinds.into_iter().find(|&k| k != PackedKind::Fp8) {
+        return Err(c.unsupported(
+            "kind",
+            0,
+            format!("{kind:?}: the FP8 expert kernels read FP8 stacks only"),
+        ));
+    }
+    if a.w13_perm.is_some() || a.w2_perm.is_some() || a.table.is_some() {
+        return Err(c.unsupported(
+            "perm",
+            0,
+            "FP8 stacks have no column permutation and no table",
+        ));
+    }
+    row_layout(&c, PackedKind::Fp8, s.hidden, "hidden")?;
+    row_layout(&c, PackedKind::Fp8, s.inter, "inter")?;
+    let args = MoeCutlassFp8Args {
+        x: a.x,
+        w1: a.w1_codes,
+        w1_scales: a.w1_params,
+        w3: a.w3_codes,
+        w3_scales: a.w3_params,
+        w2: a.w2_codes,
+        w2_scales: a.w2_params,
+        topk_weights: a.topk_weights,
+        expert_offsets: a.expert_offsets,
+        sorted_slots: a.sorted_slots,
+        out: a.out,
+        xs: scratch.xs.view_mut(),
+        xs_scales: scratch.xs_scales.view_mut(),
+        gate_up: g.gate_up.view_mut(),
+        act: scratch.act.view_mut(),
+        act_scales: scratch.act_scales.view_mut(),
+        down: g.down.view_mut(),
+        groups: g.groups.view_mut(),
+        workspace: g.workspace.view_mut(),
+    };
+    let scalars = MoeCutlassFp8Scalars {
+        tokens: s.tokens,
+        hidden: s.hidden,
+        inter: s.inter,
+        experts: s.experts,
+        top_k: s.top_k,
+        workspace_bytes: g.workspace_bytes,
+        sm_count: g.sm_count,
+    };
+    args.params(OP_FP8, &scalars)
+}
+
+/// Runs one shim entry (`run(stream)`) on `stream` with its context current, and maps its code.
+fn run_shim(
+    stream: &CudaStream,
+    entry: &'static str,
+    run: impl FnOnce(*mut std::ffi::c_void) -> i32,
+) -> Result<(), CudaError> {
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(CudaError::driver("making the CUDA context current"))?;
+    match run(stream.cu_stream().cast()) {
+        0 => Ok(()),
+        code => Err(CudaError::Kernel(KernelError::Library {
+            entry,
+            code,
+            reason: if code >= MOE_CUTLASS_STATUS_BASE as i32 {
+                format!("cutlass::Status {}", code - MOE_CUTLASS_STATUS_BASE as i32)
+            } else {
+                format!("cudaError_t {code}")
+            },
+        })),
+    }
 }
 
 /// The routed expert MLPs of a prefill chunk on CUTLASS's Hopper grouped GEMM:
@@ -230,25 +430,37 @@ pub fn moe_cutlass_gemm(
     if s.tokens == 0 {
         return Ok(());
     }
-    stream
-        .context()
-        .bind_to_thread()
-        .map_err(CudaError::driver("making the CUDA context current"))?;
     // SAFETY: every buffer of `params` was checked against the extents the shim touches and is
-    // borrowed (the scratch mutably) for this call; the shim only enqueues work on `stream`.
-    let code = unsafe { ffi::mx_moe_cutlass_run(&params, stream.cu_stream().cast()) };
-    match code {
-        0 => Ok(()),
-        code => Err(CudaError::Kernel(KernelError::Library {
-            entry: "mx_moe_cutlass_run",
-            code,
-            reason: if code >= MOE_CUTLASS_STATUS_BASE as i32 {
-                format!("cutlass::Status {}", code - MOE_CUTLASS_STATUS_BASE as i32)
-            } else {
-                format!("cudaError_t {code}")
-            },
-        })),
+    // borrowed (the scratch mutably) for this call; the shim only enqueues work on the stream.
+    run_shim(stream, "mx_moe_cutlass_run", |stream| unsafe {
+        ffi::mx_moe_cutlass_run(&params, stream)
+    })
+}
+
+/// The routed expert MLPs of a prefill chunk over FP8 expert stacks (`kinds` all
+/// [`PackedKind::Fp8`], no permutation) on CUTLASS's Hopper grouped GEMM, FP8 x FP8: per slot
+/// `out[s] = weight[s] * (w2[e] q(silu(w1[e] q(x)) * (w3[e] q(x))))`, `q` the per-row E4M3
+/// quantization of [`crate::cpu::moe::expert_mlp_fp8_activations`] (the CPU reference). `out` is
+/// 16-byte aligned; `args.act` is not written (the activations stay in the scratch as codes). Zero
+/// tokens launch nothing.
+///
+/// As for [`moe_cutlass_gemm`], [`MoeCutlassFp8Scratch::new`] refuses builds and devices the
+/// kernels do not run on; a failure inside the shim is [`KernelError::Library`].
+pub fn moe_cutlass_fp8_gemm(
+    stream: &CudaStream,
+    s: &MoeScalars,
+    kinds: [PackedKind; 3],
+    args: QMoeArgs<'_>,
+    scratch: &mut MoeCutlassFp8Scratch,
+) -> Result<(), CudaError> {
+    let params = plan_fp8(s, kinds, args, scratch)?;
+    if s.tokens == 0 {
+        return Ok(());
     }
+    // SAFETY: as in `moe_cutlass_gemm`.
+    run_shim(stream, "mx_moe_cutlass_fp8_run", |stream| unsafe {
+        ffi::mx_moe_cutlass_fp8_run(&params, stream)
+    })
 }
 
 /// Decides whether [`moe_cutlass_gemm`] can be used on this device: on compute capability 9.0, in
@@ -272,4 +484,100 @@ pub fn moe_cutlass_self_check(
         moe_cutlass_gemm(stream, s, args, &mut scratch)
     };
     compare_with_grouped(kernels, stream, (&mut op, ActOrder::ExpertSorted))
+}
+
+/// Largest relative L2 difference of `out` between [`moe_cutlass_fp8_gemm`] and its CPU reference
+/// that [`moe_cutlass_fp8_self_check`] accepts. Both sides quantize the same bf16 rows of x to the
+/// same codes; they differ by the tensor cores' FP8 accumulation (about 14 bits within each
+/// 128-product interval before CUTLASS promotes it to f32: modelled as 2^-10 of a sum) and, through
+/// it, by the activation codes that land on the other side of an E4M3 rounding boundary, one step
+/// (at most 2^-3 of the value) each. That makes the activations err by a relative RMS of about
+/// sqrt(2^-3 * 2 * 2^-10) = 2^-6; through w2 on random data (no amplification), 4 times that plus
+/// the accumulation itself: 0.066 (the derivation of the GPU tests' `fp8_bound`, tests/gpu_kernels/
+/// common.rs). A wrong scale, row or expert moves `out` by tens of percent.
+pub const FP8_SELF_CHECK_BOUND: f64 = 7e-2;
+
+/// Hidden and inter of the FP8 self-check problem: multiples of 16 (whole 16-byte rows of codes),
+/// not of the 128-wide k stage nor of the 128 output columns of a tile.
+const FP8_SELF_CHECK_DIMS: (u32, u32) = (272, 368);
+
+/// Decides whether [`moe_cutlass_fp8_gemm`] can be used on this device: on compute capability 9.0,
+/// in a build with CUTLASS, it quantizes the self-check problem's experts to FP8 per row (hidden
+/// 272, inter 368), runs the kernels and compares `out` with the CPU reference
+/// ([`expert_mlp_fp8_activations`] on the dequantized experts, times each slot's weight) against
+/// [`FP8_SELF_CHECK_BOUND`]. Anywhere else: [`HopperCheck::NotHopper`] without any device work.
+///
+/// Meant to run once when an engine is built: it allocates, and synchronises the stream.
+pub fn moe_cutlass_fp8_self_check(stream: &Arc<CudaStream>) -> Result<HopperCheck, CudaError> {
+    if require_built_for(&Check { op: OP_FP8 }, stream).is_err() {
+        return Ok(HopperCheck::NotHopper);
+    }
+    let problem = self_check_problem(SELF_CHECK_SEED, FP8_SELF_CHECK_DIMS);
+    let s = problem.shape;
+    let (hidden, inter, experts) = (s.hidden as usize, s.inter as usize, s.experts as usize);
+    let slots = (s.tokens * s.top_k) as usize;
+    let to_f32 = |w: &[bf16]| w.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+    // Each stack as one `[experts * rows, cols]` matrix: the scales are per row either way.
+    let w1 = fp8::quantize_per_channel(&to_f32(&problem.w1), experts * inter, hidden);
+    let w3 = fp8::quantize_per_channel(&to_f32(&problem.w3), experts * inter, hidden);
+    let w2 = fp8::quantize_per_channel(&to_f32(&problem.w2), experts * hidden, inter);
+
+    let mut arena = DeviceArena::new(Arc::clone(stream));
+    let what = "the FP8 self-check buffers";
+    let d_x = arena.upload(&problem.x, what)?;
+    let d_w = [&w1, &w3, &w2].map(|(codes, scales)| {
+        Ok::<_, CudaError>((arena.upload(codes, what)?, arena.upload(scales, what)?))
+    });
+    let [d_w1, d_w3, d_w2] = d_w;
+    let ((c1, s1), (c3, s3), (c2, s2)) = (d_w1?, d_w3?, d_w2?);
+    let d_weights = arena.upload(&problem.topk_weights, what)?;
+    let d_offsets = arena.upload(&problem.expert_offsets, what)?;
+    let d_sorted = arena.upload(&problem.sorted_slots, what)?;
+    let mut d_act = arena.zeroed::<bf16>(slots * inter, what)?;
+    let mut d_out = arena.upload(&vec![f32::NAN; slots * hidden], what)?;
+    let mut scratch = MoeCutlassFp8Scratch::new(&mut arena, stream, &s)?;
+    let args = QMoeArgs {
+        x: d_x.view(),
+        w1_codes: c1.view(),
+        w1_params: s1.view(),
+        w3_codes: c3.view(),
+        w3_params: s3.view(),
+        w13_perm: None,
+        w2_codes: c2.view(),
+        w2_params: s2.view(),
+        w2_perm: None,
+        table: None,
+        topk_weights: d_weights.view(),
+        expert_offsets: d_offsets.view(),
+        sorted_slots: d_sorted.view(),
+        act: d_act.view_mut(),
+        out: d_out.view_mut(),
+    };
+    moe_cutlass_fp8_gemm(stream, &s, [PackedKind::Fp8; 3], args, &mut scratch)?;
+    let out = copy_to_host(stream, d_out.view())?;
+
+    // The CPU reference per slot, on the dequantized experts.
+    let dequantized = [&w1, &w3, &w2].map(|(codes, scales)| {
+        let cols = codes.len() / scales.len().max(1);
+        fp8::dequantize(codes, scales, cols).unwrap_or_default()
+    });
+    let x = to_f32(&problem.x);
+    let mut reference = vec![0.0f32; slots * hidden];
+    for e in 0..experts {
+        let w13 = e * inter * hidden..(e + 1) * inter * hidden;
+        let expert = Expert {
+            w1: WeightSlice::F32(&dequantized[0][w13.clone()]).into(),
+            w2: WeightSlice::F32(&dequantized[2][w13.clone()]).into(),
+            w3: WeightSlice::F32(&dequantized[1][w13]).into(),
+        };
+        let rows = problem.expert_offsets[e] as usize..problem.expert_offsets[e + 1] as usize;
+        for &slot in &problem.sorted_slots[rows] {
+            let (slot, token) = (slot as usize, slot as usize / s.top_k as usize);
+            let out_row = &mut reference[slot * hidden..(slot + 1) * hidden];
+            let x_row = &x[token * hidden..(token + 1) * hidden];
+            expert_mlp_fp8_activations(x_row, &expert, hidden, inter, out_row);
+            out_row.iter_mut().for_each(|v| *v *= problem.topk_weights[slot]);
+        }
+    }
+    Ok(verdict(&[rel_l2(&out, &reference)], FP8_SELF_CHECK_BOUND))
 }

@@ -120,19 +120,22 @@ impl HopperCheck {
 }
 
 /// Seed of the self-check problem (fixed: the check is the same on every run).
-const SELF_CHECK_SEED: u64 = 0x5eed_0090;
+pub(super) const SELF_CHECK_SEED: u64 = 0x5eed_0090;
+
+/// Hidden and inter of the bf16 self-check problem.
+const SELF_CHECK_DIMS: (u32, u32) = (264, 376);
 
 /// The random grouped MoE problem [`moe_wgmma_self_check`] runs, on the host.
 #[derive(Debug, Clone)]
-struct SelfCheckProblem {
-    shape: MoeScalars,
-    x: Vec<bf16>,
-    w1: Vec<bf16>,
-    w3: Vec<bf16>,
-    w2: Vec<bf16>,
-    topk_weights: Vec<f32>,
-    expert_offsets: Vec<i32>,
-    sorted_slots: Vec<i32>,
+pub(super) struct SelfCheckProblem {
+    pub shape: MoeScalars,
+    pub x: Vec<bf16>,
+    pub w1: Vec<bf16>,
+    pub w3: Vec<bf16>,
+    pub w2: Vec<bf16>,
+    pub topk_weights: Vec<f32>,
+    pub expert_offsets: Vec<i32>,
+    pub sorted_slots: Vec<i32>,
 }
 
 /// `len` uniform values in `[-scale, scale)` as bf16.
@@ -142,16 +145,16 @@ fn random_bf16(rng: &mut Rng, len: usize, scale: f64) -> Vec<bf16> {
         .collect()
 }
 
-/// 100 tokens top-2 over 8 experts, hidden 264 and inter 376: both are multiples of 8 but not of the
-/// 32-wide k stage nor of the 64 / 128 output columns of a block, so K tails and partial column
-/// blocks are crossed in both kernels. The router logits are random plus a per-expert bias: expert 0
+/// 100 tokens top-2 over 8 experts, hidden and inter from `(hidden, inter)`: [`SELF_CHECK_DIMS`]
+/// (264 and 376) are multiples of 8 but not of the 32-wide k stage nor of the 64 / 128 output
+/// columns of a block, so K tails and partial column blocks are crossed in both kernels. The router logits are random plus a per-expert bias: expert 0
 /// never wins (an idle expert), expert 7 is in almost every token's top-2 (several 64-slot tiles, the
 /// last one partial), the others share the rest unevenly. The grouping is the CPU router's.
-fn self_check_problem(seed: u64) -> SelfCheckProblem {
+pub(super) fn self_check_problem(seed: u64, (hidden, inter): (u32, u32)) -> SelfCheckProblem {
     let shape = MoeScalars {
         tokens: 100,
-        hidden: 264,
-        inter: 376,
+        hidden,
+        inter,
         experts: 8,
         top_k: 2,
     };
@@ -189,7 +192,7 @@ fn self_check_problem(seed: u64) -> SelfCheckProblem {
 
 /// `||out - reference|| / ||reference||`, infinite when anything is not finite (an unwritten NaN
 /// included) or the reference is zero.
-fn rel_l2(out: &[f32], reference: &[f32]) -> f64 {
+pub(super) fn rel_l2(out: &[f32], reference: &[f32]) -> f64 {
     if out.len() != reference.len() {
         return f64::INFINITY;
     }
@@ -208,15 +211,17 @@ fn rel_l2(out: &[f32], reference: &[f32]) -> f64 {
     diff.sqrt() / norm.sqrt()
 }
 
-/// The verdict on the two differences.
-fn verdict(act_rel_l2: f64, out_rel_l2: f64) -> HopperCheck {
+/// The verdict on the differences against `bound`.
+pub(super) fn verdict(differences: &[f64], bound: f64) -> HopperCheck {
     // NaN compares false: a NaN difference becomes infinite, hence Failed.
-    let worst = if act_rel_l2.is_nan() || out_rel_l2.is_nan() {
-        f64::INFINITY
-    } else {
-        act_rel_l2.max(out_rel_l2)
-    };
-    if worst <= WGMMA_SELF_CHECK_BOUND {
+    let worst = differences.iter().fold(0.0f64, |worst, &d| {
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            worst.max(d)
+        }
+    });
+    if worst <= bound {
         HopperCheck::Passed { rel_l2: worst }
     } else {
         HopperCheck::Failed { rel_l2: worst }
@@ -346,18 +351,19 @@ pub(super) fn compare_with_grouped(
     stream: &Arc<CudaStream>,
     op: (&mut MoeOp<'_>, ActOrder),
 ) -> Result<HopperCheck, CudaError> {
-    let problem = self_check_problem(SELF_CHECK_SEED);
+    let problem = self_check_problem(SELF_CHECK_SEED, SELF_CHECK_DIMS);
     let mut arena = DeviceArena::new(Arc::clone(stream));
     let inputs = SelfCheckInputs::upload(&mut arena, &problem)?;
     let reference = (&mut moe_grouped_gemm as &mut MoeOp<'_>, ActOrder::Slots);
     let (act_ref, out_ref) = run_op(kernels, stream, &mut arena, &problem, &inputs, reference)?;
     let (act, out) = run_op(kernels, stream, &mut arena, &problem, &inputs, op)?;
-    Ok(verdict(rel_l2(&act, &act_ref), rel_l2(&out, &out_ref)))
+    let differences = [rel_l2(&act, &act_ref), rel_l2(&out, &out_ref)];
+    Ok(verdict(&differences, WGMMA_SELF_CHECK_BOUND))
 }
 
 /// The shape of the self-check problem (what a checked op's scratch must hold).
 pub(super) fn self_check_shape() -> MoeScalars {
-    self_check_problem(SELF_CHECK_SEED).shape
+    self_check_problem(SELF_CHECK_SEED, SELF_CHECK_DIMS).shape
 }
 
 #[cfg(test)]
@@ -422,7 +428,7 @@ mod tests {
 
     #[test]
     fn self_check_problem_has_uneven_counts_an_idle_expert_and_tails() {
-        let p = self_check_problem(SELF_CHECK_SEED);
+        let p = self_check_problem(SELF_CHECK_SEED, SELF_CHECK_DIMS);
         // Shapes the planner accepts, with tails in every dimension a block tiles.
         assert!(plan(&p.shape, &args(&p.shape, "", "")).unwrap().is_some());
         let (tokens, hidden, inter, experts) = (
@@ -461,8 +467,8 @@ mod tests {
         assert_ne!(p.x[0], p.x[1]);
         assert_ne!(p.w2[0], p.w2[1]);
         // Same seed, same problem; another seed, another problem.
-        assert_eq!(self_check_problem(SELF_CHECK_SEED).x, p.x);
-        assert_ne!(self_check_problem(SELF_CHECK_SEED + 1).x, p.x);
+        assert_eq!(self_check_problem(SELF_CHECK_SEED, SELF_CHECK_DIMS).x, p.x);
+        assert_ne!(self_check_problem(SELF_CHECK_SEED + 1, SELF_CHECK_DIMS).x, p.x);
     }
 
     #[test]
@@ -492,21 +498,21 @@ mod tests {
         );
         assert_eq!(rel_l2(&reference, &[0.0; 4]), f64::INFINITY);
         assert_eq!(rel_l2(&reference[..3], &reference), f64::INFINITY);
-        assert_eq!(verdict(1e-3, 2e-3), HopperCheck::Passed { rel_l2: 2e-3 });
-        assert_eq!(verdict(1e-3, 0.5), HopperCheck::Failed { rel_l2: 0.5 });
+        assert_eq!(verdict(&[1e-3, 2e-3], WGMMA_SELF_CHECK_BOUND), HopperCheck::Passed { rel_l2: 2e-3 });
+        assert_eq!(verdict(&[1e-3, 0.5], WGMMA_SELF_CHECK_BOUND), HopperCheck::Failed { rel_l2: 0.5 });
         assert_eq!(
-            verdict(f64::NAN, 0.0),
+            verdict(&[f64::NAN, 0.0], WGMMA_SELF_CHECK_BOUND),
             HopperCheck::Failed {
                 rel_l2: f64::INFINITY
             }
         );
         assert_eq!(
-            verdict(f64::INFINITY, 0.0),
+            verdict(&[f64::INFINITY, 0.0], WGMMA_SELF_CHECK_BOUND),
             HopperCheck::Failed {
                 rel_l2: f64::INFINITY
             }
         );
-        assert!(verdict(0.0, 0.0).passed());
+        assert!(verdict(&[0.0, 0.0], WGMMA_SELF_CHECK_BOUND).passed());
         assert!(!HopperCheck::NotHopper.passed());
     }
 }
