@@ -203,4 +203,39 @@ __device__ __forceinline__ uint32_t expert_of_row(const int32_t* expert_offsets,
     return lo;
 }
 
+// Step 1 of an expert shim, one thread per group g of 3 * experts: the group's shape, pointers and
+// strides from the router's offsets (set_expert_group), for either shim's parameters `P`.
+template <class G, class P>
+__global__ void expert_setup(P p) {
+    const uint32_t groups = 3 * p.experts;
+    const uint32_t g = blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= groups) return;
+    set_expert_group<G>(G::arrays(p.groups, groups), g, p.experts, p.expert_offsets, (size_t)p.tokens * p.top_k,
+                        p.hidden, p.inter, p.xs, p.act, p.w1, p.w3, p.w2, p.gate_up, p.down);
+}
+
+// Threads of the expert shims' per-row kernels (gather, SwiGLU, scatter: one block per
+// expert-sorted row).
+constexpr int ROW_THREADS = 256;
+
+// The six steps of an expert shim on `stream`, each kernel taking the shim's parameters `p`:
+// expert_setup, gather, the up GEMM (groups 0 .. 2E), SwiGLU, the down
+// GEMM (groups 2E .. 3E), scatter (one block of ROW_THREADS per expert-sorted row each). Zero slots
+// launch nothing. Returns 0 or the error code of the shims' header.
+template <class G, class P>
+int run_expert_mlp(const P& p, cudaStream_t stream, void (*gather)(P), void (*swiglu)(P), void (*scatter)(P)) {
+    const uint32_t slots = p.tokens * p.top_k, groups = 3 * p.experts;
+    if (slots == 0) return 0;
+    const typename G::Arrays arrays = G::arrays(p.groups, groups);
+    expert_setup<G, P><<<(groups + 127) / 128, 128, 0, stream>>>(p);
+    gather<<<slots, ROW_THREADS, 0, stream>>>(p);
+    if (int c = cuda_code(cudaGetLastError())) return c;
+    if (int c = G::run(arrays, 0, 2 * p.experts, p.sm_count, p.workspace, p.workspace_bytes, stream)) return c;
+    swiglu<<<slots, ROW_THREADS, 0, stream>>>(p);
+    if (int c = cuda_code(cudaGetLastError())) return c;
+    if (int c = G::run(arrays, 2 * p.experts, p.experts, p.sm_count, p.workspace, p.workspace_bytes, stream)) return c;
+    scatter<<<slots, ROW_THREADS, 0, stream>>>(p);
+    return cuda_code(cudaGetLastError());
+}
+
 }  // namespace mx_cutlass

@@ -6,7 +6,7 @@
 // moe_experts_sm90.cu, over expert-sorted rows (S = tokens * top_k; row r is slot sorted_slots[r],
 // expert e owns rows expert_offsets[e] .. expert_offsets[e + 1]):
 //
-//   1. moe_cutlass_fp8_setup   the 3 * experts groups' shapes, pointers and strides (set_expert_group)
+//   1. expert_setup            the 3 * experts groups' shapes, pointers and strides (grouped_gemm_sm90.cuh)
 //   2. moe_cutlass_fp8_gather  xs [S, hidden] E4M3, xs_scales [S]: row r = quantize(x[sorted_slots[r] / top_k])
 //   3. grouped GEMM, 2 * experts groups: gate_up[0][r] = xs[r] . w1[e]^T, gate_up[1][r] = xs[r] . w3[e]^T
 //                              (code products, f32 out: the scales are applied in step 4)
@@ -30,9 +30,6 @@ namespace mx_moe_cutlass_fp8 {
 using namespace mx_cutlass;
 using G = GroupedGemm<cutlass::float_e4m3_t, 128>;
 
-// Threads of the per-row kernels (gather, swiglu, scatter).
-constexpr int ROW_THREADS = 256;
-
 // The E4M3 code nearest to v, ties to even, saturating to +-448 (fp8.rs `encode`).
 __device__ __forceinline__ uint32_t e4m3(float v) {
     return (uint32_t)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
@@ -46,14 +43,6 @@ __device__ __forceinline__ float row_scale(float amax) {
 // The codes of v[0..4] / scale, packed little-endian into one word.
 __device__ __forceinline__ uint32_t quantize4(const float* v, float scale) {
     return e4m3(v[0] / scale) | e4m3(v[1] / scale) << 8 | e4m3(v[2] / scale) << 16 | e4m3(v[3] / scale) << 24;
-}
-
-__global__ void moe_cutlass_fp8_setup(MoeCutlassFp8Params p) {
-    const uint32_t groups = 3 * p.experts;
-    const uint32_t g = blockIdx.x * blockDim.x + threadIdx.x;
-    if (g >= groups) return;
-    set_expert_group<G>(G::arrays(p.groups, groups), g, p.experts, p.expert_offsets, (size_t)p.tokens * p.top_k,
-                        p.hidden, p.inter, p.xs, p.act, p.w1, p.w3, p.w2, p.gate_up, p.down);
 }
 
 // One block per expert-sorted row r: the row of x, quantized. Each thread reads 8 bf16 (16 bytes) per
@@ -137,20 +126,7 @@ extern "C" size_t mx_moe_cutlass_fp8_workspace_bytes(uint32_t experts, uint32_t 
 }
 
 // The six steps of the header on `stream` (a CUstream / cudaStream_t); zero tokens launch nothing.
-extern "C" int mx_moe_cutlass_fp8_run(const MoeCutlassFp8Params* params, void* stream_ptr) {
-    const MoeCutlassFp8Params p = *params;
-    const auto stream = static_cast<cudaStream_t>(stream_ptr);
-    const uint32_t slots = p.tokens * p.top_k, groups = 3 * p.experts;
-    if (slots == 0) return 0;
-    const G::Arrays arrays = G::arrays(p.groups, groups);
-
-    moe_cutlass_fp8_setup<<<(groups + 127) / 128, 128, 0, stream>>>(p);
-    moe_cutlass_fp8_gather<<<slots, ROW_THREADS, 0, stream>>>(p);
-    if (int c = cuda_code(cudaGetLastError())) return c;
-    if (int c = G::run(arrays, 0, 2 * p.experts, p.sm_count, p.workspace, p.workspace_bytes, stream)) return c;
-    moe_cutlass_fp8_swiglu<<<slots, ROW_THREADS, 0, stream>>>(p);
-    if (int c = cuda_code(cudaGetLastError())) return c;
-    if (int c = G::run(arrays, 2 * p.experts, p.experts, p.sm_count, p.workspace, p.workspace_bytes, stream)) return c;
-    moe_cutlass_fp8_scatter<<<slots, ROW_THREADS, 0, stream>>>(p);
-    return cuda_code(cudaGetLastError());
+extern "C" int mx_moe_cutlass_fp8_run(const MoeCutlassFp8Params* params, void* stream) {
+    return run_expert_mlp<G>(*params, static_cast<cudaStream_t>(stream),
+                             moe_cutlass_fp8_gather, moe_cutlass_fp8_swiglu, moe_cutlass_fp8_scatter);
 }

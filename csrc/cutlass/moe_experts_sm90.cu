@@ -3,8 +3,8 @@
 // moe_grouped.cu, over expert-sorted rows (S = tokens * top_k slots, row r of an expert-sorted buffer
 // is slot sorted_slots[r]; expert e owns rows expert_offsets[e] .. expert_offsets[e + 1]):
 //
-//   1. moe_cutlass_setup  one block: for each of the 3 * experts groups, its problem shape (M = the
-//                         expert's slot count), its A / B / D pointers and packed strides, into `groups`
+//   1. expert_setup       for each of the 3 * experts groups, its problem shape (M = the expert's slot
+//                         count), A / B / D pointers and packed strides, into `groups` (grouped_gemm_sm90.cuh)
 //   2. moe_cutlass_gather xs [S, hidden] bf16       xs[r] = x[sorted_slots[r] / top_k]
 //   3. grouped GEMM, 2 * experts groups:           gate_up[0][r] = xs[r] . w1[e]^T,  gate_up[1][r] = xs[r] . w3[e]^T
 //                         gate_up [2, S, inter] f32 (f32 accumulation, f32 out)
@@ -29,43 +29,36 @@ namespace mx_moe_cutlass {
 using namespace mx_cutlass;
 using G = GroupedGemm<cutlass::bfloat16_t, 64>;
 
-// One thread per group g of 3 * experts (the layout of set_expert_group).
-__global__ void moe_cutlass_setup(MoeCutlassParams p) {
-    const uint32_t groups = 3 * p.experts;
-    const uint32_t g = blockIdx.x * blockDim.x + threadIdx.x;
-    if (g >= groups) return;
-    set_expert_group<G>(G::arrays(p.groups, groups), g, p.experts, p.expert_offsets, (size_t)p.tokens * p.top_k,
-                        p.hidden, p.inter, p.xs, p.act, p.w1, p.w3, p.w2, p.gate_up, p.down);
-}
-
 // One block per expert-sorted row r: xs[r] = x[sorted_slots[r] / top_k], 16 bytes per thread step.
-__global__ void moe_cutlass_gather(MoeCutlassParams p) {
+__global__ void __launch_bounds__(ROW_THREADS) moe_cutlass_gather(MoeCutlassParams p) {
     const uint32_t r = blockIdx.x;
     const uint32_t token = (uint32_t)p.sorted_slots[r] / p.top_k;
     const uint4* src = reinterpret_cast<const uint4*>(p.x + (size_t)token * p.hidden);
     uint4* dst = reinterpret_cast<uint4*>(p.xs + (size_t)r * p.hidden);
-    for (uint32_t c = threadIdx.x; c < p.hidden / 8; c += blockDim.x) dst[c] = src[c];
+    for (uint32_t c = threadIdx.x; c < p.hidden / 8; c += ROW_THREADS) dst[c] = src[c];
 }
 
-// act[r, i] = bf16(silu(gate[r, i]) * up[r, i]), silu(g) = g / (1 + exp(-g)), in f32.
-__global__ void moe_cutlass_swiglu(MoeCutlassParams p) {
-    const size_t len = (size_t)p.tokens * p.top_k * p.inter;
-    const float* gate = p.gate_up;
-    const float* up = p.gate_up + len;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (size_t)gridDim.x * blockDim.x) {
+// One block per expert-sorted row r: act[r, i] = bf16(silu(gate[r, i]) * up[r, i]),
+// silu(g) = g / (1 + exp(-g)), in f32.
+__global__ void __launch_bounds__(ROW_THREADS) moe_cutlass_swiglu(MoeCutlassParams p) {
+    const size_t r = blockIdx.x, slots = (size_t)p.tokens * p.top_k;
+    const float* gate = p.gate_up + r * p.inter;
+    const float* up = p.gate_up + (slots + r) * p.inter;
+    mx_bf16* act = p.act + r * p.inter;
+    for (uint32_t i = threadIdx.x; i < p.inter; i += ROW_THREADS) {
         const float g = gate[i];
-        p.act[i] = __float2bfloat16_rn(g / (1.0f + expf(-g)) * up[i]);
+        act[i] = __float2bfloat16_rn(g / (1.0f + expf(-g)) * up[i]);
     }
 }
 
 // One block per expert-sorted row r: out[s] = topk_weights[s] * down[r] for s = sorted_slots[r].
-__global__ void moe_cutlass_scatter(MoeCutlassParams p) {
+__global__ void __launch_bounds__(ROW_THREADS) moe_cutlass_scatter(MoeCutlassParams p) {
     const uint32_t r = blockIdx.x;
     const uint32_t s = (uint32_t)p.sorted_slots[r];
     const float w = p.topk_weights[s];
     const float4* src = reinterpret_cast<const float4*>(p.down + (size_t)r * p.hidden);
     float4* dst = reinterpret_cast<float4*>(p.out + (size_t)s * p.hidden);
-    for (uint32_t c = threadIdx.x; c < p.hidden / 4; c += blockDim.x) {
+    for (uint32_t c = threadIdx.x; c < p.hidden / 4; c += ROW_THREADS) {
         const float4 v = src[c];
         dst[c] = make_float4(w * v.x, w * v.y, w * v.z, w * v.w);
     }
@@ -82,22 +75,7 @@ extern "C" size_t mx_moe_cutlass_workspace_bytes(uint32_t experts, uint32_t sm_c
 }
 
 // The six steps of the header on `stream` (a CUstream / cudaStream_t); zero tokens launch nothing.
-extern "C" int mx_moe_cutlass_run(const MoeCutlassParams* params, void* stream_ptr) {
-    const MoeCutlassParams p = *params;
-    const auto stream = static_cast<cudaStream_t>(stream_ptr);
-    const uint32_t slots = p.tokens * p.top_k, groups = 3 * p.experts;
-    if (slots == 0) return 0;
-    const G::Arrays arrays = G::arrays(p.groups, groups);
-
-    moe_cutlass_setup<<<(groups + 127) / 128, 128, 0, stream>>>(p);
-    moe_cutlass_gather<<<slots, 128, 0, stream>>>(p);
-    if (int c = cuda_code(cudaGetLastError())) return c;
-    if (int c = G::run(arrays, 0, 2 * p.experts, p.sm_count, p.workspace, p.workspace_bytes, stream)) return c;
-    const size_t act = (size_t)slots * p.inter;
-    const unsigned swiglu_blocks = (unsigned)((act + 255) / 256 < 65535 ? (act + 255) / 256 : 65535);
-    moe_cutlass_swiglu<<<swiglu_blocks, 256, 0, stream>>>(p);
-    if (int c = cuda_code(cudaGetLastError())) return c;
-    if (int c = G::run(arrays, 2 * p.experts, p.experts, p.sm_count, p.workspace, p.workspace_bytes, stream)) return c;
-    moe_cutlass_scatter<<<slots, 128, 0, stream>>>(p);
-    return cuda_code(cudaGetLastError());
+extern "C" int mx_moe_cutlass_run(const MoeCutlassParams* params, void* stream) {
+    return run_expert_mlp<G>(*params, static_cast<cudaStream_t>(stream), moe_cutlass_gather,
+                             moe_cutlass_swiglu, moe_cutlass_scatter);
 }

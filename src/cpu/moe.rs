@@ -59,10 +59,7 @@ pub fn expert_mlp(
     intermediate: usize,
     out: &mut [f32],
 ) {
-    let tokens = x.len() / hidden.max(1);
-    let mut act = vec![0.0f32; tokens * intermediate];
-    expert_act(x, expert, hidden, intermediate, &mut act);
-    expert.w2.product(&act, hidden, intermediate, out);
+    mlp(x, expert, (hidden, intermediate), |v, _| v, out);
 }
 
 /// [`expert_mlp`] with FP8 activations, as the FP8 x FP8 tensor-core kernels compute it: the rows
@@ -78,17 +75,31 @@ pub fn expert_mlp_fp8_activations(
     intermediate: usize,
     out: &mut [f32],
 ) {
+    let quantize = |v: Vec<f32>, cols| fp8::round_trip_rows(&v, cols);
+    mlp(x, expert, (hidden, intermediate), quantize, out);
+}
+
+/// The expert MLP with `input(rows, cols)` applied to the rows of x and of the activations before
+/// each product.
+fn mlp(
+    x: &[f32],
+    expert: &Expert<'_>,
+    (hidden, intermediate): (usize, usize),
+    input: impl Fn(Vec<f32>, usize) -> Vec<f32>,
+    out: &mut [f32],
+) {
     let tokens = x.len() / hidden.max(1);
     let mut act = vec![0.0f32; tokens * intermediate];
     expert_act(
-        &fp8::round_trip_rows(x, hidden),
+        &input(x.to_vec(), hidden),
         expert,
         hidden,
         intermediate,
         &mut act,
     );
-    let act = fp8::round_trip_rows(&act, intermediate);
-    expert.w2.product(&act, hidden, intermediate, out);
+    expert
+        .w2
+        .product(&input(act, intermediate), hidden, intermediate, out);
 }
 
 /// The feed-forward block over `x: [tokens, hidden]` into `out: [tokens, hidden]`.

@@ -401,23 +401,35 @@ struct QMoeCase {
 }
 
 fn qmoe_cases() -> impl Strategy<Value = QMoeCase> {
+    let tokens = prop_oneof![Just(1usize), 1usize..8, 8usize..24];
+    cases_of(&KINDS, tokens, (32, 8, 6), any::<bool>())
+}
+
+/// Cases of `kinds` (one picked per case): `tokens` tokens, hidden and inter `unit` times 1 to
+/// `max_hidden` / `max_inter`, 1 to 8 experts, top-1 or top-2, some experts cold, `permuted`.
+fn cases_of(
+    kinds: &'static [PackedKind],
+    tokens: impl Strategy<Value = usize>,
+    (unit, max_hidden, max_inter): (usize, usize, usize),
+    permuted: impl Strategy<Value = bool>,
+) -> impl Strategy<Value = QMoeCase> {
     (
-        0..KINDS.len(),
-        prop_oneof![Just(1usize), 1usize..8, 8usize..24],
-        1usize..=8,
-        1usize..=6,
+        0..kinds.len(),
+        tokens,
+        1..=max_hidden,
+        1..=max_inter,
         1usize..=8,
         1usize..=2,
         any::<u32>(),
-        any::<bool>(),
+        permuted,
         any::<u64>(),
     )
         .prop_map(
-            |(k, tokens, hidden32, inter32, experts, top_k, cold, permuted, seed)| QMoeCase {
-                kind: KINDS[k],
+            move |(k, tokens, hidden, inter, experts, top_k, cold, permuted, seed)| QMoeCase {
+                kind: kinds[k],
                 tokens,
-                hidden: hidden32 * 32,
-                inter: inter32 * 32,
+                hidden: hidden * unit,
+                inter: inter * unit,
                 experts,
                 top_k: top_k.min(experts),
                 cold: cold & ((1u32 << experts) - 1) & !1,
@@ -667,28 +679,8 @@ fn qmoe_gemv_every_format_with_idle_experts() {
 /// FP8 cases for CUTLASS's FP8 expert kernels: hidden and inter multiples of 16 (whole 16-byte
 /// rows of codes), 1 to 300 tokens (groups of M = 0 up to several 128-row tiles), no permutation.
 fn fp8_cases() -> impl Strategy<Value = QMoeCase> {
-    (
-        prop_oneof![Just(1usize), 1usize..8, 8usize..300],
-        1usize..=20,
-        1usize..=16,
-        1usize..=8,
-        1usize..=2,
-        any::<u32>(),
-        any::<u64>(),
-    )
-        .prop_map(
-            |(tokens, hidden16, inter16, experts, top_k, cold, seed)| QMoeCase {
-                kind: PackedKind::Fp8,
-                tokens,
-                hidden: hidden16 * 16,
-                inter: inter16 * 16,
-                experts,
-                top_k: top_k.min(experts),
-                cold: cold & ((1u32 << experts) - 1) & !1,
-                permuted: false,
-                seed,
-            },
-        )
+    let tokens = prop_oneof![Just(1usize), 1usize..8, 8usize..300];
+    cases_of(&[PackedKind::Fp8], tokens, (16, 20, 16), Just(false))
 }
 
 proptest! {
