@@ -151,7 +151,8 @@ fn protocol_quant(out_path: &str) {
         // self-check passes), one engine at a time: two 32-layer FP8 models do not fit one card.
         let lengths: &[usize] = if stack == fp8 { &[512, 4096] } else { &[512] };
         for &tokens in lengths {
-            let ms = median_ms(|| prefill(&mut engine, &ids(tokens, 7)), 5);
+            let prompt = ids(tokens, 7);
+            let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
             record("prefill", "mma", 1, tokens, ms);
         }
         if stack != fp8 {
@@ -169,7 +170,8 @@ fn protocol_quant(out_path: &str) {
         eprintln!("gpu_decode: FP8 CUTLASS expert kernels: {kernel:?}, self-check {check:?}");
         if kernel == GroupedKernel::Cutlass {
             for tokens in [512, 4096] {
-                let ms = median_ms(|| prefill(&mut engine, &ids(tokens, 7)), 5);
+                let prompt = ids(tokens, 7);
+                let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
                 record("prefill", "cutlass", 1, tokens, ms);
             }
         }

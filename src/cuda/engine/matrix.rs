@@ -363,7 +363,13 @@ pub fn experts(
     let device = Device {
         grouped: grouped.kernel(),
     };
-    let format = experts_format([w1, w3, w2]);
+    // FP8 stacks run as FP8 only where the engine made the FP8 kernels' scratch (every layer's
+    // experts FP8); elsewhere they are any packed format.
+    let format = match (experts_format([w1, w3, w2]), &*grouped) {
+        (Format::Fp8, GroupedExperts::CutlassFp8(_)) => Format::Fp8,
+        (Format::Fp8, _) => Format::Packed,
+        (format, _) => format,
+    };
     let choice = select(Op::Experts, s.tokens as usize, format, device);
     if let (Choice::QMoeGemv | Choice::MoeCutlassFp8, Some(p1), Some(p3), Some(p2)) =
         (choice, w1.packed(), w3.packed(), w2.packed())
@@ -421,12 +427,11 @@ pub fn experts(
     }
 }
 
-/// The CUTLASS kernels of `precision` were selected for a layer without their scratch: the engine
-/// made the scratch of the other precision (a model whose experts are FP8 in some layers only).
+/// The CUTLASS kernels of `precision` were selected for a layer without their scratch (the engine
+/// makes one scratch, for the FP8 kernels only when every layer's experts are FP8).
 fn no_scratch(precision: &str) -> CudaError {
     CudaError::UnsupportedModel(format!(
-        "the CUTLASS {precision} expert kernels have no scratch: this model's layers mix FP8 \
-         experts with others"
+        "the CUTLASS {precision} expert kernels were selected but the engine made no scratch for them"
     ))
 }
 
