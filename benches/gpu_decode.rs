@@ -28,7 +28,7 @@ use mixtral::cuda::engine::GroupedKernel;
 use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, WeightSource};
 use mixtral::engine::EngineOptions;
 use mixtral::packed::lut4::Lut4;
-use mixtral::quant::{PackedKind, QuantFormat};
+use mixtral::quant::{PackedKind, QuantFormat, Q8};
 use mixtral::{LogitsFor, SeqId, SeqStep};
 
 const WARMUP: usize = 5;
@@ -107,7 +107,8 @@ fn engine_with(
 
 /// The quantized protocol: decode at batch 1 and 8 (context 16) and a 512-token prefill, all 32
 /// layers, for each packed format (weights made on the host and uploaded: about 20 s per engine);
-/// FP8 prefills 4096 tokens as well, and both lengths again on CUTLASS's FP8 expert kernels.
+/// FP8 and INT8 prefill 4096 tokens as well, and both lengths again on CUTLASS's 8-bit expert
+/// kernels.
 fn protocol_quant(out_path: &str) {
     let layers = 32;
     let mut out = std::fs::File::create(out_path).expect("protocol output");
@@ -118,7 +119,6 @@ fn protocol_quant(out_path: &str) {
         },
         perm: false,
     };
-    let fp8 = StackFormat::of_quant_format(QuantFormat::Fp8);
     let formats = [QuantFormat::Fp8, QuantFormat::Int8, QuantFormat::Int4]
         .map(|f| (f.as_str(), StackFormat::of_quant_format(f)));
     for (format, stack) in formats.into_iter().chain([("nf4", nf4)]) {
@@ -147,27 +147,28 @@ fn protocol_quant(out_path: &str) {
                 mixtral::Engine::free_sequence(&mut engine, seq).expect("free");
             }
         }
-        // FP8 prefill also at 4096 tokens, and again on CUTLASS's FP8 grouped GEMM (where its
-        // self-check passes), one engine at a time: two 32-layer FP8 models do not fit one card.
-        let lengths: &[usize] = if stack == fp8 { &[512, 4096] } else { &[512] };
+        // 8-bit prefill also at 4096 tokens, and again on CUTLASS's 8-bit grouped GEMM (where its
+        // self-check passes), one engine at a time: two 32-layer 8-bit models do not fit one card.
+        let q8 = stack.kind().and_then(Q8::of).is_some();
+        let lengths: &[usize] = if q8 { &[512, 4096] } else { &[512] };
         for &tokens in lengths {
             let prompt = ids(tokens, 7);
             let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
             record("prefill", "mma", 1, tokens, ms);
         }
-        if stack != fp8 {
+        if !q8 {
             continue;
         }
         drop(engine);
         let mut engine = match engine_with(layers, true, stack, GroupedKernel::Cutlass) {
             Ok(e) => e,
             Err(e) => {
-                eprintln!("gpu_decode: no FP8 engine with the CUTLASS expert kernels: {e}");
+                eprintln!("gpu_decode: no {format} engine with the CUTLASS expert kernels: {e}");
                 continue;
             }
         };
         let (kernel, check) = engine.prefill_experts();
-        eprintln!("gpu_decode: FP8 CUTLASS expert kernels: {kernel:?}, self-check {check:?}");
+        eprintln!("gpu_decode: {format} CUTLASS expert kernels: {kernel:?}, self-check {check:?}");
         if kernel == GroupedKernel::Cutlass {
             for tokens in [512, 4096] {
                 let prompt = ids(tokens, 7);

@@ -24,7 +24,7 @@ use mixtral::cuda::ops::{
 };
 use mixtral::cuda::{CudaDevice, Kernels};
 use mixtral::packed::lut4::Lut4;
-use mixtral::quant::PackedKind;
+use mixtral::quant::{PackedKind, Q8};
 
 const HIDDEN: usize = 4096;
 const INTER: usize = 14336;
@@ -240,7 +240,8 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
 /// The prefill expert GEMMs side by side at Mixtral prefill shapes: `moe_grouped_gemm` (mma.sync)
 /// and, on compute capability 9.0 after their passing self-checks, `moe_wgmma_gemm` (wgmma),
 /// `moe_cutlass_gemm` (CUTLASS's grouped GEMM, its gather, SwiGLU and scatter included) and
-/// `moe_cutlass_fp8_gemm` (the same over FP8 stacks, FP8 x FP8, the quantizing kernels included).
+/// `moe_cutlass_q8_gemm` (the same over FP8 and INT8 stacks, 8-bit x 8-bit, the quantizing
+/// kernels included).
 /// Throughput in FLOPs (`2 * slots * 3 * inter * hidden`), routing from the device router on random
 /// data.
 fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
@@ -256,19 +257,19 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
         "moe_prefill: moe_cutlass_self_check on {}: {cutlass_check:?}",
         b.device.name()
     );
-    let fp8_check = ops::moe_cutlass_fp8_self_check(&stream).expect("CUTLASS FP8 self-check");
-    eprintln!(
-        "moe_prefill: moe_cutlass_fp8_self_check on {}: {fp8_check:?}",
-        b.device.name()
-    );
-    // FP8 stacks for the FP8 kernels (pseudo-random codes, scales 0.01).
-    let fp8 = fp8_check.passed().then(|| {
-        [
-            packed_stack(b, PackedKind::Fp8, EXPERTS, INTER, HIDDEN),
-            packed_stack(b, PackedKind::Fp8, EXPERTS, INTER, HIDDEN),
-            packed_stack(b, PackedKind::Fp8, EXPERTS, HIDDEN, INTER),
-        ]
-    });
+    // 8-bit stacks for the 8-bit kernels whose self-check passes (pseudo-random codes, scales
+    // 0.01), one format at a time on the device.
+    let mut q8_formats = Vec::new();
+    for format in [Q8::Fp8, Q8::Int8] {
+        let check = ops::moe_cutlass_q8_self_check(&stream, format).expect("CUTLASS 8-bit check");
+        eprintln!(
+            "moe_prefill: moe_cutlass_q8_self_check({format:?}) on {}: {check:?}",
+            b.device.name()
+        );
+        if check.passed() {
+            q8_formats.push(format);
+        }
+    }
     let gate = b.random(EXPERTS * HIDDEN, 0.02);
     let w1 = b.random(EXPERTS * INTER * HIDDEN, 0.02);
     let w3 = b.random(EXPERTS * INTER * HIDDEN, 0.02);
@@ -314,11 +315,18 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
                 ),
             ));
         }
-        if let Some([(c1, p1, _), (c3, p3, _), (c2, p2, _)]) = &fp8 {
+        for &format in &q8_formats {
+            let kind = format.kind();
+            let [(c1, p1, _), (c3, p3, _), (c2, p2, _)] = [
+                packed_stack(b, kind, EXPERTS, INTER, HIDDEN),
+                packed_stack(b, kind, EXPERTS, INTER, HIDDEN),
+                packed_stack(b, kind, EXPERTS, HIDDEN, INTER),
+            ];
             let mut arena = DeviceArena::new(Arc::clone(&stream));
-            let mut scratch = ops::MoeCutlassFp8Scratch::new(&mut arena, &stream, &shape)
-                .expect("CUTLASS FP8 scratch");
-            group.bench_function(BenchmarkId::new("cutlass_fp8", tokens), |bench| {
+            let mut scratch = ops::MoeCutlassQ8Scratch::new(&mut arena, &stream, &shape, format)
+                .expect("CUTLASS 8-bit scratch");
+            let name = format!("cutlass_{}", format!("{format:?}").to_lowercase());
+            group.bench_function(BenchmarkId::new(&name, tokens), |bench| {
                 bench.iter(|| {
                     let args = QMoeArgs {
                         x: x.view(),
@@ -337,9 +345,8 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
                         act: act.view_mut(),
                         out: out.view_mut(),
                     };
-                    let kinds = [PackedKind::Fp8; 3];
-                    ops::moe_cutlass_fp8_gemm(&stream, &shape, kinds, args, &mut scratch)
-                        .expect("cutlass_fp8");
+                    ops::moe_cutlass_q8_gemm(&stream, &shape, [kind; 3], args, &mut scratch)
+                        .expect("cutlass 8-bit");
                     sync(&stream);
                 })
             });

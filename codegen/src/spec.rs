@@ -399,11 +399,12 @@ pub const STRUCTS: &[ParamStruct] = &[
         ],
     },
     ParamStruct {
-        name: "MoeCutlassFp8Params",
-        doc: "Expert MLP of prefill chunks over FP8 E4M3 expert stacks on CUTLASS's Hopper grouped GEMM \
-              (`mx_moe_cutlass_fp8_run`, csrc/cutlass/): `MoeCutlassParams`' computation with the rows of `x` \
-              and the SwiGLU activations quantized per row to E4M3 (scale = amax / 448) and the weights read \
-              as stored (`w[o, i] = code[o, i] * scale[o]`), FP8 x FP8 products accumulated in f32.",
+        name: "MoeCutlassQ8Params",
+        doc: "Expert MLP of prefill chunks over 8-bit expert stacks (FP8 E4M3 or INT8, one scale per row) on \
+              CUTLASS's Hopper grouped GEMM (`mx_moe_cutlass_fp8_run`, `mx_moe_cutlass_int8_run`, csrc/cutlass/): \
+              `MoeCutlassParams`' computation with the rows of `x` and the SwiGLU activations quantized per row \
+              to the stacks' format (scale = amax / 448 or / 127) and the weights read as stored \
+              (`w[o, i] = code[o, i] * scale[o]`), 8-bit x 8-bit products accumulated in f32 (FP8) or i32 (INT8).",
         fields: &[
             field("x", read(Bf16), "`[tokens, hidden]` normalised hidden states.").len("tokens * hidden").aligned(),
             field("w1", read(U8), "`[experts, inter, hidden]` gate projection codes.").len("experts * inter * hidden").aligned(),
@@ -416,14 +417,14 @@ pub const STRUCTS: &[ParamStruct] = &[
             field("expert_offsets", read(I32), "`[experts + 1]` start of each expert's slots in `sorted_slots`.").len("experts + 1"),
             field("sorted_slots", read(I32), "`[tokens * top_k]` slots grouped by expert.").len("tokens * top_k"),
             field("out", write(F32), "`[tokens * top_k, hidden]` weighted expert outputs per slot.").len("tokens * top_k * hidden").aligned(),
-            field("xs", write(U8), "`[tokens * top_k, hidden]` scratch: the E4M3 codes of the rows of `x` in expert-sorted order.").len("tokens * top_k * hidden").aligned(),
+            field("xs", write(U8), "`[tokens * top_k, hidden]` scratch: the 8-bit codes of the rows of `x` in expert-sorted order.").len("tokens * top_k * hidden").aligned(),
             field("xs_scales", write(F32), "`[tokens * top_k]` scratch: the scale of each row of `xs`.").len("tokens * top_k"),
-            field("gate_up", write(F32), "`[2, tokens * top_k, inter]` scratch: the w1 and w3 code products, then the SwiGLU activations.").len("2 * tokens * top_k * inter").aligned(),
-            field("act", write(U8), "`[tokens * top_k, inter]` scratch: the E4M3 codes of the SwiGLU activations, expert-sorted.").len("tokens * top_k * inter").aligned(),
+            field("gate_up", write(F32), "`[2, tokens * top_k, inter]` scratch: the w1 and w3 code products (f32), then the SwiGLU activations.").len("2 * tokens * top_k * inter").aligned(),
+            field("act", write(U8), "`[tokens * top_k, inter]` scratch: the 8-bit codes of the SwiGLU activations, expert-sorted.").len("tokens * top_k * inter").aligned(),
             field("act_scales", write(F32), "`[tokens * top_k]` scratch: the scale of each row of `act`.").len("tokens * top_k"),
             field("down", write(F32), "`[tokens * top_k, hidden]` scratch: the w2 code products in expert-sorted order.").len("tokens * top_k * hidden").aligned(),
             field("groups", write(U8), "`[3 * experts, MOE_CUTLASS_GROUP_BYTES]` scratch: the grouped GEMMs' shapes, pointers and strides.").len("3 * experts * MOE_CUTLASS_GROUP_BYTES").aligned(),
-            field("workspace", write(U8), "`[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_fp8_workspace_bytes`).").len("workspace_bytes").aligned(),
+            field("workspace", write(U8), "`[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_fp8_workspace_bytes` / `_int8_`).").len("workspace_bytes").aligned(),
             field("tokens", U32, "Number of tokens."),
             field("hidden", U32, "Hidden size (a multiple of 16)."),
             field("inter", U32, "Expert intermediate size (a multiple of 16)."),

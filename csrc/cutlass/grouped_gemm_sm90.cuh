@@ -1,11 +1,12 @@
 // grouped_gemm_sm90.cuh: the one CUTLASS Hopper grouped GEMM type of the expert-MLP shims (sm_90a
 // only), per input element, and the per-group arrays it reads from the device. Each group g computes
 //
-//   D_g [M_g, N_g] f32 row-major = A_g [M_g, K_g] row-major . B_g [N_g, K_g]^T   (f32 accumulation)
+//   D_g [M_g, N_g] f32 row-major = A_g [M_g, K_g] row-major . B_g [N_g, K_g]^T
 //
-// with A and B of one element type: bf16 (tiles 128 x 128 x 64) or FP8 E4M3 (128 x 128 x 128, the
-// same 128 bytes of K per stage; CUTLASS's FP8 mainloop promotes the tensor cores' partial sums into
-// f32 registers every few k-blocks). B is a weight matrix's rows ("column-major" in CUTLASS's terms).
+// with A and B of one element type: bf16 (tiles 128 x 128 x 64, f32 accumulation), FP8 E4M3 (128 x
+// 128 x 128, the same 128 bytes of K per stage; CUTLASS's FP8 mainloop promotes the tensor cores'
+// partial sums into f32 registers every few k-blocks) or INT8 (128 x 128 x 128, exact i32
+// accumulation, converted to f32 by the epilogue). B is a weight matrix's rows ("column-major" in CUTLASS's terms).
 // `KernelPtrArrayTmaWarpSpecializedCooperative` (TMA, warp-specialized, persistent), cluster 1 x 1,
 // no C operand. A group with M = 0 is skipped by the grouped tile scheduler.
 //
@@ -39,12 +40,13 @@ inline int cutlass_code(cutlass::Status s) {
     return s == cutlass::Status::kSuccess ? 0 : (int)MOE_CUTLASS_STATUS_BASE + (int)s;
 }
 
-template <class ElementAB_, int TILE_K>
+template <class ElementAB_, int TILE_K, class ElementAccumulator_ = float>
 struct GroupedGemm {
     using ElementAB = ElementAB_;
     using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K)
     using ElementD = float;
-    using ElementAccumulator = float;
+    using ElementAccumulator = ElementAccumulator_;
+    using ElementCompute = float;
     using LayoutA = cutlass::layout::RowMajor;
     using LayoutB = cutlass::layout::ColumnMajor;
     using LayoutD = cutlass::layout::RowMajor;
@@ -58,10 +60,10 @@ struct GroupedGemm {
 
     using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-        cutlass::epilogue::collective::EpilogueTileAuto, ElementAccumulator, ElementAccumulator,
+        cutlass::epilogue::collective::EpilogueTileAuto, ElementAccumulator, ElementCompute,
         void, LayoutD*, ALIGN_D,  // no C operand
         ElementD, LayoutD*, ALIGN_D, EpilogueSchedule,
-        cutlass::epilogue::fusion::LinearCombination<ElementD, ElementAccumulator>>::CollectiveOp;
+        cutlass::epilogue::fusion::LinearCombination<ElementD, ElementCompute>>::CollectiveOp;
 
     using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementAB, LayoutA*, ALIGN_AB, ElementAB,

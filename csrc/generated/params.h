@@ -410,8 +410,8 @@ MX_STATIC_ASSERT(offsetof(MoeCutlassParams, top_k) == 128, "MoeCutlassParams.top
 MX_STATIC_ASSERT(offsetof(MoeCutlassParams, workspace_bytes) == 132, "MoeCutlassParams.workspace_bytes: offset");
 MX_STATIC_ASSERT(offsetof(MoeCutlassParams, sm_count) == 136, "MoeCutlassParams.sm_count: offset");
 
-// Expert MLP of prefill chunks over FP8 E4M3 expert stacks on CUTLASS's Hopper grouped GEMM (`mx_moe_cutlass_fp8_run`, csrc/cutlass/): `MoeCutlassParams`' computation with the rows of `x` and the SwiGLU activations quantized per row to E4M3 (scale = amax / 448) and the weights read as stored (`w[o, i] = code[o, i] * scale[o]`), FP8 x FP8 products accumulated in f32.
-typedef struct MoeCutlassFp8Params {
+// Expert MLP of prefill chunks over 8-bit expert stacks (FP8 E4M3 or INT8, one scale per row) on CUTLASS's Hopper grouped GEMM (`mx_moe_cutlass_fp8_run`, `mx_moe_cutlass_int8_run`, csrc/cutlass/): `MoeCutlassParams`' computation with the rows of `x` and the SwiGLU activations quantized per row to the stacks' format (scale = amax / 448 or / 127) and the weights read as stored (`w[o, i] = code[o, i] * scale[o]`), 8-bit x 8-bit products accumulated in f32 (FP8) or i32 (INT8).
+typedef struct MoeCutlassQ8Params {
     // `[tokens, hidden]` normalised hidden states.
     const mx_bf16* x;
     // `[experts, inter, hidden]` gate projection codes.
@@ -434,13 +434,13 @@ typedef struct MoeCutlassFp8Params {
     const int32_t* sorted_slots;
     // `[tokens * top_k, hidden]` weighted expert outputs per slot.
     float* out;
-    // `[tokens * top_k, hidden]` scratch: the E4M3 codes of the rows of `x` in expert-sorted order.
+    // `[tokens * top_k, hidden]` scratch: the 8-bit codes of the rows of `x` in expert-sorted order.
     uint8_t* xs;
     // `[tokens * top_k]` scratch: the scale of each row of `xs`.
     float* xs_scales;
-    // `[2, tokens * top_k, inter]` scratch: the w1 and w3 code products, then the SwiGLU activations.
+    // `[2, tokens * top_k, inter]` scratch: the w1 and w3 code products (f32), then the SwiGLU activations.
     float* gate_up;
-    // `[tokens * top_k, inter]` scratch: the E4M3 codes of the SwiGLU activations, expert-sorted.
+    // `[tokens * top_k, inter]` scratch: the 8-bit codes of the SwiGLU activations, expert-sorted.
     uint8_t* act;
     // `[tokens * top_k]` scratch: the scale of each row of `act`.
     float* act_scales;
@@ -448,7 +448,7 @@ typedef struct MoeCutlassFp8Params {
     float* down;
     // `[3 * experts, MOE_CUTLASS_GROUP_BYTES]` scratch: the grouped GEMMs' shapes, pointers and strides.
     uint8_t* groups;
-    // `[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_fp8_workspace_bytes`).
+    // `[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_fp8_workspace_bytes` / `_int8_`).
     uint8_t* workspace;
     // Number of tokens.
     uint32_t tokens;
@@ -464,35 +464,35 @@ typedef struct MoeCutlassFp8Params {
     uint32_t workspace_bytes;
     // Streaming multiprocessors of the device (the persistent grid).
     uint32_t sm_count;
-} MoeCutlassFp8Params;
-MX_STATIC_ASSERT(sizeof(MoeCutlassFp8Params) == 184, "MoeCutlassFp8Params: size");
-MX_STATIC_ASSERT(MX_ALIGNOF(MoeCutlassFp8Params) == 8, "MoeCutlassFp8Params: alignment");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, x) == 0, "MoeCutlassFp8Params.x: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, w1) == 8, "MoeCutlassFp8Params.w1: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, w1_scales) == 16, "MoeCutlassFp8Params.w1_scales: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, w3) == 24, "MoeCutlassFp8Params.w3: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, w3_scales) == 32, "MoeCutlassFp8Params.w3_scales: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, w2) == 40, "MoeCutlassFp8Params.w2: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, w2_scales) == 48, "MoeCutlassFp8Params.w2_scales: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, topk_weights) == 56, "MoeCutlassFp8Params.topk_weights: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, expert_offsets) == 64, "MoeCutlassFp8Params.expert_offsets: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, sorted_slots) == 72, "MoeCutlassFp8Params.sorted_slots: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, out) == 80, "MoeCutlassFp8Params.out: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, xs) == 88, "MoeCutlassFp8Params.xs: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, xs_scales) == 96, "MoeCutlassFp8Params.xs_scales: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, gate_up) == 104, "MoeCutlassFp8Params.gate_up: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, act) == 112, "MoeCutlassFp8Params.act: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, act_scales) == 120, "MoeCutlassFp8Params.act_scales: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, down) == 128, "MoeCutlassFp8Params.down: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, groups) == 136, "MoeCutlassFp8Params.groups: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, workspace) == 144, "MoeCutlassFp8Params.workspace: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, tokens) == 152, "MoeCutlassFp8Params.tokens: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, hidden) == 156, "MoeCutlassFp8Params.hidden: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, inter) == 160, "MoeCutlassFp8Params.inter: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, experts) == 164, "MoeCutlassFp8Params.experts: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, top_k) == 168, "MoeCutlassFp8Params.top_k: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, workspace_bytes) == 172, "MoeCutlassFp8Params.workspace_bytes: offset");
-MX_STATIC_ASSERT(offsetof(MoeCutlassFp8Params, sm_count) == 176, "MoeCutlassFp8Params.sm_count: offset");
+} MoeCutlassQ8Params;
+MX_STATIC_ASSERT(sizeof(MoeCutlassQ8Params) == 184, "MoeCutlassQ8Params: size");
+MX_STATIC_ASSERT(MX_ALIGNOF(MoeCutlassQ8Params) == 8, "MoeCutlassQ8Params: alignment");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, x) == 0, "MoeCutlassQ8Params.x: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, w1) == 8, "MoeCutlassQ8Params.w1: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, w1_scales) == 16, "MoeCutlassQ8Params.w1_scales: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, w3) == 24, "MoeCutlassQ8Params.w3: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, w3_scales) == 32, "MoeCutlassQ8Params.w3_scales: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, w2) == 40, "MoeCutlassQ8Params.w2: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, w2_scales) == 48, "MoeCutlassQ8Params.w2_scales: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, topk_weights) == 56, "MoeCutlassQ8Params.topk_weights: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, expert_offsets) == 64, "MoeCutlassQ8Params.expert_offsets: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, sorted_slots) == 72, "MoeCutlassQ8Params.sorted_slots: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, out) == 80, "MoeCutlassQ8Params.out: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, xs) == 88, "MoeCutlassQ8Params.xs: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, xs_scales) == 96, "MoeCutlassQ8Params.xs_scales: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, gate_up) == 104, "MoeCutlassQ8Params.gate_up: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, act) == 112, "MoeCutlassQ8Params.act: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, act_scales) == 120, "MoeCutlassQ8Params.act_scales: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, down) == 128, "MoeCutlassQ8Params.down: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, groups) == 136, "MoeCutlassQ8Params.groups: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, workspace) == 144, "MoeCutlassQ8Params.workspace: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, tokens) == 152, "MoeCutlassQ8Params.tokens: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, hidden) == 156, "MoeCutlassQ8Params.hidden: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, inter) == 160, "MoeCutlassQ8Params.inter: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, experts) == 164, "MoeCutlassQ8Params.experts: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, top_k) == 168, "MoeCutlassQ8Params.top_k: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, workspace_bytes) == 172, "MoeCutlassQ8Params.workspace_bytes: offset");
+MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, sm_count) == 176, "MoeCutlassQ8Params.sm_count: offset");
 
 // Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.
 typedef struct AttentionDecodeParams {

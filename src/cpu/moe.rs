@@ -9,7 +9,7 @@ use super::matmul::matmul;
 use super::packed_matmul::Matrix;
 use super::router::{group_by_expert, route, Routing};
 use crate::dtype::WeightSlice;
-use crate::packed::fp8;
+use crate::packed::Q8;
 
 /// The three matrices of one expert (stored elements or packed codes).
 #[derive(Debug, Clone, Copy)]
@@ -62,20 +62,20 @@ pub fn expert_mlp(
     mlp(x, expert, (hidden, intermediate), |v, _| v, out);
 }
 
-/// [`expert_mlp`] with FP8 activations, as the FP8 x FP8 tensor-core kernels compute it: the rows
-/// of `x` and of the SwiGLU activations are quantized per row to E4M3 and dequantized again
-/// ([`fp8::round_trip_rows`]) before each product; the weights are used as they are.
+/// [`expert_mlp`] with 8-bit activations, as the W8A8 tensor-core kernels compute it: the rows of
+/// `x` and of the SwiGLU activations are quantized per row to `format` and dequantized again
+/// ([`Q8::round_trip_rows`]) before each product; the weights are used as they are.
 ///
 /// # Panics
 /// When the matrices do not have the shapes of the module docs.
-pub fn expert_mlp_fp8_activations(
+pub fn expert_mlp_q8_activations(
     x: &[f32],
     expert: &Expert<'_>,
-    hidden: usize,
-    intermediate: usize,
+    (hidden, intermediate): (usize, usize),
+    format: Q8,
     out: &mut [f32],
 ) {
-    let quantize = |v: Vec<f32>, cols| fp8::round_trip_rows(&v, cols);
+    let quantize = |v: Vec<f32>, cols| format.round_trip_rows(&v, cols);
     mlp(x, expert, (hidden, intermediate), quantize, out);
 }
 

@@ -434,9 +434,9 @@ impl MoeCutlassArgs<'_> {
     }
 }
 
-/// The device buffers of [`MoeCutlassFp8Params`].
+/// The device buffers of [`MoeCutlassQ8Params`].
 #[derive(Debug)]
-pub struct MoeCutlassFp8Args<'a> {
+pub struct MoeCutlassQ8Args<'a> {
     /// `[tokens, hidden]` normalised hidden states.
     pub x: View<'a, bf16>,
     /// `[experts, inter, hidden]` gate projection codes.
@@ -459,13 +459,13 @@ pub struct MoeCutlassFp8Args<'a> {
     pub sorted_slots: View<'a, i32>,
     /// `[tokens * top_k, hidden]` weighted expert outputs per slot.
     pub out: ViewMut<'a, f32>,
-    /// `[tokens * top_k, hidden]` scratch: the E4M3 codes of the rows of `x` in expert-sorted order.
+    /// `[tokens * top_k, hidden]` scratch: the 8-bit codes of the rows of `x` in expert-sorted order.
     pub xs: ViewMut<'a, u8>,
     /// `[tokens * top_k]` scratch: the scale of each row of `xs`.
     pub xs_scales: ViewMut<'a, f32>,
-    /// `[2, tokens * top_k, inter]` scratch: the w1 and w3 code products, then the SwiGLU activations.
+    /// `[2, tokens * top_k, inter]` scratch: the w1 and w3 code products (f32), then the SwiGLU activations.
     pub gate_up: ViewMut<'a, f32>,
-    /// `[tokens * top_k, inter]` scratch: the E4M3 codes of the SwiGLU activations, expert-sorted.
+    /// `[tokens * top_k, inter]` scratch: the 8-bit codes of the SwiGLU activations, expert-sorted.
     pub act: ViewMut<'a, u8>,
     /// `[tokens * top_k]` scratch: the scale of each row of `act`.
     pub act_scales: ViewMut<'a, f32>,
@@ -473,13 +473,13 @@ pub struct MoeCutlassFp8Args<'a> {
     pub down: ViewMut<'a, f32>,
     /// `[3 * experts, MOE_CUTLASS_GROUP_BYTES]` scratch: the grouped GEMMs' shapes, pointers and strides.
     pub groups: ViewMut<'a, u8>,
-    /// `[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_fp8_workspace_bytes`).
+    /// `[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_fp8_workspace_bytes` / `_int8_`).
     pub workspace: ViewMut<'a, u8>,
 }
 
-/// The scalar fields of [`MoeCutlassFp8Params`] (row strides come from the `Rows` views).
+/// The scalar fields of [`MoeCutlassQ8Params`] (row strides come from the `Rows` views).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct MoeCutlassFp8Scalars {
+pub struct MoeCutlassQ8Scalars {
     /// Number of tokens.
     pub tokens: u32,
     /// Hidden size (a multiple of 16).
@@ -496,10 +496,10 @@ pub struct MoeCutlassFp8Scalars {
     pub sm_count: u32,
 }
 
-impl MoeCutlassFp8Args<'_> {
+impl MoeCutlassQ8Args<'_> {
     /// Checks every buffer against what the kernel touches for `s` (`op` names the caller in errors)
     /// and fills the parameters.
-    pub fn params(&self, op: &'static str, s: &MoeCutlassFp8Scalars) -> Result<MoeCutlassFp8Params, CudaError> {
+    pub fn params(&self, op: &'static str, s: &MoeCutlassQ8Scalars) -> Result<MoeCutlassQ8Params, CudaError> {
         need(op, "x", self.x.len(), product(&[u128::from(s.tokens), u128::from(s.hidden)]))?;
         aligned(op, "x", self.x.address())?;
         need(op, "w1", self.w1.len(), product(&[u128::from(s.experts), u128::from(s.inter), u128::from(s.hidden)]))?;
@@ -533,7 +533,7 @@ impl MoeCutlassFp8Args<'_> {
         aligned(op, "groups", self.groups.address())?;
         need(op, "workspace", self.workspace.len(), u128::from(s.workspace_bytes))?;
         aligned(op, "workspace", self.workspace.address())?;
-        Ok(MoeCutlassFp8Params {
+        Ok(MoeCutlassQ8Params {
             x: self.x.address(),
             w1: self.w1.address(),
             w1_scales: self.w1_scales.address(),

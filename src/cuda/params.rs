@@ -406,10 +406,10 @@ const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, top_k) == 128);
 const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, workspace_bytes) == 132);
 const _: () = assert!(core::mem::offset_of!(MoeCutlassParams, sm_count) == 136);
 
-/// Expert MLP of prefill chunks over FP8 E4M3 expert stacks on CUTLASS's Hopper grouped GEMM (`mx_moe_cutlass_fp8_run`, csrc/cutlass/): `MoeCutlassParams`' computation with the rows of `x` and the SwiGLU activations quantized per row to E4M3 (scale = amax / 448) and the weights read as stored (`w[o, i] = code[o, i] * scale[o]`), FP8 x FP8 products accumulated in f32.
+/// Expert MLP of prefill chunks over 8-bit expert stacks (FP8 E4M3 or INT8, one scale per row) on CUTLASS's Hopper grouped GEMM (`mx_moe_cutlass_fp8_run`, `mx_moe_cutlass_int8_run`, csrc/cutlass/): `MoeCutlassParams`' computation with the rows of `x` and the SwiGLU activations quantized per row to the stacks' format (scale = amax / 448 or / 127) and the weights read as stored (`w[o, i] = code[o, i] * scale[o]`), 8-bit x 8-bit products accumulated in f32 (FP8) or i32 (INT8).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct MoeCutlassFp8Params {
+pub struct MoeCutlassQ8Params {
     /// `[tokens, hidden]` normalised hidden states. Device pointer to bf16, read.
     pub x: u64,
     /// `[experts, inter, hidden]` gate projection codes. Device pointer to u8, read.
@@ -432,13 +432,13 @@ pub struct MoeCutlassFp8Params {
     pub sorted_slots: u64,
     /// `[tokens * top_k, hidden]` weighted expert outputs per slot. Device pointer to f32, written.
     pub out: u64,
-    /// `[tokens * top_k, hidden]` scratch: the E4M3 codes of the rows of `x` in expert-sorted order. Device pointer to u8, written.
+    /// `[tokens * top_k, hidden]` scratch: the 8-bit codes of the rows of `x` in expert-sorted order. Device pointer to u8, written.
     pub xs: u64,
     /// `[tokens * top_k]` scratch: the scale of each row of `xs`. Device pointer to f32, written.
     pub xs_scales: u64,
-    /// `[2, tokens * top_k, inter]` scratch: the w1 and w3 code products, then the SwiGLU activations. Device pointer to f32, written.
+    /// `[2, tokens * top_k, inter]` scratch: the w1 and w3 code products (f32), then the SwiGLU activations. Device pointer to f32, written.
     pub gate_up: u64,
-    /// `[tokens * top_k, inter]` scratch: the E4M3 codes of the SwiGLU activations, expert-sorted. Device pointer to u8, written.
+    /// `[tokens * top_k, inter]` scratch: the 8-bit codes of the SwiGLU activations, expert-sorted. Device pointer to u8, written.
     pub act: u64,
     /// `[tokens * top_k]` scratch: the scale of each row of `act`. Device pointer to f32, written.
     pub act_scales: u64,
@@ -446,7 +446,7 @@ pub struct MoeCutlassFp8Params {
     pub down: u64,
     /// `[3 * experts, MOE_CUTLASS_GROUP_BYTES]` scratch: the grouped GEMMs' shapes, pointers and strides. Device pointer to u8, written.
     pub groups: u64,
-    /// `[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_fp8_workspace_bytes`). Device pointer to u8, written.
+    /// `[workspace_bytes]` the grouped GEMMs' workspace (`mx_moe_cutlass_fp8_workspace_bytes` / `_int8_`). Device pointer to u8, written.
     pub workspace: u64,
     /// Number of tokens.
     pub tokens: u32,
@@ -464,34 +464,34 @@ pub struct MoeCutlassFp8Params {
     pub sm_count: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<MoeCutlassFp8Params>() == 184);
-const _: () = assert!(core::mem::align_of::<MoeCutlassFp8Params>() == 8);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, x) == 0);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w1) == 8);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w1_scales) == 16);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w3) == 24);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w3_scales) == 32);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w2) == 40);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, w2_scales) == 48);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, topk_weights) == 56);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, expert_offsets) == 64);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, sorted_slots) == 72);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, out) == 80);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, xs) == 88);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, xs_scales) == 96);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, gate_up) == 104);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, act) == 112);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, act_scales) == 120);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, down) == 128);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, groups) == 136);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, workspace) == 144);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, tokens) == 152);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, hidden) == 156);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, inter) == 160);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, experts) == 164);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, top_k) == 168);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, workspace_bytes) == 172);
-const _: () = assert!(core::mem::offset_of!(MoeCutlassFp8Params, sm_count) == 176);
+const _: () = assert!(core::mem::size_of::<MoeCutlassQ8Params>() == 184);
+const _: () = assert!(core::mem::align_of::<MoeCutlassQ8Params>() == 8);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, x) == 0);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, w1) == 8);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, w1_scales) == 16);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, w3) == 24);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, w3_scales) == 32);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, w2) == 40);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, w2_scales) == 48);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, topk_weights) == 56);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, expert_offsets) == 64);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, sorted_slots) == 72);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, out) == 80);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, xs) == 88);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, xs_scales) == 96);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, gate_up) == 104);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, act) == 112);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, act_scales) == 120);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, down) == 128);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, groups) == 136);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, workspace) == 144);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, tokens) == 152);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, hidden) == 156);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, inter) == 160);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, experts) == 164);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, top_k) == 168);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, workspace_bytes) == 172);
+const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, sm_count) == 176);
 
 /// Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.
 #[repr(C)]
@@ -2290,139 +2290,139 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
             ],
         },
         CompiledLayout {
-            name: "MoeCutlassFp8Params",
-            size: core::mem::size_of::<MoeCutlassFp8Params>(),
-            align: core::mem::align_of::<MoeCutlassFp8Params>(),
+            name: "MoeCutlassQ8Params",
+            size: core::mem::size_of::<MoeCutlassQ8Params>(),
+            align: core::mem::align_of::<MoeCutlassQ8Params>(),
             fields: vec![
                 (
                     "x",
-                    core::mem::offset_of!(MoeCutlassFp8Params, x),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().x),
+                    core::mem::offset_of!(MoeCutlassQ8Params, x),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().x),
                 ),
                 (
                     "w1",
-                    core::mem::offset_of!(MoeCutlassFp8Params, w1),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w1),
+                    core::mem::offset_of!(MoeCutlassQ8Params, w1),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().w1),
                 ),
                 (
                     "w1_scales",
-                    core::mem::offset_of!(MoeCutlassFp8Params, w1_scales),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w1_scales),
+                    core::mem::offset_of!(MoeCutlassQ8Params, w1_scales),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().w1_scales),
                 ),
                 (
                     "w3",
-                    core::mem::offset_of!(MoeCutlassFp8Params, w3),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w3),
+                    core::mem::offset_of!(MoeCutlassQ8Params, w3),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().w3),
                 ),
                 (
                     "w3_scales",
-                    core::mem::offset_of!(MoeCutlassFp8Params, w3_scales),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w3_scales),
+                    core::mem::offset_of!(MoeCutlassQ8Params, w3_scales),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().w3_scales),
                 ),
                 (
                     "w2",
-                    core::mem::offset_of!(MoeCutlassFp8Params, w2),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w2),
+                    core::mem::offset_of!(MoeCutlassQ8Params, w2),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().w2),
                 ),
                 (
                     "w2_scales",
-                    core::mem::offset_of!(MoeCutlassFp8Params, w2_scales),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().w2_scales),
+                    core::mem::offset_of!(MoeCutlassQ8Params, w2_scales),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().w2_scales),
                 ),
                 (
                     "topk_weights",
-                    core::mem::offset_of!(MoeCutlassFp8Params, topk_weights),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().topk_weights),
+                    core::mem::offset_of!(MoeCutlassQ8Params, topk_weights),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().topk_weights),
                 ),
                 (
                     "expert_offsets",
-                    core::mem::offset_of!(MoeCutlassFp8Params, expert_offsets),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().expert_offsets),
+                    core::mem::offset_of!(MoeCutlassQ8Params, expert_offsets),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().expert_offsets),
                 ),
                 (
                     "sorted_slots",
-                    core::mem::offset_of!(MoeCutlassFp8Params, sorted_slots),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().sorted_slots),
+                    core::mem::offset_of!(MoeCutlassQ8Params, sorted_slots),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().sorted_slots),
                 ),
                 (
                     "out",
-                    core::mem::offset_of!(MoeCutlassFp8Params, out),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().out),
+                    core::mem::offset_of!(MoeCutlassQ8Params, out),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().out),
                 ),
                 (
                     "xs",
-                    core::mem::offset_of!(MoeCutlassFp8Params, xs),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().xs),
+                    core::mem::offset_of!(MoeCutlassQ8Params, xs),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().xs),
                 ),
                 (
                     "xs_scales",
-                    core::mem::offset_of!(MoeCutlassFp8Params, xs_scales),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().xs_scales),
+                    core::mem::offset_of!(MoeCutlassQ8Params, xs_scales),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().xs_scales),
                 ),
                 (
                     "gate_up",
-                    core::mem::offset_of!(MoeCutlassFp8Params, gate_up),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().gate_up),
+                    core::mem::offset_of!(MoeCutlassQ8Params, gate_up),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().gate_up),
                 ),
                 (
                     "act",
-                    core::mem::offset_of!(MoeCutlassFp8Params, act),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().act),
+                    core::mem::offset_of!(MoeCutlassQ8Params, act),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().act),
                 ),
                 (
                     "act_scales",
-                    core::mem::offset_of!(MoeCutlassFp8Params, act_scales),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().act_scales),
+                    core::mem::offset_of!(MoeCutlassQ8Params, act_scales),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().act_scales),
                 ),
                 (
                     "down",
-                    core::mem::offset_of!(MoeCutlassFp8Params, down),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().down),
+                    core::mem::offset_of!(MoeCutlassQ8Params, down),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().down),
                 ),
                 (
                     "groups",
-                    core::mem::offset_of!(MoeCutlassFp8Params, groups),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().groups),
+                    core::mem::offset_of!(MoeCutlassQ8Params, groups),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().groups),
                 ),
                 (
                     "workspace",
-                    core::mem::offset_of!(MoeCutlassFp8Params, workspace),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().workspace),
+                    core::mem::offset_of!(MoeCutlassQ8Params, workspace),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().workspace),
                 ),
                 (
                     "tokens",
-                    core::mem::offset_of!(MoeCutlassFp8Params, tokens),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().tokens),
+                    core::mem::offset_of!(MoeCutlassQ8Params, tokens),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().tokens),
                 ),
                 (
                     "hidden",
-                    core::mem::offset_of!(MoeCutlassFp8Params, hidden),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().hidden),
+                    core::mem::offset_of!(MoeCutlassQ8Params, hidden),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().hidden),
                 ),
                 (
                     "inter",
-                    core::mem::offset_of!(MoeCutlassFp8Params, inter),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().inter),
+                    core::mem::offset_of!(MoeCutlassQ8Params, inter),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().inter),
                 ),
                 (
                     "experts",
-                    core::mem::offset_of!(MoeCutlassFp8Params, experts),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().experts),
+                    core::mem::offset_of!(MoeCutlassQ8Params, experts),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().experts),
                 ),
                 (
                     "top_k",
-                    core::mem::offset_of!(MoeCutlassFp8Params, top_k),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().top_k),
+                    core::mem::offset_of!(MoeCutlassQ8Params, top_k),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().top_k),
                 ),
                 (
                     "workspace_bytes",
-                    core::mem::offset_of!(MoeCutlassFp8Params, workspace_bytes),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().workspace_bytes),
+                    core::mem::offset_of!(MoeCutlassQ8Params, workspace_bytes),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().workspace_bytes),
                 ),
                 (
                     "sm_count",
-                    core::mem::offset_of!(MoeCutlassFp8Params, sm_count),
-                    core::mem::size_of_val(&MoeCutlassFp8Params::default().sm_count),
+                    core::mem::offset_of!(MoeCutlassQ8Params, sm_count),
+                    core::mem::size_of_val(&MoeCutlassQ8Params::default().sm_count),
                 ),
             ],
         },

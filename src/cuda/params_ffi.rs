@@ -15,7 +15,7 @@ unsafe impl cudarc::driver::DeviceRepr for super::params::MoeParams {}
 // SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
 unsafe impl cudarc::driver::DeviceRepr for super::params::MoeCutlassParams {}
 // SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
-unsafe impl cudarc::driver::DeviceRepr for super::params::MoeCutlassFp8Params {}
+unsafe impl cudarc::driver::DeviceRepr for super::params::MoeCutlassQ8Params {}
 // SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.
 unsafe impl cudarc::driver::DeviceRepr for super::params::AttentionDecodeParams {}
 // SAFETY: `#[repr(C)]`, `Copy`, only u64/u32/f32 fields, layout asserted equal to params.h.

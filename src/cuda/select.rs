@@ -10,7 +10,8 @@
 //!   weight read;
 //! - packed experts: reading the packed weights once per 8 slots costs less than expanding them to
 //!   bf16 and reading that copy until about 40 slots per expert: up to 128 tokens;
-//! - FP8 experts on CUTLASS's FP8 grouped GEMM (nothing to expand): from 32 tokens, as bf16;
+//! - 8-bit experts (FP8, INT8) on CUTLASS's 8-bit grouped GEMM (nothing to expand): from 32
+//!   tokens, as bf16;
 //! - the Hopper expert kernels (hand-written warpgroup MMA, or CUTLASS's grouped GEMM) run only
 //!   where asked for, on compute capability 9.0, after their self-check against the mma.sync
 //!   kernels passed on the device.
@@ -38,10 +39,11 @@ pub enum Op {
 pub enum Format {
     /// bf16.
     Bf16,
-    /// Packed INT8 or 4-bit codes with their parameters (or FP8 with a column permutation).
+    /// Packed codes with their parameters (FP8, INT8 or 4-bit).
     Packed,
-    /// Packed FP8 E4M3 codes with one scale per row, no column permutation.
-    Fp8,
+    /// Packed 8-bit codes (FP8 or INT8) with one scale per row, no column permutation, of the
+    /// format the engine's CUTLASS 8-bit kernels serve.
+    Q8,
 }
 
 /// Which tensor-core kernels run the expert GEMMs of large chunks (decided once per engine).
@@ -97,9 +99,9 @@ pub enum Choice {
     DequantizeThenMoeWgmma,
     /// `dequantize` of the three expert stacks, then CUTLASS's grouped GEMM.
     DequantizeThenMoeCutlass,
-    /// `moe_cutlass_fp8`: gather and quantize, CUTLASS's FP8 grouped GEMM (w1 and w3), SwiGLU and
-    /// quantize, FP8 grouped GEMM (w2), scatter.
-    MoeCutlassFp8,
+    /// `moe_cutlass_q8`: gather and quantize, CUTLASS's 8-bit grouped GEMM (w1 and w3), SwiGLU and
+    /// quantize, 8-bit grouped GEMM (w2), scatter.
+    MoeCutlassQ8,
 }
 
 impl Choice {
@@ -118,33 +120,34 @@ impl Choice {
             Choice::DequantizeThenMoeGrouped => "dequantize x3 + moe_grouped_up + moe_grouped_down",
             Choice::DequantizeThenMoeWgmma => "dequantize x3 + moe_wgmma_up + moe_wgmma_down",
             Choice::DequantizeThenMoeCutlass => "dequantize x3 + moe_cutlass",
-            Choice::MoeCutlassFp8 => "moe_cutlass_fp8 (quantize, FP8 grouped GEMM x2, swiglu, scatter)",
+            Choice::MoeCutlassQ8 => "moe_cutlass_q8 (quantize, 8-bit grouped GEMM x2, swiglu, scatter)",
         }
     }
 }
 
 /// The kernels that run `op` over `tokens` tokens of weights in `format` on `device`.
 pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
-    use Format::{Bf16, Fp8, Packed};
+    use Format::{Bf16, Packed, Q8};
     match (op, format) {
         (Op::Projection, Bf16) if tokens <= LINEAR_GEMV_MAX_TOKENS => Choice::LinearGemv,
         (Op::Projection, Bf16) => Choice::LinearMma,
-        (Op::Projection, Packed | Fp8) if tokens <= LINEAR_GEMV_MAX_TOKENS => Choice::QLinear,
-        (Op::Projection, Packed | Fp8) => Choice::DequantizeThenLinearMma,
+        (Op::Projection, Packed | Q8) if tokens <= LINEAR_GEMV_MAX_TOKENS => Choice::QLinear,
+        (Op::Projection, Packed | Q8) => Choice::DequantizeThenLinearMma,
         (Op::Experts, Bf16) if tokens < MOE_GROUPED_MIN_TOKENS => Choice::MoeGemv,
         (Op::Experts, Bf16) => match device.grouped {
             GroupedKernel::Mma => Choice::MoeGrouped,
             GroupedKernel::Wgmma => Choice::MoeWgmma,
             GroupedKernel::Cutlass => Choice::MoeCutlass,
         },
-        // Only CUTLASS's FP8 kernels read FP8 as FP8; elsewhere it is any packed format.
-        (Op::Experts, Fp8)
+        // Only CUTLASS's 8-bit kernels read 8-bit codes as such; elsewhere they are any packed
+        // format.
+        (Op::Experts, Q8)
             if device.grouped == GroupedKernel::Cutlass && tokens >= MOE_GROUPED_MIN_TOKENS =>
         {
-            Choice::MoeCutlassFp8
+            Choice::MoeCutlassQ8
         }
-        (Op::Experts, Packed | Fp8) if tokens <= QUANT_MOE_GEMV_MAX_TOKENS => Choice::QMoeGemv,
-        (Op::Experts, Packed | Fp8) => match device.grouped {
+        (Op::Experts, Packed | Q8) if tokens <= QUANT_MOE_GEMV_MAX_TOKENS => Choice::QMoeGemv,
+        (Op::Experts, Packed | Q8) => match device.grouped {
             GroupedKernel::Mma => Choice::DequantizeThenMoeGrouped,
             GroupedKernel::Wgmma => Choice::DequantizeThenMoeWgmma,
             GroupedKernel::Cutlass => Choice::DequantizeThenMoeCutlass,
@@ -157,7 +160,7 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
 pub fn table() -> String {
     let mut out = String::from("op          format  grouped  tokens       kernels\n");
     for op in [Op::Projection, Op::Experts] {
-        for format in [Format::Bf16, Format::Packed, Format::Fp8] {
+        for format in [Format::Bf16, Format::Packed, Format::Q8] {
             for grouped in GroupedKernel::ALL {
                 let device = Device { grouped };
                 let mut start = 1;
@@ -231,17 +234,17 @@ mod tests {
             e(129, Format::Packed, CUTLASS),
             Choice::DequantizeThenMoeCutlass
         );
-        assert_eq!(e(31, Format::Fp8, CUTLASS), Choice::QMoeGemv);
-        assert_eq!(e(32, Format::Fp8, CUTLASS), Choice::MoeCutlassFp8);
-        // FP8 is any packed format where CUTLASS's FP8 kernels do not run.
+        assert_eq!(e(31, Format::Q8, CUTLASS), Choice::QMoeGemv);
+        assert_eq!(e(32, Format::Q8, CUTLASS), Choice::MoeCutlassQ8);
+        // 8-bit codes are any packed format where CUTLASS's 8-bit kernels do not run.
         for device in [NO, HOPPER] {
             for tokens in [1, 31, 32, 128, 129, 4096] {
-                assert_eq!(e(tokens, Format::Fp8, device), e(tokens, Format::Packed, device));
+                assert_eq!(e(tokens, Format::Q8, device), e(tokens, Format::Packed, device));
             }
         }
         for tokens in [1, 16, 17, 4096] {
             assert_eq!(
-                select(Op::Projection, tokens, Format::Fp8, CUTLASS),
+                select(Op::Projection, tokens, Format::Q8, CUTLASS),
                 select(Op::Projection, tokens, Format::Packed, CUTLASS)
             );
         }
@@ -254,7 +257,7 @@ mod tests {
         assert!(text.contains("projection  bf16    mma      17+          linear_mma"));
         assert!(text.contains("experts     packed  wgmma    129+"));
         assert!(text.contains("experts     bf16    cutlass  32+          moe_cutlass"));
-        assert!(text.contains("experts     fp8     cutlass  32+          moe_cutlass_fp8"));
+        assert!(text.contains("experts     q8      cutlass  32+          moe_cutlass_q8"));
         // 2 ops x 3 formats x 3 grouped kernels, two ranges each, plus the header.
         assert_eq!(text.lines().count(), 1 + 36);
     }

@@ -61,6 +61,44 @@ pub enum PackedKind {
     },
 }
 
+/// An 8-bit format with one scale per row: what the W8A8 tensor-core kernels quantize activations
+/// to per row (token), as [`fp8::quantize_per_channel`] and [`int8::quantize_per_channel`] do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Q8 {
+    /// FP8 E4M3 (scale = amax / 448).
+    Fp8,
+    /// INT8 (scale = amax / 127).
+    Int8,
+}
+
+impl Q8 {
+    /// The 8-bit format of `kind`, or `None` for the 4-bit kinds.
+    pub fn of(kind: PackedKind) -> Option<Q8> {
+        match kind {
+            PackedKind::Fp8 => Some(Q8::Fp8),
+            PackedKind::Int8 => Some(Q8::Int8),
+            PackedKind::Int4 { .. } | PackedKind::Lut4 { .. } => None,
+        }
+    }
+
+    /// The packed kind of this format.
+    pub fn kind(self) -> PackedKind {
+        match self {
+            Q8::Fp8 => PackedKind::Fp8,
+            Q8::Int8 => PackedKind::Int8,
+        }
+    }
+
+    /// Each row of `x` (`[rows, cols]`) quantized to this format on its own scale and dequantized
+    /// again: the values a kernel that quantizes its activations per row multiplies with.
+    pub fn round_trip_rows(self, x: &[f32], cols: usize) -> Vec<f32> {
+        match self {
+            Q8::Fp8 => fp8::round_trip_rows(x, cols),
+            Q8::Int8 => int8::round_trip_rows(x, cols),
+        }
+    }
+}
+
 /// Why a matrix could not be packed; the caller names the tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayoutError(pub String);

@@ -1,19 +1,19 @@
 //! The CPU reference of what the MoE expert kernels write per slot, from the crate's own CPU
-//! expert (`mixtral::cpu::moe::{expert_act, expert_mlp, expert_mlp_fp8_activations}`): shared by
+//! expert (`mixtral::cpu::moe::{expert_act, expert_mlp, expert_mlp_q8_activations}`): shared by
 //! the bf16 and the quantized expert kernel tests, so the reference is called, never copied.
 
-use mixtral::cpu::moe::{expert_act, expert_mlp, expert_mlp_fp8_activations, Expert};
+use mixtral::cpu::moe::{expert_act, expert_mlp, expert_mlp_q8_activations, Expert};
 use mixtral::cpu::router::{ExpertGroups, Routing};
-use mixtral::quant::fp8;
+use mixtral::quant::Q8;
 
 /// What the expert kernels multiply the weights with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activations {
     /// The activations as they are (the bf16 and weight-only quantized kernels).
     Exact,
-    /// The rows of x and of the SwiGLU activations quantized to E4M3 per row (the FP8 x FP8
-    /// kernels); `act` is then the SwiGLU of the quantized x, before its own quantization.
-    Fp8,
+    /// The rows of x and of the SwiGLU activations quantized per row to an 8-bit format (the
+    /// W8A8 kernels); `act` is then the SwiGLU of the quantized x, before its own quantization.
+    Q8(Q8),
 }
 
 /// What the expert kernels write for every slot `s = t * top_k + j` (token t's j-th expert e).
@@ -75,15 +75,10 @@ pub fn expert_slots_with(
                 expert_act(&xs, expert, hidden, inter, &mut acts);
                 expert_mlp(&xs, expert, hidden, inter, &mut ys);
             }
-            Activations::Fp8 => {
-                expert_act(
-                    &fp8::round_trip_rows(&xs, hidden),
-                    expert,
-                    hidden,
-                    inter,
-                    &mut acts,
-                );
-                expert_mlp_fp8_activations(&xs, expert, hidden, inter, &mut ys);
+            Activations::Q8(format) => {
+                let xq = format.round_trip_rows(&xs, hidden);
+                expert_act(&xq, expert, hidden, inter, &mut acts);
+                expert_mlp_q8_activations(&xs, expert, (hidden, inter), format, &mut ys);
             }
         }
         for (i, &a) in assigned.iter().enumerate() {

@@ -10,6 +10,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 use mixtral::cuda::{CudaDevice, Kernels};
+use mixtral::quant::Q8;
 
 use crate::shared;
 pub use crate::shared::numeric::{random_values, rel_l2, round_bf16, to_bf16, to_f32};
@@ -281,7 +282,7 @@ pub fn propagated_bound(propagated: f64, reference: &[f32], k: usize) -> f64 {
     4.0 * BF16_RMS * propagated.sqrt() / norm.max(f64::MIN_POSITIVE) + f32_bound(k)
 }
 
-/// Relative difference, in the model of [`fp8_bound`], between an FP8 tensor-core sum of exact
+/// Relative difference, in the model of [`q8_bound`], between an FP8 tensor-core sum of exact
 /// E4M3 x E4M3 products and the f32 sum of the same products: 2^-10.
 ///
 /// Derivation (a model from the hardware's documented behaviour, not yet a measurement on this
@@ -293,28 +294,55 @@ pub fn propagated_bound(propagated: f64, reference: &[f32], k: usize) -> f64 {
 /// the sum, taken as 2^-10.
 pub const FP8_ACCUMULATION: f64 = 1.0 / 1024.0;
 
-/// Relative L2 bound of the FP8 x FP8 expert output `out = weight * w2 q(act)` against the CPU
-/// reference with the same per-row E4M3 quantization (`expert_mlp_fp8_activations`), `propagated`
-/// being the sum of [`propagation`] over the output's rows (w2 against the reference `act`).
+/// How far apart, relative to themselves, the device's and the reference's SwiGLU activations of a
+/// W8A8 expert kernel over `k` = hidden inputs can be. See [`q8_bound`].
+pub fn q8_activation_spread(format: Q8, k: usize) -> f64 {
+    match format {
+        // The FP8 accumulation of w1 x and w3 x (the row scale, from the row maximum, moves by as
+        // much).
+        Q8::Fp8 => 2.0 * FP8_ACCUMULATION,
+        // Exact i32 sums on the device: only the reference's f32 sums differ, twice.
+        Q8::Int8 => 2.0 * f32_bound(k),
+    }
+}
+
+/// The per-element variance of the code flips of activation `a` (of a row whose largest magnitude
+/// is `amax`) for activations `d` apart relative to themselves: a code flips with probability
+/// d |a| / step and then moves by one step, so the variance is d |a| step. FP8: step <= 2^-3 |a|,
+/// so at most d a^2 / 8. INT8: step = amax / 127, and d |a| step <= d (a^2 + step^2) / 2.
+pub fn q8_flip_variance(format: Q8, d: f64, a: f32, amax: f32) -> f64 {
+    let a = a as f64;
+    match format {
+        Q8::Fp8 => d * a * a / 8.0,
+        Q8::Int8 => {
+            let step = amax as f64 / 127.0;
+            d * (a * a + step * step) / 2.0
+        }
+    }
+}
+
+/// Relative L2 bound of the W8A8 expert output `out = weight * w2 q(act)` against the CPU reference
+/// with the same per-row quantization (`expert_mlp_q8_activations`), `flips` being the sum over the
+/// output's rows of [`propagation`] of w2 against the per-element RMS of the activation code flips
+/// (square roots of [`q8_flip_variance`]), `d` the [`q8_activation_spread`] and `k_down` = inter.
 ///
 /// Derivation: the rows of x quantize to the same codes on both sides (identical bf16 inputs, the
-/// same IEEE division and rounding). The SwiGLU activations then differ by d = 2 *
-/// [`FP8_ACCUMULATION`] of themselves (w1 and w3 each; the row scale, from the row maximum,
-/// moves by as much). Where a rounding boundary of E4M3 falls between the two values, with
-/// probability d |a| / step, the codes differ by one step, at most 2^-3 |a|; otherwise not at
-/// all. So each element errs with variance d |a| * step <= d * 2^-3 * a^2: relative RMS
-/// sqrt(2^-3 d) = 2^-6 = 1.6e-2, independent from element to element. Through w2 this is
-/// [`propagated_bound`]'s argument with that RMS in place of bf16's (4 times the RMS: a tail below
-/// 1e-4), plus the direct effect of d and of the w2 sum's own [`FP8_ACCUMULATION`].
-pub fn fp8_bound(propagated: f64, reference: &[f32]) -> f64 {
-    let d = 2.0 * FP8_ACCUMULATION;
-    let flip_rms = (d / 8.0).sqrt();
+/// same IEEE division and rounding). The activations then differ by d of themselves, which moves a
+/// code by one step where a rounding boundary falls between the two values, independently from
+/// element to element: [`propagated_bound`]'s argument with the flip RMS in place of bf16's (4
+/// times the RMS: a tail below 1e-4), plus the direct effect of d and the w2 sum's own difference
+/// ([`FP8_ACCUMULATION`] for FP8, f32 roundings for INT8).
+pub fn q8_bound(format: Q8, flips: f64, reference: &[f32], d: f64, k_down: usize) -> f64 {
     let norm = reference
         .iter()
         .map(|&r| (r as f64).powi(2))
         .sum::<f64>()
         .sqrt();
-    4.0 * flip_rms * propagated.sqrt() / norm.max(f64::MIN_POSITIVE) + d + FP8_ACCUMULATION
+    let down = match format {
+        Q8::Fp8 => FP8_ACCUMULATION,
+        Q8::Int8 => f32_bound(k_down),
+    };
+    4.0 * flips.sqrt() / norm.max(f64::MIN_POSITIVE) + d + down
 }
 
 /// Checks, on the CPU, the constants the bounds above rest on. They run without a device.

@@ -5,9 +5,9 @@
 //! expert with no slots (a group with M = 0), hidden and inter multiples of 8 that are not
 //! multiples of the 128 x 128 x 64 tile, so every tail is crossed. The kernels exist only for
 //! compute capability 9.0 in a build with CUTLASS: elsewhere the comparisons print that they do
-//! not apply, and the gate tests check that the launcher refuses the device. The FP8 kernels'
-//! comparisons are in [`quant`](super::quant), beside the other kernels over packed stacks; their
-//! self-check and gate are here.
+//! not apply, and the gate tests check that the launcher refuses the device. The 8-bit (FP8, INT8)
+//! kernels' comparisons are in [`quant`](super::quant), beside the other kernels over packed
+//! stacks; their self-checks and gate are here.
 
 use std::sync::Arc;
 
@@ -15,11 +15,12 @@ use cudarc::driver::CudaStream;
 use mixtral::cuda::args::{MoeArgs, MoeScalars};
 use mixtral::cuda::memory::DeviceArena;
 use mixtral::cuda::ops::{
-    moe_cutlass_fp8_self_check, moe_cutlass_gemm, moe_cutlass_self_check, ActOrder, HopperCheck,
-    MoeCutlassFp8Scratch, MoeCutlassScratch, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
-    FP8_SELF_CHECK_BOUND, WGMMA_SELF_CHECK_BOUND,
+    moe_cutlass_gemm, moe_cutlass_q8_self_check, moe_cutlass_self_check, ActOrder, HopperCheck,
+    MoeCutlassQ8Scratch, MoeCutlassScratch, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
+    FP8_SELF_CHECK_BOUND, INT8_SELF_CHECK_BOUND, WGMMA_SELF_CHECK_BOUND,
 };
 use mixtral::cuda::{CudaError, Kernels};
+use mixtral::quant::Q8;
 use proptest::prelude::*;
 
 use super::moe_gemv::{
@@ -121,15 +122,21 @@ fn moe_cutlass_self_check_and_device_gate() {
     );
 }
 
-/// The same for the FP8 kernels: their self-check against the CPU reference with FP8 activations.
+/// The same for the 8-bit kernels of each format: their self-check against the CPU reference with
+/// 8-bit activations.
 #[test]
-fn moe_cutlass_fp8_self_check_and_device_gate() {
-    self_check_and_device_gate(
-        "moe_cutlass_fp8_self_check_and_device_gate",
-        |gpu| moe_cutlass_fp8_self_check(gpu.stream()),
-        FP8_SELF_CHECK_BOUND,
-        |arena, stream, shape| MoeCutlassFp8Scratch::new(arena, stream, shape).map(drop),
-    );
+fn moe_cutlass_q8_self_check_and_device_gate() {
+    for (format, bound) in [
+        (Q8::Fp8, FP8_SELF_CHECK_BOUND),
+        (Q8::Int8, INT8_SELF_CHECK_BOUND),
+    ] {
+        self_check_and_device_gate(
+            "moe_cutlass_q8_self_check_and_device_gate",
+            |gpu| moe_cutlass_q8_self_check(gpu.stream(), format),
+            bound,
+            |arena, stream, shape| MoeCutlassQ8Scratch::new(arena, stream, shape, format).map(drop),
+        );
+    }
 }
 
 /// A self-check's verdict on this device: `Passed` within `bound` where the CUTLASS kernels run;

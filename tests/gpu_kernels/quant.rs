@@ -17,12 +17,12 @@ use mixtral::cuda::engine::matrix::table_values;
 use mixtral::cuda::memory::DeviceArena;
 use mixtral::cuda::memory::View;
 use mixtral::cuda::ops::{
-    dequantize, moe_cutlass_fp8_gemm, qlinear, qmoe_gemv, shared_perm, DequantShape,
-    MoeCutlassFp8Scratch, PackedView, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
+    dequantize, moe_cutlass_q8_gemm, qlinear, qmoe_gemv, shared_perm, DequantShape,
+    MoeCutlassQ8Scratch, PackedView, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
 };
 use mixtral::dtype::WeightSlice;
 use mixtral::packed::lut4::{self, Lut4};
-use mixtral::quant::{fp8, int4, int8, PackedKind, PackedMatrix};
+use mixtral::quant::{fp8, int4, int8, PackedKind, PackedMatrix, Q8};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -444,9 +444,9 @@ fn cases_of(
 enum QMoeKernel {
     /// `qmoe_gemv` (every format; `act` and `out` compared).
     Gemv,
-    /// `moe_cutlass_fp8_gemm` (FP8 without permutation, compute capability 9.0 in a build with
-    /// CUTLASS; `out` compared with the FP8-activation reference, `act` is not written).
-    CutlassFp8,
+    /// `moe_cutlass_q8_gemm` (FP8 or INT8 without permutation, compute capability 9.0 in a build
+    /// with CUTLASS; `out` compared with the 8-bit-activation reference, `act` is not written).
+    CutlassQ8,
 }
 
 /// Runs qmoe_gemv on `case` and compares `act` and `out` per slot with the CPU expert MLP on the
@@ -570,13 +570,14 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     let kinds = [w1s.kind, w3s.kind, w2s.kind];
     let run = match kernel {
         QMoeKernel::Gemv => qmoe_gemv(&gpu.kernels, stream, &shape, kinds, args),
-        QMoeKernel::CutlassFp8 => {
+        QMoeKernel::CutlassQ8 => {
+            let format = Q8::of(kind).expect("an 8-bit case");
             let mut arena = DeviceArena::new(std::sync::Arc::clone(stream));
-            let mut scratch = match MoeCutlassFp8Scratch::new(&mut arena, stream, &shape) {
+            let mut scratch = match MoeCutlassQ8Scratch::new(&mut arena, stream, &shape, format) {
                 Ok(scratch) => scratch,
                 Err(e) => {
                     // Only another GPU or a build without CUTLASS may refuse: the gate test
-                    // (`moe_cutlass_fp8_self_check_and_device_gate`) checks which.
+                    // (`moe_cutlass_q8_self_check_and_device_gate`) checks which.
                     eprintln!("not applicable {name} on {}: {e}", gpu.device.name());
                     assert!(
                         gpu.device.compute_capability() != CUTLASS_COMPUTE_CAPABILITY
@@ -586,7 +587,7 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
                     return;
                 }
             };
-            moe_cutlass_fp8_gemm(stream, &shape, kinds, args, &mut scratch)
+            moe_cutlass_q8_gemm(stream, &shape, kinds, args, &mut scratch)
         }
     };
     run.unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
@@ -605,25 +606,33 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
             w3: WeightSlice::F32(m3).into(),
         })
         .collect();
-    let activations = match kernel {
-        QMoeKernel::Gemv => Activations::Exact,
-        QMoeKernel::CutlassFp8 => Activations::Fp8,
+    let activations = match (kernel, Q8::of(kind)) {
+        (QMoeKernel::CutlassQ8, Some(format)) => Activations::Q8(format),
+        _ => Activations::Exact,
     };
     let (experts_cpu, dims) = (&experts_cpu, (hidden, inter));
     let reference = expert_slots_with(activations, &x, experts_cpu, &routing, &groups, dims);
-    let propagated: f64 = (0..slots)
-        .map(|s| {
-            common::propagation(
-                &dequantized[routing.experts[s]][2],
-                &reference.act[s * inter..(s + 1) * inter],
-                routing.weights[s],
-            )
-        })
-        .sum();
-    let out_bound = match kernel {
+    // What the device's roundings of act contribute through w2, per slot, with the RMS of each
+    // element's rounding (`rms(a, row maximum)`) in place of the value.
+    let propagated_with = |rms: &dyn Fn(f32, f32) -> f64| -> f64 {
+        (0..slots)
+            .map(|s| {
+                let row = &reference.act[s * inter..(s + 1) * inter];
+                let amax = row.iter().fold(0.0f32, |m, a| m.max(a.abs()));
+                let scaled: Vec<f32> = row.iter().map(|&a| rms(a, amax) as f32).collect();
+                common::propagation(
+                    &dequantized[routing.experts[s]][2],
+                    &scaled,
+                    routing.weights[s],
+                )
+            })
+            .sum()
+    };
+    let out_bound = match (kernel, activations) {
         // The rounding chain of moe_gemv (tests/gpu_kernels/moe_gemv.rs) on the dequantized
         // weights: act rounded once to bf16; out derived from that rounding propagated through w2.
-        QMoeKernel::Gemv => {
+        (QMoeKernel::Gemv, _) | (_, Activations::Exact) => {
+            let propagated = propagated_with(&|a, _| a as f64);
             let act = common::to_f32(&d_act.read_written(stream, "act"));
             common::assert_close(
                 &format!("{name} act {case:?}"),
@@ -633,9 +642,14 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
             );
             common::propagated_bound(propagated, &reference.out, hidden + inter)
         }
-        // The same codes of x on both sides; activation codes one step apart where the FP8
-        // accumulation moves them across a rounding boundary (`common::fp8_bound`).
-        QMoeKernel::CutlassFp8 => common::fp8_bound(propagated, &reference.out),
+        // The same codes of x on both sides; activation codes one step apart where the
+        // accumulation moves them across a rounding boundary (`common::q8_bound`).
+        (QMoeKernel::CutlassQ8, Activations::Q8(format)) => {
+            let d = common::q8_activation_spread(format, hidden);
+            let flips =
+                propagated_with(&|a, amax| common::q8_flip_variance(format, d, a, amax).sqrt());
+            common::q8_bound(format, flips, &reference.out, d, inter)
+        }
     };
     common::assert_close(
         &format!("{name} out {case:?}"),
@@ -674,42 +688,48 @@ fn qmoe_gemv_every_format_with_idle_experts() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// moe_cutlass_fp8_gemm
+// moe_cutlass_q8_gemm
 
-/// FP8 cases for CUTLASS's FP8 expert kernels: hidden and inter multiples of 16 (whole 16-byte
-/// rows of codes), 1 to 300 tokens (groups of M = 0 up to several 128-row tiles), no permutation.
-fn fp8_cases() -> impl Strategy<Value = QMoeCase> {
+/// FP8 and INT8 cases for CUTLASS's 8-bit expert kernels: hidden and inter multiples of 16 (whole
+/// 16-byte rows of codes), 1 to 300 tokens (groups of M = 0 up to several 128-row tiles), no
+/// permutation.
+fn q8_cases() -> impl Strategy<Value = QMoeCase> {
     let tokens = prop_oneof![Just(1usize), 1usize..8, 8usize..300];
-    cases_of(&[PackedKind::Fp8], tokens, (16, 20, 16), Just(false))
+    cases_of(
+        &[PackedKind::Fp8, PackedKind::Int8],
+        tokens,
+        (16, 20, 16),
+        Just(false),
+    )
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
     #[test]
-    fn moe_cutlass_fp8_matches_the_cpu_experts_with_fp8_activations(case in fp8_cases()) {
-        check_qmoe_with("moe_cutlass_fp8", QMoeKernel::CutlassFp8, &case);
+    fn moe_cutlass_q8_matches_the_cpu_experts_with_8_bit_activations(case in q8_cases()) {
+        check_qmoe_with("moe_cutlass_q8", QMoeKernel::CutlassQ8, &case);
     }
 }
 
-/// Mixtral-like depth: K = 1024 and 768 (8 and 6 k-tiles of 128), 300 tokens top-2 over 8 experts
-/// with two cold ones, so several 128-row tiles per expert and groups with M = 0.
+/// Mixtral-like depth for each 8-bit format: K = 1024 and 768 (8 and 6 k-tiles of 128), 300
+/// tokens top-2 over 8 experts with two cold ones, so several 128-row tiles per expert and groups
+/// with M = 0.
 #[test]
-fn moe_cutlass_fp8_with_long_k_and_idle_experts() {
-    let case = QMoeCase {
-        kind: PackedKind::Fp8,
-        tokens: 300,
-        hidden: 1024,
-        inter: 768,
-        experts: 8,
-        top_k: 2,
-        cold: 0b0110_0000,
-        permuted: false,
-        seed: 17,
-    };
-    check_qmoe_with(
-        "moe_cutlass_fp8_with_long_k_and_idle_experts",
-        QMoeKernel::CutlassFp8,
-        &case,
-    );
+fn moe_cutlass_q8_with_long_k_and_idle_experts() {
+    for (i, kind) in [PackedKind::Fp8, PackedKind::Int8].into_iter().enumerate() {
+        let case = QMoeCase {
+            kind,
+            tokens: 300,
+            hidden: 1024,
+            inter: 768,
+            experts: 8,
+            top_k: 2,
+            cold: 0b0110_0000,
+            permuted: false,
+            seed: 17 + i as u64,
+        };
+        let name = "moe_cutlass_q8_with_long_k_and_idle_experts";
+        check_qmoe_with(name, QMoeKernel::CutlassQ8, &case);
+    }
 }

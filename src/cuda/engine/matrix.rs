@@ -19,10 +19,10 @@ use super::super::args::{LinearArgs, LinearScalars, MoeArgs, MoeScalars, QMoeArg
 use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::module::Kernels;
-use super::super::ops::{self, DequantShape, MoeCutlassFp8Scratch, MoeCutlassScratch, PackedView};
+use super::super::ops::{self, DequantShape, MoeCutlassQ8Scratch, MoeCutlassScratch, PackedView};
 pub use super::super::select::GroupedKernel;
 use super::super::select::{select, Choice, Device, Format, Op};
-use crate::quant::{int4, PackedKind, QuantFormat};
+use crate::quant::{int4, PackedKind, QuantFormat, Q8};
 use super::host::HostTensor;
 
 
@@ -316,9 +316,9 @@ pub enum GroupedExperts {
     Wgmma,
     /// `moe_cutlass_gemm` (CUTLASS's Hopper grouped GEMM, bf16) and its scratch.
     Cutlass(Box<MoeCutlassScratch>),
-    /// `moe_cutlass_fp8_gemm` (CUTLASS's Hopper grouped GEMM over FP8 stacks) and its scratch:
-    /// for models whose experts are all FP8.
-    CutlassFp8(Box<MoeCutlassFp8Scratch>),
+    /// `moe_cutlass_q8_gemm` (CUTLASS's Hopper grouped GEMM over 8-bit stacks) and its scratch:
+    /// for models whose experts are all FP8, or all INT8.
+    CutlassQ8(Box<MoeCutlassQ8Scratch>),
 }
 
 impl GroupedExperts {
@@ -327,20 +327,21 @@ impl GroupedExperts {
         match self {
             GroupedExperts::Mma => GroupedKernel::Mma,
             GroupedExperts::Wgmma => GroupedKernel::Wgmma,
-            GroupedExperts::Cutlass(_) | GroupedExperts::CutlassFp8(_) => GroupedKernel::Cutlass,
+            GroupedExperts::Cutlass(_) | GroupedExperts::CutlassQ8(_) => GroupedKernel::Cutlass,
         }
     }
 }
 
-/// The format the selection table knows a layer's expert stacks by: FP8 when all three are FP8
-/// without permutation, packed when all three are packed in one kind (`qmoe_gemv` takes one group
-/// size and one table), bf16 otherwise (the packed ones are then expanded).
-fn experts_format(stacks: [&DeviceMatrix; 3]) -> Format {
+/// The format the selection table knows a layer's expert stacks by: 8-bit codes when all three are
+/// of the 8-bit format `q8` (the one the engine's 8-bit kernels serve) without permutation, packed
+/// when all three are packed in one kind (`qmoe_gemv` takes one group size and one table), bf16
+/// otherwise (the packed ones are then expanded).
+fn experts_format(stacks: [&DeviceMatrix; 3], q8: Option<Q8>) -> Format {
     match stacks.map(DeviceMatrix::packed) {
         [Some(p1), Some(p3), Some(p2)] if p1.kind == p3.kind && p3.kind == p2.kind => {
             let permuted = p1.perm.is_some() || p2.perm.is_some();
-            if p1.kind == PackedKind::Fp8 && !permuted {
-                Format::Fp8
+            if q8.is_some_and(|q| q.kind() == p1.kind) && !permuted {
+                Format::Q8
             } else {
                 Format::Packed
             }
@@ -363,15 +364,15 @@ pub fn experts(
     let device = Device {
         grouped: grouped.kernel(),
     };
-    // FP8 stacks run as FP8 only where the engine made the FP8 kernels' scratch (every layer's
-    // experts FP8); elsewhere they are any packed format.
-    let format = match (experts_format([w1, w3, w2]), &*grouped) {
-        (Format::Fp8, GroupedExperts::CutlassFp8(_)) => Format::Fp8,
-        (Format::Fp8, _) => Format::Packed,
-        (format, _) => format,
+    // 8-bit stacks run as 8-bit codes only where the engine made the 8-bit kernels' scratch for
+    // their format (every layer's experts FP8, or INT8); elsewhere they are any packed format.
+    let q8 = match &*grouped {
+        GroupedExperts::CutlassQ8(scratch) => Some(scratch.format()),
+        _ => None,
     };
+    let format = experts_format([w1, w3, w2], q8);
     let choice = select(Op::Experts, s.tokens as usize, format, device);
-    if let (Choice::QMoeGemv | Choice::MoeCutlassFp8, Some(p1), Some(p3), Some(p2)) =
+    if let (Choice::QMoeGemv | Choice::MoeCutlassQ8, Some(p1), Some(p3), Some(p2)) =
         (choice, w1.packed(), w3.packed(), w2.packed())
     {
         let (v1, v3, v2) = (p1.view(), p3.view(), p2.view());
@@ -396,11 +397,11 @@ pub fn experts(
         };
         let kinds = [v1.kind, v3.kind, v2.kind];
         return match grouped {
-            GroupedExperts::CutlassFp8(cutlass) if choice == Choice::MoeCutlassFp8 => {
-                ops::moe_cutlass_fp8_gemm(stream, s, kinds, args, cutlass)
+            GroupedExperts::CutlassQ8(cutlass) if choice == Choice::MoeCutlassQ8 => {
+                ops::moe_cutlass_q8_gemm(stream, s, kinds, args, cutlass)
             }
             _ if choice == Choice::QMoeGemv => ops::qmoe_gemv(kernels, stream, s, kinds, args),
-            _ => Err(no_scratch("FP8")),
+            _ => Err(no_scratch("8-bit")),
         };
     }
     let args = MoeArgs {
@@ -428,7 +429,8 @@ pub fn experts(
 }
 
 /// The CUTLASS kernels of `precision` were selected for a layer without their scratch (the engine
-/// makes one scratch, for the FP8 kernels only when every layer's experts are FP8).
+/// makes one scratch, for the 8-bit kernels only when every layer's experts are of one 8-bit
+/// format).
 fn no_scratch(precision: &str) -> CudaError {
     CudaError::UnsupportedModel(format!(
         "the CUTLASS {precision} expert kernels were selected but the engine made no scratch for them"

@@ -53,7 +53,7 @@ use crate::engine::{
     SeqStep, StepOutput,
 };
 use crate::kv::{BlockCopy, KvLimits, PagedKv, RELEASED};
-use crate::quant::PackedKind;
+use crate::quant::Q8;
 use crate::sampling::{Rng, Sampler};
 use crate::shard::{RankShard, RankWeights};
 use crate::weights::ModelWeights;
@@ -167,6 +167,24 @@ impl std::fmt::Debug for CudaEngine {
 }
 
 /// The plan sizes for `options` given `free` device bytes after the weights; `None` KV blocks
+/// The 8-bit format of every layer's expert stacks when they are all FP8 or all INT8 without
+/// column permutation (what the CUTLASS 8-bit expert kernels read); `None` otherwise.
+fn q8_experts(formats: &[LayerFormats]) -> Option<Q8> {
+    let first = formats.first()?;
+    let format = match first.w13 {
+        StackFormat::Packed { kind, perm: false } => Q8::of(kind)?,
+        _ => return None,
+    };
+    let stack = StackFormat::Packed {
+        kind: format.kind(),
+        perm: false,
+    };
+    formats
+        .iter()
+        .all(|f| f.w13 == stack && f.w2 == stack)
+        .then_some(format)
+}
+
 /// means "as many as fit". Pure arithmetic, tested without a device.
 pub fn plan_sizes(
     config: &ModelConfig,
@@ -353,22 +371,16 @@ impl CudaEngine {
                 Some(r) => rank::rank_bytes(full, &r.shard, &formats, max_tokens),
                 None => device_weight_bytes(&config, tied, &formats, max_tokens),
             };
-            // The CUTLASS expert scratch, when asked for, whether or not its self-check passes.
-            let fp8_experts = formats.iter().all(|f| {
-                let fp8 = StackFormat::Packed {
-                    kind: PackedKind::Fp8,
-                    perm: false,
-                };
-                f.w13 == fp8 && f.w2 == fp8
-            });
-            let cutlass_bytes = match (options.cutlass_experts, fp8_experts) {
+            // The CUTLASS expert scratch, when asked for, whether or not its self-check passes:
+            // the 8-bit kernels' when every layer's experts are FP8 (or every layer's INT8).
+            let q8_experts = q8_experts(&formats);
+            let cutlass_bytes = match (options.cutlass_experts, q8_experts) {
                 (false, _) => 0,
-                (true, fp8) => {
+                (true, q8) => {
                     let shape = Dims::of(&config).expert_shape(max_tokens, None);
-                    if fp8 {
-                        ops::MoeCutlassFp8Scratch::bytes(&shape)
-                    } else {
-                        ops::MoeCutlassScratch::bytes(&shape)
+                    match q8 {
+                        Some(_) => ops::MoeCutlassQ8Scratch::bytes(&shape),
+                        None => ops::MoeCutlassScratch::bytes(&shape),
                     }
                 }
             };
@@ -432,18 +444,21 @@ impl CudaEngine {
             };
             let cutlass_check = if options.cutlass_experts {
                 let max = plan.expert_shape();
-                let check = if fp8_experts {
-                    ops::moe_cutlass_fp8_self_check(&stream)?
-                } else {
-                    ops::moe_cutlass_self_check(&kernels, &stream)?
+                let check = match q8_experts {
+                    Some(format) => ops::moe_cutlass_q8_self_check(&stream, format)?,
+                    None => ops::moe_cutlass_self_check(&kernels, &stream)?,
                 };
                 if check.passed() {
-                    plan.grouped = if fp8_experts {
-                        let scratch = ops::MoeCutlassFp8Scratch::new(&mut arena, &stream, &max)?;
-                        GroupedExperts::CutlassFp8(Box::new(scratch))
-                    } else {
-                        let scratch = ops::MoeCutlassScratch::new(&mut arena, &stream, &max)?;
-                        GroupedExperts::Cutlass(Box::new(scratch))
+                    plan.grouped = match q8_experts {
+                        Some(format) => {
+                            let scratch =
+                                ops::MoeCutlassQ8Scratch::new(&mut arena, &stream, &max, format)?;
+                            GroupedExperts::CutlassQ8(Box::new(scratch))
+                        }
+                        None => {
+                            let scratch = ops::MoeCutlassScratch::new(&mut arena, &stream, &max)?;
+                            GroupedExperts::Cutlass(Box::new(scratch))
+                        }
                     };
                 }
                 Some(check)

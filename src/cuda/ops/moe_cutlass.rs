@@ -5,19 +5,20 @@
 //! activations `[S, inter]` (expert-sorted), the w2 product `[S, hidden]` f32 is scattered into
 //! `out [S, hidden]` f32 per slot with its routing weight.
 //! - [`moe_cutlass_gemm`]: bf16 experts (`moe_experts_sm90.cu`); `act` is written in bf16.
-//! - [`moe_cutlass_fp8_gemm`]: FP8 E4M3 expert stacks read as packed (`moe_experts_fp8_sm90.cu`),
-//!   FP8 x FP8 on the tensor cores: the rows of x and of the activations are quantized per row
-//!   on the device exactly as [`crate::quant::fp8::quantize_per_channel`] does, so its CPU
-//!   reference is [`crate::cpu::moe::expert_mlp_fp8_activations`].
+//! - [`moe_cutlass_q8_gemm`]: 8-bit expert stacks (FP8 E4M3 or INT8) read as packed
+//!   (`moe_experts_q8.cuh`, one translation unit per format), 8-bit x 8-bit on the tensor cores:
+//!   the rows of x and of the activations are quantized per row on the device exactly as
+//!   `fp8::quantize_per_channel` / `int8::quantize_per_channel` do, so its CPU reference is
+//!   [`crate::cpu::moe::expert_mlp_q8_activations`].
 //!
 //! The scratch rows, the GEMMs' per-group arrays and their workspace live in a scratch
-//! ([`MoeCutlassScratch`], [`MoeCutlassFp8Scratch`]) allocated once for the largest chunk; the
+//! ([`MoeCutlassScratch`], [`MoeCutlassQ8Scratch`]) allocated once for the largest chunk; the
 //! problem shapes and pointers are written on the device from the router's offsets, so a launch
 //! can be captured into a graph.
 //!
 //! Never run on a GPU yet: like the wgmma kernels, an engine uses them only when asked
 //! (`CudaEngineOptions::cutlass_experts`) and after their self-check ([`moe_cutlass_self_check`],
-//! [`moe_cutlass_fp8_self_check`]) passed on the device.
+//! [`moe_cutlass_q8_self_check`]) passed on the device.
 
 use std::sync::Arc;
 
@@ -29,9 +30,9 @@ use super::moe_wgmma::{
     HopperCheck, SELF_CHECK_SEED,
 };
 use super::quant_layout::row_layout;
-use crate::cpu::moe::{expert_mlp_fp8_activations, Expert};
+use crate::cpu::moe::{expert_mlp_q8_activations, Expert};
 use crate::cuda::args::{
-    MoeArgs, MoeCutlassArgs, MoeCutlassFp8Args, MoeCutlassFp8Scalars, MoeCutlassScalars,
+    MoeArgs, MoeCutlassArgs, MoeCutlassQ8Args, MoeCutlassQ8Scalars, MoeCutlassScalars,
     MoeScalars, QMoeArgs,
 };
 use crate::cuda::checks::Check;
@@ -40,18 +41,18 @@ use crate::cuda::memory::{copy_to_host, DeviceArena, DeviceBuffer};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{MOE_CUTLASS_GROUP_BYTES, MOE_CUTLASS_STATUS_BASE};
 use crate::dtype::WeightSlice;
-use crate::quant::{fp8, PackedKind};
+use crate::quant::{packed, PackedKind, QuantFormat, Q8};
 
 /// The op names in errors.
 const OP: &str = "moe_cutlass_gemm";
-const OP_FP8: &str = "moe_cutlass_fp8_gemm";
+const OP_Q8: &str = "moe_cutlass_q8_gemm";
 
 /// The one compute capability the CUTLASS shim is built for (sm_90a: H100, H200).
 pub const CUTLASS_COMPUTE_CAPABILITY: (i32, i32) = (9, 0);
 
 #[cfg(not(any(mixtral_no_kernels, mixtral_no_cutlass)))]
 mod ffi {
-    use crate::cuda::params::{MoeCutlassFp8Params, MoeCutlassParams};
+    use crate::cuda::params::{MoeCutlassParams, MoeCutlassQ8Params};
     use std::ffi::c_void;
 
     extern "C" {
@@ -62,15 +63,20 @@ mod ffi {
         pub fn mx_moe_cutlass_run(params: *const MoeCutlassParams, stream: *mut c_void) -> i32;
         /// Workspace bytes of the FP8 grouped GEMMs of `experts` experts on `sm_count` SMs.
         pub fn mx_moe_cutlass_fp8_workspace_bytes(experts: u32, sm_count: u32) -> usize;
-        /// The six steps of `csrc/cutlass/moe_experts_fp8_sm90.cu` on `stream` (codes as above).
-        pub fn mx_moe_cutlass_fp8_run(params: *const MoeCutlassFp8Params, stream: *mut c_void) -> i32;
+        /// The six steps of `csrc/cutlass/moe_experts_q8.cuh` over FP8 stacks on `stream` (codes
+        /// as above).
+        pub fn mx_moe_cutlass_fp8_run(params: *const MoeCutlassQ8Params, stream: *mut c_void) -> i32;
+        /// Workspace bytes of the INT8 grouped GEMMs of `experts` experts on `sm_count` SMs.
+        pub fn mx_moe_cutlass_int8_workspace_bytes(experts: u32, sm_count: u32) -> usize;
+        /// The six steps of `csrc/cutlass/moe_experts_q8.cuh` over INT8 stacks on `stream`.
+        pub fn mx_moe_cutlass_int8_run(params: *const MoeCutlassQ8Params, stream: *mut c_void) -> i32;
     }
 }
 
 /// Refuses a build without the CUTLASS shim (no CUTLASS headers when it was compiled).
 #[cfg(any(mixtral_no_kernels, mixtral_no_cutlass))]
 mod ffi {
-    use crate::cuda::params::{MoeCutlassFp8Params, MoeCutlassParams};
+    use crate::cuda::params::{MoeCutlassParams, MoeCutlassQ8Params};
     use std::ffi::c_void;
 
     pub unsafe fn mx_moe_cutlass_workspace_bytes(_: u32, _: u32) -> usize {
@@ -85,7 +91,15 @@ mod ffi {
         0
     }
 
-    pub unsafe fn mx_moe_cutlass_fp8_run(_: *const MoeCutlassFp8Params, _: *mut c_void) -> i32 {
+    pub unsafe fn mx_moe_cutlass_fp8_run(_: *const MoeCutlassQ8Params, _: *mut c_void) -> i32 {
+        -1
+    }
+
+    pub unsafe fn mx_moe_cutlass_int8_workspace_bytes(_: u32, _: u32) -> usize {
+        0
+    }
+
+    pub unsafe fn mx_moe_cutlass_int8_run(_: *const MoeCutlassQ8Params, _: *mut c_void) -> i32 {
         -1
     }
 }
@@ -97,7 +111,7 @@ pub const CUTLASS_BUILT: bool = cfg!(not(any(mixtral_no_kernels, mixtral_no_cutl
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Precision {
     Bf16,
-    Fp8,
+    Q8(Q8),
 }
 
 /// What both scratches hold: the GEMMs' f32 outputs, their per-group arrays and workspace, for
@@ -136,7 +150,10 @@ impl GemmScratch {
         let workspace = unsafe {
             match precision {
                 Precision::Bf16 => ffi::mx_moe_cutlass_workspace_bytes(max.experts, sm_count),
-                Precision::Fp8 => ffi::mx_moe_cutlass_fp8_workspace_bytes(max.experts, sm_count),
+                Precision::Q8(Q8::Fp8) => ffi::mx_moe_cutlass_fp8_workspace_bytes(max.experts, sm_count),
+                Precision::Q8(Q8::Int8) => {
+                    ffi::mx_moe_cutlass_int8_workspace_bytes(max.experts, sm_count)
+                }
             }
         };
         let workspace_bytes = c.count("workspace bytes", workspace)?;
@@ -225,11 +242,12 @@ impl MoeCutlassScratch {
     }
 }
 
-/// The device memory [`moe_cutlass_fp8_gemm`] works in: the E4M3 codes of the expert-sorted rows
-/// of x (`[S, hidden]`) and of the activations (`[S, inter]`), with one f32 scale per row, besides
-/// the GEMMs' buffers.
+/// The device memory [`moe_cutlass_q8_gemm`] works in, for stacks of one 8-bit format: the codes of
+/// the expert-sorted rows of x (`[S, hidden]`) and of the activations (`[S, inter]`), with one f32
+/// scale per row, besides the GEMMs' buffers.
 #[derive(Debug)]
-pub struct MoeCutlassFp8Scratch {
+pub struct MoeCutlassQ8Scratch {
+    format: Q8,
     gemm: GemmScratch,
     xs: DeviceBuffer<u8>,
     xs_scales: DeviceBuffer<f32>,
@@ -237,17 +255,19 @@ pub struct MoeCutlassFp8Scratch {
     act_scales: DeviceBuffer<f32>,
 }
 
-impl MoeCutlassFp8Scratch {
-    /// [`MoeCutlassScratch::new`] for the FP8 kernels.
+impl MoeCutlassQ8Scratch {
+    /// [`MoeCutlassScratch::new`] for the 8-bit kernels of `format`.
     pub fn new(
         arena: &mut DeviceArena,
         stream: &CudaStream,
         max: &MoeScalars,
-    ) -> Result<MoeCutlassFp8Scratch, CudaError> {
-        let c = Check { op: OP_FP8 };
-        let gemm = GemmScratch::new(&c, Precision::Fp8, arena, stream, max)?;
+        format: Q8,
+    ) -> Result<MoeCutlassQ8Scratch, CudaError> {
+        let c = Check { op: OP_Q8 };
+        let gemm = GemmScratch::new(&c, Precision::Q8(format), arena, stream, max)?;
         let slots = max.tokens as usize * max.top_k as usize;
-        Ok(MoeCutlassFp8Scratch {
+        Ok(MoeCutlassQ8Scratch {
+            format,
             gemm,
             xs: arena.zeroed(slots * max.hidden as usize, SCRATCH)?,
             xs_scales: arena.zeroed(slots, SCRATCH)?,
@@ -256,7 +276,12 @@ impl MoeCutlassFp8Scratch {
         })
     }
 
-    /// Device bytes [`MoeCutlassFp8Scratch::new`] allocates for `max`, the workspace aside.
+    /// The 8-bit format of the stacks this scratch serves.
+    pub fn format(&self) -> Q8 {
+        self.format
+    }
+
+    /// Device bytes [`MoeCutlassQ8Scratch::new`] allocates for `max`, the workspace aside.
     pub fn bytes(max: &MoeScalars) -> usize {
         let slots = max.tokens as usize * max.top_k as usize;
         gemm_bytes(max) + slots * (max.hidden as usize + max.inter as usize + 8)
@@ -328,35 +353,36 @@ fn plan(
     args.params(OP, &scalars)
 }
 
-/// The parameters of one FP8 launch: `s` within the scratch's shape, three FP8 stacks without
-/// permutations, hidden and inter multiples of 16 (16-byte TMA rows of codes), then every buffer
-/// checked by the generated [`MoeCutlassFp8Args::params`].
-fn plan_fp8(
+/// The parameters of one 8-bit launch: `s` within the scratch's shape, three stacks of the
+/// scratch's format without permutations, hidden and inter multiples of 16 (16-byte TMA rows of
+/// codes), then every buffer checked by the generated [`MoeCutlassQ8Args::params`].
+fn plan_q8(
     s: &MoeScalars,
     kinds: [PackedKind; 3],
     a: QMoeArgs<'_>,
-    scratch: &mut MoeCutlassFp8Scratch,
-) -> Result<crate::cuda::params::MoeCutlassFp8Params, CudaError> {
-    let c = Check { op: OP_FP8 };
+    scratch: &mut MoeCutlassQ8Scratch,
+) -> Result<crate::cuda::params::MoeCutlassQ8Params, CudaError> {
+    let c = Check { op: OP_Q8 };
+    let format = scratch.format;
     let g = &mut scratch.gemm;
     g.check(&c, s)?;
-    if let Some(kind) = kinds.into_iter().find(|&k| k != PackedKind::Fp8) {
+    if let Some(kind) = kinds.into_iter().find(|&k| k != format.kind()) {
         return Err(c.unsupported(
             "kind",
             0,
-            format!("{kind:?}: the FP8 expert kernels read FP8 stacks only"),
+            format!("{kind:?}: this scratch serves {format:?} stacks only"),
         ));
     }
     if a.w13_perm.is_some() || a.w2_perm.is_some() || a.table.is_some() {
         return Err(c.unsupported(
             "perm",
             0,
-            "FP8 stacks have no column permutation and no table",
+            "the 8-bit expert kernels read stacks without column permutation or table",
         ));
     }
-    row_layout(&c, PackedKind::Fp8, s.hidden, "hidden")?;
-    row_layout(&c, PackedKind::Fp8, s.inter, "inter")?;
-    let args = MoeCutlassFp8Args {
+    row_layout(&c, format.kind(), s.hidden, "hidden")?;
+    row_layout(&c, format.kind(), s.inter, "inter")?;
+    let args = MoeCutlassQ8Args {
         x: a.x,
         w1: a.w1_codes,
         w1_scales: a.w1_params,
@@ -377,7 +403,7 @@ fn plan_fp8(
         groups: g.groups.view_mut(),
         workspace: g.workspace.view_mut(),
     };
-    let scalars = MoeCutlassFp8Scalars {
+    let scalars = MoeCutlassQ8Scalars {
         tokens: s.tokens,
         hidden: s.hidden,
         inter: s.inter,
@@ -386,7 +412,7 @@ fn plan_fp8(
         workspace_bytes: g.workspace_bytes,
         sm_count: g.sm_count,
     };
-    args.params(OP_FP8, &scalars)
+    args.params(OP_Q8, &scalars)
 }
 
 /// Runs one shim entry (`run(stream)`) on `stream` with its context current, and maps its code.
@@ -437,30 +463,35 @@ pub fn moe_cutlass_gemm(
     })
 }
 
-/// The routed expert MLPs of a prefill chunk over FP8 expert stacks (`kinds` all
-/// [`PackedKind::Fp8`], no permutation) on CUTLASS's Hopper grouped GEMM, FP8 x FP8: per slot
-/// `out[s] = weight[s] * (w2[e] q(silu(w1[e] q(x)) * (w3[e] q(x))))`, `q` the per-row E4M3
-/// quantization of [`crate::cpu::moe::expert_mlp_fp8_activations`] (the CPU reference). `out` is
-/// 16-byte aligned; `args.act` is not written (the activations stay in the scratch as codes). Zero
-/// tokens launch nothing.
+/// The routed expert MLPs of a prefill chunk over 8-bit expert stacks (`kinds` all the scratch's
+/// format, FP8 or INT8, no permutation) on CUTLASS's Hopper grouped GEMM, 8-bit x 8-bit: per slot
+/// `out[s] = weight[s] * (w2[e] q(silu(w1[e] q(x)) * (w3[e] q(x))))`, `q` the per-row quantization
+/// of [`crate::cpu::moe::expert_mlp_q8_activations`] (the CPU reference). `out` is 16-byte aligned;
+/// `args.act` is not written (the activations stay in the scratch as codes). Zero tokens launch
+/// nothing.
 ///
-/// As for [`moe_cutlass_gemm`], [`MoeCutlassFp8Scratch::new`] refuses builds and devices the
+/// As for [`moe_cutlass_gemm`], [`MoeCutlassQ8Scratch::new`] refuses builds and devices the
 /// kernels do not run on; a failure inside the shim is [`KernelError::Library`].
-pub fn moe_cutlass_fp8_gemm(
+pub fn moe_cutlass_q8_gemm(
     stream: &CudaStream,
     s: &MoeScalars,
     kinds: [PackedKind; 3],
     args: QMoeArgs<'_>,
-    scratch: &mut MoeCutlassFp8Scratch,
+    scratch: &mut MoeCutlassQ8Scratch,
 ) -> Result<(), CudaError> {
-    let params = plan_fp8(s, kinds, args, scratch)?;
+    let params = plan_q8(s, kinds, args, scratch)?;
     if s.tokens == 0 {
         return Ok(());
     }
     // SAFETY: as in `moe_cutlass_gemm`.
-    run_shim(stream, "mx_moe_cutlass_fp8_run", |stream| unsafe {
-        ffi::mx_moe_cutlass_fp8_run(&params, stream)
-    })
+    match scratch.format {
+        Q8::Fp8 => run_shim(stream, "mx_moe_cutlass_fp8_run", |stream| unsafe {
+            ffi::mx_moe_cutlass_fp8_run(&params, stream)
+        }),
+        Q8::Int8 => run_shim(stream, "mx_moe_cutlass_int8_run", |stream| unsafe {
+            ffi::mx_moe_cutlass_int8_run(&params, stream)
+        }),
+    }
 }
 
 /// Decides whether [`moe_cutlass_gemm`] can be used on this device: on compute capability 9.0, in
@@ -486,56 +517,75 @@ pub fn moe_cutlass_self_check(
     compare_with_grouped(kernels, stream, (&mut op, ActOrder::ExpertSorted))
 }
 
-/// Largest relative L2 difference of `out` between [`moe_cutlass_fp8_gemm`] and its CPU reference
-/// that [`moe_cutlass_fp8_self_check`] accepts. Both sides quantize the same bf16 rows of x to the
-/// same codes; they differ by the tensor cores' FP8 accumulation (about 14 bits within each
-/// 128-product interval before CUTLASS promotes it to f32: modelled as 2^-10 of a sum) and, through
-/// it, by the activation codes that land on the other side of an E4M3 rounding boundary, one step
-/// (at most 2^-3 of the value) each. That makes the activations err by a relative RMS of about
-/// sqrt(2^-3 * 2 * 2^-10) = 2^-6; through w2 on random data (no amplification), 4 times that plus
-/// the accumulation itself: 0.066 (the derivation of the GPU tests' `fp8_bound`, tests/gpu_kernels/
-/// common.rs). A wrong scale, row or expert moves `out` by tens of percent.
+/// Largest relative L2 difference of `out` between [`moe_cutlass_q8_gemm`] over FP8 stacks and its
+/// CPU reference that [`moe_cutlass_q8_self_check`] accepts. Both sides quantize the same bf16 rows
+/// of x to the same codes; they differ by the tensor cores' FP8 accumulation (about 14 bits within
+/// each 128-product interval before CUTLASS promotes it to f32: modelled as 2^-10 of a sum) and,
+/// through it, by the activation codes that land on the other side of an E4M3 rounding boundary,
+/// one step (at most 2^-3 of the value) each. That makes the activations err by a relative RMS of
+/// about sqrt(2^-3 * 2 * 2^-10) = 2^-6; through w2 on random data (no amplification), 4 times that
+/// plus the accumulation itself: 0.066 (the derivation of the GPU tests' `q8_bound`,
+/// tests/gpu_kernels/common.rs). A wrong scale, row or expert moves `out` by tens of percent.
 pub const FP8_SELF_CHECK_BOUND: f64 = 7e-2;
 
-/// Hidden and inter of the FP8 self-check problem: multiples of 16 (whole 16-byte rows of codes),
-/// not of the 128-wide k stage nor of the 128 output columns of a tile.
-const FP8_SELF_CHECK_DIMS: (u32, u32) = (272, 368);
+/// The same for INT8 stacks. The i32 accumulation is exact, so the activations differ only by the
+/// CPU's f32 sums (about 1e-5 of a value, doubled through SwiGLU: d = 2e-5); an INT8 step is the
+/// row scale, amax / 127, so a code flips with probability d |a| / step and the variance per
+/// element is d |a| step <= d * (a^2 + step^2) / 2: a relative RMS of about sqrt(d) = 4.5e-3 at
+/// most; 4 times that is 1.8e-2, taken as 2e-2.
+pub const INT8_SELF_CHECK_BOUND: f64 = 2e-2;
 
-/// Decides whether [`moe_cutlass_fp8_gemm`] can be used on this device: on compute capability 9.0,
-/// in a build with CUTLASS, it quantizes the self-check problem's experts to FP8 per row (hidden
-/// 272, inter 368), runs the kernels and compares `out` with the CPU reference
-/// ([`expert_mlp_fp8_activations`] on the dequantized experts, times each slot's weight) against
-/// [`FP8_SELF_CHECK_BOUND`]. Anywhere else: [`HopperCheck::NotHopper`] without any device work.
+/// Hidden and inter of the 8-bit self-check problem: multiples of 16 (whole 16-byte rows of codes),
+/// not of the 128-wide k stage nor of the 128 output columns of a tile.
+const Q8_SELF_CHECK_DIMS: (u32, u32) = (272, 368);
+
+/// Decides whether [`moe_cutlass_q8_gemm`] can be used on this device for stacks of `format`: on
+/// compute capability 9.0, in a build with CUTLASS, it quantizes the self-check problem's experts
+/// per row as the loaders do (`quant::packed::quantize`; hidden 272, inter 368), runs the kernels
+/// and compares `out` with the CPU reference ([`expert_mlp_q8_activations`] on the dequantized
+/// experts, times each slot's weight) against [`FP8_SELF_CHECK_BOUND`] or
+/// [`INT8_SELF_CHECK_BOUND`]. Anywhere else: [`HopperCheck::NotHopper`] without any device work.
 ///
 /// Meant to run once when an engine is built: it allocates, and synchronises the stream.
-pub fn moe_cutlass_fp8_self_check(stream: &Arc<CudaStream>) -> Result<HopperCheck, CudaError> {
-    if require_built_for(&Check { op: OP_FP8 }, stream).is_err() {
+pub fn moe_cutlass_q8_self_check(
+    stream: &Arc<CudaStream>,
+    format: Q8,
+) -> Result<HopperCheck, CudaError> {
+    if require_built_for(&Check { op: OP_Q8 }, stream).is_err() {
         return Ok(HopperCheck::NotHopper);
     }
-    let problem = self_check_problem(SELF_CHECK_SEED, FP8_SELF_CHECK_DIMS);
+    let problem = self_check_problem(SELF_CHECK_SEED, Q8_SELF_CHECK_DIMS);
     let s = problem.shape;
     let (hidden, inter, experts) = (s.hidden as usize, s.inter as usize, s.experts as usize);
     let slots = (s.tokens * s.top_k) as usize;
     let to_f32 = |w: &[bf16]| w.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
     // Each stack as one `[experts * rows, cols]` matrix: the scales are per row either way.
-    let w1 = fp8::quantize_per_channel(&to_f32(&problem.w1), experts * inter, hidden);
-    let w3 = fp8::quantize_per_channel(&to_f32(&problem.w3), experts * inter, hidden);
-    let w2 = fp8::quantize_per_channel(&to_f32(&problem.w2), experts * hidden, inter);
+    let quant = match format {
+        Q8::Fp8 => QuantFormat::Fp8,
+        Q8::Int8 => QuantFormat::Int8,
+    };
+    let pack = |w: &[bf16], rows: usize, cols: usize| {
+        packed::quantize(quant, &to_f32(w), experts * rows, cols)
+            .ok()
+            .flatten()
+            .ok_or_else(|| CudaError::UnsupportedModel("packing the self-check experts".into()))
+    };
+    let w1 = pack(&problem.w1, inter, hidden)?;
+    let w3 = pack(&problem.w3, inter, hidden)?;
+    let w2 = pack(&problem.w2, hidden, inter)?;
 
     let mut arena = DeviceArena::new(Arc::clone(stream));
-    let what = "the FP8 self-check buffers";
+    let what = "the 8-bit self-check buffers";
     let d_x = arena.upload(&problem.x, what)?;
-    let d_w = [&w1, &w3, &w2].map(|(codes, scales)| {
-        Ok::<_, CudaError>((arena.upload(codes, what)?, arena.upload(scales, what)?))
-    });
-    let [d_w1, d_w3, d_w2] = d_w;
-    let ((c1, s1), (c3, s3), (c2, s2)) = (d_w1?, d_w3?, d_w2?);
+    let (c1, s1) = (arena.upload(&w1.codes, what)?, arena.upload(&w1.params, what)?);
+    let (c3, s3) = (arena.upload(&w3.codes, what)?, arena.upload(&w3.params, what)?);
+    let (c2, s2) = (arena.upload(&w2.codes, what)?, arena.upload(&w2.params, what)?);
     let d_weights = arena.upload(&problem.topk_weights, what)?;
     let d_offsets = arena.upload(&problem.expert_offsets, what)?;
     let d_sorted = arena.upload(&problem.sorted_slots, what)?;
     let mut d_act = arena.zeroed::<bf16>(slots * inter, what)?;
     let mut d_out = arena.upload(&vec![f32::NAN; slots * hidden], what)?;
-    let mut scratch = MoeCutlassFp8Scratch::new(&mut arena, stream, &s)?;
+    let mut scratch = MoeCutlassQ8Scratch::new(&mut arena, stream, &s, format)?;
     let args = QMoeArgs {
         x: d_x.view(),
         w1_codes: c1.view(),
@@ -553,14 +603,11 @@ pub fn moe_cutlass_fp8_self_check(stream: &Arc<CudaStream>) -> Result<HopperChec
         act: d_act.view_mut(),
         out: d_out.view_mut(),
     };
-    moe_cutlass_fp8_gemm(stream, &s, [PackedKind::Fp8; 3], args, &mut scratch)?;
+    moe_cutlass_q8_gemm(stream, &s, [format.kind(); 3], args, &mut scratch)?;
     let out = copy_to_host(stream, d_out.view())?;
 
     // The CPU reference per slot, on the dequantized experts.
-    let dequantized = [&w1, &w3, &w2].map(|(codes, scales)| {
-        let cols = codes.len() / scales.len().max(1);
-        fp8::dequantize(codes, scales, cols).unwrap_or_default()
-    });
+    let dequantized = [&w1, &w3, &w2].map(|m| m.dequantize());
     let x = to_f32(&problem.x);
     let mut reference = vec![0.0f32; slots * hidden];
     for e in 0..experts {
@@ -575,9 +622,13 @@ pub fn moe_cutlass_fp8_self_check(stream: &Arc<CudaStream>) -> Result<HopperChec
             let (slot, token) = (slot as usize, slot as usize / s.top_k as usize);
             let out_row = &mut reference[slot * hidden..(slot + 1) * hidden];
             let x_row = &x[token * hidden..(token + 1) * hidden];
-            expert_mlp_fp8_activations(x_row, &expert, hidden, inter, out_row);
+            expert_mlp_q8_activations(x_row, &expert, (hidden, inter), format, out_row);
             out_row.iter_mut().for_each(|v| *v *= problem.topk_weights[slot]);
         }
     }
-    Ok(verdict(&[rel_l2(&out, &reference)], FP8_SELF_CHECK_BOUND))
+    let bound = match format {
+        Q8::Fp8 => FP8_SELF_CHECK_BOUND,
+        Q8::Int8 => INT8_SELF_CHECK_BOUND,
+    };
+    Ok(verdict(&[rel_l2(&out, &reference)], bound))
 }
