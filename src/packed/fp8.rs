@@ -83,18 +83,6 @@ pub fn quantize_per_channel(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Ve
     (codes, scales)
 }
 
-/// Each row of `x` (`[rows, cols]`) quantized by [`quantize_per_channel`] and dequantized again:
-/// the values a kernel that quantizes its activations per token (row) multiplies with.
-pub fn round_trip_rows(x: &[f32], cols: usize) -> Vec<f32> {
-    let rows = x.len() / cols.max(1);
-    let (codes, scales) = quantize_per_channel(x, rows, cols);
-    codes
-        .chunks(cols.max(1))
-        .zip(&scales)
-        .flat_map(|(row, &s)| row.iter().map(move |&c| decode(c) * s))
-        .collect()
-}
-
 /// `codes * scale[row]` for codes `[rows, cols]`: `scales` holds one scale per row, or one for the
 /// whole tensor. `None` when the lengths disagree.
 pub fn dequantize(codes: &[u8], scales: &[f32], cols: usize) -> Option<Vec<f32>> {
@@ -146,34 +134,6 @@ mod tests {
             f32::from_bits((s << 31) | ((e + 120) << 23) | (m << 20))
         };
         Some(v)
-    }
-
-    /// Each row on its own scale: a row's largest magnitude survives (448 * scale), every value
-    /// within half an E4M3 step (2^-4 of itself, or half the subnormal step 2^-10 * scale), a zero
-    /// row stays zero, and changing one row leaves the others alone.
-    #[test]
-    fn round_trip_rows_quantizes_each_row_on_its_own_scale() {
-        let x = [
-            0.3f32, -1.7, 0.01, 2.5, 0.0, 0.0, 0.0, 0.0, -1e-3, 4e3, 7.0, -2e3,
-        ];
-        let y = round_trip_rows(&x, 4);
-        assert_eq!(&y[4..8], &[0.0; 4]);
-        for (row_x, row_y) in x.chunks(4).zip(y.chunks(4)) {
-            let amax = row_x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let scale = if amax > 0.0 { amax / MAX } else { 1.0 };
-            for (&a, &b) in row_x.iter().zip(row_y) {
-                let err = (a - b).abs();
-                assert!(err <= a.abs() / 16.0 + scale / 1024.0, "{a} -> {b}");
-            }
-        }
-        assert!(
-            (y[3] - 2.5).abs() <= 2.5 * 1e-6,
-            "the row maximum survives: {}",
-            y[3]
-        );
-        let mut changed = x;
-        changed[9] = 1.0;
-        assert_eq!(round_trip_rows(&changed, 4)[..8], y[..8]);
     }
 
     #[test]

@@ -26,17 +26,6 @@ pub fn quantize_per_channel(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Ve
     (codes, scales)
 }
 
-/// Each row of `x` (`[rows, cols]`) quantized by [`quantize_per_channel`] and dequantized again.
-pub fn round_trip_rows(x: &[f32], cols: usize) -> Vec<f32> {
-    let rows = x.len() / cols.max(1);
-    let (codes, scales) = quantize_per_channel(x, rows, cols);
-    codes
-        .chunks(cols.max(1))
-        .zip(&scales)
-        .flat_map(|(row, &s)| row.iter().map(move |&q| f32::from(q) * s))
-        .collect()
-}
-
 /// `q * scale[row]` for codes `[rows, cols]`: `scales` holds one scale per row, or one for the
 /// whole tensor. `None` when the lengths disagree.
 pub fn dequantize(codes: &[i8], scales: &[f32], cols: usize) -> Option<Vec<f32>> {
@@ -80,24 +69,6 @@ mod tests {
                 prop_assert!(row.iter().any(|&q| q.unsigned_abs() == 127) || w[r * cols..(r + 1) * cols].iter().all(|&v| v == 0.0));
             }
         }
-    }
-
-    /// Each row on its own scale, within half a step of itself; a zero row stays zero.
-    #[test]
-    fn round_trip_rows_quantizes_each_row_on_its_own_scale() {
-        let x = [
-            0.3f32, -1.7, 0.01, 2.5, 0.0, 0.0, 0.0, 0.0, -1e-3, 4e3, 7.0, -2e3,
-        ];
-        let y = round_trip_rows(&x, 4);
-        assert_eq!(&y[4..8], &[0.0; 4]);
-        for (row_x, row_y) in x.chunks(4).zip(y.chunks(4)) {
-            let amax = row_x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let scale = if amax > 0.0 { amax / QMAX } else { 1.0 };
-            for (&a, &b) in row_x.iter().zip(row_y) {
-                assert!((a - b).abs() <= scale * 0.5001, "{a} -> {b}");
-            }
-        }
-        assert_eq!(round_trip_rows(&x[..4], 4), y[..4]);
     }
 
     #[test]

@@ -91,11 +91,20 @@ impl Q8 {
 
     /// Each row of `x` (`[rows, cols]`) quantized to this format on its own scale and dequantized
     /// again: the values a kernel that quantizes its activations per row multiplies with.
+    /// (Empty when `cols` is 0.)
     pub fn round_trip_rows(self, x: &[f32], cols: usize) -> Vec<f32> {
-        match self {
-            Q8::Fp8 => fp8::round_trip_rows(x, cols),
-            Q8::Int8 => int8::round_trip_rows(x, cols),
-        }
+        let rows = x.len() / cols.max(1);
+        let back = match self {
+            Q8::Fp8 => {
+                let (codes, scales) = fp8::quantize_per_channel(x, rows, cols);
+                fp8::dequantize(&codes, &scales, cols)
+            }
+            Q8::Int8 => {
+                let (codes, scales) = int8::quantize_per_channel(x, rows, cols);
+                int8::dequantize(&codes, &scales, cols)
+            }
+        };
+        back.unwrap_or_default()
     }
 }
 
@@ -578,6 +587,45 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
             })
             .collect()
+    }
+
+    /// Each row on its own scale, within half a step of itself (FP8: 2^-4 of the value, or half
+    /// the subnormal step 2^-10 * scale; INT8: half the scale); a row's largest magnitude survives,
+    /// a zero row stays zero, and changing one row leaves the others alone.
+    #[test]
+    fn q8_round_trip_quantizes_each_row_on_its_own_scale() {
+        let x = [
+            0.3f32, -1.7, 0.01, 2.5, 0.0, 0.0, 0.0, 0.0, -1e-3, 4e3, 7.0, -2e3,
+        ];
+        for format in [Q8::Fp8, Q8::Int8] {
+            let y = format.round_trip_rows(&x, 4);
+            assert_eq!(&y[4..8], &[0.0; 4]);
+            let qmax = match format {
+                Q8::Fp8 => fp8::MAX,
+                Q8::Int8 => int8::QMAX,
+            };
+            for (row_x, row_y) in x.chunks(4).zip(y.chunks(4)) {
+                let amax = row_x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let scale = if amax > 0.0 { amax / qmax } else { 1.0 };
+                for (&a, &b) in row_x.iter().zip(row_y) {
+                    let half_step = match format {
+                        Q8::Fp8 => a.abs() / 16.0 + scale / 1024.0,
+                        Q8::Int8 => scale * 0.5001,
+                    };
+                    assert!((a - b).abs() <= half_step, "{format:?}: {a} -> {b}");
+                }
+            }
+            assert!(
+                (y[3] - 2.5).abs() <= 2.5 * 1e-6,
+                "{format:?}: the row maximum {}",
+                y[3]
+            );
+            let mut changed = x;
+            changed[9] = 1.0;
+            assert_eq!(format.round_trip_rows(&changed, 4)[..8], y[..8]);
+            assert_eq!(Q8::of(format.kind()), Some(format));
+        }
+        assert_eq!(Q8::of(PackedKind::Int4 { group_size: 32 }), None);
     }
 
     #[test]
