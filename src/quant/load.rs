@@ -29,7 +29,7 @@ use super::{awq, bnb, compressed, packed, QuantError, QuantFormat, QuantMethod};
 use crate::checkpoint::{Checkpoint, RawTensor, TensorView};
 use crate::config::ModelConfig;
 use crate::dtype::RawDType;
-use crate::packed::{fp8, int4, int8, LayoutError, PackedMatrix};
+use crate::packed::{fp8, int4, LayoutError, PackedMatrix, Q8};
 use crate::weights::{
     take, ExpertWeights, LayerWeights, ModelLayout, ModelWeights, TensorSpec, Weight, WeightsError,
 };
@@ -319,7 +319,8 @@ fn published(
     Ok(None)
 }
 
-/// Quantizes `w` (`[rows, cols]`) to `format` and back to f32 (`None` only for an empty matrix).
+/// Quantizes `w` (`[rows, cols]`) to `format` and back to f32 (FP8 and INT8 per row: empty, and
+/// 4-bit `None`, only for an empty matrix).
 fn quantize_dequantize(
     format: QuantFormat,
     w: &[f32],
@@ -328,14 +329,8 @@ fn quantize_dequantize(
 ) -> Option<Vec<f32>> {
     match format {
         QuantFormat::Bf16 => Some(w.to_vec()),
-        QuantFormat::Fp8 => {
-            let (codes, scales) = fp8::quantize_per_channel(w, rows, cols);
-            fp8::dequantize(&codes, &scales, cols)
-        }
-        QuantFormat::Int8 => {
-            let (codes, scales) = int8::quantize_per_channel(w, rows, cols);
-            int8::dequantize(&codes, &scales, cols)
-        }
+        QuantFormat::Fp8 => Some(Q8::Fp8.round_trip_rows(w, cols)),
+        QuantFormat::Int8 => Some(Q8::Int8.round_trip_rows(w, cols)),
         QuantFormat::Int4 => {
             int4::dequantize_rtn(&int4::quantize_rtn(w, rows, cols, int4::GROUP_SIZE))
         }
