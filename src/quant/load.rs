@@ -18,7 +18,7 @@
 //!   `<p>.input_scale` (static activation scale) is ignored: activations stay f32 on the CPU;
 //! - `<p>.weight` is `I8`: INT8 with `<p>.weight_scale` as for FP8;
 //! - `<p>.weight` is a float type: taken as stored, or quantized then dequantized when a format
-//!   is asked for ([`fp8::quantize_per_channel`], [`int8::quantize_per_channel`],
+//!   is asked for ([`fp8::quantize_per_channel`], [`int8::quantize_per_channel`](crate::packed::int8::quantize_per_channel),
 //!   [`int4::quantize_rtn`] with groups of 128).
 //!
 //! Every other tensor is taken exactly as [`ModelWeights::from_checkpoint`] takes it (memory-mapped,
