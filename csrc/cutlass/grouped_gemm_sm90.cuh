@@ -195,6 +195,13 @@ __device__ void set_expert_group(const typename G::Arrays& arrays, uint32_t g, u
     }
 }
 
+// Whether expert-sorted row r belongs to the experts held: expert_offsets holds the router's
+// absolute row offsets of a range of its experts (all of them, or a rank's), so a rank's rows are
+// expert_offsets[0] .. expert_offsets[experts] and every other row is another rank's.
+__device__ __forceinline__ bool row_held(const int32_t* expert_offsets, uint32_t experts, uint32_t r) {
+    return (uint32_t)expert_offsets[0] <= r && r < (uint32_t)expert_offsets[experts];
+}
+
 // The expert whose expert-sorted rows hold row r: the last e with expert_offsets[e] <= r.
 __device__ __forceinline__ uint32_t expert_of_row(const int32_t* expert_offsets, uint32_t experts, uint32_t r) {
     uint32_t lo = 0, hi = experts;  // expert_offsets[lo] <= r < expert_offsets[hi]
@@ -217,7 +224,7 @@ __global__ void expert_setup(P p) {
 }
 
 // Threads of the expert shims' per-row kernels (gather, SwiGLU, scatter: one block per
-// expert-sorted row).
+// expert-sorted row; a block whose row is not held returns at once).
 constexpr int ROW_THREADS = 256;
 
 // The six steps of an expert shim on `stream`, each kernel taking the shim's parameters `p`:

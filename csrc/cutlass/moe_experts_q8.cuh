@@ -18,7 +18,9 @@
 //   6. q8_scatter        out[s] = topk_weights[s] * act_scales[r] * w2_scales[e, c] * down[r, c]
 //                        for s = sorted_slots[r]
 //
-// As in the bf16 shim, everything stays on the device, so a prefill chunk can be captured. Hidden and
+// As in the bf16 shim, a rank of an expert-parallel split passes the offsets of the experts it holds
+// and every other row is left alone, and everything stays on the device, so a prefill chunk can be
+// captured. Hidden and
 // inter are multiples of 16 (16-byte TMA rows of codes; checked by src/cuda/ops/moe_cutlass.rs).
 // Errors: 0, a cudaError_t (1..999), or MOE_CUTLASS_STATUS_BASE + cutlass::Status.
 #pragma once
@@ -68,6 +70,7 @@ __device__ __forceinline__ uint32_t quantize4(const float* v, float scale) {
 template <class Codes>
 __global__ void __launch_bounds__(ROW_THREADS) q8_gather(MoeCutlassQ8Params p) {
     const uint32_t r = blockIdx.x;
+    if (!row_held(p.expert_offsets, p.experts, r)) return;
     const uint32_t token = (uint32_t)p.sorted_slots[r] / p.top_k;
     const uint4* src = reinterpret_cast<const uint4*>(p.x + (size_t)token * p.hidden);
     const uint32_t steps = p.hidden / 8;
@@ -92,6 +95,7 @@ __global__ void __launch_bounds__(ROW_THREADS) q8_gather(MoeCutlassQ8Params p) {
 template <class Codes>
 __global__ void __launch_bounds__(ROW_THREADS) q8_swiglu(MoeCutlassQ8Params p) {
     const uint32_t r = blockIdx.x;
+    if (!row_held(p.expert_offsets, p.experts, r)) return;
     const size_t slots = (size_t)p.tokens * p.top_k;
     const uint32_t e = expert_of_row(p.expert_offsets, p.experts, r);
     float4* gate = reinterpret_cast<float4*>(p.gate_up + (size_t)r * p.inter);
@@ -126,6 +130,7 @@ __global__ void __launch_bounds__(ROW_THREADS) q8_swiglu(MoeCutlassQ8Params p) {
 template <class Codes>
 __global__ void __launch_bounds__(ROW_THREADS) q8_scatter(MoeCutlassQ8Params p) {
     const uint32_t r = blockIdx.x;
+    if (!row_held(p.expert_offsets, p.experts, r)) return;
     const uint32_t s = (uint32_t)p.sorted_slots[r];
     const uint32_t e = expert_of_row(p.expert_offsets, p.experts, r);
     const float w = p.topk_weights[s] * p.act_scales[r];

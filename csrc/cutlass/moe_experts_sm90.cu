@@ -12,6 +12,9 @@
 //   5. grouped GEMM, experts groups:               down[r] = act[r] . w2[e]^T,  down [S, hidden] f32
 //   6. moe_cutlass_scatter out [S, hidden] f32     out[sorted_slots[r]] = topk_weights[sorted_slots[r]] * down[r]
 //
+// A rank of an expert-parallel split passes the router's offsets of the experts it holds (absolute
+// rows): its groups are those experts, and the per-row kernels leave every other row alone.
+//
 // Everything stays on the device (shapes and pointers come from the router's offsets in step 1), so a
 // prefill chunk can be captured into a graph. An expert without slots is a group with M = 0, which
 // the grouped tile scheduler skips. One GEMM type (grouped_gemm_sm90.cuh, bf16 in, f32 out) serves
@@ -32,6 +35,7 @@ using G = GroupedGemm<cutlass::bfloat16_t, 64>;
 // One block per expert-sorted row r: xs[r] = x[sorted_slots[r] / top_k], 16 bytes per thread step.
 __global__ void __launch_bounds__(ROW_THREADS) moe_cutlass_gather(MoeCutlassParams p) {
     const uint32_t r = blockIdx.x;
+    if (!row_held(p.expert_offsets, p.experts, r)) return;
     const uint32_t token = (uint32_t)p.sorted_slots[r] / p.top_k;
     const uint4* src = reinterpret_cast<const uint4*>(p.x + (size_t)token * p.hidden);
     uint4* dst = reinterpret_cast<uint4*>(p.xs + (size_t)r * p.hidden);
@@ -42,6 +46,7 @@ __global__ void __launch_bounds__(ROW_THREADS) moe_cutlass_gather(MoeCutlassPara
 // silu(g) = g / (1 + exp(-g)), in f32.
 __global__ void __launch_bounds__(ROW_THREADS) moe_cutlass_swiglu(MoeCutlassParams p) {
     const size_t r = blockIdx.x, slots = (size_t)p.tokens * p.top_k;
+    if (!row_held(p.expert_offsets, p.experts, (uint32_t)r)) return;
     const float* gate = p.gate_up + r * p.inter;
     const float* up = p.gate_up + (slots + r) * p.inter;
     mx_bf16* act = p.act + r * p.inter;
@@ -54,6 +59,7 @@ __global__ void __launch_bounds__(ROW_THREADS) moe_cutlass_swiglu(MoeCutlassPara
 // One block per expert-sorted row r: out[s] = topk_weights[s] * down[r] for s = sorted_slots[r].
 __global__ void __launch_bounds__(ROW_THREADS) moe_cutlass_scatter(MoeCutlassParams p) {
     const uint32_t r = blockIdx.x;
+    if (!row_held(p.expert_offsets, p.experts, r)) return;
     const uint32_t s = (uint32_t)p.sorted_slots[r];
     const float w = p.topk_weights[s];
     const float4* src = reinterpret_cast<const float4*>(p.down + (size_t)r * p.hidden);

@@ -24,7 +24,8 @@ use mixtral::quant::Q8;
 use proptest::prelude::*;
 
 use super::moe_gemv::{
-    assert_skewed, cases, check_moe_with, MoeCase, LONG_K, SINGLE_TOKEN, SKEWED,
+    assert_skewed, cases, check_moe_with, check_one_held_expert, MoeCase, LONG_K, SINGLE_TOKEN,
+    SKEWED,
 };
 use crate::common;
 
@@ -108,6 +109,31 @@ fn moe_cutlass_with_long_k() {
         return;
     };
     check_cutlass(name, &stream, &LONG_K);
+}
+
+/// A rank holding one expert of a top-2 model (`moe_gemv`'s check): the groups are that expert's,
+/// and the per-row kernels leave every row of the other experts alone (in `act` and `out`).
+#[test]
+fn moe_cutlass_on_a_rank_holding_one_expert_of_top_2() {
+    let name = "moe_cutlass_on_a_rank_holding_one_expert_of_top_2";
+    let Some(stream) = hopper_stream(name) else {
+        return;
+    };
+    let (tokens, top_k) = (40, 2);
+    let max = MoeScalars {
+        tokens,
+        hidden: 64,
+        inter: 40,
+        experts: 1,
+        top_k,
+    };
+    let mut arena = DeviceArena::new(Arc::clone(&stream));
+    let mut scratch = MoeCutlassScratch::new(&mut arena, &stream, &max)
+        .unwrap_or_else(|e| panic!("{name}: scratch: {e}"));
+    let mut op = |_: &Kernels, stream: &CudaStream, s: &MoeScalars, args: MoeArgs<'_>| {
+        moe_cutlass_gemm(stream, s, args, &mut scratch)
+    };
+    check_one_held_expert(name, (&mut op, ActOrder::ExpertSorted), tokens as usize);
 }
 
 /// On compute capability 9.0 (with CUTLASS built) the self-check passes within its bound; elsewhere

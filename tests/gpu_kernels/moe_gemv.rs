@@ -220,7 +220,7 @@ pub fn check_moe_with(
     .unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
     stream.synchronize().expect("synchronize");
     let act = common::to_f32(&d_act.read_written(stream, "act"));
-    let act = order.in_slot_order(act, &sorted, inter);
+    let act = order.in_slot_order(act, &sorted, inter, f32::NAN);
     let out = d_out.read_written(stream, "out");
     // The inputs are untouched, guards included.
     assert_eq!(d_x.read(stream, "x"), x_bf16, "{name}: x changed");
@@ -335,7 +335,18 @@ fn moe_gemv_with_idle_experts() {
 #[test]
 fn moe_gemv_on_a_rank_holding_one_expert_of_top_2() {
     let name = "moe_gemv_on_a_rank_holding_one_expert_of_top_2";
-    let (tokens, hidden, inter, experts, top_k, seed) = (5, 64, 40, 8, 2, 11u64);
+    let mut op: MoeOp = moe_gemv;
+    check_one_held_expert(name, (&mut op, ActOrder::Slots), 5);
+}
+
+/// [`moe_gemv_on_a_rank_holding_one_expert_of_top_2`] for `op` (which leaves `act` in `order`), over
+/// `tokens` tokens of hidden 64, inter 40 (K and N tails), 8 experts, top-2.
+pub fn check_one_held_expert(
+    name: &str,
+    (op, order): (&mut MoeOpMut<'_>, ActOrder),
+    tokens: usize,
+) {
+    let (hidden, inter, experts, top_k, seed) = (64, 40, 8, 2, 11u64);
     let slots = tokens * top_k;
     let matrix = inter * hidden;
     let x = common::round_bf16(&common::random_values(seed, tokens * hidden, 1.0));
@@ -386,10 +397,12 @@ fn moe_gemv_on_a_rank_holding_one_expert_of_top_2() {
         act: d_act.dev_mut(),
         out: d_out.dev_mut(),
     };
-    moe_gemv(&gpu.kernels, stream, &shape, args).unwrap_or_else(|e| panic!("{name}: {e}"));
+    op(&gpu.kernels, stream, &shape, args).unwrap_or_else(|e| panic!("{name}: {e}"));
     stream.synchronize().expect("synchronize");
     let act = d_act.read(stream, "act");
     let out = d_out.read(stream, "out");
+    // In slot order: a row the op left alone stays poisoned.
+    let act = order.in_slot_order(act, &sorted, inter, bf16::POISON);
 
     let experts_cpu: Vec<Expert<'_>> = (0..experts)
         .map(|e| Expert {

@@ -4,10 +4,12 @@
 //! Token counts reach a few hundred so that one expert spans several 64-slot tiles, and hidden /
 //! inter reach 208 / 168 so that the column blocks and the K tails (not multiples of 32) are crossed.
 
-use mixtral::cuda::ops::{moe_experts, moe_grouped_gemm, MOE_GROUPED_MIN_TOKENS};
+use mixtral::cuda::ops::{moe_experts, moe_grouped_gemm, ActOrder, MOE_GROUPED_MIN_TOKENS};
 use proptest::prelude::*;
 
-use super::moe_gemv::{assert_skewed, cases, check_moe, MoeCase, SINGLE_TOKEN, SKEWED};
+use super::moe_gemv::{
+    assert_skewed, cases, check_moe, check_one_held_expert, MoeCase, MoeOp, SINGLE_TOKEN, SKEWED,
+};
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
@@ -57,4 +59,13 @@ fn moe_experts_on_both_sides_of_the_threshold() {
         };
         check_moe("moe_experts", moe_experts, &case);
     }
+}
+
+/// A rank holding one expert of a top-2 model: 40 tokens, so the grouped kernels' tile list is
+/// walked with the rank's range of the router's offsets (the check of `moe_gemv`'s test).
+#[test]
+fn moe_grouped_on_a_rank_holding_one_expert_of_top_2() {
+    let mut op: MoeOp = moe_grouped_gemm;
+    let name = "moe_grouped_on_a_rank_holding_one_expert_of_top_2";
+    check_one_held_expert(name, (&mut op, ActOrder::Slots), 40);
 }

@@ -9,13 +9,15 @@ use half::bf16;
 use mixtral::cuda::args::{MoeArgs, MoeScalars};
 use mixtral::cuda::memory::{View, ViewMut};
 use mixtral::cuda::ops::{
-    moe_wgmma_gemm, moe_wgmma_self_check, HopperCheck, WGMMA_COMPUTE_CAPABILITY,
+    moe_wgmma_gemm, moe_wgmma_self_check, ActOrder, HopperCheck, WGMMA_COMPUTE_CAPABILITY,
     WGMMA_SELF_CHECK_BOUND,
 };
 use mixtral::cuda::{CudaError, KernelError};
 use proptest::prelude::*;
 
-use super::moe_gemv::{assert_skewed, cases, check_moe, LONG_K, SINGLE_TOKEN, SKEWED};
+use super::moe_gemv::{
+    assert_skewed, cases, check_moe, check_one_held_expert, MoeOp, LONG_K, SINGLE_TOKEN, SKEWED,
+};
 use crate::common;
 
 /// True when the device runs the wgmma kernels; otherwise prints why `test` does not run them
@@ -141,5 +143,15 @@ fn moe_wgmma_self_check_and_device_gate() {
             assert_eq!((op, what), ("moe_wgmma_gemm", "compute capability"));
         }
         other => panic!("{name}: expected the device to be refused, got {other:?}"),
+    }
+}
+
+/// A rank holding one expert of a top-2 model (`moe_gemv`'s check), on the wgmma kernels.
+#[test]
+fn moe_wgmma_on_a_rank_holding_one_expert_of_top_2() {
+    let name = "moe_wgmma_on_a_rank_holding_one_expert_of_top_2";
+    if hopper(name) {
+        let mut op: MoeOp = moe_wgmma_gemm;
+        check_one_held_expert(name, (&mut op, ActOrder::Slots), 40);
     }
 }

@@ -243,12 +243,18 @@ pub enum ActOrder {
 
 impl ActOrder {
     /// `act` (rows of `inter` values in this order) with row s holding slot s; a slot no row
-    /// names stays NaN.
-    pub fn in_slot_order(self, act: Vec<f32>, sorted_slots: &[i32], inter: usize) -> Vec<f32> {
+    /// names is `missing`.
+    pub fn in_slot_order<T: Copy>(
+        self,
+        act: Vec<T>,
+        sorted_slots: &[i32],
+        inter: usize,
+        missing: T,
+    ) -> Vec<T> {
         if self == ActOrder::Slots {
             return act;
         }
-        let mut by_slot = vec![f32::NAN; act.len()];
+        let mut by_slot = vec![missing; act.len()];
         for (row, &slot) in act.chunks_exact(inter).zip(sorted_slots) {
             let slot = slot as usize;
             by_slot[slot * inter..(slot + 1) * inter].copy_from_slice(row);
@@ -291,7 +297,7 @@ fn run_op(
     let act = copy_to_host(stream, act.view())?;
     let out = copy_to_host(stream, out.view())?;
     let act = act.iter().map(|v| v.to_f32()).collect();
-    let act = order.in_slot_order(act, &problem.sorted_slots, s.inter as usize);
+    let act = order.in_slot_order(act, &problem.sorted_slots, s.inter as usize, f32::NAN);
     Ok((act, out))
 }
 
@@ -476,11 +482,11 @@ mod tests {
         // Rows of 2 values; row r holds slot sorted[r].
         let act = vec![20.0, 21.0, 0.0, 1.0, 10.0, 11.0];
         let sorted = [2, 0, 1];
-        let by_slot = ActOrder::ExpertSorted.in_slot_order(act.clone(), &sorted, 2);
+        let by_slot = ActOrder::ExpertSorted.in_slot_order(act.clone(), &sorted, 2, f32::NAN);
         assert_eq!(by_slot, vec![0.0, 1.0, 10.0, 11.0, 20.0, 21.0]);
-        assert_eq!(ActOrder::Slots.in_slot_order(act.clone(), &sorted, 2), act);
+        assert_eq!(ActOrder::Slots.in_slot_order(act.clone(), &sorted, 2, f32::NAN), act);
         // A slot no row names (a grouping that is not a permutation) stays NaN.
-        let missing = ActOrder::ExpertSorted.in_slot_order(act, &[0, 0, 1], 2);
+        let missing = ActOrder::ExpertSorted.in_slot_order(act, &[0, 0, 1], 2, f32::NAN);
         assert_eq!(&missing[..4], &[0.0, 1.0, 10.0, 11.0]);
         assert!(missing[4..].iter().all(|v| v.is_nan()));
     }
