@@ -477,24 +477,8 @@ pub struct MoeCutlassQ8Args<'a> {
     pub workspace: ViewMut<'a, u8>,
 }
 
-/// The scalar fields of [`MoeCutlassQ8Params`] (row strides come from the `Rows` views).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct MoeCutlassQ8Scalars {
-    /// Number of tokens.
-    pub tokens: u32,
-    /// Hidden size (a multiple of 16).
-    pub hidden: u32,
-    /// Expert intermediate size (a multiple of 16).
-    pub inter: u32,
-    /// Number of experts.
-    pub experts: u32,
-    /// Experts per token.
-    pub top_k: u32,
-    /// Bytes of `workspace`.
-    pub workspace_bytes: u32,
-    /// Streaming multiprocessors of the device (the persistent grid).
-    pub sm_count: u32,
-}
+/// The scalar fields of [`MoeCutlassQ8Params`]: those of [`MoeCutlassParams`].
+pub type MoeCutlassQ8Scalars = MoeCutlassScalars;
 
 impl MoeCutlassQ8Args<'_> {
     /// Checks every buffer against what the kernel touches for `s` (`op` names the caller in errors)
@@ -830,14 +814,8 @@ pub struct SampleArgs<'a> {
     pub out_ids: ViewMut<'a, u32>,
 }
 
-/// The scalar fields of [`SampleParams`] (row strides come from the `Rows` views).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct SampleScalars {
-    /// Number of rows.
-    pub rows: u32,
-    /// Row length.
-    pub vocab: u32,
-}
+/// The scalar fields of [`SampleParams`]: those of [`ArgmaxParams`].
+pub type SampleScalars = ArgmaxScalars;
 
 impl SampleArgs<'_> {
     /// Checks every buffer against what the kernel touches for `s` (`op` names the caller in errors)

@@ -32,7 +32,7 @@ use super::moe_wgmma::{
 use super::quant_layout::row_layout;
 use crate::cpu::moe::{expert_mlp_q8_activations, Expert};
 use crate::cuda::args::{
-    MoeArgs, MoeCutlassArgs, MoeCutlassQ8Args, MoeCutlassQ8Scalars, MoeCutlassScalars,
+    MoeArgs, MoeCutlassArgs, MoeCutlassQ8Args, MoeCutlassScalars,
     MoeScalars, QMoeArgs,
 };
 use crate::cuda::checks::Check;
@@ -168,6 +168,19 @@ impl GemmScratch {
             groups: arena.zeroed(groups, SCRATCH)?,
             workspace: arena.zeroed(workspace.max(1), SCRATCH)?,
         })
+    }
+
+    /// The scalars of a launch over `s` with this scratch (the bf16 and 8-bit shims take the same).
+    fn scalars(&self, s: &MoeScalars) -> MoeCutlassScalars {
+        MoeCutlassScalars {
+            tokens: s.tokens,
+            hidden: s.hidden,
+            inter: s.inter,
+            experts: s.experts,
+            top_k: s.top_k,
+            workspace_bytes: self.workspace_bytes,
+            sm_count: self.sm_count,
+        }
     }
 
     /// Refuses `s` unless it has the scratch's hidden, inter and experts and at most its slots.
@@ -323,6 +336,7 @@ fn plan(
     let c = Check { op: OP };
     let g = &mut scratch.gemm;
     g.check(&c, s)?;
+    let scalars = g.scalars(s);
     c.multiple_of_8("hidden", s.hidden as usize)?;
     c.multiple_of_8("inter", s.inter as usize)?;
     let args = MoeCutlassArgs {
@@ -341,15 +355,6 @@ fn plan(
         groups: g.groups.view_mut(),
         workspace: g.workspace.view_mut(),
     };
-    let scalars = MoeCutlassScalars {
-        tokens: s.tokens,
-        hidden: s.hidden,
-        inter: s.inter,
-        experts: s.experts,
-        top_k: s.top_k,
-        workspace_bytes: g.workspace_bytes,
-        sm_count: g.sm_count,
-    };
     args.params(OP, &scalars)
 }
 
@@ -366,6 +371,7 @@ fn plan_q8(
     let format = scratch.format;
     let g = &mut scratch.gemm;
     g.check(&c, s)?;
+    let scalars = g.scalars(s);
     if let Some(kind) = kinds.into_iter().find(|&k| k != format.kind()) {
         return Err(c.unsupported(
             "kind",
@@ -402,15 +408,6 @@ fn plan_q8(
         down: g.down.view_mut(),
         groups: g.groups.view_mut(),
         workspace: g.workspace.view_mut(),
-    };
-    let scalars = MoeCutlassQ8Scalars {
-        tokens: s.tokens,
-        hidden: s.hidden,
-        inter: s.inter,
-        experts: s.experts,
-        top_k: s.top_k,
-        workspace_bytes: g.workspace_bytes,
-        sm_count: g.sm_count,
     };
     args.params(OP_Q8, &scalars)
 }
