@@ -196,8 +196,8 @@ impl GemmScratch {
                 ),
             ));
         }
-        let slots = s.tokens as usize * s.top_k as usize;
-        let capacity = max.tokens as usize * max.top_k as usize;
+        let slots = slot_count(s);
+        let capacity = slot_count(&max);
         if slots > capacity {
             return Err(c.unsupported(
                 "tokens * top_k",
@@ -210,10 +210,15 @@ impl GemmScratch {
     }
 }
 
+/// The expert-sorted rows (slots, `tokens * top_k`) of a chunk of shape `max`.
+fn slot_count(max: &MoeScalars) -> usize {
+    max.tokens as usize * max.top_k as usize
+}
+
 /// Elements of the shared scratch buffers for `max`: `gate_up` `[2, S, inter]` f32, `down`
 /// `[S, hidden]` f32, `groups` bytes.
 fn gemm_lengths(max: &MoeScalars) -> [usize; 3] {
-    let slots = max.tokens as usize * max.top_k as usize;
+    let slots = slot_count(max);
     let (hidden, inter) = (max.hidden as usize, max.inter as usize);
     let groups = 3 * max.experts as usize * MOE_CUTLASS_GROUP_BYTES as usize;
     [2 * slots * inter, slots * hidden, groups]
@@ -243,14 +248,14 @@ impl MoeCutlassScratch {
     ) -> Result<MoeCutlassScratch, CudaError> {
         let c = Check { op: OP };
         let gemm = GemmScratch::new(&c, Precision::Bf16, arena, stream, max)?;
-        let slots = max.tokens as usize * max.top_k as usize;
+        let slots = slot_count(max);
         let xs = arena.zeroed(slots * max.hidden as usize, SCRATCH)?;
         Ok(MoeCutlassScratch { gemm, xs })
     }
 
     /// Device bytes [`MoeCutlassScratch::new`] allocates for `max`, the workspace aside.
     pub fn bytes(max: &MoeScalars) -> usize {
-        let slots = max.tokens as usize * max.top_k as usize;
+        let slots = slot_count(max);
         gemm_bytes(max) + slots * max.hidden as usize * 2
     }
 }
@@ -278,7 +283,7 @@ impl MoeCutlassQ8Scratch {
     ) -> Result<MoeCutlassQ8Scratch, CudaError> {
         let c = Check { op: OP_Q8 };
         let gemm = GemmScratch::new(&c, Precision::Q8(format), arena, stream, max)?;
-        let slots = max.tokens as usize * max.top_k as usize;
+        let slots = slot_count(max);
         Ok(MoeCutlassQ8Scratch {
             format,
             gemm,
@@ -296,7 +301,7 @@ impl MoeCutlassQ8Scratch {
 
     /// Device bytes [`MoeCutlassQ8Scratch::new`] allocates for `max`, the workspace aside.
     pub fn bytes(max: &MoeScalars) -> usize {
-        let slots = max.tokens as usize * max.top_k as usize;
+        let slots = slot_count(max);
         gemm_bytes(max) + slots * (max.hidden as usize + max.inter as usize + 8)
     }
 }
@@ -554,7 +559,7 @@ pub fn moe_cutlass_q8_self_check(
     let problem = self_check_problem(SELF_CHECK_SEED, Q8_SELF_CHECK_DIMS);
     let s = problem.shape;
     let (hidden, inter, experts) = (s.hidden as usize, s.inter as usize, s.experts as usize);
-    let slots = (s.tokens * s.top_k) as usize;
+    let slots = slot_count(&s);
     let to_f32 = |w: &[bf16]| w.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
     // Each stack as one `[experts * rows, cols]` matrix: the scales are per row either way.
     let quant = match format {
