@@ -7,7 +7,7 @@
 //! `scripts/gpu-check` uses: every measurement once, median of repeated steps after a warm-up, one
 //! JSON object per line. `gpu_decode --protocol-quant OUT.jsonl` measures the packed formats (FP8,
 //! INT8, 4-bit, and bitsandbytes NF4 in blocks of 64 as `nf4`) at 32 layers the same way: decode at
-//! batch 1 and 8, a 512-token prefill. `gpu_decode --protocol-multi OUT.jsonl` (a build with feature
+//! batch 1, 8 and 32 (4-bit also on the tensor-core decode kernels), a 512-token prefill. `gpu_decode --protocol-multi OUT.jsonl` (a build with feature
 //! `nccl`, for `scripts/multi-gpu-check`) times batch-1 decode at TP=1 (one GPU) and TP=2 (two GPUs,
 //! NCCL) on the same shapes through the [`mixtral::Engine`] trait and prints the speedup. Without a
 //! CUDA driver or device each prints why and exits successfully; any other failure to build the
@@ -25,6 +25,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use mixtral::config::ModelConfig;
 use mixtral::cuda::engine::matrix::StackFormat;
 use mixtral::cuda::engine::GroupedKernel;
+use mixtral::cuda::ops::int4_mma_reads;
 use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, WeightSource};
 use mixtral::engine::EngineOptions;
 use mixtral::packed::lut4::Lut4;
@@ -72,15 +73,17 @@ fn engine(layers: usize, graphs: bool) -> Result<CudaEngine, CudaError> {
 
 /// An engine with random weights whose projection stacks are stored in `format`.
 fn engine_in(layers: usize, graphs: bool, format: StackFormat) -> Result<CudaEngine, CudaError> {
-    engine_with(layers, graphs, format, GroupedKernel::Mma)
+    engine_with(layers, graphs, format, GroupedKernel::Mma, false)
 }
 
-/// [`engine_in`], with the Hopper expert kernels `grouped` asked for (`Mma`: none).
+/// [`engine_in`], with the Hopper expert kernels `grouped` asked for (`Mma`: none), and the 4-bit
+/// tensor-core decode kernels when `int4_mma`.
 fn engine_with(
     layers: usize,
     graphs: bool,
     format: StackFormat,
     grouped: GroupedKernel,
+    int4_mma: bool,
 ) -> Result<CudaEngine, CudaError> {
     let options = CudaEngineOptions {
         engine: EngineOptions {
@@ -92,6 +95,7 @@ fn engine_with(
         cuda_graphs: graphs,
         hopper_wgmma: grouped == GroupedKernel::Wgmma,
         cutlass_experts: grouped == GroupedKernel::Cutlass,
+        int4_mma_decode: int4_mma,
         ..CudaEngineOptions::default()
     };
     CudaEngine::build(
@@ -105,10 +109,10 @@ fn engine_with(
     )
 }
 
-/// The quantized protocol: decode at batch 1 and 8 (context 16) and a 512-token prefill, all 32
-/// layers, for each packed format (weights made on the host and uploaded: about 20 s per engine);
-/// FP8 and INT8 prefill 4096 tokens as well, and both lengths again on CUTLASS's 8-bit expert
-/// kernels.
+/// The quantized protocol: decode at batch 1, 8 and 32 (context 16) and a 512-token prefill, all
+/// 32 layers, for each packed format (weights made on the host and uploaded: about 20 s per
+/// engine); 4-bit integer decode again on the tensor-core kernels (`"kernel": "int4_mma"`); FP8
+/// and INT8 prefill 4096 tokens as well, and both lengths again on CUTLASS's 8-bit expert kernels.
 fn protocol_quant(out_path: &str) {
     let layers = 32;
     let mut out = std::fs::File::create(out_path).expect("protocol output");
@@ -138,14 +142,8 @@ fn protocol_quant(out_path: &str) {
             println!("{line}");
             writeln!(out, "{line}").expect("write protocol output");
         };
-        for batch in [1, 8] {
-            let seqs = sequences(&mut engine, batch, 16);
-            let tokens: Vec<[u32; 1]> = ids(batch, 16).iter().map(|&t| [t]).collect();
-            let ms = median_ms(|| decode_step(&mut engine, &seqs, 16, &tokens), REPEATS);
+        for (batch, ms) in decode_batches(&mut engine) {
             record("decode", "mma", batch, 16, ms);
-            for seq in seqs {
-                mixtral::Engine::free_sequence(&mut engine, seq).expect("free");
-            }
         }
         // 8-bit prefill also at 4096 tokens, and again on CUTLASS's 8-bit grouped GEMM (where its
         // self-check passes), one engine at a time: two 32-layer 8-bit models do not fit one card.
@@ -156,11 +154,27 @@ fn protocol_quant(out_path: &str) {
             let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
             record("prefill", "mma", 1, tokens, ms);
         }
+        // 4-bit integer decode again on the tensor-core kernels (another engine: two do not fit).
+        if stack
+            .kind()
+            .is_some_and(|kind| int4_mma_reads(kind, 4096, false))
+        {
+            drop(engine);
+            match engine_with(layers, true, stack, GroupedKernel::Mma, true) {
+                Ok(mut engine) => {
+                    for (batch, ms) in decode_batches(&mut engine) {
+                        record("decode", "int4_mma", batch, 16, ms);
+                    }
+                }
+                Err(e) => eprintln!("gpu_decode: no {format} engine with int4_mma_decode: {e}"),
+            }
+            continue;
+        }
         if !q8 {
             continue;
         }
         drop(engine);
-        let mut engine = match engine_with(layers, true, stack, GroupedKernel::Cutlass) {
+        let mut engine = match engine_with(layers, true, stack, GroupedKernel::Cutlass, false) {
             Ok(e) => e,
             Err(e) => {
                 eprintln!("gpu_decode: no {format} engine with the CUTLASS expert kernels: {e}");
@@ -177,6 +191,22 @@ fn protocol_quant(out_path: &str) {
             }
         }
     }
+}
+
+/// The median decode step at batch 1, 8 and 32 (context 16), with the batch: `(batch, ms)`.
+fn decode_batches(engine: &mut CudaEngine) -> Vec<(usize, f64)> {
+    [1, 8, 32]
+        .into_iter()
+        .map(|batch| {
+            let seqs = sequences(engine, batch, 16);
+            let tokens: Vec<[u32; 1]> = ids(batch, 16).iter().map(|&t| [t]).collect();
+            let ms = median_ms(|| decode_step(engine, &seqs, 16, &tokens), REPEATS);
+            for seq in seqs {
+                mixtral::Engine::free_sequence(engine, seq).expect("free");
+            }
+            (batch, ms)
+        })
+        .collect()
 }
 
 /// Pseudo-random token ids (never constant).
@@ -319,7 +349,7 @@ fn protocol(out_path: &str) {
     }
     // Prefill again with each Hopper expert kernel, where its self-check passes.
     for asked in [GroupedKernel::Wgmma, GroupedKernel::Cutlass] {
-        let mut engine = match engine_with(layers, true, StackFormat::Bf16, asked) {
+        let mut engine = match engine_with(layers, true, StackFormat::Bf16, asked, false) {
             Ok(e) => e,
             Err(e) => {
                 eprintln!("gpu_decode: no engine with the {asked:?} expert kernels: {e}");

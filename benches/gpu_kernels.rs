@@ -17,12 +17,12 @@ use mixtral::cuda::args::{
     QMoeArgs, RouterArgs, RouterScalars,
 };
 use mixtral::cuda::engine::matrix::table_values;
-use mixtral::cuda::memory::{DeviceArena, DeviceBuffer};
+use mixtral::cuda::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View};
 use mixtral::cuda::ops::{
     self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, FillValues, PackedView,
     PagedCacheShape,
 };
-use mixtral::cuda::{CudaDevice, Kernels};
+use mixtral::cuda::{CudaDevice, CudaError, Kernels};
 use mixtral::packed::lut4::Lut4;
 use mixtral::quant::{PackedKind, Q8};
 
@@ -427,18 +427,37 @@ fn packed_stack(
     (b.upload(&codes), b.upload(&params), bytes)
 }
 
+/// `ops::qlinear` or `ops::qlinear_mma` (one signature).
+type QLinearFn = fn(
+    &Kernels,
+    &CudaStream,
+    &LinearScalars,
+    View<'_, bf16>,
+    PackedView<'_>,
+    AnyViewMut<'_>,
+) -> Result<(), CudaError>;
+
+/// `ops::qmoe_gemv` or `ops::qmoe_mma` (one signature).
+type QMoeFn =
+    fn(&Kernels, &CudaStream, &MoeScalars, [PackedKind; 3], QMoeArgs<'_>) -> Result<(), CudaError>;
+
 /// The quantized decode kernels at Mixtral shapes: qlinear (QKV, O) and qmoe_gemv (routed experts),
-/// GB/s of packed weights read.
+/// GB/s of packed weights read; 4-bit integer also on the tensor-core kernels (`int4_mma`:
+/// qlinear_mma, qmoe_mma).
 fn quant_benches(c: &mut Criterion, b: &mut Bench) {
     let stream = b.stream();
     let mut group = c.benchmark_group("quant");
     group
         .sample_size(20)
         .measurement_time(Duration::from_secs(2));
+    let gemv: (QLinearFn, QMoeFn) = (ops::qlinear, ops::qmoe_gemv);
+    let mma: (QLinearFn, QMoeFn) = (ops::qlinear_mma, ops::qmoe_mma);
+    let int4 = PackedKind::Int4 { group_size: 128 };
     let kinds = [
-        ("fp8", PackedKind::Fp8),
-        ("int8", PackedKind::Int8),
-        ("int4", PackedKind::Int4 { group_size: 128 }),
+        ("fp8", PackedKind::Fp8, gemv),
+        ("int8", PackedKind::Int8, gemv),
+        ("int4", int4, gemv),
+        ("int4_mma", int4, mma),
         // bitsandbytes NF4 in its blocks of 64.
         (
             "nf4",
@@ -446,10 +465,11 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
                 table: Lut4::Nf4,
                 group_size: 64,
             },
+            gemv,
         ),
     ];
     let gate = b.random(EXPERTS * HIDDEN, 0.02);
-    for (label, kind) in kinds {
+    for (label, kind, (qlinear, qmoe)) in kinds {
         // LUT4's 16 values, read once per block (not counted in the bytes).
         let table = table_values(kind).map(|t| b.upload(&t));
         for (name, out_features) in [("qkv", 6144), ("o", 4096)] {
@@ -462,7 +482,7 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
                     BenchmarkId::new(format!("qlinear_{label}_{name}"), tokens),
                     |bench| {
                         bench.iter(|| {
-                            ops::qlinear(
+                            qlinear(
                                 &b.kernels,
                                 &stream,
                                 &LinearScalars {
@@ -480,7 +500,7 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
                                 },
                                 y.view_mut().into(),
                             )
-                            .expect("qlinear");
+                            .expect(label);
                             sync(&stream);
                         })
                     },
@@ -512,7 +532,7 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
             };
             group.bench_function(BenchmarkId::new(format!("qmoe_{label}"), tokens), |bench| {
                 bench.iter(|| {
-                    ops::qmoe_gemv(
+                    qmoe(
                         &b.kernels,
                         &stream,
                         &shape,
@@ -535,7 +555,7 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
                             out: out.view_mut(),
                         },
                     )
-                    .expect("qmoe_gemv");
+                    .expect(label);
                     sync(&stream);
                 })
             });

@@ -57,14 +57,6 @@ static_assert(QUERIES == WARPS * 16, "each warp owns one 16-row MMA tile of quer
 static_assert(KEYS % 16 == 0 && KEYS <= THREADS, "one thread resolves each key's slot");
 static_assert(PAD % 8 == 0, "k_s rows stay 16-byte aligned");
 
-// D += A B for one m16n8k16 tile (bf16 inputs, f32 accumulators).
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Two bf16 values (raw bits) as one register, `lo` in the low half.
 __device__ __forceinline__ uint32_t pack_bits(mx_bf16 lo, mx_bf16 hi) {
     return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
@@ -214,7 +206,7 @@ __device__ void attention_prefill_body(const AttentionPrefillParams& p) {
 #pragma unroll
             for (int kk = 0; kk < KSTEPS; ++kk) {
                 const uint16_t* krow = &k_s[j * 8 + g][kk * 16 + c * 2];
-                mma_bf16(s[j], qa[kk], shared_pair(krow), shared_pair(krow + 8));
+                mx::mma_bf16_16816(s[j], qa[kk], shared_pair(krow), shared_pair(krow + 8));
             }
         }
 
@@ -272,7 +264,7 @@ __device__ void attention_prefill_body(const AttentionPrefillParams& p) {
 #pragma unroll
             for (int n = 0; n < DTILES; ++n) {
                 const uint16_t* vrow = &vt_s[n * 8 + g][kk * 16 + c * 2];
-                mma_bf16(o[n], pa, shared_pair(vrow), shared_pair(vrow + 8));
+                mx::mma_bf16_16816(o[n], pa, shared_pair(vrow), shared_pair(vrow + 8));
             }
         }
     }

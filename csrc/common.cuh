@@ -80,6 +80,18 @@ __device__ __forceinline__ void unpack8(uint4 a, float* out) {
     out[7] = bf16_hi(a.w);
 }
 
+// d += a (16x16, row-major) * b (16x8, column-major) on the tensor cores: mma.sync.m16n8k16, bf16 inputs,
+// f32 accumulators. Fragments (lane = 4 * g + q): a[0] (row g, k 2q..2q+1), a[1] (row g + 8, same k),
+// a[2] (row g, k 2q + 8..2q + 9), a[3] (row g + 8, same k); b0 (k 2q..2q+1, column g), b1 (k 2q + 8..2q + 9,
+// column g); d[0..1] (row g, columns 2q, 2q + 1), d[2..3] (row g + 8, same columns). The lower k or column
+// of a pair is the low half of its register.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // Sum over the `WIDTH` consecutive lanes of each aligned lane group; every lane gets its group's sum.
 template <int WIDTH = 32>
 __device__ __forceinline__ float group_sum(float v) {

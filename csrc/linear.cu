@@ -216,14 +216,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) 
                  : "memory");
 }
 
-// d += a (16x16, row-major) * b (16x8, column-major), bf16 inputs, f32 accumulators.
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Starts the copies of K tile [k0, k0 + BK) of the block's x rows [m0, m0 + BM) and w rows
 // [n0, n0 + BN) into `stage`. Rows past tokens / out_features and chunks past in_features are zeros.
 __device__ __forceinline__ void load_stage(const LinearParams& p, MmaShared& s, int stage, uint32_t m0,
@@ -282,7 +274,7 @@ __device__ __forceinline__ void compute_stage(const MmaShared& s, int stage, uin
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll
-            for (int ni = 0; ni < NI; ++ni) mma_bf16_16816(acc[mi][ni], af[mi], bfrag[ni][0], bfrag[ni][1]);
+            for (int ni = 0; ni < NI; ++ni) mx::mma_bf16_16816(acc[mi][ni], af[mi], bfrag[ni][0], bfrag[ni][1]);
         }
     }
 }

@@ -104,14 +104,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
                  : "memory");
 }
 
-// d += a (16x16, row) * b (16x8, col), bf16 inputs, f32 accumulators.
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // One BK stage of the block's products: acc[m] += A[wm.., k] * B[m][wn.., k]^T over the stage.
 __device__ __forceinline__ void compute_stage(const Stage& st, int wm, int wn, int lane,
                                               float (&acc)[NB][MI][NI][4]) {
@@ -133,8 +125,8 @@ __device__ __forceinline__ void compute_stage(const Stage& st, int wm, int wn, i
                 ldmatrix_x4(b, &st.b[m][wn + nj * 16 + (lane / 16) * 8 + lane % 8][kk + ((lane / 8) % 2) * 8]);
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi) {
-                    mma_16816(acc[m][mi][2 * nj], a[mi], b[0], b[1]);
-                    mma_16816(acc[m][mi][2 * nj + 1], a[mi], b[2], b[3]);
+                    mx::mma_bf16_16816(acc[m][mi][2 * nj], a[mi], b[0], b[1]);
+                    mx::mma_bf16_16816(acc[m][mi][2 * nj + 1], a[mi], b[2], b[3]);
                 }
             }
         }

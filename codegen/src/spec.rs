@@ -265,6 +265,9 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "QUANT_UNROLL", value: 4, doc: "16-byte code loads per row each lane of `qlinear` / `qmoe_*` issues before using them." },
     Constant { name: "QLINEAR_WARPS", value: 8, doc: "Warps per block of `qlinear` (each warp owns QLINEAR_ROWS_PER_WARP output rows)." },
     Constant { name: "QLINEAR_ROWS_PER_WARP", value: 2, doc: "Weight rows per warp in `qlinear` (each activation load serves this many rows)." },
+    Constant { name: "QMMA_WARPS", value: 4, doc: "Warps per block of `qlinear_mma` / `qmoe_mma_*` (they split the columns of the block's 16 rows and add their sums in warp order)." },
+    Constant { name: "QMMA_ROWS", value: 16, doc: "Weight rows per block of `qlinear_mma` / `qmoe_mma_*` (one mma.sync m16 tile)." },
+    Constant { name: "QMMA_STEP_COLS", value: 128, doc: "Columns of one step of `qlinear_mma` / `qmoe_mma_*` (a 16-byte chunk of 4-bit codes per lane of each row; cols and group_size are multiples of it)." },
     Constant { name: "DEQUANT_THREADS", value: 128, doc: "Threads per block of `dequantize` (one block per row of one matrix)." },
 ];
 
@@ -838,6 +841,36 @@ pub const FAMILIES: &[Family] = &[
         axes: &[KIND_AXIS, TILE_AXIS],
     },
     Family {
+        name: "qlinear_mma",
+        rust_name: "QLinearMma",
+        file: "qlinear",
+        params: "QLinearParams",
+        axes: &[
+            Axis {
+                name: "NT",
+                values: &[v(1, "n8"), v(2, "n16")],
+            },
+            Axis {
+                name: "OUT_F32",
+                values: &[v(0, "bf16"), v(1, "f32")],
+            },
+        ],
+    },
+    Family {
+        name: "qmoe_mma_up",
+        rust_name: "QMoeMmaUp",
+        file: "qmoe",
+        params: "QMoeParams",
+        axes: &[MAX_NT_AXIS],
+    },
+    Family {
+        name: "qmoe_mma_down",
+        rust_name: "QMoeMmaDown",
+        file: "qmoe",
+        params: "QMoeParams",
+        axes: &[MAX_NT_AXIS],
+    },
+    Family {
         name: "dequantize",
         rust_name: "Dequantize",
         file: "dequant",
@@ -850,6 +883,12 @@ pub const FAMILIES: &[Family] = &[
 const KIND_AXIS: Axis = Axis {
     name: "KIND",
     values: &[v(0, "fp8"), v(1, "int8"), v(2, "int4"), v(3, "lut4")],
+};
+
+/// Most 8-column n-tiles per weight pass of the 4-bit tensor-core expert kernels (8, 16 or 32 slots).
+const MAX_NT_AXIS: Axis = Axis {
+    name: "MAX_NT",
+    values: &[v(1, "n8"), v(2, "n16"), v(4, "n32")],
 };
 
 /// Tokens (slots) per weight pass of the quantized GEMVs.

@@ -194,6 +194,25 @@
     X(qmoe_down_lut4_t4, 3, 4) \
     X(qmoe_down_lut4_t8, 3, 8)
 
+// qlinear_mma (csrc/qlinear.cu, takes QLinearParams): X(symbol, NT, OUT_F32)
+#define MIXTRAL_QLINEAR_MMA_VARIANTS(X) \
+    X(qlinear_mma_n8_bf16, 1, 0) \
+    X(qlinear_mma_n8_f32, 1, 1) \
+    X(qlinear_mma_n16_bf16, 2, 0) \
+    X(qlinear_mma_n16_f32, 2, 1)
+
+// qmoe_mma_up (csrc/qmoe.cu, takes QMoeParams): X(symbol, MAX_NT)
+#define MIXTRAL_QMOE_MMA_UP_VARIANTS(X) \
+    X(qmoe_mma_up_n8, 1) \
+    X(qmoe_mma_up_n16, 2) \
+    X(qmoe_mma_up_n32, 4)
+
+// qmoe_mma_down (csrc/qmoe.cu, takes QMoeParams): X(symbol, MAX_NT)
+#define MIXTRAL_QMOE_MMA_DOWN_VARIANTS(X) \
+    X(qmoe_mma_down_n8, 1) \
+    X(qmoe_mma_down_n16, 2) \
+    X(qmoe_mma_down_n32, 4)
+
 // dequantize (csrc/dequant.cu, takes DequantParams): X(symbol, KIND)
 #define MIXTRAL_DEQUANTIZE_VARIANTS(X) \
     X(dequantize_fp8, 0) \

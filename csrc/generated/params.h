@@ -128,6 +128,12 @@ typedef struct mx_bf16 {
 #define QLINEAR_WARPS 8u
 // Weight rows per warp in `qlinear` (each activation load serves this many rows).
 #define QLINEAR_ROWS_PER_WARP 2u
+// Warps per block of `qlinear_mma` / `qmoe_mma_*` (they split the columns of the block's 16 rows and add their sums in warp order).
+#define QMMA_WARPS 4u
+// Weight rows per block of `qlinear_mma` / `qmoe_mma_*` (one mma.sync m16 tile).
+#define QMMA_ROWS 16u
+// Columns of one step of `qlinear_mma` / `qmoe_mma_*` (a 16-byte chunk of 4-bit codes per lane of each row; cols and group_size are multiples of it).
+#define QMMA_STEP_COLS 128u
 // Threads per block of `dequantize` (one block per row of one matrix).
 #define DEQUANT_THREADS 128u
 

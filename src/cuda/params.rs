@@ -106,6 +106,12 @@ pub const QUANT_UNROLL: u32 = 4;
 pub const QLINEAR_WARPS: u32 = 8;
 /// Weight rows per warp in `qlinear` (each activation load serves this many rows).
 pub const QLINEAR_ROWS_PER_WARP: u32 = 2;
+/// Warps per block of `qlinear_mma` / `qmoe_mma_*` (they split the columns of the block's 16 rows and add their sums in warp order).
+pub const QMMA_WARPS: u32 = 4;
+/// Weight rows per block of `qlinear_mma` / `qmoe_mma_*` (one mma.sync m16 tile).
+pub const QMMA_ROWS: u32 = 16;
+/// Columns of one step of `qlinear_mma` / `qmoe_mma_*` (a 16-byte chunk of 4-bit codes per lane of each row; cols and group_size are multiples of it).
+pub const QMMA_STEP_COLS: u32 = 128;
 /// Threads per block of `dequantize` (one block per row of one matrix).
 pub const DEQUANT_THREADS: u32 = 128;
 
@@ -957,13 +963,19 @@ pub enum KernelFamily {
     QMoeUp,
     /// `qmoe_down` in csrc/qmoe.cu, taking [`QMoeParams`].
     QMoeDown,
+    /// `qlinear_mma` in csrc/qlinear.cu, taking [`QLinearParams`].
+    QLinearMma,
+    /// `qmoe_mma_up` in csrc/qmoe.cu, taking [`QMoeParams`].
+    QMoeMmaUp,
+    /// `qmoe_mma_down` in csrc/qmoe.cu, taking [`QMoeParams`].
+    QMoeMmaDown,
     /// `dequantize` in csrc/dequant.cu, taking [`DequantParams`].
     Dequantize,
 }
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 23] = [
+    pub const ALL: [KernelFamily; 26] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -986,6 +998,9 @@ impl KernelFamily {
         KernelFamily::QLinear,
         KernelFamily::QMoeUp,
         KernelFamily::QMoeDown,
+        KernelFamily::QLinearMma,
+        KernelFamily::QMoeMmaUp,
+        KernelFamily::QMoeMmaDown,
         KernelFamily::Dequantize,
     ];
 
@@ -1019,6 +1034,9 @@ impl KernelFamily {
             KernelFamily::QLinear => "qlinear",
             KernelFamily::QMoeUp => "qmoe_up",
             KernelFamily::QMoeDown => "qmoe_down",
+            KernelFamily::QLinearMma => "qlinear_mma",
+            KernelFamily::QMoeMmaUp => "qmoe_mma_up",
+            KernelFamily::QMoeMmaDown => "qmoe_mma_down",
             KernelFamily::Dequantize => "dequantize",
         }
     }
@@ -1048,6 +1066,9 @@ impl KernelFamily {
             KernelFamily::QLinear => &["KIND", "TILE", "OUT_F32"],
             KernelFamily::QMoeUp => &["KIND", "TILE"],
             KernelFamily::QMoeDown => &["KIND", "TILE"],
+            KernelFamily::QLinearMma => &["NT", "OUT_F32"],
+            KernelFamily::QMoeMmaUp => &["MAX_NT"],
+            KernelFamily::QMoeMmaDown => &["MAX_NT"],
             KernelFamily::Dequantize => &["KIND"],
         }
     }
@@ -1799,6 +1820,66 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         module: "qmoe",
         symbol: "qmoe_down_lut4_t8",
         consts: &[3, 8],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_n8_bf16",
+        consts: &[1, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_n8_f32",
+        consts: &[1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_n16_bf16",
+        consts: &[2, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_n16_f32",
+        consts: &[2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaUp,
+        module: "qmoe",
+        symbol: "qmoe_mma_up_n8",
+        consts: &[1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaUp,
+        module: "qmoe",
+        symbol: "qmoe_mma_up_n16",
+        consts: &[2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaUp,
+        module: "qmoe",
+        symbol: "qmoe_mma_up_n32",
+        consts: &[4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaDown,
+        module: "qmoe",
+        symbol: "qmoe_mma_down_n8",
+        consts: &[1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaDown,
+        module: "qmoe",
+        symbol: "qmoe_mma_down_n16",
+        consts: &[2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaDown,
+        module: "qmoe",
+        symbol: "qmoe_mma_down_n32",
+        consts: &[4],
     },
     KernelVariant {
         family: KernelFamily::Dequantize,

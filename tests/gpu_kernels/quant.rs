@@ -5,7 +5,8 @@
 //! columns, and 4-bit table codes: NF4 in bitsandbytes' blocks of 64 and in groups of 128, FP4 in
 //! groups of 32), with and without a random permutation of the input columns; `qlinear` for 1..=16
 //! tokens and both output types, `qmoe_gemv` with the router's grouping built on the CPU (idle
-//! experts included), `dequantize` bit-exact against the host values rounded to bf16.
+//! experts included), `dequantize` bit-exact against the host values rounded to bf16; the 4-bit
+//! tensor-core kernels (`qlinear_mma`, `qmoe_mma`) on the 4-bit integer formats they read.
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
@@ -14,12 +15,14 @@ use mixtral::cpu::moe::Expert;
 use mixtral::cpu::router::{group_by_expert, route};
 use mixtral::cuda::args::{LinearScalars, MoeScalars, QMoeArgs};
 use mixtral::cuda::engine::matrix::table_values;
+use mixtral::cuda::memory::AnyViewMut;
 use mixtral::cuda::memory::DeviceArena;
 use mixtral::cuda::memory::View;
 use mixtral::cuda::ops::{
-    dequantize, moe_cutlass_q8_gemm, qlinear, qmoe_gemv, shared_perm, DequantShape,
-    MoeCutlassQ8Scratch, PackedView, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
+    dequantize, moe_cutlass_q8_gemm, qlinear, qlinear_mma, qmoe_gemv, qmoe_mma, shared_perm,
+    DequantShape, MoeCutlassQ8Scratch, PackedView, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
 };
+use mixtral::cuda::{CudaError, Kernels};
 use mixtral::dtype::WeightSlice;
 use mixtral::packed::lut4::{self, Lut4};
 use mixtral::quant::{fp8, int4, int8, PackedKind, PackedMatrix, Q8};
@@ -196,8 +199,30 @@ impl DeviceStack {
 // ---------------------------------------------------------------------------------------------
 // qlinear
 
+/// `qlinear` or `qlinear_mma` (one signature).
+type QLinearKernel = fn(
+    &Kernels,
+    &CudaStream,
+    &LinearScalars,
+    View<'_, bf16>,
+    PackedView<'_>,
+    AnyViewMut<'_>,
+) -> Result<(), CudaError>;
+
 /// Runs qlinear on `m` and bf16 `x` into a poisoned, guarded output; returns it as f32.
 fn run_qlinear(gpu: &Gpu, m: &PackedMatrix, x: &[bf16], tokens: usize, out_f32: bool) -> Vec<f32> {
+    run_qlinear_with(qlinear, gpu, m, x, tokens, out_f32)
+}
+
+/// Runs `kernel` (`qlinear` or `qlinear_mma`) as [`run_qlinear`] does.
+fn run_qlinear_with(
+    kernel: QLinearKernel,
+    gpu: &Gpu,
+    m: &PackedMatrix,
+    x: &[bf16],
+    tokens: usize,
+    out_f32: bool,
+) -> Vec<f32> {
     let stream = gpu.stream();
     let shape = LinearScalars {
         tokens: tokens as u32,
@@ -209,7 +234,7 @@ fn run_qlinear(gpu: &Gpu, m: &PackedMatrix, x: &[bf16], tokens: usize, out_f32: 
     let len = tokens * m.rows;
     if out_f32 {
         let mut out = Guarded::<f32>::poisoned(stream, len);
-        qlinear(
+        kernel(
             &gpu.kernels,
             stream,
             &shape,
@@ -221,7 +246,7 @@ fn run_qlinear(gpu: &Gpu, m: &PackedMatrix, x: &[bf16], tokens: usize, out_f32: 
         out.read_written(stream, "out")
     } else {
         let mut out = Guarded::<bf16>::poisoned(stream, len);
-        qlinear(
+        kernel(
             &gpu.kernels,
             stream,
             &shape,
@@ -306,6 +331,88 @@ fn qlinear_every_format_at_a_mixtral_projection_shape() {
                 qlinear_bound(4096, true),
             );
         }
+    }
+}
+
+/// The 4-bit integer formats the tensor-core decode kernels read (groups of 128 and 256 columns).
+const INT4_MMA_KINDS: [PackedKind; 2] = [
+    PackedKind::Int4 { group_size: 128 },
+    PackedKind::Int4 { group_size: 256 },
+];
+
+#[test]
+fn qlinear_mma_matches_the_cpu_reference_on_the_dequantized_matrix() {
+    let name = "qlinear_mma_matches_the_cpu_reference_on_the_dequantized_matrix";
+    let Some(gpu) = common::gpu(name) else {
+        return;
+    };
+    let strategy = (
+        0..INT4_MMA_KINDS.len(),
+        1usize..=16,
+        prop_oneof![(1usize..=12).prop_map(|c| c * 256), Just(4096usize)],
+        1usize..=300,
+        any::<bool>(),
+        any::<u64>(),
+    );
+    let mut runner = TestRunner::new(Config::with_cases(40));
+    runner
+        .run(&strategy, |(k, tokens, cols, rows, out_f32, seed)| {
+            let kind = INT4_MMA_KINDS[k];
+            let m = random_matrix(kind, seed, rows, cols, false);
+            let x = common::to_bf16(&common::random_values(seed ^ 0x51, tokens * cols, 1.0));
+            let mut reference = vec![0.0f32; tokens * rows];
+            let w = m.dequantize();
+            matmul(
+                &common::to_f32(&x),
+                WeightSlice::F32(&w),
+                rows,
+                cols,
+                &mut reference,
+            );
+            let out = run_qlinear_with(qlinear_mma, &gpu, &m, &x, tokens, out_f32);
+            let err = common::rel_l2(&out, &reference);
+            // The bound of qlinear: the decoding is exact (q - zero in bf16), the products are
+            // exact in the tensor cores, the group scale multiplies each step's partial sums.
+            let bound = qlinear_bound(cols, out_f32);
+            if err > bound {
+                return Err(TestCaseError::fail(format!(
+                    "{kind:?}, tokens {tokens}, [{rows}, {cols}], f32 out {out_f32}: relative L2 \
+                     error {err:e} > {bound:e}"
+                )));
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn qlinear_mma_at_mixtral_projection_shapes() {
+    let Some(gpu) = common::gpu("qlinear_mma_at_mixtral_projection_shapes") else {
+        return;
+    };
+    for (i, (tokens, rows)) in [(1, 6144), (8, 4096), (9, 264), (16, 520)]
+        .into_iter()
+        .enumerate()
+    {
+        let kind = INT4_MMA_KINDS[i % 2];
+        let seed = 300 + i as u64;
+        let m = random_matrix(kind, seed, rows, 4096, false);
+        let x = common::to_bf16(&common::random_values(seed, tokens * 4096, 1.0));
+        let mut reference = vec![0.0f32; tokens * rows];
+        matmul(
+            &common::to_f32(&x),
+            WeightSlice::F32(&m.dequantize()),
+            rows,
+            4096,
+            &mut reference,
+        );
+        let out = run_qlinear_with(qlinear_mma, &gpu, &m, &x, tokens, true);
+        common::assert_close(
+            &format!("{kind:?}, tokens {tokens}, rows {rows}"),
+            &out,
+            &reference,
+            qlinear_bound(4096, true),
+        );
     }
 }
 
@@ -447,6 +554,9 @@ enum QMoeKernel {
     /// `moe_cutlass_q8_gemm` (FP8 or INT8 without permutation, compute capability 9.0 in a build
     /// with CUTLASS; `out` compared with the 8-bit-activation reference, `act` is not written).
     CutlassQ8,
+    /// `qmoe_mma` (4-bit integer codes in groups of multiples of 128 columns, no permutation; the
+    /// bounds of `qmoe_gemv`: the same decoding, only the order of the f32 sums differs).
+    Int4Mma,
 }
 
 /// Runs qmoe_gemv on `case` and compares `act` and `out` per slot with the CPU expert MLP on the
@@ -570,6 +680,7 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     let kinds = [w1s.kind, w3s.kind, w2s.kind];
     let run = match kernel {
         QMoeKernel::Gemv => qmoe_gemv(&gpu.kernels, stream, &shape, kinds, args),
+        QMoeKernel::Int4Mma => qmoe_mma(&gpu.kernels, stream, &shape, kinds, args),
         QMoeKernel::CutlassQ8 => {
             let format = Q8::of(kind).expect("an 8-bit case");
             let mut arena = DeviceArena::new(std::sync::Arc::clone(stream));
@@ -631,7 +742,7 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     let out_bound = match (kernel, activations) {
         // The rounding chain of moe_gemv (tests/gpu_kernels/moe_gemv.rs) on the dequantized
         // weights: act rounded once to bf16; out derived from that rounding propagated through w2.
-        (QMoeKernel::Gemv, _) | (_, Activations::Exact) => {
+        (QMoeKernel::Gemv | QMoeKernel::Int4Mma, _) | (_, Activations::Exact) => {
             let propagated = propagated_with(&|a, _| a as f64);
             let act = common::to_f32(&d_act.read_written(stream, "act"));
             common::assert_close(
@@ -684,6 +795,50 @@ fn qmoe_gemv_every_format_with_idle_experts() {
             seed: 7 + i as u64,
         };
         check_qmoe("qmoe_gemv_every_format_with_idle_experts", &case);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// qmoe_mma
+
+/// Cases for the 4-bit tensor-core expert kernels: groups of 128 or 256 columns, hidden and inter
+/// multiples of 256 (up to 1024 and 768), 1 to 80 tokens (passes of 8, 16 and 32 slots, several per
+/// expert), no permutation.
+fn int4_mma_cases() -> impl Strategy<Value = QMoeCase> {
+    let tokens = prop_oneof![Just(1usize), 1usize..17, 17usize..80];
+    cases_of(&INT4_MMA_KINDS, tokens, (256, 4, 3), Just(false))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn qmoe_mma_matches_the_cpu_experts_on_the_dequantized_weights(case in int4_mma_cases()) {
+        check_qmoe_with("qmoe_mma", QMoeKernel::Int4Mma, &case);
+    }
+}
+
+/// Mixtral's depth (hidden 4096, so 32 steps of 128 columns over the four warps) with idle experts,
+/// at a decode batch of 1 and one of 40 tokens (an expert with more than 32 slots takes two passes).
+#[test]
+fn qmoe_mma_at_mixtral_depth_with_idle_experts() {
+    for (i, tokens) in [1, 40].into_iter().enumerate() {
+        let case = QMoeCase {
+            kind: INT4_MMA_KINDS[i],
+            tokens,
+            hidden: 4096,
+            inter: 512,
+            experts: 8,
+            top_k: 2,
+            cold: 0b0101_0000,
+            permuted: false,
+            seed: 41 + i as u64,
+        };
+        check_qmoe_with(
+            "qmoe_mma_at_mixtral_depth_with_idle_experts",
+            QMoeKernel::Int4Mma,
+            &case,
+        );
     }
 }
 

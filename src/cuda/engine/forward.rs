@@ -34,7 +34,7 @@ use super::super::ops::{
     self, AttentionDecodeShape, AttentionPrefillShape, PagedCacheShape,
 };
 use super::inputs::PrefillPiece;
-use super::matrix::{self, DequantScratch, DeviceMatrix, ExpertIo, GroupedExperts};
+use super::matrix::{self, DequantScratch, DeviceMatrix, ExpertIo, GroupedExperts, Products};
 use super::plan::{Activations, Dims, Inputs, LayerCache, Plan, Routing, SPLIT_KEYS};
 use super::rank::Group;
 use super::upload::GpuWeights;
@@ -129,6 +129,7 @@ impl Plan {
             tokens: tokens as u32,
             vocab_rows: held.map_or(d.vocab, |r| r.vocab.len()),
             held_experts: held.map_or(0..d.experts, |r| r.experts.clone()),
+            int4_mma: self.int4_mma,
         };
         let (a, inputs, rank) = (&mut self.act, &self.inputs, self.rank.as_mut());
         let grouped = &mut self.grouped;
@@ -202,9 +203,20 @@ struct Step<'k> {
     vocab_rows: usize,
     /// Experts of the stacks held, as indices of the router's experts.
     held_experts: Range<usize>,
+    /// Decode batches over 4-bit integer weights on the tensor-core kernels ([`Plan::int4_mma`]).
+    int4_mma: bool,
 }
 
 impl Step<'_> {
+    /// The kernels and stream the weight products launch on.
+    fn products(&self) -> Products<'_> {
+        Products {
+            kernels: self.kernels,
+            stream: self.stream,
+            int4_mma: self.int4_mma,
+        }
+    }
+
     /// `out[t] = table[ids[t]]` into the f32 residual stream.
     fn embed(
         &self,
@@ -267,7 +279,7 @@ impl Step<'_> {
             in_features: in_features as u32,
             out_features: out_features as u32,
         };
-        matrix::project(self.kernels, self.stream, &s, x, w, out, &mut scratch.dense)
+        matrix::project(self.products(), &s, x, w, out, &mut scratch.dense)
     }
 
     /// RoPE on q and k with k/v appended to the layer's cache, then attention into `a.attn`.
@@ -429,7 +441,7 @@ impl Step<'_> {
             act: act.view_mut(),
             out: out.view_mut(),
         };
-        matrix::experts(self.kernels, self.stream, &s, stacks, io, scratch, grouped)
+        matrix::experts(self.products(), &s, stacks, io, scratch, grouped)
     }
 
     /// Gathers `rows` rows of `x` (an embedding lookup whose table is the activations).

@@ -19,7 +19,9 @@ use super::super::args::{LinearArgs, LinearScalars, MoeArgs, MoeScalars, QMoeArg
 use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::module::Kernels;
-use super::super::ops::{self, DequantShape, MoeCutlassQ8Scratch, MoeCutlassScratch, PackedView};
+use super::super::ops::{
+    self, int4_mma_reads, DequantShape, MoeCutlassQ8Scratch, MoeCutlassScratch, PackedView,
+};
 pub use super::super::select::GroupedKernel;
 use super::super::select::{select, Choice, Device, Format, Op};
 use crate::quant::{int4, PackedKind, QuantFormat, Q8};
@@ -207,6 +209,9 @@ impl DeviceMatrix {
     fn format(&self) -> Format {
         match self {
             DeviceMatrix::Bf16(_) => Format::Bf16,
+            DeviceMatrix::Packed(p) if int4_mma_reads(p.kind, p.cols, p.perm.is_some()) => {
+                Format::Int4Mma
+            }
             DeviceMatrix::Packed(_) => Format::Packed,
         }
     }
@@ -271,19 +276,46 @@ fn dense<'a>(
     Ok(scratch.view())
 }
 
+/// Where the products launch: the kernels, the stream, and the optional decode kernels the engine
+/// was asked for.
+#[derive(Clone, Copy)]
+pub struct Products<'a> {
+    /// The loaded kernels.
+    pub kernels: &'a Kernels,
+    /// The stream every launch goes to.
+    pub stream: &'a CudaStream,
+    /// Decode batches over 4-bit integer weights on the tensor-core kernels where they read them
+    /// ([`Device::int4_mma`]).
+    pub int4_mma: bool,
+}
+
 /// `out = x @ w^T` over `s` for a bf16 or packed `w`, with the kernels the selection table picks.
 pub fn project(
-    kernels: &Kernels,
-    stream: &CudaStream,
+    on: Products<'_>,
     s: &LinearScalars,
     x: View<'_, bf16>,
     w: &DeviceMatrix,
     out: AnyViewMut<'_>,
     scratch: &mut Option<DeviceBuffer<bf16>>,
 ) -> Result<(), CudaError> {
-    let choice = select(Op::Projection, s.tokens as usize, w.format(), Device::default());
-    if let (Choice::QLinear, DeviceMatrix::Packed(p)) = (choice, w) {
-        return ops::qlinear(kernels, stream, s, x, p.view(), out);
+    let Products {
+        kernels,
+        stream,
+        int4_mma,
+    } = on;
+    let device = Device {
+        int4_mma,
+        ..Device::default()
+    };
+    let choice = select(Op::Projection, s.tokens as usize, w.format(), device);
+    match (choice, w) {
+        (Choice::QLinear, DeviceMatrix::Packed(p)) => {
+            return ops::qlinear(kernels, stream, s, x, p.view(), out)
+        }
+        (Choice::QLinearMma, DeviceMatrix::Packed(p)) => {
+            return ops::qlinear_mma(kernels, stream, s, x, p.view(), out)
+        }
+        _ => {}
     }
     let w = dense(kernels, stream, w, scratch, s.tokens)?;
     ops::linear(kernels, stream, s, LinearArgs { x, w, out })
@@ -333,7 +365,8 @@ impl GroupedExperts {
 }
 
 /// The format the selection table knows a layer's expert stacks by: 8-bit codes when all three are
-/// of the 8-bit format `q8` (the one the engine's 8-bit kernels serve) without permutation, packed
+/// of the 8-bit format `q8` (the one the engine's 8-bit kernels serve) without permutation, 4-bit
+/// codes the tensor-core kernels read when all three are (w1 and w3 use w1's permutation), packed
 /// when all three are packed in one kind (`qmoe_gemv` takes one group size and one table), bf16
 /// otherwise (the packed ones are then expanded).
 fn experts_format(stacks: [&DeviceMatrix; 3], q8: Option<Q8>) -> Format {
@@ -342,6 +375,10 @@ fn experts_format(stacks: [&DeviceMatrix; 3], q8: Option<Q8>) -> Format {
             let permuted = p1.perm.is_some() || p2.perm.is_some();
             if q8.is_some_and(|q| q.kind() == p1.kind) && !permuted {
                 Format::Q8
+            } else if int4_mma_reads(p1.kind, p1.cols, permuted)
+                && int4_mma_reads(p2.kind, p2.cols, permuted)
+            {
+                Format::Int4Mma
             } else {
                 Format::Packed
             }
@@ -353,16 +390,21 @@ fn experts_format(stacks: [&DeviceMatrix; 3], q8: Option<Q8>) -> Format {
 /// The routed expert MLPs of one layer over bf16 or packed stacks, with the kernels the selection
 /// table picks for `grouped`.
 pub fn experts(
-    kernels: &Kernels,
-    stream: &CudaStream,
+    on: Products<'_>,
     s: &MoeScalars,
     [w1, w3, w2]: [&DeviceMatrix; 3],
     io: ExpertIo<'_>,
     scratch: &mut DequantScratch,
     grouped: &mut GroupedExperts,
 ) -> Result<(), CudaError> {
+    let Products {
+        kernels,
+        stream,
+        int4_mma,
+    } = on;
     let device = Device {
         grouped: grouped.kernel(),
+        int4_mma,
     };
     // 8-bit stacks run as 8-bit codes only where the engine made the 8-bit kernels' scratch for
     // their format (every layer's experts FP8, or INT8); elsewhere they are any packed format.
@@ -372,7 +414,7 @@ pub fn experts(
     };
     let format = experts_format([w1, w3, w2], q8);
     let choice = select(Op::Experts, s.tokens as usize, format, device);
-    if let (Choice::QMoeGemv | Choice::MoeCutlassQ8, Some(p1), Some(p3), Some(p2)) =
+    if let (Choice::QMoeGemv | Choice::QMoeMma | Choice::MoeCutlassQ8, Some(p1), Some(p3), Some(p2)) =
         (choice, w1.packed(), w3.packed(), w2.packed())
     {
         let (v1, v3, v2) = (p1.view(), p3.view(), p2.view());
@@ -401,6 +443,7 @@ pub fn experts(
                 ops::moe_cutlass_q8_gemm(stream, s, kinds, args, cutlass)
             }
             _ if choice == Choice::QMoeGemv => ops::qmoe_gemv(kernels, stream, s, kinds, args),
+            _ if choice == Choice::QMoeMma => ops::qmoe_mma(kernels, stream, s, kinds, args),
             _ => Err(no_scratch("8-bit")),
         };
     }

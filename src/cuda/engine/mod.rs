@@ -84,6 +84,11 @@ pub struct CudaEngineOptions {
     /// reference); it takes precedence over `hopper_wgmma` when both pass. Off by default until it
     /// has run on hardware.
     pub cutlass_experts: bool,
+    /// Run the decode products of 4-bit integer weights whose columns and groups are multiples of
+    /// 128 (no act-order permutation) on the tensor-core kernels (`qlinear_mma`, `qmoe_mma_*`)
+    /// instead of the GEMVs: the same values, the multiply-adds on the tensor cores. Off by default
+    /// until those kernels have run on hardware.
+    pub int4_mma_decode: bool,
 }
 
 impl Default for CudaEngineOptions {
@@ -95,6 +100,7 @@ impl Default for CudaEngineOptions {
             reserve_bytes: 1 << 30,
             hopper_wgmma: false,
             cutlass_experts: false,
+            int4_mma_decode: false,
         }
     }
 }
@@ -429,6 +435,7 @@ impl CudaEngine {
                 .count();
             let weights_allocated = arena.bytes();
             let mut plan = Plan::new(&config, sizes, &mut arena)?;
+            plan.int4_mma = options.int4_mma_decode;
             if let Some(r) = rank {
                 let rank_plan = rank::rank_plan(full, &r.shard, r.comms, max_tokens, &mut arena)?;
                 plan.rank = Some(rank_plan);

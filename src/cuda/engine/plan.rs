@@ -238,6 +238,9 @@ pub struct Plan {
     pub sizes: PlanSizes,
     /// The tensor-core kernels of the expert GEMMs of large chunks, with their scratch.
     pub grouped: GroupedExperts,
+    /// Decode batches over 4-bit integer weights the tensor-core kernels read run on them
+    /// (`qlinear_mma`, `qmoe_mma_*`) instead of the GEMVs ([`CudaEngineOptions::int4_mma_decode`](super::CudaEngineOptions::int4_mma_decode)).
+    pub int4_mma: bool,
     /// Step inputs (uploaded before each chunk).
     pub inputs: Inputs,
     /// The activations.
@@ -313,6 +316,7 @@ impl Plan {
             dims: d,
             sizes,
             grouped: GroupedExperts::Mma,
+            int4_mma: false,
             inputs: Inputs {
                 words: arena.zeroed(4 * m, "step inputs")?,
                 max_tokens: m,

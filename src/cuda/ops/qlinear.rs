@@ -5,12 +5,17 @@
 //! most [`LINEAR_GEMV_MAX_TOKENS`] tokens: prefill chunks `dequantize` the matrix and take
 //! `linear`. Each warp streams QLINEAR_ROWS_PER_WARP rows once per tile of tokens (the tile of
 //! `linear_gemv`).
+//!
+//! `qlinear_mma` (csrc/quant_mma.cuh) computes the same on the tensor cores for 4-bit integer
+//! matrices whose columns and groups are multiples of 128 and that carry no permutation: a block of
+//! QMMA_WARPS warps per 16 rows, the warps splitting the columns, one pass over the rows for up to
+//! 16 tokens (one or two 8-column n-tiles).
 
 use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::linear::gemv_tile;
-use super::quant_layout::{row_layout, table_view, PackedView};
+use super::quant_layout::{int4_mma_layout, row_layout, table_view, PackedView, RowLayout};
 use crate::cuda::args::{LinearScalars, QLinearArgs, QLinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -19,11 +24,19 @@ use crate::cuda::memory::{AnyViewMut, View};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{
     KernelFamily, QLinearParams, LINEAR_GEMV_MAX_TOKENS, QLINEAR_ROWS_PER_WARP, QLINEAR_WARPS,
+    QMMA_ROWS, QMMA_WARPS,
 };
 use crate::quant::PackedKind;
 
-fn plan(s: &LinearScalars, kind: PackedKind, a: &QLinearArgs<'_>) -> Planned<QLinearParams, 1> {
-    let c = Check { op: "qlinear" };
+/// The checks both kernels share (the batch limit, the rows, the table) and the parameter struct
+/// for the row layout `l`.
+fn checked_params(
+    c: &Check,
+    s: &LinearScalars,
+    kind: PackedKind,
+    l: RowLayout,
+    a: &QLinearArgs<'_>,
+) -> Result<QLinearParams, CudaError> {
     if s.tokens > LINEAR_GEMV_MAX_TOKENS {
         return Err(c.unsupported(
             "tokens",
@@ -36,9 +49,8 @@ fn plan(s: &LinearScalars, kind: PackedKind, a: &QLinearArgs<'_>) -> Planned<QLi
     }
     c.at_least("out_features", s.out_features as usize, 1)?;
     c.count("out_features", s.out_features as usize)?;
-    let l = row_layout(&c, kind, s.in_features, "in_features")?;
-    table_view(&c, kind, a.table)?;
-    let params = a.params(
+    table_view(c, kind, a.table)?;
+    a.params(
         c.op,
         &QLinearScalars {
             tokens: s.tokens,
@@ -48,7 +60,13 @@ fn plan(s: &LinearScalars, kind: PackedKind, a: &QLinearArgs<'_>) -> Planned<QLi
             row_params: l.row_params,
             group_size: l.group_size,
         },
-    )?;
+    )
+}
+
+fn plan(s: &LinearScalars, kind: PackedKind, a: &QLinearArgs<'_>) -> Planned<QLinearParams, 1> {
+    let c = Check { op: "qlinear" };
+    let l = row_layout(&c, kind, s.in_features, "in_features")?;
+    let params = checked_params(&c, s, kind, l, a)?;
     let variant = c.variant(
         KernelFamily::QLinear,
         "(kind, tile, out_f32)",
@@ -57,6 +75,29 @@ fn plan(s: &LinearScalars, kind: PackedKind, a: &QLinearArgs<'_>) -> Planned<QLi
     let rows_per_block = QLINEAR_WARPS * QLINEAR_ROWS_PER_WARP;
     let blocks = s.out_features.div_ceil(rows_per_block);
     let grid = Grid::linear(variant, blocks, QLINEAR_WARPS * 32);
+    Ok(unless_empty(s.tokens, params, [grid]))
+}
+
+/// 8-column n-tiles the 4-bit tensor-core kernels take for `columns` tokens or slots (1, 2 or 4;
+/// the dense kernel has 1 and 2, enough for [`LINEAR_GEMV_MAX_TOKENS`]).
+pub(super) fn mma_tiles(columns: u32) -> u32 {
+    match columns {
+        0..=8 => 1,
+        9..=16 => 2,
+        _ => 4,
+    }
+}
+
+fn plan_mma(s: &LinearScalars, kind: PackedKind, a: &QLinearArgs<'_>) -> Planned<QLinearParams, 1> {
+    let c = Check { op: "qlinear_mma" };
+    let l = int4_mma_layout(&c, kind, s.in_features, "in_features", a.perm.is_some())?;
+    let params = checked_params(&c, s, kind, l, a)?;
+    let variant = c.variant(
+        KernelFamily::QLinearMma,
+        "(n-tiles, out_f32)",
+        &[mma_tiles(s.tokens), u32::from(a.out.is_f32())],
+    )?;
+    let grid = Grid::linear(variant, s.out_features.div_ceil(QMMA_ROWS), QMMA_WARPS * 32);
     Ok(unless_empty(s.tokens, params, [grid]))
 }
 
@@ -73,6 +114,22 @@ pub fn qlinear(
     let PackedView { kind, codes, params, perm, table } = w;
     let args = QLinearArgs { x, codes, params, perm, table, out };
     launch_planned(kernels, stream, plan(s, kind, &args)?)
+}
+
+/// [`qlinear`] on the tensor cores (csrc/quant_mma.cuh), for the matrices
+/// [`int4_mma_reads`](super::int4_mma_reads) accepts (4-bit integer codes in groups of a
+/// multiple of 128 columns, no permutation); the same outputs up to the order of the f32 sums.
+pub fn qlinear_mma(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    s: &LinearScalars,
+    x: View<'_, bf16>,
+    w: PackedView<'_>,
+    out: AnyViewMut<'_>,
+) -> Result<(), CudaError> {
+    let PackedView { kind, codes, params, perm, table } = w;
+    let args = QLinearArgs { x, codes, params, perm, table, out };
+    launch_planned(kernels, stream, plan_mma(s, kind, &args)?)
 }
 
 #[cfg(test)]
@@ -213,6 +270,52 @@ mod tests {
                 assert_eq!(g.grid, (blocks, 1, 1));
             }
         }
+    }
+
+    const INT4_128: PackedKind = PackedKind::Int4 { group_size: 128 };
+
+    fn plan_mma_exact(
+        s: &LinearScalars,
+        kind: PackedKind,
+        perm: bool,
+        out_f32: bool,
+    ) -> Planned<QLinearParams, 1> {
+        plan_mma(s, kind, &args(kind, exact(s, kind, perm), perm, out_f32))
+    }
+
+    #[test]
+    fn the_tensor_core_kernel_takes_one_pass_of_one_or_two_n_tiles() {
+        for (tokens, columns) in [(1, 8), (8, 8), (9, 16), (16, 16)] {
+            for (out_f32, suffix) in [(false, "bf16"), (true, "f32")] {
+                let s = scalars(tokens, 4096, 6144);
+                let (p, [g]) = plan_mma_exact(&s, INT4_128, false, out_f32)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(symbol(&g), format!("qlinear_mma_n{columns}_{suffix}"));
+                assert_eq!(g.grid, (384, 1, 1), "6144 rows in blocks of 16");
+                assert_eq!(g.block, QMMA_WARPS * 32);
+                assert_eq!((p.row_bytes, p.row_params, p.group_size), (2048, 64, 128));
+            }
+        }
+    }
+
+    #[test]
+    fn the_tensor_core_kernel_refuses_what_it_cannot_read() {
+        let s = scalars(1, 4096, 64);
+        unsupported(plan_mma_exact(&s, INT4_128, true, false), "perm");
+        let int4_32 = PackedKind::Int4 { group_size: 32 };
+        unsupported(plan_mma_exact(&s, int4_32, false, false), "group_size");
+        let s4000 = scalars(1, 4000, 64);
+        unsupported(plan_mma_exact(&s4000, int4_32, false, false), "in_features");
+        for kind in [PackedKind::Fp8, PackedKind::Int8, KINDS[4]] {
+            unsupported(plan_mma_exact(&s, kind, false, false), "kind");
+        }
+        unsupported(
+            plan_mma_exact(&scalars(17, 4096, 64), INT4_128, false, false),
+            "tokens",
+        );
+        let none = plan_mma_exact(&scalars(0, 4096, 64), INT4_128, false, false);
+        assert!(none.unwrap().is_none());
     }
 
     #[test]

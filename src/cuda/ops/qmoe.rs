@@ -7,19 +7,26 @@
 //! w1 and w3 one column permutation (or none); 4-bit table codes (LUT4) one table for the three
 //! ([`QMoeArgs::table`], the same values: the format includes the table). Each expert's weights are streamed once per tile of
 //! slots, the tile of `linear_gemv` for the token count (the most slots one expert can get).
+//!
+//! `qmoe_mma_up` / `qmoe_mma_down` (csrc/quant_mma.cuh) compute the same on the tensor cores for
+//! 4-bit integer stacks whose columns and groups are multiples of 128, without permutation: a block
+//! of QMMA_WARPS warps per 16 rows of an expert with slots, its slots in passes of 8, 16 or 32.
 
 use cudarc::driver::CudaStream;
 
 use super::linear::gemv_tile;
 use super::moe_gemv::active_experts;
-use super::quant_layout::{row_layout, table_view};
+use super::qlinear::mma_tiles;
+use super::quant_layout::{int4_mma_layout, row_layout, table_view, RowLayout};
 use crate::cuda::args::{MoeScalars, QMoeArgs, QMoeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
 use crate::cuda::launch::{launch_planned, Grid, Planned};
 use crate::cuda::memory::View;
 use crate::cuda::module::Kernels;
-use crate::cuda::params::{KernelFamily, QMoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS};
+use crate::cuda::params::{
+    KernelFamily, QMoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS, QMMA_ROWS, QMMA_WARPS,
+};
 use crate::quant::PackedKind;
 
 const OP: &str = "qmoe_gemv";
@@ -42,8 +49,16 @@ pub fn shared_perm<'a>(
     }
 }
 
-fn plan(s: &MoeScalars, [k1, k3, k2]: [PackedKind; 3], a: &QMoeArgs<'_>) -> Planned<QMoeParams, 2> {
-    let c = Check { op: OP };
+/// The checks both kernel pairs share (one format for the three stacks, the counts, the table) and
+/// the parameter struct for the row layouts `l13` (w1, w3: `hidden` columns) and `l2` (w2: `inter`
+/// columns) that `layout` gives; with the number of grid rows (experts a batch can reach).
+fn checked_params(
+    c: &Check,
+    s: &MoeScalars,
+    [k1, k3, k2]: [PackedKind; 3],
+    a: &QMoeArgs<'_>,
+    layout: impl Fn(u32, &'static str, bool) -> Result<RowLayout, CudaError>,
+) -> Result<(QMoeParams, [RowLayout; 2], u32), CudaError> {
     for (what, kind) in [("w3 kind", k3), ("w2 kind", k2)] {
         if kind != k1 {
             return Err(c.unsupported(
@@ -57,12 +72,12 @@ fn plan(s: &MoeScalars, [k1, k3, k2]: [PackedKind; 3], a: &QMoeArgs<'_>) -> Plan
     }
     c.at_least("experts", s.experts as usize, 1)?;
     c.at_least("top_k", s.top_k as usize, 1)?;
-    let experts = active_experts(&c, s.experts, s.tokens, s.top_k)?;
+    let experts = active_experts(c, s.experts, s.tokens, s.top_k)?;
     c.count("tokens", s.tokens as usize)?;
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
-    let l13 = row_layout(&c, k1, s.hidden, "hidden")?;
-    let l2 = row_layout(&c, k1, s.inter, "inter")?;
-    table_view(&c, k1, a.table)?;
+    let l13 = layout(s.hidden, "hidden", a.w13_perm.is_some())?;
+    let l2 = layout(s.inter, "inter", a.w2_perm.is_some())?;
+    table_view(c, k1, a.table)?;
     let params = a.params(
         c.op,
         &QMoeScalars {
@@ -78,26 +93,57 @@ fn plan(s: &MoeScalars, [k1, k3, k2]: [PackedKind; 3], a: &QMoeArgs<'_>) -> Plan
             w2_row_params: l2.row_params,
         },
     )?;
-    let tile = gemv_tile(s.tokens);
-    let up = c.variant(KernelFamily::QMoeUp, "(kind, tile)", &[l13.kind, tile])?;
-    let down = c.variant(KernelFamily::QMoeDown, "(kind, tile)", &[l2.kind, tile])?;
+    Ok((params, [l13, l2], experts))
+}
+
+/// The up and down launches: `(variant, blocks in x)` each, `experts` grid rows, `warps` warps a
+/// block; nothing for zero tokens.
+fn two_launches(
+    s: &MoeScalars,
+    params: QMoeParams,
+    [(up, up_blocks), (down, down_blocks)]: [(usize, u32); 2],
+    experts: u32,
+    warps: u32,
+) -> Planned<QMoeParams, 2> {
     if s.tokens == 0 {
         return Ok(None);
     }
-    let block = MOE_WARPS * 32;
     let grid = |variant, blocks| Grid {
         variant,
         grid: (blocks, experts, 1),
-        block,
+        block: warps * 32,
         shared_bytes: 0,
     };
-    Ok(Some((
-        params,
-        [
-            grid(up, s.inter.div_ceil(MOE_WARPS)),
-            grid(down, s.hidden.div_ceil(MOE_WARPS * MOE_DOWN_ROWS_PER_WARP)),
-        ],
-    )))
+    Ok(Some((params, [grid(up, up_blocks), grid(down, down_blocks)])))
+}
+
+fn plan(s: &MoeScalars, kinds: [PackedKind; 3], a: &QMoeArgs<'_>) -> Planned<QMoeParams, 2> {
+    let c = Check { op: OP };
+    let layout = |cols, name, _perm| row_layout(&c, kinds[0], cols, name);
+    let (params, [l13, l2], experts) = checked_params(&c, s, kinds, a, layout)?;
+    let tile = gemv_tile(s.tokens);
+    let up = c.variant(KernelFamily::QMoeUp, "(kind, tile)", &[l13.kind, tile])?;
+    let down = c.variant(KernelFamily::QMoeDown, "(kind, tile)", &[l2.kind, tile])?;
+    let blocks = [
+        (up, s.inter.div_ceil(MOE_WARPS)),
+        (down, s.hidden.div_ceil(MOE_WARPS * MOE_DOWN_ROWS_PER_WARP)),
+    ];
+    two_launches(s, params, blocks, experts, MOE_WARPS)
+}
+
+fn plan_mma(s: &MoeScalars, kinds: [PackedKind; 3], a: &QMoeArgs<'_>) -> Planned<QMoeParams, 2> {
+    let c = Check { op: "qmoe_mma" };
+    let layout = |cols, name, perm| int4_mma_layout(&c, kinds[0], cols, name, perm);
+    let (params, _, experts) = checked_params(&c, s, kinds, a, layout)?;
+    // An expert has at most one slot per token.
+    let tiles = [mma_tiles(s.tokens)];
+    let up = c.variant(KernelFamily::QMoeMmaUp, "(most n-tiles)", &tiles)?;
+    let down = c.variant(KernelFamily::QMoeMmaDown, "(most n-tiles)", &tiles)?;
+    let blocks = [
+        (up, s.inter.div_ceil(QMMA_ROWS)),
+        (down, s.hidden.div_ceil(QMMA_ROWS)),
+    ];
+    two_launches(s, params, blocks, experts, QMMA_WARPS)
 }
 
 /// The routed expert MLPs of a decode batch over packed expert stacks of formats `kinds` (w1, w3,
@@ -111,6 +157,20 @@ pub fn qmoe_gemv(
     args: QMoeArgs<'_>,
 ) -> Result<(), CudaError> {
     launch_planned(kernels, stream, plan(s, kinds, &args)?)
+}
+
+/// [`qmoe_gemv`] on the tensor cores (csrc/quant_mma.cuh) for stacks
+/// [`int4_mma_reads`](super::int4_mma_reads) accepts (4-bit integer codes in groups of a multiple
+/// of 128 columns, no permutation): the same outputs up to the order of the f32 sums, each
+/// expert's slots in passes of up to 32.
+pub fn qmoe_mma(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    s: &MoeScalars,
+    kinds: [PackedKind; 3],
+    args: QMoeArgs<'_>,
+) -> Result<(), CudaError> {
+    launch_planned(kernels, stream, plan_mma(s, kinds, &args)?)
 }
 
 #[cfg(test)]
@@ -251,6 +311,45 @@ mod tests {
         let (p, _) = plan_exact(&s, nf4).unwrap().unwrap();
         assert_ne!(p.table, 0, "table codes pass their table");
         assert_eq!(p.group_size, 64);
+    }
+
+    #[test]
+    fn the_tensor_core_kernels_cover_each_experts_rows_and_slots() {
+        let kind = PackedKind::Int4 { group_size: 128 };
+        for (tokens, columns) in [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (128, 32)] {
+            let s = scalars(tokens, 4096, 14336, 8, 2);
+            let a = args(kind, exact(&s, kind), false);
+            let (p, [up, down]) = plan_mma(&s, [kind; 3], &a).unwrap().unwrap();
+            assert_eq!(symbol(&up), format!("qmoe_mma_up_n{columns}"));
+            assert_eq!(symbol(&down), format!("qmoe_mma_down_n{columns}"));
+            let active = (tokens * 2).min(8);
+            assert_eq!(up.grid, (14336 / 16, active, 1), "16 rows of w1 and w3 a block");
+            assert_eq!(down.grid, (4096 / 16, active, 1));
+            assert_eq!((up.block, down.block), (QMMA_WARPS * 32, QMMA_WARPS * 32));
+            assert_eq!(
+                (p.group_size, p.w13_row_bytes, p.w2_row_params),
+                (128, 2048, 2 * 14336 / 128)
+            );
+        }
+    }
+
+    #[test]
+    fn the_tensor_core_kernels_refuse_what_they_cannot_read() {
+        let int4 = PackedKind::Int4 { group_size: 128 };
+        let s = scalars(2, 256, 384, 4, 2);
+        let a = args(int4, exact(&s, int4), true);
+        unsupported(plan_mma(&s, [int4; 3], &a), "perm");
+        let bad_inter = scalars(2, 256, 320, 4, 2);
+        let a = args(int4, exact(&bad_inter, int4), false);
+        unsupported(plan_mma(&bad_inter, [int4; 3], &a), "inter");
+        for kind in [PackedKind::Int4 { group_size: 64 }, PackedKind::Fp8, KINDS[4]] {
+            let a = args(kind, exact(&s, kind), false);
+            let what = if kind == KINDS[4] || kind == PackedKind::Fp8 { "kind" } else { "group_size" };
+            unsupported(plan_mma(&s, [kind; 3], &a), what);
+        }
+        let a = args(int4, exact(&s, int4), false);
+        let other = PackedKind::Int4 { group_size: 256 };
+        unsupported(plan_mma(&s, [int4, other, int4], &a), "w3 kind");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
 use crate::cuda::memory::View;
-use crate::cuda::params::{QUANT_KIND_FP8, QUANT_KIND_INT4, QUANT_KIND_INT8, QUANT_KIND_LUT4};
+use crate::cuda::params::{
+    QMMA_STEP_COLS, QUANT_KIND_FP8, QUANT_KIND_INT4, QUANT_KIND_INT8, QUANT_KIND_LUT4,
+};
 use crate::quant::PackedKind;
 
 /// The device buffers of a stack of packed matrices (one for a projection, one per expert).
@@ -109,6 +111,50 @@ pub(super) fn row_layout(
     })
 }
 
+/// Whether the 4-bit tensor-core decode kernels (`qlinear_mma`, `qmoe_mma_*`; csrc/quant_mma.cuh)
+/// read matrices of `kind` with `cols` columns: 4-bit integer codes (INT4), `cols` and the group
+/// size multiples of [`QMMA_STEP_COLS`] (one step of the kernels lies in one group), and no column
+/// permutation.
+pub fn int4_mma_reads(kind: PackedKind, cols: usize, permuted: bool) -> bool {
+    let step = QMMA_STEP_COLS as usize;
+    match kind {
+        PackedKind::Int4 { group_size } => {
+            !permuted && cols > 0 && cols.is_multiple_of(step) && group_size.is_multiple_of(step)
+        }
+        PackedKind::Fp8 | PackedKind::Int8 | PackedKind::Lut4 { .. } => false,
+    }
+}
+
+/// [`row_layout`] for the 4-bit tensor-core kernels: refused by name unless [`int4_mma_reads`].
+pub(super) fn int4_mma_layout(
+    c: &Check,
+    kind: PackedKind,
+    cols: u32,
+    cols_name: &'static str,
+    permuted: bool,
+) -> Result<RowLayout, CudaError> {
+    let layout = row_layout(c, kind, cols, cols_name)?;
+    if int4_mma_reads(kind, cols as usize, permuted) {
+        return Ok(layout);
+    }
+    let (what, value) = match kind {
+        PackedKind::Int4 { .. } if permuted => ("perm", 1),
+        PackedKind::Int4 { group_size } if cols.is_multiple_of(QMMA_STEP_COLS) => {
+            ("group_size", group_size)
+        }
+        PackedKind::Int4 { .. } => (cols_name, cols as usize),
+        _ => ("kind", layout.kind as usize),
+    };
+    Err(c.unsupported(
+        what,
+        value,
+        format!(
+            "the 4-bit tensor-core kernels read {kind:?} only as INT4 codes without a column \
+             permutation, with columns and group size multiples of {QMMA_STEP_COLS}"
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +228,31 @@ mod tests {
             );
         }
         unsupported(row_layout(&C, PackedKind::Fp8, 1 << 31, "cols"), "cols");
+    }
+
+    #[test]
+    fn the_tensor_core_kernels_read_int4_in_whole_steps_only() {
+        let int4 = |group_size| PackedKind::Int4 { group_size };
+        assert!(int4_mma_reads(int4(128), 4096, false));
+        assert!(int4_mma_reads(int4(256), 14336, false));
+        assert!(int4_mma_layout(&C, int4(128), 128, "cols", false).is_ok());
+        assert!(!int4_mma_reads(int4(128), 4096, true));
+        unsupported(int4_mma_layout(&C, int4(128), 4096, "cols", true), "perm");
+        for group_size in [32, 64, 192] {
+            assert!(!int4_mma_reads(int4(group_size), 4096, false));
+            unsupported(
+                int4_mma_layout(&C, int4(group_size), 4096, "cols", false),
+                "group_size",
+            );
+        }
+        for cols in [96u32, 4000, 4160] {
+            assert!(!int4_mma_reads(int4(32), cols as usize, false));
+            unsupported(int4_mma_layout(&C, int4(32), cols, "cols", false), "cols");
+        }
+        for kind in [PackedKind::Fp8, PackedKind::Int8, NF4_64] {
+            assert!(!int4_mma_reads(kind, 4096, false));
+            unsupported(int4_mma_layout(&C, kind, 4096, "cols", false), "kind");
+        }
     }
 
     #[test]
