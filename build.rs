@@ -450,6 +450,9 @@ fn prune_cache(cache: &Path, current: &[(String, PathBuf)]) {
 fn nvcc_args(stem: &str, csrc: &Path) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "-fatbin".into(),
+        // Uncompressed, whatever the size: the kernel names stay readable in the embedded bytes
+        // (src/cuda/module.rs checks every instantiation against them).
+        "-no-compress".into(),
         "-std=c++17".into(),
         "-O3".into(),
         "-lineinfo".into(),

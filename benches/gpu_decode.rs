@@ -7,7 +7,8 @@
 //! `scripts/gpu-check` uses: every measurement once, median of repeated steps after a warm-up, one
 //! JSON object per line. `gpu_decode --protocol-quant OUT.jsonl` measures the packed formats (FP8,
 //! INT8, 4-bit, and bitsandbytes NF4 in blocks of 64 as `nf4`) at 32 layers the same way: decode at
-//! batch 1, 8 and 32 (4-bit also on the tensor-core decode kernels), a 512-token prefill. `gpu_decode --protocol-multi OUT.jsonl` (a build with feature
+//! batch 1, 8 and 32 (FP8, INT8 and 4-bit also on the tensor-core decode kernels), a 512-token
+//! prefill. `gpu_decode --protocol-multi OUT.jsonl` (a build with feature
 //! `nccl`, for `scripts/multi-gpu-check`) times batch-1 decode at TP=1 (one GPU) and TP=2 (two GPUs,
 //! NCCL) on the same shapes through the [`mixtral::Engine`] trait and prints the speedup. Without a
 //! CUDA driver or device each prints why and exits successfully; any other failure to build the
@@ -25,7 +26,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use mixtral::config::ModelConfig;
 use mixtral::cuda::engine::matrix::StackFormat;
 use mixtral::cuda::engine::GroupedKernel;
-use mixtral::cuda::ops::int4_mma_reads;
+use mixtral::cuda::ops::mma_reads;
 use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, WeightSource};
 use mixtral::engine::EngineOptions;
 use mixtral::packed::lut4::Lut4;
@@ -77,13 +78,13 @@ fn engine_in(layers: usize, graphs: bool, format: StackFormat) -> Result<CudaEng
 }
 
 /// [`engine_in`], with the Hopper expert kernels `grouped` asked for (`Mma`: none), and the 4-bit
-/// tensor-core decode kernels when `int4_mma`.
+/// tensor-core decode kernels when `mma_decode`.
 fn engine_with(
     layers: usize,
     graphs: bool,
     format: StackFormat,
     grouped: GroupedKernel,
-    int4_mma: bool,
+    mma_decode: bool,
 ) -> Result<CudaEngine, CudaError> {
     let options = CudaEngineOptions {
         engine: EngineOptions {
@@ -95,7 +96,7 @@ fn engine_with(
         cuda_graphs: graphs,
         hopper_wgmma: grouped == GroupedKernel::Wgmma,
         cutlass_experts: grouped == GroupedKernel::Cutlass,
-        int4_mma_decode: int4_mma,
+        mma_decode,
         ..CudaEngineOptions::default()
     };
     CudaEngine::build(
@@ -111,8 +112,9 @@ fn engine_with(
 
 /// The quantized protocol: decode at batch 1, 8 and 32 (context 16) and a 512-token prefill, all
 /// 32 layers, for each packed format (weights made on the host and uploaded: about 20 s per
-/// engine); 4-bit integer decode again on the tensor-core kernels (`"kernel": "int4_mma"`); FP8
-/// and INT8 prefill 4096 tokens as well, and both lengths again on CUTLASS's 8-bit expert kernels.
+/// engine); FP8, INT8 and 4-bit integer decode again on the tensor-core decode kernels
+/// (`"kernel": "mma_decode"`); FP8 and INT8 prefill 4096 tokens as well, and both lengths again on
+/// CUTLASS's 8-bit expert kernels.
 fn protocol_quant(out_path: &str) {
     let layers = 32;
     let mut out = std::fs::File::create(out_path).expect("protocol output");
@@ -145,8 +147,8 @@ fn protocol_quant(out_path: &str) {
         for (batch, ms) in decode_batches(&mut engine) {
             record("decode", "mma", batch, 16, ms);
         }
-        // 8-bit prefill also at 4096 tokens, and again on CUTLASS's 8-bit grouped GEMM (where its
-        // self-check passes), one engine at a time: two 32-layer 8-bit models do not fit one card.
+        // 8-bit prefill also at 4096 tokens, and again below on CUTLASS's 8-bit grouped GEMM (where
+        // its self-check passes).
         let q8 = stack.kind().and_then(Q8::of).is_some();
         let lengths: &[usize] = if q8 { &[512, 4096] } else { &[512] };
         for &tokens in lengths {
@@ -154,26 +156,25 @@ fn protocol_quant(out_path: &str) {
             let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
             record("prefill", "mma", 1, tokens, ms);
         }
-        // 4-bit integer decode again on the tensor-core kernels (another engine: two do not fit).
+        // One engine at a time from here: two 32-layer packed models do not fit one card.
+        drop(engine);
+        // Decode again on the tensor-core decode kernels where they read the format.
         if stack
             .kind()
-            .is_some_and(|kind| int4_mma_reads(kind, 4096, false))
+            .is_some_and(|kind| mma_reads(kind, 4096, false))
         {
-            drop(engine);
             match engine_with(layers, true, stack, GroupedKernel::Mma, true) {
                 Ok(mut engine) => {
                     for (batch, ms) in decode_batches(&mut engine) {
-                        record("decode", "int4_mma", batch, 16, ms);
+                        record("decode", "mma_decode", batch, 16, ms);
                     }
                 }
-                Err(e) => eprintln!("gpu_decode: no {format} engine with int4_mma_decode: {e}"),
+                Err(e) => eprintln!("gpu_decode: no {format} engine with mma_decode: {e}"),
             }
-            continue;
         }
         if !q8 {
             continue;
         }
-        drop(engine);
         let mut engine = match engine_with(layers, true, stack, GroupedKernel::Cutlass, false) {
             Ok(e) => e,
             Err(e) => {

@@ -442,7 +442,7 @@ type QMoeFn =
     fn(&Kernels, &CudaStream, &MoeScalars, [PackedKind; 3], QMoeArgs<'_>) -> Result<(), CudaError>;
 
 /// The quantized decode kernels at Mixtral shapes: qlinear (QKV, O) and qmoe_gemv (routed experts),
-/// GB/s of packed weights read; 4-bit integer also on the tensor-core kernels (`int4_mma`:
+/// GB/s of packed weights read; 4-bit integer also on the tensor-core kernels (`mma_decode`:
 /// qlinear_mma, qmoe_mma).
 fn quant_benches(c: &mut Criterion, b: &mut Bench) {
     let stream = b.stream();
@@ -457,7 +457,7 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
         ("fp8", PackedKind::Fp8, gemv),
         ("int8", PackedKind::Int8, gemv),
         ("int4", int4, gemv),
-        ("int4_mma", int4, mma),
+        ("mma_decode", int4, mma),
         // bitsandbytes NF4 in its blocks of 64.
         (
             "nf4",

@@ -34,7 +34,6 @@
 // later, not yet run on a GPU). Not yet run on sm_80. The decoding formulas are the ones checked bit
 // for bit on the host in src/packed/mod.rs (fp8_decode_by_bits, magic_u8_to_f32,
 // lut4_offsets_by_bytes).
-#include "quant.cuh"
 #include "quant_mma.cuh"
 
 namespace {
@@ -85,9 +84,10 @@ __device__ void qlinear_body(const QLinearParams& p) {
     }
 }
 
-// qlinear_mma: out = x w^T for 4-bit integer weights on the tensor cores (quant_mma.cuh); the block owns
-// 16 rows, the lane outputs (token 2q + i % 2 + 8 nt, row g + 8 (i / 2)) of warp 0 after the reduction.
-template <int NT, int OUT_F32>
+// qlinear_mma: out = x w^T on the tensor cores (quant_mma.cuh: FP8, INT8, INT4 in groups of multiples of
+// 128); the block owns 16 rows, the lane outputs (token 2q + i % 2 + 8 nt, row g + 8 (i / 2)) of warp 0
+// after the reduction.
+template <int KIND, int NT, int OUT_F32>
 __device__ void qlinear_mma_body(const QLinearParams& p) {
     const uint32_t lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
     const uint32_t row0 = blockIdx.x * QMMA_ROWS;
@@ -105,7 +105,7 @@ __device__ void qlinear_mma_body(const QLinearParams& p) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) x[nt] = p.x + (size_t)min(8 * nt + g, p.tokens - 1) * p.in_features;
     float acc[1][NT][4];
-    mx::qmma::warp_products<1, NT>(codes, params, x, p.in_features, p.group_size, acc);
+    mx::qmma::warp_products<KIND, 1, NT>(codes, params, x, p.in_features, p.group_size, acc);
     if (!mx::qmma::reduce_warps<1, NT>(acc)) return;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -126,9 +126,9 @@ __device__ void qlinear_mma_body(const QLinearParams& p) {
 MIXTRAL_QLINEAR_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, NT, OUT_F32)                                        \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32) symbol(QLinearParams p) { \
-        qlinear_mma_body<NT, OUT_F32>(p);                                     \
+#define MX_DEFINE(symbol, KIND, NT, OUT_F32)                                  \
+    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QLinearParams p) { \
+        qlinear_mma_body<KIND, NT, OUT_F32>(p);                               \
     }
 MIXTRAL_QLINEAR_MMA_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

@@ -29,7 +29,6 @@
 //
 // Ran on an H100 (2026-11-28, benches/RESULTS.md): tests/gpu_kernels/quant.rs passes against the
 // CPU reference for every kind and tile (LUT4, added later, not yet run on a GPU). Not yet run on sm_80.
-#include "quant.cuh"
 #include "quant_mma.cuh"
 #include "slot_tiles.cuh"
 
@@ -131,10 +130,10 @@ __device__ __forceinline__ const mx_bf16* slot_column(const QMoeParams& p, const
     return rows + (size_t)row * len;
 }
 
-// qmoe_mma_up: act[s] = silu(w1[e] x[t]) * (w3[e] x[t]) for 4-bit integer experts on the tensor cores
-// (quant_mma.cuh): block (blockIdx.x, y) owns rows 16 blockIdx.x .. + 15 of w1[e] and w3[e] for the y-th
-// expert with slots, its slots in passes of up to 8 * MAX_NT columns.
-template <int MAX_NT>
+// qmoe_mma_up: act[s] = silu(w1[e] x[t]) * (w3[e] x[t]) on the tensor cores (quant_mma.cuh: FP8, INT8,
+// INT4 in groups of multiples of 128): block (blockIdx.x, y) owns rows 16 blockIdx.x .. + 15 of w1[e] and
+// w3[e] for the y-th expert with slots, its slots in passes of up to 8 * MAX_NT columns.
+template <int KIND, int MAX_NT>
 __device__ void qmoe_mma_up_body(const QMoeParams& p) {
     int32_t begin, end;
     const uint32_t expert = expert_range(p, begin, end);
@@ -159,7 +158,7 @@ __device__ void qmoe_mma_up_body(const QMoeParams& p) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) x[nt] = slot_column(p, p.x, p.hidden, true, first + 8 * nt + g, end, unused);
         float acc[2][NT][4];
-        mx::qmma::warp_products<2, NT>(codes, params, x, p.hidden, p.group_size, acc);
+        mx::qmma::warp_products<KIND, 2, NT>(codes, params, x, p.hidden, p.group_size, acc);
         if (!mx::qmma::reduce_warps<2, NT>(acc)) return;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
@@ -179,9 +178,9 @@ __device__ void qmoe_mma_up_body(const QMoeParams& p) {
     });
 }
 
-// qmoe_mma_down: out[s] = topk_weights[s] * (w2[e] act[s]) for 4-bit integer experts on the tensor cores:
-// block (blockIdx.x, y) owns rows 16 blockIdx.x .. + 15 of w2[e] for the y-th expert with slots.
-template <int MAX_NT>
+// qmoe_mma_down: out[s] = topk_weights[s] * (w2[e] act[s]) on the tensor cores: block (blockIdx.x, y) owns
+// rows 16 blockIdx.x .. + 15 of w2[e] for the y-th expert with slots.
+template <int KIND, int MAX_NT>
 __device__ void qmoe_mma_down_body(const QMoeParams& p) {
     int32_t begin, end;
     const uint32_t expert = expert_range(p, begin, end);
@@ -204,7 +203,7 @@ __device__ void qmoe_mma_down_body(const QMoeParams& p) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) a[nt] = slot_column(p, p.act, p.inter, false, first + 8 * nt + g, end, unused);
         float acc[1][NT][4];
-        mx::qmma::warp_products<1, NT>(codes, params, a, p.inter, p.group_size, acc);
+        mx::qmma::warp_products<KIND, 1, NT>(codes, params, a, p.inter, p.group_size, acc);
         if (!mx::qmma::reduce_warps<1, NT>(acc)) return;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
@@ -234,12 +233,12 @@ MIXTRAL_QMOE_UP_VARIANTS(MX_DEFINE)
 MIXTRAL_QMOE_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, MAX_NT) \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32) symbol(QMoeParams p) { qmoe_mma_up_body<MAX_NT>(p); }
+#define MX_DEFINE(symbol, KIND, MAX_NT) \
+    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QMoeParams p) { qmoe_mma_up_body<KIND, MAX_NT>(p); }
 MIXTRAL_QMOE_MMA_UP_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, MAX_NT) \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32) symbol(QMoeParams p) { qmoe_mma_down_body<MAX_NT>(p); }
+#define MX_DEFINE(symbol, KIND, MAX_NT) \
+    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QMoeParams p) { qmoe_mma_down_body<KIND, MAX_NT>(p); }
 MIXTRAL_QMOE_MMA_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

@@ -1,47 +1,64 @@
-// quant_mma.cuh: products of decode batches with 4-bit integer packed matrices (QUANT_KIND_INT4, the layout
-// of src/packed/mod.rs, read as stored: no repacking) on the tensor cores, shared by qlinear.cu
-// (qlinear_mma) and qmoe.cu (qmoe_mma_up / qmoe_mma_down).
+// quant_mma.cuh: products of decode batches with packed quantized matrices (the layout of
+// src/packed/mod.rs, read as stored: no repacking) on the tensor cores, shared by qlinear.cu
+// (qlinear_mma) and qmoe.cu (qmoe_mma_up / qmoe_mma_down). Kinds: FP8 and INT8 (one f32 scale per row)
+// and INT4 (an f32 (scale, zero) pair per row and group of a multiple of 128 columns).
 //
-//   codes  [rows, cols / 2] u8       stored column j in byte j / 2, the low nibble for even j
-//   params [rows, groups, 2] f32     (scale, zero) per group of group_size columns, zero an integer 0..=16
+//   codes  [rows, row_bytes] u8      8-bit: one byte per column; INT4: stored column j in byte j / 2, the
+//                                    low nibble for even j
+//   params [rows, row_params] f32    8-bit: the row scale; INT4: (scale, zero) per group, zero 0..=16
 //   x      8 * NT columns (tokens or slots) of `cols` bf16 each, one pointer per column
 //   acc    [M][NT][4] f32            the mma.sync C fragments of 16 rows x 8 * NT columns per matrix:
 //          acc[m][nt][i] = sum_j w_m[row, j] * x[col][j], row = row0 + g + 8 * (i / 2),
-//          col = 8 * nt + 2 * q + i % 2 (lane = 4 * g + q), w the dequantized value scale * (q - zero)
+//          col = 8 * nt + 2 * q + i % 2 (lane = 4 * g + q), w the dequantized value
 //
 // Work of one block (QMMA_WARPS warps): the same 16 rows of M matrices (rows g and g + 8 per lane), the
-// columns split into steps of QMMA_STEP_COLS = 128; warp w takes steps w, w + QMMA_WARPS, ... and the
-// warps' partial sums are added in shared memory in warp order (reduce_warps): deterministic.
+// columns split into steps of 4 chunks (one 16-byte chunk of codes per lane of a q group: 4 * 32 = 128
+// columns for INT4, 4 * 16 = 64 for 8-bit); warp w takes steps w, w + QMMA_WARPS, ... and the warps'
+// partial sums are added in shared memory in warp order (reduce_warps): deterministic. A chunk past
+// the end of a row (the last step of a row whose columns are not a whole number of steps) multiplies
+// zeros.
 //
-// One step, one lane: its 16-byte chunk of codes of rows g and g + 8 (columns 128 * step + 32 * q ..
-// + 31, four 32-bit words W of 8 nibbles, nibble i of word W being column 8 * W + i of the chunk) and the
-// matching 8-column pieces of its activation column g of each n-tile. The dot product does not depend on
-// which mma k-slot carries which column, as long as the A (weights) and B (activations) fragments agree
-// for every lane of one q; here, per word W and half s (two mma per word, eight per step):
-//   k-slot 2q, 2q + 1       <- chunk columns 8W + 2s, 8W + 2s + 4
-//   k-slot 2q + 8, 2q + 9   <- chunk columns 8W + 2s + 1, 8W + 2s + 5
-// so the weights need no shuffle: a shift and one LOP3 put nibbles j and j + 4 into the mantissas of a
-// bf16 pair and one bf16x2 FMA turns them into nibble - zero, exactly (nibble_pairs); per word three
-// shifts, four LOP3 and four FMA. The activations take one PRMT per register.
+// One step, one lane: its chunk of codes of rows g and g + 8 and the matching pieces of its activation
+// column g of each n-tile. The dot product does not depend on which mma k-slot carries which column, as
+// long as the A (weights) and B (activations) fragments agree for every lane of one q; so the weights
+// need no shuffle, the activations one PRMT per register:
+//   INT4, per code word W (8 nibbles: chunk columns 8W .. 8W + 7) and half s, two mma per word:
+//     k-slots 2q, 2q + 1 <- columns 8W + 2s, 8W + 2s + 4; 2q + 8, 2q + 9 <- 8W + 2s + 1, 8W + 2s + 5.
+//     A shift and one LOP3 put nibbles j and j + 4 into the mantissas of a bf16 pair (128 + nibble), one
+//     bf16x2 FMA subtracts 128 + zero: nibble - zero, exactly (an integer of magnitude <= 16).
+//   8-bit, per code word W (4 bytes: chunk columns 4W .. 4W + 3), one mma per word, in column order:
+//     k-slots 2q, 2q + 1 <- columns 4W, 4W + 1; 2q + 8, 2q + 9 <- 4W + 2, 4W + 3 (the activations need
+//     no PRMT either). INT8 bytes are decoded to f32 exactly as the GEMVs do (quant.cuh: int8_value);
+//     FP8 byte pairs to f16 pairs by the hardware conversion (cvt.rn.f16x2.e4m3x2 on sm_89+, exact:
+//     every E4M3 value is an f16), then to f32 (sm_80: fp8_value, as the GEMVs). A pair is rounded to
+//     bf16x2, exactly: every E4M3 value and every integer of magnitude <= 128 is a bf16.
 //
-// The group of a step is one (group_size a multiple of 128): the step's eight mma accumulate
+// Scales: INT4 steps lie in one group (group_size a multiple of 128), so a step's mma accumulate
 // (q - zero) * x into zeroed f32 fragments, which are then scaled by the rows' group scales and added to
-// acc (f32 FMA). Products are exact in the tensor cores; only the order of the f32 sums differs from the
-// CPU reference.
+// acc; 8-bit accumulates straight into acc and the row scale multiplies the total once. Products are
+// exact in the tensor cores; only the order of the f32 sums differs from the CPU reference.
 //
-// Requirements (checked by the Rust launchers): cols a multiple of 128, group_size a multiple of 128, no
-// column permutation, codes rows and activation columns 16-byte aligned. Needs sm_80+ (mma.sync bf16,
-// fma.rn.bf16x2).
+// Requirements (checked by the Rust launchers): the row layout of quant.cuh (cols a multiple of 16 for
+// 8-bit, 32 for INT4), INT4 group_size a multiple of 128, no column permutation, codes rows and
+// activation columns 16-byte aligned. Needs sm_80+ (mma.sync bf16, fma.rn.bf16x2, cvt.rn.bf16x2.f32).
 #pragma once
 
-#include "common.cuh"
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include "quant.cuh"
 
 namespace mx {
 namespace qmma {
 
 constexpr uint32_t WARPS = QMMA_WARPS;
-constexpr uint32_t STEP = QMMA_STEP_COLS;
-static_assert(STEP == 4 * 32, "one step is one 32-column chunk per lane of a q group");
+
+// Stored columns of one step (4 chunks of 16 bytes).
+template <int KIND>
+__host__ __device__ constexpr uint32_t step_cols() {
+    return 4 * quant::chunk_elems<KIND>();
+}
+static_assert(step_cols<QUANT_KIND_INT4>() == QMMA_INT4_STEP_COLS, "an INT4 step is 128 columns");
 
 // A compile-time n-tile count (8 columns each) handed to a per-tile body.
 template <int N>
@@ -66,74 +83,93 @@ __device__ __forceinline__ uint32_t add_bf16x2(uint32_t a, uint32_t b) {
     return d;
 }
 
-// -(128 + zero) in both bf16 halves (exact: an integer below 256).
-__device__ __forceinline__ uint32_t minus_bias(float zero) {
+// (lo, hi) rounded to a bf16 pair, lo in the low half.
+__device__ __forceinline__ uint32_t bf16x2_of(float lo, float hi) {
     uint32_t d;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(d) : "f"(-128.0f - zero));
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
     return d;
 }
 
-// The four bf16x2 registers of (nibble - zero) of one code word, exactly: pairs[j] holds nibbles j and
-// j + 4 (the lower in the low half), taken as 128 + nibble by one LOP3 after a shift by 4j and offset by
-// -(128 + zero) in one bf16x2 FMA: both operands and the result (an integer of magnitude at most 16)
-// are exact in bf16.
-__device__ __forceinline__ void nibble_pairs(uint32_t w, uint32_t minus_128z, uint32_t (&pairs)[4]) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) pairs[j] = add_bf16x2(low_nibbles_in_bf16(w >> (4 * j)), minus_128z);
+// The E4M3 bytes at bits 16h .. 16h + 15 of w as a bf16 pair (byte 2h in the low half), exactly: through
+// f16 by the hardware conversion on sm_89+, through the f32 bits of the GEMVs (quant.cuh: fp8_value)
+// before (cuda_fp8.h's software conversion is several times longer there).
+__device__ __forceinline__ uint32_t fp8_pair_as_bf16x2(uint32_t w, int h) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    const __half2_raw pair = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w >> (16 * h)), __NV_E4M3);
+    return bf16x2_of(__half2float(__half(__half_raw{pair.x})), __half2float(__half(__half_raw{pair.y})));
+#else
+    return bf16x2_of(quant::fp8_value(w, 2 * h), quant::fp8_value(w, 2 * h + 1));
+#endif
 }
 
-// Word i (0..3) of a 16-byte register; i is a compile-time constant after unrolling.
-__device__ __forceinline__ uint32_t word(const uint4& c, int i) {
-    return i == 0 ? c.x : i == 1 ? c.y : i == 2 ? c.z : c.w;
-}
-
-// acc[nt] += the step's products of one matrix: c[r] the lane's chunk of row g + 8r, prm[r] that row's
-// (scale, zero) for the step's group, x[nt][W] the activations of the lane's column in n-tile nt at chunk
-// columns 8W .. 8W + 7.
-template <int NT>
-__device__ __forceinline__ void step_products(const uint4 (&c)[2], const float2 (&prm)[2], const uint4 (&x)[NT][4],
-                                              float (&acc)[NT][4]) {
-    const uint32_t bias[2] = {minus_bias(prm[0].y), minus_bias(prm[1].y)};
-    float part[NT][4];
+// The A registers of one mma of code word `w` of rows g (words[0]) and g + 8 (words[1]), in the k-slot
+// order of the file comment (INT4: half s of the word; 8-bit: the whole word, s = 0). bias[r]: INT4,
+// -(128 + zero) of row r's group in both bf16 halves; 8-bit, unused.
+template <int KIND>
+__device__ __forceinline__ void a_fragment(const uint32_t (&words)[2], int s, const uint32_t (&bias)[2],
+                                           uint32_t (&a)[4]) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) part[nt][i] = 0.0f;
+    for (int r = 0; r < 2; ++r) {
+        const uint32_t w = words[r];
+        if constexpr (KIND == QUANT_KIND_INT4) {
+            a[r] = add_bf16x2(low_nibbles_in_bf16(w >> (8 * s)), bias[r]);
+            a[2 + r] = add_bf16x2(low_nibbles_in_bf16(w >> (8 * s + 4)), bias[r]);
+        } else if constexpr (KIND == QUANT_KIND_FP8) {
+            a[r] = fp8_pair_as_bf16x2(w, 0);
+            a[2 + r] = fp8_pair_as_bf16x2(w, 1);
+        } else {
+            static_assert(KIND == QUANT_KIND_INT8, "FP8, INT8 or INT4");
+            const uint32_t flipped = w ^ 0x80808080u;
+            a[r] = bf16x2_of(quant::int8_value(flipped, 0), quant::int8_value(flipped, 1));
+            a[2 + r] = bf16x2_of(quant::int8_value(flipped, 2), quant::int8_value(flipped, 3));
+        }
     }
+}
+
+// acc[nt] += the step's products of one matrix: c[r] the lane's chunk of row g + 8r, bias as a_fragment,
+// x[nt][v] the v-th 8 activations of the lane's column in n-tile nt at the chunk's columns.
+template <int KIND, int NT>
+__device__ __forceinline__ void step_mma(const uint4 (&c)[2], const uint32_t (&bias)[2],
+                                         const uint4 (&x)[NT][quant::chunk_elems<KIND>() / 8], float (&acc)[NT][4]) {
+    constexpr int HALVES = KIND == QUANT_KIND_INT4 ? 2 : 1;  // mma per code word
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
-        uint32_t pairs[2][4];
+        const uint32_t words[2] = {quant::word(c[0], w), quant::word(c[1], w)};
 #pragma unroll
-        for (int r = 0; r < 2; ++r) nibble_pairs(word(c[r], w), bias[r], pairs[r]);
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            const uint32_t a[4] = {pairs[0][2 * s], pairs[1][2 * s], pairs[0][2 * s + 1], pairs[1][2 * s + 1]};
+        for (int s = 0; s < HALVES; ++s) {
+            uint32_t a[4];
+            a_fragment<KIND>(words, s, bias, a);
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                const uint32_t lo = word(x[nt][w], s), hi = word(x[nt][w], s + 2);
-                mma_bf16_16816(part[nt], a, __byte_perm(lo, hi, 0x5410u), __byte_perm(lo, hi, 0x7632u));
+                // The activations of the word's columns in k-slot order.
+                if constexpr (KIND == QUANT_KIND_INT4) {
+                    // Columns 8W + 2s + {0, 4} and 8W + 2s + {1, 5}.
+                    const uint32_t lo = quant::word(x[nt][w], s), hi = quant::word(x[nt][w], s + 2);
+                    mma_bf16_16816(acc[nt], a, __byte_perm(lo, hi, 0x5410u), __byte_perm(lo, hi, 0x7632u));
+                } else {
+                    // Columns 4W + {0, 1} and 4W + {2, 3}: two consecutive words of the activations.
+                    const uint4& piece = x[nt][w / 2];
+                    mma_bf16_16816(acc[nt], a, quant::word(piece, 2 * (w % 2)), quant::word(piece, 2 * (w % 2) + 1));
+                }
             }
         }
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        acc[nt][0] = fmaf(prm[0].x, part[nt][0], acc[nt][0]);
-        acc[nt][1] = fmaf(prm[0].x, part[nt][1], acc[nt][1]);
-        acc[nt][2] = fmaf(prm[1].x, part[nt][2], acc[nt][2]);
-        acc[nt][3] = fmaf(prm[1].x, part[nt][3], acc[nt][3]);
-    }
 }
 
-// This warp's share of the block's products (see the file comment): codes[m][r] / params[m][r] the
-// row g + 8r of matrix m (row starts), x[nt] the lane's activation column of n-tile nt. Each step's code
-// and parameter loads of UNROLL steps are issued before any is used.
-template <int M, int NT>
+// This warp's share of the block's products (see the file comment): codes[m][r] / params[m][r] the row
+// g + 8r of matrix m (row starts), x[nt] the lane's activation column of n-tile nt. Each step's code
+// (and INT4 group parameter) loads of UNROLL steps are issued before any is used.
+template <int KIND, int M, int NT>
 __device__ __forceinline__ void warp_products(const uint8_t* const (&codes)[M][2], const float* const (&params)[M][2],
                                               const mx_bf16* const (&x)[NT], uint32_t cols, uint32_t group_size,
                                               float (&acc)[M][NT][4]) {
     constexpr int UNROLL = M == 1 ? 4 : 2;
+    constexpr uint32_t CHUNK = quant::chunk_elems<KIND>();  // columns of one lane's chunk
+    constexpr int PIECES = CHUNK / 8;                        // 16-byte activation loads per chunk
+    constexpr bool INT4 = KIND == QUANT_KIND_INT4;
     const uint32_t warp = threadIdx.x / 32, q = threadIdx.x % 4;
-    const uint32_t steps = cols / STEP;
+    const uint32_t chunks = cols / CHUNK;
+    const uint32_t steps = (chunks + 3) / 4;
 #pragma unroll
     for (int m = 0; m < M; ++m) {
 #pragma unroll
@@ -147,15 +183,18 @@ __device__ __forceinline__ void warp_products(const uint8_t* const (&codes)[M][2
         float2 prm[UNROLL][M][2];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            // Steps past the end re-read the last step (in bounds, no branch between the loads); never used.
-            const uint32_t step = min(base + u * WARPS, steps - 1);
-            const uint32_t group = step * STEP / group_size;
+            // Chunks past the end re-read the row's last chunk (in bounds, no branch between the
+            // loads); they multiply zeros or are never used.
+            const uint32_t chunk = min(min(base + u * WARPS, steps - 1) * 4 + q, chunks - 1);
 #pragma unroll
             for (int m = 0; m < M; ++m) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    c[u][m][r] = load_stream_16(codes[m][r] + (size_t)step * (STEP / 2) + 16 * q);
-                    prm[u][m][r] = __ldg(reinterpret_cast<const float2*>(params[m][r]) + group);
+                    c[u][m][r] = load_stream_16(codes[m][r] + (size_t)chunk * QUANT_CHUNK_BYTES);
+                    if constexpr (INT4) {
+                        const uint32_t group = (chunk & ~3u) * CHUNK / group_size;  // the step's first column
+                        prm[u][m][r] = __ldg(reinterpret_cast<const float2*>(params[m][r]) + group);
+                    }
                 }
             }
         }
@@ -163,15 +202,52 @@ __device__ __forceinline__ void warp_products(const uint8_t* const (&codes)[M][2
         for (int u = 0; u < UNROLL; ++u) {
             const uint32_t step = base + u * WARPS;
             if (step < steps) {
-                const uint32_t col = step * STEP + 32 * q;
-                uint4 xs[NT][4];
+                const uint32_t chunk = step * 4 + q;
+                uint4 xs[NT][PIECES];
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-                    for (int w = 0; w < 4; ++w) xs[nt][w] = load_shared_16(x[nt] + col + 8 * w);
+                    for (int v = 0; v < PIECES; ++v) {
+                        xs[nt][v] = chunk < chunks ? load_shared_16(x[nt] + chunk * CHUNK + 8 * v)
+                                                   : make_uint4(0u, 0u, 0u, 0u);
+                    }
                 }
 #pragma unroll
-                for (int m = 0; m < M; ++m) step_products<NT>(c[u][m], prm[u][m], xs, acc[m]);
+                for (int m = 0; m < M; ++m) {
+                    if constexpr (INT4) {
+                        const uint32_t bias[2] = {bf16x2_of(-128.0f - prm[u][m][0].y, -128.0f - prm[u][m][0].y),
+                                                  bf16x2_of(-128.0f - prm[u][m][1].y, -128.0f - prm[u][m][1].y)};
+                        float part[NT][4];
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) part[nt][i] = 0.0f;
+                        }
+                        step_mma<KIND, NT>(c[u][m], bias, xs, part);
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) {
+                                acc[m][nt][i] = fmaf(prm[u][m][i / 2].x, part[nt][i], acc[m][nt][i]);
+                            }
+                        }
+                    } else {
+                        const uint32_t unused[2] = {0u, 0u};
+                        step_mma<KIND, NT>(c[u][m], unused, xs, acc[m]);
+                    }
+                }
+            }
+        }
+    }
+    if constexpr (!INT4) {
+        // The row scales, once.
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const float scale[2] = {__ldg(params[m][0]), __ldg(params[m][1])};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[m][nt][i] *= scale[i / 2];
             }
         }
     }

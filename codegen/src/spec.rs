@@ -267,7 +267,7 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "QLINEAR_ROWS_PER_WARP", value: 2, doc: "Weight rows per warp in `qlinear` (each activation load serves this many rows)." },
     Constant { name: "QMMA_WARPS", value: 4, doc: "Warps per block of `qlinear_mma` / `qmoe_mma_*` (they split the columns of the block's 16 rows and add their sums in warp order)." },
     Constant { name: "QMMA_ROWS", value: 16, doc: "Weight rows per block of `qlinear_mma` / `qmoe_mma_*` (one mma.sync m16 tile)." },
-    Constant { name: "QMMA_STEP_COLS", value: 128, doc: "Columns of one step of `qlinear_mma` / `qmoe_mma_*` (a 16-byte chunk of 4-bit codes per lane of each row; cols and group_size are multiples of it)." },
+    Constant { name: "QMMA_INT4_STEP_COLS", value: 128, doc: "Columns of one INT4 step of `qlinear_mma` / `qmoe_mma_*` (a 16-byte chunk of codes per lane of a 4-lane group); INT4 group sizes they read are multiples of it." },
     Constant { name: "DEQUANT_THREADS", value: 128, doc: "Threads per block of `dequantize` (one block per row of one matrix)." },
 ];
 
@@ -846,6 +846,7 @@ pub const FAMILIES: &[Family] = &[
         file: "qlinear",
         params: "QLinearParams",
         axes: &[
+            MMA_KIND_AXIS,
             Axis {
                 name: "NT",
                 values: &[v(1, "n8"), v(2, "n16")],
@@ -861,14 +862,14 @@ pub const FAMILIES: &[Family] = &[
         rust_name: "QMoeMmaUp",
         file: "qmoe",
         params: "QMoeParams",
-        axes: &[MAX_NT_AXIS],
+        axes: &[MMA_KIND_AXIS, MAX_NT_AXIS],
     },
     Family {
         name: "qmoe_mma_down",
         rust_name: "QMoeMmaDown",
         file: "qmoe",
         params: "QMoeParams",
-        axes: &[MAX_NT_AXIS],
+        axes: &[MMA_KIND_AXIS, MAX_NT_AXIS],
     },
     Family {
         name: "dequantize",
@@ -883,6 +884,12 @@ pub const FAMILIES: &[Family] = &[
 const KIND_AXIS: Axis = Axis {
     name: "KIND",
     values: &[v(0, "fp8"), v(1, "int8"), v(2, "int4"), v(3, "lut4")],
+};
+
+/// The element formats the tensor-core decode kernels read (values: the QUANT_KIND_* constants).
+const MMA_KIND_AXIS: Axis = Axis {
+    name: "KIND",
+    values: &[v(0, "fp8"), v(1, "int8"), v(2, "int4")],
 };
 
 /// Most 8-column n-tiles per weight pass of the 4-bit tensor-core expert kernels (8, 16 or 32 slots).

@@ -194,24 +194,44 @@
     X(qmoe_down_lut4_t4, 3, 4) \
     X(qmoe_down_lut4_t8, 3, 8)
 
-// qlinear_mma (csrc/qlinear.cu, takes QLinearParams): X(symbol, NT, OUT_F32)
+// qlinear_mma (csrc/qlinear.cu, takes QLinearParams): X(symbol, KIND, NT, OUT_F32)
 #define MIXTRAL_QLINEAR_MMA_VARIANTS(X) \
-    X(qlinear_mma_n8_bf16, 1, 0) \
-    X(qlinear_mma_n8_f32, 1, 1) \
-    X(qlinear_mma_n16_bf16, 2, 0) \
-    X(qlinear_mma_n16_f32, 2, 1)
+    X(qlinear_mma_fp8_n8_bf16, 0, 1, 0) \
+    X(qlinear_mma_fp8_n8_f32, 0, 1, 1) \
+    X(qlinear_mma_fp8_n16_bf16, 0, 2, 0) \
+    X(qlinear_mma_fp8_n16_f32, 0, 2, 1) \
+    X(qlinear_mma_int8_n8_bf16, 1, 1, 0) \
+    X(qlinear_mma_int8_n8_f32, 1, 1, 1) \
+    X(qlinear_mma_int8_n16_bf16, 1, 2, 0) \
+    X(qlinear_mma_int8_n16_f32, 1, 2, 1) \
+    X(qlinear_mma_int4_n8_bf16, 2, 1, 0) \
+    X(qlinear_mma_int4_n8_f32, 2, 1, 1) \
+    X(qlinear_mma_int4_n16_bf16, 2, 2, 0) \
+    X(qlinear_mma_int4_n16_f32, 2, 2, 1)
 
-// qmoe_mma_up (csrc/qmoe.cu, takes QMoeParams): X(symbol, MAX_NT)
+// qmoe_mma_up (csrc/qmoe.cu, takes QMoeParams): X(symbol, KIND, MAX_NT)
 #define MIXTRAL_QMOE_MMA_UP_VARIANTS(X) \
-    X(qmoe_mma_up_n8, 1) \
-    X(qmoe_mma_up_n16, 2) \
-    X(qmoe_mma_up_n32, 4)
+    X(qmoe_mma_up_fp8_n8, 0, 1) \
+    X(qmoe_mma_up_fp8_n16, 0, 2) \
+    X(qmoe_mma_up_fp8_n32, 0, 4) \
+    X(qmoe_mma_up_int8_n8, 1, 1) \
+    X(qmoe_mma_up_int8_n16, 1, 2) \
+    X(qmoe_mma_up_int8_n32, 1, 4) \
+    X(qmoe_mma_up_int4_n8, 2, 1) \
+    X(qmoe_mma_up_int4_n16, 2, 2) \
+    X(qmoe_mma_up_int4_n32, 2, 4)
 
-// qmoe_mma_down (csrc/qmoe.cu, takes QMoeParams): X(symbol, MAX_NT)
+// qmoe_mma_down (csrc/qmoe.cu, takes QMoeParams): X(symbol, KIND, MAX_NT)
 #define MIXTRAL_QMOE_MMA_DOWN_VARIANTS(X) \
-    X(qmoe_mma_down_n8, 1) \
-    X(qmoe_mma_down_n16, 2) \
-    X(qmoe_mma_down_n32, 4)
+    X(qmoe_mma_down_fp8_n8, 0, 1) \
+    X(qmoe_mma_down_fp8_n16, 0, 2) \
+    X(qmoe_mma_down_fp8_n32, 0, 4) \
+    X(qmoe_mma_down_int8_n8, 1, 1) \
+    X(qmoe_mma_down_int8_n16, 1, 2) \
+    X(qmoe_mma_down_int8_n32, 1, 4) \
+    X(qmoe_mma_down_int4_n8, 2, 1) \
+    X(qmoe_mma_down_int4_n16, 2, 2) \
+    X(qmoe_mma_down_int4_n32, 2, 4)
 
 // dequantize (csrc/dequant.cu, takes DequantParams): X(symbol, KIND)
 #define MIXTRAL_DEQUANTIZE_VARIANTS(X) \

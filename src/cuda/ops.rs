@@ -58,7 +58,7 @@ mod fill;
 pub use fill::*;
 
 mod quant_layout;
-pub use quant_layout::{int4_mma_reads, PackedView};
+pub use quant_layout::{mma_reads, PackedView};
 
 mod qlinear;
 pub use qlinear::*;

@@ -110,8 +110,8 @@ pub const QLINEAR_ROWS_PER_WARP: u32 = 2;
 pub const QMMA_WARPS: u32 = 4;
 /// Weight rows per block of `qlinear_mma` / `qmoe_mma_*` (one mma.sync m16 tile).
 pub const QMMA_ROWS: u32 = 16;
-/// Columns of one step of `qlinear_mma` / `qmoe_mma_*` (a 16-byte chunk of 4-bit codes per lane of each row; cols and group_size are multiples of it).
-pub const QMMA_STEP_COLS: u32 = 128;
+/// Columns of one INT4 step of `qlinear_mma` / `qmoe_mma_*` (a 16-byte chunk of codes per lane of a 4-lane group); INT4 group sizes they read are multiples of it.
+pub const QMMA_INT4_STEP_COLS: u32 = 128;
 /// Threads per block of `dequantize` (one block per row of one matrix).
 pub const DEQUANT_THREADS: u32 = 128;
 
@@ -1066,9 +1066,9 @@ impl KernelFamily {
             KernelFamily::QLinear => &["KIND", "TILE", "OUT_F32"],
             KernelFamily::QMoeUp => &["KIND", "TILE"],
             KernelFamily::QMoeDown => &["KIND", "TILE"],
-            KernelFamily::QLinearMma => &["NT", "OUT_F32"],
-            KernelFamily::QMoeMmaUp => &["MAX_NT"],
-            KernelFamily::QMoeMmaDown => &["MAX_NT"],
+            KernelFamily::QLinearMma => &["KIND", "NT", "OUT_F32"],
+            KernelFamily::QMoeMmaUp => &["KIND", "MAX_NT"],
+            KernelFamily::QMoeMmaDown => &["KIND", "MAX_NT"],
             KernelFamily::Dequantize => &["KIND"],
         }
     }
@@ -1824,62 +1824,182 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
     KernelVariant {
         family: KernelFamily::QLinearMma,
         module: "qlinear",
-        symbol: "qlinear_mma_n8_bf16",
-        consts: &[1, 0],
+        symbol: "qlinear_mma_fp8_n8_bf16",
+        consts: &[0, 1, 0],
     },
     KernelVariant {
         family: KernelFamily::QLinearMma,
         module: "qlinear",
-        symbol: "qlinear_mma_n8_f32",
+        symbol: "qlinear_mma_fp8_n8_f32",
+        consts: &[0, 1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_fp8_n16_bf16",
+        consts: &[0, 2, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_fp8_n16_f32",
+        consts: &[0, 2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_int8_n8_bf16",
+        consts: &[1, 1, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_int8_n8_f32",
+        consts: &[1, 1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_int8_n16_bf16",
+        consts: &[1, 2, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_int8_n16_f32",
+        consts: &[1, 2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_int4_n8_bf16",
+        consts: &[2, 1, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_int4_n8_f32",
+        consts: &[2, 1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_int4_n16_bf16",
+        consts: &[2, 2, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::QLinearMma,
+        module: "qlinear",
+        symbol: "qlinear_mma_int4_n16_f32",
+        consts: &[2, 2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaUp,
+        module: "qmoe",
+        symbol: "qmoe_mma_up_fp8_n8",
+        consts: &[0, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaUp,
+        module: "qmoe",
+        symbol: "qmoe_mma_up_fp8_n16",
+        consts: &[0, 2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaUp,
+        module: "qmoe",
+        symbol: "qmoe_mma_up_fp8_n32",
+        consts: &[0, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaUp,
+        module: "qmoe",
+        symbol: "qmoe_mma_up_int8_n8",
         consts: &[1, 1],
     },
     KernelVariant {
-        family: KernelFamily::QLinearMma,
-        module: "qlinear",
-        symbol: "qlinear_mma_n16_bf16",
-        consts: &[2, 0],
+        family: KernelFamily::QMoeMmaUp,
+        module: "qmoe",
+        symbol: "qmoe_mma_up_int8_n16",
+        consts: &[1, 2],
     },
     KernelVariant {
-        family: KernelFamily::QLinearMma,
-        module: "qlinear",
-        symbol: "qlinear_mma_n16_f32",
+        family: KernelFamily::QMoeMmaUp,
+        module: "qmoe",
+        symbol: "qmoe_mma_up_int8_n32",
+        consts: &[1, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaUp,
+        module: "qmoe",
+        symbol: "qmoe_mma_up_int4_n8",
         consts: &[2, 1],
     },
     KernelVariant {
         family: KernelFamily::QMoeMmaUp,
         module: "qmoe",
-        symbol: "qmoe_mma_up_n8",
-        consts: &[1],
+        symbol: "qmoe_mma_up_int4_n16",
+        consts: &[2, 2],
     },
     KernelVariant {
         family: KernelFamily::QMoeMmaUp,
         module: "qmoe",
-        symbol: "qmoe_mma_up_n16",
-        consts: &[2],
-    },
-    KernelVariant {
-        family: KernelFamily::QMoeMmaUp,
-        module: "qmoe",
-        symbol: "qmoe_mma_up_n32",
-        consts: &[4],
+        symbol: "qmoe_mma_up_int4_n32",
+        consts: &[2, 4],
     },
     KernelVariant {
         family: KernelFamily::QMoeMmaDown,
         module: "qmoe",
-        symbol: "qmoe_mma_down_n8",
-        consts: &[1],
+        symbol: "qmoe_mma_down_fp8_n8",
+        consts: &[0, 1],
     },
     KernelVariant {
         family: KernelFamily::QMoeMmaDown,
         module: "qmoe",
-        symbol: "qmoe_mma_down_n16",
-        consts: &[2],
+        symbol: "qmoe_mma_down_fp8_n16",
+        consts: &[0, 2],
     },
     KernelVariant {
         family: KernelFamily::QMoeMmaDown,
         module: "qmoe",
-        symbol: "qmoe_mma_down_n32",
-        consts: &[4],
+        symbol: "qmoe_mma_down_fp8_n32",
+        consts: &[0, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaDown,
+        module: "qmoe",
+        symbol: "qmoe_mma_down_int8_n8",
+        consts: &[1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaDown,
+        module: "qmoe",
+        symbol: "qmoe_mma_down_int8_n16",
+        consts: &[1, 2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaDown,
+        module: "qmoe",
+        symbol: "qmoe_mma_down_int8_n32",
+        consts: &[1, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaDown,
+        module: "qmoe",
+        symbol: "qmoe_mma_down_int4_n8",
+        consts: &[2, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaDown,
+        module: "qmoe",
+        symbol: "qmoe_mma_down_int4_n16",
+        consts: &[2, 2],
+    },
+    KernelVariant {
+        family: KernelFamily::QMoeMmaDown,
+        module: "qmoe",
+        symbol: "qmoe_mma_down_int4_n32",
+        consts: &[2, 4],
     },
     KernelVariant {
         family: KernelFamily::Dequantize,

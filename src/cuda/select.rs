@@ -15,9 +15,10 @@
 //! - the Hopper expert kernels (hand-written warpgroup MMA, or CUTLASS's grouped GEMM) run only
 //!   where asked for, on compute capability 9.0, after their self-check against the mma.sync
 //!   kernels passed on the device;
-//! - 4-bit integer weights the tensor-core decode kernels read ([`Format::Int4Mma`]) take them over
-//!   the GEMVs' ranges where asked for ([`Device::int4_mma`]): the decoding per weight is the
-//!   same, the multiply-adds move to the tensor cores.
+//! - packed weights the tensor-core decode kernels read ([`Format::PackedMma`], and the 8-bit
+//!   [`Format::Q8`]) take them over the GEMVs' ranges where asked for ([`Device::mma_decode`]):
+//!   each weight is decoded once per pass, as in the GEMVs, but the multiply-adds of up to 32
+//!   tokens move to the tensor cores;
 
 use std::fmt::Write as _;
 
@@ -45,17 +46,17 @@ pub enum Format {
     /// Packed codes with their parameters (FP8, INT8 or 4-bit).
     Packed,
     /// Packed 8-bit codes (FP8 or INT8) with one scale per row, no column permutation, of the
-    /// format the engine's CUTLASS 8-bit kernels serve.
+    /// format the engine's CUTLASS 8-bit kernels serve (the tensor-core decode kernels read them
+    /// too).
     Q8,
-    /// Packed 4-bit integer codes (INT4) with columns and groups in multiples of 128 and no column
-    /// permutation: what the 4-bit tensor-core decode kernels read
-    /// ([`int4_mma_reads`](super::ops::int4_mma_reads)).
-    Int4Mma,
+    /// Packed codes the tensor-core decode kernels read ([`mma_reads`](super::ops::mma_reads):
+    /// FP8, INT8, or INT4 in groups of multiples of 128 columns; no column permutation).
+    PackedMma,
 }
 
 impl Format {
     /// Every format, in the order `mixtral-run --explain` lists them.
-    pub const ALL: [Format; 4] = [Format::Bf16, Format::Packed, Format::Q8, Format::Int4Mma];
+    pub const ALL: [Format; 4] = [Format::Bf16, Format::Packed, Format::Q8, Format::PackedMma];
 }
 
 /// Which tensor-core kernels run the expert GEMMs of large chunks (decided once per engine).
@@ -81,9 +82,9 @@ impl GroupedKernel {
 pub struct Device {
     /// The expert GEMMs of large chunks.
     pub grouped: GroupedKernel,
-    /// Decode batches over [`Format::Int4Mma`] weights on the 4-bit tensor-core kernels
-    /// (`qlinear_mma`, `qmoe_mma_*`) instead of the GEMVs.
-    pub int4_mma: bool,
+    /// Decode batches over [`Format::PackedMma`] and [`Format::Q8`] weights on the tensor-core
+    /// decode kernels (`qlinear_mma`, `qmoe_mma_*`) instead of the GEMVs.
+    pub mma_decode: bool,
 }
 
 /// The kernels one op runs, in order.
@@ -95,7 +96,7 @@ pub enum Choice {
     LinearMma,
     /// `qlinear`: a GEMV over the packed weights, dequantized in registers.
     QLinear,
-    /// `qlinear_mma`: 4-bit integer weights decoded in registers, multiplied on the tensor cores.
+    /// `qlinear_mma`: packed weights decoded in registers, multiplied on the tensor cores.
     QLinearMma,
     /// `dequantize` into bf16 scratch, then `linear_mma`.
     DequantizeThenLinearMma,
@@ -110,8 +111,8 @@ pub enum Choice {
     MoeCutlass,
     /// `qmoe_up` + `qmoe_down`: GEMVs over the packed experts.
     QMoeGemv,
-    /// `qmoe_mma_up` + `qmoe_mma_down`: 4-bit integer experts decoded in registers, multiplied on
-    /// the tensor cores.
+    /// `qmoe_mma_up` + `qmoe_mma_down`: packed experts decoded in registers, multiplied on the
+    /// tensor cores.
     QMoeMma,
     /// `dequantize` of the three expert stacks into bf16 scratch, then the grouped GEMM.
     DequantizeThenMoeGrouped,
@@ -149,17 +150,17 @@ impl Choice {
 
 /// The kernels that run `op` over `tokens` tokens of weights in `format` on `device`.
 pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
-    use Format::{Bf16, Int4Mma, Packed, Q8};
+    use Format::{Bf16, Packed, PackedMma, Q8};
     match (op, format) {
         (Op::Projection, Bf16) if tokens <= LINEAR_GEMV_MAX_TOKENS => Choice::LinearGemv,
         (Op::Projection, Bf16) => Choice::LinearMma,
-        (Op::Projection, Int4Mma) if device.int4_mma && tokens <= LINEAR_GEMV_MAX_TOKENS => {
+        (Op::Projection, PackedMma | Q8) if device.mma_decode && tokens <= LINEAR_GEMV_MAX_TOKENS => {
             Choice::QLinearMma
         }
-        (Op::Projection, Packed | Q8 | Int4Mma) if tokens <= LINEAR_GEMV_MAX_TOKENS => {
+        (Op::Projection, Packed | Q8 | PackedMma) if tokens <= LINEAR_GEMV_MAX_TOKENS => {
             Choice::QLinear
         }
-        (Op::Projection, Packed | Q8 | Int4Mma) => Choice::DequantizeThenLinearMma,
+        (Op::Projection, Packed | Q8 | PackedMma) => Choice::DequantizeThenLinearMma,
         (Op::Experts, Bf16) if tokens < MOE_GROUPED_MIN_TOKENS => Choice::MoeGemv,
         (Op::Experts, Bf16) => match device.grouped {
             GroupedKernel::Mma => Choice::MoeGrouped,
@@ -173,13 +174,13 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
         {
             Choice::MoeCutlassQ8
         }
-        (Op::Experts, Int4Mma) if device.int4_mma && tokens <= QUANT_MOE_GEMV_MAX_TOKENS => {
+        (Op::Experts, PackedMma | Q8) if device.mma_decode && tokens <= QUANT_MOE_GEMV_MAX_TOKENS => {
             Choice::QMoeMma
         }
-        (Op::Experts, Packed | Q8 | Int4Mma) if tokens <= QUANT_MOE_GEMV_MAX_TOKENS => {
+        (Op::Experts, Packed | Q8 | PackedMma) if tokens <= QUANT_MOE_GEMV_MAX_TOKENS => {
             Choice::QMoeGemv
         }
-        (Op::Experts, Packed | Q8 | Int4Mma) => match device.grouped {
+        (Op::Experts, Packed | Q8 | PackedMma) => match device.grouped {
             GroupedKernel::Mma => Choice::DequantizeThenMoeGrouped,
             GroupedKernel::Wgmma => Choice::DequantizeThenMoeWgmma,
             GroupedKernel::Cutlass => Choice::DequantizeThenMoeCutlass,
@@ -188,15 +189,15 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
 }
 
 /// The whole table as text: one line per op, format and device where the choice changes, with the
-/// token ranges. The `int4mma` rows are those of an engine asked for the 4-bit tensor-core kernels
-/// (without it, such weights take the `packed` rows).
+/// token ranges. The `packedmma` rows are those of an engine asked for the tensor-core decode
+/// kernels (without it, such weights take the `packed` rows); the `q8` rows are without them.
 pub fn table() -> String {
-    let mut out = String::from("op          format   grouped  tokens       kernels\n");
+    let mut out = String::from("op          format     grouped  tokens       kernels\n");
     for op in [Op::Projection, Op::Experts] {
         for format in Format::ALL {
             for grouped in GroupedKernel::ALL {
-                let int4_mma = format == Format::Int4Mma;
-                let device = Device { grouped, int4_mma };
+                let mma_decode = format == Format::PackedMma;
+                let device = Device { grouped, mma_decode };
                 let mut start = 1;
                 let mut current = select(op, 1, format, device);
                 // Every threshold is far below this; past it the choice no longer changes.
@@ -211,7 +212,7 @@ pub fn table() -> String {
                         };
                         let _ = writeln!(
                             out,
-                            "{:<11} {:<8} {:<8} {range:<12} {}",
+                            "{:<11} {:<10} {:<8} {range:<12} {}",
                             format!("{op:?}").to_lowercase(),
                             format!("{format:?}").to_lowercase(),
                             format!("{grouped:?}").to_lowercase(),
@@ -233,15 +234,15 @@ mod tests {
 
     const NO: Device = Device {
         grouped: GroupedKernel::Mma,
-        int4_mma: false,
+        mma_decode: false,
     };
     const HOPPER: Device = Device {
         grouped: GroupedKernel::Wgmma,
-        int4_mma: false,
+        mma_decode: false,
     };
     const CUTLASS: Device = Device {
         grouped: GroupedKernel::Cutlass,
-        int4_mma: false,
+        mma_decode: false,
     };
 
     #[test]
@@ -288,30 +289,37 @@ mod tests {
     }
 
     #[test]
-    fn int4_tensor_core_kernels_run_only_where_asked_for_over_the_gemv_ranges() {
+    fn tensor_core_decode_kernels_run_only_where_asked_for_over_the_gemv_ranges() {
         for grouped in GroupedKernel::ALL {
             let on = Device {
                 grouped,
-                int4_mma: true,
+                mma_decode: true,
             };
             let off = Device {
                 grouped,
-                int4_mma: false,
+                mma_decode: false,
             };
-            let p = |t, d| select(Op::Projection, t, Format::Int4Mma, d);
-            assert_eq!(p(1, on), Choice::QLinearMma);
-            assert_eq!(p(16, on), Choice::QLinearMma);
-            assert_eq!(p(17, on), Choice::DequantizeThenLinearMma);
-            let e = |t, d| select(Op::Experts, t, Format::Int4Mma, d);
-            assert_eq!(e(1, on), Choice::QMoeMma);
-            assert_eq!(e(128, on), Choice::QMoeMma);
-            assert_eq!(e(129, on), e(129, off));
-            // Without the request, and for any other format, the flag changes nothing.
-            for tokens in [1, 16, 17, 128, 129, 4096] {
+            for format in [Format::PackedMma, Format::Q8] {
+                let p = |t, d| select(Op::Projection, t, format, d);
+                assert_eq!(p(1, on), Choice::QLinearMma);
+                assert_eq!(p(16, on), Choice::QLinearMma);
+                assert_eq!(p(17, on), Choice::DequantizeThenLinearMma);
+                let e = |t, d| select(Op::Experts, t, format, d);
+                assert_eq!(e(1, on), Choice::QMoeMma);
+                assert_eq!(e(31, on), Choice::QMoeMma);
+                assert_eq!(e(129, on), e(129, off));
+                // CUTLASS's 8-bit kernels keep the chunks they take.
+                let cutlass_q8 = format == Format::Q8 && grouped == GroupedKernel::Cutlass;
+                let at_128 = if cutlass_q8 { Choice::MoeCutlassQ8 } else { Choice::QMoeMma };
+                assert_eq!(e(128, on), at_128);
+            }
+            // Without the request, and for bf16 and the other packed formats, the flag changes
+            // nothing.
+            for tokens in [1, 16, 17, 31, 32, 128, 129, 4096] {
                 for op in [Op::Projection, Op::Experts] {
                     let packed = select(op, tokens, Format::Packed, off);
-                    assert_eq!(select(op, tokens, Format::Int4Mma, off), packed);
-                    for format in [Format::Bf16, Format::Packed, Format::Q8] {
+                    assert_eq!(select(op, tokens, Format::PackedMma, off), packed);
+                    for format in [Format::Bf16, Format::Packed] {
                         assert_eq!(select(op, tokens, format, on), select(op, tokens, format, off));
                     }
                 }
@@ -322,13 +330,13 @@ mod tests {
     #[test]
     fn the_printed_table_lists_each_range_once() {
         let text = table();
-        assert!(text.contains("projection  bf16     mma      1-16         linear_gemv"));
-        assert!(text.contains("projection  bf16     mma      17+          linear_mma"));
-        assert!(text.contains("experts     packed   wgmma    129+"));
-        assert!(text.contains("experts     bf16     cutlass  32+          moe_cutlass"));
-        assert!(text.contains("experts     q8       cutlass  32+          moe_cutlass_q8"));
-        assert!(text.contains("projection  int4mma  mma      1-16         qlinear_mma"));
-        assert!(text.contains("experts     int4mma  cutlass  1-128        qmoe_mma_up"));
+        assert!(text.contains("projection  bf16       mma      1-16         linear_gemv"));
+        assert!(text.contains("projection  bf16       mma      17+          linear_mma"));
+        assert!(text.contains("experts     packed     wgmma    129+"));
+        assert!(text.contains("experts     bf16       cutlass  32+          moe_cutlass"));
+        assert!(text.contains("experts     q8         cutlass  32+          moe_cutlass_q8"));
+        assert!(text.contains("projection  packedmma  mma      1-16         qlinear_mma"));
+        assert!(text.contains("experts     packedmma  cutlass  1-128        qmoe_mma_up"));
         // 2 ops x 4 formats x 3 grouped kernels, two ranges each, plus the header.
         assert_eq!(text.lines().count(), 1 + 48);
     }

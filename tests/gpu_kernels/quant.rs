@@ -6,7 +6,7 @@
 //! groups of 32), with and without a random permutation of the input columns; `qlinear` for 1..=16
 //! tokens and both output types, `qmoe_gemv` with the router's grouping built on the CPU (idle
 //! experts included), `dequantize` bit-exact against the host values rounded to bf16; the 4-bit
-//! tensor-core kernels (`qlinear_mma`, `qmoe_mma`) on the 4-bit integer formats they read.
+//! tensor-core decode kernels (`qlinear_mma`, `qmoe_mma`) on the formats they read.
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
@@ -334,8 +334,11 @@ fn qlinear_every_format_at_a_mixtral_projection_shape() {
     }
 }
 
-/// The 4-bit integer formats the tensor-core decode kernels read (groups of 128 and 256 columns).
-const INT4_MMA_KINDS: [PackedKind; 2] = [
+/// The formats the tensor-core decode kernels read: FP8, INT8, and INT4 in groups of 128 and 256
+/// columns.
+const MMA_KINDS: [PackedKind; 4] = [
+    PackedKind::Fp8,
+    PackedKind::Int8,
     PackedKind::Int4 { group_size: 128 },
     PackedKind::Int4 { group_size: 256 },
 ];
@@ -347,9 +350,14 @@ fn qlinear_mma_matches_the_cpu_reference_on_the_dequantized_matrix() {
         return;
     };
     let strategy = (
-        0..INT4_MMA_KINDS.len(),
+        0..MMA_KINDS.len(),
         1usize..=16,
-        prop_oneof![(1usize..=12).prop_map(|c| c * 256), Just(4096usize)],
+        // Whole steps (multiples of 128 columns) and rows ending in a partial step.
+        prop_oneof![
+            (1usize..=12).prop_map(|c| c * 128),
+            (1usize..=40).prop_map(|c| c * 32),
+            Just(4096usize)
+        ],
         1usize..=300,
         any::<bool>(),
         any::<u64>(),
@@ -357,7 +365,7 @@ fn qlinear_mma_matches_the_cpu_reference_on_the_dequantized_matrix() {
     let mut runner = TestRunner::new(Config::with_cases(40));
     runner
         .run(&strategy, |(k, tokens, cols, rows, out_f32, seed)| {
-            let kind = INT4_MMA_KINDS[k];
+            let kind = MMA_KINDS[k];
             let m = random_matrix(kind, seed, rows, cols, false);
             let x = common::to_bf16(&common::random_values(seed ^ 0x51, tokens * cols, 1.0));
             let mut reference = vec![0.0f32; tokens * rows];
@@ -371,8 +379,8 @@ fn qlinear_mma_matches_the_cpu_reference_on_the_dequantized_matrix() {
             );
             let out = run_qlinear_with(qlinear_mma, &gpu, &m, &x, tokens, out_f32);
             let err = common::rel_l2(&out, &reference);
-            // The bound of qlinear: the decoding is exact (q - zero in bf16), the products are
-            // exact in the tensor cores, the group scale multiplies each step's partial sums.
+            // The bound of qlinear: the decoding is exact (every code's value, or q - zero, is a
+            // bf16), the products are exact in the tensor cores, the scale multiplies partial sums.
             let bound = qlinear_bound(cols, out_f32);
             if err > bound {
                 return Err(TestCaseError::fail(format!(
@@ -394,7 +402,7 @@ fn qlinear_mma_at_mixtral_projection_shapes() {
         .into_iter()
         .enumerate()
     {
-        let kind = INT4_MMA_KINDS[i % 2];
+        let kind = MMA_KINDS[i % 2];
         let seed = 300 + i as u64;
         let m = random_matrix(kind, seed, rows, 4096, false);
         let x = common::to_bf16(&common::random_values(seed, tokens * 4096, 1.0));
@@ -554,9 +562,9 @@ enum QMoeKernel {
     /// `moe_cutlass_q8_gemm` (FP8 or INT8 without permutation, compute capability 9.0 in a build
     /// with CUTLASS; `out` compared with the 8-bit-activation reference, `act` is not written).
     CutlassQ8,
-    /// `qmoe_mma` (4-bit integer codes in groups of multiples of 128 columns, no permutation; the
-    /// bounds of `qmoe_gemv`: the same decoding, only the order of the f32 sums differs).
-    Int4Mma,
+    /// `qmoe_mma` (FP8, INT8, INT4 in groups of multiples of 128 columns; no permutation; the
+    /// bounds of `qmoe_gemv`: exact decoding, only the order of the f32 sums differs).
+    Mma,
 }
 
 /// Runs qmoe_gemv on `case` and compares `act` and `out` per slot with the CPU expert MLP on the
@@ -680,7 +688,7 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     let kinds = [w1s.kind, w3s.kind, w2s.kind];
     let run = match kernel {
         QMoeKernel::Gemv => qmoe_gemv(&gpu.kernels, stream, &shape, kinds, args),
-        QMoeKernel::Int4Mma => qmoe_mma(&gpu.kernels, stream, &shape, kinds, args),
+        QMoeKernel::Mma => qmoe_mma(&gpu.kernels, stream, &shape, kinds, args),
         QMoeKernel::CutlassQ8 => {
             let format = Q8::of(kind).expect("an 8-bit case");
             let mut arena = DeviceArena::new(std::sync::Arc::clone(stream));
@@ -742,7 +750,7 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     let out_bound = match (kernel, activations) {
         // The rounding chain of moe_gemv (tests/gpu_kernels/moe_gemv.rs) on the dequantized
         // weights: act rounded once to bf16; out derived from that rounding propagated through w2.
-        (QMoeKernel::Gemv | QMoeKernel::Int4Mma, _) | (_, Activations::Exact) => {
+        (QMoeKernel::Gemv | QMoeKernel::Mma, _) | (_, Activations::Exact) => {
             let propagated = propagated_with(&|a, _| a as f64);
             let act = common::to_f32(&d_act.read_written(stream, "act"));
             common::assert_close(
@@ -801,30 +809,34 @@ fn qmoe_gemv_every_format_with_idle_experts() {
 // ---------------------------------------------------------------------------------------------
 // qmoe_mma
 
-/// Cases for the 4-bit tensor-core expert kernels: groups of 128 or 256 columns, hidden and inter
-/// multiples of 256 (up to 1024 and 768), 1 to 80 tokens (passes of 8, 16 and 32 slots, several per
-/// expert), no permutation.
-fn int4_mma_cases() -> impl Strategy<Value = QMoeCase> {
+/// Cases for the tensor-core expert kernels: FP8, INT8, INT4 in groups of 128 or 256 columns,
+/// hidden and inter multiples of 96 (up to 768 and 576: whole and partial steps of 64 and 128
+/// columns), 1 to 80 tokens (passes of 8, 16 and 32 slots, several per expert), no permutation.
+fn mma_cases() -> impl Strategy<Value = QMoeCase> {
     let tokens = prop_oneof![Just(1usize), 1usize..17, 17usize..80];
-    cases_of(&INT4_MMA_KINDS, tokens, (256, 4, 3), Just(false))
+    cases_of(&MMA_KINDS, tokens, (96, 8, 6), Just(false))
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     #[test]
-    fn qmoe_mma_matches_the_cpu_experts_on_the_dequantized_weights(case in int4_mma_cases()) {
-        check_qmoe_with("qmoe_mma", QMoeKernel::Int4Mma, &case);
+    fn qmoe_mma_matches_the_cpu_experts_on_the_dequantized_weights(case in mma_cases()) {
+        check_qmoe_with("qmoe_mma", QMoeKernel::Mma, &case);
     }
 }
 
-/// Mixtral's depth (hidden 4096, so 32 steps of 128 columns over the four warps) with idle experts,
+/// Mixtral's depth (hidden 4096: 32 or 64 steps over the four warps) with idle experts, each format
 /// at a decode batch of 1 and one of 40 tokens (an expert with more than 32 slots takes two passes).
 #[test]
 fn qmoe_mma_at_mixtral_depth_with_idle_experts() {
-    for (i, tokens) in [1, 40].into_iter().enumerate() {
+    for (i, (kind, tokens)) in MMA_KINDS
+        .into_iter()
+        .flat_map(|k| [(k, 1), (k, 40)])
+        .enumerate()
+    {
         let case = QMoeCase {
-            kind: INT4_MMA_KINDS[i],
+            kind,
             tokens,
             hidden: 4096,
             inter: 512,
@@ -836,7 +848,7 @@ fn qmoe_mma_at_mixtral_depth_with_idle_experts() {
         };
         check_qmoe_with(
             "qmoe_mma_at_mixtral_depth_with_idle_experts",
-            QMoeKernel::Int4Mma,
+            QMoeKernel::Mma,
             &case,
         );
     }

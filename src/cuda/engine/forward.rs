@@ -129,7 +129,7 @@ impl Plan {
             tokens: tokens as u32,
             vocab_rows: held.map_or(d.vocab, |r| r.vocab.len()),
             held_experts: held.map_or(0..d.experts, |r| r.experts.clone()),
-            int4_mma: self.int4_mma,
+            mma_decode: self.mma_decode,
         };
         let (a, inputs, rank) = (&mut self.act, &self.inputs, self.rank.as_mut());
         let grouped = &mut self.grouped;
@@ -203,8 +203,8 @@ struct Step<'k> {
     vocab_rows: usize,
     /// Experts of the stacks held, as indices of the router's experts.
     held_experts: Range<usize>,
-    /// Decode batches over 4-bit integer weights on the tensor-core kernels ([`Plan::int4_mma`]).
-    int4_mma: bool,
+    /// Decode batches over packed weights on the tensor-core kernels ([`Plan::mma_decode`]).
+    mma_decode: bool,
 }
 
 impl Step<'_> {
@@ -213,7 +213,7 @@ impl Step<'_> {
         Products {
             kernels: self.kernels,
             stream: self.stream,
-            int4_mma: self.int4_mma,
+            mma_decode: self.mma_decode,
         }
     }
 

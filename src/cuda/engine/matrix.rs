@@ -20,7 +20,7 @@ use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::module::Kernels;
 use super::super::ops::{
-    self, int4_mma_reads, DequantShape, MoeCutlassQ8Scratch, MoeCutlassScratch, PackedView,
+    self, mma_reads, DequantShape, MoeCutlassQ8Scratch, MoeCutlassScratch, PackedView,
 };
 pub use super::super::select::GroupedKernel;
 use super::super::select::{select, Choice, Device, Format, Op};
@@ -209,8 +209,8 @@ impl DeviceMatrix {
     fn format(&self) -> Format {
         match self {
             DeviceMatrix::Bf16(_) => Format::Bf16,
-            DeviceMatrix::Packed(p) if int4_mma_reads(p.kind, p.cols, p.perm.is_some()) => {
-                Format::Int4Mma
+            DeviceMatrix::Packed(p) if mma_reads(p.kind, p.cols, p.perm.is_some()) => {
+                Format::PackedMma
             }
             DeviceMatrix::Packed(_) => Format::Packed,
         }
@@ -284,9 +284,9 @@ pub struct Products<'a> {
     pub kernels: &'a Kernels,
     /// The stream every launch goes to.
     pub stream: &'a CudaStream,
-    /// Decode batches over 4-bit integer weights on the tensor-core kernels where they read them
-    /// ([`Device::int4_mma`]).
-    pub int4_mma: bool,
+    /// Decode batches over packed weights on the tensor-core kernels where they read them
+    /// ([`Device::mma_decode`]).
+    pub mma_decode: bool,
 }
 
 /// `out = x @ w^T` over `s` for a bf16 or packed `w`, with the kernels the selection table picks.
@@ -301,10 +301,10 @@ pub fn project(
     let Products {
         kernels,
         stream,
-        int4_mma,
+        mma_decode,
     } = on;
     let device = Device {
-        int4_mma,
+        mma_decode,
         ..Device::default()
     };
     let choice = select(Op::Projection, s.tokens as usize, w.format(), device);
@@ -365,8 +365,8 @@ impl GroupedExperts {
 }
 
 /// The format the selection table knows a layer's expert stacks by: 8-bit codes when all three are
-/// of the 8-bit format `q8` (the one the engine's 8-bit kernels serve) without permutation, 4-bit
-/// codes the tensor-core kernels read when all three are (w1 and w3 use w1's permutation), packed
+/// of the 8-bit format `q8` (the one the engine's 8-bit kernels serve) without permutation, codes the
+/// tensor-core decode kernels read when all three are (w1 and w3 use w1's permutation), packed
 /// when all three are packed in one kind (`qmoe_gemv` takes one group size and one table), bf16
 /// otherwise (the packed ones are then expanded).
 fn experts_format(stacks: [&DeviceMatrix; 3], q8: Option<Q8>) -> Format {
@@ -375,10 +375,10 @@ fn experts_format(stacks: [&DeviceMatrix; 3], q8: Option<Q8>) -> Format {
             let permuted = p1.perm.is_some() || p2.perm.is_some();
             if q8.is_some_and(|q| q.kind() == p1.kind) && !permuted {
                 Format::Q8
-            } else if int4_mma_reads(p1.kind, p1.cols, permuted)
-                && int4_mma_reads(p2.kind, p2.cols, permuted)
+            } else if mma_reads(p1.kind, p1.cols, permuted)
+                && mma_reads(p2.kind, p2.cols, permuted)
             {
-                Format::Int4Mma
+                Format::PackedMma
             } else {
                 Format::Packed
             }
@@ -400,11 +400,11 @@ pub fn experts(
     let Products {
         kernels,
         stream,
-        int4_mma,
+        mma_decode,
     } = on;
     let device = Device {
         grouped: grouped.kernel(),
-        int4_mma,
+        mma_decode,
     };
     // 8-bit stacks run as 8-bit codes only where the engine made the 8-bit kernels' scratch for
     // their format (every layer's experts FP8, or INT8); elsewhere they are any packed format.

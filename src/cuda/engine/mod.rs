@@ -84,11 +84,11 @@ pub struct CudaEngineOptions {
     /// reference); it takes precedence over `hopper_wgmma` when both pass. Off by default until it
     /// has run on hardware.
     pub cutlass_experts: bool,
-    /// Run the decode products of 4-bit integer weights whose columns and groups are multiples of
-    /// 128 (no act-order permutation) on the tensor-core kernels (`qlinear_mma`, `qmoe_mma_*`)
-    /// instead of the GEMVs: the same values, the multiply-adds on the tensor cores. Off by default
-    /// until those kernels have run on hardware.
-    pub int4_mma_decode: bool,
+    /// Run the decode products of packed weights the tensor-core decode kernels read (FP8, INT8,
+    /// and INT4 in groups of multiples of 128 columns; no act-order permutation) on those kernels
+    /// (`qlinear_mma`, `qmoe_mma_*`) instead of the GEMVs: the same values, the multiply-adds of
+    /// up to 32 tokens a pass on the tensor cores. Off by default until they have run on hardware.
+    pub mma_decode: bool,
 }
 
 impl Default for CudaEngineOptions {
@@ -100,7 +100,7 @@ impl Default for CudaEngineOptions {
             reserve_bytes: 1 << 30,
             hopper_wgmma: false,
             cutlass_experts: false,
-            int4_mma_decode: false,
+            mma_decode: false,
         }
     }
 }
@@ -435,7 +435,7 @@ impl CudaEngine {
                 .count();
             let weights_allocated = arena.bytes();
             let mut plan = Plan::new(&config, sizes, &mut arena)?;
-            plan.int4_mma = options.int4_mma_decode;
+            plan.mma_decode = options.mma_decode;
             if let Some(r) = rank {
                 let rank_plan = rank::rank_plan(full, &r.shard, r.comms, max_tokens, &mut arena)?;
                 plan.rank = Some(rank_plan);

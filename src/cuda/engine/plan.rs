@@ -238,9 +238,9 @@ pub struct Plan {
     pub sizes: PlanSizes,
     /// The tensor-core kernels of the expert GEMMs of large chunks, with their scratch.
     pub grouped: GroupedExperts,
-    /// Decode batches over 4-bit integer weights the tensor-core kernels read run on them
-    /// (`qlinear_mma`, `qmoe_mma_*`) instead of the GEMVs ([`CudaEngineOptions::int4_mma_decode`](super::CudaEngineOptions::int4_mma_decode)).
-    pub int4_mma: bool,
+    /// Decode batches over packed weights the tensor-core decode kernels read run on them
+    /// (`qlinear_mma`, `qmoe_mma_*`) instead of the GEMVs ([`CudaEngineOptions::mma_decode`](super::CudaEngineOptions::mma_decode)).
+    pub mma_decode: bool,
     /// Step inputs (uploaded before each chunk).
     pub inputs: Inputs,
     /// The activations.
@@ -316,7 +316,7 @@ impl Plan {
             dims: d,
             sizes,
             grouped: GroupedExperts::Mma,
-            int4_mma: false,
+            mma_decode: false,
             inputs: Inputs {
                 words: arena.zeroed(4 * m, "step inputs")?,
                 max_tokens: m,

@@ -6,16 +6,16 @@
 //! `linear`. Each warp streams QLINEAR_ROWS_PER_WARP rows once per tile of tokens (the tile of
 //! `linear_gemv`).
 //!
-//! `qlinear_mma` (csrc/quant_mma.cuh) computes the same on the tensor cores for 4-bit integer
-//! matrices whose columns and groups are multiples of 128 and that carry no permutation: a block of
-//! QMMA_WARPS warps per 16 rows, the warps splitting the columns, one pass over the rows for up to
-//! 16 tokens (one or two 8-column n-tiles).
+//! `qlinear_mma` (csrc/quant_mma.cuh) computes the same on the tensor cores for the matrices
+//! [`mma_reads`](super::mma_reads) accepts (FP8, INT8, INT4 in groups of multiples of 128 columns;
+//! no permutation): a block of QMMA_WARPS warps per 16 rows, the warps splitting the columns, one
+//! pass over the rows for up to 16 tokens (one or two 8-column n-tiles).
 
 use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::linear::gemv_tile;
-use super::quant_layout::{int4_mma_layout, row_layout, table_view, PackedView, RowLayout};
+use super::quant_layout::{mma_layout, row_layout, table_view, PackedView, RowLayout};
 use crate::cuda::args::{LinearScalars, QLinearArgs, QLinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -90,12 +90,12 @@ pub(super) fn mma_tiles(columns: u32) -> u32 {
 
 fn plan_mma(s: &LinearScalars, kind: PackedKind, a: &QLinearArgs<'_>) -> Planned<QLinearParams, 1> {
     let c = Check { op: "qlinear_mma" };
-    let l = int4_mma_layout(&c, kind, s.in_features, "in_features", a.perm.is_some())?;
+    let l = mma_layout(&c, kind, s.in_features, "in_features", a.perm.is_some())?;
     let params = checked_params(&c, s, kind, l, a)?;
     let variant = c.variant(
         KernelFamily::QLinearMma,
-        "(n-tiles, out_f32)",
-        &[mma_tiles(s.tokens), u32::from(a.out.is_f32())],
+        "(kind, n-tiles, out_f32)",
+        &[l.kind, mma_tiles(s.tokens), u32::from(a.out.is_f32())],
     )?;
     let grid = Grid::linear(variant, s.out_features.div_ceil(QMMA_ROWS), QMMA_WARPS * 32);
     Ok(unless_empty(s.tokens, params, [grid]))
@@ -117,8 +117,8 @@ pub fn qlinear(
 }
 
 /// [`qlinear`] on the tensor cores (csrc/quant_mma.cuh), for the matrices
-/// [`int4_mma_reads`](super::int4_mma_reads) accepts (4-bit integer codes in groups of a
-/// multiple of 128 columns, no permutation); the same outputs up to the order of the f32 sums.
+/// [`mma_reads`](super::mma_reads) accepts (FP8, INT8, INT4 in groups of a multiple of 128 columns;
+/// no permutation); the same outputs up to the order of the f32 sums.
 pub fn qlinear_mma(
     kernels: &Kernels,
     stream: &CudaStream,
@@ -285,16 +285,23 @@ mod tests {
 
     #[test]
     fn the_tensor_core_kernel_takes_one_pass_of_one_or_two_n_tiles() {
-        for (tokens, columns) in [(1, 8), (8, 8), (9, 16), (16, 16)] {
-            for (out_f32, suffix) in [(false, "bf16"), (true, "f32")] {
-                let s = scalars(tokens, 4096, 6144);
-                let (p, [g]) = plan_mma_exact(&s, INT4_128, false, out_f32)
-                    .unwrap()
-                    .unwrap();
-                assert_eq!(symbol(&g), format!("qlinear_mma_n{columns}_{suffix}"));
-                assert_eq!(g.grid, (384, 1, 1), "6144 rows in blocks of 16");
-                assert_eq!(g.block, QMMA_WARPS * 32);
-                assert_eq!((p.row_bytes, p.row_params, p.group_size), (2048, 64, 128));
+        let int4_256 = PackedKind::Int4 { group_size: 256 };
+        for kind in [PackedKind::Fp8, PackedKind::Int8, INT4_128, int4_256] {
+            for (tokens, columns) in [(1, 8), (8, 8), (9, 16), (16, 16)] {
+                for (out_f32, suffix) in [(false, "bf16"), (true, "f32")] {
+                    let s = scalars(tokens, 4096, 6144);
+                    let (p, [g]) = plan_mma_exact(&s, kind, false, out_f32)
+                        .unwrap()
+                        .unwrap();
+                    let name = format!("qlinear_mma_{}_n{columns}_{suffix}", label(kind));
+                    assert_eq!(symbol(&g), name);
+                    assert_eq!(g.grid, (384, 1, 1), "6144 rows in blocks of 16");
+                    assert_eq!(g.block, QMMA_WARPS * 32);
+                    assert_eq!(
+                        (p.row_bytes as usize, p.row_params as usize),
+                        (kind.row_code_bytes(4096), kind.row_params(4096))
+                    );
+                }
             }
         }
     }
@@ -302,20 +309,25 @@ mod tests {
     #[test]
     fn the_tensor_core_kernel_refuses_what_it_cannot_read() {
         let s = scalars(1, 4096, 64);
-        unsupported(plan_mma_exact(&s, INT4_128, true, false), "perm");
+        for kind in [PackedKind::Fp8, PackedKind::Int8, INT4_128] {
+            unsupported(plan_mma_exact(&s, kind, true, false), "perm");
+        }
         let int4_32 = PackedKind::Int4 { group_size: 32 };
         unsupported(plan_mma_exact(&s, int4_32, false, false), "group_size");
-        let s4000 = scalars(1, 4000, 64);
-        unsupported(plan_mma_exact(&s4000, int4_32, false, false), "in_features");
-        for kind in [PackedKind::Fp8, PackedKind::Int8, KINDS[4]] {
-            unsupported(plan_mma_exact(&s, kind, false, false), "kind");
-        }
+        unsupported(plan_mma_exact(&s, KINDS[4], false, false), "kind");
+        unsupported(
+            plan_mma_exact(&scalars(1, 4008, 64), PackedKind::Fp8, false, false),
+            "in_features",
+        );
         unsupported(
             plan_mma_exact(&scalars(17, 4096, 64), INT4_128, false, false),
             "tokens",
         );
         let none = plan_mma_exact(&scalars(0, 4096, 64), INT4_128, false, false);
         assert!(none.unwrap().is_none());
+        // Columns that are not a whole number of steps: the last step multiplies zeros.
+        assert!(plan_mma_exact(&scalars(3, 4160, 64), INT4_128, false, false).is_ok());
+        assert!(plan_mma_exact(&scalars(3, 80, 64), PackedKind::Int8, false, false).is_ok());
     }
 
     #[test]

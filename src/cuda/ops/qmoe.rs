@@ -9,15 +9,16 @@
 //! slots, the tile of `linear_gemv` for the token count (the most slots one expert can get).
 //!
 //! `qmoe_mma_up` / `qmoe_mma_down` (csrc/quant_mma.cuh) compute the same on the tensor cores for
-//! 4-bit integer stacks whose columns and groups are multiples of 128, without permutation: a block
-//! of QMMA_WARPS warps per 16 rows of an expert with slots, its slots in passes of 8, 16 or 32.
+//! the stacks [`mma_reads`](super::mma_reads) accepts (FP8, INT8, INT4 in groups of multiples of
+//! 128 columns; no permutation): a block of QMMA_WARPS warps per 16 rows of an expert with slots,
+//! its slots in passes of 8, 16 or 32.
 
 use cudarc::driver::CudaStream;
 
 use super::linear::gemv_tile;
 use super::moe_gemv::active_experts;
 use super::qlinear::mma_tiles;
-use super::quant_layout::{int4_mma_layout, row_layout, table_view, RowLayout};
+use super::quant_layout::{mma_layout, row_layout, table_view, RowLayout};
 use crate::cuda::args::{MoeScalars, QMoeArgs, QMoeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -133,12 +134,13 @@ fn plan(s: &MoeScalars, kinds: [PackedKind; 3], a: &QMoeArgs<'_>) -> Planned<QMo
 
 fn plan_mma(s: &MoeScalars, kinds: [PackedKind; 3], a: &QMoeArgs<'_>) -> Planned<QMoeParams, 2> {
     let c = Check { op: "qmoe_mma" };
-    let layout = |cols, name, perm| int4_mma_layout(&c, kinds[0], cols, name, perm);
-    let (params, _, experts) = checked_params(&c, s, kinds, a, layout)?;
+    let layout = |cols, name, perm| mma_layout(&c, kinds[0], cols, name, perm);
+    let (params, [l13, l2], experts) = checked_params(&c, s, kinds, a, layout)?;
     // An expert has at most one slot per token.
-    let tiles = [mma_tiles(s.tokens)];
-    let up = c.variant(KernelFamily::QMoeMmaUp, "(most n-tiles)", &tiles)?;
-    let down = c.variant(KernelFamily::QMoeMmaDown, "(most n-tiles)", &tiles)?;
+    let tiles = mma_tiles(s.tokens);
+    let (up, down) = (KernelFamily::QMoeMmaUp, KernelFamily::QMoeMmaDown);
+    let up = c.variant(up, "(kind, most n-tiles)", &[l13.kind, tiles])?;
+    let down = c.variant(down, "(kind, most n-tiles)", &[l2.kind, tiles])?;
     let blocks = [
         (up, s.inter.div_ceil(QMMA_ROWS)),
         (down, s.hidden.div_ceil(QMMA_ROWS)),
@@ -160,9 +162,9 @@ pub fn qmoe_gemv(
 }
 
 /// [`qmoe_gemv`] on the tensor cores (csrc/quant_mma.cuh) for stacks
-/// [`int4_mma_reads`](super::int4_mma_reads) accepts (4-bit integer codes in groups of a multiple
-/// of 128 columns, no permutation): the same outputs up to the order of the f32 sums, each
-/// expert's slots in passes of up to 32.
+/// [`mma_reads`](super::mma_reads) accepts (FP8, INT8, INT4 in groups of a multiple of 128
+/// columns; no permutation): the same outputs up to the order of the f32 sums, each expert's slots
+/// in passes of up to 32.
 pub fn qmoe_mma(
     kernels: &Kernels,
     stream: &CudaStream,
@@ -315,21 +317,24 @@ mod tests {
 
     #[test]
     fn the_tensor_core_kernels_cover_each_experts_rows_and_slots() {
-        let kind = PackedKind::Int4 { group_size: 128 };
-        for (tokens, columns) in [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (128, 32)] {
-            let s = scalars(tokens, 4096, 14336, 8, 2);
-            let a = args(kind, exact(&s, kind), false);
-            let (p, [up, down]) = plan_mma(&s, [kind; 3], &a).unwrap().unwrap();
-            assert_eq!(symbol(&up), format!("qmoe_mma_up_n{columns}"));
-            assert_eq!(symbol(&down), format!("qmoe_mma_down_n{columns}"));
-            let active = (tokens * 2).min(8);
-            assert_eq!(up.grid, (14336 / 16, active, 1), "16 rows of w1 and w3 a block");
-            assert_eq!(down.grid, (4096 / 16, active, 1));
-            assert_eq!((up.block, down.block), (QMMA_WARPS * 32, QMMA_WARPS * 32));
-            assert_eq!(
-                (p.group_size, p.w13_row_bytes, p.w2_row_params),
-                (128, 2048, 2 * 14336 / 128)
-            );
+        let int4 = PackedKind::Int4 { group_size: 128 };
+        for kind in [PackedKind::Fp8, PackedKind::Int8, int4] {
+            for (tokens, columns) in [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (128, 32)] {
+                let s = scalars(tokens, 4096, 14336, 8, 2);
+                let a = args(kind, exact(&s, kind), false);
+                let (p, [up, down]) = plan_mma(&s, [kind; 3], &a).unwrap().unwrap();
+                let k = label(kind);
+                assert_eq!(symbol(&up), format!("qmoe_mma_up_{k}_n{columns}"));
+                assert_eq!(symbol(&down), format!("qmoe_mma_down_{k}_n{columns}"));
+                let active = (tokens * 2).min(8);
+                assert_eq!(up.grid, (14336 / 16, active, 1), "16 rows of w1 and w3 a block");
+                assert_eq!(down.grid, (4096 / 16, active, 1));
+                assert_eq!((up.block, down.block), (QMMA_WARPS * 32, QMMA_WARPS * 32));
+                assert_eq!(
+                    (p.w13_row_bytes as usize, p.w2_row_params as usize),
+                    (kind.row_code_bytes(4096), kind.row_params(14336))
+                );
+            }
         }
     }
 
@@ -337,14 +342,15 @@ mod tests {
     fn the_tensor_core_kernels_refuse_what_they_cannot_read() {
         let int4 = PackedKind::Int4 { group_size: 128 };
         let s = scalars(2, 256, 384, 4, 2);
-        let a = args(int4, exact(&s, int4), true);
-        unsupported(plan_mma(&s, [int4; 3], &a), "perm");
-        let bad_inter = scalars(2, 256, 320, 4, 2);
+        for kind in [PackedKind::Int8, int4] {
+            let a = args(kind, exact(&s, kind), true);
+            unsupported(plan_mma(&s, [kind; 3], &a), "perm");
+        }
+        let bad_inter = scalars(2, 256, 40, 4, 2);
         let a = args(int4, exact(&bad_inter, int4), false);
         unsupported(plan_mma(&bad_inter, [int4; 3], &a), "inter");
-        for kind in [PackedKind::Int4 { group_size: 64 }, PackedKind::Fp8, KINDS[4]] {
+        for (kind, what) in [(PackedKind::Int4 { group_size: 64 }, "group_size"), (KINDS[4], "kind")] {
             let a = args(kind, exact(&s, kind), false);
-            let what = if kind == KINDS[4] || kind == PackedKind::Fp8 { "kind" } else { "group_size" };
             unsupported(plan_mma(&s, [kind; 3], &a), what);
         }
         let a = args(int4, exact(&s, int4), false);

@@ -10,7 +10,7 @@ use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
 use crate::cuda::memory::View;
 use crate::cuda::params::{
-    QMMA_STEP_COLS, QUANT_KIND_FP8, QUANT_KIND_INT4, QUANT_KIND_INT8, QUANT_KIND_LUT4,
+    QMMA_INT4_STEP_COLS, QUANT_KIND_FP8, QUANT_KIND_INT4, QUANT_KIND_INT8, QUANT_KIND_LUT4,
 };
 use crate::quant::PackedKind;
 
@@ -111,22 +111,25 @@ pub(super) fn row_layout(
     })
 }
 
-/// Whether the 4-bit tensor-core decode kernels (`qlinear_mma`, `qmoe_mma_*`; csrc/quant_mma.cuh)
-/// read matrices of `kind` with `cols` columns: 4-bit integer codes (INT4), `cols` and the group
-/// size multiples of [`QMMA_STEP_COLS`] (one step of the kernels lies in one group), and no column
-/// permutation.
-pub fn int4_mma_reads(kind: PackedKind, cols: usize, permuted: bool) -> bool {
-    let step = QMMA_STEP_COLS as usize;
-    match kind {
+/// Whether the tensor-core decode kernels (`qlinear_mma`, `qmoe_mma_*`; csrc/quant_mma.cuh) read
+/// matrices of `kind` with `cols` columns: FP8 or INT8 codes, or 4-bit integer codes (INT4) whose
+/// group size is a multiple of [`QMMA_INT4_STEP_COLS`] (one step of the kernels lies in one group);
+/// in the row layout of [`row_layout`] and without a column permutation.
+pub fn mma_reads(kind: PackedKind, cols: usize, permuted: bool) -> bool {
+    let readable = match kind {
+        PackedKind::Fp8 | PackedKind::Int8 => cols.is_multiple_of(16),
         PackedKind::Int4 { group_size } => {
-            !permuted && cols > 0 && cols.is_multiple_of(step) && group_size.is_multiple_of(step)
+            cols.is_multiple_of(32)
+                && group_size.is_multiple_of(QMMA_INT4_STEP_COLS as usize)
+                && group_size > 0
         }
-        PackedKind::Fp8 | PackedKind::Int8 | PackedKind::Lut4 { .. } => false,
-    }
+        PackedKind::Lut4 { .. } => false,
+    };
+    readable && cols > 0 && !permuted
 }
 
-/// [`row_layout`] for the 4-bit tensor-core kernels: refused by name unless [`int4_mma_reads`].
-pub(super) fn int4_mma_layout(
+/// [`row_layout`] for the tensor-core decode kernels: refused by name unless [`mma_reads`].
+pub(super) fn mma_layout(
     c: &Check,
     kind: PackedKind,
     cols: u32,
@@ -134,23 +137,22 @@ pub(super) fn int4_mma_layout(
     permuted: bool,
 ) -> Result<RowLayout, CudaError> {
     let layout = row_layout(c, kind, cols, cols_name)?;
-    if int4_mma_reads(kind, cols as usize, permuted) {
+    if mma_reads(kind, cols as usize, permuted) {
         return Ok(layout);
     }
     let (what, value) = match kind {
-        PackedKind::Int4 { .. } if permuted => ("perm", 1),
-        PackedKind::Int4 { group_size } if cols.is_multiple_of(QMMA_STEP_COLS) => {
-            ("group_size", group_size)
-        }
-        PackedKind::Int4 { .. } => (cols_name, cols as usize),
-        _ => ("kind", layout.kind as usize),
+        PackedKind::Lut4 { .. } => ("kind", layout.kind as usize),
+        _ if permuted => ("perm", 1),
+        PackedKind::Int4 { group_size } => ("group_size", group_size),
+        // Unreachable: row_layout refused the columns already.
+        _ => (cols_name, cols as usize),
     };
     Err(c.unsupported(
         what,
         value,
         format!(
-            "the 4-bit tensor-core kernels read {kind:?} only as INT4 codes without a column \
-             permutation, with columns and group size multiples of {QMMA_STEP_COLS}"
+            "the tensor-core decode kernels read {kind:?} only as FP8, INT8 or INT4 codes (INT4 in \
+             groups of a multiple of {QMMA_INT4_STEP_COLS} columns) without a column permutation"
         ),
     ))
 }
@@ -231,28 +233,34 @@ mod tests {
     }
 
     #[test]
-    fn the_tensor_core_kernels_read_int4_in_whole_steps_only() {
+    fn the_tensor_core_kernels_read_8_bit_codes_and_int4_in_whole_steps() {
         let int4 = |group_size| PackedKind::Int4 { group_size };
-        assert!(int4_mma_reads(int4(128), 4096, false));
-        assert!(int4_mma_reads(int4(256), 14336, false));
-        assert!(int4_mma_layout(&C, int4(128), 128, "cols", false).is_ok());
-        assert!(!int4_mma_reads(int4(128), 4096, true));
-        unsupported(int4_mma_layout(&C, int4(128), 4096, "cols", true), "perm");
+        for (kind, cols) in [
+            (PackedKind::Fp8, 4096),
+            (PackedKind::Int8, 14336),
+            (PackedKind::Fp8, 96),
+            (int4(128), 4096),
+            (int4(256), 14336),
+            (int4(128), 96),
+        ] {
+            assert!(mma_reads(kind, cols, false), "{kind:?} {cols}");
+            assert!(mma_layout(&C, kind, cols as u32, "cols", false).is_ok());
+            assert!(!mma_reads(kind, cols, true));
+            unsupported(mma_layout(&C, kind, cols as u32, "cols", true), "perm");
+        }
         for group_size in [32, 64, 192] {
-            assert!(!int4_mma_reads(int4(group_size), 4096, false));
+            assert!(!mma_reads(int4(group_size), 4096, false));
             unsupported(
-                int4_mma_layout(&C, int4(group_size), 4096, "cols", false),
+                mma_layout(&C, int4(group_size), 4096, "cols", false),
                 "group_size",
             );
         }
-        for cols in [96u32, 4000, 4160] {
-            assert!(!int4_mma_reads(int4(32), cols as usize, false));
-            unsupported(int4_mma_layout(&C, int4(32), cols, "cols", false), "cols");
+        for (kind, cols) in [(PackedKind::Int8, 4008u32), (int4(128), 4080)] {
+            assert!(!mma_reads(kind, cols as usize, false));
+            unsupported(mma_layout(&C, kind, cols, "cols", false), "cols");
         }
-        for kind in [PackedKind::Fp8, PackedKind::Int8, NF4_64] {
-            assert!(!int4_mma_reads(kind, 4096, false));
-            unsupported(int4_mma_layout(&C, kind, 4096, "cols", false), "kind");
-        }
+        assert!(!mma_reads(NF4_64, 4096, false));
+        unsupported(mma_layout(&C, NF4_64, 4096, "cols", false), "kind");
     }
 
     #[test]
