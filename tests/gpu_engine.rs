@@ -619,8 +619,9 @@ fn greedy_margin(row: &[f32]) -> f32 {
 }
 
 /// On the trained model, bf16 as stored and quantized on load to FP8, INT8 and 4-bit (projections
-/// packed on the device, the CPU on the same dequantized values): the GPU's greedy tokens equal the
-/// CPU's for `TRAINED_STEPS` steps and every step's logits are within [`TRAINED_LOGITS_REL_L2`].
+/// packed on the device, the CPU on the same dequantized values; the quantized ones with the GEMVs
+/// and again with the tensor-core decode kernels): the GPU's greedy tokens equal the CPU's for
+/// `TRAINED_STEPS` steps and every step's logits are within [`TRAINED_LOGITS_REL_L2`].
 #[test]
 fn greedy_matches_the_cpu_on_the_trained_model_in_every_format() {
     let _lock = lock();
@@ -658,22 +659,37 @@ fn greedy_matches_the_cpu_on_the_trained_model_in_every_format() {
                  {margin} < {TRAINED_MIN_GREEDY_MARGIN}"
             );
         }
-        let Some(mut gpu) = gpu_engine(&model, small_options(), "trained_model") else {
-            continue; // no GPU: the next format's CPU preconditions are still checked
+        // Quantized: the GEMVs, then the tensor-core decode kernels (the same values, the same
+        // bound: only the order of f32 sums differs). The trained model's FP8, INT8 and 4-bit (groups
+        // of 128) matrices are all of formats they read.
+        let kernels: &[bool] = if quant.is_some() {
+            &[false, true]
+        } else {
+            &[false]
         };
-        if quant.is_some() {
-            let packed = gpu.memory().packed_stacks;
-            assert_eq!(packed, 5 * model.config.num_layers, "{what}: stacks packed");
-        }
-        let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, TRAINED_STEPS);
-        for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
-            let err = rel_l2(g, c);
-            eprintln!("{what}: step {i}: logits rel L2 {err:.2e}");
-            assert!(
-                err <= TRAINED_LOGITS_REL_L2,
-                "{what}: step {i}: rel L2 {err:e} > {TRAINED_LOGITS_REL_L2:e}"
-            );
-            assert_eq!(gpu_ids[i], cpu_ids[i], "{what}: step {i}: GPU vs CPU token");
+        for &mma_decode in kernels {
+            let what = format!("{what}{}", if mma_decode { " mma_decode" } else { "" });
+            let options = CudaEngineOptions {
+                mma_decode,
+                ..small_options()
+            };
+            let Some(mut gpu) = gpu_engine(&model, options, "trained_model") else {
+                break; // no GPU: the next format's CPU preconditions are still checked
+            };
+            if quant.is_some() {
+                let packed = gpu.memory().packed_stacks;
+                assert_eq!(packed, 5 * model.config.num_layers, "{what}: stacks packed");
+            }
+            let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, TRAINED_STEPS);
+            for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
+                let err = rel_l2(g, c);
+                eprintln!("{what}: step {i}: logits rel L2 {err:.2e}");
+                assert!(
+                    err <= TRAINED_LOGITS_REL_L2,
+                    "{what}: step {i}: rel L2 {err:e} > {TRAINED_LOGITS_REL_L2:e}"
+                );
+                assert_eq!(gpu_ids[i], cpu_ids[i], "{what}: step {i}: GPU vs CPU token");
+            }
         }
     }
 }
