@@ -374,14 +374,12 @@ pub(super) fn self_check_shape() -> MoeScalars {
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
     use crate::cuda::error::KernelError;
     use crate::cuda::ops::fake::symbol;
-    use crate::cuda::ops::moe_gemv::tests::{args, mixtral, needs_exactly_the_contiguous_sizes};
+    use crate::cuda::ops::moe_gemv::tests::{args, mixtral};
     use crate::cuda::ops::moe_grouped::tests::{
-        grid_covers, mixtral_prefill_grids, moe_shapes, refuses_bad_tile_lists,
+        mixtral_prefill_grids, refuses_bad_tile_lists, tile_list_properties,
     };
 
     fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
@@ -411,16 +409,9 @@ mod tests {
         refuses_bad_tile_lists(OP, plan);
     }
 
-    proptest! {
-        #[test]
-        fn moe_wgmma_grid_covers_the_columns_and_the_worst_tile_count(s in moe_shapes(600, 40)) {
-            grid_covers(plan, &s)?;
-        }
-
-        #[test]
-        fn moe_wgmma_needs_exactly_the_contiguous_sizes(s in moe_shapes(20, 8)) {
-            needs_exactly_the_contiguous_sizes(plan, &s);
-        }
+    #[test]
+    fn moe_wgmma_tile_list_properties() {
+        tile_list_properties(plan);
     }
 
     #[test]
