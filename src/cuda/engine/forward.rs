@@ -177,10 +177,7 @@ impl Plan {
             None => step.lm_head(rows, head_input, lm_head, self.logits.view_mut())?,
             Some(r) => {
                 step.lm_head(rows, head_input, lm_head, r.logits_part.view_mut())?;
-                let part = r.logits_part.view();
-                let width = r.vocab.len();
-                r.comms
-                    .all_gather_rows(stream, part, width, rows, self.logits.view_mut())?;
+                r.gather_logits(stream, rows, self.logits.view_mut())?;
             }
         }
         if greedy {
