@@ -91,9 +91,12 @@ pub fn launch_planned<P: DeviceRepr, const N: usize>(
 }
 
 /// Defines an op's launcher, `pub fn NAME(kernels, stream, scalars, args)`: plans with the op's
-/// planner, then issues what it planned (nothing for zero tokens or rows).
+/// planner, then issues what it planned (nothing for zero tokens or rows). With `, if REQUIRE`, it
+/// first calls `REQUIRE(stream)`, which refuses a device the op's kernels cannot run on.
 macro_rules! planned_launcher {
-    ($(#[$doc:meta])* $name:ident($scalars:ty, $args:ident) = $plan:path) => {
+    (
+        $(#[$doc:meta])* $name:ident($scalars:ty, $args:ident) = $plan:path $(, if $require:path)?
+    ) => {
         $(#[$doc])*
         pub fn $name(
             kernels: &$crate::cuda::module::Kernels,
@@ -101,6 +104,7 @@ macro_rules! planned_launcher {
             scalars: &$scalars,
             args: $crate::cuda::args::$args<'_>,
         ) -> Result<(), $crate::cuda::error::CudaError> {
+            $($require(stream)?;)?
             $crate::cuda::launch::launch_planned(kernels, stream, $plan(scalars, &args)?)
         }
     };

@@ -328,7 +328,20 @@ impl<'a, T> View<'a, T> {
         View::new(address, len)
     }
 
-
+    /// The first `rows * width` elements as `rows` contiguous rows of `width`; `None` when the view
+    /// holds fewer.
+    pub fn rows(self, rows: usize, width: usize) -> Option<Rows<'a, T>> {
+        if rows.checked_mul(width)? > self.len {
+            return None;
+        }
+        Some(Rows {
+            address: self.address,
+            rows,
+            stride: width,
+            width,
+            _borrow: PhantomData,
+        })
+    }
 }
 
 impl<'a, T> ViewMut<'a, T> {
@@ -647,6 +660,15 @@ mod tests {
         assert!(view_mut::<f32>(19).column_groups([2, 3, 1]).is_none());
         assert!(view_mut::<f32>(18).column_groups([0, 0]).is_none());
         assert!(view_mut::<f32>(18).column_groups::<0>([]).is_none());
+    }
+
+    #[test]
+    fn rows_are_the_leading_elements_back_to_back() {
+        assert_eq!(rows_at(&view::<f32>(10).rows(3, 3).unwrap()), (0, 3, 3, 3));
+        assert_eq!(rows_at(&view::<f32>(9).rows(3, 3).unwrap()), (0, 3, 3, 3));
+        assert_eq!(rows_at(&view::<bf16>(0).rows(0, 5).unwrap()), (0, 0, 5, 5));
+        assert!(view::<f32>(8).rows(3, 3).is_none());
+        assert!(view::<f32>(8).rows(usize::MAX, 2).is_none());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use half::bf16;
 
 use super::engine::rank::{DeviceCollectives, Group};
 use super::error::CudaError;
-use super::memory::{DeviceBuffer, View, ViewMut};
+use super::memory::{DeviceBuffer, Rows, View, ViewMut};
 use crate::shard::collective::Op;
 use crate::shard::{Collective, CollectiveError, Reducible};
 
@@ -472,18 +472,17 @@ impl DeviceCollectives for NcclGroups {
     fn all_gather_rows(
         &self,
         stream: &CudaStream,
-        part: View<'_, f32>,
-        width: usize,
-        rows: usize,
+        part: Rows<'_, f32>,
         out: ViewMut<'_, f32>,
     ) -> Result<(), CudaError> {
         let c = &self.world;
+        let (rows, width) = (part.rows(), part.width());
         let line = c.size * width;
-        if part.len() < rows * width || out.len() < rows * line {
+        if out.len() < rows * line {
             return Err(NcclError::BadLength {
                 op: "all-gather of logits rows",
-                got: part.len().min(out.len() / c.size.max(1)),
-                expected: rows * width,
+                got: out.len(),
+                expected: rows * line,
             }
             .into());
         }
@@ -496,7 +495,7 @@ impl DeviceCollectives for NcclGroups {
         result::group_start().map_err(|e| call_error("ncclGroupStart", e, Some(c.comm)))?;
         let mut issued = Ok(());
         for r in 0..rows {
-            let (p, o) = ((r * width * 4) as u64, (r * line * 4) as u64);
+            let (p, o) = ((r * part.stride() * 4) as u64, (r * line * 4) as u64);
             // SAFETY: row `r` of both views lies inside them (bounds checked above).
             issued = unsafe { c.all_gather_raw(dtype, from + p, to + o, width, stream) };
             if issued.is_err() {

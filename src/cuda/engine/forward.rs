@@ -167,21 +167,13 @@ impl Plan {
         }
         let slots = Add::Experts(a.moe_out.view());
         step.norm(&mut a.residual, slots, &weights.final_norm, &mut a.xn)?;
-        let head_input = if rows == tokens {
-            a.xn.view()
-        } else {
-            step.gather(rows, inputs.rows(), a.xn.view(), a.gathered.view_mut())?;
-            a.gathered.view()
-        };
+        let head_input = step.head_input(rows, inputs, a)?;
         let lm_head = weights.lm_head();
         match rank {
             None => step.lm_head(rows, head_input, lm_head, self.logits.view_mut())?,
             Some(r) => {
                 step.lm_head(rows, head_input, lm_head, r.logits_part.view_mut())?;
-                let part = r.logits_part.view();
-                let width = r.vocab.len();
-                r.comms
-                    .all_gather_rows(stream, part, width, rows, self.logits.view_mut())?;
+                r.gather_logits(stream, rows, self.logits.view_mut())?;
             }
         }
         if greedy {
@@ -224,16 +216,24 @@ impl Step<'_> {
         table: View<'_, bf16>,
         out: ViewMut<'_, f32>,
     ) -> Result<(), CudaError> {
+        let vocab = self.vocab_rows as u32;
+        self.lookup((self.tokens, vocab), ids, table, out.into())
+    }
+
+    /// `out[t] = table[ids[t]]` for `tokens` ids into a table of `vocab` rows of the hidden size.
+    fn lookup(
+        &self,
+        (tokens, vocab): (u32, u32),
+        ids: View<'_, u32>,
+        table: View<'_, bf16>,
+        out: AnyViewMut<'_>,
+    ) -> Result<(), CudaError> {
         let s = EmbeddingScalars {
-            tokens: self.tokens,
+            tokens,
             hidden: self.d.hidden as u32,
-            vocab: self.vocab_rows as u32,
+            vocab,
         };
-        let args = EmbeddingArgs {
-            ids,
-            table,
-            out: out.into(),
-        };
+        let args = EmbeddingArgs { ids, table, out };
         ops::embedding(self.kernels, self.stream, &s, args)
     }
 
@@ -270,15 +270,11 @@ impl Step<'_> {
         &self,
         x: View<'_, bf16>,
         w: &DeviceMatrix,
-        (in_features, out_features): (usize, usize),
+        features: (usize, usize),
         out: AnyViewMut<'_>,
         scratch: &mut DequantScratch,
     ) -> Result<(), CudaError> {
-        let s = LinearScalars {
-            tokens: self.tokens,
-            in_features: in_features as u32,
-            out_features: out_features as u32,
-        };
+        let s = linear_scalars(self.tokens, features);
         matrix::project(self.products(), &s, x, w, out, &mut scratch.dense)
     }
 
@@ -444,25 +440,21 @@ impl Step<'_> {
         matrix::experts(self.products(), &s, stacks, io, scratch, grouped)
     }
 
-    /// Gathers `rows` rows of `x` (an embedding lookup whose table is the activations).
-    fn gather(
+    /// The LM head's input, `rows` rows of the final normalised activations `a.xn`: all of them
+    /// when `rows` is the token count, else the rows listed first in the inputs' row indices,
+    /// gathered into `a.gathered` (an embedding lookup whose table is the activations).
+    fn head_input<'a>(
         &self,
         rows: usize,
-        ids: View<'_, u32>,
-        x: View<'_, bf16>,
-        out: ViewMut<'_, bf16>,
-    ) -> Result<(), CudaError> {
-        let s = EmbeddingScalars {
-            tokens: rows as u32,
-            hidden: self.d.hidden as u32,
-            vocab: self.tokens,
-        };
-        let args = EmbeddingArgs {
-            ids,
-            table: x,
-            out: out.into(),
-        };
-        ops::embedding(self.kernels, self.stream, &s, args)
+        inputs: &Inputs,
+        a: &'a mut Activations,
+    ) -> Result<View<'a, bf16>, CudaError> {
+        if rows == self.tokens as usize {
+            return Ok(a.xn.view());
+        }
+        let (ids, x) = (inputs.rows(), a.xn.view());
+        self.lookup((rows as u32, self.tokens), ids, x, a.gathered.view_mut().into())?;
+        Ok(a.gathered.view())
     }
 
     /// `logits = x @ lm_head^T` in f32 for `rows` rows.
@@ -473,11 +465,7 @@ impl Step<'_> {
         w: View<'_, bf16>,
         logits: ViewMut<'_, f32>,
     ) -> Result<(), CudaError> {
-        let s = LinearScalars {
-            tokens: rows as u32,
-            in_features: self.d.hidden as u32,
-            out_features: self.vocab_rows as u32,
-        };
+        let s = linear_scalars(rows as u32, (self.d.hidden, self.vocab_rows));
         let args = LinearArgs {
             x,
             w,
@@ -502,5 +490,14 @@ impl Step<'_> {
             out_ids: out,
         };
         ops::argmax(self.kernels, self.stream, &s, args)
+    }
+}
+
+/// The scalars of a projection of `tokens` rows with `(in, out)` features.
+fn linear_scalars(tokens: u32, (in_features, out_features): (usize, usize)) -> LinearScalars {
+    LinearScalars {
+        tokens,
+        in_features: in_features as u32,
+        out_features: out_features as u32,
     }
 }

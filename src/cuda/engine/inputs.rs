@@ -231,6 +231,16 @@ mod tests {
         (0..n as u32).map(|i| 100 + 7 * i).collect()
     }
 
+    /// Three entries of one token each, at positions 5, 9 and 2, the second wanting no logits: a
+    /// decode step wherever a bucket holds three tokens.
+    fn three_single_tokens() -> StepPlan {
+        plan(&[
+            (5, 1, LogitsFor::Last),
+            (9, 1, LogitsFor::None),
+            (2, 1, LogitsFor::All),
+        ])
+    }
+
     #[test]
     fn buckets_are_powers_of_two_then_the_limit() {
         assert_eq!(decode_buckets(8, 512), vec![1, 2, 4, 8]);
@@ -241,12 +251,7 @@ mod tests {
 
     #[test]
     fn decode_step_pads_to_the_smallest_bucket() {
-        let p = plan(&[
-            (5, 1, LogitsFor::Last),
-            (9, 1, LogitsFor::None),
-            (2, 1, LogitsFor::All),
-        ]);
-        let s = schedule_step(&p, &ids(3), &[4, 0, 7], &[1, 2, 4, 8], 512);
+        let s = schedule_step(&three_single_tokens(), &ids(3), &[4, 0, 7], &[1, 2, 4, 8], 512);
         assert_eq!(s.chunks.len(), 1);
         let c = &s.chunks[0];
         assert_eq!(c.kind, ChunkKind::Decode { bucket: 4 });
@@ -259,15 +264,11 @@ mod tests {
 
     #[test]
     fn a_batch_above_every_bucket_runs_eagerly() {
-        let p = plan(&[
-            (0, 1, LogitsFor::Last),
-            (3, 1, LogitsFor::Last),
-            (1, 1, LogitsFor::Last),
-        ]);
-        let s = schedule_step(&p, &ids(3), &[0, 1, 2], &[1, 2], 512);
+        let s = schedule_step(&three_single_tokens(), &ids(3), &[4, 0, 7], &[1, 2], 512);
         assert!(matches!(s.chunks[0].kind, ChunkKind::Prefill { .. }));
         assert_eq!(s.chunks[0].tokens(), 3);
-        assert_eq!(s.rows, vec![(0, 0), (1, 3), (2, 1)]);
+        assert_eq!(s.chunks[0].positions, vec![5, 9, 2]);
+        assert_eq!(s.rows, vec![(0, 5), (2, 2)]);
     }
 
     #[test]

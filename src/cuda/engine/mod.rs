@@ -287,26 +287,6 @@ impl CudaEngine {
     }
 
     testing_pub! {
-        /// An engine for a model of `config`'s shape with seeded random weights made on the device (for
-        /// benchmarks: nothing is read from disk).
-        fn with_random_weights(
-            config: &ModelConfig,
-            seed: u32,
-            options: CudaEngineOptions,
-        ) -> Result<CudaEngine, CudaError> {
-            Self::build(
-                WeightSource::Random {
-                    config,
-                    seed,
-                    format: StackFormat::Bf16,
-                },
-                options,
-                None,
-            )
-        }
-    }
-
-    testing_pub! {
         /// Builds an engine over `source`.
         fn build(
             source: WeightSource<'_>,

@@ -24,7 +24,7 @@ use std::ops::Range;
 use cudarc::driver::CudaStream;
 
 use super::super::error::CudaError;
-use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut, BUFFER_ALIGN};
+use super::super::memory::{DeviceArena, DeviceBuffer, Rows, ViewMut, BUFFER_ALIGN};
 use super::matrix::StackFormat;
 use super::upload::{
     allocate_weights, device_weight_bytes, weight_formats, GpuWeights, LayerFormats,
@@ -56,14 +56,12 @@ pub trait DeviceCollectives: Send + std::fmt::Debug {
         buf: ViewMut<'_, f32>,
     ) -> Result<(), CudaError>;
 
-    /// Fills each of the `rows` rows of `out` (`[rows, size * width]`, world group) with every
-    /// rank's row of `part` (`[rows, width]`), in rank order.
+    /// Fills each row of `out` (`[part.rows(), size * part.width()]`, world group) with every
+    /// rank's row of `part`, in rank order.
     fn all_gather_rows(
         &self,
         stream: &CudaStream,
-        part: View<'_, f32>,
-        width: usize,
-        rows: usize,
+        part: Rows<'_, f32>,
         out: ViewMut<'_, f32>,
     ) -> Result<(), CudaError>;
 }
@@ -127,6 +125,21 @@ impl RankPlan {
             )
         }
         .map_err(CudaError::driver("zeroing the expert slots of other ranks"))
+    }
+
+    /// Gathers the first `rows` rows of every rank's logits columns into `logits` (`[rows, vocab]`).
+    pub fn gather_logits(
+        &self,
+        stream: &CudaStream,
+        rows: usize,
+        logits: ViewMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let (part, width) = (self.logits_part.view(), self.vocab.len());
+        let have = part.len();
+        let part = part.rows(rows, width).ok_or_else(|| {
+            CudaError::Dead(format!("{rows} logits rows of {width} in a buffer of {have}"))
+        })?;
+        self.comms.all_gather_rows(stream, part, logits)
     }
 }
 

@@ -228,44 +228,16 @@ pub fn allocate_weights(
     let inter = c.intermediate_size;
     let mut layers = Vec::with_capacity(c.num_layers);
     for (l, f) in formats.iter().enumerate().take(c.num_layers) {
-        let attn_norm = arena.zeroed(h, &format!("layer {l} input norm"))?;
-        let qkv = allocate_stack(
-            arena,
-            f.qkv,
-            (1, c.q_width() + 2 * c.kv_width(), h),
-            true,
-            &format!("layer {l} fused q/k/v projection"),
-        )?;
-        let o = allocate_stack(
-            arena,
-            f.o,
-            (1, h, c.q_width()),
-            true,
-            &format!("layer {l} o_proj"),
-        )?;
-        let ffn_norm = arena.zeroed(h, &format!("layer {l} ffn norm"))?;
-        let gate = arena.zeroed(experts * h, &format!("layer {l} router"))?;
-        let w1 = allocate_stack(
-            arena,
-            f.w13,
-            (experts, inter, h),
-            true,
-            &format!("layer {l} experts w1"),
-        )?;
-        let w3 = allocate_stack(
-            arena,
-            f.w13,
-            (experts, inter, h),
-            false,
-            &format!("layer {l} experts w3"),
-        )?;
-        let w2 = allocate_stack(
-            arena,
-            f.w2,
-            (experts, h, inter),
-            true,
-            &format!("layer {l} experts w2"),
-        )?;
+        let layer = |what: &str| format!("layer {l} {what}");
+        let attn_norm = arena.zeroed(h, &layer("input norm"))?;
+        let qkv_shape = (1, c.q_width() + 2 * c.kv_width(), h);
+        let qkv = allocate_stack(arena, f.qkv, qkv_shape, true, &layer("fused q/k/v projection"))?;
+        let o = allocate_stack(arena, f.o, (1, h, c.q_width()), true, &layer("o_proj"))?;
+        let ffn_norm = arena.zeroed(h, &layer("ffn norm"))?;
+        let gate = arena.zeroed(experts * h, &layer("router"))?;
+        let w1 = allocate_stack(arena, f.w13, (experts, inter, h), true, &layer("experts w1"))?;
+        let w3 = allocate_stack(arena, f.w13, (experts, inter, h), false, &layer("experts w3"))?;
+        let w2 = allocate_stack(arena, f.w2, (experts, h, inter), true, &layer("experts w2"))?;
         layers.push(LayerWeights {
             attn_norm,
             qkv,

@@ -36,18 +36,13 @@ planned_launcher! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::memory::AnyViewMut;
-    use crate::cuda::ops::fake::{symbol, too_small, view, view_mut};
+    use crate::cuda::ops::fake::{any_view_mut, symbol, too_small, view};
 
     fn args(ids: usize, table: usize, out: usize, f32_out: bool) -> EmbeddingArgs<'static> {
         EmbeddingArgs {
             ids: view(ids),
             table: view(table),
-            out: if f32_out {
-                AnyViewMut::F32(view_mut(out))
-            } else {
-                AnyViewMut::Bf16(view_mut(out))
-            },
+            out: any_view_mut(out, f32_out),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use crate::cuda::error::{CudaError, KernelError};
 use crate::cuda::launch::Grid;
-use crate::cuda::memory::{View, ViewMut};
+use crate::cuda::memory::{AnyViewMut, View, ViewMut};
 use crate::packed::lut4::Lut4;
 use crate::packed::PackedKind;
 
@@ -20,6 +20,16 @@ pub fn view<T>(len: usize) -> View<'static, T> {
 pub fn view_mut<T>(len: usize) -> ViewMut<'static, T> {
     // SAFETY: planner tests only read the address and length; nothing is launched on it.
     unsafe { ViewMut::from_raw(BASE, len) }
+}
+
+/// A written view of `len` elements at [`BASE`], f32 when `f32` and bf16 otherwise (an output
+/// whose type picks the kernel variant).
+pub fn any_view_mut(len: usize, f32: bool) -> AnyViewMut<'static> {
+    if f32 {
+        AnyViewMut::F32(view_mut(len))
+    } else {
+        AnyViewMut::Bf16(view_mut(len))
+    }
 }
 
 /// The symbol a grid launches.

@@ -88,8 +88,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::select::LINEAR_GEMV_MAX_TOKENS;
-    use crate::cuda::memory::AnyViewMut;
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
+    use crate::cuda::ops::fake::{any_view_mut, symbol, too_small, unsupported, view};
     use crate::cuda::params::KERNEL_VARIANTS;
 
     fn scalars(tokens: u32, in_features: u32, out_features: u32) -> LinearScalars {
@@ -104,11 +103,7 @@ mod tests {
         LinearArgs {
             x: view(x),
             w: view(w),
-            out: if out_f32 {
-                AnyViewMut::F32(view_mut(out))
-            } else {
-                AnyViewMut::Bf16(view_mut(out))
-            },
+            out: any_view_mut(out, out_f32),
         }
     }
 

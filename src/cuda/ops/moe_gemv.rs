@@ -142,6 +142,17 @@ pub(super) mod tests {
         }
     }
 
+    /// The smallest expert shapes the kernels take: hidden and inter 8, one expert, top-1.
+    pub fn smallest(tokens: u32) -> MoeScalars {
+        MoeScalars {
+            tokens,
+            hidden: 8,
+            inter: 8,
+            experts: 1,
+            top_k: 1,
+        }
+    }
+
     type Planner<P> = fn(&MoeScalars, &MoeArgs<'_>) -> Result<Option<P>, CudaError>;
 
     /// The shape rules of [`moe_rules`] and the alignment of x, the weights and act, as `planner`
@@ -163,27 +174,8 @@ pub(super) mod tests {
         // A rank holding one expert of a top-2 model is planned.
         let one_held = MoeScalars { experts: 1, ..s };
         assert!(planner(&one_held, &args(&one_held, "", "")).is_ok());
-        let small = MoeScalars {
-            hidden: 8,
-            inter: 8,
-            experts: 1,
-            top_k: 1,
-            ..s
-        };
-        bad(
-            MoeScalars {
-                tokens: 1 << 31,
-                ..small
-            },
-            "tokens",
-        );
-        bad(
-            MoeScalars {
-                tokens: 1 << 28,
-                ..small
-            },
-            "tokens * hidden",
-        );
+        bad(smallest(1 << 31), "tokens");
+        bad(smallest(1 << 28), "tokens * hidden");
         for name in ["x", "w1", "w3", "w2", "act"] {
             match planner(&s, &args(&s, "", name)) {
                 Err(CudaError::Kernel(KernelError::Misaligned {
@@ -237,10 +229,8 @@ pub(super) mod tests {
         // More grid rows than a grid has: as many experts as slots, both above 65 535.
         let many = MoeScalars {
             experts: 65_536,
-            tokens: 32_768,
-            hidden: 8,
-            inter: 8,
-            ..s
+            top_k: 2,
+            ..smallest(32_768)
         };
         unsupported(plan(&many, &args(&many, "", "")), "experts");
     }

@@ -133,12 +133,13 @@ pub fn moe_experts(
 #[cfg(test)]
 pub(super) mod tests {
     use proptest::prelude::*;
+    use proptest::test_runner::TestRunner;
 
     use super::*;
     use crate::cuda::error::KernelError;
     use crate::cuda::ops::fake::{symbol, unsupported};
     use crate::cuda::ops::moe_gemv::tests::{
-        args, mixtral, needs_exactly_the_contiguous_sizes, refuses_bad_shapes,
+        args, mixtral, needs_exactly_the_contiguous_sizes, refuses_bad_shapes, smallest,
     };
 
     /// A tile-list planner.
@@ -173,9 +174,7 @@ pub(super) mod tests {
         refuses_bad_shapes(op, planner);
         let many = MoeScalars {
             experts: ROUTER_MAX_EXPERTS + 1,
-            hidden: 8,
-            inter: 8,
-            ..mixtral(64)
+            ..smallest(64)
         };
         unsupported(planner(&many, &args(&many, "", "")), "experts");
         let s = mixtral(64);
@@ -191,7 +190,7 @@ pub(super) mod tests {
 
     /// MoE shapes the tiled planners take: 1 to `max_tokens - 1` tokens, hidden and inter multiples
     /// of 8 below `8 * max_dim8`, 1 to 11 experts, top_k 1 to 3 (at most the experts).
-    pub fn moe_shapes(max_tokens: u32, max_dim8: u32) -> impl Strategy<Value = MoeScalars> {
+    fn moe_shapes(max_tokens: u32, max_dim8: u32) -> impl Strategy<Value = MoeScalars> {
         (1..max_tokens, 1..max_dim8, 1..max_dim8, 1u32..12, 1u32..4).prop_map(
             |(tokens, hidden8, inter8, experts, k)| MoeScalars {
                 tokens,
@@ -205,7 +204,7 @@ pub(super) mod tests {
 
     /// For a shape the kernels take: the grid covers the columns and the worst tile count (all slots
     /// on one expert, and spread as evenly as the slots allow).
-    pub fn grid_covers(planner: Planner, s: &MoeScalars) -> Result<(), TestCaseError> {
+    fn grid_covers(planner: Planner, s: &MoeScalars) -> Result<(), TestCaseError> {
         let (_, [up, down]) = planner(s, &args(s, "", "")).unwrap().unwrap();
         let (experts, slots) = (s.experts as usize, (s.tokens * s.top_k) as usize);
         let worst = slots.div_ceil(64);
@@ -218,6 +217,22 @@ pub(super) mod tests {
         prop_assert!(up.grid.1 * 64 >= s.inter && (up.grid.1 - 1) * 64 < s.inter);
         prop_assert!(down.grid.1 * 128 >= s.hidden && (down.grid.1 - 1) * 128 < s.hidden);
         Ok(())
+    }
+
+    /// `planner` on random shapes the kernels take: the grid covers the columns and the worst tile
+    /// count, and buffers of exactly the contiguous sizes pass while each one element short is
+    /// refused by name.
+    pub fn tile_list_properties(planner: Planner) {
+        let mut runner = TestRunner::default();
+        runner
+            .run(&moe_shapes(600, 40), |s| grid_covers(planner, &s))
+            .unwrap();
+        runner
+            .run(&moe_shapes(20, 8), |s| {
+                needs_exactly_the_contiguous_sizes(planner, &s);
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]
@@ -243,6 +258,11 @@ pub(super) mod tests {
         assert_eq!(max_tiles(0, 8, 64), 0);
     }
 
+    #[test]
+    fn moe_grouped_tile_list_properties() {
+        tile_list_properties(plan);
+    }
+
     proptest! {
         #[test]
         fn tile_bound_covers_every_routing(
@@ -250,16 +270,6 @@ pub(super) mod tests {
         ) {
             let slots: usize = counts.iter().sum();
             prop_assert!(real_tiles(&counts) <= max_tiles(slots, counts.len(), 64));
-        }
-
-        #[test]
-        fn moe_grouped_grid_covers_the_columns_and_the_worst_tile_count(s in moe_shapes(600, 40)) {
-            grid_covers(plan, &s)?;
-        }
-
-        #[test]
-        fn moe_grouped_needs_exactly_the_contiguous_sizes(s in moe_shapes(20, 8)) {
-            needs_exactly_the_contiguous_sizes(plan, &s);
         }
     }
 }

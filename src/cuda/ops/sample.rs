@@ -5,10 +5,11 @@
 //! device memory, so a captured CUDA graph can replay the launch every token while the engine
 //! updates those buffers.
 
+use super::argmax::one_block_per_row;
 use crate::cuda::args::{SampleArgs, SampleScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::{CudaError, KernelError};
-use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
+use crate::cuda::launch::{planned_launcher, Planned};
 use crate::cuda::params::{
     KernelFamily, SampleParams, SAMPLE_BAD_PARAMS, SAMPLE_NON_FINITE, SAMPLE_RNG_WORDS,
     SAMPLE_THREADS,
@@ -35,10 +36,6 @@ pub fn rng_state_for_seed(seed: u64) -> Vec<u64> {
 
 fn plan(s: &SampleScalars, a: &SampleArgs<'_>) -> Planned<SampleParams, 1> {
     let c = Check { op: "sample" };
-    c.count("rows", s.rows as usize)?;
-    c.count("vocab", s.vocab as usize)?;
-    c.at_least("vocab", s.vocab as usize, 1)?;
-    c.product("rows * vocab", &[s.rows as usize, s.vocab as usize])?;
     let params = a.params(c.op, s)?;
     // The kernel loads and stores the state as u64 words; a view cast from narrower elements could
     // start between two of them.
@@ -49,8 +46,7 @@ fn plan(s: &SampleScalars, a: &SampleArgs<'_>) -> Planned<SampleParams, 1> {
             address: params.rng_state,
         }));
     }
-    let variant = c.variant(KernelFamily::Sample, "sample", &[])?;
-    Ok(unless_empty(s.rows, params, [Grid::linear(variant, s.rows, SAMPLE_THREADS)]))
+    one_block_per_row(&c, s, params, (KernelFamily::Sample, SAMPLE_THREADS))
 }
 
 planned_launcher! {
