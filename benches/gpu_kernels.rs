@@ -17,12 +17,12 @@ use mixtral::cuda::args::{
     QMoeArgs, RouterArgs, RouterScalars,
 };
 use mixtral::cuda::engine::matrix::table_values;
-use mixtral::cuda::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View};
+use mixtral::cuda::memory::{DeviceArena, DeviceBuffer};
 use mixtral::cuda::ops::{
-    self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, FillValues, PackedView,
-    PagedCacheShape,
+    self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, FillValues, PackedKernel,
+    PackedView, PagedCacheShape,
 };
-use mixtral::cuda::{CudaDevice, CudaError, Kernels};
+use mixtral::cuda::{CudaDevice, Kernels};
 use mixtral::packed::lut4::Lut4;
 use mixtral::quant::{PackedKind, Q8};
 
@@ -427,21 +427,7 @@ fn packed_stack(
     (b.upload(&codes), b.upload(&params), bytes)
 }
 
-/// `ops::qlinear` or `ops::qlinear_mma` (one signature).
-type QLinearFn = fn(
-    &Kernels,
-    &CudaStream,
-    &LinearScalars,
-    View<'_, bf16>,
-    PackedView<'_>,
-    AnyViewMut<'_>,
-) -> Result<(), CudaError>;
-
-/// `ops::qmoe_gemv` or `ops::qmoe_mma` (one signature).
-type QMoeFn =
-    fn(&Kernels, &CudaStream, &MoeScalars, [PackedKind; 3], QMoeArgs<'_>) -> Result<(), CudaError>;
-
-/// The quantized decode kernels at Mixtral shapes: qlinear (QKV, O) and qmoe_gemv (routed experts),
+/// The quantized decode kernels at Mixtral shapes: qlinear (QKV, O) and qmoe (routed experts),
 /// GB/s of packed weights read; 4-bit integer also on the tensor-core kernels (`mma_decode`:
 /// qlinear_mma, qmoe_mma).
 fn quant_benches(c: &mut Criterion, b: &mut Bench) {
@@ -450,8 +436,7 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
     group
         .sample_size(20)
         .measurement_time(Duration::from_secs(2));
-    let gemv: (QLinearFn, QMoeFn) = (ops::qlinear, ops::qmoe_gemv);
-    let mma: (QLinearFn, QMoeFn) = (ops::qlinear_mma, ops::qmoe_mma);
+    let (gemv, mma) = (PackedKernel::Gemv, PackedKernel::Mma);
     let int4 = PackedKind::Int4 { group_size: 128 };
     let kinds = [
         ("fp8", PackedKind::Fp8, gemv),
@@ -469,7 +454,7 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
         ),
     ];
     let gate = b.random(EXPERTS * HIDDEN, 0.02);
-    for (label, kind, (qlinear, qmoe)) in kinds {
+    for (label, kind, kernel) in kinds {
         // LUT4's 16 values, read once per block (not counted in the bytes).
         let table = table_values(kind).map(|t| b.upload(&t));
         for (name, out_features) in [("qkv", 6144), ("o", 4096)] {
@@ -482,7 +467,14 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
                     BenchmarkId::new(format!("qlinear_{label}_{name}"), tokens),
                     |bench| {
                         bench.iter(|| {
-                            qlinear(
+                            let w = PackedView {
+                                kind,
+                                codes: codes.view(),
+                                params: params.view(),
+                                perm: None,
+                                table: table.as_ref().map(DeviceBuffer::view),
+                            };
+                            ops::qlinear(
                                 &b.kernels,
                                 &stream,
                                 &LinearScalars {
@@ -490,15 +482,9 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
                                     in_features: HIDDEN as u32,
                                     out_features: out_features as u32,
                                 },
-                                x.view(),
-                                PackedView {
-                                    kind,
-                                    codes: codes.view(),
-                                    params: params.view(),
-                                    perm: None,
-                                    table: table.as_ref().map(DeviceBuffer::view),
-                                },
+                                (x.view(), w),
                                 y.view_mut().into(),
+                                kernel,
                             )
                             .expect(label);
                             sync(&stream);
@@ -532,30 +518,24 @@ fn quant_benches(c: &mut Criterion, b: &mut Bench) {
             };
             group.bench_function(BenchmarkId::new(format!("qmoe_{label}"), tokens), |bench| {
                 bench.iter(|| {
-                    qmoe(
-                        &b.kernels,
-                        &stream,
-                        &shape,
-                        [kind; 3],
-                        QMoeArgs {
-                            x: x.view(),
-                            w1_codes: w1_codes.view(),
-                            w1_params: w1_params.view(),
-                            w3_codes: w3_codes.view(),
-                            w3_params: w3_params.view(),
-                            w13_perm: None,
-                            w2_codes: w2_codes.view(),
-                            w2_params: w2_params.view(),
-                            w2_perm: None,
-                            table: table.as_ref().map(DeviceBuffer::view),
-                            topk_weights: topk_weights.view(),
-                            expert_offsets: offsets.view(),
-                            sorted_slots: sorted.view(),
-                            act: act.view_mut(),
-                            out: out.view_mut(),
-                        },
-                    )
-                    .expect(label);
+                    let args = QMoeArgs {
+                        x: x.view(),
+                        w1_codes: w1_codes.view(),
+                        w1_params: w1_params.view(),
+                        w3_codes: w3_codes.view(),
+                        w3_params: w3_params.view(),
+                        w13_perm: None,
+                        w2_codes: w2_codes.view(),
+                        w2_params: w2_params.view(),
+                        w2_perm: None,
+                        table: table.as_ref().map(DeviceBuffer::view),
+                        topk_weights: topk_weights.view(),
+                        expert_offsets: offsets.view(),
+                        sorted_slots: sorted.view(),
+                        act: act.view_mut(),
+                        out: out.view_mut(),
+                    };
+                    ops::qmoe(&b.kernels, &stream, &shape, ([kind; 3], args), kernel).expect(label);
                     sync(&stream);
                 })
             });

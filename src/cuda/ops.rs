@@ -58,7 +58,7 @@ mod fill;
 pub use fill::*;
 
 mod quant_layout;
-pub use quant_layout::{mma_reads, PackedView};
+pub use quant_layout::{mma_reads, PackedKernel, PackedView};
 
 mod qlinear;
 pub use qlinear::*;

@@ -247,32 +247,29 @@ mod tests {
 
     #[test]
     fn thresholds_sit_where_the_table_says() {
+        use Choice::*;
+        use Format::{Bf16, Packed};
         let p = |t, f| select(Op::Projection, t, f, NO);
-        assert_eq!(p(16, Format::Bf16), Choice::LinearGemv);
-        assert_eq!(p(17, Format::Bf16), Choice::LinearMma);
-        assert_eq!(p(16, Format::Packed), Choice::QLinear);
-        assert_eq!(p(17, Format::Packed), Choice::DequantizeThenLinearMma);
+        assert_eq!(p(16, Bf16), LinearGemv);
+        assert_eq!(p(17, Bf16), LinearMma);
+        assert_eq!(p(16, Packed), QLinear);
+        assert_eq!(p(17, Packed), DequantizeThenLinearMma);
         let e = |t, f, d| select(Op::Experts, t, f, d);
-        assert_eq!(e(31, Format::Bf16, HOPPER), Choice::MoeGemv);
-        assert_eq!(e(32, Format::Bf16, NO), Choice::MoeGrouped);
-        assert_eq!(e(32, Format::Bf16, HOPPER), Choice::MoeWgmma);
-        assert_eq!(e(128, Format::Packed, HOPPER), Choice::QMoeGemv);
-        assert_eq!(
-            e(129, Format::Packed, NO),
-            Choice::DequantizeThenMoeGrouped
-        );
-        assert_eq!(
-            e(129, Format::Packed, HOPPER),
-            Choice::DequantizeThenMoeWgmma
-        );
-        assert_eq!(e(31, Format::Bf16, CUTLASS), Choice::MoeGemv);
-        assert_eq!(e(32, Format::Bf16, CUTLASS), Choice::MoeCutlass);
-        assert_eq!(e(128, Format::Packed, CUTLASS), Choice::QMoeGemv);
-        assert_eq!(
-            e(129, Format::Packed, CUTLASS),
-            Choice::DequantizeThenMoeCutlass
-        );
-        assert_eq!(e(31, Format::Q8, CUTLASS), Choice::QMoeGemv);
+        for (tokens, format, device, choice) in [
+            (31, Bf16, HOPPER, MoeGemv),
+            (32, Bf16, NO, MoeGrouped),
+            (32, Bf16, HOPPER, MoeWgmma),
+            (128, Packed, HOPPER, QMoeGemv),
+            (129, Packed, NO, DequantizeThenMoeGrouped),
+            (129, Packed, HOPPER, DequantizeThenMoeWgmma),
+            (31, Bf16, CUTLASS, MoeGemv),
+            (32, Bf16, CUTLASS, MoeCutlass),
+            (128, Packed, CUTLASS, QMoeGemv),
+            (129, Packed, CUTLASS, DequantizeThenMoeCutlass),
+        ] {
+            assert_eq!(e(tokens, format, device), choice, "{tokens} {format:?} {device:?}");
+        }
+        assert_eq!(e(31, Format::Q8, CUTLASS), QMoeGemv);
         assert_eq!(e(32, Format::Q8, CUTLASS), Choice::MoeCutlassQ8);
         // 8-bit codes are any packed format where CUTLASS's 8-bit kernels do not run.
         for device in [NO, HOPPER] {

@@ -1,12 +1,11 @@
-//! The kernels over packed quantized weights (`mixtral::cuda::ops::{qlinear, qmoe_gemv,
-//! dequantize}`) against the CPU reference on the dequantized matrices
+//! The kernels over packed quantized weights (`mixtral::cuda::ops::{qlinear, qmoe, dequantize}`) against the CPU reference on the dequantized matrices
 //! (`PackedMatrix::dequantize`, the values the CPU engine runs on): every format (FP8, INT8, 4-bit
 //! in groups of 32, 64 and 128 columns, the last group of a row shorter when 128 does not divide the
 //! columns, and 4-bit table codes: NF4 in bitsandbytes' blocks of 64 and in groups of 128, FP4 in
 //! groups of 32), with and without a random permutation of the input columns; `qlinear` for 1..=16
-//! tokens and both output types, `qmoe_gemv` with the router's grouping built on the CPU (idle
+//! tokens and both output types, `qmoe` with the router's grouping built on the CPU (idle
 //! experts included), `dequantize` bit-exact against the host values rounded to bf16; the 4-bit
-//! tensor-core decode kernels (`qlinear_mma`, `qmoe_mma`) on the formats they read.
+//! tensor-core decode kernels (`PackedKernel::Mma`) on the formats they read.
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
@@ -15,14 +14,12 @@ use mixtral::cpu::moe::Expert;
 use mixtral::cpu::router::{group_by_expert, route};
 use mixtral::cuda::args::{LinearScalars, MoeScalars, QMoeArgs};
 use mixtral::cuda::engine::matrix::table_values;
-use mixtral::cuda::memory::AnyViewMut;
 use mixtral::cuda::memory::DeviceArena;
 use mixtral::cuda::memory::View;
 use mixtral::cuda::ops::{
-    dequantize, moe_cutlass_q8_gemm, qlinear, qlinear_mma, qmoe_gemv, qmoe_mma, shared_perm,
-    DequantShape, MoeCutlassQ8Scratch, PackedView, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
+    dequantize, moe_cutlass_q8_gemm, qlinear, qmoe, shared_perm, DequantShape, MoeCutlassQ8Scratch,
+    PackedKernel, PackedView, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
 };
-use mixtral::cuda::{CudaError, Kernels};
 use mixtral::dtype::WeightSlice;
 use mixtral::packed::lut4::{self, Lut4};
 use mixtral::quant::{fp8, int4, int8, PackedKind, PackedMatrix, Q8};
@@ -199,24 +196,14 @@ impl DeviceStack {
 // ---------------------------------------------------------------------------------------------
 // qlinear
 
-/// `qlinear` or `qlinear_mma` (one signature).
-type QLinearKernel = fn(
-    &Kernels,
-    &CudaStream,
-    &LinearScalars,
-    View<'_, bf16>,
-    PackedView<'_>,
-    AnyViewMut<'_>,
-) -> Result<(), CudaError>;
-
 /// Runs qlinear on `m` and bf16 `x` into a poisoned, guarded output; returns it as f32.
 fn run_qlinear(gpu: &Gpu, m: &PackedMatrix, x: &[bf16], tokens: usize, out_f32: bool) -> Vec<f32> {
-    run_qlinear_with(qlinear, gpu, m, x, tokens, out_f32)
+    run_qlinear_with(PackedKernel::Gemv, gpu, m, x, tokens, out_f32)
 }
 
-/// Runs `kernel` (`qlinear` or `qlinear_mma`) as [`run_qlinear`] does.
+/// Runs qlinear on `kernel` as [`run_qlinear`] does.
 fn run_qlinear_with(
-    kernel: QLinearKernel,
+    kernel: PackedKernel,
     gpu: &Gpu,
     m: &PackedMatrix,
     x: &[bf16],
@@ -234,25 +221,25 @@ fn run_qlinear_with(
     let len = tokens * m.rows;
     if out_f32 {
         let mut out = Guarded::<f32>::poisoned(stream, len);
-        kernel(
+        qlinear(
             &gpu.kernels,
             stream,
             &shape,
-            d_x.dev(),
-            w.weights(),
+            (d_x.dev(), w.weights()),
             out.dev_mut().into(),
+            kernel,
         )
         .expect("qlinear (f32 out)");
         out.read_written(stream, "out")
     } else {
         let mut out = Guarded::<bf16>::poisoned(stream, len);
-        kernel(
+        qlinear(
             &gpu.kernels,
             stream,
             &shape,
-            d_x.dev(),
-            w.weights(),
+            (d_x.dev(), w.weights()),
             out.dev_mut().into(),
+            kernel,
         )
         .expect("qlinear (bf16 out)");
         common::to_f32(&out.read_written(stream, "out"))
@@ -377,7 +364,7 @@ fn qlinear_mma_matches_the_cpu_reference_on_the_dequantized_matrix() {
                 cols,
                 &mut reference,
             );
-            let out = run_qlinear_with(qlinear_mma, &gpu, &m, &x, tokens, out_f32);
+            let out = run_qlinear_with(PackedKernel::Mma, &gpu, &m, &x, tokens, out_f32);
             let err = common::rel_l2(&out, &reference);
             // The bound of qlinear: the decoding is exact (every code's value, or q - zero, is a
             // bf16), the products are exact in the tensor cores, the scale multiplies partial sums.
@@ -414,7 +401,7 @@ fn qlinear_mma_at_mixtral_projection_shapes() {
             4096,
             &mut reference,
         );
-        let out = run_qlinear_with(qlinear_mma, &gpu, &m, &x, tokens, true);
+        let out = run_qlinear_with(PackedKernel::Mma, &gpu, &m, &x, tokens, true);
         common::assert_close(
             &format!("{kind:?}, tokens {tokens}, rows {rows}"),
             &out,
@@ -687,8 +674,20 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     };
     let kinds = [w1s.kind, w3s.kind, w2s.kind];
     let run = match kernel {
-        QMoeKernel::Gemv => qmoe_gemv(&gpu.kernels, stream, &shape, kinds, args),
-        QMoeKernel::Mma => qmoe_mma(&gpu.kernels, stream, &shape, kinds, args),
+        QMoeKernel::Gemv => qmoe(
+            &gpu.kernels,
+            stream,
+            &shape,
+            (kinds, args),
+            PackedKernel::Gemv,
+        ),
+        QMoeKernel::Mma => qmoe(
+            &gpu.kernels,
+            stream,
+            &shape,
+            (kinds, args),
+            PackedKernel::Mma,
+        ),
         QMoeKernel::CutlassQ8 => {
             let format = Q8::of(kind).expect("an 8-bit case");
             let mut arena = DeviceArena::new(std::sync::Arc::clone(stream));

@@ -20,7 +20,8 @@ use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::module::Kernels;
 use super::super::ops::{
-    self, mma_reads, DequantShape, MoeCutlassQ8Scratch, MoeCutlassScratch, PackedView,
+    self, mma_reads, DequantShape, MoeCutlassQ8Scratch, MoeCutlassScratch, PackedKernel,
+    PackedView,
 };
 pub use super::super::select::GroupedKernel;
 use super::super::select::{select, Choice, Device, Format, Op};
@@ -298,24 +299,19 @@ pub fn project(
     out: AnyViewMut<'_>,
     scratch: &mut Option<DeviceBuffer<bf16>>,
 ) -> Result<(), CudaError> {
-    let Products {
-        kernels,
-        stream,
-        mma_decode,
-    } = on;
     let device = Device {
-        mma_decode,
+        mma_decode: on.mma_decode,
         ..Device::default()
     };
     let choice = select(Op::Projection, s.tokens as usize, w.format(), device);
-    match (choice, w) {
-        (Choice::QLinear, DeviceMatrix::Packed(p)) => {
-            return ops::qlinear(kernels, stream, s, x, p.view(), out)
-        }
-        (Choice::QLinearMma, DeviceMatrix::Packed(p)) => {
-            return ops::qlinear_mma(kernels, stream, s, x, p.view(), out)
-        }
-        _ => {}
+    let packed_kernel = match choice {
+        Choice::QLinear => Some(PackedKernel::Gemv),
+        Choice::QLinearMma => Some(PackedKernel::Mma),
+        _ => None,
+    };
+    let (kernels, stream) = (on.kernels, on.stream);
+    if let (Some(kernel), DeviceMatrix::Packed(p)) = (packed_kernel, w) {
+        return ops::qlinear(kernels, stream, s, (x, p.view()), out, kernel);
     }
     let w = dense(kernels, stream, w, scratch, s.tokens)?;
     ops::linear(kernels, stream, s, LinearArgs { x, w, out })
@@ -367,7 +363,7 @@ impl GroupedExperts {
 /// The format the selection table knows a layer's expert stacks by: 8-bit codes when all three are
 /// of the 8-bit format `q8` (the one the engine's 8-bit kernels serve) without permutation, codes the
 /// tensor-core decode kernels read when all three are (w1 and w3 use w1's permutation), packed
-/// when all three are packed in one kind (`qmoe_gemv` takes one group size and one table), bf16
+/// when all three are packed in one kind (`qmoe` takes one group size and one table), bf16
 /// otherwise (the packed ones are then expanded).
 fn experts_format(stacks: [&DeviceMatrix; 3], q8: Option<Q8>) -> Format {
     match stacks.map(DeviceMatrix::packed) {
@@ -397,14 +393,10 @@ pub fn experts(
     scratch: &mut DequantScratch,
     grouped: &mut GroupedExperts,
 ) -> Result<(), CudaError> {
-    let Products {
-        kernels,
-        stream,
-        mma_decode,
-    } = on;
+    let (kernels, stream) = (on.kernels, on.stream);
     let device = Device {
         grouped: grouped.kernel(),
-        mma_decode,
+        mma_decode: on.mma_decode,
     };
     // 8-bit stacks run as 8-bit codes only where the engine made the 8-bit kernels' scratch for
     // their format (every layer's experts FP8, or INT8); elsewhere they are any packed format.
@@ -429,7 +421,7 @@ pub fn experts(
             w2_codes: v2.codes,
             w2_params: v2.params,
             w2_perm: v2.perm,
-            // One table for the three: qmoe_gemv refuses stacks of different kinds.
+            // One table for the three: qmoe refuses stacks of different kinds.
             table: v1.table,
             topk_weights: io.topk_weights,
             expert_offsets: io.expert_offsets,
@@ -442,8 +434,12 @@ pub fn experts(
             GroupedExperts::CutlassQ8(cutlass) if choice == Choice::MoeCutlassQ8 => {
                 ops::moe_cutlass_q8_gemm(stream, s, kinds, args, cutlass)
             }
-            _ if choice == Choice::QMoeGemv => ops::qmoe_gemv(kernels, stream, s, kinds, args),
-            _ if choice == Choice::QMoeMma => ops::qmoe_mma(kernels, stream, s, kinds, args),
+            _ if choice == Choice::QMoeGemv => {
+                ops::qmoe(kernels, stream, s, (kinds, args), PackedKernel::Gemv)
+            }
+            _ if choice == Choice::QMoeMma => {
+                ops::qmoe(kernels, stream, s, (kinds, args), PackedKernel::Mma)
+            }
             _ => Err(no_scratch("8-bit")),
         };
     }

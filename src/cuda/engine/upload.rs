@@ -178,7 +178,7 @@ fn scratch_elements(
             }
         }
         let packed = [f.w13, f.w2].map(|f| f != StackFormat::Bf16);
-        // Mixed stacks (one bf16, or packed in two kinds, which `qmoe_gemv` cannot take together)
+        // Mixed stacks (one bf16, or packed in two kinds, which `qmoe` cannot take together)
         // run the bf16 kernels at every size, expanding the packed ones.
         let expands = f.w13.kind() != f.w2.kind() || largest(Op::Experts) != Choice::QMoeGemv;
         if packed.contains(&true) && expands {

@@ -71,6 +71,16 @@ pub const KINDS: [PackedKind; 6] = [
     },
 ];
 
+/// The name the kernel variants give `kind` (`fp8`, `int8`, `int4`, `lut4`).
+pub fn kind_label(kind: PackedKind) -> &'static str {
+    match kind {
+        PackedKind::Fp8 => "fp8",
+        PackedKind::Int8 => "int8",
+        PackedKind::Int4 { .. } => "int4",
+        PackedKind::Lut4 { .. } => "lut4",
+    }
+}
+
 /// A table view (16 values) for LUT4 kinds, `None` for the others: what [`PackedView::table`]
 /// holds.
 ///

@@ -15,7 +15,7 @@ use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::linear::gemv_tile;
-use super::quant_layout::{mma_layout, row_layout, table_view, PackedView, RowLayout};
+use super::quant_layout::{mma_layout, row_layout, table_view, PackedKernel, PackedView};
 use crate::cuda::args::{LinearScalars, QLinearArgs, QLinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -28,15 +28,20 @@ use crate::cuda::params::{
 };
 use crate::quant::PackedKind;
 
-/// The checks both kernels share (the batch limit, the rows, the table) and the parameter struct
-/// for the row layout `l`.
-fn checked_params(
-    c: &Check,
+fn plan(
+    kernel: PackedKernel,
     s: &LinearScalars,
     kind: PackedKind,
-    l: RowLayout,
     a: &QLinearArgs<'_>,
-) -> Result<QLinearParams, CudaError> {
+) -> Planned<QLinearParams, 1> {
+    let mma = kernel == PackedKernel::Mma;
+    let c = Check {
+        op: if mma { "qlinear_mma" } else { "qlinear" },
+    };
+    let l = match kernel {
+        PackedKernel::Gemv => row_layout(&c, kind, s.in_features, "in_features")?,
+        PackedKernel::Mma => mma_layout(&c, kind, s.in_features, "in_features", a.perm.is_some())?,
+    };
     if s.tokens > LINEAR_GEMV_MAX_TOKENS {
         return Err(c.unsupported(
             "tokens",
@@ -49,8 +54,8 @@ fn checked_params(
     }
     c.at_least("out_features", s.out_features as usize, 1)?;
     c.count("out_features", s.out_features as usize)?;
-    table_view(c, kind, a.table)?;
-    a.params(
+    table_view(&c, kind, a.table)?;
+    let params = a.params(
         c.op,
         &QLinearScalars {
             tokens: s.tokens,
@@ -60,25 +65,22 @@ fn checked_params(
             row_params: l.row_params,
             group_size: l.group_size,
         },
-    )
-}
-
-fn plan(s: &LinearScalars, kind: PackedKind, a: &QLinearArgs<'_>) -> Planned<QLinearParams, 1> {
-    let c = Check { op: "qlinear" };
-    let l = row_layout(&c, kind, s.in_features, "in_features")?;
-    let params = checked_params(&c, s, kind, l, a)?;
-    let variant = c.variant(
-        KernelFamily::QLinear,
-        "(kind, tile, out_f32)",
-        &[l.kind, gemv_tile(s.tokens), u32::from(a.out.is_f32())],
     )?;
-    let rows_per_block = QLINEAR_WARPS * QLINEAR_ROWS_PER_WARP;
-    let blocks = s.out_features.div_ceil(rows_per_block);
-    let grid = Grid::linear(variant, blocks, QLINEAR_WARPS * 32);
+    let out_f32 = u32::from(a.out.is_f32());
+    let grid = if mma {
+        let consts = [l.kind, mma_tiles(s.tokens), out_f32];
+        let variant = c.variant(KernelFamily::QLinearMma, "(kind, n-tiles, out_f32)", &consts)?;
+        Grid::linear(variant, s.out_features.div_ceil(QMMA_ROWS), QMMA_WARPS * 32)
+    } else {
+        let consts = [l.kind, gemv_tile(s.tokens), out_f32];
+        let variant = c.variant(KernelFamily::QLinear, "(kind, tile, out_f32)", &consts)?;
+        let rows_per_block = QLINEAR_WARPS * QLINEAR_ROWS_PER_WARP;
+        Grid::linear(variant, s.out_features.div_ceil(rows_per_block), QLINEAR_WARPS * 32)
+    };
     Ok(unless_empty(s.tokens, params, [grid]))
 }
 
-/// 8-column n-tiles the 4-bit tensor-core kernels take for `columns` tokens or slots (1, 2 or 4;
+/// 8-column n-tiles the tensor-core decode kernels take for `columns` tokens or slots (1, 2 or 4;
 /// the dense kernel has 1 and 2, enough for [`LINEAR_GEMV_MAX_TOKENS`]).
 pub(super) fn mma_tiles(columns: u32) -> u32 {
     match columns {
@@ -88,48 +90,21 @@ pub(super) fn mma_tiles(columns: u32) -> u32 {
     }
 }
 
-fn plan_mma(s: &LinearScalars, kind: PackedKind, a: &QLinearArgs<'_>) -> Planned<QLinearParams, 1> {
-    let c = Check { op: "qlinear_mma" };
-    let l = mma_layout(&c, kind, s.in_features, "in_features", a.perm.is_some())?;
-    let params = checked_params(&c, s, kind, l, a)?;
-    let variant = c.variant(
-        KernelFamily::QLinearMma,
-        "(kind, n-tiles, out_f32)",
-        &[l.kind, mma_tiles(s.tokens), u32::from(a.out.is_f32())],
-    )?;
-    let grid = Grid::linear(variant, s.out_features.div_ceil(QMMA_ROWS), QMMA_WARPS * 32);
-    Ok(unless_empty(s.tokens, params, [grid]))
-}
-
 /// `out[t, o] = sum_i x[t, i] * w[o, i]` with `w` packed, f32 accumulation, for at most
-/// [`LINEAR_GEMV_MAX_TOKENS`] tokens; zero tokens launch nothing.
+/// [`LINEAR_GEMV_MAX_TOKENS`] tokens, on `kernel` (the tensor-core kernels only for the matrices
+/// [`mma_reads`](super::mma_reads) accepts; the same outputs up to the order of the f32 sums);
+/// zero tokens launch nothing.
 pub fn qlinear(
     kernels: &Kernels,
     stream: &CudaStream,
     s: &LinearScalars,
-    x: View<'_, bf16>,
-    w: PackedView<'_>,
+    (x, w): (View<'_, bf16>, PackedView<'_>),
     out: AnyViewMut<'_>,
+    kernel: PackedKernel,
 ) -> Result<(), CudaError> {
     let PackedView { kind, codes, params, perm, table } = w;
     let args = QLinearArgs { x, codes, params, perm, table, out };
-    launch_planned(kernels, stream, plan(s, kind, &args)?)
-}
-
-/// [`qlinear`] on the tensor cores (csrc/quant_mma.cuh), for the matrices
-/// [`mma_reads`](super::mma_reads) accepts (FP8, INT8, INT4 in groups of a multiple of 128 columns;
-/// no permutation); the same outputs up to the order of the f32 sums.
-pub fn qlinear_mma(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &LinearScalars,
-    x: View<'_, bf16>,
-    w: PackedView<'_>,
-    out: AnyViewMut<'_>,
-) -> Result<(), CudaError> {
-    let PackedView { kind, codes, params, perm, table } = w;
-    let args = QLinearArgs { x, codes, params, perm, table, out };
-    launch_planned(kernels, stream, plan_mma(s, kind, &args)?)
+    launch_planned(kernels, stream, plan(kernel, s, kind, &args)?)
 }
 
 #[cfg(test)]
@@ -138,22 +113,13 @@ mod tests {
 
     use super::*;
     use crate::cuda::ops::fake::{
-        any_kind, symbol, table_for, too_small, unsupported, view, view_mut, KINDS,
+        any_kind, kind_label, symbol, table_for, too_small, unsupported, view, view_mut, KINDS,
     };
     use crate::packed::lut4::Lut4;
     use crate::cuda::params::KERNEL_VARIANTS;
 
     /// A column count every kind accepts.
     const COLS: u32 = 96;
-
-    fn label(kind: PackedKind) -> &'static str {
-        match kind {
-            PackedKind::Fp8 => "fp8",
-            PackedKind::Int8 => "int8",
-            PackedKind::Int4 { .. } => "int4",
-            PackedKind::Lut4 { .. } => "lut4",
-        }
-    }
 
     fn scalars(tokens: u32, in_features: u32, out_features: u32) -> LinearScalars {
         LinearScalars {
@@ -200,7 +166,16 @@ mod tests {
         perm: bool,
         out_f32: bool,
     ) -> Planned<QLinearParams, 1> {
-        plan(s, kind, &args(kind, exact(s, kind, perm), perm, out_f32))
+        plan_exact_on(PackedKernel::Gemv, s, kind, (perm, out_f32))
+    }
+
+    fn plan_exact_on(
+        kernel: PackedKernel,
+        s: &LinearScalars,
+        kind: PackedKind,
+        (perm, out_f32): (bool, bool),
+    ) -> Planned<QLinearParams, 1> {
+        plan(kernel, s, kind, &args(kind, exact(s, kind, perm), perm, out_f32))
     }
 
     #[test]
@@ -223,7 +198,7 @@ mod tests {
                         .unwrap();
                     assert_eq!(
                         symbol(&g),
-                        format!("qlinear_{}_t{tile}_{suffix}", label(kind))
+                        format!("qlinear_{}_t{tile}_{suffix}", kind_label(kind))
                     );
                     assert_eq!(g.grid, (3, 1, 1), "40 rows in blocks of 16");
                     assert_eq!(g.block, QLINEAR_WARPS * 32);
@@ -274,15 +249,6 @@ mod tests {
 
     const INT4_128: PackedKind = PackedKind::Int4 { group_size: 128 };
 
-    fn plan_mma_exact(
-        s: &LinearScalars,
-        kind: PackedKind,
-        perm: bool,
-        out_f32: bool,
-    ) -> Planned<QLinearParams, 1> {
-        plan_mma(s, kind, &args(kind, exact(s, kind, perm), perm, out_f32))
-    }
-
     #[test]
     fn the_tensor_core_kernel_takes_one_pass_of_one_or_two_n_tiles() {
         let int4_256 = PackedKind::Int4 { group_size: 256 };
@@ -290,10 +256,10 @@ mod tests {
             for (tokens, columns) in [(1, 8), (8, 8), (9, 16), (16, 16)] {
                 for (out_f32, suffix) in [(false, "bf16"), (true, "f32")] {
                     let s = scalars(tokens, 4096, 6144);
-                    let (p, [g]) = plan_mma_exact(&s, kind, false, out_f32)
+                    let (p, [g]) = plan_exact_on(PackedKernel::Mma, &s, kind, (false, out_f32))
                         .unwrap()
                         .unwrap();
-                    let name = format!("qlinear_mma_{}_n{columns}_{suffix}", label(kind));
+                    let name = format!("qlinear_mma_{}_n{columns}_{suffix}", kind_label(kind));
                     assert_eq!(symbol(&g), name);
                     assert_eq!(g.grid, (384, 1, 1), "6144 rows in blocks of 16");
                     assert_eq!(g.block, QMMA_WARPS * 32);
@@ -310,24 +276,24 @@ mod tests {
     fn the_tensor_core_kernel_refuses_what_it_cannot_read() {
         let s = scalars(1, 4096, 64);
         for kind in [PackedKind::Fp8, PackedKind::Int8, INT4_128] {
-            unsupported(plan_mma_exact(&s, kind, true, false), "perm");
+            unsupported(plan_exact_on(PackedKernel::Mma, &s, kind, (true, false)), "perm");
         }
         let int4_32 = PackedKind::Int4 { group_size: 32 };
-        unsupported(plan_mma_exact(&s, int4_32, false, false), "group_size");
-        unsupported(plan_mma_exact(&s, KINDS[4], false, false), "kind");
+        unsupported(plan_exact_on(PackedKernel::Mma, &s, int4_32, (false, false)), "group_size");
+        unsupported(plan_exact_on(PackedKernel::Mma, &s, KINDS[4], (false, false)), "kind");
         unsupported(
-            plan_mma_exact(&scalars(1, 4008, 64), PackedKind::Fp8, false, false),
+            plan_exact_on(PackedKernel::Mma, &scalars(1, 4008, 64), PackedKind::Fp8, (false, false)),
             "in_features",
         );
         unsupported(
-            plan_mma_exact(&scalars(17, 4096, 64), INT4_128, false, false),
+            plan_exact_on(PackedKernel::Mma, &scalars(17, 4096, 64), INT4_128, (false, false)),
             "tokens",
         );
-        let none = plan_mma_exact(&scalars(0, 4096, 64), INT4_128, false, false);
+        let none = plan_exact_on(PackedKernel::Mma, &scalars(0, 4096, 64), INT4_128, (false, false));
         assert!(none.unwrap().is_none());
         // Columns that are not a whole number of steps: the last step multiplies zeros.
-        assert!(plan_mma_exact(&scalars(3, 4160, 64), INT4_128, false, false).is_ok());
-        assert!(plan_mma_exact(&scalars(3, 80, 64), PackedKind::Int8, false, false).is_ok());
+        assert!(plan_exact_on(PackedKernel::Mma, &scalars(3, 4160, 64), INT4_128, (false, false)).is_ok());
+        assert!(plan_exact_on(PackedKernel::Mma, &scalars(3, 80, 64), PackedKind::Int8, (false, false)).is_ok());
     }
 
     #[test]
@@ -342,9 +308,9 @@ mod tests {
                 {
                     let mut lens = full;
                     lens[i] -= 1;
-                    too_small(plan(&s, kind, &args(kind, lens, true, false)), name);
+                    too_small(plan(PackedKernel::Gemv, &s, kind, &args(kind, lens, true, false)), name);
                 }
-                assert!(plan(&s, kind, &args(kind, full, true, true)).is_ok());
+                assert!(plan(PackedKernel::Gemv, &s, kind, &args(kind, full, true, true)).is_ok());
             }
         }
     }
@@ -383,12 +349,12 @@ mod tests {
         let nf4 = KINDS[4];
         let mut a = args(nf4, exact(&s, nf4, false), false, false);
         a.table = None;
-        unsupported(plan(&s, nf4, &a), "table");
+        unsupported(plan(PackedKernel::Gemv, &s, nf4, &a), "table");
         a.table = Some(view(15));
-        too_small(plan(&s, nf4, &a), "table");
+        too_small(plan(PackedKernel::Gemv, &s, nf4, &a), "table");
         let mut a = args(PackedKind::Fp8, exact(&s, PackedKind::Fp8, false), false, false);
         a.table = Some(view(16));
-        unsupported(plan(&s, PackedKind::Fp8, &a), "table");
+        unsupported(plan(PackedKernel::Gemv, &s, PackedKind::Fp8, &a), "table");
     }
 
     #[test]
@@ -398,7 +364,7 @@ mod tests {
             assert!(plan_exact(&s, kind, true, false).unwrap().is_none());
             let mut lens = exact(&s, kind, false);
             lens[1] -= 1;
-            too_small(plan(&s, kind, &args(kind, lens, false, false)), "codes");
+            too_small(plan(PackedKernel::Gemv, &s, kind, &args(kind, lens, false, false)), "codes");
         }
     }
 

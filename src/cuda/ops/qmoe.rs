@@ -18,7 +18,7 @@ use cudarc::driver::CudaStream;
 use super::linear::gemv_tile;
 use super::moe_gemv::active_experts;
 use super::qlinear::mma_tiles;
-use super::quant_layout::{mma_layout, row_layout, table_view, RowLayout};
+use super::quant_layout::{mma_layout, row_layout, table_view, PackedKernel};
 use crate::cuda::args::{MoeScalars, QMoeArgs, QMoeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -30,7 +30,7 @@ use crate::cuda::params::{
 };
 use crate::quant::PackedKind;
 
-const OP: &str = "qmoe_gemv";
+const OP: &str = "qmoe";
 
 /// The permutation w1 and w3 share ([`QMoeArgs::w13_perm`]): the same buffer for both, or none.
 pub fn shared_perm<'a>(
@@ -50,16 +50,16 @@ pub fn shared_perm<'a>(
     }
 }
 
-/// The checks both kernel pairs share (one format for the three stacks, the counts, the table) and
-/// the parameter struct for the row layouts `l13` (w1, w3: `hidden` columns) and `l2` (w2: `inter`
-/// columns) that `layout` gives; with the number of grid rows (experts a batch can reach).
-fn checked_params(
-    c: &Check,
+fn plan(
+    kernel: PackedKernel,
     s: &MoeScalars,
     [k1, k3, k2]: [PackedKind; 3],
     a: &QMoeArgs<'_>,
-    layout: impl Fn(u32, &'static str, bool) -> Result<RowLayout, CudaError>,
-) -> Result<(QMoeParams, [RowLayout; 2], u32), CudaError> {
+) -> Planned<QMoeParams, 2> {
+    let mma = kernel == PackedKernel::Mma;
+    let c = Check {
+        op: if mma { "qmoe_mma" } else { OP },
+    };
     for (what, kind) in [("w3 kind", k3), ("w2 kind", k2)] {
         if kind != k1 {
             return Err(c.unsupported(
@@ -73,12 +73,16 @@ fn checked_params(
     }
     c.at_least("experts", s.experts as usize, 1)?;
     c.at_least("top_k", s.top_k as usize, 1)?;
-    let experts = active_experts(c, s.experts, s.tokens, s.top_k)?;
+    let experts = active_experts(&c, s.experts, s.tokens, s.top_k)?;
     c.count("tokens", s.tokens as usize)?;
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
-    let l13 = layout(s.hidden, "hidden", a.w13_perm.is_some())?;
-    let l2 = layout(s.inter, "inter", a.w2_perm.is_some())?;
-    table_view(c, k1, a.table)?;
+    let layout = |cols, name, perm: Option<View<'_, u32>>| match kernel {
+        PackedKernel::Gemv => row_layout(&c, k1, cols, name),
+        PackedKernel::Mma => mma_layout(&c, k1, cols, name, perm.is_some()),
+    };
+    let l13 = layout(s.hidden, "hidden", a.w13_perm)?;
+    let l2 = layout(s.inter, "inter", a.w2_perm)?;
+    table_view(&c, k1, a.table)?;
     let params = a.params(
         c.op,
         &QMoeScalars {
@@ -94,85 +98,46 @@ fn checked_params(
             w2_row_params: l2.row_params,
         },
     )?;
-    Ok((params, [l13, l2], experts))
-}
-
-/// The up and down launches: `(variant, blocks in x)` each, `experts` grid rows, `warps` warps a
-/// block; nothing for zero tokens.
-fn two_launches(
-    s: &MoeScalars,
-    params: QMoeParams,
-    [(up, up_blocks), (down, down_blocks)]: [(usize, u32); 2],
-    experts: u32,
-    warps: u32,
-) -> Planned<QMoeParams, 2> {
+    // Variants, blocks along x of the up and down grids, warps a block.
+    let (up, down, warps) = if mma {
+        // An expert has at most one slot per token.
+        let tiles = mma_tiles(s.tokens);
+        let (up, down) = (KernelFamily::QMoeMmaUp, KernelFamily::QMoeMmaDown);
+        let up = c.variant(up, "(kind, most n-tiles)", &[l13.kind, tiles])?;
+        let down = c.variant(down, "(kind, most n-tiles)", &[l2.kind, tiles])?;
+        let rows = QMMA_ROWS;
+        ((up, s.inter.div_ceil(rows)), (down, s.hidden.div_ceil(rows)), QMMA_WARPS)
+    } else {
+        let tile = gemv_tile(s.tokens);
+        let up = c.variant(KernelFamily::QMoeUp, "(kind, tile)", &[l13.kind, tile])?;
+        let down = c.variant(KernelFamily::QMoeDown, "(kind, tile)", &[l2.kind, tile])?;
+        let down_rows = MOE_WARPS * MOE_DOWN_ROWS_PER_WARP;
+        ((up, s.inter.div_ceil(MOE_WARPS)), (down, s.hidden.div_ceil(down_rows)), MOE_WARPS)
+    };
     if s.tokens == 0 {
         return Ok(None);
     }
-    let grid = |variant, blocks| Grid {
+    let grid = |(variant, blocks)| Grid {
         variant,
         grid: (blocks, experts, 1),
         block: warps * 32,
         shared_bytes: 0,
     };
-    Ok(Some((params, [grid(up, up_blocks), grid(down, down_blocks)])))
-}
-
-fn plan(s: &MoeScalars, kinds: [PackedKind; 3], a: &QMoeArgs<'_>) -> Planned<QMoeParams, 2> {
-    let c = Check { op: OP };
-    let layout = |cols, name, _perm| row_layout(&c, kinds[0], cols, name);
-    let (params, [l13, l2], experts) = checked_params(&c, s, kinds, a, layout)?;
-    let tile = gemv_tile(s.tokens);
-    let up = c.variant(KernelFamily::QMoeUp, "(kind, tile)", &[l13.kind, tile])?;
-    let down = c.variant(KernelFamily::QMoeDown, "(kind, tile)", &[l2.kind, tile])?;
-    let blocks = [
-        (up, s.inter.div_ceil(MOE_WARPS)),
-        (down, s.hidden.div_ceil(MOE_WARPS * MOE_DOWN_ROWS_PER_WARP)),
-    ];
-    two_launches(s, params, blocks, experts, MOE_WARPS)
-}
-
-fn plan_mma(s: &MoeScalars, kinds: [PackedKind; 3], a: &QMoeArgs<'_>) -> Planned<QMoeParams, 2> {
-    let c = Check { op: "qmoe_mma" };
-    let layout = |cols, name, perm| mma_layout(&c, kinds[0], cols, name, perm);
-    let (params, [l13, l2], experts) = checked_params(&c, s, kinds, a, layout)?;
-    // An expert has at most one slot per token.
-    let tiles = mma_tiles(s.tokens);
-    let (up, down) = (KernelFamily::QMoeMmaUp, KernelFamily::QMoeMmaDown);
-    let up = c.variant(up, "(kind, most n-tiles)", &[l13.kind, tiles])?;
-    let down = c.variant(down, "(kind, most n-tiles)", &[l2.kind, tiles])?;
-    let blocks = [
-        (up, s.inter.div_ceil(QMMA_ROWS)),
-        (down, s.hidden.div_ceil(QMMA_ROWS)),
-    ];
-    two_launches(s, params, blocks, experts, QMMA_WARPS)
+    Ok(Some((params, [grid(up), grid(down)])))
 }
 
 /// The routed expert MLPs of a decode batch over packed expert stacks of formats `kinds` (w1, w3,
-/// w2: all the same); `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)` per slot. Zero tokens
-/// launch nothing.
-pub fn qmoe_gemv(
+/// w2: all the same) on `kernel` (the tensor-core kernels only for the stacks
+/// [`mma_reads`](super::mma_reads) accepts; the same outputs up to the order of the f32 sums):
+/// `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)` per slot. Zero tokens launch nothing.
+pub fn qmoe(
     kernels: &Kernels,
     stream: &CudaStream,
     s: &MoeScalars,
-    kinds: [PackedKind; 3],
-    args: QMoeArgs<'_>,
+    (kinds, args): ([PackedKind; 3], QMoeArgs<'_>),
+    kernel: PackedKernel,
 ) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan(s, kinds, &args)?)
-}
-
-/// [`qmoe_gemv`] on the tensor cores (csrc/quant_mma.cuh) for stacks
-/// [`mma_reads`](super::mma_reads) accepts (FP8, INT8, INT4 in groups of a multiple of 128
-/// columns; no permutation): the same outputs up to the order of the f32 sums, each expert's slots
-/// in passes of up to 32.
-pub fn qmoe_mma(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &MoeScalars,
-    kinds: [PackedKind; 3],
-    args: QMoeArgs<'_>,
-) -> Result<(), CudaError> {
-    launch_planned(kernels, stream, plan_mma(s, kinds, &args)?)
+    launch_planned(kernels, stream, plan(kernel, s, kinds, &args)?)
 }
 
 #[cfg(test)]
@@ -182,7 +147,7 @@ mod tests {
     use super::*;
     use crate::cuda::error::KernelError;
     use crate::cuda::ops::fake::{
-        any_kind, symbol, table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
+        any_kind, kind_label, symbol, table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
     };
     use crate::packed::lut4::Lut4;
 
@@ -257,17 +222,9 @@ mod tests {
     }
 
     fn plan_exact(s: &MoeScalars, kind: PackedKind) -> Planned<QMoeParams, 2> {
-        plan(s, [kind; 3], &args(kind, exact(s, kind), true))
+        plan(PackedKernel::Gemv, s, [kind; 3], &args(kind, exact(s, kind), true))
     }
 
-    fn label(kind: PackedKind) -> &'static str {
-        match kind {
-            PackedKind::Fp8 => "fp8",
-            PackedKind::Int8 => "int8",
-            PackedKind::Int4 { .. } => "int4",
-            PackedKind::Lut4 { .. } => "lut4",
-        }
-    }
 
     #[test]
     fn grids_symbols_and_row_layouts_for_mixtral_shapes() {
@@ -275,7 +232,7 @@ mod tests {
             for (tokens, tile) in [(1, 1), (2, 2), (3, 4), (8, 8), (40, 8)] {
                 let s = scalars(tokens, 4096, 14336, 8, 2);
                 let (p, [up, down]) = plan_exact(&s, kind).unwrap().unwrap();
-                let k = label(kind);
+                let k = kind_label(kind);
                 assert_eq!(symbol(&up), format!("qmoe_up_{k}_t{tile}"));
                 assert_eq!(symbol(&down), format!("qmoe_down_{k}_t{tile}"));
                 // Grid rows: the experts a batch can reach, min(8, tokens * 2).
@@ -301,7 +258,7 @@ mod tests {
             }
         }
         let s = scalars(1, 4096, 14336, 8, 2);
-        let (p, _) = plan(
+        let (p, _) = plan(PackedKernel::Gemv, 
             &s,
             [PackedKind::Fp8; 3],
             &args(PackedKind::Fp8, exact(&s, PackedKind::Fp8), false),
@@ -322,8 +279,8 @@ mod tests {
             for (tokens, columns) in [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (128, 32)] {
                 let s = scalars(tokens, 4096, 14336, 8, 2);
                 let a = args(kind, exact(&s, kind), false);
-                let (p, [up, down]) = plan_mma(&s, [kind; 3], &a).unwrap().unwrap();
-                let k = label(kind);
+                let (p, [up, down]) = plan(PackedKernel::Mma, &s, [kind; 3], &a).unwrap().unwrap();
+                let k = kind_label(kind);
                 assert_eq!(symbol(&up), format!("qmoe_mma_up_{k}_n{columns}"));
                 assert_eq!(symbol(&down), format!("qmoe_mma_down_{k}_n{columns}"));
                 let active = (tokens * 2).min(8);
@@ -344,18 +301,18 @@ mod tests {
         let s = scalars(2, 256, 384, 4, 2);
         for kind in [PackedKind::Int8, int4] {
             let a = args(kind, exact(&s, kind), true);
-            unsupported(plan_mma(&s, [kind; 3], &a), "perm");
+            unsupported(plan(PackedKernel::Mma, &s, [kind; 3], &a), "perm");
         }
         let bad_inter = scalars(2, 256, 40, 4, 2);
         let a = args(int4, exact(&bad_inter, int4), false);
-        unsupported(plan_mma(&bad_inter, [int4; 3], &a), "inter");
+        unsupported(plan(PackedKernel::Mma, &bad_inter, [int4; 3], &a), "inter");
         for (kind, what) in [(PackedKind::Int4 { group_size: 64 }, "group_size"), (KINDS[4], "kind")] {
             let a = args(kind, exact(&s, kind), false);
-            unsupported(plan_mma(&s, [kind; 3], &a), what);
+            unsupported(plan(PackedKernel::Mma, &s, [kind; 3], &a), what);
         }
         let a = args(int4, exact(&s, int4), false);
         let other = PackedKind::Int4 { group_size: 256 };
-        unsupported(plan_mma(&s, [int4, other, int4], &a), "w3 kind");
+        unsupported(plan(PackedKernel::Mma, &s, [int4, other, int4], &a), "w3 kind");
     }
 
     #[test]
@@ -380,8 +337,8 @@ mod tests {
         let kind = PackedKind::Int4 { group_size: 32 };
         let a = args(kind, exact(&s, kind), false);
         for other in [PackedKind::Int8, PackedKind::Int4 { group_size: 64 }, KINDS[5]] {
-            unsupported(plan(&s, [kind, other, kind], &a), "w3 kind");
-            unsupported(plan(&s, [kind, kind, other], &a), "w2 kind");
+            unsupported(plan(PackedKernel::Gemv, &s, [kind, other, kind], &a), "w3 kind");
+            unsupported(plan(PackedKernel::Gemv, &s, [kind, kind, other], &a), "w2 kind");
         }
         // NF4 and FP4 are different formats: one table cannot serve both.
         let (nf4, fp4) = (
@@ -395,8 +352,8 @@ mod tests {
             },
         );
         let a = args(nf4, exact(&s, nf4), false);
-        unsupported(plan(&s, [nf4, fp4, nf4], &a), "w3 kind");
-        unsupported(plan(&s, [nf4, nf4, fp4], &a), "w2 kind");
+        unsupported(plan(PackedKernel::Gemv, &s, [nf4, fp4, nf4], &a), "w3 kind");
+        unsupported(plan(PackedKernel::Gemv, &s, [nf4, nf4, fp4], &a), "w2 kind");
     }
 
     #[test]
@@ -405,13 +362,13 @@ mod tests {
         let nf4 = KINDS[4];
         let mut a = args(nf4, exact(&s, nf4), false);
         a.table = None;
-        unsupported(plan(&s, [nf4; 3], &a), "table");
+        unsupported(plan(PackedKernel::Gemv, &s, [nf4; 3], &a), "table");
         a.table = Some(view(15));
-        too_small(plan(&s, [nf4; 3], &a), "table");
+        too_small(plan(PackedKernel::Gemv, &s, [nf4; 3], &a), "table");
         let int4 = PackedKind::Int4 { group_size: 32 };
         let mut a = args(int4, exact(&s, int4), false);
         a.table = Some(view(16));
-        unsupported(plan(&s, [int4; 3], &a), "table");
+        unsupported(plan(PackedKernel::Gemv, &s, [int4; 3], &a), "table");
     }
 
     #[test]
@@ -425,14 +382,14 @@ mod tests {
             (scalars(70_000, 96, 64, 70_000, 1), "experts"),
             (scalars(2, 96, 64, 4, 0), "top_k"),
         ] {
-            unsupported(plan(&bad, [kind; 3], &a), what);
+            unsupported(plan(PackedKernel::Gemv, &bad, [kind; 3], &a), what);
         }
         // Zero tokens: checked, nothing launched.
         let empty = scalars(0, 96, 64, 4, 2);
         assert!(plan_exact(&empty, kind).unwrap().is_none());
         let mut lens = exact(&empty, kind);
         lens[6] -= 1;
-        too_small(plan(&empty, [kind; 3], &args(kind, lens, true)), "w2_codes");
+        too_small(plan(PackedKernel::Gemv, &empty, [kind; 3], &args(kind, lens, true)), "w2_codes");
     }
 
     proptest! {
@@ -447,11 +404,11 @@ mod tests {
         ) {
             let s = scalars(tokens, hidden32 * 32, inter32 * 32, experts, k.min(experts));
             let full = exact(&s, kind);
-            prop_assert!(plan(&s, [kind; 3], &args(kind, full, true)).is_ok());
+            prop_assert!(plan(PackedKernel::Gemv, &s, [kind; 3], &args(kind, full, true)).is_ok());
             for (i, name) in NAMES.into_iter().enumerate() {
                 let mut lens = full;
                 lens[i] -= 1;
-                match plan(&s, [kind; 3], &args(kind, lens, true)) {
+                match plan(PackedKernel::Gemv, &s, [kind; 3], &args(kind, lens, true)) {
                     Err(CudaError::Kernel(KernelError::BufferTooSmall { buffer, .. })) => prop_assert_eq!(buffer, name),
                     other => prop_assert!(false, "{}: {:?}", name, other),
                 }

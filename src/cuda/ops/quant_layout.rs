@@ -111,6 +111,18 @@ pub(super) fn row_layout(
     })
 }
 
+/// Which kernels multiply a decode batch with packed weights (`qlinear`, `qmoe`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackedKernel {
+    /// The GEMVs (`qlinear_{kind}_t*`, `qmoe_{up,down}_{kind}_t*`): every packed format, weights
+    /// decoded and multiplied on the CUDA cores.
+    Gemv,
+    /// The tensor-core decode kernels (`qlinear_mma_*`, `qmoe_mma_{up,down}_*`;
+    /// csrc/quant_mma.cuh): the formats [`mma_reads`] accepts, weights decoded on the CUDA cores and
+    /// multiplied on the tensor cores.
+    Mma,
+}
+
 /// Whether the tensor-core decode kernels (`qlinear_mma`, `qmoe_mma_*`; csrc/quant_mma.cuh) read
 /// matrices of `kind` with `cols` columns: FP8 or INT8 codes, or 4-bit integer codes (INT4) whose
 /// group size is a multiple of [`QMMA_INT4_STEP_COLS`] (one step of the kernels lies in one group);
