@@ -374,6 +374,20 @@ fn protocol(out_path: &str) {
             writeln!(out, "{line}").expect("write protocol output");
         }
     }
+    // Decode again on the tensor-core decode kernels (context 16, batch 1, 8 and 32).
+    match engine_with(layers, true, StackFormat::Bf16, GroupedKernel::Mma, true) {
+        Ok(mut engine) => {
+            let card = engine.device_name().to_string();
+            for (batch, ms) in decode_batches(&mut engine) {
+                let line = format!(
+                    r#"{{"card": "{card}", "what": "decode", "dtype": "bf16", "kernel": "mma_decode", "layers": {layers}, "batch": {batch}, "context": 16, "graphs": true, "ours_ms": {ms:.4}}}"#
+                );
+                println!("{line}");
+                writeln!(out, "{line}").expect("write protocol output");
+            }
+        }
+        Err(e) => eprintln!("gpu_decode: no engine with mma_decode: {e}"),
+    }
 }
 
 fn benches(c: &mut Criterion) {

@@ -22,7 +22,7 @@ use mixtral::cuda::ops::{
     self, attention_splits, AttentionDecodeShape, AttentionPrefillShape, FillValues, PackedKernel,
     PackedView, PagedCacheShape,
 };
-use mixtral::cuda::{CudaDevice, Kernels};
+use mixtral::cuda::{CudaDevice, CudaError, Kernels};
 use mixtral::packed::lut4::Lut4;
 use mixtral::quant::{PackedKind, Q8};
 
@@ -79,6 +79,13 @@ fn sync(stream: &CudaStream) {
     stream.synchronize().expect("synchronise");
 }
 
+/// A launcher over [`LinearArgs`] (`ops::linear`, `ops::linear_mma_decode`).
+type LinearOp = fn(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>;
+
+/// A launcher over [`MoeArgs`] (`ops::moe_experts`, `ops::moe_mma`).
+type MoeOp = fn(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError>;
+
+/// The dense projections at Mixtral shapes (decode batches also on `linear_mma_decode`).
 fn linear_benches(c: &mut Criterion, b: &mut Bench) {
     let stream = b.stream();
     let mut group = c.benchmark_group("linear");
@@ -97,26 +104,31 @@ fn linear_benches(c: &mut Criterion, b: &mut Bench) {
                     (2 * tokens * out_features * HIDDEN) as u64,
                 ));
             }
-            group.bench_function(BenchmarkId::new(name, tokens), |bench| {
-                bench.iter(|| {
-                    ops::linear(
-                        &b.kernels,
-                        &stream,
-                        &LinearScalars {
+            // Decode batches also on the tensor-core decode kernel.
+            let ops: &[(&str, LinearOp)] = if tokens <= 8 {
+                &[("", ops::linear), ("_mma_decode", ops::linear_mma_decode)]
+            } else {
+                &[("", ops::linear)]
+            };
+            for &(suffix, op) in ops {
+                let id = BenchmarkId::new(format!("{name}{suffix}"), tokens);
+                group.bench_function(id, |bench| {
+                    bench.iter(|| {
+                        let s = LinearScalars {
                             tokens: tokens as u32,
                             in_features: HIDDEN as u32,
                             out_features: out_features as u32,
-                        },
-                        LinearArgs {
+                        };
+                        let args = LinearArgs {
                             x: x.view(),
                             w: w.view(),
                             out: y.view_mut().into(),
-                        },
-                    )
-                    .expect("linear");
-                    sync(&stream);
-                })
-            });
+                        };
+                        op(&b.kernels, &stream, &s, args).expect("linear");
+                        sync(&stream);
+                    })
+                });
+            }
         }
     }
     group.finish();
@@ -211,13 +223,19 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
             ));
         }
         let shape = moe_scalars(tokens);
-        group.bench_function(BenchmarkId::new("experts", tokens), |bench| {
-            bench.iter(|| {
-                ops::moe_experts(
-                    &b.kernels,
-                    &stream,
-                    &shape,
-                    MoeArgs {
+        // Decode batches also on the tensor-core decode kernels.
+        let ops: &[(&str, MoeOp)] = if tokens <= 8 {
+            &[
+                ("experts", ops::moe_experts),
+                ("experts_mma_decode", ops::moe_mma),
+            ]
+        } else {
+            &[("experts", ops::moe_experts)]
+        };
+        for &(name, op) in ops {
+            group.bench_function(BenchmarkId::new(name, tokens), |bench| {
+                bench.iter(|| {
+                    let args = MoeArgs {
                         x: x.view(),
                         w1: w1.view(),
                         w3: w3.view(),
@@ -227,12 +245,12 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
                         sorted_slots: sorted.view(),
                         act: act.view_mut(),
                         out: out.view_mut(),
-                    },
-                )
-                .expect("moe");
-                sync(&stream);
-            })
-        });
+                    };
+                    op(&b.kernels, &stream, &shape, args).expect("moe");
+                    sync(&stream);
+                })
+            });
+        }
     }
     group.finish();
 }

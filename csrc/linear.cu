@@ -42,7 +42,7 @@
 // and ldmatrix; the block/warp/lane index math, the swizzle and the K-tile pipeline order were
 // replayed once in a scalar model built on that description (exact on integer inputs, each output
 // written once, no bank conflicts), which checks the composition, not the hardware.
-#include "common.cuh"
+#include "quant_mma.cuh"
 
 namespace {
 
@@ -353,4 +353,15 @@ MIXTRAL_LINEAR_GEMV_VARIANTS(MX_DEFINE)
 #define MX_DEFINE(symbol, OUT_F32) \
     MX_KERNEL void __launch_bounds__(LINEAR_MMA_THREADS, 2) symbol(LinearParams p) { mma_body<OUT_F32>(p); }
 MIXTRAL_LINEAR_MMA_VARIANTS(MX_DEFINE)
+#undef MX_DEFINE
+
+// linear_mma_decode: a decode batch of up to 16 tokens on the tensor cores (quant_mma.cuh, bf16 weights
+// as stored): every weight row read once for the whole batch.
+#define MX_DEFINE(symbol, NT, OUT_F32)                                                                  \
+    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(LinearParams p) {                      \
+        mx::qmma::dense<QMMA_KIND_BF16, NT, OUT_F32>(p, 0, [&](uint32_t row) {                           \
+            return mx::qmma::RowPtr{reinterpret_cast<const uint8_t*>(p.w + (size_t)row * p.in_features), nullptr}; \
+        });                                                                                              \
+    }
+MIXTRAL_LINEAR_MMA_DECODE_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

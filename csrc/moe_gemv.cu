@@ -22,8 +22,7 @@
 // MOE_WARPS * 32 threads.
 // MAX_TILE (the widest tile, from the batch size) is the template constant: 1, 2, 4 or 8.
 // No fast math: expf in silu stays accurate (it is not on the critical path).
-#include "common.cuh"
-#include "slot_tiles.cuh"
+#include "quant_mma.cuh"
 
 namespace {
 
@@ -152,4 +151,28 @@ MIXTRAL_MOE_UP_VARIANTS(MX_DEFINE)
 #define MX_DEFINE(symbol, TILE) \
     MX_KERNEL void __launch_bounds__(MOE_WARPS * 32) symbol(MoeParams p) { moe_down_body<TILE>(p); }
 MIXTRAL_MOE_DOWN_VARIANTS(MX_DEFINE)
+#undef MX_DEFINE
+
+// moe_mma_up / moe_mma_down: the expert MLP of a decode batch on the tensor cores (quant_mma.cuh, bf16
+// weights as stored): every weight row of an expert read once per pass of up to 8 * MAX_NT slots.
+namespace {
+__device__ __forceinline__ mx::qmma::RowPtr moe_row(const MoeParams& p, int m, size_t matrix_row) {
+    const mx_bf16* w = m == 0 ? p.w1 + matrix_row * p.hidden : m == 1 ? p.w3 + matrix_row * p.hidden
+                                                                      : p.w2 + matrix_row * p.inter;
+    return {reinterpret_cast<const uint8_t*>(w), nullptr};
+}
+}  // namespace
+
+#define MX_DEFINE(symbol, MAX_NT)                                                                  \
+    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(MoeParams p) {                    \
+        mx::qmma::expert_up<QMMA_KIND_BF16, MAX_NT>(p, 0, [&](int m, size_t r) { return moe_row(p, m, r); }); \
+    }
+MIXTRAL_MOE_MMA_UP_VARIANTS(MX_DEFINE)
+#undef MX_DEFINE
+
+#define MX_DEFINE(symbol, MAX_NT)                                                                    \
+    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(MoeParams p) {                      \
+        mx::qmma::expert_down<QMMA_KIND_BF16, MAX_NT>(p, 0, [&](int m, size_t r) { return moe_row(p, m, r); }); \
+    }
+MIXTRAL_MOE_MMA_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

@@ -84,39 +84,6 @@ __device__ void qlinear_body(const QLinearParams& p) {
     }
 }
 
-// qlinear_mma: out = x w^T on the tensor cores (quant_mma.cuh: FP8, INT8, INT4 in groups of multiples of
-// 128); the block owns 16 rows, the lane outputs (token 2q + i % 2 + 8 nt, row g + 8 (i / 2)) of warp 0
-// after the reduction.
-template <int KIND, int NT, int OUT_F32>
-__device__ void qlinear_mma_body(const QLinearParams& p) {
-    const uint32_t lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-    const uint32_t row0 = blockIdx.x * QMMA_ROWS;
-    if (row0 >= p.out_features) return;  // uniform over the block
-    // Rows and tokens past the end re-read the last one (in bounds); their results are never stored.
-    const uint8_t* codes[1][2];
-    const float* params[1][2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const uint32_t row = min(row0 + g + 8 * r, p.out_features - 1);
-        codes[0][r] = p.codes + (size_t)row * p.row_bytes;
-        params[0][r] = p.params + (size_t)row * p.row_params;
-    }
-    const mx_bf16* x[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) x[nt] = p.x + (size_t)min(8 * nt + g, p.tokens - 1) * p.in_features;
-    float acc[1][NT][4];
-    mx::qmma::warp_products<KIND, 1, NT>(codes, params, x, p.in_features, p.group_size, acc);
-    if (!mx::qmma::reduce_warps<1, NT>(acc)) return;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const uint32_t t = 8 * nt + 2 * q + i % 2, row = row0 + g + 8 * (i / 2);
-            if (t < p.tokens && row < p.out_features) store_out<OUT_F32>(p, t, row, acc[0][nt][i]);
-        }
-    }
-}
-
 }  // namespace
 
 #define MX_DEFINE(symbol, KIND, TILE, OUT_F32)                                     \
@@ -126,9 +93,13 @@ __device__ void qlinear_mma_body(const QLinearParams& p) {
 MIXTRAL_QLINEAR_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, KIND, NT, OUT_F32)                                  \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QLinearParams p) { \
-        qlinear_mma_body<KIND, NT, OUT_F32>(p);                               \
+// qlinear_mma: the projection on the tensor cores (quant_mma.cuh: FP8, INT8, INT4 in groups of multiples of
+// 128).
+#define MX_DEFINE(symbol, KIND, NT, OUT_F32)                                                    \
+    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QLinearParams p) {             \
+        mx::qmma::dense<KIND, NT, OUT_F32>(p, p.group_size, [&](uint32_t row) {                 \
+            return mx::qmma::RowPtr{p.codes + (size_t)row * p.row_bytes, p.params + (size_t)row * p.row_params}; \
+        });                                                                                      \
     }
 MIXTRAL_QLINEAR_MMA_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

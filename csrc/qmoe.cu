@@ -30,7 +30,6 @@
 // Ran on an H100 (2026-11-28, benches/RESULTS.md): tests/gpu_kernels/quant.rs passes against the
 // CPU reference for every kind and tile (LUT4, added later, not yet run on a GPU). Not yet run on sm_80.
 #include "quant_mma.cuh"
-#include "slot_tiles.cuh"
 
 namespace {
 
@@ -120,105 +119,14 @@ __device__ void qmoe_down_body(const QMoeParams& p) {
     });
 }
 
-// The activation column of sorted-slot index `index` of [begin, end) (clamped to end - 1: in bounds, never
-// stored) in `rows` [*, len], and its slot (>= slots for a bad entry, which reads row 0).
-__device__ __forceinline__ const mx_bf16* slot_column(const QMoeParams& p, const mx_bf16* rows, uint32_t len,
-                                                      bool by_token, int32_t index, int32_t end, uint32_t& slot) {
-    const uint32_t slots = p.tokens * p.top_k;
-    slot = (uint32_t)p.sorted_slots[min(index, end - 1)];
-    const uint32_t row = slot < slots ? (by_token ? slot / p.top_k : slot) : 0;
-    return rows + (size_t)row * len;
-}
-
-// qmoe_mma_up: act[s] = silu(w1[e] x[t]) * (w3[e] x[t]) on the tensor cores (quant_mma.cuh: FP8, INT8,
-// INT4 in groups of multiples of 128): block (blockIdx.x, y) owns rows 16 blockIdx.x .. + 15 of w1[e] and
-// w3[e] for the y-th expert with slots, its slots in passes of up to 8 * MAX_NT columns.
-template <int KIND, int MAX_NT>
-__device__ void qmoe_mma_up_body(const QMoeParams& p) {
-    int32_t begin, end;
-    const uint32_t expert = expert_range(p, begin, end);
-    const uint32_t row0 = blockIdx.x * QMMA_ROWS;
-    if (begin == end || row0 >= p.inter) return;  // uniform over the block
-    const uint32_t lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-    const uint32_t slots = p.tokens * p.top_k;
-    const uint8_t* codes[2][2];
-    const float* params[2][2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const size_t matrix_row = (size_t)expert * p.inter + min(row0 + g + 8 * r, p.inter - 1);
-        codes[0][r] = p.w1_codes + matrix_row * p.w13_row_bytes;
-        codes[1][r] = p.w3_codes + matrix_row * p.w13_row_bytes;
-        params[0][r] = p.w1_params + matrix_row * p.w13_row_params;
-        params[1][r] = p.w3_params + matrix_row * p.w13_row_params;
+// The row of matrix m (0: w1, 1: w3, 2: w2) `matrix_row` of the expert stacks, for the tensor-core
+// decode kernels.
+__device__ __forceinline__ mx::qmma::RowPtr qmoe_row(const QMoeParams& p, int m, size_t matrix_row) {
+    switch (m) {
+        case 0: return {p.w1_codes + matrix_row * p.w13_row_bytes, p.w1_params + matrix_row * p.w13_row_params};
+        case 1: return {p.w3_codes + matrix_row * p.w13_row_bytes, p.w3_params + matrix_row * p.w13_row_params};
+        default: return {p.w2_codes + matrix_row * p.w2_row_bytes, p.w2_params + matrix_row * p.w2_row_params};
     }
-    mx::qmma::for_column_tiles<MAX_NT>(begin, end, [&](auto tiles, int32_t first) {
-        constexpr int NT = decltype(tiles)::value;
-        const mx_bf16* x[NT];
-        uint32_t unused;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) x[nt] = slot_column(p, p.x, p.hidden, true, first + 8 * nt + g, end, unused);
-        float acc[2][NT][4];
-        mx::qmma::warp_products<KIND, 2, NT>(codes, params, x, p.hidden, p.group_size, acc);
-        if (!mx::qmma::reduce_warps<2, NT>(acc)) return;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int32_t index = first + 8 * nt + 2 * q + i % 2;
-                const uint32_t row = row0 + g + 8 * (i / 2);
-                uint32_t slot;
-                slot_column(p, p.x, p.hidden, true, index, end, slot);
-                if (index < end && slot < slots && row < p.inter) {
-                    const float gate = acc[0][nt][i];
-                    const float silu = gate / (1.0f + expf(-gate));
-                    p.act[(size_t)slot * p.inter + row] = mx::to_bf16(silu * acc[1][nt][i]);
-                }
-            }
-        }
-    });
-}
-
-// qmoe_mma_down: out[s] = topk_weights[s] * (w2[e] act[s]) on the tensor cores: block (blockIdx.x, y) owns
-// rows 16 blockIdx.x .. + 15 of w2[e] for the y-th expert with slots.
-template <int KIND, int MAX_NT>
-__device__ void qmoe_mma_down_body(const QMoeParams& p) {
-    int32_t begin, end;
-    const uint32_t expert = expert_range(p, begin, end);
-    const uint32_t row0 = blockIdx.x * QMMA_ROWS;
-    if (begin == end || row0 >= p.hidden) return;  // uniform over the block
-    const uint32_t lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-    const uint32_t slots = p.tokens * p.top_k;
-    const uint8_t* codes[1][2];
-    const float* params[1][2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const size_t matrix_row = (size_t)expert * p.hidden + min(row0 + g + 8 * r, p.hidden - 1);
-        codes[0][r] = p.w2_codes + matrix_row * p.w2_row_bytes;
-        params[0][r] = p.w2_params + matrix_row * p.w2_row_params;
-    }
-    mx::qmma::for_column_tiles<MAX_NT>(begin, end, [&](auto tiles, int32_t first) {
-        constexpr int NT = decltype(tiles)::value;
-        const mx_bf16* a[NT];
-        uint32_t unused;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) a[nt] = slot_column(p, p.act, p.inter, false, first + 8 * nt + g, end, unused);
-        float acc[1][NT][4];
-        mx::qmma::warp_products<KIND, 1, NT>(codes, params, a, p.inter, p.group_size, acc);
-        if (!mx::qmma::reduce_warps<1, NT>(acc)) return;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int32_t index = first + 8 * nt + 2 * q + i % 2;
-                const uint32_t row = row0 + g + 8 * (i / 2);
-                uint32_t slot;
-                slot_column(p, p.act, p.inter, false, index, end, slot);
-                if (index < end && slot < slots && row < p.hidden) {
-                    p.out[(size_t)slot * p.hidden + row] = p.topk_weights[slot] * acc[0][nt][i];
-                }
-            }
-        }
-    });
 }
 
 }  // namespace
@@ -233,12 +141,18 @@ MIXTRAL_QMOE_UP_VARIANTS(MX_DEFINE)
 MIXTRAL_QMOE_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, KIND, MAX_NT) \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QMoeParams p) { qmoe_mma_up_body<KIND, MAX_NT>(p); }
+// qmoe_mma_up / qmoe_mma_down: the expert MLP on the tensor cores (quant_mma.cuh: FP8, INT8, INT4 in groups
+// of multiples of 128).
+#define MX_DEFINE(symbol, KIND, MAX_NT)                                                                 \
+    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QMoeParams p) {                      \
+        mx::qmma::expert_up<KIND, MAX_NT>(p, p.group_size, [&](int m, size_t r) { return qmoe_row(p, m, r); }); \
+    }
 MIXTRAL_QMOE_MMA_UP_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, KIND, MAX_NT) \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QMoeParams p) { qmoe_mma_down_body<KIND, MAX_NT>(p); }
+#define MX_DEFINE(symbol, KIND, MAX_NT)                                                                   \
+    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QMoeParams p) {                        \
+        mx::qmma::expert_down<KIND, MAX_NT>(p, p.group_size, [&](int m, size_t r) { return qmoe_row(p, m, r); }); \
+    }
 MIXTRAL_QMOE_MMA_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

@@ -1,11 +1,14 @@
-// quant_mma.cuh: products of decode batches with packed quantized matrices (the layout of
-// src/packed/mod.rs, read as stored: no repacking) on the tensor cores, shared by qlinear.cu
-// (qlinear_mma) and qmoe.cu (qmoe_mma_up / qmoe_mma_down). Kinds: FP8 and INT8 (one f32 scale per row)
-// and INT4 (an f32 (scale, zero) pair per row and group of a multiple of 128 columns).
+// quant_mma.cuh: products of decode batches with weight matrices on the tensor cores, the weights read as
+// stored (no repacking): packed quantized matrices (the layout of src/packed/mod.rs) in qlinear.cu
+// (qlinear_mma) and qmoe.cu (qmoe_mma_up / qmoe_mma_down), bf16 matrices in linear.cu (linear_mma_decode)
+// and moe_gemv.cu (moe_mma_up / moe_mma_down). Kinds: FP8 and INT8 (one f32 scale per row), INT4 (an f32
+// (scale, zero) pair per row and group of a multiple of 128 columns), and bf16 (QMMA_KIND_BF16, no
+// parameters).
 //
 //   codes  [rows, row_bytes] u8      8-bit: one byte per column; INT4: stored column j in byte j / 2, the
-//                                    low nibble for even j
-//   params [rows, row_params] f32    8-bit: the row scale; INT4: (scale, zero) per group, zero 0..=16
+//                                    low nibble for even j; bf16: the weights' bytes
+//   params [rows, row_params] f32    8-bit: the row scale; INT4: (scale, zero) per group, zero 0..=16;
+//                                    bf16: none
 //   x      8 * NT columns (tokens or slots) of `cols` bf16 each, one pointer per column
 //   acc    [M][NT][4] f32            the mma.sync C fragments of 16 rows x 8 * NT columns per matrix:
 //          acc[m][nt][i] = sum_j w_m[row, j] * x[col][j], row = row0 + g + 8 * (i / 2),
@@ -13,7 +16,7 @@
 //
 // Work of one block (QMMA_WARPS warps): the same 16 rows of M matrices (rows g and g + 8 per lane), the
 // columns split into steps of 4 chunks (one 16-byte chunk of codes per lane of a q group: 4 * 32 = 128
-// columns for INT4, 4 * 16 = 64 for 8-bit); warp w takes steps w, w + QMMA_WARPS, ... and the warps'
+// columns for INT4, 4 * 16 = 64 for 8-bit, 4 * 8 = 32 for bf16); warp w takes steps w, w + QMMA_WARPS, ... and the warps'
 // partial sums are added in shared memory in warp order (reduce_warps): deterministic. A chunk past
 // the end of a row (the last step of a row whose columns are not a whole number of steps) multiplies
 // zeros.
@@ -39,26 +42,33 @@
 // exact in the tensor cores; only the order of the f32 sums differs from the CPU reference.
 //
 // Requirements (checked by the Rust launchers): the row layout of quant.cuh (cols a multiple of 16 for
-// 8-bit, 32 for INT4), INT4 group_size a multiple of 128, no column permutation, codes rows and
-// activation columns 16-byte aligned. Needs sm_80+ (mma.sync bf16, fma.rn.bf16x2, cvt.rn.bf16x2.f32).
+// 8-bit, 32 for INT4; 8 for bf16), INT4 group_size a multiple of 128, no column permutation, weight rows
+// and activation columns 16-byte aligned. Needs sm_80+ (mma.sync bf16, fma.rn.bf16x2, cvt.rn.bf16x2.f32).
 #pragma once
 
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
 #include "quant.cuh"
+#include "slot_tiles.cuh"
 
 namespace mx {
 namespace qmma {
 
 constexpr uint32_t WARPS = QMMA_WARPS;
 
-// Stored columns of one step (4 chunks of 16 bytes).
+// Columns of one 16-byte chunk of a row.
 template <int KIND>
-__host__ __device__ constexpr uint32_t step_cols() {
-    return 4 * quant::chunk_elems<KIND>();
+__host__ __device__ constexpr uint32_t chunk_cols() {
+    return KIND == QMMA_KIND_BF16 ? 8u : quant::chunk_elems<KIND>();
 }
-static_assert(step_cols<QUANT_KIND_INT4>() == QMMA_INT4_STEP_COLS, "an INT4 step is 128 columns");
+static_assert(4 * chunk_cols<QUANT_KIND_INT4>() == QMMA_INT4_STEP_COLS, "an INT4 step is 128 columns");
+
+// The start of one weight row: its bytes and (packed kinds) its parameters.
+struct RowPtr {
+    const uint8_t* codes;
+    const float* params;
+};
 
 // A compile-time n-tile count (8 columns each) handed to a per-tile body.
 template <int N>
@@ -130,41 +140,55 @@ __device__ __forceinline__ void a_fragment(const uint32_t (&words)[2], int s, co
 // x[nt][v] the v-th 8 activations of the lane's column in n-tile nt at the chunk's columns.
 template <int KIND, int NT>
 __device__ __forceinline__ void step_mma(const uint4 (&c)[2], const uint32_t (&bias)[2],
-                                         const uint4 (&x)[NT][quant::chunk_elems<KIND>() / 8], float (&acc)[NT][4]) {
-    constexpr int HALVES = KIND == QUANT_KIND_INT4 ? 2 : 1;  // mma per code word
+                                         const uint4 (&x)[NT][chunk_cols<KIND>() / 8], float (&acc)[NT][4]) {
+    if constexpr (KIND == QMMA_KIND_BF16) {
+        // Two mma per chunk: weight words 2M, 2M + 1 against activation words 2M, 2M + 1.
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-        const uint32_t words[2] = {quant::word(c[0], w), quant::word(c[1], w)};
-#pragma unroll
-        for (int s = 0; s < HALVES; ++s) {
-            uint32_t a[4];
-            a_fragment<KIND>(words, s, bias, a);
+        for (int m = 0; m < 2; ++m) {
+            const uint32_t a[4] = {quant::word(c[0], 2 * m), quant::word(c[1], 2 * m), quant::word(c[0], 2 * m + 1),
+                                   quant::word(c[1], 2 * m + 1)};
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                // The activations of the word's columns in k-slot order.
-                if constexpr (KIND == QUANT_KIND_INT4) {
-                    // Columns 8W + 2s + {0, 4} and 8W + 2s + {1, 5}.
-                    const uint32_t lo = quant::word(x[nt][w], s), hi = quant::word(x[nt][w], s + 2);
-                    mma_bf16_16816(acc[nt], a, __byte_perm(lo, hi, 0x5410u), __byte_perm(lo, hi, 0x7632u));
-                } else {
-                    // Columns 4W + {0, 1} and 4W + {2, 3}: two consecutive words of the activations.
-                    const uint4& piece = x[nt][w / 2];
-                    mma_bf16_16816(acc[nt], a, quant::word(piece, 2 * (w % 2)), quant::word(piece, 2 * (w % 2) + 1));
+                mma_bf16_16816(acc[nt], a, quant::word(x[nt][0], 2 * m), quant::word(x[nt][0], 2 * m + 1));
+            }
+        }
+        return;
+    } else {
+        constexpr int HALVES = KIND == QUANT_KIND_INT4 ? 2 : 1;  // mma per code word
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            const uint32_t words[2] = {quant::word(c[0], w), quant::word(c[1], w)};
+#pragma unroll
+            for (int s = 0; s < HALVES; ++s) {
+                uint32_t a[4];
+                a_fragment<KIND>(words, s, bias, a);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    // The activations of the word's columns in k-slot order.
+                    if constexpr (KIND == QUANT_KIND_INT4) {
+                        // Columns 8W + 2s + {0, 4} and 8W + 2s + {1, 5}.
+                        const uint32_t lo = quant::word(x[nt][w], s), hi = quant::word(x[nt][w], s + 2);
+                        mma_bf16_16816(acc[nt], a, __byte_perm(lo, hi, 0x5410u), __byte_perm(lo, hi, 0x7632u));
+                    } else {
+                        // Columns 4W + {0, 1} and 4W + {2, 3}: two consecutive words of the activations.
+                        const uint4& piece = x[nt][w / 2];
+                        mma_bf16_16816(acc[nt], a, quant::word(piece, 2 * (w % 2)),
+                                       quant::word(piece, 2 * (w % 2) + 1));
+                    }
                 }
             }
         }
     }
 }
 
-// This warp's share of the block's products (see the file comment): codes[m][r] / params[m][r] the row
-// g + 8r of matrix m (row starts), x[nt] the lane's activation column of n-tile nt. Each step's code
+// This warp's share of the block's products (see the file comment): rows[m][r] the row g + 8r of matrix m
+// (its start), x[nt] the lane's activation column of n-tile nt. Each step's code
 // (and INT4 group parameter) loads of UNROLL steps are issued before any is used.
 template <int KIND, int M, int NT>
-__device__ __forceinline__ void warp_products(const uint8_t* const (&codes)[M][2], const float* const (&params)[M][2],
-                                              const mx_bf16* const (&x)[NT], uint32_t cols, uint32_t group_size,
-                                              float (&acc)[M][NT][4]) {
+__device__ __forceinline__ void warp_products(const RowPtr (&rows)[M][2], const mx_bf16* const (&x)[NT], uint32_t cols,
+                                              uint32_t group_size, float (&acc)[M][NT][4]) {
     constexpr int UNROLL = M == 1 ? 4 : 2;
-    constexpr uint32_t CHUNK = quant::chunk_elems<KIND>();  // columns of one lane's chunk
+    constexpr uint32_t CHUNK = chunk_cols<KIND>();  // columns of one lane's chunk
     constexpr int PIECES = CHUNK / 8;                        // 16-byte activation loads per chunk
     constexpr bool INT4 = KIND == QUANT_KIND_INT4;
     const uint32_t warp = threadIdx.x / 32, q = threadIdx.x % 4;
@@ -190,10 +214,10 @@ __device__ __forceinline__ void warp_products(const uint8_t* const (&codes)[M][2
             for (int m = 0; m < M; ++m) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    c[u][m][r] = load_stream_16(codes[m][r] + (size_t)chunk * QUANT_CHUNK_BYTES);
+                    c[u][m][r] = load_stream_16(rows[m][r].codes + (size_t)chunk * QUANT_CHUNK_BYTES);
                     if constexpr (INT4) {
                         const uint32_t group = (chunk & ~3u) * CHUNK / group_size;  // the step's first column
-                        prm[u][m][r] = __ldg(reinterpret_cast<const float2*>(params[m][r]) + group);
+                        prm[u][m][r] = __ldg(reinterpret_cast<const float2*>(rows[m][r].params) + group);
                     }
                 }
             }
@@ -239,11 +263,11 @@ __device__ __forceinline__ void warp_products(const uint8_t* const (&codes)[M][2
             }
         }
     }
-    if constexpr (!INT4) {
+    if constexpr (KIND == QUANT_KIND_FP8 || KIND == QUANT_KIND_INT8) {
         // The row scales, once.
 #pragma unroll
         for (int m = 0; m < M; ++m) {
-            const float scale[2] = {__ldg(params[m][0]), __ldg(params[m][1])};
+            const float scale[2] = {__ldg(rows[m][0].params), __ldg(rows[m][1].params)};
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -293,6 +317,141 @@ __device__ __forceinline__ void for_column_tiles(int32_t begin, int32_t end, Bod
         }
     }
     if (left > 0) body(Tiles<1>{}, first);
+}
+
+// out[t, row] (bf16 or f32 by OUT_F32) at `index` = t * rows + row.
+template <int OUT_F32>
+__device__ __forceinline__ void store(void* out, size_t index, float v) {
+    if constexpr (OUT_F32 != 0) {
+        static_cast<float*>(out)[index] = v;
+    } else {
+        static_cast<mx_bf16*>(out)[index] = to_bf16(v);
+    }
+}
+
+// A dense projection of p.tokens <= 8 * NT tokens: out[t, o] = sum_j w[o, j] x[t, j] for the block's 16 rows
+// o = 16 blockIdx.x + (0..15), row(o) giving each weight row (P: x, out, tokens, in_features, out_features).
+// Warp 0 stores (token 2q + i % 2 + 8 nt, row g + 8 (i / 2)) after the reduction.
+template <int KIND, int NT, int OUT_F32, class P, class Row>
+__device__ __forceinline__ void dense(const P& p, uint32_t group_size, Row row) {
+    const uint32_t lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    const uint32_t row0 = blockIdx.x * QMMA_ROWS;
+    if (row0 >= p.out_features) return;  // uniform over the block
+    // Rows and tokens past the end re-read the last one (in bounds); their results are never stored.
+    RowPtr rows[1][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) rows[0][r] = row(min(row0 + g + 8 * r, p.out_features - 1));
+    const mx_bf16* x[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) x[nt] = p.x + (size_t)min(8 * nt + g, p.tokens - 1) * p.in_features;
+    float acc[1][NT][4];
+    warp_products<KIND, 1, NT>(rows, x, p.in_features, group_size, acc);
+    if (!reduce_warps<1, NT>(acc)) return;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const uint32_t t = 8 * nt + 2 * q + i % 2, o = row0 + g + 8 * (i / 2);
+            if (t < p.tokens && o < p.out_features) store<OUT_F32>(p.out, (size_t)t * p.out_features + o, acc[0][nt][i]);
+        }
+    }
+}
+
+// The activation row of sorted-slot index `index` of [begin, end) (clamped to end - 1: in bounds, never
+// stored) among `rows` [*, len], by token (x) or by slot (act), and its slot (>= slots for a bad entry,
+// which reads row 0). P: sorted_slots, tokens, top_k.
+template <class P>
+__device__ __forceinline__ const mx_bf16* slot_column(const P& p, const mx_bf16* rows, uint32_t len, bool by_token,
+                                                      int32_t index, int32_t end, uint32_t& slot) {
+    const uint32_t slots = p.tokens * p.top_k;
+    slot = (uint32_t)p.sorted_slots[min(index, end - 1)];
+    const uint32_t r = slot < slots ? (by_token ? slot / p.top_k : slot) : 0;
+    return rows + (size_t)r * len;
+}
+
+// The expert MLP's up half of a decode batch: act[s] = silu(w1[e] x[t]) * (w3[e] x[t]). Block
+// (blockIdx.x, y) owns rows 16 blockIdx.x .. + 15 of w1[e] and w3[e] for the y-th expert with slots
+// (slot_tiles.cuh), its slots in passes of up to 8 * MAX_NT columns; row(m, r) gives row r of the stacked
+// matrix m (0: w1, 1: w3). P: x, act, topk_weights, expert_offsets, sorted_slots, tokens, hidden, inter,
+// experts, top_k.
+template <int KIND, int MAX_NT, class P, class Row>
+__device__ __forceinline__ void expert_up(const P& p, uint32_t group_size, Row row) {
+    int32_t begin, end;
+    const uint32_t slots = p.tokens * p.top_k;
+    const uint32_t expert = active_expert(p.expert_offsets, p.experts, (int32_t)slots, begin, end);
+    const uint32_t row0 = blockIdx.x * QMMA_ROWS;
+    if (begin == end || row0 >= p.inter) return;  // uniform over the block
+    const uint32_t lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    RowPtr rows[2][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const size_t matrix_row = (size_t)expert * p.inter + min(row0 + g + 8 * r, p.inter - 1);
+        rows[0][r] = row(0, matrix_row);
+        rows[1][r] = row(1, matrix_row);
+    }
+    for_column_tiles<MAX_NT>(begin, end, [&](auto tiles, int32_t first) {
+        constexpr int NT = decltype(tiles)::value;
+        const mx_bf16* x[NT];
+        uint32_t unused;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) x[nt] = slot_column(p, p.x, p.hidden, true, first + 8 * nt + g, end, unused);
+        float acc[2][NT][4];
+        warp_products<KIND, 2, NT>(rows, x, p.hidden, group_size, acc);
+        if (!reduce_warps<2, NT>(acc)) return;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int32_t index = first + 8 * nt + 2 * q + i % 2;
+                const uint32_t o = row0 + g + 8 * (i / 2);
+                uint32_t slot;
+                slot_column(p, p.x, p.hidden, true, index, end, slot);
+                if (index < end && slot < slots && o < p.inter) {
+                    const float gate = acc[0][nt][i];
+                    const float silu = gate / (1.0f + expf(-gate));
+                    p.act[(size_t)slot * p.inter + o] = to_bf16(silu * acc[1][nt][i]);
+                }
+            }
+        }
+    });
+}
+
+// The expert MLP's down half: out[s] = topk_weights[s] * (w2[e] act[s]). Block (blockIdx.x, y) owns rows
+// 16 blockIdx.x .. + 15 of w2[e] for the y-th expert with slots; row(2, r) gives row r of the stacked w2.
+template <int KIND, int MAX_NT, class P, class Row>
+__device__ __forceinline__ void expert_down(const P& p, uint32_t group_size, Row row) {
+    int32_t begin, end;
+    const uint32_t slots = p.tokens * p.top_k;
+    const uint32_t expert = active_expert(p.expert_offsets, p.experts, (int32_t)slots, begin, end);
+    const uint32_t row0 = blockIdx.x * QMMA_ROWS;
+    if (begin == end || row0 >= p.hidden) return;  // uniform over the block
+    const uint32_t lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    RowPtr rows[1][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) rows[0][r] = row(2, (size_t)expert * p.hidden + min(row0 + g + 8 * r, p.hidden - 1));
+    for_column_tiles<MAX_NT>(begin, end, [&](auto tiles, int32_t first) {
+        constexpr int NT = decltype(tiles)::value;
+        const mx_bf16* a[NT];
+        uint32_t unused;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) a[nt] = slot_column(p, p.act, p.inter, false, first + 8 * nt + g, end, unused);
+        float acc[1][NT][4];
+        warp_products<KIND, 1, NT>(rows, a, p.inter, group_size, acc);
+        if (!reduce_warps<1, NT>(acc)) return;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int32_t index = first + 8 * nt + 2 * q + i % 2;
+                const uint32_t o = row0 + g + 8 * (i / 2);
+                uint32_t slot;
+                slot_column(p, p.act, p.inter, false, index, end, slot);
+                if (index < end && slot < slots && o < p.hidden) {
+                    p.out[(size_t)slot * p.hidden + o] = p.topk_weights[slot] * acc[0][nt][i];
+                }
+            }
+        }
+    });
 }
 
 }  // namespace qmma

@@ -619,8 +619,8 @@ fn greedy_margin(row: &[f32]) -> f32 {
 }
 
 /// On the trained model, bf16 as stored and quantized on load to FP8, INT8 and 4-bit (projections
-/// packed on the device, the CPU on the same dequantized values; the quantized ones with the GEMVs
-/// and again with the tensor-core decode kernels): the GPU's greedy tokens equal the CPU's for
+/// packed on the device, the CPU on the same dequantized values), with the GEMVs and again with the
+/// tensor-core decode kernels (`mma_decode`): the GPU's greedy tokens equal the CPU's for
 /// `TRAINED_STEPS` steps and every step's logits are within [`TRAINED_LOGITS_REL_L2`].
 #[test]
 fn greedy_matches_the_cpu_on_the_trained_model_in_every_format() {
@@ -659,15 +659,10 @@ fn greedy_matches_the_cpu_on_the_trained_model_in_every_format() {
                  {margin} < {TRAINED_MIN_GREEDY_MARGIN}"
             );
         }
-        // Quantized: the GEMVs, then the tensor-core decode kernels (the same values, the same
-        // bound: only the order of f32 sums differs). The trained model's FP8, INT8 and 4-bit (groups
-        // of 128) matrices are all of formats they read.
-        let kernels: &[bool] = if quant.is_some() {
-            &[false, true]
-        } else {
-            &[false]
-        };
-        for &mma_decode in kernels {
+        // The GEMVs, then the tensor-core decode kernels (the same values, the same bound: only the
+        // order of f32 sums differs). The trained model's bf16, FP8, INT8 and 4-bit (groups of 128)
+        // matrices are all of formats they read.
+        for mma_decode in [false, true] {
             let what = format!("{what}{}", if mma_decode { " mma_decode" } else { "" });
             let options = CudaEngineOptions {
                 mma_decode,

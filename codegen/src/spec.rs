@@ -267,6 +267,7 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "QLINEAR_ROWS_PER_WARP", value: 2, doc: "Weight rows per warp in `qlinear` (each activation load serves this many rows)." },
     Constant { name: "QMMA_WARPS", value: 4, doc: "Warps per block of `qlinear_mma` / `qmoe_mma_*` (they split the columns of the block's 16 rows and add their sums in warp order)." },
     Constant { name: "QMMA_ROWS", value: 16, doc: "Weight rows per block of `qlinear_mma` / `qmoe_mma_*` (one mma.sync m16 tile)." },
+    Constant { name: "QMMA_KIND_BF16", value: 4, doc: "KIND template value of the tensor-core decode kernels for bf16 weights (`linear_mma_decode`, `moe_mma_*`: the weights themselves, no parameters)." },
     Constant { name: "QMMA_INT4_STEP_COLS", value: 128, doc: "Columns of one INT4 step of `qlinear_mma` / `qmoe_mma_*` (a 16-byte chunk of codes per lane of a 4-lane group); INT4 group sizes they read are multiples of it." },
     Constant { name: "DEQUANT_THREADS", value: 128, doc: "Threads per block of `dequantize` (one block per row of one matrix)." },
 ];
@@ -698,6 +699,20 @@ pub const FAMILIES: &[Family] = &[
         }],
     },
     Family {
+        name: "moe_mma_up",
+        rust_name: "MoeMmaUp",
+        file: "moe_gemv",
+        params: "MoeParams",
+        axes: &[MAX_NT_AXIS],
+    },
+    Family {
+        name: "moe_mma_down",
+        rust_name: "MoeMmaDown",
+        file: "moe_gemv",
+        params: "MoeParams",
+        axes: &[MAX_NT_AXIS],
+    },
+    Family {
         name: "attention_decode",
         rust_name: "AttentionDecode",
         file: "attention_decode",
@@ -753,6 +768,22 @@ pub const FAMILIES: &[Family] = &[
             name: "OUT_F32",
             values: &[v(0, "bf16"), v(1, "f32")],
         }],
+    },
+    Family {
+        name: "linear_mma_decode",
+        rust_name: "LinearMmaDecode",
+        file: "linear",
+        params: "LinearParams",
+        axes: &[
+            Axis {
+                name: "NT",
+                values: &[v(1, "n8"), v(2, "n16")],
+            },
+            Axis {
+                name: "OUT_F32",
+                values: &[v(0, "bf16"), v(1, "f32")],
+            },
+        ],
     },
     // --- moe_grouped ---
     Family {

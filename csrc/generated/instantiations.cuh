@@ -43,6 +43,18 @@
     X(moe_down_t4, 4) \
     X(moe_down_t8, 8)
 
+// moe_mma_up (csrc/moe_gemv.cu, takes MoeParams): X(symbol, MAX_NT)
+#define MIXTRAL_MOE_MMA_UP_VARIANTS(X) \
+    X(moe_mma_up_n8, 1) \
+    X(moe_mma_up_n16, 2) \
+    X(moe_mma_up_n32, 4)
+
+// moe_mma_down (csrc/moe_gemv.cu, takes MoeParams): X(symbol, MAX_NT)
+#define MIXTRAL_MOE_MMA_DOWN_VARIANTS(X) \
+    X(moe_mma_down_n8, 1) \
+    X(moe_mma_down_n16, 2) \
+    X(moe_mma_down_n32, 4)
+
 // attention_decode (csrc/attention_decode.cu, takes AttentionDecodeParams): X(symbol, HEAD_DIM, GROUP)
 #define MIXTRAL_ATTENTION_DECODE_VARIANTS(X) \
     X(attention_decode_d16_g1, 16, 1) \
@@ -89,6 +101,13 @@
 #define MIXTRAL_LINEAR_MMA_VARIANTS(X) \
     X(linear_mma_bf16, 0) \
     X(linear_mma_f32, 1)
+
+// linear_mma_decode (csrc/linear.cu, takes LinearParams): X(symbol, NT, OUT_F32)
+#define MIXTRAL_LINEAR_MMA_DECODE_VARIANTS(X) \
+    X(linear_mma_decode_n8_bf16, 1, 0) \
+    X(linear_mma_decode_n8_f32, 1, 1) \
+    X(linear_mma_decode_n16_bf16, 2, 0) \
+    X(linear_mma_decode_n16_f32, 2, 1)
 
 // moe_grouped_up (csrc/moe_grouped.cu, takes MoeParams): X(symbol)
 #define MIXTRAL_MOE_GROUPED_UP_VARIANTS(X) \

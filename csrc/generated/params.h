@@ -132,6 +132,8 @@ typedef struct mx_bf16 {
 #define QMMA_WARPS 4u
 // Weight rows per block of `qlinear_mma` / `qmoe_mma_*` (one mma.sync m16 tile).
 #define QMMA_ROWS 16u
+// KIND template value of the tensor-core decode kernels for bf16 weights (`linear_mma_decode`, `moe_mma_*`: the weights themselves, no parameters).
+#define QMMA_KIND_BF16 4u
 // Columns of one INT4 step of `qlinear_mma` / `qmoe_mma_*` (a 16-byte chunk of codes per lane of a 4-lane group); INT4 group sizes they read are multiples of it.
 #define QMMA_INT4_STEP_COLS 128u
 // Threads per block of `dequantize` (one block per row of one matrix).

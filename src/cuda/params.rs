@@ -110,6 +110,8 @@ pub const QLINEAR_ROWS_PER_WARP: u32 = 2;
 pub const QMMA_WARPS: u32 = 4;
 /// Weight rows per block of `qlinear_mma` / `qmoe_mma_*` (one mma.sync m16 tile).
 pub const QMMA_ROWS: u32 = 16;
+/// KIND template value of the tensor-core decode kernels for bf16 weights (`linear_mma_decode`, `moe_mma_*`: the weights themselves, no parameters).
+pub const QMMA_KIND_BF16: u32 = 4;
 /// Columns of one INT4 step of `qlinear_mma` / `qmoe_mma_*` (a 16-byte chunk of codes per lane of a 4-lane group); INT4 group sizes they read are multiples of it.
 pub const QMMA_INT4_STEP_COLS: u32 = 128;
 /// Threads per block of `dequantize` (one block per row of one matrix).
@@ -933,6 +935,10 @@ pub enum KernelFamily {
     MoeUp,
     /// `moe_down` in csrc/moe_gemv.cu, taking [`MoeParams`].
     MoeDown,
+    /// `moe_mma_up` in csrc/moe_gemv.cu, taking [`MoeParams`].
+    MoeMmaUp,
+    /// `moe_mma_down` in csrc/moe_gemv.cu, taking [`MoeParams`].
+    MoeMmaDown,
     /// `attention_decode` in csrc/attention_decode.cu, taking [`AttentionDecodeParams`].
     AttentionDecode,
     /// `attention_combine` in csrc/attention_decode.cu, taking [`AttentionDecodeParams`].
@@ -943,6 +949,8 @@ pub enum KernelFamily {
     LinearGemv,
     /// `linear_mma` in csrc/linear.cu, taking [`LinearParams`].
     LinearMma,
+    /// `linear_mma_decode` in csrc/linear.cu, taking [`LinearParams`].
+    LinearMmaDecode,
     /// `moe_grouped_up` in csrc/moe_grouped.cu, taking [`MoeParams`].
     MoeGroupedUp,
     /// `moe_grouped_down` in csrc/moe_grouped.cu, taking [`MoeParams`].
@@ -975,7 +983,7 @@ pub enum KernelFamily {
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 26] = [
+    pub const ALL: [KernelFamily; 29] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -983,11 +991,14 @@ impl KernelFamily {
         KernelFamily::RouterGroup,
         KernelFamily::MoeUp,
         KernelFamily::MoeDown,
+        KernelFamily::MoeMmaUp,
+        KernelFamily::MoeMmaDown,
         KernelFamily::AttentionDecode,
         KernelFamily::AttentionCombine,
         KernelFamily::Argmax,
         KernelFamily::LinearGemv,
         KernelFamily::LinearMma,
+        KernelFamily::LinearMmaDecode,
         KernelFamily::MoeGroupedUp,
         KernelFamily::MoeGroupedDown,
         KernelFamily::MoeWgmmaUp,
@@ -1019,11 +1030,14 @@ impl KernelFamily {
             KernelFamily::RouterGroup => "router_group",
             KernelFamily::MoeUp => "moe_up",
             KernelFamily::MoeDown => "moe_down",
+            KernelFamily::MoeMmaUp => "moe_mma_up",
+            KernelFamily::MoeMmaDown => "moe_mma_down",
             KernelFamily::AttentionDecode => "attention_decode",
             KernelFamily::AttentionCombine => "attention_combine",
             KernelFamily::Argmax => "argmax",
             KernelFamily::LinearGemv => "linear_gemv",
             KernelFamily::LinearMma => "linear_mma",
+            KernelFamily::LinearMmaDecode => "linear_mma_decode",
             KernelFamily::MoeGroupedUp => "moe_grouped_up",
             KernelFamily::MoeGroupedDown => "moe_grouped_down",
             KernelFamily::MoeWgmmaUp => "moe_wgmma_up",
@@ -1051,11 +1065,14 @@ impl KernelFamily {
             KernelFamily::RouterGroup => &[],
             KernelFamily::MoeUp => &["TILE"],
             KernelFamily::MoeDown => &["TILE"],
+            KernelFamily::MoeMmaUp => &["MAX_NT"],
+            KernelFamily::MoeMmaDown => &["MAX_NT"],
             KernelFamily::AttentionDecode => &["HEAD_DIM", "GROUP"],
             KernelFamily::AttentionCombine => &[],
             KernelFamily::Argmax => &[],
             KernelFamily::LinearGemv => &["TILE", "OUT_F32"],
             KernelFamily::LinearMma => &["OUT_F32"],
+            KernelFamily::LinearMmaDecode => &["NT", "OUT_F32"],
             KernelFamily::MoeGroupedUp => &[],
             KernelFamily::MoeGroupedDown => &[],
             KernelFamily::MoeWgmmaUp => &[],
@@ -1184,6 +1201,42 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         module: "moe_gemv",
         symbol: "moe_down_t8",
         consts: &[8],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeMmaUp,
+        module: "moe_gemv",
+        symbol: "moe_mma_up_n8",
+        consts: &[1],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeMmaUp,
+        module: "moe_gemv",
+        symbol: "moe_mma_up_n16",
+        consts: &[2],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeMmaUp,
+        module: "moe_gemv",
+        symbol: "moe_mma_up_n32",
+        consts: &[4],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeMmaDown,
+        module: "moe_gemv",
+        symbol: "moe_mma_down_n8",
+        consts: &[1],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeMmaDown,
+        module: "moe_gemv",
+        symbol: "moe_mma_down_n16",
+        consts: &[2],
+    },
+    KernelVariant {
+        family: KernelFamily::MoeMmaDown,
+        module: "moe_gemv",
+        symbol: "moe_mma_down_n32",
+        consts: &[4],
     },
     KernelVariant {
         family: KernelFamily::AttentionDecode,
@@ -1376,6 +1429,30 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         module: "linear",
         symbol: "linear_mma_f32",
         consts: &[1],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearMmaDecode,
+        module: "linear",
+        symbol: "linear_mma_decode_n8_bf16",
+        consts: &[1, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearMmaDecode,
+        module: "linear",
+        symbol: "linear_mma_decode_n8_f32",
+        consts: &[1, 1],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearMmaDecode,
+        module: "linear",
+        symbol: "linear_mma_decode_n16_bf16",
+        consts: &[2, 0],
+    },
+    KernelVariant {
+        family: KernelFamily::LinearMmaDecode,
+        module: "linear",
+        symbol: "linear_mma_decode_n16_f32",
+        consts: &[2, 1],
     },
     KernelVariant {
         family: KernelFamily::MoeGroupedUp,

@@ -15,10 +15,11 @@
 //! - the Hopper expert kernels (hand-written warpgroup MMA, or CUTLASS's grouped GEMM) run only
 //!   where asked for, on compute capability 9.0, after their self-check against the mma.sync
 //!   kernels passed on the device;
-//! - packed weights the tensor-core decode kernels read ([`Format::PackedMma`], and the 8-bit
-//!   [`Format::Q8`]) take them over the GEMVs' ranges where asked for ([`Device::mma_decode`]):
-//!   each weight is decoded once per pass, as in the GEMVs, but the multiply-adds of up to 32
-//!   tokens move to the tensor cores;
+//! - where asked for ([`Device::mma_decode`]), the tensor-core decode kernels take the GEMVs'
+//!   ranges (bf16 experts up to [`MOE_MMA_DECODE_MAX_TOKENS`] tokens, past the bf16 GEMV) for bf16
+//!   weights and the packed ones they read ([`Format::PackedMma`], and the 8-bit [`Format::Q8`]):
+//!   each weight is read (and decoded) once per pass of up to 32 tokens, the multiply-adds on the
+//!   tensor cores;
 
 use std::fmt::Write as _;
 
@@ -28,6 +29,9 @@ pub const LINEAR_GEMV_MAX_TOKENS: usize = super::params::LINEAR_GEMV_MAX_TOKENS 
 pub const MOE_GROUPED_MIN_TOKENS: usize = 32;
 /// Most tokens the packed expert MLPs run as GEMVs over the packed weights.
 pub const QUANT_MOE_GEMV_MAX_TOKENS: usize = 128;
+/// Most tokens the expert MLPs run on the tensor-core decode kernels, where asked for
+/// ([`Device::mma_decode`]): about 32 slots per expert at top-2 of 8, one pass of 32 columns.
+pub const MOE_MMA_DECODE_MAX_TOKENS: usize = 128;
 
 /// What is being computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +86,9 @@ impl GroupedKernel {
 pub struct Device {
     /// The expert GEMMs of large chunks.
     pub grouped: GroupedKernel,
-    /// Decode batches over [`Format::PackedMma`] and [`Format::Q8`] weights on the tensor-core
-    /// decode kernels (`qlinear_mma`, `qmoe_mma_*`) instead of the GEMVs.
+    /// Decode batches over bf16, [`Format::PackedMma`] and [`Format::Q8`] weights on the
+    /// tensor-core decode kernels (`linear_mma_decode`, `moe_mma_*`, `qlinear_mma`, `qmoe_mma_*`)
+    /// instead of the GEMVs.
     pub mma_decode: bool,
 }
 
@@ -94,6 +99,8 @@ pub enum Choice {
     LinearGemv,
     /// `linear_mma`: the bf16 tensor-core GEMM.
     LinearMma,
+    /// `linear_mma_decode`: a bf16 decode batch on the tensor cores, each weight row read once.
+    LinearMmaDecode,
     /// `qlinear`: a GEMV over the packed weights, dequantized in registers.
     QLinear,
     /// `qlinear_mma`: packed weights decoded in registers, multiplied on the tensor cores.
@@ -102,6 +109,9 @@ pub enum Choice {
     DequantizeThenLinearMma,
     /// `moe_up` + `moe_down`: GEMVs over the bf16 experts that have slots.
     MoeGemv,
+    /// `moe_mma_up` + `moe_mma_down`: the bf16 experts that have slots on the tensor cores, each
+    /// weight row read once per pass of up to 32 slots.
+    MoeMma,
     /// `moe_grouped_up` + `moe_grouped_down`: the mma.sync grouped GEMM.
     MoeGrouped,
     /// `moe_wgmma_up` + `moe_wgmma_down`: the Hopper warpgroup-MMA grouped GEMM.
@@ -131,10 +141,12 @@ impl Choice {
         match self {
             Choice::LinearGemv => "linear_gemv",
             Choice::LinearMma => "linear_mma",
+            Choice::LinearMmaDecode => "linear_mma_decode",
             Choice::QLinear => "qlinear",
             Choice::QLinearMma => "qlinear_mma",
             Choice::DequantizeThenLinearMma => "dequantize + linear_mma",
             Choice::MoeGemv => "moe_up + moe_down",
+            Choice::MoeMma => "moe_mma_up + moe_mma_down",
             Choice::MoeGrouped => "moe_grouped_up + moe_grouped_down",
             Choice::MoeWgmma => "moe_wgmma_up + moe_wgmma_down",
             Choice::MoeCutlass => "moe_cutlass (gather, grouped GEMM x2, swiglu, scatter)",
@@ -152,6 +164,9 @@ impl Choice {
 pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
     use Format::{Bf16, Packed, PackedMma, Q8};
     match (op, format) {
+        (Op::Projection, Bf16) if device.mma_decode && tokens <= LINEAR_GEMV_MAX_TOKENS => {
+            Choice::LinearMmaDecode
+        }
         (Op::Projection, Bf16) if tokens <= LINEAR_GEMV_MAX_TOKENS => Choice::LinearGemv,
         (Op::Projection, Bf16) => Choice::LinearMma,
         (Op::Projection, PackedMma | Q8) if device.mma_decode && tokens <= LINEAR_GEMV_MAX_TOKENS => {
@@ -161,6 +176,9 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
             Choice::QLinear
         }
         (Op::Projection, Packed | Q8 | PackedMma) => Choice::DequantizeThenLinearMma,
+        (Op::Experts, Bf16) if device.mma_decode && tokens <= MOE_MMA_DECODE_MAX_TOKENS => {
+            Choice::MoeMma
+        }
         (Op::Experts, Bf16) if tokens < MOE_GROUPED_MIN_TOKENS => Choice::MoeGemv,
         (Op::Experts, Bf16) => match device.grouped {
             GroupedKernel::Mma => Choice::MoeGrouped,
@@ -188,38 +206,47 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
     }
 }
 
+/// The token ranges over which `select(op, .., format, device)` stays the same, with its choice:
+/// `("1-16", ..)`, ..., the last open (`"17+"`). Every threshold is far below
+/// `4 * QUANT_MOE_GEMV_MAX_TOKENS`; past it the choice no longer changes.
+fn ranges(op: Op, format: Format, device: Device) -> Vec<(String, Choice)> {
+    let limit = 4 * QUANT_MOE_GEMV_MAX_TOKENS;
+    let mut out = Vec::new();
+    let mut start = 1;
+    for tokens in 2..=limit + 1 {
+        let current = select(op, start, format, device);
+        if tokens == limit + 1 {
+            out.push((format!("{start}+"), current));
+        } else if select(op, tokens, format, device) != current {
+            out.push((format!("{start}-{}", tokens - 1), current));
+            start = tokens;
+        }
+    }
+    out
+}
+
 /// The whole table as text: one line per op, format and device where the choice changes, with the
-/// token ranges. The `packedmma` rows are those of an engine asked for the tensor-core decode
-/// kernels (without it, such weights take the `packed` rows); the `q8` rows are without them.
+/// token ranges; `decode` says whether the engine was asked for the tensor-core decode kernels
+/// (`mma`) or not (`gemv`), listed only where it changes something.
 pub fn table() -> String {
-    let mut out = String::from("op          format     grouped  tokens       kernels\n");
+    let mut out = String::from("op          format     grouped  decode  tokens       kernels\n");
     for op in [Op::Projection, Op::Experts] {
         for format in Format::ALL {
             for grouped in GroupedKernel::ALL {
-                let mma_decode = format == Format::PackedMma;
-                let device = Device { grouped, mma_decode };
-                let mut start = 1;
-                let mut current = select(op, 1, format, device);
-                // Every threshold is far below this; past it the choice no longer changes.
-                let limit = 4 * QUANT_MOE_GEMV_MAX_TOKENS;
-                for tokens in 2..=limit + 1 {
-                    let next = select(op, tokens, format, device);
-                    if next != current || tokens == limit + 1 {
-                        let range = if tokens == limit + 1 {
-                            format!("{start}+")
-                        } else {
-                            format!("{start}-{}", tokens - 1)
-                        };
+                let device = |mma_decode| Device { grouped, mma_decode };
+                let gemv = ranges(op, format, device(false));
+                let mma = ranges(op, format, device(true));
+                let rows = [("gemv", &gemv), ("mma", &mma)];
+                for (decode, ranges) in rows.into_iter().take(if mma == gemv { 1 } else { 2 }) {
+                    for (range, choice) in ranges {
                         let _ = writeln!(
                             out,
-                            "{:<11} {:<10} {:<8} {range:<12} {}",
+                            "{:<11} {:<10} {:<8} {decode:<7} {range:<12} {}",
                             format!("{op:?}").to_lowercase(),
                             format!("{format:?}").to_lowercase(),
                             format!("{grouped:?}").to_lowercase(),
-                            current.kernels()
+                            choice.kernels()
                         );
-                        start = tokens;
-                        current = next;
                     }
                 }
             }
@@ -287,6 +314,7 @@ mod tests {
 
     #[test]
     fn tensor_core_decode_kernels_run_only_where_asked_for_over_the_gemv_ranges() {
+        use Choice::{LinearMmaDecode, MoeMma};
         for grouped in GroupedKernel::ALL {
             let on = Device {
                 grouped,
@@ -310,15 +338,20 @@ mod tests {
                 let at_128 = if cutlass_q8 { Choice::MoeCutlassQ8 } else { Choice::QMoeMma };
                 assert_eq!(e(128, on), at_128);
             }
-            // Without the request, and for bf16 and the other packed formats, the flag changes
-            // nothing.
+            // bf16: the GEMV ranges, and the experts up to MOE_MMA_DECODE_MAX_TOKENS.
+            assert_eq!(select(Op::Projection, 16, Format::Bf16, on), LinearMmaDecode);
+            assert_eq!(select(Op::Experts, 128, Format::Bf16, on), MoeMma);
+            for (op, past) in [(Op::Projection, 17), (Op::Experts, 129), (Op::Experts, 4096)] {
+                let bf16 = |d| select(op, past, Format::Bf16, d);
+                assert_eq!(bf16(on), bf16(off));
+            }
+            // Without the request, and for packed formats the kernels do not read, the flag
+            // changes nothing.
             for tokens in [1, 16, 17, 31, 32, 128, 129, 4096] {
                 for op in [Op::Projection, Op::Experts] {
-                    let packed = select(op, tokens, Format::Packed, off);
-                    assert_eq!(select(op, tokens, Format::PackedMma, off), packed);
-                    for format in [Format::Bf16, Format::Packed] {
-                        assert_eq!(select(op, tokens, format, on), select(op, tokens, format, off));
-                    }
+                    let packed = |d| select(op, tokens, Format::Packed, d);
+                    assert_eq!(select(op, tokens, Format::PackedMma, off), packed(off));
+                    assert_eq!(packed(on), packed(off));
                 }
             }
         }
@@ -327,14 +360,25 @@ mod tests {
     #[test]
     fn the_printed_table_lists_each_range_once() {
         let text = table();
-        assert!(text.contains("projection  bf16       mma      1-16         linear_gemv"));
-        assert!(text.contains("projection  bf16       mma      17+          linear_mma"));
-        assert!(text.contains("experts     packed     wgmma    129+"));
-        assert!(text.contains("experts     bf16       cutlass  32+          moe_cutlass"));
-        assert!(text.contains("experts     q8         cutlass  32+          moe_cutlass_q8"));
-        assert!(text.contains("projection  packedmma  mma      1-16         qlinear_mma"));
-        assert!(text.contains("experts     packedmma  cutlass  1-128        qmoe_mma_up"));
-        // 2 ops x 4 formats x 3 grouped kernels, two ranges each, plus the header.
-        assert_eq!(text.lines().count(), 1 + 48);
+        for line in [
+            "projection  bf16       mma      gemv    1-16         linear_gemv",
+            "projection  bf16       mma      gemv    17+          linear_mma",
+            "projection  bf16       mma      mma     1-16         linear_mma_decode",
+            "experts     packed     wgmma    gemv    129+",
+            "experts     bf16       cutlass  gemv    32+          moe_cutlass",
+            "experts     bf16       mma      mma     1-128        moe_mma_up",
+            "experts     bf16       mma      mma     129+         moe_grouped_up",
+            "experts     q8         cutlass  gemv    32+          moe_cutlass_q8",
+            "experts     q8         cutlass  mma     1-31         qmoe_mma_up",
+            "projection  packedmma  mma      mma     1-16         qlinear_mma",
+            "experts     packedmma  cutlass  mma     1-128        qmoe_mma_up",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+        // The plain packed rows do not change with the request, so they are listed once.
+        assert!(!text.contains("packed     mma      mma"));
+        // 2 ops x 4 formats x 3 grouped kernels, two ranges each, plus the rows with the request
+        // for bf16, q8 and packedmma (two ranges each), plus the header.
+        assert_eq!(text.lines().count(), 1 + 48 + 36);
     }
 }

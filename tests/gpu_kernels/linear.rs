@@ -2,13 +2,16 @@
 //! `mixtral::cpu::matmul::matmul` on the same bf16 inputs: random shapes through both kernels (the
 //! GEMV up to `LINEAR_GEMV_MAX_TOKENS` tokens, the tensor-core GEMM above), both output types, odd
 //! output widths and in_features that are odd multiples of 8; the two kernels on the same rows at
-//! the crossover; zero tokens touching nothing.
+//! the crossover; zero tokens touching nothing; the decode kernel on tensor cores
+//! (`linear_mma_decode`) for up to 16 tokens.
 
+use cudarc::driver::CudaStream;
 use half::bf16;
 use mixtral::cpu::matmul::matmul;
 use mixtral::cuda::args::{LinearArgs, LinearScalars};
-use mixtral::cuda::ops::linear;
+use mixtral::cuda::ops::{linear, linear_mma_decode};
 use mixtral::cuda::params::LINEAR_GEMV_MAX_TOKENS;
+use mixtral::cuda::{CudaError, Kernels};
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -61,16 +64,24 @@ fn problem(seed: u64, tokens: usize, in_features: usize, out_features: usize) ->
     }
 }
 
-/// Runs the op on `p` into a poisoned, guarded output and reads it back as f32 (every element must
-/// be written, nothing outside touched).
+/// `linear` or `linear_mma_decode` (one signature).
+type LinearOp = fn(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>;
+
+/// Runs `linear` on `p` into a poisoned, guarded output and reads it back as f32 (every element
+/// must be written, nothing outside touched).
 fn run(gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<f32> {
+    run_op(linear, gpu, p, out_f32)
+}
+
+/// [`run`] with `op`.
+fn run_op(op: LinearOp, gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<f32> {
     let stream = gpu.stream();
     let x = Guarded::with(stream, &p.x);
     let w = Guarded::with(stream, &p.w);
     let len = p.shape.tokens as usize * p.shape.out_features as usize;
     if out_f32 {
         let mut out = Guarded::<f32>::poisoned(stream, len);
-        linear(
+        op(
             &gpu.kernels,
             stream,
             &p.shape,
@@ -84,7 +95,7 @@ fn run(gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<f32> {
         out.read_written(stream, "out")
     } else {
         let mut out = Guarded::<bf16>::poisoned(stream, len);
-        linear(
+        op(
             &gpu.kernels,
             stream,
             &p.shape,
@@ -137,6 +148,41 @@ fn linear_matches_the_cpu_reference() {
                         "tokens {tokens}, in {in_features}, out {out_features}, f32 out {out_f32}: \
                          relative L2 error {err:e} > {bound:e}"
                     )));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+/// The decode kernel on tensor cores (`linear_mma_decode`, up to 16 tokens) against the same
+/// reference and bounds: exact bf16 products, only the order of the f32 sums differs.
+#[test]
+fn linear_mma_decode_matches_the_cpu_reference() {
+    let Some(gpu) = common::gpu("linear_mma_decode_matches_the_cpu_reference") else {
+        return;
+    };
+    let strategy = (
+        1usize..=LINEAR_GEMV_MAX_TOKENS as usize,
+        in_features(),
+        1usize..=300,
+        any::<bool>(),
+        any::<u64>(),
+    );
+    let mut runner = TestRunner::new(Config::with_cases(24));
+    runner
+        .run(
+            &strategy,
+            |(tokens, in_features, out_features, out_f32, seed)| {
+                let p = problem(seed, tokens, in_features, out_features);
+                let out = run_op(linear_mma_decode, &gpu, &p, out_f32);
+                let err = common::rel_l2(&out, &p.reference);
+                let bound = bound(in_features, out_f32);
+                if err > bound {
+                    return Err(TestCaseError::fail(format!(
+                    "tokens {tokens}, in {in_features}, out {out_features}, f32 out {out_f32}: \
+                     relative L2 error {err:e} > {bound:e}"
+                )));
                 }
                 Ok(())
             },

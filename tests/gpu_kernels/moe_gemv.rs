@@ -10,7 +10,7 @@ use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::moe::{moe_block, Expert};
 use mixtral::cpu::router::{group_by_expert, route};
 use mixtral::cuda::args::{MoeArgs, MoeScalars};
-use mixtral::cuda::ops::{moe_gemv, ActOrder};
+use mixtral::cuda::ops::{moe_gemv, moe_mma, ActOrder};
 use mixtral::cuda::{CudaError, Kernels};
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
@@ -306,6 +306,28 @@ proptest! {
         let counts = check_moe("moe_gemv", moe_gemv, &case);
         prop_assert_eq!(counts.iter().sum::<usize>(), case.tokens * case.top_k);
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// The expert MLP on tensor cores (`moe_mma`) over `check_moe`'s cases and bounds, up to 160
+    /// tokens (passes of 8, 16 and 32 slots, several per expert).
+    #[test]
+    fn moe_mma_matches_the_cpu_experts(
+        case in cases(prop_oneof![Just(1usize), 1usize..17, 17usize..160]),
+    ) {
+        let counts = check_moe("moe_mma", moe_mma, &case);
+        prop_assert_eq!(counts.iter().sum::<usize>(), case.tokens * case.top_k);
+    }
+}
+
+/// `moe_mma` on a rank holding one expert of a top-2 model (as `moe_gemv`'s test).
+#[test]
+fn moe_mma_on_a_rank_holding_one_expert_of_top_2() {
+    let name = "moe_mma_on_a_rank_holding_one_expert_of_top_2";
+    let mut op: MoeOp = moe_mma;
+    check_one_held_expert(name, (&mut op, ActOrder::Slots), 40);
 }
 
 /// A fixed case with experts that receive no slot, fewer tokens than experts, top-2.

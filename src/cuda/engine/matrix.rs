@@ -314,7 +314,11 @@ pub fn project(
         return ops::qlinear(kernels, stream, s, (x, p.view()), out, kernel);
     }
     let w = dense(kernels, stream, w, scratch, s.tokens)?;
-    ops::linear(kernels, stream, s, LinearArgs { x, w, out })
+    let args = LinearArgs { x, w, out };
+    match choice {
+        Choice::LinearMmaDecode => ops::linear_mma_decode(kernels, stream, s, args),
+        _ => ops::linear(kernels, stream, s, args),
+    }
 }
 
 /// The routing inputs and outputs of [`experts`] (those of [`MoeArgs`] besides the weights).
@@ -456,6 +460,7 @@ pub fn experts(
     };
     match choice {
         Choice::MoeGemv => ops::moe_gemv(kernels, stream, s, args),
+        Choice::MoeMma => ops::moe_mma(kernels, stream, s, args),
         Choice::MoeWgmma | Choice::DequantizeThenMoeWgmma => {
             ops::moe_wgmma_gemm(kernels, stream, s, args)
         }

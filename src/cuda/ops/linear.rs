@@ -11,14 +11,19 @@
 //!   would compute 128-row tiles for a handful of rows and launch too few blocks (out / 128) to fill
 //!   the GPU, while the GEMV's cost is one weight read per 8 tokens; at 17+ tokens a third weight
 //!   pass would cost more than the tensor cores' idle rows. The crossover has not been measured.
+//!
+//! `linear_mma_decode` (csrc/quant_mma.cuh) takes a decode batch of up to 16 tokens on the tensor
+//! cores, every weight row read once for the batch; the engine runs it where the selection table
+//! says (asked for by `CudaEngineOptions::mma_decode`).
 
+use super::qlinear::mma_tiles;
 use crate::cuda::args::{LinearArgs, LinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::select::{select, Choice, Device as SelectDevice, Format, Op};
 use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{
-    KernelFamily, LinearParams, LINEAR_GEMV_ROWS_PER_WARP,
-    LINEAR_GEMV_WARPS, LINEAR_MMA_BM, LINEAR_MMA_BN, LINEAR_MMA_THREADS,
+    KernelFamily, LinearParams, LINEAR_GEMV_MAX_TOKENS, LINEAR_GEMV_ROWS_PER_WARP,
+    LINEAR_GEMV_WARPS, LINEAR_MMA_BM, LINEAR_MMA_BN, LINEAR_MMA_THREADS, QMMA_ROWS, QMMA_WARPS,
 };
 
 /// Tokens (or slots) per weight pass of the GEMVs (`linear_gemv`, `qlinear`, `moe_*`, `qmoe_*`): the
@@ -82,6 +87,35 @@ planned_launcher! {
     linear(LinearScalars, LinearArgs) = plan
 }
 
+fn plan_mma_decode(s: &LinearScalars, a: &LinearArgs<'_>) -> Planned<LinearParams, 1> {
+    let c = Check {
+        op: "linear_mma_decode",
+    };
+    c.multiple_of_8("in_features", s.in_features as usize)?;
+    c.at_least("out_features", s.out_features as usize, 1)?;
+    if s.tokens > LINEAR_GEMV_MAX_TOKENS {
+        return Err(c.unsupported(
+            "tokens",
+            s.tokens as usize,
+            format!("must be at most {LINEAR_GEMV_MAX_TOKENS} (a decode batch)"),
+        ));
+    }
+    c.count("out_features", s.out_features as usize)?;
+    let params = a.params(c.op, s)?;
+    let consts = [mma_tiles(s.tokens), u32::from(a.out.is_f32())];
+    let variant = c.variant(KernelFamily::LinearMmaDecode, "(n-tiles, out_f32)", &consts)?;
+    let grid = Grid::linear(variant, s.out_features.div_ceil(QMMA_ROWS), QMMA_WARPS * 32);
+    Ok(unless_empty(s.tokens, params, [grid]))
+}
+
+planned_launcher! {
+    /// [`linear`] for a decode batch of at most
+    /// [`LINEAR_GEMV_MAX_TOKENS`](crate::cuda::select::LINEAR_GEMV_MAX_TOKENS) tokens on the
+    /// tensor cores (csrc/quant_mma.cuh, the bf16 weights as stored): every weight row read once for
+    /// the whole batch; the same outputs up to the order of the f32 sums.
+    linear_mma_decode(LinearScalars, LinearArgs) = plan_mma_decode
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -115,6 +149,26 @@ mod tests {
             s.out_features as usize,
         );
         plan(s, &args(t * i, o * i, t * o, out_f32))
+    }
+
+    #[test]
+    fn the_decode_kernel_on_tensor_cores_takes_up_to_16_tokens_in_one_pass() {
+        for (tokens, columns) in [(1, 8), (8, 8), (9, 16), (16, 16)] {
+            for (out_f32, suffix) in [(false, "bf16"), (true, "f32")] {
+                let s = scalars(tokens, 4096, 6144);
+                let (t, i, o) = (tokens as usize, 4096, 6144);
+                let a = args(t * i, o * i, t * o, out_f32);
+                let (_, [grid]) = plan_mma_decode(&s, &a).unwrap().unwrap();
+                let name = format!("linear_mma_decode_n{columns}_{suffix}");
+                assert_eq!(symbol(&grid), name);
+                assert_eq!((grid.grid, grid.block), ((6144 / 16, 1, 1), QMMA_WARPS * 32));
+            }
+        }
+        let a = args(17 * 64, 40 * 64, 17 * 40, false);
+        unsupported(plan_mma_decode(&scalars(17, 64, 40), &a), "tokens");
+        let a = args(60, 40 * 60, 40, false);
+        unsupported(plan_mma_decode(&scalars(1, 60, 40), &a), "in_features");
+        too_small(plan_mma_decode(&scalars(2, 64, 40), &args(127, 40 * 64, 80, false)), "x");
     }
 
     #[test]

@@ -12,7 +12,10 @@ use crate::cuda::checks::Check;
 use super::linear::gemv_tile;
 use crate::cuda::error::CudaError;
 use crate::cuda::launch::{planned_launcher, Grid, Planned};
-use crate::cuda::params::{KernelFamily, MoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS};
+use crate::cuda::params::{
+    KernelFamily, MoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS, QMMA_ROWS, QMMA_WARPS,
+};
+use super::qlinear::mma_tiles;
 
 /// The rules of every expert kernel beyond the buffer extents: hidden and inter multiples of 8
 /// (16-byte loads), top_k at least 1, counts and `tokens * hidden` below 2^31; returns the slot
@@ -74,6 +77,34 @@ planned_launcher! {
     /// The routed expert MLPs of a decode batch: `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)`
     /// per slot; zero tokens launch nothing.
     moe_gemv(MoeScalars, MoeArgs) = plan
+}
+
+fn plan_mma(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
+    let c = Check { op: "moe_mma" };
+    let params = a.params(c.op, s)?;
+    moe_rules(&c, s)?;
+    let experts = active_experts(&c, s.experts, s.tokens, s.top_k)?;
+    // An expert has at most one slot per token.
+    let tiles = [mma_tiles(s.tokens)];
+    let up = c.variant(KernelFamily::MoeMmaUp, "most n-tiles", &tiles)?;
+    let down = c.variant(KernelFamily::MoeMmaDown, "most n-tiles", &tiles)?;
+    if s.tokens == 0 {
+        return Ok(None);
+    }
+    let grid = |variant, rows: u32| Grid {
+        variant,
+        grid: (rows.div_ceil(QMMA_ROWS), experts, 1),
+        block: QMMA_WARPS * 32,
+        shared_bytes: 0,
+    };
+    Ok(Some((params, [grid(up, s.inter), grid(down, s.hidden)])))
+}
+
+planned_launcher! {
+    /// [`moe_gemv`] on the tensor cores (csrc/quant_mma.cuh, the bf16 weights as stored): a block
+    /// per 16 rows of an expert with slots, its slots in passes of 8, 16 or 32, every weight row
+    /// read once per pass; the same outputs up to the order of the f32 sums.
+    moe_mma(MoeScalars, MoeArgs) = plan_mma
 }
 
 #[cfg(test)]
@@ -241,6 +272,21 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn moe_mma_grids_for_mixtral_shapes() {
+        for (tokens, columns, experts) in [(1, 8, 2), (8, 8, 8), (9, 16, 8), (16, 16, 8), (40, 32, 8)] {
+            let s = mixtral(tokens);
+            let (params, [up, down]) = plan_mma(&s, &args(&s, "", "")).unwrap().unwrap();
+            assert_eq!(symbol(&up), format!("moe_mma_up_n{columns}"));
+            assert_eq!(symbol(&down), format!("moe_mma_down_n{columns}"));
+            // 16 rows a block, a grid row per expert a batch can reach.
+            assert_eq!((up.grid, up.block), ((14336 / 16, experts, 1), QMMA_WARPS * 32));
+            assert_eq!((down.grid, down.block), ((4096 / 16, experts, 1), QMMA_WARPS * 32));
+            assert_eq!(params.tokens, tokens);
+        }
+        refuses_bad_shapes("moe_mma", plan_mma);
+    }
+
+    #[test]
     fn the_gemv_tile_covers_the_batch_up_to_the_largest_tile() {
         for tokens in 1..64 {
             let tile = gemv_tile(tokens as u32) as usize;
@@ -258,6 +304,7 @@ pub(super) mod tests {
         ) {
             let s = MoeScalars { tokens, hidden: hidden8 * 8, inter: inter8 * 8, experts, top_k: k.min(experts) };
             needs_exactly_the_contiguous_sizes(plan, &s);
+            needs_exactly_the_contiguous_sizes(plan_mma, &s);
         }
     }
 }
