@@ -617,6 +617,7 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
                         cache,
                         window: None,
                         split_keys,
+                        multiprocessors: b.device.multiprocessors(),
                     },
                     AttentionDecodeArgs {
                         q: q_rows,

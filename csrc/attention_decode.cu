@@ -12,11 +12,14 @@
 // h / GROUP. Scores are q.k * scale, softmax in f32 (exp2 of log2e-scaled scores: the same function).
 //
 // attention_decode, grid (max_splits, n_kv_heads, tokens), ATTENTION_THREADS threads: split s covers
-// keys [first + s * split_keys, first + (s + 1) * split_keys) of the token's range; one block serves
+// keys [first + s * K, first + (s + 1) * K) of the token's range, K = split_keys_of(its key count): with
+// target_splits = 0, split_keys; else the count spread over target_splits splits, at least
+// ATTENTION_MIN_SPLIT_KEYS and at most split_keys (computed on the device from the token's position, so
+// a captured graph spreads every step's keys over the SMs as the context grows); one block serves
 // all GROUP query heads of its KV head, so each K/V row is read once. Each key row is read by
 // HEAD_DIM / 8 lanes with one 16-byte load each. It writes the split's normalised output and its
 // log2-sum-exp; splits past the token's range exit at once (the combine kernel skips them).
-// Dynamic shared memory: GROUP * split_keys floats (the scores).
+// Dynamic shared memory: GROUP * split_keys floats (the scores; K <= split_keys).
 //
 // attention_combine, grid (n_heads, tokens), ATTENTION_COMBINE_THREADS threads: merges the splits,
 // out = sum_s 2^(lse_s - M) * part_out_s / sum_s 2^(lse_s - M). A token with no valid key gets zeros.
@@ -44,6 +47,13 @@ __device__ __forceinline__ void key_range(const AttentionDecodeParams& p, uint32
     count = pos - first + 1;
 }
 
+// Keys per split of a token with `count` keys (see the file comment); the combine uses the same.
+__device__ __forceinline__ uint32_t split_keys_of(const AttentionDecodeParams& p, int32_t count) {
+    if (p.target_splits == 0) return p.split_keys;
+    const uint32_t spread = ((uint32_t)max(count, 0) + p.target_splits - 1) / p.target_splits;
+    return min(p.split_keys, max((uint32_t)ATTENTION_MIN_SPLIT_KEYS, spread));
+}
+
 template <int D, int G>
 __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     static_assert(D % 8 == 0 && D / 8 <= 32 && 32 % (D / 8) == 0, "a key row is a power-of-two lane group");
@@ -58,13 +68,14 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     if (t >= p.tokens || kvh >= p.n_kv_heads) return;  // uniform over the block
     int32_t first, count;
     key_range(p, t, first, count);
-    if ((uint64_t)split * p.split_keys >= (uint64_t)count) return;  // uniform: nothing in this split
-    const int32_t begin = first + (int32_t)(split * p.split_keys);
-    const int32_t nk = min((int32_t)p.split_keys, first + count - begin);
+    const uint32_t keys = split_keys_of(p, count);
+    if ((uint64_t)split * keys >= (uint64_t)count) return;  // uniform: nothing in this split
+    const int32_t begin = first + (int32_t)(split * keys);
+    const int32_t nk = min((int32_t)keys, first + count - begin);
     const int32_t seq = p.token_seq[t];
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t sub = lane / TG, part = lane % TG;
-    const uint32_t sk = p.split_keys;
+    const uint32_t sk = p.split_keys;  // the row stride of `scores`
 
     // The group's queries, scaled so that the scores come out in log2 units.
     const float q_scale = p.scale * mx::LOG2E;
@@ -179,7 +190,8 @@ __device__ void attention_combine_body(const AttentionDecodeParams& p) {
     if (t >= p.tokens || h >= p.n_heads) return;
     int32_t first, count;
     key_range(p, t, first, count);
-    const uint32_t splits = min((uint32_t)(((uint64_t)count + p.split_keys - 1) / p.split_keys), p.max_splits);
+    const uint32_t keys = split_keys_of(p, count);
+    const uint32_t splits = min((uint32_t)(((uint64_t)count + keys - 1) / keys), p.max_splits);
     const size_t base = ((size_t)t * p.n_heads + h) * p.max_splits;
     float m = -INFINITY;
     for (uint32_t s = 0; s < splits; ++s) m = fmaxf(m, p.part_lse[base + s]);

@@ -50,6 +50,10 @@ typedef struct mx_bf16 {
 #define ATTENTION_THREADS 128u
 // Largest number of keys one split of `attention_decode` covers (bounds its shared memory).
 #define ATTENTION_MAX_SPLIT_KEYS 512u
+// Fewest keys a split of `attention_decode` takes when its token's keys are spread over `target_splits` (a short context stays in few splits).
+#define ATTENTION_MIN_SPLIT_KEYS 32u
+// Blocks of `attention_decode` per multiprocessor its planner aims at when it spreads a batch's keys over splits.
+#define ATTENTION_BLOCKS_PER_SM 4u
 // Threads per block of `attention_combine` (one block per token and query head).
 #define ATTENTION_COMBINE_THREADS 128u
 // Threads per block of `argmax` (one block per row).
@@ -542,10 +546,12 @@ typedef struct AttentionDecodeParams {
     uint32_t num_seqs;
     // Sliding window W (keys per query, itself included); 0 = full causal.
     uint32_t window;
-    // Keys per split (at most ATTENTION_MAX_SPLIT_KEYS).
+    // Most keys per split (at most ATTENTION_MAX_SPLIT_KEYS).
     uint32_t split_keys;
     // Splits allocated per (token, head); split_keys * max_splits covers the longest sequence.
     uint32_t max_splits;
+    // Splits a token's keys are spread over (1..=max_splits; each split at least ATTENTION_MIN_SPLIT_KEYS and at most split_keys keys), or 0: every split split_keys keys.
+    uint32_t target_splits;
     // Score scale, 1 / sqrt(head_dim).
     float scale;
 } AttentionDecodeParams;
@@ -572,7 +578,8 @@ MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, num_seqs) == 104, "AttentionDec
 MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, window) == 108, "AttentionDecodeParams.window: offset");
 MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, split_keys) == 112, "AttentionDecodeParams.split_keys: offset");
 MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, max_splits) == 116, "AttentionDecodeParams.max_splits: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, scale) == 120, "AttentionDecodeParams.scale: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, target_splits) == 120, "AttentionDecodeParams.target_splits: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, scale) == 124, "AttentionDecodeParams.scale: offset");
 
 // Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id; SAMPLE_NON_FINITE for a row holding a NaN or an infinity.
 typedef struct ArgmaxParams {

@@ -592,10 +592,12 @@ pub struct AttentionDecodeScalars {
     pub num_seqs: u32,
     /// Sliding window W (keys per query, itself included); 0 = full causal.
     pub window: u32,
-    /// Keys per split (at most ATTENTION_MAX_SPLIT_KEYS).
+    /// Most keys per split (at most ATTENTION_MAX_SPLIT_KEYS).
     pub split_keys: u32,
     /// Splits allocated per (token, head); split_keys * max_splits covers the longest sequence.
     pub max_splits: u32,
+    /// Splits a token's keys are spread over (1..=max_splits; each split at least ATTENTION_MIN_SPLIT_KEYS and at most split_keys keys), or 0: every split split_keys keys.
+    pub target_splits: u32,
     /// Score scale, 1 / sqrt(head_dim).
     pub scale: f32,
 }
@@ -638,6 +640,7 @@ impl AttentionDecodeArgs<'_> {
             window: s.window,
             split_keys: s.split_keys,
             max_splits: s.max_splits,
+            target_splits: s.target_splits,
             scale: s.scale,
         })
     }

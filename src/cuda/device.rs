@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaStream};
 
 use super::error::CudaError;
@@ -28,6 +29,7 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     name: String,
     compute_capability: (i32, i32),
+    multiprocessors: usize,
 }
 
 impl CudaDevice {
@@ -57,6 +59,9 @@ impl CudaDevice {
                 minor: compute_capability.1,
             });
         }
+        let multiprocessors = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(CudaError::driver("reading the multiprocessor count"))?;
         // SAFETY: no buffer exists yet, and every op of this crate runs on the one stream below, so
         // no buffer is ever used by two streams (the case event tracking exists for).
         unsafe { ctx.disable_event_tracking() };
@@ -68,6 +73,7 @@ impl CudaDevice {
             stream,
             name,
             compute_capability,
+            multiprocessors: usize::try_from(multiprocessors).unwrap_or(0),
         })
     }
 
@@ -89,6 +95,11 @@ impl CudaDevice {
     /// Compute capability (major, minor).
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
+    }
+
+    /// Streaming multiprocessors (132 on an H100 SXM).
+    pub fn multiprocessors(&self) -> usize {
+        self.multiprocessors
     }
 }
 

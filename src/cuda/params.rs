@@ -28,6 +28,10 @@ pub const MOE_DOWN_ROWS_PER_WARP: u32 = 2;
 pub const ATTENTION_THREADS: u32 = 128;
 /// Largest number of keys one split of `attention_decode` covers (bounds its shared memory).
 pub const ATTENTION_MAX_SPLIT_KEYS: u32 = 512;
+/// Fewest keys a split of `attention_decode` takes when its token's keys are spread over `target_splits` (a short context stays in few splits).
+pub const ATTENTION_MIN_SPLIT_KEYS: u32 = 32;
+/// Blocks of `attention_decode` per multiprocessor its planner aims at when it spreads a batch's keys over splits.
+pub const ATTENTION_BLOCKS_PER_SM: u32 = 4;
 /// Threads per block of `attention_combine` (one block per token and query head).
 pub const ATTENTION_COMBINE_THREADS: u32 = 128;
 /// Threads per block of `argmax` (one block per row).
@@ -543,10 +547,12 @@ pub struct AttentionDecodeParams {
     pub num_seqs: u32,
     /// Sliding window W (keys per query, itself included); 0 = full causal.
     pub window: u32,
-    /// Keys per split (at most ATTENTION_MAX_SPLIT_KEYS).
+    /// Most keys per split (at most ATTENTION_MAX_SPLIT_KEYS).
     pub split_keys: u32,
     /// Splits allocated per (token, head); split_keys * max_splits covers the longest sequence.
     pub max_splits: u32,
+    /// Splits a token's keys are spread over (1..=max_splits; each split at least ATTENTION_MIN_SPLIT_KEYS and at most split_keys keys), or 0: every split split_keys keys.
+    pub target_splits: u32,
     /// Score scale, 1 / sqrt(head_dim).
     pub scale: f32,
 }
@@ -574,7 +580,8 @@ const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, num_seqs) == 
 const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, window) == 108);
 const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, split_keys) == 112);
 const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, max_splits) == 116);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, scale) == 120);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, target_splits) == 120);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, scale) == 124);
 
 /// Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id; SAMPLE_NON_FINITE for a row holding a NaN or an infinity.
 #[repr(C)]
@@ -2813,6 +2820,11 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "max_splits",
                     core::mem::offset_of!(AttentionDecodeParams, max_splits),
                     core::mem::size_of_val(&AttentionDecodeParams::default().max_splits),
+                ),
+                (
+                    "target_splits",
+                    core::mem::offset_of!(AttentionDecodeParams, target_splits),
+                    core::mem::size_of_val(&AttentionDecodeParams::default().target_splits),
                 ),
                 (
                     "scale",

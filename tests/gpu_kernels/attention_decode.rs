@@ -26,6 +26,9 @@ struct Case {
     queries: Vec<usize>,
     window: Option<usize>,
     split_keys: usize,
+    /// The multiprocessor count the planner spreads the keys for (0: fixed splits of
+    /// `split_keys`).
+    multiprocessors: usize,
     fused_q: bool,
     seed: u64,
 }
@@ -46,6 +49,7 @@ fn cases() -> impl Strategy<Value = Case> {
                 (400usize..800).prop_map(Some)
             ],
             prop_oneof![Just(1usize), 2usize..=40, Just(64), Just(512)],
+            prop_oneof![Just(0usize), Just(132), 1usize..=200],
             any::<bool>(),
             any::<u64>(),
         ),
@@ -54,7 +58,7 @@ fn cases() -> impl Strategy<Value = Case> {
             |(
                 (head_dim, group, kv_heads, block_size),
                 seqs,
-                (window, split_keys, fused_q, seed),
+                (window, split_keys, multiprocessors, fused_q, seed),
             )| {
                 Case {
                     head_dim,
@@ -65,6 +69,7 @@ fn cases() -> impl Strategy<Value = Case> {
                     queries: seqs.iter().map(|s| s.1).collect(),
                     window,
                     split_keys,
+                    multiprocessors,
                     fused_q,
                     seed,
                 }
@@ -132,6 +137,7 @@ fn check(gpu: &Gpu, case: &Case) {
         cache: pool.cache,
         window: case.window,
         split_keys: case.split_keys,
+        multiprocessors: case.multiprocessors,
     };
     let [q, _] = q_dev
         .dev_mut()

@@ -130,6 +130,7 @@ impl Plan {
             vocab_rows: held.map_or(d.vocab, |r| r.vocab.len()),
             held_experts: held.map_or(0..d.experts, |r| r.experts.clone()),
             mma_decode: self.mma_decode,
+            multiprocessors: self.multiprocessors,
         };
         let (a, inputs, rank) = (&mut self.act, &self.inputs, self.rank.as_mut());
         let grouped = &mut self.grouped;
@@ -197,6 +198,8 @@ struct Step<'k> {
     held_experts: Range<usize>,
     /// Decode batches over packed weights on the tensor-core kernels ([`Plan::mma_decode`]).
     mma_decode: bool,
+    /// The device's multiprocessors ([`Plan::multiprocessors`]).
+    multiprocessors: usize,
 }
 
 impl Step<'_> {
@@ -330,6 +333,7 @@ impl Step<'_> {
                     cache: c,
                     window: d.window,
                     split_keys: SPLIT_KEYS,
+                    multiprocessors: self.multiprocessors,
                 };
                 let args = AttentionDecodeArgs {
                     q,

@@ -416,6 +416,7 @@ impl CudaEngine {
             let weights_allocated = arena.bytes();
             let mut plan = Plan::new(&config, sizes, &mut arena)?;
             plan.mma_decode = options.mma_decode;
+            plan.multiprocessors = device.multiprocessors();
             if let Some(r) = rank {
                 let rank_plan = rank::rank_plan(full, &r.shard, r.comms, max_tokens, &mut arena)?;
                 plan.rank = Some(rank_plan);

@@ -241,6 +241,9 @@ pub struct Plan {
     /// Decode batches over packed weights the tensor-core decode kernels read run on them
     /// (`qlinear_mma`, `qmoe_mma_*`) instead of the GEMVs ([`CudaEngineOptions::mma_decode`](super::CudaEngineOptions::mma_decode)).
     pub mma_decode: bool,
+    /// The device's multiprocessors: decode attention spreads each token's keys over enough splits
+    /// to fill them (0: fixed splits of [`SPLIT_KEYS`] keys).
+    pub multiprocessors: usize,
     /// Step inputs (uploaded before each chunk).
     pub inputs: Inputs,
     /// The activations.
@@ -317,6 +320,7 @@ impl Plan {
             sizes,
             grouped: GroupedExperts::Mma,
             mma_decode: false,
+            multiprocessors: 0,
             inputs: Inputs {
                 words: arena.zeroed(4 * m, "step inputs")?,
                 max_tokens: m,

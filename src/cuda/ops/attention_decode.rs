@@ -3,7 +3,8 @@
 //! optional sliding window, f32 softmax. q `[tokens, n_heads, head_dim]` (a column group of wider
 //! rows) gives out `[tokens, n_heads, head_dim]` bf16, through the per-split scratch part_out
 //! `[tokens, n_heads, max_splits, head_dim]` and part_lse `[tokens, n_heads, max_splits]` f32, where
-//! `max_splits` = [`attention_splits`] of a sequence's capacity.
+//! `max_splits` = [`attention_splits`] of a sequence's capacity. Given the device's multiprocessor
+//! count, each token's keys are spread over [`target_splits`] splits, sized on the device.
 
 use super::paged_cache::{
     attention_splits, gqa_group, score_scale, window_scalar, PagedCacheShape,
@@ -12,8 +13,8 @@ use crate::cuda::args::{AttentionDecodeArgs, AttentionDecodeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::launch::{planned_launcher, Grid, Planned};
 use crate::cuda::params::{
-    AttentionDecodeParams, KernelFamily, ATTENTION_COMBINE_THREADS, ATTENTION_MAX_SPLIT_KEYS,
-    ATTENTION_THREADS,
+    AttentionDecodeParams, KernelFamily, ATTENTION_BLOCKS_PER_SM, ATTENTION_COMBINE_THREADS,
+    ATTENTION_MAX_SPLIT_KEYS, ATTENTION_THREADS,
 };
 
 /// What the caller decides for [`attention_decode`]; the planner derives the split count and the
@@ -32,8 +33,27 @@ pub struct AttentionDecodeShape {
     pub cache: PagedCacheShape,
     /// Sliding window W (keys per query, itself included); `None` = full causal attention.
     pub window: Option<usize>,
-    /// Keys per split (1..=ATTENTION_MAX_SPLIT_KEYS).
+    /// Most keys per split (1..=ATTENTION_MAX_SPLIT_KEYS); with `multiprocessors` known, a
+    /// token's keys are spread over more, shorter splits (see [`target_splits`]).
     pub split_keys: usize,
+    /// The device's multiprocessors, or 0 (every split `split_keys` keys).
+    pub multiprocessors: usize,
+}
+
+/// The splits a token's keys are spread over: enough (token, KV head, split) blocks for
+/// ATTENTION_BLOCKS_PER_SM per multiprocessor, at least 1 and at most `max_splits`; 0 (every split
+/// `split_keys` keys) when `multiprocessors` is 0. The kernels size each token's splits from its
+/// own key count ([`ATTENTION_MIN_SPLIT_KEYS`](crate::cuda::params::ATTENTION_MIN_SPLIT_KEYS) to
+/// `split_keys` keys), so a short context stays in
+/// few splits and a long one fills the device.
+pub fn target_splits(multiprocessors: usize, tokens: usize, n_kv_heads: usize, max_splits: usize) -> usize {
+    if multiprocessors == 0 {
+        return 0;
+    }
+    let pairs = (tokens * n_kv_heads).max(1);
+    (ATTENTION_BLOCKS_PER_SM as usize * multiprocessors)
+        .div_ceil(pairs)
+        .clamp(1, max_splits.max(1))
 }
 
 fn plan(
@@ -72,6 +92,7 @@ fn plan(
         window: window_scalar(&c, s.window)?,
         split_keys: s.split_keys as u32,
         max_splits: c.count("max_splits", max_splits)?,
+        target_splits: target_splits(s.multiprocessors, s.tokens, s.n_kv_heads, max_splits) as u32,
         scale: score_scale(head_dim),
     };
     let params = a.params(c.op, &scalars)?;
@@ -128,7 +149,25 @@ mod tests {
             },
             window: None,
             split_keys: 32,
+            multiprocessors: 0,
         }
+    }
+
+    #[test]
+    fn the_splits_fill_the_device_and_stay_within_the_scratch() {
+        // H100 (132 SMs), 8 KV heads: one token spreads over 66 splits, 32 tokens over 3.
+        assert_eq!(target_splits(132, 1, 8, 128), 66);
+        assert_eq!(target_splits(132, 32, 8, 128), 3);
+        assert_eq!(target_splits(132, 1, 8, 16), 16, "at most the scratch's splits");
+        assert_eq!(target_splits(132, 4096, 8, 128), 1);
+        assert_eq!(target_splits(0, 1, 8, 128), 0, "unknown device: fixed splits");
+        let s = AttentionDecodeShape {
+            multiprocessors: 132,
+            ..shape()
+        };
+        let (p, _) = plan(&s, &args(&s)).unwrap().unwrap();
+        // 80 keys of capacity in splits of 32: 3 splits, all used by two tokens of 8 KV heads.
+        assert_eq!((p.max_splits, p.target_splits), (3, 3));
     }
 
     /// Buffers of exactly the length the kernels touch for `s`, q a column group of fused rows.
