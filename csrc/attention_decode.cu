@@ -17,7 +17,9 @@
 // ATTENTION_MIN_SPLIT_KEYS and at most split_keys (computed on the device from the token's position, so
 // a captured graph spreads every step's keys over the SMs as the context grows); one block serves
 // all GROUP query heads of its KV head, so each K/V row is read once. Each key row is read by
-// HEAD_DIM / 8 lanes with one 16-byte load each. It writes the split's normalised output and its
+// HEAD_DIM / 8 lanes with one 16-byte load each, each lane looking up UNROLL keys' slots and issuing their
+// loads before using any (the keys and the order of every sum are those of the plain loop). It writes
+// the split's normalised output and its
 // log2-sum-exp; splits past the token's range exit at once (the combine kernel skips them).
 // Dynamic shared memory: GROUP * split_keys floats (the scores; K <= split_keys).
 //
@@ -31,6 +33,8 @@
 namespace {
 
 constexpr uint32_t WARPS = ATTENTION_THREADS / 32;
+// Key rows each lane loads before using them (both passes).
+constexpr int UNROLL = 4;
 
 // First key and number of keys query token t attends to; count = 0 when its row or position is invalid.
 __device__ __forceinline__ void key_range(const AttentionDecodeParams& p, uint32_t t, int32_t& first,
@@ -95,18 +99,33 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     const size_t token_stride = (size_t)p.n_kv_heads * D;  // elements per cached token
     const size_t head_offset = (size_t)kvh * D + part * 8;
 
-    // Scores. The loop is uniform over the warp (the shuffles need every lane).
-    for (int32_t step = warp * KPW; step < nk; step += WARPS * KPW) {
-        const int32_t kk = step + (int32_t)sub;
-        const long long slot = kk < nk ? mx::paged_slot(p.block_tables, seq, begin + kk, p.num_seqs,
-                                                        p.max_blocks_per_seq, p.block_size, p.num_blocks)
-                                       : -1;
-        const uint4 kv = slot >= 0 ? mx::load_stream_16(p.k_cache + (size_t)slot * token_stride + head_offset)
-                                   : make_uint4(0, 0, 0, 0);
+    // Scores. The loop is uniform over the warp (the shuffles need every lane). Each lane looks up the
+    // slots of its UNROLL keys, then issues their loads, then uses them: the keys a warp covers and each
+    // key's score are those of a loop without the unrolling.
+    constexpr int32_t STRIDE = WARPS * KPW;  // keys between a warp's consecutive steps
+    for (int32_t step = warp * KPW; step < nk; step += STRIDE * UNROLL) {
+        long long slot[UNROLL];
+        uint4 kv[UNROLL];
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-            const float s = mx::group_sum<TG>(mx::dot8(kv, qr[g], 0.0f));
-            if (kk < nk && part == 0) scores[g * sk + kk] = slot >= 0 ? s : -INFINITY;
+        for (int u = 0; u < UNROLL; ++u) {
+            const int32_t kk = step + u * STRIDE + (int32_t)sub;
+            slot[u] = kk < nk ? mx::paged_slot(p.block_tables, seq, begin + kk, p.num_seqs, p.max_blocks_per_seq,
+                                               p.block_size, p.num_blocks)
+                              : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            kv[u] = slot[u] >= 0 ? mx::load_stream_16(p.k_cache + (size_t)slot[u] * token_stride + head_offset)
+                                 : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int32_t kk = step + u * STRIDE + (int32_t)sub;
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const float s = mx::group_sum<TG>(mx::dot8(kv[u], qr[g], 0.0f));
+                if (kk < nk && part == 0) scores[g * sk + kk] = slot[u] >= 0 ? s : -INFINITY;
+            }
         }
     }
     __syncthreads();
@@ -137,19 +156,34 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
     }
-    for (int32_t step = warp * KPW; step < nk; step += WARPS * KPW) {
-        const int32_t kk = step + (int32_t)sub;
-        if (kk >= nk) continue;
-        const long long slot = mx::paged_slot(p.block_tables, seq, begin + kk, p.num_seqs, p.max_blocks_per_seq,
-                                              p.block_size, p.num_blocks);
-        if (slot < 0) continue;
-        float vf[8];
-        mx::unpack8(mx::load_stream_16(p.v_cache + (size_t)slot * token_stride + head_offset), vf);
+    // As the scores: UNROLL slot lookups, then their loads, then the products in key order.
+    for (int32_t step = warp * KPW; step < nk; step += STRIDE * UNROLL) {
+        long long slot[UNROLL];
+        uint4 vv[UNROLL];
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-            const float pg = scores[g * sk + kk];
+        for (int u = 0; u < UNROLL; ++u) {
+            const int32_t kk = step + u * STRIDE + (int32_t)sub;
+            slot[u] = kk < nk ? mx::paged_slot(p.block_tables, seq, begin + kk, p.num_seqs, p.max_blocks_per_seq,
+                                               p.block_size, p.num_blocks)
+                              : -1;
+        }
 #pragma unroll
-            for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(pg, vf[i], acc[g][i]);
+        for (int u = 0; u < UNROLL; ++u) {
+            vv[u] = slot[u] >= 0 ? mx::load_stream_16(p.v_cache + (size_t)slot[u] * token_stride + head_offset)
+                                 : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (slot[u] < 0) continue;  // also every key past nk
+            const int32_t kk = step + u * STRIDE + (int32_t)sub;
+            float vf[8];
+            mx::unpack8(vv[u], vf);
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const float pg = scores[g * sk + kk];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(pg, vf[i], acc[g][i]);
+            }
         }
     }
     // Sum over the lane groups of the warp (lanes with the same `part`), then over the warps.
