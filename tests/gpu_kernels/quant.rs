@@ -26,7 +26,7 @@ use mixtral::quant::{fp8, int4, int8, PackedKind, PackedMatrix, Q8};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-use crate::common::{self, Gpu, Guarded};
+use crate::common::{self, Gpu, Guarded, Poison};
 use crate::shared::moe::{expert_slots_with, Activations};
 
 /// The bound of a qlinear output over `cols` columns against the CPU on the dequantized matrix:
@@ -500,6 +500,9 @@ struct QMoeCase {
     cold: u32,
     permuted: bool,
     seed: u64,
+    /// Run as a rank of an expert-parallel split holding only the expert with the most slots: its
+    /// stacks alone, its range of the router's offsets; every other slot must stay untouched.
+    held: bool,
 }
 
 fn qmoe_cases() -> impl Strategy<Value = QMoeCase> {
@@ -537,6 +540,7 @@ fn cases_of(
                 cold: cold & ((1u32 << experts) - 1) & !1,
                 permuted,
                 seed,
+                held: false,
             },
         )
 }
@@ -576,6 +580,7 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
         cold,
         permuted,
         seed,
+        held,
     } = case;
     let slots = tokens * top_k;
 
@@ -596,8 +601,17 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     matmul(&x, WeightSlice::F32(&router), experts, hidden, &mut logits);
     let routing = route(&logits, experts, top_k);
     let groups = group_by_expert(&routing, experts);
-    let offsets: Vec<i32> = groups.offsets.iter().map(|&o| o as i32).collect();
+    let mut offsets: Vec<i32> = groups.offsets.iter().map(|&o| o as i32).collect();
     let sorted: Vec<i32> = groups.assignments.iter().map(|&a| a as i32).collect();
+    // A held expert: the one with the most slots (at least one), its two offsets.
+    let held = held.then(|| (0..experts).max_by_key(|&e| groups.counts[e]).unwrap());
+    if let Some(e) = held {
+        offsets = offsets[e..e + 2].to_vec();
+    }
+    // The slots compared: all, or the held expert's (the others must stay poisoned).
+    let mine: Vec<usize> = (0..slots)
+        .filter(|&s| held.is_none_or(|e| routing.experts[s] == e))
+        .collect();
 
     // The experts: w1 and w3 of an expert share one permutation, w2 has its own.
     let mut w1 = Vec::new();
@@ -635,9 +649,9 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     // The device run.
     let stream = gpu.stream();
     let d_x = Guarded::with(stream, &x_bf16);
-    let d_w1 = DeviceStack::upload(stream, &w1.iter().collect::<Vec<_>>());
-    let d_w3 = DeviceStack::upload(stream, &w3.iter().collect::<Vec<_>>());
-    let d_w2 = DeviceStack::upload(stream, &w2.iter().collect::<Vec<_>>());
+    let d_w1 = DeviceStack::upload(stream, &held_stack(&w1, held));
+    let d_w3 = DeviceStack::upload(stream, &held_stack(&w3, held));
+    let d_w2 = DeviceStack::upload(stream, &held_stack(&w2, held));
     let d_weights = Guarded::with(stream, &routing.weights);
     let d_offsets = Guarded::with(stream, &offsets);
     let d_sorted = Guarded::with(stream, &sorted);
@@ -647,7 +661,7 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
         tokens: tokens as u32,
         hidden: hidden as u32,
         inter: inter as u32,
-        experts: experts as u32,
+        experts: if held.is_some() { 1 } else { experts as u32 },
         top_k: top_k as u32,
     };
     let (w1s, w3s, w2s) = (
@@ -710,7 +724,13 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     };
     run.unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
     stream.synchronize().expect("synchronize");
-    let out = d_out.read_written(stream, "out");
+    let untouched = |what: &str| format!("{name} {what} {case:?}");
+    let out = compared_rows(
+        &d_out.read(stream, "out"),
+        (&mine, slots),
+        hidden,
+        &untouched("out"),
+    );
 
     // The CPU reference, expert by expert over the same grouping, on the dequantized matrices.
     let dequantized: Vec<[Vec<f32>; 3]> = (0..experts)
@@ -733,8 +753,8 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     // What the device's roundings of act contribute through w2, per slot, with the RMS of each
     // element's rounding (`rms(a, row maximum)`) in place of the value.
     let propagated_with = |rms: &dyn Fn(f32, f32) -> f64| -> f64 {
-        (0..slots)
-            .map(|s| {
+        mine.iter()
+            .map(|&s| {
                 let row = &reference.act[s * inter..(s + 1) * inter];
                 let amax = row.iter().fold(0.0f32, |m, a| m.max(a.abs()));
                 let scaled: Vec<f32> = row.iter().map(|&a| rms(a, amax) as f32).collect();
@@ -751,14 +771,25 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
         // weights: act rounded once to bf16; out derived from that rounding propagated through w2.
         (QMoeKernel::Gemv | QMoeKernel::Mma, _) | (_, Activations::Exact) => {
             let propagated = propagated_with(&|a, _| a as f64);
-            let act = common::to_f32(&d_act.read_written(stream, "act"));
+            let act = d_act.read(stream, "act");
+            let act = common::to_f32(&compared_rows(
+                &act,
+                (&mine, slots),
+                inter,
+                &untouched("act"),
+            ));
+            let reference_act = rows_of(&reference.act, &mine, inter);
             common::assert_close(
                 &format!("{name} act {case:?}"),
                 &act,
-                &reference.act,
+                &reference_act,
                 common::bf16_bound(hidden, 1),
             );
-            common::propagated_bound(propagated, &reference.out, hidden + inter)
+            common::propagated_bound(
+                propagated,
+                &rows_of(&reference.out, &mine, hidden),
+                hidden + inter,
+            )
         }
         // The same codes of x on both sides; activation codes one step apart where the
         // accumulation moves them across a rounding boundary (`common::q8_bound`).
@@ -766,15 +797,57 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
             let d = common::q8_activation_spread(format, hidden);
             let flips =
                 propagated_with(&|a, amax| common::q8_flip_variance(format, d, a, amax).sqrt());
-            common::q8_bound(format, flips, &reference.out, d, inter)
+            common::q8_bound(
+                format,
+                flips,
+                &rows_of(&reference.out, &mine, hidden),
+                d,
+                inter,
+            )
         }
     };
     common::assert_close(
         &format!("{name} out {case:?}"),
         &out,
-        &reference.out,
+        &rows_of(&reference.out, &mine, hidden),
         out_bound,
     );
+}
+
+/// The matrices of a stack on the device: all, or the held expert's alone.
+fn held_stack(ws: &[PackedMatrix], held: Option<usize>) -> Vec<&PackedMatrix> {
+    match held {
+        Some(e) => vec![&ws[e]],
+        None => ws.iter().collect(),
+    }
+}
+
+/// The rows `mine` of `v` (`[slots, width]`), in that order, after checking that every other row
+/// still holds the poison (`what` names the buffer in the failure).
+fn compared_rows<T: Poison>(
+    v: &[T],
+    (mine, slots): (&[usize], usize),
+    width: usize,
+    what: &str,
+) -> Vec<T> {
+    for s in (0..slots).filter(|s| !mine.contains(s)) {
+        let row = &v[s * width..(s + 1) * width];
+        assert!(
+            row.iter().all(|&x| T::same_bits(x, T::POISON)),
+            "{what}: slot {s} of another expert was written"
+        );
+    }
+    mine.iter()
+        .flat_map(|&s| v[s * width..(s + 1) * width].iter().copied())
+        .collect()
+}
+
+/// The rows `slots` of `v` (`[*, width]`), in that order.
+fn rows_of(v: &[f32], slots: &[usize], width: usize) -> Vec<f32> {
+    slots
+        .iter()
+        .flat_map(|&s| v[s * width..(s + 1) * width].iter().copied())
+        .collect()
 }
 
 proptest! {
@@ -800,6 +873,7 @@ fn qmoe_gemv_every_format_with_idle_experts() {
             cold: 0b1010_0000,
             permuted: i % 2 == 0,
             seed: 7 + i as u64,
+            held: false,
         };
         check_qmoe("qmoe_gemv_every_format_with_idle_experts", &case);
     }
@@ -844,10 +918,48 @@ fn qmoe_mma_at_mixtral_depth_with_idle_experts() {
             cold: 0b0101_0000,
             permuted: false,
             seed: 41 + i as u64,
+            held: false,
         };
         check_qmoe_with(
             "qmoe_mma_at_mixtral_depth_with_idle_experts",
             QMoeKernel::Mma,
+            &case,
+        );
+    }
+}
+
+/// A rank of an expert-parallel split holding one expert of a top-2 model (fewer experts held than
+/// each token uses), for every kernel over packed stacks: the held expert's slots within the
+/// bounds of the full run, every other slot of `act` and `out` untouched.
+#[test]
+fn packed_experts_on_a_rank_holding_one_expert_of_top_2() {
+    let int4 = |group_size| PackedKind::Int4 { group_size };
+    for (i, (kernel, kind)) in [
+        (QMoeKernel::Gemv, int4(32)),
+        (QMoeKernel::Gemv, PackedKind::Fp8),
+        (QMoeKernel::Mma, PackedKind::Int8),
+        (QMoeKernel::Mma, int4(128)),
+        (QMoeKernel::CutlassQ8, PackedKind::Fp8),
+        (QMoeKernel::CutlassQ8, PackedKind::Int8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let case = QMoeCase {
+            kind,
+            tokens: 40,
+            hidden: 256,
+            inter: 128,
+            experts: 8,
+            top_k: 2,
+            cold: 0,
+            permuted: false,
+            seed: 23 + i as u64,
+            held: true,
+        };
+        check_qmoe_with(
+            "packed_experts_on_a_rank_holding_one_expert_of_top_2",
+            kernel,
             &case,
         );
     }
@@ -894,6 +1006,7 @@ fn moe_cutlass_q8_with_long_k_and_idle_experts() {
             cold: 0b0110_0000,
             permuted: false,
             seed: 17 + i as u64,
+            held: false,
         };
         let name = "moe_cutlass_q8_with_long_k_and_idle_experts";
         check_qmoe_with(name, QMoeKernel::CutlassQ8, &case);
