@@ -51,6 +51,27 @@ __device__ __forceinline__ void key_range(const AttentionDecodeParams& p, uint32
     count = pos - first + 1;
 }
 
+// The cache slots of a lane's UNROLL keys first + u * stride (-1 past nk or off the block table) and
+// their 16-byte rows at `offset` of `cache` (zeros for -1): every slot looked up, then every load
+// issued, before the caller uses any.
+__device__ __forceinline__ void load_keys(const AttentionDecodeParams& p, const mx_bf16* cache, int32_t seq,
+                                          int32_t begin, int32_t nk, int32_t first, int32_t stride, size_t offset,
+                                          long long (&slot)[UNROLL], uint4 (&rows)[UNROLL]) {
+    const size_t token_stride = (size_t)p.n_kv_heads * p.head_dim;  // elements per cached token
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int32_t kk = first + u * stride;
+        slot[u] = kk < nk ? mx::paged_slot(p.block_tables, seq, begin + kk, p.num_seqs, p.max_blocks_per_seq,
+                                           p.block_size, p.num_blocks)
+                          : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        rows[u] = slot[u] >= 0 ? mx::load_stream_16(cache + (size_t)slot[u] * token_stride + offset)
+                               : make_uint4(0, 0, 0, 0);
+    }
+}
+
 // Keys per split of a token with `count` keys (see the file comment); the combine uses the same.
 __device__ __forceinline__ uint32_t split_keys_of(const AttentionDecodeParams& p, int32_t count) {
     if (p.target_splits == 0) return p.split_keys;
@@ -96,7 +117,6 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
         for (int i = 0; i < 8; ++i) qr[g][i] = q_s[g][part * 8 + i];
     }
 
-    const size_t token_stride = (size_t)p.n_kv_heads * D;  // elements per cached token
     const size_t head_offset = (size_t)kvh * D + part * 8;
 
     // Scores. The loop is uniform over the warp (the shuffles need every lane). Each lane looks up the
@@ -106,18 +126,7 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     for (int32_t step = warp * KPW; step < nk; step += STRIDE * UNROLL) {
         long long slot[UNROLL];
         uint4 kv[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int32_t kk = step + u * STRIDE + (int32_t)sub;
-            slot[u] = kk < nk ? mx::paged_slot(p.block_tables, seq, begin + kk, p.num_seqs, p.max_blocks_per_seq,
-                                               p.block_size, p.num_blocks)
-                              : -1;
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            kv[u] = slot[u] >= 0 ? mx::load_stream_16(p.k_cache + (size_t)slot[u] * token_stride + head_offset)
-                                 : make_uint4(0, 0, 0, 0);
-        }
+        load_keys(p, p.k_cache, seq, begin, nk, step + (int32_t)sub, STRIDE, head_offset, slot, kv);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int32_t kk = step + u * STRIDE + (int32_t)sub;
@@ -160,18 +169,7 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     for (int32_t step = warp * KPW; step < nk; step += STRIDE * UNROLL) {
         long long slot[UNROLL];
         uint4 vv[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int32_t kk = step + u * STRIDE + (int32_t)sub;
-            slot[u] = kk < nk ? mx::paged_slot(p.block_tables, seq, begin + kk, p.num_seqs, p.max_blocks_per_seq,
-                                               p.block_size, p.num_blocks)
-                              : -1;
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            vv[u] = slot[u] >= 0 ? mx::load_stream_16(p.v_cache + (size_t)slot[u] * token_stride + head_offset)
-                                 : make_uint4(0, 0, 0, 0);
-        }
+        load_keys(p, p.v_cache, seq, begin, nk, step + (int32_t)sub, STRIDE, head_offset, slot, vv);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             if (slot[u] < 0) continue;  // also every key past nk

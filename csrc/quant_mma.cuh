@@ -369,35 +369,37 @@ __device__ __forceinline__ const mx_bf16* slot_column(const P& p, const mx_bf16*
     return rows + (size_t)r * len;
 }
 
-// The expert MLP's up half of a decode batch: act[s] = silu(w1[e] x[t]) * (w3[e] x[t]). Block
-// (blockIdx.x, y) owns rows 16 blockIdx.x .. + 15 of w1[e] and w3[e] for the y-th expert with slots
-// (slot_tiles.cuh), its slots in passes of up to 8 * MAX_NT columns; row(m, r) gives row r of the stacked
-// matrix m (0: w1, 1: w3). P: x, act, topk_weights, expert_offsets, sorted_slots, tokens, hidden, inter,
-// experts, top_k.
-template <int KIND, int MAX_NT, class P, class Row>
-__device__ __forceinline__ void expert_up(const P& p, uint32_t group_size, Row row) {
+// One half of the expert MLP of a decode batch, M matrices of `out_rows` rows over `cols` columns, the
+// activations `in` ([*, cols]: x by token, or act by slot): block (blockIdx.x, y) owns rows
+// 16 blockIdx.x .. + 15 for the y-th expert with slots (slot_tiles.cuh), its slots in passes of up to
+// 8 * MAX_NT columns; row(matrices[m], r) gives row r of that stacked matrix; store(slot, row, v) writes
+// the M sums v of one (slot, row). P: expert_offsets, sorted_slots, tokens, experts, top_k.
+template <int KIND, int MAX_NT, int M, class P, class Row, class Store>
+__device__ __forceinline__ void expert_half(const P& p, uint32_t group_size, const int (&matrices)[M],
+                                            uint32_t out_rows, const mx_bf16* in, uint32_t cols, bool by_token,
+                                            Row row, Store store) {
     int32_t begin, end;
     const uint32_t slots = p.tokens * p.top_k;
     const uint32_t expert = active_expert(p.expert_offsets, p.experts, (int32_t)slots, begin, end);
     const uint32_t row0 = blockIdx.x * QMMA_ROWS;
-    if (begin == end || row0 >= p.inter) return;  // uniform over the block
+    if (begin == end || row0 >= out_rows) return;  // uniform over the block
     const uint32_t lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-    RowPtr rows[2][2];
+    RowPtr rows[M][2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const size_t matrix_row = (size_t)expert * p.inter + min(row0 + g + 8 * r, p.inter - 1);
-        rows[0][r] = row(0, matrix_row);
-        rows[1][r] = row(1, matrix_row);
+        const size_t matrix_row = (size_t)expert * out_rows + min(row0 + g + 8 * r, out_rows - 1);
+#pragma unroll
+        for (int m = 0; m < M; ++m) rows[m][r] = row(matrices[m], matrix_row);
     }
     for_column_tiles<MAX_NT>(begin, end, [&](auto tiles, int32_t first) {
         constexpr int NT = decltype(tiles)::value;
         const mx_bf16* x[NT];
         uint32_t unused;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) x[nt] = slot_column(p, p.x, p.hidden, true, first + 8 * nt + g, end, unused);
-        float acc[2][NT][4];
-        warp_products<KIND, 2, NT>(rows, x, p.hidden, group_size, acc);
-        if (!reduce_warps<2, NT>(acc)) return;
+        for (int nt = 0; nt < NT; ++nt) x[nt] = slot_column(p, in, cols, by_token, first + 8 * nt + g, end, unused);
+        float acc[M][NT][4];
+        warp_products<KIND, M, NT>(rows, x, cols, group_size, acc);
+        if (!reduce_warps<M, NT>(acc)) return;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -405,53 +407,37 @@ __device__ __forceinline__ void expert_up(const P& p, uint32_t group_size, Row r
                 const int32_t index = first + 8 * nt + 2 * q + i % 2;
                 const uint32_t o = row0 + g + 8 * (i / 2);
                 uint32_t slot;
-                slot_column(p, p.x, p.hidden, true, index, end, slot);
-                if (index < end && slot < slots && o < p.inter) {
-                    const float gate = acc[0][nt][i];
-                    const float silu = gate / (1.0f + expf(-gate));
-                    p.act[(size_t)slot * p.inter + o] = to_bf16(silu * acc[1][nt][i]);
+                slot_column(p, in, cols, by_token, index, end, slot);
+                if (index < end && slot < slots && o < out_rows) {
+                    float v[M];
+#pragma unroll
+                    for (int m = 0; m < M; ++m) v[m] = acc[m][nt][i];
+                    store(slot, o, v);
                 }
             }
         }
     });
 }
 
-// The expert MLP's down half: out[s] = topk_weights[s] * (w2[e] act[s]). Block (blockIdx.x, y) owns rows
-// 16 blockIdx.x .. + 15 of w2[e] for the y-th expert with slots; row(2, r) gives row r of the stacked w2.
+// The expert MLP's up half: act[s] = silu(w1[e] x[t]) * (w3[e] x[t]); row(m, r) gives row r of the stacked
+// w1 (m = 0) or w3 (m = 1). P: x, act, inter, hidden and expert_half's fields.
+template <int KIND, int MAX_NT, class P, class Row>
+__device__ __forceinline__ void expert_up(const P& p, uint32_t group_size, Row row) {
+    expert_half<KIND, MAX_NT, 2>(p, group_size, {0, 1}, p.inter, p.x, p.hidden, true, row,
+                                 [&](uint32_t slot, uint32_t o, const float (&v)[2]) {
+                                     const float silu = v[0] / (1.0f + expf(-v[0]));
+                                     p.act[(size_t)slot * p.inter + o] = to_bf16(silu * v[1]);
+                                 });
+}
+
+// The expert MLP's down half: out[s] = topk_weights[s] * (w2[e] act[s]); row(2, r) gives row r of the
+// stacked w2. P: act, out, topk_weights, inter, hidden and expert_half's fields.
 template <int KIND, int MAX_NT, class P, class Row>
 __device__ __forceinline__ void expert_down(const P& p, uint32_t group_size, Row row) {
-    int32_t begin, end;
-    const uint32_t slots = p.tokens * p.top_k;
-    const uint32_t expert = active_expert(p.expert_offsets, p.experts, (int32_t)slots, begin, end);
-    const uint32_t row0 = blockIdx.x * QMMA_ROWS;
-    if (begin == end || row0 >= p.hidden) return;  // uniform over the block
-    const uint32_t lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-    RowPtr rows[1][2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) rows[0][r] = row(2, (size_t)expert * p.hidden + min(row0 + g + 8 * r, p.hidden - 1));
-    for_column_tiles<MAX_NT>(begin, end, [&](auto tiles, int32_t first) {
-        constexpr int NT = decltype(tiles)::value;
-        const mx_bf16* a[NT];
-        uint32_t unused;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) a[nt] = slot_column(p, p.act, p.inter, false, first + 8 * nt + g, end, unused);
-        float acc[1][NT][4];
-        warp_products<KIND, 1, NT>(rows, a, p.inter, group_size, acc);
-        if (!reduce_warps<1, NT>(acc)) return;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int32_t index = first + 8 * nt + 2 * q + i % 2;
-                const uint32_t o = row0 + g + 8 * (i / 2);
-                uint32_t slot;
-                slot_column(p, p.act, p.inter, false, index, end, slot);
-                if (index < end && slot < slots && o < p.hidden) {
-                    p.out[(size_t)slot * p.hidden + o] = p.topk_weights[slot] * acc[0][nt][i];
-                }
-            }
-        }
-    });
+    expert_half<KIND, MAX_NT, 1>(p, group_size, {2}, p.hidden, p.act, p.inter, false, row,
+                                 [&](uint32_t slot, uint32_t o, const float (&v)[1]) {
+                                     p.out[(size_t)slot * p.hidden + o] = p.topk_weights[slot] * v[0];
+                                 });
 }
 
 }  // namespace qmma

@@ -645,10 +645,7 @@ pub const FAMILIES: &[Family] = &[
         rust_name: "Embedding",
         file: "embedding",
         params: "EmbeddingParams",
-        axes: &[Axis {
-            name: "OUT_F32",
-            values: &[v(0, "bf16"), v(1, "f32")],
-        }],
+        axes: &[OUT_F32_AXIS],
     },
     Family {
         name: "rmsnorm",
@@ -756,10 +753,7 @@ pub const FAMILIES: &[Family] = &[
                 name: "TILE",
                 values: &[v(1, "t1"), v(2, "t2"), v(4, "t4"), v(8, "t8")],
             },
-            Axis {
-                name: "OUT_F32",
-                values: &[v(0, "bf16"), v(1, "f32")],
-            },
+            OUT_F32_AXIS,
         ],
     },
     Family {
@@ -767,26 +761,14 @@ pub const FAMILIES: &[Family] = &[
         rust_name: "LinearMma",
         file: "linear",
         params: "LinearParams",
-        axes: &[Axis {
-            name: "OUT_F32",
-            values: &[v(0, "bf16"), v(1, "f32")],
-        }],
+        axes: &[OUT_F32_AXIS],
     },
     Family {
         name: "linear_mma_decode",
         rust_name: "LinearMmaDecode",
         file: "linear",
         params: "LinearParams",
-        axes: &[
-            Axis {
-                name: "NT",
-                values: &[v(1, "n8"), v(2, "n16")],
-            },
-            Axis {
-                name: "OUT_F32",
-                values: &[v(0, "bf16"), v(1, "f32")],
-            },
-        ],
+        axes: &[NT_AXIS, OUT_F32_AXIS],
     },
     // --- moe_grouped ---
     Family {
@@ -851,14 +833,7 @@ pub const FAMILIES: &[Family] = &[
         rust_name: "QLinear",
         file: "qlinear",
         params: "QLinearParams",
-        axes: &[
-            KIND_AXIS,
-            TILE_AXIS,
-            Axis {
-                name: "OUT_F32",
-                values: &[v(0, "bf16"), v(1, "f32")],
-            },
-        ],
+        axes: &[KIND_AXIS, TILE_AXIS, OUT_F32_AXIS],
     },
     Family {
         name: "qmoe_up",
@@ -879,17 +854,7 @@ pub const FAMILIES: &[Family] = &[
         rust_name: "QLinearMma",
         file: "qlinear",
         params: "QLinearParams",
-        axes: &[
-            MMA_KIND_AXIS,
-            Axis {
-                name: "NT",
-                values: &[v(1, "n8"), v(2, "n16")],
-            },
-            Axis {
-                name: "OUT_F32",
-                values: &[v(0, "bf16"), v(1, "f32")],
-            },
-        ],
+        axes: &[MMA_KIND_AXIS, NT_AXIS, OUT_F32_AXIS],
     },
     Family {
         name: "qmoe_mma_up",
@@ -924,6 +889,18 @@ const KIND_AXIS: Axis = Axis {
 const MMA_KIND_AXIS: Axis = Axis {
     name: "KIND",
     values: &[v(0, "fp8"), v(1, "int8"), v(2, "int4")],
+};
+
+/// 8-column n-tiles of the dense tensor-core decode kernels (8 or 16 tokens a pass).
+const NT_AXIS: Axis = Axis {
+    name: "NT",
+    values: &[v(1, "n8"), v(2, "n16")],
+};
+
+/// The output element of the dense projections (bf16 or f32).
+const OUT_F32_AXIS: Axis = Axis {
+    name: "OUT_F32",
+    values: &[v(0, "bf16"), v(1, "f32")],
 };
 
 /// Most 8-column n-tiles per weight pass of the 4-bit tensor-core expert kernels (8, 16 or 32 slots).

@@ -124,11 +124,30 @@ fn in_features() -> impl Strategy<Value = usize> {
 
 #[test]
 fn linear_matches_the_cpu_reference() {
-    let Some(gpu) = common::gpu("linear_matches_the_cpu_reference") else {
+    let tokens = prop::sample::select(TOKENS);
+    check_random_shapes("linear_matches_the_cpu_reference", linear, tokens);
+}
+
+/// The decode kernel on tensor cores (`linear_mma_decode`, up to 16 tokens) against the same
+/// reference and bounds: exact bf16 products, only the order of the f32 sums differs.
+#[test]
+fn linear_mma_decode_matches_the_cpu_reference() {
+    let tokens = 1usize..=LINEAR_GEMV_MAX_TOKENS as usize;
+    check_random_shapes(
+        "linear_mma_decode_matches_the_cpu_reference",
+        linear_mma_decode,
+        tokens,
+    );
+}
+
+/// `op` on random problems (`tokens` from the strategy, [`in_features`], 1 to 300 outputs, both
+/// output types) against the CPU reference within [`bound`].
+fn check_random_shapes(name: &str, op: LinearOp, tokens: impl Strategy<Value = usize>) {
+    let Some(gpu) = common::gpu(name) else {
         return;
     };
     let strategy = (
-        prop::sample::select(TOKENS),
+        tokens,
         in_features(),
         1usize..=300,
         any::<bool>(),
@@ -140,7 +159,7 @@ fn linear_matches_the_cpu_reference() {
             &strategy,
             |(tokens, in_features, out_features, out_f32, seed)| {
                 let p = problem(seed, tokens, in_features, out_features);
-                let out = run(&gpu, &p, out_f32);
+                let out = run_op(op, &gpu, &p, out_f32);
                 let err = common::rel_l2(&out, &p.reference);
                 let bound = bound(in_features, out_f32);
                 if err > bound {
@@ -148,41 +167,6 @@ fn linear_matches_the_cpu_reference() {
                         "tokens {tokens}, in {in_features}, out {out_features}, f32 out {out_f32}: \
                          relative L2 error {err:e} > {bound:e}"
                     )));
-                }
-                Ok(())
-            },
-        )
-        .unwrap();
-}
-
-/// The decode kernel on tensor cores (`linear_mma_decode`, up to 16 tokens) against the same
-/// reference and bounds: exact bf16 products, only the order of the f32 sums differs.
-#[test]
-fn linear_mma_decode_matches_the_cpu_reference() {
-    let Some(gpu) = common::gpu("linear_mma_decode_matches_the_cpu_reference") else {
-        return;
-    };
-    let strategy = (
-        1usize..=LINEAR_GEMV_MAX_TOKENS as usize,
-        in_features(),
-        1usize..=300,
-        any::<bool>(),
-        any::<u64>(),
-    );
-    let mut runner = TestRunner::new(Config::with_cases(24));
-    runner
-        .run(
-            &strategy,
-            |(tokens, in_features, out_features, out_f32, seed)| {
-                let p = problem(seed, tokens, in_features, out_features);
-                let out = run_op(linear_mma_decode, &gpu, &p, out_f32);
-                let err = common::rel_l2(&out, &p.reference);
-                let bound = bound(in_features, out_f32);
-                if err > bound {
-                    return Err(TestCaseError::fail(format!(
-                    "tokens {tokens}, in {in_features}, out {out_features}, f32 out {out_f32}: \
-                     relative L2 error {err:e} > {bound:e}"
-                )));
                 }
                 Ok(())
             },
