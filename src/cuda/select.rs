@@ -19,7 +19,7 @@
 //!   ranges (bf16 experts up to [`MOE_MMA_DECODE_MAX_TOKENS`] tokens, past the bf16 GEMV) for bf16
 //!   weights and the packed ones they read ([`Format::PackedMma`], and the 8-bit [`Format::Q8`]):
 //!   each weight is read (and decoded) once per pass of up to 32 tokens, the multiply-adds on the
-//!   tensor cores;
+//!   tensor cores.
 
 use std::fmt::Write as _;
 

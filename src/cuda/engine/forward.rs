@@ -196,7 +196,7 @@ struct Step<'k> {
     vocab_rows: usize,
     /// Experts of the stacks held, as indices of the router's experts.
     held_experts: Range<usize>,
-    /// Decode batches over packed weights on the tensor-core kernels ([`Plan::mma_decode`]).
+    /// Decode batches on the tensor-core decode kernels ([`Plan::mma_decode`]).
     mma_decode: bool,
     /// The device's multiprocessors ([`Plan::multiprocessors`]).
     multiprocessors: usize,

@@ -285,8 +285,8 @@ pub struct Products<'a> {
     pub kernels: &'a Kernels,
     /// The stream every launch goes to.
     pub stream: &'a CudaStream,
-    /// Decode batches over packed weights on the tensor-core kernels where they read them
-    /// ([`Device::mma_decode`]).
+    /// Decode batches over bf16 weights and the packed ones the tensor-core decode kernels read run
+    /// on them ([`Device::mma_decode`]).
     pub mma_decode: bool,
 }
 

@@ -238,8 +238,9 @@ pub struct Plan {
     pub sizes: PlanSizes,
     /// The tensor-core kernels of the expert GEMMs of large chunks, with their scratch.
     pub grouped: GroupedExperts,
-    /// Decode batches over packed weights the tensor-core decode kernels read run on them
-    /// (`qlinear_mma`, `qmoe_mma_*`) instead of the GEMVs ([`CudaEngineOptions::mma_decode`](super::CudaEngineOptions::mma_decode)).
+    /// Decode batches over bf16 weights and the packed ones the tensor-core decode kernels read run
+    /// on them instead of the GEMVs
+    /// ([`CudaEngineOptions::mma_decode`](super::CudaEngineOptions::mma_decode)).
     pub mma_decode: bool,
     /// The device's multiprocessors: decode attention spreads each token's keys over enough splits
     /// to fill them (0: fixed splits of [`SPLIT_KEYS`] keys).

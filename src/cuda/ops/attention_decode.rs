@@ -43,9 +43,8 @@ pub struct AttentionDecodeShape {
 /// The splits a token's keys are spread over: enough (token, KV head, split) blocks for
 /// ATTENTION_BLOCKS_PER_SM per multiprocessor, at least 1 and at most `max_splits`; 0 (every split
 /// `split_keys` keys) when `multiprocessors` is 0. The kernels size each token's splits from its
-/// own key count ([`ATTENTION_MIN_SPLIT_KEYS`](crate::cuda::params::ATTENTION_MIN_SPLIT_KEYS) to
-/// `split_keys` keys), so a short context stays in
-/// few splits and a long one fills the device.
+/// own key count (ATTENTION_MIN_SPLIT_KEYS to `split_keys` keys), so a short context stays in few
+/// splits and a long one fills the device.
 pub fn target_splits(multiprocessors: usize, tokens: usize, n_kv_heads: usize, max_splits: usize) -> usize {
     if multiprocessors == 0 {
         return 0;
