@@ -475,7 +475,7 @@ impl Step<'_> {
             w,
             out: logits.into(),
         };
-        ops::linear(self.kernels, self.stream, &s, args)
+        matrix::project_bf16(self.products(), &s, args)
     }
 
     /// The greedy id of each logits row.

@@ -314,10 +314,19 @@ pub fn project(
         return ops::qlinear(kernels, stream, s, (x, p.view()), out, kernel);
     }
     let w = dense(kernels, stream, w, scratch, s.tokens)?;
-    let args = LinearArgs { x, w, out };
-    match choice {
-        Choice::LinearMmaDecode => ops::linear_mma_decode(kernels, stream, s, args),
-        _ => ops::linear(kernels, stream, s, args),
+    project_bf16(on, s, LinearArgs { x, w, out })
+}
+
+/// `out = x @ w^T` over `s` for a bf16 `w` (a stack's, an expanded one, or the LM head), with the
+/// kernel the selection table picks.
+pub fn project_bf16(on: Products<'_>, s: &LinearScalars, args: LinearArgs<'_>) -> Result<(), CudaError> {
+    let device = Device {
+        mma_decode: on.mma_decode,
+        ..Device::default()
+    };
+    match select(Op::Projection, s.tokens as usize, Format::Bf16, device) {
+        Choice::LinearMmaDecode => ops::linear_mma_decode(on.kernels, on.stream, s, args),
+        _ => ops::linear(on.kernels, on.stream, s, args),
     }
 }
 
