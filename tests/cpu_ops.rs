@@ -270,9 +270,23 @@ proptest! {
     }
 }
 
-/// The definition of causal (optionally windowed) GQA attention over a contiguous cache, with an
-/// explicit mask matrix: `softmax(q k^T / sqrt(d) + mask) v`, mask 0 where `i - W < j <= i`, else
-/// -inf. `k, v: [len, kv_heads, d]`, queries at positions `start .. len`.
+/// The definition of causal (optionally windowed) GQA attention over a contiguous cache, in f64:
+/// `softmax(q k^T / sqrt(d)) v` over the keys `i - W < j <= i` of query position i (query head h
+/// uses KV head h / (heads / kv_heads)), `k, v: [len, kv_heads, d]`, queries at positions
+/// `start .. len`; with a worst-case bound on each output element of the CPU's f32 computation
+/// (`cpu::attention`): `(value, bound)`.
+///
+/// Bound, first order in u, per query and head over its n visible keys j:
+/// - a score s_j = (q . k_j) * scale is within gamma(d) * scale * sum_t |q_t k_jt| (the dot
+///   product, any order) + 3 u |s_j| (the rounded scale and the product);
+/// - exp(s_j - max) is then within (that + u |s_j - max| + 2 u) of itself, relatively (the
+///   subtraction, expf); the common max cancels in the normalisation;
+/// - p_j = e_j / sum: twice the largest such error, plus gamma(n) for the sum and u for the
+///   division;
+/// - an output sum_j p_j v_jc is within (that + gamma(n) + u) * sum_j p_j |v_jc|;
+///
+/// doubled for the second-order terms. A weighted average of random values that nearly cancels
+/// gets the error the cancellation allows; a fixed relative bound would fail it by chance.
 fn attention_definition(
     q: &[f32],
     k: &[f32],
@@ -281,49 +295,50 @@ fn attention_definition(
     start: usize,
     len: usize,
     window: Option<usize>,
-) -> Vec<f64> {
+) -> (Vec<f64>, Vec<f64>) {
     let AttentionShape {
         heads,
         kv_heads,
         head_dim: d,
     } = shape;
-    let mask: Vec<Vec<f64>> = (0..len)
-        .map(|i| {
-            (0..len)
-                .map(|j| {
-                    let visible = j <= i && window.is_none_or(|w| i < j + w);
-                    if visible {
-                        0.0
-                    } else {
-                        f64::NEG_INFINITY
-                    }
-                })
-                .collect()
-        })
-        .collect();
-    let mut out = Vec::new();
+    let scale = 1.0 / (d as f64).sqrt();
+    let (mut out, mut bound) = (Vec::new(), Vec::new());
     for i in start..len {
+        let visible: Vec<usize> = (0..len)
+            .filter(|&j| j <= i && window.is_none_or(|w| i < j + w))
+            .collect();
         for h in 0..heads {
             let g = h / (heads / kv_heads);
             let qh = &q[((i - start) * heads + h) * d..][..d];
-            let scores: Vec<f64> = (0..len)
-                .map(|j| {
-                    dot(qh, &k[(j * kv_heads + g) * d..][..d]) / (d as f64).sqrt() + mask[i][j]
-                })
-                .collect();
+            let key = |j: usize| &k[(j * kv_heads + g) * d..][..d];
+            let scores: Vec<f64> = visible.iter().map(|&j| dot(qh, key(j)) * scale).collect();
             let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let sum: f64 = e.iter().sum();
+            let worst_e = visible
+                .iter()
+                .zip(&scores)
+                .map(|(&j, &s)| {
+                    let magnitude: f64 = qh
+                        .iter()
+                        .zip(key(j))
+                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                        .sum();
+                    let ds = gamma(d) * scale * magnitude + 3.0 * F32_U * s.abs();
+                    ds + F32_U * (s - max).abs() + 2.0 * F32_U
+                })
+                .fold(0.0, f64::max);
+            let n = visible.len();
+            let relative = 2.0 * (2.0 * worst_e + 2.0 * gamma(n) + 2.0 * F32_U);
             for c in 0..d {
-                out.push(
-                    (0..len)
-                        .map(|j| e[j] / sum * v[(j * kv_heads + g) * d + c] as f64)
-                        .sum(),
-                );
+                let value = |j: usize| v[(j * kv_heads + g) * d + c] as f64;
+                let terms = visible.iter().zip(&e).map(|(&j, &ej)| (ej / sum, value(j)));
+                out.push(terms.clone().map(|(p, x)| p * x).sum());
+                bound.push(relative * terms.map(|(p, x)| p * x.abs()).sum::<f64>());
             }
         }
     }
-    out
+    (out, bound)
 }
 
 /// Splits a contiguous cache `[len, width]` into blocks of `block_size` rows (the last one
@@ -356,7 +371,7 @@ proptest! {
             .iter().map(|x| 4.0 * x).collect();
         let k = rng.vec(len * width);
         let v = rng.vec(len * width);
-        let reference = attention_definition(&q, &k, &v, shape, start, len, window);
+        let (reference, bound) = attention_definition(&q, &k, &v, shape, start, len, window);
         let kb = to_blocks(&k, width, block_size);
         let vb = to_blocks(&v, width, block_size);
         let kr: Vec<&[f32]> = kb.iter().map(|b| b.as_slice()).collect();
@@ -368,8 +383,7 @@ proptest! {
             PagedView { blocks: &vr, block_size },
             window, &mut out,
         );
-        let err = rel_l2(&out, &reference);
-        prop_assert!(err < 1e-5, "relative L2 {err:e}");
+        within_bounds("attention", &out, &reference, &bound)?;
     }
 }
 
