@@ -293,14 +293,15 @@ fn skip(e: &CudaError) -> bool {
 fn protocol(out_path: &str) {
     let layers = layers();
     let mut out = std::fs::File::create(out_path).expect("protocol output");
+    // `kernel`: "mma" for the default kernels (what scripts/gpu-results.py assumes when absent).
     let mut record = |what: &str,
-                      batch: usize,
-                      context: usize,
+                      kernel: &str,
+                      (batch, context): (usize, usize),
                       graphs: bool,
                       ms: f64,
                       card: &str| {
         let line = format!(
-            r#"{{"card": "{card}", "what": "{what}", "dtype": "bf16", "layers": {layers}, "batch": {batch}, "context": {context}, "graphs": {graphs}, "ours_ms": {ms:.4}}}"#
+            r#"{{"card": "{card}", "what": "{what}", "dtype": "bf16", "kernel": "{kernel}", "layers": {layers}, "batch": {batch}, "context": {context}, "graphs": {graphs}, "ours_ms": {ms:.4}}}"#
         );
         println!("{line}");
         writeln!(out, "{line}").expect("write protocol output");
@@ -334,7 +335,7 @@ fn protocol(out_path: &str) {
                     || decode_step(&mut engine, &seqs, context, &tokens),
                     REPEATS,
                 );
-                record("decode", batch, context, graphs, ms, &card);
+                record("decode", "mma", (batch, context), graphs, ms, &card);
                 for seq in seqs {
                     mixtral::Engine::free_sequence(&mut engine, seq).expect("free");
                 }
@@ -344,7 +345,7 @@ fn protocol(out_path: &str) {
             for tokens in [512, 4096] {
                 let prompt = ids(tokens, 7);
                 let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
-                record("prefill", 1, tokens, graphs, ms, &card);
+                record("prefill", "mma", (1, tokens), graphs, ms, &card);
             }
         }
     }
@@ -367,11 +368,7 @@ fn protocol(out_path: &str) {
         for tokens in [512, 4096] {
             let prompt = ids(tokens, 7);
             let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
-            let line = format!(
-                r#"{{"card": "{card}", "what": "prefill", "dtype": "bf16", "kernel": "{name}", "layers": {layers}, "batch": 1, "context": {tokens}, "graphs": true, "ours_ms": {ms:.4}}}"#
-            );
-            println!("{line}");
-            writeln!(out, "{line}").expect("write protocol output");
+            record("prefill", &name, (1, tokens), true, ms, &card);
         }
     }
     // Decode again on the tensor-core decode kernels (context 16, batch 1, 8 and 32).
@@ -379,11 +376,7 @@ fn protocol(out_path: &str) {
         Ok(mut engine) => {
             let card = engine.device_name().to_string();
             for (batch, ms) in decode_batches(&mut engine) {
-                let line = format!(
-                    r#"{{"card": "{card}", "what": "decode", "dtype": "bf16", "kernel": "mma_decode", "layers": {layers}, "batch": {batch}, "context": 16, "graphs": true, "ours_ms": {ms:.4}}}"#
-                );
-                println!("{line}");
-                writeln!(out, "{line}").expect("write protocol output");
+                record("decode", "mma_decode", (batch, 16), true, ms, &card);
             }
         }
         Err(e) => eprintln!("gpu_decode: no engine with mma_decode: {e}"),

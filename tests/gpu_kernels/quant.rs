@@ -837,13 +837,11 @@ fn compared_rows<T: Poison>(
             "{what}: slot {s} of another expert was written"
         );
     }
-    mine.iter()
-        .flat_map(|&s| v[s * width..(s + 1) * width].iter().copied())
-        .collect()
+    rows_of(v, mine, width)
 }
 
 /// The rows `slots` of `v` (`[*, width]`), in that order.
-fn rows_of(v: &[f32], slots: &[usize], width: usize) -> Vec<f32> {
+fn rows_of<T: Copy>(v: &[T], slots: &[usize], width: usize) -> Vec<T> {
     slots
         .iter()
         .flat_map(|&s| v[s * width..(s + 1) * width].iter().copied())
