@@ -1,5 +1,6 @@
 // common.cuh: helpers shared by every kernel file: bf16 <-> f32 conversion of packed registers,
-// 16-byte loads (streaming for weights, cached for activations), warp and block reductions.
+// 16-byte loads (streaming for weights, cached for activations), asynchronous copies into shared memory
+// and ldmatrix, the bf16 tensor-core MMA, warp and block reductions.
 // Storage is bf16, arithmetic and accumulation f32. Every kernel takes one parameter struct from
 // generated/params.h by value; the instantiations come from generated/instantiations.cuh.
 #pragma once
@@ -90,6 +91,46 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The shared-memory (state space) address of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+// 16 bytes global -> shared at shared address `dst`, asynchronous (cp.async, sm_80+). With
+// valid = false nothing is read and the 16 bytes become zero (a zero source size).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16u : 0u)
+                 : "memory");
+}
+
+// Closes this thread's current group of cp.async copies.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 b16 matrices from shared memory: lane l gives the (16-byte aligned) address of row l % 8
+// of matrix l / 8 and receives in r[i] the elements (row l / 4, columns 2 (l % 4), +1) of matrix i,
+// the lower column in the low half.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address)
+                 : "memory");
+}
+
+// ldmatrix_x4 of the transposed matrices: lane l receives in r[i] the elements (rows 2 (l % 4), +1;
+// column l / 4) of matrix i as stored, the lower row in the low half.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address)
+                 : "memory");
 }
 
 // Sum over the `WIDTH` consecutive lanes of each aligned lane group; every lane gets its group's sum.

@@ -188,34 +188,6 @@ __device__ __forceinline__ uint32_t swizzle(uint32_t row, uint32_t col) {
     return ((col / 8) ^ ((row / 2) % 4)) * 8;
 }
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-// 16-byte global -> shared copy; with valid = false nothing is read and the 16 bytes become zero.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-    const uint32_t src_bytes = valid ? 16u : 0u;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-// Waits until at most N of this thread's committed copy groups are still pending.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Four 8x8 bf16 matrices from shared memory; lane l gives the row address of matrix l / 8, row l % 8,
-// and receives in r[i] the elements (row l / 4, columns 2 (l % 4), +1) of matrix i.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address)
-                 : "memory");
-}
-
 // Starts the copies of K tile [k0, k0 + BK) of the block's x rows [m0, m0 + BM) and w rows
 // [n0, n0 + BN) into `stage`. Rows past tokens / out_features and chunks past in_features are zeros.
 __device__ __forceinline__ void load_stage(const LinearParams& p, MmaShared& s, int stage, uint32_t m0,
@@ -228,7 +200,7 @@ __device__ __forceinline__ void load_stage(const LinearParams& p, MmaShared& s, 
         const uint32_t t = m0 + row;
         const bool valid = t < p.tokens && k0 + col < p.in_features;
         const mx_bf16* src = valid ? p.x + (size_t)t * p.in_features + k0 + col : p.x;
-        cp_async_16(shared_address(&s.a[stage][row][swizzle(row, col)]), src, valid);
+        mx::cp_async_16(mx::shared_address(&s.a[stage][row][swizzle(row, col)]), src, valid);
     }
 #pragma unroll
     for (int q = 0; q < BN * CHUNKS / THREADS; ++q) {
@@ -238,7 +210,7 @@ __device__ __forceinline__ void load_stage(const LinearParams& p, MmaShared& s, 
         const uint32_t o = n0 + row;
         const bool valid = o < p.out_features && k0 + col < p.in_features;
         const mx_bf16* src = valid ? p.w + (size_t)o * p.in_features + k0 + col : p.w;
-        cp_async_16(shared_address(&s.b[stage][row][swizzle(row, col)]), src, valid);
+        mx::cp_async_16(mx::shared_address(&s.b[stage][row][swizzle(row, col)]), src, valid);
     }
 }
 
@@ -255,7 +227,7 @@ __device__ __forceinline__ void compute_stage(const MmaShared& s, int stage, uin
         for (int mi = 0; mi < MI; ++mi) {
             const uint32_t row = warp_m + mi * 16 + lane % 16;
             const uint32_t col = ks * 16 + (lane / 16) * 8;
-            ldmatrix_x4(af[mi], shared_address(&s.a[stage][row][swizzle(row, col)]));
+            mx::ldmatrix_x4(af[mi], mx::shared_address(&s.a[stage][row][swizzle(row, col)]));
         }
         // B fragments (k16 x n8, w rows are the n index): matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
         // (n 8-15, k 0-7), (n 8-15, k 8-15) = b0, b1 of n8 tile 2np and b0, b1 of tile 2np + 1.
@@ -265,7 +237,7 @@ __device__ __forceinline__ void compute_stage(const MmaShared& s, int stage, uin
             const uint32_t n = warp_n + np * 16 + lane % 8 + (lane / 16) * 8;
             const uint32_t col = ks * 16 + ((lane / 8) % 2) * 8;
             uint32_t r[4];
-            ldmatrix_x4(r, shared_address(&s.b[stage][n][swizzle(n, col)]));
+            mx::ldmatrix_x4(r, mx::shared_address(&s.b[stage][n][swizzle(n, col)]));
             bfrag[2 * np][0] = r[0];
             bfrag[2 * np][1] = r[1];
             bfrag[2 * np + 1][0] = r[2];
@@ -308,17 +280,17 @@ __device__ void mma_body(const LinearParams& p) {
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
         if ((uint32_t)st < k_tiles) load_stage(p, s, st, m0, n0, st * BK);
-        cp_async_commit();
+        mx::cp_async_commit();
     }
     for (uint32_t kt = 0; kt < k_tiles; ++kt) {
-        cp_async_wait<STAGES - 2>();
+        mx::cp_async_wait<STAGES - 2>();
         __syncthreads();
         const uint32_t next = kt + STAGES - 1;
         if (next < k_tiles) load_stage(p, s, next % STAGES, m0, n0, next * BK);
-        cp_async_commit();
+        mx::cp_async_commit();
         compute_stage(s, kt % STAGES, warp_m, warp_n, acc);
     }
-    cp_async_wait<0>();  // nothing is pending here (the last groups are empty); kept for clarity
+    mx::cp_async_wait<0>();  // nothing is pending here (the last groups are empty); kept for clarity
 
     // Accumulator layout of mma.m16n8k16: c0, c1 at (row lane / 4, columns 2 (lane % 4), +1);
     // c2, c3 at row lane / 4 + 8.

@@ -77,33 +77,6 @@ struct Smem {
     int32_t slot[BM];  // the tile's slots, -1 for rows past the expert's slots
 };
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-// 16 bytes global -> shared, asynchronous. With valid == false nothing is read and zeros are written.
-__device__ __forceinline__ void copy_16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
-                 "r"(valid ? 16u : 0u)
-                 : "memory");
-}
-
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-// Waits until at most N of this thread's committed copy groups are still in flight.
-template <int N>
-__device__ __forceinline__ void copy_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Four 8x8 bf16 matrices from shared memory; lane l gives the row address of matrix l / 8, row l % 8.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(row))
-                 : "memory");
-}
-
 // One BK stage of the block's products: acc[m] += A[wm.., k] * B[m][wn.., k]^T over the stage.
 __device__ __forceinline__ void compute_stage(const Stage& st, int wm, int wn, int lane,
                                               float (&acc)[NB][MI][NI][4]) {
@@ -113,7 +86,7 @@ __device__ __forceinline__ void compute_stage(const Stage& st, int wm, int wn, i
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {
             // matrices: rows 0-7 / 8-15 at k 0-7, then rows 0-7 / 8-15 at k 8-15 = a0, a1, a2, a3
-            ldmatrix_x4(a[mi], &st.a[wm + mi * 16 + lane % 16][kk + (lane / 16) * 8]);
+            mx::ldmatrix_x4(a[mi], mx::shared_address(&st.a[wm + mi * 16 + lane % 16][kk + (lane / 16) * 8]));
         }
 #pragma unroll
         for (int m = 0; m < NB; ++m) {
@@ -122,7 +95,8 @@ __device__ __forceinline__ void compute_stage(const Stage& st, int wm, int wn, i
                 // matrices: n 0-7 at k 0-7, n 0-7 at k 8-15, n 8-15 at k 0-7, n 8-15 at k 8-15
                 // = (b0, b1) of n8 fragment 2 nj, then (b0, b1) of fragment 2 nj + 1
                 uint32_t b[4];
-                ldmatrix_x4(b, &st.b[m][wn + nj * 16 + (lane / 16) * 8 + lane % 8][kk + ((lane / 8) % 2) * 8]);
+                const uint32_t n = wn + nj * 16 + (lane / 16) * 8 + lane % 8;
+                mx::ldmatrix_x4(b, mx::shared_address(&st.b[m][n][kk + ((lane / 8) % 2) * 8]));
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi) {
                     mx::mma_bf16_16816(acc[m][mi][2 * nj], a[mi], b[0], b[1]);
@@ -188,11 +162,11 @@ __device__ __forceinline__ void grouped_body(const MoeParams& p) {
         for (int i = 0; i < LOADS; ++i) {
             const int row = tid / CHUNKS + i * ROWS_PER_PASS;
             const bool a_ok = in_k && a_row[i] != nullptr;
-            copy_16(&smem.stage[s].a[row][chunk_k], a_ok ? a_row[i] + k : p.x, a_ok);
+            mx::cp_async_16(mx::shared_address(&smem.stage[s].a[row][chunk_k]), a_ok ? a_row[i] + k : p.x, a_ok);
 #pragma unroll
             for (int m = 0; m < NB; ++m) {
                 const bool b_ok = in_k && b_row[m][i] != nullptr;
-                copy_16(&smem.stage[s].b[m][row][chunk_k], b_ok ? b_row[m][i] + k : p.x, b_ok);
+                mx::cp_async_16(mx::shared_address(&smem.stage[s].b[m][row][chunk_k]), b_ok ? b_row[m][i] + k : p.x, b_ok);
             }
         }
     };
@@ -218,11 +192,11 @@ __device__ __forceinline__ void grouped_body(const MoeParams& p) {
     // the end of an iteration keeps the next iteration's copies off the stage still being read.
     const uint32_t k_tiles = (K + BK - 1) / BK;
     load_stage(0, 0);
-    copy_commit();
+    mx::cp_async_commit();
     for (uint32_t kt = 0; kt < k_tiles; ++kt) {
         if (kt + 1 < k_tiles) load_stage((int)((kt + 1) % 2), (kt + 1) * BK);
-        copy_commit();  // possibly empty: keeps one group per iteration
-        copy_wait<1>();  // this thread's copies of stage kt have landed
+        mx::cp_async_commit();  // possibly empty: keeps one group per iteration
+        mx::cp_async_wait<1>();  // this thread's copies of stage kt have landed
         __syncthreads();  // ... and everyone else's
         compute_stage(smem.stage[kt % 2], wm, wn, lane, acc);
         __syncthreads();

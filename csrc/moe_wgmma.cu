@@ -115,23 +115,6 @@ struct Smem {
 };
 static_assert(sizeof(Smem) <= 48 * 1024, "static shared memory");
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-// 16 bytes global -> shared, asynchronous. With valid == false nothing is read and zeros are written.
-__device__ __forceinline__ void copy_16(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16u : 0u)
-                 : "memory");
-}
-
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void copy_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // Shared-memory matrix descriptor of a K-major, unswizzled tile whose first core matrix is at `address`.
 __device__ __forceinline__ uint64_t descriptor(uint32_t address) {
     return (uint64_t)((address & 0x3FFFF) >> 4) | ((uint64_t)(LBO >> 4) << 16) | ((uint64_t)(SBO >> 4) << 32);
@@ -223,8 +206,8 @@ __device__ __forceinline__ void wgmma_body(const MoeParams& p) {
         const mx_bf16* w = UP ? (row < (uint32_t)(BN / 2) ? p.w1 : p.w3) : p.w2;
         b_row[i] = n < N ? w + ((size_t)expert * N + n) * K : nullptr;
     }
-    const uint32_t a_base = shared_address(&smem.a[0][0]);
-    const uint32_t b_base = shared_address(&smem.b[0][0]);
+    const uint32_t a_base = mx::shared_address(&smem.a[0][0]);
+    const uint32_t b_base = mx::shared_address(&smem.b[0][0]);
     const uint32_t copy_offset = 16u * (uint32_t)tid;
 
     // Copies the k range [k0, k0 + BK) of A and B into stage s (zeros outside).
@@ -234,12 +217,12 @@ __device__ __forceinline__ void wgmma_body(const MoeParams& p) {
 #pragma unroll
         for (int i = 0; i < A_COPIES; ++i) {
             const bool ok = in_k && a_row[i] != nullptr;
-            copy_16(a_base + s * A_BYTES + copy_offset + 16u * THREADS * i, ok ? a_row[i] + k : p.x, ok);
+            mx::cp_async_16(a_base + s * A_BYTES + copy_offset + 16u * THREADS * i, ok ? a_row[i] + k : p.x, ok);
         }
 #pragma unroll
         for (int i = 0; i < B_COPIES; ++i) {
             const bool ok = in_k && b_row[i] != nullptr;
-            copy_16(b_base + s * B_BYTES + copy_offset + 16u * THREADS * i, ok ? b_row[i] + k : p.x, ok);
+            mx::cp_async_16(b_base + s * B_BYTES + copy_offset + 16u * THREADS * i, ok ? b_row[i] + k : p.x, ok);
         }
     };
 
@@ -249,15 +232,15 @@ __device__ __forceinline__ void wgmma_body(const MoeParams& p) {
 
     const uint32_t k_tiles = (K + BK - 1) / BK;
     load_stage(0, 0);
-    copy_commit();
+    mx::cp_async_commit();
     if (1 < k_tiles) load_stage(1, BK);
-    copy_commit();  // possibly empty: one group per tile slot keeps the wait counts fixed
+    mx::cp_async_commit();  // possibly empty: one group per tile slot keeps the wait counts fixed
     for (uint32_t kt = 0; kt < k_tiles; ++kt) {
-        copy_wait<1>();       // this thread's copies of tile kt have landed
+        mx::cp_async_wait<1>();       // this thread's copies of tile kt have landed
         fence_proxy_async();  // ... and are visible to the async proxy
         __syncthreads();      // ... for every thread; every warp is past wgmma_wait_all of kt - 1
         if (kt + 2 < k_tiles) load_stage((kt + 2) % STAGES, (kt + 2) * BK);
-        copy_commit();
+        mx::cp_async_commit();
         const uint32_t s = kt % STAGES;
         const uint32_t a_tile = a_base + s * A_BYTES;
         const uint32_t b_tile = b_base + s * B_BYTES;
