@@ -243,10 +243,10 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "MOE_CUTLASS_STATUS_BASE", value: 1000, doc: "Added to a `cutlass::Status` returned by the CUTLASS entry points (below it: a `cudaError_t`)." },
 
     // --- attention_prefill ---
-    Constant { name: "ATTENTION_PREFILL_THREADS", value: 128, doc: "Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head)." },
-    Constant { name: "ATTENTION_PREFILL_QUERIES", value: 64, doc: "Query tokens per block of `attention_prefill` (16 per warp)." },
-    Constant { name: "ATTENTION_PREFILL_KEYS", value: 64, doc: "Keys per K/V tile of `attention_prefill` (gathered from the paged cache into shared memory)." },
-    Constant { name: "ATTENTION_PREFILL_PAD", value: 8, doc: "bf16 elements of padding per shared-memory row of `attention_prefill` (keeps the fragment reads free of bank conflicts and rows 16-byte aligned)." },
+    Constant { name: "ATTENTION_PREFILL_THREADS", value: 256, doc: "Threads per block of `attention_prefill` (8 warps, 16 query rows each; one block per tile of query rows of one KV head)." },
+    Constant { name: "ATTENTION_PREFILL_ROWS", value: 128, doc: "Query rows per block of `attention_prefill`: (token, query head) pairs of one KV head's group, heads fastest (16 per warp)." },
+    Constant { name: "ATTENTION_PREFILL_KEYS", value: 32, doc: "Keys per K/V tile of `attention_prefill` (copied from the paged cache into one of two shared-memory stages; one per lane)." },
+    Constant { name: "ATTENTION_PREFILL_PAD", value: 8, doc: "bf16 elements of padding per shared-memory row of `attention_prefill` (keeps ldmatrix reads and cp.async writes free of bank conflicts and rows 16-byte aligned)." },
 
     // --- sample ---
     Constant { name: "SAMPLE_THREADS", value: 1024, doc: "Threads per block of `sample` (one block per row)." },

@@ -96,13 +96,13 @@ typedef struct mx_bf16 {
 #define MOE_CUTLASS_GROUP_BYTES 128u
 // Added to a `cutlass::Status` returned by the CUTLASS entry points (below it: a `cudaError_t`).
 #define MOE_CUTLASS_STATUS_BASE 1000u
-// Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head).
-#define ATTENTION_PREFILL_THREADS 128u
-// Query tokens per block of `attention_prefill` (16 per warp).
-#define ATTENTION_PREFILL_QUERIES 64u
-// Keys per K/V tile of `attention_prefill` (gathered from the paged cache into shared memory).
-#define ATTENTION_PREFILL_KEYS 64u
-// bf16 elements of padding per shared-memory row of `attention_prefill` (keeps the fragment reads free of bank conflicts and rows 16-byte aligned).
+// Threads per block of `attention_prefill` (8 warps, 16 query rows each; one block per tile of query rows of one KV head).
+#define ATTENTION_PREFILL_THREADS 256u
+// Query rows per block of `attention_prefill`: (token, query head) pairs of one KV head's group, heads fastest (16 per warp).
+#define ATTENTION_PREFILL_ROWS 128u
+// Keys per K/V tile of `attention_prefill` (copied from the paged cache into one of two shared-memory stages; one per lane).
+#define ATTENTION_PREFILL_KEYS 32u
+// bf16 elements of padding per shared-memory row of `attention_prefill` (keeps ldmatrix reads and cp.async writes free of bank conflicts and rows 16-byte aligned).
 #define ATTENTION_PREFILL_PAD 8u
 // Threads per block of `sample` (one block per row).
 #define SAMPLE_THREADS 1024u

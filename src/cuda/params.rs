@@ -74,13 +74,13 @@ pub const MOE_WGMMA_STAGES: u32 = 3;
 pub const MOE_CUTLASS_GROUP_BYTES: u32 = 128;
 /// Added to a `cutlass::Status` returned by the CUTLASS entry points (below it: a `cudaError_t`).
 pub const MOE_CUTLASS_STATUS_BASE: u32 = 1000;
-/// Threads per block of `attention_prefill` (4 warps, 16 query rows each; one block per query tile and query head).
-pub const ATTENTION_PREFILL_THREADS: u32 = 128;
-/// Query tokens per block of `attention_prefill` (16 per warp).
-pub const ATTENTION_PREFILL_QUERIES: u32 = 64;
-/// Keys per K/V tile of `attention_prefill` (gathered from the paged cache into shared memory).
-pub const ATTENTION_PREFILL_KEYS: u32 = 64;
-/// bf16 elements of padding per shared-memory row of `attention_prefill` (keeps the fragment reads free of bank conflicts and rows 16-byte aligned).
+/// Threads per block of `attention_prefill` (8 warps, 16 query rows each; one block per tile of query rows of one KV head).
+pub const ATTENTION_PREFILL_THREADS: u32 = 256;
+/// Query rows per block of `attention_prefill`: (token, query head) pairs of one KV head's group, heads fastest (16 per warp).
+pub const ATTENTION_PREFILL_ROWS: u32 = 128;
+/// Keys per K/V tile of `attention_prefill` (copied from the paged cache into one of two shared-memory stages; one per lane).
+pub const ATTENTION_PREFILL_KEYS: u32 = 32;
+/// bf16 elements of padding per shared-memory row of `attention_prefill` (keeps ldmatrix reads and cp.async writes free of bank conflicts and rows 16-byte aligned).
 pub const ATTENTION_PREFILL_PAD: u32 = 8;
 /// Threads per block of `sample` (one block per row).
 pub const SAMPLE_THREADS: u32 = 1024;

@@ -1,6 +1,6 @@
 //! `attention_prefill` against the CPU reference `mixtral::cpu::attention::attention`: random
-//! head_dim (every compiled value), GQA groups 1/2/4, block sizes 1..=16 with shuffled block tables
-//! shared by several sequences, queries with and without a cached prefix, a single token, windows
+//! head_dim (every compiled value), GQA groups 1, 2, 3, 4 and 6, block sizes 1..=16 with shuffled
+//! block tables shared by several sequences, queries with and without a cached prefix, a single token, windows
 //! shorter and longer than the sequence and none, q inside a wider (fused QKV) row. Also holds the
 //! paged-pool fixture the decode test reuses.
 
@@ -162,7 +162,7 @@ fn cases() -> impl Strategy<Value = Case> {
     (
         (
             prop_oneof![Just(16usize), Just(32), Just(64), Just(128)],
-            prop_oneof![Just(1usize), Just(2), Just(4)],
+            prop_oneof![Just(1usize), Just(2), Just(4), Just(3), Just(6)],
             1usize..=2,
             1usize..=16,
         ),
@@ -391,27 +391,36 @@ fn attention_prefill_matches_the_cpu_reference() {
     }
 }
 
-/// Fixed cases at the tile edges: 63, 64 and 65 tokens (one query tile and one past it), a window of
-/// exactly one key, and a window equal to the sequence.
+/// Fixed cases at the tile edges: with 4 query heads per KV head, 31, 32 and 33 tokens (one tile of
+/// 128 query rows and one past it) and 64 and 65; with 6, 21 and 22 tokens (a tile ending inside a
+/// token's heads); keys ending at, and one past, a 32-key tile; a window of exactly one key, and a
+/// window equal to the sequence.
 #[test]
 fn attention_prefill_tile_edges() {
     let Some(gpu) = common::gpu("attention_prefill_tile_edges") else {
         return;
     };
-    for (seed, (tokens, start_pos, window)) in (12..).zip([
-        (63, 0, None),
-        (64, 0, None),
-        (65, 0, None),
-        (64, 64, None),
-        (65, 1, Some(1)),
-        (70, 30, Some(100)),
-        (129, 7, Some(64)),
+    for (seed, (group, tokens, start_pos, window)) in (12..).zip([
+        (4, 31, 0, None),
+        (4, 32, 0, None),
+        (4, 33, 0, None),
+        (4, 64, 0, None),
+        (4, 65, 0, None),
+        (4, 64, 64, None),
+        (4, 32, 32, None),
+        (4, 33, 32, None),
+        (4, 65, 1, Some(1)),
+        (4, 70, 30, Some(100)),
+        (4, 129, 7, Some(64)),
+        (6, 21, 0, None),
+        (6, 22, 11, Some(32)),
+        (1, 129, 0, None),
     ]) {
         check(
             &gpu,
             &Case {
                 head_dim: 128,
-                group: 4,
+                group,
                 kv_heads: 2,
                 block_size: 16,
                 start_pos,

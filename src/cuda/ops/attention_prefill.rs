@@ -11,7 +11,7 @@ use crate::cuda::checks::{Check, DEFAULT_SHARED_BYTES};
 use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{
     AttentionPrefillParams, KernelFamily, ATTENTION_PREFILL_KEYS, ATTENTION_PREFILL_PAD,
-    ATTENTION_PREFILL_QUERIES, ATTENTION_PREFILL_THREADS,
+    ATTENTION_PREFILL_ROWS, ATTENTION_PREFILL_THREADS,
 };
 
 /// What the caller decides for [`attention_prefill`]; the planner derives the score scale.
@@ -23,9 +23,9 @@ pub struct AttentionPrefillShape {
     pub start_pos: usize,
     /// The sequence's row of the block tables.
     pub seq_row: usize,
-    /// Query heads (a multiple of `n_kv_heads`, at most 65535).
+    /// Query heads (a multiple of `n_kv_heads`).
     pub n_heads: usize,
-    /// Key/value heads.
+    /// Key/value heads (at most 65535).
     pub n_kv_heads: usize,
     /// Head dimension (a compiled value: 16, 32, 64 or 128).
     pub head_dim: usize,
@@ -36,12 +36,12 @@ pub struct AttentionPrefillShape {
 }
 
 /// Static shared memory of the kernel for `head_dim` (as declared in `csrc/attention_prefill.cu`):
-/// the K tile `[KEYS, head_dim + PAD]` and transposed V tile `[head_dim, KEYS + PAD]` in bf16, and
-/// one 64-bit cache slot per key.
+/// two stages of a K and a V tile `[KEYS, head_dim + PAD]` in bf16, and one 32-bit mask of absent
+/// keys per stage.
 fn shared_bytes(head_dim: usize) -> usize {
     let keys = ATTENTION_PREFILL_KEYS as usize;
     let pad = ATTENTION_PREFILL_PAD as usize;
-    keys * (head_dim + pad) * 2 + head_dim * (keys + pad) * 2 + keys * 8
+    2 * (2 * keys * (head_dim + pad) * 2 + 4)
 }
 
 fn plan(
@@ -88,8 +88,8 @@ fn plan(
         tokens: s.tokens as u32,
         start_pos: s.start_pos as u32,
         seq_row: s.seq_row as u32,
-        n_heads: c.grid_yz("n_heads", s.n_heads)?,
-        n_kv_heads: s.n_kv_heads as u32,
+        n_heads: c.count("n_heads", s.n_heads)?,
+        n_kv_heads: c.grid_yz("n_kv_heads", s.n_kv_heads)?,
         head_dim,
         block_size: s.cache.block_size as u32,
         max_blocks_per_seq: s.cache.max_blocks_per_seq as u32,
@@ -99,10 +99,13 @@ fn plan(
         scale: score_scale(head_dim),
     };
     let params = a.params(c.op, &scalars)?;
-    let tiles = s.tokens.div_ceil(ATTENTION_PREFILL_QUERIES as usize) as u32;
+    // A block takes ROWS of a KV head's (token, query head of its group) rows.
+    let rows = s.tokens * (s.n_heads / s.n_kv_heads);
+    c.count("tokens * n_heads / n_kv_heads", rows)?;
+    let tiles = rows.div_ceil(ATTENTION_PREFILL_ROWS as usize) as u32;
     let grid = Grid {
         variant,
-        grid: (tiles, scalars.n_heads, 1),
+        grid: (tiles, scalars.n_kv_heads, 1),
         block: ATTENTION_PREFILL_THREADS,
         shared_bytes: 0,
     };
@@ -171,7 +174,7 @@ mod tests {
     }
 
     #[test]
-    fn picks_the_head_dim_instantiation_and_one_block_per_query_tile_and_head() {
+    fn picks_the_head_dim_instantiation_and_one_block_per_row_tile_and_kv_head() {
         for head_dim in [16, 32, 64, 128] {
             let s = AttentionPrefillShape {
                 head_dim,
@@ -179,8 +182,8 @@ mod tests {
             };
             let (p, [grid]) = plan(&s, &args(&s)).unwrap().unwrap();
             assert_eq!(symbol(&grid), format!("attention_prefill_d{head_dim}"));
-            // 100 tokens in tiles of 64 queries, one column per query head.
-            assert_eq!(grid.grid, (2, 32, 1));
+            // 100 tokens x 4 query heads per KV head in tiles of 128 rows, one column per KV head.
+            assert_eq!(grid.grid, (4, 8, 1));
             assert_eq!(
                 (grid.block, grid.shared_bytes),
                 (ATTENTION_PREFILL_THREADS, 0)
@@ -199,14 +202,15 @@ mod tests {
             );
             assert_eq!(p.scale, 1.0 / (head_dim as f32).sqrt());
         }
-        for (tokens, tiles) in [(1, 1), (64, 1), (65, 2)] {
+        for (tokens, n_kv_heads, tiles) in [(1, 8, 1), (32, 8, 1), (33, 8, 2), (128, 32, 1), (129, 32, 2)] {
             let s = AttentionPrefillShape {
                 tokens,
                 start_pos: 0,
+                n_kv_heads,
                 ..shape()
             };
             let (_, [grid]) = plan(&s, &args(&s)).unwrap().unwrap();
-            assert_eq!(grid.grid, (tiles, 32, 1));
+            assert_eq!(grid.grid, (tiles, n_kv_heads as u32, 1));
         }
     }
 
@@ -290,9 +294,10 @@ mod tests {
         refused(
             AttentionPrefillShape {
                 n_heads: 65_536,
+                n_kv_heads: 65_536,
                 ..shape()
             },
-            "n_heads",
+            "n_kv_heads",
         );
         // q's column group must be as wide as the heads the kernel reads.
         let narrow = AttentionPrefillShape {
@@ -375,20 +380,22 @@ mod tests {
             seen += 1;
         }
         assert_eq!(seen, 4);
-        // The largest compiled value, as ptxas reports it for attention_prefill_d128.
-        assert_eq!(shared_bytes(128), 36_352);
+        // The largest compiled value, as ptxas reports it for attention_prefill_d128 on sm_80 (sm_90a
+        // adds 1 KiB it reserves itself).
+        assert_eq!(shared_bytes(128), 34_824);
     }
 
     proptest! {
-        /// The grid covers every token exactly: tiles * QUERIES >= tokens > (tiles - 1) * QUERIES,
-        /// and the capacity bound is exact.
+        /// The grid covers every query row exactly: tiles * ROWS >= rows > (tiles - 1) * ROWS for
+        /// the rows = tokens * (query heads per KV head), and the capacity bound is exact.
         #[test]
         fn grid_covers_the_tokens_and_capacity_is_exact(
             tokens in 1usize..1000,
             start_pos in 0usize..500,
             block_size in 1usize..=16,
+            group in 1usize..=8,
         ) {
-            let queries = ATTENTION_PREFILL_QUERIES as usize;
+            let per_block = ATTENTION_PREFILL_ROWS as usize;
             let needed = (start_pos + tokens).div_ceil(block_size);
             let cache = PagedCacheShape {
                 num_blocks: needed,
@@ -396,10 +403,12 @@ mod tests {
                 num_seqs: 1,
                 max_blocks_per_seq: needed,
             };
-            let s = AttentionPrefillShape { tokens, start_pos, seq_row: 0, cache, ..shape() };
+            let n_heads = 8 * group;
+            let s = AttentionPrefillShape { tokens, start_pos, seq_row: 0, cache, n_heads, ..shape() };
             let (_, [grid]) = plan(&s, &args(&s)).unwrap().unwrap();
-            let tiles = grid.grid.0 as usize;
-            prop_assert!(tiles * queries >= tokens && (tiles - 1) * queries < tokens);
+            let (tiles, rows) = (grid.grid.0 as usize, tokens * group);
+            prop_assert!(tiles * per_block >= rows && (tiles - 1) * per_block < rows);
+            prop_assert_eq!(grid.grid.1, 8);
             let short = AttentionPrefillShape {
                 cache: PagedCacheShape { max_blocks_per_seq: needed - 1, ..cache },
                 ..s
