@@ -79,22 +79,35 @@ fn sync(stream: &CudaStream) {
     stream.synchronize().expect("synchronise");
 }
 
-/// A launcher over [`LinearArgs`] (`ops::linear`, `ops::linear_mma_decode`).
-type LinearOp = fn(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>;
-
 /// A launcher over [`MoeArgs`] (`ops::moe_experts`, `ops::moe_mma`).
 type MoeOp = fn(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError>;
 
-/// The dense projections at Mixtral shapes (decode batches also on `linear_mma_decode`).
+/// One launch of a dense projection over its arguments (the shape and kernels captured).
+type Launch<'a> = dyn FnMut(LinearArgs<'_>) -> Result<(), CudaError> + 'a;
+
+/// The dense projections at Mixtral shapes (decode batches also on `linear_mma_decode`; prefill
+/// chunks also on `linear_cutlass`, CUTLASS's Hopper GEMM, where its self-check passes).
 fn linear_benches(c: &mut Criterion, b: &mut Bench) {
     let stream = b.stream();
+    let check = ops::linear_cutlass_self_check(&b.kernels, &stream).expect("CUTLASS self-check");
+    println!(
+        "linear: linear_cutlass_self_check on {}: {check:?}",
+        b.device.name()
+    );
+    let shapes = [("qkv", 6144), ("o", 4096), ("lm_head", VOCAB)];
+    let mut cutlass = check.passed().then(|| {
+        let features = shapes.map(|(_, out)| (HIDDEN as u32, out as u32));
+        ops::LinearCutlassScratch::new(&mut b.arena, &stream, &features, 512).expect("scratch")
+    });
     let mut group = c.benchmark_group("linear");
+    // A short warm-up: up to 24 rows share gpu-check's time for the kernel benches.
     group
         .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2));
-    for (name, out_features) in [("qkv", 6144), ("o", 4096), ("lm_head", VOCAB)] {
+    for (name, out_features) in shapes {
         let w = b.random(out_features * HIDDEN, 0.02);
-        for tokens in [1usize, 8, 512] {
+        for tokens in [1usize, 8, 32, 512] {
             let x = b.random(tokens * HIDDEN, 1.0);
             let mut y = b.zeros::<bf16>(tokens * out_features);
             if tokens <= 8 {
@@ -104,27 +117,34 @@ fn linear_benches(c: &mut Criterion, b: &mut Bench) {
                     (2 * tokens * out_features * HIDDEN) as u64,
                 ));
             }
-            // Decode batches also on the tensor-core decode kernel.
-            let ops: &[(&str, LinearOp)] = if tokens <= 8 {
-                &[("", ops::linear), ("_mma_decode", ops::linear_mma_decode)]
-            } else {
-                &[("", ops::linear)]
+            let s = LinearScalars {
+                tokens: tokens as u32,
+                in_features: HIDDEN as u32,
+                out_features: out_features as u32,
             };
-            for &(suffix, op) in ops {
+            // Decode batches also on the tensor-core decode kernel, prefill chunks on CUTLASS's.
+            let mut launchers: Vec<(&str, Box<Launch>)> = vec![(
+                "",
+                Box::new(|args| ops::linear(&b.kernels, &stream, &s, args)),
+            )];
+            if tokens <= 8 {
+                let decode =
+                    |args: LinearArgs<'_>| ops::linear_mma_decode(&b.kernels, &stream, &s, args);
+                launchers.push(("_mma_decode", Box::new(decode)));
+            } else if let Some(scratch) = cutlass.as_mut() {
+                let run = |args: LinearArgs<'_>| ops::linear_cutlass(&stream, &s, args, scratch);
+                launchers.push(("_cutlass", Box::new(run)));
+            }
+            for (suffix, mut launch) in launchers {
                 let id = BenchmarkId::new(format!("{name}{suffix}"), tokens);
                 group.bench_function(id, |bench| {
                     bench.iter(|| {
-                        let s = LinearScalars {
-                            tokens: tokens as u32,
-                            in_features: HIDDEN as u32,
-                            out_features: out_features as u32,
-                        };
                         let args = LinearArgs {
                             x: x.view(),
                             w: w.view(),
                             out: y.view_mut().into(),
                         };
-                        op(&b.kernels, &stream, &s, args).expect("linear");
+                        launch(args).expect(name);
                         sync(&stream);
                     })
                 });

@@ -742,7 +742,8 @@ fn hopper_expert_kernels_pass_their_self_check_and_match_the_cpu() {
     check_hopper_expert_kernels(mixtral::cuda::engine::GroupedKernel::Wgmma);
 }
 
-/// The same for CUTLASS's grouped GEMM (`csrc/cutlass/`).
+/// The same for CUTLASS's grouped GEMM (`csrc/cutlass/`), which brings its dense GEMM for the
+/// projections of the 100-token prefill (every feature count of the trained model is a multiple of 8).
 #[test]
 fn cutlass_expert_kernels_pass_their_self_check_and_match_the_cpu() {
     check_hopper_expert_kernels(mixtral::cuda::engine::GroupedKernel::Cutlass);

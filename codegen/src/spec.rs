@@ -500,6 +500,25 @@ pub const STRUCTS: &[ParamStruct] = &[
         ],
     },
 
+    ParamStruct {
+        name: "LinearCutlassParams",
+        doc: "Dense projection of prefill chunks on CUTLASS's Hopper GEMM (`mx_linear_cutlass_bf16_run`, \
+              `mx_linear_cutlass_f32_run`, csrc/cutlass/): `out[t, o] = sum_i x[t, i] * w[o, i]` (x and w bf16, \
+              f32 accumulation), out bf16 or f32 as the entry says; stream-K over `sm_count` SMs, the \
+              partial tiles in `workspace`.",
+        fields: &[
+            field("x", read(Bf16), "`[tokens, in_features]` input rows (16-byte aligned).").len("tokens * in_features").aligned(),
+            field("w", read(Bf16), "`[out_features, in_features]` weight, row-major as stored in checkpoints (16-byte aligned).").len("out_features * in_features").aligned(),
+            field("out", write(Void), "`[tokens, out_features]`, bf16 or f32 as the entry says (16-byte aligned).").len("tokens * out_features").aligned(),
+            field("workspace", write(U8), "`[workspace_bytes]` the GEMM's workspace (`mx_linear_cutlass_workspace_bytes`).").len("workspace_bytes").aligned(),
+            field("tokens", U32, "Number of tokens (rows of x and out)."),
+            field("in_features", U32, "Input features (a positive multiple of 8)."),
+            field("out_features", U32, "Output features (rows of w; a positive multiple of 8)."),
+            field("workspace_bytes", U32, "Bytes of `workspace`."),
+            field("sm_count", U32, "Streaming multiprocessors of the device (the persistent grid)."),
+        ],
+    },
+
     // --- moe_grouped ---
 
     // --- attention_prefill ---

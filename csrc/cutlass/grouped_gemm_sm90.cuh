@@ -40,6 +40,29 @@ inline int cutlass_code(cutlass::Status s) {
     return s == cutlass::Status::kSuccess ? 0 : (int)MOE_CUTLASS_STATUS_BASE + (int)s;
 }
 
+// D = alpha * acc with alpha = 1 and no C: the epilogue of every GEMM of the shims.
+template <class Arguments>
+void plain_epilogue(Arguments& args) {
+    auto& fusion = args.epilogue.thread;
+    fusion.alpha = 1.0f;
+    fusion.beta = 0.0f;
+    fusion.alpha_ptr = nullptr;
+    fusion.beta_ptr = nullptr;
+}
+
+// Runs the CUTLASS GEMM `Gemm` over `args` on `stream` in `workspace` (`workspace_bytes` bytes):
+// 0, or the error code of the shims (a workspace smaller than the query is refused).
+template <class Gemm>
+int run_gemm(const typename Gemm::Arguments& args, uint8_t* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    Gemm gemm;
+    if (Gemm::get_workspace_size(args) > workspace_bytes) {
+        return (int)MOE_CUTLASS_STATUS_BASE + (int)cutlass::Status::kErrorWorkspaceNull;
+    }
+    if (int c = cutlass_code(gemm.can_implement(args))) return c;
+    if (int c = cutlass_code(gemm.initialize(args, workspace, stream))) return c;
+    return cutlass_code(gemm.run(stream));
+}
+
 template <class ElementAB_, int TILE_K, class ElementAccumulator_ = float>
 struct GroupedGemm {
     using ElementAB = ElementAB_;
@@ -139,11 +162,7 @@ struct GroupedGemm {
             {g.a + first, g.stride_a + first, g.b + first, g.stride_b + first},
             {{}, nullptr, nullptr, g.d + first, g.stride_d + first},
             hw};
-        auto& fusion = args.epilogue.thread;
-        fusion.alpha = 1.0f;
-        fusion.beta = 0.0f;
-        fusion.alpha_ptr = nullptr;
-        fusion.beta_ptr = nullptr;
+        plain_epilogue(args);
         return args;
     }
 
@@ -160,14 +179,7 @@ struct GroupedGemm {
     // error code of the shims' header.
     static int run(const Arrays& g, uint32_t first, uint32_t count, uint32_t sm_count, uint8_t* workspace,
                    size_t workspace_bytes, cudaStream_t stream) {
-        Gemm gemm;
-        const typename Gemm::Arguments args = arguments(g, first, count, (int)sm_count);
-        if (Gemm::get_workspace_size(args) > workspace_bytes) {
-            return (int)MOE_CUTLASS_STATUS_BASE + (int)cutlass::Status::kErrorWorkspaceNull;
-        }
-        if (int c = cutlass_code(gemm.can_implement(args))) return c;
-        if (int c = cutlass_code(gemm.initialize(args, workspace, stream))) return c;
-        return cutlass_code(gemm.run(stream));
+        return run_gemm<Gemm>(arguments(g, first, count, (int)sm_count), workspace, workspace_bytes, stream);
     }
 };
 

@@ -623,6 +623,39 @@ MX_STATIC_ASSERT(offsetof(LinearParams, tokens) == 24, "LinearParams.tokens: off
 MX_STATIC_ASSERT(offsetof(LinearParams, in_features) == 28, "LinearParams.in_features: offset");
 MX_STATIC_ASSERT(offsetof(LinearParams, out_features) == 32, "LinearParams.out_features: offset");
 
+// Dense projection of prefill chunks on CUTLASS's Hopper GEMM (`mx_linear_cutlass_bf16_run`, `mx_linear_cutlass_f32_run`, csrc/cutlass/): `out[t, o] = sum_i x[t, i] * w[o, i]` (x and w bf16, f32 accumulation), out bf16 or f32 as the entry says; stream-K over `sm_count` SMs, the partial tiles in `workspace`.
+typedef struct LinearCutlassParams {
+    // `[tokens, in_features]` input rows (16-byte aligned).
+    const mx_bf16* x;
+    // `[out_features, in_features]` weight, row-major as stored in checkpoints (16-byte aligned).
+    const mx_bf16* w;
+    // `[tokens, out_features]`, bf16 or f32 as the entry says (16-byte aligned).
+    void* out;
+    // `[workspace_bytes]` the GEMM's workspace (`mx_linear_cutlass_workspace_bytes`).
+    uint8_t* workspace;
+    // Number of tokens (rows of x and out).
+    uint32_t tokens;
+    // Input features (a positive multiple of 8).
+    uint32_t in_features;
+    // Output features (rows of w; a positive multiple of 8).
+    uint32_t out_features;
+    // Bytes of `workspace`.
+    uint32_t workspace_bytes;
+    // Streaming multiprocessors of the device (the persistent grid).
+    uint32_t sm_count;
+} LinearCutlassParams;
+MX_STATIC_ASSERT(sizeof(LinearCutlassParams) == 56, "LinearCutlassParams: size");
+MX_STATIC_ASSERT(MX_ALIGNOF(LinearCutlassParams) == 8, "LinearCutlassParams: alignment");
+MX_STATIC_ASSERT(offsetof(LinearCutlassParams, x) == 0, "LinearCutlassParams.x: offset");
+MX_STATIC_ASSERT(offsetof(LinearCutlassParams, w) == 8, "LinearCutlassParams.w: offset");
+MX_STATIC_ASSERT(offsetof(LinearCutlassParams, out) == 16, "LinearCutlassParams.out: offset");
+MX_STATIC_ASSERT(offsetof(LinearCutlassParams, workspace) == 24, "LinearCutlassParams.workspace: offset");
+MX_STATIC_ASSERT(offsetof(LinearCutlassParams, tokens) == 32, "LinearCutlassParams.tokens: offset");
+MX_STATIC_ASSERT(offsetof(LinearCutlassParams, in_features) == 36, "LinearCutlassParams.in_features: offset");
+MX_STATIC_ASSERT(offsetof(LinearCutlassParams, out_features) == 40, "LinearCutlassParams.out_features: offset");
+MX_STATIC_ASSERT(offsetof(LinearCutlassParams, workspace_bytes) == 44, "LinearCutlassParams.workspace_bytes: offset");
+MX_STATIC_ASSERT(offsetof(LinearCutlassParams, sm_count) == 48, "LinearCutlassParams.sm_count: offset");
+
 // Causal flash attention of one sequence's `tokens` consecutive queries (positions `start_pos .. start_pos + tokens`, block-table row `seq_row`) over the paged cache. The query at position p attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale`, softmax in f32. Keys whose block-table entry is outside [0, num_blocks) are skipped.
 typedef struct AttentionPrefillParams {
     // `[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`).

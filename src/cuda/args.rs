@@ -721,6 +721,60 @@ impl LinearArgs<'_> {
     }
 }
 
+/// The device buffers of [`LinearCutlassParams`].
+#[derive(Debug)]
+pub struct LinearCutlassArgs<'a> {
+    /// `[tokens, in_features]` input rows (16-byte aligned).
+    pub x: View<'a, bf16>,
+    /// `[out_features, in_features]` weight, row-major as stored in checkpoints (16-byte aligned).
+    pub w: View<'a, bf16>,
+    /// `[tokens, out_features]`, bf16 or f32 as the entry says (16-byte aligned).
+    pub out: AnyViewMut<'a>,
+    /// `[workspace_bytes]` the GEMM's workspace (`mx_linear_cutlass_workspace_bytes`).
+    pub workspace: ViewMut<'a, u8>,
+}
+
+/// The scalar fields of [`LinearCutlassParams`] (row strides come from the `Rows` views).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinearCutlassScalars {
+    /// Number of tokens (rows of x and out).
+    pub tokens: u32,
+    /// Input features (a positive multiple of 8).
+    pub in_features: u32,
+    /// Output features (rows of w; a positive multiple of 8).
+    pub out_features: u32,
+    /// Bytes of `workspace`.
+    pub workspace_bytes: u32,
+    /// Streaming multiprocessors of the device (the persistent grid).
+    pub sm_count: u32,
+}
+
+impl LinearCutlassArgs<'_> {
+    /// Checks every buffer against what the kernel touches for `s` (`op` names the caller in errors)
+    /// and fills the parameters.
+    pub fn params(&self, op: &'static str, s: &LinearCutlassScalars) -> Result<LinearCutlassParams, CudaError> {
+        need(op, "x", self.x.len(), product(&[u128::from(s.tokens), u128::from(s.in_features)]))?;
+        aligned(op, "x", self.x.address())?;
+        need(op, "w", self.w.len(), product(&[u128::from(s.out_features), u128::from(s.in_features)]))?;
+        aligned(op, "w", self.w.address())?;
+        need(op, "out", self.out.len(), product(&[u128::from(s.tokens), u128::from(s.out_features)]))?;
+        aligned(op, "out", self.out.address())?;
+        need(op, "workspace", self.workspace.len(), u128::from(s.workspace_bytes))?;
+        aligned(op, "workspace", self.workspace.address())?;
+        Ok(LinearCutlassParams {
+            x: self.x.address(),
+            w: self.w.address(),
+            out: self.out.address(),
+            workspace: self.workspace.address(),
+            tokens: s.tokens,
+            in_features: s.in_features,
+            out_features: s.out_features,
+            workspace_bytes: s.workspace_bytes,
+            sm_count: s.sm_count,
+        })
+    }
+}
+
 /// The device buffers of [`AttentionPrefillParams`].
 #[derive(Debug)]
 pub struct AttentionPrefillArgs<'a> {

@@ -74,3 +74,6 @@ pub use moe_wgmma::*;
 
 mod moe_cutlass;
 pub use moe_cutlass::*;
+
+mod linear_cutlass;
+pub use linear_cutlass::*;

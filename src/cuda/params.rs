@@ -631,6 +631,42 @@ const _: () = assert!(core::mem::offset_of!(LinearParams, tokens) == 24);
 const _: () = assert!(core::mem::offset_of!(LinearParams, in_features) == 28);
 const _: () = assert!(core::mem::offset_of!(LinearParams, out_features) == 32);
 
+/// Dense projection of prefill chunks on CUTLASS's Hopper GEMM (`mx_linear_cutlass_bf16_run`, `mx_linear_cutlass_f32_run`, csrc/cutlass/): `out[t, o] = sum_i x[t, i] * w[o, i]` (x and w bf16, f32 accumulation), out bf16 or f32 as the entry says; stream-K over `sm_count` SMs, the partial tiles in `workspace`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinearCutlassParams {
+    /// `[tokens, in_features]` input rows (16-byte aligned). Device pointer to bf16, read.
+    pub x: u64,
+    /// `[out_features, in_features]` weight, row-major as stored in checkpoints (16-byte aligned). Device pointer to bf16, read.
+    pub w: u64,
+    /// `[tokens, out_features]`, bf16 or f32 as the entry says (16-byte aligned). Device pointer to variant-typed, written.
+    pub out: u64,
+    /// `[workspace_bytes]` the GEMM's workspace (`mx_linear_cutlass_workspace_bytes`). Device pointer to u8, written.
+    pub workspace: u64,
+    /// Number of tokens (rows of x and out).
+    pub tokens: u32,
+    /// Input features (a positive multiple of 8).
+    pub in_features: u32,
+    /// Output features (rows of w; a positive multiple of 8).
+    pub out_features: u32,
+    /// Bytes of `workspace`.
+    pub workspace_bytes: u32,
+    /// Streaming multiprocessors of the device (the persistent grid).
+    pub sm_count: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<LinearCutlassParams>() == 56);
+const _: () = assert!(core::mem::align_of::<LinearCutlassParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(LinearCutlassParams, x) == 0);
+const _: () = assert!(core::mem::offset_of!(LinearCutlassParams, w) == 8);
+const _: () = assert!(core::mem::offset_of!(LinearCutlassParams, out) == 16);
+const _: () = assert!(core::mem::offset_of!(LinearCutlassParams, workspace) == 24);
+const _: () = assert!(core::mem::offset_of!(LinearCutlassParams, tokens) == 32);
+const _: () = assert!(core::mem::offset_of!(LinearCutlassParams, in_features) == 36);
+const _: () = assert!(core::mem::offset_of!(LinearCutlassParams, out_features) == 40);
+const _: () = assert!(core::mem::offset_of!(LinearCutlassParams, workspace_bytes) == 44);
+const _: () = assert!(core::mem::offset_of!(LinearCutlassParams, sm_count) == 48);
+
 /// Causal flash attention of one sequence's `tokens` consecutive queries (positions `start_pos .. start_pos + tokens`, block-table row `seq_row`) over the paged cache. The query at position p attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale`, softmax in f32. Keys whose block-table entry is outside [0, num_blocks) are skipped.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -2894,6 +2930,58 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "out_features",
                     core::mem::offset_of!(LinearParams, out_features),
                     core::mem::size_of_val(&LinearParams::default().out_features),
+                ),
+            ],
+        },
+        CompiledLayout {
+            name: "LinearCutlassParams",
+            size: core::mem::size_of::<LinearCutlassParams>(),
+            align: core::mem::align_of::<LinearCutlassParams>(),
+            fields: vec![
+                (
+                    "x",
+                    core::mem::offset_of!(LinearCutlassParams, x),
+                    core::mem::size_of_val(&LinearCutlassParams::default().x),
+                ),
+                (
+                    "w",
+                    core::mem::offset_of!(LinearCutlassParams, w),
+                    core::mem::size_of_val(&LinearCutlassParams::default().w),
+                ),
+                (
+                    "out",
+                    core::mem::offset_of!(LinearCutlassParams, out),
+                    core::mem::size_of_val(&LinearCutlassParams::default().out),
+                ),
+                (
+                    "workspace",
+                    core::mem::offset_of!(LinearCutlassParams, workspace),
+                    core::mem::size_of_val(&LinearCutlassParams::default().workspace),
+                ),
+                (
+                    "tokens",
+                    core::mem::offset_of!(LinearCutlassParams, tokens),
+                    core::mem::size_of_val(&LinearCutlassParams::default().tokens),
+                ),
+                (
+                    "in_features",
+                    core::mem::offset_of!(LinearCutlassParams, in_features),
+                    core::mem::size_of_val(&LinearCutlassParams::default().in_features),
+                ),
+                (
+                    "out_features",
+                    core::mem::offset_of!(LinearCutlassParams, out_features),
+                    core::mem::size_of_val(&LinearCutlassParams::default().out_features),
+                ),
+                (
+                    "workspace_bytes",
+                    core::mem::offset_of!(LinearCutlassParams, workspace_bytes),
+                    core::mem::size_of_val(&LinearCutlassParams::default().workspace_bytes),
+                ),
+                (
+                    "sm_count",
+                    core::mem::offset_of!(LinearCutlassParams, sm_count),
+                    core::mem::size_of_val(&LinearCutlassParams::default().sm_count),
                 ),
             ],
         },

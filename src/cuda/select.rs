@@ -14,7 +14,8 @@
 //!   tokens, as bf16;
 //! - the Hopper expert kernels (hand-written warpgroup MMA, or CUTLASS's grouped GEMM) run only
 //!   where asked for, on compute capability 9.0, after their self-check against the mma.sync
-//!   kernels passed on the device;
+//!   kernels passed on the device; with CUTLASS's, the dense projections past the GEMV's range run
+//!   on CUTLASS's Hopper GEMM too (its own self-check passed as well);
 //! - where asked for ([`Device::mma_decode`]), the tensor-core decode kernels take the GEMVs'
 //!   ranges (bf16 experts up to [`MOE_MMA_DECODE_MAX_TOKENS`] tokens, past the bf16 GEMV) for bf16
 //!   weights and the packed ones they read ([`Format::PackedMma`], and the 8-bit [`Format::Q8`]):
@@ -71,8 +72,8 @@ pub enum GroupedKernel {
     Mma,
     /// `moe_wgmma_gemm` (Hopper warpgroup MMA), once its self-check passed on this device.
     Wgmma,
-    /// `moe_cutlass_gemm` (CUTLASS's Hopper grouped GEMM), once its self-check passed on this
-    /// device.
+    /// `moe_cutlass_gemm` (CUTLASS's Hopper grouped GEMM), and `linear_cutlass` (its dense GEMM)
+    /// for the projections of large chunks, once both self-checks passed on this device.
     Cutlass,
 }
 
@@ -99,6 +100,8 @@ pub enum Choice {
     LinearGemv,
     /// `linear_mma`: the bf16 tensor-core GEMM.
     LinearMma,
+    /// `linear_cutlass`: CUTLASS's Hopper GEMM (stream-K over the SMs).
+    LinearCutlass,
     /// `linear_mma_decode`: a bf16 decode batch on the tensor cores, each weight row read once.
     LinearMmaDecode,
     /// `qlinear`: a GEMV over the packed weights, dequantized in registers.
@@ -107,6 +110,8 @@ pub enum Choice {
     QLinearMma,
     /// `dequantize` into bf16 scratch, then `linear_mma`.
     DequantizeThenLinearMma,
+    /// `dequantize` into bf16 scratch, then `linear_cutlass`.
+    DequantizeThenLinearCutlass,
     /// `moe_up` + `moe_down`: GEMVs over the bf16 experts that have slots.
     MoeGemv,
     /// `moe_mma_up` + `moe_mma_down`: the bf16 experts that have slots on the tensor cores, each
@@ -141,10 +146,12 @@ impl Choice {
         match self {
             Choice::LinearGemv => "linear_gemv",
             Choice::LinearMma => "linear_mma",
+            Choice::LinearCutlass => "linear_cutlass",
             Choice::LinearMmaDecode => "linear_mma_decode",
             Choice::QLinear => "qlinear",
             Choice::QLinearMma => "qlinear_mma",
             Choice::DequantizeThenLinearMma => "dequantize + linear_mma",
+            Choice::DequantizeThenLinearCutlass => "dequantize + linear_cutlass",
             Choice::MoeGemv => "moe_up + moe_down",
             Choice::MoeMma => "moe_mma_up + moe_mma_down",
             Choice::MoeGrouped => "moe_grouped_up + moe_grouped_down",
@@ -168,12 +175,16 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
             Choice::LinearMmaDecode
         }
         (Op::Projection, Bf16) if tokens <= LINEAR_GEMV_MAX_TOKENS => Choice::LinearGemv,
+        (Op::Projection, Bf16) if device.grouped == GroupedKernel::Cutlass => Choice::LinearCutlass,
         (Op::Projection, Bf16) => Choice::LinearMma,
         (Op::Projection, PackedMma | Q8) if device.mma_decode && tokens <= LINEAR_GEMV_MAX_TOKENS => {
             Choice::QLinearMma
         }
         (Op::Projection, Packed | Q8 | PackedMma) if tokens <= LINEAR_GEMV_MAX_TOKENS => {
             Choice::QLinear
+        }
+        (Op::Projection, Packed | Q8 | PackedMma) if device.grouped == GroupedKernel::Cutlass => {
+            Choice::DequantizeThenLinearCutlass
         }
         (Op::Projection, Packed | Q8 | PackedMma) => Choice::DequantizeThenLinearMma,
         (Op::Experts, Bf16) if device.mma_decode && tokens <= MOE_MMA_DECODE_MAX_TOKENS => {
@@ -281,6 +292,16 @@ mod tests {
         assert_eq!(p(17, Bf16), LinearMma);
         assert_eq!(p(16, Packed), QLinear);
         assert_eq!(p(17, Packed), DequantizeThenLinearMma);
+        // With CUTLASS's kernels, the projections past the GEMV's range run on its dense GEMM;
+        // the hand-written wgmma kernels change no projection.
+        let on = |t, f, d| select(Op::Projection, t, f, d);
+        assert_eq!(on(16, Bf16, CUTLASS), LinearGemv);
+        assert_eq!(on(17, Bf16, CUTLASS), LinearCutlass);
+        assert_eq!(on(4096, Bf16, CUTLASS), LinearCutlass);
+        assert_eq!(on(16, Packed, CUTLASS), QLinear);
+        assert_eq!(on(17, Packed, CUTLASS), DequantizeThenLinearCutlass);
+        assert_eq!(on(17, Bf16, HOPPER), LinearMma);
+        assert_eq!(on(17, Packed, HOPPER), DequantizeThenLinearMma);
         let e = |t, f, d| select(Op::Experts, t, f, d);
         for (tokens, format, device, choice) in [
             (31, Bf16, HOPPER, MoeGemv),
@@ -328,7 +349,8 @@ mod tests {
                 let p = |t, d| select(Op::Projection, t, format, d);
                 assert_eq!(p(1, on), Choice::QLinearMma);
                 assert_eq!(p(16, on), Choice::QLinearMma);
-                assert_eq!(p(17, on), Choice::DequantizeThenLinearMma);
+                // Past the decode range the request changes nothing.
+                assert_eq!(p(17, on), p(17, off));
                 let e = |t, d| select(Op::Experts, t, format, d);
                 assert_eq!(e(1, on), Choice::QMoeMma);
                 assert_eq!(e(31, on), Choice::QMoeMma);
@@ -363,6 +385,8 @@ mod tests {
         for line in [
             "projection  bf16       mma      gemv    1-16         linear_gemv",
             "projection  bf16       mma      gemv    17+          linear_mma",
+            "projection  bf16       cutlass  gemv    17+          linear_cutlass",
+            "projection  packed     cutlass  gemv    17+          dequantize + linear_cutlass",
             "projection  bf16       mma      mma     1-16         linear_mma_decode",
             "experts     packed     wgmma    gemv    129+",
             "experts     bf16       cutlass  gemv    32+          moe_cutlass",

@@ -64,17 +64,25 @@ fn problem(seed: u64, tokens: usize, in_features: usize, out_features: usize) ->
     }
 }
 
-/// `linear` or `linear_mma_decode` (one signature).
-type LinearOp = fn(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>;
+/// A launcher of the dense projection: `linear`, `linear_mma_decode`, or `linear_cutlass` with its
+/// scratch.
+pub(crate) trait LinearOp:
+    FnMut(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>
+{
+}
+impl<F: FnMut(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>>
+    LinearOp for F
+{
+}
 
 /// Runs `linear` on `p` into a poisoned, guarded output and reads it back as f32 (every element
 /// must be written, nothing outside touched).
 fn run(gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<f32> {
-    run_op(linear, gpu, p, out_f32)
+    run_op(&mut linear, gpu, p, out_f32)
 }
 
 /// [`run`] with `op`.
-fn run_op(op: LinearOp, gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<f32> {
+fn run_op(op: &mut impl LinearOp, gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<f32> {
     let stream = gpu.stream();
     let x = Guarded::with(stream, &p.x);
     let w = Guarded::with(stream, &p.w);
@@ -124,42 +132,49 @@ fn in_features() -> impl Strategy<Value = usize> {
 
 #[test]
 fn linear_matches_the_cpu_reference() {
-    let tokens = prop::sample::select(TOKENS);
-    check_random_shapes("linear_matches_the_cpu_reference", linear, tokens);
+    let name = "linear_matches_the_cpu_reference";
+    let Some(gpu) = common::gpu(name) else {
+        return;
+    };
+    let shapes = (prop::sample::select(TOKENS), 1usize..=300);
+    check_random_shapes(&gpu, &mut linear, shapes);
 }
 
 /// The decode kernel on tensor cores (`linear_mma_decode`, up to 16 tokens) against the same
 /// reference and bounds: exact bf16 products, only the order of the f32 sums differs.
 #[test]
 fn linear_mma_decode_matches_the_cpu_reference() {
-    let tokens = 1usize..=LINEAR_GEMV_MAX_TOKENS as usize;
-    check_random_shapes(
-        "linear_mma_decode_matches_the_cpu_reference",
-        linear_mma_decode,
-        tokens,
-    );
-}
-
-/// `op` on random problems (`tokens` from the strategy, [`in_features`], 1 to 300 outputs, both
-/// output types) against the CPU reference within [`bound`].
-fn check_random_shapes(name: &str, op: LinearOp, tokens: impl Strategy<Value = usize>) {
+    let name = "linear_mma_decode_matches_the_cpu_reference";
     let Some(gpu) = common::gpu(name) else {
         return;
     };
+    let shapes = (1usize..=LINEAR_GEMV_MAX_TOKENS as usize, 1usize..=300);
+    check_random_shapes(&gpu, &mut linear_mma_decode, shapes);
+}
+
+/// `op` on random problems (tokens and out_features from `shapes`, [`in_features`], both output
+/// types) against the CPU reference within [`bound`].
+pub(crate) fn check_random_shapes(
+    gpu: &Gpu,
+    op: &mut impl LinearOp,
+    shapes: (impl Strategy<Value = usize>, impl Strategy<Value = usize>),
+) {
+    let (tokens, out_features) = shapes;
     let strategy = (
         tokens,
         in_features(),
-        1usize..=300,
+        out_features,
         any::<bool>(),
         any::<u64>(),
     );
     let mut runner = TestRunner::new(Config::with_cases(24));
+    let op = std::cell::RefCell::new(op);
     runner
         .run(
             &strategy,
             |(tokens, in_features, out_features, out_f32, seed)| {
                 let p = problem(seed, tokens, in_features, out_features);
-                let out = run_op(op, &gpu, &p, out_f32);
+                let out = run_op(*op.borrow_mut(), gpu, &p, out_f32);
                 let err = common::rel_l2(&out, &p.reference);
                 let bound = bound(in_features, out_f32);
                 if err > bound {
@@ -219,10 +234,16 @@ fn mixtral_hidden_size_through_both_paths() {
     let Some(gpu) = common::gpu("mixtral_hidden_size_through_both_paths") else {
         return;
     };
-    for (seed, tokens) in [(1, 1), (2, 8), (3, 130)] {
+    check_hidden_size(&gpu, &mut linear, &[1, 8, 130]);
+}
+
+/// `op` with Mixtral's hidden size as K and 520 outputs at each of `tokens`, both output types,
+/// against the CPU reference within [`bound`].
+pub(crate) fn check_hidden_size(gpu: &Gpu, op: &mut impl LinearOp, tokens: &[usize]) {
+    for (seed, &tokens) in (1..).zip(tokens) {
         let p = problem(seed, tokens, 4096, 520);
         for out_f32 in [true, false] {
-            let out = run(&gpu, &p, out_f32);
+            let out = run_op(op, gpu, &p, out_f32);
             common::assert_close(
                 &format!("tokens {tokens}, f32 out {out_f32}"),
                 &out,
@@ -238,21 +259,21 @@ fn zero_tokens_touch_nothing() {
     let Some(gpu) = common::gpu("zero_tokens_touch_nothing") else {
         return;
     };
+    check_zero_tokens(&gpu, &mut linear);
+}
+
+/// `op` over zero tokens (64 in, 16 out features) succeeds and writes nothing.
+pub(crate) fn check_zero_tokens(gpu: &Gpu, op: &mut impl LinearOp) {
     let stream = gpu.stream();
-    let p = problem(5, 0, 64, 10);
+    let p = problem(5, 0, 64, 16);
     let x = Guarded::with(stream, &p.x);
     let w = Guarded::with(stream, &p.w);
     let mut out = Guarded::<f32>::poisoned(stream, 0);
-    linear(
-        &gpu.kernels,
-        stream,
-        &p.shape,
-        LinearArgs {
-            x: x.dev(),
-            w: w.dev(),
-            out: out.dev_mut().into(),
-        },
-    )
-    .expect("linear with zero tokens");
+    let args = LinearArgs {
+        x: x.dev(),
+        w: w.dev(),
+        out: out.dev_mut().into(),
+    };
+    op(&gpu.kernels, stream, &p.shape, args).expect("zero tokens");
     assert!(out.read(stream, "out").is_empty());
 }

@@ -33,6 +33,7 @@ mod attention_decode;
 mod attention_prefill;
 mod embedding;
 mod linear;
+mod linear_cutlass;
 mod moe_cutlass;
 mod moe_gemv;
 mod moe_grouped;

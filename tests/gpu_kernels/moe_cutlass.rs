@@ -9,7 +9,7 @@
 //! kernels' comparisons are in [`quant`](super::quant), beside the other kernels over packed
 //! stacks; their self-checks and gate are here.
 
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use cudarc::driver::CudaStream;
 use mixtral::cuda::args::{MoeArgs, MoeScalars};
@@ -33,6 +33,11 @@ use crate::common;
 /// them (no GPU: the skip of `common::gpu`; another GPU or no CUTLASS in the build: not applicable,
 /// and `moe_cutlass_self_check_and_device_gate` checks the refusal).
 fn hopper_stream(test: &str) -> Option<Arc<CudaStream>> {
+    hopper_gpu(test).map(|gpu| Arc::clone(gpu.stream()))
+}
+
+/// [`hopper_stream`]'s device with its kernels.
+pub(crate) fn hopper_gpu(test: &str) -> Option<MutexGuard<'static, common::Gpu>> {
     let gpu = common::gpu(test)?;
     let (major, minor) = gpu.device.compute_capability();
     if (major, minor) != CUTLASS_COMPUTE_CAPABILITY || !CUTLASS_BUILT {
@@ -43,7 +48,7 @@ fn hopper_stream(test: &str) -> Option<Arc<CudaStream>> {
         );
         return None;
     }
-    Some(Arc::clone(gpu.stream()))
+    Some(gpu)
 }
 
 /// Runs [`check_moe_with`] on `case` with a scratch made for its shape.
@@ -167,7 +172,7 @@ fn moe_cutlass_q8_self_check_and_device_gate() {
 
 /// A self-check's verdict on this device: `Passed` within `bound` where the CUTLASS kernels run;
 /// elsewhere `NotHopper`, and `scratch` refused for the device or the build.
-fn self_check_and_device_gate(
+pub(crate) fn self_check_and_device_gate(
     name: &str,
     check: impl FnOnce(&common::Gpu) -> Result<HopperCheck, CudaError>,
     bound: f64,

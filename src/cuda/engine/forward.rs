@@ -31,10 +31,11 @@ use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyView, AnyViewMut, DeviceBuffer, Rows, View, ViewMut};
 use super::super::module::Kernels;
 use super::super::ops::{
+    LinearCutlassScratch,
     self, AttentionDecodeShape, AttentionPrefillShape, PagedCacheShape,
 };
 use super::inputs::PrefillPiece;
-use super::matrix::{self, DequantScratch, DeviceMatrix, ExpertIo, GroupedExperts, Products};
+use super::matrix::{self, ProductScratch, DeviceMatrix, ExpertIo, GroupedExperts, Products};
 use super::plan::{Activations, Dims, Inputs, LayerCache, Plan, Routing, SPLIT_KEYS};
 use super::rank::Group;
 use super::upload::GpuWeights;
@@ -120,6 +121,7 @@ impl Plan {
             }));
         }
         let d = self.dims;
+        let vocab_rows = self.vocab_rows();
         let held = self.rank.as_ref();
         let step = Step {
             kernels,
@@ -127,7 +129,7 @@ impl Plan {
             d,
             cache: self.cache_shape(),
             tokens: tokens as u32,
-            vocab_rows: held.map_or(d.vocab, |r| r.vocab.len()),
+            vocab_rows,
             held_experts: held.map_or(0..d.experts, |r| r.experts.clone()),
             mma_decode: self.mma_decode,
             multiprocessors: self.multiprocessors,
@@ -141,14 +143,13 @@ impl Plan {
         if let Some(r) = &rank {
             r.reduce(Group::World, stream, &mut a.residual, hidden_len)?;
         }
+        let [qkv, o, _] = d.projections(vocab_rows);
         for (l, w) in weights.layers.iter().enumerate() {
             let slots = if l == 0 { Add::Nothing } else { Add::Experts(a.moe_out.view()) };
             step.norm(&mut a.residual, slots, &w.attn_norm, &mut a.xn)?;
-            let qkv = (d.hidden, d.qkv_width);
             step.project(a.xn.view(), &w.qkv, qkv, a.qkv.view_mut().into(), scratch)?;
             let cache = (&mut self.cache[l], self.block_tables.view(), self.inv_freq.view());
             step.attention(a, cache, inputs, attention)?;
-            let o = (d.q_width, d.hidden);
             step.project(a.attn.view(), &w.o, o, a.o_out.view_mut().into(), scratch)?;
             if let Some(r) = &rank {
                 r.reduce(Group::Tp, stream, &mut a.o_out, hidden_len)?;
@@ -169,11 +170,12 @@ impl Plan {
         let slots = Add::Experts(a.moe_out.view());
         step.norm(&mut a.residual, slots, &weights.final_norm, &mut a.xn)?;
         let head_input = step.head_input(rows, inputs, a)?;
-        let lm_head = weights.lm_head();
+        let (lm_head, scratch) = weights.head_and_scratch();
+        let head = (lm_head, scratch.linear.as_mut());
         match rank {
-            None => step.lm_head(rows, head_input, lm_head, self.logits.view_mut())?,
+            None => step.lm_head(rows, head_input, head, self.logits.view_mut())?,
             Some(r) => {
-                step.lm_head(rows, head_input, lm_head, r.logits_part.view_mut())?;
+                step.lm_head(rows, head_input, head, r.logits_part.view_mut())?;
                 r.gather_logits(stream, rows, self.logits.view_mut())?;
             }
         }
@@ -275,10 +277,10 @@ impl Step<'_> {
         w: &DeviceMatrix,
         features: (usize, usize),
         out: AnyViewMut<'_>,
-        scratch: &mut DequantScratch,
+        scratch: &mut ProductScratch,
     ) -> Result<(), CudaError> {
         let s = linear_scalars(self.tokens, features);
-        matrix::project(self.products(), &s, x, w, out, &mut scratch.dense)
+        matrix::project(self.products(), &s, x, w, out, scratch)
     }
 
     /// RoPE on q and k with k/v appended to the layer's cache, then attention into `a.attn`.
@@ -419,7 +421,7 @@ impl Step<'_> {
         x: View<'_, bf16>,
         stacks: [&DeviceMatrix; 3],
         (r, act, out, grouped): ExpertBuffers<'_>,
-        scratch: &mut DequantScratch,
+        scratch: &mut ProductScratch,
     ) -> Result<(), CudaError> {
         let held = Some(self.held_experts.len());
         let s = self.d.expert_shape(self.tokens as usize, held);
@@ -461,21 +463,23 @@ impl Step<'_> {
         Ok(a.gathered.view())
     }
 
-    /// `logits = x @ lm_head^T` in f32 for `rows` rows.
+    /// `logits = x @ lm_head^T` in f32 for `rows` rows (CUTLASS's workspace where the engine has
+    /// one).
     fn lm_head(
         &self,
         rows: usize,
         x: View<'_, bf16>,
-        w: View<'_, bf16>,
+        (w, cutlass): (View<'_, bf16>, Option<&mut LinearCutlassScratch>),
         logits: ViewMut<'_, f32>,
     ) -> Result<(), CudaError> {
-        let s = linear_scalars(rows as u32, (self.d.hidden, self.vocab_rows));
+        let [_, _, head] = self.d.projections(self.vocab_rows);
+        let s = linear_scalars(rows as u32, head);
         let args = LinearArgs {
             x,
             w,
             out: logits.into(),
         };
-        matrix::project_bf16(self.products(), &s, args)
+        matrix::project_bf16(self.products(), &s, args, cutlass)
     }
 
     /// The greedy id of each logits row.

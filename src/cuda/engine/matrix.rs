@@ -5,7 +5,7 @@
 //!
 //! The selection table ([`select`](super::super::select)) picks the kernels from the token count
 //! and the format; where it picks a bf16 kernel for packed weights, the stack is first expanded into
-//! a bf16 scratch buffer ([`DequantScratch`]).
+//! a bf16 scratch buffer ([`ProductScratch`]).
 //!
 //! Which stacks are packed is decided on the host ([`stack_format`]): every matrix of the stack must
 //! be packed, in one format, readable by the kernels, and (act-order) the matrices sharing an input
@@ -218,10 +218,12 @@ impl DeviceMatrix {
     }
 }
 
-/// bf16 buffers packed stacks are expanded into for chunks too large for the packed kernels:
-/// `dense` for the largest packed projection, `w1`, `w3`, `w2` for one layer's expert stacks.
+/// The scratch of the weight products: bf16 buffers packed stacks are expanded into for chunks too
+/// large for the packed kernels (`dense` for the largest packed projection, `w1`, `w3`, `w2` for
+/// one layer's expert stacks), and the workspace of CUTLASS's dense GEMM where the engine runs the
+/// projections of large chunks there.
 #[derive(Debug, Default)]
-pub struct DequantScratch {
+pub struct ProductScratch {
     /// `[rows, cols]` of the largest packed projection.
     pub dense: Option<DeviceBuffer<bf16>>,
     /// `[experts, inter, hidden]`.
@@ -230,6 +232,22 @@ pub struct DequantScratch {
     pub w3: Option<DeviceBuffer<bf16>>,
     /// `[experts, hidden, inter]`.
     pub w2: Option<DeviceBuffer<bf16>>,
+    /// CUTLASS's dense-GEMM workspace: present only where its self-check (and that of the CUTLASS
+    /// expert kernels) passed, and then the selection table runs large projections on it.
+    pub linear: Option<ops::LinearCutlassScratch>,
+}
+
+/// The selection table's device for the projections: CUTLASS's kernels where the engine made the
+/// dense GEMM's workspace, and the decode kernels the engine was asked for.
+fn projection_device(on: &Products<'_>, cutlass: bool) -> Device {
+    Device {
+        mma_decode: on.mma_decode,
+        grouped: if cutlass {
+            GroupedKernel::Cutlass
+        } else {
+            GroupedKernel::Mma
+        },
+    }
 }
 
 /// `w` as bf16: its own buffer, or (packed) expanded into the start of `scratch` (input-column
@@ -297,12 +315,9 @@ pub fn project(
     x: View<'_, bf16>,
     w: &DeviceMatrix,
     out: AnyViewMut<'_>,
-    scratch: &mut Option<DeviceBuffer<bf16>>,
+    scratch: &mut ProductScratch,
 ) -> Result<(), CudaError> {
-    let device = Device {
-        mma_decode: on.mma_decode,
-        ..Device::default()
-    };
+    let device = projection_device(&on, scratch.linear.is_some());
     let choice = select(Op::Projection, s.tokens as usize, w.format(), device);
     let packed_kernel = match choice {
         Choice::QLinear => Some(PackedKernel::Gemv),
@@ -313,19 +328,22 @@ pub fn project(
     if let (Some(kernel), DeviceMatrix::Packed(p)) = (packed_kernel, w) {
         return ops::qlinear(kernels, stream, s, (x, p.view()), out, kernel);
     }
-    let w = dense(kernels, stream, w, scratch, s.tokens)?;
-    project_bf16(on, s, LinearArgs { x, w, out })
+    let w = dense(kernels, stream, w, &mut scratch.dense, s.tokens)?;
+    project_bf16(on, s, LinearArgs { x, w, out }, scratch.linear.as_mut())
 }
 
 /// `out = x @ w^T` over `s` for a bf16 `w` (a stack's, an expanded one, or the LM head), with the
-/// kernel the selection table picks.
-pub fn project_bf16(on: Products<'_>, s: &LinearScalars, args: LinearArgs<'_>) -> Result<(), CudaError> {
-    let device = Device {
-        mma_decode: on.mma_decode,
-        ..Device::default()
-    };
-    match select(Op::Projection, s.tokens as usize, Format::Bf16, device) {
-        Choice::LinearMmaDecode => ops::linear_mma_decode(on.kernels, on.stream, s, args),
+/// kernel the selection table picks (CUTLASS's only with its workspace, `cutlass`).
+pub fn project_bf16(
+    on: Products<'_>,
+    s: &LinearScalars,
+    args: LinearArgs<'_>,
+    cutlass: Option<&mut ops::LinearCutlassScratch>,
+) -> Result<(), CudaError> {
+    let device = projection_device(&on, cutlass.is_some());
+    match (select(Op::Projection, s.tokens as usize, Format::Bf16, device), cutlass) {
+        (Choice::LinearMmaDecode, _) => ops::linear_mma_decode(on.kernels, on.stream, s, args),
+        (Choice::LinearCutlass, Some(scratch)) => ops::linear_cutlass(on.stream, s, args, scratch),
         _ => ops::linear(on.kernels, on.stream, s, args),
     }
 }
@@ -403,7 +421,7 @@ pub fn experts(
     s: &MoeScalars,
     [w1, w3, w2]: [&DeviceMatrix; 3],
     io: ExpertIo<'_>,
-    scratch: &mut DequantScratch,
+    scratch: &mut ProductScratch,
     grouped: &mut GroupedExperts,
 ) -> Result<(), CudaError> {
     let (kernels, stream) = (on.kernels, on.stream);

@@ -79,10 +79,12 @@ pub struct CudaEngineOptions {
     /// have been verified on hardware.
     pub hopper_wgmma: bool,
     /// On a compute capability 9.0 GPU, run the expert GEMMs of prefill chunks on CUTLASS's Hopper
-    /// grouped GEMM (`csrc/cutlass/`), after its self-check once at build (against the mma.sync
-    /// kernels; for a model whose experts are all FP8, the FP8 x FP8 kernels against their CPU
-    /// reference); it takes precedence over `hopper_wgmma` when both pass. Off by default until it
-    /// has run on hardware.
+    /// grouped GEMM (`csrc/cutlass/`), and their dense projections (past the GEMV's range; where
+    /// every projection's feature counts are multiples of 8) on its dense GEMM, after their
+    /// self-checks once at build (against the mma.sync kernels; for a model
+    /// whose experts are all FP8 or all INT8, the 8-bit kernels against their CPU reference); both
+    /// must pass, and then they take precedence over `hopper_wgmma`. Off by default until they
+    /// have run on hardware.
     pub cutlass_experts: bool,
     /// Run the decode products of packed weights the tensor-core decode kernels read (FP8, INT8,
     /// and INT4 in groups of multiples of 128 columns; no act-order permutation) on those kernels
@@ -170,6 +172,19 @@ impl std::fmt::Debug for CudaEngine {
             .field("dead", &self.dead)
             .finish_non_exhaustive()
     }
+}
+
+/// The `(in, out)` features of the projections, as CUTLASS's dense GEMM takes them, when it can run
+/// every one of them (all multiples of 8 below 2^32: whole 16-byte TMA rows); `None` leaves the
+/// projections on the mma.sync kernels.
+fn projection_features(dims: &Dims, vocab_rows: usize) -> Option<Vec<(u32, u32)>> {
+    dims.projections(vocab_rows)
+        .iter()
+        .map(|&(i, o)| {
+            let whole = i % 8 == 0 && o % 8 == 0;
+            Some((u32::try_from(i).ok()?, u32::try_from(o).ok()?)).filter(|_| whole)
+        })
+        .collect()
 }
 
 /// The plan sizes for `options` given `free` device bytes after the weights; `None` KV blocks
@@ -363,11 +378,17 @@ impl CudaEngine {
             let cutlass_bytes = match (options.cutlass_experts, q8_experts) {
                 (false, _) => 0,
                 (true, q8) => {
-                    let shape = Dims::of(&config).expert_shape(max_tokens, None);
-                    match q8 {
-                        Some(_) => ops::MoeCutlassQ8Scratch::bytes(&shape),
-                        None => ops::MoeCutlassScratch::bytes(&shape),
-                    }
+                    let dims = Dims::of(&config);
+                    let shape = dims.expert_shape(max_tokens, None);
+                    let features = projection_features(&dims, dims.vocab).unwrap_or_default();
+                    let sm_count = device.multiprocessors() as u32;
+                    let linear =
+                        ops::LinearCutlassScratch::bytes(&features, max_tokens as u32, sm_count);
+                    linear
+                        + match q8 {
+                            Some(_) => ops::MoeCutlassQ8Scratch::bytes(&shape),
+                            None => ops::MoeCutlassScratch::bytes(&shape),
+                        }
                 }
             };
             let weight_bytes = weight_bytes + cutlass_bytes;
@@ -436,7 +457,14 @@ impl CudaEngine {
                     Some(format) => ops::moe_cutlass_q8_self_check(&stream, format)?,
                     None => ops::moe_cutlass_self_check(&kernels, &stream)?,
                 };
+                let check = check.and(ops::linear_cutlass_self_check(&kernels, &stream)?);
                 if check.passed() {
+                    if let Some(features) = projection_features(&plan.dims, plan.vocab_rows()) {
+                        let tokens = max_tokens as u32;
+                        let linear =
+                            ops::LinearCutlassScratch::new(&mut arena, &stream, &features, tokens)?;
+                        gpu_weights.scratch.linear = Some(linear);
+                    }
                     plan.grouped = match q8_experts {
                         Some(format) => {
                             let scratch =

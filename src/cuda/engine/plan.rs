@@ -76,6 +76,16 @@ impl Dims {
         }
     }
 
+    /// The `(in, out)` features of the dense projections: q/k/v, o, and the LM head over
+    /// `vocab_rows` rows of the vocabulary.
+    pub fn projections(&self, vocab_rows: usize) -> [(usize, usize); 3] {
+        [
+            (self.hidden, self.qkv_width),
+            (self.q_width, self.hidden),
+            (self.hidden, vocab_rows),
+        ]
+    }
+
     /// The dimensions of `c`.
     pub fn of(c: &ModelConfig) -> Dims {
         Dims {
@@ -270,6 +280,11 @@ impl Plan {
     pub fn expert_shape(&self) -> MoeScalars {
         let held = self.rank.as_ref().map(|r| r.experts.len());
         self.dims.expert_shape(self.sizes.max_tokens, held)
+    }
+
+    /// The rows of the vocabulary this plan's LM head holds (all of them, or a rank's part).
+    pub fn vocab_rows(&self) -> usize {
+        self.rank.as_ref().map_or(self.dims.vocab, |r| r.vocab.len())
     }
 
     /// Allocates every buffer for `config` and `sizes` in `arena` (zero-filled), and uploads the

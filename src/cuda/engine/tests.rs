@@ -229,3 +229,20 @@ fn every_quantized_fixture_is_stored_packed_act_order_and_table_codes_included()
         .iter()
         .all(|f| *f == LayerFormats::all(StackFormat::Bf16)));
 }
+
+#[test]
+fn cutlass_runs_the_projections_only_where_every_feature_count_is_a_whole_16_byte_row() {
+    let mut config = mixtral_8x7b();
+    let dims = Dims::of(&config);
+    // q/k/v: 4096 -> 6144, o: 4096 -> 4096, the LM head 4096 -> 32000 (or a rank's part).
+    let features = projection_features(&dims, dims.vocab);
+    assert_eq!(
+        features,
+        Some(vec![(4096, 6144), (4096, 4096), (4096, 32000)])
+    );
+    assert_eq!(projection_features(&dims, 16000).unwrap()[2], (4096, 16000));
+    // One more vocabulary row and the LM head's output rows are no longer whole 16-byte rows.
+    config.vocab_size = 32001;
+    let odd = Dims::of(&config);
+    assert_eq!(projection_features(&odd, odd.vocab), None);
+}

@@ -24,7 +24,7 @@ use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut, BUFFER_ALIG
 use super::super::select::{select, Choice, Device, Format, Op};
 use super::host::{upload_bytes, HostModel, HostTensor};
 use super::matrix::{
-    stack_format, table_values, DequantScratch, DeviceMatrix, PackedStack, StackFormat,
+    stack_format, table_values, ProductScratch, DeviceMatrix, PackedStack, StackFormat,
 };
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
@@ -69,14 +69,21 @@ pub struct GpuWeights {
     pub final_norm: DeviceBuffer<bf16>,
     /// LM head `[vocab, hidden]`; `None` when it is the embedding (tied).
     pub lm_head: Option<DeviceBuffer<bf16>>,
-    /// Where packed stacks are expanded for large chunks (empty when nothing is packed).
-    pub scratch: DequantScratch,
+    /// Where packed stacks are expanded for large chunks (empty when nothing is packed), and
+    /// CUTLASS's dense-GEMM workspace where the engine uses it.
+    pub scratch: ProductScratch,
 }
 
 impl GpuWeights {
     /// The LM head `[vocab, hidden]` (the embedding when tied).
     pub fn lm_head(&self) -> View<'_, bf16> {
         self.lm_head.as_ref().unwrap_or(&self.embed).view()
+    }
+
+    /// The LM head and the products' scratch, borrowed together.
+    pub fn head_and_scratch(&mut self) -> (View<'_, bf16>, &mut ProductScratch) {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).view();
+        (head, &mut self.scratch)
     }
 }
 
@@ -264,11 +271,12 @@ pub fn allocate_weights(
             arena.zeroed(n, what).map(Some)
         }
     };
-    let scratch = DequantScratch {
+    let scratch = ProductScratch {
         dense: scratch_region(dense, "dequantized projection scratch")?,
         w1: scratch_region(w1, "dequantized w1 scratch")?,
         w3: scratch_region(w3, "dequantized w3 scratch")?,
         w2: scratch_region(w2, "dequantized w2 scratch")?,
+        linear: None,
     };
     Ok(GpuWeights {
         embed,

@@ -1,6 +1,7 @@
 //! Views of made-up addresses for the planners' GPU-free tests (never launched on), and the
 //! assertions those tests share.
 
+use crate::cuda::args::{LinearArgs, LinearScalars};
 use crate::cuda::error::{CudaError, KernelError};
 use crate::cuda::launch::Grid;
 use crate::cuda::memory::{AnyViewMut, View, ViewMut};
@@ -29,6 +30,26 @@ pub fn any_view_mut(len: usize, f32: bool) -> AnyViewMut<'static> {
         AnyViewMut::F32(view_mut(len))
     } else {
         AnyViewMut::Bf16(view_mut(len))
+    }
+}
+
+/// The scalars of a dense projection of `tokens` rows.
+pub fn linear_scalars(tokens: u32, in_features: u32, out_features: u32) -> LinearScalars {
+    LinearScalars {
+        tokens,
+        in_features,
+        out_features,
+    }
+}
+
+/// Buffers of exactly the lengths a dense projection over `s` touches, the output f32 when
+/// `out_f32`.
+pub fn linear_args(s: &LinearScalars, out_f32: bool) -> LinearArgs<'static> {
+    let (t, i, o) = (s.tokens as usize, s.in_features as usize, s.out_features as usize);
+    LinearArgs {
+        x: view(t * i),
+        w: view(o * i),
+        out: any_view_mut(t * o, out_f32),
     }
 }
 

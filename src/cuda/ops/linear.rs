@@ -122,16 +122,10 @@ mod tests {
 
     use super::*;
     use crate::cuda::select::LINEAR_GEMV_MAX_TOKENS;
-    use crate::cuda::ops::fake::{any_view_mut, symbol, too_small, unsupported, view};
+    use crate::cuda::ops::fake::{
+        any_view_mut, linear_args, linear_scalars as scalars, symbol, too_small, unsupported, view,
+    };
     use crate::cuda::params::KERNEL_VARIANTS;
-
-    fn scalars(tokens: u32, in_features: u32, out_features: u32) -> LinearScalars {
-        LinearScalars {
-            tokens,
-            in_features,
-            out_features,
-        }
-    }
 
     fn args(x: usize, w: usize, out: usize, out_f32: bool) -> LinearArgs<'static> {
         LinearArgs {
@@ -143,12 +137,7 @@ mod tests {
 
     /// Plans `s` with buffers of exactly the needed lengths.
     fn plan_exact(s: &LinearScalars, out_f32: bool) -> Planned<LinearParams, 1> {
-        let (t, i, o) = (
-            s.tokens as usize,
-            s.in_features as usize,
-            s.out_features as usize,
-        );
-        plan(s, &args(t * i, o * i, t * o, out_f32))
+        plan(s, &linear_args(s, out_f32))
     }
 
     #[test]

@@ -141,11 +141,7 @@ impl GemmScratch {
         max: &MoeScalars,
     ) -> Result<GemmScratch, CudaError> {
         require_built_for(c, stream)?;
-        let sm_count = stream
-            .context()
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(CudaError::driver("reading the SM count"))?;
-        let sm_count = u32::try_from(sm_count).unwrap_or(1).max(1);
+        let sm_count = sm_count(stream)?;
         // SAFETY: pure host computations of CUTLASS over its own argument structs.
         let workspace = unsafe {
             match precision {
@@ -306,8 +302,17 @@ impl MoeCutlassQ8Scratch {
     }
 }
 
-/// Refuses a device the sm_90a shim cannot run on, and a build without it.
-fn require_built_for(c: &Check, stream: &CudaStream) -> Result<(), CudaError> {
+/// The device's streaming multiprocessors (the persistent grids of the CUTLASS kernels), at least 1.
+pub(super) fn sm_count(stream: &CudaStream) -> Result<u32, CudaError> {
+    let count = stream
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(CudaError::driver("reading the SM count"))?;
+    Ok(u32::try_from(count).unwrap_or(1).max(1))
+}
+
+/// Refuses a device the sm_90a shims cannot run on, and a build without them.
+pub(super) fn require_built_for(c: &Check, stream: &CudaStream) -> Result<(), CudaError> {
     if !CUTLASS_BUILT {
         return Err(c.unsupported(
             "build",
@@ -418,7 +423,7 @@ fn plan_q8(
 }
 
 /// Runs one shim entry (`run(stream)`) on `stream` with its context current, and maps its code.
-fn run_shim(
+pub(super) fn run_shim(
     stream: &CudaStream,
     entry: &'static str,
     run: impl FnOnce(*mut std::ffi::c_void) -> i32,

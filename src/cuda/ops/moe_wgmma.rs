@@ -120,6 +120,18 @@ impl HopperCheck {
     pub fn passed(&self) -> bool {
         matches!(self, HopperCheck::Passed { .. })
     }
+
+    /// The verdict of two checks that must both pass: the first that did not pass, else
+    /// [`HopperCheck::Passed`] with the larger difference.
+    pub fn and(self, other: HopperCheck) -> HopperCheck {
+        match (self, other) {
+            (HopperCheck::Passed { rel_l2: a }, HopperCheck::Passed { rel_l2: b }) => {
+                HopperCheck::Passed { rel_l2: a.max(b) }
+            }
+            (HopperCheck::Passed { .. }, failed) => failed,
+            (failed, _) => failed,
+        }
+    }
 }
 
 /// Seed of the self-check problem (fixed: the check is the same on every run).
