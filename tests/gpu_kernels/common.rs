@@ -186,6 +186,28 @@ impl<T: Poison> Guarded<T> {
 }
 
 /// Asserts `rel_l2(out, reference) <= bound` with a message naming `what`.
+/// Records `launch` into a CUDA graph on `stream` (nothing runs) and replays the graph twice, as a
+/// captured chunk runs: what the launch computes on the host and the device work it needs first
+/// (workspace initialisation) must be recorded, and a replay must not depend on what the one before
+/// left. Returns `launch`'s error, if any; capture failures panic.
+pub fn replayed_twice(
+    stream: &std::sync::Arc<CudaStream>,
+    launch: impl FnOnce() -> Result<(), mixtral::cuda::CudaError>,
+) -> Result<(), mixtral::cuda::CudaError> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    stream.begin_capture(mode).expect("begin capture");
+    let recorded = launch();
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+    recorded?;
+    let graph = graph.expect("end capture").expect("a recorded graph");
+    for _ in 0..2 {
+        graph.launch().expect("replay");
+    }
+    stream.synchronize().expect("synchronise");
+    Ok(())
+}
+
 pub fn assert_close(what: &str, out: &[f32], reference: &[f32], bound: f64) {
     let err = rel_l2(out, reference);
     assert!(

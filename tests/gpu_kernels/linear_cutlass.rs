@@ -4,7 +4,8 @@
 //! Shapes: 1 to 300 tokens (one tile column of 128 tokens and past it), in_features and
 //! out_features multiples of 8 that are not multiples of the 64-wide k stage nor of the 128-row
 //! tile, both output types; Mixtral's hidden size with few output tiles, so that stream-K splits
-//! the K loops between blocks; zero tokens touching nothing. The kernels exist only for compute
+//! the K loops between blocks, launched and replayed from a captured graph; zero tokens touching
+//! nothing. The kernels exist only for compute
 //! capability 9.0 in a build with CUTLASS: elsewhere the comparisons print that they do not apply,
 //! and the gate test checks that making the scratch is refused.
 
@@ -21,6 +22,7 @@ use proptest::prelude::*;
 
 use super::linear::{check_hidden_size, check_random_shapes, check_zero_tokens};
 use super::moe_cutlass::{hopper_gpu, self_check_and_device_gate};
+use crate::common;
 
 /// A launcher of `linear_cutlass` with a scratch made for each problem (kept until the launcher is
 /// dropped).
@@ -75,6 +77,32 @@ fn linear_cutlass_splits_long_k_over_the_sms() {
     };
     let mut op = with_scratch(gpu.stream(), &[(4096, 520)], 130);
     check_hidden_size(&gpu, &mut op, &[17, 64, 130]);
+}
+
+/// `op` recorded into a CUDA graph and the graph replayed twice instead of a launch, as a captured
+/// prefill chunk runs: the host-side arguments and the workspace's initialisation must be part of
+/// what is recorded, and nothing may depend on state left by the first replay.
+fn replayed(
+    stream: &Arc<CudaStream>,
+    mut op: impl FnMut(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>,
+) -> impl FnMut(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError> {
+    let stream = Arc::clone(stream);
+    move |kernels: &Kernels, on: &CudaStream, s: &LinearScalars, args: LinearArgs<'_>| {
+        common::replayed_twice(&stream, || op(kernels, on, s, args))
+    }
+}
+
+/// The stream-K problem of [`linear_cutlass_splits_long_k_over_the_sms`] inside a captured graph.
+#[test]
+fn linear_cutlass_replays_inside_a_captured_graph() {
+    let Some(gpu) = hopper_gpu("linear_cutlass_replays_inside_a_captured_graph") else {
+        return;
+    };
+    let mut op = replayed(
+        gpu.stream(),
+        with_scratch(gpu.stream(), &[(4096, 520)], 130),
+    );
+    check_hidden_size(&gpu, &mut op, &[40, 130]);
 }
 
 #[test]

@@ -53,6 +53,17 @@ pub(crate) fn hopper_gpu(test: &str) -> Option<MutexGuard<'static, common::Gpu>>
 
 /// Runs [`check_moe_with`] on `case` with a scratch made for its shape.
 fn check_cutlass(name: &str, stream: &Arc<CudaStream>, case: &MoeCase) -> Vec<usize> {
+    check_cutlass_replayed(name, stream, case, false)
+}
+
+/// [`check_cutlass`], the launch recorded into a graph and replayed twice where `replay`
+/// ([`common::replayed_twice`]).
+fn check_cutlass_replayed(
+    name: &str,
+    stream: &Arc<CudaStream>,
+    case: &MoeCase,
+    replay: bool,
+) -> Vec<usize> {
     let max = MoeScalars {
         tokens: case.tokens as u32,
         hidden: case.hidden as u32,
@@ -63,8 +74,13 @@ fn check_cutlass(name: &str, stream: &Arc<CudaStream>, case: &MoeCase) -> Vec<us
     let mut arena = DeviceArena::new(Arc::clone(stream));
     let mut scratch = MoeCutlassScratch::new(&mut arena, stream, &max)
         .unwrap_or_else(|e| panic!("{name}: scratch for {case:?}: {e}"));
-    let mut op = |_: &Kernels, stream: &CudaStream, s: &MoeScalars, args: MoeArgs<'_>| {
-        moe_cutlass_gemm(stream, s, args, &mut scratch)
+    let mut op = |_: &Kernels, on: &CudaStream, s: &MoeScalars, args: MoeArgs<'_>| {
+        let launch = || moe_cutlass_gemm(on, s, args, &mut scratch);
+        if replay {
+            common::replayed_twice(stream, launch)
+        } else {
+            launch()
+        }
     };
     check_moe_with(name, (&mut op, ActOrder::ExpertSorted), case)
 }
@@ -96,6 +112,17 @@ fn moe_cutlass_with_skewed_routing() {
 }
 
 /// A single token, top-1, four experts: one group with one row, three empty.
+/// The skewed routing inside a captured graph, replayed twice: the groups' shapes and pointers are
+/// written on the device by a recorded kernel, so the graph serves whatever routing the router left.
+#[test]
+fn moe_cutlass_replays_inside_a_captured_graph() {
+    let name = "moe_cutlass_replays_inside_a_captured_graph";
+    let Some(stream) = hopper_stream(name) else {
+        return;
+    };
+    assert_skewed(&check_cutlass_replayed(name, &stream, &SKEWED, true));
+}
+
 #[test]
 fn moe_cutlass_single_token() {
     let name = "moe_cutlass_single_token";

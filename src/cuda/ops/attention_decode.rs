@@ -131,7 +131,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::checks::DEFAULT_SHARED_BYTES;
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
+    use crate::cuda::ops::fake::{paged_cache, symbol, too_small, unsupported, view, view_mut};
     use crate::cuda::params::KERNEL_VARIANTS;
 
     fn shape() -> AttentionDecodeShape {
@@ -140,12 +140,7 @@ mod tests {
             n_heads: 32,
             n_kv_heads: 8,
             head_dim: 128,
-            cache: PagedCacheShape {
-                num_blocks: 7,
-                block_size: 16,
-                num_seqs: 3,
-                max_blocks_per_seq: 5,
-            },
+            cache: paged_cache(7, 5),
             window: None,
             split_keys: 32,
             multiprocessors: 0,

@@ -127,7 +127,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::error::{CudaError, KernelError};
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
+    use crate::cuda::ops::fake::{paged_cache, symbol, too_small, unsupported, view, view_mut};
     use crate::cuda::params::KERNEL_VARIANTS;
 
     fn shape() -> AttentionPrefillShape {
@@ -138,12 +138,7 @@ mod tests {
             n_heads: 32,
             n_kv_heads: 8,
             head_dim: 128,
-            cache: PagedCacheShape {
-                num_blocks: 40,
-                block_size: 16,
-                num_seqs: 3,
-                max_blocks_per_seq: 9,
-            },
+            cache: paged_cache(40, 9),
             window: None,
         }
     }

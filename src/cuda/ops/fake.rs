@@ -4,6 +4,7 @@
 use crate::cuda::args::{LinearArgs, LinearScalars};
 use crate::cuda::error::{CudaError, KernelError};
 use crate::cuda::launch::Grid;
+use crate::cuda::ops::PagedCacheShape;
 use crate::cuda::memory::{AnyViewMut, View, ViewMut};
 use crate::packed::lut4::Lut4;
 use crate::packed::PackedKind;
@@ -30,6 +31,17 @@ pub fn any_view_mut(len: usize, f32: bool) -> AnyViewMut<'static> {
         AnyViewMut::F32(view_mut(len))
     } else {
         AnyViewMut::Bf16(view_mut(len))
+    }
+}
+
+/// A paged cache of `num_blocks` blocks of 16 tokens and block tables of 3 rows of
+/// `max_blocks_per_seq` columns.
+pub fn paged_cache(num_blocks: usize, max_blocks_per_seq: usize) -> PagedCacheShape {
+    PagedCacheShape {
+        num_blocks,
+        block_size: 16,
+        num_seqs: 3,
+        max_blocks_per_seq,
     }
 }
 

@@ -53,22 +53,35 @@ mod ffi {
     use crate::cuda::params::LinearCutlassParams;
     use std::ffi::c_void;
 
-    pub unsafe fn mx_linear_cutlass_bf16_workspace_bytes(_: *const LinearCutlassParams) -> usize {
+    pub unsafe extern "C" fn mx_linear_cutlass_bf16_workspace_bytes(
+        _: *const LinearCutlassParams,
+    ) -> usize {
         0
     }
 
-    pub unsafe fn mx_linear_cutlass_bf16_run(_: *const LinearCutlassParams, _: *mut c_void) -> i32 {
+    pub unsafe extern "C" fn mx_linear_cutlass_bf16_run(
+        _: *const LinearCutlassParams,
+        _: *mut c_void,
+    ) -> i32 {
         -1
     }
 
-    pub unsafe fn mx_linear_cutlass_f32_workspace_bytes(_: *const LinearCutlassParams) -> usize {
+    pub unsafe extern "C" fn mx_linear_cutlass_f32_workspace_bytes(
+        _: *const LinearCutlassParams,
+    ) -> usize {
         0
     }
 
-    pub unsafe fn mx_linear_cutlass_f32_run(_: *const LinearCutlassParams, _: *mut c_void) -> i32 {
+    pub unsafe extern "C" fn mx_linear_cutlass_f32_run(
+        _: *const LinearCutlassParams,
+        _: *mut c_void,
+    ) -> i32 {
         -1
     }
 }
+
+/// One output type's run entry of the shim.
+type Entry = unsafe extern "C" fn(*const LinearCutlassParams, *mut std::ffi::c_void) -> i32;
 
 /// The workspace of [`linear_cutlass`] on one device, for problems of given feature counts and up
 /// to a given number of tokens. It exists only for a device and build that run the CUTLASS kernels
@@ -186,18 +199,15 @@ pub fn linear_cutlass(
     if s.tokens == 0 {
         return Ok(());
     }
+    let (entry, run): (_, Entry) = if out_f32 {
+        ("mx_linear_cutlass_f32_run", ffi::mx_linear_cutlass_f32_run)
+    } else {
+        ("mx_linear_cutlass_bf16_run", ffi::mx_linear_cutlass_bf16_run)
+    };
     // SAFETY: every buffer of `params` was checked against the extents the shim touches and is
     // borrowed (the output and the scratch mutably) for this call; the shim only enqueues work on
     // the stream.
-    if out_f32 {
-        run_shim(stream, "mx_linear_cutlass_f32_run", |stream| unsafe {
-            ffi::mx_linear_cutlass_f32_run(&params, stream)
-        })
-    } else {
-        run_shim(stream, "mx_linear_cutlass_bf16_run", |stream| unsafe {
-            ffi::mx_linear_cutlass_bf16_run(&params, stream)
-        })
-    }
+    run_shim(stream, entry, |stream| unsafe { run(&params, stream) })
 }
 
 /// Largest relative L2 difference between [`linear_cutlass`] and `linear` on f32 outputs that
