@@ -179,6 +179,7 @@ fn route(
     let mut counts = b.zeros::<i32>(EXPERTS);
     let mut offsets = b.zeros::<i32>(EXPERTS + 1);
     let mut sorted = b.zeros::<i32>(slots);
+    let mut done = b.zeros::<u32>(1);
     ops::router(
         &b.kernels,
         stream,
@@ -197,6 +198,7 @@ fn route(
             expert_counts: counts.view_mut(),
             expert_offsets: offsets.view_mut(),
             sorted_slots: sorted.view_mut(),
+            done: done.view_mut(),
         },
     )
     .expect("router");

@@ -21,13 +21,9 @@
 #define MIXTRAL_ROPE_KV_VARIANTS(X) \
     X(rope_kv)
 
-// router_topk (csrc/router.cu, takes RouterParams): X(symbol)
-#define MIXTRAL_ROUTER_TOPK_VARIANTS(X) \
-    X(router_topk)
-
-// router_group (csrc/router.cu, takes RouterParams): X(symbol)
-#define MIXTRAL_ROUTER_GROUP_VARIANTS(X) \
-    X(router_group)
+// router (csrc/router.cu, takes RouterParams): X(symbol)
+#define MIXTRAL_ROUTER_VARIANTS(X) \
+    X(router)
 
 // moe_up (csrc/moe_gemv.cu, takes MoeParams): X(symbol, TILE)
 #define MIXTRAL_MOE_UP_VARIANTS(X) \

@@ -32,14 +32,12 @@ typedef struct mx_bf16 {
 #define RMSNORM_THREADS 256u
 // Threads per block of `rope_kv` (one block per token).
 #define ROPE_KV_THREADS 256u
-// Threads per block of `router_topk` (one block per token, one warp per expert at a time).
+// Threads per block of `router` (one block per token, one warp per expert at a time; the first warp of the last block groups the slots).
 #define ROUTER_THREADS 256u
 // Largest expert count the router kernels accept.
 #define ROUTER_MAX_EXPERTS 256u
 // Largest top_k the router kernels accept.
 #define ROUTER_MAX_TOP_K 8u
-// Threads of the single `router_group` block (one warp).
-#define ROUTER_GROUP_THREADS 32u
 // Warps per block of the expert GEMV kernels.
 #define MOE_WARPS 8u
 // 16-byte weight loads each lane issues before using them (bytes in flight: MOE_UNROLL * 16 * rows per warp).
@@ -281,6 +279,8 @@ typedef struct RouterParams {
     int32_t* expert_offsets;
     // `[tokens * top_k]` slots grouped by expert.
     int32_t* sorted_slots;
+    // `[1]` blocks done with their top-k in this launch (0 between launches: the last block resets it).
+    uint32_t* done;
     // Number of tokens.
     uint32_t tokens;
     // Hidden size.
@@ -290,7 +290,7 @@ typedef struct RouterParams {
     // Experts per token.
     uint32_t top_k;
 } RouterParams;
-MX_STATIC_ASSERT(sizeof(RouterParams) == 80, "RouterParams: size");
+MX_STATIC_ASSERT(sizeof(RouterParams) == 88, "RouterParams: size");
 MX_STATIC_ASSERT(MX_ALIGNOF(RouterParams) == 8, "RouterParams: alignment");
 MX_STATIC_ASSERT(offsetof(RouterParams, x) == 0, "RouterParams.x: offset");
 MX_STATIC_ASSERT(offsetof(RouterParams, gate) == 8, "RouterParams.gate: offset");
@@ -300,10 +300,11 @@ MX_STATIC_ASSERT(offsetof(RouterParams, topk_weights) == 32, "RouterParams.topk_
 MX_STATIC_ASSERT(offsetof(RouterParams, expert_counts) == 40, "RouterParams.expert_counts: offset");
 MX_STATIC_ASSERT(offsetof(RouterParams, expert_offsets) == 48, "RouterParams.expert_offsets: offset");
 MX_STATIC_ASSERT(offsetof(RouterParams, sorted_slots) == 56, "RouterParams.sorted_slots: offset");
-MX_STATIC_ASSERT(offsetof(RouterParams, tokens) == 64, "RouterParams.tokens: offset");
-MX_STATIC_ASSERT(offsetof(RouterParams, hidden) == 68, "RouterParams.hidden: offset");
-MX_STATIC_ASSERT(offsetof(RouterParams, experts) == 72, "RouterParams.experts: offset");
-MX_STATIC_ASSERT(offsetof(RouterParams, top_k) == 76, "RouterParams.top_k: offset");
+MX_STATIC_ASSERT(offsetof(RouterParams, done) == 64, "RouterParams.done: offset");
+MX_STATIC_ASSERT(offsetof(RouterParams, tokens) == 72, "RouterParams.tokens: offset");
+MX_STATIC_ASSERT(offsetof(RouterParams, hidden) == 76, "RouterParams.hidden: offset");
+MX_STATIC_ASSERT(offsetof(RouterParams, experts) == 80, "RouterParams.experts: offset");
+MX_STATIC_ASSERT(offsetof(RouterParams, top_k) == 84, "RouterParams.top_k: offset");
 
 // Expert MLP over the routed slots, GEMV style for decode batches: `moe_up` writes `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])`, `moe_down` writes `out[s] = weight[s] * (w2[e] act[s])` for every slot s = t * top_k + j routed to expert e. Weights are row-major `[out, in]` bf16.
 typedef struct MoeParams {

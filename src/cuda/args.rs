@@ -206,6 +206,8 @@ pub struct RouterArgs<'a> {
     pub expert_offsets: ViewMut<'a, i32>,
     /// `[tokens * top_k]` slots grouped by expert.
     pub sorted_slots: ViewMut<'a, i32>,
+    /// `[1]` blocks done with their top-k in this launch (0 between launches: the last block resets it).
+    pub done: ViewMut<'a, u32>,
 }
 
 /// The scalar fields of [`RouterParams`] (row strides come from the `Rows` views).
@@ -235,6 +237,7 @@ impl RouterArgs<'_> {
         need(op, "expert_counts", self.expert_counts.len(), u128::from(s.experts))?;
         need(op, "expert_offsets", self.expert_offsets.len(), u128::from(s.experts).saturating_add(1u128))?;
         need(op, "sorted_slots", self.sorted_slots.len(), product(&[u128::from(s.tokens), u128::from(s.top_k)]))?;
+        need(op, "done", self.done.len(), 1u128)?;
         Ok(RouterParams {
             x: self.x.address(),
             gate: self.gate.address(),
@@ -244,6 +247,7 @@ impl RouterArgs<'_> {
             expert_counts: self.expert_counts.address(),
             expert_offsets: self.expert_offsets.address(),
             sorted_slots: self.sorted_slots.address(),
+            done: self.done.address(),
             tokens: s.tokens,
             hidden: s.hidden,
             experts: s.experts,

@@ -10,14 +10,12 @@ pub const EMBEDDING_THREADS: u32 = 256;
 pub const RMSNORM_THREADS: u32 = 256;
 /// Threads per block of `rope_kv` (one block per token).
 pub const ROPE_KV_THREADS: u32 = 256;
-/// Threads per block of `router_topk` (one block per token, one warp per expert at a time).
+/// Threads per block of `router` (one block per token, one warp per expert at a time; the first warp of the last block groups the slots).
 pub const ROUTER_THREADS: u32 = 256;
 /// Largest expert count the router kernels accept.
 pub const ROUTER_MAX_EXPERTS: u32 = 256;
 /// Largest top_k the router kernels accept.
 pub const ROUTER_MAX_TOP_K: u32 = 8;
-/// Threads of the single `router_group` block (one warp).
-pub const ROUTER_GROUP_THREADS: u32 = 32;
 /// Warps per block of the expert GEMV kernels.
 pub const MOE_WARPS: u32 = 8;
 /// 16-byte weight loads each lane issues before using them (bytes in flight: MOE_UNROLL * 16 * rows per warp).
@@ -270,6 +268,8 @@ pub struct RouterParams {
     pub expert_offsets: u64,
     /// `[tokens * top_k]` slots grouped by expert. Device pointer to i32, written.
     pub sorted_slots: u64,
+    /// `[1]` blocks done with their top-k in this launch (0 between launches: the last block resets it). Device pointer to u32, written.
+    pub done: u64,
     /// Number of tokens.
     pub tokens: u32,
     /// Hidden size.
@@ -280,7 +280,7 @@ pub struct RouterParams {
     pub top_k: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<RouterParams>() == 80);
+const _: () = assert!(core::mem::size_of::<RouterParams>() == 88);
 const _: () = assert!(core::mem::align_of::<RouterParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(RouterParams, x) == 0);
 const _: () = assert!(core::mem::offset_of!(RouterParams, gate) == 8);
@@ -290,10 +290,11 @@ const _: () = assert!(core::mem::offset_of!(RouterParams, topk_weights) == 32);
 const _: () = assert!(core::mem::offset_of!(RouterParams, expert_counts) == 40);
 const _: () = assert!(core::mem::offset_of!(RouterParams, expert_offsets) == 48);
 const _: () = assert!(core::mem::offset_of!(RouterParams, sorted_slots) == 56);
-const _: () = assert!(core::mem::offset_of!(RouterParams, tokens) == 64);
-const _: () = assert!(core::mem::offset_of!(RouterParams, hidden) == 68);
-const _: () = assert!(core::mem::offset_of!(RouterParams, experts) == 72);
-const _: () = assert!(core::mem::offset_of!(RouterParams, top_k) == 76);
+const _: () = assert!(core::mem::offset_of!(RouterParams, done) == 64);
+const _: () = assert!(core::mem::offset_of!(RouterParams, tokens) == 72);
+const _: () = assert!(core::mem::offset_of!(RouterParams, hidden) == 76);
+const _: () = assert!(core::mem::offset_of!(RouterParams, experts) == 80);
+const _: () = assert!(core::mem::offset_of!(RouterParams, top_k) == 84);
 
 /// Expert MLP over the routed slots, GEMV style for decode batches: `moe_up` writes `act[s] = silu(w1[e] x[t]) * (w3[e] x[t])`, `moe_down` writes `out[s] = weight[s] * (w2[e] act[s])` for every slot s = t * top_k + j routed to expert e. Weights are row-major `[out, in]` bf16.
 #[repr(C)]
@@ -970,10 +971,8 @@ pub enum KernelFamily {
     Rmsnorm,
     /// `rope_kv` in csrc/rope_kv.cu, taking [`RopeKvParams`].
     RopeKv,
-    /// `router_topk` in csrc/router.cu, taking [`RouterParams`].
-    RouterTopk,
-    /// `router_group` in csrc/router.cu, taking [`RouterParams`].
-    RouterGroup,
+    /// `router` in csrc/router.cu, taking [`RouterParams`].
+    Router,
     /// `moe_up` in csrc/moe_gemv.cu, taking [`MoeParams`].
     MoeUp,
     /// `moe_down` in csrc/moe_gemv.cu, taking [`MoeParams`].
@@ -1026,12 +1025,11 @@ pub enum KernelFamily {
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 29] = [
+    pub const ALL: [KernelFamily; 28] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
-        KernelFamily::RouterTopk,
-        KernelFamily::RouterGroup,
+        KernelFamily::Router,
         KernelFamily::MoeUp,
         KernelFamily::MoeDown,
         KernelFamily::MoeMmaUp,
@@ -1069,8 +1067,7 @@ impl KernelFamily {
             KernelFamily::Embedding => "embedding",
             KernelFamily::Rmsnorm => "rmsnorm",
             KernelFamily::RopeKv => "rope_kv",
-            KernelFamily::RouterTopk => "router_topk",
-            KernelFamily::RouterGroup => "router_group",
+            KernelFamily::Router => "router",
             KernelFamily::MoeUp => "moe_up",
             KernelFamily::MoeDown => "moe_down",
             KernelFamily::MoeMmaUp => "moe_mma_up",
@@ -1104,8 +1101,7 @@ impl KernelFamily {
             KernelFamily::Embedding => &["OUT_F32"],
             KernelFamily::Rmsnorm => &["ADD"],
             KernelFamily::RopeKv => &[],
-            KernelFamily::RouterTopk => &[],
-            KernelFamily::RouterGroup => &[],
+            KernelFamily::Router => &[],
             KernelFamily::MoeUp => &["TILE"],
             KernelFamily::MoeDown => &["TILE"],
             KernelFamily::MoeMmaUp => &["MAX_NT"],
@@ -1186,15 +1182,9 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         consts: &[],
     },
     KernelVariant {
-        family: KernelFamily::RouterTopk,
+        family: KernelFamily::Router,
         module: "router",
-        symbol: "router_topk",
-        consts: &[],
-    },
-    KernelVariant {
-        family: KernelFamily::RouterGroup,
-        module: "router",
-        symbol: "router_group",
+        symbol: "router",
         consts: &[],
     },
     KernelVariant {
@@ -2398,6 +2388,11 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "sorted_slots",
                     core::mem::offset_of!(RouterParams, sorted_slots),
                     core::mem::size_of_val(&RouterParams::default().sorted_slots),
+                ),
+                (
+                    "done",
+                    core::mem::offset_of!(RouterParams, done),
+                    core::mem::size_of_val(&RouterParams::default().done),
                 ),
                 (
                     "tokens",

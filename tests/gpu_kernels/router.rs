@@ -1,7 +1,8 @@
 //! `router` against `cpu::matmul::matmul` (the gate logits, f32 accumulation) and
 //! `cpu::router::{route, group_by_expert}` applied to the device's own logits: the chosen experts
 //! and the grouping exact, the weights close. Gate rows are duplicated on purpose so that scores tie
-//! exactly (the lower expert must win); fewer tokens than experts, 1 token, top_k = experts.
+//! exactly (the lower expert must win); fewer tokens than experts, 1 token, top_k = experts. One
+//! counter of finished blocks serves every launch: each must leave it at 0 for the next.
 
 use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::router::{group_by_expert, route};
@@ -30,11 +31,13 @@ fn router_picks_and_groups_the_host_experts() {
             )
         });
     let mut runner = TestRunner::new(Config::with_cases(24));
+    let done = std::cell::RefCell::new(Guarded::with(gpu.stream(), &[0u32]));
     runner
         .run(
             &strategy,
             |(experts, top_k, tokens, hidden, seed, duplicate)| {
                 let stream = gpu.stream();
+                let mut done = done.borrow_mut();
                 let x = to_bf16(&random_values(seed, tokens * hidden, 1.0));
                 let mut gate = to_bf16(&random_values(seed ^ 1, experts * hidden, 0.5));
                 let mut ties = Vec::new();
@@ -75,9 +78,15 @@ fn router_picks_and_groups_the_host_experts() {
                         expert_counts: counts.dev_mut(),
                         expert_offsets: offsets.dev_mut(),
                         sorted_slots: sorted.dev_mut(),
+                        done: done.dev_mut(),
                     },
                 )
                 .expect("router");
+                prop_assert_eq!(
+                    done.read(stream, "done"),
+                    vec![0],
+                    "the counter left for the next launch"
+                );
                 let logits = logits.read_written(stream, "logits");
                 let ids = ids.read_written(stream, "topk_ids");
                 let weights = weights.read_written(stream, "topk_weights");

@@ -411,6 +411,7 @@ impl Step<'_> {
             expert_counts: r.expert_counts.view_mut(),
             expert_offsets: r.expert_offsets.view_mut(),
             sorted_slots: r.sorted_slots.view_mut(),
+            done: r.done.view_mut(),
         };
         ops::router(self.kernels, self.stream, &s, args)
     }

@@ -121,8 +121,9 @@ pub fn plan_bytes(config: &ModelConfig, sizes: &PlanSizes) -> usize {
         + m * d.vocab
         + d.head_dim / 2;
     let bf16s = m * d.hidden * 2 + m * d.qkv_width + m * d.q_width + slots * d.inter;
+    // The router's counts, offsets and its one counter of finished blocks among them.
     let i32s =
-        4 * m + slots * 2 + 2 * d.experts + 1 + m + sizes.max_sequences * sizes.max_blocks_per_seq;
+        4 * m + slots * 2 + 2 * d.experts + 2 + m + sizes.max_sequences * sizes.max_blocks_per_seq;
     let cache = 2 * config.num_layers * sizes.num_blocks * sizes.block_size * d.kv_width;
     let sampling = m * (4 * 4 + 8 * RNG_STATE_WORDS);
     4 * f32s + 2 * bf16s + 4 * i32s + 2 * cache + sampling
@@ -201,6 +202,8 @@ pub struct Routing {
     pub expert_offsets: DeviceBuffer<i32>,
     /// `[max_tokens * top_k]` slots grouped by expert.
     pub sorted_slots: DeviceBuffer<i32>,
+    /// `[1]` the router's count of blocks done (0 between launches).
+    pub done: DeviceBuffer<u32>,
 }
 
 /// One layer's paged KV cache `[num_blocks, block_size, kv_heads, head_dim]` each.
@@ -324,6 +327,7 @@ impl Plan {
                 expert_counts: arena.zeroed(d.experts, "expert counts")?,
                 expert_offsets: arena.zeroed(d.experts + 1, "expert offsets")?,
                 sorted_slots: arena.zeroed(slots, "slots by expert")?,
+                done: arena.zeroed(1, "router counter")?,
             },
             act: arena.zeroed(slots * d.inter, "expert activations")?,
             moe_out: arena.zeroed(slots * d.hidden, "expert outputs")?,

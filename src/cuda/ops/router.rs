@@ -1,18 +1,18 @@
 //! `router` (csrc/router.cu): the MoE router of `[tokens, hidden]` bf16 states over a
-//! `[experts, hidden]` gate. `router_topk` (one block per token) writes the f32 logits
+//! `[experts, hidden]` gate, one launch: each block (one per token) writes the f32 logits
 //! `[tokens, experts]`, the top_k experts `[tokens, top_k]` (softmax, ties to the lower expert) and
-//! their renormalised weights; `router_group` (one warp) groups the `tokens * top_k` slots by expert:
-//! counts `[experts]`, offsets `[experts + 1]` and `sorted_slots`.
+//! their renormalised weights; the last block to finish groups the `tokens * top_k` slots by expert:
+//! counts `[experts]`, offsets `[experts + 1]` and `sorted_slots`. `done` `[1]` counts the finished
+//! blocks (0 between launches: allocated zeroed, reset by that last block).
 
 use crate::cuda::args::{RouterArgs, RouterScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{
-    KernelFamily, RouterParams, ROUTER_GROUP_THREADS, ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K,
-    ROUTER_THREADS,
+    KernelFamily, RouterParams, ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K, ROUTER_THREADS,
 };
 
-fn plan(s: &RouterScalars, a: &RouterArgs<'_>) -> Planned<RouterParams, 2> {
+fn plan(s: &RouterScalars, a: &RouterArgs<'_>) -> Planned<RouterParams, 1> {
     let c = Check { op: "router" };
     let params = a.params(c.op, s)?;
     c.multiple_of_8("hidden", s.hidden as usize)?;
@@ -32,12 +32,8 @@ fn plan(s: &RouterScalars, a: &RouterArgs<'_>) -> Planned<RouterParams, 2> {
     }
     c.count("tokens", s.tokens as usize)?;
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
-    let topk = c.variant(KernelFamily::RouterTopk, "router_topk", &[])?;
-    let group = c.variant(KernelFamily::RouterGroup, "router_group", &[])?;
-    Ok(unless_empty(s.tokens, params, [
-            Grid::linear(topk, s.tokens, ROUTER_THREADS),
-            Grid::linear(group, 1, ROUTER_GROUP_THREADS),
-        ]))
+    let router = c.variant(KernelFamily::Router, "router", &[])?;
+    Ok(unless_empty(s.tokens, params, [Grid::linear(router, s.tokens, ROUTER_THREADS)]))
 }
 
 planned_launcher! {
@@ -69,6 +65,7 @@ mod tests {
             expert_counts: view_mut(e),
             expert_offsets: view_mut(e + 1 - offsets_short),
             sorted_slots: view_mut(t * k),
+            done: view_mut(1),
         }
     }
 
@@ -80,14 +77,10 @@ mod tests {
             experts: 8,
             top_k: 2,
         };
-        let (params, [topk, group]) = plan(&s, &args(&s, 0)).unwrap().unwrap();
+        let (params, [router]) = plan(&s, &args(&s, 0)).unwrap().unwrap();
         assert_eq!(
-            (symbol(&topk), topk.grid, topk.block),
-            ("router_topk", (3, 1, 1), ROUTER_THREADS)
-        );
-        assert_eq!(
-            (symbol(&group), group.grid, group.block),
-            ("router_group", (1, 1, 1), ROUTER_GROUP_THREADS)
+            (symbol(&router), router.grid, router.block),
+            ("router", (3, 1, 1), ROUTER_THREADS)
         );
         assert_eq!(
             (params.tokens, params.hidden, params.experts, params.top_k),
@@ -122,6 +115,7 @@ mod tests {
             "tokens",
         );
         too_small(plan(&s, &args(&s, 1)), "expert_offsets");
+        too_small(plan(&s, &RouterArgs { done: view_mut(0), ..args(&s, 0) }), "done");
         // SAFETY: the planner only reads the address; nothing is launched.
         let x = unsafe { crate::cuda::memory::View::from_raw(BASE + 8, 192) };
         assert!(matches!(
