@@ -31,11 +31,10 @@ use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyView, AnyViewMut, DeviceBuffer, Rows, View, ViewMut};
 use super::super::module::Kernels;
 use super::super::ops::{
-    LinearCutlassScratch,
-    self, AttentionDecodeShape, AttentionPrefillShape, PagedCacheShape,
+    self, AttentionDecodeShape, AttentionPrefillShape, LinearCutlassScratch, PagedCacheShape,
 };
 use super::inputs::PrefillPiece;
-use super::matrix::{self, ProductScratch, DeviceMatrix, ExpertIo, GroupedExperts, Products};
+use super::matrix::{self, DeviceMatrix, ExpertIo, GroupedExperts, ProductScratch, Products};
 use super::plan::{Activations, Dims, Inputs, LayerCache, Plan, Routing, SPLIT_KEYS};
 use super::rank::Group;
 use super::upload::GpuWeights;

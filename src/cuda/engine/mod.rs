@@ -187,7 +187,6 @@ fn projection_features(dims: &Dims, vocab_rows: usize) -> Option<Vec<(u32, u32)>
         .collect()
 }
 
-/// The plan sizes for `options` given `free` device bytes after the weights; `None` KV blocks
 /// The 8-bit format of every layer's expert stacks when they are all FP8 or all INT8 without
 /// column permutation (what the CUTLASS 8-bit expert kernels read); `None` otherwise.
 fn q8_experts(formats: &[LayerFormats]) -> Option<Q8> {
@@ -206,6 +205,7 @@ fn q8_experts(formats: &[LayerFormats]) -> Option<Q8> {
         .then_some(format)
 }
 
+/// The plan sizes for `options` given `free` device bytes after the weights; `None` KV blocks
 /// means "as many as fit". Pure arithmetic, tested without a device.
 pub fn plan_sizes(
     config: &ModelConfig,

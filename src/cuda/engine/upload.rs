@@ -24,7 +24,7 @@ use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut, BUFFER_ALIG
 use super::super::select::{select, Choice, Device, Format, Op};
 use super::host::{upload_bytes, HostModel, HostTensor};
 use super::matrix::{
-    stack_format, table_values, ProductScratch, DeviceMatrix, PackedStack, StackFormat,
+    stack_format, table_values, DeviceMatrix, PackedStack, ProductScratch, StackFormat,
 };
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;

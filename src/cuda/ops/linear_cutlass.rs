@@ -16,7 +16,7 @@ use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::moe_cutlass::{require_built_for, run_shim, sm_count};
-use super::moe_wgmma::{rel_l2, HopperCheck};
+use super::moe_wgmma::{rel_l2, verdict, HopperCheck};
 use crate::cuda::args::{LinearArgs, LinearCutlassArgs, LinearCutlassScalars, LinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -252,7 +252,8 @@ pub fn linear_cutlass_self_check(
     };
     let w_host = random((out_features * in_features) as usize, 1.0 / f64::from(in_features).sqrt());
     let w = arena.upload(&w_host, what)?;
-    let (mut worst, mut passed) = (0.0f64, true);
+    // Relative L2 differences of the bf16 and of the f32 outputs.
+    let mut differences = [Vec::new(), Vec::new()];
     for tokens in [40u32, 300] {
         let x = arena.upload(&random((tokens * in_features) as usize, 1.0), what)?;
         let s = LinearScalars {
@@ -264,8 +265,7 @@ pub fn linear_cutlass_self_check(
         for out_f32 in [false, true] {
             let mut outputs = Vec::new();
             for cutlass in [false, true] {
-                let nan = arena.upload(&vec![f32::NAN; len], what)?;
-                let mut out_f = nan;
+                let mut out_f = arena.upload(&vec![f32::NAN; len], what)?;
                 let mut out_b = arena.upload(&vec![bf16::NAN; len], what)?;
                 let out: AnyViewMut<'_> = if out_f32 {
                     out_f.view_mut().into()
@@ -289,26 +289,11 @@ pub fn linear_cutlass_self_check(
                     b.iter().map(|v| v.to_f32()).collect()
                 });
             }
-            let difference = rel_l2(&outputs[1], &outputs[0]);
-            let bound = if out_f32 {
-                LINEAR_CUTLASS_F32_BOUND
-            } else {
-                LINEAR_CUTLASS_BF16_BOUND
-            };
-            // NaN compares false: a NaN difference fails.
-            passed &= difference <= bound;
-            worst = if difference.is_nan() {
-                f64::INFINITY
-            } else {
-                worst.max(difference)
-            };
+            differences[usize::from(out_f32)].push(rel_l2(&outputs[1], &outputs[0]));
         }
     }
-    Ok(if passed {
-        HopperCheck::Passed { rel_l2: worst }
-    } else {
-        HopperCheck::Failed { rel_l2: worst }
-    })
+    let [bf16_out, f32_out] = differences;
+    Ok(verdict(&bf16_out, LINEAR_CUTLASS_BF16_BOUND).and(verdict(&f32_out, LINEAR_CUTLASS_F32_BOUND)))
 }
 
 #[cfg(test)]

@@ -520,6 +520,14 @@ mod tests {
                 rel_l2: f64::INFINITY
             }
         );
+        // Two checks that must both pass: the larger difference, or the first failure.
+        let (pass, fail) = (HopperCheck::Passed { rel_l2: 1e-3 }, HopperCheck::Failed { rel_l2: 0.5 });
+        let larger = HopperCheck::Passed { rel_l2: 2e-3 };
+        assert_eq!(pass.and(larger), larger);
+        assert_eq!(pass.and(fail), fail);
+        assert_eq!(fail.and(pass), fail);
+        assert_eq!(HopperCheck::NotHopper.and(pass), HopperCheck::NotHopper);
+        assert_eq!(pass.and(HopperCheck::NotHopper), HopperCheck::NotHopper);
         assert!(verdict(&[0.0, 0.0], WGMMA_SELF_CHECK_BOUND).passed());
         assert!(!HopperCheck::NotHopper.passed());
     }
