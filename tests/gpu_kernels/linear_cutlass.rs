@@ -17,18 +17,16 @@ use mixtral::cuda::memory::DeviceArena;
 use mixtral::cuda::ops::{
     linear_cutlass, linear_cutlass_self_check, LinearCutlassScratch, LINEAR_CUTLASS_BF16_BOUND,
 };
-use mixtral::cuda::{CudaError, Kernels};
+use mixtral::cuda::Kernels;
 use proptest::prelude::*;
 
-use super::linear::{check_hidden_size, check_random_shapes, check_zero_tokens};
+use super::linear::{check_hidden_size, check_random_shapes, check_zero_tokens, LinearOp};
 use super::moe_cutlass::{hopper_gpu, self_check_and_device_gate};
 use crate::common;
 
 /// A launcher of `linear_cutlass` with a scratch made for each problem (kept until the launcher is
 /// dropped).
-fn with_own_scratch(
-    stream: &Arc<CudaStream>,
-) -> impl FnMut(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError> {
+fn with_own_scratch(stream: &Arc<CudaStream>) -> impl LinearOp {
     let stream = Arc::clone(stream);
     let mut kept = Vec::new();
     move |_: &Kernels, on: &CudaStream, s: &LinearScalars, args: LinearArgs<'_>| {
@@ -47,7 +45,7 @@ fn with_scratch(
     stream: &Arc<CudaStream>,
     features: &[(u32, u32)],
     max_tokens: u32,
-) -> impl FnMut(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError> {
+) -> impl LinearOp {
     let mut arena = DeviceArena::new(Arc::clone(stream));
     let mut scratch = LinearCutlassScratch::new(&mut arena, stream, features, max_tokens)
         .unwrap_or_else(|e| panic!("scratch for {features:?} x {max_tokens}: {e}"));
@@ -82,10 +80,7 @@ fn linear_cutlass_splits_long_k_over_the_sms() {
 /// `op` recorded into a CUDA graph and the graph replayed twice instead of a launch, as a captured
 /// prefill chunk runs: the host-side arguments and the workspace's initialisation must be part of
 /// what is recorded, and nothing may depend on state left by the first replay.
-fn replayed(
-    stream: &Arc<CudaStream>,
-    mut op: impl FnMut(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>,
-) -> impl FnMut(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError> {
+fn replayed(stream: &Arc<CudaStream>, mut op: impl LinearOp) -> impl LinearOp {
     let stream = Arc::clone(stream);
     move |kernels: &Kernels, on: &CudaStream, s: &LinearScalars, args: LinearArgs<'_>| {
         common::replayed_twice(&stream, || op(kernels, on, s, args))
