@@ -9,7 +9,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use super::{Engine, EngineError};
+use super::{Engine, EngineError, OptInKernels};
 use crate::checkpoint::LoadProgress;
 use crate::cpu::{CpuEngine, CpuEngineOptions};
 use crate::shard::engine::DEFAULT_TIMEOUT;
@@ -106,6 +106,8 @@ pub struct EngineOptions {
     /// device given on, with the `nccl` feature (refused without it:
     /// [`OpenError::MultiGpuNotBuilt`]).
     pub parallel: Layout,
+    /// CUDA kernels that are off until asked for ([`OptInKernels`]); the CPU engine ignores them.
+    pub opt_in: OptInKernels,
 }
 
 impl EngineOptions {
@@ -120,12 +122,16 @@ impl EngineOptions {
         }
     }
 
-    /// The CUDA engine's options on device `ordinal`: these limits, the CUDA defaults for the rest.
+    /// The CUDA engine's options on device `ordinal`: these limits and opt-in kernels, the CUDA
+    /// defaults for the rest.
     #[cfg(feature = "cuda")]
     pub fn cuda(&self, ordinal: usize) -> crate::cuda::CudaEngineOptions {
         crate::cuda::CudaEngineOptions {
             engine: self.clone(),
             device: ordinal,
+            hopper_wgmma: self.opt_in.hopper_wgmma,
+            cutlass_experts: self.opt_in.cutlass,
+            mma_decode: self.opt_in.mma_decode,
             ..crate::cuda::CudaEngineOptions::default()
         }
     }
@@ -377,6 +383,10 @@ mod tests {
             kv_blocks: Some(5),
             max_step_tokens: Some(16),
             parallel: Layout::default(),
+            opt_in: OptInKernels {
+                cutlass: true,
+                ..OptInKernels::default()
+            },
         };
         let cpu = options.cpu();
         assert_eq!(
@@ -388,5 +398,15 @@ mod tests {
             ),
             (Some(64), 2, 8, Some(5))
         );
+        #[cfg(feature = "cuda")]
+        {
+            let cuda = options.cuda(3);
+            assert_eq!(cuda.device, 3);
+            assert_eq!(
+                (cuda.hopper_wgmma, cuda.cutlass_experts, cuda.mma_decode),
+                (false, true, false)
+            );
+            assert_eq!(cuda.engine, options);
+        }
     }
 }

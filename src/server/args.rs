@@ -1,8 +1,8 @@
 //! `mixtral-serve`'s command line: flags (`--name value`, `--name=value`) into a [`ServeCommand`],
-//! every mistake a [`UsageError`] naming the flag and the value. `--device` and `--quantize` take
-//! what `mixtral-run` takes.
+//! every mistake a [`UsageError`] naming the flag and the value. `--device`, `--cuda-kernels` and
+//! `--quantize` take what `mixtral-run` takes.
 
-use crate::engine::{Device, EngineOptions};
+use crate::engine::{Device, EngineOptions, OptInKernels};
 use crate::quant::QuantFormat;
 use crate::serve::SchedulerOptions;
 use std::ffi::OsString;
@@ -14,7 +14,7 @@ mixtral-serve: an OpenAI-compatible HTTP server for a Mixtral-family model direc
 
 usage:
     mixtral-serve --model DIR [--host 127.0.0.1] [--port 8000] [--device cpu|cuda|cuda:N]
-                  [--quantize fp8|int8|int4] [--served-model-name NAME] [--max-num-seqs N]
+                  [--cuda-kernels LIST] [--quantize fp8|int8|int4] [--served-model-name NAME] [--max-num-seqs N]
                   [--max-num-batched-tokens N] [--max-context N] [--kv-blocks N]
     mixtral-serve --help | --version
 
@@ -23,6 +23,8 @@ options:
     --host HOST                  address to listen on (default 127.0.0.1)
     --port PORT                  port to listen on (default 8000; 0 picks a free one)
     --device D                   cpu (default), cuda or cuda:N
+    --cuda-kernels LIST          CUDA kernels that are off by default (wgmma, cutlass, mma-decode,
+                                 comma-separated), as mixtral-run --cuda-kernels (default none)
     --quantize F                 quantize the attention and expert weights on load: fp8, int8 or
                                  int4 (bf16 keeps them as stored), as mixtral-run --quantize
     --served-model-name NAME     the model id clients give (default: the model directory's name)
@@ -55,6 +57,8 @@ pub struct ServeArgs {
     pub port: u16,
     /// Where to run.
     pub device: Device,
+    /// Opt-in CUDA kernels (`--cuda-kernels`).
+    pub opt_in: OptInKernels,
     /// Quantize on load.
     pub quantize: Option<QuantFormat>,
     /// The model id clients give.
@@ -102,6 +106,7 @@ impl ServeArgs {
             max_sequences: Some(self.max_num_seqs),
             max_step_tokens: self.max_num_batched_tokens,
             kv_blocks,
+            opt_in: self.opt_in,
             ..defaults
         }
     }
@@ -137,6 +142,7 @@ const FLAGS: &[&str] = &[
     "--host",
     "--port",
     "--device",
+    "--cuda-kernels",
     "--quantize",
     "--served-model-name",
     "--max-num-seqs",
@@ -225,6 +231,17 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<ServeCommand, Us
         None => Device::Cpu,
         Some(v) => Device::parse(v).map_err(|e| UsageError(format!("--device: {e}")))?,
     };
+    let opt_in = match value("--cuda-kernels") {
+        None => OptInKernels::default(),
+        Some(v) => v
+            .parse::<OptInKernels>()
+            .map_err(|e| UsageError(format!("--cuda-kernels: {e}")))?,
+    };
+    if device == Device::Cpu && opt_in != OptInKernels::default() {
+        return Err(UsageError(format!(
+            "--cuda-kernels {opt_in} needs --device cuda (the CPU engine has no CUDA kernels)"
+        )));
+    }
     let quantize = value("--quantize")
         .map(|v| {
             v.trim().parse::<QuantFormat>().map_err(|_| {
@@ -245,6 +262,7 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<ServeCommand, Us
         host,
         port,
         device,
+        opt_in,
         quantize,
         served_model_name,
         max_num_seqs: parsed("--max-num-seqs", "a positive integer")?.unwrap_or(8),
@@ -294,6 +312,7 @@ mod tests {
             "--port=0",
             "--device",
             "cuda:1",
+            "--cuda-kernels=wgmma",
             "--quantize",
             "int8",
             "--served-model-name",
@@ -309,6 +328,8 @@ mod tests {
         assert_eq!(a.host, "0.0.0.0");
         assert_eq!(a.port, 0);
         assert_eq!(a.device, Device::Cuda(1));
+        assert!(a.engine_options(4096).opt_in.hopper_wgmma);
+        assert_eq!(a.opt_in.to_string(), "wgmma");
         assert_eq!(a.quantize, Some(QuantFormat::Int8));
         assert_eq!(a.model_id(), "mx");
         assert_eq!(
@@ -364,6 +385,14 @@ mod tests {
             (&["--model", "m", "--port"], "--port needs a value"),
             (&["--model", "m", "--device", "tpu"], "\"tpu\""),
             (&["--model", "m", "--quantize", "int3"], "int3"),
+            (
+                &["--model", "m", "--device", "cuda", "--cuda-kernels", "fa3"],
+                "\"fa3\"",
+            ),
+            (
+                &["--model", "m", "--cuda-kernels", "cutlass"],
+                "needs --device cuda",
+            ),
             (&["--model", "m", "--max-num-seqs", "0"], "--max-num-seqs"),
             (
                 &["--model", "m", "--max-num-batched-tokens", "-1"],

@@ -1,7 +1,7 @@
 //! Command-line parsing of `mixtral-run`: flags (`--name value`, `--name=value`) into a
 //! [`Command`], every mistake a [`UsageError`] naming the flag and the value.
 
-pub use mixtral::engine::Device;
+pub use mixtral::engine::{Device, OptInKernels};
 use mixtral::quant::QuantFormat;
 use mixtral::sampling::{SamplingError, SamplingParams};
 pub use mixtral::shard::Layout;
@@ -15,7 +15,7 @@ mixtral-run: generate text with, or score text under, a Mixtral-family model dir
 usage:
     mixtral-run --model DIR (--prompt TEXT | --prompt-file FILE) [--chat] [-n|--max-new-tokens N]
                 [--temperature T] [--top-k K] [--top-p P] [--repeat-penalty R] [--seed S]
-                [--stop TEXT]... [--device cpu|cuda|cuda:N] [--max-context N]
+                [--stop TEXT]... [--device cpu|cuda|cuda:N] [--cuda-kernels LIST] [--max-context N]
                 [--quantize fp8|int8|int4] [--tensor-parallel N] [--expert-parallel N] [--json]
     mixtral-run --model DIR --perplexity FILE [--device ...] [--max-context N] [--quantize ...]
                 [--tensor-parallel N] [--expert-parallel N] [--json]
@@ -35,6 +35,10 @@ options:
     --seed S               seed of the sampler (default 0; needs --temperature)
     --stop TEXT            stop when TEXT appears in the output (repeatable; TEXT is not printed)
     --device D             cpu (default), cuda or cuda:N
+    --cuda-kernels LIST    CUDA kernels that are off by default, comma-separated: wgmma (Hopper
+                           warpgroup-MMA prefill experts), cutlass (CUTLASS's Hopper GEMMs for
+                           the prefill experts and projections), mma-decode (tensor-core decode
+                           products); each checks itself at load where it can (default none)
     --max-context N        longest sequence in tokens (default: the model's max_position_embeddings)
     --perplexity FILE      score BOS + the tokens of FILE (one trailing line break is removed)
     --quantize F           quantize the attention and expert weights on load: fp8 (E4M3, a scale
@@ -88,6 +92,8 @@ pub struct Common {
     pub parallel: Layout,
     /// `--dist-init HOST:PORT --rank R --world W`.
     pub dist: Option<DistInit>,
+    /// `--cuda-kernels` (none when not given).
+    pub opt_in: OptInKernels,
 }
 
 pub use mixtral::shard::world::DistInit;
@@ -155,6 +161,7 @@ const VALUE_FLAGS: &[&str] = &[
     "--seed",
     "--stop",
     "--device",
+    "--cuda-kernels",
     "--max-context",
     "--perplexity",
     "--quantize",
@@ -340,7 +347,19 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<Command, UsageEr
         quantize: given.parsed::<QuantFormat>("--quantize", "bf16, fp8, int8 or int4")?,
         parallel,
         dist,
+        opt_in: given
+            .value("--cuda-kernels")
+            .map(|v| v.parse::<OptInKernels>())
+            .transpose()
+            .map_err(|e| UsageError(format!("--cuda-kernels: {e}")))?
+            .unwrap_or_default(),
     };
+    if common.device == Device::Cpu && common.opt_in != OptInKernels::default() {
+        return Err(UsageError(format!(
+            "--cuda-kernels {} needs --device cuda (the CPU engine has no CUDA kernels)",
+            common.opt_in
+        )));
+    }
 
     let sources: Vec<&str> = ["--prompt", "--prompt-file", "--perplexity"]
         .into_iter()
@@ -529,6 +548,7 @@ mod tests {
             "--stop=\n\n",
             "--device",
             "cuda:1",
+            "--cuda-kernels=cutlass,mma-decode",
             "--max-context",
             "128",
             "--json",
@@ -548,6 +568,14 @@ mod tests {
         );
         assert_eq!(g.stops, ["END", "\n\n"]);
         assert_eq!(g.common.device, Device::Cuda(1));
+        assert_eq!(
+            g.common.opt_in,
+            OptInKernels {
+                hopper_wgmma: false,
+                cutlass: true,
+                mma_decode: true
+            }
+        );
         assert_eq!(g.common.max_context, Some(128));
         // A value that starts with a dash is still the flag's value.
         let g = generate_args(&["--model", "m", "--prompt", "-x", "--max-new-tokens", "3"]);
@@ -630,6 +658,23 @@ mod tests {
                 "--max-context",
             ),
             (&["--model", "m", "--prompt", "x", "--stop", ""], "--stop"),
+            (
+                &[
+                    "--model",
+                    "m",
+                    "--prompt",
+                    "x",
+                    "--device",
+                    "cuda",
+                    "--cuda-kernels",
+                    "cutlas",
+                ],
+                "\"cutlas\"",
+            ),
+            (
+                &["--model", "m", "--prompt", "x", "--cuda-kernels", "wgmma"],
+                "--cuda-kernels wgmma needs --device cuda",
+            ),
             (
                 &["--model", "m", "--prompt", "x", "--prompt-file", "f"],
                 "cannot be used together",

@@ -215,6 +215,7 @@ fn engine(
         max_context: Some(context_limit(model, common).min(needed).max(1)),
         max_sequences: Some(1),
         parallel: common.parallel,
+        opt_in: common.opt_in,
         ..EngineOptions::default()
     };
     let (display, progress) = LoadDisplay::new();

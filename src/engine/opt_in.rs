@@ -1,0 +1,138 @@
+//! [`OptInKernels`]: the CUDA kernels that stay off until asked for (they have not been verified
+//! on hardware, or are slower where they were measured), named as a comma-separated list
+//! (`wgmma,cutlass,mma-decode`) by `mixtral-run --cuda-kernels` and `mixtral-serve --cuda-kernels`.
+//! The CPU engine ignores them.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Opt-in CUDA kernels; each asks the CUDA engine for the option of the same meaning in
+/// `mixtral::cuda::CudaEngineOptions`. The default is none.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct OptInKernels {
+    /// `wgmma`: the Hopper warpgroup-MMA expert GEMMs of prefill chunks (`hopper_wgmma`).
+    pub hopper_wgmma: bool,
+    /// `cutlass`: CUTLASS's Hopper grouped GEMM for the prefill experts and its dense GEMM for the
+    /// prefill projections (`cutlass_experts`).
+    pub cutlass: bool,
+    /// `mma-decode`: the tensor-core decode products (`mma_decode`).
+    pub mma_decode: bool,
+}
+
+/// The names of the list, in the order [`OptInKernels`]'s `Display` writes them.
+const NAMES: [&str; 3] = ["wgmma", "cutlass", "mma-decode"];
+
+impl OptInKernels {
+    /// The flags in the order of [`NAMES`].
+    fn flags_mut(&mut self) -> [&mut bool; 3] {
+        [
+            &mut self.hopper_wgmma,
+            &mut self.cutlass,
+            &mut self.mma_decode,
+        ]
+    }
+
+    /// The flags in the order of [`NAMES`].
+    fn flags(&self) -> [bool; 3] {
+        [self.hopper_wgmma, self.cutlass, self.mma_decode]
+    }
+}
+
+/// A `--cuda-kernels` list naming something that is not an opt-in kernel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown CUDA kernel {name:?} in {list:?}: expected a comma-separated list of wgmma, cutlass, mma-decode (or none)")]
+pub struct UnknownKernel {
+    /// The list as given.
+    pub list: String,
+    /// The name not recognised.
+    pub name: String,
+}
+
+impl FromStr for OptInKernels {
+    type Err = UnknownKernel;
+
+    /// Parses `wgmma,cutlass,mma-decode` (any subset, any order, repeats allowed, spaces around the
+    /// names ignored); `none` or an empty string is none.
+    fn from_str(list: &str) -> Result<Self, Self::Err> {
+        let mut kernels = OptInKernels::default();
+        if matches!(list.trim(), "" | "none") {
+            return Ok(kernels);
+        }
+        for name in list.split(',').map(str::trim) {
+            let Some(i) = NAMES.iter().position(|n| *n == name) else {
+                return Err(UnknownKernel {
+                    list: list.to_string(),
+                    name: name.to_string(),
+                });
+            };
+            *kernels.flags_mut()[i] = true;
+        }
+        Ok(kernels)
+    }
+}
+
+impl fmt::Display for OptInKernels {
+    /// The comma-separated list [`FromStr`] reads back, or `none`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let on: Vec<&str> = NAMES
+            .iter()
+            .zip(self.flags())
+            .filter_map(|(name, on)| on.then_some(*name))
+            .collect();
+        if on.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&on.join(","))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_subset_round_trips_through_its_list() {
+        for bits in 0..8u8 {
+            let kernels = OptInKernels {
+                hopper_wgmma: bits & 1 != 0,
+                cutlass: bits & 2 != 0,
+                mma_decode: bits & 4 != 0,
+            };
+            let text = kernels.to_string();
+            assert_eq!(text.parse::<OptInKernels>(), Ok(kernels), "{text}");
+        }
+    }
+
+    #[test]
+    fn names_order_spaces_and_repeats() {
+        let all = OptInKernels {
+            hopper_wgmma: true,
+            cutlass: true,
+            mma_decode: true,
+        };
+        assert_eq!(" mma-decode , wgmma,cutlass,wgmma".parse(), Ok(all));
+        assert_eq!(
+            "cutlass".parse::<OptInKernels>().map(|k| k.flags()),
+            Ok([false, true, false])
+        );
+        assert_eq!("".parse(), Ok(OptInKernels::default()));
+        assert_eq!(" none ".parse(), Ok(OptInKernels::default()));
+    }
+
+    #[test]
+    fn unknown_names_are_refused_naming_the_name_and_the_list() {
+        for (list, name) in [
+            ("wgmma,mma_decode", "mma_decode"),
+            ("CUTLASS", "CUTLASS"),
+            ("wgmma,", ""),
+            ("none,cutlass", "none"),
+        ] {
+            let error = list.parse::<OptInKernels>().unwrap_err();
+            assert_eq!((error.list.as_str(), error.name.as_str()), (list, name));
+            assert!(error.to_string().contains("mma-decode"), "{error}");
+        }
+    }
+}
