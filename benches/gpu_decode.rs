@@ -87,18 +87,35 @@ fn engine_with(
     mma_decode: bool,
 ) -> Result<CudaEngine, CudaError> {
     let options = CudaEngineOptions {
+        cuda_graphs: graphs,
+        hopper_wgmma: grouped == GroupedKernel::Wgmma,
+        cutlass_experts: grouped == GroupedKernel::Cutlass,
+        mma_decode,
+        ..bench_options()
+    };
+    build(layers, format, options)
+}
+
+/// The limits every bench engine takes (32k context, 32 sequences, 4096-token steps), the other
+/// options at their defaults.
+fn bench_options() -> CudaEngineOptions {
+    CudaEngineOptions {
         engine: EngineOptions {
             max_context: Some(32768),
             max_sequences: Some(32),
             max_step_tokens: Some(4096),
             ..EngineOptions::default()
         },
-        cuda_graphs: graphs,
-        hopper_wgmma: grouped == GroupedKernel::Wgmma,
-        cutlass_experts: grouped == GroupedKernel::Cutlass,
-        mma_decode,
         ..CudaEngineOptions::default()
-    };
+    }
+}
+
+/// An engine with random weights (stacks in `format`) and `options`.
+fn build(
+    layers: usize,
+    format: StackFormat,
+    options: CudaEngineOptions,
+) -> Result<CudaEngine, CudaError> {
     CudaEngine::build(
         WeightSource::Random {
             config: &mixtral_config(layers),
@@ -348,6 +365,35 @@ fn protocol(out_path: &str) {
                 record("prefill", "mma", (1, tokens), graphs, ms, &card);
             }
         }
+    }
+    // Decode and prefill again with programmatic dependent launches (compute capability 9.0+), the
+    // default kernels otherwise: `"kernel": "pdl"` beside the `"mma"` rows above.
+    let pdl = CudaEngineOptions {
+        dependent_launches: true,
+        ..bench_options()
+    };
+    match build(layers, StackFormat::Bf16, pdl) {
+        Ok(mut engine) if engine.dependent_launches() => {
+            let card = engine.device_name().to_string();
+            for (batch, context) in [(1, 16), (8, 16), (32, 16), (1, 4096)] {
+                let seqs = sequences(&mut engine, batch, context);
+                let tokens: Vec<[u32; 1]> =
+                    ids(batch, context as u64).iter().map(|&t| [t]).collect();
+                let ms = median_ms(
+                    || decode_step(&mut engine, &seqs, context, &tokens),
+                    REPEATS,
+                );
+                record("decode", "pdl", (batch, context), true, ms, &card);
+                for seq in seqs {
+                    mixtral::Engine::free_sequence(&mut engine, seq).expect("free");
+                }
+            }
+            let prompt = ids(512, 7);
+            let ms = median_ms(|| prefill(&mut engine, &prompt), 5);
+            record("prefill", "pdl", (1, 512), true, ms, &card);
+        }
+        Ok(_) => eprintln!("gpu_decode: no dependent launches before compute capability 9.0"),
+        Err(e) => eprintln!("gpu_decode: no engine with dependent launches: {e}"),
     }
     // Prefill again with each Hopper expert kernel, where its self-check passes.
     for asked in [GroupedKernel::Wgmma, GroupedKernel::Cutlass] {

@@ -248,6 +248,7 @@ __device__ void attention_combine_body(const AttentionDecodeParams& p) {
 
 #define MX_DEFINE(symbol, HEAD_DIM, GROUP)                                      \
     MX_KERNEL void __launch_bounds__(ATTENTION_THREADS) symbol(AttentionDecodeParams p) { \
+        mx::after_prior_kernels();                                                        \
         attention_decode_body<HEAD_DIM, GROUP>(p);                              \
     }
 MIXTRAL_ATTENTION_DECODE_VARIANTS(MX_DEFINE)
@@ -255,6 +256,7 @@ MIXTRAL_ATTENTION_DECODE_VARIANTS(MX_DEFINE)
 
 #define MX_DEFINE(symbol)                                                                 \
     MX_KERNEL void __launch_bounds__(ATTENTION_COMBINE_THREADS) symbol(AttentionDecodeParams p) { \
+        mx::after_prior_kernels();                                                                \
         attention_combine_body(p);                                                        \
     }
 MIXTRAL_ATTENTION_COMBINE_VARIANTS(MX_DEFINE)

@@ -11,10 +11,24 @@
 #include "generated/instantiations.cuh"
 #include "generated/params.h"
 
-// An `extern "C"` kernel entry point (the symbols the Rust side loads from the fatbin).
+// An `extern "C"` kernel entry point (the symbols the Rust side loads from the fatbin). Its first
+// statement is mx::after_prior_kernels() (src/cuda/module.rs checks every entry in csrc/).
 #define MX_KERNEL extern "C" __global__
 
 namespace mx {
+
+// The first statement of every kernel entry. Waits until the kernels issued before this one on the
+// stream have finished and their writes are visible (griddepcontrol.wait), then lets the next kernel
+// start (griddepcontrol.launch_dependents): that one's blocks can then be placed on the SMs while this
+// one runs, and wait there in turn. Both are no-ops unless the kernel was issued as a programmatic
+// dependent launch (src/cuda/launch.rs, on compute capability 9.0+ when asked for); before sm_90 they
+// compile to nothing. No kernel may read another kernel's output before this call.
+__device__ __forceinline__ void after_prior_kernels() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 constexpr unsigned FULL_MASK = 0xffffffffu;
 constexpr float LOG2E = 1.4426950408889634f;

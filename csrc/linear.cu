@@ -317,13 +317,17 @@ __device__ void mma_body(const LinearParams& p) {
 
 #define MX_DEFINE(symbol, TILE, OUT_F32)                                                               \
     MX_KERNEL void __launch_bounds__(LINEAR_GEMV_WARPS * 32) symbol(LinearParams p) {                 \
+        mx::after_prior_kernels();                                                                    \
         gemv_body<TILE, OUT_F32>(p);                                                                   \
     }
 MIXTRAL_LINEAR_GEMV_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, OUT_F32) \
-    MX_KERNEL void __launch_bounds__(LINEAR_MMA_THREADS, 2) symbol(LinearParams p) { mma_body<OUT_F32>(p); }
+#define MX_DEFINE(symbol, OUT_F32)                                                   \
+    MX_KERNEL void __launch_bounds__(LINEAR_MMA_THREADS, 2) symbol(LinearParams p) { \
+        mx::after_prior_kernels();                                                   \
+        mma_body<OUT_F32>(p);                                                        \
+    }
 MIXTRAL_LINEAR_MMA_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
@@ -331,6 +335,7 @@ MIXTRAL_LINEAR_MMA_VARIANTS(MX_DEFINE)
 // as stored): every weight row read once for the whole batch.
 #define MX_DEFINE(symbol, NT, OUT_F32)                                                                  \
     MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(LinearParams p) {                      \
+        mx::after_prior_kernels();                                                                     \
         mx::qmma::dense<QMMA_KIND_BF16, NT, OUT_F32>(p, 0, [&](uint32_t row) {                           \
             return mx::qmma::RowPtr{reinterpret_cast<const uint8_t*>(p.w + (size_t)row * p.in_features), nullptr}; \
         });                                                                                              \

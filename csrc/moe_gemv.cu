@@ -143,13 +143,19 @@ __device__ void moe_down_body(const MoeParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol, TILE) \
-    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32) symbol(MoeParams p) { moe_up_body<TILE>(p); }
+#define MX_DEFINE(symbol, TILE)                                            \
+    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32) symbol(MoeParams p) { \
+        mx::after_prior_kernels();                                         \
+        moe_up_body<TILE>(p);                                              \
+    }
 MIXTRAL_MOE_UP_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, TILE) \
-    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32) symbol(MoeParams p) { moe_down_body<TILE>(p); }
+#define MX_DEFINE(symbol, TILE)                                            \
+    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32) symbol(MoeParams p) { \
+        mx::after_prior_kernels();                                         \
+        moe_down_body<TILE>(p);                                            \
+    }
 MIXTRAL_MOE_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
@@ -165,6 +171,7 @@ __device__ __forceinline__ mx::qmma::RowPtr moe_row(const MoeParams& p, int m, s
 
 #define MX_DEFINE(symbol, MAX_NT)                                                                  \
     MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(MoeParams p) {                    \
+        mx::after_prior_kernels();                                                                \
         mx::qmma::expert_up<QMMA_KIND_BF16, MAX_NT>(p, 0, [&](int m, size_t r) { return moe_row(p, m, r); }); \
     }
 MIXTRAL_MOE_MMA_UP_VARIANTS(MX_DEFINE)
@@ -172,6 +179,7 @@ MIXTRAL_MOE_MMA_UP_VARIANTS(MX_DEFINE)
 
 #define MX_DEFINE(symbol, MAX_NT)                                                                    \
     MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(MoeParams p) {                      \
+        mx::after_prior_kernels();                                                                  \
         mx::qmma::expert_down<QMMA_KIND_BF16, MAX_NT>(p, 0, [&](int m, size_t r) { return moe_row(p, m, r); }); \
     }
 MIXTRAL_MOE_MMA_DOWN_VARIANTS(MX_DEFINE)

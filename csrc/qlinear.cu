@@ -88,6 +88,7 @@ __device__ void qlinear_body(const QLinearParams& p) {
 
 #define MX_DEFINE(symbol, KIND, TILE, OUT_F32)                                     \
     MX_KERNEL void __launch_bounds__(QLINEAR_WARPS * 32, 1) symbol(QLinearParams p) { \
+        mx::after_prior_kernels();                                                    \
         qlinear_body<KIND, TILE, OUT_F32>(p);                                      \
     }
 MIXTRAL_QLINEAR_VARIANTS(MX_DEFINE)
@@ -97,6 +98,7 @@ MIXTRAL_QLINEAR_VARIANTS(MX_DEFINE)
 // 128).
 #define MX_DEFINE(symbol, KIND, NT, OUT_F32)                                                    \
     MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QLinearParams p) {             \
+        mx::after_prior_kernels();                                                             \
         mx::qmma::dense<KIND, NT, OUT_F32>(p, p.group_size, [&](uint32_t row) {                 \
             return mx::qmma::RowPtr{p.codes + (size_t)row * p.row_bytes, p.params + (size_t)row * p.row_params}; \
         });                                                                                      \

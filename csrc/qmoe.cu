@@ -131,13 +131,19 @@ __device__ __forceinline__ mx::qmma::RowPtr qmoe_row(const QMoeParams& p, int m,
 
 }  // namespace
 
-#define MX_DEFINE(symbol, KIND, TILE)                                                 \
-    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32, 1) symbol(QMoeParams p) { qmoe_up_body<KIND, TILE>(p); }
+#define MX_DEFINE(symbol, KIND, TILE)                                          \
+    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32, 1) symbol(QMoeParams p) { \
+        mx::after_prior_kernels();                                             \
+        qmoe_up_body<KIND, TILE>(p);                                           \
+    }
 MIXTRAL_QMOE_UP_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, KIND, TILE)                                                 \
-    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32, 1) symbol(QMoeParams p) { qmoe_down_body<KIND, TILE>(p); }
+#define MX_DEFINE(symbol, KIND, TILE)                                          \
+    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32, 1) symbol(QMoeParams p) { \
+        mx::after_prior_kernels();                                             \
+        qmoe_down_body<KIND, TILE>(p);                                         \
+    }
 MIXTRAL_QMOE_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
@@ -145,6 +151,7 @@ MIXTRAL_QMOE_DOWN_VARIANTS(MX_DEFINE)
 // of multiples of 128).
 #define MX_DEFINE(symbol, KIND, MAX_NT)                                                                 \
     MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QMoeParams p) {                      \
+        mx::after_prior_kernels();                                                                   \
         mx::qmma::expert_up<KIND, MAX_NT>(p, p.group_size, [&](int m, size_t r) { return qmoe_row(p, m, r); }); \
     }
 MIXTRAL_QMOE_MMA_UP_VARIANTS(MX_DEFINE)
@@ -152,6 +159,7 @@ MIXTRAL_QMOE_MMA_UP_VARIANTS(MX_DEFINE)
 
 #define MX_DEFINE(symbol, KIND, MAX_NT)                                                                   \
     MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QMoeParams p) {                        \
+        mx::after_prior_kernels();                                                                     \
         mx::qmma::expert_down<KIND, MAX_NT>(p, p.group_size, [&](int m, size_t r) { return qmoe_row(p, m, r); }); \
     }
 MIXTRAL_QMOE_MMA_DOWN_VARIANTS(MX_DEFINE)

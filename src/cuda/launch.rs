@@ -1,8 +1,10 @@
 //! Issuing kernels: a planner decides each launch's [`Grid`] (which compiled instantiation, grid,
 //! block, shared memory) and fills one parameter struct through the generated
-//! [`args`](super::args); [`launch`] issues them in order on the stream.
+//! [`args`](super::args); [`launch`] issues them in order on the stream, as programmatic dependent
+//! launches when the kernels were set up for them
+//! ([`Kernels::enable_dependent_launches`](super::module::Kernels::enable_dependent_launches)).
 
-use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
 
 use super::error::{CudaError, KernelError};
 use super::module::Kernels;
@@ -57,25 +59,77 @@ pub fn launch<P: DeviceRepr>(
                 symbol: variant.symbol,
                 module: variant.module,
             }))?;
-        let config = LaunchConfig {
-            grid_dim: g.grid,
-            block_dim: (g.block, 1, 1),
-            shared_mem_bytes: g.shared_bytes,
-        };
-        let mut builder = stream.launch_builder(function);
-        builder.arg(params);
         // SAFETY: the function takes exactly one argument, the `#[repr(C)]` struct `P` whose layout
         // is asserted equal to the C definition (params.rs / params.h). `params` was filled by the
         // generated `XArgs::params` from views borrowed from live buffers (an output exclusively),
         // after checking each covers every element and alignment the kernel touches for the scalars
         // in `params`; a buffer dropped after this call is freed in stream order, after the kernel.
-        // The planner chose the geometry and shared memory the kernel was written for.
-        unsafe { builder.launch(config) }.map_err(|source| CudaError::Kernel(KernelError::Launch {
+        // The planner chose the geometry and shared memory the kernel was written for. A dependent
+        // launch may start before the kernel ahead of it ends, but every kernel's first statement
+        // waits for it and its writes (checked for every entry in csrc/ by module.rs's tests).
+        let issued = if kernels.dependent_launches() {
+            unsafe { launch_dependent(function, stream, g, params) }
+        } else {
+            let config = LaunchConfig {
+                grid_dim: g.grid,
+                block_dim: (g.block, 1, 1),
+                shared_mem_bytes: g.shared_bytes,
+            };
+            let mut builder = stream.launch_builder(function);
+            builder.arg(params);
+            unsafe { builder.launch(config) }.map(|_| ())
+        };
+        issued.map_err(|source| CudaError::Kernel(KernelError::Launch {
             symbol: variant.symbol,
             source,
         }))?;
     }
     Ok(())
+}
+
+/// Issues `function` over `g` with the single argument `params` on `stream` as a programmatic
+/// dependent launch: its blocks may be placed on the SMs once every block of the kernel ahead of it
+/// has started (that kernel's `griddepcontrol.launch_dependents`), and wait in its first statement
+/// for that kernel to end.
+///
+/// # Safety
+/// As a plain launch of `function` with `params`: `P` is the kernel's parameter struct, every
+/// address in it valid for what the kernel touches, and `g` the geometry it was written for.
+unsafe fn launch_dependent<P: DeviceRepr>(
+    function: &CudaFunction,
+    stream: &CudaStream,
+    g: &Grid,
+    params: &P,
+) -> Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    // SAFETY: an all-zero attribute is a valid value of the plain C struct; both fields set below.
+    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: g.grid.0,
+        gridDimY: g.grid.1,
+        gridDimZ: g.grid.2,
+        blockDimX: g.block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: g.shared_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    // The driver copies the argument (one pointer to the struct) before returning.
+    let mut argument = params as *const P as *mut std::ffi::c_void;
+    // SAFETY: `config` and `argument` outlive the call; the caller vouches for the kernel's inputs.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            function.cu_function(),
+            &mut argument,
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
 }
 
 /// Issues what a planner returned: its launches, or nothing (zero tokens or rows).

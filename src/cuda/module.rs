@@ -1,7 +1,8 @@
 //! The kernels: the fatbins build.rs compiled from `csrc/` are embedded in the binary and loaded
 //! into the device's context once, and every instantiation listed in [`KERNEL_VARIANTS`] is looked
 //! up by symbol once, at load time. Launchers then take a function by its index in that list (no
-//! string lookups after loading).
+//! string lookups after loading). They are issued in stream order, or, when asked for on compute
+//! capability 9.0+, as programmatic dependent launches ([`Kernels::enable_dependent_launches`]).
 
 use std::sync::Arc;
 
@@ -28,6 +29,8 @@ pub struct Kernels {
     functions: Vec<CudaFunction>,
     /// Keeps the modules loaded as long as the functions are used.
     _modules: Vec<Arc<CudaModule>>,
+    /// Whether [`launch`](super::launch::launch) issues programmatic dependent launches.
+    dependent_launches: bool,
 }
 
 impl Kernels {
@@ -63,7 +66,23 @@ impl Kernels {
         Ok(Kernels {
             functions,
             _modules: modules.into_iter().map(|(_, module)| module).collect(),
+            dependent_launches: false,
         })
+    }
+
+    /// From now on, issues every launch as a programmatic dependent launch where `device` has them
+    /// (compute capability 9.0 or newer): a kernel's blocks may be placed on the SMs while the
+    /// kernel before it still runs, and wait there (every kernel's first statement,
+    /// `mx::after_prior_kernels` in `csrc/common.cuh`, waits for the kernels before it and their
+    /// writes), which hides the gap between consecutive kernels. Returns whether they are on.
+    pub fn enable_dependent_launches(&mut self, device: &CudaDevice) -> bool {
+        self.dependent_launches = device.compute_capability().0 >= 9;
+        self.dependent_launches
+    }
+
+    /// Whether launches are programmatic dependent launches.
+    pub fn dependent_launches(&self) -> bool {
+        self.dependent_launches
     }
 
     /// The function of [`KERNEL_VARIANTS`]`[index]`.
@@ -113,6 +132,35 @@ mod tests {
                 variant.module
             );
         }
+    }
+
+    /// Every kernel entry in `csrc/` starts with `mx::after_prior_kernels()`: with dependent
+    /// launches on, an entry without it could read its inputs before the kernel writing them ends.
+    #[test]
+    fn every_kernel_entry_first_waits_for_the_kernels_before_it() {
+        let csrc = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("csrc");
+        let mut entries = 0;
+        for entry in std::fs::read_dir(&csrc).expect("csrc/") {
+            let path = entry.expect("csrc/ entry").path();
+            if path.extension().is_none_or(|e| e != "cu") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("a kernel file");
+            for (at, _) in text.match_indices("MX_KERNEL void ") {
+                let body = &text[at..];
+                let open = body.find('{').expect("an entry body");
+                let first = body[open + 1..]
+                    .trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+                assert!(
+                    first.starts_with("mx::after_prior_kernels();"),
+                    "{}: the entry at byte {at} does not start with mx::after_prior_kernels()",
+                    path.display()
+                );
+                entries += 1;
+            }
+        }
+        // Every family has at least one entry (families share entries through variants).
+        assert!(entries >= 25, "found {entries} kernel entries");
     }
 
     #[test]

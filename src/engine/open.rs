@@ -132,6 +132,7 @@ impl EngineOptions {
             hopper_wgmma: self.opt_in.hopper_wgmma,
             cutlass_experts: self.opt_in.cutlass,
             mma_decode: self.opt_in.mma_decode,
+            dependent_launches: self.opt_in.dependent_launches,
             ..crate::cuda::CudaEngineOptions::default()
         }
     }
@@ -403,8 +404,13 @@ mod tests {
             let cuda = options.cuda(3);
             assert_eq!(cuda.device, 3);
             assert_eq!(
-                (cuda.hopper_wgmma, cuda.cutlass_experts, cuda.mma_decode),
-                (false, true, false)
+                (
+                    cuda.hopper_wgmma,
+                    cuda.cutlass_experts,
+                    cuda.mma_decode,
+                    cuda.dependent_launches
+                ),
+                (false, true, false, false)
             );
             assert_eq!(cuda.engine, options);
         }

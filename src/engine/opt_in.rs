@@ -1,6 +1,6 @@
 //! [`OptInKernels`]: the CUDA kernels that stay off until asked for (they have not been verified
 //! on hardware, or are slower where they were measured), named as a comma-separated list
-//! (`wgmma,cutlass,mma-decode`) by `mixtral-run --cuda-kernels` and `mixtral-serve --cuda-kernels`.
+//! (`wgmma,cutlass,mma-decode,pdl`) by `mixtral-run --cuda-kernels` and `mixtral-serve --cuda-kernels`.
 //! The CPU engine ignores them.
 
 use std::fmt;
@@ -19,30 +19,39 @@ pub struct OptInKernels {
     pub cutlass: bool,
     /// `mma-decode`: the tensor-core decode products (`mma_decode`).
     pub mma_decode: bool,
+    /// `pdl`: every kernel issued as a programmatic dependent launch on compute capability 9.0+
+    /// (`dependent_launches`).
+    pub dependent_launches: bool,
 }
 
 /// The names of the list, in the order [`OptInKernels`]'s `Display` writes them.
-const NAMES: [&str; 3] = ["wgmma", "cutlass", "mma-decode"];
+const NAMES: [&str; 4] = ["wgmma", "cutlass", "mma-decode", "pdl"];
 
 impl OptInKernels {
     /// The flags in the order of [`NAMES`].
-    fn flags_mut(&mut self) -> [&mut bool; 3] {
+    fn flags_mut(&mut self) -> [&mut bool; 4] {
         [
             &mut self.hopper_wgmma,
             &mut self.cutlass,
             &mut self.mma_decode,
+            &mut self.dependent_launches,
         ]
     }
 
     /// The flags in the order of [`NAMES`].
-    fn flags(&self) -> [bool; 3] {
-        [self.hopper_wgmma, self.cutlass, self.mma_decode]
+    fn flags(&self) -> [bool; 4] {
+        [
+            self.hopper_wgmma,
+            self.cutlass,
+            self.mma_decode,
+            self.dependent_launches,
+        ]
     }
 }
 
 /// A `--cuda-kernels` list naming something that is not an opt-in kernel.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown CUDA kernel {name:?} in {list:?}: expected a comma-separated list of wgmma, cutlass, mma-decode (or none)")]
+#[error("unknown CUDA kernel {name:?} in {list:?}: expected a comma-separated list of wgmma, cutlass, mma-decode, pdl (or none)")]
 pub struct UnknownKernel {
     /// The list as given.
     pub list: String,
@@ -53,7 +62,7 @@ pub struct UnknownKernel {
 impl FromStr for OptInKernels {
     type Err = UnknownKernel;
 
-    /// Parses `wgmma,cutlass,mma-decode` (any subset, any order, repeats allowed, spaces around the
+    /// Parses `wgmma,cutlass,mma-decode,pdl` (any subset, any order, repeats allowed, spaces around the
     /// names ignored); `none` or an empty string is none.
     fn from_str(list: &str) -> Result<Self, Self::Err> {
         let mut kernels = OptInKernels::default();
@@ -95,11 +104,12 @@ mod tests {
 
     #[test]
     fn every_subset_round_trips_through_its_list() {
-        for bits in 0..8u8 {
+        for bits in 0..16u8 {
             let kernels = OptInKernels {
                 hopper_wgmma: bits & 1 != 0,
                 cutlass: bits & 2 != 0,
                 mma_decode: bits & 4 != 0,
+                dependent_launches: bits & 8 != 0,
             };
             let text = kernels.to_string();
             assert_eq!(text.parse::<OptInKernels>(), Ok(kernels), "{text}");
@@ -112,11 +122,12 @@ mod tests {
             hopper_wgmma: true,
             cutlass: true,
             mma_decode: true,
+            dependent_launches: true,
         };
-        assert_eq!(" mma-decode , wgmma,cutlass,wgmma".parse(), Ok(all));
+        assert_eq!(" mma-decode , pdl,wgmma,cutlass,wgmma".parse(), Ok(all));
         assert_eq!(
             "cutlass".parse::<OptInKernels>().map(|k| k.flags()),
-            Ok([false, true, false])
+            Ok([false, true, false, false])
         );
         assert_eq!("".parse(), Ok(OptInKernels::default()));
         assert_eq!(" none ".parse(), Ok(OptInKernels::default()));

@@ -38,7 +38,8 @@ options:
     --cuda-kernels LIST    CUDA kernels that are off by default, comma-separated: wgmma (Hopper
                            warpgroup-MMA prefill experts), cutlass (CUTLASS's Hopper GEMMs for
                            the prefill experts and projections), mma-decode (tensor-core decode
-                           products); each checks itself at load where it can (default none)
+                           products), pdl (programmatic dependent launches, H100/H200); each
+                           checks itself at load where it can (default none)
     --max-context N        longest sequence in tokens (default: the model's max_position_embeddings)
     --perplexity FILE      score BOS + the tokens of FILE (one trailing line break is removed)
     --quantize F           quantize the attention and expert weights on load: fp8 (E4M3, a scale
@@ -573,7 +574,8 @@ mod tests {
             OptInKernels {
                 hopper_wgmma: false,
                 cutlass: true,
-                mma_decode: true
+                mma_decode: true,
+                dependent_launches: false
             }
         );
         assert_eq!(g.common.max_context, Some(128));

@@ -91,6 +91,14 @@ pub struct CudaEngineOptions {
     /// (`qlinear_mma`, `qmoe_mma_*`) instead of the GEMVs: the same values, the multiply-adds of
     /// up to 32 tokens a pass on the tensor cores. Off by default until they have run on hardware.
     pub mma_decode: bool,
+    /// On a compute capability 9.0+ GPU, issue every kernel as a programmatic dependent launch
+    /// (also inside the decode graphs): the next kernel's blocks are placed on the SMs while the
+    /// one before still runs and wait there for it, hiding the gap between kernels. The kernels
+    /// compute the same values either way (`tests/gpu_engine.rs` compares the logits bit for
+    /// bit; not yet run on a GPU). Ignored before compute capability 9.0
+    /// (`CudaEngine::dependent_launches` says whether they are on). Off by default until timed on
+    /// hardware.
+    pub dependent_launches: bool,
 }
 
 impl Default for CudaEngineOptions {
@@ -103,6 +111,7 @@ impl Default for CudaEngineOptions {
             hopper_wgmma: false,
             cutlass_experts: false,
             mma_decode: false,
+            dependent_launches: false,
         }
     }
 }
@@ -363,7 +372,7 @@ impl CudaEngine {
                 .context()
                 .bind_to_thread()
                 .map_err(CudaError::driver("making the CUDA context current"))?;
-            let kernels = Kernels::load(&device)?;
+            let mut kernels = Kernels::load(&device)?;
             let (free, total) = device
                 .context()
                 .mem_get_info()
@@ -499,6 +508,9 @@ impl CudaEngine {
             })
             .map_err(|e| CudaError::UnsupportedModel(e.to_string()))?;
             let staging = StepStaging::new(device.context(), &sizes)?;
+            if options.dependent_launches {
+                kernels.enable_dependent_launches(&device);
+            }
             let mut engine = CudaEngine {
                 graphs: Vec::new(),
                 plan,
@@ -578,6 +590,14 @@ impl CudaEngine {
         /// [`CudaEngineOptions::cutlass_experts`] asked for one (CUTLASS's when both did).
         fn prefill_experts(&self) -> (GroupedKernel, Option<HopperCheck>) {
             (self.plan.grouped.kernel(), self.hopper_check)
+        }
+    }
+
+    testing_pub! {
+        /// Whether kernels are issued as programmatic dependent launches
+        /// ([`CudaEngineOptions::dependent_launches`] on a compute capability 9.0+ GPU).
+        fn dependent_launches(&self) -> bool {
+            self.kernels.dependent_launches()
         }
     }
 
