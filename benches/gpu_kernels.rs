@@ -14,7 +14,7 @@ use cudarc::driver::CudaStream;
 use half::bf16;
 use mixtral::cuda::args::{
     AttentionDecodeArgs, AttentionPrefillArgs, LinearArgs, LinearScalars, MoeArgs, MoeScalars,
-    QMoeArgs, RouterArgs, RouterScalars,
+    QMoeArgs, RouterArgs, RouterScalars, SampleArgs, SampleScalars,
 };
 use mixtral::cuda::engine::matrix::table_values;
 use mixtral::cuda::memory::{DeviceArena, DeviceBuffer};
@@ -701,6 +701,83 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
     group.finish();
 }
 
+/// Device sampling of one 32000-logit row (batch 1), through the bisections only (`bisect`) and
+/// through the fast paths (`fast`): no filter, top-p 0.95 alone and top-k 40 with top-p 0.95, on a
+/// peaked row (40 ids about 10 above a normal spread of 2: the nucleus lies within the 1024 highest
+/// logits) and a flat one (the spread alone: top-p alone falls back to the bisections). Each sample
+/// issues 8 launches before synchronising; read elements/s as draws per second.
+fn sampling_benches(c: &mut Criterion, b: &mut Bench) {
+    const LAUNCHES: usize = 8;
+    let stream = b.stream();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut normal = || {
+        // Sum of four uniforms, centred and scaled to a spread of about 2.
+        let mut sum = 0.0f32;
+        for _ in 0..4 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            sum += (state >> 40) as f32 / (1u64 << 24) as f32;
+        }
+        (sum - 2.0) * 3.5
+    };
+    let flat: Vec<f32> = (0..VOCAB).map(|_| normal()).collect();
+    let peaked: Vec<f32> = flat
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| if i % 800 == 3 { v + 10.0 } else { v })
+        .collect();
+    let temperature = b.upload(&[1.0f32]);
+    let mut group = c.benchmark_group("sample");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .throughput(Throughput::Elements(LAUNCHES as u64));
+    for (look, row) in [("peaked", &peaked), ("flat", &flat)] {
+        let logits = b.upload(row);
+        for (filter, top_k, top_p) in [
+            ("none", 0u32, 1.0f32),
+            ("top_p", 0, 0.95),
+            ("top_k_top_p", 40, 0.95),
+        ] {
+            let top_k = b.upload(&[top_k]);
+            let top_p = b.upload(&[top_p]);
+            let mut rng_state = b.upload(&ops::rng_state_for_seed(7));
+            let mut ids = b.zeros::<u32>(1);
+            for (mode, fast) in [("bisect", 0u32), ("fast", 1)] {
+                let id = BenchmarkId::new(format!("{look}_{filter}"), mode);
+                group.bench_function(id, |bench| {
+                    bench.iter(|| {
+                        for _ in 0..LAUNCHES {
+                            ops::sample(
+                                &b.kernels,
+                                &stream,
+                                &SampleScalars {
+                                    rows: 1,
+                                    vocab: VOCAB as u32,
+                                    fast,
+                                },
+                                SampleArgs {
+                                    logits: logits.view(),
+                                    temperature: temperature.view(),
+                                    top_k: top_k.view(),
+                                    top_p: top_p.view(),
+                                    rng_state: rng_state.view_mut(),
+                                    out_ids: ids.view_mut(),
+                                },
+                            )
+                            .expect("sample");
+                        }
+                        sync(&stream);
+                    })
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
 /// The skip rule of the GPU tests: only a missing CUDA driver or device skips.
 #[path = "../tests/common/gpu.rs"]
 #[allow(dead_code)]
@@ -725,5 +802,6 @@ fn main() {
     moe_prefill_benches(&mut c, &mut bench);
     attention_benches(&mut c, &mut bench);
     quant_benches(&mut c, &mut bench);
+    sampling_benches(&mut c, &mut bench);
     c.final_summary();
 }

@@ -118,8 +118,10 @@ MIXTRAL_ARGMAX_VARIANTS(MX_DEFINE)
 // 64 passes per search in score order, 94 in weight order, 32 in id order; one search per active
 // filter and one for the draw), logits re-read
 // through the read-only cache; f64 exp per kept element per weight pass (per element of the row in
-// weight order, i.e. top-p without top-k, which is the slow case). Correctness first: no
-// performance has been measured.
+// weight order, i.e. top-p without top-k, which is the slow case). With `fast` set, the fast paths
+// further down take most rows in a few passes instead (up to 32 count passes without exp, one or two
+// with it), and give the row back to the bisections where they do not apply. Neither has been
+// timed; the fast paths have not run on a GPU.
 
 namespace {
 
@@ -265,25 +267,26 @@ __device__ Key last_positive(const Row& r, Order order, const Key& floor) {
 // Midpoint for "largest t in [lo, hi] with pred(t)": lies in (lo, hi] when lo < hi, no overflow.
 __device__ __forceinline__ uint64_t upper_mid(uint64_t lo, uint64_t hi) { return lo + (hi - lo) / 2 + 1; }
 
+// The largest v in [0, max] with pred(v), for a predicate that holds at 0 and, once false, stays false
+// for every larger v: bisection. pred must be block-uniform (it reduces).
+template <typename Pred>
+__device__ uint64_t largest_value(uint64_t max, Pred pred) {
+    uint64_t lo = 0, hi = max;
+    while (lo < hi) {
+        const uint64_t mid = upper_mid(lo, hi);
+        if (pred(mid)) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
 // The largest key t (in (hi, lo) order, t.hi <= max_hi) with pred(t), for a predicate that holds at
 // Key{0, 0} and, once false, stays false for every larger key. Bisection on hi with lo = 0 (the
 // least key of each hi), then on lo with that hi. pred must be block-uniform (it reduces).
 template <typename Pred>
 __device__ Key largest_key(uint64_t max_hi, Pred pred) {
-    uint64_t lo = 0, hi = max_hi;
-    while (lo < hi) {
-        const uint64_t mid = upper_mid(lo, hi);
-        if (pred(Key{mid, 0u})) lo = mid;
-        else hi = mid - 1;
-    }
-    const uint64_t top = lo;
-    lo = 0;
-    hi = 0xFFFFFFFFull;
-    while (lo < hi) {
-        const uint64_t mid = upper_mid(lo, hi);
-        if (pred(Key{top, (uint32_t)mid})) lo = mid;
-        else hi = mid - 1;
-    }
+    const uint64_t top = largest_value(max_hi, [&](uint64_t hi) { return pred(Key{hi, 0u}); });
+    const uint64_t lo = largest_value(0xFFFFFFFFull, [&](uint64_t lo) { return pred(Key{top, (uint32_t)lo}); });
     return Key{top, (uint32_t)lo};
 }
 
@@ -304,6 +307,242 @@ __device__ __forceinline__ double next_uniform(uint64_t* s) {
     s[2] = s2;
     s[3] = s3;
     return __dmul_rn((double)(result >> 11), 0x1.0p-53);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fast paths (SampleParams::fast = 1): the same ids as the bisections above in a few passes over
+// the row instead of one per bisection step. Each gathers at most FAST_CAP ids into shared memory,
+// sorts them into the host's list order and reads the cut and the draw off their prefix sums:
+//   top-k, k <= FAST_CAP (with or without top-p): the upper word of the k-th score key by bisection
+//     on counts (up to 32 passes, no exp), the ids at or above it gathered (more than FAST_CAP when
+//     many tie with the k-th: bisection path), sorted in score order, the first k kept.
+//   top-p alone: the total weight (one pass with exp), the ids whose score key's upper word is at
+//     least the least one with at most FAST_CAP ids at or above it gathered (bisection on counts) and
+//     sorted in weight order. Every id left out has a weight at most the least gathered one (weights
+//     rise with scores), so the gathered ids of greater weight are the start of the host's weight
+//     order; when the cut falls among them it is the host's, else the bisection path runs.
+//   no filter: each thread sums the weights of a contiguous run of ids, a block scan of the run sums
+//     gives each run's start, and each thread walks its run to the uniform.
+// A path that gives up has written nothing and left the random state as it was. Sums are parallel
+// in a fixed order, as the bisection path's: deterministic, equal to the host's up to rounding.
+
+constexpr uint32_t FAST_CAP = SAMPLE_THREADS;  // one gathered id per thread
+
+// Ids gathered from one row, with their weights, in list order once sorted.
+struct Gathered {
+    uint64_t key[FAST_CAP];   // score_rank of the id (0: padding, below every id)
+    double weight[FAST_CAP];  // its weight (0 for padding)
+    double prefix[FAST_CAP];  // inclusive prefix sums of `weight` in list order
+    uint32_t count;           // ids gathered
+};
+
+// Smallest power of two >= n (n >= 1).
+__device__ __forceinline__ uint32_t pow2_at_least(uint32_t n) { return n <= 1 ? 1u : 1u << (32 - __clz(n - 1)); }
+
+// Gathers every id whose logit's order_key is >= hi_floor (at most FAST_CAP: the caller counted them),
+// with its weight, in no particular order (sort_gathered orders them), and pads the list with zero
+// entries up to `padded`. Returns the count. Every thread calls it.
+__device__ uint32_t gather(const Row& r, uint64_t hi_floor, uint32_t padded, Gathered& g) {
+    if (threadIdx.x == 0) g.count = 0;
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
+        const float x = __ldg(r.logits + i);
+        if (order_key(x) >= hi_floor) {
+            const uint32_t at = atomicAdd(&g.count, 1u);
+            if (at < FAST_CAP) {
+                g.key[at] = score_rank(x, i);
+                g.weight[at] = weight_of(r, x);
+            }
+        }
+    }
+    __syncthreads();
+    const uint32_t n = min(g.count, FAST_CAP);
+    for (uint32_t j = n + threadIdx.x; j < padded; j += SAMPLE_THREADS) {
+        g.key[j] = 0;
+        g.weight[j] = 0.0;
+    }
+    __syncthreads();
+    return n;
+}
+
+// Whether entry a comes before entry b: score order (larger key first) or weight order (larger weight
+// first, ties to the lower id, i.e. the larger low word of the key). Weights are never -0.0.
+__device__ __forceinline__ bool before(const Gathered& g, uint32_t a, uint32_t b, bool by_weight) {
+    if (by_weight) {
+        const uint64_t wa = (uint64_t)__double_as_longlong(g.weight[a]);
+        const uint64_t wb = (uint64_t)__double_as_longlong(g.weight[b]);
+        if (wa != wb) return wa > wb;
+        return (uint32_t)g.key[a] > (uint32_t)g.key[b];
+    }
+    return g.key[a] > g.key[b];
+}
+
+// Sorts the first `padded` entries (a power of two <= FAST_CAP) into list order: a bitonic network,
+// one entry per thread. The keys are distinct, so the order does not depend on the gathering's.
+// Every thread calls it.
+__device__ void sort_gathered(Gathered& g, uint32_t padded, bool by_weight) {
+    const uint32_t i = threadIdx.x;
+    for (uint32_t size = 2; size <= padded; size *= 2) {
+        for (uint32_t stride = size / 2; stride > 0; stride /= 2) {
+            const uint32_t j = i ^ stride;
+            if (i < padded && j > i) {
+                // Runs of `size` alternate direction; the last merge (size == padded) is all in list order.
+                const bool in_order = (i & size) == 0;
+                if (in_order ? before(g, j, i, by_weight) : before(g, i, j, by_weight)) {
+                    const uint64_t key = g.key[i];
+                    g.key[i] = g.key[j];
+                    g.key[j] = key;
+                    const double weight = g.weight[i];
+                    g.weight[i] = g.weight[j];
+                    g.weight[j] = weight;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// g.prefix[j] = weight[0] + ... + weight[j] for j < n (n <= FAST_CAP) in a fixed order: a scan over
+// the lanes of each warp, then the totals of the warps before it. Every thread calls it.
+__device__ void scan_gathered(Gathered& g, uint32_t n) {
+    __shared__ double warp_total[SAMPLE_WARPS];
+    const uint32_t i = threadIdx.x, lane = i % 32, warp = i / 32;
+    double v = i < n ? g.weight[i] : 0.0;
+#pragma unroll
+    for (uint32_t d = 1; d < 32; d *= 2) {
+        const double below = __shfl_up_sync(mx::FULL_MASK, v, d);
+        if (lane >= d) v = __dadd_rn(below, v);
+    }
+    if (lane == 31) warp_total[warp] = v;
+    __syncthreads();
+    double base = 0.0;
+    for (uint32_t w = 0; w < warp; ++w) base = __dadd_rn(base, warp_total[w]);
+    if (i < n) g.prefix[i] = __dadd_rn(base, v);
+    __syncthreads();
+}
+
+// The first j < n with pred(j), or n when there is none (n <= FAST_CAP). Every thread calls it.
+template <typename Pred>
+__device__ uint32_t first_index(uint32_t n, Pred pred) {
+    const uint64_t j = threadIdx.x < n && pred(threadIdx.x) ? threadIdx.x : ~0ull;
+    const uint64_t first = block_reduce(j, MinU64{});
+    return first == ~0ull ? n : (uint32_t)first;
+}
+
+// Draws from the first `keep` entries of the sorted list as the host walks its list: the first entry
+// of positive weight whose inclusive sum exceeds u * sum(kept); if rounding leaves none, the last
+// entry of positive weight (the list starts with the top id, of weight 1). Advances the row's random
+// state by one step and writes the id. Every thread calls it.
+__device__ void draw_gathered(const SampleParams& p, uint32_t row, const Gathered& g, uint32_t keep) {
+    __shared__ double target_s;
+    if (threadIdx.x == 0) {
+        uint64_t* state = p.rng_state + (size_t)row * SAMPLE_RNG_WORDS;
+        target_s = __dmul_rn(next_uniform(state), g.prefix[keep - 1]);
+    }
+    __syncthreads();
+    const double target = target_s;
+    uint32_t chosen = first_index(keep, [&](uint32_t j) { return g.weight[j] > 0.0 && g.prefix[j] > target; });
+    if (chosen == keep) {
+        const uint64_t j = threadIdx.x < keep && g.weight[threadIdx.x] > 0.0 ? threadIdx.x + 1 : 0;
+        chosen = (uint32_t)block_reduce(j, MaxU64{}) - 1;
+    }
+    if (threadIdx.x == 0) p.out_ids[row] = id_of((uint32_t)g.key[chosen]);
+}
+
+// top-k with k <= FAST_CAP, then top-p when p_active. max_hi: order_key of the top logit.
+__device__ bool fast_top_k(const SampleParams& p, uint32_t row, const Row& r, uint64_t max_hi, uint32_t top_k,
+                           float top_p, bool p_active, Gathered& g) {
+    // The k-th score key's upper word: the largest h with at least k ids at or above it.
+    const uint64_t h = largest_value(max_hi, [&](uint64_t t) { return count_from(r, Key{t, 0u}) >= top_k; });
+    const uint32_t n = count_from(r, Key{h, 0u});
+    if (n > FAST_CAP) return false;
+    const uint32_t padded = pow2_at_least(n);
+    gather(r, h, padded, g);
+    sort_gathered(g, padded, false);
+    scan_gathered(g, top_k);  // the first k entries are the top-k
+    uint32_t keep = top_k;
+    if (p_active) {
+        const double threshold = __dmul_rn((double)top_p, g.prefix[top_k - 1]);
+        const uint32_t cut = first_index(top_k, [&](uint32_t j) { return g.prefix[j] >= threshold; });
+        keep = cut == top_k ? top_k : cut + 1;
+    }
+    draw_gathered(p, row, g, keep);
+    return true;
+}
+
+// top-p alone; false when the cut does not fall among the gathered ids of greater weight than the
+// least gathered one.
+__device__ bool fast_top_p(const SampleParams& p, uint32_t row, const Row& r, uint64_t max_hi, float top_p,
+                           Gathered& g) {
+    const double total = mass_from(r, Order::ByWeight, Key{0, 0u}, Key{0, 0u});
+    // Every id when the row fits; else those at or above the least upper word with at most
+    // FAST_CAP ids at or above it (none when more than FAST_CAP tie with the top).
+    uint64_t h = 0;
+    if (r.vocab > FAST_CAP) {
+        h = largest_value(max_hi, [&](uint64_t t) { return count_from(r, Key{t, 0u}) > FAST_CAP; }) + 1;
+    }
+    const uint32_t n = h == 0 ? r.vocab : count_from(r, Key{h, 0u});
+    if (n == 0) return false;
+    const uint32_t padded = pow2_at_least(n);
+    gather(r, h, padded, g);
+    sort_gathered(g, padded, true);
+    scan_gathered(g, n);
+    // The leading entries of weight above the least gathered one (all of them when every id is here).
+    const double least = g.weight[n - 1];
+    const uint32_t m = h == 0 ? n : first_index(n, [&](uint32_t j) { return !(g.weight[j] > least); });
+    const double threshold = __dmul_rn((double)top_p, total);
+    if (m == 0 || !(g.prefix[m - 1] >= threshold)) return false;
+    const uint32_t cut = first_index(m, [&](uint32_t j) { return g.prefix[j] >= threshold; });
+    draw_gathered(p, row, g, cut + 1);
+    return true;
+}
+
+// No filter: the host walks the ids in order.
+__device__ void fast_by_id(const SampleParams& p, uint32_t row, const Row& r, Gathered& g) {
+    __shared__ double target_s;
+    const uint32_t run = (r.vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    const uint32_t begin = min(threadIdx.x * run, r.vocab);
+    const uint32_t end = min(begin + run, r.vocab);
+    double sum = 0.0;
+    uint64_t last_positive = 0;  // id + 1 of the run's last id of positive weight; 0: none
+    for (uint32_t i = begin; i < end; ++i) {
+        const double w = weight_of(r, __ldg(r.logits + i));
+        sum = __dadd_rn(sum, w);
+        if (w > 0.0) last_positive = i + 1;
+    }
+    g.weight[threadIdx.x] = sum;
+    __syncthreads();
+    scan_gathered(g, SAMPLE_THREADS);
+    if (threadIdx.x == 0) {
+        uint64_t* state = p.rng_state + (size_t)row * SAMPLE_RNG_WORDS;
+        target_s = __dmul_rn(next_uniform(state), g.prefix[SAMPLE_THREADS - 1]);
+    }
+    __syncthreads();
+    const double target = target_s;
+    double cumulative = threadIdx.x == 0 ? 0.0 : g.prefix[threadIdx.x - 1];
+    uint64_t found = ~0ull;
+    for (uint32_t i = begin; i < end; ++i) {
+        const double w = weight_of(r, __ldg(r.logits + i));
+        cumulative = __dadd_rn(cumulative, w);
+        if (w > 0.0 && cumulative > target) {
+            found = i;
+            break;
+        }
+    }
+    found = block_reduce(found, MinU64{});
+    if (found == ~0ull) found = block_reduce(last_positive, MaxU64{}) - 1;  // the top id has weight 1
+    if (threadIdx.x == 0) p.out_ids[row] = (uint32_t)found;
+}
+
+// The fast path of a row whose parameters and logits passed the checks: true when it wrote the id
+// (and advanced the random state), false when the bisection path must run (nothing changed).
+__device__ bool sample_fast(const SampleParams& p, uint32_t row, const Row& r, uint64_t max_hi, uint32_t top_k,
+                            float top_p, bool k_active, bool p_active) {
+    __shared__ Gathered g;
+    if (k_active) return top_k <= FAST_CAP && fast_top_k(p, row, r, max_hi, top_k, top_p, p_active, g);
+    if (p_active) return fast_top_p(p, row, r, max_hi, top_p, g);
+    fast_by_id(p, row, r, g);
+    return true;
 }
 
 __device__ void sample_body(const SampleParams& p) {
@@ -345,6 +584,7 @@ __device__ void sample_body(const SampleParams& p) {
 
     const bool k_active = top_k > 0 && top_k < r.vocab;
     const bool p_active = top_p < 1.0f;
+    if (p.fast != 0 && sample_fast(p, row, r, order_key(top_logit), top_k, top_p, k_active, p_active)) return;
     // The host walks its list unsorted without filters, sorted by score after top-k, and sorted by
     // weight (ties to the lower id) after top-p alone.
     const Order order = k_active ? Order::ByScore : (p_active ? Order::ByWeight : Order::ById);

@@ -735,8 +735,10 @@ typedef struct SampleParams {
     uint32_t rows;
     // Row length.
     uint32_t vocab;
+    // 1: the fast paths where they apply (the same ids in a few passes), else the bisections; 0: the bisections only.
+    uint32_t fast;
 } SampleParams;
-MX_STATIC_ASSERT(sizeof(SampleParams) == 56, "SampleParams: size");
+MX_STATIC_ASSERT(sizeof(SampleParams) == 64, "SampleParams: size");
 MX_STATIC_ASSERT(MX_ALIGNOF(SampleParams) == 8, "SampleParams: alignment");
 MX_STATIC_ASSERT(offsetof(SampleParams, logits) == 0, "SampleParams.logits: offset");
 MX_STATIC_ASSERT(offsetof(SampleParams, temperature) == 8, "SampleParams.temperature: offset");
@@ -746,6 +748,7 @@ MX_STATIC_ASSERT(offsetof(SampleParams, rng_state) == 32, "SampleParams.rng_stat
 MX_STATIC_ASSERT(offsetof(SampleParams, out_ids) == 40, "SampleParams.out_ids: offset");
 MX_STATIC_ASSERT(offsetof(SampleParams, rows) == 48, "SampleParams.rows: offset");
 MX_STATIC_ASSERT(offsetof(SampleParams, vocab) == 52, "SampleParams.vocab: offset");
+MX_STATIC_ASSERT(offsetof(SampleParams, fast) == 56, "SampleParams.fast: offset");
 
 // Seeded pseudo-random fill for benchmarks on made-up weights: `out[i] = shift + scale * u(seed, base + i)` with `u` uniform in [-1, 1) from a 32-bit integer hash (never constant, never NaN).
 typedef struct FillParams {

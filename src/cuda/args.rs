@@ -875,8 +875,16 @@ pub struct SampleArgs<'a> {
     pub out_ids: ViewMut<'a, u32>,
 }
 
-/// The scalar fields of [`SampleParams`]: those of [`ArgmaxParams`].
-pub type SampleScalars = ArgmaxScalars;
+/// The scalar fields of [`SampleParams`] (row strides come from the `Rows` views).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SampleScalars {
+    /// Number of rows.
+    pub rows: u32,
+    /// Row length.
+    pub vocab: u32,
+    /// 1: the fast paths where they apply (the same ids in a few passes), else the bisections; 0: the bisections only.
+    pub fast: u32,
+}
 
 impl SampleArgs<'_> {
     /// Checks every buffer against what the kernel touches for `s` (`op` names the caller in errors)
@@ -897,6 +905,7 @@ impl SampleArgs<'_> {
             out_ids: self.out_ids.address(),
             rows: s.rows,
             vocab: s.vocab,
+            fast: s.fast,
         })
     }
 }

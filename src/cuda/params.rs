@@ -751,9 +751,11 @@ pub struct SampleParams {
     pub rows: u32,
     /// Row length.
     pub vocab: u32,
+    /// 1: the fast paths where they apply (the same ids in a few passes), else the bisections; 0: the bisections only.
+    pub fast: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<SampleParams>() == 56);
+const _: () = assert!(core::mem::size_of::<SampleParams>() == 64);
 const _: () = assert!(core::mem::align_of::<SampleParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(SampleParams, logits) == 0);
 const _: () = assert!(core::mem::offset_of!(SampleParams, temperature) == 8);
@@ -763,6 +765,7 @@ const _: () = assert!(core::mem::offset_of!(SampleParams, rng_state) == 32);
 const _: () = assert!(core::mem::offset_of!(SampleParams, out_ids) == 40);
 const _: () = assert!(core::mem::offset_of!(SampleParams, rows) == 48);
 const _: () = assert!(core::mem::offset_of!(SampleParams, vocab) == 52);
+const _: () = assert!(core::mem::offset_of!(SampleParams, fast) == 56);
 
 /// Seeded pseudo-random fill for benchmarks on made-up weights: `out[i] = shift + scale * u(seed, base + i)` with `u` uniform in [-1, 1) from a 32-bit integer hash (never constant, never NaN).
 #[repr(C)]
@@ -3121,6 +3124,11 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "vocab",
                     core::mem::offset_of!(SampleParams, vocab),
                     core::mem::size_of_val(&SampleParams::default().vocab),
+                ),
+                (
+                    "fast",
+                    core::mem::offset_of!(SampleParams, fast),
+                    core::mem::size_of_val(&SampleParams::default().fast),
                 ),
             ],
         },

@@ -133,6 +133,7 @@ impl EngineOptions {
             cutlass_experts: self.opt_in.cutlass,
             mma_decode: self.opt_in.mma_decode,
             dependent_launches: self.opt_in.dependent_launches,
+            fast_sampling: self.opt_in.fast_sampling,
             ..crate::cuda::CudaEngineOptions::default()
         }
     }
@@ -408,9 +409,10 @@ mod tests {
                     cuda.hopper_wgmma,
                     cuda.cutlass_experts,
                     cuda.mma_decode,
-                    cuda.dependent_launches
+                    cuda.dependent_launches,
+                    cuda.fast_sampling
                 ),
-                (false, true, false, false)
+                (false, true, false, false, false)
             );
             assert_eq!(cuda.engine, options);
         }

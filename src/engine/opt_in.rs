@@ -1,6 +1,6 @@
 //! [`OptInKernels`]: the CUDA kernels that stay off until asked for (they have not been verified
 //! on hardware, or are slower where they were measured), named as a comma-separated list
-//! (`wgmma,cutlass,mma-decode,pdl`) by `mixtral-run --cuda-kernels` and `mixtral-serve --cuda-kernels`.
+//! (`wgmma,cutlass,mma-decode,pdl,fast-sample`) by `mixtral-run --cuda-kernels` and `mixtral-serve --cuda-kernels`.
 //! The CPU engine ignores them.
 
 use std::fmt;
@@ -22,36 +22,40 @@ pub struct OptInKernels {
     /// `pdl`: every kernel issued as a programmatic dependent launch on compute capability 9.0+
     /// (`dependent_launches`).
     pub dependent_launches: bool,
+    /// `fast-sample`: device sampling through the `sample` kernel's fast paths (`fast_sampling`).
+    pub fast_sampling: bool,
 }
 
 /// The names of the list, in the order [`OptInKernels`]'s `Display` writes them.
-const NAMES: [&str; 4] = ["wgmma", "cutlass", "mma-decode", "pdl"];
+const NAMES: [&str; 5] = ["wgmma", "cutlass", "mma-decode", "pdl", "fast-sample"];
 
 impl OptInKernels {
     /// The flags in the order of [`NAMES`].
-    fn flags_mut(&mut self) -> [&mut bool; 4] {
+    fn flags_mut(&mut self) -> [&mut bool; 5] {
         [
             &mut self.hopper_wgmma,
             &mut self.cutlass,
             &mut self.mma_decode,
             &mut self.dependent_launches,
+            &mut self.fast_sampling,
         ]
     }
 
     /// The flags in the order of [`NAMES`].
-    fn flags(&self) -> [bool; 4] {
+    fn flags(&self) -> [bool; 5] {
         [
             self.hopper_wgmma,
             self.cutlass,
             self.mma_decode,
             self.dependent_launches,
+            self.fast_sampling,
         ]
     }
 }
 
 /// A `--cuda-kernels` list naming something that is not an opt-in kernel.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown CUDA kernel {name:?} in {list:?}: expected a comma-separated list of wgmma, cutlass, mma-decode, pdl (or none)")]
+#[error("unknown CUDA kernel {name:?} in {list:?}: expected a comma-separated list of wgmma, cutlass, mma-decode, pdl, fast-sample (or none)")]
 pub struct UnknownKernel {
     /// The list as given.
     pub list: String,
@@ -62,7 +66,7 @@ pub struct UnknownKernel {
 impl FromStr for OptInKernels {
     type Err = UnknownKernel;
 
-    /// Parses `wgmma,cutlass,mma-decode,pdl` (any subset, any order, repeats allowed, spaces around the
+    /// Parses `wgmma,cutlass,mma-decode,pdl,fast-sample` (any subset, any order, repeats allowed, spaces around the
     /// names ignored); `none` or an empty string is none.
     fn from_str(list: &str) -> Result<Self, Self::Err> {
         let mut kernels = OptInKernels::default();
@@ -104,12 +108,13 @@ mod tests {
 
     #[test]
     fn every_subset_round_trips_through_its_list() {
-        for bits in 0..16u8 {
+        for bits in 0..32u8 {
             let kernels = OptInKernels {
                 hopper_wgmma: bits & 1 != 0,
                 cutlass: bits & 2 != 0,
                 mma_decode: bits & 4 != 0,
                 dependent_launches: bits & 8 != 0,
+                fast_sampling: bits & 16 != 0,
             };
             let text = kernels.to_string();
             assert_eq!(text.parse::<OptInKernels>(), Ok(kernels), "{text}");
@@ -123,11 +128,15 @@ mod tests {
             cutlass: true,
             mma_decode: true,
             dependent_launches: true,
+            fast_sampling: true,
         };
-        assert_eq!(" mma-decode , pdl,wgmma,cutlass,wgmma".parse(), Ok(all));
+        assert_eq!(
+            " mma-decode , pdl,wgmma,fast-sample,cutlass,wgmma".parse(),
+            Ok(all)
+        );
         assert_eq!(
             "cutlass".parse::<OptInKernels>().map(|k| k.flags()),
-            Ok([false, true, false, false])
+            Ok([false, true, false, false, false])
         );
         assert_eq!("".parse(), Ok(OptInKernels::default()));
         assert_eq!(" none ".parse(), Ok(OptInKernels::default()));

@@ -24,7 +24,7 @@ options:
     --port PORT                  port to listen on (default 8000; 0 picks a free one)
     --device D                   cpu (default), cuda or cuda:N
     --cuda-kernels LIST          CUDA kernels that are off by default (wgmma, cutlass, mma-decode,
-                                 pdl; comma-separated), as mixtral-run --cuda-kernels (default none)
+                                 pdl, fast-sample; comma-separated), as mixtral-run --cuda-kernels (default none)
     --quantize F                 quantize the attention and expert weights on load: fp8, int8 or
                                  int4 (bf16 keeps them as stored), as mixtral-run --quantize
     --served-model-name NAME     the model id clients give (default: the model directory's name)

@@ -1,5 +1,6 @@
-//! `sample` and `argmax` against the host sampler (`src/sampling`): the same seed draws the same
-//! ids and leaves the same random state; the draws over many rows follow the host's distribution
+//! `sample` and `argmax` against the host sampler (`src/sampling`), `sample` both through its
+//! bisections only and through its fast paths: the same seed draws the same ids and leaves the same
+//! random state; the draws over many rows follow the host's distribution
 //! (a chi-square bound, and never an id outside its support); top_k = 1 is argmax; argmax flags a
 //! row holding a NaN or an infinity; a row with a
 //! non-finite logit or an out-of-domain parameter gets its sentinel and keeps its state.
@@ -73,13 +74,18 @@ impl StateBuffer {
     }
 }
 
-/// Launches `sample` `draws` times on the same logits, state carried over; the ids of each draw.
+/// Both ways `sample` can run: its bisections only, and its fast paths where they apply.
+const MODES: [bool; 2] = [false, true];
+
+/// Launches `sample` `draws` times on the same logits, state carried over, through its fast paths
+/// when `fast`; the ids of each draw.
 fn draw(
     gpu: &Gpu,
     logits: &[f32],
     vocab: usize,
     rows: &[RowParams],
     draws: usize,
+    fast: bool,
 ) -> (Vec<Vec<u32>>, Vec<u64>) {
     let stream = gpu.stream();
     let logits_d = Guarded::with(stream, logits);
@@ -93,6 +99,7 @@ fn draw(
     let scalars = SampleScalars {
         rows: rows.len() as u32,
         vocab: vocab as u32,
+        fast: fast as u32,
     };
     let mut all = Vec::with_capacity(draws);
     for _ in 0..draws {
@@ -192,20 +199,31 @@ fn sample_draws_the_host_samplers_ids_for_the_same_seed() {
                 })
                 .collect();
             let draws = 3;
-            let (ids, state) = draw(&gpu, &logits, vocab, &rows, draws);
-            for (r, params) in rows.iter().enumerate() {
-                let row = &logits[r * vocab..(r + 1) * vocab];
-                let mut sampler = Sampler::new(params.host()).expect("valid params");
-                for (d, step) in ids.iter().enumerate() {
-                    let host = sampler.sample(row, &[]).expect("finite row");
-                    prop_assert_eq!(step[r], host, "row {} draw {} params {:?}", r, d, params);
+            for fast in MODES {
+                let (ids, state) = draw(&gpu, &logits, vocab, &rows, draws, fast);
+                for (r, params) in rows.iter().enumerate() {
+                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    let mut sampler = Sampler::new(params.host()).expect("valid params");
+                    for (d, step) in ids.iter().enumerate() {
+                        let host = sampler.sample(row, &[]).expect("finite row");
+                        prop_assert_eq!(
+                            step[r],
+                            host,
+                            "fast {} row {} draw {} params {:?}",
+                            fast,
+                            r,
+                            d,
+                            params
+                        );
+                    }
+                    prop_assert_eq!(
+                        &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
+                        &host_state(params.seed, draws)[..],
+                        "fast {} row {} random state",
+                        fast,
+                        r
+                    );
                 }
-                prop_assert_eq!(
-                    &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
-                    &host_state(params.seed, draws)[..],
-                    "row {} random state",
-                    r
-                );
             }
             Ok(())
         })
@@ -266,34 +284,39 @@ fn sample_follows_the_host_distribution_over_many_rows() {
                     seed: seed.wrapping_add(r.wrapping_mul(0x9e37_79b9)),
                 })
                 .collect();
-            let (ids, _) = draw(&gpu, &logits, VOCAB, &rows, 1);
-            let mut counts = [0usize; VOCAB];
-            for &id in &ids[0] {
-                prop_assert!((id as usize) < VOCAB, "id {} out of the vocab", id);
-                counts[id as usize] += 1;
-            }
             let distribution = Sampler::new(rows[0].host())
                 .expect("valid params")
                 .distribution(&row, &[])
                 .expect("finite row");
-            let (chi, df, outside) = chi_square(&counts, &distribution, ROWS);
-            prop_assert_eq!(
-                outside,
-                0,
-                "draws outside the support {:?}: {:?}",
-                distribution,
-                counts
-            );
-            // About 6 standard deviations above the mean of a chi-square with df degrees of freedom.
-            let bound = df + 6.0 * (2.0 * df).sqrt() + 6.0;
-            prop_assert!(
-                chi <= bound,
-                "chi-square {} > {} for {:?}: {:?}",
-                chi,
-                bound,
-                distribution,
-                counts
-            );
+            for fast in MODES {
+                let (ids, _) = draw(&gpu, &logits, VOCAB, &rows, 1, fast);
+                let mut counts = [0usize; VOCAB];
+                for &id in &ids[0] {
+                    prop_assert!((id as usize) < VOCAB, "id {} out of the vocab", id);
+                    counts[id as usize] += 1;
+                }
+                let (chi, df, outside) = chi_square(&counts, &distribution, ROWS);
+                prop_assert_eq!(
+                    outside,
+                    0,
+                    "fast {}: draws outside the support {:?}: {:?}",
+                    fast,
+                    distribution,
+                    counts
+                );
+                // About 6 standard deviations above the mean of a chi-square with df degrees of
+                // freedom.
+                let bound = df + 6.0 * (2.0 * df).sqrt() + 6.0;
+                prop_assert!(
+                    chi <= bound,
+                    "fast {}: chi-square {} > {} for {:?}: {:?}",
+                    fast,
+                    chi,
+                    bound,
+                    distribution,
+                    counts
+                );
+            }
             Ok(())
         })
         .unwrap();
@@ -354,21 +377,23 @@ fn top_k_one_is_argmax_and_agrees_with_the_argmax_kernel() {
                     seed: seed ^ r,
                 })
                 .collect();
-            let (ids, state) = draw(&gpu, &logits, vocab, &params, 1);
             let greedy_ids = run_argmax(&gpu, &logits, vocab);
-            for r in 0..rows {
-                let row = &logits[r * vocab..(r + 1) * vocab];
-                let host = Sampler::new(SamplingParams::greedy())
-                    .expect("greedy")
-                    .sample(row, &[])
-                    .expect("finite row");
-                prop_assert_eq!(ids[0][r], host, "sample row {}", r);
-                prop_assert_eq!(greedy_ids[r], host, "argmax row {}", r);
-                // A top_k = 1 draw still consumes one value, as on the host.
-                prop_assert_eq!(
-                    &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
-                    &host_state(params[r].seed, 1)[..]
-                );
+            for fast in MODES {
+                let (ids, state) = draw(&gpu, &logits, vocab, &params, 1, fast);
+                for r in 0..rows {
+                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    let host = Sampler::new(SamplingParams::greedy())
+                        .expect("greedy")
+                        .sample(row, &[])
+                        .expect("finite row");
+                    prop_assert_eq!(ids[0][r], host, "fast {} sample row {}", fast, r);
+                    prop_assert_eq!(greedy_ids[r], host, "argmax row {}", r);
+                    // A top_k = 1 draw still consumes one value, as on the host.
+                    prop_assert_eq!(
+                        &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
+                        &host_state(params[r].seed, 1)[..]
+                    );
+                }
             }
             Ok(())
         })
@@ -444,25 +469,30 @@ fn refused_rows_get_their_sentinel_and_keep_their_state() {
         },
         good,
     ];
-    let (ids, state) = draw(&gpu, &logits, vocab, &rows, 1);
-    for (r, &id) in ids[0].iter().enumerate().take(3) {
-        assert_eq!(id, SAMPLE_ID_NON_FINITE, "row {r}");
-    }
-    assert_eq!(ids[0][3], SAMPLE_ID_BAD_PARAMS, "temperature 0");
-    assert_eq!(ids[0][4], SAMPLE_ID_BAD_PARAMS, "top_p 0");
-    for (r, params) in rows.iter().enumerate().take(5) {
-        assert_eq!(
-            &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
-            &host_state(params.seed, 0)[..],
-            "row {r} state must not advance"
-        );
-    }
     let host = Sampler::new(good.host())
         .expect("valid")
         .sample(&logits[5 * vocab..], &[])
         .expect("finite");
-    assert_eq!(ids[0][5], host, "the valid row beside refused ones");
-    assert_eq!(&state[5 * RNG_STATE_WORDS..], &host_state(good.seed, 1)[..]);
+    for fast in MODES {
+        let (ids, state) = draw(&gpu, &logits, vocab, &rows, 1, fast);
+        for (r, &id) in ids[0].iter().enumerate().take(3) {
+            assert_eq!(id, SAMPLE_ID_NON_FINITE, "fast {fast} row {r}");
+        }
+        assert_eq!(ids[0][3], SAMPLE_ID_BAD_PARAMS, "fast {fast} temperature 0");
+        assert_eq!(ids[0][4], SAMPLE_ID_BAD_PARAMS, "fast {fast} top_p 0");
+        for (r, params) in rows.iter().enumerate().take(5) {
+            assert_eq!(
+                &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
+                &host_state(params.seed, 0)[..],
+                "fast {fast} row {r} state must not advance"
+            );
+        }
+        assert_eq!(
+            ids[0][5], host,
+            "fast {fast}: the valid row beside refused ones"
+        );
+        assert_eq!(&state[5 * RNG_STATE_WORDS..], &host_state(good.seed, 1)[..]);
+    }
 }
 
 #[test]
@@ -492,20 +522,96 @@ fn top_p_alone_walks_in_weight_order_and_top_k_in_score_order() {
             })
             .collect();
         let logits: Vec<f32> = rows.iter().flat_map(|_| row.iter().copied()).collect();
-        let (ids, _) = draw(&gpu, &logits, row.len(), &rows, 2);
-        for (r, params) in rows.iter().enumerate() {
-            let mut sampler = Sampler::new(params.host()).expect("valid");
-            for (d, step) in ids.iter().enumerate() {
-                let host = sampler.sample(&row, &[]).expect("finite");
-                assert_eq!(
-                    step[r], host,
-                    "top_k {top_k} top_p {top_p} row {r} draw {d}"
-                );
+        for fast in MODES {
+            let (ids, _) = draw(&gpu, &logits, row.len(), &rows, 2, fast);
+            for (r, params) in rows.iter().enumerate() {
+                let mut sampler = Sampler::new(params.host()).expect("valid");
+                for (d, step) in ids.iter().enumerate() {
+                    let host = sampler.sample(&row, &[]).expect("finite");
+                    assert_eq!(
+                        step[r], host,
+                        "fast {fast} top_k {top_k} top_p {top_p} row {r} draw {d}"
+                    );
+                }
+            }
+            if fast {
+                first_ids.push(ids[0][0]);
             }
         }
-        first_ids.push(ids[0][0]);
     }
     // The host itself picks id 3 (weight order) and id 4 (score order) in the first two configs,
     // so the orders the device follows are told apart.
     assert_eq!(&first_ids[..2], &[3, 4]);
+}
+
+/// The fast paths at their limits, against the host sampler with both modes: top-k of exactly 1024
+/// (fast) and 1025 (bisections), the k-th logit tied by more than 1024 ids (bisections), top-p alone
+/// whose cut falls inside the 1024 highest logits (peaked rows: fast) or far beyond them (flat rows:
+/// bisections), more than 1024 ids tied at the top, and no filter over a vocabulary that is not a
+/// multiple of the block's 1024 runs.
+#[test]
+fn fast_paths_agree_with_the_host_at_their_limits() {
+    let Some(gpu) = common::gpu("fast_paths_agree_with_the_host_at_their_limits") else {
+        return;
+    };
+    let vocab = 5003;
+    let peaked: Vec<f32> = random_values(21, vocab, 3.0)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % 97 == 5 { v + 12.0 } else { *v })
+        .collect();
+    let flat = random_values(22, vocab, 0.5);
+    // 1200 ids share the value at rank 40 (and so at ranks 40 to 1239).
+    let mut tied_kth = random_values(23, vocab, 2.0);
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&a, &b| tied_kth[b].total_cmp(&tied_kth[a]));
+    let kth = tied_kth[order[39]];
+    for &i in &order[40..1240] {
+        tied_kth[i] = kth;
+    }
+    // 1100 ids tied at the top.
+    let mut tied_top = random_values(24, vocab, 2.0);
+    for v in tied_top.iter_mut().take(1100) {
+        *v = 9.0;
+    }
+    let cases: [(&[f32], u32, f32); 9] = [
+        (&peaked, 1024, 1.0),
+        (&peaked, 1025, 1.0),
+        (&peaked, 1024, 0.9),
+        (&tied_kth, 40, 1.0),
+        (&peaked, 0, 0.9),
+        (&flat, 0, 0.95),
+        (&tied_top, 0, 0.5),
+        (&tied_top, 3, 1.0),
+        (&flat, 0, 1.0),
+    ];
+    for (row, top_k, top_p) in cases {
+        let rows: Vec<RowParams> = (0..16u64)
+            .map(|seed| RowParams {
+                temperature: 0.8,
+                top_k,
+                top_p,
+                seed,
+            })
+            .collect();
+        let logits: Vec<f32> = rows.iter().flat_map(|_| row.iter().copied()).collect();
+        for fast in MODES {
+            let (ids, state) = draw(&gpu, &logits, vocab, &rows, 2, fast);
+            for (r, params) in rows.iter().enumerate() {
+                let mut sampler = Sampler::new(params.host()).expect("valid");
+                for (d, step) in ids.iter().enumerate() {
+                    let host = sampler.sample(row, &[]).expect("finite");
+                    assert_eq!(
+                        step[r], host,
+                        "fast {fast} top_k {top_k} top_p {top_p} row {r} draw {d}"
+                    );
+                }
+                assert_eq!(
+                    &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
+                    &host_state(params.seed, 2)[..],
+                    "fast {fast} top_k {top_k} top_p {top_p} row {r} random state"
+                );
+            }
+        }
+    }
 }

@@ -38,8 +38,9 @@ options:
     --cuda-kernels LIST    CUDA kernels that are off by default, comma-separated: wgmma (Hopper
                            warpgroup-MMA prefill experts), cutlass (CUTLASS's Hopper GEMMs for
                            the prefill experts and projections), mma-decode (tensor-core decode
-                           products), pdl (programmatic dependent launches, H100/H200); each
-                           checks itself at load where it can (default none)
+                           products), pdl (programmatic dependent launches, H100/H200),
+                           fast-sample (device sampling in a few passes); each checks itself at
+                           load where it can (default none)
     --max-context N        longest sequence in tokens (default: the model's max_position_embeddings)
     --perplexity FILE      score BOS + the tokens of FILE (one trailing line break is removed)
     --quantize F           quantize the attention and expert weights on load: fp8 (E4M3, a scale
@@ -575,7 +576,8 @@ mod tests {
                 hopper_wgmma: false,
                 cutlass: true,
                 mma_decode: true,
-                dependent_launches: false
+                dependent_launches: false,
+                fast_sampling: false
             }
         );
         assert_eq!(g.common.max_context, Some(128));

@@ -99,6 +99,12 @@ pub struct CudaEngineOptions {
     /// (`CudaEngine::dependent_launches` says whether they are on). Off by default until timed on
     /// hardware.
     pub dependent_launches: bool,
+    /// Device sampling (`step_sample`, `Engine::step_tokens` with sampled rows) through the `sample`
+    /// kernel's fast paths: for top-k up to 1024 (with or without top-p), top-p alone when its cut
+    /// falls within the 1024 highest logits, and no filter, a few passes over the row instead of one
+    /// per bisection step; the same ids as the bisections (and the host sampler) up to rounding.
+    /// Off by default until run on hardware.
+    pub fast_sampling: bool,
 }
 
 impl Default for CudaEngineOptions {
@@ -112,6 +118,7 @@ impl Default for CudaEngineOptions {
             cutlass_experts: false,
             mma_decode: false,
             dependent_launches: false,
+            fast_sampling: false,
         }
     }
 }
@@ -446,6 +453,7 @@ impl CudaEngine {
             let weights_allocated = arena.bytes();
             let mut plan = Plan::new(&config, sizes, &mut arena)?;
             plan.mma_decode = options.mma_decode;
+            plan.fast_sampling = options.fast_sampling;
             plan.multiprocessors = device.multiprocessors();
             if let Some(r) = rank {
                 let rank_plan = rank::rank_plan(full, &r.shard, r.comms, max_tokens, &mut arena)?;
@@ -1013,6 +1021,7 @@ impl CudaEngine {
             &SampleScalars {
                 rows: rows as u32,
                 vocab,
+                fast: self.plan.fast_sampling as u32,
             },
             SampleArgs {
                 logits: self.plan.logits.view(),

@@ -255,6 +255,9 @@ pub struct Plan {
     /// on them instead of the GEMVs
     /// ([`CudaEngineOptions::mma_decode`](super::CudaEngineOptions::mma_decode)).
     pub mma_decode: bool,
+    /// Device sampling takes the `sample` kernel's fast paths
+    /// ([`CudaEngineOptions::fast_sampling`](super::CudaEngineOptions::fast_sampling)).
+    pub fast_sampling: bool,
     /// The device's multiprocessors: decode attention spreads each token's keys over enough splits
     /// to fill them (0: fixed splits of [`SPLIT_KEYS`] keys).
     pub multiprocessors: usize,
@@ -340,6 +343,7 @@ impl Plan {
             sizes,
             grouped: GroupedExperts::Mma,
             mma_decode: false,
+            fast_sampling: false,
             multiprocessors: 0,
             inputs: Inputs {
                 words: arena.zeroed(4 * m, "step inputs")?,

@@ -6,7 +6,7 @@
 //! updates those buffers.
 
 use super::argmax::one_block_per_row;
-use crate::cuda::args::{SampleArgs, SampleScalars};
+use crate::cuda::args::{ArgmaxScalars, SampleArgs, SampleScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::{CudaError, KernelError};
 use crate::cuda::launch::{planned_launcher, Planned};
@@ -46,7 +46,11 @@ fn plan(s: &SampleScalars, a: &SampleArgs<'_>) -> Planned<SampleParams, 1> {
             address: params.rng_state,
         }));
     }
-    one_block_per_row(&c, s, params, (KernelFamily::Sample, SAMPLE_THREADS))
+    let rows = ArgmaxScalars {
+        rows: s.rows,
+        vocab: s.vocab,
+    };
+    one_block_per_row(&c, &rows, params, (KernelFamily::Sample, SAMPLE_THREADS))
 }
 
 planned_launcher! {
@@ -95,20 +99,21 @@ mod tests {
         let s = SampleScalars {
             rows: 5,
             vocab: 32000,
+            fast: 1,
         };
         let (params, [grid]) = plan(&s, &args(exact(&s))).unwrap().unwrap();
         assert_eq!(symbol(&grid), "sample");
         assert_eq!(grid.grid, (5, 1, 1));
         assert_eq!(grid.block, SAMPLE_THREADS);
         assert_eq!(grid.shared_bytes, 0);
-        assert_eq!((params.rows, params.vocab), (5, 32000));
+        assert_eq!((params.rows, params.vocab, params.fast), (5, 32000, 1));
     }
 
     #[test]
     fn zero_rows_launch_nothing_and_empty_rows_are_refused() {
-        let s = SampleScalars { rows: 0, vocab: 7 };
+        let s = SampleScalars { rows: 0, vocab: 7, fast: 1 };
         assert!(plan(&s, &args(exact(&s))).unwrap().is_none());
-        let s = SampleScalars { rows: 2, vocab: 0 };
+        let s = SampleScalars { rows: 2, vocab: 0, fast: 1 };
         unsupported(plan(&s, &args(exact(&s))), "vocab");
     }
 
@@ -117,13 +122,14 @@ mod tests {
         let s = SampleScalars {
             rows: 1 << 16,
             vocab: 1 << 16,
+            fast: 0,
         };
         unsupported(plan(&s, &args(exact(&s))), "rows * vocab");
     }
 
     #[test]
     fn misaligned_rng_state_is_refused() {
-        let s = SampleScalars { rows: 2, vocab: 9 };
+        let s = SampleScalars { rows: 2, vocab: 9, fast: 0 };
         let mut a = args(exact(&s));
         // SAFETY: never launched on; the planner reads only the address and length.
         a.rng_state = unsafe { ViewMut::from_raw(BASE + 4, 2 * RNG_STATE_WORDS) };
@@ -149,6 +155,7 @@ mod tests {
         let s = SampleScalars {
             rows: 1,
             vocab: 1 << 31,
+            fast: 1,
         };
         unsupported(plan(&s, &args(exact(&s))), "vocab");
     }
@@ -157,7 +164,7 @@ mod tests {
         /// Exactly the touched sizes pass; each buffer one element short is refused by name.
         #[test]
         fn needs_exactly_the_touched_sizes(rows in 1u32..64, vocab in 1u32..300_000) {
-            let s = SampleScalars { rows, vocab };
+            let s = SampleScalars { rows, vocab, fast: 1 };
             let (_, [grid]) = plan(&s, &args(exact(&s))).unwrap().unwrap();
             prop_assert_eq!(grid.grid, (rows, 1, 1));
             let names = ["logits", "temperature", "top_k", "top_p", "rng_state", "out_ids"];
