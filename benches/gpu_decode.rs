@@ -307,6 +307,18 @@ fn skip(e: &CudaError) -> bool {
 }
 
 /// The fixed protocol: one JSON line per measurement into `out`.
+/// The median time of one decode step of `batch` sequences at `context` cached tokens (the
+/// sequences made for it and freed after).
+fn time_decode(engine: &mut CudaEngine, batch: usize, context: usize) -> f64 {
+    let seqs = sequences(engine, batch, context);
+    let tokens: Vec<[u32; 1]> = ids(batch, context as u64).iter().map(|&t| [t]).collect();
+    let ms = median_ms(|| decode_step(engine, &seqs, context, &tokens), REPEATS);
+    for seq in seqs {
+        mixtral::Engine::free_sequence(engine, seq).expect("free");
+    }
+    ms
+}
+
 fn protocol(out_path: &str) {
     let layers = layers();
     let mut out = std::fs::File::create(out_path).expect("protocol output");
@@ -345,17 +357,8 @@ fn protocol(out_path: &str) {
                 &[1]
             };
             for &batch in batches {
-                let seqs = sequences(&mut engine, batch, context);
-                let tokens: Vec<[u32; 1]> =
-                    ids(batch, context as u64).iter().map(|&t| [t]).collect();
-                let ms = median_ms(
-                    || decode_step(&mut engine, &seqs, context, &tokens),
-                    REPEATS,
-                );
+                let ms = time_decode(&mut engine, batch, context);
                 record("decode", "mma", (batch, context), graphs, ms, &card);
-                for seq in seqs {
-                    mixtral::Engine::free_sequence(&mut engine, seq).expect("free");
-                }
             }
         }
         if graphs {
@@ -376,17 +379,8 @@ fn protocol(out_path: &str) {
         Ok(mut engine) if engine.dependent_launches() => {
             let card = engine.device_name().to_string();
             for (batch, context) in [(1, 16), (8, 16), (32, 16), (1, 4096)] {
-                let seqs = sequences(&mut engine, batch, context);
-                let tokens: Vec<[u32; 1]> =
-                    ids(batch, context as u64).iter().map(|&t| [t]).collect();
-                let ms = median_ms(
-                    || decode_step(&mut engine, &seqs, context, &tokens),
-                    REPEATS,
-                );
+                let ms = time_decode(&mut engine, batch, context);
                 record("decode", "pdl", (batch, context), true, ms, &card);
-                for seq in seqs {
-                    mixtral::Engine::free_sequence(&mut engine, seq).expect("free");
-                }
             }
             let prompt = ids(512, 7);
             let ms = median_ms(|| prefill(&mut engine, &prompt), 5);

@@ -30,6 +30,18 @@ struct RowParams {
 }
 
 impl RowParams {
+    /// `n` rows of these parameters, seeded 0 to n - 1.
+    fn seeded(n: u64, temperature: f32, top_k: u32, top_p: f32) -> Vec<RowParams> {
+        (0..n)
+            .map(|seed| RowParams {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            })
+            .collect()
+    }
+
     fn host(&self) -> SamplingParams {
         SamplingParams {
             temperature: self.temperature,
@@ -513,31 +525,9 @@ fn top_p_alone_walks_in_weight_order_and_top_k_in_score_order() {
     let configs = [(0u32, 0.3f32), (2, 0.3), (0, 1.0), (6, 1.0), (0, 0.999)];
     let mut first_ids = Vec::new();
     for (top_k, top_p) in configs {
-        let rows: Vec<RowParams> = (0..64u64)
-            .map(|seed| RowParams {
-                temperature: 1.0,
-                top_k,
-                top_p,
-                seed,
-            })
-            .collect();
-        let logits: Vec<f32> = rows.iter().flat_map(|_| row.iter().copied()).collect();
-        for fast in MODES {
-            let (ids, _) = draw(&gpu, &logits, row.len(), &rows, 2, fast);
-            for (r, params) in rows.iter().enumerate() {
-                let mut sampler = Sampler::new(params.host()).expect("valid");
-                for (d, step) in ids.iter().enumerate() {
-                    let host = sampler.sample(&row, &[]).expect("finite");
-                    assert_eq!(
-                        step[r], host,
-                        "fast {fast} top_k {top_k} top_p {top_p} row {r} draw {d}"
-                    );
-                }
-            }
-            if fast {
-                first_ids.push(ids[0][0]);
-            }
-        }
+        let rows = RowParams::seeded(64, 1.0, top_k, top_p);
+        let ids = draws_match_the_host(&gpu, &row, &rows, 2);
+        first_ids.push(ids[0][0]);
     }
     // The host itself picks id 3 (weight order) and id 4 (score order) in the first two configs,
     // so the orders the device follows are told apart.
@@ -586,32 +576,31 @@ fn fast_paths_agree_with_the_host_at_their_limits() {
         (&flat, 0, 1.0),
     ];
     for (row, top_k, top_p) in cases {
-        let rows: Vec<RowParams> = (0..16u64)
-            .map(|seed| RowParams {
-                temperature: 0.8,
-                top_k,
-                top_p,
-                seed,
-            })
-            .collect();
-        let logits: Vec<f32> = rows.iter().flat_map(|_| row.iter().copied()).collect();
-        for fast in MODES {
-            let (ids, state) = draw(&gpu, &logits, vocab, &rows, 2, fast);
-            for (r, params) in rows.iter().enumerate() {
-                let mut sampler = Sampler::new(params.host()).expect("valid");
-                for (d, step) in ids.iter().enumerate() {
-                    let host = sampler.sample(row, &[]).expect("finite");
-                    assert_eq!(
-                        step[r], host,
-                        "fast {fast} top_k {top_k} top_p {top_p} row {r} draw {d}"
-                    );
-                }
-                assert_eq!(
-                    &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
-                    &host_state(params.seed, 2)[..],
-                    "fast {fast} top_k {top_k} top_p {top_p} row {r} random state"
-                );
-            }
-        }
+        let rows = RowParams::seeded(16, 0.8, top_k, top_p);
+        draws_match_the_host(&gpu, row, &rows, 2);
     }
+}
+
+/// Draws `draws` times from `row` repeated once per entry of `rows`, both ways, and asserts every
+/// id and final random state equal the host sampler's; returns the fast paths' ids.
+fn draws_match_the_host(gpu: &Gpu, row: &[f32], rows: &[RowParams], draws: usize) -> Vec<Vec<u32>> {
+    let logits: Vec<f32> = rows.iter().flat_map(|_| row.iter().copied()).collect();
+    let mut last = Vec::new();
+    for fast in MODES {
+        let (ids, state) = draw(gpu, &logits, row.len(), rows, draws, fast);
+        for (r, params) in rows.iter().enumerate() {
+            let mut sampler = Sampler::new(params.host()).expect("valid");
+            for (d, step) in ids.iter().enumerate() {
+                let host = sampler.sample(row, &[]).expect("finite");
+                assert_eq!(step[r], host, "fast {fast} {params:?} row {r} draw {d}");
+            }
+            assert_eq!(
+                &state[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS],
+                &host_state(params.seed, draws)[..],
+                "fast {fast} {params:?} row {r} random state"
+            );
+        }
+        last = ids;
+    }
+    last
 }
