@@ -313,14 +313,15 @@ __device__ __forceinline__ double next_uniform(uint64_t* s) {
 // The fast paths (SampleParams::fast = 1): the same ids as the bisections above in a few passes over
 // the row instead of one per bisection step. Each gathers at most FAST_CAP ids into shared memory,
 // sorts them into the host's list order and reads the cut and the draw off their prefix sums:
-//   top-k, k <= FAST_CAP (with or without top-p): the upper word of the k-th score key by bisection
-//     on counts (up to 32 passes, no exp), the ids at or above it gathered (more than FAST_CAP when
-//     many tie with the k-th: bisection path), sorted in score order, the first k kept.
-//   top-p alone: the total weight (one pass with exp), the ids whose score key's upper word is at
-//     least the least one with at most FAST_CAP ids at or above it gathered (bisection on counts) and
-//     sorted in weight order. Every id left out has a weight at most the least gathered one (weights
-//     rise with scores), so the gathered ids of greater weight are the start of the host's weight
-//     order; when the cut falls among them it is the host's, else the bisection path runs.
+//   top-k, k <= FAST_CAP (with or without top-p): a floor on the logits' order keys with k to
+//     FAST_CAP ids at or above it, by bisection on counts that stops at the first such floor (no exp;
+//     about ten passes for a 32k-logit row, at most 32), the ids at or above it gathered (more than
+//     FAST_CAP when many tie with the k-th: bisection path), sorted in score order, the first k kept.
+//   top-p alone: the total weight (one pass with exp), then the same with a floor of FAST_CAP / 2
+//     to FAST_CAP ids, gathered and sorted in weight order. Every id left out has a weight at most
+//     the least gathered one (weights rise with scores), so the gathered ids of greater weight are
+//     the start of the host's weight order; when the cut falls among them it is the host's, else the
+//     bisection path runs.
 //   no filter: each thread sums the weights of a contiguous run of ids, a block scan of the run sums
 //     gives each run's start, and each thread walks its run to the uniform.
 // A path that gives up has written nothing and left the random state as it was. Sums are parallel
@@ -449,12 +450,32 @@ __device__ void draw_gathered(const SampleParams& p, uint32_t row, const Gathere
     if (threadIdx.x == 0) p.out_ids[row] = id_of((uint32_t)g.key[chosen]);
 }
 
+// An order_key floor h in [0, max_hi] with least <= count(h) <= most, where count(h) is the number of ids
+// whose logit's order_key is >= h (non-increasing in h, and count(0) = vocab >= least): bisection that
+// stops at the first such h, usually long before the bisection to one value would. When no h has
+// at most `most` (ties), the largest h with count(h) >= least. Every thread calls it.
+__device__ uint64_t floor_with_count_in(const Row& r, uint64_t max_hi, uint32_t least, uint32_t most) {
+    uint64_t lo = 0, hi = max_hi;
+    while (lo < hi) {
+        const uint64_t mid = upper_mid(lo, hi);
+        const uint32_t count = count_from(r, Key{mid, 0u});
+        if (count >= least) {
+            lo = mid;
+            if (count <= most) return mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return lo;
+}
+
 // top-k with k <= FAST_CAP, then top-p when p_active. max_hi: order_key of the top logit.
 __device__ bool fast_top_k(const SampleParams& p, uint32_t row, const Row& r, uint64_t max_hi, uint32_t top_k,
                            float top_p, bool p_active, Gathered& g) {
-    // The k-th score key's upper word: the largest h with at least k ids at or above it.
-    const uint64_t h = largest_value(max_hi, [&](uint64_t t) { return count_from(r, Key{t, 0u}) >= top_k; });
-    const uint32_t n = count_from(r, Key{h, 0u});
+    // A floor with at least k and at most FAST_CAP ids at or above it (the whole row when it fits):
+    // sorted in score order, its first k are the top-k.
+    const uint64_t h = r.vocab <= FAST_CAP ? 0 : floor_with_count_in(r, max_hi, top_k, FAST_CAP);
+    const uint32_t n = h == 0 ? r.vocab : count_from(r, Key{h, 0u});
     if (n > FAST_CAP) return false;
     const uint32_t padded = pow2_at_least(n);
     gather(r, h, padded, g);
@@ -475,11 +496,13 @@ __device__ bool fast_top_k(const SampleParams& p, uint32_t row, const Row& r, ui
 __device__ bool fast_top_p(const SampleParams& p, uint32_t row, const Row& r, uint64_t max_hi, float top_p,
                            Gathered& g) {
     const double total = mass_from(r, Order::ByWeight, Key{0, 0u}, Key{0, 0u});
-    // Every id when the row fits; else those at or above the least upper word with at most
-    // FAST_CAP ids at or above it (none when more than FAST_CAP tie with the top).
+    // Every id when the row fits; else the ids at or above a floor with FAST_CAP / 2 to FAST_CAP ids
+    // at or above it, or, when ties allow none, the next floor up (fewer than FAST_CAP / 2 ids; none
+    // when more than FAST_CAP tie with the top).
     uint64_t h = 0;
     if (r.vocab > FAST_CAP) {
-        h = largest_value(max_hi, [&](uint64_t t) { return count_from(r, Key{t, 0u}) > FAST_CAP; }) + 1;
+        h = floor_with_count_in(r, max_hi, FAST_CAP / 2, FAST_CAP);
+        if (count_from(r, Key{h, 0u}) > FAST_CAP) h += 1;
     }
     const uint32_t n = h == 0 ? r.vocab : count_from(r, Key{h, 0u});
     if (n == 0) return false;
