@@ -505,7 +505,7 @@ __device__ bool fast_top_p(const SampleParams& p, uint32_t row, const Row& r, ui
         if (count_from(r, Key{h, 0u}) > FAST_CAP) h += 1;
     }
     const uint32_t n = h == 0 ? r.vocab : count_from(r, Key{h, 0u});
-    if (n == 0) return false;
+    if (n == 0 || n > FAST_CAP) return false;
     const uint32_t padded = pow2_at_least(n);
     gather(r, h, padded, g);
     sort_gathered(g, padded, true);
