@@ -246,18 +246,14 @@ __device__ void attention_combine_body(const AttentionDecodeParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol, HEAD_DIM, GROUP)                                      \
-    MX_KERNEL void __launch_bounds__(ATTENTION_THREADS) symbol(AttentionDecodeParams p) { \
-        mx::after_prior_kernels();                                                        \
-        attention_decode_body<HEAD_DIM, GROUP>(p);                              \
-    }
+#define MX_DEFINE(symbol, HEAD_DIM, GROUP)                       \
+    MX_ENTRY(symbol, (ATTENTION_THREADS), AttentionDecodeParams, \
+        attention_decode_body<HEAD_DIM, GROUP>(p))
 MIXTRAL_ATTENTION_DECODE_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol)                                                                 \
-    MX_KERNEL void __launch_bounds__(ATTENTION_COMBINE_THREADS) symbol(AttentionDecodeParams p) { \
-        mx::after_prior_kernels();                                                                \
-        attention_combine_body(p);                                                        \
-    }
+#define MX_DEFINE(symbol)                                                \
+    MX_ENTRY(symbol, (ATTENTION_COMBINE_THREADS), AttentionDecodeParams, \
+        attention_combine_body(p))
 MIXTRAL_ATTENTION_COMBINE_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

@@ -345,10 +345,8 @@ __device__ void attention_prefill_body(const AttentionPrefillParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol, HEAD_DIM)                                                                      \
-    MX_KERNEL void __launch_bounds__(ATTENTION_PREFILL_THREADS, 1) symbol(AttentionPrefillParams p) { \
-        mx::after_prior_kernels();                                                                    \
-        attention_prefill_body<HEAD_DIM>(p);                                                           \
-    }
+#define MX_DEFINE(symbol, HEAD_DIM)                                          \
+    MX_ENTRY(symbol, (ATTENTION_PREFILL_THREADS, 1), AttentionPrefillParams, \
+        attention_prefill_body<HEAD_DIM>(p))
 MIXTRAL_ATTENTION_PREFILL_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

@@ -11,13 +11,20 @@
 #include "generated/instantiations.cuh"
 #include "generated/params.h"
 
-// An `extern "C"` kernel entry point (the symbols the Rust side loads from the fatbin). Its first
-// statement is mx::after_prior_kernels() (src/cuda/module.rs checks every entry in csrc/).
-#define MX_KERNEL extern "C" __global__
+// Defines the `extern "C"` kernel entry point `symbol` (the symbols the Rust side loads from the
+// fatbin) with __launch_bounds__ `bounds` (parenthesised), taking its parameter struct `Params p` by
+// value: its first statement is mx::after_prior_kernels() (below), then the statement `...` (the
+// body's call, commas allowed). Every entry in csrc/*.cu is defined through it (src/cuda/module.rs
+// checks that no file there declares a __global__ function itself).
+#define MX_ENTRY(symbol, bounds, Params, ...)                        \
+    extern "C" __global__ void __launch_bounds__ bounds symbol(Params p) { \
+        mx::after_prior_kernels();                                   \
+        __VA_ARGS__;                                                 \
+    }
 
 namespace mx {
 
-// The first statement of every kernel entry. Waits until the kernels issued before this one on the
+// The first statement of every kernel entry (MX_ENTRY). Waits until the kernels issued before this one on the
 // stream have finished and their writes are visible (griddepcontrol.wait), then lets the next kernel
 // start (griddepcontrol.launch_dependents): that one's blocks can then be placed on the SMs while this
 // one runs, and wait there in turn. Both are no-ops unless the kernel was issued as a programmatic

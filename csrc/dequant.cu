@@ -83,10 +83,8 @@ __device__ void dequant_body(const DequantParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol, KIND)                                                 \
-    MX_KERNEL void __launch_bounds__(DEQUANT_THREADS) symbol(DequantParams p) { \
-        mx::after_prior_kernels();                                              \
-        dequant_body<KIND>(p);                                                  \
-    }
+#define MX_DEFINE(symbol, KIND)                        \
+    MX_ENTRY(symbol, (DEQUANT_THREADS), DequantParams, \
+        dequant_body<KIND>(p))
 MIXTRAL_DEQUANTIZE_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

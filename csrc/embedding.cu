@@ -31,10 +31,8 @@ __device__ void embedding_body(const EmbeddingParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol, OUT_F32)                                                  \
-    MX_KERNEL void __launch_bounds__(EMBEDDING_THREADS) symbol(EmbeddingParams p) { \
-        mx::after_prior_kernels();                                                  \
-        embedding_body<OUT_F32>(p);                                                 \
-    }
+#define MX_DEFINE(symbol, OUT_F32)                         \
+    MX_ENTRY(symbol, (EMBEDDING_THREADS), EmbeddingParams, \
+        embedding_body<OUT_F32>(p))
 MIXTRAL_EMBEDDING_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

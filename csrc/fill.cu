@@ -33,10 +33,8 @@ __device__ void fill_random_body(const FillParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol)                                                 \
-    MX_KERNEL void __launch_bounds__(FILL_THREADS) symbol(FillParams p) { \
-        mx::after_prior_kernels();                                        \
-        fill_random_body(p);                                              \
-    }
+#define MX_DEFINE(symbol)                        \
+    MX_ENTRY(symbol, (FILL_THREADS), FillParams, \
+        fill_random_body(p))
 MIXTRAL_FILL_RANDOM_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

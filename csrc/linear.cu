@@ -315,30 +315,24 @@ __device__ void mma_body(const LinearParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol, TILE, OUT_F32)                                                               \
-    MX_KERNEL void __launch_bounds__(LINEAR_GEMV_WARPS * 32) symbol(LinearParams p) {                 \
-        mx::after_prior_kernels();                                                                    \
-        gemv_body<TILE, OUT_F32>(p);                                                                   \
-    }
+#define MX_DEFINE(symbol, TILE, OUT_F32)                     \
+    MX_ENTRY(symbol, (LINEAR_GEMV_WARPS * 32), LinearParams, \
+        gemv_body<TILE, OUT_F32>(p))
 MIXTRAL_LINEAR_GEMV_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, OUT_F32)                                                   \
-    MX_KERNEL void __launch_bounds__(LINEAR_MMA_THREADS, 2) symbol(LinearParams p) { \
-        mx::after_prior_kernels();                                                   \
-        mma_body<OUT_F32>(p);                                                        \
-    }
+#define MX_DEFINE(symbol, OUT_F32)                          \
+    MX_ENTRY(symbol, (LINEAR_MMA_THREADS, 2), LinearParams, \
+        mma_body<OUT_F32>(p))
 MIXTRAL_LINEAR_MMA_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
 // linear_mma_decode: a decode batch of up to 16 tokens on the tensor cores (quant_mma.cuh, bf16 weights
 // as stored): every weight row read once for the whole batch.
-#define MX_DEFINE(symbol, NT, OUT_F32)                                                                  \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(LinearParams p) {                      \
-        mx::after_prior_kernels();                                                                     \
-        mx::qmma::dense<QMMA_KIND_BF16, NT, OUT_F32>(p, 0, [&](uint32_t row) {                           \
+#define MX_DEFINE(symbol, NT, OUT_F32)                                                                             \
+    MX_ENTRY(symbol, (QMMA_WARPS * 32, 1), LinearParams,                                                           \
+        mx::qmma::dense<QMMA_KIND_BF16, NT, OUT_F32>(p, 0, [&](uint32_t row) {                                     \
             return mx::qmma::RowPtr{reinterpret_cast<const uint8_t*>(p.w + (size_t)row * p.in_features), nullptr}; \
-        });                                                                                              \
-    }
+        }))
 MIXTRAL_LINEAR_MMA_DECODE_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

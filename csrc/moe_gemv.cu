@@ -143,19 +143,15 @@ __device__ void moe_down_body(const MoeParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol, TILE)                                            \
-    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32) symbol(MoeParams p) { \
-        mx::after_prior_kernels();                                         \
-        moe_up_body<TILE>(p);                                              \
-    }
+#define MX_DEFINE(symbol, TILE)                   \
+    MX_ENTRY(symbol, (MOE_WARPS * 32), MoeParams, \
+        moe_up_body<TILE>(p))
 MIXTRAL_MOE_UP_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, TILE)                                            \
-    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32) symbol(MoeParams p) { \
-        mx::after_prior_kernels();                                         \
-        moe_down_body<TILE>(p);                                            \
-    }
+#define MX_DEFINE(symbol, TILE)                   \
+    MX_ENTRY(symbol, (MOE_WARPS * 32), MoeParams, \
+        moe_down_body<TILE>(p))
 MIXTRAL_MOE_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
@@ -169,18 +165,14 @@ __device__ __forceinline__ mx::qmma::RowPtr moe_row(const MoeParams& p, int m, s
 }
 }  // namespace
 
-#define MX_DEFINE(symbol, MAX_NT)                                                                  \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(MoeParams p) {                    \
-        mx::after_prior_kernels();                                                                \
-        mx::qmma::expert_up<QMMA_KIND_BF16, MAX_NT>(p, 0, [&](int m, size_t r) { return moe_row(p, m, r); }); \
-    }
+#define MX_DEFINE(symbol, MAX_NT)                                                                            \
+    MX_ENTRY(symbol, (QMMA_WARPS * 32, 1), MoeParams,                                                        \
+        mx::qmma::expert_up<QMMA_KIND_BF16, MAX_NT>(p, 0, [&](int m, size_t r) { return moe_row(p, m, r); }))
 MIXTRAL_MOE_MMA_UP_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, MAX_NT)                                                                    \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(MoeParams p) {                      \
-        mx::after_prior_kernels();                                                                  \
-        mx::qmma::expert_down<QMMA_KIND_BF16, MAX_NT>(p, 0, [&](int m, size_t r) { return moe_row(p, m, r); }); \
-    }
+#define MX_DEFINE(symbol, MAX_NT)                                                                              \
+    MX_ENTRY(symbol, (QMMA_WARPS * 32, 1), MoeParams,                                                          \
+        mx::qmma::expert_down<QMMA_KIND_BF16, MAX_NT>(p, 0, [&](int m, size_t r) { return moe_row(p, m, r); }))
 MIXTRAL_MOE_MMA_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

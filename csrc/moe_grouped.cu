@@ -242,18 +242,14 @@ __device__ __forceinline__ void grouped_body(const MoeParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol)                                                       \
-    MX_KERNEL void __launch_bounds__(MOE_GROUPED_THREADS) symbol(MoeParams p) { \
-        mx::after_prior_kernels();                                              \
-        grouped_body<true>(p);                                                  \
-    }
+#define MX_DEFINE(symbol)                              \
+    MX_ENTRY(symbol, (MOE_GROUPED_THREADS), MoeParams, \
+        grouped_body<true>(p))
 MIXTRAL_MOE_GROUPED_UP_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol)                                                       \
-    MX_KERNEL void __launch_bounds__(MOE_GROUPED_THREADS) symbol(MoeParams p) { \
-        mx::after_prior_kernels();                                              \
-        grouped_body<false>(p);                                                 \
-    }
+#define MX_DEFINE(symbol)                              \
+    MX_ENTRY(symbol, (MOE_GROUPED_THREADS), MoeParams, \
+        grouped_body<false>(p))
 MIXTRAL_MOE_GROUPED_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

@@ -293,19 +293,15 @@ __device__ __forceinline__ void wgmma_body(const MoeParams& p) {
 #define MX_BODY(UP) __trap()
 #endif
 
-#define MX_DEFINE(symbol)                                                     \
-    MX_KERNEL void __launch_bounds__(MOE_WGMMA_THREADS) symbol(MoeParams p) { \
-        mx::after_prior_kernels();                                            \
-        MX_BODY(true);                                                        \
-    }
+#define MX_DEFINE(symbol)                            \
+    MX_ENTRY(symbol, (MOE_WGMMA_THREADS), MoeParams, \
+        MX_BODY(true))
 MIXTRAL_MOE_WGMMA_UP_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol)                                                     \
-    MX_KERNEL void __launch_bounds__(MOE_WGMMA_THREADS) symbol(MoeParams p) { \
-        mx::after_prior_kernels();                                            \
-        MX_BODY(false);                                                       \
-    }
+#define MX_DEFINE(symbol)                            \
+    MX_ENTRY(symbol, (MOE_WGMMA_THREADS), MoeParams, \
+        MX_BODY(false))
 MIXTRAL_MOE_WGMMA_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 #undef MX_BODY

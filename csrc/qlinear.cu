@@ -86,22 +86,18 @@ __device__ void qlinear_body(const QLinearParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol, KIND, TILE, OUT_F32)                                     \
-    MX_KERNEL void __launch_bounds__(QLINEAR_WARPS * 32, 1) symbol(QLinearParams p) { \
-        mx::after_prior_kernels();                                                    \
-        qlinear_body<KIND, TILE, OUT_F32>(p);                                      \
-    }
+#define MX_DEFINE(symbol, KIND, TILE, OUT_F32)               \
+    MX_ENTRY(symbol, (QLINEAR_WARPS * 32, 1), QLinearParams, \
+        qlinear_body<KIND, TILE, OUT_F32>(p))
 MIXTRAL_QLINEAR_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
 // qlinear_mma: the projection on the tensor cores (quant_mma.cuh: FP8, INT8, INT4 in groups of multiples of
 // 128).
-#define MX_DEFINE(symbol, KIND, NT, OUT_F32)                                                    \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QLinearParams p) {             \
-        mx::after_prior_kernels();                                                             \
-        mx::qmma::dense<KIND, NT, OUT_F32>(p, p.group_size, [&](uint32_t row) {                 \
+#define MX_DEFINE(symbol, KIND, NT, OUT_F32)                                                                     \
+    MX_ENTRY(symbol, (QMMA_WARPS * 32, 1), QLinearParams,                                                        \
+        mx::qmma::dense<KIND, NT, OUT_F32>(p, p.group_size, [&](uint32_t row) {                                  \
             return mx::qmma::RowPtr{p.codes + (size_t)row * p.row_bytes, p.params + (size_t)row * p.row_params}; \
-        });                                                                                      \
-    }
+        }))
 MIXTRAL_QLINEAR_MMA_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

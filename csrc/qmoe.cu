@@ -131,36 +131,28 @@ __device__ __forceinline__ mx::qmma::RowPtr qmoe_row(const QMoeParams& p, int m,
 
 }  // namespace
 
-#define MX_DEFINE(symbol, KIND, TILE)                                          \
-    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32, 1) symbol(QMoeParams p) { \
-        mx::after_prior_kernels();                                             \
-        qmoe_up_body<KIND, TILE>(p);                                           \
-    }
+#define MX_DEFINE(symbol, KIND, TILE)                 \
+    MX_ENTRY(symbol, (MOE_WARPS * 32, 1), QMoeParams, \
+        qmoe_up_body<KIND, TILE>(p))
 MIXTRAL_QMOE_UP_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, KIND, TILE)                                          \
-    MX_KERNEL void __launch_bounds__(MOE_WARPS * 32, 1) symbol(QMoeParams p) { \
-        mx::after_prior_kernels();                                             \
-        qmoe_down_body<KIND, TILE>(p);                                         \
-    }
+#define MX_DEFINE(symbol, KIND, TILE)                 \
+    MX_ENTRY(symbol, (MOE_WARPS * 32, 1), QMoeParams, \
+        qmoe_down_body<KIND, TILE>(p))
 MIXTRAL_QMOE_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
 // qmoe_mma_up / qmoe_mma_down: the expert MLP on the tensor cores (quant_mma.cuh: FP8, INT8, INT4 in groups
 // of multiples of 128).
-#define MX_DEFINE(symbol, KIND, MAX_NT)                                                                 \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QMoeParams p) {                      \
-        mx::after_prior_kernels();                                                                   \
-        mx::qmma::expert_up<KIND, MAX_NT>(p, p.group_size, [&](int m, size_t r) { return qmoe_row(p, m, r); }); \
-    }
+#define MX_DEFINE(symbol, KIND, MAX_NT)                                                                        \
+    MX_ENTRY(symbol, (QMMA_WARPS * 32, 1), QMoeParams,                                                         \
+        mx::qmma::expert_up<KIND, MAX_NT>(p, p.group_size, [&](int m, size_t r) { return qmoe_row(p, m, r); }))
 MIXTRAL_QMOE_MMA_UP_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
-#define MX_DEFINE(symbol, KIND, MAX_NT)                                                                   \
-    MX_KERNEL void __launch_bounds__(QMMA_WARPS * 32, 1) symbol(QMoeParams p) {                        \
-        mx::after_prior_kernels();                                                                     \
-        mx::qmma::expert_down<KIND, MAX_NT>(p, p.group_size, [&](int m, size_t r) { return qmoe_row(p, m, r); }); \
-    }
+#define MX_DEFINE(symbol, KIND, MAX_NT)                                                                          \
+    MX_ENTRY(symbol, (QMMA_WARPS * 32, 1), QMoeParams,                                                           \
+        mx::qmma::expert_down<KIND, MAX_NT>(p, p.group_size, [&](int m, size_t r) { return qmoe_row(p, m, r); }))
 MIXTRAL_QMOE_MMA_DOWN_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

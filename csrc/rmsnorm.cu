@@ -49,10 +49,8 @@ __device__ void rmsnorm_body(const RmsnormParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol, ADD)                                                  \
-    MX_KERNEL void __launch_bounds__(RMSNORM_THREADS) symbol(RmsnormParams p) { \
-        mx::after_prior_kernels();                                              \
-        rmsnorm_body<ADD>(p);                                                   \
-    }
+#define MX_DEFINE(symbol, ADD)                         \
+    MX_ENTRY(symbol, (RMSNORM_THREADS), RmsnormParams, \
+        rmsnorm_body<ADD>(p))
 MIXTRAL_RMSNORM_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

@@ -69,10 +69,8 @@ __device__ void rope_kv_body(const RopeKvParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol)                                                      \
-    MX_KERNEL void __launch_bounds__(ROPE_KV_THREADS) symbol(RopeKvParams p) { \
-        mx::after_prior_kernels();                                             \
-        rope_kv_body(p);                                                       \
-    }
+#define MX_DEFINE(symbol)                             \
+    MX_ENTRY(symbol, (ROPE_KV_THREADS), RopeKvParams, \
+        rope_kv_body(p))
 MIXTRAL_ROPE_KV_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

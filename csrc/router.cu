@@ -149,10 +149,8 @@ __device__ void router_body(const RouterParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol)                                                     \
-    MX_KERNEL void __launch_bounds__(ROUTER_THREADS) symbol(RouterParams p) { \
-        mx::after_prior_kernels();                                            \
-        router_body(p);                                                       \
-    }
+#define MX_DEFINE(symbol)                            \
+    MX_ENTRY(symbol, (ROUTER_THREADS), RouterParams, \
+        router_body(p))
 MIXTRAL_ROUTER_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

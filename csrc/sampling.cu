@@ -61,11 +61,9 @@ __device__ void argmax_body(const ArgmaxParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol)                                                     \
-    MX_KERNEL void __launch_bounds__(ARGMAX_THREADS) symbol(ArgmaxParams p) { \
-        mx::after_prior_kernels();                                            \
-        argmax_body(p);                                                       \
-    }
+#define MX_DEFINE(symbol)                            \
+    MX_ENTRY(symbol, (ARGMAX_THREADS), ArgmaxParams, \
+        argmax_body(p))
 MIXTRAL_ARGMAX_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE
 
@@ -649,10 +647,8 @@ __device__ void sample_body(const SampleParams& p) {
 
 }  // namespace
 
-#define MX_DEFINE(symbol)                                                     \
-    MX_KERNEL void __launch_bounds__(SAMPLE_THREADS) symbol(SampleParams p) { \
-        mx::after_prior_kernels();                                            \
-        sample_body(p);                                                       \
-    }
+#define MX_DEFINE(symbol)                            \
+    MX_ENTRY(symbol, (SAMPLE_THREADS), SampleParams, \
+        sample_body(p))
 MIXTRAL_SAMPLE_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

@@ -66,7 +66,7 @@ pub fn launch<P: DeviceRepr>(
         // in `params`; a buffer dropped after this call is freed in stream order, after the kernel.
         // The planner chose the geometry and shared memory the kernel was written for. A dependent
         // launch may start before the kernel ahead of it ends, but every kernel's first statement
-        // waits for it and its writes (checked for every entry in csrc/ by module.rs's tests).
+        // waits for it and its writes (`MX_ENTRY`; module.rs's tests check every entry uses it).
         let issued = if kernels.dependent_launches() {
             unsafe { launch_dependent(function, stream, g, params) }
         } else {

@@ -134,30 +134,32 @@ mod tests {
         }
     }
 
-    /// Every kernel entry in `csrc/` starts with `mx::after_prior_kernels()`: with dependent
-    /// launches on, an entry without it could read its inputs before the kernel writing them ends.
+    /// Every kernel entry in `csrc/` is defined through `MX_ENTRY` (`csrc/common.cuh`), whose first
+    /// statement is `mx::after_prior_kernels()`: with dependent launches on, an entry without it
+    /// could read its inputs before the kernel writing them ends.
     #[test]
     fn every_kernel_entry_first_waits_for_the_kernels_before_it() {
         let csrc = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("csrc");
+        let common = std::fs::read_to_string(csrc.join("common.cuh")).expect("common.cuh");
+        let entry = &common[common.find("#define MX_ENTRY(").expect("MX_ENTRY")..];
+        let entry = &entry[..entry.find("__VA_ARGS__").expect("the entry's body")];
+        assert!(
+            entry.contains("{") && entry.contains("mx::after_prior_kernels();"),
+            "MX_ENTRY must wait for the kernels before it before its body: {entry}"
+        );
         let mut entries = 0;
-        for entry in std::fs::read_dir(&csrc).expect("csrc/") {
-            let path = entry.expect("csrc/ entry").path();
+        for file in std::fs::read_dir(&csrc).expect("csrc/") {
+            let path = file.expect("csrc/ entry").path();
             if path.extension().is_none_or(|e| e != "cu") {
                 continue;
             }
             let text = std::fs::read_to_string(&path).expect("a kernel file");
-            for (at, _) in text.match_indices("MX_KERNEL void ") {
-                let body = &text[at..];
-                let open = body.find('{').expect("an entry body");
-                let first = body[open + 1..]
-                    .trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
-                assert!(
-                    first.starts_with("mx::after_prior_kernels();"),
-                    "{}: the entry at byte {at} does not start with mx::after_prior_kernels()",
-                    path.display()
-                );
-                entries += 1;
-            }
+            assert!(
+                !text.contains("__global__"),
+                "{} declares a kernel entry outside MX_ENTRY",
+                path.display()
+            );
+            entries += text.matches("MX_ENTRY(").count();
         }
         // Every family has at least one entry (families share entries through variants).
         assert!(entries >= 25, "found {entries} kernel entries");
