@@ -135,9 +135,10 @@ fn every_family_is_defined_in_its_source_file() {
             "{} does not expand {expansion}",
             path.display()
         );
+        // An entry `MX_ENTRY(symbol, (bounds), XParams, body)` (csrc/common.cuh).
         assert!(
-            source.contains(&format!("({} p)", family.params)),
-            "{} takes no {}",
+            source.contains(&format!("), {},", family.params)),
+            "{} defines no MX_ENTRY taking {}",
             path.display(),
             family.params
         );
