@@ -307,6 +307,15 @@ __device__ __forceinline__ double next_uniform(uint64_t* s) {
     return __dmul_rn((double)(result >> 11), 0x1.0p-53);
 }
 
+// u * total for the row's draw, u one step of its random stream (taken by thread 0): the same value
+// in every thread. Every thread calls it, once per row.
+__device__ double draw_target(const SampleParams& p, uint32_t row, double total) {
+    __shared__ double target;
+    if (threadIdx.x == 0) target = __dmul_rn(next_uniform(p.rng_state + (size_t)row * SAMPLE_RNG_WORDS), total);
+    __syncthreads();
+    return target;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The fast paths (SampleParams::fast = 1): the same ids as the bisections above in a few passes over
 // the row instead of one per bisection step. Each gathers at most FAST_CAP ids into shared memory,
@@ -433,13 +442,7 @@ __device__ uint32_t first_index(uint32_t n, Pred pred) {
 // entry of positive weight (the list starts with the top id, of weight 1). Advances the row's random
 // state by one step and writes the id. Every thread calls it.
 __device__ void draw_gathered(const SampleParams& p, uint32_t row, const Gathered& g, uint32_t keep) {
-    __shared__ double target_s;
-    if (threadIdx.x == 0) {
-        uint64_t* state = p.rng_state + (size_t)row * SAMPLE_RNG_WORDS;
-        target_s = __dmul_rn(next_uniform(state), g.prefix[keep - 1]);
-    }
-    __syncthreads();
-    const double target = target_s;
+    const double target = draw_target(p, row, g.prefix[keep - 1]);
     uint32_t chosen = first_index(keep, [&](uint32_t j) { return g.weight[j] > 0.0 && g.prefix[j] > target; });
     if (chosen == keep) {
         const uint64_t j = threadIdx.x < keep && g.weight[threadIdx.x] > 0.0 ? threadIdx.x + 1 : 0;
@@ -448,18 +451,25 @@ __device__ void draw_gathered(const SampleParams& p, uint32_t row, const Gathere
     if (threadIdx.x == 0) p.out_ids[row] = id_of((uint32_t)g.key[chosen]);
 }
 
-// An order_key floor h in [0, max_hi] with least <= count(h) <= most, where count(h) is the number of ids
-// whose logit's order_key is >= h (non-increasing in h, and count(0) = vocab >= least): bisection that
+// An order_key floor and the number of ids whose logit's order_key is at or above it.
+struct Floor {
+    uint64_t hi;
+    uint32_t count;
+};
+
+// A floor h in [0, max_hi] with least <= count(h) <= most, where count(h) is the number of ids whose
+// logit's order_key is >= h (non-increasing in h, and count(0) = vocab >= least): bisection that
 // stops at the first such h, usually long before the bisection to one value would. When no h has
 // at most `most` (ties), the largest h with count(h) >= least. Every thread calls it.
-__device__ uint64_t floor_with_count_in(const Row& r, uint64_t max_hi, uint32_t least, uint32_t most) {
-    uint64_t lo = 0, hi = max_hi;
-    while (lo < hi) {
-        const uint64_t mid = upper_mid(lo, hi);
+__device__ Floor floor_with_count_in(const Row& r, uint64_t max_hi, uint32_t least, uint32_t most) {
+    Floor lo{0, r.vocab};
+    uint64_t hi = max_hi;
+    while (lo.hi < hi) {
+        const uint64_t mid = upper_mid(lo.hi, hi);
         const uint32_t count = count_from(r, Key{mid, 0u});
         if (count >= least) {
-            lo = mid;
-            if (count <= most) return mid;
+            lo = Floor{mid, count};
+            if (count <= most) break;
         } else {
             hi = mid - 1;
         }
@@ -472,11 +482,10 @@ __device__ bool fast_top_k(const SampleParams& p, uint32_t row, const Row& r, ui
                            float top_p, bool p_active, Gathered& g) {
     // A floor with at least k and at most FAST_CAP ids at or above it (the whole row when it fits):
     // sorted in score order, its first k are the top-k.
-    const uint64_t h = r.vocab <= FAST_CAP ? 0 : floor_with_count_in(r, max_hi, top_k, FAST_CAP);
-    const uint32_t n = h == 0 ? r.vocab : count_from(r, Key{h, 0u});
-    if (n > FAST_CAP) return false;
-    const uint32_t padded = pow2_at_least(n);
-    gather(r, h, padded, g);
+    const Floor f = r.vocab <= FAST_CAP ? Floor{0, r.vocab} : floor_with_count_in(r, max_hi, top_k, FAST_CAP);
+    if (f.count > FAST_CAP) return false;
+    const uint32_t padded = pow2_at_least(f.count);
+    gather(r, f.hi, padded, g);
     sort_gathered(g, padded, false);
     scan_gathered(g, top_k);  // the first k entries are the top-k
     uint32_t keep = top_k;
@@ -497,12 +506,13 @@ __device__ bool fast_top_p(const SampleParams& p, uint32_t row, const Row& r, ui
     // Every id when the row fits; else the ids at or above a floor with FAST_CAP / 2 to FAST_CAP ids
     // at or above it, or, when ties allow none, the next floor up (fewer than FAST_CAP / 2 ids; none
     // when more than FAST_CAP tie with the top).
-    uint64_t h = 0;
+    Floor f{0, r.vocab};
     if (r.vocab > FAST_CAP) {
-        h = floor_with_count_in(r, max_hi, FAST_CAP / 2, FAST_CAP);
-        if (count_from(r, Key{h, 0u}) > FAST_CAP) h += 1;
+        f = floor_with_count_in(r, max_hi, FAST_CAP / 2, FAST_CAP);
+        if (f.count > FAST_CAP) f = Floor{f.hi + 1, count_from(r, Key{f.hi + 1, 0u})};
     }
-    const uint32_t n = h == 0 ? r.vocab : count_from(r, Key{h, 0u});
+    const uint64_t h = f.hi;
+    const uint32_t n = f.count;
     if (n == 0 || n > FAST_CAP) return false;
     const uint32_t padded = pow2_at_least(n);
     gather(r, h, padded, g);
@@ -520,7 +530,6 @@ __device__ bool fast_top_p(const SampleParams& p, uint32_t row, const Row& r, ui
 
 // No filter: the host walks the ids in order.
 __device__ void fast_by_id(const SampleParams& p, uint32_t row, const Row& r, Gathered& g) {
-    __shared__ double target_s;
     const uint32_t run = (r.vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
     const uint32_t begin = min(threadIdx.x * run, r.vocab);
     const uint32_t end = min(begin + run, r.vocab);
@@ -534,12 +543,7 @@ __device__ void fast_by_id(const SampleParams& p, uint32_t row, const Row& r, Ga
     g.weight[threadIdx.x] = sum;
     __syncthreads();
     scan_gathered(g, SAMPLE_THREADS);
-    if (threadIdx.x == 0) {
-        uint64_t* state = p.rng_state + (size_t)row * SAMPLE_RNG_WORDS;
-        target_s = __dmul_rn(next_uniform(state), g.prefix[SAMPLE_THREADS - 1]);
-    }
-    __syncthreads();
-    const double target = target_s;
+    const double target = draw_target(p, row, g.prefix[SAMPLE_THREADS - 1]);
     double cumulative = threadIdx.x == 0 ? 0.0 : g.prefix[threadIdx.x - 1];
     uint64_t found = ~0ull;
     for (uint32_t i = begin; i < end; ++i) {
@@ -567,7 +571,6 @@ __device__ bool sample_fast(const SampleParams& p, uint32_t row, const Row& r, u
 }
 
 __device__ void sample_body(const SampleParams& p) {
-    __shared__ double draw_target;
     const uint32_t row = blockIdx.x;
     if (row >= p.rows || p.vocab == 0) return;  // uniform over the block (the launcher refuses vocab 0)
 
@@ -627,12 +630,7 @@ __device__ void sample_body(const SampleParams& p) {
     }
 
     const double total = mass_from(r, order, floor, Key{0, 0u});
-    if (threadIdx.x == 0) {
-        uint64_t* state = p.rng_state + (size_t)row * SAMPLE_RNG_WORDS;
-        draw_target = __dmul_rn(next_uniform(state), total);
-    }
-    __syncthreads();
-    const double target = draw_target;
+    const double target = draw_target(p, row, total);
 
     Key chosen;
     if (total > target) {

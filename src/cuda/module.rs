@@ -74,10 +74,10 @@ impl Kernels {
     /// (compute capability 9.0 or newer): a kernel's blocks may be placed on the SMs while the
     /// kernel before it still runs, and wait there (every kernel's first statement,
     /// `mx::after_prior_kernels` in `csrc/common.cuh`, waits for the kernels before it and their
-    /// writes), which hides the gap between consecutive kernels. Returns whether they are on.
-    pub fn enable_dependent_launches(&mut self, device: &CudaDevice) -> bool {
+    /// writes), which hides the gap between consecutive kernels. [`Kernels::dependent_launches`]
+    /// says whether they are on.
+    pub fn enable_dependent_launches(&mut self, device: &CudaDevice) {
         self.dependent_launches = device.compute_capability().0 >= 9;
-        self.dependent_launches
     }
 
     /// Whether launches are programmatic dependent launches.

@@ -53,7 +53,7 @@ mod tokens;
 
 pub use error::{BackendSource, EngineError};
 pub use open::{check_parallel_supported, open, open_device, Device, EngineOptions, OpenError};
-pub use opt_in::{OptInKernels, UnknownKernel};
+pub use opt_in::{KernelsFlagError, OptInKernels, UnknownKernel};
 pub use tokens::{check_sampler_count, logits_rows, sample_on_host, RowSampler};
 
 use crate::config::ModelConfig;

@@ -1,10 +1,12 @@
 //! [`OptInKernels`]: the CUDA kernels that stay off until asked for (they have not been verified
 //! on hardware, or are slower where they were measured), named as a comma-separated list
-//! (`wgmma,cutlass,mma-decode,pdl,fast-sample`) by `mixtral-run --cuda-kernels` and `mixtral-serve --cuda-kernels`.
-//! The CPU engine ignores them.
+//! (`wgmma,cutlass,mma-decode,pdl,fast-sample`) by the `--cuda-kernels` flag of `mixtral-run` and
+//! `mixtral-serve` ([`OptInKernels::from_flag`]). The CPU engine ignores them.
 
 use std::fmt;
 use std::str::FromStr;
+
+use super::Device;
 
 /// Opt-in CUDA kernels; each asks the CUDA engine for the option of the same meaning in
 /// `mixtral::cuda::CudaEngineOptions`. The default is none.
@@ -51,6 +53,32 @@ impl OptInKernels {
             self.fast_sampling,
         ]
     }
+}
+
+impl OptInKernels {
+    /// The `--cuda-kernels` flag of both command lines: the list `value` (none when the flag is
+    /// absent), asked of `device`.
+    pub fn from_flag(value: Option<&str>, device: Device) -> Result<Self, KernelsFlagError> {
+        let kernels = match value {
+            None => OptInKernels::default(),
+            Some(list) => list.parse()?,
+        };
+        if device == Device::Cpu && kernels != OptInKernels::default() {
+            return Err(KernelsFlagError::NeedsCuda(kernels));
+        }
+        Ok(kernels)
+    }
+}
+
+/// Why a `--cuda-kernels` flag was refused; the message names the flag and what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelsFlagError {
+    /// A name that is not an opt-in kernel.
+    #[error("--cuda-kernels: {0}")]
+    Unknown(#[from] UnknownKernel),
+    /// Kernels asked of the CPU engine.
+    #[error("--cuda-kernels {0} needs --device cuda (the CPU engine has no CUDA kernels)")]
+    NeedsCuda(OptInKernels),
 }
 
 /// A `--cuda-kernels` list naming something that is not an opt-in kernel.

@@ -231,17 +231,8 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<ServeCommand, Us
         None => Device::Cpu,
         Some(v) => Device::parse(v).map_err(|e| UsageError(format!("--device: {e}")))?,
     };
-    let opt_in = match value("--cuda-kernels") {
-        None => OptInKernels::default(),
-        Some(v) => v
-            .parse::<OptInKernels>()
-            .map_err(|e| UsageError(format!("--cuda-kernels: {e}")))?,
-    };
-    if device == Device::Cpu && opt_in != OptInKernels::default() {
-        return Err(UsageError(format!(
-            "--cuda-kernels {opt_in} needs --device cuda (the CPU engine has no CUDA kernels)"
-        )));
-    }
+    let opt_in = OptInKernels::from_flag(value("--cuda-kernels"), device)
+        .map_err(|e| UsageError(e.to_string()))?;
     let quantize = value("--quantize")
         .map(|v| {
             v.trim().parse::<QuantFormat>().map_err(|_| {

@@ -337,31 +337,23 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<Command, UsageEr
             )));
         }
     }
+    let run_on = given
+        .value("--device")
+        .map(device)
+        .transpose()?
+        .unwrap_or(Device::Cpu);
+    let opt_in = OptInKernels::from_flag(given.value("--cuda-kernels"), run_on)
+        .map_err(|e| UsageError(e.to_string()))?;
     let common = Common {
         model: PathBuf::from(model),
-        device: given
-            .value("--device")
-            .map(device)
-            .transpose()?
-            .unwrap_or(Device::Cpu),
+        device: run_on,
         json: given.has("--json"),
         max_context,
         quantize: given.parsed::<QuantFormat>("--quantize", "bf16, fp8, int8 or int4")?,
         parallel,
         dist,
-        opt_in: given
-            .value("--cuda-kernels")
-            .map(|v| v.parse::<OptInKernels>())
-            .transpose()
-            .map_err(|e| UsageError(format!("--cuda-kernels: {e}")))?
-            .unwrap_or_default(),
+        opt_in,
     };
-    if common.device == Device::Cpu && common.opt_in != OptInKernels::default() {
-        return Err(UsageError(format!(
-            "--cuda-kernels {} needs --device cuda (the CPU engine has no CUDA kernels)",
-            common.opt_in
-        )));
-    }
 
     let sources: Vec<&str> = ["--prompt", "--prompt-file", "--perplexity"]
         .into_iter()
