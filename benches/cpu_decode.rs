@@ -12,12 +12,19 @@
 //! nine). Each is run with the CPU's fastest kernel and, where that is AVX-512, again with AVX2
 //! (the kernel of most desktop CPUs). The bf16 model is also quantized on load to FP8, INT8 and
 //! 4-bit and its decode printed beside the floor of the packed bytes (no criterion run).
+//!
+//! The one-token products with packed matrices alone are printed too: bytes of codes read a second
+//! by one thread and by every thread, for each kind and SIMD kernel, over matrices of the mid-size
+//! experts' shape (`[3584, 1024]`) larger together than any cache.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mixtral::cpu::matmul::{active_kernel, set_active_kernel, Kernel};
+use mixtral::cpu::packed_matmul::packed_matmul_with;
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::dtype::DType;
+use mixtral::packed::lut4::Lut4;
 use mixtral::quant::{decode_weight_bytes, QuantFormat};
+use mixtral::quant::{PackedKind, PackedMatrix};
 use mixtral::random_model::{write_random_model, RandomModelSpec};
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
 use rayon::prelude::*;
@@ -132,6 +139,87 @@ fn print_floor(name: &str, dir: &Path, dtype: DType, quant: Option<QuantFormat>,
     engine.free_sequence(seq).expect("free");
 }
 
+/// `count` matrices `[rows, cols]` of `kind` with pseudo-random codes (FP8 NaN codes left out), unit
+/// scales and INT4 zeros of 7.5.
+fn packed_matrices(kind: PackedKind, rows: usize, cols: usize, count: usize) -> Vec<PackedMatrix> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next_byte = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let byte = (state >> 32) as u8;
+        match kind {
+            PackedKind::Fp8 if byte & 0x7F == 0x7F => byte ^ 1,
+            _ => byte,
+        }
+    };
+    let (code_bytes, params) = match kind {
+        PackedKind::Fp8 | PackedKind::Int8 => (rows * cols, vec![1.0; rows]),
+        PackedKind::Int4 { group_size } => {
+            let groups = rows * cols / group_size;
+            (rows * cols / 2, [1.0, 7.5].repeat(groups))
+        }
+        PackedKind::Lut4 { group_size, .. } => {
+            (rows * cols / 2, vec![1.0; rows * cols / group_size])
+        }
+    };
+    (0..count)
+        .map(|_| PackedMatrix {
+            kind,
+            rows,
+            cols,
+            codes: (0..code_bytes).map(|_| next_byte()).collect(),
+            params: params.clone(),
+            perm: None,
+        })
+        .collect()
+}
+
+/// Prints the one-token packed products' rate in bytes of codes a second, with one thread and with
+/// every thread, for each kind and SIMD kernel of this CPU.
+fn print_packed_products(kernels: &[Kernel]) {
+    let (rows, cols, count) = (3584, 1024, 24);
+    let kinds = [
+        PackedKind::Fp8,
+        PackedKind::Int8,
+        PackedKind::Int4 { group_size: 128 },
+        PackedKind::Lut4 {
+            table: Lut4::Nf4,
+            group_size: 64,
+        },
+    ];
+    let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
+    let mut y = vec![0.0f32; rows];
+    for kind in kinds {
+        let matrices = packed_matrices(kind, rows, cols, count);
+        let bytes: usize = matrices.iter().map(|m| m.codes.len()).sum();
+        for &kernel in kernels {
+            let rates = [1, rayon::current_num_threads()].map(|threads| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("thread pool");
+                let seconds = median_seconds(|| {
+                    pool.install(|| {
+                        for m in &matrices {
+                            packed_matmul_with(kernel, &x, m, &mut y);
+                        }
+                    })
+                });
+                bytes as f64 / seconds / 1e9
+            });
+            println!(
+                "cpu/packed-product {kind:?} ({}): {:.1} GB/s of codes with 1 thread, {:.1} GB/s \
+                 with {}",
+                kernel.name(),
+                rates[0],
+                rates[1],
+                rayon::current_num_threads()
+            );
+        }
+    }
+}
+
 fn bench_model(c: &mut Criterion, name: &str, dir: &Path) {
     let mut engine = engine_for(dir, None);
     let vocab = engine.config().vocab_size;
@@ -198,6 +286,7 @@ fn cpu_benches(c: &mut Criterion) {
     if fastest == Kernel::Avx512 && Kernel::Avx2.is_available() {
         kernels.push(Kernel::Avx2);
     }
+    print_packed_products(&kernels);
     for (name, dtype) in [("mid-size-bf16", DType::BF16), ("mid-size-f32", DType::F32)] {
         let dir = tempfile::tempdir().expect("temp dir");
         let spec = RandomModelSpec::mid_size(7).with_dtype(dtype);

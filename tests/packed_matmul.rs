@@ -165,3 +165,36 @@ fn packed_products_are_identical_for_any_thread_count() {
         assert_eq!(one, run(5), "{kind:?}");
     }
 }
+
+/// A NaN code makes its row's products NaN (the dequantized value is NaN), on every kernel, for
+/// every token, wherever it sits in the row; the other rows are unaffected.
+#[test]
+fn fp8_nan_codes_give_nan_rows() {
+    let (rows, cols) = (9, 96);
+    let mut w = random_matrix(PackedKind::Fp8, rows, cols, false, 21);
+    // Rows 1, 4 and 8 hold a NaN code (both signs), in different blocks and lanes.
+    for (r, c, code) in [(1, 0, 0x7F), (4, 45, 0xFF), (8, 95, 0x7F)] {
+        w.codes[r * cols + c] = code;
+    }
+    // One token (tiles of four rows) and several (tiles of one row).
+    for tokens in [1, 3] {
+        let x = random_values(5, tokens * cols, 1.0);
+        let (reference, magnitude) = definition(&x, &w);
+        for kernel in Kernel::available() {
+            let mut y = vec![0.0f32; tokens * rows];
+            packed_matmul_with(kernel, &x, &w, &mut y);
+            for (i, (&got, &want)) in y.iter().zip(&reference).enumerate() {
+                if [1, 4, 8].contains(&(i % rows)) {
+                    assert!(
+                        got.is_nan(),
+                        "{kernel:?} {tokens} tokens, element {i}: {got}"
+                    );
+                } else {
+                    // As in the property test above.
+                    let bound = 1e-6 * magnitude[i] * (cols as f64).sqrt() + 1e-30;
+                    assert!((got as f64 - want).abs() <= bound, "{kernel:?} element {i}");
+                }
+            }
+        }
+    }
+}

@@ -11,18 +11,21 @@
 //! to match.
 //!
 //! With AVX-512 (blocks of 32 stored columns) or AVX2 (blocks of 16), each block is decoded in
-//! registers: 8-bit codes widened (FP8 codes rebuilt as floating-point bit fields), 4-bit codes
-//! split into the block's even columns (low nibbles) and odd columns (high nibbles) against
-//! activations paired to match ([`super::matmul`]'s pairing), LUT4 codes looked up in the table
-//! held in registers; one vector accumulator per group, folded into a running vector total by the
-//! group's scale, its lanes summed at the end. A matrix whose groups do not hold whole blocks of
+//! registers: INT8 codes widened; FP8 codes moved into the high bytes of 16-bit lanes and shifted
+//! into f16 bit fields (a row holding a NaN code, tracked on the way, gives NaN); 4-bit codes split
+//! into the block's even columns (low nibbles) and odd columns (high nibbles), looked up in the
+//! table held in registers (LUT4's; with AVX-512 also INT4's `code - zero` per group) or widened
+//! (INT4 with AVX2). Where the decoded lanes do not follow the stored columns (the 4-bit kinds, FP8
+//! with AVX-512) the activations are reordered to match once per product. One vector accumulator
+//! per group, folded into a running vector total by the group's scale, its lanes summed at the
+//! end. A matrix whose groups do not hold whole blocks of
 //! the kernel's width uses the next narrower loop, down to the scalar one: each group's products
 //! added in stored column order, the group sums scaled and added in group order.
 //!
 //! Results depend only on the matrix and the loop ([`Kernel`] and block fit), never on the thread
 //! count or the number of tokens.
 
-use super::matmul::{active_kernel, by_row_chunks, matmul, pair_activations, Kernel};
+use super::matmul::{active_kernel, by_row_chunks, matmul, Kernel};
 use crate::dtype::WeightSlice;
 use crate::packed::{fp8, PackedKind, PackedMatrix};
 use crate::weights::Weight;
@@ -115,8 +118,12 @@ pub fn packed_matmul_with(kernel: Kernel, x: &[f32], w: &PackedMatrix, y: &mut [
                 .collect(),
         );
     }
-    if let (true, Some(block)) = (view.nibbles, loop_kind.block()) {
-        xs = Cow::Owned(pair_activations(&xs, k, block));
+    if let Some(order) = loop_kind.lane_columns(&view) {
+        xs = Cow::Owned(
+            xs.chunks_exact(order.len())
+                .flat_map(|block| order.iter().map(|&c| block[c]))
+                .collect(),
+        );
     }
     let rows_per_task = (TASK_WORK / (k * tokens)).clamp(16, n.max(16)).min(n);
     by_row_chunks(tokens, rows_per_task, y, |first, out| {
@@ -168,6 +175,24 @@ impl LoopKind {
             LoopKind::Scalar => None,
             LoopKind::Avx2 => Kernel::Avx2.pair_block(),
             LoopKind::Avx512 => Kernel::Avx512.pair_block(),
+        }
+    }
+
+    /// The stored column (within its block) that each lane of the loop's decoded block holds,
+    /// where that is not the identity: the activations are reordered to match once per product.
+    /// 4-bit codes decode as the block's even columns, then its odd ones; FP8 codes in AVX-512
+    /// registers as columns `0..8, 16..24, 8..16, 24..32` (two 256-bit byte unpacks).
+    fn lane_columns(self, view: &View<'_>) -> Option<Vec<usize>> {
+        let block = self.block()?;
+        match view.decode {
+            _ if view.nibbles => Some((0..block).step_by(2).chain((1..block).step_by(2)).collect()),
+            Decode::Fp8 if self == LoopKind::Avx512 => Some(
+                [0..8, 16..24, 8..16, 24..32]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            ),
+            _ => None,
         }
     }
 }
@@ -305,10 +330,11 @@ fn scalar_rows(
 
 /// The SIMD loops over the blocks of one module's ISA (`avx2`, `avx512`), written once: each module
 /// defines `BLOCK` (columns per block), the vector type `V` with `zero`, `splat`, `load`, `fma` and
-/// `reduce`, the LUT4 table registers `Table` and `load_table`, and `decode_block::<KIND>`, which
-/// gives the weights before their scale of one block of one row as two vectors (8-bit: the first
-/// and second halves of the block; 4-bit: its even and odd columns). Both decode FP8 through f16,
-/// [`FP8_SHORTFALL`] short of its value.
+/// `reduce`; a group's decoding registers `Lut` (`no_lut`, `group_lut::<KIND>(zero, table)`: INT4's
+/// zero or its `code - zero` table, LUT4's table); an FP8 NaN-code tracker `Nan` (`no_nan`,
+/// `saw_nan`); and `decode_block::<KIND>`, which gives the weights before their scale of one block
+/// of one row as two vectors, in the lane order of [`LoopKind::lane_columns`]. Both decode FP8
+/// through f16, [`FP8_SHORTFALL`] short of its value.
 #[cfg(target_arch = "x86_64")]
 macro_rules! simd_loops {
     ($feature:literal) => {
@@ -390,7 +416,7 @@ macro_rules! simd_loops {
 
         /// `y[i][t]` = row `r0 + i` times token row `x[t]`: per group, one accumulator per (row,
         /// token) over the group's blocks, folded into the total by the group's scale; the
-        /// total's lanes summed at the end.
+        /// total's lanes summed at the end. An FP8 row holding a NaN code gives NaN.
         #[inline]
         #[target_feature(enable = $feature)]
         unsafe fn tile<const KIND: u8, const T: usize, const R: usize>(
@@ -398,21 +424,22 @@ macro_rules! simd_loops {
             x: &[&[f32]; T],
             r0: usize,
         ) -> [[f32; T]; R] {
-            let table = load_table(match &view.decode {
+            let table = match &view.decode {
                 Decode::Lut4(table) => table,
                 _ => &[0.0; 16],
-            });
+            };
             let rows: [*const u8; R] =
                 std::array::from_fn(|i| view.codes.as_ptr().add((r0 + i) * view.row_bytes));
             let mut total = [[zero(); T]; R];
+            let mut nan = [no_nan(); R];
             for g in 0..view.groups {
                 let mut acc = [[zero(); T]; R];
                 let mut scale = [zero(); R];
-                let mut zeros = [zero(); R];
+                let mut luts = [no_lut(); R];
                 for i in 0..R {
                     let (s, z) = view.group_params(r0 + i, g);
                     scale[i] = splat(if KIND == FP8 { s * FP8_SHORTFALL } else { s });
-                    zeros[i] = splat(z);
+                    luts[i] = group_lut::<KIND>(z, table);
                 }
                 let mut j = g * view.group;
                 let end = (j + view.group).min(view.cols);
@@ -426,7 +453,7 @@ macro_rules! simd_loops {
                         if byte % 64 == 0 {
                             prefetch_ahead(rows[i].add(byte));
                         }
-                        let (a, b) = decode_block::<KIND>(rows[i], j, zeros[i], table);
+                        let (a, b) = decode_block::<KIND>(rows[i], j, luts[i], &mut nan[i]);
                         for t in 0..T {
                             let xa = load(x[t].as_ptr().add(j));
                             let xb = load(x[t].as_ptr().add(j + BLOCK / 2));
@@ -444,8 +471,13 @@ macro_rules! simd_loops {
             }
             let mut y = [[0.0f32; T]; R];
             for i in 0..R {
+                let nan_row = KIND == FP8 && saw_nan(nan[i]);
                 for t in 0..T {
-                    y[i][t] = reduce(total[i][t]);
+                    y[i][t] = if nan_row {
+                        f32::NAN
+                    } else {
+                        reduce(total[i][t])
+                    };
                 }
             }
             y
@@ -497,7 +529,11 @@ mod avx2 {
     const BLOCK: usize = 16;
 
     type V = __m256;
-    type Table = (__m256, __m256);
+    /// INT4: the group's zero in every lane (second vector unused); LUT4: the table's halves.
+    type Lut = (__m256, __m256);
+    /// The largest `2 * code mod 256` of each byte lane of the FP8 codes seen (`0xFE` for a NaN
+    /// code, at most `0xFC` for the others).
+    type Nan = __m128i;
 
     vector_ops!(
         "avx2,fma,f16c",
@@ -510,44 +546,61 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_table(table: &[f32; 16]) -> Table {
-        (
-            _mm256_loadu_ps(table.as_ptr()),
-            _mm256_loadu_ps(table.as_ptr().add(8)),
+    unsafe fn no_lut() -> Lut {
+        (_mm256_setzero_ps(), _mm256_setzero_ps())
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_lut<const KIND: u8>(zero: f32, table: &[f32; 16]) -> Lut {
+        match KIND {
+            INT4 => (_mm256_set1_ps(zero), _mm256_setzero_ps()),
+            LUT4 => (
+                _mm256_loadu_ps(table.as_ptr()),
+                _mm256_loadu_ps(table.as_ptr().add(8)),
+            ),
+            _ => no_lut(),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn no_nan() -> Nan {
+        _mm_setzero_si128()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn saw_nan(nan: Nan) -> bool {
+        _mm_movemask_epi8(_mm_cmpeq_epi8(nan, _mm_set1_epi8(-2))) != 0
+    }
+
+    /// Tracks the FP8 NaN codes among the 16 `codes` ([`Nan`]).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn track_nan(codes: __m128i, nan: &mut Nan) {
+        *nan = _mm_max_epu8(*nan, _mm_add_epi8(codes, codes));
+    }
+
+    /// The f16 bits 2^-8 times the FP8 E4M3 values ([`crate::packed::fp8::decode`]) of the codes
+    /// in the high bytes of `words`, exactly (subnormals included): shifted down one bit, the
+    /// code's sign lands in bits 15 and 14, its exponent and mantissa in f16's low exponent bits
+    /// and high mantissa bits (f16's bias is 8 more than E4M3's); bit 14 is cleared. The NaN
+    /// codes come out as ±1.875 ([`track_nan`] tells them).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn fp8_high_bytes_as_f16(words: __m256i) -> __m256i {
+        _mm256_and_si256(
+            _mm256_srai_epi16::<1>(words),
+            _mm256_set1_epi16(0xBFFFu16 as i16),
         )
     }
 
-    /// The FP8 E4M3 values ([`crate::packed::fp8::decode`]) of the 16 codes at `p` as f16 bits
-    /// 2^-8 times their value, exactly: each code's sign, exponent and mantissa moved into an f16,
-    /// whose exponent bias is 8 more than E4M3's (subnormals included), the NaN codes made NaN.
+    /// `table[index]` for 8 indices (the low four bits of each lane): the low and high halves of
+    /// the table permuted by the index's low three bits, the half chosen by its bit 3.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn fp8_as_f16(p: *const u8) -> __m256i {
-        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
-        let magnitude = _mm256_and_si256(b, _mm256_set1_epi16(0x7F));
-        let sign = _mm256_and_si256(_mm256_slli_epi16::<8>(b), _mm256_set1_epi16(i16::MIN));
-        let half = _mm256_or_si256(_mm256_slli_epi16::<7>(magnitude), sign);
-        let is_nan = _mm256_cmpeq_epi16(magnitude, _mm256_set1_epi16(0x7F));
-        _mm256_or_si256(half, _mm256_and_si256(is_nan, _mm256_set1_epi16(0x7E00)))
-    }
-
-    /// The FP8 values divided by [`FP8_SHORTFALL`] of the 16 codes at `p` ([`fp8_as_f16`]) as
-    /// f32: codes 0..8, then 8..16.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn fp8_values(p: *const u8) -> (V, V) {
-        let half = fp8_as_f16(p);
-        (
-            _mm256_cvtph_ps(_mm256_castsi256_si128(half)),
-            _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(half)),
-        )
-    }
-
-    /// `table[index]` for 8 indices in 0..16: the low and high halves of the table permuted by
-    /// the index's low three bits, the half chosen by its bit 3.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lookup(table: Table, index: __m256i) -> V {
+    unsafe fn lookup(table: Lut, index: __m256i) -> V {
         let low = _mm256_permutevar8x32_ps(table.0, index);
         let high = _mm256_permutevar8x32_ps(table.1, index);
         let upper_half = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(index));
@@ -555,18 +608,25 @@ mod avx2 {
     }
 
     /// The weights before their scale of the 16 stored columns from `j` of the row whose codes
-    /// start at `row`: columns `j..j + 8` and `j + 8..j + 16` for the 8-bit kinds; the even and
-    /// the odd columns for the 4-bit ones (`zero`: INT4's zero; `table`: LUT4's).
+    /// start at `row`: columns `j..j + 8` and `j + 8..j + 16` for the 8-bit kinds (FP8 divided by
+    /// [`FP8_SHORTFALL`], its NaN codes tracked in `nan`); the even and the odd columns for the
+    /// 4-bit ones.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn decode_block<const KIND: u8>(
         row: *const u8,
         j: usize,
-        zero: V,
-        table: Table,
+        lut: Lut,
+        nan: &mut Nan,
     ) -> (V, V) {
         if KIND == FP8 {
-            return fp8_values(row.add(j));
+            let codes = _mm_loadu_si128(row.add(j) as *const __m128i);
+            track_nan(codes, nan);
+            let half = fp8_high_bytes_as_f16(_mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(codes)));
+            return (
+                _mm256_cvtph_ps(_mm256_castsi256_si128(half)),
+                _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(half)),
+            );
         }
         if KIND == INT8 {
             let first = _mm_loadl_epi64(row.add(j) as *const __m128i);
@@ -577,14 +637,15 @@ mod avx2 {
             );
         }
         let pairs = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(j / 2) as *const __m128i));
-        let low = _mm256_and_si256(pairs, _mm256_set1_epi32(0x0F));
         let high = _mm256_srli_epi32::<4>(pairs);
         if KIND == LUT4 {
-            return (lookup(table, low), lookup(table, high));
+            // The lookup reads only the low four bits: the high nibble may stay.
+            return (lookup(lut, pairs), lookup(lut, high));
         }
+        let low = _mm256_and_si256(pairs, _mm256_set1_epi32(0x0F));
         (
-            _mm256_sub_ps(_mm256_cvtepi32_ps(low), zero),
-            _mm256_sub_ps(_mm256_cvtepi32_ps(high), zero),
+            _mm256_sub_ps(_mm256_cvtepi32_ps(low), lut.0),
+            _mm256_sub_ps(_mm256_cvtepi32_ps(high), lut.0),
         )
     }
 }
@@ -593,6 +654,7 @@ mod avx2 {
 mod avx512 {
     //! The loop in AVX-512 registers: blocks of 32 columns, 16 f32 lanes.
 
+    use super::avx2::{fp8_high_bytes_as_f16, saw_nan as saw_nan_in};
     use std::arch::x86_64::*;
 
     simd_loops!("avx512f");
@@ -600,7 +662,10 @@ mod avx512 {
     const BLOCK: usize = 32;
 
     type V = __m512;
-    type Table = __m512;
+    /// The group's 16 weights before their scale, by code: `code - zero` (INT4), the table (LUT4).
+    type Lut = __m512;
+    /// As AVX2's, over 32 byte lanes.
+    type Nan = __m256i;
 
     vector_ops!(
         "avx512f",
@@ -613,31 +678,63 @@ mod avx512 {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn load_table(table: &[f32; 16]) -> Table {
-        _mm512_loadu_ps(table.as_ptr())
+    unsafe fn no_lut() -> Lut {
+        _mm512_setzero_ps()
     }
 
-    /// The FP8 values divided by [`FP8_SHORTFALL`] of the 16 codes at `p`, exactly (the f16 bits
-    /// of [`super::avx2::fp8_as_f16`], converted 16 at a time).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn fp8_values(p: *const u8) -> V {
-        _mm512_cvtph_ps(super::avx2::fp8_as_f16(p))
+    unsafe fn group_lut<const KIND: u8>(zero: f32, table: &[f32; 16]) -> Lut {
+        match KIND {
+            INT4 => {
+                let codes = _mm512_setr_ps(
+                    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
+                    15.0,
+                );
+                _mm512_sub_ps(codes, _mm512_set1_ps(zero))
+            }
+            LUT4 => _mm512_loadu_ps(table.as_ptr()),
+            _ => no_lut(),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn no_nan() -> Nan {
+        _mm256_setzero_si256()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn saw_nan(nan: Nan) -> bool {
+        let halves = _mm_max_epu8(
+            _mm256_castsi256_si128(nan),
+            _mm256_extracti128_si256::<1>(nan),
+        );
+        saw_nan_in(halves)
     }
 
     /// The weights before their scale of the 32 stored columns from `j` of the row whose codes
-    /// start at `row`: columns `j..j + 16` and `j + 16..j + 32` for the 8-bit kinds; the even and
-    /// the odd columns for the 4-bit ones (`zero`: INT4's zero; `table`: LUT4's).
+    /// start at `row`: columns `j..j + 16` and `j + 16..j + 32` (INT8); columns `j + 0..8,
+    /// 16..24` and `j + 8..16, 24..32` (FP8, divided by [`FP8_SHORTFALL`], each 128-bit half of
+    /// the codes unpacked into the high bytes of words; NaN codes tracked in `nan`); the even and the odd columns
+    /// (4-bit: each code's `lut` lane, by its low four bits).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn decode_block<const KIND: u8>(
         row: *const u8,
         j: usize,
-        zero: V,
-        table: Table,
+        lut: Lut,
+        nan: &mut Nan,
     ) -> (V, V) {
         if KIND == FP8 {
-            return (fp8_values(row.add(j)), fp8_values(row.add(j + 16)));
+            let codes = _mm256_loadu_si256(row.add(j) as *const __m256i);
+            *nan = _mm256_max_epu8(*nan, _mm256_add_epi8(codes, codes));
+            let zero = _mm256_setzero_si256();
+            return (
+                _mm512_cvtph_ps(fp8_high_bytes_as_f16(_mm256_unpacklo_epi8(zero, codes))),
+                _mm512_cvtph_ps(fp8_high_bytes_as_f16(_mm256_unpackhi_epi8(zero, codes))),
+            );
         }
         if KIND == INT8 {
             let first = _mm_loadu_si128(row.add(j) as *const __m128i);
@@ -647,18 +744,11 @@ mod avx512 {
                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(second)),
             );
         }
+        // vpermps reads only the low four bits of each index: the high nibble may stay.
         let pairs = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(j / 2) as *const __m128i));
-        let low = _mm512_and_si512(pairs, _mm512_set1_epi32(0x0F));
-        let high = _mm512_srli_epi32::<4>(pairs);
-        if KIND == LUT4 {
-            return (
-                _mm512_permutexvar_ps(low, table),
-                _mm512_permutexvar_ps(high, table),
-            );
-        }
         (
-            _mm512_sub_ps(_mm512_cvtepi32_ps(low), zero),
-            _mm512_sub_ps(_mm512_cvtepi32_ps(high), zero),
+            _mm512_permutexvar_ps(pairs, lut),
+            _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(pairs), lut),
         )
     }
 }
