@@ -201,7 +201,11 @@ impl Engine for CpuEngine {
     fn step(&mut self, batch: &[SeqStep<'_>]) -> Result<StepOutput, EngineError> {
         let applied = self.kv.apply(batch)?;
         self.copy_blocks(&applied.copies);
-        Ok(self.forward(batch, &applied.plan))
+        // The whole pass on one of rayon's threads (of the caller's pool when it has one): each
+        // parallel product then starts from a worker, where a call from outside would hand its
+        // work to the pool and sleep until woken, about 20 microseconds a product (about a
+        // hundred products a decode token).
+        Ok(rayon::scope(|_| self.forward(batch, &applied.plan)))
     }
 
     fn reuse_prefix(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize, EngineError> {
