@@ -46,9 +46,6 @@
 // and activation columns 16-byte aligned. Needs sm_80+ (mma.sync bf16, fma.rn.bf16x2, cvt.rn.bf16x2.f32).
 #pragma once
 
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
-
 #include "quant.cuh"
 #include "slot_tiles.cuh"
 
@@ -100,16 +97,12 @@ __device__ __forceinline__ uint32_t bf16x2_of(float lo, float hi) {
     return d;
 }
 
-// The E4M3 bytes at bits 16h .. 16h + 15 of w as a bf16 pair (byte 2h in the low half), exactly: through
-// f16 by the hardware conversion on sm_89+, through the f32 bits of the GEMVs (quant.cuh: fp8_value)
-// before (cuda_fp8.h's software conversion is several times longer there).
+// The E4M3 bytes at bits 16h .. 16h + 15 of w as a bf16 pair (byte 2h in the low half), exactly
+// (quant.cuh: fp8_pair_values).
 __device__ __forceinline__ uint32_t fp8_pair_as_bf16x2(uint32_t w, int h) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    const __half2_raw pair = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w >> (16 * h)), __NV_E4M3);
-    return bf16x2_of(__half2float(__half(__half_raw{pair.x})), __half2float(__half(__half_raw{pair.y})));
-#else
-    return bf16x2_of(quant::fp8_value(w, 2 * h), quant::fp8_value(w, 2 * h + 1));
-#endif
+    float lo, hi;
+    quant::fp8_pair_values(w, h, lo, hi);
+    return bf16x2_of(lo, hi);
 }
 
 // The A registers of one mma of code word `w` of rows g (words[0]) and g + 8 (words[1]), in the k-slot
