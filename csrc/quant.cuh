@@ -141,18 +141,19 @@ __device__ __forceinline__ void decode8(const uint4& c, int piece, float bias, f
         for (int k = 0; k < 8; ++k) v[k] = int4_value(w, k, bias);
     } else if constexpr (KIND == QUANT_KIND_LUT4) {
         lut4_values(word(c, piece), v);
-    } else {
+    } else if constexpr (KIND == QUANT_KIND_FP8) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const uint32_t w = word(c, 2 * piece + h);
+            fp8_pair_values(w, 0, v[4 * h], v[4 * h + 1]);
+            fp8_pair_values(w, 1, v[4 * h + 2], v[4 * h + 3]);
+        }
+    } else {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                if constexpr (KIND == QUANT_KIND_FP8) {
-                    if (i % 2 == 0) fp8_pair_values(w, i / 2, v[4 * h + i], v[4 * h + i + 1]);
-                } else {
-                    v[4 * h + i] = int8_value(w ^ 0x80808080u, i);
-                }
-            }
+        for (int h = 0; h < 2; ++h) {
+            const uint32_t flipped = word(c, 2 * piece + h) ^ 0x80808080u;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v[4 * h + i] = int8_value(flipped, i);
         }
     }
 }

@@ -296,12 +296,16 @@ pub(crate) fn pair_activations(x: &[f32], k: usize, block: usize) -> Vec<f32> {
         let blocks = row.chunks_exact(block);
         let tail = blocks.remainder();
         for b in blocks {
-            out.extend(b.iter().step_by(2));
-            out.extend(b.iter().skip(1).step_by(2));
+            out.extend(paired_columns(block).map(|c| b[c]));
         }
         out.extend_from_slice(tail);
     }
     out
+}
+
+/// The order of a paired block's columns ([`pair_activations`]): the even ones, then the odd ones.
+pub(crate) fn paired_columns(block: usize) -> impl Iterator<Item = usize> {
+    (0..block).step_by(2).chain((1..block).step_by(2))
 }
 
 /// `out[r, t] = x[t] . w_chunk[r]` for the rows of one chunk.

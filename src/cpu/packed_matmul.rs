@@ -18,14 +18,14 @@
 //! (INT4 with AVX2). Where the decoded lanes do not follow the stored columns (the 4-bit kinds, FP8
 //! with AVX-512) the activations are reordered to match once per product. One vector accumulator
 //! per group, folded into a running vector total by the group's scale, its lanes summed at the
-//! end. A matrix whose groups do not hold whole blocks of
-//! the kernel's width uses the next narrower loop, down to the scalar one: each group's products
-//! added in stored column order, the group sums scaled and added in group order.
+//! end. A matrix whose groups do not hold whole blocks of the kernel's width uses the next narrower
+//! loop, down to the scalar one: each group's products added in stored column order, the group sums
+//! scaled and added in group order.
 //!
 //! Results depend only on the matrix and the loop ([`Kernel`] and block fit), never on the thread
 //! count or the number of tokens.
 
-use super::matmul::{active_kernel, by_row_chunks, matmul, Kernel};
+use super::matmul::{active_kernel, by_row_chunks, matmul, paired_columns, Kernel};
 use crate::dtype::WeightSlice;
 use crate::packed::{fp8, PackedKind, PackedMatrix};
 use crate::weights::Weight;
@@ -185,7 +185,7 @@ impl LoopKind {
     fn lane_columns(self, view: &View<'_>) -> Option<Vec<usize>> {
         let block = self.block()?;
         match view.decode {
-            _ if view.nibbles => Some((0..block).step_by(2).chain((1..block).step_by(2)).collect()),
+            _ if view.nibbles => Some(paired_columns(block).collect()),
             Decode::Fp8 if self == LoopKind::Avx512 => Some(
                 [0..8, 16..24, 8..16, 24..32]
                     .into_iter()
@@ -578,7 +578,7 @@ mod avx2 {
     /// Tracks the FP8 NaN codes among the 16 `codes` ([`Nan`]).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn track_nan(codes: __m128i, nan: &mut Nan) {
+    unsafe fn track_nan(codes: __m128i, nan: &mut Nan) {
         *nan = _mm_max_epu8(*nan, _mm_add_epi8(codes, codes));
     }
 
