@@ -23,8 +23,7 @@ use mixtral::cpu::packed_matmul::packed_matmul_with;
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::dtype::DType;
 use mixtral::packed::lut4::Lut4;
-use mixtral::quant::{decode_weight_bytes, QuantFormat};
-use mixtral::quant::{PackedKind, PackedMatrix};
+use mixtral::quant::{decode_weight_bytes, PackedKind, PackedMatrix, QuantFormat};
 use mixtral::random_model::{write_random_model, RandomModelSpec};
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
 use rayon::prelude::*;
@@ -59,15 +58,20 @@ fn copy_bandwidth() -> f64 {
     2.0 * BYTES as f64 / median_seconds(copy)
 }
 
+/// The next state of a xorshift64 generator (never 0 from a non-zero state).
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
 /// Prompt used for decode: `len` pseudo-random token ids (never constant), BOS first.
 fn prompt(len: usize, vocab: usize) -> Vec<u32> {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut ids = vec![1u32];
     while ids.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ids.push(3 + (state % (vocab as u64 - 3)) as u32);
+        ids.push(3 + (xorshift(&mut state) % (vocab as u64 - 3)) as u32);
     }
     ids
 }
@@ -144,10 +148,7 @@ fn print_floor(name: &str, dir: &Path, dtype: DType, quant: Option<QuantFormat>,
 fn packed_matrices(kind: PackedKind, rows: usize, cols: usize, count: usize) -> Vec<PackedMatrix> {
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next_byte = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let byte = (state >> 32) as u8;
+        let byte = (xorshift(&mut state) >> 32) as u8;
         match kind {
             PackedKind::Fp8 if byte & 0x7F == 0x7F => byte ^ 1,
             _ => byte,
@@ -190,15 +191,18 @@ fn print_packed_products(kernels: &[Kernel]) {
     ];
     let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
     let mut y = vec![0.0f32; rows];
+    let threads = rayon::current_num_threads();
+    let pools = [1, threads].map(|n| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .expect("thread pool")
+    });
     for kind in kinds {
         let matrices = packed_matrices(kind, rows, cols, count);
         let bytes: usize = matrices.iter().map(|m| m.codes.len()).sum();
         for &kernel in kernels {
-            let rates = [1, rayon::current_num_threads()].map(|threads| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .expect("thread pool");
+            let rates = pools.each_ref().map(|pool| {
                 let seconds = median_seconds(|| {
                     pool.install(|| {
                         for m in &matrices {
@@ -214,7 +218,7 @@ fn print_packed_products(kernels: &[Kernel]) {
                 kernel.name(),
                 rates[0],
                 rates[1],
-                rayon::current_num_threads()
+                threads
             );
         }
     }
