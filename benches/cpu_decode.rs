@@ -11,7 +11,9 @@
 //! measured at start (read + write bytes of a parallel copy larger than any cache, median of
 //! nine). Each is run with the CPU's fastest kernel and, where that is AVX-512, again with AVX2
 //! (the kernel of most desktop CPUs). The bf16 model is also quantized on load to FP8, INT8 and
-//! 4-bit and its decode printed beside the floor of the packed bytes (no criterion run).
+//! 4-bit and its decode printed beside the floor of the packed bytes (no criterion run). These
+//! lines are at context 16; the bf16 model's is printed again at context 4000, whose floor adds
+//! the bytes of the cached keys and values (f32) a token reads.
 //!
 //! The one-token products with packed matrices alone are printed too: bytes of codes read a second
 //! by one thread and by every thread, for each kind and SIMD kernel, over matrices of the mid-size
@@ -100,28 +102,42 @@ fn engine_for(dir: &Path, quant: Option<QuantFormat>) -> CpuEngine {
 }
 
 /// Prints the decode floor of the model at `dir` (quantized on load to `quant`) beside a median of
-/// nine decode steps at context 16, measured outside criterion so that the two sit on one line.
-fn print_floor(name: &str, dir: &Path, dtype: DType, quant: Option<QuantFormat>, bandwidth: f64) {
+/// nine decode steps at `context` cached tokens, measured outside criterion so that the two sit on
+/// one line. The floor reads the weights a token uses and the cached keys and values (f32).
+fn print_floor(
+    name: &str,
+    dir: &Path,
+    dtype: DType,
+    quant: Option<QuantFormat>,
+    bandwidth: f64,
+    context: usize,
+) {
     let mut engine = engine_for(dir, quant);
     let config = engine.config().clone();
-    let bytes = match quant {
+    let weight_bytes = match quant {
         Some(format) => decode_weight_bytes(&config, format),
         // Every tensor of the random model is stored in `dtype`: bf16's bytes scale with it.
         None => decode_weight_bytes(&config, QuantFormat::Bf16) * dtype.size() as u64 / 2,
     };
+    let cache_bytes = (config.num_layers
+        * context
+        * 2
+        * config.num_kv_heads
+        * config.head_dim
+        * std::mem::size_of::<f32>()) as u64;
     let seq = engine.new_sequence().expect("sequence");
-    let ids = prompt(17, config.vocab_size);
+    let ids = prompt(context + 1, config.vocab_size);
     let prefill = SeqStep {
         seq,
-        tokens: &ids[..16],
+        tokens: &ids[..context],
         start_pos: 0,
         logits: LogitsFor::None,
     };
     engine.step(&[prefill]).expect("prefill");
     let step = SeqStep {
         seq,
-        tokens: &ids[16..],
-        start_pos: 16,
+        tokens: &ids[context..],
+        start_pos: context,
         logits: LogitsFor::Last,
     };
     let mut decode = || {
@@ -129,14 +145,15 @@ fn print_floor(name: &str, dir: &Path, dtype: DType, quant: Option<QuantFormat>,
     };
     decode();
     let seconds = median_seconds(decode);
-    let floor = bytes as f64 / bandwidth;
+    let floor = (weight_bytes + cache_bytes) as f64 / bandwidth;
     println!(
-        "cpu/{name} ({}): decode {:.1} ms a token at context 16, floor {:.1} ms \
-         ({:.0} MB of weights at {:.1} GB/s), {:.2}x the floor",
+        "cpu/{name} ({}): decode {:.1} ms a token at context {context}, floor {:.1} ms \
+         ({:.0} MB of weights + {:.0} MB of cache at {:.1} GB/s), {:.2}x the floor",
         active_kernel().name(),
         seconds * 1e3,
         floor * 1e3,
-        bytes as f64 / 1e6,
+        weight_bytes as f64 / 1e6,
+        cache_bytes as f64 / 1e6,
         bandwidth / 1e9,
         seconds / floor
     );
@@ -279,6 +296,9 @@ fn bench_model(c: &mut Criterion, name: &str, dir: &Path) {
     engine.free_sequence(seq).expect("free");
 }
 
+/// The long context of the floor lines: most of the engine's 4096-token limit.
+const LONG_CONTEXT: usize = 4000;
+
 fn cpu_benches(c: &mut Criterion) {
     let bandwidth = copy_bandwidth();
     println!("copy bandwidth: {:.1} GB/s (read + write)", bandwidth / 1e9);
@@ -302,12 +322,15 @@ fn cpu_benches(c: &mut Criterion) {
                 true => name.to_string(),
                 false => format!("{name}-{}", kernel.name()),
             };
-            print_floor(&name, dir.path(), dtype, None, bandwidth);
+            print_floor(&name, dir.path(), dtype, None, bandwidth, 16);
+            if dtype == DType::BF16 {
+                print_floor(&name, dir.path(), dtype, None, bandwidth, LONG_CONTEXT);
+            }
             bench_model(c, &name, dir.path());
             if dtype == DType::BF16 {
                 for format in [QuantFormat::Fp8, QuantFormat::Int8, QuantFormat::Int4] {
                     let name = format!("{name}-{format:?}").to_lowercase();
-                    print_floor(&name, dir.path(), dtype, Some(format), bandwidth);
+                    print_floor(&name, dir.path(), dtype, Some(format), bandwidth, 16);
                 }
             }
         }

@@ -7,7 +7,7 @@ mod common;
 
 use common::numeric::product_definition;
 use half::{bf16, f16};
-use mixtral::cpu::attention::{attention, AttentionShape, PagedView};
+use mixtral::cpu::attention::{attention_with, AttentionShape, PagedView};
 use mixtral::cpu::embedding::embed;
 use mixtral::cpu::matmul::{matmul, matmul_with, Kernel};
 use mixtral::cpu::moe::{expert_mlp, moe_block, Expert};
@@ -376,14 +376,23 @@ proptest! {
         let vb = to_blocks(&v, width, block_size);
         let kr: Vec<&[f32]> = kb.iter().map(|b| b.as_slice()).collect();
         let vr: Vec<&[f32]> = vb.iter().map(|b| b.as_slice()).collect();
-        let mut out = vec![f32::NAN; q.len()];
-        attention(
-            &q, shape, start,
-            PagedView { blocks: &kr, block_size },
-            PagedView { blocks: &vr, block_size },
-            window, &mut out,
-        );
-        within_bounds("attention", &out, &reference, &bound)?;
+        let mut first: Option<Vec<f32>> = None;
+        for kernel in Kernel::available() {
+            let mut out = vec![f32::NAN; q.len()];
+            attention_with(
+                kernel, &q, shape, start,
+                PagedView { blocks: &kr, block_size },
+                PagedView { blocks: &vr, block_size },
+                window, &mut out,
+            );
+            within_bounds("attention", &out, &reference, &bound)?;
+            // Every kernel runs the same operations in the same order: the same bits.
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            match &first {
+                None => first = Some(out),
+                Some(f) => prop_assert_eq!(bits(f), bits(&out), "kernel {}", kernel.name()),
+            }
+        }
     }
 }
 
