@@ -360,7 +360,7 @@ proptest! {
     fn windowed_attention_equals_the_masked_definition(
         kv_heads in 1usize..4, group in 1usize..5, half in 1usize..9, len in 1usize..40,
         start_frac in 0.0f64..1.0, window in prop::option::of(1usize..60),
-        block_size in 1usize..9, seed in any::<u64>()
+        block_size in 1usize..9, threads in 1usize..9, seed in any::<u64>()
     ) {
         let shape = AttentionShape { heads: kv_heads * group, kv_heads, head_dim: 2 * half };
         let start = ((len as f64 * start_frac) as usize).min(len - 1);
@@ -376,22 +376,22 @@ proptest! {
         let vb = to_blocks(&v, width, block_size);
         let kr: Vec<&[f32]> = kb.iter().map(|b| b.as_slice()).collect();
         let vr: Vec<&[f32]> = vb.iter().map(|b| b.as_slice()).collect();
-        let mut first: Option<Vec<f32>> = None;
-        for kernel in Kernel::available() {
+        let k = PagedView { blocks: &kr, block_size };
+        let v = PagedView { blocks: &vr, block_size };
+        let run = |kernel: Kernel| {
             let mut out = vec![f32::NAN; q.len()];
-            attention_with(
-                kernel, &q, shape, start,
-                PagedView { blocks: &kr, block_size },
-                PagedView { blocks: &vr, block_size },
-                window, &mut out,
-            );
-            within_bounds("attention", &out, &reference, &bound)?;
-            // Every kernel runs the same operations in the same order: the same bits.
-            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            match &first {
-                None => first = Some(out),
-                Some(f) => prop_assert_eq!(bits(f), bits(&out), "kernel {}", kernel.name()),
-            }
+            attention_with(kernel, &q, shape, start, k, v, window, &mut out);
+            out.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+        };
+        let scalar = run(Kernel::Scalar);
+        let values: Vec<f32> = scalar.iter().map(|&b| f32::from_bits(b)).collect();
+        within_bounds("attention", &values, &reference, &bound)?;
+        // Every kernel, with any number of threads (heads are split over more tasks when there
+        // are more threads than (query, KV head) pairs), runs each head's operations in the same
+        // order: the same bits.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for kernel in Kernel::available() {
+            prop_assert_eq!(&pool.install(|| run(kernel)), &scalar, "kernel {}", kernel.name());
         }
     }
 }

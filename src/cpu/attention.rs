@@ -118,19 +118,27 @@ pub fn attention_with(
         Kernel::Scalar
     };
     let group = heads / kv_heads;
-    let group_width = group * head_dim;
-    // One task per (query, KV head): the query heads sharing a KV head are scored against each
-    // cached row while it is loaded, so a row is read once per query, not once per head.
-    out.par_chunks_mut(group_width)
-        .zip(q.par_chunks(group_width))
+    // A task per (query, KV head): the query heads sharing a KV head are scored against each
+    // cached row while it is loaded, so a row is read once per query, not once per head. When
+    // that gives fewer tasks than threads, each group is cut into the fewest equal parts that
+    // give every thread one (each part reads the rows again). Every head's output is computed
+    // alone in the same order either way.
+    let groups = n * kv_heads;
+    let threads = rayon::current_num_threads();
+    let parts = (1..=group)
+        .find(|&p| group % p == 0 && groups * p >= threads)
+        .unwrap_or(group);
+    let task_width = group / parts * head_dim;
+    out.par_chunks_mut(task_width)
+        .zip(q.par_chunks(task_width))
         .enumerate()
-        .for_each(|(unit, (out, q))| {
-            let pos = start_pos + unit / kv_heads;
+        .for_each(|(index, (out, q))| {
+            let pos = start_pos + index / (kv_heads * parts);
             let task = GroupTask {
                 q,
                 k,
                 v,
-                col: (unit % kv_heads) * head_dim,
+                col: (index / parts % kv_heads) * head_dim,
                 row_width: kv_heads * head_dim,
                 head_dim,
                 keys: first_visible(pos, window)..pos + 1,
@@ -139,9 +147,10 @@ pub fn attention_with(
         });
 }
 
-/// The query heads of one query that share a KV head, and the key positions they see.
+/// Query heads of one query that share a KV head (the group or a part of it), and the key
+/// positions they see.
 struct GroupTask<'a> {
-    /// `[group, head_dim]`.
+    /// `[heads of the task, head_dim]`.
     q: &'a [f32],
     k: PagedView<'a>,
     v: PagedView<'a>,
@@ -155,7 +164,7 @@ struct GroupTask<'a> {
 }
 
 impl GroupTask<'_> {
-    /// Writes the group's outputs `[group, head_dim]` into `out`, compiled for `kernel`'s
+    /// Writes the task's outputs `[heads of the task, head_dim]` into `out`, compiled for `kernel`'s
     /// instructions (the same operations in the same order with each).
     fn run(&self, kernel: Kernel, out: &mut [f32]) {
         match kernel {
@@ -185,13 +194,13 @@ impl GroupTask<'_> {
         self.run_portable(out)
     }
 
-    /// Scores each visible row for every head of the group (scaled `q . k`), the softmax of
+    /// Scores each visible row for every head of the task (scaled `q . k`), the softmax of
     /// each head's scores, then each head's probability-weighted sum of the value rows.
     #[inline(always)]
     fn run_portable(&self, out: &mut [f32]) {
         let (d, count) = (self.head_dim, self.keys.len());
         let scale = 1.0 / (d as f32).sqrt();
-        // scores[h * count + t]: head h of the group, key position keys.start + t.
+        // scores[h * count + t]: head h of the task, key position keys.start + t.
         let mut scores = vec![0.0f32; self.q.len() / d * count];
         for (t, j) in self.keys.clone().enumerate() {
             self.prefetch(&self.k, j);
