@@ -174,7 +174,7 @@ impl GroupTask<'_> {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { self.run_avx2(out) },
-            _ => self.run_portable(out),
+            _ => self.run_with(out, dot),
         }
     }
 
@@ -183,7 +183,8 @@ impl GroupTask<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn run_avx512(&self, out: &mut [f32]) {
-        self.run_portable(out)
+        // SAFETY: this function's features.
+        self.run_with(out, |a, b| unsafe { x86::dot_avx512(a, b) })
     }
 
     /// # Safety
@@ -191,13 +192,15 @@ impl GroupTask<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn run_avx2(&self, out: &mut [f32]) {
-        self.run_portable(out)
+        // SAFETY: this function's features.
+        self.run_with(out, |a, b| unsafe { x86::dot_avx2(a, b) })
     }
 
-    /// Scores each visible row for every head of the task (scaled `q . k`), the softmax of
-    /// each head's scores, then each head's probability-weighted sum of the value rows.
+    /// Scores each visible row for every head of the task (scaled `q . k`, with `dot`: [`dot`]
+    /// or a SIMD form of it giving the same bits), the softmax of each head's scores, then each
+    /// head's probability-weighted sum of the value rows.
     #[inline(always)]
-    fn run_portable(&self, out: &mut [f32]) {
+    fn run_with(&self, out: &mut [f32], dot: impl Fn(&[f32], &[f32]) -> f32) {
         let (d, count) = (self.head_dim, self.keys.len());
         let scale = 1.0 / (d as f32).sqrt();
         // scores[h * count + t]: head h of the task, key position keys.start + t.
@@ -209,12 +212,16 @@ impl GroupTask<'_> {
                 scores[h * count + t] = dot(qh, key) * scale;
             }
         }
-        let mut sums = vec![0.0f32; self.q.len() / d];
-        for (row, sum) in scores.chunks_exact_mut(count).zip(sums.iter_mut()) {
+        // Each head's scores become its probabilities `exp(s - max) / sum` in place.
+        for row in scores.chunks_exact_mut(count) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
             for s in row.iter_mut() {
                 *s = (*s - max).exp();
-                *sum += *s;
+                sum += *s;
+            }
+            for s in row.iter_mut() {
+                *s /= sum;
             }
         }
         out.fill(0.0);
@@ -222,7 +229,7 @@ impl GroupTask<'_> {
             self.prefetch(&self.v, j);
             let value = self.row(&self.v, j);
             for (h, oh) in out.chunks_exact_mut(d).enumerate() {
-                let p = scores[h * count + t] / sums[h];
+                let p = scores[h * count + t];
                 for (acc, &x) in oh.iter_mut().zip(value) {
                     *acc += p * x;
                 }
@@ -271,21 +278,89 @@ fn prefetch_lines(x: &[f32]) {
 const DOT_LANES: usize = 16;
 
 /// `sum_i a[i] * b[i]` in one fixed order on every CPU: lane `l` sums the products at `i % 16 == l`
-/// of the whole groups of 16 in turn, the lanes are added in order, then the products of the rest.
-/// Sixteen independent sums, where one running sum made each product wait for the one before.
+/// of the whole groups of 16 in turn; the lanes are added as a tree (lane `l` plus lane `l + 8`,
+/// then `l + 4`, `l + 2`, `l + 1`), then [`dot_rest`]. Sixteen independent sums and a reduction
+/// four additions deep, where one running sum made each addition wait for the last.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (a_groups, b_groups) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
-    let rest: f32 = a_groups
-        .remainder()
-        .iter()
-        .zip(b_groups.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let rest = dot_rest(a_groups.remainder(), b_groups.remainder());
     let mut lanes = [0.0f32; DOT_LANES];
     for (x, y) in a_groups.zip(b_groups) {
         for l in 0..DOT_LANES {
             lanes[l] += x[l] * y[l];
         }
     }
-    lanes.iter().sum::<f32>() + rest
+    let mut width = DOT_LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+    }
+    lanes[0] + rest
+}
+
+/// The products past the whole groups of [`dot`], summed in order.
+#[inline(always)]
+fn dot_rest(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// [`dot`] in SIMD registers: the same products, lane sums and tree, so the same bits.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{dot_rest, DOT_LANES};
+
+    /// [`super::dot`] with the 16 lanes in one AVX-512 register.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `a` and `b` of one length.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        let whole = a.len() / DOT_LANES * DOT_LANES;
+        let mut lanes = _mm512_setzero_ps();
+        for i in (0..whole).step_by(DOT_LANES) {
+            let product = _mm512_mul_ps(
+                _mm512_loadu_ps(a.as_ptr().add(i)),
+                _mm512_loadu_ps(b.as_ptr().add(i)),
+            );
+            lanes = _mm512_add_ps(lanes, product);
+        }
+        let low = _mm512_castps512_ps256(lanes);
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(lanes)));
+        tree8(_mm256_add_ps(low, high)) + dot_rest(&a[whole..], &b[whole..])
+    }
+
+    /// [`super::dot`] with lanes 0-7 and 8-15 in two AVX2 registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `a` and `b` of one length.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let whole = a.len() / DOT_LANES * DOT_LANES;
+        let (mut low, mut high) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in (0..whole).step_by(DOT_LANES) {
+            let (x, y) = (a.as_ptr().add(i), b.as_ptr().add(i));
+            low = _mm256_add_ps(low, _mm256_mul_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(y)));
+            high = _mm256_add_ps(
+                high,
+                _mm256_mul_ps(_mm256_loadu_ps(x.add(8)), _mm256_loadu_ps(y.add(8))),
+            );
+        }
+        tree8(_mm256_add_ps(low, high)) + dot_rest(&a[whole..], &b[whole..])
+    }
+
+    /// Lanes 0-7 added as [`super::dot`]'s tree does after its first level: `l + 4`, `l + 2`,
+    /// `l + 1`.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn tree8(v: __m256) -> f32 {
+        let four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
+    }
 }
