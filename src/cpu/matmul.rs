@@ -277,12 +277,23 @@ pub(crate) fn by_row_chunks(
     let n = y.len() / tokens;
     let mut yt = vec![0.0f32; n * tokens];
     run(&mut yt);
-    for (r, row) in yt.chunks_exact(tokens).enumerate() {
-        for (t, &v) in row.iter().enumerate() {
-            y[t * n + r] = v;
-        }
-    }
+    // In parallel over bands of token rows of `y`, each filled row position by row position: a
+    // few write streams per task, where one task scattering each row of the transpose over all
+    // token rows (a power-of-two stride apart) missed the cache at every write.
+    y.par_chunks_mut(TRANSPOSE_BAND * n)
+        .enumerate()
+        .for_each(|(band, ys)| {
+            let t0 = band * TRANSPOSE_BAND;
+            for (r, row) in yt.chunks_exact(tokens).enumerate() {
+                for (y_row, &v) in ys.chunks_exact_mut(n).zip(&row[t0..]) {
+                    y_row[r] = v;
+                }
+            }
+        });
 }
+
+/// Token rows of `y` one task of [`by_row_chunks`]'s transpose fills.
+const TRANSPOSE_BAND: usize = 8;
 
 /// The activations as the SIMD bf16 kernels read them: in each row of `x: [tokens, k]`, each
 /// full block of `block` elements becomes its even elements followed by its odd ones; the last
