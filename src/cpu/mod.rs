@@ -10,6 +10,7 @@
 pub mod attention;
 pub mod embedding;
 mod engine;
+mod exp;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
