@@ -34,7 +34,7 @@ const INVERSE_FACTORIALS: [f32; 6] = [
 /// `exp(x)` for `x` in [-104, 0] within 1.45 u relative (see the module docs); below -104 gives 0,
 /// above 0 (never passed by the softmax) gives 1.
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+pub fn exp(x: f32) -> f32 {
     // NaN stays NaN.
     let x = x.clamp(LOWEST, 0.0);
     let n = (x * LOG2E + ROUND) - ROUND;
