@@ -13,7 +13,8 @@
 //! (the kernel of most desktop CPUs). The bf16 model is also quantized on load to FP8, INT8 and
 //! 4-bit and its decode printed beside the floor of the packed bytes (no criterion run). These
 //! lines are at context 16; the bf16 model's is printed again at context 4000, whose floor adds
-//! the bytes of the cached keys and values (f32) a token reads.
+//! the bytes of the cached keys and values (f32) a token reads, with the time of the one-step
+//! prefill of those 4000 tokens.
 //!
 //! The one-token products with packed matrices alone are printed too: bytes of codes read a second
 //! by one thread and by every thread, for each kind and SIMD kernel, over matrices of the mid-size
@@ -133,7 +134,9 @@ fn print_floor(
         start_pos: 0,
         logits: LogitsFor::None,
     };
+    let started = Instant::now();
     engine.step(&[prefill]).expect("prefill");
+    let prefill_seconds = started.elapsed().as_secs_f64();
     let step = SeqStep {
         seq,
         tokens: &ids[context..],
@@ -157,6 +160,15 @@ fn print_floor(
         bandwidth / 1e9,
         seconds / floor
     );
+    if context > 16 {
+        println!(
+            "cpu/{name} ({}): prefill of those {context} tokens in one step took {:.2} s \
+             ({:.0} tokens/s, one run)",
+            active_kernel().name(),
+            prefill_seconds,
+            context as f64 / prefill_seconds
+        );
+    }
     engine.free_sequence(seq).expect("free");
 }
 

@@ -339,7 +339,7 @@ fn scalar_rows(
 macro_rules! simd_loops {
     ($feature:literal) => {
         use super::{Decode, View, FP8_SHORTFALL, TOKENS};
-        use crate::cpu::matmul::x86::prefetch_ahead;
+        use crate::cpu::matmul::x86::prefetch_rows_ahead;
         use std::ops::Range;
 
         /// Kinds of the SIMD loop, as a const parameter (so each kind gets its own loop).
@@ -451,7 +451,7 @@ macro_rules! simd_loops {
                     };
                     for i in 0..R {
                         if byte % 64 == 0 {
-                            prefetch_ahead(rows[i].add(byte));
+                            prefetch_rows_ahead(rows[i].add(byte), R, view.row_bytes);
                         }
                         let (a, b) = decode_block::<KIND>(rows[i], j, luts[i], &mut nan[i]);
                         for t in 0..T {
