@@ -7,7 +7,7 @@ mod common;
 
 use common::numeric::product_definition;
 use half::{bf16, f16};
-use mixtral::cpu::attention::{attention_with, AttentionShape, PagedView};
+use mixtral::cpu::attention::{attention, AttentionShape, SequenceCache};
 use mixtral::cpu::embedding::embed;
 use mixtral::cpu::matmul::{matmul, matmul_with, Kernel};
 use mixtral::cpu::moe::{expert_mlp, moe_block, Expert};
@@ -377,11 +377,10 @@ proptest! {
         let vb = to_blocks(&v, width, block_size);
         let kr: Vec<&[f32]> = kb.iter().map(|b| b.as_slice()).collect();
         let vr: Vec<&[f32]> = vb.iter().map(|b| b.as_slice()).collect();
-        let k = PagedView { blocks: &kr, block_size };
-        let v = PagedView { blocks: &vr, block_size };
+        let cache = SequenceCache { k: &kr, v: &vr, block_size };
         let run = |kernel: Kernel| {
             let mut out = vec![f32::NAN; q.len()];
-            attention_with(kernel, &q, shape, start, k, v, window, &mut out);
+            attention(kernel, &q, shape, start, cache, window, &mut out);
             out.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
         };
         let scalar = run(Kernel::Scalar);

@@ -15,7 +15,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::exp::exp;
-use super::matmul::{active_kernel, Kernel};
+use super::matmul::Kernel;
 
 /// Head counts and width of an attention layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,24 +28,16 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// One sequence's cached keys (or values): `blocks[b]` is `[block_size, kv_heads, head_dim]` (or
-/// longer; only the rows used are read).
+/// One sequence's cached keys and values: `k[b]` and `v[b]` are its block `b` of each,
+/// `[block_size, kv_heads, head_dim]` (or longer; only the rows used are read).
 #[derive(Debug, Clone, Copy)]
-pub struct PagedView<'a> {
-    /// The sequence's blocks in position order (its block table resolved to storage).
-    pub blocks: &'a [&'a [f32]],
+pub struct SequenceCache<'a> {
+    /// The key blocks in position order (the block table resolved to storage).
+    pub k: &'a [&'a [f32]],
+    /// The value blocks, likewise.
+    pub v: &'a [&'a [f32]],
     /// Token rows per block.
     pub block_size: usize,
-}
-
-impl PagedView<'_> {
-    /// The `width` values of position `pos` starting at column `col` (`width` = `head_dim`,
-    /// `col` = `kv_head * head_dim`), in a row of `row_width` (`kv_heads * head_dim`).
-    fn at(&self, pos: usize, row_width: usize, col: usize, width: usize) -> &[f32] {
-        let block = self.blocks[pos / self.block_size];
-        let start = (pos % self.block_size) * row_width + col;
-        &block[start..start + width]
-    }
 }
 
 /// The first key position the query at `pos` sees: `pos + 1 - W` with window `W` (at least 1),
@@ -57,38 +49,20 @@ pub fn first_visible(pos: usize, window: Option<usize>) -> usize {
     }
 }
 
-/// Attention of the queries at `start_pos ..` over the cached `k` and `v`; see the module docs.
-/// Parallel over (query, KV head) pairs; each output is computed in one fixed order, the same
-/// with every [`Kernel`]. Runs the [`active_kernel`].
+/// Attention of the queries at `start_pos ..` over the cached keys and values; see the module
+/// docs. Parallel over (query, KV head) pairs; each output is computed in one fixed order, with
+/// `kernel`'s instructions (a kernel this CPU cannot run is replaced by [`Kernel::Scalar`]): the
+/// same bits with every kernel.
 ///
 /// # Panics
 /// When the shapes disagree: `heads` not a multiple of `kv_heads`, `q`/`out` not
-/// `[n, heads, head_dim]`, or the views too short for position `start_pos + n - 1`.
+/// `[n, heads, head_dim]`, or the cache too short for position `start_pos + n - 1`.
 pub fn attention(
-    q: &[f32],
-    shape: AttentionShape,
-    start_pos: usize,
-    k: PagedView<'_>,
-    v: PagedView<'_>,
-    window: Option<usize>,
-    out: &mut [f32],
-) {
-    attention_with(active_kernel(), q, shape, start_pos, k, v, window, out)
-}
-
-/// [`attention`] compiled for a chosen kernel's instructions (a kernel this CPU cannot run is
-/// replaced by [`Kernel::Scalar`]); the values are the same bits with every kernel.
-///
-/// # Panics
-/// As [`attention`].
-#[allow(clippy::too_many_arguments)]
-pub fn attention_with(
     kernel: Kernel,
     q: &[f32],
     shape: AttentionShape,
     start_pos: usize,
-    k: PagedView<'_>,
-    v: PagedView<'_>,
+    cache: SequenceCache<'_>,
     window: Option<usize>,
     out: &mut [f32],
 ) {
@@ -108,12 +82,11 @@ pub fn attention_with(
         return;
     }
     let last = start_pos + n - 1;
-    for view in [&k, &v] {
-        assert!(
-            view.block_size > 0 && last / view.block_size < view.blocks.len(),
-            "attention: cache too short for position {last}"
-        );
-    }
+    let blocks = last.checked_div(cache.block_size).map(|b| b + 1);
+    assert!(
+        blocks.is_some_and(|b| b <= cache.k.len() && b <= cache.v.len()),
+        "attention: cache too short for position {last}"
+    );
     let kernel = if kernel.is_available() {
         kernel
     } else {
@@ -138,8 +111,7 @@ pub fn attention_with(
             let pos = start_pos + index / (kv_heads * parts);
             let task = GroupTask {
                 q,
-                k,
-                v,
+                cache,
                 col: (index / parts % kv_heads) * head_dim,
                 row_width: kv_heads * head_dim,
                 head_dim,
@@ -154,8 +126,7 @@ pub fn attention_with(
 struct GroupTask<'a> {
     /// `[heads of the task, head_dim]`.
     q: &'a [f32],
-    k: PagedView<'a>,
-    v: PagedView<'a>,
+    cache: SequenceCache<'a>,
     /// The KV head's first column in a cache row: `kv_head * head_dim`.
     col: usize,
     /// Width of a cache row: `kv_heads * head_dim`.
@@ -170,7 +141,7 @@ impl GroupTask<'_> {
     /// instructions (the same operations in the same order with each).
     fn run(&self, kernel: Kernel, out: &mut [f32]) {
         match kernel {
-            // SAFETY: `attention_with` chose an available kernel.
+            // SAFETY: `attention` chose an available kernel.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => unsafe { self.run_avx512(out) },
             // SAFETY: as above.
@@ -208,8 +179,8 @@ impl GroupTask<'_> {
         // scores[h * count + t]: head h of the task, key position keys.start + t.
         let mut scores = vec![0.0f32; self.q.len() / d * count];
         for (t, j) in self.keys.clone().enumerate() {
-            self.prefetch(&self.k, j);
-            let key = self.row(&self.k, j);
+            self.prefetch(self.cache.k, j);
+            let key = self.row(self.cache.k, j);
             for (h, qh) in self.q.chunks_exact(d).enumerate() {
                 scores[h * count + t] = dot(qh, key) * scale;
             }
@@ -227,8 +198,8 @@ impl GroupTask<'_> {
         }
         out.fill(0.0);
         for (t, j) in self.keys.clone().enumerate() {
-            self.prefetch(&self.v, j);
-            let value = self.row(&self.v, j);
+            self.prefetch(self.cache.v, j);
+            let value = self.row(self.cache.v, j);
             for (h, oh) in out.chunks_exact_mut(d).enumerate() {
                 let p = scores[h * count + t];
                 for (acc, &x) in oh.iter_mut().zip(value) {
@@ -238,19 +209,21 @@ impl GroupTask<'_> {
         }
     }
 
-    /// The KV head's `head_dim` values at position `pos`.
+    /// The KV head's `head_dim` values at position `pos` in `blocks` (the keys or the values).
     #[inline(always)]
-    fn row<'v>(&self, view: &'v PagedView<'_>, pos: usize) -> &'v [f32] {
-        view.at(pos, self.row_width, self.col, self.head_dim)
+    fn row<'b>(&self, blocks: &[&'b [f32]], pos: usize) -> &'b [f32] {
+        let block_size = self.cache.block_size;
+        let start = (pos % block_size) * self.row_width + self.col;
+        &blocks[pos / block_size][start..start + self.head_dim]
     }
 
     /// Asks for the KV head's row `PREFETCH_ROWS` positions after `pos`, if visible: the rows
     /// of one head are strided and spread over blocks, and without this each waits for memory.
     #[inline(always)]
-    fn prefetch(&self, view: &PagedView<'_>, pos: usize) {
+    fn prefetch(&self, blocks: &[&[f32]], pos: usize) {
         let ahead = pos + PREFETCH_ROWS;
         if ahead < self.keys.end {
-            prefetch_lines(self.row(view, ahead));
+            prefetch_lines(self.row(blocks, ahead));
         }
     }
 }

@@ -17,9 +17,9 @@
 //! sequence's blocks, and a step first copies the blocks the pool asks for (copy-on-write). Blocks
 //! a sliding window no longer sees are released.
 
-use super::attention::{attention, AttentionShape, PagedView};
+use super::attention::{attention, AttentionShape, SequenceCache};
 use super::embedding::embed;
-use super::matmul::matmul;
+use super::matmul::{active_kernel, matmul};
 use super::moe::{moe_block, Expert};
 use super::norm::{add_rms_norm, rms_norm};
 use super::packed_matmul::Matrix;
@@ -396,15 +396,13 @@ impl CpuEngine {
             let block_size = self.kv.limits().block_size;
             let rows = e.tokens();
             attention(
+                active_kernel(),
                 &s.q[rows.start * q_width..rows.end * q_width],
                 shape,
                 e.start_pos,
-                PagedView {
-                    blocks: &k_blocks,
-                    block_size,
-                },
-                PagedView {
-                    blocks: &v_blocks,
+                SequenceCache {
+                    k: &k_blocks,
+                    v: &v_blocks,
                     block_size,
                 },
                 config.sliding_window,

@@ -13,8 +13,9 @@
 use super::collective::{Collective, CollectiveError};
 use super::weights::{RankLayer, RankWeights};
 use crate::config::ModelConfig;
-use crate::cpu::attention::{attention, AttentionShape, PagedView};
+use crate::cpu::attention::{attention, AttentionShape, SequenceCache};
 use crate::cpu::embedding::embed;
+use crate::cpu::matmul::active_kernel;
 use crate::cpu::moe::{expert_mlp, moe_experts, route_tokens, Expert};
 use crate::cpu::norm::{add_rms_norm, rms_norm};
 use crate::cpu::rope::Rope;
@@ -218,15 +219,13 @@ impl<C: Collective<Mem<f32> = [f32]>> Rank<C> {
             let v_blocks: Vec<&[f32]> = e.table.iter().map(|&b| cache.v[b].as_slice()).collect();
             let rows = e.rows.start * q_width..e.rows.end * q_width;
             attention(
+                active_kernel(),
                 &q[rows.clone()],
                 shape,
                 e.start_pos,
-                PagedView {
-                    blocks: &k_blocks,
-                    block_size: job.block_size,
-                },
-                PagedView {
-                    blocks: &v_blocks,
+                SequenceCache {
+                    k: &k_blocks,
+                    v: &v_blocks,
                     block_size: job.block_size,
                 },
                 config.sliding_window,

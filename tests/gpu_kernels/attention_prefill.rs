@@ -5,7 +5,8 @@
 //! paged-pool fixture the decode test reuses.
 
 use half::bf16;
-use mixtral::cpu::attention::{attention, AttentionShape, PagedView};
+use mixtral::cpu::attention::{attention, AttentionShape, SequenceCache};
+use mixtral::cpu::matmul::active_kernel;
 use mixtral::cuda::args::AttentionPrefillArgs;
 use mixtral::cuda::ops::{attention_prefill, AttentionPrefillShape, PagedCacheShape};
 use proptest::prelude::*;
@@ -103,6 +104,7 @@ impl Pool {
         let block_size = self.cache.block_size;
         let mut out = vec![0.0; q.len()];
         attention(
+            active_kernel(),
             q,
             AttentionShape {
                 heads,
@@ -110,12 +112,9 @@ impl Pool {
                 head_dim: self.head_dim,
             },
             start_pos,
-            PagedView {
-                blocks: &k,
-                block_size,
-            },
-            PagedView {
-                blocks: &v,
+            SequenceCache {
+                k: &k,
+                v: &v,
                 block_size,
             },
             window,
