@@ -7,8 +7,7 @@
 //! `p / block_size`). Query head `h` reads KV head `h / (heads / kv_heads)`. The query at position
 //! `i` sees keys `j` with `i - W < j <= i` for a window `W`, else `0 <= j <= i`. Scores are
 //! `(q . k) * (1 / sqrt(head_dim))`; softmax subtracts the row maximum and exponentiates with
-//! [`exp`] (within 1.45 u of the true value, vectorized). Output
-//! `out: [n, heads, head_dim]`.
+//! [`exp`] (within 1.45 u of the true value, vectorized). Output `out: [n, heads, head_dim]`.
 
 use std::ops::Range;
 
