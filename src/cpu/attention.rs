@@ -92,45 +92,59 @@ pub fn attention(
         Kernel::Scalar
     };
     let group = heads / kv_heads;
-    // A task per (query, KV head): the query heads sharing a KV head are scored against each
-    // cached row while it is loaded, so a row is read once per query, not once per head. When
-    // that gives fewer tasks than threads, each group is cut into the fewest equal parts that
-    // give every thread one (each part reads the rows again). Every head's output is computed
-    // alone in the same order either way.
-    let groups = n * kv_heads;
-    let threads = rayon::current_num_threads();
-    let parts = (1..=group)
-        .find(|&p| group % p == 0 && groups * p >= threads)
-        .unwrap_or(group);
-    let task_width = group / parts * head_dim;
-    out.par_chunks_mut(task_width)
-        .zip(q.par_chunks(task_width))
+    let tasks = tasks_per_query(kv_heads, group, n, rayon::current_num_threads());
+    let task_heads = heads / tasks;
+    out.par_chunks_mut(task_heads * head_dim)
+        .zip(q.par_chunks(task_heads * head_dim))
         .enumerate()
         .for_each(|(index, (out, q))| {
-            let pos = start_pos + index / (kv_heads * parts);
+            let pos = start_pos + index / tasks;
+            let first_kv_head = index % tasks * task_heads / group;
             let task = GroupTask {
                 q,
                 cache,
-                col: (index / parts % kv_heads) * head_dim,
+                col: first_kv_head * head_dim,
+                width: task_heads.div_ceil(group) * head_dim,
                 row_width: kv_heads * head_dim,
                 head_dim,
+                group,
                 keys: first_visible(pos, window)..pos + 1,
             };
             task.run(kernel, out);
         });
 }
 
-/// Query heads of one query that share a KV head (the group or a part of it), and the key
-/// positions they see.
+/// How many tasks share one query's heads: the fewest that give every thread a task (all of them
+/// if none does). A task takes whole groups of query heads that share a KV head, as many KV heads
+/// as divide evenly, so it reads one slice of each cached row (all of the row with one task) for
+/// all of them at once; past one KV head a task, a group's heads are split into equal parts,
+/// each of which reads the KV head's slice again. Each head's output is computed alone, in the
+/// same order, whatever the split.
+fn tasks_per_query(kv_heads: usize, group: usize, queries: usize, threads: usize) -> usize {
+    let divisors = |n: usize| (1..=n).filter(move |&d| n.is_multiple_of(d));
+    let by_kv_heads = divisors(kv_heads);
+    let by_parts = divisors(group).skip(1).map(|p| kv_heads * p);
+    by_kv_heads
+        .chain(by_parts)
+        .find(|&tasks| queries * tasks >= threads)
+        .unwrap_or(kv_heads * group)
+}
+
+/// Query heads of one query, consecutive: whole groups sharing consecutive KV heads, or a part
+/// of one group; and the key positions they see.
 struct GroupTask<'a> {
     /// `[heads of the task, head_dim]`.
     q: &'a [f32],
     cache: SequenceCache<'a>,
-    /// The KV head's first column in a cache row: `kv_head * head_dim`.
+    /// The first KV head's first column in a cache row: `kv_head * head_dim`.
     col: usize,
+    /// Columns of a cache row the task reads: its KV heads times `head_dim`.
+    width: usize,
     /// Width of a cache row: `kv_heads * head_dim`.
     row_width: usize,
     head_dim: usize,
+    /// Query heads per KV head (a task holds whole groups, or a part of one).
+    group: usize,
     /// Visible key positions.
     keys: Range<usize>,
 }
@@ -177,11 +191,12 @@ impl GroupTask<'_> {
         let scale = 1.0 / (d as f32).sqrt();
         // scores[h * count + t]: head h of the task, key position keys.start + t.
         let mut scores = vec![0.0f32; self.q.len() / d * count];
+        let kv_of = |h: usize| h / self.group * d;
         for (t, j) in self.keys.clone().enumerate() {
             self.prefetch(self.cache.k, j);
-            let key = self.row(self.cache.k, j);
+            let keys = self.row(self.cache.k, j);
             for (h, qh) in self.q.chunks_exact(d).enumerate() {
-                scores[h * count + t] = dot(qh, key) * scale;
+                scores[h * count + t] = dot(qh, &keys[kv_of(h)..kv_of(h) + d]) * scale;
             }
         }
         // Each head's scores become its probabilities `exp(s - max) / sum` in place.
@@ -198,26 +213,26 @@ impl GroupTask<'_> {
         out.fill(0.0);
         for (t, j) in self.keys.clone().enumerate() {
             self.prefetch(self.cache.v, j);
-            let value = self.row(self.cache.v, j);
+            let values = self.row(self.cache.v, j);
             for (h, oh) in out.chunks_exact_mut(d).enumerate() {
                 let p = scores[h * count + t];
-                for (acc, &x) in oh.iter_mut().zip(value) {
+                for (acc, &x) in oh.iter_mut().zip(&values[kv_of(h)..kv_of(h) + d]) {
                     *acc += p * x;
                 }
             }
         }
     }
 
-    /// The KV head's `head_dim` values at position `pos` in `blocks` (the keys or the values).
+    /// The task's KV heads' values at position `pos` in `blocks` (the keys or the values).
     #[inline(always)]
     fn row<'b>(&self, blocks: &[&'b [f32]], pos: usize) -> &'b [f32] {
         let block_size = self.cache.block_size;
         let start = (pos % block_size) * self.row_width + self.col;
-        &blocks[pos / block_size][start..start + self.head_dim]
+        &blocks[pos / block_size][start..start + self.width]
     }
 
-    /// Asks for the KV head's row `PREFETCH_ROWS` positions after `pos`, if visible: the rows
-    /// of one head are strided and spread over blocks, and without this each waits for memory.
+    /// Asks for the task's slice of the row `PREFETCH_ROWS` positions after `pos`, if visible:
+    /// the slices are strided and spread over blocks, and without this each waits for memory.
     #[inline(always)]
     fn prefetch(&self, blocks: &[&[f32]], pos: usize) {
         let ahead = pos + PREFETCH_ROWS;
@@ -354,5 +369,31 @@ mod x86 {
         let four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
         _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tasks_per_query;
+
+    #[test]
+    fn tasks_take_whole_kv_heads_before_splitting_a_group() {
+        // (kv_heads, group, queries, threads) -> tasks per query.
+        let cases = [
+            ((4, 4, 1, 2), 2),   // two tasks of two KV heads each
+            ((4, 4, 1, 4), 4),   // one KV head each
+            ((8, 4, 1, 16), 16), // each group in two halves
+            ((4, 4, 100, 2), 1), // prefill: whole rows
+            ((4, 4, 1, 64), 16), // one head a task at most
+            ((3, 2, 1, 4), 6),   // no even run of KV heads gives 4: split the groups
+            ((1, 1, 1, 8), 1),
+        ];
+        for ((kv_heads, group, queries, threads), tasks) in cases {
+            assert_eq!(
+                tasks_per_query(kv_heads, group, queries, threads),
+                tasks,
+                "kv_heads {kv_heads}, group {group}, queries {queries}, threads {threads}"
+            );
+        }
     }
 }
