@@ -160,7 +160,7 @@ fn print_floor(
         bandwidth / 1e9,
         seconds / floor
     );
-    if context > 16 {
+    if context > SHORT_CONTEXT {
         println!(
             "cpu/{name} ({}): prefill of those {context} tokens in one step took {:.2} s \
              ({:.0} tokens/s, one run)",
@@ -308,7 +308,10 @@ fn bench_model(c: &mut Criterion, name: &str, dir: &Path) {
     engine.free_sequence(seq).expect("free");
 }
 
-/// The long context of the floor lines: most of the engine's 4096-token limit.
+/// The context of every floor line.
+const SHORT_CONTEXT: usize = 16;
+/// The context of the bf16 model's second floor line (with its prefill's time): most of the
+/// engine's 4096-token limit.
 const LONG_CONTEXT: usize = 4000;
 
 fn cpu_benches(c: &mut Criterion) {
@@ -334,7 +337,7 @@ fn cpu_benches(c: &mut Criterion) {
                 true => name.to_string(),
                 false => format!("{name}-{}", kernel.name()),
             };
-            print_floor(&name, dir.path(), dtype, None, bandwidth, 16);
+            print_floor(&name, dir.path(), dtype, None, bandwidth, SHORT_CONTEXT);
             if dtype == DType::BF16 {
                 print_floor(&name, dir.path(), dtype, None, bandwidth, LONG_CONTEXT);
             }
@@ -342,7 +345,14 @@ fn cpu_benches(c: &mut Criterion) {
             if dtype == DType::BF16 {
                 for format in [QuantFormat::Fp8, QuantFormat::Int8, QuantFormat::Int4] {
                     let name = format!("{name}-{format:?}").to_lowercase();
-                    print_floor(&name, dir.path(), dtype, Some(format), bandwidth, 16);
+                    print_floor(
+                        &name,
+                        dir.path(),
+                        dtype,
+                        Some(format),
+                        bandwidth,
+                        SHORT_CONTEXT,
+                    );
                 }
             }
         }
