@@ -174,9 +174,9 @@ impl GroupTask<'_> {
     }
 
     /// # Safety
-    /// The CPU must have AVX2.
+    /// The CPU must have AVX2, FMA and F16C (the AVX2 kernel's features).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, out: &mut [f32]) {
         // SAFETY: this function's features.
         self.run_with(out, |a, b| unsafe { x86::dot_avx2(a, b) })
@@ -313,12 +313,15 @@ fn dot_rest(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// [`dot`] in SIMD registers: the same products, lane sums and tree, so the same bits.
+/// [`dot`] in SIMD registers: the same products and lane sums, then the tree's first level
+/// (lane `l` plus `l + 8`) and the matmul's `reduce8`, whose order (`l + 4`, `l + 2`, `l + 1`)
+/// is the rest of the tree; so the same bits.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
     use super::{dot_rest, DOT_LANES};
+    use crate::cpu::matmul::x86::reduce8;
 
     /// [`super::dot`] with the 16 lanes in one AVX-512 register.
     ///
@@ -338,15 +341,15 @@ mod x86 {
         }
         let low = _mm512_castps512_ps256(lanes);
         let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(lanes)));
-        tree8(_mm256_add_ps(low, high)) + dot_rest(&a[whole..], &b[whole..])
+        reduce8(_mm256_add_ps(low, high)) + dot_rest(&a[whole..], &b[whole..])
     }
 
     /// [`super::dot`] with lanes 0-7 and 8-15 in two AVX2 registers.
     ///
     /// # Safety
-    /// The CPU must have AVX2; `a` and `b` of one length.
+    /// The CPU must have AVX2, FMA and F16C; `a` and `b` of one length.
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         let whole = a.len() / DOT_LANES * DOT_LANES;
         let (mut low, mut high) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -358,17 +361,7 @@ mod x86 {
                 _mm256_mul_ps(_mm256_loadu_ps(x.add(8)), _mm256_loadu_ps(y.add(8))),
             );
         }
-        tree8(_mm256_add_ps(low, high)) + dot_rest(&a[whole..], &b[whole..])
-    }
-
-    /// Lanes 0-7 added as [`super::dot`]'s tree does after its first level: `l + 4`, `l + 2`,
-    /// `l + 1`.
-    #[inline]
-    #[target_feature(enable = "avx")]
-    unsafe fn tree8(v: __m256) -> f32 {
-        let four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-        _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
+        reduce8(_mm256_add_ps(low, high)) + dot_rest(&a[whole..], &b[whole..])
     }
 }
 
