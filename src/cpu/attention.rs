@@ -49,9 +49,10 @@ pub fn first_visible(pos: usize, window: Option<usize>) -> usize {
 }
 
 /// Attention of the queries at `start_pos ..` over the cached keys and values; see the module
-/// docs. Parallel over (query, KV head) pairs; each output is computed in one fixed order, with
-/// `kernel`'s instructions (a kernel this CPU cannot run is replaced by [`Kernel::Scalar`]): the
-/// same bits with every kernel.
+/// docs. Parallel over tiles of consecutive queries (one query when there are few) and runs of
+/// their KV heads; each output is computed in one fixed order, with `kernel`'s instructions (a
+/// kernel this CPU cannot run is replaced by [`Kernel::Scalar`]): the same bits with every kernel,
+/// thread count and tiling.
 ///
 /// # Panics
 /// When the shapes disagree: `heads` not a multiple of `kv_heads`, `q`/`out` not
@@ -92,13 +93,16 @@ pub fn attention(
         Kernel::Scalar
     };
     let group = heads / kv_heads;
-    let tasks = tasks_per_query(kv_heads, group, n, rayon::current_num_threads());
+    let threads = rayon::current_num_threads();
+    let tasks = tasks_per_query(kv_heads, group, n, threads);
     let task_heads = heads / tasks;
-    out.par_chunks_mut(task_heads * head_dim)
-        .zip(q.par_chunks(task_heads * head_dim))
+    let tile = query_tile(n, tasks, threads);
+    // Tasks in order: query tile `index / tasks`, part `index % tasks` of its heads (one part,
+    // all the heads, when the tile holds more than one query).
+    out.par_chunks_mut(tile * task_heads * head_dim)
+        .zip(q.par_chunks(tile * task_heads * head_dim))
         .enumerate()
         .for_each(|(index, (out, q))| {
-            let pos = start_pos + index / tasks;
             let first_kv_head = index % tasks * task_heads / group;
             let task = GroupTask {
                 q,
@@ -108,10 +112,32 @@ pub fn attention(
                 row_width: kv_heads * head_dim,
                 head_dim,
                 group,
-                keys: first_visible(pos, window)..pos + 1,
+                heads: task_heads,
+                first_pos: start_pos + index / tasks * tile,
+                window,
             };
             task.run(kernel, out);
         });
+}
+
+/// Most consecutive queries one task takes: each key and value row a tile reads comes from memory
+/// (or the shared cache) once for all of them, then from the core's own caches.
+const MAX_QUERY_TILE: usize = 16;
+
+/// Key positions a tile's pass handles at a time, for each of its queries in turn: the block's
+/// rows (128 KiB of keys or values in the mid-size model) stay in the core's cache between them.
+const KEY_BLOCK: usize = 64;
+
+/// Output elements of one head accumulated in registers over a run of value rows.
+const OUT_PIECE: usize = 64;
+
+/// Queries a task takes: one when a query's heads are split over tasks (decode), else up to
+/// [`MAX_QUERY_TILE`], leaving about four tiles a thread.
+fn query_tile(queries: usize, tasks_per_query: usize, threads: usize) -> usize {
+    match tasks_per_query {
+        1 => (queries / (4 * threads.max(1))).clamp(1, MAX_QUERY_TILE),
+        _ => 1,
+    }
 }
 
 /// How many tasks share one query's heads: the fewest that give every thread a task (all of them
@@ -130,10 +156,10 @@ fn tasks_per_query(kv_heads: usize, group: usize, queries: usize, threads: usize
         .unwrap_or(kv_heads * group)
 }
 
-/// Query heads of one query, consecutive: whole groups sharing consecutive KV heads, or a part
-/// of one group; and the key positions they see.
+/// Query heads of a tile of consecutive queries: whole groups sharing consecutive KV heads, or
+/// (for a tile of one query) a part of one group.
 struct GroupTask<'a> {
-    /// `[heads of the task, head_dim]`.
+    /// `[queries, heads of the task, head_dim]`.
     q: &'a [f32],
     cache: SequenceCache<'a>,
     /// The first KV head's first column in a cache row: `kv_head * head_dim`.
@@ -145,8 +171,11 @@ struct GroupTask<'a> {
     head_dim: usize,
     /// Query heads per KV head (a task holds whole groups, or a part of one).
     group: usize,
-    /// Visible key positions.
-    keys: Range<usize>,
+    /// Query heads of the task, for each of its queries.
+    heads: usize,
+    /// Position of the tile's first query (the others follow it).
+    first_pos: usize,
+    window: Option<usize>,
 }
 
 impl GroupTask<'_> {
@@ -182,44 +211,134 @@ impl GroupTask<'_> {
         self.run_with(out, |a, b| unsafe { x86::dot_avx2(a, b) })
     }
 
-    /// Scores each visible row for every head of the task (scaled `q . k`, with `dot`: [`dot`]
-    /// or a SIMD form of it giving the same bits), the softmax of each head's scores, then each
-    /// head's probability-weighted sum of the value rows.
+    /// For each query of the tile: scores each visible row for every head of the task (scaled
+    /// `q . k`, with `dot`: [`dot`] or a SIMD form of it giving the same bits), the softmax of
+    /// each head's scores, then each head's probability-weighted sum of the value rows in
+    /// position order. The rows are visited in blocks of [`KEY_BLOCK`] positions, each block for
+    /// every query of the tile in turn: each output sees the same operations in the same order
+    /// as with a tile of one.
     #[inline(always)]
     fn run_with(&self, out: &mut [f32], dot: impl Fn(&[f32], &[f32]) -> f32) {
-        let (d, count) = (self.head_dim, self.keys.len());
+        let d = self.head_dim;
+        let per_query = self.heads * d;
+        let queries = self.q.len() / per_query;
         let scale = 1.0 / (d as f32).sqrt();
-        // scores[h * count + t]: head h of the task, key position keys.start + t.
-        let mut scores = vec![0.0f32; self.q.len() / d * count];
-        let kv_of = |h: usize| h / self.group * d;
-        for (t, j) in self.keys.clone().enumerate() {
-            self.prefetch(self.cache.k, j);
-            let keys = self.row(self.cache.k, j);
-            for (h, qh) in self.q.chunks_exact(d).enumerate() {
-                scores[h * count + t] = dot(qh, &keys[kv_of(h)..kv_of(h) + d]) * scale;
-            }
+        // Query i's scores at offsets[i]: [heads of the task, keys(i).len()], head h's row
+        // holding key position keys(i).start + t at t.
+        let mut offsets = Vec::with_capacity(queries + 1);
+        offsets.push(0);
+        for i in 0..queries {
+            offsets.push(offsets[i] + self.heads * self.keys(i).len());
         }
-        // Each head's scores become its probabilities `exp(s - max) / sum` in place.
-        for row in scores.chunks_exact_mut(count) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for s in row.iter_mut() {
-                *s = exp(*s - max);
+        let mut scores = vec![0.0f32; offsets[queries]];
+        let kv_of = |h: usize| h / self.group * d;
+        self.for_each_run(queries, |i, run| {
+            let (visible, qi) = (self.keys(i), &self.q[i * per_query..(i + 1) * per_query]);
+            let row = &mut scores[offsets[i]..offsets[i + 1]];
+            for j in run {
+                self.prefetch_new(self.cache.k, i, j);
+                let keys = self.row(self.cache.k, j);
+                for (h, qh) in qi.chunks_exact(d).enumerate() {
+                    row[h * visible.len() + j - visible.start] =
+                        dot(qh, &keys[kv_of(h)..kv_of(h) + d]) * scale;
+                }
             }
-            let sum = lane_sum(row);
-            for s in row.iter_mut() {
-                *s /= sum;
+        });
+        // Each head's scores become its probabilities `exp(s - max) / sum` in place.
+        for i in 0..queries {
+            let count = self.keys(i).len();
+            for row in scores[offsets[i]..offsets[i + 1]].chunks_exact_mut(count) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for s in row.iter_mut() {
+                    *s = exp(*s - max);
+                }
+                let sum = lane_sum(row);
+                for s in row.iter_mut() {
+                    *s /= sum;
+                }
             }
         }
         out.fill(0.0);
-        for (t, j) in self.keys.clone().enumerate() {
-            self.prefetch(self.cache.v, j);
-            let values = self.row(self.cache.v, j);
-            for (h, oh) in out.chunks_exact_mut(d).enumerate() {
-                let p = scores[h * count + t];
-                for (acc, &x) in oh.iter_mut().zip(&values[kv_of(h)..kv_of(h) + d]) {
-                    *acc += p * x;
+        self.for_each_run(queries, |i, run| {
+            let visible = self.keys(i);
+            let probabilities = &scores[offsets[i]..offsets[i + 1]];
+            let oi = &mut out[i * per_query..(i + 1) * per_query];
+            let mut rows = [&[] as &[f32]; KEY_BLOCK];
+            for (slot, j) in rows.iter_mut().zip(run.clone()) {
+                self.prefetch_new(self.cache.v, i, j);
+                *slot = self.row(self.cache.v, j);
+            }
+            let rows = &rows[..run.len()];
+            let first = run.start - visible.start;
+            for (h, oh) in oi.chunks_exact_mut(d).enumerate() {
+                let p = &probabilities[h * visible.len() + first..][..run.len()];
+                // The run of value rows into each piece of the head's output, held in registers.
+                let mut at = kv_of(h);
+                for piece in oh.chunks_mut(OUT_PIECE) {
+                    match <&mut [f32; OUT_PIECE]>::try_from(&mut *piece) {
+                        Ok(piece) => {
+                            let mut acc = *piece;
+                            for (row, &pj) in rows.iter().zip(p) {
+                                let values: &[f32; OUT_PIECE] =
+                                    row[at..at + OUT_PIECE].try_into().unwrap();
+                                for (a, &x) in acc.iter_mut().zip(values) {
+                                    *a += pj * x;
+                                }
+                            }
+                            *piece = acc;
+                        }
+                        Err(_) => {
+                            for (row, &pj) in rows.iter().zip(p) {
+                                for (a, &x) in piece.iter_mut().zip(&row[at..]) {
+                                    *a += pj * x;
+                                }
+                            }
+                        }
+                    }
+                    at += piece.len();
                 }
             }
+        });
+    }
+
+    /// The key positions query `i` of the tile sees.
+    #[inline(always)]
+    fn keys(&self, i: usize) -> Range<usize> {
+        let pos = self.first_pos + i;
+        first_visible(pos, self.window)..pos + 1
+    }
+
+    /// Calls `visit(i, run)` for each query `i` of the tile and each run of positions it sees:
+    /// blocks of [`KEY_BLOCK`] positions in order, each for every query in turn.
+    #[inline(always)]
+    fn for_each_run(&self, queries: usize, mut visit: impl FnMut(usize, Range<usize>)) {
+        // Both ends of the visible range grow with the position: the first query's start and the
+        // last query's end bound the tile's.
+        let span = self.keys(0).start..self.keys(queries - 1).end;
+        for block_start in span.clone().step_by(KEY_BLOCK) {
+            let block_end = (block_start + KEY_BLOCK).min(span.end);
+            for i in 0..queries {
+                let visible = self.keys(i);
+                let run = visible.start.max(block_start)..visible.end.min(block_end);
+                if !run.is_empty() {
+                    visit(i, run);
+                }
+            }
+        }
+    }
+
+    /// Prefetches the task's slice of row `j + PREFETCH_ROWS` of `blocks` (the keys or the
+    /// values) when query `i` sees it and is the tile's first query to (it lies past the end of
+    /// the previous query's range).
+    #[inline(always)]
+    fn prefetch_new(&self, blocks: &[&[f32]], i: usize, j: usize) {
+        let ahead = j + PREFETCH_ROWS;
+        let new_from = match i {
+            0 => 0,
+            _ => self.keys(i - 1).end,
+        };
+        if ahead < self.keys(i).end && ahead >= new_from {
+            prefetch_lines(self.row(blocks, ahead));
         }
     }
 
@@ -230,20 +349,11 @@ impl GroupTask<'_> {
         let start = (pos % block_size) * self.row_width + self.col;
         &blocks[pos / block_size][start..start + self.width]
     }
-
-    /// Asks for the task's slice of the row `PREFETCH_ROWS` positions after `pos`, if visible:
-    /// the slices are strided and spread over blocks, and without this each waits for memory.
-    #[inline(always)]
-    fn prefetch(&self, blocks: &[&[f32]], pos: usize) {
-        let ahead = pos + PREFETCH_ROWS;
-        if ahead < self.keys.end {
-            prefetch_lines(self.row(blocks, ahead));
-        }
-    }
 }
 
-/// How many positions ahead [`GroupTask`] prefetches: at context 4000 (mid-size model, one
-/// decode query, slices of 256 and of 512 bytes a row) 8 measured fastest of 4, 8, 16 and 32.
+/// How many positions ahead [`GroupTask`] prefetches (the slices are strided and spread over
+/// blocks, and without this each waits for memory): at context 4000 (mid-size model, one decode
+/// query, slices of 256 and of 512 bytes a row) 8 measured fastest of 4, 8, 16 and 32.
 const PREFETCH_ROWS: usize = 8;
 
 /// Hints the cache lines of `x` into the cache (reads nothing; a no-op off x86-64).
@@ -367,7 +477,62 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::tasks_per_query;
+    use super::{attention, query_tile, tasks_per_query, AttentionShape, SequenceCache};
+    use super::{KEY_BLOCK, MAX_QUERY_TILE, OUT_PIECE};
+    use crate::cpu::matmul::Kernel;
+
+    /// Tiles of many queries over several blocks of keys (one thread) give each output the bits
+    /// of tiles of one query (64 threads: one query a task), with and without a window, for a
+    /// head wider than one output piece and every kernel.
+    #[test]
+    fn query_tiles_do_not_change_the_bits() {
+        let (queries, start, head_dim, block_size) = (300, 40, OUT_PIECE + 16, 7);
+        let shape = AttentionShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim,
+        };
+        assert_eq!(query_tile(queries, 1, 1), MAX_QUERY_TILE);
+        assert_eq!(query_tile(queries, 1, 64), 1);
+        assert!(start + queries > 3 * KEY_BLOCK);
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut values = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        let width = shape.kv_heads * head_dim;
+        let q = values(queries * shape.heads * head_dim);
+        let blocks = (start + queries).div_ceil(block_size);
+        let k: Vec<Vec<f32>> = (0..blocks).map(|_| values(block_size * width)).collect();
+        let v: Vec<Vec<f32>> = (0..blocks).map(|_| values(block_size * width)).collect();
+        let k: Vec<&[f32]> = k.iter().map(Vec::as_slice).collect();
+        let v: Vec<&[f32]> = v.iter().map(Vec::as_slice).collect();
+        let cache = SequenceCache {
+            k: &k,
+            v: &v,
+            block_size,
+        };
+        for window in [None, Some(100)] {
+            for kernel in Kernel::available() {
+                let run = |threads: usize| {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut out = vec![f32::NAN; q.len()];
+                    pool.install(|| attention(kernel, &q, shape, start, cache, window, &mut out));
+                    out.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+                };
+                assert_eq!(run(1), run(64), "{kernel:?}, window {window:?}");
+            }
+        }
+    }
 
     #[test]
     fn tasks_take_whole_kv_heads_before_splitting_a_group() {
