@@ -128,8 +128,14 @@ const MAX_QUERY_TILE: usize = 16;
 /// rows (128 KiB of keys or values in the mid-size model) stay in the core's cache between them.
 const KEY_BLOCK: usize = 64;
 
-/// Output elements of one head accumulated in registers over a run of value rows.
-const OUT_PIECE: usize = 64;
+/// Keys scored together for each head (the AVX-512 kernel sums the lanes of sixteen at once).
+const SCORE_ROWS: usize = 16;
+
+/// Output elements of one head accumulated in registers over a run of value rows, by four heads
+/// at once: 16 AVX-512 registers ([`WIDE_PIECE`]), or 8 of the 16 AVX2 and SSE registers.
+const WIDE_PIECE: usize = 64;
+/// See [`WIDE_PIECE`].
+const NARROW_PIECE: usize = 16;
 
 /// Queries a task takes: one when a query's heads are split over tasks (decode), else up to
 /// [`MAX_QUERY_TILE`], leaving about four tiles a thread.
@@ -189,7 +195,7 @@ impl GroupTask<'_> {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { self.run_avx2(out) },
-            _ => self.run_with(out, dot),
+            _ => self.run_with::<NARROW_PIECE>(out, score_rows),
         }
     }
 
@@ -199,7 +205,9 @@ impl GroupTask<'_> {
     #[target_feature(enable = "avx512f")]
     unsafe fn run_avx512(&self, out: &mut [f32]) {
         // SAFETY: this function's features.
-        self.run_with(out, |a, b| unsafe { x86::dot_avx512(a, b) })
+        self.run_with::<WIDE_PIECE>(out, |q, rows, col, scale, scores| unsafe {
+            x86::score_rows_avx512(q, rows, col, scale, scores)
+        })
     }
 
     /// # Safety
@@ -208,17 +216,24 @@ impl GroupTask<'_> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, out: &mut [f32]) {
         // SAFETY: this function's features.
-        self.run_with(out, |a, b| unsafe { x86::dot_avx2(a, b) })
+        self.run_with::<NARROW_PIECE>(out, |q, rows, col, scale, scores| unsafe {
+            x86::score_rows_avx2(q, rows, col, scale, scores)
+        })
     }
 
     /// For each query of the tile: scores each visible row for every head of the task (scaled
-    /// `q . k`, with `dot`: [`dot`] or a SIMD form of it giving the same bits), the softmax of
-    /// each head's scores, then each head's probability-weighted sum of the value rows in
-    /// position order. The rows are visited in blocks of [`KEY_BLOCK`] positions, each block for
-    /// every query of the tile in turn: each output sees the same operations in the same order
-    /// as with a tile of one.
+    /// `q . k`, with `score`: [`score_rows`] or a SIMD form of it giving the same bits, over
+    /// [`SCORE_ROWS`] rows at a time), the softmax of each head's scores, then each head's
+    /// probability-weighted sum of the value rows in position order ([`sum_values`], the heads
+    /// sharing a KV head together, in pieces of `PIECE` elements). The rows are visited in blocks
+    /// of [`KEY_BLOCK`] positions, each block for every query of the tile in turn: each output
+    /// sees the same operations in the same order as with a tile of one.
     #[inline(always)]
-    fn run_with(&self, out: &mut [f32], dot: impl Fn(&[f32], &[f32]) -> f32) {
+    fn run_with<const PIECE: usize>(
+        &self,
+        out: &mut [f32],
+        score: impl Fn(&[f32], &[&[f32]], usize, f32, &mut [f32]),
+    ) {
         let d = self.head_dim;
         let per_query = self.heads * d;
         let queries = self.q.len() / per_query;
@@ -235,12 +250,20 @@ impl GroupTask<'_> {
         self.for_each_run(queries, |i, run| {
             let (visible, qi) = (self.keys(i), &self.q[i * per_query..(i + 1) * per_query]);
             let row = &mut scores[offsets[i]..offsets[i + 1]];
-            for j in run {
-                self.prefetch_new(self.cache.k, i, j);
-                let keys = self.row(self.cache.k, j);
+            // Sixteen keys at a time, for every head: their prefetches spread over the run.
+            for from in run.clone().step_by(SCORE_ROWS) {
+                let part = from..(from + SCORE_ROWS).min(run.end);
+                let rows = self.rows(self.cache.k, i, part.clone());
+                let first = from - visible.start;
                 for (h, qh) in qi.chunks_exact(d).enumerate() {
-                    row[h * visible.len() + j - visible.start] =
-                        dot(qh, &keys[kv_of(h)..kv_of(h) + d]) * scale;
+                    let at = h * visible.len() + first;
+                    score(
+                        qh,
+                        rows.as_slice(),
+                        kv_of(h),
+                        scale,
+                        &mut row[at..at + part.len()],
+                    );
                 }
             }
         });
@@ -263,39 +286,24 @@ impl GroupTask<'_> {
             let visible = self.keys(i);
             let probabilities = &scores[offsets[i]..offsets[i + 1]];
             let oi = &mut out[i * per_query..(i + 1) * per_query];
-            let mut rows = [&[] as &[f32]; KEY_BLOCK];
-            for (slot, j) in rows.iter_mut().zip(run.clone()) {
-                self.prefetch_new(self.cache.v, i, j);
-                *slot = self.row(self.cache.v, j);
-            }
-            let rows = &rows[..run.len()];
+            let rows = self.rows(self.cache.v, i, run.clone());
+            let rows = rows.as_slice();
             let first = run.start - visible.start;
-            for (h, oh) in oi.chunks_exact_mut(d).enumerate() {
-                let p = &probabilities[h * visible.len() + first..][..run.len()];
-                // The run of value rows into each piece of the head's output, held in registers.
-                let mut at = kv_of(h);
-                for piece in oh.chunks_mut(OUT_PIECE) {
-                    match <&mut [f32; OUT_PIECE]>::try_from(&mut *piece) {
-                        Ok(piece) => {
-                            let mut acc = *piece;
-                            for (row, &pj) in rows.iter().zip(p) {
-                                let values: &[f32; OUT_PIECE] =
-                                    row[at..at + OUT_PIECE].try_into().unwrap();
-                                for (a, &x) in acc.iter_mut().zip(values) {
-                                    *a += pj * x;
-                                }
-                            }
-                            *piece = acc;
-                        }
-                        Err(_) => {
-                            for (row, &pj) in rows.iter().zip(p) {
-                                for (a, &x) in piece.iter_mut().zip(&row[at..]) {
-                                    *a += pj * x;
-                                }
-                            }
-                        }
+            // The heads sharing a KV head take its value rows together, VALUE_HEADS at a time.
+            let per_kv = self.group.min(self.heads);
+            for (g, og) in oi.chunks_mut(per_kv * d).enumerate() {
+                for (c, oc) in og.chunks_mut(VALUE_HEADS * d).enumerate() {
+                    let head = g * per_kv + c * VALUE_HEADS;
+                    let p = |k: usize| {
+                        &probabilities[(head + k) * visible.len() + first..][..run.len()]
+                    };
+                    let col = kv_of(head);
+                    match oc.len() / d {
+                        4 => sum_values::<4, PIECE>(oc, std::array::from_fn(p), rows, col),
+                        3 => sum_values::<3, PIECE>(oc, std::array::from_fn(p), rows, col),
+                        2 => sum_values::<2, PIECE>(oc, std::array::from_fn(p), rows, col),
+                        _ => sum_values::<1, PIECE>(oc, [p(0)], rows, col),
                     }
-                    at += piece.len();
                 }
             }
         });
@@ -327,6 +335,21 @@ impl GroupTask<'_> {
         }
     }
 
+    /// The task's slices of `blocks` (the keys or the values) at the positions of `run` (at most
+    /// [`KEY_BLOCK`]), prefetching ahead for query `i`.
+    #[inline(always)]
+    fn rows<'b>(&self, blocks: &[&'b [f32]], i: usize, run: Range<usize>) -> RunRows<'b> {
+        let mut rows = RunRows {
+            rows: [&[]; KEY_BLOCK],
+            len: run.len(),
+        };
+        for (slot, j) in rows.rows.iter_mut().zip(run) {
+            self.prefetch_new(blocks, i, j);
+            *slot = self.row(blocks, j);
+        }
+        rows
+    }
+
     /// Prefetches the task's slice of row `j + PREFETCH_ROWS` of `blocks` (the keys or the
     /// values) when query `i` sees it and is the tile's first query to (it lies past the end of
     /// the previous query's range).
@@ -348,6 +371,68 @@ impl GroupTask<'_> {
         let block_size = self.cache.block_size;
         let start = (pos % block_size) * self.row_width + self.col;
         &blocks[pos / block_size][start..start + self.width]
+    }
+}
+
+/// Query heads whose outputs [`sum_values`] accumulates at once (a GQA group of 4 shares each
+/// value row it loads).
+const VALUE_HEADS: usize = 4;
+
+/// `out[n] += sum_r p[n][r] * rows[r][col ..]` for `N` heads sharing a KV head, `out` their
+/// outputs `[N, head_dim]`: each element adds its products in row order, so the bits do not
+/// depend on `N` or `PIECE`. Each piece of `PIECE` elements of the `N` heads stays in registers over
+/// the rows.
+#[inline(always)]
+fn sum_values<const N: usize, const PIECE: usize>(
+    out: &mut [f32],
+    p: [&[f32]; N],
+    rows: &[&[f32]],
+    col: usize,
+) {
+    let d = out.len() / N;
+    assert!(p.iter().all(|p| p.len() == rows.len()));
+    let mut start = 0;
+    while start < d {
+        let len = PIECE.min(d - start);
+        let at = col + start;
+        if len == PIECE {
+            let mut acc: [[f32; PIECE]; N] =
+                std::array::from_fn(|n| out[n * d + start..][..PIECE].try_into().unwrap());
+            for (r, row) in rows.iter().enumerate() {
+                let values: &[f32; PIECE] = row[at..at + PIECE].try_into().unwrap();
+                for (acc, p) in acc.iter_mut().zip(&p) {
+                    let pj = p[r];
+                    for (a, &x) in acc.iter_mut().zip(values) {
+                        *a += pj * x;
+                    }
+                }
+            }
+            for (n, acc) in acc.iter().enumerate() {
+                out[n * d + start..][..PIECE].copy_from_slice(acc);
+            }
+        } else {
+            for (n, p) in p.iter().enumerate() {
+                let piece = &mut out[n * d + start..][..len];
+                for (row, &pj) in rows.iter().zip(*p) {
+                    for (a, &x) in piece.iter_mut().zip(&row[at..]) {
+                        *a += pj * x;
+                    }
+                }
+            }
+        }
+        start += len;
+    }
+}
+
+/// The slices of a run of at most [`KEY_BLOCK`] cached rows, in position order.
+struct RunRows<'b> {
+    rows: [&'b [f32]; KEY_BLOCK],
+    len: usize,
+}
+
+impl<'b> RunRows<'b> {
+    fn as_slice(&self) -> &[&'b [f32]] {
+        &self.rows[..self.len]
     }
 }
 
@@ -389,6 +474,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     tree(lanes) + rest
+}
+
+/// `scores[t] = dot(q, rows[t][col .. col + q.len()]) * scale` for each row: one head's scaled
+/// scores of a run of cached keys.
+fn score_rows(q: &[f32], rows: &[&[f32]], col: usize, scale: f32, scores: &mut [f32]) {
+    for (s, row) in scores.iter_mut().zip(rows) {
+        *s = dot(q, &row[col..col + q.len()]) * scale;
+    }
 }
 
 /// `sum_i x[i]` in [`dot`]'s order: sixteen lane sums, [`tree`], then the rest in order.
@@ -454,6 +547,159 @@ mod x86 {
         reduce8(_mm256_add_ps(low, high)) + dot_rest(&a[whole..], &b[whole..])
     }
 
+    /// [`super::score_rows`] with [`dot_avx512`]'s bits, sixteen rows at a time where the head
+    /// is whole groups of 16: each row's lane sums in its own register, then the trees of the
+    /// sixteen rows together ([`trees16`]).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; each row at least `col + q.len()` long, `scores` no longer
+    /// than `rows`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn score_rows_avx512(
+        q: &[f32],
+        rows: &[&[f32]],
+        col: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let d = q.len();
+        let mut done = 0;
+        if d.is_multiple_of(DOT_LANES) {
+            for (block, out) in rows.chunks_exact(16).zip(scores.chunks_exact_mut(16)) {
+                let mut lanes = [_mm512_setzero_ps(); 16];
+                for i in (0..d).step_by(DOT_LANES) {
+                    let x = _mm512_loadu_ps(q.as_ptr().add(i));
+                    for (acc, row) in lanes.iter_mut().zip(block) {
+                        let k = &row[col..col + d];
+                        *acc = _mm512_add_ps(
+                            *acc,
+                            _mm512_mul_ps(x, _mm512_loadu_ps(k.as_ptr().add(i))),
+                        );
+                    }
+                }
+                let sums = _mm512_mul_ps(trees16(lanes), _mm512_set1_ps(scale));
+                _mm512_storeu_ps(out.as_mut_ptr(), sums);
+                done += 16;
+            }
+        }
+        for (s, row) in scores[done..].iter_mut().zip(&rows[done..]) {
+            *s = dot_avx512(q, &row[col..col + d]) * scale;
+        }
+    }
+
+    /// Row `n`'s lanes summed by [`super::tree`] into lane `n`, for sixteen rows' lanes at once:
+    /// each level adds lane `l + width` to lane `l` of every row, as the tree does, packing two
+    /// rows' halves into one register.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn trees16(lanes: [__m512; 16]) -> __m512 {
+        // Width 8: rows 2p, 2p+1 -> their lanes l + (l + 8), in 256-bit halves.
+        let halves: [__m512; 8] = std::array::from_fn(|p| {
+            let (a, b) = (lanes[2 * p], lanes[2 * p + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xEE>(a, b),
+            )
+        });
+        // Width 4: rows 4p .. 4p+3 -> lanes l + (l + 4), 128-bit block j holding row 4p + j.
+        let quarters: [__m512; 4] = std::array::from_fn(|p| {
+            let (a, b) = (halves[2 * p], halves[2 * p + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(a, b),
+                _mm512_shuffle_f32x4::<0xDD>(a, b),
+            )
+        });
+        // Width 2: block j holds rows 8p + j and 8p + 4 + j, two lanes each.
+        let pairs: [__m512; 2] = std::array::from_fn(|p| {
+            let (a, b) = (quarters[2 * p], quarters[2 * p + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(a, b),
+                _mm512_shuffle_ps::<0xEE>(a, b),
+            )
+        });
+        // Width 1: block j holds rows j, 4 + j, 8 + j, 12 + j; then into row order.
+        let (a, b) = (pairs[0], pairs[1]);
+        let sums = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(a, b),
+            _mm512_shuffle_ps::<0xDD>(a, b),
+        );
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(order, sums)
+    }
+
+    /// [`super::score_rows`] with [`dot_avx2`]'s bits, four rows at a time where the head is
+    /// whole groups of 16: each row's lane sums in its own two registers, then the trees of the
+    /// four rows together ([`trees4`]).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; each row at least `col + q.len()` long, `scores` no
+    /// longer than `rows`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn score_rows_avx2(
+        q: &[f32],
+        rows: &[&[f32]],
+        col: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let d = q.len();
+        let mut done = 0;
+        if d.is_multiple_of(DOT_LANES) {
+            for (block, out) in rows.chunks_exact(4).zip(scores.chunks_exact_mut(4)) {
+                let mut low = [_mm256_setzero_ps(); 4];
+                let mut high = [_mm256_setzero_ps(); 4];
+                for i in (0..d).step_by(DOT_LANES) {
+                    let x = q.as_ptr().add(i);
+                    let (x_low, x_high) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+                    for r in 0..4 {
+                        let k = block[r][col..col + d].as_ptr().add(i);
+                        low[r] = _mm256_add_ps(low[r], _mm256_mul_ps(x_low, _mm256_loadu_ps(k)));
+                        high[r] = _mm256_add_ps(
+                            high[r],
+                            _mm256_mul_ps(x_high, _mm256_loadu_ps(k.add(8))),
+                        );
+                    }
+                }
+                let lanes = std::array::from_fn(|r| _mm256_add_ps(low[r], high[r]));
+                let sums = _mm_mul_ps(trees4(lanes), _mm_set1_ps(scale));
+                _mm_storeu_ps(out.as_mut_ptr(), sums);
+                done += 4;
+            }
+        }
+        for (s, row) in scores[done..].iter_mut().zip(&rows[done..]) {
+            *s = dot_avx2(q, &row[col..col + d]) * scale;
+        }
+    }
+
+    /// Row `n`'s eight lanes summed in [`reduce8`]'s order into lane `n`, for four rows at once.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn trees4(lanes: [__m256; 4]) -> __m128 {
+        // Width 4: rows 2p, 2p+1 -> lanes l + (l + 4), one row per 128-bit half.
+        let halves: [__m256; 2] = std::array::from_fn(|p| {
+            let (a, b) = (lanes[2 * p], lanes[2 * p + 1]);
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(a, b),
+                _mm256_permute2f128_ps::<0x31>(a, b),
+            )
+        });
+        // Width 2: half j holds rows j and 2 + j, two lanes each.
+        let (a, b) = (halves[0], halves[1]);
+        let pairs = _mm256_add_ps(
+            _mm256_shuffle_ps::<0x44>(a, b),
+            _mm256_shuffle_ps::<0xEE>(a, b),
+        );
+        // Width 1: half j holds rows j, 2 + j (twice); then into row order.
+        let sums = _mm256_add_ps(
+            _mm256_shuffle_ps::<0x88>(pairs, pairs),
+            _mm256_shuffle_ps::<0xDD>(pairs, pairs),
+        );
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5);
+        _mm256_castps256_ps128(_mm256_permutevar8x32_ps(sums, order))
+    }
+
     /// [`super::dot`] with lanes 0-7 and 8-15 in two AVX2 registers.
     ///
     /// # Safety
@@ -478,7 +724,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::{attention, query_tile, tasks_per_query, AttentionShape, SequenceCache};
-    use super::{KEY_BLOCK, MAX_QUERY_TILE, OUT_PIECE};
+    use super::{KEY_BLOCK, MAX_QUERY_TILE, WIDE_PIECE};
     use crate::cpu::matmul::Kernel;
 
     /// Tiles of many queries over several blocks of keys (one thread) give each output the bits
@@ -486,7 +732,7 @@ mod tests {
     /// head wider than one output piece and every kernel.
     #[test]
     fn query_tiles_do_not_change_the_bits() {
-        let (queries, start, head_dim, block_size) = (300, 40, OUT_PIECE + 16, 7);
+        let (queries, start, head_dim, block_size) = (300, 40, WIDE_PIECE + 16, 7);
         let shape = AttentionShape {
             heads: 4,
             kv_heads: 2,
@@ -530,6 +776,57 @@ mod tests {
                     out.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
                 };
                 assert_eq!(run(1), run(64), "{kernel:?}, window {window:?}");
+            }
+        }
+    }
+
+    /// The SIMD scorers sum the lanes of several keys at once; each score keeps [`dot`]'s bits
+    /// (times the scale), for heads of whole and partial lane groups and runs that are not whole
+    /// blocks, with sums that cancel (where a different order would show).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn block_scores_keep_the_bits_of_one_dot_a_key() {
+        use super::{score_rows, x86};
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut value = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Magnitudes spread over 2^-8 .. 2^8: the lane sums round differently by order.
+            let m = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            m * f32::from_bits((127 - 8 + (state % 17) as u32) << 23)
+        };
+        for head_dim in [16, 20, 48, 64, 128] {
+            for count in [1, 3, 4, 5, 15, 16, 17, 33] {
+                let col = 3;
+                let q: Vec<f32> = (0..head_dim).map(|_| value()).collect();
+                let rows: Vec<Vec<f32>> = (0..count)
+                    .map(|_| (0..col + head_dim + 2).map(|_| value()).collect())
+                    .collect();
+                let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+                let scale = 0.125f32;
+                let mut want = vec![0.0f32; count];
+                score_rows(&q, &rows, col, scale, &mut want);
+                for (i, row) in rows.iter().enumerate() {
+                    assert_eq!(want[i], super::dot(&q, &row[col..col + head_dim]) * scale);
+                }
+                let want: Vec<u32> = want.iter().map(|x| x.to_bits()).collect();
+                let bits = |scores: &[f32]| scores.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let mut got = vec![f32::NAN; count];
+                if Kernel::Avx2.is_available() {
+                    // SAFETY: the CPU has the AVX2 kernel's features; the rows are long enough.
+                    unsafe { x86::score_rows_avx2(&q, &rows, col, scale, &mut got) };
+                    assert_eq!(bits(&got), want, "AVX2, head_dim {head_dim}, {count} rows");
+                }
+                if Kernel::Avx512.is_available() {
+                    // SAFETY: the CPU has AVX-512F; the rows are long enough.
+                    unsafe { x86::score_rows_avx512(&q, &rows, col, scale, &mut got) };
+                    assert_eq!(
+                        bits(&got),
+                        want,
+                        "AVX-512, head_dim {head_dim}, {count} rows"
+                    );
+                }
             }
         }
     }
