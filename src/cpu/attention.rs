@@ -479,6 +479,19 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `scores[t] = dot(q, rows[t][col .. col + q.len()]) * scale` for each row: one head's scaled
 /// scores of a run of cached keys.
 fn score_rows(q: &[f32], rows: &[&[f32]], col: usize, scale: f32, scores: &mut [f32]) {
+    score_each(q, rows, col, scale, scores, dot)
+}
+
+/// [`score_rows`] with `dot` ([`dot`] or a SIMD form of it), one row at a time.
+#[inline(always)]
+fn score_each(
+    q: &[f32],
+    rows: &[&[f32]],
+    col: usize,
+    scale: f32,
+    scores: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) {
     for (s, row) in scores.iter_mut().zip(rows) {
         *s = dot(q, &row[col..col + q.len()]) * scale;
     }
@@ -523,8 +536,31 @@ fn dot_rest(a: &[f32], b: &[f32]) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{dot_rest, DOT_LANES};
+    use super::{dot_rest, score_each, DOT_LANES};
     use crate::cpu::matmul::x86::reduce8;
+
+    /// [`super::score_rows`] by `block`, `N` rows at a time, where the head is whole groups of
+    /// 16 lanes; the other rows (and every row of other heads) one at a time by `dot`.
+    #[inline(always)]
+    fn score_blocks<const N: usize>(
+        q: &[f32],
+        rows: &[&[f32]],
+        col: usize,
+        scale: f32,
+        scores: &mut [f32],
+        mut block: impl FnMut(&[&[f32]; N], &mut [f32; N]),
+        dot: impl Fn(&[f32], &[f32]) -> f32,
+    ) {
+        let mut done = 0;
+        if q.len().is_multiple_of(DOT_LANES) {
+            for (rows, out) in rows.chunks_exact(N).zip(scores.chunks_exact_mut(N)) {
+                block(rows.try_into().unwrap(), out.try_into().unwrap());
+                done += N;
+            }
+        }
+        let (rows, scores) = (&rows[done..], &mut scores[done..]);
+        score_each(q, rows, col, scale, scores, dot);
+    }
 
     /// [`super::dot`] with the 16 lanes in one AVX-512 register.
     ///
@@ -548,12 +584,10 @@ mod x86 {
     }
 
     /// [`super::score_rows`] with [`dot_avx512`]'s bits, sixteen rows at a time where the head
-    /// is whole groups of 16: each row's lane sums in its own register, then the trees of the
-    /// sixteen rows together ([`trees16`]).
+    /// is whole groups of 16 ([`score_blocks`]).
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; each row at least `col + q.len()` long, `scores` no longer
-    /// than `rows`.
+    /// The CPU must have AVX-512F; each row at least `col + q.len()` long.
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn score_rows_avx512(
@@ -564,28 +598,20 @@ mod x86 {
         scores: &mut [f32],
     ) {
         let d = q.len();
-        let mut done = 0;
-        if d.is_multiple_of(DOT_LANES) {
-            for (block, out) in rows.chunks_exact(16).zip(scores.chunks_exact_mut(16)) {
-                let mut lanes = [_mm512_setzero_ps(); 16];
-                for i in (0..d).step_by(DOT_LANES) {
-                    let x = _mm512_loadu_ps(q.as_ptr().add(i));
-                    for (acc, row) in lanes.iter_mut().zip(block) {
-                        let k = &row[col..col + d];
-                        *acc = _mm512_add_ps(
-                            *acc,
-                            _mm512_mul_ps(x, _mm512_loadu_ps(k.as_ptr().add(i))),
-                        );
-                    }
+        let block = |block: &[&[f32]; 16], out: &mut [f32; 16]| {
+            // Each row's lane sums in its own register, then the sixteen trees together.
+            let mut lanes = [_mm512_setzero_ps(); 16];
+            for i in (0..d).step_by(DOT_LANES) {
+                let x = _mm512_loadu_ps(q.as_ptr().add(i));
+                for (acc, row) in lanes.iter_mut().zip(block) {
+                    let k = row[col..col + d].as_ptr().add(i);
+                    *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, _mm512_loadu_ps(k)));
                 }
-                let sums = _mm512_mul_ps(trees16(lanes), _mm512_set1_ps(scale));
-                _mm512_storeu_ps(out.as_mut_ptr(), sums);
-                done += 16;
             }
-        }
-        for (s, row) in scores[done..].iter_mut().zip(&rows[done..]) {
-            *s = dot_avx512(q, &row[col..col + d]) * scale;
-        }
+            let sums = _mm512_mul_ps(trees16(lanes), _mm512_set1_ps(scale));
+            _mm512_storeu_ps(out.as_mut_ptr(), sums);
+        };
+        score_blocks(q, rows, col, scale, scores, block, |a, b| dot_avx512(a, b));
     }
 
     /// Row `n`'s lanes summed by [`super::tree`] into lane `n`, for sixteen rows' lanes at once:
@@ -629,12 +655,10 @@ mod x86 {
     }
 
     /// [`super::score_rows`] with [`dot_avx2`]'s bits, four rows at a time where the head is
-    /// whole groups of 16: each row's lane sums in its own two registers, then the trees of the
-    /// four rows together ([`trees4`]).
+    /// whole groups of 16 ([`score_blocks`]).
     ///
     /// # Safety
-    /// The CPU must have AVX2, FMA and F16C; each row at least `col + q.len()` long, `scores` no
-    /// longer than `rows`.
+    /// The CPU must have AVX2, FMA and F16C; each row at least `col + q.len()` long.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn score_rows_avx2(
@@ -645,32 +669,24 @@ mod x86 {
         scores: &mut [f32],
     ) {
         let d = q.len();
-        let mut done = 0;
-        if d.is_multiple_of(DOT_LANES) {
-            for (block, out) in rows.chunks_exact(4).zip(scores.chunks_exact_mut(4)) {
-                let mut low = [_mm256_setzero_ps(); 4];
-                let mut high = [_mm256_setzero_ps(); 4];
-                for i in (0..d).step_by(DOT_LANES) {
-                    let x = q.as_ptr().add(i);
-                    let (x_low, x_high) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
-                    for r in 0..4 {
-                        let k = block[r][col..col + d].as_ptr().add(i);
-                        low[r] = _mm256_add_ps(low[r], _mm256_mul_ps(x_low, _mm256_loadu_ps(k)));
-                        high[r] = _mm256_add_ps(
-                            high[r],
-                            _mm256_mul_ps(x_high, _mm256_loadu_ps(k.add(8))),
-                        );
-                    }
+        let block = |block: &[&[f32]; 4], out: &mut [f32; 4]| {
+            // Each row's lane sums in its own two registers, then the four trees together.
+            let (mut low, mut high) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+            for i in (0..d).step_by(DOT_LANES) {
+                let x = q.as_ptr().add(i);
+                let (x_low, x_high) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+                for (r, row) in block.iter().enumerate() {
+                    let k = row[col..col + d].as_ptr().add(i);
+                    low[r] = _mm256_add_ps(low[r], _mm256_mul_ps(x_low, _mm256_loadu_ps(k)));
+                    let k_high = _mm256_loadu_ps(k.add(8));
+                    high[r] = _mm256_add_ps(high[r], _mm256_mul_ps(x_high, k_high));
                 }
-                let lanes = std::array::from_fn(|r| _mm256_add_ps(low[r], high[r]));
-                let sums = _mm_mul_ps(trees4(lanes), _mm_set1_ps(scale));
-                _mm_storeu_ps(out.as_mut_ptr(), sums);
-                done += 4;
             }
-        }
-        for (s, row) in scores[done..].iter_mut().zip(&rows[done..]) {
-            *s = dot_avx2(q, &row[col..col + d]) * scale;
-        }
+            let lanes = std::array::from_fn(|r| _mm256_add_ps(low[r], high[r]));
+            let sums = _mm_mul_ps(trees4(lanes), _mm_set1_ps(scale));
+            _mm_storeu_ps(out.as_mut_ptr(), sums);
+        };
+        score_blocks(q, rows, col, scale, scores, block, |a, b| dot_avx2(a, b));
     }
 
     /// Row `n`'s eight lanes summed in [`reduce8`]'s order into lane `n`, for four rows at once.
