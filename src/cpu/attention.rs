@@ -600,12 +600,12 @@ mod x86 {
         let d = q.len();
         let block = |block: &[&[f32]; 16], out: &mut [f32; 16]| {
             // Each row's lane sums in its own register, then the sixteen trees together.
+            let keys: [*const f32; 16] = std::array::from_fn(|r| block[r][col..col + d].as_ptr());
             let mut lanes = [_mm512_setzero_ps(); 16];
             for i in (0..d).step_by(DOT_LANES) {
                 let x = _mm512_loadu_ps(q.as_ptr().add(i));
-                for (acc, row) in lanes.iter_mut().zip(block) {
-                    let k = row[col..col + d].as_ptr().add(i);
-                    *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, _mm512_loadu_ps(k)));
+                for (acc, k) in lanes.iter_mut().zip(keys) {
+                    *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, _mm512_loadu_ps(k.add(i))));
                 }
             }
             let sums = _mm512_mul_ps(trees16(lanes), _mm512_set1_ps(scale));

@@ -37,15 +37,19 @@ const INVERSE_FACTORIALS: [f32; 6] = [
 pub fn exp(x: f32) -> f32 {
     // NaN stays NaN.
     let x = x.clamp(LOWEST, 0.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut q = INVERSE_FACTORIALS[5];
     for &c in INVERSE_FACTORIALS[..5].iter().rev() {
         q = q * r + c;
     }
     let p = (q * (r * r) + r) + 1.0;
-    // n in [-150, 0]: 2^n as 2^(n/2) 2^(n - n/2), both normal; the first product is exact.
-    let n = n as i32;
+    // n in [-150, 0] as an integer, read from the bits of n + ROUND (one unit a step there): an
+    // integer subtraction vectorizes, where a float-to-integer cast's saturation does not. The
+    // same n as `n as i32` for every input (all 2^32 checked); NaN still gives NaN (p is NaN).
+    let n = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
+    // 2^n as 2^(n/2) 2^(n - n/2), both normal; the first product is exact.
     let half = n >> 1;
     p * power_of_two(half) * power_of_two(n - half)
 }
