@@ -37,21 +37,27 @@ const INVERSE_FACTORIALS: [f32; 6] = [
 pub fn exp(x: f32) -> f32 {
     // NaN stays NaN.
     let x = x.clamp(LOWEST, 0.0);
-    let shifted = x * LOG2E + ROUND;
-    let n = shifted - ROUND;
+    let (n, n_int) = nearest_power(x);
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut q = INVERSE_FACTORIALS[5];
     for &c in INVERSE_FACTORIALS[..5].iter().rev() {
         q = q * r + c;
     }
     let p = (q * (r * r) + r) + 1.0;
-    // n in [-150, 0] as an integer, read from the bits of n + ROUND (one unit a step there): an
-    // integer subtraction vectorizes, where a float-to-integer cast's saturation does not. The
-    // same n as `n as i32` for every input (all 2^32 checked); NaN still gives NaN (p is NaN).
-    let n = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
-    // 2^n as 2^(n/2) 2^(n - n/2), both normal; the first product is exact.
-    let half = n >> 1;
-    p * power_of_two(half) * power_of_two(n - half)
+    // n in [-150, 0]: 2^n as 2^(n/2) 2^(n - n/2), both normal; the first product is exact.
+    let half = n_int >> 1;
+    p * power_of_two(half) * power_of_two(n_int - half)
+}
+
+/// `n`, the integer nearest `x / ln 2` for `x` in [-104, 0], as an f32 and as an integer. The
+/// integer is read from the bits of `n + ROUND` (one unit a step there): an integer subtraction
+/// vectorizes, where a float-to-integer cast's saturation does not. For NaN the integer is
+/// meaningless and the result NaN anyway.
+#[inline(always)]
+fn nearest_power(x: f32) -> (f32, i32) {
+    let shifted = x * LOG2E + ROUND;
+    let n_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
+    (shifted - ROUND, n_int)
 }
 
 /// `2^k` for `k` in [-126, 127].
@@ -89,6 +95,15 @@ mod tests {
     #[ignore = "every f32 in [-104, 0]: about a minute in release"]
     fn exhaustive() {
         assert!(worst_error(1) <= 1.45);
+    }
+
+    /// The integer read from the bits is the float's value, for every f32 in [-104, 0].
+    #[test]
+    fn the_integer_power_is_the_float_one() {
+        for x in (0x8000_0000u32..=LOWEST.to_bits()).map(f32::from_bits) {
+            let (n, n_int) = nearest_power(x);
+            assert_eq!(n_int, n as i32, "x = {x:e}");
+        }
     }
 
     #[test]
