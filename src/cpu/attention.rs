@@ -380,8 +380,8 @@ const VALUE_HEADS: usize = 4;
 
 /// `out[n] += sum_r p[n][r] * rows[r][col ..]` for `N` heads sharing a KV head, `out` their
 /// outputs `[N, head_dim]`: each element adds its products in row order, so the bits do not
-/// depend on `N` or `PIECE`. Each piece of `PIECE` elements of the `N` heads stays in registers over
-/// the rows.
+/// depend on `N` or `PIECE`. Each piece of `PIECE` elements of the `N` heads stays in registers
+/// over the rows.
 #[inline(always)]
 fn sum_values<const N: usize, const PIECE: usize>(
     out: &mut [f32],
