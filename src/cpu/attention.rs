@@ -298,11 +298,13 @@ impl GroupTask<'_> {
                         &probabilities[(head + k) * visible.len() + first..][..run.len()]
                     };
                     let col = kv_of(head);
+                    // One arm for each count of heads up to VALUE_HEADS (checked to be 4 below).
                     match oc.len() / d {
                         4 => sum_values::<4, PIECE>(oc, std::array::from_fn(p), rows, col),
                         3 => sum_values::<3, PIECE>(oc, std::array::from_fn(p), rows, col),
                         2 => sum_values::<2, PIECE>(oc, std::array::from_fn(p), rows, col),
-                        _ => sum_values::<1, PIECE>(oc, [p(0)], rows, col),
+                        1 => sum_values::<1, PIECE>(oc, [p(0)], rows, col),
+                        n => unreachable!("{n} heads in a chunk of at most {VALUE_HEADS}"),
                     }
                 }
             }
@@ -377,6 +379,8 @@ impl GroupTask<'_> {
 /// Query heads whose outputs [`sum_values`] accumulates at once (a GQA group of 4 shares each
 /// value row it loads).
 const VALUE_HEADS: usize = 4;
+// `run_with` has one `sum_values` arm for each count of heads up to VALUE_HEADS.
+const _: () = assert!(VALUE_HEADS == 4);
 
 /// `out[n] += sum_r p[n][r] * rows[r][col ..]` for `N` heads sharing a KV head, `out` their
 /// outputs `[N, head_dim]`: each element adds its products in row order, so the bits do not
