@@ -166,7 +166,44 @@ fn build_kernels() -> Result<Built, String> {
     }
     write(&kernels_rs, &kernel_table(&fatbins))?;
     build_cutlass(&nvcc, &root, &cache, &out_dir, &header_bytes)?;
+    if std::env::var_os("CARGO_FEATURE_TESTING").is_some() {
+        build_emulator(&csrc, &sources)?;
+    }
     Ok(Built::Kernels)
+}
+
+/// The kernel emulator of feature `testing` (`src/cuda/emulator.rs`): every kernel file but the
+/// Hopper-only wgmma experts, as C++17 with `csrc/emulator/cuda_emulator.h` force-included and
+/// the empty CUDA headers of `csrc/emulator/include/` first on the include path, and the
+/// emulator's runtime, compiled by the host C++ compiler into the static library
+/// `mixtral_emulator`.
+fn build_emulator(csrc: &Path, sources: &[PathBuf]) -> Result<(), String> {
+    let emulator = csrc.join("emulator");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .define("MX_EMULATOR", None)
+        .include(emulator.join("include"))
+        .include(csrc)
+        .flag("-include")
+        .flag(emulator.join("cuda_emulator.h").to_string_lossy().as_ref())
+        // nvcc's own pragmas; the kernels' signed/unsigned comparisons and unroll constants.
+        .flag("-Wno-unknown-pragmas")
+        .flag("-Wno-sign-compare")
+        .flag("-Wno-unused-variable")
+        .flag("-x")
+        .flag("c++");
+    for source in sources {
+        if source.file_stem().is_some_and(|stem| stem != "moe_wgmma") {
+            build.file(source);
+        }
+    }
+    build.file(emulator.join("runtime.cpp"));
+    build
+        .try_compile("mixtral_emulator")
+        .map_err(|e| format!("the kernel emulator (feature `testing`): {e}"))
 }
 
 /// Compiles the CUTLASS shim (`csrc/cutlass/*.cu`: host code and sm_90a kernels) into objects, kept

@@ -87,7 +87,7 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     __shared__ float q_s[G][D];
     __shared__ float red[WARPS][G][D];
     __shared__ float m_s[G], l_s[G];
-    extern __shared__ float scores[];  // [G][split_keys]
+    float* scores = mx::dynamic_shared<float>();  // [G][split_keys]
 
     const uint32_t split = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
     if (t >= p.tokens || kvh >= p.n_kv_heads) return;  // uniform over the block

@@ -16,11 +16,21 @@
 // value: its first statement is mx::after_prior_kernels() (below), then the statement `...` (the
 // body's call, commas allowed). Every entry in csrc/*.cu is defined through it (src/cuda/module.rs
 // checks that no file there declares a __global__ function itself).
+#ifndef MX_EMULATOR
 #define MX_ENTRY(symbol, bounds, Params, ...)                        \
     extern "C" __global__ void __launch_bounds__ bounds symbol(Params p) { \
         mx::after_prior_kernels();                                   \
         __VA_ARGS__;                                                 \
     }
+#else
+// The emulator's entry (csrc/emulator/runtime.cpp runs it on every emulated thread of the launch).
+#define MX_ENTRY(symbol, bounds, Params, ...)                           \
+    void mx_emulated_##symbol(const void* params) {                    \
+        const Params& p = *static_cast<const Params*>(params);          \
+        mx::after_prior_kernels();                                      \
+        __VA_ARGS__;                                                    \
+    }
+#endif
 
 namespace mx {
 
@@ -52,11 +62,15 @@ __device__ __forceinline__ mx_bf16 to_bf16(float v) { return __float2bfloat16_rn
 
 // A 16-byte load of data read once per kernel (weights): read-only path, no L1 allocation.
 __device__ __forceinline__ uint4 load_stream_16(const void* ptr) {
+#ifdef MX_EMULATOR
+    return *static_cast<const uint4*>(ptr);
+#else
     uint4 r;
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
         : "l"(ptr));
     return r;
+#endif
 }
 
 // A 16-byte load of data many warps share (activations): read-only path, cached in L1.
@@ -108,10 +122,25 @@ __device__ __forceinline__ void unpack8(uint4 a, float* out) {
 // column g); d[0..1] (row g, columns 2q, 2q + 1), d[2..3] (row g + 8, same columns). The lower k or column
 // of a pair is the low half of its register.
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef MX_EMULATOR
+    mx_emu::mma_bf16_16816(d, a, b0, b1);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// The launch's dynamic shared memory (its size set at launch) as an array of T.
+template <class T>
+__device__ __forceinline__ T* dynamic_shared() {
+#ifdef MX_EMULATOR
+    return static_cast<T*>(mx_emu::dynamic_shared());
+#else
+    extern __shared__ __align__(16) unsigned char mx_dynamic_shared[];
+    return reinterpret_cast<T*>(mx_dynamic_shared);
+#endif
 }
 
 // The shared-memory (state space) address of a generic pointer into shared memory.
@@ -122,36 +151,56 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 // 16 bytes global -> shared at shared address `dst`, asynchronous (cp.async, sm_80+). With
 // valid = false nothing is read and the 16 bytes become zero (a zero source size).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+#ifdef MX_EMULATOR
+    // Copied at once: a later cp_async_wait has nothing left to wait for.
+    if (valid) memcpy(mx_emu::shared_pointer(dst), src, 16);
+    else memset(mx_emu::shared_pointer(dst), 0, 16);
+#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16u : 0u)
                  : "memory");
+#endif
 }
 
 // Closes this thread's current group of cp.async copies.
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef MX_EMULATOR
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 
 // Waits until at most N of this thread's committed copy groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifndef MX_EMULATOR
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 // Four 8x8 b16 matrices from shared memory: lane l gives the (16-byte aligned) address of row l % 8
 // of matrix l / 8 and receives in r[i] the elements (row l / 4, columns 2 (l % 4), +1) of matrix i,
 // the lower column in the low half.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+#ifdef MX_EMULATOR
+    mx_emu::ldmatrix_x4(r, address, false);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(address)
                  : "memory");
+#endif
 }
 
 // ldmatrix_x4 of the transposed matrices: lane l receives in r[i] the elements (rows 2 (l % 4), +1;
 // column l / 4) of matrix i as stored, the lower row in the low half.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+#ifdef MX_EMULATOR
+    mx_emu::ldmatrix_x4(r, address, true);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(address)
                  : "memory");
+#endif
 }
 
 // Sum over the `WIDTH` consecutive lanes of each aligned lane group; every lane gets its group's sum.

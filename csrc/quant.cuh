@@ -52,7 +52,11 @@ __host__ __device__ constexpr uint32_t chunk_elems() {
 // The table of the running LUT4 kernel (QUANT_TABLE_VALUES f32), filled by load_table. 256-byte
 // aligned: the low byte of its shared address is 0, so a byte offset 4 * q (at most 60) is placed there
 // by one PRMT (lut4_values).
+#ifdef MX_EMULATOR
+alignas(256) static float lut4_table[QUANT_TABLE_VALUES];  // __shared__ is `static` there already
+#else
 static __shared__ __align__(256) float lut4_table[QUANT_TABLE_VALUES];
+#endif
 static_assert(QLINEAR_WARPS * 32 >= QUANT_TABLE_VALUES && MOE_WARPS * 32 >= QUANT_TABLE_VALUES &&
                   DEQUANT_THREADS >= QUANT_TABLE_VALUES,
               "load_table reads one table value per thread");
@@ -109,9 +113,13 @@ __device__ __forceinline__ float int4_value(uint32_t w, int k, float bias) {
 
 // The f32 at shared address `address`.
 __device__ __forceinline__ float load_shared_f32(uint32_t address) {
+#ifdef MX_EMULATOR
+    return *static_cast<const float*>(mx_emu::shared_pointer(address));
+#else
     float v;
     asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(address));
     return v;
+#endif
 }
 
 // lut4_table[q] of the 8 nibbles q of w (v[k]: nibble k). The byte offsets 4 * q of the four even

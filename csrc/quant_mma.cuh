@@ -78,23 +78,35 @@ struct Tiles {
 // (A nibble cannot be taken from bits 4..7 instead: bf16 has 7 mantissa bits, so bit 7 of a half is
 // the exponent's lowest.)
 __device__ __forceinline__ uint32_t low_nibbles_in_bf16(uint32_t w) {
+#ifdef MX_EMULATOR
+    return (w & 0x000F000Fu) | 0x43004300u;
+#else
     uint32_t d;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(0x000F000Fu), "r"(0x43004300u));
     return d;
+#endif
 }
 
 // a * 1 + b per bf16 half, rounded once (exact where the result is representable).
 __device__ __forceinline__ uint32_t add_bf16x2(uint32_t a, uint32_t b) {
+#ifdef MX_EMULATOR
+    return mx_emu::fma_bf16x2(a, 0x3F803F80u, b);
+#else
     uint32_t d;
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0x3F803F80u), "r"(b));
     return d;
+#endif
 }
 
 // (lo, hi) rounded to a bf16 pair, lo in the low half.
 __device__ __forceinline__ uint32_t bf16x2_of(float lo, float hi) {
+#ifdef MX_EMULATOR
+    return (uint32_t)mx::to_bf16(lo).__x | ((uint32_t)mx::to_bf16(hi).__x << 16);
+#else
     uint32_t d;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
     return d;
+#endif
 }
 
 // The E4M3 bytes at bits 16h .. 16h + 15 of w as a bf16 pair (byte 2h in the low half), exactly

@@ -32,7 +32,7 @@ __device__ __forceinline__ void rotate_pair(const mx_bf16* src, mx_bf16* dst, ui
 }
 
 __device__ void rope_kv_body(const RopeKvParams& p) {
-    extern __shared__ float2 cos_sin[];  // [head_dim / 2]
+    float2* cos_sin = mx::dynamic_shared<float2>();  // [head_dim / 2]
     const uint32_t t = blockIdx.x;
     if (t >= p.tokens) return;  // uniform over the block
     const uint32_t half = p.head_dim / 2;

@@ -150,7 +150,7 @@ pub fn params_h() -> String {
          // Rust launchers; mirrored by src/cuda/params.rs. Valid C11 and C++17: the layout asserts below are\n\
          // checked by nvcc when the kernels build and by a host C compiler in tests/cuda_codegen.rs.\n\
          #pragma once\n\n#include <stddef.h>\n#include <stdint.h>\n\n\
-         #ifdef __CUDACC__\n#include <cuda_bf16.h>\ntypedef __nv_bfloat16 mx_bf16;\n#else\n\
+         #if defined(__CUDACC__) || defined(MX_EMULATOR)\n#include <cuda_bf16.h>\ntypedef __nv_bfloat16 mx_bf16;\n#else\n\
          typedef struct mx_bf16 {\n    uint16_t bits;\n} mx_bf16;\n#endif\n\n\
          #ifdef __cplusplus\n#define MX_STATIC_ASSERT static_assert\n#define MX_ALIGNOF alignof\n#else\n\
          #define MX_STATIC_ASSERT _Static_assert\n#define MX_ALIGNOF _Alignof\n#endif\n\n",

@@ -9,7 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(MX_EMULATOR)
 #include <cuda_bf16.h>
 typedef __nv_bfloat16 mx_bf16;
 #else

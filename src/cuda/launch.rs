@@ -146,10 +146,13 @@ pub fn launch_planned<P: DeviceRepr, const N: usize>(
 
 /// Defines an op's launcher, `pub fn NAME(kernels, stream, scalars, args)`: plans with the op's
 /// planner, then issues what it planned (nothing for zero tokens or rows). With `, if REQUIRE`, it
-/// first calls `REQUIRE(stream)`, which refuses a device the op's kernels cannot run on.
+/// first calls `REQUIRE(stream)`, which refuses a device the op's kernels cannot run on. With
+/// `; emulated EMULATED` (and feature `testing`) it also defines `EMULATED(scalars, args, order)`,
+/// which runs the same plan on the kernel emulator.
 macro_rules! planned_launcher {
     (
         $(#[$doc:meta])* $name:ident($scalars:ty, $args:ident) = $plan:path $(, if $require:path)?
+        $(; emulated $emulated:ident)?
     ) => {
         $(#[$doc])*
         pub fn $name(
@@ -161,6 +164,20 @@ macro_rules! planned_launcher {
             $($require(stream)?;)?
             $crate::cuda::launch::launch_planned(kernels, stream, $plan(scalars, &args)?)
         }
+        $(
+            #[doc = concat!("[`", stringify!($name), "`] on the kernel emulator (feature `testing`), over views of host memory.")]
+            #[cfg(feature = "testing")]
+            pub fn $emulated(
+                scalars: &$scalars,
+                args: $crate::cuda::args::$args<'_>,
+                order: $crate::cuda::emulator::Order,
+            ) -> Result<(), $crate::cuda::emulator::EmulatorError> {
+                let planned = $plan(scalars, &args)?;
+                // SAFETY: planned just now over `args`, views borrowed until this returns (the
+                // emulator's views are of host memory).
+                unsafe { $crate::cuda::emulator::run_planned(planned, order) }
+            }
+        )?
     };
 }
 pub(crate) use planned_launcher;

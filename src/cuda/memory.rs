@@ -320,6 +320,13 @@ impl<'a, T> View<'a, T> {
         View::new(address, slice.len())
     }
 
+    /// A view of host memory, for the kernel emulator ([`emulator`](crate::cuda::emulator));
+    /// launched on a device, its address is not device memory and the launch faults.
+    #[cfg(feature = "testing")]
+    pub fn of_host(slice: &'a [T]) -> Self {
+        View::new(slice.as_ptr() as u64, slice.len())
+    }
+
     /// A view of memory the caller vouches for (planner tests: such a view is never launched on).
     ///
     /// # Safety
@@ -351,6 +358,14 @@ impl<'a, T> ViewMut<'a, T> {
         let (address, guard) = slice.device_ptr_mut(&stream);
         drop(guard);
         ViewMut::new(address, slice.len())
+    }
+
+    /// A written view of host memory, for the kernel emulator
+    /// ([`emulator`](crate::cuda::emulator)); launched on a device, its address is not device
+    /// memory and the launch faults.
+    #[cfg(feature = "testing")]
+    pub fn of_host(slice: &'a mut [T]) -> Self {
+        ViewMut::new(slice.as_mut_ptr() as u64, slice.len())
     }
 
     /// A written view of memory the caller vouches for (planner tests: never launched on).

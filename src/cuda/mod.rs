@@ -64,6 +64,8 @@ internal! {
     mod select;
 }
 
+#[cfg(feature = "testing")]
+pub mod emulator;
 mod error;
 #[cfg(feature = "nccl")]
 pub mod nccl;

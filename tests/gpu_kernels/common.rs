@@ -7,7 +7,7 @@
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 use mixtral::cuda::{CudaDevice, Kernels};
 use mixtral::quant::Q8;
@@ -110,58 +110,211 @@ impl Poison for u32 {
     }
 }
 
-/// A device buffer of `len` elements with [`GUARD`] poisoned elements on each side.
+/// Where a test's buffers live and its kernels run: the device's stream, or the host memory of
+/// the kernel emulator ([`target`]).
+#[derive(Clone, Copy)]
+pub enum Stream<'a> {
+    /// The GPU's stream.
+    Cuda(&'a std::sync::Arc<CudaStream>),
+    /// Host memory, for the kernel emulator.
+    Host,
+}
+
+impl<'a> From<&'a std::sync::Arc<CudaStream>> for Stream<'a> {
+    fn from(stream: &'a std::sync::Arc<CudaStream>) -> Self {
+        Stream::Cuda(stream)
+    }
+}
+
+impl Stream<'_> {
+    /// Waits for the device's work (nothing to wait for on the emulator).
+    pub fn synchronize(&self) {
+        if let Stream::Cuda(stream) = self {
+            stream.synchronize().expect("synchronize");
+        }
+    }
+}
+
+/// Where a test runs its kernels: the GPU, or, on a machine without one, the kernel emulator
+/// (`mixtral::cuda::emulator`: the same kernel sources compiled for the CPU, the same planners
+/// and argument checks), which alternates the order of its blocks and threads from one launch to
+/// the next.
+pub enum Target {
+    /// The GPU, locked for the test.
+    Gpu(MutexGuard<'static, Gpu>),
+    /// The emulator, with the number of launches run so far.
+    Emulator(std::cell::Cell<u32>),
+}
+
+/// How [`launch!`] issues one op on a [`Target`].
+pub enum On<'a> {
+    /// On the GPU.
+    Gpu(&'a Kernels, &'a std::sync::Arc<CudaStream>),
+    /// On the emulator, in this order.
+    Emulator(mixtral::cuda::emulator::Order),
+}
+
+impl Target {
+    /// Where the buffers live.
+    pub fn stream(&self) -> Stream<'_> {
+        match self {
+            Target::Gpu(gpu) => Stream::Cuda(gpu.stream()),
+            Target::Emulator(_) => Stream::Host,
+        }
+    }
+
+    /// How the next launch is issued.
+    pub fn on(&self) -> On<'_> {
+        use mixtral::cuda::emulator::Order;
+        match self {
+            Target::Gpu(gpu) => On::Gpu(&gpu.kernels, gpu.stream()),
+            Target::Emulator(launches) => {
+                let n = launches.get();
+                launches.set(n + 1);
+                On::Emulator(if n % 2 == 0 {
+                    Order::Forward
+                } else {
+                    Order::Reverse
+                })
+            }
+        }
+    }
+
+    /// True on the emulator (slow: tests run fewer random cases there).
+    pub fn emulated(&self) -> bool {
+        matches!(self, Target::Emulator(_))
+    }
+
+    /// `gpu` random cases on the GPU, `emulated` on the emulator.
+    pub fn cases(&self, gpu: u32, emulated: u32) -> u32 {
+        if self.emulated() {
+            emulated
+        } else {
+            gpu
+        }
+    }
+}
+
+/// The GPU, locked for one test; on a machine without a CUDA driver or device, the kernel
+/// emulator (saying so). A device that is present but fails fails the test, as in [`gpu`].
+pub fn target(test: &str) -> Target {
+    match GPU.get_or_init(open) {
+        Opened::Ready(gpu) => {
+            Target::Gpu(gpu.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        }
+        Opened::NoGpu(reason) => {
+            eprintln!("{test}: no GPU ({reason}): on the kernel emulator");
+            Target::Emulator(std::cell::Cell::new(0))
+        }
+        Opened::Broken(what, error) => shared::gpu::fail(test, what, error),
+    }
+}
+
+/// The emulator's refusal of an op as the device launcher's error; a kernel fault the emulator
+/// found (a barrier some threads never reach, a warp collective without its warp, `__trap`)
+/// fails the test.
+pub fn refused(e: mixtral::cuda::emulator::EmulatorError) -> mixtral::cuda::CudaError {
+    match e {
+        mixtral::cuda::emulator::EmulatorError::Refused(e) => e,
+        fault => panic!("{fault}"),
+    }
+}
+
+/// Runs `op` (on the GPU) or its emulated twin `emulated` (on the emulator) on a [`Target`] with
+/// the op's arguments after `kernels, stream`; the launcher's `Result`.
+macro_rules! launch {
+    ($target:expr, $op:path | $emulated:path, $($arg:expr),+ $(,)?) => {
+        match $target.on() {
+            $crate::common::On::Gpu(kernels, stream) => $op(kernels, stream, $($arg),+),
+            $crate::common::On::Emulator(order) => {
+                $emulated($($arg),+, order).map_err($crate::common::refused)
+            }
+        }
+    };
+}
+pub(crate) use launch;
+
+/// The memory of a guarded buffer.
+enum Memory<T> {
+    Device(CudaSlice<T>),
+    /// Host memory from `start`, 256-byte aligned as a device allocation is.
+    Host {
+        buf: Vec<T>,
+        start: usize,
+    },
+}
+
+/// A buffer of `len` elements with [`GUARD`] poisoned elements on each side, on the device or in
+/// host memory for the emulator ([`Stream`]).
 pub struct Guarded<T> {
-    buf: CudaSlice<T>,
+    memory: Memory<T>,
     len: usize,
 }
 
 impl<T: Poison> Guarded<T> {
     /// `len` poisoned elements (an output).
-    pub fn poisoned(stream: &std::sync::Arc<CudaStream>, len: usize) -> Self {
-        let host = vec![T::POISON; len + 2 * GUARD];
-        let buf = stream.clone_htod(&host).expect("upload");
-        Guarded { buf, len }
+    pub fn poisoned<'s>(stream: impl Into<Stream<'s>>, len: usize) -> Self {
+        Self::with_guards(stream.into(), &vec![T::POISON; len], len)
     }
 
     /// `data` between poisoned guards (an input, or an in/out buffer).
-    pub fn with(stream: &std::sync::Arc<CudaStream>, data: &[T]) -> Self {
-        let mut host = vec![T::POISON; data.len() + 2 * GUARD];
-        host[GUARD..GUARD + data.len()].copy_from_slice(data);
-        let buf = stream.clone_htod(&host).expect("upload");
-        Guarded {
-            buf,
-            len: data.len(),
-        }
+    pub fn with<'s>(stream: impl Into<Stream<'s>>, data: &[T]) -> Self {
+        Self::with_guards(stream.into(), data, data.len())
     }
 
-    /// The interior, read-only.
-    pub fn view(&self) -> CudaView<'_, T> {
-        self.buf.slice(GUARD..GUARD + self.len)
-    }
-
-    /// The interior, writable.
-    pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
-        self.buf.slice_mut(GUARD..GUARD + self.len)
+    fn with_guards(stream: Stream<'_>, data: &[T], len: usize) -> Self {
+        let mut host = vec![T::POISON; len + 2 * GUARD];
+        host[GUARD..GUARD + len].copy_from_slice(data);
+        let memory = match stream {
+            Stream::Cuda(stream) => Memory::Device(stream.clone_htod(&host).expect("upload")),
+            Stream::Host => {
+                let size = std::mem::size_of::<T>();
+                let mut buf = vec![T::POISON; host.len() + 256 / size];
+                let start = (0..256 / size)
+                    .find(|&i| (buf.as_ptr() as usize + i * size).is_multiple_of(256))
+                    .expect("an element aligned to 256 bytes");
+                buf[start..start + host.len()].copy_from_slice(&host);
+                Memory::Host { buf, start }
+            }
+        };
+        Guarded { memory, len }
     }
 
     /// The interior as a crate view, read-only.
     pub fn dev(&self) -> mixtral::cuda::memory::View<'_, T> {
-        mixtral::cuda::memory::View::of(&self.buf)
-            .sub(GUARD, self.len)
-            .expect("inside the guarded buffer")
+        match &self.memory {
+            Memory::Device(buf) => mixtral::cuda::memory::View::of(buf)
+                .sub(GUARD, self.len)
+                .expect("inside the guarded buffer"),
+            Memory::Host { buf, start } => {
+                mixtral::cuda::memory::View::of_host(&buf[start + GUARD..start + GUARD + self.len])
+            }
+        }
     }
 
     /// The interior as a crate view, written.
     pub fn dev_mut(&mut self) -> mixtral::cuda::memory::ViewMut<'_, T> {
-        mixtral::cuda::memory::ViewMut::of(&mut self.buf)
-            .sub(GUARD, self.len)
-            .expect("inside the guarded buffer")
+        match &mut self.memory {
+            Memory::Device(buf) => mixtral::cuda::memory::ViewMut::of(buf)
+                .sub(GUARD, self.len)
+                .expect("inside the guarded buffer"),
+            Memory::Host { buf, start } => mixtral::cuda::memory::ViewMut::of_host(
+                &mut buf[*start + GUARD..*start + GUARD + self.len],
+            ),
+        }
     }
 
     /// Reads the interior back after checking both guards are intact.
-    pub fn read(&self, stream: &std::sync::Arc<CudaStream>, name: &str) -> Vec<T> {
-        let host = stream.clone_dtoh(&self.buf).expect("download");
+    pub fn read<'s>(&self, stream: impl Into<Stream<'s>>, name: &str) -> Vec<T> {
+        let host = match (&self.memory, stream.into()) {
+            (Memory::Device(buf), Stream::Cuda(stream)) => {
+                stream.clone_dtoh(buf).expect("download")
+            }
+            (Memory::Host { buf, start }, Stream::Host) => {
+                buf[*start..*start + self.len + 2 * GUARD].to_vec()
+            }
+            _ => panic!("{name}: read through another stream than the buffer's"),
+        };
         for (i, &v) in host[..GUARD]
             .iter()
             .chain(&host[GUARD + self.len..])
@@ -176,7 +329,7 @@ impl<T: Poison> Guarded<T> {
     }
 
     /// Reads the interior back, checking the guards and that every element was written.
-    pub fn read_written(&self, stream: &std::sync::Arc<CudaStream>, name: &str) -> Vec<T> {
+    pub fn read_written<'s>(&self, stream: impl Into<Stream<'s>>, name: &str) -> Vec<T> {
         let out = self.read(stream, name);
         if let Some(i) = out.iter().position(|&v| T::same_bits(v, T::POISON)) {
             panic!("{name}: element {i} of {} was never written", out.len());

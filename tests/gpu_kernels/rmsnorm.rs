@@ -7,13 +7,13 @@ use half::bf16;
 use mixtral::cpu::norm::{add_rms_norm, rms_norm};
 use mixtral::cuda::args::{RmsnormArgs, RmsnormScalars};
 use mixtral::cuda::memory::AnyView;
-use mixtral::cuda::ops::rmsnorm;
+use mixtral::cuda::ops::{rmsnorm, rmsnorm_emulated};
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
 use crate::common::{
-    self, assert_close, bf16_bound, random_values, round_bf16, to_bf16, to_f32, Guarded,
+    self, assert_close, bf16_bound, launch, random_values, round_bf16, to_bf16, to_f32, Guarded,
 };
 
 /// Which addend the case uses.
@@ -26,9 +26,7 @@ enum Kind {
 
 #[test]
 fn rmsnorm_matches_the_cpu_reference_for_every_addend() {
-    let Some(gpu) = common::gpu("rmsnorm_matches_the_cpu_reference_for_every_addend") else {
-        return;
-    };
+    let target = common::target("rmsnorm_matches_the_cpu_reference_for_every_addend");
     let strategy = (
         1usize..9,
         prop::sample::select(vec![1usize, 3, 255, 257, 1000, 4096, 4099]),
@@ -37,10 +35,10 @@ fn rmsnorm_matches_the_cpu_reference_for_every_addend() {
         any::<u64>(),
         prop::sample::select(vec![1e-5f32, 1e-6, 0.1]),
     );
-    let mut runner = TestRunner::new(Config::with_cases(24));
+    let mut runner = TestRunner::new(Config::with_cases(target.cases(24, 8)));
     runner
         .run(&strategy, |(rows, hidden, kind, count, seed, eps)| {
-            let stream = gpu.stream();
+            let stream = target.stream();
             let residual = random_values(seed, rows * hidden, 4.0);
             let weight: Vec<f32> = random_values(seed ^ 2, hidden, 0.5)
                 .iter()
@@ -81,9 +79,9 @@ fn rmsnorm_matches_the_cpu_reference_for_every_addend() {
                 Kind::Bf16 => Some(AnyView::Bf16(add_bf16.dev())),
                 Kind::F32 => Some(AnyView::F32(add_f32.dev())),
             };
-            rmsnorm(
-                &gpu.kernels,
-                stream,
+            launch!(
+                target,
+                rmsnorm | rmsnorm_emulated,
                 &RmsnormScalars {
                     rows: rows as u32,
                     hidden: hidden as u32,

@@ -33,7 +33,7 @@ fn plan(s: &ArgmaxScalars, a: &ArgmaxArgs<'_>) -> Planned<ArgmaxParams, 1> {
 
 planned_launcher! {
     /// The argmax of each logits row; zero rows launch nothing.
-    argmax(ArgmaxScalars, ArgmaxArgs) = plan
+    argmax(ArgmaxScalars, ArgmaxArgs) = plan; emulated argmax_emulated
 }
 
 #[cfg(test)]

@@ -122,7 +122,7 @@ fn plan(
 planned_launcher! {
     /// Split-KV decode attention over the paged cache, then the combine of the splits into `out`; zero
     /// tokens launch nothing.
-    attention_decode(AttentionDecodeShape, AttentionDecodeArgs) = plan
+    attention_decode(AttentionDecodeShape, AttentionDecodeArgs) = plan; emulated attention_decode_emulated
 }
 
 #[cfg(test)]

@@ -115,7 +115,7 @@ fn plan(
 planned_launcher! {
     /// Causal flash attention of one sequence's queries over its paged cache into `out`; zero tokens
     /// launch nothing.
-    attention_prefill(AttentionPrefillShape, AttentionPrefillArgs) = plan
+    attention_prefill(AttentionPrefillShape, AttentionPrefillArgs) = plan; emulated attention_prefill_emulated
 }
 
 #[cfg(test)]

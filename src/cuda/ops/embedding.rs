@@ -30,7 +30,7 @@ fn plan(s: &EmbeddingScalars, a: &EmbeddingArgs<'_>) -> Planned<EmbeddingParams,
 
 planned_launcher! {
     /// Gathers the table rows of `ids` into `out`; zero tokens launch nothing.
-    embedding(EmbeddingScalars, EmbeddingArgs) = plan
+    embedding(EmbeddingScalars, EmbeddingArgs) = plan; emulated embedding_emulated
 }
 
 #[cfg(test)]

@@ -84,7 +84,7 @@ fn plan(s: &LinearScalars, a: &LinearArgs<'_>) -> Planned<LinearParams, 1> {
 planned_launcher! {
     /// `out[t, o] = sum_i x[t, i] * w[o, i]` with f32 accumulation: a GEMV for up to
     /// [`LINEAR_GEMV_MAX_TOKENS`](crate::cuda::select::LINEAR_GEMV_MAX_TOKENS) tokens, the tensor-core GEMM above; zero tokens launch nothing.
-    linear(LinearScalars, LinearArgs) = plan
+    linear(LinearScalars, LinearArgs) = plan; emulated linear_emulated
 }
 
 fn plan_mma_decode(s: &LinearScalars, a: &LinearArgs<'_>) -> Planned<LinearParams, 1> {
@@ -113,7 +113,7 @@ planned_launcher! {
     /// [`LINEAR_GEMV_MAX_TOKENS`](crate::cuda::select::LINEAR_GEMV_MAX_TOKENS) tokens on the
     /// tensor cores (csrc/quant_mma.cuh, the bf16 weights as stored): every weight row read once for
     /// the whole batch; the same outputs up to the order of the f32 sums.
-    linear_mma_decode(LinearScalars, LinearArgs) = plan_mma_decode
+    linear_mma_decode(LinearScalars, LinearArgs) = plan_mma_decode; emulated linear_mma_decode_emulated
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
 planned_launcher! {
     /// The routed expert MLPs of a decode batch: `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)`
     /// per slot; zero tokens launch nothing.
-    moe_gemv(MoeScalars, MoeArgs) = plan
+    moe_gemv(MoeScalars, MoeArgs) = plan; emulated moe_gemv_emulated
 }
 
 fn plan_mma(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
@@ -104,7 +104,7 @@ planned_launcher! {
     /// [`moe_gemv`] on the tensor cores (csrc/quant_mma.cuh, the bf16 weights as stored): a block
     /// per 16 rows of an expert with slots, its slots in passes of 8, 16 or 32, every weight row
     /// read once per pass; the same outputs up to the order of the f32 sums.
-    moe_mma(MoeScalars, MoeArgs) = plan_mma
+    moe_mma(MoeScalars, MoeArgs) = plan_mma; emulated moe_mma_emulated
 }
 
 #[cfg(test)]

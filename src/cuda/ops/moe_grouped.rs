@@ -112,7 +112,7 @@ planned_launcher! {
     /// The routed expert MLPs of a prefill batch on tensor cores: `act = silu(w1 x) * (w3 x)`,
     /// `out = weight * (w2 act)` per slot, the same buffers and results as [`moe_gemv`] (`out` must be
     /// 16-byte aligned as well). Zero tokens launch nothing.
-    moe_grouped_gemm(MoeScalars, MoeArgs) = plan
+    moe_grouped_gemm(MoeScalars, MoeArgs) = plan; emulated moe_grouped_gemm_emulated
 }
 
 /// Runs [`moe_gemv`] or [`moe_grouped_gemm`] over bf16 experts, as the selection table picks for

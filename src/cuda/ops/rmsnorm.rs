@@ -43,7 +43,7 @@ fn plan(s: &RmsnormScalars, a: &RmsnormArgs<'_>) -> Planned<RmsnormParams, 1> {
 
 planned_launcher! {
     /// `residual += sum of addends; out = rmsnorm(residual) * weight`; zero rows launch nothing.
-    rmsnorm(RmsnormScalars, RmsnormArgs) = plan
+    rmsnorm(RmsnormScalars, RmsnormArgs) = plan; emulated rmsnorm_emulated
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ fn plan(s: &RopeKvScalars, a: &RopeKvArgs<'_>) -> Planned<RopeKvParams, 1> {
 planned_launcher! {
     /// RoPE on q (in place) and k, and k/v written to the paged cache at each token's position; zero
     /// tokens launch nothing.
-    rope_kv(RopeKvScalars, RopeKvArgs) = plan
+    rope_kv(RopeKvScalars, RopeKvArgs) = plan; emulated rope_kv_emulated
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ fn plan(s: &RouterScalars, a: &RouterArgs<'_>) -> Planned<RouterParams, 1> {
 planned_launcher! {
     /// Router logits, softmax, top-k with renormalised weights, and the grouping of slots per expert;
     /// zero tokens launch nothing.
-    router(RouterScalars, RouterArgs) = plan
+    router(RouterScalars, RouterArgs) = plan; emulated router_emulated
 }
 
 #[cfg(test)]

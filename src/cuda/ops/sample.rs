@@ -59,7 +59,7 @@ planned_launcher! {
     /// repetition penalty). For the same logits and seed the id equals the host's except when float
     /// rounding puts the uniform exactly at a boundary (the device sums in parallel). Zero rows launch
     /// nothing.
-    sample(SampleScalars, SampleArgs) = plan
+    sample(SampleScalars, SampleArgs) = plan; emulated sample_emulated
 }
 
 #[cfg(test)]

@@ -1,0 +1,220 @@
+// cuda_emulator.h: the CUDA device language as plain C++17, so that the kernels of csrc/*.cu compile
+// with a host compiler and run on the CPU (the `testing` feature's kernel emulator; see
+// csrc/emulator/README.md). Force-included before each kernel file, with MX_EMULATOR defined and
+// csrc/emulator/include/ (empty stand-ins for cuda_bf16.h, cuda_fp16.h, cuda_fp8.h) first on the
+// include path.
+//
+// Execution model (runtime.cpp): the blocks of a launch run one after another; the threads of a
+// block are fibers on one OS thread, switched only at a barrier (__syncthreads) or a warp collective
+// (shuffles, ballots, __syncwarp, mma.sync, ldmatrix), so `__shared__` variables are plain statics
+// and atomics plain read-modify-writes. A warp collective needs all 32 lanes of its warp, alive and
+// at the same collective; anything else, a divergent barrier, or __trap ends the launch with an
+// error instead of a hang. Launches are serialised process-wide.
+#pragma once
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
+
+#ifndef MX_EMULATOR
+#error "cuda_emulator.h is for the emulator build (MX_EMULATOR) only"
+#endif
+
+// ---- qualifiers -------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+
+// ---- built-in vector types --------------------------------------------------------------------
+struct uint3 {
+    unsigned x, y, z;
+};
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+// ---- bf16 (storage and the conversions the kernels use) ---------------------------------------
+struct __nv_bfloat16 {
+    uint16_t __x;
+};
+struct alignas(4) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+
+namespace mx_emu {
+template <class To, class From>
+inline To bits_as(From v) {
+    static_assert(sizeof(To) == sizeof(From), "same size");
+    To out;
+    memcpy(&out, &v, sizeof out);
+    return out;
+}
+}  // namespace mx_emu
+
+inline float __uint_as_float(uint32_t v) { return mx_emu::bits_as<float>(v); }
+inline float __int_as_float(int32_t v) { return mx_emu::bits_as<float>(v); }
+inline uint32_t __float_as_uint(float v) { return mx_emu::bits_as<uint32_t>(v); }
+inline int32_t __float_as_int(float v) { return mx_emu::bits_as<int32_t>(v); }
+inline long long __double_as_longlong(double v) { return mx_emu::bits_as<long long>(v); }
+inline double __longlong_as_double(long long v) { return mx_emu::bits_as<double>(v); }
+
+inline float __bfloat162float(__nv_bfloat16 v) { return __uint_as_float((uint32_t)v.__x << 16); }
+// Round to nearest even; NaN stays a (quiet) NaN.
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    const uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{(uint16_t)((u >> 16) | 0x40u)};
+    return __nv_bfloat16{(uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 v) { return v.__x; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+    return __nv_bfloat162{__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}
+
+// ---- math and bit intrinsics (the GPU's approximate ones computed exactly here) --------------
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __expf(float x) { return expf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+// sin(pi x) and cos(pi x), x reduced modulo 2 first (exactly) as the GPU's sincospi does.
+inline void sincospi(double x, double* s, double* c) {
+    const double r = fmod(x, 2.0);
+    *s = sin(M_PI * r);
+    *c = cos(M_PI * r);
+}
+inline int __popc(uint32_t v) { return __builtin_popcount(v); }
+inline int __clz(uint32_t v) { return v == 0 ? 32 : __builtin_clz(v); }
+inline int __clz(int32_t v) { return __clz((uint32_t)v); }
+// Byte n of the result is byte (s >> 4n) & 7 of the 8 bytes {y:x} (x the low word). The selector's
+// sign-replicating bit 3 is not emulated: a selector using it traps.
+uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s);
+
+template <class A, class B>
+inline typename std::common_type<A, B>::type min(A a, B b) {
+    typedef typename std::common_type<A, B>::type T;
+    return (T)b < (T)a ? (T)b : (T)a;
+}
+template <class A, class B>
+inline typename std::common_type<A, B>::type max(A a, B b) {
+    typedef typename std::common_type<A, B>::type T;
+    return (T)a < (T)b ? (T)b : (T)a;
+}
+
+template <class T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+template <class T>
+inline T __ldcg(const T* p) {
+    return *p;
+}
+// One block's threads never run at the same time as another's and switch only at collectives:
+// every read-modify-write is atomic and every fence trivially satisfied.
+template <class T>
+inline T atomicAdd(T* p, T v) {
+    const T old = *p;
+    *p = old + v;
+    return old;
+}
+inline void __threadfence() {}
+
+// ---- the emulator's runtime (runtime.cpp) -----------------------------------------------------
+namespace mx_emu {
+// The executing thread's coordinates and the launch's geometry.
+uint3 thread_idx();
+uint3 block_idx();
+uint3 block_dim();
+uint3 grid_dim();
+// Waits for every live thread of the block; returns whether any of them passed `predicate`.
+bool block_barrier(bool predicate);
+// Warp all-gather: every lane of the warp passes `bytes` (at most 32) and receives all 32 lanes'
+// values, lane-major, in `all`. `mask` must name the whole warp.
+void warp_gather(uint32_t mask, const void* mine, size_t bytes, void* all);
+// Ends the launch with an error naming the thread.
+[[noreturn]] void trap(const char* why);
+// The 32-bit "shared state space" address of a static in this image, and back.
+uint32_t shared_address(const void* p);
+void* shared_pointer(uint32_t address);
+// The launch's dynamic shared memory (at least 16-byte aligned, as large as the launch asked for).
+void* dynamic_shared();
+
+template <class T>
+inline T shuffle_from(uint32_t mask, T v, int (*source)(int lane, int arg), int arg) {
+    T all[32];
+    warp_gather(mask, &v, sizeof(T), all);
+    const int lane = (int)(thread_idx().x % 32);
+    return all[source(lane, arg)];
+}
+inline int lane_xor(int lane, int m) { return (lane ^ m) & 31; }
+inline int lane_up(int lane, int d) { return lane >= d ? lane - d : lane; }
+inline int lane_down(int lane, int d) { return lane + d < 32 ? lane + d : lane; }
+inline int lane_at(int, int src) { return src & 31; }
+}  // namespace mx_emu
+
+#define threadIdx (::mx_emu::thread_idx())
+#define blockIdx (::mx_emu::block_idx())
+#define blockDim (::mx_emu::block_dim())
+#define gridDim (::mx_emu::grid_dim())
+
+inline void __syncthreads() { mx_emu::block_barrier(false); }
+inline int __syncthreads_or(int predicate) { return mx_emu::block_barrier(predicate != 0) ? 1 : 0; }
+inline void __syncwarp(uint32_t mask = 0xffffffffu) {
+    const char none = 0;
+    char all[32];
+    mx_emu::warp_gather(mask, &none, 1, all);
+}
+template <class T>
+inline T __shfl_xor_sync(uint32_t mask, T v, int lane_mask) {
+    return mx_emu::shuffle_from(mask, v, mx_emu::lane_xor, lane_mask);
+}
+template <class T>
+inline T __shfl_up_sync(uint32_t mask, T v, unsigned delta) {
+    return mx_emu::shuffle_from(mask, v, mx_emu::lane_up, (int)delta);
+}
+template <class T>
+inline T __shfl_down_sync(uint32_t mask, T v, unsigned delta) {
+    return mx_emu::shuffle_from(mask, v, mx_emu::lane_down, (int)delta);
+}
+template <class T>
+inline T __shfl_sync(uint32_t mask, T v, int source) {
+    return mx_emu::shuffle_from(mask, v, mx_emu::lane_at, source);
+}
+uint32_t __ballot_sync(uint32_t mask, int predicate);
+template <class T>
+inline uint32_t __match_any_sync(uint32_t mask, T v) {
+    T all[32];
+    mx_emu::warp_gather(mask, &v, sizeof(T), all);
+    uint32_t peers = 0;
+    for (int l = 0; l < 32; ++l) peers |= (memcmp(&all[l], &v, sizeof(T)) == 0 ? 1u : 0u) << l;
+    return peers;
+}
+[[noreturn]] inline void __trap() { mx_emu::trap("__trap()"); }
+inline size_t __cvta_generic_to_shared(const void* p) { return mx_emu::shared_address(p); }
+
+// ---- the PTX instructions csrc/common.cuh, quant.cuh and quant_mma.cuh issue -------------------
+namespace mx_emu {
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (d += a b), by the fragment layout of the
+// PTX ISA, each product and sum in f32 in k order.
+void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 from the 32-bit shared address `address`.
+void ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed);
+// fma.rn.bf16x2: per 16-bit half, a * b + c rounded once to bf16.
+uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c);
+}  // namespace mx_emu

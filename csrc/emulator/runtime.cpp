@@ -1,0 +1,400 @@
+// runtime.cpp: the kernel emulator's scheduler and its one C entry point, mx_emulator_launch
+// (declared in src/cuda/emulator.rs). A launch runs the grid's blocks one after another; the
+// threads of a block are fibers (ucontext) on the calling OS thread, run in turn, each until it
+// reaches a barrier or a warp collective, or returns; a barrier opens when every live thread of the
+// block is at it, a collective when all 32 lanes of the warp are. Anything that would hang or is
+// undefined on a GPU (a collective with an exited lane or a lane at another barrier, no thread able
+// to go on, __trap, a dynamic shared memory request over the limit) ends the launch with a message.
+#include <stdio.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../common.cuh"
+
+namespace mx_emu {
+namespace {
+
+// The largest dynamic shared memory a launch may ask for (Hopper's per-block limit).
+constexpr size_t DYNAMIC_SHARED_BYTES = 227 * 1024;
+// Stack bytes of each emulated thread.
+constexpr size_t STACK_BYTES = 256 * 1024;
+// Largest value a lane contributes to a warp collective.
+constexpr size_t SLOT_BYTES = 32;
+
+// The origin of the 32-bit shared addresses: every static of this image (the kernels' __shared__
+// variables and the dynamic shared memory below) lies within 2 GiB of it. 256-byte aligned, so an
+// address's low byte is its object's (quant.cuh's table lookups build addresses bytewise).
+alignas(4096) char shared_origin[256];
+alignas(256) char dynamic_shared_memory[DYNAMIC_SHARED_BYTES];
+
+enum class State { Ready, AtBarrier, AtCollective, Done };
+
+struct Thread {
+    ucontext_t context;
+    State state;
+    bool predicate;  // what it passed to the barrier it waits at
+};
+
+// The one launch in progress (launches are serialised by `launch_lock`).
+struct Launch {
+    void (*body)(const void*) = nullptr;
+    const void* params = nullptr;
+    uint3 grid{}, block{};
+    uint3 block_index{};
+    std::vector<Thread> threads;
+    unsigned current = 0;
+    ucontext_t scheduler;
+    bool barrier_result = false;
+    unsigned char slots[1024][SLOT_BYTES];
+    std::string error;
+};
+
+std::mutex launch_lock;
+Launch* active = nullptr;
+
+Launch& launch() { return *active; }
+
+// Suspends the current thread in `state` until the scheduler opens what it waits at.
+void wait(State state) {
+    Launch& l = launch();
+    Thread& t = l.threads[l.current];
+    t.state = state;
+    swapcontext(&t.context, &l.scheduler);
+    if (!l.error.empty()) trap("resumed after an error");
+}
+
+std::string where(const Launch& l, unsigned thread) {
+    char text[160];
+    snprintf(text, sizeof text, "block (%u, %u, %u), thread %u", l.block_index.x, l.block_index.y,
+             l.block_index.z, thread);
+    return text;
+}
+
+void fail(Launch& l, const std::string& what) {
+    if (l.error.empty()) l.error = what;
+}
+
+void thread_main() {
+    Launch& l = launch();
+    l.body(l.params);
+    l.threads[l.current].state = State::Done;
+    // Returns to the scheduler through uc_link.
+}
+
+// Opens what can be opened: a warp whose 32 lanes are all at a collective, else the block barrier
+// once every live thread is at it. Returns false (with an error) when nothing can go on.
+bool release(Launch& l) {
+    const unsigned n = (unsigned)l.threads.size();
+    bool opened = false;
+    for (unsigned w = 0; w * 32 < n; ++w) {
+        unsigned at = 0, other = 0;
+        for (unsigned t = w * 32; t < n && t < w * 32 + 32; ++t) {
+            if (l.threads[t].state == State::AtCollective) ++at;
+            else other++;
+        }
+        if (at == 0) continue;
+        if (other != 0 || w * 32 + 32 > n) {
+            // Some lane has exited, waits at the block barrier, or does not exist: on a GPU the
+            // collective would hang or be undefined.
+            bool anyone_ready = false;
+            for (unsigned t = w * 32; t < n && t < w * 32 + 32; ++t)
+                anyone_ready |= l.threads[t].state == State::Ready;
+            if (anyone_ready) continue;
+            fail(l, where(l, w * 32) + ": warp " + std::to_string(w) +
+                        " reached a warp collective without all 32 lanes (one exited, waits at "
+                        "__syncthreads, or the block is not whole warps)");
+            return false;
+        }
+        for (unsigned t = w * 32; t < w * 32 + 32; ++t) l.threads[t].state = State::Ready;
+        opened = true;
+    }
+    if (opened) return true;
+    unsigned live = 0, at_barrier = 0;
+    bool any = false;
+    for (const Thread& t : l.threads) {
+        if (t.state == State::Done) continue;
+        ++live;
+        if (t.state == State::AtBarrier) {
+            ++at_barrier;
+            any |= t.predicate;
+        }
+    }
+    if (live != 0 && at_barrier == live) {
+        l.barrier_result = any;
+        for (Thread& t : l.threads)
+            if (t.state == State::AtBarrier) t.state = State::Ready;
+        return true;
+    }
+    if (live != 0) {
+        fail(l, where(l, 0) + ": no thread can go on (a __syncthreads some live threads never reach, "
+                              "or threads of one warp at different barriers)");
+        return false;
+    }
+    return true;
+}
+
+// Runs one block to its end (or an error).
+void run_block(Launch& l, std::vector<char*>& stacks, bool reverse) {
+    const unsigned n = (unsigned)l.threads.size();
+    for (unsigned t = 0; t < n; ++t) {
+        Thread& th = l.threads[t];
+        th.state = State::Ready;
+        th.predicate = false;
+        getcontext(&th.context);
+        th.context.uc_stack.ss_sp = stacks[t];
+        th.context.uc_stack.ss_size = STACK_BYTES;
+        th.context.uc_link = &l.scheduler;
+        makecontext(&th.context, thread_main, 0);
+    }
+    for (;;) {
+        bool ran = false;
+        for (unsigned i = 0; i < n; ++i) {
+            const unsigned t = reverse ? n - 1 - i : i;
+            if (l.threads[t].state != State::Ready) continue;
+            l.current = t;
+            ran = true;
+            swapcontext(&l.scheduler, &l.threads[t].context);
+            if (!l.error.empty()) return;
+        }
+        bool all_done = true;
+        for (const Thread& t : l.threads) all_done &= t.state == State::Done;
+        if (all_done) return;
+        if (!release(l) && !ran) return;
+        if (!l.error.empty()) return;
+    }
+}
+
+}  // namespace
+
+uint3 thread_idx() { return uint3{launch().current, 0, 0}; }
+uint3 block_idx() { return launch().block_index; }
+uint3 block_dim() { return launch().block; }
+uint3 grid_dim() { return launch().grid; }
+
+bool block_barrier(bool predicate) {
+    Launch& l = launch();
+    l.threads[l.current].predicate = predicate;
+    wait(State::AtBarrier);
+    return l.barrier_result;
+}
+
+void warp_gather(uint32_t mask, const void* mine, size_t bytes, void* all) {
+    Launch& l = launch();
+    if (mask != 0xffffffffu) trap("a warp collective with a partial lane mask (not emulated)");
+    if (bytes > SLOT_BYTES) trap("a warp collective value over 32 bytes");
+    const unsigned lane = l.current % 32, warp = l.current / 32;
+    memcpy(l.slots[l.current], mine, bytes);
+    wait(State::AtCollective);
+    for (unsigned i = 0; i < 32; ++i)
+        memcpy(static_cast<char*>(all) + i * bytes, l.slots[warp * 32 + i], bytes);
+    (void)lane;
+    // Every lane has read before any lane writes its slot again.
+    wait(State::AtCollective);
+}
+
+void trap(const char* why) {
+    Launch& l = launch();
+    fail(l, where(l, l.current) + ": " + why);
+    l.threads[l.current].state = State::Done;
+    setcontext(&l.scheduler);
+    abort();  // unreachable
+}
+
+uint32_t shared_address(const void* p) {
+    const intptr_t offset = (const char*)p - shared_origin;
+    if (offset < INT32_MIN || offset > INT32_MAX) trap("a shared address of memory that is not shared");
+    return (uint32_t)(int32_t)offset;
+}
+
+void* shared_pointer(uint32_t address) { return shared_origin + (int32_t)address; }
+
+void* dynamic_shared() { return dynamic_shared_memory; }
+
+void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    struct Fragment {
+        uint32_t a[4], b[2];
+    } mine{{a[0], a[1], a[2], a[3]}, {b0, b1}}, all[32];
+    warp_gather(0xffffffffu, &mine, sizeof mine, all);
+    // A [16][16] row-major and B [16 k][8 n] from the fragments: lane 4g + q holds A rows g and
+    // g + 8 at k 2q, 2q + 1 (registers 0, 1) and k 2q + 8, 2q + 9 (registers 2, 3), and B column g
+    // at k 2q, 2q + 1 (register 0) and 2q + 8, 2q + 9 (register 1); the lower index in the low half.
+    float A[16][16], B[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, q = lane % 4;
+        for (int r = 0; r < 4; ++r) {
+            const int row = g + 8 * (r % 2), k = 2 * q + 8 * (r / 2);
+            A[row][k] = __uint_as_float(all[lane].a[r] << 16);
+            A[row][k + 1] = __uint_as_float(all[lane].a[r] & 0xffff0000u);
+        }
+        for (int r = 0; r < 2; ++r) {
+            const int k = 2 * q + 8 * r;
+            B[k][g] = __uint_as_float(all[lane].b[r] << 16);
+            B[k + 1][g] = __uint_as_float(all[lane].b[r] & 0xffff0000u);
+        }
+    }
+    const int lane = (int)(launch().current % 32), g = lane / 4, q = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i / 2), col = 2 * q + i % 2;
+        float acc = d[i];
+        for (int k = 0; k < 16; ++k) acc = fmaf(A[row][k], B[k][col], acc);
+        d[i] = acc;
+    }
+}
+
+void ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed) {
+    uint32_t rows[32];
+    warp_gather(0xffffffffu, &address, sizeof address, rows);
+    const int lane = (int)(launch().current % 32);
+    for (int i = 0; i < 4; ++i) {
+        uint16_t half[2];
+        for (int h = 0; h < 2; ++h) {
+            // Matrix i's rows are at the addresses of lanes 8i..8i+7, 8 b16 elements each.
+            const int row = transposed ? 2 * (lane % 4) + h : lane / 4;
+            const int col = transposed ? lane / 4 : 2 * (lane % 4) + h;
+            const uint32_t at = rows[8 * i + row];
+            if (at % 16 != 0) trap("ldmatrix row address not 16-byte aligned");
+            memcpy(&half[h], static_cast<const char*>(shared_pointer(at)) + 2 * col, 2);
+        }
+        r[i] = (uint32_t)half[0] | ((uint32_t)half[1] << 16);
+    }
+}
+
+uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t out = 0;
+    for (int h = 0; h < 2; ++h) {
+        const double x = __uint_as_float(((a >> (16 * h)) & 0xffffu) << 16);
+        const double y = __uint_as_float(((b >> (16 * h)) & 0xffffu) << 16);
+        const double z = __uint_as_float(((c >> (16 * h)) & 0xffffu) << 16);
+        out |= (uint32_t)__float2bfloat16_rn((float)(x * y + z)).__x << (16 * h);
+    }
+    return out;
+}
+
+}  // namespace mx_emu
+
+uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+    const uint64_t bytes = (uint64_t)x | ((uint64_t)y << 32);
+    uint32_t out = 0;
+    for (int n = 0; n < 4; ++n) {
+        const uint32_t selector = (s >> (4 * n)) & 0xfu;
+        if (selector & 8u) mx_emu::trap("__byte_perm with a sign-replicating selector (not emulated)");
+        out |= (uint32_t)((bytes >> (8 * selector)) & 0xffu) << (8 * n);
+    }
+    return out;
+}
+
+uint32_t __ballot_sync(uint32_t mask, int predicate) {
+    const unsigned char mine = predicate != 0;
+    unsigned char all[32];
+    mx_emu::warp_gather(mask, &mine, 1, all);
+    uint32_t bits = 0;
+    for (int l = 0; l < 32; ++l) bits |= (uint32_t)all[l] << l;
+    return bits;
+}
+
+// The geometry of one launch, as src/cuda/emulator.rs passes it.
+struct MxEmulatorGrid {
+    uint32_t grid[3];
+    uint32_t block;
+    uint32_t shared_bytes;
+    uint32_t reverse;  // run threads and blocks in reverse order (uncovers missing barriers)
+};
+
+namespace {
+
+// The emulated kernels: every entry point of the families compiled into this library.
+struct Entry {
+    const char* symbol;
+    void (*body)(const void*);
+};
+
+#define MX_DECLARE(symbol, ...) void mx_emulated_##symbol(const void*);
+#define MX_ROW(symbol, ...) {#symbol, &mx_emulated_##symbol},
+// Every family but the Hopper-only wgmma experts (moe_wgmma.cu), whose PTX is not emulated.
+#define MX_EMULATED_FAMILIES(X) \
+    MIXTRAL_EMBEDDING_VARIANTS(X) \
+    MIXTRAL_RMSNORM_VARIANTS(X) \
+    MIXTRAL_ROPE_KV_VARIANTS(X) \
+    MIXTRAL_ROUTER_VARIANTS(X) \
+    MIXTRAL_MOE_UP_VARIANTS(X) \
+    MIXTRAL_MOE_DOWN_VARIANTS(X) \
+    MIXTRAL_MOE_MMA_UP_VARIANTS(X) \
+    MIXTRAL_MOE_MMA_DOWN_VARIANTS(X) \
+    MIXTRAL_MOE_GROUPED_UP_VARIANTS(X) \
+    MIXTRAL_MOE_GROUPED_DOWN_VARIANTS(X) \
+    MIXTRAL_ATTENTION_DECODE_VARIANTS(X) \
+    MIXTRAL_ATTENTION_COMBINE_VARIANTS(X) \
+    MIXTRAL_ATTENTION_PREFILL_VARIANTS(X) \
+    MIXTRAL_ARGMAX_VARIANTS(X) \
+    MIXTRAL_SAMPLE_VARIANTS(X) \
+    MIXTRAL_FILL_RANDOM_VARIANTS(X) \
+    MIXTRAL_LINEAR_GEMV_VARIANTS(X) \
+    MIXTRAL_LINEAR_MMA_VARIANTS(X) \
+    MIXTRAL_LINEAR_MMA_DECODE_VARIANTS(X) \
+    MIXTRAL_QLINEAR_VARIANTS(X) \
+    MIXTRAL_QLINEAR_MMA_VARIANTS(X) \
+    MIXTRAL_QMOE_UP_VARIANTS(X) \
+    MIXTRAL_QMOE_DOWN_VARIANTS(X) \
+    MIXTRAL_QMOE_MMA_UP_VARIANTS(X) \
+    MIXTRAL_QMOE_MMA_DOWN_VARIANTS(X) \
+    MIXTRAL_DEQUANTIZE_VARIANTS(X)
+
+}  // namespace
+
+MX_EMULATED_FAMILIES(MX_DECLARE)
+
+namespace {
+const Entry ENTRIES[] = {MX_EMULATED_FAMILIES(MX_ROW)};
+}  // namespace
+
+// Runs the kernel `symbol` with the parameter struct at `params` over `geometry`. Returns 0, or 1
+// with a message in `error` (at most `error_bytes`, NUL-terminated): unknown symbol, a request the
+// emulator cannot meet, or what the kernel did wrong.
+extern "C" int mx_emulator_launch(const char* symbol, const void* params, const MxEmulatorGrid* geometry,
+                                  char* error, size_t error_bytes) {
+    auto report = [&](const std::string& what) {
+        snprintf(error, error_bytes, "%s", what.c_str());
+        return 1;
+    };
+    const Entry* entry = nullptr;
+    for (const Entry& e : ENTRIES)
+        if (strcmp(e.symbol, symbol) == 0) entry = &e;
+    if (entry == nullptr) return report(std::string("kernel ") + symbol + " is not emulated");
+    const uint32_t block = geometry->block;
+    if (block == 0 || block > 1024) return report("block of " + std::to_string(block) + " threads");
+    if (geometry->shared_bytes > mx_emu::DYNAMIC_SHARED_BYTES)
+        return report(std::to_string(geometry->shared_bytes) + " bytes of dynamic shared memory");
+
+    std::lock_guard<std::mutex> guard(mx_emu::launch_lock);
+    static mx_emu::Launch state;
+    mx_emu::Launch& l = state;
+    l.body = entry->body;
+    l.params = params;
+    l.grid = uint3{geometry->grid[0], geometry->grid[1], geometry->grid[2]};
+    l.block = uint3{block, 1, 1};
+    l.threads.assign(block, mx_emu::Thread{});
+    l.error.clear();
+    const size_t stack_bytes = mx_emu::STACK_BYTES * block;
+    void* stack_memory = mmap(nullptr, stack_bytes, PROT_READ | PROT_WRITE,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (stack_memory == MAP_FAILED) return report("no memory for the emulated threads' stacks");
+    std::vector<char*> stacks(block);
+    for (uint32_t t = 0; t < block; ++t) stacks[t] = static_cast<char*>(stack_memory) + t * mx_emu::STACK_BYTES;
+    mx_emu::active = &l;
+    const uint64_t blocks = (uint64_t)l.grid.x * l.grid.y * l.grid.z;
+    for (uint64_t i = 0; i < blocks && l.error.empty(); ++i) {
+        const uint64_t b = geometry->reverse ? blocks - 1 - i : i;
+        l.block_index = uint3{(unsigned)(b % l.grid.x), (unsigned)(b / l.grid.x % l.grid.y),
+                              (unsigned)(b / l.grid.x / l.grid.y)};
+        memset(mx_emu::dynamic_shared_memory, 0xA5, geometry->shared_bytes);
+        mx_emu::run_block(l, stacks, geometry->reverse != 0);
+    }
+    mx_emu::active = nullptr;
+    munmap(stack_memory, stack_bytes);
+    if (!l.error.empty()) return report(std::string(symbol) + ": " + l.error);
+    return 0;
+}

@@ -1,0 +1,125 @@
+//! The kernel emulator (feature `testing`): runs a planner's launches on the CPU, with the kernels
+//! of `csrc/` compiled by the host C++ compiler against `csrc/emulator/` (the device language as
+//! C++: each block in turn, its threads as fibers switched at barriers and warp collectives; see
+//! `csrc/emulator/README.md`). It checks the kernels' indexing, synchronisation and arithmetic
+//! against the CPU reference on machines without a GPU; it says nothing of their speed, of the
+//! GPU's memory model or of the Hopper-only wgmma and CUTLASS kernels, which it does not run.
+//!
+//! The views given to the planners come from host memory ([`View::of_host`],
+//! [`ViewMut::of_host`]); the planners and the generated argument checks run exactly as for a
+//! device.
+
+use std::ffi::{c_char, c_void, CString};
+
+use super::error::CudaError;
+use super::launch::Grid;
+#[cfg(doc)]
+use super::memory::{View, ViewMut};
+
+/// The order the emulator runs a launch's blocks, and a block's threads between barriers, in: a
+/// kernel whose result depends on it reads shared or global memory another thread writes without
+/// a barrier between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Block 0 first; thread 0 first.
+    Forward,
+    /// The last block first; the last thread first.
+    Reverse,
+}
+
+/// Why an emulated launch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    /// The planner refused the shapes or buffers, as it would for a device.
+    #[error(transparent)]
+    Refused(#[from] CudaError),
+    /// The kernel did what a GPU would hang on or leave undefined (a barrier some threads never
+    /// reach, a warp collective without its whole warp, `__trap`), or the emulator cannot run it.
+    #[error("emulated kernel {symbol}: {message}")]
+    Kernel {
+        /// The kernel's symbol.
+        symbol: &'static str,
+        /// What went wrong, with the block and thread.
+        message: String,
+    },
+}
+
+/// The geometry of one launch (`MxEmulatorGrid` in `csrc/emulator/runtime.cpp`).
+#[repr(C)]
+struct EmulatorGrid {
+    grid: [u32; 3],
+    block: u32,
+    shared_bytes: u32,
+    reverse: u32,
+}
+
+extern "C" {
+    /// Runs kernel `symbol` with the parameter struct at `params`; 0, or 1 with a message.
+    fn mx_emulator_launch(
+        symbol: *const c_char,
+        params: *const c_void,
+        geometry: *const EmulatorGrid,
+        error: *mut c_char,
+        error_bytes: usize,
+    ) -> i32;
+}
+
+/// Runs what a planner returned on the emulator, its launches in turn (nothing for zero tokens or
+/// rows), blocks and threads in `order`.
+///
+/// # Safety
+/// `planned` is what a planner just returned for views of host memory ([`View::of_host`],
+/// [`ViewMut::of_host`]) that are still borrowed.
+pub(crate) unsafe fn run_planned<P, const N: usize>(
+    planned: Option<(P, [Grid; N])>,
+    order: Order,
+) -> Result<(), EmulatorError> {
+    let Some((params, grids)) = planned else {
+        return Ok(());
+    };
+    for g in &grids {
+        // SAFETY: as this function's.
+        unsafe { run(&params, g, order)? };
+    }
+    Ok(())
+}
+
+/// Runs one launch of `g` with `params` on the emulator.
+///
+/// # Safety
+/// As [`run_planned`]: `params` and `g` come from a planner, over live views of host memory.
+pub(crate) unsafe fn run<P>(params: &P, g: &Grid, order: Order) -> Result<(), EmulatorError> {
+    let symbol = g.symbol();
+    let name = CString::new(symbol).expect("kernel symbols have no NUL");
+    let geometry = EmulatorGrid {
+        grid: [g.grid.0, g.grid.1, g.grid.2],
+        block: g.block,
+        shared_bytes: g.shared_bytes,
+        reverse: u32::from(order == Order::Reverse),
+    };
+    let mut message = vec![0u8; 1024];
+    // SAFETY: (the caller's) `params` is the planner's parameter struct for `symbol`, whose device
+    // addresses are those of live host views; the generated argument checks made sure every
+    // element the kernel touches for these scalars lies inside them. The runtime writes at most
+    // `message.len()` bytes, NUL included.
+    let status = unsafe {
+        mx_emulator_launch(
+            name.as_ptr(),
+            params as *const P as *const c_void,
+            &geometry,
+            message.as_mut_ptr() as *mut c_char,
+            message.len(),
+        )
+    };
+    if status == 0 {
+        return Ok(());
+    }
+    let end = message
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(message.len());
+    Err(EmulatorError::Kernel {
+        symbol,
+        message: String::from_utf8_lossy(&message[..end]).into_owned(),
+    })
+}
