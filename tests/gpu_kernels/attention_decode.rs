@@ -7,12 +7,14 @@
 
 use half::bf16;
 use mixtral::cuda::args::AttentionDecodeArgs;
-use mixtral::cuda::ops::{attention_decode, attention_splits, AttentionDecodeShape};
+use mixtral::cuda::ops::{
+    attention_decode, attention_decode_emulated, attention_splits, AttentionDecodeShape,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
 use crate::attention_prefill::{strided_queries, Pool};
-use crate::common::{self, Gpu, Guarded};
+use crate::common::{self, launch, Guarded, Target};
 
 /// One random decode case: sequence r holds `cached[r] + queries[r]` positions and asks for its
 /// last `queries[r]` of them.
@@ -77,7 +79,7 @@ fn cases() -> impl Strategy<Value = Case> {
         )
 }
 
-fn check(gpu: &Gpu, case: &Case) {
+fn check(gpu: &Target, case: &Case) {
     let stream = gpu.stream();
     let heads = case.group * case.kv_heads;
     let width = heads * case.head_dim;
@@ -143,9 +145,9 @@ fn check(gpu: &Gpu, case: &Case) {
         .dev_mut()
         .column_groups([width, q_stride - width])
         .expect("whole rows of q");
-    attention_decode(
-        &gpu.kernels,
-        stream,
+    launch!(
+        gpu.on(),
+        attention_decode | attention_decode_emulated,
         &shape,
         AttentionDecodeArgs {
             q: q.into(),
@@ -176,9 +178,7 @@ fn check(gpu: &Gpu, case: &Case) {
 
 #[test]
 fn attention_decode_matches_the_cpu_reference() {
-    let Some(gpu) = common::gpu("attention_decode_matches_the_cpu_reference") else {
-        return;
-    };
+    let gpu = common::target("attention_decode_matches_the_cpu_reference");
     let mut runner = TestRunner::new(Config {
         cases: 16,
         ..Config::default()

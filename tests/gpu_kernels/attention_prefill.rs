@@ -8,11 +8,13 @@ use half::bf16;
 use mixtral::cpu::attention::{attention, AttentionShape, SequenceCache};
 use mixtral::cpu::matmul::active_kernel;
 use mixtral::cuda::args::AttentionPrefillArgs;
-use mixtral::cuda::ops::{attention_prefill, AttentionPrefillShape, PagedCacheShape};
+use mixtral::cuda::ops::{
+    attention_prefill, attention_prefill_emulated, AttentionPrefillShape, PagedCacheShape,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use crate::common::{self, Gpu, Guarded};
+use crate::common::{self, launch, Guarded, Target};
 
 /// Random K/V caches holding several sequences in shuffled blocks, and their block tables.
 pub(crate) struct Pool {
@@ -205,7 +207,7 @@ fn cases() -> impl Strategy<Value = Case> {
 /// Runs the op on `pool`'s row `seq_row` and returns its output (guards and full coverage checked).
 #[allow(clippy::too_many_arguments)]
 fn run(
-    gpu: &Gpu,
+    gpu: &Target,
     pool: &Pool,
     tables: &[i32],
     seq_row: usize,
@@ -237,9 +239,9 @@ fn run(
         .dev_mut()
         .column_groups([width, q_stride - width])
         .expect("whole rows of q");
-    attention_prefill(
-        &gpu.kernels,
-        stream,
+    launch!(
+        gpu.on(),
+        attention_prefill | attention_prefill_emulated,
         &shape,
         AttentionPrefillArgs {
             q: q.into(),
@@ -299,7 +301,7 @@ fn prefill_bound(keys: usize) -> f64 {
     common::bf16_bound(keys, 2)
 }
 
-fn check(gpu: &Gpu, case: &Case) {
+fn check(gpu: &Target, case: &Case) {
     let p = prepare(case);
     let out = run(
         gpu,
@@ -375,9 +377,7 @@ fn attention_fixture_is_a_shuffled_partition_of_the_pool() {
 
 #[test]
 fn attention_prefill_matches_the_cpu_reference() {
-    let Some(gpu) = common::gpu("attention_prefill_matches_the_cpu_reference") else {
-        return;
-    };
+    let gpu = common::target("attention_prefill_matches_the_cpu_reference");
     let mut runner = TestRunner::new(Config {
         cases: 16,
         ..Config::default()
@@ -396,9 +396,7 @@ fn attention_prefill_matches_the_cpu_reference() {
 /// window equal to the sequence.
 #[test]
 fn attention_prefill_tile_edges() {
-    let Some(gpu) = common::gpu("attention_prefill_tile_edges") else {
-        return;
-    };
+    let gpu = common::target("attention_prefill_tile_edges");
     for (seed, (group, tokens, start_pos, window)) in (12..).zip([
         (4, 31, 0, None),
         (4, 32, 0, None),
@@ -440,9 +438,7 @@ fn attention_prefill_tile_edges() {
 /// and inside the buffer; with no entry in range every output is zero.
 #[test]
 fn attention_prefill_skips_out_of_range_block_table_entries() {
-    let Some(gpu) = common::gpu("attention_prefill_skips_out_of_range_block_table_entries") else {
-        return;
-    };
+    let gpu = common::target("attention_prefill_skips_out_of_range_block_table_entries");
     let (heads, head_dim, block_size, start_pos, tokens) = (4, 32, 4, 20, 10);
     let pool = Pool::new(99, &[start_pos + tokens], block_size, 2, head_dim, 1);
     let (q_rows, q) = strided_queries(100, tokens, heads * head_dim, heads * head_dim);

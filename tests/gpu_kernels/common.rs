@@ -146,7 +146,8 @@ pub enum Target {
     Emulator(std::cell::Cell<u32>),
 }
 
-/// How [`launch!`] issues one op on a [`Target`].
+/// How [`launch!`] issues one op on a [`Target`] ([`Target::on`]).
+#[derive(Clone, Copy)]
 pub enum On<'a> {
     /// On the GPU.
     Gpu(&'a Kernels, &'a std::sync::Arc<CudaStream>),
@@ -180,6 +181,18 @@ impl Target {
         }
     }
 
+    /// The GPU's stream.
+    ///
+    /// # Panics
+    /// On the emulator: for the tests of kernels it does not run (wgmma, CUTLASS), which get
+    /// their target from [`gpu`] only.
+    pub fn cuda_stream(&self) -> &std::sync::Arc<CudaStream> {
+        match self {
+            Target::Gpu(gpu) => gpu.stream(),
+            Target::Emulator(_) => panic!("this test needs a GPU; the emulator does not run it"),
+        }
+    }
+
     /// True on the emulator (slow: tests run fewer random cases there).
     pub fn emulated(&self) -> bool {
         matches!(self, Target::Emulator(_))
@@ -210,6 +223,17 @@ pub fn target(test: &str) -> Target {
     }
 }
 
+/// The GPU's kernels and stream of `on`, for an op the emulator does not run (wgmma, CUTLASS).
+///
+/// # Panics
+/// On the emulator ([`Target::cuda_stream`]).
+pub fn on_gpu(on: On<'_>) -> (&Kernels, &std::sync::Arc<CudaStream>) {
+    match on {
+        On::Gpu(kernels, stream) => (kernels, stream),
+        On::Emulator(_) => panic!("this op runs on a GPU only; the emulator does not run it"),
+    }
+}
+
 /// The emulator's refusal of an op as the device launcher's error; a kernel fault the emulator
 /// found (a barrier some threads never reach, a warp collective without its warp, `__trap`)
 /// fails the test.
@@ -220,11 +244,11 @@ pub fn refused(e: mixtral::cuda::emulator::EmulatorError) -> mixtral::cuda::Cuda
     }
 }
 
-/// Runs `op` (on the GPU) or its emulated twin `emulated` (on the emulator) on a [`Target`] with
+/// Runs `op` (on the GPU) or its emulated twin `emulated` (on the emulator) as [`On`] says, with
 /// the op's arguments after `kernels, stream`; the launcher's `Result`.
 macro_rules! launch {
-    ($target:expr, $op:path | $emulated:path, $($arg:expr),+ $(,)?) => {
-        match $target.on() {
+    ($on:expr, $op:path | $emulated:path, $($arg:expr),+ $(,)?) => {
+        match $on {
             $crate::common::On::Gpu(kernels, stream) => $op(kernels, stream, $($arg),+),
             $crate::common::On::Emulator(order) => {
                 $emulated($($arg),+, order).map_err($crate::common::refused)

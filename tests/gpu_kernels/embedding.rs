@@ -5,18 +5,16 @@ use half::bf16;
 use mixtral::cpu::embedding::embed;
 use mixtral::cuda::args::{EmbeddingArgs, EmbeddingScalars};
 use mixtral::cuda::memory::AnyViewMut;
-use mixtral::cuda::ops::embedding;
+use mixtral::cuda::ops::{embedding, embedding_emulated};
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use crate::common::{self, random_values, to_bf16, to_f32, Guarded};
+use crate::common::{self, launch, random_values, to_bf16, to_f32, Guarded};
 
 #[test]
 fn embedding_copies_the_table_rows() {
-    let Some(gpu) = common::gpu("embedding_copies_the_table_rows") else {
-        return;
-    };
+    let gpu = common::target("embedding_copies_the_table_rows");
     let strategy = (
         1usize..12,
         prop::sample::select(vec![1usize, 7, 64, 257, 1000, 4096]),
@@ -25,7 +23,7 @@ fn embedding_copies_the_table_rows() {
         any::<bool>(),
         any::<bool>(),
     );
-    let mut runner = TestRunner::new(Config::with_cases(20));
+    let mut runner = TestRunner::new(Config::with_cases(gpu.cases(20, 6)));
     runner
         .run(
             &strategy,
@@ -57,7 +55,8 @@ fn embedding_copies_the_table_rows() {
                         table: table_d.dev(),
                         out: AnyViewMut::F32(out.dev_mut()),
                     };
-                    embedding(&gpu.kernels, stream, &shape, args).expect("embedding");
+                    launch!(gpu.on(), embedding | embedding_emulated, &shape, args)
+                        .expect("embedding");
                     out.read_written(stream, "out f32")
                 } else {
                     let mut out = Guarded::<bf16>::poisoned(stream, tokens * hidden);
@@ -66,7 +65,8 @@ fn embedding_copies_the_table_rows() {
                         table: table_d.dev(),
                         out: AnyViewMut::Bf16(out.dev_mut()),
                     };
-                    embedding(&gpu.kernels, stream, &shape, args).expect("embedding");
+                    launch!(gpu.on(), embedding | embedding_emulated, &shape, args)
+                        .expect("embedding");
                     to_f32(&out.read_written(stream, "out bf16"))
                 };
                 for (n, (o, r)) in out.iter().zip(&reference).enumerate() {

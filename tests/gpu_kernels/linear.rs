@@ -5,18 +5,17 @@
 //! the crossover; zero tokens touching nothing; the decode kernel on tensor cores
 //! (`linear_mma_decode`) for up to 16 tokens.
 
-use cudarc::driver::CudaStream;
 use half::bf16;
 use mixtral::cpu::matmul::matmul;
 use mixtral::cuda::args::{LinearArgs, LinearScalars};
-use mixtral::cuda::ops::{linear, linear_mma_decode};
+use mixtral::cuda::ops::{linear, linear_emulated, linear_mma_decode, linear_mma_decode_emulated};
 use mixtral::cuda::params::LINEAR_GEMV_MAX_TOKENS;
-use mixtral::cuda::{CudaError, Kernels};
+use mixtral::cuda::CudaError;
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-use crate::common::{self, Gpu, Guarded};
+use crate::common::{self, launch, Guarded, On, Target};
 
 /// The bound of one output: exact bf16 products summed in f32 over `in_features` terms
 /// ([`common::f32_bound`]: only the order and, on the tensor-core path, the accumulator's rounding
@@ -67,22 +66,29 @@ fn problem(seed: u64, tokens: usize, in_features: usize, out_features: usize) ->
 /// A launcher of the dense projection: `linear`, `linear_mma_decode`, or `linear_cutlass` with its
 /// scratch.
 pub(crate) trait LinearOp:
-    FnMut(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>
+    FnMut(On<'_>, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>
 {
 }
-impl<F: FnMut(&Kernels, &CudaStream, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>>
-    LinearOp for F
-{
+impl<F: FnMut(On<'_>, &LinearScalars, LinearArgs<'_>) -> Result<(), CudaError>> LinearOp for F {}
+
+/// [`linear`] on the GPU or the emulator.
+fn linear_op(on: On<'_>, s: &LinearScalars, a: LinearArgs<'_>) -> Result<(), CudaError> {
+    launch!(on, linear | linear_emulated, s, a)
+}
+
+/// [`linear_mma_decode`] on the GPU or the emulator.
+fn linear_mma_decode_op(on: On<'_>, s: &LinearScalars, a: LinearArgs<'_>) -> Result<(), CudaError> {
+    launch!(on, linear_mma_decode | linear_mma_decode_emulated, s, a)
 }
 
 /// Runs `linear` on `p` into a poisoned, guarded output and reads it back as f32 (every element
 /// must be written, nothing outside touched).
-fn run(gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<f32> {
-    run_op(&mut linear, gpu, p, out_f32)
+fn run(gpu: &Target, p: &Problem, out_f32: bool) -> Vec<f32> {
+    run_op(&mut linear_op, gpu, p, out_f32)
 }
 
 /// [`run`] with `op`.
-fn run_op(op: &mut impl LinearOp, gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<f32> {
+fn run_op(op: &mut impl LinearOp, gpu: &Target, p: &Problem, out_f32: bool) -> Vec<f32> {
     let stream = gpu.stream();
     let x = Guarded::with(stream, &p.x);
     let w = Guarded::with(stream, &p.w);
@@ -90,8 +96,7 @@ fn run_op(op: &mut impl LinearOp, gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<
     if out_f32 {
         let mut out = Guarded::<f32>::poisoned(stream, len);
         op(
-            &gpu.kernels,
-            stream,
+            gpu.on(),
             &p.shape,
             LinearArgs {
                 x: x.dev(),
@@ -104,8 +109,7 @@ fn run_op(op: &mut impl LinearOp, gpu: &Gpu, p: &Problem, out_f32: bool) -> Vec<
     } else {
         let mut out = Guarded::<bf16>::poisoned(stream, len);
         op(
-            &gpu.kernels,
-            stream,
+            gpu.on(),
             &p.shape,
             LinearArgs {
                 x: x.dev(),
@@ -133,11 +137,9 @@ fn in_features() -> impl Strategy<Value = usize> {
 #[test]
 fn linear_matches_the_cpu_reference() {
     let name = "linear_matches_the_cpu_reference";
-    let Some(gpu) = common::gpu(name) else {
-        return;
-    };
+    let gpu = common::target(name);
     let shapes = (prop::sample::select(TOKENS), 1usize..=300);
-    check_random_shapes(&gpu, &mut linear, shapes);
+    check_random_shapes(&gpu, &mut linear_op, shapes);
 }
 
 /// The decode kernel on tensor cores (`linear_mma_decode`, up to 16 tokens) against the same
@@ -145,17 +147,15 @@ fn linear_matches_the_cpu_reference() {
 #[test]
 fn linear_mma_decode_matches_the_cpu_reference() {
     let name = "linear_mma_decode_matches_the_cpu_reference";
-    let Some(gpu) = common::gpu(name) else {
-        return;
-    };
+    let gpu = common::target(name);
     let shapes = (1usize..=LINEAR_GEMV_MAX_TOKENS as usize, 1usize..=300);
-    check_random_shapes(&gpu, &mut linear_mma_decode, shapes);
+    check_random_shapes(&gpu, &mut linear_mma_decode_op, shapes);
 }
 
 /// `op` on random problems (tokens and out_features from `shapes`, [`in_features`], both output
 /// types) against the CPU reference within [`bound`].
 pub(crate) fn check_random_shapes(
-    gpu: &Gpu,
+    gpu: &Target,
     op: &mut impl LinearOp,
     shapes: (impl Strategy<Value = usize>, impl Strategy<Value = usize>),
 ) {
@@ -167,7 +167,7 @@ pub(crate) fn check_random_shapes(
         any::<bool>(),
         any::<u64>(),
     );
-    let mut runner = TestRunner::new(Config::with_cases(24));
+    let mut runner = TestRunner::new(Config::with_cases(gpu.cases(24, 8)));
     let op = std::cell::RefCell::new(op);
     runner
         .run(
@@ -191,9 +191,7 @@ pub(crate) fn check_random_shapes(
 
 #[test]
 fn gemv_and_tensor_core_paths_agree_at_the_crossover() {
-    let Some(gpu) = common::gpu("gemv_and_tensor_core_paths_agree_at_the_crossover") else {
-        return;
-    };
+    let gpu = common::target("gemv_and_tensor_core_paths_agree_at_the_crossover");
     let gemv_tokens = LINEAR_GEMV_MAX_TOKENS as usize;
     let (in_features, out_features) = (1096, 299);
     // The same first rows: the GEMM problem is the GEMV problem plus one token.
@@ -231,15 +229,13 @@ fn gemv_and_tensor_core_paths_agree_at_the_crossover() {
 
 #[test]
 fn mixtral_hidden_size_through_both_paths() {
-    let Some(gpu) = common::gpu("mixtral_hidden_size_through_both_paths") else {
-        return;
-    };
-    check_hidden_size(&gpu, &mut linear, &[1, 8, 130]);
+    let gpu = common::target("mixtral_hidden_size_through_both_paths");
+    check_hidden_size(&gpu, &mut linear_op, &[1, 8, 130]);
 }
 
 /// `op` with Mixtral's hidden size as K and 520 outputs at each of `tokens`, both output types,
 /// against the CPU reference within [`bound`].
-pub(crate) fn check_hidden_size(gpu: &Gpu, op: &mut impl LinearOp, tokens: &[usize]) {
+pub(crate) fn check_hidden_size(gpu: &Target, op: &mut impl LinearOp, tokens: &[usize]) {
     for (seed, &tokens) in (1..).zip(tokens) {
         let p = problem(seed, tokens, 4096, 520);
         for out_f32 in [true, false] {
@@ -256,14 +252,12 @@ pub(crate) fn check_hidden_size(gpu: &Gpu, op: &mut impl LinearOp, tokens: &[usi
 
 #[test]
 fn zero_tokens_touch_nothing() {
-    let Some(gpu) = common::gpu("zero_tokens_touch_nothing") else {
-        return;
-    };
-    check_zero_tokens(&gpu, &mut linear);
+    let gpu = common::target("zero_tokens_touch_nothing");
+    check_zero_tokens(&gpu, &mut linear_op);
 }
 
 /// `op` over zero tokens (64 in, 16 out features) succeeds and writes nothing.
-pub(crate) fn check_zero_tokens(gpu: &Gpu, op: &mut impl LinearOp) {
+pub(crate) fn check_zero_tokens(gpu: &Target, op: &mut impl LinearOp) {
     let stream = gpu.stream();
     let p = problem(5, 0, 64, 16);
     let x = Guarded::with(stream, &p.x);
@@ -274,6 +268,6 @@ pub(crate) fn check_zero_tokens(gpu: &Gpu, op: &mut impl LinearOp) {
         w: w.dev(),
         out: out.dev_mut().into(),
     };
-    op(&gpu.kernels, stream, &p.shape, args).expect("zero tokens");
+    op(gpu.on(), &p.shape, args).expect("zero tokens");
     assert!(out.read(stream, "out").is_empty());
 }

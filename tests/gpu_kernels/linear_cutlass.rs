@@ -17,7 +17,6 @@ use mixtral::cuda::memory::DeviceArena;
 use mixtral::cuda::ops::{
     linear_cutlass, linear_cutlass_self_check, LinearCutlassScratch, LINEAR_CUTLASS_BF16_BOUND,
 };
-use mixtral::cuda::Kernels;
 use proptest::prelude::*;
 
 use super::linear::{check_hidden_size, check_random_shapes, check_zero_tokens, LinearOp};
@@ -29,7 +28,8 @@ use crate::common;
 fn with_own_scratch(stream: &Arc<CudaStream>) -> impl LinearOp {
     let stream = Arc::clone(stream);
     let mut kept = Vec::new();
-    move |_: &Kernels, on: &CudaStream, s: &LinearScalars, args: LinearArgs<'_>| {
+    move |on: common::On<'_>, s: &LinearScalars, args: LinearArgs<'_>| {
+        let (_, on) = common::on_gpu(on);
         let mut arena = DeviceArena::new(Arc::clone(&stream));
         let features = [(s.in_features, s.out_features)];
         let mut scratch = LinearCutlassScratch::new(&mut arena, &stream, &features, s.tokens)?;
@@ -49,9 +49,9 @@ fn with_scratch(
     let mut arena = DeviceArena::new(Arc::clone(stream));
     let mut scratch = LinearCutlassScratch::new(&mut arena, stream, features, max_tokens)
         .unwrap_or_else(|e| panic!("scratch for {features:?} x {max_tokens}: {e}"));
-    move |_: &Kernels, stream: &CudaStream, s: &LinearScalars, args: LinearArgs<'_>| {
+    move |on: common::On<'_>, s: &LinearScalars, args: LinearArgs<'_>| {
         let _arena = &arena;
-        linear_cutlass(stream, s, args, &mut scratch)
+        linear_cutlass(common::on_gpu(on).1, s, args, &mut scratch)
     }
 }
 
@@ -60,7 +60,7 @@ fn linear_cutlass_matches_the_cpu_reference() {
     let Some(gpu) = hopper_gpu("linear_cutlass_matches_the_cpu_reference") else {
         return;
     };
-    let mut op = with_own_scratch(gpu.stream());
+    let mut op = with_own_scratch(gpu.cuda_stream());
     let tokens = prop::sample::select(vec![1usize, 2, 16, 17, 40, 127, 128, 129, 257, 300]);
     let out_features = (1usize..=38).prop_map(|m| m * 8);
     check_random_shapes(&gpu, &mut op, (tokens, out_features));
@@ -73,7 +73,7 @@ fn linear_cutlass_splits_long_k_over_the_sms() {
     let Some(gpu) = hopper_gpu("linear_cutlass_splits_long_k_over_the_sms") else {
         return;
     };
-    let mut op = with_scratch(gpu.stream(), &[(4096, 520)], 130);
+    let mut op = with_scratch(gpu.cuda_stream(), &[(4096, 520)], 130);
     check_hidden_size(&gpu, &mut op, &[17, 64, 130]);
 }
 
@@ -82,8 +82,8 @@ fn linear_cutlass_splits_long_k_over_the_sms() {
 /// what is recorded, and nothing may depend on state left by the first replay.
 fn replayed(stream: &Arc<CudaStream>, mut op: impl LinearOp) -> impl LinearOp {
     let stream = Arc::clone(stream);
-    move |kernels: &Kernels, on: &CudaStream, s: &LinearScalars, args: LinearArgs<'_>| {
-        common::replayed_twice(&stream, || op(kernels, on, s, args))
+    move |on: common::On<'_>, s: &LinearScalars, args: LinearArgs<'_>| {
+        common::replayed_twice(&stream, || op(on, s, args))
     }
 }
 
@@ -94,8 +94,8 @@ fn linear_cutlass_replays_inside_a_captured_graph() {
         return;
     };
     let mut op = replayed(
-        gpu.stream(),
-        with_scratch(gpu.stream(), &[(4096, 520)], 130),
+        gpu.cuda_stream(),
+        with_scratch(gpu.cuda_stream(), &[(4096, 520)], 130),
     );
     check_hidden_size(&gpu, &mut op, &[40, 130]);
 }
@@ -105,7 +105,7 @@ fn linear_cutlass_with_zero_tokens_touches_nothing() {
     let Some(gpu) = hopper_gpu("linear_cutlass_with_zero_tokens_touches_nothing") else {
         return;
     };
-    check_zero_tokens(&gpu, &mut with_scratch(gpu.stream(), &[(64, 16)], 4));
+    check_zero_tokens(&gpu, &mut with_scratch(gpu.cuda_stream(), &[(64, 16)], 4));
 }
 
 /// Where the CUTLASS kernels run, the self-check passes within the larger (bf16) bound; elsewhere

@@ -9,7 +9,7 @@
 //! kernels' comparisons are in [`quant`](super::quant), beside the other kernels over packed
 //! stacks; their self-checks and gate are here.
 
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 use mixtral::cuda::args::{MoeArgs, MoeScalars};
@@ -19,7 +19,7 @@ use mixtral::cuda::ops::{
     MoeCutlassQ8Scratch, MoeCutlassScratch, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
     FP8_SELF_CHECK_BOUND, INT8_SELF_CHECK_BOUND, WGMMA_SELF_CHECK_BOUND,
 };
-use mixtral::cuda::{CudaError, Kernels};
+use mixtral::cuda::CudaError;
 use mixtral::quant::Q8;
 use proptest::prelude::*;
 
@@ -33,11 +33,11 @@ use crate::common;
 /// them (no GPU: the skip of `common::gpu`; another GPU or no CUTLASS in the build: not applicable,
 /// and `moe_cutlass_self_check_and_device_gate` checks the refusal).
 fn hopper_stream(test: &str) -> Option<Arc<CudaStream>> {
-    hopper_gpu(test).map(|gpu| Arc::clone(gpu.stream()))
+    hopper_gpu(test).map(|gpu| Arc::clone(gpu.cuda_stream()))
 }
 
 /// [`hopper_stream`]'s device with its kernels.
-pub(crate) fn hopper_gpu(test: &str) -> Option<MutexGuard<'static, common::Gpu>> {
+pub(crate) fn hopper_gpu(test: &str) -> Option<common::Target> {
     let gpu = common::gpu(test)?;
     let (major, minor) = gpu.device.compute_capability();
     if (major, minor) != CUTLASS_COMPUTE_CAPABILITY || !CUTLASS_BUILT {
@@ -48,7 +48,7 @@ pub(crate) fn hopper_gpu(test: &str) -> Option<MutexGuard<'static, common::Gpu>>
         );
         return None;
     }
-    Some(gpu)
+    Some(common::Target::Gpu(gpu))
 }
 
 /// Runs [`check_moe_with`] on `case` with a scratch made for its shape.
@@ -74,7 +74,8 @@ fn check_cutlass_replayed(
     let mut arena = DeviceArena::new(Arc::clone(stream));
     let mut scratch = MoeCutlassScratch::new(&mut arena, stream, &max)
         .unwrap_or_else(|e| panic!("{name}: scratch for {case:?}: {e}"));
-    let mut op = |_: &Kernels, on: &CudaStream, s: &MoeScalars, args: MoeArgs<'_>| {
+    let mut op = |on: common::On<'_>, s: &MoeScalars, args: MoeArgs<'_>| {
+        let (_, on) = common::on_gpu(on);
         let launch = || moe_cutlass_gemm(on, s, args, &mut scratch);
         if replay {
             common::replayed_twice(stream, launch)
@@ -162,8 +163,8 @@ fn moe_cutlass_on_a_rank_holding_one_expert_of_top_2() {
     let mut arena = DeviceArena::new(Arc::clone(&stream));
     let mut scratch = MoeCutlassScratch::new(&mut arena, &stream, &max)
         .unwrap_or_else(|e| panic!("{name}: scratch: {e}"));
-    let mut op = |_: &Kernels, stream: &CudaStream, s: &MoeScalars, args: MoeArgs<'_>| {
-        moe_cutlass_gemm(stream, s, args, &mut scratch)
+    let mut op = |on: common::On<'_>, s: &MoeScalars, args: MoeArgs<'_>| {
+        moe_cutlass_gemm(common::on_gpu(on).1, s, args, &mut scratch)
     };
     check_one_held_expert(name, (&mut op, ActOrder::ExpertSorted), tokens as usize);
 }

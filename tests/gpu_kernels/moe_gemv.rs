@@ -4,18 +4,17 @@
 //! test), `act` compared per slot with `silu(w1 x) * (w3 x)`, `out` per slot with
 //! `weight * expert_mlp(x)`, and the per-token sum of `out` with `moe_block`.
 
-use cudarc::driver::CudaStream;
 use half::bf16;
 use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::moe::{moe_block, Expert};
 use mixtral::cpu::router::{group_by_expert, route};
 use mixtral::cuda::args::{MoeArgs, MoeScalars};
-use mixtral::cuda::ops::{moe_gemv, moe_mma, ActOrder};
-use mixtral::cuda::{CudaError, Kernels};
+use mixtral::cuda::ops::{moe_gemv, moe_gemv_emulated, moe_mma, moe_mma_emulated, ActOrder};
+use mixtral::cuda::CudaError;
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
 
-use crate::common::{self, Guarded, Poison};
+use crate::common::{self, launch, Guarded, On, Poison};
 use crate::shared::moe::expert_slots;
 
 /// One random MoE problem.
@@ -110,12 +109,21 @@ pub fn cases(tokens: impl Strategy<Value = usize>) -> impl Strategy<Value = MoeC
         )
 }
 
-/// The op under test: [`moe_gemv`] or one with its signature.
-pub type MoeOp = fn(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError>;
+/// The op under test, issued as [`On`] says: [`moe_gemv_op`] or one with its signature.
+pub type MoeOp = fn(On<'_>, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError>;
 
 /// An op with [`MoeOp`]'s signature that may hold state (a scratch), and where it leaves `act`.
-pub type MoeOpMut<'o> =
-    dyn FnMut(&Kernels, &CudaStream, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError> + 'o;
+pub type MoeOpMut<'o> = dyn FnMut(On<'_>, &MoeScalars, MoeArgs<'_>) -> Result<(), CudaError> + 'o;
+
+/// [`moe_gemv`] on the GPU or the emulator.
+pub fn moe_gemv_op(on: On<'_>, s: &MoeScalars, a: MoeArgs<'_>) -> Result<(), CudaError> {
+    launch!(on, moe_gemv | moe_gemv_emulated, s, a)
+}
+
+/// [`moe_mma`] on the GPU or the emulator.
+pub fn moe_mma_op(on: On<'_>, s: &MoeScalars, a: MoeArgs<'_>) -> Result<(), CudaError> {
+    launch!(on, moe_mma | moe_mma_emulated, s, a)
+}
 
 /// Runs `op` on `case` and compares `act` and `out` with the CPU reference; `name` labels failures.
 /// Returns the slots each expert received (the routing is built even when there is no device).
@@ -181,9 +189,7 @@ pub fn check_moe_with(
     let sorted: Vec<i32> = groups.assignments.iter().map(|&a| a as i32).collect();
 
     // The device run.
-    let Some(gpu) = common::gpu(name) else {
-        return groups.counts;
-    };
+    let gpu = common::target(name);
     let stream = gpu.stream();
     let d_x = Guarded::with(stream, &x_bf16);
     let d_w1 = Guarded::with(stream, &w1);
@@ -202,8 +208,7 @@ pub fn check_moe_with(
         top_k: top_k as u32,
     };
     op(
-        &gpu.kernels,
-        stream,
+        gpu.on(),
         &shape,
         MoeArgs {
             x: d_x.dev(),
@@ -218,7 +223,7 @@ pub fn check_moe_with(
         },
     )
     .unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
-    stream.synchronize().expect("synchronize");
+    stream.synchronize();
     let act = common::to_f32(&d_act.read_written(stream, "act"));
     let act = order.in_slot_order(act, &sorted, inter, f32::NAN);
     let out = d_out.read_written(stream, "out");
@@ -303,7 +308,7 @@ proptest! {
     fn moe_gemv_matches_the_cpu_experts(
         case in cases(prop_oneof![Just(1usize), 1usize..8, 8usize..40]),
     ) {
-        let counts = check_moe("moe_gemv", moe_gemv, &case);
+        let counts = check_moe("moe_gemv", moe_gemv_op, &case);
         prop_assert_eq!(counts.iter().sum::<usize>(), case.tokens * case.top_k);
     }
 }
@@ -317,7 +322,7 @@ proptest! {
     fn moe_mma_matches_the_cpu_experts(
         case in cases(prop_oneof![Just(1usize), 1usize..17, 17usize..160]),
     ) {
-        let counts = check_moe("moe_mma", moe_mma, &case);
+        let counts = check_moe("moe_mma", moe_mma_op, &case);
         prop_assert_eq!(counts.iter().sum::<usize>(), case.tokens * case.top_k);
     }
 }
@@ -326,7 +331,7 @@ proptest! {
 #[test]
 fn moe_mma_on_a_rank_holding_one_expert_of_top_2() {
     let name = "moe_mma_on_a_rank_holding_one_expert_of_top_2";
-    let mut op: MoeOp = moe_mma;
+    let mut op: MoeOp = moe_mma_op;
     check_one_held_expert(name, (&mut op, ActOrder::Slots), 40);
 }
 
@@ -342,7 +347,7 @@ fn moe_gemv_with_idle_experts() {
         cold: 0b1010_0000,
         seed: 7,
     };
-    let counts = check_moe("moe_gemv_with_idle_experts", moe_gemv, &case);
+    let counts = check_moe("moe_gemv_with_idle_experts", moe_gemv_op, &case);
     assert_eq!(
         (counts[5], counts[7]),
         (0, 0),
@@ -357,7 +362,7 @@ fn moe_gemv_with_idle_experts() {
 #[test]
 fn moe_gemv_on_a_rank_holding_one_expert_of_top_2() {
     let name = "moe_gemv_on_a_rank_holding_one_expert_of_top_2";
-    let mut op: MoeOp = moe_gemv;
+    let mut op: MoeOp = moe_gemv_op;
     check_one_held_expert(name, (&mut op, ActOrder::Slots), 5);
 }
 
@@ -389,9 +394,7 @@ pub fn check_one_held_expert(
         .map(|&o| o as i32)
         .collect();
     let sorted: Vec<i32> = groups.assignments.iter().map(|&a| a as i32).collect();
-    let Some(gpu) = common::gpu(name) else {
-        return;
-    };
+    let gpu = common::target(name);
     let stream = gpu.stream();
     let one = |w: &[bf16]| Guarded::with(stream, &w[held * matrix..(held + 1) * matrix]);
     let (d_w1, d_w3, d_w2) = (one(&w1), one(&w3), one(&w2));
@@ -419,8 +422,8 @@ pub fn check_one_held_expert(
         act: d_act.dev_mut(),
         out: d_out.dev_mut(),
     };
-    op(&gpu.kernels, stream, &shape, args).unwrap_or_else(|e| panic!("{name}: {e}"));
-    stream.synchronize().expect("synchronize");
+    op(gpu.on(), &shape, args).unwrap_or_else(|e| panic!("{name}: {e}"));
+    stream.synchronize();
     let act = d_act.read(stream, "act");
     let out = d_out.read(stream, "out");
     // In slot order: a row the op left alone stays poisoned.

@@ -47,7 +47,7 @@ proptest! {
         case in cases(prop_oneof![Just(1usize), 1usize..8, 8usize..300]),
     ) {
         if hopper("moe_wgmma_matches_the_cpu_experts") {
-            let counts = check_moe("moe_wgmma_gemm", moe_wgmma_gemm, &case);
+            let counts = check_moe("moe_wgmma_gemm", wgmma_op, &case);
             prop_assert_eq!(counts.iter().sum::<usize>(), case.tokens * case.top_k);
         }
     }
@@ -61,7 +61,7 @@ fn moe_wgmma_with_skewed_routing() {
     if !hopper(name) {
         return;
     }
-    assert_skewed(&check_moe(name, moe_wgmma_gemm, &SKEWED));
+    assert_skewed(&check_moe(name, wgmma_op, &SKEWED));
 }
 
 /// A single token, top-1, four experts: one tile with one row.
@@ -71,7 +71,7 @@ fn moe_wgmma_single_token() {
     if !hopper(name) {
         return;
     }
-    let counts = check_moe(name, moe_wgmma_gemm, &SINGLE_TOKEN);
+    let counts = check_moe(name, wgmma_op, &SINGLE_TOKEN);
     assert_eq!(counts.iter().sum::<usize>(), 1);
 }
 
@@ -83,7 +83,7 @@ fn moe_wgmma_with_long_k() {
     if !hopper(name) {
         return;
     }
-    check_moe(name, moe_wgmma_gemm, &LONG_K);
+    check_moe(name, wgmma_op, &LONG_K);
 }
 
 /// On compute capability 9.0 the self-check passes (within its bound); elsewhere it answers
@@ -151,7 +151,18 @@ fn moe_wgmma_self_check_and_device_gate() {
 fn moe_wgmma_on_a_rank_holding_one_expert_of_top_2() {
     let name = "moe_wgmma_on_a_rank_holding_one_expert_of_top_2";
     if hopper(name) {
-        let mut op: MoeOp = moe_wgmma_gemm;
+        let mut op: MoeOp = wgmma_op;
         check_one_held_expert(name, (&mut op, ActOrder::Slots), 40);
     }
+}
+
+/// [`moe_wgmma_gemm`] as a [`MoeOp`]: on the GPU only (the tests above run it where the device
+/// does).
+fn wgmma_op(
+    on: common::On<'_>,
+    s: &mixtral::cuda::args::MoeScalars,
+    a: mixtral::cuda::args::MoeArgs<'_>,
+) -> Result<(), mixtral::cuda::CudaError> {
+    let (kernels, stream) = common::on_gpu(on);
+    moe_wgmma_gemm(kernels, stream, s, a)
 }

@@ -80,7 +80,7 @@ fn rmsnorm_matches_the_cpu_reference_for_every_addend() {
                 Kind::F32 => Some(AnyView::F32(add_f32.dev())),
             };
             launch!(
-                target,
+                target.on(),
                 rmsnorm | rmsnorm_emulated,
                 &RmsnormScalars {
                     rows: rows as u32,

@@ -8,12 +8,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use half::bf16;
 use mixtral::cpu::rope::Rope;
 use mixtral::cuda::args::{RopeKvArgs, RopeKvScalars};
-use mixtral::cuda::ops::rope_kv;
+use mixtral::cuda::ops::{rope_kv, rope_kv_emulated};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
 use crate::common::{
-    self, assert_close, bf16_bound, random_values, to_bf16, to_f32, Guarded, Poison,
+    self, assert_close, bf16_bound, launch, random_values, to_bf16, to_f32, Guarded, Poison,
 };
 
 const MAX_POSITION: usize = 32_768;
@@ -27,9 +27,7 @@ fn compact(data: &[f32], tokens: usize, stride: usize, width: usize) -> Vec<f32>
 
 #[test]
 fn rope_kv_rotates_and_fills_the_paged_cache() {
-    let Some(gpu) = common::gpu("rope_kv_rotates_and_fills_the_paged_cache") else {
-        return;
-    };
+    let gpu = common::target("rope_kv_rotates_and_fills_the_paged_cache");
     let strategy = (
         (
             1usize..8,
@@ -43,7 +41,7 @@ fn rope_kv_rotates_and_fills_the_paged_cache() {
         any::<u64>(),
         any::<bool>(),
     );
-    let mut runner = TestRunner::new(Config::with_cases(20));
+    let mut runner = TestRunner::new(Config::with_cases(gpu.cases(20, 6)));
     runner
         .run(
             &strategy,
@@ -135,9 +133,9 @@ fn rope_kv_rotates_and_fills_the_paged_cache() {
                         .dev_mut()
                         .column_groups([kv_width, pv])
                         .expect("whole rows of v");
-                    rope_kv(
-                        &gpu.kernels,
-                        stream,
+                    launch!(
+                        gpu.on(),
+                        rope_kv | rope_kv_emulated,
                         &scalars,
                         RopeKvArgs {
                             q: q_rows,

@@ -7,18 +7,18 @@
 use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::router::{group_by_expert, route};
 use mixtral::cuda::args::{RouterArgs, RouterScalars};
-use mixtral::cuda::ops::router;
+use mixtral::cuda::ops::{router, router_emulated};
 use mixtral::dtype::WeightSlice;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use crate::common::{self, assert_close, f32_bound, random_values, to_bf16, to_f32, Guarded};
+use crate::common::{
+    self, assert_close, f32_bound, launch, random_values, to_bf16, to_f32, Guarded,
+};
 
 #[test]
 fn router_picks_and_groups_the_host_experts() {
-    let Some(gpu) = common::gpu("router_picks_and_groups_the_host_experts") else {
-        return;
-    };
+    let gpu = common::target("router_picks_and_groups_the_host_experts");
     let strategy =
         prop::sample::select(vec![1usize, 2, 3, 8, 16, 60, 256]).prop_flat_map(|experts| {
             (
@@ -30,7 +30,7 @@ fn router_picks_and_groups_the_host_experts() {
                 any::<bool>(),
             )
         });
-    let mut runner = TestRunner::new(Config::with_cases(24));
+    let mut runner = TestRunner::new(Config::with_cases(gpu.cases(24, 8)));
     let done = std::cell::RefCell::new(Guarded::with(gpu.stream(), &[0u32]));
     runner
         .run(
@@ -60,9 +60,9 @@ fn router_picks_and_groups_the_host_experts() {
                 let mut counts = Guarded::<i32>::poisoned(stream, experts);
                 let mut offsets = Guarded::<i32>::poisoned(stream, experts + 1);
                 let mut sorted = Guarded::<i32>::poisoned(stream, slots);
-                router(
-                    &gpu.kernels,
-                    stream,
+                launch!(
+                    gpu.on(),
+                    router | router_emulated,
                     &RouterScalars {
                         tokens: tokens as u32,
                         hidden: hidden as u32,

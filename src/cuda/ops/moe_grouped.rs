@@ -9,6 +9,8 @@
 
 use cudarc::driver::CudaStream;
 
+#[cfg(feature = "testing")]
+use super::moe_gemv::moe_gemv_emulated;
 use super::moe_gemv::{moe_gemv, moe_rules};
 use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::{aligned, Check};
@@ -127,6 +129,19 @@ pub fn moe_experts(
     match select(Op::Experts, s.tokens as usize, Format::Bf16, Device::default()) {
         Choice::MoeGemv => moe_gemv(kernels, stream, s, args),
         _ => moe_grouped_gemm(kernels, stream, s, args),
+    }
+}
+
+/// [`moe_experts`] on the kernel emulator (feature `testing`), over views of host memory.
+#[cfg(feature = "testing")]
+pub fn moe_experts_emulated(
+    s: &MoeScalars,
+    args: MoeArgs<'_>,
+    order: crate::cuda::emulator::Order,
+) -> Result<(), crate::cuda::emulator::EmulatorError> {
+    match select(Op::Experts, s.tokens as usize, Format::Bf16, Device::default()) {
+        Choice::MoeGemv => moe_gemv_emulated(s, args, order),
+        _ => moe_grouped_gemm_emulated(s, args, order),
     }
 }
 
