@@ -137,11 +137,14 @@ inline void __threadfence() {}
 
 // ---- the emulator's runtime (runtime.cpp) -----------------------------------------------------
 namespace mx_emu {
-// The executing thread's coordinates and the launch's geometry.
-uint3 thread_idx();
-uint3 block_idx();
-uint3 block_dim();
-uint3 grid_dim();
+// The executing thread's index in its block, its block's coordinates, and the launch's geometry
+// (set by the scheduler).
+extern unsigned current_thread;
+extern uint3 current_block, launch_grid, launch_block;
+inline uint3 thread_idx() { return uint3{current_thread, 0, 0}; }
+inline uint3 block_idx() { return current_block; }
+inline uint3 block_dim() { return launch_block; }
+inline uint3 grid_dim() { return launch_grid; }
 // Waits for every live thread of the block; returns whether any of them passed `predicate`.
 bool block_barrier(bool predicate);
 // Warp all-gather: every lane of the warp passes `bytes` (at most 32) and receives all 32 lanes'
@@ -155,12 +158,21 @@ void* shared_pointer(uint32_t address);
 // The launch's dynamic shared memory (at least 16-byte aligned, as large as the launch asked for).
 void* dynamic_shared();
 
+// The exchange slot (32 bytes) of `lane` in the current thread's warp.
+void* warp_slot(unsigned lane);
+// Waits until all 32 lanes of the warp are at a warp collective (`mask` must name them all).
+void warp_wait(uint32_t mask);
+
 template <class T>
 inline T shuffle_from(uint32_t mask, T v, int (*source)(int lane, int arg), int arg) {
-    T all[32];
-    warp_gather(mask, &v, sizeof(T), all);
-    const int lane = (int)(thread_idx().x % 32);
-    return all[source(lane, arg)];
+    static_assert(sizeof(T) <= 32, "a shuffled value fits an exchange slot");
+    const int lane = (int)(current_thread % 32);
+    memcpy(warp_slot(lane), &v, sizeof(T));
+    warp_wait(mask);
+    T out;
+    memcpy(&out, warp_slot(source(lane, arg)), sizeof(T));
+    warp_wait(mask);  // every lane has read before any lane writes its slot again
+    return out;
 }
 inline int lane_xor(int lane, int m) { return (lane ^ m) & 31; }
 inline int lane_up(int lane, int d) { return lane >= d ? lane - d : lane; }

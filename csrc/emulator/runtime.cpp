@@ -1,19 +1,56 @@
 // runtime.cpp: the kernel emulator's scheduler and its one C entry point, mx_emulator_launch
 // (declared in src/cuda/emulator.rs). A launch runs the grid's blocks one after another; the
-// threads of a block are fibers (ucontext) on the calling OS thread, run in turn, each until it
+// threads of a block are fibers on the calling OS thread (switched by `switch_stack` below), run in turn, each until it
 // reaches a barrier or a warp collective, or returns; a barrier opens when every live thread of the
 // block is at it, a collective when all 32 lanes of the warp are. Anything that would hang or is
 // undefined on a GPU (a collective with an exited lane or a lane at another barrier, no thread able
 // to go on, __trap, a dynamic shared memory request over the limit) ends the launch with a message.
+#if !defined(__x86_64__)
+#error "the kernel emulator switches stacks with x86-64 code (mx_emulator_switch)"
+#endif
+
 #include <stdio.h>
+#include <stdlib.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <mutex>
 #include <string>
 #include <vector>
 
 #include "../common.cuh"
+
+// Saves the callee-saved registers and the floating-point control words on the current stack,
+// stores the stack pointer in *from and continues on the stack `to` (saved the same way, or made by
+// new_stack). x86-64 System V.
+extern "C" void mx_emulator_switch(void** from, void* to);
+asm(R"(
+    .text
+    .globl mx_emulator_switch
+    .type mx_emulator_switch, @function
+mx_emulator_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size mx_emulator_switch, .-mx_emulator_switch
+)");
 
 namespace mx_emu {
 namespace {
@@ -34,7 +71,7 @@ alignas(256) char dynamic_shared_memory[DYNAMIC_SHARED_BYTES];
 enum class State { Ready, AtBarrier, AtCollective, Done };
 
 struct Thread {
-    ucontext_t context;
+    void* stack_pointer;  // where mx_emulator_switch saved it
     State state;
     bool predicate;  // what it passed to the barrier it waits at
 };
@@ -47,7 +84,7 @@ struct Launch {
     uint3 block_index{};
     std::vector<Thread> threads;
     unsigned current = 0;
-    ucontext_t scheduler;
+    void* scheduler = nullptr;  // the scheduler's saved stack pointer
     bool barrier_result = false;
     unsigned char slots[1024][SLOT_BYTES];
     std::string error;
@@ -63,8 +100,16 @@ void wait(State state) {
     Launch& l = launch();
     Thread& t = l.threads[l.current];
     t.state = state;
-    swapcontext(&t.context, &l.scheduler);
-    if (!l.error.empty()) trap("resumed after an error");
+    mx_emulator_switch(&t.stack_pointer, l.scheduler);
+}
+
+// Ends the current thread: back to the scheduler, never resumed.
+[[noreturn]] void finish() {
+    Launch& l = launch();
+    Thread& t = l.threads[l.current];
+    t.state = State::Done;
+    mx_emulator_switch(&t.stack_pointer, l.scheduler);
+    abort();  // a finished thread is never resumed
 }
 
 std::string where(const Launch& l, unsigned thread) {
@@ -78,11 +123,24 @@ void fail(Launch& l, const std::string& what) {
     if (l.error.empty()) l.error = what;
 }
 
-void thread_main() {
+// The first frame of every thread: the kernel's body, then back to the scheduler for good.
+[[noreturn]] void thread_main() {
     Launch& l = launch();
     l.body(l.params);
-    l.threads[l.current].state = State::Done;
-    // Returns to the scheduler through uc_link.
+    finish();
+}
+
+// A fresh stack for a thread at the top of `stack`: what mx_emulator_switch pops (the default
+// floating-point control words, zeroed callee-saved registers) and thread_main as the address it
+// returns to, placed so that thread_main starts as if called (the stack 16-byte aligned before the
+// call).
+void* new_stack(char* stack) {
+    uint64_t* top = reinterpret_cast<uint64_t*>(stack + STACK_BYTES);
+    *--top = 0;  // thread_main's own return address slot (it never returns): keeps the alignment
+    *--top = reinterpret_cast<uint64_t>(&thread_main);
+    for (int i = 0; i < 6; ++i) *--top = 0;   // rbp, rbx, r12..r15
+    *--top = 0x1F80u | (0x037Full << 32);      // MXCSR, x87 control word
+    return top;
 }
 
 // Opens what can be opened: a warp whose 32 lanes are all at a collective, else the block barrier
@@ -144,11 +202,7 @@ void run_block(Launch& l, std::vector<char*>& stacks, bool reverse) {
         Thread& th = l.threads[t];
         th.state = State::Ready;
         th.predicate = false;
-        getcontext(&th.context);
-        th.context.uc_stack.ss_sp = stacks[t];
-        th.context.uc_stack.ss_size = STACK_BYTES;
-        th.context.uc_link = &l.scheduler;
-        makecontext(&th.context, thread_main, 0);
+        th.stack_pointer = new_stack(stacks[t]);
     }
     for (;;) {
         bool ran = false;
@@ -156,8 +210,9 @@ void run_block(Launch& l, std::vector<char*>& stacks, bool reverse) {
             const unsigned t = reverse ? n - 1 - i : i;
             if (l.threads[t].state != State::Ready) continue;
             l.current = t;
+            current_thread = t;
             ran = true;
-            swapcontext(&l.scheduler, &l.threads[t].context);
+            mx_emulator_switch(&l.scheduler, l.threads[t].stack_pointer);
             if (!l.error.empty()) return;
         }
         bool all_done = true;
@@ -170,10 +225,18 @@ void run_block(Launch& l, std::vector<char*>& stacks, bool reverse) {
 
 }  // namespace
 
-uint3 thread_idx() { return uint3{launch().current, 0, 0}; }
-uint3 block_idx() { return launch().block_index; }
-uint3 block_dim() { return launch().block; }
-uint3 grid_dim() { return launch().grid; }
+unsigned current_thread = 0;
+uint3 current_block{}, launch_grid{}, launch_block{};
+
+void* warp_slot(unsigned lane) {
+    Launch& l = launch();
+    return l.slots[l.current / 32 * 32 + lane];
+}
+
+void warp_wait(uint32_t mask) {
+    if (mask != 0xffffffffu) trap("a warp collective with a partial lane mask (not emulated)");
+    wait(State::AtCollective);
+}
 
 bool block_barrier(bool predicate) {
     Launch& l = launch();
@@ -184,24 +247,20 @@ bool block_barrier(bool predicate) {
 
 void warp_gather(uint32_t mask, const void* mine, size_t bytes, void* all) {
     Launch& l = launch();
-    if (mask != 0xffffffffu) trap("a warp collective with a partial lane mask (not emulated)");
     if (bytes > SLOT_BYTES) trap("a warp collective value over 32 bytes");
-    const unsigned lane = l.current % 32, warp = l.current / 32;
+    const unsigned warp = l.current / 32;
     memcpy(l.slots[l.current], mine, bytes);
-    wait(State::AtCollective);
+    warp_wait(mask);
     for (unsigned i = 0; i < 32; ++i)
         memcpy(static_cast<char*>(all) + i * bytes, l.slots[warp * 32 + i], bytes);
-    (void)lane;
     // Every lane has read before any lane writes its slot again.
-    wait(State::AtCollective);
+    warp_wait(mask);
 }
 
 void trap(const char* why) {
     Launch& l = launch();
     fail(l, where(l, l.current) + ": " + why);
-    l.threads[l.current].state = State::Done;
-    setcontext(&l.scheduler);
-    abort();  // unreachable
+    finish();
 }
 
 uint32_t shared_address(const void* p) {
@@ -385,11 +444,14 @@ extern "C" int mx_emulator_launch(const char* symbol, const void* params, const 
     std::vector<char*> stacks(block);
     for (uint32_t t = 0; t < block; ++t) stacks[t] = static_cast<char*>(stack_memory) + t * mx_emu::STACK_BYTES;
     mx_emu::active = &l;
+    mx_emu::launch_grid = l.grid;
+    mx_emu::launch_block = l.block;
     const uint64_t blocks = (uint64_t)l.grid.x * l.grid.y * l.grid.z;
     for (uint64_t i = 0; i < blocks && l.error.empty(); ++i) {
         const uint64_t b = geometry->reverse ? blocks - 1 - i : i;
         l.block_index = uint3{(unsigned)(b % l.grid.x), (unsigned)(b / l.grid.x % l.grid.y),
                               (unsigned)(b / l.grid.x / l.grid.y)};
+        mx_emu::current_block = l.block_index;
         memset(mx_emu::dynamic_shared_memory, 0xA5, geometry->shared_bytes);
         mx_emu::run_block(l, stacks, geometry->reverse != 0);
     }

@@ -103,6 +103,20 @@ impl Poison for i32 {
     }
 }
 
+impl Poison for u8 {
+    const POISON: u8 = 0xa5;
+    fn same_bits(a: u8, b: u8) -> bool {
+        a == b
+    }
+}
+
+impl Poison for u64 {
+    const POISON: u64 = 0xdead_beef_5a5a_a5a5;
+    fn same_bits(a: u64, b: u64) -> bool {
+        a == b
+    }
+}
+
 impl Poison for u32 {
     const POISON: u32 = 0xa5a5_a5a5;
     fn same_bits(a: u32, b: u32) -> bool {
@@ -198,8 +212,8 @@ impl Target {
         matches!(self, Target::Emulator(_))
     }
 
-    /// `gpu` random cases on the GPU, `emulated` on the emulator.
-    pub fn cases(&self, gpu: u32, emulated: u32) -> u32 {
+    /// A count of random cases or of rows: `gpu` on the GPU, `emulated` (fewer) on the emulator.
+    pub fn cases<T>(&self, gpu: T, emulated: T) -> T {
         if self.emulated() {
             emulated
         } else {

@@ -19,9 +19,14 @@
 //! NaN never passes. A bound is not widened after a failed run without the measurement that
 //! justifies it, committed with it.
 //!
-//! On a machine without a CUDA driver or device every test prints `skipped <test>: no GPU: ...` and
-//! passes; with a device present, a device or kernel load failure fails every test
-//! (`tests/common/gpu.rs`), and `scripts/gpu-check` counts a skip there as a failure.
+//! On a machine without a CUDA driver or device the tests run on the kernel emulator instead
+//! (`mixtral::cuda::emulator`, `csrc/emulator/README.md`: the same kernel sources compiled for the
+//! CPU, the same planners and argument checks, launches alternately in forward and reverse thread
+//! order), with fewer random cases where a kernel is slow there ([`common::Target::cases`]); each
+//! prints `<test>: no GPU (...): on the kernel emulator`. The Hopper-only kernels (wgmma, CUTLASS),
+//! which the emulator does not run, skip there with `skipped <test>: no GPU: ...`. With a device
+//! present, a device or kernel load failure fails every test (`tests/common/gpu.rs`), and
+//! `scripts/gpu-check` counts a skip there as a failure.
 #![cfg(feature = "cuda")]
 
 #[path = "../common/mod.rs"]

@@ -7,7 +7,6 @@
 //! experts included), `dequantize` bit-exact against the host values rounded to bf16; the 4-bit
 //! tensor-core decode kernels (`PackedKernel::Mma`) on the formats they read.
 
-use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::moe::Expert;
@@ -15,10 +14,10 @@ use mixtral::cpu::router::{group_by_expert, route};
 use mixtral::cuda::args::{LinearScalars, MoeScalars, QMoeArgs};
 use mixtral::cuda::engine::matrix::table_values;
 use mixtral::cuda::memory::DeviceArena;
-use mixtral::cuda::memory::View;
 use mixtral::cuda::ops::{
-    dequantize, moe_cutlass_q8_gemm, qlinear, qmoe, shared_perm, DequantShape, MoeCutlassQ8Scratch,
-    PackedKernel, PackedView, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
+    dequantize, dequantize_emulated, moe_cutlass_q8_gemm, qlinear, qlinear_emulated, qmoe,
+    qmoe_emulated, shared_perm, DequantShape, MoeCutlassQ8Scratch, PackedKernel, PackedView,
+    CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
 };
 use mixtral::dtype::WeightSlice;
 use mixtral::packed::lut4::{self, Lut4};
@@ -26,7 +25,7 @@ use mixtral::quant::{fp8, int4, int8, PackedKind, PackedMatrix, Q8};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-use crate::common::{self, Gpu, Guarded, Poison};
+use crate::common::{self, launch, Guarded, Poison, Stream, Target};
 use crate::shared::moe::{expert_slots_with, Activations};
 
 /// The bound of a qlinear output over `cols` columns against the CPU on the dequantized matrix:
@@ -143,14 +142,14 @@ fn random_matrix(
 /// its kind (LUT4) as the engine uploads it.
 struct DeviceStack {
     kind: PackedKind,
-    codes: CudaSlice<u8>,
-    params: CudaSlice<f32>,
-    perm: Option<CudaSlice<u32>>,
-    table: Option<CudaSlice<f32>>,
+    codes: Guarded<u8>,
+    params: Guarded<f32>,
+    perm: Option<Guarded<u32>>,
+    table: Option<Guarded<f32>>,
 }
 
 impl DeviceStack {
-    fn upload(stream: &std::sync::Arc<CudaStream>, matrices: &[&PackedMatrix]) -> Self {
+    fn upload(stream: Stream<'_>, matrices: &[&PackedMatrix]) -> Self {
         let codes: Vec<u8> = matrices
             .iter()
             .flat_map(|m| m.codes.iter().copied())
@@ -166,28 +165,27 @@ impl DeviceStack {
             .map(|p| p.concat());
         DeviceStack {
             kind: matrices[0].kind,
-            codes: stream.clone_htod(&codes).expect("upload codes"),
-            params: stream.clone_htod(&params).expect("upload params"),
-            perm: perm.map(|p| stream.clone_htod(&p).expect("upload perm")),
-            table: table_values(matrices[0].kind)
-                .map(|t| stream.clone_htod(&t).expect("upload table")),
+            codes: Guarded::with(stream, &codes),
+            params: Guarded::with(stream, &params),
+            perm: perm.map(|p| Guarded::with(stream, &p)),
+            table: table_values(matrices[0].kind).map(|t| Guarded::with(stream, &t)),
         }
     }
 
     fn weights(&self) -> PackedView<'_> {
         PackedView {
             kind: self.kind,
-            codes: View::of(&self.codes),
-            params: View::of(&self.params),
-            perm: self.perm.as_ref().map(View::of),
-            table: self.table.as_ref().map(View::of),
+            codes: self.codes.dev(),
+            params: self.params.dev(),
+            perm: self.perm.as_ref().map(Guarded::dev),
+            table: self.table.as_ref().map(Guarded::dev),
         }
     }
 
     /// The same stack with another stack's permutation buffer (w3 sharing w1's).
-    fn weights_with_perm<'a>(&'a self, perm: Option<&'a CudaSlice<u32>>) -> PackedView<'a> {
+    fn weights_with_perm<'a>(&'a self, perm: Option<&'a Guarded<u32>>) -> PackedView<'a> {
         PackedView {
-            perm: perm.map(View::of),
+            perm: perm.map(Guarded::dev),
             ..self.weights()
         }
     }
@@ -197,14 +195,20 @@ impl DeviceStack {
 // qlinear
 
 /// Runs qlinear on `m` and bf16 `x` into a poisoned, guarded output; returns it as f32.
-fn run_qlinear(gpu: &Gpu, m: &PackedMatrix, x: &[bf16], tokens: usize, out_f32: bool) -> Vec<f32> {
+fn run_qlinear(
+    gpu: &Target,
+    m: &PackedMatrix,
+    x: &[bf16],
+    tokens: usize,
+    out_f32: bool,
+) -> Vec<f32> {
     run_qlinear_with(PackedKernel::Gemv, gpu, m, x, tokens, out_f32)
 }
 
 /// Runs qlinear on `kernel` as [`run_qlinear`] does.
 fn run_qlinear_with(
     kernel: PackedKernel,
-    gpu: &Gpu,
+    gpu: &Target,
     m: &PackedMatrix,
     x: &[bf16],
     tokens: usize,
@@ -221,9 +225,9 @@ fn run_qlinear_with(
     let len = tokens * m.rows;
     if out_f32 {
         let mut out = Guarded::<f32>::poisoned(stream, len);
-        qlinear(
-            &gpu.kernels,
-            stream,
+        launch!(
+            gpu.on(),
+            qlinear | qlinear_emulated,
             &shape,
             (d_x.dev(), w.weights()),
             out.dev_mut().into(),
@@ -233,9 +237,9 @@ fn run_qlinear_with(
         out.read_written(stream, "out")
     } else {
         let mut out = Guarded::<bf16>::poisoned(stream, len);
-        qlinear(
-            &gpu.kernels,
-            stream,
+        launch!(
+            gpu.on(),
+            qlinear | qlinear_emulated,
             &shape,
             (d_x.dev(), w.weights()),
             out.dev_mut().into(),
@@ -248,10 +252,7 @@ fn run_qlinear_with(
 
 #[test]
 fn qlinear_matches_the_cpu_reference_on_the_dequantized_matrix() {
-    let Some(gpu) = common::gpu("qlinear_matches_the_cpu_reference_on_the_dequantized_matrix")
-    else {
-        return;
-    };
+    let gpu = common::target("qlinear_matches_the_cpu_reference_on_the_dequantized_matrix");
     let strategy = (
         0..KINDS.len(),
         1usize..=16,
@@ -294,9 +295,7 @@ fn qlinear_matches_the_cpu_reference_on_the_dequantized_matrix() {
 
 #[test]
 fn qlinear_every_format_at_a_mixtral_projection_shape() {
-    let Some(gpu) = common::gpu("qlinear_every_format_at_a_mixtral_projection_shape") else {
-        return;
-    };
+    let gpu = common::target("qlinear_every_format_at_a_mixtral_projection_shape");
     for (i, kind) in KINDS.into_iter().enumerate() {
         for (tokens, permuted) in [(1, false), (8, true), (13, false)] {
             let seed = 100 + i as u64;
@@ -333,9 +332,7 @@ const MMA_KINDS: [PackedKind; 4] = [
 #[test]
 fn qlinear_mma_matches_the_cpu_reference_on_the_dequantized_matrix() {
     let name = "qlinear_mma_matches_the_cpu_reference_on_the_dequantized_matrix";
-    let Some(gpu) = common::gpu(name) else {
-        return;
-    };
+    let gpu = common::target(name);
     let strategy = (
         0..MMA_KINDS.len(),
         1usize..=16,
@@ -382,9 +379,7 @@ fn qlinear_mma_matches_the_cpu_reference_on_the_dequantized_matrix() {
 
 #[test]
 fn qlinear_mma_at_mixtral_projection_shapes() {
-    let Some(gpu) = common::gpu("qlinear_mma_at_mixtral_projection_shapes") else {
-        return;
-    };
+    let gpu = common::target("qlinear_mma_at_mixtral_projection_shapes");
     for (i, (tokens, rows)) in [(1, 6144), (8, 4096), (9, 264), (16, 520)]
         .into_iter()
         .enumerate()
@@ -413,9 +408,7 @@ fn qlinear_mma_at_mixtral_projection_shapes() {
 
 #[test]
 fn qlinear_zero_tokens_touch_nothing() {
-    let Some(gpu) = common::gpu("qlinear_zero_tokens_touch_nothing") else {
-        return;
-    };
+    let gpu = common::target("qlinear_zero_tokens_touch_nothing");
     let m = random_matrix(PackedKind::Int4 { group_size: 32 }, 9, 10, 64, true);
     assert!(run_qlinear(&gpu, &m, &[], 0, true).is_empty());
 }
@@ -425,9 +418,7 @@ fn qlinear_zero_tokens_touch_nothing() {
 
 #[test]
 fn dequantize_is_bit_exact_against_the_host_values() {
-    let Some(gpu) = common::gpu("dequantize_is_bit_exact_against_the_host_values") else {
-        return;
-    };
+    let gpu = common::target("dequantize_is_bit_exact_against_the_host_values");
     let strategy = (
         0..KINDS.len(),
         1usize..=3,
@@ -452,9 +443,9 @@ fn dequantize_is_bit_exact_against_the_host_values() {
             let refs: Vec<&PackedMatrix> = matrices.iter().collect();
             let w = DeviceStack::upload(stream, &refs);
             let mut out = Guarded::<bf16>::poisoned(stream, expected.len());
-            dequantize(
-                &gpu.kernels,
-                stream,
+            launch!(
+                gpu.on(),
+                dequantize | dequantize_emulated,
                 &DequantShape {
                     count: count as u32,
                     rows: rows as u32,
@@ -567,8 +558,13 @@ fn check_qmoe(name: &str, case: &QMoeCase) {
 /// Runs `kernel` on `case` and compares its outputs per slot with the CPU expert MLP on the
 /// dequantized experts (with the activations `kernel` multiplies with).
 fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
-    let Some(gpu) = common::gpu(name) else {
-        return;
+    // The CUTLASS kernels run on a GPU only; the others on the emulator too.
+    let gpu = match kernel {
+        QMoeKernel::CutlassQ8 => match common::gpu(name) {
+            Some(gpu) => Target::Gpu(gpu),
+            None => return,
+        },
+        _ => common::target(name),
     };
     let &QMoeCase {
         kind,
@@ -688,21 +684,25 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
     };
     let kinds = [w1s.kind, w3s.kind, w2s.kind];
     let run = match kernel {
-        QMoeKernel::Gemv => qmoe(
-            &gpu.kernels,
-            stream,
+        QMoeKernel::Gemv => launch!(
+            gpu.on(),
+            qmoe | qmoe_emulated,
             &shape,
             (kinds, args),
             PackedKernel::Gemv,
         ),
-        QMoeKernel::Mma => qmoe(
-            &gpu.kernels,
-            stream,
+        QMoeKernel::Mma => launch!(
+            gpu.on(),
+            qmoe | qmoe_emulated,
             &shape,
             (kinds, args),
             PackedKernel::Mma,
         ),
         QMoeKernel::CutlassQ8 => {
+            let Target::Gpu(gpu) = &gpu else {
+                unreachable!("{name}: the CUTLASS cases open the GPU only");
+            };
+            let stream = gpu.stream();
             let format = Q8::of(kind).expect("an 8-bit case");
             let mut arena = DeviceArena::new(std::sync::Arc::clone(stream));
             let mut scratch = match MoeCutlassQ8Scratch::new(&mut arena, stream, &shape, format) {
@@ -723,7 +723,7 @@ fn check_qmoe_with(name: &str, kernel: QMoeKernel, case: &QMoeCase) {
         }
     };
     run.unwrap_or_else(|e| panic!("{name} {case:?}: {e}"));
-    stream.synchronize().expect("synchronize");
+    stream.synchronize();
     let untouched = |what: &str| format!("{name} {what} {case:?}");
     let out = compared_rows(
         &d_out.read(stream, "out"),

@@ -73,6 +73,21 @@ pub fn dequantize(
     launch_planned(kernels, stream, plan(s, kind, &args)?)
 }
 
+/// [`dequantize`] on the kernel emulator (feature `testing`), over views of host memory.
+#[cfg(feature = "testing")]
+pub fn dequantize_emulated(
+    s: &DequantShape,
+    w: PackedView<'_>,
+    out: ViewMut<'_, bf16>,
+    order: crate::cuda::emulator::Order,
+) -> Result<(), crate::cuda::emulator::EmulatorError> {
+    let PackedView { kind, codes, params, perm, table } = w;
+    let args = DequantArgs { codes, params, perm, table, out };
+    let planned = plan(s, kind, &args)?;
+    // SAFETY: planned just now over `args`, whose views stay borrowed until this returns.
+    unsafe { crate::cuda::emulator::run_planned(planned, order) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

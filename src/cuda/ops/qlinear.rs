@@ -107,6 +107,22 @@ pub fn qlinear(
     launch_planned(kernels, stream, plan(kernel, s, kind, &args)?)
 }
 
+/// [`qlinear`] on the kernel emulator (feature `testing`), over views of host memory.
+#[cfg(feature = "testing")]
+pub fn qlinear_emulated(
+    s: &LinearScalars,
+    (x, w): (View<'_, bf16>, PackedView<'_>),
+    out: AnyViewMut<'_>,
+    kernel: PackedKernel,
+    order: crate::cuda::emulator::Order,
+) -> Result<(), crate::cuda::emulator::EmulatorError> {
+    let PackedView { kind, codes, params, perm, table } = w;
+    let args = QLinearArgs { x, codes, params, perm, table, out };
+    let planned = plan(kernel, s, kind, &args)?;
+    // SAFETY: planned just now over `args`, whose views stay borrowed until this returns.
+    unsafe { crate::cuda::emulator::run_planned(planned, order) }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

@@ -140,6 +140,19 @@ pub fn qmoe(
     launch_planned(kernels, stream, plan(kernel, s, kinds, &args)?)
 }
 
+/// [`qmoe`] on the kernel emulator (feature `testing`), over views of host memory.
+#[cfg(feature = "testing")]
+pub fn qmoe_emulated(
+    s: &MoeScalars,
+    (kinds, args): ([PackedKind; 3], QMoeArgs<'_>),
+    kernel: PackedKernel,
+    order: crate::cuda::emulator::Order,
+) -> Result<(), crate::cuda::emulator::EmulatorError> {
+    let planned = plan(kernel, s, kinds, &args)?;
+    // SAFETY: planned just now over `args`, whose views stay borrowed until this returns.
+    unsafe { crate::cuda::emulator::run_planned(planned, order) }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
