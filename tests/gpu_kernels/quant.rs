@@ -194,18 +194,7 @@ impl DeviceStack {
 // ---------------------------------------------------------------------------------------------
 // qlinear
 
-/// Runs qlinear on `m` and bf16 `x` into a poisoned, guarded output; returns it as f32.
-fn run_qlinear(
-    gpu: &Target,
-    m: &PackedMatrix,
-    x: &[bf16],
-    tokens: usize,
-    out_f32: bool,
-) -> Vec<f32> {
-    run_qlinear_with(PackedKernel::Gemv, gpu, m, x, tokens, out_f32)
-}
-
-/// Runs qlinear on `kernel` as [`run_qlinear`] does.
+/// Runs qlinear on `kernel`, `m` and bf16 `x` into a poisoned, guarded output; returns it as f32.
 fn run_qlinear_with(
     kernel: PackedKernel,
     gpu: &Target,
@@ -278,7 +267,7 @@ fn qlinear_matches_the_cpu_reference_on_the_dequantized_matrix() {
                     cols,
                     &mut reference,
                 );
-                let out = run_qlinear(&gpu, &m, &x, tokens, out_f32);
+                let out = run_qlinear_with(PackedKernel::Gemv, &gpu, &m, &x, tokens, out_f32);
                 let err = common::rel_l2(&out, &reference);
                 let bound = qlinear_bound(cols, out_f32);
                 if err > bound {
@@ -309,7 +298,7 @@ fn qlinear_every_format_at_a_mixtral_projection_shape() {
                 4096,
                 &mut reference,
             );
-            let out = run_qlinear(&gpu, &m, &x, tokens, true);
+            let out = run_qlinear_with(PackedKernel::Gemv, &gpu, &m, &x, tokens, true);
             common::assert_close(
                 &format!("{kind:?}, tokens {tokens}, perm {permuted}"),
                 &out,
@@ -410,7 +399,7 @@ fn qlinear_mma_at_mixtral_projection_shapes() {
 fn qlinear_zero_tokens_touch_nothing() {
     let gpu = common::target("qlinear_zero_tokens_touch_nothing");
     let m = random_matrix(PackedKind::Int4 { group_size: 32 }, 9, 10, 64, true);
-    assert!(run_qlinear(&gpu, &m, &[], 0, true).is_empty());
+    assert!(run_qlinear_with(PackedKernel::Gemv, &gpu, &m, &[], 0, true).is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------
