@@ -175,8 +175,8 @@ fn build_kernels() -> Result<Built, String> {
 /// The kernel emulator of feature `testing` (`src/cuda/emulator.rs`): every kernel file but the
 /// Hopper-only wgmma experts, as C++17 with `csrc/emulator/cuda_emulator.h` force-included and
 /// the empty CUDA headers of `csrc/emulator/include/` first on the include path, and the
-/// emulator's runtime, compiled by the host C++ compiler into the static library
-/// `mixtral_emulator`.
+/// emulator's runtime and self-test kernels, compiled by the host C++ compiler into the static
+/// library `mixtral_emulator`.
 fn build_emulator(csrc: &Path, sources: &[PathBuf]) -> Result<(), String> {
     let emulator = csrc.join("emulator");
     let mut build = cc::Build::new();
@@ -201,6 +201,7 @@ fn build_emulator(csrc: &Path, sources: &[PathBuf]) -> Result<(), String> {
         }
     }
     build.file(emulator.join("runtime.cpp"));
+    build.file(emulator.join("self_test.cpp"));
     build
         .try_compile("mixtral_emulator")
         .map_err(|e| format!("the kernel emulator (feature `testing`): {e}"))

@@ -230,3 +230,17 @@ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed);
 // fma.rn.bf16x2: per 16-bit half, a * b + c rounded once to bf16.
 uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c);
 }  // namespace mx_emu
+
+// The emulator's own test kernels (self_test.cpp; run by src/cuda/emulator.rs's unit tests), each
+// taking MxEmulatorSelfTestParams: X(symbol).
+#define MX_EMULATOR_SELF_TESTS(X)      \
+    X(emulator_shuffles)               \
+    X(emulator_unsynchronised_read)    \
+    X(emulator_split_warp)             \
+    X(emulator_exited_lane)            \
+    X(emulator_trap)
+
+// The parameters of every self-test kernel: one output of an int per thread of the launch.
+struct MxEmulatorSelfTestParams {
+    int32_t* out;
+};

@@ -405,9 +405,10 @@ struct Entry {
 }  // namespace
 
 MX_EMULATED_FAMILIES(MX_DECLARE)
+MX_EMULATOR_SELF_TESTS(MX_DECLARE)
 
 namespace {
-const Entry ENTRIES[] = {MX_EMULATED_FAMILIES(MX_ROW)};
+const Entry ENTRIES[] = {MX_EMULATED_FAMILIES(MX_ROW) MX_EMULATOR_SELF_TESTS(MX_ROW)};
 }  // namespace
 
 // Runs the kernel `symbol` with the parameter struct at `params` over `geometry`. Returns 0, or 1

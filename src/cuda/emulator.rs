@@ -89,7 +89,21 @@ pub(crate) unsafe fn run_planned<P, const N: usize>(
 /// # Safety
 /// As [`run_planned`]: `params` and `g` come from a planner, over live views of host memory.
 pub(crate) unsafe fn run<P>(params: &P, g: &Grid, order: Order) -> Result<(), EmulatorError> {
-    let symbol = g.symbol();
+    // SAFETY: as this function's.
+    unsafe { run_symbol(g.symbol(), params, g, order) }
+}
+
+/// Runs kernel `symbol` (an emulated entry: a kernel of `csrc/` or a self-test kernel) with
+/// `params` over `g`'s geometry.
+///
+/// # Safety
+/// `params` is `symbol`'s parameter struct, every address in it valid for what the kernel touches.
+unsafe fn run_symbol<P>(
+    symbol: &'static str,
+    params: &P,
+    g: &Grid,
+    order: Order,
+) -> Result<(), EmulatorError> {
     let name = CString::new(symbol).expect("kernel symbols have no NUL");
     let geometry = EmulatorGrid {
         grid: [g.grid.0, g.grid.1, g.grid.2],
@@ -98,10 +112,8 @@ pub(crate) unsafe fn run<P>(params: &P, g: &Grid, order: Order) -> Result<(), Em
         reverse: u32::from(order == Order::Reverse),
     };
     let mut message = vec![0u8; 1024];
-    // SAFETY: (the caller's) `params` is the planner's parameter struct for `symbol`, whose device
-    // addresses are those of live host views; the generated argument checks made sure every
-    // element the kernel touches for these scalars lies inside them. The runtime writes at most
-    // `message.len()` bytes, NUL included.
+    // SAFETY: (the caller's) `params` is `symbol`'s parameter struct, valid for what the kernel
+    // touches. The runtime writes at most `message.len()` bytes, NUL included.
     let status = unsafe {
         mx_emulator_launch(
             name.as_ptr(),
@@ -122,4 +134,92 @@ pub(crate) unsafe fn run<P>(params: &P, g: &Grid, order: Order) -> Result<(), Em
         symbol,
         message: String::from_utf8_lossy(&message[..end]).into_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The emulator's own kernels (`csrc/emulator/self_test.cpp`): what its collectives return, that
+    //! the two orders tell a racing read apart, and that what would hang or be undefined on a GPU
+    //! is an error naming the fault.
+
+    use super::*;
+
+    /// One block of 64 threads.
+    const BLOCK: Grid = Grid {
+        variant: usize::MAX,
+        grid: (1, 1, 1),
+        block: 64,
+        shared_bytes: 0,
+    };
+
+    /// `MxEmulatorSelfTestParams`.
+    #[repr(C)]
+    struct SelfTest {
+        out: *mut i32,
+    }
+
+    /// Runs self-test kernel `symbol` in `order`; its 64 outputs, or the error.
+    fn self_test(symbol: &'static str, order: Order) -> Result<Vec<i32>, EmulatorError> {
+        let mut out = vec![-1i32; 64];
+        let params = SelfTest {
+            out: out.as_mut_ptr(),
+        };
+        // SAFETY: every self-test kernel writes at most out[threadIdx.x], 64 threads, 64 elements.
+        unsafe { run_symbol(symbol, &params, &BLOCK, order) }?;
+        Ok(out)
+    }
+
+    fn fault(symbol: &'static str) -> String {
+        match self_test(symbol, Order::Forward) {
+            Err(EmulatorError::Kernel { message, .. }) => message,
+            other => panic!("{symbol}: expected a kernel fault, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn collectives_exchange_within_each_warp() {
+        for order in [Order::Forward, Order::Reverse] {
+            let out = self_test("emulator_shuffles", order).unwrap();
+            for (t, &v) in out.iter().enumerate() {
+                let t = t as i32;
+                // xor-5 partner, 16 odd lanes in the ballot, 4 lanes share t / 4.
+                assert_eq!(v, (t ^ 5) + 100 * 16 + 1000 * 4, "thread {t}, {order:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_two_orders_tell_a_racing_read_apart() {
+        let forward = self_test("emulator_unsynchronised_read", Order::Forward).unwrap();
+        let reverse = self_test("emulator_unsynchronised_read", Order::Reverse).unwrap();
+        // Thread 0 writes first in forward order: every thread reads its write.
+        assert!(forward.iter().all(|&v| v == 1), "{forward:?}");
+        // Last in reverse order: only thread 0 itself reads it.
+        assert_eq!(reverse[0], 1);
+        assert!(reverse[1..].iter().all(|&v| v == 0), "{reverse:?}");
+    }
+
+    #[test]
+    fn a_warp_split_between_a_barrier_and_a_shuffle_is_an_error() {
+        let message = fault("emulator_split_warp");
+        assert!(message.contains("without all 32 lanes"), "{message}");
+    }
+
+    #[test]
+    fn a_shuffle_with_an_exited_lane_is_an_error() {
+        let message = fault("emulator_exited_lane");
+        assert!(message.contains("without all 32 lanes"), "{message}");
+    }
+
+    #[test]
+    fn a_trap_names_its_thread() {
+        let message = fault("emulator_trap");
+        assert!(message.contains("thread 7: __trap()"), "{message}");
+    }
+
+    #[test]
+    fn an_unknown_kernel_is_refused() {
+        let message = fault("no_such_kernel");
+        assert!(message.contains("not emulated"), "{message}");
+    }
 }

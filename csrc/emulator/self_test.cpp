@@ -1,0 +1,54 @@
+// self_test.cpp: kernels that check the emulator itself (src/cuda/emulator.rs's unit tests run
+// them): the values of its warp collectives, that a read racing a write differs between the two
+// thread orders, and that what would hang or be undefined on a GPU ends the launch with an error.
+// One block of 64 threads each; out [64] int32.
+#include "../common.cuh"
+
+namespace {
+
+// out[t] = the xor-5 lane's index + 100 * the popcount of the ballot of odd lanes + 1000 * the
+// match of lanes holding t / 4 (a bit per lane in the low lanes' mask, summed as a count).
+__device__ void shuffles(const MxEmulatorSelfTestParams& p) {
+    const int t = (int)threadIdx.x;
+    const int other = __shfl_xor_sync(mx::FULL_MASK, t, 5);
+    const uint32_t odd = __ballot_sync(mx::FULL_MASK, t % 2);
+    const uint32_t peers = __match_any_sync(mx::FULL_MASK, t / 4);
+    p.out[t] = other + 100 * __popc(odd) + 1000 * __popc(peers);
+}
+
+// Thread 0 sets a shared flag that the others read with no barrier between: 1 when thread 0 ran
+// first, 0 otherwise (the flag is cleared, with a barrier, before).
+__device__ void unsynchronised_read(const MxEmulatorSelfTestParams& p) {
+    __shared__ int flag;
+    if (threadIdx.x == 0) flag = 0;
+    __syncthreads();
+    if (threadIdx.x == 0) flag = 1;
+    p.out[threadIdx.x] = flag;
+}
+
+// Odd lanes wait at __syncthreads while even lanes of the same warp shuffle: a hang on a GPU.
+__device__ void split_warp(const MxEmulatorSelfTestParams& p) {
+    if (threadIdx.x % 2) {
+        __syncthreads();
+    } else {
+        p.out[threadIdx.x] = __shfl_xor_sync(mx::FULL_MASK, 1, 2);
+    }
+}
+
+// Lane 0 returns and the rest of its warp shuffles: undefined on a GPU.
+__device__ void exited_lane(const MxEmulatorSelfTestParams& p) {
+    if (threadIdx.x == 0) return;
+    p.out[threadIdx.x] = __shfl_xor_sync(mx::FULL_MASK, (int)threadIdx.x, 1);
+}
+
+__device__ void trap_once(const MxEmulatorSelfTestParams&) {
+    if (threadIdx.x == 7) __trap();
+}
+
+}  // namespace
+
+MX_ENTRY(emulator_shuffles, (64), MxEmulatorSelfTestParams, shuffles(p))
+MX_ENTRY(emulator_unsynchronised_read, (64), MxEmulatorSelfTestParams, unsynchronised_read(p))
+MX_ENTRY(emulator_split_warp, (64), MxEmulatorSelfTestParams, split_warp(p))
+MX_ENTRY(emulator_exited_lane, (64), MxEmulatorSelfTestParams, exited_lane(p))
+MX_ENTRY(emulator_trap, (64), MxEmulatorSelfTestParams, trap_once(p))
