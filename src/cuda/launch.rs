@@ -165,16 +165,21 @@ macro_rules! planned_launcher {
             $crate::cuda::launch::launch_planned(kernels, stream, $plan(scalars, &args)?)
         }
         $(
-            #[doc = concat!("[`", stringify!($name), "`] on the kernel emulator (feature `testing`), over views of host memory.")]
+            #[doc = concat!("[`", stringify!($name), "`] on the kernel emulator (feature `testing`).")]
+            ///
+            /// # Safety
+            /// Every view in `args` is of host memory
+            /// ([`View::of_host`](crate::cuda::memory::View::of_host)): the emulator reads and
+            /// writes through the addresses on the CPU.
             #[cfg(feature = "testing")]
-            pub fn $emulated(
+            pub unsafe fn $emulated(
                 scalars: &$scalars,
                 args: $crate::cuda::args::$args<'_>,
                 order: $crate::cuda::emulator::Order,
             ) -> Result<(), $crate::cuda::emulator::EmulatorError> {
                 let planned = $plan(scalars, &args)?;
-                // SAFETY: planned just now over `args`, views borrowed until this returns (the
-                // emulator's views are of host memory).
+                // SAFETY: planned just now over `args`, views of host memory (the caller's
+                // contract) borrowed until this returns.
                 unsafe { $crate::cuda::emulator::run_planned(planned, order) }
             }
         )?

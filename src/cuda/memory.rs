@@ -320,10 +320,13 @@ impl<'a, T> View<'a, T> {
         View::new(address, slice.len())
     }
 
-    /// A view of host memory, for the kernel emulator ([`emulator`](crate::cuda::emulator));
-    /// launched on a device, its address is not device memory and the launch faults.
+    /// A view of host memory, for the kernel emulator ([`emulator`](crate::cuda::emulator)).
+    ///
+    /// # Safety
+    /// The view is given to emulated launches only, never to a device launcher: a device's
+    /// stream-ordered kernel could touch the memory after the borrow ends.
     #[cfg(feature = "testing")]
-    pub fn of_host(slice: &'a [T]) -> Self {
+    pub unsafe fn of_host(slice: &'a [T]) -> Self {
         View::new(slice.as_ptr() as u64, slice.len())
     }
 
@@ -361,10 +364,12 @@ impl<'a, T> ViewMut<'a, T> {
     }
 
     /// A written view of host memory, for the kernel emulator
-    /// ([`emulator`](crate::cuda::emulator)); launched on a device, its address is not device
-    /// memory and the launch faults.
+    /// ([`emulator`](crate::cuda::emulator)).
+    ///
+    /// # Safety
+    /// As [`View::of_host`]: for emulated launches only.
     #[cfg(feature = "testing")]
-    pub fn of_host(slice: &'a mut [T]) -> Self {
+    pub unsafe fn of_host(slice: &'a mut [T]) -> Self {
         ViewMut::new(slice.as_mut_ptr() as u64, slice.len())
     }
 

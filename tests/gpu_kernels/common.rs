@@ -265,9 +265,10 @@ macro_rules! launch {
     ($on:expr, $op:path | $emulated:path, $($arg:expr),+ $(,)?) => {
         match $on {
             $crate::common::On::Gpu(kernels, stream) => $op(kernels, stream, $($arg),+),
-            $crate::common::On::Emulator(order) => {
+            // SAFETY: on the emulator every buffer is a host one (`Guarded` on `Stream::Host`).
+            $crate::common::On::Emulator(order) => unsafe {
                 $emulated($($arg),+, order).map_err($crate::common::refused)
-            }
+            },
         }
     };
 }
@@ -325,9 +326,11 @@ impl<T: Poison> Guarded<T> {
             Memory::Device(buf) => mixtral::cuda::memory::View::of(buf)
                 .sub(GUARD, self.len)
                 .expect("inside the guarded buffer"),
-            Memory::Host { buf, start } => {
+            // SAFETY: host memory is only ever passed to the emulator (`launch!` on `On::Emulator`:
+            // a `Stream::Host` buffer exists only on the emulator target).
+            Memory::Host { buf, start } => unsafe {
                 mixtral::cuda::memory::View::of_host(&buf[start + GUARD..start + GUARD + self.len])
-            }
+            },
         }
     }
 
@@ -337,9 +340,12 @@ impl<T: Poison> Guarded<T> {
             Memory::Device(buf) => mixtral::cuda::memory::ViewMut::of(buf)
                 .sub(GUARD, self.len)
                 .expect("inside the guarded buffer"),
-            Memory::Host { buf, start } => mixtral::cuda::memory::ViewMut::of_host(
-                &mut buf[*start + GUARD..*start + GUARD + self.len],
-            ),
+            // SAFETY: as in `dev`.
+            Memory::Host { buf, start } => unsafe {
+                mixtral::cuda::memory::ViewMut::of_host(
+                    &mut buf[*start + GUARD..*start + GUARD + self.len],
+                )
+            },
         }
     }
 

@@ -73,9 +73,13 @@ pub fn dequantize(
     launch_planned(kernels, stream, plan(s, kind, &args)?)
 }
 
-/// [`dequantize`] on the kernel emulator (feature `testing`), over views of host memory.
+/// [`dequantize`] on the kernel emulator (feature `testing`).
+///
+/// # Safety
+/// Every view in the arguments is of host memory
+/// ([`View::of_host`](crate::cuda::memory::View::of_host)).
 #[cfg(feature = "testing")]
-pub fn dequantize_emulated(
+pub unsafe fn dequantize_emulated(
     s: &DequantShape,
     w: PackedView<'_>,
     out: ViewMut<'_, bf16>,
@@ -84,7 +88,8 @@ pub fn dequantize_emulated(
     let PackedView { kind, codes, params, perm, table } = w;
     let args = DequantArgs { codes, params, perm, table, out };
     let planned = plan(s, kind, &args)?;
-    // SAFETY: planned just now over `args`, whose views stay borrowed until this returns.
+    // SAFETY: planned just now over `args`, views of host memory (the caller's contract)
+    // borrowed until this returns.
     unsafe { crate::cuda::emulator::run_planned(planned, order) }
 }
 

@@ -132,16 +132,21 @@ pub fn moe_experts(
     }
 }
 
-/// [`moe_experts`] on the kernel emulator (feature `testing`), over views of host memory.
+/// [`moe_experts`] on the kernel emulator (feature `testing`).
+///
+/// # Safety
+/// Every view in the arguments is of host memory
+/// ([`View::of_host`](crate::cuda::memory::View::of_host)).
 #[cfg(feature = "testing")]
-pub fn moe_experts_emulated(
+pub unsafe fn moe_experts_emulated(
     s: &MoeScalars,
     args: MoeArgs<'_>,
     order: crate::cuda::emulator::Order,
 ) -> Result<(), crate::cuda::emulator::EmulatorError> {
     match select(Op::Experts, s.tokens as usize, Format::Bf16, Device::default()) {
-        Choice::MoeGemv => moe_gemv_emulated(s, args, order),
-        _ => moe_grouped_gemm_emulated(s, args, order),
+        // SAFETY: the caller's contract.
+        Choice::MoeGemv => unsafe { moe_gemv_emulated(s, args, order) },
+        _ => unsafe { moe_grouped_gemm_emulated(s, args, order) },
     }
 }
 

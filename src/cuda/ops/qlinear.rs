@@ -107,9 +107,13 @@ pub fn qlinear(
     launch_planned(kernels, stream, plan(kernel, s, kind, &args)?)
 }
 
-/// [`qlinear`] on the kernel emulator (feature `testing`), over views of host memory.
+/// [`qlinear`] on the kernel emulator (feature `testing`).
+///
+/// # Safety
+/// Every view in the arguments is of host memory
+/// ([`View::of_host`](crate::cuda::memory::View::of_host)).
 #[cfg(feature = "testing")]
-pub fn qlinear_emulated(
+pub unsafe fn qlinear_emulated(
     s: &LinearScalars,
     (x, w): (View<'_, bf16>, PackedView<'_>),
     out: AnyViewMut<'_>,
@@ -119,7 +123,8 @@ pub fn qlinear_emulated(
     let PackedView { kind, codes, params, perm, table } = w;
     let args = QLinearArgs { x, codes, params, perm, table, out };
     let planned = plan(kernel, s, kind, &args)?;
-    // SAFETY: planned just now over `args`, whose views stay borrowed until this returns.
+    // SAFETY: planned just now over `args`, views of host memory (the caller's contract)
+    // borrowed until this returns.
     unsafe { crate::cuda::emulator::run_planned(planned, order) }
 }
 

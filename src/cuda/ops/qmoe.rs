@@ -140,16 +140,21 @@ pub fn qmoe(
     launch_planned(kernels, stream, plan(kernel, s, kinds, &args)?)
 }
 
-/// [`qmoe`] on the kernel emulator (feature `testing`), over views of host memory.
+/// [`qmoe`] on the kernel emulator (feature `testing`).
+///
+/// # Safety
+/// Every view in the arguments is of host memory
+/// ([`View::of_host`](crate::cuda::memory::View::of_host)).
 #[cfg(feature = "testing")]
-pub fn qmoe_emulated(
+pub unsafe fn qmoe_emulated(
     s: &MoeScalars,
     (kinds, args): ([PackedKind; 3], QMoeArgs<'_>),
     kernel: PackedKernel,
     order: crate::cuda::emulator::Order,
 ) -> Result<(), crate::cuda::emulator::EmulatorError> {
     let planned = plan(kernel, s, kinds, &args)?;
-    // SAFETY: planned just now over `args`, whose views stay borrowed until this returns.
+    // SAFETY: planned just now over `args`, views of host memory (the caller's contract)
+    // borrowed until this returns.
     unsafe { crate::cuda::emulator::run_planned(planned, order) }
 }
 
