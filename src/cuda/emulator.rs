@@ -169,13 +169,6 @@ mod tests {
         Ok(out)
     }
 
-    fn fault(symbol: &'static str) -> String {
-        match self_test(symbol, Order::Forward) {
-            Err(EmulatorError::Kernel { message, .. }) => message,
-            other => panic!("{symbol}: expected a kernel fault, got {other:?}"),
-        }
-    }
-
     #[test]
     fn collectives_exchange_within_each_warp() {
         for order in [Order::Forward, Order::Reverse] {
@@ -199,27 +192,24 @@ mod tests {
         assert!(reverse[1..].iter().all(|&v| v == 0), "{reverse:?}");
     }
 
+    /// What would hang or be undefined on a GPU, and a kernel the emulator does not have, end the
+    /// launch with an error naming the fault.
     #[test]
-    fn a_warp_split_between_a_barrier_and_a_shuffle_is_an_error() {
-        let message = fault("emulator_split_warp");
-        assert!(message.contains("without all 32 lanes"), "{message}");
-    }
-
-    #[test]
-    fn a_shuffle_with_an_exited_lane_is_an_error() {
-        let message = fault("emulator_exited_lane");
-        assert!(message.contains("without all 32 lanes"), "{message}");
-    }
-
-    #[test]
-    fn a_trap_names_its_thread() {
-        let message = fault("emulator_trap");
-        assert!(message.contains("thread 7: __trap()"), "{message}");
-    }
-
-    #[test]
-    fn an_unknown_kernel_is_refused() {
-        let message = fault("no_such_kernel");
-        assert!(message.contains("not emulated"), "{message}");
+    fn faults_are_errors_naming_them() {
+        for (symbol, expected) in [
+            // A warp split between a barrier and a shuffle.
+            ("emulator_split_warp", "without all 32 lanes"),
+            // A shuffle with an exited lane.
+            ("emulator_exited_lane", "without all 32 lanes"),
+            ("emulator_trap", "thread 7: __trap()"),
+            ("no_such_kernel", "not emulated"),
+        ] {
+            match self_test(symbol, Order::Forward) {
+                Err(EmulatorError::Kernel { message, .. }) => {
+                    assert!(message.contains(expected), "{symbol}: {message}")
+                }
+                other => panic!("{symbol}: expected a kernel fault, got {other:?}"),
+            }
+        }
     }
 }
