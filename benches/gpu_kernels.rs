@@ -623,6 +623,7 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
     let mut out = b.zeros::<bf16>(HEADS * HEAD_DIM);
     let mut part_out = b.zeros::<f32>(HEADS * max_splits * HEAD_DIM);
     let mut part_lse = b.zeros::<f32>(HEADS * max_splits);
+    let mut split_done = b.zeros::<u32>(KV_HEADS);
     for cached in [4096usize, 16384, 32000] {
         let positions = b.upload(&[cached as i32 - 1]);
         group.throughput(Throughput::Bytes((2 * cached * kv_width * 2) as u64));
@@ -651,6 +652,7 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
                         out: out.view_mut(),
                         part_out: part_out.view_mut(),
                         part_lse: part_lse.view_mut(),
+                        split_done: split_done.view_mut(),
                     },
                 )
                 .expect("attention decode");

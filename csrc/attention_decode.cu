@@ -18,13 +18,15 @@
 // a captured graph spreads every step's keys over the SMs as the context grows); one block serves
 // all GROUP query heads of its KV head, so each K/V row is read once. Each key row is read by
 // HEAD_DIM / 8 lanes with one 16-byte load each, each lane looking up UNROLL keys' slots and issuing their
-// loads before using any (the keys and the order of every sum are those of the plain loop). It writes
-// the split's normalised output and its
-// log2-sum-exp; splits past the token's range exit at once (the combine kernel skips them).
+// loads before using any (the keys and the order of every sum are those of the plain loop). A split
+// writes its normalised output and its log2-sum-exp; splits past the token's range exit at once.
 // Dynamic shared memory: GROUP * split_keys floats (the scores; K <= split_keys).
 //
-// attention_combine, grid (n_heads, tokens), ATTENTION_COMBINE_THREADS threads: merges the splits,
-// out = sum_s 2^(lse_s - M) * part_out_s / sum_s 2^(lse_s - M). A token with no valid key gets zeros.
+// The merge, in the same launch: each split that ran takes a ticket from split_done[t, kv head] (an
+// atomic add after a __threadfence that publishes its partial results); the one that draws the last
+// ticket reads every split's results through L2 (ld.global.cg) and writes, for each query head of the
+// group, out = sum_s 2^(lse_s - M) * part_out_s / sum_s 2^(lse_s - M) (M the largest lse_s), then sets
+// the counter back to 0 for the next launch. A token with no valid key gets zeros (from split 0).
 //
 // Template constants: HEAD_DIM in {16, 32, 64, 128}, GROUP = n_heads / n_kv_heads in {1, 2, 4, 6, 8}.
 // No fast math (exp2f / log2f accurate: the softmax is the accuracy-critical part).
@@ -79,6 +81,66 @@ __device__ __forceinline__ uint32_t split_keys_of(const AttentionDecodeParams& p
     return min(p.split_keys, max((uint32_t)ATTENTION_MIN_SPLIT_KEYS, spread));
 }
 
+// Splits that run for a token with `count` keys of `keys` each (each takes a merge ticket).
+__device__ __forceinline__ uint32_t splits_of(const AttentionDecodeParams& p, int32_t count, uint32_t keys) {
+    return min((uint32_t)(((uint64_t)count + keys - 1) / keys), p.max_splits);
+}
+
+// Merges the `splits` partial results of each query head of KV head kvh of token t into `out` (see the
+// file comment); every thread of the block calls it. Reads the other blocks' results through L2.
+template <int D, int G>
+__device__ void merge_splits(const AttentionDecodeParams& p, uint32_t t, uint32_t kvh, uint32_t splits) {
+    __shared__ float m_s[G], denom_s[G];
+    if (threadIdx.x < (uint32_t)G) {
+        const size_t base = ((size_t)t * p.n_heads + (size_t)kvh * G + threadIdx.x) * p.max_splits;
+        float m = -INFINITY;
+        for (uint32_t s = 0; s < splits; ++s) m = fmaxf(m, __ldcg(p.part_lse + base + s));
+        float denom = 0.0f;
+        if (m != -INFINITY) {
+            for (uint32_t s = 0; s < splits; ++s) denom += exp2f(__ldcg(p.part_lse + base + s) - m);
+        }
+        m_s[threadIdx.x] = m;
+        denom_s[threadIdx.x] = denom;
+    }
+    __syncthreads();
+    for (uint32_t idx = threadIdx.x; idx < (uint32_t)(G * D); idx += ATTENTION_THREADS) {
+        const uint32_t g = idx / D, d = idx % D;
+        const size_t head = (size_t)t * p.n_heads + (size_t)kvh * G + g;
+        const size_t base = head * p.max_splits;
+        const float m = m_s[g], denom = denom_s[g];
+        float o = 0.0f;
+        if (denom > 0.0f) {
+            for (uint32_t s = 0; s < splits; ++s) {
+                o = fmaf(exp2f(__ldcg(p.part_lse + base + s) - m), __ldcg(p.part_out + (base + s) * D + d), o);
+            }
+            o /= denom;
+        }
+        p.out[head * D + d] = mx::to_bf16(o);
+    }
+}
+
+// Takes this split's merge ticket (after a barrier over its writes) and, drawing the last one of its
+// (token, KV head), merges the splits and resets the counter. Recomputes the token's split count from
+// its position rather than keeping it live through the split's work.
+template <int D, int G>
+__device__ void merge_if_last(const AttentionDecodeParams& p) {
+    __shared__ bool last;
+    const uint32_t kvh = blockIdx.y, t = blockIdx.z;
+    int32_t first, count;
+    key_range(p, t, first, count);
+    const uint32_t splits = splits_of(p, count, split_keys_of(p, count));
+    uint32_t* done = p.split_done + (size_t)t * p.n_kv_heads + kvh;
+    if (threadIdx.x == 0) {
+        __threadfence();  // this split's results are visible device-wide before its ticket
+        last = atomicAdd(done, 1u) == splits - 1;
+    }
+    __syncthreads();
+    if (!last) return;  // uniform over the block
+    __threadfence();  // the other splits' results (published before their tickets) are read after ours
+    merge_splits<D, G>(p, t, kvh, splits);
+    if (threadIdx.x == 0) *done = 0u;
+}
+
 template <int D, int G>
 __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     static_assert(D % 8 == 0 && D / 8 <= 32 && 32 % (D / 8) == 0, "a key row is a power-of-two lane group");
@@ -94,7 +156,10 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     int32_t first, count;
     key_range(p, t, first, count);
     const uint32_t keys = split_keys_of(p, count);
-    if ((uint64_t)split * keys >= (uint64_t)count) return;  // uniform: nothing in this split
+    if ((uint64_t)split * keys >= (uint64_t)count) {  // uniform: nothing in this split
+        if (count == 0 && split == 0) merge_splits<D, G>(p, t, kvh, 0);  // no key at all: zeros
+        return;
+    }
     const int32_t begin = first + (int32_t)(split * keys);
     const int32_t nk = min((int32_t)keys, first + count - begin);
     const int32_t seq = p.token_seq[t];
@@ -215,33 +280,9 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
         p.part_out[base * D + d] = l > 0.0f ? o / l : 0.0f;
         if (d == 0) p.part_lse[base] = l > 0.0f ? m_s[g] + log2f(l) : -INFINITY;
     }
-}
 
-__device__ void attention_combine_body(const AttentionDecodeParams& p) {
-    const uint32_t h = blockIdx.x, t = blockIdx.y;
-    if (t >= p.tokens || h >= p.n_heads) return;
-    int32_t first, count;
-    key_range(p, t, first, count);
-    const uint32_t keys = split_keys_of(p, count);
-    const uint32_t splits = min((uint32_t)(((uint64_t)count + keys - 1) / keys), p.max_splits);
-    const size_t base = ((size_t)t * p.n_heads + h) * p.max_splits;
-    float m = -INFINITY;
-    for (uint32_t s = 0; s < splits; ++s) m = fmaxf(m, p.part_lse[base + s]);
-    float denom = 0.0f;
-    if (m != -INFINITY) {
-        for (uint32_t s = 0; s < splits; ++s) denom += exp2f(p.part_lse[base + s] - m);
-    }
-    mx_bf16* out = p.out + ((size_t)t * p.n_heads + h) * p.head_dim;
-    for (uint32_t d = threadIdx.x; d < p.head_dim; d += ATTENTION_COMBINE_THREADS) {
-        float o = 0.0f;
-        if (denom > 0.0f) {
-            for (uint32_t s = 0; s < splits; ++s) {
-                o = fmaf(exp2f(p.part_lse[base + s] - m), p.part_out[(base + s) * p.head_dim + d], o);
-            }
-            o /= denom;
-        }
-        out[d] = mx::to_bf16(o);
-    }
+    __syncthreads();  // every thread's results written before thread 0 publishes them
+    merge_if_last<D, G>(p);
 }
 
 }  // namespace
@@ -250,10 +291,4 @@ __device__ void attention_combine_body(const AttentionDecodeParams& p) {
     MX_ENTRY(symbol, (ATTENTION_THREADS), AttentionDecodeParams, \
         attention_decode_body<HEAD_DIM, GROUP>(p))
 MIXTRAL_ATTENTION_DECODE_VARIANTS(MX_DEFINE)
-#undef MX_DEFINE
-
-#define MX_DEFINE(symbol)                                                \
-    MX_ENTRY(symbol, (ATTENTION_COMBINE_THREADS), AttentionDecodeParams, \
-        attention_combine_body(p))
-MIXTRAL_ATTENTION_COMBINE_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

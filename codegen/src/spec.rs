@@ -212,7 +212,6 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "ATTENTION_MAX_SPLIT_KEYS", value: 512, doc: "Largest number of keys one split of `attention_decode` covers (bounds its shared memory)." },
     Constant { name: "ATTENTION_MIN_SPLIT_KEYS", value: 32, doc: "Fewest keys a split of `attention_decode` takes when its token's keys are spread over `target_splits` (a short context stays in few splits)." },
     Constant { name: "ATTENTION_BLOCKS_PER_SM", value: 4, doc: "Blocks of `attention_decode` per multiprocessor its planner aims at when it spreads a batch's keys over splits." },
-    Constant { name: "ATTENTION_COMBINE_THREADS", value: 128, doc: "Threads per block of `attention_combine` (one block per token and query head)." },
     Constant { name: "ARGMAX_THREADS", value: 1024, doc: "Threads per block of `argmax` (one block per row)." },
     // --- linear ---
     Constant { name: "LINEAR_GEMV_WARPS", value: 8, doc: "Warps per block of `linear_gemv` (each warp owns LINEAR_GEMV_ROWS_PER_WARP output rows)." },
@@ -445,8 +444,8 @@ pub const STRUCTS: &[ParamStruct] = &[
         doc: "Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, \
               position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p \
               (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are \
-              scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial \
-              output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.",
+              scaled by `scale` and the softmax is in f32. Each split writes its normalised partial output and \
+              log2-sum-exp; the last split of a (token, KV head) to finish merges them into `out`.",
         fields: &[
             field("q", read(Bf16), "`[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`).").rows("tokens", "q_stride", "n_heads * head_dim"),
             field("k_cache", read(Bf16), "`[num_blocks, block_size, n_kv_heads, head_dim]` key cache.").len("num_blocks * block_size * n_kv_heads * head_dim").aligned(),
@@ -457,6 +456,7 @@ pub const STRUCTS: &[ParamStruct] = &[
             field("out", write(Bf16), "`[tokens, n_heads, head_dim]` attention output.").len("tokens * n_heads * head_dim"),
             field("part_out", write(F32), "`[tokens, n_heads, max_splits, head_dim]` per-split normalised outputs.").len("tokens * n_heads * max_splits * head_dim"),
             field("part_lse", write(F32), "`[tokens, n_heads, max_splits]` per-split log2-sum-exp of the scaled scores.").len("tokens * n_heads * max_splits"),
+            field("split_done", write(U32E), "`[tokens, n_kv_heads]` splits done per (token, KV head) in this launch (0 between launches: the last split resets it).").len("tokens * n_kv_heads"),
             field("tokens", U32, "Number of query tokens."),
             field("n_heads", U32, "Query heads."),
             field("n_kv_heads", U32, "Key/value heads."),
@@ -659,6 +659,10 @@ pub const STRUCTS: &[ParamStruct] = &[
 ];
 
 /// Every kernel family and its compiled instantiations.
+/// Source files (stems in `csrc/`) whose kernels the CPU kernel emulator (csrc/emulator) does not
+/// run: the Hopper `wgmma` PTX of the hand-written grouped expert GEMM is not emulated.
+pub const NOT_EMULATED_FILES: &[&str] = &["moe_wgmma"];
+
 pub const FAMILIES: &[Family] = &[
     Family {
         name: "embedding",
@@ -740,13 +744,6 @@ pub const FAMILIES: &[Family] = &[
                 values: &[v(1, "g1"), v(2, "g2"), v(4, "g4"), v(6, "g6"), v(8, "g8")],
             },
         ],
-    },
-    Family {
-        name: "attention_combine",
-        rust_name: "AttentionCombine",
-        file: "attention_decode",
-        params: "AttentionDecodeParams",
-        axes: &[],
     },
     Family {
         name: "argmax",

@@ -74,10 +74,6 @@
     X(attention_decode_d128_g6, 128, 6) \
     X(attention_decode_d128_g8, 128, 8)
 
-// attention_combine (csrc/attention_decode.cu, takes AttentionDecodeParams): X(symbol)
-#define MIXTRAL_ATTENTION_COMBINE_VARIANTS(X) \
-    X(attention_combine)
-
 // argmax (csrc/sampling.cu, takes ArgmaxParams): X(symbol)
 #define MIXTRAL_ARGMAX_VARIANTS(X) \
     X(argmax)
@@ -254,3 +250,31 @@
     X(dequantize_int8, 1) \
     X(dequantize_int4, 2) \
     X(dequantize_lut4, 3)
+
+// Every family the kernel emulator (csrc/emulator) runs: all but those of moe_wgmma.cu.
+#define MIXTRAL_EMULATED_VARIANTS(X) \
+    MIXTRAL_EMBEDDING_VARIANTS(X) \
+    MIXTRAL_RMSNORM_VARIANTS(X) \
+    MIXTRAL_ROPE_KV_VARIANTS(X) \
+    MIXTRAL_ROUTER_VARIANTS(X) \
+    MIXTRAL_MOE_UP_VARIANTS(X) \
+    MIXTRAL_MOE_DOWN_VARIANTS(X) \
+    MIXTRAL_MOE_MMA_UP_VARIANTS(X) \
+    MIXTRAL_MOE_MMA_DOWN_VARIANTS(X) \
+    MIXTRAL_ATTENTION_DECODE_VARIANTS(X) \
+    MIXTRAL_ARGMAX_VARIANTS(X) \
+    MIXTRAL_LINEAR_GEMV_VARIANTS(X) \
+    MIXTRAL_LINEAR_MMA_VARIANTS(X) \
+    MIXTRAL_LINEAR_MMA_DECODE_VARIANTS(X) \
+    MIXTRAL_MOE_GROUPED_UP_VARIANTS(X) \
+    MIXTRAL_MOE_GROUPED_DOWN_VARIANTS(X) \
+    MIXTRAL_ATTENTION_PREFILL_VARIANTS(X) \
+    MIXTRAL_SAMPLE_VARIANTS(X) \
+    MIXTRAL_FILL_RANDOM_VARIANTS(X) \
+    MIXTRAL_QLINEAR_VARIANTS(X) \
+    MIXTRAL_QMOE_UP_VARIANTS(X) \
+    MIXTRAL_QMOE_DOWN_VARIANTS(X) \
+    MIXTRAL_QLINEAR_MMA_VARIANTS(X) \
+    MIXTRAL_QMOE_MMA_UP_VARIANTS(X) \
+    MIXTRAL_QMOE_MMA_DOWN_VARIANTS(X) \
+    MIXTRAL_DEQUANTIZE_VARIANTS(X)

@@ -52,8 +52,6 @@ typedef struct mx_bf16 {
 #define ATTENTION_MIN_SPLIT_KEYS 32u
 // Blocks of `attention_decode` per multiprocessor its planner aims at when it spreads a batch's keys over splits.
 #define ATTENTION_BLOCKS_PER_SM 4u
-// Threads per block of `attention_combine` (one block per token and query head).
-#define ATTENTION_COMBINE_THREADS 128u
 // Threads per block of `argmax` (one block per row).
 #define ARGMAX_THREADS 1024u
 // Warps per block of `linear_gemv` (each warp owns LINEAR_GEMV_ROWS_PER_WARP output rows).
@@ -507,7 +505,7 @@ MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, top_k) == 168, "MoeCutlassQ8Params
 MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, workspace_bytes) == 172, "MoeCutlassQ8Params.workspace_bytes: offset");
 MX_STATIC_ASSERT(offsetof(MoeCutlassQ8Params, sm_count) == 176, "MoeCutlassQ8Params.sm_count: offset");
 
-// Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.
+// Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. Each split writes its normalised partial output and log2-sum-exp; the last split of a (token, KV head) to finish merges them into `out`.
 typedef struct AttentionDecodeParams {
     // `[tokens, n_heads, head_dim]` rotated queries (row stride `q_stride`).
     const mx_bf16* q;
@@ -527,6 +525,8 @@ typedef struct AttentionDecodeParams {
     float* part_out;
     // `[tokens, n_heads, max_splits]` per-split log2-sum-exp of the scaled scores.
     float* part_lse;
+    // `[tokens, n_kv_heads]` splits done per (token, KV head) in this launch (0 between launches: the last split resets it).
+    uint32_t* split_done;
     // Number of query tokens.
     uint32_t tokens;
     // Query heads.
@@ -556,7 +556,7 @@ typedef struct AttentionDecodeParams {
     // Score scale, 1 / sqrt(head_dim).
     float scale;
 } AttentionDecodeParams;
-MX_STATIC_ASSERT(sizeof(AttentionDecodeParams) == 128, "AttentionDecodeParams: size");
+MX_STATIC_ASSERT(sizeof(AttentionDecodeParams) == 136, "AttentionDecodeParams: size");
 MX_STATIC_ASSERT(MX_ALIGNOF(AttentionDecodeParams) == 8, "AttentionDecodeParams: alignment");
 MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, q) == 0, "AttentionDecodeParams.q: offset");
 MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, k_cache) == 8, "AttentionDecodeParams.k_cache: offset");
@@ -567,20 +567,21 @@ MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, positions) == 40, "AttentionDec
 MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, out) == 48, "AttentionDecodeParams.out: offset");
 MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, part_out) == 56, "AttentionDecodeParams.part_out: offset");
 MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, part_lse) == 64, "AttentionDecodeParams.part_lse: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, tokens) == 72, "AttentionDecodeParams.tokens: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, n_heads) == 76, "AttentionDecodeParams.n_heads: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, n_kv_heads) == 80, "AttentionDecodeParams.n_kv_heads: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, head_dim) == 84, "AttentionDecodeParams.head_dim: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, q_stride) == 88, "AttentionDecodeParams.q_stride: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, block_size) == 92, "AttentionDecodeParams.block_size: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, max_blocks_per_seq) == 96, "AttentionDecodeParams.max_blocks_per_seq: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, num_blocks) == 100, "AttentionDecodeParams.num_blocks: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, num_seqs) == 104, "AttentionDecodeParams.num_seqs: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, window) == 108, "AttentionDecodeParams.window: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, split_keys) == 112, "AttentionDecodeParams.split_keys: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, max_splits) == 116, "AttentionDecodeParams.max_splits: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, target_splits) == 120, "AttentionDecodeParams.target_splits: offset");
-MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, scale) == 124, "AttentionDecodeParams.scale: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, split_done) == 72, "AttentionDecodeParams.split_done: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, tokens) == 80, "AttentionDecodeParams.tokens: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, n_heads) == 84, "AttentionDecodeParams.n_heads: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, n_kv_heads) == 88, "AttentionDecodeParams.n_kv_heads: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, head_dim) == 92, "AttentionDecodeParams.head_dim: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, q_stride) == 96, "AttentionDecodeParams.q_stride: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, block_size) == 100, "AttentionDecodeParams.block_size: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, max_blocks_per_seq) == 104, "AttentionDecodeParams.max_blocks_per_seq: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, num_blocks) == 108, "AttentionDecodeParams.num_blocks: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, num_seqs) == 112, "AttentionDecodeParams.num_seqs: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, window) == 116, "AttentionDecodeParams.window: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, split_keys) == 120, "AttentionDecodeParams.split_keys: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, max_splits) == 124, "AttentionDecodeParams.max_splits: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, target_splits) == 128, "AttentionDecodeParams.target_splits: offset");
+MX_STATIC_ASSERT(offsetof(AttentionDecodeParams, scale) == 132, "AttentionDecodeParams.scale: offset");
 
 // Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id; SAMPLE_NON_FINITE for a row holding a NaN or an infinity.
 typedef struct ArgmaxParams {

@@ -573,6 +573,8 @@ pub struct AttentionDecodeArgs<'a> {
     pub part_out: ViewMut<'a, f32>,
     /// `[tokens, n_heads, max_splits]` per-split log2-sum-exp of the scaled scores.
     pub part_lse: ViewMut<'a, f32>,
+    /// `[tokens, n_kv_heads]` splits done per (token, KV head) in this launch (0 between launches: the last split resets it).
+    pub split_done: ViewMut<'a, u32>,
 }
 
 /// The scalar fields of [`AttentionDecodeParams`] (row strides come from the `Rows` views).
@@ -622,6 +624,7 @@ impl AttentionDecodeArgs<'_> {
         need(op, "out", self.out.len(), product(&[u128::from(s.tokens), u128::from(s.n_heads), u128::from(s.head_dim)]))?;
         need(op, "part_out", self.part_out.len(), product(&[u128::from(s.tokens), u128::from(s.n_heads), u128::from(s.max_splits), u128::from(s.head_dim)]))?;
         need(op, "part_lse", self.part_lse.len(), product(&[u128::from(s.tokens), u128::from(s.n_heads), u128::from(s.max_splits)]))?;
+        need(op, "split_done", self.split_done.len(), product(&[u128::from(s.tokens), u128::from(s.n_kv_heads)]))?;
         Ok(AttentionDecodeParams {
             q: self.q.address(),
             k_cache: self.k_cache.address(),
@@ -632,6 +635,7 @@ impl AttentionDecodeArgs<'_> {
             out: self.out.address(),
             part_out: self.part_out.address(),
             part_lse: self.part_lse.address(),
+            split_done: self.split_done.address(),
             tokens: s.tokens,
             n_heads: s.n_heads,
             n_kv_heads: s.n_kv_heads,

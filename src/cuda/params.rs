@@ -30,8 +30,6 @@ pub const ATTENTION_MAX_SPLIT_KEYS: u32 = 512;
 pub const ATTENTION_MIN_SPLIT_KEYS: u32 = 32;
 /// Blocks of `attention_decode` per multiprocessor its planner aims at when it spreads a batch's keys over splits.
 pub const ATTENTION_BLOCKS_PER_SM: u32 = 4;
-/// Threads per block of `attention_combine` (one block per token and query head).
-pub const ATTENTION_COMBINE_THREADS: u32 = 128;
 /// Threads per block of `argmax` (one block per row).
 pub const ARGMAX_THREADS: u32 = 1024;
 /// Warps per block of `linear_gemv` (each warp owns LINEAR_GEMV_ROWS_PER_WARP output rows).
@@ -506,7 +504,7 @@ const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, top_k) == 168);
 const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, workspace_bytes) == 172);
 const _: () = assert!(core::mem::offset_of!(MoeCutlassQ8Params, sm_count) == 176);
 
-/// Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. `attention_decode` writes one normalised partial output and log2-sum-exp per split, `attention_combine` merges the splits into `out`.
+/// Split-KV flash-decoding over the paged cache. Query token t (sequence row `token_seq[t]`, position `p = positions[t]`) attends to keys j with max(0, p - window + 1) <= j <= p (window 0: all j <= p); query head h reads KV head h / (n_heads / n_kv_heads); scores are scaled by `scale` and the softmax is in f32. Each split writes its normalised partial output and log2-sum-exp; the last split of a (token, KV head) to finish merges them into `out`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AttentionDecodeParams {
@@ -528,6 +526,8 @@ pub struct AttentionDecodeParams {
     pub part_out: u64,
     /// `[tokens, n_heads, max_splits]` per-split log2-sum-exp of the scaled scores. Device pointer to f32, written.
     pub part_lse: u64,
+    /// `[tokens, n_kv_heads]` splits done per (token, KV head) in this launch (0 between launches: the last split resets it). Device pointer to u32, written.
+    pub split_done: u64,
     /// Number of query tokens.
     pub tokens: u32,
     /// Query heads.
@@ -558,7 +558,7 @@ pub struct AttentionDecodeParams {
     pub scale: f32,
 }
 
-const _: () = assert!(core::mem::size_of::<AttentionDecodeParams>() == 128);
+const _: () = assert!(core::mem::size_of::<AttentionDecodeParams>() == 136);
 const _: () = assert!(core::mem::align_of::<AttentionDecodeParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, q) == 0);
 const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, k_cache) == 8);
@@ -569,20 +569,21 @@ const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, positions) ==
 const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, out) == 48);
 const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, part_out) == 56);
 const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, part_lse) == 64);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, tokens) == 72);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, n_heads) == 76);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, n_kv_heads) == 80);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, head_dim) == 84);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, q_stride) == 88);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, block_size) == 92);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, max_blocks_per_seq) == 96);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, num_blocks) == 100);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, num_seqs) == 104);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, window) == 108);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, split_keys) == 112);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, max_splits) == 116);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, target_splits) == 120);
-const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, scale) == 124);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, split_done) == 72);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, tokens) == 80);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, n_heads) == 84);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, n_kv_heads) == 88);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, head_dim) == 92);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, q_stride) == 96);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, block_size) == 100);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, max_blocks_per_seq) == 104);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, num_blocks) == 108);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, num_seqs) == 112);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, window) == 116);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, split_keys) == 120);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, max_splits) == 124);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, target_splits) == 128);
+const _: () = assert!(core::mem::offset_of!(AttentionDecodeParams, scale) == 132);
 
 /// Greedy sampling: `out_ids[r] = argmax(logits[r, :])`, ties to the lowest id; SAMPLE_NON_FINITE for a row holding a NaN or an infinity.
 #[repr(C)]
@@ -986,8 +987,6 @@ pub enum KernelFamily {
     MoeMmaDown,
     /// `attention_decode` in csrc/attention_decode.cu, taking [`AttentionDecodeParams`].
     AttentionDecode,
-    /// `attention_combine` in csrc/attention_decode.cu, taking [`AttentionDecodeParams`].
-    AttentionCombine,
     /// `argmax` in csrc/sampling.cu, taking [`ArgmaxParams`].
     Argmax,
     /// `linear_gemv` in csrc/linear.cu, taking [`LinearParams`].
@@ -1028,7 +1027,7 @@ pub enum KernelFamily {
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 28] = [
+    pub const ALL: [KernelFamily; 27] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -1038,7 +1037,6 @@ impl KernelFamily {
         KernelFamily::MoeMmaUp,
         KernelFamily::MoeMmaDown,
         KernelFamily::AttentionDecode,
-        KernelFamily::AttentionCombine,
         KernelFamily::Argmax,
         KernelFamily::LinearGemv,
         KernelFamily::LinearMma,
@@ -1076,7 +1074,6 @@ impl KernelFamily {
             KernelFamily::MoeMmaUp => "moe_mma_up",
             KernelFamily::MoeMmaDown => "moe_mma_down",
             KernelFamily::AttentionDecode => "attention_decode",
-            KernelFamily::AttentionCombine => "attention_combine",
             KernelFamily::Argmax => "argmax",
             KernelFamily::LinearGemv => "linear_gemv",
             KernelFamily::LinearMma => "linear_mma",
@@ -1110,7 +1107,6 @@ impl KernelFamily {
             KernelFamily::MoeMmaUp => &["MAX_NT"],
             KernelFamily::MoeMmaDown => &["MAX_NT"],
             KernelFamily::AttentionDecode => &["HEAD_DIM", "GROUP"],
-            KernelFamily::AttentionCombine => &[],
             KernelFamily::Argmax => &[],
             KernelFamily::LinearGemv => &["TILE", "OUT_F32"],
             KernelFamily::LinearMma => &["OUT_F32"],
@@ -1393,12 +1389,6 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         module: "attention_decode",
         symbol: "attention_decode_d128_g8",
         consts: &[128, 8],
-    },
-    KernelVariant {
-        family: KernelFamily::AttentionCombine,
-        module: "attention_decode",
-        symbol: "attention_combine",
-        consts: &[],
     },
     KernelVariant {
         family: KernelFamily::Argmax,
@@ -2794,6 +2784,11 @@ pub fn compiled_layouts() -> Vec<CompiledLayout> {
                     "part_lse",
                     core::mem::offset_of!(AttentionDecodeParams, part_lse),
                     core::mem::size_of_val(&AttentionDecodeParams::default().part_lse),
+                ),
+                (
+                    "split_done",
+                    core::mem::offset_of!(AttentionDecodeParams, split_done),
+                    core::mem::size_of_val(&AttentionDecodeParams::default().split_done),
                 ),
                 (
                     "tokens",

@@ -1,9 +1,11 @@
-//! `attention_decode` (split-KV decode plus combine) against the CPU reference
+//! `attention_decode` (split-KV decode, the splits merged in the same launch) against the CPU reference
 //! `mixtral::cpu::attention::attention`: several sequences in one launch, each with 1 to 3 query
 //! tokens at its last positions, listed in an order other than their block-table rows; random
 //! head_dim (every compiled value), GQA groups 1/2/4, block sizes 1..=16 with shuffled block tables,
-//! split sizes from 1 key to the maximum, windows shorter and longer than the sequences and none.
-//! The split scratch buffers are guard-banded too.
+//! split sizes from 1 key to the maximum, windows shorter and longer than the sequences and none,
+//! and a padding token (no sequence: zeros). Each case launches twice over the same split
+//! counters, which must come back to 0, with the same output. The split scratch buffers are
+//! guard-banded too.
 
 use half::bf16;
 use mixtral::cuda::args::AttentionDecodeArgs;
@@ -102,7 +104,9 @@ fn check(gpu: &Target, case: &Case) {
         case.head_dim,
         (case.seed % 3) as usize,
     );
-    let tokens: usize = case.queries.iter().sum();
+    // The sequences' query tokens, then one padding token (no sequence), as the engine pads a decode
+    // batch: it attends to nothing and gets zeros.
+    let tokens: usize = case.queries.iter().sum::<usize>() + 1;
     let (q_rows, q) = strided_queries(case.seed.wrapping_add(3), tokens, width, q_stride);
 
     // Tokens are listed sequence by sequence in reverse row order.
@@ -119,6 +123,9 @@ fn check(gpu: &Target, case: &Case) {
         let q_seq = &q[first * width..(first + n) * width];
         reference.extend(pool.reference(row, q_seq, heads, case.cached[row], case.window));
     }
+    token_seq.push(-1);
+    positions.push(0);
+    reference.extend(std::iter::repeat_n(0.0, width));
 
     let max_splits = attention_splits(pool.cache.capacity(), case.split_keys);
     let mut q_dev = Guarded::with(stream, &common::to_bf16(&q_rows));
@@ -127,10 +134,11 @@ fn check(gpu: &Target, case: &Case) {
     let block_tables = Guarded::with(stream, &pool.tables);
     let token_seq_dev = Guarded::with(stream, &token_seq);
     let positions_dev = Guarded::with(stream, &positions);
-    let mut out = Guarded::<bf16>::poisoned(stream, tokens * width);
     let mut part_out =
         Guarded::<f32>::poisoned(stream, tokens * heads * max_splits * case.head_dim);
     let mut part_lse = Guarded::<f32>::poisoned(stream, tokens * heads * max_splits);
+    // Zeroed once, as the engine does: each launch leaves the counters at 0 for the next.
+    let mut split_done = Guarded::with(stream, &vec![0u32; tokens * case.kv_heads]);
     let shape = AttentionDecodeShape {
         tokens,
         n_heads: heads,
@@ -141,31 +149,53 @@ fn check(gpu: &Target, case: &Case) {
         split_keys: case.split_keys,
         multiprocessors: case.multiprocessors,
     };
-    let [q, _] = q_dev
-        .dev_mut()
-        .column_groups([width, q_stride - width])
-        .expect("whole rows of q");
-    launch!(
-        gpu.on(),
-        attention_decode | attention_decode_emulated,
-        &shape,
-        AttentionDecodeArgs {
-            q: q.into(),
-            k_cache: k_cache.dev(),
-            v_cache: v_cache.dev(),
-            block_tables: block_tables.dev(),
-            token_seq: token_seq_dev.dev(),
-            positions: positions_dev.dev(),
-            out: out.dev_mut(),
-            part_out: part_out.dev_mut(),
-            part_lse: part_lse.dev_mut(),
-        },
-    )
-    .expect("attention_decode launch");
-    let out = common::to_f32(&out.read_written(stream, "out"));
+    // Two launches on the same counters: the second merges as the first did.
+    let mut rounds = Vec::new();
+    for _ in 0..2 {
+        let mut out = Guarded::<bf16>::poisoned(stream, tokens * width);
+        let [q, _] = q_dev
+            .dev_mut()
+            .column_groups([width, q_stride - width])
+            .expect("whole rows of q");
+        launch!(
+            gpu.on(),
+            attention_decode | attention_decode_emulated,
+            &shape,
+            AttentionDecodeArgs {
+                q: q.into(),
+                k_cache: k_cache.dev(),
+                v_cache: v_cache.dev(),
+                block_tables: block_tables.dev(),
+                token_seq: token_seq_dev.dev(),
+                positions: positions_dev.dev(),
+                out: out.dev_mut(),
+                part_out: part_out.dev_mut(),
+                part_lse: part_lse.dev_mut(),
+                split_done: split_done.dev_mut(),
+            },
+        )
+        .expect("attention_decode launch");
+        rounds.push(out.read_written(stream, "out"));
+    }
     part_out.read(stream, "part_out");
     part_lse.read(stream, "part_lse");
-    // Scores, softmax, weighted sums and the split combine all in f32 (over at most the longest
+    let left = split_done.read(stream, "split_done");
+    assert!(
+        left.iter().all(|&c| c == 0),
+        "{case:?}: split counters left at {left:?}"
+    );
+    let bits = |r: &[bf16]| r.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(&rounds[0]),
+        bits(&rounds[1]),
+        "{case:?}: the second launch differs"
+    );
+    let out = common::to_f32(&rounds[0]);
+    assert!(
+        out[(tokens - 1) * width..].iter().all(|&v| v == 0.0),
+        "{case:?}: the padding token's output is not zero"
+    );
+    // Scores, softmax, weighted sums and the merge of the splits all in f32 (over at most the longest
     // sequence's keys), then one rounding at the bf16 store.
     let keys = lengths.iter().copied().max().unwrap_or(0);
     common::assert_close(

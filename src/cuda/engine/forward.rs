@@ -346,6 +346,7 @@ impl Step<'_> {
                     out: a.attn.view_mut(),
                     part_out: a.part_out.view_mut(),
                     part_lse: a.part_lse.view_mut(),
+                    split_done: a.split_done.view_mut(),
                 };
                 ops::attention_decode(self.kernels, self.stream, &shape, args)
             }

@@ -121,9 +121,15 @@ pub fn plan_bytes(config: &ModelConfig, sizes: &PlanSizes) -> usize {
         + m * d.vocab
         + d.head_dim / 2;
     let bf16s = m * d.hidden * 2 + m * d.qkv_width + m * d.q_width + slots * d.inter;
-    // The router's counts, offsets and its one counter of finished blocks among them.
-    let i32s =
-        4 * m + slots * 2 + 2 * d.experts + 2 + m + sizes.max_sequences * sizes.max_blocks_per_seq;
+    // The router's counts, offsets and its one counter of finished blocks among them, and decode
+    // attention's counters of finished splits.
+    let i32s = 4 * m
+        + slots * 2
+        + 2 * d.experts
+        + 2
+        + m
+        + sizes.max_sequences * sizes.max_blocks_per_seq
+        + sizes.max_decode_tokens * d.kv_heads;
     let cache = 2 * config.num_layers * sizes.num_blocks * sizes.block_size * d.kv_width;
     let sampling = m * (4 * 4 + 8 * RNG_STATE_WORDS);
     4 * f32s + 2 * bf16s + 4 * i32s + 2 * cache + sampling
@@ -238,6 +244,8 @@ pub struct Activations {
     pub part_out: DeviceBuffer<f32>,
     /// `[decode tokens, heads, splits]` attention split sums.
     pub part_lse: DeviceBuffer<f32>,
+    /// `[decode tokens, kv heads]` attention splits done (0 between launches).
+    pub split_done: DeviceBuffer<u32>,
     /// `[M, hidden]` the rows whose logits are computed, gathered.
     pub gathered: DeviceBuffer<bf16>,
 }
@@ -336,6 +344,10 @@ impl Plan {
             moe_out: arena.zeroed(slots * d.hidden, "expert outputs")?,
             part_out: arena.zeroed(decode * d.head_dim, "attention split outputs")?,
             part_lse: arena.zeroed(decode, "attention split sums")?,
+            split_done: arena.zeroed(
+                sizes.max_decode_tokens * d.kv_heads,
+                "attention split counters",
+            )?,
             gathered: arena.zeroed(m * d.hidden, "gathered rows")?,
         };
         Ok(Plan {

@@ -1,10 +1,12 @@
-//! `attention_decode` + `attention_combine` (csrc/attention_decode.cu): split-KV flash-decoding of
-//! `tokens` query tokens (each at its own position and block-table row) over the paged cache, GQA,
-//! optional sliding window, f32 softmax. q `[tokens, n_heads, head_dim]` (a column group of wider
+//! `attention_decode` (csrc/attention_decode.cu): split-KV flash-decoding of `tokens` query tokens
+//! (each at its own position and block-table row) over the paged cache, GQA, optional sliding
+//! window, f32 softmax, in one launch. q `[tokens, n_heads, head_dim]` (a column group of wider
 //! rows) gives out `[tokens, n_heads, head_dim]` bf16, through the per-split scratch part_out
 //! `[tokens, n_heads, max_splits, head_dim]` and part_lse `[tokens, n_heads, max_splits]` f32, where
-//! `max_splits` = [`attention_splits`] of a sequence's capacity. Given the device's multiprocessor
-//! count, each token's keys are spread over [`target_splits`] splits, sized on the device.
+//! `max_splits` = [`attention_splits`] of a sequence's capacity; the last split of each (token, KV
+//! head) merges them, counted in split_done `[tokens, n_kv_heads]` u32 (zeroed once by its owner,
+//! 0 again after every launch). Given the device's multiprocessor count, each token's keys are
+//! spread over [`target_splits`] splits, sized on the device.
 
 use super::paged_cache::{
     attention_splits, gqa_group, score_scale, window_scalar, PagedCacheShape,
@@ -13,8 +15,8 @@ use crate::cuda::args::{AttentionDecodeArgs, AttentionDecodeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::launch::{planned_launcher, Grid, Planned};
 use crate::cuda::params::{
-    AttentionDecodeParams, KernelFamily, ATTENTION_BLOCKS_PER_SM, ATTENTION_COMBINE_THREADS,
-    ATTENTION_MAX_SPLIT_KEYS, ATTENTION_THREADS,
+    AttentionDecodeParams, KernelFamily, ATTENTION_BLOCKS_PER_SM, ATTENTION_MAX_SPLIT_KEYS,
+    ATTENTION_THREADS,
 };
 
 /// What the caller decides for [`attention_decode`]; the planner derives the split count and the
@@ -58,7 +60,7 @@ pub fn target_splits(multiprocessors: usize, tokens: usize, n_kv_heads: usize, m
 fn plan(
     s: &AttentionDecodeShape,
     a: &AttentionDecodeArgs<'_>,
-) -> Planned<AttentionDecodeParams, 2> {
+) -> Planned<AttentionDecodeParams, 1> {
     let c = Check {
         op: "attention_decode",
     };
@@ -69,7 +71,6 @@ fn plan(
         "(head_dim, group)",
         &[head_dim, group],
     )?;
-    let combine = c.variant(KernelFamily::AttentionCombine, "attention_combine", &[])?;
     if s.split_keys == 0 || s.split_keys > ATTENTION_MAX_SPLIT_KEYS as usize {
         return Err(c.unsupported(
             "split_keys",
@@ -77,7 +78,7 @@ fn plan(
             format!("must be in 1..={ATTENTION_MAX_SPLIT_KEYS}"),
         ));
     }
-    // The splits cover every key a sequence can hold (the combine ignores splits past max_splits).
+    // The splits cover every key a sequence can hold (the merge ignores splits past max_splits).
     let max_splits = attention_splits(s.cache.check(&c)?, s.split_keys);
     let scalars = AttentionDecodeScalars {
         tokens: c.grid_yz("tokens", s.tokens)?,
@@ -102,26 +103,18 @@ fn plan(
     let shared = s.split_keys * group as usize * std::mem::size_of::<f32>();
     Ok(Some((
         params,
-        [
-            Grid {
-                variant: decode,
-                grid: (scalars.max_splits, scalars.n_kv_heads, scalars.tokens),
-                block: ATTENTION_THREADS,
-                shared_bytes: shared as u32,
-            },
-            Grid {
-                variant: combine,
-                grid: (scalars.n_heads, scalars.tokens, 1),
-                block: ATTENTION_COMBINE_THREADS,
-                shared_bytes: 0,
-            },
-        ],
+        [Grid {
+            variant: decode,
+            grid: (scalars.max_splits, scalars.n_kv_heads, scalars.tokens),
+            block: ATTENTION_THREADS,
+            shared_bytes: shared as u32,
+        }],
     )))
 }
 
 planned_launcher! {
-    /// Split-KV decode attention over the paged cache, then the combine of the splits into `out`; zero
-    /// tokens launch nothing.
+    /// Split-KV decode attention over the paged cache, the splits merged into `out` by the last of
+    /// each (token, KV head) in the same launch; zero tokens launch nothing.
     attention_decode(AttentionDecodeShape, AttentionDecodeArgs) = plan; emulated attention_decode_emulated
 }
 
@@ -183,20 +176,19 @@ mod tests {
             out: view_mut(s.tokens * width),
             part_out: view_mut(s.tokens * s.n_heads * splits * s.head_dim),
             part_lse: view_mut(s.tokens * s.n_heads * splits),
+            split_done: view_mut(s.tokens * s.n_kv_heads),
         }
     }
 
     #[test]
     fn picks_the_gqa_instantiation_and_derives_the_splits() {
         let s = shape();
-        let (p, [decode, combine]) = plan(&s, &args(&s)).unwrap().unwrap();
+        let (p, [decode]) = plan(&s, &args(&s)).unwrap().unwrap();
         assert_eq!(symbol(&decode), "attention_decode_d128_g4");
         // 5 blocks of 16 = 80 keys: 3 splits of 32.
         assert_eq!(p.max_splits, 3);
         assert_eq!(decode.grid, (3, 8, 2));
         assert_eq!(decode.shared_bytes, 4 * 32 * 4);
-        assert_eq!(symbol(&combine), "attention_combine");
-        assert_eq!(combine.grid, (32, 2, 1));
         assert_eq!(p.q_stride, 32 * 128 + 2 * 8 * 128);
         assert_eq!((p.split_keys, p.window), (32, 0));
         assert!((p.scale - 128f32.sqrt().recip()).abs() < 1e-9);
@@ -270,6 +262,11 @@ mod tests {
             ..args(&s)
         };
         too_small(plan(&s, &short_out), "part_out");
+        let short_done = AttentionDecodeArgs {
+            split_done: view_mut(2 * 8 - 1),
+            ..args(&s)
+        };
+        too_small(plan(&s, &short_done), "split_done");
         // Splits sized for a shorter sequence do not cover this one.
         let longer = AttentionDecodeShape {
             cache: PagedCacheShape {
@@ -299,12 +296,15 @@ mod tests {
                 split_keys: ATTENTION_MAX_SPLIT_KEYS as usize,
                 ..shape()
             };
-            let (_, [decode, _]) = plan(&s, &args(&s)).unwrap().unwrap();
+            let (_, [decode]) = plan(&s, &args(&s)).unwrap().unwrap();
             assert_eq!(decode.symbol(), v.symbol);
-            // The kernel's static shared memory (q and the cross-warp reduction) comes on top.
+            // The kernel's static shared memory comes on top: q, the cross-warp reduction, the
+            // softmax statistics, the merge's statistics and its one flag.
             let static_bytes = (group * head_dim
                 + (ATTENTION_THREADS as usize / 32) * group * head_dim
-                + 2 * group)
+                + 2 * group
+                + 2 * group
+                + 1)
                 * 4;
             assert!(
                 decode.shared_bytes as usize + static_bytes <= DEFAULT_SHARED_BYTES,
@@ -324,7 +324,7 @@ mod tests {
                 num_blocks: 3, block_size, num_seqs: 2, max_blocks_per_seq: max_blocks,
             };
             let s = AttentionDecodeShape { cache, split_keys, ..shape() };
-            let (p, [decode, _]) = plan(&s, &args(&s)).unwrap().unwrap();
+            let (p, [decode]) = plan(&s, &args(&s)).unwrap().unwrap();
             let (splits, keys) = (p.max_splits as usize, max_blocks * block_size);
             prop_assert!(splits * split_keys >= keys);
             prop_assert!(splits == 1 || (splits - 1) * split_keys < keys);
