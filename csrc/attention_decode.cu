@@ -188,7 +188,10 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     // slots of its UNROLL keys, then issues their loads, then uses them: the keys a warp covers and each
     // key's score are those of a loop without the unrolling.
     constexpr int32_t STRIDE = WARPS * KPW;  // keys between a warp's consecutive steps
-    for (int32_t step = warp * KPW; step < nk; step += STRIDE * UNROLL) {
+    // Every warp runs the same number of steps (keys past nk load nothing), so the shuffles of the
+    // sums stay in code that every warp runs.
+    for (int32_t base = 0; base < nk; base += STRIDE * UNROLL) {
+        const int32_t step = base + (int32_t)warp * KPW;
         long long slot[UNROLL];
         uint4 kv[UNROLL];
         load_keys(p, p.k_cache, seq, begin, nk, step + (int32_t)sub, STRIDE, head_offset, slot, kv);
@@ -204,19 +207,25 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     }
     __syncthreads();
 
-    // Softmax statistics; warp w handles heads w, w + WARPS, ...
-    for (uint32_t g = warp; g < (uint32_t)G; g += WARPS) {
+    // Softmax statistics; warp w handles heads w, w + WARPS, ... Every warp takes the same number of
+    // rounds (a warp without a head in a round reads nothing), so the shuffles stay in code that every
+    // warp runs.
+#pragma unroll
+    for (uint32_t round = 0; round < (G + WARPS - 1) / WARPS; ++round) {
+        const uint32_t g = warp + round * WARPS;
+        const bool owns = g < (uint32_t)G;
+        const int32_t n = owns ? nk : 0;
         float m = -INFINITY;
-        for (int32_t i = lane; i < nk; i += 32) m = fmaxf(m, scores[g * sk + i]);
+        for (int32_t i = lane; i < n; i += 32) m = fmaxf(m, scores[g * sk + i]);
         m = mx::group_max(m);
         float l = 0.0f;
-        for (int32_t i = lane; i < nk; i += 32) {
+        for (int32_t i = lane; i < n; i += 32) {
             const float e = m == -INFINITY ? 0.0f : exp2f(scores[g * sk + i] - m);
             scores[g * sk + i] = e;
             l += e;
         }
         l = mx::group_sum(l);
-        if (lane == 0) {
+        if (owns && lane == 0) {
             m_s[g] = m;
             l_s[g] = l;
         }
