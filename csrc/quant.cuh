@@ -92,14 +92,21 @@ __device__ __forceinline__ float fp8_value(uint32_t w, int i) {
 // pair to f16 on sm_89+ (2 instructions for two values where fp8_value takes 8), fp8_value before
 // (cuda_fp8.h's software conversion is several times longer there).
 __device__ __forceinline__ void fp8_pair_values(uint32_t w, int h, float& lo, float& hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    const __half2_raw pair = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w >> (16 * h)), __NV_E4M3);
-    lo = __half2float(__half(__half_raw{pair.x}));
-    hi = __half2float(__half(__half_raw{pair.y}));
+#if defined(MX_EMULATOR)
+    const bool pair_conversion = mx_emu::arch() >= 890;  // the emulated device's (both are tested)
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    constexpr bool pair_conversion = true;
 #else
-    lo = fp8_value(w, 2 * h);
-    hi = fp8_value(w, 2 * h + 1);
+    constexpr bool pair_conversion = false;
 #endif
+    if (pair_conversion) {
+        const __half2_raw pair = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w >> (16 * h)), __NV_E4M3);
+        lo = __half2float(__half(__half_raw{pair.x}));
+        hi = __half2float(__half(__half_raw{pair.y}));
+    } else {
+        lo = fp8_value(w, 2 * h);
+        hi = fp8_value(w, 2 * h + 1);
+    }
 }
 
 // The signed value of byte i (0..3) of w, given flipped = w ^ 0x80808080: the byte goes to bits 0..7

@@ -82,6 +82,50 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
     return __nv_bfloat162{__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
 }
 
+// ---- f16 and FP8: what the sm_89+ pair conversion of quant.cuh uses -------------------------
+struct __half_raw {
+    unsigned short x;
+};
+struct __half2_raw {
+    unsigned short x, y;
+};
+struct __half {
+    unsigned short __x;
+    __half(__half_raw r) : __x(r.x) {}
+};
+typedef unsigned short __nv_fp8x2_storage_t;
+enum __nv_fp8_interpretation_t { __NV_E4M3, __NV_E5M2 };
+
+// f16 to f32, exactly.
+inline float __half2float(__half h) {
+    const uint32_t sign = (uint32_t)(h.__x & 0x8000u) << 16;
+    const uint32_t e = (h.__x >> 10) & 0x1fu, m = h.__x & 0x3ffu;
+    if (e == 31) return __uint_as_float(sign | 0x7f800000u | (m << 13));  // infinity or NaN
+    const float magnitude = e == 0 ? ldexpf((float)m, -24) : ldexpf((float)(1024 + m), (int)e - 25);
+    return sign != 0 ? -magnitude : magnitude;
+}
+
+namespace mx_emu {
+[[noreturn]] void trap(const char* why);
+// One E4M3 code as f16 bits, exactly (every E4M3 value is a normal f16 or zero); the NaN codes
+// (S.1111.111) give the canonical f16 NaN 0x7fff.
+inline unsigned short e4m3_as_f16(unsigned code) {
+    const unsigned sign = (code & 0x80u) << 8;
+    const unsigned e = (code >> 3) & 0xfu, m = code & 7u;
+    if (e == 15 && m == 7) return 0x7fff;
+    if (e == 0 && m == 0) return (unsigned short)sign;
+    const float v = e == 0 ? ldexpf((float)m, -9) : ldexpf((float)(8 + m), (int)e - 10);
+    const uint32_t u = __float_as_uint(v);
+    return (unsigned short)(sign | ((((u >> 23) & 0xffu) - 112u) << 10) | ((u >> 13) & 0x3ffu));
+}
+}  // namespace mx_emu
+
+// cvt.rn.f16x2.e4m3x2: the low byte of `pair` to .x, the high byte to .y. E5M2 is not emulated.
+inline __half2_raw __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t pair, __nv_fp8_interpretation_t kind) {
+    if (kind != __NV_E4M3) mx_emu::trap("__nv_cvt_fp8x2_to_halfraw2 of E5M2 (not emulated)");
+    return __half2_raw{mx_emu::e4m3_as_f16(pair & 0xffu), mx_emu::e4m3_as_f16(pair >> 8)};
+}
+
 // ---- math and bit intrinsics (the GPU's approximate ones computed exactly here) --------------
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float __expf(float x) { return expf(x); }
@@ -141,6 +185,10 @@ namespace mx_emu {
 // (set by the scheduler).
 extern unsigned current_thread;
 extern uint3 current_block, launch_grid, launch_block;
+// The compute capability the launch emulates (major * 100 + minor * 10: 800, 900), for the code
+// that differs by architecture (quant.cuh's FP8 pair conversion, sm_89+).
+extern unsigned current_arch;
+inline unsigned arch() { return current_arch; }
 inline uint3 thread_idx() { return uint3{current_thread, 0, 0}; }
 inline uint3 block_idx() { return current_block; }
 inline uint3 block_dim() { return launch_block; }

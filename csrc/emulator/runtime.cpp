@@ -226,6 +226,7 @@ void run_block(Launch& l, std::vector<char*>& stacks, bool reverse) {
 }  // namespace
 
 unsigned current_thread = 0;
+unsigned current_arch = 800;
 uint3 current_block{}, launch_grid{}, launch_block{};
 
 void* warp_slot(unsigned lane) {
@@ -361,6 +362,7 @@ struct MxEmulatorGrid {
     uint32_t block;
     uint32_t shared_bytes;
     uint32_t reverse;  // run threads and blocks in reverse order (uncovers missing barriers)
+    uint32_t arch;     // the compute capability emulated: 800 or 900 (mx_emu::arch)
 };
 
 namespace {
@@ -416,6 +418,8 @@ extern "C" int mx_emulator_launch(const char* symbol, const void* params, const 
     if (stack_memory == MAP_FAILED) return report("no memory for the emulated threads' stacks");
     std::vector<char*> stacks(block);
     for (uint32_t t = 0; t < block; ++t) stacks[t] = static_cast<char*>(stack_memory) + t * mx_emu::STACK_BYTES;
+    if (geometry->arch != 800 && geometry->arch != 900) return report("emulated arch must be 800 or 900");
+    mx_emu::current_arch = geometry->arch;
     mx_emu::active = &l;
     mx_emu::launch_grid = l.grid;
     mx_emu::launch_block = l.block;

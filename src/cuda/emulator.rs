@@ -27,6 +27,26 @@ pub enum Order {
     Reverse,
 }
 
+/// The device architecture an emulated launch takes the code paths of, where the kernels differ by
+/// architecture (csrc/quant.cuh: FP8 byte pairs by the sm_89+ conversion instruction, or by their
+/// bits before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Compute capability 8.0 (A100).
+    Sm80,
+    /// Compute capability 9.0 (H100, H200).
+    Sm90,
+}
+
+/// How the emulator runs one launch: its order and the architecture it emulates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// The order of blocks and threads.
+    pub order: Order,
+    /// The architecture whose code paths run.
+    pub arch: Arch,
+}
+
 /// Why an emulated launch failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EmulatorError {
@@ -51,6 +71,7 @@ struct EmulatorGrid {
     block: u32,
     shared_bytes: u32,
     reverse: u32,
+    arch: u32,
 }
 
 extern "C" {
@@ -65,21 +86,21 @@ extern "C" {
 }
 
 /// Runs what a planner returned on the emulator, its launches in turn (nothing for zero tokens or
-/// rows), blocks and threads in `order`.
+/// rows), as `schedule` says.
 ///
 /// # Safety
 /// `planned` is what a planner just returned for views of host memory ([`View::of_host`],
 /// [`ViewMut::of_host`]) that are still borrowed.
 pub(crate) unsafe fn run_planned<P, const N: usize>(
     planned: Option<(P, [Grid; N])>,
-    order: Order,
+    schedule: Schedule,
 ) -> Result<(), EmulatorError> {
     let Some((params, grids)) = planned else {
         return Ok(());
     };
     for g in &grids {
         // SAFETY: as this function's.
-        unsafe { run(&params, g, order)? };
+        unsafe { run(&params, g, schedule)? };
     }
     Ok(())
 }
@@ -88,9 +109,9 @@ pub(crate) unsafe fn run_planned<P, const N: usize>(
 ///
 /// # Safety
 /// As [`run_planned`]: `params` and `g` come from a planner, over live views of host memory.
-pub(crate) unsafe fn run<P>(params: &P, g: &Grid, order: Order) -> Result<(), EmulatorError> {
+pub(crate) unsafe fn run<P>(params: &P, g: &Grid, schedule: Schedule) -> Result<(), EmulatorError> {
     // SAFETY: as this function's.
-    unsafe { run_symbol(g.symbol(), params, g, order) }
+    unsafe { run_symbol(g.symbol(), params, g, schedule) }
 }
 
 /// Runs kernel `symbol` (an emulated entry: a kernel of `csrc/` or a self-test kernel) with
@@ -102,14 +123,18 @@ unsafe fn run_symbol<P>(
     symbol: &'static str,
     params: &P,
     g: &Grid,
-    order: Order,
+    schedule: Schedule,
 ) -> Result<(), EmulatorError> {
     let name = CString::new(symbol).expect("kernel symbols have no NUL");
     let geometry = EmulatorGrid {
         grid: [g.grid.0, g.grid.1, g.grid.2],
         block: g.block,
         shared_bytes: g.shared_bytes,
-        reverse: u32::from(order == Order::Reverse),
+        reverse: u32::from(schedule.order == Order::Reverse),
+        arch: match schedule.arch {
+            Arch::Sm80 => 800,
+            Arch::Sm90 => 900,
+        },
     };
     let mut message = vec![0u8; 1024];
     // SAFETY: (the caller's) `params` is `symbol`'s parameter struct, valid for what the kernel
@@ -165,7 +190,11 @@ mod tests {
             out: out.as_mut_ptr(),
         };
         // SAFETY: every self-test kernel writes at most out[threadIdx.x], 64 threads, 64 elements.
-        unsafe { run_symbol(symbol, &params, &BLOCK, order) }?;
+        let schedule = Schedule {
+            order,
+            arch: Arch::Sm90,
+        };
+        unsafe { run_symbol(symbol, &params, &BLOCK, schedule) }?;
         Ok(out)
     }
 

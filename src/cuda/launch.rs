@@ -147,7 +147,7 @@ pub fn launch_planned<P: DeviceRepr, const N: usize>(
 /// Defines an op's launcher, `pub fn NAME(kernels, stream, scalars, args)`: plans with the op's
 /// planner, then issues what it planned (nothing for zero tokens or rows). With `, if REQUIRE`, it
 /// first calls `REQUIRE(stream)`, which refuses a device the op's kernels cannot run on. With
-/// `; emulated EMULATED` (and feature `testing`) it also defines `EMULATED(scalars, args, order)`,
+/// `; emulated EMULATED` (and feature `testing`) it also defines `EMULATED(scalars, args, schedule)`,
 /// which runs the same plan on the kernel emulator.
 macro_rules! planned_launcher {
     (
@@ -175,12 +175,12 @@ macro_rules! planned_launcher {
             pub unsafe fn $emulated(
                 scalars: &$scalars,
                 args: $crate::cuda::args::$args<'_>,
-                order: $crate::cuda::emulator::Order,
+                schedule: $crate::cuda::emulator::Schedule,
             ) -> Result<(), $crate::cuda::emulator::EmulatorError> {
                 let planned = $plan(scalars, &args)?;
                 // SAFETY: planned just now over `args`, views of host memory (the caller's
                 // contract) borrowed until this returns.
-                unsafe { $crate::cuda::emulator::run_planned(planned, order) }
+                unsafe { $crate::cuda::emulator::run_planned(planned, schedule) }
             }
         )?
     };

@@ -152,7 +152,8 @@ impl Stream<'_> {
 /// Where a test runs its kernels: the GPU, or, on a machine without one, the kernel emulator
 /// (`mixtral::cuda::emulator`: the same kernel sources compiled for the CPU, the same planners
 /// and argument checks), which alternates the order of its blocks and threads from one launch to
-/// the next.
+/// the next, and the architecture it emulates (sm_80, sm_90: the FP8 decoding differs) every two
+/// launches, so that consecutive launches cover all four.
 pub enum Target {
     /// The GPU, locked for the test.
     Gpu(MutexGuard<'static, Gpu>),
@@ -165,8 +166,8 @@ pub enum Target {
 pub enum On<'a> {
     /// On the GPU.
     Gpu(&'a Kernels, &'a std::sync::Arc<CudaStream>),
-    /// On the emulator, in this order.
-    Emulator(mixtral::cuda::emulator::Order),
+    /// On the emulator, in this order, as this architecture.
+    Emulator(mixtral::cuda::emulator::Schedule),
 }
 
 impl Target {
@@ -180,16 +181,23 @@ impl Target {
 
     /// How the next launch is issued.
     pub fn on(&self) -> On<'_> {
-        use mixtral::cuda::emulator::Order;
+        use mixtral::cuda::emulator::{Arch, Order, Schedule};
         match self {
             Target::Gpu(gpu) => On::Gpu(&gpu.kernels, gpu.stream()),
             Target::Emulator(launches) => {
                 let n = launches.get();
                 launches.set(n + 1);
-                On::Emulator(if n % 2 == 0 {
-                    Order::Forward
-                } else {
-                    Order::Reverse
+                On::Emulator(Schedule {
+                    order: if n % 2 == 0 {
+                        Order::Forward
+                    } else {
+                        Order::Reverse
+                    },
+                    arch: if n / 2 % 2 == 0 {
+                        Arch::Sm90
+                    } else {
+                        Arch::Sm80
+                    },
                 })
             }
         }
@@ -266,8 +274,8 @@ macro_rules! launch {
         match $on {
             $crate::common::On::Gpu(kernels, stream) => $op(kernels, stream, $($arg),+),
             // SAFETY: on the emulator every buffer is a host one (`Guarded` on `Stream::Host`).
-            $crate::common::On::Emulator(order) => unsafe {
-                $emulated($($arg),+, order).map_err($crate::common::refused)
+            $crate::common::On::Emulator(schedule) => unsafe {
+                $emulated($($arg),+, schedule).map_err($crate::common::refused)
             },
         }
     };

@@ -464,6 +464,69 @@ fn dequantize_is_bit_exact_against_the_host_values() {
         .unwrap();
 }
 
+/// Every finite E4M3 code, through both FP8 decodings of csrc/quant.cuh (by bits before sm_89, by
+/// the pair conversion instruction after): `dequantize` must give the host values bit for bit.
+/// On a GPU the device's own decoding runs; on the emulator, both.
+#[test]
+fn dequantize_fp8_decodes_every_code_on_both_architectures() {
+    use mixtral::cuda::emulator::{Arch, Schedule};
+    let gpu = common::target("dequantize_fp8_decodes_every_code_on_both_architectures");
+    // Row 0 holds codes 0..128, row 1 codes 128..256 (the negative ones); the two NaN codes
+    // (0x7f, 0xff) become their finite neighbours. Scales that keep every product exact in f32.
+    let codes: Vec<u8> = (0..=255u8)
+        .map(|c| if c & 0x7f == 0x7f { c - 1 } else { c })
+        .collect();
+    let m = PackedMatrix {
+        kind: PackedKind::Fp8,
+        rows: 2,
+        cols: 128,
+        codes,
+        params: vec![1.0, 0.75],
+        perm: None,
+    };
+    let expected: Vec<bf16> = m.dequantize().into_iter().map(bf16::from_f32).collect();
+    let ons = match gpu.on() {
+        common::On::Emulator(s) => vec![
+            common::On::Emulator(Schedule {
+                arch: Arch::Sm80,
+                ..s
+            }),
+            common::On::Emulator(Schedule {
+                arch: Arch::Sm90,
+                ..s
+            }),
+        ],
+        on => vec![on],
+    };
+    let stream = gpu.stream();
+    let w = DeviceStack::upload(stream, &[&m]);
+    for on in ons {
+        let mut out = Guarded::<bf16>::poisoned(stream, expected.len());
+        launch!(
+            on,
+            dequantize | dequantize_emulated,
+            &DequantShape {
+                count: 1,
+                rows: 2,
+                cols: 128,
+            },
+            w.weights(),
+            out.dev_mut(),
+        )
+        .expect("dequantize");
+        let got = out.read_written(stream, "out");
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                e.to_bits(),
+                "code {:#04x} (row {}): {g} where the host has {e}",
+                m.codes[i],
+                i / 128
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // qmoe_gemv
 

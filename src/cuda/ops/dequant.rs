@@ -83,14 +83,14 @@ pub unsafe fn dequantize_emulated(
     s: &DequantShape,
     w: PackedView<'_>,
     out: ViewMut<'_, bf16>,
-    order: crate::cuda::emulator::Order,
+    schedule: crate::cuda::emulator::Schedule,
 ) -> Result<(), crate::cuda::emulator::EmulatorError> {
     let PackedView { kind, codes, params, perm, table } = w;
     let args = DequantArgs { codes, params, perm, table, out };
     let planned = plan(s, kind, &args)?;
     // SAFETY: planned just now over `args`, views of host memory (the caller's contract)
     // borrowed until this returns.
-    unsafe { crate::cuda::emulator::run_planned(planned, order) }
+    unsafe { crate::cuda::emulator::run_planned(planned, schedule) }
 }
 
 #[cfg(test)]

@@ -141,12 +141,12 @@ pub fn moe_experts(
 pub unsafe fn moe_experts_emulated(
     s: &MoeScalars,
     args: MoeArgs<'_>,
-    order: crate::cuda::emulator::Order,
+    schedule: crate::cuda::emulator::Schedule,
 ) -> Result<(), crate::cuda::emulator::EmulatorError> {
     match select(Op::Experts, s.tokens as usize, Format::Bf16, Device::default()) {
         // SAFETY: the caller's contract.
-        Choice::MoeGemv => unsafe { moe_gemv_emulated(s, args, order) },
-        _ => unsafe { moe_grouped_gemm_emulated(s, args, order) },
+        Choice::MoeGemv => unsafe { moe_gemv_emulated(s, args, schedule) },
+        _ => unsafe { moe_grouped_gemm_emulated(s, args, schedule) },
     }
 }
 

@@ -118,14 +118,14 @@ pub unsafe fn qlinear_emulated(
     (x, w): (View<'_, bf16>, PackedView<'_>),
     out: AnyViewMut<'_>,
     kernel: PackedKernel,
-    order: crate::cuda::emulator::Order,
+    schedule: crate::cuda::emulator::Schedule,
 ) -> Result<(), crate::cuda::emulator::EmulatorError> {
     let PackedView { kind, codes, params, perm, table } = w;
     let args = QLinearArgs { x, codes, params, perm, table, out };
     let planned = plan(kernel, s, kind, &args)?;
     // SAFETY: planned just now over `args`, views of host memory (the caller's contract)
     // borrowed until this returns.
-    unsafe { crate::cuda::emulator::run_planned(planned, order) }
+    unsafe { crate::cuda::emulator::run_planned(planned, schedule) }
 }
 
 #[cfg(test)]

@@ -150,12 +150,12 @@ pub unsafe fn qmoe_emulated(
     s: &MoeScalars,
     (kinds, args): ([PackedKind; 3], QMoeArgs<'_>),
     kernel: PackedKernel,
-    order: crate::cuda::emulator::Order,
+    schedule: crate::cuda::emulator::Schedule,
 ) -> Result<(), crate::cuda::emulator::EmulatorError> {
     let planned = plan(kernel, s, kinds, &args)?;
     // SAFETY: planned just now over `args`, views of host memory (the caller's contract)
     // borrowed until this returns.
-    unsafe { crate::cuda::emulator::run_planned(planned, order) }
+    unsafe { crate::cuda::emulator::run_planned(planned, schedule) }
 }
 
 #[cfg(test)]
