@@ -16,7 +16,9 @@
 // target_splits = 0, split_keys; else the count spread over target_splits splits, at least
 // ATTENTION_MIN_SPLIT_KEYS and at most split_keys (computed on the device from the token's position, so
 // a captured graph spreads every step's keys over the SMs as the context grows); one block serves
-// all GROUP query heads of its KV head, so each K/V row is read once. Each key row is read by
+// all GROUP query heads of its KV head, so each K/V row is read once. The split's block-table entries
+// are read into shared memory first (at most ATTENTION_MAX_SPLIT_KEYS), so a key's slot is a shared
+// read away from its K/V load rather than a dependent global one. Each key row is read by
 // HEAD_DIM / 8 lanes with one 16-byte load each, each lane looking up UNROLL keys' slots and issuing their
 // loads before using any (the keys and the order of every sum are those of the plain loop). A split
 // writes its normalised output and its log2-sum-exp; splits past the token's range exit at once.
@@ -53,19 +55,50 @@ __device__ __forceinline__ void key_range(const AttentionDecodeParams& p, uint32
     count = pos - first + 1;
 }
 
+// The block-table entries of one split's keys in shared memory (entry i: logical block
+// first_logical + i of the token's sequence, -1 past the table's row or naming no cache block), read
+// once by the whole block, so that each key's slot is one shared read away from its K/V load instead
+// of a dependent global one. A split covers at most ATTENTION_MAX_SPLIT_KEYS keys, so at most that
+// many blocks.
+struct SplitBlocks {
+    const int32_t* entries;
+    uint32_t first_logical;
+    uint32_t block_size;
+
+    // Cache slot of position `pos` (within the split), or -1: mx::paged_slot's value.
+    __device__ __forceinline__ long long slot(int32_t pos) const {
+        const int32_t block = entries[(uint32_t)pos / block_size - first_logical];
+        return block < 0 ? -1 : (long long)block * block_size + (uint32_t)pos % block_size;
+    }
+};
+
+// Fills `entries` (shared) with the entries of keys begin .. begin + nk - 1 of sequence row `seq`
+// (a valid row); the caller's next barrier makes them visible.
+__device__ __forceinline__ SplitBlocks read_split_blocks(const AttentionDecodeParams& p, int32_t seq, int32_t begin,
+                                                         int32_t nk, int32_t* entries) {
+    const uint32_t first_logical = (uint32_t)begin / p.block_size;
+    const uint32_t count = (uint32_t)(begin + nk - 1) / p.block_size - first_logical + 1;
+    const int32_t* row = p.block_tables + (size_t)seq * p.max_blocks_per_seq;
+    for (uint32_t i = threadIdx.x; i < count; i += ATTENTION_THREADS) {
+        const uint32_t logical = first_logical + i;
+        const int32_t block = logical < p.max_blocks_per_seq ? row[logical] : -1;
+        entries[i] = block >= 0 && (uint32_t)block < p.num_blocks ? block : -1;
+    }
+    return SplitBlocks{entries, first_logical, p.block_size};
+}
+
 // The cache slots of a lane's UNROLL keys first + u * stride (-1 past nk or off the block table) and
 // their 16-byte rows at `offset` of `cache` (zeros for -1): every slot looked up, then every load
 // issued, before the caller uses any.
-__device__ __forceinline__ void load_keys(const AttentionDecodeParams& p, const mx_bf16* cache, int32_t seq,
-                                          int32_t begin, int32_t nk, int32_t first, int32_t stride, size_t offset,
-                                          long long (&slot)[UNROLL], uint4 (&rows)[UNROLL]) {
+__device__ __forceinline__ void load_keys(const AttentionDecodeParams& p, const mx_bf16* cache,
+                                          const SplitBlocks& blocks, int32_t begin, int32_t nk, int32_t first,
+                                          int32_t stride, size_t offset, long long (&slot)[UNROLL],
+                                          uint4 (&rows)[UNROLL]) {
     const size_t token_stride = (size_t)p.n_kv_heads * p.head_dim;  // elements per cached token
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const int32_t kk = first + u * stride;
-        slot[u] = kk < nk ? mx::paged_slot(p.block_tables, seq, begin + kk, p.num_seqs, p.max_blocks_per_seq,
-                                           p.block_size, p.num_blocks)
-                          : -1;
+        slot[u] = kk < nk ? blocks.slot(begin + kk) : -1;
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
@@ -162,10 +195,13 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     }
     const int32_t begin = first + (int32_t)(split * keys);
     const int32_t nk = min((int32_t)keys, first + count - begin);
-    const int32_t seq = p.token_seq[t];
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t sub = lane / TG, part = lane % TG;
     const uint32_t sk = p.split_keys;  // the row stride of `scores`
+
+    // The split's block-table entries (visible after the barrier below).
+    __shared__ int32_t block_entries[ATTENTION_MAX_SPLIT_KEYS];
+    const SplitBlocks blocks = read_split_blocks(p, p.token_seq[t], begin, nk, block_entries);
 
     // The group's queries, scaled so that the scores come out in log2 units.
     const float q_scale = p.scale * mx::LOG2E;
@@ -194,7 +230,7 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
         const int32_t step = base + (int32_t)warp * KPW;
         long long slot[UNROLL];
         uint4 kv[UNROLL];
-        load_keys(p, p.k_cache, seq, begin, nk, step + (int32_t)sub, STRIDE, head_offset, slot, kv);
+        load_keys(p, p.k_cache, blocks, begin, nk, step + (int32_t)sub, STRIDE, head_offset, slot, kv);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int32_t kk = step + u * STRIDE + (int32_t)sub;
@@ -243,7 +279,7 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     for (int32_t step = warp * KPW; step < nk; step += STRIDE * UNROLL) {
         long long slot[UNROLL];
         uint4 vv[UNROLL];
-        load_keys(p, p.v_cache, seq, begin, nk, step + (int32_t)sub, STRIDE, head_offset, slot, vv);
+        load_keys(p, p.v_cache, blocks, begin, nk, step + (int32_t)sub, STRIDE, head_offset, slot, vv);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             if (slot[u] < 0) continue;  // also every key past nk
