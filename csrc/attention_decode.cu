@@ -107,7 +107,7 @@ __device__ __forceinline__ void load_keys(const AttentionDecodeParams& p, const 
     }
 }
 
-// Keys per split of a token with `count` keys (see the file comment); the combine uses the same.
+// Keys per split of a token with `count` keys (see the file comment); the merge uses the same.
 __device__ __forceinline__ uint32_t split_keys_of(const AttentionDecodeParams& p, int32_t count) {
     if (p.target_splits == 0) return p.split_keys;
     const uint32_t spread = ((uint32_t)max(count, 0) + p.target_splits - 1) / p.target_splits;
