@@ -189,11 +189,11 @@ mod tests {
         let params = SelfTest {
             out: out.as_mut_ptr(),
         };
-        // SAFETY: every self-test kernel writes at most out[threadIdx.x], 64 threads, 64 elements.
         let schedule = Schedule {
             order,
             arch: Arch::Sm90,
         };
+        // SAFETY: every self-test kernel writes at most out[threadIdx.x], 64 threads, 64 elements.
         unsafe { run_symbol(symbol, &params, &BLOCK, schedule) }?;
         Ok(out)
     }
