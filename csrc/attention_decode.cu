@@ -55,34 +55,33 @@ __device__ __forceinline__ void key_range(const AttentionDecodeParams& p, uint32
     count = pos - first + 1;
 }
 
-// The block-table entries of one split's keys in shared memory (entry i: logical block
-// first_logical + i of the token's sequence, -1 past the table's row or naming no cache block), read
-// once by the whole block, so that each key's slot is one shared read away from its K/V load instead
-// of a dependent global one. A split covers at most ATTENTION_MAX_SPLIT_KEYS keys, so at most that
-// many blocks.
+// The cache slots of the first position of each logical block one split's keys touch, in shared
+// memory (entry i: block first_logical + i of the token's sequence, mx::paged_slot's value, -1 off the
+// table), read once by the whole block, so that each key's slot is one shared read away from its K/V
+// load instead of a dependent global one. A split covers at most ATTENTION_MAX_SPLIT_KEYS keys, so
+// at most that many blocks.
 struct SplitBlocks {
-    const int32_t* entries;
+    const long long* entries;
     uint32_t first_logical;
     uint32_t block_size;
 
     // Cache slot of position `pos` (within the split), or -1: mx::paged_slot's value.
     __device__ __forceinline__ long long slot(int32_t pos) const {
-        const int32_t block = entries[(uint32_t)pos / block_size - first_logical];
-        return block < 0 ? -1 : (long long)block * block_size + (uint32_t)pos % block_size;
+        const long long start = entries[(uint32_t)pos / block_size - first_logical];
+        return start < 0 ? -1 : start + (uint32_t)pos % block_size;
     }
 };
 
-// Fills `entries` (shared) with the entries of keys begin .. begin + nk - 1 of sequence row `seq`
-// (a valid row); the caller's next barrier makes them visible.
+// Fills `entries` (shared) for keys begin .. begin + nk - 1 of sequence row `seq`; the caller's next
+// barrier makes them visible.
 __device__ __forceinline__ SplitBlocks read_split_blocks(const AttentionDecodeParams& p, int32_t seq, int32_t begin,
-                                                         int32_t nk, int32_t* entries) {
+                                                         int32_t nk, long long* entries) {
     const uint32_t first_logical = (uint32_t)begin / p.block_size;
     const uint32_t count = (uint32_t)(begin + nk - 1) / p.block_size - first_logical + 1;
-    const int32_t* row = p.block_tables + (size_t)seq * p.max_blocks_per_seq;
     for (uint32_t i = threadIdx.x; i < count; i += ATTENTION_THREADS) {
-        const uint32_t logical = first_logical + i;
-        const int32_t block = logical < p.max_blocks_per_seq ? row[logical] : -1;
-        entries[i] = block >= 0 && (uint32_t)block < p.num_blocks ? block : -1;
+        const int32_t block_start = (int32_t)((first_logical + i) * p.block_size);
+        entries[i] = mx::paged_slot(p.block_tables, seq, block_start, p.num_seqs, p.max_blocks_per_seq,
+                                    p.block_size, p.num_blocks);
     }
     return SplitBlocks{entries, first_logical, p.block_size};
 }
@@ -200,7 +199,7 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     const uint32_t sk = p.split_keys;  // the row stride of `scores`
 
     // The split's block-table entries (visible after the barrier below).
-    __shared__ int32_t block_entries[ATTENTION_MAX_SPLIT_KEYS];
+    __shared__ long long block_entries[ATTENTION_MAX_SPLIT_KEYS];
     const SplitBlocks blocks = read_split_blocks(p, p.token_seq[t], begin, nk, block_entries);
 
     // The group's queries, scaled so that the scores come out in log2 units.

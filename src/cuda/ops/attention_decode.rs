@@ -300,13 +300,13 @@ mod tests {
             assert_eq!(decode.symbol(), v.symbol);
             // The kernel's static shared memory comes on top: q, the cross-warp reduction, the
             // softmax statistics, the merge's statistics and its one flag, the split's block-table
-            // entries.
+            // entries (8 bytes each).
             let static_bytes = (group * head_dim
                 + (ATTENTION_THREADS as usize / 32) * group * head_dim
                 + 2 * group
                 + 2 * group
                 + 1
-                + ATTENTION_MAX_SPLIT_KEYS as usize)
+                + 2 * ATTENTION_MAX_SPLIT_KEYS as usize)
                 * 4;
             assert!(
                 decode.shared_bytes as usize + static_bytes <= DEFAULT_SHARED_BYTES,
