@@ -4,7 +4,9 @@
 //! [`args`](super::args) (which checks every device view against what the kernel touches) and
 //! issues the launches through [`launch`](super::launch). Nothing is allocated on the device and
 //! nothing synchronises, so the calls can be captured into a CUDA graph; zero tokens / rows launch
-//! nothing. Which family runs an op is decided by [`select`](super::select).
+//! nothing. Which family runs an op is decided by [`select`](super::select). A file declares its
+//! launchers (`planned_launcher!`, the op's public entry points and their docs) after its imports,
+//! then its planner, then the planner's GPU-free tests.
 //!
 //! Layouts (row-major): activations `[tokens, hidden]` bf16, residual stream `[tokens, hidden]` f32,
 //! weights `[out, in]` bf16, paged KV cache `[num_blocks, block_size, n_kv_heads, head_dim]` bf16 per

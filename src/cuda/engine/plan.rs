@@ -107,32 +107,76 @@ impl Dims {
 }
 
 /// Device bytes of the activations, inputs and KV cache for `sizes` (what [`Plan::new`] allocates
-/// besides the weights), for the memory check before allocating.
+/// besides the weights, from the same declarations), for the memory check before allocating.
 pub fn plan_bytes(config: &ModelConfig, sizes: &PlanSizes) -> usize {
-    let d = Dims::of(config);
-    let m = sizes.max_tokens;
-    let slots = m * d.top_k;
-    let splits = attention_splits(sizes.max_blocks_per_seq * sizes.block_size, SPLIT_KEYS);
-    let f32s = m * d.hidden * 2
-        + m * d.experts
-        + slots
-        + slots * d.hidden
-        + sizes.max_decode_tokens * d.heads * splits * (d.head_dim + 1)
-        + m * d.vocab
-        + d.head_dim / 2;
-    let bf16s = m * d.hidden * 2 + m * d.qkv_width + m * d.q_width + slots * d.inter;
-    // The router's counts, offsets and its one counter of finished blocks among them, and decode
-    // attention's counters of finished splits.
-    let i32s = 4 * m
-        + slots * 2
-        + 2 * d.experts
-        + 2
-        + m
-        + sizes.max_sequences * sizes.max_blocks_per_seq
-        + sizes.max_decode_tokens * d.kv_heads;
-    let cache = 2 * config.num_layers * sizes.num_blocks * sizes.block_size * d.kv_width;
-    let sampling = m * (4 * 4 + 8 * RNG_STATE_WORDS);
-    4 * f32s + 2 * bf16s + 4 * i32s + 2 * cache + sampling
+    let e = Extents::of(config, sizes);
+    let cache = 2 * config.num_layers * e.cache_len * std::mem::size_of::<bf16>();
+    let words = (4 + 1) * e.m + sizes.max_sequences * sizes.max_blocks_per_seq;
+    let f32s = e.m * e.d.vocab + e.d.head_dim / 2;
+    Activations::bytes(&e) + SamplingBuffers::bytes(&e) + 4 * (words + f32s) + cache
+}
+
+/// The lengths the plan's buffers are declared in.
+struct Extents {
+    d: Dims,
+    /// Most tokens of a chunk (`M`).
+    m: usize,
+    /// `M * top_k`: the expert slots of a chunk (`S`).
+    slots: usize,
+    /// Most tokens of a decode chunk.
+    decode_tokens: usize,
+    /// `decode_tokens * heads * splits`: the rows of the attention split results.
+    decode_rows: usize,
+    /// Elements of one layer's key (or value) cache.
+    cache_len: usize,
+}
+
+impl Extents {
+    fn of(config: &ModelConfig, sizes: &PlanSizes) -> Extents {
+        let d = Dims::of(config);
+        let splits = attention_splits(sizes.max_blocks_per_seq * sizes.block_size, SPLIT_KEYS);
+        Extents {
+            d,
+            m: sizes.max_tokens,
+            slots: sizes.max_tokens * d.top_k,
+            decode_tokens: sizes.max_decode_tokens,
+            decode_rows: sizes.max_decode_tokens * d.heads * splits,
+            cache_len: sizes.num_blocks * sizes.block_size * d.kv_width,
+        }
+    }
+}
+
+/// Declares a struct of zero-filled device buffers from one list, each field with its element type,
+/// its length over the plan's `Extents` (named in brackets after the struct's name) and what errors call it, or a nested struct of the
+/// same kind, and derives from that list both `allocate` and `bytes` (what it allocates).
+macro_rules! device_buffers {
+    ($(#[$doc:meta])* pub struct $name:ident[$e:ident] {
+        $($(#[$field_doc:meta])* $field:ident: $t:ty $([$len:expr, $what:literal])?,)*
+    }) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name {
+            $($(#[$field_doc])* pub $field: device_buffers!(@type $t $([$len])?),)*
+        }
+
+        impl $name {
+            fn allocate(arena: &mut DeviceArena, $e: &Extents) -> Result<Self, CudaError> {
+                Ok($name { $($field: device_buffers!(@allocate arena, $e, $t $([$len, $what])?),)* })
+            }
+
+            fn bytes($e: &Extents) -> usize {
+                0 $(+ device_buffers!(@bytes $e, $t $([$len])?))*
+            }
+        }
+    };
+    (@type $t:ty [$len:expr]) => { DeviceBuffer<$t> };
+    (@type $t:ty) => { $t };
+    (@allocate $arena:ident, $e:ident, $t:ty [$len:expr, $what:literal]) => {
+        $arena.zeroed::<$t>($len, $what)?
+    };
+    (@allocate $arena:ident, $e:ident, $t:ty) => { <$t>::allocate($arena, $e)? };
+    (@bytes $e:ident, $t:ty [$len:expr]) => { $len * std::mem::size_of::<$t>() };
+    (@bytes $e:ident, $t:ty) => { <$t>::bytes($e) };
 }
 
 /// The per-chunk inputs: one buffer `[4, max_tokens]` of 32-bit words uploaded in one copy: token
@@ -178,38 +222,40 @@ impl Inputs {
     }
 }
 
-/// The buffers of device sampling, one row per logits row.
-#[derive(Debug)]
-pub struct SamplingBuffers {
-    /// `[max_tokens]` temperatures.
-    pub temperature: DeviceBuffer<f32>,
-    /// `[max_tokens]` top-k (0 = off).
-    pub top_k: DeviceBuffer<u32>,
-    /// `[max_tokens]` top-p.
-    pub top_p: DeviceBuffer<f32>,
-    /// `[max_tokens, RNG_STATE_WORDS]` random states.
-    pub rng_state: DeviceBuffer<u64>,
-    /// `[max_tokens]` drawn ids.
-    pub ids: DeviceBuffer<u32>,
+device_buffers! {
+    /// The buffers of device sampling, one row per logits row.
+    pub struct SamplingBuffers[e] {
+        /// `[max_tokens]` temperatures.
+        temperature: f32[e.m, "sampling temperatures"],
+        /// `[max_tokens]` top-k (0 = off).
+        top_k: u32[e.m, "sampling top-k"],
+        /// `[max_tokens]` top-p.
+        top_p: f32[e.m, "sampling top-p"],
+        /// `[max_tokens, RNG_STATE_WORDS]` random states.
+        rng_state: u64[e.m * RNG_STATE_WORDS, "sampling random states"],
+        /// `[max_tokens]` drawn ids.
+        ids: u32[e.m, "sampled ids"],
+    }
 }
 
-/// The router's outputs: top-k choices and the slots grouped by expert.
-#[derive(Debug)]
-pub struct Routing {
-    /// `[max_tokens, experts]` router logits.
-    pub logits: DeviceBuffer<f32>,
-    /// `[max_tokens, top_k]` chosen experts.
-    pub topk_ids: DeviceBuffer<i32>,
-    /// `[max_tokens, top_k]` routing weights.
-    pub topk_weights: DeviceBuffer<f32>,
-    /// `[experts]` slots per expert.
-    pub expert_counts: DeviceBuffer<i32>,
-    /// `[experts + 1]` start of each expert's slots.
-    pub expert_offsets: DeviceBuffer<i32>,
-    /// `[max_tokens * top_k]` slots grouped by expert.
-    pub sorted_slots: DeviceBuffer<i32>,
-    /// `[1]` the router's count of blocks done (0 between launches).
-    pub done: DeviceBuffer<u32>,
+device_buffers! {
+    /// The router's outputs: top-k choices and the slots grouped by expert.
+    pub struct Routing[e] {
+        /// `[max_tokens, experts]` router logits.
+        logits: f32[e.m * e.d.experts, "router logits"],
+        /// `[max_tokens, top_k]` chosen experts.
+        topk_ids: i32[e.slots, "routed experts"],
+        /// `[max_tokens, top_k]` routing weights.
+        topk_weights: f32[e.slots, "routing weights"],
+        /// `[experts]` slots per expert.
+        expert_counts: i32[e.d.experts, "expert counts"],
+        /// `[experts + 1]` start of each expert's slots.
+        expert_offsets: i32[e.d.experts + 1, "expert offsets"],
+        /// `[max_tokens * top_k]` slots grouped by expert.
+        sorted_slots: i32[e.slots, "slots by expert"],
+        /// `[1]` the router's count of blocks done (0 between launches).
+        done: u32[1, "router counter"],
+    }
 }
 
 /// One layer's paged KV cache `[num_blocks, block_size, kv_heads, head_dim]` each.
@@ -221,33 +267,34 @@ pub struct LayerCache {
     pub v: DeviceBuffer<bf16>,
 }
 
-/// The activations of one chunk (`M` = max tokens, `S = M * top_k` slots).
-#[derive(Debug)]
-pub struct Activations {
-    /// `[M, hidden]` f32 residual stream.
-    pub residual: DeviceBuffer<f32>,
-    /// `[M, hidden]` normalised activations.
-    pub xn: DeviceBuffer<bf16>,
-    /// `[M, q + 2 kv]` fused q/k/v.
-    pub qkv: DeviceBuffer<bf16>,
-    /// `[M, q]` attention output.
-    pub attn: DeviceBuffer<bf16>,
-    /// `[M, hidden]` f32 attention projection.
-    pub o_out: DeviceBuffer<f32>,
-    /// The router's outputs.
-    pub routing: Routing,
-    /// `[S, inter]` SwiGLU activations.
-    pub act: DeviceBuffer<bf16>,
-    /// `[S, hidden]` f32 weighted expert outputs.
-    pub moe_out: DeviceBuffer<f32>,
-    /// `[decode tokens, heads, splits, head_dim]` attention split outputs.
-    pub part_out: DeviceBuffer<f32>,
-    /// `[decode tokens, heads, splits]` attention split sums.
-    pub part_lse: DeviceBuffer<f32>,
-    /// `[decode tokens, kv heads]` attention splits done (0 between launches).
-    pub split_done: DeviceBuffer<u32>,
-    /// `[M, hidden]` the rows whose logits are computed, gathered.
-    pub gathered: DeviceBuffer<bf16>,
+device_buffers! {
+    /// The activations of one chunk (`M` = max tokens, `S = M * top_k` slots).
+    pub struct Activations[e] {
+        /// `[M, hidden]` f32 residual stream.
+        residual: f32[e.m * e.d.hidden, "residual stream"],
+        /// `[M, hidden]` normalised activations.
+        xn: bf16[e.m * e.d.hidden, "normalised activations"],
+        /// `[M, q + 2 kv]` fused q/k/v.
+        qkv: bf16[e.m * e.d.qkv_width, "q/k/v activations"],
+        /// `[M, q]` attention output.
+        attn: bf16[e.m * e.d.q_width, "attention output"],
+        /// `[M, hidden]` f32 attention projection.
+        o_out: f32[e.m * e.d.hidden, "attention projection"],
+        /// The router's outputs.
+        routing: Routing,
+        /// `[S, inter]` SwiGLU activations.
+        act: bf16[e.slots * e.d.inter, "expert activations"],
+        /// `[S, hidden]` f32 weighted expert outputs.
+        moe_out: f32[e.slots * e.d.hidden, "expert outputs"],
+        /// `[decode tokens, heads, splits, head_dim]` attention split outputs.
+        part_out: f32[e.decode_rows * e.d.head_dim, "attention split outputs"],
+        /// `[decode tokens, heads, splits]` attention split sums.
+        part_lse: f32[e.decode_rows, "attention split sums"],
+        /// `[decode tokens, kv heads]` attention splits done (0 between launches).
+        split_done: u32[e.decode_tokens * e.d.kv_heads, "attention split counters"],
+        /// `[M, hidden]` the rows whose logits are computed, gathered.
+        gathered: bf16[e.m * e.d.hidden, "gathered rows"],
+    }
 }
 
 /// Every buffer of the plan.
@@ -308,71 +355,33 @@ impl Plan {
         sizes: PlanSizes,
         arena: &mut DeviceArena,
     ) -> Result<Plan, CudaError> {
-        let d = Dims::of(config);
-        let m = sizes.max_tokens;
-        let slots = m * d.top_k;
-        let splits = attention_splits(sizes.max_blocks_per_seq * sizes.block_size, SPLIT_KEYS);
-        let cache_len = sizes.num_blocks * sizes.block_size * d.kv_width;
+        let e = Extents::of(config, &sizes);
         let mut cache = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
             cache.push(LayerCache {
-                k: arena.zeroed(cache_len, &format!("layer {l} key cache"))?,
-                v: arena.zeroed(cache_len, &format!("layer {l} value cache"))?,
+                k: arena.zeroed(e.cache_len, &format!("layer {l} key cache"))?,
+                v: arena.zeroed(e.cache_len, &format!("layer {l} value cache"))?,
             });
         }
-        let rope = Rope::new(d.head_dim, config.rope_theta);
-        let inv_freq = arena.upload(rope.inv_freq(), "the RoPE frequencies")?;
+        let rope = Rope::new(e.d.head_dim, config.rope_theta);
         let tables = vec![-1; sizes.max_sequences * sizes.max_blocks_per_seq];
-        let block_tables = arena.upload(&tables, "the block tables")?;
-        let decode = sizes.max_decode_tokens * d.heads * splits;
-        let act = Activations {
-            residual: arena.zeroed(m * d.hidden, "residual stream")?,
-            xn: arena.zeroed(m * d.hidden, "normalised activations")?,
-            qkv: arena.zeroed(m * d.qkv_width, "q/k/v activations")?,
-            attn: arena.zeroed(m * d.q_width, "attention output")?,
-            o_out: arena.zeroed(m * d.hidden, "attention projection")?,
-            routing: Routing {
-                logits: arena.zeroed(m * d.experts, "router logits")?,
-                topk_ids: arena.zeroed(slots, "routed experts")?,
-                topk_weights: arena.zeroed(slots, "routing weights")?,
-                expert_counts: arena.zeroed(d.experts, "expert counts")?,
-                expert_offsets: arena.zeroed(d.experts + 1, "expert offsets")?,
-                sorted_slots: arena.zeroed(slots, "slots by expert")?,
-                done: arena.zeroed(1, "router counter")?,
-            },
-            act: arena.zeroed(slots * d.inter, "expert activations")?,
-            moe_out: arena.zeroed(slots * d.hidden, "expert outputs")?,
-            part_out: arena.zeroed(decode * d.head_dim, "attention split outputs")?,
-            part_lse: arena.zeroed(decode, "attention split sums")?,
-            split_done: arena.zeroed(
-                sizes.max_decode_tokens * d.kv_heads,
-                "attention split counters",
-            )?,
-            gathered: arena.zeroed(m * d.hidden, "gathered rows")?,
-        };
         Ok(Plan {
-            dims: d,
+            dims: e.d,
             sizes,
             grouped: GroupedExperts::Mma,
             mma_decode: false,
             fast_sampling: false,
             multiprocessors: 0,
             inputs: Inputs {
-                words: arena.zeroed(4 * m, "step inputs")?,
-                max_tokens: m,
+                words: arena.zeroed(4 * e.m, "step inputs")?,
+                max_tokens: e.m,
             },
-            act,
-            logits: arena.zeroed(m * d.vocab, "logits")?,
-            greedy: arena.zeroed(m, "greedy ids")?,
-            sampling: SamplingBuffers {
-                temperature: arena.zeroed(m, "sampling temperatures")?,
-                top_k: arena.zeroed(m, "sampling top-k")?,
-                top_p: arena.zeroed(m, "sampling top-p")?,
-                rng_state: arena.zeroed(m * RNG_STATE_WORDS, "sampling random states")?,
-                ids: arena.zeroed(m, "sampled ids")?,
-            },
-            inv_freq,
-            block_tables,
+            act: Activations::allocate(arena, &e)?,
+            logits: arena.zeroed(e.m * e.d.vocab, "logits")?,
+            greedy: arena.zeroed(e.m, "greedy ids")?,
+            sampling: SamplingBuffers::allocate(arena, &e)?,
+            inv_freq: arena.upload(rope.inv_freq(), "the RoPE frequencies")?,
+            block_tables: arena.upload(&tables, "the block tables")?,
             cache,
             rank: None,
         })

@@ -8,6 +8,11 @@ use crate::cuda::checks::Check;
 use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{ArgmaxParams, KernelFamily, ARGMAX_THREADS};
 
+planned_launcher! {
+    /// The argmax of each logits row; zero rows launch nothing.
+    argmax(ArgmaxScalars, ArgmaxArgs) = plan; emulated argmax_emulated
+}
+
 /// Plans a kernel of csrc/sampling.cu (`argmax`, `sample`: `family`, compiled once, named as the
 /// op) as one block of `threads` per logits row: the counts and `rows * vocab` below 2^31, at least
 /// one logit per row; zero rows launch nothing.
@@ -29,11 +34,6 @@ fn plan(s: &ArgmaxScalars, a: &ArgmaxArgs<'_>) -> Planned<ArgmaxParams, 1> {
     let c = Check { op: "argmax" };
     let params = a.params(c.op, s)?;
     one_block_per_row(&c, s, params, (KernelFamily::Argmax, ARGMAX_THREADS))
-}
-
-planned_launcher! {
-    /// The argmax of each logits row; zero rows launch nothing.
-    argmax(ArgmaxScalars, ArgmaxArgs) = plan; emulated argmax_emulated
 }
 
 #[cfg(test)]

@@ -19,6 +19,12 @@ use crate::cuda::params::{
     ATTENTION_THREADS,
 };
 
+planned_launcher! {
+    /// Split-KV decode attention over the paged cache, the splits merged into `out` by the last of
+    /// each (token, KV head) in the same launch; zero tokens launch nothing.
+    attention_decode(AttentionDecodeShape, AttentionDecodeArgs) = plan; emulated attention_decode_emulated
+}
+
 /// What the caller decides for [`attention_decode`]; the planner derives the split count and the
 /// score scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,12 +116,6 @@ fn plan(
             shared_bytes: shared as u32,
         }],
     )))
-}
-
-planned_launcher! {
-    /// Split-KV decode attention over the paged cache, the splits merged into `out` by the last of
-    /// each (token, KV head) in the same launch; zero tokens launch nothing.
-    attention_decode(AttentionDecodeShape, AttentionDecodeArgs) = plan; emulated attention_decode_emulated
 }
 
 #[cfg(test)]

@@ -14,6 +14,12 @@ use crate::cuda::params::{
     ATTENTION_PREFILL_ROWS, ATTENTION_PREFILL_THREADS,
 };
 
+planned_launcher! {
+    /// Causal flash attention of one sequence's queries over its paged cache into `out`; zero tokens
+    /// launch nothing.
+    attention_prefill(AttentionPrefillShape, AttentionPrefillArgs) = plan; emulated attention_prefill_emulated
+}
+
 /// What the caller decides for [`attention_prefill`]; the planner derives the score scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionPrefillShape {
@@ -110,12 +116,6 @@ fn plan(
         shared_bytes: 0,
     };
     Ok(unless_empty(tiles, params, [grid]))
-}
-
-planned_launcher! {
-    /// Causal flash attention of one sequence's queries over its paged cache into `out`; zero tokens
-    /// launch nothing.
-    attention_prefill(AttentionPrefillShape, AttentionPrefillArgs) = plan; emulated attention_prefill_emulated
 }
 
 #[cfg(test)]

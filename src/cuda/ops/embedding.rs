@@ -8,6 +8,11 @@ use crate::cuda::checks::Check;
 use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{EmbeddingParams, KernelFamily, EMBEDDING_THREADS};
 
+planned_launcher! {
+    /// Gathers the table rows of `ids` into `out`; zero tokens launch nothing.
+    embedding(EmbeddingScalars, EmbeddingArgs) = plan; emulated embedding_emulated
+}
+
 fn plan(s: &EmbeddingScalars, a: &EmbeddingArgs<'_>) -> Planned<EmbeddingParams, 1> {
     let c = Check { op: "embedding" };
     let params = a.params(c.op, s)?;
@@ -26,11 +31,6 @@ fn plan(s: &EmbeddingScalars, a: &EmbeddingArgs<'_>) -> Planned<EmbeddingParams,
         &[u32::from(a.out.is_f32())],
     )?;
     Ok(unless_empty(s.tokens, params, [Grid::linear(variant, s.tokens, EMBEDDING_THREADS)]))
-}
-
-planned_launcher! {
-    /// Gathers the table rows of `ids` into `out`; zero tokens launch nothing.
-    embedding(EmbeddingScalars, EmbeddingArgs) = plan; emulated embedding_emulated
 }
 
 #[cfg(test)]

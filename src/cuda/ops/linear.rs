@@ -26,6 +26,20 @@ use crate::cuda::params::{
     LINEAR_GEMV_WARPS, LINEAR_MMA_BM, LINEAR_MMA_BN, LINEAR_MMA_THREADS, QMMA_ROWS, QMMA_WARPS,
 };
 
+planned_launcher! {
+    /// `out[t, o] = sum_i x[t, i] * w[o, i]` with f32 accumulation: a GEMV for up to
+    /// [`LINEAR_GEMV_MAX_TOKENS`](crate::cuda::select::LINEAR_GEMV_MAX_TOKENS) tokens, the tensor-core GEMM above; zero tokens launch nothing.
+    linear(LinearScalars, LinearArgs) = plan; emulated linear_emulated
+}
+
+planned_launcher! {
+    /// [`linear`] for a decode batch of at most
+    /// [`LINEAR_GEMV_MAX_TOKENS`](crate::cuda::select::LINEAR_GEMV_MAX_TOKENS) tokens on the
+    /// tensor cores (csrc/quant_mma.cuh, the bf16 weights as stored): every weight row read once for
+    /// the whole batch; the same outputs up to the order of the f32 sums.
+    linear_mma_decode(LinearScalars, LinearArgs) = plan_mma_decode; emulated linear_mma_decode_emulated
+}
+
 /// Tokens (or slots) per weight pass of the GEMVs (`linear_gemv`, `qlinear`, `moe_*`, `qmoe_*`): the
 /// smallest compiled tile covering `tokens`, capped at 8.
 pub(super) fn gemv_tile(tokens: u32) -> u32 {
@@ -81,12 +95,6 @@ fn plan(s: &LinearScalars, a: &LinearArgs<'_>) -> Planned<LinearParams, 1> {
     Ok(unless_empty(s.tokens, params, [grid]))
 }
 
-planned_launcher! {
-    /// `out[t, o] = sum_i x[t, i] * w[o, i]` with f32 accumulation: a GEMV for up to
-    /// [`LINEAR_GEMV_MAX_TOKENS`](crate::cuda::select::LINEAR_GEMV_MAX_TOKENS) tokens, the tensor-core GEMM above; zero tokens launch nothing.
-    linear(LinearScalars, LinearArgs) = plan; emulated linear_emulated
-}
-
 fn plan_mma_decode(s: &LinearScalars, a: &LinearArgs<'_>) -> Planned<LinearParams, 1> {
     let c = Check {
         op: "linear_mma_decode",
@@ -106,14 +114,6 @@ fn plan_mma_decode(s: &LinearScalars, a: &LinearArgs<'_>) -> Planned<LinearParam
     let variant = c.variant(KernelFamily::LinearMmaDecode, "(n-tiles, out_f32)", &consts)?;
     let grid = Grid::linear(variant, s.out_features.div_ceil(QMMA_ROWS), QMMA_WARPS * 32);
     Ok(unless_empty(s.tokens, params, [grid]))
-}
-
-planned_launcher! {
-    /// [`linear`] for a decode batch of at most
-    /// [`LINEAR_GEMV_MAX_TOKENS`](crate::cuda::select::LINEAR_GEMV_MAX_TOKENS) tokens on the
-    /// tensor cores (csrc/quant_mma.cuh, the bf16 weights as stored): every weight row read once for
-    /// the whole batch; the same outputs up to the order of the f32 sums.
-    linear_mma_decode(LinearScalars, LinearArgs) = plan_mma_decode; emulated linear_mma_decode_emulated
 }
 
 #[cfg(test)]

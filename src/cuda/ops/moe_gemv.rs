@@ -17,6 +17,19 @@ use crate::cuda::params::{
 };
 use super::qlinear::mma_tiles;
 
+planned_launcher! {
+    /// The routed expert MLPs of a decode batch: `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)`
+    /// per slot; zero tokens launch nothing.
+    moe_gemv(MoeScalars, MoeArgs) = plan; emulated moe_gemv_emulated
+}
+
+planned_launcher! {
+    /// [`moe_gemv`] on the tensor cores (csrc/quant_mma.cuh, the bf16 weights as stored): a block
+    /// per 16 rows of an expert with slots, its slots in passes of 8, 16 or 32, every weight row
+    /// read once per pass; the same outputs up to the order of the f32 sums.
+    moe_mma(MoeScalars, MoeArgs) = plan_mma; emulated moe_mma_emulated
+}
+
 /// The rules of every expert kernel beyond the buffer extents: hidden and inter multiples of 8
 /// (16-byte loads), top_k at least 1, counts and `tokens * hidden` below 2^31; returns the slot
 /// count `tokens * top_k` (below 2^31: the kernels hold slots in 32-bit integers). `experts` are the
@@ -73,12 +86,6 @@ fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
     )))
 }
 
-planned_launcher! {
-    /// The routed expert MLPs of a decode batch: `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)`
-    /// per slot; zero tokens launch nothing.
-    moe_gemv(MoeScalars, MoeArgs) = plan; emulated moe_gemv_emulated
-}
-
 fn plan_mma(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
     let c = Check { op: "moe_mma" };
     let params = a.params(c.op, s)?;
@@ -98,13 +105,6 @@ fn plan_mma(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
         shared_bytes: 0,
     };
     Ok(Some((params, [grid(up, s.inter), grid(down, s.hidden)])))
-}
-
-planned_launcher! {
-    /// [`moe_gemv`] on the tensor cores (csrc/quant_mma.cuh, the bf16 weights as stored): a block
-    /// per 16 rows of an expert with slots, its slots in passes of 8, 16 or 32, every weight row
-    /// read once per pass; the same outputs up to the order of the f32 sums.
-    moe_mma(MoeScalars, MoeArgs) = plan_mma; emulated moe_mma_emulated
 }
 
 #[cfg(test)]

@@ -23,6 +23,13 @@ use crate::cuda::params::{
     ROUTER_MAX_EXPERTS,
 };
 
+planned_launcher! {
+    /// The routed expert MLPs of a prefill batch on tensor cores: `act = silu(w1 x) * (w3 x)`,
+    /// `out = weight * (w2 act)` per slot, the same buffers and results as [`moe_gemv`] (`out` must be
+    /// 16-byte aligned as well). Zero tokens launch nothing.
+    moe_grouped_gemm(MoeScalars, MoeArgs) = plan; emulated moe_grouped_gemm_emulated
+}
+
 /// Upper bound on the tiles of `bm` slots in the flattened list: `sum_e ceil(count_e / bm)` over
 /// counts summing to `slots`, at most `min(experts, slots)` of them non-zero, is at most
 /// `floor((slots + min(experts, slots) * (bm - 1)) / bm)`.
@@ -108,13 +115,6 @@ fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
         op: "moe_grouped_gemm",
     };
     plan_tile_pair(&c, &GROUPED, s, a)
-}
-
-planned_launcher! {
-    /// The routed expert MLPs of a prefill batch on tensor cores: `act = silu(w1 x) * (w3 x)`,
-    /// `out = weight * (w2 act)` per slot, the same buffers and results as [`moe_gemv`] (`out` must be
-    /// 16-byte aligned as well). Zero tokens launch nothing.
-    moe_grouped_gemm(MoeScalars, MoeArgs) = plan; emulated moe_grouped_gemm_emulated
 }
 
 /// Runs [`moe_gemv`] or [`moe_grouped_gemm`] over bf16 experts, as the selection table picks for

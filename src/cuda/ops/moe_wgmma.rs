@@ -79,10 +79,6 @@ const WGMMA: TilePair = TilePair {
     threads: MOE_WGMMA_THREADS,
 };
 
-fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
-    plan_tile_pair(&Check { op: OP }, &WGMMA, s, a)
-}
-
 planned_launcher! {
     /// The routed expert MLPs of a prefill batch on Hopper warpgroup MMA:
     /// `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)` per slot, the same buffers and results
@@ -92,6 +88,10 @@ planned_launcher! {
     /// Any device whose compute capability is not 9.0 is refused with `KernelError::Unsupported`
     /// (`what` = "compute capability") before anything is launched.
     moe_wgmma_gemm(MoeScalars, MoeArgs) = plan, if require_hopper
+}
+
+fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
+    plan_tile_pair(&Check { op: OP }, &WGMMA, s, a)
 }
 
 /// What the self-check of a Hopper expert kernel ([`moe_wgmma_self_check`],

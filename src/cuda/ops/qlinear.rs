@@ -15,7 +15,7 @@ use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::linear::gemv_tile;
-use super::quant_layout::{mma_layout, row_layout, table_view, PackedKernel, PackedView};
+use super::quant_layout::{table_view, PackedKernel, PackedView};
 use crate::cuda::args::{LinearScalars, QLinearArgs, QLinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -38,10 +38,7 @@ fn plan(
     let c = Check {
         op: if mma { "qlinear_mma" } else { "qlinear" },
     };
-    let l = match kernel {
-        PackedKernel::Gemv => row_layout(&c, kind, s.in_features, "in_features")?,
-        PackedKernel::Mma => mma_layout(&c, kind, s.in_features, "in_features", a.perm.is_some())?,
-    };
+    let l = kernel.layout(&c, kind, s.in_features, "in_features", a.perm.is_some())?;
     if s.tokens > LINEAR_GEMV_MAX_TOKENS {
         return Err(c.unsupported(
             "tokens",

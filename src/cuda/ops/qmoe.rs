@@ -18,7 +18,7 @@ use cudarc::driver::CudaStream;
 use super::linear::gemv_tile;
 use super::moe_gemv::active_experts;
 use super::qlinear::mma_tiles;
-use super::quant_layout::{mma_layout, row_layout, table_view, PackedKernel};
+use super::quant_layout::{table_view, PackedKernel};
 use crate::cuda::args::{MoeScalars, QMoeArgs, QMoeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -76,12 +76,8 @@ fn plan(
     let experts = active_experts(&c, s.experts, s.tokens, s.top_k)?;
     c.count("tokens", s.tokens as usize)?;
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
-    let layout = |cols, name, perm: Option<View<'_, u32>>| match kernel {
-        PackedKernel::Gemv => row_layout(&c, k1, cols, name),
-        PackedKernel::Mma => mma_layout(&c, k1, cols, name, perm.is_some()),
-    };
-    let l13 = layout(s.hidden, "hidden", a.w13_perm)?;
-    let l2 = layout(s.inter, "inter", a.w2_perm)?;
+    let l13 = kernel.layout(&c, k1, s.hidden, "hidden", a.w13_perm.is_some())?;
+    let l2 = kernel.layout(&c, k1, s.inter, "inter", a.w2_perm.is_some())?;
     table_view(&c, k1, a.table)?;
     let params = a.params(
         c.op,

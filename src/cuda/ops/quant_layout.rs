@@ -140,33 +140,38 @@ pub fn mma_reads(kind: PackedKind, cols: usize, permuted: bool) -> bool {
     readable && cols > 0 && !permuted
 }
 
-/// [`row_layout`] for the tensor-core decode kernels: refused by name unless [`mma_reads`].
-pub(super) fn mma_layout(
-    c: &Check,
-    kind: PackedKind,
-    cols: u32,
-    cols_name: &'static str,
-    permuted: bool,
-) -> Result<RowLayout, CudaError> {
-    let layout = row_layout(c, kind, cols, cols_name)?;
-    if mma_reads(kind, cols as usize, permuted) {
-        return Ok(layout);
+impl PackedKernel {
+    /// The row layout these kernels read for `kind` over `cols` columns (named `cols_name` in
+    /// errors), `permuted` where the matrix has a column permutation: [`row_layout`], which the
+    /// tensor-core kernels refuse by name unless [`mma_reads`].
+    pub(super) fn layout(
+        self,
+        c: &Check,
+        kind: PackedKind,
+        cols: u32,
+        cols_name: &'static str,
+        permuted: bool,
+    ) -> Result<RowLayout, CudaError> {
+        let layout = row_layout(c, kind, cols, cols_name)?;
+        if self == PackedKernel::Gemv || mma_reads(kind, cols as usize, permuted) {
+            return Ok(layout);
+        }
+        let (what, value) = match kind {
+            PackedKind::Lut4 { .. } => ("kind", layout.kind as usize),
+            _ if permuted => ("perm", 1),
+            PackedKind::Int4 { group_size } => ("group_size", group_size),
+            // Unreachable: row_layout refused the columns already.
+            _ => (cols_name, cols as usize),
+        };
+        Err(c.unsupported(
+            what,
+            value,
+            format!(
+                "the tensor-core decode kernels read {kind:?} only as FP8, INT8 or INT4 codes (INT4 in \
+                 groups of a multiple of {QMMA_INT4_STEP_COLS} columns) without a column permutation"
+            ),
+        ))
     }
-    let (what, value) = match kind {
-        PackedKind::Lut4 { .. } => ("kind", layout.kind as usize),
-        _ if permuted => ("perm", 1),
-        PackedKind::Int4 { group_size } => ("group_size", group_size),
-        // Unreachable: row_layout refused the columns already.
-        _ => (cols_name, cols as usize),
-    };
-    Err(c.unsupported(
-        what,
-        value,
-        format!(
-            "the tensor-core decode kernels read {kind:?} only as FP8, INT8 or INT4 codes (INT4 in \
-             groups of a multiple of {QMMA_INT4_STEP_COLS} columns) without a column permutation"
-        ),
-    ))
 }
 
 #[cfg(test)]
@@ -256,23 +261,25 @@ mod tests {
             (int4(128), 96),
         ] {
             assert!(mma_reads(kind, cols, false), "{kind:?} {cols}");
-            assert!(mma_layout(&C, kind, cols as u32, "cols", false).is_ok());
+            assert!(PackedKernel::Mma.layout(&C, kind, cols as u32, "cols", false).is_ok());
             assert!(!mma_reads(kind, cols, true));
-            unsupported(mma_layout(&C, kind, cols as u32, "cols", true), "perm");
+            unsupported(PackedKernel::Mma.layout(&C, kind, cols as u32, "cols", true), "perm");
+            // The GEMVs read a permuted matrix.
+            assert!(PackedKernel::Gemv.layout(&C, kind, cols as u32, "cols", true).is_ok());
         }
         for group_size in [32, 64, 192] {
             assert!(!mma_reads(int4(group_size), 4096, false));
             unsupported(
-                mma_layout(&C, int4(group_size), 4096, "cols", false),
+                PackedKernel::Mma.layout(&C, int4(group_size), 4096, "cols", false),
                 "group_size",
             );
         }
         for (kind, cols) in [(PackedKind::Int8, 4008u32), (int4(128), 4080)] {
             assert!(!mma_reads(kind, cols as usize, false));
-            unsupported(mma_layout(&C, kind, cols, "cols", false), "cols");
+            unsupported(PackedKernel::Mma.layout(&C, kind, cols, "cols", false), "cols");
         }
         assert!(!mma_reads(NF4_64, 4096, false));
-        unsupported(mma_layout(&C, NF4_64, 4096, "cols", false), "kind");
+        unsupported(PackedKernel::Mma.layout(&C, NF4_64, 4096, "cols", false), "kind");
     }
 
     #[test]

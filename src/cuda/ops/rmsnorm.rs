@@ -8,6 +8,11 @@ use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::memory::AnyView;
 use crate::cuda::params::{KernelFamily, RmsnormParams, RMSNORM_THREADS};
 
+planned_launcher! {
+    /// `residual += sum of addends; out = rmsnorm(residual) * weight`; zero rows launch nothing.
+    rmsnorm(RmsnormScalars, RmsnormArgs) = plan; emulated rmsnorm_emulated
+}
+
 fn plan(s: &RmsnormScalars, a: &RmsnormArgs<'_>) -> Planned<RmsnormParams, 1> {
     let c = Check { op: "rmsnorm" };
     c.count("rows", s.rows as usize)?;
@@ -39,11 +44,6 @@ fn plan(s: &RmsnormScalars, a: &RmsnormArgs<'_>) -> Planned<RmsnormParams, 1> {
     let params = a.params(c.op, s)?;
     let variant = c.variant(KernelFamily::Rmsnorm, "add", &[add])?;
     Ok(unless_empty(s.rows, params, [Grid::linear(variant, s.rows, RMSNORM_THREADS)]))
-}
-
-planned_launcher! {
-    /// `residual += sum of addends; out = rmsnorm(residual) * weight`; zero rows launch nothing.
-    rmsnorm(RmsnormScalars, RmsnormArgs) = plan; emulated rmsnorm_emulated
 }
 
 #[cfg(test)]

@@ -10,6 +10,12 @@ use crate::cuda::checks::{Check, DEFAULT_SHARED_BYTES};
 use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{KernelFamily, RopeKvParams, ROPE_KV_THREADS};
 
+planned_launcher! {
+    /// RoPE on q (in place) and k, and k/v written to the paged cache at each token's position; zero
+    /// tokens launch nothing.
+    rope_kv(RopeKvScalars, RopeKvArgs) = plan; emulated rope_kv_emulated
+}
+
 fn plan(s: &RopeKvScalars, a: &RopeKvArgs<'_>) -> Planned<RopeKvParams, 1> {
     let c = Check { op: "rope_kv" };
     let head_dim = s.head_dim as usize;
@@ -44,12 +50,6 @@ fn plan(s: &RopeKvScalars, a: &RopeKvArgs<'_>) -> Planned<RopeKvParams, 1> {
             block: ROPE_KV_THREADS,
             shared_bytes: shared as u32,
         }]))
-}
-
-planned_launcher! {
-    /// RoPE on q (in place) and k, and k/v written to the paged cache at each token's position; zero
-    /// tokens launch nothing.
-    rope_kv(RopeKvScalars, RopeKvArgs) = plan; emulated rope_kv_emulated
 }
 
 #[cfg(test)]

@@ -12,6 +12,12 @@ use crate::cuda::params::{
     KernelFamily, RouterParams, ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K, ROUTER_THREADS,
 };
 
+planned_launcher! {
+    /// Router logits, softmax, top-k with renormalised weights, and the grouping of slots per expert;
+    /// zero tokens launch nothing.
+    router(RouterScalars, RouterArgs) = plan; emulated router_emulated
+}
+
 fn plan(s: &RouterScalars, a: &RouterArgs<'_>) -> Planned<RouterParams, 1> {
     let c = Check { op: "router" };
     let params = a.params(c.op, s)?;
@@ -34,12 +40,6 @@ fn plan(s: &RouterScalars, a: &RouterArgs<'_>) -> Planned<RouterParams, 1> {
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
     let router = c.variant(KernelFamily::Router, "router", &[])?;
     Ok(unless_empty(s.tokens, params, [Grid::linear(router, s.tokens, ROUTER_THREADS)]))
-}
-
-planned_launcher! {
-    /// Router logits, softmax, top-k with renormalised weights, and the grouping of slots per expert;
-    /// zero tokens launch nothing.
-    router(RouterScalars, RouterArgs) = plan; emulated router_emulated
 }
 
 #[cfg(test)]

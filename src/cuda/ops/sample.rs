@@ -16,6 +16,15 @@ use crate::cuda::params::{
 };
 use crate::sampling::Rng;
 
+planned_launcher! {
+    /// Draws one id per row: temperature, top-k (ties to the lower id), top-p, then a draw from the
+    /// softmax of what is left with the row's random stream, as the host sampler defines them (no
+    /// repetition penalty). For the same logits and seed the id equals the host's except when float
+    /// rounding puts the uniform exactly at a boundary (the device sums in parallel). Zero rows launch
+    /// nothing.
+    sample(SampleScalars, SampleArgs) = plan; emulated sample_emulated
+}
+
 /// u64 words of one row's random state in `rng_state`.
 pub const RNG_STATE_WORDS: usize = SAMPLE_RNG_WORDS as usize;
 
@@ -51,15 +60,6 @@ fn plan(s: &SampleScalars, a: &SampleArgs<'_>) -> Planned<SampleParams, 1> {
         vocab: s.vocab,
     };
     one_block_per_row(&c, &rows, params, (KernelFamily::Sample, SAMPLE_THREADS))
-}
-
-planned_launcher! {
-    /// Draws one id per row: temperature, top-k (ties to the lower id), top-p, then a draw from the
-    /// softmax of what is left with the row's random stream, as the host sampler defines them (no
-    /// repetition penalty). For the same logits and seed the id equals the host's except when float
-    /// rounding puts the uniform exactly at a boundary (the device sums in parallel). Zero rows launch
-    /// nothing.
-    sample(SampleScalars, SampleArgs) = plan; emulated sample_emulated
 }
 
 #[cfg(test)]
