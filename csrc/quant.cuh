@@ -53,9 +53,9 @@ __host__ __device__ constexpr uint32_t chunk_elems() {
 // aligned: the low byte of its shared address is 0, so a byte offset 4 * q (at most 60) is placed there
 // by one PRMT (lut4_values).
 #ifdef MX_EMULATOR
-// One table for the whole program: the inline functions below that use it are merged across the
-// kernel files by the linker, and the emulator runs one block at a time.
-alignas(256) inline float lut4_table[QUANT_TABLE_VALUES];
+// One table per OS thread for the whole program: the inline functions below that use it are merged
+// across the kernel files by the linker, and the emulator runs one block at a time on a thread.
+alignas(256) inline thread_local float lut4_table[QUANT_TABLE_VALUES];
 #else
 static __shared__ __align__(256) float lut4_table[QUANT_TABLE_VALUES];
 #endif

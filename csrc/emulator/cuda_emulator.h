@@ -6,10 +6,11 @@
 //
 // Execution model (runtime.cpp): the blocks of a launch run one after another; the threads of a
 // block are fibers on one OS thread, switched only at a barrier (__syncthreads) or a warp collective
-// (shuffles, ballots, __syncwarp, mma.sync, ldmatrix), so `__shared__` variables are plain statics
-// and atomics plain read-modify-writes. A warp collective needs all 32 lanes of its warp, alive and
+// (shuffles, ballots, __syncwarp, mma.sync, ldmatrix), so `__shared__` variables are statics of the
+// launching OS thread (`thread_local`) and atomics plain read-modify-writes. A warp collective needs all 32 lanes of its warp, alive and
 // at the same collective; anything else, a divergent barrier, or __trap ends the launch with an
-// error instead of a hang. Launches are serialised process-wide.
+// error instead of a hang. Launches from different OS threads run at the same time, each with its
+// own shared memory and launch state.
 #pragma once
 
 #include <math.h>
@@ -28,7 +29,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
+#define __shared__ static thread_local
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 
@@ -183,11 +184,11 @@ inline void __threadfence() {}
 namespace mx_emu {
 // The executing thread's index in its block, its block's coordinates, and the launch's geometry
 // (set by the scheduler).
-extern unsigned current_thread;
-extern uint3 current_block, launch_grid, launch_block;
+extern thread_local unsigned current_thread;
+extern thread_local uint3 current_block, launch_grid, launch_block;
 // The compute capability the launch emulates (major * 100 + minor * 10: 800, 900), for the code
 // that differs by architecture (quant.cuh's FP8 pair conversion, sm_89+).
-extern unsigned current_arch;
+extern thread_local unsigned current_arch;
 inline unsigned arch() { return current_arch; }
 inline uint3 thread_idx() { return uint3{current_thread, 0, 0}; }
 inline uint3 block_idx() { return current_block; }
@@ -286,6 +287,7 @@ uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c);
     X(emulator_unsynchronised_read)    \
     X(emulator_split_warp)             \
     X(emulator_exited_lane)            \
+    X(emulator_shared_per_launch)      \
     X(emulator_trap)
 
 // The parameters of every self-test kernel: one output of an int per thread of the launch.

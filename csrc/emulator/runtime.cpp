@@ -13,7 +13,6 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -62,11 +61,12 @@ constexpr size_t STACK_BYTES = 256 * 1024;
 // Largest value a lane contributes to a warp collective.
 constexpr size_t SLOT_BYTES = 32;
 
-// The origin of the 32-bit shared addresses: every static of this image (the kernels' __shared__
-// variables and the dynamic shared memory below) lies within 2 GiB of it. 256-byte aligned, so an
+// The origin of the 32-bit shared addresses: every thread-local static of this image (the kernels'
+// __shared__ variables and the dynamic shared memory below) lies within 2 GiB of the calling
+// thread's copy (one thread's block of thread-local storage). 256-byte aligned, so an
 // address's low byte is its object's (quant.cuh's table lookups build addresses bytewise).
-alignas(4096) char shared_origin[256];
-alignas(256) char dynamic_shared_memory[DYNAMIC_SHARED_BYTES];
+alignas(4096) thread_local char shared_origin[256];
+alignas(256) thread_local char dynamic_shared_memory[DYNAMIC_SHARED_BYTES];
 
 enum class State { Ready, AtBarrier, AtCollective, Done };
 
@@ -76,7 +76,7 @@ struct Thread {
     bool predicate;  // what it passed to the barrier it waits at
 };
 
-// The one launch in progress (launches are serialised by `launch_lock`).
+// The launch in progress on this OS thread.
 struct Launch {
     void (*body)(const void*) = nullptr;
     const void* params = nullptr;
@@ -90,8 +90,7 @@ struct Launch {
     std::string error;
 };
 
-std::mutex launch_lock;
-Launch* active = nullptr;
+thread_local Launch* active = nullptr;
 
 Launch& launch() { return *active; }
 
@@ -225,9 +224,9 @@ void run_block(Launch& l, std::vector<char*>& stacks, bool reverse) {
 
 }  // namespace
 
-unsigned current_thread = 0;
-unsigned current_arch = 800;
-uint3 current_block{}, launch_grid{}, launch_block{};
+thread_local unsigned current_thread = 0;
+thread_local unsigned current_arch = 800;
+thread_local uint3 current_block{}, launch_grid{}, launch_block{};
 
 void* warp_slot(unsigned lane) {
     Launch& l = launch();
@@ -403,8 +402,7 @@ extern "C" int mx_emulator_launch(const char* symbol, const void* params, const 
     if (geometry->shared_bytes > mx_emu::DYNAMIC_SHARED_BYTES)
         return report(std::to_string(geometry->shared_bytes) + " bytes of dynamic shared memory");
 
-    std::lock_guard<std::mutex> guard(mx_emu::launch_lock);
-    static mx_emu::Launch state;
+    static thread_local mx_emu::Launch state;
     mx_emu::Launch& l = state;
     l.body = entry->body;
     l.params = params;

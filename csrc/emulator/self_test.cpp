@@ -1,6 +1,7 @@
 // self_test.cpp: kernels that check the emulator itself (src/cuda/emulator.rs's unit tests run
 // them): the values of its warp collectives, that a read racing a write differs between the two
-// thread orders, and that what would hang or be undefined on a GPU ends the launch with an error.
+// thread orders, that launches on different OS threads each have their own shared memory, and that
+// what would hang or be undefined on a GPU ends the launch with an error.
 // One block of 64 threads each; out [64] int32.
 #include "../common.cuh"
 
@@ -41,6 +42,22 @@ __device__ void exited_lane(const MxEmulatorSelfTestParams& p) {
     p.out[threadIdx.x] = __shfl_xor_sync(mx::FULL_MASK, (int)threadIdx.x, 1);
 }
 
+// Thread 0 keeps the launch's seed (out[0] on entry) in shared memory; every thread reads it after
+// each of 100 barriers (other launches run on other OS threads meanwhile) and writes it back, or -1
+// if it ever changed.
+__device__ void shared_per_launch(const MxEmulatorSelfTestParams& p) {
+    __shared__ int seed;
+    if (threadIdx.x == 0) seed = p.out[0];
+    __syncthreads();
+    const int first = seed;
+    bool same = true;
+    for (int i = 0; i < 100; ++i) {
+        __syncthreads();
+        same = same && seed == first;
+    }
+    p.out[threadIdx.x] = same ? first : -1;
+}
+
 __device__ void trap_once(const MxEmulatorSelfTestParams&) {
     if (threadIdx.x == 7) __trap();
 }
@@ -51,4 +68,5 @@ MX_ENTRY(emulator_shuffles, (64), MxEmulatorSelfTestParams, shuffles(p))
 MX_ENTRY(emulator_unsynchronised_read, (64), MxEmulatorSelfTestParams, unsynchronised_read(p))
 MX_ENTRY(emulator_split_warp, (64), MxEmulatorSelfTestParams, split_warp(p))
 MX_ENTRY(emulator_exited_lane, (64), MxEmulatorSelfTestParams, exited_lane(p))
+MX_ENTRY(emulator_shared_per_launch, (64), MxEmulatorSelfTestParams, shared_per_launch(p))
 MX_ENTRY(emulator_trap, (64), MxEmulatorSelfTestParams, trap_once(p))

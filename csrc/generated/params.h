@@ -116,7 +116,7 @@ typedef struct mx_bf16 {
 #define QUANT_KIND_INT8 1u
 // KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), an f32 (scale, zero) pair per row and group.
 #define QUANT_KIND_INT4 2u
-// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column) indexing a table of QUANT_TABLE_VALUES f32 values (bitsandbytes NF4 / FP4), one f32 scale per row and group: w = table[q] * scale.
+// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column) indexing a table of QUANT_TABLE_VALUES f32 values (bitsandbytes NF4 / FP4), one f32 scale per row and group: w = `table[q] * scale`.
 #define QUANT_KIND_LUT4 3u
 // f32 values of the table a QUANT_KIND_LUT4 matrix's codes index (read into shared memory once per block).
 #define QUANT_TABLE_VALUES 16u

@@ -164,7 +164,8 @@ unsafe fn run_symbol<P>(
 #[cfg(test)]
 mod tests {
     //! The emulator's own kernels (`csrc/emulator/self_test.cpp`): what its collectives return, that
-    //! the two orders tell a racing read apart, and that what would hang or be undefined on a GPU
+    //! the two orders tell a racing read apart, that launches on several threads keep their shared
+    //! memory apart, and that what would hang or be undefined on a GPU
     //! is an error naming the fault.
 
     use super::*;
@@ -219,6 +220,43 @@ mod tests {
         // Last in reverse order: only thread 0 itself reads it.
         assert_eq!(reverse[0], 1);
         assert!(reverse[1..].iter().all(|&v| v == 0), "{reverse:?}");
+    }
+
+    /// Launches from several OS threads at once run side by side, each block with its own shared
+    /// memory: every launch reads back the seed it stored, never another launch's.
+    #[test]
+    fn launches_on_different_threads_have_their_own_shared_memory() {
+        let threads: Vec<_> = (0..4)
+            .map(|thread| {
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        let seed = 1000 * thread + i;
+                        let mut out = vec![seed; 64];
+                        let params = SelfTest {
+                            out: out.as_mut_ptr(),
+                        };
+                        let order = if i % 2 == 0 {
+                            Order::Forward
+                        } else {
+                            Order::Reverse
+                        };
+                        let schedule = Schedule {
+                            order,
+                            arch: Arch::Sm90,
+                        };
+                        // SAFETY: the kernel reads out[0] and writes out[threadIdx.x], 64 threads.
+                        unsafe {
+                            run_symbol("emulator_shared_per_launch", &params, &BLOCK, schedule)
+                        }
+                        .unwrap();
+                        assert_eq!(out, vec![seed; 64], "thread {thread}, launch {i}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("a launching thread failed");
+        }
     }
 
     /// What would hang or be undefined on a GPU, and a kernel the emulator does not have, end the

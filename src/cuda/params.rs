@@ -94,7 +94,7 @@ pub const QUANT_KIND_FP8: u32 = 0;
 pub const QUANT_KIND_INT8: u32 = 1;
 /// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), an f32 (scale, zero) pair per row and group.
 pub const QUANT_KIND_INT4: u32 = 2;
-/// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column) indexing a table of QUANT_TABLE_VALUES f32 values (bitsandbytes NF4 / FP4), one f32 scale per row and group: w = table[q] * scale.
+/// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column) indexing a table of QUANT_TABLE_VALUES f32 values (bitsandbytes NF4 / FP4), one f32 scale per row and group: w = `table[q] * scale`.
 pub const QUANT_KIND_LUT4: u32 = 3;
 /// f32 values of the table a QUANT_KIND_LUT4 matrix's codes index (read into shared memory once per block).
 pub const QUANT_TABLE_VALUES: u32 = 16;

@@ -126,7 +126,7 @@ pub enum PackedKernel {
 /// Whether the tensor-core decode kernels (`qlinear_mma`, `qmoe_mma_*`; csrc/quant_mma.cuh) read
 /// matrices of `kind` with `cols` columns: FP8 or INT8 codes, or 4-bit integer codes (INT4) whose
 /// group size is a multiple of [`QMMA_INT4_STEP_COLS`] (one step of the kernels lies in one group);
-/// in the row layout of [`row_layout`] and without a column permutation.
+/// in the row layout the GEMVs read and without a column permutation.
 pub fn mma_reads(kind: PackedKind, cols: usize, permuted: bool) -> bool {
     let readable = match kind {
         PackedKind::Fp8 | PackedKind::Int8 => cols.is_multiple_of(16),
