@@ -100,18 +100,9 @@ pub(crate) unsafe fn run_planned<P, const N: usize>(
     };
     for g in &grids {
         // SAFETY: as this function's.
-        unsafe { run(&params, g, schedule)? };
+        unsafe { run_symbol(g.symbol(), &params, g, schedule)? };
     }
     Ok(())
-}
-
-/// Runs one launch of `g` with `params` on the emulator.
-///
-/// # Safety
-/// As [`run_planned`]: `params` and `g` come from a planner, over live views of host memory.
-pub(crate) unsafe fn run<P>(params: &P, g: &Grid, schedule: Schedule) -> Result<(), EmulatorError> {
-    // SAFETY: as this function's.
-    unsafe { run_symbol(g.symbol(), params, g, schedule) }
 }
 
 /// Runs kernel `symbol` (an emulated entry: a kernel of `csrc/` or a self-test kernel) with

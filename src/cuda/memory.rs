@@ -70,7 +70,8 @@ pub const BUFFER_ALIGN: usize = 256;
 /// One device allocation of `len` elements of `T`, freed (in stream order) when dropped.
 #[derive(Debug)]
 pub struct DeviceBuffer<T> {
-    slice: CudaSlice<u8>,
+    /// The allocation, held only to be freed on drop: the kernels use `address`.
+    _allocation: CudaSlice<u8>,
     address: u64,
     len: usize,
     _elem: PhantomData<T>,
@@ -85,11 +86,6 @@ impl<T> DeviceBuffer<T> {
     /// True when the buffer holds no element.
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Bytes allocated (rounded up to [`BUFFER_ALIGN`]).
-    pub fn bytes(&self) -> usize {
-        self.slice.len()
     }
 
     /// The whole buffer, read.
@@ -186,7 +182,7 @@ impl DeviceArena {
         drop(guard);
         self.bytes += bytes;
         Ok(DeviceBuffer {
-            slice,
+            _allocation: slice,
             address,
             len,
             _elem: PhantomData,

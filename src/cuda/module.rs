@@ -11,7 +11,7 @@ use cudarc::nvrtc::Ptx;
 
 use super::device::CudaDevice;
 use super::error::{CudaError, KernelError};
-use super::params::{KernelFamily, KernelVariant, KERNEL_VARIANTS};
+use super::params::KERNEL_VARIANTS;
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -90,17 +90,6 @@ impl Kernels {
         self.functions.get(index)
     }
 
-    /// The instantiation of `family` compiled for template constants `consts`, with its variant.
-    pub fn get(
-        &self,
-        family: KernelFamily,
-        consts: &[u32],
-    ) -> Option<(&'static KernelVariant, &CudaFunction)> {
-        let index = KERNEL_VARIANTS
-            .iter()
-            .position(|v| v.family == family && v.consts == consts)?;
-        Some((&KERNEL_VARIANTS[index], self.functions.get(index)?))
-    }
 }
 
 #[cfg(test)]

@@ -549,7 +549,7 @@ impl CudaEngine {
     /// Runs every decode bucket once eagerly (all tokens padding: nothing is written to the cache),
     /// then captures it.
     fn warm_up_and_capture(&mut self, capture: bool) -> Result<(), CudaError> {
-        let sizes = *self.plan.sizes();
+        let sizes = self.plan.sizes;
         for bucket in decode_buckets(sizes.max_decode_tokens, sizes.max_tokens) {
             let padding = Chunk {
                 kind: ChunkKind::Decode { bucket },
@@ -727,7 +727,7 @@ impl CudaEngine {
         if plan.entries.is_empty() {
             return Ok(match readback {
                 Readback::Logits => Output::Logits(StepOutput {
-                    vocab: self.plan.vocab(),
+                    vocab: self.plan.dims.vocab,
                     ..StepOutput::default()
                 }),
                 Readback::Greedy => Output::Greedy(Vec::new()),
@@ -751,8 +751,8 @@ impl CudaEngine {
                 let buckets = self.graph_buckets();
                 let buckets = if buckets.is_empty() {
                     decode_buckets(
-                        self.plan.sizes().max_decode_tokens,
-                        self.plan.sizes().max_tokens,
+                        self.plan.sizes.max_decode_tokens,
+                        self.plan.sizes.max_tokens,
                     )
                 } else {
                     buckets
@@ -762,12 +762,12 @@ impl CudaEngine {
                     &tokens,
                     &seq_rows,
                     &buckets,
-                    self.plan.sizes().max_tokens,
+                    self.plan.sizes.max_tokens,
                 );
                 let mut out = match readback {
                     Readback::Logits => Output::Logits(StepOutput {
-                        vocab: self.plan.vocab(),
-                        logits: Vec::with_capacity(schedule.rows.len() * self.plan.vocab()),
+                        vocab: self.plan.dims.vocab,
+                        logits: Vec::with_capacity(schedule.rows.len() * self.plan.dims.vocab),
                         rows: schedule.rows.clone(),
                     }),
                     Readback::Greedy => Output::Greedy(Vec::with_capacity(schedule.rows.len())),
@@ -796,7 +796,7 @@ impl CudaEngine {
     /// Copies every layer's K and V of each block `src` over block `dst` (copy-on-write of a block
     /// shared through the prefix cache or a fork), in stream order before the step writes them.
     fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<(), CudaError> {
-        let blocks = self.plan.sizes().num_blocks;
+        let blocks = self.plan.sizes.num_blocks;
         let stream = self.device.stream();
         for copy in copies {
             for layer in &mut self.plan.cache {
@@ -812,7 +812,7 @@ impl CudaEngine {
     /// Uploads the block-table rows of `seqs` that differ from the device copy (one copy of the
     /// rows from the first to the last changed one; no host sync).
     fn sync_block_tables(&mut self, seqs: &[SeqId]) -> Result<(), CudaError> {
-        let width = self.plan.sizes().max_blocks_per_seq;
+        let width = self.plan.sizes.max_blocks_per_seq;
         let tables = self.staging.tables.host()?;
         let mut changed: Option<(usize, usize)> = None;
         for &seq in seqs {
@@ -853,7 +853,7 @@ impl CudaEngine {
 
     /// Starts uploading the chunk's token ids, positions, sequence rows and logit rows.
     fn upload_inputs(&mut self, chunk: &Chunk) -> Result<(), CudaError> {
-        let m = self.plan.sizes().max_tokens;
+        let m = self.plan.sizes.max_tokens;
         let words = self.staging.inputs.host()?;
         words.fill(0);
         words[2 * m..3 * m].fill(NO_SEQUENCE);
@@ -930,7 +930,7 @@ impl CudaEngine {
         let ids = match out {
             Output::Logits(step) => {
                 self.staging.finish(&stream)?;
-                let vocab = self.plan.vocab();
+                let vocab = self.plan.dims.vocab;
                 let all = download(&stream, &self.plan.logits, rows * vocab)?;
                 for r in (0..wanted).map(row) {
                     step.logits
@@ -1008,7 +1008,7 @@ impl CudaEngine {
             rng[r * RNG_STATE_WORDS..(r + 1) * RNG_STATE_WORDS]
                 .copy_from_slice(&sampler.rng().state());
         }
-        let vocab = self.plan.vocab() as u32;
+        let vocab = self.plan.dims.vocab as u32;
         let b = &mut self.plan.sampling;
         let words = rows * RNG_STATE_WORDS;
         s.temperature.upload(stream, 0, b.temperature.view_mut().sub(0, rows).ok_or_else(|| too_few(rows))?)?;

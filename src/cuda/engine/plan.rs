@@ -387,16 +387,6 @@ impl Plan {
         })
     }
 
-    /// The sizes the plan was built for.
-    pub fn sizes(&self) -> &PlanSizes {
-        &self.sizes
-    }
-
-    /// Vocabulary size (logits row length).
-    pub fn vocab(&self) -> usize {
-        self.dims.vocab
-    }
-
     /// The shape of each layer's cache and of the block tables.
     pub fn cache_shape(&self) -> PagedCacheShape {
         PagedCacheShape {

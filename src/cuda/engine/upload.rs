@@ -75,11 +75,6 @@ pub struct GpuWeights {
 }
 
 impl GpuWeights {
-    /// The LM head `[vocab, hidden]` (the embedding when tied).
-    pub fn lm_head(&self) -> View<'_, bf16> {
-        self.lm_head.as_ref().unwrap_or(&self.embed).view()
-    }
-
     /// The LM head and the products' scratch, borrowed together.
     pub fn head_and_scratch(&mut self) -> (View<'_, bf16>, &mut ProductScratch) {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).view();
@@ -431,16 +426,15 @@ impl Drop for Staging<'_> {
 fn convert_to_bf16(src: WeightSlice<'_>, out: &mut [u8]) {
     match src {
         WeightSlice::BF16(s) => out.copy_from_slice(bytemuck::cast_slice(s)),
-        WeightSlice::F16(s) => {
-            for (o, x) in out.chunks_exact_mut(2).zip(s) {
-                o.copy_from_slice(&bf16::from_f32(x.to_f32()).to_bits().to_le_bytes());
-            }
-        }
-        WeightSlice::F32(s) => {
-            for (o, x) in out.chunks_exact_mut(2).zip(s) {
-                o.copy_from_slice(&bf16::from_f32(*x).to_bits().to_le_bytes());
-            }
-        }
+        WeightSlice::F16(s) => write_bf16(s.iter().map(|x| x.to_f32()), out),
+        WeightSlice::F32(s) => write_bf16(s.iter().copied(), out),
+    }
+}
+
+/// Writes each of `values` rounded to bf16, little-endian, into the next two bytes of `out`.
+fn write_bf16(values: impl Iterator<Item = f32>, out: &mut [u8]) {
+    for (o, x) in out.chunks_exact_mut(2).zip(values) {
+        o.copy_from_slice(&bf16::from_f32(x).to_bits().to_le_bytes());
     }
 }
 
@@ -459,11 +453,6 @@ pub(super) fn copy_stacked<T: HostTensor>(
         offset += len;
     }
     Ok(())
-}
-
-/// `bytes` as a little-endian byte slice (f32 and u32 are 4-byte plain data).
-fn le_bytes<T: bytemuck::Pod>(values: &[T]) -> &[u8] {
-    bytemuck::cast_slice(values)
 }
 
 /// Copies `src` into `dst[offset ..]` of a byte view.
@@ -505,12 +494,12 @@ fn copy_matrices<T: HostTensor>(
             })?;
             copy_raw(staging, p.codes.view_mut(), codes, &packed.codes, what)?;
             codes += packed.codes.len();
-            let bytes = le_bytes(&packed.params);
+            let bytes = bytemuck::cast_slice(&packed.params);
             copy_raw(staging, p.params.view_mut().cast(), params, bytes, what)?;
             params += 4 * packed.params.len();
             if let (0, Some(buffer), Some(perm)) = (b, &mut p.perm, &packed.perm) {
                 let at = 4 * m * p.cols;
-                copy_raw(staging, buffer.view_mut().cast(), at, le_bytes(perm), what)?;
+                copy_raw(staging, buffer.view_mut().cast(), at, bytemuck::cast_slice(perm), what)?;
             }
         }
         // A matrix without a permutation in a stack that has one gets the identity.
@@ -518,7 +507,7 @@ fn copy_matrices<T: HostTensor>(
         if let (Some(buffer), Some(None)) = (&mut p.perm, first.map(|f| &f.perm)) {
             let identity: Vec<u32> = (0..p.cols as u32).collect();
             let at = 4 * m * p.cols;
-            copy_raw(staging, buffer.view_mut().cast(), at, le_bytes(&identity), what)?;
+            copy_raw(staging, buffer.view_mut().cast(), at, bytemuck::cast_slice(&identity), what)?;
         }
     }
     copy_table(staging, p, what)
@@ -527,7 +516,7 @@ fn copy_matrices<T: HostTensor>(
 /// Copies the table of a LUT4 stack (its kind's values); nothing for the other kinds.
 fn copy_table(staging: &mut Staging<'_>, p: &mut PackedStack, what: &str) -> Result<(), CudaError> {
     if let (Some(buffer), Some(values)) = (&mut p.table, table_values(p.kind)) {
-        copy_raw(staging, buffer.view_mut().cast(), 0, le_bytes(&values), what)?;
+        copy_raw(staging, buffer.view_mut().cast(), 0, bytemuck::cast_slice(&values), what)?;
     }
     Ok(())
 }

@@ -124,7 +124,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::checks::DEFAULT_SHARED_BYTES;
-    use crate::cuda::ops::fake::{paged_cache, symbol, too_small, unsupported, view, view_mut};
+    use crate::cuda::ops::fake::{paged_cache, too_small, unsupported, view, view_mut};
     use crate::cuda::params::KERNEL_VARIANTS;
 
     fn shape() -> AttentionDecodeShape {
@@ -184,7 +184,7 @@ mod tests {
     fn picks_the_gqa_instantiation_and_derives_the_splits() {
         let s = shape();
         let (p, [decode]) = plan(&s, &args(&s)).unwrap().unwrap();
-        assert_eq!(symbol(&decode), "attention_decode_d128_g4");
+        assert_eq!(decode.symbol(), "attention_decode_d128_g4");
         // 5 blocks of 16 = 80 keys: 3 splits of 32.
         assert_eq!(p.max_splits, 3);
         assert_eq!(decode.grid, (3, 8, 2));
@@ -205,48 +205,22 @@ mod tests {
     #[test]
     fn refuses_shapes_the_kernels_cannot_take() {
         let s = shape();
-        let bad = |shape: AttentionDecodeShape| plan(&shape, &args(&s));
-        unsupported(
-            bad(AttentionDecodeShape { head_dim: 96, ..s }),
-            "(head_dim, group)",
-        );
-        unsupported(
-            bad(AttentionDecodeShape { n_heads: 24, ..s }),
-            "(head_dim, group)",
-        );
-        unsupported(bad(AttentionDecodeShape { n_heads: 30, ..s }), "n_heads");
-        unsupported(
-            bad(AttentionDecodeShape { n_kv_heads: 0, ..s }),
-            "n_kv_heads",
-        );
-        unsupported(
-            bad(AttentionDecodeShape {
-                window: Some(0),
-                ..s
-            }),
-            "window",
-        );
-        for split_keys in [0, 513] {
-            unsupported(bad(AttentionDecodeShape { split_keys, ..s }), "split_keys");
-        }
-        unsupported(
-            bad(AttentionDecodeShape {
-                tokens: 65_536,
-                ..s
-            }),
-            "tokens",
-        );
-        let no_block = PagedCacheShape {
-            block_size: 0,
-            ..s.cache
+        // The shape changed by `change`, planned over buffers sized for `s`.
+        let refused = |change: &dyn Fn(&mut AttentionDecodeShape), what| {
+            let mut bad = s;
+            change(&mut bad);
+            unsupported(plan(&bad, &args(&s)), what)
         };
-        unsupported(
-            bad(AttentionDecodeShape {
-                cache: no_block,
-                ..s
-            }),
-            "block_size",
-        );
+        refused(&|x| x.head_dim = 96, "(head_dim, group)");
+        refused(&|x| x.n_heads = 24, "(head_dim, group)");
+        refused(&|x| x.n_heads = 30, "n_heads");
+        refused(&|x| x.n_kv_heads = 0, "n_kv_heads");
+        refused(&|x| x.window = Some(0), "window");
+        for split_keys in [0, 513] {
+            refused(&|x| x.split_keys = split_keys, "split_keys");
+        }
+        refused(&|x| x.tokens = 65_536, "tokens");
+        refused(&|x| x.cache.block_size = 0, "block_size");
     }
 
     #[test]

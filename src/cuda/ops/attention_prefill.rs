@@ -127,7 +127,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::error::{CudaError, KernelError};
-    use crate::cuda::ops::fake::{paged_cache, symbol, too_small, unsupported, view, view_mut};
+    use crate::cuda::ops::fake::{paged_cache, too_small, unsupported, view, view_mut};
     use crate::cuda::params::KERNEL_VARIANTS;
 
     fn shape() -> AttentionPrefillShape {
@@ -141,6 +141,13 @@ mod tests {
             cache: paged_cache(40, 9),
             window: None,
         }
+    }
+
+    /// [`shape`] with `change` made.
+    fn with(change: impl FnOnce(&mut AttentionPrefillShape)) -> AttentionPrefillShape {
+        let mut s = shape();
+        change(&mut s);
+        s
     }
 
     /// Buffers of exactly the length the kernel touches for `s`, q a column group of fused rows
@@ -171,12 +178,9 @@ mod tests {
     #[test]
     fn picks_the_head_dim_instantiation_and_one_block_per_row_tile_and_kv_head() {
         for head_dim in [16, 32, 64, 128] {
-            let s = AttentionPrefillShape {
-                head_dim,
-                ..shape()
-            };
+            let s = with(|x| x.head_dim = head_dim);
             let (p, [grid]) = plan(&s, &args(&s)).unwrap().unwrap();
-            assert_eq!(symbol(&grid), format!("attention_prefill_d{head_dim}"));
+            assert_eq!(grid.symbol(), format!("attention_prefill_d{head_dim}"));
             // 100 tokens x 4 query heads per KV head in tiles of 128 rows, one column per KV head.
             assert_eq!(grid.grid, (4, 8, 1));
             assert_eq!(
@@ -211,16 +215,10 @@ mod tests {
 
     #[test]
     fn window_is_passed_and_zero_is_refused() {
-        let s = AttentionPrefillShape {
-            window: Some(7),
-            ..shape()
-        };
+        let s = with(|x| x.window = Some(7));
         let (p, _) = plan(&s, &args(&s)).unwrap().unwrap();
         assert_eq!(p.window, 7);
-        let zero = AttentionPrefillShape {
-            window: Some(0),
-            ..shape()
-        };
+        let zero = with(|x| x.window = Some(0));
         unsupported(plan(&zero, &args(&zero)), "window");
     }
 
@@ -229,61 +227,37 @@ mod tests {
         let refused = |s: AttentionPrefillShape, what: &str| unsupported(plan(&s, &args(&s)), what);
         for head_dim in [8, 48, 96, 256] {
             refused(
-                AttentionPrefillShape {
-                    head_dim,
-                    ..shape()
-                },
+                with(|x| x.head_dim = head_dim),
                 "head_dim",
             );
         }
         refused(
-            AttentionPrefillShape {
-                n_heads: 12,
-                ..shape()
-            },
+            with(|x| x.n_heads = 12),
             "n_heads",
         );
         refused(
-            AttentionPrefillShape {
-                n_kv_heads: 0,
-                ..shape()
-            },
+            with(|x| x.n_kv_heads = 0),
             "n_kv_heads",
         );
         refused(
-            AttentionPrefillShape {
-                seq_row: 3,
-                ..shape()
-            },
+            with(|x| x.seq_row = 3),
             "seq_row",
         );
         // 9 blocks of 16 = 144 positions: 44 + 100 fits, 45 + 100 does not.
-        let last = AttentionPrefillShape {
-            start_pos: 44,
-            ..shape()
-        };
+        let last = with(|x| x.start_pos = 44);
         assert!(plan(&last, &args(&last)).is_ok());
         refused(
-            AttentionPrefillShape {
-                start_pos: 45,
-                ..shape()
-            },
+            with(|x| x.start_pos = 45),
             "start_pos + tokens",
         );
-        let huge = AttentionPrefillShape {
-            start_pos: usize::MAX,
-            ..shape()
-        };
+        let huge = with(|x| x.start_pos = usize::MAX);
         unsupported(plan(&huge, &args(&shape())), "start_pos + tokens");
         let no_block = PagedCacheShape {
             block_size: 0,
             ..shape().cache
         };
         refused(
-            AttentionPrefillShape {
-                cache: no_block,
-                ..shape()
-            },
+            with(|x| x.cache = no_block),
             "block_size",
         );
         refused(
@@ -295,10 +269,7 @@ mod tests {
             "n_kv_heads",
         );
         // q's column group must be as wide as the heads the kernel reads.
-        let narrow = AttentionPrefillShape {
-            n_heads: 24,
-            ..shape()
-        };
+        let narrow = with(|x| x.n_heads = 24);
         unsupported(plan(&shape(), &args(&narrow)), "q");
     }
 
@@ -349,10 +320,7 @@ mod tests {
 
     #[test]
     fn zero_tokens_launch_nothing_but_are_still_checked() {
-        let s = AttentionPrefillShape {
-            tokens: 0,
-            ..shape()
-        };
+        let s = with(|x| x.tokens = 0);
         assert!(plan(&s, &args(&s)).unwrap().is_none());
         unsupported(
             plan(&AttentionPrefillShape { seq_row: 9, ..s }, &args(&s)),

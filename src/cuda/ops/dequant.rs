@@ -98,7 +98,7 @@ mod tests {
     use super::*;
     use crate::cuda::memory::View;
     use crate::cuda::ops::fake::{
-        symbol, table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
+        table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
     };
 
     /// Buffer lengths `[codes, params, perm, out]` exactly as needed.
@@ -140,7 +140,7 @@ mod tests {
                     PackedKind::Int4 { .. } => "int4",
                     PackedKind::Lut4 { .. } => "lut4",
                 };
-                assert_eq!(symbol(&g), format!("dequantize_{label}"));
+                assert_eq!(g.symbol(), format!("dequantize_{label}"));
                 assert_eq!((g.grid, g.block), ((5, 3, 1), DEQUANT_THREADS));
                 assert_eq!((p.count, p.rows, p.cols), (3, 5, 96));
                 assert_eq!(

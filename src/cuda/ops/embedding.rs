@@ -36,7 +36,7 @@ fn plan(s: &EmbeddingScalars, a: &EmbeddingArgs<'_>) -> Planned<EmbeddingParams,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::ops::fake::{any_view_mut, symbol, too_small, view};
+    use crate::cuda::ops::fake::{any_view_mut, too_small, view};
 
     fn args(ids: usize, table: usize, out: usize, f32_out: bool) -> EmbeddingArgs<'static> {
         EmbeddingArgs {
@@ -54,11 +54,11 @@ mod tests {
             vocab: 100,
         };
         let (params, [grid]) = plan(&s, &args(5, 2400, 120, true)).unwrap().unwrap();
-        assert_eq!(symbol(&grid), "embedding_f32");
+        assert_eq!(grid.symbol(), "embedding_f32");
         assert_eq!(grid.grid, (5, 1, 1));
         assert_eq!((params.tokens, params.hidden, params.vocab), (5, 24, 100));
         let (_, [grid]) = plan(&s, &args(5, 2400, 120, false)).unwrap().unwrap();
-        assert_eq!(symbol(&grid), "embedding_bf16");
+        assert_eq!(grid.symbol(), "embedding_bf16");
         too_small(plan(&s, &args(4, 2400, 120, false)), "ids");
         too_small(plan(&s, &args(5, 2399, 120, false)), "table");
         too_small(plan(&s, &args(5, 2400, 119, false)), "out");

@@ -3,7 +3,6 @@
 
 use crate::cuda::args::{LinearArgs, LinearScalars};
 use crate::cuda::error::{CudaError, KernelError};
-use crate::cuda::launch::Grid;
 use crate::cuda::ops::PagedCacheShape;
 use crate::cuda::memory::{AnyViewMut, View, ViewMut};
 use crate::packed::lut4::Lut4;
@@ -63,11 +62,6 @@ pub fn linear_args(s: &LinearScalars, out_f32: bool) -> LinearArgs<'static> {
         w: view(o * i),
         out: any_view_mut(t * o, out_f32),
     }
-}
-
-/// The symbol a grid launches.
-pub fn symbol(grid: &Grid) -> &'static str {
-    grid.symbol()
 }
 
 /// Asserts `result` is `BufferTooSmall` naming `name`.

@@ -92,7 +92,7 @@ pub fn fill_random(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::ops::fake::{symbol, unsupported, view_mut, BASE};
+    use crate::cuda::ops::fake::{unsupported, view_mut, BASE};
 
     const VALUES: FillValues = FillValues {
         seed: 7,
@@ -107,7 +107,7 @@ mod tests {
         assert_eq!(plans.len(), 3);
         let mut next = 0usize;
         for (params, grid) in &plans {
-            assert_eq!(symbol(grid), "fill_random");
+            assert_eq!(grid.symbol(), "fill_random");
             assert_eq!(params.base as usize, next);
             assert_eq!(params.out, BASE + 2 * next as u64);
             assert_eq!((params.seed, params.scale), (7, 0.02));

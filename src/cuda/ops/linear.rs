@@ -123,7 +123,7 @@ mod tests {
     use super::*;
     use crate::cuda::select::LINEAR_GEMV_MAX_TOKENS;
     use crate::cuda::ops::fake::{
-        any_view_mut, linear_args, linear_scalars as scalars, symbol, too_small, unsupported, view,
+        any_view_mut, linear_args, linear_scalars as scalars, too_small, unsupported, view,
     };
     use crate::cuda::params::KERNEL_VARIANTS;
 
@@ -149,7 +149,7 @@ mod tests {
                 let a = args(t * i, o * i, t * o, out_f32);
                 let (_, [grid]) = plan_mma_decode(&s, &a).unwrap().unwrap();
                 let name = format!("linear_mma_decode_n{columns}_{suffix}");
-                assert_eq!(symbol(&grid), name);
+                assert_eq!(grid.symbol(), name);
                 assert_eq!((grid.grid, grid.block), ((6144 / 16, 1, 1), QMMA_WARPS * 32));
             }
         }
@@ -181,7 +181,7 @@ mod tests {
                     .unwrap()
                     .unwrap();
                 assert_eq!(
-                    symbol(&grid),
+                    grid.symbol(),
                     format!("{prefix}{suffix}"),
                     "tokens {tokens}"
                 );

@@ -114,7 +114,7 @@ pub(super) mod tests {
     use super::*;
     use crate::cuda::error::KernelError;
     use crate::cuda::memory::{View, ViewMut};
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, BASE};
+    use crate::cuda::ops::fake::{too_small, unsupported, BASE};
 
     /// The buffers of [`MoeArgs`] in declaration order.
     pub const BUFFERS: [&str; 9] = [
@@ -243,17 +243,17 @@ pub(super) mod tests {
         let (params, [up, down]) = plan(&s, &args(&s, "", "")).unwrap().unwrap();
         // One token reaches top_k = 2 of the 8 experts: two grid rows.
         assert_eq!(
-            (symbol(&up), up.grid, up.block),
+            (up.symbol(), up.grid, up.block),
             ("moe_up_t1", (14336 / 8, 2, 1), 256)
         );
         assert_eq!(
-            (symbol(&down), down.grid, down.block),
+            (down.symbol(), down.grid, down.block),
             ("moe_down_t1", (4096 / 16, 2, 1), 256)
         );
         assert_eq!((params.tokens, params.inter, params.top_k), (1, 14336, 2));
         let batch = mixtral(13);
         let (_, [up, down]) = plan(&batch, &args(&batch, "", "")).unwrap().unwrap();
-        assert_eq!((symbol(&up), symbol(&down)), ("moe_up_t8", "moe_down_t8"));
+        assert_eq!((up.symbol(), down.symbol()), ("moe_up_t8", "moe_down_t8"));
         assert_eq!((up.grid.1, down.grid.1), (8, 8));
         // out is written with scalar stores: any 4-byte alignment is accepted.
         assert!(plan(&s, &args(&s, "", "out")).is_ok());
@@ -276,8 +276,8 @@ pub(super) mod tests {
         for (tokens, columns, experts) in [(1, 8, 2), (8, 8, 8), (9, 16, 8), (16, 16, 8), (40, 32, 8)] {
             let s = mixtral(tokens);
             let (params, [up, down]) = plan_mma(&s, &args(&s, "", "")).unwrap().unwrap();
-            assert_eq!(symbol(&up), format!("moe_mma_up_n{columns}"));
-            assert_eq!(symbol(&down), format!("moe_mma_down_n{columns}"));
+            assert_eq!(up.symbol(), format!("moe_mma_up_n{columns}"));
+            assert_eq!(down.symbol(), format!("moe_mma_down_n{columns}"));
             // 16 rows a block, a grid row per expert a batch can reach.
             assert_eq!((up.grid, up.block), ((14336 / 16, experts, 1), QMMA_WARPS * 32));
             assert_eq!((down.grid, down.block), ((4096 / 16, experts, 1), QMMA_WARPS * 32));

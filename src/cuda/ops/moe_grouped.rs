@@ -157,7 +157,7 @@ pub(super) mod tests {
 
     use super::*;
     use crate::cuda::error::KernelError;
-    use crate::cuda::ops::fake::{symbol, unsupported};
+    use crate::cuda::ops::fake::{unsupported};
     use crate::cuda::ops::moe_gemv::tests::{
         args, mixtral, needs_exactly_the_contiguous_sizes, refuses_bad_shapes, smallest,
     };
@@ -180,7 +180,7 @@ pub(super) mod tests {
         for (tokens, tiles) in [(512, 23), (4096, 135)] {
             let s = mixtral(tokens);
             let (params, [up, down]) = planner(&s, &args(&s, "", "")).unwrap().unwrap();
-            assert_eq!((symbol(&up), symbol(&down)), (ups, downs));
+            assert_eq!((up.symbol(), down.symbol()), (ups, downs));
             assert_eq!(up.grid, (tiles, 14336 / 64, 1));
             assert_eq!(down.grid, (tiles, 4096 / 128, 1));
             assert_eq!((up.block, down.block), (128, 128));

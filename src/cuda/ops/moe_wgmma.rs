@@ -387,7 +387,6 @@ pub(super) fn self_check_shape() -> MoeScalars {
 mod tests {
     use super::*;
     use crate::cuda::error::KernelError;
-    use crate::cuda::ops::fake::symbol;
     use crate::cuda::ops::moe_gemv::tests::{args, mixtral};
     use crate::cuda::ops::moe_grouped::tests::{
         mixtral_prefill_grids, refuses_bad_tile_lists, tile_list_properties,
@@ -412,7 +411,7 @@ mod tests {
             crate::cuda::params::KERNEL_VARIANTS[up.variant].module,
             "moe_wgmma"
         );
-        assert_eq!(symbol(&up), "moe_wgmma_up");
+        assert_eq!(up.symbol(), "moe_wgmma_up");
     }
 
     #[test]

@@ -131,7 +131,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::ops::fake::{
-        any_kind, kind_label, symbol, table_for, too_small, unsupported, view, view_mut, KINDS,
+        any_kind, kind_label, table_for, too_small, unsupported, view, view_mut, KINDS,
     };
     use crate::packed::lut4::Lut4;
     use crate::cuda::params::KERNEL_VARIANTS;
@@ -215,7 +215,7 @@ mod tests {
                         .unwrap()
                         .unwrap();
                     assert_eq!(
-                        symbol(&g),
+                        g.symbol(),
                         format!("qlinear_{}_t{tile}_{suffix}", kind_label(kind))
                     );
                     assert_eq!(g.grid, (3, 1, 1), "40 rows in blocks of 16");
@@ -278,7 +278,7 @@ mod tests {
                         .unwrap()
                         .unwrap();
                     let name = format!("qlinear_mma_{}_n{columns}_{suffix}", kind_label(kind));
-                    assert_eq!(symbol(&g), name);
+                    assert_eq!(g.symbol(), name);
                     assert_eq!(g.grid, (384, 1, 1), "6144 rows in blocks of 16");
                     assert_eq!(g.block, QMMA_WARPS * 32);
                     assert_eq!(

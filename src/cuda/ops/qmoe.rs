@@ -161,7 +161,7 @@ mod tests {
     use super::*;
     use crate::cuda::error::KernelError;
     use crate::cuda::ops::fake::{
-        any_kind, kind_label, symbol, table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
+        any_kind, kind_label, table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
     };
     use crate::packed::lut4::Lut4;
 
@@ -247,8 +247,8 @@ mod tests {
                 let s = scalars(tokens, 4096, 14336, 8, 2);
                 let (p, [up, down]) = plan_exact(&s, kind).unwrap().unwrap();
                 let k = kind_label(kind);
-                assert_eq!(symbol(&up), format!("qmoe_up_{k}_t{tile}"));
-                assert_eq!(symbol(&down), format!("qmoe_down_{k}_t{tile}"));
+                assert_eq!(up.symbol(), format!("qmoe_up_{k}_t{tile}"));
+                assert_eq!(down.symbol(), format!("qmoe_down_{k}_t{tile}"));
                 // Grid rows: the experts a batch can reach, min(8, tokens * 2).
                 let active = (tokens * 2).min(8);
                 assert_eq!(up.grid, (14336 / 8, active, 1));
@@ -295,8 +295,8 @@ mod tests {
                 let a = args(kind, exact(&s, kind), false);
                 let (p, [up, down]) = plan(PackedKernel::Mma, &s, [kind; 3], &a).unwrap().unwrap();
                 let k = kind_label(kind);
-                assert_eq!(symbol(&up), format!("qmoe_mma_up_{k}_n{columns}"));
-                assert_eq!(symbol(&down), format!("qmoe_mma_down_{k}_n{columns}"));
+                assert_eq!(up.symbol(), format!("qmoe_mma_up_{k}_n{columns}"));
+                assert_eq!(down.symbol(), format!("qmoe_mma_down_{k}_n{columns}"));
                 let active = (tokens * 2).min(8);
                 assert_eq!(up.grid, (14336 / 16, active, 1), "16 rows of w1 and w3 a block");
                 assert_eq!(down.grid, (4096 / 16, active, 1));

@@ -50,7 +50,7 @@ fn plan(s: &RmsnormScalars, a: &RmsnormArgs<'_>) -> Planned<RmsnormParams, 1> {
 mod tests {
     use super::*;
     use crate::cuda::error::{CudaError, KernelError};
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
+    use crate::cuda::ops::fake::{too_small, unsupported, view, view_mut};
 
     fn args(residual: usize, addend: Option<usize>, weight: usize) -> RmsnormArgs<'static> {
         RmsnormArgs {
@@ -70,14 +70,14 @@ mod tests {
             eps: 1e-5,
         };
         let (params, [grid]) = plan(&s, &args(30, Some(60), 10)).unwrap().unwrap();
-        assert_eq!(symbol(&grid), "rmsnorm_add_f32");
+        assert_eq!(grid.symbol(), "rmsnorm_add_f32");
         assert_eq!(params.addend_count, 2);
         let plain = RmsnormScalars {
             addend_count: 0,
             ..s
         };
         let (params, [grid]) = plan(&plain, &args(30, None, 10)).unwrap().unwrap();
-        assert_eq!(symbol(&grid), "rmsnorm_plain");
+        assert_eq!(grid.symbol(), "rmsnorm_plain");
         assert_eq!(params.addend, 0);
         too_small(plan(&s, &args(30, Some(59), 10)), "addend");
         too_small(plan(&plain, &args(29, None, 10)), "residual");

@@ -58,7 +58,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::memory::RowsMut;
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut};
+    use crate::cuda::ops::fake::{too_small, unsupported, view, view_mut};
 
     fn scalars() -> RopeKvScalars {
         RopeKvScalars {
@@ -105,7 +105,7 @@ mod tests {
     fn takes_the_strides_of_the_fused_rows_and_one_block_per_token() {
         let s = scalars();
         let (params, [grid]) = plan(&s, &args(fused(4), CACHE, 15, 32)).unwrap().unwrap();
-        assert_eq!(symbol(&grid), "rope_kv");
+        assert_eq!(grid.symbol(), "rope_kv");
         assert_eq!((grid.grid, grid.block), ((4, 1, 1), ROPE_KV_THREADS));
         // head_dim / 2 (cos, sin) pairs of f32.
         assert_eq!(grid.shared_bytes, 32 * 8);

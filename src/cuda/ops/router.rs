@@ -46,7 +46,7 @@ fn plan(s: &RouterScalars, a: &RouterArgs<'_>) -> Planned<RouterParams, 1> {
 mod tests {
     use super::*;
     use crate::cuda::error::{CudaError, KernelError};
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE};
+    use crate::cuda::ops::fake::{too_small, unsupported, view, view_mut, BASE};
 
     /// Buffers of exactly the sizes `s` needs, `expert_offsets` `offsets_short` elements short.
     fn args(s: &RouterScalars, offsets_short: usize) -> RouterArgs<'static> {
@@ -79,7 +79,7 @@ mod tests {
         };
         let (params, [router]) = plan(&s, &args(&s, 0)).unwrap().unwrap();
         assert_eq!(
-            (symbol(&router), router.grid, router.block),
+            (router.symbol(), router.grid, router.block),
             ("router", (3, 1, 1), ROUTER_THREADS)
         );
         assert_eq!(

@@ -68,7 +68,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::memory::ViewMut;
-    use crate::cuda::ops::fake::{symbol, too_small, unsupported, view, view_mut, BASE};
+    use crate::cuda::ops::fake::{too_small, unsupported, view, view_mut, BASE};
 
     /// Buffer lengths of exactly what `s` needs, in field order.
     fn exact(s: &SampleScalars) -> [usize; 6] {
@@ -102,7 +102,7 @@ mod tests {
             fast: 1,
         };
         let (params, [grid]) = plan(&s, &args(exact(&s))).unwrap().unwrap();
-        assert_eq!(symbol(&grid), "sample");
+        assert_eq!(grid.symbol(), "sample");
         assert_eq!(grid.grid, (5, 1, 1));
         assert_eq!(grid.block, SAMPLE_THREADS);
         assert_eq!(grid.shared_bytes, 0);
