@@ -127,7 +127,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::error::{CudaError, KernelError};
-    use crate::cuda::ops::fake::{paged_cache, too_small, unsupported, view, view_mut};
+    use crate::cuda::ops::fake::{misaligned, paged_cache, too_small, unsupported, view, view_mut};
     use crate::cuda::params::KERNEL_VARIANTS;
 
     fn shape() -> AttentionPrefillShape {
@@ -306,10 +306,7 @@ mod tests {
                 },
             ),
         ] {
-            match plan(&s, &bad) {
-                Err(CudaError::Kernel(KernelError::Misaligned { buffer, .. })) => assert_eq!(buffer, name),
-                other => panic!("expected Misaligned({name}), got {other:?}"),
-            }
+            misaligned(plan(&s, &bad), name);
         }
         let shifted = AttentionPrefillArgs {
             out: view_mut(100 * 32 * 128 + 1).sub(1, 100 * 32 * 128).unwrap(),

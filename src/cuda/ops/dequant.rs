@@ -98,7 +98,7 @@ mod tests {
     use super::*;
     use crate::cuda::memory::View;
     use crate::cuda::ops::fake::{
-        table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
+        kind_label, table_for, too_small, unsupported, view, view_mut, BASE, KINDS,
     };
 
     /// Buffer lengths `[codes, params, perm, out]` exactly as needed.
@@ -134,13 +134,7 @@ mod tests {
                 let (p, [g]) = plan(&s, kind, &args(kind, exact(&s, kind), perm))
                     .unwrap()
                     .unwrap();
-                let label = match kind {
-                    PackedKind::Fp8 => "fp8",
-                    PackedKind::Int8 => "int8",
-                    PackedKind::Int4 { .. } => "int4",
-                    PackedKind::Lut4 { .. } => "lut4",
-                };
-                assert_eq!(g.symbol(), format!("dequantize_{label}"));
+                assert_eq!(g.symbol(), format!("dequantize_{}", kind_label(kind)));
                 assert_eq!((g.grid, g.block), ((5, 3, 1), DEQUANT_THREADS));
                 assert_eq!((p.count, p.rows, p.cols), (3, 5, 96));
                 assert_eq!(
@@ -148,7 +142,7 @@ mod tests {
                     (kind.row_code_bytes(96), kind.row_params(96))
                 );
                 assert_eq!(p.perm != 0, perm);
-                assert_eq!(p.table != 0, label == "lut4");
+                assert_eq!(p.table != 0, kind_label(kind) == "lut4");
             }
         }
         let nf4 = KINDS[4];

@@ -72,6 +72,14 @@ pub fn too_small(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
     }
 }
 
+/// Asserts `result` is `Misaligned` naming `name`; the op that refused it.
+pub fn misaligned(result: Result<impl std::fmt::Debug, CudaError>, name: &str) -> &'static str {
+    match result {
+        Err(CudaError::Kernel(KernelError::Misaligned { op, buffer, .. })) if buffer == name => op,
+        other => panic!("expected Misaligned({name}), got {other:?}"),
+    }
+}
+
 /// Asserts `result` is `Unsupported` naming `name`.
 pub fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
     match result {

@@ -302,11 +302,7 @@ mod tests {
     //! passed on.
 
     use super::*;
-    use crate::cuda::error::KernelError;
-    use crate::cuda::ops::fake::{
-        any_view_mut, linear_args as args, linear_scalars as scalars, too_small, unsupported, view,
-        view_mut,
-    };
+    use crate::cuda::ops::fake::{any_view_mut, linear_args as args, linear_scalars as scalars, misaligned, too_small, unsupported, view, view_mut};
 
     fn planned(s: &LinearScalars, a: LinearArgs<'_>) -> Result<LinearCutlassParams, CudaError> {
         plan(s, a, (132, 4096), view_mut(4096))
@@ -353,9 +349,6 @@ mod tests {
         );
         too_small(plan(&s, args(&s, false), (132, 4096), view_mut(4095)), "workspace");
         let shifted = view_mut::<f32>(20 * 48 + 1).sub(1, 20 * 48).unwrap();
-        match planned(&s, LinearArgs { out: shifted.into(), ..args(&s, true) }) {
-            Err(CudaError::Kernel(KernelError::Misaligned { buffer, .. })) => assert_eq!(buffer, "out"),
-            other => panic!("expected Misaligned(out), got {other:?}"),
-        }
+        misaligned(planned(&s, LinearArgs { out: shifted.into(), ..args(&s, true) }), "out");
     }
 }

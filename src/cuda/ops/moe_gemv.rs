@@ -114,7 +114,7 @@ pub(super) mod tests {
     use super::*;
     use crate::cuda::error::KernelError;
     use crate::cuda::memory::{View, ViewMut};
-    use crate::cuda::ops::fake::{too_small, unsupported, BASE};
+    use crate::cuda::ops::fake::{misaligned, too_small, unsupported, BASE};
 
     /// The buffers of [`MoeArgs`] in declaration order.
     pub const BUFFERS: [&str; 9] = [
@@ -132,13 +132,7 @@ pub(super) mod tests {
     /// Buffers of exactly the sizes `s` needs, except `short` one element short and `shifted` 8
     /// bytes off a 16-byte boundary (by name; "" for none).
     pub fn args(s: &MoeScalars, short: &str, shifted: &str) -> MoeArgs<'static> {
-        let (t, h, i, e, k) = (
-            s.tokens as usize,
-            s.hidden as usize,
-            s.inter as usize,
-            s.experts as usize,
-            s.top_k as usize,
-        );
+        let [t, h, i, e, k] = [s.tokens, s.hidden, s.inter, s.experts, s.top_k].map(|v| v as usize);
         let len = |name: &str, n: usize| n - usize::from(name == short);
         let at = |name: &str| BASE + if name == shifted { 8 } else { 0 };
         fn r<T>(address: u64, len: usize) -> View<'static, T> {
@@ -208,14 +202,7 @@ pub(super) mod tests {
         bad(smallest(1 << 31), "tokens");
         bad(smallest(1 << 28), "tokens * hidden");
         for name in ["x", "w1", "w3", "w2", "act"] {
-            match planner(&s, &args(&s, "", name)) {
-                Err(CudaError::Kernel(KernelError::Misaligned {
-                    op: got, buffer, ..
-                })) => {
-                    assert_eq!((got, buffer), (op, name));
-                }
-                other => panic!("{name}: expected Misaligned, got {other:?}"),
-            }
+            assert_eq!(misaligned(planner(&s, &args(&s, "", name)), name), op);
         }
         // Zero tokens launch nothing, after the checks.
         let empty = MoeScalars { tokens: 0, ..s };

@@ -173,13 +173,7 @@ pub(super) fn self_check_problem(seed: u64, (hidden, inter): (u32, u32)) -> Self
         experts: 8,
         top_k: 2,
     };
-    let (tokens, hidden, inter, experts, top_k) = (
-        shape.tokens as usize,
-        shape.hidden as usize,
-        shape.inter as usize,
-        shape.experts as usize,
-        shape.top_k as usize,
-    );
+    let [tokens, hidden, inter, experts, top_k] = [shape.tokens, shape.hidden, shape.inter, shape.experts, shape.top_k].map(|v| v as usize);
     let mut rng = Rng::new(seed);
     let x = random_bf16(&mut rng, tokens * hidden, 1.0);
     let matrix = experts * inter * hidden;
@@ -438,12 +432,7 @@ mod tests {
         let p = self_check_problem(SELF_CHECK_SEED, SELF_CHECK_DIMS);
         // Shapes the planner accepts, with tails in every dimension a block tiles.
         assert!(plan(&p.shape, &args(&p.shape, "", "")).unwrap().is_some());
-        let (tokens, hidden, inter, experts) = (
-            p.shape.tokens as usize,
-            p.shape.hidden as usize,
-            p.shape.inter as usize,
-            p.shape.experts as usize,
-        );
+        let [tokens, hidden, inter, experts] = [p.shape.tokens, p.shape.hidden, p.shape.inter, p.shape.experts].map(|v| v as usize);
         assert_ne!(hidden % 32, 0);
         assert_ne!(inter % 32, 0);
         assert_ne!(inter % (MOE_WGMMA_BN as usize / 2), 0);

@@ -131,7 +131,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::ops::fake::{
-        any_kind, kind_label, table_for, too_small, unsupported, view, view_mut, KINDS,
+        any_kind, any_view_mut, kind_label, linear_scalars, table_for, too_small, unsupported, view, KINDS,
     };
     use crate::packed::lut4::Lut4;
     use crate::cuda::params::KERNEL_VARIANTS;
@@ -139,21 +139,9 @@ mod tests {
     /// A column count every kind accepts.
     const COLS: u32 = 96;
 
-    fn scalars(tokens: u32, in_features: u32, out_features: u32) -> LinearScalars {
-        LinearScalars {
-            tokens,
-            in_features,
-            out_features,
-        }
-    }
-
     /// Buffer lengths `[x, codes, params, perm, out]` exactly as needed (perm 0: none).
     fn exact(s: &LinearScalars, kind: PackedKind, perm: bool) -> [usize; 5] {
-        let (t, i, o) = (
-            s.tokens as usize,
-            s.in_features as usize,
-            s.out_features as usize,
-        );
+        let [t, i, o] = [s.tokens, s.in_features, s.out_features].map(|v| v as usize);
         [
             t * i,
             o * kind.row_code_bytes(i),
@@ -170,11 +158,7 @@ mod tests {
             params: view(lens[2]),
             perm: perm.then(|| view(lens[3])),
             table: table_for(kind),
-            out: if out_f32 {
-                AnyViewMut::F32(view_mut(lens[4]))
-            } else {
-                AnyViewMut::Bf16(view_mut(lens[4]))
-            },
+            out: any_view_mut(lens[4], out_f32),
         }
     }
 
@@ -211,7 +195,7 @@ mod tests {
         for kind in KINDS {
             for (tokens, tile) in tiles {
                 for (out_f32, suffix) in [(false, "bf16"), (true, "f32")] {
-                    let (_, [g]) = plan_exact(&scalars(tokens, COLS, 40), kind, false, out_f32)
+                    let (_, [g]) = plan_exact(&linear_scalars(tokens, COLS, 40), kind, false, out_f32)
                         .unwrap()
                         .unwrap();
                     assert_eq!(
@@ -230,7 +214,7 @@ mod tests {
     fn params_carry_the_row_layout() {
         for kind in KINDS {
             for perm in [false, true] {
-                let (p, _) = plan_exact(&scalars(3, COLS, 7), kind, perm, false)
+                let (p, _) = plan_exact(&linear_scalars(3, COLS, 7), kind, perm, false)
                     .unwrap()
                     .unwrap();
                 assert_eq!((p.tokens, p.in_features, p.out_features), (3, 96, 7));
@@ -257,7 +241,7 @@ mod tests {
         // Decode at batch 1: QKV 6144 x 4096, O 4096 x 4096.
         for kind in KINDS {
             for (out, blocks) in [(6144, 384), (4096, 256)] {
-                let (_, [g]) = plan_exact(&scalars(1, 4096, out), kind, false, false)
+                let (_, [g]) = plan_exact(&linear_scalars(1, 4096, out), kind, false, false)
                     .unwrap()
                     .unwrap();
                 assert_eq!(g.grid, (blocks, 1, 1));
@@ -273,7 +257,7 @@ mod tests {
         for kind in [PackedKind::Fp8, PackedKind::Int8, INT4_128, int4_256] {
             for (tokens, columns) in [(1, 8), (8, 8), (9, 16), (16, 16)] {
                 for (out_f32, suffix) in [(false, "bf16"), (true, "f32")] {
-                    let s = scalars(tokens, 4096, 6144);
+                    let s = linear_scalars(tokens, 4096, 6144);
                     let (p, [g]) = plan_exact_on(PackedKernel::Mma, &s, kind, (false, out_f32))
                         .unwrap()
                         .unwrap();
@@ -292,7 +276,7 @@ mod tests {
 
     #[test]
     fn the_tensor_core_kernel_refuses_what_it_cannot_read() {
-        let s = scalars(1, 4096, 64);
+        let s = linear_scalars(1, 4096, 64);
         for kind in [PackedKind::Fp8, PackedKind::Int8, INT4_128] {
             unsupported(plan_exact_on(PackedKernel::Mma, &s, kind, (true, false)), "perm");
         }
@@ -300,25 +284,25 @@ mod tests {
         unsupported(plan_exact_on(PackedKernel::Mma, &s, int4_32, (false, false)), "group_size");
         unsupported(plan_exact_on(PackedKernel::Mma, &s, KINDS[4], (false, false)), "kind");
         unsupported(
-            plan_exact_on(PackedKernel::Mma, &scalars(1, 4008, 64), PackedKind::Fp8, (false, false)),
+            plan_exact_on(PackedKernel::Mma, &linear_scalars(1, 4008, 64), PackedKind::Fp8, (false, false)),
             "in_features",
         );
         unsupported(
-            plan_exact_on(PackedKernel::Mma, &scalars(17, 4096, 64), INT4_128, (false, false)),
+            plan_exact_on(PackedKernel::Mma, &linear_scalars(17, 4096, 64), INT4_128, (false, false)),
             "tokens",
         );
-        let none = plan_exact_on(PackedKernel::Mma, &scalars(0, 4096, 64), INT4_128, (false, false));
+        let none = plan_exact_on(PackedKernel::Mma, &linear_scalars(0, 4096, 64), INT4_128, (false, false));
         assert!(none.unwrap().is_none());
         // Columns that are not a whole number of steps: the last step multiplies zeros.
-        assert!(plan_exact_on(PackedKernel::Mma, &scalars(3, 4160, 64), INT4_128, (false, false)).is_ok());
-        assert!(plan_exact_on(PackedKernel::Mma, &scalars(3, 80, 64), PackedKind::Int8, (false, false)).is_ok());
+        assert!(plan_exact_on(PackedKernel::Mma, &linear_scalars(3, 4160, 64), INT4_128, (false, false)).is_ok());
+        assert!(plan_exact_on(PackedKernel::Mma, &linear_scalars(3, 80, 64), PackedKind::Int8, (false, false)).is_ok());
     }
 
     #[test]
     fn every_buffer_one_element_short_is_refused_by_name() {
         for kind in KINDS {
             for tokens in [1, 7, 16] {
-                let s = scalars(tokens, COLS, 19);
+                let s = linear_scalars(tokens, COLS, 19);
                 let full = exact(&s, kind, true);
                 for (i, name) in ["x", "codes", "params", "perm", "out"]
                     .into_iter()
@@ -335,14 +319,14 @@ mod tests {
 
     #[test]
     fn refuses_bad_layouts_and_batches() {
-        let s = scalars(1, 48, 4);
+        let s = linear_scalars(1, 48, 4);
         unsupported(
             plan_exact(&s, PackedKind::Int4 { group_size: 32 }, false, false),
             "in_features",
         );
         unsupported(
             plan_exact(
-                &scalars(1, COLS, 4),
+                &linear_scalars(1, COLS, 4),
                 PackedKind::Int4 { group_size: 48 },
                 false,
                 false,
@@ -351,19 +335,19 @@ mod tests {
         );
         for tokens in [17, 64, 4096] {
             unsupported(
-                plan_exact(&scalars(tokens, COLS, 4), PackedKind::Fp8, false, false),
+                plan_exact(&linear_scalars(tokens, COLS, 4), PackedKind::Fp8, false, false),
                 "tokens",
             );
         }
         unsupported(
-            plan_exact(&scalars(1, COLS, 0), PackedKind::Int8, false, false),
+            plan_exact(&linear_scalars(1, COLS, 0), PackedKind::Int8, false, false),
             "out_features",
         );
     }
 
     #[test]
     fn a_table_exactly_for_table_codes_and_never_short() {
-        let s = scalars(2, COLS, 5);
+        let s = linear_scalars(2, COLS, 5);
         let nf4 = KINDS[4];
         let mut a = args(nf4, exact(&s, nf4, false), false, false);
         a.table = None;
@@ -378,7 +362,7 @@ mod tests {
     #[test]
     fn zero_tokens_launch_nothing_but_are_still_checked() {
         for kind in KINDS {
-            let s = scalars(0, COLS, 10);
+            let s = linear_scalars(0, COLS, 10);
             assert!(plan_exact(&s, kind, true, false).unwrap().is_none());
             let mut lens = exact(&s, kind, false);
             lens[1] -= 1;
@@ -396,7 +380,7 @@ mod tests {
             out_f32 in any::<bool>(),
             perm in any::<bool>(),
         ) {
-            let s = scalars(tokens, in32 * 32, out_features);
+            let s = linear_scalars(tokens, in32 * 32, out_features);
             let (_, [g]) = plan_exact(&s, kind, perm, out_f32).unwrap().unwrap();
             let rows = QLINEAR_WARPS * QLINEAR_ROWS_PER_WARP;
             prop_assert!(g.grid.0 * rows >= out_features);

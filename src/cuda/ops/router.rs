@@ -45,17 +45,11 @@ fn plan(s: &RouterScalars, a: &RouterArgs<'_>) -> Planned<RouterParams, 1> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::error::{CudaError, KernelError};
-    use crate::cuda::ops::fake::{too_small, unsupported, view, view_mut, BASE};
+    use crate::cuda::ops::fake::{misaligned, too_small, unsupported, view, view_mut, BASE};
 
     /// Buffers of exactly the sizes `s` needs, `expert_offsets` `offsets_short` elements short.
     fn args(s: &RouterScalars, offsets_short: usize) -> RouterArgs<'static> {
-        let (t, h, e, k) = (
-            s.tokens as usize,
-            s.hidden as usize,
-            s.experts as usize,
-            s.top_k as usize,
-        );
+        let [t, h, e, k] = [s.tokens, s.hidden, s.experts, s.top_k].map(|v| v as usize);
         RouterArgs {
             x: view(t * h),
             gate: view(e * h),
@@ -118,10 +112,7 @@ mod tests {
         too_small(plan(&s, &RouterArgs { done: view_mut(0), ..args(&s, 0) }), "done");
         // SAFETY: the planner only reads the address; nothing is launched.
         let x = unsafe { crate::cuda::memory::View::from_raw(BASE + 8, 192) };
-        assert!(matches!(
-            plan(&s, &RouterArgs { x, ..args(&s, 0) }),
-            Err(CudaError::Kernel(KernelError::Misaligned { buffer: "x", .. }))
-        ));
+        misaligned(plan(&s, &RouterArgs { x, ..args(&s, 0) }), "x");
         let empty = RouterScalars { tokens: 0, ..s };
         assert!(plan(&empty, &args(&empty, 0)).unwrap().is_none());
     }

@@ -68,7 +68,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::memory::ViewMut;
-    use crate::cuda::ops::fake::{too_small, unsupported, view, view_mut, BASE};
+    use crate::cuda::ops::fake::{misaligned, too_small, unsupported, view, view_mut, BASE};
 
     /// Buffer lengths of exactly what `s` needs, in field order.
     fn exact(s: &SampleScalars) -> [usize; 6] {
@@ -133,10 +133,7 @@ mod tests {
         let mut a = args(exact(&s));
         // SAFETY: never launched on; the planner reads only the address and length.
         a.rng_state = unsafe { ViewMut::from_raw(BASE + 4, 2 * RNG_STATE_WORDS) };
-        match plan(&s, &a) {
-            Err(CudaError::Kernel(KernelError::Misaligned { buffer, .. })) => assert_eq!(buffer, "rng_state"),
-            other => panic!("expected Misaligned(rng_state), got {other:?}"),
-        }
+        misaligned(plan(&s, &a), "rng_state");
     }
 
     #[test]
