@@ -59,6 +59,17 @@ pub struct Chunk {
 }
 
 impl Chunk {
+    /// A decode chunk of `bucket` padding tokens (no sequence: nothing is written to the cache).
+    pub fn padding(bucket: usize) -> Chunk {
+        Chunk {
+            kind: ChunkKind::Decode { bucket },
+            ids: vec![0; bucket],
+            positions: vec![0; bucket],
+            token_seq: vec![NO_SEQUENCE; bucket],
+            logit_rows: Vec::new(),
+        }
+    }
+
     /// Tokens the forward pass processes (padding included).
     pub fn tokens(&self) -> usize {
         self.ids.len()
@@ -102,13 +113,7 @@ fn decode_schedule(
     seq_rows: &[usize],
     bucket: usize,
 ) -> StepSchedule {
-    let mut chunk = Chunk {
-        kind: ChunkKind::Decode { bucket },
-        ids: vec![0; bucket],
-        positions: vec![0; bucket],
-        token_seq: vec![NO_SEQUENCE; bucket],
-        logit_rows: Vec::new(),
-    };
+    let mut chunk = Chunk::padding(bucket);
     let mut rows = Vec::new();
     for (i, e) in plan.entries.iter().enumerate() {
         chunk.ids[i] = tokens[e.token_offset];

@@ -132,6 +132,14 @@ impl CudaEngineOptions {
         self.engine.max_sequences.unwrap_or(16)
     }
 
+    /// The longest sequence (the model's `max_position_embeddings` when not given), at least 1.
+    fn max_context(&self, config: &ModelConfig) -> usize {
+        self.engine
+            .max_context
+            .unwrap_or(config.max_position_embeddings)
+            .max(1)
+    }
+
     /// Most tokens in one forward pass (the default when not given).
     pub(crate) fn max_step_tokens(&self) -> usize {
         self.engine.max_step_tokens.unwrap_or(512)
@@ -235,11 +243,7 @@ pub fn plan_sizes(
             "block_size, max_sequences and max_step_tokens must be at least 1",
         ));
     }
-    let max_context = options
-        .engine
-        .max_context
-        .unwrap_or(config.max_position_embeddings)
-        .max(1);
+    let max_context = options.max_context(config);
     if max_context > i32::MAX as usize / 2 {
         return Err(invalid("max_context must be below 2^30"));
     }
@@ -498,15 +502,10 @@ impl CudaEngine {
             } else {
                 None
             };
-            let max_context = options
-                .engine
-                .max_context
-                .unwrap_or(config.max_position_embeddings)
-                .max(1);
             let kv = PagedKv::new(KvLimits {
                 block_size: sizes.block_size,
                 num_blocks: sizes.num_blocks,
-                max_context,
+                max_context: options.max_context(&config),
                 max_sequences: sizes.max_sequences,
                 vocab_size: config.vocab_size,
             })
@@ -551,14 +550,7 @@ impl CudaEngine {
     fn warm_up_and_capture(&mut self, capture: bool) -> Result<(), CudaError> {
         let sizes = self.plan.sizes;
         for bucket in decode_buckets(sizes.max_decode_tokens, sizes.max_tokens) {
-            let padding = Chunk {
-                kind: ChunkKind::Decode { bucket },
-                ids: vec![0; bucket],
-                positions: vec![0; bucket],
-                token_seq: vec![NO_SEQUENCE; bucket],
-                logit_rows: Vec::new(),
-            };
-            self.upload_inputs(&padding)?;
+            self.upload_inputs(&Chunk::padding(bucket))?;
             let stream = Arc::clone(self.device.stream());
             self.plan
                 .forward(&self.kernels, &stream, &mut self.weights, Pass::decode(bucket))?;
@@ -623,10 +615,7 @@ impl CudaEngine {
         /// itself was applied), never a token.
         fn step_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, EngineError> {
             self.run_step(batch, Readback::Greedy, None)
-                .map(|r| match r {
-                    Output::Greedy(ids) => ids,
-                    Output::Logits(_) => Vec::new(),
-                })
+                .map(Output::ids)
         }
     }
 
@@ -681,10 +670,7 @@ impl CudaEngine {
                 )));
             }
             self.run_step(batch, Readback::Greedy, Some(samplers))
-                .map(|r| match r {
-                    Output::Greedy(ids) => ids,
-                    Output::Logits(_) => Vec::new(),
-                })
+                .map(Output::ids)
         }
     }
 
@@ -1073,6 +1059,16 @@ enum Readback {
 enum Output {
     Logits(StepOutput),
     Greedy(Vec<u32>),
+}
+
+impl Output {
+    /// The token ids of a greedy or sampled readback (none for logits).
+    fn ids(self) -> Vec<u32> {
+        match self {
+            Output::Greedy(ids) => ids,
+            Output::Logits(_) => Vec::new(),
+        }
+    }
 }
 
 impl Engine for CudaEngine {

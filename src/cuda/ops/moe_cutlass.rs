@@ -26,7 +26,7 @@ use cudarc::driver::{sys, CudaStream};
 use half::bf16;
 
 use super::moe_wgmma::{
-    compare_with_grouped, rel_l2, self_check_problem, self_check_shape, verdict, ActOrder,
+    compare_with_grouped, compute_capability, hopper_only, rel_l2, self_check_problem, self_check_shape, verdict, ActOrder,
     HopperCheck, SELF_CHECK_SEED,
 };
 use super::quant_layout::row_layout;
@@ -46,9 +46,6 @@ use crate::quant::{packed, PackedKind, QuantFormat, Q8};
 /// The op names in errors.
 const OP: &str = "moe_cutlass_gemm";
 const OP_Q8: &str = "moe_cutlass_q8_gemm";
-
-/// The one compute capability the CUTLASS shim is built for (sm_90a: H100, H200).
-pub const CUTLASS_COMPUTE_CAPABILITY: (i32, i32) = (9, 0);
 
 #[cfg(not(any(mixtral_no_kernels, mixtral_no_cutlass)))]
 mod ffi {
@@ -103,6 +100,10 @@ mod ffi {
         -1
     }
 }
+
+/// The one compute capability the CUTLASS shim is built for (sm_90a: H100, H200), as the wgmma
+/// kernels are (one check refuses other devices for both).
+pub const CUTLASS_COMPUTE_CAPABILITY: (i32, i32) = super::moe_wgmma::WGMMA_COMPUTE_CAPABILITY;
 
 /// Whether this build holds the CUTLASS kernels.
 pub const CUTLASS_BUILT: bool = cfg!(not(any(mixtral_no_kernels, mixtral_no_cutlass)));
@@ -321,19 +322,7 @@ pub(super) fn require_built_for(c: &Check, stream: &CudaStream) -> Result<(), Cu
              scripts/install-cuda-toolchain and rebuild)",
         ));
     }
-    let capability = stream
-        .context()
-        .compute_capability()
-        .map_err(CudaError::driver("reading the compute capability"))?;
-    if capability != CUTLASS_COMPUTE_CAPABILITY {
-        let (major, minor) = capability;
-        return Err(c.unsupported(
-            "compute capability",
-            usize::try_from(major * 10 + minor).unwrap_or(0),
-            format!("the CUTLASS kernels run only on compute capability 9.0, not {major}.{minor}"),
-        ));
-    }
-    Ok(())
+    hopper_only(c, "CUTLASS", compute_capability(stream)?)
 }
 
 /// The parameters of one bf16 launch: `s` within the scratch's shape, hidden and inter multiples of

@@ -40,7 +40,7 @@ pub const WGMMA_COMPUTE_CAPABILITY: (i32, i32) = (9, 0);
 pub const WGMMA_SELF_CHECK_BOUND: f64 = 1e-2;
 
 /// The compute capability of the device `stream` issues on.
-fn compute_capability(stream: &CudaStream) -> Result<(i32, i32), CudaError> {
+pub(super) fn compute_capability(stream: &CudaStream) -> Result<(i32, i32), CudaError> {
     stream
         .context()
         .compute_capability()
@@ -49,11 +49,16 @@ fn compute_capability(stream: &CudaStream) -> Result<(i32, i32), CudaError> {
 
 /// Refuses a device the sm_90a kernels cannot run on.
 fn require_hopper(stream: &CudaStream) -> Result<(), CudaError> {
-    hopper_only(&Check { op: OP }, compute_capability(stream)?)
+    hopper_only(&Check { op: OP }, "wgmma", compute_capability(stream)?)
 }
 
-/// Refuses a compute capability other than [`WGMMA_COMPUTE_CAPABILITY`].
-fn hopper_only(c: &Check, capability: (i32, i32)) -> Result<(), CudaError> {
+/// Refuses a compute capability other than 9.0 ([`WGMMA_COMPUTE_CAPABILITY`], the one the sm_90a
+/// `kernels` are built for).
+pub(super) fn hopper_only(
+    c: &Check,
+    kernels: &str,
+    capability: (i32, i32),
+) -> Result<(), CudaError> {
     if capability != WGMMA_COMPUTE_CAPABILITY {
         let (major, minor) = capability;
         let value = usize::try_from(major * 10 + minor).unwrap_or(0);
@@ -61,7 +66,7 @@ fn hopper_only(c: &Check, capability: (i32, i32)) -> Result<(), CudaError> {
             "compute capability",
             value,
             format!(
-                "the wgmma kernels run only on compute capability 9.0 (sm_90a), not {major}.{minor}"
+                "the {kernels} kernels run only on compute capability 9.0 (sm_90a), not {major}.{minor}"
             ),
         ));
     }
@@ -421,9 +426,9 @@ mod tests {
     #[test]
     fn only_compute_capability_9_0_is_accepted() {
         let c = Check { op: OP };
-        assert!(hopper_only(&c, (9, 0)).is_ok());
+        assert!(hopper_only(&c, "wgmma", (9, 0)).is_ok());
         for capability in [(8, 0), (8, 6), (8, 9), (9, 1), (10, 0), (12, 0)] {
-            unsupported(hopper_only(&c, capability), "compute capability");
+            unsupported(hopper_only(&c, "wgmma", capability), "compute capability");
         }
     }
 
