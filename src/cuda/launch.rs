@@ -8,7 +8,7 @@ use cudarc::driver::{sys, CudaFunction, CudaStream, DeviceRepr, DriverError, Lau
 
 use super::error::{CudaError, KernelError};
 use super::module::Kernels;
-use super::params::{KernelVariant, KERNEL_VARIANTS};
+use super::params::KERNEL_VARIANTS;
 
 /// The geometry of one launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,13 +52,7 @@ pub fn launch<P: DeviceRepr>(
     grids: &[Grid],
 ) -> Result<(), CudaError> {
     for g in grids {
-        let variant: &'static KernelVariant = &KERNEL_VARIANTS[g.variant];
-        let function = kernels
-            .function(g.variant)
-            .ok_or(CudaError::Kernel(KernelError::MissingKernel {
-                symbol: variant.symbol,
-                module: variant.module,
-            }))?;
+        let function = kernels.function(g.variant)?;
         // SAFETY: the function takes exactly one argument, the `#[repr(C)]` struct `P` whose layout
         // is asserted equal to the C definition (params.rs / params.h). `params` was filled by the
         // generated `XArgs::params` from views borrowed from live buffers (an output exclusively),
@@ -80,7 +74,7 @@ pub fn launch<P: DeviceRepr>(
             unsafe { builder.launch(config) }.map(|_| ())
         };
         issued.map_err(|source| CudaError::Kernel(KernelError::Launch {
-            symbol: variant.symbol,
+            symbol: g.symbol(),
             source,
         }))?;
     }

@@ -47,11 +47,8 @@ impl Kernels {
             modules.push((stem, module));
         }
         let mut functions = Vec::with_capacity(KERNEL_VARIANTS.len());
-        for variant in KERNEL_VARIANTS {
-            let missing = || CudaError::Kernel(KernelError::MissingKernel {
-                symbol: variant.symbol,
-                module: variant.module,
-            });
+        for (index, variant) in KERNEL_VARIANTS.iter().enumerate() {
+            let missing = || missing_kernel(index);
             let module = modules
                 .iter()
                 .find(|(stem, _)| *stem == variant.module)
@@ -85,11 +82,19 @@ impl Kernels {
         self.dependent_launches
     }
 
-    /// The function of [`KERNEL_VARIANTS`]`[index]`.
-    pub fn function(&self, index: usize) -> Option<&CudaFunction> {
-        self.functions.get(index)
+    /// The function of [`KERNEL_VARIANTS`]`[index]`; [`KernelError::MissingKernel`] when none was
+    /// loaded for it.
+    pub fn function(&self, index: usize) -> Result<&CudaFunction, CudaError> {
+        self.functions.get(index).ok_or_else(|| missing_kernel(index))
     }
+}
 
+/// The error of variant `index` with no loaded function (or no such variant).
+fn missing_kernel(index: usize) -> CudaError {
+    let (symbol, module) = KERNEL_VARIANTS
+        .get(index)
+        .map_or(("(no such variant)", "(none)"), |v| (v.symbol, v.module));
+    CudaError::Kernel(KernelError::MissingKernel { symbol, module })
 }
 
 #[cfg(test)]

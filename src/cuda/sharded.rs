@@ -34,8 +34,7 @@ use crate::shard::{
 };
 use crate::weights::ModelWeights;
 
-/// How long the scheduler waits for every rank to answer one call, unless set.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+pub use crate::shard::engine::DEFAULT_TIMEOUT;
 
 /// Options of a [`ShardedCudaEngine`].
 #[derive(Debug, Clone)]

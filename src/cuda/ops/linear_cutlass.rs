@@ -16,7 +16,7 @@ use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::moe_cutlass::{require_built_for, run_shim, sm_count};
-use super::moe_wgmma::{rel_l2, verdict, HopperCheck};
+use super::moe_wgmma::{random_bf16, rel_l2, verdict, HopperCheck};
 use crate::cuda::args::{LinearArgs, LinearCutlassArgs, LinearCutlassScalars, LinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -245,11 +245,7 @@ pub fn linear_cutlass_self_check(
     let mut scratch = LinearCutlassScratch::new(&mut arena, stream, &[SELF_CHECK_FEATURES], 300)?;
     let what = "the CUTLASS projection self-check";
     let mut rng = Rng::new(0x5eed_1105);
-    let mut random = |len: usize, scale: f64| -> Vec<bf16> {
-        (0..len)
-            .map(|_| bf16::from_f64((rng.next_f64() * 2.0 - 1.0) * scale))
-            .collect()
-    };
+    let mut random = |len: usize, scale: f64| random_bf16(&mut rng, len, scale);
     let w_host = random((out_features * in_features) as usize, 1.0 / f64::from(in_features).sqrt());
     let w = arena.upload(&w_host, what)?;
     // Relative L2 differences of the bf16 and of the f32 outputs.

@@ -159,7 +159,7 @@ pub(super) struct SelfCheckProblem {
 }
 
 /// `len` uniform values in `[-scale, scale)` as bf16.
-fn random_bf16(rng: &mut Rng, len: usize, scale: f64) -> Vec<bf16> {
+pub(super) fn random_bf16(rng: &mut Rng, len: usize, scale: f64) -> Vec<bf16> {
     (0..len)
         .map(|_| bf16::from_f64((rng.next_f64() * 2.0 - 1.0) * scale))
         .collect()
