@@ -70,8 +70,9 @@ pub const BUFFER_ALIGN: usize = 256;
 /// One device allocation of `len` elements of `T`, freed (in stream order) when dropped.
 #[derive(Debug)]
 pub struct DeviceBuffer<T> {
-    /// The allocation, held only to be freed on drop: the kernels use `address`.
-    _allocation: CudaSlice<u8>,
+    /// The allocation, held only to be freed on drop: the kernels use `address`. `None` only for
+    /// the buffers of a sizing arena ([`DeviceArena::sizing`]), which are never launched on.
+    _allocation: Option<CudaSlice<u8>>,
     address: u64,
     len: usize,
     _elem: PhantomData<T>,
@@ -132,14 +133,29 @@ impl<T> DeviceBuffer<T> {
 /// Allocates device buffers on one stream's context and counts the bytes it handed out.
 #[derive(Debug)]
 pub struct DeviceArena {
-    stream: Arc<CudaStream>,
+    /// `None`: a sizing arena.
+    stream: Option<Arc<CudaStream>>,
     bytes: usize,
 }
 
 impl DeviceArena {
     /// An allocator on `stream`'s context.
     pub fn new(stream: Arc<CudaStream>) -> Self {
-        DeviceArena { stream, bytes: 0 }
+        DeviceArena {
+            stream: Some(stream),
+            bytes: 0,
+        }
+    }
+
+    /// An arena that allocates nothing and only counts what it would allocate, with no device:
+    /// the code that allocates a model's buffers, run on it, is also what sizes them before a
+    /// build. Its buffers hold no device memory (address 0), so they stay inside the crate and
+    /// are only dropped.
+    pub(crate) fn sizing() -> Self {
+        DeviceArena {
+            stream: None,
+            bytes: 0,
+        }
     }
 
     /// Bytes allocated through this arena so far (buffers dropped since included).
@@ -160,10 +176,19 @@ impl DeviceArena {
                 total: 0,
             })?
             .max(BUFFER_ALIGN);
-        let slice = match self.stream.alloc_zeros::<u8>(bytes) {
+        let Some(stream) = &self.stream else {
+            self.bytes += bytes;
+            return Ok(DeviceBuffer {
+                _allocation: None,
+                address: 0,
+                len,
+                _elem: PhantomData,
+            });
+        };
+        let slice = match stream.alloc_zeros::<u8>(bytes) {
             Ok(slice) => slice,
             Err(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
-                let (free, total) = self.stream.context().mem_get_info().unwrap_or((0, 0));
+                let (free, total) = stream.context().mem_get_info().unwrap_or((0, 0));
                 return Err(CudaError::OutOfMemory {
                     what: what.to_string(),
                     bytes,
@@ -178,11 +203,11 @@ impl DeviceArena {
                 })
             }
         };
-        let (address, guard) = slice.device_ptr(&self.stream);
+        let (address, guard) = slice.device_ptr(stream);
         drop(guard);
         self.bytes += bytes;
         Ok(DeviceBuffer {
-            _allocation: slice,
+            _allocation: Some(slice),
             address,
             len,
             _elem: PhantomData,
@@ -196,7 +221,9 @@ impl DeviceArena {
         what: &str,
     ) -> Result<DeviceBuffer<T>, CudaError> {
         let mut buffer = self.zeroed::<T>(host.len(), what)?;
-        copy_to_device(&self.stream, buffer.view_mut(), host, what)?;
+        if let Some(stream) = &self.stream {
+            copy_to_device(stream, buffer.view_mut(), host, what)?;
+        }
         Ok(buffer)
     }
 }
@@ -628,6 +655,22 @@ mod tests {
 
     fn rows_at<T>(r: &Rows<'_, T>) -> (u64, usize, usize, usize) {
         (r.address() - BASE, r.rows(), r.stride(), r.width())
+    }
+
+    #[test]
+    fn a_sizing_arena_counts_what_it_would_allocate() {
+        let mut arena = DeviceArena::sizing();
+        let a = arena.zeroed::<f32>(10, "a").unwrap();
+        assert_eq!((a.len(), arena.bytes()), (10, BUFFER_ALIGN));
+        arena.zeroed::<u8>(BUFFER_ALIGN + 1, "b").unwrap();
+        arena.zeroed::<bf16>(0, "c").unwrap();
+        arena.upload(&[1u32; 100], "d").unwrap();
+        assert_eq!(arena.bytes(), 6 * BUFFER_ALIGN);
+        assert!(matches!(
+            arena.zeroed::<u64>(usize::MAX / 4, "e"),
+            Err(CudaError::OutOfMemory { .. })
+        ));
+        assert_eq!(arena.bytes(), 6 * BUFFER_ALIGN);
     }
 
     #[test]

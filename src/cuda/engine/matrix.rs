@@ -45,20 +45,6 @@ pub enum StackFormat {
 }
 
 impl StackFormat {
-    /// Device bytes of `count` matrices `[rows, cols]` in this format (each region rounded up to
-    /// the arena's alignment by the caller's arithmetic being an upper bound within 4 * 256 bytes).
-    pub fn bytes(self, count: usize, rows: usize, cols: usize) -> usize {
-        let matrices = count * rows;
-        match self {
-            StackFormat::Bf16 => matrices * cols * 2,
-            StackFormat::Packed { kind, perm } => {
-                matrices * (kind.row_code_bytes(cols) + 4 * kind.row_params(cols))
-                    + if perm { count * cols * 4 } else { 0 }
-                    + 4 * table_values(kind).map_or(0, |t| t.len())
-            }
-        }
-    }
-
     /// The element format when packed; `None` for bf16.
     pub fn kind(self) -> Option<PackedKind> {
         match self {
@@ -619,36 +605,33 @@ mod tests {
         assert_eq!(table_values(PackedKind::Int4 { group_size: 64 }), None);
     }
 
+    /// Bytes a sizing arena counts for a packed stack of `count` matrices `[rows, cols]`.
+    fn stack_bytes(kind: PackedKind, perm: bool, shape: (usize, usize, usize)) -> usize {
+        let mut arena = DeviceArena::sizing();
+        PackedStack::allocate(&mut arena, (kind, perm), shape, "test").unwrap();
+        arena.bytes()
+    }
+
     #[test]
     fn stack_bytes_follow_the_packed_layout() {
-        let fp8 = StackFormat::Packed {
-            kind: PackedKind::Fp8,
-            perm: false,
-        };
-        assert_eq!(fp8.bytes(8, 14336, 4096), 8 * 14336 * (4096 + 4));
-        let int4 = StackFormat::Packed {
-            kind: PackedKind::Int4 { group_size: 128 },
-            perm: true,
-        };
+        let shape = (8, 14336, 4096);
+        let fp8 = stack_bytes(PackedKind::Fp8, false, shape);
+        assert_eq!(fp8, 8 * 14336 * (4096 + 4));
         assert_eq!(
-            int4.bytes(8, 14336, 4096),
+            stack_bytes(PackedKind::Int4 { group_size: 128 }, true, shape),
             8 * 14336 * (2048 + 4 * 64) + 8 * 4096 * 4
         );
-        assert_eq!(StackFormat::Bf16.bytes(2, 3, 8), 96);
-        let nf4 = StackFormat::Packed {
-            kind: PackedKind::Lut4 {
-                table: crate::packed::lut4::Lut4::Nf4,
-                group_size: 64,
-            },
-            perm: false,
+        let nf4 = PackedKind::Lut4 {
+            table: crate::packed::lut4::Lut4::Nf4,
+            group_size: 64,
         };
+        // The 16-value table takes one allocation of the minimum 256 bytes.
         assert_eq!(
-            nf4.bytes(8, 14336, 4096),
-            8 * 14336 * (2048 + 4 * 64) + 4 * 16
+            stack_bytes(nf4, false, shape),
+            8 * 14336 * (2048 + 4 * 64) + 256
         );
-        // Mixtral-8x7B's expert stacks of one layer, w1 + w3 + w2: fp8 about half of bf16.
-        let bf16 = 3 * StackFormat::Bf16.bytes(8, 14336, 4096);
-        let q = 3 * fp8.bytes(8, 14336, 4096);
-        assert!(q * 2 < bf16 + bf16 / 100);
+        // Mixtral-8x7B's expert stacks of one layer, w1 + w3 + w2: FP8 about half of bf16.
+        let bf16 = 3 * 8 * 14336 * 4096 * 2;
+        assert!(3 * fp8 * 2 < bf16 + bf16 / 100);
     }
 }

@@ -257,9 +257,14 @@ pub fn plan_sizes(
         block_size: options.block_size(),
         max_blocks_per_seq,
     };
-    let without_cache = plan_bytes(config, &sizes);
+    // The cache buffers grow by whole blocks, so two sizes give the bytes of one more block (exact
+    // when a block's bytes are a multiple of the allocation alignment, as for 16-token blocks of
+    // 8 or more key values a token; otherwise within the alignment per buffer).
     sizes.num_blocks = 1;
-    let per_block = plan_bytes(config, &sizes) - without_cache;
+    let one_block = plan_bytes(config, &sizes);
+    sizes.num_blocks = 2;
+    let per_block = plan_bytes(config, &sizes).saturating_sub(one_block);
+    let without_cache = one_block.saturating_sub(per_block);
     let wanted = max_blocks_per_seq
         .checked_mul(options.max_sequences())
         .ok_or_else(|| invalid("max_sequences * blocks per context overflows"))?;

@@ -106,14 +106,15 @@ impl Dims {
     }
 }
 
-/// Device bytes of the activations, inputs and KV cache for `sizes` (what [`Plan::new`] allocates
-/// besides the weights, from the same declarations), for the memory check before allocating.
+/// Device bytes of the activations, inputs and KV cache for `sizes`: what [`Plan::new`] allocates
+/// besides the weights (it runs on a sizing arena), for the memory check before allocating;
+/// `usize::MAX` when a length overflows.
 pub fn plan_bytes(config: &ModelConfig, sizes: &PlanSizes) -> usize {
-    let e = Extents::of(config, sizes);
-    let cache = 2 * config.num_layers * e.cache_len * std::mem::size_of::<bf16>();
-    let words = (4 + 1) * e.m + sizes.max_sequences * sizes.max_blocks_per_seq;
-    let f32s = e.m * e.d.vocab + e.d.head_dim / 2;
-    Activations::bytes(&e) + SamplingBuffers::bytes(&e) + 4 * (words + f32s) + cache
+    let mut arena = DeviceArena::sizing();
+    match Plan::new(config, *sizes, &mut arena) {
+        Ok(_) => arena.bytes(),
+        Err(_) => usize::MAX,
+    }
 }
 
 /// The lengths the plan's buffers are declared in.
@@ -147,8 +148,8 @@ impl Extents {
 }
 
 /// Declares a struct of zero-filled device buffers from one list, each field with its element type,
-/// its length over the plan's `Extents` (named in brackets after the struct's name) and what errors call it, or a nested struct of the
-/// same kind, and derives from that list both `allocate` and `bytes` (what it allocates).
+/// its length over the plan's `Extents` (named in brackets after the struct's name) and what errors
+/// call it, or a nested struct of the same kind, and derives its `allocate` from that list.
 macro_rules! device_buffers {
     ($(#[$doc:meta])* pub struct $name:ident[$e:ident] {
         $($(#[$field_doc:meta])* $field:ident: $t:ty $([$len:expr, $what:literal])?,)*
@@ -163,10 +164,6 @@ macro_rules! device_buffers {
             fn allocate(arena: &mut DeviceArena, $e: &Extents) -> Result<Self, CudaError> {
                 Ok($name { $($field: device_buffers!(@allocate arena, $e, $t $([$len, $what])?),)* })
             }
-
-            fn bytes($e: &Extents) -> usize {
-                0 $(+ device_buffers!(@bytes $e, $t $([$len])?))*
-            }
         }
     };
     (@type $t:ty [$len:expr]) => { DeviceBuffer<$t> };
@@ -175,8 +172,6 @@ macro_rules! device_buffers {
         $arena.zeroed::<$t>($len, $what)?
     };
     (@allocate $arena:ident, $e:ident, $t:ty) => { <$t>::allocate($arena, $e)? };
-    (@bytes $e:ident, $t:ty [$len:expr]) => { $len * std::mem::size_of::<$t>() };
-    (@bytes $e:ident, $t:ty) => { <$t>::bytes($e) };
 }
 
 /// The per-chunk inputs: one buffer `[4, max_tokens]` of 32-bit words uploaded in one copy: token

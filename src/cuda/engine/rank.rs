@@ -24,10 +24,10 @@ use std::ops::Range;
 use cudarc::driver::CudaStream;
 
 use super::super::error::CudaError;
-use super::super::memory::{DeviceArena, DeviceBuffer, Rows, ViewMut, BUFFER_ALIGN};
+use super::super::memory::{DeviceArena, DeviceBuffer, Rows, ViewMut};
 use super::matrix::StackFormat;
 use super::upload::{
-    allocate_weights, device_weight_bytes, weight_formats, GpuWeights, LayerFormats,
+    allocate_weights, weight_formats, GpuWeights, LayerFormats,
 };
 use crate::config::ModelConfig;
 use crate::shard::{RankShard, RankWeights};
@@ -176,20 +176,31 @@ pub fn formats(config: &ModelConfig, weights: Option<&RankWeights>) -> Vec<Layer
     }
 }
 
-/// Device bytes of a rank's weights stored in `formats` (an upper bound, like
-/// [`device_weight_bytes`]) and of its [`RankPlan`] buffers, for chunks of up to `max_tokens`
-/// tokens.
+/// Device bytes of a rank's weights stored in `formats` and of its [`RankPlan`] buffers, for chunks
+/// of up to `max_tokens` tokens: what [`allocate_rank_weights`] and [`rank_plan`] allocate (run on a
+/// sizing arena); `usize::MAX` when a length overflows.
 pub fn rank_bytes(
     config: &ModelConfig,
     shard: &RankShard,
     formats: &[LayerFormats],
     max_tokens: usize,
 ) -> usize {
-    let w = weight_config(config, shard);
-    let gates =
-        config.num_layers * (2 * config.num_experts.max(1) * config.hidden_size + BUFFER_ALIGN);
-    let logits = 4 * max_tokens * shard.vocab.len() + BUFFER_ALIGN;
-    device_weight_bytes(&w, false, formats, max_tokens) + gates + logits
+    let mut arena = DeviceArena::sizing();
+    let allocated = allocate_rank_weights(config, shard, formats, max_tokens, &mut arena)
+        .and_then(|_| logits_part(shard, max_tokens, &mut arena));
+    match allocated {
+        Ok(_) => arena.bytes(),
+        Err(_) => usize::MAX,
+    }
+}
+
+/// The rank's columns of the logits, `[max_tokens, vocab part]` f32.
+fn logits_part(
+    shard: &RankShard,
+    max_tokens: usize,
+    arena: &mut DeviceArena,
+) -> Result<DeviceBuffer<f32>, CudaError> {
+    arena.zeroed(max_tokens * shard.vocab.len(), "the rank's logits columns")
 }
 
 /// Allocates a rank's weight regions in `formats`: the unsharded layout at its shard's sizes, with
@@ -223,7 +234,7 @@ pub fn rank_plan(
         experts: shard.experts.clone(),
         partial_experts: shard.experts.len() < config.num_experts.max(1),
         comms,
-        logits_part: arena.zeroed(max_tokens * shard.vocab.len(), "the rank's logits columns")?,
+        logits_part: logits_part(shard, max_tokens, arena)?,
     })
 }
 

@@ -20,7 +20,7 @@ use half::bf16;
 use super::super::error::CudaError;
 use super::super::module::Kernels;
 use super::super::ops::{fill_random, FillValues};
-use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut, BUFFER_ALIGN};
+use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::select::{select, Choice, Device, Format, Op};
 use super::host::{upload_bytes, HostModel, HostTensor};
 use super::matrix::{
@@ -129,32 +129,18 @@ pub fn weight_formats<M: HostModel>(weights: &M) -> Vec<LayerFormats> {
 
 /// Bytes [`allocate_weights`] allocates for a model of `config` (`tied`: the LM head is the
 /// embedding) with `formats` per layer and chunks of up to `max_tokens` tokens (the dequantization
-/// scratch); an upper bound (each region is rounded up to [`BUFFER_ALIGN`]).
+/// scratch): it runs on a sizing arena; `usize::MAX` when a length overflows.
 pub fn device_weight_bytes(
     config: &ModelConfig,
     tied: bool,
     formats: &[LayerFormats],
     max_tokens: usize,
 ) -> usize {
-    let c = config;
-    let h = c.hidden_size;
-    let experts = c.num_experts.max(1);
-    let inter = c.intermediate_size;
-    let qkv_rows = c.q_width() + 2 * c.kv_width();
-    let mut bytes = 0;
-    let mut regions = 0;
-    for f in formats {
-        bytes += 2 * (2 * h + experts * h);
-        bytes += f.qkv.bytes(1, qkv_rows, h) + f.o.bytes(1, h, c.q_width());
-        bytes += 2 * f.w13.bytes(experts, inter, h) + f.w2.bytes(experts, h, inter);
-        // Norms and router; codes, params, permutation and table of each of the 5 stacks.
-        regions += 3 + 5 * 4;
+    let mut arena = DeviceArena::sizing();
+    match allocate_weights(config, tied, formats, max_tokens, &mut arena) {
+        Ok(_) => arena.bytes(),
+        Err(_) => usize::MAX,
     }
-    bytes += 2 * (c.vocab_size * h * if tied { 1 } else { 2 } + h);
-    regions += 3;
-    let scratch = scratch_elements(config, formats, max_tokens);
-    bytes += 2 * scratch.iter().sum::<usize>();
-    bytes + (regions + scratch.len()) * BUFFER_ALIGN
 }
 
 /// bf16 elements of the scratch buffers (dense, w1, w3, w2; 0 = none) packed stacks need for chunks
