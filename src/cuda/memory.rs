@@ -71,7 +71,7 @@ pub const BUFFER_ALIGN: usize = 256;
 #[derive(Debug)]
 pub struct DeviceBuffer<T> {
     /// The allocation, held only to be freed on drop: the kernels use `address`. `None` only for
-    /// the buffers of a sizing arena ([`DeviceArena::sizing`]), which are never launched on.
+    /// the buffers of a sizing arena (inside [`DeviceArena::sized`]), which are never launched on.
     _allocation: Option<CudaSlice<u8>>,
     address: u64,
     len: usize,
@@ -147,14 +147,25 @@ impl DeviceArena {
         }
     }
 
-    /// An arena that allocates nothing and only counts what it would allocate, with no device:
-    /// the code that allocates a model's buffers, run on it, is also what sizes them before a
-    /// build. Its buffers hold no device memory (address 0), so they stay inside the crate and
-    /// are only dropped.
-    pub(crate) fn sizing() -> Self {
+    /// An arena that allocates nothing and only counts what it would allocate, with no device. Its
+    /// buffers hold no device memory (address 0): they never leave [`DeviceArena::sized`].
+    fn sizing() -> Self {
         DeviceArena {
             stream: None,
             bytes: 0,
+        }
+    }
+
+    /// The bytes `allocate` allocates, counted by running it on a sizing arena with no device
+    /// (and dropping what it built): the code that allocates a model's buffers is also what sizes
+    /// them before a build. `usize::MAX` when it fails (a length overflows).
+    pub(crate) fn sized<T>(
+        allocate: impl FnOnce(&mut DeviceArena) -> Result<T, CudaError>,
+    ) -> usize {
+        let mut arena = DeviceArena::sizing();
+        match allocate(&mut arena) {
+            Ok(_) => arena.bytes,
+            Err(_) => usize::MAX,
         }
     }
 

@@ -607,9 +607,7 @@ mod tests {
 
     /// Bytes a sizing arena counts for a packed stack of `count` matrices `[rows, cols]`.
     fn stack_bytes(kind: PackedKind, perm: bool, shape: (usize, usize, usize)) -> usize {
-        let mut arena = DeviceArena::sizing();
-        PackedStack::allocate(&mut arena, (kind, perm), shape, "test").unwrap();
-        arena.bytes()
+        DeviceArena::sized(|arena| PackedStack::allocate(arena, (kind, perm), shape, "test"))
     }
 
     #[test]

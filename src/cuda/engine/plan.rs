@@ -110,11 +110,7 @@ impl Dims {
 /// besides the weights (it runs on a sizing arena), for the memory check before allocating;
 /// `usize::MAX` when a length overflows.
 pub fn plan_bytes(config: &ModelConfig, sizes: &PlanSizes) -> usize {
-    let mut arena = DeviceArena::sizing();
-    match Plan::new(config, *sizes, &mut arena) {
-        Ok(_) => arena.bytes(),
-        Err(_) => usize::MAX,
-    }
+    DeviceArena::sized(|arena| Plan::new(config, *sizes, arena))
 }
 
 /// The lengths the plan's buffers are declared in.

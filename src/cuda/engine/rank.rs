@@ -185,13 +185,10 @@ pub fn rank_bytes(
     formats: &[LayerFormats],
     max_tokens: usize,
 ) -> usize {
-    let mut arena = DeviceArena::sizing();
-    let allocated = allocate_rank_weights(config, shard, formats, max_tokens, &mut arena)
-        .and_then(|_| logits_part(shard, max_tokens, &mut arena));
-    match allocated {
-        Ok(_) => arena.bytes(),
-        Err(_) => usize::MAX,
-    }
+    DeviceArena::sized(|arena| {
+        allocate_rank_weights(config, shard, formats, max_tokens, arena)?;
+        logits_part(shard, max_tokens, arena)
+    })
 }
 
 /// The rank's columns of the logits, `[max_tokens, vocab part]` f32.

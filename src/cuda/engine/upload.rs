@@ -136,11 +136,7 @@ pub fn device_weight_bytes(
     formats: &[LayerFormats],
     max_tokens: usize,
 ) -> usize {
-    let mut arena = DeviceArena::sizing();
-    match allocate_weights(config, tied, formats, max_tokens, &mut arena) {
-        Ok(_) => arena.bytes(),
-        Err(_) => usize::MAX,
-    }
+    DeviceArena::sized(|arena| allocate_weights(config, tied, formats, max_tokens, arena))
 }
 
 /// bf16 elements of the scratch buffers (dense, w1, w3, w2; 0 = none) packed stacks need for chunks
