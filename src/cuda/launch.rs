@@ -4,7 +4,9 @@
 //! launches when the kernels were set up for them
 //! ([`Kernels::enable_dependent_launches`](super::module::Kernels::enable_dependent_launches)).
 
-use cudarc::driver::{sys, CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    sys, CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
+};
 
 use super::error::{CudaError, KernelError};
 use super::module::Kernels;
@@ -73,10 +75,12 @@ pub fn launch<P: DeviceRepr>(
             builder.arg(params);
             unsafe { builder.launch(config) }.map(|_| ())
         };
-        issued.map_err(|source| CudaError::Kernel(KernelError::Launch {
-            symbol: g.symbol(),
-            source,
-        }))?;
+        issued.map_err(|source| {
+            CudaError::Kernel(KernelError::Launch {
+                symbol: g.symbol(),
+                source,
+            })
+        })?;
     }
     Ok(())
 }

@@ -114,7 +114,10 @@ impl<T> DeviceBuffer<T> {
                 self.len
             ))
         };
-        let (Some(from), Some(to)) = (sub_range::<T>(self.address, self.len, src, len), sub_range::<T>(self.address, self.len, dst, len)) else {
+        let (Some(from), Some(to)) = (
+            sub_range::<T>(self.address, self.len, src, len),
+            sub_range::<T>(self.address, self.len, dst, len),
+        ) else {
             return Err(bad());
         };
         if src.abs_diff(dst) < len {
@@ -416,7 +419,6 @@ impl<'a, T> ViewMut<'a, T> {
         ViewMut::new(address, len)
     }
 
-
     /// A shorter-lived written view of the same elements (to pass to one launch and keep this one).
     pub fn reborrow(&mut self) -> ViewMut<'_, T> {
         ViewMut::new(self.address, self.len)
@@ -426,7 +428,6 @@ impl<'a, T> ViewMut<'a, T> {
     pub fn as_view(&self) -> View<'_, T> {
         View::new(self.address, self.len)
     }
-
 
     /// The first `mid` elements and the rest, both written; `None` when `mid > len`.
     pub fn split_at(self, mid: usize) -> Option<(ViewMut<'a, T>, ViewMut<'a, T>)> {

@@ -21,20 +21,6 @@
 //! sm_80 and sm_90a (plus compute_90 PTX); which of them have run on which GPU, and what they
 //! measured, is in `csrc/README.md` and `benches/RESULTS.md`.
 
-/// Declares modules public with the `testing` feature (for the crate's tests and benches) and
-/// crate-private otherwise.
-macro_rules! internal {
-    ($($(#[$attr:meta])* mod $name:ident;)*) => {$(
-        $(#[$attr])*
-        #[cfg(feature = "testing")]
-        pub mod $name;
-        $(#[$attr])*
-        #[cfg(not(feature = "testing"))]
-        #[allow(dead_code)]
-        pub(crate) mod $name;
-    )*};
-}
-
 /// Declares a method public with the `testing` feature (for the crate's tests and benches) and
 /// crate-private otherwise.
 macro_rules! testing_pub {
@@ -49,20 +35,63 @@ macro_rules! testing_pub {
     };
 }
 
-internal! {
-    #[rustfmt::skip]
-    mod args;
-    mod checks;
-    mod device;
-    mod engine;
-    mod launch;
-    mod memory;
-    mod module;
-    mod ops;
-    #[rustfmt::skip]
-    mod params;
-    mod select;
-}
+// The internals: public with the `testing` feature (for the crate's tests and benches),
+// crate-private otherwise. Each is declared twice, in plain sight, so that rustfmt formats it (it
+// does not look inside macros); the generated `args` and `params` are left as written.
+#[cfg(feature = "testing")]
+#[rustfmt::skip]
+pub mod args;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+#[rustfmt::skip]
+pub(crate) mod args;
+#[cfg(feature = "testing")]
+pub mod checks;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod checks;
+#[cfg(feature = "testing")]
+pub mod device;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod device;
+#[cfg(feature = "testing")]
+pub mod engine;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod engine;
+#[cfg(feature = "testing")]
+pub mod launch;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod launch;
+#[cfg(feature = "testing")]
+pub mod memory;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod memory;
+#[cfg(feature = "testing")]
+pub mod module;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod module;
+#[cfg(feature = "testing")]
+pub mod ops;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod ops;
+#[cfg(feature = "testing")]
+pub mod select;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod select;
+#[cfg(feature = "testing")]
+#[rustfmt::skip]
+pub mod params;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+#[rustfmt::skip]
+pub(crate) mod params;
 
 #[cfg(feature = "testing")]
 pub mod emulator;

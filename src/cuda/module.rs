@@ -85,7 +85,9 @@ impl Kernels {
     /// The function of [`KERNEL_VARIANTS`]`[index]`; [`KernelError::MissingKernel`] when none was
     /// loaded for it.
     pub fn function(&self, index: usize) -> Result<&CudaFunction, CudaError> {
-        self.functions.get(index).ok_or_else(|| missing_kernel(index))
+        self.functions
+            .get(index)
+            .ok_or_else(|| missing_kernel(index))
     }
 }
 

@@ -79,7 +79,11 @@ pub enum GroupedKernel {
 
 impl GroupedKernel {
     /// Every kind, in the order `mixtral-run --explain` lists them.
-    pub const ALL: [GroupedKernel; 3] = [GroupedKernel::Mma, GroupedKernel::Wgmma, GroupedKernel::Cutlass];
+    pub const ALL: [GroupedKernel; 3] = [
+        GroupedKernel::Mma,
+        GroupedKernel::Wgmma,
+        GroupedKernel::Cutlass,
+    ];
 }
 
 /// What the device offers beyond sm_80, and which optional kernels the engine was asked for.
@@ -162,7 +166,9 @@ impl Choice {
             Choice::DequantizeThenMoeGrouped => "dequantize x3 + moe_grouped_up + moe_grouped_down",
             Choice::DequantizeThenMoeWgmma => "dequantize x3 + moe_wgmma_up + moe_wgmma_down",
             Choice::DequantizeThenMoeCutlass => "dequantize x3 + moe_cutlass",
-            Choice::MoeCutlassQ8 => "moe_cutlass_q8 (quantize, 8-bit grouped GEMM x2, swiglu, scatter)",
+            Choice::MoeCutlassQ8 => {
+                "moe_cutlass_q8 (quantize, 8-bit grouped GEMM x2, swiglu, scatter)"
+            }
         }
     }
 }
@@ -177,7 +183,9 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
         (Op::Projection, Bf16) if tokens <= LINEAR_GEMV_MAX_TOKENS => Choice::LinearGemv,
         (Op::Projection, Bf16) if device.grouped == GroupedKernel::Cutlass => Choice::LinearCutlass,
         (Op::Projection, Bf16) => Choice::LinearMma,
-        (Op::Projection, PackedMma | Q8) if device.mma_decode && tokens <= LINEAR_GEMV_MAX_TOKENS => {
+        (Op::Projection, PackedMma | Q8)
+            if device.mma_decode && tokens <= LINEAR_GEMV_MAX_TOKENS =>
+        {
             Choice::QLinearMma
         }
         (Op::Projection, Packed | Q8 | PackedMma) if tokens <= LINEAR_GEMV_MAX_TOKENS => {
@@ -203,7 +211,9 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
         {
             Choice::MoeCutlassQ8
         }
-        (Op::Experts, PackedMma | Q8) if device.mma_decode && tokens <= QUANT_MOE_GEMV_MAX_TOKENS => {
+        (Op::Experts, PackedMma | Q8)
+            if device.mma_decode && tokens <= QUANT_MOE_GEMV_MAX_TOKENS =>
+        {
             Choice::QMoeMma
         }
         (Op::Experts, Packed | Q8 | PackedMma) if tokens <= QUANT_MOE_GEMV_MAX_TOKENS => {
@@ -244,7 +254,10 @@ pub fn table() -> String {
     for op in [Op::Projection, Op::Experts] {
         for format in Format::ALL {
             for grouped in GroupedKernel::ALL {
-                let device = |mma_decode| Device { grouped, mma_decode };
+                let device = |mma_decode| Device {
+                    grouped,
+                    mma_decode,
+                };
                 let gemv = ranges(op, format, device(false));
                 let mma = ranges(op, format, device(true));
                 let rows = [("gemv", &gemv), ("mma", &mma)];
@@ -315,14 +328,21 @@ mod tests {
             (128, Packed, CUTLASS, QMoeGemv),
             (129, Packed, CUTLASS, DequantizeThenMoeCutlass),
         ] {
-            assert_eq!(e(tokens, format, device), choice, "{tokens} {format:?} {device:?}");
+            assert_eq!(
+                e(tokens, format, device),
+                choice,
+                "{tokens} {format:?} {device:?}"
+            );
         }
         assert_eq!(e(31, Format::Q8, CUTLASS), QMoeGemv);
         assert_eq!(e(32, Format::Q8, CUTLASS), Choice::MoeCutlassQ8);
         // 8-bit codes are any packed format where CUTLASS's 8-bit kernels do not run.
         for device in [NO, HOPPER] {
             for tokens in [1, 31, 32, 128, 129, 4096] {
-                assert_eq!(e(tokens, Format::Q8, device), e(tokens, Format::Packed, device));
+                assert_eq!(
+                    e(tokens, Format::Q8, device),
+                    e(tokens, Format::Packed, device)
+                );
             }
         }
         for tokens in [1, 16, 17, 4096] {
@@ -357,13 +377,24 @@ mod tests {
                 assert_eq!(e(129, on), e(129, off));
                 // CUTLASS's 8-bit kernels keep the chunks they take.
                 let cutlass_q8 = format == Format::Q8 && grouped == GroupedKernel::Cutlass;
-                let at_128 = if cutlass_q8 { Choice::MoeCutlassQ8 } else { Choice::QMoeMma };
+                let at_128 = if cutlass_q8 {
+                    Choice::MoeCutlassQ8
+                } else {
+                    Choice::QMoeMma
+                };
                 assert_eq!(e(128, on), at_128);
             }
             // bf16: the GEMV ranges, and the experts up to MOE_MMA_DECODE_MAX_TOKENS.
-            assert_eq!(select(Op::Projection, 16, Format::Bf16, on), LinearMmaDecode);
+            assert_eq!(
+                select(Op::Projection, 16, Format::Bf16, on),
+                LinearMmaDecode
+            );
             assert_eq!(select(Op::Experts, 128, Format::Bf16, on), MoeMma);
-            for (op, past) in [(Op::Projection, 17), (Op::Experts, 129), (Op::Experts, 4096)] {
+            for (op, past) in [
+                (Op::Projection, 17),
+                (Op::Experts, 129),
+                (Op::Experts, 4096),
+            ] {
                 let bf16 = |d| select(op, past, Format::Bf16, d);
                 assert_eq!(bf16(on), bf16(off));
             }

@@ -24,8 +24,8 @@ use half::bf16;
 
 use super::super::args::{
     ArgmaxArgs, ArgmaxScalars, AttentionDecodeArgs, AttentionPrefillArgs, EmbeddingArgs,
-    EmbeddingScalars, LinearArgs, LinearScalars, RmsnormArgs, RmsnormScalars,
-    RopeKvArgs, RopeKvScalars, RouterArgs, RouterScalars,
+    EmbeddingScalars, LinearArgs, LinearScalars, RmsnormArgs, RmsnormScalars, RopeKvArgs,
+    RopeKvScalars, RouterArgs, RouterScalars,
 };
 use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyView, AnyViewMut, DeviceBuffer, Rows, View, ViewMut};
@@ -144,10 +144,18 @@ impl Plan {
         }
         let [qkv, o, _] = d.projections(vocab_rows);
         for (l, w) in weights.layers.iter().enumerate() {
-            let slots = if l == 0 { Add::Nothing } else { Add::Experts(a.moe_out.view()) };
+            let slots = if l == 0 {
+                Add::Nothing
+            } else {
+                Add::Experts(a.moe_out.view())
+            };
             step.norm(&mut a.residual, slots, &w.attn_norm, &mut a.xn)?;
             step.project(a.xn.view(), &w.qkv, qkv, a.qkv.view_mut().into(), scratch)?;
-            let cache = (&mut self.cache[l], self.block_tables.view(), self.inv_freq.view());
+            let cache = (
+                &mut self.cache[l],
+                self.block_tables.view(),
+                self.inv_freq.view(),
+            );
             step.attention(a, cache, inputs, attention)?;
             step.project(a.attn.view(), &w.o, o, a.o_out.view_mut().into(), scratch)?;
             if let Some(r) = &rank {
@@ -460,7 +468,12 @@ impl Step<'_> {
             return Ok(a.xn.view());
         }
         let (ids, x) = (inputs.rows(), a.xn.view());
-        self.lookup((rows as u32, self.tokens), ids, x, a.gathered.view_mut().into())?;
+        self.lookup(
+            (rows as u32, self.tokens),
+            ids,
+            x,
+            a.gathered.view_mut().into(),
+        )?;
         Ok(a.gathered.view())
     }
 

@@ -256,7 +256,13 @@ mod tests {
 
     #[test]
     fn decode_step_pads_to_the_smallest_bucket() {
-        let s = schedule_step(&three_single_tokens(), &ids(3), &[4, 0, 7], &[1, 2, 4, 8], 512);
+        let s = schedule_step(
+            &three_single_tokens(),
+            &ids(3),
+            &[4, 0, 7],
+            &[1, 2, 4, 8],
+            512,
+        );
         assert_eq!(s.chunks.len(), 1);
         let c = &s.chunks[0];
         assert_eq!(c.kind, ChunkKind::Decode { bucket: 4 });

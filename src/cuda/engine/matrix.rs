@@ -20,14 +20,12 @@ use super::super::error::{CudaError, KernelError};
 use super::super::memory::{AnyViewMut, DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::module::Kernels;
 use super::super::ops::{
-    self, mma_reads, DequantShape, MoeCutlassQ8Scratch, MoeCutlassScratch, PackedKernel,
-    PackedView,
+    self, mma_reads, DequantShape, MoeCutlassQ8Scratch, MoeCutlassScratch, PackedKernel, PackedView,
 };
 pub use super::super::select::GroupedKernel;
 use super::super::select::{select, Choice, Device, Format, Op};
-use crate::quant::{int4, PackedKind, QuantFormat, Q8};
 use super::host::HostTensor;
-
+use crate::quant::{int4, PackedKind, QuantFormat, Q8};
 
 /// How one stack of matrices is stored on the device (packed: codes, parameters, the permutation
 /// when `perm`, and for 4-bit table codes the table's 16 f32 values).
@@ -250,12 +248,14 @@ fn dense<'a>(
         DeviceMatrix::Bf16(w) => return Ok(w.view()),
         DeviceMatrix::Packed(p) => p,
     };
-    let scratch = scratch.as_mut().ok_or_else(|| CudaError::Kernel(KernelError::Unsupported {
-        op: "forward",
-        what: "tokens",
-        value: tokens as usize,
-        reason: "tokens past the packed kernels' range, and no dequantization scratch".into(),
-    }))?;
+    let scratch = scratch.as_mut().ok_or_else(|| {
+        CudaError::Kernel(KernelError::Unsupported {
+            op: "forward",
+            what: "tokens",
+            value: tokens as usize,
+            reason: "tokens past the packed kernels' range, and no dequantization scratch".into(),
+        })
+    })?;
     let elements = p.count * p.rows * p.cols;
     let capacity = scratch.len();
     let out = scratch
@@ -327,7 +327,10 @@ pub fn project_bf16(
     cutlass: Option<&mut ops::LinearCutlassScratch>,
 ) -> Result<(), CudaError> {
     let device = projection_device(&on, cutlass.is_some());
-    match (select(Op::Projection, s.tokens as usize, Format::Bf16, device), cutlass) {
+    match (
+        select(Op::Projection, s.tokens as usize, Format::Bf16, device),
+        cutlass,
+    ) {
         (Choice::LinearMmaDecode, _) => ops::linear_mma_decode(on.kernels, on.stream, s, args),
         (Choice::LinearCutlass, Some(scratch)) => ops::linear_cutlass(on.stream, s, args, scratch),
         _ => ops::linear(on.kernels, on.stream, s, args),
@@ -388,8 +391,7 @@ fn experts_format(stacks: [&DeviceMatrix; 3], q8: Option<Q8>) -> Format {
             let permuted = p1.perm.is_some() || p2.perm.is_some();
             if q8.is_some_and(|q| q.kind() == p1.kind) && !permuted {
                 Format::Q8
-            } else if mma_reads(p1.kind, p1.cols, permuted)
-                && mma_reads(p2.kind, p2.cols, permuted)
+            } else if mma_reads(p1.kind, p1.cols, permuted) && mma_reads(p2.kind, p2.cols, permuted)
             {
                 Format::PackedMma
             } else {
@@ -423,8 +425,12 @@ pub fn experts(
     };
     let format = experts_format([w1, w3, w2], q8);
     let choice = select(Op::Experts, s.tokens as usize, format, device);
-    if let (Choice::QMoeGemv | Choice::QMoeMma | Choice::MoeCutlassQ8, Some(p1), Some(p3), Some(p2)) =
-        (choice, w1.packed(), w3.packed(), w2.packed())
+    if let (
+        Choice::QMoeGemv | Choice::QMoeMma | Choice::MoeCutlassQ8,
+        Some(p1),
+        Some(p3),
+        Some(p2),
+    ) = (choice, w1.packed(), w3.packed(), w2.packed())
     {
         let (v1, v3, v2) = (p1.view(), p3.view(), p2.view());
         let args = QMoeArgs {
@@ -580,9 +586,7 @@ mod tests {
             .map(|i| (i % 11) as f32 * 0.1 - 0.5)
             .collect();
         let table = crate::packed::lut4::Lut4::Nf4;
-        packed_weight(
-            crate::packed::lut4::quantize(table, &w, (rows, cols), group_size).unwrap(),
-        )
+        packed_weight(crate::packed::lut4::quantize(table, &w, (rows, cols), group_size).unwrap())
     }
 
     #[test]
@@ -600,8 +604,14 @@ mod tests {
         for (cols, group) in [(128, 16), (96, 48)] {
             assert_eq!(stack_format(&[&[&nf4(4, cols, group)]]), StackFormat::Bf16);
         }
-        assert_eq!(stack_format(&[&[&a], &[&int4(4, 128, None)]]), StackFormat::Bf16);
-        assert_eq!(table_values(kind), Some(crate::packed::lut4::Lut4::Nf4.values()));
+        assert_eq!(
+            stack_format(&[&[&a], &[&int4(4, 128, None)]]),
+            StackFormat::Bf16
+        );
+        assert_eq!(
+            table_values(kind),
+            Some(crate::packed::lut4::Lut4::Nf4.values())
+        );
         assert_eq!(table_values(PackedKind::Int4 { group_size: 64 }), None);
     }
 

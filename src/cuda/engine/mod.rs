@@ -26,12 +26,13 @@ pub mod upload;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use self::forward::{Attention, Pass};
 use self::graph::DecodeGraph;
 use self::inputs::{decode_buckets, schedule_step, Chunk, ChunkKind, NO_SEQUENCE};
 pub use self::matrix::GroupedKernel;
 use self::matrix::{GroupedExperts, StackFormat};
-use self::forward::{Attention, Pass};
 use self::plan::{plan_bytes, Dims, Plan, PlanSizes};
+use self::rank::DeviceCollectives;
 use self::staging::StepStaging;
 use self::upload::{
     allocate_weights, device_weight_bytes, is_tied, randomize_weights, upload_weights,
@@ -40,24 +41,20 @@ use self::upload::{
 use super::args::{SampleArgs, SampleScalars};
 use super::device::CudaDevice;
 use super::error::CudaError;
-use super::module::Kernels;
-use super::ops::{
-    self, HopperCheck, RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS,
-    SAMPLE_ID_NON_FINITE,
-};
 use super::memory::{copy_to_host, DeviceArena, DeviceBuffer};
+use super::module::Kernels;
+use super::ops::{self, HopperCheck, RNG_STATE_WORDS, SAMPLE_ID_BAD_PARAMS, SAMPLE_ID_NON_FINITE};
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::engine::{
-    check_sampler_count, EngineOptions, sample_on_host, Engine, EngineError, LogitsFor, RowSampler, SeqId,
-    SeqStep, StepOutput,
+    check_sampler_count, sample_on_host, Engine, EngineError, EngineOptions, LogitsFor, RowSampler,
+    SeqId, SeqStep, StepOutput,
 };
 use crate::kv::{BlockCopy, KvLimits, PagedKv, RELEASED};
 use crate::quant::Q8;
 use crate::sampling::{Rng, Sampler};
 use crate::shard::{RankShard, RankWeights};
 use crate::weights::ModelWeights;
-use self::rank::DeviceCollectives;
 
 /// Options of a [`CudaEngine`]. The defaults fit a model on the first GPU with as much KV cache as
 /// the remaining memory holds (up to `max_sequences` full contexts).
@@ -557,8 +554,12 @@ impl CudaEngine {
         for bucket in decode_buckets(sizes.max_decode_tokens, sizes.max_tokens) {
             self.upload_inputs(&Chunk::padding(bucket))?;
             let stream = Arc::clone(self.device.stream());
-            self.plan
-                .forward(&self.kernels, &stream, &mut self.weights, Pass::decode(bucket))?;
+            self.plan.forward(
+                &self.kernels,
+                &stream,
+                &mut self.weights,
+                Pass::decode(bucket),
+            )?;
             self.staging.finish(&stream)?;
             if capture {
                 let graph = DecodeGraph::capture(
@@ -793,7 +794,12 @@ impl CudaEngine {
             for layer in &mut self.plan.cache {
                 for cache in [&mut layer.k, &mut layer.v] {
                     let per_block = cache.len() / blocks.max(1);
-                    cache.copy_within(stream, copy.src * per_block, copy.dst * per_block, per_block)?;
+                    cache.copy_within(
+                        stream,
+                        copy.src * per_block,
+                        copy.dst * per_block,
+                        per_block,
+                    )?;
                 }
             }
         }
@@ -812,7 +818,9 @@ impl CudaEngine {
                 continue;
             };
             let Some(current) = tables.get_mut(row * width..(row + 1) * width) else {
-                return Err(CudaError::Dead(format!("block-table row {row} out of range")));
+                return Err(CudaError::Dead(format!(
+                    "block-table row {row} out of range"
+                )));
             };
             // No block, or one released by the sliding window (never read): -1.
             let wanted = (0..width).map(|i| match table.get(i) {
@@ -931,7 +939,12 @@ impl CudaEngine {
             }
             Output::Greedy(ids) => ids,
         };
-        let greedy_ids = self.plan.greedy.view().sub(0, rows).ok_or_else(|| too_few(rows))?;
+        let greedy_ids = self
+            .plan
+            .greedy
+            .view()
+            .sub(0, rows)
+            .ok_or_else(|| too_few(rows))?;
         self.staging.greedy.download(&stream, greedy_ids)?;
         if let Some(samplers) = samplers.as_deref() {
             self.start_sampling(&stream, rows, &row, samplers)?;
@@ -1002,10 +1015,38 @@ impl CudaEngine {
         let vocab = self.plan.dims.vocab as u32;
         let b = &mut self.plan.sampling;
         let words = rows * RNG_STATE_WORDS;
-        s.temperature.upload(stream, 0, b.temperature.view_mut().sub(0, rows).ok_or_else(|| too_few(rows))?)?;
-        s.top_k.upload(stream, 0, b.top_k.view_mut().sub(0, rows).ok_or_else(|| too_few(rows))?)?;
-        s.top_p.upload(stream, 0, b.top_p.view_mut().sub(0, rows).ok_or_else(|| too_few(rows))?)?;
-        s.rng_state.upload(stream, 0, b.rng_state.view_mut().sub(0, words).ok_or_else(|| too_few(words))?)?;
+        s.temperature.upload(
+            stream,
+            0,
+            b.temperature
+                .view_mut()
+                .sub(0, rows)
+                .ok_or_else(|| too_few(rows))?,
+        )?;
+        s.top_k.upload(
+            stream,
+            0,
+            b.top_k
+                .view_mut()
+                .sub(0, rows)
+                .ok_or_else(|| too_few(rows))?,
+        )?;
+        s.top_p.upload(
+            stream,
+            0,
+            b.top_p
+                .view_mut()
+                .sub(0, rows)
+                .ok_or_else(|| too_few(rows))?,
+        )?;
+        s.rng_state.upload(
+            stream,
+            0,
+            b.rng_state
+                .view_mut()
+                .sub(0, words)
+                .ok_or_else(|| too_few(words))?,
+        )?;
         ops::sample(
             &self.kernels,
             stream,
@@ -1023,14 +1064,25 @@ impl CudaEngine {
                 out_ids: b.ids.view_mut(),
             },
         )?;
-        s.drawn.download(stream, b.ids.view().sub(0, rows).ok_or_else(|| too_few(rows))?)?;
-        s.rng_after.download(stream, b.rng_state.view().sub(0, words).ok_or_else(|| too_few(words))?)
+        s.drawn.download(
+            stream,
+            b.ids.view().sub(0, rows).ok_or_else(|| too_few(rows))?,
+        )?;
+        s.rng_after.download(
+            stream,
+            b.rng_state
+                .view()
+                .sub(0, words)
+                .ok_or_else(|| too_few(words))?,
+        )
     }
 }
 
 /// A plan buffer shorter than a step needs (the plan is sized for `max_tokens`, so a bug).
 fn too_few(len: usize) -> CudaError {
-    CudaError::Dead(format!("a step needs {len} elements of a plan buffer that has fewer"))
+    CudaError::Dead(format!(
+        "a step needs {len} elements of a plan buffer that has fewer"
+    ))
 }
 
 impl Drop for CudaEngine {

@@ -336,7 +336,9 @@ impl Plan {
 
     /// The rows of the vocabulary this plan's LM head holds (all of them, or a rank's part).
     pub fn vocab_rows(&self) -> usize {
-        self.rank.as_ref().map_or(self.dims.vocab, |r| r.vocab.len())
+        self.rank
+            .as_ref()
+            .map_or(self.dims.vocab, |r| r.vocab.len())
     }
 
     /// Allocates every buffer for `config` and `sizes` in `arena` (zero-filled), and uploads the

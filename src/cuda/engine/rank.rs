@@ -26,9 +26,7 @@ use cudarc::driver::CudaStream;
 use super::super::error::CudaError;
 use super::super::memory::{DeviceArena, DeviceBuffer, Rows, ViewMut};
 use super::matrix::StackFormat;
-use super::upload::{
-    allocate_weights, weight_formats, GpuWeights, LayerFormats,
-};
+use super::upload::{allocate_weights, weight_formats, GpuWeights, LayerFormats};
 use crate::config::ModelConfig;
 use crate::shard::{RankShard, RankWeights};
 
@@ -88,9 +86,9 @@ fn prefix<'a>(
     what: &str,
 ) -> Result<ViewMut<'a, f32>, CudaError> {
     let have = buf.len();
-    buf.view_mut().sub(0, len).ok_or_else(|| {
-        CudaError::Dead(format!("{what} of {len} elements of a buffer of {have}"))
-    })
+    buf.view_mut()
+        .sub(0, len)
+        .ok_or_else(|| CudaError::Dead(format!("{what} of {len} elements of a buffer of {have}")))
 }
 
 impl RankPlan {
@@ -137,7 +135,9 @@ impl RankPlan {
         let (part, width) = (self.logits_part.view(), self.vocab.len());
         let have = part.len();
         let part = part.rows(rows, width).ok_or_else(|| {
-            CudaError::Dead(format!("{rows} logits rows of {width} in a buffer of {have}"))
+            CudaError::Dead(format!(
+                "{rows} logits rows of {width} in a buffer of {have}"
+            ))
         })?;
         self.comms.all_gather_rows(stream, part, logits)
     }
@@ -235,12 +235,11 @@ pub fn rank_plan(
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::{Layout, ShardPlan};
     use crate::shard::weights::Part;
+    use crate::shard::{Layout, ShardPlan};
 
     fn config() -> ModelConfig {
         let text = r#"{"architectures":["MixtralForCausalLM"],"hidden_size":64,"intermediate_size":96,
@@ -332,7 +331,10 @@ mod tests {
                 let mut log = crate::shard::ReadLog::default();
                 let w = RankWeights::new(&model.weights, shard, &mut log).unwrap();
                 let f = formats(full, Some(&w));
-                assert!(f.iter().all(|l| *l == LayerFormats::all(packed)), "{layout}: {f:?}");
+                assert!(
+                    f.iter().all(|l| *l == LayerFormats::all(packed)),
+                    "{layout}: {f:?}"
+                );
                 let bf16 = formats(full, None);
                 assert!(rank_bytes(full, shard, &f, 8) < rank_bytes(full, shard, &bf16, 8));
             }

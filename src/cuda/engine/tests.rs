@@ -2,8 +2,8 @@
 
 use super::plan::plan_bytes;
 use super::*;
-use crate::engine::EngineOptions;
 use crate::config::{Architecture, ModelConfig};
+use crate::engine::EngineOptions;
 
 /// Mixtral-8x7B's published shape.
 fn mixtral_8x7b() -> ModelConfig {
@@ -177,7 +177,10 @@ fn expert_stacks_packed_in_two_kinds_get_the_dequantization_scratch() {
     // w2 `[8 experts, 4096, 14336]`: one f32 scale per row and group of 64 or 128 columns.
     let w2_smaller = 8 * 4096 * 4 * (14336 / 64 - 14336 / 128);
     let scratch = 3 * 2 * config.num_experts * config.intermediate_size * config.hidden_size;
-    assert!(mixed + w2_smaller * config.num_layers >= same + scratch, "{mixed} vs {same}");
+    assert!(
+        mixed + w2_smaller * config.num_layers >= same + scratch,
+        "{mixed} vs {same}"
+    );
 }
 
 #[test]
@@ -221,7 +224,11 @@ fn every_quantized_fixture_is_stored_packed_act_order_and_table_codes_included()
         };
         for f in weight_formats(model.weights.as_ref()) {
             assert_eq!((f.qkv, f.o), (packed, packed), "{dir}");
-            assert_eq!((f.w13, f.w2), (StackFormat::Bf16, StackFormat::Bf16), "{dir}");
+            assert_eq!(
+                (f.w13, f.w2),
+                (StackFormat::Bf16, StackFormat::Bf16),
+                "{dir}"
+            );
         }
     }
     // A bf16 model stays bf16.

@@ -18,9 +18,9 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream, PinnedHostSlice};
 use half::bf16;
 
 use super::super::error::CudaError;
+use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::module::Kernels;
 use super::super::ops::{fill_random, FillValues};
-use super::super::memory::{DeviceArena, DeviceBuffer, View, ViewMut};
 use super::super::select::{select, Choice, Device, Format, Op};
 use super::host::{upload_bytes, HostModel, HostTensor};
 use super::matrix::{
@@ -114,7 +114,8 @@ pub fn weight_formats<M: HostModel>(weights: &M) -> Vec<LayerFormats> {
         .host_layers()
         .iter()
         .map(|l| {
-            let w13: Vec<[&M::Tensor; 2]> = l.experts.iter().map(|[w1, w3, _]| [*w1, *w3]).collect();
+            let w13: Vec<[&M::Tensor; 2]> =
+                l.experts.iter().map(|[w1, w3, _]| [*w1, *w3]).collect();
             let w13: Vec<&[&M::Tensor]> = w13.iter().map(|g| g.as_slice()).collect();
             let w2: Vec<[&M::Tensor; 1]> = l.experts.iter().map(|[_, _, w2]| [*w2]).collect();
             LayerFormats {
@@ -215,12 +216,30 @@ pub fn allocate_weights(
         let layer = |what: &str| format!("layer {l} {what}");
         let attn_norm = arena.zeroed(h, &layer("input norm"))?;
         let qkv_shape = (1, c.q_width() + 2 * c.kv_width(), h);
-        let qkv = allocate_stack(arena, f.qkv, qkv_shape, true, &layer("fused q/k/v projection"))?;
+        let qkv = allocate_stack(
+            arena,
+            f.qkv,
+            qkv_shape,
+            true,
+            &layer("fused q/k/v projection"),
+        )?;
         let o = allocate_stack(arena, f.o, (1, h, c.q_width()), true, &layer("o_proj"))?;
         let ffn_norm = arena.zeroed(h, &layer("ffn norm"))?;
         let gate = arena.zeroed(experts * h, &layer("router"))?;
-        let w1 = allocate_stack(arena, f.w13, (experts, inter, h), true, &layer("experts w1"))?;
-        let w3 = allocate_stack(arena, f.w13, (experts, inter, h), false, &layer("experts w3"))?;
+        let w1 = allocate_stack(
+            arena,
+            f.w13,
+            (experts, inter, h),
+            true,
+            &layer("experts w1"),
+        )?;
+        let w3 = allocate_stack(
+            arena,
+            f.w13,
+            (experts, inter, h),
+            false,
+            &layer("experts w3"),
+        )?;
         let w2 = allocate_stack(arena, f.w2, (experts, h, inter), true, &layer("experts w2"))?;
         layers.push(LayerWeights {
             attn_norm,
@@ -241,13 +260,14 @@ pub fn allocate_weights(
         Some(arena.zeroed(c.vocab_size * h, "lm_head")?)
     };
     let [dense, w1, w3, w2] = scratch_elements(config, formats, max_tokens);
-    let mut scratch_region = |n: usize, what: &str| -> Result<Option<DeviceBuffer<bf16>>, CudaError> {
-        if n == 0 {
-            Ok(None)
-        } else {
-            arena.zeroed(n, what).map(Some)
-        }
-    };
+    let mut scratch_region =
+        |n: usize, what: &str| -> Result<Option<DeviceBuffer<bf16>>, CudaError> {
+            if n == 0 {
+                Ok(None)
+            } else {
+                arena.zeroed(n, what).map(Some)
+            }
+        };
     let scratch = ProductScratch {
         dense: scratch_region(dense, "dequantized projection scratch")?,
         w1: scratch_region(w1, "dequantized w1 scratch")?,
@@ -481,7 +501,13 @@ fn copy_matrices<T: HostTensor>(
             params += 4 * packed.params.len();
             if let (0, Some(buffer), Some(perm)) = (b, &mut p.perm, &packed.perm) {
                 let at = 4 * m * p.cols;
-                copy_raw(staging, buffer.view_mut().cast(), at, bytemuck::cast_slice(perm), what)?;
+                copy_raw(
+                    staging,
+                    buffer.view_mut().cast(),
+                    at,
+                    bytemuck::cast_slice(perm),
+                    what,
+                )?;
             }
         }
         // A matrix without a permutation in a stack that has one gets the identity.
@@ -489,7 +515,13 @@ fn copy_matrices<T: HostTensor>(
         if let (Some(buffer), Some(None)) = (&mut p.perm, first.map(|f| &f.perm)) {
             let identity: Vec<u32> = (0..p.cols as u32).collect();
             let at = 4 * m * p.cols;
-            copy_raw(staging, buffer.view_mut().cast(), at, bytemuck::cast_slice(&identity), what)?;
+            copy_raw(
+                staging,
+                buffer.view_mut().cast(),
+                at,
+                bytemuck::cast_slice(&identity),
+                what,
+            )?;
         }
     }
     copy_table(staging, p, what)
@@ -498,7 +530,13 @@ fn copy_matrices<T: HostTensor>(
 /// Copies the table of a LUT4 stack (its kind's values); nothing for the other kinds.
 fn copy_table(staging: &mut Staging<'_>, p: &mut PackedStack, what: &str) -> Result<(), CudaError> {
     if let (Some(buffer), Some(values)) = (&mut p.table, table_values(p.kind)) {
-        copy_raw(staging, buffer.view_mut().cast(), 0, bytemuck::cast_slice(&values), what)?;
+        copy_raw(
+            staging,
+            buffer.view_mut().cast(),
+            0,
+            bytemuck::cast_slice(&values),
+            what,
+        )?;
     }
     Ok(())
 }
@@ -521,27 +559,58 @@ pub fn upload_weights<M: HostModel>(
     let layers = weights.host_layers();
     let [embed, final_norm, lm_head] = weights.ends();
     let head = gpu.lm_head.is_some().then_some(lm_head);
-    let mut total = [embed, final_norm].into_iter().chain(head).map(upload_bytes).sum::<u64>();
+    let mut total = [embed, final_norm]
+        .into_iter()
+        .chain(head)
+        .map(upload_bytes)
+        .sum::<u64>();
     for l in &layers {
         let norms_and_router = [l.attn_norm, l.ffn_norm].into_iter().chain(l.router);
-        let tensors = norms_and_router.chain([l.o]).chain(l.qkv).chain(l.experts.concat());
+        let tensors = norms_and_router
+            .chain([l.o])
+            .chain(l.qkv)
+            .chain(l.experts.concat());
         total += tensors.map(upload_bytes).sum::<u64>();
     }
     let mut staging = Staging::new(ctx, stream, total, progress)?;
     let st = &mut staging;
     for (l, (lw, g)) in layers.iter().zip(&mut gpu.layers).enumerate() {
-        copy_stacked(st, &mut g.attn_norm, &[lw.attn_norm], &format!("layer {l} input norm"))?;
-        copy_stacked(st, &mut g.ffn_norm, &[lw.ffn_norm], &format!("layer {l} ffn norm"))?;
+        copy_stacked(
+            st,
+            &mut g.attn_norm,
+            &[lw.attn_norm],
+            &format!("layer {l} input norm"),
+        )?;
+        copy_stacked(
+            st,
+            &mut g.ffn_norm,
+            &[lw.ffn_norm],
+            &format!("layer {l} ffn norm"),
+        )?;
         copy_matrices(st, &mut g.o, &[&[lw.o]], &format!("layer {l} o_proj"))?;
-        copy_matrices(st, &mut g.qkv, &[&lw.qkv], &format!("layer {l} q/k/v projections"))?;
+        copy_matrices(
+            st,
+            &mut g.qkv,
+            &[&lw.qkv],
+            &format!("layer {l} q/k/v projections"),
+        )?;
         // A dense model has no router: its zero gate gives the one expert weight 1.
         if let Some(r) = lw.router {
             copy_stacked(st, &mut g.gate, &[r], &format!("layer {l} router"))?;
         }
         // w3 has no permutation buffer of its own: it reads w1's.
-        for (stack, m, name) in [(&mut g.w1, 0, "w1"), (&mut g.w3, 1, "w3"), (&mut g.w2, 2, "w2")] {
+        for (stack, m, name) in [
+            (&mut g.w1, 0, "w1"),
+            (&mut g.w3, 1, "w3"),
+            (&mut g.w2, 2, "w2"),
+        ] {
             let matrices: Vec<[&M::Tensor; 1]> = lw.experts.iter().map(|e| [e[m]]).collect();
-            copy_matrices(st, stack, &singles(&matrices), &format!("layer {l} experts {name}"))?;
+            copy_matrices(
+                st,
+                stack,
+                &singles(&matrices),
+                &format!("layer {l} experts {name}"),
+            )?;
         }
     }
     copy_stacked(st, &mut gpu.embed, &[embed], "embedding")?;
@@ -597,14 +666,18 @@ fn randomize_packed(
     })?;
     let cols = p.cols;
     if let Some(perm) = &mut p.perm {
-        staging.copy_bytes(perm.view_mut().cast(), "random permutation", &mut |at, out| {
-            for (i, o) in out.chunks_exact_mut(4).enumerate() {
-                // The reversed column order of each matrix: a valid permutation.
-                let element = at / 4 + i;
-                let j = element % cols.max(1);
-                o.copy_from_slice(&((cols - 1 - j) as u32).to_le_bytes());
-            }
-        })?;
+        staging.copy_bytes(
+            perm.view_mut().cast(),
+            "random permutation",
+            &mut |at, out| {
+                for (i, o) in out.chunks_exact_mut(4).enumerate() {
+                    // The reversed column order of each matrix: a valid permutation.
+                    let element = at / 4 + i;
+                    let j = element % cols.max(1);
+                    o.copy_from_slice(&((cols - 1 - j) as u32).to_le_bytes());
+                }
+            },
+        )?;
     }
     Ok(())
 }

@@ -27,7 +27,11 @@ pub(super) fn one_block_per_row<P>(
     c.at_least("vocab", s.vocab as usize, 1)?;
     c.product("rows * vocab", &[s.rows as usize, s.vocab as usize])?;
     let variant = c.variant(family, c.op, &[])?;
-    Ok(unless_empty(s.rows, params, [Grid::linear(variant, s.rows, threads)]))
+    Ok(unless_empty(
+        s.rows,
+        params,
+        [Grid::linear(variant, s.rows, threads)],
+    ))
 }
 
 fn plan(s: &ArgmaxScalars, a: &ArgmaxArgs<'_>) -> Planned<ArgmaxParams, 1> {

@@ -53,7 +53,12 @@ pub struct AttentionDecodeShape {
 /// `split_keys` keys) when `multiprocessors` is 0. The kernels size each token's splits from its
 /// own key count (ATTENTION_MIN_SPLIT_KEYS to `split_keys` keys), so a short context stays in few
 /// splits and a long one fills the device.
-pub fn target_splits(multiprocessors: usize, tokens: usize, n_kv_heads: usize, max_splits: usize) -> usize {
+pub fn target_splits(
+    multiprocessors: usize,
+    tokens: usize,
+    n_kv_heads: usize,
+    max_splits: usize,
+) -> usize {
     if multiprocessors == 0 {
         return 0;
     }
@@ -145,9 +150,17 @@ mod tests {
         // H100 (132 SMs), 8 KV heads: one token spreads over 66 splits, 32 tokens over 3.
         assert_eq!(target_splits(132, 1, 8, 128), 66);
         assert_eq!(target_splits(132, 32, 8, 128), 3);
-        assert_eq!(target_splits(132, 1, 8, 16), 16, "at most the scratch's splits");
+        assert_eq!(
+            target_splits(132, 1, 8, 16),
+            16,
+            "at most the scratch's splits"
+        );
         assert_eq!(target_splits(132, 4096, 8, 128), 1);
-        assert_eq!(target_splits(0, 1, 8, 128), 0, "unknown device: fixed splits");
+        assert_eq!(
+            target_splits(0, 1, 8, 128),
+            0,
+            "unknown device: fixed splits"
+        );
         let s = AttentionDecodeShape {
             multiprocessors: 132,
             ..shape()

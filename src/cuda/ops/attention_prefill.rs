@@ -201,7 +201,13 @@ mod tests {
             );
             assert_eq!(p.scale, 1.0 / (head_dim as f32).sqrt());
         }
-        for (tokens, n_kv_heads, tiles) in [(1, 8, 1), (32, 8, 1), (33, 8, 2), (128, 32, 1), (129, 32, 2)] {
+        for (tokens, n_kv_heads, tiles) in [
+            (1, 8, 1),
+            (32, 8, 1),
+            (33, 8, 2),
+            (128, 32, 1),
+            (129, 32, 2),
+        ] {
             let s = AttentionPrefillShape {
                 tokens,
                 start_pos: 0,
@@ -226,40 +232,22 @@ mod tests {
     fn refuses_shapes_the_kernels_cannot_take() {
         let refused = |s: AttentionPrefillShape, what: &str| unsupported(plan(&s, &args(&s)), what);
         for head_dim in [8, 48, 96, 256] {
-            refused(
-                with(|x| x.head_dim = head_dim),
-                "head_dim",
-            );
+            refused(with(|x| x.head_dim = head_dim), "head_dim");
         }
-        refused(
-            with(|x| x.n_heads = 12),
-            "n_heads",
-        );
-        refused(
-            with(|x| x.n_kv_heads = 0),
-            "n_kv_heads",
-        );
-        refused(
-            with(|x| x.seq_row = 3),
-            "seq_row",
-        );
+        refused(with(|x| x.n_heads = 12), "n_heads");
+        refused(with(|x| x.n_kv_heads = 0), "n_kv_heads");
+        refused(with(|x| x.seq_row = 3), "seq_row");
         // 9 blocks of 16 = 144 positions: 44 + 100 fits, 45 + 100 does not.
         let last = with(|x| x.start_pos = 44);
         assert!(plan(&last, &args(&last)).is_ok());
-        refused(
-            with(|x| x.start_pos = 45),
-            "start_pos + tokens",
-        );
+        refused(with(|x| x.start_pos = 45), "start_pos + tokens");
         let huge = with(|x| x.start_pos = usize::MAX);
         unsupported(plan(&huge, &args(&shape())), "start_pos + tokens");
         let no_block = PagedCacheShape {
             block_size: 0,
             ..shape().cache
         };
-        refused(
-            with(|x| x.cache = no_block),
-            "block_size",
-        );
+        refused(with(|x| x.cache = no_block), "block_size");
         refused(
             AttentionPrefillShape {
                 n_heads: 65_536,

@@ -68,8 +68,20 @@ pub fn dequantize(
     w: PackedView<'_>,
     out: ViewMut<'_, bf16>,
 ) -> Result<(), CudaError> {
-    let PackedView { kind, codes, params, perm, table } = w;
-    let args = DequantArgs { codes, params, perm, table, out };
+    let PackedView {
+        kind,
+        codes,
+        params,
+        perm,
+        table,
+    } = w;
+    let args = DequantArgs {
+        codes,
+        params,
+        perm,
+        table,
+        out,
+    };
     launch_planned(kernels, stream, plan(s, kind, &args)?)
 }
 
@@ -85,8 +97,20 @@ pub unsafe fn dequantize_emulated(
     out: ViewMut<'_, bf16>,
     schedule: crate::cuda::emulator::Schedule,
 ) -> Result<(), crate::cuda::emulator::EmulatorError> {
-    let PackedView { kind, codes, params, perm, table } = w;
-    let args = DequantArgs { codes, params, perm, table, out };
+    let PackedView {
+        kind,
+        codes,
+        params,
+        perm,
+        table,
+    } = w;
+    let args = DequantArgs {
+        codes,
+        params,
+        perm,
+        table,
+        out,
+    };
     let planned = plan(s, kind, &args)?;
     // SAFETY: planned just now over `args`, views of host memory (the caller's contract)
     // borrowed until this returns.
@@ -183,7 +207,11 @@ mod tests {
     fn refuses_unreadable_columns_and_too_many_matrices() {
         let s = shape(1, 1, 24);
         unsupported(
-            plan(&s, PackedKind::Fp8, &args(PackedKind::Fp8, [32, 1, 32, 32], false)),
+            plan(
+                &s,
+                PackedKind::Fp8,
+                &args(PackedKind::Fp8, [32, 1, 32, 32], false),
+            ),
             "cols",
         );
         let s = shape(70_000, 1, 32);

@@ -30,7 +30,11 @@ fn plan(s: &EmbeddingScalars, a: &EmbeddingArgs<'_>) -> Planned<EmbeddingParams,
         "out_f32",
         &[u32::from(a.out.is_f32())],
     )?;
-    Ok(unless_empty(s.tokens, params, [Grid::linear(variant, s.tokens, EMBEDDING_THREADS)]))
+    Ok(unless_empty(
+        s.tokens,
+        params,
+        [Grid::linear(variant, s.tokens, EMBEDDING_THREADS)],
+    ))
 }
 
 #[cfg(test)]

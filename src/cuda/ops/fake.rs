@@ -3,8 +3,8 @@
 
 use crate::cuda::args::{LinearArgs, LinearScalars};
 use crate::cuda::error::{CudaError, KernelError};
-use crate::cuda::ops::PagedCacheShape;
 use crate::cuda::memory::{AnyViewMut, View, ViewMut};
+use crate::cuda::ops::PagedCacheShape;
 use crate::packed::lut4::Lut4;
 use crate::packed::PackedKind;
 
@@ -56,7 +56,11 @@ pub fn linear_scalars(tokens: u32, in_features: u32, out_features: u32) -> Linea
 /// Buffers of exactly the lengths a dense projection over `s` touches, the output f32 when
 /// `out_f32`.
 pub fn linear_args(s: &LinearScalars, out_f32: bool) -> LinearArgs<'static> {
-    let (t, i, o) = (s.tokens as usize, s.in_features as usize, s.out_features as usize);
+    let (t, i, o) = (
+        s.tokens as usize,
+        s.in_features as usize,
+        s.out_features as usize,
+    );
     LinearArgs {
         x: view(t * i),
         w: view(o * i),
@@ -67,7 +71,9 @@ pub fn linear_args(s: &LinearScalars, out_f32: bool) -> LinearArgs<'static> {
 /// Asserts `result` is `BufferTooSmall` naming `name`.
 pub fn too_small(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
     match result {
-        Err(CudaError::Kernel(KernelError::BufferTooSmall { buffer, .. })) => assert_eq!(buffer, name),
+        Err(CudaError::Kernel(KernelError::BufferTooSmall { buffer, .. })) => {
+            assert_eq!(buffer, name)
+        }
         other => panic!("expected BufferTooSmall({name}), got {other:?}"),
     }
 }

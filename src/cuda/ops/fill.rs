@@ -51,15 +51,14 @@ fn plan(v: &FillValues, mut out: ViewMut<'_, bf16>) -> Result<Vec<(FillParams, G
     let mut offset = 0;
     while offset < len {
         let piece = (len - offset).min(PIECE);
-        let view = out
-            .reborrow()
-            .sub(offset, piece)
-            .ok_or(CudaError::Kernel(KernelError::BufferTooSmall {
+        let view = out.reborrow().sub(offset, piece).ok_or(CudaError::Kernel(
+            KernelError::BufferTooSmall {
                 op: c.op,
                 buffer: "out",
                 expected: offset + piece,
                 actual: len,
-            }))?;
+            },
+        ))?;
         let s = FillScalars {
             len: piece as u32,
             base: offset as u32,

@@ -19,12 +19,12 @@
 use super::qlinear::mma_tiles;
 use crate::cuda::args::{LinearArgs, LinearScalars};
 use crate::cuda::checks::Check;
-use crate::cuda::select::{select, Choice, Device as SelectDevice, Format, Op};
 use crate::cuda::launch::{planned_launcher, unless_empty, Grid, Planned};
 use crate::cuda::params::{
     KernelFamily, LinearParams, LINEAR_GEMV_MAX_TOKENS, LINEAR_GEMV_ROWS_PER_WARP,
     LINEAR_GEMV_WARPS, LINEAR_MMA_BM, LINEAR_MMA_BN, LINEAR_MMA_THREADS, QMMA_ROWS, QMMA_WARPS,
 };
+use crate::cuda::select::{select, Choice, Device as SelectDevice, Format, Op};
 
 planned_launcher! {
     /// `out[t, o] = sum_i x[t, i] * w[o, i]` with f32 accumulation: a GEMV for up to
@@ -121,11 +121,11 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::cuda::select::LINEAR_GEMV_MAX_TOKENS;
     use crate::cuda::ops::fake::{
         any_view_mut, linear_args, linear_scalars as scalars, too_small, unsupported, view,
     };
     use crate::cuda::params::KERNEL_VARIANTS;
+    use crate::cuda::select::LINEAR_GEMV_MAX_TOKENS;
 
     fn args(x: usize, w: usize, out: usize, out_f32: bool) -> LinearArgs<'static> {
         LinearArgs {
@@ -150,14 +150,20 @@ mod tests {
                 let (_, [grid]) = plan_mma_decode(&s, &a).unwrap().unwrap();
                 let name = format!("linear_mma_decode_n{columns}_{suffix}");
                 assert_eq!(grid.symbol(), name);
-                assert_eq!((grid.grid, grid.block), ((6144 / 16, 1, 1), QMMA_WARPS * 32));
+                assert_eq!(
+                    (grid.grid, grid.block),
+                    ((6144 / 16, 1, 1), QMMA_WARPS * 32)
+                );
             }
         }
         let a = args(17 * 64, 40 * 64, 17 * 40, false);
         unsupported(plan_mma_decode(&scalars(17, 64, 40), &a), "tokens");
         let a = args(60, 40 * 60, 40, false);
         unsupported(plan_mma_decode(&scalars(1, 60, 40), &a), "in_features");
-        too_small(plan_mma_decode(&scalars(2, 64, 40), &args(127, 40 * 64, 80, false)), "x");
+        too_small(
+            plan_mma_decode(&scalars(2, 64, 40), &args(127, 40 * 64, 80, false)),
+            "x",
+        );
     }
 
     #[test]

@@ -39,11 +39,17 @@ mod ffi {
         pub fn mx_linear_cutlass_bf16_workspace_bytes(params: *const LinearCutlassParams) -> usize;
         /// The bf16-output GEMM of `csrc/cutlass/linear_sm90.cuh` on `stream`: 0, a `cudaError_t`,
         /// or `MOE_CUTLASS_STATUS_BASE` + a `cutlass::Status`.
-        pub fn mx_linear_cutlass_bf16_run(params: *const LinearCutlassParams, stream: *mut c_void) -> i32;
+        pub fn mx_linear_cutlass_bf16_run(
+            params: *const LinearCutlassParams,
+            stream: *mut c_void,
+        ) -> i32;
         /// Workspace bytes of the f32-output GEMM.
         pub fn mx_linear_cutlass_f32_workspace_bytes(params: *const LinearCutlassParams) -> usize;
         /// The f32-output GEMM on `stream` (codes as above).
-        pub fn mx_linear_cutlass_f32_run(params: *const LinearCutlassParams, stream: *mut c_void) -> i32;
+        pub fn mx_linear_cutlass_f32_run(
+            params: *const LinearCutlassParams,
+            stream: *mut c_void,
+        ) -> i32;
     }
 }
 
@@ -94,7 +100,11 @@ pub struct LinearCutlassScratch {
 }
 
 /// The parameters of a problem's shape alone (no buffers), for the workspace queries.
-fn shape_params(tokens: u32, (in_features, out_features): (u32, u32), sm_count: u32) -> LinearCutlassParams {
+fn shape_params(
+    tokens: u32,
+    (in_features, out_features): (u32, u32),
+    sm_count: u32,
+) -> LinearCutlassParams {
     LinearCutlassParams {
         x: 0,
         w: 0,
@@ -160,7 +170,10 @@ fn plan(
     workspace: ViewMut<'_, u8>,
 ) -> Result<LinearCutlassParams, CudaError> {
     let c = Check { op: OP };
-    for (what, value) in [("in_features", s.in_features), ("out_features", s.out_features)] {
+    for (what, value) in [
+        ("in_features", s.in_features),
+        ("out_features", s.out_features),
+    ] {
         c.at_least(what, value as usize, 1)?;
         c.multiple_of_8(what, value as usize)?;
     }
@@ -202,7 +215,10 @@ pub fn linear_cutlass(
     let (entry, run): (_, Entry) = if out_f32 {
         ("mx_linear_cutlass_f32_run", ffi::mx_linear_cutlass_f32_run)
     } else {
-        ("mx_linear_cutlass_bf16_run", ffi::mx_linear_cutlass_bf16_run)
+        (
+            "mx_linear_cutlass_bf16_run",
+            ffi::mx_linear_cutlass_bf16_run,
+        )
     };
     // SAFETY: every buffer of `params` was checked against the extents the shim touches and is
     // borrowed (the output and the scratch mutably) for this call; the shim only enqueues work on
@@ -246,7 +262,10 @@ pub fn linear_cutlass_self_check(
     let what = "the CUTLASS projection self-check";
     let mut rng = Rng::new(0x5eed_1105);
     let mut random = |len: usize, scale: f64| random_bf16(&mut rng, len, scale);
-    let w_host = random((out_features * in_features) as usize, 1.0 / f64::from(in_features).sqrt());
+    let w_host = random(
+        (out_features * in_features) as usize,
+        1.0 / f64::from(in_features).sqrt(),
+    );
     let w = arena.upload(&w_host, what)?;
     // Relative L2 differences of the bf16 and of the f32 outputs.
     let mut differences = [Vec::new(), Vec::new()];
@@ -289,7 +308,8 @@ pub fn linear_cutlass_self_check(
         }
     }
     let [bf16_out, f32_out] = differences;
-    Ok(verdict(&bf16_out, LINEAR_CUTLASS_BF16_BOUND).and(verdict(&f32_out, LINEAR_CUTLASS_F32_BOUND)))
+    Ok(verdict(&bf16_out, LINEAR_CUTLASS_BF16_BOUND)
+        .and(verdict(&f32_out, LINEAR_CUTLASS_F32_BOUND)))
 }
 
 #[cfg(test)]
@@ -298,7 +318,10 @@ mod tests {
     //! passed on.
 
     use super::*;
-    use crate::cuda::ops::fake::{any_view_mut, linear_args as args, linear_scalars as scalars, misaligned, too_small, unsupported, view, view_mut};
+    use crate::cuda::ops::fake::{
+        any_view_mut, linear_args as args, linear_scalars as scalars, misaligned, too_small,
+        unsupported, view, view_mut,
+    };
 
     fn planned(s: &LinearScalars, a: LinearArgs<'_>) -> Result<LinearCutlassParams, CudaError> {
         plan(s, a, (132, 4096), view_mut(4096))
@@ -332,19 +355,49 @@ mod tests {
     fn every_buffer_short_or_misaligned_is_refused_by_name() {
         let s = scalars(20, 64, 48);
         too_small(
-            planned(&s, LinearArgs { x: view(20 * 64 - 1), ..args(&s, false) }),
+            planned(
+                &s,
+                LinearArgs {
+                    x: view(20 * 64 - 1),
+                    ..args(&s, false)
+                },
+            ),
             "x",
         );
         too_small(
-            planned(&s, LinearArgs { w: view(48 * 64 - 1), ..args(&s, false) }),
+            planned(
+                &s,
+                LinearArgs {
+                    w: view(48 * 64 - 1),
+                    ..args(&s, false)
+                },
+            ),
             "w",
         );
         too_small(
-            planned(&s, LinearArgs { out: any_view_mut(20 * 48 - 1, true), ..args(&s, true) }),
+            planned(
+                &s,
+                LinearArgs {
+                    out: any_view_mut(20 * 48 - 1, true),
+                    ..args(&s, true)
+                },
+            ),
             "out",
         );
-        too_small(plan(&s, args(&s, false), (132, 4096), view_mut(4095)), "workspace");
+        too_small(
+            plan(&s, args(&s, false), (132, 4096), view_mut(4095)),
+            "workspace",
+        );
         let shifted = view_mut::<f32>(20 * 48 + 1).sub(1, 20 * 48).unwrap();
-        misaligned(planned(&s, LinearArgs { out: shifted.into(), ..args(&s, true) }), "out");
+        misaligned(
+            planned(
+                &s,
+                LinearArgs {
+                    out: shifted.into(),
+                    ..args(&s, true)
+                },
+            ),
+            "out",
+        );
     }
 }

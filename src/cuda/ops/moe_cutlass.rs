@@ -26,14 +26,13 @@ use cudarc::driver::{sys, CudaStream};
 use half::bf16;
 
 use super::moe_wgmma::{
-    compare_with_grouped, compute_capability, hopper_only, rel_l2, self_check_problem, self_check_shape, verdict, ActOrder,
-    HopperCheck, SELF_CHECK_SEED,
+    compare_with_grouped, compute_capability, hopper_only, rel_l2, self_check_problem,
+    self_check_shape, verdict, ActOrder, HopperCheck, SELF_CHECK_SEED,
 };
 use super::quant_layout::row_layout;
 use crate::cpu::moe::{expert_mlp_q8_activations, Expert};
 use crate::cuda::args::{
-    MoeArgs, MoeCutlassArgs, MoeCutlassQ8Args, MoeCutlassScalars,
-    MoeScalars, QMoeArgs,
+    MoeArgs, MoeCutlassArgs, MoeCutlassQ8Args, MoeCutlassScalars, MoeScalars, QMoeArgs,
 };
 use crate::cuda::checks::Check;
 use crate::cuda::error::{CudaError, KernelError};
@@ -62,11 +61,17 @@ mod ffi {
         pub fn mx_moe_cutlass_fp8_workspace_bytes(experts: u32, sm_count: u32) -> usize;
         /// The six steps of `csrc/cutlass/moe_experts_q8.cuh` over FP8 stacks on `stream` (codes
         /// as above).
-        pub fn mx_moe_cutlass_fp8_run(params: *const MoeCutlassQ8Params, stream: *mut c_void) -> i32;
+        pub fn mx_moe_cutlass_fp8_run(
+            params: *const MoeCutlassQ8Params,
+            stream: *mut c_void,
+        ) -> i32;
         /// Workspace bytes of the INT8 grouped GEMMs of `experts` experts on `sm_count` SMs.
         pub fn mx_moe_cutlass_int8_workspace_bytes(experts: u32, sm_count: u32) -> usize;
         /// The six steps of `csrc/cutlass/moe_experts_q8.cuh` over INT8 stacks on `stream`.
-        pub fn mx_moe_cutlass_int8_run(params: *const MoeCutlassQ8Params, stream: *mut c_void) -> i32;
+        pub fn mx_moe_cutlass_int8_run(
+            params: *const MoeCutlassQ8Params,
+            stream: *mut c_void,
+        ) -> i32;
     }
 }
 
@@ -147,7 +152,9 @@ impl GemmScratch {
         let workspace = unsafe {
             match precision {
                 Precision::Bf16 => ffi::mx_moe_cutlass_workspace_bytes(max.experts, sm_count),
-                Precision::Q8(Q8::Fp8) => ffi::mx_moe_cutlass_fp8_workspace_bytes(max.experts, sm_count),
+                Precision::Q8(Q8::Fp8) => {
+                    ffi::mx_moe_cutlass_fp8_workspace_bytes(max.experts, sm_count)
+                }
                 Precision::Q8(Q8::Int8) => {
                     ffi::mx_moe_cutlass_int8_workspace_bytes(max.experts, sm_count)
                 }
@@ -573,9 +580,18 @@ pub fn moe_cutlass_q8_self_check(
     let mut arena = DeviceArena::new(Arc::clone(stream));
     let what = "the 8-bit self-check buffers";
     let d_x = arena.upload(&problem.x, what)?;
-    let (c1, s1) = (arena.upload(&w1.codes, what)?, arena.upload(&w1.params, what)?);
-    let (c3, s3) = (arena.upload(&w3.codes, what)?, arena.upload(&w3.params, what)?);
-    let (c2, s2) = (arena.upload(&w2.codes, what)?, arena.upload(&w2.params, what)?);
+    let (c1, s1) = (
+        arena.upload(&w1.codes, what)?,
+        arena.upload(&w1.params, what)?,
+    );
+    let (c3, s3) = (
+        arena.upload(&w3.codes, what)?,
+        arena.upload(&w3.params, what)?,
+    );
+    let (c2, s2) = (
+        arena.upload(&w2.codes, what)?,
+        arena.upload(&w2.params, what)?,
+    );
     let d_weights = arena.upload(&problem.topk_weights, what)?;
     let d_offsets = arena.upload(&problem.expert_offsets, what)?;
     let d_sorted = arena.upload(&problem.sorted_slots, what)?;
@@ -619,7 +635,9 @@ pub fn moe_cutlass_q8_self_check(
             let out_row = &mut reference[slot * hidden..(slot + 1) * hidden];
             let x_row = &x[token * hidden..(token + 1) * hidden];
             expert_mlp_q8_activations(x_row, &expert, (hidden, inter), format, out_row);
-            out_row.iter_mut().for_each(|v| *v *= problem.topk_weights[slot]);
+            out_row
+                .iter_mut()
+                .for_each(|v| *v *= problem.topk_weights[slot]);
         }
     }
     let bound = match format {

@@ -7,15 +7,15 @@
 //! Also the shape rules every expert kernel over [`MoeParams`] states ([`moe_rules`]): the tensor-core
 //! kernels of [`moe_grouped`](super::moe_grouped) and [`moe_wgmma`](super::moe_wgmma) check them too.
 
+use super::linear::gemv_tile;
+use super::qlinear::mma_tiles;
 use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::Check;
-use super::linear::gemv_tile;
 use crate::cuda::error::CudaError;
 use crate::cuda::launch::{planned_launcher, Grid, Planned};
 use crate::cuda::params::{
     KernelFamily, MoeParams, MOE_DOWN_ROWS_PER_WARP, MOE_WARPS, QMMA_ROWS, QMMA_WARPS,
 };
-use super::qlinear::mma_tiles;
 
 planned_launcher! {
     /// The routed expert MLPs of a decode batch: `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)`
@@ -54,7 +54,12 @@ pub(super) fn moe_rules(c: &Check, s: &MoeScalars) -> Result<usize, CudaError> {
 
 /// Grid rows of the decode expert kernels: the most experts a batch can route slots to,
 /// `min(experts, tokens * top_k)` (row `y` serves the `y`-th expert with slots, csrc/slot_tiles.cuh).
-pub(super) fn active_experts(c: &Check, experts: u32, tokens: u32, top_k: u32) -> Result<u32, CudaError> {
+pub(super) fn active_experts(
+    c: &Check,
+    experts: u32,
+    tokens: u32,
+    top_k: u32,
+) -> Result<u32, CudaError> {
     let slots = tokens as usize * top_k as usize;
     c.grid_yz("experts", (experts as usize).min(slots))
 }
@@ -260,14 +265,22 @@ pub(super) mod tests {
 
     #[test]
     fn moe_mma_grids_for_mixtral_shapes() {
-        for (tokens, columns, experts) in [(1, 8, 2), (8, 8, 8), (9, 16, 8), (16, 16, 8), (40, 32, 8)] {
+        for (tokens, columns, experts) in
+            [(1, 8, 2), (8, 8, 8), (9, 16, 8), (16, 16, 8), (40, 32, 8)]
+        {
             let s = mixtral(tokens);
             let (params, [up, down]) = plan_mma(&s, &args(&s, "", "")).unwrap().unwrap();
             assert_eq!(up.symbol(), format!("moe_mma_up_n{columns}"));
             assert_eq!(down.symbol(), format!("moe_mma_down_n{columns}"));
             // 16 rows a block, a grid row per expert a batch can reach.
-            assert_eq!((up.grid, up.block), ((14336 / 16, experts, 1), QMMA_WARPS * 32));
-            assert_eq!((down.grid, down.block), ((4096 / 16, experts, 1), QMMA_WARPS * 32));
+            assert_eq!(
+                (up.grid, up.block),
+                ((14336 / 16, experts, 1), QMMA_WARPS * 32)
+            );
+            assert_eq!(
+                (down.grid, down.block),
+                ((4096 / 16, experts, 1), QMMA_WARPS * 32)
+            );
             assert_eq!(params.tokens, tokens);
         }
         refuses_bad_shapes("moe_mma", plan_mma);

@@ -17,11 +17,11 @@ use crate::cuda::checks::{aligned, Check};
 use crate::cuda::error::CudaError;
 use crate::cuda::launch::{planned_launcher, Grid, Planned};
 use crate::cuda::module::Kernels;
-use crate::cuda::select::{select, Choice, Device, Format, Op};
 use crate::cuda::params::{
     KernelFamily, MoeParams, MOE_GROUPED_BM, MOE_GROUPED_BN, MOE_GROUPED_THREADS,
     ROUTER_MAX_EXPERTS,
 };
+use crate::cuda::select::{select, Choice, Device, Format, Op};
 
 planned_launcher! {
     /// The routed expert MLPs of a prefill batch on tensor cores: `act = silu(w1 x) * (w3 x)`,
@@ -126,7 +126,12 @@ pub fn moe_experts(
     s: &MoeScalars,
     args: MoeArgs<'_>,
 ) -> Result<(), CudaError> {
-    match select(Op::Experts, s.tokens as usize, Format::Bf16, Device::default()) {
+    match select(
+        Op::Experts,
+        s.tokens as usize,
+        Format::Bf16,
+        Device::default(),
+    ) {
         Choice::MoeGemv => moe_gemv(kernels, stream, s, args),
         _ => moe_grouped_gemm(kernels, stream, s, args),
     }
@@ -143,7 +148,12 @@ pub unsafe fn moe_experts_emulated(
     args: MoeArgs<'_>,
     schedule: crate::cuda::emulator::Schedule,
 ) -> Result<(), crate::cuda::emulator::EmulatorError> {
-    match select(Op::Experts, s.tokens as usize, Format::Bf16, Device::default()) {
+    match select(
+        Op::Experts,
+        s.tokens as usize,
+        Format::Bf16,
+        Device::default(),
+    ) {
         // SAFETY: the caller's contract.
         Choice::MoeGemv => unsafe { moe_gemv_emulated(s, args, schedule) },
         _ => unsafe { moe_grouped_gemm_emulated(s, args, schedule) },
@@ -162,8 +172,7 @@ pub(super) mod tests {
     };
 
     /// A tile-list planner.
-    pub type Planner =
-        fn(&MoeScalars, &MoeArgs<'_>) -> Planned<MoeParams, 2>;
+    pub type Planner = fn(&MoeScalars, &MoeArgs<'_>) -> Planned<MoeParams, 2>;
 
     /// The tiles the kernel walks for these per-expert counts.
     fn real_tiles(counts: &[usize]) -> usize {

@@ -178,7 +178,14 @@ pub(super) fn self_check_problem(seed: u64, (hidden, inter): (u32, u32)) -> Self
         experts: 8,
         top_k: 2,
     };
-    let [tokens, hidden, inter, experts, top_k] = [shape.tokens, shape.hidden, shape.inter, shape.experts, shape.top_k].map(|v| v as usize);
+    let [tokens, hidden, inter, experts, top_k] = [
+        shape.tokens,
+        shape.hidden,
+        shape.inter,
+        shape.experts,
+        shape.top_k,
+    ]
+    .map(|v| v as usize);
     let mut rng = Rng::new(seed);
     let x = random_bf16(&mut rng, tokens * hidden, 1.0);
     let matrix = experts * inter * hidden;
@@ -437,7 +444,13 @@ mod tests {
         let p = self_check_problem(SELF_CHECK_SEED, SELF_CHECK_DIMS);
         // Shapes the planner accepts, with tails in every dimension a block tiles.
         assert!(plan(&p.shape, &args(&p.shape, "", "")).unwrap().is_some());
-        let [tokens, hidden, inter, experts] = [p.shape.tokens, p.shape.hidden, p.shape.inter, p.shape.experts].map(|v| v as usize);
+        let [tokens, hidden, inter, experts] = [
+            p.shape.tokens,
+            p.shape.hidden,
+            p.shape.inter,
+            p.shape.experts,
+        ]
+        .map(|v| v as usize);
         assert_ne!(hidden % 32, 0);
         assert_ne!(inter % 32, 0);
         assert_ne!(inter % (MOE_WGMMA_BN as usize / 2), 0);
@@ -469,7 +482,10 @@ mod tests {
         assert_ne!(p.w2[0], p.w2[1]);
         // Same seed, same problem; another seed, another problem.
         assert_eq!(self_check_problem(SELF_CHECK_SEED, SELF_CHECK_DIMS).x, p.x);
-        assert_ne!(self_check_problem(SELF_CHECK_SEED + 1, SELF_CHECK_DIMS).x, p.x);
+        assert_ne!(
+            self_check_problem(SELF_CHECK_SEED + 1, SELF_CHECK_DIMS).x,
+            p.x
+        );
     }
 
     #[test]
@@ -479,7 +495,10 @@ mod tests {
         let sorted = [2, 0, 1];
         let by_slot = ActOrder::ExpertSorted.in_slot_order(act.clone(), &sorted, 2, f32::NAN);
         assert_eq!(by_slot, vec![0.0, 1.0, 10.0, 11.0, 20.0, 21.0]);
-        assert_eq!(ActOrder::Slots.in_slot_order(act.clone(), &sorted, 2, f32::NAN), act);
+        assert_eq!(
+            ActOrder::Slots.in_slot_order(act.clone(), &sorted, 2, f32::NAN),
+            act
+        );
         // A slot no row names (a grouping that is not a permutation) stays NaN.
         let missing = ActOrder::ExpertSorted.in_slot_order(act, &[0, 0, 1], 2, f32::NAN);
         assert_eq!(&missing[..4], &[0.0, 1.0, 10.0, 11.0]);
@@ -499,8 +518,14 @@ mod tests {
         );
         assert_eq!(rel_l2(&reference, &[0.0; 4]), f64::INFINITY);
         assert_eq!(rel_l2(&reference[..3], &reference), f64::INFINITY);
-        assert_eq!(verdict(&[1e-3, 2e-3], WGMMA_SELF_CHECK_BOUND), HopperCheck::Passed { rel_l2: 2e-3 });
-        assert_eq!(verdict(&[1e-3, 0.5], WGMMA_SELF_CHECK_BOUND), HopperCheck::Failed { rel_l2: 0.5 });
+        assert_eq!(
+            verdict(&[1e-3, 2e-3], WGMMA_SELF_CHECK_BOUND),
+            HopperCheck::Passed { rel_l2: 2e-3 }
+        );
+        assert_eq!(
+            verdict(&[1e-3, 0.5], WGMMA_SELF_CHECK_BOUND),
+            HopperCheck::Failed { rel_l2: 0.5 }
+        );
         assert_eq!(
             verdict(&[f64::NAN, 0.0], WGMMA_SELF_CHECK_BOUND),
             HopperCheck::Failed {
@@ -514,7 +539,10 @@ mod tests {
             }
         );
         // Two checks that must both pass: the larger difference, or the first failure.
-        let (pass, fail) = (HopperCheck::Passed { rel_l2: 1e-3 }, HopperCheck::Failed { rel_l2: 0.5 });
+        let (pass, fail) = (
+            HopperCheck::Passed { rel_l2: 1e-3 },
+            HopperCheck::Failed { rel_l2: 0.5 },
+        );
         let larger = HopperCheck::Passed { rel_l2: 2e-3 };
         assert_eq!(pass.and(larger), larger);
         assert_eq!(pass.and(fail), fail);

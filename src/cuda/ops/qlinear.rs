@@ -66,13 +66,21 @@ fn plan(
     let out_f32 = u32::from(a.out.is_f32());
     let grid = if mma {
         let consts = [l.kind, mma_tiles(s.tokens), out_f32];
-        let variant = c.variant(KernelFamily::QLinearMma, "(kind, n-tiles, out_f32)", &consts)?;
+        let variant = c.variant(
+            KernelFamily::QLinearMma,
+            "(kind, n-tiles, out_f32)",
+            &consts,
+        )?;
         Grid::linear(variant, s.out_features.div_ceil(QMMA_ROWS), QMMA_WARPS * 32)
     } else {
         let consts = [l.kind, gemv_tile(s.tokens), out_f32];
         let variant = c.variant(KernelFamily::QLinear, "(kind, tile, out_f32)", &consts)?;
         let rows_per_block = QLINEAR_WARPS * QLINEAR_ROWS_PER_WARP;
-        Grid::linear(variant, s.out_features.div_ceil(rows_per_block), QLINEAR_WARPS * 32)
+        Grid::linear(
+            variant,
+            s.out_features.div_ceil(rows_per_block),
+            QLINEAR_WARPS * 32,
+        )
     };
     Ok(unless_empty(s.tokens, params, [grid]))
 }
@@ -99,8 +107,21 @@ pub fn qlinear(
     out: AnyViewMut<'_>,
     kernel: PackedKernel,
 ) -> Result<(), CudaError> {
-    let PackedView { kind, codes, params, perm, table } = w;
-    let args = QLinearArgs { x, codes, params, perm, table, out };
+    let PackedView {
+        kind,
+        codes,
+        params,
+        perm,
+        table,
+    } = w;
+    let args = QLinearArgs {
+        x,
+        codes,
+        params,
+        perm,
+        table,
+        out,
+    };
     launch_planned(kernels, stream, plan(kernel, s, kind, &args)?)
 }
 
@@ -117,8 +138,21 @@ pub unsafe fn qlinear_emulated(
     kernel: PackedKernel,
     schedule: crate::cuda::emulator::Schedule,
 ) -> Result<(), crate::cuda::emulator::EmulatorError> {
-    let PackedView { kind, codes, params, perm, table } = w;
-    let args = QLinearArgs { x, codes, params, perm, table, out };
+    let PackedView {
+        kind,
+        codes,
+        params,
+        perm,
+        table,
+    } = w;
+    let args = QLinearArgs {
+        x,
+        codes,
+        params,
+        perm,
+        table,
+        out,
+    };
     let planned = plan(kernel, s, kind, &args)?;
     // SAFETY: planned just now over `args`, views of host memory (the caller's contract)
     // borrowed until this returns.
@@ -131,10 +165,11 @@ mod tests {
 
     use super::*;
     use crate::cuda::ops::fake::{
-        any_kind, any_view_mut, kind_label, linear_scalars, table_for, too_small, unsupported, view, KINDS,
+        any_kind, any_view_mut, kind_label, linear_scalars, table_for, too_small, unsupported,
+        view, KINDS,
     };
-    use crate::packed::lut4::Lut4;
     use crate::cuda::params::KERNEL_VARIANTS;
+    use crate::packed::lut4::Lut4;
 
     /// A column count every kind accepts.
     const COLS: u32 = 96;
@@ -177,7 +212,12 @@ mod tests {
         kind: PackedKind,
         (perm, out_f32): (bool, bool),
     ) -> Planned<QLinearParams, 1> {
-        plan(kernel, s, kind, &args(kind, exact(s, kind, perm), perm, out_f32))
+        plan(
+            kernel,
+            s,
+            kind,
+            &args(kind, exact(s, kind, perm), perm, out_f32),
+        )
     }
 
     #[test]
@@ -195,9 +235,10 @@ mod tests {
         for kind in KINDS {
             for (tokens, tile) in tiles {
                 for (out_f32, suffix) in [(false, "bf16"), (true, "f32")] {
-                    let (_, [g]) = plan_exact(&linear_scalars(tokens, COLS, 40), kind, false, out_f32)
-                        .unwrap()
-                        .unwrap();
+                    let (_, [g]) =
+                        plan_exact(&linear_scalars(tokens, COLS, 40), kind, false, out_f32)
+                            .unwrap()
+                            .unwrap();
                     assert_eq!(
                         g.symbol(),
                         format!("qlinear_{}_t{tile}_{suffix}", kind_label(kind))
@@ -278,24 +319,60 @@ mod tests {
     fn the_tensor_core_kernel_refuses_what_it_cannot_read() {
         let s = linear_scalars(1, 4096, 64);
         for kind in [PackedKind::Fp8, PackedKind::Int8, INT4_128] {
-            unsupported(plan_exact_on(PackedKernel::Mma, &s, kind, (true, false)), "perm");
+            unsupported(
+                plan_exact_on(PackedKernel::Mma, &s, kind, (true, false)),
+                "perm",
+            );
         }
         let int4_32 = PackedKind::Int4 { group_size: 32 };
-        unsupported(plan_exact_on(PackedKernel::Mma, &s, int4_32, (false, false)), "group_size");
-        unsupported(plan_exact_on(PackedKernel::Mma, &s, KINDS[4], (false, false)), "kind");
         unsupported(
-            plan_exact_on(PackedKernel::Mma, &linear_scalars(1, 4008, 64), PackedKind::Fp8, (false, false)),
+            plan_exact_on(PackedKernel::Mma, &s, int4_32, (false, false)),
+            "group_size",
+        );
+        unsupported(
+            plan_exact_on(PackedKernel::Mma, &s, KINDS[4], (false, false)),
+            "kind",
+        );
+        unsupported(
+            plan_exact_on(
+                PackedKernel::Mma,
+                &linear_scalars(1, 4008, 64),
+                PackedKind::Fp8,
+                (false, false),
+            ),
             "in_features",
         );
         unsupported(
-            plan_exact_on(PackedKernel::Mma, &linear_scalars(17, 4096, 64), INT4_128, (false, false)),
+            plan_exact_on(
+                PackedKernel::Mma,
+                &linear_scalars(17, 4096, 64),
+                INT4_128,
+                (false, false),
+            ),
             "tokens",
         );
-        let none = plan_exact_on(PackedKernel::Mma, &linear_scalars(0, 4096, 64), INT4_128, (false, false));
+        let none = plan_exact_on(
+            PackedKernel::Mma,
+            &linear_scalars(0, 4096, 64),
+            INT4_128,
+            (false, false),
+        );
         assert!(none.unwrap().is_none());
         // Columns that are not a whole number of steps: the last step multiplies zeros.
-        assert!(plan_exact_on(PackedKernel::Mma, &linear_scalars(3, 4160, 64), INT4_128, (false, false)).is_ok());
-        assert!(plan_exact_on(PackedKernel::Mma, &linear_scalars(3, 80, 64), PackedKind::Int8, (false, false)).is_ok());
+        assert!(plan_exact_on(
+            PackedKernel::Mma,
+            &linear_scalars(3, 4160, 64),
+            INT4_128,
+            (false, false)
+        )
+        .is_ok());
+        assert!(plan_exact_on(
+            PackedKernel::Mma,
+            &linear_scalars(3, 80, 64),
+            PackedKind::Int8,
+            (false, false)
+        )
+        .is_ok());
     }
 
     #[test]
@@ -310,7 +387,10 @@ mod tests {
                 {
                     let mut lens = full;
                     lens[i] -= 1;
-                    too_small(plan(PackedKernel::Gemv, &s, kind, &args(kind, lens, true, false)), name);
+                    too_small(
+                        plan(PackedKernel::Gemv, &s, kind, &args(kind, lens, true, false)),
+                        name,
+                    );
                 }
                 assert!(plan(PackedKernel::Gemv, &s, kind, &args(kind, full, true, true)).is_ok());
             }
@@ -335,7 +415,12 @@ mod tests {
         );
         for tokens in [17, 64, 4096] {
             unsupported(
-                plan_exact(&linear_scalars(tokens, COLS, 4), PackedKind::Fp8, false, false),
+                plan_exact(
+                    &linear_scalars(tokens, COLS, 4),
+                    PackedKind::Fp8,
+                    false,
+                    false,
+                ),
                 "tokens",
             );
         }
@@ -354,7 +439,12 @@ mod tests {
         unsupported(plan(PackedKernel::Gemv, &s, nf4, &a), "table");
         a.table = Some(view(15));
         too_small(plan(PackedKernel::Gemv, &s, nf4, &a), "table");
-        let mut a = args(PackedKind::Fp8, exact(&s, PackedKind::Fp8, false), false, false);
+        let mut a = args(
+            PackedKind::Fp8,
+            exact(&s, PackedKind::Fp8, false),
+            false,
+            false,
+        );
         a.table = Some(view(16));
         unsupported(plan(PackedKernel::Gemv, &s, PackedKind::Fp8, &a), "table");
     }
@@ -366,7 +456,15 @@ mod tests {
             assert!(plan_exact(&s, kind, true, false).unwrap().is_none());
             let mut lens = exact(&s, kind, false);
             lens[1] -= 1;
-            too_small(plan(PackedKernel::Gemv, &s, kind, &args(kind, lens, false, false)), "codes");
+            too_small(
+                plan(
+                    PackedKernel::Gemv,
+                    &s,
+                    kind,
+                    &args(kind, lens, false, false),
+                ),
+                "codes",
+            );
         }
     }
 

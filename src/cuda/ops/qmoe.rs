@@ -102,13 +102,21 @@ fn plan(
         let up = c.variant(up, "(kind, most n-tiles)", &[l13.kind, tiles])?;
         let down = c.variant(down, "(kind, most n-tiles)", &[l2.kind, tiles])?;
         let rows = QMMA_ROWS;
-        ((up, s.inter.div_ceil(rows)), (down, s.hidden.div_ceil(rows)), QMMA_WARPS)
+        (
+            (up, s.inter.div_ceil(rows)),
+            (down, s.hidden.div_ceil(rows)),
+            QMMA_WARPS,
+        )
     } else {
         let tile = gemv_tile(s.tokens);
         let up = c.variant(KernelFamily::QMoeUp, "(kind, tile)", &[l13.kind, tile])?;
         let down = c.variant(KernelFamily::QMoeDown, "(kind, tile)", &[l2.kind, tile])?;
         let down_rows = MOE_WARPS * MOE_DOWN_ROWS_PER_WARP;
-        ((up, s.inter.div_ceil(MOE_WARPS)), (down, s.hidden.div_ceil(down_rows)), MOE_WARPS)
+        (
+            (up, s.inter.div_ceil(MOE_WARPS)),
+            (down, s.hidden.div_ceil(down_rows)),
+            MOE_WARPS,
+        )
     };
     if s.tokens == 0 {
         return Ok(None);
@@ -236,9 +244,13 @@ mod tests {
     }
 
     fn plan_exact(s: &MoeScalars, kind: PackedKind) -> Planned<QMoeParams, 2> {
-        plan(PackedKernel::Gemv, s, [kind; 3], &args(kind, exact(s, kind), true))
+        plan(
+            PackedKernel::Gemv,
+            s,
+            [kind; 3],
+            &args(kind, exact(s, kind), true),
+        )
     }
-
 
     #[test]
     fn grids_symbols_and_row_layouts_for_mixtral_shapes() {
@@ -272,7 +284,8 @@ mod tests {
             }
         }
         let s = scalars(1, 4096, 14336, 8, 2);
-        let (p, _) = plan(PackedKernel::Gemv, 
+        let (p, _) = plan(
+            PackedKernel::Gemv,
             &s,
             [PackedKind::Fp8; 3],
             &args(PackedKind::Fp8, exact(&s, PackedKind::Fp8), false),
@@ -298,7 +311,11 @@ mod tests {
                 assert_eq!(up.symbol(), format!("qmoe_mma_up_{k}_n{columns}"));
                 assert_eq!(down.symbol(), format!("qmoe_mma_down_{k}_n{columns}"));
                 let active = (tokens * 2).min(8);
-                assert_eq!(up.grid, (14336 / 16, active, 1), "16 rows of w1 and w3 a block");
+                assert_eq!(
+                    up.grid,
+                    (14336 / 16, active, 1),
+                    "16 rows of w1 and w3 a block"
+                );
                 assert_eq!(down.grid, (4096 / 16, active, 1));
                 assert_eq!((up.block, down.block), (QMMA_WARPS * 32, QMMA_WARPS * 32));
                 assert_eq!(
@@ -320,13 +337,19 @@ mod tests {
         let bad_inter = scalars(2, 256, 40, 4, 2);
         let a = args(int4, exact(&bad_inter, int4), false);
         unsupported(plan(PackedKernel::Mma, &bad_inter, [int4; 3], &a), "inter");
-        for (kind, what) in [(PackedKind::Int4 { group_size: 64 }, "group_size"), (KINDS[4], "kind")] {
+        for (kind, what) in [
+            (PackedKind::Int4 { group_size: 64 }, "group_size"),
+            (KINDS[4], "kind"),
+        ] {
             let a = args(kind, exact(&s, kind), false);
             unsupported(plan(PackedKernel::Mma, &s, [kind; 3], &a), what);
         }
         let a = args(int4, exact(&s, int4), false);
         let other = PackedKind::Int4 { group_size: 256 };
-        unsupported(plan(PackedKernel::Mma, &s, [int4, other, int4], &a), "w3 kind");
+        unsupported(
+            plan(PackedKernel::Mma, &s, [int4, other, int4], &a),
+            "w3 kind",
+        );
     }
 
     #[test]
@@ -350,9 +373,19 @@ mod tests {
         let s = scalars(2, 96, 64, 4, 1);
         let kind = PackedKind::Int4 { group_size: 32 };
         let a = args(kind, exact(&s, kind), false);
-        for other in [PackedKind::Int8, PackedKind::Int4 { group_size: 64 }, KINDS[5]] {
-            unsupported(plan(PackedKernel::Gemv, &s, [kind, other, kind], &a), "w3 kind");
-            unsupported(plan(PackedKernel::Gemv, &s, [kind, kind, other], &a), "w2 kind");
+        for other in [
+            PackedKind::Int8,
+            PackedKind::Int4 { group_size: 64 },
+            KINDS[5],
+        ] {
+            unsupported(
+                plan(PackedKernel::Gemv, &s, [kind, other, kind], &a),
+                "w3 kind",
+            );
+            unsupported(
+                plan(PackedKernel::Gemv, &s, [kind, kind, other], &a),
+                "w2 kind",
+            );
         }
         // NF4 and FP4 are different formats: one table cannot serve both.
         let (nf4, fp4) = (
@@ -403,7 +436,15 @@ mod tests {
         assert!(plan_exact(&empty, kind).unwrap().is_none());
         let mut lens = exact(&empty, kind);
         lens[6] -= 1;
-        too_small(plan(PackedKernel::Gemv, &empty, [kind; 3], &args(kind, lens, true)), "w2_codes");
+        too_small(
+            plan(
+                PackedKernel::Gemv,
+                &empty,
+                [kind; 3],
+                &args(kind, lens, true),
+            ),
+            "w2_codes",
+        );
     }
 
     proptest! {

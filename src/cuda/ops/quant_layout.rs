@@ -43,7 +43,10 @@ pub(super) fn table_view<'a>(
         (PackedKind::Lut4 { table, .. }, None) => Err(c.unsupported(
             "table",
             0,
-            format!("4-bit {} codes need their table on the device", table.name()),
+            format!(
+                "4-bit {} codes need their table on the device",
+                table.name()
+            ),
         )),
         (_, None) => Ok(None),
         (kind, Some(t)) => Err(c.unsupported(
@@ -261,11 +264,18 @@ mod tests {
             (int4(128), 96),
         ] {
             assert!(mma_reads(kind, cols, false), "{kind:?} {cols}");
-            assert!(PackedKernel::Mma.layout(&C, kind, cols as u32, "cols", false).is_ok());
+            assert!(PackedKernel::Mma
+                .layout(&C, kind, cols as u32, "cols", false)
+                .is_ok());
             assert!(!mma_reads(kind, cols, true));
-            unsupported(PackedKernel::Mma.layout(&C, kind, cols as u32, "cols", true), "perm");
+            unsupported(
+                PackedKernel::Mma.layout(&C, kind, cols as u32, "cols", true),
+                "perm",
+            );
             // The GEMVs read a permuted matrix.
-            assert!(PackedKernel::Gemv.layout(&C, kind, cols as u32, "cols", true).is_ok());
+            assert!(PackedKernel::Gemv
+                .layout(&C, kind, cols as u32, "cols", true)
+                .is_ok());
         }
         for group_size in [32, 64, 192] {
             assert!(!mma_reads(int4(group_size), 4096, false));
@@ -276,19 +286,22 @@ mod tests {
         }
         for (kind, cols) in [(PackedKind::Int8, 4008u32), (int4(128), 4080)] {
             assert!(!mma_reads(kind, cols as usize, false));
-            unsupported(PackedKernel::Mma.layout(&C, kind, cols, "cols", false), "cols");
+            unsupported(
+                PackedKernel::Mma.layout(&C, kind, cols, "cols", false),
+                "cols",
+            );
         }
         assert!(!mma_reads(NF4_64, 4096, false));
-        unsupported(PackedKernel::Mma.layout(&C, NF4_64, 4096, "cols", false), "kind");
+        unsupported(
+            PackedKernel::Mma.layout(&C, NF4_64, 4096, "cols", false),
+            "kind",
+        );
     }
 
     #[test]
     fn a_table_goes_with_table_codes_only() {
         let t = view::<f32>(16);
-        assert_eq!(
-            table_view(&C, NF4_64, Some(t)).unwrap().unwrap().len(),
-            16
-        );
+        assert_eq!(table_view(&C, NF4_64, Some(t)).unwrap().unwrap().len(), 16);
         unsupported(table_view(&C, NF4_64, None), "table");
         for kind in [
             PackedKind::Fp8,

@@ -43,7 +43,11 @@ fn plan(s: &RmsnormScalars, a: &RmsnormArgs<'_>) -> Planned<RmsnormParams, 1> {
     };
     let params = a.params(c.op, s)?;
     let variant = c.variant(KernelFamily::Rmsnorm, "add", &[add])?;
-    Ok(unless_empty(s.rows, params, [Grid::linear(variant, s.rows, RMSNORM_THREADS)]))
+    Ok(unless_empty(
+        s.rows,
+        params,
+        [Grid::linear(variant, s.rows, RMSNORM_THREADS)],
+    ))
 }
 
 #[cfg(test)]
@@ -87,7 +91,10 @@ mod tests {
         for eps in [f32::NAN, -1e-6, f32::INFINITY] {
             assert!(matches!(
                 plan(&RmsnormScalars { eps, ..plain }, &args(30, None, 10)),
-                Err(CudaError::Kernel(KernelError::InvalidFloat { what: "eps", .. }))
+                Err(CudaError::Kernel(KernelError::InvalidFloat {
+                    what: "eps",
+                    ..
+                }))
             ));
         }
     }

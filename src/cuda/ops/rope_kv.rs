@@ -44,12 +44,16 @@ fn plan(s: &RopeKvScalars, a: &RopeKvArgs<'_>) -> Planned<RopeKvParams, 1> {
     .check(&c)?;
     let params = a.params(c.op, s)?;
     let variant = c.variant(KernelFamily::RopeKv, "rope_kv", &[])?;
-    Ok(unless_empty(s.tokens, params, [Grid {
+    Ok(unless_empty(
+        s.tokens,
+        params,
+        [Grid {
             variant,
             grid: (s.tokens, 1, 1),
             block: ROPE_KV_THREADS,
             shared_bytes: shared as u32,
-        }]))
+        }],
+    ))
 }
 
 #[cfg(test)]

@@ -39,7 +39,11 @@ fn plan(s: &RouterScalars, a: &RouterArgs<'_>) -> Planned<RouterParams, 1> {
     c.count("tokens", s.tokens as usize)?;
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
     let router = c.variant(KernelFamily::Router, "router", &[])?;
-    Ok(unless_empty(s.tokens, params, [Grid::linear(router, s.tokens, ROUTER_THREADS)]))
+    Ok(unless_empty(
+        s.tokens,
+        params,
+        [Grid::linear(router, s.tokens, ROUTER_THREADS)],
+    ))
 }
 
 #[cfg(test)]
@@ -109,7 +113,16 @@ mod tests {
             "tokens",
         );
         too_small(plan(&s, &args(&s, 1)), "expert_offsets");
-        too_small(plan(&s, &RouterArgs { done: view_mut(0), ..args(&s, 0) }), "done");
+        too_small(
+            plan(
+                &s,
+                &RouterArgs {
+                    done: view_mut(0),
+                    ..args(&s, 0)
+                },
+            ),
+            "done",
+        );
         // SAFETY: the planner only reads the address; nothing is launched.
         let x = unsafe { crate::cuda::memory::View::from_raw(BASE + 8, 192) };
         misaligned(plan(&s, &RouterArgs { x, ..args(&s, 0) }), "x");

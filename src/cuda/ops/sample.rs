@@ -111,9 +111,17 @@ mod tests {
 
     #[test]
     fn zero_rows_launch_nothing_and_empty_rows_are_refused() {
-        let s = SampleScalars { rows: 0, vocab: 7, fast: 1 };
+        let s = SampleScalars {
+            rows: 0,
+            vocab: 7,
+            fast: 1,
+        };
         assert!(plan(&s, &args(exact(&s))).unwrap().is_none());
-        let s = SampleScalars { rows: 2, vocab: 0, fast: 1 };
+        let s = SampleScalars {
+            rows: 2,
+            vocab: 0,
+            fast: 1,
+        };
         unsupported(plan(&s, &args(exact(&s))), "vocab");
     }
 
@@ -129,7 +137,11 @@ mod tests {
 
     #[test]
     fn misaligned_rng_state_is_refused() {
-        let s = SampleScalars { rows: 2, vocab: 9, fast: 0 };
+        let s = SampleScalars {
+            rows: 2,
+            vocab: 9,
+            fast: 0,
+        };
         let mut a = args(exact(&s));
         // SAFETY: never launched on; the planner reads only the address and length.
         a.rng_state = unsafe { ViewMut::from_raw(BASE + 4, 2 * RNG_STATE_WORDS) };
