@@ -215,32 +215,18 @@ pub fn allocate_weights(
     for (l, f) in formats.iter().enumerate().take(c.num_layers) {
         let layer = |what: &str| format!("layer {l} {what}");
         let attn_norm = arena.zeroed(h, &layer("input norm"))?;
-        let qkv_shape = (1, c.q_width() + 2 * c.kv_width(), h);
-        let qkv = allocate_stack(
-            arena,
-            f.qkv,
-            qkv_shape,
-            true,
-            &layer("fused q/k/v projection"),
-        )?;
-        let o = allocate_stack(arena, f.o, (1, h, c.q_width()), true, &layer("o_proj"))?;
+        // A stack of `shape` in `format` (with its own permutation buffer unless it is w3).
+        let mut stack = |format, shape, own_perm, what: &str| {
+            allocate_stack(arena, format, shape, own_perm, &layer(what))
+        };
+        let qkv_rows = c.q_width() + 2 * c.kv_width();
+        let qkv = stack(f.qkv, (1, qkv_rows, h), true, "fused q/k/v projection")?;
+        let o = stack(f.o, (1, h, c.q_width()), true, "o_proj")?;
+        let w1 = stack(f.w13, (experts, inter, h), true, "experts w1")?;
+        let w3 = stack(f.w13, (experts, inter, h), false, "experts w3")?;
+        let w2 = stack(f.w2, (experts, h, inter), true, "experts w2")?;
         let ffn_norm = arena.zeroed(h, &layer("ffn norm"))?;
         let gate = arena.zeroed(experts * h, &layer("router"))?;
-        let w1 = allocate_stack(
-            arena,
-            f.w13,
-            (experts, inter, h),
-            true,
-            &layer("experts w1"),
-        )?;
-        let w3 = allocate_stack(
-            arena,
-            f.w13,
-            (experts, inter, h),
-            false,
-            &layer("experts w3"),
-        )?;
-        let w2 = allocate_stack(arena, f.w2, (experts, h, inter), true, &layer("experts w2"))?;
         layers.push(LayerWeights {
             attn_norm,
             qkv,

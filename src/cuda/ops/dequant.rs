@@ -59,15 +59,8 @@ fn plan(s: &DequantShape, kind: PackedKind, a: &DequantArgs<'_>) -> Planned<Dequ
     )))
 }
 
-/// Expands the packed stack `w` into bf16 `out` `[count, rows, cols]` in input-column order; an
-/// empty stack launches nothing.
-pub fn dequantize(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &DequantShape,
-    w: PackedView<'_>,
-    out: ViewMut<'_, bf16>,
-) -> Result<(), CudaError> {
+/// The launch arguments of expanding the packed `w` into `out`, with `w`'s format.
+fn launch_args<'a>(w: PackedView<'a>, out: ViewMut<'a, bf16>) -> (PackedKind, DequantArgs<'a>) {
     let PackedView {
         kind,
         codes,
@@ -82,6 +75,19 @@ pub fn dequantize(
         table,
         out,
     };
+    (kind, args)
+}
+
+/// Expands the packed stack `w` into bf16 `out` `[count, rows, cols]` in input-column order; an
+/// empty stack launches nothing.
+pub fn dequantize(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    s: &DequantShape,
+    w: PackedView<'_>,
+    out: ViewMut<'_, bf16>,
+) -> Result<(), CudaError> {
+    let (kind, args) = launch_args(w, out);
     launch_planned(kernels, stream, plan(s, kind, &args)?)
 }
 
@@ -97,20 +103,7 @@ pub unsafe fn dequantize_emulated(
     out: ViewMut<'_, bf16>,
     schedule: crate::cuda::emulator::Schedule,
 ) -> Result<(), crate::cuda::emulator::EmulatorError> {
-    let PackedView {
-        kind,
-        codes,
-        params,
-        perm,
-        table,
-    } = w;
-    let args = DequantArgs {
-        codes,
-        params,
-        perm,
-        table,
-        out,
-    };
+    let (kind, args) = launch_args(w, out);
     let planned = plan(s, kind, &args)?;
     // SAFETY: planned just now over `args`, views of host memory (the caller's contract)
     // borrowed until this returns.

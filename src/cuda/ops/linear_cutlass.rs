@@ -354,36 +354,16 @@ mod tests {
     #[test]
     fn every_buffer_short_or_misaligned_is_refused_by_name() {
         let s = scalars(20, 64, 48);
-        too_small(
-            planned(
-                &s,
-                LinearArgs {
-                    x: view(20 * 64 - 1),
-                    ..args(&s, false)
-                },
-            ),
-            "x",
-        );
-        too_small(
-            planned(
-                &s,
-                LinearArgs {
-                    w: view(48 * 64 - 1),
-                    ..args(&s, false)
-                },
-            ),
-            "w",
-        );
-        too_small(
-            planned(
-                &s,
-                LinearArgs {
-                    out: any_view_mut(20 * 48 - 1, true),
-                    ..args(&s, true)
-                },
-            ),
-            "out",
-        );
+        for name in ["x", "w", "out"] {
+            // The buffers of `s` (f32 out), `name` one element short.
+            let mut a = args(&s, true);
+            match name {
+                "x" => a.x = view(20 * 64 - 1),
+                "w" => a.w = view(48 * 64 - 1),
+                _ => a.out = any_view_mut(20 * 48 - 1, true),
+            }
+            too_small(planned(&s, a), name);
+        }
         too_small(
             plan(&s, args(&s, false), (132, 4096), view_mut(4095)),
             "workspace",

@@ -95,18 +95,12 @@ pub(super) fn mma_tiles(columns: u32) -> u32 {
     }
 }
 
-/// `out[t, o] = sum_i x[t, i] * w[o, i]` with `w` packed, f32 accumulation, for at most
-/// [`LINEAR_GEMV_MAX_TOKENS`] tokens, on `kernel` (the tensor-core kernels only for the matrices
-/// [`mma_reads`](super::mma_reads) accepts; the same outputs up to the order of the f32 sums);
-/// zero tokens launch nothing.
-pub fn qlinear(
-    kernels: &Kernels,
-    stream: &CudaStream,
-    s: &LinearScalars,
-    (x, w): (View<'_, bf16>, PackedView<'_>),
-    out: AnyViewMut<'_>,
-    kernel: PackedKernel,
-) -> Result<(), CudaError> {
+/// The launch arguments of `x` times the packed `w` into `out`, with `w`'s format.
+fn launch_args<'a>(
+    x: View<'a, bf16>,
+    w: PackedView<'a>,
+    out: AnyViewMut<'a>,
+) -> (PackedKind, QLinearArgs<'a>) {
     let PackedView {
         kind,
         codes,
@@ -122,6 +116,22 @@ pub fn qlinear(
         table,
         out,
     };
+    (kind, args)
+}
+
+/// `out[t, o] = sum_i x[t, i] * w[o, i]` with `w` packed, f32 accumulation, for at most
+/// [`LINEAR_GEMV_MAX_TOKENS`] tokens, on `kernel` (the tensor-core kernels only for the matrices
+/// [`mma_reads`](super::mma_reads) accepts; the same outputs up to the order of the f32 sums);
+/// zero tokens launch nothing.
+pub fn qlinear(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    s: &LinearScalars,
+    (x, w): (View<'_, bf16>, PackedView<'_>),
+    out: AnyViewMut<'_>,
+    kernel: PackedKernel,
+) -> Result<(), CudaError> {
+    let (kind, args) = launch_args(x, w, out);
     launch_planned(kernels, stream, plan(kernel, s, kind, &args)?)
 }
 
@@ -138,21 +148,7 @@ pub unsafe fn qlinear_emulated(
     kernel: PackedKernel,
     schedule: crate::cuda::emulator::Schedule,
 ) -> Result<(), crate::cuda::emulator::EmulatorError> {
-    let PackedView {
-        kind,
-        codes,
-        params,
-        perm,
-        table,
-    } = w;
-    let args = QLinearArgs {
-        x,
-        codes,
-        params,
-        perm,
-        table,
-        out,
-    };
+    let (kind, args) = launch_args(x, w, out);
     let planned = plan(kernel, s, kind, &args)?;
     // SAFETY: planned just now over `args`, views of host memory (the caller's contract)
     // borrowed until this returns.
