@@ -703,10 +703,10 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
     group.finish();
 }
 
-/// Device sampling of one 32000-logit row (batch 1), through the bisections only (`bisect`) and
+/// Device sampling of one 32000-logit row (batch 1), through the search path only (`search`) and
 /// through the fast paths (`fast`): no filter, top-p 0.95 alone and top-k 40 with top-p 0.95, on a
 /// peaked row (40 ids about 10 above a normal spread of 2: the nucleus lies within the 1024 highest
-/// logits) and a flat one (the spread alone: top-p alone falls back to the bisections). Each sample
+/// logits) and a flat one (the spread alone: top-p alone falls back to the search path). Each sample
 /// issues 8 launches before synchronising; read elements/s as draws per second.
 fn sampling_benches(c: &mut Criterion, b: &mut Bench) {
     const LAUNCHES: usize = 8;
@@ -747,7 +747,7 @@ fn sampling_benches(c: &mut Criterion, b: &mut Bench) {
             let top_p = b.upload(&[top_p]);
             let mut rng_state = b.upload(&ops::rng_state_for_seed(7));
             let mut ids = b.zeros::<u32>(1);
-            for (mode, fast) in [("bisect", 0u32), ("fast", 1)] {
+            for (mode, fast) in [("search", 0u32), ("fast", 1)] {
                 let id = BenchmarkId::new(format!("{look}_{filter}"), mode);
                 group.bench_function(id, |bench| {
                     bench.iter(|| {

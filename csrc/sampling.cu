@@ -100,11 +100,11 @@ MIXTRAL_ARGMAX_VARIANTS(MX_DEFINE)
 // positive T in f64 cannot merge or reorder them, and -0.0 stays below +0.0 as under `total_cmp`),
 // or the f64 weight's bits (weight order). Larger key = earlier.
 //
-// Every set above is "all ids whose key is >= t" for some threshold t, so each is found by
-// bisection on t (first on hi, then on lo) with a block-wide count or f64 weight sum per step;
-// nothing is sorted, no scratch memory is used and shared memory is a fixed few hundred bytes. The
-// sums are parallel (fixed order per launch, hence monotone in the set, which the bisection
-// needs), so they can differ from the host's sequential f64 sums in the last bits: GPU and host
+// Every set above is "all ids whose key is >= t" for some threshold t, so each is found by a
+// search on t (first on hi, then on lo) with block-wide counts or f64 weight sums at 7 thresholds
+// per pass over the row (the search section below); nothing is sorted, no scratch memory is used
+// and shared memory is a fixed few KiB. The sums are parallel (fixed order per launch, hence
+// monotone in the set, which the search needs), so they can differ from the host's sequential f64 sums in the last bits: GPU and host
 // differ only when the top-p threshold or the uniform falls within that rounding of a boundary.
 // exp() is CUDA's f64 exp (<= 1 ulp), the host's is the platform libm's.
 //
@@ -112,14 +112,15 @@ MIXTRAL_ARGMAX_VARIANTS(MX_DEFINE)
 // infinite logit gets SAMPLE_NON_FINITE. Neither advances the row's random state (the host sampler
 // also consumes nothing when it refuses a row). Every other row advances it by exactly one step.
 //
-// Grid: one block of SAMPLE_THREADS per row. Cost: one pass over the row per bisection step (up to
-// 64 passes per search in score order, 94 in weight order, 32 in id order; one search per active
-// filter and one for the draw), logits re-read
-// through the read-only cache; f64 exp per kept element per weight pass (per element of the row in
-// weight order, i.e. top-p without top-k, which is the slow case). With `fast` set, the fast paths
-// further down take most rows in a few passes instead (up to 32 count passes without exp, one or two
-// with it), and give the row back to the bisections where they do not apply. Neither has been
-// timed; the fast paths have not run on a GPU.
+// Grid: one block of SAMPLE_THREADS per row. Cost: one pass over the row per search step; a search
+// takes 11 steps for the hi of score order, 21 for weight order, none for id order, and 5 for the
+// lo of a 32000-id row (at most 11); the bisection this replaced took 32, 62, 0 and 32. One search
+// per active filter and one for the draw; logits re-read through the read-only cache; f64 exp per
+// kept element per weight pass (per element of the row in weight order, i.e. top-p without top-k,
+// which is the slow case). With `fast` set, the fast paths further down take most rows in a few
+// passes instead (count passes without exp, one or two with it), and give the row back to the
+// search path where they do not apply. Neither has been timed; the fast paths and the 7-way
+// search have not run on a GPU.
 
 namespace {
 
@@ -142,30 +143,47 @@ struct MinU64 {
     __device__ __forceinline__ uint64_t operator()(uint64_t a, uint64_t b) const { return a < b ? a : b; }
 };
 
-// Reduction over the whole block in a fixed order (lanes by xor-butterfly, then the 32 warp
-// results by warp 0); every thread gets the result. Every thread of the block must call it.
-// Two barriers suffice between consecutive calls of one instantiation: `partial` is read (by warp
-// 0) before the second barrier of a call and written again only before the first barrier of the
-// next; `result` is read right after the second barrier and written again only after the first
-// barrier of the next call, which no thread passes before every thread has read it.
-template <typename T, typename Op>
-__device__ __forceinline__ T block_reduce(T v, Op op) {
-    __shared__ T partial[SAMPLE_WARPS];
-    __shared__ T result;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(mx::FULL_MASK, v, offset));
+// Reduction of each of v[0..N) over the whole block in a fixed order (lanes by xor-butterfly, then
+// the 32 warp results of v[n] by warp n % 32); every thread gets the N results. Every thread of the
+// block must call it. Each v[n] is reduced by the same tree whatever N is.
+// Two barriers suffice between consecutive calls of one instantiation: `partial` is read before the
+// second barrier of a call and written again only before the first barrier of the next; `result` is
+// read right after the second barrier and written again only after the first barrier of the next
+// call, which no thread passes before every thread has read it.
+template <typename T, uint32_t N, typename Op>
+__device__ __forceinline__ void block_reduce_each(T (&v)[N], Op op) {
+    __shared__ T partial[N][SAMPLE_WARPS];
+    __shared__ T result[N];
     const uint32_t warp = threadIdx.x / 32;
     const uint32_t lane = threadIdx.x % 32;
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = partial[lane];  // SAMPLE_WARPS == 32: one warp result per lane
 #pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(mx::FULL_MASK, v, offset));
-        if (lane == 0) result = v;
+    for (uint32_t n = 0; n < N; ++n) {
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) v[n] = op(v[n], __shfl_xor_sync(mx::FULL_MASK, v[n], offset));
+        if (lane == 0) partial[n][warp] = v[n];
     }
     __syncthreads();
-    return result;
+    {
+        // Every warp reduces one value (warp w reduces v[w % N]; the first N write theirs), so that no
+        // shuffle sits under a warp-dependent branch (sm_80's ptxas would call a shuffle subroutine).
+        static_assert(N <= SAMPLE_WARPS, "one value per warp");
+        const uint32_t n = warp % N;
+        T x = partial[n][lane];  // SAMPLE_WARPS == 32: one warp result per lane
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) x = op(x, __shfl_xor_sync(mx::FULL_MASK, x, offset));
+        if (lane == 0 && warp < N) result[n] = x;
+    }
+    __syncthreads();
+#pragma unroll
+    for (uint32_t n = 0; n < N; ++n) v[n] = result[n];
+}
+
+// block_reduce_each of one value.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op) {
+    T each[1] = {v};
+    block_reduce_each(each, op);
+    return each[0];
 }
 
 // Monotone map of finite f32 to u32 in the order of f32 `total_cmp` (-0.0 below +0.0).
@@ -214,28 +232,17 @@ __device__ __forceinline__ Key key_of(Order order, float x, double w, uint32_t i
     return Key{hi, 0xFFFFFFFFu - id};
 }
 
-// Number of ids whose score key is >= t (top-k is always in score order).
-__device__ uint32_t count_from(const Row& r, const Key& t) {
-    uint32_t n = 0;
-    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
-        n += at_least(key_of(Order::ByScore, __ldg(r.logits + i), 0.0, i), t) ? 1u : 0u;
-    }
-    return block_reduce(n, SumU32{});
-}
-
-// Sum of the weights of ids whose key is >= floor and >= from. Only weight order needs the weight
-// to form the key; the other orders compute exp for the ids inside only (after top-k, k of them).
-__device__ double mass_from(const Row& r, Order order, const Key& floor, const Key& from) {
+// Sum of the weights of ids whose key is >= floor. Only weight order needs the weight to form the
+// key; the other orders compute exp for the ids inside only (after top-k, k of them).
+__device__ double mass_from(const Row& r, Order order, const Key& floor) {
     double acc = 0.0;
     for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
         const float x = __ldg(r.logits + i);
         if (order == Order::ByWeight) {
             const double w = weight_of(r, x);
-            const Key k = key_of(order, x, w, i);
-            if (at_least(k, floor) && at_least(k, from)) acc = __dadd_rn(acc, w);
-        } else {
-            const Key k = key_of(order, x, 0.0, i);
-            if (at_least(k, floor) && at_least(k, from)) acc = __dadd_rn(acc, weight_of(r, x));
+            if (at_least(key_of(order, x, w, i), floor)) acc = __dadd_rn(acc, w);
+        } else if (at_least(key_of(order, x, 0.0, i), floor)) {
+            acc = __dadd_rn(acc, weight_of(r, x));
         }
     }
     return block_reduce(acc, SumF64{});
@@ -262,29 +269,122 @@ __device__ Key last_positive(const Row& r, Order order, const Key& floor) {
     return Key{hi, (uint32_t)lo};
 }
 
-// Midpoint for "largest t in [lo, hi] with pred(t)": lies in (lo, hi] when lo < hi, no overflow.
-__device__ __forceinline__ uint64_t upper_mid(uint64_t lo, uint64_t hi) { return lo + (hi - lo) / 2 + 1; }
+// ---------------------------------------------------------------------------------------------
+// Searches for the largest key t with pred(t), for predicates of the form "the count (or weight
+// sum) of the ids whose key is >= t reaches a bound": true at the least key and, once false, false
+// for every larger key. Each pass over the row evaluates pred at SEARCH_CANDIDATES = 7 keys spaced
+// 2^shift apart on one coordinate of the key (first hi, then lo within the hi found), so a pass
+// narrows the range 8-fold where a bisection step halves it: 11 passes for a 32-bit range instead
+// of 32. Each thread keeps a sum per candidate in registers (7 f64 sums are 14 registers; 15 made
+// ptxas spill under the 64 registers a 1024-thread block allows). Every sum at a candidate is the one
+// a pass for that threshold alone would compute (each thread adds the weights of its own ids in id
+// order, then the same reduction tree), so the search finds exactly the key a bisection would.
 
-// The largest v in [0, max] with pred(v), for a predicate that holds at 0 and, once false, stays false
-// for every larger v: bisection. pred must be block-uniform (it reduces).
-template <typename Pred>
-__device__ uint64_t largest_value(uint64_t max, Pred pred) {
-    uint64_t lo = 0, hi = max;
+constexpr uint32_t SEARCH_CANDIDATES = 7;
+
+// The candidates of one pass: base + (j << shift) for j = 1..count, on the hi of keys (on_lo false)
+// or on the lo of keys whose hi is `hi` (on_lo true).
+struct Candidates {
+    bool on_lo;
+    uint64_t hi;
+    uint64_t base;
+    uint32_t shift;
+    uint32_t count;  // <= SEARCH_CANDIDATES
+
+    // How many of the SEARCH_CANDIDATES points base + (j << shift), j >= 1, key k is at or above
+    // (keys whose hi is above `hi` pass them all when on_lo, keys whose hi is below pass none).
+    __device__ __forceinline__ uint32_t passed(const Key& k) const {
+        uint64_t v = k.hi;
+        if (on_lo) {
+            if (k.hi != hi) return k.hi > hi ? SEARCH_CANDIDATES : 0u;
+            v = k.lo;
+        }
+        if (v < base) return 0u;
+        const uint64_t steps = (v - base) >> shift;
+        return steps < SEARCH_CANDIDATES ? (uint32_t)steps : SEARCH_CANDIDATES;
+    }
+};
+
+// n[j] = the number of ids whose score key is at or above candidate j + 1 (top-k is always in score
+// order).
+__device__ void count_at_candidates(const Row& r, const Candidates& c,
+                                    uint32_t (&n)[SEARCH_CANDIDATES]) {
+#pragma unroll
+    for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) n[j] = 0;
+    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
+        const uint32_t passed = c.passed(key_of(Order::ByScore, __ldg(r.logits + i), 0.0, i));
+#pragma unroll
+        for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) n[j] += j < passed ? 1u : 0u;
+    }
+    block_reduce_each(n, SumU32{});
+}
+
+// m[j] = the sum of the weights of ids whose key is >= floor and at or above candidate j + 1.
+__device__ void mass_at_candidates(const Row& r, Order order, const Key& floor,
+                                   const Candidates& c, double (&m)[SEARCH_CANDIDATES]) {
+#pragma unroll
+    for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) m[j] = 0.0;
+    for (uint32_t i = threadIdx.x; i < r.vocab; i += SAMPLE_THREADS) {
+        const float x = __ldg(r.logits + i);
+        uint32_t passed = 0;
+        double w = 0.0;
+        if (order == Order::ByWeight) {
+            w = weight_of(r, x);
+            const Key k = key_of(order, x, w, i);
+            if (at_least(k, floor)) passed = c.passed(k);
+        } else {
+            const Key k = key_of(order, x, 0.0, i);
+            if (at_least(k, floor)) passed = c.passed(k);
+            if (passed > 0) w = weight_of(r, x);
+        }
+#pragma unroll
+        for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) {
+            if (j < passed) m[j] = __dadd_rn(m[j], w);
+        }
+    }
+    block_reduce_each(m, SumF64{});
+}
+
+// Which candidates of a pass hold (bit j: candidate j + 1; at least the bits below c.count), and
+// whether the search ends at the last of them.
+struct Verdict {
+    uint32_t holds;
+    bool stop;
+};
+
+// Bit j set when pred holds at candidate j + 1, given pred's value there as ok.
+__device__ __forceinline__ uint32_t holds_bit(uint32_t j, bool ok) { return ok ? 1u << j : 0u; }
+
+// The largest v in [lo, hi] on c's coordinate with pred, for a pred that holds at lo and, once false,
+// stays false. `judge(c)` evaluates pred at the c.count candidates in one pass and returns a
+// Verdict. Every thread calls it.
+template <typename Judge>
+__device__ uint64_t largest_value(Candidates c, uint64_t lo, uint64_t hi, Judge judge) {
     while (lo < hi) {
-        const uint64_t mid = upper_mid(lo, hi);
-        if (pred(mid)) lo = mid;
-        else hi = mid - 1;
+        c.base = lo;
+        c.shift = 0;
+        while (((hi - lo) >> c.shift) > SEARCH_CANDIDATES) ++c.shift;
+        c.count = (uint32_t)((hi - lo) >> c.shift);
+        const Verdict v = judge(c);
+        const uint32_t holding = v.holds & ((1u << c.count) - 1u);
+        const uint32_t last = 32 - __clz(holding);  // the last candidate that holds; 0: none (lo itself)
+        lo += (uint64_t)last << c.shift;
+        if (v.stop) return lo;
+        if (last < c.count) hi = lo + ((1ull << c.shift) - 1);
     }
     return lo;
 }
 
-// The largest key t (in (hi, lo) order, t.hi <= max_hi) with pred(t), for a predicate that holds at
-// Key{0, 0} and, once false, stays false for every larger key. Bisection on hi with lo = 0 (the
-// least key of each hi), then on lo with that hi. pred must be block-uniform (it reduces).
-template <typename Pred>
-__device__ Key largest_key(uint64_t max_hi, Pred pred) {
-    const uint64_t top = largest_value(max_hi, [&](uint64_t hi) { return pred(Key{hi, 0u}); });
-    const uint64_t lo = largest_value(0xFFFFFFFFull, [&](uint64_t lo) { return pred(Key{top, (uint32_t)lo}); });
+// The largest key t (in (hi, lo) order, t.hi <= max_hi) with pred(t), for a pred that holds at
+// Key{0, 0} and, once false, stays false for every larger key: on hi with lo = 0 (the least key of
+// each hi), then on lo within that hi, from the least lo an id of the row has. `holds(c)` returns the
+// candidates where pred holds (bit j: candidate j + 1) in one pass over the row. Every thread calls it.
+template <typename Holds>
+__device__ Key largest_key(const Row& r, uint64_t max_hi, Holds holds) {
+    const auto judge = [&](const Candidates& c) { return Verdict{holds(c), false}; };
+    const uint64_t top = largest_value(Candidates{false, 0, 0, 0, 0}, 0, max_hi, judge);
+    const uint64_t least_lo = 0xFFFFFFFFull - (r.vocab - 1);  // id vocab - 1
+    const uint64_t lo = largest_value(Candidates{true, top, 0, 0, 0}, least_lo, 0xFFFFFFFFull, judge);
     return Key{top, (uint32_t)lo};
 }
 
@@ -317,22 +417,22 @@ __device__ double draw_target(const SampleParams& p, uint32_t row, double total)
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fast paths (SampleParams::fast = 1): the same ids as the bisections above in a few passes over
-// the row instead of one per bisection step. Each gathers at most FAST_CAP ids into shared memory,
+// The fast paths (SampleParams::fast = 1): the same ids as the search path above in fewer passes over
+// the row. Each gathers at most FAST_CAP ids into shared memory,
 // sorts them into the host's list order and reads the cut and the draw off their prefix sums:
 //   top-k, k <= FAST_CAP (with or without top-p): a floor on the logits' order keys with k to
-//     FAST_CAP ids at or above it, by bisection on counts that stops at the first such floor (no exp;
-//     about ten passes for a 32k-logit row, at most 32), the ids at or above it gathered (more than
-//     FAST_CAP when many tie with the k-th: bisection path), sorted in score order, the first k kept.
+//     FAST_CAP ids at or above it, by the search on counts ended at the first pass that finds such a
+//     floor (no exp; at most 11 passes), the ids at or above it gathered (more than FAST_CAP when
+//     many tie with the k-th: search path), sorted in score order, the first k kept.
 //   top-p alone: the total weight (one pass with exp), then the same with a floor of FAST_CAP / 2
 //     to FAST_CAP ids, gathered and sorted in weight order. Every id left out has a weight at most
 //     the least gathered one (weights rise with scores), so the gathered ids of greater weight are
 //     the start of the host's weight order; when the cut falls among them it is the host's, else the
-//     bisection path runs.
+//     search path runs.
 //   no filter: each thread sums the weights of a contiguous run of ids, a block scan of the run sums
 //     gives each run's start, and each thread walks its run to the uniform.
 // A path that gives up has written nothing and left the random state as it was. Sums are parallel
-// in a fixed order, as the bisection path's: deterministic, equal to the host's up to rounding.
+// in a fixed order, as the search path's: deterministic, equal to the host's up to rounding.
 
 constexpr uint32_t FAST_CAP = SAMPLE_THREADS;  // one gathered id per thread
 
@@ -458,23 +558,33 @@ struct Floor {
 };
 
 // A floor h in [0, max_hi] with least <= count(h) <= most, where count(h) is the number of ids whose
-// logit's order_key is >= h (non-increasing in h, and count(0) = vocab >= least): bisection that
-// stops at the first such h, usually long before the bisection to one value would. When no h has
-// at most `most` (ties), the largest h with count(h) >= least. Every thread calls it.
+// logit's order_key is >= h (non-increasing in h, and count(0) = vocab > most >= least): the search
+// on counts, ended at the first pass that finds such an h, usually long before the search to one
+// value would. When no h has at most `most` (ties), the largest h with count(h) >= least. Every
+// thread calls it.
 __device__ Floor floor_with_count_in(const Row& r, uint64_t max_hi, uint32_t least, uint32_t most) {
-    Floor lo{0, r.vocab};
-    uint64_t hi = max_hi;
-    while (lo.hi < hi) {
-        const uint64_t mid = upper_mid(lo.hi, hi);
-        const uint32_t count = count_from(r, Key{mid, 0u});
-        if (count >= least) {
-            lo = Floor{mid, count};
-            if (count <= most) break;
-        } else {
-            hi = mid - 1;
+    Floor f{0, r.vocab};
+    const auto judge = [&](const Candidates& c) {
+        uint32_t n[SEARCH_CANDIDATES];
+        count_at_candidates(r, c, n);
+        uint32_t holds = 0;
+#pragma unroll
+        for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) {
+            const bool ok = j < c.count && n[j] >= least;
+            if (ok) f = Floor{c.base + ((uint64_t)(j + 1) << c.shift), n[j]};
+            holds |= holds_bit(j, ok);
         }
-    }
-    return lo;
+        return Verdict{holds, f.count <= most};
+    };
+    largest_value(Candidates{false, 0, 0, 0, 0}, 0, max_hi, judge);
+    return f;
+}
+
+// The number of ids whose logit's order_key is above h. Every thread calls it.
+__device__ uint32_t count_above(const Row& r, uint64_t h) {
+    uint32_t n[SEARCH_CANDIDATES];
+    count_at_candidates(r, Candidates{false, 0, h, 0, 1}, n);
+    return n[0];
 }
 
 // top-k with k <= FAST_CAP, then top-p when p_active. max_hi: order_key of the top logit.
@@ -502,14 +612,14 @@ __device__ bool fast_top_k(const SampleParams& p, uint32_t row, const Row& r, ui
 // least gathered one.
 __device__ bool fast_top_p(const SampleParams& p, uint32_t row, const Row& r, uint64_t max_hi, float top_p,
                            Gathered& g) {
-    const double total = mass_from(r, Order::ByWeight, Key{0, 0u}, Key{0, 0u});
+    const double total = mass_from(r, Order::ByWeight, Key{0, 0u});
     // Every id when the row fits; else the ids at or above a floor with FAST_CAP / 2 to FAST_CAP ids
     // at or above it, or, when ties allow none, the next floor up (fewer than FAST_CAP / 2 ids; none
     // when more than FAST_CAP tie with the top).
     Floor f{0, r.vocab};
     if (r.vocab > FAST_CAP) {
         f = floor_with_count_in(r, max_hi, FAST_CAP / 2, FAST_CAP);
-        if (f.count > FAST_CAP) f = Floor{f.hi + 1, count_from(r, Key{f.hi + 1, 0u})};
+        if (f.count > FAST_CAP) f = Floor{f.hi + 1, count_above(r, f.hi)};
     }
     const uint64_t h = f.hi;
     const uint32_t n = f.count;
@@ -560,7 +670,7 @@ __device__ void fast_by_id(const SampleParams& p, uint32_t row, const Row& r, Ga
 }
 
 // The fast path of a row whose parameters and logits passed the checks: true when it wrote the id
-// (and advanced the random state), false when the bisection path must run (nothing changed).
+// (and advanced the random state), false when the search path must run (nothing changed).
 __device__ bool sample_fast(const SampleParams& p, uint32_t row, const Row& r, uint64_t max_hi, uint32_t top_k,
                             float top_p, bool k_active, bool p_active) {
     __shared__ Gathered g;
@@ -620,23 +730,44 @@ __device__ void sample_body(const SampleParams& p) {
     Key floor{0, 0u};
     if (k_active) {
         // The k-th key in score order: the largest t with count(key >= t) >= k.
-        floor = largest_key(max_hi, [&](const Key& t) { return count_from(r, t) >= top_k; });
+        floor = largest_key(r, max_hi, [&](const Candidates& c) {
+            uint32_t n[SEARCH_CANDIDATES];
+            count_at_candidates(r, c, n);
+            uint32_t holds = 0;
+#pragma unroll
+            for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) holds |= holds_bit(j, n[j] >= top_k);
+            return holds;
+        });
     }
     if (p_active) {
         // The shortest prefix of the kept whose mass reaches p * total: the largest t with
         // mass(key >= floor and >= t) >= threshold (t <= floor gives the total, which reaches it).
-        const double threshold = __dmul_rn((double)top_p, mass_from(r, order, floor, Key{0, 0u}));
-        floor = largest_key(max_hi, [&](const Key& t) { return mass_from(r, order, floor, t) >= threshold; });
+        const double threshold = __dmul_rn((double)top_p, mass_from(r, order, floor));
+        floor = largest_key(r, max_hi, [&](const Candidates& c) {
+            double m[SEARCH_CANDIDATES];
+            mass_at_candidates(r, order, floor, c, m);
+            uint32_t holds = 0;
+#pragma unroll
+            for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) holds |= holds_bit(j, m[j] >= threshold);
+            return holds;
+        });
     }
 
-    const double total = mass_from(r, order, floor, Key{0, 0u});
+    const double total = mass_from(r, order, floor);
     const double target = draw_target(p, row, total);
 
     Key chosen;
     if (total > target) {
         // The first token of the walk whose inclusive cumulative weight exceeds the target: the
         // largest t with mass(key >= floor and >= t) > target (t <= floor gives the total).
-        chosen = largest_key(max_hi, [&](const Key& t) { return mass_from(r, order, floor, t) > target; });
+        chosen = largest_key(r, max_hi, [&](const Candidates& c) {
+            double m[SEARCH_CANDIDATES];
+            mass_at_candidates(r, order, floor, c, m);
+            uint32_t holds = 0;
+#pragma unroll
+            for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) holds |= holds_bit(j, m[j] > target);
+            return holds;
+        });
     } else {
         chosen = last_positive(r, order, floor);
     }

@@ -566,7 +566,7 @@ pub const STRUCTS: &[ParamStruct] = &[
             field("out_ids", write(U32E), "`[rows]` drawn token ids, or SAMPLE_NON_FINITE / SAMPLE_BAD_PARAMS.").len("rows"),
             field("rows", U32, "Number of rows."),
             field("vocab", U32, "Row length."),
-            field("fast", U32, "1: the fast paths where they apply (the same ids in a few passes), else the bisections; 0: the bisections only."),
+            field("fast", U32, "1: the fast paths where they apply (the same ids in a few passes), else the search path; 0: the search path only."),
         ],
     },
 

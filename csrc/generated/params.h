@@ -736,7 +736,7 @@ typedef struct SampleParams {
     uint32_t rows;
     // Row length.
     uint32_t vocab;
-    // 1: the fast paths where they apply (the same ids in a few passes), else the bisections; 0: the bisections only.
+    // 1: the fast paths where they apply (the same ids in a few passes), else the search path; 0: the search path only.
     uint32_t fast;
 } SampleParams;
 MX_STATIC_ASSERT(sizeof(SampleParams) == 64, "SampleParams: size");

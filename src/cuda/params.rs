@@ -752,7 +752,7 @@ pub struct SampleParams {
     pub rows: u32,
     /// Row length.
     pub vocab: u32,
-    /// 1: the fast paths where they apply (the same ids in a few passes), else the bisections; 0: the bisections only.
+    /// 1: the fast paths where they apply (the same ids in a few passes), else the search path; 0: the search path only.
     pub fast: u32,
 }
 

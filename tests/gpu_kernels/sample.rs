@@ -1,5 +1,5 @@
 //! `sample` and `argmax` against the host sampler (`src/sampling`), `sample` both through its
-//! bisections only and through its fast paths: the same seed draws the same ids and leaves the same
+//! search path only and through its fast paths: the same seed draws the same ids and leaves the same
 //! random state; the draws over many rows follow the host's distribution
 //! (a chi-square bound, and never an id outside its support); top_k = 1 is argmax; argmax flags a
 //! row holding a NaN or an infinity; a row with a
@@ -58,7 +58,7 @@ fn state_buffer(stream: Stream<'_>, rows: &[RowParams]) -> Guarded<u64> {
     Guarded::with(stream, &states)
 }
 
-/// Both ways `sample` can run: its bisections only, and its fast paths where they apply.
+/// Both ways `sample` can run: its search path only, and its fast paths where they apply.
 const MODES: [bool; 2] = [false, true];
 
 /// Launches `sample` `draws` times on the same logits, state carried over, through its fast paths
@@ -500,9 +500,9 @@ fn top_p_alone_walks_in_weight_order_and_top_k_in_score_order() {
 }
 
 /// The fast paths at their limits, against the host sampler with both modes: top-k of exactly 1024
-/// (fast) and 1025 (bisections), the k-th logit tied by more than 1024 ids (bisections), top-p alone
-/// whose cut falls inside the 1024 highest logits (peaked rows: fast) or far beyond them (flat rows:
-/// bisections), more than 1024 ids tied at the top, and no filter over a vocabulary that is not a
+/// (fast) and 1025 (search path), the k-th logit tied by more than 1024 ids (search path), top-p
+/// alone whose cut falls inside the 1024 highest logits (peaked rows: fast) or far beyond them (flat
+/// rows: search path), more than 1024 ids tied at the top, and no filter over a vocabulary that is not a
 /// multiple of the block's 1024 runs.
 #[test]
 fn fast_paths_agree_with_the_host_at_their_limits() {

@@ -98,8 +98,9 @@ pub struct CudaEngineOptions {
     pub dependent_launches: bool,
     /// Device sampling (`step_sample`, `Engine::step_tokens` with sampled rows) through the `sample`
     /// kernel's fast paths: for top-k up to 1024 (with or without top-p), top-p alone when its cut
-    /// falls within the 1024 highest logits, and no filter, a few passes over the row instead of one
-    /// per bisection step; the same ids as the bisections (and the host sampler) up to rounding.
+    /// falls within the 1024 highest logits, and no filter, a few passes over the row instead of the
+    /// search path's 16 or more; the same ids as the search path (and the host sampler) up to
+    /// rounding.
     /// Off by default until run on hardware.
     pub fast_sampling: bool,
 }
