@@ -624,10 +624,14 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
     let mut part_out = b.zeros::<f32>(HEADS * max_splits * HEAD_DIM);
     let mut part_lse = b.zeros::<f32>(HEADS * max_splits);
     let mut split_done = b.zeros::<u32>(KV_HEADS);
-    for cached in [4096usize, 16384, 32000] {
+    // The scores on CUDA cores (`decode`) and on the tensor cores (`decode_mma`).
+    for (cached, (name, tensor_cores)) in [4096usize, 16384, 32000]
+        .into_iter()
+        .flat_map(|n| [(n, ("decode", false)), (n, ("decode_mma", true))])
+    {
         let positions = b.upload(&[cached as i32 - 1]);
         group.throughput(Throughput::Bytes((2 * cached * kv_width * 2) as u64));
-        group.bench_function(BenchmarkId::new("decode", cached), |bench| {
+        group.bench_function(BenchmarkId::new(name, cached), |bench| {
             bench.iter(|| {
                 ops::attention_decode(
                     &b.kernels,
@@ -641,6 +645,7 @@ fn attention_benches(c: &mut Criterion, b: &mut Bench) {
                         window: None,
                         split_keys,
                         multiprocessors: b.device.multiprocessors(),
+                        tensor_cores,
                     },
                     AttentionDecodeArgs {
                         q: q_rows,

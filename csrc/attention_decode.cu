@@ -37,8 +37,10 @@
 namespace {
 
 constexpr uint32_t WARPS = ATTENTION_THREADS / 32;
-// Key rows each lane loads before using them (both passes).
+// Key rows each lane loads before using them (both passes on CUDA cores).
 constexpr int UNROLL = 4;
+// 8-key groups a warp loads before using any in scores_mma (a lane's D/32 16-byte loads each).
+constexpr int MMA_UNROLL = 2;
 
 // First key and number of keys query token t attends to; count = 0 when its row or position is invalid.
 __device__ __forceinline__ void key_range(const AttentionDecodeParams& p, uint32_t t, int32_t& first,
@@ -173,34 +175,19 @@ __device__ void merge_if_last(const AttentionDecodeParams& p) {
     if (threadIdx.x == 0) *done = 0u;
 }
 
+// The scores of the split's keys (see attention_decode_body), on CUDA cores: each key row is read by
+// TG = D / 8 lanes with one 16-byte load each, the group's dot products summed over those lanes by
+// shuffles. Fills scores[g * sk + key] (-inf for a key off the block table), the last statement a
+// barrier (which also publishes the split's block-table entries).
 template <int D, int G>
-__device__ void attention_decode_body(const AttentionDecodeParams& p) {
-    static_assert(D % 8 == 0 && D / 8 <= 32 && 32 % (D / 8) == 0, "a key row is a power-of-two lane group");
+__device__ void scores_simt(const AttentionDecodeParams& p, const SplitBlocks& blocks, uint32_t t, uint32_t kvh,
+                            int32_t begin, int32_t nk, float* scores) {
     constexpr int TG = D / 8;    // lanes per key row, one 16-byte chunk each
     constexpr int KPW = 32 / TG;  // key rows per warp step
     __shared__ float q_s[G][D];
-    __shared__ float red[WARPS][G][D];
-    __shared__ float m_s[G], l_s[G];
-    float* scores = mx::dynamic_shared<float>();  // [G][split_keys]
-
-    const uint32_t split = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
-    if (t >= p.tokens || kvh >= p.n_kv_heads) return;  // uniform over the block
-    int32_t first, count;
-    key_range(p, t, first, count);
-    const uint32_t keys = split_keys_of(p, count);
-    if ((uint64_t)split * keys >= (uint64_t)count) {  // uniform: nothing in this split
-        if (count == 0 && split == 0) merge_splits<D, G>(p, t, kvh, 0);  // no key at all: zeros
-        return;
-    }
-    const int32_t begin = first + (int32_t)(split * keys);
-    const int32_t nk = min((int32_t)keys, first + count - begin);
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t sub = lane / TG, part = lane % TG;
     const uint32_t sk = p.split_keys;  // the row stride of `scores`
-
-    // The split's block-table entries (visible after the barrier below).
-    __shared__ long long block_entries[ATTENTION_MAX_SPLIT_KEYS];
-    const SplitBlocks blocks = read_split_blocks(p, p.token_seq[t], begin, nk, block_entries);
 
     // The group's queries, scaled so that the scores come out in log2 units.
     const float q_scale = p.scale * mx::LOG2E;
@@ -219,7 +206,7 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
 
     const size_t head_offset = (size_t)kvh * D + part * 8;
 
-    // Scores. The loop is uniform over the warp (the shuffles need every lane). Each lane looks up the
+    // The loop is uniform over the warp (the shuffles need every lane). Each lane looks up the
     // slots of its UNROLL keys, then issues their loads, then uses them: the keys a warp covers and each
     // key's score are those of a loop without the unrolling.
     constexpr int32_t STRIDE = WARPS * KPW;  // keys between a warp's consecutive steps
@@ -241,6 +228,125 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
         }
     }
     __syncthreads();
+}
+
+// The scores on the tensor cores (GROUP up to 8, head_dim 64 or 128): S = Q K^T by
+// mma.sync.m16n8k16, the group's query heads rows 0..G-1 of A (the other rows zero), 8 keys the
+// columns of B. Lane 4n + c (mma_bf16_16816's numbering) loads dimensions [c * D/4, (c + 1) * D/4)
+// of key n with D/32 16-byte loads, and each k-step's slots are matched to them in A and B alike:
+// step s, slots 2c..2c+1 and 2c+8..2c+9 are dimensions c * D/4 + 4s + 0..1 and 4s + 2..3. The
+// slots of a step are a permutation of 16 dimensions and the steps cover each dimension once, so
+// the sums are the dot products with no key row exchanged between lanes (the shuffled sums of
+// scores_simt are gone). A bf16 query times a bf16 key is exact in f32; the sums run in f32 in the
+// tensor cores' order, and the scale is applied to the f32 score (scores_simt scales the query).
+// Fills scores as scores_simt does, a barrier first (publishing the block-table entries) and last.
+template <int D, int G>
+__device__ void scores_mma(const AttentionDecodeParams& p, const SplitBlocks& blocks, uint32_t t, uint32_t kvh,
+                           int32_t begin, int32_t nk, float* scores) {
+    static_assert(G <= 8, "the group's heads fit rows 0..7 of one m16 tile");
+    static_assert(D == 64 || D == 128, "a lane's quarter of a key row is whole 16-byte loads");
+    constexpr int CHUNK = D / 4;      // dimensions per lane
+    constexpr int LOADS = CHUNK / 8;  // 16-byte loads per lane and key
+    constexpr int STEPS = D / 16;     // k-steps
+    const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t n = lane / 4, c = lane % 4;  // A row (query head) and B column (key); k-slot pair
+    const uint32_t sk = p.split_keys;           // the row stride of `scores`
+
+    // A: query head n of the group (zero past G), this lane's quarter of it.
+    uint32_t a[STEPS][4];
+    {
+        const mx_bf16* qh = p.q + (size_t)t * p.q_stride + ((size_t)kvh * G + min(n, (uint32_t)G - 1)) * D + c * CHUNK;
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s) {
+            a[s][0] = n < (uint32_t)G ? mx::pack_bits(qh[4 * s], qh[4 * s + 1]) : 0u;
+            a[s][2] = n < (uint32_t)G ? mx::pack_bits(qh[4 * s + 2], qh[4 * s + 3]) : 0u;
+            a[s][1] = a[s][3] = 0u;
+        }
+    }
+    __syncthreads();  // the block-table entries
+
+    const float scale = p.scale * mx::LOG2E;  // scores in log2 units
+    const size_t token_stride = (size_t)p.n_kv_heads * D;
+    const size_t offset = (size_t)kvh * D + c * CHUNK;
+    constexpr int32_t STRIDE = WARPS * 8;  // keys between a warp's consecutive 8-key groups
+    // Every warp runs the same number of steps (groups past nk load nothing), as scores_simt.
+    for (int32_t base = 0; base < nk; base += STRIDE * MMA_UNROLL) {
+        long long slot[MMA_UNROLL];
+        uint4 kr[MMA_UNROLL][LOADS];
+#pragma unroll
+        for (int u = 0; u < MMA_UNROLL; ++u) {
+            const int32_t kk = base + u * STRIDE + (int32_t)(warp * 8 + n);
+            slot[u] = kk < nk ? blocks.slot(begin + kk) : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < MMA_UNROLL; ++u) {
+#pragma unroll
+            for (int i = 0; i < LOADS; ++i) {
+                kr[u][i] = slot[u] >= 0 ? mx::load_stream_16(p.k_cache + (size_t)slot[u] * token_stride + offset + 8 * i)
+                                        : make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < MMA_UNROLL; ++u) {
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int s = 0; s < STEPS; ++s) {
+                // Dimensions 4s .. 4s + 3 of this lane's quarter: two words of load s / 2.
+                const uint4 w = kr[u][s / 2];
+                const uint32_t b0 = s % 2 == 0 ? w.x : w.z;
+                const uint32_t b1 = s % 2 == 0 ? w.y : w.w;
+                mx::mma_bf16_16816(d, a[s], b0, b1);
+            }
+            // d[0..1]: query head n, keys 2c and 2c + 1 of the group.
+            const int32_t group = base + u * STRIDE + (int32_t)warp * 8;
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int32_t kk = group + 2 * (int32_t)c + j;
+                if (n < (uint32_t)G && kk < nk) {
+                    scores[n * sk + kk] = blocks.slot(begin + kk) >= 0 ? d[j] * scale : -INFINITY;
+                }
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// One split of one (token, KV head): its scores on CUDA cores or, with MMA, on the tensor cores, then
+// the softmax over them, P.V and the merge.
+template <int D, int G, bool MMA>
+__device__ void attention_decode_body(const AttentionDecodeParams& p) {
+    static_assert(D % 8 == 0 && D / 8 <= 32 && 32 % (D / 8) == 0, "a key row is a power-of-two lane group");
+    constexpr int TG = D / 8;    // lanes per key row in P.V, one 16-byte chunk each
+    constexpr int KPW = 32 / TG;  // key rows per warp step
+    __shared__ float red[WARPS][G][D];
+    __shared__ float m_s[G], l_s[G];
+    float* scores = mx::dynamic_shared<float>();  // [G][split_keys]
+
+    const uint32_t split = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
+    if (t >= p.tokens || kvh >= p.n_kv_heads) return;  // uniform over the block
+    int32_t first, count;
+    key_range(p, t, first, count);
+    const uint32_t keys = split_keys_of(p, count);
+    if ((uint64_t)split * keys >= (uint64_t)count) {  // uniform: nothing in this split
+        if (count == 0 && split == 0) merge_splits<D, G>(p, t, kvh, 0);  // no key at all: zeros
+        return;
+    }
+    const int32_t begin = first + (int32_t)(split * keys);
+    const int32_t nk = min((int32_t)keys, first + count - begin);
+    const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t sub = lane / TG, part = lane % TG;
+    const uint32_t sk = p.split_keys;  // the row stride of `scores`
+
+    // The split's block-table entries (visible after the first barrier of the scores).
+    __shared__ long long block_entries[ATTENTION_MAX_SPLIT_KEYS];
+    const SplitBlocks blocks = read_split_blocks(p, p.token_seq[t], begin, nk, block_entries);
+    if constexpr (MMA) {
+        scores_mma<D, G>(p, blocks, t, kvh, begin, nk, scores);
+    } else {
+        scores_simt<D, G>(p, blocks, t, kvh, begin, nk, scores);
+    }
+    const size_t head_offset = (size_t)kvh * D + part * 8;
+    constexpr int32_t STRIDE = WARPS * KPW;  // keys between a warp's consecutive P.V steps
 
     // Softmax statistics; warp w handles heads w, w + WARPS, ... Every warp takes the same number of
     // rounds (a warp without a head in a round reads nothing), so the shuffles stay in code that every
@@ -333,6 +439,12 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
 
 #define MX_DEFINE(symbol, HEAD_DIM, GROUP)                       \
     MX_ENTRY(symbol, (ATTENTION_THREADS), AttentionDecodeParams, \
-        attention_decode_body<HEAD_DIM, GROUP>(p))
+        attention_decode_body<HEAD_DIM, GROUP, false>(p))
 MIXTRAL_ATTENTION_DECODE_VARIANTS(MX_DEFINE)
+#undef MX_DEFINE
+
+#define MX_DEFINE(symbol, HEAD_DIM, GROUP)                       \
+    MX_ENTRY(symbol, (ATTENTION_THREADS), AttentionDecodeParams, \
+        attention_decode_body<HEAD_DIM, GROUP, true>(p))
+MIXTRAL_ATTENTION_DECODE_MMA_VARIANTS(MX_DEFINE)
 #undef MX_DEFINE

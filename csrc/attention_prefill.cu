@@ -70,14 +70,9 @@ static_assert(ROWS == WARPS * 16, "each warp owns one 16-row MMA tile of query r
 static_assert(KEYS == 32, "lane l of every warp resolves key l of a tile; absent_s holds one bit per key");
 static_assert(PAD % 8 == 0, "shared rows stay 16-byte aligned");
 
-// Two bf16 values (raw bits) as one register, `lo` in the low half.
-__device__ __forceinline__ uint32_t pack_bits(mx_bf16 lo, mx_bf16 hi) {
-    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
-}
-
 // Two f32 values rounded to bf16 (nearest even) as one register, `lo` in the low half.
 __device__ __forceinline__ uint32_t pack_f32(float lo, float hi) {
-    return pack_bits(mx::to_bf16(lo), mx::to_bf16(hi));
+    return mx::pack_bits(mx::to_bf16(lo), mx::to_bf16(hi));
 }
 
 // The first key position the query at `pos` sees (window 0: no window).
@@ -185,10 +180,10 @@ __device__ void attention_prefill_body(const AttentionPrefillParams& p) {
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
             const uint32_t col = kk * 16 + c * 2;
-            qa[kk][0] = pack_bits(q0[col], q0[col + 1]);
-            qa[kk][1] = pack_bits(q1[col], q1[col + 1]);
-            qa[kk][2] = pack_bits(q0[col + 8], q0[col + 9]);
-            qa[kk][3] = pack_bits(q1[col + 8], q1[col + 9]);
+            qa[kk][0] = mx::pack_bits(q0[col], q0[col + 1]);
+            qa[kk][1] = mx::pack_bits(q1[col], q1[col + 1]);
+            qa[kk][2] = mx::pack_bits(q0[col + 8], q0[col + 9]);
+            qa[kk][3] = mx::pack_bits(q1[col + 8], q1[col + 9]);
         }
     }
 

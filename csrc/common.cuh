@@ -60,6 +60,11 @@ __device__ __forceinline__ float to_f32(float v) { return v; }
 // f32 -> bf16, round to nearest even.
 __device__ __forceinline__ mx_bf16 to_bf16(float v) { return __float2bfloat16_rn(v); }
 
+// Two bf16 values (raw bits) as one register, `lo` in the low half (an mma fragment's pair).
+__device__ __forceinline__ uint32_t pack_bits(mx_bf16 lo, mx_bf16 hi) {
+    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+
 // A 16-byte load of data read once per kernel (weights): read-only path, no L1 allocation.
 __device__ __forceinline__ uint4 load_stream_16(const void* ptr) {
 #ifdef MX_EMULATOR

@@ -197,6 +197,29 @@ const fn v(value: u32, label: &'static str) -> AxisValue {
 use Elem::{Bf16, Void, F32, I32, U32 as U32E, U64, U8};
 use Ty::{F32 as F32T, U32};
 
+/// Scalar fields that several parameter structs share: a struct holding every member (as `u32`
+/// scalars) has one field `field` of type `type_name` in its Rust scalars instead of the members
+/// (its C struct keeps them flat).
+#[derive(Debug, Clone, Copy)]
+pub struct ScalarGroup {
+    /// The field of the scalars holding the group, e.g. `cache`.
+    pub field: &'static str,
+    /// The Rust type of the group, e.g. `PagedCacheScalars`.
+    pub type_name: &'static str,
+    /// What the group describes.
+    pub doc: &'static str,
+    /// The member fields, in declaration order.
+    pub members: &'static [&'static str],
+}
+
+/// Every scalar group.
+pub const SCALAR_GROUPS: &[ScalarGroup] = &[ScalarGroup {
+    field: "cache",
+    type_name: "PagedCacheScalars",
+    doc: "The paged KV cache's extents as the kernels reading or writing it take them.",
+    members: &["block_size", "max_blocks_per_seq", "num_blocks", "num_seqs"],
+}];
+
 /// Compile-time constants shared by kernels and launchers.
 pub const CONSTANTS: &[Constant] = &[
     Constant { name: "EMBEDDING_THREADS", value: 256, doc: "Threads per block of `embedding` (one block per token)." },
@@ -742,6 +765,22 @@ pub const FAMILIES: &[Family] = &[
             Axis {
                 name: "GROUP",
                 values: &[v(1, "g1"), v(2, "g2"), v(4, "g4"), v(6, "g6"), v(8, "g8")],
+            },
+        ],
+    },
+    Family {
+        name: "attention_decode_mma",
+        rust_name: "AttentionDecodeMma",
+        file: "attention_decode",
+        params: "AttentionDecodeParams",
+        axes: &[
+            Axis {
+                name: "HEAD_DIM",
+                values: &[v(64, "d64"), v(128, "d128")],
+            },
+            Axis {
+                name: "GROUP",
+                values: &[v(4, "g4"), v(6, "g6"), v(8, "g8")],
             },
         ],
     },

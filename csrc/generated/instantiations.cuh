@@ -74,6 +74,15 @@
     X(attention_decode_d128_g6, 128, 6) \
     X(attention_decode_d128_g8, 128, 8)
 
+// attention_decode_mma (csrc/attention_decode.cu, takes AttentionDecodeParams): X(symbol, HEAD_DIM, GROUP)
+#define MIXTRAL_ATTENTION_DECODE_MMA_VARIANTS(X) \
+    X(attention_decode_mma_d64_g4, 64, 4) \
+    X(attention_decode_mma_d64_g6, 64, 6) \
+    X(attention_decode_mma_d64_g8, 64, 8) \
+    X(attention_decode_mma_d128_g4, 128, 4) \
+    X(attention_decode_mma_d128_g6, 128, 6) \
+    X(attention_decode_mma_d128_g8, 128, 8)
+
 // argmax (csrc/sampling.cu, takes ArgmaxParams): X(symbol)
 #define MIXTRAL_ARGMAX_VARIANTS(X) \
     X(argmax)
@@ -262,6 +271,7 @@
     MIXTRAL_MOE_MMA_UP_VARIANTS(X) \
     MIXTRAL_MOE_MMA_DOWN_VARIANTS(X) \
     MIXTRAL_ATTENTION_DECODE_VARIANTS(X) \
+    MIXTRAL_ATTENTION_DECODE_MMA_VARIANTS(X) \
     MIXTRAL_ARGMAX_VARIANTS(X) \
     MIXTRAL_LINEAR_GEMV_VARIANTS(X) \
     MIXTRAL_LINEAR_MMA_VARIANTS(X) \

@@ -13,6 +13,19 @@ use super::memory::{AnyView, AnyViewMut, Rows, RowsMut, View, ViewMut};
 use super::params::*;
 use super::checks::{aligned, need, need_rows, product, stride};
 
+/// The paged KV cache's extents as the kernels reading or writing it take them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PagedCacheScalars {
+    /// Tokens per cache block.
+    pub block_size: u32,
+    /// Columns of `block_tables`.
+    pub max_blocks_per_seq: u32,
+    /// Blocks in the cache.
+    pub num_blocks: u32,
+    /// Rows of `block_tables`.
+    pub num_seqs: u32,
+}
+
 /// The device buffers of [`EmbeddingParams`].
 #[derive(Debug)]
 pub struct EmbeddingArgs<'a> {
@@ -136,14 +149,8 @@ pub struct RopeKvScalars {
     pub n_kv_heads: u32,
     /// Head dimension (even).
     pub head_dim: u32,
-    /// Tokens per cache block.
-    pub block_size: u32,
-    /// Columns of `block_tables`.
-    pub max_blocks_per_seq: u32,
-    /// Blocks in the cache.
-    pub num_blocks: u32,
-    /// Rows of `block_tables`.
-    pub num_seqs: u32,
+    /// The paged KV cache's extents as the kernels reading or writing it take them.
+    pub cache: PagedCacheScalars,
 }
 
 impl RopeKvArgs<'_> {
@@ -156,9 +163,9 @@ impl RopeKvArgs<'_> {
         need_rows(op, "k", (self.k.rows(), self.k.width()), u128::from(s.tokens), product(&[u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
         let v_stride = stride(op, "v", self.v.stride())?;
         need_rows(op, "v", (self.v.rows(), self.v.width()), u128::from(s.tokens), product(&[u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
-        need(op, "k_cache", self.k_cache.len(), product(&[u128::from(s.num_blocks), u128::from(s.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
-        need(op, "v_cache", self.v_cache.len(), product(&[u128::from(s.num_blocks), u128::from(s.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
-        need(op, "block_tables", self.block_tables.len(), product(&[u128::from(s.num_seqs), u128::from(s.max_blocks_per_seq)]))?;
+        need(op, "k_cache", self.k_cache.len(), product(&[u128::from(s.cache.num_blocks), u128::from(s.cache.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
+        need(op, "v_cache", self.v_cache.len(), product(&[u128::from(s.cache.num_blocks), u128::from(s.cache.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
+        need(op, "block_tables", self.block_tables.len(), product(&[u128::from(s.cache.num_seqs), u128::from(s.cache.max_blocks_per_seq)]))?;
         need(op, "token_seq", self.token_seq.len(), u128::from(s.tokens))?;
         need(op, "positions", self.positions.len(), u128::from(s.tokens))?;
         need(op, "inv_freq", self.inv_freq.len(), u128::from(s.head_dim) / 2)?;
@@ -179,10 +186,10 @@ impl RopeKvArgs<'_> {
             q_stride,
             k_stride,
             v_stride,
-            block_size: s.block_size,
-            max_blocks_per_seq: s.max_blocks_per_seq,
-            num_blocks: s.num_blocks,
-            num_seqs: s.num_seqs,
+            block_size: s.cache.block_size,
+            max_blocks_per_seq: s.cache.max_blocks_per_seq,
+            num_blocks: s.cache.num_blocks,
+            num_seqs: s.cache.num_seqs,
         })
     }
 }
@@ -588,14 +595,8 @@ pub struct AttentionDecodeScalars {
     pub n_kv_heads: u32,
     /// Head dimension.
     pub head_dim: u32,
-    /// Tokens per cache block.
-    pub block_size: u32,
-    /// Columns of `block_tables`.
-    pub max_blocks_per_seq: u32,
-    /// Blocks in the cache.
-    pub num_blocks: u32,
-    /// Rows of `block_tables`.
-    pub num_seqs: u32,
+    /// The paged KV cache's extents as the kernels reading or writing it take them.
+    pub cache: PagedCacheScalars,
     /// Sliding window W (keys per query, itself included); 0 = full causal.
     pub window: u32,
     /// Most keys per split (at most ATTENTION_MAX_SPLIT_KEYS).
@@ -614,11 +615,11 @@ impl AttentionDecodeArgs<'_> {
     pub fn params(&self, op: &'static str, s: &AttentionDecodeScalars) -> Result<AttentionDecodeParams, CudaError> {
         let q_stride = stride(op, "q", self.q.stride())?;
         need_rows(op, "q", (self.q.rows(), self.q.width()), u128::from(s.tokens), product(&[u128::from(s.n_heads), u128::from(s.head_dim)]))?;
-        need(op, "k_cache", self.k_cache.len(), product(&[u128::from(s.num_blocks), u128::from(s.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
+        need(op, "k_cache", self.k_cache.len(), product(&[u128::from(s.cache.num_blocks), u128::from(s.cache.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
         aligned(op, "k_cache", self.k_cache.address())?;
-        need(op, "v_cache", self.v_cache.len(), product(&[u128::from(s.num_blocks), u128::from(s.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
+        need(op, "v_cache", self.v_cache.len(), product(&[u128::from(s.cache.num_blocks), u128::from(s.cache.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
         aligned(op, "v_cache", self.v_cache.address())?;
-        need(op, "block_tables", self.block_tables.len(), product(&[u128::from(s.num_seqs), u128::from(s.max_blocks_per_seq)]))?;
+        need(op, "block_tables", self.block_tables.len(), product(&[u128::from(s.cache.num_seqs), u128::from(s.cache.max_blocks_per_seq)]))?;
         need(op, "token_seq", self.token_seq.len(), u128::from(s.tokens))?;
         need(op, "positions", self.positions.len(), u128::from(s.tokens))?;
         need(op, "out", self.out.len(), product(&[u128::from(s.tokens), u128::from(s.n_heads), u128::from(s.head_dim)]))?;
@@ -641,10 +642,10 @@ impl AttentionDecodeArgs<'_> {
             n_kv_heads: s.n_kv_heads,
             head_dim: s.head_dim,
             q_stride,
-            block_size: s.block_size,
-            max_blocks_per_seq: s.max_blocks_per_seq,
-            num_blocks: s.num_blocks,
-            num_seqs: s.num_seqs,
+            block_size: s.cache.block_size,
+            max_blocks_per_seq: s.cache.max_blocks_per_seq,
+            num_blocks: s.cache.num_blocks,
+            num_seqs: s.cache.num_seqs,
             window: s.window,
             split_keys: s.split_keys,
             max_splits: s.max_splits,
@@ -813,14 +814,8 @@ pub struct AttentionPrefillScalars {
     pub n_kv_heads: u32,
     /// Head dimension (the instantiation's HEAD_DIM).
     pub head_dim: u32,
-    /// Tokens per cache block.
-    pub block_size: u32,
-    /// Columns of `block_tables`.
-    pub max_blocks_per_seq: u32,
-    /// Blocks in the cache.
-    pub num_blocks: u32,
-    /// Rows of `block_tables`.
-    pub num_seqs: u32,
+    /// The paged KV cache's extents as the kernels reading or writing it take them.
+    pub cache: PagedCacheScalars,
     /// Sliding window W (keys per query, itself included); 0 = full causal.
     pub window: u32,
     /// Score scale, 1 / sqrt(head_dim).
@@ -833,11 +828,11 @@ impl AttentionPrefillArgs<'_> {
     pub fn params(&self, op: &'static str, s: &AttentionPrefillScalars) -> Result<AttentionPrefillParams, CudaError> {
         let q_stride = stride(op, "q", self.q.stride())?;
         need_rows(op, "q", (self.q.rows(), self.q.width()), u128::from(s.tokens), product(&[u128::from(s.n_heads), u128::from(s.head_dim)]))?;
-        need(op, "k_cache", self.k_cache.len(), product(&[u128::from(s.num_blocks), u128::from(s.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
+        need(op, "k_cache", self.k_cache.len(), product(&[u128::from(s.cache.num_blocks), u128::from(s.cache.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
         aligned(op, "k_cache", self.k_cache.address())?;
-        need(op, "v_cache", self.v_cache.len(), product(&[u128::from(s.num_blocks), u128::from(s.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
+        need(op, "v_cache", self.v_cache.len(), product(&[u128::from(s.cache.num_blocks), u128::from(s.cache.block_size), u128::from(s.n_kv_heads), u128::from(s.head_dim)]))?;
         aligned(op, "v_cache", self.v_cache.address())?;
-        need(op, "block_tables", self.block_tables.len(), product(&[u128::from(s.num_seqs), u128::from(s.max_blocks_per_seq)]))?;
+        need(op, "block_tables", self.block_tables.len(), product(&[u128::from(s.cache.num_seqs), u128::from(s.cache.max_blocks_per_seq)]))?;
         need(op, "out", self.out.len(), product(&[u128::from(s.tokens), u128::from(s.n_heads), u128::from(s.head_dim)]))?;
         Ok(AttentionPrefillParams {
             q: self.q.address(),
@@ -852,10 +847,10 @@ impl AttentionPrefillArgs<'_> {
             n_kv_heads: s.n_kv_heads,
             head_dim: s.head_dim,
             q_stride,
-            block_size: s.block_size,
-            max_blocks_per_seq: s.max_blocks_per_seq,
-            num_blocks: s.num_blocks,
-            num_seqs: s.num_seqs,
+            block_size: s.cache.block_size,
+            max_blocks_per_seq: s.cache.max_blocks_per_seq,
+            num_blocks: s.cache.num_blocks,
+            num_seqs: s.cache.num_seqs,
             window: s.window,
             scale: s.scale,
         })

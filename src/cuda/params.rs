@@ -987,6 +987,8 @@ pub enum KernelFamily {
     MoeMmaDown,
     /// `attention_decode` in csrc/attention_decode.cu, taking [`AttentionDecodeParams`].
     AttentionDecode,
+    /// `attention_decode_mma` in csrc/attention_decode.cu, taking [`AttentionDecodeParams`].
+    AttentionDecodeMma,
     /// `argmax` in csrc/sampling.cu, taking [`ArgmaxParams`].
     Argmax,
     /// `linear_gemv` in csrc/linear.cu, taking [`LinearParams`].
@@ -1027,7 +1029,7 @@ pub enum KernelFamily {
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 27] = [
+    pub const ALL: [KernelFamily; 28] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -1037,6 +1039,7 @@ impl KernelFamily {
         KernelFamily::MoeMmaUp,
         KernelFamily::MoeMmaDown,
         KernelFamily::AttentionDecode,
+        KernelFamily::AttentionDecodeMma,
         KernelFamily::Argmax,
         KernelFamily::LinearGemv,
         KernelFamily::LinearMma,
@@ -1074,6 +1077,7 @@ impl KernelFamily {
             KernelFamily::MoeMmaUp => "moe_mma_up",
             KernelFamily::MoeMmaDown => "moe_mma_down",
             KernelFamily::AttentionDecode => "attention_decode",
+            KernelFamily::AttentionDecodeMma => "attention_decode_mma",
             KernelFamily::Argmax => "argmax",
             KernelFamily::LinearGemv => "linear_gemv",
             KernelFamily::LinearMma => "linear_mma",
@@ -1107,6 +1111,7 @@ impl KernelFamily {
             KernelFamily::MoeMmaUp => &["MAX_NT"],
             KernelFamily::MoeMmaDown => &["MAX_NT"],
             KernelFamily::AttentionDecode => &["HEAD_DIM", "GROUP"],
+            KernelFamily::AttentionDecodeMma => &["HEAD_DIM", "GROUP"],
             KernelFamily::Argmax => &[],
             KernelFamily::LinearGemv => &["TILE", "OUT_F32"],
             KernelFamily::LinearMma => &["OUT_F32"],
@@ -1388,6 +1393,42 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         family: KernelFamily::AttentionDecode,
         module: "attention_decode",
         symbol: "attention_decode_d128_g8",
+        consts: &[128, 8],
+    },
+    KernelVariant {
+        family: KernelFamily::AttentionDecodeMma,
+        module: "attention_decode",
+        symbol: "attention_decode_mma_d64_g4",
+        consts: &[64, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::AttentionDecodeMma,
+        module: "attention_decode",
+        symbol: "attention_decode_mma_d64_g6",
+        consts: &[64, 6],
+    },
+    KernelVariant {
+        family: KernelFamily::AttentionDecodeMma,
+        module: "attention_decode",
+        symbol: "attention_decode_mma_d64_g8",
+        consts: &[64, 8],
+    },
+    KernelVariant {
+        family: KernelFamily::AttentionDecodeMma,
+        module: "attention_decode",
+        symbol: "attention_decode_mma_d128_g4",
+        consts: &[128, 4],
+    },
+    KernelVariant {
+        family: KernelFamily::AttentionDecodeMma,
+        module: "attention_decode",
+        symbol: "attention_decode_mma_d128_g6",
+        consts: &[128, 6],
+    },
+    KernelVariant {
+        family: KernelFamily::AttentionDecodeMma,
+        module: "attention_decode",
+        symbol: "attention_decode_mma_d128_g8",
         consts: &[128, 8],
     },
     KernelVariant {

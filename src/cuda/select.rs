@@ -20,7 +20,8 @@
 //!   ranges (bf16 experts up to [`MOE_MMA_DECODE_MAX_TOKENS`] tokens, past the bf16 GEMV) for bf16
 //!   weights and the packed ones they read ([`Format::PackedMma`], and the 8-bit [`Format::Q8`]):
 //!   each weight is read (and decoded) once per pass of up to 32 tokens, the multiply-adds on the
-//!   tensor cores.
+//!   tensor cores; and decode attention computes its scores on the tensor cores where a variant is
+//!   compiled for the shape ([`attention_decode_on_tensor_cores`]).
 
 use std::fmt::Write as _;
 
@@ -227,6 +228,13 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
     }
 }
 
+/// Whether decode attention computes its scores on the tensor cores (`attention_decode_mma`, else
+/// `attention_decode`): where asked for ([`Device::mma_decode`]) and compiled for the shape, a head
+/// dimension of 64 or 128 and a GQA group of 4, 6 or 8 query heads per KV head.
+pub fn attention_decode_on_tensor_cores(device: Device, head_dim: usize, group: usize) -> bool {
+    device.mma_decode && matches!(head_dim, 64 | 128) && matches!(group, 4 | 6 | 8)
+}
+
 /// The token ranges over which `select(op, .., format, device)` stays the same, with its choice:
 /// `("1-16", ..)`, ..., the last open (`"17+"`). Every threshold is far below
 /// `4 * QUANT_MOE_GEMV_MAX_TOKENS`; past it the choice no longer changes.
@@ -276,6 +284,10 @@ pub fn table() -> String {
             }
         }
     }
+    out.push_str(
+        "attention   decode: scores on the tensor cores (attention_decode_mma) with decode mma, \
+         head_dim 64 or 128 and 4, 6 or 8 query heads per KV head; else attention_decode\n",
+    );
     out
 }
 
@@ -433,7 +445,33 @@ mod tests {
         // The plain packed rows do not change with the request, so they are listed once.
         assert!(!text.contains("packed     mma      mma"));
         // 2 ops x 4 formats x 3 grouped kernels, two ranges each, plus the rows with the request
-        // for bf16, q8 and packedmma (two ranges each), plus the header.
-        assert_eq!(text.lines().count(), 1 + 48 + 36);
+        // for bf16, q8 and packedmma (two ranges each), plus the header and the attention line.
+        assert_eq!(text.lines().count(), 1 + 48 + 36 + 1);
+        assert!(text.ends_with("else attention_decode\n"));
+    }
+
+    #[test]
+    fn decode_attention_takes_the_tensor_cores_only_where_asked_for_and_compiled() {
+        let device = |mma_decode| Device {
+            grouped: GroupedKernel::Mma,
+            mma_decode,
+        };
+        // Mixtral-8x7B: head_dim 128, 32 query heads over 8 KV heads.
+        assert!(attention_decode_on_tensor_cores(device(true), 128, 4));
+        assert!(!attention_decode_on_tensor_cores(device(false), 128, 4));
+        for (head_dim, group) in [(64, 6), (64, 8), (128, 8)] {
+            assert!(attention_decode_on_tensor_cores(
+                device(true),
+                head_dim,
+                group
+            ));
+        }
+        for (head_dim, group) in [(128, 1), (128, 2), (32, 4), (16, 8), (128, 3)] {
+            assert!(!attention_decode_on_tensor_cores(
+                device(true),
+                head_dim,
+                group
+            ));
+        }
     }
 }

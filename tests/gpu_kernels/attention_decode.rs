@@ -3,7 +3,8 @@
 //! tokens at its last positions, listed in an order other than their block-table rows; random
 //! head_dim (every compiled value), GQA groups 1/2/4, block sizes 1..=16 with shuffled block tables,
 //! split sizes from 1 key to the maximum, windows shorter and longer than the sequences and none,
-//! and a padding token (no sequence: zeros). Each case launches twice over the same split
+//! and a padding token (no sequence: zeros); the same with the scores on the tensor cores
+//! (`attention_decode_mma`: head_dim 64 and 128, groups 4, 6 and 8). Each case launches twice over the same split
 //! counters, which must come back to 0, with the same output. The split scratch buffers are
 //! guard-banded too.
 
@@ -35,13 +36,22 @@ struct Case {
     multiprocessors: usize,
     fused_q: bool,
     seed: u64,
+    /// The scores on the tensor cores.
+    tensor_cores: bool,
 }
 
-fn cases() -> impl Strategy<Value = Case> {
+/// Random cases on CUDA cores (every compiled head_dim, groups 1, 2 and 4) or, with
+/// `tensor_cores`, on the tensor cores (the shapes they are compiled for).
+fn cases(tensor_cores: bool) -> impl Strategy<Value = Case> {
+    let (head_dims, groups) = if tensor_cores {
+        (vec![64usize, 128], vec![4usize, 6, 8])
+    } else {
+        (vec![16, 32, 64, 128], vec![1, 2, 4])
+    };
     (
         (
-            prop_oneof![Just(16usize), Just(32), Just(64), Just(128)],
-            prop_oneof![Just(1usize), Just(2), Just(4)],
+            prop::sample::select(head_dims),
+            prop::sample::select(groups),
             1usize..=2,
             1usize..=16,
         ),
@@ -59,7 +69,7 @@ fn cases() -> impl Strategy<Value = Case> {
         ),
     )
         .prop_map(
-            |(
+            move |(
                 (head_dim, group, kv_heads, block_size),
                 seqs,
                 (window, split_keys, multiprocessors, fused_q, seed),
@@ -76,6 +86,7 @@ fn cases() -> impl Strategy<Value = Case> {
                     multiprocessors,
                     fused_q,
                     seed,
+                    tensor_cores,
                 }
             },
         )
@@ -148,6 +159,7 @@ fn check(gpu: &Target, case: &Case) {
         window: case.window,
         split_keys: case.split_keys,
         multiprocessors: case.multiprocessors,
+        tensor_cores: case.tensor_cores,
     };
     // Two launches on the same counters: the second merges as the first did.
     let mut rounds = Vec::new();
@@ -206,17 +218,32 @@ fn check(gpu: &Target, case: &Case) {
     );
 }
 
-#[test]
-fn attention_decode_matches_the_cpu_reference() {
-    let gpu = common::target("attention_decode_matches_the_cpu_reference");
+/// 16 random cases of `cases(tensor_cores)` against the CPU reference.
+fn matches_the_cpu_reference(name: &str, tensor_cores: bool) {
+    let gpu = common::target(name);
     let mut runner = TestRunner::new(Config {
         cases: 16,
         ..Config::default()
     });
-    if let Err(e) = runner.run(&cases(), |case| {
+    if let Err(e) = runner.run(&cases(tensor_cores), |case| {
         check(&gpu, &case);
         Ok(())
     }) {
         panic!("{e}");
     }
+}
+
+#[test]
+fn attention_decode_matches_the_cpu_reference() {
+    matches_the_cpu_reference("attention_decode_matches_the_cpu_reference", false);
+}
+
+/// The tensor-core scores: the same bound, derived for f32 sums, holds (a bf16 product is exact in
+/// f32 and the tensor cores sum in f32).
+#[test]
+fn attention_decode_on_tensor_cores_matches_the_cpu_reference() {
+    matches_the_cpu_reference(
+        "attention_decode_on_tensor_cores_matches_the_cpu_reference",
+        true,
+    );
 }

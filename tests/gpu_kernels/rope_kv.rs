@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use half::bf16;
 use mixtral::cpu::rope::Rope;
-use mixtral::cuda::args::{RopeKvArgs, RopeKvScalars};
+use mixtral::cuda::args::{PagedCacheScalars, RopeKvArgs, RopeKvScalars};
 use mixtral::cuda::ops::{rope_kv, rope_kv_emulated};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -104,10 +104,12 @@ fn rope_kv_rotates_and_fills_the_paged_cache() {
                     n_heads: n_heads as u32,
                     n_kv_heads: n_kv_heads as u32,
                     head_dim: head_dim as u32,
-                    block_size: block_size as u32,
-                    max_blocks_per_seq: max_blocks_per_seq as u32,
-                    num_blocks: num_blocks as u32,
-                    num_seqs: num_seqs as u32,
+                    cache: PagedCacheScalars {
+                        block_size: block_size as u32,
+                        max_blocks_per_seq: max_blocks_per_seq as u32,
+                        num_blocks: num_blocks as u32,
+                        num_seqs: num_seqs as u32,
+                    },
                 };
                 let cache_len = num_blocks * block_size * kv_width;
                 let positions_i32: Vec<i32> = positions.iter().map(|&p| p as i32).collect();

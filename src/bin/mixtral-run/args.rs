@@ -38,7 +38,7 @@ options:
     --cuda-kernels LIST    CUDA kernels that are off by default, comma-separated: wgmma (Hopper
                            warpgroup-MMA prefill experts), cutlass (CUTLASS's Hopper GEMMs for
                            the prefill experts and projections), mma-decode (tensor-core decode
-                           products), pdl (programmatic dependent launches, H100/H200),
+                           products and attention scores), pdl (programmatic dependent launches, H100/H200),
                            fast-sample (device sampling in a few passes); each checks itself at
                            load where it can (default none)
     --max-context N        longest sequence in tokens (default: the model's max_position_embeddings)

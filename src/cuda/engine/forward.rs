@@ -33,6 +33,7 @@ use super::super::module::Kernels;
 use super::super::ops::{
     self, AttentionDecodeShape, AttentionPrefillShape, LinearCutlassScratch, PagedCacheShape,
 };
+use super::super::select::{self, Device};
 use super::inputs::PrefillPiece;
 use super::matrix::{self, DeviceMatrix, ExpertIo, GroupedExperts, ProductScratch, Products};
 use super::plan::{Activations, Dims, Inputs, LayerCache, Plan, Routing, SPLIT_KEYS};
@@ -308,16 +309,12 @@ impl Step<'_> {
                 "the q/k/v buffer is not whole rows of q, k and v".into(),
             ));
         };
-        let c = self.cache;
         let s = RopeKvScalars {
             tokens: self.tokens,
             n_heads: d.heads as u32,
             n_kv_heads: d.kv_heads as u32,
             head_dim: d.head_dim as u32,
-            block_size: c.block_size as u32,
-            max_blocks_per_seq: c.max_blocks_per_seq as u32,
-            num_blocks: c.num_blocks as u32,
-            num_seqs: c.num_seqs as u32,
+            cache: self.cache.into(),
         };
         let args = RopeKvArgs {
             q: q.reborrow(),
@@ -339,10 +336,18 @@ impl Step<'_> {
                     n_heads: d.heads,
                     n_kv_heads: d.kv_heads,
                     head_dim: d.head_dim,
-                    cache: c,
+                    cache: self.cache,
                     window: d.window,
                     split_keys: SPLIT_KEYS,
                     multiprocessors: self.multiprocessors,
+                    tensor_cores: select::attention_decode_on_tensor_cores(
+                        Device {
+                            mma_decode: self.mma_decode,
+                            ..Device::default()
+                        },
+                        d.head_dim,
+                        d.heads / d.kv_heads.max(1),
+                    ),
                 };
                 let args = AttentionDecodeArgs {
                     q,
@@ -380,7 +385,7 @@ impl Step<'_> {
                         n_heads: d.heads,
                         n_kv_heads: d.kv_heads,
                         head_dim: d.head_dim,
-                        cache: c,
+                        cache: self.cache,
                         window: d.window,
                     };
                     let args = AttentionPrefillArgs {

@@ -86,7 +86,10 @@ pub struct CudaEngineOptions {
     /// Run the decode products of packed weights the tensor-core decode kernels read (FP8, INT8,
     /// and INT4 in groups of multiples of 128 columns; no act-order permutation) on those kernels
     /// (`qlinear_mma`, `qmoe_mma_*`) instead of the GEMVs: the same values, the multiply-adds of
-    /// up to 32 tokens a pass on the tensor cores. Off by default until they have run on hardware.
+    /// up to 32 tokens a pass on the tensor cores. Decode attention then also computes its
+    /// scores on the tensor cores where it is compiled for the shape (head_dim 64 or 128, 4, 6 or 8
+    /// query heads per KV head, as Mixtral's 128 and 4). Off by default until they have run on
+    /// hardware.
     pub mma_decode: bool,
     /// On a compute capability 9.0+ GPU, issue every kernel as a programmatic dependent launch
     /// (also inside the decode graphs): the next kernel's blocks are placed on the SMs while the

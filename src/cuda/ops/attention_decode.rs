@@ -46,6 +46,10 @@ pub struct AttentionDecodeShape {
     pub split_keys: usize,
     /// The device's multiprocessors, or 0 (every split `split_keys` keys).
     pub multiprocessors: usize,
+    /// The scores on the tensor cores (`attention_decode_mma`: head_dim 64 or 128, 4, 6 or 8
+    /// query heads per KV head; [`crate::cuda::select::attention_decode_on_tensor_cores`]), else on
+    /// CUDA cores.
+    pub tensor_cores: bool,
 }
 
 /// The splits a token's keys are spread over: enough (token, KV head, split) blocks for
@@ -77,11 +81,12 @@ fn plan(
     };
     let group = gqa_group(&c, s.n_heads, s.n_kv_heads)?;
     let head_dim = c.count("head_dim", s.head_dim)?;
-    let decode = c.variant(
-        KernelFamily::AttentionDecode,
-        "(head_dim, group)",
-        &[head_dim, group],
-    )?;
+    let family = if s.tensor_cores {
+        KernelFamily::AttentionDecodeMma
+    } else {
+        KernelFamily::AttentionDecode
+    };
+    let decode = c.variant(family, "(head_dim, group)", &[head_dim, group])?;
     if s.split_keys == 0 || s.split_keys > ATTENTION_MAX_SPLIT_KEYS as usize {
         return Err(c.unsupported(
             "split_keys",
@@ -90,16 +95,14 @@ fn plan(
         ));
     }
     // The splits cover every key a sequence can hold (the merge ignores splits past max_splits).
-    let max_splits = attention_splits(s.cache.check(&c)?, s.split_keys);
+    let cache = s.cache.check(&c)?;
+    let max_splits = attention_splits(s.cache.capacity(), s.split_keys);
     let scalars = AttentionDecodeScalars {
         tokens: c.grid_yz("tokens", s.tokens)?,
         n_heads: c.grid_yz("n_heads", s.n_heads)?,
         n_kv_heads: c.grid_yz("n_kv_heads", s.n_kv_heads)?,
         head_dim,
-        block_size: s.cache.block_size as u32,
-        max_blocks_per_seq: s.cache.max_blocks_per_seq as u32,
-        num_blocks: s.cache.num_blocks as u32,
-        num_seqs: s.cache.num_seqs as u32,
+        cache,
         window: window_scalar(&c, s.window)?,
         split_keys: s.split_keys as u32,
         max_splits: c.count("max_splits", max_splits)?,
@@ -142,6 +145,7 @@ mod tests {
             window: None,
             split_keys: 32,
             multiprocessors: 0,
+            tensor_cores: false,
         }
     }
 
@@ -213,6 +217,15 @@ mod tests {
         assert_eq!(p.window, 4096);
         let empty = AttentionDecodeShape { tokens: 0, ..s };
         assert!(plan(&empty, &args(&empty)).unwrap().is_none());
+        // The same launch with the scores on the tensor cores.
+        let mma = AttentionDecodeShape {
+            tensor_cores: true,
+            ..s
+        };
+        let (p_mma, [on_mma]) = plan(&mma, &args(&s)).unwrap().unwrap();
+        assert_eq!(on_mma.symbol(), "attention_decode_mma_d128_g4");
+        assert_eq!((p_mma.max_splits, on_mma.grid), (3, decode.grid));
+        assert_eq!(on_mma.shared_bytes, decode.shared_bytes);
     }
 
     #[test]
@@ -234,6 +247,21 @@ mod tests {
         }
         refused(&|x| x.tokens = 65_536, "tokens");
         refused(&|x| x.cache.block_size = 0, "block_size");
+        // The tensor-core scores are compiled for head_dim 64 and 128, groups 4, 6 and 8 only.
+        refused(
+            &|x| {
+                x.tensor_cores = true;
+                x.n_kv_heads = 16;
+            },
+            "(head_dim, group)",
+        );
+        refused(
+            &|x| {
+                x.tensor_cores = true;
+                x.head_dim = 32;
+            },
+            "(head_dim, group)",
+        );
     }
 
     #[test]

@@ -68,7 +68,8 @@ fn plan(
             format!("needs {shared} bytes of shared memory, above {DEFAULT_SHARED_BYTES}"),
         ));
     }
-    let capacity = s.cache.check(&c)?;
+    let cache = s.cache.check(&c)?;
+    let capacity = s.cache.capacity();
     if s.seq_row >= s.cache.num_seqs {
         return Err(c.unsupported(
             "seq_row",
@@ -97,10 +98,7 @@ fn plan(
         n_heads: c.count("n_heads", s.n_heads)?,
         n_kv_heads: c.grid_yz("n_kv_heads", s.n_kv_heads)?,
         head_dim,
-        block_size: s.cache.block_size as u32,
-        max_blocks_per_seq: s.cache.max_blocks_per_seq as u32,
-        num_blocks: s.cache.num_blocks as u32,
-        num_seqs: s.cache.num_seqs as u32,
+        cache,
         window: window_scalar(&c, s.window)?,
         scale: score_scale(head_dim),
     };

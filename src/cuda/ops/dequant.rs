@@ -6,7 +6,7 @@
 use cudarc::driver::CudaStream;
 use half::bf16;
 
-use super::quant_layout::{row_layout, table_view, PackedView};
+use super::quant_layout::{packed_args, row_layout, table_view, PackedView};
 use crate::cuda::args::{DequantArgs, DequantScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -61,21 +61,7 @@ fn plan(s: &DequantShape, kind: PackedKind, a: &DequantArgs<'_>) -> Planned<Dequ
 
 /// The launch arguments of expanding the packed `w` into `out`, with `w`'s format.
 fn launch_args<'a>(w: PackedView<'a>, out: ViewMut<'a, bf16>) -> (PackedKind, DequantArgs<'a>) {
-    let PackedView {
-        kind,
-        codes,
-        params,
-        perm,
-        table,
-    } = w;
-    let args = DequantArgs {
-        codes,
-        params,
-        perm,
-        table,
-        out,
-    };
-    (kind, args)
+    packed_args!(DequantArgs, w, out)
 }
 
 /// Expands the packed stack `w` into bf16 `out` `[count, rows, cols]` in input-column order; an

@@ -3,6 +3,7 @@
 //! tables `[num_seqs, max_blocks_per_seq]` i32 (position p of row r lives in slot
 //! `(tables[r, p / block_size], p % block_size)`), and the shape rules the attention planners share.
 
+use crate::cuda::args::PagedCacheScalars;
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
 
@@ -26,17 +27,45 @@ impl PagedCacheShape {
     }
 
     /// Checks what every kernel reading the cache relies on (a block holds at least one token; the
-    /// counts and a sequence's capacity are 32-bit indices, as positions are `i32`) and returns the
-    /// capacity.
-    pub(super) fn check(&self, c: &Check) -> Result<usize, CudaError> {
+    /// counts and a sequence's [`capacity`](Self::capacity) are 32-bit indices, as positions are
+    /// `i32`) and returns the kernels' scalars.
+    pub(super) fn check(&self, c: &Check) -> Result<PagedCacheScalars, CudaError> {
         c.at_least("block_size", self.block_size, 1)?;
-        c.count("num_blocks", self.num_blocks)?;
-        c.count("num_seqs", self.num_seqs)?;
-        c.count("max_blocks_per_seq", self.max_blocks_per_seq)?;
+        let scalars = PagedCacheScalars {
+            num_blocks: c.count("num_blocks", self.num_blocks)?,
+            num_seqs: c.count("num_seqs", self.num_seqs)?,
+            max_blocks_per_seq: c.count("max_blocks_per_seq", self.max_blocks_per_seq)?,
+            block_size: c.count("block_size", self.block_size)?,
+        };
         c.product(
             "max_blocks_per_seq * block_size",
             &[self.max_blocks_per_seq, self.block_size],
-        )
+        )?;
+        Ok(scalars)
+    }
+}
+
+/// Each count saturated at `u32::MAX`, which the planners refuse (counts must be below 2^31).
+impl From<PagedCacheShape> for PagedCacheScalars {
+    fn from(s: PagedCacheShape) -> Self {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        PagedCacheScalars {
+            block_size: count(s.block_size),
+            max_blocks_per_seq: count(s.max_blocks_per_seq),
+            num_blocks: count(s.num_blocks),
+            num_seqs: count(s.num_seqs),
+        }
+    }
+}
+
+impl From<PagedCacheScalars> for PagedCacheShape {
+    fn from(s: PagedCacheScalars) -> Self {
+        PagedCacheShape {
+            num_blocks: s.num_blocks as usize,
+            block_size: s.block_size as usize,
+            num_seqs: s.num_seqs as usize,
+            max_blocks_per_seq: s.max_blocks_per_seq as usize,
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use cudarc::driver::CudaStream;
 use half::bf16;
 
 use super::linear::gemv_tile;
-use super::quant_layout::{table_view, PackedKernel, PackedView};
+use super::quant_layout::{packed_args, table_view, PackedKernel, PackedView};
 use crate::cuda::args::{LinearScalars, QLinearArgs, QLinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
@@ -101,22 +101,7 @@ fn launch_args<'a>(
     w: PackedView<'a>,
     out: AnyViewMut<'a>,
 ) -> (PackedKind, QLinearArgs<'a>) {
-    let PackedView {
-        kind,
-        codes,
-        params,
-        perm,
-        table,
-    } = w;
-    let args = QLinearArgs {
-        x,
-        codes,
-        params,
-        perm,
-        table,
-        out,
-    };
-    (kind, args)
+    packed_args!(QLinearArgs, w, x, out)
 }
 
 /// `out[t, o] = sum_i x[t, i] * w[o, i]` with `w` packed, f32 accumulation, for at most

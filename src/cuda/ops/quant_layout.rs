@@ -31,6 +31,16 @@ pub struct PackedView<'a> {
     pub table: Option<View<'a, f32>>,
 }
 
+/// `(w.kind, Args { codes, params, perm, table, others.. })`: the arguments of a kernel reading the
+/// packed view `w`, its other buffers given by their field names (in scope as locals).
+macro_rules! packed_args {
+    ($args:ident, $w:expr, $($other:ident),+) => {{
+        let PackedView { kind, codes, params, perm, table } = $w;
+        (kind, $args { codes, params, perm, table, $($other),+ })
+    }};
+}
+pub(super) use packed_args;
+
 /// `table` when the kind needs one (LUT4: present) and `None` otherwise; a table where none is
 /// read, or none where one is, is refused. Its length is checked by the kernel arguments.
 pub(super) fn table_view<'a>(

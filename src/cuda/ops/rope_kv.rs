@@ -35,13 +35,7 @@ fn plan(s: &RopeKvScalars, a: &RopeKvArgs<'_>) -> Planned<RopeKvParams, 1> {
     c.at_least("n_kv_heads", s.n_kv_heads as usize, 1)?;
     c.product("n_heads * head_dim", &[s.n_heads as usize, head_dim])?;
     c.product("n_kv_heads * head_dim", &[s.n_kv_heads as usize, head_dim])?;
-    PagedCacheShape {
-        num_blocks: s.num_blocks as usize,
-        block_size: s.block_size as usize,
-        num_seqs: s.num_seqs as usize,
-        max_blocks_per_seq: s.max_blocks_per_seq as usize,
-    }
-    .check(&c)?;
+    PagedCacheShape::from(s.cache).check(&c)?;
     let params = a.params(c.op, s)?;
     let variant = c.variant(KernelFamily::RopeKv, "rope_kv", &[])?;
     Ok(unless_empty(
@@ -61,6 +55,7 @@ mod tests {
     use half::bf16;
 
     use super::*;
+    use crate::cuda::args::PagedCacheScalars;
     use crate::cuda::memory::RowsMut;
     use crate::cuda::ops::fake::{too_small, unsupported, view, view_mut};
 
@@ -70,10 +65,12 @@ mod tests {
             n_heads: 8,
             n_kv_heads: 2,
             head_dim: 64,
-            block_size: 16,
-            max_blocks_per_seq: 5,
-            num_blocks: 7,
-            num_seqs: 3,
+            cache: PagedCacheScalars {
+                block_size: 16,
+                max_blocks_per_seq: 5,
+                num_blocks: 7,
+                num_seqs: 3,
+            },
         }
     }
 
@@ -154,10 +151,9 @@ mod tests {
             plan(&RopeKvScalars { n_kv_heads: 0, ..s }, &ok()),
             "n_kv_heads",
         );
-        unsupported(
-            plan(&RopeKvScalars { block_size: 0, ..s }, &ok()),
-            "block_size",
-        );
+        let mut empty_blocks = s;
+        empty_blocks.cache.block_size = 0;
+        unsupported(plan(&empty_blocks, &ok()), "block_size");
         // Nine query heads do not fit q's 8 * 64 wide column group.
         unsupported(plan(&RopeKvScalars { n_heads: 9, ..s }, &ok()), "q");
     }
