@@ -3,8 +3,8 @@
 // for the tensor-core kernels of prefill chunks.
 //
 //   codes  [count, rows, row_bytes] u8        row_bytes = cols (8-bit) or cols / 2 (4-bit), 16-byte aligned
-//   params [count, rows, row_params] f32      row scale (8-bit), (scale, zero) per group (INT4) or
-//                                             scale per group (LUT4)
+//   params [count, rows, row_params] 32-bit   f32 row scale (8-bit), one (f16 scale, zero) word per
+//                                             group (INT4; quant.cuh) or f32 scale per group (LUT4)
 //   perm   [count, cols] u32 or null          input column of each stored column
 //   table  [QUANT_TABLE_VALUES] f32           LUT4 only: the values of the 4-bit codes
 //   out    [count, rows, cols] bf16           16-byte aligned

@@ -4,8 +4,8 @@
 //
 //   x     [tokens, in_features] bf16              input rows (16-byte aligned), tokens <= 16
 //   codes [out_features, row_bytes] u8            row_bytes = in_features (8-bit) or in_features / 2
-//   params[out_features, row_params] f32          row scale (8-bit), (scale, zero) per group (INT4) or
-//                                                 scale per group (LUT4)
+//   params[out_features, row_params] 32-bit       f32 row scale (8-bit), one (f16 scale, zero) word per
+//                                                 group (INT4; quant.cuh) or f32 scale per group (LUT4)
 //   perm  [in_features] u32 or null               stored column j multiplies x[t, perm[j]]
 //   table [QUANT_TABLE_VALUES] f32                LUT4 only: the values of the 4-bit codes
 //   out   [tokens, out_features]                  bf16 (OUT_F32 = 0) or f32 (OUT_F32 = 1)

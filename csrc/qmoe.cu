@@ -5,10 +5,10 @@
 //
 //   x       [tokens, hidden] bf16                         normalised hidden states (16-byte aligned)
 //   w1, w3  [experts, inter] packed rows of hidden cols    codes [experts, inter, w13_row_bytes] u8,
-//                                                          params [experts, inter, w13_row_params] f32
+//                                                          params [experts, inter, w13_row_params] 32-bit
 //   w13_perm [experts, hidden] u32 or null                 shared by w1 and w3
 //   w2      [experts, hidden] packed rows of inter cols    codes [experts, hidden, w2_row_bytes] u8,
-//                                                          params [experts, hidden, w2_row_params] f32
+//                                                          params [experts, hidden, w2_row_params] 32-bit
 //   w2_perm [experts, inter] u32 or null
 //   table   [QUANT_TABLE_VALUES] f32                       LUT4 only: the values of the 4-bit codes
 //   act     [tokens * top_k, inter] bf16    qmoe_up:   act[s] = silu(w1[e] x[t]) * (w3[e] x[t])

@@ -5,8 +5,9 @@
 //   KIND = QUANT_KIND_FP8 / QUANT_KIND_INT8: codes [rows, cols] bytes (E4M3 / two's complement),
 //     params [rows] f32 scales: w[r][j] = value(code) * scale[r].
 //   KIND = QUANT_KIND_INT4: codes [rows, cols / 2] bytes, stored column j in byte j / 2, the low nibble
-//     for even j; params [rows, groups, 2] f32 (scale, zero), group j / group_size; zero an integer in
-//     0..=16: w[r][j] = scale * (q - zero).
+//     for even j; params [rows, groups] 32-bit words, group j / group_size, each the f16 bits of the
+//     group's scale (low half) and its zero, an integer in 0..=16 (high half; PackedMatrix::
+//     device_params): w[r][j] = scale * (q - zero).
 //   KIND = QUANT_KIND_LUT4 (bitsandbytes NF4 / FP4): codes as INT4; params [rows, groups] f32 scales;
 //     a table of QUANT_TABLE_VALUES f32 values (the kernel's `table` pointer, read into shared memory
 //     once per block by load_table): w[r][j] = table[q] * scale[r][j / group_size].
@@ -175,12 +176,18 @@ __device__ __forceinline__ void decode8(const uint4& c, int piece, float bias, f
     }
 }
 
+// The (scale, zero) of an INT4 group from its 32-bit word (see the layout above), both exact.
+__device__ __forceinline__ float2 int4_params(float word) {
+    const uint32_t w = __float_as_uint(word);
+    return make_float2(__half2float(__half(__half_raw{(unsigned short)(w & 0xffffu)})), (float)(w >> 16));
+}
+
 // The (scale, 2^23 + zero) of the group holding chunk `chunk` of a 4-bit row (params of that row).
 __device__ __forceinline__ void int4_group(const float* row_params, uint32_t chunk, uint32_t group_size,
                                            float& scale, float& bias) {
-    const uint32_t g = chunk * 32u / group_size;
-    scale = __ldg(row_params + 2 * (size_t)g);
-    bias = 8388608.0f + __ldg(row_params + 2 * (size_t)g + 1);
+    const float2 sz = int4_params(__ldg(row_params + chunk * 32u / group_size));
+    scale = sz.x;
+    bias = 8388608.0f + sz.y;
 }
 
 // The scale of the group holding chunk `chunk` of a LUT4 row (params of that row).

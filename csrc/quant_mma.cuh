@@ -7,8 +7,8 @@
 //
 //   codes  [rows, row_bytes] u8      8-bit: one byte per column; INT4: stored column j in byte j / 2, the
 //                                    low nibble for even j; bf16: the weights' bytes
-//   params [rows, row_params] f32    8-bit: the row scale; INT4: (scale, zero) per group, zero 0..=16;
-//                                    bf16: none
+//   params [rows, row_params] 32-bit 8-bit: the row scale (f32); INT4: one (f16 scale, zero) word per
+//                                    group (quant.cuh), zero 0..=16; bf16: none
 //   x      8 * NT columns (tokens or slots) of `cols` bf16 each, one pointer per column
 //   acc    [M][NT][4] f32            the mma.sync C fragments of 16 rows x 8 * NT columns per matrix:
 //          acc[m][nt][i] = sum_j w_m[row, j] * x[col][j], row = row0 + g + 8 * (i / 2),
@@ -222,7 +222,7 @@ __device__ __forceinline__ void warp_products(const RowPtr (&rows)[M][2], const 
                     c[u][m][r] = load_stream_16(rows[m][r].codes + (size_t)chunk * QUANT_CHUNK_BYTES);
                     if constexpr (INT4) {
                         const uint32_t group = (chunk & ~3u) * CHUNK / group_size;  // the step's first column
-                        prm[u][m][r] = __ldg(reinterpret_cast<const float2*>(rows[m][r].params) + group);
+                        prm[u][m][r] = quant::int4_params(__ldg(rows[m][r].params + group));
                     }
                 }
             }

@@ -293,8 +293,8 @@ fn mixtral_8x7b_fits_80_gb_in_fp8_and_int8_not_in_bf16() {
     assert_eq!(bf16.kv_bytes, 128 * 1024 * context as u64);
     assert!(bf16.total > gpu, "{bf16:?}");
     assert!(fp8.total < gpu && int8.total < gpu, "{fp8:?} {int8:?}");
-    // 4-bit codes are half of 8-bit ones; the (scale, zero) f32 pair of each group of 128 adds
-    // 1/16 byte per parameter (about 2.9 GB over the 46.5 B quantized ones).
+    // 4-bit codes are half of 8-bit ones; the (scale, zero) word of each group of 128 adds 1/32
+    // byte per parameter (about 1.5 GB over the 46.5 B quantized ones).
     assert!(int4.weights_bytes < fp8.weights_bytes / 2 + 3_500_000_000);
     assert!(int4.weights_bytes > fp8.weights_bytes / 2);
     for m in [bf16, fp8, int8, int4] {

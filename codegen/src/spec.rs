@@ -281,7 +281,7 @@ pub const CONSTANTS: &[Constant] = &[
     // --- quant ---
     Constant { name: "QUANT_KIND_FP8", value: 0, doc: "KIND template value of the quantized kernels: FP8 E4M3 codes, one f32 scale per row." },
     Constant { name: "QUANT_KIND_INT8", value: 1, doc: "KIND template value of the quantized kernels: INT8 codes, one f32 scale per row." },
-    Constant { name: "QUANT_KIND_INT4", value: 2, doc: "KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), an f32 (scale, zero) pair per row and group." },
+    Constant { name: "QUANT_KIND_INT4", value: 2, doc: "KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), one 32-bit word per row and group: the f16 scale (low half) and the integer zero (high half)." },
     Constant { name: "QUANT_KIND_LUT4", value: 3, doc: "KIND template value of the quantized kernels: 4-bit codes (low nibble = even column) indexing a table of QUANT_TABLE_VALUES f32 values (bitsandbytes NF4 / FP4), one f32 scale per row and group: w = `table[q] * scale`." },
     Constant { name: "QUANT_TABLE_VALUES", value: 16, doc: "f32 values of the table a QUANT_KIND_LUT4 matrix's codes index (read into shared memory once per block)." },
     Constant { name: "QUANT_CHUNK_BYTES", value: 16, doc: "Bytes of codes one lane loads at a time in the quantized kernels (16 elements of 8 bits or 32 of 4 bits)." },

@@ -114,7 +114,7 @@ typedef struct mx_bf16 {
 #define QUANT_KIND_FP8 0u
 // KIND template value of the quantized kernels: INT8 codes, one f32 scale per row.
 #define QUANT_KIND_INT8 1u
-// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), an f32 (scale, zero) pair per row and group.
+// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), one 32-bit word per row and group: the f16 scale (low half) and the integer zero (high half).
 #define QUANT_KIND_INT4 2u
 // KIND template value of the quantized kernels: 4-bit codes (low nibble = even column) indexing a table of QUANT_TABLE_VALUES f32 values (bitsandbytes NF4 / FP4), one f32 scale per row and group: w = `table[q] * scale`.
 #define QUANT_KIND_LUT4 3u

@@ -92,7 +92,7 @@ pub const FILL_THREADS: u32 = 256;
 pub const QUANT_KIND_FP8: u32 = 0;
 /// KIND template value of the quantized kernels: INT8 codes, one f32 scale per row.
 pub const QUANT_KIND_INT8: u32 = 1;
-/// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), an f32 (scale, zero) pair per row and group.
+/// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column), one 32-bit word per row and group: the f16 scale (low half) and the integer zero (high half).
 pub const QUANT_KIND_INT4: u32 = 2;
 /// KIND template value of the quantized kernels: 4-bit codes (low nibble = even column) indexing a table of QUANT_TABLE_VALUES f32 values (bitsandbytes NF4 / FP4), one f32 scale per row and group: w = `table[q] * scale`.
 pub const QUANT_KIND_LUT4: u32 = 3;

@@ -3,9 +3,12 @@
 //!
 //! RTN, asymmetric, groups of [`GROUP_SIZE`] consecutive input features of one output row (the
 //! last group of a row may be shorter): over a group, `lo = min(min w, 0)`, `hi = max(max w, 0)`,
-//! `scale = (hi - lo) / 15` (1 when `hi == lo`), `zero = clamp(round(-lo / scale), 0, 15)`,
+//! `scale` the least f16 value at or above `(hi - lo) / 15` (1 when `hi == lo`; the f32 quotient
+//! itself past f16's range), `zero = clamp(round(-lo / scale), 0, 15)`,
 //! `q = clamp(round(w / scale) + zero, 0, 15)`, `w' = scale * (q - zero)`; rounding is ties to
-//! even. Including 0 in the range makes `|w - w'| <= scale / 2` for every element.
+//! even. Including 0 in the range makes `|w - w'| <= scale / 2` for every element; an f16 scale
+//! lets the GPU hold each group's `(scale, zero)` in one 32-bit word
+//! ([`super::PackedMatrix::device_params`]).
 //!
 //! GPTQ (AutoGPTQ layout, 4 bits): for a linear layer with `in` inputs and `out` outputs,
 //! - `qweight` int32 `[in / 8, out]`: input `k` of output `n` is nibble `k % 8` (bits `4 (k % 8)`
@@ -47,6 +50,22 @@ impl Rtn {
     }
 }
 
+/// The least f16 value at or above the positive `x`, as f32; `x` itself when no f16 is (past
+/// 65504, or not finite).
+fn f16_at_least(x: f32) -> f32 {
+    let h = half::f16::from_f32(x);
+    let up = if h.to_f32() < x {
+        half::f16::from_bits(h.to_bits() + 1)
+    } else {
+        h
+    };
+    if up.is_finite() {
+        up.to_f32()
+    } else {
+        x
+    }
+}
+
 /// Quantizes `w` (`[rows, cols]`, row-major) in groups of `group_size` inputs (0 is taken as 1).
 pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, group_size: usize) -> Rtn {
     let group_size = group_size.max(1);
@@ -58,7 +77,11 @@ pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, group_size: usize) -> R
         for group in row.chunks(group_size) {
             let lo = group.iter().fold(0.0f32, |m, &v| m.min(v));
             let hi = group.iter().fold(0.0f32, |m, &v| m.max(v));
-            let scale = if hi > lo { (hi - lo) / QMAX } else { 1.0 };
+            let scale = if hi > lo {
+                f16_at_least((hi - lo) / QMAX)
+            } else {
+                1.0
+            };
             let zero = (-lo / scale).round_ties_even().clamp(0.0, QMAX);
             q.extend(
                 group

@@ -17,7 +17,9 @@
 //! - INT4: `codes` `[rows, cols / 2]` bytes: stored column `j` of a row is in byte `j / 2`, the low
 //!   nibble for even `j`; `params` `[rows, groups, 2]` f32 pairs `(scale, zero)`, stored column `j`
 //!   in group `j / group_size` (the last group of a row may be shorter), `zero` an integer in
-//!   `0..=16`; `w = scale * (q - zero)`.
+//!   `0..=16`; `w = scale * (q - zero)`. On the GPU ([`PackedMatrix::device_params`]) each pair is
+//!   one 32-bit word, the f16 scale in the low half and the zero in the high half, where the
+//!   scale is an f16 value (GPTQ's and AWQ's scales, and RTN's, always are).
 //! - 4-bit table codes (LUT4, bitsandbytes NF4 / FP4): `codes` as for INT4 (low nibble for the
 //!   even column); `params` `[rows, groups]` f32 scales (the block's absmax), stored column `j` in
 //!   group `j / group_size`; `w = scale * table[q]` with the 16-entry table of [`lut4::Lut4`].
@@ -129,6 +131,15 @@ impl PackedKind {
         }
     }
 
+    /// 32-bit words of one row's parameters on the GPU ([`PackedMatrix::device_params`]): one
+    /// per `(scale, zero)` pair for INT4, else [`PackedKind::row_params`].
+    pub fn device_row_params(self, cols: usize) -> usize {
+        match self {
+            PackedKind::Int4 { group_size } => cols.div_ceil(group_size.max(1)),
+            _ => self.row_params(cols),
+        }
+    }
+
     /// f32 parameters of one row of `cols` columns: a scale (8-bit), a `(scale, zero)` pair per
     /// group (INT4), or a scale per group (LUT4).
     pub fn row_params(self, cols: usize) -> usize {
@@ -203,6 +214,16 @@ impl Grouped<'_> {
         }
         Some(out)
     }
+}
+
+/// An INT4 group's `(scale, zero)` as the GPU holds it: the f16 bits of the scale in the low half,
+/// the zero in the high half; `None` unless the scale is an f16 value exactly and the zero an
+/// integer in `0..=16`.
+pub fn int4_device_word(scale: f32, zero: f32) -> Option<u32> {
+    let h = half::f16::from_f32(scale);
+    let exact = h.is_finite() && h.to_f32() == scale;
+    let integer = (0.0..=16.0).contains(&zero) && zero.fract() == 0.0;
+    (exact && integer).then(|| u32::from(h.to_bits()) | (zero as u32) << 16)
 }
 
 /// `scales` as one per row: a single scale repeated, or `rows` scales as they are.
@@ -497,6 +518,27 @@ impl PackedMatrix {
         self.kind.row_params(self.cols)
     }
 
+    /// The parameters as the GPU kernels read them (`[rows, device row params]` 32-bit words, as
+    /// f32 bits): INT4 pairs one [`int4_device_word`] each, the other kinds' scales as they are.
+    /// Refused when an INT4 scale is not an f16 value ([`PackedMatrix::gpu_layout_ok`] says so
+    /// first).
+    pub fn device_params(&self) -> Result<Vec<f32>, LayoutError> {
+        if !matches!(self.kind, PackedKind::Int4 { .. }) {
+            return Ok(self.params.clone());
+        }
+        self.params
+            .chunks_exact(2)
+            .map(|pair| match int4_device_word(pair[0], pair[1]) {
+                Some(word) => Ok(f32::from_bits(word)),
+                None => fail(format!(
+                    "a 4-bit group's (scale, zero) = ({}, {}) is not an f16 scale and an integer \
+                     zero in 0..=16, which the GPU holds in one 32-bit word",
+                    pair[0], pair[1]
+                )),
+            })
+            .collect()
+    }
+
     /// Bytes held: codes, parameters and permutation.
     pub fn stored_bytes(&self) -> usize {
         self.codes.len() + 4 * self.params.len() + 4 * self.perm.as_ref().map_or(0, Vec::len)
@@ -567,6 +609,7 @@ impl PackedMatrix {
                 ))
             }
             _ if self.rows == 0 || self.cols == 0 => fail("an empty matrix"),
+            PackedKind::Int4 { .. } => self.device_params().map(|_| ()),
             _ => Ok(()),
         }
     }
@@ -833,6 +876,57 @@ mod tests {
                     ok,
                     "{table:?} [{cols}] groups of {group}"
                 );
+            }
+        }
+        // INT4 on the GPU: every scale an f16 value, every zero an integer in 0..=16.
+        let mut p =
+            PackedMatrix::from_rtn(&int4::quantize_rtn(&matrix(2, 64, 3), 2, 64, 32)).unwrap();
+        p.params[2] = 0.1; // not an f16 value
+        assert!(p.gpu_layout_ok().is_err() && p.device_params().is_err());
+        p.params[2] = 0.099975586; // the f16 nearest 0.1, exactly
+        p.params[3] = 16.5;
+        assert!(p.gpu_layout_ok().is_err());
+        p.params[3] = 16.0;
+        assert!(p.gpu_layout_ok().is_ok());
+    }
+
+    #[test]
+    fn int4_device_words_hold_the_f16_scale_low_and_the_zero_high() {
+        assert_eq!(int4_device_word(1.0, 8.0), Some(0x3C00 | 8 << 16));
+        assert_eq!(int4_device_word(-2.0, 0.0), Some(0xC000));
+        // The smallest f16 subnormal, and the largest finite f16.
+        assert_eq!(int4_device_word(2f32.powi(-24), 16.0), Some(1 | 16 << 16));
+        assert_eq!(int4_device_word(65504.0, 3.0), Some(0x7BFF | 3 << 16));
+        for (scale, zero) in [
+            (65520.0, 1.0),
+            (f32::INFINITY, 1.0),
+            (f32::NAN, 1.0),
+            (1.0, -1.0),
+            (1.0, 17.0),
+            (1.0, 2.5),
+            (1.0 + 2f32.powi(-11), 0.0),
+        ] {
+            assert_eq!(int4_device_word(scale, zero), None, "({scale}, {zero})");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn rtn_scales_are_f16_values_and_the_device_words_give_them_back(
+            rows in 1usize..4,
+            groups in 1usize..4,
+            seed in any::<u64>(),
+            gain in prop::sample::select(vec![1e-6f32, 1e-3, 1.0, 300.0]),
+        ) {
+            let cols = groups * 32;
+            let w: Vec<f32> = matrix(rows, cols, seed).iter().map(|v| v * gain).collect();
+            let p = PackedMatrix::from_rtn(&int4::quantize_rtn(&w, rows, cols, 32)).unwrap();
+            let words = p.device_params().unwrap();
+            prop_assert_eq!(words.len(), rows * p.kind.device_row_params(cols));
+            for (word, pair) in words.iter().zip(p.params.chunks_exact(2)) {
+                let bits = word.to_bits();
+                prop_assert_eq!(half::f16::from_bits(bits as u16).to_f32(), pair[0]);
+                prop_assert_eq!((bits >> 16) as f32, pair[1]);
             }
         }
     }

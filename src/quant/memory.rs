@@ -3,8 +3,9 @@
 //!
 //! - weights: the quantizable projections (attention q/k/v/o, every expert's w1/w2/w3) at the
 //!   format's bytes per parameter plus its scales (FP8/INT8: one f32 scale per output channel;
-//!   INT4: the packed layout of [`crate::packed`], an f32 scale and an f32 zero per group of 128
-//!   inputs per output; an act-order permutation, 4 bytes per input, is left out); router, norms,
+//!   INT4: the packed layout of [`crate::packed`] as the GPU holds it, one 32-bit (f16 scale, zero)
+//!   word per group of 128 inputs per output, where the CPU engine keeps an f32 pair, 1/32 byte per
+//!   parameter more; an act-order permutation, 4 bytes per input, is left out); router, norms,
 //!   embedding and LM head in bf16;
 //! - KV cache: keys and values of every layer in bf16, `context_tokens * batch` tokens;
 //! - activations: the f32 working buffers of one step of `batch` sequences prefilling
@@ -37,7 +38,7 @@ pub(crate) fn projection_bytes(format: QuantFormat, rows: u64, cols: u64) -> u64
         QuantFormat::Fp8 | QuantFormat::Int8 => rows * cols + rows * 4,
         QuantFormat::Int4 => {
             let groups = cols.div_ceil(128);
-            rows * cols / 2 + groups * rows * 8
+            rows * cols / 2 + groups * rows * 4
         }
     }
 }

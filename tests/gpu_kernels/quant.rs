@@ -156,7 +156,7 @@ impl DeviceStack {
             .collect();
         let params: Vec<f32> = matrices
             .iter()
-            .flat_map(|m| m.params.iter().copied())
+            .flat_map(|m| m.device_params().expect("an f16 scale per 4-bit group"))
             .collect();
         let perm: Option<Vec<u32>> = matrices
             .iter()

@@ -141,7 +141,10 @@ impl PackedStack {
             matrices * kind.row_code_bytes(cols),
             &format!("{what} codes"),
         )?;
-        let params = arena.zeroed(matrices * kind.row_params(cols), &format!("{what} scales"))?;
+        let params = arena.zeroed(
+            matrices * kind.device_row_params(cols),
+            &format!("{what} scales"),
+        )?;
         let perm = match perm {
             false => None,
             true => Some(arena.zeroed(count * cols, &format!("{what} permutation"))?),
@@ -627,7 +630,8 @@ mod tests {
         assert_eq!(fp8, 8 * 14336 * (4096 + 4));
         assert_eq!(
             stack_bytes(PackedKind::Int4 { group_size: 128 }, true, shape),
-            8 * 14336 * (2048 + 4 * 64) + 8 * 4096 * 4
+            // 32 groups of 128 a row, one 4-byte word each; the permutation.
+            8 * 14336 * (2048 + 4 * 32) + 8 * 4096 * 4
         );
         let nf4 = PackedKind::Lut4 {
             table: crate::packed::lut4::Lut4::Nf4,

@@ -29,6 +29,7 @@ use super::matrix::{
 use crate::checkpoint::LoadProgress;
 use crate::config::ModelConfig;
 use crate::dtype::WeightSlice;
+use crate::packed::int4_device_word;
 use crate::quant::PackedKind;
 use crate::weights::ModelWeights;
 
@@ -482,9 +483,17 @@ fn copy_matrices<T: HostTensor>(
             })?;
             copy_raw(staging, p.codes.view_mut(), codes, &packed.codes, what)?;
             codes += packed.codes.len();
-            let bytes = bytemuck::cast_slice(&packed.params);
-            copy_raw(staging, p.params.view_mut().cast(), params, bytes, what)?;
-            params += 4 * packed.params.len();
+            let words = packed
+                .device_params()
+                .map_err(|e| CudaError::UnsupportedModel(format!("{what}: {}: {e}", w.name())))?;
+            copy_raw(
+                staging,
+                p.params.view_mut().cast(),
+                params,
+                bytemuck::cast_slice(&words),
+                what,
+            )?;
+            params += 4 * words.len();
             if let (0, Some(buffer), Some(perm)) = (b, &mut p.perm, &packed.perm) {
                 let at = 4 * m * p.cols;
                 copy_raw(
@@ -632,22 +641,26 @@ fn randomize_packed(
         }
     })?;
     let spread = 1.0 / (p.cols.max(1) as f32).sqrt();
-    let pair: [f32; 2] = match p.kind {
+    // One parameter word for every row or group.
+    let word: f32 = match p.kind {
         // Random E4M3 codes are mostly within 2^-7..2^8 in magnitude.
-        PackedKind::Fp8 => [spread / 64.0, 0.0],
-        PackedKind::Int8 => [spread * 3f32.sqrt() / 128.0, 0.0],
-        PackedKind::Int4 { .. } => [spread * 3f32.sqrt() / 8.0, 8.0],
+        PackedKind::Fp8 => spread / 64.0,
+        PackedKind::Int8 => spread * 3f32.sqrt() / 128.0,
+        PackedKind::Int4 { .. } => {
+            let scale = half::f16::from_f32(spread * 3f32.sqrt() / 8.0).to_f32();
+            let word = int4_device_word(scale, 8.0).ok_or_else(|| {
+                CudaError::UnsupportedModel(format!("random 4-bit scale {scale} out of f16 range"))
+            })?;
+            f32::from_bits(word)
+        }
         // Table values lie in [-1, 1]; one scale per group (the table itself is the kind's).
-        PackedKind::Lut4 { .. } => [spread * 3f32.sqrt(), 0.0],
+        PackedKind::Lut4 { .. } => spread * 3f32.sqrt(),
     };
     copy_table(staging, p, "random packed stack")?;
-    let per_row = matches!(p.kind, PackedKind::Int4 { .. });
     let params = p.params.view_mut().cast::<u8>();
-    staging.copy_bytes(params, "random packed scales", &mut |at, out| {
-        for (i, o) in out.chunks_exact_mut(4).enumerate() {
-            let element = at / 4 + i;
-            let v = if per_row { pair[element % 2] } else { pair[0] };
-            o.copy_from_slice(&v.to_le_bytes());
+    staging.copy_bytes(params, "random packed scales", &mut |_, out| {
+        for o in out.chunks_exact_mut(4) {
+            o.copy_from_slice(&word.to_le_bytes());
         }
     })?;
     let cols = p.cols;

@@ -109,7 +109,7 @@ mod tests {
         let [n, r, c] = [s.count, s.rows, s.cols].map(|v| v as usize);
         [
             n * r * kind.row_code_bytes(c),
-            n * r * kind.row_params(c),
+            n * r * kind.device_row_params(c),
             n * c,
             n * r * c,
         ]
@@ -142,7 +142,7 @@ mod tests {
                 assert_eq!((p.count, p.rows, p.cols), (3, 5, 96));
                 assert_eq!(
                     (p.row_bytes as usize, p.row_params as usize),
-                    (kind.row_code_bytes(96), kind.row_params(96))
+                    (kind.row_code_bytes(96), kind.device_row_params(96))
                 );
                 assert_eq!(p.perm != 0, perm);
                 assert_eq!(p.table != 0, kind_label(kind) == "lut4");

@@ -161,7 +161,7 @@ mod tests {
         [
             t * i,
             o * kind.row_code_bytes(i),
-            o * kind.row_params(i),
+            o * kind.device_row_params(i),
             if perm { i } else { 0 },
             t * o,
         ]
@@ -242,7 +242,7 @@ mod tests {
                 assert_eq!((p.tokens, p.in_features, p.out_features), (3, 96, 7));
                 assert_eq!(
                     (p.row_bytes as usize, p.row_params as usize),
-                    (kind.row_code_bytes(96), kind.row_params(96))
+                    (kind.row_code_bytes(96), kind.device_row_params(96))
                 );
                 let group = match kind {
                     PackedKind::Int4 { group_size } | PackedKind::Lut4 { group_size, .. } => {
@@ -289,7 +289,7 @@ mod tests {
                     assert_eq!(g.block, QMMA_WARPS * 32);
                     assert_eq!(
                         (p.row_bytes as usize, p.row_params as usize),
-                        (kind.row_code_bytes(4096), kind.row_params(4096))
+                        (kind.row_code_bytes(4096), kind.device_row_params(4096))
                     );
                 }
             }

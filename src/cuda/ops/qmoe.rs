@@ -203,8 +203,8 @@ mod tests {
     /// Buffer lengths in the order of [`NAMES`], exactly as needed.
     fn exact(s: &MoeScalars, kind: PackedKind) -> [usize; 14] {
         let [t, h, i, e, k] = [s.tokens, s.hidden, s.inter, s.experts, s.top_k].map(|v| v as usize);
-        let (b13, p13) = (kind.row_code_bytes(h), kind.row_params(h));
-        let (b2, p2) = (kind.row_code_bytes(i), kind.row_params(i));
+        let (b13, p13) = (kind.row_code_bytes(h), kind.device_row_params(h));
+        let (b2, p2) = (kind.row_code_bytes(i), kind.device_row_params(i));
         [
             t * h,
             e * i * b13,
@@ -276,9 +276,9 @@ mod tests {
                     .map(|v| v as usize),
                     [
                         kind.row_code_bytes(4096),
-                        kind.row_params(4096),
+                        kind.device_row_params(4096),
                         kind.row_code_bytes(14336),
-                        kind.row_params(14336)
+                        kind.device_row_params(14336)
                     ]
                 );
             }
@@ -320,7 +320,7 @@ mod tests {
                 assert_eq!((up.block, down.block), (QMMA_WARPS * 32, QMMA_WARPS * 32));
                 assert_eq!(
                     (p.w13_row_bytes as usize, p.w2_row_params as usize),
-                    (kind.row_code_bytes(4096), kind.row_params(14336))
+                    (kind.row_code_bytes(4096), kind.device_row_params(14336))
                 );
             }
         }

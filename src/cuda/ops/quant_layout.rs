@@ -21,7 +21,8 @@ pub struct PackedView<'a> {
     pub kind: PackedKind,
     /// `[count, rows, row bytes]` codes (row bytes `cols`, or `cols / 2` for 4-bit).
     pub codes: View<'a, u8>,
-    /// `[count, rows]` scales (8-bit), `[count, rows, groups, 2]` `(scale, zero)` pairs (INT4) or
+    /// `[count, rows]` scales (8-bit), `[count, rows, groups]` (f16 scale, zero) words (INT4,
+    /// [`crate::packed::PackedMatrix::device_params`]; f32 bits) or
     /// `[count, rows, groups]` scales (LUT4).
     pub params: View<'a, f32>,
     /// `None`, or `[count, cols]`: the input column of each stored column of each matrix.
@@ -76,7 +77,7 @@ pub(super) struct RowLayout {
     pub group_size: u32,
     /// Code bytes per row.
     pub row_bytes: u32,
-    /// f32 parameters per row.
+    /// 32-bit parameter words per row ([`PackedKind::device_row_params`]).
     pub row_params: u32,
 }
 
@@ -120,7 +121,7 @@ pub(super) fn row_layout(
         group_size,
         // Both at most `cols`, which is below 2^31.
         row_bytes: kind.row_code_bytes(cols) as u32,
-        row_params: kind.row_params(cols) as u32,
+        row_params: kind.device_row_params(cols) as u32,
     })
 }
 
@@ -215,13 +216,14 @@ mod tests {
         ] {
             let l = row_layout(&C, kind, 96, "cols").unwrap();
             assert_eq!(l.row_bytes as usize, kind.row_code_bytes(96));
-            assert_eq!(l.row_params as usize, kind.row_params(96));
+            assert_eq!(l.row_params as usize, kind.device_row_params(96));
         }
-        // A shorter last group: 96 columns in groups of 64 are 2 groups, 4 params per row.
+        // A shorter last group: 96 columns in groups of 64 are 2 groups, one (f16 scale, zero)
+        // word each per row.
         let l = row_layout(&C, PackedKind::Int4 { group_size: 64 }, 96, "cols").unwrap();
         assert_eq!(
             (l.kind, l.group_size, l.row_bytes, l.row_params),
-            (2, 64, 48, 4)
+            (2, 64, 48, 2)
         );
         // LUT4: one scale per group, the same groups: 96 columns in groups of 64, 2 params per row.
         let l = row_layout(&C, NF4_64, 96, "cols").unwrap();
