@@ -352,8 +352,14 @@ struct Verdict {
     bool stop;
 };
 
-// Bit j set when pred holds at candidate j + 1, given pred's value there as ok.
-__device__ __forceinline__ uint32_t holds_bit(uint32_t j, bool ok) { return ok ? 1u << j : 0u; }
+// The candidates whose value v[j] (a count or weight sum at candidate j + 1) satisfies ok: bit j.
+template <typename T, typename Ok>
+__device__ __forceinline__ uint32_t holding(const T (&v)[SEARCH_CANDIDATES], Ok ok) {
+    uint32_t bits = 0;
+#pragma unroll
+    for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) bits |= ok(v[j]) ? 1u << j : 0u;
+    return bits;
+}
 
 // The largest v in [lo, hi] on c's coordinate with pred, for a pred that holds at lo and, once false,
 // stays false. `judge(c)` evaluates pred at the c.count candidates in one pass and returns a
@@ -567,12 +573,11 @@ __device__ Floor floor_with_count_in(const Row& r, uint64_t max_hi, uint32_t lea
     const auto judge = [&](const Candidates& c) {
         uint32_t n[SEARCH_CANDIDATES];
         count_at_candidates(r, c, n);
-        uint32_t holds = 0;
+        const uint32_t holds = holding(n, [&](uint32_t v) { return v >= least; });
+        // The last candidate that holds, with its count (an unrolled walk: n stays in registers).
 #pragma unroll
         for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) {
-            const bool ok = j < c.count && n[j] >= least;
-            if (ok) f = Floor{c.base + ((uint64_t)(j + 1) << c.shift), n[j]};
-            holds |= holds_bit(j, ok);
+            if (j < c.count && (holds >> j & 1u)) f = Floor{c.base + ((uint64_t)(j + 1) << c.shift), n[j]};
         }
         return Verdict{holds, f.count <= most};
     };
@@ -733,10 +738,7 @@ __device__ void sample_body(const SampleParams& p) {
         floor = largest_key(r, max_hi, [&](const Candidates& c) {
             uint32_t n[SEARCH_CANDIDATES];
             count_at_candidates(r, c, n);
-            uint32_t holds = 0;
-#pragma unroll
-            for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) holds |= holds_bit(j, n[j] >= top_k);
-            return holds;
+            return holding(n, [&](uint32_t v) { return v >= top_k; });
         });
     }
     if (p_active) {
@@ -746,10 +748,7 @@ __device__ void sample_body(const SampleParams& p) {
         floor = largest_key(r, max_hi, [&](const Candidates& c) {
             double m[SEARCH_CANDIDATES];
             mass_at_candidates(r, order, floor, c, m);
-            uint32_t holds = 0;
-#pragma unroll
-            for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) holds |= holds_bit(j, m[j] >= threshold);
-            return holds;
+            return holding(m, [&](double v) { return v >= threshold; });
         });
     }
 
@@ -763,10 +762,7 @@ __device__ void sample_body(const SampleParams& p) {
         chosen = largest_key(r, max_hi, [&](const Candidates& c) {
             double m[SEARCH_CANDIDATES];
             mass_at_candidates(r, order, floor, c, m);
-            uint32_t holds = 0;
-#pragma unroll
-            for (uint32_t j = 0; j < SEARCH_CANDIDATES; ++j) holds |= holds_bit(j, m[j] > target);
-            return holds;
+            return holding(m, [&](double v) { return v > target; });
         });
     } else {
         chosen = last_positive(r, order, floor);
