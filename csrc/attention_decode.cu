@@ -88,23 +88,26 @@ __device__ __forceinline__ SplitBlocks read_split_blocks(const AttentionDecodePa
     return SplitBlocks{entries, first_logical, p.block_size};
 }
 
-// The cache slots of a lane's UNROLL keys first + u * stride (-1 past nk or off the block table) and
-// their 16-byte rows at `offset` of `cache` (zeros for -1): every slot looked up, then every load
-// issued, before the caller uses any.
+// The cache slots of a lane's U keys first + u * stride (-1 past nk or off the block table) and
+// their L consecutive 16-byte pieces at `offset` of `cache` (zeros for -1): every slot looked up,
+// then every load issued, before the caller uses any.
+template <int U, int L>
 __device__ __forceinline__ void load_keys(const AttentionDecodeParams& p, const mx_bf16* cache,
                                           const SplitBlocks& blocks, int32_t begin, int32_t nk, int32_t first,
-                                          int32_t stride, size_t offset, long long (&slot)[UNROLL],
-                                          uint4 (&rows)[UNROLL]) {
+                                          int32_t stride, size_t offset, long long (&slot)[U], uint4 (&rows)[U][L]) {
     const size_t token_stride = (size_t)p.n_kv_heads * p.head_dim;  // elements per cached token
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
+    for (int u = 0; u < U; ++u) {
         const int32_t kk = first + u * stride;
         slot[u] = kk < nk ? blocks.slot(begin + kk) : -1;
     }
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        rows[u] = slot[u] >= 0 ? mx::load_stream_16(cache + (size_t)slot[u] * token_stride + offset)
-                               : make_uint4(0, 0, 0, 0);
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int i = 0; i < L; ++i) {
+            rows[u][i] = slot[u] >= 0 ? mx::load_stream_16(cache + (size_t)slot[u] * token_stride + offset + 8 * i)
+                                      : make_uint4(0, 0, 0, 0);
+        }
     }
 }
 
@@ -215,14 +218,14 @@ __device__ void scores_simt(const AttentionDecodeParams& p, const SplitBlocks& b
     for (int32_t base = 0; base < nk; base += STRIDE * UNROLL) {
         const int32_t step = base + (int32_t)warp * KPW;
         long long slot[UNROLL];
-        uint4 kv[UNROLL];
+        uint4 kv[UNROLL][1];
         load_keys(p, p.k_cache, blocks, begin, nk, step + (int32_t)sub, STRIDE, head_offset, slot, kv);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int32_t kk = step + u * STRIDE + (int32_t)sub;
 #pragma unroll
             for (int g = 0; g < G; ++g) {
-                const float s = mx::group_sum<TG>(mx::dot8(kv[u], qr[g], 0.0f));
+                const float s = mx::group_sum<TG>(mx::dot8(kv[u][0], qr[g], 0.0f));
                 if (kk < nk && part == 0) scores[g * sk + kk] = slot[u] >= 0 ? s : -INFINITY;
             }
         }
@@ -266,26 +269,13 @@ __device__ void scores_mma(const AttentionDecodeParams& p, const SplitBlocks& bl
     __syncthreads();  // the block-table entries
 
     const float scale = p.scale * mx::LOG2E;  // scores in log2 units
-    const size_t token_stride = (size_t)p.n_kv_heads * D;
     const size_t offset = (size_t)kvh * D + c * CHUNK;
     constexpr int32_t STRIDE = WARPS * 8;  // keys between a warp's consecutive 8-key groups
     // Every warp runs the same number of steps (groups past nk load nothing), as scores_simt.
     for (int32_t base = 0; base < nk; base += STRIDE * MMA_UNROLL) {
         long long slot[MMA_UNROLL];
         uint4 kr[MMA_UNROLL][LOADS];
-#pragma unroll
-        for (int u = 0; u < MMA_UNROLL; ++u) {
-            const int32_t kk = base + u * STRIDE + (int32_t)(warp * 8 + n);
-            slot[u] = kk < nk ? blocks.slot(begin + kk) : -1;
-        }
-#pragma unroll
-        for (int u = 0; u < MMA_UNROLL; ++u) {
-#pragma unroll
-            for (int i = 0; i < LOADS; ++i) {
-                kr[u][i] = slot[u] >= 0 ? mx::load_stream_16(p.k_cache + (size_t)slot[u] * token_stride + offset + 8 * i)
-                                        : make_uint4(0, 0, 0, 0);
-            }
-        }
+        load_keys(p, p.k_cache, blocks, begin, nk, base + (int32_t)(warp * 8 + n), STRIDE, offset, slot, kr);
 #pragma unroll
         for (int u = 0; u < MMA_UNROLL; ++u) {
             float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -383,14 +373,14 @@ __device__ void attention_decode_body(const AttentionDecodeParams& p) {
     // As the scores: UNROLL slot lookups, then their loads, then the products in key order.
     for (int32_t step = warp * KPW; step < nk; step += STRIDE * UNROLL) {
         long long slot[UNROLL];
-        uint4 vv[UNROLL];
+        uint4 vv[UNROLL][1];
         load_keys(p, p.v_cache, blocks, begin, nk, step + (int32_t)sub, STRIDE, head_offset, slot, vv);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             if (slot[u] < 0) continue;  // also every key past nk
             const int32_t kk = step + u * STRIDE + (int32_t)sub;
             float vf[8];
-            mx::unpack8(vv[u], vf);
+            mx::unpack8(vv[u][0], vf);
 #pragma unroll
             for (int g = 0; g < G; ++g) {
                 const float pg = scores[g * sk + kk];
