@@ -226,6 +226,17 @@ pub fn int4_device_word(scale: f32, zero: f32) -> Option<u32> {
     (exact && integer).then(|| u32::from(h.to_bits()) | (zero as u32) << 16)
 }
 
+/// [`int4_device_word`] of one stored `(scale, zero)` pair, or why the GPU cannot hold it.
+fn int4_pair_word(pair: &[f32]) -> Result<u32, LayoutError> {
+    int4_device_word(pair[0], pair[1]).ok_or_else(|| {
+        LayoutError(format!(
+            "a 4-bit group's (scale, zero) = ({}, {}) is not an f16 scale and an integer zero in \
+             0..=16, which the GPU holds in one 32-bit word",
+            pair[0], pair[1]
+        ))
+    })
+}
+
 /// `scales` as one per row: a single scale repeated, or `rows` scales as they are.
 fn per_row(scales: &[f32], rows: usize) -> Result<Vec<f32>, LayoutError> {
     match scales.len() {
@@ -528,14 +539,7 @@ impl PackedMatrix {
         }
         self.params
             .chunks_exact(2)
-            .map(|pair| match int4_device_word(pair[0], pair[1]) {
-                Some(word) => Ok(f32::from_bits(word)),
-                None => fail(format!(
-                    "a 4-bit group's (scale, zero) = ({}, {}) is not an f16 scale and an integer \
-                     zero in 0..=16, which the GPU holds in one 32-bit word",
-                    pair[0], pair[1]
-                )),
-            })
+            .map(|pair| int4_pair_word(pair).map(f32::from_bits))
             .collect()
     }
 
@@ -609,7 +613,10 @@ impl PackedMatrix {
                 ))
             }
             _ if self.rows == 0 || self.cols == 0 => fail("an empty matrix"),
-            PackedKind::Int4 { .. } => self.device_params().map(|_| ()),
+            PackedKind::Int4 { .. } => self
+                .params
+                .chunks_exact(2)
+                .try_for_each(|pair| int4_pair_word(pair).map(drop)),
             _ => Ok(()),
         }
     }
