@@ -57,7 +57,7 @@ pub fn need_rows(
 
 /// A row stride as the kernels' 32-bit count.
 pub fn stride(op: &'static str, buffer: &'static str, stride: usize) -> Result<u32, CudaError> {
-    Check { op }.count(buffer, stride)
+    Check::new(op).count(buffer, stride)
 }
 
 /// A buffer read or written with 16-byte vector accesses must start 16-byte aligned.
@@ -80,6 +80,11 @@ pub struct Check {
 }
 
 impl Check {
+    /// The rules of `op`.
+    pub const fn new(op: &'static str) -> Check {
+        Check { op }
+    }
+
     /// The error for an unsupported `what = value`.
     pub fn unsupported(
         &self,

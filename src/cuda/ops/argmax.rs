@@ -35,7 +35,7 @@ pub(super) fn one_block_per_row<P>(
 }
 
 fn plan(s: &ArgmaxScalars, a: &ArgmaxArgs<'_>) -> Planned<ArgmaxParams, 1> {
-    let c = Check { op: "argmax" };
+    let c = Check::new("argmax");
     let params = a.params(c.op, s)?;
     one_block_per_row(&c, s, params, (KernelFamily::Argmax, ARGMAX_THREADS))
 }

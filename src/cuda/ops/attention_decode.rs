@@ -76,9 +76,7 @@ fn plan(
     s: &AttentionDecodeShape,
     a: &AttentionDecodeArgs<'_>,
 ) -> Planned<AttentionDecodeParams, 1> {
-    let c = Check {
-        op: "attention_decode",
-    };
+    let c = Check::new("attention_decode");
     let group = gqa_group(&c, s.n_heads, s.n_kv_heads)?;
     let head_dim = c.count("head_dim", s.head_dim)?;
     let family = if s.tensor_cores {

@@ -54,9 +54,7 @@ fn plan(
     s: &AttentionPrefillShape,
     a: &AttentionPrefillArgs<'_>,
 ) -> Planned<AttentionPrefillParams, 1> {
-    let c = Check {
-        op: "attention_prefill",
-    };
+    let c = Check::new("attention_prefill");
     gqa_group(&c, s.n_heads, s.n_kv_heads)?;
     let head_dim = c.count("head_dim", s.head_dim)?;
     let variant = c.variant(KernelFamily::AttentionPrefill, "head_dim", &[head_dim])?;

@@ -28,7 +28,7 @@ pub struct DequantShape {
 }
 
 fn plan(s: &DequantShape, kind: PackedKind, a: &DequantArgs<'_>) -> Planned<DequantParams, 1> {
-    let c = Check { op: "dequantize" };
+    let c = Check::new("dequantize");
     let l = row_layout(&c, kind, s.cols, "cols")?;
     table_view(&c, kind, a.table)?;
     let count = c.grid_yz("count", s.count as usize)?;

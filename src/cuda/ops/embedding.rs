@@ -14,7 +14,7 @@ planned_launcher! {
 }
 
 fn plan(s: &EmbeddingScalars, a: &EmbeddingArgs<'_>) -> Planned<EmbeddingParams, 1> {
-    let c = Check { op: "embedding" };
+    let c = Check::new("embedding");
     let params = a.params(c.op, s)?;
     for (what, value) in [
         ("tokens", s.tokens),

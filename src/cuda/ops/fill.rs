@@ -31,7 +31,7 @@ pub struct FillValues {
 
 /// One launch per piece of at most [`PIECE`] elements of `out`, in order.
 fn plan(v: &FillValues, mut out: ViewMut<'_, bf16>) -> Result<Vec<(FillParams, Grid)>, CudaError> {
-    let c = Check { op: "fill_random" };
+    let c = Check::new("fill_random");
     for (what, value) in [("scale", v.scale), ("shift", v.shift)] {
         if !value.is_finite() {
             return Err(CudaError::Kernel(KernelError::InvalidFloat {

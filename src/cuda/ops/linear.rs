@@ -52,7 +52,7 @@ pub(super) fn gemv_tile(tokens: u32) -> u32 {
 }
 
 fn plan(s: &LinearScalars, a: &LinearArgs<'_>) -> Planned<LinearParams, 1> {
-    let c = Check { op: "linear" };
+    let c = Check::new("linear");
     c.multiple_of_8("in_features", s.in_features as usize)?;
     c.at_least("out_features", s.out_features as usize, 1)?;
     for (what, value) in [
@@ -96,9 +96,7 @@ fn plan(s: &LinearScalars, a: &LinearArgs<'_>) -> Planned<LinearParams, 1> {
 }
 
 fn plan_mma_decode(s: &LinearScalars, a: &LinearArgs<'_>) -> Planned<LinearParams, 1> {
-    let c = Check {
-        op: "linear_mma_decode",
-    };
+    let c = Check::new("linear_mma_decode");
     c.multiple_of_8("in_features", s.in_features as usize)?;
     c.at_least("out_features", s.out_features as usize, 1)?;
     if s.tokens > LINEAR_GEMV_MAX_TOKENS {

@@ -128,7 +128,7 @@ impl LinearCutlassScratch {
         features: &[(u32, u32)],
         max_tokens: u32,
     ) -> Result<LinearCutlassScratch, CudaError> {
-        let c = Check { op: OP };
+        let c = Check::new(OP);
         require_built_for(&c, stream)?;
         let sm_count = sm_count(stream)?;
         let bytes = Self::bytes(features, max_tokens, sm_count);
@@ -169,7 +169,7 @@ fn plan(
     (sm_count, workspace_bytes): (u32, u32),
     workspace: ViewMut<'_, u8>,
 ) -> Result<LinearCutlassParams, CudaError> {
-    let c = Check { op: OP };
+    let c = Check::new(OP);
     for (what, value) in [
         ("in_features", s.in_features),
         ("out_features", s.out_features),
@@ -253,7 +253,7 @@ pub fn linear_cutlass_self_check(
     kernels: &Kernels,
     stream: &Arc<CudaStream>,
 ) -> Result<HopperCheck, CudaError> {
-    if require_built_for(&Check { op: OP }, stream).is_err() {
+    if require_built_for(&Check::new(OP), stream).is_err() {
         return Ok(HopperCheck::NotHopper);
     }
     let (in_features, out_features) = SELF_CHECK_FEATURES;

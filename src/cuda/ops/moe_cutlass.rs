@@ -250,7 +250,7 @@ impl MoeCutlassScratch {
         stream: &CudaStream,
         max: &MoeScalars,
     ) -> Result<MoeCutlassScratch, CudaError> {
-        let c = Check { op: OP };
+        let c = Check::new(OP);
         let gemm = GemmScratch::new(&c, Precision::Bf16, arena, stream, max)?;
         let slots = slot_count(max);
         let xs = arena.zeroed(slots * max.hidden as usize, SCRATCH)?;
@@ -285,7 +285,7 @@ impl MoeCutlassQ8Scratch {
         max: &MoeScalars,
         format: Q8,
     ) -> Result<MoeCutlassQ8Scratch, CudaError> {
-        let c = Check { op: OP_Q8 };
+        let c = Check::new(OP_Q8);
         let gemm = GemmScratch::new(&c, Precision::Q8(format), arena, stream, max)?;
         let slots = slot_count(max);
         Ok(MoeCutlassQ8Scratch {
@@ -339,7 +339,7 @@ fn plan(
     a: MoeArgs<'_>,
     scratch: &mut MoeCutlassScratch,
 ) -> Result<crate::cuda::params::MoeCutlassParams, CudaError> {
-    let c = Check { op: OP };
+    let c = Check::new(OP);
     let g = &mut scratch.gemm;
     g.check(&c, s)?;
     let scalars = g.scalars(s);
@@ -373,7 +373,7 @@ fn plan_q8(
     a: QMoeArgs<'_>,
     scratch: &mut MoeCutlassQ8Scratch,
 ) -> Result<crate::cuda::params::MoeCutlassQ8Params, CudaError> {
-    let c = Check { op: OP_Q8 };
+    let c = Check::new(OP_Q8);
     let format = scratch.format;
     let g = &mut scratch.gemm;
     g.check(&c, s)?;
@@ -508,7 +508,7 @@ pub fn moe_cutlass_self_check(
     kernels: &Kernels,
     stream: &Arc<CudaStream>,
 ) -> Result<HopperCheck, CudaError> {
-    if require_built_for(&Check { op: OP }, stream).is_err() {
+    if require_built_for(&Check::new(OP), stream).is_err() {
         return Ok(HopperCheck::NotHopper);
     }
     let shape = self_check_shape();
@@ -554,7 +554,7 @@ pub fn moe_cutlass_q8_self_check(
     stream: &Arc<CudaStream>,
     format: Q8,
 ) -> Result<HopperCheck, CudaError> {
-    if require_built_for(&Check { op: OP_Q8 }, stream).is_err() {
+    if require_built_for(&Check::new(OP_Q8), stream).is_err() {
         return Ok(HopperCheck::NotHopper);
     }
     let problem = self_check_problem(SELF_CHECK_SEED, Q8_SELF_CHECK_DIMS);

@@ -65,7 +65,7 @@ pub(super) fn active_experts(
 }
 
 fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
-    let c = Check { op: "moe_gemv" };
+    let c = Check::new("moe_gemv");
     let params = a.params(c.op, s)?;
     moe_rules(&c, s)?;
     let experts = active_experts(&c, s.experts, s.tokens, s.top_k)?;
@@ -92,7 +92,7 @@ fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
 }
 
 fn plan_mma(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
-    let c = Check { op: "moe_mma" };
+    let c = Check::new("moe_mma");
     let params = a.params(c.op, s)?;
     moe_rules(&c, s)?;
     let experts = active_experts(&c, s.experts, s.tokens, s.top_k)?;

@@ -111,9 +111,7 @@ const GROUPED: TilePair = TilePair {
 };
 
 fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
-    let c = Check {
-        op: "moe_grouped_gemm",
-    };
+    let c = Check::new("moe_grouped_gemm");
     plan_tile_pair(&c, &GROUPED, s, a)
 }
 

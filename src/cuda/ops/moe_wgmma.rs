@@ -49,7 +49,7 @@ pub(super) fn compute_capability(stream: &CudaStream) -> Result<(i32, i32), Cuda
 
 /// Refuses a device the sm_90a kernels cannot run on.
 fn require_hopper(stream: &CudaStream) -> Result<(), CudaError> {
-    hopper_only(&Check { op: OP }, "wgmma", compute_capability(stream)?)
+    hopper_only(&Check::new(OP), "wgmma", compute_capability(stream)?)
 }
 
 /// Refuses a compute capability other than 9.0 ([`WGMMA_COMPUTE_CAPABILITY`], the one the sm_90a
@@ -96,7 +96,7 @@ planned_launcher! {
 }
 
 fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
-    plan_tile_pair(&Check { op: OP }, &WGMMA, s, a)
+    plan_tile_pair(&Check::new(OP), &WGMMA, s, a)
 }
 
 /// What the self-check of a Hopper expert kernel ([`moe_wgmma_self_check`],
@@ -432,7 +432,7 @@ mod tests {
 
     #[test]
     fn only_compute_capability_9_0_is_accepted() {
-        let c = Check { op: OP };
+        let c = Check::new(OP);
         assert!(hopper_only(&c, "wgmma", (9, 0)).is_ok());
         for capability in [(8, 0), (8, 6), (8, 9), (9, 1), (10, 0), (12, 0)] {
             unsupported(hopper_only(&c, "wgmma", capability), "compute capability");

@@ -35,9 +35,7 @@ fn plan(
     a: &QLinearArgs<'_>,
 ) -> Planned<QLinearParams, 1> {
     let mma = kernel == PackedKernel::Mma;
-    let c = Check {
-        op: if mma { "qlinear_mma" } else { "qlinear" },
-    };
+    let c = Check::new(if mma { "qlinear_mma" } else { "qlinear" });
     let l = kernel.layout(&c, kind, s.in_features, "in_features", a.perm.is_some())?;
     if s.tokens > LINEAR_GEMV_MAX_TOKENS {
         return Err(c.unsupported(

@@ -42,7 +42,7 @@ pub fn shared_perm<'a>(
         (Some(p1), Some(p3)) if p1.address() == p3.address() && p1.len() == p3.len() => {
             Ok(Some(p1))
         }
-        _ => Err(Check { op: OP }.unsupported(
+        _ => Err(Check::new(OP).unsupported(
             "w3_perm",
             0,
             "w1 and w3 must share one permutation buffer (the same view) or both have none",
@@ -57,9 +57,7 @@ fn plan(
     a: &QMoeArgs<'_>,
 ) -> Planned<QMoeParams, 2> {
     let mma = kernel == PackedKernel::Mma;
-    let c = Check {
-        op: if mma { "qmoe_mma" } else { OP },
-    };
+    let c = Check::new(if mma { "qmoe_mma" } else { OP });
     for (what, kind) in [("w3 kind", k3), ("w2 kind", k2)] {
         if kind != k1 {
             return Err(c.unsupported(
@@ -71,6 +69,7 @@ fn plan(
             ));
         }
     }
+    table_view(&c, k1, a.table)?;
     c.at_least("experts", s.experts as usize, 1)?;
     c.at_least("top_k", s.top_k as usize, 1)?;
     let experts = active_experts(&c, s.experts, s.tokens, s.top_k)?;
@@ -78,7 +77,6 @@ fn plan(
     c.product("tokens * top_k", &[s.tokens as usize, s.top_k as usize])?;
     let l13 = kernel.layout(&c, k1, s.hidden, "hidden", a.w13_perm.is_some())?;
     let l2 = kernel.layout(&c, k1, s.inter, "inter", a.w2_perm.is_some())?;
-    table_view(&c, k1, a.table)?;
     let params = a.params(
         c.op,
         &QMoeScalars {

@@ -194,7 +194,7 @@ mod tests {
     use crate::cuda::ops::fake::{unsupported, view};
     use crate::packed::lut4::Lut4;
 
-    const C: Check = Check { op: "test" };
+    const C: Check = Check::new("test");
 
     const NF4_64: PackedKind = PackedKind::Lut4 {
         table: Lut4::Nf4,

@@ -14,7 +14,7 @@ planned_launcher! {
 }
 
 fn plan(s: &RmsnormScalars, a: &RmsnormArgs<'_>) -> Planned<RmsnormParams, 1> {
-    let c = Check { op: "rmsnorm" };
+    let c = Check::new("rmsnorm");
     c.count("rows", s.rows as usize)?;
     c.at_least("hidden", s.hidden as usize, 1)?;
     c.count("hidden", s.hidden as usize)?;

@@ -17,7 +17,7 @@ planned_launcher! {
 }
 
 fn plan(s: &RopeKvScalars, a: &RopeKvArgs<'_>) -> Planned<RopeKvParams, 1> {
-    let c = Check { op: "rope_kv" };
+    let c = Check::new("rope_kv");
     let head_dim = s.head_dim as usize;
     if head_dim < 2 || !head_dim.is_multiple_of(2) {
         return Err(c.unsupported("head_dim", head_dim, "must be even and at least 2"));

@@ -19,7 +19,7 @@ planned_launcher! {
 }
 
 fn plan(s: &RouterScalars, a: &RouterArgs<'_>) -> Planned<RouterParams, 1> {
-    let c = Check { op: "router" };
+    let c = Check::new("router");
     let params = a.params(c.op, s)?;
     c.multiple_of_8("hidden", s.hidden as usize)?;
     if s.experts == 0 || s.experts > ROUTER_MAX_EXPERTS {

@@ -44,7 +44,7 @@ pub fn rng_state_for_seed(seed: u64) -> Vec<u64> {
 }
 
 fn plan(s: &SampleScalars, a: &SampleArgs<'_>) -> Planned<SampleParams, 1> {
-    let c = Check { op: "sample" };
+    let c = Check::new("sample");
     let params = a.params(c.op, s)?;
     // The kernel loads and stores the state as u64 words; a view cast from narrower elements could
     // start between two of them.
