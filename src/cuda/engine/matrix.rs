@@ -239,11 +239,12 @@ fn projection_device(on: &Products<'_>, cutlass: bool) -> Device {
 
 /// `w` as bf16: its own buffer, or (packed) expanded into the start of `scratch` (input-column
 /// order), which the bf16 kernels then read (they touch only the first `count * rows * cols`
-/// elements).
+/// elements). A packed stack without a permutation buffer of its own (w3) reads `shared_perm`
+/// (w1's), as the packed kernels do.
 fn dense<'a>(
     kernels: &Kernels,
     stream: &CudaStream,
-    w: &'a DeviceMatrix,
+    (w, shared_perm): (&'a DeviceMatrix, Option<&'a DeviceMatrix>),
     scratch: &'a mut Option<DeviceBuffer<bf16>>,
     tokens: u32,
 ) -> Result<View<'a, bf16>, CudaError> {
@@ -251,6 +252,10 @@ fn dense<'a>(
         DeviceMatrix::Bf16(w) => return Ok(w.view()),
         DeviceMatrix::Packed(p) => p,
     };
+    let mut packed = p.view();
+    if packed.perm.is_none() {
+        packed.perm = shared_perm.and_then(|m| m.packed()?.view().perm);
+    }
     let scratch = scratch.as_mut().ok_or_else(|| {
         CudaError::Kernel(KernelError::Unsupported {
             op: "forward",
@@ -278,7 +283,7 @@ fn dense<'a>(
             rows: p.rows as u32,
             cols: p.cols as u32,
         },
-        p.view(),
+        packed,
         out,
     )?;
     Ok(scratch.view())
@@ -317,7 +322,7 @@ pub fn project(
     if let (Some(kernel), DeviceMatrix::Packed(p)) = (packed_kernel, w) {
         return ops::qlinear(kernels, stream, s, (x, p.view()), out, kernel);
     }
-    let w = dense(kernels, stream, w, &mut scratch.dense, s.tokens)?;
+    let w = dense(kernels, stream, (w, None), &mut scratch.dense, s.tokens)?;
     project_bf16(on, s, LinearArgs { x, w, out }, scratch.linear.as_mut())
 }
 
@@ -471,9 +476,10 @@ pub fn experts(
     }
     let args = MoeArgs {
         x: io.x,
-        w1: dense(kernels, stream, w1, &mut scratch.w1, s.tokens)?,
-        w3: dense(kernels, stream, w3, &mut scratch.w3, s.tokens)?,
-        w2: dense(kernels, stream, w2, &mut scratch.w2, s.tokens)?,
+        w1: dense(kernels, stream, (w1, None), &mut scratch.w1, s.tokens)?,
+        // w3 reads with w1's permutation here too.
+        w3: dense(kernels, stream, (w3, Some(w1)), &mut scratch.w3, s.tokens)?,
+        w2: dense(kernels, stream, (w2, None), &mut scratch.w2, s.tokens)?,
         topk_weights: io.topk_weights,
         expert_offsets: io.expert_offsets,
         sorted_slots: io.sorted_slots,
