@@ -168,6 +168,7 @@ fn build_kernels() -> Result<Built, String> {
     build_cutlass(&nvcc, &root, &cache, &out_dir, &header_bytes)?;
     if std::env::var_os("CARGO_FEATURE_TESTING").is_some() {
         build_emulator(&csrc, &sources)?;
+        build_emulated_driver(&csrc, &out_dir)?;
     }
     Ok(Built::Kernels)
 }
@@ -205,6 +206,47 @@ fn build_emulator(csrc: &Path, sources: &[PathBuf]) -> Result<(), String> {
     build
         .try_compile("mixtral_emulator")
         .map_err(|e| format!("the kernel emulator (feature `testing`): {e}"))
+}
+
+/// The emulated CUDA device of feature `testing` (`csrc/emulator/driver.cpp`): the driver API calls
+/// the engine makes, over the kernel emulator, as `OUT_DIR/emulated-cuda/libcuda.so` (the emulator's
+/// own symbols kept inside it). `scripts/emulated-gpu` puts that folder first on the loader's path,
+/// so that cudarc loads it instead of a driver and `tests/gpu_engine.rs` runs on the CPU.
+fn build_emulated_driver(csrc: &Path, out_dir: &Path) -> Result<(), String> {
+    let fail =
+        |e: &dyn std::fmt::Display| format!("the emulated CUDA device (feature `testing`): {e}");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .flag("-fvisibility=hidden")
+        .file(csrc.join("emulator/driver.cpp"));
+    let objects = build.try_compile_intermediates().map_err(|e| fail(&e))?;
+    let folder = out_dir.join("emulated-cuda");
+    std::fs::create_dir_all(&folder).map_err(|e| fail(&e))?;
+    let library = folder.join("libcuda.so");
+    let status = build
+        .get_compiler()
+        .to_command()
+        .arg("-shared")
+        .arg("-o")
+        .arg(&library)
+        .args(&objects)
+        .arg("-Wl,--whole-archive")
+        .arg(out_dir.join("libmixtral_emulator.a"))
+        .arg("-Wl,--no-whole-archive")
+        .arg("-Wl,--exclude-libs,ALL")
+        .arg("-lpthread")
+        .status()
+        .map_err(|e| fail(&e))?;
+    if !status.success() {
+        return Err(fail(&format!(
+            "linking {} failed: {status}",
+            library.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Compiles the CUTLASS shim (`csrc/cutlass/*.cu`: host code and sm_90a kernels) into objects, kept

@@ -1,5 +1,7 @@
 //! The CUDA engine end to end against the CPU reference engine (built with `--features cuda`; only
-//! a machine without a CUDA driver or device skips, printing why: `tests/common/gpu.rs`).
+//! a machine without a CUDA driver or device skips, printing why: `tests/common/gpu.rs`). Without a
+//! GPU, `scripts/emulated-gpu --test gpu_engine` runs them on the emulated device (the kernel
+//! emulator behind the CUDA driver API, `csrc/emulator/README.md`), as CI does.
 //!
 //! Bounds, fixed before the run and never widened after a failed one without the committed
 //! measurement that justifies it:
@@ -16,7 +18,8 @@
 //! sequence alone, chunked prefill equals one-pass prefill, device sampling draws what the host
 //! sampler draws from the same logits (also through `open("cuda")` and `Engine::step_tokens`), a load that cannot fit is a typed out-of-memory error that
 //! leaves nothing allocated, a full KV cache is a typed error that leaves the other sequences as they
-//! were, and NaN logits are an error from the device argmax and sampler, never a token.
+//! were, NaN logits are an error from the device argmax and sampler, never a token, and
+//! `mixtral-run --device cuda` prints the greedy ids `--device cpu` prints.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -1069,4 +1072,45 @@ fn the_token_step_takes_the_device_paths_and_the_host_for_the_penalty() {
         engine.free_sequence(by_tokens).unwrap();
         engine.free_sequence(twin).unwrap();
     }
+}
+
+/// `mixtral-run --device cuda` (greedy on the device: only the chosen ids come back, no logits)
+/// prints the ids `--device cpu` prints for the trained case's prompt: 16 of the 64 steps
+/// `greedy_matches_the_cpu_on_the_trained_model_in_every_format` compares, whose margin
+/// precondition (every CPU step's top two logits at least [`TRAINED_MIN_GREEDY_MARGIN`] apart)
+/// makes equal ids the expected outcome.
+#[test]
+fn mixtral_run_on_cuda_prints_the_cpu_greedy_ids() {
+    let _lock = lock();
+    let dir = root().join("models/mini-mixtral");
+    let model = load(&dir);
+    // Skips exactly where the engine tests skip: no driver, or no device.
+    if gpu_engine(&model, small_options(), "mixtral_run_on_cuda").is_none() {
+        return;
+    }
+    let ids = |device: &str| -> Vec<u64> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mixtral-run"))
+            .arg("--model")
+            .arg(&dir)
+            .args(["--prompt", TRAINED_PROMPT, "-n", "16", "--json"])
+            .args(["--device", device])
+            .output()
+            .expect("running mixtral-run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "--device {device}: {stderr}");
+        String::from_utf8(out.stdout)
+            .expect("UTF-8 output")
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).expect("a JSON line"))
+            .filter(|event| event["event"] == "token")
+            .map(|event| event["id"].as_u64().expect("a token id"))
+            .collect()
+    };
+    let cpu = ids("cpu");
+    assert_eq!(cpu.len(), 16, "the CPU's 16 greedy ids");
+    assert_eq!(
+        ids("cuda"),
+        cpu,
+        "mixtral-run --device cuda against --device cpu"
+    );
 }

@@ -207,10 +207,15 @@ void* shared_pointer(uint32_t address);
 // The launch's dynamic shared memory (at least 16-byte aligned, as large as the launch asked for).
 void* dynamic_shared();
 
-// The exchange slot (32 bytes) of `lane` in the current thread's warp.
+// The exchange slot (32 bytes) of `lane` in the current thread's warp, for the warp collective the
+// thread is at (two banks, used by a warp's collectives in turn).
 void* warp_slot(unsigned lane);
-// Waits until all 32 lanes of the warp are at a warp collective (`mask` must name them all).
+// Waits until all 32 lanes of the warp are at a warp collective (`mask` must name them all), then
+// (once the thread has read the slots it wants) warp_done moves the thread to the other bank for its
+// next collective. A lane cannot write a bank again before every lane has read it: that takes the
+// collective in between, which opens only when all 32 lanes have reached it.
 void warp_wait(uint32_t mask);
+void warp_done();
 
 template <class T>
 inline T shuffle_from(uint32_t mask, T v, int (*source)(int lane, int arg), int arg) {
@@ -220,7 +225,7 @@ inline T shuffle_from(uint32_t mask, T v, int (*source)(int lane, int arg), int 
     warp_wait(mask);
     T out;
     memcpy(&out, warp_slot(source(lane, arg)), sizeof(T));
-    warp_wait(mask);  // every lane has read before any lane writes its slot again
+    warp_done();
     return out;
 }
 inline int lane_xor(int lane, int m) { return (lane ^ m) & 31; }

@@ -18,9 +18,11 @@
 
 #include "../common.cuh"
 
-// Saves the callee-saved registers and the floating-point control words on the current stack,
-// stores the stack pointer in *from and continues on the stack `to` (saved the same way, or made by
-// new_stack). x86-64 System V.
+// Saves the callee-saved registers on the current stack, stores the stack pointer in *from and
+// continues on the stack `to` (saved the same way, or made by new_stack). x86-64 System V. The
+// floating-point control words (MXCSR, x87) are callee-saved too, but nothing here changes them, so
+// every thread runs with the launching thread's and they are left alone: loading them (ldmxcsr,
+// fldcw) took most of the time of a switch.
 extern "C" void mx_emulator_switch(void** from, void* to);
 asm(R"(
     .text
@@ -33,14 +35,8 @@ mx_emulator_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -74,6 +70,7 @@ struct Thread {
     void* stack_pointer;  // where mx_emulator_switch saved it
     State state;
     bool predicate;  // what it passed to the barrier it waits at
+    unsigned bank;   // the exchange-slot bank of its next warp collective
 };
 
 // The launch in progress on this OS thread.
@@ -84,9 +81,11 @@ struct Launch {
     uint3 block_index{};
     std::vector<Thread> threads;
     unsigned current = 0;
+    unsigned position = 0;  // the current thread's place in the scheduler's pass
+    bool reverse = false;   // passes run the threads last to first
     void* scheduler = nullptr;  // the scheduler's saved stack pointer
     bool barrier_result = false;
-    unsigned char slots[1024][SLOT_BYTES];
+    unsigned char slots[2][1024][SLOT_BYTES];
     std::string error;
 };
 
@@ -94,20 +93,33 @@ thread_local Launch* active = nullptr;
 
 Launch& launch() { return *active; }
 
-// Suspends the current thread in `state` until the scheduler opens what it waits at.
-void wait(State state) {
+// Leaves the current thread, now in `state`: for the next ready thread of the scheduler's pass (in
+// the pass's order), or for the scheduler when none is left or the launch failed. One switch where
+// going back through the scheduler took two; the threads run in the same order.
+void leave(State state) {
     Launch& l = launch();
     Thread& t = l.threads[l.current];
     t.state = state;
-    mx_emulator_switch(&t.stack_pointer, l.scheduler);
+    void* to = l.scheduler;
+    const unsigned n = (unsigned)l.threads.size();
+    for (unsigned i = l.position + 1; l.error.empty() && i < n; ++i) {
+        const unsigned next = l.reverse ? n - 1 - i : i;
+        if (l.threads[next].state != State::Ready) continue;
+        l.position = i;
+        l.current = next;
+        current_thread = next;
+        to = l.threads[next].stack_pointer;
+        break;
+    }
+    mx_emulator_switch(&t.stack_pointer, to);
 }
 
-// Ends the current thread: back to the scheduler, never resumed.
+// Suspends the current thread in `state` until the scheduler opens what it waits at.
+void wait(State state) { leave(state); }
+
+// Ends the current thread, never resumed.
 [[noreturn]] void finish() {
-    Launch& l = launch();
-    Thread& t = l.threads[l.current];
-    t.state = State::Done;
-    mx_emulator_switch(&t.stack_pointer, l.scheduler);
+    leave(State::Done);
     abort();  // a finished thread is never resumed
 }
 
@@ -129,16 +141,16 @@ void fail(Launch& l, const std::string& what) {
     finish();
 }
 
-// A fresh stack for a thread at the top of `stack`: what mx_emulator_switch pops (the default
-// floating-point control words, zeroed callee-saved registers) and thread_main as the address it
-// returns to, placed so that thread_main starts as if called (the stack 16-byte aligned before the
+// A fresh stack for thread `t` near the top of `stack`: what mx_emulator_switch pops (zeroed callee-saved
+// registers) and thread_main as the address it returns to, placed so that thread_main starts as if called (the stack 16-byte aligned before the
 // call).
-void* new_stack(char* stack) {
-    uint64_t* top = reinterpret_cast<uint64_t*>(stack + STACK_BYTES);
+// The top is moved down by 64 bytes times t % 64: the stacks lie STACK_BYTES apart, so their tops
+// would otherwise share one set of every cache, and each switch would miss.
+void* new_stack(char* stack, unsigned t) {
+    uint64_t* top = reinterpret_cast<uint64_t*>(stack + STACK_BYTES - 64 * (t % 64));
     *--top = 0;  // thread_main's own return address slot (it never returns): keeps the alignment
     *--top = reinterpret_cast<uint64_t>(&thread_main);
-    for (int i = 0; i < 6; ++i) *--top = 0;   // rbp, rbx, r12..r15
-    *--top = 0x1F80u | (0x037Full << 32);      // MXCSR, x87 control word
+    for (int i = 0; i < 6; ++i) *--top = 0;  // rbp, rbx, r12..r15
     return top;
 }
 
@@ -201,18 +213,23 @@ void run_block(Launch& l, std::vector<char*>& stacks, bool reverse) {
         Thread& th = l.threads[t];
         th.state = State::Ready;
         th.predicate = false;
-        th.stack_pointer = new_stack(stacks[t]);
+        th.bank = 0;
+        th.stack_pointer = new_stack(stacks[t], t);
     }
+    l.reverse = reverse;
     for (;;) {
         bool ran = false;
         for (unsigned i = 0; i < n; ++i) {
             const unsigned t = reverse ? n - 1 - i : i;
             if (l.threads[t].state != State::Ready) continue;
             l.current = t;
+            l.position = i;
             current_thread = t;
             ran = true;
+            // Runs thread t and those after it in this pass that are ready (see leave).
             mx_emulator_switch(&l.scheduler, l.threads[t].stack_pointer);
             if (!l.error.empty()) return;
+            i = l.position;
         }
         bool all_done = true;
         for (const Thread& t : l.threads) all_done &= t.state == State::Done;
@@ -230,7 +247,12 @@ thread_local uint3 current_block{}, launch_grid{}, launch_block{};
 
 void* warp_slot(unsigned lane) {
     Launch& l = launch();
-    return l.slots[l.current / 32 * 32 + lane];
+    return l.slots[l.threads[l.current].bank][l.current / 32 * 32 + lane];
+}
+
+void warp_done() {
+    Launch& l = launch();
+    l.threads[l.current].bank ^= 1u;
 }
 
 void warp_wait(uint32_t mask) {
@@ -248,13 +270,10 @@ bool block_barrier(bool predicate) {
 void warp_gather(uint32_t mask, const void* mine, size_t bytes, void* all) {
     Launch& l = launch();
     if (bytes > SLOT_BYTES) trap("a warp collective value over 32 bytes");
-    const unsigned warp = l.current / 32;
-    memcpy(l.slots[l.current], mine, bytes);
+    memcpy(warp_slot(l.current % 32), mine, bytes);
     warp_wait(mask);
-    for (unsigned i = 0; i < 32; ++i)
-        memcpy(static_cast<char*>(all) + i * bytes, l.slots[warp * 32 + i], bytes);
-    // Every lane has read before any lane writes its slot again.
-    warp_wait(mask);
+    for (unsigned i = 0; i < 32; ++i) memcpy(static_cast<char*>(all) + i * bytes, warp_slot(i), bytes);
+    warp_done();
 }
 
 void trap(const char* why) {
@@ -370,10 +389,13 @@ namespace {
 struct Entry {
     const char* symbol;
     void (*body)(const void*);
+    const size_t* params_bytes;
 };
 
-#define MX_DECLARE(symbol, ...) void mx_emulated_##symbol(const void*);
-#define MX_ROW(symbol, ...) {#symbol, &mx_emulated_##symbol},
+#define MX_DECLARE(symbol, ...)                   \
+    void mx_emulated_##symbol(const void*);       \
+    extern const size_t mx_emulated_params_bytes_##symbol;
+#define MX_ROW(symbol, ...) {#symbol, &mx_emulated_##symbol, &mx_emulated_params_bytes_##symbol},
 
 }  // namespace
 
@@ -384,6 +406,19 @@ namespace {
 const Entry ENTRIES[] = {MIXTRAL_EMULATED_VARIANTS(MX_ROW) MX_EMULATOR_SELF_TESTS(MX_ROW)};
 }  // namespace
 
+// The emulated kernel `symbol`, or null.
+static const Entry* find_entry(const char* symbol) {
+    for (const Entry& e : ENTRIES)
+        if (strcmp(e.symbol, symbol) == 0) return &e;
+    return nullptr;
+}
+
+// The size of kernel `symbol`'s parameter struct; 0 when `symbol` is not emulated.
+extern "C" size_t mx_emulator_params_bytes(const char* symbol) {
+    const Entry* entry = find_entry(symbol);
+    return entry == nullptr ? 0 : *entry->params_bytes;
+}
+
 // Runs the kernel `symbol` with the parameter struct at `params` over `geometry`. Returns 0, or 1
 // with a message in `error` (at most `error_bytes`, NUL-terminated): unknown symbol, a request the
 // emulator cannot meet, or what the kernel did wrong.
@@ -393,9 +428,7 @@ extern "C" int mx_emulator_launch(const char* symbol, const void* params, const 
         snprintf(error, error_bytes, "%s", what.c_str());
         return 1;
     };
-    const Entry* entry = nullptr;
-    for (const Entry& e : ENTRIES)
-        if (strcmp(e.symbol, symbol) == 0) entry = &e;
+    const Entry* entry = find_entry(symbol);
     if (entry == nullptr) return report(std::string("kernel ") + symbol + " is not emulated");
     const uint32_t block = geometry->block;
     if (block == 0 || block > 1024) return report("block of " + std::to_string(block) + " threads");

@@ -1,0 +1,422 @@
+// driver.cpp: an emulated CUDA device behind the CUDA driver API, built as `libcuda.so` over the kernel
+// emulator (runtime.cpp), so that the CUDA engine itself (src/cuda/engine: uploads, the static plan, the
+// decode graphs, device sampling) runs on a machine without a GPU: `scripts/emulated-gpu` puts this
+// library first on the loader's path for `tests/gpu_engine.rs`.
+//
+// It implements the calls cudarc and this crate make, and only those (a call it lacks is cudarc's
+// "Missing symbol" panic, naming it):
+//   - one device, ordinal 0, compute capability 8.0 (the kernels' sm_80 code paths), 108
+//     multiprocessors, DEVICE_BYTES of memory; one context;
+//   - device memory is host memory: a device pointer is the address of a 256-byte aligned host
+//     allocation, so the emulated kernels read and write it directly; allocation past DEVICE_BYTES is
+//     CUDA_ERROR_OUT_OF_MEMORY;
+//   - every stream runs its work at once, in the order it is issued (stream order is all the crate
+//     relies on); events complete at once;
+//   - a kernel launch runs the emulated kernel of that symbol (the module's image is not read: every
+//     emulated kernel is in this library), its blocks and threads alternately in forward and reverse
+//     order from one launch to the next, as the kernel tests run them;
+//   - stream capture records launches (with a copy of their parameter struct), copies and memsets;
+//     a graph launch runs them again in order;
+//   - a kernel the emulator rejects (a trap, a barrier not every thread reaches, a symbol it does not
+//     emulate) makes the launch fail with CUDA_ERROR_LAUNCH_FAILED and the context sticky, as a fault on
+//     a GPU does; the emulator's message goes to stderr.
+// An access outside an allocation is not caught: it reads or writes host memory (or crashes the
+// process), where a GPU would fault.
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#define MX_EXPORT extern "C" __attribute__((visibility("default")))
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+
+struct MxContext {};
+struct MxModule {};
+struct MxFunction {
+    std::string symbol;
+};
+struct MxEvent {};
+struct MxGraph {
+    std::vector<std::function<CUresult()>> work;
+};
+struct MxStream {
+    MxGraph* capturing = nullptr;
+};
+
+typedef MxContext* CUcontext;
+typedef MxModule* CUmodule;
+typedef MxFunction* CUfunction;
+typedef MxEvent* CUevent;
+typedef MxStream* CUstream;
+typedef MxGraph* CUgraph;
+typedef MxGraph* CUgraphExec;
+
+// The result codes used here (the values of cuda.h).
+enum : CUresult {
+    SUCCESS = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    INVALID_DEVICE = 101,
+    LAUNCH_FAILED = 719,
+    NOT_SUPPORTED = 801,
+};
+
+// The device attributes answered with something other than 0 (cuda.h's values).
+enum : int {
+    ATTR_MAX_THREADS_PER_BLOCK = 1,
+    ATTR_MAX_BLOCK_DIM_X = 2,
+    ATTR_MAX_GRID_DIM_X = 5,
+    ATTR_MAX_SHARED_MEMORY_PER_BLOCK = 8,
+    ATTR_WARP_SIZE = 10,
+    ATTR_MULTIPROCESSOR_COUNT = 16,
+    ATTR_COMPUTE_CAPABILITY_MAJOR = 75,
+    ATTR_COMPUTE_CAPABILITY_MINOR = 76,
+    ATTR_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97,
+};
+
+extern "C" int mx_emulator_launch(const char* symbol, const void* params, const void* geometry, char* error,
+                                  size_t error_bytes);
+extern "C" size_t mx_emulator_params_bytes(const char* symbol);
+
+namespace {
+
+constexpr size_t DEVICE_BYTES = size_t(8) << 30;
+constexpr size_t ALIGNMENT = 256;
+constexpr int MULTIPROCESSORS = 108;
+
+struct Geometry {  // MxEmulatorGrid of runtime.cpp
+    uint32_t grid[3];
+    uint32_t block;
+    uint32_t shared_bytes;
+    uint32_t reverse;
+    uint32_t arch;
+};
+
+std::mutex lock;
+std::map<uintptr_t, size_t> allocations;  // device allocations: address -> bytes
+size_t allocated = 0;
+std::atomic<uint64_t> launches{0};
+std::atomic<CUresult> sticky{SUCCESS};
+MxContext the_context;
+thread_local CUcontext current = nullptr;
+
+// Runs `work` now, or records it when `stream` is capturing.
+CUresult issue(CUstream stream, std::function<CUresult()> work) {
+    if (sticky != SUCCESS) return sticky;
+    if (stream != nullptr && stream->capturing != nullptr) {
+        stream->capturing->work.push_back(std::move(work));
+        return SUCCESS;
+    }
+    return work();
+}
+
+CUresult run_kernel(const std::string& symbol, const Geometry& geometry, const void* params) {
+    char message[1024] = {0};
+    if (mx_emulator_launch(symbol.c_str(), params, &geometry, message, sizeof message) != 0) {
+        fprintf(stderr, "emulated CUDA device: launch of %s failed: %s\n", symbol.c_str(), message);
+        sticky = LAUNCH_FAILED;
+        return LAUNCH_FAILED;
+    }
+    return SUCCESS;
+}
+
+CUresult copy(void* to, const void* from, size_t bytes) {
+    if (bytes != 0) memmove(to, from, bytes);
+    return SUCCESS;
+}
+
+}  // namespace
+
+MX_EXPORT CUresult cuInit(unsigned) { return SUCCESS; }
+
+MX_EXPORT CUresult cuDriverGetVersion(int* version) {
+    *version = 13000;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuDeviceGetCount(int* count) {
+    *count = 1;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuDeviceGet(CUdevice* device, int ordinal) {
+    if (ordinal != 0) return INVALID_DEVICE;
+    *device = 0;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuDeviceGetName(char* name, int length, CUdevice) {
+    snprintf(name, length, "emulated CUDA device (mixtral kernel emulator, sm_80)");
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
+    *bytes = DEVICE_BYTES;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
+    switch (attribute) {
+        case ATTR_MAX_THREADS_PER_BLOCK:
+        case ATTR_MAX_BLOCK_DIM_X: *value = 1024; break;
+        case ATTR_MAX_GRID_DIM_X: *value = 0x7fffffff; break;
+        case ATTR_MAX_SHARED_MEMORY_PER_BLOCK: *value = 48 * 1024; break;
+        case ATTR_WARP_SIZE: *value = 32; break;
+        case ATTR_MULTIPROCESSOR_COUNT: *value = MULTIPROCESSORS; break;
+        case ATTR_COMPUTE_CAPABILITY_MAJOR: *value = 8; break;
+        case ATTR_COMPUTE_CAPABILITY_MINOR: *value = 0; break;
+        case ATTR_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *value = 163 * 1024; break;
+        default: *value = 0;  // memory pools (so cudarc allocates synchronously) and the rest
+    }
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* context, CUdevice) {
+    *context = &the_context;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return SUCCESS; }
+
+MX_EXPORT CUresult cuCtxSetCurrent(CUcontext context) {
+    current = context;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuCtxGetCurrent(CUcontext* context) {
+    *context = current;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuCtxSynchronize() { return sticky; }
+
+MX_EXPORT CUresult cuGetErrorName(CUresult error, const char** name) {
+    switch (error) {
+        case SUCCESS: *name = "CUDA_SUCCESS"; break;
+        case INVALID_VALUE: *name = "CUDA_ERROR_INVALID_VALUE"; break;
+        case OUT_OF_MEMORY: *name = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+        case INVALID_DEVICE: *name = "CUDA_ERROR_INVALID_DEVICE"; break;
+        case LAUNCH_FAILED: *name = "CUDA_ERROR_LAUNCH_FAILED"; break;
+        case NOT_SUPPORTED: *name = "CUDA_ERROR_NOT_SUPPORTED"; break;
+        default: *name = "CUDA_ERROR_UNKNOWN";
+    }
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuGetErrorString(CUresult error, const char** text) {
+    if (error == LAUNCH_FAILED) {
+        *text = "an emulated kernel failed (see stderr)";
+        return SUCCESS;
+    }
+    return cuGetErrorName(error, text);
+}
+
+// --- memory -----------------------------------------------------------------------------------------
+
+MX_EXPORT CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
+    std::lock_guard<std::mutex> guard(lock);
+    *free = DEVICE_BYTES - allocated;
+    *total = DEVICE_BYTES;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* pointer, size_t bytes) {
+    const size_t rounded = (bytes + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
+    std::lock_guard<std::mutex> guard(lock);
+    if (rounded > DEVICE_BYTES - allocated) return OUT_OF_MEMORY;
+    void* memory = aligned_alloc(ALIGNMENT, rounded == 0 ? ALIGNMENT : rounded);
+    if (memory == nullptr) return OUT_OF_MEMORY;
+    allocations[reinterpret_cast<uintptr_t>(memory)] = rounded;
+    allocated += rounded;
+    *pointer = reinterpret_cast<CUdeviceptr>(memory);
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuMemFree_v2(CUdeviceptr pointer) {
+    std::lock_guard<std::mutex> guard(lock);
+    auto found = allocations.find(static_cast<uintptr_t>(pointer));
+    if (found == allocations.end()) return INVALID_VALUE;
+    allocated -= found->second;
+    allocations.erase(found);
+    free(reinterpret_cast<void*>(pointer));
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuMemHostAlloc(void** pointer, size_t bytes, unsigned) {
+    const size_t rounded = (bytes + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
+    *pointer = aligned_alloc(ALIGNMENT, rounded == 0 ? ALIGNMENT : rounded);
+    return *pointer == nullptr ? OUT_OF_MEMORY : SUCCESS;
+}
+
+MX_EXPORT CUresult cuMemFreeHost(void* pointer) {
+    free(pointer);
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuMemsetD8Async(CUdeviceptr to, unsigned char value, size_t bytes, CUstream stream) {
+    return issue(stream, [=] {
+        memset(reinterpret_cast<void*>(to), value, bytes);
+        return SUCCESS;
+    });
+}
+
+MX_EXPORT CUresult cuMemsetD8_v2(CUdeviceptr to, unsigned char value, size_t bytes) {
+    return cuMemsetD8Async(to, value, bytes, nullptr);
+}
+
+MX_EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr to, const void* from, size_t bytes, CUstream stream) {
+    return issue(stream, [=] { return copy(reinterpret_cast<void*>(to), from, bytes); });
+}
+
+MX_EXPORT CUresult cuMemcpyDtoHAsync_v2(void* to, CUdeviceptr from, size_t bytes, CUstream stream) {
+    return issue(stream, [=] { return copy(to, reinterpret_cast<const void*>(from), bytes); });
+}
+
+MX_EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr to, CUdeviceptr from, size_t bytes, CUstream stream) {
+    return issue(stream,
+                 [=] { return copy(reinterpret_cast<void*>(to), reinterpret_cast<const void*>(from), bytes); });
+}
+
+MX_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr to, const void* from, size_t bytes) {
+    return cuMemcpyHtoDAsync_v2(to, from, bytes, nullptr);
+}
+
+MX_EXPORT CUresult cuMemcpyDtoH_v2(void* to, CUdeviceptr from, size_t bytes) {
+    return cuMemcpyDtoHAsync_v2(to, from, bytes, nullptr);
+}
+
+MX_EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr to, CUdeviceptr from, size_t bytes) {
+    return cuMemcpyDtoDAsync_v2(to, from, bytes, nullptr);
+}
+
+// --- streams and events ------------------------------------------------------------------------------
+
+MX_EXPORT CUresult cuStreamCreate(CUstream* stream, unsigned) {
+    *stream = new MxStream();
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuStreamCreateWithPriority(CUstream* stream, unsigned flags, int) {
+    return cuStreamCreate(stream, flags);
+}
+
+MX_EXPORT CUresult cuStreamDestroy_v2(CUstream stream) {
+    delete stream;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuStreamSynchronize(CUstream) { return sticky; }
+
+MX_EXPORT CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return sticky; }
+
+MX_EXPORT CUresult cuEventCreate(CUevent* event, unsigned) {
+    *event = new MxEvent();
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuEventDestroy_v2(CUevent event) {
+    delete event;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuEventRecord(CUevent, CUstream) { return sticky; }
+MX_EXPORT CUresult cuEventSynchronize(CUevent) { return sticky; }
+MX_EXPORT CUresult cuEventQuery(CUevent) { return sticky; }
+
+// --- modules and launches ----------------------------------------------------------------------------
+
+MX_EXPORT CUresult cuModuleLoadData(CUmodule* module, const void*) {
+    *module = new MxModule();
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuModuleUnload(CUmodule module) {
+    delete module;
+    return SUCCESS;
+}
+
+// Every symbol resolves; one the emulator does not run fails at launch.
+MX_EXPORT CUresult cuModuleGetFunction(CUfunction* function, CUmodule, const char* symbol) {
+    *function = new MxFunction{symbol};
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuFuncSetAttribute(CUfunction, int, int) { return SUCCESS; }
+
+MX_EXPORT CUresult cuFuncGetAttribute(int* value, int, CUfunction) {
+    *value = 0;
+    return SUCCESS;
+}
+
+// One parameter (the kernel's parameter struct), copied so that a recorded launch outlives it.
+MX_EXPORT CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                                  unsigned by, unsigned bz, unsigned shared_bytes, CUstream stream,
+                                  void** params, void** extra) {
+    if (by != 1 || bz != 1 || extra != nullptr || params == nullptr) return NOT_SUPPORTED;
+    const size_t bytes = mx_emulator_params_bytes(function->symbol.c_str());
+    std::vector<unsigned char> copied(static_cast<const unsigned char*>(params[0]),
+                                      static_cast<const unsigned char*>(params[0]) + bytes);
+    const std::string symbol = function->symbol;
+    return issue(stream, [=] {
+        const uint32_t reverse = launches.fetch_add(1) % 2;
+        const Geometry geometry{{gx, gy, gz}, bx, shared_bytes, reverse, 800};
+        return run_kernel(symbol, geometry, copied.data());
+    });
+}
+
+// --- graphs ------------------------------------------------------------------------------------------
+
+MX_EXPORT CUresult cuStreamBeginCapture_v2(CUstream stream, int) {
+    if (stream == nullptr || stream->capturing != nullptr) return INVALID_VALUE;
+    stream->capturing = new MxGraph();
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuStreamEndCapture(CUstream stream, CUgraph* graph) {
+    if (stream == nullptr || stream->capturing == nullptr) return INVALID_VALUE;
+    *graph = stream->capturing;
+    stream->capturing = nullptr;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuStreamIsCapturing(CUstream stream, int* status) {
+    *status = stream != nullptr && stream->capturing != nullptr ? 1 : 0;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long) {
+    *exec = new MxGraph(*graph);
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
+    if (sticky != SUCCESS) return sticky;
+    if (stream != nullptr && stream->capturing != nullptr) return NOT_SUPPORTED;
+    for (auto& work : exec->work) {
+        const CUresult result = work();
+        if (result != SUCCESS) return result;
+    }
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuGraphUpload(CUgraphExec, CUstream) { return sticky; }
+
+MX_EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    delete exec;
+    return SUCCESS;
+}
+
+MX_EXPORT CUresult cuGraphDestroy(CUgraph graph) {
+    delete graph;
+    return SUCCESS;
+}
