@@ -573,13 +573,27 @@ fn a_model_that_cannot_fit_is_a_typed_error_and_frees_everything() {
 
 #[test]
 fn device_sampling_draws_what_the_host_sampler_draws_from_the_same_logits() {
-    use mixtral::sampling::{Sampler, SamplingParams};
     let _lock = lock();
     let dir = root().join("models/tiny-mixtral");
     let model = load(&dir);
-    let Some(mut gpu) = gpu_engine(&model, small_options(), "device_sampling") else {
-        return;
-    };
+    // The search path, then the fast paths (`sample`'s own tests require the same ids of both).
+    for fast_sampling in [false, true] {
+        let options = CudaEngineOptions {
+            fast_sampling,
+            ..small_options()
+        };
+        let Some(gpu) = gpu_engine(&model, options, "device_sampling") else {
+            return;
+        };
+        device_draws_equal_host_draws(gpu, &dir);
+    }
+}
+
+/// Decodes 8 steps of two sequences of the golden prompt, one drawn on the host from the step's
+/// logits, one on the device: the same ids and the same final random state; then a sampler count
+/// other than the step's rows is refused before anything changes.
+fn device_draws_equal_host_draws(mut gpu: CudaEngine, dir: &Path) {
+    use mixtral::sampling::{Sampler, SamplingParams};
     let params = SamplingParams {
         temperature: 0.9,
         top_k: 40,
@@ -587,7 +601,7 @@ fn device_sampling_draws_what_the_host_sampler_draws_from_the_same_logits() {
         repetition_penalty: 1.0,
         seed: 4242,
     };
-    let (prompt, _) = golden_ids(&dir);
+    let (prompt, _) = golden_ids(dir);
     let mut host = Sampler::new(params).expect("params");
     let mut device = [host.clone()];
     let host_seq = gpu.new_sequence().unwrap();

@@ -2,6 +2,9 @@
 //! `tests/common/gpu.rs`). Its own test binary:
 //! the fault poisons the process's CUDA context for good.
 //!
+//! Also run on the emulated device (`scripts/emulated-gpu --test gpu_fault`), whose guard pages
+//! must turn a kernel's write past the end of a buffer into that fault.
+//!
 //! After an illegal-address fault in the shared primary context, the CUDA engine's next step fails
 //! with a dead backend error holding the failure, and every later call fails fast with a dead error
 //! holding `CudaError::Dead` instead of touching the device again.
@@ -10,7 +13,7 @@
 mod common;
 
 use half::bf16;
-use mixtral::cuda::memory::ViewMut;
+use mixtral::cuda::memory::{DeviceArena, ViewMut};
 use mixtral::cuda::ops::{fill_random, FillValues};
 use mixtral::cuda::{CudaDevice, CudaEngine, CudaEngineOptions, CudaError, Kernels};
 use mixtral::engine::EngineOptions;
@@ -49,11 +52,23 @@ fn a_sticky_device_fault_makes_the_engine_refuse_further_work() {
     };
     step(&mut engine, 0).expect("a healthy step");
 
-    // Write through an address nothing is mapped at, in the same (primary) context.
+    // A write outside any buffer, in the same (primary) context. On a GPU through address 0x1000,
+    // where nothing is mapped (past the end of a buffer a GPU's allocator may have rounded up, and
+    // such a write can go unseen). On the emulated device (csrc/emulator/driver.cpp) from the start
+    // of an 8 KiB buffer on for 16 KiB: the inaccessible page after each buffer must stop it.
     let device = CudaDevice::new(0).expect("device");
     let kernels = Kernels::load(&device).expect("kernels");
+    let mut arena = DeviceArena::new(std::sync::Arc::clone(device.stream()));
+    let buffer = arena
+        .zeroed::<bf16>(4096, "the overrun buffer")
+        .expect("buffer");
+    let emulated = device.name().starts_with("emulated CUDA device");
+    let (address, len) = match emulated {
+        true => (buffer.view().address(), 8192),
+        false => (0x1000, 1 << 20),
+    };
     // SAFETY: deliberately invalid: the point is the device fault. Nothing owns or frees the view.
-    let bogus = unsafe { ViewMut::<bf16>::from_raw(0x1000, 1 << 20) };
+    let bogus = unsafe { ViewMut::<bf16>::from_raw(address, len) };
     let values = FillValues {
         seed: 1,
         scale: 1.0,
@@ -61,7 +76,10 @@ fn a_sticky_device_fault_makes_the_engine_refuse_further_work() {
     };
     let _ = fill_random(&kernels, device.stream(), &values, bogus);
     let fault = device.stream().synchronize();
-    assert!(fault.is_err(), "the write to address 0x1000 did not fault");
+    assert!(
+        fault.is_err(),
+        "the write through {address:#x} did not fault"
+    );
 
     match step(&mut engine, 0) {
         Err(e @ EngineError::Backend { .. }) => {

@@ -9,7 +9,11 @@
 //     multiprocessors, DEVICE_BYTES of memory; one context;
 //   - device memory is host memory: a device pointer is the address of a 256-byte aligned host
 //     allocation, so the emulated kernels read and write it directly; allocation past DEVICE_BYTES is
-//     CUDA_ERROR_OUT_OF_MEMORY;
+//     CUDA_ERROR_OUT_OF_MEMORY. Each allocation has a mapping of its own, its end against an
+//     inaccessible page (and one before it): a kernel (or copy) that reads or writes more than the
+//     256-byte rounding past the end of a buffer, before the page its buffer starts in, or at an
+//     address nothing is mapped at, fails with CUDA_ERROR_ILLEGAL_ADDRESS, sticky as on a GPU, with
+//     a message naming it and the address on stderr;
 //   - every stream runs its work at once, in the order it is issued (stream order is all the crate
 //     relies on); events complete at once;
 //   - a kernel launch runs the emulated kernel of that symbol (the module's image is not read: every
@@ -20,8 +24,7 @@
 //   - a kernel the emulator rejects (a trap, a barrier not every thread reaches, a symbol it does not
 //     emulate) makes the launch fail with CUDA_ERROR_LAUNCH_FAILED and the context sticky, as a fault on
 //     a GPU does; the emulator's message goes to stderr.
-// An access outside an allocation is not caught: it reads or writes host memory (or crashes the
-// process), where a GPU would fault.
+// An access inside another allocation, or within an allocation's rounding, is not caught.
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -33,6 +36,11 @@
 #include <mutex>
 #include <string>
 #include <vector>
+
+#include <setjmp.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #define MX_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -67,6 +75,7 @@ enum : CUresult {
     INVALID_VALUE = 1,
     OUT_OF_MEMORY = 2,
     INVALID_DEVICE = 101,
+    ILLEGAL_ADDRESS = 700,
     LAUNCH_FAILED = 719,
     NOT_SUPPORTED = 801,
 };
@@ -102,9 +111,54 @@ struct Geometry {  // MxEmulatorGrid of runtime.cpp
     uint32_t arch;
 };
 
+// One device allocation: its mapping (a guard page, the pages holding the buffer, a guard page) and
+// its size rounded to ALIGNMENT, which ends where the second guard page starts.
+struct Allocation {
+    char* mapping;
+    size_t mapping_bytes;
+    size_t bytes;
+};
+
 std::mutex lock;
-std::map<uintptr_t, size_t> allocations;  // device allocations: address -> bytes
+std::map<uintptr_t, Allocation> allocations;  // by the buffer's address
 size_t allocated = 0;
+// What runs on the device on this thread (a kernel, a copy or a memset), and where a fault in it
+// returns to (see guarded).
+thread_local const char* running = nullptr;
+thread_local sigjmp_buf* escape = nullptr;
+struct sigaction previous_segv;
+
+// A fault while device work runs: says what faulted where and leaves that work (guarded); any other
+// fault goes to the handler that was there before (Rust's stack-overflow report, or the default).
+void on_segv(int signal, siginfo_t* info, void* context) {
+    if (running != nullptr && escape != nullptr) {
+        char text[512];
+        const int n = snprintf(text, sizeof text,
+                               "emulated CUDA device: %s accessed %p, outside its memory (a GPU "
+                               "would fault: illegal address)\n",
+                               running, info->si_addr);
+        if (n > 0) (void)!write(2, text, (size_t)n < sizeof text ? (size_t)n : sizeof text - 1);
+        siglongjmp(*escape, 1);
+    }
+    if (previous_segv.sa_flags & SA_SIGINFO) {
+        previous_segv.sa_sigaction(signal, info, context);
+    } else if (previous_segv.sa_handler != SIG_IGN && previous_segv.sa_handler != SIG_DFL) {
+        previous_segv.sa_handler(signal);
+    } else {
+        ::signal(SIGSEGV, SIG_DFL);  // the access faults again, now fatally
+    }
+}
+
+void install_fault_report() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction action {};
+        action.sa_sigaction = on_segv;
+        action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&action.sa_mask);
+        sigaction(SIGSEGV, &action, &previous_segv);
+    });
+}
 std::atomic<uint64_t> launches{0};
 std::atomic<CUresult> sticky{SUCCESS};
 MxContext the_context;
@@ -120,24 +174,54 @@ CUresult issue(CUstream stream, std::function<CUresult()> work) {
     return work();
 }
 
+// Runs `work` (`what`, for the message of a fault). An access it makes outside the memory it may
+// touch faults (see on_segv) and comes back here: the work is abandoned where it was (an emulated
+// launch's thread stacks are not freed) and the device fails from then on, as a GPU's context does.
+template <class Work>
+CUresult guarded(const char* what, Work work) {
+    sigjmp_buf jump;
+    if (sigsetjmp(jump, 1) != 0) {
+        running = nullptr;
+        escape = nullptr;
+        sticky = ILLEGAL_ADDRESS;
+        return ILLEGAL_ADDRESS;
+    }
+    running = what;
+    escape = &jump;
+    const CUresult result = work();
+    running = nullptr;
+    escape = nullptr;
+    return result;
+}
+
 CUresult run_kernel(const std::string& symbol, const Geometry& geometry, const void* params) {
     char message[1024] = {0};
-    if (mx_emulator_launch(symbol.c_str(), params, &geometry, message, sizeof message) != 0) {
+    const std::string what = "kernel " + symbol;
+    const CUresult result = guarded(what.c_str(), [&] {
+        return mx_emulator_launch(symbol.c_str(), params, &geometry, message, sizeof message) == 0
+                   ? SUCCESS
+                   : LAUNCH_FAILED;
+    });
+    if (result == LAUNCH_FAILED) {
         fprintf(stderr, "emulated CUDA device: launch of %s failed: %s\n", symbol.c_str(), message);
         sticky = LAUNCH_FAILED;
-        return LAUNCH_FAILED;
     }
-    return SUCCESS;
+    return result;
 }
 
 CUresult copy(void* to, const void* from, size_t bytes) {
-    if (bytes != 0) memmove(to, from, bytes);
-    return SUCCESS;
+    return guarded("a copy", [&] {
+        if (bytes != 0) memmove(to, from, bytes);
+        return SUCCESS;
+    });
 }
 
 }  // namespace
 
-MX_EXPORT CUresult cuInit(unsigned) { return SUCCESS; }
+MX_EXPORT CUresult cuInit(unsigned) {
+    install_fault_report();
+    return SUCCESS;
+}
 
 MX_EXPORT CUresult cuDriverGetVersion(int* version) {
     *version = 13000;
@@ -206,6 +290,7 @@ MX_EXPORT CUresult cuGetErrorName(CUresult error, const char** name) {
         case INVALID_VALUE: *name = "CUDA_ERROR_INVALID_VALUE"; break;
         case OUT_OF_MEMORY: *name = "CUDA_ERROR_OUT_OF_MEMORY"; break;
         case INVALID_DEVICE: *name = "CUDA_ERROR_INVALID_DEVICE"; break;
+        case ILLEGAL_ADDRESS: *name = "CUDA_ERROR_ILLEGAL_ADDRESS"; break;
         case LAUNCH_FAILED: *name = "CUDA_ERROR_LAUNCH_FAILED"; break;
         case NOT_SUPPORTED: *name = "CUDA_ERROR_NOT_SUPPORTED"; break;
         default: *name = "CUDA_ERROR_UNKNOWN";
@@ -231,14 +316,22 @@ MX_EXPORT CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
 }
 
 MX_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* pointer, size_t bytes) {
-    const size_t rounded = (bytes + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
+    const size_t rounded = (bytes == 0 ? 1 : bytes + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t pages = (rounded + page - 1) / page * page;
     std::lock_guard<std::mutex> guard(lock);
     if (rounded > DEVICE_BYTES - allocated) return OUT_OF_MEMORY;
-    void* memory = aligned_alloc(ALIGNMENT, rounded == 0 ? ALIGNMENT : rounded);
-    if (memory == nullptr) return OUT_OF_MEMORY;
-    allocations[reinterpret_cast<uintptr_t>(memory)] = rounded;
+    void* mapping = mmap(nullptr, pages + 2 * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mapping == MAP_FAILED) return OUT_OF_MEMORY;
+    char* first = static_cast<char*>(mapping) + page;
+    if (mprotect(first, pages, PROT_READ | PROT_WRITE) != 0) {
+        munmap(mapping, pages + 2 * page);
+        return OUT_OF_MEMORY;
+    }
+    char* buffer = first + pages - rounded;
+    allocations[reinterpret_cast<uintptr_t>(buffer)] = Allocation{static_cast<char*>(mapping), pages + 2 * page, rounded};
     allocated += rounded;
-    *pointer = reinterpret_cast<CUdeviceptr>(memory);
+    *pointer = reinterpret_cast<CUdeviceptr>(buffer);
     return SUCCESS;
 }
 
@@ -246,9 +339,9 @@ MX_EXPORT CUresult cuMemFree_v2(CUdeviceptr pointer) {
     std::lock_guard<std::mutex> guard(lock);
     auto found = allocations.find(static_cast<uintptr_t>(pointer));
     if (found == allocations.end()) return INVALID_VALUE;
-    allocated -= found->second;
+    allocated -= found->second.bytes;
+    munmap(found->second.mapping, found->second.mapping_bytes);
     allocations.erase(found);
-    free(reinterpret_cast<void*>(pointer));
     return SUCCESS;
 }
 
@@ -265,8 +358,10 @@ MX_EXPORT CUresult cuMemFreeHost(void* pointer) {
 
 MX_EXPORT CUresult cuMemsetD8Async(CUdeviceptr to, unsigned char value, size_t bytes, CUstream stream) {
     return issue(stream, [=] {
-        memset(reinterpret_cast<void*>(to), value, bytes);
-        return SUCCESS;
+        return guarded("a memset", [&] {
+            memset(reinterpret_cast<void*>(to), value, bytes);
+            return SUCCESS;
+        });
     });
 }
 
