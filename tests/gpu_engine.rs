@@ -25,7 +25,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use common::gpu::small_options;
 use common::numeric::{argmax, rel_l2};
@@ -71,11 +71,30 @@ const TRAINED_MIN_GREEDY_MARGIN: f32 = 0.15;
 /// allows for an expert flip at a near-tie landing on a step where the measured drift did not flip.
 const DRIFT_FACTOR: f64 = 1.5;
 
-/// One test at a time on the device.
-static DEVICE: Mutex<()> = Mutex::new(());
+/// One test at a time on a GPU. On the emulated device (`scripts/emulated-gpu` sets
+/// `MIXTRAL_EMULATED_DEVICE`), whose kernels run on the CPU, tests share it, one per core, except
+/// those that take it whole ([`lock_whole_device`]).
+static DEVICE: RwLock<()> = RwLock::new(());
 
-fn lock() -> MutexGuard<'static, ()> {
-    DEVICE.lock().unwrap_or_else(|p| p.into_inner())
+/// The device for one test: all of a GPU, a share of the emulated device.
+fn lock() -> DeviceLock {
+    if std::env::var_os("MIXTRAL_EMULATED_DEVICE").is_some() {
+        DeviceLock::Shared(DEVICE.read().unwrap_or_else(|p| p.into_inner()))
+    } else {
+        lock_whole_device()
+    }
+}
+
+/// The whole device, for a test that reads its free memory.
+fn lock_whole_device() -> DeviceLock {
+    DeviceLock::Whole(DEVICE.write().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// A test's hold on the device (released when dropped).
+#[allow(dead_code)] // held for its drop only
+enum DeviceLock {
+    Shared(RwLockReadGuard<'static, ()>),
+    Whole(RwLockWriteGuard<'static, ()>),
 }
 
 /// The shipped model and every golden fixture.
@@ -548,7 +567,7 @@ fn bad_requests_are_refused_and_the_engine_stays_usable() {
 
 #[test]
 fn a_model_that_cannot_fit_is_a_typed_error_and_frees_everything() {
-    let _lock = lock();
+    let _lock = lock_whole_device();
     let dir = root().join("models/tiny-mixtral");
     let model = load(&dir);
     let Some(probe) = gpu_engine(&model, small_options(), "out_of_memory") else {
@@ -671,73 +690,85 @@ fn greedy_margin(row: &[f32]) -> f32 {
     row[best] - second
 }
 
-/// On the trained model, bf16 as stored and quantized on load to FP8, INT8 and 4-bit (projections
-/// packed on the device, the CPU on the same dequantized values), with the GEMVs and again with the
-/// tensor-core decode kernels (`mma_decode`): the GPU's greedy tokens equal the CPU's for
-/// `TRAINED_STEPS` steps and every step's logits are within [`TRAINED_LOGITS_REL_L2`].
 #[test]
-fn greedy_matches_the_cpu_on_the_trained_model_in_every_format() {
+fn greedy_matches_the_cpu_on_the_trained_model_in_bf16() {
+    greedy_matches_the_cpu_on_the_trained_model(None);
+}
+
+#[test]
+fn greedy_matches_the_cpu_on_the_trained_model_in_fp8() {
+    greedy_matches_the_cpu_on_the_trained_model(Some(QuantFormat::Fp8));
+}
+
+#[test]
+fn greedy_matches_the_cpu_on_the_trained_model_in_int8() {
+    greedy_matches_the_cpu_on_the_trained_model(Some(QuantFormat::Int8));
+}
+
+#[test]
+fn greedy_matches_the_cpu_on_the_trained_model_in_int4() {
+    greedy_matches_the_cpu_on_the_trained_model(Some(QuantFormat::Int4));
+}
+
+/// On the trained model, bf16 as stored or quantized on load to `quant` (FP8, INT8 or 4-bit:
+/// projections packed on the device, the CPU on the same dequantized values), with the GEMVs and
+/// again with the tensor-core decode kernels (`mma_decode`): the GPU's greedy tokens equal the
+/// CPU's for `TRAINED_STEPS` steps and every step's logits are within [`TRAINED_LOGITS_REL_L2`].
+fn greedy_matches_the_cpu_on_the_trained_model(quant: Option<QuantFormat>) {
     let _lock = lock();
     let dir = root().join("models/mini-mixtral");
     let measured = measured_drift("models/mini-mixtral");
-    for quant in [
-        None,
-        Some(QuantFormat::Fp8),
-        Some(QuantFormat::Int8),
-        Some(QuantFormat::Int4),
-    ] {
-        let what = format!(
-            "mini-mixtral {}",
-            quant.map_or("bf16".into(), |q| q.to_string())
+    let what = format!(
+        "mini-mixtral {}",
+        quant.map_or("bf16".into(), |q| q.to_string())
+    );
+    let options = LoadOptions {
+        quant,
+        ..LoadOptions::default()
+    };
+    let model = Model::load(&dir, &options).unwrap_or_else(|e| panic!("{what}: {e}"));
+    // The CPU side first: the case's preconditions hold (and are checked) without a GPU too.
+    let tokenizer = model.tokenizer.as_ref().expect("tokenizer");
+    let prompt = tokenizer.encode(TRAINED_PROMPT, true).expect("encode");
+    assert_eq!(prompt, measured.prompt, "the measured prompt");
+    let (cpu_ids, cpu_logits) = greedy(&mut cpu_engine(&model), &prompt, TRAINED_STEPS);
+    if quant.is_none() {
+        // Transformers' f32 forward continues the same way.
+        assert_eq!(cpu_ids, measured.continuation, "{what}: the measured ids");
+    }
+    for (i, row) in cpu_logits.iter().enumerate() {
+        let margin = greedy_margin(row);
+        assert!(
+            margin >= TRAINED_MIN_GREEDY_MARGIN,
+            "{what}: the case lost its margin: CPU step {i} separates its top two logits by \
+             {margin} < {TRAINED_MIN_GREEDY_MARGIN}"
         );
-        let options = LoadOptions {
-            quant,
-            ..LoadOptions::default()
+    }
+    // The GEMVs, then the tensor-core decode kernels (the same values, the same bound: only the
+    // order of f32 sums differs). The trained model's bf16, FP8, INT8 and 4-bit (groups of 128)
+    // matrices are all of formats they read.
+    for mma_decode in [false, true] {
+        let what = format!("{what}{}", if mma_decode { " mma_decode" } else { "" });
+        let options = CudaEngineOptions {
+            mma_decode,
+            ..small_options()
         };
-        let model = Model::load(&dir, &options).unwrap_or_else(|e| panic!("{what}: {e}"));
-        // The CPU side first: the case's preconditions hold (and are checked) without a GPU too.
-        let tokenizer = model.tokenizer.as_ref().expect("tokenizer");
-        let prompt = tokenizer.encode(TRAINED_PROMPT, true).expect("encode");
-        assert_eq!(prompt, measured.prompt, "the measured prompt");
-        let (cpu_ids, cpu_logits) = greedy(&mut cpu_engine(&model), &prompt, TRAINED_STEPS);
-        if quant.is_none() {
-            // Transformers' f32 forward continues the same way.
-            assert_eq!(cpu_ids, measured.continuation, "{what}: the measured ids");
+        let Some(mut gpu) = gpu_engine(&model, options, "trained_model") else {
+            break; // no GPU: the CPU preconditions above are still checked
+        };
+        if quant.is_some() {
+            let packed = gpu.memory().packed_stacks;
+            assert_eq!(packed, 5 * model.config.num_layers, "{what}: stacks packed");
         }
-        for (i, row) in cpu_logits.iter().enumerate() {
-            let margin = greedy_margin(row);
+        let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, TRAINED_STEPS);
+        for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
+            let err = rel_l2(g, c);
+            eprintln!("{what}: step {i}: logits rel L2 {err:.2e}");
             assert!(
-                margin >= TRAINED_MIN_GREEDY_MARGIN,
-                "{what}: the case lost its margin: CPU step {i} separates its top two logits by \
-                 {margin} < {TRAINED_MIN_GREEDY_MARGIN}"
+                err <= TRAINED_LOGITS_REL_L2,
+                "{what}: step {i}: rel L2 {err:e} > {TRAINED_LOGITS_REL_L2:e}"
             );
-        }
-        // The GEMVs, then the tensor-core decode kernels (the same values, the same bound: only the
-        // order of f32 sums differs). The trained model's bf16, FP8, INT8 and 4-bit (groups of 128)
-        // matrices are all of formats they read.
-        for mma_decode in [false, true] {
-            let what = format!("{what}{}", if mma_decode { " mma_decode" } else { "" });
-            let options = CudaEngineOptions {
-                mma_decode,
-                ..small_options()
-            };
-            let Some(mut gpu) = gpu_engine(&model, options, "trained_model") else {
-                break; // no GPU: the next format's CPU preconditions are still checked
-            };
-            if quant.is_some() {
-                let packed = gpu.memory().packed_stacks;
-                assert_eq!(packed, 5 * model.config.num_layers, "{what}: stacks packed");
-            }
-            let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, TRAINED_STEPS);
-            for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
-                let err = rel_l2(g, c);
-                eprintln!("{what}: step {i}: logits rel L2 {err:.2e}");
-                assert!(
-                    err <= TRAINED_LOGITS_REL_L2,
-                    "{what}: step {i}: rel L2 {err:e} > {TRAINED_LOGITS_REL_L2:e}"
-                );
-                assert_eq!(gpu_ids[i], cpu_ids[i], "{what}: step {i}: GPU vs CPU token");
-            }
+            assert_eq!(gpu_ids[i], cpu_ids[i], "{what}: step {i}: GPU vs CPU token");
         }
     }
 }
@@ -748,7 +779,7 @@ fn greedy_matches_the_cpu_on_the_trained_model_in_every_format() {
 /// prompt (the packed kernels) and a 160-token one (beyond the packed kernels' range, 16 tokens for
 /// the projections and 128 for the experts: the stacks expanded to bf16 for the tensor-core
 /// kernels), each bounded by that fixture's own measured drift. (The trained model quantized on
-/// load is `greedy_matches_the_cpu_on_the_trained_model_in_every_format`.)
+/// load is `greedy_matches_the_cpu_on_the_trained_model_in_*`.)
 #[test]
 fn quantized_fixtures_run_packed_and_match_the_cpu() {
     let _lock = lock();
@@ -1090,7 +1121,7 @@ fn the_token_step_takes_the_device_paths_and_the_host_for_the_penalty() {
 
 /// `mixtral-run --device cuda` (greedy on the device: only the chosen ids come back, no logits)
 /// prints the ids `--device cpu` prints for the trained case's prompt: 16 of the 64 steps
-/// `greedy_matches_the_cpu_on_the_trained_model_in_every_format` compares, whose margin
+/// `greedy_matches_the_cpu_on_the_trained_model_in_bf16` compares, whose margin
 /// precondition (every CPU step's top two logits at least [`TRAINED_MIN_GREEDY_MARGIN`] apart)
 /// makes equal ids the expected outcome.
 #[test]

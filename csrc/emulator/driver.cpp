@@ -159,7 +159,7 @@ void install_fault_report() {
         sigaction(SIGSEGV, &action, &previous_segv);
     });
 }
-std::atomic<uint64_t> launches{0};
+thread_local uint64_t launches = 0;  // this thread's, so that its order of launches is its own
 std::atomic<CUresult> sticky{SUCCESS};
 MxContext the_context;
 thread_local CUcontext current = nullptr;
@@ -463,7 +463,7 @@ MX_EXPORT CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy,
                                       static_cast<const unsigned char*>(params[0]) + bytes);
     const std::string symbol = function->symbol;
     return issue(stream, [=] {
-        const uint32_t reverse = launches.fetch_add(1) % 2;
+        const uint32_t reverse = launches++ % 2;
         const Geometry geometry{{gx, gy, gz}, bx, shared_bytes, reverse, 800};
         return run_kernel(symbol, geometry, copied.data());
     });
