@@ -19,7 +19,8 @@
 //! sampler draws from the same logits (also through `open("cuda")` and `Engine::step_tokens`), a load that cannot fit is a typed out-of-memory error that
 //! leaves nothing allocated, a full KV cache is a typed error that leaves the other sequences as they
 //! were, NaN logits are an error from the device argmax and sampler, never a token, and
-//! `mixtral-run --device cuda` prints the greedy ids `--device cpu` prints.
+//! `mixtral-run --device cuda` and `mixtral-serve --device cuda` give the greedy output of
+//! `mixtral-run --device cpu`.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -1158,4 +1159,150 @@ fn mixtral_run_on_cuda_prints_the_cpu_greedy_ids() {
         cpu,
         "mixtral-run --device cuda against --device cpu"
     );
+}
+
+/// `mixtral-serve --device cuda` answers three concurrent greedy completions of the trained case's
+/// prompt (decoded together by the serving core, device greedy) with the text `mixtral-run
+/// --device cpu` prints for it (16 tokens, inside the margin precondition of
+/// `greedy_matches_the_cpu_on_the_trained_model_in_bf16`).
+#[test]
+fn mixtral_serve_on_cuda_answers_the_cpu_greedy_text() {
+    let _lock = lock();
+    let dir = root().join("models/mini-mixtral");
+    let model = load(&dir);
+    if gpu_engine(&model, small_options(), "mixtral_serve_on_cuda").is_none() {
+        return;
+    }
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_mixtral-run"))
+        .arg("--model")
+        .arg(&dir)
+        .args(["--prompt", TRAINED_PROMPT, "-n", "16", "--json"])
+        .output()
+        .expect("running mixtral-run");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let done: Value = String::from_utf8(run.stdout)
+        .expect("UTF-8 output")
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect("a JSON line"))
+        .find(|event| event["event"] == "done")
+        .expect("a done event");
+    let cpu_text = done["text"]
+        .as_str()
+        .expect("the done event's text")
+        .to_string();
+
+    let server = Server::start(&dir, "cuda");
+    let request = serde_json::json!({
+        "model": "mini-mixtral",
+        "prompt": TRAINED_PROMPT,
+        "max_tokens": 16,
+        "temperature": 0,
+    });
+    let answers: Vec<Value> = std::thread::scope(|scope| {
+        let posts: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| server.post("/v1/completions", &request)))
+            .collect();
+        posts
+            .into_iter()
+            .map(|p| p.join().expect("a request"))
+            .collect()
+    });
+    for answer in answers {
+        assert_eq!(
+            answer["choices"][0]["text"].as_str(),
+            Some(cpu_text.as_str()),
+            "mixtral-serve --device cuda against mixtral-run --device cpu: {answer}"
+        );
+    }
+}
+
+/// `mixtral-serve` on a free port, killed when dropped.
+struct Server {
+    child: std::process::Child,
+    address: String,
+}
+
+impl Server {
+    /// Starts it over `model` on `device` and waits for its "listening on" line.
+    fn start(model: &Path, device: &str) -> Server {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mixtral-serve"))
+            .arg("--model")
+            .arg(model)
+            .args(["--device", device, "--port", "0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting mixtral-serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let address = loop {
+            let line = lines
+                .next()
+                .expect("mixtral-serve exited before listening")
+                .expect("a line of mixtral-serve's stderr");
+            if let Some((_, url)) = line.split_once("listening on http://") {
+                break url.trim().to_string();
+            }
+        };
+        // Keeps reading its stderr, so that it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, address }
+    }
+
+    /// POSTs `body` as JSON to `path` and returns the JSON answer (HTTP/1.1, one request per
+    /// connection).
+    fn post(&self, path: &str, body: &Value) -> Value {
+        use std::io::{Read, Write};
+        let body = body.to_string();
+        let mut stream = std::net::TcpStream::connect(&self.address).expect("connecting");
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.address,
+            body.len()
+        )
+        .expect("sending the request");
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .expect("reading the answer");
+        let (head, payload) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+        let payload = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(payload)
+        } else {
+            payload.to_string()
+        };
+        serde_json::from_str(&payload).unwrap_or_else(|e| panic!("{e}: {payload}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The payload of an HTTP/1.1 chunked body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
 }
