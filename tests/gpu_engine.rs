@@ -1122,32 +1122,18 @@ fn the_token_step_takes_the_device_paths_and_the_host_for_the_penalty() {
 
 /// `mixtral-run --device cuda` (greedy on the device: only the chosen ids come back, no logits)
 /// prints the ids `--device cpu` prints for the trained case's prompt: 16 of the 64 steps
-/// `greedy_matches_the_cpu_on_the_trained_model_in_bf16` compares, whose margin
-/// precondition (every CPU step's top two logits at least [`TRAINED_MIN_GREEDY_MARGIN`] apart)
-/// makes equal ids the expected outcome.
+/// `greedy_matches_the_cpu_on_the_trained_model_in_bf16` compares, whose margin precondition
+/// (every CPU step's top two logits at least [`TRAINED_MIN_GREEDY_MARGIN`] apart) makes equal ids
+/// the expected outcome.
 #[test]
 fn mixtral_run_on_cuda_prints_the_cpu_greedy_ids() {
     let _lock = lock();
-    let dir = root().join("models/mini-mixtral");
-    let model = load(&dir);
-    // Skips exactly where the engine tests skip: no driver, or no device.
-    if gpu_engine(&model, small_options(), "mixtral_run_on_cuda").is_none() {
+    let Some(dir) = trained_model_on_a_gpu("mixtral_run_on_cuda") else {
         return;
-    }
+    };
     let ids = |device: &str| -> Vec<u64> {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mixtral-run"))
-            .arg("--model")
-            .arg(&dir)
-            .args(["--prompt", TRAINED_PROMPT, "-n", "16", "--json"])
-            .args(["--device", device])
-            .output()
-            .expect("running mixtral-run");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "--device {device}: {stderr}");
-        String::from_utf8(out.stdout)
-            .expect("UTF-8 output")
-            .lines()
-            .map(|line| serde_json::from_str::<Value>(line).expect("a JSON line"))
+        mixtral_run_events(&dir, device)
+            .iter()
             .filter(|event| event["event"] == "token")
             .map(|event| event["id"].as_u64().expect("a token id"))
             .collect()
@@ -1163,38 +1149,18 @@ fn mixtral_run_on_cuda_prints_the_cpu_greedy_ids() {
 
 /// `mixtral-serve --device cuda` answers three concurrent greedy completions of the trained case's
 /// prompt (decoded together by the serving core, device greedy) with the text `mixtral-run
-/// --device cpu` prints for it (16 tokens, inside the margin precondition of
-/// `greedy_matches_the_cpu_on_the_trained_model_in_bf16`).
+/// --device cpu` prints for it (16 tokens, as in `mixtral_run_on_cuda_prints_the_cpu_greedy_ids`).
 #[test]
 fn mixtral_serve_on_cuda_answers_the_cpu_greedy_text() {
     let _lock = lock();
-    let dir = root().join("models/mini-mixtral");
-    let model = load(&dir);
-    if gpu_engine(&model, small_options(), "mixtral_serve_on_cuda").is_none() {
+    let Some(dir) = trained_model_on_a_gpu("mixtral_serve_on_cuda") else {
         return;
-    }
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_mixtral-run"))
-        .arg("--model")
-        .arg(&dir)
-        .args(["--prompt", TRAINED_PROMPT, "-n", "16", "--json"])
-        .output()
-        .expect("running mixtral-run");
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let done: Value = String::from_utf8(run.stdout)
-        .expect("UTF-8 output")
-        .lines()
-        .map(|line| serde_json::from_str::<Value>(line).expect("a JSON line"))
-        .find(|event| event["event"] == "done")
-        .expect("a done event");
-    let cpu_text = done["text"]
-        .as_str()
-        .expect("the done event's text")
-        .to_string();
-
+    };
+    let events = mixtral_run_events(&dir, "cpu");
+    let done = events.last().filter(|event| event["event"] == "done");
+    let cpu_text = done
+        .and_then(|done| done["text"].as_str())
+        .expect("a done event's text");
     let server = Server::start(&dir, "cuda");
     let request = serde_json::json!({
         "model": "mini-mixtral",
@@ -1214,10 +1180,36 @@ fn mixtral_serve_on_cuda_answers_the_cpu_greedy_text() {
     for answer in answers {
         assert_eq!(
             answer["choices"][0]["text"].as_str(),
-            Some(cpu_text.as_str()),
+            Some(cpu_text),
             "mixtral-serve --device cuda against mixtral-run --device cpu: {answer}"
         );
     }
+}
+
+/// The trained model's directory; or `None` after printing why the test skips (the rule of
+/// [`gpu_engine`], which builds an engine on it to find out).
+fn trained_model_on_a_gpu(test: &str) -> Option<PathBuf> {
+    let dir = root().join("models/mini-mixtral");
+    gpu_engine(&load(&dir), small_options(), test).map(|_| dir)
+}
+
+/// The events `mixtral-run --json` prints for 16 greedy tokens of the trained case's prompt on
+/// `device`.
+fn mixtral_run_events(dir: &Path, device: &str) -> Vec<Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mixtral-run"))
+        .arg("--model")
+        .arg(dir)
+        .args(["--prompt", TRAINED_PROMPT, "-n", "16", "--json"])
+        .args(["--device", device])
+        .output()
+        .expect("running mixtral-run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "--device {device}: {stderr}");
+    String::from_utf8(out.stdout)
+        .expect("UTF-8 output")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
 }
 
 /// `mixtral-serve` on a free port, killed when dropped.
