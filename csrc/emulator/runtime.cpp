@@ -295,30 +295,41 @@ void* dynamic_shared() { return dynamic_shared_memory; }
 void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     struct Fragment {
         uint32_t a[4], b[2];
-    } mine{{a[0], a[1], a[2], a[3]}, {b0, b1}}, all[32];
-    warp_gather(0xffffffffu, &mine, sizeof mine, all);
-    // A [16][16] row-major and B [16 k][8 n] from the fragments: lane 4g + q holds A rows g and
-    // g + 8 at k 2q, 2q + 1 (registers 0, 1) and k 2q + 8, 2q + 9 (registers 2, 3), and B column g
-    // at k 2q, 2q + 1 (register 0) and 2q + 8, 2q + 9 (register 1); the lower index in the low half.
-    float A[16][16], B[16][8];
-    for (int lane = 0; lane < 32; ++lane) {
-        const int g = lane / 4, q = lane % 4;
+    } mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+    static_assert(sizeof(Fragment) <= SLOT_BYTES, "a fragment fits an exchange slot");
+    const unsigned lane = launch().current % 32;
+    memcpy(warp_slot(lane), &mine, sizeof mine);
+    warp_wait(0xffffffffu);
+    // The fragments of the PTX ISA: lane 4g + q holds A rows g and g + 8 at k 2q, 2q + 1
+    // (registers 0, 1) and k 2q + 8, 2q + 9 (registers 2, 3), and B column g at k 2q, 2q + 1
+    // (register 0) and 2q + 8, 2q + 9 (register 1); the lower index in the low half. This lane's
+    // outputs are rows g and g + 8 by columns 2q and 2q + 1, so it reads the A fragments of lanes
+    // 4g .. 4g + 3 and the B fragments of the lanes holding columns 2q and 2q + 1.
+    const unsigned g = lane / 4, q = lane % 4;
+    auto lo = [](uint32_t v) { return __uint_as_float(v << 16); };
+    auto hi = [](uint32_t v) { return __uint_as_float(v & 0xffff0000u); };
+    float A[2][16], B[2][16];  // A[row g or g + 8][k], B[column 2q or 2q + 1][k]
+    Fragment f;
+    for (unsigned source = 0; source < 4; ++source) {
+        memcpy(&f, warp_slot(4 * g + source), sizeof f);
         for (int r = 0; r < 4; ++r) {
-            const int row = g + 8 * (r % 2), k = 2 * q + 8 * (r / 2);
-            A[row][k] = __uint_as_float(all[lane].a[r] << 16);
-            A[row][k + 1] = __uint_as_float(all[lane].a[r] & 0xffff0000u);
+            const unsigned k = 2 * source + 8 * (r / 2);
+            A[r % 2][k] = lo(f.a[r]);
+            A[r % 2][k + 1] = hi(f.a[r]);
         }
-        for (int r = 0; r < 2; ++r) {
-            const int k = 2 * q + 8 * r;
-            B[k][g] = __uint_as_float(all[lane].b[r] << 16);
-            B[k + 1][g] = __uint_as_float(all[lane].b[r] & 0xffff0000u);
+        for (unsigned c = 0; c < 2; ++c) {
+            memcpy(&f, warp_slot(4 * (2 * q + c) + source), sizeof f);
+            for (int r = 0; r < 2; ++r) {
+                const unsigned k = 2 * source + 8 * r;
+                B[c][k] = lo(f.b[r]);
+                B[c][k + 1] = hi(f.b[r]);
+            }
         }
     }
-    const int lane = (int)(launch().current % 32), g = lane / 4, q = lane % 4;
+    warp_done();
     for (int i = 0; i < 4; ++i) {
-        const int row = g + 8 * (i / 2), col = 2 * q + i % 2;
         float acc = d[i];
-        for (int k = 0; k < 16; ++k) acc = fmaf(A[row][k], B[k][col], acc);
+        for (int k = 0; k < 16; ++k) acc = fmaf(A[i / 2][k], B[i % 2][k], acc);
         d[i] = acc;
     }
 }
