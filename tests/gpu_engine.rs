@@ -1298,3 +1298,48 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// Decode attention on the tensor cores (`mma_decode`, `attention_decode_mma`) inside the engine:
+/// on a random dense model of the shape it is compiled for (head_dim 64, 4 query heads per KV
+/// head; one expert, so no routing near-tie can flip), teacher-forced over 24 decode steps after a
+/// 40-token prompt, its logits and the CUDA-core kernel's are each within
+/// [`TRAINED_LOGITS_REL_L2`] of the CPU's at every step: the same bf16 roundings at the same places
+/// as the trained model's derivation, over 2 layers instead of 4, and no expert choice to flip.
+#[test]
+fn decode_attention_on_tensor_cores_matches_the_cpu_in_the_engine() {
+    use mixtral::random_model::{write_random_model, RandomModelSpec};
+    let _lock = lock();
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let spec = RandomModelSpec::tiny(644)
+        .with("hidden_size", 256)
+        .with("head_dim", 64)
+        .with("num_attention_heads", 8)
+        .with("num_key_value_heads", 2)
+        .with("num_local_experts", 1)
+        .with("num_experts_per_tok", 1)
+        .with_dtype(mixtral::dtype::DType::BF16);
+    write_random_model(dir.path(), &spec).expect("writing the random model");
+    let model = Model::load(dir.path(), &LoadOptions::default()).expect("the random model");
+    let ids: Vec<u32> = (0..64u32).map(|i| (i * 37 + 11) % 256).collect();
+    let (prompt, continuation) = ids.split_at(40);
+    let cpu = teacher_forced(&mut cpu_engine(&model), prompt, continuation);
+    for mma_decode in [false, true] {
+        let options = CudaEngineOptions {
+            mma_decode,
+            ..small_options()
+        };
+        let Some(mut gpu) = gpu_engine(&model, options, "decode_attention_on_tensor_cores") else {
+            return;
+        };
+        let gpu = teacher_forced(&mut gpu, prompt, continuation);
+        assert_eq!(gpu.len(), cpu.len());
+        for (step, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+            let err = rel_l2(g, c);
+            eprintln!("mma_decode {mma_decode}: step {step}: logits rel L2 {err:.2e}");
+            assert!(
+                err <= TRAINED_LOGITS_REL_L2,
+                "mma_decode {mma_decode}: step {step}: rel L2 {err:e} > {TRAINED_LOGITS_REL_L2:e}"
+            );
+        }
+    }
+}
