@@ -18,7 +18,8 @@
 //     relies on); events complete at once;
 //   - a kernel launch runs the emulated kernel of that symbol (the module's image is not read: every
 //     emulated kernel is in this library), its blocks and threads alternately in forward and reverse
-//     order from one launch to the next, as the kernel tests run them;
+//     order from one launch to the next, and the kernels' sm_80 and sm_90 code paths (FP8 decoding)
+//     every two launches, as the kernel tests run them;
 //   - stream capture records launches (with a copy of their parameter struct), copies and memsets;
 //     a graph launch runs them again in order;
 //   - a kernel the emulator rejects (a trap, a barrier not every thread reaches, a symbol it does not
@@ -463,8 +464,11 @@ MX_EXPORT CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy,
                                       static_cast<const unsigned char*>(params[0]) + bytes);
     const std::string symbol = function->symbol;
     return issue(stream, [=] {
-        const uint32_t reverse = launches++ % 2;
-        const Geometry geometry{{gx, gy, gz}, bx, shared_bytes, reverse, 800};
+        // Forward and reverse order on alternate launches, the sm_80 and sm_90 code paths of the
+        // kernels (FP8 decoding) every two, as the kernel tests run them.
+        const uint64_t launch = launches++;
+        const uint32_t reverse = launch % 2, arch = launch / 2 % 2 ? 900 : 800;
+        const Geometry geometry{{gx, gy, gz}, bx, shared_bytes, reverse, arch};
         return run_kernel(symbol, geometry, copied.data());
     });
 }
