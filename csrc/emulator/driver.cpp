@@ -43,6 +43,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "launch.h"
+
 #define MX_EXPORT extern "C" __attribute__((visibility("default")))
 
 typedef int CUresult;
@@ -94,31 +96,26 @@ enum : int {
     ATTR_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97,
 };
 
-extern "C" int mx_emulator_launch(const char* symbol, const void* params, const void* geometry, char* error,
-                                  size_t error_bytes);
-extern "C" size_t mx_emulator_params_bytes(const char* symbol);
-
 namespace {
 
 constexpr size_t DEVICE_BYTES = size_t(8) << 30;
 constexpr size_t ALIGNMENT = 256;
 constexpr int MULTIPROCESSORS = 108;
 
-struct Geometry {  // MxEmulatorGrid of runtime.cpp
-    uint32_t grid[3];
-    uint32_t block;
-    uint32_t shared_bytes;
-    uint32_t reverse;
-    uint32_t arch;
-};
+// `value` rounded up to a multiple of `to`.
+size_t round_up(size_t value, size_t to) { return (value + to - 1) / to * to; }
 
-// One device allocation: its mapping (a guard page, the pages holding the buffer, a guard page) and
-// its size rounded to ALIGNMENT, which ends where the second guard page starts.
+// One device allocation: its mapping (mapping_bytes(bytes) long: a guard page, the pages holding the
+// buffer, a guard page) and its size rounded to ALIGNMENT, which ends where the second guard page
+// starts.
 struct Allocation {
     char* mapping;
-    size_t mapping_bytes;
     size_t bytes;
 };
+
+size_t page_bytes() { return (size_t)sysconf(_SC_PAGESIZE); }
+
+size_t mapping_bytes(size_t bytes) { return round_up(bytes, page_bytes()) + 2 * page_bytes(); }
 
 std::mutex lock;
 std::map<uintptr_t, Allocation> allocations;  // by the buffer's address
@@ -160,6 +157,7 @@ void install_fault_report() {
         sigaction(SIGSEGV, &action, &previous_segv);
     });
 }
+
 thread_local uint64_t launches = 0;  // this thread's, so that its order of launches is its own
 std::atomic<CUresult> sticky{SUCCESS};
 MxContext the_context;
@@ -195,7 +193,7 @@ CUresult guarded(const char* what, Work work) {
     return result;
 }
 
-CUresult run_kernel(const std::string& symbol, const Geometry& geometry, const void* params) {
+CUresult run_kernel(const std::string& symbol, const MxEmulatorGrid& geometry, const void* params) {
     char message[1024] = {0};
     const std::string what = "kernel " + symbol;
     const CUresult result = guarded(what.c_str(), [&] {
@@ -317,20 +315,20 @@ MX_EXPORT CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
 }
 
 MX_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* pointer, size_t bytes) {
-    const size_t rounded = (bytes == 0 ? 1 : bytes + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
-    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    const size_t pages = (rounded + page - 1) / page * page;
+    const size_t rounded = round_up(bytes == 0 ? 1 : bytes, ALIGNMENT);
+    const size_t size = mapping_bytes(rounded), page = page_bytes();
     std::lock_guard<std::mutex> guard(lock);
     if (rounded > DEVICE_BYTES - allocated) return OUT_OF_MEMORY;
-    void* mapping = mmap(nullptr, pages + 2 * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    void* mapping = mmap(nullptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mapping == MAP_FAILED) return OUT_OF_MEMORY;
     char* first = static_cast<char*>(mapping) + page;
-    if (mprotect(first, pages, PROT_READ | PROT_WRITE) != 0) {
-        munmap(mapping, pages + 2 * page);
+    char* end = static_cast<char*>(mapping) + size - page;  // the second guard page
+    if (mprotect(first, end - first, PROT_READ | PROT_WRITE) != 0) {
+        munmap(mapping, size);
         return OUT_OF_MEMORY;
     }
-    char* buffer = first + pages - rounded;
-    allocations[reinterpret_cast<uintptr_t>(buffer)] = Allocation{static_cast<char*>(mapping), pages + 2 * page, rounded};
+    char* buffer = end - rounded;
+    allocations[reinterpret_cast<uintptr_t>(buffer)] = Allocation{static_cast<char*>(mapping), rounded};
     allocated += rounded;
     *pointer = reinterpret_cast<CUdeviceptr>(buffer);
     return SUCCESS;
@@ -341,14 +339,13 @@ MX_EXPORT CUresult cuMemFree_v2(CUdeviceptr pointer) {
     auto found = allocations.find(static_cast<uintptr_t>(pointer));
     if (found == allocations.end()) return INVALID_VALUE;
     allocated -= found->second.bytes;
-    munmap(found->second.mapping, found->second.mapping_bytes);
+    munmap(found->second.mapping, mapping_bytes(found->second.bytes));
     allocations.erase(found);
     return SUCCESS;
 }
 
 MX_EXPORT CUresult cuMemHostAlloc(void** pointer, size_t bytes, unsigned) {
-    const size_t rounded = (bytes + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
-    *pointer = aligned_alloc(ALIGNMENT, rounded == 0 ? ALIGNMENT : rounded);
+    *pointer = aligned_alloc(ALIGNMENT, round_up(bytes == 0 ? 1 : bytes, ALIGNMENT));
     return *pointer == nullptr ? OUT_OF_MEMORY : SUCCESS;
 }
 
@@ -468,7 +465,7 @@ MX_EXPORT CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy,
         // kernels (FP8 decoding) every two, as the kernel tests run them.
         const uint64_t launch = launches++;
         const uint32_t reverse = launch % 2, arch = launch / 2 % 2 ? 900 : 800;
-        const Geometry geometry{{gx, gy, gz}, bx, shared_bytes, reverse, arch};
+        const MxEmulatorGrid geometry{{gx, gy, gz}, bx, shared_bytes, reverse, arch};
         return run_kernel(symbol, geometry, copied.data());
     });
 }

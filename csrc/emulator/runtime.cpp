@@ -1,6 +1,6 @@
-// runtime.cpp: the kernel emulator's scheduler and its one C entry point, mx_emulator_launch
-// (declared in src/cuda/emulator.rs). A launch runs the grid's blocks one after another; the
-// threads of a block are fibers on the calling OS thread (switched by `switch_stack` below), run in turn, each until it
+// runtime.cpp: the kernel emulator's scheduler and its C entry points, mx_emulator_launch and
+// mx_emulator_params_bytes (launch.h). A launch runs the grid's blocks one after another; the
+// threads of a block are fibers on the calling OS thread (switched by mx_emulator_switch below), run in turn, each until it
 // reaches a barrier or a warp collective, or returns; a barrier opens when every live thread of the
 // block is at it, a collective when all 32 lanes of the warp are. Anything that would hang or is
 // undefined on a GPU (a collective with an exited lane or a lane at another barrier, no thread able
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common.cuh"
+#include "launch.h"
 
 // Saves the callee-saved registers on the current stack, stores the stack pointer in *from and
 // continues on the stack `to` (saved the same way, or made by new_stack). x86-64 System V. The
@@ -141,13 +142,11 @@ void fail(Launch& l, const std::string& what) {
     finish();
 }
 
-// A fresh stack for thread `t` near the top of `stack`: what mx_emulator_switch pops (zeroed callee-saved
-// registers) and thread_main as the address it returns to, placed so that thread_main starts as if called (the stack 16-byte aligned before the
-// call).
-// The top is moved down by 64 bytes times t % 64: the stacks lie STACK_BYTES apart, so their tops
-// would otherwise share one set of every cache, and each switch would miss.
-void* new_stack(char* stack, unsigned t) {
-    uint64_t* top = reinterpret_cast<uint64_t*>(stack + STACK_BYTES - 64 * (t % 64));
+// A fresh stack for a thread at the top of `stack`: what mx_emulator_switch pops (zeroed callee-saved
+// registers) and thread_main as the address it returns to, placed so that thread_main starts as if
+// called (the stack 16-byte aligned before the call).
+void* new_stack(char* stack) {
+    uint64_t* top = reinterpret_cast<uint64_t*>(stack + STACK_BYTES);
     *--top = 0;  // thread_main's own return address slot (it never returns): keeps the alignment
     *--top = reinterpret_cast<uint64_t>(&thread_main);
     for (int i = 0; i < 6; ++i) *--top = 0;  // rbp, rbx, r12..r15
@@ -214,7 +213,7 @@ void run_block(Launch& l, std::vector<char*>& stacks, bool reverse) {
         th.state = State::Ready;
         th.predicate = false;
         th.bank = 0;
-        th.stack_pointer = new_stack(stacks[t], t);
+        th.stack_pointer = new_stack(stacks[t]);
     }
     l.reverse = reverse;
     for (;;) {
@@ -385,15 +384,6 @@ uint32_t __ballot_sync(uint32_t mask, int predicate) {
     return bits;
 }
 
-// The geometry of one launch, as src/cuda/emulator.rs passes it.
-struct MxEmulatorGrid {
-    uint32_t grid[3];
-    uint32_t block;
-    uint32_t shared_bytes;
-    uint32_t reverse;  // run threads and blocks in reverse order (uncovers missing barriers)
-    uint32_t arch;     // the compute capability emulated: 800 or 900 (mx_emu::arch)
-};
-
 namespace {
 
 // The emulated kernels: every entry point of the families compiled into this library.
@@ -424,15 +414,11 @@ static const Entry* find_entry(const char* symbol) {
     return nullptr;
 }
 
-// The size of kernel `symbol`'s parameter struct; 0 when `symbol` is not emulated.
 extern "C" size_t mx_emulator_params_bytes(const char* symbol) {
     const Entry* entry = find_entry(symbol);
     return entry == nullptr ? 0 : *entry->params_bytes;
 }
 
-// Runs the kernel `symbol` with the parameter struct at `params` over `geometry`. Returns 0, or 1
-// with a message in `error` (at most `error_bytes`, NUL-terminated): unknown symbol, a request the
-// emulator cannot meet, or what the kernel did wrong.
 extern "C" int mx_emulator_launch(const char* symbol, const void* params, const MxEmulatorGrid* geometry,
                                   char* error, size_t error_bytes) {
     auto report = [&](const std::string& what) {
