@@ -173,8 +173,7 @@ fn build_kernels() -> Result<Built, String> {
     Ok(Built::Kernels)
 }
 
-/// The kernel emulator of feature `testing` (`src/cuda/emulator.rs`): every kernel file but the
-/// Hopper-only wgmma experts, as C++17 with `csrc/emulator/cuda_emulator.h` force-included and
+/// The kernel emulator of feature `testing` (`src/cuda/emulator.rs`): every kernel file, as C++17 with `csrc/emulator/cuda_emulator.h` force-included and
 /// the empty CUDA headers of `csrc/emulator/include/` first on the include path, and the
 /// emulator's runtime and self-test kernels, compiled by the host C++ compiler into the static
 /// library `mixtral_emulator`.
@@ -207,9 +206,7 @@ fn build_emulator(csrc: &Path, sources: &[PathBuf]) -> Result<(), String> {
         build.flag("-mfma");
     }
     for source in sources {
-        if source.file_stem().is_some_and(|stem| stem != "moe_wgmma") {
-            build.file(source);
-        }
+        build.file(source);
     }
     build.file(emulator.join("runtime.cpp"));
     build.file(emulator.join("self_test.cpp"));

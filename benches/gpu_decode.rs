@@ -88,7 +88,6 @@ fn engine_with(
 ) -> Result<CudaEngine, CudaError> {
     let options = CudaEngineOptions {
         cuda_graphs: graphs,
-        hopper_wgmma: grouped == GroupedKernel::Wgmma,
         cutlass_experts: grouped == GroupedKernel::Cutlass,
         mma_decode,
         ..bench_options()
@@ -389,8 +388,8 @@ fn protocol(out_path: &str) {
         Ok(_) => eprintln!("gpu_decode: no dependent launches before compute capability 9.0"),
         Err(e) => eprintln!("gpu_decode: no engine with dependent launches: {e}"),
     }
-    // Prefill again with each Hopper expert kernel, where its self-check passes.
-    for asked in [GroupedKernel::Wgmma, GroupedKernel::Cutlass] {
+    // Prefill again with CUTLASS's Hopper expert kernels, where their self-check passes.
+    for asked in [GroupedKernel::Cutlass] {
         let mut engine = match engine_with(layers, true, StackFormat::Bf16, asked, false) {
             Ok(e) => e,
             Err(e) => {

@@ -278,19 +278,14 @@ fn moe_benches(c: &mut Criterion, b: &mut Bench) {
 }
 
 /// The prefill expert GEMMs side by side at Mixtral prefill shapes: `moe_grouped_gemm` (mma.sync)
-/// and, on compute capability 9.0 after their passing self-checks, `moe_wgmma_gemm` (wgmma),
-/// `moe_cutlass_gemm` (CUTLASS's grouped GEMM, its gather, SwiGLU and scatter included) and
+/// and, on compute capability 9.0 after their passing self-checks, `moe_cutlass_gemm` (CUTLASS's
+/// grouped GEMM, its gather, SwiGLU and scatter included) and
 /// `moe_cutlass_q8_gemm` (the same over FP8 and INT8 stacks, 8-bit x 8-bit, the quantizing
 /// kernels included).
 /// Throughput in FLOPs (`2 * slots * 3 * inter * hidden`), routing from the device router on random
 /// data.
 fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
     let stream = b.stream();
-    let check = ops::moe_wgmma_self_check(&b.kernels, &stream).expect("wgmma self-check");
-    eprintln!(
-        "moe_prefill: moe_wgmma_self_check on {}: {check:?}",
-        b.device.name()
-    );
     let cutlass_check =
         ops::moe_cutlass_self_check(&b.kernels, &stream).expect("CUTLASS self-check");
     eprintln!(
@@ -342,9 +337,6 @@ fn moe_prefill_benches(c: &mut Criterion, b: &mut Bench) {
             .expect("CUTLASS scratch");
         let mut ops_to_run: Vec<(&str, Box<MoeOpMut<'_>>)> =
             vec![("grouped", Box::new(ops::moe_grouped_gemm))];
-        if check.passed() {
-            ops_to_run.push(("wgmma", Box::new(ops::moe_wgmma_gemm)));
-        }
         if let Some(scratch) = scratch.as_mut() {
             ops_to_run.push((
                 "cutlass",

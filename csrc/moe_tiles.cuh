@@ -1,4 +1,4 @@
-// moe_tiles.cuh: the flattened tile list of the grouped expert GEMMs (moe_grouped.cu, moe_wgmma.cu):
+// moe_tiles.cuh: the flattened tile list of the grouped expert GEMMs (moe_grouped.cu):
 // expert-major tiles of BM slots over the router's per-expert grouping (expert_offsets into
 // sorted_slots), one tile per block along grid x. The host sizes grid x for the worst routing
 // (src/cuda/ops/moe_grouped.rs, max_tiles); blocks past the last real tile find none and exit.

@@ -819,31 +819,20 @@ fn quantized_fixtures_run_packed_and_match_the_cpu() {
     }
 }
 
-/// With the Hopper expert kernels asked for: on a compute capability 9.0 GPU their self-check must
-/// pass and a long prefill (the grouped GEMMs) must match the CPU; elsewhere the engine keeps the
-/// mma.sync kernels.
-#[test]
-fn hopper_expert_kernels_pass_their_self_check_and_match_the_cpu() {
-    check_hopper_expert_kernels(mixtral::cuda::engine::GroupedKernel::Wgmma);
-}
-
-/// The same for CUTLASS's grouped GEMM (`csrc/cutlass/`), which brings its dense GEMM for the
-/// projections of the 100-token prefill (every feature count of the trained model is a multiple of 8).
+/// With CUTLASS's Hopper kernels asked for (`csrc/cutlass/`: the grouped GEMM for the experts, its
+/// dense GEMM for the projections of the 100-token prefill, every feature count of the trained
+/// model being a multiple of 8): on a compute capability 9.0 GPU their self-check must pass and a
+/// 100-token prefill and 4 greedy steps must match the CPU within [`TRAINED_LOGITS_REL_L2`] with
+/// the same ids; elsewhere the engine keeps the mma.sync kernels.
 #[test]
 fn cutlass_expert_kernels_pass_their_self_check_and_match_the_cpu() {
-    check_hopper_expert_kernels(mixtral::cuda::engine::GroupedKernel::Cutlass);
-}
-
-/// Asks for the `asked` expert kernels on the trained model and checks a 100-token prefill and 4
-/// greedy steps against the CPU within [`TRAINED_LOGITS_REL_L2`] with the same ids.
-fn check_hopper_expert_kernels(asked: mixtral::cuda::engine::GroupedKernel) {
     use mixtral::cuda::engine::GroupedKernel;
     use mixtral::cuda::ops::HopperCheck;
+    let asked = GroupedKernel::Cutlass;
     let _lock = lock();
     let model = load(&root().join("models/mini-mixtral"));
     let mut options = small_options();
-    options.hopper_wgmma = asked == GroupedKernel::Wgmma;
-    options.cutlass_experts = asked == GroupedKernel::Cutlass;
+    options.cutlass_experts = true;
     options.engine.max_step_tokens = Some(128);
     let name = format!("{asked:?}_expert_kernels").to_lowercase();
     let Some(mut gpu) = gpu_engine(&model, options, &name) else {

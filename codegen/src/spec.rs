@@ -252,13 +252,6 @@ pub const CONSTANTS: &[Constant] = &[
     Constant { name: "MOE_GROUPED_BN", value: 64, doc: "Output columns per B matrix of a grouped GEMM tile (`moe_grouped_up`: 64 of w1 and the same 64 of w3; `moe_grouped_down`: two adjacent 64-column halves of w2, 128 columns)." },
     Constant { name: "MOE_GROUPED_BK", value: 32, doc: "Reduction elements per shared-memory stage of the grouped expert GEMM (two stages, cp.async)." },
 
-    // --- moe_wgmma ---
-    Constant { name: "MOE_WGMMA_THREADS", value: 128, doc: "Threads per block of the Hopper grouped expert GEMM (one warpgroup issuing `wgmma.mma_async`)." },
-    Constant { name: "MOE_WGMMA_BM", value: 64, doc: "Slots (rows of one expert) per tile of the Hopper grouped expert GEMM (the wgmma M)." },
-    Constant { name: "MOE_WGMMA_BN", value: 128, doc: "Weight rows per tile of the Hopper grouped expert GEMM (the wgmma N): `moe_wgmma_up` 64 rows of w1 then the same 64 rows of w3 (64 output columns), `moe_wgmma_down` 128 rows of w2 (128 output columns)." },
-    Constant { name: "MOE_WGMMA_BK", value: 32, doc: "Reduction elements per shared-memory stage of the Hopper grouped expert GEMM (two wgmma k16 steps)." },
-    Constant { name: "MOE_WGMMA_STAGES", value: 3, doc: "cp.async shared-memory stages of the Hopper grouped expert GEMM (loads run two stages ahead)." },
-
     // --- moe_cutlass ---
     Constant { name: "MOE_CUTLASS_GROUP_BYTES", value: 128, doc: "Bytes of `MoeCutlassParams::groups` per GEMM group (its problem shape, A / B / D pointers and strides; checked by a static_assert in csrc/cutlass/)." },
     Constant { name: "MOE_CUTLASS_STATUS_BASE", value: 1000, doc: "Added to a `cutlass::Status` returned by the CUTLASS entry points (below it: a `cudaError_t`)." },
@@ -682,10 +675,6 @@ pub const STRUCTS: &[ParamStruct] = &[
 ];
 
 /// Every kernel family and its compiled instantiations.
-/// Source files (stems in `csrc/`) whose kernels the CPU kernel emulator (csrc/emulator) does not
-/// run: the Hopper `wgmma` PTX of the hand-written grouped expert GEMM is not emulated.
-pub const NOT_EMULATED_FILES: &[&str] = &["moe_wgmma"];
-
 pub const FAMILIES: &[Family] = &[
     Family {
         name: "embedding",
@@ -831,21 +820,6 @@ pub const FAMILIES: &[Family] = &[
         name: "moe_grouped_down",
         rust_name: "MoeGroupedDown",
         file: "moe_grouped",
-        params: "MoeParams",
-        axes: &[],
-    },
-    // --- moe_wgmma ---
-    Family {
-        name: "moe_wgmma_up",
-        rust_name: "MoeWgmmaUp",
-        file: "moe_wgmma",
-        params: "MoeParams",
-        axes: &[],
-    },
-    Family {
-        name: "moe_wgmma_down",
-        rust_name: "MoeWgmmaDown",
-        file: "moe_wgmma",
         params: "MoeParams",
         axes: &[],
     },

@@ -118,14 +118,6 @@
 #define MIXTRAL_MOE_GROUPED_DOWN_VARIANTS(X) \
     X(moe_grouped_down)
 
-// moe_wgmma_up (csrc/moe_wgmma.cu, takes MoeParams): X(symbol)
-#define MIXTRAL_MOE_WGMMA_UP_VARIANTS(X) \
-    X(moe_wgmma_up)
-
-// moe_wgmma_down (csrc/moe_wgmma.cu, takes MoeParams): X(symbol)
-#define MIXTRAL_MOE_WGMMA_DOWN_VARIANTS(X) \
-    X(moe_wgmma_down)
-
 // attention_prefill (csrc/attention_prefill.cu, takes AttentionPrefillParams): X(symbol, HEAD_DIM)
 #define MIXTRAL_ATTENTION_PREFILL_VARIANTS(X) \
     X(attention_prefill_d16, 16) \
@@ -260,8 +252,8 @@
     X(dequantize_int4, 2) \
     X(dequantize_lut4, 3)
 
-// Every family the kernel emulator (csrc/emulator) runs: all but those of moe_wgmma.cu.
-#define MIXTRAL_EMULATED_VARIANTS(X) \
+// Every family (the kernel emulator, csrc/emulator, runs them all).
+#define MIXTRAL_ALL_VARIANTS(X) \
     MIXTRAL_EMBEDDING_VARIANTS(X) \
     MIXTRAL_RMSNORM_VARIANTS(X) \
     MIXTRAL_ROPE_KV_VARIANTS(X) \

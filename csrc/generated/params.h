@@ -78,16 +78,6 @@ typedef struct mx_bf16 {
 #define MOE_GROUPED_BN 64u
 // Reduction elements per shared-memory stage of the grouped expert GEMM (two stages, cp.async).
 #define MOE_GROUPED_BK 32u
-// Threads per block of the Hopper grouped expert GEMM (one warpgroup issuing `wgmma.mma_async`).
-#define MOE_WGMMA_THREADS 128u
-// Slots (rows of one expert) per tile of the Hopper grouped expert GEMM (the wgmma M).
-#define MOE_WGMMA_BM 64u
-// Weight rows per tile of the Hopper grouped expert GEMM (the wgmma N): `moe_wgmma_up` 64 rows of w1 then the same 64 rows of w3 (64 output columns), `moe_wgmma_down` 128 rows of w2 (128 output columns).
-#define MOE_WGMMA_BN 128u
-// Reduction elements per shared-memory stage of the Hopper grouped expert GEMM (two wgmma k16 steps).
-#define MOE_WGMMA_BK 32u
-// cp.async shared-memory stages of the Hopper grouped expert GEMM (loads run two stages ahead).
-#define MOE_WGMMA_STAGES 3u
 // Bytes of `MoeCutlassParams::groups` per GEMM group (its problem shape, A / B / D pointers and strides; checked by a static_assert in csrc/cutlass/).
 #define MOE_CUTLASS_GROUP_BYTES 128u
 // Added to a `cutlass::Status` returned by the CUTLASS entry points (below it: a `cudaError_t`).

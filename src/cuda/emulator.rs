@@ -3,7 +3,7 @@
 //! C++: each block in turn, its threads as fibers switched at barriers and warp collectives; see
 //! `csrc/emulator/README.md`). It checks the kernels' indexing, synchronisation and arithmetic
 //! against the CPU reference on machines without a GPU; it says nothing of their speed, of the
-//! GPU's memory model or of the Hopper-only wgmma and CUTLASS kernels, which it does not run.
+//! GPU's memory model or of the Hopper-only CUTLASS kernels, which it does not run.
 //!
 //! The views given to the planners come from host memory ([`View::of_host`],
 //! [`ViewMut::of_host`]); the planners and the generated argument checks run exactly as for a

@@ -71,8 +71,8 @@ pub use qmoe::*;
 mod dequant;
 pub use dequant::*;
 
-mod moe_wgmma;
-pub use moe_wgmma::*;
+mod hopper_check;
+pub use hopper_check::*;
 
 mod moe_cutlass;
 pub use moe_cutlass::*;

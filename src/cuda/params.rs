@@ -56,16 +56,6 @@ pub const MOE_GROUPED_BM: u32 = 64;
 pub const MOE_GROUPED_BN: u32 = 64;
 /// Reduction elements per shared-memory stage of the grouped expert GEMM (two stages, cp.async).
 pub const MOE_GROUPED_BK: u32 = 32;
-/// Threads per block of the Hopper grouped expert GEMM (one warpgroup issuing `wgmma.mma_async`).
-pub const MOE_WGMMA_THREADS: u32 = 128;
-/// Slots (rows of one expert) per tile of the Hopper grouped expert GEMM (the wgmma M).
-pub const MOE_WGMMA_BM: u32 = 64;
-/// Weight rows per tile of the Hopper grouped expert GEMM (the wgmma N): `moe_wgmma_up` 64 rows of w1 then the same 64 rows of w3 (64 output columns), `moe_wgmma_down` 128 rows of w2 (128 output columns).
-pub const MOE_WGMMA_BN: u32 = 128;
-/// Reduction elements per shared-memory stage of the Hopper grouped expert GEMM (two wgmma k16 steps).
-pub const MOE_WGMMA_BK: u32 = 32;
-/// cp.async shared-memory stages of the Hopper grouped expert GEMM (loads run two stages ahead).
-pub const MOE_WGMMA_STAGES: u32 = 3;
 /// Bytes of `MoeCutlassParams::groups` per GEMM group (its problem shape, A / B / D pointers and strides; checked by a static_assert in csrc/cutlass/).
 pub const MOE_CUTLASS_GROUP_BYTES: u32 = 128;
 /// Added to a `cutlass::Status` returned by the CUTLASS entry points (below it: a `cudaError_t`).
@@ -1001,10 +991,6 @@ pub enum KernelFamily {
     MoeGroupedUp,
     /// `moe_grouped_down` in csrc/moe_grouped.cu, taking [`MoeParams`].
     MoeGroupedDown,
-    /// `moe_wgmma_up` in csrc/moe_wgmma.cu, taking [`MoeParams`].
-    MoeWgmmaUp,
-    /// `moe_wgmma_down` in csrc/moe_wgmma.cu, taking [`MoeParams`].
-    MoeWgmmaDown,
     /// `attention_prefill` in csrc/attention_prefill.cu, taking [`AttentionPrefillParams`].
     AttentionPrefill,
     /// `sample` in csrc/sampling.cu, taking [`SampleParams`].
@@ -1029,7 +1015,7 @@ pub enum KernelFamily {
 
 impl KernelFamily {
     /// Every family, in declaration order.
-    pub const ALL: [KernelFamily; 28] = [
+    pub const ALL: [KernelFamily; 26] = [
         KernelFamily::Embedding,
         KernelFamily::Rmsnorm,
         KernelFamily::RopeKv,
@@ -1046,8 +1032,6 @@ impl KernelFamily {
         KernelFamily::LinearMmaDecode,
         KernelFamily::MoeGroupedUp,
         KernelFamily::MoeGroupedDown,
-        KernelFamily::MoeWgmmaUp,
-        KernelFamily::MoeWgmmaDown,
         KernelFamily::AttentionPrefill,
         KernelFamily::Sample,
         KernelFamily::FillRandom,
@@ -1084,8 +1068,6 @@ impl KernelFamily {
             KernelFamily::LinearMmaDecode => "linear_mma_decode",
             KernelFamily::MoeGroupedUp => "moe_grouped_up",
             KernelFamily::MoeGroupedDown => "moe_grouped_down",
-            KernelFamily::MoeWgmmaUp => "moe_wgmma_up",
-            KernelFamily::MoeWgmmaDown => "moe_wgmma_down",
             KernelFamily::AttentionPrefill => "attention_prefill",
             KernelFamily::Sample => "sample",
             KernelFamily::FillRandom => "fill_random",
@@ -1118,8 +1100,6 @@ impl KernelFamily {
             KernelFamily::LinearMmaDecode => &["NT", "OUT_F32"],
             KernelFamily::MoeGroupedUp => &[],
             KernelFamily::MoeGroupedDown => &[],
-            KernelFamily::MoeWgmmaUp => &[],
-            KernelFamily::MoeWgmmaDown => &[],
             KernelFamily::AttentionPrefill => &["HEAD_DIM"],
             KernelFamily::Sample => &[],
             KernelFamily::FillRandom => &[],
@@ -1531,18 +1511,6 @@ pub const KERNEL_VARIANTS: &[KernelVariant] = &[
         family: KernelFamily::MoeGroupedDown,
         module: "moe_grouped",
         symbol: "moe_grouped_down",
-        consts: &[],
-    },
-    KernelVariant {
-        family: KernelFamily::MoeWgmmaUp,
-        module: "moe_wgmma",
-        symbol: "moe_wgmma_up",
-        consts: &[],
-    },
-    KernelVariant {
-        family: KernelFamily::MoeWgmmaDown,
-        module: "moe_wgmma",
-        symbol: "moe_wgmma_down",
         consts: &[],
     },
     KernelVariant {

@@ -12,10 +12,10 @@
 //!   bf16 and reading that copy until about 40 slots per expert: up to 128 tokens;
 //! - 8-bit experts (FP8, INT8) on CUTLASS's 8-bit grouped GEMM (nothing to expand): from 32
 //!   tokens, as bf16;
-//! - the Hopper expert kernels (hand-written warpgroup MMA, or CUTLASS's grouped GEMM) run only
-//!   where asked for, on compute capability 9.0, after their self-check against the mma.sync
-//!   kernels passed on the device; with CUTLASS's, the dense projections past the GEMV's range run
-//!   on CUTLASS's Hopper GEMM too (its own self-check passed as well);
+//! - CUTLASS's Hopper expert kernels (grouped GEMM) run only where asked for, on compute capability
+//!   9.0, after their self-check against the mma.sync kernels passed on the device; the dense
+//!   projections past the GEMV's range then run on CUTLASS's Hopper GEMM too (its own self-check
+//!   passed as well);
 //! - where asked for ([`Device::mma_decode`]), the tensor-core decode kernels take the GEMVs'
 //!   ranges (bf16 experts up to [`MOE_MMA_DECODE_MAX_TOKENS`] tokens, past the bf16 GEMV) for bf16
 //!   weights and the packed ones they read ([`Format::PackedMma`], and the 8-bit [`Format::Q8`]):
@@ -71,8 +71,6 @@ pub enum GroupedKernel {
     /// `moe_grouped_gemm` (mma.sync; every supported GPU).
     #[default]
     Mma,
-    /// `moe_wgmma_gemm` (Hopper warpgroup MMA), once its self-check passed on this device.
-    Wgmma,
     /// `moe_cutlass_gemm` (CUTLASS's Hopper grouped GEMM), and `linear_cutlass` (its dense GEMM)
     /// for the projections of large chunks, once both self-checks passed on this device.
     Cutlass,
@@ -80,11 +78,7 @@ pub enum GroupedKernel {
 
 impl GroupedKernel {
     /// Every kind, in the order `mixtral-run --explain` lists them.
-    pub const ALL: [GroupedKernel; 3] = [
-        GroupedKernel::Mma,
-        GroupedKernel::Wgmma,
-        GroupedKernel::Cutlass,
-    ];
+    pub const ALL: [GroupedKernel; 2] = [GroupedKernel::Mma, GroupedKernel::Cutlass];
 }
 
 /// What the device offers beyond sm_80, and which optional kernels the engine was asked for.
@@ -124,8 +118,6 @@ pub enum Choice {
     MoeMma,
     /// `moe_grouped_up` + `moe_grouped_down`: the mma.sync grouped GEMM.
     MoeGrouped,
-    /// `moe_wgmma_up` + `moe_wgmma_down`: the Hopper warpgroup-MMA grouped GEMM.
-    MoeWgmma,
     /// `moe_cutlass`: gather, CUTLASS's grouped GEMM (w1 and w3), SwiGLU, grouped GEMM (w2),
     /// scatter.
     MoeCutlass,
@@ -136,8 +128,6 @@ pub enum Choice {
     QMoeMma,
     /// `dequantize` of the three expert stacks into bf16 scratch, then the grouped GEMM.
     DequantizeThenMoeGrouped,
-    /// `dequantize` of the three expert stacks, then the Hopper grouped GEMM.
-    DequantizeThenMoeWgmma,
     /// `dequantize` of the three expert stacks, then CUTLASS's grouped GEMM.
     DequantizeThenMoeCutlass,
     /// `moe_cutlass_q8`: gather and quantize, CUTLASS's 8-bit grouped GEMM (w1 and w3), SwiGLU and
@@ -160,12 +150,10 @@ impl Choice {
             Choice::MoeGemv => "moe_up + moe_down",
             Choice::MoeMma => "moe_mma_up + moe_mma_down",
             Choice::MoeGrouped => "moe_grouped_up + moe_grouped_down",
-            Choice::MoeWgmma => "moe_wgmma_up + moe_wgmma_down",
             Choice::MoeCutlass => "moe_cutlass (gather, grouped GEMM x2, swiglu, scatter)",
             Choice::QMoeGemv => "qmoe_up + qmoe_down",
             Choice::QMoeMma => "qmoe_mma_up + qmoe_mma_down",
             Choice::DequantizeThenMoeGrouped => "dequantize x3 + moe_grouped_up + moe_grouped_down",
-            Choice::DequantizeThenMoeWgmma => "dequantize x3 + moe_wgmma_up + moe_wgmma_down",
             Choice::DequantizeThenMoeCutlass => "dequantize x3 + moe_cutlass",
             Choice::MoeCutlassQ8 => {
                 "moe_cutlass_q8 (quantize, 8-bit grouped GEMM x2, swiglu, scatter)"
@@ -202,7 +190,6 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
         (Op::Experts, Bf16) if tokens < MOE_GROUPED_MIN_TOKENS => Choice::MoeGemv,
         (Op::Experts, Bf16) => match device.grouped {
             GroupedKernel::Mma => Choice::MoeGrouped,
-            GroupedKernel::Wgmma => Choice::MoeWgmma,
             GroupedKernel::Cutlass => Choice::MoeCutlass,
         },
         // Only CUTLASS's 8-bit kernels read 8-bit codes as such; elsewhere they are any packed
@@ -222,7 +209,6 @@ pub fn select(op: Op, tokens: usize, format: Format, device: Device) -> Choice {
         }
         (Op::Experts, Packed | Q8 | PackedMma) => match device.grouped {
             GroupedKernel::Mma => Choice::DequantizeThenMoeGrouped,
-            GroupedKernel::Wgmma => Choice::DequantizeThenMoeWgmma,
             GroupedKernel::Cutlass => Choice::DequantizeThenMoeCutlass,
         },
     }
@@ -299,10 +285,6 @@ mod tests {
         grouped: GroupedKernel::Mma,
         mma_decode: false,
     };
-    const HOPPER: Device = Device {
-        grouped: GroupedKernel::Wgmma,
-        mma_decode: false,
-    };
     const CUTLASS: Device = Device {
         grouped: GroupedKernel::Cutlass,
         mma_decode: false,
@@ -317,24 +299,19 @@ mod tests {
         assert_eq!(p(17, Bf16), LinearMma);
         assert_eq!(p(16, Packed), QLinear);
         assert_eq!(p(17, Packed), DequantizeThenLinearMma);
-        // With CUTLASS's kernels, the projections past the GEMV's range run on its dense GEMM;
-        // the hand-written wgmma kernels change no projection.
+        // With CUTLASS's kernels, the projections past the GEMV's range run on its dense GEMM.
         let on = |t, f, d| select(Op::Projection, t, f, d);
         assert_eq!(on(16, Bf16, CUTLASS), LinearGemv);
         assert_eq!(on(17, Bf16, CUTLASS), LinearCutlass);
         assert_eq!(on(4096, Bf16, CUTLASS), LinearCutlass);
         assert_eq!(on(16, Packed, CUTLASS), QLinear);
         assert_eq!(on(17, Packed, CUTLASS), DequantizeThenLinearCutlass);
-        assert_eq!(on(17, Bf16, HOPPER), LinearMma);
-        assert_eq!(on(17, Packed, HOPPER), DequantizeThenLinearMma);
         let e = |t, f, d| select(Op::Experts, t, f, d);
         for (tokens, format, device, choice) in [
-            (31, Bf16, HOPPER, MoeGemv),
+            (31, Bf16, NO, MoeGemv),
             (32, Bf16, NO, MoeGrouped),
-            (32, Bf16, HOPPER, MoeWgmma),
-            (128, Packed, HOPPER, QMoeGemv),
+            (128, Packed, NO, QMoeGemv),
             (129, Packed, NO, DequantizeThenMoeGrouped),
-            (129, Packed, HOPPER, DequantizeThenMoeWgmma),
             (31, Bf16, CUTLASS, MoeGemv),
             (32, Bf16, CUTLASS, MoeCutlass),
             (128, Packed, CUTLASS, QMoeGemv),
@@ -349,13 +326,8 @@ mod tests {
         assert_eq!(e(31, Format::Q8, CUTLASS), QMoeGemv);
         assert_eq!(e(32, Format::Q8, CUTLASS), Choice::MoeCutlassQ8);
         // 8-bit codes are any packed format where CUTLASS's 8-bit kernels do not run.
-        for device in [NO, HOPPER] {
-            for tokens in [1, 31, 32, 128, 129, 4096] {
-                assert_eq!(
-                    e(tokens, Format::Q8, device),
-                    e(tokens, Format::Packed, device)
-                );
-            }
+        for tokens in [1, 31, 32, 128, 129, 4096] {
+            assert_eq!(e(tokens, Format::Q8, NO), e(tokens, Format::Packed, NO));
         }
         for tokens in [1, 16, 17, 4096] {
             assert_eq!(
@@ -431,7 +403,7 @@ mod tests {
             "projection  bf16       cutlass  gemv    17+          linear_cutlass",
             "projection  packed     cutlass  gemv    17+          dequantize + linear_cutlass",
             "projection  bf16       mma      mma     1-16         linear_mma_decode",
-            "experts     packed     wgmma    gemv    129+",
+            "experts     packed     mma      gemv    129+         dequantize x3 + moe_grouped_up",
             "experts     bf16       cutlass  gemv    32+          moe_cutlass",
             "experts     bf16       mma      mma     1-128        moe_mma_up",
             "experts     bf16       mma      mma     129+         moe_grouped_up",
@@ -444,9 +416,10 @@ mod tests {
         }
         // The plain packed rows do not change with the request, so they are listed once.
         assert!(!text.contains("packed     mma      mma"));
-        // 2 ops x 4 formats x 3 grouped kernels, two ranges each, plus the rows with the request
-        // for bf16, q8 and packedmma (two ranges each), plus the header and the attention line.
-        assert_eq!(text.lines().count(), 1 + 48 + 36 + 1);
+        // 2 ops x 4 formats x 2 grouped kernels, two ranges each, plus the rows with the request
+        // for bf16, q8 and packedmma (2 ops x 2 grouped kernels, two ranges each), plus the header
+        // and the attention line.
+        assert_eq!(text.lines().count(), 1 + 32 + 24 + 1);
         assert!(text.ends_with("else attention_decode\n"));
     }
 

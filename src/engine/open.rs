@@ -129,7 +129,6 @@ impl EngineOptions {
         crate::cuda::CudaEngineOptions {
             engine: self.clone(),
             device: ordinal,
-            hopper_wgmma: self.opt_in.hopper_wgmma,
             cutlass_experts: self.opt_in.cutlass,
             mma_decode: self.opt_in.mma_decode,
             dependent_launches: self.opt_in.dependent_launches,
@@ -406,13 +405,12 @@ mod tests {
             assert_eq!(cuda.device, 3);
             assert_eq!(
                 (
-                    cuda.hopper_wgmma,
                     cuda.cutlass_experts,
                     cuda.mma_decode,
                     cuda.dependent_launches,
                     cuda.fast_sampling
                 ),
-                (false, true, false, false, false)
+                (true, false, false, false)
             );
             assert_eq!(cuda.engine, options);
         }

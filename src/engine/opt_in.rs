@@ -1,6 +1,6 @@
 //! [`OptInKernels`]: the CUDA kernels that stay off until asked for (they have not been verified
 //! on hardware, or are slower where they were measured), named as a comma-separated list
-//! (`wgmma,cutlass,mma-decode,pdl,fast-sample`) by the `--cuda-kernels` flag of `mixtral-run` and
+//! (`cutlass,mma-decode,pdl,fast-sample`) by the `--cuda-kernels` flag of `mixtral-run` and
 //! `mixtral-serve` ([`OptInKernels::from_flag`]). The CPU engine ignores them.
 
 use std::fmt;
@@ -14,8 +14,6 @@ use super::Device;
     Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
 )]
 pub struct OptInKernels {
-    /// `wgmma`: the Hopper warpgroup-MMA expert GEMMs of prefill chunks (`hopper_wgmma`).
-    pub hopper_wgmma: bool,
     /// `cutlass`: CUTLASS's Hopper grouped GEMM for the prefill experts and its dense GEMM for the
     /// prefill projections (`cutlass_experts`).
     pub cutlass: bool,
@@ -29,13 +27,12 @@ pub struct OptInKernels {
 }
 
 /// The names of the list, in the order [`OptInKernels`]'s `Display` writes them.
-const NAMES: [&str; 5] = ["wgmma", "cutlass", "mma-decode", "pdl", "fast-sample"];
+const NAMES: [&str; 4] = ["cutlass", "mma-decode", "pdl", "fast-sample"];
 
 impl OptInKernels {
     /// The flags in the order of [`NAMES`].
-    fn flags_mut(&mut self) -> [&mut bool; 5] {
+    fn flags_mut(&mut self) -> [&mut bool; 4] {
         [
-            &mut self.hopper_wgmma,
             &mut self.cutlass,
             &mut self.mma_decode,
             &mut self.dependent_launches,
@@ -44,9 +41,8 @@ impl OptInKernels {
     }
 
     /// The flags in the order of [`NAMES`].
-    fn flags(&self) -> [bool; 5] {
+    fn flags(&self) -> [bool; 4] {
         [
-            self.hopper_wgmma,
             self.cutlass,
             self.mma_decode,
             self.dependent_launches,
@@ -83,7 +79,7 @@ pub enum KernelsFlagError {
 
 /// A `--cuda-kernels` list naming something that is not an opt-in kernel.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown CUDA kernel {name:?} in {list:?}: expected a comma-separated list of wgmma, cutlass, mma-decode, pdl, fast-sample (or none)")]
+#[error("unknown CUDA kernel {name:?} in {list:?}: expected a comma-separated list of cutlass, mma-decode, pdl, fast-sample (or none)")]
 pub struct UnknownKernel {
     /// The list as given.
     pub list: String,
@@ -94,8 +90,8 @@ pub struct UnknownKernel {
 impl FromStr for OptInKernels {
     type Err = UnknownKernel;
 
-    /// Parses `wgmma,cutlass,mma-decode,pdl,fast-sample` (any subset, any order, repeats allowed, spaces around the
-    /// names ignored); `none` or an empty string is none.
+    /// Parses `cutlass,mma-decode,pdl,fast-sample` (any subset, any order, repeats allowed, spaces
+    /// around the names ignored); `none` or an empty string is none.
     fn from_str(list: &str) -> Result<Self, Self::Err> {
         let mut kernels = OptInKernels::default();
         if matches!(list.trim(), "" | "none") {
@@ -136,13 +132,12 @@ mod tests {
 
     #[test]
     fn every_subset_round_trips_through_its_list() {
-        for bits in 0..32u8 {
+        for bits in 0..16u8 {
             let kernels = OptInKernels {
-                hopper_wgmma: bits & 1 != 0,
-                cutlass: bits & 2 != 0,
-                mma_decode: bits & 4 != 0,
-                dependent_launches: bits & 8 != 0,
-                fast_sampling: bits & 16 != 0,
+                cutlass: bits & 1 != 0,
+                mma_decode: bits & 2 != 0,
+                dependent_launches: bits & 4 != 0,
+                fast_sampling: bits & 8 != 0,
             };
             let text = kernels.to_string();
             assert_eq!(text.parse::<OptInKernels>(), Ok(kernels), "{text}");
@@ -152,19 +147,18 @@ mod tests {
     #[test]
     fn names_order_spaces_and_repeats() {
         let all = OptInKernels {
-            hopper_wgmma: true,
             cutlass: true,
             mma_decode: true,
             dependent_launches: true,
             fast_sampling: true,
         };
         assert_eq!(
-            " mma-decode , pdl,wgmma,fast-sample,cutlass,wgmma".parse(),
+            " mma-decode , pdl,cutlass,fast-sample,cutlass".parse(),
             Ok(all)
         );
         assert_eq!(
             "cutlass".parse::<OptInKernels>().map(|k| k.flags()),
-            Ok([false, true, false, false, false])
+            Ok([true, false, false, false])
         );
         assert_eq!("".parse(), Ok(OptInKernels::default()));
         assert_eq!(" none ".parse(), Ok(OptInKernels::default()));
@@ -173,9 +167,10 @@ mod tests {
     #[test]
     fn unknown_names_are_refused_naming_the_name_and_the_list() {
         for (list, name) in [
-            ("wgmma,mma_decode", "mma_decode"),
+            ("pdl,mma_decode", "mma_decode"),
+            ("wgmma", "wgmma"),
             ("CUTLASS", "CUTLASS"),
-            ("wgmma,", ""),
+            ("pdl,", ""),
             ("none,cutlass", "none"),
         ] {
             let error = list.parse::<OptInKernels>().unwrap_err();

@@ -23,8 +23,8 @@ options:
     --host HOST                  address to listen on (default 127.0.0.1)
     --port PORT                  port to listen on (default 8000; 0 picks a free one)
     --device D                   cpu (default), cuda or cuda:N
-    --cuda-kernels LIST          CUDA kernels that are off by default (wgmma, cutlass, mma-decode,
-                                 pdl, fast-sample; comma-separated), as mixtral-run --cuda-kernels (default none)
+    --cuda-kernels LIST          CUDA kernels that are off by default (cutlass, mma-decode, pdl,
+                                 fast-sample; comma-separated), as mixtral-run --cuda-kernels (default none)
     --quantize F                 quantize the attention and expert weights on load: fp8, int8 or
                                  int4 (bf16 keeps them as stored), as mixtral-run --quantize
     --served-model-name NAME     the model id clients give (default: the model directory's name)
@@ -303,7 +303,7 @@ mod tests {
             "--port=0",
             "--device",
             "cuda:1",
-            "--cuda-kernels=wgmma",
+            "--cuda-kernels=pdl",
             "--quantize",
             "int8",
             "--served-model-name",
@@ -319,8 +319,8 @@ mod tests {
         assert_eq!(a.host, "0.0.0.0");
         assert_eq!(a.port, 0);
         assert_eq!(a.device, Device::Cuda(1));
-        assert!(a.engine_options(4096).opt_in.hopper_wgmma);
-        assert_eq!(a.opt_in.to_string(), "wgmma");
+        assert!(a.engine_options(4096).opt_in.dependent_launches);
+        assert_eq!(a.opt_in.to_string(), "pdl");
         assert_eq!(a.quantize, Some(QuantFormat::Int8));
         assert_eq!(a.model_id(), "mx");
         assert_eq!(

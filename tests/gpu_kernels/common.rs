@@ -206,7 +206,7 @@ impl Target {
     /// The GPU's stream.
     ///
     /// # Panics
-    /// On the emulator: for the tests of kernels it does not run (wgmma, CUTLASS), which get
+    /// On the emulator: for the tests of kernels it does not run (CUTLASS), which get
     /// their target from [`gpu`] only.
     pub fn cuda_stream(&self) -> &std::sync::Arc<CudaStream> {
         match self {
@@ -246,7 +246,7 @@ pub fn target(test: &str) -> Target {
     }
 }
 
-/// The GPU's kernels and stream of `on`, for an op the emulator does not run (wgmma, CUTLASS).
+/// The GPU's kernels and stream of `on`, for an op the emulator does not run (CUTLASS).
 ///
 /// # Panics
 /// On the emulator ([`Target::cuda_stream`]).
@@ -444,7 +444,7 @@ pub const BF16_RMS: f64 = BF16_UNIT / 1.732_050_807_568_877_2;
 /// Derivation: rounding to nearest, each of the k additions errs by at most 2^-24 of the running
 /// sum, and over random signs the errors add like a random walk: about sqrt(k) * 2^-24 relative at
 /// most (2e-6 at k = 1024; the CPU and a sequential sum measure a tenth of that). Tensor cores
-/// (mma.sync, wgmma) truncate instead when they add a k-step's products into the f32 accumulator,
+/// (mma.sync) truncate instead when they add a k-step's products into the f32 accumulator,
 /// a bias that grows like k: modelled with one truncation per 4 products, 9e-6 at k = 4096
 /// (`tests::f32_bound_covers_reordered_and_truncated_sums`). Bound: `max(1e-5, (k / 16) * 2^-24)`,
 /// 1e-5 up to k = 2684 and 1.5e-5 at 4096; an accumulator or an input in bf16 (1e-3 and more) is two

@@ -23,7 +23,7 @@
 //! (`mixtral::cuda::emulator`, `csrc/emulator/README.md`: the same kernel sources compiled for the
 //! CPU, the same planners and argument checks, launches alternately in forward and reverse thread
 //! order), with fewer random cases where a kernel is slow there ([`common::Target::cases`]); each
-//! prints `<test>: no GPU (...): on the kernel emulator`. The Hopper-only kernels (wgmma, CUTLASS),
+//! prints `<test>: no GPU (...): on the kernel emulator`. The Hopper-only kernels (CUTLASS),
 //! which the emulator does not run, skip there with `skipped <test>: no GPU: ...`. With a device
 //! present, a device or kernel load failure fails every test (`tests/common/gpu.rs`), and
 //! `scripts/gpu-check` counts a skip there as a failure.
@@ -42,7 +42,6 @@ mod linear_cutlass;
 mod moe_cutlass;
 mod moe_gemv;
 mod moe_grouped;
-mod moe_wgmma;
 mod quant;
 mod rmsnorm;
 mod rope_kv;

@@ -17,7 +17,7 @@ use mixtral::cuda::memory::DeviceArena;
 use mixtral::cuda::ops::{
     moe_cutlass_gemm, moe_cutlass_q8_self_check, moe_cutlass_self_check, ActOrder, HopperCheck,
     MoeCutlassQ8Scratch, MoeCutlassScratch, CUTLASS_BUILT, CUTLASS_COMPUTE_CAPABILITY,
-    FP8_SELF_CHECK_BOUND, INT8_SELF_CHECK_BOUND, WGMMA_SELF_CHECK_BOUND,
+    FP8_SELF_CHECK_BOUND, HOPPER_SELF_CHECK_BOUND, INT8_SELF_CHECK_BOUND,
 };
 use mixtral::cuda::CudaError;
 use mixtral::quant::Q8;
@@ -176,7 +176,7 @@ fn moe_cutlass_self_check_and_device_gate() {
     self_check_and_device_gate(
         "moe_cutlass_self_check_and_device_gate",
         |gpu| moe_cutlass_self_check(&gpu.kernels, gpu.stream()),
-        WGMMA_SELF_CHECK_BOUND,
+        HOPPER_SELF_CHECK_BOUND,
         |arena, stream, shape| MoeCutlassScratch::new(arena, stream, shape).map(drop),
     );
 }

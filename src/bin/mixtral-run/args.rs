@@ -35,9 +35,8 @@ options:
     --seed S               seed of the sampler (default 0; needs --temperature)
     --stop TEXT            stop when TEXT appears in the output (repeatable; TEXT is not printed)
     --device D             cpu (default), cuda or cuda:N
-    --cuda-kernels LIST    CUDA kernels that are off by default, comma-separated: wgmma (Hopper
-                           warpgroup-MMA prefill experts), cutlass (CUTLASS's Hopper GEMMs for
-                           the prefill experts and projections), mma-decode (tensor-core decode
+    --cuda-kernels LIST    CUDA kernels that are off by default, comma-separated: cutlass
+                           (CUTLASS's Hopper GEMMs for the prefill experts and projections), mma-decode (tensor-core decode
                            products and attention scores), pdl (programmatic dependent launches, H100/H200),
                            fast-sample (device sampling in a few passes); each checks itself at
                            load where it can (default none)
@@ -565,7 +564,6 @@ mod tests {
         assert_eq!(
             g.common.opt_in,
             OptInKernels {
-                hopper_wgmma: false,
                 cutlass: true,
                 mma_decode: true,
                 dependent_launches: false,
@@ -668,8 +666,8 @@ mod tests {
                 "\"cutlas\"",
             ),
             (
-                &["--model", "m", "--prompt", "x", "--cuda-kernels", "wgmma"],
-                "--cuda-kernels wgmma needs --device cuda",
+                &["--model", "m", "--prompt", "x", "--cuda-kernels", "pdl"],
+                "--cuda-kernels pdl needs --device cuda",
             ),
             (
                 &["--model", "m", "--prompt", "x", "--prompt-file", "f"],

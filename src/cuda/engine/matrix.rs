@@ -368,8 +368,6 @@ pub enum GroupedExperts {
     /// `moe_grouped_gemm` (mma.sync; every supported GPU).
     #[default]
     Mma,
-    /// `moe_wgmma_gemm` (Hopper warpgroup MMA).
-    Wgmma,
     /// `moe_cutlass_gemm` (CUTLASS's Hopper grouped GEMM, bf16) and its scratch.
     Cutlass(Box<MoeCutlassScratch>),
     /// `moe_cutlass_q8_gemm` (CUTLASS's Hopper grouped GEMM over 8-bit stacks) and its scratch:
@@ -382,7 +380,6 @@ impl GroupedExperts {
     pub fn kernel(&self) -> GroupedKernel {
         match self {
             GroupedExperts::Mma => GroupedKernel::Mma,
-            GroupedExperts::Wgmma => GroupedKernel::Wgmma,
             GroupedExperts::Cutlass(_) | GroupedExperts::CutlassQ8(_) => GroupedKernel::Cutlass,
         }
     }
@@ -489,9 +486,6 @@ pub fn experts(
     match choice {
         Choice::MoeGemv => ops::moe_gemv(kernels, stream, s, args),
         Choice::MoeMma => ops::moe_mma(kernels, stream, s, args),
-        Choice::MoeWgmma | Choice::DequantizeThenMoeWgmma => {
-            ops::moe_wgmma_gemm(kernels, stream, s, args)
-        }
         Choice::MoeCutlass | Choice::DequantizeThenMoeCutlass => match grouped {
             GroupedExperts::Cutlass(cutlass) => ops::moe_cutlass_gemm(stream, s, args, cutlass),
             _ => Err(no_scratch("bf16")),

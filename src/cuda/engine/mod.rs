@@ -70,17 +70,12 @@ pub struct CudaEngineOptions {
     pub cuda_graphs: bool,
     /// Device memory left free for the driver and other users, in bytes.
     pub reserve_bytes: usize,
-    /// On a compute capability 9.0 GPU (H100, H200), run the expert GEMMs of prefill chunks with
-    /// the Hopper warpgroup-MMA kernels, after checking them against the mma.sync kernels once at
-    /// build (`CudaEngine::prefill_experts` says which run). Off by default until those kernels
-    /// have been verified on hardware.
-    pub hopper_wgmma: bool,
-    /// On a compute capability 9.0 GPU, run the expert GEMMs of prefill chunks on CUTLASS's Hopper
+    /// On a compute capability 9.0 GPU (H100, H200), run the expert GEMMs of prefill chunks on CUTLASS's Hopper
     /// grouped GEMM (`csrc/cutlass/`), and their dense projections (past the GEMV's range; where
     /// every projection's feature counts are multiples of 8) on its dense GEMM, after their
     /// self-checks once at build (against the mma.sync kernels; for a model
     /// whose experts are all FP8 or all INT8, the 8-bit kernels against their CPU reference); both
-    /// must pass, and then they take precedence over `hopper_wgmma`. Off by default until they
+    /// must pass (`CudaEngine::prefill_experts` says which kernels run). Off by default until they
     /// have run on hardware.
     pub cutlass_experts: bool,
     /// Run the decode products of packed weights the tensor-core decode kernels read (FP8, INT8,
@@ -115,7 +110,6 @@ impl Default for CudaEngineOptions {
             device: 0,
             cuda_graphs: true,
             reserve_bytes: 1 << 30,
-            hopper_wgmma: false,
             cutlass_experts: false,
             mma_decode: false,
             dependent_launches: false,
@@ -469,15 +463,6 @@ impl CudaEngine {
                 let rank_plan = rank::rank_plan(full, &r.shard, r.comms, max_tokens, &mut arena)?;
                 plan.rank = Some(rank_plan);
             }
-            let wgmma_check = if options.hopper_wgmma {
-                let check = ops::moe_wgmma_self_check(&kernels, &stream)?;
-                if check.passed() {
-                    plan.grouped = GroupedExperts::Wgmma;
-                }
-                Some(check)
-            } else {
-                None
-            };
             let cutlass_check = if options.cutlass_experts {
                 let max = plan.expert_shape();
                 let check = match q8_experts {
@@ -543,7 +528,7 @@ impl CudaEngine {
                 seq_rows: HashMap::new(),
                 free_rows: (0..sizes.max_sequences).rev().collect(),
                 staging,
-                hopper_check: cutlass_check.or(wgmma_check),
+                hopper_check: cutlass_check,
                 dead: None,
             };
             engine.warm_up_and_capture(options.cuda_graphs)?;
@@ -595,9 +580,8 @@ impl CudaEngine {
     }
 
     testing_pub! {
-        /// The kernels that run the expert GEMMs of prefill chunks, and the result of the Hopper
-        /// kernels' self-check when [`CudaEngineOptions::hopper_wgmma`] or
-        /// [`CudaEngineOptions::cutlass_experts`] asked for one (CUTLASS's when both did).
+        /// The kernels that run the expert GEMMs of prefill chunks, and the result of the CUTLASS
+        /// kernels' self-check when [`CudaEngineOptions::cutlass_experts`] asked for one.
         fn prefill_experts(&self) -> (GroupedKernel, Option<HopperCheck>) {
             (self.plan.grouped.kernel(), self.hopper_check)
         }

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 use half::bf16;
 
+use super::hopper_check::{random_bf16, rel_l2, verdict, HopperCheck};
 use super::moe_cutlass::{require_built_for, run_shim, sm_count};
-use super::moe_wgmma::{random_bf16, rel_l2, verdict, HopperCheck};
 use crate::cuda::args::{LinearArgs, LinearCutlassArgs, LinearCutlassScalars, LinearScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;

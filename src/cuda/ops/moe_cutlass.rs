@@ -16,7 +16,7 @@
 //! problem shapes and pointers are written on the device from the router's offsets, so a launch
 //! can be captured into a graph.
 //!
-//! Never run on a GPU yet: like the wgmma kernels, an engine uses them only when asked
+//! Never run on a GPU yet: an engine uses them only when asked
 //! (`CudaEngineOptions::cutlass_experts`) and after their self-check ([`moe_cutlass_self_check`],
 //! [`moe_cutlass_q8_self_check`]) passed on the device.
 
@@ -25,7 +25,7 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaStream};
 use half::bf16;
 
-use super::moe_wgmma::{
+use super::hopper_check::{
     compare_with_grouped, compute_capability, hopper_only, rel_l2, self_check_problem,
     self_check_shape, verdict, ActOrder, HopperCheck, SELF_CHECK_SEED,
 };
@@ -106,9 +106,8 @@ mod ffi {
     }
 }
 
-/// The one compute capability the CUTLASS shim is built for (sm_90a: H100, H200), as the wgmma
-/// kernels are (one check refuses other devices for both).
-pub const CUTLASS_COMPUTE_CAPABILITY: (i32, i32) = super::moe_wgmma::WGMMA_COMPUTE_CAPABILITY;
+/// The one compute capability the CUTLASS shim is built for (sm_90a: H100, H200).
+pub const CUTLASS_COMPUTE_CAPABILITY: (i32, i32) = super::HOPPER_COMPUTE_CAPABILITY;
 
 /// Whether this build holds the CUTLASS kernels.
 pub const CUTLASS_BUILT: bool = cfg!(not(any(mixtral_no_kernels, mixtral_no_cutlass)));
@@ -498,9 +497,10 @@ pub fn moe_cutlass_q8_gemm(
 }
 
 /// Decides whether [`moe_cutlass_gemm`] can be used on this device: on compute capability 9.0, in
-/// a build with CUTLASS, it runs `moe_grouped_gemm` and [`moe_cutlass_gemm`] on the wgmma kernels'
-/// fixed seeded problem (uneven counts, an idle expert, K and N tails) and compares `act` (in slot
-/// order) and `out` against [`WGMMA_SELF_CHECK_BOUND`](super::WGMMA_SELF_CHECK_BOUND). Anywhere
+/// a build with CUTLASS, it runs `moe_grouped_gemm` and [`moe_cutlass_gemm`] on a fixed seeded
+/// problem (100 tokens top-2 over 8 experts: uneven counts, an idle expert, K and N
+/// tails) and compares `act` (in slot order) and `out` against
+/// [`HOPPER_SELF_CHECK_BOUND`](super::HOPPER_SELF_CHECK_BOUND). Anywhere
 /// else: [`HopperCheck::NotHopper`] without any device work.
 ///
 /// Meant to run once when an engine is built: it allocates, and synchronises the stream.

@@ -5,7 +5,7 @@
 //! `[experts, inter, hidden]`, w2 `[experts, hidden, inter]` bf16.
 //!
 //! Also the shape rules every expert kernel over [`MoeParams`] states ([`moe_rules`]): the tensor-core
-//! kernels of [`moe_grouped`](super::moe_grouped) and [`moe_wgmma`](super::moe_wgmma) check them too.
+//! kernels of [`moe_grouped`](super::moe_grouped) check them too.
 
 use super::linear::gemv_tile;
 use super::qlinear::mma_tiles;

@@ -33,22 +33,19 @@ planned_launcher! {
 /// Upper bound on the tiles of `bm` slots in the flattened list: `sum_e ceil(count_e / bm)` over
 /// counts summing to `slots`, at most `min(experts, slots)` of them non-zero, is at most
 /// `floor((slots + min(experts, slots) * (bm - 1)) / bm)`.
-pub(super) fn max_tiles(slots: usize, experts: usize, bm: usize) -> usize {
+fn max_tiles(slots: usize, experts: usize, bm: usize) -> usize {
     (slots + experts.min(slots) * (bm - 1)) / bm.max(1)
 }
 
-/// The rules of the tile-list kernels (`csrc/moe_tiles.cuh`: this file's and `moe_wgmma`'s) on top
-/// of [`moe_rules`]: every block walks the expert offsets to find its tile (experts at most
-/// ROUTER_MAX_EXPERTS keeps the walk short) and the down epilogue stores f32 pairs (a 16-byte
-/// aligned `out` keeps every row start aligned). Returns the grid x: the worst-case count of tiles
-/// of `bm` slots.
-pub(super) fn tile_list(
-    c: &Check,
-    s: &MoeScalars,
-    out_address: u64,
-    bm: u32,
-) -> Result<u32, CudaError> {
-    let slots = moe_rules(c, s)?;
+/// The planner: the rules of [`moe_rules`], then those of the tile list (`csrc/moe_tiles.cuh`):
+/// every block walks the expert offsets to find its tile (experts at most ROUTER_MAX_EXPERTS keeps
+/// the walk short) and the down epilogue stores f32 pairs (a 16-byte aligned `out` keeps every row
+/// start aligned). Grid x = the worst-case count of tiles of MOE_GROUPED_BM slots, y = column
+/// blocks: MOE_GROUPED_BN columns of w1 and w3 per up block, twice that (rows of w2) per down block.
+fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
+    let c = Check::new("moe_grouped_gemm");
+    let params = a.params(c.op, s)?;
+    let slots = moe_rules(&c, s)?;
     if s.experts > ROUTER_MAX_EXPERTS {
         return Err(c.unsupported(
             "experts",
@@ -56,63 +53,31 @@ pub(super) fn tile_list(
             format!("must be at most {ROUTER_MAX_EXPERTS} (each block walks the expert offsets)"),
         ));
     }
-    aligned(c.op, "out", out_address)?;
-    c.count("tiles", max_tiles(slots, s.experts as usize, bm as usize))
-}
-
-/// One pair of tile-list kernels: the up kernel writes `up_cols` columns of `act` per block, the
-/// down kernel `down_cols` columns of `out`, over tiles of `bm` slots, `threads` per block.
-pub(super) struct TilePair {
-    pub up: (KernelFamily, &'static str),
-    pub down: (KernelFamily, &'static str),
-    pub bm: u32,
-    pub up_cols: u32,
-    pub down_cols: u32,
-    pub threads: u32,
-}
-
-/// Plans a [`TilePair`]: the [`tile_list`] rules, the instantiations, then grid x = tiles and
-/// y = column blocks of each pass.
-pub(super) fn plan_tile_pair(
-    c: &Check,
-    pair: &TilePair,
-    s: &MoeScalars,
-    a: &MoeArgs<'_>,
-) -> Planned<MoeParams, 2> {
-    let params = a.params(c.op, s)?;
-    let tiles = tile_list(c, s, a.out.address(), pair.bm)?;
-    let up = c.variant(pair.up.0, pair.up.1, &[])?;
-    let down = c.variant(pair.down.0, pair.down.1, &[])?;
+    aligned(c.op, "out", a.out.address())?;
+    let tiles = c.count(
+        "tiles",
+        max_tiles(slots, s.experts as usize, MOE_GROUPED_BM as usize),
+    )?;
+    let up = c.variant(KernelFamily::MoeGroupedUp, "moe_grouped_up", &[])?;
+    let down = c.variant(KernelFamily::MoeGroupedDown, "moe_grouped_down", &[])?;
     if s.tokens == 0 {
         return Ok(None);
     }
-    let up_blocks = c.grid_yz("inter blocks", s.inter.div_ceil(pair.up_cols) as usize)?;
-    let down_blocks = c.grid_yz("hidden blocks", s.hidden.div_ceil(pair.down_cols) as usize)?;
+    let up_blocks = c.grid_yz("inter blocks", s.inter.div_ceil(MOE_GROUPED_BN) as usize)?;
+    let down_blocks = c.grid_yz(
+        "hidden blocks",
+        s.hidden.div_ceil(2 * MOE_GROUPED_BN) as usize,
+    )?;
     let grid = |variant, blocks| Grid {
         variant,
         grid: (tiles, blocks, 1),
-        block: pair.threads,
+        block: MOE_GROUPED_THREADS,
         shared_bytes: 0,
     };
     Ok(Some((
         params,
         [grid(up, up_blocks), grid(down, down_blocks)],
     )))
-}
-
-/// MOE_GROUPED_BN columns of w1 and w3 per up block, twice that (rows of w2) per down block.
-const GROUPED: TilePair = TilePair {
-    up: (KernelFamily::MoeGroupedUp, "moe_grouped_up"),
-    down: (KernelFamily::MoeGroupedDown, "moe_grouped_down"),
-    bm: MOE_GROUPED_BM,
-    up_cols: MOE_GROUPED_BN,
-    down_cols: 2 * MOE_GROUPED_BN,
-    threads: MOE_GROUPED_THREADS,
-};
-
-fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
-    let c = Check::new("moe_grouped_gemm");
-    plan_tile_pair(&c, &GROUPED, s, a)
 }
 
 /// Runs [`moe_gemv`] or [`moe_grouped_gemm`] over bf16 experts, as the selection table picks for
@@ -159,7 +124,7 @@ pub unsafe fn moe_experts_emulated(
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use proptest::prelude::*;
     use proptest::test_runner::TestRunner;
 
@@ -169,9 +134,6 @@ pub(super) mod tests {
         args, mixtral, needs_exactly_the_contiguous_sizes, refuses_bad_shapes, smallest,
     };
 
-    /// A tile-list planner.
-    pub type Planner = fn(&MoeScalars, &MoeArgs<'_>) -> Planned<MoeParams, 2>;
-
     /// The tiles the kernel walks for these per-expert counts.
     fn real_tiles(counts: &[usize]) -> usize {
         counts
@@ -180,13 +142,17 @@ pub(super) mod tests {
             .sum()
     }
 
-    /// `planner`'s grids for Mixtral prefill: the tile list, 64 w1/w3 rows per up block, 128 w2
-    /// rows per down block, 128 threads; `ups` / `downs` the symbols.
-    pub fn mixtral_prefill_grids(planner: Planner, ups: &str, downs: &str) {
+    /// The grids for Mixtral prefill: the tile list, 64 w1/w3 rows per up block, 128 w2 rows per
+    /// down block, 128 threads.
+    #[test]
+    fn moe_grouped_prefill_grids() {
         for (tokens, tiles) in [(512, 23), (4096, 135)] {
             let s = mixtral(tokens);
-            let (params, [up, down]) = planner(&s, &args(&s, "", "")).unwrap().unwrap();
-            assert_eq!((up.symbol(), down.symbol()), (ups, downs));
+            let (params, [up, down]) = plan(&s, &args(&s, "", "")).unwrap().unwrap();
+            assert_eq!(
+                (up.symbol(), down.symbol()),
+                ("moe_grouped_up", "moe_grouped_down")
+            );
             assert_eq!(up.grid, (tiles, 14336 / 64, 1));
             assert_eq!(down.grid, (tiles, 4096 / 128, 1));
             assert_eq!((up.block, down.block), (128, 128));
@@ -195,8 +161,10 @@ pub(super) mod tests {
         }
     }
 
-    /// The rules of [`tile_list`] on top of [`moe_rules`], as `planner` (named `op`) reports them.
-    pub fn refuses_bad_tile_lists(op: &str, planner: Planner) {
+    /// The rules of the tile list on top of [`moe_rules`].
+    #[test]
+    fn moe_grouped_refuses_bad_shapes() {
+        let (op, planner) = ("moe_grouped_gemm", plan);
         refuses_bad_shapes(op, planner);
         let many = MoeScalars {
             experts: ROUTER_MAX_EXPERTS + 1,
@@ -223,8 +191,8 @@ pub(super) mod tests {
 
     /// For a shape the kernels take: the grid covers the columns and the worst tile count (all slots
     /// on one expert, and spread as evenly as the slots allow).
-    fn grid_covers(planner: Planner, s: &MoeScalars) -> Result<(), TestCaseError> {
-        let (_, [up, down]) = planner(s, &args(s, "", "")).unwrap().unwrap();
+    fn grid_covers(s: &MoeScalars) -> Result<(), TestCaseError> {
+        let (_, [up, down]) = plan(s, &args(s, "", "")).unwrap().unwrap();
         let (experts, slots) = (s.experts as usize, (s.tokens * s.top_k) as usize);
         let worst = slots.div_ceil(64);
         let mut even = vec![slots / experts; experts];
@@ -238,30 +206,21 @@ pub(super) mod tests {
         Ok(())
     }
 
-    /// `planner` on random shapes the kernels take: the grid covers the columns and the worst tile
-    /// count, and buffers of exactly the contiguous sizes pass while each one element short is
-    /// refused by name.
-    pub fn tile_list_properties(planner: Planner) {
+    /// On random shapes the kernels take: the grid covers the columns and the worst tile count, and
+    /// buffers of exactly the contiguous sizes pass while each one element short is refused by
+    /// name.
+    #[test]
+    fn moe_grouped_tile_list_properties() {
         let mut runner = TestRunner::default();
         runner
-            .run(&moe_shapes(600, 40), |s| grid_covers(planner, &s))
+            .run(&moe_shapes(600, 40), |s| grid_covers(&s))
             .unwrap();
         runner
             .run(&moe_shapes(20, 8), |s| {
-                needs_exactly_the_contiguous_sizes(planner, &s);
+                needs_exactly_the_contiguous_sizes(plan, &s);
                 Ok(())
             })
             .unwrap();
-    }
-
-    #[test]
-    fn moe_grouped_prefill_grids() {
-        mixtral_prefill_grids(plan, "moe_grouped_up", "moe_grouped_down");
-    }
-
-    #[test]
-    fn moe_grouped_refuses_bad_shapes() {
-        refuses_bad_tile_lists("moe_grouped_gemm", plan);
     }
 
     #[test]
@@ -275,11 +234,6 @@ pub(super) mod tests {
         assert_eq!(max_tiles(3, 8, 64), 3);
         assert_eq!(max_tiles(1, 1, 64), 1);
         assert_eq!(max_tiles(0, 8, 64), 0);
-    }
-
-    #[test]
-    fn moe_grouped_tile_list_properties() {
-        tile_list_properties(plan);
     }
 
     proptest! {

@@ -1,43 +1,30 @@
-//! The prefill expert MLPs on Hopper warpgroup MMA: [`moe_wgmma_gemm`] runs `csrc/moe_wgmma.cu`
-//! (`wgmma.mma_async`, sm_90a only) with exactly the buffers, grid and results of
-//! [`moe_grouped_gemm`]; [`moe_wgmma_self_check`] compares the two on a small random problem so
-//! that an engine can decide, once, whether to use it.
-//!
-//! The kernels passed their tests on an H100 but are slower than `moe_grouped` there (see the header
-//! of `csrc/moe_wgmma.cu`), so nothing selects them by itself: a caller runs
-//! [`moe_wgmma_self_check`] first and uses [`moe_wgmma_gemm`] only after [`HopperCheck::Passed`]. The launcher refuses every device whose compute capability is not 9.0
-//! (the only one sm_90a code runs on; elsewhere the fatbin holds a `__trap()` body).
-//!
-//! Grid: x = the flattened list of (expert, 64-slot) tiles sized for the worst routing (as
-//! `moe_grouped`), y = output column blocks: 64 columns per `moe_wgmma_up` block (w1 and w3 rows
-//! side by side in one 128-row wgmma operand), 128 per `moe_wgmma_down` block.
+//! What the Hopper-only (sm_90a) expert and dense kernels on CUTLASS share: the one compute
+//! capability they run on, and the self-check an engine runs once before using them. The check
+//! runs a fixed seeded grouped MoE problem ([`SelfCheckProblem`]: 100 tokens top-2 over 8 experts)
+//! through the checked op and through [`moe_grouped_gemm`] (mma.sync, every GPU) and compares
+//! their `act` and `out` by relative L2 difference.
 
 use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 use half::bf16;
 
-use super::moe_grouped::{moe_grouped_gemm, plan_tile_pair, TilePair};
+use super::moe_grouped::moe_grouped_gemm;
 use crate::cpu::router::{group_by_expert, route};
 use crate::cuda::args::{MoeArgs, MoeScalars};
 use crate::cuda::checks::Check;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{planned_launcher, Planned};
 use crate::cuda::memory::{copy_to_host, DeviceArena, DeviceBuffer};
 use crate::cuda::module::Kernels;
-use crate::cuda::params::{KernelFamily, MoeParams, MOE_WGMMA_BM, MOE_WGMMA_BN, MOE_WGMMA_THREADS};
 use crate::sampling::Rng;
 
-/// The op name in errors.
-const OP: &str = "moe_wgmma_gemm";
+/// The one compute capability the Hopper kernels run on (sm_90a SASS: H100, H200).
+pub const HOPPER_COMPUTE_CAPABILITY: (i32, i32) = (9, 0);
 
-/// The one compute capability the wgmma kernels run on (sm_90a SASS: H100, H200).
-pub const WGMMA_COMPUTE_CAPABILITY: (i32, i32) = (9, 0);
-
-/// Largest relative L2 difference between [`moe_wgmma_gemm`] and [`moe_grouped_gemm`] (on `act` and
-/// on `out`, each) that [`moe_wgmma_self_check`] accepts: the bound the GPU tests put on every bf16
+/// Largest relative L2 difference between a checked bf16 op and [`moe_grouped_gemm`] (on `act` and
+/// on `out`, each) that the self-check accepts: the bound the GPU tests put on every bf16
 /// path. The two differ only in the order of f32 accumulation, so a correct kernel is far below it.
-pub const WGMMA_SELF_CHECK_BOUND: f64 = 1e-2;
+pub const HOPPER_SELF_CHECK_BOUND: f64 = 1e-2;
 
 /// The compute capability of the device `stream` issues on.
 pub(super) fn compute_capability(stream: &CudaStream) -> Result<(i32, i32), CudaError> {
@@ -47,19 +34,14 @@ pub(super) fn compute_capability(stream: &CudaStream) -> Result<(i32, i32), Cuda
         .map_err(CudaError::driver("reading the compute capability"))
 }
 
-/// Refuses a device the sm_90a kernels cannot run on.
-fn require_hopper(stream: &CudaStream) -> Result<(), CudaError> {
-    hopper_only(&Check::new(OP), "wgmma", compute_capability(stream)?)
-}
-
-/// Refuses a compute capability other than 9.0 ([`WGMMA_COMPUTE_CAPABILITY`], the one the sm_90a
+/// Refuses a compute capability other than 9.0 ([`HOPPER_COMPUTE_CAPABILITY`], the one the sm_90a
 /// `kernels` are built for).
 pub(super) fn hopper_only(
     c: &Check,
     kernels: &str,
     capability: (i32, i32),
 ) -> Result<(), CudaError> {
-    if capability != WGMMA_COMPUTE_CAPABILITY {
+    if capability != HOPPER_COMPUTE_CAPABILITY {
         let (major, minor) = capability;
         let value = usize::try_from(major * 10 + minor).unwrap_or(0);
         return Err(c.unsupported(
@@ -73,41 +55,15 @@ pub(super) fn hopper_only(
     Ok(())
 }
 
-/// The tile list of `moe_grouped`; 64 output columns per up block (the 128-row B operand holds 64
-/// rows of w1 and the same 64 rows of w3), 128 (rows of w2) per down block.
-const WGMMA: TilePair = TilePair {
-    up: (KernelFamily::MoeWgmmaUp, "moe_wgmma_up"),
-    down: (KernelFamily::MoeWgmmaDown, "moe_wgmma_down"),
-    bm: MOE_WGMMA_BM,
-    up_cols: MOE_WGMMA_BN / 2,
-    down_cols: MOE_WGMMA_BN,
-    threads: MOE_WGMMA_THREADS,
-};
-
-planned_launcher! {
-    /// The routed expert MLPs of a prefill batch on Hopper warpgroup MMA:
-    /// `act = silu(w1 x) * (w3 x)`, `out = weight * (w2 act)` per slot, the same buffers and results
-    /// as [`moe_grouped_gemm`] (`out` 16-byte aligned as well). Zero tokens launch nothing.
-    ///
-    /// Use it only after [`moe_wgmma_self_check`] returned [`HopperCheck::Passed`] on this device.
-    /// Any device whose compute capability is not 9.0 is refused with `KernelError::Unsupported`
-    /// (`what` = "compute capability") before anything is launched.
-    moe_wgmma_gemm(MoeScalars, MoeArgs) = plan, if require_hopper
-}
-
-fn plan(s: &MoeScalars, a: &MoeArgs<'_>) -> Planned<MoeParams, 2> {
-    plan_tile_pair(&Check::new(OP), &WGMMA, s, a)
-}
-
-/// What the self-check of a Hopper expert kernel ([`moe_wgmma_self_check`],
-/// [`moe_cutlass_self_check`](super::moe_cutlass_self_check)) found.
+/// What the self-check of a Hopper kernel ([`moe_cutlass_self_check`](super::moe_cutlass_self_check),
+/// [`linear_cutlass_self_check`](super::linear_cutlass_self_check)) found.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum HopperCheck {
     /// The device's compute capability is not 9.0 (or the build lacks the kernel): nothing was
     /// run, use [`moe_grouped_gemm`].
     NotHopper,
     /// The checked kernel agreed with [`moe_grouped_gemm`]: the larger of the relative L2
-    /// differences of `act` and `out` is `rel_l2` <= [`WGMMA_SELF_CHECK_BOUND`].
+    /// differences of `act` and `out` is `rel_l2` <= [`HOPPER_SELF_CHECK_BOUND`].
     Passed {
         /// The larger of the two relative L2 differences.
         rel_l2: f64,
@@ -145,7 +101,7 @@ pub(super) const SELF_CHECK_SEED: u64 = 0x5eed_0090;
 /// Hidden and inter of the bf16 self-check problem.
 const SELF_CHECK_DIMS: (u32, u32) = (264, 376);
 
-/// The random grouped MoE problem [`moe_wgmma_self_check`] runs, on the host.
+/// The random grouped MoE problem the self-checks run, on the host.
 #[derive(Debug, Clone)]
 pub(super) struct SelfCheckProblem {
     pub shape: MoeScalars,
@@ -256,7 +212,7 @@ pub(super) type MoeOp<'o> =
 /// Where an expert-MLP op leaves `act` (`[slots, inter]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActOrder {
-    /// Row s is slot s (`moe_grouped_gemm`, `moe_wgmma_gemm`).
+    /// Row s is slot s (`moe_grouped_gemm`).
     Slots,
     /// Row r is slot `sorted_slots[r]` (`moe_cutlass_gemm`).
     ExpertSorted,
@@ -296,7 +252,7 @@ fn run_op(
 ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
     let s = &problem.shape;
     let slots = (s.tokens * s.top_k) as usize;
-    let what = "the wgmma self-check outputs";
+    let what = "the self-check outputs";
     let mut act = arena.upload(&vec![bf16::NAN; slots * s.inter as usize], what)?;
     let mut out = arena.upload(&vec![f32::NAN; slots * s.hidden as usize], what)?;
     op(
@@ -335,7 +291,7 @@ struct SelfCheckInputs {
 
 impl SelfCheckInputs {
     fn upload(arena: &mut DeviceArena, p: &SelfCheckProblem) -> Result<Self, CudaError> {
-        let what = "the wgmma self-check inputs";
+        let what = "the self-check inputs";
         Ok(SelfCheckInputs {
             x: arena.upload(&p.x, what)?,
             w1: arena.upload(&p.w1, what)?,
@@ -348,27 +304,8 @@ impl SelfCheckInputs {
     }
 }
 
-/// Decides whether [`moe_wgmma_gemm`] can be used on this device: on compute capability 9.0 it runs
-/// [`moe_grouped_gemm`] and [`moe_wgmma_gemm`] on a fixed seeded problem (100 tokens top-2, 8 experts
-/// with uneven counts and one idle, hidden 264, inter 376; about 5 MB of device memory, allocated
-/// here and freed on return) and compares `act` and `out` by relative L2 difference against
-/// [`WGMMA_SELF_CHECK_BOUND`]. Other devices get [`HopperCheck::NotHopper`] without any device work.
-///
-/// Meant to run once when an engine is built, never per token: it synchronises the stream (the
-/// read-backs). An error is a driver failure (allocation, copy, launch); a fault inside a kernel is
-/// a sticky error of the whole context, which then comes back here as `Err` from the read-back.
-pub fn moe_wgmma_self_check(
-    kernels: &Kernels,
-    stream: &Arc<CudaStream>,
-) -> Result<HopperCheck, CudaError> {
-    if compute_capability(stream)? != WGMMA_COMPUTE_CAPABILITY {
-        return Ok(HopperCheck::NotHopper);
-    }
-    compare_with_grouped(kernels, stream, (&mut moe_wgmma_gemm, ActOrder::Slots))
-}
-
 /// Runs [`moe_grouped_gemm`] and `op` on the self-check problem (in an arena freed on return) and
-/// compares `act` and `out` by relative L2 difference against [`WGMMA_SELF_CHECK_BOUND`].
+/// compares `act` and `out` by relative L2 difference against [`HOPPER_SELF_CHECK_BOUND`].
 pub(super) fn compare_with_grouped(
     kernels: &Kernels,
     stream: &Arc<CudaStream>,
@@ -381,7 +318,7 @@ pub(super) fn compare_with_grouped(
     let (act_ref, out_ref) = run_op(kernels, stream, &mut arena, &problem, &inputs, reference)?;
     let (act, out) = run_op(kernels, stream, &mut arena, &problem, &inputs, op)?;
     let differences = [rel_l2(&act, &act_ref), rel_l2(&out, &out_ref)];
-    Ok(verdict(&differences, WGMMA_SELF_CHECK_BOUND))
+    Ok(verdict(&differences, HOPPER_SELF_CHECK_BOUND))
 }
 
 /// The shape of the self-check problem (what a checked op's scratch must hold).
@@ -393,10 +330,9 @@ pub(super) fn self_check_shape() -> MoeScalars {
 mod tests {
     use super::*;
     use crate::cuda::error::KernelError;
-    use crate::cuda::ops::moe_gemv::tests::{args, mixtral};
-    use crate::cuda::ops::moe_grouped::tests::{
-        mixtral_prefill_grids, refuses_bad_tile_lists, tile_list_properties,
-    };
+
+    /// The op name the capability tests refuse for.
+    const OP: &str = "moe_cutlass_gemm";
 
     fn unsupported(result: Result<impl std::fmt::Debug, CudaError>, name: &str) {
         match result {
@@ -409,41 +345,17 @@ mod tests {
     }
 
     #[test]
-    fn moe_wgmma_prefill_grids() {
-        mixtral_prefill_grids(plan, "moe_wgmma_up", "moe_wgmma_down");
-        let s = mixtral(512);
-        let (_, [up, _]) = plan(&s, &args(&s, "", "")).unwrap().unwrap();
-        assert_eq!(
-            crate::cuda::params::KERNEL_VARIANTS[up.variant].module,
-            "moe_wgmma"
-        );
-        assert_eq!(up.symbol(), "moe_wgmma_up");
-    }
-
-    #[test]
-    fn moe_wgmma_refuses_bad_shapes() {
-        refuses_bad_tile_lists(OP, plan);
-    }
-
-    #[test]
-    fn moe_wgmma_tile_list_properties() {
-        tile_list_properties(plan);
-    }
-
-    #[test]
     fn only_compute_capability_9_0_is_accepted() {
         let c = Check::new(OP);
-        assert!(hopper_only(&c, "wgmma", (9, 0)).is_ok());
+        assert!(hopper_only(&c, "CUTLASS", (9, 0)).is_ok());
         for capability in [(8, 0), (8, 6), (8, 9), (9, 1), (10, 0), (12, 0)] {
-            unsupported(hopper_only(&c, "wgmma", capability), "compute capability");
+            unsupported(hopper_only(&c, "CUTLASS", capability), "compute capability");
         }
     }
 
     #[test]
     fn self_check_problem_has_uneven_counts_an_idle_expert_and_tails() {
         let p = self_check_problem(SELF_CHECK_SEED, SELF_CHECK_DIMS);
-        // Shapes the planner accepts, with tails in every dimension a block tiles.
-        assert!(plan(&p.shape, &args(&p.shape, "", "")).unwrap().is_some());
         let [tokens, hidden, inter, experts] = [
             p.shape.tokens,
             p.shape.hidden,
@@ -453,8 +365,9 @@ mod tests {
         .map(|v| v as usize);
         assert_ne!(hidden % 32, 0);
         assert_ne!(inter % 32, 0);
-        assert_ne!(inter % (MOE_WGMMA_BN as usize / 2), 0);
-        assert_ne!(hidden % MOE_WGMMA_BN as usize, 0);
+        // Tails in every dimension a block tiles: k stages of 32, output blocks of 64 and 128.
+        assert_ne!(inter % 64, 0);
+        assert_ne!(hidden % 128, 0);
         let slots = tokens * p.shape.top_k as usize;
         assert_eq!(p.x.len(), tokens * hidden);
         assert_eq!(p.w1.len(), experts * inter * hidden);
@@ -519,21 +432,21 @@ mod tests {
         assert_eq!(rel_l2(&reference, &[0.0; 4]), f64::INFINITY);
         assert_eq!(rel_l2(&reference[..3], &reference), f64::INFINITY);
         assert_eq!(
-            verdict(&[1e-3, 2e-3], WGMMA_SELF_CHECK_BOUND),
+            verdict(&[1e-3, 2e-3], HOPPER_SELF_CHECK_BOUND),
             HopperCheck::Passed { rel_l2: 2e-3 }
         );
         assert_eq!(
-            verdict(&[1e-3, 0.5], WGMMA_SELF_CHECK_BOUND),
+            verdict(&[1e-3, 0.5], HOPPER_SELF_CHECK_BOUND),
             HopperCheck::Failed { rel_l2: 0.5 }
         );
         assert_eq!(
-            verdict(&[f64::NAN, 0.0], WGMMA_SELF_CHECK_BOUND),
+            verdict(&[f64::NAN, 0.0], HOPPER_SELF_CHECK_BOUND),
             HopperCheck::Failed {
                 rel_l2: f64::INFINITY
             }
         );
         assert_eq!(
-            verdict(&[f64::INFINITY, 0.0], WGMMA_SELF_CHECK_BOUND),
+            verdict(&[f64::INFINITY, 0.0], HOPPER_SELF_CHECK_BOUND),
             HopperCheck::Failed {
                 rel_l2: f64::INFINITY
             }
@@ -549,7 +462,7 @@ mod tests {
         assert_eq!(fail.and(pass), fail);
         assert_eq!(HopperCheck::NotHopper.and(pass), HopperCheck::NotHopper);
         assert_eq!(pass.and(HopperCheck::NotHopper), HopperCheck::NotHopper);
-        assert!(verdict(&[0.0, 0.0], WGMMA_SELF_CHECK_BOUND).passed());
+        assert!(verdict(&[0.0, 0.0], HOPPER_SELF_CHECK_BOUND).passed());
         assert!(!HopperCheck::NotHopper.passed());
     }
 }
