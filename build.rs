@@ -216,9 +216,11 @@ fn build_emulator(csrc: &Path, sources: &[PathBuf]) -> Result<(), String> {
 }
 
 /// The emulated CUDA device of feature `testing` (`csrc/emulator/driver.cpp`): the driver API calls
-/// the engine makes, over the kernel emulator, as `OUT_DIR/emulated-cuda/libcuda.so` (the emulator's
-/// own symbols kept inside it). `scripts/emulated-gpu` puts that folder first on the loader's path,
-/// so that cudarc loads it instead of a driver and `tests/gpu_engine.rs` runs on the CPU.
+/// the engine makes, over the kernel emulator, and the NCCL calls of the sharded engine
+/// (`csrc/emulator/nccl.cpp`), as `OUT_DIR/emulated-cuda/libcuda.so` (the emulator's own symbols
+/// kept inside it), also linked as `libnccl.so` there. `scripts/emulated-gpu` puts that folder
+/// first on the loader's path, so that cudarc loads it instead of a driver and NCCL, and
+/// `tests/gpu_engine.rs` and `tests/gpu_multi.rs` run on the CPU.
 fn build_emulated_driver(csrc: &Path, out_dir: &Path) -> Result<(), String> {
     let fail =
         |e: &dyn std::fmt::Display| format!("the emulated CUDA device (feature `testing`): {e}");
@@ -228,7 +230,8 @@ fn build_emulated_driver(csrc: &Path, out_dir: &Path) -> Result<(), String> {
         .std("c++17")
         .opt_level(2)
         .flag("-fvisibility=hidden")
-        .file(csrc.join("emulator/driver.cpp"));
+        .file(csrc.join("emulator/driver.cpp"))
+        .file(csrc.join("emulator/nccl.cpp"));
     let objects = build.try_compile_intermediates().map_err(|e| fail(&e))?;
     let folder = out_dir.join("emulated-cuda");
     std::fs::create_dir_all(&folder).map_err(|e| fail(&e))?;
@@ -253,7 +256,13 @@ fn build_emulated_driver(csrc: &Path, out_dir: &Path) -> Result<(), String> {
             library.display()
         )));
     }
-    Ok(())
+    // The name cudarc's NCCL looks for; the loader maps the one library once under both names.
+    let nccl = folder.join("libnccl.so");
+    match std::fs::remove_file(&nccl) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(&e)),
+        _ => {}
+    }
+    std::os::unix::fs::symlink("libcuda.so", &nccl).map_err(|e| fail(&e))
 }
 
 /// Compiles the CUTLASS shim (`csrc/cutlass/*.cu`: host code and sm_90a kernels) into objects, kept

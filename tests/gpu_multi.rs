@@ -7,7 +7,11 @@
 //!
 //! Only a machine with no CUDA driver or device skips (`tests/common/gpu.rs`); on a machine with
 //! one GPU the two-GPU test says it is not applicable (`scripts/gpu-check` runs the world of one,
-//! `scripts/multi-gpu-check` both); a missing NCCL on a machine with a GPU fails.
+//! `scripts/multi-gpu-check` both); a missing NCCL on a machine with a GPU fails. Without a GPU,
+//! `scripts/emulated-gpu --features nccl --test gpu_multi` runs every test on the CPU (CI does):
+//! two emulated GPUs and an emulated NCCL (`csrc/emulator/nccl.cpp`: the same collectives, summed
+//! in rank order), so the sharded engine's plan, uploads, collectives inside the decode graphs and
+//! rendezvous run there, but not NCCL's own transport or timing.
 //!
 //! Bounds, fixed before any run:
 //! - NCCL world of one rank, on one GPU: the rank runs the unsharded kernels on the same bf16

@@ -5,8 +5,9 @@
 //
 // It implements the calls cudarc and this crate make, and only those (a call it lacks is cudarc's
 // "Missing symbol" panic, naming it):
-//   - one device, ordinal 0, compute capability 8.0 (the kernels' sm_80 code paths), 108
-//     multiprocessors, DEVICE_BYTES of memory; one context;
+//   - MIXTRAL_EMULATED_GPUS devices (1 when unset; at most MAX_DEVICES), each of compute capability 8.0
+//     (the kernels' sm_80 code paths), 108 multiprocessors and DEVICE_BYTES of memory, with one
+//     context each; the allocations a context makes count against its device;
 //   - device memory is host memory: a device pointer is the address of a 256-byte aligned host
 //     allocation, so the emulated kernels read and write it directly; allocation past DEVICE_BYTES is
 //     CUDA_ERROR_OUT_OF_MEMORY. Each allocation has a mapping of its own, its end against an
@@ -25,7 +26,9 @@
 //   - a kernel the emulator rejects (a trap, a barrier not every thread reaches, a symbol it does not
 //     emulate) makes the launch fail with CUDA_ERROR_LAUNCH_FAILED and the context sticky, as a fault on
 //     a GPU does; the emulator's message goes to stderr.
-// An access inside another allocation, or within an allocation's rounding, is not caught.
+// An access inside another allocation, or within an allocation's rounding, is not caught. A sticky error
+// stops every device, not only the one that faulted. The emulated NCCL (nccl.cpp) issues its
+// collectives through this file (device.h).
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -43,6 +46,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "device.h"
 #include "launch.h"
 
 #define MX_EXPORT extern "C" __attribute__((visibility("default")))
@@ -51,7 +55,9 @@ typedef int CUresult;
 typedef int CUdevice;
 typedef unsigned long long CUdeviceptr;
 
-struct MxContext {};
+struct MxContext {
+    int device;
+};
 struct MxModule {};
 struct MxFunction {
     std::string symbol;
@@ -99,6 +105,7 @@ enum : int {
 namespace {
 
 constexpr size_t DEVICE_BYTES = size_t(8) << 30;
+constexpr int MAX_DEVICES = 8;
 constexpr size_t ALIGNMENT = 256;
 constexpr int MULTIPROCESSORS = 108;
 
@@ -111,6 +118,7 @@ size_t round_up(size_t value, size_t to) { return (value + to - 1) / to * to; }
 struct Allocation {
     char* mapping;
     size_t bytes;
+    int device;
 };
 
 size_t page_bytes() { return (size_t)sysconf(_SC_PAGESIZE); }
@@ -119,7 +127,7 @@ size_t mapping_bytes(size_t bytes) { return round_up(bytes, page_bytes()) + 2 * 
 
 std::mutex lock;
 std::map<uintptr_t, Allocation> allocations;  // by the buffer's address
-size_t allocated = 0;
+size_t allocated[MAX_DEVICES] = {};          // bytes, by device
 // What runs on the device on this thread (a kernel, a copy or a memset), and where a fault in it
 // returns to (see guarded).
 thread_local const char* running = nullptr;
@@ -160,8 +168,21 @@ void install_fault_report() {
 
 thread_local uint64_t launches = 0;  // this thread's, so that its order of launches is its own
 std::atomic<CUresult> sticky{SUCCESS};
-MxContext the_context;
+MxContext contexts[MAX_DEVICES] = {{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}};
 thread_local CUcontext current = nullptr;
+
+// The number of devices: MIXTRAL_EMULATED_GPUS, 1 when unset or not a number from 1 to MAX_DEVICES.
+int device_count() {
+    static const int count = [] {
+        const char* text = getenv("MIXTRAL_EMULATED_GPUS");
+        const int n = text != nullptr ? atoi(text) : 1;
+        return n >= 1 && n <= MAX_DEVICES ? n : 1;
+    }();
+    return count;
+}
+
+// The device of the current context (device 0 without one).
+int current_device() { return current != nullptr ? current->device : 0; }
 
 // Runs `work` now, or records it when `stream` is capturing.
 CUresult issue(CUstream stream, std::function<CUresult()> work) {
@@ -217,6 +238,17 @@ CUresult copy(void* to, const void* from, size_t bytes) {
 
 }  // namespace
 
+int mx_device_issue(MxStream* stream, std::function<int()> work) { return issue(stream, std::move(work)); }
+
+bool mx_device_owns(const void* address, size_t bytes) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(address);
+    std::lock_guard<std::mutex> guard(lock);
+    auto found = allocations.upper_bound(start);
+    if (found == allocations.begin()) return false;
+    --found;  // the allocation starting at or before `start`
+    return start - found->first <= found->second.bytes && bytes <= found->second.bytes - (start - found->first);
+}
+
 MX_EXPORT CUresult cuInit(unsigned) {
     install_fault_report();
     return SUCCESS;
@@ -228,13 +260,13 @@ MX_EXPORT CUresult cuDriverGetVersion(int* version) {
 }
 
 MX_EXPORT CUresult cuDeviceGetCount(int* count) {
-    *count = 1;
+    *count = device_count();
     return SUCCESS;
 }
 
 MX_EXPORT CUresult cuDeviceGet(CUdevice* device, int ordinal) {
-    if (ordinal != 0) return INVALID_DEVICE;
-    *device = 0;
+    if (ordinal < 0 || ordinal >= device_count()) return INVALID_DEVICE;
+    *device = ordinal;
     return SUCCESS;
 }
 
@@ -264,8 +296,9 @@ MX_EXPORT CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
     return SUCCESS;
 }
 
-MX_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* context, CUdevice) {
-    *context = &the_context;
+MX_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* context, CUdevice device) {
+    if (device < 0 || device >= device_count()) return INVALID_DEVICE;
+    *context = &contexts[device];
     return SUCCESS;
 }
 
@@ -309,7 +342,7 @@ MX_EXPORT CUresult cuGetErrorString(CUresult error, const char** text) {
 
 MX_EXPORT CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
     std::lock_guard<std::mutex> guard(lock);
-    *free = DEVICE_BYTES - allocated;
+    *free = DEVICE_BYTES - allocated[current_device()];
     *total = DEVICE_BYTES;
     return SUCCESS;
 }
@@ -317,8 +350,9 @@ MX_EXPORT CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
 MX_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* pointer, size_t bytes) {
     const size_t rounded = round_up(bytes == 0 ? 1 : bytes, ALIGNMENT);
     const size_t size = mapping_bytes(rounded), page = page_bytes();
+    const int device = current_device();
     std::lock_guard<std::mutex> guard(lock);
-    if (rounded > DEVICE_BYTES - allocated) return OUT_OF_MEMORY;
+    if (rounded > DEVICE_BYTES - allocated[device]) return OUT_OF_MEMORY;
     void* mapping = mmap(nullptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mapping == MAP_FAILED) return OUT_OF_MEMORY;
     char* first = static_cast<char*>(mapping) + page;
@@ -328,8 +362,8 @@ MX_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* pointer, size_t bytes) {
         return OUT_OF_MEMORY;
     }
     char* buffer = end - rounded;
-    allocations[reinterpret_cast<uintptr_t>(buffer)] = Allocation{static_cast<char*>(mapping), rounded};
-    allocated += rounded;
+    allocations[reinterpret_cast<uintptr_t>(buffer)] = Allocation{static_cast<char*>(mapping), rounded, device};
+    allocated[device] += rounded;
     *pointer = reinterpret_cast<CUdeviceptr>(buffer);
     return SUCCESS;
 }
@@ -338,7 +372,7 @@ MX_EXPORT CUresult cuMemFree_v2(CUdeviceptr pointer) {
     std::lock_guard<std::mutex> guard(lock);
     auto found = allocations.find(static_cast<uintptr_t>(pointer));
     if (found == allocations.end()) return INVALID_VALUE;
-    allocated -= found->second.bytes;
+    allocated[found->second.device] -= found->second.bytes;
     munmap(found->second.mapping, mapping_bytes(found->second.bytes));
     allocations.erase(found);
     return SUCCESS;
