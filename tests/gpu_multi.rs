@@ -9,7 +9,7 @@
 //! one GPU the two-GPU test says it is not applicable (`scripts/gpu-check` runs the world of one,
 //! `scripts/multi-gpu-check` both); a missing NCCL on a machine with a GPU fails. Without a GPU,
 //! `scripts/emulated-gpu --features nccl --test gpu_multi` runs every test on the CPU (CI does):
-//! two emulated GPUs and an emulated NCCL (`csrc/emulator/nccl.cpp`: the same collectives, summed
+//! four emulated GPUs and an emulated NCCL (`csrc/emulator/nccl.cpp`: the same collectives, summed
 //! in rank order), so the sharded engine's plan, uploads, collectives inside the decode graphs and
 //! rendezvous run there, but not NCCL's own transport or timing.
 //!
@@ -189,14 +189,21 @@ fn teacher_forced(engine: &mut dyn Engine, prompt: &[u32], continuation: &[u32])
     rows
 }
 
+/// TP 2 and EP 2 on two GPUs, and TP 2 x EP 2 on four (its TP groups' own communicators), against
+/// one GPU: the greedy ids equal and every step within [`SHARDED_REL_L2`].
 #[test]
-fn tensor_and_expert_parallel_on_two_gpus_match_one_gpu() {
+fn tensor_and_expert_parallel_match_one_gpu() {
     let _lock = lock();
     let model = model();
     let ids = prompt(&model);
     let mut reference = None;
-    for layout in [Layout { tp: 2, ep: 1 }, Layout { tp: 1, ep: 2 }] {
-        let test = format!("two_gpus {layout}");
+    // TP 2 x EP 2 last: on fewer than 4 GPUs it is not applicable, which ends the test.
+    for layout in [
+        Layout { tp: 2, ep: 1 },
+        Layout { tp: 1, ep: 2 },
+        Layout { tp: 2, ep: 2 },
+    ] {
+        let test = format!("sharded {layout}");
         let Some(mut engine) = sharded(&model, layout, &test) else {
             return;
         };
@@ -281,6 +288,7 @@ fn ranks_joined_as_processes_match_the_unsharded_engine() {
         Layout::default(),
         Layout { tp: 2, ep: 1 },
         Layout { tp: 1, ep: 2 },
+        Layout { tp: 2, ep: 2 },
     ] {
         if layout.world() > gpus {
             eprintln!(
