@@ -30,7 +30,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use common::gpu::small_options;
 use common::numeric::{argmax, rel_l2};
-use common::repo::root;
+use common::repo::{binary, root};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::cuda::{CudaEngine, CudaEngineOptions, CudaError};
 use mixtral::quant::QuantFormat;
@@ -1185,7 +1185,7 @@ fn trained_model_on_a_gpu(test: &str) -> Option<PathBuf> {
 /// The events `mixtral-run --json` prints for 16 greedy tokens of the trained case's prompt on
 /// `device`.
 fn mixtral_run_events(dir: &Path, device: &str) -> Vec<Value> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mixtral-run"))
+    let out = std::process::Command::new(binary("mixtral-run", env!("CARGO_BIN_EXE_mixtral-run")))
         .arg("--model")
         .arg(dir)
         .args(["--prompt", TRAINED_PROMPT, "-n", "16", "--json"])
@@ -1211,14 +1211,17 @@ impl Server {
     /// Starts it over `model` on `device` and waits for its "listening on" line.
     fn start(model: &Path, device: &str) -> Server {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mixtral-serve"))
-            .arg("--model")
-            .arg(model)
-            .args(["--device", device, "--port", "0"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("starting mixtral-serve");
+        let mut child = std::process::Command::new(binary(
+            "mixtral-serve",
+            env!("CARGO_BIN_EXE_mixtral-serve"),
+        ))
+        .arg("--model")
+        .arg(model)
+        .args(["--device", device, "--port", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting mixtral-serve");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = std::io::BufReader::new(stderr).lines();
         let address = loop {

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use common::gpu::small_options;
 use common::numeric::{argmax, rel_l2};
-use common::repo::root;
+use common::repo::{binary, root};
 use mixtral::cuda::{CudaEngine, MultiGpuError, ShardedCudaEngine, ShardedCudaOptions};
 use mixtral::shard::Layout;
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
@@ -377,20 +377,21 @@ fn mixtral_run_tensor_and_expert_parallel_print_the_one_gpu_ids() {
     }
     let dir = root().join("models/mini-mixtral");
     let ids = |parallel: &[&str]| -> Vec<u64> {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mixtral-run"))
-            .arg("--model")
-            .arg(&dir)
-            .args([
-                "--prompt",
-                "The following example shows",
-                "-n",
-                "16",
-                "--json",
-            ])
-            .args(["--device", "cuda"])
-            .args(parallel)
-            .output()
-            .expect("running mixtral-run");
+        let out =
+            std::process::Command::new(binary("mixtral-run", env!("CARGO_BIN_EXE_mixtral-run")))
+                .arg("--model")
+                .arg(&dir)
+                .args([
+                    "--prompt",
+                    "The following example shows",
+                    "-n",
+                    "16",
+                    "--json",
+                ])
+                .args(["--device", "cuda"])
+                .args(parallel)
+                .output()
+                .expect("running mixtral-run");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{parallel:?}: {stderr}");
         String::from_utf8(out.stdout)

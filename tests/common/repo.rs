@@ -9,3 +9,12 @@ pub fn root() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
+
+/// The crate's binary `name` for a test to run: `$MIXTRAL_BIN_DIR/name` when that is set (test
+/// binaries carried to another machine with the crate's binaries beside them, as
+/// `scripts/gpu-check` does), else `built`, where cargo built it (`env!("CARGO_BIN_EXE_<name>")`).
+pub fn binary(name: &str, built: &str) -> PathBuf {
+    std::env::var_os("MIXTRAL_BIN_DIR")
+        .map(|dir| PathBuf::from(dir).join(name))
+        .unwrap_or_else(|| PathBuf::from(built))
+}
