@@ -1120,13 +1120,7 @@ fn mixtral_run_on_cuda_prints_the_cpu_greedy_ids() {
     let Some(dir) = trained_model_on_a_gpu("mixtral_run_on_cuda") else {
         return;
     };
-    let ids = |device: &str| -> Vec<u64> {
-        mixtral_run_events(&dir, device)
-            .iter()
-            .filter(|event| event["event"] == "token")
-            .map(|event| event["id"].as_u64().expect("a token id"))
-            .collect()
-    };
+    let ids = |device: &str| common::run::token_ids(&mixtral_run_events(&dir, device));
     let cpu = ids("cpu");
     assert_eq!(cpu.len(), 16, "the CPU's 16 greedy ids");
     assert_eq!(
@@ -1185,20 +1179,17 @@ fn trained_model_on_a_gpu(test: &str) -> Option<PathBuf> {
 /// The events `mixtral-run --json` prints for 16 greedy tokens of the trained case's prompt on
 /// `device`.
 fn mixtral_run_events(dir: &Path, device: &str) -> Vec<Value> {
-    let out = std::process::Command::new(binary("mixtral-run", env!("CARGO_BIN_EXE_mixtral-run")))
-        .arg("--model")
-        .arg(dir)
-        .args(["--prompt", TRAINED_PROMPT, "-n", "16", "--json"])
-        .args(["--device", device])
-        .output()
-        .expect("running mixtral-run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "--device {device}: {stderr}");
-    String::from_utf8(out.stdout)
-        .expect("UTF-8 output")
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a JSON line"))
-        .collect()
+    let dir = dir.to_str().expect("a UTF-8 path");
+    common::run::mixtral_run_events(&[
+        "--model",
+        dir,
+        "--prompt",
+        TRAINED_PROMPT,
+        "-n",
+        "16",
+        "--device",
+        device,
+    ])
 }
 
 /// `mixtral-serve` on a free port, killed when dropped.

@@ -33,7 +33,8 @@ use std::time::Duration;
 
 use common::gpu::small_options;
 use common::numeric::{argmax, rel_l2};
-use common::repo::{binary, root};
+use common::repo::root;
+use common::run::{mixtral_run_events, token_ids};
 use mixtral::cuda::{CudaEngine, MultiGpuError, ShardedCudaEngine, ShardedCudaOptions};
 use mixtral::shard::Layout;
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
@@ -377,30 +378,11 @@ fn mixtral_run_tensor_and_expert_parallel_print_the_one_gpu_ids() {
     }
     let dir = root().join("models/mini-mixtral");
     let ids = |parallel: &[&str]| -> Vec<u64> {
-        let out =
-            std::process::Command::new(binary("mixtral-run", env!("CARGO_BIN_EXE_mixtral-run")))
-                .arg("--model")
-                .arg(&dir)
-                .args([
-                    "--prompt",
-                    "The following example shows",
-                    "-n",
-                    "16",
-                    "--json",
-                ])
-                .args(["--device", "cuda"])
-                .args(parallel)
-                .output()
-                .expect("running mixtral-run");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{parallel:?}: {stderr}");
-        String::from_utf8(out.stdout)
-            .expect("UTF-8 output")
-            .lines()
-            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("a JSON line"))
-            .filter(|event| event["event"] == "token")
-            .map(|event| event["id"].as_u64().expect("a token id"))
-            .collect()
+        let mut args = vec!["--model", dir.to_str().expect("a UTF-8 path")];
+        args.extend(["--prompt", "The following example shows", "-n", "16"]);
+        args.extend(["--device", "cuda"]);
+        args.extend(parallel);
+        token_ids(&mixtral_run_events(&args))
     };
     let one = ids(&[]);
     assert_eq!(one.len(), 16, "16 greedy ids on one GPU");

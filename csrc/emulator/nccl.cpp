@@ -340,19 +340,32 @@ MX_EXPORT ncclResult_t ncclCommAbort(ncclComm* comm) {
 
 MX_EXPORT ncclResult_t ncclCommDestroy(ncclComm* comm) { return ncclCommAbort(comm); }
 
+namespace {
+
+// Issues this rank's part (`send`, `recv`) of a round of `comm`'s world on `stream`, like a kernel;
+// `compute` makes the round's result from every rank's part.
+template <class Compute>
+ncclResult_t issue_round(const char* call, const ncclComm* comm, MxStream* stream, const void* send, void* recv,
+                         Compute compute) {
+    std::shared_ptr<World> world = comm->world;
+    const int rank = comm->rank;
+    return issue(call, stream, [=] {
+        Part part;
+        part.send = send;
+        part.recv = recv;
+        return round(*world, rank, part, compute);
+    });
+}
+
+}  // namespace
+
 MX_EXPORT ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, ncclComm* comm,
                                      MxStream* stream) {
     if (comm == nullptr || element_bytes(type) == 0 || op != ncclSum) {
         return fail(ncclInvalidArgument, "ncclAllReduce: the emulation sums f32 or bf16 over a communicator");
     }
-    std::shared_ptr<World> world = comm->world;
-    const int rank = comm->rank;
-    return issue("ncclAllReduce", stream, [=] {
-        Part part;
-        part.send = send;
-        part.recv = recv;
-        return round(*world, rank, part, [&](std::vector<Part>& parts) { return all_reduce(parts, count, type); });
-    });
+    return issue_round("ncclAllReduce", comm, stream, send, recv,
+                       [=](std::vector<Part>& parts) { return all_reduce(parts, count, type); });
 }
 
 MX_EXPORT ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, int type, ncclComm* comm,
@@ -360,14 +373,8 @@ MX_EXPORT ncclResult_t ncclAllGather(const void* send, void* recv, size_t count,
     if (comm == nullptr || element_bytes(type) == 0) {
         return fail(ncclInvalidArgument, "ncclAllGather: the emulation gathers f32 or bf16 over a communicator");
     }
-    std::shared_ptr<World> world = comm->world;
-    const int rank = comm->rank;
-    return issue("ncclAllGather", stream, [=] {
-        Part part;
-        part.send = send;
-        part.recv = recv;
-        return round(*world, rank, part, [&](std::vector<Part>& parts) { return all_gather(parts, count, type); });
-    });
+    return issue_round("ncclAllGather", comm, stream, send, recv,
+                       [=](std::vector<Part>& parts) { return all_gather(parts, count, type); });
 }
 
 MX_EXPORT ncclResult_t ncclGroupStart() { return ncclSuccess; }

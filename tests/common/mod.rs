@@ -1,7 +1,7 @@
 //! Helpers shared by several integration tests, in one place: where the repository is
 //! ([`repo`]), seeded random values, bf16 rounding and the relative L2 error ([`numeric`]), the CPU
 //! reference of the expert slots the MoE kernels write ([`moe`]), and, with `--features cuda`, the
-//! one rule deciding when a GPU test may skip ([`gpu`]).
+//! one rule deciding when a GPU test may skip ([`gpu`]), and running `mixtral-run` ([`run`]).
 //!
 //! A test file at `tests/x.rs` includes it with `mod common;`; the kernel tests' folder with
 //! `#[path = "../common/mod.rs"] mod shared;`. Each test binary uses part of it.
@@ -12,3 +12,4 @@ pub mod gpu;
 pub mod moe;
 pub mod numeric;
 pub mod repo;
+pub mod run;

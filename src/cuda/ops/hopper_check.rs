@@ -123,8 +123,9 @@ pub(super) fn random_bf16(rng: &mut Rng, len: usize, scale: f64) -> Vec<bf16> {
 
 /// 100 tokens top-2 over 8 experts, hidden and inter from `(hidden, inter)`: [`SELF_CHECK_DIMS`]
 /// (264 and 376) are multiples of 8 but not of the 32-wide k stage nor of the 64 / 128 output
-/// columns of a block, so K tails and partial column blocks are crossed in both kernels. The router logits are random plus a per-expert bias: expert 0
-/// never wins (an idle expert), expert 7 is in almost every token's top-2 (several 64-slot tiles, the
+/// columns of a block, so K tails and partial column blocks are crossed in the checked kernel and
+/// in [`moe_grouped_gemm`]. The router logits are random plus a per-expert bias: expert 0 never
+/// wins (an idle expert), expert 7 is in almost every token's top-2 (several 64-slot tiles, the
 /// last one partial), the others share the rest unevenly. The grouping is the CPU router's.
 pub(super) fn self_check_problem(seed: u64, (hidden, inter): (u32, u32)) -> SelfCheckProblem {
     let shape = MoeScalars {

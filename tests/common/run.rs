@@ -1,0 +1,33 @@
+//! Running the crate's `mixtral-run` binary (the one [`binary`](super::repo::binary) finds).
+
+use std::ffi::OsStr;
+
+use serde_json::Value;
+
+use super::repo::binary;
+
+/// The JSON lines `mixtral-run ARGS --json` prints; fails the test (with its stderr) when it does
+/// not exit successfully.
+pub fn mixtral_run_events<S: AsRef<OsStr>>(args: &[S]) -> Vec<Value> {
+    let out = std::process::Command::new(binary("mixtral-run", env!("CARGO_BIN_EXE_mixtral-run")))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("running mixtral-run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "mixtral-run failed: {stderr}");
+    String::from_utf8(out.stdout)
+        .expect("UTF-8 output")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+/// The ids of the `token` events among `events`.
+pub fn token_ids(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|event| event["event"] == "token")
+        .map(|event| event["id"].as_u64().expect("a token id"))
+        .collect()
+}
