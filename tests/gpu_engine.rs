@@ -762,15 +762,32 @@ fn greedy_matches_the_cpu_on_the_trained_model(quant: Option<QuantFormat>) {
             assert_eq!(packed, 5 * model.config.num_layers, "{what}: stacks packed");
         }
         let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, TRAINED_STEPS);
-        for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
-            let err = rel_l2(g, c);
-            eprintln!("{what}: step {i}: logits rel L2 {err:.2e}");
-            assert!(
-                err <= TRAINED_LOGITS_REL_L2,
-                "{what}: step {i}: rel L2 {err:e} > {TRAINED_LOGITS_REL_L2:e}"
-            );
+        assert_within_trained_bound(&what, &gpu_logits, &cpu_logits, Some((&gpu_ids, &cpu_ids)));
+    }
+}
+
+/// Each step's GPU logits within [`TRAINED_LOGITS_REL_L2`] of the CPU's (printed), as many steps
+/// as the CPU's; with `ids` (GPU, CPU), each step's token the same too, checked after its logits.
+fn assert_within_trained_bound(
+    what: &str,
+    gpu: &[Vec<f32>],
+    cpu: &[Vec<f32>],
+    ids: Option<(&[u32], &[u32])>,
+) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: steps");
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        let err = rel_l2(g, c);
+        eprintln!("{what}: step {i}: logits rel L2 {err:.2e}");
+        assert!(
+            err <= TRAINED_LOGITS_REL_L2,
+            "{what}: step {i}: rel L2 {err:e} > {TRAINED_LOGITS_REL_L2:e}"
+        );
+        if let Some((gpu_ids, cpu_ids)) = ids {
             assert_eq!(gpu_ids[i], cpu_ids[i], "{what}: step {i}: GPU vs CPU token");
         }
+    }
+    if let Some((gpu_ids, cpu_ids)) = ids {
+        assert_eq!(gpu_ids.len(), cpu_ids.len(), "{what}: tokens");
     }
 }
 
@@ -851,14 +868,7 @@ fn cutlass_expert_kernels_pass_their_self_check_and_match_the_cpu() {
     let prompt: Vec<u32> = (0..100u32).map(|i| (i * 131 + 7) % 32000).collect();
     let (cpu_ids, cpu_logits) = greedy(&mut cpu_engine(&model), &prompt, 4);
     let (gpu_ids, gpu_logits) = greedy(&mut gpu, &prompt, 4);
-    for (i, (g, c)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
-        let err = rel_l2(g, c);
-        assert!(
-            err <= TRAINED_LOGITS_REL_L2,
-            "{name} step {i}: rel L2 {err:e}"
-        );
-    }
-    assert_eq!(gpu_ids, cpu_ids, "{name}");
+    assert_within_trained_bound(&name, &gpu_logits, &cpu_logits, Some((&gpu_ids, &cpu_ids)));
 }
 
 /// A step that needs more KV blocks than are free is refused with a typed error before anything
@@ -1315,14 +1325,6 @@ fn decode_attention_on_tensor_cores_matches_the_cpu_in_the_engine() {
             return;
         };
         let gpu = teacher_forced(&mut gpu, prompt, continuation);
-        assert_eq!(gpu.len(), cpu.len());
-        for (step, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-            let err = rel_l2(g, c);
-            eprintln!("mma_decode {mma_decode}: step {step}: logits rel L2 {err:.2e}");
-            assert!(
-                err <= TRAINED_LOGITS_REL_L2,
-                "mma_decode {mma_decode}: step {step}: rel L2 {err:e} > {TRAINED_LOGITS_REL_L2:e}"
-            );
-        }
+        assert_within_trained_bound(&format!("mma_decode {mma_decode}"), &gpu, &cpu, None);
     }
 }

@@ -35,12 +35,8 @@ pub(super) fn compute_capability(stream: &CudaStream) -> Result<(i32, i32), Cuda
 }
 
 /// Refuses a compute capability other than 9.0 ([`HOPPER_COMPUTE_CAPABILITY`], the one the sm_90a
-/// `kernels` are built for).
-pub(super) fn hopper_only(
-    c: &Check,
-    kernels: &str,
-    capability: (i32, i32),
-) -> Result<(), CudaError> {
+/// CUTLASS kernels are built for).
+pub(super) fn hopper_only(c: &Check, capability: (i32, i32)) -> Result<(), CudaError> {
     if capability != HOPPER_COMPUTE_CAPABILITY {
         let (major, minor) = capability;
         let value = usize::try_from(major * 10 + minor).unwrap_or(0);
@@ -48,7 +44,7 @@ pub(super) fn hopper_only(
             "compute capability",
             value,
             format!(
-                "the {kernels} kernels run only on compute capability 9.0 (sm_90a), not {major}.{minor}"
+                "the CUTLASS kernels run only on compute capability 9.0 (sm_90a), not {major}.{minor}"
             ),
         ));
     }
@@ -348,9 +344,9 @@ mod tests {
     #[test]
     fn only_compute_capability_9_0_is_accepted() {
         let c = Check::new(OP);
-        assert!(hopper_only(&c, "CUTLASS", (9, 0)).is_ok());
+        assert!(hopper_only(&c, (9, 0)).is_ok());
         for capability in [(8, 0), (8, 6), (8, 9), (9, 1), (10, 0), (12, 0)] {
-            unsupported(hopper_only(&c, "CUTLASS", capability), "compute capability");
+            unsupported(hopper_only(&c, capability), "compute capability");
         }
     }
 

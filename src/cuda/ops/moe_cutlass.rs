@@ -328,7 +328,7 @@ pub(super) fn require_built_for(c: &Check, stream: &CudaStream) -> Result<(), Cu
              scripts/install-cuda-toolchain and rebuild)",
         ));
     }
-    hopper_only(c, "CUTLASS", compute_capability(stream)?)
+    hopper_only(c, compute_capability(stream)?)
 }
 
 /// The parameters of one bf16 launch: `s` within the scratch's shape, hidden and inter multiples of
