@@ -390,3 +390,108 @@ fn mixtral_run_tensor_and_expert_parallel_print_the_one_gpu_ids() {
         assert_eq!(ids(&parallel), one, "mixtral-run {parallel:?}");
     }
 }
+
+/// A rank whose peer stops taking part (a process that died or hangs, its communicator never
+/// aborted) fails its step with a timeout instead of waiting forever: two ranks opened as
+/// processes open them (`open_process_rank`, the NCCL world joined through a unique id), each in
+/// a thread; rank 1 builds (the warm-up's collectives need it), then stops. Rank 0's first step
+/// blocks in its first collective until its watchdog aborts its communicators after
+/// [`STUCK_TIMEOUT`]; the answer is a dead engine error saying so, and the next call fails at
+/// once. Without the watchdog the step never returns: the test then fails after [`HANG_GUARD`]
+/// instead of hanging.
+#[test]
+fn a_rank_whose_peer_stops_fails_with_a_timeout_instead_of_hanging() {
+    use mixtral::cuda::{nccl::NcclComm, open_process_rank, CudaError};
+    use std::sync::mpsc;
+    use std::time::Instant;
+    /// Each rank's timeout, which also bounds the build's warm-up: both ranks built in 1.0 s on
+    /// the emulated device (2-core VM), so 10 s leaves a slower machine room, and a GPU far more.
+    const STUCK_TIMEOUT: Duration = Duration::from_secs(10);
+    /// How long the test waits for rank 0's step before calling it hung (with the watchdog
+    /// disabled, it fails here, as checked by hand).
+    const HANG_GUARD: Duration = Duration::from_secs(120);
+    let _lock = lock();
+    let test = "stuck_peer";
+    let gpus = match cudarc::driver::CudaContext::device_count() {
+        Ok(n) => n as usize,
+        Err(_) => {
+            eprintln!("skipped {test}: no CUDA driver");
+            return;
+        }
+    };
+    if gpus < 2 {
+        eprintln!("not applicable {test}: needs 2 GPUs, the driver reports {gpus}");
+        return;
+    }
+    let model = model();
+    let id = NcclComm::unique_id().unwrap_or_else(|e| common::gpu::fail(test, "a unique id", &e));
+    fn open(
+        weights: &mixtral::weights::ModelWeights,
+        rank: usize,
+        id: &[u8],
+    ) -> Result<CudaEngine, MultiGpuError> {
+        let options = mixtral::cuda::CudaEngineOptions {
+            device: rank,
+            ..small_options()
+        };
+        // Both ranks see the same free memory, so each one's own KV block count is the world's.
+        let layout = Layout { tp: 2, ep: 1 };
+        open_process_rank(weights, layout, rank, id, &options, STUCK_TIMEOUT, Ok, None)
+    }
+    let (built_tx, built_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let peer = {
+        let (weights, id) = (std::sync::Arc::clone(&model.weights), id.clone());
+        std::thread::spawn(move || {
+            let engine = open(&weights, 1, &id);
+            built_tx.send(engine.is_ok()).expect("the test waits");
+            // Stopped: holds its engine (and communicators) without taking part until released.
+            let _ = release_rx.recv();
+            drop(engine);
+        })
+    };
+    let mut engine = open(&model.weights, 0, &id)
+        .unwrap_or_else(|e| common::gpu::fail(test, "opening rank 0", &e));
+    assert!(built_rx.recv().expect("rank 1 reports"), "rank 1 built");
+    let (done_tx, done_rx) = mpsc::channel();
+    let prompt = prompt(&model);
+    let start = Instant::now();
+    let stepping = std::thread::spawn(move || {
+        let seq = engine.new_sequence().expect("sequence");
+        let step = [SeqStep {
+            seq,
+            tokens: &prompt,
+            start_pos: 0,
+            logits: LogitsFor::Last,
+        }];
+        let first = engine.step(&step).map(|_| ());
+        let elapsed = start.elapsed();
+        let again = engine.step(&step).map(|_| ());
+        done_tx
+            .send((first, elapsed, again))
+            .expect("the test waits");
+        engine
+    });
+    let Ok((first, elapsed, again)) = done_rx.recv_timeout(HANG_GUARD) else {
+        panic!("rank 0's step still waits on its stopped peer after {HANG_GUARD:?}: a hang");
+    };
+    let error = first.expect_err("a step without its peer cannot succeed");
+    assert!(error.is_dead(), "the rank is dead after the abort: {error}");
+    let timed_out = match &error {
+        mixtral::EngineError::Backend { source, .. } => source.downcast_ref::<CudaError>(),
+        _ => None,
+    };
+    assert!(
+        matches!(timed_out, Some(CudaError::CollectiveTimeout { timeout }) if *timeout == STUCK_TIMEOUT),
+        "a collective timeout, not {error:?}"
+    );
+    assert!(
+        elapsed >= STUCK_TIMEOUT,
+        "the watchdog fired after {elapsed:?}, before the timeout"
+    );
+    let again = again.expect_err("a dead engine refuses the next step");
+    assert!(again.is_dead(), "{again}");
+    drop(stepping.join().expect("rank 0's thread"));
+    release_tx.send(()).expect("rank 1 waits");
+    peer.join().expect("rank 1's thread");
+}

@@ -66,6 +66,17 @@ pub enum CudaError {
     /// call).
     #[error("collective: {0}")]
     Collective(String),
+    /// A step of a sharded engine's rank (or its warm-up) still waited on its collectives after
+    /// the timeout: a peer rank died or hangs. The rank's communicators were aborted to end the
+    /// wait, so the engine is dead.
+    #[error(
+        "a collective waited more than {timeout:?} for the other ranks (one died or hangs); this \
+         rank's NCCL communicators were aborted"
+    )]
+    CollectiveTimeout {
+        /// The rank's timeout.
+        timeout: std::time::Duration,
+    },
     /// A kernel launch refused by the launch checks or by the driver (a fault of the engine's plan,
     /// never of the model or the input).
     #[error(transparent)]

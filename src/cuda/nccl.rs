@@ -17,7 +17,10 @@
 //! is capturing (NCCL 2.9 and later support capture).
 
 use std::any::TypeId;
+use std::cell::Cell;
 use std::ffi::CStr;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream};
@@ -85,6 +88,10 @@ pub enum NcclError {
     /// No rank or an empty device list.
     #[error("an NCCL communicator needs at least one rank")]
     NoRanks,
+    /// The communicator was aborted (a collective waited past its timeout, or the rank is
+    /// shutting down).
+    #[error("the NCCL communicator was aborted")]
+    Aborted,
 }
 
 impl From<NcclError> for CudaError {
@@ -154,27 +161,85 @@ fn data_type<T: 'static>(name: &'static str) -> Result<sys::ncclDataType_t, Nccl
     }
 }
 
-/// One rank's handle on an NCCL communicator. Aborted when dropped (nothing in flight survives
-/// it: drop it after the stream has finished, or to unblock ranks stuck on a dead peer).
+/// The raw communicator, aborted exactly once: by the first of [`CommHandle::abort`] (from any
+/// thread, to unblock a collective that waits on a dead peer) and the drop of the last holder.
 #[derive(Debug)]
-pub struct NcclComm {
-    comm: sys::ncclComm_t,
-    rank: usize,
-    size: usize,
+struct CommHandle(AtomicPtr<sys::ncclComm>);
+
+impl CommHandle {
+    /// The live handle, or [`NcclError::Aborted`].
+    fn live(&self) -> Result<sys::ncclComm_t, NcclError> {
+        let comm = self.0.load(Ordering::Acquire);
+        if comm.is_null() {
+            Err(NcclError::Aborted)
+        } else {
+            Ok(comm)
+        }
+    }
+
+    /// Aborts the communicator unless that was done before: its operations still in flight or
+    /// blocked in a call on another thread return (with an error); later calls fail.
+    fn abort(&self) {
+        let comm = self.0.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        if !comm.is_null() {
+            // SAFETY: the handle came from NCCL, and the swap hands it to one caller only.
+            // ncclCommAbort may run while another thread is blocked in a call on the same
+            // communicator: that is what it is for (a watchdog unblocking a hung collective).
+            let _ = unsafe { result::comm_abort(comm) };
+        }
+    }
 }
 
-// SAFETY: an NCCL communicator may be used from any thread, one call at a time; `NcclComm` is
-// used through `&self` only by its owner (the rank's thread), and `Sync` is not claimed.
-unsafe impl Send for NcclComm {}
-
-impl Drop for NcclComm {
+impl Drop for CommHandle {
     fn drop(&mut self) {
-        // SAFETY: the handle came from NCCL and is dropped once.
-        let _ = unsafe { result::comm_abort(self.comm) };
+        self.abort();
+    }
+}
+
+/// One rank's handle on an NCCL communicator. Aborted when dropped (nothing in flight survives
+/// it: drop it after the stream has finished, or to unblock ranks stuck on a dead peer), or
+/// earlier through an [`NcclAbort`] from another thread.
+///
+/// It may move between threads but is not `Sync`: NCCL takes one call at a time on a
+/// communicator. The one call made from elsewhere is the abort ([`NcclAbort`]), which NCCL allows
+/// while another thread is blocked in a call.
+#[derive(Debug)]
+pub struct NcclComm {
+    comm: Arc<CommHandle>,
+    rank: usize,
+    size: usize,
+    not_sync: PhantomData<Cell<()>>,
+}
+
+/// Aborts some communicators from any thread (see [`NcclComm::aborter`]).
+#[derive(Debug, Clone)]
+pub struct NcclAbort(Vec<Arc<CommHandle>>);
+
+impl NcclAbort {
+    /// Aborts every communicator not aborted yet: their collectives in flight return (with an
+    /// error) instead of waiting on a dead peer, and every later call on them fails.
+    pub fn abort(&self) {
+        for comm in &self.0 {
+            comm.abort();
+        }
     }
 }
 
 impl NcclComm {
+    fn new(comm: sys::ncclComm_t, rank: usize, size: usize) -> Self {
+        NcclComm {
+            comm: Arc::new(CommHandle(AtomicPtr::new(comm))),
+            rank,
+            size,
+            not_sync: PhantomData,
+        }
+    }
+
+    /// A handle that aborts this communicator from any thread.
+    pub fn aborter(&self) -> NcclAbort {
+        NcclAbort(vec![Arc::clone(&self.comm)])
+    }
+
     /// One communicator per device of `ordinals` (rank `i` on `ordinals[i]`), made by one
     /// process at once (`ncclCommInitAll`).
     pub fn init_all(ordinals: &[usize]) -> Result<Vec<NcclComm>, NcclError> {
@@ -193,7 +258,7 @@ impl NcclComm {
         Ok(comms
             .into_iter()
             .enumerate()
-            .map(|(rank, comm)| NcclComm { comm, rank, size })
+            .map(|(rank, comm)| NcclComm::new(comm, rank, size))
             .collect())
     }
 
@@ -227,17 +292,18 @@ impl NcclComm {
         // SAFETY: `comm` receives the handle; `id` is a unique id of `size` bytes.
         unsafe { result::comm_init_rank(&mut comm, size as i32, id, rank as i32) }
             .map_err(|e| call_error("ncclCommInitRank", e, None))?;
-        Ok(NcclComm { comm, rank, size })
+        Ok(NcclComm::new(comm, rank, size))
     }
 
     /// The sub-communicator of the ranks that pass the same `color`, ordered by `key`
     /// (`ncclCommSplit`; every rank of this communicator calls it).
     pub fn split(&self, color: usize, key: usize) -> Result<NcclComm, NcclError> {
+        let parent = self.comm.live()?;
         let mut comm = std::ptr::null_mut();
-        // SAFETY: `self.comm` is live; a null config inherits this communicator's.
+        // SAFETY: `parent` is live; a null config inherits this communicator's.
         let r = unsafe {
             sys::ncclCommSplit(
-                self.comm,
+                parent,
                 color as i32,
                 key as i32,
                 &mut comm,
@@ -245,7 +311,7 @@ impl NcclComm {
             )
         };
         r.result()
-            .map_err(|e| call_error("ncclCommSplit", e, Some(self.comm)))?;
+            .map_err(|e| call_error("ncclCommSplit", e, Some(parent)))?;
         let mut size = 0;
         // SAFETY: `comm` is the live handle just made.
         unsafe { sys::ncclCommCount(comm, &mut size) }
@@ -256,11 +322,7 @@ impl NcclComm {
         unsafe { sys::ncclCommUserRank(comm, &mut rank) }
             .result()
             .map_err(|e| call_error("ncclCommUserRank", e, Some(comm)))?;
-        Ok(NcclComm {
-            comm,
-            rank: rank as usize,
-            size: size as usize,
-        })
+        Ok(NcclComm::new(comm, rank as usize, size as usize))
     }
 
     /// This rank's index.
@@ -286,17 +348,18 @@ impl NcclComm {
         stream: &CudaStream,
     ) -> Result<(), NcclError> {
         let ptr = buf as *mut std::ffi::c_void;
+        let comm = self.comm.live()?;
         result::all_reduce(
             ptr,
             ptr,
             count,
             dtype,
             sys::ncclRedOp_t::ncclSum,
-            self.comm,
+            comm,
             stream.cu_stream() as _,
         )
         .map(|_| ())
-        .map_err(|e| call_error("ncclAllReduce", e, Some(self.comm)))
+        .map_err(|e| call_error("ncclAllReduce", e, Some(comm)))
     }
 
     /// Enqueues the gather of `count` elements at `part` from every rank into `out`
@@ -312,16 +375,17 @@ impl NcclComm {
         count: usize,
         stream: &CudaStream,
     ) -> Result<(), NcclError> {
+        let comm = self.comm.live()?;
         result::all_gather(
             part as *const std::ffi::c_void,
             out as *mut std::ffi::c_void,
             count,
             dtype,
-            self.comm,
+            comm,
             stream.cu_stream() as _,
         )
         .map(|_| ())
-        .map_err(|e| call_error("ncclAllGather", e, Some(self.comm)))
+        .map_err(|e| call_error("ncclAllGather", e, Some(comm)))
     }
 
     /// Sums `buf` over the communicator, in place, on `stream`.
@@ -451,6 +515,15 @@ impl NcclGroups {
 }
 
 impl DeviceCollectives for NcclGroups {
+    /// Aborts the world's communicator and the TP group's own.
+    fn aborter(&self) -> Box<dyn Fn() + Send> {
+        let mut comms = self.world.aborter();
+        if let TpComm::Own(tp) = &self.tp {
+            comms.0.extend(tp.aborter().0);
+        }
+        Box::new(move || comms.abort())
+    }
+
     fn size(&self, group: Group) -> usize {
         self.comm(group).map_or(1, NcclComm::size)
     }
@@ -492,7 +565,8 @@ impl DeviceCollectives for NcclGroups {
             // SAFETY: bounds checked above; both live views, issued on their stream.
             return Ok(unsafe { c.all_gather_raw(dtype, from, to, width, stream) }?);
         }
-        result::group_start().map_err(|e| call_error("ncclGroupStart", e, Some(c.comm)))?;
+        let comm = c.comm.live()?;
+        result::group_start().map_err(|e| call_error("ncclGroupStart", e, Some(comm)))?;
         let mut issued = Ok(());
         for r in 0..rows {
             let (p, o) = ((r * part.stride() * 4) as u64, (r * line * 4) as u64);
@@ -503,7 +577,7 @@ impl DeviceCollectives for NcclGroups {
             }
         }
         // The group must be closed whatever happened inside it.
-        let ended = result::group_end().map_err(|e| call_error("ncclGroupEnd", e, Some(c.comm)));
+        let ended = result::group_end().map_err(|e| call_error("ncclGroupEnd", e, Some(comm)));
         issued?;
         ended?;
         Ok(())

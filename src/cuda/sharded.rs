@@ -13,7 +13,9 @@
 //! that answer differently make the engine dead. The logits are gathered on every rank, so every
 //! rank draws the same tokens; rank 0's samplers are handed back. A rank that does not answer
 //! within the timeout (a GPU stuck in a collective) or whose thread ends makes the engine dead
-//! with an error naming it; no call waits longer than the timeout.
+//! with an error naming it; no call waits longer than the timeout. A rank stuck in a collective
+//! is also freed by its own watchdog, which aborts its communicators after the same timeout
+//! ([`CudaError::CollectiveTimeout`]).
 
 use std::time::Duration;
 
@@ -242,6 +244,7 @@ impl ShardedCudaEngine {
                     world: world_comms.next().expect("one world communicator per rank"),
                     tp: tp_comms.next().expect("one TP communicator per rank"),
                 }),
+                timeout: options.timeout,
             };
             let mut opts = rank_options.clone();
             opts.device = ordinals[shard.rank];
@@ -351,13 +354,21 @@ fn rank_kv_blocks(
 /// rendezvous) and, with both tensor and expert parallelism, split into TP groups. Every rank
 /// calls this at about the same time (joining waits for all). Unless set, the KV block count is
 /// the least every rank can hold: `agree_min` takes this rank's and returns the world's (the
-/// rendezvous's [`crate::shard::rendezvous::Session::agree_min`]).
+/// rendezvous's [`crate::shard::rendezvous::Session::agree_min`], which waits at most its own
+/// timeout). It is called either way, so it is also the barrier before NCCL's join, which would
+/// wait forever for a rank that failed to load its shard.
+///
+/// Each step (and the warm-up) may wait `timeout` on the other ranks: past it, the rank aborts
+/// its communicators and the engine is dead with [`CudaError::CollectiveTimeout`], so a dead or
+/// hung peer is an error, never a hang.
+#[allow(clippy::too_many_arguments)]
 pub fn open_process_rank(
     weights: &ModelWeights,
     layout: Layout,
     rank: usize,
     nccl_id: &[u8],
     options: &CudaEngineOptions,
+    timeout: Duration,
     agree_min: impl FnOnce(usize) -> Result<usize, String>,
     progress: Option<&dyn Fn(LoadProgress)>,
 ) -> Result<CudaEngine, MultiGpuError> {
@@ -379,12 +390,15 @@ pub fn open_process_rank(
     let mut log = ReadLog::default();
     let rank_weights = RankWeights::new(weights, shard, &mut log)?;
     let mut options = options.clone();
-    if options.engine.kv_blocks.is_none() {
-        let formats = rank_formats(config, Some(&rank_weights));
-        let mine = rank_kv_blocks(config, shard, &formats, ordinal, &options)?;
-        let agreed = agree_min(mine).map_err(|reason| MultiGpuError::Worker { rank, reason })?;
-        options.engine.kv_blocks = Some(agreed.max(1));
-    }
+    let mine = match options.engine.kv_blocks {
+        Some(blocks) => blocks,
+        None => {
+            let formats = rank_formats(config, Some(&rank_weights));
+            rank_kv_blocks(config, shard, &formats, ordinal, &options)?
+        }
+    };
+    let agreed = agree_min(mine).map_err(|reason| MultiGpuError::Worker { rank, reason })?;
+    options.engine.kv_blocks = Some(agreed.max(1));
     let ctx = CudaContext::new(ordinal)
         .map_err(|e| failed(CudaError::driver(format!("opening device {ordinal}"))(e)))?;
     let world = NcclComm::join(nccl_id, rank, layout.world(), &ctx)?;
@@ -398,6 +412,7 @@ pub fn open_process_rank(
     let setup = RankSetup {
         shard: shard.clone(),
         comms: Box::new(NcclGroups { world, tp }),
+        timeout,
     };
     let source = WeightSource::Shard {
         weights: &rank_weights,

@@ -8,8 +8,10 @@
 //! deterministic (the paged KV cache) stay identical, so calls that only read state are answered
 //! by rank 0 alone. Rank 0's answer is returned. A refusal every rank makes (a bad request)
 //! leaves the group usable; a rank that answers differently, fails alone, or does not answer
-//! within the timeout makes the leader dead: every later call fails with the first failure, and
-//! no call waits longer than the timeout. Sampled ids are rank 0's; every rank draws with a copy
+//! within the timeout makes the leader dead: every later call fails with the first failure. A call
+//! waits at most the timeout for the others' answers after rank 0's own part, which a GPU rank
+//! bounds by the same timeout (its watchdog aborts a collective stuck on a dead peer), so no call
+//! waits more than twice the timeout, and a dead peer is seen after about one. Sampled ids are rank 0's; every rank draws with a copy
 //! of rank 0's samplers, so the device sampling paths run alike.
 //!
 //! Protocol: one JSON text line per message on the session's connections: `OPTIONS <json>`

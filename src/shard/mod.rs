@@ -17,7 +17,9 @@
 //! - [`tcp_ranks`]: the [`Collective`] of CPU ranks in separate processes, over TCP through rank 0;
 //! - [`lockstep`]: rank 0's [`lockstep::Leader`] engine and the other ranks' [`lockstep::follow`],
 //!   which keep the processes' engines in step;
-//! - [`world`]: joining a world of processes and opening this process's rank ([`world::join`]).
+//! - [`world`]: joining a world of processes and opening this process's rank ([`world::join`]);
+//! - `watchdog`: the deadline of a GPU rank's step, which aborts its NCCL communicators when a
+//!   collective waits too long on a dead or stuck peer.
 //!
 //! On GPUs (feature `nccl`): `mixtral::cuda::nccl::NcclRank` is the NCCL [`Collective`] over
 //! device memory, and `mixtral::cuda::ShardedCudaEngine` runs this plan with one CUDA engine per
@@ -38,6 +40,8 @@ pub mod replicas;
 pub mod tcp_ranks;
 #[cfg(test)]
 mod test_support;
+#[cfg(any(test, feature = "cuda"))]
+pub(crate) mod watchdog;
 pub mod weights;
 pub mod world;
 

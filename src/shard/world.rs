@@ -287,6 +287,7 @@ impl Joined {
                     rank,
                     &id,
                     &options.cuda(ordinal),
+                    self.dist.timeout,
                     agree,
                     progress,
                 )

@@ -25,6 +25,7 @@ pub mod upload;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use self::forward::{Attention, Pass};
 use self::graph::DecodeGraph;
@@ -53,6 +54,7 @@ use crate::engine::{
 use crate::kv::{BlockCopy, KvLimits, PagedKv, RELEASED};
 use crate::quant::Q8;
 use crate::sampling::{Rng, Sampler};
+use crate::shard::watchdog::Watchdog;
 use crate::shard::{RankShard, RankWeights};
 use crate::weights::ModelWeights;
 
@@ -158,8 +160,11 @@ pub struct MemoryUse {
     pub free_before: usize,
 }
 
-/// The CUDA engine. Fields drop in order: graphs before the memory they point into, the device last.
+/// The CUDA engine. Fields drop in order: a rank's watchdog first, graphs before the memory they
+/// point into, the device last.
 pub struct CudaEngine {
+    /// A sharded engine rank's deadline on each step (see [`CudaEngine::watched`]).
+    watchdog: Option<Watchdog>,
     graphs: Vec<DecodeGraph>,
     plan: Plan,
     weights: GpuWeights,
@@ -283,6 +288,9 @@ pub struct RankSetup {
     pub shard: RankShard,
     /// Its collectives (world and tensor-parallel group).
     pub comms: Box<dyn DeviceCollectives>,
+    /// How long one step (or the warm-up) may wait on the other ranks before the rank aborts its
+    /// communicators and fails with [`CudaError::CollectiveTimeout`].
+    pub timeout: Duration,
 }
 
 /// Where a [`CudaEngine`]'s weights come from.
@@ -459,7 +467,11 @@ impl CudaEngine {
             plan.mma_decode = options.mma_decode;
             plan.fast_sampling = options.fast_sampling;
             plan.multiprocessors = device.multiprocessors();
+            let mut watchdog = None;
             if let Some(r) = rank {
+                let dog = Watchdog::start("mixtral rank watchdog", r.timeout, r.comms.aborter())
+                    .map_err(|e| CudaError::Collective(format!("starting the watchdog: {e}")))?;
+                watchdog = Some(dog);
                 let rank_plan = rank::rank_plan(full, &r.shard, r.comms, max_tokens, &mut arena)?;
                 plan.rank = Some(rank_plan);
             }
@@ -510,6 +522,7 @@ impl CudaEngine {
                 kernels.enable_dependent_launches(&device);
             }
             let mut engine = CudaEngine {
+                watchdog,
                 graphs: Vec::new(),
                 plan,
                 weights: gpu_weights,
@@ -531,7 +544,7 @@ impl CudaEngine {
                 hopper_check: cutlass_check,
                 dead: None,
             };
-            engine.warm_up_and_capture(options.cuda_graphs)?;
+            engine.watched(|e| e.warm_up_and_capture(options.cuda_graphs))?;
             Ok(engine)
         }
     }
@@ -684,6 +697,28 @@ impl CudaEngine {
         }
     }
 
+    /// Runs `work` (device work that may issue collectives) under a sharded engine rank's
+    /// watchdog; unsharded, just runs it. When the work still waits on the other ranks after the
+    /// rank's timeout, the watchdog aborts the rank's communicators, which ends the wait, and the
+    /// answer is [`CudaError::CollectiveTimeout`] whatever the work returned.
+    fn watched<T>(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> Result<T, CudaError>,
+    ) -> Result<T, CudaError> {
+        let Some(dog) = self.watchdog.take() else {
+            return work(self);
+        };
+        dog.arm();
+        let result = work(self);
+        let expired = dog.disarm();
+        let timeout = dog.timeout();
+        self.watchdog = Some(dog);
+        if expired {
+            return Err(CudaError::CollectiveTimeout { timeout });
+        }
+        result
+    }
+
     /// Makes the engine's context current on the calling thread (the engine may move between
     /// threads; the raw copies below do not bind it themselves).
     fn bind(&mut self) -> Result<(), EngineError> {
@@ -722,51 +757,49 @@ impl CudaEngine {
             seq_rows.push(row);
         }
         let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens).copied().collect();
-        let result = self
-            .copy_blocks(&applied.copies)
-            .and_then(|()| {
-                self.sync_block_tables(&plan.entries.iter().map(|e| e.seq).collect::<Vec<_>>())
-            })
-            .and_then(|()| {
-                let buckets = self.graph_buckets();
-                let buckets = if buckets.is_empty() {
-                    decode_buckets(
-                        self.plan.sizes.max_decode_tokens,
-                        self.plan.sizes.max_tokens,
-                    )
-                } else {
-                    buckets
-                };
-                let schedule = schedule_step(
-                    &plan,
-                    &tokens,
-                    &seq_rows,
-                    &buckets,
-                    self.plan.sizes.max_tokens,
-                );
-                let mut out = match readback {
-                    Readback::Logits => Output::Logits(StepOutput {
-                        vocab: self.plan.dims.vocab,
-                        logits: Vec::with_capacity(schedule.rows.len() * self.plan.dims.vocab),
-                        rows: schedule.rows.clone(),
-                    }),
-                    Readback::Greedy => Output::Greedy(Vec::with_capacity(schedule.rows.len())),
-                };
-                let mut produced = 0;
-                for chunk in &schedule.chunks {
-                    let n = chunk.logit_rows.len();
-                    let part = samplers
-                        .as_deref_mut()
-                        .and_then(|all| all.get_mut(produced..produced + n));
-                    if let Some(row) = self.run_chunk(chunk, &mut out, part)? {
-                        return Ok(Err(EngineError::NonFiniteLogits {
-                            row: produced + row,
-                        }));
-                    }
-                    produced += n;
+        let seqs: Vec<SeqId> = plan.entries.iter().map(|e| e.seq).collect();
+        let result = self.watched(|engine| {
+            engine.copy_blocks(&applied.copies)?;
+            engine.sync_block_tables(&seqs)?;
+            let buckets = engine.graph_buckets();
+            let buckets = if buckets.is_empty() {
+                decode_buckets(
+                    engine.plan.sizes.max_decode_tokens,
+                    engine.plan.sizes.max_tokens,
+                )
+            } else {
+                buckets
+            };
+            let schedule = schedule_step(
+                &plan,
+                &tokens,
+                &seq_rows,
+                &buckets,
+                engine.plan.sizes.max_tokens,
+            );
+            let mut out = match readback {
+                Readback::Logits => Output::Logits(StepOutput {
+                    vocab: engine.plan.dims.vocab,
+                    logits: Vec::with_capacity(schedule.rows.len() * engine.plan.dims.vocab),
+                    rows: schedule.rows.clone(),
+                }),
+                Readback::Greedy => Output::Greedy(Vec::with_capacity(schedule.rows.len())),
+            };
+            let mut produced = 0;
+            for chunk in &schedule.chunks {
+                let n = chunk.logit_rows.len();
+                let part = samplers
+                    .as_deref_mut()
+                    .and_then(|all| all.get_mut(produced..produced + n));
+                if let Some(row) = engine.run_chunk(chunk, &mut out, part)? {
+                    return Ok(Err(EngineError::NonFiniteLogits {
+                        row: produced + row,
+                    }));
                 }
-                Ok(Ok(out))
-            });
+                produced += n;
+            }
+            Ok(Ok(out))
+        });
         match result {
             Ok(done) => done,
             Err(e) => Err(self.fail(e)),

@@ -43,6 +43,11 @@ pub enum Group {
 /// stream (and so captured into its decode graphs). Every rank of a group issues the same calls
 /// in the same order with buffers of the same length.
 pub trait DeviceCollectives: Send + std::fmt::Debug {
+    /// A function that aborts every communicator of the rank, from any thread: a collective
+    /// blocked on a dead or stuck peer then returns (with an error), and later ones fail. The
+    /// rank's watchdog calls it when a step waits past its timeout.
+    fn aborter(&self) -> Box<dyn Fn() + Send>;
+
     /// Ranks in `group`.
     fn size(&self, group: Group) -> usize;
 
