@@ -35,6 +35,8 @@ fn help_prints_the_usage() {
         "--served-model-name",
         "--max-num-seqs",
         "--max-num-batched-tokens",
+        "--tensor-parallel",
+        "--expert-parallel",
     ] {
         assert!(stdout.contains(flag), "{flag} missing from\n{stdout}");
     }
@@ -69,5 +71,20 @@ fn load_failures_exit_1() {
         ]);
         assert_eq!(out.status.code(), Some(1));
         assert!(one_error_line(&out).contains("cuda"));
+    }
+}
+
+/// A split the model's sizes do not divide is refused from config.json, before the weights are
+/// read or anything listens: tiny-mixtral has 2 KV heads and 8 experts.
+#[test]
+fn a_split_the_model_does_not_divide_exits_1_naming_the_size() {
+    for (flag, parts, needle) in [
+        ("--tensor-parallel", "4", "num_key_value_heads = 2"),
+        ("--expert-parallel", "3", "num_local_experts = 8"),
+    ] {
+        let out = run(&["--model", "models/tiny-mixtral", flag, parts, "--port", "0"]);
+        assert_eq!(out.status.code(), Some(1), "{flag} {parts}");
+        let line = one_error_line(&out);
+        assert!(line.contains(needle), "{flag} {parts}: {line}");
     }
 }

@@ -2,9 +2,12 @@
 //! `mixtral-serve --help`; a failure to start is one `error: ...` line on stderr, exit status 2 for
 //! command-line mistakes and 1 for everything else.
 
-use mixtral::engine::open_device;
+use mixtral::engine::{check_parallel_supported, open_device};
+use mixtral::quant::{declared_format, QuantFormat};
 use mixtral::server::args::{self, ServeArgs, ServeCommand, UsageError};
 use mixtral::server::{router, HandleBackend, ServedModel, ServerState};
+use mixtral::shard::{memory, rank_memory};
+use mixtral::ModelConfig;
 use mixtral::{LoadOptions, Model};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -62,6 +65,10 @@ fn main() -> ExitCode {
 /// caching) and serves until Ctrl-C or SIGTERM.
 fn serve(a: &ServeArgs) -> Result<(), String> {
     a.device.check_supported().map_err(|e| chain(&e))?;
+    check_parallel_supported(a.device, a.parallel).map_err(|e| chain(&e))?;
+    if let Some(plan) = split_plan(a)? {
+        eprintln!("mixtral-serve: {plan}");
+    }
     let started = Instant::now();
     let options = LoadOptions {
         progress: None,
@@ -125,6 +132,28 @@ fn serve(a: &ServeArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("server failed: {e}"))
     })
+}
+
+/// For a `--tensor-parallel` / `--expert-parallel` split, its per-rank memory plan (weights in the
+/// format they will have, KV cache for `--max-num-seqs` full contexts), from config.json before the
+/// weights are read; a split the model's sizes do not divide is refused here. `None` for one rank,
+/// or when config.json cannot be read (loading then says why).
+fn split_plan(a: &ServeArgs) -> Result<Option<String>, String> {
+    if !a.parallel.is_sharded() {
+        return Ok(None);
+    }
+    let config_path = a.model.join("config.json");
+    let Ok(config) = ModelConfig::from_file(&config_path) else {
+        return Ok(None);
+    };
+    let format = a
+        .quantize
+        .or_else(|| declared_format(&config_path))
+        .unwrap_or(QuantFormat::Bf16);
+    let context = a.max_context.unwrap_or(config.max_position_embeddings);
+    let plan =
+        rank_memory(&config, format, a.parallel, context, a.max_num_seqs).map_err(|e| chain(&e))?;
+    Ok(Some(memory::describe(&plan, a.parallel, format, context)))
 }
 
 /// Resolves on Ctrl-C or (on Unix) SIGTERM.

@@ -5,6 +5,7 @@
 use crate::engine::{Device, EngineOptions, OptInKernels};
 use crate::quant::QuantFormat;
 use crate::serve::SchedulerOptions;
+use crate::shard::Layout;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -16,6 +17,7 @@ usage:
     mixtral-serve --model DIR [--host 127.0.0.1] [--port 8000] [--device cpu|cuda|cuda:N]
                   [--cuda-kernels LIST] [--quantize fp8|int8|int4] [--served-model-name NAME] [--max-num-seqs N]
                   [--max-num-batched-tokens N] [--max-context N] [--kv-blocks N]
+                  [--tensor-parallel N] [--expert-parallel N]
     mixtral-serve --help | --version
 
 options:
@@ -36,6 +38,12 @@ options:
                                  full contexts; on CUDA at most what the free GPU memory holds).
                                  Freed blocks stay in the pool as the prefix cache, so on the CPU
                                  memory can grow to the whole pool
+    --tensor-parallel N          split the model over N ranks as mixtral-run --tensor-parallel does:
+                                 with --device cuda:F on GPUs F..F+N-1 of this process (a build with
+                                 the nccl feature), with --device cpu on N simulated ranks (default 1)
+    --expert-parallel N          give each of N ranks (times --tensor-parallel) whole experts, as
+                                 mixtral-run --expert-parallel (default 1). A split is checked against
+                                 the model and its per-rank memory plan printed before loading
     -h, --help                   this text
     -V, --version                the version
 
@@ -71,6 +79,8 @@ pub struct ServeArgs {
     pub max_context: Option<usize>,
     /// KV-cache blocks.
     pub kv_blocks: Option<usize>,
+    /// `--tensor-parallel` x `--expert-parallel` (1 x 1 when not given).
+    pub parallel: Layout,
 }
 
 impl ServeArgs {
@@ -107,6 +117,7 @@ impl ServeArgs {
             max_step_tokens: self.max_num_batched_tokens,
             kv_blocks,
             opt_in: self.opt_in,
+            parallel: self.parallel,
             ..defaults
         }
     }
@@ -149,6 +160,8 @@ const FLAGS: &[&str] = &[
     "--max-num-batched-tokens",
     "--max-context",
     "--kv-blocks",
+    "--tensor-parallel",
+    "--expert-parallel",
 ];
 
 /// Parses the arguments after the program name.
@@ -260,6 +273,10 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<ServeCommand, Us
         max_num_batched_tokens: parsed("--max-num-batched-tokens", "a positive integer")?,
         max_context: parsed("--max-context", "a positive integer")?,
         kv_blocks: parsed("--kv-blocks", "a positive integer")?,
+        parallel: Layout {
+            tp: parsed("--tensor-parallel", "a positive integer")?.unwrap_or(1),
+            ep: parsed("--expert-parallel", "a positive integer")?.unwrap_or(1),
+        },
     }))
 }
 
@@ -291,6 +308,7 @@ mod tests {
             ),
             ("127.0.0.1", 8000, Device::Cpu, None, 8)
         );
+        assert_eq!(a.parallel, Layout { tp: 1, ep: 1 });
         assert_eq!(a.model_id(), "mini-mixtral");
         assert_eq!(
             serve(&["--model", "models/mini-mixtral/"]).model_id(),
@@ -315,6 +333,9 @@ mod tests {
             "--max-context=1024",
             "--kv-blocks",
             "300",
+            "--tensor-parallel",
+            "2",
+            "--expert-parallel=4",
         ]);
         assert_eq!(a.host, "0.0.0.0");
         assert_eq!(a.port, 0);
@@ -328,6 +349,8 @@ mod tests {
             (32, Some(2048), Some(1024))
         );
         assert_eq!(a.kv_blocks, Some(300));
+        assert_eq!(a.parallel, Layout { tp: 2, ep: 4 });
+        assert_eq!(a.engine_options(4096).parallel, Layout { tp: 2, ep: 4 });
         assert_eq!(parse_str(&["--port", "x", "-h"]), Ok(ServeCommand::Help));
     }
 
@@ -390,6 +413,14 @@ mod tests {
                 "--max-num-batched-tokens",
             ),
             (&["--model", "m", "--kv-blocks", "0"], "--kv-blocks"),
+            (
+                &["--model", "m", "--tensor-parallel", "0"],
+                "--tensor-parallel",
+            ),
+            (
+                &["--model", "m", "--expert-parallel", "two"],
+                "--expert-parallel",
+            ),
             (&["--model", "m", "--frob", "1"], "--frob"),
             (&["--model", "m", "stray"], "stray"),
             (&["--model", "m", "--model", "n"], "more than once"),
