@@ -115,6 +115,23 @@ enum MixtralStatus mixtral_engine_new(const struct MixtralModel *model,
                                       struct MixtralEngine **out);
 
 /**
+ * As `mixtral_engine_new`, split over `tensor_parallel * expert_parallel` ranks as
+ * `mixtral-run --tensor-parallel / --expert-parallel` split it: on `"cuda:F"`, GPUs F and up of
+ * this process (a library built with the `nccl` feature); on `"cpu"`, simulated ranks. A size of
+ * 0 is `MIXTRAL_STATUS_INVALID_ARGUMENT`; a split the model does not divide, or a CUDA split
+ * without `nccl`, `MIXTRAL_STATUS_ENGINE` with the reason.
+ *
+ * # Safety
+ * As `mixtral_engine_new`.
+ */
+enum MixtralStatus mixtral_engine_new_split(const struct MixtralModel *model,
+                                            const char *device,
+                                            size_t max_context,
+                                            size_t tensor_parallel,
+                                            size_t expert_parallel,
+                                            struct MixtralEngine **out);
+
+/**
  * Frees an engine (NULL is ignored).
  *
  * # Safety

@@ -7,6 +7,7 @@ use super::error::{fail, guard, MixtralStatus};
 use crate::engine::{open, EngineOptions};
 use crate::generate::{generate, GenerateError, GenerateOptions};
 use crate::sampling::SamplingParams;
+use crate::shard::Layout;
 use crate::tokenizer::Tokenizer;
 use crate::{Engine, LoadOptions, Model};
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -140,6 +141,27 @@ pub unsafe extern "C" fn mixtral_engine_new(
     max_context: usize,
     out: *mut *mut MixtralEngine,
 ) -> MixtralStatus {
+    // SAFETY: the caller's contract, passed on unchanged.
+    unsafe { mixtral_engine_new_split(model, device, max_context, 1, 1, out) }
+}
+
+/// As `mixtral_engine_new`, split over `tensor_parallel * expert_parallel` ranks as
+/// `mixtral-run --tensor-parallel / --expert-parallel` split it: on `"cuda:F"`, GPUs F and up of
+/// this process (a library built with the `nccl` feature); on `"cpu"`, simulated ranks. A size of
+/// 0 is `MIXTRAL_STATUS_INVALID_ARGUMENT`; a split the model does not divide, or a CUDA split
+/// without `nccl`, `MIXTRAL_STATUS_ENGINE` with the reason.
+///
+/// # Safety
+/// As `mixtral_engine_new`.
+#[no_mangle]
+pub unsafe extern "C" fn mixtral_engine_new_split(
+    model: *const MixtralModel,
+    device: *const c_char,
+    max_context: usize,
+    tensor_parallel: usize,
+    expert_parallel: usize,
+    out: *mut *mut MixtralEngine,
+) -> MixtralStatus {
     guard(AssertUnwindSafe(|| {
         // SAFETY: NULL or a live handle, by the caller's contract.
         let Some(model) = (unsafe { model.as_ref() }) else {
@@ -150,9 +172,22 @@ pub unsafe extern "C" fn mixtral_engine_new(
             Ok(device) => device,
             Err(status) => return status,
         };
+        if tensor_parallel == 0 || expert_parallel == 0 {
+            return fail(
+                MixtralStatus::InvalidArgument,
+                format!(
+                    "tensor_parallel ({tensor_parallel}) and expert_parallel \
+                     ({expert_parallel}) must be at least 1"
+                ),
+            );
+        }
         let options = EngineOptions {
             max_context: (max_context > 0).then_some(max_context),
             max_sequences: Some(1),
+            parallel: Layout {
+                tp: tensor_parallel,
+                ep: expert_parallel,
+            },
             ..EngineOptions::default()
         };
         let engine = match open(device, &model.model.weights, &options, None) {

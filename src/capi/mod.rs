@@ -14,8 +14,8 @@ mod handles;
 
 pub use error::{mixtral_last_error, mixtral_status_name, MixtralStatus};
 pub use handles::{
-    mixtral_engine_free, mixtral_engine_new, mixtral_generate, mixtral_model_free,
-    mixtral_model_load, mixtral_request_add_stop, mixtral_request_free, mixtral_request_generated,
-    mixtral_request_new, mixtral_request_set_sampling, MixtralEngine, MixtralModel, MixtralRequest,
-    MixtralTokenCallback,
+    mixtral_engine_free, mixtral_engine_new, mixtral_engine_new_split, mixtral_generate,
+    mixtral_model_free, mixtral_model_load, mixtral_request_add_stop, mixtral_request_free,
+    mixtral_request_generated, mixtral_request_new, mixtral_request_set_sampling, MixtralEngine,
+    MixtralModel, MixtralRequest, MixtralTokenCallback,
 };
