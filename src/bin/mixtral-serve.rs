@@ -6,6 +6,7 @@ use mixtral::engine::{check_parallel_supported, open_device};
 use mixtral::quant::{declared_format, QuantFormat};
 use mixtral::server::args::{self, ServeArgs, ServeCommand, UsageError};
 use mixtral::server::{router, HandleBackend, ServedModel, ServerState};
+use mixtral::shard::world;
 use mixtral::shard::{memory, rank_memory};
 use mixtral::ModelConfig;
 use mixtral::{LoadOptions, Model};
@@ -69,6 +70,11 @@ fn serve(a: &ServeArgs) -> Result<(), String> {
     if let Some(plan) = split_plan(a)? {
         eprintln!("mixtral-serve: {plan}");
     }
+    // Ranks in separate processes meet before the (long) load.
+    let joined = match &a.dist {
+        Some(dist) => Some(world::join(dist, a.device).map_err(|e| chain(&e))?),
+        None => None,
+    };
     let started = Instant::now();
     let options = LoadOptions {
         progress: None,
@@ -83,8 +89,22 @@ fn serve(a: &ServeArgs) -> Result<(), String> {
         )
     })?;
     let engine_options = a.engine_options(model.config.max_position_embeddings);
-    let engine =
-        open_device(a.device, &model.weights, &engine_options, None).map_err(|e| chain(&e))?;
+    let engine = match joined {
+        // Another rank: runs rank 0's calls until rank 0 stops; it serves no HTTP itself.
+        Some(j) if j.rank() != 0 => {
+            let rank = j.rank();
+            eprintln!("mixtral-serve: rank {rank} loaded; following rank 0");
+            j.follow(&model.weights, None).map_err(|e| chain(&e))?;
+            eprintln!("mixtral-serve: rank {rank}: rank 0 stopped");
+            return Ok(());
+        }
+        Some(leader) => leader
+            .lead(&model.weights, &engine_options, None)
+            .map_err(|e| chain(&e))?,
+        None => {
+            open_device(a.device, &model.weights, &engine_options, None).map_err(|e| chain(&e))?
+        }
+    };
     if let Some(line) = engine.describe() {
         eprintln!("{line}");
     }

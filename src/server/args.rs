@@ -5,6 +5,7 @@
 use crate::engine::{Device, EngineOptions, OptInKernels};
 use crate::quant::QuantFormat;
 use crate::serve::SchedulerOptions;
+use crate::shard::world::{DistInit, DIST_FLAGS};
 use crate::shard::Layout;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ usage:
                   [--cuda-kernels LIST] [--quantize fp8|int8|int4] [--served-model-name NAME] [--max-num-seqs N]
                   [--max-num-batched-tokens N] [--max-context N] [--kv-blocks N]
                   [--tensor-parallel N] [--expert-parallel N]
+                  [--dist-init HOST:PORT --rank R --world W [--dist-timeout S]]
     mixtral-serve --help | --version
 
 options:
@@ -44,6 +46,16 @@ options:
     --expert-parallel N          give each of N ranks (times --tensor-parallel) whole experts, as
                                  mixtral-run --expert-parallel (default 1). A split is checked against
                                  the model and its per-rank memory plan printed before loading
+    --dist-init HOST:PORT        run the split's ranks in separate processes (one per GPU, on one
+                                 machine or several), as mixtral-run --dist-init: every process gets
+                                 the same command but its own --rank; rank 0 listens on HOST:PORT
+                                 for the others, then serves HTTP (--host, --port); the others serve
+                                 rank 0 until it stops. GPU ranks need the nccl feature
+    --rank R                     this process's rank (with --dist-init)
+    --world W                    ranks in all (with --dist-init): --tensor-parallel times
+                                 --expert-parallel
+    --dist-timeout S             seconds to wait for the other ranks to join, in each collective
+                                 and for each step's answers (default 60)
     -h, --help                   this text
     -V, --version                the version
 
@@ -81,6 +93,9 @@ pub struct ServeArgs {
     pub kv_blocks: Option<usize>,
     /// `--tensor-parallel` x `--expert-parallel` (1 x 1 when not given).
     pub parallel: Layout,
+    /// `--dist-init HOST:PORT --rank R --world W`: this process is one rank of a world of
+    /// processes.
+    pub dist: Option<DistInit>,
 }
 
 impl ServeArgs {
@@ -144,7 +159,7 @@ pub enum ServeCommand {
     /// Print the version.
     Version,
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 /// Flags, all of which take a value.
@@ -188,7 +203,7 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<ServeCommand, Us
             }
             _ => (arg.clone(), None),
         };
-        let Some(&flag) = FLAGS.iter().find(|f| **f == name) else {
+        let Some(&flag) = FLAGS.iter().chain(&DIST_FLAGS).find(|f| **f == name) else {
             return Err(UsageError(if name.starts_with('-') {
                 format!("unknown flag {name}")
             } else {
@@ -261,7 +276,12 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<ServeCommand, Us
             "--served-model-name needs a non-empty name".into(),
         ));
     }
-    Ok(ServeCommand::Serve(ServeArgs {
+    let parallel = Layout {
+        tp: parsed("--tensor-parallel", "a positive integer")?.unwrap_or(1),
+        ep: parsed("--expert-parallel", "a positive integer")?.unwrap_or(1),
+    };
+    let dist = DistInit::from_flags(value, parallel).map_err(UsageError)?;
+    Ok(ServeCommand::Serve(Box::new(ServeArgs {
         model: PathBuf::from(model),
         host,
         port,
@@ -273,11 +293,9 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<ServeCommand, Us
         max_num_batched_tokens: parsed("--max-num-batched-tokens", "a positive integer")?,
         max_context: parsed("--max-context", "a positive integer")?,
         kv_blocks: parsed("--kv-blocks", "a positive integer")?,
-        parallel: Layout {
-            tp: parsed("--tensor-parallel", "a positive integer")?.unwrap_or(1),
-            ep: parsed("--expert-parallel", "a positive integer")?.unwrap_or(1),
-        },
-    }))
+        parallel,
+        dist,
+    })))
 }
 
 #[cfg(test)]
@@ -290,7 +308,7 @@ mod tests {
 
     fn serve(args: &[&str]) -> ServeArgs {
         match parse_str(args) {
-            Ok(ServeCommand::Serve(a)) => a,
+            Ok(ServeCommand::Serve(a)) => *a,
             other => panic!("{other:?}"),
         }
     }
@@ -309,6 +327,7 @@ mod tests {
             ("127.0.0.1", 8000, Device::Cpu, None, 8)
         );
         assert_eq!(a.parallel, Layout { tp: 1, ep: 1 });
+        assert_eq!(a.dist, None);
         assert_eq!(a.model_id(), "mini-mixtral");
         assert_eq!(
             serve(&["--model", "models/mini-mixtral/"]).model_id(),
@@ -351,6 +370,28 @@ mod tests {
         assert_eq!(a.kv_blocks, Some(300));
         assert_eq!(a.parallel, Layout { tp: 2, ep: 4 });
         assert_eq!(a.engine_options(4096).parallel, Layout { tp: 2, ep: 4 });
+        let a = serve(&[
+            "--model",
+            "m",
+            "--tensor-parallel=2",
+            "--dist-init",
+            "10.0.0.1:29500",
+            "--rank",
+            "1",
+            "--world",
+            "2",
+            "--dist-timeout=2.5",
+        ]);
+        let dist = a.dist.expect("--dist-init given");
+        assert_eq!(
+            (dist.addr.as_str(), dist.rank, dist.world, dist.timeout),
+            (
+                "10.0.0.1:29500",
+                1,
+                2,
+                std::time::Duration::from_millis(2500)
+            )
+        );
         assert_eq!(parse_str(&["--port", "x", "-h"]), Ok(ServeCommand::Help));
     }
 
@@ -422,6 +463,27 @@ mod tests {
                 "--expert-parallel",
             ),
             (&["--model", "m", "--frob", "1"], "--frob"),
+            (
+                &["--model", "m", "--dist-init", "h:1", "--rank", "0"],
+                "--world is required",
+            ),
+            (
+                &[
+                    "--model",
+                    "m",
+                    "--dist-init",
+                    "h:1",
+                    "--rank",
+                    "0",
+                    "--world",
+                    "2",
+                ],
+                "--world 2 needs --tensor-parallel and --expert-parallel whose product is 2",
+            ),
+            (
+                &["--model", "m", "--dist-timeout", "3"],
+                "needs --dist-init",
+            ),
             (&["--model", "m", "stray"], "stray"),
             (&["--model", "m", "--model", "n"], "more than once"),
             (

@@ -34,6 +34,80 @@ pub struct DistInit {
     pub timeout: Duration,
 }
 
+/// The flags [`DistInit::from_flags`] reads.
+pub const DIST_FLAGS: [&str; 4] = ["--dist-init", "--rank", "--world", "--dist-timeout"];
+
+/// `--dist-timeout` when not given.
+pub const DEFAULT_DIST_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl DistInit {
+    /// Reads `--dist-init HOST:PORT`, `--rank R` and `--world W` (all three or none) and
+    /// `--dist-timeout S` (seconds, default [`DEFAULT_DIST_TIMEOUT`]) from a command line, `value`
+    /// giving each flag's value when it was given; `None` when none of them was. `--world` must be
+    /// `layout`'s rank count (one rank per process). A mistake is a message naming the flag and
+    /// the value, as `mixtral-run` and `mixtral-serve` print them.
+    pub fn from_flags<'a>(
+        value: impl Fn(&str) -> Option<&'a str>,
+        layout: Layout,
+    ) -> Result<Option<DistInit>, String> {
+        let required = &DIST_FLAGS[..3];
+        let present: Vec<&str> = required
+            .iter()
+            .copied()
+            .filter(|f| value(f).is_some())
+            .collect();
+        if present.is_empty() {
+            if value("--dist-timeout").is_some() {
+                return Err("--dist-timeout needs --dist-init".into());
+            }
+            return Ok(None);
+        }
+        if let Some(missing) = required.iter().find(|f| value(f).is_none()) {
+            return Err(format!("{missing} is required with {}", present.join(", ")));
+        }
+        let number = |flag: &str, expected: &str| -> Result<usize, String> {
+            let v = value(flag).unwrap_or_default();
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("invalid value {v:?} for {flag}: expected {expected}"))
+        };
+        let rank = number("--rank", "a rank number")?;
+        let world = number("--world", "a positive integer")?;
+        if rank >= world {
+            return Err(format!(
+                "invalid value \"{rank}\" for --rank: expected a rank below --world {world}"
+            ));
+        }
+        let timeout = match value("--dist-timeout") {
+            None => DEFAULT_DIST_TIMEOUT,
+            Some(v) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .filter(|t| !t.is_zero())
+                .ok_or_else(|| {
+                    format!(
+                        "invalid value {v:?} for --dist-timeout: expected a positive number of \
+                         seconds"
+                    )
+                })?,
+        };
+        if world != layout.world() {
+            return Err(format!(
+                "--world {world} needs --tensor-parallel and --expert-parallel whose product is \
+                 {world} (one rank per process); they give {layout}"
+            ));
+        }
+        Ok(Some(DistInit {
+            addr: value("--dist-init").unwrap_or_default().to_string(),
+            rank,
+            world,
+            timeout,
+        }))
+    }
+}
+
 /// Why this process could not take its part.
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {

@@ -326,16 +326,7 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<Command, UsageEr
         tp: positive("--tensor-parallel")?.unwrap_or(1),
         ep: positive("--expert-parallel")?.unwrap_or(1),
     };
-    let dist = dist_init(&given)?;
-    if let Some(d) = &dist {
-        if d.world != parallel.world() {
-            return Err(UsageError(format!(
-                "--world {} needs --tensor-parallel and --expert-parallel whose product is {} \
-                 (one rank per process); they give {parallel}",
-                d.world, d.world
-            )));
-        }
-    }
+    let dist = DistInit::from_flags(|flag| given.value(flag), parallel).map_err(UsageError)?;
     let run_on = given
         .value("--device")
         .map(device)
@@ -377,52 +368,6 @@ pub fn parse(raw: impl IntoIterator<Item = OsString>) -> Result<Command, UsageEr
         [one] => generation(&given, common, one),
         [a, b, ..] => Err(UsageError(format!("{a} and {b} cannot be used together"))),
     }
-}
-
-/// `--dist-init`, `--rank`, `--world` (all three or none) and `--dist-timeout`.
-fn dist_init(given: &Given) -> Result<Option<DistInit>, UsageError> {
-    let flags = ["--dist-init", "--rank", "--world"];
-    let present: Vec<&str> = flags.into_iter().filter(|f| given.has(f)).collect();
-    if present.is_empty() {
-        if given.has("--dist-timeout") {
-            return Err(UsageError("--dist-timeout needs --dist-init".into()));
-        }
-        return Ok(None);
-    }
-    if let Some(missing) = flags.into_iter().find(|f| !given.has(f)) {
-        return Err(UsageError(format!(
-            "{missing} is required with {}",
-            present.join(", ")
-        )));
-    }
-    let rank = given
-        .parsed::<usize>("--rank", "a rank number")?
-        .unwrap_or(0);
-    let world = given
-        .parsed::<usize>("--world", "a positive integer")?
-        .unwrap_or(0);
-    if rank >= world {
-        return Err(UsageError(format!(
-            "invalid value \"{rank}\" for --rank: expected a rank below --world {world}"
-        )));
-    }
-    let seconds = given
-        .parsed::<f64>("--dist-timeout", "a positive number of seconds")?
-        .unwrap_or(60.0);
-    let timeout = std::time::Duration::try_from_secs_f64(seconds)
-        .ok()
-        .filter(|t| !t.is_zero())
-        .ok_or_else(|| {
-            UsageError(format!(
-                "invalid value \"{seconds}\" for --dist-timeout: expected a positive number of seconds"
-            ))
-        })?;
-    Ok(Some(DistInit {
-        addr: given.value("--dist-init").unwrap_or_default().to_string(),
-        rank,
-        world,
-        timeout,
-    }))
 }
 
 /// The generation mode's flags; `source` is `--prompt` or `--prompt-file`.
