@@ -64,6 +64,7 @@ pub mod dtype;
 pub mod engine;
 pub mod generate;
 pub mod kv;
+pub mod load_display;
 pub mod model;
 pub mod packed;
 pub mod quant;

@@ -2,7 +2,8 @@
 //! `mixtral-serve --help`; a failure to start is one `error: ...` line on stderr, exit status 2 for
 //! command-line mistakes and 1 for everything else.
 
-use mixtral::engine::{check_parallel_supported, open_device};
+use mixtral::engine::{check_parallel_supported, open_device, Device};
+use mixtral::load_display::LoadDisplay;
 use mixtral::quant::{declared_format, QuantFormat};
 use mixtral::server::args::{self, ServeArgs, ServeCommand, UsageError};
 use mixtral::server::{router, HandleBackend, ServedModel, ServerState};
@@ -76,12 +77,16 @@ fn serve(a: &ServeArgs) -> Result<(), String> {
         None => None,
     };
     let started = Instant::now();
+    let (display, progress) = LoadDisplay::new();
     let options = LoadOptions {
-        progress: None,
+        // On a GPU the engine's upload reads every weight once and reports it instead.
+        progress: matches!(a.device, Device::Cpu).then(|| Arc::clone(&progress)),
         require_tokenizer: true,
         quant: a.quantize,
     };
-    let mut model = Model::load(&a.model, &options).map_err(|e| chain(&e))?;
+    let loaded = Model::load(&a.model, &options);
+    display.finish();
+    let mut model = loaded.map_err(|e| chain(&e))?;
     let tokenizer = model.tokenizer.take().map(Arc::new).ok_or_else(|| {
         format!(
             "{}: the model directory has no tokenizer.json",
@@ -89,22 +94,26 @@ fn serve(a: &ServeArgs) -> Result<(), String> {
         )
     })?;
     let engine_options = a.engine_options(model.config.max_position_embeddings);
+    let (display, progress) = LoadDisplay::new();
     let engine = match joined {
         // Another rank: runs rank 0's calls until rank 0 stops; it serves no HTTP itself.
         Some(j) if j.rank() != 0 => {
             let rank = j.rank();
             eprintln!("mixtral-serve: rank {rank} loaded; following rank 0");
-            j.follow(&model.weights, None).map_err(|e| chain(&e))?;
+            let followed = j.follow(&model.weights, Some(&*progress));
+            display.finish();
+            followed.map_err(|e| chain(&e))?;
             eprintln!("mixtral-serve: rank {rank}: rank 0 stopped");
             return Ok(());
         }
         Some(leader) => leader
-            .lead(&model.weights, &engine_options, None)
-            .map_err(|e| chain(&e))?,
-        None => {
-            open_device(a.device, &model.weights, &engine_options, None).map_err(|e| chain(&e))?
-        }
+            .lead(&model.weights, &engine_options, Some(&*progress))
+            .map_err(|e| chain(&e)),
+        None => open_device(a.device, &model.weights, &engine_options, Some(&*progress))
+            .map_err(|e| chain(&e)),
     };
+    display.finish();
+    let engine = engine?;
     if let Some(line) = engine.describe() {
         eprintln!("{line}");
     }

@@ -1,59 +1,11 @@
-//! What `mixtral-run` writes: generated text or JSON lines on stdout (flushed per token), the
-//! weight-loading progress line and the timings on stderr.
+//! What `mixtral-run` writes: generated text or JSON lines on stdout (flushed per token), and the
+//! timings on stderr (the weight-loading progress is `mixtral::load_display`'s).
 
-use mixtral::checkpoint::LoadProgress;
 use mixtral::generate::{GenerationOutput, Perplexity, TokenEvent};
-use mixtral::model::ProgressFn;
 use mixtral::quant::{MemoryEstimate, QuantFormat};
 use serde_json::json;
-use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// After this long a load shows progress even when stderr is not a terminal.
-const QUIET_LOAD: Duration = Duration::from_secs(1);
-
-/// The weight-loading progress line: shown on a terminal, or once loading takes over a second;
-/// rewritten in place with `\r`.
-pub struct LoadDisplay {
-    shown: Arc<AtomicBool>,
-}
-
-impl LoadDisplay {
-    /// A display and the callback to hand to `LoadOptions::progress`.
-    pub fn new() -> (Self, ProgressFn) {
-        let shown = Arc::new(AtomicBool::new(false));
-        let flag = shown.clone();
-        let start = Instant::now();
-        let terminal = std::io::stderr().is_terminal();
-        let callback: ProgressFn = Arc::new(move |p: LoadProgress| {
-            if !(terminal || start.elapsed() > QUIET_LOAD) {
-                return;
-            }
-            flag.store(true, Ordering::Relaxed);
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-            let percent = if p.total_bytes == 0 {
-                100.0
-            } else {
-                p.done_bytes as f64 * 100.0 / p.total_bytes as f64
-            };
-            eprint!(
-                "\rloading weights: {percent:5.1}% ({:.2} / {:.2} GiB)",
-                gib(p.done_bytes),
-                gib(p.total_bytes)
-            );
-        });
-        (LoadDisplay { shown }, callback)
-    }
-
-    /// Ends the progress line, if one was written.
-    pub fn finish(&self) {
-        if self.shown.load(Ordering::Relaxed) {
-            eprintln!();
-        }
-    }
-}
+use std::io::Write;
+use std::time::Duration;
 
 /// Writes generation events to stdout, as plain text or JSON lines, flushing each.
 pub struct TokenWriter {
