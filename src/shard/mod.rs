@@ -25,8 +25,8 @@
 //! device memory, and `mixtral::cuda::ShardedCudaEngine` runs this plan with one CUDA engine per
 //! GPU of one process, the collectives inside its decode graphs (`mixtral-run --device cuda
 //! --tensor-parallel N`); `mixtral::cuda::open_process_rank` is one such rank in a process of its
-//! own, its NCCL world joined through the rendezvous. They compile and their CPU-side parts are
-//! tested; they have not yet run on GPUs.
+//! own, its NCCL world joined through the rendezvous. Their tests run on emulated GPUs with an
+//! emulated NCCL (`scripts/emulated-gpu`); they have not yet run on GPUs.
 
 pub mod collective;
 pub mod cpu_ranks;
