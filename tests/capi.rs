@@ -41,6 +41,34 @@ extern "C" fn collect(user: *mut c_void, token: u32, text: *const c_char, len: u
     c_int::from(collector.limit > 0 && collector.ids.len() >= collector.limit)
 }
 
+/// Runs `mixtral_generate(engine, request)` with [`collect`], stopping after `limit` tokens when
+/// `limit` > 0; fails the test unless it returns `MIXTRAL_STATUS_OK`.
+///
+/// # Safety
+/// `engine` and `request` are live handles.
+unsafe fn generate_collected(
+    engine: *mut MixtralEngine,
+    request: *mut MixtralRequest,
+    limit: usize,
+) -> Collector {
+    let mut collector = Collector {
+        ids: Vec::new(),
+        text: String::new(),
+        limit,
+    };
+    // SAFETY: live handles (the caller's contract); `collector` outlives the call.
+    let status = unsafe {
+        mixtral_generate(
+            engine,
+            request,
+            Some(collect),
+            (&mut collector as *mut Collector).cast(),
+        )
+    };
+    assert_eq!(status, MixtralStatus::Ok, "{}", last_error());
+    collector
+}
+
 #[test]
 fn bad_arguments_are_status_codes_with_messages() {
     let mut model: *mut MixtralModel = ptr::null_mut();
@@ -189,18 +217,7 @@ fn greedy_generation_matches_generate_and_the_callback_can_stop_it() {
         // The engine and request outlive the model handle.
         mixtral_model_free(model);
 
-        let mut all = Collector {
-            ids: Vec::new(),
-            text: String::new(),
-            limit: 0,
-        };
-        let status = mixtral_generate(
-            engine,
-            request,
-            Some(collect),
-            (&mut all as *mut Collector).cast(),
-        );
-        assert_eq!(status, MixtralStatus::Ok, "{}", last_error());
+        let all = generate_collected(engine, request, 0);
         assert_eq!(all.ids, want.generated_ids);
         assert_eq!(all.text, want.text);
         let mut len = 0;
@@ -211,18 +228,7 @@ fn greedy_generation_matches_generate_and_the_callback_can_stop_it() {
         );
 
         // Stopping after 3 tokens; the engine is reusable for the same request.
-        let mut three = Collector {
-            ids: Vec::new(),
-            text: String::new(),
-            limit: 3,
-        };
-        let status = mixtral_generate(
-            engine,
-            request,
-            Some(collect),
-            (&mut three as *mut Collector).cast(),
-        );
-        assert_eq!(status, MixtralStatus::Ok, "{}", last_error());
+        let three = generate_collected(engine, request, 3);
         assert_eq!(three.ids, want.generated_ids[..3]);
         let ids = mixtral_request_generated(request, &mut len);
         assert_eq!(
@@ -258,18 +264,7 @@ fn an_engine_split_over_cpu_ranks_generates_the_unsplit_ids() {
             mixtral_request_new(model, prompt.as_ptr(), N, &mut request),
             MixtralStatus::Ok
         );
-        let mut all = Collector {
-            ids: Vec::new(),
-            text: String::new(),
-            limit: 0,
-        };
-        let status = mixtral_generate(
-            engine,
-            request,
-            Some(collect),
-            (&mut all as *mut Collector).cast(),
-        );
-        assert_eq!(status, MixtralStatus::Ok, "{}", last_error());
+        let all = generate_collected(engine, request, 0);
         mixtral_request_free(request);
         mixtral_engine_free(engine);
         mixtral_model_free(model);

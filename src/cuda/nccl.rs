@@ -124,7 +124,8 @@ pub fn load() -> Result<i32, NcclError> {
     Ok(version)
 }
 
-/// The typed error of a failed call, with NCCL's own words for it.
+/// The typed error of a failed call, with NCCL's own words for it. `comm`: the communicator the
+/// call was made on, unless it has been aborted since (a freed handle is never passed on).
 fn call_error(
     call: &'static str,
     e: result::NcclError,
@@ -311,7 +312,7 @@ impl NcclComm {
             )
         };
         r.result()
-            .map_err(|e| call_error("ncclCommSplit", e, Some(parent)))?;
+            .map_err(|e| call_error("ncclCommSplit", e, self.comm.live().ok()))?;
         let mut size = 0;
         // SAFETY: `comm` is the live handle just made.
         unsafe { sys::ncclCommCount(comm, &mut size) }
@@ -359,7 +360,7 @@ impl NcclComm {
             stream.cu_stream() as _,
         )
         .map(|_| ())
-        .map_err(|e| call_error("ncclAllReduce", e, Some(comm)))
+        .map_err(|e| call_error("ncclAllReduce", e, self.comm.live().ok()))
     }
 
     /// Enqueues the gather of `count` elements at `part` from every rank into `out`
@@ -385,7 +386,7 @@ impl NcclComm {
             stream.cu_stream() as _,
         )
         .map(|_| ())
-        .map_err(|e| call_error("ncclAllGather", e, Some(comm)))
+        .map_err(|e| call_error("ncclAllGather", e, self.comm.live().ok()))
     }
 
     /// Sums `buf` over the communicator, in place, on `stream`.
@@ -565,8 +566,7 @@ impl DeviceCollectives for NcclGroups {
             // SAFETY: bounds checked above; both live views, issued on their stream.
             return Ok(unsafe { c.all_gather_raw(dtype, from, to, width, stream) }?);
         }
-        let comm = c.comm.live()?;
-        result::group_start().map_err(|e| call_error("ncclGroupStart", e, Some(comm)))?;
+        result::group_start().map_err(|e| call_error("ncclGroupStart", e, c.comm.live().ok()))?;
         let mut issued = Ok(());
         for r in 0..rows {
             let (p, o) = ((r * part.stride() * 4) as u64, (r * line * 4) as u64);
@@ -577,7 +577,8 @@ impl DeviceCollectives for NcclGroups {
             }
         }
         // The group must be closed whatever happened inside it.
-        let ended = result::group_end().map_err(|e| call_error("ncclGroupEnd", e, Some(comm)));
+        let ended =
+            result::group_end().map_err(|e| call_error("ncclGroupEnd", e, c.comm.live().ok()));
         issued?;
         ended?;
         Ok(())
