@@ -235,7 +235,8 @@ impl<E: Engine + ?Sized> Leader<E> {
     }
 
     /// Runs `call` on every rank: sends it, runs `local` (the same call on rank 0's engine, its
-    /// collectives meeting the others'), then reads every answer and compares it with rank 0's.
+    /// collectives meeting the others'), then reads every answer and compares it with rank 0's. A
+    /// connection that fails is the rendezvous's own error, which names the peer.
     fn on_all<T>(
         &mut self,
         call: &Call,
@@ -249,14 +250,14 @@ impl<E: Engine + ?Sized> Leader<E> {
         let peers = self.session.peers();
         for &peer in &peers {
             if let Err(e) = self.session.send_to(peer, &line) {
-                return Err(self.kill(failed(peer, e.to_string())));
+                return Err(self.kill(EngineError::dead(e)));
             }
         }
         let mine = local(&mut self.engine);
         let mut first_failure = None;
         for &peer in &peers {
             let failure = match self.session.receive_from(peer, Some(self.timeout)) {
-                Err(e) => Some(failed(peer, e.to_string())),
+                Err(e) => Some(EngineError::dead(e)),
                 Ok(reply) => match reply
                     .strip_prefix("DONE ")
                     .and_then(|json| serde_json::from_str::<Answer>(json).ok())
