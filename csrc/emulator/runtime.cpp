@@ -244,10 +244,13 @@ thread_local unsigned current_thread = 0;
 thread_local unsigned current_arch = 800;
 thread_local uint3 current_block{}, launch_grid{}, launch_block{};
 
-void* warp_slot(unsigned lane) {
-    Launch& l = launch();
+// warp_slot of the launch `l` (the collectives below look the launch up once, not per slot: each
+// look-up of the thread-local launch is a call in a shared library).
+void* slot_of(Launch& l, unsigned lane) {
     return l.slots[l.threads[l.current].bank][l.current / 32 * 32 + lane];
 }
+
+void* warp_slot(unsigned lane) { return slot_of(launch(), lane); }
 
 void warp_done() {
     Launch& l = launch();
@@ -269,9 +272,9 @@ bool block_barrier(bool predicate) {
 void warp_gather(uint32_t mask, const void* mine, size_t bytes, void* all) {
     Launch& l = launch();
     if (bytes > SLOT_BYTES) trap("a warp collective value over 32 bytes");
-    memcpy(warp_slot(l.current % 32), mine, bytes);
+    memcpy(slot_of(l, l.current % 32), mine, bytes);
     warp_wait(mask);
-    for (unsigned i = 0; i < 32; ++i) memcpy(static_cast<char*>(all) + i * bytes, warp_slot(i), bytes);
+    for (unsigned i = 0; i < 32; ++i) memcpy(static_cast<char*>(all) + i * bytes, slot_of(l, i), bytes);
     warp_done();
 }
 
@@ -296,8 +299,9 @@ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t
         uint32_t a[4], b[2];
     } mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
     static_assert(sizeof(Fragment) <= SLOT_BYTES, "a fragment fits an exchange slot");
-    const unsigned lane = launch().current % 32;
-    memcpy(warp_slot(lane), &mine, sizeof mine);
+    Launch& l = launch();
+    const unsigned lane = l.current % 32;
+    memcpy(slot_of(l, lane), &mine, sizeof mine);
     warp_wait(0xffffffffu);
     // The fragments of the PTX ISA: lane 4g + q holds A rows g and g + 8 at k 2q, 2q + 1
     // (registers 0, 1) and k 2q + 8, 2q + 9 (registers 2, 3), and B column g at k 2q, 2q + 1
@@ -310,14 +314,14 @@ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t
     float A[2][16], B[2][16];  // A[row g or g + 8][k], B[column 2q or 2q + 1][k]
     Fragment f;
     for (unsigned source = 0; source < 4; ++source) {
-        memcpy(&f, warp_slot(4 * g + source), sizeof f);
+        memcpy(&f, slot_of(l, 4 * g + source), sizeof f);
         for (int r = 0; r < 4; ++r) {
             const unsigned k = 2 * source + 8 * (r / 2);
             A[r % 2][k] = lo(f.a[r]);
             A[r % 2][k + 1] = hi(f.a[r]);
         }
         for (unsigned c = 0; c < 2; ++c) {
-            memcpy(&f, warp_slot(4 * (2 * q + c) + source), sizeof f);
+            memcpy(&f, slot_of(l, 4 * (2 * q + c) + source), sizeof f);
             for (int r = 0; r < 2; ++r) {
                 const unsigned k = 2 * source + 8 * r;
                 B[c][k] = lo(f.b[r]);
