@@ -9,7 +9,7 @@ use mixtral::checkpoint::{write_raw_safetensors, Checkpoint, OpenOptions};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::perplexity;
 use mixtral::quant::{
-    declared_format, decode_weight_bytes, estimate_memory, QuantError, QuantFormat,
+    declared_format, decode_weight_bytes, estimate_memory, loaded_format, QuantError, QuantFormat,
 };
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, ModelConfig, ModelError, SeqStep};
 use serde_json::Value;
@@ -475,6 +475,24 @@ fn declared_formats_of_the_fixtures() {
     }
     let plain = root().join("tests/fixtures/gqa-bf16-sharded-window/config.json");
     assert_eq!(declared_format(&plain), None);
+}
+
+/// The format the binaries' estimates assume: quantize-on-load's, else the declared one, else bf16.
+#[test]
+fn loaded_format_prefers_quantize_on_load_then_the_declared_format() {
+    let (name, declared) = PREQUANTIZED[0];
+    let config = fixture(name).join("config.json");
+    assert_eq!(loaded_format(&config, None), declared);
+    assert_eq!(
+        loaded_format(&config, Some(QuantFormat::Int4)),
+        QuantFormat::Int4
+    );
+    let plain = root().join("tests/fixtures/gqa-bf16-sharded-window/config.json");
+    assert_eq!(loaded_format(&plain, None), QuantFormat::Bf16);
+    assert_eq!(
+        loaded_format(&plain, Some(QuantFormat::Fp8)),
+        QuantFormat::Fp8
+    );
 }
 
 #[test]

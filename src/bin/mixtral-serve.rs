@@ -4,7 +4,7 @@
 
 use mixtral::engine::{check_parallel_supported, open_device, Device};
 use mixtral::load_display::LoadDisplay;
-use mixtral::quant::{declared_format, QuantFormat};
+use mixtral::quant::loaded_format;
 use mixtral::server::args::{self, ServeArgs, ServeCommand, UsageError};
 use mixtral::server::{router, HandleBackend, ServedModel, ServerState};
 use mixtral::shard::world;
@@ -175,10 +175,7 @@ fn split_plan(a: &ServeArgs) -> Result<Option<String>, String> {
     let Ok(config) = ModelConfig::from_file(&config_path) else {
         return Ok(None);
     };
-    let format = a
-        .quantize
-        .or_else(|| declared_format(&config_path))
-        .unwrap_or(QuantFormat::Bf16);
+    let format = loaded_format(&config_path, a.quantize);
     let context = a.max_context.unwrap_or(config.max_position_embeddings);
     let plan =
         rank_memory(&config, format, a.parallel, context, a.max_num_seqs).map_err(|e| chain(&e))?;

@@ -74,6 +74,15 @@ pub fn declared_format(path: &Path) -> Option<QuantFormat> {
     QuantMethod::from_config_file(path).ok()?.format()
 }
 
+/// The format the weights of the model whose `config.json` is at `path` will have once loaded:
+/// `quantize` (quantize-on-load) when given, else the [`declared_format`], else bf16. What the
+/// binaries' memory estimates, made before the weights are read, assume.
+pub fn loaded_format(path: &Path, quantize: Option<QuantFormat>) -> QuantFormat {
+    quantize
+        .or_else(|| declared_format(path))
+        .unwrap_or(QuantFormat::Bf16)
+}
+
 /// The weights and the format their quantized projections are in.
 #[derive(Debug)]
 pub struct QuantizedWeights {

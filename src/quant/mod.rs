@@ -34,7 +34,7 @@ use std::path::PathBuf;
 
 pub use crate::packed::{fp8, int4, int8, PackedKind, PackedMatrix, Q8};
 pub use config::QuantMethod;
-pub use load::{declared_format, load_weights, GptqZeros, QuantizedWeights};
+pub use load::{declared_format, load_weights, loaded_format, GptqZeros, QuantizedWeights};
 pub use memory::{decode_weight_bytes, estimate_memory, MemoryEstimate};
 
 /// A weight format of the quantizable projections.

@@ -9,7 +9,7 @@ use args::{Command, Common, Device, GenerateArgs, PerplexityArgs, Prompt, UsageE
 use mixtral::engine::{check_parallel_supported, open_device, EngineOptions};
 use mixtral::generate::{generate, perplexity, GenerateOptions};
 use mixtral::load_display::LoadDisplay;
-use mixtral::quant::{declared_format, estimate_memory, QuantFormat};
+use mixtral::quant::{estimate_memory, loaded_format};
 use mixtral::shard::world::{self, Joined};
 use mixtral::shard::{memory, rank_memory};
 use mixtral::tokenizer::{ChatMessage, Tokenizer};
@@ -176,10 +176,7 @@ fn preflight(common: &Common) -> Result<Option<String>, Failure> {
     let Ok(config) = ModelConfig::from_file(&common.model.join("config.json")) else {
         return Ok(None);
     };
-    let format = match common.quantize {
-        Some(f) => f,
-        None => declared_format(&common.model.join("config.json")).unwrap_or(QuantFormat::Bf16),
-    };
+    let format = loaded_format(&common.model.join("config.json"), common.quantize);
     let context = common.max_context.unwrap_or(config.max_position_embeddings);
     if common.parallel.is_sharded() {
         let plan = rank_memory(&config, format, common.parallel, context, 1)?;
