@@ -283,24 +283,17 @@ fn an_engine_split_over_cpu_ranks_generates_the_unsplit_ids() {
         );
         let cpu = CString::new("cpu").unwrap();
         let mut engine = ptr::null_mut();
-        assert_eq!(
-            mixtral_engine_new_split(model, cpu.as_ptr(), 0, 0, 1, &mut engine),
-            MixtralStatus::InvalidArgument
-        );
-        assert!(
-            last_error().contains("tensor_parallel (0)"),
-            "{}",
-            last_error()
-        );
-        assert_eq!(
-            mixtral_engine_new_split(model, cpu.as_ptr(), 0, 1, 3, &mut engine),
-            MixtralStatus::Engine
-        );
-        assert!(
-            last_error().contains("num_local_experts = 8"),
-            "{}",
-            last_error()
-        );
+        for (tp, ep, status, needle) in [
+            (0, 1, MixtralStatus::InvalidArgument, "tensor_parallel (0)"),
+            (1, 3, MixtralStatus::Engine, "num_local_experts = 8"),
+        ] {
+            assert_eq!(
+                mixtral_engine_new_split(model, cpu.as_ptr(), 0, tp, ep, &mut engine),
+                status,
+                "tp {tp} ep {ep}"
+            );
+            assert!(last_error().contains(needle), "{}", last_error());
+        }
         assert!(engine.is_null());
         mixtral_model_free(model);
     }
