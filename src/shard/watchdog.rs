@@ -189,6 +189,28 @@ mod tests {
     }
 
     #[test]
+    fn on_expiry_runs_exactly_for_the_calls_that_disarm_reports_expired() {
+        // Calls that end at once, just past the deadline (so that expiries race the disarms) and,
+        // one in ten, long past it (so that some surely expire): each expiry the thread commits
+        // must be the one disarm reports, never a call that had ended, and never twice.
+        let (dog, fired) = counting(Duration::from_millis(10));
+        let mut expired = 0;
+        for i in 0..120u64 {
+            dog.arm();
+            match i % 10 {
+                0 => std::thread::sleep(Duration::from_millis(60)),
+                n if n % 2 == 0 => std::thread::sleep(Duration::from_millis(10 + n)),
+                _ => {}
+            }
+            expired += usize::from(dog.disarm());
+        }
+        // Joining the thread lets an expiry already committed finish its on_expiry.
+        drop(dog);
+        assert_eq!(fired.load(Ordering::SeqCst), expired);
+        assert!(expired > 0, "no call outlived the 10 ms timeout");
+    }
+
+    #[test]
     fn dropping_the_watchdog_stops_its_thread_and_never_expires_the_armed_call() {
         // The drop unparks the thread, which sees the stop before it looks at the armed call.
         let (dog, fired) = counting(Duration::from_secs(3600));
