@@ -17,6 +17,16 @@ fn model_dir() -> CString {
     CString::new(dir.to_str().unwrap()).unwrap()
 }
 
+/// `models/tiny-mixtral` through `mixtral_model_load`, which must succeed; free it with
+/// `mixtral_model_free`.
+fn load_model() -> *mut MixtralModel {
+    let mut model = ptr::null_mut();
+    // SAFETY: a NUL-terminated path and a writable out-pointer.
+    let status = unsafe { mixtral_model_load(model_dir().as_ptr(), &mut model) };
+    assert_eq!(status, MixtralStatus::Ok, "{}", last_error());
+    model
+}
+
 fn last_error() -> String {
     // SAFETY: the library returns a NUL-terminated string valid until the next failing call.
     unsafe { CStr::from_ptr(mixtral_last_error()) }
@@ -197,11 +207,7 @@ fn greedy_generation_matches_generate_and_the_callback_can_stop_it() {
     .unwrap();
 
     unsafe {
-        let mut model = ptr::null_mut();
-        assert_eq!(
-            mixtral_model_load(model_dir().as_ptr(), &mut model),
-            MixtralStatus::Ok
-        );
+        let model = load_model();
         let mut engine = ptr::null_mut();
         let cpu = CString::new("cpu").unwrap();
         assert_eq!(
@@ -249,11 +255,7 @@ fn greedy_generation_matches_generate_and_the_callback_can_stop_it() {
 fn an_engine_split_over_cpu_ranks_generates_the_unsplit_ids() {
     const N: usize = 10;
     let generate_with = |tp: usize, ep: usize| unsafe {
-        let mut model = ptr::null_mut();
-        assert_eq!(
-            mixtral_model_load(model_dir().as_ptr(), &mut model),
-            MixtralStatus::Ok
-        );
+        let model = load_model();
         let cpu = CString::new("cpu").unwrap();
         let mut engine = ptr::null_mut();
         let status = mixtral_engine_new_split(model, cpu.as_ptr(), 0, tp, ep, &mut engine);
@@ -276,11 +278,7 @@ fn an_engine_split_over_cpu_ranks_generates_the_unsplit_ids() {
     assert_eq!(generate_with(2, 1), want, "TP 2");
 
     unsafe {
-        let mut model = ptr::null_mut();
-        assert_eq!(
-            mixtral_model_load(model_dir().as_ptr(), &mut model),
-            MixtralStatus::Ok
-        );
+        let model = load_model();
         let cpu = CString::new("cpu").unwrap();
         let mut engine = ptr::null_mut();
         for (tp, ep, status, needle) in [
