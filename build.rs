@@ -196,6 +196,9 @@ fn build_emulator(csrc: &Path, sources: &[PathBuf]) -> Result<(), String> {
         // No contraction of a * b + c (ISO C++'s default, said outright): the kernels' products
         // and sums round as written.
         .flag("-ffp-contract=off")
+        // The runtime's functions call each other directly (and inline) instead of through the
+        // shared library's symbol table: nothing outside replaces them.
+        .flag("-fno-semantic-interposition")
         .flag("-x")
         .flag("c++");
     // The fused multiply-adds the kernels and the emulated tensor cores ask for (fmaf) as

@@ -182,18 +182,40 @@ inline void __threadfence() {}
 
 // ---- the emulator's runtime (runtime.cpp) -----------------------------------------------------
 namespace mx_emu {
-// The executing thread's index in its block, its block's coordinates, and the launch's geometry
-// (set by the scheduler).
-extern thread_local unsigned current_thread;
-extern thread_local uint3 current_block, launch_grid, launch_block;
-// The compute capability the launch emulates (major * 100 + minor * 10: 800, 900), for the code
-// that differs by architecture (quant.cuh's FP8 pair conversion, sm_89+).
-extern thread_local unsigned current_arch;
-inline unsigned arch() { return current_arch; }
-inline uint3 thread_idx() { return uint3{current_thread, 0, 0}; }
-inline uint3 block_idx() { return current_block; }
-inline uint3 block_dim() { return launch_block; }
-inline uint3 grid_dim() { return launch_grid; }
+// Each emulated thread's stack: STACK_BYTES, aligned to its size, so that the stack a thread runs
+// on says which thread it is (this_fiber) without a thread-local variable: in the dlopened emulated
+// libcuda.so each thread-local access is a call into the dynamic loader, which took about a tenth
+// of the emulated engine tests' time.
+constexpr uintptr_t STACK_BYTES = 256 * 1024;
+// The bytes at the bottom of each stack kept for its Fiber (the rest is the thread's stack).
+constexpr uintptr_t FIBER_AREA_BYTES = 64 * 1024;
+struct Launch;  // runtime.cpp
+// An emulated thread: its launch, its index in its block, its block's coordinates, the launch's
+// geometry and the compute capability it emulates (major * 100 + minor * 10: 800, 900; for the
+// code that differs by architecture, quant.cuh's FP8 pair conversion, sm_89+). Written by the
+// scheduler before the thread starts.
+struct Fiber {
+    Launch* launch;
+    unsigned thread;
+    unsigned arch;
+    uint3 block, grid, block_dim;
+};
+// The Fiber of the stack starting at `base`: within its bottom FIBER_AREA_BYTES, 64 bytes further a
+// stack, so that the Fibers of the stacks (STACK_BYTES apart) do not all fall in the same cache sets.
+inline Fiber* fiber_at(uintptr_t base) {
+    return reinterpret_cast<Fiber*>(base + (base / STACK_BYTES) % (FIBER_AREA_BYTES / 64) * 64);
+}
+// The Fiber of the running emulated thread (only ever called on an emulated thread's stack).
+inline const Fiber& this_fiber() {
+    uintptr_t sp;
+    asm("movq %%rsp, %0" : "=r"(sp));
+    return *fiber_at(sp & ~(STACK_BYTES - 1));
+}
+inline unsigned arch() { return this_fiber().arch; }
+inline uint3 thread_idx() { return uint3{this_fiber().thread, 0, 0}; }
+inline uint3 block_idx() { return this_fiber().block; }
+inline uint3 block_dim() { return this_fiber().block_dim; }
+inline uint3 grid_dim() { return this_fiber().grid; }
 // Waits for every live thread of the block; returns whether any of them passed `predicate`.
 bool block_barrier(bool predicate);
 // Warp all-gather: every lane of the warp passes `bytes` (at most 32) and receives all 32 lanes'
@@ -220,7 +242,7 @@ void warp_done();
 template <class T>
 inline T shuffle_from(uint32_t mask, T v, int (*source)(int lane, int arg), int arg) {
     static_assert(sizeof(T) <= 32, "a shuffled value fits an exchange slot");
-    const int lane = (int)(current_thread % 32);
+    const int lane = (int)(this_fiber().thread % 32);
     memcpy(warp_slot(lane), &v, sizeof(T));
     warp_wait(mask);
     T out;

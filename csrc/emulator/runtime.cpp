@@ -14,6 +14,8 @@
 #include <sys/mman.h>
 
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "../common.cuh"
@@ -53,8 +55,6 @@ namespace {
 
 // The largest dynamic shared memory a launch may ask for (Hopper's per-block limit).
 constexpr size_t DYNAMIC_SHARED_BYTES = 227 * 1024;
-// Stack bytes of each emulated thread.
-constexpr size_t STACK_BYTES = 256 * 1024;
 // Largest value a lane contributes to a warp collective.
 constexpr size_t SLOT_BYTES = 32;
 
@@ -74,7 +74,9 @@ struct Thread {
     unsigned bank;   // the exchange-slot bank of its next warp collective
 };
 
-// The launch in progress on this OS thread.
+}  // namespace
+
+// The launch in progress on an OS thread.
 struct Launch {
     void (*body)(const void*) = nullptr;
     const void* params = nullptr;
@@ -87,12 +89,17 @@ struct Launch {
     void* scheduler = nullptr;  // the scheduler's saved stack pointer
     bool barrier_result = false;
     unsigned char slots[2][1024][SLOT_BYTES];
+    // mma_bf16_16816: each thread's accumulators, and how many lanes of each warp are at it.
+    float mma_d[1024][4];
+    unsigned mma_arrivals[32];
     std::string error;
+    unsigned arch = 800;
 };
 
-thread_local Launch* active = nullptr;
+namespace {
 
-Launch& launch() { return *active; }
+// The launch of the running emulated thread.
+Launch& launch() { return *this_fiber().launch; }
 
 // Leaves the current thread, now in `state`: for the next ready thread of the scheduler's pass (in
 // the pass's order), or for the scheduler when none is left or the launch failed. One switch where
@@ -108,7 +115,6 @@ void leave(State state) {
         if (l.threads[next].state != State::Ready) continue;
         l.position = i;
         l.current = next;
-        current_thread = next;
         to = l.threads[next].stack_pointer;
         break;
     }
@@ -142,11 +148,11 @@ void fail(Launch& l, const std::string& what) {
     finish();
 }
 
-// A fresh stack for a thread at the top of `stack`: what mx_emulator_switch pops (zeroed callee-saved
-// registers) and thread_main as the address it returns to, placed so that thread_main starts as if
-// called (the stack 16-byte aligned before the call).
-void* new_stack(char* stack) {
-    uint64_t* top = reinterpret_cast<uint64_t*>(stack + STACK_BYTES);
+// A fresh stack for a thread below `stack_top` (16-byte aligned): what mx_emulator_switch pops
+// (zeroed callee-saved registers) and thread_main as the address it returns to, placed so that
+// thread_main starts as if called (the stack 16-byte aligned before the call).
+void* new_stack(char* stack_top) {
+    uint64_t* top = reinterpret_cast<uint64_t*>(stack_top);
     *--top = 0;  // thread_main's own return address slot (it never returns): keeps the alignment
     *--top = reinterpret_cast<uint64_t>(&thread_main);
     for (int i = 0; i < 6; ++i) *--top = 0;  // rbp, rbx, r12..r15
@@ -205,17 +211,61 @@ bool release(Launch& l) {
     return true;
 }
 
+// The emulated threads' stacks of this OS thread's launches, STACK_BYTES each and aligned to it
+// (see this_fiber), kept from one launch to the next and grown when a launch has more threads (a
+// fresh mapping for each launch spent about a tenth of the emulated engine tests' time faulting in
+// and clearing pages). A stack left by a launch abandoned at a fault (driver.cpp) is simply reused.
+struct Stacks {
+    char* mapping = nullptr;
+    size_t mapping_bytes = 0;
+    char* memory = nullptr;  // the first stack, STACK_BYTES-aligned
+    size_t threads = 0;
+    Stacks() = default;
+    Stacks(const Stacks&) = delete;
+    Stacks& operator=(const Stacks&) = delete;
+    ~Stacks() { release(); }
+    void release() {
+        if (mapping != nullptr) munmap(mapping, mapping_bytes);
+        mapping = memory = nullptr;
+        mapping_bytes = threads = 0;
+    }
+    // Room for `wanted` threads' stacks; false when no memory could be mapped.
+    bool reserve(size_t wanted) {
+        if (wanted <= threads) return true;
+        release();
+        const size_t bytes = (wanted + 1) * STACK_BYTES;  // one more, for the alignment
+        void* mapped = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                            -1, 0);
+        if (mapped == MAP_FAILED) return false;
+        mapping = static_cast<char*>(mapped);
+        mapping_bytes = bytes;
+        const uintptr_t aligned = (reinterpret_cast<uintptr_t>(mapping) + STACK_BYTES - 1) & ~(STACK_BYTES - 1);
+        memory = reinterpret_cast<char*>(aligned);
+        threads = wanted;
+        return true;
+    }
+    Fiber& fiber(size_t t) const { return *fiber_at(reinterpret_cast<uintptr_t>(memory) + t * STACK_BYTES); }
+    // The top of thread t's stack. The tops are staggered by 256 bytes a thread (over 64 KiB): at
+    // one stride of STACK_BYTES every thread's top would fall in the same cache sets, and switching
+    // threads missed the cache each time. Between a stack's top and its Fiber area there are at
+    // least STACK_BYTES - 2 * FIBER_AREA_BYTES (128 KiB).
+    char* top(size_t t) const { return memory + (t + 1) * STACK_BYTES - (t % 256) * 256; }
+};
+thread_local Stacks thread_stacks;
+
 // Runs one block to its end (or an error).
-void run_block(Launch& l, std::vector<char*>& stacks, bool reverse) {
+void run_block(Launch& l, const Stacks& stacks, bool reverse) {
     const unsigned n = (unsigned)l.threads.size();
     for (unsigned t = 0; t < n; ++t) {
+        stacks.fiber(t) = Fiber{&l, t, l.arch, l.block_index, l.grid, l.block};
         Thread& th = l.threads[t];
         th.state = State::Ready;
         th.predicate = false;
         th.bank = 0;
-        th.stack_pointer = new_stack(stacks[t]);
+        th.stack_pointer = new_stack(stacks.top(t));
     }
     l.reverse = reverse;
+    memset(l.mma_arrivals, 0, sizeof l.mma_arrivals);
     for (;;) {
         bool ran = false;
         for (unsigned i = 0; i < n; ++i) {
@@ -223,7 +273,6 @@ void run_block(Launch& l, std::vector<char*>& stacks, bool reverse) {
             if (l.threads[t].state != State::Ready) continue;
             l.current = t;
             l.position = i;
-            current_thread = t;
             ran = true;
             // Runs thread t and those after it in this pass that are ready (see leave).
             mx_emulator_switch(&l.scheduler, l.threads[t].stack_pointer);
@@ -240,12 +289,8 @@ void run_block(Launch& l, std::vector<char*>& stacks, bool reverse) {
 
 }  // namespace
 
-thread_local unsigned current_thread = 0;
-thread_local unsigned current_arch = 800;
-thread_local uint3 current_block{}, launch_grid{}, launch_block{};
 
-// warp_slot of the launch `l` (the collectives below look the launch up once, not per slot: each
-// look-up of the thread-local launch is a call in a shared library).
+// warp_slot of the launch `l` (the collectives below look the launch up once, not per slot).
 void* slot_of(Launch& l, unsigned lane) {
     return l.slots[l.threads[l.current].bank][l.current / 32 * 32 + lane];
 }
@@ -294,47 +339,62 @@ void* shared_pointer(uint32_t address) { return shared_origin + (int32_t)address
 
 void* dynamic_shared() { return dynamic_shared_memory; }
 
-void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    struct Fragment {
-        uint32_t a[4], b[2];
-    } mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
-    static_assert(sizeof(Fragment) <= SLOT_BYTES, "a fragment fits an exchange slot");
-    Launch& l = launch();
-    const unsigned lane = l.current % 32;
-    memcpy(slot_of(l, lane), &mine, sizeof mine);
-    warp_wait(0xffffffffu);
-    // The fragments of the PTX ISA: lane 4g + q holds A rows g and g + 8 at k 2q, 2q + 1
-    // (registers 0, 1) and k 2q + 8, 2q + 9 (registers 2, 3), and B column g at k 2q, 2q + 1
-    // (register 0) and 2q + 8, 2q + 9 (register 1); the lower index in the low half. This lane's
-    // outputs are rows g and g + 8 by columns 2q and 2q + 1, so it reads the A fragments of lanes
-    // 4g .. 4g + 3 and the B fragments of the lanes holding columns 2q and 2q + 1.
-    const unsigned g = lane / 4, q = lane % 4;
+namespace {
+// The 16 x 8 tile of mma.sync m16n8k16 for the whole of `warp`, from the A and B registers its
+// lanes left in their exchange slots and the accumulators they left in `l.mma_d`, which it updates.
+// The fragments of the PTX ISA: lane 4g + q holds A rows g and g + 8 at k 2q, 2q + 1 (registers 0,
+// 1) and at k 2q + 8, 2q + 9 (registers 2, 3), B column g at k 2q, 2q + 1 (register 0) and 2q + 8,
+// 2q + 9 (register 1), the lower index in the low half, and the accumulators of rows g (0, 1) and
+// g + 8 (2, 3) by columns 2q and 2q + 1. Each product and sum in f32, in k order.
+void multiply_warp_tile(Launch& l, unsigned warp) {
     auto lo = [](uint32_t v) { return __uint_as_float(v << 16); };
     auto hi = [](uint32_t v) { return __uint_as_float(v & 0xffff0000u); };
-    float A[2][16], B[2][16];  // A[row g or g + 8][k], B[column 2q or 2q + 1][k]
-    Fragment f;
-    for (unsigned source = 0; source < 4; ++source) {
-        memcpy(&f, slot_of(l, 4 * g + source), sizeof f);
-        for (int r = 0; r < 4; ++r) {
-            const unsigned k = 2 * source + 8 * (r / 2);
-            A[r % 2][k] = lo(f.a[r]);
-            A[r % 2][k + 1] = hi(f.a[r]);
+    float A[16][16], B[8][16];  // A[row][k], B[column][k]
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        uint32_t r[6];
+        memcpy(r, slot_of(l, lane), sizeof r);
+        const unsigned g = lane / 4, q = lane % 4;
+        for (unsigned i = 0; i < 4; ++i) {
+            const unsigned row = g + 8 * (i % 2), k = 2 * q + 8 * (i / 2);
+            A[row][k] = lo(r[i]);
+            A[row][k + 1] = hi(r[i]);
         }
-        for (unsigned c = 0; c < 2; ++c) {
-            memcpy(&f, slot_of(l, 4 * (2 * q + c) + source), sizeof f);
-            for (int r = 0; r < 2; ++r) {
-                const unsigned k = 2 * source + 8 * r;
-                B[c][k] = lo(f.b[r]);
-                B[c][k + 1] = hi(f.b[r]);
-            }
+        for (unsigned i = 0; i < 2; ++i) {
+            const unsigned k = 2 * q + 8 * i;
+            B[g][k] = lo(r[4 + i]);
+            B[g][k + 1] = hi(r[4 + i]);
         }
     }
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        const unsigned g = lane / 4, q = lane % 4;
+        float* acc = l.mma_d[warp * 32 + lane];
+        for (unsigned i = 0; i < 4; ++i) {
+            const unsigned row = g + 8 * (i / 2), column = 2 * q + i % 2;
+            float sum = acc[i];
+            for (unsigned k = 0; k < 16; ++k) sum = fmaf(A[row][k], B[column][k], sum);
+            acc[i] = sum;
+        }
+    }
+}
+}  // namespace
+
+// The last lane of the warp to arrive computes the warp's tile (the others wait at the
+// collective); each lane then reads its own accumulators back. Once a warp, where each lane
+// gathering the twelve fragments it needs cost about twice as much.
+void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    Launch& l = launch();
+    const unsigned thread = l.current, warp = thread / 32;
+    const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+    static_assert(sizeof mine <= SLOT_BYTES, "a lane's A and B registers fit an exchange slot");
+    memcpy(slot_of(l, thread % 32), mine, sizeof mine);
+    memcpy(l.mma_d[thread], d, sizeof d);
+    if (++l.mma_arrivals[warp] == 32) {
+        l.mma_arrivals[warp] = 0;
+        multiply_warp_tile(l, warp);
+    }
+    warp_wait(0xffffffffu);
+    memcpy(d, l.mma_d[thread], sizeof d);
     warp_done();
-    for (int i = 0; i < 4; ++i) {
-        float acc = d[i];
-        for (int k = 0; k < 16; ++k) acc = fmaf(A[i / 2][k], B[i % 2][k], acc);
-        d[i] = acc;
-    }
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed) {
@@ -411,12 +471,18 @@ namespace {
 const Entry ENTRIES[] = {MIXTRAL_ALL_VARIANTS(MX_ROW) MX_EMULATOR_SELF_TESTS(MX_ROW)};
 }  // namespace
 
-// The emulated kernel `symbol`, or null.
+// The emulated kernel `symbol`, or null (a hash look-up: comparing the name with every entry's
+// in turn took a few percent of the emulated engine tests' time).
 static const Entry* find_entry(const char* symbol) {
-    for (const Entry& e : ENTRIES)
-        if (strcmp(e.symbol, symbol) == 0) return &e;
-    return nullptr;
+    static const std::unordered_map<std::string_view, const Entry*> by_symbol = [] {
+        std::unordered_map<std::string_view, const Entry*> map;
+        for (const Entry& e : ENTRIES) map.emplace(e.symbol, &e);
+        return map;
+    }();
+    const auto found = by_symbol.find(symbol);
+    return found == by_symbol.end() ? nullptr : found->second;
 }
+
 
 extern "C" size_t mx_emulator_params_bytes(const char* symbol) {
     const Entry* entry = find_entry(symbol);
@@ -444,28 +510,17 @@ extern "C" int mx_emulator_launch(const char* symbol, const void* params, const 
     l.block = uint3{block, 1, 1};
     l.threads.assign(block, mx_emu::Thread{});
     l.error.clear();
-    const size_t stack_bytes = mx_emu::STACK_BYTES * block;
-    void* stack_memory = mmap(nullptr, stack_bytes, PROT_READ | PROT_WRITE,
-                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (stack_memory == MAP_FAILED) return report("no memory for the emulated threads' stacks");
-    std::vector<char*> stacks(block);
-    for (uint32_t t = 0; t < block; ++t) stacks[t] = static_cast<char*>(stack_memory) + t * mx_emu::STACK_BYTES;
+    if (!mx_emu::thread_stacks.reserve(block)) return report("no memory for the emulated threads' stacks");
     if (geometry->arch != 800 && geometry->arch != 900) return report("emulated arch must be 800 or 900");
-    mx_emu::current_arch = geometry->arch;
-    mx_emu::active = &l;
-    mx_emu::launch_grid = l.grid;
-    mx_emu::launch_block = l.block;
+    l.arch = geometry->arch;
     const uint64_t blocks = (uint64_t)l.grid.x * l.grid.y * l.grid.z;
     for (uint64_t i = 0; i < blocks && l.error.empty(); ++i) {
         const uint64_t b = geometry->reverse ? blocks - 1 - i : i;
         l.block_index = uint3{(unsigned)(b % l.grid.x), (unsigned)(b / l.grid.x % l.grid.y),
                               (unsigned)(b / l.grid.x / l.grid.y)};
-        mx_emu::current_block = l.block_index;
         memset(mx_emu::dynamic_shared_memory, 0xA5, geometry->shared_bytes);
-        mx_emu::run_block(l, stacks, geometry->reverse != 0);
+        mx_emu::run_block(l, mx_emu::thread_stacks, geometry->reverse != 0);
     }
-    mx_emu::active = nullptr;
-    munmap(stack_memory, stack_bytes);
     if (!l.error.empty()) return report(std::string(symbol) + ": " + l.error);
     return 0;
 }
