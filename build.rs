@@ -154,18 +154,34 @@ fn build_kernels() -> Result<Built, String> {
     let cached = Cached {
         nvcc: &nvcc,
         cache: &cache,
-        out_dir: &out_dir,
         identity: &header_bytes,
     };
-    let mut fatbins = cached.build(&sources, "fatbin", |stem| nvcc_args(stem, &csrc))?;
+    let kernels = cached.plan(&sources, "fatbin", |stem| nvcc_args(stem, &csrc))?;
+    let cutlass = plan_cutlass(&nvcc, &root, &cache, &header_bytes)?;
+    // One queue for every nvcc run, the longest first, so that no long compile starts last while
+    // the other workers have nothing left: CUTLASS's objects (about 45 s of a core each on a
+    // 2-core VM), then the kernel files by how many variants they instantiate.
+    let variants = variant_counts(&String::from_utf8_lossy(&read(
+        &csrc.join("generated/instantiations.cuh"),
+    )?));
+    let mut jobs: Vec<&Job> = cutlass.iter().flat_map(|c| &c.jobs).collect();
+    let mut kernel_jobs: Vec<&Job> = kernels.jobs.iter().collect();
+    kernel_jobs.sort_by_key(|job| std::cmp::Reverse(variants.get(&job.stem).copied().unwrap_or(0)));
+    jobs.extend(kernel_jobs);
+    compile_all(&nvcc, &jobs, &out_dir)?;
+    prune_cache(&cache, &kernels.outputs);
     // The table names copies in OUT_DIR, so that cleaning the cache never breaks a built crate.
+    let mut fatbins = kernels.outputs;
     for (stem, cached) in &mut fatbins {
         let copy = out_dir.join(format!("{stem}.fatbin"));
         std::fs::copy(&*cached, &copy).map_err(|e| format!("{}: {e}", copy.display()))?;
         *cached = copy;
     }
     write(&kernels_rs, &kernel_table(&fatbins))?;
-    build_cutlass(&nvcc, &root, &cache, &out_dir, &header_bytes)?;
+    if let Some(cutlass) = cutlass {
+        prune_cache(&cache, &cutlass.outputs);
+        link_cutlass(&nvcc, &cutlass.outputs)?;
+    }
     if std::env::var_os("CARGO_FEATURE_TESTING").is_some() {
         build_emulator(&csrc, &sources)?;
         build_emulated_driver(&csrc, &out_dir)?;
@@ -268,18 +284,17 @@ fn build_emulated_driver(csrc: &Path, out_dir: &Path) -> Result<(), String> {
     std::os::unix::fs::symlink("libcuda.so", &nccl).map_err(|e| fail(&e))
 }
 
-/// Compiles the CUTLASS shim (`csrc/cutlass/*.cu`: host code and sm_90a kernels) into objects, kept
-/// under their fingerprints in the kernel cache like the fatbins, and links them as the static
-/// library `mixtral_cutlass` (archived by the `cc` crate) with the static CUDA runtime CUTLASS
-/// launches through. Without CUTLASS's headers it warns and sets `cfg(mixtral_no_cutlass)`: the
-/// rest of the crate builds, and the CUTLASS kernels report that they were not built.
-fn build_cutlass(
+/// The CUTLASS shim (`csrc/cutlass/*.cu`: host code and sm_90a kernels), compiled by nvcc into
+/// objects kept under their fingerprints in the kernel cache like the fatbins (the compiles are
+/// returned, to be run with the kernels'), and linked by [`link_cutlass`]. Without CUTLASS's
+/// headers it warns, sets `cfg(mixtral_no_cutlass)` and returns `None`: the rest of the crate
+/// builds, and the CUTLASS kernels report that they were not built.
+fn plan_cutlass(
     nvcc: &Path,
     root: &Path,
     cache: &Path,
-    out_dir: &Path,
     header_bytes: &[u8],
-) -> Result<(), String> {
+) -> Result<Option<Planned>, String> {
     let shim = root.join("csrc/cutlass");
     let sources = list_files(&shim, "cu")?;
     println!("cargo::rerun-if-env-changed={CUTLASS_DIR_ENV}");
@@ -290,7 +305,7 @@ fn build_cutlass(
              `scripts/install-cuda-toolchain` to build them."
         );
         println!("cargo::rustc-cfg={NO_CUTLASS_CFG}");
-        return Ok(());
+        return Ok(None);
     };
     let shim_headers = list_files(&shim, "cuh")?;
     for path in sources.iter().chain(&shim_headers) {
@@ -304,13 +319,20 @@ fn build_cutlass(
     let cached = Cached {
         nvcc,
         cache,
-        out_dir,
         identity: &identity,
     };
-    let objects = cached.build(&sources, "o", |_| cutlass_args(root, &cutlass))?;
+    cached
+        .plan(&sources, "o", |_| cutlass_args(root, &cutlass))
+        .map(Some)
+}
+
+/// Archives the CUTLASS shim's compiled `objects` (stem, path) into the static library
+/// `mixtral_cutlass` (by the `cc` crate) and links it with the static CUDA runtime CUTLASS
+/// launches through.
+fn link_cutlass(nvcc: &Path, objects: &[(String, PathBuf)]) -> Result<(), String> {
     let mut archive = cc::Build::new();
     archive.cargo_metadata(true).cargo_warnings(true);
-    for (_, object) in &objects {
+    for (_, object) in objects {
         archive.object(object);
     }
     archive
@@ -383,22 +405,37 @@ fn cutlass_args(root: &Path, cutlass: &Path) -> Vec<String> {
 struct Cached<'a> {
     nvcc: &'a Path,
     cache: &'a Path,
-    out_dir: &'a Path,
     /// Bytes besides the source and flags that the outputs depend on (headers, versions).
     identity: &'a [u8],
 }
 
+/// What [`Cached::plan`] found: every source's output, and the compiles still to run for them.
+struct Planned {
+    /// (file stem, cached output) for each source, in the order of the sources.
+    outputs: Vec<(String, PathBuf)>,
+    /// The sources whose output is not cached yet.
+    jobs: Vec<Job>,
+}
+
+/// One nvcc run: `source` (file stem `stem`) with `args` into `output`.
+struct Job {
+    stem: String,
+    args: Vec<String>,
+    source: PathBuf,
+    output: PathBuf,
+}
+
 impl Cached<'_> {
-    /// (file stem, cached output ending in `.ext`) for each source, compiling with `args(stem)`
-    /// those not cached yet, and pruning older outputs of the same stems.
-    fn build(
+    /// The cached output ending in `.ext` of each source (compiled with `args(stem)`), and the
+    /// jobs that compile those not cached yet.
+    fn plan(
         &self,
         sources: &[PathBuf],
         ext: &str,
         args: impl Fn(&str) -> Vec<String>,
-    ) -> Result<Vec<(String, PathBuf)>, String> {
+    ) -> Result<Planned, String> {
         let mut outputs = Vec::new();
-        let mut to_compile = Vec::new();
+        let mut jobs = Vec::new();
         for source in sources {
             let stem = source
                 .file_stem()
@@ -408,14 +445,39 @@ impl Cached<'_> {
             let fingerprint = fingerprint(self.nvcc, &args, &read(source)?, self.identity);
             let cached = self.cache.join(format!("{stem}-{fingerprint}.{ext}"));
             if !cached.exists() {
-                to_compile.push((args, source.clone(), cached.clone()));
+                jobs.push(Job {
+                    stem: stem.to_string(),
+                    args,
+                    source: source.clone(),
+                    output: cached.clone(),
+                });
             }
             outputs.push((stem.to_string(), cached));
         }
-        compile_all(self.nvcc, &to_compile, self.out_dir)?;
-        prune_cache(self.cache, &outputs);
-        Ok(outputs)
+        Ok(Planned { outputs, jobs })
     }
+}
+
+/// How many kernel variants each `csrc/<stem>.cu` instantiates: the `X(...)` rows of the generated
+/// instantiation lists under each heading that names the file. The compile order of the kernel
+/// files, most first: nvcc's time grows with the variants (qmoe.cu's 50 took about 60 s of a core
+/// on a 2-core VM, a one-variant file a few seconds).
+fn variant_counts(instantiations: &str) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    let mut file = None;
+    for line in instantiations.lines() {
+        if let Some(heading) = line.strip_prefix("// ") {
+            file = heading
+                .split_once("(csrc/")
+                .and_then(|(_, rest)| rest.split_once(".cu"))
+                .map(|(stem, _)| stem.to_string());
+        } else if line.trim_start().starts_with("X(") {
+            if let Some(stem) = &file {
+                *counts.entry(stem.clone()).or_insert(0) += 1;
+            }
+        }
+    }
+    counts
 }
 
 /// The text of `kernels.rs` for these (file stem, fatbin path) pairs.
@@ -565,12 +627,8 @@ fn nvcc_args(stem: &str, csrc: &Path) -> Vec<String> {
     args
 }
 
-/// Compiles each `(args, source, fatbin)`, `NUM_JOBS` (cargo's job count) at a time.
-fn compile_all(
-    nvcc: &Path,
-    jobs: &[(Vec<String>, PathBuf, PathBuf)],
-    out_dir: &Path,
-) -> Result<(), String> {
+/// Runs the jobs, `NUM_JOBS` (cargo's job count) at a time, each worker taking the next in order.
+fn compile_all(nvcc: &Path, jobs: &[&Job], out_dir: &Path) -> Result<(), String> {
     let workers = std::env::var("NUM_JOBS")
         .ok()
         .and_then(|n| n.parse::<usize>().ok())
@@ -582,10 +640,10 @@ fn compile_all(
             .map(|_| {
                 scope.spawn(|| loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((args, source, fatbin)) = jobs.get(i) else {
+                    let Some(job) = jobs.get(i) else {
                         return Ok(());
                     };
-                    compile(nvcc, args, source, fatbin, out_dir)?;
+                    compile(nvcc, &job.args, &job.source, &job.output, out_dir)?;
                 })
             })
             .collect();
