@@ -189,16 +189,21 @@ namespace mx_emu {
 constexpr uintptr_t STACK_BYTES = 256 * 1024;
 // The bytes at the bottom of each stack kept for its Fiber (the rest is the thread's stack).
 constexpr uintptr_t FIBER_AREA_BYTES = 64 * 1024;
+// The bytes of a lane's exchange slot: the largest value it contributes to a warp collective.
+constexpr size_t SLOT_BYTES = 32;
 struct Launch;  // runtime.cpp
 // An emulated thread: its launch, its index in its block, its block's coordinates, the launch's
-// geometry and the compute capability it emulates (major * 100 + minor * 10: 800, 900; for the
-// code that differs by architecture, quant.cuh's FP8 pair conversion, sm_89+). Written by the
+// geometry, the compute capability it emulates (major * 100 + minor * 10: 800, 900; for the code
+// that differs by architecture, quant.cuh's FP8 pair conversion, sm_89+), and its warp's exchange
+// slots (32 lanes' in each of two banks) with the bank of its next warp collective. Written by the
 // scheduler before the thread starts.
 struct Fiber {
     Launch* launch;
     unsigned thread;
     unsigned arch;
     uint3 block, grid, block_dim;
+    unsigned char* warp_slots[2];
+    unsigned bank;
 };
 // The Fiber of the stack starting at `base`: within its bottom FIBER_AREA_BYTES, 64 bytes further a
 // stack, so that the Fibers of the stacks (STACK_BYTES apart) do not all fall in the same cache sets.
@@ -206,7 +211,7 @@ inline Fiber* fiber_at(uintptr_t base) {
     return reinterpret_cast<Fiber*>(base + (base / STACK_BYTES) % (FIBER_AREA_BYTES / 64) * 64);
 }
 // The Fiber of the running emulated thread (only ever called on an emulated thread's stack).
-inline const Fiber& this_fiber() {
+inline Fiber& this_fiber() {
     uintptr_t sp;
     asm("movq %%rsp, %0" : "=r"(sp));
     return *fiber_at(sp & ~(STACK_BYTES - 1));
@@ -229,19 +234,22 @@ void* shared_pointer(uint32_t address);
 // The launch's dynamic shared memory (at least 16-byte aligned, as large as the launch asked for).
 void* dynamic_shared();
 
-// The exchange slot (32 bytes) of `lane` in the current thread's warp, for the warp collective the
-// thread is at (two banks, used by a warp's collectives in turn).
-void* warp_slot(unsigned lane);
+// The exchange slot (SLOT_BYTES) of `lane` in the current thread's warp, for the warp collective
+// the thread is at (two banks, used by a warp's collectives in turn).
+inline void* warp_slot(unsigned lane) {
+    Fiber& f = this_fiber();
+    return f.warp_slots[f.bank] + lane * SLOT_BYTES;
+}
 // Waits until all 32 lanes of the warp are at a warp collective (`mask` must name them all), then
 // (once the thread has read the slots it wants) warp_done moves the thread to the other bank for its
 // next collective. A lane cannot write a bank again before every lane has read it: that takes the
 // collective in between, which opens only when all 32 lanes have reached it.
 void warp_wait(uint32_t mask);
-void warp_done();
+inline void warp_done() { this_fiber().bank ^= 1u; }
 
 template <class T>
 inline T shuffle_from(uint32_t mask, T v, int (*source)(int lane, int arg), int arg) {
-    static_assert(sizeof(T) <= 32, "a shuffled value fits an exchange slot");
+    static_assert(sizeof(T) <= SLOT_BYTES, "a shuffled value fits an exchange slot");
     const int lane = (int)(this_fiber().thread % 32);
     memcpy(warp_slot(lane), &v, sizeof(T));
     warp_wait(mask);

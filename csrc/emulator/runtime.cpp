@@ -55,8 +55,6 @@ namespace {
 
 // The largest dynamic shared memory a launch may ask for (Hopper's per-block limit).
 constexpr size_t DYNAMIC_SHARED_BYTES = 227 * 1024;
-// Largest value a lane contributes to a warp collective.
-constexpr size_t SLOT_BYTES = 32;
 
 // The origin of the 32-bit shared addresses: every thread-local static of this image (the kernels'
 // __shared__ variables and the dynamic shared memory below) lies within 2 GiB of the calling
@@ -71,7 +69,6 @@ struct Thread {
     void* stack_pointer;  // where mx_emulator_switch saved it
     State state;
     bool predicate;  // what it passed to the barrier it waits at
-    unsigned bank;   // the exchange-slot bank of its next warp collective
 };
 
 }  // namespace
@@ -257,11 +254,11 @@ thread_local Stacks thread_stacks;
 void run_block(Launch& l, const Stacks& stacks, bool reverse) {
     const unsigned n = (unsigned)l.threads.size();
     for (unsigned t = 0; t < n; ++t) {
-        stacks.fiber(t) = Fiber{&l, t, l.arch, l.block_index, l.grid, l.block};
+        stacks.fiber(t) = Fiber{&l, t, l.arch, l.block_index, l.grid, l.block,
+                                {l.slots[0][t / 32 * 32], l.slots[1][t / 32 * 32]}, 0};
         Thread& th = l.threads[t];
         th.state = State::Ready;
         th.predicate = false;
-        th.bank = 0;
         th.stack_pointer = new_stack(stacks.top(t));
     }
     l.reverse = reverse;
@@ -290,18 +287,6 @@ void run_block(Launch& l, const Stacks& stacks, bool reverse) {
 }  // namespace
 
 
-// warp_slot of the launch `l` (the collectives below look the launch up once, not per slot).
-void* slot_of(Launch& l, unsigned lane) {
-    return l.slots[l.threads[l.current].bank][l.current / 32 * 32 + lane];
-}
-
-void* warp_slot(unsigned lane) { return slot_of(launch(), lane); }
-
-void warp_done() {
-    Launch& l = launch();
-    l.threads[l.current].bank ^= 1u;
-}
-
 void warp_wait(uint32_t mask) {
     if (mask != 0xffffffffu) trap("a warp collective with a partial lane mask (not emulated)");
     wait(State::AtCollective);
@@ -315,11 +300,10 @@ bool block_barrier(bool predicate) {
 }
 
 void warp_gather(uint32_t mask, const void* mine, size_t bytes, void* all) {
-    Launch& l = launch();
     if (bytes > SLOT_BYTES) trap("a warp collective value over 32 bytes");
-    memcpy(slot_of(l, l.current % 32), mine, bytes);
+    memcpy(warp_slot(this_fiber().thread % 32), mine, bytes);
     warp_wait(mask);
-    for (unsigned i = 0; i < 32; ++i) memcpy(static_cast<char*>(all) + i * bytes, slot_of(l, i), bytes);
+    for (unsigned i = 0; i < 32; ++i) memcpy(static_cast<char*>(all) + i * bytes, warp_slot(i), bytes);
     warp_done();
 }
 
@@ -352,7 +336,7 @@ void multiply_warp_tile(Launch& l, unsigned warp) {
     float A[16][16], B[8][16];  // A[row][k], B[column][k]
     for (unsigned lane = 0; lane < 32; ++lane) {
         uint32_t r[6];
-        memcpy(r, slot_of(l, lane), sizeof r);
+        memcpy(r, warp_slot(lane), sizeof r);
         const unsigned g = lane / 4, q = lane % 4;
         for (unsigned i = 0; i < 4; ++i) {
             const unsigned row = g + 8 * (i % 2), k = 2 * q + 8 * (i / 2);
@@ -386,7 +370,7 @@ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t
     const unsigned thread = l.current, warp = thread / 32;
     const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
     static_assert(sizeof mine <= SLOT_BYTES, "a lane's A and B registers fit an exchange slot");
-    memcpy(slot_of(l, thread % 32), mine, sizeof mine);
+    memcpy(warp_slot(thread % 32), mine, sizeof mine);
     memcpy(l.mma_d[thread], d, sizeof d);
     if (++l.mma_arrivals[warp] == 32) {
         l.mma_arrivals[warp] = 0;
