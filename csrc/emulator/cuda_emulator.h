@@ -205,10 +205,13 @@ struct Fiber {
     unsigned char* warp_slots[2];
     unsigned bank;
 };
-// The Fiber of the stack starting at `base`: within its bottom FIBER_AREA_BYTES, 64 bytes further a
-// stack, so that the Fibers of the stacks (STACK_BYTES apart) do not all fall in the same cache sets.
+// The Fiber of the stack starting at `base`: within its bottom FIBER_AREA_BYTES, at one of
+// FIBER_PLACES places 64 bytes apart, the next place for the next stack, so that the Fibers of the
+// stacks (STACK_BYTES apart) do not all fall in the same cache sets.
+constexpr uintptr_t FIBER_PLACES = 512;
+static_assert((FIBER_PLACES - 1) * 64 + sizeof(Fiber) <= FIBER_AREA_BYTES, "a Fiber stays in its area");
 inline Fiber* fiber_at(uintptr_t base) {
-    return reinterpret_cast<Fiber*>(base + (base / STACK_BYTES) % (FIBER_AREA_BYTES / 64) * 64);
+    return reinterpret_cast<Fiber*>(base + (base / STACK_BYTES) % FIBER_PLACES * 64);
 }
 // The Fiber of the running emulated thread (only ever called on an emulated thread's stack).
 inline Fiber& this_fiber() {
