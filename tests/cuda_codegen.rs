@@ -145,8 +145,8 @@ fn every_family_is_defined_in_its_source_file() {
     }
 }
 
-/// Compiles `params.h` with the host C compiler as C11 and as C++17; its static asserts compare the
-/// compiler's layout with the generator's numbers.
+/// Compiles `params.h` (and `shims.h`, which includes it) with the host C compiler as C11 and as
+/// C++17; its static asserts compare the compiler's layout with the generator's numbers.
 #[test]
 fn c_layouts_match_the_generator() {
     let Some(cc) = ["cc", "gcc", "clang"]
@@ -160,16 +160,22 @@ fn c_layouts_match_the_generator() {
     };
     let scratch = tempfile::tempdir().unwrap();
     let header = repo().join("csrc/generated/params.h");
+    let shims = repo().join("csrc/generated/shims.h");
     for (lang, std_flag, file) in [
         ("c", "-std=c11", "check.c"),
         ("c++", "-std=c++17", "check.cpp"),
     ] {
         let source = scratch.path().join(file);
-        std::fs::write(&source, format!("#include \"{}\"\n", header.display())).unwrap();
+        let includes = format!(
+            "#include \"{}\"\n#include \"{}\"\n",
+            header.display(),
+            shims.display()
+        );
+        std::fs::write(&source, includes).unwrap();
         let output = compile(cc, lang, std_flag, &source);
         assert!(
             output.status.success(),
-            "{cc} ({lang}) rejects params.h:\n{}",
+            "{cc} ({lang}) rejects params.h or shims.h:\n{}",
             String::from_utf8_lossy(&output.stderr)
         );
     }
@@ -187,6 +193,19 @@ fn c_layouts_match_the_generator() {
     )
     .unwrap();
     assert!(!compile(cc, "c", "-std=c11", &source).status.success());
+    // The shim declarations are live: a definition in csrc/cutlass/ taking another struct than the
+    // one declared (and mirrored in src/cuda/shims.rs) is rejected.
+    let source = scratch.path().join("wrong_shim.cpp");
+    std::fs::write(
+        &source,
+        format!(
+            "#include \"{}\"\nextern \"C\" int mx_moe_cutlass_run(const MoeCutlassQ8Params* p, \
+             void* s) {{ return p != 0 && s != 0; }}\n",
+            shims.display()
+        ),
+    )
+    .unwrap();
+    assert!(!compile(cc, "c++", "-std=c++17", &source).status.success());
 }
 
 fn compile(cc: &str, lang: &str, std_flag: &str, source: &Path) -> std::process::Output {

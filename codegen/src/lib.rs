@@ -3,7 +3,9 @@
 //! [`spec`] is the one description of every kernel's parameter struct, shared constants and
 //! template instantiations; [`emit`] writes from it the C header `csrc/generated/params.h`, the
 //! X-macro list `csrc/generated/instantiations.cuh`, the Rust mirrors `src/cuda/params.rs` and
-//! `src/cuda/params_ffi.rs`, and the typed launch arguments `src/cuda/args.rs` ([`args`]); [`layout`] computes the C layout both sides assert.
+//! `src/cuda/params_ffi.rs`, the typed launch arguments `src/cuda/args.rs` ([`args`]), and the
+//! declarations of the CUTLASS shim's host entry points, `csrc/generated/shims.h` and
+//! `src/cuda/shims.rs` ([`shims`]); [`layout`] computes the C layout both sides assert.
 //!
 //! The outputs are checked in. `tests/cuda_codegen.rs` in the main crate includes this file (so the
 //! modules refer to each other through `super::`, never `crate::`), writes the outputs to a
@@ -15,6 +17,8 @@ pub mod args;
 pub mod emit;
 #[path = "layout.rs"]
 pub mod layout;
+#[path = "shims.rs"]
+pub mod shims;
 #[path = "spec.rs"]
 pub mod spec;
 

@@ -937,3 +937,105 @@ const TILE_AXIS: Axis = Axis {
     name: "TILE",
     values: &[v(1, "t1"), v(2, "t2"), v(4, "t4"), v(8, "t8")],
 };
+
+/// An argument of a host entry point of the CUTLASS shim (`csrc/cutlass/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShimArg {
+    /// A `uint32_t` / `u32` of this name.
+    U32(&'static str),
+    /// `const <struct>* params`: a parameter struct of [`STRUCTS`], read on the host only.
+    Params(&'static str),
+    /// `void* stream` / `*mut c_void`: the `cudaStream_t` (a `CUstream`) the work is enqueued on.
+    Stream,
+}
+
+/// What a host entry point of the CUTLASS shim returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShimReturn {
+    /// `size_t` / `usize`: a workspace size in bytes.
+    Bytes,
+    /// `int` / `i32`: 0, a `cudaError_t` (below `MOE_CUTLASS_STATUS_BASE`), or
+    /// `MOE_CUTLASS_STATUS_BASE` + a `cutlass::Status`.
+    Status,
+}
+
+/// A host entry point of the CUTLASS shim: declared once in `csrc/generated/shims.h` (which every
+/// definition in `csrc/cutlass/` must match, or nvcc rejects it) and in `src/cuda/shims.rs`.
+#[derive(Debug, Clone, Copy)]
+pub struct Shim {
+    /// The C symbol, `mx_...`.
+    pub name: &'static str,
+    /// What it computes.
+    pub doc: &'static str,
+    /// Its arguments, in order.
+    pub args: &'static [ShimArg],
+    /// What it returns.
+    pub returns: ShimReturn,
+}
+
+/// The arguments of a grouped expert GEMM's workspace query.
+const EXPERTS_ON_SMS: &[ShimArg] = &[ShimArg::U32("experts"), ShimArg::U32("sm_count")];
+
+/// Every host entry point of the CUTLASS shim.
+pub const SHIMS: &[Shim] = &[
+    Shim {
+        name: "mx_moe_cutlass_workspace_bytes",
+        doc: "Workspace bytes of the bf16 grouped expert GEMMs of `experts` experts on `sm_count` SMs (csrc/cutlass/moe_experts_sm90.cu).",
+        args: EXPERTS_ON_SMS,
+        returns: ShimReturn::Bytes,
+    },
+    Shim {
+        name: "mx_moe_cutlass_run",
+        doc: "The bf16 expert MLPs of a prefill chunk (the six steps of csrc/cutlass/moe_experts_sm90.cu) on `stream`.",
+        args: &[ShimArg::Params("MoeCutlassParams"), ShimArg::Stream],
+        returns: ShimReturn::Status,
+    },
+    Shim {
+        name: "mx_moe_cutlass_fp8_workspace_bytes",
+        doc: "Workspace bytes of the FP8 grouped expert GEMMs of `experts` experts on `sm_count` SMs (csrc/cutlass/moe_experts_fp8_sm90.cu).",
+        args: EXPERTS_ON_SMS,
+        returns: ShimReturn::Bytes,
+    },
+    Shim {
+        name: "mx_moe_cutlass_fp8_run",
+        doc: "The expert MLPs of a prefill chunk over FP8 E4M3 stacks (csrc/cutlass/moe_experts_q8.cuh) on `stream`.",
+        args: &[ShimArg::Params("MoeCutlassQ8Params"), ShimArg::Stream],
+        returns: ShimReturn::Status,
+    },
+    Shim {
+        name: "mx_moe_cutlass_int8_workspace_bytes",
+        doc: "Workspace bytes of the INT8 grouped expert GEMMs of `experts` experts on `sm_count` SMs (csrc/cutlass/moe_experts_int8_sm90.cu).",
+        args: EXPERTS_ON_SMS,
+        returns: ShimReturn::Bytes,
+    },
+    Shim {
+        name: "mx_moe_cutlass_int8_run",
+        doc: "The expert MLPs of a prefill chunk over INT8 stacks (csrc/cutlass/moe_experts_q8.cuh) on `stream`.",
+        args: &[ShimArg::Params("MoeCutlassQ8Params"), ShimArg::Stream],
+        returns: ShimReturn::Status,
+    },
+    Shim {
+        name: "mx_linear_cutlass_bf16_workspace_bytes",
+        doc: "Workspace bytes of the bf16-output dense GEMM of `params`' shape on its `sm_count` SMs (its buffers unused; csrc/cutlass/linear_bf16_sm90.cu).",
+        args: &[ShimArg::Params("LinearCutlassParams")],
+        returns: ShimReturn::Bytes,
+    },
+    Shim {
+        name: "mx_linear_cutlass_bf16_run",
+        doc: "The bf16-output dense GEMM of csrc/cutlass/linear_sm90.cuh on `stream`.",
+        args: &[ShimArg::Params("LinearCutlassParams"), ShimArg::Stream],
+        returns: ShimReturn::Status,
+    },
+    Shim {
+        name: "mx_linear_cutlass_f32_workspace_bytes",
+        doc: "Workspace bytes of the f32-output dense GEMM of `params`' shape on its `sm_count` SMs (its buffers unused; csrc/cutlass/linear_f32_sm90.cu).",
+        args: &[ShimArg::Params("LinearCutlassParams")],
+        returns: ShimReturn::Bytes,
+    },
+    Shim {
+        name: "mx_linear_cutlass_f32_run",
+        doc: "The f32-output dense GEMM of csrc/cutlass/linear_sm90.cuh on `stream`.",
+        args: &[ShimArg::Params("LinearCutlassParams"), ShimArg::Stream],
+        returns: ShimReturn::Status,
+    },
+];

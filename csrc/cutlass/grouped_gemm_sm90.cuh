@@ -15,6 +15,9 @@
 // the expert-sorted rows expert_offsets[e] .. expert_offsets[e + 1].
 //
 // Alignment: TMA needs 16-byte aligned rows; the Rust planners check hidden and inter for it.
+//
+// The shims' `extern "C"` entry points are declared in the generated shims.h (included here), so a
+// definition that differs from the Rust declarations' source does not compile.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,6 +33,7 @@
 #include "cutlass/util/packed_stride.hpp"
 
 #include "../generated/params.h"
+#include "../generated/shims.h"
 
 namespace mx_cutlass {
 

@@ -23,68 +23,11 @@ use crate::cuda::error::CudaError;
 use crate::cuda::memory::{copy_to_host, AnyViewMut, DeviceArena, DeviceBuffer, ViewMut};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::LinearCutlassParams;
+use crate::cuda::shims;
 use crate::sampling::Rng;
 
 /// The op name in errors.
 const OP: &str = "linear_cutlass";
-
-#[cfg(not(any(mixtral_no_kernels, mixtral_no_cutlass)))]
-mod ffi {
-    use crate::cuda::params::LinearCutlassParams;
-    use std::ffi::c_void;
-
-    extern "C" {
-        /// Workspace bytes of the bf16-output GEMM of `params`' shape on its `sm_count` SMs
-        /// (buffers unused).
-        pub fn mx_linear_cutlass_bf16_workspace_bytes(params: *const LinearCutlassParams) -> usize;
-        /// The bf16-output GEMM of `csrc/cutlass/linear_sm90.cuh` on `stream`: 0, a `cudaError_t`,
-        /// or `MOE_CUTLASS_STATUS_BASE` + a `cutlass::Status`.
-        pub fn mx_linear_cutlass_bf16_run(
-            params: *const LinearCutlassParams,
-            stream: *mut c_void,
-        ) -> i32;
-        /// Workspace bytes of the f32-output GEMM.
-        pub fn mx_linear_cutlass_f32_workspace_bytes(params: *const LinearCutlassParams) -> usize;
-        /// The f32-output GEMM on `stream` (codes as above).
-        pub fn mx_linear_cutlass_f32_run(
-            params: *const LinearCutlassParams,
-            stream: *mut c_void,
-        ) -> i32;
-    }
-}
-
-/// Refuses a build without the CUTLASS shim (no CUTLASS headers when it was compiled).
-#[cfg(any(mixtral_no_kernels, mixtral_no_cutlass))]
-mod ffi {
-    use crate::cuda::params::LinearCutlassParams;
-    use std::ffi::c_void;
-
-    pub unsafe extern "C" fn mx_linear_cutlass_bf16_workspace_bytes(
-        _: *const LinearCutlassParams,
-    ) -> usize {
-        0
-    }
-
-    pub unsafe extern "C" fn mx_linear_cutlass_bf16_run(
-        _: *const LinearCutlassParams,
-        _: *mut c_void,
-    ) -> i32 {
-        -1
-    }
-
-    pub unsafe extern "C" fn mx_linear_cutlass_f32_workspace_bytes(
-        _: *const LinearCutlassParams,
-    ) -> usize {
-        0
-    }
-
-    pub unsafe extern "C" fn mx_linear_cutlass_f32_run(
-        _: *const LinearCutlassParams,
-        _: *mut c_void,
-    ) -> i32 {
-        -1
-    }
-}
 
 /// One output type's run entry of the shim.
 type Entry = unsafe extern "C" fn(*const LinearCutlassParams, *mut std::ffi::c_void) -> i32;
@@ -149,8 +92,8 @@ impl LinearCutlassScratch {
                 // SAFETY: pure host computations of CUTLASS over its own argument structs.
                 let (b, f) = unsafe {
                     (
-                        ffi::mx_linear_cutlass_bf16_workspace_bytes(&p),
-                        ffi::mx_linear_cutlass_f32_workspace_bytes(&p),
+                        shims::mx_linear_cutlass_bf16_workspace_bytes(&p),
+                        shims::mx_linear_cutlass_f32_workspace_bytes(&p),
                     )
                 };
                 most = most.max(b).max(f);
@@ -213,11 +156,14 @@ pub fn linear_cutlass(
         return Ok(());
     }
     let (entry, run): (_, Entry) = if out_f32 {
-        ("mx_linear_cutlass_f32_run", ffi::mx_linear_cutlass_f32_run)
+        (
+            "mx_linear_cutlass_f32_run",
+            shims::mx_linear_cutlass_f32_run,
+        )
     } else {
         (
             "mx_linear_cutlass_bf16_run",
-            ffi::mx_linear_cutlass_bf16_run,
+            shims::mx_linear_cutlass_bf16_run,
         )
     };
     // SAFETY: every buffer of `params` was checked against the extents the shim touches and is

@@ -1,9 +1,9 @@
 //! The prefill expert MLPs on CUTLASS's Hopper grouped GEMM (TMA, warp-specialized cooperative,
-//! persistent; sm_90a only), through the `extern "C"` entry points of `csrc/cutlass/`, declared here
-//! and nowhere else. Shapes (`S = tokens * top_k` slots): x `[tokens, hidden]` bf16 is gathered into
-//! expert-sorted rows `[S, hidden]`, the w1 / w3 products `[2, S, inter]` f32 become the SwiGLU
-//! activations `[S, inter]` (expert-sorted), the w2 product `[S, hidden]` f32 is scattered into
-//! `out [S, hidden]` f32 per slot with its routing weight.
+//! persistent; sm_90a only), through the `extern "C"` entry points of `csrc/cutlass/` (declared
+//! in the generated `src/cuda/shims.rs`). Shapes (`S = tokens * top_k` slots): x
+//! `[tokens, hidden]` bf16 is gathered into expert-sorted rows `[S, hidden]`, the w1 / w3 products
+//! `[2, S, inter]` f32 become the SwiGLU activations `[S, inter]` (expert-sorted), the w2 product
+//! `[S, hidden]` f32 is scattered into `out [S, hidden]` f32 per slot with its routing weight.
 //! - [`moe_cutlass_gemm`]: bf16 experts (`moe_experts_sm90.cu`); `act` is written in bf16.
 //! - [`moe_cutlass_q8_gemm`]: 8-bit expert stacks (FP8 E4M3 or INT8) read as packed
 //!   (`moe_experts_q8.cuh`, one translation unit per format), 8-bit x 8-bit on the tensor cores:
@@ -39,72 +39,13 @@ use crate::cuda::error::{CudaError, KernelError};
 use crate::cuda::memory::{copy_to_host, DeviceArena, DeviceBuffer};
 use crate::cuda::module::Kernels;
 use crate::cuda::params::{MOE_CUTLASS_GROUP_BYTES, MOE_CUTLASS_STATUS_BASE};
+use crate::cuda::shims;
 use crate::dtype::WeightSlice;
 use crate::quant::{packed, PackedKind, QuantFormat, Q8};
 
 /// The op names in errors.
 const OP: &str = "moe_cutlass_gemm";
 const OP_Q8: &str = "moe_cutlass_q8_gemm";
-
-#[cfg(not(any(mixtral_no_kernels, mixtral_no_cutlass)))]
-mod ffi {
-    use crate::cuda::params::{MoeCutlassParams, MoeCutlassQ8Params};
-    use std::ffi::c_void;
-
-    extern "C" {
-        /// Workspace bytes of the bf16 grouped GEMMs of `experts` experts on `sm_count` SMs.
-        pub fn mx_moe_cutlass_workspace_bytes(experts: u32, sm_count: u32) -> usize;
-        /// The six steps of `csrc/cutlass/moe_experts_sm90.cu` on `stream`: 0, a `cudaError_t`, or
-        /// `MOE_CUTLASS_STATUS_BASE` + a `cutlass::Status`.
-        pub fn mx_moe_cutlass_run(params: *const MoeCutlassParams, stream: *mut c_void) -> i32;
-        /// Workspace bytes of the FP8 grouped GEMMs of `experts` experts on `sm_count` SMs.
-        pub fn mx_moe_cutlass_fp8_workspace_bytes(experts: u32, sm_count: u32) -> usize;
-        /// The six steps of `csrc/cutlass/moe_experts_q8.cuh` over FP8 stacks on `stream` (codes
-        /// as above).
-        pub fn mx_moe_cutlass_fp8_run(
-            params: *const MoeCutlassQ8Params,
-            stream: *mut c_void,
-        ) -> i32;
-        /// Workspace bytes of the INT8 grouped GEMMs of `experts` experts on `sm_count` SMs.
-        pub fn mx_moe_cutlass_int8_workspace_bytes(experts: u32, sm_count: u32) -> usize;
-        /// The six steps of `csrc/cutlass/moe_experts_q8.cuh` over INT8 stacks on `stream`.
-        pub fn mx_moe_cutlass_int8_run(
-            params: *const MoeCutlassQ8Params,
-            stream: *mut c_void,
-        ) -> i32;
-    }
-}
-
-/// Refuses a build without the CUTLASS shim (no CUTLASS headers when it was compiled).
-#[cfg(any(mixtral_no_kernels, mixtral_no_cutlass))]
-mod ffi {
-    use crate::cuda::params::{MoeCutlassParams, MoeCutlassQ8Params};
-    use std::ffi::c_void;
-
-    pub unsafe fn mx_moe_cutlass_workspace_bytes(_: u32, _: u32) -> usize {
-        0
-    }
-
-    pub unsafe fn mx_moe_cutlass_run(_: *const MoeCutlassParams, _: *mut c_void) -> i32 {
-        -1
-    }
-
-    pub unsafe fn mx_moe_cutlass_fp8_workspace_bytes(_: u32, _: u32) -> usize {
-        0
-    }
-
-    pub unsafe fn mx_moe_cutlass_fp8_run(_: *const MoeCutlassQ8Params, _: *mut c_void) -> i32 {
-        -1
-    }
-
-    pub unsafe fn mx_moe_cutlass_int8_workspace_bytes(_: u32, _: u32) -> usize {
-        0
-    }
-
-    pub unsafe fn mx_moe_cutlass_int8_run(_: *const MoeCutlassQ8Params, _: *mut c_void) -> i32 {
-        -1
-    }
-}
 
 /// The one compute capability the CUTLASS shim is built for (sm_90a: H100, H200).
 pub const CUTLASS_COMPUTE_CAPABILITY: (i32, i32) = super::HOPPER_COMPUTE_CAPABILITY;
@@ -150,12 +91,12 @@ impl GemmScratch {
         // SAFETY: pure host computations of CUTLASS over its own argument structs.
         let workspace = unsafe {
             match precision {
-                Precision::Bf16 => ffi::mx_moe_cutlass_workspace_bytes(max.experts, sm_count),
+                Precision::Bf16 => shims::mx_moe_cutlass_workspace_bytes(max.experts, sm_count),
                 Precision::Q8(Q8::Fp8) => {
-                    ffi::mx_moe_cutlass_fp8_workspace_bytes(max.experts, sm_count)
+                    shims::mx_moe_cutlass_fp8_workspace_bytes(max.experts, sm_count)
                 }
                 Precision::Q8(Q8::Int8) => {
-                    ffi::mx_moe_cutlass_int8_workspace_bytes(max.experts, sm_count)
+                    shims::mx_moe_cutlass_int8_workspace_bytes(max.experts, sm_count)
                 }
             }
         };
@@ -461,7 +402,7 @@ pub fn moe_cutlass_gemm(
     // SAFETY: every buffer of `params` was checked against the extents the shim touches and is
     // borrowed (the scratch mutably) for this call; the shim only enqueues work on the stream.
     run_shim(stream, "mx_moe_cutlass_run", |stream| unsafe {
-        ffi::mx_moe_cutlass_run(&params, stream)
+        shims::mx_moe_cutlass_run(&params, stream)
     })
 }
 
@@ -488,10 +429,10 @@ pub fn moe_cutlass_q8_gemm(
     // SAFETY: as in `moe_cutlass_gemm`.
     match scratch.format {
         Q8::Fp8 => run_shim(stream, "mx_moe_cutlass_fp8_run", |stream| unsafe {
-            ffi::mx_moe_cutlass_fp8_run(&params, stream)
+            shims::mx_moe_cutlass_fp8_run(&params, stream)
         }),
         Q8::Int8 => run_shim(stream, "mx_moe_cutlass_int8_run", |stream| unsafe {
-            ffi::mx_moe_cutlass_int8_run(&params, stream)
+            shims::mx_moe_cutlass_int8_run(&params, stream)
         }),
     }
 }
