@@ -215,6 +215,9 @@ fn build_emulator(csrc: &Path, sources: &[PathBuf]) -> Result<(), String> {
         // The runtime's functions call each other directly (and inline) instead of through the
         // shared library's symbol table: nothing outside replaces them.
         .flag("-fno-semantic-interposition")
+        // Frames over a page touch each page on the way down, so one that outgrows its emulated
+        // stack faults on the guard page under it (runtime.cpp) instead of jumping past it.
+        .flag("-fstack-clash-protection")
         .flag("-x")
         .flag("c++");
     // The fused multiply-adds the kernels and the emulated tensor cores ask for (fmaf) as

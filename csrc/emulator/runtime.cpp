@@ -212,7 +212,12 @@ bool release(Launch& l) {
 // (see this_fiber), kept from one launch to the next and grown when a launch has more threads (a
 // fresh mapping for each launch spent about a tenth of the emulated engine tests' time faulting in
 // and clearing pages). A stack left by a launch abandoned at a fault (driver.cpp) is simply reused.
+// Each stack's lowest usable byte sits above a guard page, so an overflow is a crash, never a
+// corrupted Fiber.
 struct Stacks {
+    static constexpr uintptr_t GUARD_BYTES = 4096;
+    static_assert((FIBER_PLACES - 1) * 64 + sizeof(Fiber) <= FIBER_AREA_BYTES - GUARD_BYTES,
+                  "a Fiber stays below its stack's guard page");
     char* mapping = nullptr;
     size_t mapping_bytes = 0;
     char* memory = nullptr;  // the first stack, STACK_BYTES-aligned
@@ -239,6 +244,14 @@ struct Stacks {
         const uintptr_t aligned = (reinterpret_cast<uintptr_t>(mapping) + STACK_BYTES - 1) & ~(STACK_BYTES - 1);
         memory = reinterpret_cast<char*>(aligned);
         threads = wanted;
+        // A guard page at the top of each Fiber area, under the stack: a thread whose frames
+        // outgrow its stack faults there instead of overwriting its Fiber unnoticed.
+        for (size_t t = 0; t < wanted; ++t) {
+            if (mprotect(memory + t * STACK_BYTES + FIBER_AREA_BYTES - GUARD_BYTES, GUARD_BYTES, PROT_NONE) != 0) {
+                release();
+                return false;
+            }
+        }
         return true;
     }
     Fiber& fiber(size_t t) const { return *fiber_at(reinterpret_cast<uintptr_t>(memory) + t * STACK_BYTES); }

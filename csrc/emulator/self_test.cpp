@@ -1,7 +1,8 @@
 // self_test.cpp: kernels that check the emulator itself (src/cuda/emulator.rs's unit tests run
 // them): the values of its warp collectives, that a read racing a write differs between the two
 // thread orders, that launches on different OS threads each have their own shared memory, and that
-// what would hang or be undefined on a GPU ends the launch with an error.
+// what would hang or be undefined on a GPU ends the launch with an error (and a stack overflow the
+// process).
 // One block of 64 threads each; out [64] int32.
 #include "../common.cuh"
 
@@ -62,6 +63,15 @@ __device__ void trap_once(const MxEmulatorSelfTestParams&) {
     if (threadIdx.x == 7) __trap();
 }
 
+// A frame of 200 KiB, more than any emulated thread's stack holds (at most 192 KiB above its guard
+// page): the stack-clash probes touch each page on the way down, so it faults on the guard page
+// (the test process dies of SIGSEGV) before anything lands in the thread's Fiber.
+__device__ void deep_stack(const MxEmulatorSelfTestParams& p) {
+    volatile char frame[200 * 1024];
+    frame[0] = (char)threadIdx.x;
+    p.out[threadIdx.x] = frame[0];
+}
+
 }  // namespace
 
 MX_ENTRY(emulator_shuffles, (64), MxEmulatorSelfTestParams, shuffles(p))
@@ -70,3 +80,4 @@ MX_ENTRY(emulator_split_warp, (64), MxEmulatorSelfTestParams, split_warp(p))
 MX_ENTRY(emulator_exited_lane, (64), MxEmulatorSelfTestParams, exited_lane(p))
 MX_ENTRY(emulator_shared_per_launch, (64), MxEmulatorSelfTestParams, shared_per_launch(p))
 MX_ENTRY(emulator_trap, (64), MxEmulatorSelfTestParams, trap_once(p))
+MX_ENTRY(emulator_deep_stack, (64), MxEmulatorSelfTestParams, deep_stack(p))

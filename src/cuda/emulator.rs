@@ -250,6 +250,35 @@ mod tests {
         }
     }
 
+    /// A kernel whose frames outgrow its emulated thread's stack kills the process on the guard
+    /// page under the stack (a crash, never a silently overwritten thread identity): the test
+    /// runs itself in a child process, which must die of SIGSEGV.
+    #[test]
+    fn a_stack_overflow_is_a_crash() {
+        const CHILD: &str = "MIXTRAL_EMULATOR_DEEP_STACK_CHILD";
+        const NAME: &str = "cuda::emulator::tests::a_stack_overflow_is_a_crash";
+        if std::env::var_os(CHILD).is_some() {
+            let result = self_test("emulator_deep_stack", Order::Forward);
+            // Only reached when nothing faulted.
+            eprintln!("the deep frame returned {result:?}");
+            std::process::exit(0);
+        }
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let child = std::process::Command::new(exe)
+            .args([NAME, "--exact", "--test-threads=1", "--nocapture"])
+            .env(CHILD, "1")
+            .output()
+            .expect("running the test binary again");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            child.status.signal(),
+            Some(11),
+            "expected SIGSEGV, got {:?}; stderr:\n{}",
+            child.status,
+            String::from_utf8_lossy(&child.stderr)
+        );
+    }
+
     /// What would hang or be undefined on a GPU, and a kernel the emulator does not have, end the
     /// launch with an error naming the fault.
     #[test]
