@@ -1,5 +1,6 @@
 //! The `openai_request` target's check of one input, shared with the main crate's
-//! `tests/server_fuzz_corpus.rs` (which includes this file) so that the seed corpus runs in CI.
+//! `tests/integration/server_fuzz_corpus.rs` (which includes this file) so that the seed corpus
+//! runs in CI.
 //!
 //! The first byte picks the endpoint (even: `/v1/completions`, odd: `/v1/chat/completions`), the
 //! rest is the body; the model is `tokenizer` with a context of [`CONTEXT`] tokens.

@@ -3,8 +3,9 @@
 //! reference of the expert slots the MoE kernels write ([`moe`]), and, with `--features cuda`, the
 //! one rule deciding when a GPU test may skip ([`gpu`]), and running `mixtral-run` ([`run`]).
 //!
-//! A test file at `tests/x.rs` includes it with `mod common;`; the kernel tests' folder with
-//! `#[path = "../common/mod.rs"] mod shared;`. Each test binary uses part of it.
+//! A test file at `tests/x.rs` includes it with `mod common;`; the test folders
+//! (`tests/integration/`, `tests/gpu_kernels/`) with `#[path = "../common/mod.rs"]`. Each test
+//! binary uses part of it.
 #![allow(dead_code)]
 
 #[cfg(feature = "cuda")]

@@ -20,7 +20,7 @@
 //!   meet the golden tests' own tolerances against transformers: greedy ids equal, per-token
 //!   log-probs within 1e-4, perplexity within 1e-4 relative, last logits within 1e-5 relative L2.
 
-mod common;
+use crate::common;
 
 use common::numeric::{max_abs_diff, random_values};
 use common::repo::root;

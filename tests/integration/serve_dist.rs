@@ -1,10 +1,10 @@
 //! `mixtral-serve --dist-init`: a split served by ranks in separate processes, as
-//! `mixtral-run --dist-init` runs one (`tests/cli_shard.rs`). Two CPU ranks of `models/tiny-mixtral`
-//! at `--tensor-parallel 2` on 127.0.0.1: rank 0 serves HTTP, rank 1 follows it; a greedy
-//! completion equals the unsharded server's (the TCP ranks sum in the in-process ranks' order, whose
-//! TP 2 output `tests/server_http.rs` compares with one rank's); when rank 0 is stopped (SIGTERM),
-//! rank 1 ends too, with status 0; when rank 1 dies, rank 0 answers errors naming it (and `/health`
-//! 503) instead of hanging.
+//! `mixtral-run --dist-init` runs one (`tests/integration/cli_shard.rs`). Two CPU ranks of
+//! `models/tiny-mixtral` at `--tensor-parallel 2` on 127.0.0.1: rank 0 serves HTTP, rank 1 follows
+//! it; a greedy completion equals the unsharded server's (the TCP ranks sum in the in-process
+//! ranks' order, whose TP 2 output `tests/integration/server_http.rs` compares with one rank's);
+//! when rank 0 is stopped (SIGTERM), rank 1 ends too, with status 0; when rank 1 dies, rank 0
+//! answers errors naming it (and `/health` 503) instead of hanging.
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};

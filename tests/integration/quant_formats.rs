@@ -14,7 +14,7 @@
 //! NF4 / FP4 tables. Exact equality holds because both sides compute `scale * (q - zero)` (or
 //! `table[q] * absmax`) with one f32 rounding from the same operands.
 
-mod common;
+use crate::common;
 
 use common::repo::root;
 use half::{bf16, f16};

@@ -749,11 +749,11 @@ async fn concurrent_requests_share_engine_steps() {
 
 /// `--expert-parallel 2` and `--tensor-parallel 2` serve from simulated CPU ranks what one rank
 /// serves. Expert parallelism gives exactly the unsharded logits (each slot's expert output comes
-/// whole from one rank, the other adds zeros), so its greedy text must be equal. Tensor
-/// parallelism only reorders f32 sums (about 1e-6 relative, `tests/shard.rs`); greedy ids could
-/// differ only at a near-tie, so its text is compared as well, and a difference would show a
-/// wrong reduction or a tie in this model worth knowing about (none was found when the test was
-/// written). Both over several concurrent requests, so batched steps run on the ranks too.
+/// whole from one rank, the other adds zeros), so its greedy text must be equal. Tensor parallelism
+/// only reorders f32 sums (about 1e-6 relative, `tests/integration/shard.rs`); greedy ids could
+/// differ only at a near-tie, so its text is compared as well, and a difference would show a wrong
+/// reduction or a tie in this model worth knowing about (none was found when the test was written).
+/// Both over several concurrent requests, so batched steps run on the ranks too.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_split_over_cpu_ranks_serves_what_one_rank_serves() {
     let common = ["--max-context", "64", "--max-num-seqs", "4"];

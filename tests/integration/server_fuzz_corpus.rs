@@ -2,7 +2,7 @@
 //! target's own check (`fuzz/src/request.rs`, included here): every body is refused with a 4xx or
 //! planned within the limits, and nothing panics. Runs on stable Rust, without libFuzzer.
 
-#[path = "../fuzz/src/request.rs"]
+#[path = "../../fuzz/src/request.rs"]
 mod request;
 
 use mixtral::tokenizer::Tokenizer;

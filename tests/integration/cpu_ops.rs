@@ -3,7 +3,7 @@
 //! determinism), RMSNorm, RoPE, sliding-window GQA attention over a paged cache, routing and
 //! grouping, the MoE block, embedding, and the paged-KV bookkeeping.
 
-mod common;
+use crate::common;
 
 use common::numeric::product_definition;
 use half::{bf16, f16};
@@ -502,7 +502,7 @@ fn gamma(n: usize) -> f64 {
 ///
 /// doubled for the second-order terms. It follows the data: a dot product that nearly cancels
 /// (one intermediate unit, 8 inputs: the case a fixed 1e-5 relative L2 failed on, 1.19e-5 at
-/// tokens 1, experts 4, hidden 8, inter 1, recorded in tests/cpu_ops.proptest-regressions) gets
+/// tokens 1, experts 4, hidden 8, inter 1, recorded in tests/proptest-regressions/cpu_ops.txt) gets
 /// the error its cancellation allows, a well-conditioned one a bound near 1e-7 relative.
 fn expert_definition(
     x: &[f32],

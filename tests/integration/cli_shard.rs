@@ -1,10 +1,10 @@
 //! `mixtral-run --tensor-parallel N` / `--expert-parallel N` on `models/tiny-mixtral`: with
 //! `--device cpu` the simulated ranks give the unsharded command's output (greedy tokens equal;
-//! perplexity within the golden tolerance, derived in tests/shard.rs); with `--device cuda` and for
-//! a split the model cannot take, one `error:` line before loading; `--dist-init` ranks in
-//! separate processes (joined over 127.0.0.1) give the unsharded output, rank 0 printing it and
-//! the others nothing; a rank that never joins, or that dies mid-run, is an error on the others
-//! within the timeout.
+//! perplexity within the golden tolerance, derived in tests/integration/shard.rs); with
+//! `--device cuda` and for a split the model cannot take, one `error:` line before loading;
+//! `--dist-init` ranks in separate processes (joined over 127.0.0.1) give the unsharded output,
+//! rank 0 printing it and the others nothing; a rank that never joins, or that dies mid-run, is an
+//! error on the others within the timeout.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -120,7 +120,7 @@ fn split_runs_give_the_unsharded_greedy_output() {
 }
 
 /// `out`'s perplexity line has the golden ids and the golden perplexity within 1e-4 relative
-/// (the split's tolerance, derived in tests/shard.rs).
+/// (the split's tolerance, derived in tests/integration/shard.rs).
 fn assert_golden_perplexity(out: &Output, what: &str) {
     let g = golden();
     let golden_ppl = g["perplexity_text_perplexity"].as_f64().unwrap();

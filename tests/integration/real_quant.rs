@@ -7,7 +7,7 @@
 //! Every directory is checked; a checkpoint that does not load is a failure (named with the
 //! loader's error), never a skip.
 
-mod common;
+use crate::common;
 
 use common::repo::root;
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};

@@ -24,7 +24,8 @@ const PPL_TARGET: [(QuantFormat, f64); 3] = [
 ];
 
 /// Largest mean KL(bf16 || format) in nats per token. Measured on this model and text
-/// (`cargo test --test quant_quality -- --nocapture`, table in models/mini-mixtral/README.md);
+/// (`cargo test --test integration quant_quality -- --nocapture`, table in
+/// models/mini-mixtral/README.md);
 /// measured fp8 0.00062, int8 0.00004, int4 0.00165; the bounds leave about 2.5x headroom.
 const KL_BOUND: [(QuantFormat, f64); 3] = [
     (QuantFormat::Fp8, KL_FP8),

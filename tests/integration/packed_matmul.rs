@@ -3,7 +3,7 @@
 //! INT4 with and without an act-order permutation, NF4 and FP4 tables), odd and SIMD-sized shapes,
 //! one or many tokens, and every CPU kernel; and the same rows whatever the number of tokens.
 
-mod common;
+use crate::common;
 
 use common::numeric::{product_definition, random_values};
 use mixtral::cpu::matmul::Kernel;
@@ -113,7 +113,7 @@ proptest! {
                 for (i, (&got, &want)) in y.iter().zip(&reference).enumerate() {
                     // f32 sums of exact products over at most `cols` terms, then the scales: an
                     // error of a few units in the last place of the magnitude times sqrt(cols),
-                    // as for the dense products (tests/cpu_ops.rs).
+                    // as for the dense products (tests/integration/cpu_ops.rs).
                     let bound = 1e-6 * magnitude[i] * (cols as f64).sqrt() + 1e-30;
                     prop_assert!(
                         got.is_finite() && (got as f64 - want).abs() <= bound,

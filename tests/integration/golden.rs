@@ -4,7 +4,7 @@
 //! per-token log-probs to 1e-4, and the last position's logits; with every CPU kernel this
 //! machine can run (scalar, AVX2, AVX-512), one after the other.
 
-mod common;
+use crate::common;
 
 use common::numeric::max_abs_diff;
 use mixtral::cpu::matmul::{set_active_kernel, Kernel};

@@ -1,9 +1,9 @@
 //! Quantized weights through the library: pre-quantized fixtures (FP8 per tensor / per channel,
-//! INT8 per channel, GPTQ with and without act-order, written by `scripts/make-quant-fixtures.py`) reproduce the
-//! logits transformers computes on their dequantized weights; quantize-on-load of every format
-//! stays within a documented distance of the bf16 model; malformed quantized tensors give typed
-//! errors naming the tensor; perplexity of every format on `tests/fixtures/perplexity.txt`; the
-//! memory preflight on the real Mixtral-8x7B configuration.
+//! INT8 per channel, GPTQ with and without act-order, written by `scripts/make-quant-fixtures.py`)
+//! reproduce the logits transformers computes on their dequantized weights; quantize-on-load of
+//! every format stays within a documented distance of the bf16 model; malformed quantized tensors
+//! give typed errors naming the tensor; perplexity of every format on
+//! `tests/fixtures/perplexity.txt`; the memory preflight on the real Mixtral-8x7B configuration.
 
 use mixtral::checkpoint::{write_raw_safetensors, Checkpoint, OpenOptions};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
@@ -20,11 +20,11 @@ const PREQUANTIZED_REL_L2: f64 = 1e-4;
 /// Largest |log-prob difference| for the same comparison.
 const PREQUANTIZED_LOGPROB: f64 = 1e-4;
 
-/// Quantize-on-load against the bf16 model (transformers' last logits of
-/// gqa-bf16-sharded-window): relative L2 distance of the last logits, per format. Measured
-/// (`cargo test --test quant -- --nocapture`): fp8 0.086, int8 0.013, int4 0.21; the bounds
-/// leave about 2x headroom. These are large because the fixture's random weights have gains of
-/// 1-3 (peaked attention, routing and logits amplify every weight error); they bound this
+/// Quantize-on-load against the bf16 model (transformers' last logits of gqa-bf16-sharded-window):
+/// relative L2 distance of the last logits, per format. Measured
+/// (`cargo test --test integration quant:: -- --nocapture`): fp8 0.086, int8 0.013, int4 0.21; the
+/// bounds leave about 2x headroom. These are large because the fixture's random weights have gains
+/// of 1-3 (peaked attention, routing and logits amplify every weight error); they bound this
 /// fixture, not the quality of a trained model.
 const ON_LOAD_REL_L2: [(QuantFormat, f64); 3] = [
     (QuantFormat::Fp8, 0.17),
