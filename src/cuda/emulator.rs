@@ -264,7 +264,10 @@ mod tests {
             std::process::exit(0);
         }
         let exe = std::env::current_exe().expect("the test binary's path");
-        let child = std::process::Command::new(exe)
+        // Through sh, to turn core dumps off for the child (`exec` keeps its exit status).
+        let child = std::process::Command::new("sh")
+            .args(["-c", "ulimit -c 0 && exec \"$0\" \"$@\""])
+            .arg(exe)
             .args([NAME, "--exact", "--test-threads=1", "--nocapture"])
             .env(CHILD, "1")
             .output()
