@@ -1,7 +1,8 @@
 //! Helpers shared by several integration tests, in one place: where the repository is
 //! ([`repo`]), seeded random values, bf16 rounding and the relative L2 error ([`numeric`]), the CPU
 //! reference of the expert slots the MoE kernels write ([`moe`]), and, with `--features cuda`, the
-//! one rule deciding when a GPU test may skip ([`gpu`]), and running `mixtral-run` ([`run`]).
+//! one rule deciding when a GPU test may skip ([`gpu`]), running `mixtral-run` and reading what a
+//! command printed ([`run`]), and greedy decoding through any engine ([`greedy`]).
 //!
 //! A test file at `tests/x.rs` includes it with `mod common;`; the test folders
 //! (`tests/integration/`, `tests/gpu_kernels/`) with `#[path = "../common/mod.rs"]`. Each test
@@ -10,6 +11,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod greedy;
 pub mod moe;
 pub mod numeric;
 pub mod repo;

@@ -31,3 +31,21 @@ pub fn token_ids(events: &[Value]) -> Vec<u64> {
         .map(|event| event["id"].as_u64().expect("a token id"))
         .collect()
 }
+
+/// A finished command's stdout, which must be UTF-8.
+pub fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// A finished command's stderr, which must be UTF-8.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+/// A finished command's stdout as JSON lines (a line that is not JSON fails the test).
+pub fn json_lines(out: &std::process::Output) -> Vec<Value> {
+    stdout(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}

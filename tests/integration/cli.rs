@@ -2,6 +2,7 @@
 //! the transformers outputs in `golden.json`; every failure is one `error:` line on stderr with a
 //! non-zero status and no panic.
 
+use crate::common::run::{json_lines, stderr, stdout};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -57,21 +58,6 @@ fn golden_greedy_run(g: &Value) -> (Vec<String>, Vec<u64>) {
         &n,
     ];
     (args.map(String::from).to_vec(), want)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-fn json_lines(out: &Output) -> Vec<Value> {
-    stdout(out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        .collect()
 }
 
 fn model() -> String {

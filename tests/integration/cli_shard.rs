@@ -6,6 +6,7 @@
 //! rank 0 printing it and the others nothing; a rank that never joins, or that dies mid-run, is an
 //! error on the others within the timeout.
 
+use crate::common::run::{json_lines, stderr, stdout};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -36,21 +37,6 @@ fn command(args: &[&str]) -> Command {
 
 fn run(args: &[&str]) -> Output {
     command(args).output().unwrap()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-fn json_lines(out: &Output) -> Vec<Value> {
-    stdout(out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        .collect()
 }
 
 /// The token events and the done event's ids and finish reason (timings differ run to run).

@@ -6,11 +6,11 @@
 
 use crate::common;
 
+use common::greedy::greedy_steps;
 use common::numeric::max_abs_diff;
 use mixtral::cpu::matmul::{set_active_kernel, Kernel};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::perplexity;
-use mixtral::sampling::{Sampler, SamplingParams};
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -95,31 +95,6 @@ fn engine(dir: &Path) -> CpuEngine {
     CpuEngine::new(model.weights.clone(), options).expect("engine")
 }
 
-/// Greedy continuation, one decode step per token through the paged KV cache.
-fn greedy_incremental(engine: &mut CpuEngine, prompt: &[u32], n: usize) -> Vec<u32> {
-    let seq = engine.new_sequence().unwrap();
-    let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
-    let mut tokens = prompt.to_vec();
-    let mut start = 0;
-    let mut generated = Vec::new();
-    while generated.len() < n {
-        let step = SeqStep {
-            seq,
-            tokens: &tokens[start..],
-            start_pos: start,
-            logits: LogitsFor::Last,
-        };
-        let out = engine.step(&[step]).unwrap();
-        assert_eq!(out.rows, vec![(0, tokens.len() - 1)]);
-        let next = sampler.sample(out.row(0), &generated).unwrap();
-        start = tokens.len();
-        tokens.push(next);
-        generated.push(next);
-    }
-    engine.free_sequence(seq).unwrap();
-    generated
-}
-
 /// Held while a test runs with a chosen kernel: the choice is process-wide.
 static KERNEL_CHOICE: Mutex<()> = Mutex::new(());
 
@@ -149,7 +124,7 @@ fn greedy_tokens_match_transformers() {
         for dir in fixture_dirs() {
             let golden = read_golden(&dir);
             let mut engine = engine(&dir);
-            let got = greedy_incremental(&mut engine, &golden.prompt_ids, golden.greedy_ids.len());
+            let got = greedy_steps(&mut engine, &golden.prompt_ids, golden.greedy_ids.len());
             assert_eq!(got, golden.greedy_ids, "{} ({kernel})", dir.display());
             assert_eq!(
                 engine.free_kv_blocks(),

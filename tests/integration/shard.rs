@@ -22,13 +22,13 @@
 
 use crate::common;
 
+use common::greedy::greedy_steps;
 use common::numeric::{max_abs_diff, random_values};
 use common::repo::root;
 use mixtral::cpu::matmul::matmul;
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::dtype::WeightSlice;
 use mixtral::generate::perplexity;
-use mixtral::sampling::{Sampler, SamplingParams};
 use mixtral::shard::engine::DEFAULT_TIMEOUT;
 use mixtral::shard::{
     cpu_group, Collective, Layout, RankWeights, ReadLog, ShardError, ShardPlan, ShardWeightError,
@@ -117,30 +117,6 @@ fn read_golden(dir: &Path) -> Golden {
     }
 }
 
-/// Greedy continuation, one decode step per token through the paged KV cache.
-fn greedy(engine: &mut dyn Engine, prompt: &[u32], n: usize) -> Vec<u32> {
-    let seq = engine.new_sequence().unwrap();
-    let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
-    let mut tokens = prompt.to_vec();
-    let mut start = 0;
-    let mut generated = Vec::new();
-    while generated.len() < n {
-        let step = SeqStep {
-            seq,
-            tokens: &tokens[start..],
-            start_pos: start,
-            logits: LogitsFor::Last,
-        };
-        let out = engine.step(&[step]).unwrap();
-        let next = sampler.sample(out.row(0), &generated).unwrap();
-        start = tokens.len();
-        tokens.push(next);
-        generated.push(next);
-    }
-    engine.free_sequence(seq).unwrap();
-    generated
-}
-
 /// Logits of every position of `ids` fed in one step.
 fn all_logits(engine: &mut dyn Engine, ids: &[u32]) -> Vec<f32> {
     let seq = engine.new_sequence().unwrap();
@@ -169,7 +145,7 @@ fn rel_l2(out: &[f32], reference: &[f64]) -> f64 {
 /// Checks one sharded engine against a fixture's transformers outputs.
 fn check_golden(dir: &Path, golden: &Golden, engine: &mut ShardedCpuEngine) {
     let name = format!("{} {}", dir.display(), engine.layout());
-    let got = greedy(engine, &golden.prompt_ids, golden.greedy_ids.len());
+    let got = greedy_steps(engine, &golden.prompt_ids, golden.greedy_ids.len());
     assert_eq!(got, golden.greedy_ids, "{name}: greedy ids");
     assert_eq!(engine.free_kv_blocks(), engine.total_kv_blocks(), "{name}");
 
@@ -419,7 +395,7 @@ fn fp8_and_int8_split_like_their_unsharded_engine() {
             .map(|v| v.as_u64().unwrap() as u32)
             .collect();
         let mut reference = CpuEngine::new(Arc::clone(&model.weights), cpu_options()).unwrap();
-        let want_greedy = greedy(&mut reference, &ids[..4], 8);
+        let want_greedy = greedy_steps(&mut reference, &ids[..4], 8);
         let want = perplexity(&mut reference, &ids).unwrap();
         // GPTQ groups of 32 cannot be cut at w2's 48 columns: EP only (see the next test).
         let layouts: &[Layout] = if name == "gptq" {
@@ -430,7 +406,7 @@ fn fp8_and_int8_split_like_their_unsharded_engine() {
         for &layout in layouts {
             let mut engine = sharded(&model, layout).unwrap();
             assert_eq!(
-                greedy(&mut engine, &ids[..4], 8),
+                greedy_steps(&mut engine, &ids[..4], 8),
                 want_greedy,
                 "{name} {layout}"
             );
