@@ -18,3 +18,17 @@ pub fn binary(name: &str, built: &str) -> PathBuf {
         .map(|dir| PathBuf::from(dir).join(name))
         .unwrap_or_else(|| PathBuf::from(built))
 }
+
+/// `models/tiny-mixtral` (the random-weight model the golden tests use) with its tokenizer, loaded
+/// once per test binary.
+pub fn tiny_mixtral() -> &'static mixtral::Model {
+    static MODEL: std::sync::OnceLock<mixtral::Model> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| {
+        let options = mixtral::LoadOptions {
+            require_tokenizer: true,
+            ..Default::default()
+        };
+        mixtral::Model::load(&root().join("models/tiny-mixtral"), &options)
+            .expect("models/tiny-mixtral")
+    })
+}

@@ -6,31 +6,18 @@
 //! - a sequence's logits are bitwise identical whether computed alone or batched, with 1, 2 or 3
 //!   rayon threads, prefilled in one step or fed one token per step.
 
+use crate::common::repo::tiny_mixtral;
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::{generate, generate_batch, GenerateOptions, GenerationOutput};
 use mixtral::sampling::SamplingParams;
 use mixtral::tokenizer::Tokenizer;
-use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
+use mixtral::{Engine, LogitsFor, SeqStep};
 use std::ops::ControlFlow;
-use std::path::Path;
-use std::sync::OnceLock;
 
 const NEW_TOKENS: usize = 16;
 
-fn model() -> &'static Model {
-    static MODEL: OnceLock<Model> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
-        let options = LoadOptions {
-            require_tokenizer: true,
-            ..Default::default()
-        };
-        Model::load(&dir, &options).unwrap()
-    })
-}
-
 fn tokenizer() -> &'static Tokenizer {
-    model().tokenizer.as_ref().unwrap()
+    tiny_mixtral().tokenizer.as_ref().unwrap()
 }
 
 fn engine() -> CpuEngine {
@@ -39,7 +26,7 @@ fn engine() -> CpuEngine {
         max_sequences: 16,
         ..Default::default()
     };
-    CpuEngine::new(model().weights.clone(), options).unwrap()
+    CpuEngine::new(tiny_mixtral().weights.clone(), options).unwrap()
 }
 
 fn encode(text: &str) -> Vec<u32> {

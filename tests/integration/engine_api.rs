@@ -6,19 +6,10 @@
 //!   for the others, advancing each sampler's stream as the host draw does;
 //! - a sampler count that does not match the rows is refused before anything changes.
 
+use crate::common::repo::tiny_mixtral;
 use mixtral::engine::{open, Device, EngineOptions, OpenError, RowSampler};
 use mixtral::sampling::{Sampler, SamplingParams};
-use mixtral::{Engine, EngineError, LoadOptions, LogitsFor, Model, SeqId, SeqStep};
-use std::path::Path;
-use std::sync::OnceLock;
-
-fn model() -> &'static Model {
-    static MODEL: OnceLock<Model> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
-        Model::load(&dir, &LoadOptions::default()).expect("models/tiny-mixtral")
-    })
-}
+use mixtral::{Engine, EngineError, LogitsFor, SeqId, SeqStep};
 
 fn options() -> EngineOptions {
     EngineOptions {
@@ -29,7 +20,7 @@ fn options() -> EngineOptions {
 }
 
 fn cpu() -> Box<dyn Engine> {
-    open("cpu", &model().weights, &options(), None).expect("cpu engine")
+    open("cpu", &tiny_mixtral().weights, &options(), None).expect("cpu engine")
 }
 
 /// Index of the largest logit, ties to the lowest id.
@@ -70,7 +61,7 @@ fn sequences(engine: &mut dyn Engine, n: usize) -> Vec<SeqId> {
 #[test]
 fn bad_device_strings_are_refused_naming_the_string() {
     for bad in ["tpu", "gpu", "cuda:x", "cuda:", "CPU", ""] {
-        match open(bad, &model().weights, &options(), None) {
+        match open(bad, &tiny_mixtral().weights, &options(), None) {
             Err(OpenError::BadDevice { device }) => assert_eq!(device, bad),
             Err(other) => panic!("{bad:?}: {other}"),
             Ok(_) => panic!("{bad:?} opened an engine"),
@@ -82,7 +73,7 @@ fn bad_device_strings_are_refused_naming_the_string() {
 #[test]
 fn cuda_without_the_feature_is_refused_naming_the_string() {
     for text in ["cuda", "cuda:0", "cuda:7"] {
-        match open(text, &model().weights, &options(), None) {
+        match open(text, &tiny_mixtral().weights, &options(), None) {
             Err(error @ OpenError::NoCudaSupport { .. }) => {
                 let message = error.to_string();
                 assert!(message.contains(text), "{message}");
@@ -100,7 +91,7 @@ fn bad_options_are_the_backend_refusal_naming_the_device() {
         block_size: Some(0),
         ..options()
     };
-    match open("cpu", &model().weights, &bad, None) {
+    match open("cpu", &tiny_mixtral().weights, &bad, None) {
         Err(OpenError::Engine {
             device,
             source: EngineError::InvalidOptions(what),
@@ -117,7 +108,7 @@ fn bad_options_are_the_backend_refusal_naming_the_device() {
 fn the_factory_applies_the_options() {
     let engine = cpu();
     assert_eq!(engine.max_context(), 64);
-    assert_eq!(engine.config().vocab_size, model().config.vocab_size);
+    assert_eq!(engine.config().vocab_size, tiny_mixtral().config.vocab_size);
     assert!(
         engine.describe().is_none(),
         "the CPU engine has nothing to add"
@@ -128,7 +119,8 @@ fn the_factory_applies_the_options() {
         engine.new_sequence(),
         Err(EngineError::TooManySequences { limit: 4 })
     ));
-    let opened = mixtral::engine::open_device(Device::Cpu, &model().weights, &options(), None);
+    let opened =
+        mixtral::engine::open_device(Device::Cpu, &tiny_mixtral().weights, &options(), None);
     assert_eq!(opened.expect("cpu").max_context(), 64);
 }
 

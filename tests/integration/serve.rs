@@ -9,6 +9,7 @@
 //! - a request that cannot fit the pool even alone fails with a typed error, freeing everything;
 //! - the handle serves tasks of a single-threaded tokio runtime without blocking it.
 
+use crate::common::repo::tiny_mixtral;
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::{generate, perplexity, FinishReason, GenerateOptions};
 use mixtral::sampling::SamplingParams;
@@ -16,24 +17,12 @@ use mixtral::serve::{
     EngineHandle, Event, Request, RequestId, Scheduler, SchedulerOptions, ServeError,
 };
 use mixtral::tokenizer::Tokenizer;
-use mixtral::{Engine, LoadOptions, Model};
+use mixtral::Engine;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-
-fn model() -> &'static Model {
-    static MODEL: OnceLock<Model> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
-        let options = LoadOptions {
-            require_tokenizer: true,
-            ..Default::default()
-        };
-        Model::load(&dir, &options).unwrap()
-    })
-}
 
 fn tokenizer() -> Arc<Tokenizer> {
     static TOKENIZER: OnceLock<Arc<Tokenizer>> = OnceLock::new();
@@ -52,7 +41,7 @@ fn engine(block_size: usize, kv_blocks: Option<usize>) -> CpuEngine {
         kv_blocks,
         max_sequences: 64,
     };
-    CpuEngine::new(model().weights.clone(), options).unwrap()
+    CpuEngine::new(tiny_mixtral().weights.clone(), options).unwrap()
 }
 
 /// A xorshift stream for the test's random choices.
@@ -102,7 +91,7 @@ fn random_request(rand: &mut Rand, i: usize) -> Request {
     };
     let options = GenerateOptions::greedy(4 + rand.next(13))
         .with_sampling(sampling)
-        .with_eos(&model().config.eos_token_ids);
+        .with_eos(&tiny_mixtral().config.eos_token_ids);
     Request::new(prompt, options)
 }
 
