@@ -6,6 +6,7 @@
 //!   for the others, advancing each sampler's stream as the host draw does;
 //! - a sampler count that does not match the rows is refused before anything changes.
 
+use crate::common::numeric::argmax;
 use crate::common::repo::tiny_mixtral;
 use mixtral::engine::{open, Device, EngineOptions, OpenError, RowSampler};
 use mixtral::sampling::{Sampler, SamplingParams};
@@ -21,17 +22,6 @@ fn options() -> EngineOptions {
 
 fn cpu() -> Box<dyn Engine> {
     open("cpu", &tiny_mixtral().weights, &options(), None).expect("cpu engine")
-}
-
-/// Index of the largest logit, ties to the lowest id.
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Prompts of different lengths.

@@ -2,6 +2,7 @@
 //! the last token and its position, optionally with a scripted token made certain), with the real
 //! Mixtral tokenizer of `models/tiny-mixtral`.
 
+use crate::common::numeric::argmax;
 use mixtral::config::ModelConfig;
 use mixtral::engine::{Engine, EngineError, LogitsFor, SeqId, SeqStep, StepOutput};
 use mixtral::generate::{
@@ -227,17 +228,6 @@ fn run(
         }
     });
     (result, events)
-}
-
-/// Index of the largest value, ties to the lowest index.
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn prompt(tokenizer: &Tokenizer) -> Vec<u32> {

@@ -207,14 +207,7 @@ fn shipped_model_text_round_trips_like_transformers() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
     let v: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let model = Model::load(
-        &dir,
-        &LoadOptions {
-            require_tokenizer: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = common::repo::tiny_mixtral();
     let tokenizer = model.tokenizer.as_ref().unwrap();
     let prompt_text = v["prompt_text"].as_str().unwrap();
     assert_eq!(

@@ -4,9 +4,8 @@
 
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::{generate, generate_batch, FinishReason, GenerateOptions};
-use mixtral::{Engine, LoadOptions, Model};
+use mixtral::Engine;
 use std::ops::ControlFlow;
-use std::path::Path;
 
 const SEQUENCES: usize = 100;
 const NEW_TOKENS: usize = 8;
@@ -14,15 +13,7 @@ const CANCEL_AFTER: usize = 3;
 
 #[test]
 fn hundred_sequences_with_cancellations_match_each_alone() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
-    let model = Model::load(
-        &dir,
-        &LoadOptions {
-            require_tokenizer: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = crate::common::repo::tiny_mixtral();
     let tokenizer = model.tokenizer.as_ref().unwrap();
     let options = CpuEngineOptions {
         max_context: Some(64),

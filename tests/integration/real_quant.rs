@@ -8,6 +8,7 @@
 //! loader's error), never a skip.
 
 use crate::common;
+use crate::common::numeric::argmax;
 
 use common::repo::root;
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
@@ -56,17 +57,6 @@ fn engine(model: &Model, max_context: usize) -> CpuEngine {
         ..CpuEngineOptions::default()
     };
     CpuEngine::new(model.weights.clone(), options).unwrap()
-}
-
-/// Index of the largest value (the first of equal ones).
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// `new_tokens` greedy tokens after `prompt`: one prefill step, then one decode step a token.
