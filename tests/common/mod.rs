@@ -2,13 +2,15 @@
 //! ([`repo`]), seeded random values, bf16 rounding and the relative L2 error ([`numeric`]), the CPU
 //! reference of the expert slots the MoE kernels write ([`moe`]), and, with `--features cuda`, the
 //! one rule deciding when a GPU test may skip ([`gpu`]), running `mixtral-run` and reading what a
-//! command printed ([`run`]), and greedy decoding through any engine ([`greedy`]).
+//! command printed ([`run`]), greedy decoding through any engine ([`greedy`]), and the golden
+//! fixtures ([`golden`]).
 //!
 //! A test file at `tests/x.rs` includes it with `mod common;`; the test folders
 //! (`tests/integration/`, `tests/gpu_kernels/`) with `#[path = "../common/mod.rs"]`. Each test
 //! binary uses part of it.
 #![allow(dead_code)]
 
+pub mod golden;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod greedy;

@@ -6,6 +6,7 @@
 
 use crate::common;
 
+use common::golden::{fixture_dirs, ids, read_golden};
 use common::greedy::greedy_steps;
 use common::numeric::max_abs_diff;
 use mixtral::cpu::matmul::{set_active_kernel, Kernel};
@@ -13,76 +14,11 @@ use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::perplexity;
 use mixtral::{Engine, LoadOptions, LogitsFor, Model, SeqStep};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 const LOGPROB_TOLERANCE: f64 = 1e-4;
 const LOGITS_REL_L2: f64 = 1e-5;
-
-struct Golden {
-    prompt_ids: Vec<u32>,
-    greedy_ids: Vec<u32>,
-    token_logprobs: Vec<f64>,
-    last_logits: Vec<f64>,
-    perplexity: f64,
-}
-
-impl Golden {
-    /// The prompt followed by the greedy continuation: what the log-probs were computed over.
-    fn sequence(&self) -> Vec<u32> {
-        self.prompt_ids
-            .iter()
-            .chain(&self.greedy_ids)
-            .copied()
-            .collect()
-    }
-}
-
-fn ids(v: &Value, key: &str) -> Vec<u32> {
-    v[key]
-        .as_array()
-        .unwrap_or_else(|| panic!("{key}"))
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value, key: &str) -> Vec<f64> {
-    v[key]
-        .as_array()
-        .unwrap_or_else(|| panic!("{key}"))
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-fn read_golden(dir: &Path) -> Golden {
-    let text = std::fs::read_to_string(dir.join("golden.json")).expect("golden.json");
-    let v: Value = serde_json::from_str(&text).expect("golden json");
-    Golden {
-        prompt_ids: ids(&v, "prompt_ids"),
-        greedy_ids: ids(&v, "greedy_ids"),
-        token_logprobs: floats(&v, "token_logprobs"),
-        last_logits: floats(&v, "last_logits"),
-        perplexity: v["perplexity"].as_f64().expect("perplexity"),
-    }
-}
-
-fn fixture_dirs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root.join("tests/fixtures"))
-        .expect("tests/fixtures")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("golden.json").exists() && p.join("config.json").exists())
-        .collect();
-    dirs.sort();
-    dirs.push(root.join("models/tiny-mixtral"));
-    assert!(
-        dirs.len() >= 5,
-        "expected the four golden fixtures and the shipped model, found {dirs:?}"
-    );
-    dirs
-}
 
 fn engine(dir: &Path) -> CpuEngine {
     let model = Model::load(dir, &LoadOptions::default())

@@ -22,6 +22,7 @@
 
 use crate::common;
 
+use common::golden::{fixture_dirs, read_golden, Golden};
 use common::greedy::greedy_steps;
 use common::numeric::{max_abs_diff, random_values};
 use common::repo::root;
@@ -68,53 +69,6 @@ fn sharded(model: &Model, layout: Layout) -> Result<ShardedCpuEngine, ShardError
 
 fn load(dir: &Path) -> Model {
     Model::load(dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-}
-
-fn fixture_dirs() -> Vec<PathBuf> {
-    let fixtures = root().join("tests/fixtures");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&fixtures)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("golden.json").exists() && p.join("config.json").exists())
-        .collect();
-    dirs.sort();
-    dirs.push(root().join("models/tiny-mixtral"));
-    assert!(dirs.len() >= 5, "{dirs:?}");
-    dirs
-}
-
-struct Golden {
-    prompt_ids: Vec<u32>,
-    greedy_ids: Vec<u32>,
-    token_logprobs: Vec<f64>,
-    last_logits: Vec<f64>,
-    perplexity: f64,
-}
-
-fn read_golden(dir: &Path) -> Golden {
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let ids = |k: &str| -> Vec<u32> {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let floats = |k: &str| -> Vec<f64> {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
-    };
-    Golden {
-        prompt_ids: ids("prompt_ids"),
-        greedy_ids: ids("greedy_ids"),
-        token_logprobs: floats("token_logprobs"),
-        last_logits: floats("last_logits"),
-        perplexity: v["perplexity"].as_f64().unwrap(),
-    }
 }
 
 /// Logits of every position of `ids` fed in one step.
