@@ -16,11 +16,7 @@ pub fn mixtral_run_events<S: AsRef<OsStr>>(args: &[S]) -> Vec<Value> {
         .expect("running mixtral-run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "mixtral-run failed: {stderr}");
-    String::from_utf8(out.stdout)
-        .expect("UTF-8 output")
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a JSON line"))
-        .collect()
+    json_lines(&out)
 }
 
 /// The ids of the `token` events among `events`.
