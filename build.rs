@@ -159,7 +159,7 @@ fn build_kernels() -> Result<Built, String> {
     let kernels = cached.plan(&sources, "fatbin", |stem| nvcc_args(stem, &csrc))?;
     let cutlass = plan_cutlass(&nvcc, &root, &cache, &header_bytes)?;
     // One queue for every nvcc run, the longest first, so that no long compile starts last while
-    // the other workers have nothing left: CUTLASS's objects (about 45 s of a core each on a
+    // the other workers have nothing left: CUTLASS's objects (about 45-60 s of a core each on a
     // 2-core VM), then the kernel files by how many variants they instantiate.
     let variants = variant_counts(&String::from_utf8_lossy(&read(
         &csrc.join("generated/instantiations.cuh"),

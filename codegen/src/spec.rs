@@ -992,7 +992,7 @@ pub const SHIMS: &[Shim] = &[
     },
     Shim {
         name: "mx_moe_cutlass_fp8_workspace_bytes",
-        doc: "Workspace bytes of the FP8 grouped expert GEMMs of `experts` experts on `sm_count` SMs (csrc/cutlass/moe_experts_fp8_sm90.cu).",
+        doc: "Workspace bytes of the FP8 grouped expert GEMMs of `experts` experts on `sm_count` SMs (csrc/cutlass/moe_experts_q8_sm90.cu).",
         args: EXPERTS_ON_SMS,
         returns: ShimReturn::Bytes,
     },
@@ -1004,7 +1004,7 @@ pub const SHIMS: &[Shim] = &[
     },
     Shim {
         name: "mx_moe_cutlass_int8_workspace_bytes",
-        doc: "Workspace bytes of the INT8 grouped expert GEMMs of `experts` experts on `sm_count` SMs (csrc/cutlass/moe_experts_int8_sm90.cu).",
+        doc: "Workspace bytes of the INT8 grouped expert GEMMs of `experts` experts on `sm_count` SMs (csrc/cutlass/moe_experts_q8_sm90.cu).",
         args: EXPERTS_ON_SMS,
         returns: ShimReturn::Bytes,
     },
@@ -1016,7 +1016,7 @@ pub const SHIMS: &[Shim] = &[
     },
     Shim {
         name: "mx_linear_cutlass_bf16_workspace_bytes",
-        doc: "Workspace bytes of the bf16-output dense GEMM of `params`' shape on its `sm_count` SMs (its buffers unused; csrc/cutlass/linear_bf16_sm90.cu).",
+        doc: "Workspace bytes of the bf16-output dense GEMM of `params`' shape on its `sm_count` SMs (its buffers unused; csrc/cutlass/linear_sm90.cu).",
         args: &[ShimArg::Params("LinearCutlassParams")],
         returns: ShimReturn::Bytes,
     },
@@ -1028,7 +1028,7 @@ pub const SHIMS: &[Shim] = &[
     },
     Shim {
         name: "mx_linear_cutlass_f32_workspace_bytes",
-        doc: "Workspace bytes of the f32-output dense GEMM of `params`' shape on its `sm_count` SMs (its buffers unused; csrc/cutlass/linear_f32_sm90.cu).",
+        doc: "Workspace bytes of the f32-output dense GEMM of `params`' shape on its `sm_count` SMs (its buffers unused; csrc/cutlass/linear_sm90.cu).",
         args: &[ShimArg::Params("LinearCutlassParams")],
         returns: ShimReturn::Bytes,
     },

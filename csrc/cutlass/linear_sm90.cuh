@@ -1,5 +1,5 @@
 // linear_sm90.cuh: the dense projection of prefill chunks (q/k/v, o, the LM head) on CUTLASS's Hopper
-// GEMM (sm_90a only), one type per output element (linear_bf16_sm90.cu, linear_f32_sm90.cu):
+// GEMM (sm_90a only), one type per output element (both instantiated by linear_sm90.cu):
 //
 //   out [tokens, out_features] bf16 or f32 = x [tokens, in_features] bf16 . w [out_features, in_features]^T bf16
 //

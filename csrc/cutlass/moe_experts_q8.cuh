@@ -4,8 +4,8 @@
 // fused kernels here exactly as the CPU does it (src/packed: `fp8::quantize_per_channel`, scale =
 // amax / 448, code = the nearest E4M3 of v / scale, ties to even, saturating; `int8::
 // quantize_per_channel`, scale = amax / 127, code = round-half-even of v / scale clamped to +-127;
-// both with scale 1 for a zero row). Instantiated once per format by moe_experts_fp8_sm90.cu and
-// moe_experts_int8_sm90.cu. The steps of moe_experts_sm90.cu, over expert-sorted rows (S = tokens *
+// both with scale 1 for a zero row). Instantiated once per format by moe_experts_q8_sm90.cu. The
+// steps of moe_experts_sm90.cu, over expert-sorted rows (S = tokens *
 // top_k; row r is slot sorted_slots[r], expert e owns rows expert_offsets[e] .. expert_offsets[e + 1]):
 //
 //   1. expert_setup      the 3 * experts groups' shapes, pointers and strides (grouped_gemm_sm90.cuh)

@@ -18,7 +18,7 @@
 // Everything stays on the device (shapes and pointers come from the router's offsets in step 1), so a
 // prefill chunk can be captured into a graph. An expert without slots is a group with M = 0, which
 // the grouped tile scheduler skips. One GEMM type (grouped_gemm_sm90.cuh, bf16 in, f32 out) serves
-// steps 3 and 5; the FP8 expert MLP (moe_experts_fp8_sm90.cu) runs the same steps on E4M3 codes.
+// steps 3 and 5; the FP8 expert MLP (moe_experts_q8_sm90.cu) runs the same steps on E4M3 codes.
 //
 // Alignment: TMA needs 16-byte aligned row starts and strides; hidden and inter multiples of 8 (checked
 // by the Rust planner, src/cuda/ops/moe_cutlass.rs) give that for every group.

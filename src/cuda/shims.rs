@@ -18,19 +18,19 @@ extern "C" {
     pub fn mx_moe_cutlass_workspace_bytes(experts: u32, sm_count: u32) -> usize;
     /// The bf16 expert MLPs of a prefill chunk (the six steps of csrc/cutlass/moe_experts_sm90.cu) on `stream`. Returns 0, a `cudaError_t`, or `MOE_CUTLASS_STATUS_BASE` + a `cutlass::Status`.
     pub fn mx_moe_cutlass_run(params: *const MoeCutlassParams, stream: *mut c_void) -> i32;
-    /// Workspace bytes of the FP8 grouped expert GEMMs of `experts` experts on `sm_count` SMs (csrc/cutlass/moe_experts_fp8_sm90.cu). Returns bytes.
+    /// Workspace bytes of the FP8 grouped expert GEMMs of `experts` experts on `sm_count` SMs (csrc/cutlass/moe_experts_q8_sm90.cu). Returns bytes.
     pub fn mx_moe_cutlass_fp8_workspace_bytes(experts: u32, sm_count: u32) -> usize;
     /// The expert MLPs of a prefill chunk over FP8 E4M3 stacks (csrc/cutlass/moe_experts_q8.cuh) on `stream`. Returns 0, a `cudaError_t`, or `MOE_CUTLASS_STATUS_BASE` + a `cutlass::Status`.
     pub fn mx_moe_cutlass_fp8_run(params: *const MoeCutlassQ8Params, stream: *mut c_void) -> i32;
-    /// Workspace bytes of the INT8 grouped expert GEMMs of `experts` experts on `sm_count` SMs (csrc/cutlass/moe_experts_int8_sm90.cu). Returns bytes.
+    /// Workspace bytes of the INT8 grouped expert GEMMs of `experts` experts on `sm_count` SMs (csrc/cutlass/moe_experts_q8_sm90.cu). Returns bytes.
     pub fn mx_moe_cutlass_int8_workspace_bytes(experts: u32, sm_count: u32) -> usize;
     /// The expert MLPs of a prefill chunk over INT8 stacks (csrc/cutlass/moe_experts_q8.cuh) on `stream`. Returns 0, a `cudaError_t`, or `MOE_CUTLASS_STATUS_BASE` + a `cutlass::Status`.
     pub fn mx_moe_cutlass_int8_run(params: *const MoeCutlassQ8Params, stream: *mut c_void) -> i32;
-    /// Workspace bytes of the bf16-output dense GEMM of `params`' shape on its `sm_count` SMs (its buffers unused; csrc/cutlass/linear_bf16_sm90.cu). Returns bytes.
+    /// Workspace bytes of the bf16-output dense GEMM of `params`' shape on its `sm_count` SMs (its buffers unused; csrc/cutlass/linear_sm90.cu). Returns bytes.
     pub fn mx_linear_cutlass_bf16_workspace_bytes(params: *const LinearCutlassParams) -> usize;
     /// The bf16-output dense GEMM of csrc/cutlass/linear_sm90.cuh on `stream`. Returns 0, a `cudaError_t`, or `MOE_CUTLASS_STATUS_BASE` + a `cutlass::Status`.
     pub fn mx_linear_cutlass_bf16_run(params: *const LinearCutlassParams, stream: *mut c_void) -> i32;
-    /// Workspace bytes of the f32-output dense GEMM of `params`' shape on its `sm_count` SMs (its buffers unused; csrc/cutlass/linear_f32_sm90.cu). Returns bytes.
+    /// Workspace bytes of the f32-output dense GEMM of `params`' shape on its `sm_count` SMs (its buffers unused; csrc/cutlass/linear_sm90.cu). Returns bytes.
     pub fn mx_linear_cutlass_f32_workspace_bytes(params: *const LinearCutlassParams) -> usize;
     /// The f32-output dense GEMM of csrc/cutlass/linear_sm90.cuh on `stream`. Returns 0, a `cudaError_t`, or `MOE_CUTLASS_STATUS_BASE` + a `cutlass::Status`.
     pub fn mx_linear_cutlass_f32_run(params: *const LinearCutlassParams, stream: *mut c_void) -> i32;

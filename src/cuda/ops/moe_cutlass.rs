@@ -6,8 +6,8 @@
 //! `[S, hidden]` f32 is scattered into `out [S, hidden]` f32 per slot with its routing weight.
 //! - [`moe_cutlass_gemm`]: bf16 experts (`moe_experts_sm90.cu`); `act` is written in bf16.
 //! - [`moe_cutlass_q8_gemm`]: 8-bit expert stacks (FP8 E4M3 or INT8) read as packed
-//!   (`moe_experts_q8.cuh`, one translation unit per format), 8-bit x 8-bit on the tensor cores:
-//!   the rows of x and of the activations are quantized per row on the device exactly as
+//!   (`moe_experts_q8.cuh`, both formats in `moe_experts_q8_sm90.cu`), 8-bit x 8-bit on the tensor
+//!   cores: the rows of x and of the activations are quantized per row on the device exactly as
 //!   `fp8::quantize_per_channel` / `int8::quantize_per_channel` do, so its CPU reference is
 //!   [`crate::cpu::moe::expert_mlp_q8_activations`].
 //!
