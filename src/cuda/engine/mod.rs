@@ -960,13 +960,10 @@ impl CudaEngine {
             }
             Output::Greedy(ids) => ids,
         };
-        let greedy_ids = self
-            .plan
+        let greedy_ids = self.plan.greedy.view();
+        self.staging
             .greedy
-            .view()
-            .sub(0, rows)
-            .ok_or_else(|| too_few(rows))?;
-        self.staging.greedy.download(&stream, greedy_ids)?;
+            .download_first(&stream, greedy_ids, rows)?;
         if let Some(samplers) = samplers.as_deref() {
             self.start_sampling(&stream, rows, &row, samplers)?;
         }
@@ -1036,38 +1033,12 @@ impl CudaEngine {
         let vocab = self.plan.dims.vocab as u32;
         let b = &mut self.plan.sampling;
         let words = rows * RNG_STATE_WORDS;
-        s.temperature.upload(
-            stream,
-            0,
-            b.temperature
-                .view_mut()
-                .sub(0, rows)
-                .ok_or_else(|| too_few(rows))?,
-        )?;
-        s.top_k.upload(
-            stream,
-            0,
-            b.top_k
-                .view_mut()
-                .sub(0, rows)
-                .ok_or_else(|| too_few(rows))?,
-        )?;
-        s.top_p.upload(
-            stream,
-            0,
-            b.top_p
-                .view_mut()
-                .sub(0, rows)
-                .ok_or_else(|| too_few(rows))?,
-        )?;
-        s.rng_state.upload(
-            stream,
-            0,
-            b.rng_state
-                .view_mut()
-                .sub(0, words)
-                .ok_or_else(|| too_few(words))?,
-        )?;
+        s.temperature
+            .upload_first(stream, b.temperature.view_mut(), rows)?;
+        s.top_k.upload_first(stream, b.top_k.view_mut(), rows)?;
+        s.top_p.upload_first(stream, b.top_p.view_mut(), rows)?;
+        s.rng_state
+            .upload_first(stream, b.rng_state.view_mut(), words)?;
         ops::sample(
             &self.kernels,
             stream,
@@ -1085,25 +1056,10 @@ impl CudaEngine {
                 out_ids: b.ids.view_mut(),
             },
         )?;
-        s.drawn.download(
-            stream,
-            b.ids.view().sub(0, rows).ok_or_else(|| too_few(rows))?,
-        )?;
-        s.rng_after.download(
-            stream,
-            b.rng_state
-                .view()
-                .sub(0, words)
-                .ok_or_else(|| too_few(words))?,
-        )
+        s.drawn.download_first(stream, b.ids.view(), rows)?;
+        s.rng_after
+            .download_first(stream, b.rng_state.view(), words)
     }
-}
-
-/// A plan buffer shorter than a step needs (the plan is sized for `max_tokens`, so a bug).
-fn too_few(len: usize) -> CudaError {
-    CudaError::Dead(format!(
-        "a step needs {len} elements of a plan buffer that has fewer"
-    ))
 }
 
 impl Drop for CudaEngine {

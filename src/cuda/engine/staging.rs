@@ -109,6 +109,39 @@ impl<T: DeviceRepr + ValidAsZeroBits> Pinned<T> {
     }
 }
 
+impl<T: DeviceRepr + ValidAsZeroBits> Pinned<T> {
+    /// Starts copying the first `len` host elements into the first `len` elements of `dst`.
+    pub fn upload_first(
+        &mut self,
+        stream: &CudaStream,
+        dst: ViewMut<'_, T>,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        let capacity = dst.len();
+        let dst = dst.sub(0, len).ok_or_else(|| short(len, capacity))?;
+        self.upload(stream, 0, dst)
+    }
+
+    /// Starts copying the first `len` elements of `src` into the first `len` host elements.
+    pub fn download_first(
+        &mut self,
+        stream: &CudaStream,
+        src: View<'_, T>,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        let capacity = src.len();
+        let src = src.sub(0, len).ok_or_else(|| short(len, capacity))?;
+        self.download(stream, src)
+    }
+}
+
+/// A device buffer shorter than a step needs (the plan is sized for `max_tokens`, so a bug).
+fn short(wanted: usize, capacity: usize) -> CudaError {
+    CudaError::Dead(format!(
+        "a step needs {wanted} elements of a plan buffer of {capacity}"
+    ))
+}
+
 fn too_small(wanted: usize, capacity: usize) -> CudaError {
     CudaError::Dead(format!(
         "{wanted} elements do not fit the pinned staging buffer of {capacity}"
