@@ -2,8 +2,8 @@
 //! ([`repo`]), seeded random values, bf16 rounding and the relative L2 error ([`numeric`]), the CPU
 //! reference of the expert slots the MoE kernels write ([`moe`]), and, with `--features cuda`, the
 //! one rule deciding when a GPU test may skip ([`gpu`]), running `mixtral-run` and reading what a
-//! command printed ([`run`]), greedy decoding through any engine ([`greedy`]), and the golden
-//! fixtures ([`golden`]).
+//! command printed ([`run`]), greedy decoding through any engine ([`greedy`]), the golden
+//! fixtures ([`golden`]), and safetensors files written as a test wants them ([`safetensors`]).
 //!
 //! A test file at `tests/x.rs` includes it with `mod common;`; the test folders
 //! (`tests/integration/`, `tests/gpu_kernels/`) with `#[path = "../common/mod.rs"]`. Each test
@@ -18,3 +18,4 @@ pub mod moe;
 pub mod numeric;
 pub mod repo;
 pub mod run;
+pub mod safetensors;

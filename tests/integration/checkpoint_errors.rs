@@ -1,6 +1,7 @@
 //! Bad checkpoints: every malformed file, index or weight set is rejected with its own error
 //! variant, naming the file and the tensor, and nothing panics on any input.
 
+use crate::common::safetensors::padded;
 use mixtral::checkpoint::{
     write_raw_safetensors, write_safetensors, Checkpoint, CheckpointError, OpenOptions,
     TensorSource,
@@ -16,15 +17,6 @@ fn data(n: usize) -> Vec<u8> {
     (0..n)
         .flat_map(|i| ((i as f32 * 0.7).sin() + 0.1).to_le_bytes())
         .collect()
-}
-
-/// `json` space-padded so that the data section starts at a multiple of 8.
-fn padded(json: &str) -> Vec<u8> {
-    let mut h = json.as_bytes().to_vec();
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    h
 }
 
 /// Writes `dir/model.safetensors` with header `json` and `bytes` of data; returns its path.

@@ -5,6 +5,7 @@
 //! give typed errors naming the tensor; perplexity of every format on
 //! `tests/fixtures/perplexity.txt`; the memory preflight on the real Mixtral-8x7B configuration.
 
+use crate::common::safetensors::{padded, write_tensors};
 use mixtral::checkpoint::{write_raw_safetensors, Checkpoint, OpenOptions};
 use mixtral::cpu::{CpuEngine, CpuEngineOptions};
 use mixtral::generate::perplexity;
@@ -360,21 +361,15 @@ fn write_dir(from: &Path, dir: &Path, mut tensors: Vec<Stored>) {
             t.bytes.len().min(2)
         })
     });
-    let mut header = serde_json::Map::new();
-    let mut data = Vec::new();
-    for t in &tensors {
-        let start = data.len();
-        data.extend_from_slice(&t.bytes);
-        header.insert(
-            t.name.clone(),
-            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [start, data.len()]}),
-        );
-    }
-    let mut text = serde_json::to_vec(&header).unwrap();
-    while !text.len().is_multiple_of(8) {
-        text.push(b' ');
-    }
-    write_raw_safetensors(&dir.join("model.safetensors"), &text, &data).unwrap();
+    let stored = tensors.iter().map(|t| {
+        (
+            t.name.as_str(),
+            t.dtype.as_str(),
+            &t.shape[..],
+            &t.bytes[..],
+        )
+    });
+    write_tensors(&dir.join("model.safetensors"), stored);
 }
 
 /// Loads `fixture` after `edit` changed its tensors.
@@ -629,11 +624,9 @@ fn quantizing_a_prequantized_checkpoint_to_another_format_is_refused() {
 #[test]
 fn packed_dtypes_open_only_when_asked_for() {
     let dir = tempfile::tempdir().unwrap();
-    let header = br#"{"w":{"dtype":"I32","shape":[2],"data_offsets":[0,8]},"f":{"dtype":"F8_E4M3","shape":[2,2],"data_offsets":[8,12]},"i":{"dtype":"I8","shape":[2],"data_offsets":[12,14]},"u":{"dtype":"U8","shape":[1],"data_offsets":[14,15]},"s":{"dtype":"F32","shape":[],"data_offsets":[16,20]}}"#;
-    let mut header = header.to_vec();
-    while !(header.len()).is_multiple_of(8) {
-        header.push(b' ');
-    }
+    let header = padded(
+        r#"{"w":{"dtype":"I32","shape":[2],"data_offsets":[0,8]},"f":{"dtype":"F8_E4M3","shape":[2,2],"data_offsets":[8,12]},"i":{"dtype":"I8","shape":[2],"data_offsets":[12,14]},"u":{"dtype":"U8","shape":[1],"data_offsets":[14,15]},"s":{"dtype":"F32","shape":[],"data_offsets":[16,20]}}"#,
+    );
     let mut data = Vec::new();
     data.extend_from_slice(&(-7i32).to_le_bytes());
     data.extend_from_slice(&0x1234_5678i32.to_le_bytes());

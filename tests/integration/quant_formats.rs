@@ -17,8 +17,9 @@
 use crate::common;
 
 use common::repo::root;
+use common::safetensors::write_tensors;
 use half::{bf16, f16};
-use mixtral::checkpoint::{write_raw_safetensors, Checkpoint};
+use mixtral::checkpoint::Checkpoint;
 use mixtral::quant::{PackedKind, QuantError, QuantFormat};
 use mixtral::{LoadOptions, Model, ModelError};
 use serde_json::{json, Value};
@@ -147,21 +148,10 @@ fn write_model(dir: &Path, mut tensors: Vec<Stored>, quantization_config: Value)
     config["quantization_config"] = quantization_config;
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     tensors.sort_by_key(|t| std::cmp::Reverse(dtype_size(t.dtype)));
-    let mut header = serde_json::Map::new();
-    let mut data = Vec::new();
-    for t in &tensors {
-        let start = data.len();
-        data.extend_from_slice(&t.bytes);
-        header.insert(
-            t.name.clone(),
-            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [start, data.len()]}),
-        );
-    }
-    let mut text = serde_json::to_vec(&header).unwrap();
-    while !text.len().is_multiple_of(8) {
-        text.push(b' ');
-    }
-    write_raw_safetensors(&dir.join("model.safetensors"), &text, &data).unwrap();
+    let stored = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.dtype, &t.shape[..], &t.bytes[..]));
+    write_tensors(&dir.join("model.safetensors"), stored);
 }
 
 fn load(dir: &Path) -> Result<Model, ModelError> {
