@@ -218,6 +218,10 @@ fn build_emulator(csrc: &Path, sources: &[PathBuf]) -> Result<(), String> {
         // Frames over a page touch each page on the way down, so one that outgrows its emulated
         // stack faults on the guard page under it (runtime.cpp) instead of jumping past it.
         .flag("-fstack-clash-protection")
+        // Every typed load and store checks its address against its type's alignment, as a GPU
+        // faults on a misaligned one: a miss ends the launch with the access and its source line
+        // (runtime.cpp's handler; no sanitizer runtime is linked).
+        .flag("-fsanitize=alignment")
         .flag("-x")
         .flag("c++");
     // The fused multiply-adds the kernels and the emulated tensor cores ask for (fmaf) as

@@ -159,7 +159,10 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 // valid = false nothing is read and the 16 bytes become zero (a zero source size).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
 #ifdef MX_EMULATOR
-    // Copied at once: a later cp_async_wait has nothing left to wait for.
+    // Copied at once: a later cp_async_wait has nothing left to wait for. Both addresses must be
+    // 16-byte aligned, as on a GPU (the source even when nothing is read).
+    if (dst % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
+        mx_emu::trap("cp.async of 16 bytes from or to an address not 16-byte aligned");
     if (valid) memcpy(mx_emu::shared_pointer(dst), src, 16);
     else memset(mx_emu::shared_pointer(dst), 0, 16);
 #else

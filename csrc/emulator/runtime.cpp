@@ -481,6 +481,35 @@ static const Entry* find_entry(const char* symbol) {
 }
 
 
+// The alignment checks of the kernels (build.rs compiles the emulator with
+// -fsanitize=alignment): every typed load or store tests its address against the type's alignment,
+// as a GPU requires of every access (a 16-byte uint4 load on a 16-byte boundary, a float on 4), and
+// calls this on a miss; the launch ends with a message naming the access and the kernel source line
+// instead of reading what a GPU would fault on (CUDA_ERROR_MISALIGNED_ADDRESS). The layouts are the
+// undefined-behaviour sanitizer's, which GCC and Clang share; no sanitizer runtime is linked.
+namespace {
+struct UbsanSourceLocation {
+    const char* file;
+    uint32_t line;
+    uint32_t column;
+};
+struct UbsanTypeMismatch {
+    UbsanSourceLocation location;
+    const void* type;
+    unsigned char log_alignment;
+    unsigned char check_kind;
+};
+}  // namespace
+
+extern "C" void __ubsan_handle_type_mismatch_v1(const UbsanTypeMismatch* data, uintptr_t address) {
+    static const char* const kinds[] = {"load from", "store to", "reference to", "member access in"};
+    char what[512];  // on the stack: trap never returns to free anything
+    snprintf(what, sizeof what, "%s 0x%llx, not %u-byte aligned as its type needs (%s:%u)",
+             data->check_kind < 4 ? kinds[data->check_kind] : "access to", (unsigned long long)address,
+             1u << data->log_alignment, data->location.file, data->location.line);
+    mx_emu::trap(what);
+}
+
 extern "C" size_t mx_emulator_params_bytes(const char* symbol) {
     const Entry* entry = find_entry(symbol);
     return entry == nullptr ? 0 : *entry->params_bytes;

@@ -63,6 +63,26 @@ __device__ void trap_once(const MxEmulatorSelfTestParams&) {
     if (threadIdx.x == 7) __trap();
 }
 
+// Thread 5 loads 16 bytes from an address 8 bytes past a 16-byte boundary within out (a GPU's
+// misaligned address fault); the others load from the boundary.
+__device__ void misaligned_load(const MxEmulatorSelfTestParams& p) {
+    const uintptr_t boundary = (reinterpret_cast<uintptr_t>(p.out) + 15) & ~(uintptr_t)15;
+    const uint4 v = *reinterpret_cast<const uint4*>(boundary + (threadIdx.x == 5 ? 8 : 0));
+    p.out[threadIdx.x] = (int)v.x;
+}
+
+// Thread 3 copies 16 bytes with cp.async from 8 bytes past a 16-byte boundary within out (a GPU's
+// misaligned address fault); the others from the boundary.
+__device__ void misaligned_cp_async(const MxEmulatorSelfTestParams& p) {
+    __shared__ __align__(16) uint4 stage[64];
+    const uintptr_t boundary = (reinterpret_cast<uintptr_t>(p.out) + 15) & ~(uintptr_t)15;
+    const void* source = reinterpret_cast<const void*>(boundary + (threadIdx.x == 3 ? 8 : 0));
+    mx::cp_async_16(mx::shared_address(&stage[threadIdx.x]), source, true);
+    mx::cp_async_commit();
+    mx::cp_async_wait<0>();
+    p.out[threadIdx.x] = (int)stage[threadIdx.x].x;
+}
+
 // A frame of 200 KiB, more than any emulated thread's stack holds (at most 192 KiB above its guard
 // page): the stack-clash probes touch each page on the way down, so it faults on the guard page
 // (the test process dies of SIGSEGV) before anything lands in the thread's Fiber.
@@ -80,4 +100,6 @@ MX_ENTRY(emulator_split_warp, (64), MxEmulatorSelfTestParams, split_warp(p))
 MX_ENTRY(emulator_exited_lane, (64), MxEmulatorSelfTestParams, exited_lane(p))
 MX_ENTRY(emulator_shared_per_launch, (64), MxEmulatorSelfTestParams, shared_per_launch(p))
 MX_ENTRY(emulator_trap, (64), MxEmulatorSelfTestParams, trap_once(p))
+MX_ENTRY(emulator_misaligned_load, (64), MxEmulatorSelfTestParams, misaligned_load(p))
+MX_ENTRY(emulator_misaligned_cp_async, (64), MxEmulatorSelfTestParams, misaligned_cp_async(p))
 MX_ENTRY(emulator_deep_stack, (64), MxEmulatorSelfTestParams, deep_stack(p))

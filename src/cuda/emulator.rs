@@ -292,6 +292,10 @@ mod tests {
             // A shuffle with an exited lane.
             ("emulator_exited_lane", "without all 32 lanes"),
             ("emulator_trap", "thread 7: __trap()"),
+            // A 16-byte load 8 bytes past a 16-byte boundary (a GPU's misaligned address).
+            ("emulator_misaligned_load", "16-byte aligned as its"),
+            // cp.async from 8 bytes past a 16-byte boundary.
+            ("emulator_misaligned_cp_async", "thread 3: cp.async of"),
             ("no_such_kernel", "not emulated"),
         ] {
             match self_test(symbol, Order::Forward) {
