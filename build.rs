@@ -218,10 +218,11 @@ fn build_emulator(csrc: &Path, sources: &[PathBuf]) -> Result<(), String> {
         // Frames over a page touch each page on the way down, so one that outgrows its emulated
         // stack faults on the guard page under it (runtime.cpp) instead of jumping past it.
         .flag("-fstack-clash-protection")
-        // Every typed load and store checks its address against its type's alignment, as a GPU
-        // faults on a misaligned one: a miss ends the launch with the access and its source line
-        // (runtime.cpp's handler; no sanitizer runtime is linked).
-        .flag("-fsanitize=alignment")
+        // What a GPU faults on or computes differently from this CPU ends the launch with the
+        // kernel's source line (runtime.cpp's handlers; no sanitizer runtime is linked): a typed
+        // access not aligned for its type, an index past a fixed-size (shared, local) array, a
+        // shift by the type's width or more, a signed overflow, a division by zero.
+        .flag("-fsanitize=alignment,bounds,shift,signed-integer-overflow,integer-divide-by-zero")
         .flag("-x")
         .flag("c++");
     // The fused multiply-adds the kernels and the emulated tensor cores ask for (fmaf) as

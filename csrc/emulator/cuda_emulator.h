@@ -329,6 +329,8 @@ uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c);
     X(emulator_trap)                   \
     X(emulator_misaligned_load)        \
     X(emulator_misaligned_cp_async)    \
+    X(emulator_shared_index_past_end)  \
+    X(emulator_wide_shift)             \
     X(emulator_deep_stack)
 
 // The parameters of every self-test kernel: one output of an int per thread of the launch.

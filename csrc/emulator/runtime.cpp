@@ -481,11 +481,15 @@ static const Entry* find_entry(const char* symbol) {
 }
 
 
-// The alignment checks of the kernels (build.rs compiles the emulator with
-// -fsanitize=alignment): every typed load or store tests its address against the type's alignment,
-// as a GPU requires of every access (a 16-byte uint4 load on a 16-byte boundary, a float on 4), and
-// calls this on a miss; the launch ends with a message naming the access and the kernel source line
-// instead of reading what a GPU would fault on (CUDA_ERROR_MISALIGNED_ADDRESS). The layouts are the
+// The undefined-behaviour checks the emulator is compiled with (build.rs: -fsanitize=alignment,
+// bounds, shift, signed-integer-overflow, integer-divide-by-zero), for what a GPU would do
+// differently from this CPU or fault on: a typed load or store at an address not aligned for its
+// type (CUDA_ERROR_MISALIGNED_ADDRESS; x86 would just read it), an index past a fixed-size array
+// (a shared or local array: another variable's bytes on a GPU, no guard to stop it), a shift by
+// the type's width or more (x86 shifts by the count modulo the width, PTX by the count clamped:
+// different bits), a signed overflow (the optimizers of both assume there is none) and a division
+// by zero. Each calls its handler below, which ends the launch naming the check, the address or
+// operands where there are any, and the kernel source line. The layouts and names are the
 // undefined-behaviour sanitizer's, which GCC and Clang share; no sanitizer runtime is linked.
 namespace {
 struct UbsanSourceLocation {
@@ -499,15 +503,52 @@ struct UbsanTypeMismatch {
     unsigned char log_alignment;
     unsigned char check_kind;
 };
+
+// Ends the launch: `what` at `location` (trap never returns, so nothing here may need freeing).
+[[noreturn]] void undefined(const UbsanSourceLocation& location, const char* what) {
+    char message[512];
+    snprintf(message, sizeof message, "%s (%s:%u)", what, location.file, location.line);
+    mx_emu::trap(message);
+}
 }  // namespace
 
 extern "C" void __ubsan_handle_type_mismatch_v1(const UbsanTypeMismatch* data, uintptr_t address) {
     static const char* const kinds[] = {"load from", "store to", "reference to", "member access in"};
-    char what[512];  // on the stack: trap never returns to free anything
-    snprintf(what, sizeof what, "%s 0x%llx, not %u-byte aligned as its type needs (%s:%u)",
+    char what[128];
+    snprintf(what, sizeof what, "%s 0x%llx, not %u-byte aligned as its type needs",
              data->check_kind < 4 ? kinds[data->check_kind] : "access to", (unsigned long long)address,
-             1u << data->log_alignment, data->location.file, data->location.line);
-    mx_emu::trap(what);
+             1u << data->log_alignment);
+    undefined(data->location, what);
+}
+
+extern "C" void __ubsan_handle_out_of_bounds(const UbsanSourceLocation* data, uintptr_t index) {
+    char what[128];
+    snprintf(what, sizeof what, "index %lld past the end of a fixed-size array", (long long)index);
+    undefined(*data, what);
+}
+
+extern "C" void __ubsan_handle_shift_out_of_bounds(const UbsanSourceLocation* data, uintptr_t, uintptr_t) {
+    undefined(*data, "a shift by a negative count, by the type's width or more, or of a negative value");
+}
+
+extern "C" void __ubsan_handle_add_overflow(const UbsanSourceLocation* data, uintptr_t, uintptr_t) {
+    undefined(*data, "a signed addition overflows");
+}
+
+extern "C" void __ubsan_handle_sub_overflow(const UbsanSourceLocation* data, uintptr_t, uintptr_t) {
+    undefined(*data, "a signed subtraction overflows");
+}
+
+extern "C" void __ubsan_handle_mul_overflow(const UbsanSourceLocation* data, uintptr_t, uintptr_t) {
+    undefined(*data, "a signed multiplication overflows");
+}
+
+extern "C" void __ubsan_handle_negate_overflow(const UbsanSourceLocation* data, uintptr_t) {
+    undefined(*data, "a signed negation overflows");
+}
+
+extern "C" void __ubsan_handle_divrem_overflow(const UbsanSourceLocation* data, uintptr_t, uintptr_t) {
+    undefined(*data, "an integer division by zero (or of the lowest signed value by -1)");
 }
 
 extern "C" size_t mx_emulator_params_bytes(const char* symbol) {

@@ -83,6 +83,19 @@ __device__ void misaligned_cp_async(const MxEmulatorSelfTestParams& p) {
     p.out[threadIdx.x] = (int)stage[threadIdx.x].x;
 }
 
+// Thread 9 writes one past the end of a shared array (another variable's bytes on a GPU).
+__device__ void shared_index_past_end(const MxEmulatorSelfTestParams& p) {
+    __shared__ int slots[64];
+    slots[threadIdx.x + (threadIdx.x == 9 ? 55 : 0)] = 1;
+    __syncthreads();
+    p.out[threadIdx.x] = slots[threadIdx.x];
+}
+
+// Thread 31 shifts a 32-bit value by 32 (x86 shifts by 0, PTX's shl gives 0).
+__device__ void wide_shift(const MxEmulatorSelfTestParams& p) {
+    p.out[threadIdx.x] = (int)(1u << (threadIdx.x % 32 + 1));
+}
+
 // A frame of 200 KiB, more than any emulated thread's stack holds (at most 192 KiB above its guard
 // page): the stack-clash probes touch each page on the way down, so it faults on the guard page
 // (the test process dies of SIGSEGV) before anything lands in the thread's Fiber.
@@ -102,4 +115,6 @@ MX_ENTRY(emulator_shared_per_launch, (64), MxEmulatorSelfTestParams, shared_per_
 MX_ENTRY(emulator_trap, (64), MxEmulatorSelfTestParams, trap_once(p))
 MX_ENTRY(emulator_misaligned_load, (64), MxEmulatorSelfTestParams, misaligned_load(p))
 MX_ENTRY(emulator_misaligned_cp_async, (64), MxEmulatorSelfTestParams, misaligned_cp_async(p))
+MX_ENTRY(emulator_shared_index_past_end, (64), MxEmulatorSelfTestParams, shared_index_past_end(p))
+MX_ENTRY(emulator_wide_shift, (64), MxEmulatorSelfTestParams, wide_shift(p))
 MX_ENTRY(emulator_deep_stack, (64), MxEmulatorSelfTestParams, deep_stack(p))

@@ -296,6 +296,13 @@ mod tests {
             ("emulator_misaligned_load", "16-byte aligned as its"),
             // cp.async from 8 bytes past a 16-byte boundary.
             ("emulator_misaligned_cp_async", "thread 3: cp.async of"),
+            // A write one past the end of a shared array.
+            (
+                "emulator_shared_index_past_end",
+                "thread 9: index 64 past the end",
+            ),
+            // A 32-bit shift by 32.
+            ("emulator_wide_shift", "thread 31: a shift by"),
             ("no_such_kernel", "not emulated"),
         ] {
             match self_test(symbol, Order::Forward) {
