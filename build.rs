@@ -221,8 +221,10 @@ fn build_emulator(csrc: &Path, sources: &[PathBuf]) -> Result<(), String> {
         // What a GPU faults on or computes differently from this CPU ends the launch with the
         // kernel's source line (runtime.cpp's handlers; no sanitizer runtime is linked): a typed
         // access not aligned for its type, an index past a fixed-size (shared, local) array, a
-        // shift by the type's width or more, a signed overflow, a division by zero.
+        // shift by the type's width or more, a signed overflow, a division by zero, a float
+        // converted to an integer that cannot hold it.
         .flag("-fsanitize=alignment,bounds,shift,signed-integer-overflow,integer-divide-by-zero")
+        .flag("-fsanitize=float-cast-overflow")
         .flag("-x")
         .flag("c++");
     // The fused multiply-adds the kernels and the emulated tensor cores ask for (fmaf) as

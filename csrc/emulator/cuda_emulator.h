@@ -331,6 +331,7 @@ uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c);
     X(emulator_misaligned_cp_async)    \
     X(emulator_shared_index_past_end)  \
     X(emulator_wide_shift)             \
+    X(emulator_float_to_int_overflow)  \
     X(emulator_deep_stack)
 
 // The parameters of every self-test kernel: one output of an int per thread of the launch.

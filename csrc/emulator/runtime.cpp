@@ -482,13 +482,14 @@ static const Entry* find_entry(const char* symbol) {
 
 
 // The undefined-behaviour checks the emulator is compiled with (build.rs: -fsanitize=alignment,
-// bounds, shift, signed-integer-overflow, integer-divide-by-zero), for what a GPU would do
-// differently from this CPU or fault on: a typed load or store at an address not aligned for its
-// type (CUDA_ERROR_MISALIGNED_ADDRESS; x86 would just read it), an index past a fixed-size array
-// (a shared or local array: another variable's bytes on a GPU, no guard to stop it), a shift by
-// the type's width or more (x86 shifts by the count modulo the width, PTX by the count clamped:
-// different bits), a signed overflow (the optimizers of both assume there is none) and a division
-// by zero. Each calls its handler below, which ends the launch naming the check, the address or
+// bounds, shift, signed-integer-overflow, integer-divide-by-zero, float-cast-overflow), for what a
+// GPU would do differently from this CPU or fault on: a typed load or store at an address not
+// aligned for its type (CUDA_ERROR_MISALIGNED_ADDRESS; x86 would just read it), an index past a
+// fixed-size array (a shared or local array: another variable's bytes on a GPU, no guard to stop
+// it), a shift by the type's width or more (x86 shifts by the count modulo the width, PTX by the
+// count clamped: different bits), a signed overflow (the optimizers of both assume there is none),
+// a division by zero, and a float converted to an integer that cannot hold it (PTX's cvt
+// saturates and turns NaN into 0, x86 gives the lowest value). Each calls its handler below, which ends the launch naming the check, the address or
 // operands where there are any, and the kernel source line. The layouts and names are the
 // undefined-behaviour sanitizer's, which GCC and Clang share; no sanitizer runtime is linked.
 namespace {
@@ -545,6 +546,10 @@ extern "C" void __ubsan_handle_mul_overflow(const UbsanSourceLocation* data, uin
 
 extern "C" void __ubsan_handle_negate_overflow(const UbsanSourceLocation* data, uintptr_t) {
     undefined(*data, "a signed negation overflows");
+}
+
+extern "C" void __ubsan_handle_float_cast_overflow(const UbsanSourceLocation* data, uintptr_t) {
+    undefined(*data, "a float converted to an integer type that cannot hold it (or a NaN)");
 }
 
 extern "C" void __ubsan_handle_divrem_overflow(const UbsanSourceLocation* data, uintptr_t, uintptr_t) {

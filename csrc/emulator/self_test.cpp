@@ -96,6 +96,11 @@ __device__ void wide_shift(const MxEmulatorSelfTestParams& p) {
     p.out[threadIdx.x] = (int)(1u << (threadIdx.x % 32 + 1));
 }
 
+// Thread 12 converts 3e9 to an int (PTX saturates to 2147483647, x86 gives -2147483648).
+__device__ void float_to_int_overflow(const MxEmulatorSelfTestParams& p) {
+    p.out[threadIdx.x] = (int)(threadIdx.x == 12 ? 3e9f : (float)threadIdx.x);
+}
+
 // A frame of 200 KiB, more than any emulated thread's stack holds (at most 192 KiB above its guard
 // page): the stack-clash probes touch each page on the way down, so it faults on the guard page
 // (the test process dies of SIGSEGV) before anything lands in the thread's Fiber.
@@ -117,4 +122,5 @@ MX_ENTRY(emulator_misaligned_load, (64), MxEmulatorSelfTestParams, misaligned_lo
 MX_ENTRY(emulator_misaligned_cp_async, (64), MxEmulatorSelfTestParams, misaligned_cp_async(p))
 MX_ENTRY(emulator_shared_index_past_end, (64), MxEmulatorSelfTestParams, shared_index_past_end(p))
 MX_ENTRY(emulator_wide_shift, (64), MxEmulatorSelfTestParams, wide_shift(p))
+MX_ENTRY(emulator_float_to_int_overflow, (64), MxEmulatorSelfTestParams, float_to_int_overflow(p))
 MX_ENTRY(emulator_deep_stack, (64), MxEmulatorSelfTestParams, deep_stack(p))

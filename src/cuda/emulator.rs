@@ -303,6 +303,8 @@ mod tests {
             ),
             // A 32-bit shift by 32.
             ("emulator_wide_shift", "thread 31: a shift by"),
+            // 3e9 converted to an int.
+            ("emulator_float_to_int_overflow", "thread 12: a float"),
             ("no_such_kernel", "not emulated"),
         ] {
             match self_test(symbol, Order::Forward) {
