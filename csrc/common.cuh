@@ -159,12 +159,7 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 // valid = false nothing is read and the 16 bytes become zero (a zero source size).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
 #ifdef MX_EMULATOR
-    // Copied at once: a later cp_async_wait has nothing left to wait for. Both addresses must be
-    // 16-byte aligned, as on a GPU (the source even when nothing is read).
-    if (dst % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
-        mx_emu::trap("cp.async of 16 bytes from or to an address not 16-byte aligned");
-    if (valid) memcpy(mx_emu::shared_pointer(dst), src, 16);
-    else memset(mx_emu::shared_pointer(dst), 0, 16);
+    mx_emu::cp_async(dst, src, valid);
 #else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16u : 0u)
                  : "memory");
@@ -173,7 +168,9 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
 
 // Closes this thread's current group of cp.async copies.
 __device__ __forceinline__ void cp_async_commit() {
-#ifndef MX_EMULATOR
+#ifdef MX_EMULATOR
+    mx_emu::cp_async_commit();
+#else
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
@@ -181,7 +178,9 @@ __device__ __forceinline__ void cp_async_commit() {
 // Waits until at most N of this thread's committed copy groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#ifndef MX_EMULATOR
+#ifdef MX_EMULATOR
+    mx_emu::cp_async_wait(N);
+#else
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }

@@ -197,6 +197,24 @@ struct Launch;  // runtime.cpp
 // that differs by architecture, quant.cuh's FP8 pair conversion, sm_89+), and its warp's exchange
 // slots (32 lanes' in each of two banks) with the bank of its next warp collective. Written by the
 // scheduler before the thread starts.
+// The most cp.async copies one emulated thread may have in flight.
+constexpr unsigned MAX_COPIES_IN_FLIGHT = 64;
+// A cp.async copy in flight: 16 bytes from `src` (zeros when not `valid`) to shared address `dst`,
+// issued after `group` commits of its thread.
+struct Copy {
+    const void* src;
+    uint32_t dst;
+    uint32_t group;
+    bool valid;
+};
+// A thread's cp.async copies in flight, in issue order, and the groups it has committed. Made empty
+// without writing the slots.
+struct CopyQueue {
+    CopyQueue() : count(0), groups(0) {}
+    unsigned count;
+    uint32_t groups;
+    Copy copies[MAX_COPIES_IN_FLIGHT];
+};
 struct Fiber {
     Launch* launch;
     unsigned thread;
@@ -204,6 +222,7 @@ struct Fiber {
     uint3 block, grid, block_dim;
     unsigned char* warp_slots[2];
     unsigned bank;
+    CopyQueue copies;
 };
 // The Fiber of the stack starting at `base`: within its bottom FIBER_AREA_BYTES, at one of
 // FIBER_PLACES places 64 bytes apart, the next place for the next stack, so that the Fibers of the
@@ -236,6 +255,14 @@ uint32_t shared_address(const void* p);
 void* shared_pointer(uint32_t address);
 // The launch's dynamic shared memory (at least 16-byte aligned, as large as the launch asked for).
 void* dynamic_shared();
+// cp.async of 16 bytes from `src` (zeros when not `valid`) to shared address `dst`, both 16-byte
+// aligned: queued in the current thread, copied only when a cp_async_wait leaves its group behind,
+// as late as a GPU may land it, so a read that does not wait for it reads what was there before.
+void cp_async(uint32_t dst, const void* src, bool valid);
+// cp.async.commit_group: the current thread's queued copies form a group.
+void cp_async_commit();
+// cp.async.wait_group n: the current thread's copies of every committed group but the n newest land.
+void cp_async_wait(unsigned n);
 
 // The exchange slot (SLOT_BYTES) of `lane` in the current thread's warp, for the warp collective
 // the thread is at (two banks, used by a warp's collectives in turn).
@@ -332,6 +359,7 @@ uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c);
     X(emulator_shared_index_past_end)  \
     X(emulator_wide_shift)             \
     X(emulator_float_to_int_overflow)  \
+    X(emulator_cp_async_lands_at_the_wait) \
     X(emulator_deep_stack)
 
 // The parameters of every self-test kernel: one output of an int per thread of the launch.

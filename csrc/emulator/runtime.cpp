@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 
+#include <new>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -267,8 +268,9 @@ thread_local Stacks thread_stacks;
 void run_block(Launch& l, const Stacks& stacks, bool reverse) {
     const unsigned n = (unsigned)l.threads.size();
     for (unsigned t = 0; t < n; ++t) {
-        stacks.fiber(t) = Fiber{&l, t, l.arch, l.block_index, l.grid, l.block,
-                                {l.slots[0][t / 32 * 32], l.slots[1][t / 32 * 32]}, 0};
+        // In place: its queue of cp.async copies starts empty without writing its slots.
+        new (&stacks.fiber(t)) Fiber{&l, t, l.arch, l.block_index, l.grid, l.block,
+                                     {l.slots[0][t / 32 * 32], l.slots[1][t / 32 * 32]}, 0};
         Thread& th = l.threads[t];
         th.state = State::Ready;
         th.predicate = false;
@@ -335,6 +337,33 @@ uint32_t shared_address(const void* p) {
 void* shared_pointer(uint32_t address) { return shared_origin + (int32_t)address; }
 
 void* dynamic_shared() { return dynamic_shared_memory; }
+
+void cp_async(uint32_t dst, const void* src, bool valid) {
+    // Both addresses 16-byte aligned, as on a GPU (the source even when nothing is read).
+    if (dst % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
+        trap("cp.async of 16 bytes from or to an address not 16-byte aligned");
+    CopyQueue& q = this_fiber().copies;
+    if (q.count == MAX_COPIES_IN_FLIGHT) trap("more cp.async copies in flight than the emulator holds");
+    q.copies[q.count++] = Copy{src, dst, q.groups, valid};
+}
+
+void cp_async_commit() { this_fiber().copies.groups += 1; }
+
+void cp_async_wait(unsigned n) {
+    CopyQueue& q = this_fiber().copies;
+    unsigned kept = 0;
+    for (unsigned i = 0; i < q.count; ++i) {
+        const Copy& c = q.copies[i];
+        // Committed, and older than the n newest committed groups: it lands now.
+        if (c.group < q.groups && q.groups - c.group > n) {
+            if (c.valid) memcpy(shared_pointer(c.dst), c.src, 16);
+            else memset(shared_pointer(c.dst), 0, 16);
+        } else {
+            q.copies[kept++] = c;
+        }
+    }
+    q.count = kept;
+}
 
 namespace {
 // The 16 x 8 tile of mma.sync m16n8k16 for the whole of `warp`, from the A and B registers its

@@ -101,6 +101,24 @@ __device__ void float_to_int_overflow(const MxEmulatorSelfTestParams& p) {
     p.out[threadIdx.x] = (int)(threadIdx.x == 12 ? 3e9f : (float)threadIdx.x);
 }
 
+// Each thread cp.asyncs 16 bytes (four ints 100 + t; from shared memory, which only the emulator
+// allows) over four -1s and reads them before and after waiting: out[t] = 1 when the read before
+// saw the -1s, + 2 when the read after saw 100 + t (3: a copy lands at the wait, not before).
+__device__ void cp_async_lands_at_the_wait(const MxEmulatorSelfTestParams& p) {
+    __shared__ __align__(16) int stage[64][4];
+    __shared__ __align__(16) int source[64][4];
+    for (int i = 0; i < 4; ++i) {
+        stage[threadIdx.x][i] = -1;
+        source[threadIdx.x][i] = 100 + (int)threadIdx.x;
+    }
+    mx::cp_async_16(mx::shared_address(stage[threadIdx.x]), source[threadIdx.x], true);
+    mx::cp_async_commit();
+    const int before = stage[threadIdx.x][0];
+    mx::cp_async_wait<0>();
+    const int after = stage[threadIdx.x][3];
+    p.out[threadIdx.x] = (before == -1 ? 1 : 0) + (after == 100 + (int)threadIdx.x ? 2 : 0);
+}
+
 // A frame of 200 KiB, more than any emulated thread's stack holds (at most 192 KiB above its guard
 // page): the stack-clash probes touch each page on the way down, so it faults on the guard page
 // (the test process dies of SIGSEGV) before anything lands in the thread's Fiber.
@@ -123,4 +141,5 @@ MX_ENTRY(emulator_misaligned_cp_async, (64), MxEmulatorSelfTestParams, misaligne
 MX_ENTRY(emulator_shared_index_past_end, (64), MxEmulatorSelfTestParams, shared_index_past_end(p))
 MX_ENTRY(emulator_wide_shift, (64), MxEmulatorSelfTestParams, wide_shift(p))
 MX_ENTRY(emulator_float_to_int_overflow, (64), MxEmulatorSelfTestParams, float_to_int_overflow(p))
+MX_ENTRY(emulator_cp_async_lands_at_the_wait, (64), MxEmulatorSelfTestParams, cp_async_lands_at_the_wait(p))
 MX_ENTRY(emulator_deep_stack, (64), MxEmulatorSelfTestParams, deep_stack(p))

@@ -213,6 +213,16 @@ mod tests {
         assert!(reverse[1..].iter().all(|&v| v == 0), "{reverse:?}");
     }
 
+    /// A cp.async copy lands when its thread waits for its group, not when it is issued: a read
+    /// before the wait sees the old values (as it may on a GPU), a read after it the copied ones.
+    #[test]
+    fn cp_async_copies_land_at_the_wait() {
+        for order in [Order::Forward, Order::Reverse] {
+            let out = self_test("emulator_cp_async_lands_at_the_wait", order).unwrap();
+            assert_eq!(out, vec![3; 64], "{order:?}");
+        }
+    }
+
     /// Launches from several OS threads at once run side by side, each block with its own shared
     /// memory: every launch reads back the seed it stored, never another launch's.
     #[test]
