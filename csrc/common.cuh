@@ -23,10 +23,12 @@
         __VA_ARGS__;                                                 \
     }
 #else
-// The emulator's entry (csrc/emulator/runtime.cpp runs it on every emulated thread of the launch) and
-// the size of its parameter struct (what the emulated driver copies when it records a launch).
-#define MX_ENTRY(symbol, bounds, Params, ...)                           \
-    extern const size_t mx_emulated_params_bytes_##symbol = sizeof(Params); \
+// The emulator's entry (csrc/emulator/runtime.cpp runs it on every emulated thread of the launch),
+// the size of its parameter struct (what the emulated driver copies when it records a launch) and
+// the most threads a block may have (__launch_bounds__: a GPU refuses a larger block).
+#define MX_ENTRY(symbol, bounds, Params, ...)                               \
+    extern const size_t mx_emulated_params_bytes_##symbol = sizeof(Params);     \
+    extern const unsigned mx_emulated_max_threads_##symbol = mx_emu::max_threads bounds; \
     void mx_emulated_##symbol(const void* params) {                    \
         const Params& p = *static_cast<const Params*>(params);          \
         mx::after_prior_kernels();                                      \

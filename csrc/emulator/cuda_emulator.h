@@ -362,6 +362,11 @@ uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c);
     X(emulator_cp_async_lands_at_the_wait) \
     X(emulator_deep_stack)
 
+namespace mx_emu {
+// The block size bound of `__launch_bounds__(max_threads[, min_blocks])`.
+constexpr unsigned max_threads(unsigned max_threads, unsigned = 0) { return max_threads; }
+}  // namespace mx_emu
+
 // The parameters of every self-test kernel: one output of an int per thread of the launch.
 struct MxEmulatorSelfTestParams {
     int32_t* out;

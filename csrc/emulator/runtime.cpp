@@ -481,12 +481,15 @@ struct Entry {
     const char* symbol;
     void (*body)(const void*);
     const size_t* params_bytes;
+    const unsigned* max_threads;  // its __launch_bounds__
 };
 
 #define MX_DECLARE(symbol, ...)                   \
     void mx_emulated_##symbol(const void*);       \
-    extern const size_t mx_emulated_params_bytes_##symbol;
-#define MX_ROW(symbol, ...) {#symbol, &mx_emulated_##symbol, &mx_emulated_params_bytes_##symbol},
+    extern const size_t mx_emulated_params_bytes_##symbol; \
+    extern const unsigned mx_emulated_max_threads_##symbol;
+#define MX_ROW(symbol, ...) \
+    {#symbol, &mx_emulated_##symbol, &mx_emulated_params_bytes_##symbol, &mx_emulated_max_threads_##symbol},
 
 }  // namespace
 
@@ -600,6 +603,10 @@ extern "C" int mx_emulator_launch(const char* symbol, const void* params, const 
     if (entry == nullptr) return report(std::string("kernel ") + symbol + " is not emulated");
     const uint32_t block = geometry->block;
     if (block == 0 || block > 1024) return report("block of " + std::to_string(block) + " threads");
+    if (block > *entry->max_threads)
+        return report(std::string(symbol) + ": block of " + std::to_string(block) +
+                      " threads, over the kernel's __launch_bounds__ of " +
+                      std::to_string(*entry->max_threads) + " (a GPU refuses the launch)");
     if (geometry->shared_bytes > mx_emu::DYNAMIC_SHARED_BYTES)
         return report(std::to_string(geometry->shared_bytes) + " bytes of dynamic shared memory");
 

@@ -213,6 +213,32 @@ mod tests {
         assert!(reverse[1..].iter().all(|&v| v == 0), "{reverse:?}");
     }
 
+    /// A block larger than the kernel's `__launch_bounds__` (64 for the self-tests) is refused, as
+    /// a GPU refuses the launch.
+    #[test]
+    fn a_block_over_the_launch_bounds_is_refused() {
+        let mut out = vec![-1i32; 128];
+        let params = SelfTest {
+            out: out.as_mut_ptr(),
+        };
+        let grid = Grid {
+            block: 128,
+            ..BLOCK
+        };
+        let schedule = Schedule {
+            order: Order::Forward,
+            arch: Arch::Sm90,
+        };
+        // SAFETY: refused before it runs; it would write at most out[threadIdx.x], 128 elements.
+        match unsafe { run_symbol("emulator_shuffles", &params, &grid, schedule) } {
+            Err(EmulatorError::Kernel { message, .. }) => assert!(
+                message.contains("over the kernel's __launch_bounds__ of 64"),
+                "{message}"
+            ),
+            other => panic!("expected the launch refused, got {other:?}"),
+        }
+    }
+
     /// A cp.async copy lands when its thread waits for its group, not when it is issued: a read
     /// before the wait sees the old values (as it may on a GPU), a read after it the copied ones.
     #[test]
