@@ -54,8 +54,10 @@ mx_emulator_switch:
 namespace mx_emu {
 namespace {
 
-// The largest dynamic shared memory a launch may ask for (Hopper's per-block limit).
-constexpr size_t DYNAMIC_SHARED_BYTES = 227 * 1024;
+// The largest dynamic shared memory a launch may ask for: what every GPU gives a kernel that has not
+// opted in to more with cuFuncSetAttribute (MAX_DYNAMIC_SHARED_SIZE_BYTES), which the crate never
+// calls; a GPU refuses a larger launch.
+constexpr size_t DYNAMIC_SHARED_BYTES = 48 * 1024;
 
 // The origin of the 32-bit shared addresses: every thread-local static of this image (the kernels'
 // __shared__ variables and the dynamic shared memory below) lies within 2 GiB of the calling
@@ -608,7 +610,9 @@ extern "C" int mx_emulator_launch(const char* symbol, const void* params, const 
                       " threads, over the kernel's __launch_bounds__ of " +
                       std::to_string(*entry->max_threads) + " (a GPU refuses the launch)");
     if (geometry->shared_bytes > mx_emu::DYNAMIC_SHARED_BYTES)
-        return report(std::to_string(geometry->shared_bytes) + " bytes of dynamic shared memory");
+        return report(std::to_string(geometry->shared_bytes) +
+                      " bytes of dynamic shared memory, over the 48 KiB a kernel gets without opting in "
+                      "(a GPU refuses the launch)");
 
     static thread_local mx_emu::Launch state;
     mx_emu::Launch& l = state;

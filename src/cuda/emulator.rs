@@ -53,8 +53,11 @@ pub enum EmulatorError {
     /// The planner refused the shapes or buffers, as it would for a device.
     #[error(transparent)]
     Refused(#[from] CudaError),
-    /// The kernel did what a GPU would hang on or leave undefined (a barrier some threads never
-    /// reach, a warp collective without its whole warp, `__trap`), or the emulator cannot run it.
+    /// The kernel did what a GPU would hang on, fault on or leave undefined (a barrier some threads
+    /// never reach, a warp collective without its whole warp, `__trap`, a misaligned access, an
+    /// index past a fixed-size array, ...), the launch is one a GPU refuses (a block over the
+    /// kernel's `__launch_bounds__`, over 48 KiB of dynamic shared memory), or the emulator cannot
+    /// run it.
     #[error("emulated kernel {symbol}: {message}")]
     Kernel {
         /// The kernel's symbol.
@@ -236,6 +239,35 @@ mod tests {
                 "{message}"
             ),
             other => panic!("expected the launch refused, got {other:?}"),
+        }
+    }
+
+    /// More than 48 KiB of dynamic shared memory is refused, as a GPU refuses it from a kernel
+    /// that has not opted in to more (the crate never does).
+    #[test]
+    fn dynamic_shared_memory_over_48_kib_is_refused() {
+        let mut out = vec![-1i32; 64];
+        let params = SelfTest {
+            out: out.as_mut_ptr(),
+        };
+        let schedule = Schedule {
+            order: Order::Forward,
+            arch: Arch::Sm90,
+        };
+        for (bytes, refused) in [(48 * 1024, false), (48 * 1024 + 16, true)] {
+            let grid = Grid {
+                shared_bytes: bytes,
+                ..BLOCK
+            };
+            // SAFETY: the kernel writes at most out[threadIdx.x], 64 threads, 64 elements.
+            let result = unsafe { run_symbol("emulator_shuffles", &params, &grid, schedule) };
+            match result {
+                Err(EmulatorError::Kernel { message, .. }) if refused => {
+                    assert!(message.contains("over the 48 KiB"), "{message}")
+                }
+                Ok(()) if !refused => {}
+                other => panic!("{bytes} bytes: got {other:?}"),
+            }
         }
     }
 
