@@ -180,7 +180,18 @@ mod tests {
 
     /// Runs self-test kernel `symbol` in `order`; its 64 outputs, or the error.
     fn self_test(symbol: &'static str, order: Order) -> Result<Vec<i32>, EmulatorError> {
-        let mut out = vec![-1i32; 64];
+        self_test_on(symbol, &BLOCK, order)
+    }
+
+    /// Runs self-test kernel `symbol` on one block of `grid` in `order`; its outputs (one per
+    /// thread), or the error.
+    fn self_test_on(
+        symbol: &'static str,
+        grid: &Grid,
+        order: Order,
+    ) -> Result<Vec<i32>, EmulatorError> {
+        assert_eq!(grid.grid, (1, 1, 1), "one block");
+        let mut out = vec![-1i32; grid.block as usize];
         let params = SelfTest {
             out: out.as_mut_ptr(),
         };
@@ -188,8 +199,9 @@ mod tests {
             order,
             arch: Arch::Sm90,
         };
-        // SAFETY: every self-test kernel writes at most out[threadIdx.x], 64 threads, 64 elements.
-        unsafe { run_symbol(symbol, &params, &BLOCK, schedule) }?;
+        // SAFETY: every self-test kernel writes at most out[threadIdx.x], one block of
+        // `grid.block` threads, as many elements.
+        unsafe { run_symbol(symbol, &params, grid, schedule) }?;
         Ok(out)
     }
 
@@ -220,20 +232,11 @@ mod tests {
     /// a GPU refuses the launch.
     #[test]
     fn a_block_over_the_launch_bounds_is_refused() {
-        let mut out = vec![-1i32; 128];
-        let params = SelfTest {
-            out: out.as_mut_ptr(),
-        };
         let grid = Grid {
             block: 128,
             ..BLOCK
         };
-        let schedule = Schedule {
-            order: Order::Forward,
-            arch: Arch::Sm90,
-        };
-        // SAFETY: refused before it runs; it would write at most out[threadIdx.x], 128 elements.
-        match unsafe { run_symbol("emulator_shuffles", &params, &grid, schedule) } {
+        match self_test_on("emulator_shuffles", &grid, Order::Forward) {
             Err(EmulatorError::Kernel { message, .. }) => assert!(
                 message.contains("over the kernel's __launch_bounds__ of 64"),
                 "{message}"
@@ -246,26 +249,16 @@ mod tests {
     /// that has not opted in to more (the crate never does).
     #[test]
     fn dynamic_shared_memory_over_48_kib_is_refused() {
-        let mut out = vec![-1i32; 64];
-        let params = SelfTest {
-            out: out.as_mut_ptr(),
-        };
-        let schedule = Schedule {
-            order: Order::Forward,
-            arch: Arch::Sm90,
-        };
         for (bytes, refused) in [(48 * 1024, false), (48 * 1024 + 16, true)] {
             let grid = Grid {
                 shared_bytes: bytes,
                 ..BLOCK
             };
-            // SAFETY: the kernel writes at most out[threadIdx.x], 64 threads, 64 elements.
-            let result = unsafe { run_symbol("emulator_shuffles", &params, &grid, schedule) };
-            match result {
+            match self_test_on("emulator_shuffles", &grid, Order::Forward) {
                 Err(EmulatorError::Kernel { message, .. }) if refused => {
                     assert!(message.contains("over the 48 KiB"), "{message}")
                 }
-                Ok(()) if !refused => {}
+                Ok(_) if !refused => {}
                 other => panic!("{bytes} bytes: got {other:?}"),
             }
         }
