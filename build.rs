@@ -178,6 +178,12 @@ fn build_kernels() -> Result<Built, String> {
         *cached = copy;
     }
     write(&kernels_rs, &kernel_table(&fatbins))?;
+    // The tests read the compiled kernels' resource usage (registers, stack, shared memory) with
+    // the cuobjdump beside this nvcc.
+    println!(
+        "cargo::rustc-env=MIXTRAL_CUOBJDUMP={}",
+        nvcc.with_file_name("cuobjdump").display()
+    );
     if let Some(cutlass) = cutlass {
         prune_cache(&cache, &cutlass.outputs);
         link_cutlass(&nvcc, &cutlass.outputs)?;

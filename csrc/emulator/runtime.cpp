@@ -272,7 +272,7 @@ void run_block(Launch& l, const Stacks& stacks, bool reverse) {
     for (unsigned t = 0; t < n; ++t) {
         // In place: its queue of cp.async copies starts empty without writing its slots.
         new (&stacks.fiber(t)) Fiber{&l, t, l.arch, l.block_index, l.grid, l.block,
-                                     {l.slots[0][t / 32 * 32], l.slots[1][t / 32 * 32]}, 0};
+                                     {l.slots[0][t / 32 * 32], l.slots[1][t / 32 * 32]}, 0, CopyQueue{}};
         Thread& th = l.threads[t];
         th.state = State::Ready;
         th.predicate = false;

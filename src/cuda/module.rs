@@ -99,9 +99,105 @@ fn missing_kernel(index: usize) -> CudaError {
     CudaError::Kernel(KernelError::MissingKernel { symbol, module })
 }
 
+/// What one compiled kernel uses, as `cuobjdump -res-usage` reports it for one architecture.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct KernelResources {
+    /// The `extern "C"` symbol.
+    pub symbol: String,
+    /// The SASS architecture (`sm_80`, `sm_90a`, ...).
+    pub arch: String,
+    /// Bytes of stack frame (0 unless the kernel calls a non-inlined function or spills).
+    pub stack: usize,
+    /// Bytes of local memory per thread (spills, dynamically indexed arrays).
+    pub local: usize,
+    /// Bytes of static shared memory the kernel declares (without the 1 KiB a block of sm_90 keeps
+    /// for the system, which cuobjdump counts for sm_90 code).
+    pub static_shared: usize,
+}
+
+/// The resource usage of every kernel of every embedded fatbin, on every architecture it holds
+/// code for, read with the cuobjdump beside the nvcc that compiled them (`MIXTRAL_CUOBJDUMP`, set
+/// by build.rs). `None` (said on stderr) when the kernels were not built or that cuobjdump is not
+/// on this machine (a test binary carried to a GPU machine without the toolkit).
+#[cfg(test)]
+pub(crate) fn compiled_resources() -> Option<Vec<KernelResources>> {
+    let cuobjdump = option_env!("MIXTRAL_CUOBJDUMP")?;
+    if !std::path::Path::new(cuobjdump).is_file() {
+        eprintln!(
+            "{cuobjdump} is not on this machine: the compiled kernels' resources are not read"
+        );
+        return None;
+    }
+    // A folder of its own for each call (tests call this at once from several threads).
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("mixtral-res-usage-{}-{call}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch folder");
+    let mut found = Vec::new();
+    for (stem, bytes) in embedded_fatbins() {
+        let path = dir.join(format!("{stem}.fatbin"));
+        std::fs::write(&path, bytes).expect("writing a fatbin to read back");
+        let output = std::process::Command::new(cuobjdump)
+            .arg("-res-usage")
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("running {cuobjdump}: {e}"));
+        assert!(
+            output.status.success(),
+            "{cuobjdump} -res-usage {stem}.fatbin failed"
+        );
+        let mut arch = String::new();
+        let mut symbol = String::new();
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let line = line.trim();
+            if let Some(a) = line.strip_prefix("arch = ") {
+                arch = a.to_string();
+            } else if let Some(f) = line.strip_prefix("Function ") {
+                symbol = f.trim_end_matches(':').to_string();
+            } else if line.starts_with("REG:") {
+                let field = |name: &str| -> usize {
+                    line.split_whitespace()
+                        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix(':')?.parse().ok())
+                        .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                };
+                let reserved = if arch.starts_with("sm_9") { 1024 } else { 0 };
+                found.push(KernelResources {
+                    symbol: symbol.clone(),
+                    arch: arch.clone(),
+                    stack: field("STACK"),
+                    local: field("LOCAL"),
+                    static_shared: field("SHARED").saturating_sub(reserved),
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No kernel spills or keeps arrays in local memory, on any architecture: every value lives in
+    /// registers or shared memory (each SASS instance of every variant, as compiled).
+    #[test]
+    fn no_kernel_uses_local_memory_or_a_stack() {
+        let Some(resources) = compiled_resources() else {
+            return;
+        };
+        // Every variant on sm_80 and sm_90a at least.
+        assert!(
+            resources.len() >= 2 * KERNEL_VARIANTS.len(),
+            "{} kernels read for {} variants",
+            resources.len(),
+            KERNEL_VARIANTS.len()
+        );
+        for r in &resources {
+            assert_eq!((r.stack, r.local), (0, 0), "{} on {}", r.symbol, r.arch);
+        }
+    }
 
     /// Magic number at the start of a CUDA fatbin container (little endian 0xBA55ED50).
     const FATBIN_MAGIC: [u8; 4] = [0x50, 0xed, 0x55, 0xba];

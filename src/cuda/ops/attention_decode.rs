@@ -130,6 +130,7 @@ mod tests {
 
     use super::*;
     use crate::cuda::checks::DEFAULT_SHARED_BYTES;
+    use crate::cuda::module::compiled_resources;
     use crate::cuda::ops::fake::{paged_cache, too_small, unsupported, view, view_mut};
     use crate::cuda::params::KERNEL_VARIANTS;
 
@@ -295,11 +296,19 @@ mod tests {
         too_small(plan(&longer, &sized_for_s), "part_out");
     }
 
+    /// The most dynamic shared memory a launch asks for (the longest split's scores) plus the
+    /// static shared memory each variant is compiled with (read from the fatbins where cuobjdump
+    /// is at hand) fit the 48 KiB a kernel gets without opting in.
     #[test]
     fn dynamic_shared_memory_fits_for_every_compiled_variant() {
+        let compiled = compiled_resources().unwrap_or_default();
+        let families = [
+            KernelFamily::AttentionDecode,
+            KernelFamily::AttentionDecodeMma,
+        ];
         for v in KERNEL_VARIANTS
             .iter()
-            .filter(|v| v.family == KernelFamily::AttentionDecode)
+            .filter(|v| families.contains(&v.family))
         {
             let (head_dim, group) = (v.consts[0] as usize, v.consts[1] as usize);
             let s = AttentionDecodeShape {
@@ -307,25 +316,22 @@ mod tests {
                 n_kv_heads: 2,
                 head_dim,
                 split_keys: ATTENTION_MAX_SPLIT_KEYS as usize,
+                tensor_cores: v.family == KernelFamily::AttentionDecodeMma,
                 ..shape()
             };
             let (_, [decode]) = plan(&s, &args(&s)).unwrap().unwrap();
             assert_eq!(decode.symbol(), v.symbol);
-            // The kernel's static shared memory comes on top: q, the cross-warp reduction, the
-            // softmax statistics, the merge's statistics and its one flag, the split's block-table
-            // entries (8 bytes each).
-            let static_bytes = (group * head_dim
-                + (ATTENTION_THREADS as usize / 32) * group * head_dim
-                + 2 * group
-                + 2 * group
-                + 1
-                + 2 * ATTENTION_MAX_SPLIT_KEYS as usize)
-                * 4;
-            assert!(
-                decode.shared_bytes as usize + static_bytes <= DEFAULT_SHARED_BYTES,
-                "{}",
-                v.symbol
-            );
+            // The kernel's static shared memory, as compiled for each architecture, comes on top.
+            for compiled in compiled.iter().filter(|r| r.symbol == v.symbol) {
+                assert!(
+                    decode.shared_bytes as usize + compiled.static_shared <= DEFAULT_SHARED_BYTES,
+                    "{} on {}: {} + {} bytes",
+                    v.symbol,
+                    compiled.arch,
+                    decode.shared_bytes,
+                    compiled.static_shared
+                );
+            }
         }
     }
 
