@@ -192,11 +192,6 @@ constexpr uintptr_t FIBER_AREA_BYTES = 64 * 1024;
 // The bytes of a lane's exchange slot: the largest value it contributes to a warp collective.
 constexpr size_t SLOT_BYTES = 32;
 struct Launch;  // runtime.cpp
-// An emulated thread: its launch, its index in its block, its block's coordinates, the launch's
-// geometry, the compute capability it emulates (major * 100 + minor * 10: 800, 900; for the code
-// that differs by architecture, quant.cuh's FP8 pair conversion, sm_89+), and its warp's exchange
-// slots (32 lanes' in each of two banks) with the bank of its next warp collective. Written by the
-// scheduler before the thread starts.
 // The most cp.async copies one emulated thread may have in flight.
 constexpr unsigned MAX_COPIES_IN_FLIGHT = 64;
 // A cp.async copy in flight: 16 bytes from `src` (zeros when not `valid`) to shared address `dst`,
@@ -215,6 +210,11 @@ struct CopyQueue {
     uint32_t groups;
     Copy copies[MAX_COPIES_IN_FLIGHT];
 };
+// An emulated thread: its launch, its index in its block, its block's coordinates, the launch's
+// geometry, the compute capability it emulates (major * 100 + minor * 10: 800, 900; for the code
+// that differs by architecture, quant.cuh's FP8 pair conversion, sm_89+), its warp's exchange
+// slots (32 lanes' in each of two banks) with the bank of its next warp collective, and its
+// cp.async copies in flight. Written by the scheduler before the thread starts.
 struct Fiber {
     Launch* launch;
     unsigned thread;

@@ -523,9 +523,10 @@ static const Entry* find_entry(const char* symbol) {
 // it), a shift by the type's width or more (x86 shifts by the count modulo the width, PTX by the
 // count clamped: different bits), a signed overflow (the optimizers of both assume there is none),
 // a division by zero, and a float converted to an integer that cannot hold it (PTX's cvt
-// saturates and turns NaN into 0, x86 gives the lowest value). Each calls its handler below, which ends the launch naming the check, the address or
-// operands where there are any, and the kernel source line. The layouts and names are the
-// undefined-behaviour sanitizer's, which GCC and Clang share; no sanitizer runtime is linked.
+// saturates and turns NaN into 0, x86 gives the lowest value). Each calls its handler below,
+// which ends the launch naming the check (with the address or index where it has one) and the
+// kernel source line. The layouts and names are the undefined-behaviour sanitizer's, which GCC and
+// Clang share; no sanitizer runtime is linked.
 namespace {
 struct UbsanSourceLocation {
     const char* file;
