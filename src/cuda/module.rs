@@ -129,15 +129,10 @@ pub(crate) fn compiled_resources() -> Option<Vec<KernelResources>> {
         );
         return None;
     }
-    // A folder of its own for each call (tests call this at once from several threads).
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("mixtral-res-usage-{}-{call}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a scratch folder");
     let mut found = Vec::new();
-    for (stem, bytes) in embedded_fatbins() {
-        let path = dir.join(format!("{stem}.fatbin"));
-        std::fs::write(&path, bytes).expect("writing a fatbin to read back");
+    for (stem, _) in embedded_fatbins() {
+        // The copy build.rs embedded (kernels.rs names these files).
+        let path = std::path::Path::new(env!("OUT_DIR")).join(format!("{stem}.fatbin"));
         let output = std::process::Command::new(cuobjdump)
             .arg("-res-usage")
             .arg(&path)
@@ -145,7 +140,8 @@ pub(crate) fn compiled_resources() -> Option<Vec<KernelResources>> {
             .unwrap_or_else(|e| panic!("running {cuobjdump}: {e}"));
         assert!(
             output.status.success(),
-            "{cuobjdump} -res-usage {stem}.fatbin failed"
+            "{cuobjdump} -res-usage {} failed",
+            path.display()
         );
         let mut arch = String::new();
         let mut symbol = String::new();
@@ -172,7 +168,6 @@ pub(crate) fn compiled_resources() -> Option<Vec<KernelResources>> {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Some(found)
 }
 
